@@ -1,0 +1,118 @@
+#!/bin/sh
+# Install (up) or remove (down) the TPROXY redirect for tproxyd, iptables flavour
+# (works with iptables-legacy and iptables-nft alike).
+#
+#   iptables/tproxy-iptables.sh up      # idempotent: replaces what an earlier `up` left
+#   iptables/tproxy-iptables.sh down    # removes everything `up` added; safe to repeat
+#
+# Settings are the same environment variables as tproxy-nft.sh (see its
+# header): TPROXY_PORT LAN_IF LOCAL FWMARK SKIP_MARK ROUTE_TABLE UDP_PORTS
+# DNS_TCP_PORT BYPASS4 BYPASS6 FAMILIES, plus
+#   IPTABLES      [iptables]    e.g. iptables-legacy
+#   IP6TABLES     [ip6tables]   e.g. ip6tables-legacy
+set -eu
+
+TPROXY_PORT=${TPROXY_PORT:-15353}
+LAN_IF=${LAN_IF:-}
+LOCAL=${LOCAL:-0}
+FWMARK=${FWMARK:-1}
+SKIP_MARK=${SKIP_MARK:-255}
+ROUTE_TABLE=${ROUTE_TABLE:-100}
+UDP_PORTS=${UDP_PORTS:-}
+DNS_TCP_PORT=${DNS_TCP_PORT:-}
+BYPASS4=${BYPASS4:-}
+BYPASS6=${BYPASS6:-}
+FAMILIES=${FAMILIES:-4 6}
+IPTABLES=${IPTABLES:-iptables}
+IP6TABLES=${IP6TABLES:-ip6tables}
+
+here=$(dirname "$0")
+. "$here/lib/policy-routing.sh"
+
+die() { echo "tproxy-iptables: $*" >&2; exit 1; }
+has_family() { case " $FAMILIES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# ipt FAMILY ARGS... : the mangle table of that family.
+ipt() {
+    f=$1; shift
+    if [ "$f" = 4 ]; then "$IPTABLES" -w -t mangle "$@"; else "$IP6TABLES" -w -t mangle "$@"; fi
+}
+
+# iptables spells port ranges with ':'.
+port_match() {
+    [ -n "$UDP_PORTS" ] && echo "-m multiport --dports $(echo "$UDP_PORTS" | tr '-' ':')"
+    return 0
+}
+
+down_family() {
+    f=$1
+    while ipt "$f" -D PREROUTING -j TPROXYD_PRE 2>/dev/null; do :; done
+    while ipt "$f" -D OUTPUT -j TPROXYD_OUT 2>/dev/null; do :; done
+    for chain in TPROXYD_PRE TPROXYD_OUT TPROXYD_CAPTURE; do
+        ipt "$f" -F "$chain" 2>/dev/null || true
+        ipt "$f" -X "$chain" 2>/dev/null || true
+    done
+    policy_routing_down "$f"
+}
+
+# Appends "never capture" rules for reserved and BYPASS destinations to CHAIN.
+bypass_rules() {
+    f=$1; chain=$2
+    if [ "$f" = 4 ]; then
+        nets="0.0.0.0/8 127.0.0.0/8 224.0.0.0/4 255.255.255.255/32 $BYPASS4"
+    else
+        nets="::1/128 fe80::/10 ff00::/8 $BYPASS6"
+    fi
+    for net in $nets; do ipt "$f" -A "$chain" -d "$net" -j RETURN; done
+    ipt "$f" -A "$chain" -m addrtype --dst-type LOCAL -j RETURN
+    if [ "$f" = 4 ]; then ipt "$f" -A "$chain" -m addrtype --dst-type BROADCAST -j RETURN; fi
+}
+
+up_family() {
+    f=$1
+    down_family "$f"
+    # shellcheck disable=SC2046 # port_match is meant to split into words
+    {
+        ipt "$f" -N TPROXYD_CAPTURE
+        bypass_rules "$f" TPROXYD_CAPTURE
+        if [ -n "$DNS_TCP_PORT" ]; then
+            ipt "$f" -A TPROXYD_CAPTURE -p tcp --dport 53 -j TPROXY --on-port "$DNS_TCP_PORT" --tproxy-mark "$FWMARK"
+        fi
+        ipt "$f" -A TPROXYD_CAPTURE -p udp $(port_match) -j TPROXY --on-port "$TPROXY_PORT" --tproxy-mark "$FWMARK"
+
+        ipt "$f" -N TPROXYD_PRE
+        ipt "$f" -A TPROXYD_PRE -m mark --mark "$SKIP_MARK" -j RETURN
+        for ifname in $LAN_IF; do
+            ipt "$f" -A TPROXYD_PRE -i "$ifname" -j TPROXYD_CAPTURE
+        done
+        if [ "$LOCAL" = 1 ]; then
+            ipt "$f" -A TPROXYD_PRE -i lo -m mark --mark "$FWMARK" -j TPROXYD_CAPTURE
+        fi
+        ipt "$f" -I PREROUTING -j TPROXYD_PRE
+
+        if [ "$LOCAL" = 1 ]; then
+            ipt "$f" -N TPROXYD_OUT
+            ipt "$f" -A TPROXYD_OUT -m mark --mark "$SKIP_MARK" -j RETURN
+            bypass_rules "$f" TPROXYD_OUT
+            if [ -n "$DNS_TCP_PORT" ]; then
+                ipt "$f" -A TPROXYD_OUT -p tcp --dport 53 -j MARK --set-mark "$FWMARK"
+            fi
+            ipt "$f" -A TPROXYD_OUT -p udp $(port_match) -j MARK --set-mark "$FWMARK"
+            ipt "$f" -I OUTPUT -j TPROXYD_OUT
+        fi
+    }
+    policy_routing_up "$f"
+}
+
+case "${1:-}" in
+    up)
+        [ -n "$LAN_IF" ] || [ "$LOCAL" = 1 ] || die "nothing to capture: set LAN_IF (gateway mode) and/or LOCAL=1 (local mode)"
+        command -v "$IPTABLES" >/dev/null || die "$IPTABLES not found (apt-get install iptables)"
+        for f in 4 6; do has_family $f && up_family $f; done
+        ;;
+    down)
+        for f in 4 6; do has_family $f && down_family $f; done
+        ;;
+    *) echo "usage: $0 up|down  (settings via environment; see the header of this file)" >&2; exit 2 ;;
+esac
+exit 0

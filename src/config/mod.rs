@@ -1,0 +1,172 @@
+//! The configuration file: one TOML document, read with serde.
+//!
+//! Unknown keys are errors (a typo must not silently fall back to a
+//! default), and every error names `file:line:col`. Values are checked while
+//! they are deserialized, by the small types in this module, so the TOML
+//! parser can point at the exact value that is wrong.
+
+mod duration;
+mod error;
+
+pub use error::ConfigError;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+/// Everything tproxyd is told by its config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Log filter (`"info"`, `"tproxyd=debug"`); `RUST_LOG` wins when set.
+    #[serde(default)]
+    pub log_level: Option<LogFilter>,
+    /// `SO_MARK` put on every socket tproxyd sends from. The redirect rules
+    /// skip packets carrying it, which is what keeps tproxyd's own traffic
+    /// from being captured again.
+    #[serde(default = "Mark::default_mark")]
+    pub mark: Mark,
+    /// The transparent UDP relay.
+    #[serde(default)]
+    pub relay: RelayConfig,
+}
+
+/// The transparent UDP relay: where it listens and how it keeps flows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// TPROXY listen addresses (the `tproxy to :PORT` of the rules).
+    #[serde(default = "RelayConfig::default_listen")]
+    pub listen: ListenAddrs,
+    /// Most flows held at once; past this the least recently used is evicted.
+    #[serde(default = "RelayConfig::default_capacity")]
+    pub session_capacity: NonZeroUsize,
+    /// A flow with no datagram in either direction for this long is closed.
+    /// RFC 4787 REQ-5 asks for at least two minutes by default.
+    #[serde(
+        default = "RelayConfig::default_idle",
+        deserialize_with = "positive_duration"
+    )]
+    pub idle_timeout: Duration,
+    /// Most spoofing reply sockets kept open (one per original destination).
+    #[serde(default = "RelayConfig::default_reply_sockets")]
+    pub reply_sockets: NonZeroUsize,
+}
+
+impl RelayConfig {
+    fn default_listen() -> ListenAddrs {
+        ListenAddrs(vec![
+            SocketAddr::from(([0, 0, 0, 0], 15353)),
+            SocketAddr::from(([0u16; 8], 15353)),
+        ])
+    }
+    fn default_capacity() -> NonZeroUsize {
+        NonZeroUsize::new(65_536).unwrap_or(NonZeroUsize::MIN)
+    }
+    fn default_idle() -> Duration {
+        Duration::from_secs(120)
+    }
+    fn default_reply_sockets() -> NonZeroUsize {
+        NonZeroUsize::new(1_024).unwrap_or(NonZeroUsize::MIN)
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            listen: Self::default_listen(),
+            session_capacity: Self::default_capacity(),
+            idle_timeout: Self::default_idle(),
+            reply_sockets: Self::default_reply_sockets(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates `text`; `path` is only used to name the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str::<Config>(text)
+            .map_err(|e| ConfigError::at(path, text, e.span(), e.message().trim_end()))
+    }
+}
+
+/// A non-zero firewall mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark(pub u32);
+
+impl Mark {
+    fn default_mark() -> Mark {
+        Mark(0xff)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mark {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = u32::deserialize(d)?;
+        if v == 0 {
+            return Err(de::Error::custom(
+                "mark must not be 0: unmarked sockets would be captured by the redirect rules again",
+            ));
+        }
+        Ok(Mark(v))
+    }
+}
+
+/// A validated `tracing` filter directive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogFilter(pub String);
+
+impl<'de> Deserialize<'de> for LogFilter {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        tracing_subscriber::EnvFilter::builder()
+            .parse(&s)
+            .map_err(|e| de::Error::custom(format!("invalid log_level {s:?}: {e}")))?;
+        Ok(LogFilter(s))
+    }
+}
+
+/// A non-empty list of distinct listen addresses with non-zero ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddrs(pub Vec<SocketAddr>);
+
+impl<'de> Deserialize<'de> for ListenAddrs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let addrs = Vec::<SocketAddr>::deserialize(d)?;
+        if addrs.is_empty() {
+            return Err(de::Error::custom("listen needs at least one address"));
+        }
+        for (i, a) in addrs.iter().enumerate() {
+            if a.port() == 0 {
+                return Err(de::Error::custom(format!("listen address {a} has port 0")));
+            }
+            if addrs[..i].contains(a) {
+                return Err(de::Error::custom(format!("listen address {a} is listed twice")));
+            }
+        }
+        Ok(ListenAddrs(addrs))
+    }
+}
+
+fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let v = duration::deserialize(d)?;
+    if v.is_zero() {
+        return Err(de::Error::custom("duration must be greater than zero"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,95 @@
+use super::*;
+use std::path::Path;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("t.toml"))
+}
+
+fn error(text: &str) -> String {
+    match parse(text) {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn empty_file_gives_defaults() {
+    let c = parse("").expect("empty config is valid");
+    assert_eq!(c.mark, Mark(0xff));
+    assert_eq!(c.relay.listen.0.len(), 2);
+    assert_eq!(c.relay.session_capacity.get(), 65_536);
+    assert_eq!(c.relay.idle_timeout, Duration::from_secs(120));
+}
+
+#[test]
+fn relay_section() {
+    let c = parse(
+        r#"
+mark = 7
+[relay]
+listen = ["127.0.0.1:9000"]
+session_capacity = 10
+idle_timeout = "1500ms"
+reply_sockets = 3
+"#,
+    )
+    .expect("valid");
+    assert_eq!(c.mark, Mark(7));
+    assert_eq!(c.relay.listen.0, vec!["127.0.0.1:9000".parse().unwrap()]);
+    assert_eq!(c.relay.session_capacity.get(), 10);
+    assert_eq!(c.relay.idle_timeout, Duration::from_millis(1500));
+    assert_eq!(c.relay.reply_sockets.get(), 3);
+}
+
+#[test]
+fn unknown_key_is_an_error_with_position() {
+    let e = error("[relay]\nlisten = [\"0.0.0.0:1\"]\nsession_capacty = 5\n");
+    assert!(e.starts_with("t.toml:3:1: "), "{e}");
+    assert!(e.contains("session_capacty"), "{e}");
+}
+
+#[test]
+fn bad_values_point_at_the_value() {
+    let e = error("mark = 0\n");
+    assert!(e.starts_with("t.toml:1:8: "), "{e}");
+    assert!(e.contains("mark must not be 0"), "{e}");
+
+    let e = error("[relay]\nlisten = [\"0.0.0.0:1\", \"nonsense\"]\n");
+    assert!(e.starts_with("t.toml:2:"), "{e}");
+
+    let e = error("[relay]\nlisten = []\n");
+    assert!(e.contains("at least one address"), "{e}");
+
+    let e = error("[relay]\nlisten = [\"0.0.0.0:0\"]\n");
+    assert!(e.contains("port 0"), "{e}");
+
+    let e = error("[relay]\nidle_timeout = \"3 fortnights\"\n");
+    assert!(e.starts_with("t.toml:2:16: "), "{e}");
+
+    let e = error("[relay]\nidle_timeout = 0\n");
+    assert!(e.contains("greater than zero"), "{e}");
+
+    let e = error("[relay]\nsession_capacity = 0\n");
+    assert!(e.starts_with("t.toml:2:"), "{e}");
+
+    let e = error("log_level = \"info,,==\"\n");
+    assert!(e.contains("log_level"), "{e}");
+}
+
+#[test]
+fn syntax_error_has_position() {
+    let e = error("mark = \n");
+    assert!(e.starts_with("t.toml:1:"), "{e}");
+}
+
+#[test]
+fn missing_file_names_the_file() {
+    let e = Config::load(Path::new("/nonexistent/tproxyd.toml")).unwrap_err();
+    assert!(e.to_string().starts_with("/nonexistent/tproxyd.toml: "), "{e}");
+}
+
+#[test]
+fn shipped_example_config_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tproxyd.toml");
+    Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+}

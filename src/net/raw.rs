@@ -1,0 +1,246 @@
+//! Spoofed UDP replies over raw IP, for when a reply socket cannot be bound.
+//!
+//! Binding `203.0.113.53:53` fails with `EADDRINUSE` when a local process
+//! (say a DNS server) holds `0.0.0.0:53` without `SO_REUSEADDR`. A raw
+//! `IPPROTO_RAW` socket bypasses the UDP port table entirely: we write the IP
+//! and UDP headers ourselves. Raw sends are not fragmented by the kernel, so
+//! a datagram larger than the path MTU is split here into IP fragments.
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::cell::RefCell;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::sockets::route_mtu;
+
+const IPV4_HEADER: usize = 20;
+const IPV6_HEADER: usize = 40;
+const FRAGMENT_HEADER: usize = 8;
+const UDP_HEADER: usize = 8;
+const PROTO_UDP: u8 = 17;
+const PROTO_FRAGMENT: u8 = 44;
+const HOP_LIMIT: u8 = 64;
+
+/// One raw socket per address family, opened on first use.
+#[derive(Debug)]
+pub struct RawSender {
+    mark: u32,
+    v4: OnceLock<Result<Socket, io::ErrorKind>>,
+    v6: OnceLock<Result<Socket, io::ErrorKind>>,
+    next_id: AtomicU32,
+}
+
+thread_local! {
+    static PACKET: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(65_536 + 64));
+}
+
+impl RawSender {
+    pub fn new(mark: u32) -> Self {
+        RawSender {
+            mark,
+            v4: OnceLock::new(),
+            v6: OnceLock::new(),
+            next_id: AtomicU32::new(std::process::id().wrapping_mul(2_654_435_761)),
+        }
+    }
+
+    fn socket(&self, v6: bool) -> io::Result<&Socket> {
+        let (cell, domain) = if v6 {
+            (&self.v6, Domain::IPV6)
+        } else {
+            (&self.v4, Domain::IPV4)
+        };
+        let sock = cell.get_or_init(|| {
+            let open = || -> io::Result<Socket> {
+                let s = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
+                s.set_mark(self.mark)?;
+                s.set_nonblocking(true)?;
+                Ok(s)
+            };
+            open().map_err(|e| e.kind())
+        });
+        sock.as_ref().map_err(|k| io::Error::from(*k))
+    }
+
+    /// Sends `payload` as a UDP datagram from `src` to `dst` with the given
+    /// TOS / traffic class.
+    pub fn send(&self, src: SocketAddr, dst: SocketAddr, payload: &[u8], tos: u8) -> io::Result<()> {
+        let v6 = match (src, dst) {
+            (SocketAddr::V4(_), SocketAddr::V4(_)) => false,
+            (SocketAddr::V6(_), SocketAddr::V6(_)) => true,
+            _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "address families differ")),
+        };
+        let sock = self.socket(v6)?;
+        let to = SockAddr::from(SocketAddr::new(dst.ip(), 0));
+        let udp = udp_datagram(src, dst, payload)?;
+        let whole = PACKET.with_borrow_mut(|pkt| {
+            pkt.clear();
+            ip_header(pkt, src.ip(), dst.ip(), tos, udp.len(), None);
+            pkt.extend_from_slice(&udp);
+            sock.send_to(pkt, &to)
+        });
+        match whole {
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                let mtu = route_mtu(dst.ip(), self.mark)?;
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                for packet in fragments(src.ip(), dst.ip(), tos, &udp, mtu, id)? {
+                    sock.send_to(&packet, &to)?;
+                }
+                Ok(())
+            }
+            other => other.map(drop),
+        }
+    }
+}
+
+/// A fragment's place in the original datagram.
+#[derive(Debug, Clone, Copy)]
+struct Fragment {
+    id: u32,
+    /// Byte offset of this piece, a multiple of 8.
+    offset: usize,
+    more: bool,
+}
+
+/// The UDP header plus payload, with its checksum.
+fn udp_datagram(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
+    let max = if src.is_ipv6() { 65_535 } else { 65_535 - IPV4_HEADER };
+    let len = UDP_HEADER + payload.len();
+    if len > max {
+        return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+    }
+    let len16 = len as u16; // fits: checked against `max` above
+    let mut d = Vec::with_capacity(len);
+    d.extend_from_slice(&src.port().to_be_bytes());
+    d.extend_from_slice(&dst.port().to_be_bytes());
+    d.extend_from_slice(&len16.to_be_bytes());
+    d.extend_from_slice(&[0, 0]);
+    d.extend_from_slice(payload);
+    let mut sum = pseudo_header_sum(src.ip(), dst.ip(), len as u32);
+    sum = add_bytes(sum, &d);
+    let mut csum = fold(sum);
+    if csum == 0 {
+        csum = 0xffff; // 0 means "no checksum" in UDP
+    }
+    d[6..8].copy_from_slice(&csum.to_be_bytes());
+    Ok(d)
+}
+
+/// Appends an IPv4 or IPv6 header for `payload_len` bytes of UDP (or of a
+/// fragment of it) to `out`.
+fn ip_header(out: &mut Vec<u8>, src: IpAddr, dst: IpAddr, tos: u8, payload_len: usize, frag: Option<Fragment>) {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let total = (IPV4_HEADER + payload_len) as u16;
+            let (id, flags_off) = match frag {
+                Some(f) => (f.id as u16, (if f.more { 0x2000 } else { 0 }) | (f.offset / 8) as u16),
+                None => (0, 0), // the kernel fills in an ID for unfragmented packets
+            };
+            let start = out.len();
+            out.extend_from_slice(&[0x45, tos]);
+            out.extend_from_slice(&total.to_be_bytes());
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(&flags_off.to_be_bytes());
+            out.extend_from_slice(&[HOP_LIMIT, PROTO_UDP, 0, 0]);
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+            let csum = fold(add_bytes(0, &out[start..]));
+            out[start + 10..start + 12].copy_from_slice(&csum.to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let extra = if frag.is_some() { FRAGMENT_HEADER } else { 0 };
+            let payload = (payload_len + extra) as u16;
+            let first = 0x6000_0000u32 | (u32::from(tos) << 20);
+            out.extend_from_slice(&first.to_be_bytes());
+            out.extend_from_slice(&payload.to_be_bytes());
+            let next = if frag.is_some() { PROTO_FRAGMENT } else { PROTO_UDP };
+            out.extend_from_slice(&[next, HOP_LIMIT]);
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+            if let Some(f) = frag {
+                let off = (f.offset as u16) | u16::from(f.more);
+                out.extend_from_slice(&[PROTO_UDP, 0]);
+                out.extend_from_slice(&off.to_be_bytes());
+                out.extend_from_slice(&f.id.to_be_bytes());
+            }
+        }
+        _ => unreachable!("callers check that both addresses share a family"),
+    }
+}
+
+/// Splits a UDP datagram into IP fragments that each fit `mtu`.
+fn fragments(src: IpAddr, dst: IpAddr, tos: u8, udp: &[u8], mtu: usize, id: u32) -> io::Result<Vec<Vec<u8>>> {
+    let headers = if src.is_ipv6() {
+        IPV6_HEADER + FRAGMENT_HEADER
+    } else {
+        IPV4_HEADER
+    };
+    let chunk = mtu.saturating_sub(headers) / 8 * 8;
+    if chunk == 0 {
+        return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+    }
+    let mut out = Vec::with_capacity(udp.len() / chunk + 1);
+    for (i, piece) in udp.chunks(chunk).enumerate() {
+        let offset = i * chunk;
+        let frag = Fragment {
+            id,
+            offset,
+            more: offset + piece.len() < udp.len(),
+        };
+        let mut pkt = Vec::with_capacity(headers + piece.len());
+        ip_header(&mut pkt, src, dst, tos, piece.len(), Some(frag));
+        pkt.extend_from_slice(piece);
+        out.push(pkt);
+    }
+    Ok(out)
+}
+
+fn pseudo_header_sum(src: IpAddr, dst: IpAddr, udp_len: u32) -> u32 {
+    let mut sum = 0u32;
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            sum = add_bytes(sum, &s.octets());
+            sum = add_bytes(sum, &d.octets());
+        }
+        (s, d) => {
+            sum = add_bytes(sum, &to_v6(s).octets());
+            sum = add_bytes(sum, &to_v6(d).octets());
+        }
+    }
+    sum = add_bytes(sum, &udp_len.to_be_bytes());
+    add_bytes(sum, &[0, 0, 0, PROTO_UDP])
+}
+
+fn to_v6(ip: IpAddr) -> std::net::Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+/// One's-complement sum of big-endian 16-bit words (odd tail padded).
+fn add_bytes(mut sum: u32, bytes: &[u8]) -> u32 {
+    let mut words = bytes.chunks_exact(2);
+    for w in &mut words {
+        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([w[0], w[1]])));
+        if sum > 0xffff_0000 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+    }
+    if let [last] = words.remainder() {
+        sum = sum.wrapping_add(u32::from(*last) << 8);
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests;

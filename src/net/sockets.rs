@@ -1,0 +1,117 @@
+//! Builders for the three kinds of UDP socket tproxyd opens.
+//!
+//! * **listeners** receive the redirected datagrams: `IP_TRANSPARENT` lets
+//!   TPROXY hand them over although they are addressed elsewhere, and
+//!   `IP_RECVORIGDSTADDR` tells us where each one was going;
+//! * **upstream** sockets carry a flow onward; they bear the configured
+//!   `SO_MARK` so the redirect rules skip them and nothing loops;
+//! * **reply** sockets are bound *to the original destination* (allowed by
+//!   `IP_TRANSPARENT`) so replies leave with the address the client expects.
+
+use nix::sys::socket::{setsockopt, sockopt};
+use socket2::{Domain, Protocol, SockAddr, SockFilter, Socket, Type};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+
+fn udp_socket(family_of: SocketAddr) -> io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(family_of), Type::DGRAM, Some(Protocol::UDP))?;
+    if family_of.is_ipv6() {
+        // Keep v4 and v6 apart: a `[::]` listener must not swallow v4 traffic
+        // that has its own listener and its own cmsg types.
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    Ok(sock)
+}
+
+fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
+    if v6 {
+        sock.set_ip_transparent_v6(true)
+    } else {
+        sock.set_ip_transparent_v4(true)
+    }
+}
+
+/// A TPROXY listener on `addr` that reports each datagram's original
+/// destination (and its TOS / traffic class) in control messages.
+pub fn transparent_listener(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let sock = udp_socket(addr)?;
+    set_transparent(&sock, addr.is_ipv6())?;
+    if addr.is_ipv6() {
+        setsockopt(&sock, sockopt::Ipv6OrigDstAddr, &true)?;
+        setsockopt(&sock, sockopt::Ipv6RecvTClass, &true)?;
+    } else {
+        setsockopt(&sock, sockopt::Ipv4OrigDstAddr, &true)?;
+        setsockopt(&sock, sockopt::IpRecvTos, &true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// A marked socket connected to `remote`, on an ephemeral port.
+///
+/// Connecting makes the kernel drop datagrams from anyone but `remote`
+/// (address- and port-dependent filtering) and saves a route lookup per send.
+pub fn upstream(remote: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+    let sock = udp_socket(remote)?;
+    sock.set_mark(mark)?;
+    sock.bind(&unspecified(remote).into())?;
+    sock.connect(&remote.into())?;
+    Ok(sock.into())
+}
+
+/// A marked, transparent socket bound to `local` (usually *not* an address
+/// of this host) used only to send replies that appear to come from it.
+///
+/// It never needs to receive, so a one-instruction BPF filter drops anything
+/// that would otherwise pile up in its receive queue.
+pub fn spoofing_reply(local: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+    let sock = udp_socket(local)?;
+    set_transparent(&sock, local.is_ipv6())?;
+    sock.set_mark(mark)?;
+    // Our own reply sockets for the same address may briefly coexist (an old
+    // one still held by a live flow after the cache replaced it).
+    sock.set_reuse_address(true)?;
+    const BPF_RET_K: u16 = 0x06;
+    sock.attach_filter(&[SockFilter::new(BPF_RET_K, 0, 0, 0)])?;
+    sock.bind(&local.into())?;
+    Ok(sock.into())
+}
+
+/// The path MTU the kernel would use towards `dst` for a socket with `mark`.
+pub fn route_mtu(dst: IpAddr, mark: u32) -> io::Result<usize> {
+    let remote = SocketAddr::new(dst, 9);
+    let sock = udp_socket(remote)?;
+    sock.set_mark(mark)?;
+    sock.connect(&SockAddr::from(remote))?;
+    let (level, name) = match dst {
+        IpAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_MTU),
+        IpAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_MTU),
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    use std::os::fd::AsRawFd;
+    // SAFETY: `mtu` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(mtu).map_err(|_| io::Error::other("negative MTU"))
+}
+
+/// `0.0.0.0:0` or `[::]:0`, matching the family of `addr`.
+pub fn unspecified(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    }
+}

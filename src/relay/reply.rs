@@ -1,0 +1,119 @@
+//! Sending replies to clients from the address they originally asked for.
+//!
+//! A reply to a flow whose client sent to `198.51.100.7:7000` must leave
+//! *from* `198.51.100.7:7000`, or the client's connected socket (or its NAT)
+//! drops it. Such a socket is bound to a non-local address, allowed by
+//! `IP_TRANSPARENT`, and it is shared by every flow to the same destination:
+//! a DNS hijack of 8.8.8.8:53 serves every client through one socket. The
+//! sockets live in a bounded LRU so a busy gateway does not spend a file
+//! descriptor per packet or per flow on them.
+//!
+//! When the bind fails with `EADDRINUSE` (a local process holds the
+//! wildcard on that port), replies for that address go out over raw IP.
+
+use lru::LruCache;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::net::raw::RawSender;
+use crate::net::sockets;
+use crate::stats::Stats;
+
+/// How replies from one source address are sent.
+#[derive(Debug)]
+pub enum ReplySocket {
+    /// A UDP socket bound to the source address.
+    Bound(UdpSocket),
+    /// Raw IP with a hand-built header, when binding was not possible.
+    Raw { src: SocketAddr, raw: Arc<RawSender> },
+}
+
+impl ReplySocket {
+    /// Sends one datagram to `client`; never blocks.
+    pub fn send_to(&self, payload: &[u8], client: SocketAddr) -> io::Result<()> {
+        match self {
+            ReplySocket::Bound(sock) => sock.send_to(payload, client).map(drop),
+            ReplySocket::Raw { src, raw } => raw.send(*src, client, payload, 0),
+        }
+    }
+
+    pub fn is_raw(&self) -> bool {
+        matches!(self, ReplySocket::Raw { .. })
+    }
+}
+
+/// The cache of reply sockets, keyed by the address they send from.
+#[derive(Debug)]
+pub struct ReplySender {
+    cache: Mutex<LruCache<SocketAddr, Arc<ReplySocket>>>,
+    raw: Arc<RawSender>,
+    mark: u32,
+    stats: Arc<Stats>,
+}
+
+impl ReplySender {
+    pub fn new(capacity: NonZeroUsize, mark: u32, stats: Arc<Stats>) -> Self {
+        ReplySender {
+            cache: Mutex::new(LruCache::new(capacity)),
+            raw: Arc::new(RawSender::new(mark)),
+            mark,
+            stats,
+        }
+    }
+
+    /// The socket that sends from `src`, opening it on first use.
+    pub fn socket_for(&self, src: SocketAddr) -> io::Result<Arc<ReplySocket>> {
+        if let Some(s) = self.lock().get(&src) {
+            return Ok(s.clone());
+        }
+        // Open outside the lock: binding is a few syscalls and other flows'
+        // replies should not wait on them.
+        let sock = match sockets::spoofing_reply(src, self.mark) {
+            Ok(s) => ReplySocket::Bound(s),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                tracing::debug!(%src, "port held by a local socket; replying over raw IP");
+                self.stats.reply_raw_fallbacks.inc();
+                ReplySocket::Raw {
+                    src,
+                    raw: self.raw.clone(),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let sock = Arc::new(sock);
+        // `push` returns the evicted socket: it closes once the last flow
+        // still holding it is gone.
+        let mut cache = self.lock();
+        if let Some(existing) = cache.get(&src) {
+            return Ok(existing.clone());
+        }
+        cache.push(src, sock.clone());
+        Ok(sock)
+    }
+
+    /// Sends `payload` from `src` to `client`, counting the outcome.
+    pub fn send(&self, sock: &ReplySocket, payload: &[u8], client: SocketAddr) {
+        match sock.send_to(payload, client) {
+            Ok(()) => {
+                self.stats.reply_datagrams.inc();
+                self.stats.reply_bytes.add(payload.len() as u64);
+            }
+            Err(e) if crate::net::would_block(&e) => self.stats.drop_send_buffer_full.inc(),
+            Err(e) => {
+                self.stats.reply_send_errors.inc();
+                tracing::debug!(%client, error = %e, "reply send failed");
+            }
+        }
+    }
+
+    /// Reply sockets currently cached.
+    pub fn cached(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<SocketAddr, Arc<ReplySocket>>> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
