@@ -7,7 +7,8 @@
 #
 # Settings are the same environment variables as tproxy-nft.sh (see its
 # header): TPROXY_PORT LAN_IF LOCAL FWMARK SKIP_MARK ROUTE_TABLE UDP_PORTS
-# DNS_TCP_PORT BYPASS4 BYPASS6 FAMILIES, plus
+# DNS_TCP_PORT BYPASS4 BYPASS6 FAMILIES, and like it fails closed (the TPROXY
+# target drops what no socket takes), plus
 #   IPTABLES      [iptables]    e.g. iptables-legacy
 #   IP6TABLES     [ip6tables]   e.g. ip6tables-legacy
 set -eu

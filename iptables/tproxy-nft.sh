@@ -20,6 +20,9 @@
 #   BYPASS6       []        extra IPv6 destinations never captured
 #   FAMILIES      [4 6]     which IP families to set up
 #   NFT_TABLE     [tproxyd] name of the nftables table (inet family)
+#
+# Captured traffic fails closed: while tproxyd is not running, it is dropped,
+# not forwarded around the proxy. Run `down` to stop capturing.
 set -eu
 
 TPROXY_PORT=${TPROXY_PORT:-15353}
@@ -70,9 +73,13 @@ table inet $NFT_TABLE {
 NFT
     if [ -n "$DNS_TCP_PORT" ]; then
         echo "        tcp dport 53 tproxy to :$DNS_TCP_PORT meta mark set $FWMARK accept"
+        echo "        tcp dport 53 drop"
     fi
     cat <<NFT
         meta l4proto udp $ports tproxy to :$TPROXY_PORT meta mark set $FWMARK accept
+        # No tproxyd socket to take it: drop rather than let captured traffic
+        # leak past the proxy (iptables' TPROXY target does the same).
+        meta l4proto udp $ports drop
     }
 
     chain prerouting {

@@ -7,10 +7,18 @@ use std::process::ExitCode;
 use tproxyd::config::Config;
 
 #[derive(Parser)]
-#[command(version, about = "Transparent UDP and DNS proxy for Linux TPROXY gateways")]
+#[command(
+    version,
+    about = "Transparent UDP and DNS proxy for Linux TPROXY gateways"
+)]
 struct Cli {
     /// Config file (TOML).
-    #[arg(short, long, global = true, default_value = "/etc/tproxyd/tproxyd.toml")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "/etc/tproxyd/tproxyd.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -56,7 +64,11 @@ fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let stats = runtime.block_on(tproxyd::server::run(config, stop_signal()))?;
-    let summary: Vec<String> = stats.snapshot().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let summary: Vec<String> = stats
+        .snapshot()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     tracing::info!("final counters: {}", summary.join(" "));
     Ok(())
 }
@@ -64,7 +76,10 @@ fn run(config: Config) -> anyhow::Result<()> {
 /// Completes on SIGINT or SIGTERM.
 async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

@@ -24,9 +24,16 @@ pub enum ServerError {
 }
 
 /// Runs the daemon until `stop` completes; returns the final counters.
-pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Arc<Stats>, ServerError> {
+pub async fn run(
+    config: Config,
+    stop: impl Future<Output = ()>,
+) -> Result<Arc<Stats>, ServerError> {
     let stats = Arc::new(Stats::default());
-    let relay = Arc::new(RelayContext::new(&config.relay, config.mark.0, stats.clone()));
+    let relay = Arc::new(RelayContext::new(
+        &config.relay,
+        config.mark.0,
+        stats.clone(),
+    ));
 
     // Bind everything before serving anything, so a bad address fails the
     // start instead of leaving a half-working daemon.
@@ -35,14 +42,17 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Arc<S
         let sock = sockets::transparent_listener(addr)
             .and_then(UdpSocket::from_std)
             .map_err(|source| ServerError::Listen { addr, source })?;
+        tracing::info!(%addr, "relay listening");
         sockets.push(sock);
     }
 
     let (trigger, shutdown) = shutdown::channel();
     let mut tasks = JoinSet::new();
+    let listeners = sockets.len();
     for sock in sockets {
         tasks.spawn(listener::serve(sock, relay.clone(), shutdown.clone()));
     }
+    tracing::info!(listeners, "tproxyd ready");
 
     tokio::select! {
         _ = stop => tracing::info!("shutting down"),

@@ -90,6 +90,9 @@ mod tests {
         let snap = s.snapshot();
         assert_eq!(snap[0], ("client_datagrams", 1));
         assert_eq!(snap[1], ("client_bytes", 10));
-        assert!(snap.iter().any(|(n, v)| *n == "sessions_evicted" && *v == 0));
+        assert!(
+            snap.iter()
+                .any(|(n, v)| *n == "sessions_evicted" && *v == 0)
+        );
     }
 }

@@ -10,8 +10,8 @@ mod error;
 
 pub use error::ConfigError;
 
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use serde::de::{self, Deserializer};
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;
@@ -153,7 +153,9 @@ impl<'de> Deserialize<'de> for ListenAddrs {
                 return Err(de::Error::custom(format!("listen address {a} has port 0")));
             }
             if addrs[..i].contains(a) {
-                return Err(de::Error::custom(format!("listen address {a} is listed twice")));
+                return Err(de::Error::custom(format!(
+                    "listen address {a} is listed twice"
+                )));
             }
         }
         Ok(ListenAddrs(addrs))

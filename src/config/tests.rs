@@ -85,7 +85,10 @@ fn syntax_error_has_position() {
 #[test]
 fn missing_file_names_the_file() {
     let e = Config::load(Path::new("/nonexistent/tproxyd.toml")).unwrap_err();
-    assert!(e.to_string().starts_with("/nonexistent/tproxyd.toml: "), "{e}");
+    assert!(
+        e.to_string().starts_with("/nonexistent/tproxyd.toml: "),
+        "{e}"
+    );
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Receiving one datagram together with what TPROXY knows about it.
 
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn, SockaddrIn6, SockaddrStorage};
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, SockaddrIn, SockaddrIn6, SockaddrStorage, recvmsg,
+};
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -27,7 +29,7 @@ pub fn cmsg_buffer() -> Vec<u8> {
 }
 
 /// Reads one datagram without blocking (`WouldBlock` when none is queued).
-pub fn recv_with_meta(fd: RawFd, buf: &mut [u8], cmsg: &mut Vec<u8>) -> io::Result<DatagramMeta> {
+pub fn recv_with_meta(fd: RawFd, buf: &mut [u8], cmsg: &mut [u8]) -> io::Result<DatagramMeta> {
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(cmsg), MsgFlags::MSG_DONTWAIT)?;
     let peer = msg

@@ -14,7 +14,11 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 
 fn udp_socket(family_of: SocketAddr) -> io::Result<Socket> {
-    let sock = Socket::new(Domain::for_address(family_of), Type::DGRAM, Some(Protocol::UDP))?;
+    let sock = Socket::new(
+        Domain::for_address(family_of),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
     if family_of.is_ipv6() {
         // Keep v4 and v6 apart: a `[::]` listener must not swallow v4 traffic
         // that has its own listener and its own cmsg types.

@@ -19,19 +19,24 @@ use crate::shutdown::Shutdown;
 const BATCH: usize = 64;
 
 /// Serves one listening socket until shutdown.
-pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> io::Result<()> {
+pub async fn serve(
+    socket: UdpSocket,
+    ctx: Arc<RelayContext>,
+    mut shutdown: Shutdown,
+) -> io::Result<()> {
     let local = socket.local_addr()?;
     let fd = socket.as_raw_fd();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut cmsg = cmsg_buffer();
-    tracing::info!(%local, "relay listening");
     loop {
         tokio::select! {
             _ = shutdown.recv() => return Ok(()),
             ready = socket.readable() => ready?,
         }
         for _ in 0..BATCH {
-            match socket.try_io(Interest::READABLE, || recv_with_meta(fd, &mut buf, &mut cmsg)) {
+            match socket.try_io(Interest::READABLE, || {
+                recv_with_meta(fd, &mut buf, &mut cmsg)
+            }) {
                 Ok(meta) => {
                     let payload = buf.get(..meta.len).unwrap_or_default();
                     handle(&ctx, local, meta, payload);
@@ -66,7 +71,10 @@ fn handle(ctx: &Arc<RelayContext>, local: SocketAddr, meta: DatagramMeta, payloa
     };
     let session = match ctx.table.get(&key) {
         Some(s) => s,
-        None => match ctx.table.get_or_insert_with(key, || Session::open(key, ctx)) {
+        None => match ctx
+            .table
+            .get_or_insert_with(key, || Session::open(key, ctx))
+        {
             Ok((s, evicted)) => {
                 if let Some(old) = evicted {
                     ctx.stats.sessions_evicted.inc();

@@ -27,7 +27,10 @@ pub enum ReplySocket {
     /// A UDP socket bound to the source address.
     Bound(UdpSocket),
     /// Raw IP with a hand-built header, when binding was not possible.
-    Raw { src: SocketAddr, raw: Arc<RawSender> },
+    Raw {
+        src: SocketAddr,
+        raw: Arc<RawSender>,
+    },
 }
 
 impl ReplySocket {

@@ -1,8 +1,10 @@
 //! One flow: its marked upstream socket, its reply socket, and the task that
 //! carries replies back and closes the flow when it goes idle.
 
+use nix::sys::socket::{MsgFlags, send};
 use std::cell::RefCell;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::UdpSocket;
@@ -65,13 +67,13 @@ impl Session {
 
     /// Sends one client datagram upstream; never blocks.
     pub fn send_upstream(&self, payload: &[u8], ctx: &RelayContext) {
-        let mut result = self.upstream.try_send(payload);
+        let mut result = self.send_now(payload);
         if let Err(e) = &result {
             if e.kind() == io::ErrorKind::ConnectionRefused {
                 // An ICMP unreachable for an *earlier* datagram is reported on
                 // this send, and this datagram was not sent: count, retry once.
                 ctx.stats.upstream_unreachable.inc();
-                result = self.upstream.try_send(payload);
+                result = self.send_now(payload);
             }
         }
         match result {
@@ -85,6 +87,14 @@ impl Session {
                 tracing::debug!(dst = %self.key.dst, error = %e, "upstream send failed");
             }
         }
+    }
+
+    /// A plain non-blocking `send(2)`. tokio's `try_send` would refuse until
+    /// the reactor has *seen* the new socket become writable, which drops the
+    /// first datagram of every flow.
+    fn send_now(&self, payload: &[u8]) -> io::Result<usize> {
+        let fd = self.upstream.as_raw_fd();
+        Ok(send(fd, payload, MsgFlags::MSG_DONTWAIT)?)
     }
 
     /// Reads every datagram queued on the upstream socket and sends each to
@@ -152,6 +162,26 @@ async fn pump(session: Arc<Session>, ctx: Arc<RelayContext>) {
                     return;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+impl Session {
+    /// A session with a loopback socket and no task, for table tests.
+    pub(crate) fn detached(key: FlowKey) -> Session {
+        let std = std::net::UdpSocket::bind("127.0.0.1:0").expect("loopback socket");
+        std.set_nonblocking(true).expect("nonblocking");
+        Session {
+            key,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            upstream: UdpSocket::from_std(std).expect("tokio socket"),
+            reply: Arc::new(ReplySocket::Raw {
+                src: key.dst,
+                raw: Arc::new(crate::net::raw::RawSender::new(1)),
+            }),
+            last_active_ms: AtomicU64::new(0),
+            last_promoted_ms: AtomicU64::new(0),
         }
     }
 }

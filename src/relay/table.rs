@@ -114,3 +114,84 @@ impl SessionTable {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            client: ([192, 0, 2, 10], port).into(),
+            dst: ([198, 51, 100, 7], 7000).into(),
+        }
+    }
+
+    fn entry(k: FlowKey) -> Result<Entry, Infallible> {
+        let task = tokio::spawn(std::future::pending::<()>());
+        Ok(Entry::new(
+            Arc::new(Session::detached(k)),
+            task.abort_handle(),
+        ))
+    }
+
+    fn table(cap: usize) -> SessionTable {
+        SessionTable::new(NonZeroUsize::new(cap).unwrap())
+    }
+
+    #[tokio::test]
+    async fn evicts_the_least_recently_used() {
+        let t = table(3);
+        for p in 1..=3 {
+            let (_, evicted) = t.get_or_insert_with(key(p), || entry(key(p))).unwrap();
+            assert!(evicted.is_none());
+        }
+        assert!(t.get(&key(1)).is_some()); // 2 is now the oldest
+        let (_, evicted) = t.get_or_insert_with(key(4), || entry(key(4))).unwrap();
+        assert_eq!(evicted.unwrap().session.key, key(2));
+        assert!(t.get(&key(2)).is_none());
+        assert_eq!(t.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn existing_flow_is_not_reopened() {
+        let t = table(2);
+        let (a, _) = t.get_or_insert_with(key(1), || entry(key(1))).unwrap();
+        let (b, _) = t
+            .get_or_insert_with(key(1), || -> Result<Entry, Infallible> {
+                panic!("opened twice")
+            })
+            .unwrap();
+        assert_eq!(a.id, b.id);
+    }
+
+    #[tokio::test]
+    async fn promote_and_remove_respect_the_session_id() {
+        let t = table(2);
+        let (old, _) = t.get_or_insert_with(key(1), || entry(key(1))).unwrap();
+        assert!(t.remove(&key(1), old.id).is_some());
+        let (new, _) = t.get_or_insert_with(key(1), || entry(key(1))).unwrap();
+        // A stale session (say, its expiry timer firing late) cannot remove
+        // the flow's newer session.
+        assert!(t.remove(&key(1), old.id).is_none());
+        assert_eq!(t.get(&key(1)).unwrap().id, new.id);
+
+        t.get_or_insert_with(key(2), || entry(key(2))).unwrap();
+        t.promote(&key(1), new.id); // 2 becomes the oldest
+        let (_, evicted) = t.get_or_insert_with(key(3), || entry(key(3))).unwrap();
+        assert_eq!(evicted.unwrap().session.key, key(2));
+    }
+
+    #[tokio::test]
+    async fn dropping_an_entry_stops_its_task() {
+        let t = table(1);
+        let task = tokio::spawn(std::future::pending::<()>());
+        let handle = task.abort_handle();
+        t.get_or_insert_with(key(1), || {
+            Ok::<_, Infallible>(Entry::new(Arc::new(Session::detached(key(1))), handle))
+        })
+        .unwrap();
+        assert_eq!(t.clear(), 1);
+        assert!(task.await.unwrap_err().is_cancelled());
+    }
+}

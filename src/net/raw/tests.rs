@@ -34,7 +34,11 @@ fn udp_checksum_verifies_v4_and_v6() {
 fn known_ipv4_header_checksum() {
     // Classic example header: 4500 0073 0000 4000 4011 b861 c0a8 0001 c0a8 00c7
     let mut out = Vec::new();
-    let frag = Fragment { id: 0, offset: 0, more: false };
+    let frag = Fragment {
+        id: 0,
+        offset: 0,
+        more: false,
+    };
     ip_header(
         &mut out,
         IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)),
@@ -101,10 +105,24 @@ fn fragments_fit_the_mtu_and_reassemble() {
 #[test]
 fn tos_lands_in_the_header() {
     let mut out = Vec::new();
-    ip_header(&mut out, "2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap(), 0xb8, 10, None);
+    ip_header(
+        &mut out,
+        "2001:db8::1".parse().unwrap(),
+        "2001:db8::2".parse().unwrap(),
+        0xb8,
+        10,
+        None,
+    );
     let tclass = ((u32::from_be_bytes([out[0], out[1], out[2], out[3]]) >> 20) & 0xff) as u8;
     assert_eq!(tclass, 0xb8);
     let mut out = Vec::new();
-    ip_header(&mut out, "192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap(), 0xb8, 10, None);
+    ip_header(
+        &mut out,
+        "192.0.2.1".parse().unwrap(),
+        "192.0.2.2".parse().unwrap(),
+        0xb8,
+        10,
+        None,
+    );
     assert_eq!(out[1], 0xb8);
 }

@@ -1,0 +1,72 @@
+//! The command line: `tproxyd check` and config errors as a user sees them.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn tproxyd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tproxyd"))
+        .args(args)
+        .output()
+        .expect("running tproxyd")
+}
+
+fn write_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tproxyd-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_accepts_the_shipped_example() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tproxyd.toml");
+    let out = tproxyd(&["check", "--config", example]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok\n"));
+}
+
+#[test]
+fn check_rejects_a_bad_config_with_file_line_and_column() {
+    let path = write_config(
+        "bad.toml",
+        "mark = 255\n\n[relay]\nlisten = [\"0.0.0.0:15353\"]\nidle_timeout = \"forever\"\n",
+    );
+    let out = tproxyd(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!("{}:5:16: ", path.display());
+    assert!(
+        stderr.starts_with(&expected),
+        "expected {expected:?}, got {stderr:?}"
+    );
+    assert!(stderr.contains("invalid duration"), "{stderr}");
+}
+
+#[test]
+fn check_rejects_unknown_keys() {
+    let path = write_config(
+        "typo.toml",
+        "[relay]\nlisten = [\"0.0.0.0:1\"]\nidle_timout = \"5s\"\n",
+    );
+    let out = tproxyd(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!("{}:3:1: ", path.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("idle_timout"), "{stderr}");
+}
+
+#[test]
+fn running_with_a_bad_config_refuses_to_start() {
+    let path = write_config("bad-run.toml", "mark = 0\n");
+    let out = tproxyd(&["--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(":1:8: mark must not be 0"));
+}

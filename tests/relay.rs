@@ -1,0 +1,388 @@
+//! End-to-end tests of the transparent UDP relay, in the namespace lab.
+
+mod lab;
+
+use lab::udp::{Echo, exchange, recv, socket};
+use lab::{CLIENT4, CLIENT6, Lab, gateway_wan4, gateway_wan6, sa, server4, server6};
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+fn config(relay_extra: &str) -> String {
+    format!("mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\", \"[::]:15353\"]\n{relay_extra}\n")
+}
+
+fn client4(port: u16) -> SocketAddr {
+    sa(CLIENT4.parse().unwrap(), port)
+}
+
+fn client6(port: u16) -> SocketAddr {
+    sa(CLIENT6.parse().unwrap(), port)
+}
+
+/// Client → gateway → server and back; checks what a user would check.
+fn assert_echo_is_transparent(
+    lab: &Lab,
+    client: SocketAddr,
+    server: SocketAddr,
+    gateway_wan: IpAddr,
+) {
+    let echo = Echo::start(&lab.servers[0], server);
+    let sock = socket(&lab.client, client);
+    let (from, reply) = exchange(&sock, server, b"ping through tproxyd");
+    assert_eq!(reply, b"ping through tproxyd");
+    assert_eq!(
+        from, server,
+        "the reply must come from the original destination"
+    );
+    let seen = echo.last_peer();
+    assert_eq!(
+        seen.ip(),
+        gateway_wan,
+        "the server must see the gateway, not the client"
+    );
+    assert_ne!(
+        seen.port(),
+        client.port(),
+        "the gateway's upstream socket has its own port"
+    );
+}
+
+#[test]
+fn ipv4_echo_reply_comes_from_the_original_destination() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd(&config(""));
+    assert_echo_is_transparent(&lab, client4(40000), sa(server4(0), 7000), gateway_wan4(0));
+    let stopped = daemon.stop();
+    assert!(stopped.status.success(), "{}", stopped.log);
+    assert_eq!(stopped.counter("sessions_opened"), 1);
+    assert_eq!(stopped.counter("upstream_datagrams"), 1);
+    assert_eq!(stopped.counter("reply_datagrams"), 1);
+}
+
+#[test]
+fn ipv6_echo_reply_comes_from_the_original_destination() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let _daemon = lab.start_tproxyd(&config(""));
+    assert_echo_is_transparent(&lab, client6(40000), sa(server6(0), 7000), gateway_wan6(0));
+}
+
+#[test]
+fn iptables_script_redirects_both_families_too() {
+    let lab = Lab::new();
+    lab.install_rules("iptables", "LAN_IF=lan0");
+    let _daemon = lab.start_tproxyd(&config(""));
+    assert_echo_is_transparent(&lab, client4(40001), sa(server4(0), 7001), gateway_wan4(0));
+    assert_echo_is_transparent(&lab, client6(40001), sa(server6(0), 7001), gateway_wan6(0));
+}
+
+#[test]
+fn without_tproxyd_captured_traffic_fails_closed() {
+    // The control experiment: rules installed but no daemon. Captured UDP
+    // must not leak past the proxy (a DNS hijack that fails open is no
+    // hijack), and no reply can come back. Both rule flavours behave alike.
+    for flavour in ["nft", "iptables"] {
+        let lab = Lab::new();
+        lab.install_rules(flavour, "LAN_IF=lan0");
+        let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+        let sock = socket(&lab.client, client4(40000));
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        sock.send_to(b"x", sa(server4(0), 7000)).unwrap();
+        assert!(recv(&sock).is_none(), "{flavour}");
+        assert!(
+            echo.received().is_empty(),
+            "{flavour}: the datagram leaked past the proxy"
+        );
+    }
+}
+
+#[test]
+fn two_hundred_concurrent_flows_stay_apart() {
+    let lab = Lab::new();
+    let extra: Vec<IpAddr> = vec![
+        "203.0.113.20".parse().unwrap(),
+        "203.0.113.21".parse().unwrap(),
+    ];
+    for ip in &extra {
+        lab.add_server_address(0, *ip);
+    }
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd(&config(""));
+    let servers = [
+        sa(server4(0), 7000),
+        sa(server4(0), 7001),
+        sa(extra[0], 5000),
+        sa(extra[1], 27015),
+    ];
+    let echoes: Vec<Echo> = servers
+        .iter()
+        .map(|s| Echo::start(&lab.servers[0], *s))
+        .collect();
+    let clients: Vec<_> = (0..200u16)
+        .map(|i| socket(&lab.client, client4(41000 + i)))
+        .collect();
+    // Send everything first so the flows really are concurrent.
+    for (i, c) in clients.iter().enumerate() {
+        let payload = format!("flow {i}");
+        c.send_to(payload.as_bytes(), servers[i % servers.len()])
+            .unwrap();
+    }
+    for (i, c) in clients.iter().enumerate() {
+        let (from, reply) = recv(c).unwrap_or_else(|| panic!("flow {i} got no reply"));
+        assert_eq!(from, servers[i % servers.len()], "flow {i}: wrong source");
+        assert_eq!(
+            reply,
+            format!("flow {i}").as_bytes(),
+            "flow {i}: someone else's reply"
+        );
+        c.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        assert!(recv(c).is_none(), "flow {i} received a second datagram");
+    }
+    // Each server saw 50 distinct gateway ports, one per flow.
+    for e in &echoes {
+        let ports: HashSet<u16> = e.received().iter().map(|(p, _)| p.port()).collect();
+        assert_eq!(e.received().len(), 50, "{}", e.addr);
+        assert_eq!(
+            ports.len(),
+            50,
+            "{}: flows shared an upstream socket",
+            e.addr
+        );
+    }
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("sessions_opened"), 200);
+    assert_eq!(stopped.counter("sessions_evicted"), 0);
+}
+
+fn assert_big_datagram_round_trip(lab: &Lab, client: SocketAddr, server: SocketAddr) {
+    let echo = Echo::start(&lab.servers[0], server);
+    let sock = socket(&lab.client, client);
+    let payload: Vec<u8> = (0..65_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let (from, reply) = exchange(&sock, server, &payload);
+    assert_eq!(from, server);
+    assert_eq!(reply.len(), payload.len());
+    assert!(reply == payload, "the 65,000-byte reply was altered");
+    let (_, upstream_copy) = echo.received().pop().unwrap();
+    assert!(
+        upstream_copy == payload,
+        "the 65,000-byte datagram was altered on the way up"
+    );
+}
+
+#[test]
+fn a_65000_byte_datagram_is_relayed_intact_both_ways() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let _daemon = lab.start_tproxyd(&config(""));
+    assert_big_datagram_round_trip(&lab, client4(40002), sa(server4(0), 7002));
+    assert_big_datagram_round_trip(&lab, client6(40002), sa(server6(0), 7002));
+}
+
+#[test]
+fn replies_are_spoofed_even_when_a_local_process_holds_the_wildcard_port() {
+    // A local service on the gateway (think dnsmasq on 0.0.0.0:53) holds the
+    // port without SO_REUSEADDR, so tproxyd cannot bind the reply socket and
+    // must fall back to raw IP, including for datagrams that need fragmenting.
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    // A dual-stack wildcard socket: holds the port for IPv4 and IPv6.
+    let _holder = socket(&lab.gateway, "[::]:7003".parse().unwrap());
+    let daemon = lab.start_tproxyd(&config(""));
+    assert_echo_is_transparent(&lab, client4(40003), sa(server4(0), 7003), gateway_wan4(0));
+    assert_echo_is_transparent(&lab, client6(40003), sa(server6(0), 7003), gateway_wan6(0));
+    assert_big_datagram_round_trip(&lab, client4(40004), sa(server4(0), 7003));
+    assert_big_datagram_round_trip(&lab, client6(40004), sa(server6(0), 7003));
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("reply_raw_fallbacks"), 2, "{}", stopped.log);
+    assert_eq!(stopped.counter("reply_send_errors"), 0);
+}
+
+#[test]
+fn a_full_table_evicts_the_least_recently_used_flow() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd(&config("session_capacity = 4"));
+    let server = sa(server4(0), 7000);
+    let echo = Echo::start(&lab.servers[0], server);
+    let clients: Vec<_> = (0..6u16)
+        .map(|i| socket(&lab.client, client4(42000 + i)))
+        .collect();
+    let mut upstream_port = Vec::new();
+    let talk = |i: usize| -> u16 {
+        let (from, _) = exchange(&clients[i], server, format!("c{i}").as_bytes());
+        assert_eq!(from, server);
+        echo.last_peer().port()
+    };
+    // Flows 0-3 fill the table; touching 0 makes 1 the least recently used.
+    for i in 0..4 {
+        upstream_port.push(talk(i));
+    }
+    assert_eq!(talk(0), upstream_port[0], "flow 0 is still live");
+    // Flows 4 and 5 evict the two least recently used: 1 and 2.
+    upstream_port.push(talk(4));
+    upstream_port.push(talk(5));
+    // Survivors keep their upstream socket (same port at the server)...
+    for i in [0, 3, 4, 5] {
+        assert_eq!(talk(i), upstream_port[i], "flow {i} should have survived");
+    }
+    // ...evicted flows get a new one.
+    for i in [1, 2] {
+        assert_ne!(
+            talk(i),
+            upstream_port[i],
+            "flow {i} should have been evicted"
+        );
+    }
+    let stopped = daemon.stop();
+    // 2 evictions for flows 4-5, then 2 more when flows 1-2 came back.
+    assert_eq!(stopped.counter("sessions_evicted"), 4);
+    assert_eq!(stopped.counter("sessions_opened"), 8);
+}
+
+#[test]
+fn an_idle_flow_expires_and_inbound_traffic_keeps_a_flow_alive() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd(&config("idle_timeout = \"1s\""));
+    let server = sa(server4(0), 7000);
+    let echo = Echo::start(&lab.servers[0], server);
+
+    // A flow that goes quiet in both directions is closed...
+    let quiet = socket(&lab.client, client4(43000));
+    exchange(&quiet, server, b"hello");
+    let first = echo.last_peer();
+    // ...while one whose server keeps talking (a game server streaming
+    // state to a silent player) is not.
+    let listener = socket(&lab.client, client4(43001));
+    exchange(&listener, server, b"subscribe");
+    let streaming = echo.last_peer();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(250));
+        echo.send_to(b"state", streaming);
+        let (from, data) = recv(&listener).expect("server push should reach the client");
+        assert_eq!((from, data.as_slice()), (server, &b"state"[..]));
+    }
+    // 2 s have passed: the quiet flow is gone, the streaming one is not.
+    exchange(&quiet, server, b"hello again");
+    assert_ne!(echo.last_peer(), first, "the idle flow should have expired");
+    exchange(&listener, server, b"still there");
+    assert_eq!(
+        echo.last_peer(),
+        streaming,
+        "inbound traffic must keep the flow alive"
+    );
+
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("sessions_expired"), 1, "{}", stopped.log);
+    assert_eq!(stopped.counter("sessions_opened"), 3);
+}
+
+#[test]
+fn local_mode_does_not_loop_thanks_to_the_mark() {
+    // The gateway's own traffic (local mode: OUTPUT rerouted through lo) is
+    // the case where an unmarked upstream socket would be captured again and
+    // again. The server must see exactly one copy of each datagram.
+    let lab = Lab::new();
+    lab.install_rules("nft", "LOCAL=1");
+    let daemon = lab.start_tproxyd(&config(""));
+    let server = sa(server4(0), 7000);
+    let echo = Echo::start(&lab.servers[0], server);
+    let local_client = socket(&lab.gateway, sa(gateway_wan4(0), 44000));
+    for i in 0..5 {
+        let msg = format!("local {i}");
+        let (from, reply) = exchange(&local_client, server, msg.as_bytes());
+        assert_eq!((from, reply), (server, msg.clone().into_bytes()));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let got = echo.received();
+    assert_eq!(
+        got.len(),
+        5,
+        "the server must receive each datagram exactly once: {got:?}"
+    );
+    assert!(
+        got.iter().all(|(p, _)| p.port() != 44000),
+        "the datagrams went through tproxyd"
+    );
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("sessions_opened"), 1, "{}", stopped.log);
+    assert_eq!(stopped.counter("upstream_datagrams"), 5);
+}
+
+#[test]
+fn unreachable_servers_are_counted_and_do_not_stop_the_daemon() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd(&config(""));
+    // Nobody listens on port 9: the server's kernel answers ICMP port
+    // unreachable to the gateway's upstream socket.
+    let sock = socket(&lab.client, client4(45000));
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for _ in 0..3 {
+        sock.send_to(b"anyone?", sa(server4(0), 9)).unwrap();
+        assert!(recv(&sock).is_none());
+    }
+    // An unroutable destination (no route from the gateway) fails to open.
+    sock.send_to(b"lost", "203.0.113.99:9".parse::<SocketAddr>().unwrap())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // The daemon still relays.
+    assert_echo_is_transparent(&lab, client4(45001), sa(server4(0), 7000), gateway_wan4(0));
+    let stopped = daemon.stop();
+    assert!(stopped.status.success());
+    assert!(
+        stopped.counter("upstream_unreachable") >= 1,
+        "{}",
+        stopped.log
+    );
+    assert_eq!(
+        stopped.counter("drop_session_open_failed"),
+        1,
+        "{}",
+        stopped.log
+    );
+}
+
+#[test]
+fn datagrams_sent_straight_to_the_listener_are_dropped_not_looped() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd(&config(""));
+    let sock = socket(&lab.client, client4(46000));
+    sock.send_to(b"direct", sa(lab::GATEWAY_LAN4.parse().unwrap(), 15353))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("drop_loop"), 1, "{}", stopped.log);
+    assert_eq!(stopped.counter("sessions_opened"), 0);
+}
+
+#[test]
+fn sigterm_exits_zero_and_leaves_no_socket_behind() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd(&config(""));
+    let pid = daemon.pid();
+    assert_echo_is_transparent(&lab, client4(47000), sa(server4(0), 7000), gateway_wan4(0));
+    let stopped = daemon.stop();
+    assert!(stopped.status.success(), "exit status {}", stopped.status);
+    assert!(
+        stopped.log.contains("all sessions closed"),
+        "{}",
+        stopped.log
+    );
+    assert!(!stopped.log.contains("panicked"), "{}", stopped.log);
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    // Nothing of tproxyd's is left in the gateway: the listener port can be
+    // bound again at once, and ss lists no socket on it.
+    let ss = lab.gateway.sh("ss -uanH");
+    assert!(!ss.contains(":15353"), "{ss}");
+    socket(&lab.gateway, "0.0.0.0:15353".parse().unwrap());
+    socket(&lab.gateway, "[::]:15353".parse().unwrap());
+}
