@@ -3,6 +3,7 @@
 //! Start at [`server::run`]; the relay's data path is described in [`relay`].
 
 pub mod config;
+pub mod dns;
 pub mod net;
 pub mod relay;
 pub mod server;

@@ -76,6 +76,32 @@ counters! {
     reply_send_errors,
     /// Reply sockets that fell back to raw IP because the port was taken.
     reply_raw_fallbacks,
+    /// DNS queries received (UDP and TCP, hijacked and plain).
+    dns_queries,
+    /// DNS queries received over TCP.
+    dns_tcp_queries,
+    /// DNS datagrams dropped: shorter than a header, or not a query.
+    dns_dropped_malformed,
+    /// DNS queries answered FORMERR.
+    dns_formerr,
+    /// DNS queries answered NOTIMP (opcode other than QUERY).
+    dns_notimp,
+    /// DNS queries answered from an `answer` rule or hosts file.
+    dns_answered_local,
+    /// DNS queries answered by a `block` rule.
+    dns_blocked,
+    /// DNS answers served from the cache.
+    dns_cache_hits,
+    /// DNS queries not in the cache.
+    dns_cache_misses,
+    /// DNS queries sent to an upstream group.
+    dns_forwarded,
+    /// DNS queries answered SERVFAIL because no upstream answered.
+    dns_servfail,
+    /// DNS answers truncated (TC=1) to fit the client's UDP size.
+    dns_truncated,
+    /// Hijacked DNS queries whose forwarding was refused: too many pending.
+    dns_dropped_overload,
 }
 
 #[cfg(test)]

@@ -5,9 +5,11 @@
 //! they are deserialized, by the small types in this module, so the TOML
 //! parser can point at the exact value that is wrong.
 
+pub mod dns;
 mod duration;
 mod error;
 
+pub use dns::DnsConfig;
 pub use error::ConfigError;
 
 use serde::Deserialize;
@@ -32,6 +34,9 @@ pub struct Config {
     /// The transparent UDP relay.
     #[serde(default)]
     pub relay: RelayConfig,
+    /// The DNS engine; absent means diverted DNS is relayed like any UDP.
+    #[serde(default)]
+    pub dns: Option<DnsConfig>,
 }
 
 /// The transparent UDP relay: where it listens and how it keeps flows.
@@ -97,8 +102,13 @@ impl Config {
 
     /// Validates `text`; `path` is only used to name the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str::<Config>(text)
-            .map_err(|e| ConfigError::at(path, text, e.span(), e.message().trim_end()))
+        let config = toml::from_str::<Config>(text)
+            .map_err(|e| ConfigError::at(path, text, e.span(), e.message().trim_end()))?;
+        if let Some(dns) = &config.dns {
+            dns::validate(dns)
+                .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;
+        }
+        Ok(config)
     }
 }
 

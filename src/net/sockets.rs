@@ -58,10 +58,16 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<UdpSocket> {
 /// Connecting makes the kernel drop datagrams from anyone but `remote`
 /// (address- and port-dependent filtering) and saves a route lookup per send.
 pub fn upstream(remote: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
-    let sock = udp_socket(remote)?;
+    let sock = marked_udp(unspecified(remote), mark)?;
+    sock.connect(remote)?;
+    Ok(sock)
+}
+
+/// A marked, unconnected socket bound to `local`.
+pub fn marked_udp(local: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+    let sock = udp_socket(local)?;
     sock.set_mark(mark)?;
-    sock.bind(&unspecified(remote).into())?;
-    sock.connect(&remote.into())?;
+    sock.bind(&local.into())?;
     Ok(sock.into())
 }
 
@@ -80,6 +86,38 @@ pub fn spoofing_reply(local: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     const BPF_RET_K: u16 = 0x06;
     sock.attach_filter(&[SockFilter::new(BPF_RET_K, 0, 0, 0)])?;
     sock.bind(&local.into())?;
+    Ok(sock.into())
+}
+
+/// A plain, marked UDP server socket (the DNS engine's own addresses).
+pub fn server_udp(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+    let sock = udp_socket(addr)?;
+    sock.set_mark(mark)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// A marked TCP listening socket; `transparent` lets TPROXY hand it
+/// connections addressed to any destination. Accepted sockets inherit the
+/// mark, so their replies are never captured again.
+pub fn tcp_listener(
+    addr: SocketAddr,
+    mark: u32,
+    transparent: bool,
+) -> io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    if transparent {
+        set_transparent(&sock, addr.is_ipv6())?;
+    }
+    sock.set_mark(mark)?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
     Ok(sock.into())
 }
 

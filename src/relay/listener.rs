@@ -10,6 +10,7 @@ use tokio::net::UdpSocket;
 
 use super::session::{MAX_DATAGRAM, Session};
 use super::{FlowKey, RelayContext};
+use crate::dns::DnsService;
 use crate::net::recv::{DatagramMeta, cmsg_buffer, recv_with_meta};
 use crate::net::would_block;
 use crate::shutdown::Shutdown;
@@ -65,6 +66,10 @@ fn handle(ctx: &Arc<RelayContext>, local: SocketAddr, meta: DatagramMeta, payloa
         ctx.stats.drop_loop.inc();
         return;
     }
+    if let Some(dns) = ctx.dns.as_ref().filter(|d| d.hijacks(dst.port())) {
+        hijack_dns(ctx, dns, meta.peer, dst, payload);
+        return;
+    }
     let key = FlowKey {
         client: meta.peer,
         dst,
@@ -91,6 +96,29 @@ fn handle(ctx: &Arc<RelayContext>, local: SocketAddr, meta: DatagramMeta, payloa
     };
     session.touch(ctx.clock.now_ms());
     session.send_upstream(payload, ctx);
+}
+
+/// A query to a DNS port, wherever it was going, is answered by the DNS
+/// engine, and the answer leaves from the address the client asked.
+fn hijack_dns(
+    ctx: &Arc<RelayContext>,
+    dns: &Arc<DnsService>,
+    client: SocketAddr,
+    dst: SocketAddr,
+    payload: &[u8],
+) {
+    let reply = match ctx.replies.socket_for(dst) {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.stats.reply_send_errors.inc();
+            tracing::debug!(%dst, error = %e, "no reply socket for hijacked DNS");
+            return;
+        }
+    };
+    let ctx = ctx.clone();
+    dns.answer_udp(payload, client, move |answer| {
+        ctx.replies.send(&reply, answer, client)
+    });
 }
 
 /// True when `dst` is the listener itself: same port and a local address.

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::RelayConfig;
+use crate::dns::DnsService;
 use crate::stats::Stats;
 use clock::Clock;
 use reply::ReplySender;
@@ -46,10 +47,17 @@ pub struct RelayContext {
     pub replies: ReplySender,
     pub clock: Clock,
     pub stats: Arc<Stats>,
+    /// Answers diverted datagrams to DNS ports instead of relaying them.
+    pub dns: Option<Arc<DnsService>>,
 }
 
 impl RelayContext {
-    pub fn new(config: &RelayConfig, mark: u32, stats: Arc<Stats>) -> Self {
+    pub fn new(
+        config: &RelayConfig,
+        mark: u32,
+        stats: Arc<Stats>,
+        dns: Option<Arc<DnsService>>,
+    ) -> Self {
         RelayContext {
             mark,
             idle_timeout: config.idle_timeout,
@@ -57,6 +65,7 @@ impl RelayContext {
             replies: ReplySender::new(config.reply_sockets, mark, stats.clone()),
             clock: Clock::new(),
             stats,
+            dns,
         }
     }
 }

@@ -31,7 +31,7 @@ impl Stopped {
 }
 
 impl Daemon {
-    pub fn start(ns: &Netns, config: &Path, log: &Path) -> Daemon {
+    pub fn start(ns: &Netns, config: &Path, log: &Path, startup: Duration) -> Daemon {
         let out = std::fs::File::create(log).expect("daemon log");
         let err = out.try_clone().expect("daemon log");
         let child = ns
@@ -52,7 +52,7 @@ impl Daemon {
             log: log.to_path_buf(),
             config: config.to_path_buf(),
         };
-        d.wait_for_log("tproxyd ready", Duration::from_secs(10));
+        d.wait_for_log("tproxyd ready", startup);
         d
     }
 

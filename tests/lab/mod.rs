@@ -17,6 +17,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the lab
 
 pub mod daemon;
+pub mod dns;
 pub mod udp;
 
 use std::fs::File;
@@ -259,6 +260,14 @@ impl Lab {
         pid
     }
 
+    /// Stops a process started with [`Lab::spawn`] (SIGTERM, then SIGKILL).
+    pub fn kill(&self, pid: u32) {
+        let mut children = self.children.lock().unwrap();
+        if let Some(child) = children.iter_mut().find(|c| c.id() == pid) {
+            stop_child(child);
+        }
+    }
+
     /// A path inside the lab's scratch directory.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
@@ -266,12 +275,17 @@ impl Lab {
 
     /// Starts tproxyd in the gateway with `config` and waits until it is ready.
     pub fn start_tproxyd(&self, config: &str) -> Daemon {
+        self.start_tproxyd_within(config, Duration::from_secs(10))
+    }
+
+    /// Like [`Lab::start_tproxyd`], allowing `startup` for loading lists.
+    pub fn start_tproxyd_within(&self, config: &str, startup: Duration) -> Daemon {
         let n = self.daemons.lock().unwrap().len();
         let config_path = self.path(&format!("tproxyd{n}.toml"));
         std::fs::write(&config_path, config).expect("write config");
         let log = self.path(&format!("tproxyd{n}.log"));
         self.daemons.lock().unwrap().push(log.clone());
-        Daemon::start(&self.gateway, &config_path, &log)
+        Daemon::start(&self.gateway, &config_path, &log, startup)
     }
 }
 

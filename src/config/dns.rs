@@ -1,0 +1,415 @@
+//! The `[dns]` section: hijacked ports, listen addresses, rules, upstream
+//! groups and the cache.
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde::de::{self, Deserializer};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+use toml::Spanned;
+
+use super::duration;
+
+/// The DNS engine. Present in the file means enabled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Datagrams diverted by TPROXY whose original destination port is one
+    /// of these are answered by the DNS engine instead of being relayed.
+    #[serde(default = "DnsConfig::default_ports")]
+    pub ports: Vec<u16>,
+    /// Plain DNS server addresses (UDP and TCP), for clients configured to
+    /// use the gateway as their resolver.
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+    /// TPROXY TCP listeners for hijacked DNS over TCP (the rules'
+    /// `DNS_TCP_PORT`), so a client falling back to TCP is answered too.
+    #[serde(default)]
+    pub tcp_listen: Vec<SocketAddr>,
+    /// The upstream group used when no rule says otherwise.
+    #[serde(default = "DnsConfig::default_upstream")]
+    pub upstream: Spanned<String>,
+    /// Longest a client waits for a forwarded answer before SERVFAIL.
+    #[serde(
+        default = "DnsConfig::default_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub timeout: Duration,
+    /// The UDP payload size tproxyd advertises and answers up to (EDNS).
+    #[serde(default = "DnsConfig::default_udp_payload")]
+    pub max_udp_payload: u16,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamGroupConfig>,
+    /// Evaluated in file order; the first match decides.
+    #[serde(default)]
+    pub rules: Vec<Spanned<DnsRuleConfig>>,
+}
+
+impl DnsConfig {
+    fn default_ports() -> Vec<u16> {
+        vec![53]
+    }
+    fn default_upstream() -> Spanned<String> {
+        Spanned::new(0..0, "default".to_string())
+    }
+    fn default_timeout() -> Duration {
+        Duration::from_secs(3)
+    }
+    fn default_udp_payload() -> u16 {
+        1232
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Most answers kept (least recently used out first). 0 disables.
+    #[serde(default = "CacheConfig::default_capacity")]
+    pub capacity: usize,
+    /// Answers are kept at least this long (raises tiny upstream TTLs).
+    #[serde(default, deserialize_with = "duration::deserialize")]
+    pub min_ttl: Duration,
+    /// ... and at most this long.
+    #[serde(
+        default = "CacheConfig::default_max_ttl",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub max_ttl: Duration,
+    /// Cap on how long NXDOMAIN / no-data answers are kept (RFC 2308).
+    #[serde(
+        default = "CacheConfig::default_negative_max_ttl",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub negative_max_ttl: Duration,
+}
+
+impl CacheConfig {
+    fn default_capacity() -> usize {
+        10_000
+    }
+    fn default_max_ttl() -> Duration {
+        Duration::from_secs(86_400)
+    }
+    fn default_negative_max_ttl() -> Duration {
+        Duration::from_secs(3_600)
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            capacity: Self::default_capacity(),
+            min_ttl: Duration::ZERO,
+            max_ttl: Self::default_max_ttl(),
+            negative_max_ttl: Self::default_negative_max_ttl(),
+        }
+    }
+}
+
+/// A named group of upstream servers, tried in order with failover.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamGroupConfig {
+    pub servers: Spanned<Vec<UpstreamServer>>,
+    /// Name expected in the certificate of `tls://` and `https://` servers.
+    #[serde(default)]
+    pub tls_name: Option<String>,
+    /// Extra trust anchors (PEM) besides the public web roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// How long one server gets before the next one is tried.
+    #[serde(
+        default = "UpstreamGroupConfig::default_server_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub server_timeout: Duration,
+}
+
+impl UpstreamGroupConfig {
+    fn default_server_timeout() -> Duration {
+        Duration::from_millis(1_500)
+    }
+}
+
+/// Transport to an upstream server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// UDP, retried over TCP when the answer is truncated.
+    Udp,
+    Tcp,
+    Tls,
+    Https,
+}
+
+/// `"198.51.100.53"`, `"udp://198.51.100.53:5353"`, `"tcp://[2001:db8::53]"`,
+/// `"tls://198.51.100.53"` (port 853), `"https://198.51.100.53/dns-query"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamServer {
+    pub protocol: UpstreamProtocol,
+    pub addr: SocketAddr,
+    /// HTTP path, for `https://`.
+    pub path: String,
+}
+
+impl UpstreamServer {
+    pub fn parse(text: &str) -> Result<UpstreamServer, String> {
+        let (protocol, rest) = match text.split_once("://") {
+            None => (UpstreamProtocol::Udp, text),
+            Some(("udp", r)) => (UpstreamProtocol::Udp, r),
+            Some(("tcp", r)) => (UpstreamProtocol::Tcp, r),
+            Some(("tls", r)) => (UpstreamProtocol::Tls, r),
+            Some(("https", r)) => (UpstreamProtocol::Https, r),
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "unknown upstream scheme {scheme:?} in {text:?}: use udp, tcp, tls or https"
+                ));
+            }
+        };
+        let (hostport, path) = match rest.find('/') {
+            Some(i) if protocol == UpstreamProtocol::Https => (&rest[..i], rest[i..].to_string()),
+            Some(_) => return Err(format!("{text:?}: only https:// upstreams take a path")),
+            None if protocol == UpstreamProtocol::Https => (rest, "/dns-query".to_string()),
+            None => (rest, String::new()),
+        };
+        let default_port = match protocol {
+            UpstreamProtocol::Udp | UpstreamProtocol::Tcp => 53,
+            UpstreamProtocol::Tls => 853,
+            UpstreamProtocol::Https => 443,
+        };
+        let addr = if let Ok(sa) = hostport.parse::<SocketAddr>() {
+            sa
+        } else if let Ok(ip) = hostport
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<IpAddr>()
+        {
+            SocketAddr::new(ip, default_port)
+        } else {
+            return Err(format!(
+                "upstream {text:?} needs an IP address (tproxyd does not resolve upstream names), \
+                 e.g. \"tls://198.51.100.53\" with tls_name = \"dns.example\""
+            ));
+        };
+        Ok(UpstreamServer {
+            protocol,
+            addr,
+            path,
+        })
+    }
+
+    pub fn needs_tls_name(&self) -> bool {
+        matches!(
+            self.protocol,
+            UpstreamProtocol::Tls | UpstreamProtocol::Https
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamServer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        UpstreamServer::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// One `[[dns.rules]]` entry as written; checked by [`super::Config::parse`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsRuleConfig {
+    /// `"printer.lan"` matches that name only; `"*.example.com"` matches
+    /// example.com and every name under it.
+    #[serde(default)]
+    pub domains: Vec<DomainPattern>,
+    /// Domain-list files: one name per line, hosts-style `0.0.0.0 name`
+    /// lines, or adblock-style `||name^` lines.
+    #[serde(default)]
+    pub lists: Vec<PathBuf>,
+    /// Hosts files (`/etc/hosts` format) answering their names (action
+    /// `answer` only).
+    #[serde(default)]
+    pub hosts: Vec<PathBuf>,
+    /// Only for clients in these networks (per-device rules).
+    #[serde(default)]
+    pub clients: Vec<IpNet>,
+    /// Only for these query types (`"A"`, `"AAAA"`, `"HTTPS"`, ...).
+    #[serde(default)]
+    pub qtypes: Vec<QueryType>,
+    pub action: RuleAction,
+    /// `answer`: addresses for A queries.
+    #[serde(default)]
+    pub a: Vec<Ipv4Addr>,
+    /// `answer`: addresses for AAAA queries.
+    #[serde(default)]
+    pub aaaa: Vec<Ipv6Addr>,
+    /// `answer`: an alias; answered as a CNAME record.
+    #[serde(default)]
+    pub cname: Option<DomainPattern>,
+    /// `answer`: TTL of the records (default 5 minutes); `block`: TTL of
+    /// the null addresses (default 1 minute).
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub ttl: Option<Duration>,
+    /// `block`: what the answer is.
+    #[serde(default)]
+    pub block: Option<BlockMode>,
+    /// `forward`: the upstream group.
+    #[serde(default)]
+    pub upstream: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    Answer,
+    Block,
+    Forward,
+}
+
+/// How a blocked name is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockMode {
+    /// NXDOMAIN: "no such name".
+    #[default]
+    Nxdomain,
+    /// NOERROR with no records.
+    Nodata,
+    /// `0.0.0.0` for A, `::` for AAAA, no data for other types.
+    Null,
+    /// REFUSED.
+    Refused,
+}
+
+/// A validated domain pattern: a lowercase name without the trailing dot,
+/// and whether it also covers every name below it (`*.` prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainPattern {
+    pub name: String,
+    pub subdomains: bool,
+}
+
+impl DomainPattern {
+    pub fn parse(text: &str) -> Result<DomainPattern, String> {
+        let (subdomains, rest) = match text.strip_prefix("*.") {
+            Some(r) => (true, r),
+            None => (false, text),
+        };
+        let name = crate::dns::names::normalize(rest)
+            .ok_or_else(|| format!("{text:?} is not a valid domain name"))?;
+        Ok(DomainPattern { name, subdomains })
+    }
+}
+
+impl<'de> Deserialize<'de> for DomainPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DomainPattern::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// A DNS record type given by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryType(pub hickory_proto::rr::RecordType);
+
+impl<'de> Deserialize<'de> for QueryType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.to_ascii_uppercase()
+            .parse::<hickory_proto::rr::RecordType>()
+            .map(QueryType)
+            .map_err(|_| de::Error::custom(format!("unknown query type {s:?}")))
+    }
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration::deserialize(d).map(Some)
+}
+
+/// Cross-field checks that serde cannot express; each error names the
+/// byte range to point at.
+pub(super) fn validate(dns: &DnsConfig) -> Result<(), (std::ops::Range<usize>, String)> {
+    if !dns.upstreams.contains_key(dns.upstream.get_ref()) {
+        let needed =
+            dns.rules.iter().any(|r| {
+                r.get_ref().action == RuleAction::Forward && r.get_ref().upstream.is_none()
+            }) || dns.rules.iter().all(|r| !matches_everything(r.get_ref()));
+        if needed {
+            return Err((
+                dns.upstream.span(),
+                format!(
+                    "no upstream group {:?}: add [dns.upstreams.{}] with servers = [...]",
+                    dns.upstream.get_ref(),
+                    dns.upstream.get_ref()
+                ),
+            ));
+        }
+    }
+    for (name, group) in &dns.upstreams {
+        let servers = group.servers.get_ref();
+        if servers.is_empty() {
+            return Err((
+                group.servers.span(),
+                format!("upstream group {name:?} has no servers"),
+            ));
+        }
+        if servers.iter().any(UpstreamServer::needs_tls_name) && group.tls_name.is_none() {
+            return Err((
+                group.servers.span(),
+                format!("upstream group {name:?} has tls:// or https:// servers: set tls_name"),
+            ));
+        }
+    }
+    for rule in &dns.rules {
+        check_rule(rule.get_ref(), dns).map_err(|reason| (rule.span(), reason))?;
+    }
+    Ok(())
+}
+
+/// A rule with no name, client or type condition catches every query, so
+/// the default group is then never used.
+fn matches_everything(r: &DnsRuleConfig) -> bool {
+    r.domains.is_empty()
+        && r.lists.is_empty()
+        && r.hosts.is_empty()
+        && r.clients.is_empty()
+        && r.qtypes.is_empty()
+}
+
+fn check_rule(r: &DnsRuleConfig, dns: &DnsConfig) -> Result<(), String> {
+    let answers = !r.a.is_empty() || !r.aaaa.is_empty() || r.cname.is_some();
+    match r.action {
+        RuleAction::Answer => {
+            if !answers && r.hosts.is_empty() {
+                return Err("an answer rule needs a, aaaa, cname or hosts".into());
+            }
+            if !r.hosts.is_empty() && (answers || !r.domains.is_empty() || !r.lists.is_empty()) {
+                return Err(
+                    "a hosts rule answers the names in its files: drop a/aaaa/cname/domains/lists"
+                        .into(),
+                );
+            }
+            if r.block.is_some() || r.upstream.is_some() {
+                return Err("an answer rule takes no block or upstream".into());
+            }
+        }
+        RuleAction::Block => {
+            if answers || !r.hosts.is_empty() || r.upstream.is_some() {
+                return Err(
+                    "a block rule takes no a/aaaa/cname/hosts/upstream (see block = ...)".into(),
+                );
+            }
+        }
+        RuleAction::Forward => {
+            if answers || !r.hosts.is_empty() || r.block.is_some() || r.ttl.is_some() {
+                return Err("a forward rule takes only upstream".into());
+            }
+            let group = r.upstream.as_deref().unwrap_or(dns.upstream.get_ref());
+            if !dns.upstreams.contains_key(group) {
+                return Err(format!("no upstream group {group:?} in [dns.upstreams]"));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,326 @@
+//! The DNS engine: query → rules → cache → upstream.
+//!
+//! Answering is split in two so the hot path never waits: [`DnsEngine::answer_now`]
+//! handles everything that needs no network (overrides, blocks, hosts
+//! files, cache hits, malformed input) synchronously, inline in the
+//! listener that received the query; only a cache miss becomes an
+//! [`Outcome::Forward`], which the caller awaits in a task of its own.
+
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::cache::{CacheKey, DnsCache};
+use super::lists::ListError;
+use super::message::{self, Rejection, Request};
+use super::rules::{Action, RuleSet, StaticAnswer};
+use super::upstream::{UpstreamError, UpstreamGroup};
+use crate::config::dns::{BlockMode, DnsConfig};
+use crate::stats::Stats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsBuildError {
+    #[error(transparent)]
+    List(#[from] ListError),
+    #[error("upstream group {group:?}: {source}")]
+    Upstream {
+        group: String,
+        #[source]
+        source: UpstreamError,
+    },
+}
+
+/// How the query arrived: UDP answers must fit the client's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What to do with a query after the synchronous part.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Send these bytes back.
+    Reply(Vec<u8>),
+    /// Send nothing (not a query, or too short to answer).
+    Drop,
+    /// Needs an upstream: pass to [`DnsEngine::forward`].
+    Forward(Pending),
+}
+
+/// A query waiting for an upstream answer.
+#[derive(Debug)]
+pub struct Pending {
+    request: Request,
+    group: usize,
+    transport: Transport,
+}
+
+#[derive(Debug)]
+pub struct DnsEngine {
+    rules: RuleSet,
+    groups: Vec<UpstreamGroup>,
+    default_group: Option<usize>,
+    cache: DnsCache,
+    timeout: Duration,
+    max_udp_payload: u16,
+    stats: Arc<Stats>,
+}
+
+impl DnsEngine {
+    /// Builds the engine, loading every list and hosts file.
+    pub fn build(
+        config: &DnsConfig,
+        mark: u32,
+        stats: Arc<Stats>,
+    ) -> Result<DnsEngine, DnsBuildError> {
+        let mut groups = Vec::with_capacity(config.upstreams.len());
+        for (name, group) in &config.upstreams {
+            groups.push(UpstreamGroup::new(name, group, mark).map_err(|source| {
+                DnsBuildError::Upstream {
+                    group: name.clone(),
+                    source,
+                }
+            })?);
+        }
+        let index = |name: &str| groups.iter().position(|g| g.name == name);
+        let rules = RuleSet::build(config, index)?;
+        let default_group = index(config.upstream.get_ref());
+        Ok(DnsEngine {
+            rules,
+            groups,
+            default_group,
+            cache: DnsCache::new(&config.cache),
+            timeout: config.timeout,
+            max_udp_payload: config.max_udp_payload,
+            stats,
+        })
+    }
+
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+
+    pub fn groups(&self) -> &[UpstreamGroup] {
+        &self.groups
+    }
+
+    /// Everything that can be answered without the network.
+    pub fn answer_now(&self, bytes: &[u8], client: IpAddr, transport: Transport) -> Outcome {
+        let s = &self.stats;
+        s.dns_queries.inc();
+        let request = match message::parse_request(bytes) {
+            Ok(r) => r,
+            Err(Rejection::Drop(why)) => {
+                s.dns_dropped_malformed.inc();
+                tracing::debug!(%client, why, "DNS datagram dropped");
+                return Outcome::Drop;
+            }
+            Err(Rejection::Respond(msg)) => {
+                match msg.metadata.response_code {
+                    ResponseCode::NotImp => s.dns_notimp.inc(),
+                    _ => s.dns_formerr.inc(),
+                }
+                return self.reply(&msg, transport, message::CLASSIC_UDP_PAYLOAD);
+            }
+        };
+        let qtype = request.query.query_type();
+        let rule = self.rules.first_match(client, &request.key, qtype);
+        if let Some(rule) = rule {
+            tracing::debug!(%client, name = %request.key, ?qtype, rule = rule.number, action = rule.action.kind(), "DNS rule matched");
+        }
+        let group = match rule.map(|r| &r.action) {
+            Some(Action::Answer(answer)) => {
+                s.dns_answered_local.inc();
+                let msg = self.static_answer(&request, answer);
+                return self.reply_to(&request, &msg, transport);
+            }
+            Some(Action::Hosts(table, ttl)) => {
+                s.dns_answered_local.inc();
+                let addrs = table.get(&request.key).cloned().unwrap_or_default();
+                let answer = StaticAnswer {
+                    a: addrs.v4,
+                    aaaa: addrs.v6,
+                    cname: None,
+                    ttl: *ttl,
+                };
+                let msg = self.static_answer(&request, &answer);
+                return self.reply_to(&request, &msg, transport);
+            }
+            Some(Action::Block(mode, ttl)) => {
+                s.dns_blocked.inc();
+                let msg = self.blocked(&request, *mode, *ttl);
+                return self.reply_to(&request, &msg, transport);
+            }
+            Some(Action::Forward(g)) => Some(*g),
+            None => self.default_group,
+        };
+        let Some(group) = group else {
+            // No rule and no default group: nothing can answer this.
+            let msg = message::response(&request, ResponseCode::Refused, self.max_udp_payload);
+            return self.reply_to(&request, &msg, transport);
+        };
+        if let Some((entry, age)) = self.cache.get(&cache_key(&request, group)) {
+            s.dns_cache_hits.inc();
+            let mut msg = message::response(&request, entry.rcode, self.max_udp_payload);
+            entry.fill(&mut msg, age);
+            return self.reply_to(&request, &msg, transport);
+        }
+        s.dns_cache_misses.inc();
+        Outcome::Forward(Pending {
+            request,
+            group,
+            transport,
+        })
+    }
+
+    /// Resolves a cache miss upstream; SERVFAIL when no upstream answers
+    /// within the configured timeout.
+    pub async fn forward(&self, pending: Pending) -> Option<Vec<u8>> {
+        let Pending {
+            request,
+            group,
+            transport,
+        } = pending;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        self.stats.dns_forwarded.inc();
+        let upstream = match self.groups.get(group) {
+            Some(g) => g.resolve(&request.query, deadline).await,
+            None => Err(UpstreamError::NoAnswer),
+        };
+        let msg = match upstream {
+            Ok(answer) => {
+                self.cache.insert(cache_key(&request, group), &answer);
+                let mut msg = message::response(
+                    &request,
+                    answer.metadata.response_code,
+                    self.max_udp_payload,
+                );
+                msg.answers = answer.answers;
+                msg.authorities = answer.authorities;
+                msg.additionals = answer.additionals;
+                msg
+            }
+            Err(e) => {
+                self.stats.dns_servfail.inc();
+                tracing::debug!(name = %request.key, error = %e, "answering SERVFAIL");
+                message::response(&request, ResponseCode::ServFail, self.max_udp_payload)
+            }
+        };
+        match self.reply_to(&request, &msg, transport) {
+            Outcome::Reply(bytes) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    /// Answers `bytes` completely, awaiting the upstream if needed.
+    pub async fn answer(
+        &self,
+        bytes: &[u8],
+        client: IpAddr,
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        match self.answer_now(bytes, client, transport) {
+            Outcome::Reply(b) => Some(b),
+            Outcome::Drop => None,
+            Outcome::Forward(p) => self.forward(p).await,
+        }
+    }
+
+    fn reply_to(&self, request: &Request, msg: &Message, transport: Transport) -> Outcome {
+        self.reply(msg, transport, request.udp_limit(self.max_udp_payload))
+    }
+
+    fn reply(&self, msg: &Message, transport: Transport, udp_limit: usize) -> Outcome {
+        let limit = match transport {
+            Transport::Udp => udp_limit,
+            Transport::Tcp => usize::from(u16::MAX),
+        };
+        match message::encode(msg, limit) {
+            Some((bytes, truncated)) => {
+                if truncated {
+                    self.stats.dns_truncated.inc();
+                }
+                Outcome::Reply(bytes)
+            }
+            None => Outcome::Drop,
+        }
+    }
+
+    /// An override: the records of `answer` that fit the query type.
+    fn static_answer(&self, request: &Request, answer: &StaticAnswer) -> Message {
+        let mut msg = message::response(request, ResponseCode::NoError, self.max_udp_payload);
+        msg.metadata.authoritative = true;
+        let qname = request.query.name().clone();
+        let qtype = request.query.query_type();
+        let mut owner = qname.clone();
+        if let Some(target) = answer
+            .cname
+            .as_deref()
+            .and_then(|t| Name::from_str(&format!("{t}.")).ok())
+        {
+            msg.add_answer(Record::from_rdata(
+                qname,
+                answer.ttl,
+                RData::CNAME(CNAME(target.clone())),
+            ));
+            if qtype == RecordType::CNAME {
+                return msg;
+            }
+            owner = target;
+        }
+        let wants = |t: RecordType| qtype == t || qtype == RecordType::ANY;
+        if wants(RecordType::A) {
+            for ip in &answer.a {
+                msg.add_answer(Record::from_rdata(
+                    owner.clone(),
+                    answer.ttl,
+                    RData::A(A(*ip)),
+                ));
+            }
+        }
+        if wants(RecordType::AAAA) {
+            for ip in &answer.aaaa {
+                msg.add_answer(Record::from_rdata(
+                    owner.clone(),
+                    answer.ttl,
+                    RData::AAAA(AAAA(*ip)),
+                ));
+            }
+        }
+        msg
+    }
+
+    fn blocked(&self, request: &Request, mode: BlockMode, ttl: u32) -> Message {
+        let rcode = match mode {
+            BlockMode::Nxdomain => ResponseCode::NXDomain,
+            BlockMode::Refused => ResponseCode::Refused,
+            BlockMode::Nodata | BlockMode::Null => ResponseCode::NoError,
+        };
+        let mut msg = message::response(request, rcode, self.max_udp_payload);
+        if mode == BlockMode::Null {
+            let null = StaticAnswer {
+                a: vec![Ipv4Addr::UNSPECIFIED],
+                aaaa: vec![Ipv6Addr::UNSPECIFIED],
+                cname: None,
+                ttl,
+            };
+            msg = self.static_answer(request, &null);
+            msg.metadata.authoritative = false;
+        }
+        msg
+    }
+}
+
+fn cache_key(request: &Request, group: usize) -> CacheKey {
+    CacheKey {
+        group,
+        name: request.key.clone(),
+        qtype: request.query.query_type(),
+        qclass: request.query.query_class(),
+    }
+}

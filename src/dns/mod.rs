@@ -1,0 +1,20 @@
+//! The DNS engine and its listeners.
+//!
+//! A query flows one way: [`message`] parses it → [`rules`] pick the first
+//! matching rule (names from [`names`]/[`lists`]) → an override or block is
+//! answered at once, anything else goes to the [`cache`] → and on a miss to
+//! an [`upstream`] group. [`engine`] ties these together; [`server`] is
+//! where queries arrive: hijacked datagrams handed over by the relay
+//! listener, plain UDP/TCP listeners, and TPROXY TCP listeners.
+
+pub mod cache;
+pub mod engine;
+pub mod lists;
+pub mod message;
+pub mod names;
+pub mod rules;
+pub mod server;
+pub mod upstream;
+
+pub use engine::{DnsEngine, Outcome, Pending, Transport};
+pub use server::DnsService;

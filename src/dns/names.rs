@@ -1,0 +1,202 @@
+//! Domain-name sets that answer "is this name, or a parent of it, listed?"
+//! in O(labels), whatever the number of names.
+//!
+//! A block list can hold a million names. Storing each as a `String` in a
+//! `HashSet` costs ~50 bytes of overhead per name; here all names share one
+//! byte arena and the hash tables hold 4-byte offsets into it, so a million
+//! names take about 30 MB. A lookup hashes the query name and each of its
+//! parent names once: `a.b.example.com` costs four probes.
+
+use hashbrown::HashTable;
+use std::hash::BuildHasher;
+
+/// Names are stored lowercase, without the trailing dot. Returns `None` for
+/// text that is not a plausible host or domain name.
+pub fn normalize(text: &str) -> Option<String> {
+    let t = text.trim().trim_end_matches('.');
+    if t.is_empty() || t.len() > 253 {
+        return None;
+    }
+    let ascii = if t.is_ascii() {
+        t.to_ascii_lowercase()
+    } else {
+        // Internationalized names are matched in their punycode form, the
+        // form in which they travel in DNS queries.
+        let name = hickory_proto::rr::Name::from_utf8(t).ok()?;
+        name.to_ascii().trim_end_matches('.').to_ascii_lowercase()
+    };
+    let valid_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    ascii.split('.').all(valid_label).then_some(ascii)
+}
+
+/// The lookup key of a query name: lowercase labels joined by dots.
+pub fn query_key(name: &hickory_proto::rr::Name) -> String {
+    let mut key = String::with_capacity(name.len());
+    for (i, label) in name.iter().enumerate() {
+        if i > 0 {
+            key.push('.');
+        }
+        for &b in label {
+            key.push(char::from(b.to_ascii_lowercase()));
+        }
+    }
+    key
+}
+
+/// `name` itself, then each parent: `a.b.c`, `b.c`, `c`.
+pub fn self_and_parents(name: &str) -> impl Iterator<Item = &str> {
+    std::iter::successors(Some(name), |n| n.split_once('.').map(|(_, rest)| rest))
+}
+
+/// A set of exact names and of names that also cover their subdomains.
+#[derive(Debug, Default)]
+pub struct DomainSet {
+    /// Length-prefixed names: `[len, bytes...]` back to back.
+    arena: Vec<u8>,
+    exact: HashTable<u32>,
+    subtree: HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl DomainSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a normalized name (see [`normalize`]). With `subdomains`, every
+    /// name below it matches too.
+    pub fn insert(&mut self, name: &str, subdomains: bool) {
+        let Ok(len) = u8::try_from(name.len()) else {
+            return;
+        };
+        let hash = self.hasher.hash_one(name.as_bytes());
+        let arena = &self.arena;
+        let table = if subdomains {
+            &mut self.subtree
+        } else {
+            &mut self.exact
+        };
+        if table
+            .find(hash, |&off| entry(arena, off) == name.as_bytes())
+            .is_some()
+        {
+            return;
+        }
+        let Ok(offset) = u32::try_from(self.arena.len()) else {
+            return; // 4 GiB of names: beyond any real list
+        };
+        self.arena.push(len);
+        self.arena.extend_from_slice(name.as_bytes());
+        let (arena, hasher) = (&self.arena, &self.hasher);
+        table.insert_unique(hash, offset, |&off| hasher.hash_one(entry(arena, off)));
+    }
+
+    /// Whether `name` (a query key, see [`query_key`]) is listed exactly or
+    /// lies under a listed subtree.
+    pub fn matches(&self, name: &str) -> bool {
+        self.contains(&self.exact, name)
+            || self_and_parents(name).any(|n| self.contains(&self.subtree, n))
+    }
+
+    fn contains(&self, table: &HashTable<u32>, name: &str) -> bool {
+        if table.is_empty() {
+            return false;
+        }
+        let hash = self.hasher.hash_one(name.as_bytes());
+        table
+            .find(hash, |&off| entry(&self.arena, off) == name.as_bytes())
+            .is_some()
+    }
+
+    /// Number of names (exact and subtree).
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.subtree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Trims spare capacity once loading is done.
+    pub fn shrink_to_fit(&mut self) {
+        self.arena.shrink_to_fit();
+        let (arena, hasher) = (&self.arena, &self.hasher);
+        self.exact
+            .shrink_to_fit(|&off| hasher.hash_one(entry(arena, off)));
+        self.subtree
+            .shrink_to_fit(|&off| hasher.hash_one(entry(arena, off)));
+    }
+}
+
+fn entry(arena: &[u8], offset: u32) -> &[u8] {
+    let start = offset as usize;
+    let len = arena.get(start).copied().unwrap_or(0) as usize;
+    arena.get(start + 1..start + 1 + len).unwrap_or(&[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_case_dots_and_idn() {
+        assert_eq!(normalize("Example.COM.").as_deref(), Some("example.com"));
+        assert_eq!(normalize(" ads.example ").as_deref(), Some("ads.example"));
+        assert_eq!(
+            normalize("bücher.example").as_deref(),
+            Some("xn--bcher-kva.example")
+        );
+        assert_eq!(
+            normalize("_dmarc.example").as_deref(),
+            Some("_dmarc.example")
+        );
+        for bad in ["", ".", "a..b", "a b", "a/b", "x:y", &"a".repeat(64), "*.x"] {
+            assert_eq!(normalize(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn exact_and_subtree_matching() {
+        let mut s = DomainSet::new();
+        s.insert("printer.lan", false);
+        s.insert("ads.example", true);
+        assert!(s.matches("printer.lan"));
+        assert!(!s.matches("x.printer.lan"));
+        assert!(!s.matches("lan"));
+        assert!(s.matches("ads.example"));
+        assert!(s.matches("a.b.ads.example"));
+        assert!(!s.matches("badads.example"));
+        assert!(!s.matches("example"));
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn duplicates_are_stored_once() {
+        let mut s = DomainSet::new();
+        for _ in 0..3 {
+            s.insert("a.example", false);
+            s.insert("a.example", true);
+        }
+        assert_eq!(s.len(), 2);
+        s.shrink_to_fit();
+        assert!(s.matches("b.a.example"));
+    }
+
+    #[test]
+    fn parents() {
+        let v: Vec<_> = self_and_parents("a.b.c").collect();
+        assert_eq!(v, ["a.b.c", "b.c", "c"]);
+    }
+
+    #[test]
+    fn query_key_lowercases() {
+        let name = hickory_proto::rr::Name::from_ascii("WwW.Example.COM.").unwrap();
+        assert_eq!(query_key(&name), "www.example.com");
+        assert_eq!(query_key(&hickory_proto::rr::Name::root()), "");
+    }
+}
