@@ -6,14 +6,18 @@
 #
 #   sudo demo/run.sh
 #
-# Needs root (network namespaces), iproute2, nftables, socat and cargo;
-# tcpdump is used when present. Touches nothing outside its own namespaces,
+# Then it does the same for DNS: a device that has 203.0.113.53 hard-coded
+# as its resolver is answered by tproxyd's rules (override, block) and
+# cache/upstream (dnsmasq in the server namespace), "from" 203.0.113.53.
+#
+# Needs root (network namespaces), iproute2, nftables, socat, dnsmasq, dig
+# and cargo; tcpdump is used when present. Touches nothing outside its own namespaces,
 # which it removes on exit.
 set -eu
 cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "demo: run as root (it creates network namespaces)" >&2; exit 1; }
-for cmd in ip nft socat cargo; do
+for cmd in ip nft socat dnsmasq dig cargo; do
     command -v "$cmd" >/dev/null || { echo "demo: '$cmd' not found (see README: apt-get install ...)" >&2; exit 1; }
 done
 
@@ -43,13 +47,14 @@ ip -n "$G" addr add 192.0.2.1/24 dev lan0
 ip -n "$G" addr add 198.51.100.1/24 dev wan0
 ip -n "$C" addr add 192.0.2.10/24 dev lan0
 ip -n "$S" addr add 198.51.100.7/24 dev wan0
+ip -n "$S" addr add 198.51.100.53/24 dev wan0
 for l in "$G lan0" "$G wan0" "$C lan0" "$S wan0"; do set -- $l; ip -n "$1" link set "$2" up; done
 ip -n "$C" route add default via 192.0.2.1
 ip netns exec "$G" sysctl -qw net.ipv4.ip_forward=1
 echo "(the server has no route to the client: only a proxy on the gateway can answer it)"
 
-step "Gateway: LAN_IF=lan0 iptables/tproxy-nft.sh up"
-ip netns exec "$G" env LAN_IF=lan0 FAMILIES=4 iptables/tproxy-nft.sh up
+step "Gateway: LAN_IF=lan0 DNS_TCP_PORT=15354 iptables/tproxy-nft.sh up"
+ip netns exec "$G" env LAN_IF=lan0 DNS_TCP_PORT=15354 FAMILIES=4 iptables/tproxy-nft.sh up
 ip netns exec "$G" nft list chain inet tproxyd capture | sed 's/^/    /'
 
 step "Gateway: starting tproxyd"
@@ -58,6 +63,19 @@ mark = 255
 [relay]
 listen = ["0.0.0.0:15353"]
 idle_timeout = "30s"
+
+[dns]
+ports = [53]
+tcp_listen = ["0.0.0.0:15354"]
+[dns.upstreams.default]
+servers = ["198.51.100.53"]
+[[dns.rules]]
+domains = ["printer.lan"]
+action = "answer"
+a = ["192.0.2.50"]
+[[dns.rules]]
+domains = ["*.ads.example"]
+action = "block"
 TOML
 ip netns exec "$G" "$BIN" --config "$TMP/tproxyd.toml" 2>"$TMP/tproxyd.log" &
 PIDS="$PIDS $!"
@@ -83,9 +101,24 @@ sleep 0.3
 echo "    client got: '$reply'"
 [ "$reply" = hello ] || { echo "demo: no reply came back" >&2; cat "$TMP/tproxyd.log" >&2; exit 1; }
 
+step "Server: dnsmasq at 198.51.100.53, the real upstream (www.example.test = 203.0.113.80)"
+ip netns exec "$S" dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces \
+    --listen-address=198.51.100.53 --user=root --local=/example.test/ --local-ttl=300 \
+    --host-record=www.example.test,203.0.113.80 --log-queries --log-facility="$TMP/dnsmasq.log" 2>/dev/null &
+PIDS="$PIDS $!"
+sleep 0.5
+
+step "Client: its resolver is hard-coded to 203.0.113.53, which does not exist here"
+for q in "www.example.test" "printer.lan" "tracker.ads.example" "+tcp printer.lan"; do
+    echo "    \$ dig @203.0.113.53 $q"
+    ip netns exec "$C" dig +time=2 +tries=1 @203.0.113.53 $q | grep -E "status:|^[a-z].*IN|SERVER:" | sed 's/^/      /'
+done
+echo "    dnsmasq was asked only what no rule answered, by the gateway:"
+grep -o "query\[.*" "$TMP/dnsmasq.log" | sed 's/^/      /'
+
 step "Stopping tproxyd (SIGTERM) and its final counters"
 kill -TERM "$(pgrep -f "$TMP/tproxyd.toml" | head -1)"
 sleep 0.5
 grep -o "final counters: .*" "$TMP/tproxyd.log" | tr ' ' '\n' | grep -E "=[1-9]" | sed 's/^/    /'
 
-step "Done: the reply came back from 198.51.100.7:7000 while the server talked to the gateway (198.51.100.1)"
+step "Done: replies came back from the addresses the client asked (198.51.100.7:7000, 203.0.113.53:53), while servers only ever talked to the gateway (198.51.100.1)"

@@ -42,10 +42,16 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => {
-            println!("{}: ok", cli.config.display());
-            ExitCode::SUCCESS
-        }
+        Command::Check => match check(&config) {
+            Ok(()) => {
+                println!("{}: ok", cli.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e:#}");
+                ExitCode::from(2)
+            }
+        },
         Command::Run => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -54,6 +60,16 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Beyond parsing: loads every list, hosts and CA file the config names,
+/// without opening a socket.
+fn check(config: &Config) -> anyhow::Result<()> {
+    if let Some(dns) = config.dns() {
+        let stats = std::sync::Arc::new(tproxyd::stats::Stats::default());
+        tproxyd::dns::DnsEngine::build(dns, config.mark.0, stats)?;
+    }
+    Ok(())
 }
 
 fn run(config: Config) -> anyhow::Result<()> {

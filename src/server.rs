@@ -58,7 +58,7 @@ fn bind_all(config: &Config) -> Result<Sockets, ServerError> {
         tracing::info!(%addr, "relay listening");
         s.relay.push(sock);
     }
-    if let Some(dns) = &config.dns {
+    if let Some(dns) = config.dns() {
         for &addr in &dns.listen {
             let udp = sockets::server_udp(addr, mark)
                 .and_then(UdpSocket::from_std)
@@ -87,7 +87,7 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) -> Result<Arc<Stats>, ServerError> {
     let stats = Arc::new(Stats::default());
-    let dns = match &config.dns {
+    let dns = match config.dns() {
         Some(dns) => {
             let engine = DnsEngine::build(dns, config.mark.0, stats.clone())?;
             tracing::info!(rules = engine.rules().len(), groups = engine.groups().len(), ports = ?dns.ports, "DNS engine ready");

@@ -70,3 +70,63 @@ fn running_with_a_bad_config_refuses_to_start() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains(":1:8: mark must not be 0"));
 }
+
+#[test]
+fn check_loads_the_files_the_config_names() {
+    let path = write_config(
+        "lists.toml",
+        "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n\
+         [[dns.rules]]\nlists = [\"/nonexistent/blocklist.txt\"]\naction = \"block\"\n",
+    );
+    let out = tproxyd(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/blocklist.txt"), "{stderr}");
+}
+
+#[test]
+fn check_rejects_dns_rules_that_cannot_work() {
+    for (text, line, needle) in [
+        (
+            "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n[[dns.rules]]\ndomains = [\"a.lan\"]\naction = \"answer\"\n",
+            4,
+            "needs a, aaaa, cname or hosts",
+        ),
+        (
+            "mark = 1\n[dns]\nports = [53]\n",
+            2,
+            "no upstream group \"default\"",
+        ),
+        (
+            "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n[[dns.rules]]\naction = \"forward\"\nupstream = \"nope\"\n",
+            4,
+            "no upstream group \"nope\"",
+        ),
+        (
+            "[dns]\n[dns.upstreams.default]\nservers = [\"tls://198.51.100.53\"]\n",
+            3,
+            "set tls_name",
+        ),
+        (
+            "[dns]\n[dns.upstreams.default]\nservers = [\"dns.example\"]\n",
+            3,
+            "needs an IP address",
+        ),
+        (
+            "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n[[dns.rules]]\ndomains = [\"bad name\"]\naction = \"block\"\n",
+            5,
+            "not a valid domain name",
+        ),
+    ] {
+        let path = write_config("dnsrule.toml", text);
+        let out = tproxyd(&["check", "--config", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let prefix = format!("{}:{line}:", path.display());
+        assert!(
+            stderr.starts_with(&prefix),
+            "expected {prefix}..., got {stderr}"
+        );
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+}

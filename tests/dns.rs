@@ -469,3 +469,77 @@ fn a_one_million_line_block_list_loads_and_matches() {
     );
     assert!(t.upstream.was_asked("sub.tracker0.ads.test"));
 }
+
+#[test]
+fn encrypted_upstreams_dns_over_tls_and_https() {
+    let t = DnsLab::new();
+    let pki = t.lab.pki("dns.lab.test");
+    // dnsdist terminates DoT and DoH and asks the dnsmasq behind it, so
+    // dnsmasq sees dnsdist (198.51.100.53), never the gateway, when the
+    // encrypted path is taken.
+    t.lab.dnsdist(
+        0,
+        &format!(
+            r#"setACL({{"0.0.0.0/0", "::/0"}})
+newServer({{address="{UPSTREAM}:53"}})
+addTLSLocal("{UPSTREAM}:853", "{cert}", "{key}")
+addDOHLocal("{UPSTREAM}:443", "{cert}", "{key}", "/dns-query")"#,
+            cert = pki.cert.display(),
+            key = pki.key.display()
+        ),
+        "for DoH",
+    );
+    let group = |servers: &str, name: &str| {
+        format!(
+            "[dns.upstreams.default]\nservers = [{servers}]\ntls_name = \"{name}\"\nca_file = \"{}\"\nserver_timeout = \"1s\"",
+            pki.ca.display()
+        )
+    };
+    let base = config("");
+    let default_group =
+        format!("[dns.upstreams.default]\nservers = [\"{UPSTREAM}\"]\nserver_timeout = \"700ms\"");
+    for (servers, qname) in [
+        (format!("\"tls://{UPSTREAM}\""), "www.example.test"),
+        (
+            format!("\"https://{UPSTREAM}/dns-query\""),
+            "www.example.test",
+        ),
+    ] {
+        let text = base.replace(&default_group, &group(&servers, "dns.lab.test"));
+        let daemon = t.lab.start_tproxyd(&text);
+        let d = t.dig(&format!("@{PUBLIC} {qname} A"));
+        assert_eq!(d.answer_data(), ["203.0.113.80"], "{servers}: {}", d.raw);
+        let stopped = daemon.stop();
+        assert_eq!(stopped.counter("dns_servfail"), 0, "{servers}");
+    }
+    // (dnsdist's own health checks ask for a.root-servers.net.)
+    let ours = || -> Vec<String> {
+        t.upstream
+            .queries()
+            .into_iter()
+            .filter(|(n, _)| n == "www.example.test")
+            .map(|(_, f)| f)
+            .collect()
+    };
+    let froms = ours();
+    assert_eq!(froms.len(), 2, "{froms:?}");
+    assert!(
+        froms.iter().all(|f| f == UPSTREAM),
+        "queries must arrive through dnsdist: {froms:?}"
+    );
+    // A certificate for another name is refused: SERVFAIL, nothing asked.
+    let text = base.replace(
+        &default_group,
+        &group(&format!("\"tls://{UPSTREAM}\""), "other.lab.test"),
+    );
+    let _daemon = t.lab.start_tproxyd(&text);
+    assert_eq!(
+        t.dig(&format!("@{PUBLIC} www.example.test AAAA")).status,
+        "SERVFAIL"
+    );
+    assert_eq!(
+        ours().len(),
+        2,
+        "a query went out over an unverified connection"
+    );
+}

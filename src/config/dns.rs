@@ -329,15 +329,22 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
 
 /// Cross-field checks that serde cannot express; each error names the
 /// byte range to point at.
-pub(super) fn validate(dns: &DnsConfig) -> Result<(), (std::ops::Range<usize>, String)> {
+pub(super) fn validate(
+    dns: &DnsConfig,
+    section: std::ops::Range<usize>,
+) -> Result<(), (std::ops::Range<usize>, String)> {
     if !dns.upstreams.contains_key(dns.upstream.get_ref()) {
         let needed =
             dns.rules.iter().any(|r| {
                 r.get_ref().action == RuleAction::Forward && r.get_ref().upstream.is_none()
             }) || dns.rules.iter().all(|r| !matches_everything(r.get_ref()));
         if needed {
+            // Point at `upstream = ...` if written, else at the section.
+            let span = Some(dns.upstream.span())
+                .filter(|s| !s.is_empty())
+                .unwrap_or(section);
             return Err((
-                dns.upstream.span(),
+                span,
                 format!(
                     "no upstream group {:?}: add [dns.upstreams.{}] with servers = [...]",
                     dns.upstream.get_ref(),

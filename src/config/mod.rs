@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
+use toml::Spanned;
 
 /// Everything tproxyd is told by its config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -35,8 +36,8 @@ pub struct Config {
     #[serde(default)]
     pub relay: RelayConfig,
     /// The DNS engine; absent means diverted DNS is relayed like any UDP.
-    #[serde(default)]
-    pub dns: Option<DnsConfig>,
+    #[serde(default, rename = "dns")]
+    dns_section: Option<Spanned<DnsConfig>>,
 }
 
 /// The transparent UDP relay: where it listens and how it keeps flows.
@@ -91,6 +92,11 @@ impl Default for RelayConfig {
 }
 
 impl Config {
+    /// The DNS engine's settings, if the file has a `[dns]` section.
+    pub fn dns(&self) -> Option<&DnsConfig> {
+        self.dns_section.as_ref().map(Spanned::get_ref)
+    }
+
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -104,8 +110,8 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config = toml::from_str::<Config>(text)
             .map_err(|e| ConfigError::at(path, text, e.span(), e.message().trim_end()))?;
-        if let Some(dns) = &config.dns {
-            dns::validate(dns)
+        if let Some(dns) = &config.dns_section {
+            dns::validate(dns.get_ref(), dns.span())
                 .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;
         }
         Ok(config)

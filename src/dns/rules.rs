@@ -205,7 +205,7 @@ mod tests {
             "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n[dns.upstreams.office]\nservers = [\"198.51.100.54\"]\n{toml}"
         );
         let config = Config::parse(&text, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}"));
-        let dns = config.dns.unwrap();
+        let dns = config.dns().unwrap().clone();
         RuleSet::build(&dns, |n| dns.upstreams.keys().position(|k| k == n)).unwrap()
     }
 

@@ -162,3 +162,62 @@ fn parse_dig(raw: &str) -> Dig {
     }
     d
 }
+
+/// A private CA and a server certificate for `name`, made with openssl
+/// inside the lab's directory: what DoT/DoH upstreams in the lab present.
+pub struct LabPki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Lab {
+    pub fn pki(&self, name: &str) -> LabPki {
+        let dir = self.path("pki");
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        self.client.sh(&format!(
+            "set -e; cd {d}
+             openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+                 -keyout ca.key -out ca.pem -days 2 -subj '/CN=tproxyd lab CA' 2>/dev/null
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+                 -keyout server.key -out server.csr -subj '/CN={name}' 2>/dev/null
+             printf 'subjectAltName=DNS:{name}\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext.cnf
+             openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+                 -out server.pem -days 2 -extfile ext.cnf 2>/dev/null"
+        ));
+        LabPki {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        }
+    }
+
+    /// Starts dnsdist in server namespace `i` with `config` (Lua), its
+    /// security polling off, and waits until it logs `ready_line`.
+    pub fn dnsdist(&self, i: usize, config: &str, ready_line: &str) -> u32 {
+        let conf = self.path("dnsdist.conf");
+        std::fs::write(&conf, format!("setSecurityPollSuffix(\"\")\n{config}\n")).unwrap();
+        let out = self.path("dnsdist.out");
+        let conf_s = conf.display().to_string();
+        let pid = self.spawn(
+            &self.servers[i],
+            "dnsdist",
+            &["-C", &conf_s, "--supervised", "--disable-syslog"],
+            &out,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains(ready_line)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "dnsdist did not start: {}",
+                std::fs::read_to_string(&out).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pid
+    }
+}
