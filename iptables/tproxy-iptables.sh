@@ -82,7 +82,7 @@ up_family() {
         ipt "$f" -A TPROXYD_CAPTURE -p udp $(port_match) -j TPROXY --on-port "$TPROXY_PORT" --tproxy-mark "$FWMARK"
 
         ipt "$f" -N TPROXYD_PRE
-        ipt "$f" -A TPROXYD_PRE -m mark --mark "$SKIP_MARK" -j RETURN
+        ipt "$f" -A TPROXYD_PRE -m mark --mark "$SKIP_MARK/$SKIP_MARK" -j RETURN
         for ifname in $LAN_IF; do
             ipt "$f" -A TPROXYD_PRE -i "$ifname" -j TPROXYD_CAPTURE
         done
@@ -93,7 +93,7 @@ up_family() {
 
         if [ "$LOCAL" = 1 ]; then
             ipt "$f" -N TPROXYD_OUT
-            ipt "$f" -A TPROXYD_OUT -m mark --mark "$SKIP_MARK" -j RETURN
+            ipt "$f" -A TPROXYD_OUT -m mark --mark "$SKIP_MARK/$SKIP_MARK" -j RETURN
             bypass_rules "$f" TPROXYD_OUT
             if [ -n "$DNS_TCP_PORT" ]; then
                 ipt "$f" -A TPROXYD_OUT -p tcp --dport 53 -j MARK --set-mark "$FWMARK"

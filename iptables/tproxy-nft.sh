@@ -11,7 +11,9 @@
 #   LOCAL         [0]       1 = local mode: also capture this host's own UDP
 #                           (OUTPUT), rerouted through lo by FWMARK
 #   FWMARK        [1]       mark that sends captured packets to ROUTE_TABLE
-#   SKIP_MARK     [255]     tproxyd's own socket mark (config `mark`): never captured
+#   SKIP_MARK     [255]     tproxyd's own socket mark (config `mark`): packets
+#                           carrying all its bits are never captured (so a
+#                           rule's extra mark bits, OR-ed in, are skipped too)
 #   ROUTE_TABLE   [100]     policy routing table holding the `local default` route
 #   UDP_PORTS     []        capture only these destination ports, e.g. "53,27000-27100";
 #                           empty = every UDP port
@@ -84,7 +86,7 @@ NFT
 
     chain prerouting {
         type filter hook prerouting priority mangle; policy accept;
-        meta mark $SKIP_MARK return
+        meta mark & $SKIP_MARK == $SKIP_MARK return
 NFT
     for ifname in $LAN_IF; do
         echo "        iifname \"$ifname\" jump capture"
@@ -102,7 +104,7 @@ NFT
     # through lo into prerouting above. tproxyd's own (SKIP_MARK) never do.
     chain output {
         type route hook output priority mangle; policy accept;
-        meta mark $SKIP_MARK return
+        meta mark & $SKIP_MARK == $SKIP_MARK return
         meta nfproto != { $families } return
         ip daddr @bypass4 return
         ip6 daddr @bypass6 return

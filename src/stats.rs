@@ -76,6 +76,14 @@ counters! {
     reply_send_errors,
     /// Reply sockets that fell back to raw IP because the port was taken.
     reply_raw_fallbacks,
+    /// Datagrams dropped by a `drop` rule.
+    drop_by_rule,
+    /// SOCKS5 associations set up.
+    socks5_associations,
+    /// SOCKS5 associations that could not be set up.
+    socks5_failures,
+    /// SOCKS5 associations the server ended while in use.
+    socks5_lost,
     /// DNS queries received (UDP and TCP, hijacked and plain).
     dns_queries,
     /// DNS queries received over TCP.

@@ -8,9 +8,11 @@
 pub mod dns;
 mod duration;
 mod error;
+pub mod udp;
 
 pub use dns::DnsConfig;
 pub use error::ConfigError;
+pub use udp::{NatMode, UdpRuleConfig};
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
@@ -60,6 +62,12 @@ pub struct RelayConfig {
     /// Most spoofing reply sockets kept open (one per original destination).
     #[serde(default = "RelayConfig::default_reply_sockets")]
     pub reply_sockets: NonZeroUsize,
+    /// NAT behaviour of flows no rule sets it for.
+    #[serde(default)]
+    pub nat: NatMode,
+    /// Per-flow routing, first match wins; unmatched flows go direct.
+    #[serde(default)]
+    pub rules: Vec<Spanned<UdpRuleConfig>>,
 }
 
 impl RelayConfig {
@@ -87,6 +95,8 @@ impl Default for RelayConfig {
             session_capacity: Self::default_capacity(),
             idle_timeout: Self::default_idle(),
             reply_sockets: Self::default_reply_sockets(),
+            nat: NatMode::default(),
+            rules: Vec::new(),
         }
     }
 }
@@ -110,6 +120,12 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config = toml::from_str::<Config>(text)
             .map_err(|e| ConfigError::at(path, text, e.span(), e.message().trim_end()))?;
+        udp::validate(
+            &config.relay.rules,
+            config.relay.nat,
+            &config.relay.listen.0,
+        )
+        .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;
         if let Some(dns) = &config.dns_section {
             dns::validate(dns.get_ref(), dns.span())
                 .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;

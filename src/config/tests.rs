@@ -96,3 +96,79 @@ fn shipped_example_config_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tproxyd.toml");
     Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[test]
+fn relay_rules_parse() {
+    let c = parse(
+        r#"
+[relay]
+listen = ["0.0.0.0:15353"]
+nat = "full-cone"
+[[relay.rules]]
+clients = ["192.0.2.64/26"]
+destinations = ["198.51.100.0/24"]
+ports = [3478, "27000-27100"]
+family = "ipv4"
+action = "redirect"
+to = "198.51.100.135:7000"
+nat = "symmetric"
+idle_timeout = "5m"
+[[relay.rules]]
+action = "socks5"
+socks5 = "198.51.100.135:1080"
+username = "u"
+password = "p"
+[[relay.rules]]
+action = "interface"
+interface = "wg0"
+mark = 512
+[[relay.rules]]
+ports = ["9"]
+action = "drop"
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.relay.nat, NatMode::FullCone);
+    assert_eq!(c.relay.rules.len(), 4);
+    let r = c.relay.rules[0].get_ref();
+    assert!(r.ports[1].contains(27050) && !r.ports[1].contains(27101));
+    assert_eq!(r.idle_timeout, Some(Duration::from_secs(300)));
+}
+
+#[test]
+fn relay_rule_mistakes_point_at_the_rule() {
+    let cases = [
+        ("action = \"redirect\"\n", "needs to ="),
+        (
+            "action = \"redirect\"\nto = \"198.51.100.7:9\"\nnat = \"full-cone\"\n",
+            "full-cone",
+        ),
+        (
+            "action = \"redirect\"\nto = \"127.0.0.1:15353\"\n",
+            "would loop",
+        ),
+        (
+            "action = \"direct\"\nto = \"198.51.100.7:9\"\n",
+            "to does not apply",
+        ),
+        ("action = \"interface\"\n", "needs interface"),
+        (
+            "action = \"interface\"\ninterface = \"a/b\"\n",
+            "not a valid interface",
+        ),
+        ("action = \"socks5\"\n", "needs socks5"),
+        (
+            "action = \"socks5\"\nsocks5 = \"198.51.100.7:1080\"\nusername = \"u\"\n",
+            "go together",
+        ),
+        ("action = \"drop\"\nmark = 3\n", "mark does not apply"),
+    ];
+    for (body, needle) in cases {
+        let text = format!("[relay]\nlisten = [\"0.0.0.0:15353\"]\n\n[[relay.rules]]\n{body}");
+        let e = error(&text);
+        assert!(e.starts_with("t.toml:4:1: "), "{body}: {e}");
+        assert!(e.contains(needle), "{body}: {e}");
+    }
+    let e = error("[[relay.rules]]\nports = [\"100-1\"]\naction = \"drop\"\n");
+    assert!(e.starts_with("t.toml:2:"), "{e}");
+}

@@ -4,6 +4,7 @@
 
 pub mod raw;
 pub mod recv;
+pub mod send;
 pub mod sockets;
 
 use std::io;

@@ -1,12 +1,14 @@
-//! Builders for the three kinds of UDP socket tproxyd opens.
+//! Builders for the sockets tproxyd opens.
 //!
 //! * **listeners** receive the redirected datagrams: `IP_TRANSPARENT` lets
 //!   TPROXY hand them over although they are addressed elsewhere, and
 //!   `IP_RECVORIGDSTADDR` tells us where each one was going;
 //! * **upstream** sockets carry a flow onward; they bear the configured
-//!   `SO_MARK` so the redirect rules skip them and nothing loops;
+//!   `SO_MARK` so the redirect rules skip them and nothing loops (connected
+//!   for one destination, open for a full cone);
 //! * **reply** sockets are bound *to the original destination* (allowed by
-//!   `IP_TRANSPARENT`) so replies leave with the address the client expects.
+//!   `IP_TRANSPARENT`) so replies leave with the address the client expects;
+//! * **server** sockets (DNS) are plain, but marked too.
 
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, SockAddr, SockFilter, Socket, Type};
@@ -53,21 +55,37 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(sock.into())
 }
 
-/// A marked socket connected to `remote`, on an ephemeral port.
-///
-/// Connecting makes the kernel drop datagrams from anyone but `remote`
-/// (address- and port-dependent filtering) and saves a route lookup per send.
-pub fn upstream(remote: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
-    let sock = marked_udp(unspecified(remote), mark)?;
-    sock.connect(remote)?;
-    Ok(sock)
-}
-
 /// A marked, unconnected socket bound to `local`.
 pub fn marked_udp(local: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let sock = udp_socket(local)?;
     sock.set_mark(mark)?;
     sock.bind(&local.into())?;
+    Ok(sock.into())
+}
+
+/// An upstream socket for a flow: marked, optionally bound to a device, and
+/// reporting each reply's TOS so it can be carried back to the client.
+/// Connected to `remote` when given (one destination), else open to all.
+pub fn flow_upstream(
+    family_of: SocketAddr,
+    remote: Option<SocketAddr>,
+    mark: u32,
+    device: Option<&str>,
+) -> io::Result<UdpSocket> {
+    let sock = udp_socket(family_of)?;
+    sock.set_mark(mark)?;
+    if let Some(dev) = device {
+        sock.bind_device(Some(dev.as_bytes()))?;
+    }
+    if family_of.is_ipv6() {
+        setsockopt(&sock, sockopt::Ipv6RecvTClass, &true)?;
+    } else {
+        setsockopt(&sock, sockopt::IpRecvTos, &true)?;
+    }
+    sock.bind(&unspecified(family_of).into())?;
+    if let Some(r) = remote {
+        sock.connect(&r.into())?;
+    }
     Ok(sock.into())
 }
 

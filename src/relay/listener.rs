@@ -8,8 +8,9 @@ use std::sync::Arc;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use super::session::{MAX_DATAGRAM, Session};
-use super::{FlowKey, RelayContext};
+use super::RelayContext;
+use super::rules::Route;
+use super::session::{MAX_DATAGRAM, Session, flow_key};
 use crate::dns::DnsService;
 use crate::net::recv::{DatagramMeta, cmsg_buffer, recv_with_meta};
 use crate::net::would_block;
@@ -70,20 +71,22 @@ fn handle(ctx: &Arc<RelayContext>, local: SocketAddr, meta: DatagramMeta, payloa
         hijack_dns(ctx, dns, meta.peer, dst, payload);
         return;
     }
-    let key = FlowKey {
-        client: meta.peer,
-        dst,
-    };
+    let rule = ctx.rules.route(meta.peer, dst);
+    if rule.route == Route::Drop {
+        ctx.stats.drop_by_rule.inc();
+        return;
+    }
+    let key = flow_key(meta.peer, dst, rule);
     let session = match ctx.table.get(&key) {
         Some(s) => s,
         None => match ctx
             .table
-            .get_or_insert_with(key, || Session::open(key, ctx))
+            .get_or_insert_with(key, || Session::open(key, dst, rule, ctx))
         {
             Ok((s, evicted)) => {
                 if let Some(old) = evicted {
                     ctx.stats.sessions_evicted.inc();
-                    tracing::debug!(client = %old.session.key.client, dst = %old.session.key.dst, "session evicted");
+                    tracing::debug!(client = %old.session.key.client, "session evicted");
                 }
                 s
             }
@@ -95,7 +98,7 @@ fn handle(ctx: &Arc<RelayContext>, local: SocketAddr, meta: DatagramMeta, payloa
         },
     };
     session.touch(ctx.clock.now_ms());
-    session.send_upstream(payload, ctx);
+    session.send_upstream(payload, dst, meta.tos, ctx);
 }
 
 /// A query to a DNS port, wherever it was going, is answered by the DNS
@@ -117,7 +120,7 @@ fn hijack_dns(
     };
     let ctx = ctx.clone();
     dns.answer_udp(payload, client, move |answer| {
-        ctx.replies.send(&reply, answer, client)
+        ctx.replies.send(&reply, answer, client, None)
     });
 }
 

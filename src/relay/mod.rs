@@ -17,32 +17,44 @@
 pub mod clock;
 pub mod listener;
 pub mod reply;
+pub mod rules;
 pub mod session;
+pub mod socks5;
 pub mod table;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::config::RelayConfig;
 use crate::dns::DnsService;
 use crate::stats::Stats;
 use clock::Clock;
 use reply::ReplySender;
+use rules::UdpRules;
 use table::SessionTable;
 
 /// A flow, as a NAT would see it: who sent, and where it was going.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub client: SocketAddr,
-    pub dst: SocketAddr,
+    pub target: Target,
+}
+
+/// The second half of a flow's identity, which depends on its NAT mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// Symmetric: one flow per original destination.
+    Destination(SocketAddr),
+    /// Full cone: one flow per client endpoint (and rule), whatever the
+    /// destination.
+    Cone(usize),
 }
 
 /// What the listener and every session share.
 #[derive(Debug)]
 pub struct RelayContext {
     pub mark: u32,
-    pub idle_timeout: Duration,
+    pub rules: UdpRules,
     pub table: SessionTable,
     pub replies: ReplySender,
     pub clock: Clock,
@@ -60,7 +72,7 @@ impl RelayContext {
     ) -> Self {
         RelayContext {
             mark,
-            idle_timeout: config.idle_timeout,
+            rules: UdpRules::new(config, mark),
             table: SessionTable::new(config.session_capacity),
             replies: ReplySender::new(config.reply_sockets, mark, stats.clone()),
             clock: Clock::new(),

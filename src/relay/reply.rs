@@ -18,8 +18,10 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::net::raw::RawSender;
+use crate::net::send::send_with_tos;
 use crate::net::sockets;
 use crate::stats::Stats;
+use std::os::fd::AsRawFd;
 
 /// How replies from one source address are sent.
 #[derive(Debug)]
@@ -34,11 +36,18 @@ pub enum ReplySocket {
 }
 
 impl ReplySocket {
-    /// Sends one datagram to `client`; never blocks.
-    pub fn send_to(&self, payload: &[u8], client: SocketAddr) -> io::Result<()> {
+    /// Sends one datagram to `client` with TOS `tos`; never blocks.
+    pub fn send_to(&self, payload: &[u8], client: SocketAddr, tos: Option<u8>) -> io::Result<()> {
         match self {
-            ReplySocket::Bound(sock) => sock.send_to(payload, client).map(drop),
-            ReplySocket::Raw { src, raw } => raw.send(*src, client, payload, 0),
+            ReplySocket::Bound(sock) => send_with_tos(
+                sock.as_raw_fd(),
+                payload,
+                Some(client),
+                tos,
+                client.is_ipv6(),
+            )
+            .map(drop),
+            ReplySocket::Raw { src, raw } => raw.send(*src, client, payload, tos.unwrap_or(0)),
         }
     }
 
@@ -96,9 +105,9 @@ impl ReplySender {
         Ok(sock)
     }
 
-    /// Sends `payload` from `src` to `client`, counting the outcome.
-    pub fn send(&self, sock: &ReplySocket, payload: &[u8], client: SocketAddr) {
-        match sock.send_to(payload, client) {
+    /// Sends `payload` to `client` through `sock`, counting the outcome.
+    pub fn send(&self, sock: &ReplySocket, payload: &[u8], client: SocketAddr, tos: Option<u8>) {
+        match sock.send_to(payload, client, tos) {
             Ok(()) => {
                 self.stats.reply_datagrams.inc();
                 self.stats.reply_bytes.add(payload.len() as u64);
@@ -107,6 +116,18 @@ impl ReplySender {
             Err(e) => {
                 self.stats.reply_send_errors.inc();
                 tracing::debug!(%client, error = %e, "reply send failed");
+            }
+        }
+    }
+
+    /// Sends `payload` to `client` as if from `src` (full-cone replies,
+    /// whose source differs from datagram to datagram).
+    pub fn send_from(&self, src: SocketAddr, payload: &[u8], client: SocketAddr, tos: Option<u8>) {
+        match self.socket_for(src) {
+            Ok(sock) => self.send(&sock, payload, client, tos),
+            Err(e) => {
+                self.stats.reply_send_errors.inc();
+                tracing::debug!(%src, error = %e, "no reply socket");
             }
         }
     }

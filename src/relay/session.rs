@@ -1,18 +1,25 @@
-//! One flow: its marked upstream socket, its reply socket, and the task that
-//! carries replies back and closes the flow when it goes idle.
+//! One flow: its upstream (a marked socket, or a SOCKS5 association), the
+//! task that carries replies back, and its idle timer.
 
-use nix::sys::socket::{MsgFlags, send};
 use std::cell::RefCell;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
 use tokio::time::timeout_at;
 
 use super::reply::ReplySocket;
+use super::rules::{Route, UdpRule};
+use super::socks5::{self, Socks5Server};
 use super::table::Entry;
-use super::{FlowKey, RelayContext};
+use super::{FlowKey, RelayContext, Target};
+use crate::config::NatMode;
+use crate::net::recv::{cmsg_buffer, recv_with_meta};
+use crate::net::send::send_with_tos;
 use crate::net::{sockets, would_block};
 
 /// Largest UDP payload over IPv6 (65,535 − 8); IPv4's 65,507 fits too.
@@ -23,10 +30,39 @@ pub const MAX_DATAGRAM: usize = 65_535;
 /// mostly-inbound flow (a game server streaming state) from looking idle.
 const PROMOTE_EVERY_MS: u64 = 1_000;
 
+/// Datagrams queued for a SOCKS5 flow while its association is set up.
+const SOCKS_BACKLOG: usize = 64;
+/// Longest a SOCKS5 handshake may take.
+const SOCKS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(5);
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
-    static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_DATAGRAM].into_boxed_slice());
+    static BUF: RefCell<(Box<[u8]>, Vec<u8>)> =
+        RefCell::new((vec![0; MAX_DATAGRAM].into_boxed_slice(), cmsg_buffer()));
+}
+
+/// A datagram on its way to a SOCKS5 association.
+#[derive(Debug)]
+struct Outbound {
+    dst: SocketAddr,
+    payload: Vec<u8>,
+}
+
+/// Where a session's datagrams go.
+#[derive(Debug)]
+enum Upstream {
+    /// One destination (symmetric NAT): a connected socket, and the reply
+    /// socket for the address the client wrote to.
+    Connected {
+        socket: UdpSocket,
+        reply: Arc<ReplySocket>,
+    },
+    /// Every destination (full cone): an open socket; replies are spoofed
+    /// from whichever remote sent them.
+    Cone { socket: UdpSocket },
+    /// A SOCKS5 association, run by the session's task.
+    Socks { tx: mpsc::Sender<Outbound> },
 }
 
 #[derive(Debug)]
@@ -34,29 +70,80 @@ pub struct Session {
     pub key: FlowKey,
     /// Tells this session from a later one for the same flow.
     pub id: u64,
-    upstream: UdpSocket,
-    reply: Arc<ReplySocket>,
+    upstream: Upstream,
+    idle_ms: u64,
     last_active_ms: AtomicU64,
     last_promoted_ms: AtomicU64,
 }
 
 impl Session {
-    /// Opens the flow's sockets and starts its reply pump.
-    pub fn open(key: FlowKey, ctx: &Arc<RelayContext>) -> io::Result<Entry> {
-        let reply = ctx.replies.socket_for(key.dst)?;
-        let upstream = UdpSocket::from_std(sockets::upstream(key.dst, ctx.mark)?)?;
+    /// Opens the flow `key` (first datagram to `dst`) as `rule` says, and
+    /// starts its task.
+    pub fn open(
+        key: FlowKey,
+        dst: SocketAddr,
+        rule: &UdpRule,
+        ctx: &Arc<RelayContext>,
+    ) -> io::Result<Entry> {
+        let one_destination = rule.nat == NatMode::Symmetric;
+        let (mark, device) = match &rule.route {
+            Route::Interface { device, mark } => (*mark, device.as_deref()),
+            _ => (ctx.mark, None),
+        };
+        let mut socks = None;
+        let upstream = match &rule.route {
+            Route::Socks5(server) => {
+                let (tx, rx) = mpsc::channel(SOCKS_BACKLOG);
+                let reply = if one_destination {
+                    Some(ctx.replies.socket_for(dst)?)
+                } else {
+                    None
+                };
+                socks = Some((server.clone(), rx, reply));
+                Upstream::Socks { tx }
+            }
+            Route::Drop => return Err(io::Error::other("dropped flows have no session")),
+            Route::Direct | Route::Interface { .. } | Route::Redirect(_) if one_destination => {
+                let target = match rule.route {
+                    Route::Redirect(to) => to,
+                    _ => dst,
+                };
+                let reply = ctx.replies.socket_for(dst)?;
+                let socket = UdpSocket::from_std(sockets::flow_upstream(
+                    target,
+                    Some(target),
+                    mark,
+                    device,
+                )?)?;
+                Upstream::Connected { socket, reply }
+            }
+            Route::Direct | Route::Interface { .. } | Route::Redirect(_) => {
+                let socket = UdpSocket::from_std(sockets::flow_upstream(dst, None, mark, device)?)?;
+                Upstream::Cone { socket }
+            }
+        };
         let now = ctx.clock.now_ms();
         let session = Arc::new(Session {
             key,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             upstream,
-            reply,
+            idle_ms: u64::try_from(rule.idle_timeout.as_millis()).unwrap_or(u64::MAX),
             last_active_ms: AtomicU64::new(now),
             last_promoted_ms: AtomicU64::new(now),
         });
-        let task = tokio::spawn(pump(session.clone(), ctx.clone()));
+        let task = match socks {
+            Some((server, rx, reply)) => tokio::spawn(socks_pump(
+                session.clone(),
+                ctx.clone(),
+                server,
+                mark,
+                rx,
+                reply,
+            )),
+            None => tokio::spawn(pump(session.clone(), ctx.clone())),
+        };
         ctx.stats.sessions_opened.inc();
-        tracing::debug!(client = %key.client, dst = %key.dst, id = session.id, "session opened");
+        tracing::debug!(client = %key.client, %dst, rule = rule.number, id = session.id, "session opened");
         Ok(Entry::new(session, task.abort_handle()))
     }
 
@@ -65,105 +152,233 @@ impl Session {
         self.last_active_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    /// Sends one client datagram upstream; never blocks.
-    pub fn send_upstream(&self, payload: &[u8], ctx: &RelayContext) {
-        let mut result = self.send_now(payload);
+    /// Sends one client datagram towards `dst`; never blocks.
+    pub fn send_upstream(
+        &self,
+        payload: &[u8],
+        dst: SocketAddr,
+        tos: Option<u8>,
+        ctx: &RelayContext,
+    ) {
+        let (socket, to) = match &self.upstream {
+            Upstream::Connected { socket, .. } => (socket, None),
+            Upstream::Cone { socket } => (socket, Some(dst)),
+            Upstream::Socks { tx } => {
+                let out = Outbound {
+                    dst,
+                    payload: payload.to_vec(),
+                };
+                if tx.try_send(out).is_err() {
+                    ctx.stats.drop_send_buffer_full.inc();
+                }
+                return;
+            }
+        };
+        // A plain sendmsg(2): tokio's try_send would refuse until the
+        // reactor has *seen* a new socket become writable, dropping the
+        // first datagram of every flow.
+        let send = || send_with_tos(socket.as_raw_fd(), payload, to, tos, dst.is_ipv6());
+        let mut result = send();
         if let Err(e) = &result {
             if e.kind() == io::ErrorKind::ConnectionRefused {
                 // An ICMP unreachable for an *earlier* datagram is reported on
                 // this send, and this datagram was not sent: count, retry once.
                 ctx.stats.upstream_unreachable.inc();
-                result = self.send_now(payload);
+                result = send();
             }
         }
-        match result {
-            Ok(_) => {
-                ctx.stats.upstream_datagrams.inc();
-                ctx.stats.upstream_bytes.add(payload.len() as u64);
-            }
-            Err(e) if would_block(&e) => ctx.stats.drop_send_buffer_full.inc(),
-            Err(e) => {
-                ctx.stats.upstream_send_errors.inc();
-                tracing::debug!(dst = %self.key.dst, error = %e, "upstream send failed");
-            }
+        count_upstream_send(result, payload.len(), ctx);
+    }
+
+    /// Refreshes the idle timer and, at most once a second, the LRU order.
+    fn inbound_activity(&self, ctx: &RelayContext) {
+        let now = ctx.clock.now_ms();
+        self.touch(now);
+        let promoted = self.last_promoted_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(promoted) >= PROMOTE_EVERY_MS {
+            self.last_promoted_ms.store(now, Ordering::Relaxed);
+            ctx.table.promote(&self.key, self.id);
         }
     }
 
-    /// A plain non-blocking `send(2)`. tokio's `try_send` would refuse until
-    /// the reactor has *seen* the new socket become writable, which drops the
-    /// first datagram of every flow.
-    fn send_now(&self, payload: &[u8]) -> io::Result<usize> {
-        let fd = self.upstream.as_raw_fd();
-        Ok(send(fd, payload, MsgFlags::MSG_DONTWAIT)?)
+    fn idle_deadline(&self, ctx: &RelayContext) -> tokio::time::Instant {
+        let last = self.last_active_ms.load(Ordering::Relaxed);
+        ctx.clock.instant_at(last.saturating_add(self.idle_ms))
     }
 
-    /// Reads every datagram queued on the upstream socket and sends each to
-    /// the client. Returns how many were relayed.
-    fn drain_replies(&self, ctx: &RelayContext) -> usize {
-        let mut relayed = 0;
-        BUF.with_borrow_mut(|buf| {
-            loop {
-                match self.upstream.try_recv(buf) {
-                    Ok(n) => {
-                        ctx.replies.send(&self.reply, &buf[..n], self.key.client);
-                        relayed += 1;
-                    }
-                    Err(e) if would_block(&e) => break,
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                        ctx.stats.upstream_unreachable.inc();
-                    }
-                    Err(e) => {
-                        ctx.stats.receive_errors.inc();
-                        tracing::debug!(dst = %self.key.dst, error = %e, "upstream receive failed");
-                        break;
-                    }
-                }
-            }
-        });
-        relayed
+    /// Whether the flow has been idle for its whole timeout; if so it is
+    /// removed from the table (which ends this task).
+    fn expire_if_idle(&self, ctx: &RelayContext) -> bool {
+        let idle_for = ctx
+            .clock
+            .now_ms()
+            .saturating_sub(self.last_active_ms.load(Ordering::Relaxed));
+        if idle_for < self.idle_ms {
+            return false;
+        }
+        if let Some(entry) = ctx.table.remove(&self.key, self.id) {
+            ctx.stats.sessions_expired.inc();
+            tracing::debug!(client = %self.key.client, "session expired");
+            drop(entry); // aborts this very task: nothing may follow
+        }
+        true
+    }
+
+    /// Removes this session from the table because its upstream failed.
+    fn close(&self, ctx: &RelayContext) {
+        drop(ctx.table.remove(&self.key, self.id));
     }
 }
 
-/// The session's task: relay replies until the flow has been idle for the
-/// timeout, then remove it from the table.
+fn count_upstream_send(result: io::Result<usize>, len: usize, ctx: &RelayContext) {
+    match result {
+        Ok(_) => {
+            ctx.stats.upstream_datagrams.inc();
+            ctx.stats.upstream_bytes.add(len as u64);
+        }
+        Err(e) if would_block(&e) => ctx.stats.drop_send_buffer_full.inc(),
+        Err(e) => {
+            ctx.stats.upstream_send_errors.inc();
+            tracing::debug!(error = %e, "upstream send failed");
+        }
+    }
+}
+
+/// The task of a socket-backed session: relay replies until the flow has
+/// been idle for its timeout.
 async fn pump(session: Arc<Session>, ctx: Arc<RelayContext>) {
-    let idle_ms = u64::try_from(ctx.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+    let socket = match &session.upstream {
+        Upstream::Connected { socket, .. } | Upstream::Cone { socket } => socket,
+        Upstream::Socks { .. } => return,
+    };
     loop {
-        let last = session.last_active_ms.load(Ordering::Relaxed);
-        let deadline = ctx.clock.instant_at(last.saturating_add(idle_ms));
-        match timeout_at(deadline, session.upstream.readable()).await {
+        match timeout_at(session.idle_deadline(&ctx), socket.readable()).await {
             Ok(Ok(())) => {
-                if session.drain_replies(&ctx) > 0 {
-                    let now = ctx.clock.now_ms();
-                    session.touch(now);
-                    let promoted = session.last_promoted_ms.load(Ordering::Relaxed);
-                    if now.saturating_sub(promoted) >= PROMOTE_EVERY_MS {
-                        session.last_promoted_ms.store(now, Ordering::Relaxed);
-                        ctx.table.promote(&session.key, session.id);
-                    }
+                if drain_replies(&session, socket, &ctx) > 0 {
+                    session.inbound_activity(&ctx);
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!(dst = %session.key.dst, error = %e, "upstream socket failed; closing flow");
-                drop(ctx.table.remove(&session.key, session.id));
+                tracing::warn!(client = %session.key.client, error = %e, "upstream socket failed; closing flow");
+                session.close(&ctx);
                 return;
             }
             Err(_elapsed) => {
-                let idle_for = ctx
-                    .clock
-                    .now_ms()
-                    .saturating_sub(session.last_active_ms.load(Ordering::Relaxed));
-                if idle_for >= idle_ms {
-                    if let Some(entry) = ctx.table.remove(&session.key, session.id) {
-                        ctx.stats.sessions_expired.inc();
-                        tracing::debug!(client = %session.key.client, dst = %session.key.dst, "session expired");
-                        drop(entry); // aborts this very task: nothing may follow
-                    }
+                if session.expire_if_idle(&ctx) {
                     return;
                 }
             }
         }
     }
+}
+
+/// Reads every datagram queued on `socket` and sends each to the client
+/// with the TOS it arrived with. Returns how many were relayed.
+fn drain_replies(session: &Session, socket: &UdpSocket, ctx: &RelayContext) -> usize {
+    let fd = socket.as_raw_fd();
+    let mut relayed = 0;
+    BUF.with_borrow_mut(|(buf, cmsg)| {
+        loop {
+            match socket.try_io(Interest::READABLE, || recv_with_meta(fd, buf, cmsg)) {
+                Ok(meta) => {
+                    let payload = buf.get(..meta.len).unwrap_or_default();
+                    match &session.upstream {
+                        Upstream::Connected { reply, .. } => {
+                            ctx.replies.send(reply, payload, session.key.client, meta.tos);
+                        }
+                        _ => ctx.replies.send_from(meta.peer, payload, session.key.client, meta.tos),
+                    }
+                    relayed += 1;
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => ctx.stats.upstream_unreachable.inc(),
+                Err(e) => {
+                    ctx.stats.receive_errors.inc();
+                    tracing::debug!(client = %session.key.client, error = %e, "upstream receive failed");
+                    break;
+                }
+            }
+        }
+    });
+    relayed
+}
+
+/// The task of a SOCKS5 session: set up the association (datagrams wait in
+/// the channel meanwhile), then relay both ways until the flow idles out or
+/// the server drops the association. Either way the session leaves the
+/// table, so the client's next datagram starts a fresh association.
+async fn socks_pump(
+    session: Arc<Session>,
+    ctx: Arc<RelayContext>,
+    server: Arc<Socks5Server>,
+    mark: u32,
+    mut rx: mpsc::Receiver<Outbound>,
+    reply: Option<Arc<ReplySocket>>,
+) {
+    let mut assoc = match socks5::associate(&server, mark, SOCKS_HANDSHAKE).await {
+        Ok(a) => a,
+        Err(e) => {
+            ctx.stats.socks5_failures.inc();
+            tracing::warn!(server = %server.addr, error = %e, "SOCKS5 association failed");
+            session.close(&ctx);
+            return;
+        }
+    };
+    ctx.stats.socks5_associations.inc();
+    tracing::debug!(server = %server.addr, relay = %assoc.relay, "SOCKS5 association up");
+    let mut wrapped = Vec::with_capacity(MAX_DATAGRAM);
+    let mut inbound = vec![0u8; MAX_DATAGRAM];
+    let mut control = [0u8; 64];
+    loop {
+        tokio::select! {
+            out = rx.recv() => {
+                let Some(out) = out else { return };
+                socks5::encode_udp(out.dst, &out.payload, &mut wrapped);
+                let sent = assoc.udp.send(&wrapped).await;
+                count_upstream_send(sent, out.payload.len(), &ctx);
+            }
+            got = assoc.udp.recv(&mut inbound) => match got {
+                Ok(n) => match socks5::decode_udp(inbound.get(..n).unwrap_or_default()) {
+                    Ok((remote, payload)) => {
+                        match &reply {
+                            Some(r) => ctx.replies.send(r, payload, session.key.client, None),
+                            None => ctx.replies.send_from(remote, payload, session.key.client, None),
+                        }
+                        session.inbound_activity(&ctx);
+                    }
+                    Err(e) => {
+                        ctx.stats.receive_errors.inc();
+                        tracing::debug!(error = %e, "bad datagram from the SOCKS5 relay");
+                    }
+                },
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => ctx.stats.upstream_unreachable.inc(),
+                Err(e) => tracing::debug!(error = %e, "SOCKS5 relay receive failed"),
+            },
+            // The server never speaks on the control connection after the
+            // handshake: EOF, an error or data all mean the association ended.
+            _ = tokio::io::AsyncReadExt::read(&mut assoc.control, &mut control) => {
+                ctx.stats.socks5_lost.inc();
+                tracing::info!(server = %server.addr, client = %session.key.client, "SOCKS5 server closed the association");
+                session.close(&ctx);
+                return;
+            }
+            _ = tokio::time::sleep_until(session.idle_deadline(&ctx)) => {
+                if session.expire_if_idle(&ctx) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The table key of a flow: per destination, or per client endpoint and
+/// rule for a full cone.
+pub fn flow_key(client: SocketAddr, dst: SocketAddr, rule: &UdpRule) -> FlowKey {
+    let target = match rule.nat {
+        NatMode::Symmetric => Target::Destination(dst),
+        NatMode::FullCone => Target::Cone(rule.number),
+    };
+    FlowKey { client, target }
 }
 
 #[cfg(test)]
@@ -175,11 +390,10 @@ impl Session {
         Session {
             key,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            upstream: UdpSocket::from_std(std).expect("tokio socket"),
-            reply: Arc::new(ReplySocket::Raw {
-                src: key.dst,
-                raw: Arc::new(crate::net::raw::RawSender::new(1)),
-            }),
+            upstream: Upstream::Cone {
+                socket: UdpSocket::from_std(std).expect("tokio socket"),
+            },
+            idle_ms: 60_000,
             last_active_ms: AtomicU64::new(0),
             last_promoted_ms: AtomicU64::new(0),
         }

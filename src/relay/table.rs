@@ -123,7 +123,7 @@ mod tests {
     fn key(port: u16) -> FlowKey {
         FlowKey {
             client: ([192, 0, 2, 10], port).into(),
-            dst: ([198, 51, 100, 7], 7000).into(),
+            target: super::super::Target::Destination(([198, 51, 100, 7], 7000).into()),
         }
     }
 

@@ -18,6 +18,8 @@
 
 pub mod daemon;
 pub mod dns;
+pub mod socks;
+pub mod stun;
 pub mod udp;
 
 use std::fs::File;
@@ -260,11 +262,20 @@ impl Lab {
         pid
     }
 
-    /// Stops a process started with [`Lab::spawn`] (SIGTERM, then SIGKILL).
+    /// Stops a process started with [`Lab::spawn`] (SIGTERM, then SIGKILL)
+    /// and every process it forked (servers such as dante fork workers that
+    /// would otherwise outlive it).
     pub fn kill(&self, pid: u32) {
+        let forked = descendants(pid);
         let mut children = self.children.lock().unwrap();
         if let Some(child) = children.iter_mut().find(|c| c.id() == pid) {
             stop_child(child);
+        }
+        for p in forked {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 
@@ -331,6 +342,40 @@ pub fn stop_child(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Every live process descending from `pid`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parent_of = |p: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let all: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        let children: Vec<u32> = all
+            .iter()
+            .copied()
+            .filter(|&p| parent_of(p) == Some(parent))
+            .collect();
+        found.extend(children);
+        i += 1;
+    }
+    found.remove(0);
+    found
 }
 
 fn run(program: &str, args: &[&str]) {

@@ -108,3 +108,57 @@ impl Drop for Echo {
         }
     }
 }
+
+/// Sets the TOS (IPv4) or traffic class (IPv6) of datagrams `sock` sends,
+/// and asks for the TOS of datagrams it receives.
+pub fn mark_tos(sock: &UdpSocket, tos: u8) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if sock.local_addr().unwrap().is_ipv6() {
+        setsockopt(sock, sockopt::Ipv6TClass, &i32::from(tos)).unwrap();
+        setsockopt(sock, sockopt::Ipv6RecvTClass, &true).unwrap();
+    } else {
+        setsockopt(sock, sockopt::Ipv4Tos, &i32::from(tos)).unwrap();
+        setsockopt(sock, sockopt::IpRecvTos, &true).unwrap();
+    }
+}
+
+/// One datagram with the TOS / traffic class it arrived with.
+pub fn recv_tos(sock: &UdpSocket) -> Option<(SocketAddr, Vec<u8>, u8)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 65_536];
+    let mut cmsg = nix::cmsg_space!(libc::c_int);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        match recvmsg::<SockaddrStorage>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(msg) => {
+                let n = msg.bytes;
+                let from = msg.address.and_then(|a| {
+                    a.as_sockaddr_in()
+                        .map(|v4| SocketAddr::from(*v4))
+                        .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
+                })?;
+                let mut tos = 0u8;
+                for c in msg.cmsgs().unwrap() {
+                    match c {
+                        ControlMessageOwned::Ipv4Tos(t) => tos = t,
+                        ControlMessageOwned::Ipv6TClass(t) => tos = t as u8,
+                        _ => {}
+                    }
+                }
+                return Some((from, buf[..n].to_vec(), tos));
+            }
+            Err(nix::errno::Errno::EAGAIN) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(nix::errno::Errno::EAGAIN) => return None,
+            Err(e) => panic!("recvmsg: {e}"),
+        }
+    }
+}

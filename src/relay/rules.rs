@@ -1,0 +1,191 @@
+//! Per-flow routing: the first `[[relay.rules]]` entry matching a flow's
+//! client, destination, port and family decides where it goes, how its NAT
+//! behaves and how long it may idle. Flows no rule matches go direct.
+
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::socks5::Socks5Server;
+use crate::config::RelayConfig;
+use crate::config::udp::{Family, NatMode, PortRange, UdpAction, UdpRuleConfig};
+
+/// Where a flow's datagrams go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// To the original destination.
+    Direct,
+    /// To this address instead.
+    Redirect(SocketAddr),
+    /// Direct, from a socket bound to `device` and marked `mark`.
+    Interface { device: Option<String>, mark: u32 },
+    /// Through a SOCKS5 server.
+    Socks5(Arc<Socks5Server>),
+    /// Nowhere.
+    Drop,
+}
+
+#[derive(Debug)]
+pub struct UdpRule {
+    /// Position in the config from 1; 0 for the built-in "direct" default.
+    pub number: usize,
+    clients: Vec<IpNet>,
+    destinations: Vec<IpNet>,
+    ports: Vec<PortRange>,
+    family: Option<Family>,
+    pub route: Route,
+    pub nat: NatMode,
+    pub idle_timeout: Duration,
+}
+
+impl UdpRule {
+    fn matches(&self, client: SocketAddr, dst: SocketAddr) -> bool {
+        let in_any =
+            |nets: &[IpNet], ip: IpAddr| nets.is_empty() || nets.iter().any(|n| n.contains(&ip));
+        in_any(&self.clients, client.ip())
+            && in_any(&self.destinations, dst.ip())
+            && (self.ports.is_empty() || self.ports.iter().any(|p| p.contains(dst.port())))
+            && match self.family {
+                None => true,
+                Some(Family::Ipv4) => dst.is_ipv4(),
+                Some(Family::Ipv6) => dst.is_ipv6(),
+            }
+    }
+}
+
+#[derive(Debug)]
+pub struct UdpRules {
+    rules: Vec<UdpRule>,
+    default: UdpRule,
+}
+
+impl UdpRules {
+    /// The rules of `config`; `mark` is the daemon's socket mark, to which
+    /// an interface rule's own mark bits are added.
+    pub fn new(config: &RelayConfig, mark: u32) -> UdpRules {
+        let rules = config
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| rule(i + 1, r.get_ref(), config, mark))
+            .collect();
+        UdpRules {
+            rules,
+            default: UdpRule {
+                number: 0,
+                clients: Vec::new(),
+                destinations: Vec::new(),
+                ports: Vec::new(),
+                family: None,
+                route: Route::Direct,
+                nat: config.nat,
+                idle_timeout: config.idle_timeout,
+            },
+        }
+    }
+
+    /// The rule deciding the flow from `client` to `dst`.
+    pub fn route(&self, client: SocketAddr, dst: SocketAddr) -> &UdpRule {
+        self.rules
+            .iter()
+            .find(|r| r.matches(client, dst))
+            .unwrap_or(&self.default)
+    }
+}
+
+fn rule(number: usize, r: &UdpRuleConfig, config: &RelayConfig, mark: u32) -> UdpRule {
+    // Config validation guarantees each action's fields are present.
+    let route = match r.action {
+        UdpAction::Direct => Route::Direct,
+        UdpAction::Drop => Route::Drop,
+        UdpAction::Redirect => r.to.map_or(Route::Drop, Route::Redirect),
+        UdpAction::Interface => Route::Interface {
+            device: r.interface.clone(),
+            mark: mark | r.mark.unwrap_or(0),
+        },
+        UdpAction::Socks5 => match r.socks5 {
+            Some(addr) => Route::Socks5(Arc::new(Socks5Server {
+                addr,
+                auth: r.username.clone().zip(r.password.clone()),
+            })),
+            None => Route::Drop,
+        },
+    };
+    UdpRule {
+        number,
+        clients: r.clients.clone(),
+        destinations: r.destinations.clone(),
+        ports: r.ports.clone(),
+        family: r.family,
+        route,
+        nat: r.nat.unwrap_or(config.nat),
+        idle_timeout: r.idle_timeout.unwrap_or(config.idle_timeout),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn rules(text: &str) -> UdpRules {
+        let c = Config::parse(text, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}"));
+        UdpRules::new(&c.relay, 0xff)
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn first_match_and_default() {
+        let r = rules(
+            r#"
+[relay]
+idle_timeout = "30s"
+[[relay.rules]]
+clients = ["192.0.2.64/26"]
+ports = ["27000-27100"]
+action = "drop"
+[[relay.rules]]
+destinations = ["198.51.100.0/25"]
+family = "ipv4"
+action = "interface"
+interface = "wg0"
+mark = 0x200
+nat = "full-cone"
+idle_timeout = "10m"
+[[relay.rules]]
+family = "ipv6"
+action = "redirect"
+to = "[2001:db8:3::7]:7000"
+"#,
+        );
+        let kid = sa("192.0.2.70:5000");
+        let adult = sa("192.0.2.10:5000");
+        assert_eq!(r.route(kid, sa("203.0.113.9:27015")).route, Route::Drop);
+        assert_eq!(r.route(adult, sa("203.0.113.9:27015")).number, 0);
+        let game = r.route(adult, sa("198.51.100.7:3478"));
+        assert_eq!(game.number, 2);
+        assert_eq!(
+            game.route,
+            Route::Interface {
+                device: Some("wg0".into()),
+                mark: 0x2ff
+            }
+        );
+        assert_eq!(
+            (game.nat, game.idle_timeout),
+            (NatMode::FullCone, Duration::from_secs(600))
+        );
+        let v6 = r.route(sa("[2001:db8:1::10]:5000"), sa("[2001:db8:2::7]:9"));
+        assert_eq!(v6.route, Route::Redirect(sa("[2001:db8:3::7]:7000")));
+        let default = r.route(adult, sa("203.0.113.9:9"));
+        assert_eq!(
+            (default.route.clone(), default.nat, default.idle_timeout),
+            (Route::Direct, NatMode::Symmetric, Duration::from_secs(30))
+        );
+    }
+}

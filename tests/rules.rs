@@ -1,0 +1,372 @@
+//! End-to-end tests of per-flow UDP rules: redirect, interface, drop,
+//! SOCKS5, per-rule timeouts, NAT behaviour as a STUN client sees it, and
+//! DSCP/ECN transparency.
+
+mod lab;
+
+use lab::socks::{SOCKS_PASSWORD, SOCKS_USER};
+use lab::udp::{Echo, exchange, mark_tos, recv, recv_tos, socket};
+use lab::{CLIENT4, CLIENT6, Lab, gateway_wan4, sa, server4, server6};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn client4(port: u16) -> SocketAddr {
+    sa(ip(CLIENT4), port)
+}
+
+fn config(relay_extra: &str) -> String {
+    format!("mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\", \"[::]:15353\"]\n{relay_extra}\n")
+}
+
+#[test]
+fn redirect_serves_one_address_from_another_and_replies_stay_spoofed() {
+    let lab = Lab::with_servers(2);
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let target = sa(server4(1), 7000);
+    let daemon = lab.start_tproxyd(&config(&format!(
+        "[[relay.rules]]\ndestinations = [\"198.51.100.7/32\"]\nports = [50080]\naction = \"redirect\"\nto = \"{target}\"\n"
+    )));
+    let other = Echo::start(&lab.servers[1], target);
+    let nobody_home = Echo::start(&lab.servers[0], sa(server4(0), 50080));
+    let sock = socket(&lab.client, client4(40000));
+    let asked = sa(server4(0), 50080);
+    let (from, reply) = exchange(&sock, asked, b"to 50080");
+    assert_eq!(reply, b"to 50080");
+    assert_eq!(
+        from, asked,
+        "the reply must come from the address the client asked"
+    );
+    assert_eq!(
+        other.last_peer().ip(),
+        gateway_wan4(1),
+        "the other server saw the gateway"
+    );
+    assert!(
+        nobody_home.received().is_empty(),
+        "the original destination must not be contacted"
+    );
+    assert_eq!(daemon.stop().counter("sessions_opened"), 1);
+}
+
+#[test]
+fn interface_rules_leave_through_the_named_device_or_by_mark() {
+    // 203.0.113.99 exists behind both WAN links; the main table says wan0.
+    let lab = Lab::with_servers(2);
+    let anycast = ip("203.0.113.99");
+    lab.add_server_address(1, anycast);
+    lab.add_server_address(0, anycast); // last: the gateway's route points at server 0
+    // Policy routing for marked traffic: fwmark 0x200 → table 200 → wan1.
+    lab.gateway.sh(&format!(
+        "ip rule add fwmark 0x200/0x200 lookup 200 && ip route add {anycast} via {} dev wan1 table 200",
+        server4(1)
+    ));
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let _daemon = lab.start_tproxyd(&config(
+        "[[relay.rules]]\nports = [7001]\naction = \"interface\"\ninterface = \"wan1\"\n\
+         [[relay.rules]]\nports = [7002]\naction = \"interface\"\nmark = 0x200\n",
+    ));
+    let via0: Vec<Echo> = (7000..=7002)
+        .map(|p| Echo::start(&lab.servers[0], sa(anycast, p)))
+        .collect();
+    let via1: Vec<Echo> = (7000..=7002)
+        .map(|p| Echo::start(&lab.servers[1], sa(anycast, p)))
+        .collect();
+    let sock = socket(&lab.client, client4(40000));
+    for port in 7000..=7002 {
+        let (from, _) = exchange(&sock, sa(anycast, port), b"which way?");
+        assert_eq!(from, sa(anycast, port));
+    }
+    // Port 7000 (no rule) took the main table's wan0; 7001 was bound to
+    // wan1; 7002 was routed to wan1 by its mark.
+    assert_eq!(via0[0].received().len(), 1, "direct flow should use wan0");
+    assert!(via1[0].received().is_empty());
+    for k in [1, 2] {
+        assert!(
+            via0[k].received().is_empty(),
+            "port {} leaked out of wan0",
+            7000 + k
+        );
+        assert_eq!(
+            via1[k].received().len(),
+            1,
+            "port {} should leave through wan1",
+            7000 + k
+        );
+        assert_eq!(via1[k].last_peer().ip(), gateway_wan4(1));
+    }
+}
+
+#[test]
+fn drop_rules_drop_and_count() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd(&config(
+        "[[relay.rules]]\nclients = [\"192.0.2.10/32\"]\nports = [\"9990-9999\"]\naction = \"drop\"\n",
+    ));
+    let blocked = Echo::start(&lab.servers[0], sa(server4(0), 9995));
+    let open = Echo::start(&lab.servers[0], sa(server4(0), 9989));
+    let sock = socket(&lab.client, client4(40000));
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for _ in 0..3 {
+        sock.send_to(b"x", blocked.addr).unwrap();
+    }
+    assert!(recv(&sock).is_none());
+    exchange(&sock, open.addr, b"fine");
+    assert!(blocked.received().is_empty());
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("drop_by_rule"), 3);
+    assert_eq!(stopped.counter("sessions_opened"), 1);
+}
+
+#[test]
+fn per_rule_idle_timeouts() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd(&config(
+        "idle_timeout = \"1m\"\n[[relay.rules]]\nports = [7001]\naction = \"direct\"\nidle_timeout = \"1s\"\n",
+    ));
+    let long = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let short = Echo::start(&lab.servers[0], sa(server4(0), 7001));
+    let sock = socket(&lab.client, client4(40000));
+    exchange(&sock, long.addr, b"a");
+    exchange(&sock, short.addr, b"a");
+    let (long_port, short_port) = (long.last_peer(), short.last_peer());
+    std::thread::sleep(Duration::from_millis(2_200));
+    exchange(&sock, long.addr, b"b");
+    exchange(&sock, short.addr, b"b");
+    assert_eq!(
+        long.last_peer(),
+        long_port,
+        "the default 1-minute flow must survive 2 s idle"
+    );
+    assert_ne!(
+        short.last_peer(),
+        short_port,
+        "the 1-second flow must have expired"
+    );
+    assert_eq!(daemon.stop().counter("sessions_expired"), 1);
+}
+
+/// The NAT type a STUN client behind the gateway reports.
+fn nat_type(nat: &str) -> lab::stun::NatReport {
+    let lab = Lab::new();
+    let alternate = ip("198.51.100.8");
+    lab.add_server_address(0, alternate);
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let _daemon = lab.start_tproxyd(&config(&format!("nat = \"{nat}\"")));
+    lab.stun_server(0, server4(0), alternate);
+    lab.nat_discovery(server4(0))
+}
+
+#[test]
+fn symmetric_nat_as_seen_by_rfc5780_stun() {
+    let r = nat_type("symmetric");
+    assert!(
+        r.mapping.contains("Address and Port Dependent Mapping"),
+        "{}",
+        r.raw
+    );
+    assert!(
+        r.filtering.contains("Address and Port Dependent Filtering"),
+        "{}",
+        r.raw
+    );
+}
+
+#[test]
+fn full_cone_nat_as_seen_by_rfc5780_stun() {
+    let r = nat_type("full-cone");
+    assert!(
+        r.mapping.contains("Endpoint Independent Mapping"),
+        "{}",
+        r.raw
+    );
+    assert!(
+        r.filtering.contains("Endpoint Independent Filtering"),
+        "{}",
+        r.raw
+    );
+}
+
+#[test]
+fn full_cone_replies_from_a_stranger_reach_the_client_from_the_strangers_address() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let _daemon = lab.start_tproxyd(&config("nat = \"full-cone\""));
+    let server = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let stranger_addr = sa(ip("198.51.100.9"), 9000);
+    lab.add_server_address(0, stranger_addr.ip());
+    let stranger = socket(&lab.servers[0], stranger_addr);
+    let sock = socket(&lab.client, client4(40000));
+    exchange(&sock, server.addr, b"hello");
+    let mapping = server.last_peer();
+    // Someone the client never wrote to sends to the mapping...
+    stranger.send_to(b"unsolicited", mapping).unwrap();
+    let (from, data) = recv(&sock).expect("a full cone lets any remote through");
+    assert_eq!(
+        (from, data.as_slice()),
+        (stranger_addr, &b"unsolicited"[..])
+    );
+}
+
+#[test]
+fn dscp_and_ecn_marks_survive_both_ways() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let _daemon = lab.start_tproxyd(&config(""));
+    // EF (DSCP 46) with ECT(0): 0xb8 | 0x02.
+    const EF_ECT0: u8 = 0xba;
+    for (client, server) in [
+        (client4(40000), sa(server4(0), 7000)),
+        (sa(ip(CLIENT6), 40000), sa(server6(0), 7000)),
+    ] {
+        let srv = socket(&lab.servers[0], server);
+        mark_tos(&srv, EF_ECT0);
+        let cli = socket(&lab.client, client);
+        mark_tos(&cli, EF_ECT0);
+        cli.send_to(b"voice", server).unwrap();
+        let (peer, _, tos) = recv_tos(&srv).expect("server got nothing");
+        assert_eq!(
+            tos, EF_ECT0,
+            "{server}: the server must see the client's mark"
+        );
+        srv.send_to(b"voice back", peer).unwrap();
+        let (from, _, tos) = recv_tos(&cli).expect("client got nothing");
+        assert_eq!(from, server);
+        assert_eq!(
+            tos, EF_ECT0,
+            "{server}: the client must see the server's mark"
+        );
+        // Unmarked traffic stays unmarked (no mark leaks between datagrams).
+        mark_tos(&cli, 0);
+        cli.send_to(b"plain", server).unwrap();
+        assert_eq!(recv_tos(&srv).unwrap().2, 0);
+    }
+}
+
+/// A lab with danted on server 1 relaying to echo servers on server 0.
+fn socks_lab(auth: bool) -> (Lab, SocketAddr, u32) {
+    let lab = Lab::with_servers(2);
+    lab.route_between_servers();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let proxy = sa(server4(1), 1080);
+    let pid = lab.danted(1, proxy, auth);
+    (lab, proxy, pid)
+}
+
+fn socks_config(proxy: SocketAddr, auth: bool, nat: &str) -> String {
+    let creds = if auth {
+        format!("username = \"{SOCKS_USER}\"\npassword = \"{SOCKS_PASSWORD}\"\n")
+    } else {
+        String::new()
+    };
+    config(&format!(
+        "[[relay.rules]]\ndestinations = [\"198.51.100.0/25\"]\naction = \"socks5\"\nsocks5 = \"{proxy}\"\nnat = \"{nat}\"\n{creds}"
+    ))
+}
+
+fn assert_socks_relays(auth: bool) {
+    let (lab, proxy, _) = socks_lab(auth);
+    let daemon = lab.start_tproxyd(&socks_config(proxy, auth, "symmetric"));
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let sock = socket(&lab.client, client4(40000));
+    for i in 0..3 {
+        let msg = format!("via socks {i}");
+        let (from, reply) = exchange(&sock, echo.addr, msg.as_bytes());
+        assert_eq!((from, reply), (echo.addr, msg.into_bytes()));
+    }
+    assert_eq!(
+        echo.last_peer().ip(),
+        proxy.ip(),
+        "the server must see the SOCKS5 relay"
+    );
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("socks5_associations"), 1, "{}", stopped.log);
+    assert_eq!(stopped.counter("socks5_failures"), 0);
+}
+
+#[test]
+fn socks5_without_authentication() {
+    assert_socks_relays(false);
+}
+
+#[test]
+fn socks5_with_username_and_password() {
+    assert_socks_relays(true);
+}
+
+#[test]
+fn socks5_with_a_wrong_password_fails_cleanly() {
+    let (lab, proxy, _) = socks_lab(true);
+    let text = socks_config(proxy, true, "symmetric").replace(SOCKS_PASSWORD, "wrong");
+    let daemon = lab.start_tproxyd(&text);
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let sock = socket(&lab.client, client4(40000));
+    sock.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    sock.send_to(b"x", echo.addr).unwrap();
+    assert!(recv(&sock).is_none());
+    assert!(echo.received().is_empty());
+    let stopped = daemon.stop();
+    assert!(stopped.status.success());
+    assert_eq!(stopped.counter("socks5_failures"), 1, "{}", stopped.log);
+}
+
+#[test]
+fn socks5_associations_follow_the_nat_mode() {
+    // Symmetric: one association (one relay port) per destination; full
+    // cone: one per client endpoint, shared by every destination.
+    for (nat, expect_same) in [("symmetric", false), ("full-cone", true)] {
+        let (lab, proxy, _) = socks_lab(false);
+        let daemon = lab.start_tproxyd(&socks_config(proxy, false, nat));
+        let a = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+        let b = Echo::start(&lab.servers[0], sa(server4(0), 7001));
+        let sock = socket(&lab.client, client4(40000));
+        assert_eq!(exchange(&sock, a.addr, b"a").0, a.addr);
+        assert_eq!(exchange(&sock, b.addr, b"b").0, b.addr);
+        assert_eq!(
+            a.last_peer() == b.last_peer(),
+            expect_same,
+            "{nat}: {} vs {}",
+            a.last_peer(),
+            b.last_peer()
+        );
+        let stopped = daemon.stop();
+        assert_eq!(
+            stopped.counter("socks5_associations"),
+            if expect_same { 1 } else { 2 },
+            "{nat}"
+        );
+    }
+}
+
+#[test]
+fn socks5_server_going_away_fails_the_flow_cleanly_and_it_recovers() {
+    let (lab, proxy, pid) = socks_lab(false);
+    let daemon = lab.start_tproxyd(&socks_config(proxy, false, "symmetric"));
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let sock = socket(&lab.client, client4(40000));
+    exchange(&sock, echo.addr, b"before");
+    // The proxy dies: the association ends with it.
+    lab.kill(pid);
+    std::thread::sleep(Duration::from_millis(300));
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    sock.send_to(b"while down", echo.addr).unwrap();
+    assert!(recv(&sock).is_none());
+    // The proxy comes back: the next datagram sets up a new association.
+    lab.danted(1, proxy, false);
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let (from, reply) = exchange(&sock, echo.addr, b"after");
+    assert_eq!((from, reply.as_slice()), (echo.addr, &b"after"[..]));
+    let stopped = daemon.stop();
+    assert!(stopped.status.success());
+    assert_eq!(stopped.counter("socks5_lost"), 1, "{}", stopped.log);
+    assert_eq!(stopped.counter("socks5_failures"), 1, "{}", stopped.log);
+    assert_eq!(stopped.counter("socks5_associations"), 2);
+}
