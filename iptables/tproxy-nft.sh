@@ -41,7 +41,8 @@ FAMILIES=${FAMILIES:-4 6}
 NFT_TABLE=${NFT_TABLE:-tproxyd}
 
 here=$(dirname "$0")
-. "$here/lib/policy-routing.sh"
+# tproxyd's auto_rules feeds the library and this script on stdin together.
+command -v policy_routing_up >/dev/null 2>&1 || . "$here/lib/policy-routing.sh"
 
 die() { echo "tproxy-nft: $*" >&2; exit 1; }
 

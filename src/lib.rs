@@ -2,10 +2,18 @@
 //!
 //! Start at [`server::run`]; the relay's data path is described in [`relay`].
 
+pub mod admin;
 pub mod config;
 pub mod dns;
+pub mod doctor;
+pub mod explain;
+pub mod firewall;
+pub mod metrics;
 pub mod net;
+pub mod pidfile;
+pub mod privileges;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod stats;

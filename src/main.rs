@@ -1,10 +1,14 @@
-//! The `tproxyd` command: run the daemon, or check a config.
+//! The `tproxyd` command: run the daemon, or check, reload, explain, doctor.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tokio::sync::mpsc;
 use tproxyd::config::Config;
+use tproxyd::reload::LogFilterHandle;
+use tproxyd::server::{self, Control, Event};
 
 #[derive(Parser)]
 #[command(
@@ -28,8 +32,27 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default).
     Run,
-    /// Validate the config and exit: 0 if valid, else FILE:LINE:COL: reason.
+    /// Validate the config and every file it names; exit 0 if valid, else
+    /// print FILE:LINE:COL: reason and exit 2.
     Check,
+    /// Validate the config, then tell the running daemon to reload it
+    /// (SIGHUP).
+    Reload,
+    /// Show which rule decides a DNS query or a UDP flow, and what happens.
+    Explain {
+        /// The client's address (IP, or IP:PORT for a flow).
+        #[arg(long, default_value = "192.0.2.10")]
+        client: String,
+        /// A DNS query: NAME [TYPE] (type defaults to A).
+        #[arg(long, num_args = 1..=2, value_names = ["NAME", "TYPE"], conflicts_with = "dst")]
+        query: Option<Vec<String>>,
+        /// A UDP flow's original destination, IP:PORT.
+        #[arg(long)]
+        dst: Option<SocketAddr>,
+    },
+    /// Check the kernel, capabilities, policy routing, redirect rules and
+    /// sysctls this config needs; print each finding with its fix.
+    Doctor,
 }
 
 fn main() -> ExitCode {
@@ -41,24 +64,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Check => match check(&config) {
-            Ok(()) => {
-                println!("{}: ok", cli.config.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e:#}");
-                ExitCode::from(2)
-            }
-        },
-        Command::Run => match run(config) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("tproxyd: {e:#}");
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(config, cli.config),
+        Command::Check => check(&config).map(|()| println!("{}: ok", cli.config.display())),
+        Command::Reload => reload(&config, &cli.config),
+        Command::Explain { client, query, dst } => {
+            explain(&config, &cli.config, &client, query, dst)
+        }
+        Command::Doctor => {
+            let (report, failed) = tproxyd::doctor::report(&tproxyd::doctor::diagnose(&config));
+            print!("{report}");
+            return if failed {
                 ExitCode::FAILURE
-            }
-        },
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tproxyd: {e:#}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -72,14 +100,84 @@ fn check(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
-    init_logging(&config);
+fn reload(config: &Config, path: &Path) -> anyhow::Result<()> {
+    check(config)?;
+    let pid = tproxyd::pidfile::find(config.pid_file.as_deref(), path)?;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)
+        .with_context(|| format!("signalling pid {pid}"))?;
+    println!("asked tproxyd (pid {pid}) to reload {}", path.display());
+    Ok(())
+}
+
+fn explain(
+    config: &Config,
+    path: &Path,
+    client: &str,
+    query: Option<Vec<String>>,
+    dst: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    use tproxyd::explain::Question;
+    let client_addr: SocketAddr = client
+        .parse()
+        .or_else(|_| {
+            client
+                .parse::<IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 40000))
+        })
+        .with_context(|| format!("--client {client:?} is not an IP address"))?;
+    let question = match (query, dst) {
+        (Some(q), _) => {
+            let name = q.first().cloned().unwrap_or_default();
+            let qtype = match q.get(1) {
+                Some(t) => t
+                    .to_ascii_uppercase()
+                    .parse()
+                    .with_context(|| format!("unknown query type {t:?}"))?,
+                None => hickory_proto::rr::RecordType::A,
+            };
+            Question::Query {
+                client: client_addr.ip(),
+                name,
+                qtype,
+            }
+        }
+        (None, Some(dst)) => Question::Flow {
+            client: client_addr,
+            dst,
+        },
+        (None, None) => anyhow::bail!("explain what? give --query NAME [TYPE] or --dst IP:PORT"),
+    };
+    print!("{}", tproxyd::explain::explain(config, path, &question)?);
+    Ok(())
+}
+
+fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    let log_filter = init_logging(&config);
     raise_fd_limit();
+    let user = config.user.clone();
+    let prepared = server::prepare(config)?;
+    // Still one thread: capabilities are per thread, so this must come
+    // before the runtime starts its workers.
+    if let Some(user) = user {
+        tproxyd::privileges::drop_to(&user)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let stats = runtime.block_on(tproxyd::server::run(config, stop_signal()))?;
+    let stats = runtime.block_on(async move {
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(forward_signals(tx));
+        server::run(
+            prepared,
+            Control {
+                events,
+                config_path: path,
+                log_filter,
+            },
+        )
+        .await
+    })?;
     let summary: Vec<String> = stats
         .snapshot()
         .iter()
@@ -89,36 +187,60 @@ fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn stop_signal() {
+/// SIGHUP → reload; SIGINT / SIGTERM → stop.
+async fn forward_signals(tx: mpsc::UnboundedSender<Event>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
+        return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        let event = tokio::select! {
+            _ = term.recv() => Event::Stop,
+            _ = int.recv() => Event::Stop,
+            _ = hup.recv() => Event::Reload,
+        };
+        if tx.send(event).is_err() || event == Event::Stop {
+            return;
+        }
     }
 }
 
-/// `RUST_LOG` wins over the config's `log_level`, which wins over `info`.
-fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        let level = config.log_level.as_ref().map_or("info", |l| l.0.as_str());
-        EnvFilter::new(level)
+/// `RUST_LOG` wins over the config's `log_level`, which wins over `info`;
+/// the returned handle re-applies `log_level` on reload (none when
+/// `RUST_LOG` is in charge).
+fn init_logging(config: &Config) -> Option<LogFilterHandle> {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_rules = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| {
+        EnvFilter::new(config.log_level.as_ref().map_or("info", |l| l.0.as_str()))
     });
-    // journald adds its own timestamps; plain text when not on a terminal.
+    let (filter, handle) = reload::Layer::new(filter);
+    // Under systemd, journald stamps each line itself; no colours off a tty.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+    let layer = fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter);
+    if journald {
+        registry.with(layer.without_time()).init();
+    } else {
+        registry.with(layer).init();
+    }
+    if env_rules {
+        return None;
+    }
+    Some(Box::new(move |level: &str| {
+        let filter = EnvFilter::builder()
+            .parse(level)
+            .map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    }))
 }
 
 /// Every flow holds a socket: lift the soft descriptor limit to the hard one

@@ -1,18 +1,28 @@
-//! Starting and stopping the daemon: build the engines, bind every socket,
-//! run until told to stop, then close everything in order.
+//! Starting and stopping the daemon.
+//!
+//! Start-up happens in two steps so privileges can be dropped in between:
+//! [`prepare`] (still root, still one thread) loads the rules and lists,
+//! binds every socket, installs `auto_rules` and writes the pid file; then
+//! [`run`] (as the configured user, on the async runtime) serves until told
+//! to stop, and shuts down in order: listeners, flows, rules, pid file.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::admin;
 use crate::config::Config;
 use crate::dns::engine::DnsBuildError;
 use crate::dns::{DnsEngine, DnsService, server as dns_server};
+use crate::firewall::{AutoRules, FirewallError};
 use crate::net::sockets;
+use crate::pidfile::PidFile;
 use crate::relay::{RelayContext, listener};
+use crate::reload::{LogFilterHandle, Reloader};
 use crate::shutdown::{self, Shutdown};
 use crate::stats::Stats;
 
@@ -29,99 +39,205 @@ pub enum ServerError {
     },
     #[error("DNS: {0}")]
     Dns(#[from] DnsBuildError),
+    #[error("auto_rules: {0}")]
+    Firewall(#[from] FirewallError),
+    #[error("pid file {}: {source}", path.display())]
+    PidFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What the daemon is told while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// SIGHUP: re-read the config.
+    Reload,
+    /// SIGINT / SIGTERM: shut down.
+    Stop,
+}
+
+/// Installed `auto_rules`, removed when dropped: on a normal exit, on an
+/// error after installing, and on a panic. (A SIGKILL leaves them; the next
+/// start replaces them.)
+struct InstalledRules(AutoRules);
+
+impl Drop for InstalledRules {
+    fn drop(&mut self) {
+        match self.0.remove() {
+            Ok(()) => tracing::info!("auto_rules removed"),
+            Err(e) => tracing::error!("removing auto_rules: {e}"),
+        }
+    }
+}
+
+/// Everything set up while still privileged.
+pub struct Prepared {
+    config: Config,
+    stats: Arc<Stats>,
+    dns_engine: Option<DnsEngine>,
+    relay: Vec<std::net::UdpSocket>,
+    dns_udp: Vec<std::net::UdpSocket>,
+    dns_tcp: Vec<std::net::TcpListener>,
+    admin: Option<std::net::TcpListener>,
+    // Dropped last (field order), after the sockets are closed.
+    rules: Option<InstalledRules>,
+    pid_file: Option<PidFile>,
 }
 
 fn listen_error(addr: SocketAddr, what: &'static str) -> impl FnOnce(io::Error) -> ServerError {
     move |source| ServerError::Listen { addr, what, source }
 }
 
-/// Every socket, bound before anything is served so that a bad address
-/// fails the start instead of leaving a half-working daemon.
-struct Sockets {
-    relay: Vec<UdpSocket>,
-    dns_udp: Vec<UdpSocket>,
-    dns_tcp: Vec<TcpListener>,
-}
-
-fn bind_all(config: &Config) -> Result<Sockets, ServerError> {
-    let mark = config.mark.0;
-    let mut s = Sockets {
-        relay: Vec::new(),
-        dns_udp: Vec::new(),
-        dns_tcp: Vec::new(),
-    };
-    for &addr in &config.relay.listen.0 {
-        let what = "relay, transparent UDP";
-        let sock = sockets::transparent_listener(addr)
-            .and_then(UdpSocket::from_std)
-            .map_err(listen_error(addr, what))?;
-        tracing::info!(%addr, "relay listening");
-        s.relay.push(sock);
-    }
-    if let Some(dns) = config.dns() {
-        for &addr in &dns.listen {
-            let udp = sockets::server_udp(addr, mark)
-                .and_then(UdpSocket::from_std)
-                .map_err(listen_error(addr, "DNS, UDP"))?;
-            let tcp = sockets::tcp_listener(addr, mark, false)
-                .and_then(TcpListener::from_std)
-                .map_err(listen_error(addr, "DNS, TCP"))?;
-            tracing::info!(%addr, "DNS listening (UDP and TCP)");
-            s.dns_udp.push(udp);
-            s.dns_tcp.push(tcp);
-        }
-        for &addr in &dns.tcp_listen {
-            let tcp = sockets::tcp_listener(addr, mark, true)
-                .and_then(TcpListener::from_std)
-                .map_err(listen_error(addr, "DNS, transparent TCP"))?;
-            tracing::info!(%addr, "DNS listening (transparent TCP)");
-            s.dns_tcp.push(tcp);
-        }
-    }
-    Ok(s)
-}
-
-/// Runs the daemon until `stop` completes; returns the final counters.
-pub async fn run(
-    config: Config,
-    stop: impl Future<Output = ()>,
-) -> Result<Arc<Stats>, ServerError> {
+/// Loads the DNS rules, binds every socket (so a bad address fails the
+/// start instead of leaving a half-working daemon), installs `auto_rules`
+/// and writes the pid file.
+pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
     let stats = Arc::new(Stats::default());
-    let dns = match config.dns() {
+    let mark = config.mark.0;
+    let dns_engine = match config.dns() {
         Some(dns) => {
-            let engine = DnsEngine::build(dns, config.mark.0, stats.clone())?;
+            let engine = DnsEngine::build(dns, mark, stats.clone())?;
             tracing::info!(rules = engine.rules().len(), groups = engine.groups().len(), ports = ?dns.ports, "DNS engine ready");
-            Some(Arc::new(DnsService::new(
-                Arc::new(engine),
-                dns.ports.clone(),
-                stats.clone(),
-            )))
+            Some(engine)
         }
         None => None,
     };
-    let relay = Arc::new(RelayContext::new(
+    let mut p = Prepared {
+        stats,
+        dns_engine,
+        relay: Vec::new(),
+        dns_udp: Vec::new(),
+        dns_tcp: Vec::new(),
+        admin: None,
+        rules: None,
+        pid_file: None,
+        config,
+    };
+    for &addr in &p.config.relay.listen.0 {
+        p.relay.push(
+            sockets::transparent_listener(addr)
+                .map_err(listen_error(addr, "relay, transparent UDP"))?,
+        );
+        tracing::info!(%addr, "relay listening");
+    }
+    if let Some(dns) = p.config.dns() {
+        for &addr in &dns.listen {
+            p.dns_udp
+                .push(sockets::server_udp(addr, mark).map_err(listen_error(addr, "DNS, UDP"))?);
+            p.dns_tcp.push(
+                sockets::tcp_listener(addr, mark, false).map_err(listen_error(addr, "DNS, TCP"))?,
+            );
+            tracing::info!(%addr, "DNS listening (UDP and TCP)");
+        }
+        for &addr in &dns.tcp_listen {
+            p.dns_tcp.push(
+                sockets::tcp_listener(addr, mark, true)
+                    .map_err(listen_error(addr, "DNS, transparent TCP"))?,
+            );
+            tracing::info!(%addr, "DNS listening (transparent TCP)");
+        }
+    }
+    if let Some(admin) = &p.config.admin {
+        let addr = admin.listen.0;
+        let l = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(listen_error(addr, "admin"))?;
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+        p.admin = Some(l);
+    }
+    if let Some(rules) = AutoRules::from_config(&p.config) {
+        rules.install()?;
+        tracing::info!("auto_rules installed");
+        p.rules = Some(InstalledRules(rules));
+    }
+    if let Some(path) = &p.config.pid_file {
+        p.pid_file = Some(
+            PidFile::create(path).map_err(|source| ServerError::PidFile {
+                path: path.clone(),
+                source,
+            })?,
+        );
+    }
+    Ok(p)
+}
+
+/// How the daemon is controlled while it runs.
+pub struct Control {
+    pub events: mpsc::UnboundedReceiver<Event>,
+    /// Re-read on [`Event::Reload`].
+    pub config_path: PathBuf,
+    /// Applies `log_level` on reload (absent when `RUST_LOG` rules).
+    pub log_filter: Option<LogFilterHandle>,
+}
+
+/// Serves until [`Event::Stop`]; returns the final counters.
+pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>, ServerError> {
+    let Prepared {
+        config,
+        stats,
+        dns_engine,
+        relay,
+        dns_udp,
+        dns_tcp,
+        admin,
+        rules,
+        pid_file,
+    } = prepared;
+    let mark = config.mark.0;
+    let dns = dns_engine.map(|e| Arc::new(DnsService::new(e, stats.clone())));
+    let relay_ctx = Arc::new(RelayContext::new(
         &config.relay,
-        config.mark.0,
+        mark,
         stats.clone(),
         dns.clone(),
     ));
-    let sockets = bind_all(&config)?;
 
     let (trigger, shutdown) = shutdown::channel();
     let mut tasks: JoinSet<io::Result<()>> = JoinSet::new();
-    for sock in sockets.relay {
-        tasks.spawn(listener::serve(sock, relay.clone(), shutdown.clone()));
+    for sock in relay {
+        tasks.spawn(listener::serve(
+            async_udp(sock, "relay")?,
+            relay_ctx.clone(),
+            shutdown.clone(),
+        ));
     }
     if let Some(dns) = &dns {
-        spawn_dns(&mut tasks, dns, sockets.dns_udp, sockets.dns_tcp, &shutdown);
+        spawn_dns(&mut tasks, dns, dns_udp, dns_tcp, &shutdown)?;
     }
+    if let Some(l) = admin {
+        let l = async_tcp(l, "admin")?;
+        let sources = admin::Sources {
+            relay: relay_ctx.clone(),
+            dns: dns.clone(),
+        };
+        tasks.spawn(admin::serve(l, sources, shutdown.clone()));
+    }
+    let reloader = Reloader::new(
+        control.config_path.clone(),
+        config,
+        relay_ctx.clone(),
+        dns.clone(),
+        stats.clone(),
+        control.log_filter.take(),
+    );
     tracing::info!(tasks = tasks.len(), "tproxyd ready");
 
-    tokio::select! {
-        _ = stop => tracing::info!("shutting down"),
-        Some(done) = tasks.join_next() => {
-            // A listener only returns early on a socket error.
-            tracing::error!(?done, "a listener stopped unexpectedly; shutting down");
+    loop {
+        tokio::select! {
+            event = control.events.recv() => match event {
+                Some(Event::Reload) => reloader.reload().await,
+                Some(Event::Stop) | None => {
+                    tracing::info!("shutting down");
+                    break;
+                }
+            },
+            Some(done) = tasks.join_next() => {
+                // A listener only returns early on a socket error.
+                tracing::error!(?done, "a listener stopped unexpectedly; shutting down");
+                break;
+            }
         }
     }
     trigger.trigger();
@@ -130,26 +246,51 @@ pub async fn run(
             tracing::warn!(error = %e, "listener ended with an error");
         }
     }
-    let closed = relay.table.clear();
+    let closed = relay_ctx.table.clear();
     tracing::info!(sessions_closed = closed, "all sessions closed");
+    drop(rules);
+    drop(pid_file);
     Ok(stats)
 }
 
 fn spawn_dns(
     tasks: &mut JoinSet<io::Result<()>>,
     dns: &Arc<DnsService>,
-    udp: Vec<UdpSocket>,
-    tcp: Vec<TcpListener>,
+    udp: Vec<std::net::UdpSocket>,
+    tcp: Vec<std::net::TcpListener>,
     shutdown: &Shutdown,
-) {
+) -> Result<(), ServerError> {
     for sock in udp {
-        tasks.spawn(dns_server::serve_udp(sock, dns.clone(), shutdown.clone()));
-    }
-    for listener in tcp {
-        tasks.spawn(dns_server::serve_tcp(
-            listener,
+        tasks.spawn(dns_server::serve_udp(
+            async_udp(sock, "DNS, UDP")?,
             dns.clone(),
             shutdown.clone(),
         ));
     }
+    for listener in tcp {
+        tasks.spawn(dns_server::serve_tcp(
+            async_tcp(listener, "DNS, TCP")?,
+            dns.clone(),
+            shutdown.clone(),
+        ));
+    }
+    Ok(())
+}
+
+/// Hands a bound socket to the async runtime.
+fn async_udp(sock: std::net::UdpSocket, what: &'static str) -> Result<UdpSocket, ServerError> {
+    let addr = sock
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    UdpSocket::from_std(sock).map_err(listen_error(addr, what))
+}
+
+fn async_tcp(
+    listener: std::net::TcpListener,
+    what: &'static str,
+) -> Result<TcpListener, ServerError> {
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    TcpListener::from_std(listener).map_err(listen_error(addr, what))
 }

@@ -2,9 +2,11 @@
 //!
 //! Each counter is a relaxed atomic: they are read for logs and metrics, never
 //! to make decisions, so no ordering is needed and the hot path pays one
-//! uncontended `fetch_add`.
+//! uncontended `fetch_add`. Each counter also names the Prometheus series it
+//! is exported as, so the list below is the single place to look.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -22,18 +24,44 @@ impl Counter {
     }
 }
 
+/// One exported series: a counter's value under a metric name and labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Series {
+    /// Field name, as in the final log line.
+    pub name: &'static str,
+    /// Prometheus metric name (without the `tproxyd_` prefix).
+    pub metric: &'static str,
+    /// Prometheus labels, already formatted (`direction="in"`), or empty.
+    pub labels: &'static str,
+    pub value: u64,
+}
+
 macro_rules! counters {
-    ($( $(#[$doc:meta])* $name:ident, )*) => {
+    ($( $(#[$doc:meta])* $name:ident => $metric:literal $(, $labels:literal)?; )*) => {
         /// Every counter the daemon keeps.
         #[derive(Debug, Default)]
         pub struct Stats {
             $( $(#[$doc])* pub $name: Counter, )*
+            /// Upstream DNS answer times.
+            pub dns_upstream_latency: Histogram,
+            /// DNS responses sent, by RCODE.
+            pub dns_rcodes: RcodeCounters,
         }
 
         impl Stats {
+            /// Every counter, in declaration order.
+            pub fn series(&self) -> Vec<Series> {
+                vec![ $( Series {
+                    name: stringify!($name),
+                    metric: $metric,
+                    labels: concat!("" $(, $labels)?),
+                    value: self.$name.get(),
+                }, )* ]
+            }
+
             /// `(name, value)` for every counter, in declaration order.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-                vec![ $( (stringify!($name), self.$name.get()), )* ]
+                self.series().into_iter().map(|s| (s.name, s.value)).collect()
             }
         }
     };
@@ -41,80 +69,149 @@ macro_rules! counters {
 
 counters! {
     /// Datagrams received from clients on the transparent listeners.
-    client_datagrams,
+    client_datagrams => "datagrams_total", "direction=\"from_client\"";
     /// Payload bytes received from clients.
-    client_bytes,
+    client_bytes => "bytes_total", "direction=\"from_client\"";
     /// Datagrams sent to upstreams.
-    upstream_datagrams,
+    upstream_datagrams => "datagrams_total", "direction=\"to_upstream\"";
     /// Payload bytes sent to upstreams.
-    upstream_bytes,
+    upstream_bytes => "bytes_total", "direction=\"to_upstream\"";
     /// Datagrams sent back to clients (spoofed).
-    reply_datagrams,
+    reply_datagrams => "datagrams_total", "direction=\"to_client\"";
     /// Payload bytes sent back to clients.
-    reply_bytes,
+    reply_bytes => "bytes_total", "direction=\"to_client\"";
     /// Flows opened.
-    sessions_opened,
+    sessions_opened => "sessions_opened_total";
     /// Flows closed because the table was full (least recently used first).
-    sessions_evicted,
+    sessions_evicted => "sessions_evicted_total";
     /// Flows closed after the idle timeout.
-    sessions_expired,
+    sessions_expired => "sessions_expired_total";
     /// Datagrams without an original destination (not redirected by TPROXY).
-    drop_no_orig_dst,
+    drop_no_orig_dst => "drops_total", "reason=\"no_orig_dst\"";
     /// Datagrams addressed to a tproxyd listener itself (would loop).
-    drop_loop,
+    drop_loop => "drops_total", "reason=\"loop\"";
     /// Datagrams dropped because a socket send buffer was full.
-    drop_send_buffer_full,
+    drop_send_buffer_full => "drops_total", "reason=\"send_buffer_full\"";
     /// Datagrams whose session could not be opened (socket limits, routes).
-    drop_session_open_failed,
-    /// Send errors towards upstreams other than a full buffer.
-    upstream_send_errors,
-    /// ICMP port/host unreachable reported by an upstream socket.
-    upstream_unreachable,
-    /// Receive errors on upstream or listener sockets.
-    receive_errors,
-    /// Send errors towards clients other than a full buffer.
-    reply_send_errors,
-    /// Reply sockets that fell back to raw IP because the port was taken.
-    reply_raw_fallbacks,
+    drop_session_open_failed => "drops_total", "reason=\"session_open_failed\"";
     /// Datagrams dropped by a `drop` rule.
-    drop_by_rule,
+    drop_by_rule => "drops_total", "reason=\"rule\"";
+    /// Send errors towards upstreams other than a full buffer.
+    upstream_send_errors => "errors_total", "kind=\"upstream_send\"";
+    /// ICMP port/host unreachable reported by an upstream socket.
+    upstream_unreachable => "errors_total", "kind=\"upstream_unreachable\"";
+    /// Receive errors on upstream or listener sockets.
+    receive_errors => "errors_total", "kind=\"receive\"";
+    /// Send errors towards clients other than a full buffer.
+    reply_send_errors => "errors_total", "kind=\"reply_send\"";
+    /// Reply sockets that fell back to raw IP because the port was taken.
+    reply_raw_fallbacks => "reply_raw_fallbacks_total";
     /// SOCKS5 associations set up.
-    socks5_associations,
+    socks5_associations => "socks5_associations_total";
     /// SOCKS5 associations that could not be set up.
-    socks5_failures,
+    socks5_failures => "socks5_failures_total";
     /// SOCKS5 associations the server ended while in use.
-    socks5_lost,
+    socks5_lost => "socks5_lost_total";
     /// DNS queries received (UDP and TCP, hijacked and plain).
-    dns_queries,
+    dns_queries => "dns_queries_total";
     /// DNS queries received over TCP.
-    dns_tcp_queries,
+    dns_tcp_queries => "dns_tcp_queries_total";
     /// DNS datagrams dropped: shorter than a header, or not a query.
-    dns_dropped_malformed,
+    dns_dropped_malformed => "dns_queries_by_action_total", "action=\"dropped_malformed\"";
     /// DNS queries answered FORMERR.
-    dns_formerr,
+    dns_formerr => "dns_queries_by_action_total", "action=\"formerr\"";
     /// DNS queries answered NOTIMP (opcode other than QUERY).
-    dns_notimp,
+    dns_notimp => "dns_queries_by_action_total", "action=\"notimp\"";
     /// DNS queries answered from an `answer` rule or hosts file.
-    dns_answered_local,
+    dns_answered_local => "dns_queries_by_action_total", "action=\"answer\"";
     /// DNS queries answered by a `block` rule.
-    dns_blocked,
+    dns_blocked => "dns_queries_by_action_total", "action=\"block\"";
     /// DNS answers served from the cache.
-    dns_cache_hits,
-    /// DNS queries not in the cache.
-    dns_cache_misses,
+    dns_cache_hits => "dns_queries_by_action_total", "action=\"cache\"";
+    /// DNS queries not in the cache (then forwarded, or dropped on overload).
+    dns_cache_misses => "dns_cache_misses_total";
     /// DNS queries sent to an upstream group.
-    dns_forwarded,
+    dns_forwarded => "dns_queries_by_action_total", "action=\"forward\"";
     /// DNS queries answered SERVFAIL because no upstream answered.
-    dns_servfail,
+    dns_servfail => "dns_upstream_failures_total";
     /// DNS answers truncated (TC=1) to fit the client's UDP size.
-    dns_truncated,
-    /// Hijacked DNS queries whose forwarding was refused: too many pending.
-    dns_dropped_overload,
+    dns_truncated => "dns_truncated_total";
+    /// DNS queries dropped because too many were already pending.
+    dns_dropped_overload => "drops_total", "reason=\"dns_overload\"";
+    /// Configuration reloads applied.
+    reloads => "reloads_total";
+    /// Configuration reloads refused (the old configuration kept running).
+    reload_failures => "reload_failures_total";
+}
+
+/// Upper bounds of the latency buckets, in microseconds.
+pub const LATENCY_BUCKETS_US: [u64; 12] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000,
+];
+
+/// A fixed-bucket latency histogram (Prometheus style, cumulative on export).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [Counter; LATENCY_BUCKETS_US.len()],
+    count: Counter,
+    sum_us: Counter,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        if let Some(i) = LATENCY_BUCKETS_US.iter().position(|&b| us <= b) {
+            self.buckets[i].inc();
+        }
+        self.count.inc();
+        self.sum_us.add(us);
+    }
+
+    /// `(upper bound in µs, cumulative count)` per bucket, then the total
+    /// count and the sum in µs.
+    pub fn read(&self) -> (Vec<(u64, u64)>, u64, u64) {
+        let mut running = 0;
+        let buckets = LATENCY_BUCKETS_US
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&b, c)| {
+                running += c.get();
+                (b, running)
+            })
+            .collect();
+        (buckets, self.count.get(), self.sum_us.get())
+    }
+}
+
+/// The RCODEs worth a series of their own; everything else is "other".
+pub const RCODE_NAMES: [&str; 7] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "OTHER",
+];
+
+/// DNS responses by RCODE.
+#[derive(Debug, Default)]
+pub struct RcodeCounters([Counter; RCODE_NAMES.len()]);
+
+impl RcodeCounters {
+    /// Counts a response with numeric RCODE `code`.
+    pub fn record(&self, code: u16) {
+        let i = usize::from(code).min(RCODE_NAMES.len() - 1);
+        self.0[i].inc();
+    }
+
+    pub fn read(&self) -> Vec<(&'static str, u64)> {
+        RCODE_NAMES
+            .iter()
+            .zip(&self.0)
+            .map(|(n, c)| (*n, c.get()))
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Stats;
+    use super::*;
 
     #[test]
     fn snapshot_lists_counters_in_order() {
@@ -128,5 +225,38 @@ mod tests {
             snap.iter()
                 .any(|(n, v)| *n == "sessions_evicted" && *v == 0)
         );
+        let series = s.series();
+        assert_eq!(
+            (series[0].metric, series[0].labels),
+            ("datagrams_total", "direction=\"from_client\"")
+        );
+        assert_eq!(series[6].labels, "");
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(10));
+        let (buckets, count, sum) = h.read();
+        assert_eq!(buckets[0], (500, 1));
+        assert_eq!(buckets[3], (5_000, 2));
+        assert_eq!(buckets.last().unwrap().1, 2, "10 s is only in +Inf");
+        assert_eq!(count, 3);
+        assert_eq!(sum, 300 + 3_000 + 10_000_000);
+    }
+
+    #[test]
+    fn rcodes() {
+        let r = RcodeCounters::default();
+        r.record(0);
+        r.record(3);
+        r.record(3);
+        r.record(16);
+        let v = r.read();
+        assert_eq!(v[0], ("NOERROR", 1));
+        assert_eq!(v[3], ("NXDOMAIN", 2));
+        assert_eq!(v[6], ("OTHER", 1));
     }
 }

@@ -130,3 +130,109 @@ fn check_rejects_dns_rules_that_cannot_work() {
         assert!(stderr.contains(needle), "{stderr}");
     }
 }
+
+const EXPLAIN_CONFIG: &str = r#"mark = 255
+
+[relay]
+listen = ["0.0.0.0:15353"]
+
+[[relay.rules]]
+clients = ["192.0.2.32/28"]
+action = "direct"
+nat = "full-cone"
+idle_timeout = "5m"
+
+[[relay.rules]]
+ports = ["27000-27100"]
+action = "interface"
+interface = "wg0"
+
+[dns]
+[dns.upstreams.default]
+servers = ["198.51.100.53", "tls://198.51.100.54"]
+tls_name = "dns.example"
+
+[[dns.rules]]
+domains = ["printer.lan"]
+action = "answer"
+a = ["192.0.2.50"]
+
+[[dns.rules]]
+clients = ["192.0.2.64/26"]
+lists = ["LIST"]
+action = "block"
+"#;
+
+fn explain(args: &[&str]) -> String {
+    let list = write_config("explain-list.txt", "||games.example^\nads.example\n");
+    let cfg = write_config(
+        "explain.toml",
+        &EXPLAIN_CONFIG.replace("LIST", list.to_str().unwrap()),
+    );
+    let mut all = vec!["explain", "--config", cfg.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = tproxyd(&all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).replace(cfg.to_str().unwrap(), "CFG")
+}
+
+#[test]
+fn explain_says_which_dns_rule_decides_and_what_the_answer_is() {
+    let blocked = explain(&[
+        "--client",
+        "192.0.2.70",
+        "--query",
+        "www.games.example",
+        "A",
+    ]);
+    assert!(
+        blocked.contains("rule 2 (CFG:27) matches: block"),
+        "{blocked}"
+    );
+    assert!(blocked.contains("→ NXDOMAIN, no records"), "{blocked}");
+
+    let adult = explain(&["--client", "192.0.2.10", "--query", "www.games.example"]);
+    assert!(adult.contains("no rule matches"), "{adult}");
+    assert!(adult.contains("forwarded to upstream group \"default\" (udp://198.51.100.53:53, tls://198.51.100.54:853)"), "{adult}");
+
+    let printer = explain(&["--query", "printer.lan", "AAAA"]);
+    assert!(
+        printer.contains("rule 1 (CFG:22) matches: answer"),
+        "{printer}"
+    );
+    assert!(printer.contains("→ NOERROR, no records"), "{printer}");
+    let printer_a = explain(&["--query", "printer.lan"]);
+    assert!(
+        printer_a.contains("printer.lan. 300 A 192.0.2.50"),
+        "{printer_a}"
+    );
+}
+
+#[test]
+fn explain_says_which_flow_rule_decides_and_where_the_flow_goes() {
+    let console = explain(&["--client", "192.0.2.33:5000", "--dst", "198.51.100.7:27015"]);
+    assert!(console.contains("rule 1 (CFG:6) matches"), "{console}");
+    assert!(console.contains("NAT full-cone"), "{console}");
+    assert!(console.contains("idle timeout 300s"), "{console}");
+
+    let game = explain(&["--client", "192.0.2.10", "--dst", "198.51.100.7:27015"]);
+    assert!(game.contains("rule 2 (CFG:12) matches"), "{game}");
+    assert!(game.contains("through interface wg0"), "{game}");
+
+    let other = explain(&["--dst", "198.51.100.7:443"]);
+    assert!(
+        other.contains("no rule matches: the defaults apply"),
+        "{other}"
+    );
+    assert!(
+        other.contains("direct to the original destination"),
+        "{other}"
+    );
+
+    let dns = explain(&["--dst", "8.8.8.8:53"]);
+    assert!(dns.contains("answered by the DNS engine"), "{dns}");
+}

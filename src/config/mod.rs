@@ -8,17 +8,18 @@
 pub mod dns;
 mod duration;
 mod error;
+pub mod ops;
 pub mod udp;
 
 pub use dns::DnsConfig;
-pub use error::ConfigError;
+pub use error::{ConfigError, line_col};
 pub use udp::{NatMode, UdpRuleConfig};
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
 
@@ -40,6 +41,19 @@ pub struct Config {
     /// The DNS engine; absent means diverted DNS is relayed like any UDP.
     #[serde(default, rename = "dns")]
     dns_section: Option<Spanned<DnsConfig>>,
+    /// Prometheus metrics on a loopback address; off when absent.
+    #[serde(default)]
+    pub admin: Option<ops::AdminConfig>,
+    /// Install and remove the redirect rules at start and exit.
+    #[serde(default)]
+    pub auto_rules: Option<Spanned<ops::AutoRulesConfig>>,
+    /// After start-up, run as this user, keeping only CAP_NET_ADMIN and
+    /// CAP_NET_RAW.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Write the daemon's process id here (`tproxyd reload` reads it).
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
 }
 
 /// The transparent UDP relay: where it listens and how it keeps flows.
@@ -126,6 +140,10 @@ impl Config {
             &config.relay.listen.0,
         )
         .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;
+        if let Some(auto) = &config.auto_rules {
+            ops::validate_auto_rules(auto.get_ref(), config.mark.0, &config.relay.listen.0)
+                .map_err(|reason| ConfigError::at(path, text, Some(auto.span()), reason))?;
+        }
         if let Some(dns) = &config.dns_section {
             dns::validate(dns.get_ref(), dns.span())
                 .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;

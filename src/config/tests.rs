@@ -172,3 +172,25 @@ fn relay_rule_mistakes_point_at_the_rule() {
     let e = error("[[relay.rules]]\nports = [\"100-1\"]\naction = \"drop\"\n");
     assert!(e.starts_with("t.toml:2:"), "{e}");
 }
+
+#[test]
+fn admin_endpoint_is_loopback_only() {
+    let c = parse("[admin]\nlisten = \"127.0.0.1:9153\"\n").unwrap();
+    assert_eq!(c.admin.unwrap().listen.0.port(), 9153);
+    let e = error("[admin]\nlisten = \"0.0.0.0:9153\"\n");
+    assert!(
+        e.starts_with("t.toml:2:10: ") && e.contains("not a loopback address"),
+        "{e}"
+    );
+}
+
+#[test]
+fn auto_rules_are_checked_against_the_rest() {
+    assert!(parse("[auto_rules]\nlan_interfaces = [\"br-lan\"]\n").is_ok());
+    let e = error("[auto_rules]\n");
+    assert!(e.contains("captures nothing"), "{e}");
+    let e = error("mark = 3\n[auto_rules]\nlocal = true\nfwmark = 7\n");
+    assert!(e.contains("must not carry all bits of mark"), "{e}");
+    let e = error("[relay]\nlisten = [\"0.0.0.0:1\", \"[::]:2\"]\n[auto_rules]\nlocal = true\n");
+    assert!(e.contains("same port"), "{e}");
+}

@@ -60,8 +60,17 @@ pub struct Pending {
     transport: Transport,
 }
 
+impl Pending {
+    /// The upstream group (index into [`DnsEngine::groups`]) it goes to.
+    pub fn group(&self) -> usize {
+        self.group
+    }
+}
+
 #[derive(Debug)]
 pub struct DnsEngine {
+    /// Original destination ports whose datagrams this engine answers.
+    ports: Vec<u16>,
     rules: RuleSet,
     groups: Vec<UpstreamGroup>,
     default_group: Option<usize>,
@@ -91,6 +100,7 @@ impl DnsEngine {
         let rules = RuleSet::build(config, index)?;
         let default_group = index(config.upstream.get_ref());
         Ok(DnsEngine {
+            ports: config.ports.clone(),
             rules,
             groups,
             default_group,
@@ -101,8 +111,18 @@ impl DnsEngine {
         })
     }
 
+    /// Whether diverted datagrams to original port `port` are DNS for us.
+    pub fn hijacks(&self, port: u16) -> bool {
+        self.ports.contains(&port)
+    }
+
     pub fn rules(&self) -> &RuleSet {
         &self.rules
+    }
+
+    /// Answers held in the cache.
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
     }
 
     pub fn groups(&self) -> &[UpstreamGroup] {
@@ -188,10 +208,14 @@ impl DnsEngine {
         } = pending;
         let deadline = tokio::time::Instant::now() + self.timeout;
         self.stats.dns_forwarded.inc();
+        let started = tokio::time::Instant::now();
         let upstream = match self.groups.get(group) {
             Some(g) => g.resolve(&request.query, deadline).await,
             None => Err(UpstreamError::NoAnswer),
         };
+        if upstream.is_ok() {
+            self.stats.dns_upstream_latency.observe(started.elapsed());
+        }
         let msg = match upstream {
             Ok(answer) => {
                 self.cache.insert(cache_key(&request, group), &answer);
@@ -245,6 +269,9 @@ impl DnsEngine {
                 if truncated {
                     self.stats.dns_truncated.inc();
                 }
+                self.stats
+                    .dns_rcodes
+                    .record(u16::from(msg.metadata.response_code));
                 Outcome::Reply(bytes)
             }
             None => Outcome::Drop,

@@ -1,6 +1,7 @@
 //! Where DNS queries arrive, and the limits that keep a flood of them from
 //! exhausting the daemon.
 
+use arc_swap::ArcSwap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,30 +23,39 @@ const MAX_TCP_CONNECTIONS: usize = 512;
 /// A TCP client idle this long is disconnected (RFC 7766 suggests seconds).
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
-/// The engine plus the ports it hijacks and its concurrency limits.
+/// The engine (swapped whole on reload) and the limits that outlive it.
 #[derive(Debug)]
 pub struct DnsService {
-    pub engine: Arc<DnsEngine>,
-    ports: Vec<u16>,
+    engine: ArcSwap<DnsEngine>,
     pending: Arc<Semaphore>,
     tcp_connections: Arc<Semaphore>,
     stats: Arc<Stats>,
 }
 
 impl DnsService {
-    pub fn new(engine: Arc<DnsEngine>, ports: Vec<u16>, stats: Arc<Stats>) -> Self {
+    pub fn new(engine: DnsEngine, stats: Arc<Stats>) -> Self {
         DnsService {
-            engine,
-            ports,
+            engine: ArcSwap::from_pointee(engine),
             pending: Arc::new(Semaphore::new(MAX_PENDING)),
             tcp_connections: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
             stats,
         }
     }
 
+    /// The engine in force now.
+    pub fn engine(&self) -> Arc<DnsEngine> {
+        self.engine.load_full()
+    }
+
+    /// Puts a new engine in force; queries already being answered finish
+    /// with the old one.
+    pub fn replace_engine(&self, engine: DnsEngine) {
+        self.engine.store(Arc::new(engine));
+    }
+
     /// Whether datagrams diverted to original port `port` are DNS for us.
     pub fn hijacks(&self, port: u16) -> bool {
-        self.ports.contains(&port)
+        self.engine.load().hijacks(port)
     }
 
     /// A permit to forward one more query, or `None` when too many wait.
@@ -60,27 +70,30 @@ impl DnsService {
     /// Answers a UDP query, spawning the upstream wait if there is one;
     /// `send` delivers the answer (now or later).
     pub fn answer_udp(
-        self: &Arc<Self>,
+        &self,
         bytes: &[u8],
         client: SocketAddr,
         send: impl FnOnce(&[u8]) + Send + 'static,
     ) {
-        match self.engine.answer_now(bytes, client.ip(), Transport::Udp) {
+        let engine = self.engine.load_full();
+        match engine.answer_now(bytes, client.ip(), Transport::Udp) {
             Outcome::Reply(reply) => send(&reply),
             Outcome::Drop => {}
-            Outcome::Forward(pending) => self.spawn_forward(pending, send),
+            // The same engine must finish the query: its upstream group
+            // numbers mean nothing to another one.
+            Outcome::Forward(pending) => self.spawn_forward(engine, pending, send),
         }
     }
 
     fn spawn_forward(
-        self: &Arc<Self>,
+        &self,
+        engine: Arc<DnsEngine>,
         pending: Pending,
         send: impl FnOnce(&[u8]) + Send + 'static,
     ) {
         let Some(permit) = self.forward_permit() else {
             return;
         };
-        let engine = self.engine.clone();
         tokio::spawn(async move {
             if let Some(reply) = engine.forward(pending).await {
                 send(&reply);
@@ -183,7 +196,7 @@ async fn serve_connection(
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "query body"))??;
         service.stats.dns_tcp_queries.inc();
         let Some(reply) = service
-            .engine
+            .engine()
             .answer(query, client.ip(), Transport::Tcp)
             .await
         else {

@@ -71,7 +71,8 @@ fn handle(ctx: &Arc<RelayContext>, local: SocketAddr, meta: DatagramMeta, payloa
         hijack_dns(ctx, dns, meta.peer, dst, payload);
         return;
     }
-    let rule = ctx.rules.route(meta.peer, dst);
+    let rules = ctx.rules.load();
+    let rule = rules.route(meta.peer, dst);
     if rule.route == Route::Drop {
         ctx.stats.drop_by_rule.inc();
         return;

@@ -22,6 +22,7 @@ pub mod session;
 pub mod socks5;
 pub mod table;
 
+use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -54,7 +55,8 @@ pub enum Target {
 #[derive(Debug)]
 pub struct RelayContext {
     pub mark: u32,
-    pub rules: UdpRules,
+    /// Swapped whole on reload; flows keep the route they were opened with.
+    pub rules: ArcSwap<UdpRules>,
     pub table: SessionTable,
     pub replies: ReplySender,
     pub clock: Clock,
@@ -72,7 +74,7 @@ impl RelayContext {
     ) -> Self {
         RelayContext {
             mark,
-            rules: UdpRules::new(config, mark),
+            rules: ArcSwap::from_pointee(UdpRules::new(config, mark)),
             table: SessionTable::new(config.session_capacity),
             replies: ReplySender::new(config.reply_sockets, mark, stats.clone()),
             clock: Clock::new(),

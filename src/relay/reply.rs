@@ -9,7 +9,8 @@
 //! descriptor per packet or per flow on them.
 //!
 //! When the bind fails with `EADDRINUSE` (a local process holds the
-//! wildcard on that port), replies for that address go out over raw IP.
+//! wildcard on that port) or `EACCES` (a privileged port, after dropping
+//! root), replies for that address go out over raw IP.
 
 use lru::LruCache;
 use std::io;
@@ -84,8 +85,16 @@ impl ReplySender {
         // replies should not wait on them.
         let sock = match sockets::spoofing_reply(src, self.mark) {
             Ok(s) => ReplySocket::Bound(s),
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-                tracing::debug!(%src, "port held by a local socket; replying over raw IP");
+            // EADDRINUSE: a local process holds the wildcard on that port.
+            // EACCES: a port below 1024 and no CAP_NET_BIND_SERVICE (tproxyd
+            // keeps only NET_ADMIN and NET_RAW after dropping root).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                tracing::debug!(%src, error = %e, "cannot bind the reply address; replying over raw IP");
                 self.stats.reply_raw_fallbacks.inc();
                 ReplySocket::Raw {
                     src,
@@ -130,6 +139,11 @@ impl ReplySender {
                 tracing::debug!(%src, error = %e, "no reply socket");
             }
         }
+    }
+
+    /// Changes how many reply sockets are cached.
+    pub fn resize(&self, capacity: NonZeroUsize) {
+        self.lock().resize(capacity);
     }
 
     /// Reply sockets currently cached.

@@ -26,6 +26,33 @@ pub enum Route {
     Drop,
 }
 
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Direct => f.write_str("direct to the original destination"),
+            Route::Redirect(to) => write!(
+                f,
+                "redirect to {to} (replies still from the original destination)"
+            ),
+            Route::Interface { device, mark } => {
+                f.write_str("direct")?;
+                if let Some(d) = device {
+                    write!(f, " through interface {d}")?;
+                }
+                write!(f, " with socket mark {mark:#x}")
+            }
+            Route::Socks5(s) => {
+                write!(f, "through SOCKS5 server {}", s.addr)?;
+                if let Some((user, _)) = &s.auth {
+                    write!(f, " as user {user:?}")?;
+                }
+                Ok(())
+            }
+            Route::Drop => f.write_str("drop"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct UdpRule {
     /// Position in the config from 1; 0 for the built-in "direct" default.

@@ -97,6 +97,22 @@ impl SessionTable {
         self.len() == 0
     }
 
+    /// Changes the capacity; when it shrinks, the least recently used flows
+    /// beyond it end. Returns how many ended.
+    pub fn resize(&self, capacity: NonZeroUsize) -> usize {
+        let mut ended = Vec::new();
+        {
+            let mut table = self.lock();
+            while table.len() > capacity.get() {
+                if let Some((_, e)) = table.pop_lru() {
+                    ended.push(e);
+                }
+            }
+            table.resize(capacity);
+        }
+        ended.len()
+    }
+
     /// Ends every session; returns how many there were.
     pub fn clear(&self) -> usize {
         let drained: Vec<Entry> = {

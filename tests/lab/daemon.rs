@@ -32,10 +32,33 @@ impl Stopped {
 
 impl Daemon {
     pub fn start(ns: &Netns, config: &Path, log: &Path, startup: Duration) -> Daemon {
+        Daemon::start_wrapped(ns, &[], config, log, startup)
+    }
+
+    /// Starts tproxyd behind `wrapper` (e.g. `setpriv ...` to run it the way
+    /// a service manager would).
+    pub fn start_wrapped(
+        ns: &Netns,
+        wrapper: &[&str],
+        config: &Path,
+        log: &Path,
+        startup: Duration,
+    ) -> Daemon {
         let out = std::fs::File::create(log).expect("daemon log");
         let err = out.try_clone().expect("daemon log");
+        let (program, args): (&str, Vec<&str>) = match wrapper.split_first() {
+            Some((p, rest)) => (
+                p,
+                rest.iter()
+                    .copied()
+                    .chain([env!("CARGO_BIN_EXE_tproxyd")])
+                    .collect(),
+            ),
+            None => (env!("CARGO_BIN_EXE_tproxyd"), Vec::new()),
+        };
         let child = ns
-            .command(env!("CARGO_BIN_EXE_tproxyd"))
+            .command(program)
+            .args(args)
             .arg("--config")
             .arg(config)
             .env(

@@ -289,13 +289,40 @@ impl Lab {
         self.start_tproxyd_within(config, Duration::from_secs(10))
     }
 
-    /// Like [`Lab::start_tproxyd`], allowing `startup` for loading lists.
-    pub fn start_tproxyd_within(&self, config: &str, startup: Duration) -> Daemon {
+    /// Like [`Lab::start_tproxyd`], behind `wrapper` (see [`Daemon::start_wrapped`]).
+    pub fn start_tproxyd_wrapped(&self, wrapper: &[&str], config: &str) -> Daemon {
+        let (config_path, log) = self.daemon_files(config);
+        Daemon::start_wrapped(
+            &self.gateway,
+            wrapper,
+            &config_path,
+            &log,
+            Duration::from_secs(10),
+        )
+    }
+
+    /// A config file with `config` and a log file for the next daemon.
+    fn daemon_files(&self, config: &str) -> (PathBuf, PathBuf) {
         let n = self.daemons.lock().unwrap().len();
         let config_path = self.path(&format!("tproxyd{n}.toml"));
         std::fs::write(&config_path, config).expect("write config");
         let log = self.path(&format!("tproxyd{n}.log"));
         self.daemons.lock().unwrap().push(log.clone());
+        (config_path, log)
+    }
+
+    /// Runs a one-shot `tproxyd ARGS` in the gateway namespace.
+    pub fn tproxyd_command(&self, args: &[&str]) -> Output {
+        self.gateway
+            .command(env!("CARGO_BIN_EXE_tproxyd"))
+            .args(args)
+            .output()
+            .expect("running tproxyd")
+    }
+
+    /// Like [`Lab::start_tproxyd`], allowing `startup` for loading lists.
+    pub fn start_tproxyd_within(&self, config: &str, startup: Duration) -> Daemon {
+        let (config_path, log) = self.daemon_files(config);
         Daemon::start(&self.gateway, &config_path, &log, startup)
     }
 }

@@ -1,0 +1,125 @@
+//! The admin endpoint: Prometheus metrics over plain HTTP on loopback.
+//!
+//! One GET per connection, answered and closed: this serves a scraper every
+//! few seconds, so a full HTTP stack would be weight without use.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::dns::DnsService;
+use crate::metrics::{self, Gauge};
+use crate::relay::RelayContext;
+use crate::shutdown::Shutdown;
+
+const MAX_REQUEST: usize = 8 * 1024;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the metrics are read from.
+#[derive(Clone)]
+pub struct Sources {
+    pub relay: Arc<RelayContext>,
+    pub dns: Option<Arc<DnsService>>,
+}
+
+impl Sources {
+    fn gauges(&self) -> Vec<Gauge> {
+        let mut g = vec![
+            (
+                "sessions_active",
+                "Flows in the session table.",
+                self.relay.table.len() as u64,
+            ),
+            (
+                "reply_sockets",
+                "Spoofing reply sockets held open.",
+                self.relay.replies.cached() as u64,
+            ),
+        ];
+        if let Some(dns) = &self.dns {
+            g.push((
+                "dns_cache_entries",
+                "Answers in the DNS cache.",
+                dns.engine().cache_len() as u64,
+            ));
+        }
+        g
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    sources: Sources,
+    mut shutdown: Shutdown,
+) -> io::Result<()> {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.recv() => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let sources = sources.clone();
+        tokio::spawn(async move {
+            if let Err(e) = respond(stream, &sources).await {
+                tracing::debug!(%peer, error = %e, "admin request failed");
+            }
+        });
+    }
+}
+
+async fn respond(mut stream: TcpStream, sources: &Sources) -> io::Result<()> {
+    let mut request = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut chunk))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request"))??;
+        if n == 0 || request.len() + n > MAX_REQUEST {
+            return Ok(());
+        }
+        request.extend_from_slice(&chunk[..n]);
+    }
+    let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let (status, content_type, body) = match (method, path) {
+        (b"GET", b"/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics::render(&sources.relay.stats, &sources.gauges()),
+        ),
+        (b"GET", b"/") => (
+            "200 OK",
+            "text/plain; charset=utf-8",
+            "tproxyd: see /metrics\n".to_string(),
+        ),
+        (b"GET", _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "not found\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "GET only\n".to_string(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,183 @@
+//! `tproxyd explain`: which rule decides a query or a flow, and what would
+//! happen, without touching the network.
+//!
+//! The answer comes from the same code the daemon runs: DNS questions are
+//! put to a real [`DnsEngine`] (built from the config, lists loaded) and
+//! the response it would send is described; flows go through the same
+//! [`UdpRules`]. This is how a user finds out why a name is blocked.
+
+use hickory_proto::op::{Edns, Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+use std::fmt::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::config::{Config, NatMode, line_col};
+use crate::dns::engine::DnsBuildError;
+use crate::dns::names::query_key;
+use crate::dns::{DnsEngine, Outcome, Transport};
+use crate::relay::rules::UdpRules;
+use crate::stats::{RCODE_NAMES, Stats};
+
+/// What to explain.
+#[derive(Debug, Clone)]
+pub enum Question {
+    /// A DNS query for `name` of type `qtype` from `client`.
+    Query {
+        client: IpAddr,
+        name: String,
+        qtype: RecordType,
+    },
+    /// A UDP flow from `client` to `dst`.
+    Flow { client: SocketAddr, dst: SocketAddr },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("{0:?} is not a domain name")]
+    BadName(String),
+    #[error(transparent)]
+    Dns(#[from] DnsBuildError),
+}
+
+/// Explains `question` under `config` (read from `path`, whose text gives
+/// the rules' line numbers).
+pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<String, ExplainError> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let at = |offset: usize| format!("{}:{}", path.display(), line_col(&text, offset).0);
+    let mut out = String::new();
+    match question {
+        Question::Query {
+            client,
+            name,
+            qtype,
+        } => {
+            let _ = writeln!(out, "query {name} {qtype} from {client}");
+            let Some(dns) = config.dns() else {
+                let _ = writeln!(
+                    out,
+                    "  no [dns] section: diverted DNS is relayed like any other UDP"
+                );
+                return Ok(out);
+            };
+            let engine = DnsEngine::build(dns, config.mark.0, Arc::new(Stats::default()))?;
+            let qname = Name::from_str(name)
+                .map_err(|_| ExplainError::BadName(name.clone()))?
+                .append_domain(&Name::root())
+                .map_err(|_| ExplainError::BadName(name.clone()))?;
+            match engine
+                .rules()
+                .first_match(*client, &query_key(&qname), *qtype)
+            {
+                Some(rule) => {
+                    let span = dns.rules.get(rule.number - 1).map_or(0, |r| r.span().start);
+                    let _ = writeln!(
+                        out,
+                        "  rule {} ({}) matches: {}",
+                        rule.number,
+                        at(span),
+                        rule.action.kind()
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "  no rule matches: the default upstream group {:?}",
+                        dns.upstream.get_ref()
+                    );
+                }
+            }
+            let mut q = Message::query();
+            q.metadata.recursion_desired = true;
+            q.add_query(Query::query(qname, *qtype));
+            q.set_edns(Edns::new());
+            let bytes = q.to_vec().unwrap_or_default();
+            match engine.answer_now(&bytes, *client, Transport::Udp) {
+                Outcome::Reply(reply) => describe_reply(&mut out, &reply),
+                Outcome::Forward(pending) => {
+                    if let Some(g) = engine.groups().get(pending.group()) {
+                        let _ = writeln!(
+                            out,
+                            "  → forwarded to upstream group {:?} ({}), then cached for its TTL",
+                            g.name,
+                            g.server_labels().join(", ")
+                        );
+                    }
+                }
+                Outcome::Drop => {
+                    let _ = writeln!(out, "  → dropped");
+                }
+            }
+        }
+        Question::Flow { client, dst } => {
+            let _ = writeln!(out, "flow {client} → {dst} (UDP)");
+            if let Some(dns) = config.dns().filter(|d| d.ports.contains(&dst.port())) {
+                let _ = writeln!(
+                    out,
+                    "  port {} is in dns.ports {:?}: answered by the DNS engine, not relayed (explain it with --query)",
+                    dst.port(),
+                    dns.ports
+                );
+                return Ok(out);
+            }
+            let rules = UdpRules::new(&config.relay, config.mark.0);
+            let rule = rules.route(*client, *dst);
+            if rule.number == 0 {
+                let _ = writeln!(out, "  no rule matches: the defaults apply");
+            } else {
+                let span = config
+                    .relay
+                    .rules
+                    .get(rule.number - 1)
+                    .map_or(0, |r| r.span().start);
+                let _ = writeln!(out, "  rule {} ({}) matches", rule.number, at(span));
+            }
+            let _ = writeln!(out, "  → {}", rule.route);
+            if rule.route != crate::relay::rules::Route::Drop {
+                let nat = match rule.nat {
+                    NatMode::Symmetric => {
+                        "symmetric (one mapping per destination; only it may answer)"
+                    }
+                    NatMode::FullCone => {
+                        "full-cone (one mapping per client endpoint; any remote may answer)"
+                    }
+                };
+                let _ = writeln!(out, "  → NAT {nat}, idle timeout {:?}", rule.idle_timeout);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn describe_reply(out: &mut String, reply: &[u8]) {
+    let Ok(m) = Message::from_vec(reply) else {
+        let _ = writeln!(out, "  → (unparseable reply)");
+        return;
+    };
+    let code = u16::from(m.metadata.response_code);
+    match RCODE_NAMES.get(usize::from(code)).filter(|_| code < 6) {
+        Some(name) => {
+            let _ = write!(out, "  → {name}");
+        }
+        None => {
+            let _ = write!(out, "  → RCODE {code}");
+        }
+    }
+    if m.answers.is_empty() {
+        let _ = writeln!(out, ", no records");
+    } else {
+        let _ = writeln!(out);
+        for r in &m.answers {
+            let _ = writeln!(
+                out,
+                "      {} {} {} {}",
+                r.name,
+                r.ttl,
+                r.record_type(),
+                r.data
+            );
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Finding the running daemon, for `tproxyd reload`.
+//!
+//! With `pid_file` set, the daemon writes its pid there. Without it, the
+//! daemon is found by scanning `/proc` for a `tproxyd` started with the
+//! same config file, which is what a user running `tproxyd reload --config
+//! FILE` means.
+
+use nix::unistd::Pid;
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FindError {
+    #[error("pid file {}: {source}", path.display())]
+    PidFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pid file {} does not hold a process id", .0.display())]
+    BadPidFile(PathBuf),
+    #[error("no running tproxyd uses {}", .0.display())]
+    NotRunning(PathBuf),
+    #[error("several tproxyd use {}: {pids:?}; set pid_file to tell them apart", path.display())]
+    Ambiguous { path: PathBuf, pids: Vec<i32> },
+}
+
+/// The daemon's pid file; removed when dropped.
+#[derive(Debug)]
+pub struct PidFile(PathBuf);
+
+impl PidFile {
+    pub fn create(path: &Path) -> io::Result<PidFile> {
+        std::fs::write(path, format!("{}\n", std::process::id()))?;
+        Ok(PidFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The pid of the daemon running `config_path`.
+pub fn find(pid_file: Option<&Path>, config_path: &Path) -> Result<Pid, FindError> {
+    if let Some(path) = pid_file {
+        let text = std::fs::read_to_string(path).map_err(|source| FindError::PidFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let pid: i32 = text
+            .trim()
+            .parse()
+            .map_err(|_| FindError::BadPidFile(path.to_path_buf()))?;
+        return Ok(Pid::from_raw(pid));
+    }
+    let wanted = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
+    let me = std::process::id() as i32;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid != me && runs_daemon_with(pid, &wanted) {
+            found.push(pid);
+        }
+    }
+    match found.as_slice() {
+        [] => Err(FindError::NotRunning(wanted)),
+        [pid] => Ok(Pid::from_raw(*pid)),
+        _ => Err(FindError::Ambiguous {
+            path: wanted,
+            pids: found,
+        }),
+    }
+}
+
+/// Whether process `pid` is a tproxyd daemon (not a one-shot subcommand)
+/// using config file `wanted`.
+fn runs_daemon_with(pid: i32, wanted: &Path) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&str> = raw
+        .split(|&b| b == 0)
+        .filter_map(|a| std::str::from_utf8(a).ok())
+        .collect();
+    let is_tproxyd = args
+        .first()
+        .is_some_and(|a| Path::new(a).file_name().is_some_and(|n| n == "tproxyd"));
+    let one_shot = args
+        .iter()
+        .any(|a| matches!(*a, "check" | "reload" | "explain" | "doctor"));
+    if !is_tproxyd || one_shot {
+        return false;
+    }
+    let config = args
+        .windows(2)
+        .find(|w| w[0] == "--config" || w[0] == "-c")
+        .map(|w| w[1].to_string())
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("--config=").map(String::from))
+        });
+    let Some(config) = config else {
+        return false;
+    };
+    // A relative path is relative to the daemon's working directory.
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+    let path = cwd.join(config);
+    std::fs::canonicalize(&path).unwrap_or(path) == wanted
+}

@@ -1,0 +1,134 @@
+//! Hot reload (SIGHUP): re-read the config and every file it names, then
+//! swap the rules in one step.
+//!
+//! Everything is built *before* anything is swapped, off the async threads
+//! (a million-line block list takes a moment): a config that fails to load
+//! changes nothing, and the daemon keeps running the old one. Live flows
+//! keep the route they were opened with; new flows and queries see the new
+//! rules. Settings bound to sockets (listen addresses, the mark, the DNS
+//! listeners) need a restart, and a reload that changes them says so.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::{Config, ConfigError};
+use crate::dns::engine::DnsBuildError;
+use crate::dns::{DnsEngine, DnsService};
+use crate::relay::RelayContext;
+use crate::relay::rules::UdpRules;
+use crate::stats::Stats;
+
+/// Sets the log filter (`"info"`, `"tproxyd=debug"`).
+pub type LogFilterHandle = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("DNS: {0}")]
+    Dns(#[from] DnsBuildError),
+    #[error("DNS: the engine could not be built: {0}")]
+    Build(String),
+}
+
+pub struct Reloader {
+    path: PathBuf,
+    /// The configuration the sockets were set up with.
+    started: Config,
+    relay: Arc<RelayContext>,
+    dns: Option<Arc<DnsService>>,
+    stats: Arc<Stats>,
+    log_filter: Option<LogFilterHandle>,
+}
+
+impl Reloader {
+    pub fn new(
+        path: PathBuf,
+        started: Config,
+        relay: Arc<RelayContext>,
+        dns: Option<Arc<DnsService>>,
+        stats: Arc<Stats>,
+        log_filter: Option<LogFilterHandle>,
+    ) -> Self {
+        Reloader {
+            path,
+            started,
+            relay,
+            dns,
+            stats,
+            log_filter,
+        }
+    }
+
+    /// Reloads, logging and counting the outcome.
+    pub async fn reload(&self) {
+        match self.try_reload().await {
+            Ok(()) => {
+                self.stats.reloads.inc();
+                tracing::info!(config = %self.path.display(), "configuration reloaded");
+            }
+            Err(e) => {
+                self.stats.reload_failures.inc();
+                tracing::error!("reload refused, the running configuration stays: {e}");
+            }
+        }
+    }
+
+    async fn try_reload(&self) -> Result<(), ReloadError> {
+        let path = self.path.clone();
+        let mark = self.started.mark.0;
+        let stats = self.stats.clone();
+        let (config, engine) = tokio::task::spawn_blocking(move || -> Result<_, ReloadError> {
+            let config = Config::load(&path)?;
+            let engine = match config.dns() {
+                Some(dns) => Some(DnsEngine::build(dns, mark, stats)?),
+                None => None,
+            };
+            Ok((config, engine))
+        })
+        .await
+        .map_err(|e| ReloadError::Build(e.to_string()))??;
+
+        for what in self.restart_only_changes(&config) {
+            tracing::warn!("{what} changed: restart tproxyd to apply it (the rest is reloaded)");
+        }
+        self.relay
+            .rules
+            .store(Arc::new(UdpRules::new(&config.relay, mark)));
+        let ended = self.relay.table.resize(config.relay.session_capacity);
+        if ended > 0 {
+            self.stats.sessions_evicted.add(ended as u64);
+        }
+        self.relay.replies.resize(config.relay.reply_sockets);
+        if let (Some(service), Some(engine)) = (&self.dns, engine) {
+            service.replace_engine(engine);
+        }
+        if let (Some(set), Some(level)) = (&self.log_filter, &config.log_level) {
+            if let Err(e) = set(&level.0) {
+                tracing::warn!("log_level not changed: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let old = &self.started;
+        let mut changed = Vec::new();
+        if old.relay.listen != new.relay.listen {
+            changed.push("relay.listen");
+        }
+        if old.mark != new.mark {
+            changed.push("mark");
+        }
+        match (old.dns(), new.dns()) {
+            (Some(a), Some(b)) => {
+                if a.listen != b.listen || a.tcp_listen != b.tcp_listen {
+                    changed.push("dns.listen / dns.tcp_listen");
+                }
+            }
+            (None, None) => {}
+            _ => changed.push("the [dns] section (added or removed)"),
+        }
+        changed
+    }
+}

@@ -1,0 +1,439 @@
+//! Day-two operations, end to end: hot reload, metrics, self-installed
+//! rules, the doctor, and running with dropped privileges.
+
+mod lab;
+
+use lab::dns::dig;
+use lab::udp::{Echo, exchange, socket};
+use lab::{CLIENT4, Lab, sa, server4};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+const PUBLIC: &str = "203.0.113.53";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn client4(port: u16) -> SocketAddr {
+    sa(ip(CLIENT4), port)
+}
+
+fn config(printer: &str, port_9999: &str, extra: &str) -> String {
+    format!(
+        r#"mark = 255
+{extra}
+[relay]
+listen = ["0.0.0.0:15353", "[::]:15353"]
+[[relay.rules]]
+ports = [9999]
+action = "{port_9999}"
+[dns]
+[dns.upstreams.default]
+servers = ["198.51.100.53"]
+server_timeout = "500ms"
+[[dns.rules]]
+domains = ["printer.lan"]
+action = "answer"
+a = ["{printer}"]
+"#
+    )
+}
+
+/// `GET path` from inside the gateway namespace.
+fn http_get(lab: &Lab, addr: SocketAddr, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    lab.gateway.enter(move || {
+        let mut s = TcpStream::connect(addr).expect("admin endpoint");
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+}
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+#[test]
+fn reload_swaps_rules_while_flows_keep_going_and_a_bad_config_is_refused() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let mut daemon = lab.start_tproxyd(&config("192.0.2.50", "drop", ""));
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let echo9999 = Echo::start(&lab.servers[0], sa(server4(0), 9999));
+    let flow = socket(&lab.client, client4(40000));
+    exchange(&flow, echo.addr, b"before");
+    let upstream_before = echo.last_peer();
+    assert_eq!(
+        dig(&lab.client, &format!("@{PUBLIC} printer.lan")).answer_data(),
+        ["192.0.2.50"]
+    );
+
+    // Traffic keeps flowing *during* the reload: a flow and DNS in a loop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let busy = {
+        let (stop, failures, rounds) = (stop.clone(), failures.clone(), rounds.clone());
+        let busy_flow = socket(&lab.client, client4(40001));
+        let target = echo.addr;
+        std::thread::spawn(move || {
+            busy_flow
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::Relaxed) {
+                busy_flow.send_to(b"ping", target).unwrap();
+                match busy_flow.recv_from(&mut buf) {
+                    Ok((_, from)) if from == target => {}
+                    _ => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                rounds.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+
+    std::fs::write(&daemon.config, config("192.0.2.51", "direct", "")).unwrap();
+    let out = lab.tproxyd_command(&["reload", "--config", daemon.config.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    daemon.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    busy.join().unwrap();
+    assert!(rounds.load(Ordering::Relaxed) > 20);
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "datagrams were lost during the reload"
+    );
+
+    // After: new rules answer, the old flow kept its upstream socket.
+    assert_eq!(
+        dig(&lab.client, &format!("@{PUBLIC} printer.lan")).answer_data(),
+        ["192.0.2.51"]
+    );
+    exchange(&flow, echo.addr, b"after");
+    assert_eq!(
+        echo.last_peer(),
+        upstream_before,
+        "a live flow must survive a reload"
+    );
+    exchange(&flow, echo9999.addr, b"now allowed");
+
+    // A broken config is refused by `tproxyd reload` itself...
+    std::fs::write(
+        &daemon.config,
+        "mark = 255\n[relay]\nidle_timeout = \"soon\"\n",
+    )
+    .unwrap();
+    let out = lab.tproxyd_command(&["reload", "--config", daemon.config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(":3:16: "),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ... and by the daemon when signalled directly, which keeps running
+    // the previous configuration and says where the error is.
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_for_log("reload refused", Duration::from_secs(5));
+    assert!(
+        daemon
+            .log_text()
+            .contains(&format!("{}:3:16: ", daemon.config.display())),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(
+        dig(&lab.client, &format!("@{PUBLIC} printer.lan")).answer_data(),
+        ["192.0.2.51"]
+    );
+    exchange(&flow, echo.addr, b"still");
+
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("reloads"), 1);
+    assert_eq!(stopped.counter("reload_failures"), 1);
+}
+
+#[test]
+fn metrics_endpoint_reports_what_happened() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let admin: SocketAddr = "127.0.0.1:9153".parse().unwrap();
+    let daemon = lab.start_tproxyd(&config(
+        "192.0.2.50",
+        "drop",
+        &format!("[admin]\nlisten = \"{admin}\""),
+    ));
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let flow = socket(&lab.client, client4(40000));
+    for _ in 0..3 {
+        exchange(&flow, echo.addr, b"0123456789");
+    }
+    flow.send_to(b"x", sa(server4(0), 9999)).unwrap();
+    assert_eq!(
+        dig(&lab.client, &format!("@{PUBLIC} printer.lan")).status,
+        "NOERROR"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+
+    let response = http_get(&lab, admin, "/metrics");
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(response.contains("Content-Type: text/plain; version=0.0.4"));
+    let m = response.split("\r\n\r\n").nth(1).unwrap();
+    assert_eq!(
+        metric(m, "tproxyd_datagrams_total{direction=\"to_upstream\"}"),
+        3
+    );
+    assert_eq!(
+        metric(m, "tproxyd_bytes_total{direction=\"to_upstream\"}"),
+        30
+    );
+    assert_eq!(
+        metric(m, "tproxyd_datagrams_total{direction=\"to_client\"}"),
+        4,
+        "3 echoes + 1 DNS answer"
+    );
+    assert_eq!(metric(m, "tproxyd_sessions_active"), 1);
+    assert_eq!(metric(m, "tproxyd_sessions_opened_total"), 1);
+    assert_eq!(metric(m, "tproxyd_drops_total{reason=\"rule\"}"), 1);
+    assert_eq!(
+        metric(m, "tproxyd_dns_queries_by_action_total{action=\"answer\"}"),
+        1
+    );
+    assert_eq!(
+        metric(m, "tproxyd_dns_responses_total{rcode=\"NOERROR\"}"),
+        1
+    );
+    assert!(m.contains("# TYPE tproxyd_dns_upstream_seconds histogram"));
+    assert_eq!(metric(m, "tproxyd_reloads_total"), 0);
+    assert!(http_get(&lab, admin, "/nope").starts_with("HTTP/1.1 404"));
+    // Nothing listens beyond loopback.
+    let ss = lab.gateway.sh("ss -ltnH 'sport = :9153'");
+    assert!(
+        ss.contains("127.0.0.1:9153") && ss.lines().count() == 1,
+        "{ss}"
+    );
+    drop(daemon);
+}
+
+fn auto_rules_config() -> String {
+    "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\", \"[::]:15353\"]\n[auto_rules]\nlan_interfaces = [\"lan0\"]\n"
+        .to_string()
+}
+
+fn assert_gateway_clean(lab: &Lab) {
+    let tables = lab.gateway.sh("nft list tables");
+    assert!(
+        !tables.contains("tproxyd"),
+        "nft table left behind: {tables}"
+    );
+    for fam in ["-4", "-6"] {
+        let rules = lab.gateway.sh(&format!("ip {fam} rule show"));
+        assert!(!rules.contains("fwmark"), "ip rule left behind: {rules}");
+        // (A table that was never created is reported as an error: clean too.)
+        let routes = lab.gateway.sh(&format!(
+            "ip {fam} route show table 100 2>/dev/null || true"
+        ));
+        assert!(routes.trim().is_empty(), "route left behind: {routes}");
+    }
+}
+
+#[test]
+fn auto_rules_are_installed_at_start_and_removed_at_exit_even_after_a_crash() {
+    let lab = Lab::new();
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let flow = socket(&lab.client, client4(40000));
+
+    let daemon = lab.start_tproxyd(&auto_rules_config());
+    assert!(lab.gateway.sh("nft list tables").contains("inet tproxyd"));
+    let (from, _) = exchange(&flow, echo.addr, b"via auto rules");
+    assert_eq!(from, echo.addr);
+    let stopped = daemon.stop();
+    assert!(stopped.status.success(), "{}", stopped.log);
+    assert!(stopped.log.contains("auto_rules removed"));
+    assert_gateway_clean(&lab);
+
+    // A crash (SIGKILL) leaves the rules; the next start replaces them.
+    let daemon = lab.start_tproxyd(&auto_rules_config());
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        lab.gateway.sh("nft list tables").contains("inet tproxyd"),
+        "a killed daemon cannot clean up"
+    );
+    let daemon = lab.start_tproxyd(&auto_rules_config());
+    assert_eq!(
+        lab.gateway.sh("nft list tables").matches("tproxyd").count(),
+        1
+    );
+    assert_eq!(
+        lab.gateway.sh("ip -4 rule show").matches("fwmark").count(),
+        1
+    );
+    exchange(&flow, echo.addr, b"after restart");
+    assert!(daemon.stop().status.success());
+    assert_gateway_clean(&lab);
+}
+
+fn doctor(lab: &Lab, config: &str) -> (bool, String) {
+    let path = lab.path("doctor.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = lab.tproxyd_command(&["doctor", "--config", path.to_str().unwrap()]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn doctor_finds_what_is_missing_and_says_how_to_fix_it() {
+    let lab = Lab::new();
+    let cfg = "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n";
+    let (healthy, report) = doctor(&lab, cfg);
+    assert!(!healthy, "{report}");
+    assert!(
+        report.contains("[ ok ] kernel: nftables `tproxy` and `socket` expressions are supported"),
+        "{report}"
+    );
+    assert!(report.contains("[ ok ] capabilities"), "{report}");
+    assert!(
+        report.contains("[FAIL] policy routing (IPv4): no `ip rule` for fwmark 0x1 lookup 100"),
+        "{report}"
+    );
+    assert!(
+        report.contains("fix: ip -4 rule add fwmark 1 lookup 100"),
+        "{report}"
+    );
+    assert!(
+        report.contains("[FAIL] redirect: no nftables or iptables TPROXY rule found"),
+        "{report}"
+    );
+
+    lab.install_rules("nft", "LAN_IF=lan0 FAMILIES=4");
+    let (healthy, report) = doctor(&lab, cfg);
+    assert!(healthy, "{report}");
+    assert!(!report.contains("[FAIL]"), "{report}");
+
+    // The config's mark differs from the rules' skip mark: a loop waiting to happen.
+    let (healthy, report) = doctor(&lab, &cfg.replace("mark = 255", "mark = 254"));
+    assert!(!healthy);
+    assert!(
+        report.contains("[FAIL] redirect: no rule skips tproxyd's mark 0xfe"),
+        "{report}"
+    );
+
+    // The rules send to another port than tproxyd listens on.
+    let (healthy, report) = doctor(&lab, &cfg.replace("15353", "15999"));
+    assert!(!healthy);
+    assert!(
+        report.contains("none sends to tproxyd's port 15999"),
+        "{report}"
+    );
+}
+
+/// The check for a dropped-privilege daemon: its uid and its capabilities.
+fn assert_unprivileged(pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    assert!(field("Uid:").starts_with("65534"), "uid: {}", field("Uid:"));
+    // CAP_NET_ADMIN (12) and CAP_NET_RAW (13), nothing else.
+    assert_eq!(
+        u64::from_str_radix(&field("CapEff:"), 16).unwrap(),
+        (1 << 12) | (1 << 13)
+    );
+}
+
+fn assert_relays_and_hijacks(lab: &Lab, upstream: &lab::dns::Dnsmasq) {
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let flow = socket(&lab.client, client4(40000));
+    assert_eq!(exchange(&flow, echo.addr, b"unprivileged").0, echo.addr);
+    // Port 53 replies need the raw fallback without CAP_NET_BIND_SERVICE.
+    let d = dig(&lab.client, &format!("@{PUBLIC} www.example.test"));
+    assert_eq!(d.answer_data(), ["203.0.113.80"], "{}", d.raw);
+    assert!(upstream.was_asked("www.example.test"));
+}
+
+fn privilege_lab() -> (Lab, lab::dns::Dnsmasq, String) {
+    let lab = Lab::new();
+    lab.add_server_address(0, ip("198.51.100.53"));
+    let upstream = lab.dnsmasq(
+        0,
+        ip("198.51.100.53"),
+        "example.test",
+        &["--host-record=www.example.test,203.0.113.80"],
+    );
+    let cfg = "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n[auto_rules]\nlan_interfaces = [\"lan0\"]\n\
+               [dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n"
+        .to_string();
+    (lab, upstream, cfg)
+}
+
+#[test]
+fn started_as_root_it_drops_to_the_configured_user_keeping_two_capabilities() {
+    let (lab, upstream, cfg) = privilege_lab();
+    let daemon = lab.start_tproxyd(&format!("user = \"nobody\"\n{cfg}"));
+    assert_unprivileged(daemon.pid());
+    assert_relays_and_hijacks(&lab, &upstream);
+    let stopped = daemon.stop();
+    assert!(stopped.status.success(), "{}", stopped.log);
+    assert!(stopped.counter("reply_raw_fallbacks") >= 1);
+    // Removing auto_rules at exit still worked, through the ambient capabilities.
+    assert!(
+        stopped.log.contains("auto_rules removed"),
+        "{}",
+        stopped.log
+    );
+    assert_gateway_clean(&lab);
+}
+
+#[test]
+fn runs_the_way_the_systemd_unit_starts_it() {
+    // config/tproxyd.service: an unprivileged user, AmbientCapabilities =
+    // CAP_NET_ADMIN CAP_NET_RAW, bounding set limited to the same, and
+    // NoNewPrivileges. setpriv sets up exactly that.
+    let unit = std::fs::read_to_string(lab::repo_path("config/tproxyd.service")).unwrap();
+    assert!(unit.contains("AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW\n"));
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    let (lab, upstream, cfg) = privilege_lab();
+    let daemon = lab.start_tproxyd_wrapped(
+        &[
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--inh-caps=-all,+net_admin,+net_raw",
+            "--ambient-caps=-all,+net_admin,+net_raw",
+            "--bounding-set=-all,+net_admin,+net_raw",
+            "--no-new-privs",
+        ],
+        &cfg,
+    );
+    assert_unprivileged(daemon.pid());
+    assert_relays_and_hijacks(&lab, &upstream);
+    let stopped = daemon.stop();
+    assert!(stopped.status.success(), "{}", stopped.log);
+    assert_gateway_clean(&lab);
+}
