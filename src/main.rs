@@ -155,13 +155,18 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let log_filter = init_logging(&config);
     raise_fd_limit();
     let user = config.user.clone();
+    let workers = config.workers;
     let prepared = server::prepare(config)?;
     // Still one thread: capabilities are per thread, so this must come
     // before the runtime starts its workers.
     if let Some(user) = user {
         tproxyd::privileges::drop_to(&user)?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n.get());
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the async runtime")?;

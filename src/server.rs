@@ -117,7 +117,7 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
     };
     for &addr in &p.config.relay.listen.0 {
         p.relay.push(
-            sockets::transparent_listener(addr)
+            sockets::transparent_listener(addr, p.config.relay.receive_buffer)
                 .map_err(listen_error(addr, "relay, transparent UDP"))?,
         );
         tracing::info!(%addr, "relay listening");

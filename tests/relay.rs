@@ -386,3 +386,49 @@ fn sigterm_exits_zero_and_leaves_no_socket_behind() {
     socket(&lab.gateway, "0.0.0.0:15353".parse().unwrap());
     socket(&lab.gateway, "[::]:15353".parse().unwrap());
 }
+
+#[test]
+fn flows_to_different_destinations_share_local_ports() {
+    // Four ephemeral ports only: without sharing, the fifth flow would fail.
+    let lab = Lab::new();
+    lab.gateway
+        .sh("sysctl -qw net.ipv4.ip_local_port_range='40000 40003'");
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd(&config(""));
+    let a = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let b = Echo::start(&lab.servers[0], sa(server4(0), 7001));
+    let clients: Vec<_> = (0..8u16)
+        .map(|i| socket(&lab.client, client4(48000 + i)))
+        .collect();
+    for (i, c) in clients.iter().enumerate() {
+        let server = if i % 2 == 0 { a.addr } else { b.addr };
+        let (from, reply) = exchange(c, server, format!("flow {i}").as_bytes());
+        assert_eq!((from, reply), (server, format!("flow {i}").into_bytes()));
+    }
+    let ports = |e: &Echo| -> HashSet<u16> { e.received().iter().map(|(p, _)| p.port()).collect() };
+    assert_eq!(
+        ports(&a),
+        (40000..=40003).collect(),
+        "four flows to A use the four ports"
+    );
+    assert_eq!(
+        ports(&b),
+        ports(&a),
+        "the flows to B reuse the same four ports"
+    );
+    // Every flow keeps its own replies on a second round.
+    for (i, c) in clients.iter().enumerate() {
+        let server = if i % 2 == 0 { a.addr } else { b.addr };
+        assert_eq!(exchange(c, server, b"again").0, server);
+    }
+    // A fifth flow to A has no port left.
+    let extra = socket(&lab.client, client4(48100));
+    extra
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    extra.send_to(b"one too many", a.addr).unwrap();
+    assert!(recv(&extra).is_none());
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("sessions_opened"), 8);
+    assert_eq!(stopped.counter("drop_session_open_failed"), 1);
+}

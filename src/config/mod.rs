@@ -54,6 +54,9 @@ pub struct Config {
     /// Write the daemon's process id here (`tproxyd reload` reads it).
     #[serde(default)]
     pub pid_file: Option<PathBuf>,
+    /// Worker threads; default: one per CPU.
+    #[serde(default)]
+    pub workers: Option<NonZeroUsize>,
 }
 
 /// The transparent UDP relay: where it listens and how it keeps flows.
@@ -76,6 +79,11 @@ pub struct RelayConfig {
     /// Most spoofing reply sockets kept open (one per original destination).
     #[serde(default = "RelayConfig::default_reply_sockets")]
     pub reply_sockets: NonZeroUsize,
+    /// Receive buffer of each listener socket, in bytes: room for bursts
+    /// while the relay is busy (raised past `net.core.rmem_max` when
+    /// privileged).
+    #[serde(default = "RelayConfig::default_receive_buffer")]
+    pub receive_buffer: usize,
     /// NAT behaviour of flows no rule sets it for.
     #[serde(default)]
     pub nat: NatMode,
@@ -97,6 +105,9 @@ impl RelayConfig {
     fn default_idle() -> Duration {
         Duration::from_secs(120)
     }
+    fn default_receive_buffer() -> usize {
+        4 << 20
+    }
     fn default_reply_sockets() -> NonZeroUsize {
         NonZeroUsize::new(1_024).unwrap_or(NonZeroUsize::MIN)
     }
@@ -109,6 +120,7 @@ impl Default for RelayConfig {
             session_capacity: Self::default_capacity(),
             idle_timeout: Self::default_idle(),
             reply_sockets: Self::default_reply_sockets(),
+            receive_buffer: Self::default_receive_buffer(),
             nat: NatMode::default(),
             rules: Vec::new(),
         }

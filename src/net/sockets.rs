@@ -30,6 +30,26 @@ fn udp_socket(family_of: SocketAddr) -> io::Result<Socket> {
     Ok(sock)
 }
 
+/// `SO_RCVBUFFORCE` (privileged, ignores `rmem_max`), else `SO_RCVBUF`
+/// (capped by the kernel). Best effort: a smaller buffer still works.
+fn set_receive_buffer(sock: &Socket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt with a c_int value of the size given.
+    let forced = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = sock.set_recv_buffer_size(bytes);
+    }
+}
+
 fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
     if v6 {
         sock.set_ip_transparent_v6(true)
@@ -39,9 +59,11 @@ fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
 }
 
 /// A TPROXY listener on `addr` that reports each datagram's original
-/// destination (and its TOS / traffic class) in control messages.
-pub fn transparent_listener(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// destination (and its TOS / traffic class) in control messages, with a
+/// receive buffer of `buffer` bytes.
+pub fn transparent_listener(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
     let sock = udp_socket(addr)?;
+    set_receive_buffer(&sock, buffer);
     set_transparent(&sock, addr.is_ipv6())?;
     if addr.is_ipv6() {
         setsockopt(&sock, sockopt::Ipv6OrigDstAddr, &true)?;
@@ -63,28 +85,37 @@ pub fn marked_udp(local: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     Ok(sock.into())
 }
 
-/// An upstream socket for a flow: marked, optionally bound to a device, and
+/// An upstream socket for a flow: marked, optionally bound to a device,
 /// reporting each reply's TOS so it can be carried back to the client.
-/// Connected to `remote` when given (one destination), else open to all.
+///
+/// With `shared_port`, it is bound to that port with `SO_REUSEADDR` and
+/// connected to `remote`: one destination, and the port may serve flows to
+/// other destinations too (see `relay::ports`). Without, it gets a port of
+/// its own and stays open to every remote (a full cone).
 pub fn flow_upstream(
-    family_of: SocketAddr,
-    remote: Option<SocketAddr>,
+    remote: SocketAddr,
+    shared_port: Option<u16>,
     mark: u32,
     device: Option<&str>,
 ) -> io::Result<UdpSocket> {
-    let sock = udp_socket(family_of)?;
+    let sock = udp_socket(remote)?;
     sock.set_mark(mark)?;
     if let Some(dev) = device {
         sock.bind_device(Some(dev.as_bytes()))?;
     }
-    if family_of.is_ipv6() {
+    if remote.is_ipv6() {
         setsockopt(&sock, sockopt::Ipv6RecvTClass, &true)?;
     } else {
         setsockopt(&sock, sockopt::IpRecvTos, &true)?;
     }
-    sock.bind(&unspecified(family_of).into())?;
-    if let Some(r) = remote {
-        sock.connect(&r.into())?;
+    let mut local = unspecified(remote);
+    if let Some(port) = shared_port {
+        sock.set_reuse_address(true)?;
+        local.set_port(port);
+    }
+    sock.bind(&local.into())?;
+    if shared_port.is_some() {
+        sock.connect(&remote.into())?;
     }
     Ok(sock.into())
 }

@@ -1,5 +1,9 @@
-//! The TPROXY listener: reads each redirected datagram with its original
-//! destination and hands it to the flow it belongs to.
+//! The TPROXY listener: reads redirected datagrams in batches, with their
+//! original destinations, and hands each to the flow it belongs to.
+//!
+//! Consecutive datagrams of one flow (a game or a bulk transfer sends in
+//! bursts) are passed on as a *run*, which the session sends with one
+//! system call; see [`crate::net::send::send_run`].
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -8,17 +12,17 @@ use std::sync::Arc;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use super::RelayContext;
 use super::rules::Route;
-use super::session::{MAX_DATAGRAM, Session, flow_key};
+use super::session::{Session, flow_key};
+use super::{FlowKey, RelayContext};
 use crate::dns::DnsService;
-use crate::net::recv::{DatagramMeta, cmsg_buffer, recv_with_meta};
+use crate::net::recv::{BATCH, DatagramMeta, RecvBatch};
 use crate::net::would_block;
 use crate::shutdown::Shutdown;
 
-/// Datagrams read per wake-up before yielding to other tasks, so one busy
-/// listener cannot starve the reply pumps sharing its worker thread.
-const BATCH: usize = 64;
+/// Batches read per wake-up before yielding, so one busy listener cannot
+/// starve the reply pumps sharing its worker thread.
+const BATCHES_PER_WAKEUP: usize = 8;
 
 /// Serves one listening socket until shutdown.
 pub async fn serve(
@@ -28,20 +32,22 @@ pub async fn serve(
 ) -> io::Result<()> {
     let local = socket.local_addr()?;
     let fd = socket.as_raw_fd();
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut cmsg = cmsg_buffer();
+    let mut batch = RecvBatch::new(BATCH);
     loop {
         tokio::select! {
             _ = shutdown.recv() => return Ok(()),
             ready = socket.readable() => ready?,
         }
-        for _ in 0..BATCH {
-            match socket.try_io(Interest::READABLE, || {
-                recv_with_meta(fd, &mut buf, &mut cmsg)
-            }) {
-                Ok(meta) => {
-                    let payload = buf.get(..meta.len).unwrap_or_default();
-                    handle(&ctx, local, meta, payload);
+        for _ in 0..BATCHES_PER_WAKEUP {
+            match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
+                Ok(n) => {
+                    let mut run = Run::default();
+                    for i in 0..n {
+                        if let Some((meta, payload)) = batch.get(i) {
+                            handle(&ctx, local, meta, payload, &mut run);
+                        }
+                    }
+                    run.flush(&ctx);
                 }
                 Err(e) if would_block(&e) => break,
                 Err(e) => {
@@ -54,10 +60,45 @@ pub async fn serve(
     }
 }
 
-fn handle(ctx: &Arc<RelayContext>, local: SocketAddr, meta: DatagramMeta, payload: &[u8]) {
+/// Datagrams of one flow waiting to be sent together.
+#[derive(Default)]
+struct Run<'b> {
+    key: Option<FlowKey>,
+    session: Option<Arc<Session>>,
+    dst: Option<SocketAddr>,
+    tos: Option<u8>,
+    payloads: Vec<&'b [u8]>,
+}
+
+impl<'b> Run<'b> {
+    /// Whether a datagram with these properties can join the run.
+    fn continues(&self, key: &FlowKey, dst: SocketAddr, tos: Option<u8>) -> bool {
+        self.key.as_ref() == Some(key) && self.dst == Some(dst) && self.tos == tos
+    }
+
+    fn flush(&mut self, ctx: &RelayContext) {
+        if let (Some(session), Some(dst)) = (&self.session, self.dst) {
+            if !self.payloads.is_empty() {
+                session.send_upstream(&self.payloads, dst, self.tos, ctx);
+            }
+        }
+        self.payloads.clear();
+        self.key = None;
+        self.session = None;
+        self.dst = None;
+    }
+}
+
+fn handle<'b>(
+    ctx: &Arc<RelayContext>,
+    local: SocketAddr,
+    meta: &DatagramMeta,
+    payload: &'b [u8],
+    run: &mut Run<'b>,
+) {
     ctx.stats.client_datagrams.inc();
     ctx.stats.client_bytes.add(payload.len() as u64);
-    let Some(dst) = meta.orig_dst else {
+    let Some(dst) = meta.orig_dst.filter(|_| meta.peer.port() != 0) else {
         ctx.stats.drop_no_orig_dst.inc();
         return;
     };
@@ -78,6 +119,11 @@ fn handle(ctx: &Arc<RelayContext>, local: SocketAddr, meta: DatagramMeta, payloa
         return;
     }
     let key = flow_key(meta.peer, dst, rule);
+    if run.continues(&key, dst, meta.tos) {
+        run.payloads.push(payload);
+        return;
+    }
+    run.flush(ctx);
     let session = match ctx.table.get(&key) {
         Some(s) => s,
         None => match ctx
@@ -99,7 +145,14 @@ fn handle(ctx: &Arc<RelayContext>, local: SocketAddr, meta: DatagramMeta, payloa
         },
     };
     session.touch(ctx.clock.now_ms());
-    session.send_upstream(payload, dst, meta.tos, ctx);
+    *run = Run {
+        key: Some(key),
+        session: Some(session),
+        dst: Some(dst),
+        tos: meta.tos,
+        payloads: std::mem::take(&mut run.payloads),
+    };
+    run.payloads.push(payload);
 }
 
 /// A query to a DNS port, wherever it was going, is answered by the DNS
@@ -121,7 +174,7 @@ fn hijack_dns(
     };
     let ctx = ctx.clone();
     dns.answer_udp(payload, client, move |answer| {
-        ctx.replies.send(&reply, answer, client, None)
+        ctx.replies.send(&reply, &[answer], client, None)
     });
 }
 

@@ -16,6 +16,7 @@
 
 pub mod clock;
 pub mod listener;
+pub mod ports;
 pub mod reply;
 pub mod rules;
 pub mod session;
@@ -30,6 +31,7 @@ use crate::config::RelayConfig;
 use crate::dns::DnsService;
 use crate::stats::Stats;
 use clock::Clock;
+use ports::PortAllocator;
 use reply::ReplySender;
 use rules::UdpRules;
 use table::SessionTable;
@@ -59,6 +61,8 @@ pub struct RelayContext {
     pub rules: ArcSwap<UdpRules>,
     pub table: SessionTable,
     pub replies: ReplySender,
+    /// Local ports of one-destination upstream sockets.
+    pub ports: Arc<PortAllocator>,
     pub clock: Clock,
     pub stats: Arc<Stats>,
     /// Answers diverted datagrams to DNS ports instead of relaying them.
@@ -77,6 +81,7 @@ impl RelayContext {
             rules: ArcSwap::from_pointee(UdpRules::new(config, mark)),
             table: SessionTable::new(config.session_capacity),
             replies: ReplySender::new(config.reply_sockets, mark, stats.clone()),
+            ports: PortAllocator::from_system(),
             clock: Clock::new(),
             stats,
             dns,

@@ -19,7 +19,7 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::net::raw::RawSender;
-use crate::net::send::send_with_tos;
+use crate::net::send::send_run;
 use crate::net::sockets;
 use crate::stats::Stats;
 use std::os::fd::AsRawFd;
@@ -37,18 +37,24 @@ pub enum ReplySocket {
 }
 
 impl ReplySocket {
-    /// Sends one datagram to `client` with TOS `tos`; never blocks.
-    pub fn send_to(&self, payload: &[u8], client: SocketAddr, tos: Option<u8>) -> io::Result<()> {
+    /// Sends a run of datagrams to `client` with TOS `tos`; never blocks.
+    /// Returns how many were sent.
+    pub fn send_to(&self, run: &[&[u8]], client: SocketAddr, tos: Option<u8>) -> io::Result<usize> {
         match self {
-            ReplySocket::Bound(sock) => send_with_tos(
-                sock.as_raw_fd(),
-                payload,
-                Some(client),
-                tos,
-                client.is_ipv6(),
-            )
-            .map(drop),
-            ReplySocket::Raw { src, raw } => raw.send(*src, client, payload, tos.unwrap_or(0)),
+            ReplySocket::Bound(sock) => {
+                send_run(sock.as_raw_fd(), run, Some(client), tos, client.is_ipv6())
+            }
+            ReplySocket::Raw { src, raw } => {
+                let mut sent = 0;
+                for payload in run {
+                    match raw.send(*src, client, payload, tos.unwrap_or(0)) {
+                        Ok(()) => sent += 1,
+                        Err(e) if sent == 0 => return Err(e),
+                        Err(_) => break,
+                    }
+                }
+                Ok(sent)
+            }
         }
     }
 
@@ -114,26 +120,35 @@ impl ReplySender {
         Ok(sock)
     }
 
-    /// Sends `payload` to `client` through `sock`, counting the outcome.
-    pub fn send(&self, sock: &ReplySocket, payload: &[u8], client: SocketAddr, tos: Option<u8>) {
-        match sock.send_to(payload, client, tos) {
-            Ok(()) => {
-                self.stats.reply_datagrams.inc();
-                self.stats.reply_bytes.add(payload.len() as u64);
+    /// Sends a run of datagrams to `client` through `sock`, counting the
+    /// outcome.
+    pub fn send(&self, sock: &ReplySocket, run: &[&[u8]], client: SocketAddr, tos: Option<u8>) {
+        match sock.send_to(run, client, tos) {
+            Ok(sent) => {
+                self.stats.reply_datagrams.add(sent as u64);
+                self.stats
+                    .reply_bytes
+                    .add(run.iter().take(sent).map(|p| p.len() as u64).sum());
+                let lost = run.len() - sent.min(run.len());
+                if lost > 0 {
+                    self.stats.drop_send_buffer_full.add(lost as u64);
+                }
             }
-            Err(e) if crate::net::would_block(&e) => self.stats.drop_send_buffer_full.inc(),
+            Err(e) if crate::net::would_block(&e) => {
+                self.stats.drop_send_buffer_full.add(run.len() as u64)
+            }
             Err(e) => {
-                self.stats.reply_send_errors.inc();
+                self.stats.reply_send_errors.add(run.len() as u64);
                 tracing::debug!(%client, error = %e, "reply send failed");
             }
         }
     }
 
-    /// Sends `payload` to `client` as if from `src` (full-cone replies,
-    /// whose source differs from datagram to datagram).
-    pub fn send_from(&self, src: SocketAddr, payload: &[u8], client: SocketAddr, tos: Option<u8>) {
+    /// Sends a run to `client` as if from `src` (full-cone replies, whose
+    /// source differs from datagram to datagram).
+    pub fn send_from(&self, src: SocketAddr, run: &[&[u8]], client: SocketAddr, tos: Option<u8>) {
         match self.socket_for(src) {
-            Ok(sock) => self.send(&sock, payload, client, tos),
+            Ok(sock) => self.send(&sock, run, client, tos),
             Err(e) => {
                 self.stats.reply_send_errors.inc();
                 tracing::debug!(%src, error = %e, "no reply socket");

@@ -12,14 +12,15 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::timeout_at;
 
+use super::ports::PortLease;
 use super::reply::ReplySocket;
 use super::rules::{Route, UdpRule};
 use super::socks5::{self, Socks5Server};
 use super::table::Entry;
 use super::{FlowKey, RelayContext, Target};
 use crate::config::NatMode;
-use crate::net::recv::{cmsg_buffer, recv_with_meta};
-use crate::net::send::send_with_tos;
+use crate::net::recv::{self, RecvBatch};
+use crate::net::send::send_run;
 use crate::net::{sockets, would_block};
 
 /// Largest UDP payload over IPv6 (65,535 − 8); IPv4's 65,507 fits too.
@@ -38,8 +39,9 @@ const SOCKS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(5);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
-    static BUF: RefCell<(Box<[u8]>, Vec<u8>)> =
-        RefCell::new((vec![0; MAX_DATAGRAM].into_boxed_slice(), cmsg_buffer()));
+    /// Each worker thread's receive batch for reply pumps: shared by every
+    /// session on the thread, so a flow costs no buffer of its own.
+    static BATCH: RefCell<RecvBatch> = RefCell::new(RecvBatch::new(recv::BATCH));
 }
 
 /// A datagram on its way to a SOCKS5 association.
@@ -52,11 +54,12 @@ struct Outbound {
 /// Where a session's datagrams go.
 #[derive(Debug)]
 enum Upstream {
-    /// One destination (symmetric NAT): a connected socket, and the reply
-    /// socket for the address the client wrote to.
+    /// One destination (symmetric NAT): a connected socket on a shared
+    /// port, and the reply socket for the address the client wrote to.
     Connected {
         socket: UdpSocket,
         reply: Arc<ReplySocket>,
+        _port: PortLease,
     },
     /// Every destination (full cone): an open socket; replies are spoofed
     /// from whichever remote sent them.
@@ -109,13 +112,14 @@ impl Session {
                     _ => dst,
                 };
                 let reply = ctx.replies.socket_for(dst)?;
-                let socket = UdpSocket::from_std(sockets::flow_upstream(
-                    target,
-                    Some(target),
-                    mark,
-                    device,
-                )?)?;
-                Upstream::Connected { socket, reply }
+                let (socket, port) = ctx.ports.lease(target, |p| {
+                    sockets::flow_upstream(target, Some(p), mark, device)
+                })?;
+                Upstream::Connected {
+                    socket: UdpSocket::from_std(socket)?,
+                    reply,
+                    _port: port,
+                }
             }
             Route::Direct | Route::Interface { .. } | Route::Redirect(_) => {
                 let socket = UdpSocket::from_std(sockets::flow_upstream(dst, None, mark, device)?)?;
@@ -152,10 +156,11 @@ impl Session {
         self.last_active_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    /// Sends one client datagram towards `dst`; never blocks.
+    /// Sends a run of client datagrams towards `dst` (all with TOS `tos`);
+    /// never blocks.
     pub fn send_upstream(
         &self,
-        payload: &[u8],
+        run: &[&[u8]],
         dst: SocketAddr,
         tos: Option<u8>,
         ctx: &RelayContext,
@@ -164,30 +169,32 @@ impl Session {
             Upstream::Connected { socket, .. } => (socket, None),
             Upstream::Cone { socket } => (socket, Some(dst)),
             Upstream::Socks { tx } => {
-                let out = Outbound {
-                    dst,
-                    payload: payload.to_vec(),
-                };
-                if tx.try_send(out).is_err() {
-                    ctx.stats.drop_send_buffer_full.inc();
+                for payload in run {
+                    let out = Outbound {
+                        dst,
+                        payload: payload.to_vec(),
+                    };
+                    if tx.try_send(out).is_err() {
+                        ctx.stats.drop_send_buffer_full.inc();
+                    }
                 }
                 return;
             }
         };
-        // A plain sendmsg(2): tokio's try_send would refuse until the
-        // reactor has *seen* a new socket become writable, dropping the
-        // first datagram of every flow.
-        let send = || send_with_tos(socket.as_raw_fd(), payload, to, tos, dst.is_ipv6());
-        let mut result = send();
+        // Plain sendmsg(2): tokio's try_send would refuse until the reactor
+        // has *seen* a new socket become writable, dropping the first
+        // datagram of every flow.
+        let send = |run: &[&[u8]]| send_run(socket.as_raw_fd(), run, to, tos, dst.is_ipv6());
+        let mut result = send(run);
         if let Err(e) = &result {
             if e.kind() == io::ErrorKind::ConnectionRefused {
                 // An ICMP unreachable for an *earlier* datagram is reported on
-                // this send, and this datagram was not sent: count, retry once.
+                // this send, and nothing was sent: count, retry once.
                 ctx.stats.upstream_unreachable.inc();
-                result = send();
+                result = send(run);
             }
         }
-        count_upstream_send(result, payload.len(), ctx);
+        count_upstream_send(result, run, ctx);
     }
 
     /// Refreshes the idle timer and, at most once a second, the LRU order.
@@ -230,15 +237,23 @@ impl Session {
     }
 }
 
-fn count_upstream_send(result: io::Result<usize>, len: usize, ctx: &RelayContext) {
+/// Counts the outcome of sending `run`, of which `result` says how many
+/// datagrams left.
+fn count_upstream_send(result: io::Result<usize>, run: &[&[u8]], ctx: &RelayContext) {
     match result {
-        Ok(_) => {
-            ctx.stats.upstream_datagrams.inc();
-            ctx.stats.upstream_bytes.add(len as u64);
+        Ok(sent) => {
+            ctx.stats.upstream_datagrams.add(sent as u64);
+            ctx.stats
+                .upstream_bytes
+                .add(run.iter().take(sent).map(|p| p.len() as u64).sum());
+            let lost = run.len().saturating_sub(sent);
+            if lost > 0 {
+                ctx.stats.drop_send_buffer_full.add(lost as u64);
+            }
         }
-        Err(e) if would_block(&e) => ctx.stats.drop_send_buffer_full.inc(),
+        Err(e) if would_block(&e) => ctx.stats.drop_send_buffer_full.add(run.len() as u64),
         Err(e) => {
-            ctx.stats.upstream_send_errors.inc();
+            ctx.stats.upstream_send_errors.add(run.len() as u64);
             tracing::debug!(error = %e, "upstream send failed");
         }
     }
@@ -272,35 +287,64 @@ async fn pump(session: Arc<Session>, ctx: Arc<RelayContext>) {
     }
 }
 
-/// Reads every datagram queued on `socket` and sends each to the client
-/// with the TOS it arrived with. Returns how many were relayed.
+/// Reads every datagram queued on `socket` and sends them to the client
+/// with the TOS they arrived with, consecutive ones from the same remote as
+/// one run. Returns how many were relayed.
 fn drain_replies(session: &Session, socket: &UdpSocket, ctx: &RelayContext) -> usize {
     let fd = socket.as_raw_fd();
+    let client = session.key.client;
     let mut relayed = 0;
-    BUF.with_borrow_mut(|(buf, cmsg)| {
+    BATCH.with_borrow_mut(|batch| {
         loop {
-            match socket.try_io(Interest::READABLE, || recv_with_meta(fd, buf, cmsg)) {
-                Ok(meta) => {
-                    let payload = buf.get(..meta.len).unwrap_or_default();
-                    match &session.upstream {
-                        Upstream::Connected { reply, .. } => {
-                            ctx.replies.send(reply, payload, session.key.client, meta.tos);
-                        }
-                        _ => ctx.replies.send_from(meta.peer, payload, session.key.client, meta.tos),
-                    }
-                    relayed += 1;
-                }
+            let n = match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
+                Ok(n) => n,
                 Err(e) if would_block(&e) => break,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => ctx.stats.upstream_unreachable.inc(),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    ctx.stats.upstream_unreachable.inc();
+                    continue;
+                }
                 Err(e) => {
                     ctx.stats.receive_errors.inc();
-                    tracing::debug!(client = %session.key.client, error = %e, "upstream receive failed");
+                    tracing::debug!(%client, error = %e, "upstream receive failed");
                     break;
                 }
+            };
+            let mut run: Vec<&[u8]> = Vec::with_capacity(n);
+            let mut run_key = None;
+            for i in 0..n {
+                let Some((meta, payload)) = batch.get(i) else {
+                    continue;
+                };
+                let key = (meta.peer, meta.tos);
+                if run_key.is_some_and(|k| k != key) {
+                    send_reply_run(session, &run, run_key, ctx);
+                    run.clear();
+                }
+                run_key = Some(key);
+                run.push(payload);
             }
+            send_reply_run(session, &run, run_key, ctx);
+            relayed += n;
         }
     });
     relayed
+}
+
+/// Sends replies that came from `key.0` with TOS `key.1` to the client.
+fn send_reply_run(
+    session: &Session,
+    run: &[&[u8]],
+    key: Option<(SocketAddr, Option<u8>)>,
+    ctx: &RelayContext,
+) {
+    let Some((from, tos)) = key else { return };
+    if run.is_empty() {
+        return;
+    }
+    match &session.upstream {
+        Upstream::Connected { reply, .. } => ctx.replies.send(reply, run, session.key.client, tos),
+        _ => ctx.replies.send_from(from, run, session.key.client, tos),
+    }
 }
 
 /// The task of a SOCKS5 session: set up the association (datagrams wait in
@@ -334,15 +378,15 @@ async fn socks_pump(
             out = rx.recv() => {
                 let Some(out) = out else { return };
                 socks5::encode_udp(out.dst, &out.payload, &mut wrapped);
-                let sent = assoc.udp.send(&wrapped).await;
-                count_upstream_send(sent, out.payload.len(), &ctx);
+                let sent = assoc.udp.send(&wrapped).await.map(|_| 1);
+                count_upstream_send(sent, &[&out.payload], &ctx);
             }
             got = assoc.udp.recv(&mut inbound) => match got {
                 Ok(n) => match socks5::decode_udp(inbound.get(..n).unwrap_or_default()) {
                     Ok((remote, payload)) => {
                         match &reply {
-                            Some(r) => ctx.replies.send(r, payload, session.key.client, None),
-                            None => ctx.replies.send_from(remote, payload, session.key.client, None),
+                            Some(r) => ctx.replies.send(r, &[payload], session.key.client, None),
+                            None => ctx.replies.send_from(remote, &[payload], session.key.client, None),
                         }
                         session.inbound_activity(&ctx);
                     }
