@@ -49,11 +49,7 @@ impl Sources {
     }
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    sources: Sources,
-    mut shutdown: Shutdown,
-) -> io::Result<()> {
+pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: Shutdown) -> io::Result<()> {
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
@@ -89,10 +85,7 @@ async fn respond(mut stream: TcpStream, sources: &Sources) -> io::Result<()> {
     }
     let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
+    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     let (status, content_type, body) = match (method, path) {
         (b"GET", b"/metrics") => (
             "200 OK",
@@ -104,11 +97,7 @@ async fn respond(mut stream: TcpStream, sources: &Sources) -> io::Result<()> {
             "text/plain; charset=utf-8",
             "tproxyd: see /metrics\n".to_string(),
         ),
-        (b"GET", _) => (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "not found\n".to_string(),
-        ),
+        (b"GET", _) => ("404 Not Found", "text/plain; charset=utf-8", "not found\n".to_string()),
         _ => (
             "405 Method Not Allowed",
             "text/plain; charset=utf-8",

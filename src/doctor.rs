@@ -105,11 +105,7 @@ pub fn report(findings: &[Finding]) -> (String, bool) {
 }
 
 fn command(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
+    let out = Command::new(program).args(args).stderr(Stdio::null()).output().ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -139,18 +135,12 @@ fn kernel_support() -> Finding {
             child.wait_with_output()
         });
     match checked {
-        Ok(out) if out.status.success() => {
-            ok("kernel: nftables `tproxy` and `socket` expressions are supported")
-        }
+        Ok(out) if out.status.success() => ok("kernel: nftables `tproxy` and `socket` expressions are supported"),
         Ok(out) => problem(
             Status::Fail,
             format!(
                 "kernel: nftables refused a tproxy rule: {}",
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim()
+                String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("").trim()
             ),
             "a kernel with CONFIG_NFT_TPROXY, CONFIG_NFT_SOCKET (or the xt_TPROXY / xt_socket modules for \
              iptables) and CAP_NET_ADMIN; try `modprobe nft_tproxy nft_socket`",
@@ -199,11 +189,7 @@ fn policy_routing(e: &Expect, family: u8) -> Finding {
     let has_rule = rules
         .lines()
         .any(|l| l.contains(&want_rule) || l.contains(&format!("fwmark {:#x}/", e.fwmark)));
-    let routes = command(
-        "ip",
-        &[&fam, "route", "show", "table", &e.table.to_string()],
-    )
-    .unwrap_or_default();
+    let routes = command("ip", &[&fam, "route", "show", "table", &e.table.to_string()]).unwrap_or_default();
     let has_route = routes
         .lines()
         .any(|l| l.starts_with("local default dev lo") || l.starts_with("local ::/0 dev lo"));
@@ -232,10 +218,7 @@ fn policy_routing(e: &Expect, family: u8) -> Finding {
                 "policy routing (IPv{family}): table {} has no `local default dev lo` route",
                 e.table
             ),
-            format!(
-                "ip {fam} route replace local {any} dev lo table {}",
-                e.table
-            ),
+            format!("ip {fam} route replace local {any} dev lo table {}", e.table),
         ),
     }
 }
@@ -245,8 +228,8 @@ fn policy_routing(e: &Expect, family: u8) -> Finding {
 fn redirect_rules(e: &Expect) -> Vec<Finding> {
     let nft = command("nft", &["list", "ruleset"]).unwrap_or_default();
     let ipt = command("iptables-save", &["-t", "mangle"]).unwrap_or_default();
-    let nft_port = nft.contains(&format!("tproxy to :{}", e.port))
-        || nft.contains(&format!("tproxy ip to :{}", e.port));
+    let nft_port =
+        nft.contains(&format!("tproxy to :{}", e.port)) || nft.contains(&format!("tproxy ip to :{}", e.port));
     let ipt_port = ipt.contains(&format!("--on-port {}", e.port));
     let mut f = Vec::new();
     if !nft_port && !ipt_port {
@@ -254,19 +237,25 @@ fn redirect_rules(e: &Expect) -> Vec<Finding> {
         f.push(problem(
             Status::Fail,
             if other {
-                format!("redirect: a TPROXY rule exists but none sends to tproxyd's port {}", e.port)
+                format!(
+                    "redirect: a TPROXY rule exists but none sends to tproxyd's port {}",
+                    e.port
+                )
             } else {
                 "redirect: no nftables or iptables TPROXY rule found".to_string()
             },
-            format!("TPROXY_PORT={} LAN_IF=<your LAN> iptables/tproxy-nft.sh up, or auto_rules in the config", e.port),
+            format!(
+                "TPROXY_PORT={} LAN_IF=<your LAN> iptables/tproxy-nft.sh up, or auto_rules in the config",
+                e.port
+            ),
         ));
         return f;
     }
     f.push(ok(format!("redirect: TPROXY rule to port {}", e.port)));
     let nft_skip = nft.contains(&format!("meta mark & {m:#010x} == {m:#010x}", m = e.mark))
         || nft.contains(&format!("meta mark {:#010x}", e.mark));
-    let ipt_skip = ipt.contains(&format!("--mark {m:#x}/{m:#x}", m = e.mark))
-        || ipt.contains(&format!("--mark {:#x} ", e.mark));
+    let ipt_skip =
+        ipt.contains(&format!("--mark {m:#x}/{m:#x}", m = e.mark)) || ipt.contains(&format!("--mark {:#x} ", e.mark));
     if nft_skip || ipt_skip {
         f.push(ok(format!(
             "redirect: packets with tproxyd's mark {:#x} are skipped",
@@ -275,8 +264,14 @@ fn redirect_rules(e: &Expect) -> Vec<Finding> {
     } else {
         f.push(problem(
             Status::Fail,
-            format!("redirect: no rule skips tproxyd's mark {:#x}: its own traffic would be captured again", e.mark),
-            format!("make the rules' SKIP_MARK equal the config's mark ({}), then run the script's up again", e.mark),
+            format!(
+                "redirect: no rule skips tproxyd's mark {:#x}: its own traffic would be captured again",
+                e.mark
+            ),
+            format!(
+                "make the rules' SKIP_MARK equal the config's mark ({}), then run the script's up again",
+                e.mark
+            ),
         ));
     }
     let nft_fw = nft.contains(&format!("meta mark set {:#010x}", e.fwmark));
@@ -300,11 +295,7 @@ fn redirect_rules(e: &Expect) -> Vec<Finding> {
 }
 
 fn sysctls(e: &Expect) -> Vec<Finding> {
-    let read = |path: &str| {
-        std::fs::read_to_string(path)
-            .ok()
-            .map(|s| s.trim().to_string())
-    };
+    let read = |path: &str| std::fs::read_to_string(path).ok().map(|s| s.trim().to_string());
     let mut f = Vec::new();
     if !e.lan.is_empty() {
         match read("/proc/sys/net/ipv4/ip_forward").as_deref() {

@@ -49,17 +49,10 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
     let at = |offset: usize| format!("{}:{}", path.display(), line_col(&text, offset).0);
     let mut out = String::new();
     match question {
-        Question::Query {
-            client,
-            name,
-            qtype,
-        } => {
+        Question::Query { client, name, qtype } => {
             let _ = writeln!(out, "query {name} {qtype} from {client}");
             let Some(dns) = config.dns() else {
-                let _ = writeln!(
-                    out,
-                    "  no [dns] section: diverted DNS is relayed like any other UDP"
-                );
+                let _ = writeln!(out, "  no [dns] section: diverted DNS is relayed like any other UDP");
                 return Ok(out);
             };
             let engine = DnsEngine::build(dns, config.mark.0, Arc::new(Stats::default()))?;
@@ -67,10 +60,7 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
                 .map_err(|_| ExplainError::BadName(name.clone()))?
                 .append_domain(&Name::root())
                 .map_err(|_| ExplainError::BadName(name.clone()))?;
-            match engine
-                .rules()
-                .first_match(*client, &query_key(&qname), *qtype)
-            {
+            match engine.rules().first_match(*client, &query_key(&qname), *qtype) {
                 Some(rule) => {
                     let span = dns.rules.get(rule.number - 1).map_or(0, |r| r.span().start);
                     let _ = writeln!(
@@ -127,22 +117,14 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
             if rule.number == 0 {
                 let _ = writeln!(out, "  no rule matches: the defaults apply");
             } else {
-                let span = config
-                    .relay
-                    .rules
-                    .get(rule.number - 1)
-                    .map_or(0, |r| r.span().start);
+                let span = config.relay.rules.get(rule.number - 1).map_or(0, |r| r.span().start);
                 let _ = writeln!(out, "  rule {} ({}) matches", rule.number, at(span));
             }
             let _ = writeln!(out, "  → {}", rule.route);
             if rule.route != crate::relay::rules::Route::Drop {
                 let nat = match rule.nat {
-                    NatMode::Symmetric => {
-                        "symmetric (one mapping per destination; only it may answer)"
-                    }
-                    NatMode::FullCone => {
-                        "full-cone (one mapping per client endpoint; any remote may answer)"
-                    }
+                    NatMode::Symmetric => "symmetric (one mapping per destination; only it may answer)",
+                    NatMode::FullCone => "full-cone (one mapping per client endpoint; any remote may answer)",
                 };
                 let _ = writeln!(out, "  → NAT {nat}, idle timeout {:?}", rule.idle_timeout);
             }
@@ -170,14 +152,7 @@ fn describe_reply(out: &mut String, reply: &[u8]) {
     } else {
         let _ = writeln!(out);
         for r in &m.answers {
-            let _ = writeln!(
-                out,
-                "      {} {} {} {}",
-                r.name,
-                r.ttl,
-                r.record_type(),
-                r.data
-            );
+            let _ = writeln!(out, "      {} {} {} {}", r.name, r.ttl, r.record_type(), r.data);
         }
     }
 }

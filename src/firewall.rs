@@ -19,10 +19,7 @@ pub enum FirewallError {
     #[error("cannot run sh: {0}")]
     Spawn(#[from] std::io::Error),
     #[error("iptables/tproxy-nft.sh {action} failed: {stderr}")]
-    Script {
-        action: &'static str,
-        stderr: String,
-    },
+    Script { action: &'static str, stderr: String },
 }
 
 /// The script's settings, derived from the config.
@@ -109,10 +106,7 @@ impl AutoRules {
         let mut child = Command::new("sh")
             .args(["-s", "--", action])
             .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
+            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())

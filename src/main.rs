@@ -11,18 +11,10 @@ use tproxyd::reload::LogFilterHandle;
 use tproxyd::server::{self, Control, Event};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Transparent UDP and DNS proxy for Linux TPROXY gateways"
-)]
+#[command(version, about = "Transparent UDP and DNS proxy for Linux TPROXY gateways")]
 struct Cli {
     /// Config file (TOML).
-    #[arg(
-        short,
-        long,
-        global = true,
-        default_value = "/etc/tproxyd/tproxyd.toml"
-    )]
+    #[arg(short, long, global = true, default_value = "/etc/tproxyd/tproxyd.toml")]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -68,17 +60,11 @@ fn main() -> ExitCode {
         Command::Run => run(config, cli.config),
         Command::Check => check(&config).map(|()| println!("{}: ok", cli.config.display())),
         Command::Reload => reload(&config, &cli.config),
-        Command::Explain { client, query, dst } => {
-            explain(&config, &cli.config, &client, query, dst)
-        }
+        Command::Explain { client, query, dst } => explain(&config, &cli.config, &client, query, dst),
         Command::Doctor => {
             let (report, failed) = tproxyd::doctor::report(&tproxyd::doctor::diagnose(&config));
             print!("{report}");
-            return if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
+            return if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS };
         }
     };
     match result {
@@ -103,8 +89,7 @@ fn check(config: &Config) -> anyhow::Result<()> {
 fn reload(config: &Config, path: &Path) -> anyhow::Result<()> {
     check(config)?;
     let pid = tproxyd::pidfile::find(config.pid_file.as_deref(), path)?;
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)
-        .with_context(|| format!("signalling pid {pid}"))?;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).with_context(|| format!("signalling pid {pid}"))?;
     println!("asked tproxyd (pid {pid}) to reload {}", path.display());
     Ok(())
 }
@@ -119,11 +104,7 @@ fn explain(
     use tproxyd::explain::Question;
     let client_addr: SocketAddr = client
         .parse()
-        .or_else(|_| {
-            client
-                .parse::<IpAddr>()
-                .map(|ip| SocketAddr::new(ip, 40000))
-        })
+        .or_else(|_| client.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 40000)))
         .with_context(|| format!("--client {client:?} is not an IP address"))?;
     let question = match (query, dst) {
         (Some(q), _) => {
@@ -166,10 +147,7 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     if let Some(n) = workers {
         builder.worker_threads(n.get());
     }
-    let runtime = builder
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = builder.enable_all().build().context("starting the async runtime")?;
     let stats = runtime.block_on(async move {
         let (tx, events) = mpsc::unbounded_channel();
         tokio::spawn(forward_signals(tx));
@@ -183,11 +161,7 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         )
         .await
     })?;
-    let summary: Vec<String> = stats
-        .snapshot()
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let summary: Vec<String> = stats.snapshot().iter().map(|(k, v)| format!("{k}={v}")).collect();
     tracing::info!("final counters: {}", summary.join(" "));
     Ok(())
 }
@@ -223,9 +197,7 @@ fn init_logging(config: &Config) -> Option<LogFilterHandle> {
     use tracing_subscriber::{EnvFilter, fmt, reload};
     let from_env = EnvFilter::try_from_default_env().ok();
     let env_rules = from_env.is_some();
-    let filter = from_env.unwrap_or_else(|| {
-        EnvFilter::new(config.log_level.as_ref().map_or("info", |l| l.0.as_str()))
-    });
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(config.log_level.as_ref().map_or("info", |l| l.0.as_str())));
     let (filter, handle) = reload::Layer::new(filter);
     // Under systemd, journald stamps each line itself; no colours off a tty.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
@@ -241,9 +213,7 @@ fn init_logging(config: &Config) -> Option<LogFilterHandle> {
         return None;
     }
     Some(Box::new(move |level: &str| {
-        let filter = EnvFilter::builder()
-            .parse(level)
-            .map_err(|e| e.to_string())?;
+        let filter = EnvFilter::builder().parse(level).map_err(|e| e.to_string())?;
         handle.reload(filter).map_err(|e| e.to_string())
     }))
 }

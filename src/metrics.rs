@@ -19,11 +19,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "counter",
         "Flows closed after their idle timeout.",
     ),
-    (
-        "drops_total",
-        "counter",
-        "Datagrams or queries dropped, by reason.",
-    ),
+    ("drops_total", "counter", "Datagrams or queries dropped, by reason."),
     ("errors_total", "counter", "Network errors, by kind."),
     (
         "reply_raw_fallbacks_total",
@@ -46,11 +42,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "SOCKS5 UDP associations ended by the server while in use.",
     ),
     ("dns_queries_total", "counter", "DNS queries received."),
-    (
-        "dns_tcp_queries_total",
-        "counter",
-        "DNS queries received over TCP.",
-    ),
+    ("dns_tcp_queries_total", "counter", "DNS queries received over TCP."),
     (
         "dns_queries_by_action_total",
         "counter",
@@ -72,11 +64,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "DNS answers truncated to fit the client's UDP size.",
     ),
     ("reloads_total", "counter", "Configuration reloads applied."),
-    (
-        "reload_failures_total",
-        "counter",
-        "Configuration reloads refused.",
-    ),
+    ("reload_failures_total", "counter", "Configuration reloads refused."),
 ];
 
 /// A point-in-time value: `(metric name, help, value)`.
@@ -87,10 +75,7 @@ pub fn render(stats: &Stats, gauges: &[Gauge]) -> String {
     let mut out = String::with_capacity(8 * 1024);
     let series = stats.series();
     for (family, kind, help) in FAMILIES {
-        let _ = writeln!(
-            out,
-            "# HELP tproxyd_{family} {help}\n# TYPE tproxyd_{family} {kind}"
-        );
+        let _ = writeln!(out, "# HELP tproxyd_{family} {help}\n# TYPE tproxyd_{family} {kind}");
         for s in series.iter().filter(|s| s.metric == *family) {
             if s.labels.is_empty() {
                 let _ = writeln!(out, "tproxyd_{family} {}", s.value);
@@ -112,15 +97,8 @@ pub fn render(stats: &Stats, gauges: &[Gauge]) -> String {
             le_us as f64 / 1e6
         );
     }
-    let _ = writeln!(
-        out,
-        "tproxyd_dns_upstream_seconds_bucket{{le=\"+Inf\"}} {count}"
-    );
-    let _ = writeln!(
-        out,
-        "tproxyd_dns_upstream_seconds_sum {}",
-        sum_us as f64 / 1e6
-    );
+    let _ = writeln!(out, "tproxyd_dns_upstream_seconds_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "tproxyd_dns_upstream_seconds_sum {}", sum_us as f64 / 1e6);
     let _ = writeln!(out, "tproxyd_dns_upstream_seconds_count {count}");
     for (name, help, value) in gauges {
         let _ = writeln!(
@@ -155,9 +133,7 @@ mod tests {
         stats.client_datagrams.add(3);
         stats.drop_by_rule.inc();
         stats.dns_rcodes.record(3);
-        stats
-            .dns_upstream_latency
-            .observe(std::time::Duration::from_millis(2));
+        stats.dns_upstream_latency.observe(std::time::Duration::from_millis(2));
         let text = render(&stats, &[("sessions_active", "Flows in the table.", 7)]);
         assert!(text.contains("tproxyd_datagrams_total{direction=\"from_client\"} 3\n"));
         assert!(text.contains("tproxyd_drops_total{reason=\"rule\"} 1\n"));

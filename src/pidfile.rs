@@ -59,11 +59,7 @@ pub fn find(pid_file: Option<&Path>, config_path: &Path) -> Result<Pid, FindErro
     let me = std::process::id() as i32;
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
         if pid != me && runs_daemon_with(pid, &wanted) {
@@ -103,10 +99,7 @@ fn runs_daemon_with(pid: i32, wanted: &Path) -> bool {
         .windows(2)
         .find(|w| w[0] == "--config" || w[0] == "-c")
         .map(|w| w[1].to_string())
-        .or_else(|| {
-            args.iter()
-                .find_map(|a| a.strip_prefix("--config=").map(String::from))
-        });
+        .or_else(|| args.iter().find_map(|a| a.strip_prefix("--config=").map(String::from)));
     let Some(config) = config else {
         return false;
     };

@@ -47,31 +47,22 @@ pub fn drop_to(user: &str) -> Result<(), PrivilegeError> {
     // by the kernel and raised again below.
     // SAFETY: prctl(PR_SET_KEEPCAPS) takes plain integers.
     if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } != 0 {
-        return Err(fail(format!(
-            "PR_SET_KEEPCAPS: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(fail(format!("PR_SET_KEEPCAPS: {}", std::io::Error::last_os_error())));
     }
     setgroups(&[]).map_err(|e| fail(format!("setgroups: {e}")))?;
     setgid(entry.gid).map_err(|e| fail(format!("setgid: {e}")))?;
     setuid(entry.uid).map_err(|e| fail(format!("setuid: {e}")))?;
     let keep = kept();
     for set in [CapSet::Permitted, CapSet::Effective, CapSet::Inheritable] {
-        caps::set(None, set, &keep)
-            .map_err(|e| fail(format!("setting {set:?} capabilities: {e}")))?;
+        caps::set(None, set, &keep).map_err(|e| fail(format!("setting {set:?} capabilities: {e}")))?;
     }
     for cap in &keep {
-        caps::raise(None, CapSet::Ambient, *cap)
-            .map_err(|e| fail(format!("ambient {cap}: {e}")))?;
+        caps::raise(None, CapSet::Ambient, *cap).map_err(|e| fail(format!("ambient {cap}: {e}")))?;
     }
     let group = Group::from_gid(entry.gid)
         .ok()
         .flatten()
         .map_or_else(|| entry.gid.to_string(), |g| g.name);
-    tracing::info!(
-        user,
-        group,
-        "dropped privileges (keeping CAP_NET_ADMIN, CAP_NET_RAW)"
-    );
+    tracing::info!(user, group, "dropped privileges (keeping CAP_NET_ADMIN, CAP_NET_RAW)");
     Ok(())
 }

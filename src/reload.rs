@@ -92,9 +92,7 @@ impl Reloader {
         for what in self.restart_only_changes(&config) {
             tracing::warn!("{what} changed: restart tproxyd to apply it (the rest is reloaded)");
         }
-        self.relay
-            .rules
-            .store(Arc::new(UdpRules::new(&config.relay, mark)));
+        self.relay.rules.store(Arc::new(UdpRules::new(&config.relay, mark)));
         let ended = self.relay.table.resize(config.relay.session_capacity);
         if ended > 0 {
             self.stats.sessions_evicted.add(ended as u64);

@@ -21,16 +21,14 @@ use crate::dns::{DnsEngine, DnsService, server as dns_server};
 use crate::firewall::{AutoRules, FirewallError};
 use crate::net::sockets;
 use crate::pidfile::PidFile;
-use crate::relay::{RelayContext, listener};
+use crate::relay::{RelayContext, expiry, listener};
 use crate::reload::{LogFilterHandle, Reloader};
 use crate::shutdown::{self, Shutdown};
 use crate::stats::Stats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error(
-        "cannot listen on {addr} ({what}): {source} (transparent sockets and marks need CAP_NET_ADMIN)"
-    )]
+    #[error("cannot listen on {addr} ({what}): {source} (transparent sockets and marks need CAP_NET_ADMIN)")]
     Listen {
         addr: SocketAddr,
         what: &'static str,
@@ -126,16 +124,13 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
         for &addr in &dns.listen {
             p.dns_udp
                 .push(sockets::server_udp(addr, mark).map_err(listen_error(addr, "DNS, UDP"))?);
-            p.dns_tcp.push(
-                sockets::tcp_listener(addr, mark, false).map_err(listen_error(addr, "DNS, TCP"))?,
-            );
+            p.dns_tcp
+                .push(sockets::tcp_listener(addr, mark, false).map_err(listen_error(addr, "DNS, TCP"))?);
             tracing::info!(%addr, "DNS listening (UDP and TCP)");
         }
         for &addr in &dns.tcp_listen {
-            p.dns_tcp.push(
-                sockets::tcp_listener(addr, mark, true)
-                    .map_err(listen_error(addr, "DNS, transparent TCP"))?,
-            );
+            p.dns_tcp
+                .push(sockets::tcp_listener(addr, mark, true).map_err(listen_error(addr, "DNS, transparent TCP"))?);
             tracing::info!(%addr, "DNS listening (transparent TCP)");
         }
     }
@@ -153,12 +148,10 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
         p.rules = Some(InstalledRules(rules));
     }
     if let Some(path) = &p.config.pid_file {
-        p.pid_file = Some(
-            PidFile::create(path).map_err(|source| ServerError::PidFile {
-                path: path.clone(),
-                source,
-            })?,
-        );
+        p.pid_file = Some(PidFile::create(path).map_err(|source| ServerError::PidFile {
+            path: path.clone(),
+            source,
+        })?);
     }
     Ok(p)
 }
@@ -187,12 +180,7 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
     } = prepared;
     let mark = config.mark.0;
     let dns = dns_engine.map(|e| Arc::new(DnsService::new(e, stats.clone())));
-    let relay_ctx = Arc::new(RelayContext::new(
-        &config.relay,
-        mark,
-        stats.clone(),
-        dns.clone(),
-    ));
+    let relay_ctx = Arc::new(RelayContext::new(&config.relay, mark, stats.clone(), dns.clone()));
 
     let (trigger, shutdown) = shutdown::channel();
     let mut tasks: JoinSet<io::Result<()>> = JoinSet::new();
@@ -203,6 +191,7 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
             shutdown.clone(),
         ));
     }
+    tasks.spawn(expiry::sweep(relay_ctx.clone(), shutdown.clone()));
     if let Some(dns) = &dns {
         spawn_dns(&mut tasks, dns, dns_udp, dns_tcp, &shutdown)?;
     }
@@ -285,10 +274,7 @@ fn async_udp(sock: std::net::UdpSocket, what: &'static str) -> Result<UdpSocket,
     UdpSocket::from_std(sock).map_err(listen_error(addr, what))
 }
 
-fn async_tcp(
-    listener: std::net::TcpListener,
-    what: &'static str,
-) -> Result<TcpListener, ServerError> {
+fn async_tcp(listener: std::net::TcpListener, what: &'static str) -> Result<TcpListener, ServerError> {
     let addr = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));

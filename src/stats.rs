@@ -96,6 +96,8 @@ counters! {
     drop_session_open_failed => "drops_total", "reason=\"session_open_failed\"";
     /// Datagrams dropped by a `drop` rule.
     drop_by_rule => "drops_total", "reason=\"rule\"";
+    /// Datagrams from a remote no flow on that upstream socket talks to.
+    drop_unsolicited => "drops_total", "reason=\"unsolicited\"";
     /// Send errors towards upstreams other than a full buffer.
     upstream_send_errors => "errors_total", "kind=\"upstream_send\"";
     /// ICMP port/host unreachable reported by an upstream socket.
@@ -146,8 +148,7 @@ counters! {
 
 /// Upper bounds of the latency buckets, in microseconds.
 pub const LATENCY_BUCKETS_US: [u64; 12] = [
-    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000,
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
 ];
 
 /// A fixed-bucket latency histogram (Prometheus style, cumulative on export).
@@ -201,11 +202,7 @@ impl RcodeCounters {
     }
 
     pub fn read(&self) -> Vec<(&'static str, u64)> {
-        RCODE_NAMES
-            .iter()
-            .zip(&self.0)
-            .map(|(n, c)| (*n, c.get()))
-            .collect()
+        RCODE_NAMES.iter().zip(&self.0).map(|(n, c)| (*n, c.get())).collect()
     }
 }
 
@@ -221,10 +218,7 @@ mod tests {
         let snap = s.snapshot();
         assert_eq!(snap[0], ("client_datagrams", 1));
         assert_eq!(snap[1], ("client_bytes", 10));
-        assert!(
-            snap.iter()
-                .any(|(n, v)| *n == "sessions_evicted" && *v == 0)
-        );
+        assert!(snap.iter().any(|(n, v)| *n == "sessions_evicted" && *v == 0));
         let series = s.series();
         assert_eq!(
             (series[0].metric, series[0].labels),

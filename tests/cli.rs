@@ -22,11 +22,7 @@ fn write_config(name: &str, text: &str) -> PathBuf {
 fn check_accepts_the_shipped_example() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tproxyd.toml");
     let out = tproxyd(&["check", "--config", example]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok\n"));
 }
 
@@ -40,26 +36,17 @@ fn check_rejects_a_bad_config_with_file_line_and_column() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let expected = format!("{}:5:16: ", path.display());
-    assert!(
-        stderr.starts_with(&expected),
-        "expected {expected:?}, got {stderr:?}"
-    );
+    assert!(stderr.starts_with(&expected), "expected {expected:?}, got {stderr:?}");
     assert!(stderr.contains("invalid duration"), "{stderr}");
 }
 
 #[test]
 fn check_rejects_unknown_keys() {
-    let path = write_config(
-        "typo.toml",
-        "[relay]\nlisten = [\"0.0.0.0:1\"]\nidle_timout = \"5s\"\n",
-    );
+    let path = write_config("typo.toml", "[relay]\nlisten = [\"0.0.0.0:1\"]\nidle_timout = \"5s\"\n");
     let out = tproxyd(&["check", "--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.starts_with(&format!("{}:3:1: ", path.display())),
-        "{stderr}"
-    );
+    assert!(stderr.starts_with(&format!("{}:3:1: ", path.display())), "{stderr}");
     assert!(stderr.contains("idle_timout"), "{stderr}");
 }
 
@@ -92,11 +79,7 @@ fn check_rejects_dns_rules_that_cannot_work() {
             4,
             "needs a, aaaa, cname or hosts",
         ),
-        (
-            "mark = 1\n[dns]\nports = [53]\n",
-            2,
-            "no upstream group \"default\"",
-        ),
+        ("mark = 1\n[dns]\nports = [53]\n", 2, "no upstream group \"default\""),
         (
             "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n[[dns.rules]]\naction = \"forward\"\nupstream = \"nope\"\n",
             4,
@@ -123,10 +106,7 @@ fn check_rejects_dns_rules_that_cannot_work() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{text}");
         let prefix = format!("{}:{line}:", path.display());
-        assert!(
-            stderr.starts_with(&prefix),
-            "expected {prefix}..., got {stderr}"
-        );
+        assert!(stderr.starts_with(&prefix), "expected {prefix}..., got {stderr}");
         assert!(stderr.contains(needle), "{stderr}");
     }
 }
@@ -165,51 +145,32 @@ action = "block"
 
 fn explain(args: &[&str]) -> String {
     let list = write_config("explain-list.txt", "||games.example^\nads.example\n");
-    let cfg = write_config(
-        "explain.toml",
-        &EXPLAIN_CONFIG.replace("LIST", list.to_str().unwrap()),
-    );
+    let cfg = write_config("explain.toml", &EXPLAIN_CONFIG.replace("LIST", list.to_str().unwrap()));
     let mut all = vec!["explain", "--config", cfg.to_str().unwrap()];
     all.extend_from_slice(args);
     let out = tproxyd(&all);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).replace(cfg.to_str().unwrap(), "CFG")
 }
 
 #[test]
 fn explain_says_which_dns_rule_decides_and_what_the_answer_is() {
-    let blocked = explain(&[
-        "--client",
-        "192.0.2.70",
-        "--query",
-        "www.games.example",
-        "A",
-    ]);
-    assert!(
-        blocked.contains("rule 2 (CFG:27) matches: block"),
-        "{blocked}"
-    );
+    let blocked = explain(&["--client", "192.0.2.70", "--query", "www.games.example", "A"]);
+    assert!(blocked.contains("rule 2 (CFG:27) matches: block"), "{blocked}");
     assert!(blocked.contains("→ NXDOMAIN, no records"), "{blocked}");
 
     let adult = explain(&["--client", "192.0.2.10", "--query", "www.games.example"]);
     assert!(adult.contains("no rule matches"), "{adult}");
-    assert!(adult.contains("forwarded to upstream group \"default\" (udp://198.51.100.53:53, tls://198.51.100.54:853)"), "{adult}");
+    assert!(
+        adult.contains("forwarded to upstream group \"default\" (udp://198.51.100.53:53, tls://198.51.100.54:853)"),
+        "{adult}"
+    );
 
     let printer = explain(&["--query", "printer.lan", "AAAA"]);
-    assert!(
-        printer.contains("rule 1 (CFG:22) matches: answer"),
-        "{printer}"
-    );
+    assert!(printer.contains("rule 1 (CFG:22) matches: answer"), "{printer}");
     assert!(printer.contains("→ NOERROR, no records"), "{printer}");
     let printer_a = explain(&["--query", "printer.lan"]);
-    assert!(
-        printer_a.contains("printer.lan. 300 A 192.0.2.50"),
-        "{printer_a}"
-    );
+    assert!(printer_a.contains("printer.lan. 300 A 192.0.2.50"), "{printer_a}");
 }
 
 #[test]
@@ -224,14 +185,8 @@ fn explain_says_which_flow_rule_decides_and_where_the_flow_goes() {
     assert!(game.contains("through interface wg0"), "{game}");
 
     let other = explain(&["--dst", "198.51.100.7:443"]);
-    assert!(
-        other.contains("no rule matches: the defaults apply"),
-        "{other}"
-    );
-    assert!(
-        other.contains("direct to the original destination"),
-        "{other}"
-    );
+    assert!(other.contains("no rule matches: the defaults apply"), "{other}");
+    assert!(other.contains("direct to the original destination"), "{other}");
 
     let dns = explain(&["--dst", "8.8.8.8:53"]);
     assert!(dns.contains("answered by the DNS engine"), "{dns}");

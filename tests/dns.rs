@@ -75,14 +75,8 @@ impl DnsLab {
     }
 
     fn assert_nothing_leaked(&self) {
-        assert!(
-            self.leak4.received().is_empty(),
-            "a query reached the real {PUBLIC}"
-        );
-        assert!(
-            self.leak6.received().is_empty(),
-            "a query reached the real {PUBLIC6}"
-        );
+        assert!(self.leak4.received().is_empty(), "a query reached the real {PUBLIC}");
+        assert!(self.leak6.received().is_empty(), "a query reached the real {PUBLIC6}");
     }
 }
 
@@ -130,25 +124,12 @@ fn hijacked_query_is_answered_from_the_address_the_client_asked() {
     // dig only accepts a reply whose source is the server it asked.
     assert_eq!(d.server, format!("{PUBLIC}#53"));
     assert!(t.upstream.was_asked("www.example.test"));
-    let asked_from: Vec<String> = t
-        .upstream
-        .queries()
-        .into_iter()
-        .map(|(_, from)| from)
-        .collect();
-    assert_eq!(
-        asked_from,
-        ["198.51.100.1"],
-        "the upstream must see the gateway"
-    );
+    let asked_from: Vec<String> = t.upstream.queries().into_iter().map(|(_, from)| from).collect();
+    assert_eq!(asked_from, ["198.51.100.1"], "the upstream must see the gateway");
     t.assert_nothing_leaked();
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("dns_forwarded"), 1);
-    assert_eq!(
-        stopped.counter("sessions_opened"),
-        0,
-        "DNS is answered, not relayed"
-    );
+    assert_eq!(stopped.counter("sessions_opened"), 0, "DNS is answered, not relayed");
 }
 
 #[test]
@@ -200,36 +181,15 @@ action = "block"
 block = "refused"
 "#,
     );
-    assert_eq!(
-        t.dig(&format!("@{PUBLIC} ads.nx.test A")).status,
-        "NXDOMAIN"
-    );
+    assert_eq!(t.dig(&format!("@{PUBLIC} ads.nx.test A")).status, "NXDOMAIN");
     let nodata = t.dig(&format!("@{PUBLIC} nodata.test A"));
-    assert_eq!(
-        (nodata.status.as_str(), nodata.answers.len()),
-        ("NOERROR", 0)
-    );
-    assert_eq!(
-        t.dig(&format!("@{PUBLIC} x.null.test A")).answer_data(),
-        ["0.0.0.0"]
-    );
-    assert_eq!(
-        t.dig(&format!("@{PUBLIC} x.null.test AAAA")).answer_data(),
-        ["::"]
-    );
+    assert_eq!((nodata.status.as_str(), nodata.answers.len()), ("NOERROR", 0));
+    assert_eq!(t.dig(&format!("@{PUBLIC} x.null.test A")).answer_data(), ["0.0.0.0"]);
+    assert_eq!(t.dig(&format!("@{PUBLIC} x.null.test AAAA")).answer_data(), ["::"]);
     let null_mx = t.dig(&format!("@{PUBLIC} x.null.test MX"));
-    assert_eq!(
-        (null_mx.status.as_str(), null_mx.answers.len()),
-        ("NOERROR", 0)
-    );
-    assert_eq!(
-        t.dig(&format!("@{PUBLIC} a.b.refused.test A")).status,
-        "REFUSED"
-    );
-    assert!(
-        t.upstream.queries().is_empty(),
-        "blocked names must not be forwarded"
-    );
+    assert_eq!((null_mx.status.as_str(), null_mx.answers.len()), ("NOERROR", 0));
+    assert_eq!(t.dig(&format!("@{PUBLIC} a.b.refused.test A")).status, "REFUSED");
+    assert!(t.upstream.queries().is_empty(), "blocked names must not be forwarded");
     t.assert_nothing_leaked();
 }
 
@@ -281,17 +241,10 @@ fn answers_are_cached_with_counting_down_ttls_positive_and_negative() {
     std::thread::sleep(Duration::from_millis(2_100));
     let again = t.dig(&format!("@{PUBLIC} www.example.test A"));
     assert_eq!(again.answer_data(), ["203.0.113.80"], "{}", again.raw);
-    assert!(
-        (290..=298).contains(&again.answers[0].1),
-        "TTL {}",
-        again.answers[0].1
-    );
+    assert!((290..=298).contains(&again.answers[0].1), "TTL {}", again.answers[0].1);
     let nx_again = t.dig(&format!("@{PUBLIC} nope.example.test A"));
     assert_eq!(nx_again.status, "NXDOMAIN");
-    assert!(
-        nx_again.authority[0].1 <= 298,
-        "negative TTL must count down too"
-    );
+    assert!(nx_again.authority[0].1 <= 298, "negative TTL must count down too");
     // A name never asked before cannot be answered now.
     let miss = t.dig(&format!("@{PUBLIC} other.example.test A"));
     assert_eq!(miss.status, "SERVFAIL");
@@ -333,17 +286,12 @@ fn failover_to_the_second_server_of_a_group() {
     // server that answered.
     let d = t.dig(&format!("@{PUBLIC} www.example.test AAAA"));
     assert_eq!(d.answer_data(), ["2001:db8::80"]);
-    assert!(
-        d.query_ms < 500,
-        "the dead server was tried again: {} ms",
-        d.query_ms
-    );
+    assert!(d.query_ms < 500, "the dead server was tried again: {} ms", d.query_ms);
 }
 
 fn raw_query(t: &DnsLab, bytes: &[u8]) -> Option<(SocketAddr, Vec<u8>)> {
     let sock = socket(&t.lab.client, "192.0.2.10:0".parse().unwrap());
-    sock.set_read_timeout(Some(Duration::from_millis(800)))
-        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
     sock.send_to(bytes, sa(ip(PUBLIC), 53)).unwrap();
     recv(&sock)
 }
@@ -363,10 +311,7 @@ fn malformed_queries_get_formerr_or_are_dropped_and_counted() {
     // Too short to be a header: silence.
     assert!(raw_query(&t, &[1, 2, 3]).is_none());
     // Still healthy afterwards.
-    assert_eq!(
-        t.dig(&format!("@{PUBLIC} printer.lan A")).answer_data(),
-        ["192.0.2.50"]
-    );
+    assert_eq!(t.dig(&format!("@{PUBLIC} printer.lan A")).answer_data(), ["192.0.2.50"]);
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("dns_formerr"), 1);
     assert_eq!(stopped.counter("dns_dropped_malformed"), 1);
@@ -436,13 +381,8 @@ fn a_one_million_line_block_list_loads_and_matches() {
         }
     }
     std::fs::write(&list, text).unwrap();
-    let rules = format!(
-        "[[dns.rules]]\nlists = [\"{}\"]\naction = \"block\"\n",
-        list.display()
-    );
-    let daemon = t
-        .lab
-        .start_tproxyd_within(&config(&rules), Duration::from_secs(120));
+    let rules = format!("[[dns.rules]]\nlists = [\"{}\"]\naction = \"block\"\n", list.display());
+    let daemon = t.lab.start_tproxyd_within(&config(&rules), Duration::from_secs(120));
     let loaded = daemon.log_text();
     assert!(loaded.contains("names=1000000"), "{loaded}");
     for blocked in [
@@ -451,22 +391,14 @@ fn a_one_million_line_block_list_loads_and_matches() {
         "x.cdn2.ads.test",
         "a.b.wild999999.ads.test",
     ] {
-        assert_eq!(
-            t.dig(&format!("@{PUBLIC} {blocked} A")).status,
-            "NXDOMAIN",
-            "{blocked}"
-        );
+        assert_eq!(t.dig(&format!("@{PUBLIC} {blocked} A")).status, "NXDOMAIN", "{blocked}");
     }
     // Exact entries do not cover subdomains; unlisted names resolve.
     assert_eq!(
-        t.dig(&format!("@{PUBLIC} www.example.test A"))
-            .answer_data(),
+        t.dig(&format!("@{PUBLIC} www.example.test A")).answer_data(),
         ["203.0.113.80"]
     );
-    assert_eq!(
-        t.dig(&format!("@{PUBLIC} sub.tracker0.ads.test A")).status,
-        "SERVFAIL"
-    );
+    assert_eq!(t.dig(&format!("@{PUBLIC} sub.tracker0.ads.test A")).status, "SERVFAIL");
     assert!(t.upstream.was_asked("sub.tracker0.ads.test"));
 }
 
@@ -496,14 +428,10 @@ addDOHLocal("{UPSTREAM}:443", "{cert}", "{key}", "/dns-query")"#,
         )
     };
     let base = config("");
-    let default_group =
-        format!("[dns.upstreams.default]\nservers = [\"{UPSTREAM}\"]\nserver_timeout = \"700ms\"");
+    let default_group = format!("[dns.upstreams.default]\nservers = [\"{UPSTREAM}\"]\nserver_timeout = \"700ms\"");
     for (servers, qname) in [
         (format!("\"tls://{UPSTREAM}\""), "www.example.test"),
-        (
-            format!("\"https://{UPSTREAM}/dns-query\""),
-            "www.example.test",
-        ),
+        (format!("\"https://{UPSTREAM}/dns-query\""), "www.example.test"),
     ] {
         let text = base.replace(&default_group, &group(&servers, "dns.lab.test"));
         let daemon = t.lab.start_tproxyd(&text);
@@ -533,13 +461,6 @@ addDOHLocal("{UPSTREAM}:443", "{cert}", "{key}", "/dns-query")"#,
         &group(&format!("\"tls://{UPSTREAM}\""), "other.lab.test"),
     );
     let _daemon = t.lab.start_tproxyd(&text);
-    assert_eq!(
-        t.dig(&format!("@{PUBLIC} www.example.test AAAA")).status,
-        "SERVFAIL"
-    );
-    assert_eq!(
-        ours().len(),
-        2,
-        "a query went out over an unverified connection"
-    );
+    assert_eq!(t.dig(&format!("@{PUBLIC} www.example.test AAAA")).status, "SERVFAIL");
+    assert_eq!(ours().len(), 2, "a query went out over an unverified connection");
 }

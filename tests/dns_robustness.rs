@@ -26,11 +26,7 @@ domains = ["*.ads.example"]
 action = "block"
 block = "null"
 "#;
-    let dns = Config::parse(text, Path::new("t.toml"))
-        .unwrap()
-        .dns()
-        .unwrap()
-        .clone();
+    let dns = Config::parse(text, Path::new("t.toml")).unwrap().dns().unwrap().clone();
     let stats = Arc::new(Stats::default());
     (DnsEngine::build(&dns, 255, stats.clone()).unwrap(), stats)
 }
@@ -101,30 +97,17 @@ fn sixty_thousand_mutated_queries_never_panic_and_replies_are_well_formed() {
     for i in 0..60_000 {
         let mut input = seeds[i % seeds.len()].clone();
         mutate(&mut rng, &mut input);
-        let transport = if i % 3 == 0 {
-            Transport::Tcp
-        } else {
-            Transport::Udp
-        };
+        let transport = if i % 3 == 0 { Transport::Tcp } else { Transport::Udp };
         match engine.answer_now(&input, client, transport) {
             Outcome::Reply(bytes) => {
                 replies += 1;
-                let reply = Message::from_vec(&bytes)
-                    .unwrap_or_else(|e| panic!("unparseable reply to {input:?}: {e}"));
+                let reply = Message::from_vec(&bytes).unwrap_or_else(|e| panic!("unparseable reply to {input:?}: {e}"));
                 assert_eq!(reply.metadata.message_type, MessageType::Response);
                 if transport == Transport::Udp {
-                    assert!(
-                        bytes.len() <= 1232,
-                        "UDP reply of {} bytes to {input:?}",
-                        bytes.len()
-                    );
+                    assert!(bytes.len() <= 1232, "UDP reply of {} bytes to {input:?}", bytes.len());
                 }
                 if input.len() >= 2 {
-                    assert_eq!(
-                        reply.metadata.id.to_be_bytes(),
-                        [input[0], input[1]],
-                        "reply ID"
-                    );
+                    assert_eq!(reply.metadata.id.to_be_bytes(), [input[0], input[1]], "reply ID");
                 }
             }
             Outcome::Forward(_) => forwards += 1,
@@ -136,11 +119,7 @@ fn sixty_thousand_mutated_queries_never_panic_and_replies_are_well_formed() {
         replies > 10_000 && forwards > 1_000,
         "replies {replies}, forwards {forwards}"
     );
-    assert!(
-        stats.dns_formerr.get() > 1_000,
-        "formerr {}",
-        stats.dns_formerr.get()
-    );
+    assert!(stats.dns_formerr.get() > 1_000, "formerr {}", stats.dns_formerr.get());
     assert!(stats.dns_dropped_malformed.get() > 100);
     assert!(stats.dns_answered_local.get() > 1_000 && stats.dns_blocked.get() > 1_000);
 }

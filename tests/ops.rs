@@ -86,9 +86,7 @@ fn reload_swaps_rules_while_flows_keep_going_and_a_bad_config_is_refused() {
         let busy_flow = socket(&lab.client, client4(40001));
         let target = echo.addr;
         std::thread::spawn(move || {
-            busy_flow
-                .set_read_timeout(Some(Duration::from_secs(1)))
-                .unwrap();
+            busy_flow.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
             let mut buf = [0u8; 64];
             while !stop.load(Ordering::Relaxed) {
                 busy_flow.send_to(b"ping", target).unwrap();
@@ -106,11 +104,7 @@ fn reload_swaps_rules_while_flows_keep_going_and_a_bad_config_is_refused() {
 
     std::fs::write(&daemon.config, config("192.0.2.51", "direct", "")).unwrap();
     let out = lab.tproxyd_command(&["reload", "--config", daemon.config.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     daemon.wait_for_log("configuration reloaded", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
@@ -128,19 +122,11 @@ fn reload_swaps_rules_while_flows_keep_going_and_a_bad_config_is_refused() {
         ["192.0.2.51"]
     );
     exchange(&flow, echo.addr, b"after");
-    assert_eq!(
-        echo.last_peer(),
-        upstream_before,
-        "a live flow must survive a reload"
-    );
+    assert_eq!(echo.last_peer(), upstream_before, "a live flow must survive a reload");
     exchange(&flow, echo9999.addr, b"now allowed");
 
     // A broken config is refused by `tproxyd reload` itself...
-    std::fs::write(
-        &daemon.config,
-        "mark = 255\n[relay]\nidle_timeout = \"soon\"\n",
-    )
-    .unwrap();
+    std::fs::write(&daemon.config, "mark = 255\n[relay]\nidle_timeout = \"soon\"\n").unwrap();
     let out = lab.tproxyd_command(&["reload", "--config", daemon.config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -175,35 +161,22 @@ fn metrics_endpoint_reports_what_happened() {
     let lab = Lab::new();
     lab.install_rules("nft", "LAN_IF=lan0");
     let admin: SocketAddr = "127.0.0.1:9153".parse().unwrap();
-    let daemon = lab.start_tproxyd(&config(
-        "192.0.2.50",
-        "drop",
-        &format!("[admin]\nlisten = \"{admin}\""),
-    ));
+    let daemon = lab.start_tproxyd(&config("192.0.2.50", "drop", &format!("[admin]\nlisten = \"{admin}\"")));
     let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
     let flow = socket(&lab.client, client4(40000));
     for _ in 0..3 {
         exchange(&flow, echo.addr, b"0123456789");
     }
     flow.send_to(b"x", sa(server4(0), 9999)).unwrap();
-    assert_eq!(
-        dig(&lab.client, &format!("@{PUBLIC} printer.lan")).status,
-        "NOERROR"
-    );
+    assert_eq!(dig(&lab.client, &format!("@{PUBLIC} printer.lan")).status, "NOERROR");
     std::thread::sleep(Duration::from_millis(200));
 
     let response = http_get(&lab, admin, "/metrics");
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
     assert!(response.contains("Content-Type: text/plain; version=0.0.4"));
     let m = response.split("\r\n\r\n").nth(1).unwrap();
-    assert_eq!(
-        metric(m, "tproxyd_datagrams_total{direction=\"to_upstream\"}"),
-        3
-    );
-    assert_eq!(
-        metric(m, "tproxyd_bytes_total{direction=\"to_upstream\"}"),
-        30
-    );
+    assert_eq!(metric(m, "tproxyd_datagrams_total{direction=\"to_upstream\"}"), 3);
+    assert_eq!(metric(m, "tproxyd_bytes_total{direction=\"to_upstream\"}"), 30);
     assert_eq!(
         metric(m, "tproxyd_datagrams_total{direction=\"to_client\"}"),
         4,
@@ -212,23 +185,14 @@ fn metrics_endpoint_reports_what_happened() {
     assert_eq!(metric(m, "tproxyd_sessions_active"), 1);
     assert_eq!(metric(m, "tproxyd_sessions_opened_total"), 1);
     assert_eq!(metric(m, "tproxyd_drops_total{reason=\"rule\"}"), 1);
-    assert_eq!(
-        metric(m, "tproxyd_dns_queries_by_action_total{action=\"answer\"}"),
-        1
-    );
-    assert_eq!(
-        metric(m, "tproxyd_dns_responses_total{rcode=\"NOERROR\"}"),
-        1
-    );
+    assert_eq!(metric(m, "tproxyd_dns_queries_by_action_total{action=\"answer\"}"), 1);
+    assert_eq!(metric(m, "tproxyd_dns_responses_total{rcode=\"NOERROR\"}"), 1);
     assert!(m.contains("# TYPE tproxyd_dns_upstream_seconds histogram"));
     assert_eq!(metric(m, "tproxyd_reloads_total"), 0);
     assert!(http_get(&lab, admin, "/nope").starts_with("HTTP/1.1 404"));
     // Nothing listens beyond loopback.
     let ss = lab.gateway.sh("ss -ltnH 'sport = :9153'");
-    assert!(
-        ss.contains("127.0.0.1:9153") && ss.lines().count() == 1,
-        "{ss}"
-    );
+    assert!(ss.contains("127.0.0.1:9153") && ss.lines().count() == 1, "{ss}");
     drop(daemon);
 }
 
@@ -239,17 +203,14 @@ fn auto_rules_config() -> String {
 
 fn assert_gateway_clean(lab: &Lab) {
     let tables = lab.gateway.sh("nft list tables");
-    assert!(
-        !tables.contains("tproxyd"),
-        "nft table left behind: {tables}"
-    );
+    assert!(!tables.contains("tproxyd"), "nft table left behind: {tables}");
     for fam in ["-4", "-6"] {
         let rules = lab.gateway.sh(&format!("ip {fam} rule show"));
         assert!(!rules.contains("fwmark"), "ip rule left behind: {rules}");
         // (A table that was never created is reported as an error: clean too.)
-        let routes = lab.gateway.sh(&format!(
-            "ip {fam} route show table 100 2>/dev/null || true"
-        ));
+        let routes = lab
+            .gateway
+            .sh(&format!("ip {fam} route show table 100 2>/dev/null || true"));
         assert!(routes.trim().is_empty(), "route left behind: {routes}");
     }
 }
@@ -278,14 +239,8 @@ fn auto_rules_are_installed_at_start_and_removed_at_exit_even_after_a_crash() {
         "a killed daemon cannot clean up"
     );
     let daemon = lab.start_tproxyd(&auto_rules_config());
-    assert_eq!(
-        lab.gateway.sh("nft list tables").matches("tproxyd").count(),
-        1
-    );
-    assert_eq!(
-        lab.gateway.sh("ip -4 rule show").matches("fwmark").count(),
-        1
-    );
+    assert_eq!(lab.gateway.sh("nft list tables").matches("tproxyd").count(), 1);
+    assert_eq!(lab.gateway.sh("ip -4 rule show").matches("fwmark").count(), 1);
     exchange(&flow, echo.addr, b"after restart");
     assert!(daemon.stop().status.success());
     assert_gateway_clean(&lab);
@@ -295,10 +250,7 @@ fn doctor(lab: &Lab, config: &str) -> (bool, String) {
     let path = lab.path("doctor.toml");
     std::fs::write(&path, config).unwrap();
     let out = lab.tproxyd_command(&["doctor", "--config", path.to_str().unwrap()]);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[test]
@@ -316,10 +268,7 @@ fn doctor_finds_what_is_missing_and_says_how_to_fix_it() {
         report.contains("[FAIL] policy routing (IPv4): no `ip rule` for fwmark 0x1 lookup 100"),
         "{report}"
     );
-    assert!(
-        report.contains("fix: ip -4 rule add fwmark 1 lookup 100"),
-        "{report}"
-    );
+    assert!(report.contains("fix: ip -4 rule add fwmark 1 lookup 100"), "{report}");
     assert!(
         report.contains("[FAIL] redirect: no nftables or iptables TPROXY rule found"),
         "{report}"
@@ -341,10 +290,7 @@ fn doctor_finds_what_is_missing_and_says_how_to_fix_it() {
     // The rules send to another port than tproxyd listens on.
     let (healthy, report) = doctor(&lab, &cfg.replace("15353", "15999"));
     assert!(!healthy);
-    assert!(
-        report.contains("none sends to tproxyd's port 15999"),
-        "{report}"
-    );
+    assert!(report.contains("none sends to tproxyd's port 15999"), "{report}");
 }
 
 /// The check for a dropped-privilege daemon: its uid and its capabilities.
@@ -401,11 +347,7 @@ fn started_as_root_it_drops_to_the_configured_user_keeping_two_capabilities() {
     assert!(stopped.status.success(), "{}", stopped.log);
     assert!(stopped.counter("reply_raw_fallbacks") >= 1);
     // Removing auto_rules at exit still worked, through the ambient capabilities.
-    assert!(
-        stopped.log.contains("auto_rules removed"),
-        "{}",
-        stopped.log
-    );
+    assert!(stopped.log.contains("auto_rules removed"), "{}", stopped.log);
     assert_gateway_clean(&lab);
 }
 

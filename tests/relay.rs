@@ -21,20 +21,12 @@ fn client6(port: u16) -> SocketAddr {
 }
 
 /// Client → gateway → server and back; checks what a user would check.
-fn assert_echo_is_transparent(
-    lab: &Lab,
-    client: SocketAddr,
-    server: SocketAddr,
-    gateway_wan: IpAddr,
-) {
+fn assert_echo_is_transparent(lab: &Lab, client: SocketAddr, server: SocketAddr, gateway_wan: IpAddr) {
     let echo = Echo::start(&lab.servers[0], server);
     let sock = socket(&lab.client, client);
     let (from, reply) = exchange(&sock, server, b"ping through tproxyd");
     assert_eq!(reply, b"ping through tproxyd");
-    assert_eq!(
-        from, server,
-        "the reply must come from the original destination"
-    );
+    assert_eq!(from, server, "the reply must come from the original destination");
     let seen = echo.last_peer();
     assert_eq!(
         seen.ip(),
@@ -88,8 +80,7 @@ fn without_tproxyd_captured_traffic_fails_closed() {
         lab.install_rules(flavour, "LAN_IF=lan0");
         let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
         let sock = socket(&lab.client, client4(40000));
-        sock.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
         sock.send_to(b"x", sa(server4(0), 7000)).unwrap();
         assert!(recv(&sock).is_none(), "{flavour}");
         assert!(
@@ -102,10 +93,7 @@ fn without_tproxyd_captured_traffic_fails_closed() {
 #[test]
 fn two_hundred_concurrent_flows_stay_apart() {
     let lab = Lab::new();
-    let extra: Vec<IpAddr> = vec![
-        "203.0.113.20".parse().unwrap(),
-        "203.0.113.21".parse().unwrap(),
-    ];
+    let extra: Vec<IpAddr> = vec!["203.0.113.20".parse().unwrap(), "203.0.113.21".parse().unwrap()];
     for ip in &extra {
         lab.add_server_address(0, *ip);
     }
@@ -117,27 +105,17 @@ fn two_hundred_concurrent_flows_stay_apart() {
         sa(extra[0], 5000),
         sa(extra[1], 27015),
     ];
-    let echoes: Vec<Echo> = servers
-        .iter()
-        .map(|s| Echo::start(&lab.servers[0], *s))
-        .collect();
-    let clients: Vec<_> = (0..200u16)
-        .map(|i| socket(&lab.client, client4(41000 + i)))
-        .collect();
+    let echoes: Vec<Echo> = servers.iter().map(|s| Echo::start(&lab.servers[0], *s)).collect();
+    let clients: Vec<_> = (0..200u16).map(|i| socket(&lab.client, client4(41000 + i))).collect();
     // Send everything first so the flows really are concurrent.
     for (i, c) in clients.iter().enumerate() {
         let payload = format!("flow {i}");
-        c.send_to(payload.as_bytes(), servers[i % servers.len()])
-            .unwrap();
+        c.send_to(payload.as_bytes(), servers[i % servers.len()]).unwrap();
     }
     for (i, c) in clients.iter().enumerate() {
         let (from, reply) = recv(c).unwrap_or_else(|| panic!("flow {i} got no reply"));
         assert_eq!(from, servers[i % servers.len()], "flow {i}: wrong source");
-        assert_eq!(
-            reply,
-            format!("flow {i}").as_bytes(),
-            "flow {i}: someone else's reply"
-        );
+        assert_eq!(reply, format!("flow {i}").as_bytes(), "flow {i}: someone else's reply");
         c.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
         assert!(recv(c).is_none(), "flow {i} received a second datagram");
     }
@@ -145,12 +123,7 @@ fn two_hundred_concurrent_flows_stay_apart() {
     for e in &echoes {
         let ports: HashSet<u16> = e.received().iter().map(|(p, _)| p.port()).collect();
         assert_eq!(e.received().len(), 50, "{}", e.addr);
-        assert_eq!(
-            ports.len(),
-            50,
-            "{}: flows shared an upstream socket",
-            e.addr
-        );
+        assert_eq!(ports.len(), 50, "{}: flows shared an upstream socket", e.addr);
     }
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("sessions_opened"), 200);
@@ -209,9 +182,7 @@ fn a_full_table_evicts_the_least_recently_used_flow() {
     let daemon = lab.start_tproxyd(&config("session_capacity = 4"));
     let server = sa(server4(0), 7000);
     let echo = Echo::start(&lab.servers[0], server);
-    let clients: Vec<_> = (0..6u16)
-        .map(|i| socket(&lab.client, client4(42000 + i)))
-        .collect();
+    let clients: Vec<_> = (0..6u16).map(|i| socket(&lab.client, client4(42000 + i))).collect();
     let mut upstream_port = Vec::new();
     let talk = |i: usize| -> u16 {
         let (from, _) = exchange(&clients[i], server, format!("c{i}").as_bytes());
@@ -232,11 +203,7 @@ fn a_full_table_evicts_the_least_recently_used_flow() {
     }
     // ...evicted flows get a new one.
     for i in [1, 2] {
-        assert_ne!(
-            talk(i),
-            upstream_port[i],
-            "flow {i} should have been evicted"
-        );
+        assert_ne!(talk(i), upstream_port[i], "flow {i} should have been evicted");
     }
     let stopped = daemon.stop();
     // 2 evictions for flows 4-5, then 2 more when flows 1-2 came back.
@@ -255,7 +222,6 @@ fn an_idle_flow_expires_and_inbound_traffic_keeps_a_flow_alive() {
     // A flow that goes quiet in both directions is closed...
     let quiet = socket(&lab.client, client4(43000));
     exchange(&quiet, server, b"hello");
-    let first = echo.last_peer();
     // ...while one whose server keeps talking (a game server streaming
     // state to a silent player) is not.
     let listener = socket(&lab.client, client4(43001));
@@ -267,17 +233,16 @@ fn an_idle_flow_expires_and_inbound_traffic_keeps_a_flow_alive() {
         let (from, data) = recv(&listener).expect("server push should reach the client");
         assert_eq!((from, data.as_slice()), (server, &b"state"[..]));
     }
-    // 2 s have passed: the quiet flow is gone, the streaming one is not.
+    // 2 s have passed: the quiet flow is gone (its next datagram opens a
+    // new session), the streaming one is not.
     exchange(&quiet, server, b"hello again");
-    assert_ne!(echo.last_peer(), first, "the idle flow should have expired");
     exchange(&listener, server, b"still there");
-    assert_eq!(
-        echo.last_peer(),
-        streaming,
-        "inbound traffic must keep the flow alive"
-    );
+    assert_eq!(echo.last_peer(), streaming, "inbound traffic must keep the flow alive");
 
     let stopped = daemon.stop();
+    // Exactly one expiry (the quiet flow) and three openings (quiet,
+    // streaming, quiet again): had the streaming flow expired, both
+    // counts would be one higher.
     assert_eq!(stopped.counter("sessions_expired"), 1, "{}", stopped.log);
     assert_eq!(stopped.counter("sessions_opened"), 3);
 }
@@ -322,13 +287,12 @@ fn unreachable_servers_are_counted_and_do_not_stop_the_daemon() {
     // Nobody listens on port 9: the server's kernel answers ICMP port
     // unreachable to the gateway's upstream socket.
     let sock = socket(&lab.client, client4(45000));
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     for _ in 0..3 {
         sock.send_to(b"anyone?", sa(server4(0), 9)).unwrap();
         assert!(recv(&sock).is_none());
     }
-    // An unroutable destination (no route from the gateway) fails to open.
+    // An unroutable destination (no route from the gateway): the send fails.
     sock.send_to(b"lost", "203.0.113.99:9".parse::<SocketAddr>().unwrap())
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
@@ -336,17 +300,9 @@ fn unreachable_servers_are_counted_and_do_not_stop_the_daemon() {
     assert_echo_is_transparent(&lab, client4(45001), sa(server4(0), 7000), gateway_wan4(0));
     let stopped = daemon.stop();
     assert!(stopped.status.success());
-    assert!(
-        stopped.counter("upstream_unreachable") >= 1,
-        "{}",
-        stopped.log
-    );
-    assert_eq!(
-        stopped.counter("drop_session_open_failed"),
-        1,
-        "{}",
-        stopped.log
-    );
+    // ICMP port unreachable, three times (read from the error queue).
+    assert_eq!(stopped.counter("upstream_unreachable"), 3, "{}", stopped.log);
+    assert_eq!(stopped.counter("upstream_send_errors"), 1, "{}", stopped.log);
 }
 
 #[test]
@@ -372,11 +328,7 @@ fn sigterm_exits_zero_and_leaves_no_socket_behind() {
     assert_echo_is_transparent(&lab, client4(47000), sa(server4(0), 7000), gateway_wan4(0));
     let stopped = daemon.stop();
     assert!(stopped.status.success(), "exit status {}", stopped.status);
-    assert!(
-        stopped.log.contains("all sessions closed"),
-        "{}",
-        stopped.log
-    );
+    assert!(stopped.log.contains("all sessions closed"), "{}", stopped.log);
     assert!(!stopped.log.contains("panicked"), "{}", stopped.log);
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
     // Nothing of tproxyd's is left in the gateway: the listener port can be
@@ -391,15 +343,12 @@ fn sigterm_exits_zero_and_leaves_no_socket_behind() {
 fn flows_to_different_destinations_share_local_ports() {
     // Four ephemeral ports only: without sharing, the fifth flow would fail.
     let lab = Lab::new();
-    lab.gateway
-        .sh("sysctl -qw net.ipv4.ip_local_port_range='40000 40003'");
+    lab.gateway.sh("sysctl -qw net.ipv4.ip_local_port_range='40000 40003'");
     lab.install_rules("nft", "LAN_IF=lan0");
     let daemon = lab.start_tproxyd(&config(""));
     let a = Echo::start(&lab.servers[0], sa(server4(0), 7000));
     let b = Echo::start(&lab.servers[0], sa(server4(0), 7001));
-    let clients: Vec<_> = (0..8u16)
-        .map(|i| socket(&lab.client, client4(48000 + i)))
-        .collect();
+    let clients: Vec<_> = (0..8u16).map(|i| socket(&lab.client, client4(48000 + i))).collect();
     for (i, c) in clients.iter().enumerate() {
         let server = if i % 2 == 0 { a.addr } else { b.addr };
         let (from, reply) = exchange(c, server, format!("flow {i}").as_bytes());
@@ -411,11 +360,7 @@ fn flows_to_different_destinations_share_local_ports() {
         (40000..=40003).collect(),
         "four flows to A use the four ports"
     );
-    assert_eq!(
-        ports(&b),
-        ports(&a),
-        "the flows to B reuse the same four ports"
-    );
+    assert_eq!(ports(&b), ports(&a), "the flows to B reuse the same four ports");
     // Every flow keeps its own replies on a second round.
     for (i, c) in clients.iter().enumerate() {
         let server = if i % 2 == 0 { a.addr } else { b.addr };
@@ -423,9 +368,7 @@ fn flows_to_different_destinations_share_local_ports() {
     }
     // A fifth flow to A has no port left.
     let extra = socket(&lab.client, client4(48100));
-    extra
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    extra.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     extra.send_to(b"one too many", a.addr).unwrap();
     assert!(recv(&extra).is_none());
     let stopped = daemon.stop();

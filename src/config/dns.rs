@@ -32,10 +32,7 @@ pub struct DnsConfig {
     #[serde(default = "DnsConfig::default_upstream")]
     pub upstream: Spanned<String>,
     /// Longest a client waits for a forwarded answer before SERVFAIL.
-    #[serde(
-        default = "DnsConfig::default_timeout",
-        deserialize_with = "duration::deserialize"
-    )]
+    #[serde(default = "DnsConfig::default_timeout", deserialize_with = "duration::deserialize")]
     pub timeout: Duration,
     /// The UDP payload size tproxyd advertises and answers up to (EDNS).
     #[serde(default = "DnsConfig::default_udp_payload")]
@@ -74,10 +71,7 @@ pub struct CacheConfig {
     #[serde(default, deserialize_with = "duration::deserialize")]
     pub min_ttl: Duration,
     /// ... and at most this long.
-    #[serde(
-        default = "CacheConfig::default_max_ttl",
-        deserialize_with = "duration::deserialize"
-    )]
+    #[serde(default = "CacheConfig::default_max_ttl", deserialize_with = "duration::deserialize")]
     pub max_ttl: Duration,
     /// Cap on how long NXDOMAIN / no-data answers are kept (RFC 2308).
     #[serde(
@@ -182,10 +176,7 @@ impl UpstreamServer {
         };
         let addr = if let Ok(sa) = hostport.parse::<SocketAddr>() {
             sa
-        } else if let Ok(ip) = hostport
-            .trim_matches(|c| c == '[' || c == ']')
-            .parse::<IpAddr>()
-        {
+        } else if let Ok(ip) = hostport.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
             SocketAddr::new(ip, default_port)
         } else {
             return Err(format!(
@@ -193,18 +184,11 @@ impl UpstreamServer {
                  e.g. \"tls://198.51.100.53\" with tls_name = \"dns.example\""
             ));
         };
-        Ok(UpstreamServer {
-            protocol,
-            addr,
-            path,
-        })
+        Ok(UpstreamServer { protocol, addr, path })
     }
 
     pub fn needs_tls_name(&self) -> bool {
-        matches!(
-            self.protocol,
-            UpstreamProtocol::Tls | UpstreamProtocol::Https
-        )
+        matches!(self.protocol, UpstreamProtocol::Tls | UpstreamProtocol::Https)
     }
 }
 
@@ -296,8 +280,7 @@ impl DomainPattern {
             Some(r) => (true, r),
             None => (false, text),
         };
-        let name = crate::dns::names::normalize(rest)
-            .ok_or_else(|| format!("{text:?} is not a valid domain name"))?;
+        let name = crate::dns::names::normalize(rest).ok_or_else(|| format!("{text:?} is not a valid domain name"))?;
         Ok(DomainPattern { name, subdomains })
     }
 }
@@ -334,15 +317,14 @@ pub(super) fn validate(
     section: std::ops::Range<usize>,
 ) -> Result<(), (std::ops::Range<usize>, String)> {
     if !dns.upstreams.contains_key(dns.upstream.get_ref()) {
-        let needed =
-            dns.rules.iter().any(|r| {
-                r.get_ref().action == RuleAction::Forward && r.get_ref().upstream.is_none()
-            }) || dns.rules.iter().all(|r| !matches_everything(r.get_ref()));
+        let needed = dns
+            .rules
+            .iter()
+            .any(|r| r.get_ref().action == RuleAction::Forward && r.get_ref().upstream.is_none())
+            || dns.rules.iter().all(|r| !matches_everything(r.get_ref()));
         if needed {
             // Point at `upstream = ...` if written, else at the section.
-            let span = Some(dns.upstream.span())
-                .filter(|s| !s.is_empty())
-                .unwrap_or(section);
+            let span = Some(dns.upstream.span()).filter(|s| !s.is_empty()).unwrap_or(section);
             return Err((
                 span,
                 format!(
@@ -356,10 +338,7 @@ pub(super) fn validate(
     for (name, group) in &dns.upstreams {
         let servers = group.servers.get_ref();
         if servers.is_empty() {
-            return Err((
-                group.servers.span(),
-                format!("upstream group {name:?} has no servers"),
-            ));
+            return Err((group.servers.span(), format!("upstream group {name:?} has no servers")));
         }
         if servers.iter().any(UpstreamServer::needs_tls_name) && group.tls_name.is_none() {
             return Err((
@@ -377,11 +356,7 @@ pub(super) fn validate(
 /// A rule with no name, client or type condition catches every query, so
 /// the default group is then never used.
 fn matches_everything(r: &DnsRuleConfig) -> bool {
-    r.domains.is_empty()
-        && r.lists.is_empty()
-        && r.hosts.is_empty()
-        && r.clients.is_empty()
-        && r.qtypes.is_empty()
+    r.domains.is_empty() && r.lists.is_empty() && r.hosts.is_empty() && r.clients.is_empty() && r.qtypes.is_empty()
 }
 
 fn check_rule(r: &DnsRuleConfig, dns: &DnsConfig) -> Result<(), String> {
@@ -392,10 +367,7 @@ fn check_rule(r: &DnsRuleConfig, dns: &DnsConfig) -> Result<(), String> {
                 return Err("an answer rule needs a, aaaa, cname or hosts".into());
             }
             if !r.hosts.is_empty() && (answers || !r.domains.is_empty() || !r.lists.is_empty()) {
-                return Err(
-                    "a hosts rule answers the names in its files: drop a/aaaa/cname/domains/lists"
-                        .into(),
-                );
+                return Err("a hosts rule answers the names in its files: drop a/aaaa/cname/domains/lists".into());
             }
             if r.block.is_some() || r.upstream.is_some() {
                 return Err("an answer rule takes no block or upstream".into());
@@ -403,9 +375,7 @@ fn check_rule(r: &DnsRuleConfig, dns: &DnsConfig) -> Result<(), String> {
         }
         RuleAction::Block => {
             if answers || !r.hosts.is_empty() || r.upstream.is_some() {
-                return Err(
-                    "a block rule takes no a/aaaa/cname/hosts/upstream (see block = ...)".into(),
-                );
+                return Err("a block rule takes no a/aaaa/cname/hosts/upstream (see block = ...)".into());
             }
         }
         RuleAction::Forward => {

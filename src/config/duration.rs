@@ -11,13 +11,11 @@ use std::time::Duration;
 /// Parses `"<number><unit>"` where unit is `ms`, `s`, `m` or `h`.
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| {
-        format!("invalid duration {text:?}: expected e.g. \"30s\", \"2m\", \"500ms\"")
-    })?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. \"30s\", \"2m\", \"500ms\""))?;
     let ms_per_unit = match unit.trim() {
         "ms" => 1,
         "" | "s" => 1_000,

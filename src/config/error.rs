@@ -29,12 +29,7 @@ pub enum ConfigError {
 
 impl ConfigError {
     /// Builds an [`ConfigError::Invalid`] for the byte range `span` of `text`.
-    pub(crate) fn at(
-        path: &Path,
-        text: &str,
-        span: Option<Range<usize>>,
-        reason: impl Into<String>,
-    ) -> Self {
+    pub(crate) fn at(path: &Path, text: &str, span: Option<Range<usize>>, reason: impl Into<String>) -> Self {
         let (line, col) = span.map_or((1, 1), |s| line_col(text, s.start));
         ConfigError::Invalid {
             path: path.to_path_buf(),

@@ -71,10 +71,7 @@ pub struct RelayConfig {
     pub session_capacity: NonZeroUsize,
     /// A flow with no datagram in either direction for this long is closed.
     /// RFC 4787 REQ-5 asks for at least two minutes by default.
-    #[serde(
-        default = "RelayConfig::default_idle",
-        deserialize_with = "positive_duration"
-    )]
+    #[serde(default = "RelayConfig::default_idle", deserialize_with = "positive_duration")]
     pub idle_timeout: Duration,
     /// Most spoofing reply sockets kept open (one per original destination).
     #[serde(default = "RelayConfig::default_reply_sockets")]
@@ -146,12 +143,8 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config = toml::from_str::<Config>(text)
             .map_err(|e| ConfigError::at(path, text, e.span(), e.message().trim_end()))?;
-        udp::validate(
-            &config.relay.rules,
-            config.relay.nat,
-            &config.relay.listen.0,
-        )
-        .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;
+        udp::validate(&config.relay.rules, config.relay.nat, &config.relay.listen.0)
+            .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;
         if let Some(auto) = &config.auto_rules {
             ops::validate_auto_rules(auto.get_ref(), config.mark.0, &config.relay.listen.0)
                 .map_err(|reason| ConfigError::at(path, text, Some(auto.span()), reason))?;
@@ -215,9 +208,7 @@ impl<'de> Deserialize<'de> for ListenAddrs {
                 return Err(de::Error::custom(format!("listen address {a} has port 0")));
             }
             if addrs[..i].contains(a) {
-                return Err(de::Error::custom(format!(
-                    "listen address {a} is listed twice"
-                )));
+                return Err(de::Error::custom(format!("listen address {a} is listed twice")));
             }
         }
         Ok(ListenAddrs(addrs))

@@ -76,11 +76,7 @@ impl AutoRulesConfig {
 }
 
 /// Checks that need the rest of the config.
-pub(super) fn validate_auto_rules(
-    r: &AutoRulesConfig,
-    mark: u32,
-    listen: &[SocketAddr],
-) -> Result<(), String> {
+pub(super) fn validate_auto_rules(r: &AutoRulesConfig, mark: u32, listen: &[SocketAddr]) -> Result<(), String> {
     if r.lan_interfaces.is_empty() && !r.local {
         return Err("auto_rules captures nothing: set lan_interfaces and/or local = true".into());
     }
@@ -96,24 +92,13 @@ pub(super) fn validate_auto_rules(
         return Err("auto_rules needs every relay.listen address on the same port".into());
     }
     let name_ok = |n: &str| {
-        !n.is_empty()
-            && n.len() <= 15
-            && n.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+        !n.is_empty() && n.len() <= 15 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
     };
     if let Some(bad) = r.lan_interfaces.iter().find(|n| !name_ok(n)) {
         return Err(format!("{bad:?} is not a valid interface name"));
     }
-    if !r
-        .nft_table
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        || r.nft_table.is_empty()
-    {
-        return Err(format!(
-            "{:?} is not a valid nftables table name",
-            r.nft_table
-        ));
+    if !r.nft_table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') || r.nft_table.is_empty() {
+        return Err(format!("{:?} is not a valid nftables table name", r.nft_table));
     }
     Ok(())
 }

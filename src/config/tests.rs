@@ -85,10 +85,7 @@ fn syntax_error_has_position() {
 #[test]
 fn missing_file_names_the_file() {
     let e = Config::load(Path::new("/nonexistent/tproxyd.toml")).unwrap_err();
-    assert!(
-        e.to_string().starts_with("/nonexistent/tproxyd.toml: "),
-        "{e}"
-    );
+    assert!(e.to_string().starts_with("/nonexistent/tproxyd.toml: "), "{e}");
 }
 
 #[test]
@@ -143,19 +140,10 @@ fn relay_rule_mistakes_point_at_the_rule() {
             "action = \"redirect\"\nto = \"198.51.100.7:9\"\nnat = \"full-cone\"\n",
             "full-cone",
         ),
-        (
-            "action = \"redirect\"\nto = \"127.0.0.1:15353\"\n",
-            "would loop",
-        ),
-        (
-            "action = \"direct\"\nto = \"198.51.100.7:9\"\n",
-            "to does not apply",
-        ),
+        ("action = \"redirect\"\nto = \"127.0.0.1:15353\"\n", "would loop"),
+        ("action = \"direct\"\nto = \"198.51.100.7:9\"\n", "to does not apply"),
         ("action = \"interface\"\n", "needs interface"),
-        (
-            "action = \"interface\"\ninterface = \"a/b\"\n",
-            "not a valid interface",
-        ),
+        ("action = \"interface\"\ninterface = \"a/b\"\n", "not a valid interface"),
         ("action = \"socks5\"\n", "needs socks5"),
         (
             "action = \"socks5\"\nsocks5 = \"198.51.100.7:1080\"\nusername = \"u\"\n",

@@ -164,10 +164,7 @@ fn check(r: &UdpRuleConfig, default_nat: NatMode, listen: &[SocketAddr]) -> Resu
         given(r.interface.is_some(), "interface"),
         given(r.mark.is_some(), "mark"),
         given(r.socks5.is_some(), "socks5"),
-        given(
-            r.username.is_some() || r.password.is_some(),
-            "username/password",
-        ),
+        given(r.username.is_some() || r.password.is_some(), "username/password"),
     ];
     let allowed: &[&str] = match r.action {
         UdpAction::Direct | UdpAction::Drop => &[],
@@ -182,10 +179,7 @@ fn check(r: &UdpRuleConfig, default_nat: NatMode, listen: &[SocketAddr]) -> Resu
         UdpAction::Redirect => {
             let to = r.to.ok_or("a redirect rule needs to = \"host:port\"")?;
             if r.nat.unwrap_or(default_nat) == NatMode::FullCone {
-                return Err(
-                    "a redirect sends a flow to one place: nat = \"full-cone\" does not apply"
-                        .into(),
-                );
+                return Err("a redirect sends a flow to one place: nat = \"full-cone\" does not apply".into());
             }
             if redirects_to_ourselves(to, listen) {
                 return Err(format!(
@@ -211,13 +205,10 @@ fn check(r: &UdpRuleConfig, default_nat: NatMode, listen: &[SocketAddr]) -> Resu
                 return Err("a socks5 rule needs socks5 = \"host:port\"".into());
             }
             match (&r.username, &r.password) {
-                (Some(u), Some(p))
-                    if (1..=255).contains(&u.len()) && (1..=255).contains(&p.len()) => {}
+                (Some(u), Some(p)) if (1..=255).contains(&u.len()) && (1..=255).contains(&p.len()) => {}
                 (None, None) => {}
                 _ => {
-                    return Err(
-                        "username and password go together, 1 to 255 bytes each (RFC 1929)".into(),
-                    );
+                    return Err("username and password go together, 1 to 255 bytes each (RFC 1929)".into());
                 }
             }
         }

@@ -80,8 +80,7 @@ impl DnsCache {
     fn get_at(&self, key: &CacheKey, now: Instant) -> Option<(Arc<Entry>, u32)> {
         let mut entries = self.lock()?;
         let entry = entries.get(key)?.clone();
-        let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs())
-            .unwrap_or(u32::MAX);
+        let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
         if age >= entry.lifetime {
             entries.pop(key);
             return None;
@@ -103,8 +102,8 @@ impl DnsCache {
         }
         let rcode = response.metadata.response_code;
         let positive = rcode == ResponseCode::NoError && !response.answers.is_empty();
-        let negative = rcode == ResponseCode::NXDomain
-            || (rcode == ResponseCode::NoError && response.answers.is_empty());
+        let negative =
+            rcode == ResponseCode::NXDomain || (rcode == ResponseCode::NoError && response.answers.is_empty());
         let clamp = |t: u32| t.clamp(self.min_ttl, self.max_ttl.max(self.min_ttl));
         let lifetime = if positive {
             response.answers.iter().map(|r| clamp(r.ttl)).min()
@@ -127,11 +126,7 @@ impl DnsCache {
                 .iter()
                 .map(|r| {
                     let mut r = r.clone();
-                    r.ttl = if positive {
-                        clamp(r.ttl).max(lifetime)
-                    } else {
-                        lifetime
-                    };
+                    r.ttl = if positive { clamp(r.ttl).max(lifetime) } else { lifetime };
                     r
                 })
                 .collect()
@@ -217,11 +212,7 @@ mod tests {
             86400,
             minimum,
         );
-        m.add_authority(Record::from_rdata(
-            name("example."),
-            soa_ttl,
-            RData::SOA(soa),
-        ));
+        m.add_authority(Record::from_rdata(name("example."), soa_ttl, RData::SOA(soa)));
         m
     }
 
@@ -229,13 +220,7 @@ mod tests {
         let (e, age) = c.get_at(k, at)?;
         let mut m = Message::new(1, MessageType::Response, OpCode::Query);
         e.fill(&mut m, age);
-        Some(
-            m.answers
-                .iter()
-                .chain(&m.authorities)
-                .map(|r| r.ttl)
-                .collect(),
-        )
+        Some(m.answers.iter().chain(&m.authorities).map(|r| r.ttl).collect())
     }
 
     #[test]
@@ -248,10 +233,7 @@ mod tests {
             served_ttls(&c, &key("a"), t0 + Duration::from_secs(40)),
             Some(vec![260, 60])
         );
-        assert_eq!(
-            served_ttls(&c, &key("a"), t0 + Duration::from_secs(100)),
-            None
-        );
+        assert_eq!(served_ttls(&c, &key("a"), t0 + Duration::from_secs(100)), None);
         assert!(c.is_empty(), "expired entries are removed");
     }
 
@@ -262,14 +244,8 @@ mod tests {
         c.insert_at(key("a"), &answer(&[5]), t0);
         assert_eq!(served_ttls(&c, &key("a"), t0), Some(vec![60]));
         c.insert_at(key("b"), &answer(&[9999]), t0);
-        assert_eq!(
-            served_ttls(&c, &key("b"), t0 + Duration::from_secs(119)),
-            Some(vec![1])
-        );
-        assert_eq!(
-            served_ttls(&c, &key("b"), t0 + Duration::from_secs(120)),
-            None
-        );
+        assert_eq!(served_ttls(&c, &key("b"), t0 + Duration::from_secs(119)), Some(vec![1]));
+        assert_eq!(served_ttls(&c, &key("b"), t0 + Duration::from_secs(120)), None);
     }
 
     #[test]
@@ -283,10 +259,7 @@ mod tests {
             served_ttls(&c, &key("nx"), t0 + Duration::from_secs(10)),
             Some(vec![20])
         );
-        assert_eq!(
-            served_ttls(&c, &key("nx"), t0 + Duration::from_secs(30)),
-            None
-        );
+        assert_eq!(served_ttls(&c, &key("nx"), t0 + Duration::from_secs(30)), None);
         // NODATA is cached too; the cap applies.
         let capped = cache(0, 86_400, 10);
         assert!(capped.insert_at(key("nd"), &negative(ResponseCode::NoError, 900, 600), t0));

@@ -82,19 +82,15 @@ pub struct DnsEngine {
 
 impl DnsEngine {
     /// Builds the engine, loading every list and hosts file.
-    pub fn build(
-        config: &DnsConfig,
-        mark: u32,
-        stats: Arc<Stats>,
-    ) -> Result<DnsEngine, DnsBuildError> {
+    pub fn build(config: &DnsConfig, mark: u32, stats: Arc<Stats>) -> Result<DnsEngine, DnsBuildError> {
         let mut groups = Vec::with_capacity(config.upstreams.len());
         for (name, group) in &config.upstreams {
-            groups.push(UpstreamGroup::new(name, group, mark).map_err(|source| {
-                DnsBuildError::Upstream {
+            groups.push(
+                UpstreamGroup::new(name, group, mark).map_err(|source| DnsBuildError::Upstream {
                     group: name.clone(),
                     source,
-                }
-            })?);
+                })?,
+            );
         }
         let index = |name: &str| groups.iter().position(|g| g.name == name);
         let rules = RuleSet::build(config, index)?;
@@ -219,11 +215,7 @@ impl DnsEngine {
         let msg = match upstream {
             Ok(answer) => {
                 self.cache.insert(cache_key(&request, group), &answer);
-                let mut msg = message::response(
-                    &request,
-                    answer.metadata.response_code,
-                    self.max_udp_payload,
-                );
+                let mut msg = message::response(&request, answer.metadata.response_code, self.max_udp_payload);
                 msg.answers = answer.answers;
                 msg.authorities = answer.authorities;
                 msg.additionals = answer.additionals;
@@ -242,12 +234,7 @@ impl DnsEngine {
     }
 
     /// Answers `bytes` completely, awaiting the upstream if needed.
-    pub async fn answer(
-        &self,
-        bytes: &[u8],
-        client: IpAddr,
-        transport: Transport,
-    ) -> Option<Vec<u8>> {
+    pub async fn answer(&self, bytes: &[u8], client: IpAddr, transport: Transport) -> Option<Vec<u8>> {
         match self.answer_now(bytes, client, transport) {
             Outcome::Reply(b) => Some(b),
             Outcome::Drop => None,
@@ -269,9 +256,7 @@ impl DnsEngine {
                 if truncated {
                     self.stats.dns_truncated.inc();
                 }
-                self.stats
-                    .dns_rcodes
-                    .record(u16::from(msg.metadata.response_code));
+                self.stats.dns_rcodes.record(u16::from(msg.metadata.response_code));
                 Outcome::Reply(bytes)
             }
             None => Outcome::Drop,
@@ -303,20 +288,12 @@ impl DnsEngine {
         let wants = |t: RecordType| qtype == t || qtype == RecordType::ANY;
         if wants(RecordType::A) {
             for ip in &answer.a {
-                msg.add_answer(Record::from_rdata(
-                    owner.clone(),
-                    answer.ttl,
-                    RData::A(A(*ip)),
-                ));
+                msg.add_answer(Record::from_rdata(owner.clone(), answer.ttl, RData::A(A(*ip))));
             }
         }
         if wants(RecordType::AAAA) {
             for ip in &answer.aaaa {
-                msg.add_answer(Record::from_rdata(
-                    owner.clone(),
-                    answer.ttl,
-                    RData::AAAA(AAAA(*ip)),
-                ));
+                msg.add_answer(Record::from_rdata(owner.clone(), answer.ttl, RData::AAAA(AAAA(*ip))));
             }
         }
         msg

@@ -48,12 +48,7 @@ fn lines(bytes: &[u8]) -> impl Iterator<Item = Result<&str, ()>> {
 fn is_placeholder(name: &str) -> bool {
     matches!(
         name,
-        "localhost"
-            | "localhost.localdomain"
-            | "local"
-            | "broadcasthost"
-            | "ip6-localhost"
-            | "ip6-loopback"
+        "localhost" | "localhost.localdomain" | "local" | "broadcasthost" | "ip6-localhost" | "ip6-loopback"
     ) || name.parse::<IpAddr>().is_ok()
 }
 
@@ -179,23 +174,16 @@ mod tests {
 
     #[test]
     fn domain_list_formats() {
-        let mut text =
-            b"# comment\n! adblock comment\n\nplain.example\n*.wild.example\n||adblock.example^\n\
+        let mut text = b"# comment\n! adblock comment\n\nplain.example\n*.wild.example\n||adblock.example^\n\
              ||opts.example^$important\n0.0.0.0 hosts.example other.example # trailing\n\
              127.0.0.1 localhost\n0.0.0.0 0.0.0.0\n/path/rule\n||no-caret.example\nexample.com/x\n\
              two words\n"
-                .to_vec();
+            .to_vec();
         text.extend_from_slice(b"\xff\xfe\n");
         let p = file("mixed.txt", &text);
         let mut set = DomainSet::new();
         let stats = load_domain_list(&p, &mut set).unwrap();
-        assert_eq!(
-            stats,
-            LoadStats {
-                names: 6,
-                skipped: 5
-            }
-        );
+        assert_eq!(stats, LoadStats { names: 6, skipped: 5 });
         assert!(set.matches("plain.example"));
         assert!(!set.matches("sub.plain.example"));
         assert!(set.matches("wild.example") && set.matches("a.wild.example"));
@@ -216,17 +204,13 @@ mod tests {
         assert_eq!(stats.skipped, 1);
         let printer = t.get("printer.lan").unwrap();
         assert_eq!(printer.v4, vec![Ipv4Addr::new(192, 0, 2, 50)]);
-        assert_eq!(
-            printer.v6,
-            vec!["2001:db8::50".parse::<Ipv6Addr>().unwrap()]
-        );
+        assert_eq!(printer.v6, vec!["2001:db8::50".parse::<Ipv6Addr>().unwrap()]);
         assert!(t.get("printer").is_some());
     }
 
     #[test]
     fn missing_file_is_an_error_naming_it() {
-        let e =
-            load_domain_list(Path::new("/nonexistent/list"), &mut DomainSet::new()).unwrap_err();
+        let e = load_domain_list(Path::new("/nonexistent/list"), &mut DomainSet::new()).unwrap_err();
         assert!(e.to_string().starts_with("/nonexistent/list: "));
     }
 }

@@ -46,8 +46,7 @@ impl Request {
 
 /// Parses a query; never panics, whatever the bytes.
 pub fn parse_request(bytes: &[u8]) -> Result<Request, Rejection> {
-    let header = Header::read(&mut BinDecoder::new(bytes))
-        .map_err(|_| Rejection::Drop("shorter than a header"))?;
+    let header = Header::read(&mut BinDecoder::new(bytes)).map_err(|_| Rejection::Drop("shorter than a header"))?;
     if header.message_type != MessageType::Query {
         return Err(Rejection::Drop("not a query"));
     }
@@ -115,11 +114,7 @@ pub fn encode(msg: &Message, limit: usize) -> Option<(Vec<u8>, bool)> {
         Ok(_) => msg.truncate().to_vec().ok().map(|b| (b, true)),
         Err(e) => {
             tracing::debug!(error = %e, "cannot encode a response; answering SERVFAIL");
-            let mut fail = Message::error_msg(
-                msg.metadata.id,
-                msg.metadata.op_code,
-                ResponseCode::ServFail,
-            );
+            let mut fail = Message::error_msg(msg.metadata.id, msg.metadata.op_code, ResponseCode::ServFail);
             fail.add_queries(msg.queries.iter().cloned());
             fail.to_vec().ok().map(|b| (b, false))
         }
@@ -209,10 +204,7 @@ mod tests {
     #[test]
     fn edns_version_1_gets_badvers() {
         let mut m = Message::query();
-        m.add_query(Query::query(
-            Name::from_str("a.example.").unwrap(),
-            RecordType::A,
-        ));
+        m.add_query(Query::query(Name::from_str("a.example.").unwrap(), RecordType::A));
         let mut e = Edns::new();
         e.set_version(1);
         m.set_edns(e);
@@ -228,8 +220,7 @@ mod tests {
         let req = parse_request(&query_bytes("big.example.", None)).unwrap();
         let mut m = response(&req, ResponseCode::NoError, 1232);
         for i in 0..100u8 {
-            let rec =
-                Record::from_rdata(req.query.name().clone(), 60, RData::A(A::new(192, 0, 2, i)));
+            let rec = Record::from_rdata(req.query.name().clone(), 60, RData::A(A::new(192, 0, 2, i)));
             m.add_answer(rec);
         }
         let (full, truncated) = encode(&m, 65_535).unwrap();

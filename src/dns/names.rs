@@ -26,10 +26,7 @@ pub fn normalize(text: &str) -> Option<String> {
         name.to_ascii().trim_end_matches('.').to_ascii_lowercase()
     };
     let valid_label = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     ascii.split('.').all(valid_label).then_some(ascii)
 }
@@ -76,15 +73,8 @@ impl DomainSet {
         };
         let hash = self.hasher.hash_one(name.as_bytes());
         let arena = &self.arena;
-        let table = if subdomains {
-            &mut self.subtree
-        } else {
-            &mut self.exact
-        };
-        if table
-            .find(hash, |&off| entry(arena, off) == name.as_bytes())
-            .is_some()
-        {
+        let table = if subdomains { &mut self.subtree } else { &mut self.exact };
+        if table.find(hash, |&off| entry(arena, off) == name.as_bytes()).is_some() {
             return;
         }
         let Ok(offset) = u32::try_from(self.arena.len()) else {
@@ -99,8 +89,7 @@ impl DomainSet {
     /// Whether `name` (a query key, see [`query_key`]) is listed exactly or
     /// lies under a listed subtree.
     pub fn matches(&self, name: &str) -> bool {
-        self.contains(&self.exact, name)
-            || self_and_parents(name).any(|n| self.contains(&self.subtree, n))
+        self.contains(&self.exact, name) || self_and_parents(name).any(|n| self.contains(&self.subtree, n))
     }
 
     fn contains(&self, table: &HashTable<u32>, name: &str) -> bool {
@@ -126,10 +115,8 @@ impl DomainSet {
     pub fn shrink_to_fit(&mut self) {
         self.arena.shrink_to_fit();
         let (arena, hasher) = (&self.arena, &self.hasher);
-        self.exact
-            .shrink_to_fit(|&off| hasher.hash_one(entry(arena, off)));
-        self.subtree
-            .shrink_to_fit(|&off| hasher.hash_one(entry(arena, off)));
+        self.exact.shrink_to_fit(|&off| hasher.hash_one(entry(arena, off)));
+        self.subtree.shrink_to_fit(|&off| hasher.hash_one(entry(arena, off)));
     }
 }
 
@@ -147,14 +134,8 @@ mod tests {
     fn normalizes_case_dots_and_idn() {
         assert_eq!(normalize("Example.COM.").as_deref(), Some("example.com"));
         assert_eq!(normalize(" ads.example ").as_deref(), Some("ads.example"));
-        assert_eq!(
-            normalize("bücher.example").as_deref(),
-            Some("xn--bcher-kva.example")
-        );
-        assert_eq!(
-            normalize("_dmarc.example").as_deref(),
-            Some("_dmarc.example")
-        );
+        assert_eq!(normalize("bücher.example").as_deref(), Some("xn--bcher-kva.example"));
+        assert_eq!(normalize("_dmarc.example").as_deref(), Some("_dmarc.example"));
         for bad in ["", ".", "a..b", "a b", "a/b", "x:y", &"a".repeat(64), "*.x"] {
             assert_eq!(normalize(bad), None, "{bad:?}");
         }

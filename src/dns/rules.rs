@@ -112,10 +112,7 @@ fn ttl_secs(d: Duration) -> u32 {
 impl RuleSet {
     /// Builds the rules of `config`, loading their list and hosts files.
     /// `group_index` maps an upstream group name to its number.
-    pub fn build(
-        config: &DnsConfig,
-        group_index: impl Fn(&str) -> Option<usize>,
-    ) -> Result<RuleSet, ListError> {
+    pub fn build(config: &DnsConfig, group_index: impl Fn(&str) -> Option<usize>) -> Result<RuleSet, ListError> {
         let mut rules = Vec::with_capacity(config.rules.len());
         for (i, spanned) in config.rules.iter().enumerate() {
             let r: &DnsRuleConfig = spanned.get_ref();
@@ -226,29 +223,17 @@ domains = ["*.lan"]
 action = "block"
 "#,
         );
-        let m = r
-            .first_match(ip("192.0.2.10"), "printer.lan", RecordType::A)
-            .unwrap();
+        let m = r.first_match(ip("192.0.2.10"), "printer.lan", RecordType::A).unwrap();
         assert_eq!(m.number, 1);
-        assert!(
-            matches!(&m.action, Action::Answer(a) if a.a == [Ipv4Addr::new(192, 0, 2, 50)] && a.ttl == 300)
-        );
+        assert!(matches!(&m.action, Action::Answer(a) if a.a == [Ipv4Addr::new(192, 0, 2, 50)] && a.ttl == 300));
         assert_eq!(
             r.first_match(ip("192.0.2.10"), "nas.lan", RecordType::A)
                 .unwrap()
                 .number,
             2
         );
-        assert_eq!(
-            r.first_match(ip("192.0.2.10"), "lan", RecordType::A)
-                .unwrap()
-                .number,
-            2
-        );
-        assert!(
-            r.first_match(ip("192.0.2.10"), "example.com", RecordType::A)
-                .is_none()
-        );
+        assert_eq!(r.first_match(ip("192.0.2.10"), "lan", RecordType::A).unwrap().number, 2);
+        assert!(r.first_match(ip("192.0.2.10"), "example.com", RecordType::A).is_none());
     }
 
     #[test]
@@ -272,12 +257,7 @@ upstream = "office"
         );
         let kid = ip("192.0.2.70");
         let parent = ip("192.0.2.10");
-        assert_eq!(
-            r.first_match(kid, "x.games.example", RecordType::A)
-                .unwrap()
-                .number,
-            1
-        );
+        assert_eq!(r.first_match(kid, "x.games.example", RecordType::A).unwrap().number, 1);
         assert_eq!(
             r.first_match(ip("::ffff:192.0.2.70"), "games.example", RecordType::A)
                 .unwrap()
@@ -290,19 +270,14 @@ upstream = "office"
                 .number,
             1
         );
-        assert!(
-            r.first_match(parent, "x.games.example", RecordType::A)
-                .is_none()
-        );
+        assert!(r.first_match(parent, "x.games.example", RecordType::A).is_none());
         assert_eq!(
             r.first_match(parent, "x.games.example", RecordType::AAAA)
                 .unwrap()
                 .number,
             2
         );
-        let fwd = r
-            .first_match(parent, "wiki.corp.example", RecordType::A)
-            .unwrap();
+        let fwd = r.first_match(parent, "wiki.corp.example", RecordType::A).unwrap();
         assert!(matches!(fwd.action, Action::Forward(1)));
     }
 }

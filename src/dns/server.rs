@@ -69,12 +69,7 @@ impl DnsService {
 
     /// Answers a UDP query, spawning the upstream wait if there is one;
     /// `send` delivers the answer (now or later).
-    pub fn answer_udp(
-        &self,
-        bytes: &[u8],
-        client: SocketAddr,
-        send: impl FnOnce(&[u8]) + Send + 'static,
-    ) {
+    pub fn answer_udp(&self, bytes: &[u8], client: SocketAddr, send: impl FnOnce(&[u8]) + Send + 'static) {
         let engine = self.engine.load_full();
         match engine.answer_now(bytes, client.ip(), Transport::Udp) {
             Outcome::Reply(reply) => send(&reply),
@@ -85,12 +80,7 @@ impl DnsService {
         }
     }
 
-    fn spawn_forward(
-        &self,
-        engine: Arc<DnsEngine>,
-        pending: Pending,
-        send: impl FnOnce(&[u8]) + Send + 'static,
-    ) {
+    fn spawn_forward(&self, engine: Arc<DnsEngine>, pending: Pending, send: impl FnOnce(&[u8]) + Send + 'static) {
         let Some(permit) = self.forward_permit() else {
             return;
         };
@@ -104,11 +94,7 @@ impl DnsService {
 }
 
 /// A plain DNS server on a UDP socket (clients configured to use us).
-pub async fn serve_udp(
-    socket: UdpSocket,
-    service: Arc<DnsService>,
-    mut shutdown: Shutdown,
-) -> io::Result<()> {
+pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown: Shutdown) -> io::Result<()> {
     let socket = Arc::new(socket);
     let mut buf = vec![0u8; 65_535];
     loop {
@@ -138,11 +124,7 @@ pub async fn serve_udp(
 /// A DNS-over-TCP server: plain (`dns.listen`) or transparent
 /// (`dns.tcp_listen`, where TPROXY hands over connections to any address,
 /// so a client retrying over TCP after TC=1 is still answered by us).
-pub async fn serve_tcp(
-    listener: TcpListener,
-    service: Arc<DnsService>,
-    mut shutdown: Shutdown,
-) -> io::Result<()> {
+pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shutdown: Shutdown) -> io::Result<()> {
     loop {
         let (stream, client) = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
@@ -195,11 +177,7 @@ async fn serve_connection(
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "query body"))??;
         service.stats.dns_tcp_queries.inc();
-        let Some(reply) = service
-            .engine()
-            .answer(query, client.ip(), Transport::Tcp)
-            .await
-        else {
+        let Some(reply) = service.engine().answer(query, client.ip(), Transport::Tcp).await else {
             return Ok(()); // malformed beyond answering: close, as RFC 7766 allows
         };
         let Ok(reply_len) = u16::try_from(reply.len()) else {

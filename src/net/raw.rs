@@ -66,21 +66,12 @@ impl RawSender {
 
     /// Sends `payload` as a UDP datagram from `src` to `dst` with the given
     /// TOS / traffic class.
-    pub fn send(
-        &self,
-        src: SocketAddr,
-        dst: SocketAddr,
-        payload: &[u8],
-        tos: u8,
-    ) -> io::Result<()> {
+    pub fn send(&self, src: SocketAddr, dst: SocketAddr, payload: &[u8], tos: u8) -> io::Result<()> {
         let v6 = match (src, dst) {
             (SocketAddr::V4(_), SocketAddr::V4(_)) => false,
             (SocketAddr::V6(_), SocketAddr::V6(_)) => true,
             _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "address families differ",
-                ));
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "address families differ"));
             }
         };
         let sock = self.socket(v6)?;
@@ -117,11 +108,7 @@ struct Fragment {
 
 /// The UDP header plus payload, with its checksum.
 fn udp_datagram(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
-    let max = if src.is_ipv6() {
-        65_535
-    } else {
-        65_535 - IPV4_HEADER
-    };
+    let max = if src.is_ipv6() { 65_535 } else { 65_535 - IPV4_HEADER };
     let len = UDP_HEADER + payload.len();
     if len > max {
         return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
@@ -145,22 +132,12 @@ fn udp_datagram(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> io::Result<
 
 /// Appends an IPv4 or IPv6 header for `payload_len` bytes of UDP (or of a
 /// fragment of it) to `out`.
-fn ip_header(
-    out: &mut Vec<u8>,
-    src: IpAddr,
-    dst: IpAddr,
-    tos: u8,
-    payload_len: usize,
-    frag: Option<Fragment>,
-) {
+fn ip_header(out: &mut Vec<u8>, src: IpAddr, dst: IpAddr, tos: u8, payload_len: usize, frag: Option<Fragment>) {
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let total = (IPV4_HEADER + payload_len) as u16;
             let (id, flags_off) = match frag {
-                Some(f) => (
-                    f.id as u16,
-                    (if f.more { 0x2000 } else { 0 }) | (f.offset / 8) as u16,
-                ),
+                Some(f) => (f.id as u16, (if f.more { 0x2000 } else { 0 }) | (f.offset / 8) as u16),
                 None => (0, 0), // the kernel fills in an ID for unfragmented packets
             };
             let start = out.len();
@@ -180,11 +157,7 @@ fn ip_header(
             let first = 0x6000_0000u32 | (u32::from(tos) << 20);
             out.extend_from_slice(&first.to_be_bytes());
             out.extend_from_slice(&payload.to_be_bytes());
-            let next = if frag.is_some() {
-                PROTO_FRAGMENT
-            } else {
-                PROTO_UDP
-            };
+            let next = if frag.is_some() { PROTO_FRAGMENT } else { PROTO_UDP };
             out.extend_from_slice(&[next, HOP_LIMIT]);
             out.extend_from_slice(&s.octets());
             out.extend_from_slice(&d.octets());
@@ -200,14 +173,7 @@ fn ip_header(
 }
 
 /// Splits a UDP datagram into IP fragments that each fit `mtu`.
-fn fragments(
-    src: IpAddr,
-    dst: IpAddr,
-    tos: u8,
-    udp: &[u8],
-    mtu: usize,
-    id: u32,
-) -> io::Result<Vec<Vec<u8>>> {
+fn fragments(src: IpAddr, dst: IpAddr, tos: u8, udp: &[u8], mtu: usize, id: u32) -> io::Result<Vec<Vec<u8>>> {
     let headers = if src.is_ipv6() {
         IPV6_HEADER + FRAGMENT_HEADER
     } else {

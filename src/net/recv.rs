@@ -126,8 +126,7 @@ impl RecvBatch {
             let h = &self.hdrs[i];
             // UDP over IP always has a source; port 0 marks "unknown" for
             // callers to drop rather than shifting every later slot.
-            let peer =
-                sockaddr_to_std(&self.names[i]).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+            let peer = sockaddr_to_std(&self.names[i]).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
             let mut meta = DatagramMeta {
                 len: (h.msg_len as usize).min(SLOT),
                 peer,
@@ -221,8 +220,7 @@ mod tests {
             tx.send_to(&vec![i; 100 + usize::from(i)], rx.local_addr().unwrap())
                 .unwrap();
         }
-        tx.send_to(&vec![9; 65_000], rx.local_addr().unwrap())
-            .unwrap();
+        tx.send_to(&vec![9; 65_000], rx.local_addr().unwrap()).unwrap();
         let mut batch = RecvBatch::new(4);
         assert_eq!(batch.recv(rx.as_raw_fd()).unwrap(), 4);
         for i in 0..4u8 {
@@ -250,9 +248,6 @@ mod tests {
         let mut batch = RecvBatch::new(2);
         assert_eq!(batch.recv(rx.as_raw_fd()).unwrap(), 1);
         let (meta, payload) = batch.get(0).unwrap();
-        assert_eq!(
-            (meta.peer, payload),
-            (tx.local_addr().unwrap(), &b"six"[..])
-        );
+        assert_eq!((meta.peer, payload), (tx.local_addr().unwrap(), &b"six"[..]));
     }
 }

@@ -25,22 +25,10 @@ pub fn send_with_tos(
     let flags = MsgFlags::MSG_DONTWAIT;
     let sent = match (tos.filter(|&t| t != 0), v6) {
         (None, _) => sendmsg(fd, &iov, &[], flags, addr.as_ref()),
-        (Some(t), false) => sendmsg(
-            fd,
-            &iov,
-            &[ControlMessage::Ipv4Tos(&t)],
-            flags,
-            addr.as_ref(),
-        ),
+        (Some(t), false) => sendmsg(fd, &iov, &[ControlMessage::Ipv4Tos(&t)], flags, addr.as_ref()),
         (Some(t), true) => {
             let tclass = i32::from(t);
-            sendmsg(
-                fd,
-                &iov,
-                &[ControlMessage::Ipv6TClass(&tclass)],
-                flags,
-                addr.as_ref(),
-            )
+            sendmsg(fd, &iov, &[ControlMessage::Ipv6TClass(&tclass)], flags, addr.as_ref())
         }
     };
     Ok(sent?)
@@ -61,13 +49,7 @@ const GSO_MAX_BYTES: usize = 60_000;
 /// kernel builds one buffer and cuts it into datagrams late, so routing,
 /// netfilter and the socket layer are paid once per run, not per datagram.
 /// Otherwise, or if the kernel refuses, one `sendmsg` each.
-pub fn send_run(
-    fd: RawFd,
-    run: &[&[u8]],
-    to: Option<SocketAddr>,
-    tos: Option<u8>,
-    v6: bool,
-) -> io::Result<usize> {
+pub fn send_run(fd: RawFd, run: &[&[u8]], to: Option<SocketAddr>, tos: Option<u8>, v6: bool) -> io::Result<usize> {
     let mut sent = 0;
     for chunk in gso_chunks(run, v6) {
         if chunk.len() > 1 && !GSO_UNAVAILABLE.load(Ordering::Relaxed) {
@@ -76,21 +58,13 @@ pub fn send_run(
                     sent += chunk.len();
                     continue;
                 }
-                Err(e)
-                    if matches!(e.raw_os_error(), Some(libc::ENOPROTOOPT | libc::EOPNOTSUPP)) =>
-                {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOPROTOOPT | libc::EOPNOTSUPP)) => {
                     GSO_UNAVAILABLE.store(true, Ordering::Relaxed);
-                    tracing::info!(
-                        "the kernel refuses UDP segmentation offload; sending datagrams one by one"
-                    );
+                    tracing::info!("the kernel refuses UDP segmentation offload; sending datagrams one by one");
                 }
                 // EINVAL/EMSGSIZE: this run does not fit (a smaller MTU);
                 // send it datagram by datagram below.
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL | libc::EMSGSIZE | libc::EIO)
-                    ) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EMSGSIZE | libc::EIO)) => {}
                 Err(e) => return if sent > 0 { Ok(sent) } else { Err(e) },
             }
         }
@@ -129,16 +103,9 @@ fn gso_chunks<'r, 'p>(run: &'r [&'p [u8]], v6: bool) -> impl Iterator<Item = &'r
     })
 }
 
-fn send_gso(
-    fd: RawFd,
-    chunk: &[&[u8]],
-    to: Option<SocketAddr>,
-    tos: Option<u8>,
-    v6: bool,
-) -> io::Result<()> {
+fn send_gso(fd: RawFd, chunk: &[&[u8]], to: Option<SocketAddr>, tos: Option<u8>, v6: bool) -> io::Result<()> {
     let iov: Vec<IoSlice<'_>> = chunk.iter().map(|p| IoSlice::new(p)).collect();
-    let segment =
-        u16::try_from(chunk[0].len()).map_err(|_| io::Error::from_raw_os_error(libc::EMSGSIZE))?;
+    let segment = u16::try_from(chunk[0].len()).map_err(|_| io::Error::from_raw_os_error(libc::EMSGSIZE))?;
     let addr = to.map(SockaddrStorage::from);
     let flags = MsgFlags::MSG_DONTWAIT;
     let gso = ControlMessage::UdpGsoSegments(&segment);
@@ -172,9 +139,7 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     fn sizes<'a>(chunks: impl Iterator<Item = &'a [&'a [u8]]>) -> Vec<Vec<usize>> {
-        chunks
-            .map(|c| c.iter().map(|p| p.len()).collect())
-            .collect()
+        chunks.map(|c| c.iter().map(|p| p.len()).collect()).collect()
     }
 
     #[test]
@@ -189,18 +154,12 @@ mod tests {
         );
         let many: Vec<&[u8]> = vec![&a[..]; 130];
         assert_eq!(
-            sizes(gso_chunks(&many, false))
-                .iter()
-                .map(Vec::len)
-                .collect::<Vec<_>>(),
+            sizes(gso_chunks(&many, false)).iter().map(Vec::len).collect::<Vec<_>>(),
             vec![64, 64, 2]
         );
         let mtu: Vec<&[u8]> = vec![&big[..1200]; 60];
         assert_eq!(
-            sizes(gso_chunks(&mtu, false))
-                .iter()
-                .map(Vec::len)
-                .collect::<Vec<_>>(),
+            sizes(gso_chunks(&mtu, false)).iter().map(Vec::len).collect::<Vec<_>>(),
             vec![50, 10]
         );
     }
@@ -210,14 +169,9 @@ mod tests {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         tx.connect(rx.local_addr().unwrap()).unwrap();
-        let payloads: Vec<Vec<u8>> = (0..10u8)
-            .map(|i| vec![i; if i == 9 { 30 } else { 64 }])
-            .collect();
+        let payloads: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; if i == 9 { 30 } else { 64 }]).collect();
         let run: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-        assert_eq!(
-            send_run(tx.as_raw_fd(), &run, None, Some(0xb8), false).unwrap(),
-            10
-        );
+        assert_eq!(send_run(tx.as_raw_fd(), &run, None, Some(0xb8), false).unwrap(), 10);
         let mut buf = [0u8; 2048];
         for p in &payloads {
             let (n, from) = rx.recv_from(&mut buf).unwrap();

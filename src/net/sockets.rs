@@ -16,11 +16,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 
 fn udp_socket(family_of: SocketAddr) -> io::Result<Socket> {
-    let sock = Socket::new(
-        Domain::for_address(family_of),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
+    let sock = Socket::new(Domain::for_address(family_of), Type::DGRAM, Some(Protocol::UDP))?;
     if family_of.is_ipv6() {
         // Keep v4 and v6 apart: a `[::]` listener must not swallow v4 traffic
         // that has its own listener and its own cmsg types.
@@ -120,6 +116,43 @@ pub fn flow_upstream(
     Ok(sock.into())
 }
 
+/// Asks for ICMP errors (unreachable ports and hosts) in the socket's error
+/// queue: an unconnected socket is told nothing otherwise.
+pub fn report_errors(sock: &UdpSocket, v6: bool) -> io::Result<()> {
+    if v6 {
+        setsockopt(sock, sockopt::Ipv6RecvErr, &true)?;
+    } else {
+        setsockopt(sock, sockopt::Ipv4RecvErr, &true)?;
+    }
+    Ok(())
+}
+
+/// Empties the error queue of `fd` (see [`report_errors`]); returns how
+/// many errors it held.
+pub fn drain_error_queue(fd: std::os::fd::RawFd) -> usize {
+    let mut count = 0;
+    let mut data = [0u8; 64];
+    let mut control = [0u8; 256];
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: a zeroed msghdr is valid; every pointer set below refers
+        // to a local buffer of the length given, alive for the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len() as _;
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+        if n < 0 {
+            return count;
+        }
+        count += 1;
+    }
+}
+
 /// A marked, transparent socket bound to `local` (usually *not* an address
 /// of this host) used only to send replies that appear to come from it.
 ///
@@ -150,11 +183,7 @@ pub fn server_udp(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
 /// A marked TCP listening socket; `transparent` lets TPROXY hand it
 /// connections addressed to any destination. Accepted sockets inherit the
 /// mark, so their replies are never captured again.
-pub fn tcp_listener(
-    addr: SocketAddr,
-    mark: u32,
-    transparent: bool,
-) -> io::Result<std::net::TcpListener> {
+pub fn tcp_listener(addr: SocketAddr, mark: u32, transparent: bool) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;

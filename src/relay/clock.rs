@@ -14,9 +14,7 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Self {
-        Clock {
-            start: Instant::now(),
-        }
+        Clock { start: Instant::now() }
     }
 
     /// Milliseconds since the clock was made.

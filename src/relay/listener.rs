@@ -25,11 +25,7 @@ use crate::shutdown::Shutdown;
 const BATCHES_PER_WAKEUP: usize = 8;
 
 /// Serves one listening socket until shutdown.
-pub async fn serve(
-    socket: UdpSocket,
-    ctx: Arc<RelayContext>,
-    mut shutdown: Shutdown,
-) -> io::Result<()> {
+pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> io::Result<()> {
     let local = socket.local_addr()?;
     let fd = socket.as_raw_fd();
     let mut batch = RecvBatch::new(BATCH);
@@ -89,13 +85,7 @@ impl<'b> Run<'b> {
     }
 }
 
-fn handle<'b>(
-    ctx: &Arc<RelayContext>,
-    local: SocketAddr,
-    meta: &DatagramMeta,
-    payload: &'b [u8],
-    run: &mut Run<'b>,
-) {
+fn handle<'b>(ctx: &Arc<RelayContext>, local: SocketAddr, meta: &DatagramMeta, payload: &'b [u8], run: &mut Run<'b>) {
     ctx.stats.client_datagrams.inc();
     ctx.stats.client_bytes.add(payload.len() as u64);
     let Some(dst) = meta.orig_dst.filter(|_| meta.peer.port() != 0) else {
@@ -126,10 +116,7 @@ fn handle<'b>(
     run.flush(ctx);
     let session = match ctx.table.get(&key) {
         Some(s) => s,
-        None => match ctx
-            .table
-            .get_or_insert_with(key, || Session::open(key, dst, rule, ctx))
-        {
+        None => match ctx.table.get_or_insert_with(key, || Session::open(key, dst, rule, ctx)) {
             Ok((s, evicted)) => {
                 if let Some(old) = evicted {
                     ctx.stats.sessions_evicted.inc();
@@ -157,13 +144,7 @@ fn handle<'b>(
 
 /// A query to a DNS port, wherever it was going, is answered by the DNS
 /// engine, and the answer leaves from the address the client asked.
-fn hijack_dns(
-    ctx: &Arc<RelayContext>,
-    dns: &Arc<DnsService>,
-    client: SocketAddr,
-    dst: SocketAddr,
-    payload: &[u8],
-) {
+fn hijack_dns(ctx: &Arc<RelayContext>, dns: &Arc<DnsService>, client: SocketAddr, dst: SocketAddr, payload: &[u8]) {
     let reply = match ctx.replies.socket_for(dst) {
         Ok(r) => r,
         Err(e) => {

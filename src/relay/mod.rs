@@ -15,8 +15,9 @@
 //! * [`reply`] sends those replies from the spoofed original address.
 
 pub mod clock;
+pub mod expiry;
 pub mod listener;
-pub mod ports;
+pub mod pool;
 pub mod reply;
 pub mod rules;
 pub mod session;
@@ -26,12 +27,13 @@ pub mod table;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::RelayConfig;
 use crate::dns::DnsService;
 use crate::stats::Stats;
 use clock::Clock;
-use ports::PortAllocator;
+use pool::UpstreamPools;
 use reply::ReplySender;
 use rules::UdpRules;
 use table::SessionTable;
@@ -61,8 +63,10 @@ pub struct RelayContext {
     pub rules: ArcSwap<UdpRules>,
     pub table: SessionTable,
     pub replies: ReplySender,
-    /// Local ports of one-destination upstream sockets.
-    pub ports: Arc<PortAllocator>,
+    /// Upstream sockets shared by one-destination flows.
+    pub pools: UpstreamPools,
+    /// The shortest idle timeout any session has had (for the sweeper).
+    min_idle_ms: AtomicU64,
     pub clock: Clock,
     pub stats: Arc<Stats>,
     /// Answers diverted datagrams to DNS ports instead of relaying them.
@@ -70,21 +74,29 @@ pub struct RelayContext {
 }
 
 impl RelayContext {
-    pub fn new(
-        config: &RelayConfig,
-        mark: u32,
-        stats: Arc<Stats>,
-        dns: Option<Arc<DnsService>>,
-    ) -> Self {
+    pub fn new(config: &RelayConfig, mark: u32, stats: Arc<Stats>, dns: Option<Arc<DnsService>>) -> Self {
         RelayContext {
             mark,
             rules: ArcSwap::from_pointee(UdpRules::new(config, mark)),
             table: SessionTable::new(config.session_capacity),
             replies: ReplySender::new(config.reply_sockets, mark, stats.clone()),
-            ports: PortAllocator::from_system(),
+            pools: UpstreamPools::default(),
+            min_idle_ms: AtomicU64::new(u64::MAX),
             clock: Clock::new(),
             stats,
             dns,
         }
+    }
+}
+
+impl RelayContext {
+    /// Remembers the shortest idle timeout in use.
+    pub fn note_idle_timeout(&self, idle_ms: u64) {
+        self.min_idle_ms.fetch_min(idle_ms, Ordering::Relaxed);
+    }
+
+    /// The shortest idle timeout any session has had, milliseconds.
+    pub fn min_idle_ms(&self) -> u64 {
+        self.min_idle_ms.load(Ordering::Relaxed)
     }
 }

@@ -30,10 +30,7 @@ pub enum ReplySocket {
     /// A UDP socket bound to the source address.
     Bound(UdpSocket),
     /// Raw IP with a hand-built header, when binding was not possible.
-    Raw {
-        src: SocketAddr,
-        raw: Arc<RawSender>,
-    },
+    Raw { src: SocketAddr, raw: Arc<RawSender> },
 }
 
 impl ReplySocket {
@@ -41,9 +38,7 @@ impl ReplySocket {
     /// Returns how many were sent.
     pub fn send_to(&self, run: &[&[u8]], client: SocketAddr, tos: Option<u8>) -> io::Result<usize> {
         match self {
-            ReplySocket::Bound(sock) => {
-                send_run(sock.as_raw_fd(), run, Some(client), tos, client.is_ipv6())
-            }
+            ReplySocket::Bound(sock) => send_run(sock.as_raw_fd(), run, Some(client), tos, client.is_ipv6()),
             ReplySocket::Raw { src, raw } => {
                 let mut sent = 0;
                 for payload in run {
@@ -94,12 +89,7 @@ impl ReplySender {
             // EADDRINUSE: a local process holds the wildcard on that port.
             // EACCES: a port below 1024 and no CAP_NET_BIND_SERVICE (tproxyd
             // keeps only NET_ADMIN and NET_RAW after dropping root).
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied) => {
                 tracing::debug!(%src, error = %e, "cannot bind the reply address; replying over raw IP");
                 self.stats.reply_raw_fallbacks.inc();
                 ReplySocket::Raw {
@@ -134,9 +124,7 @@ impl ReplySender {
                     self.stats.drop_send_buffer_full.add(lost as u64);
                 }
             }
-            Err(e) if crate::net::would_block(&e) => {
-                self.stats.drop_send_buffer_full.add(run.len() as u64)
-            }
+            Err(e) if crate::net::would_block(&e) => self.stats.drop_send_buffer_full.add(run.len() as u64),
             Err(e) => {
                 self.stats.reply_send_errors.add(run.len() as u64);
                 tracing::debug!(%client, error = %e, "reply send failed");

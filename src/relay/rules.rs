@@ -30,10 +30,7 @@ impl std::fmt::Display for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Route::Direct => f.write_str("direct to the original destination"),
-            Route::Redirect(to) => write!(
-                f,
-                "redirect to {to} (replies still from the original destination)"
-            ),
+            Route::Redirect(to) => write!(f, "redirect to {to} (replies still from the original destination)"),
             Route::Interface { device, mark } => {
                 f.write_str("direct")?;
                 if let Some(d) = device {
@@ -68,8 +65,7 @@ pub struct UdpRule {
 
 impl UdpRule {
     fn matches(&self, client: SocketAddr, dst: SocketAddr) -> bool {
-        let in_any =
-            |nets: &[IpNet], ip: IpAddr| nets.is_empty() || nets.iter().any(|n| n.contains(&ip));
+        let in_any = |nets: &[IpNet], ip: IpAddr| nets.is_empty() || nets.iter().any(|n| n.contains(&ip));
         in_any(&self.clients, client.ip())
             && in_any(&self.destinations, dst.ip())
             && (self.ports.is_empty() || self.ports.iter().any(|p| p.contains(dst.port())))

@@ -1,5 +1,12 @@
-//! One flow: its upstream (a marked socket, or a SOCKS5 association), the
-//! task that carries replies back, and its idle timer.
+//! One flow: where its datagrams go, where its replies come from, and when
+//! it was last active.
+//!
+//! A flow to one destination (symmetric NAT) rides a shared socket of the
+//! [`pool`](super::pool) and costs no descriptor or task of its own. A full
+//! cone needs a socket any remote can reach, so it owns one, with a task
+//! pumping its replies; a SOCKS5 flow owns its association and a task. No
+//! flow keeps a timer: the [`expiry`](super::expiry) sweeper closes idle
+//! ones.
 
 use std::cell::RefCell;
 use std::io;
@@ -10,9 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tokio::time::timeout_at;
 
-use super::ports::PortLease;
+use super::pool::{PoolKey, PoolLease};
 use super::reply::ReplySocket;
 use super::rules::{Route, UdpRule};
 use super::socks5::{self, Socks5Server};
@@ -39,8 +45,8 @@ const SOCKS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(5);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
-    /// Each worker thread's receive batch for reply pumps: shared by every
-    /// session on the thread, so a flow costs no buffer of its own.
+    /// Each worker thread's receive batch for replies, shared by every
+    /// socket read on that thread: a flow costs no buffer of its own.
     static BATCH: RefCell<RecvBatch> = RefCell::new(RecvBatch::new(recv::BATCH));
 }
 
@@ -54,18 +60,17 @@ struct Outbound {
 /// Where a session's datagrams go.
 #[derive(Debug)]
 enum Upstream {
-    /// One destination (symmetric NAT): a connected socket on a shared
-    /// port, and the reply socket for the address the client wrote to.
-    Connected {
-        socket: UdpSocket,
-        reply: Arc<ReplySocket>,
-        _port: PortLease,
-    },
-    /// Every destination (full cone): an open socket; replies are spoofed
+    /// One destination (symmetric NAT): a shared pool socket, and the reply
+    /// socket for the address the client wrote to.
+    Pooled { lease: PoolLease, reply: Arc<ReplySocket> },
+    /// Every destination (full cone): an own socket; replies are spoofed
     /// from whichever remote sent them.
-    Cone { socket: UdpSocket },
+    Cone { socket: Arc<UdpSocket> },
     /// A SOCKS5 association, run by the session's task.
-    Socks { tx: mpsc::Sender<Outbound> },
+    Socks {
+        tx: mpsc::Sender<Outbound>,
+        reply: Option<Arc<ReplySocket>>,
+    },
 }
 
 #[derive(Debug)]
@@ -74,27 +79,23 @@ pub struct Session {
     /// Tells this session from a later one for the same flow.
     pub id: u64,
     upstream: Upstream,
-    idle_ms: u64,
+    /// Idle timeout, milliseconds.
+    pub idle_ms: u64,
     last_active_ms: AtomicU64,
     last_promoted_ms: AtomicU64,
 }
 
 impl Session {
-    /// Opens the flow `key` (first datagram to `dst`) as `rule` says, and
-    /// starts its task.
-    pub fn open(
-        key: FlowKey,
-        dst: SocketAddr,
-        rule: &UdpRule,
-        ctx: &Arc<RelayContext>,
-    ) -> io::Result<Entry> {
+    /// Opens the flow `key` (first datagram to `dst`) as `rule` says.
+    pub fn open(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &Arc<RelayContext>) -> io::Result<Entry> {
         let one_destination = rule.nat == NatMode::Symmetric;
         let (mark, device) = match &rule.route {
-            Route::Interface { device, mark } => (*mark, device.as_deref()),
+            Route::Interface { device, mark } => (*mark, device.clone()),
             _ => (ctx.mark, None),
         };
-        let mut socks = None;
+        let mut socks_rx = None;
         let upstream = match &rule.route {
+            Route::Drop => return Err(io::Error::other("dropped flows have no session")),
             Route::Socks5(server) => {
                 let (tx, rx) = mpsc::channel(SOCKS_BACKLOG);
                 let reply = if one_destination {
@@ -102,28 +103,30 @@ impl Session {
                 } else {
                     None
                 };
-                socks = Some((server.clone(), rx, reply));
-                Upstream::Socks { tx }
+                socks_rx = Some((server.clone(), rx));
+                Upstream::Socks { tx, reply }
             }
-            Route::Drop => return Err(io::Error::other("dropped flows have no session")),
             Route::Direct | Route::Interface { .. } | Route::Redirect(_) if one_destination => {
                 let target = match rule.route {
                     Route::Redirect(to) => to,
                     _ => dst,
                 };
                 let reply = ctx.replies.socket_for(dst)?;
-                let (socket, port) = ctx.ports.lease(target, |p| {
-                    sockets::flow_upstream(target, Some(p), mark, device)
-                })?;
-                Upstream::Connected {
-                    socket: UdpSocket::from_std(socket)?,
+                let pool = PoolKey {
+                    v6: target.is_ipv6(),
+                    mark,
+                    device,
+                };
+                Upstream::Pooled {
+                    lease: ctx.pools.lease(ctx, pool, key.client, target)?,
                     reply,
-                    _port: port,
                 }
             }
             Route::Direct | Route::Interface { .. } | Route::Redirect(_) => {
-                let socket = UdpSocket::from_std(sockets::flow_upstream(dst, None, mark, device)?)?;
-                Upstream::Cone { socket }
+                let std = sockets::flow_upstream(dst, None, mark, device.as_deref())?;
+                Upstream::Cone {
+                    socket: Arc::new(UdpSocket::from_std(std)?),
+                }
             }
         };
         let now = ctx.clock.now_ms();
@@ -135,20 +138,23 @@ impl Session {
             last_active_ms: AtomicU64::new(now),
             last_promoted_ms: AtomicU64::new(now),
         });
-        let task = match socks {
-            Some((server, rx, reply)) => tokio::spawn(socks_pump(
-                session.clone(),
-                ctx.clone(),
-                server,
-                mark,
-                rx,
-                reply,
-            )),
-            None => tokio::spawn(pump(session.clone(), ctx.clone())),
+        ctx.note_idle_timeout(session.idle_ms);
+        let task = match (&session.upstream, socks_rx) {
+            (Upstream::Pooled { lease, .. }, _) => {
+                lease.attach(&session);
+                None
+            }
+            (Upstream::Cone { socket }, _) => {
+                Some(tokio::spawn(pump_cone(session.clone(), socket.clone(), ctx.clone())))
+            }
+            (Upstream::Socks { .. }, Some((server, rx))) => {
+                Some(tokio::spawn(socks_pump(session.clone(), ctx.clone(), server, mark, rx)))
+            }
+            (Upstream::Socks { .. }, None) => None,
         };
         ctx.stats.sessions_opened.inc();
         tracing::debug!(client = %key.client, %dst, rule = rule.number, id = session.id, "session opened");
-        Ok(Entry::new(session, task.abort_handle()))
+        Ok(Entry::new(session, task.map(|t| t.abort_handle())))
     }
 
     /// Records traffic now.
@@ -156,19 +162,18 @@ impl Session {
         self.last_active_ms.store(now_ms, Ordering::Relaxed);
     }
 
+    /// Milliseconds since the last datagram in either direction.
+    pub fn idle_for(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.last_active_ms.load(Ordering::Relaxed))
+    }
+
     /// Sends a run of client datagrams towards `dst` (all with TOS `tos`);
     /// never blocks.
-    pub fn send_upstream(
-        &self,
-        run: &[&[u8]],
-        dst: SocketAddr,
-        tos: Option<u8>,
-        ctx: &RelayContext,
-    ) {
-        let (socket, to) = match &self.upstream {
-            Upstream::Connected { socket, .. } => (socket, None),
-            Upstream::Cone { socket } => (socket, Some(dst)),
-            Upstream::Socks { tx } => {
+    pub fn send_upstream(&self, run: &[&[u8]], dst: SocketAddr, tos: Option<u8>, ctx: &RelayContext) {
+        let (fd, to) = match &self.upstream {
+            Upstream::Pooled { lease, .. } => (lease.socket.socket.as_raw_fd(), lease.remote),
+            Upstream::Cone { socket } => (socket.as_raw_fd(), dst),
+            Upstream::Socks { tx, .. } => {
                 for payload in run {
                     let out = Outbound {
                         dst,
@@ -184,17 +189,28 @@ impl Session {
         // Plain sendmsg(2): tokio's try_send would refuse until the reactor
         // has *seen* a new socket become writable, dropping the first
         // datagram of every flow.
-        let send = |run: &[&[u8]]| send_run(socket.as_raw_fd(), run, to, tos, dst.is_ipv6());
-        let mut result = send(run);
+        let mut result = send_run(fd, run, Some(to), tos, to.is_ipv6());
         if let Err(e) = &result {
             if e.kind() == io::ErrorKind::ConnectionRefused {
                 // An ICMP unreachable for an *earlier* datagram is reported on
                 // this send, and nothing was sent: count, retry once.
                 ctx.stats.upstream_unreachable.inc();
-                result = send(run);
+                result = send_run(fd, run, Some(to), tos, to.is_ipv6());
             }
         }
         count_upstream_send(result, run, ctx);
+    }
+
+    /// Sends replies from `from` to the client, spoofed from the address
+    /// the client wrote to (one destination) or from `from` (full cone).
+    fn reply(&self, run: &[&[u8]], from: SocketAddr, tos: Option<u8>, ctx: &RelayContext) {
+        match &self.upstream {
+            Upstream::Pooled { reply, .. } | Upstream::Socks { reply: Some(reply), .. } => {
+                ctx.replies.send(reply, run, self.key.client, tos)
+            }
+            _ => ctx.replies.send_from(from, run, self.key.client, tos),
+        }
+        self.inbound_activity(ctx);
     }
 
     /// Refreshes the idle timer and, at most once a second, the LRU order.
@@ -206,29 +222,6 @@ impl Session {
             self.last_promoted_ms.store(now, Ordering::Relaxed);
             ctx.table.promote(&self.key, self.id);
         }
-    }
-
-    fn idle_deadline(&self, ctx: &RelayContext) -> tokio::time::Instant {
-        let last = self.last_active_ms.load(Ordering::Relaxed);
-        ctx.clock.instant_at(last.saturating_add(self.idle_ms))
-    }
-
-    /// Whether the flow has been idle for its whole timeout; if so it is
-    /// removed from the table (which ends this task).
-    fn expire_if_idle(&self, ctx: &RelayContext) -> bool {
-        let idle_for = ctx
-            .clock
-            .now_ms()
-            .saturating_sub(self.last_active_ms.load(Ordering::Relaxed));
-        if idle_for < self.idle_ms {
-            return false;
-        }
-        if let Some(entry) = ctx.table.remove(&self.key, self.id) {
-            ctx.stats.sessions_expired.inc();
-            tracing::debug!(client = %self.key.client, "session expired");
-            drop(entry); // aborts this very task: nothing may follow
-        }
-        true
     }
 
     /// Removes this session from the table because its upstream failed.
@@ -259,41 +252,11 @@ fn count_upstream_send(result: io::Result<usize>, run: &[&[u8]], ctx: &RelayCont
     }
 }
 
-/// The task of a socket-backed session: relay replies until the flow has
-/// been idle for its timeout.
-async fn pump(session: Arc<Session>, ctx: Arc<RelayContext>) {
-    let socket = match &session.upstream {
-        Upstream::Connected { socket, .. } | Upstream::Cone { socket } => socket,
-        Upstream::Socks { .. } => return,
-    };
-    loop {
-        match timeout_at(session.idle_deadline(&ctx), socket.readable()).await {
-            Ok(Ok(())) => {
-                if drain_replies(&session, socket, &ctx) > 0 {
-                    session.inbound_activity(&ctx);
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(client = %session.key.client, error = %e, "upstream socket failed; closing flow");
-                session.close(&ctx);
-                return;
-            }
-            Err(_elapsed) => {
-                if session.expire_if_idle(&ctx) {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Reads every datagram queued on `socket` and sends them to the client
-/// with the TOS they arrived with, consecutive ones from the same remote as
-/// one run. Returns how many were relayed.
-fn drain_replies(session: &Session, socket: &UdpSocket, ctx: &RelayContext) -> usize {
+/// Reads every datagram queued on `socket` and hands each to the session
+/// `flow_of(sender)` names, consecutive ones from the same sender with the
+/// same TOS as one run. Datagrams no flow claims are dropped and counted.
+pub fn drain_into_flows(socket: &UdpSocket, ctx: &RelayContext, flow_of: impl Fn(SocketAddr) -> Option<Arc<Session>>) {
     let fd = socket.as_raw_fd();
-    let client = session.key.client;
-    let mut relayed = 0;
     BATCH.with_borrow_mut(|batch| {
         loop {
             let n = match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
@@ -305,59 +268,75 @@ fn drain_replies(session: &Session, socket: &UdpSocket, ctx: &RelayContext) -> u
                 }
                 Err(e) => {
                     ctx.stats.receive_errors.inc();
-                    tracing::debug!(%client, error = %e, "upstream receive failed");
+                    tracing::debug!(error = %e, "upstream receive failed");
                     break;
                 }
             };
             let mut run: Vec<&[u8]> = Vec::with_capacity(n);
-            let mut run_key = None;
+            let mut current: Option<Sender> = None;
             for i in 0..n {
-                let Some((meta, payload)) = batch.get(i) else {
-                    continue;
-                };
-                let key = (meta.peer, meta.tos);
-                if run_key.is_some_and(|k| k != key) {
-                    send_reply_run(session, &run, run_key, ctx);
-                    run.clear();
+                let Some((meta, payload)) = batch.get(i) else { continue };
+                if !current
+                    .as_ref()
+                    .is_some_and(|c| c.from == meta.peer && c.tos == meta.tos)
+                {
+                    deliver(&mut run, current.as_ref(), ctx);
+                    current = Some(Sender {
+                        from: meta.peer,
+                        tos: meta.tos,
+                        flow: flow_of(meta.peer),
+                    });
                 }
-                run_key = Some(key);
                 run.push(payload);
             }
-            send_reply_run(session, &run, run_key, ctx);
-            relayed += n;
+            deliver(&mut run, current.as_ref(), ctx);
         }
     });
-    relayed
 }
 
-/// Sends replies that came from `key.0` with TOS `key.1` to the client.
-fn send_reply_run(
-    session: &Session,
-    run: &[&[u8]],
-    key: Option<(SocketAddr, Option<u8>)>,
-    ctx: &RelayContext,
-) {
-    let Some((from, tos)) = key else { return };
-    if run.is_empty() {
-        return;
+/// Who sent the run being gathered, and the flow it belongs to.
+struct Sender {
+    from: SocketAddr,
+    tos: Option<u8>,
+    flow: Option<Arc<Session>>,
+}
+
+/// Hands a gathered run to its flow (or counts it as unsolicited).
+fn deliver(run: &mut Vec<&[u8]>, sender: Option<&Sender>, ctx: &RelayContext) {
+    match sender {
+        Some(Sender {
+            from,
+            tos,
+            flow: Some(session),
+        }) => session.reply(run, *from, *tos, ctx),
+        Some(Sender { flow: None, .. }) => ctx.stats.drop_unsolicited.add(run.len() as u64),
+        None => {}
     }
-    match &session.upstream {
-        Upstream::Connected { reply, .. } => ctx.replies.send(reply, run, session.key.client, tos),
-        _ => ctx.replies.send_from(from, run, session.key.client, tos),
+    run.clear();
+}
+
+/// The task of a full-cone session: relay replies from anyone.
+async fn pump_cone(session: Arc<Session>, socket: Arc<UdpSocket>, ctx: Arc<RelayContext>) {
+    loop {
+        if let Err(e) = socket.readable().await {
+            tracing::warn!(client = %session.key.client, error = %e, "upstream socket failed; closing flow");
+            session.close(&ctx);
+            return;
+        }
+        drain_into_flows(&socket, &ctx, |_| Some(session.clone()));
     }
 }
 
 /// The task of a SOCKS5 session: set up the association (datagrams wait in
-/// the channel meanwhile), then relay both ways until the flow idles out or
-/// the server drops the association. Either way the session leaves the
-/// table, so the client's next datagram starts a fresh association.
+/// the channel meanwhile), then relay both ways until the server drops the
+/// association or the sweeper ends the flow. Either way the session leaves
+/// the table, so the client's next datagram starts a fresh association.
 async fn socks_pump(
     session: Arc<Session>,
     ctx: Arc<RelayContext>,
     server: Arc<Socks5Server>,
     mark: u32,
     mut rx: mpsc::Receiver<Outbound>,
-    reply: Option<Arc<ReplySocket>>,
 ) {
     let mut assoc = match socks5::associate(&server, mark, SOCKS_HANDSHAKE).await {
         Ok(a) => a,
@@ -383,13 +362,7 @@ async fn socks_pump(
             }
             got = assoc.udp.recv(&mut inbound) => match got {
                 Ok(n) => match socks5::decode_udp(inbound.get(..n).unwrap_or_default()) {
-                    Ok((remote, payload)) => {
-                        match &reply {
-                            Some(r) => ctx.replies.send(r, &[payload], session.key.client, None),
-                            None => ctx.replies.send_from(remote, &[payload], session.key.client, None),
-                        }
-                        session.inbound_activity(&ctx);
-                    }
+                    Ok((remote, payload)) => session.reply(&[payload], remote, None, &ctx),
                     Err(e) => {
                         ctx.stats.receive_errors.inc();
                         tracing::debug!(error = %e, "bad datagram from the SOCKS5 relay");
@@ -405,11 +378,6 @@ async fn socks_pump(
                 tracing::info!(server = %server.addr, client = %session.key.client, "SOCKS5 server closed the association");
                 session.close(&ctx);
                 return;
-            }
-            _ = tokio::time::sleep_until(session.idle_deadline(&ctx)) => {
-                if session.expire_if_idle(&ctx) {
-                    return;
-                }
             }
         }
     }
@@ -428,17 +396,17 @@ pub fn flow_key(client: SocketAddr, dst: SocketAddr, rule: &UdpRule) -> FlowKey 
 #[cfg(test)]
 impl Session {
     /// A session with a loopback socket and no task, for table tests.
-    pub(crate) fn detached(key: FlowKey) -> Session {
+    pub(crate) fn detached(key: FlowKey, idle_ms: u64, last_active_ms: u64) -> Session {
         let std = std::net::UdpSocket::bind("127.0.0.1:0").expect("loopback socket");
         std.set_nonblocking(true).expect("nonblocking");
         Session {
             key,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             upstream: Upstream::Cone {
-                socket: UdpSocket::from_std(std).expect("tokio socket"),
+                socket: Arc::new(UdpSocket::from_std(std).expect("tokio socket")),
             },
-            idle_ms: 60_000,
-            last_active_ms: AtomicU64::new(0),
+            idle_ms,
+            last_active_ms: AtomicU64::new(last_active_ms),
             last_promoted_ms: AtomicU64::new(0),
         }
     }

@@ -57,11 +57,7 @@ pub struct Association {
 }
 
 /// Opens an association through `server`, from sockets marked `mark`.
-pub async fn associate(
-    server: &Socks5Server,
-    mark: u32,
-    timeout: Duration,
-) -> Result<Association, Socks5Error> {
+pub async fn associate(server: &Socks5Server, mark: u32, timeout: Duration) -> Result<Association, Socks5Error> {
     tokio::time::timeout(timeout, handshake(server, mark))
         .await
         .map_err(|_| Socks5Error::Timeout)?
@@ -94,15 +90,10 @@ async fn handshake(server: &Socks5Server, mark: u32) -> Result<Association, Sock
         }
         (NO_ACCEPTABLE, _) => return Err(Socks5Error::NoAcceptableMethod),
         _ => {
-            return Err(Socks5Error::Protocol(
-                "server chose a method we did not offer",
-            ));
+            return Err(Socks5Error::Protocol("server chose a method we did not offer"));
         }
     }
-    let udp = UdpSocket::from_std(sockets::marked_udp(
-        sockets::unspecified(server.addr),
-        mark,
-    )?)?;
+    let udp = UdpSocket::from_std(sockets::marked_udp(sockets::unspecified(server.addr), mark)?)?;
     // Tell the server where our datagrams will come from, so it relays
     // for this socket only.
     let local = SocketAddr::new(control.local_addr()?.ip(), udp.local_addr()?.port());
@@ -125,11 +116,7 @@ async fn handshake(server: &Socks5Server, mark: u32) -> Result<Association, Sock
         None => return Err(Socks5Error::Protocol("relay address is a domain name")),
     };
     udp.connect(relay).await?;
-    Ok(Association {
-        control,
-        udp,
-        relay,
-    })
+    Ok(Association { control, udp, relay })
 }
 
 async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
@@ -259,9 +246,6 @@ mod tests {
 
     #[test]
     fn auth_request_layout() {
-        assert_eq!(
-            auth_request("ab", "xyz"),
-            vec![1, 2, b'a', b'b', 3, b'x', b'y', b'z']
-        );
+        assert_eq!(auth_request("ab", "xyz"), vec![1, 2, b'a', b'b', 3, b'x', b'y', b'z']);
     }
 }

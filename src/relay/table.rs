@@ -2,9 +2,10 @@
 //!
 //! A gateway cannot hold every flow it ever saw, so the table has a fixed
 //! capacity; when a new flow arrives at a full table the flow that has gone
-//! longest without traffic (in either direction) is evicted and its socket
-//! closed. Every entry owns the task pumping its replies, and dropping the
-//! entry stops that task: removal from the table *is* the session's end.
+//! longest without traffic (in either direction) is evicted. An entry owns
+//! its session's resources (a pool lease, or a socket and the task pumping
+//! it), so removal from the table *is* the session's end: eviction, expiry
+//! and shutdown all just drop entries.
 
 use lru::LruCache;
 use std::num::NonZeroUsize;
@@ -14,22 +15,24 @@ use tokio::task::AbortHandle;
 use super::FlowKey;
 use super::session::Session;
 
-/// A live session and the task that serves it.
+/// A live session and the task that serves it, if it has one.
 #[derive(Debug)]
 pub struct Entry {
     pub session: Arc<Session>,
-    task: AbortHandle,
+    task: Option<AbortHandle>,
 }
 
 impl Entry {
-    pub fn new(session: Arc<Session>, task: AbortHandle) -> Self {
+    pub fn new(session: Arc<Session>, task: Option<AbortHandle>) -> Self {
         Entry { session, task }
     }
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -97,6 +100,27 @@ impl SessionTable {
         self.len() == 0
     }
 
+    /// Removes the sessions idle for at least their timeout at `now_ms`.
+    ///
+    /// Walks from the least recently used end and stops at the first
+    /// session idle for less than `min_idle_ms` (the shortest timeout in
+    /// use): everything after it was used later still, so nothing there can
+    /// have expired. A sweep costs the expired sessions plus those older
+    /// than the shortest timeout, not the whole table.
+    pub fn take_idle(&self, now_ms: u64, min_idle_ms: u64) -> Vec<Entry> {
+        let mut table = self.lock();
+        let mut expired = Vec::new();
+        for (key, entry) in table.iter().rev() {
+            let idle = entry.session.idle_for(now_ms);
+            if idle >= entry.session.idle_ms {
+                expired.push(*key);
+            } else if idle < min_idle_ms {
+                break;
+            }
+        }
+        expired.iter().filter_map(|k| table.pop(k)).collect()
+    }
+
     /// Changes the capacity; when it shrinks, the least recently used flows
     /// beyond it end. Returns how many ended.
     pub fn resize(&self, capacity: NonZeroUsize) -> usize {
@@ -146,8 +170,8 @@ mod tests {
     fn entry(k: FlowKey) -> Result<Entry, Infallible> {
         let task = tokio::spawn(std::future::pending::<()>());
         Ok(Entry::new(
-            Arc::new(Session::detached(k)),
-            task.abort_handle(),
+            Arc::new(Session::detached(k, 60_000, 0)),
+            Some(task.abort_handle()),
         ))
     }
 
@@ -174,9 +198,7 @@ mod tests {
         let t = table(2);
         let (a, _) = t.get_or_insert_with(key(1), || entry(key(1))).unwrap();
         let (b, _) = t
-            .get_or_insert_with(key(1), || -> Result<Entry, Infallible> {
-                panic!("opened twice")
-            })
+            .get_or_insert_with(key(1), || -> Result<Entry, Infallible> { panic!("opened twice") })
             .unwrap();
         assert_eq!(a.id, b.id);
     }
@@ -199,12 +221,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn idle_sessions_are_taken_whatever_their_own_timeout() {
+        let t = table(10);
+        let add = |port: u16, idle_ms: u64, last: u64| {
+            t.get_or_insert_with(key(port), || {
+                Ok::<_, Infallible>(Entry::new(Arc::new(Session::detached(key(port), idle_ms, last)), None))
+            })
+            .unwrap();
+        };
+        add(1, 1_000, 0); // idle 10 s, timeout 1 s: expired
+        add(2, 60_000, 0); // idle 10 s, timeout 60 s: kept
+        add(3, 1_000, 5_000); // idle 5 s, timeout 1 s: expired, behind a kept one
+        add(4, 1_000, 9_800); // idle 0.2 s: kept; the walk stops here
+        let taken: Vec<u16> = t
+            .take_idle(10_000, 1_000)
+            .iter()
+            .map(|e| e.session.key.client.port())
+            .collect();
+        assert_eq!(taken, vec![1, 3]);
+        assert_eq!(t.len(), 2);
+    }
+
+    #[tokio::test]
     async fn dropping_an_entry_stops_its_task() {
         let t = table(1);
         let task = tokio::spawn(std::future::pending::<()>());
         let handle = task.abort_handle();
         t.get_or_insert_with(key(1), || {
-            Ok::<_, Infallible>(Entry::new(Arc::new(Session::detached(key(1))), handle))
+            Ok::<_, Infallible>(Entry::new(Arc::new(Session::detached(key(1), 60_000, 0)), Some(handle)))
         })
         .unwrap();
         assert_eq!(t.clear(), 1);

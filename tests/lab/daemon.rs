@@ -37,23 +37,11 @@ impl Daemon {
 
     /// Starts tproxyd behind `wrapper` (e.g. `setpriv ...` to run it the way
     /// a service manager would).
-    pub fn start_wrapped(
-        ns: &Netns,
-        wrapper: &[&str],
-        config: &Path,
-        log: &Path,
-        startup: Duration,
-    ) -> Daemon {
+    pub fn start_wrapped(ns: &Netns, wrapper: &[&str], config: &Path, log: &Path, startup: Duration) -> Daemon {
         let out = std::fs::File::create(log).expect("daemon log");
         let err = out.try_clone().expect("daemon log");
         let (program, args): (&str, Vec<&str>) = match wrapper.split_first() {
-            Some((p, rest)) => (
-                p,
-                rest.iter()
-                    .copied()
-                    .chain([env!("CARGO_BIN_EXE_tproxyd")])
-                    .collect(),
-            ),
+            Some((p, rest)) => (p, rest.iter().copied().chain([env!("CARGO_BIN_EXE_tproxyd")]).collect()),
             None => (env!("CARGO_BIN_EXE_tproxyd"), Vec::new()),
         };
         let child = ns
@@ -130,10 +118,7 @@ impl Daemon {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "tproxyd did not exit within 10 s of SIGTERM:\n{}",
-                    self.log_text()
-                );
+                panic!("tproxyd did not exit within 10 s of SIGTERM:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         };

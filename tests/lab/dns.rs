@@ -20,10 +20,7 @@ impl Dnsmasq {
         text.lines()
             .filter_map(|l| {
                 // "query[A] name from ip", or "auth[A] ..." for its own zone.
-                let rest = l
-                    .split("query[")
-                    .nth(1)
-                    .or_else(|| l.split("auth[").nth(1))?;
+                let rest = l.split("query[").nth(1).or_else(|| l.split("auth[").nth(1))?;
                 let (_, rest) = rest.split_once("] ")?;
                 let (name, from) = rest.split_once(" from ")?;
                 Some((name.to_string(), from.trim().to_string()))
@@ -32,9 +29,7 @@ impl Dnsmasq {
     }
 
     pub fn was_asked(&self, name: &str) -> bool {
-        self.queries()
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case(name))
+        self.queries().iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
     }
 }
 
@@ -66,10 +61,7 @@ impl Lab {
         let out = self.path(&format!("dnsmasq{n}.out"));
         let pid = self.spawn(&self.servers[i], "dnsmasq", &args, &out);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("started")
-        {
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("started") {
             assert!(
                 Instant::now() < deadline,
                 "dnsmasq did not start: {}",
@@ -127,11 +119,7 @@ fn parse_dig(raw: &str) -> Dig {
         } else if let Some(rest) = line.strip_prefix(";; SERVER: ") {
             d.server = rest.split('(').next().unwrap_or("").to_string();
         } else if let Some(rest) = line.strip_prefix(";; Query time: ") {
-            d.query_ms = rest
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            d.query_ms = rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
         } else if line.starts_with(";; ") && line.ends_with("SECTION:") {
             section = line;
         } else if line.trim().is_empty() {
@@ -207,10 +195,7 @@ impl Lab {
             &out,
         );
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .contains(ready_line)
-        {
+        while !std::fs::read_to_string(&out).unwrap_or_default().contains(ready_line) {
             assert!(
                 Instant::now() < deadline,
                 "dnsdist did not start: {}",

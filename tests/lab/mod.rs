@@ -148,12 +148,8 @@ impl Lab {
         let dir = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&dir).expect("lab temp dir");
         let lab = Lab {
-            client: Netns {
-                name: format!("{id}c"),
-            },
-            gateway: Netns {
-                name: format!("{id}g"),
-            },
+            client: Netns { name: format!("{id}c") },
+            gateway: Netns { name: format!("{id}g") },
             servers: (0..n)
                 .map(|i| Netns {
                     name: format!("{id}s{i}"),
@@ -170,9 +166,7 @@ impl Lab {
     }
 
     fn all_ns(&self) -> impl Iterator<Item = &Netns> {
-        [&self.client, &self.gateway]
-            .into_iter()
-            .chain(self.servers.iter())
+        [&self.client, &self.gateway].into_iter().chain(self.servers.iter())
     }
 
     fn build(&self) {
@@ -227,15 +221,13 @@ impl Lab {
         self.servers[i].sh(&format!(
             "ip addr add {ip}/{len} dev wan0 nodad 2>/dev/null || ip addr add {ip}/{len} dev wan0"
         ));
-        self.gateway
-            .sh(&format!("ip {fam} route replace {ip}/{len} via {via}"));
+        self.gateway.sh(&format!("ip {fam} route replace {ip}/{len} via {via}"));
     }
 
     /// Gives the client one more address on its LAN.
     pub fn add_client_address(&self, ip: IpAddr) {
         let len = if ip.is_ipv4() { 24 } else { 64 };
-        self.client
-            .sh(&format!("ip addr add {ip}/{len} dev lan0 nodad"));
+        self.client.sh(&format!("ip addr add {ip}/{len} dev lan0 nodad"));
     }
 
     /// Installs the redirect on the gateway with one of the iptables/
@@ -272,10 +264,7 @@ impl Lab {
             stop_child(child);
         }
         for p in forked {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), nix::sys::signal::Signal::SIGKILL);
         }
     }
 
@@ -292,13 +281,7 @@ impl Lab {
     /// Like [`Lab::start_tproxyd`], behind `wrapper` (see [`Daemon::start_wrapped`]).
     pub fn start_tproxyd_wrapped(&self, wrapper: &[&str], config: &str) -> Daemon {
         let (config_path, log) = self.daemon_files(config);
-        Daemon::start_wrapped(
-            &self.gateway,
-            wrapper,
-            &config_path,
-            &log,
-            Duration::from_secs(10),
-        )
+        Daemon::start_wrapped(&self.gateway, wrapper, &config_path, &log, Duration::from_secs(10))
     }
 
     /// A config file with `config` and a log file for the next daemon.
@@ -376,28 +359,16 @@ fn descendants(pid: u32) -> Vec<u32> {
     let parent_of = |p: u32| -> Option<u32> {
         let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
         // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
-        stat.rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
     };
     let all: Vec<u32> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
         .unwrap_or_default();
     let mut found = vec![pid];
     let mut i = 0;
     while i < found.len() {
         let parent = found[i];
-        let children: Vec<u32> = all
-            .iter()
-            .copied()
-            .filter(|&p| parent_of(p) == Some(parent))
-            .collect();
+        let children: Vec<u32> = all.iter().copied().filter(|&p| parent_of(p) == Some(parent)).collect();
         found.extend(children);
         i += 1;
     }

@@ -45,13 +45,9 @@ socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: udpassociate udpreply }}
         if auth {
             let passwd = self.path("passwd");
             let shadow = self.path("shadow");
-            let hash = self
-                .client
-                .sh(&format!("openssl passwd -6 '{SOCKS_PASSWORD}'"));
+            let hash = self.client.sh(&format!("openssl passwd -6 '{SOCKS_PASSWORD}'"));
             let mut p = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-            p.push_str(&format!(
-                "{SOCKS_USER}:x:60123:60123::/nonexistent:/usr/sbin/nologin\n"
-            ));
+            p.push_str(&format!("{SOCKS_USER}:x:60123:60123::/nonexistent:/usr/sbin/nologin\n"));
             std::fs::write(&passwd, p).unwrap();
             std::fs::write(
                 &shadow,

@@ -38,10 +38,7 @@ impl Lab {
                 return pid;
             }
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            assert!(
-                Instant::now() < deadline,
-                "turnserver did not start:\n{text}"
-            );
+            assert!(Instant::now() < deadline, "turnserver did not start:\n{text}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -27,14 +27,7 @@ pub fn recv(sock: &UdpSocket) -> Option<(SocketAddr, Vec<u8>)> {
     let mut buf = vec![0u8; 65_536];
     match sock.recv_from(&mut buf) {
         Ok((n, from)) => Some((from, buf[..n].to_vec())),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            None
-        }
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
         Err(e) => panic!("recv: {e}"),
     }
 }
@@ -55,9 +48,7 @@ pub struct Echo {
 impl Echo {
     pub fn start(ns: &Netns, addr: SocketAddr) -> Echo {
         let socket = socket(ns, addr);
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let seen: Log = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -88,10 +79,7 @@ impl Echo {
 
     /// The sender of the most recent datagram.
     pub fn last_peer(&self) -> SocketAddr {
-        self.received()
-            .last()
-            .expect("echo server received nothing")
-            .0
+        self.received().last().expect("echo server received nothing").0
     }
 
     /// Sends an unsolicited datagram from the server's socket.
@@ -131,12 +119,7 @@ pub fn recv_tos(sock: &UdpSocket) -> Option<(SocketAddr, Vec<u8>, u8)> {
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     loop {
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        match recvmsg::<SockaddrStorage>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_DONTWAIT,
-        ) {
+        match recvmsg::<SockaddrStorage>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT) {
             Ok(msg) => {
                 let n = msg.bytes;
                 let from = msg.address.and_then(|a| {

@@ -13,9 +13,7 @@ mod runtime;
 
 use futures_util::StreamExt;
 use hickory_net::{DnsError, DnsHandle, NetError};
-use hickory_proto::op::{
-    DnsRequest, DnsRequestOptions, Message, MessageType, OpCode, Query, ResponseCode,
-};
+use hickory_proto::op::{DnsRequest, DnsRequestOptions, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverOpts, ServerOrderingStrategy,
 };
@@ -89,10 +87,7 @@ impl UpstreamGroup {
             .map(|s| Server {
                 label: label(s),
                 pool: NameServerPool::from_config(
-                    [name_server(
-                        s,
-                        config.tls_name.as_deref().unwrap_or_default(),
-                    )],
+                    [name_server(s, config.tls_name.as_deref().unwrap_or_default())],
                     cx.clone(),
                     MarkedRuntime::new(mark),
                 ),
@@ -111,11 +106,7 @@ impl UpstreamGroup {
     /// NXDOMAIN and no-data answers are answers (returned with their SOA);
     /// only SERVFAIL, REFUSED, timeouts and transport errors move on to the
     /// next server.
-    pub async fn resolve(
-        &self,
-        query: &Query,
-        deadline: Instant,
-    ) -> Result<Message, UpstreamError> {
+    pub async fn resolve(&self, query: &Query, deadline: Instant) -> Result<Message, UpstreamError> {
         let n = self.servers.len();
         let first = self.preferred.load(Ordering::Relaxed);
         for i in 0..n {
@@ -158,10 +149,7 @@ impl UpstreamGroup {
 
 /// The first response from `pool`, with hickory's "no records" errors
 /// turned back into the negative answers they came from.
-async fn first_response(
-    pool: &NameServerPool<MarkedRuntime>,
-    request: DnsRequest,
-) -> Result<Message, NetError> {
+async fn first_response(pool: &NameServerPool<MarkedRuntime>, request: DnsRequest) -> Result<Message, NetError> {
     match pool.send(request).next().await {
         Some(Ok(response)) => Ok(response.into_message()),
         Some(Err(NetError::Dns(DnsError::NoRecordsFound(nr)))) => {
@@ -201,10 +189,7 @@ fn name_server(s: &UpstreamServer, tls_name: &str) -> NameServerConfig {
     };
     let connections = match s.protocol {
         // UDP first; TCP is what hickory retries on when an answer is truncated.
-        UpstreamProtocol::Udp => vec![
-            connection(ProtocolConfig::Udp),
-            connection(ProtocolConfig::Tcp),
-        ],
+        UpstreamProtocol::Udp => vec![connection(ProtocolConfig::Udp), connection(ProtocolConfig::Tcp)],
         UpstreamProtocol::Tcp => vec![connection(ProtocolConfig::Tcp)],
         UpstreamProtocol::Tls => vec![connection(ProtocolConfig::Tls {
             server_name: tls_name.into(),

@@ -63,14 +63,9 @@ impl RuntimeProvider for MarkedRuntime {
             if let Some(bind) = bind {
                 sock.bind(bind)?;
             }
-            match tokio::time::timeout(wait_for.unwrap_or(CONNECT_TIMEOUT), sock.connect(server))
-                .await
-            {
+            match tokio::time::timeout(wait_for.unwrap_or(CONNECT_TIMEOUT), sock.connect(server)).await {
                 Ok(stream) => stream.map(AsyncIoTokioAsStd),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "TCP connect timed out",
-                )),
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out")),
             }
         })
     }

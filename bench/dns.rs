@@ -1,0 +1,184 @@
+//! DNS: dnsperf from the client against tproxyd (hijacked, and on its
+//! plain LAN address), dnsmasq and dnsdist, all on the gateway, all doing
+//! the same three jobs:
+//!
+//! * **override**: a local answer for `printer.lan` (tproxyd answer rule,
+//!   dnsmasq `--address`, dnsdist `SpoofAction`);
+//! * **cached**: 100 names forwarded once to the upstream, then served
+//!   from each one's cache;
+//! * **miss**: unique names, every query a cache miss forwarded to the same
+//!   local upstream (a dnsmasq in the server namespace).
+//!
+//! Peak QPS comes from an open-loop run; latency percentiles from a second
+//! run at half that peak, with dnsperf reporting every query.
+
+use crate::Options;
+use crate::lab::Lab;
+use crate::setup::{self, UPSTREAM_DNS, sh, sleep_ms};
+
+#[derive(Debug, Clone)]
+pub struct Result {
+    pub workload: &'static str,
+    pub system: &'static str,
+    pub qps: f64,
+    pub lost_percent: f64,
+    /// Latency at half the peak rate, microseconds.
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+const SYSTEMS: [(&str, &str); 4] = [
+    ("tproxyd (hijacked)", "203.0.113.53"),
+    ("tproxyd (LAN address)", "192.0.2.1"),
+    ("dnsmasq", "192.0.2.2"),
+    ("dnsdist", "192.0.2.3"),
+];
+
+pub fn run(opts: &Options) -> Vec<Result> {
+    let lab = setup::lab();
+    lab.gateway
+        .sh("ip addr add 192.0.2.2/24 dev lan0 && ip addr add 192.0.2.3/24 dev lan0");
+    let log = lab.path("dns-peers.log");
+    // The upstream: answers any name under cached.test and miss.test.
+    lab.spawn(
+        &lab.servers[0],
+        "dnsmasq",
+        &[
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={UPSTREAM_DNS}"),
+            "--user=root",
+            "--cache-size=0",
+            "--local-ttl=3600",
+            "--address=/cached.test/203.0.113.80",
+            "--address=/miss.test/203.0.113.81",
+        ],
+        &log,
+    );
+    // The peers on the gateway, each on its own LAN address.
+    lab.spawn(
+        &lab.gateway,
+        "dnsmasq",
+        &[
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=192.0.2.2",
+            "--user=root",
+            "--cache-size=100000",
+            "--dns-forward-max=4096",
+            &format!("--server={UPSTREAM_DNS}"),
+            "--address=/printer.lan/192.0.2.50",
+        ],
+        &log,
+    );
+    let dnsdist_conf = lab.path("dnsdist.conf");
+    std::fs::write(
+        &dnsdist_conf,
+        format!(
+            r#"setSecurityPollSuffix("")
+setACL({{"0.0.0.0/0"}})
+addLocal("192.0.2.3:53")
+newServer({{address="{UPSTREAM_DNS}:53"}})
+pc = newPacketCache(100000)
+getPool(""):setCache(pc)
+addAction(QNameRule("printer.lan."), SpoofAction("192.0.2.50"))
+"#
+        ),
+    )
+    .unwrap();
+    let conf = dnsdist_conf.display().to_string();
+    lab.spawn(
+        &lab.gateway,
+        "dnsdist",
+        &["-C", &conf, "--supervised", "--disable-syslog"],
+        &log,
+    );
+    let _daemon = setup::tproxyd(&lab, &[], "");
+    sleep_ms(1_000);
+
+    let files = query_files(&lab);
+    let secs = opts.secs();
+    let mut out = Vec::new();
+    for (workload, file) in &files {
+        for (system, server) in SYSTEMS {
+            if *workload == "cached" {
+                // Fill the cache first: every name once.
+                sh(
+                    &lab.client,
+                    &format!("dnsperf -s {server} -d {file} -n 1 -q 100 >/dev/null 2>&1"),
+                );
+            }
+            let peak = dnsperf(&lab, server, file, secs, None);
+            let half = (peak.0 / 2.0).max(100.0) as u64;
+            let (_, _, lat) = dnsperf(&lab, server, file, secs.min(4), Some(half));
+            let mut lat = lat;
+            lat.sort_by(f64::total_cmp);
+            let pct = |q: f64| {
+                lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+                    .copied()
+                    .unwrap_or(f64::NAN)
+            };
+            let r = Result {
+                workload,
+                system,
+                qps: peak.0,
+                lost_percent: peak.1,
+                p50_us: pct(0.50),
+                p99_us: pct(0.99),
+            };
+            eprintln!(
+                "dns {:<9} {:<22} {:>9.0} qps  lost {:>5.2}%  @half: p50 {:>6.0} µs p99 {:>6.0} µs",
+                workload, system, r.qps, r.lost_percent, r.p50_us, r.p99_us
+            );
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// Query files for the three workloads, inside the lab directory.
+fn query_files(lab: &Lab) -> Vec<(&'static str, String)> {
+    let write = |name: &str, text: String| {
+        let p = lab.path(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let cached: String = (0..100).map(|i| format!("h{i}.cached.test A\n")).collect();
+    let miss: String = (0..3_000_000).map(|i| format!("q{i}.miss.test A\n")).collect();
+    vec![
+        ("override", write("override.txt", "printer.lan A\n".into())),
+        ("cached", write("cached.txt", cached)),
+        ("miss", write("miss.txt", miss)),
+    ]
+}
+
+/// Runs dnsperf; returns (QPS, lost %, per-query latencies in µs when
+/// rate-limited).
+fn dnsperf(lab: &Lab, server: &str, file: &str, secs: u32, rate: Option<u64>) -> (f64, f64, Vec<f64>) {
+    let cmd = match rate {
+        None => format!("dnsperf -s {server} -d {file} -l {secs} -c 8 -q 512 -t 2 2>&1"),
+        Some(q) => format!("dnsperf -s {server} -d {file} -l {secs} -c 8 -q 512 -t 2 -Q {q} -v 2>&1"),
+    };
+    let text = sh(&lab.client, &cmd);
+    let value = |key: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let sent = value("Queries sent:");
+    let lost = value("Queries lost:");
+    let latencies = text
+        .lines()
+        .filter(|l| l.starts_with("> "))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|s| s * 1e6)
+        .collect();
+    let lost_percent = if sent > 0.0 { 100.0 * lost / sent } else { 100.0 };
+    (value("Queries per second:"), lost_percent, latencies)
+}

@@ -1,0 +1,131 @@
+//! The benchmark lab: the test lab, plus what the baselines need.
+//!
+//! The server gets a route back to the client (the kernel-forwarding
+//! baseline needs one; tproxyd does not), and only the ports under test are
+//! captured, so the baselines' traffic is forwarded by the kernel untouched:
+//!
+//! | port            | path                 |
+//! |-----------------|----------------------|
+//! | 5201, 11111     | kernel forwarding    |
+//! | 5202, 11112     | through tproxyd      |
+//! | 5203            | through socat        |
+//! | 30000-30015     | flows, via tproxyd   |
+//! | 53 (hijacked)   | tproxyd DNS          |
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Output;
+use std::time::Duration;
+
+use crate::lab::{Daemon, Lab};
+
+pub const SERVER: &str = "198.51.100.7";
+pub const UPSTREAM_DNS: &str = "198.51.100.53";
+pub const ADMIN: &str = "127.0.0.1:9153";
+pub const CAPTURED_PORTS: &str = "53,5202,11112,30000-30015";
+
+/// A fresh lab with the bench's routes and redirect rules.
+pub fn lab() -> Lab {
+    let lab = Lab::new();
+    lab.servers[0].sh("ip route replace default via 198.51.100.1");
+    lab.add_server_address(0, UPSTREAM_DNS.parse().unwrap());
+    lab.install_rules("nft", &format!("LAN_IF=lan0 FAMILIES=4 UDP_PORTS={CAPTURED_PORTS}"));
+    lab
+}
+
+/// tproxyd's bench config: room for 200,000 flows, metrics on, DNS on.
+pub fn config(extra: &str) -> String {
+    format!(
+        r#"mark = 255
+log_level = "warn"
+{extra}
+[admin]
+listen = "{ADMIN}"
+[relay]
+listen = ["0.0.0.0:15353"]
+session_capacity = 200000
+[dns]
+listen = ["192.0.2.1:53"]
+[dns.cache]
+capacity = 100000
+[dns.upstreams.default]
+servers = ["{UPSTREAM_DNS}"]
+[[dns.rules]]
+domains = ["printer.lan"]
+action = "answer"
+a = ["192.0.2.50"]
+"#
+    )
+}
+
+/// Starts tproxyd (behind `wrapper`, e.g. taskset) with the bench config.
+pub fn tproxyd(lab: &Lab, wrapper: &[&str], extra: &str) -> Daemon {
+    lab.start_tproxyd_wrapped(wrapper, &config(extra))
+}
+
+/// The metrics page, fetched from inside the gateway.
+pub fn metrics(lab: &Lab) -> String {
+    lab.gateway.enter(|| {
+        let addr: SocketAddr = ADMIN.parse().unwrap();
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            return String::new();
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+}
+
+/// One series from the metrics page (0 when absent).
+pub fn metric(page: &str, series: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident memory of `pid`, in KiB (current and peak).
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Open file descriptors of `pid`.
+pub fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Runs `script` in `ns`, returning stdout whatever the exit status.
+pub fn sh(ns: &crate::lab::Netns, script: &str) -> String {
+    let out: Output = ns.sh_output(script);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `taskset -c CPU` when pinning, nothing otherwise.
+pub fn pin(cpu: Option<u32>) -> String {
+    cpu.map(|c| format!("taskset -c {c} ")).unwrap_or_default()
+}
+
+pub fn sleep_ms(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// The bench needs a socket per flow on the client side too.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, 1_048_576, 1_048_576) {
+        eprintln!("bench: cannot raise the descriptor limit: {e}");
+    }
+    eprintln!("bench: descriptor limit {:?}", getrlimit(Resource::RLIMIT_NOFILE));
+}

@@ -1,0 +1,47 @@
+//! Closing idle flows.
+//!
+//! One sweeper for all flows instead of a timer per flow: every so often it
+//! takes the sessions idle (in both directions) for at least their own
+//! timeout out of the table, which ends them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::RelayContext;
+use crate::shutdown::Shutdown;
+
+/// How often to sweep: a quarter of the shortest timeout in use, between
+/// 50 ms and a second. A flow thus outlives its timeout by at most that
+/// (plus up to a second of LRU order skew, see `SessionTable::take_idle`).
+fn interval(min_idle_ms: u64) -> Duration {
+    Duration::from_millis((min_idle_ms / 4).clamp(50, 1_000))
+}
+
+pub async fn sweep(ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> std::io::Result<()> {
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return Ok(()),
+            _ = tokio::time::sleep(interval(ctx.min_idle_ms())) => {}
+        }
+        let expired = ctx.table.take_idle(ctx.clock.now_ms(), ctx.min_idle_ms());
+        if !expired.is_empty() {
+            ctx.stats.sessions_expired.add(expired.len() as u64);
+            tracing::debug!(count = expired.len(), "sessions expired");
+        }
+        drop(expired);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::interval;
+    use std::time::Duration;
+
+    #[test]
+    fn sweeps_often_enough_for_the_shortest_timeout() {
+        assert_eq!(interval(1_000), Duration::from_millis(250));
+        assert_eq!(interval(120_000), Duration::from_secs(1));
+        assert_eq!(interval(10), Duration::from_millis(50));
+        assert_eq!(interval(u64::MAX), Duration::from_secs(1));
+    }
+}
