@@ -296,14 +296,15 @@ fn raw(o: &mut String, rounds: &[Round]) {
         if let Some(f) = &r.flows {
             let _ = writeln!(
                 o,
-                "Flows: {} attempted, {} opened in {:.2} s ({:.0}/s); replies {} (first datagram), {} (second); \
-                 tproxyd RSS {:.1} MiB (idle {:.1} MiB, peak {:.1} MiB), {} file descriptors.\n",
+                "Flows: {} attempted, {} opened in {:.2} s ({:.0}/s); replies {} (first datagram), {} (second, \
+                 {} sessions reopened); tproxyd RSS {:.1} MiB (idle {:.1} MiB, peak {:.1} MiB), {} file descriptors.\n",
                 f.flows,
                 f.opened,
                 f.setup_secs,
                 f.setup_rate(),
                 f.first_replies,
                 f.second_replies,
+                f.reopened,
                 f.rss_kib as f64 / 1024.0,
                 f.rss_idle_kib as f64 / 1024.0,
                 f.peak_kib as f64 / 1024.0,

@@ -1,6 +1,10 @@
 //! UDP throughput: iperf3 from the client to the server, through the kernel
 //! alone, through tproxyd, and through socat; 64- and 1,200-byte datagrams,
 //! offered load swept up to the sender's maximum.
+//!
+//! Both iperf3 ends get 4 MiB socket buffers (`-w 4M`): with the default
+//! ~200 KiB, the receiving iperf3 overflows whenever the scheduler runs it
+//! late, and the loss measured is the receiver's, not the path's.
 
 use crate::Options;
 use crate::lab::Lab;
@@ -102,7 +106,7 @@ fn measure(lab: &Lab, system: System, size: usize, rate: Option<u64>, pinned: bo
     let json = sh(
         &lab.client,
         &format!(
-            "{}iperf3 -u -c {host} -p {port} -l {size} -b {bps} -t {secs} -J",
+            "{}iperf3 -u -c {host} -p {port} -l {size} -b {bps} -t {secs} -w 4M -J",
             pin(pinned.then_some(0))
         ),
     );

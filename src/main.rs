@@ -144,9 +144,7 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         tproxyd::privileges::drop_to(&user)?;
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        builder.worker_threads(n.get());
-    }
+    builder.worker_threads(workers.map_or_else(default_workers, |n| n.get()));
     let runtime = builder.enable_all().build().context("starting the async runtime")?;
     let stats = runtime.block_on(async move {
         let (tx, events) = mpsc::unbounded_channel();
@@ -164,6 +162,15 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let summary: Vec<String> = stats.snapshot().iter().map(|(k, v)| format!("{k}={v}")).collect();
     tracing::info!("final counters: {}", summary.join(" "));
     Ok(())
+}
+
+/// Half the CPUs, at least one. Most of a relayed datagram's cost is kernel
+/// work, much of it in softirq on whichever CPU the packet arrived; more
+/// async workers than that leaves room for mostly adds wake-ups and
+/// migrations (measured on a 2-CPU lab: one worker delivered 10-25 % more
+/// than two, see docs/BENCHMARKS.md).
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 /// SIGHUP → reload; SIGINT / SIGTERM → stop.

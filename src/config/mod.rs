@@ -54,7 +54,7 @@ pub struct Config {
     /// Write the daemon's process id here (`tproxyd reload` reads it).
     #[serde(default)]
     pub pid_file: Option<PathBuf>,
-    /// Worker threads; default: one per CPU.
+    /// Worker threads; default: half the CPUs, at least one.
     #[serde(default)]
     pub workers: Option<NonZeroUsize>,
 }
