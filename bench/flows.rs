@@ -55,7 +55,9 @@ fn flow_of(addr: SocketAddr) -> Option<usize> {
 }
 
 fn target(i: usize) -> SocketAddr {
-    format!("{SERVER}:{}", 30_000 + (i % usize::from(SERVER_PORTS))).parse().unwrap()
+    format!("{SERVER}:{}", 30_000 + (i % usize::from(SERVER_PORTS)))
+        .parse()
+        .unwrap()
 }
 
 pub fn run(opts: &Options) -> Result {
@@ -64,11 +66,9 @@ pub fn run(opts: &Options) -> Result {
     for a in 0..n.div_ceil(PER_CLIENT_ADDRESS) {
         lab.add_client_address(format!("192.0.2.{}", 11 + a).parse().unwrap());
     }
-    lab.client.sh(
-        "nft add table inet bench && \
+    lab.client.sh("nft add table inet bench && \
          nft 'add chain inet bench out { type filter hook output priority 0; }' && \
-         nft add rule inet bench out icmp type destination-unreachable drop",
-    );
+         nft add rule inet bench out icmp type destination-unreachable drop");
     // Echo servers: one thread per port.
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
@@ -192,7 +192,11 @@ pub fn run(opts: &Options) -> Result {
     // not one new session may appear.
     let before: Vec<u64> = replied.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     let answered = |replied: &[AtomicU64], before: &[u64]| -> Vec<bool> {
-        replied.iter().zip(before).map(|(c, b)| c.load(Ordering::Relaxed) > *b).collect()
+        replied
+            .iter()
+            .zip(before)
+            .map(|(c, b)| c.load(Ordering::Relaxed) > *b)
+            .collect()
     };
     for _pass in 0..3 {
         let done = answered(&replied, &before);

@@ -464,3 +464,28 @@ addDOHLocal("{UPSTREAM}:443", "{cert}", "{key}", "/dns-query")"#,
     assert_eq!(t.dig(&format!("@{PUBLIC} www.example.test AAAA")).status, "SERVFAIL");
     assert_eq!(ours().len(), 2, "a query went out over an unverified connection");
 }
+
+#[test]
+fn an_upstream_answer_truncated_over_udp_is_fetched_again_over_tcp() {
+    let lab = Lab::new();
+    lab.add_server_address(0, ip(UPSTREAM));
+    lab.install_rules("nft", "LAN_IF=lan0 DNS_TCP_PORT=15354");
+    // 100 addresses for one name: more than a 1,232-byte UDP answer holds.
+    let records: Vec<String> = (1..=100)
+        .map(|i| format!("--host-record=big.example.test,203.0.113.{i}"))
+        .collect();
+    let records: Vec<&str> = records.iter().map(String::as_str).collect();
+    let upstream = lab.dnsmasq(0, ip(UPSTREAM), "example.test", &records);
+    let daemon = lab.start_tproxyd(&config(""));
+    let d = dig(&lab.client, &format!("+tcp @{PUBLIC} big.example.test A"));
+    assert_eq!(d.status, "NOERROR", "{}", d.raw);
+    assert_eq!(d.answers.len(), 100, "{}", d.raw);
+    // Asked twice: over UDP (truncated), then over TCP.
+    let asked = upstream
+        .queries()
+        .iter()
+        .filter(|(n, _)| n == "big.example.test")
+        .count();
+    assert_eq!(asked, 2, "{:?}", upstream.queries());
+    assert_eq!(daemon.stop().counter("dns_servfail"), 0);
+}

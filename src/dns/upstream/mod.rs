@@ -1,15 +1,17 @@
 //! Upstream resolver groups: UDP, TCP, DNS-over-TLS and DNS-over-HTTPS
 //! through hickory-resolver's name-server layer, with failover.
 //!
-//! Each server of a group gets its own hickory `NameServerPool`, which
-//! brings connection reuse for TCP/TLS/HTTPS, the UDP → TCP retry on a
-//! truncated answer, and coalescing of identical in-flight queries. The
-//! failover across servers is ours: servers are tried in order, starting
+//! Plain UDP servers are asked through [`udp::UdpMux`] (a few long-lived
+//! sockets, queries told apart by ID); everything connection-oriented (TCP,
+//! TLS, HTTPS, and TCP after a truncated UDP answer) through hickory's
+//! `NameServerPool`, which reuses connections. The failover across servers
+//! is ours: servers are tried in order, starting
 //! with the last one that answered, each for at most `server_timeout`, all
 //! within the query's overall deadline. A dead first server therefore costs
 //! one timeout once, not on every query.
 
 mod runtime;
+mod udp;
 
 use futures_util::StreamExt;
 use hickory_net::{DnsError, DnsHandle, NetError};
@@ -47,7 +49,33 @@ pub enum UpstreamError {
 
 struct Server {
     label: String,
+    /// Plain UDP servers: the first try.
+    udp: Option<udp::UdpMux>,
+    /// TCP/TLS/HTTPS, and the TCP retry of truncated UDP answers.
     pool: NameServerPool<MarkedRuntime>,
+}
+
+impl Server {
+    /// One server's answer: UDP first where that is the protocol, TCP when
+    /// the UDP answer was truncated. SERVFAIL and REFUSED count as failures
+    /// so the next server is tried.
+    async fn ask(&self, query: &Query) -> Result<Message, String> {
+        if let Some(udp) = &self.udp {
+            let answer = udp.query(query).await.map_err(|e| e.to_string())?;
+            if !answer.metadata.truncation {
+                return match answer.metadata.response_code {
+                    ResponseCode::ServFail | ResponseCode::Refused => Err(answer.metadata.response_code.to_string()),
+                    _ => Ok(answer),
+                };
+            }
+        }
+        let mut options = DnsRequestOptions::default();
+        options.use_edns = true;
+        options.edns_payload_len = 1232;
+        options.recursion_desired = true;
+        let request = DnsRequest::from_query(query.clone(), options);
+        first_response(&self.pool, request).await.map_err(|e| e.to_string())
+    }
 }
 
 /// A named list of servers answering the same questions.
@@ -86,6 +114,7 @@ impl UpstreamGroup {
             .iter()
             .map(|s| Server {
                 label: label(s),
+                udp: (s.protocol == UpstreamProtocol::Udp).then(|| udp::UdpMux::new(s.addr, mark)),
                 pool: NameServerPool::from_config(
                     [name_server(s, config.tls_name.as_deref().unwrap_or_default())],
                     cx.clone(),
@@ -117,12 +146,7 @@ impl UpstreamGroup {
                 break;
             }
             let budget = self.server_timeout.min(deadline - now);
-            let mut options = DnsRequestOptions::default();
-            options.use_edns = true;
-            options.edns_payload_len = 1232;
-            options.recursion_desired = true;
-            let request = DnsRequest::from_query(query.clone(), options);
-            let attempt = tokio::time::timeout(budget, first_response(&server.pool, request)).await;
+            let attempt = tokio::time::timeout(budget, server.ask(query)).await;
             match attempt {
                 Ok(Ok(message)) => {
                     if idx != first {
@@ -188,8 +212,9 @@ fn name_server(s: &UpstreamServer, tls_name: &str) -> NameServerConfig {
         c
     };
     let connections = match s.protocol {
-        // UDP first; TCP is what hickory retries on when an answer is truncated.
-        UpstreamProtocol::Udp => vec![connection(ProtocolConfig::Udp), connection(ProtocolConfig::Tcp)],
+        // UDP goes through our own multiplexer; hickory only does the TCP
+        // retry of a truncated answer.
+        UpstreamProtocol::Udp => vec![connection(ProtocolConfig::Tcp)],
         UpstreamProtocol::Tcp => vec![connection(ProtocolConfig::Tcp)],
         UpstreamProtocol::Tls => vec![connection(ProtocolConfig::Tls {
             server_name: tls_name.into(),
