@@ -22,6 +22,9 @@ pub struct Result {
     pub system: &'static str,
     pub qps: f64,
     pub lost_percent: f64,
+    /// CPU time the server spent per answered query at peak, microseconds
+    /// (what it would cost at any rate, whatever limits the load generator).
+    pub cpu_us_per_query: f64,
     /// Latency at half the peak rate, microseconds.
     pub p50_us: f64,
     pub p99_us: f64,
@@ -58,7 +61,7 @@ pub fn run(opts: &Options) -> Vec<Result> {
         &log,
     );
     // The peers on the gateway, each on its own LAN address.
-    lab.spawn(
+    let dnsmasq_pid = lab.spawn(
         &lab.gateway,
         "dnsmasq",
         &[
@@ -91,13 +94,18 @@ addAction(QNameRule("printer.lan."), SpoofAction("192.0.2.50"))
     )
     .unwrap();
     let conf = dnsdist_conf.display().to_string();
-    lab.spawn(
+    let dnsdist_pid = lab.spawn(
         &lab.gateway,
         "dnsdist",
         &["-C", &conf, "--supervised", "--disable-syslog"],
         &log,
     );
-    let _daemon = setup::tproxyd(&lab, &[], "");
+    let daemon = setup::tproxyd(&lab, &[], "");
+    let pid_of = |system: &str| match system {
+        "dnsmasq" => dnsmasq_pid,
+        "dnsdist" => dnsdist_pid,
+        _ => daemon.pid(),
+    };
     sleep_ms(1_000);
 
     let files = query_files(&lab);
@@ -112,7 +120,9 @@ addAction(QNameRule("printer.lan."), SpoofAction("192.0.2.50"))
                     &format!("dnsperf -s {server} -d {file} -n 1 -q 100 >/dev/null 2>&1"),
                 );
             }
+            let cpu_before = cpu_ticks(pid_of(system));
             let peak = dnsperf(&lab, server, file, secs, None);
+            let cpu = cpu_ticks(pid_of(system)).saturating_sub(cpu_before) as f64 / ticks_per_second();
             let half = (peak.0 / 2.0).max(100.0) as u64;
             let (_, _, lat) = dnsperf(&lab, server, file, secs.min(4), Some(half));
             let mut lat = lat;
@@ -127,12 +137,13 @@ addAction(QNameRule("printer.lan."), SpoofAction("192.0.2.50"))
                 system,
                 qps: peak.0,
                 lost_percent: peak.1,
+                cpu_us_per_query: cpu * 1e6 / (peak.0 * f64::from(secs)).max(1.0),
                 p50_us: pct(0.50),
                 p99_us: pct(0.99),
             };
             eprintln!(
-                "dns {:<9} {:<22} {:>9.0} qps  lost {:>5.2}%  @half: p50 {:>6.0} µs p99 {:>6.0} µs",
-                workload, system, r.qps, r.lost_percent, r.p50_us, r.p99_us
+                "dns {:<9} {:<22} {:>9.0} qps  lost {:>5.2}%  cpu {:>5.1} µs/q  @half: p50 {:>6.0} µs p99 {:>6.0} µs",
+                workload, system, r.qps, r.lost_percent, r.cpu_us_per_query, r.p50_us, r.p99_us
             );
             out.push(r);
         }
@@ -181,4 +192,20 @@ fn dnsperf(lab: &Lab, server: &str, file: &str, secs: u32, rate: Option<u64>) ->
         .collect();
     let lost_percent = if sent > 0.0 { 100.0 * lost / sent } else { 100.0 };
     (value("Queries per second:"), lost_percent, latencies)
+}
+
+/// User plus system CPU time of `pid` (all threads), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, the 12th and 13th after ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
 }

@@ -16,17 +16,35 @@ pub struct Result {
 pub fn run(opts: &Options) -> Vec<Result> {
     let lab = setup::lab();
     let log = lab.path("sockperf-server.log");
-    for port in ["11111", "11112"] {
+    for port in ["11111", "11112", "11113"] {
         lab.spawn(&lab.servers[0], "sockperf", &["sr", "-i", SERVER, "-p", port], &log);
     }
+    // The floor for any userspace relay: socat reading and writing each
+    // datagram (to 11113 through the gateway's own address).
+    let socat_log = lab.path("socat-latency.log");
+    lab.spawn(
+        &lab.gateway,
+        "socat",
+        &[
+            "-T",
+            "60",
+            "UDP4-LISTEN:6001,bind=192.0.2.1,reuseaddr",
+            &format!("UDP4:{SERVER}:11113"),
+        ],
+        &socat_log,
+    );
     let _daemon = setup::tproxyd(&lab, &[], "");
     sleep_ms(500);
     let secs = if opts.quick { 3 } else { 15 };
     let mut out = Vec::new();
-    for (system, port) in [("kernel forwarding", 11111), ("tproxyd", 11112)] {
+    for (system, host, port) in [
+        ("kernel forwarding", SERVER, 11111),
+        ("tproxyd", SERVER, 11112),
+        ("socat", "192.0.2.1", 6001),
+    ] {
         let text = sh(
             &lab.client,
-            &format!("sockperf pp -i {SERVER} -p {port} -m 64 -t {secs} --full-rtt --pre-warmup-wait 1 2>&1"),
+            &format!("sockperf pp -i {host} -p {port} -m 64 -t {secs} --full-rtt --pre-warmup-wait 1 2>&1"),
         );
         let r = Result {
             system,

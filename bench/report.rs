@@ -127,6 +127,13 @@ fn targets(o: &mut String, rounds: &[Round]) {
         "µs",
     ));
     rows.push((
+        "Added RTT at p50, socat (for comparison)".into(),
+        "(no target)".into(),
+        per_round(&|r| Some(lat(r, "socat")?.p50 - lat(r, "kernel forwarding")?.p50)),
+        |v| v <= 15.0,
+        "µs",
+    ));
+    rows.push((
         "RSS holding 100,000 flows".into(),
         "≤ 128 MiB".into(),
         per_round(&|r| {
@@ -177,6 +184,28 @@ fn targets(o: &mut String, rounds: &[Round]) {
                 "≥ 2".into()
             },
             per_round(&|r| Some(qps(r, w, "tproxyd (hijacked)")? / qps(r, w, "dnsmasq")?)),
+            |v| v >= 2.0,
+            "×",
+        ));
+    }
+    let cpu = |r: &Round, w: &str, s: &str| {
+        r.dns
+            .iter()
+            .find(|d| d.workload == w && d.system == s)
+            .map(|d| d.cpu_us_per_query)
+    };
+    for w in ["override", "cached", "miss"] {
+        rows.push((
+            format!("DNS {w}: CPU per query, dnsdist ÷ tproxyd (hijacked)"),
+            "(no target)".into(),
+            per_round(&|r| Some(cpu(r, w, "dnsdist")? / cpu(r, w, "tproxyd (hijacked)")?)),
+            |v| v >= 1.0,
+            "×",
+        ));
+        rows.push((
+            format!("DNS {w}: CPU per query, dnsmasq ÷ tproxyd (hijacked)"),
+            "(no target)".into(),
+            per_round(&|r| Some(cpu(r, w, "dnsmasq")? / cpu(r, w, "tproxyd (hijacked)")?)),
             |v| v >= 2.0,
             "×",
         ));

@@ -37,6 +37,11 @@ impl Sources {
                 "Spoofing reply sockets held open.",
                 self.relay.replies.cached() as u64,
             ),
+            (
+                "upstream_sockets",
+                "Pooled upstream sockets open (shared by flows to different destinations).",
+                self.relay.pools.sockets() as u64,
+            ),
         ];
         if let Some(dns) = &self.dns {
             g.push((

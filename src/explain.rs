@@ -63,9 +63,14 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
             match engine.rules().first_match(*client, &query_key(&qname), *qtype) {
                 Some(rule) => {
                     let span = dns.rules.get(rule.number - 1).map_or(0, |r| r.span().start);
+                    let names = match rule.name_count() {
+                        0 => String::new(),
+                        1 => ", 1 name".to_string(),
+                        n => format!(", {n} names"),
+                    };
                     let _ = writeln!(
                         out,
-                        "  rule {} ({}) matches: {}",
+                        "  rule {} ({}{names}) matches: {}",
                         rule.number,
                         at(span),
                         rule.action.kind()

@@ -156,7 +156,7 @@ fn explain(args: &[&str]) -> String {
 #[test]
 fn explain_says_which_dns_rule_decides_and_what_the_answer_is() {
     let blocked = explain(&["--client", "192.0.2.70", "--query", "www.games.example", "A"]);
-    assert!(blocked.contains("rule 2 (CFG:27) matches: block"), "{blocked}");
+    assert!(blocked.contains("rule 2 (CFG:27, 2 names) matches: block"), "{blocked}");
     assert!(blocked.contains("→ NXDOMAIN, no records"), "{blocked}");
 
     let adult = explain(&["--client", "192.0.2.10", "--query", "www.games.example"]);
@@ -167,7 +167,7 @@ fn explain_says_which_dns_rule_decides_and_what_the_answer_is() {
     );
 
     let printer = explain(&["--query", "printer.lan", "AAAA"]);
-    assert!(printer.contains("rule 1 (CFG:22) matches: answer"), "{printer}");
+    assert!(printer.contains("rule 1 (CFG:22, 1 name) matches: answer"), "{printer}");
     assert!(printer.contains("→ NOERROR, no records"), "{printer}");
     let printer_a = explain(&["--query", "printer.lan"]);
     assert!(printer_a.contains("printer.lan. 300 A 192.0.2.50"), "{printer_a}");

@@ -183,6 +183,7 @@ fn metrics_endpoint_reports_what_happened() {
         "3 echoes + 1 DNS answer"
     );
     assert_eq!(metric(m, "tproxyd_sessions_active"), 1);
+    assert_eq!(metric(m, "tproxyd_upstream_sockets"), 1);
     assert_eq!(metric(m, "tproxyd_sessions_opened_total"), 1);
     assert_eq!(metric(m, "tproxyd_drops_total{reason=\"rule\"}"), 1);
     assert_eq!(metric(m, "tproxyd_dns_queries_by_action_total{action=\"answer\"}"), 1);

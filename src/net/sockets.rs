@@ -171,6 +171,16 @@ pub fn spoofing_reply(local: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     Ok(sock.into())
 }
 
+/// A marked TCP socket for connecting to `remote` (an upstream resolver, a
+/// SOCKS5 server), with Nagle off: these connections carry small requests.
+pub fn marked_tcp(remote: SocketAddr, mark: u32) -> io::Result<std::net::TcpStream> {
+    let sock = Socket::new(Domain::for_address(remote), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_mark(mark)?;
+    sock.set_nonblocking(true)?;
+    sock.set_tcp_nodelay(true)?;
+    Ok(sock.into())
+}
+
 /// A plain, marked UDP server socket (the DNS engine's own addresses).
 pub fn server_udp(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let sock = udp_socket(addr)?;

@@ -34,6 +34,7 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
             _ = shutdown.recv() => return Ok(()),
             ready = socket.readable() => ready?,
         }
+        let mut drained = false;
         for _ in 0..BATCHES_PER_WAKEUP {
             match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
                 Ok(n) => {
@@ -45,14 +46,20 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
                     }
                     run.flush(&ctx);
                 }
-                Err(e) if would_block(&e) => break,
+                Err(e) if would_block(&e) => {
+                    drained = true;
+                    break;
+                }
                 Err(e) => {
                     ctx.stats.receive_errors.inc();
                     tracing::debug!(%local, error = %e, "listener receive failed");
                 }
             }
         }
-        tokio::task::yield_now().await;
+        if !drained {
+            // Still more queued: let other tasks run before reading on.
+            tokio::task::yield_now().await;
+        }
     }
 }
 

@@ -52,10 +52,6 @@ impl ReplySocket {
             }
         }
     }
-
-    pub fn is_raw(&self) -> bool {
-        matches!(self, ReplySocket::Raw { .. })
-    }
 }
 
 /// The cache of reply sockets, keyed by the address they send from.

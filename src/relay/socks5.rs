@@ -120,15 +120,9 @@ async fn handshake(server: &Socks5Server, mark: u32) -> Result<Association, Sock
 }
 
 async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    sock.set_mark(mark)?;
-    sock.set_nonblocking(true)?;
-    sock.set_tcp_nodelay(true)?;
-    TcpSocket::from_std_stream(sock.into()).connect(addr).await
+    TcpSocket::from_std_stream(sockets::marked_tcp(addr, mark)?)
+        .connect(addr)
+        .await
 }
 
 fn auth_request(user: &str, pass: &str) -> Vec<u8> {

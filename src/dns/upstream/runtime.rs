@@ -51,15 +51,7 @@ impl RuntimeProvider for MarkedRuntime {
     ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Tcp>>>> {
         let mark = self.mark;
         Box::pin(async move {
-            let sock = socket2::Socket::new(
-                socket2::Domain::for_address(server),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            sock.set_mark(mark)?;
-            sock.set_nonblocking(true)?;
-            sock.set_tcp_nodelay(true)?;
-            let sock = TcpSocket::from_std_stream(sock.into());
+            let sock = TcpSocket::from_std_stream(sockets::marked_tcp(server, mark)?);
             if let Some(bind) = bind {
                 sock.bind(bind)?;
             }
