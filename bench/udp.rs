@@ -46,7 +46,18 @@ pub fn run(opts: &Options) -> Vec<Point> {
         let lab = setup::lab();
         let other = if pinned { Some(1) } else { None };
         for port in [5201, 5202, 5203] {
-            lab.servers[0].sh(&format!("{}iperf3 -s -D -p {port}", pin(other)));
+            // In the foreground, as a child of the lab: it ends with the lab.
+            let log = lab.path(&format!("iperf3-{port}.log"));
+            let port = port.to_string();
+            match other {
+                Some(cpu) => lab.spawn(
+                    &lab.servers[0],
+                    "taskset",
+                    &["-c", &cpu.to_string(), "iperf3", "-s", "-p", &port],
+                    &log,
+                ),
+                None => lab.spawn(&lab.servers[0], "iperf3", &["-s", "-p", &port], &log),
+            };
         }
         let wrapper: Vec<&str> = if pinned { vec!["taskset", "-c", "1"] } else { vec![] };
         let daemon = setup::tproxyd(&lab, &wrapper, "");
