@@ -12,20 +12,7 @@ use tproxyd::dns::{DnsEngine, Outcome, Transport};
 use tproxyd::stats::Stats;
 
 fn engine() -> (DnsEngine, Arc<Stats>) {
-    let text = r#"
-[dns]
-[dns.upstreams.default]
-servers = ["198.51.100.53"]
-[[dns.rules]]
-domains = ["printer.lan"]
-action = "answer"
-a = ["192.0.2.50"]
-cname = "alias.lan"
-[[dns.rules]]
-domains = ["*.ads.example"]
-action = "block"
-block = "null"
-"#;
+    let text = include_str!("data/dns-engine.toml");
     let dns = Config::parse(text, Path::new("t.toml")).unwrap().dns().unwrap().clone();
     let stats = Arc::new(Stats::default());
     (DnsEngine::build(&dns, 255, stats.clone()).unwrap(), stats)

@@ -15,26 +15,8 @@ use tproxyd::config::Config;
 use tproxyd::dns::{DnsEngine, Outcome, Transport};
 use tproxyd::stats::Stats;
 
-const CONFIG: &str = r#"
-[dns]
-[dns.upstreams.default]
-servers = ["198.51.100.53"]
-[[dns.rules]]
-domains = ["printer.lan"]
-action = "answer"
-a = ["192.0.2.50"]
-aaaa = ["2001:db8::50"]
-cname = "alias.lan"
-[[dns.rules]]
-domains = ["*.ads.example"]
-action = "block"
-block = "null"
-[[dns.rules]]
-clients = ["192.0.2.0/24"]
-qtypes = ["TXT"]
-action = "block"
-block = "refused"
-"#;
+/// Shared with tests/dns_robustness.rs, which runs the same invariants in CI.
+const CONFIG: &str = include_str!("../../tests/data/dns-engine.toml");
 
 static ENGINE: LazyLock<DnsEngine> = LazyLock::new(|| {
     let config = Config::parse(CONFIG, Path::new("fuzz.toml")).expect("fuzz config");
