@@ -324,6 +324,7 @@ fn assert_relays_and_hijacks(lab: &Lab, upstream: &lab::dns::Dnsmasq) {
 }
 
 fn privilege_lab() -> (Lab, lab::dns::Dnsmasq, String) {
+    lab::require_uid_65534();
     let lab = Lab::new();
     lab.add_server_address(0, ip("198.51.100.53"));
     let upstream = lab.dnsmasq(

@@ -418,6 +418,22 @@ fn can_create_namespaces() -> bool {
     can
 }
 
+/// For tests that switch to the user `nobody` (uid 65534): under an
+/// unprivileged user namespace (`unshare -r`) only uid 0 exists, so they
+/// need real root, and say so instead of failing obscurely.
+pub fn require_uid_65534() {
+    let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    let mapped = map.lines().any(|l| {
+        let f: Vec<u64> = l.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        f.len() == 3 && (f[0]..f[0] + f[2]).contains(&65_534)
+    });
+    assert!(
+        mapped,
+        "this test switches to the user nobody (uid 65534), which this user namespace does not map \
+         (uid_map: {map:?}); run it as real root"
+    );
+}
+
 /// Removes namespaces left by a test process that was killed before its
 /// labs could clean up (their names carry the dead process's id).
 fn sweep_stale() {
