@@ -3,7 +3,7 @@
 use ipnet::IpNet;
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 use toml::Spanned;
 
@@ -224,11 +224,8 @@ fn redirects_to_ourselves(to: SocketAddr, listen: &[SocketAddr]) -> bool {
             && (l.ip() == to.ip()
                 || to.ip().is_loopback()
                 || to.ip().is_unspecified()
-                || (l.ip().is_unspecified() && l.is_ipv4() == to.is_ipv4() && is_local(to.ip())))
+                || (l.ip().is_unspecified()
+                    && l.is_ipv4() == to.is_ipv4()
+                    && crate::net::sockets::is_local_address(to.ip())))
     })
-}
-
-/// Whether `ip` is an address of this host: only those can be bound.
-fn is_local(ip: IpAddr) -> bool {
-    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }

@@ -11,8 +11,9 @@ use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use lru::LruCache;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use super::ttl_secs;
 use crate::config::dns::CacheConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -58,17 +59,13 @@ pub struct DnsCache {
     negative_max_ttl: u32,
 }
 
-fn secs(d: Duration) -> u32 {
-    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
-}
-
 impl DnsCache {
     pub fn new(config: &CacheConfig) -> Self {
         DnsCache {
             entries: NonZeroUsize::new(config.capacity).map(|c| Mutex::new(LruCache::new(c))),
-            min_ttl: secs(config.min_ttl),
-            max_ttl: secs(config.max_ttl).max(1),
-            negative_max_ttl: secs(config.negative_max_ttl),
+            min_ttl: ttl_secs(config.min_ttl),
+            max_ttl: ttl_secs(config.max_ttl).max(1),
+            negative_max_ttl: ttl_secs(config.negative_max_ttl),
         }
     }
 
@@ -165,6 +162,7 @@ mod tests {
     use hickory_proto::rr::Name;
     use hickory_proto::rr::rdata::{A, SOA};
     use std::str::FromStr;
+    use std::time::Duration;
 
     fn cache(min: u64, max: u64, neg: u64) -> DnsCache {
         DnsCache::new(&CacheConfig {

@@ -17,4 +17,9 @@ pub mod server;
 pub mod upstream;
 
 pub use engine::{DnsEngine, Outcome, Pending, Transport};
+
+/// A configured duration as whole seconds for a TTL field (saturating).
+pub fn ttl_secs(d: std::time::Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
 pub use server::DnsService;

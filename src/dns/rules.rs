@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use super::lists::{HostsTable, ListError, load_domain_list};
 use super::names::DomainSet;
+use super::ttl_secs;
 use crate::config::dns::{BlockMode, DnsConfig, DnsRuleConfig, RuleAction};
 
 /// What a matching rule does.
@@ -104,10 +105,6 @@ pub struct RuleSet {
 
 const DEFAULT_ANSWER_TTL: Duration = Duration::from_secs(300);
 const DEFAULT_BLOCK_TTL: Duration = Duration::from_secs(60);
-
-fn ttl_secs(d: Duration) -> u32 {
-    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
-}
 
 impl RuleSet {
     /// Builds the rules of `config`, loading their list and hosts files.

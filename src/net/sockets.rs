@@ -238,6 +238,12 @@ pub fn route_mtu(dst: IpAddr, mark: u32) -> io::Result<usize> {
     usize::try_from(mtu).map_err(|_| io::Error::other("negative MTU"))
 }
 
+/// Whether `ip` is an address of this host: only those can be bound
+/// without `IP_TRANSPARENT`.
+pub fn is_local_address(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 /// `0.0.0.0:0` or `[::]:0`, matching the family of `addr`.
 pub fn unspecified(addr: SocketAddr) -> SocketAddr {
     match addr {

@@ -6,7 +6,7 @@
 //! system call; see [`crate::net::send::send_run`].
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use tokio::io::Interest;
@@ -17,7 +17,7 @@ use super::session::{Session, flow_key};
 use super::{FlowKey, RelayContext};
 use crate::dns::DnsService;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch};
-use crate::net::would_block;
+use crate::net::{sockets, would_block};
 use crate::shutdown::Shutdown;
 
 /// Batches read per wake-up before yielding, so one busy listener cannot
@@ -174,11 +174,6 @@ fn is_self(dst: SocketAddr, local: SocketAddr) -> bool {
     if !local.ip().is_unspecified() {
         return dst.ip() == local.ip();
     }
-    is_local_address(dst.ip())
-}
-
-/// Whether `ip` belongs to this host: a plain bind succeeds only for local
-/// addresses. Only asked when a datagram's destination port equals ours.
-fn is_local_address(ip: IpAddr) -> bool {
-    ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+    // Only asked when a datagram's destination port equals ours.
+    sockets::is_local_address(dst.ip())
 }
