@@ -18,6 +18,7 @@
 
 pub mod daemon;
 pub mod dns;
+pub mod fake_dns;
 pub mod socks;
 pub mod stun;
 pub mod udp;

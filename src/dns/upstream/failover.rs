@@ -23,6 +23,10 @@ use tokio::time::Instant;
 
 use super::{UpstreamError, UpstreamGroup};
 
+/// A server still silent this long after a later one answered (10 times
+/// faster) counts as timed out.
+const SLOW_LOSER: Duration = Duration::from_millis(50);
+
 enum Failure {
     Timeout,
     Error(String),
@@ -88,7 +92,7 @@ impl UpstreamGroup {
                             if attempt.hedged {
                                 server.health.hedges_won.inc();
                             }
-                            self.note_slow(&launched, &finished, step, now);
+                            self.note_slow(&launched, &finished, step, Some(now - attempt.started), now);
                             return Ok(answer);
                         }
                         Err(Failure::Timeout) => {
@@ -105,7 +109,7 @@ impl UpstreamGroup {
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     if Instant::now() >= deadline {
-                        self.note_slow(&launched, &finished, step, deadline);
+                        self.note_slow(&launched, &finished, step, None, deadline);
                         return Err(UpstreamError::NoAnswer);
                     }
                 }
@@ -113,15 +117,24 @@ impl UpstreamGroup {
         }
     }
 
-    /// Servers still silent when the race ends, after a whole `step`, are
-    /// treated as timed out (tried later for a while). Without this a dead
-    /// server that is always overtaken by a live one before its
-    /// `server_timeout` would stay first in the order and cost every query
-    /// a step.
-    fn note_slow(&self, launched: &[(usize, Instant)], finished: &[usize], step: Duration, now: Instant) {
+    /// Servers still silent when the race ends are treated as timed out
+    /// (tried later for a while) once they have had a whole `step`, or when
+    /// they lost to a server asked after them by a wide margin (10 times
+    /// the winner's time, and at least [`SLOW_LOSER`]). Without this a dead
+    /// server that a live one always overtakes before its `server_timeout`
+    /// would stay first in the order and cost every query a step.
+    fn note_slow(
+        &self,
+        launched: &[(usize, Instant)],
+        finished: &[usize],
+        step: Duration,
+        winner_took: Option<Duration>,
+        now: Instant,
+    ) {
         for &(index, started) in launched {
             let waited = now.saturating_duration_since(started);
-            if !finished.contains(&index) && waited >= step {
+            let outpaced = winner_took.is_some_and(|w| waited >= SLOW_LOSER && waited >= w * 10);
+            if !finished.contains(&index) && (waited >= step || outpaced) {
                 self.servers[index].health.timed_out(waited, now);
             }
         }
