@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod net;
 pub mod pidfile;
 pub mod privileges;
+pub mod ratelog;
 pub mod relay;
 pub mod reload;
 pub mod server;
