@@ -8,7 +8,9 @@
 //! (see [`crate::nft`]).
 
 pub mod answer;
+pub mod feed;
 pub mod map;
 
 pub use answer::Resolution;
+pub use feed::DomainFeed;
 pub use map::{MapLimits, NameMap};

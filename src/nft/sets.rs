@@ -36,8 +36,8 @@ const MAX_BATCH_ELEMENTS: usize = 200_000 / ELEM_BYTES;
 const MIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Nor longer (a TTL of years from a hostile upstream).
 const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
-/// Most elements whose expiry the feeder remembers (to skip refreshes that
-/// would change nothing); past it the memory is cleared and rebuilt.
+/// Most elements whose expiry the feeder remembers (to never shorten one,
+/// and to count refreshes); past it the memory is cleared and rebuilt.
 const MAX_KNOWN: usize = 1 << 20;
 
 /// The two typed sets behind one configured set name.
@@ -87,7 +87,6 @@ enum Command {
 #[derive(Debug, Clone, Copy)]
 struct Known {
     expires: Instant,
-    committed: bool,
 }
 
 #[derive(Debug)]
@@ -184,8 +183,11 @@ impl NftSets {
     }
 
     /// Queues `updates`. Returns what to await before releasing the
-    /// answer, or `None` when nothing needs committing (every element is
-    /// already committed with at least that expiry) or the queue is full.
+    /// answer, or `None` when the queue is full (the answer goes out at
+    /// once and the drop is counted). Every answer is committed, even one
+    /// that changes nothing in tproxyd's eyes: that is what repairs a set
+    /// someone flushed. A timeout never shortens an element's life: an
+    /// answer with a shorter TTL keeps the expiry an earlier one gave.
     pub fn add(&self, updates: Vec<Update>, now: Instant) -> Option<oneshot::Receiver<()>> {
         let mut elems = Vec::with_capacity(updates.len());
         {
@@ -198,26 +200,18 @@ impl NftSets {
             }
             for mut u in updates {
                 u.timeout = u.timeout.clamp(MIN_TIMEOUT, MAX_TIMEOUT);
-                let expires = now + u.timeout;
                 let key = (u.set.clone(), u.ip);
-                let (skip, refresh) = match known.get(&key) {
-                    // In the set already, for at least as long: nothing to
-                    // do (and re-adding would shorten it).
-                    Some(k) if k.committed && k.expires >= expires => (true, true),
-                    Some(k) => (false, k.expires > now),
-                    None => (false, false),
-                };
-                if skip {
-                    continue;
+                let earlier = known.get(&key).map(|k| k.expires).filter(|&e| e > now);
+                if let Some(e) = earlier {
+                    u.timeout = u.timeout.max(e - now);
                 }
                 known.insert(
                     key,
                     Known {
-                        expires,
-                        committed: false,
+                        expires: now + u.timeout,
                     },
                 );
-                elems.push((u, refresh));
+                elems.push((u, earlier.is_some()));
             }
         }
         if elems.is_empty() {
@@ -373,9 +367,6 @@ fn mark_committed(shared: &Shared, elems: &[&(Update, bool)], ok: bool) {
     for (u, refresh) in elems {
         let key = (u.set.clone(), u.ip);
         if ok {
-            if let Some(k) = known.get_mut(&key) {
-                k.committed = true;
-            }
             if *refresh {
                 shared.stats.nft_refreshed.inc();
             } else {

@@ -18,6 +18,7 @@
 
 pub mod daemon;
 pub mod dns;
+pub mod nft;
 pub mod socks;
 pub mod stun;
 pub mod udp;
