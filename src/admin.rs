@@ -25,6 +25,14 @@ pub struct Sources {
 }
 
 impl Sources {
+    fn metrics(&self) -> String {
+        let mut text = metrics::render(&self.relay.stats, &self.gauges());
+        if let Some(dns) = &self.dns {
+            dns.engine().render_upstream_metrics(&mut text);
+        }
+        text
+    }
+
     fn gauges(&self) -> Vec<Gauge> {
         let mut g = vec![
             (
@@ -106,11 +114,7 @@ async fn respond(mut stream: TcpStream, sources: &Sources) -> io::Result<()> {
     let mut parts = line.split(|&b| b == b' ');
     let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     let (status, content_type, body) = match (method, path) {
-        (b"GET", b"/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics::render(&sources.relay.stats, &sources.gauges()),
-        ),
+        (b"GET", b"/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", sources.metrics()),
         (b"GET", b"/") => (
             "200 OK",
             "text/plain; charset=utf-8",

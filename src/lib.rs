@@ -14,6 +14,7 @@ pub mod net;
 pub mod nft;
 pub mod pidfile;
 pub mod privileges;
+pub mod ratelog;
 pub mod relay;
 pub mod reload;
 pub mod server;

@@ -59,6 +59,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "DNS queries no upstream answered in time (SERVFAIL).",
     ),
     (
+        "dns_coalesced_total",
+        "counter",
+        "DNS cache misses that shared an identical query already sent upstream.",
+    ),
+    (
         "dns_truncated_total",
         "counter",
         "DNS answers truncated to fit the client's UDP size.",

@@ -140,6 +140,15 @@ counters! {
     dns_truncated => "dns_truncated_total";
     /// DNS queries dropped because too many were already pending.
     dns_dropped_overload => "drops_total", "reason=\"dns_overload\"";
+    /// DNS queries answered SERVFAIL at once: their upstream group had
+    /// `max_pending` queries waiting already.
+    dns_servfail_overload => "dns_queries_by_action_total", "action=\"servfail_overload\"";
+    /// DNS cache misses that joined an identical query already on its way
+    /// upstream instead of asking again.
+    dns_coalesced => "dns_coalesced_total";
+    /// Upstream answers dropped for not matching their query (ID, question,
+    /// 0x20 case): spoofing attempts or a broken server.
+    dns_upstream_mismatched => "drops_total", "reason=\"dns_mismatched_answer\"";
     /// Configuration reloads applied.
     /// Elements added to tproxyd's nftables sets from DNS answers.
     nft_added => "nft_set_elements_total", "op=\"added\"";

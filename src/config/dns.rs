@@ -142,11 +142,24 @@ pub struct UpstreamGroupConfig {
         deserialize_with = "duration::deserialize"
     )]
     pub server_timeout: Duration,
+    /// Most client queries waiting on this group at once. Past it a query
+    /// is answered SERVFAIL at once: a dead group cannot hold every slot,
+    /// and a client is never left without an answer.
+    #[serde(default = "UpstreamGroupConfig::default_max_pending")]
+    pub max_pending: usize,
+    /// DNS 0x20: randomise the case of the query name and believe only an
+    /// answer that echoes it exactly (more bits for a spoofer to guess).
+    /// Off by default: a few servers do not preserve the case.
+    #[serde(default)]
+    pub case_randomization: bool,
 }
 
 impl UpstreamGroupConfig {
     fn default_server_timeout() -> Duration {
         Duration::from_millis(1_500)
+    }
+    fn default_max_pending() -> usize {
+        1_024
     }
 }
 
@@ -364,6 +377,12 @@ pub(super) fn validate(
         let servers = group.servers.get_ref();
         if servers.is_empty() {
             return Err((group.servers.span(), format!("upstream group {name:?} has no servers")));
+        }
+        if group.max_pending == 0 {
+            return Err((
+                group.servers.span(),
+                format!("upstream group {name:?}: max_pending must be at least 1"),
+            ));
         }
         if servers.iter().any(UpstreamServer::needs_tls_name) && group.tls_name.is_none() {
             return Err((

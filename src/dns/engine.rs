@@ -18,7 +18,7 @@ use super::cache::{CacheKey, DnsCache};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::rules::{Action, RuleSet, StaticAnswer};
-use super::upstream::{UpstreamError, UpstreamGroup};
+use super::upstream::{Admission, UpstreamError, UpstreamGroup};
 use crate::config::dns::{BlockMode, DnsConfig};
 use crate::domain::DomainFeed;
 use crate::domain::feed::{Committed, released};
@@ -58,7 +58,8 @@ pub enum Outcome {
     Held(Vec<u8>, Committed),
 }
 
-/// A query waiting for an upstream answer.
+/// A query waiting for an upstream answer. It holds a place in its
+/// group's pending limit until it is dropped.
 #[derive(Debug)]
 pub struct Pending {
     request: Request,
@@ -67,6 +68,7 @@ pub struct Pending {
     client: IpAddr,
     /// The matching rule's sets, fed with the answer.
     sets: Vec<SetPair>,
+    _admission: Admission,
 }
 
 impl Pending {
@@ -97,12 +99,12 @@ impl DnsEngine {
     pub fn build(config: &DnsConfig, mark: u32, stats: Arc<Stats>) -> Result<DnsEngine, DnsBuildError> {
         let mut groups = Vec::with_capacity(config.upstreams.len());
         for (name, group) in &config.upstreams {
-            groups.push(
-                UpstreamGroup::new(name, group, mark).map_err(|source| DnsBuildError::Upstream {
+            groups.push(UpstreamGroup::new(name, group, mark, stats.clone()).map_err(|source| {
+                DnsBuildError::Upstream {
                     group: name.clone(),
                     source,
-                })?,
-            );
+                }
+            })?);
         }
         let index = |name: &str| groups.iter().position(|g| g.name == name);
         let rules = RuleSet::build(config, index)?;
@@ -209,13 +211,37 @@ impl DnsEngine {
             return self.reply_observed(&request, &msg, transport, client, rule);
         }
         s.dns_cache_misses.inc();
+        let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit) else {
+            // Over the group's pending limit: say so now, never stay silent
+            // (the client would only retry into the same queue).
+            s.dns_servfail_overload.inc();
+            let msg = message::response(&request, ResponseCode::ServFail, self.max_udp_payload);
+            return self.reply_to(&request, &msg, transport);
+        };
         Outcome::Forward(Pending {
             request,
             group,
             transport,
             client,
             sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
+            _admission: admission,
         })
+    }
+
+    /// SERVFAIL for a query that cannot be forwarded after all (the
+    /// daemon-wide task limit).
+    pub fn overloaded(&self, pending: Pending) -> Option<Vec<u8>> {
+        self.stats.dns_servfail_overload.inc();
+        let msg = message::response(&pending.request, ResponseCode::ServFail, self.max_udp_payload);
+        match self.reply_to(&pending.request, &msg, pending.transport) {
+            Outcome::Reply(bytes) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    /// Per-upstream-server metrics (Prometheus text).
+    pub fn render_upstream_metrics(&self, out: &mut String) {
+        UpstreamGroup::render_metrics(&self.groups, out);
     }
 
     /// Resolves a cache miss upstream; SERVFAIL when no upstream answers
@@ -227,6 +253,7 @@ impl DnsEngine {
             transport,
             client,
             sets,
+            _admission,
         } = pending;
         let deadline = tokio::time::Instant::now() + self.timeout;
         self.stats.dns_forwarded.inc();

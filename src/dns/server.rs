@@ -97,6 +97,10 @@ impl DnsService {
 
     fn spawn_forward(&self, engine: Arc<DnsEngine>, pending: Pending, send: impl FnOnce(&[u8]) + Send + 'static) {
         let Some(permit) = self.forward_permit() else {
+            // Never silent: the client learns at once that we are overloaded.
+            if let Some(reply) = engine.overloaded(pending) {
+                send(&reply);
+            }
             return;
         };
         tokio::spawn(async move {
