@@ -85,6 +85,20 @@ impl Sources {
                 "Answers in the DNS cache.",
                 dns.engine().cache_len() as u64,
             ));
+            if let Some(feed) = dns.engine().feed() {
+                let map = feed.map();
+                g.push((
+                    "name_map_entries",
+                    "(client, answered address) entries in the name map used by domain rules.",
+                    map.len() as u64,
+                ));
+                g.push(("name_map_bytes", "Bytes counted for the name map.", map.bytes() as u64));
+                g.push((
+                    "name_map_evicted",
+                    "Name map entries pushed out by its bounds before they expired (since start).",
+                    map.evicted(),
+                ));
+            }
         }
         g
     }

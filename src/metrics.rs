@@ -68,6 +68,16 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "counter",
         "DNS answers truncated to fit the client's UDP size.",
     ),
+    (
+        "nft_set_elements_total",
+        "counter",
+        "Addresses from DNS answers committed to nftables sets, by operation.",
+    ),
+    (
+        "relay_domain_matches_total",
+        "counter",
+        "New flows routed by a domain relay rule.",
+    ),
     ("reloads_total", "counter", "Configuration reloads applied."),
     ("reload_failures_total", "counter", "Configuration reloads refused."),
 ];

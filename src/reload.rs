@@ -96,6 +96,9 @@ impl Reloader {
             tracing::info!(ended, "flows beyond the new limits ended");
         }
         if let (Some(service), Some(engine)) = (&self.dns, engine) {
+            if let (Some(feed), Some(dns)) = (service.engine().feed(), config.dns()) {
+                feed.ensure_sets(dns);
+            }
             service.replace_engine(engine);
         }
         if let (Some(set), Some(level)) = (&self.log_filter, &config.log_level) {

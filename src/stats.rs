@@ -159,6 +159,16 @@ counters! {
     /// 0x20 case): spoofing attempts or a broken server.
     dns_upstream_mismatched => "drops_total", "reason=\"dns_mismatched_answer\"";
     /// Configuration reloads applied.
+    /// Elements added to tproxyd's nftables sets from DNS answers.
+    nft_added => "nft_set_elements_total", "op=\"added\"";
+    /// Elements whose timeout a later answer extended.
+    nft_refreshed => "nft_set_elements_total", "op=\"refreshed\"";
+    /// Set updates the kernel refused (or that timed out).
+    nft_errors => "errors_total", "kind=\"netlink\"";
+    /// Set updates dropped because the feeder's queue was full.
+    nft_dropped => "drops_total", "reason=\"nft_queue_full\"";
+    /// New flows routed by a domain relay rule.
+    domain_matches => "relay_domain_matches_total";
     reloads => "reloads_total";
     /// Configuration reloads refused (the old configuration kept running).
     reload_failures => "reload_failures_total";
