@@ -12,7 +12,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     (
         "sessions_evicted_total",
         "counter",
-        "Flows closed because the session table was full (least recently used).",
+        "Flows closed before their idle timeout, by reason (table full, client quota, descriptor budget).",
     ),
     (
         "sessions_expired_total",
@@ -67,6 +67,16 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "dns_truncated_total",
         "counter",
         "DNS answers truncated to fit the client's UDP size.",
+    ),
+    (
+        "nft_set_elements_total",
+        "counter",
+        "Addresses from DNS answers committed to nftables sets, by operation.",
+    ),
+    (
+        "relay_domain_matches_total",
+        "counter",
+        "New flows routed by a domain relay rule.",
     ),
     ("reloads_total", "counter", "Configuration reloads applied."),
     ("reload_failures_total", "counter", "Configuration reloads refused."),

@@ -44,6 +44,27 @@ pub struct DnsConfig {
     /// Evaluated in file order; the first match decides.
     #[serde(default)]
     pub rules: Vec<Spanned<DnsRuleConfig>>,
+    /// What tproxyd remembers of its answers (for domain relay rules).
+    #[serde(default)]
+    pub names: super::names::NamesConfig,
+    /// Where `nft_set` sets live.
+    #[serde(default)]
+    pub nft: super::names::NftConfig,
+}
+
+impl DnsConfig {
+    /// Every set name the rules feed, once each, in first-use order.
+    pub fn nft_sets(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for r in &self.rules {
+            for n in &r.get_ref().nft_set.0 {
+                if !names.contains(n) {
+                    names.push(n.clone());
+                }
+            }
+        }
+        names
+    }
 }
 
 impl DnsConfig {
@@ -254,6 +275,10 @@ pub struct DnsRuleConfig {
     /// `forward`: the upstream group.
     #[serde(default)]
     pub upstream: Option<String>,
+    /// Sets (`NAME4`/`NAME6` in `[dns.nft] table`) that get every address
+    /// this rule answers, for TTL + `[dns.names] grace`.
+    #[serde(default)]
+    pub nft_set: super::names::SetNames,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -369,6 +394,12 @@ pub(super) fn validate(
     for rule in &dns.rules {
         check_rule(rule.get_ref(), dns).map_err(|reason| (rule.span(), reason))?;
     }
+    if !super::names::valid_nft_name(&dns.nft.table) {
+        return Err((
+            section,
+            format!("{:?} is not a valid nftables table name", dns.nft.table),
+        ));
+    }
     Ok(())
 }
 
@@ -395,6 +426,9 @@ fn check_rule(r: &DnsRuleConfig, dns: &DnsConfig) -> Result<(), String> {
         RuleAction::Block => {
             if answers || !r.hosts.is_empty() || r.upstream.is_some() {
                 return Err("a block rule takes no a/aaaa/cname/hosts/upstream (see block = ...)".into());
+            }
+            if !r.nft_set.0.is_empty() {
+                return Err("a block rule answers no addresses to put in nft_set".into());
             }
         }
         RuleAction::Forward => {
