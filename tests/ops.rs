@@ -472,3 +472,31 @@ fn runs_the_way_the_systemd_unit_starts_it() {
     assert!(stopped.status.success(), "{}", stopped.log);
     assert_gateway_clean(&lab);
 }
+
+#[test]
+fn a_pid_file_that_cannot_be_written_stops_the_start_with_what_to_do() {
+    let lab = Lab::new();
+    let pid = lab.path("missing/tproxyd.pid");
+    let path = lab.path("pid.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "mark = 255\npid_file = {:?}\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n",
+            pid.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = lab.tproxyd_command(&["--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot write pid file {}: No such file or directory",
+            pid.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+    assert!(stderr.contains("pid_file = \"/run/tproxyd/tproxyd.pid\""), "{stderr}");
+    assert!(stderr.contains("RuntimeDirectory=tproxyd"), "{stderr}");
+}
