@@ -59,9 +59,24 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "DNS queries no upstream answered in time (SERVFAIL).",
     ),
     (
+        "dns_coalesced_total",
+        "counter",
+        "DNS cache misses that shared an identical query already sent upstream.",
+    ),
+    (
         "dns_truncated_total",
         "counter",
         "DNS answers truncated to fit the client's UDP size.",
+    ),
+    (
+        "nft_set_elements_total",
+        "counter",
+        "Addresses from DNS answers committed to nftables sets, by operation.",
+    ),
+    (
+        "relay_domain_matches_total",
+        "counter",
+        "New flows routed by a domain relay rule.",
     ),
     ("reloads_total", "counter", "Configuration reloads applied."),
     ("reload_failures_total", "counter", "Configuration reloads refused."),

@@ -102,6 +102,9 @@ impl Reloader {
         }
         self.relay.replies.resize(config.relay.reply_sockets);
         if let (Some(service), Some(engine)) = (&self.dns, engine) {
+            if let (Some(feed), Some(dns)) = (service.engine().feed(), config.dns()) {
+                feed.ensure_sets(dns);
+            }
             service.replace_engine(engine);
         }
         if let (Some(set), Some(level)) = (&self.log_filter, &config.log_level) {

@@ -18,6 +18,8 @@
 
 pub mod daemon;
 pub mod dns;
+pub mod fake_dns;
+pub mod nft;
 pub mod socks;
 pub mod stun;
 pub mod udp;
