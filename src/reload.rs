@@ -15,7 +15,6 @@ use crate::config::{Config, ConfigError};
 use crate::dns::engine::DnsBuildError;
 use crate::dns::{DnsEngine, DnsService};
 use crate::relay::RelayContext;
-use crate::relay::rules::UdpRules;
 use crate::stats::Stats;
 
 /// Sets the log filter (`"info"`, `"tproxyd=debug"`).
@@ -95,12 +94,10 @@ impl Reloader {
         for what in self.restart_only_changes(&config) {
             tracing::warn!("{what} changed: restart tproxyd to apply it (the rest is reloaded)");
         }
-        self.relay.rules.store(Arc::new(UdpRules::new(&config.relay, mark)));
-        let ended = self.relay.table.resize(config.relay.session_capacity);
+        let ended = self.relay.apply(&config.relay);
         if ended > 0 {
-            self.stats.sessions_evicted.add(ended as u64);
+            tracing::info!(ended, "flows beyond the new limits ended");
         }
-        self.relay.replies.resize(config.relay.reply_sockets);
         if let (Some(service), Some(engine)) = (&self.dns, engine) {
             if let (Some(feed), Some(dns)) = (service.engine().feed(), config.dns()) {
                 feed.ensure_sets(dns);
