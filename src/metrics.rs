@@ -63,6 +63,16 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "counter",
         "DNS answers truncated to fit the client's UDP size.",
     ),
+    (
+        "dns_scrubbed_records_total",
+        "counter",
+        "Upstream DNS records removed as outside the question's answer.",
+    ),
+    (
+        "dns_tcp_closed_total",
+        "counter",
+        "DNS-over-TCP connections closed by tproxyd, by reason.",
+    ),
     ("reloads_total", "counter", "Configuration reloads applied."),
     ("reload_failures_total", "counter", "Configuration reloads refused."),
 ];

@@ -98,7 +98,11 @@ impl Reloader {
             self.stats.sessions_evicted.add(ended as u64);
         }
         self.relay.replies.resize(config.relay.reply_sockets);
-        if let (Some(service), Some(engine)) = (&self.dns, engine) {
+        if let (Some(service), Some(mut engine)) = (&self.dns, engine) {
+            // Unchanged cache settings: the answers already learnt stay.
+            if !engine.adopt_cache(&service.engine()) {
+                tracing::info!("dns.cache settings changed: starting with an empty cache");
+            }
             service.replace_engine(engine);
         }
         if let (Some(set), Some(level)) = (&self.log_filter, &config.log_level) {
