@@ -25,6 +25,14 @@ pub struct Sources {
 }
 
 impl Sources {
+    fn metrics(&self) -> String {
+        let mut text = metrics::render(&self.relay.stats, &self.gauges());
+        if let Some(dns) = &self.dns {
+            dns.engine().render_upstream_metrics(&mut text);
+        }
+        text
+    }
+
     fn gauges(&self) -> Vec<Gauge> {
         let mut g = vec![
             (
@@ -54,6 +62,20 @@ impl Sources {
                 "Estimated memory held by DNS cache entries (bounded by dns.cache.max_bytes).",
                 dns.engine().cache_bytes() as u64,
             ));
+            if let Some(feed) = dns.engine().feed() {
+                let map = feed.map();
+                g.push((
+                    "name_map_entries",
+                    "(client, answered address) entries in the name map used by domain rules.",
+                    map.len() as u64,
+                ));
+                g.push(("name_map_bytes", "Bytes counted for the name map.", map.bytes() as u64));
+                g.push((
+                    "name_map_evicted",
+                    "Name map entries pushed out by its bounds before they expired (since start).",
+                    map.evicted(),
+                ));
+            }
         }
         g
     }
@@ -97,11 +119,7 @@ async fn respond(mut stream: TcpStream, sources: &Sources) -> io::Result<()> {
     let mut parts = line.split(|&b| b == b' ');
     let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     let (status, content_type, body) = match (method, path) {
-        (b"GET", b"/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics::render(&sources.relay.stats, &sources.gauges()),
-        ),
+        (b"GET", b"/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", sources.metrics()),
         (b"GET", b"/") => (
             "200 OK",
             "text/plain; charset=utf-8",

@@ -59,6 +59,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "DNS queries no upstream answered in time (SERVFAIL).",
     ),
     (
+        "dns_coalesced_total",
+        "counter",
+        "DNS cache misses that shared an identical query already sent upstream.",
+    ),
+    (
         "dns_truncated_total",
         "counter",
         "DNS answers truncated to fit the client's UDP size.",
@@ -72,6 +77,16 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "dns_tcp_closed_total",
         "counter",
         "DNS-over-TCP connections closed by tproxyd, by reason.",
+    ),
+    (
+        "nft_set_elements_total",
+        "counter",
+        "Addresses from DNS answers committed to nftables sets, by operation.",
+    ),
+    (
+        "relay_domain_matches_total",
+        "counter",
+        "New flows routed by a domain relay rule.",
     ),
     ("reloads_total", "counter", "Configuration reloads applied."),
     ("reload_failures_total", "counter", "Configuration reloads refused."),

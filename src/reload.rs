@@ -103,6 +103,9 @@ impl Reloader {
             if !engine.adopt_cache(&service.engine()) {
                 tracing::info!("dns.cache settings changed: starting with an empty cache");
             }
+            if let (Some(feed), Some(dns)) = (service.engine().feed(), config.dns()) {
+                feed.ensure_sets(dns);
+            }
             service.replace_engine(engine);
         }
         if let (Some(set), Some(level)) = (&self.log_filter, &config.log_level) {

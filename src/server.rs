@@ -18,6 +18,7 @@ use crate::admin;
 use crate::config::Config;
 use crate::dns::engine::DnsBuildError;
 use crate::dns::{DnsEngine, DnsService, server as dns_server};
+use crate::domain::DomainFeed;
 use crate::firewall::{AutoRules, FirewallError};
 use crate::net::sockets;
 use crate::pidfile::PidFile;
@@ -37,6 +38,8 @@ pub enum ServerError {
     },
     #[error("DNS: {0}")]
     Dns(#[from] DnsBuildError),
+    #[error("DNS nftables sets: {0} (tproxyd needs CAP_NET_ADMIN and nf_tables)")]
+    Sets(#[from] crate::nft::NftError),
     #[error("auto_rules: {0}")]
     Firewall(#[from] FirewallError),
     #[error("pid file {}: {source}", path.display())]
@@ -75,6 +78,8 @@ pub struct Prepared {
     config: Config,
     stats: Arc<Stats>,
     dns_engine: Option<DnsEngine>,
+    /// What the DNS answers feed (name map, nftables sets).
+    feed: Option<Arc<DomainFeed>>,
     relay: Vec<std::net::UdpSocket>,
     dns_udp: Vec<std::net::UdpSocket>,
     dns_tcp: Vec<std::net::TcpListener>,
@@ -94,17 +99,21 @@ fn listen_error(addr: SocketAddr, what: &'static str) -> impl FnOnce(io::Error) 
 pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
     let stats = Arc::new(Stats::default());
     let mark = config.mark.0;
-    let dns_engine = match config.dns() {
+    let (dns_engine, feed) = match config.dns() {
         Some(dns) => {
-            let engine = DnsEngine::build(dns, mark, stats.clone())?;
+            let mut engine = DnsEngine::build(dns, mark, stats.clone())?;
             tracing::info!(rules = engine.rules().len(), groups = engine.groups().len(), ports = ?dns.ports, "DNS engine ready");
-            Some(engine)
+            // Sets are created now, while privileged.
+            let feed = Arc::new(DomainFeed::new(dns, stats.clone())?);
+            engine.set_feed(feed.clone());
+            (Some(engine), Some(feed))
         }
-        None => None,
+        None => (None, None),
     };
     let mut p = Prepared {
         stats,
         dns_engine,
+        feed,
         relay: Vec::new(),
         dns_udp: Vec::new(),
         dns_tcp: Vec::new(),
@@ -171,6 +180,7 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
         config,
         stats,
         dns_engine,
+        feed,
         relay,
         dns_udp,
         dns_tcp,
@@ -192,6 +202,9 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
         ));
     }
     tasks.spawn(expiry::sweep(relay_ctx.clone(), shutdown.clone()));
+    if let Some(feed) = &feed {
+        tasks.spawn(sweep_names(feed.clone(), shutdown.clone()));
+    }
     if let Some(dns) = &dns {
         spawn_dns(&mut tasks, dns, dns_udp, dns_tcp, &shutdown)?;
     }
@@ -237,10 +250,30 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
     }
     let closed = relay_ctx.table.clear();
     tracing::info!(sessions_closed = closed, "all sessions closed");
+    if let Some(feed) = feed {
+        // Commits what is queued, then removes the sets' table if ours.
+        tokio::task::spawn_blocking(move || feed.shutdown()).await.ok();
+    }
     drop(rules);
     drop(pid_file);
     Ok(stats)
 }
+
+/// Frees expired name-map entries (lookups already ignore them).
+async fn sweep_names(feed: Arc<DomainFeed>, mut shutdown: Shutdown) -> io::Result<()> {
+    let mut tick = tokio::time::interval(NAME_SWEEP);
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return Ok(()),
+            _ = tick.tick() => {
+                feed.map().sweep(std::time::Instant::now());
+            }
+        }
+    }
+}
+
+/// How often expired name-map entries are freed.
+const NAME_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn spawn_dns(
     tasks: &mut JoinSet<io::Result<()>>,

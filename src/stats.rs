@@ -154,7 +154,26 @@ counters! {
     dns_tcp_recycled => "dns_tcp_closed_total", "reason=\"recycled\"";
     /// DNS queries dropped because too many were already pending.
     dns_dropped_overload => "drops_total", "reason=\"dns_overload\"";
+    /// DNS queries answered SERVFAIL at once: their upstream group had
+    /// `max_pending` queries waiting already.
+    dns_servfail_overload => "dns_queries_by_action_total", "action=\"servfail_overload\"";
+    /// DNS cache misses that joined an identical query already on its way
+    /// upstream instead of asking again.
+    dns_coalesced => "dns_coalesced_total";
+    /// Upstream answers dropped for not matching their query (ID, question,
+    /// 0x20 case): spoofing attempts or a broken server.
+    dns_upstream_mismatched => "drops_total", "reason=\"dns_mismatched_answer\"";
     /// Configuration reloads applied.
+    /// Elements added to tproxyd's nftables sets from DNS answers.
+    nft_added => "nft_set_elements_total", "op=\"added\"";
+    /// Elements whose timeout a later answer extended.
+    nft_refreshed => "nft_set_elements_total", "op=\"refreshed\"";
+    /// Set updates the kernel refused (or that timed out).
+    nft_errors => "errors_total", "kind=\"netlink\"";
+    /// Set updates dropped because the feeder's queue was full.
+    nft_dropped => "drops_total", "reason=\"nft_queue_full\"";
+    /// New flows routed by a domain relay rule.
+    domain_matches => "relay_domain_matches_total";
     reloads => "reloads_total";
     /// Configuration reloads refused (the old configuration kept running).
     reload_failures => "reload_failures_total";

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+use tempfile::TempDir;
+
 fn tproxyd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tproxyd"))
         .args(args)
@@ -10,10 +12,17 @@ fn tproxyd(args: &[&str]) -> Output {
         .expect("running tproxyd")
 }
 
-fn write_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tproxyd-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+/// A directory of this test's own, removed when it is dropped (tests run in
+/// parallel: a shared directory let two tests overwrite each other's files).
+fn scratch() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("tproxyd-cli-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+fn write_config(dir: &TempDir, name: &str, text: &str) -> PathBuf {
+    let path = dir.path().join(name);
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -28,7 +37,9 @@ fn check_accepts_the_shipped_example() {
 
 #[test]
 fn check_rejects_a_bad_config_with_file_line_and_column() {
+    let dir = scratch();
     let path = write_config(
+        &dir,
         "bad.toml",
         "mark = 255\n\n[relay]\nlisten = [\"0.0.0.0:15353\"]\nidle_timeout = \"forever\"\n",
     );
@@ -42,7 +53,12 @@ fn check_rejects_a_bad_config_with_file_line_and_column() {
 
 #[test]
 fn check_rejects_unknown_keys() {
-    let path = write_config("typo.toml", "[relay]\nlisten = [\"0.0.0.0:1\"]\nidle_timout = \"5s\"\n");
+    let dir = scratch();
+    let path = write_config(
+        &dir,
+        "typo.toml",
+        "[relay]\nlisten = [\"0.0.0.0:1\"]\nidle_timout = \"5s\"\n",
+    );
     let out = tproxyd(&["check", "--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -52,7 +68,8 @@ fn check_rejects_unknown_keys() {
 
 #[test]
 fn running_with_a_bad_config_refuses_to_start() {
-    let path = write_config("bad-run.toml", "mark = 0\n");
+    let dir = scratch();
+    let path = write_config(&dir, "bad-run.toml", "mark = 0\n");
     let out = tproxyd(&["--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains(":1:8: mark must not be 0"));
@@ -60,7 +77,9 @@ fn running_with_a_bad_config_refuses_to_start() {
 
 #[test]
 fn check_loads_the_files_the_config_names() {
+    let dir = scratch();
     let path = write_config(
+        &dir,
         "lists.toml",
         "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n\
          [[dns.rules]]\nlists = [\"/nonexistent/blocklist.txt\"]\naction = \"block\"\n",
@@ -106,7 +125,8 @@ fn check_rejects_dns_rules_that_cannot_work() {
             "max_udp_payload 65535 is above 4096",
         ),
     ] {
-        let path = write_config("dnsrule.toml", text);
+        let dir = scratch();
+        let path = write_config(&dir, "dnsrule.toml", text);
         let out = tproxyd(&["check", "--config", path.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{text}");
@@ -150,13 +170,11 @@ action = "block"
 "#;
 
 fn explain(args: &[&str]) -> String {
-    // A file per call: tests run in parallel, and a shared file can be read
-    // while another test is rewriting it.
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let list = write_config(&format!("explain-list{n}.txt"), "||games.example^\nads.example\n");
+    let dir = scratch();
+    let list = write_config(&dir, "explain-list.txt", "||games.example^\nads.example\n");
     let cfg = write_config(
-        &format!("explain{n}.toml"),
+        &dir,
+        "explain.toml",
         &EXPLAIN_CONFIG.replace("LIST", list.to_str().unwrap()),
     );
     let mut all = vec!["explain", "--config", cfg.to_str().unwrap()];

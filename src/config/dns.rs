@@ -55,6 +55,27 @@ pub struct DnsConfig {
     /// Evaluated in file order; the first match decides.
     #[serde(default)]
     pub rules: Vec<Spanned<DnsRuleConfig>>,
+    /// What tproxyd remembers of its answers (for domain relay rules).
+    #[serde(default)]
+    pub names: super::names::NamesConfig,
+    /// Where `nft_set` sets live.
+    #[serde(default)]
+    pub nft: super::names::NftConfig,
+}
+
+impl DnsConfig {
+    /// Every set name the rules feed, once each, in first-use order.
+    pub fn nft_sets(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for r in &self.rules {
+            for n in &r.get_ref().nft_set.0 {
+                if !names.contains(n) {
+                    names.push(n.clone());
+                }
+            }
+        }
+        names
+    }
 }
 
 impl DnsConfig {
@@ -267,11 +288,24 @@ pub struct UpstreamGroupConfig {
         deserialize_with = "duration::deserialize"
     )]
     pub server_timeout: Duration,
+    /// Most client queries waiting on this group at once. Past it a query
+    /// is answered SERVFAIL at once: a dead group cannot hold every slot,
+    /// and a client is never left without an answer.
+    #[serde(default = "UpstreamGroupConfig::default_max_pending")]
+    pub max_pending: usize,
+    /// DNS 0x20: randomise the case of the query name and believe only an
+    /// answer that echoes it exactly (more bits for a spoofer to guess).
+    /// Off by default: a few servers do not preserve the case.
+    #[serde(default)]
+    pub case_randomization: bool,
 }
 
 impl UpstreamGroupConfig {
     fn default_server_timeout() -> Duration {
         Duration::from_millis(1_500)
+    }
+    fn default_max_pending() -> usize {
+        1_024
     }
 }
 
@@ -387,6 +421,10 @@ pub struct DnsRuleConfig {
     /// `forward`: the upstream group.
     #[serde(default)]
     pub upstream: Option<String>,
+    /// Sets (`NAME4`/`NAME6` in `[dns.nft] table`) that get every address
+    /// this rule answers, for TTL + `[dns.names] grace`.
+    #[serde(default)]
+    pub nft_set: super::names::SetNames,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -530,6 +568,12 @@ pub(super) fn validate(
         if servers.is_empty() {
             return Err((group.servers.span(), format!("upstream group {name:?} has no servers")));
         }
+        if group.max_pending == 0 {
+            return Err((
+                group.servers.span(),
+                format!("upstream group {name:?}: max_pending must be at least 1"),
+            ));
+        }
         if servers.iter().any(UpstreamServer::needs_tls_name) && group.tls_name.is_none() {
             return Err((
                 group.servers.span(),
@@ -539,6 +583,12 @@ pub(super) fn validate(
     }
     for rule in &dns.rules {
         check_rule(rule.get_ref(), dns).map_err(|reason| (rule.span(), reason))?;
+    }
+    if !super::names::valid_nft_name(&dns.nft.table) {
+        return Err((
+            section,
+            format!("{:?} is not a valid nftables table name", dns.nft.table),
+        ));
     }
     Ok(())
 }
@@ -566,6 +616,9 @@ fn check_rule(r: &DnsRuleConfig, dns: &DnsConfig) -> Result<(), String> {
         RuleAction::Block => {
             if answers || !r.hosts.is_empty() || r.upstream.is_some() {
                 return Err("a block rule takes no a/aaaa/cname/hosts/upstream (see block = ...)".into());
+            }
+            if !r.nft_set.0.is_empty() {
+                return Err("a block rule answers no addresses to put in nft_set".into());
             }
         }
         RuleAction::Forward => {

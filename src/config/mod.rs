@@ -8,6 +8,7 @@
 pub mod dns;
 mod duration;
 mod error;
+pub mod names;
 pub mod ops;
 pub mod udp;
 
@@ -152,6 +153,20 @@ impl Config {
         if let Some(dns) = &config.dns_section {
             dns::validate(dns.get_ref(), dns.span())
                 .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;
+            if let Some(auto) = &config.auto_rules {
+                let sets = &dns.get_ref().nft.table;
+                if !dns.get_ref().nft_sets().is_empty() && *sets == auto.get_ref().nft_table {
+                    return Err(ConfigError::at(
+                        path,
+                        text,
+                        Some(dns.span()),
+                        format!(
+                            "[dns.nft] table {sets:?} is auto_rules' table, which is replaced whole at every start: \
+                             give the sets a table of their own"
+                        ),
+                    ));
+                }
+            }
         }
         Ok(config)
     }

@@ -234,3 +234,33 @@ fn dns_cache_max_bytes_takes_units() {
     let e = c("\"32 parsecs\"").unwrap_err().to_string();
     assert!(e.starts_with("t.toml:3:"), "{e}");
 }
+
+#[test]
+fn nft_sets_on_dns_rules() {
+    let base = "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n";
+    let c = parse(&format!(
+        "{base}[[dns.rules]]\ndomains = [\"*.game.example\"]\naction = \"forward\"\nnft_set = \"game\"\n\
+         [[dns.rules]]\ndomains = [\"voip.example\"]\naction = \"forward\"\nnft_set = [\"voip\", \"game\"]\n"
+    ))
+    .unwrap();
+    let dns = c.dns().unwrap();
+    assert_eq!(dns.nft_sets(), vec!["game", "voip"]);
+    assert_eq!(dns.nft.table, "tproxyd_dns");
+    assert!(dns.nft.wait);
+    assert_eq!(dns.names.grace, std::time::Duration::from_secs(300));
+
+    let e = error(&format!(
+        "{base}[[dns.rules]]\naction = \"forward\"\nnft_set = \"9lives\"\n"
+    ));
+    assert!(e.contains(":6:") && e.contains("not a valid set name"), "{e}");
+    let e = error(&format!("{base}[[dns.rules]]\naction = \"block\"\nnft_set = \"x\"\n"));
+    assert!(e.contains("block rule answers no addresses"), "{e}");
+    let e = error(&format!("{base}[dns.nft]\ntable = \"a b\"\n"));
+    assert!(e.contains("not a valid nftables table name"), "{e}");
+    // The redirect script replaces its table whole: the sets cannot live there.
+    let e = error(&format!(
+        "{base}[dns.nft]\ntable = \"tproxyd\"\n[[dns.rules]]\naction = \"forward\"\nnft_set = \"x\"\n\
+         [auto_rules]\nlan_interfaces = [\"lan0\"]\n"
+    ));
+    assert!(e.contains("auto_rules' table"), "{e}");
+}

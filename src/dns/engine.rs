@@ -22,8 +22,11 @@ use super::names::wire_key;
 use super::ratelimit::RateLimiter;
 use super::rules::{Action, RuleSet, StaticAnswer};
 use super::scrub;
-use super::upstream::{UpstreamError, UpstreamGroup};
+use super::upstream::{Admission, UpstreamError, UpstreamGroup};
 use crate::config::dns::{BlockMode, DnsConfig, RateLimitAction, TcpConfig};
+use crate::domain::DomainFeed;
+use crate::domain::feed::{Committed, released};
+use crate::nft::SetPair;
 use crate::stats::Stats;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,14 +57,22 @@ pub enum Outcome {
     Drop,
     /// Needs an upstream: pass to [`DnsEngine::forward`].
     Forward(Pending),
+    /// Send these bytes once the answer's nftables set elements are
+    /// committed (`[dns.nft] wait`): see [`released`].
+    Held(Vec<u8>, Committed),
 }
 
-/// A query waiting for an upstream answer.
+/// A query waiting for an upstream answer. It holds a place in its
+/// group's pending limit until it is dropped.
 #[derive(Debug)]
 pub struct Pending {
     request: Request,
     group: usize,
     transport: Transport,
+    client: IpAddr,
+    /// The matching rule's sets, fed with the answer.
+    sets: Vec<SetPair>,
+    _admission: Admission,
 }
 
 impl Pending {
@@ -89,6 +100,9 @@ pub struct DnsEngine {
     over_limit: RateLimitAction,
     tcp: TcpConfig,
     stats: Arc<Stats>,
+    /// Where answers are recorded (name map, nftables sets); shared by
+    /// the engines that replace each other on reload.
+    feed: Option<Arc<DomainFeed>>,
 }
 
 impl DnsEngine {
@@ -96,12 +110,12 @@ impl DnsEngine {
     pub fn build(config: &DnsConfig, mark: u32, stats: Arc<Stats>) -> Result<DnsEngine, DnsBuildError> {
         let mut groups = Vec::with_capacity(config.upstreams.len());
         for (name, group) in &config.upstreams {
-            groups.push(
-                UpstreamGroup::new(name, group, mark).map_err(|source| DnsBuildError::Upstream {
+            groups.push(UpstreamGroup::new(name, group, mark, stats.clone()).map_err(|source| {
+                DnsBuildError::Upstream {
                     group: name.clone(),
                     source,
-                })?,
-            );
+                }
+            })?);
         }
         let index = |name: &str| groups.iter().position(|g| g.name == name);
         let rules = RuleSet::build(config, index)?;
@@ -121,6 +135,7 @@ impl DnsEngine {
             over_limit: config.rate_limit.action,
             tcp: config.tcp.clone(),
             stats,
+            feed: None,
         })
     }
 
@@ -149,6 +164,15 @@ impl DnsEngine {
     pub fn allows(&self, client: IpAddr) -> bool {
         let client = client.to_canonical();
         self.allow.iter().any(|net| net.contains(&client))
+    }
+
+    /// Records every answer given from now on in `feed`.
+    pub fn set_feed(&mut self, feed: Arc<DomainFeed>) {
+        self.feed = Some(feed);
+    }
+
+    pub fn feed(&self) -> Option<&Arc<DomainFeed>> {
+        self.feed.as_ref()
     }
 
     /// Whether diverted datagrams to original port `port` are DNS for us.
@@ -229,7 +253,7 @@ impl DnsEngine {
             Some(Action::Answer(answer)) => {
                 s.dns_answered_local.inc();
                 let msg = self.static_answer(&request, answer);
-                return self.reply_to(&request, &msg, transport);
+                return self.reply_observed(&request, &msg, transport, client, rule);
             }
             Some(Action::Hosts(table, ttl)) => {
                 s.dns_answered_local.inc();
@@ -241,7 +265,7 @@ impl DnsEngine {
                     ttl: *ttl,
                 };
                 let msg = self.static_answer(&request, &answer);
-                return self.reply_to(&request, &msg, transport);
+                return self.reply_observed(&request, &msg, transport, client, rule);
             }
             Some(Action::Block(mode, ttl)) => {
                 s.dns_blocked.inc();
@@ -260,14 +284,40 @@ impl DnsEngine {
             s.dns_cache_hits.inc();
             let mut msg = message::response(&request, entry.rcode, self.max_udp_payload);
             entry.fill(&mut msg, age);
-            return self.reply_to(&request, &msg, transport);
+            return self.reply_observed(&request, &msg, transport, client, rule);
         }
         s.dns_cache_misses.inc();
+        let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit) else {
+            // Over the group's pending limit: say so now, never stay silent
+            // (the client would only retry into the same queue).
+            s.dns_servfail_overload.inc();
+            let msg = message::response(&request, ResponseCode::ServFail, self.max_udp_payload);
+            return self.reply_to(&request, &msg, transport);
+        };
         Outcome::Forward(Pending {
             request,
             group,
             transport,
+            client,
+            sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
+            _admission: admission,
         })
+    }
+
+    /// SERVFAIL for a query that cannot be forwarded after all (the
+    /// daemon-wide task limit).
+    pub fn overloaded(&self, pending: Pending) -> Option<Vec<u8>> {
+        self.stats.dns_servfail_overload.inc();
+        let msg = message::response(&pending.request, ResponseCode::ServFail, self.max_udp_payload);
+        match self.reply_to(&pending.request, &msg, pending.transport) {
+            Outcome::Reply(bytes) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    /// Per-upstream-server metrics (Prometheus text).
+    pub fn render_upstream_metrics(&self, out: &mut String) {
+        UpstreamGroup::render_metrics(&self.groups, out);
     }
 
     /// Resolves a cache miss upstream; SERVFAIL when no upstream answers
@@ -277,6 +327,9 @@ impl DnsEngine {
             request,
             group,
             transport,
+            client,
+            sets,
+            _admission,
         } = pending;
         let deadline = tokio::time::Instant::now() + self.timeout;
         self.stats.dns_forwarded.inc();
@@ -309,10 +362,15 @@ impl DnsEngine {
                 message::response(&request, ResponseCode::ServFail, self.max_udp_payload)
             }
         };
-        match self.reply_to(&request, &msg, transport) {
+        let committed = self.feed.as_ref().and_then(|f| f.observe(client, &msg, &sets));
+        let reply = match self.reply_to(&request, &msg, transport) {
             Outcome::Reply(bytes) => Some(bytes),
             _ => None,
+        };
+        if let Some(c) = committed {
+            released(c).await;
         }
+        reply
     }
 
     /// Answers `bytes` completely, awaiting the upstream if needed.
@@ -321,6 +379,28 @@ impl DnsEngine {
             Outcome::Reply(b) => Some(b),
             Outcome::Drop => None,
             Outcome::Forward(p) => self.forward(p).await,
+            Outcome::Held(b, committed) => {
+                released(committed).await;
+                Some(b)
+            }
+        }
+    }
+
+    /// Like `reply_to`, recording the answer first; held until its set
+    /// elements are committed when the rule feeds sets.
+    fn reply_observed(
+        &self,
+        request: &Request,
+        msg: &Message,
+        transport: Transport,
+        client: IpAddr,
+        rule: Option<&super::rules::Rule>,
+    ) -> Outcome {
+        let sets = rule.map_or(&[][..], |r| &r.nft_sets[..]);
+        let committed = self.feed.as_ref().and_then(|f| f.observe(client, msg, sets));
+        match (self.reply_to(request, msg, transport), committed) {
+            (Outcome::Reply(bytes), Some(c)) => Outcome::Held(bytes, c),
+            (outcome, _) => outcome,
         }
     }
 

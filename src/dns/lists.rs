@@ -164,12 +164,13 @@ impl HostsTable {
 mod tests {
     use super::*;
 
-    fn file(name: &str, text: impl AsRef<[u8]>) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("tproxyd-lists-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(name);
+    /// Writes `text` in a directory of the test's own; the directory goes
+    /// away when the returned guard is dropped.
+    fn file(name: &str, text: impl AsRef<[u8]>) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::Builder::new().prefix("tproxyd-lists-").tempdir().unwrap();
+        let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
-        p
+        (dir, p)
     }
 
     #[test]
@@ -180,7 +181,7 @@ mod tests {
              two words\n"
             .to_vec();
         text.extend_from_slice(b"\xff\xfe\n");
-        let p = file("mixed.txt", &text);
+        let (_dir, p) = file("mixed.txt", &text);
         let mut set = DomainSet::new();
         let stats = load_domain_list(&p, &mut set).unwrap();
         assert_eq!(stats, LoadStats { names: 6, skipped: 5 });
@@ -194,7 +195,7 @@ mod tests {
 
     #[test]
     fn hosts_file() {
-        let p = file(
+        let (_dir, p) = file(
             "hosts",
             "127.0.0.1 localhost\n192.0.2.50 printer.lan printer\n2001:db8::50 printer.lan\n\
              192.0.2.50 printer.lan\nnot-an-ip name\n",

@@ -13,6 +13,7 @@ use super::lists::{HostsTable, ListError, load_domain_list};
 use super::names::DomainSet;
 use super::ttl_secs;
 use crate::config::dns::{BlockMode, DnsConfig, DnsRuleConfig, RuleAction};
+use crate::nft::SetPair;
 
 /// What a matching rule does.
 #[derive(Debug)]
@@ -63,6 +64,8 @@ pub struct Rule {
     clients: Vec<IpNet>,
     qtypes: Vec<RecordType>,
     pub action: Action,
+    /// nftables sets fed with the addresses this rule answers.
+    pub nft_sets: Vec<SetPair>,
 }
 
 impl Rule {
@@ -168,6 +171,7 @@ impl RuleSet {
                 clients: r.clients.clone(),
                 qtypes: r.qtypes.iter().map(|q| q.0).collect(),
                 action,
+                nft_sets: r.nft_set.0.iter().map(|n| SetPair::new(n)).collect(),
             });
         }
         Ok(RuleSet { rules })

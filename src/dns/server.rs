@@ -99,7 +99,10 @@ impl DnsService {
 
     /// Puts a new engine in force; queries already being answered finish
     /// with the old one.
-    pub fn replace_engine(&self, engine: DnsEngine) {
+    pub fn replace_engine(&self, mut engine: DnsEngine) {
+        if let Some(feed) = self.engine.load().feed() {
+            engine.set_feed(feed.clone());
+        }
         self.engine.store(Arc::new(engine));
     }
 
@@ -127,11 +130,27 @@ impl DnsService {
             // The same engine must finish the query: its upstream group
             // numbers mean nothing to another one.
             Outcome::Forward(pending) => self.spawn_forward(engine, pending, send),
+            Outcome::Held(reply, committed) => {
+                // Bounded like forwards: a flood of answers waiting for
+                // the kernel cannot grow the task count without bound.
+                let Some(permit) = self.forward_permit() else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    crate::domain::feed::released(committed).await;
+                    send(&reply);
+                    drop(permit);
+                });
+            }
         }
     }
 
     fn spawn_forward(&self, engine: Arc<DnsEngine>, pending: Pending, send: impl FnOnce(&[u8]) + Send + 'static) {
         let Some(permit) = self.forward_permit() else {
+            // Never silent: the client learns at once that we are overloaded.
+            if let Some(reply) = engine.overloaded(pending) {
+                send(&reply);
+            }
             return;
         };
         tokio::spawn(async move {

@@ -18,6 +18,8 @@
 
 pub mod daemon;
 pub mod dns;
+pub mod fake_dns;
+pub mod nft;
 pub mod socks;
 pub mod stun;
 pub mod udp;
@@ -129,6 +131,8 @@ pub struct Lab {
     pub dir: PathBuf,
     children: Mutex<Vec<Child>>,
     daemons: Mutex<Vec<PathBuf>>,
+    /// Owns `dir`: removed when the lab is dropped, after its processes.
+    _scratch: tempfile::TempDir,
 }
 
 impl Lab {
@@ -145,8 +149,14 @@ impl Lab {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = std::env::temp_dir().join(&id);
-        std::fs::create_dir_all(&dir).expect("lab temp dir");
+        // World-readable like a normal directory: some tests run the daemon
+        // as `nobody`, which must still read its config and lists.
+        let scratch = tempfile::Builder::new()
+            .prefix(&format!("{id}-"))
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .tempdir()
+            .expect("lab temp dir");
+        let dir = scratch.path().to_path_buf();
         let lab = Lab {
             client: Netns { name: format!("{id}c") },
             gateway: Netns { name: format!("{id}g") },
@@ -159,6 +169,7 @@ impl Lab {
             dir,
             children: Mutex::new(Vec::new()),
             daemons: Mutex::new(Vec::new()),
+            _scratch: scratch,
         };
         // From here on, Drop cleans up whatever was created.
         lab.build();
@@ -332,7 +343,6 @@ impl Drop for Lab {
         for ns in self.all_ns() {
             let _ = Command::new("ip").args(["netns", "del", &ns.name]).status();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

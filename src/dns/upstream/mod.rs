@@ -1,21 +1,29 @@
-//! Upstream resolver groups: UDP, TCP, DNS-over-TLS and DNS-over-HTTPS
-//! through hickory-resolver's name-server layer, with failover.
+//! Upstream resolver groups: UDP, TCP, DNS-over-TLS and DNS-over-HTTPS,
+//! with failover, hedging and single-flight.
 //!
-//! Plain UDP servers are asked through [`udp::UdpMux`] (a few long-lived
-//! sockets, queries told apart by ID); everything connection-oriented (TCP,
-//! TLS, HTTPS, and TCP after a truncated UDP answer) through hickory's
-//! `NameServerPool`, which reuses connections. The failover across servers
-//! is ours: servers are tried in order, starting
-//! with the last one that answered, each for at most `server_timeout`, all
-//! within the query's overall deadline. A dead first server therefore costs
-//! one timeout once, not on every query.
+//! Plain UDP servers are asked by [`udp::Exchange`] (a fresh socket on a
+//! random port and a random ID per query, RFC 5452); everything
+//! connection-oriented (TCP, TLS, HTTPS, and TCP after a truncated UDP
+//! answer) through hickory's `NameServerPool`, which reuses connections.
+//!
+//! A group resolves a question at most once at a time ([`flight`]): later
+//! identical questions wait for the one in flight. The servers are raced
+//! ([`failover`]): the first is asked at once, the next when the first
+//! fails or has not answered within its observed 90th percentile latency
+//! (never later than its share of `dns.timeout`), and the first valid
+//! answer wins. A server that timed out is tried after the others for a
+//! while ([`health`]).
 
+mod failover;
+mod flight;
+mod health;
 mod runtime;
 mod udp;
 
 use futures_util::StreamExt;
 use hickory_net::{DnsError, DnsHandle, NetError};
 use hickory_proto::op::{DnsRequest, DnsRequestOptions, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, LowerName, RecordType};
 use hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverOpts, ServerOrderingStrategy,
 };
@@ -23,16 +31,19 @@ use hickory_resolver::{NameServerPool, PoolContext, TlsConfig};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::dns::{UpstreamGroupConfig, UpstreamProtocol, UpstreamServer};
+use crate::stats::Stats;
+pub use flight::Role;
 pub use runtime::MarkedRuntime;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     #[error("upstream group {group:?}: cannot read CA file {}: {reason}", path.display())]
     CaFile {
@@ -47,44 +58,42 @@ pub enum UpstreamError {
     NoAnswer,
 }
 
-struct Server {
-    label: String,
-    /// Plain UDP servers: the first try.
-    udp: Option<udp::UdpMux>,
-    /// TCP/TLS/HTTPS, and the TCP retry of truncated UDP answers.
-    pool: NameServerPool<MarkedRuntime>,
+/// Answers that mean "this server cannot help": ask the next one.
+fn is_failure(rcode: ResponseCode) -> bool {
+    matches!(
+        rcode,
+        ResponseCode::ServFail | ResponseCode::Refused | ResponseCode::FormErr | ResponseCode::NotImp
+    )
 }
 
-impl Server {
-    /// One server's answer: UDP first where that is the protocol, TCP when
-    /// the UDP answer was truncated. SERVFAIL and REFUSED count as failures
-    /// so the next server is tried.
-    async fn ask(&self, query: &Query) -> Result<Message, String> {
-        if let Some(udp) = &self.udp {
-            let answer = udp.query(query).await.map_err(|e| e.to_string())?;
-            if !answer.metadata.truncation {
-                return match answer.metadata.response_code {
-                    ResponseCode::ServFail | ResponseCode::Refused => Err(answer.metadata.response_code.to_string()),
-                    _ => Ok(answer),
-                };
-            }
-        }
-        let mut options = DnsRequestOptions::default();
-        options.use_edns = true;
-        options.edns_payload_len = 1232;
-        options.recursion_desired = true;
-        let request = DnsRequest::from_query(query.clone(), options);
-        first_response(&self.pool, request).await.map_err(|e| e.to_string())
-    }
+struct Server {
+    label: String,
+    addr: SocketAddr,
+    /// Plain UDP first (TCP only after a truncated answer).
+    udp: bool,
+    /// TCP/TLS/HTTPS, and the TCP retry of truncated UDP answers.
+    pool: NameServerPool<MarkedRuntime>,
+    health: health::Health,
 }
+
+/// What identical in-flight questions share. Only the question is sent
+/// upstream (the client's DO/CD bits are not forwarded), so name, type and
+/// class are the whole of what changes the answer; the group is implied by
+/// the map being per group.
+type FlightKey = (LowerName, RecordType, DNSClass);
+type Shared = Result<Arc<Message>, UpstreamError>;
 
 /// A named list of servers answering the same questions.
 pub struct UpstreamGroup {
     pub name: String,
     servers: Vec<Server>,
-    /// Index of the server to try first: the last one that answered.
-    preferred: AtomicUsize,
     server_timeout: Duration,
+    mark: u32,
+    randomize_case: bool,
+    flights: flight::Flights<FlightKey, Shared>,
+    /// Client queries waiting on this group (see [`UpstreamGroup::admit`]).
+    pending: Arc<Semaphore>,
+    stats: Arc<Stats>,
 }
 
 impl std::fmt::Debug for UpstreamGroup {
@@ -97,8 +106,12 @@ impl std::fmt::Debug for UpstreamGroup {
     }
 }
 
+/// A place in a group's pending limit, held until the client is answered.
+#[derive(Debug)]
+pub struct Admission(#[allow(dead_code)] OwnedSemaphorePermit);
+
 impl UpstreamGroup {
-    pub fn new(name: &str, config: &UpstreamGroupConfig, mark: u32) -> Result<Self, UpstreamError> {
+    pub fn new(name: &str, config: &UpstreamGroupConfig, mark: u32, stats: Arc<Stats>) -> Result<Self, UpstreamError> {
         let tls = tls_config(name, config.ca_file.as_deref())?;
         let mut opts = ResolverOpts::default();
         opts.timeout = config.server_timeout;
@@ -114,60 +127,112 @@ impl UpstreamGroup {
             .iter()
             .map(|s| Server {
                 label: label(s),
-                udp: (s.protocol == UpstreamProtocol::Udp).then(|| udp::UdpMux::new(s.addr, mark)),
+                addr: s.addr,
+                udp: s.protocol == UpstreamProtocol::Udp,
                 pool: NameServerPool::from_config(
                     [name_server(s, config.tls_name.as_deref().unwrap_or_default())],
                     cx.clone(),
                     MarkedRuntime::new(mark),
                 ),
+                health: health::Health::default(),
             })
             .collect();
         Ok(UpstreamGroup {
             name: name.to_string(),
             servers,
-            preferred: AtomicUsize::new(0),
             server_timeout: config.server_timeout,
+            mark,
+            randomize_case: config.case_randomization,
+            flights: flight::Flights::default(),
+            pending: Arc::new(Semaphore::new(config.max_pending.max(1))),
+            stats,
         })
     }
 
-    /// Resolves `query`, trying servers until one answers or `deadline`.
+    /// A place among the group's pending queries, or `None` when
+    /// `max_pending` are already waiting (answer SERVFAIL then).
+    pub fn admit(&self) -> Option<Admission> {
+        self.pending.clone().try_acquire_owned().ok().map(Admission)
+    }
+
+    /// Resolves `query` by the group's servers, by `deadline`.
+    ///
+    /// If the same question is already on its way upstream, waits for that
+    /// answer instead of asking again ([`Role::Follower`]). Dropping the
+    /// returned future stops waiting; other callers of the same question
+    /// carry on (one of them takes over the asking if needed).
     ///
     /// NXDOMAIN and no-data answers are answers (returned with their SOA);
-    /// only SERVFAIL, REFUSED, timeouts and transport errors move on to the
-    /// next server.
-    pub async fn resolve(&self, query: &Query, deadline: Instant) -> Result<Message, UpstreamError> {
-        let n = self.servers.len();
-        let first = self.preferred.load(Ordering::Relaxed);
-        for i in 0..n {
-            let idx = (first + i) % n;
-            let server = &self.servers[idx];
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            let budget = self.server_timeout.min(deadline - now);
-            let attempt = tokio::time::timeout(budget, server.ask(query)).await;
-            match attempt {
-                Ok(Ok(message)) => {
-                    if idx != first {
-                        tracing::info!(group = %self.name, server = %server.label, "failing over to this upstream");
-                        self.preferred.store(idx, Ordering::Relaxed);
-                    }
-                    return Ok(message);
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(group = %self.name, server = %server.label, error = %e, "upstream failed")
-                }
-                Err(_) => {
-                    tracing::debug!(group = %self.name, server = %server.label, ?budget, "upstream timed out")
-                }
-            }
+    /// SERVFAIL, REFUSED, FORMERR, NOTIMP, timeouts and transport errors
+    /// move on to the next server.
+    pub async fn resolve_shared(&self, query: &Query, deadline: Instant) -> (Result<Message, UpstreamError>, Role) {
+        let key = (LowerName::new(query.name()), query.query_type(), query.query_class());
+        let (shared, role) = self
+            .flights
+            .run(key, || async { self.race(query, deadline).await.map(Arc::new) })
+            .await;
+        if role == Role::Follower {
+            self.stats.dns_coalesced.inc();
         }
-        Err(UpstreamError::NoAnswer)
+        (shared.map(Arc::unwrap_or_clone), role)
+    }
+
+    /// [`UpstreamGroup::resolve_shared`], without saying who asked.
+    pub async fn resolve(&self, query: &Query, deadline: Instant) -> Result<Message, UpstreamError> {
+        self.resolve_shared(query, deadline).await.0
     }
 
     pub fn server_labels(&self) -> Vec<String> {
         self.servers.iter().map(|s| s.label.clone()).collect()
+    }
+
+    /// Questions on their way upstream now.
+    pub fn in_flight(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// Appends the per-server metrics of `groups` (Prometheus text).
+    pub fn render_metrics(groups: &[UpstreamGroup], out: &mut String) {
+        health::render(
+            out,
+            groups.iter().flat_map(|g| {
+                g.servers
+                    .iter()
+                    .map(move |s| (g.name.as_str(), s.label.as_str(), &s.health))
+            }),
+        );
+    }
+
+    /// One server's answer: UDP first where that is the protocol, TCP when
+    /// the UDP answer was truncated. Error RCODEs count as failures so the
+    /// next server is tried.
+    async fn ask(&self, server: &Server, query: &Query) -> Result<Message, String> {
+        if server.udp {
+            let exchange = udp::Exchange {
+                server: server.addr,
+                mark: self.mark,
+                randomize_case: self.randomize_case,
+                health: &server.health,
+                stats: &self.stats,
+            };
+            let answer = exchange.run(query).await.map_err(|e| e.to_string())?;
+            if !answer.metadata.truncation {
+                return match answer.metadata.response_code {
+                    rcode if is_failure(rcode) => Err(rcode.to_string()),
+                    _ => Ok(answer),
+                };
+            }
+        }
+        let mut options = DnsRequestOptions::default();
+        options.use_edns = true;
+        options.edns_payload_len = 1232;
+        options.recursion_desired = true;
+        let request = DnsRequest::from_query(query.clone(), options);
+        let answer = first_response(&server.pool, request).await.map_err(|e| e.to_string())?;
+        match answer.metadata.response_code {
+            rcode if is_failure(rcode) => Err(rcode.to_string()),
+            _ => Ok(answer),
+        }
     }
 }
 

@@ -1,151 +1,257 @@
-//! Plain DNS over UDP to one upstream, multiplexed over a few long-lived
-//! sockets.
+//! One plain-UDP exchange with an upstream, hardened against off-path
+//! spoofing (RFC 5452).
 //!
-//! hickory's UDP client opens a fresh socket per query (a new random port
-//! each time), which on a busy gateway costs a socket, an epoll
-//! registration and a close per cache miss: in the benchmark that capped
-//! forwarding near 18,000 queries/s. Here a handful of marked sockets, on
-//! ports the kernel picks at random, stay open; queries get random IDs and
-//! each answer is matched by socket, ID, source address and question before
-//! it is believed.
+//! Every query gets a socket of its own, so a port the kernel picks at
+//! random across the whole ephemeral range (about 28,000 ports), and a
+//! random ID: a spoofer must guess both, about 2^30 combinations, and can
+//! only try while that one query is in flight. The socket is connected, so
+//! the kernel already drops datagrams from any other address or port. An
+//! answer is believed only if it is a response with our ID and echoes our
+//! question exactly (including the 0x20 case pattern when that is on);
+//! anything else is counted and dropped *without* ending the wait, so a
+//! forged answer cannot cut the real one off.
+//!
+//! Receive errors (ICMP unreachable, spoofed or real) are counted and the
+//! wait goes on: an off-path attacker can make a query time out at worst,
+//! never disable forwarding. The socket closes when the exchange ends.
+//!
+//! A socket per query costs a few system calls (socket, mark, connect,
+//! close), all non-blocking; in exchange there is no shared reader task to
+//! die, no shared state to lock, and nothing left open after a reload.
 
-use hickory_proto::op::{Edns, Message, MessageType, Query};
-use std::collections::HashMap;
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
+use hickory_proto::rr::Name;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
 use tokio::net::UdpSocket;
-use tokio::sync::oneshot;
 
+use super::health::Health;
 use crate::net::sockets;
+use crate::ratelog::RateLimit;
+use crate::stats::Stats;
 
-/// Sockets per upstream server.
-const SOCKETS: usize = 4;
 /// Our EDNS UDP payload size towards upstreams (DNS flag day 2020).
 const PAYLOAD: u16 = 1232;
 
-type Pending = Mutex<HashMap<u16, oneshot::Sender<Message>>>;
+static RECEIVE_ERROR_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
+static MISMATCH_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 
-#[derive(Debug)]
-struct Channel {
-    socket: Arc<UdpSocket>,
-    pending: Arc<Pending>,
+/// Where the exchange goes and what to count on the way.
+pub struct Exchange<'a> {
+    pub server: SocketAddr,
+    pub mark: u32,
+    /// DNS 0x20: send the name in random case and require it echoed.
+    pub randomize_case: bool,
+    pub health: &'a Health,
+    pub stats: &'a Stats,
 }
 
-#[derive(Debug)]
-pub struct UdpMux {
-    server: SocketAddr,
-    mark: u32,
-    /// Opened on first use, inside the async runtime.
-    channels: OnceLock<Result<Vec<Channel>, io::ErrorKind>>,
-    next: AtomicUsize,
-}
-
-fn lock(p: &Pending) -> MutexGuard<'_, HashMap<u16, oneshot::Sender<Message>>> {
-    p.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Forgets a query's ID when its caller stops waiting (answer or timeout).
-struct Waiting<'a> {
-    pending: &'a Pending,
-    id: u16,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        lock(self.pending).remove(&self.id);
-    }
-}
-
-impl UdpMux {
-    pub fn new(server: SocketAddr, mark: u32) -> Self {
-        UdpMux {
-            server,
-            mark,
-            channels: OnceLock::new(),
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    fn channels(&self) -> io::Result<&[Channel]> {
-        let opened = self.channels.get_or_init(|| {
-            (0..SOCKETS)
-                .map(|_| {
-                    let std = sockets::marked_udp(sockets::unspecified(self.server), self.mark)?;
-                    std.connect(self.server)?;
-                    let socket = Arc::new(UdpSocket::from_std(std)?);
-                    let pending: Arc<Pending> = Arc::default();
-                    tokio::spawn(read_answers(socket.clone(), Arc::downgrade(&pending)));
-                    Ok(Channel { socket, pending })
-                })
-                .collect::<io::Result<Vec<_>>>()
-                .map_err(|e| e.kind())
-        });
-        opened.as_deref().map_err(|k| io::Error::from(*k))
-    }
-
-    /// Asks `query` (recursion desired, EDNS) and waits for its answer. The
-    /// caller bounds the wait.
-    pub async fn query(&self, query: &Query) -> io::Result<Message> {
-        let channels = self.channels()?;
-        let channel = &channels[self.next.fetch_add(1, Ordering::Relaxed) % channels.len()];
-        let (tx, rx) = oneshot::channel();
-        let mut message = Message::query();
-        let id = {
-            let mut pending = lock(&channel.pending);
-            // A random ID that is not in flight on this socket.
-            while pending.contains_key(&message.metadata.id) {
-                message = Message::query();
+impl Exchange<'_> {
+    /// Asks `query` (recursion desired, EDNS) and waits for a matching
+    /// answer; the caller bounds the wait. The answer's question and owner
+    /// names come back in the case of `query`.
+    pub async fn run(&self, query: &Query) -> io::Result<Message> {
+        let socket = self.open()?;
+        let id: u16 = rand::random();
+        let sent = if self.randomize_case {
+            let mut q = query.clone();
+            q.set_name(randomize_case(query.name()));
+            q
+        } else {
+            query.clone()
+        };
+        let bytes = encode(id, &sent)?;
+        socket.send(&bytes).await?;
+        let mut buf = vec![0u8; usize::from(PAYLOAD).max(4096)];
+        loop {
+            let n = match socket.recv(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    self.health.receive_errors.inc();
+                    self.stats.receive_errors.inc();
+                    if let Some(suppressed) = RECEIVE_ERROR_LOG.allow() {
+                        tracing::warn!(server = %self.server, error = %e, suppressed, "receive error on an upstream socket (ICMP); still waiting for the answer");
+                    }
+                    continue;
+                }
+            };
+            match accept(buf.get(..n).unwrap_or_default(), id, &sent) {
+                Some(mut answer) => {
+                    if self.randomize_case {
+                        restore_case(&mut answer, sent.name(), query);
+                    }
+                    return Ok(answer);
+                }
+                None => {
+                    self.health.mismatched.inc();
+                    self.stats.dns_upstream_mismatched.inc();
+                    if let Some(suppressed) = MISMATCH_LOG.allow() {
+                        tracing::warn!(server = %self.server, suppressed, "dropped an upstream answer that does not match its query (spoofed?)");
+                    }
+                }
             }
-            pending.insert(message.metadata.id, tx);
-            message.metadata.id
-        };
-        let _waiting = Waiting {
-            pending: &channel.pending,
-            id,
-        };
-        message.metadata.recursion_desired = true;
-        message.add_query(query.clone());
-        let mut edns = Edns::new();
-        edns.set_max_payload(PAYLOAD);
-        message.set_edns(edns);
-        let bytes = message.to_vec().map_err(io::Error::other)?;
-        channel.socket.send(&bytes).await?;
-        let answer = rx.await.map_err(|_| io::Error::other("upstream socket closed"))?;
-        if !same_question(&answer, query) {
-            return Err(io::Error::other("answer to another question"));
         }
-        Ok(answer)
+    }
+
+    /// A fresh marked socket on a kernel-chosen (random) port, connected to
+    /// the server.
+    fn open(&self) -> io::Result<UdpSocket> {
+        let std = sockets::marked_udp(sockets::unspecified(self.server), self.mark)?;
+        std.connect(self.server)?;
+        UdpSocket::from_std(std)
     }
 }
 
-fn same_question(answer: &Message, query: &Query) -> bool {
-    answer.queries.first().is_some_and(|q| {
-        q.query_type() == query.query_type() && q.query_class() == query.query_class() && q.name() == query.name()
-    })
+fn encode(id: u16, query: &Query) -> io::Result<Vec<u8>> {
+    let mut message = Message::query();
+    message.metadata.id = id;
+    message.metadata.recursion_desired = true;
+    message.add_query(query.clone());
+    let mut edns = Edns::new();
+    edns.set_max_payload(PAYLOAD);
+    message.set_edns(edns);
+    message.to_vec().map_err(io::Error::other)
 }
 
-/// Hands each answer on `socket` to the query waiting for its ID. The
-/// socket is connected, so the kernel already dropped anything not from the
-/// server; answers for IDs nobody waits for are dropped here.
-async fn read_answers(socket: Arc<UdpSocket>, pending: std::sync::Weak<Pending>) {
-    let mut buf = vec![0u8; 65_535];
-    loop {
-        let n = match socket.recv(&mut buf).await {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-            Err(_) => return,
-        };
-        let Some(pending) = pending.upgrade() else { return };
-        let Ok(answer) = Message::from_vec(buf.get(..n).unwrap_or_default()) else {
-            continue;
-        };
-        if answer.metadata.message_type != MessageType::Response {
-            continue;
+/// The answer in `bytes` if it answers query `id` for exactly `sent`.
+fn accept(bytes: &[u8], id: u16, sent: &Query) -> Option<Message> {
+    // Cheap checks on the raw header first: a flood of forgeries with the
+    // wrong ID costs no parse.
+    let header_id = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]);
+    if header_id != id {
+        return None;
+    }
+    let answer = Message::from_vec(bytes).ok()?;
+    let ok = answer.metadata.message_type == MessageType::Response
+        && answer.metadata.op_code == OpCode::Query
+        && answer.queries.len() == 1
+        && answer.queries.first().is_some_and(|q| {
+            q.query_type() == sent.query_type()
+                && q.query_class() == sent.query_class()
+                && q.name().eq_case(sent.name())
+        });
+    ok.then_some(answer)
+}
+
+/// `name` with each ASCII letter's case chosen at random (DNS 0x20).
+fn randomize_case(name: &Name) -> Name {
+    let mut bits: u64 = 0;
+    let mut left = 0;
+    let labels: Vec<Vec<u8>> = name
+        .iter()
+        .map(|label| {
+            label
+                .iter()
+                .map(|&b| {
+                    if !b.is_ascii_alphabetic() {
+                        return b;
+                    }
+                    if left == 0 {
+                        bits = rand::random();
+                        left = 64;
+                    }
+                    let upper = bits & 1 == 1;
+                    bits >>= 1;
+                    left -= 1;
+                    if upper {
+                        b.to_ascii_uppercase()
+                    } else {
+                        b.to_ascii_lowercase()
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    match Name::from_labels(labels) {
+        Ok(mut n) => {
+            n.set_fqdn(name.is_fqdn());
+            n
         }
-        if let Some(tx) = lock(&pending).remove(&answer.metadata.id) {
-            let _ = tx.send(answer);
+        Err(_) => name.clone(),
+    }
+}
+
+/// Puts the client's spelling back where the upstream echoed ours.
+fn restore_case(answer: &mut Message, sent: &Name, query: &Query) {
+    if let Some(q) = answer.queries.first_mut() {
+        *q = query.clone();
+    }
+    for record in answer
+        .answers
+        .iter_mut()
+        .chain(answer.authorities.iter_mut())
+        .chain(answer.additionals.iter_mut())
+    {
+        if record.name.eq_case(sent) {
+            record.name = query.name().clone();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record, RecordType};
+    use std::str::FromStr;
+
+    fn query(name: &str) -> Query {
+        Query::query(Name::from_str(name).unwrap(), RecordType::A)
+    }
+
+    fn answer_bytes(id: u16, q: &Query) -> Vec<u8> {
+        let mut m = Message::response(id, OpCode::Query);
+        m.add_query(q.clone());
+        m.add_answer(Record::from_rdata(
+            q.name().clone(),
+            60,
+            RData::A(A::new(203, 0, 113, 80)),
+        ));
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn only_the_exact_question_and_id_are_accepted() {
+        let sent = query("www.example.test.");
+        assert!(accept(&answer_bytes(7, &sent), 7, &sent).is_some());
+        assert!(accept(&answer_bytes(8, &sent), 7, &sent).is_none(), "wrong ID");
+        assert!(
+            accept(&answer_bytes(7, &query("bank.test.")), 7, &sent).is_none(),
+            "wrong name"
+        );
+        let mut aaaa = sent.clone();
+        aaaa.set_query_type(RecordType::AAAA);
+        assert!(accept(&answer_bytes(7, &aaaa), 7, &sent).is_none(), "wrong type");
+        // A query echoed back (QR=0) is not an answer.
+        assert!(accept(&encode(7, &sent).unwrap(), 7, &sent).is_none());
+        assert!(accept(&[0, 7], 7, &sent).is_none(), "truncated");
+        assert!(accept(&[], 7, &sent).is_none());
+        // Two questions, one of them ours: not an answer to ours alone.
+        let mut two = Message::response(7, OpCode::Query);
+        two.add_query(sent.clone());
+        two.add_query(query("bank.test."));
+        assert!(accept(&two.to_vec().unwrap(), 7, &sent).is_none());
+    }
+
+    #[test]
+    fn case_randomization_is_checked_and_undone() {
+        let client = query("www.Example.test.");
+        let mut sent = client.clone();
+        // Long enough that an unchanged spelling is (almost) impossible.
+        let long = Name::from_str("abcdefghijklmnopqrstuvwxyz.example.test.").unwrap();
+        let spun = randomize_case(&long);
+        assert!(spun.eq_ignore_root(&long) && spun.is_fqdn());
+        assert!(!spun.eq_case(&long) || !spun.eq_case(&randomize_case(&long)));
+        sent.set_name(randomize_case(client.name()));
+        let mut lower = sent.clone();
+        lower.set_name(Name::from_str("www.example.test.").unwrap());
+        if !sent.name().eq_case(lower.name()) {
+            assert!(accept(&answer_bytes(1, &lower), 1, &sent).is_none(), "case not echoed");
+        }
+        let mut answer = accept(&answer_bytes(1, &sent), 1, &sent).unwrap();
+        restore_case(&mut answer, sent.name(), &client);
+        assert!(answer.queries[0].name().eq_case(client.name()));
+        assert!(answer.answers[0].name.eq_case(client.name()));
     }
 }

@@ -1,0 +1,177 @@
+//! Racing a group's servers for one question.
+//!
+//! Servers are asked in order (healthy ones in configuration order, then
+//! those that recently timed out). The first is asked at once; the next one
+//! is asked as soon as the previous one fails (SERVFAIL, REFUSED, FORMERR,
+//! NOTIMP, a transport error, `server_timeout`), or — while it is still
+//! pending — once it has taken longer than its observed 90th percentile
+//! (a hedge). A hedge never waits longer than `dns.timeout` divided by the
+//! number of servers (nor `server_timeout`), so within `dns.timeout` every
+//! server gets its chance even when all the earlier ones are black holes.
+//! Earlier queries stay pending; the first valid answer wins and the rest
+//! are dropped (their sockets close).
+//!
+//! Hedging at the p90 keeps the extra upstream queries near 10 % of misses
+//! in steady state, while one slow or dead server costs a client at most its
+//! p90, not a timeout.
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use hickory_proto::op::{Message, Query};
+use std::time::Duration;
+use tokio::time::Instant;
+
+use super::{UpstreamError, UpstreamGroup};
+
+/// A server still silent this long after a later one answered (10 times
+/// faster) counts as timed out.
+const SLOW_LOSER: Duration = Duration::from_millis(50);
+
+enum Failure {
+    Timeout,
+    Error(String),
+}
+
+struct Attempt {
+    index: usize,
+    hedged: bool,
+    started: Instant,
+    result: Result<Message, Failure>,
+}
+
+/// The order to ask servers in at `now`: healthy ones in configuration
+/// order, then the penalised ones, soonest forgiven first.
+pub(super) fn order(penalties: &[Option<Instant>]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..penalties.len()).collect();
+    order.sort_by_key(|&i| (penalties[i], i));
+    order
+}
+
+impl UpstreamGroup {
+    /// Asks the servers as described in the module docs.
+    pub(super) async fn race(&self, query: &Query, deadline: Instant) -> Result<Message, UpstreamError> {
+        let start = Instant::now();
+        let penalties: Vec<Option<Instant>> = self.servers.iter().map(|s| s.health.penalised_until(start)).collect();
+        let order = order(&penalties);
+        let n = u32::try_from(order.len()).unwrap_or(u32::MAX).max(1);
+        // The longest one server is waited for before the next is asked.
+        let step = self.server_timeout.min(deadline.saturating_duration_since(start) / n);
+        let mut pending = FuturesUnordered::new();
+        let mut launched: Vec<(usize, Instant)> = Vec::with_capacity(order.len());
+        let mut finished: Vec<usize> = Vec::with_capacity(order.len());
+        let mut next = 0;
+        let mut next_at = start;
+        loop {
+            let now = Instant::now();
+            if let Some(&index) = order.get(next)
+                && now >= next_at
+            {
+                let hedged = !pending.is_empty();
+                pending.push(self.attempt(index, query, deadline, hedged));
+                launched.push((index, now));
+                next_at = now + self.servers[index].health.hedge_after(step);
+                next += 1;
+                continue;
+            }
+            if pending.is_empty() && next >= order.len() {
+                return Err(UpstreamError::NoAnswer);
+            }
+            let wake = if next < order.len() {
+                next_at.min(deadline)
+            } else {
+                deadline
+            };
+            tokio::select! {
+                Some(attempt) = pending.next() => {
+                    let server = &self.servers[attempt.index];
+                    finished.push(attempt.index);
+                    let now = Instant::now();
+                    match attempt.result {
+                        Ok(answer) => {
+                            server.health.answered(now - attempt.started);
+                            if attempt.hedged {
+                                server.health.hedges_won.inc();
+                            }
+                            self.note_slow(&launched, &finished, step, Some(now - attempt.started), now);
+                            return Ok(answer);
+                        }
+                        Err(Failure::Timeout) => {
+                            server.health.timed_out(now - attempt.started, now);
+                            tracing::debug!(group = %self.name, server = %server.label, "upstream timed out");
+                            next_at = now;
+                        }
+                        Err(Failure::Error(e)) => {
+                            server.health.errors.inc();
+                            tracing::debug!(group = %self.name, server = %server.label, error = %e, "upstream failed");
+                            next_at = now;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    if Instant::now() >= deadline {
+                        self.note_slow(&launched, &finished, step, None, deadline);
+                        return Err(UpstreamError::NoAnswer);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Servers still silent when the race ends are treated as timed out
+    /// (tried later for a while) once they have had a whole `step`, or when
+    /// they lost to a server asked after them by a wide margin (10 times
+    /// the winner's time, and at least [`SLOW_LOSER`]). Without this a dead
+    /// server that a live one always overtakes before its `server_timeout`
+    /// would stay first in the order and cost every query a step.
+    fn note_slow(
+        &self,
+        launched: &[(usize, Instant)],
+        finished: &[usize],
+        step: Duration,
+        winner_took: Option<Duration>,
+        now: Instant,
+    ) {
+        for &(index, started) in launched {
+            let waited = now.saturating_duration_since(started);
+            let outpaced = winner_took.is_some_and(|w| waited >= SLOW_LOSER && waited >= w * 10);
+            if !finished.contains(&index) && (waited >= step || outpaced) {
+                self.servers[index].health.timed_out(waited, now);
+            }
+        }
+    }
+
+    /// One server's try, bounded by `server_timeout` and the deadline.
+    async fn attempt(&self, index: usize, query: &Query, deadline: Instant, hedged: bool) -> Attempt {
+        let server = &self.servers[index];
+        server.health.queries.inc();
+        if hedged {
+            server.health.hedges_sent.inc();
+        }
+        let started = Instant::now();
+        let limit = self.server_timeout.min(deadline.saturating_duration_since(started));
+        let result = match tokio::time::timeout(limit, self.ask(server, query)).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(Failure::Error(e)),
+            Err(_) => Err(Failure::Timeout),
+        };
+        Attempt {
+            index,
+            hedged,
+            started,
+            result,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn penalised_servers_go_last_soonest_forgiven_first() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(10);
+        assert_eq!(order(&[None, None, None]), [0, 1, 2]);
+        assert_eq!(order(&[Some(later), None, Some(now), None]), [1, 3, 2, 0]);
+    }
+}

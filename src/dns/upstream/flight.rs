@@ -1,0 +1,192 @@
+//! Single-flight: identical questions asked while one is already on its way
+//! upstream wait for that one's answer instead of asking again.
+//!
+//! This is what defeats the birthday attack on a forwarder (RFC 5452 §5):
+//! if 200 client queries for one name made 200 upstream queries, a spoofer
+//! would need to match only one of 200 (port, ID) pairs. It also spares the
+//! upstream a thundering herd when a popular name expires, and is what a
+//! background refresh (prefetch, serve-stale) goes through so that it is
+//! never asked twice at once either.
+//!
+//! The first caller for a key (the leader) runs the query in its own task:
+//! nothing is spawned, so nothing can outlive the engine. Followers wait on a
+//! `watch` channel. If the leader is dropped before it has an answer (its
+//! client went away), the followers see the channel close and one of them
+//! takes over as the new leader.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use tokio::sync::watch;
+
+/// In-flight work by key; `V` is what every waiter gets a clone of.
+#[derive(Debug)]
+pub struct Flights<K, V> {
+    map: Arc<Mutex<HashMap<K, watch::Sender<Option<V>>>>>,
+}
+
+impl<K, V> Default for Flights<K, V> {
+    fn default() -> Self {
+        Flights { map: Arc::default() }
+    }
+}
+
+/// Whether a call ran the work itself or shared another's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+}
+
+/// Removes the leader's entry when it finishes or is dropped, so a
+/// cancelled leader never leaves a key that nobody will ever answer.
+struct Lead<'a, K: Eq + Hash, V> {
+    map: &'a Mutex<HashMap<K, watch::Sender<Option<V>>>>,
+    key: Option<K>,
+    tx: watch::Sender<Option<V>>,
+}
+
+impl<K: Eq + Hash, V> Lead<'_, K, V> {
+    fn leave(&mut self) {
+        if let Some(key) = self.key.take() {
+            let mut map = lock(self.map);
+            if map.get(&key).is_some_and(|tx| tx.same_channel(&self.tx)) {
+                map.remove(&key);
+            }
+        }
+    }
+
+    /// Leaves the map, then publishes: a caller arriving from now on starts
+    /// afresh rather than joining a finished flight.
+    fn finish(mut self, value: V) {
+        self.leave();
+        self.tx.send_replace(Some(value));
+    }
+}
+
+impl<K: Eq + Hash, V> Drop for Lead<'_, K, V> {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Flights<K, V> {
+    /// Runs `work` for `key` unless the same key is already running, in
+    /// which case waits for that run's result. `work` is only called (and
+    /// only awaited) by the leader.
+    pub async fn run<F, Fut>(&self, key: K, work: F) -> (V, Role)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
+        let lead = loop {
+            let joined = {
+                let mut map = lock(&self.map);
+                match map.get(&key) {
+                    Some(tx) => Err(tx.subscribe()),
+                    None => {
+                        let (tx, _) = watch::channel(None);
+                        map.insert(key.clone(), tx.clone());
+                        Ok(tx)
+                    }
+                }
+            };
+            match joined {
+                Ok(tx) => {
+                    break Lead {
+                        map: &self.map,
+                        key: Some(key),
+                        tx,
+                    };
+                }
+                Err(mut rx) => {
+                    if let Ok(v) = rx.wait_for(Option::is_some).await
+                        && let Some(v) = v.as_ref()
+                    {
+                        return (v.clone(), Role::Follower);
+                    }
+                    // The leader was dropped without an answer: try again,
+                    // possibly as the leader this time.
+                }
+            }
+        };
+        let value = work().await;
+        lead.finish(value.clone());
+        (value, Role::Leader)
+    }
+
+    /// Keys in flight now.
+    pub fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_run() {
+        let flights: Arc<Flights<&str, u32>> = Arc::default();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..200 {
+            let (flights, runs) = (flights.clone(), runs.clone());
+            tasks.spawn(async move {
+                flights
+                    .run("www.example.test", || async {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        7
+                    })
+                    .await
+            });
+        }
+        let mut leaders = 0;
+        while let Some(r) = tasks.join_next().await {
+            let (v, role) = r.unwrap();
+            assert_eq!(v, 7);
+            leaders += usize::from(role == Role::Leader);
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(leaders, 1);
+        assert_eq!(flights.len(), 0, "finished flights are forgotten");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_leader_hands_over_to_a_follower() {
+        let flights: Arc<Flights<u8, u32>> = Arc::default();
+        let leader = {
+            let flights = flights.clone();
+            tokio::spawn(async move { flights.run(1, std::future::pending::<u32>).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let follower = {
+            let flights = flights.clone();
+            tokio::spawn(async move { flights.run(1, || async { 9 }).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        leader.abort();
+        let (v, role) = tokio::time::timeout(Duration::from_secs(5), follower)
+            .await
+            .expect("the follower must not hang")
+            .unwrap();
+        assert_eq!((v, role), (9, Role::Leader));
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn different_keys_do_not_wait_for_each_other() {
+        let flights: Flights<u8, u8> = Flights::default();
+        let (a, b) = tokio::join!(flights.run(1, || async { 1 }), flights.run(2, || async { 2 }));
+        assert_eq!((a.0, b.0), (1, 2));
+        assert_eq!((a.1, b.1), (Role::Leader, Role::Leader));
+    }
+}

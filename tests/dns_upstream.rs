@@ -1,0 +1,492 @@
+//! The upstream side of the DNS engine under attack, end to end in the
+//! namespace lab: off-path ICMP and answer spoofing from the server
+//! namespace, birthday attacks, dead and erroring servers, floods against
+//! the pending limit, and reloads that must not leak.
+
+mod lab;
+
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
+use lab::dns::dig;
+use lab::fake_dns::{
+    Behaviour, FakeDns, ephemeral_ports, icmp_unreachable, query_bytes, raw_icmp_socket, response, v4,
+};
+use lab::udp::socket;
+use lab::{CLIENT4, Daemon, Lab, gateway_wan4, sa};
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The resolver devices have hard-coded, hijacked at the gateway.
+const PUBLIC: &str = "203.0.113.53";
+const ADMIN: &str = "127.0.0.1:9153";
+/// What the real upstream answers, and what spoofers try to plant.
+const REAL: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 80);
+const EVIL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Upstream server `i` (all in server namespace 0): 198.51.100.53, .54, ...
+fn upstream(i: u8) -> SocketAddr {
+    sa(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 53 + i)), 53)
+}
+
+/// A lab with the hijack installed and `n` upstream addresses routed to
+/// server namespace 0.
+fn lab(n: u8) -> Lab {
+    let lab = Lab::with_servers(1);
+    lab.add_server_address(0, ip(PUBLIC));
+    for i in 0..n {
+        lab.add_server_address(0, upstream(i).ip());
+    }
+    lab.install_rules("nft", "LAN_IF=lan0 DNS_TCP_PORT=15354");
+    lab
+}
+
+/// A config with the default group on `servers` and `extra` appended.
+fn config(servers: &[SocketAddr], timeout: &str, server_timeout: &str, extra: &str) -> String {
+    let servers: Vec<String> = servers.iter().map(|s| format!("\"{}\"", s.ip())).collect();
+    format!(
+        r#"mark = 255
+[admin]
+listen = "{ADMIN}"
+[relay]
+listen = ["0.0.0.0:15353"]
+[dns]
+ports = [53]
+tcp_listen = ["0.0.0.0:15354"]
+timeout = "{timeout}"
+# The lab's LAN uses documentation addresses, outside the default allow
+# list; the floods here test the upstream side, not the per-client limit.
+allow = ["192.0.2.0/24", "2001:db8:1::/64"]
+rate_limit = {{ qps = 0 }}
+[dns.upstreams.default]
+servers = [{servers}]
+server_timeout = "{server_timeout}"
+{extra}
+"#,
+        servers = servers.join(", ")
+    )
+}
+
+/// A client socket sending raw queries to the hijacked resolver.
+fn client(lab: &Lab, port: u16) -> (UdpSocket, SocketAddr) {
+    let s = socket(&lab.client, sa(ip(CLIENT4), port));
+    (s, sa(ip(PUBLIC), 53))
+}
+
+/// Receives up to `n` replies within `within`, by ID.
+fn replies(sock: &UdpSocket, n: usize, within: Duration) -> HashMap<u16, Message> {
+    let deadline = Instant::now() + within;
+    let mut out = HashMap::new();
+    let mut buf = vec![0u8; 65_536];
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        sock.set_read_timeout(Some(left)).unwrap();
+        match sock.recv_from(&mut buf) {
+            Ok((len, _)) => {
+                if let Ok(m) = Message::from_vec(&buf[..len]) {
+                    out.insert(m.metadata.id, m);
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+fn a_records(m: &Message) -> Vec<Ipv4Addr> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            hickory_proto::rr::RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect()
+}
+
+fn metrics(lab: &Lab) -> String {
+    let addr: SocketAddr = ADMIN.parse().unwrap();
+    lab.gateway.enter(move || {
+        let mut s = TcpStream::connect(addr).expect("admin endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+}
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+fn server_metric(text: &str, family: &str, server: SocketAddr) -> u64 {
+    metric(
+        text,
+        &format!("tproxyd_dns_upstream_server_{family}{{group=\"default\",server=\"udp://{server}\"}}"),
+    )
+}
+
+fn start(lab: &Lab, config: &str) -> Daemon {
+    lab.start_tproxyd(config)
+}
+
+#[test]
+fn spoofed_icmp_unreachable_of_every_code_never_stops_forwarding() {
+    let lab = lab(1);
+    // Answers take 100 ms, so there are always queries in flight to hit.
+    let _up = FakeDns::start(
+        &lab.servers[0],
+        upstream(0),
+        Behaviour::late(REAL, Duration::from_millis(100)),
+    );
+    let daemon = start(&lab, &config(&[upstream(0)], "2s", "1500ms", ""));
+    let (lo, hi) = ephemeral_ports(&lab.gateway);
+    let raw = Arc::new(raw_icmp_socket(&lab.servers[0]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sprayer = {
+        let (raw, stop) = (raw.clone(), stop.clone());
+        let (gw, up) = (v4(gateway_wan4(0)), v4(upstream(0).ip()));
+        let to: socket2::SockAddr = sa(IpAddr::V4(gw), 0).into();
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            let mut round = 0u16;
+            while !stop.load(Ordering::Relaxed) {
+                for port in lo..=hi {
+                    // Every code, spread over the whole range, shifting
+                    // each round so each port sees many codes.
+                    let code = ((port.wrapping_add(round)) % 16) as u8;
+                    if raw.send_to(&icmp_unreachable(code, gw, port, up), &to).is_ok() {
+                        sent += 1;
+                    }
+                }
+                round = round.wrapping_add(1);
+            }
+            sent
+        })
+    };
+    // A legitimate client keeps asking during the attack, and afterwards.
+    let mut answered = 0;
+    let total = 30;
+    for i in 0..total {
+        let d = dig(&lab.client, &format!("@{PUBLIC} n{i}.icmp.test A"));
+        if d.status == "NOERROR" && d.answer_data() == [REAL.to_string()] {
+            answered += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = sprayer.join().unwrap();
+    let after = dig(&lab.client, &format!("@{PUBLIC} after.icmp.test A"));
+    assert_eq!(after.status, "NOERROR", "{}", after.raw);
+    assert_eq!(answered, total, "every query answered during the ICMP flood");
+    let stopped = daemon.stop();
+    let hit = stopped.counter("receive_errors");
+    assert!(sent > 50_000, "the spray must cover the range many times: {sent}");
+    // The attack must actually have reached live upstream sockets, or this
+    // test proves nothing.
+    assert!(hit > 0, "no ICMP error reached an upstream socket ({sent} sent)");
+    let warnings = stopped.log.matches("receive error on an upstream socket").count();
+    assert!(
+        warnings <= 3,
+        "warnings are rate-limited: {warnings} lines for {hit} errors"
+    );
+}
+
+#[test]
+fn a_thousand_queries_use_over_900_source_ports_and_random_ids() {
+    let lab = lab(1);
+    let up = FakeDns::start(&lab.servers[0], upstream(0), Behaviour::answer(REAL));
+    let _daemon = start(&lab, &config(&[upstream(0)], "2s", "1s", ""));
+    let (sock, to) = client(&lab, 41000);
+    for batch in 0..20u16 {
+        for i in 0..50u16 {
+            let n = batch * 50 + i;
+            sock.send_to(&query_bytes(n, &format!("q{n}.ports.test."), RecordType::A), to)
+                .unwrap();
+        }
+        let got = replies(&sock, 50, Duration::from_secs(5));
+        assert_eq!(got.len(), 50, "batch {batch}");
+    }
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1000);
+    let ports: HashSet<u16> = seen.iter().map(|s| s.from.port()).collect();
+    let ids: HashSet<u16> = seen.iter().map(|s| s.id).collect();
+    assert!(ports.len() >= 900, "only {} distinct source ports", ports.len());
+    // 1,000 draws from 65,536 repeat about 8 times by chance.
+    assert!(ids.len() >= 970, "only {} distinct IDs", ids.len());
+    let sequential = seen.windows(2).filter(|w| w[1].id == w[0].id.wrapping_add(1)).count();
+    assert!(sequential < 10, "IDs look sequential ({sequential} steps of +1)");
+}
+
+#[test]
+fn two_hundred_identical_misses_make_one_upstream_query() {
+    let lab = lab(1);
+    let up = FakeDns::start(
+        &lab.servers[0],
+        upstream(0),
+        Behaviour::late(REAL, Duration::from_millis(400)),
+    );
+    let daemon = start(&lab, &config(&[upstream(0)], "3s", "2s", ""));
+    let (sock, to) = client(&lab, 41001);
+    for id in 0..200u16 {
+        sock.send_to(&query_bytes(id, "www.herd.test.", RecordType::A), to)
+            .unwrap();
+    }
+    let got = replies(&sock, 200, Duration::from_secs(5));
+    assert_eq!(got.len(), 200, "every client gets its answer");
+    assert!(got.values().all(|m| a_records(m) == [REAL]));
+    assert_eq!(
+        up.asked("www.herd.test"),
+        1,
+        "one upstream query for 200 identical misses"
+    );
+    let stopped = daemon.stop();
+    assert!(
+        stopped.counter("dns_coalesced") >= 150,
+        "{}",
+        stopped.counter("dns_coalesced")
+    );
+}
+
+#[test]
+fn a_forged_wrong_question_answer_does_not_cut_off_the_real_one() {
+    let lab = lab(1);
+    let up = FakeDns::start(
+        &lab.servers[0],
+        upstream(0),
+        Behaviour {
+            forge_wrong_question_first: true,
+            ..Behaviour::late(REAL, Duration::from_millis(150))
+        },
+    );
+    let daemon = start(&lab, &config(&[upstream(0)], "2s", "1500ms", ""));
+    let d = dig(&lab.client, &format!("@{PUBLIC} www.example.test A"));
+    assert_eq!(d.status, "NOERROR", "{}", d.raw);
+    assert_eq!(d.answer_data(), [REAL.to_string()]);
+    // The forged record was not cached either: its name goes upstream.
+    let forged = dig(&lab.client, &format!("@{PUBLIC} evil.www.example.test A"));
+    assert_eq!(forged.answer_data(), [REAL.to_string()], "{}", forged.raw);
+    assert_eq!(up.asked("evil.www.example.test"), 1);
+    let stopped = daemon.stop();
+    assert!(stopped.counter("dns_upstream_mismatched") >= 2);
+}
+
+#[test]
+fn a_spoofed_answer_flood_does_not_poison_the_cache() {
+    let lab = lab(1);
+    // A slow upstream gives the spoofer a whole second per query.
+    let up = FakeDns::start(
+        &lab.servers[0],
+        upstream(0),
+        Behaviour::late(REAL, Duration::from_secs(1)),
+    );
+    let daemon = start(&lab, &config(&[upstream(0)], "3s", "2500ms", ""));
+    let (lo, hi) = ephemeral_ports(&lab.gateway);
+    let gw = gateway_wan4(0);
+    for trial in 0..3 {
+        let name = format!("www{trial}.bank.test.");
+        let (sock, to) = client(&lab, 41010 + trial);
+        sock.send_to(&query_bytes(7, &name, RecordType::A), to).unwrap();
+        // Forge answers to exactly that question from the upstream's
+        // address, to every port of the range, with random IDs.
+        let mut forged_query = Message::from_vec(&query_bytes(0, &name, RecordType::A)).unwrap();
+        let mut x: u32 = 0x9e37_79b9 ^ u32::from(trial);
+        let flood_until = Instant::now() + Duration::from_millis(800);
+        let mut sent = 0;
+        while Instant::now() < flood_until {
+            for port in lo..=hi {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                forged_query.metadata.id = x as u16;
+                let bytes = response(&forged_query, lab::fake_dns::Reply::Address(EVIL))
+                    .to_vec()
+                    .unwrap();
+                up.send_to(&bytes, sa(gw, port));
+                sent += 1;
+            }
+        }
+        assert!(sent > 20_000, "flood too small to mean anything: {sent}");
+        let got = replies(&sock, 1, Duration::from_secs(4));
+        let answer = got.get(&7).expect("the client gets an answer");
+        assert_eq!(a_records(answer), [REAL], "trial {trial}: poisoned");
+        // And the cache holds the real answer.
+        sock.send_to(&query_bytes(8, &name, RecordType::A), to).unwrap();
+        let again = replies(&sock, 1, Duration::from_secs(2));
+        assert_eq!(a_records(&again[&8]), [REAL], "trial {trial}: cache poisoned");
+    }
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_hits"), 3);
+}
+
+#[test]
+fn failover_reaches_the_third_of_dead_dead_ok_and_then_prefers_it() {
+    let lab = lab(3);
+    let dead1 = FakeDns::start(&lab.servers[0], upstream(0), Behaviour::silent());
+    let dead2 = FakeDns::start(&lab.servers[0], upstream(1), Behaviour::silent());
+    let ok = FakeDns::start(&lab.servers[0], upstream(2), Behaviour::answer(REAL));
+    let servers = [upstream(0), upstream(1), upstream(2)];
+    let daemon = start(&lab, &config(&servers, "1500ms", "700ms", ""));
+    let first = dig(&lab.client, &format!("@{PUBLIC} one.failover.test A"));
+    assert_eq!(first.status, "NOERROR", "{}", first.raw);
+    assert_eq!(first.answer_data(), [REAL.to_string()]);
+    assert!(
+        first.query_ms < 1500,
+        "answered within dns.timeout: {} ms",
+        first.query_ms
+    );
+    // The dead servers are now tried after the live one.
+    let mut later = Vec::new();
+    for i in 0..5 {
+        let d = dig(&lab.client, &format!("@{PUBLIC} n{i}.failover.test A"));
+        assert_eq!(d.answer_data(), [REAL.to_string()], "{}", d.raw);
+        later.push(d.query_ms);
+    }
+    assert!(
+        later.iter().all(|&ms| ms < 400),
+        "dead servers should no longer be asked first: {later:?} ms"
+    );
+    let m = metrics(&lab);
+    assert!(server_metric(&m, "timeouts_total", servers[0]) >= 1);
+    assert!(server_metric(&m, "timeouts_total", servers[1]) >= 1);
+    assert_eq!(server_metric(&m, "answers_total", servers[2]), 6);
+    assert_eq!(server_metric(&m, "answers_total", servers[0]), 0);
+    assert!(
+        m.contains("tproxyd_dns_upstream_server_seconds_count{group=\"default\",server=\"udp://198.51.100.55:53\"} 6")
+    );
+    assert!(
+        dead1.seen().len() <= 2 && dead2.seen().len() <= 2,
+        "dead servers asked once, maybe twice"
+    );
+    assert_eq!(ok.seen().len(), 6);
+    drop(daemon);
+}
+
+#[test]
+fn formerr_servfail_and_refused_move_on_to_the_next_server() {
+    for rcode in [ResponseCode::FormErr, ResponseCode::ServFail, ResponseCode::Refused] {
+        let lab = lab(2);
+        let bad = FakeDns::start(&lab.servers[0], upstream(0), Behaviour::rcode(rcode));
+        let _ok = FakeDns::start(&lab.servers[0], upstream(1), Behaviour::answer(REAL));
+        let _daemon = start(&lab, &config(&[upstream(0), upstream(1)], "3s", "2s", ""));
+        let d = dig(&lab.client, &format!("@{PUBLIC} www.example.test A"));
+        assert_eq!(d.status, "NOERROR", "{rcode}: {}", d.raw);
+        assert_eq!(d.answer_data(), [REAL.to_string()], "{rcode}");
+        // Moving on is immediate, not after the 1.5 s share of the timeout.
+        assert!(d.query_ms < 1000, "{rcode}: {} ms", d.query_ms);
+        assert_eq!(bad.seen().len(), 1);
+        let m = metrics(&lab);
+        assert_eq!(server_metric(&m, "errors_total", upstream(0)), 1, "{rcode}");
+    }
+}
+
+#[test]
+fn over_the_pending_limit_clients_get_servfail_at_once_and_other_groups_still_answer() {
+    let lab = lab(2);
+    let _ok = FakeDns::start(&lab.servers[0], upstream(0), Behaviour::answer(REAL));
+    let _dead = FakeDns::start(&lab.servers[0], upstream(1), Behaviour::silent());
+    let extra = format!(
+        r#"[dns.upstreams.slow]
+servers = ["{dead}"]
+max_pending = 10
+[[dns.rules]]
+domains = ["*.slow.test"]
+action = "forward"
+upstream = "slow"
+"#,
+        dead = upstream(1).ip()
+    );
+    let daemon = start(&lab, &config(&[upstream(0)], "3s", "3s", &extra));
+    let (sock, to) = client(&lab, 41020);
+    let started = Instant::now();
+    for id in 0..50u16 {
+        sock.send_to(&query_bytes(id, &format!("n{id}.slow.test."), RecordType::A), to)
+            .unwrap();
+    }
+    let fast = replies(&sock, 40, Duration::from_millis(1500));
+    assert_eq!(fast.len(), 40, "40 over the limit answered at once");
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    assert!(
+        fast.values()
+            .all(|m| m.metadata.response_code == ResponseCode::ServFail)
+    );
+    // The dead group does not starve the default one.
+    let d = dig(&lab.client, &format!("@{PUBLIC} www.example.test A"));
+    assert_eq!(d.answer_data(), [REAL.to_string()], "{}", d.raw);
+    // The 10 admitted ones get SERVFAIL when the timeout ends: never silence.
+    let late = replies(&sock, 10, Duration::from_secs(5));
+    assert_eq!(late.len(), 10);
+    assert!(
+        late.values()
+            .all(|m| m.metadata.response_code == ResponseCode::ServFail)
+    );
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_servfail_overload"), 40);
+}
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn reloads_close_the_old_engines_sockets() {
+    let lab = lab(1);
+    let _up = FakeDns::start(&lab.servers[0], upstream(0), Behaviour::answer(REAL));
+    let daemon = start(&lab, &config(&[upstream(0)], "2s", "1s", ""));
+    let (sock, to) = client(&lab, 41030);
+    let ask = |id: u16| {
+        sock.send_to(&query_bytes(id, &format!("r{id}.reload.test."), RecordType::A), to)
+            .unwrap();
+        let got = replies(&sock, 1, Duration::from_secs(3));
+        assert_eq!(got.get(&id).map(a_records), Some(vec![REAL]), "query {id}");
+    };
+    ask(0);
+    let before = open_descriptors(daemon.pid());
+    assert!(before > 0);
+    for i in 1..=150u16 {
+        daemon.signal(nix::sys::signal::Signal::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while daemon.log_text().matches("configuration reloaded").count() < usize::from(i) {
+            assert!(Instant::now() < deadline, "reload {i} not logged");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        ask(i);
+    }
+    let after = open_descriptors(daemon.pid());
+    assert!(
+        after <= before + 2,
+        "descriptors grew from {before} to {after} over 150 reloads"
+    );
+}
+
+#[test]
+fn case_randomization_is_sent_and_the_answer_reads_as_asked() {
+    let lab = lab(1);
+    let up = FakeDns::start(&lab.servers[0], upstream(0), Behaviour::answer(REAL));
+    let extra = "case_randomization = true";
+    let _daemon = start(&lab, &config(&[upstream(0)], "2s", "1s", extra));
+    let mut mixed = 0;
+    for i in 0..10 {
+        let name = format!("abcdefghijkl{i}.example.test");
+        let d = dig(&lab.client, &format!("@{PUBLIC} {name} A"));
+        assert_eq!(d.answer_data(), [REAL.to_string()], "{}", d.raw);
+        assert_eq!(d.answers[0].0, format!("{name}."), "owner name in the client's case");
+        let sent = &up.seen()[i].name;
+        assert!(sent.eq_ignore_ascii_case(&name));
+        mixed += usize::from(sent != &name);
+    }
+    assert!(mixed >= 9, "0x20 must change the case: {mixed} of 10 changed");
+}
