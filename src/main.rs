@@ -134,7 +134,9 @@ fn explain(
 
 fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let log_filter = init_logging(&config);
-    raise_fd_limit();
+    // Before anything opens a descriptor: the relay plans its descriptor
+    // budget from the limit in force.
+    tproxyd::relay::budget::raise_fd_limit();
     let user = config.user.clone();
     let workers = config.workers;
     let prepared = server::prepare(config)?;
@@ -223,21 +225,4 @@ fn init_logging(config: &Config) -> Option<LogFilterHandle> {
         let filter = EnvFilter::builder().parse(level).map_err(|e| e.to_string())?;
         handle.reload(filter).map_err(|e| e.to_string())
     }))
-}
-
-/// Every flow holds a socket: lift the soft descriptor limit to the hard one
-/// (and the hard one as far as the kernel allows, when privileged).
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
-    };
-    let wanted = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(hard)
-        .max(hard);
-    if setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_err() && soft < hard {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
 }

@@ -12,7 +12,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     (
         "sessions_evicted_total",
         "counter",
-        "Flows closed because the session table was full (least recently used).",
+        "Flows closed before their idle timeout, by reason (table full, client quota, descriptor budget).",
     ),
     (
         "sessions_expired_total",

@@ -22,7 +22,7 @@ use crate::domain::DomainFeed;
 use crate::firewall::{AutoRules, FirewallError};
 use crate::net::sockets;
 use crate::pidfile::PidFile;
-use crate::relay::{RelayContext, expiry, listener};
+use crate::relay::{RelayContext, budget, expiry, listener};
 use crate::reload::{LogFilterHandle, Reloader};
 use crate::shutdown::{self, Shutdown};
 use crate::stats::Stats;
@@ -190,7 +190,13 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
     } = prepared;
     let mark = config.mark.0;
     let dns = dns_engine.map(|e| Arc::new(DnsService::new(e, stats.clone())));
-    let relay_ctx = Arc::new(RelayContext::new(&config.relay, mark, stats.clone(), dns.clone()));
+    let relay_ctx = Arc::new(RelayContext::new(
+        &config.relay,
+        mark,
+        stats.clone(),
+        dns.clone(),
+        budget::soft_fd_limit(),
+    ));
 
     let (trigger, shutdown) = shutdown::channel();
     let mut tasks: JoinSet<io::Result<()>> = JoinSet::new();
@@ -248,7 +254,7 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
             tracing::warn!(error = %e, "listener ended with an error");
         }
     }
-    let closed = relay_ctx.table.clear();
+    let closed = relay_ctx.shutdown().await;
     tracing::info!(sessions_closed = closed, "all sessions closed");
     if let Some(feed) = feed {
         // Commits what is queued, then removes the sets' table if ours.

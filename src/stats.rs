@@ -82,8 +82,13 @@ counters! {
     reply_bytes => "bytes_total", "direction=\"to_client\"";
     /// Flows opened.
     sessions_opened => "sessions_opened_total";
-    /// Flows closed because the table was full (least recently used first).
-    sessions_evicted => "sessions_evicted_total";
+    /// Flows closed because the table was full (the least recently used
+    /// flow of the client holding the most).
+    sessions_evicted => "sessions_evicted_total", "reason=\"table_full\"";
+    /// Flows closed because their client opened another at its quota.
+    sessions_evicted_quota => "sessions_evicted_total", "reason=\"client_quota\"";
+    /// Flows closed to free descriptors for a new flow (heaviest client).
+    sessions_evicted_budget => "sessions_evicted_total", "reason=\"fd_budget\"";
     /// Flows closed after the idle timeout.
     sessions_expired => "sessions_expired_total";
     /// Datagrams without an original destination (not redirected by TPROXY).
@@ -94,6 +99,10 @@ counters! {
     drop_send_buffer_full => "drops_total", "reason=\"send_buffer_full\"";
     /// Datagrams whose session could not be opened (socket limits, routes).
     drop_session_open_failed => "drops_total", "reason=\"session_open_failed\"";
+    /// New flows refused: their client exceeded `relay.new_flows_per_client`.
+    drop_new_flow_rate => "drops_total", "reason=\"new_flow_rate\"";
+    /// New flows refused: no descriptor left even after evicting a flow.
+    drop_fd_budget => "drops_total", "reason=\"fd_budget\"";
     /// Datagrams dropped by a `drop` rule.
     drop_by_rule => "drops_total", "reason=\"rule\"";
     /// Datagrams from a remote no flow on that upstream socket talks to.

@@ -85,6 +85,25 @@ pub struct RelayConfig {
     /// NAT behaviour of flows no rule sets it for.
     #[serde(default)]
     pub nat: NatMode,
+    /// Most flows one client (an IPv4 address, an IPv6 /64) may hold; at
+    /// its quota a client's new flow replaces its own least recently used
+    /// one. Default: a quarter of `session_capacity`, so one device can
+    /// never take the table from the others.
+    #[serde(default)]
+    pub max_sessions_per_client: Option<NonZeroUsize>,
+    /// New flows per second one client may open (a token bucket holding a
+    /// second's worth); 0 means no limit. Default 2,000: far above what a
+    /// busy P2P or game client opens, far below a flood.
+    #[serde(default = "RelayConfig::default_new_flows")]
+    pub new_flows_per_client: u32,
+    /// Descriptors the daemon plans for; default nine tenths of the soft
+    /// `RLIMIT_NOFILE` (raised to the hard limit at start).
+    #[serde(default)]
+    pub fd_budget: Option<NonZeroUsize>,
+    /// Part of `fd_budget` flows may never use: the admin endpoint, DNS
+    /// over TCP and DNS upstreams keep working when flows take the rest.
+    #[serde(default = "RelayConfig::default_fd_reserve")]
+    pub fd_reserve: usize,
     /// Per-flow routing, first match wins; unmatched flows go direct.
     #[serde(default)]
     pub rules: Vec<Spanned<UdpRuleConfig>>,
@@ -106,6 +125,18 @@ impl RelayConfig {
     fn default_receive_buffer() -> usize {
         4 << 20
     }
+    fn default_new_flows() -> u32 {
+        2_000
+    }
+    fn default_fd_reserve() -> usize {
+        512
+    }
+    /// The per-client quota in force.
+    pub fn client_quota(&self) -> usize {
+        self.max_sessions_per_client
+            .map_or(self.session_capacity.get() / 4, NonZeroUsize::get)
+            .clamp(1, self.session_capacity.get())
+    }
     fn default_reply_sockets() -> NonZeroUsize {
         NonZeroUsize::new(1_024).unwrap_or(NonZeroUsize::MIN)
     }
@@ -120,6 +151,10 @@ impl Default for RelayConfig {
             reply_sockets: Self::default_reply_sockets(),
             receive_buffer: Self::default_receive_buffer(),
             nat: NatMode::default(),
+            max_sessions_per_client: None,
+            new_flows_per_client: Self::default_new_flows(),
+            fd_budget: None,
+            fd_reserve: Self::default_fd_reserve(),
             rules: Vec::new(),
         }
     }
