@@ -88,6 +88,9 @@ impl Reloader {
         .await
         .map_err(|e| ReloadError::Build(e.to_string()))??;
 
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
         for what in self.restart_only_changes(&config) {
             tracing::warn!("{what} changed: restart tproxyd to apply it (the rest is reloaded)");
         }

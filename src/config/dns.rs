@@ -396,7 +396,7 @@ pub struct DnsRuleConfig {
     #[serde(default)]
     pub hosts: Vec<PathBuf>,
     /// Only for clients in these networks (per-device rules).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::cidr::list")]
     pub clients: Vec<IpNet>,
     /// Only for these query types (`"A"`, `"AAAA"`, `"HTTPS"`, ...).
     #[serde(default)]
@@ -533,6 +533,7 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
 pub(super) fn validate(
     dns: &DnsConfig,
     section: std::ops::Range<usize>,
+    rule_upstream: impl Fn(usize) -> Option<std::ops::Range<usize>>,
 ) -> Result<(), (std::ops::Range<usize>, String)> {
     if !dns.upstreams.contains_key(dns.upstream.get_ref()) {
         let needed = dns
@@ -543,14 +544,7 @@ pub(super) fn validate(
         if needed {
             // Point at `upstream = ...` if written, else at the section.
             let span = Some(dns.upstream.span()).filter(|s| !s.is_empty()).unwrap_or(section);
-            return Err((
-                span,
-                format!(
-                    "no upstream group {:?}: add [dns.upstreams.{}] with servers = [...]",
-                    dns.upstream.get_ref(),
-                    dns.upstream.get_ref()
-                ),
-            ));
+            return Err((span, no_group(dns.upstream.get_ref())));
         }
     }
     if *dns.max_udp_payload.get_ref() > MAX_UDP_PAYLOAD_LIMIT {
@@ -581,8 +575,12 @@ pub(super) fn validate(
             ));
         }
     }
-    for rule in &dns.rules {
-        check_rule(rule.get_ref(), dns).map_err(|reason| (rule.span(), reason))?;
+    for (i, rule) in dns.rules.iter().enumerate() {
+        check_rule(rule.get_ref(), dns).map_err(|problem| match problem {
+            RuleProblem::Rule(reason) => (rule.span(), reason),
+            // Point at the rule's `upstream = ...`, where the typo is.
+            RuleProblem::Group(reason) => (rule_upstream(i).unwrap_or(rule.span()), reason),
+        })?;
     }
     if !super::names::valid_nft_name(&dns.nft.table) {
         return Err((
@@ -593,13 +591,30 @@ pub(super) fn validate(
     Ok(())
 }
 
+/// The same fix wherever a missing group is named.
+fn no_group(name: &str) -> String {
+    format!("no upstream group {name:?}: add [dns.upstreams.{name}] with servers = [...]")
+}
+
+/// What is wrong with one rule: the rule as a whole, or the group it names.
+enum RuleProblem {
+    Rule(String),
+    Group(String),
+}
+
+impl From<&str> for RuleProblem {
+    fn from(reason: &str) -> Self {
+        RuleProblem::Rule(reason.to_string())
+    }
+}
+
 /// A rule with no name, client or type condition catches every query, so
 /// the default group is then never used.
 fn matches_everything(r: &DnsRuleConfig) -> bool {
     r.domains.is_empty() && r.lists.is_empty() && r.hosts.is_empty() && r.clients.is_empty() && r.qtypes.is_empty()
 }
 
-fn check_rule(r: &DnsRuleConfig, dns: &DnsConfig) -> Result<(), String> {
+fn check_rule(r: &DnsRuleConfig, dns: &DnsConfig) -> Result<(), RuleProblem> {
     let answers = !r.a.is_empty() || !r.aaaa.is_empty() || r.cname.is_some();
     match r.action {
         RuleAction::Answer => {
@@ -627,7 +642,7 @@ fn check_rule(r: &DnsRuleConfig, dns: &DnsConfig) -> Result<(), String> {
             }
             let group = r.upstream.as_deref().unwrap_or(dns.upstream.get_ref());
             if !dns.upstreams.contains_key(group) {
-                return Err(format!("no upstream group {group:?} in [dns.upstreams]"));
+                return Err(RuleProblem::Group(no_group(group)));
             }
         }
     }
