@@ -346,6 +346,7 @@ fn commit(sock: &mut NftSocket, shared: &Shared, queued: &[Queued]) {
 }
 
 fn commit_elems(sock: &mut NftSocket, shared: &Shared, elems: &[&(Update, bool)]) -> Result<(), NftError> {
+    shared.stats.nft_transactions.inc();
     // One message per set; one element per address, with the longest
     // timeout asked for it.
     let mut per_set: HashMap<&str, HashMap<IpAddr, u64>> = HashMap::new();
