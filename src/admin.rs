@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::dns::DnsService;
 use crate::metrics::{self, Gauge};
 use crate::relay::RelayContext;
+use crate::relay::budget;
 use crate::shutdown::Shutdown;
 
 const MAX_REQUEST: usize = 8 * 1024;
@@ -26,7 +27,7 @@ pub struct Sources {
 
 impl Sources {
     fn metrics(&self) -> String {
-        let mut text = metrics::render(&self.relay.stats, &self.gauges());
+        let mut text = metrics::render(self.relay.stats(), &self.gauges());
         if let Some(dns) = &self.dns {
             dns.engine().render_upstream_metrics(&mut text);
         }
@@ -34,21 +35,48 @@ impl Sources {
     }
 
     fn gauges(&self) -> Vec<Gauge> {
+        let relay = &self.relay;
+        let (clients, heaviest) = relay.table().clients();
         let mut g = vec![
             (
                 "sessions_active",
                 "Flows in the session table.",
-                self.relay.table.len() as u64,
+                relay.table().len() as u64,
+            ),
+            (
+                "clients_active",
+                "Clients (IPv4 addresses, IPv6 /64s) holding flows.",
+                clients as u64,
+            ),
+            (
+                "client_sessions_max",
+                "Flows held by the busiest client.",
+                heaviest as u64,
             ),
             (
                 "reply_sockets",
-                "Spoofing reply sockets held open.",
-                self.relay.replies.cached() as u64,
+                "Spoofing reply sockets open (bound; raw-IP fallbacks share one raw socket).",
+                relay.replies().open() as u64,
             ),
             (
                 "upstream_sockets",
                 "Pooled upstream sockets open (shared by flows to different destinations).",
-                self.relay.pools.sockets() as u64,
+                relay.pools().sockets() as u64,
+            ),
+            (
+                "flow_sockets",
+                "Descriptors held by flows: pooled, full-cone and SOCKS5 sockets.",
+                relay.flow_fds().used() as u64,
+            ),
+            (
+                "flow_sockets_limit",
+                "Descriptors flows may hold (the budget's flow share).",
+                relay.flow_fds().limit() as u64,
+            ),
+            (
+                "open_fds",
+                "Descriptors this process has open.",
+                budget::open_fds() as u64,
             ),
         ];
         if let Some(dns) = &self.dns {
@@ -56,6 +84,11 @@ impl Sources {
                 "dns_cache_entries",
                 "Answers in the DNS cache.",
                 dns.engine().cache_len() as u64,
+            ));
+            g.push((
+                "dns_cache_bytes",
+                "Estimated memory held by DNS cache entries (bounded by dns.cache.max_bytes).",
+                dns.engine().cache_bytes() as u64,
             ));
             if let Some(feed) = dns.engine().feed() {
                 let map = feed.map();

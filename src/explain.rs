@@ -18,7 +18,9 @@ use crate::config::{Config, NatMode, line_col};
 use crate::dns::engine::DnsBuildError;
 use crate::dns::names::query_key;
 use crate::dns::{DnsEngine, Outcome, Transport};
+use crate::net::sockets;
 use crate::relay::rules::UdpRules;
+use crate::relay::{Decision, Host, decide};
 use crate::stats::{RCODE_NAMES, Stats};
 
 /// What to explain.
@@ -60,6 +62,9 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
                 .map_err(|_| ExplainError::BadName(name.clone()))?
                 .append_domain(&Name::root())
                 .map_err(|_| ExplainError::BadName(name.clone()))?;
+            if !engine.allows(*client) {
+                let _ = writeln!(out, "  {client} is outside dns.allow: refused before any rule");
+            }
             match engine.rules().first_match(*client, &query_key(&qname), *qtype) {
                 Some(rule) => {
                     let span = dns.rules.get(rule.number - 1).map_or(0, |r| r.span().start);
@@ -108,17 +113,43 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
         }
         Question::Flow { client, dst } => {
             let _ = writeln!(out, "flow {client} → {dst} (UDP)");
-            if let Some(dns) = config.dns().filter(|d| d.ports.contains(&dst.port())) {
-                let _ = writeln!(
-                    out,
-                    "  port {} is in dns.ports {:?}: answered by the DNS engine, not relayed (explain it with --query)",
-                    dst.port(),
-                    dns.ports
-                );
-                return Ok(out);
-            }
             let rules = UdpRules::new(&config.relay, config.mark.0);
-            let rule = rules.route(*client, *dst);
+            let dns_port = |port: u16| config.dns().is_some_and(|d| d.ports.contains(&port));
+            let listener = config
+                .relay
+                .listen
+                .0
+                .first()
+                .copied()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+            let host = Host {
+                listener,
+                dns_port: &dns_port,
+                is_local: &sockets::is_local_address,
+            };
+            let rule = match decide(*client, Some(*dst), &host, &rules) {
+                Decision::NoOriginalDestination => {
+                    let _ = writeln!(out, "  client port 0: dropped (no_orig_dst)");
+                    return Ok(out);
+                }
+                Decision::Loop => {
+                    let _ = writeln!(
+                        out,
+                        "  {dst} is tproxyd's own listener: dropped (loop), relaying it would bring it back forever"
+                    );
+                    return Ok(out);
+                }
+                Decision::Dns => {
+                    let ports = config.dns().map(|d| d.ports.clone()).unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "  port {} is in dns.ports {ports:?}: answered by the DNS engine, not relayed (explain it with --query)",
+                        dst.port(),
+                    );
+                    return Ok(out);
+                }
+                Decision::Drop(rule) | Decision::Relay(rule) => rule,
+            };
             if rule.number == 0 {
                 let _ = writeln!(out, "  no rule matches: the defaults apply");
             } else {

@@ -20,3 +20,4 @@ pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod sync;

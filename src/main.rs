@@ -56,9 +56,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    for warning in &config.warnings {
+        eprintln!("{warning}");
+    }
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(config, cli.config),
-        Command::Check => check(&config).map(|()| println!("{}: ok", cli.config.display())),
+        Command::Check => check(&config, &cli.config).map(|()| println!("{}: ok", cli.config.display())),
         Command::Reload => reload(&config, &cli.config),
         Command::Explain { client, query, dst } => explain(&config, &cli.config, &client, query, dst),
         Command::Doctor => {
@@ -78,16 +81,56 @@ fn main() -> ExitCode {
 
 /// Beyond parsing: loads every list, hosts and CA file the config names,
 /// without opening a socket.
-fn check(config: &Config) -> anyhow::Result<()> {
+fn check(config: &Config, path: &Path) -> anyhow::Result<()> {
     if let Some(dns) = config.dns() {
         let stats = std::sync::Arc::new(tproxyd::stats::Stats::default());
         tproxyd::dns::DnsEngine::build(dns, config.mark.0, stats)?;
     }
+    if let Some(problem) = config.pid_file.as_deref().and_then(pid_file_problem) {
+        eprintln!("{}: warning: {problem}", path.display());
+    }
     Ok(())
 }
 
+/// Why the daemon may fail to write its pid file at start, as far as this
+/// process can tell. `check` runs as the unit's user under systemd
+/// (ExecStartPre), and usually as root by hand: root can write anywhere, so
+/// a directory only root may write is worth a word too.
+fn pid_file_problem(pid_file: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    const FIX: &str = "under config/tproxyd.service use pid_file = \"/run/tproxyd/tproxyd.pid\" \
+                       (its RuntimeDirectory=tproxyd creates that directory at start)";
+    let dir = match pid_file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let shown = format!("pid_file {}", pid_file.display());
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Some(format!(
+            "{shown}: directory {} does not exist: create it before tproxyd starts (under \
+             config/tproxyd.service, RuntimeDirectory=tproxyd creates /run/tproxyd at start)",
+            dir.display()
+        ));
+    };
+    if nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_err() {
+        return Some(format!(
+            "{shown}: directory {} is not writable by this user (uid {}), so tproxyd would not start; {FIX}",
+            dir.display(),
+            nix::unistd::geteuid()
+        ));
+    }
+    let root_only = meta.uid() == 0 && meta.mode() & 0o022 == 0;
+    if nix::unistd::geteuid().is_root() && root_only {
+        return Some(format!(
+            "{shown}: only root can write {}, and the shipped unit runs tproxyd unprivileged; {FIX}",
+            dir.display()
+        ));
+    }
+    None
+}
+
 fn reload(config: &Config, path: &Path) -> anyhow::Result<()> {
-    check(config)?;
+    check(config, path)?;
     let pid = tproxyd::pidfile::find(config.pid_file.as_deref(), path)?;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).with_context(|| format!("signalling pid {pid}"))?;
     println!("asked tproxyd (pid {pid}) to reload {}", path.display());
@@ -134,7 +177,9 @@ fn explain(
 
 fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let log_filter = init_logging(&config);
-    raise_fd_limit();
+    // Before anything opens a descriptor: the relay plans its descriptor
+    // budget from the limit in force.
+    tproxyd::relay::budget::raise_fd_limit();
     let user = config.user.clone();
     let workers = config.workers;
     let prepared = server::prepare(config)?;
@@ -223,21 +268,4 @@ fn init_logging(config: &Config) -> Option<LogFilterHandle> {
         let filter = EnvFilter::builder().parse(level).map_err(|e| e.to_string())?;
         handle.reload(filter).map_err(|e| e.to_string())
     }))
-}
-
-/// Every flow holds a socket: lift the soft descriptor limit to the hard one
-/// (and the hard one as far as the kernel allows, when privileged).
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
-    };
-    let wanted = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(hard)
-        .max(hard);
-    if setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_err() && soft < hard {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
 }

@@ -12,7 +12,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     (
         "sessions_evicted_total",
         "counter",
-        "Flows closed because the session table was full (least recently used).",
+        "Flows closed before their idle timeout, by reason (table full, client quota, descriptor budget).",
     ),
     (
         "sessions_expired_total",
@@ -67,6 +67,16 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "dns_truncated_total",
         "counter",
         "DNS answers truncated to fit the client's UDP size.",
+    ),
+    (
+        "dns_scrubbed_records_total",
+        "counter",
+        "Upstream DNS records removed as outside the question's answer.",
+    ),
+    (
+        "dns_tcp_closed_total",
+        "counter",
+        "DNS-over-TCP connections closed by tproxyd, by reason.",
     ),
     (
         "nft_set_elements_total",

@@ -15,7 +15,6 @@ use crate::config::{Config, ConfigError};
 use crate::dns::engine::DnsBuildError;
 use crate::dns::{DnsEngine, DnsService};
 use crate::relay::RelayContext;
-use crate::relay::rules::UdpRules;
 use crate::stats::Stats;
 
 /// Sets the log filter (`"info"`, `"tproxyd=debug"`).
@@ -89,16 +88,21 @@ impl Reloader {
         .await
         .map_err(|e| ReloadError::Build(e.to_string()))??;
 
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
         for what in self.restart_only_changes(&config) {
             tracing::warn!("{what} changed: restart tproxyd to apply it (the rest is reloaded)");
         }
-        self.relay.rules.store(Arc::new(UdpRules::new(&config.relay, mark)));
-        let ended = self.relay.table.resize(config.relay.session_capacity);
+        let ended = self.relay.apply(&config.relay);
         if ended > 0 {
-            self.stats.sessions_evicted.add(ended as u64);
+            tracing::info!(ended, "flows beyond the new limits ended");
         }
-        self.relay.replies.resize(config.relay.reply_sockets);
-        if let (Some(service), Some(engine)) = (&self.dns, engine) {
+        if let (Some(service), Some(mut engine)) = (&self.dns, engine) {
+            // Unchanged cache settings: the answers already learnt stay.
+            if !engine.adopt_cache(&service.engine()) {
+                tracing::info!("dns.cache settings changed: starting with an empty cache");
+            }
             if let (Some(feed), Some(dns)) = (service.engine().feed(), config.dns()) {
                 feed.ensure_sets(dns);
             }

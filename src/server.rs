@@ -22,7 +22,7 @@ use crate::domain::DomainFeed;
 use crate::firewall::{AutoRules, FirewallError};
 use crate::net::sockets;
 use crate::pidfile::PidFile;
-use crate::relay::{RelayContext, expiry, listener};
+use crate::relay::{RelayContext, budget, expiry, listener};
 use crate::reload::{LogFilterHandle, Reloader};
 use crate::shutdown::{self, Shutdown};
 use crate::stats::Stats;
@@ -42,12 +42,14 @@ pub enum ServerError {
     Sets(#[from] crate::nft::NftError),
     #[error("auto_rules: {0}")]
     Firewall(#[from] FirewallError),
-    #[error("pid file {}: {source}", path.display())]
-    PidFile {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(
+        "cannot write pid file {}: {reason}. Its directory must exist and be writable by the user tproxyd \
+         runs as; under config/tproxyd.service use pid_file = \"/run/tproxyd/tproxyd.pid\" (the unit's \
+         RuntimeDirectory=tproxyd creates that directory), or leave pid_file out (`tproxyd reload --config \
+         FILE` then finds the daemon by its config file)",
+        path.display()
+    )]
+    PidFile { path: PathBuf, reason: io::Error },
 }
 
 /// What the daemon is told while it runs.
@@ -157,9 +159,9 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
         p.rules = Some(InstalledRules(rules));
     }
     if let Some(path) = &p.config.pid_file {
-        p.pid_file = Some(PidFile::create(path).map_err(|source| ServerError::PidFile {
+        p.pid_file = Some(PidFile::create(path).map_err(|reason| ServerError::PidFile {
             path: path.clone(),
-            source,
+            reason,
         })?);
     }
     Ok(p)
@@ -190,7 +192,13 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
     } = prepared;
     let mark = config.mark.0;
     let dns = dns_engine.map(|e| Arc::new(DnsService::new(e, stats.clone())));
-    let relay_ctx = Arc::new(RelayContext::new(&config.relay, mark, stats.clone(), dns.clone()));
+    let relay_ctx = Arc::new(RelayContext::new(
+        &config.relay,
+        mark,
+        stats.clone(),
+        dns.clone(),
+        budget::soft_fd_limit(),
+    ));
 
     let (trigger, shutdown) = shutdown::channel();
     let mut tasks: JoinSet<io::Result<()>> = JoinSet::new();
@@ -248,7 +256,7 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
             tracing::warn!(error = %e, "listener ended with an error");
         }
     }
-    let closed = relay_ctx.table.clear();
+    let closed = relay_ctx.shutdown().await;
     tracing::info!(sessions_closed = closed, "all sessions closed");
     if let Some(feed) = feed {
         // Commits what is queued, then removes the sets' table if ours.

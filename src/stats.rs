@@ -82,8 +82,13 @@ counters! {
     reply_bytes => "bytes_total", "direction=\"to_client\"";
     /// Flows opened.
     sessions_opened => "sessions_opened_total";
-    /// Flows closed because the table was full (least recently used first).
-    sessions_evicted => "sessions_evicted_total";
+    /// Flows closed because the table was full (the least recently used
+    /// flow of the client holding the most).
+    sessions_evicted => "sessions_evicted_total", "reason=\"table_full\"";
+    /// Flows closed because their client opened another at its quota.
+    sessions_evicted_quota => "sessions_evicted_total", "reason=\"client_quota\"";
+    /// Flows closed to free descriptors for a new flow (heaviest client).
+    sessions_evicted_budget => "sessions_evicted_total", "reason=\"fd_budget\"";
     /// Flows closed after the idle timeout.
     sessions_expired => "sessions_expired_total";
     /// Datagrams without an original destination (not redirected by TPROXY).
@@ -94,6 +99,10 @@ counters! {
     drop_send_buffer_full => "drops_total", "reason=\"send_buffer_full\"";
     /// Datagrams whose session could not be opened (socket limits, routes).
     drop_session_open_failed => "drops_total", "reason=\"session_open_failed\"";
+    /// New flows refused: their client exceeded `relay.new_flows_per_client`.
+    drop_new_flow_rate => "drops_total", "reason=\"new_flow_rate\"";
+    /// New flows refused: no descriptor left even after evicting a flow.
+    drop_fd_budget => "drops_total", "reason=\"fd_budget\"";
     /// Datagrams dropped by a `drop` rule.
     drop_by_rule => "drops_total", "reason=\"rule\"";
     /// Datagrams from a remote no flow on that upstream socket talks to.
@@ -138,6 +147,20 @@ counters! {
     dns_servfail => "dns_upstream_failures_total";
     /// DNS answers truncated (TC=1) to fit the client's UDP size.
     dns_truncated => "dns_truncated_total";
+    /// DNS queries refused because the client is outside `dns.allow`.
+    dns_refused_acl => "dns_queries_by_action_total", "action=\"refused_acl\"";
+    /// DNS queries over the per-client rate limit (dropped or TC=1).
+    dns_rate_limited => "dns_queries_by_action_total", "action=\"rate_limited\"";
+    /// Zone transfers (NOTIMP) and non-IN classes such as CHAOS (REFUSED).
+    dns_refused_local => "dns_queries_by_action_total", "action=\"refused_local\"";
+    /// Upstream records removed as outside the question's answer.
+    dns_scrubbed_records => "dns_scrubbed_records_total";
+    /// DNS-over-TCP connections refused: the client already holds its share.
+    dns_tcp_refused_per_client => "drops_total", "reason=\"dns_tcp_per_client\"";
+    /// DNS-over-TCP connections closed because the client did not read.
+    dns_tcp_write_timeouts => "dns_tcp_closed_total", "reason=\"write_timeout\"";
+    /// DNS-over-TCP connections closed at their lifetime or query cap.
+    dns_tcp_recycled => "dns_tcp_closed_total", "reason=\"recycled\"";
     /// DNS queries dropped because too many were already pending.
     dns_dropped_overload => "drops_total", "reason=\"dns_overload\"";
     /// DNS queries answered SERVFAIL at once: their upstream group had

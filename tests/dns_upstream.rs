@@ -61,6 +61,10 @@ listen = ["0.0.0.0:15353"]
 ports = [53]
 tcp_listen = ["0.0.0.0:15354"]
 timeout = "{timeout}"
+# The lab's LAN uses documentation addresses, outside the default allow
+# list; the floods here test the upstream side, not the per-client limit.
+allow = ["192.0.2.0/24", "2001:db8:1::/64"]
+rate_limit = {{ qps = 0 }}
 [dns.upstreams.default]
 servers = [{servers}]
 server_timeout = "{server_timeout}"

@@ -57,6 +57,8 @@ listen = ["0.0.0.0:15353", "[::]:15353"]
 listen = "{ADMIN}"
 [dns]
 ports = [53]
+# The lab's LAN uses documentation addresses, outside the default allow list.
+allow = ["192.0.2.0/24", "2001:db8:1::/64"]
 [dns.upstreams.default]
 servers = ["{UPSTREAM}"]
 {extra}

@@ -179,7 +179,7 @@ fn replies_are_spoofed_even_when_a_local_process_holds_the_wildcard_port() {
 fn a_full_table_evicts_the_least_recently_used_flow() {
     let lab = Lab::new();
     lab.install_rules("nft", "LAN_IF=lan0");
-    let daemon = lab.start_tproxyd(&config("session_capacity = 4"));
+    let daemon = lab.start_tproxyd(&config("session_capacity = 4\nmax_sessions_per_client = 4"));
     let server = sa(server4(0), 7000);
     let echo = Echo::start(&lab.servers[0], server);
     let clients: Vec<_> = (0..6u16).map(|i| socket(&lab.client, client4(42000 + i))).collect();

@@ -5,15 +5,17 @@
 //! they are deserialized, by the small types in this module, so the TOML
 //! parser can point at the exact value that is wrong.
 
+mod cidr;
 pub mod dns;
 mod duration;
 mod error;
 pub mod names;
 pub mod ops;
+mod spans;
 pub mod udp;
 
 pub use dns::DnsConfig;
-pub use error::{ConfigError, line_col};
+pub use error::{ConfigError, ConfigWarning, line_col};
 pub use udp::{NatMode, UdpRuleConfig};
 
 use serde::Deserialize;
@@ -58,6 +60,10 @@ pub struct Config {
     /// Worker threads; default: half the CPUs, at least one.
     #[serde(default)]
     pub workers: Option<NonZeroUsize>,
+    /// What in the file works but is probably not what was meant; the
+    /// commands print these, the daemon logs them.
+    #[serde(skip)]
+    pub warnings: Vec<ConfigWarning>,
 }
 
 /// The transparent UDP relay: where it listens and how it keeps flows.
@@ -85,6 +91,25 @@ pub struct RelayConfig {
     /// NAT behaviour of flows no rule sets it for.
     #[serde(default)]
     pub nat: NatMode,
+    /// Most flows one client (an IPv4 address, an IPv6 /64) may hold; at
+    /// its quota a client's new flow replaces its own least recently used
+    /// one. Default: a quarter of `session_capacity`, so one device can
+    /// never take the table from the others.
+    #[serde(default)]
+    pub max_sessions_per_client: Option<NonZeroUsize>,
+    /// New flows per second one client may open (a token bucket holding a
+    /// second's worth); 0 means no limit. Default 2,000: far above what a
+    /// busy P2P or game client opens, far below a flood.
+    #[serde(default = "RelayConfig::default_new_flows")]
+    pub new_flows_per_client: u32,
+    /// Descriptors the daemon plans for; default nine tenths of the soft
+    /// `RLIMIT_NOFILE` (raised to the hard limit at start).
+    #[serde(default)]
+    pub fd_budget: Option<NonZeroUsize>,
+    /// Part of `fd_budget` flows may never use: the admin endpoint, DNS
+    /// over TCP and DNS upstreams keep working when flows take the rest.
+    #[serde(default = "RelayConfig::default_fd_reserve")]
+    pub fd_reserve: usize,
     /// Per-flow routing, first match wins; unmatched flows go direct.
     #[serde(default)]
     pub rules: Vec<Spanned<UdpRuleConfig>>,
@@ -106,6 +131,18 @@ impl RelayConfig {
     fn default_receive_buffer() -> usize {
         4 << 20
     }
+    fn default_new_flows() -> u32 {
+        2_000
+    }
+    fn default_fd_reserve() -> usize {
+        512
+    }
+    /// The per-client quota in force.
+    pub fn client_quota(&self) -> usize {
+        self.max_sessions_per_client
+            .map_or(self.session_capacity.get() / 4, NonZeroUsize::get)
+            .clamp(1, self.session_capacity.get())
+    }
     fn default_reply_sockets() -> NonZeroUsize {
         NonZeroUsize::new(1_024).unwrap_or(NonZeroUsize::MIN)
     }
@@ -120,6 +157,10 @@ impl Default for RelayConfig {
             reply_sockets: Self::default_reply_sockets(),
             receive_buffer: Self::default_receive_buffer(),
             nat: NatMode::default(),
+            max_sessions_per_client: None,
+            new_flows_per_client: Self::default_new_flows(),
+            fd_budget: None,
+            fd_reserve: Self::default_fd_reserve(),
             rules: Vec::new(),
         }
     }
@@ -137,13 +178,20 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, path)
+        let config = Config::parse(&text, path)?;
+        // Files named in the config: a clear error at the line naming the
+        // file, before anything tries to load it.
+        if let Some((span, reason)) = spans::Spans::read(&text).unreadable_file() {
+            return Err(ConfigError::at(path, &text, Some(span), reason));
+        }
+        Ok(config)
     }
 
     /// Validates `text`; `path` is only used to name the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config = toml::from_str::<Config>(text)
+        let mut config = toml::from_str::<Config>(text)
             .map_err(|e| ConfigError::at(path, text, e.span(), e.message().trim_end()))?;
+        let spans = spans::Spans::read(text);
         udp::validate(&config.relay.rules, config.relay.nat, &config.relay.listen.0)
             .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;
         if let Some(auto) = &config.auto_rules {
@@ -151,7 +199,7 @@ impl Config {
                 .map_err(|reason| ConfigError::at(path, text, Some(auto.span()), reason))?;
         }
         if let Some(dns) = &config.dns_section {
-            dns::validate(dns.get_ref(), dns.span())
+            dns::validate(dns.get_ref(), dns.span(), |i| spans.dns_rule_upstream(i))
                 .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;
             if let Some(auto) = &config.auto_rules {
                 let sets = &dns.get_ref().nft.table;
@@ -168,6 +216,12 @@ impl Config {
                 }
             }
         }
+        let mut warnings = spans.cidr_warnings();
+        warnings.sort_by_key(|(span, _)| span.start);
+        config.warnings = warnings
+            .into_iter()
+            .map(|(span, reason)| ConfigWarning::at(path, text, span, reason))
+            .collect();
         Ok(config)
     }
 }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::RelayContext;
+use super::context::RelayContext;
 use crate::shutdown::Shutdown;
 
 /// How often to sweep: a quarter of the shortest timeout in use, between
@@ -23,9 +23,9 @@ pub async fn sweep(ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> std::io::R
             _ = shutdown.recv() => return Ok(()),
             _ = tokio::time::sleep(interval(ctx.min_idle_ms())) => {}
         }
-        let expired = ctx.table.take_idle(ctx.clock.now_ms(), ctx.min_idle_ms());
+        let expired = ctx.table().take_idle(ctx.now_ms(), ctx.min_idle_ms());
         if !expired.is_empty() {
-            ctx.stats.sessions_expired.add(expired.len() as u64);
+            ctx.stats().sessions_expired.add(expired.len() as u64);
             tracing::debug!(count = expired.len(), "sessions expired");
         }
         drop(expired);

@@ -4,6 +4,12 @@
 //! Consecutive datagrams of one flow (a game or a bulk transfer sends in
 //! bursts) are passed on as a *run*, which the session sends with one
 //! system call; see [`crate::net::send::send_run`].
+//!
+//! A listener shares its worker thread with the tasks that carry replies
+//! home, so its work between yields is bounded: a round ends after
+//! [`BYTES_PER_ROUND`] bytes or [`OPENS_PER_ROUND`] new flows, whichever
+//! comes first. A flood of 64 KB datagrams or of new flows then delays
+//! other flows' replies by one round, not by the whole flood.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,17 +18,24 @@ use std::sync::Arc;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use super::rules::Route;
-use super::session::{Session, flow_key};
-use super::{FlowKey, RelayContext};
+use super::context::RelayContext;
+use super::decide::{Decision, Host, decide};
+use super::key::FlowKey;
+use super::open::{OpenError, open};
+use super::rules::UdpRule;
+use super::session::Session;
+use super::table::{Entry, Evicted, Eviction};
 use crate::dns::DnsService;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch};
 use crate::net::{sockets, would_block};
 use crate::shutdown::Shutdown;
 
-/// Batches read per wake-up before yielding, so one busy listener cannot
-/// starve the reply pumps sharing its worker thread.
-const BATCHES_PER_WAKEUP: usize = 8;
+/// Bytes read per round before other tasks get the thread.
+pub const BYTES_PER_ROUND: usize = 1 << 20;
+/// Flows opened per round before other tasks get the thread.
+pub const OPENS_PER_ROUND: usize = 64;
+/// Batches read per round at most (small datagrams).
+const BATCHES_PER_ROUND: usize = 8;
 
 /// Serves one listening socket until shutdown.
 pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> io::Result<()> {
@@ -35,13 +48,18 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
             ready = socket.readable() => ready?,
         }
         let mut drained = false;
-        for _ in 0..BATCHES_PER_WAKEUP {
+        let mut bytes = 0;
+        let mut opens = 0;
+        for _ in 0..BATCHES_PER_ROUND {
             match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
                 Ok(n) => {
                     let mut run = Run::default();
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
-                            handle(&ctx, local, meta, payload, &mut run);
+                            bytes += payload.len();
+                            if handle(&ctx, local, meta, payload, &mut run) {
+                                opens += 1;
+                            }
                         }
                     }
                     run.flush(&ctx);
@@ -51,9 +69,12 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
                     break;
                 }
                 Err(e) => {
-                    ctx.stats.receive_errors.inc();
+                    ctx.stats().receive_errors.inc();
                     tracing::debug!(%local, error = %e, "listener receive failed");
                 }
+            }
+            if bytes >= BYTES_PER_ROUND || opens >= OPENS_PER_ROUND {
+                break;
             }
         }
         if !drained {
@@ -82,7 +103,7 @@ impl<'b> Run<'b> {
     fn flush(&mut self, ctx: &RelayContext) {
         if let (Some(session), Some(dst)) = (&self.session, self.dst) {
             if !self.payloads.is_empty() {
-                session.send_upstream(&self.payloads, dst, self.tos, ctx);
+                session.send_upstream(&self.payloads, dst, self.tos, ctx.stats());
             }
         }
         self.payloads.clear();
@@ -92,53 +113,59 @@ impl<'b> Run<'b> {
     }
 }
 
-fn handle<'b>(ctx: &Arc<RelayContext>, local: SocketAddr, meta: &DatagramMeta, payload: &'b [u8], run: &mut Run<'b>) {
-    ctx.stats.client_datagrams.inc();
-    ctx.stats.client_bytes.add(payload.len() as u64);
-    let Some(dst) = meta.orig_dst.filter(|_| meta.peer.port() != 0) else {
-        ctx.stats.drop_no_orig_dst.inc();
-        return;
+/// Handles one datagram; true when it opened (or tried to open) a flow.
+fn handle<'b>(
+    ctx: &Arc<RelayContext>,
+    local: SocketAddr,
+    meta: &DatagramMeta,
+    payload: &'b [u8],
+    run: &mut Run<'b>,
+) -> bool {
+    ctx.stats().client_datagrams.inc();
+    ctx.stats().client_bytes.add(payload.len() as u64);
+    let dns_port = |port: u16| ctx.dns().is_some_and(|d| d.hijacks(port));
+    let host = Host {
+        listener: local,
+        dns_port: &dns_port,
+        is_local: &sockets::is_local_address,
     };
-    if is_self(dst, local) {
-        // Sent straight to our port rather than diverted by TPROXY:
-        // relaying it would deliver it right back here, forever.
-        ctx.stats.drop_loop.inc();
-        return;
-    }
-    if let Some(dns) = ctx.dns.as_ref().filter(|d| d.hijacks(dst.port())) {
-        hijack_dns(ctx, dns, meta.peer, dst, payload);
-        return;
-    }
-    let rules = ctx.rules.load();
-    let rule = rules.route(meta.peer, dst);
-    if rule.route == Route::Drop {
-        ctx.stats.drop_by_rule.inc();
-        return;
-    }
-    let key = flow_key(meta.peer, dst, rule);
+    let rules = ctx.rules();
+    let rule = match decide(meta.peer, meta.orig_dst, &host, &rules) {
+        Decision::NoOriginalDestination => {
+            ctx.stats().drop_no_orig_dst.inc();
+            return false;
+        }
+        Decision::Loop => {
+            ctx.stats().drop_loop.inc();
+            return false;
+        }
+        Decision::Dns => {
+            if let (Some(dns), Some(dst)) = (ctx.dns(), meta.orig_dst) {
+                hijack_dns(ctx, dns, meta.peer, dst, payload);
+            }
+            return false;
+        }
+        Decision::Drop(_) => {
+            ctx.stats().drop_by_rule.inc();
+            return false;
+        }
+        Decision::Relay(rule) => rule,
+    };
+    let Some(dst) = meta.orig_dst else { return false };
+    let key = FlowKey::new(meta.peer, dst, rule);
     if run.continues(&key, dst, meta.tos) {
         run.payloads.push(payload);
-        return;
+        return false;
     }
     run.flush(ctx);
-    let session = match ctx.table.get(&key) {
-        Some(s) => s,
-        None => match ctx.table.get_or_insert_with(key, || Session::open(key, dst, rule, ctx)) {
-            Ok((s, evicted)) => {
-                if let Some(old) = evicted {
-                    ctx.stats.sessions_evicted.inc();
-                    tracing::debug!(client = %old.session.key.client, "session evicted");
-                }
-                s
-            }
-            Err(e) => {
-                ctx.stats.drop_session_open_failed.inc();
-                tracing::debug!(client = %key.client, %dst, error = %e, "cannot open session");
-                return;
-            }
+    let (session, opened) = match ctx.table().get(&key) {
+        Some(s) => (s, false),
+        None => match new_flow(ctx, key, dst, rule) {
+            Some(s) => (s, true),
+            None => return true,
         },
     };
-    session.touch(ctx.clock.now_ms());
+    session.touch(ctx.now_ms());
     *run = Run {
         key: Some(key),
         session: Some(session),
@@ -147,33 +174,67 @@ fn handle<'b>(ctx: &Arc<RelayContext>, local: SocketAddr, meta: &DatagramMeta, p
         payloads: std::mem::take(&mut run.payloads),
     };
     run.payloads.push(payload);
+    opened
+}
+
+/// Admits, opens and files a new flow, making room as the limits say.
+/// `None` when the datagram is dropped (and counted).
+fn new_flow(ctx: &Arc<RelayContext>, key: FlowKey, dst: SocketAddr, rule: &UdpRule) -> Option<Arc<Session>> {
+    let table = ctx.table();
+    let owner = key.owner();
+    if !table.admit(owner, ctx.now_ms()) {
+        ctx.stats().drop_new_flow_rate.inc();
+        return None;
+    }
+    count_evicted(ctx, table.make_room(owner));
+    let opened = match open(key, dst, rule, ctx) {
+        Err(OpenError::Budget) => {
+            // Out of descriptors: the heaviest client gives one back.
+            count_evicted(ctx, table.evict_heaviest());
+            open(key, dst, rule, ctx)
+        }
+        other => other,
+    };
+    let opened = match opened {
+        Ok(o) => o,
+        Err(OpenError::Budget) => {
+            ctx.stats().drop_fd_budget.inc();
+            return None;
+        }
+        Err(e) => {
+            ctx.stats().drop_session_open_failed.inc();
+            tracing::debug!(client = %key.client, %dst, error = %e, "cannot open session");
+            return None;
+        }
+    };
+    match table.insert(key, Entry::new(opened.session, opened.task), ctx.now_ms()) {
+        Ok((session, evicted)) => {
+            for e in evicted {
+                count_evicted(ctx, Some(e));
+            }
+            Some(session)
+        }
+        // Opened meanwhile on another thread: use that one.
+        Err(_ours) => table.get(&key),
+    }
+}
+
+fn count_evicted(ctx: &RelayContext, evicted: Option<Evicted>) {
+    let Some(e) = evicted else { return };
+    let counter = match e.reason {
+        Eviction::TableFull => &ctx.stats().sessions_evicted,
+        Eviction::ClientQuota => &ctx.stats().sessions_evicted_quota,
+        Eviction::FdBudget => &ctx.stats().sessions_evicted_budget,
+    };
+    counter.inc();
+    tracing::debug!(client = %e.entry.session.key.client, reason = ?e.reason, "session evicted");
 }
 
 /// A query to a DNS port, wherever it was going, is answered by the DNS
 /// engine, and the answer leaves from the address the client asked.
 fn hijack_dns(ctx: &Arc<RelayContext>, dns: &Arc<DnsService>, client: SocketAddr, dst: SocketAddr, payload: &[u8]) {
-    let reply = match ctx.replies.socket_for(dst) {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.stats.reply_send_errors.inc();
-            tracing::debug!(%dst, error = %e, "no reply socket for hijacked DNS");
-            return;
-        }
-    };
     let ctx = ctx.clone();
     dns.answer_udp(payload, client, move |answer| {
-        ctx.replies.send(&reply, &[answer], client, None)
+        ctx.replies().send(dst, &[answer], client, None)
     });
-}
-
-/// True when `dst` is the listener itself: same port and a local address.
-fn is_self(dst: SocketAddr, local: SocketAddr) -> bool {
-    if dst.port() != local.port() {
-        return false;
-    }
-    if !local.ip().is_unspecified() {
-        return dst.ip() == local.ip();
-    }
-    // Only asked when a datagram's destination port equals ours.
-    sockets::is_local_address(dst.ip())
 }

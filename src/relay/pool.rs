@@ -1,33 +1,51 @@
 //! Upstream sockets shared by one-destination (symmetric) flows.
 //!
-//! A socket per flow makes file descriptors, not memory, the limit of a
-//! busy gateway (and a tokio task per flow the next one). Here flows to
-//! *different* destinations share an upstream socket: a reply from R on
-//! socket i belongs to the one flow that socket i carries to R, so the
-//! pool needs only as many sockets as the busiest single destination (or
-//! the busiest single client) has flows. One client's flows never share a
-//! socket, so each destination still sees that client behind its own
-//! mapping, as a symmetric NAT promises. Each socket has one reader task
-//! that hands replies to their flows; a reply from a remote with no flow on
-//! that socket is dropped, as a symmetric NAT's filtering requires.
+//! A socket per flow makes descriptors, not memory, the limit of a busy
+//! gateway. Here flows to *different* destinations share an upstream
+//! socket: a reply from R on socket i belongs to the one flow that socket i
+//! carries to R. One client endpoint's flows never share a socket, so each
+//! destination sees that client behind its own mapping, as a symmetric NAT
+//! promises; a remote with no flow on a socket is dropped by its reader, as
+//! a symmetric NAT's filtering requires.
+//!
+//! This module only allocates: it knows nothing of sessions (a socket's
+//! occupants are any `F`) and spawns nothing. A lease says whether its
+//! socket is new, and whoever asked starts that socket's reader.
+//!
+//! Choosing a socket costs O(1): indexes given back lately are tried
+//! first, then a bounded number of random ones; if none fits (free for this client *and*
+//! this remote) a new socket is opened, outside the lock, if the descriptor
+//! budget allows. A pool thus holds about as many sockets as its busiest
+//! client or destination has flows, and a flow costs two small hash entries
+//! here and one in its socket's map.
 //!
 //! Pools are kept per (family, mark, device), because interface rules bind
 //! their sockets differently.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
-use tokio::io::Interest;
+use std::sync::{Arc, Mutex, Weak};
 use tokio::net::UdpSocket;
 
-use super::RelayContext;
-use super::session::{self, Session};
+use super::budget::{FdShare, Permit};
 use crate::net::sockets;
+use crate::sync::lock;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+/// Indexes tried before a new socket is opened: all of them in a small
+/// pool, this many random ones in a big one (where, with a quarter of the
+/// sockets free for a flow, all miss once in ten thousand).
+const PROBES: usize = 32;
+/// Recently freed indexes tried first, and how many are remembered.
+const FREED_TRIED: usize = 8;
+const FREED_KEPT: usize = 4_096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("descriptor budget for flow sockets used up")]
+    Budget,
+    #[error(transparent)]
+    Io(#[from] io::Error),
 }
 
 /// What sockets of one pool have in common.
@@ -38,264 +56,247 @@ pub struct PoolKey {
     pub device: Option<String>,
 }
 
-/// All pools.
-#[derive(Debug, Default)]
-pub struct UpstreamPools {
-    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+/// All pools, drawing descriptors from one share of the budget.
+#[derive(Debug)]
+pub struct Pools<F> {
+    pools: Mutex<HashMap<PoolKey, Arc<Pool<F>>>>,
+    share: Arc<FdShare>,
 }
 
-impl UpstreamPools {
-    /// A socket of pool `key` free for a flow to `remote`, and the lease
-    /// that keeps it so.
-    pub fn lease(
-        &self,
-        ctx: &Arc<RelayContext>,
-        key: PoolKey,
-        client: SocketAddr,
-        remote: SocketAddr,
-    ) -> io::Result<PoolLease> {
+impl<F> Pools<F> {
+    pub fn new(share: Arc<FdShare>) -> Self {
+        Pools {
+            pools: Mutex::new(HashMap::new()),
+            share,
+        }
+    }
+
+    /// A socket of pool `key` free for a flow from `client` to `remote`.
+    pub fn lease(&self, key: PoolKey, client: SocketAddr, remote: SocketAddr) -> Result<Lease<F>, PoolError> {
         let pool = lock(&self.pools)
             .entry(key.clone())
             .or_insert_with(|| Arc::new(Pool::new(key)))
             .clone();
-        pool.lease(ctx, client, remote)
+        pool.lease(client, remote, &self.share)
     }
 
     /// Sockets open across all pools.
     pub fn sockets(&self) -> usize {
-        lock(&self.pools)
-            .values()
-            .map(|p| p.sockets.read().map_or(0, |s| s.len()))
-            .sum()
+        lock(&self.pools).values().map(|p| lock(&p.state).sockets.len()).sum()
     }
 }
 
 #[derive(Debug)]
-pub struct Pool {
+struct Pool<F> {
     key: PoolKey,
-    sockets: RwLock<Vec<Arc<PoolSocket>>>,
-    /// Which socket carries which flow.
-    slots: Mutex<Assignments>,
+    state: Mutex<State<F>>,
 }
 
-/// Which socket indexes are taken: per destination, and per client.
-#[derive(Debug, Default)]
-struct Assignments {
-    by_remote: HashMap<SocketAddr, RemoteSlots>,
-    by_client: HashMap<SocketAddr, Vec<usize>>,
+/// The sockets of a pool and which (socket, remote) and (client, socket)
+/// pairs are taken.
+#[derive(Debug)]
+struct State<F> {
+    sockets: Vec<Arc<PoolSocket<F>>>,
+    by_client: HashMap<SocketAddr, HashSet<u32>>,
+    taken: HashSet<(u32, SocketAddr)>,
+    freed: Vec<u32>,
+    rng: u64,
 }
 
-/// Socket indexes in use for one destination: `0..next` minus `free`.
-#[derive(Debug, Default)]
-struct RemoteSlots {
-    next: usize,
-    free: BTreeSet<usize>,
-}
-
-impl Assignments {
-    /// The lowest index free for `remote` and not used by `client`.
-    fn take(&mut self, client: SocketAddr, remote: SocketAddr) -> usize {
-        let mine = self.by_client.get(&client).map(Vec::as_slice).unwrap_or_default();
-        let r = self.by_remote.entry(remote).or_default();
-        let index = match r.free.iter().copied().find(|i| !mine.contains(i)) {
-            Some(i) => {
-                r.free.remove(&i);
-                i
-            }
-            None => loop {
-                let i = r.next;
-                r.next += 1;
-                if !mine.contains(&i) {
-                    break i;
-                }
-                r.free.insert(i);
-            },
-        };
-        self.by_client.entry(client).or_default().push(index);
-        index
+impl<F> State<F> {
+    fn new() -> Self {
+        State {
+            sockets: Vec::new(),
+            by_client: HashMap::new(),
+            taken: HashSet::new(),
+            freed: Vec::new(),
+            rng: 0x9E37_79B9_7F4A_7C15,
+        }
     }
 
-    fn give_back(&mut self, client: SocketAddr, remote: SocketAddr, index: usize) {
-        if let Some(r) = self.by_remote.get_mut(&remote) {
-            r.free.insert(index);
-            if r.free.len() == r.next {
-                self.by_remote.remove(&remote);
+    fn fits(&self, index: u32, client: SocketAddr, remote: SocketAddr) -> bool {
+        !self.taken.contains(&(index, remote)) && !self.by_client.get(&client).is_some_and(|m| m.contains(&index))
+    }
+
+    /// An open socket free for (`client`, `remote`), in O(1).
+    fn choose(&mut self, client: SocketAddr, remote: SocketAddr) -> Option<u32> {
+        let recent = self.freed.len().saturating_sub(FREED_TRIED);
+        for pos in (recent..self.freed.len()).rev() {
+            let index = self.freed[pos];
+            if self.fits(index, client, remote) {
+                self.freed.swap_remove(pos);
+                return Some(index);
             }
         }
-        if let Some(v) = self.by_client.get_mut(&client) {
-            if let Some(pos) = v.iter().position(|&i| i == index) {
-                v.swap_remove(pos);
+        let n = self.sockets.len() as u64;
+        if n <= PROBES as u64 {
+            return (0..n as u32).find(|&i| self.fits(i, client, remote));
+        }
+        for _ in 0..PROBES {
+            // splitmix64: cheap, and spreads flows over the sockets.
+            self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.rng;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            let index = ((z ^ (z >> 31)) % n) as u32;
+            if self.fits(index, client, remote) {
+                return Some(index);
             }
-            if v.is_empty() {
+        }
+        None
+    }
+
+    fn assign(&mut self, index: u32, client: SocketAddr, remote: SocketAddr) {
+        self.by_client.entry(client).or_default().insert(index);
+        self.taken.insert((index, remote));
+    }
+
+    fn give_back(&mut self, index: u32, client: SocketAddr, remote: SocketAddr) {
+        if let Some(mine) = self.by_client.get_mut(&client) {
+            mine.remove(&index);
+            if mine.is_empty() {
                 self.by_client.remove(&client);
             }
         }
+        self.taken.remove(&(index, remote));
+        if self.freed.len() < FREED_KEPT {
+            self.freed.push(index);
+        }
     }
 }
 
-impl Pool {
-    fn new(key: PoolKey) -> Pool {
+impl<F> Pool<F> {
+    fn new(key: PoolKey) -> Pool<F> {
         Pool {
             key,
-            sockets: RwLock::new(Vec::new()),
-            slots: Mutex::new(Assignments::default()),
+            state: Mutex::new(State::new()),
         }
     }
 
     fn lease(
         self: &Arc<Self>,
-        ctx: &Arc<RelayContext>,
         client: SocketAddr,
         remote: SocketAddr,
-    ) -> io::Result<PoolLease> {
-        let index = lock(&self.slots).take(client, remote);
-        match self.socket(ctx, index, remote) {
-            Ok(socket) => Ok(PoolLease {
-                pool: self.clone(),
-                socket,
-                client,
-                remote,
-                index,
-            }),
-            Err(e) => {
-                lock(&self.slots).give_back(client, remote, index);
-                Err(e)
+        share: &Arc<FdShare>,
+    ) -> Result<Lease<F>, PoolError> {
+        {
+            let mut state = lock(&self.state);
+            if let Some(index) = state.choose(client, remote) {
+                state.assign(index, client, remote);
+                let socket = state.sockets[index as usize].clone();
+                return Ok(self.lease_of(socket, index, client, remote, false));
             }
         }
+        // A new socket, opened without holding the lock: other flows keep
+        // choosing sockets meanwhile.
+        let permit = share.try_take().ok_or(PoolError::Budget)?;
+        let std = sockets::flow_upstream(remote, None, self.key.mark, self.key.device.as_deref())?;
+        sockets::report_errors(&std, remote.is_ipv6())?;
+        let socket = Arc::new(PoolSocket {
+            socket: UdpSocket::from_std(std)?,
+            flows: Mutex::new(HashMap::new()),
+            _permit: permit,
+        });
+        let mut state = lock(&self.state);
+        let index = u32::try_from(state.sockets.len()).map_err(|_| PoolError::Budget)?;
+        state.sockets.push(socket.clone());
+        state.assign(index, client, remote);
+        Ok(self.lease_of(socket, index, client, remote, true))
     }
 
-    /// Socket `index`, opening sockets up to it as needed.
-    fn socket(&self, ctx: &Arc<RelayContext>, index: usize, remote: SocketAddr) -> io::Result<Arc<PoolSocket>> {
-        if let Some(s) = self
-            .sockets
-            .read()
-            .map_err(|_| io::Error::other("pool lock"))?
-            .get(index)
-        {
-            return Ok(s.clone());
+    fn lease_of(
+        self: &Arc<Self>,
+        socket: Arc<PoolSocket<F>>,
+        index: u32,
+        client: SocketAddr,
+        remote: SocketAddr,
+        fresh: bool,
+    ) -> Lease<F> {
+        Lease {
+            pool: self.clone(),
+            socket,
+            client,
+            remote,
+            index,
+            fresh,
         }
-        let mut sockets = self.sockets.write().map_err(|_| io::Error::other("pool lock"))?;
-        while sockets.len() <= index {
-            let std = sockets::flow_upstream(remote, None, self.key.mark, self.key.device.as_deref())?;
-            sockets::report_errors(&std, remote.is_ipv6())?;
-            let socket = Arc::new(PoolSocket {
-                socket: UdpSocket::from_std(std)?,
-                flows: Mutex::new(HashMap::new()),
-            });
-            tokio::spawn(read_replies(socket.clone(), Arc::downgrade(ctx)));
-            sockets.push(socket);
-        }
-        sockets
-            .get(index)
-            .cloned()
-            .ok_or_else(|| io::Error::other("pool index"))
     }
 }
 
-/// One shared upstream socket and the flows it carries, by destination.
+/// One shared upstream socket and the flows it carries, by remote.
 #[derive(Debug)]
-pub struct PoolSocket {
+pub struct PoolSocket<F> {
     pub socket: UdpSocket,
-    flows: Mutex<HashMap<SocketAddr, Weak<Session>>>,
+    flows: Mutex<HashMap<SocketAddr, Weak<F>>>,
+    _permit: Permit,
 }
 
-/// A flow's hold on (socket, destination); given back when dropped.
+impl<F> PoolSocket<F> {
+    /// The flow this socket carries to `remote`, if any.
+    pub fn flow(&self, remote: SocketAddr) -> Option<Arc<F>> {
+        lock(&self.flows).get(&remote).and_then(Weak::upgrade)
+    }
+}
+
+/// A flow's hold on (socket, remote); given back when dropped.
 #[derive(Debug)]
-pub struct PoolLease {
-    pool: Arc<Pool>,
-    pub socket: Arc<PoolSocket>,
+pub struct Lease<F> {
+    pool: Arc<Pool<F>>,
+    pub socket: Arc<PoolSocket<F>>,
     client: SocketAddr,
     pub remote: SocketAddr,
-    index: usize,
+    index: u32,
+    /// The socket was opened for this lease: nobody reads it yet.
+    pub fresh: bool,
 }
 
-impl PoolLease {
-    /// Routes the socket's replies from `remote` to `session`.
-    pub fn attach(&self, session: &Arc<Session>) {
-        lock(&self.socket.flows).insert(self.remote, Arc::downgrade(session));
+impl<F> Lease<F> {
+    /// Routes the socket's datagrams from the lease's remote to `flow`.
+    pub fn attach(&self, flow: &Arc<F>) {
+        lock(&self.socket.flows).insert(self.remote, Arc::downgrade(flow));
     }
 }
 
-impl Drop for PoolLease {
+impl<F> Drop for Lease<F> {
     fn drop(&mut self) {
         lock(&self.socket.flows).remove(&self.remote);
-        lock(&self.pool.slots).give_back(self.client, self.remote, self.index);
-    }
-}
-
-/// The reader of one pool socket: replies to the flows they belong to,
-/// ICMP errors counted. Ends with the daemon.
-async fn read_replies(socket: Arc<PoolSocket>, ctx: Weak<RelayContext>) {
-    let fd = socket.socket.as_raw_fd();
-    loop {
-        let ready = match socket.socket.ready(Interest::READABLE | Interest::ERROR).await {
-            Ok(r) => r,
-            Err(_) => return,
-        };
-        let Some(ctx) = ctx.upgrade() else { return };
-        if ready.is_error() {
-            // ICMP errors (port unreachable...) queued by IP_RECVERR: count
-            // them and free the buffer space they hold, then tell tokio the
-            // condition has been consumed.
-            let errors = sockets::drain_error_queue(fd);
-            ctx.stats.upstream_unreachable.add(errors as u64);
-            let _ = socket.socket.try_io(Interest::ERROR, || {
-                Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
-            });
-        }
-        if ready.is_readable() {
-            session::drain_into_flows(&socket.socket, &ctx, |peer| {
-                lock(&socket.flows).get(&peer).and_then(Weak::upgrade)
-            });
-        }
+        lock(&self.pool.state).give_back(self.index, self.client, self.remote);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Assignments;
-    use std::net::SocketAddr;
+    use super::*;
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 
     #[test]
-    fn clients_share_sockets_but_never_with_themselves() {
-        let mut a = Assignments::default();
+    fn a_client_never_shares_a_socket_with_itself_nor_a_remote() {
+        let mut s: State<()> = State::new();
         let (c1, c2) = (sa("192.0.2.10:5000"), sa("192.0.2.11:5000"));
         let (r1, r2) = (sa("198.51.100.7:7000"), sa("198.51.100.8:7000"));
-        // Two clients to one server: two sockets.
-        assert_eq!(a.take(c1, r1), 0);
-        assert_eq!(a.take(c2, r1), 1);
-        // One client to two servers: two sockets (its own mapping for each).
-        assert_eq!(a.take(c1, r2), 1);
-        // Another client to the second server reuses socket 0.
-        assert_eq!(a.take(c2, r2), 0);
-        a.give_back(c1, r1, 0);
-        // c1 still holds socket 1 (to r2): its next flow to r1 gets 0 back.
-        assert_eq!(a.take(c1, r1), 0);
-        a.give_back(c2, r1, 1);
-        let c3 = sa("192.0.2.12:5000");
-        assert_eq!(a.take(c3, r1), 1, "freed indexes are reused lowest first");
+        s.assign(0, c1, r1);
+        assert!(!s.fits(0, c1, r2), "c1 already uses socket 0");
+        assert!(!s.fits(0, c2, r1), "socket 0 already carries a flow to r1");
+        assert!(s.fits(0, c2, r2));
+        s.give_back(0, c1, r1);
+        assert!(s.fits(0, c1, r1));
+        assert!(s.by_client.is_empty() && s.taken.is_empty());
     }
 
     #[test]
-    fn a_client_skips_indexes_it_already_uses() {
-        let mut a = Assignments::default();
+    fn given_back_indexes_are_tried_first() {
+        let mut s: State<()> = State::new();
         let c = sa("192.0.2.10:5000");
-        let others: Vec<SocketAddr> = (0..3).map(|i| sa(&format!("192.0.2.{}:1", 20 + i))).collect();
-        let r = sa("198.51.100.7:7000");
-        let x = sa("198.51.100.9:7000");
-        // c uses sockets 0 and 1 towards x.
-        assert_eq!(a.take(c, x), 0);
-        assert_eq!(a.take(others[0], x), 1);
-        a.give_back(others[0], x, 1);
-        assert_eq!(a.take(c, x), 1);
-        // Towards r, c must skip 0 and 1.
-        assert_eq!(a.take(c, r), 2);
-        // Others still get 0 and 1 towards r.
-        assert_eq!(a.take(others[1], r), 0);
-        assert_eq!(a.take(others[2], r), 1);
+        // Pretend 1,000 sockets exist, all used by c.
+        for i in 0..1_000 {
+            s.assign(i, c, sa(&format!("198.51.100.{}:{}", i % 200, 1000 + i)));
+        }
+        let r = sa("203.0.113.1:9");
+        assert_eq!(s.choose(c, r), None);
+        s.give_back(417, c, sa(&format!("198.51.100.{}:{}", 417 % 200, 1417)));
+        assert_eq!(s.choose(c, r), Some(417));
     }
 }

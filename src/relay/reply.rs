@@ -16,12 +16,14 @@ use lru::LruCache;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
+use super::account::{Direction, count_sent};
 use crate::net::raw::RawSender;
 use crate::net::send::send_run;
 use crate::net::sockets;
 use crate::stats::Stats;
+use crate::sync::lock;
 use std::os::fd::AsRawFd;
 
 /// How replies from one source address are sent.
@@ -55,6 +57,11 @@ impl ReplySocket {
 }
 
 /// The cache of reply sockets, keyed by the address they send from.
+///
+/// The cache alone holds them: a flow names the address its replies come
+/// from and looks the socket up per run, so evicting a socket closes it,
+/// and the number open is truly bounded by the capacity (flows never keep
+/// an evicted one alive).
 #[derive(Debug)]
 pub struct ReplySender {
     cache: Mutex<LruCache<SocketAddr, Arc<ReplySocket>>>,
@@ -73,9 +80,10 @@ impl ReplySender {
         }
     }
 
-    /// The socket that sends from `src`, opening it on first use.
+    /// The socket that sends from `src`, opening it on first use (and
+    /// closing the least recently used one when the cache is full).
     pub fn socket_for(&self, src: SocketAddr) -> io::Result<Arc<ReplySocket>> {
-        if let Some(s) = self.lock().get(&src) {
+        if let Some(s) = lock(&self.cache).get(&src) {
             return Ok(s.clone());
         }
         // Open outside the lock: binding is a few syscalls and other flows'
@@ -96,61 +104,60 @@ impl ReplySender {
             Err(e) => return Err(e),
         };
         let sock = Arc::new(sock);
-        // `push` returns the evicted socket: it closes once the last flow
-        // still holding it is gone.
-        let mut cache = self.lock();
-        if let Some(existing) = cache.get(&src) {
-            return Ok(existing.clone());
-        }
-        cache.push(src, sock.clone());
+        let evicted = {
+            let mut cache = lock(&self.cache);
+            if let Some(existing) = cache.get(&src) {
+                return Ok(existing.clone());
+            }
+            cache.push(src, sock.clone())
+        };
+        // Closed here, outside the lock (a send in progress may hold it a
+        // moment longer).
+        drop(evicted);
         Ok(sock)
     }
 
-    /// Sends a run of datagrams to `client` through `sock`, counting the
+    /// Sends a run of datagrams to `client` as if from `src`, counting the
     /// outcome.
-    pub fn send(&self, sock: &ReplySocket, run: &[&[u8]], client: SocketAddr, tos: Option<u8>) {
-        match sock.send_to(run, client, tos) {
-            Ok(sent) => {
-                self.stats.reply_datagrams.add(sent as u64);
-                self.stats
-                    .reply_bytes
-                    .add(run.iter().take(sent).map(|p| p.len() as u64).sum());
-                let lost = run.len() - sent.min(run.len());
-                if lost > 0 {
-                    self.stats.drop_send_buffer_full.add(lost as u64);
-                }
-            }
-            Err(e) if crate::net::would_block(&e) => self.stats.drop_send_buffer_full.add(run.len() as u64),
+    pub fn send(&self, src: SocketAddr, run: &[&[u8]], client: SocketAddr, tos: Option<u8>) {
+        match self.socket_for(src) {
+            Ok(sock) => self.send_on(&sock, run, client, tos),
             Err(e) => {
                 self.stats.reply_send_errors.add(run.len() as u64);
-                tracing::debug!(%client, error = %e, "reply send failed");
-            }
-        }
-    }
-
-    /// Sends a run to `client` as if from `src` (full-cone replies, whose
-    /// source differs from datagram to datagram).
-    pub fn send_from(&self, src: SocketAddr, run: &[&[u8]], client: SocketAddr, tos: Option<u8>) {
-        match self.socket_for(src) {
-            Ok(sock) => self.send(&sock, run, client, tos),
-            Err(e) => {
-                self.stats.reply_send_errors.inc();
                 tracing::debug!(%src, error = %e, "no reply socket");
             }
         }
     }
 
-    /// Changes how many reply sockets are cached.
+    /// Sends a run through `sock`, counting the outcome.
+    pub fn send_on(&self, sock: &ReplySocket, run: &[&[u8]], client: SocketAddr, tos: Option<u8>) {
+        let result = sock.send_to(run, client, tos);
+        count_sent(&self.stats, Direction::Reply, &result, run);
+    }
+
+    /// Changes how many reply sockets are kept; the least recently used
+    /// beyond a smaller capacity close.
     pub fn resize(&self, capacity: NonZeroUsize) {
-        self.lock().resize(capacity);
+        let mut evicted = Vec::new();
+        {
+            let mut cache = lock(&self.cache);
+            while cache.len() > capacity.get() {
+                match cache.pop_lru() {
+                    Some(e) => evicted.push(e),
+                    None => break,
+                }
+            }
+            cache.resize(capacity);
+        }
+        drop(evicted);
     }
 
-    /// Reply sockets currently cached.
-    pub fn cached(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<SocketAddr, Arc<ReplySocket>>> {
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Reply sockets open: bound ones in the cache (raw fallbacks share
+    /// one raw socket and are not counted).
+    pub fn open(&self) -> usize {
+        lock(&self.cache)
+            .iter()
+            .filter(|(_, s)| matches!(***s, ReplySocket::Bound(_)))
+            .count()
     }
 }

@@ -1,238 +1,498 @@
-//! The session table: flow → session, bounded, least recently used first out.
+//! The session table: flow → session, bounded, and fair between clients.
 //!
-//! A gateway cannot hold every flow it ever saw, so the table has a fixed
-//! capacity; when a new flow arrives at a full table the flow that has gone
-//! longest without traffic (in either direction) is evicted. An entry owns
-//! its session's resources (a pool lease, or a socket and the task pumping
-//! it), so removal from the table *is* the session's end: eviction, expiry
-//! and shutdown all just drop entries.
+//! A gateway cannot hold every flow it ever saw, and one LAN device must
+//! not be able to push everyone else's flows out. So flows are kept per
+//! client (an IPv4 address or an IPv6 /64, see [`ClientId`]), each client's
+//! in its own least-recently-used order, and three limits apply:
+//!
+//! * a client at its quota (`relay.max_sessions_per_client`) recycles its
+//!   own least recently used flow;
+//! * a full table (and an exhausted descriptor budget) takes the least
+//!   recently used flow of the client holding the most;
+//! * a client may open only so many new flows a second
+//!   (`relay.new_flows_per_client`, a token bucket).
+//!
+//! An entry owns its session's resources (a pool lease or a socket, and the
+//! guard that ends its task), so removal from the table *is* the session's
+//! end. Removed entries are returned to the caller and dropped outside the
+//! lock.
 
 use lru::LruCache;
-use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use tokio::task::AbortHandle;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio_util::sync::DropGuard;
 
-use super::FlowKey;
+use super::key::{ClientId, FlowKey};
 use super::session::Session;
+use crate::sync::lock;
 
-/// A live session and the task that serves it, if it has one.
+/// A live session and the guard that ends its task, if it has one.
 #[derive(Debug)]
 pub struct Entry {
     pub session: Arc<Session>,
-    task: Option<AbortHandle>,
+    _task: Option<DropGuard>,
 }
 
 impl Entry {
-    pub fn new(session: Arc<Session>, task: Option<AbortHandle>) -> Self {
-        Entry { session, task }
+    pub fn new(session: Arc<Session>, task: Option<DropGuard>) -> Self {
+        Entry { session, _task: task }
     }
 }
 
-impl Drop for Entry {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
-    }
+/// Why a flow was pushed out before its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eviction {
+    /// Its client was at its quota and opened another flow.
+    ClientQuota,
+    /// The table was full; its client held the most flows.
+    TableFull,
+    /// The descriptor budget was used up; its client held the most flows.
+    FdBudget,
+}
+
+/// An entry pushed out, and why.
+#[derive(Debug)]
+pub struct Evicted {
+    pub reason: Eviction,
+    pub entry: Entry,
+}
+
+/// The table's limits (from `[relay]`, changed on reload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub capacity: usize,
+    pub per_client: usize,
+    /// New flows per second per client; 0 means no limit.
+    pub new_flows_per_sec: u32,
 }
 
 #[derive(Debug)]
 pub struct SessionTable {
-    inner: Mutex<LruCache<FlowKey, Entry>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    clients: HashMap<ClientId, Client>,
+    /// (flows held, client): the last is the heaviest.
+    by_load: BTreeSet<(usize, ClientId)>,
+    len: usize,
+    limits: Limits,
+}
+
+#[derive(Debug)]
+struct Client {
+    flows: LruCache<FlowKey, Entry>,
+    bucket: Bucket,
+}
+
+/// A token bucket in thousandths of a token.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    milli: u64,
+    at_ms: u64,
+}
+
+impl Bucket {
+    fn full(rate: u32, now_ms: u64) -> Bucket {
+        Bucket {
+            milli: u64::from(rate) * 1_000,
+            at_ms: now_ms,
+        }
+    }
+
+    /// Takes a token if there is one; the bucket holds a second's worth.
+    fn take(&mut self, rate: u32, now_ms: u64) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let elapsed = now_ms.saturating_sub(self.at_ms);
+        self.at_ms = now_ms;
+        let cap = u64::from(rate) * 1_000;
+        self.milli = self
+            .milli
+            .saturating_add(elapsed.saturating_mul(u64::from(rate)))
+            .min(cap);
+        if self.milli >= 1_000 {
+            self.milli -= 1_000;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Inner {
+    fn client(&mut self, id: ClientId, now_ms: u64) -> &mut Client {
+        let rate = self.limits.new_flows_per_sec;
+        self.clients.entry(id).or_insert_with(|| Client {
+            flows: LruCache::unbounded(),
+            bucket: Bucket::full(rate, now_ms),
+        })
+    }
+
+    fn load(&self, id: ClientId) -> usize {
+        self.clients.get(&id).map_or(0, |c| c.flows.len())
+    }
+
+    /// Moves `id` in the load order after its flow count changed from `old`.
+    fn reorder(&mut self, id: ClientId, old: usize) {
+        let new = self.load(id);
+        if old > 0 {
+            self.by_load.remove(&(old, id));
+        }
+        if new > 0 {
+            self.by_load.insert((new, id));
+        }
+    }
+
+    /// Pops the least recently used flow of `id`.
+    fn pop_oldest(&mut self, id: ClientId) -> Option<Entry> {
+        let old = self.load(id);
+        let (_, entry) = self.clients.get_mut(&id)?.flows.pop_lru()?;
+        self.len -= 1;
+        self.reorder(id, old);
+        Some(entry)
+    }
+
+    fn pop_heaviest(&mut self) -> Option<Entry> {
+        let &(_, id) = self.by_load.last()?;
+        self.pop_oldest(id)
+    }
+
+    fn remove_if(&mut self, key: &FlowKey, id: u64) -> Option<Entry> {
+        let owner = key.owner();
+        let old = self.load(owner);
+        let client = self.clients.get_mut(&owner)?;
+        if client.flows.peek(key).is_none_or(|e| e.session.id != id) {
+            return None;
+        }
+        let entry = client.flows.pop(key);
+        self.len -= 1;
+        self.reorder(owner, old);
+        entry
+    }
 }
 
 impl SessionTable {
-    pub fn new(capacity: NonZeroUsize) -> Self {
+    pub fn new(limits: Limits) -> Self {
         SessionTable {
-            inner: Mutex::new(LruCache::new(capacity)),
+            inner: Mutex::new(Inner {
+                clients: HashMap::new(),
+                by_load: BTreeSet::new(),
+                len: 0,
+                limits,
+            }),
         }
     }
 
     /// The session of `key`, marking it most recently used.
     pub fn get(&self, key: &FlowKey) -> Option<Arc<Session>> {
-        self.lock().get(key).map(|e| e.session.clone())
+        self.lock()
+            .clients
+            .get_mut(&key.owner())?
+            .flows
+            .get(key)
+            .map(|e| e.session.clone())
     }
 
-    /// The session of `key`, or a new one from `open` if there is none.
-    ///
-    /// Returns the session and, when the table was full, the evicted entry
-    /// (dropped by the caller, outside the lock, which ends it).
-    pub fn get_or_insert_with<E>(
-        &self,
-        key: FlowKey,
-        open: impl FnOnce() -> Result<Entry, E>,
-    ) -> Result<(Arc<Session>, Option<Entry>), E> {
-        let mut table = self.lock();
-        if let Some(e) = table.get(&key) {
-            return Ok((e.session.clone(), None));
+    /// Whether `client` may open a new flow now (its token bucket).
+    pub fn admit(&self, client: ClientId, now_ms: u64) -> bool {
+        let mut inner = self.lock();
+        let rate = inner.limits.new_flows_per_sec;
+        inner.client(client, now_ms).bucket.take(rate, now_ms)
+    }
+
+    /// Frees a slot for a new flow of `client` before it is opened (so its
+    /// descriptors are back first): the client's own oldest flow if it is
+    /// at its quota, else the heaviest client's oldest if the table is full.
+    pub fn make_room(&self, client: ClientId) -> Option<Evicted> {
+        let mut inner = self.lock();
+        let at_quota = inner.load(client) >= inner.limits.per_client;
+        let (reason, entry) = if inner.len >= inner.limits.capacity {
+            let entry = if at_quota {
+                inner.pop_oldest(client)
+            } else {
+                inner.pop_heaviest()
+            };
+            (Eviction::TableFull, entry)
+        } else if at_quota {
+            (Eviction::ClientQuota, inner.pop_oldest(client))
+        } else {
+            return None;
+        };
+        entry.map(|entry| Evicted { reason, entry })
+    }
+
+    /// Ends the least recently used flow of the heaviest client, to free
+    /// its descriptors for a new flow.
+    pub fn evict_heaviest(&self) -> Option<Evicted> {
+        self.lock().pop_heaviest().map(|entry| Evicted {
+            reason: Eviction::FdBudget,
+            entry,
+        })
+    }
+
+    /// Adds a new flow. If another opened the same flow meanwhile, that one
+    /// stays and `entry` comes back in `Err` (the caller drops it).
+    /// Whatever the limits push out comes back in the `Vec`.
+    pub fn insert(&self, key: FlowKey, entry: Entry, now_ms: u64) -> Result<(Arc<Session>, Vec<Evicted>), Entry> {
+        let mut inner = self.lock();
+        let owner = key.owner();
+        if inner
+            .clients
+            .get_mut(&owner)
+            .is_some_and(|c| c.flows.get(&key).is_some())
+        {
+            return Err(entry);
         }
-        let entry = open()?;
+        let mut evicted = Vec::new();
+        while inner.load(owner) >= inner.limits.per_client {
+            match inner.pop_oldest(owner) {
+                Some(entry) => evicted.push(Evicted {
+                    reason: Eviction::ClientQuota,
+                    entry,
+                }),
+                None => break,
+            }
+        }
+        while inner.len >= inner.limits.capacity {
+            match inner.pop_heaviest() {
+                Some(entry) => evicted.push(Evicted {
+                    reason: Eviction::TableFull,
+                    entry,
+                }),
+                None => break,
+            }
+        }
         let session = entry.session.clone();
-        let evicted = table.push(key, entry).map(|(_, old)| old);
+        let old = inner.load(owner);
+        inner.client(owner, now_ms).flows.put(key, entry);
+        inner.len += 1;
+        inner.reorder(owner, old);
         Ok((session, evicted))
     }
 
     /// Marks `key` most recently used if it still maps to session `id`.
     pub fn promote(&self, key: &FlowKey, id: u64) {
-        let mut table = self.lock();
-        if table.peek(key).is_some_and(|e| e.session.id == id) {
-            table.promote(key);
+        let mut inner = self.lock();
+        if let Some(client) = inner.clients.get_mut(&key.owner()) {
+            if client.flows.peek(key).is_some_and(|e| e.session.id == id) {
+                client.flows.promote(key);
+            }
         }
     }
 
     /// Removes `key` if it still maps to session `id` (a newer session for
     /// the same flow is left alone).
     pub fn remove(&self, key: &FlowKey, id: u64) -> Option<Entry> {
-        let mut table = self.lock();
-        if table.peek(key).is_some_and(|e| e.session.id == id) {
-            table.pop(key)
-        } else {
-            None
-        }
+        self.lock().remove_if(key, id)
     }
 
     /// Number of live sessions.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().len
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Removes the sessions idle for at least their timeout at `now_ms`.
-    ///
-    /// Walks from the least recently used end and stops at the first
-    /// session idle for less than `min_idle_ms` (the shortest timeout in
-    /// use): everything after it was used later still, so nothing there can
-    /// have expired. A sweep costs the expired sessions plus those older
-    /// than the shortest timeout, not the whole table.
-    pub fn take_idle(&self, now_ms: u64, min_idle_ms: u64) -> Vec<Entry> {
-        let mut table = self.lock();
-        let mut expired = Vec::new();
-        for (key, entry) in table.iter().rev() {
-            let idle = entry.session.idle_for(now_ms);
-            if idle >= entry.session.idle_ms {
-                expired.push(*key);
-            } else if idle < min_idle_ms {
-                break;
-            }
-        }
-        expired.iter().filter_map(|k| table.pop(k)).collect()
+    /// Clients holding flows, and the most one holds.
+    pub fn clients(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.by_load.len(), inner.by_load.last().map_or(0, |&(n, _)| n))
     }
 
-    /// Changes the capacity; when it shrinks, the least recently used flows
-    /// beyond it end. Returns how many ended.
-    pub fn resize(&self, capacity: NonZeroUsize) -> usize {
-        let mut ended = Vec::new();
-        {
-            let mut table = self.lock();
-            while table.len() > capacity.get() {
-                if let Some((_, e)) = table.pop_lru() {
-                    ended.push(e);
+    /// Removes the sessions idle for at least their timeout at `now_ms`.
+    ///
+    /// Walks each client's flows from the least recently used end and stops
+    /// at the first one idle for less than `min_idle_ms` (the shortest
+    /// timeout in use): everything after it was used later still, so
+    /// nothing there can have expired. A sweep costs the clients, the
+    /// expired sessions and those older than the shortest timeout, not the
+    /// whole table. Clients left without flows are forgotten.
+    pub fn take_idle(&self, now_ms: u64, min_idle_ms: u64) -> Vec<Entry> {
+        let mut inner = self.lock();
+        let mut expired = Vec::new();
+        let ids: Vec<ClientId> = inner.clients.keys().copied().collect();
+        for id in ids {
+            let old = inner.load(id);
+            let Some(client) = inner.clients.get_mut(&id) else {
+                continue;
+            };
+            let mut keys = Vec::new();
+            for (key, entry) in client.flows.iter().rev() {
+                let idle = entry.session.idle_for(now_ms);
+                if idle >= entry.session.idle_ms {
+                    keys.push(*key);
+                } else if idle < min_idle_ms {
+                    break;
                 }
             }
-            table.resize(capacity);
+            expired.extend(keys.iter().filter_map(|k| client.flows.pop(k)));
+            if client.flows.is_empty() {
+                inner.clients.remove(&id);
+            }
+            inner.len -= old - inner.load(id);
+            inner.reorder(id, old);
         }
-        ended.len()
+        expired
+    }
+
+    /// New limits; when the capacity or quota shrank, the flows beyond them
+    /// are returned (heaviest clients first).
+    pub fn set_limits(&self, limits: Limits) -> Vec<Entry> {
+        let mut inner = self.lock();
+        inner.limits = limits;
+        let mut ended = Vec::new();
+        while inner.by_load.last().is_some_and(|&(n, _)| n > limits.per_client) {
+            match inner.pop_heaviest() {
+                Some(e) => ended.push(e),
+                None => break,
+            }
+        }
+        while inner.len > limits.capacity {
+            match inner.pop_heaviest() {
+                Some(e) => ended.push(e),
+                None => break,
+            }
+        }
+        ended
     }
 
     /// Ends every session; returns how many there were.
     pub fn clear(&self) -> usize {
-        let drained: Vec<Entry> = {
-            let mut table = self.lock();
-            let mut all = Vec::with_capacity(table.len());
-            while let Some((_, e)) = table.pop_lru() {
-                all.push(e);
-            }
-            all
+        let drained: Vec<Client> = {
+            let mut inner = self.lock();
+            inner.len = 0;
+            inner.by_load.clear();
+            inner.clients.drain().map(|(_, c)| c).collect()
         };
-        drained.len()
+        drained.iter().map(|c| c.flows.len()).sum()
     }
 
-    fn lock(&self) -> MutexGuard<'_, LruCache<FlowKey, Entry>> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        lock(&self.inner)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::convert::Infallible;
+    use crate::relay::key::Target;
 
-    fn key(port: u16) -> FlowKey {
+    fn key_of(client: &str, port: u16) -> FlowKey {
         FlowKey {
-            client: ([192, 0, 2, 10], port).into(),
-            target: super::super::Target::Destination(([198, 51, 100, 7], 7000).into()),
+            client: std::net::SocketAddr::new(client.parse().unwrap(), port),
+            target: Target::Destination(([198, 51, 100, 7], 7000).into()),
         }
     }
 
-    fn entry(k: FlowKey) -> Result<Entry, Infallible> {
-        let task = tokio::spawn(std::future::pending::<()>());
-        Ok(Entry::new(
-            Arc::new(Session::detached(k, 60_000, 0)),
-            Some(task.abort_handle()),
-        ))
+    fn key(port: u16) -> FlowKey {
+        key_of("192.0.2.10", port)
     }
 
-    fn table(cap: usize) -> SessionTable {
-        SessionTable::new(NonZeroUsize::new(cap).unwrap())
+    fn entry(k: FlowKey) -> Entry {
+        Entry::new(Arc::new(Session::detached(k, 60_000, 0)), None)
+    }
+
+    fn limits(capacity: usize, per_client: usize) -> Limits {
+        Limits {
+            capacity,
+            per_client,
+            new_flows_per_sec: 0,
+        }
+    }
+
+    fn add(t: &SessionTable, k: FlowKey) -> Vec<Evicted> {
+        if let Some(e) = t.make_room(k.owner()) {
+            return vec![e];
+        }
+        t.insert(k, entry(k), 0).map(|(_, ev)| ev).unwrap_or_default()
     }
 
     #[tokio::test]
-    async fn evicts_the_least_recently_used() {
-        let t = table(3);
+    async fn evicts_the_least_recently_used_of_a_client() {
+        let t = SessionTable::new(limits(3, 3));
         for p in 1..=3 {
-            let (_, evicted) = t.get_or_insert_with(key(p), || entry(key(p))).unwrap();
-            assert!(evicted.is_none());
+            assert!(add(&t, key(p)).is_empty());
         }
         assert!(t.get(&key(1)).is_some()); // 2 is now the oldest
-        let (_, evicted) = t.get_or_insert_with(key(4), || entry(key(4))).unwrap();
-        assert_eq!(evicted.unwrap().session.key, key(2));
+        let ev = add(&t, key(4));
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].entry.session.key, key(2));
+        assert!(t.insert(key(4), entry(key(4)), 0).is_ok());
         assert!(t.get(&key(2)).is_none());
         assert_eq!(t.len(), 3);
     }
 
     #[tokio::test]
-    async fn existing_flow_is_not_reopened() {
-        let t = table(2);
-        let (a, _) = t.get_or_insert_with(key(1), || entry(key(1))).unwrap();
-        let (b, _) = t
-            .get_or_insert_with(key(1), || -> Result<Entry, Infallible> { panic!("opened twice") })
+    async fn a_full_table_takes_from_the_heaviest_client() {
+        let t = SessionTable::new(limits(6, 6));
+        for p in 1..=5 {
+            add(&t, key_of("192.0.2.66", p));
+        }
+        add(&t, key_of("192.0.2.20", 1)); // a quiet client, the oldest of all but one
+        // Full: the newcomer's slot comes from the flooder, not the quiet one.
+        let ev = add(&t, key_of("192.0.2.21", 1));
+        assert_eq!(ev[0].reason, Eviction::TableFull);
+        assert_eq!(ev[0].entry.session.key, key_of("192.0.2.66", 1));
+        t.insert(key_of("192.0.2.21", 1), entry(key_of("192.0.2.21", 1)), 0)
             .unwrap();
-        assert_eq!(a.id, b.id);
+        assert!(t.get(&key_of("192.0.2.20", 1)).is_some());
+        assert_eq!(t.clients(), (3, 4));
+    }
+
+    #[tokio::test]
+    async fn a_client_at_its_quota_recycles_its_own_flows() {
+        let t = SessionTable::new(limits(100, 2));
+        add(&t, key_of("2001:db8:1::10", 1));
+        add(&t, key_of("2001:db8:1::10", 2));
+        // Another address in the same /64 is the same client.
+        let ev = add(&t, key_of("2001:db8:1::beef", 3));
+        assert_eq!(ev[0].reason, Eviction::ClientQuota);
+        assert_eq!(ev[0].entry.session.key.client.port(), 1);
+    }
+
+    #[test]
+    fn the_token_bucket_holds_a_second_and_refills() {
+        let mut b = Bucket::full(10, 0);
+        assert_eq!((0..20).filter(|_| b.take(10, 0)).count(), 10);
+        assert!(!b.take(10, 50));
+        assert!(b.take(10, 100)); // 100 ms = one token at 10/s
+        assert!(Bucket::full(0, 0).take(0, 0), "0 means no limit");
     }
 
     #[tokio::test]
     async fn promote_and_remove_respect_the_session_id() {
-        let t = table(2);
-        let (old, _) = t.get_or_insert_with(key(1), || entry(key(1))).unwrap();
+        let t = SessionTable::new(limits(2, 2));
+        let (old, _) = t.insert(key(1), entry(key(1)), 0).unwrap();
         assert!(t.remove(&key(1), old.id).is_some());
-        let (new, _) = t.get_or_insert_with(key(1), || entry(key(1))).unwrap();
-        // A stale session (say, its expiry timer firing late) cannot remove
-        // the flow's newer session.
+        let (new, _) = t.insert(key(1), entry(key(1)), 0).unwrap();
+        // A stale session cannot remove the flow's newer session.
         assert!(t.remove(&key(1), old.id).is_none());
         assert_eq!(t.get(&key(1)).unwrap().id, new.id);
-
-        t.get_or_insert_with(key(2), || entry(key(2))).unwrap();
+        // The same flow opened twice: the first stays.
+        assert!(t.insert(key(1), entry(key(1)), 0).is_err());
+        t.insert(key(2), entry(key(2)), 0).unwrap();
         t.promote(&key(1), new.id); // 2 becomes the oldest
-        let (_, evicted) = t.get_or_insert_with(key(3), || entry(key(3))).unwrap();
-        assert_eq!(evicted.unwrap().session.key, key(2));
+        let ev = add(&t, key(3));
+        assert_eq!(ev[0].entry.session.key, key(2));
     }
 
     #[tokio::test]
     async fn idle_sessions_are_taken_whatever_their_own_timeout() {
-        let t = table(10);
-        let add = |port: u16, idle_ms: u64, last: u64| {
-            t.get_or_insert_with(key(port), || {
-                Ok::<_, Infallible>(Entry::new(Arc::new(Session::detached(key(port), idle_ms, last)), None))
-            })
-            .unwrap();
+        let t = SessionTable::new(limits(10, 10));
+        let put = |port: u16, idle_ms: u64, last: u64| {
+            let k = key(port);
+            t.insert(k, Entry::new(Arc::new(Session::detached(k, idle_ms, last)), None), 0)
+                .unwrap();
         };
-        add(1, 1_000, 0); // idle 10 s, timeout 1 s: expired
-        add(2, 60_000, 0); // idle 10 s, timeout 60 s: kept
-        add(3, 1_000, 5_000); // idle 5 s, timeout 1 s: expired, behind a kept one
-        add(4, 1_000, 9_800); // idle 0.2 s: kept; the walk stops here
+        put(1, 1_000, 0); // idle 10 s, timeout 1 s: expired
+        put(2, 60_000, 0); // idle 10 s, timeout 60 s: kept
+        put(3, 1_000, 5_000); // idle 5 s, timeout 1 s: expired, behind a kept one
+        put(4, 1_000, 9_800); // idle 0.2 s: kept; the walk stops here
         let taken: Vec<u16> = t
             .take_idle(10_000, 1_000)
             .iter()
@@ -240,18 +500,44 @@ mod tests {
             .collect();
         assert_eq!(taken, vec![1, 3]);
         assert_eq!(t.len(), 2);
+        assert_eq!(t.clients(), (1, 2));
     }
 
     #[tokio::test]
-    async fn dropping_an_entry_stops_its_task() {
-        let t = table(1);
-        let task = tokio::spawn(std::future::pending::<()>());
-        let handle = task.abort_handle();
-        t.get_or_insert_with(key(1), || {
-            Ok::<_, Infallible>(Entry::new(Arc::new(Session::detached(key(1), 60_000, 0)), Some(handle)))
-        })
+    async fn dropping_an_entry_ends_its_task() {
+        let t = SessionTable::new(limits(1, 1));
+        let token = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let token = token.clone();
+            async move { token.cancelled().await }
+        });
+        t.insert(
+            key(1),
+            Entry::new(Arc::new(Session::detached(key(1), 60_000, 0)), Some(token.drop_guard())),
+            0,
+        )
         .unwrap();
         assert_eq!(t.clear(), 1);
-        assert!(task.await.unwrap_err().is_cancelled());
+        tokio::time::timeout(std::time::Duration::from_secs(1), task)
+            .await
+            .expect("the task ended")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn shrinking_limits_end_the_heaviest_first() {
+        let t = SessionTable::new(limits(10, 10));
+        for p in 1..=6 {
+            add(&t, key_of("192.0.2.66", p));
+        }
+        add(&t, key_of("192.0.2.20", 1));
+        let ended = t.set_limits(limits(4, 4));
+        assert_eq!(ended.len(), 3);
+        assert!(
+            ended
+                .iter()
+                .all(|e| e.session.key.client.ip().to_string() == "192.0.2.66")
+        );
+        assert_eq!(t.len(), 4);
     }
 }

@@ -1,0 +1,166 @@
+//! The descriptor budget.
+//!
+//! A process that runs out of descriptors fails everything at once: new
+//! flows, DNS over TCP, even the metrics that would say why. So tproxyd
+//! plans its descriptors up front. Out of the soft `RLIMIT_NOFILE` (raised
+//! to the hard limit at start), `relay.fd_budget` is what the relay and DNS
+//! may use; `relay.fd_reserve` of it is kept for what must keep working
+//! under attack (the admin endpoint, DNS over TCP, DNS upstream sockets,
+//! listeners, logs); up to `relay.reply_sockets` go to reply sockets; the
+//! rest carry flows (pooled, full-cone and SOCKS5 upstream sockets). A
+//! flow's socket is taken as a [`Permit`] and handed back when it closes;
+//! when none is left the caller evicts a flow instead of failing
+//! (see `SessionTable::evict_heaviest`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::config::RelayConfig;
+
+/// Raises the soft descriptor limit to the hard one (and, when privileged,
+/// the hard one as far as the kernel allows). Returns the soft limit now
+/// in force.
+pub fn raise_fd_limit() -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    let wanted = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard)
+        .max(hard);
+    if setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_err() && soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    soft_fd_limit()
+}
+
+/// The soft descriptor limit in force.
+pub fn soft_fd_limit() -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX))
+}
+
+/// Descriptors this process has open now (a directory listing; for
+/// metrics, not for the data path).
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1))
+}
+
+/// How the descriptor limit is shared out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// The soft limit the plan was made for.
+    pub limit: usize,
+    /// Kept for the admin endpoint, DNS (TCP clients and upstreams),
+    /// listeners and logs.
+    pub reserve: usize,
+    /// Reply sockets at most.
+    pub reply: usize,
+    /// Flow sockets at most (pooled, full cone, SOCKS5).
+    pub flows: usize,
+}
+
+impl Plan {
+    /// The plan for `config` under the soft limit `limit`.
+    pub fn new(config: &RelayConfig, limit: usize) -> Plan {
+        let budget = config.fd_budget.map_or(limit / 10 * 9, |b| b.get()).min(limit);
+        let reserve = config.fd_reserve.min(budget / 2);
+        let usable = budget - reserve;
+        // Reply sockets are one per destination address; a quarter of the
+        // usable budget at most, so flows always keep the larger part.
+        let reply = config.reply_sockets.get().min(usable / 4).max(1);
+        let flows = usable.saturating_sub(reply).max(1);
+        Plan {
+            limit,
+            reserve,
+            reply,
+            flows,
+        }
+    }
+}
+
+/// A count of descriptors in use against a limit, shared by everything that
+/// opens flow sockets.
+#[derive(Debug)]
+pub struct FdShare {
+    used: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+/// One descriptor of an [`FdShare`], given back when dropped.
+#[derive(Debug)]
+pub struct Permit(Arc<FdShare>);
+
+impl FdShare {
+    pub fn new(limit: usize) -> Arc<FdShare> {
+        Arc::new(FdShare {
+            used: AtomicUsize::new(0),
+            limit: AtomicUsize::new(limit),
+        })
+    }
+
+    /// `n` descriptors, if the share has them.
+    pub fn try_take(self: &Arc<Self>) -> Option<Permit> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u < limit).then_some(u + 1))
+            .ok()
+            .map(|_| Permit(self.clone()))
+    }
+
+    /// Descriptors taken now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// A new limit (on reload); descriptors already taken stay taken.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroUsize;
+
+    #[test]
+    fn permits_are_bounded_and_given_back() {
+        let share = FdShare::new(2);
+        let a = share.try_take().unwrap();
+        let _b = share.try_take().unwrap();
+        assert!(share.try_take().is_none());
+        drop(a);
+        assert!(share.try_take().is_some());
+        assert_eq!(share.used(), 1);
+    }
+
+    #[test]
+    fn the_plan_keeps_a_reserve_and_caps_reply_sockets() {
+        let mut c = RelayConfig::default();
+        let p = Plan::new(&c, 20_000);
+        assert_eq!(p.reserve, c.fd_reserve);
+        assert_eq!(p.reply, 1_024);
+        assert_eq!(p.reserve + p.reply + p.flows, 18_000);
+        c.fd_budget = NonZeroUsize::new(2_000);
+        c.reply_sockets = NonZeroUsize::new(100_000).unwrap();
+        let p = Plan::new(&c, 20_000);
+        assert_eq!(p.reply, (2_000 - c.fd_reserve) / 4);
+        assert!(p.reserve + p.reply + p.flows <= 2_000);
+        // A budget above the limit is cut to the limit.
+        c.fd_budget = NonZeroUsize::new(1_000_000);
+        assert!(Plan::new(&c, 4_096).flows < 4_096);
+    }
+}

@@ -1,0 +1,190 @@
+//! What the listeners, the flows and their tasks share, behind methods.
+//!
+//! The context owns the relay's state (rules, table, pools, reply sockets,
+//! descriptor budget) and every task the relay spawns: each goes into one
+//! [`TaskTracker`] and stops when one [`CancellationToken`] fires, as the
+//! tasks of hickory-server's `ServerFuture` do, so [`RelayContext::shutdown`]
+//! ends them all and waits for them.
+
+use arc_swap::{ArcSwap, Guard};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+
+use super::budget::{FdShare, Plan};
+use super::clock::Clock;
+use super::pool::Pools;
+use super::reply::ReplySender;
+use super::rules::UdpRules;
+use super::session::Session;
+use super::table::{Limits, SessionTable};
+use crate::config::RelayConfig;
+use crate::dns::DnsService;
+use crate::stats::Stats;
+
+#[derive(Debug)]
+pub struct RelayContext {
+    mark: u32,
+    /// Swapped whole on reload; flows keep the route they were opened with.
+    rules: ArcSwap<UdpRules>,
+    table: SessionTable,
+    replies: ReplySender,
+    /// Upstream sockets shared by one-destination flows.
+    pools: Pools<Session>,
+    /// Descriptors for flow sockets (pooled, full cone, SOCKS5).
+    flow_fds: Arc<FdShare>,
+    plan: Plan,
+    /// The shortest idle timeout any session has had (for the sweeper).
+    min_idle_ms: AtomicU64,
+    clock: Clock,
+    stats: Arc<Stats>,
+    /// Answers diverted datagrams to DNS ports instead of relaying them.
+    dns: Option<Arc<DnsService>>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+fn limits(config: &RelayConfig) -> Limits {
+    Limits {
+        capacity: config.session_capacity.get(),
+        per_client: config.client_quota(),
+        new_flows_per_sec: config.new_flows_per_client,
+    }
+}
+
+fn reply_capacity(plan: &Plan) -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(plan.reply).unwrap_or(std::num::NonZeroUsize::MIN)
+}
+
+impl RelayContext {
+    /// The relay for `config`, planning descriptors for the soft limit
+    /// `fd_limit`.
+    pub fn new(
+        config: &RelayConfig,
+        mark: u32,
+        stats: Arc<Stats>,
+        dns: Option<Arc<DnsService>>,
+        fd_limit: usize,
+    ) -> Self {
+        let plan = Plan::new(config, fd_limit);
+        let flow_fds = FdShare::new(plan.flows);
+        tracing::info!(
+            limit = plan.limit,
+            reserve = plan.reserve,
+            reply_sockets = plan.reply,
+            flow_sockets = plan.flows,
+            "descriptor budget"
+        );
+        RelayContext {
+            mark,
+            rules: ArcSwap::from_pointee(UdpRules::new(config, mark)),
+            table: SessionTable::new(limits(config)),
+            replies: ReplySender::new(reply_capacity(&plan), mark, stats.clone()),
+            pools: Pools::new(flow_fds.clone()),
+            flow_fds,
+            plan,
+            min_idle_ms: AtomicU64::new(u64::MAX),
+            clock: Clock::new(),
+            stats,
+            dns,
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// Applies a reloaded `[relay]`: rules, table limits, reply sockets,
+    /// budget. Returns how many flows the new limits ended.
+    pub fn apply(&self, config: &RelayConfig) -> usize {
+        self.rules.store(Arc::new(UdpRules::new(config, self.mark)));
+        let ended = self.table.set_limits(limits(config)).len();
+        self.stats.sessions_evicted.add(ended as u64);
+        let plan = Plan::new(config, self.plan.limit);
+        self.replies.resize(reply_capacity(&plan));
+        self.flow_fds.set_limit(plan.flows);
+        ended
+    }
+
+    pub fn mark(&self) -> u32 {
+        self.mark
+    }
+
+    pub fn rules(&self) -> Guard<Arc<UdpRules>> {
+        self.rules.load()
+    }
+
+    pub fn table(&self) -> &SessionTable {
+        &self.table
+    }
+
+    pub fn replies(&self) -> &ReplySender {
+        &self.replies
+    }
+
+    pub fn pools(&self) -> &Pools<Session> {
+        &self.pools
+    }
+
+    pub fn flow_fds(&self) -> &Arc<FdShare> {
+        &self.flow_fds
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn shared_stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    pub fn dns(&self) -> Option<&Arc<DnsService>> {
+        self.dns.as_ref()
+    }
+
+    /// Remembers the shortest idle timeout in use.
+    pub fn note_idle_timeout(&self, idle_ms: u64) {
+        self.min_idle_ms.fetch_min(idle_ms, Ordering::Relaxed);
+    }
+
+    /// The shortest idle timeout any session has had, milliseconds.
+    pub fn min_idle_ms(&self) -> u64 {
+        self.min_idle_ms.load(Ordering::Relaxed)
+    }
+
+    /// Runs `task` until it ends or the relay shuts down.
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            cancel.run_until_cancelled(task).await;
+        });
+    }
+
+    /// Runs a flow's `task` until it ends, the relay shuts down, or the
+    /// returned guard (kept in the flow's table entry) is dropped.
+    pub fn spawn_flow(&self, task: impl Future<Output = ()> + Send + 'static) -> DropGuard {
+        let token = self.cancel.child_token();
+        let stop = token.clone();
+        self.tasks.spawn(async move {
+            stop.run_until_cancelled(task).await;
+        });
+        token.drop_guard()
+    }
+
+    /// Ends every flow and task of the relay and waits for the tasks.
+    /// Returns how many flows were open.
+    pub async fn shutdown(&self) -> usize {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.table.clear()
+    }
+}

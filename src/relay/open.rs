@@ -1,0 +1,127 @@
+//! Opening a flow: its upstream, its reply address, and its task.
+//!
+//! [`open`] builds the session a rule asks for and starts whatever task it
+//! needs (owned by the relay, ended when the returned guard is dropped);
+//! the caller puts both in the table. When the descriptor budget is used
+//! up, the caller evicts a flow and asks again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::DropGuard;
+
+use super::budget::Permit;
+use super::context::RelayContext;
+use super::inbound;
+use super::key::FlowKey;
+use super::pool::{PoolError, PoolKey};
+use super::rules::{Route, UdpRule};
+use super::session::{Session, Upstream};
+use crate::config::NatMode;
+use crate::net::sockets;
+
+/// Datagrams queued for a SOCKS5 flow while its association is set up.
+const SOCKS_BACKLOG: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("dropped flows have no session")]
+    Dropped,
+    #[error("descriptor budget for flow sockets used up")]
+    Budget,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl From<PoolError> for OpenError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::Budget => OpenError::Budget,
+            PoolError::Io(e) => OpenError::Io(e),
+        }
+    }
+}
+
+/// A new flow and the guard of its task, if it has one.
+pub struct Opened {
+    pub session: Arc<Session>,
+    pub task: Option<DropGuard>,
+}
+
+fn permit(ctx: &RelayContext) -> Result<Permit, OpenError> {
+    ctx.flow_fds().try_take().ok_or(OpenError::Budget)
+}
+
+/// Opens the flow `key` (first datagram to `dst`) as `rule` says.
+pub fn open(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &Arc<RelayContext>) -> Result<Opened, OpenError> {
+    let one_destination = rule.nat == NatMode::Symmetric;
+    let (mark, device) = match &rule.route {
+        Route::Interface { device, mark } => (*mark, device.clone()),
+        _ => (ctx.mark(), None),
+    };
+    let reply_from = one_destination.then_some(dst);
+    let idle_ms = u64::try_from(rule.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+    let now = ctx.now_ms();
+    let make = |upstream| Arc::new(Session::new(key, upstream, reply_from, idle_ms, now));
+    let opened = match &rule.route {
+        Route::Drop => return Err(OpenError::Dropped),
+        Route::Socks5(server) => {
+            // The association holds a TCP control connection and a UDP socket.
+            let permits = [permit(ctx)?, permit(ctx)?];
+            let (tx, rx) = mpsc::channel(SOCKS_BACKLOG);
+            let session = make(Upstream::Socks { tx, permits });
+            let task = ctx.spawn_flow(inbound::socks_pump(
+                session.clone(),
+                ctx.clone(),
+                server.clone(),
+                mark,
+                rx,
+            ));
+            Opened {
+                session,
+                task: Some(task),
+            }
+        }
+        Route::Direct | Route::Interface { .. } | Route::Redirect(_) if one_destination => {
+            let target = match rule.route {
+                Route::Redirect(to) => to,
+                _ => dst,
+            };
+            let pool = PoolKey {
+                v6: target.is_ipv6(),
+                mark,
+                device,
+            };
+            let lease = ctx.pools().lease(pool, key.client, target)?;
+            let fresh = lease.fresh.then(|| lease.socket.clone());
+            let session = make(Upstream::Pooled(lease));
+            if let Upstream::Pooled(lease) = session.upstream() {
+                lease.attach(&session);
+            }
+            if let Some(socket) = fresh {
+                ctx.spawn(inbound::read_pool(socket, ctx.clone()));
+            }
+            Opened { session, task: None }
+        }
+        Route::Direct | Route::Interface { .. } | Route::Redirect(_) => {
+            let permit = permit(ctx)?;
+            let std = sockets::flow_upstream(dst, None, mark, device.as_deref())?;
+            sockets::report_errors(&std, dst.is_ipv6())?;
+            let socket = Arc::new(UdpSocket::from_std(std)?);
+            let session = make(Upstream::Cone {
+                socket: socket.clone(),
+                permit,
+            });
+            let task = ctx.spawn_flow(inbound::pump_cone(session.clone(), socket, ctx.clone()));
+            Opened {
+                session,
+                task: Some(task),
+            }
+        }
+    };
+    ctx.note_idle_timeout(idle_ms);
+    ctx.stats().sessions_opened.inc();
+    tracing::debug!(client = %key.client, %dst, rule = rule.number, id = opened.session.id, "session opened");
+    Ok(opened)
+}
