@@ -97,9 +97,7 @@ impl Exchange<'_> {
     /// A fresh marked socket on a kernel-chosen (random) port, connected to
     /// the server.
     fn open(&self) -> io::Result<UdpSocket> {
-        let std = sockets::marked_udp(sockets::unspecified(self.server), self.mark)?;
-        std.connect(self.server)?;
-        UdpSocket::from_std(std)
+        UdpSocket::from_std(sockets::marked_connected_udp(self.server, self.mark)?)
     }
 }
 
