@@ -21,7 +21,7 @@ use tokio::net::UdpSocket;
 use super::context::RelayContext;
 use super::decide::{Decision, Host, decide};
 use super::key::FlowKey;
-use super::open::{OpenError, open};
+use super::open::{self, OpenError, open};
 use super::rules::UdpRule;
 use super::session::Session;
 use super::table::{Entry, Evicted, Eviction};
@@ -34,6 +34,8 @@ use crate::shutdown::Shutdown;
 pub const BYTES_PER_ROUND: usize = 1 << 20;
 /// Flows opened per round before other tasks get the thread.
 pub const OPENS_PER_ROUND: usize = 64;
+/// Evictions tried for a new flow when the descriptor budget is used up.
+const BUDGET_TRIES: usize = 3;
 /// Batches read per round at most (small datagrams).
 const BATCHES_PER_ROUND: usize = 8;
 
@@ -187,14 +189,32 @@ fn new_flow(ctx: &Arc<RelayContext>, key: FlowKey, dst: SocketAddr, rule: &UdpRu
         return None;
     }
     count_evicted(ctx, table.make_room(owner));
-    let opened = match open(key, dst, rule, ctx) {
-        Err(OpenError::Budget) => {
-            // Out of descriptors: the heaviest client gives one back.
-            count_evicted(ctx, table.evict_heaviest());
-            open(key, dst, rule, ctx)
+    let mut opened = open(key, dst, rule, ctx);
+    // Out of descriptors. A pooled flow takes over a socket from the flows
+    // in its way there (a client that busy is the heaviest, or close to
+    // it); a flow that needs its own socket gets the descriptor of the
+    // heaviest client's oldest flow. A few tries: a socket's blockers may
+    // be on their way out already.
+    for _ in 0..BUDGET_TRIES {
+        if !matches!(opened, Err(OpenError::Budget)) {
+            break;
         }
-        other => other,
-    };
+        let in_the_way = open::in_the_way(key, dst, rule, ctx);
+        if in_the_way.is_empty() {
+            count_evicted(ctx, table.evict_heaviest());
+        }
+        for session in in_the_way {
+            let entry = table.remove(&session.key, session.id);
+            count_evicted(
+                ctx,
+                entry.map(|entry| Evicted {
+                    reason: Eviction::FdBudget,
+                    entry,
+                }),
+            );
+        }
+        opened = open(key, dst, rule, ctx);
+    }
     let opened = match opened {
         Ok(o) => o,
         Err(OpenError::Budget) => {
