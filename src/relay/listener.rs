@@ -32,6 +32,8 @@ use crate::shutdown::Shutdown;
 
 /// Bytes read per round before other tasks get the thread.
 pub const BYTES_PER_ROUND: usize = 1 << 20;
+/// Bytes one batch should hold, judging by the last batch's datagrams.
+const BYTES_PER_BATCH: usize = 256 << 10;
 /// Flows opened per round before other tasks get the thread.
 pub const OPENS_PER_ROUND: usize = 64;
 /// Evictions tried for a new flow when the descriptor budget is used up.
@@ -44,6 +46,7 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
     let local = socket.local_addr()?;
     let fd = socket.as_raw_fd();
     let mut batch = RecvBatch::new(BATCH);
+    let mut slots = BATCH;
     loop {
         tokio::select! {
             _ = shutdown.recv() => return Ok(()),
@@ -53,18 +56,25 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
         let mut bytes = 0;
         let mut opens = 0;
         for _ in 0..BATCHES_PER_ROUND {
-            match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
+            match socket.try_io(Interest::READABLE, || batch.recv_at_most(fd, slots)) {
                 Ok(n) => {
                     let mut run = Run::default();
+                    let mut batch_bytes = 0;
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
-                            bytes += payload.len();
+                            batch_bytes += payload.len();
                             if handle(&ctx, local, meta, payload, &mut run) {
                                 opens += 1;
                             }
                         }
                     }
                     run.flush(&ctx);
+                    bytes += batch_bytes;
+                    // Big datagrams: read fewer at a time, so that a round
+                    // stays near BYTES_PER_ROUND instead of a whole batch of
+                    // 64 KB ones (4 MB) passing before anyone else's turn.
+                    let average = batch_bytes / n.max(1);
+                    slots = (BYTES_PER_BATCH / average.max(1)).clamp(1, BATCH);
                 }
                 Err(e) if would_block(&e) => {
                     drained = true;

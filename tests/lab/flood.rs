@@ -160,12 +160,17 @@ pub fn summary(rtts: &[Option<Duration>]) -> (usize, usize, Duration, Duration, 
     )
 }
 
-/// A server thread that answers each datagram `delay` after it came (a
-/// server pushing state to a client that went quiet), or never when `delay`
-/// is `None` (a sink).
+/// An answer waiting for its time: when, to whom, what.
+type Due = (Instant, SocketAddr, Vec<u8>);
+
+/// A server thread that acknowledges each datagram at once (`ack:` and the
+/// payload) and answers it again `delay` after it came (a server pushing
+/// state to a client that went quiet); with `delay` `None`, a sink that
+/// never answers.
 pub struct LateServer {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    sent: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl LateServer {
@@ -174,7 +179,7 @@ impl LateServer {
         let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(16 << 20);
         sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let due: Arc<Mutex<Vec<(Instant, SocketAddr, Vec<u8>)>>> = Arc::default();
+        let due: Arc<Mutex<Vec<Due>>> = Arc::default();
         let mut threads = Vec::new();
         {
             let (sock, stop, due) = (sock.try_clone().unwrap(), stop.clone(), due.clone());
@@ -183,14 +188,22 @@ impl LateServer {
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, from)) = sock.recv_from(&mut buf) {
                         if let Some(d) = delay {
-                            due.lock().unwrap().push((Instant::now() + d, from, buf[..n].to_vec()));
+                            let mut ack = b"ack:".to_vec();
+                            ack.extend_from_slice(&buf[..n]);
+                            let _ = sock.send_to(&ack, from);
+                            let mut due = due.lock().unwrap();
+                            // A retried request is answered once.
+                            if !due.iter().any(|(_, to, p)| *to == from && p[..] == buf[..n]) {
+                                due.push((Instant::now() + d, from, buf[..n].to_vec()));
+                            }
                         }
                     }
                 }
             }));
         }
+        let sent: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         if delay.is_some() {
-            let (stop, due) = (stop.clone(), due.clone());
+            let (stop, due, sent) = (stop.clone(), due.clone(), sent.clone());
             threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let now = Instant::now();
@@ -201,13 +214,20 @@ impl LateServer {
                         ready
                     };
                     for (_, to, payload) in ready {
-                        let _ = sock.send_to(&payload, to);
+                        if sock.send_to(&payload, to).is_ok() {
+                            sent.lock().unwrap().push(payload);
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
             }));
         }
-        LateServer { stop, threads }
+        LateServer { stop, threads, sent }
+    }
+
+    /// The payloads answered so far.
+    pub fn sent(&self) -> Vec<Vec<u8>> {
+        self.sent.lock().unwrap().clone()
     }
 }
 
