@@ -11,20 +11,55 @@
 # cache/upstream (dnsmasq in the server namespace), "from" 203.0.113.53.
 #
 # Needs root (network namespaces), iproute2, nftables, socat, dnsmasq, dig
-# and cargo; tcpdump is used when present. Touches nothing outside its own namespaces,
+# and cargo (found under sudo too: rustup's ~/.cargo/bin of root or of
+# $SUDO_USER, or $CARGO); tcpdump is used when present. Touches nothing outside its own namespaces,
 # which it removes on exit.
 set -eu
 cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "demo: run as root (it creates network namespaces)" >&2; exit 1; }
-for cmd in ip nft socat dnsmasq dig cargo; do
-    command -v "$cmd" >/dev/null || { echo "demo: '$cmd' not found (see README: apt-get install ...)" >&2; exit 1; }
+
+# The Debian package that provides each tool the demo runs.
+for pair in ip:iproute2 nft:nftables socat:socat dnsmasq:dnsmasq-base dig:dnsutils; do
+    cmd=${pair%%:*}
+    command -v "$cmd" >/dev/null || { echo "demo: '$cmd' not found (apt-get install ${pair#*:})" >&2; exit 1; }
 done
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# cargo: sudo resets PATH, so rustup's ~/.cargo/bin (root's, or that of the
+# user who ran sudo) is not on it. $CARGO, when set, wins.
+find_cargo() {
+    if [ -n "${CARGO:-}" ]; then echo "$CARGO"; return 0; fi
+    if command -v cargo >/dev/null; then command -v cargo; return 0; fi
+    for home in "${HOME:-/root}" ${SUDO_USER:+"$(getent passwd "$SUDO_USER" | cut -d: -f6)"}; do
+        if [ -x "$home/.cargo/bin/cargo" ]; then
+            echo "$home/.cargo/bin/cargo"
+            return 0
+        fi
+    done
+    return 1
+}
+CARGO=$(find_cargo) || {
+    cat >&2 <<'EOF'
+demo: cargo not found. The apt-get line in the README installs the test tools,
+not Rust: install a Rust toolchain (1.85 or newer) with rustup (https://rustup.rs)
+as your user, then run `sudo demo/run.sh` again (it looks in ~/.cargo/bin of the
+user who ran sudo), or point CARGO at it: sudo CARGO=/path/to/cargo demo/run.sh
+EOF
+    exit 1
+}
+# rustup's cargo finds its toolchains through RUSTUP_HOME, next to ~/.cargo.
+rustup_home=$(dirname "$(dirname "$(dirname "$CARGO")")")/.rustup
+if [ -z "${RUSTUP_HOME:-}" ] && [ -d "$rustup_home" ]; then export RUSTUP_HOME="$rustup_home"; fi
 
-step "Building tproxyd (release)"
-cargo build --release --quiet
+# Bold headings on a terminal; plain text in a log or a pipe.
+if [ -t 1 ]; then
+    step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+else
+    step() { printf '\n== %s\n' "$*"; }
+fi
+
+step "Building tproxyd (release; the first build takes a few minutes)"
+"$CARGO" build --release
 BIN=$PWD/target/release/tproxyd
 
 ID=tpddemo$$
@@ -48,6 +83,7 @@ ip -n "$G" addr add 198.51.100.1/24 dev wan0
 ip -n "$C" addr add 192.0.2.10/24 dev lan0
 ip -n "$S" addr add 198.51.100.7/24 dev wan0
 ip -n "$S" addr add 198.51.100.53/24 dev wan0
+# shellcheck disable=SC2086 # "ns link" splits into the two arguments
 for l in "$G lan0" "$G wan0" "$C lan0" "$S wan0"; do set -- $l; ip -n "$1" link set "$2" up; done
 ip -n "$C" route add default via 192.0.2.1
 ip netns exec "$G" sysctl -qw net.ipv4.ip_forward=1
@@ -66,6 +102,7 @@ idle_timeout = "30s"
 
 [dns]
 ports = [53]
+allow = ["192.0.2.0/24"]
 tcp_listen = ["0.0.0.0:15354"]
 [dns.upstreams.default]
 servers = ["198.51.100.53"]
@@ -83,6 +120,7 @@ for _ in $(seq 50); do grep -q "tproxyd ready" "$TMP/tproxyd.log" && break; slee
 sed 's/^/    /' "$TMP/tproxyd.log"
 
 step "Server: UDP echo on 198.51.100.7:7000 (reports who it sees)"
+# shellcheck disable=SC2016 # socat's shell expands these, not this one
 ip netns exec "$S" socat UDP4-RECVFROM:7000,fork \
     SYSTEM:'echo "    server saw a datagram from $SOCAT_PEERADDR:$SOCAT_PEERPORT" >&2; cat' &
 PIDS="$PIDS $!"
@@ -111,6 +149,7 @@ sleep 0.5
 step "Client: its resolver is hard-coded to 203.0.113.53, which does not exist here"
 for q in "www.example.test" "printer.lan" "tracker.ads.example" "+tcp printer.lan"; do
     echo "    \$ dig @203.0.113.53 $q"
+    # shellcheck disable=SC2086 # "+tcp printer.lan" is two arguments
     ip netns exec "$C" dig +time=2 +tries=1 @203.0.113.53 $q | grep -E "status:|^[a-z].*IN|SERVER:" | sed 's/^/      /'
 done
 echo "    dnsmasq was asked only what no rule answered, by the gateway:"

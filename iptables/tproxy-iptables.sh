@@ -4,6 +4,7 @@
 #
 #   iptables/tproxy-iptables.sh up      # idempotent: replaces what an earlier `up` left
 #   iptables/tproxy-iptables.sh down    # removes everything `up` added; safe to repeat
+#   iptables/tproxy-iptables.sh print   # shows the commands `up` runs; changes nothing
 #
 # Settings are the same environment variables as tproxy-nft.sh (see its
 # header): TPROXY_PORT LAN_IF LOCAL FWMARK SKIP_MARK ROUTE_TABLE UDP_PORTS
@@ -28,15 +29,24 @@ IPTABLES=${IPTABLES:-iptables}
 IP6TABLES=${IP6TABLES:-ip6tables}
 
 here=$(dirname "$0")
+# shellcheck source-path=SCRIPTDIR source=lib/policy-routing.sh
 . "$here/lib/policy-routing.sh"
 
 die() { echo "tproxy-iptables: $*" >&2; exit 1; }
 has_family() { case " $FAMILIES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
+# 1 while printing: ipt shows each command instead of running it.
+PRINT=0
+
 # ipt FAMILY ARGS... : the mangle table of that family.
 ipt() {
     f=$1; shift
-    if [ "$f" = 4 ]; then "$IPTABLES" -w -t mangle "$@"; else "$IP6TABLES" -w -t mangle "$@"; fi
+    if [ "$f" = 4 ]; then bin=$IPTABLES; else bin=$IP6TABLES; fi
+    if [ "$PRINT" = 1 ]; then
+        echo "$bin -w -t mangle $*"
+        return 0
+    fi
+    "$bin" -w -t mangle "$@"
 }
 
 # iptables spells port ranges with ':'.
@@ -69,9 +79,9 @@ bypass_rules() {
     if [ "$f" = 4 ]; then ipt "$f" -A "$chain" -m addrtype --dst-type BROADCAST -j RETURN; fi
 }
 
-up_family() {
+# The rules of one family (what `up` adds after clearing, and `print` shows).
+rules_family() {
     f=$1
-    down_family "$f"
     # shellcheck disable=SC2046 # port_match is meant to split into words
     {
         ipt "$f" -N TPROXYD_CAPTURE
@@ -102,7 +112,24 @@ up_family() {
             ipt "$f" -I OUTPUT -j TPROXYD_OUT
         fi
     }
+}
+
+up_family() {
+    f=$1
+    down_family "$f"
+    rules_family "$f"
     policy_routing_up "$f"
+}
+
+print_family() {
+    f=$1
+    if [ "$f" = 4 ]; then any=0.0.0.0/0; else any=::/0; fi
+    echo "# IPv$f"
+    PRINT=1
+    rules_family "$f"
+    PRINT=0
+    echo "ip -$f rule add fwmark $FWMARK lookup $ROUTE_TABLE"
+    echo "ip -$f route replace local $any dev lo table $ROUTE_TABLE"
 }
 
 case "${1:-}" in
@@ -114,6 +141,9 @@ case "${1:-}" in
     down)
         for f in 4 6; do has_family $f && down_family $f; done
         ;;
-    *) echo "usage: $0 up|down  (settings via environment; see the header of this file)" >&2; exit 2 ;;
+    print)
+        for f in 4 6; do has_family $f && print_family $f; done
+        ;;
+    *) echo "usage: $0 up|down|print  (settings via environment; see the header of this file)" >&2; exit 2 ;;
 esac
 exit 0

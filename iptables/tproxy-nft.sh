@@ -42,6 +42,7 @@ NFT_TABLE=${NFT_TABLE:-tproxyd}
 
 here=$(dirname "$0")
 # tproxyd's auto_rules feeds the library and this script on stdin together.
+# shellcheck source-path=SCRIPTDIR source=lib/policy-routing.sh
 command -v policy_routing_up >/dev/null 2>&1 || . "$here/lib/policy-routing.sh"
 
 die() { echo "tproxy-nft: $*" >&2; exit 1; }
@@ -53,8 +54,10 @@ has_family() { case " $FAMILIES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; 
 
 ruleset() {
     bypass4="0.0.0.0/8, 127.0.0.0/8, 224.0.0.0/4, 255.255.255.255/32"
+    # shellcheck disable=SC2086 # the lists are meant to split into words
     [ -n "$BYPASS4" ] && bypass4="$bypass4, $(commas $BYPASS4)"
     bypass6="::1/128, fe80::/10, ff00::/8"
+    # shellcheck disable=SC2086
     [ -n "$BYPASS6" ] && bypass6="$bypass6, $(commas $BYPASS6)"
     ports=""
     [ -n "$UDP_PORTS" ] && ports="udp dport { $(echo "$UDP_PORTS" | sed 's/,/, /g') }"

@@ -86,6 +86,11 @@ impl Sources {
                 "Answers in the DNS cache.",
                 dns.engine().cache_len() as u64,
             ));
+            g.push((
+                "dns_cache_bytes",
+                "Estimated memory held by DNS cache entries (bounded by dns.cache.max_bytes).",
+                dns.engine().cache_bytes() as u64,
+            ));
             if let Some(feed) = dns.engine().feed() {
                 let map = feed.map();
                 g.push((

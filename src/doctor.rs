@@ -11,6 +11,10 @@ use std::process::{Command, Stdio};
 
 use crate::config::Config;
 
+mod installed;
+
+use installed::{Installed, Proto};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Ok,
@@ -44,7 +48,10 @@ fn problem(status: Status, what: impl Into<String>, fix: impl Into<String>) -> F
 
 /// The settings the checks compare against.
 struct Expect {
-    port: u16,
+    /// The relay's TPROXY ports (UDP), each listed once.
+    udp_ports: Vec<u16>,
+    /// The DNS engine's TPROXY TCP ports (`dns.tcp_listen`).
+    tcp_ports: Vec<u16>,
     mark: u32,
     fwmark: u32,
     table: u32,
@@ -63,8 +70,16 @@ impl Expect {
         if listen.iter().any(|a| a.is_ipv6()) {
             families.push(6);
         }
+        let udp_ports = distinct(listen.iter().map(|a| a.port()));
+        let tcp_ports = distinct(
+            config
+                .dns()
+                .into_iter()
+                .flat_map(|d| d.tcp_listen.iter().map(|a| a.port())),
+        );
         Expect {
-            port: listen.first().map_or(15353, |a| a.port()),
+            udp_ports,
+            tcp_ports,
             mark: config.mark.0,
             fwmark: auto.map_or(1, |a| a.fwmark),
             table: auto.map_or(100, |a| a.route_table),
@@ -74,6 +89,17 @@ impl Expect {
     }
 }
 
+/// The ports in first-seen order, each once.
+fn distinct(ports: impl Iterator<Item = u16>) -> Vec<u16> {
+    let mut out = Vec::new();
+    for p in ports {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// Runs every check.
 pub fn diagnose(config: &Config) -> Vec<Finding> {
     let e = Expect::from(config);
@@ -81,9 +107,37 @@ pub fn diagnose(config: &Config) -> Vec<Finding> {
     for &fam in &e.families {
         f.push(policy_routing(&e, fam));
     }
-    f.extend(redirect_rules(&e));
-    f.extend(sysctls(&e));
+    let installed = Installed::read();
+    f.extend(redirect_rules(&e, &installed));
+    f.extend(sysctls(&e, &installed));
+    if let Some(dns) = config.dns() {
+        let names = dns.nft_sets();
+        if !names.is_empty() {
+            f.push(nft_sets(&dns.nft.table, &names));
+        }
+    }
     f
+}
+
+/// Whether the kernel takes the sets DNS rules feed: the whole setup is
+/// sent as one batch that is rolled back (see [`crate::nft::sets::probe`]).
+fn nft_sets(table: &str, names: &[String]) -> Finding {
+    match crate::nft::sets::probe(table, names) {
+        Ok(()) => ok(format!(
+            "nftables: the kernel accepts tproxyd's sets in inet {table} ({})",
+            names
+                .iter()
+                .map(|n| format!("{n}4/{n}6"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Err(why) => problem(
+            Status::Fail,
+            format!("nftables: the kernel refused tproxyd's sets in inet {table}: {why}"),
+            "run as root or with CAP_NET_ADMIN; if you declared the sets yourself, declare them \
+             `{ type ipv4_addr; flags timeout; }` (and ipv6_addr for NAME6) or leave them to tproxyd",
+        ),
+    }
 }
 
 /// A report, and whether anything failed.
@@ -223,35 +277,62 @@ fn policy_routing(e: &Expect, family: u8) -> Finding {
     }
 }
 
-/// The redirect itself: present, pointing at our port, skipping our mark,
-/// setting the mark the policy routing expects.
-fn redirect_rules(e: &Expect) -> Vec<Finding> {
-    let nft = command("nft", &["list", "ruleset"]).unwrap_or_default();
-    let ipt = command("iptables-save", &["-t", "mangle"]).unwrap_or_default();
-    let nft_port =
-        nft.contains(&format!("tproxy to :{}", e.port)) || nft.contains(&format!("tproxy ip to :{}", e.port));
-    let ipt_port = ipt.contains(&format!("--on-port {}", e.port));
+/// The redirect itself: present, pointing at every listener's port,
+/// skipping our mark, setting the mark the policy routing expects.
+fn redirect_rules(e: &Expect, installed: &Installed) -> Vec<Finding> {
+    let (nft, ipt) = (&installed.nft, &installed.ipt);
     let mut f = Vec::new();
-    if !nft_port && !ipt_port {
-        let other = nft.contains("tproxy") || ipt.contains("TPROXY");
+    let relay_port = e.udp_ports.first().copied().unwrap_or(15353);
+    if !installed.any_tproxy() {
         f.push(problem(
             Status::Fail,
-            if other {
-                format!(
-                    "redirect: a TPROXY rule exists but none sends to tproxyd's port {}",
-                    e.port
-                )
-            } else {
-                "redirect: no nftables or iptables TPROXY rule found".to_string()
-            },
+            "redirect: no nftables or iptables TPROXY rule found",
             format!(
-                "TPROXY_PORT={} LAN_IF=<your LAN> iptables/tproxy-nft.sh up, or auto_rules in the config",
-                e.port
+                "TPROXY_PORT={relay_port} LAN_IF=<your LAN> iptables/tproxy-nft.sh up, or auto_rules in the config"
             ),
         ));
         return f;
     }
-    f.push(ok(format!("redirect: TPROXY rule to port {}", e.port)));
+    for &port in &e.udp_ports {
+        if installed.sends(Proto::Udp, port) {
+            f.push(ok(format!("redirect: UDP TPROXY rule to the relay's port {port}")));
+        } else {
+            f.push(problem(
+                Status::Fail,
+                format!(
+                    "redirect: TPROXY rules exist but none sends UDP to tproxyd's relay port {port} (relay.listen)"
+                ),
+                format!("run the rules' up again with TPROXY_PORT={port}, or make relay.listen match the rules"),
+            ));
+        }
+    }
+    for &port in &e.tcp_ports {
+        if installed.sends(Proto::Tcp, port) {
+            f.push(ok(format!("redirect: TCP TPROXY rule to the DNS-over-TCP port {port}")));
+        } else {
+            f.push(problem(
+                Status::Fail,
+                format!(
+                    "redirect: no TPROXY rule sends TCP to dns.tcp_listen port {port}: DNS over TCP escapes the proxy"
+                ),
+                format!("run the rules' up again with DNS_TCP_PORT={port} (auto_rules sets it by itself)"),
+            ));
+        }
+    }
+    for port in installed.ports_for(Proto::Tcp) {
+        if !e.tcp_ports.contains(&port) {
+            f.push(problem(
+                Status::Warn,
+                format!(
+                    "redirect: the rules send TCP to port {port}, where tproxyd does not listen: those connections \
+                     are dropped"
+                ),
+                format!(
+                    "add dns.tcp_listen = [\"0.0.0.0:{port}\"] to the config, or run the rules without DNS_TCP_PORT"
+                ),
+            ));
+        }
+    }
     let nft_skip = nft.contains(&format!("meta mark & {m:#010x} == {m:#010x}", m = e.mark))
         || nft.contains(&format!("meta mark {:#010x}", e.mark));
     let ipt_skip =
@@ -294,22 +375,46 @@ fn redirect_rules(e: &Expect) -> Vec<Finding> {
     f
 }
 
-fn sysctls(e: &Expect) -> Vec<Finding> {
+fn sysctls(e: &Expect, installed: &Installed) -> Vec<Finding> {
     let read = |path: &str| std::fs::read_to_string(path).ok().map(|s| s.trim().to_string());
     let mut f = Vec::new();
-    if !e.lan.is_empty() {
+    // LAN-side capture, from the config's auto_rules or from the rules
+    // found installed (iptables/*.sh with LAN_IF): gateway mode, where the
+    // LAN's other traffic must still be routed.
+    let mut lan = e.lan.clone();
+    lan.extend(installed.lan_interfaces());
+    lan.sort();
+    lan.dedup();
+    if !lan.is_empty() {
+        let on = lan.join(", ");
         match read("/proc/sys/net/ipv4/ip_forward").as_deref() {
             Some("1") => f.push(ok("forwarding: net.ipv4.ip_forward = 1")),
             _ => f.push(problem(
-                Status::Warn,
-                "forwarding: net.ipv4.ip_forward is off: LAN traffic the rules do not capture is not forwarded",
-                "sysctl -w net.ipv4.ip_forward=1",
+                Status::Fail,
+                format!(
+                    "forwarding: net.ipv4.ip_forward is off, but the rules capture traffic arriving on {on} \
+                     (gateway mode): the LAN's traffic that is not captured is not routed"
+                ),
+                "sysctl -w net.ipv4.ip_forward=1 (and set it in /etc/sysctl.d/ to keep it)",
             )),
+        }
+        if e.families.contains(&6) {
+            match read("/proc/sys/net/ipv6/conf/all/forwarding").as_deref() {
+                Some("1") => f.push(ok("forwarding: net.ipv6.conf.all.forwarding = 1")),
+                _ => f.push(problem(
+                    Status::Warn,
+                    format!(
+                        "forwarding: net.ipv6.conf.all.forwarding is off: IPv6 traffic arriving on {on} that is \
+                         not captured is not routed"
+                    ),
+                    "sysctl -w net.ipv6.conf.all.forwarding=1",
+                )),
+            }
         }
     }
     let mut strict = Vec::new();
     for dev in std::iter::once("all".to_string())
-        .chain(e.lan.iter().cloned())
+        .chain(lan.iter().cloned())
         .chain(std::iter::once("lo".to_string()))
     {
         if read(&format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter")).as_deref() == Some("1") {

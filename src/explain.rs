@@ -62,6 +62,9 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
                 .map_err(|_| ExplainError::BadName(name.clone()))?
                 .append_domain(&Name::root())
                 .map_err(|_| ExplainError::BadName(name.clone()))?;
+            if !engine.allows(*client) {
+                let _ = writeln!(out, "  {client} is outside dns.allow: refused before any rule");
+            }
             match engine.rules().first_match(*client, &query_key(&qname), *qtype) {
                 Some(rule) => {
                     let span = dns.rules.get(rule.number - 1).map_or(0, |r| r.span().start);

@@ -56,9 +56,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    for warning in &config.warnings {
+        eprintln!("{warning}");
+    }
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(config, cli.config),
-        Command::Check => check(&config).map(|()| println!("{}: ok", cli.config.display())),
+        Command::Check => check(&config, &cli.config).map(|()| println!("{}: ok", cli.config.display())),
         Command::Reload => reload(&config, &cli.config),
         Command::Explain { client, query, dst } => explain(&config, &cli.config, &client, query, dst),
         Command::Doctor => {
@@ -78,16 +81,56 @@ fn main() -> ExitCode {
 
 /// Beyond parsing: loads every list, hosts and CA file the config names,
 /// without opening a socket.
-fn check(config: &Config) -> anyhow::Result<()> {
+fn check(config: &Config, path: &Path) -> anyhow::Result<()> {
     if let Some(dns) = config.dns() {
         let stats = std::sync::Arc::new(tproxyd::stats::Stats::default());
         tproxyd::dns::DnsEngine::build(dns, config.mark.0, stats)?;
     }
+    if let Some(problem) = config.pid_file.as_deref().and_then(pid_file_problem) {
+        eprintln!("{}: warning: {problem}", path.display());
+    }
     Ok(())
 }
 
+/// Why the daemon may fail to write its pid file at start, as far as this
+/// process can tell. `check` runs as the unit's user under systemd
+/// (ExecStartPre), and usually as root by hand: root can write anywhere, so
+/// a directory only root may write is worth a word too.
+fn pid_file_problem(pid_file: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    const FIX: &str = "under config/tproxyd.service use pid_file = \"/run/tproxyd/tproxyd.pid\" \
+                       (its RuntimeDirectory=tproxyd creates that directory at start)";
+    let dir = match pid_file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let shown = format!("pid_file {}", pid_file.display());
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Some(format!(
+            "{shown}: directory {} does not exist: create it before tproxyd starts (under \
+             config/tproxyd.service, RuntimeDirectory=tproxyd creates /run/tproxyd at start)",
+            dir.display()
+        ));
+    };
+    if nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_err() {
+        return Some(format!(
+            "{shown}: directory {} is not writable by this user (uid {}), so tproxyd would not start; {FIX}",
+            dir.display(),
+            nix::unistd::geteuid()
+        ));
+    }
+    let root_only = meta.uid() == 0 && meta.mode() & 0o022 == 0;
+    if nix::unistd::geteuid().is_root() && root_only {
+        return Some(format!(
+            "{shown}: only root can write {}, and the shipped unit runs tproxyd unprivileged; {FIX}",
+            dir.display()
+        ));
+    }
+    None
+}
+
 fn reload(config: &Config, path: &Path) -> anyhow::Result<()> {
-    check(config)?;
+    check(config, path)?;
     let pid = tproxyd::pidfile::find(config.pid_file.as_deref(), path)?;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).with_context(|| format!("signalling pid {pid}"))?;
     println!("asked tproxyd (pid {pid}) to reload {}", path.display());

@@ -42,12 +42,14 @@ pub enum ServerError {
     Sets(#[from] crate::nft::NftError),
     #[error("auto_rules: {0}")]
     Firewall(#[from] FirewallError),
-    #[error("pid file {}: {source}", path.display())]
-    PidFile {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(
+        "cannot write pid file {}: {reason}. Its directory must exist and be writable by the user tproxyd \
+         runs as; under config/tproxyd.service use pid_file = \"/run/tproxyd/tproxyd.pid\" (the unit's \
+         RuntimeDirectory=tproxyd creates that directory), or leave pid_file out (`tproxyd reload --config \
+         FILE` then finds the daemon by its config file)",
+        path.display()
+    )]
+    PidFile { path: PathBuf, reason: io::Error },
 }
 
 /// What the daemon is told while it runs.
@@ -164,9 +166,9 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
             .as_deref()
             .and_then(|u| nix::unistd::User::from_name(u).ok().flatten())
             .map(|u| (u.uid, u.gid));
-        p.pid_file = Some(PidFile::create(path, owner).map_err(|source| ServerError::PidFile {
+        p.pid_file = Some(PidFile::create(path, owner).map_err(|reason| ServerError::PidFile {
             path: path.clone(),
-            source,
+            reason,
         })?);
     }
     Ok(p)

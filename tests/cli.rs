@@ -87,7 +87,120 @@ fn check_loads_the_files_the_config_names() {
     let out = tproxyd(&["check", "--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("/nonexistent/blocklist.txt"), "{stderr}");
+    // At the line naming the file, with the reason once.
+    let expected = format!(
+        "{}:5:10: cannot read list file /nonexistent/blocklist.txt: No such file or directory",
+        path.display()
+    );
+    assert!(stderr.starts_with(&expected), "expected {expected:?}, got {stderr:?}");
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn missing_hosts_and_ca_files_are_reported_where_the_config_names_them() {
+    let dir = scratch();
+    for (text, at, what) in [
+        (
+            "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n\
+             [[dns.rules]]\nhosts = [\"/nonexistent/hosts\"]\naction = \"answer\"\n",
+            "5:10",
+            "cannot read hosts file /nonexistent/hosts: No such file or directory",
+        ),
+        (
+            "[dns]\n[dns.upstreams.default]\nservers = [\"tls://198.51.100.53\"]\ntls_name = \"dns.example\"\n\
+             ca_file = \"/nonexistent/ca.pem\"\n",
+            "5:11",
+            "cannot read CA file /nonexistent/ca.pem: No such file or directory",
+        ),
+    ] {
+        let path = write_config(&dir, "files.toml", text);
+        let out = tproxyd(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let expected = format!("{}:{at}: {what}", path.display());
+        assert!(stderr.starts_with(&expected), "expected {expected:?}, got {stderr:?}");
+        assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
+    }
+}
+
+#[test]
+fn a_bare_address_where_a_cidr_is_expected_says_what_to_write() {
+    let dir = scratch();
+    for (text, line, needle) in [
+        (
+            "[[relay.rules]]\nclients = [\"192.0.2.32\"]\naction = \"drop\"\n",
+            2,
+            "\"192.0.2.32\" is an address: expected a CIDR such as 192.0.2.32/32",
+        ),
+        (
+            "[[relay.rules]]\ndestinations = [\"2001:db8::7\"]\naction = \"drop\"\n",
+            2,
+            "expected a CIDR such as 2001:db8::7/128",
+        ),
+        (
+            "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n\
+             [[dns.rules]]\nclients = [\"192.0.2.0/24\", \"192.0.2.32\"]\ndomains = [\"a.example\"]\naction = \"block\"\n",
+            5,
+            "expected a CIDR such as 192.0.2.32/32",
+        ),
+    ] {
+        let path = write_config(&dir, "cidr.toml", text);
+        let out = tproxyd(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with(&format!("{}:{line}:", path.display())), "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+}
+
+#[test]
+fn a_cidr_with_host_bits_set_is_accepted_with_a_warning() {
+    let dir = scratch();
+    let path = write_config(
+        &dir,
+        "hostbits.toml",
+        "[[relay.rules]]\nclients = [\"192.0.2.0/26\", \"192.0.2.33/26\"]\naction = \"drop\"\n",
+    );
+    let out = tproxyd(&["check", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!(
+        "{}:2:28: warning: \"192.0.2.33/26\" has host bits set: it matches all of 192.0.2.0/26",
+        path.display()
+    );
+    assert!(stderr.starts_with(&expected), "expected {expected:?}, got {stderr:?}");
+    assert!(stderr.contains("or 192.0.2.33/32 for the one address"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "only the one with host bits: {stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok\n"));
+}
+
+#[test]
+fn check_warns_when_the_pid_file_cannot_be_written() {
+    let dir = scratch();
+    let pid = dir.path().join("missing").join("tproxyd.pid");
+    let path = write_config(&dir, "pid.toml", &format!("pid_file = {:?}\n", pid.to_str().unwrap()));
+    let out = tproxyd(&["check", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!("{}: warning: pid_file {}: directory ", path.display(), pid.display());
+    assert!(stderr.starts_with(&expected), "expected {expected:?}, got {stderr:?}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(stderr.contains("RuntimeDirectory=tproxyd"), "{stderr}");
+}
+
+#[test]
+fn the_shipped_unit_and_example_agree_on_the_pid_file() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tproxyd.service")).unwrap();
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tproxyd.toml")).unwrap();
+    assert!(unit.lines().any(|l| l == "RuntimeDirectory=tproxyd"), "{unit}");
+    assert!(unit.lines().any(|l| l == "DynamicUser=yes"));
+    assert!(
+        example
+            .lines()
+            .any(|l| l == "# pid_file = \"/run/tproxyd/tproxyd.pid\""),
+        "the example's pid_file must lie in the unit's RuntimeDirectory"
+    );
 }
 
 #[test]
@@ -101,8 +214,9 @@ fn check_rejects_dns_rules_that_cannot_work() {
         ("mark = 1\n[dns]\nports = [53]\n", 2, "no upstream group \"default\""),
         (
             "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n[[dns.rules]]\naction = \"forward\"\nupstream = \"nope\"\n",
-            4,
-            "no upstream group \"nope\"",
+            6,
+            // The same fix as for a missing top-level group, at the rule's `upstream`.
+            "6:12: no upstream group \"nope\": add [dns.upstreams.nope] with servers = [...]",
         ),
         (
             "[dns]\n[dns.upstreams.default]\nservers = [\"tls://198.51.100.53\"]\n",
@@ -118,6 +232,11 @@ fn check_rejects_dns_rules_that_cannot_work() {
             "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n[[dns.rules]]\ndomains = [\"bad name\"]\naction = \"block\"\n",
             5,
             "not a valid domain name",
+        ),
+        (
+            "[dns]\nmax_udp_payload = 65535\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n",
+            2,
+            "max_udp_payload 65535 is above 4096",
         ),
     ] {
         let dir = scratch();
@@ -148,6 +267,7 @@ action = "interface"
 interface = "wg0"
 
 [dns]
+allow = ["192.0.2.0/24"]
 [dns.upstreams.default]
 servers = ["198.51.100.53", "tls://198.51.100.54"]
 tls_name = "dns.example"
@@ -181,7 +301,7 @@ fn explain(args: &[&str]) -> String {
 #[test]
 fn explain_says_which_dns_rule_decides_and_what_the_answer_is() {
     let blocked = explain(&["--client", "192.0.2.70", "--query", "www.games.example", "A"]);
-    assert!(blocked.contains("rule 2 (CFG:27, 2 names) matches: block"), "{blocked}");
+    assert!(blocked.contains("rule 2 (CFG:28, 2 names) matches: block"), "{blocked}");
     assert!(blocked.contains("→ NXDOMAIN, no records"), "{blocked}");
 
     let adult = explain(&["--client", "192.0.2.10", "--query", "www.games.example"]);
@@ -192,10 +312,14 @@ fn explain_says_which_dns_rule_decides_and_what_the_answer_is() {
     );
 
     let printer = explain(&["--query", "printer.lan", "AAAA"]);
-    assert!(printer.contains("rule 1 (CFG:22, 1 name) matches: answer"), "{printer}");
+    assert!(printer.contains("rule 1 (CFG:23, 1 name) matches: answer"), "{printer}");
     assert!(printer.contains("→ NOERROR, no records"), "{printer}");
     let printer_a = explain(&["--query", "printer.lan"]);
     assert!(printer_a.contains("printer.lan. 300 A 192.0.2.50"), "{printer_a}");
+
+    let stranger = explain(&["--client", "203.0.113.9", "--query", "printer.lan"]);
+    assert!(stranger.contains("203.0.113.9 is outside dns.allow"), "{stranger}");
+    assert!(stranger.contains("→ REFUSED, no records"), "{stranger}");
 }
 
 #[test]

@@ -32,6 +32,8 @@ listen = ["0.0.0.0:15353", "[::]:15353"]
 ports = [9999]
 action = "{port_9999}"
 [dns]
+# The lab's LAN uses documentation addresses, outside the default allow list.
+allow = ["192.0.2.0/24", "2001:db8:1::/64"]
 [dns.upstreams.default]
 servers = ["198.51.100.53"]
 server_timeout = "500ms"
@@ -291,7 +293,98 @@ fn doctor_finds_what_is_missing_and_says_how_to_fix_it() {
     // The rules send to another port than tproxyd listens on.
     let (healthy, report) = doctor(&lab, &cfg.replace("15353", "15999"));
     assert!(!healthy);
-    assert!(report.contains("none sends to tproxyd's port 15999"), "{report}");
+    assert!(
+        report.contains("[FAIL] redirect: TPROXY rules exist but none sends UDP to tproxyd's relay port 15999"),
+        "{report}"
+    );
+
+    // Every relay listener is checked, not only the first.
+    let two = cfg.replace("\"0.0.0.0:15353\"", "\"0.0.0.0:15353\", \"0.0.0.0:15360\"");
+    let (healthy, report) = doctor(&lab, &two);
+    assert!(!healthy);
+    assert!(
+        report.contains("[ ok ] redirect: UDP TPROXY rule to the relay's port 15353"),
+        "{report}"
+    );
+    assert!(
+        report.contains("none sends UDP to tproxyd's relay port 15360"),
+        "{report}"
+    );
+}
+
+#[test]
+fn doctor_fails_a_gateway_that_does_not_forward() {
+    let lab = Lab::new();
+    let cfg = "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n";
+    for flavour in ["nft", "iptables"] {
+        lab.install_rules(flavour, "LAN_IF=lan0 FAMILIES=4");
+        lab.gateway.sh("sysctl -qw net.ipv4.ip_forward=1");
+        let (healthy, report) = doctor(&lab, cfg);
+        assert!(healthy, "{flavour}: {report}");
+        assert!(
+            report.contains("[ ok ] forwarding: net.ipv4.ip_forward = 1"),
+            "{flavour}: {report}"
+        );
+
+        // Rules from the scripts, no auto_rules in the config: the doctor
+        // learns the LAN side from the installed rules.
+        lab.gateway.sh("sysctl -qw net.ipv4.ip_forward=0");
+        let (healthy, report) = doctor(&lab, cfg);
+        assert!(!healthy, "{flavour}: {report}");
+        assert!(
+            report.contains(
+                "[FAIL] forwarding: net.ipv4.ip_forward is off, but the rules capture traffic arriving on lan0"
+            ),
+            "{flavour}: {report}"
+        );
+        assert!(
+            report.contains("fix: sysctl -w net.ipv4.ip_forward=1"),
+            "{flavour}: {report}"
+        );
+        lab.gateway.sh(&format!(
+            "FAMILIES=4 {} down",
+            lab::repo_path(&format!("iptables/tproxy-{flavour}.sh")).display()
+        ));
+    }
+}
+
+#[test]
+fn doctor_checks_the_dns_over_tcp_port_against_the_rules() {
+    let lab = Lab::new();
+    let cfg = "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n[dns]\ntcp_listen = [\"0.0.0.0:15354\"]\n\
+               [dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n";
+    for flavour in ["nft", "iptables"] {
+        let script = lab::repo_path(&format!("iptables/tproxy-{flavour}.sh"));
+        // Rules without DNS_TCP_PORT: hijacked DNS over TCP is not captured.
+        lab.install_rules(flavour, "LAN_IF=lan0 FAMILIES=4");
+        let (healthy, report) = doctor(&lab, cfg);
+        assert!(!healthy, "{flavour}: {report}");
+        assert!(
+            report.contains("[FAIL] redirect: no TPROXY rule sends TCP to dns.tcp_listen port 15354"),
+            "{flavour}: {report}"
+        );
+        assert!(report.contains("DNS_TCP_PORT=15354"), "{flavour}: {report}");
+
+        lab.install_rules(flavour, "LAN_IF=lan0 FAMILIES=4 DNS_TCP_PORT=15354");
+        let (healthy, report) = doctor(&lab, cfg);
+        assert!(healthy, "{flavour}: {report}");
+        assert!(
+            report.contains("[ ok ] redirect: TCP TPROXY rule to the DNS-over-TCP port 15354"),
+            "{flavour}: {report}"
+        );
+
+        // The rules send TCP elsewhere: the listener is missed, and what is
+        // captured is dropped.
+        lab.install_rules(flavour, "LAN_IF=lan0 FAMILIES=4 DNS_TCP_PORT=15999");
+        let (healthy, report) = doctor(&lab, cfg);
+        assert!(!healthy, "{flavour}: {report}");
+        assert!(report.contains("dns.tcp_listen port 15354"), "{flavour}: {report}");
+        assert!(
+            report.contains("[warn] redirect: the rules send TCP to port 15999, where tproxyd does not listen"),
+            "{flavour}: {report}"
+        );
+        lab.gateway.sh(&format!("FAMILIES=4 {} down", script.display()));
+    }
 }
 
 /// The check for a dropped-privilege daemon: its uid and its capabilities.
@@ -334,7 +427,7 @@ fn privilege_lab() -> (Lab, lab::dns::Dnsmasq, String) {
         &["--host-record=www.example.test,203.0.113.80"],
     );
     let cfg = "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n[auto_rules]\nlan_interfaces = [\"lan0\"]\n\
-               [dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n"
+               [dns]\nallow = [\"192.0.2.0/24\"]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n"
         .to_string();
     (lab, upstream, cfg)
 }
@@ -380,4 +473,32 @@ fn runs_the_way_the_systemd_unit_starts_it() {
     let stopped = daemon.stop();
     assert!(stopped.status.success(), "{}", stopped.log);
     assert_gateway_clean(&lab);
+}
+
+#[test]
+fn a_pid_file_that_cannot_be_written_stops_the_start_with_what_to_do() {
+    let lab = Lab::new();
+    let pid = lab.path("missing/tproxyd.pid");
+    let path = lab.path("pid.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "mark = 255\npid_file = {:?}\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n",
+            pid.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = lab.tproxyd_command(&["--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot write pid file {}: No such file or directory",
+            pid.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+    assert!(stderr.contains("pid_file = \"/run/tproxyd/tproxyd.pid\""), "{stderr}");
+    assert!(stderr.contains("RuntimeDirectory=tproxyd"), "{stderr}");
 }

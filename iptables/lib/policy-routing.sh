@@ -1,3 +1,4 @@
+#!/bin/sh
 # Policy routing shared by both rule flavours (sourced, not run).
 #
 # Packets carrying FWMARK are looked up in ROUTE_TABLE, whose only route says

@@ -40,6 +40,29 @@ impl ConfigError {
     }
 }
 
+/// Something in the file that works, but probably not as meant. Printed as
+/// `FILE:LINE:COL: warning: reason`; the config is still used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}:{col}: warning: {reason}", path.display())]
+pub struct ConfigWarning {
+    pub path: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub reason: String,
+}
+
+impl ConfigWarning {
+    pub(crate) fn at(path: &Path, text: &str, span: Range<usize>, reason: impl Into<String>) -> Self {
+        let (line, col) = line_col(text, span.start);
+        ConfigWarning {
+            path: path.to_path_buf(),
+            line,
+            col,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// 1-based line and column (in characters) of byte `offset` in `text`.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());

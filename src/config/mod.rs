@@ -5,15 +5,17 @@
 //! they are deserialized, by the small types in this module, so the TOML
 //! parser can point at the exact value that is wrong.
 
+mod cidr;
 pub mod dns;
 mod duration;
 mod error;
 pub mod names;
 pub mod ops;
+mod spans;
 pub mod udp;
 
 pub use dns::DnsConfig;
-pub use error::{ConfigError, line_col};
+pub use error::{ConfigError, ConfigWarning, line_col};
 pub use udp::{NatMode, UdpRuleConfig};
 
 use serde::Deserialize;
@@ -58,6 +60,10 @@ pub struct Config {
     /// Worker threads; default: half the CPUs, at least one.
     #[serde(default)]
     pub workers: Option<NonZeroUsize>,
+    /// What in the file works but is probably not what was meant; the
+    /// commands print these, the daemon logs them.
+    #[serde(skip)]
+    pub warnings: Vec<ConfigWarning>,
 }
 
 /// The transparent UDP relay: where it listens and how it keeps flows.
@@ -172,13 +178,20 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, path)
+        let config = Config::parse(&text, path)?;
+        // Files named in the config: a clear error at the line naming the
+        // file, before anything tries to load it.
+        if let Some((span, reason)) = spans::Spans::read(&text).unreadable_file() {
+            return Err(ConfigError::at(path, &text, Some(span), reason));
+        }
+        Ok(config)
     }
 
     /// Validates `text`; `path` is only used to name the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config = toml::from_str::<Config>(text)
+        let mut config = toml::from_str::<Config>(text)
             .map_err(|e| ConfigError::at(path, text, e.span(), e.message().trim_end()))?;
+        let spans = spans::Spans::read(text);
         udp::validate(&config.relay.rules, config.relay.nat, &config.relay.listen.0)
             .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;
         if let Some(auto) = &config.auto_rules {
@@ -186,7 +199,7 @@ impl Config {
                 .map_err(|reason| ConfigError::at(path, text, Some(auto.span()), reason))?;
         }
         if let Some(dns) = &config.dns_section {
-            dns::validate(dns.get_ref(), dns.span())
+            dns::validate(dns.get_ref(), dns.span(), |i| spans.dns_rule_upstream(i))
                 .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;
             if let Some(auto) = &config.auto_rules {
                 let sets = &dns.get_ref().nft.table;
@@ -203,6 +216,12 @@ impl Config {
                 }
             }
         }
+        let mut warnings = spans.cidr_warnings();
+        warnings.sort_by_key(|(span, _)| span.start);
+        config.warnings = warnings
+            .into_iter()
+            .map(|(span, reason)| ConfigWarning::at(path, text, span, reason))
+            .collect();
         Ok(config)
     }
 }

@@ -56,7 +56,7 @@ pub struct AutoRulesConfig {
     #[serde(default)]
     pub udp_ports: Vec<PortRange>,
     /// Destinations never captured.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::cidr::list")]
     pub bypass: Vec<IpNet>,
     /// Name of the nftables table (inet family).
     #[serde(default = "AutoRulesConfig::default_nft_table")]

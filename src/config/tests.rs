@@ -184,6 +184,58 @@ fn auto_rules_are_checked_against_the_rest() {
 }
 
 #[test]
+fn dns_max_udp_payload_above_4096_is_refused_at_its_value() {
+    let ok = parse("[dns]\nmax_udp_payload = 4096\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n").unwrap();
+    assert_eq!(*ok.dns().unwrap().max_udp_payload.get_ref(), 4096);
+    let e = error("[dns]\nmax_udp_payload = 65535\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n");
+    assert!(e.starts_with("t.toml:2:19: "), "{e}");
+    assert!(e.contains("4096"), "{e}");
+}
+
+#[test]
+fn dns_defaults_allow_only_private_networks_and_bound_the_cache() {
+    let c = parse("[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n").unwrap();
+    let dns = c.dns().unwrap();
+    let allowed = |ip: &str| {
+        dns.allow
+            .iter()
+            .any(|n| n.contains(&ip.parse::<std::net::IpAddr>().unwrap()))
+    };
+    for ip in [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.31.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "::1",
+        "fd00::1",
+        "fe80::1",
+    ] {
+        assert!(allowed(ip), "{ip}");
+    }
+    for ip in ["192.0.2.10", "8.8.8.8", "172.32.0.1", "2001:db8::1"] {
+        assert!(!allowed(ip), "{ip}");
+    }
+    assert_eq!(dns.cache.max_bytes, 32 << 20);
+    assert_eq!(dns.rate_limit.qps, 200);
+    assert_eq!(dns.tcp.max_per_client, 16);
+}
+
+#[test]
+fn dns_cache_max_bytes_takes_units() {
+    let c = |v: &str| {
+        parse(&format!(
+            "[dns]\n[dns.cache]\nmax_bytes = {v}\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n"
+        ))
+    };
+    assert_eq!(c("1024").unwrap().dns().unwrap().cache.max_bytes, 1024);
+    assert_eq!(c("\"512KiB\"").unwrap().dns().unwrap().cache.max_bytes, 512 << 10);
+    assert_eq!(c("\"32MiB\"").unwrap().dns().unwrap().cache.max_bytes, 32 << 20);
+    let e = c("\"32 parsecs\"").unwrap_err().to_string();
+    assert!(e.starts_with("t.toml:3:"), "{e}");
+}
+
+#[test]
 fn nft_sets_on_dns_rules() {
     let base = "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n";
     let c = parse(&format!(

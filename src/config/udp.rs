@@ -98,10 +98,10 @@ impl<'de> Deserialize<'de> for PortRange {
 #[serde(deny_unknown_fields)]
 pub struct UdpRuleConfig {
     /// Only flows from these client networks.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::cidr::list")]
     pub clients: Vec<IpNet>,
     /// Only flows to these destination networks.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::cidr::list")]
     pub destinations: Vec<IpNet>,
     /// Only flows to these destination ports.
     #[serde(default)]

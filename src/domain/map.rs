@@ -22,7 +22,7 @@ pub const MAX_CHAINS: usize = 4;
 
 /// Bytes counted for an entry besides its names: key, entry, LRU node.
 /// An estimate of the real cost, checked by the benchmark.
-const ENTRY_OVERHEAD: usize = 128;
+const ENTRY_OVERHEAD: usize = 160;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapLimits {
