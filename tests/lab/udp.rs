@@ -25,10 +25,15 @@ pub fn exchange(sock: &UdpSocket, to: SocketAddr, payload: &[u8]) -> (SocketAddr
 /// One datagram, or `None` on timeout.
 pub fn recv(sock: &UdpSocket) -> Option<(SocketAddr, Vec<u8>)> {
     let mut buf = vec![0u8; 65_536];
-    match sock.recv_from(&mut buf) {
-        Ok((n, from)) => Some((from, buf[..n].to_vec())),
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
-        Err(e) => panic!("recv: {e}"),
+    loop {
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => return Some((from, buf[..n].to_vec())),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
+            // A signal meant for another part of the test process (a timed
+            // socket read does not restart by itself): read again.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("recv: {e}"),
+        }
     }
 }
 
