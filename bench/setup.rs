@@ -46,6 +46,8 @@ listen = ["0.0.0.0:15353"]
 session_capacity = 200000
 [dns]
 listen = ["192.0.2.1:53"]
+allow = ["192.0.2.0/24"]
+rate_limit = {{ qps = 0 }}
 [dns.cache]
 capacity = 100000
 [dns.upstreams.default]

@@ -102,6 +102,7 @@ idle_timeout = "30s"
 
 [dns]
 ports = [53]
+allow = ["192.0.2.0/24"]
 tcp_listen = ["0.0.0.0:15354"]
 [dns.upstreams.default]
 servers = ["198.51.100.53"]

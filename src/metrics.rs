@@ -27,6 +27,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Reply addresses served over raw IP because their port was taken.",
     ),
     (
+        "reply_cache_full_total",
+        "counter",
+        "Replies sent over raw IP because every reply socket was in use within the last second.",
+    ),
+    (
         "socks5_associations_total",
         "counter",
         "SOCKS5 UDP associations set up.",
@@ -69,9 +74,24 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "DNS answers truncated to fit the client's UDP size.",
     ),
     (
+        "dns_scrubbed_records_total",
+        "counter",
+        "Upstream DNS records removed as outside the question's answer.",
+    ),
+    (
+        "dns_tcp_closed_total",
+        "counter",
+        "DNS-over-TCP connections closed by tproxyd, by reason.",
+    ),
+    (
         "nft_set_elements_total",
         "counter",
         "Addresses from DNS answers committed to nftables sets, by operation.",
+    ),
+    (
+        "nft_transactions_total",
+        "counter",
+        "nf_tables transactions committed with set elements (one carries many answers).",
     ),
     (
         "relay_domain_matches_total",

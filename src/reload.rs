@@ -98,7 +98,11 @@ impl Reloader {
         if ended > 0 {
             tracing::info!(ended, "flows beyond the new limits ended");
         }
-        if let (Some(service), Some(engine)) = (&self.dns, engine) {
+        if let (Some(service), Some(mut engine)) = (&self.dns, engine) {
+            // Unchanged cache settings: the answers already learnt stay.
+            if !engine.adopt_cache(&service.engine()) {
+                tracing::info!("dns.cache settings changed: starting with an empty cache");
+            }
             if let (Some(feed), Some(dns)) = (service.engine().feed(), config.dns()) {
                 feed.ensure_sets(dns);
             }

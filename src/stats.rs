@@ -115,6 +115,9 @@ counters! {
     receive_errors => "errors_total", "kind=\"receive\"";
     /// Send errors towards clients other than a full buffer.
     reply_send_errors => "errors_total", "kind=\"reply_send\"";
+    /// Replies sent over raw IP because every cached reply socket was busy
+    /// (a flood of destinations), instead of evicting one.
+    reply_cache_full => "reply_cache_full_total";
     /// Reply sockets that fell back to raw IP because the port was taken.
     reply_raw_fallbacks => "reply_raw_fallbacks_total";
     /// SOCKS5 associations set up.
@@ -147,6 +150,20 @@ counters! {
     dns_servfail => "dns_upstream_failures_total";
     /// DNS answers truncated (TC=1) to fit the client's UDP size.
     dns_truncated => "dns_truncated_total";
+    /// DNS queries refused because the client is outside `dns.allow`.
+    dns_refused_acl => "dns_queries_by_action_total", "action=\"refused_acl\"";
+    /// DNS queries over the per-client rate limit (dropped or TC=1).
+    dns_rate_limited => "dns_queries_by_action_total", "action=\"rate_limited\"";
+    /// Zone transfers (NOTIMP) and non-IN classes such as CHAOS (REFUSED).
+    dns_refused_local => "dns_queries_by_action_total", "action=\"refused_local\"";
+    /// Upstream records removed as outside the question's answer.
+    dns_scrubbed_records => "dns_scrubbed_records_total";
+    /// DNS-over-TCP connections refused: the client already holds its share.
+    dns_tcp_refused_per_client => "drops_total", "reason=\"dns_tcp_per_client\"";
+    /// DNS-over-TCP connections closed because the client did not read.
+    dns_tcp_write_timeouts => "dns_tcp_closed_total", "reason=\"write_timeout\"";
+    /// DNS-over-TCP connections closed at their lifetime or query cap.
+    dns_tcp_recycled => "dns_tcp_closed_total", "reason=\"recycled\"";
     /// DNS queries dropped because too many were already pending.
     dns_dropped_overload => "drops_total", "reason=\"dns_overload\"";
     /// DNS queries answered SERVFAIL at once: their upstream group had
@@ -163,6 +180,9 @@ counters! {
     nft_added => "nft_set_elements_total", "op=\"added\"";
     /// Elements whose timeout a later answer extended.
     nft_refreshed => "nft_set_elements_total", "op=\"refreshed\"";
+    /// nf_tables transactions committed by the set feeder (each carries
+    /// the updates of every answer queued meanwhile).
+    nft_transactions => "nft_transactions_total";
     /// Set updates the kernel refused (or that timed out).
     nft_errors => "errors_total", "kind=\"netlink\"";
     /// Set updates dropped because the feeder's queue was full.

@@ -233,6 +233,11 @@ fn check_rejects_dns_rules_that_cannot_work() {
             5,
             "not a valid domain name",
         ),
+        (
+            "[dns]\nmax_udp_payload = 65535\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n",
+            2,
+            "max_udp_payload 65535 is above 4096",
+        ),
     ] {
         let dir = scratch();
         let path = write_config(&dir, "dnsrule.toml", text);
@@ -262,6 +267,7 @@ action = "interface"
 interface = "wg0"
 
 [dns]
+allow = ["192.0.2.0/24"]
 [dns.upstreams.default]
 servers = ["198.51.100.53", "tls://198.51.100.54"]
 tls_name = "dns.example"
@@ -295,7 +301,7 @@ fn explain(args: &[&str]) -> String {
 #[test]
 fn explain_says_which_dns_rule_decides_and_what_the_answer_is() {
     let blocked = explain(&["--client", "192.0.2.70", "--query", "www.games.example", "A"]);
-    assert!(blocked.contains("rule 2 (CFG:27, 2 names) matches: block"), "{blocked}");
+    assert!(blocked.contains("rule 2 (CFG:28, 2 names) matches: block"), "{blocked}");
     assert!(blocked.contains("→ NXDOMAIN, no records"), "{blocked}");
 
     let adult = explain(&["--client", "192.0.2.10", "--query", "www.games.example"]);
@@ -306,10 +312,14 @@ fn explain_says_which_dns_rule_decides_and_what_the_answer_is() {
     );
 
     let printer = explain(&["--query", "printer.lan", "AAAA"]);
-    assert!(printer.contains("rule 1 (CFG:22, 1 name) matches: answer"), "{printer}");
+    assert!(printer.contains("rule 1 (CFG:23, 1 name) matches: answer"), "{printer}");
     assert!(printer.contains("→ NOERROR, no records"), "{printer}");
     let printer_a = explain(&["--query", "printer.lan"]);
     assert!(printer_a.contains("printer.lan. 300 A 192.0.2.50"), "{printer_a}");
+
+    let stranger = explain(&["--client", "203.0.113.9", "--query", "printer.lan"]);
+    assert!(stranger.contains("203.0.113.9 is outside dns.allow"), "{stranger}");
+    assert!(stranger.contains("→ REFUSED, no records"), "{stranger}");
 }
 
 #[test]

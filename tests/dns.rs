@@ -89,6 +89,8 @@ listen = ["0.0.0.0:15353", "[::]:15353"]
 [dns]
 ports = [53]
 listen = ["192.0.2.1:53"]
+# The lab's LAN uses documentation addresses, outside the default allow list.
+allow = ["192.0.2.0/24", "2001:db8:1::/64"]
 tcp_listen = ["0.0.0.0:15354", "[::]:15354"]
 timeout = "1500ms"
 [dns.upstreams.default]

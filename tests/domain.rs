@@ -19,6 +19,25 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+fn config(extra: &str) -> String {
+    format!(
+        r#"
+mark = 255
+[relay]
+listen = ["0.0.0.0:15353", "[::]:15353"]
+[admin]
+listen = "{ADMIN}"
+[dns]
+ports = [53]
+# The lab's LAN uses documentation addresses, outside the default allow list.
+allow = ["192.0.2.0/24", "2001:db8:1::/64"]
+[dns.upstreams.default]
+servers = ["{UPSTREAM}"]
+{extra}
+"#
+    )
+}
+
 struct DomainLab {
     lab: Lab,
     _upstream: Dnsmasq,
@@ -48,20 +67,7 @@ impl DomainLab {
     }
 
     fn start(&self, extra: &str) -> Daemon {
-        self.lab.start_tproxyd(&format!(
-            r#"
-mark = 255
-[relay]
-listen = ["0.0.0.0:15353", "[::]:15353"]
-[admin]
-listen = "{ADMIN}"
-[dns]
-ports = [53]
-[dns.upstreams.default]
-servers = ["{UPSTREAM}"]
-{extra}
-"#
-        ))
+        self.lab.start_tproxyd(&config(extra))
     }
 
     fn metrics(&self) -> String {
@@ -181,4 +187,75 @@ nft_set = "game"
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+#[test]
+fn doctor_asks_the_kernel_about_the_sets_and_changes_nothing() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0 FAMILIES=4");
+    let cfg = format!(
+        "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n[dns]\n[dns.upstreams.default]\nservers = [\"{UPSTREAM}\"]\n\
+         [[dns.rules]]\ndomains = [\"*.game.example\"]\naction = \"forward\"\nnft_set = [\"game\", \"voip\"]\n"
+    );
+    let path = lab.path("doctor.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let doctor = || {
+        let out = lab.tproxyd_command(&["doctor", "--config", path.to_str().unwrap()]);
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (healthy, report) = doctor();
+    assert!(healthy, "{report}");
+    assert!(
+        report.contains(
+            "[ ok ] nftables: the kernel accepts tproxyd's sets in inet tproxyd_dns (game4/game6, voip4/voip6)"
+        ),
+        "{report}"
+    );
+    // Nothing was left behind.
+    assert!(
+        !lab.gateway
+            .sh_output("nft list table inet tproxyd_dns")
+            .status
+            .success()
+    );
+
+    // An operator's set of the wrong shape (no timeouts) is caught.
+    lab.gateway
+        .sh("nft add table inet tproxyd_dns && nft add set inet tproxyd_dns game4 '{ type ipv4_addr; }'");
+    let (healthy, report) = doctor();
+    assert!(!healthy, "{report}");
+    assert!(
+        report.contains("[FAIL] nftables: the kernel refused tproxyd's sets in inet tproxyd_dns: set game4"),
+        "{report}"
+    );
+    assert!(lab.gateway.sh("nft list table inet tproxyd_dns").contains("set game4"));
+}
+
+#[test]
+fn a_reload_creates_new_sets_and_keeps_the_map() {
+    let l = DomainLab::new();
+    let rules = "[[dns.rules]]\ndomains = [\"*.game.example\"]\naction = \"forward\"\nnft_set = \"game\"\n";
+    let mut daemon = l.start(rules);
+    let d = dig(&l.lab.client, &format!("@{PUBLIC} eu.game.example A"));
+    assert_eq!(d.answer_data(), vec!["203.0.113.80"], "{}", d.raw);
+    assert!(
+        !l.lab
+            .gateway
+            .sh_output("nft list set inet tproxyd_dns voip4")
+            .status
+            .success()
+    );
+
+    let more = format!(
+        "[[dns.rules]]\ndomains = [\"other.game.example\"]\naction = \"forward\"\nnft_set = [\"voip\", \"game\"]\n{rules}"
+    );
+    std::fs::write(&daemon.config, config(&more)).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    let d = dig(&l.lab.client, &format!("@{PUBLIC} other.game.example A"));
+    assert_eq!(d.answer_data(), vec!["203.0.113.81"], "{}", d.raw);
+    assert!(expires_in(&l.lab, "tproxyd_dns", "voip4", "203.0.113.81").is_some());
+    assert!(expires_in(&l.lab, "tproxyd_dns", "game4", "203.0.113.81").is_some());
+    // What the old engine recorded is still known.
+    assert_eq!(l.metric("tproxyd_name_map_entries"), 2);
 }

@@ -32,6 +32,8 @@ listen = ["0.0.0.0:15353", "[::]:15353"]
 ports = [9999]
 action = "{port_9999}"
 [dns]
+# The lab's LAN uses documentation addresses, outside the default allow list.
+allow = ["192.0.2.0/24", "2001:db8:1::/64"]
 [dns.upstreams.default]
 servers = ["198.51.100.53"]
 server_timeout = "500ms"
@@ -425,7 +427,7 @@ fn privilege_lab() -> (Lab, lab::dns::Dnsmasq, String) {
         &["--host-record=www.example.test,203.0.113.80"],
     );
     let cfg = "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n[auto_rules]\nlan_interfaces = [\"lan0\"]\n\
-               [dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n"
+               [dns]\nallow = [\"192.0.2.0/24\"]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n"
         .to_string();
     (lab, upstream, cfg)
 }

@@ -34,9 +34,20 @@ pub struct DnsConfig {
     /// Longest a client waits for a forwarded answer before SERVFAIL.
     #[serde(default = "DnsConfig::default_timeout", deserialize_with = "duration::deserialize")]
     pub timeout: Duration,
-    /// The UDP payload size tproxyd advertises and answers up to (EDNS).
+    /// The UDP payload size tproxyd advertises and answers up to (EDNS);
+    /// at most 4096, so one small query can never buy a huge answer.
     #[serde(default = "DnsConfig::default_udp_payload")]
-    pub max_udp_payload: u16,
+    pub max_udp_payload: Spanned<u16>,
+    /// Clients answered, as CIDRs; anyone else gets REFUSED. Applies to
+    /// every path: `dns.listen`, hijacked port-53 traffic, TCP. The default
+    /// covers loopback and private networks only, so a listener reachable
+    /// from the WAN is not an open resolver.
+    #[serde(default = "DnsConfig::default_allow")]
+    pub allow: Vec<IpNet>,
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
+    #[serde(default)]
+    pub tcp: TcpConfig,
     #[serde(default)]
     pub cache: CacheConfig,
     #[serde(default)]
@@ -77,17 +88,148 @@ impl DnsConfig {
     fn default_timeout() -> Duration {
         Duration::from_secs(3)
     }
-    fn default_udp_payload() -> u16 {
-        1232
+    fn default_udp_payload() -> Spanned<u16> {
+        Spanned::new(0..0, 1232)
+    }
+    fn default_allow() -> Vec<IpNet> {
+        [
+            "127.0.0.0/8",
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "100.64.0.0/10",
+            "::1/128",
+            "fc00::/7",
+            "fe80::/10",
+        ]
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .collect()
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Largest `max_udp_payload` accepted (the EDNS ceiling common resolvers use).
+pub const MAX_UDP_PAYLOAD_LIMIT: u16 = 4096;
+
+/// `dns.rate_limit`: a token bucket per client (per address for IPv4, per
+/// /56 for IPv6, since one IPv6 host can use a whole prefix).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained queries per second per client; 0 turns the limit off.
+    #[serde(default = "RateLimitConfig::default_qps")]
+    pub qps: u32,
+    /// Queries a client may send at once after being quiet.
+    #[serde(default = "RateLimitConfig::default_burst")]
+    pub burst: u32,
+    /// What an over-limit query gets.
+    #[serde(default)]
+    pub action: RateLimitAction,
+}
+
+impl RateLimitConfig {
+    fn default_qps() -> u32 {
+        200
+    }
+    fn default_burst() -> u32 {
+        400
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            qps: Self::default_qps(),
+            burst: Self::default_burst(),
+            action: RateLimitAction::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitAction {
+    /// No answer at all: nothing to reflect towards a spoofed source.
+    #[default]
+    Drop,
+    /// An empty answer with TC=1 (over UDP), sending a real client to TCP,
+    /// where its address cannot be spoofed.
+    Truncate,
+}
+
+/// `dns.tcp`: limits that keep one client from holding every DNS-over-TCP
+/// slot (RFC 7766 section 6.2.3 asks servers to protect themselves).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpConfig {
+    /// Connections served at once, all clients together.
+    #[serde(default = "TcpConfig::default_max_connections")]
+    pub max_connections: usize,
+    /// Connections one client address may hold at once.
+    #[serde(default = "TcpConfig::default_max_per_client")]
+    pub max_per_client: usize,
+    /// A connection with no query for this long is closed.
+    #[serde(default = "TcpConfig::default_idle", deserialize_with = "duration::deserialize")]
+    pub idle_timeout: Duration,
+    /// A connection is closed after this long, however busy.
+    #[serde(default = "TcpConfig::default_lifetime", deserialize_with = "duration::deserialize")]
+    pub max_lifetime: Duration,
+    /// ... or after answering this many queries.
+    #[serde(default = "TcpConfig::default_max_queries")]
+    pub max_queries: u32,
+    /// A client that does not read its answer within this long is dropped.
+    #[serde(
+        default = "TcpConfig::default_write_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub write_timeout: Duration,
+}
+
+impl TcpConfig {
+    fn default_max_connections() -> usize {
+        512
+    }
+    fn default_max_per_client() -> usize {
+        16
+    }
+    fn default_idle() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_lifetime() -> Duration {
+        Duration::from_secs(120)
+    }
+    fn default_max_queries() -> u32 {
+        1_000
+    }
+    fn default_write_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            max_connections: Self::default_max_connections(),
+            max_per_client: Self::default_max_per_client(),
+            idle_timeout: Self::default_idle(),
+            max_lifetime: Self::default_lifetime(),
+            max_queries: Self::default_max_queries(),
+            write_timeout: Self::default_write_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Most answers kept (least recently used out first). 0 disables.
     #[serde(default = "CacheConfig::default_capacity")]
     pub capacity: usize,
+    /// Most memory the cached records may take (an estimate, in bytes:
+    /// `33554432`, or `"32MiB"`, `"512KiB"`). Whichever of this and
+    /// `capacity` is reached first evicts. 0 disables the cache.
+    #[serde(default = "CacheConfig::default_max_bytes", deserialize_with = "byte_size")]
+    pub max_bytes: usize,
     /// Answers are kept at least this long (raises tiny upstream TTLs).
     #[serde(default, deserialize_with = "duration::deserialize")]
     pub min_ttl: Duration,
@@ -106,6 +248,9 @@ impl CacheConfig {
     fn default_capacity() -> usize {
         10_000
     }
+    fn default_max_bytes() -> usize {
+        32 << 20
+    }
     fn default_max_ttl() -> Duration {
         Duration::from_secs(86_400)
     }
@@ -118,6 +263,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             capacity: Self::default_capacity(),
+            max_bytes: Self::default_max_bytes(),
             min_ttl: Duration::ZERO,
             max_ttl: Self::default_max_ttl(),
             negative_max_ttl: Self::default_negative_max_ttl(),
@@ -344,6 +490,40 @@ impl<'de> Deserialize<'de> for QueryType {
     }
 }
 
+/// A byte count: an integer, or a string with a `KiB`/`MiB`/`GiB` suffix.
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    let bytes = match Size::deserialize(d)? {
+        Size::Bytes(n) => n,
+        Size::Text(t) => {
+            let t = t.trim();
+            let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+            let scale: u64 = match unit.trim() {
+                "" | "B" => 1,
+                "KiB" => 1 << 10,
+                "MiB" => 1 << 20,
+                "GiB" => 1 << 30,
+                other => {
+                    return Err(de::Error::custom(format!(
+                        "unknown size unit {other:?}: use KiB, MiB or GiB"
+                    )));
+                }
+            };
+            digits
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(scale))
+                .ok_or_else(|| de::Error::custom(format!("{t:?} is not a size")))?
+        }
+    };
+    usize::try_from(bytes).map_err(|_| de::Error::custom("size too large"))
+}
+
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration::deserialize(d).map(Some)
 }
@@ -366,6 +546,16 @@ pub(super) fn validate(
             let span = Some(dns.upstream.span()).filter(|s| !s.is_empty()).unwrap_or(section);
             return Err((span, no_group(dns.upstream.get_ref())));
         }
+    }
+    if *dns.max_udp_payload.get_ref() > MAX_UDP_PAYLOAD_LIMIT {
+        return Err((
+            dns.max_udp_payload.span(),
+            format!(
+                "max_udp_payload {} is above {MAX_UDP_PAYLOAD_LIMIT}: larger answers over UDP fragment \
+                 and let a small spoofed query buy a huge reply",
+                dns.max_udp_payload.get_ref()
+            ),
+        ));
     }
     for (name, group) in &dns.upstreams {
         let servers = group.servers.get_ref();

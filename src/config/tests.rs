@@ -184,6 +184,58 @@ fn auto_rules_are_checked_against_the_rest() {
 }
 
 #[test]
+fn dns_max_udp_payload_above_4096_is_refused_at_its_value() {
+    let ok = parse("[dns]\nmax_udp_payload = 4096\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n").unwrap();
+    assert_eq!(*ok.dns().unwrap().max_udp_payload.get_ref(), 4096);
+    let e = error("[dns]\nmax_udp_payload = 65535\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n");
+    assert!(e.starts_with("t.toml:2:19: "), "{e}");
+    assert!(e.contains("4096"), "{e}");
+}
+
+#[test]
+fn dns_defaults_allow_only_private_networks_and_bound_the_cache() {
+    let c = parse("[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n").unwrap();
+    let dns = c.dns().unwrap();
+    let allowed = |ip: &str| {
+        dns.allow
+            .iter()
+            .any(|n| n.contains(&ip.parse::<std::net::IpAddr>().unwrap()))
+    };
+    for ip in [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.31.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "::1",
+        "fd00::1",
+        "fe80::1",
+    ] {
+        assert!(allowed(ip), "{ip}");
+    }
+    for ip in ["192.0.2.10", "8.8.8.8", "172.32.0.1", "2001:db8::1"] {
+        assert!(!allowed(ip), "{ip}");
+    }
+    assert_eq!(dns.cache.max_bytes, 32 << 20);
+    assert_eq!(dns.rate_limit.qps, 200);
+    assert_eq!(dns.tcp.max_per_client, 16);
+}
+
+#[test]
+fn dns_cache_max_bytes_takes_units() {
+    let c = |v: &str| {
+        parse(&format!(
+            "[dns]\n[dns.cache]\nmax_bytes = {v}\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n"
+        ))
+    };
+    assert_eq!(c("1024").unwrap().dns().unwrap().cache.max_bytes, 1024);
+    assert_eq!(c("\"512KiB\"").unwrap().dns().unwrap().cache.max_bytes, 512 << 10);
+    assert_eq!(c("\"32MiB\"").unwrap().dns().unwrap().cache.max_bytes, 32 << 20);
+    let e = c("\"32 parsecs\"").unwrap_err().to_string();
+    assert!(e.starts_with("t.toml:3:"), "{e}");
+}
+
+#[test]
 fn nft_sets_on_dns_rules() {
     let base = "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n";
     let c = parse(&format!(
@@ -211,4 +263,30 @@ fn nft_sets_on_dns_rules() {
          [auto_rules]\nlan_interfaces = [\"lan0\"]\n"
     ));
     assert!(e.contains("auto_rules' table"), "{e}");
+}
+
+#[test]
+fn relay_domain_rules_load_their_names() {
+    let e = error("[[relay.rules]]\ndomains = [\"*.game.example\"]\naction = \"drop\"\n");
+    assert!(e.contains(":1:") && e.contains("add a [dns] section"), "{e}");
+    let base = "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n";
+    let e = error(&format!(
+        "{base}[[relay.rules]]\nlists = [\"/nonexistent/game.txt\"]\naction = \"drop\"\n"
+    ));
+    assert!(e.contains(":4:") && e.contains("/nonexistent/game.txt"), "{e}");
+    let e = error(&format!(
+        "{base}[[relay.rules]]\ndomains = [\"not a name\"]\naction = \"drop\"\n"
+    ));
+    assert!(e.contains("not a valid domain name"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("game.txt");
+    std::fs::write(&list, "play.game.example\n||voice.example^\n").unwrap();
+    let c = parse(&format!(
+        "{base}[[relay.rules]]\ndomains = [\"a.example\"]\nlists = [{:?}]\naction = \"drop\"\n",
+        list.display().to_string()
+    ))
+    .unwrap();
+    let names = c.relay.rules[0].get_ref().names.as_ref().unwrap();
+    assert!(names.matches("a.example") && names.matches("play.game.example") && names.matches("voice.example"));
+    assert!(!names.matches("b.example"));
 }

@@ -4,12 +4,22 @@
 //! 300 is served with TTL 260. Negative answers (NXDOMAIN, or NOERROR with
 //! no data) are cached for the SOA's negative TTL, per RFC 2308, and not at
 //! all without an SOA. `min_ttl`/`max_ttl` clamp positive lifetimes;
-//! `negative_max_ttl` caps negative ones.
+//! `negative_max_ttl` caps negative ones. The same clamps apply to answers
+//! that are passed through without being cached ([`TtlPolicy::apply`]), so
+//! a client never sees a TTL the cache would not have served.
+//!
+//! Keys hold the name in lowercase wire format, so `bank\.test` (one label)
+//! and `bank.test` (two) are different entries, and the group by name, so
+//! the cache can outlive a reload that renumbers the groups.
+//!
+//! The cache is bounded twice: by entries (`capacity`) and by an estimate
+//! of the memory its records take (`max_bytes`), because one 60 KB TXT
+//! answer weighs as much as a thousand A records.
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinEncodable;
 use lru::LruCache;
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
@@ -18,11 +28,18 @@ use crate::config::dns::CacheConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
-    pub group: usize,
-    pub name: String,
+    /// Upstream group name: answers from different groups never mix.
+    pub group: Arc<str>,
+    /// [`super::names::wire_key`] of the question name.
+    pub name: Box<[u8]>,
     pub qtype: RecordType,
     pub qclass: DNSClass,
 }
+
+/// Memory an entry costs beyond its records' wire size: the key, the
+/// `Arc`, the LRU node and the per-record `Record` structs.
+const ENTRY_OVERHEAD: usize = 160;
+const RECORD_OVERHEAD: usize = 96;
 
 /// One cached answer.
 #[derive(Debug)]
@@ -34,6 +51,8 @@ pub struct Entry {
     stored: Instant,
     /// Seconds the entry is valid for, from `stored`.
     lifetime: u32,
+    /// Estimated memory held, counted against `max_bytes`.
+    bytes: usize,
 }
 
 impl Entry {
@@ -51,22 +70,133 @@ impl Entry {
     }
 }
 
-#[derive(Debug)]
-pub struct DnsCache {
-    entries: Option<Mutex<LruCache<CacheKey, Arc<Entry>>>>,
+/// The TTL clamps, applied to every forwarded answer.
+#[derive(Debug, Clone, Copy)]
+pub struct TtlPolicy {
     min_ttl: u32,
     max_ttl: u32,
     negative_max_ttl: u32,
 }
 
+impl TtlPolicy {
+    pub fn new(config: &CacheConfig) -> Self {
+        let max_ttl = ttl_secs(config.max_ttl).max(1);
+        TtlPolicy {
+            min_ttl: ttl_secs(config.min_ttl).min(max_ttl),
+            max_ttl,
+            negative_max_ttl: ttl_secs(config.negative_max_ttl).min(max_ttl),
+        }
+    }
+
+    fn clamp(&self, ttl: u32) -> u32 {
+        ttl.clamp(self.min_ttl, self.max_ttl)
+    }
+
+    /// Rewrites every TTL in `msg` within the configured bounds and returns
+    /// how long the answer may be cached (`None`: not cacheable).
+    ///
+    /// - A positive answer: each TTL clamped to `[min_ttl, max_ttl]`; it
+    ///   lives as long as its shortest record.
+    /// - A negative answer with an SOA: every record gets the RFC 2308
+    ///   negative TTL (the SOA's TTL, bounded by its MINIMUM field and by
+    ///   `negative_max_ttl`).
+    /// - Anything else (errors, truncated answers, negative answers without
+    ///   SOA) is not cached, but its TTLs are still capped by `max_ttl`.
+    pub fn apply(&self, msg: &mut Message) -> Option<u32> {
+        let rcode = msg.metadata.response_code;
+        let positive = rcode == ResponseCode::NoError && !msg.answers.is_empty();
+        let negative = rcode == ResponseCode::NXDomain || (rcode == ResponseCode::NoError && msg.answers.is_empty());
+        let lifetime = if positive {
+            for r in msg
+                .answers
+                .iter_mut()
+                .chain(&mut msg.authorities)
+                .chain(&mut msg.additionals)
+            {
+                r.ttl = self.clamp(r.ttl);
+            }
+            msg.answers.iter().map(|r| r.ttl).min()
+        } else if negative {
+            let soa = msg.authorities.iter().find_map(|r| match &r.data {
+                RData::SOA(soa) => Some(r.ttl.min(soa.minimum).min(self.negative_max_ttl)),
+                _ => None,
+            });
+            let cap = soa.unwrap_or(self.negative_max_ttl);
+            for r in msg
+                .answers
+                .iter_mut()
+                .chain(&mut msg.authorities)
+                .chain(&mut msg.additionals)
+            {
+                r.ttl = match soa {
+                    Some(l) => l,
+                    None => r.ttl.min(cap),
+                };
+            }
+            soa
+        } else {
+            None
+        };
+        if !positive && !negative {
+            for r in msg
+                .answers
+                .iter_mut()
+                .chain(&mut msg.authorities)
+                .chain(&mut msg.additionals)
+            {
+                r.ttl = r.ttl.min(self.max_ttl);
+            }
+        }
+        lifetime.filter(|&l| l > 0 && !msg.metadata.truncation)
+    }
+}
+
+/// The LRU and the memory it holds, under one lock.
+#[derive(Debug)]
+struct Store {
+    lru: LruCache<CacheKey, Arc<Entry>>,
+    bytes: usize,
+}
+
+impl Store {
+    fn remove(&mut self, key: &CacheKey) {
+        if let Some(e) = self.lru.pop(key) {
+            self.bytes = self.bytes.saturating_sub(e.bytes);
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct DnsCache {
+    /// The settings it was built with: a reload that keeps them keeps the cache.
+    config: CacheConfig,
+    store: Option<Mutex<Store>>,
+    policy: TtlPolicy,
+}
+
 impl DnsCache {
     pub fn new(config: &CacheConfig) -> Self {
+        let enabled = config.capacity > 0 && config.max_bytes > 0;
         DnsCache {
-            entries: NonZeroUsize::new(config.capacity).map(|c| Mutex::new(LruCache::new(c))),
-            min_ttl: ttl_secs(config.min_ttl),
-            max_ttl: ttl_secs(config.max_ttl).max(1),
-            negative_max_ttl: ttl_secs(config.negative_max_ttl),
+            config: config.clone(),
+            store: enabled.then(|| {
+                Mutex::new(Store {
+                    lru: LruCache::unbounded(),
+                    bytes: 0,
+                })
+            }),
+            policy: TtlPolicy::new(config),
         }
+    }
+
+    /// The settings this cache was built with.
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// The TTL clamps in force.
+    pub fn policy(&self) -> &TtlPolicy {
+        &self.policy
     }
 
     /// A live entry and its age in seconds; expired entries are removed.
@@ -75,81 +205,86 @@ impl DnsCache {
     }
 
     fn get_at(&self, key: &CacheKey, now: Instant) -> Option<(Arc<Entry>, u32)> {
-        let mut entries = self.lock()?;
-        let entry = entries.get(key)?.clone();
+        let mut store = self.lock()?;
+        let entry = store.lru.get(key)?.clone();
         let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
         if age >= entry.lifetime {
-            entries.pop(key);
+            store.remove(key);
             return None;
         }
         Some((entry, age))
     }
 
-    /// Stores `response` if it is cacheable; returns whether it was.
-    pub fn insert(&self, key: CacheKey, response: &Message) -> bool {
+    /// Clamps the TTLs of `response` (see [`TtlPolicy::apply`]) and stores
+    /// it if it is cacheable; returns whether it was. The caller sends the
+    /// clamped `response`, so what the client gets on a miss is exactly
+    /// what the cache serves later.
+    pub fn insert(&self, key: CacheKey, response: &mut Message) -> bool {
         self.insert_at(key, response, Instant::now())
     }
 
-    fn insert_at(&self, key: CacheKey, response: &Message, now: Instant) -> bool {
-        let Some(mut entries) = self.lock() else {
+    fn insert_at(&self, key: CacheKey, response: &mut Message, now: Instant) -> bool {
+        let Some(lifetime) = self.policy.apply(response) else {
             return false;
         };
-        if response.metadata.truncation {
+        let Some(mut store) = self.lock() else {
+            return false;
+        };
+        // Records that cannot be encoded cannot be served from the cache either.
+        let Some(records) = response
+            .answers
+            .iter()
+            .chain(&response.authorities)
+            .chain(&response.additionals)
+            .map(|r| r.to_bytes().ok().map(|b| RECORD_OVERHEAD + b.len()))
+            .sum::<Option<usize>>()
+        else {
+            return false;
+        };
+        let bytes = ENTRY_OVERHEAD + key.name.len() + records;
+        // An answer bigger than an eighth of the budget would flush a large
+        // part of the cache for one name: serve it, do not keep it.
+        if bytes > self.config.max_bytes / 8 {
+            store.remove(&key);
             return false;
         }
-        let rcode = response.metadata.response_code;
-        let positive = rcode == ResponseCode::NoError && !response.answers.is_empty();
-        let negative =
-            rcode == ResponseCode::NXDomain || (rcode == ResponseCode::NoError && response.answers.is_empty());
-        let clamp = |t: u32| t.clamp(self.min_ttl, self.max_ttl.max(self.min_ttl));
-        let lifetime = if positive {
-            response.answers.iter().map(|r| clamp(r.ttl)).min()
-        } else if negative {
-            // RFC 2308 section 5: the SOA's TTL, bounded by its MINIMUM field.
-            response.authorities.iter().find_map(|r| match &r.data {
-                RData::SOA(soa) => Some(r.ttl.min(soa.minimum).min(self.negative_max_ttl)),
-                _ => None,
-            })
-        } else {
-            None
-        };
-        let Some(lifetime) = lifetime.filter(|&l| l > 0) else {
-            return false;
-        };
-        // Every record lives exactly as long as the entry or longer, so none
-        // is served with TTL 0 while the entry is still valid.
-        let adjust = |records: &[Record]| -> Vec<Record> {
-            records
-                .iter()
-                .map(|r| {
-                    let mut r = r.clone();
-                    r.ttl = if positive { clamp(r.ttl).max(lifetime) } else { lifetime };
-                    r
-                })
-                .collect()
-        };
         let entry = Entry {
-            rcode,
-            answers: adjust(&response.answers),
-            authorities: adjust(&response.authorities),
-            additionals: adjust(&response.additionals),
+            rcode: response.metadata.response_code,
+            answers: response.answers.clone(),
+            authorities: response.authorities.clone(),
+            additionals: response.additionals.clone(),
             stored: now,
             lifetime,
+            bytes,
         };
-        entries.put(key, Arc::new(entry));
+        store.bytes += bytes;
+        if let Some((_, old)) = store.lru.push(key, Arc::new(entry)) {
+            store.bytes = store.bytes.saturating_sub(old.bytes);
+        }
+        while store.lru.len() > self.config.capacity || store.bytes > self.config.max_bytes {
+            match store.lru.pop_lru() {
+                Some((_, old)) => store.bytes = store.bytes.saturating_sub(old.bytes),
+                None => break,
+            }
+        }
         true
     }
 
     pub fn len(&self) -> usize {
-        self.lock().map_or(0, |e| e.len())
+        self.lock().map_or(0, |s| s.lru.len())
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self) -> Option<MutexGuard<'_, LruCache<CacheKey, Arc<Entry>>>> {
-        self.entries
+    /// Estimated memory held by the entries, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.lock().map_or(0, |s| s.bytes)
+    }
+
+    fn lock(&self) -> Option<MutexGuard<'_, Store>> {
+        self.store
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -170,13 +305,14 @@ mod tests {
             min_ttl: Duration::from_secs(min),
             max_ttl: Duration::from_secs(max),
             negative_max_ttl: Duration::from_secs(neg),
+            ..CacheConfig::default()
         })
     }
 
     fn key(name: &str) -> CacheKey {
         CacheKey {
-            group: 0,
-            name: name.into(),
+            group: "default".into(),
+            name: crate::dns::names::wire_key(&Name::from_ascii(name).unwrap()),
             qtype: RecordType::A,
             qclass: DNSClass::IN,
         }
@@ -225,7 +361,7 @@ mod tests {
     fn ttls_count_down_and_expire_with_the_shortest() {
         let c = cache(0, 86_400, 3_600);
         let t0 = Instant::now();
-        assert!(c.insert_at(key("a"), &answer(&[300, 100]), t0));
+        assert!(c.insert_at(key("a"), &mut answer(&[300, 100]), t0));
         assert_eq!(served_ttls(&c, &key("a"), t0), Some(vec![300, 100]));
         assert_eq!(
             served_ttls(&c, &key("a"), t0 + Duration::from_secs(40)),
@@ -239,9 +375,9 @@ mod tests {
     fn min_and_max_ttl_clamp() {
         let c = cache(60, 120, 3_600);
         let t0 = Instant::now();
-        c.insert_at(key("a"), &answer(&[5]), t0);
+        c.insert_at(key("a"), &mut answer(&[5]), t0);
         assert_eq!(served_ttls(&c, &key("a"), t0), Some(vec![60]));
-        c.insert_at(key("b"), &answer(&[9999]), t0);
+        c.insert_at(key("b"), &mut answer(&[9999]), t0);
         assert_eq!(served_ttls(&c, &key("b"), t0 + Duration::from_secs(119)), Some(vec![1]));
         assert_eq!(served_ttls(&c, &key("b"), t0 + Duration::from_secs(120)), None);
     }
@@ -250,7 +386,7 @@ mod tests {
     fn negative_answers_use_the_soa_per_rfc_2308() {
         let c = cache(0, 86_400, 3_600);
         let t0 = Instant::now();
-        assert!(c.insert_at(key("nx"), &negative(ResponseCode::NXDomain, 900, 30), t0));
+        assert!(c.insert_at(key("nx"), &mut negative(ResponseCode::NXDomain, 900, 30), t0));
         let (e, _) = c.get_at(&key("nx"), t0).unwrap();
         assert_eq!(e.rcode, ResponseCode::NXDomain);
         assert_eq!(
@@ -260,12 +396,12 @@ mod tests {
         assert_eq!(served_ttls(&c, &key("nx"), t0 + Duration::from_secs(30)), None);
         // NODATA is cached too; the cap applies.
         let capped = cache(0, 86_400, 10);
-        assert!(capped.insert_at(key("nd"), &negative(ResponseCode::NoError, 900, 600), t0));
+        assert!(capped.insert_at(key("nd"), &mut negative(ResponseCode::NoError, 900, 600), t0));
         assert_eq!(served_ttls(&capped, &key("nd"), t0), Some(vec![10]));
         // Without an SOA: not cached.
         let mut bare = Message::new(1, MessageType::Response, OpCode::Query);
         bare.metadata.response_code = ResponseCode::NXDomain;
-        assert!(!c.insert_at(key("bare"), &bare, t0));
+        assert!(!c.insert_at(key("bare"), &mut bare, t0));
     }
 
     #[test]
@@ -273,15 +409,103 @@ mod tests {
         let c = cache(0, 86_400, 3_600);
         let mut fail = answer(&[300]);
         fail.metadata.response_code = ResponseCode::ServFail;
-        assert!(!c.insert(key("f"), &fail));
+        assert!(!c.insert(key("f"), &mut fail));
         let mut tc = answer(&[300]);
         tc.metadata.truncation = true;
-        assert!(!c.insert(key("t"), &tc));
-        assert!(!c.insert(key("z"), &answer(&[0])));
+        assert!(!c.insert(key("t"), &mut tc));
+        assert!(!c.insert(key("z"), &mut answer(&[0])));
         let off = DnsCache::new(&CacheConfig {
             capacity: 0,
             ..CacheConfig::default()
         });
-        assert!(!off.insert(key("a"), &answer(&[300])));
+        assert!(!off.insert(key("a"), &mut answer(&[300])));
+    }
+
+    fn txt(bytes: usize) -> Message {
+        let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+        let strings = vec!["x".repeat(250); bytes / 250];
+        m.add_answer(Record::from_rdata(
+            name("big.example."),
+            300,
+            RData::TXT(hickory_proto::rr::rdata::TXT::new(strings)),
+        ));
+        m
+    }
+
+    #[test]
+    fn memory_stays_under_max_bytes_whatever_the_answers_weigh() {
+        let c = DnsCache::new(&CacheConfig {
+            capacity: 100_000,
+            max_bytes: 1 << 20, // an eighth is 128 KiB
+            ..CacheConfig::default()
+        });
+        for i in 0..1_000 {
+            assert!(c.insert(key(&format!("n{i}")), &mut txt(16_000)));
+            assert!(c.bytes() <= 1 << 20, "{} bytes after {i}", c.bytes());
+        }
+        // About 1 MiB / 16 kB entries remain, the most recent ones.
+        assert!((50..=70).contains(&c.len()), "{} entries", c.len());
+        assert!(c.get(&key("n999")).is_some() && c.get(&key("n0")).is_none());
+        // One answer above an eighth of the budget is served, not kept.
+        let small = DnsCache::new(&CacheConfig {
+            max_bytes: 256 << 10,
+            ..CacheConfig::default()
+        });
+        assert!(!small.insert(key("huge"), &mut txt(60_000)));
+        assert!(small.get(&key("huge")).is_none() && small.bytes() == 0);
+        // Replacing an entry does not count it twice.
+        let before = c.bytes();
+        assert!(c.insert(key("n999"), &mut txt(16_000)));
+        assert_eq!(c.bytes(), before);
+    }
+
+    #[test]
+    fn the_entry_count_still_bounds_too() {
+        let c = cache(0, 86_400, 3_600); // capacity 10
+        for i in 0..25 {
+            c.insert(key(&format!("n{i}")), &mut answer(&[300]));
+        }
+        assert_eq!(c.len(), 10);
+    }
+
+    #[test]
+    fn names_differing_only_in_label_boundaries_are_different_entries() {
+        let c = cache(0, 86_400, 3_600);
+        let t0 = Instant::now();
+        assert!(c.insert_at(key("bank\\.test"), &mut negative(ResponseCode::NXDomain, 900, 900), t0));
+        assert!(c.get_at(&key("bank.test"), t0).is_none());
+        assert!(c.get_at(&key("BANK\\.test"), t0).is_some(), "case does not matter");
+        assert!(c.insert_at(
+            key("www\\.bank.test"),
+            &mut negative(ResponseCode::NXDomain, 900, 900),
+            t0
+        ));
+        assert!(c.get_at(&key("www.bank.test"), t0).is_none());
+    }
+
+    #[test]
+    fn every_answer_is_clamped_even_when_not_cached() {
+        let policy = TtlPolicy::new(&CacheConfig {
+            max_ttl: Duration::from_secs(3_600),
+            ..CacheConfig::default()
+        });
+        // A huge TTL on a cacheable answer.
+        let mut m = answer(&[1_000_000]);
+        assert_eq!(policy.apply(&mut m), Some(3_600));
+        assert_eq!(m.answers[0].ttl, 3_600);
+        // Truncated: not cacheable, still clamped.
+        let mut tc = answer(&[1_000_000]);
+        tc.metadata.truncation = true;
+        assert_eq!(policy.apply(&mut tc), None);
+        assert_eq!(tc.answers[0].ttl, 3_600);
+        // An error answer carrying records: capped by max_ttl.
+        let mut fail = answer(&[1_000_000]);
+        fail.metadata.response_code = ResponseCode::Refused;
+        assert_eq!(policy.apply(&mut fail), None);
+        assert_eq!(fail.answers[0].ttl, 3_600);
+        // A negative answer: the SOA's TTL bounded by negative_max_ttl.
+        let mut nx = negative(ResponseCode::NXDomain, 1_000_000, 1_000_000);
+        assert_eq!(policy.apply(&mut nx), Some(3_600));
+        assert_eq!(nx.authorities[0].ttl, 3_600);
     }
 }

@@ -8,7 +8,8 @@
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -17,9 +18,12 @@ use std::time::Duration;
 use super::cache::{CacheKey, DnsCache};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
+use super::names::wire_key;
+use super::ratelimit::RateLimiter;
 use super::rules::{Action, RuleSet, StaticAnswer};
+use super::scrub;
 use super::upstream::{Admission, UpstreamError, UpstreamGroup};
-use crate::config::dns::{BlockMode, DnsConfig};
+use crate::config::dns::{BlockMode, DnsConfig, RateLimitAction, TcpConfig};
 use crate::domain::DomainFeed;
 use crate::domain::feed::{Committed, released};
 use crate::nft::SetPair;
@@ -84,10 +88,17 @@ pub struct DnsEngine {
     ports: Vec<u16>,
     rules: RuleSet,
     groups: Vec<UpstreamGroup>,
+    /// Group names, as cache keys use them (numbers change across reloads).
+    group_names: Vec<Arc<str>>,
     default_group: Option<usize>,
-    cache: DnsCache,
+    /// Shared with the next engine when a reload keeps the cache settings.
+    cache: Arc<DnsCache>,
     timeout: Duration,
     max_udp_payload: u16,
+    allow: Vec<IpNet>,
+    limiter: RateLimiter,
+    over_limit: RateLimitAction,
+    tcp: TcpConfig,
     stats: Arc<Stats>,
     /// Where answers are recorded (name map, nftables sets); shared by
     /// the engines that replace each other on reload.
@@ -109,17 +120,50 @@ impl DnsEngine {
         let index = |name: &str| groups.iter().position(|g| g.name == name);
         let rules = RuleSet::build(config, index)?;
         let default_group = index(config.upstream.get_ref());
+        let group_names = groups.iter().map(|g| Arc::from(g.name.as_str())).collect();
         Ok(DnsEngine {
             ports: config.ports.clone(),
             rules,
             groups,
+            group_names,
             default_group,
-            cache: DnsCache::new(&config.cache),
+            cache: Arc::new(DnsCache::new(&config.cache)),
             timeout: config.timeout,
-            max_udp_payload: config.max_udp_payload,
+            max_udp_payload: *config.max_udp_payload.get_ref(),
+            allow: config.allow.clone(),
+            limiter: RateLimiter::new(&config.rate_limit),
+            over_limit: config.rate_limit.action,
+            tcp: config.tcp.clone(),
             stats,
             feed: None,
         })
+    }
+
+    /// Takes over `previous`'s cache if it was built with the same cache
+    /// settings, so a reload does not empty it. Returns whether it did.
+    pub fn adopt_cache(&mut self, previous: &DnsEngine) -> bool {
+        if previous.cache.config() == self.cache.config() {
+            self.cache = previous.cache.clone();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Estimated memory held by cached answers, in bytes.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    /// The DNS-over-TCP limits in force.
+    pub fn tcp_limits(&self) -> &TcpConfig {
+        &self.tcp
+    }
+
+    /// Whether `client` may use this resolver (`dns.allow`).
+    pub fn allows(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        self.allow.iter().any(|net| net.contains(&client))
     }
 
     /// Records every answer given from now on in `feed`.
@@ -153,11 +197,22 @@ impl DnsEngine {
     pub fn answer_now(&self, bytes: &[u8], client: IpAddr, transport: Transport) -> Outcome {
         let s = &self.stats;
         s.dns_queries.inc();
+        let limited = !self.limiter.allow(client);
+        if limited && (self.over_limit == RateLimitAction::Drop || transport == Transport::Tcp) {
+            s.dns_rate_limited.inc();
+            return Outcome::Drop;
+        }
+        let allowed = self.allows(client);
         let request = match message::parse_request(bytes) {
             Ok(r) => r,
             Err(Rejection::Drop(why)) => {
                 s.dns_dropped_malformed.inc();
                 tracing::debug!(%client, why, "DNS datagram dropped");
+                return Outcome::Drop;
+            }
+            Err(Rejection::Respond(_)) if limited || !allowed => {
+                // Strangers and floods get no error answers to reflect.
+                s.dns_dropped_malformed.inc();
                 return Outcome::Drop;
             }
             Err(Rejection::Respond(msg)) => {
@@ -168,7 +223,28 @@ impl DnsEngine {
                 return self.reply(&msg, transport, message::CLASSIC_UDP_PAYLOAD);
             }
         };
+        if limited {
+            // Over the limit, with `action = "truncate"`: an empty TC=1
+            // answer no bigger than the query sends a real client to TCP.
+            s.dns_rate_limited.inc();
+            let mut msg = message::response(&request, ResponseCode::NoError, self.max_udp_payload);
+            msg.metadata.truncation = true;
+            return self.reply(&msg, transport, message::CLASSIC_UDP_PAYLOAD);
+        }
+        if !allowed {
+            s.dns_refused_acl.inc();
+            tracing::debug!(%client, "DNS query from a client outside dns.allow refused");
+            let msg = message::response(&request, ResponseCode::Refused, self.max_udp_payload);
+            return self.reply_to(&request, &msg, transport);
+        }
         let qtype = request.query.query_type();
+        if let Some(rcode) = refused_locally(request.query.query_class(), qtype) {
+            // Zone transfers and CHAOS queries (version.bind, id.server)
+            // describe servers, not names: never forwarded.
+            s.dns_refused_local.inc();
+            let msg = message::response(&request, rcode, self.max_udp_payload);
+            return self.reply_to(&request, &msg, transport);
+        }
         let rule = self.rules.first_match(client, &request.key, qtype);
         if let Some(rule) = rule {
             tracing::debug!(%client, name = %request.key, ?qtype, rule = rule.number, action = rule.action.kind(), "DNS rule matched");
@@ -204,7 +280,7 @@ impl DnsEngine {
             let msg = message::response(&request, ResponseCode::Refused, self.max_udp_payload);
             return self.reply_to(&request, &msg, transport);
         };
-        if let Some((entry, age)) = self.cache.get(&cache_key(&request, group)) {
+        if let Some((entry, age)) = self.cache.get(&self.cache_key(&request, group)) {
             s.dns_cache_hits.inc();
             let mut msg = message::response(&request, entry.rcode, self.max_udp_payload);
             entry.fill(&mut msg, age);
@@ -266,14 +342,7 @@ impl DnsEngine {
             self.stats.dns_upstream_latency.observe(started.elapsed());
         }
         let msg = match upstream {
-            Ok(answer) => {
-                self.cache.insert(cache_key(&request, group), &answer);
-                let mut msg = message::response(&request, answer.metadata.response_code, self.max_udp_payload);
-                msg.answers = answer.answers;
-                msg.authorities = answer.authorities;
-                msg.additionals = answer.additionals;
-                msg
-            }
+            Ok(answer) => self.absorb(&request, group, answer),
             Err(e) => {
                 self.stats.dns_servfail.inc();
                 tracing::debug!(name = %request.key, error = %e, "answering SERVFAIL");
@@ -289,6 +358,44 @@ impl DnsEngine {
             released(c).await;
         }
         reply
+    }
+
+    /// What the client gets for an upstream's answer: scrubbed to the
+    /// question, TTLs clamped, cached if cacheable.
+    fn absorb(&self, request: &Request, group: usize, mut answer: Message) -> Message {
+        let removed = scrub::scrub(&request.query, &mut answer);
+        if removed.0 > 0 {
+            self.stats.dns_scrubbed_records.add(removed.0 as u64);
+            tracing::debug!(name = %request.key, removed = removed.0, "records outside the question removed");
+        }
+        // Clamps the TTLs in place whether or not it is cached.
+        self.cache.insert(self.cache_key(request, group), &mut answer);
+        let mut msg = message::response(request, answer.metadata.response_code, self.max_udp_payload);
+        msg.answers = answer.answers;
+        msg.authorities = answer.authorities;
+        msg.additionals = answer.additionals;
+        msg
+    }
+
+    /// Completes `pending` as if its upstream had sent the datagram `bytes`
+    /// in reply to query `id`: the same validation, scrubbing, clamping and
+    /// caching as [`DnsEngine::forward`], without the network. This is the
+    /// answer-path fuzz target's entry (what the WAN side controls).
+    pub fn complete_with(&self, pending: Pending, id: u16, bytes: &[u8]) -> Option<Vec<u8>> {
+        let Pending {
+            request,
+            group,
+            transport,
+            ..
+        } = pending;
+        let msg = match super::upstream::accept_answer(bytes, id, &request.query) {
+            Some(answer) => self.absorb(&request, group, answer),
+            None => message::response(&request, ResponseCode::ServFail, self.max_udp_payload),
+        };
+        match self.reply_to(&request, &msg, transport) {
+            Outcome::Reply(bytes) => Some(bytes),
+            _ => None,
+        }
     }
 
     /// Answers `bytes` completely, awaiting the upstream if needed.
@@ -400,11 +507,22 @@ impl DnsEngine {
     }
 }
 
-fn cache_key(request: &Request, group: usize) -> CacheKey {
-    CacheKey {
-        group,
-        name: request.key.clone(),
-        qtype: request.query.query_type(),
-        qclass: request.query.query_class(),
+impl DnsEngine {
+    fn cache_key(&self, request: &Request, group: usize) -> CacheKey {
+        CacheKey {
+            group: self.group_names.get(group).cloned().unwrap_or_else(|| Arc::from("")),
+            name: wire_key(request.query.name()),
+            qtype: request.query.query_type(),
+            qclass: request.query.query_class(),
+        }
+    }
+}
+
+/// The answer to a query that is never forwarded, whatever the rules say.
+fn refused_locally(class: DNSClass, qtype: RecordType) -> Option<ResponseCode> {
+    match (class, qtype) {
+        (_, RecordType::AXFR | RecordType::IXFR) => Some(ResponseCode::NotImp),
+        (DNSClass::IN, _) => None,
+        _ => Some(ResponseCode::Refused),
     }
 }

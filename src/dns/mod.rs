@@ -12,7 +12,9 @@ pub mod engine;
 pub mod lists;
 pub mod message;
 pub mod names;
+pub mod ratelimit;
 pub mod rules;
+pub mod scrub;
 pub mod server;
 pub mod upstream;
 

@@ -31,7 +31,12 @@ pub fn normalize(text: &str) -> Option<String> {
     ascii.split('.').all(valid_label).then_some(ascii)
 }
 
-/// The lookup key of a query name: lowercase labels joined by dots.
+/// The rule-matching key of a query name: lowercase labels joined by dots.
+///
+/// A label may itself hold a dot or a backslash (`bank\.test` is one label);
+/// those are written as RFC 1035 `\DDD` escapes, so the key of a one-label
+/// name can never equal the key of a two-label one, and no escaped key
+/// matches a listed name (listed names hold only letters, digits, `-`, `_`).
 pub fn query_key(name: &hickory_proto::rr::Name) -> String {
     let mut key = String::with_capacity(name.len());
     for (i, label) in name.iter().enumerate() {
@@ -39,10 +44,28 @@ pub fn query_key(name: &hickory_proto::rr::Name) -> String {
             key.push('.');
         }
         for &b in label {
-            key.push(char::from(b.to_ascii_lowercase()));
+            match b {
+                b'.' => key.push_str("\\046"),
+                b'\\' => key.push_str("\\092"),
+                _ => key.push(char::from(b.to_ascii_lowercase())),
+            }
         }
     }
     key
+}
+
+/// The cache key of a name: its wire format (length-prefixed labels,
+/// RFC 1035 3.1) with ASCII letters lowercased. Label boundaries are kept,
+/// so `bank\.test` (one label) and `bank.test` (two) never share an entry.
+pub fn wire_key(name: &hickory_proto::rr::Name) -> Box<[u8]> {
+    let mut key = Vec::with_capacity(name.len() + 1);
+    for label in name.iter() {
+        // A decoded label is at most 63 bytes; saturate rather than trust it.
+        key.push(u8::try_from(label.len()).unwrap_or(u8::MAX));
+        key.extend(label.iter().map(u8::to_ascii_lowercase));
+    }
+    key.push(0);
+    key.into_boxed_slice()
 }
 
 /// `name` itself, then each parent: `a.b.c`, `b.c`, `c`.
@@ -179,5 +202,38 @@ mod tests {
         let name = hickory_proto::rr::Name::from_ascii("WwW.Example.COM.").unwrap();
         assert_eq!(query_key(&name), "www.example.com");
         assert_eq!(query_key(&hickory_proto::rr::Name::root()), "");
+    }
+
+    fn parse(presentation: &str) -> hickory_proto::rr::Name {
+        hickory_proto::rr::Name::from_ascii(presentation).unwrap_or_else(|e| panic!("{presentation}: {e}"))
+    }
+
+    #[test]
+    fn a_dot_inside_a_label_never_collides_with_a_label_boundary() {
+        for (one, two) in [("bank\\.test.", "bank.test."), ("www\\.bank.test.", "www.bank.test.")] {
+            let (one, two) = (parse(one), parse(two));
+            assert_ne!(
+                one.num_labels(),
+                two.num_labels(),
+                "the test names must differ in labels"
+            );
+            assert_ne!(wire_key(&one), wire_key(&two));
+            assert_ne!(query_key(&one), query_key(&two));
+        }
+        assert_eq!(query_key(&parse("Bank\\.Test.")), "bank\\046test");
+        // A literal backslash-digits label cannot pose as an escaped dot.
+        let backslash = hickory_proto::rr::Name::from_labels([b"bank\\046test".as_slice()]).unwrap();
+        assert_ne!(query_key(&backslash), query_key(&parse("bank\\.test.")));
+        let mut s = DomainSet::new();
+        s.insert("bank.test", true);
+        assert!(!s.matches(&query_key(&parse("bank\\.test."))));
+        assert!(s.matches(&query_key(&parse("www.bank.test."))));
+    }
+
+    #[test]
+    fn wire_key_is_lowercase_wire_format() {
+        assert_eq!(&*wire_key(&parse("WwW.Ex.")), b"\x03www\x02ex\x00");
+        assert_eq!(&*wire_key(&hickory_proto::rr::Name::root()), b"\x00");
+        assert_eq!(wire_key(&parse("A.B.")), wire_key(&parse("a.b.")));
     }
 }

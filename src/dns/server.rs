@@ -2,15 +2,17 @@
 //! exhausting the daemon.
 
 use arc_swap::ArcSwap;
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::engine::{DnsEngine, Outcome, Pending, Transport};
+use crate::config::dns::TcpConfig;
+use crate::net::accept::AcceptBackoff;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -18,18 +20,66 @@ use crate::stats::Stats;
 /// misses are dropped (and counted): the client retries, and a flood of
 /// random names cannot grow the task count without bound.
 const MAX_PENDING: usize = 4_096;
-/// Most DNS-over-TCP connections served at once.
-const MAX_TCP_CONNECTIONS: usize = 512;
-/// A TCP client idle this long is disconnected (RFC 7766 suggests seconds).
-const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// The engine (swapped whole on reload) and the limits that outlive it.
 #[derive(Debug)]
 pub struct DnsService {
     engine: ArcSwap<DnsEngine>,
     pending: Arc<Semaphore>,
-    tcp_connections: Arc<Semaphore>,
+    tcp: Arc<TcpSlots>,
     stats: Arc<Stats>,
+}
+
+/// DNS-over-TCP connections held, in total and per client address. The
+/// limits are read from the engine at each accept, so a reload applies them.
+#[derive(Debug, Default)]
+struct TcpSlots {
+    held: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// Why a connection was not accepted.
+enum SlotRefusal {
+    Total,
+    PerClient,
+}
+
+impl TcpSlots {
+    fn take(self: &Arc<Self>, client: IpAddr, total: usize, per_client: usize) -> Result<TcpSlot, SlotRefusal> {
+        let client = client.to_canonical();
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.0 >= total {
+            return Err(SlotRefusal::Total);
+        }
+        let mine = held.1.entry(client).or_insert(0);
+        if *mine >= per_client {
+            return Err(SlotRefusal::PerClient);
+        }
+        *mine += 1;
+        held.0 += 1;
+        Ok(TcpSlot {
+            slots: self.clone(),
+            client,
+        })
+    }
+}
+
+/// One connection's share; given back when the connection ends.
+struct TcpSlot {
+    slots: Arc<TcpSlots>,
+    client: IpAddr,
+}
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.0 = held.0.saturating_sub(1);
+        if let Some(n) = held.1.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.1.remove(&self.client);
+            }
+        }
+    }
 }
 
 impl DnsService {
@@ -37,7 +87,7 @@ impl DnsService {
         DnsService {
             engine: ArcSwap::from_pointee(engine),
             pending: Arc::new(Semaphore::new(MAX_PENDING)),
-            tcp_connections: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
+            tcp: Arc::new(TcpSlots::default()),
             stats,
         }
     }
@@ -83,7 +133,10 @@ impl DnsService {
             Outcome::Held(reply, committed) => {
                 // Bounded like forwards: a flood of answers waiting for
                 // the kernel cannot grow the task count without bound.
-                let Some(permit) = self.forward_permit() else {
+                // Past the bound the answer goes out without waiting,
+                // never dropped.
+                let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                    send(&reply);
                     return;
                 };
                 tokio::spawn(async move {
@@ -144,6 +197,7 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
 /// (`dns.tcp_listen`, where TPROXY hands over connections to any address,
 /// so a client retrying over TCP after TC=1 is still answered by us).
 pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shutdown: Shutdown) -> io::Result<()> {
+    let mut backoff = AcceptBackoff::new("DNS over TCP");
     loop {
         let (stream, client) = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
@@ -151,20 +205,32 @@ pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shut
                 Ok(v) => v,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "DNS TCP accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
         };
-        let Ok(permit) = service.tcp_connections.clone().try_acquire_owned() else {
-            service.stats.dns_dropped_overload.inc();
-            continue; // dropping the stream closes it
+        backoff.succeeded();
+        let limits = service.engine().tcp_limits().clone();
+        let permit = match service
+            .tcp
+            .take(client.ip(), limits.max_connections, limits.max_per_client)
+        {
+            Ok(slot) => slot,
+            // Dropping the stream closes it.
+            Err(SlotRefusal::Total) => {
+                service.stats.dns_dropped_overload.inc();
+                continue;
+            }
+            Err(SlotRefusal::PerClient) => {
+                service.stats.dns_tcp_refused_per_client.inc();
+                continue;
+            }
         };
         let service = service.clone();
         let conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(stream, client, &service, conn_shutdown).await {
+            if let Err(e) = serve_connection(stream, client, &service, &limits, conn_shutdown).await {
                 tracing::debug!(%client, error = %e, "DNS TCP connection ended");
             }
             drop(permit);
@@ -173,26 +239,33 @@ pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shut
 }
 
 /// Length-prefixed queries (RFC 1035 4.2.2) answered in order until the
-/// client closes, goes idle, or sends garbage.
+/// client closes, goes idle, sends garbage, stops reading, or the
+/// connection reaches its lifetime or query cap (so a trickle of queries
+/// cannot hold a slot forever; RFC 7766 lets the server close at any time).
 async fn serve_connection(
     mut stream: TcpStream,
     client: SocketAddr,
     service: &DnsService,
+    limits: &TcpConfig,
     mut shutdown: Shutdown,
 ) -> io::Result<()> {
+    let end_of_life = tokio::time::Instant::now() + limits.max_lifetime;
     let mut buf = vec![0u8; 65_535];
+    let mut answered = 0u32;
     loop {
+        // Idle timeout, but never past the end of life.
+        let read_until = (tokio::time::Instant::now() + limits.idle_timeout).min(end_of_life);
         let len = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
-            r = tokio::time::timeout(TCP_IDLE, stream.read_u16()) => match r {
+            r = tokio::time::timeout_at(read_until, stream.read_u16()) => match r {
                 Ok(Ok(len)) => usize::from(len),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(()), // idle
+                Err(_) => return Ok(()), // idle, or lived long enough
             },
         };
         let query = buf.get_mut(..len).unwrap_or_default();
-        tokio::time::timeout(TCP_IDLE, stream.read_exact(query))
+        tokio::time::timeout_at(read_until, stream.read_exact(query))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "query body"))??;
         service.stats.dns_tcp_queries.inc();
@@ -205,6 +278,18 @@ async fn serve_connection(
         let mut framed = Vec::with_capacity(reply.len() + 2);
         framed.extend_from_slice(&reply_len.to_be_bytes());
         framed.extend_from_slice(&reply);
-        stream.write_all(&framed).await?;
+        if tokio::time::timeout(limits.write_timeout, stream.write_all(&framed))
+            .await
+            .is_err()
+        {
+            // The client does not read: its slot is worth more to others.
+            service.stats.dns_tcp_write_timeouts.inc();
+            return Ok(());
+        }
+        answered += 1;
+        if answered >= limits.max_queries || tokio::time::Instant::now() >= end_of_life {
+            service.stats.dns_tcp_recycled.inc();
+            return Ok(());
+        }
     }
 }

@@ -81,6 +81,21 @@ pub fn marked_udp(local: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     Ok(sock.into())
 }
 
+/// A marked socket connected to `remote`, on a port the kernel picks at
+/// random across the ephemeral range when it connects (one DNS query's
+/// socket). Created non-blocking and left unbound until `connect`: three
+/// system calls, the fewest that give a fresh random port.
+pub fn marked_connected_udp(remote: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+    let sock = Socket::new(
+        Domain::for_address(remote),
+        Type::DGRAM.nonblocking(),
+        Some(Protocol::UDP),
+    )?;
+    sock.set_mark(mark)?;
+    sock.connect(&remote.into())?;
+    Ok(sock.into())
+}
+
 /// An upstream socket for a flow: marked, optionally bound to a device,
 /// reporting each reply's TOS so it can be carried back to the client.
 ///

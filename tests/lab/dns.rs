@@ -206,3 +206,130 @@ impl Lab {
         pid
     }
 }
+
+/// Builds an upstream's answer to one question; the fake upstream copies
+/// the ID and question in and sets QR.
+pub type Responder = dyn Fn(&hickory_proto::op::Query) -> hickory_proto::op::Message + Send + Sync;
+
+/// A scriptable DNS server (UDP and TCP on one address, port 53) in a
+/// server namespace: for upstream behaviour dnsmasq will not produce, such
+/// as injecting records about other names. UDP answers above 1232 bytes go
+/// out truncated (TC=1), so the asker retries over TCP.
+pub struct FakeUpstream {
+    pub addr: IpAddr,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl FakeUpstream {
+    pub fn start(
+        ns: &Netns,
+        addr: IpAddr,
+        respond: impl Fn(&hickory_proto::op::Query) -> hickory_proto::op::Message + Send + Sync + 'static,
+    ) -> FakeUpstream {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let sa = std::net::SocketAddr::new(addr, 53);
+        let (udp, tcp) = ns.enter(move || {
+            (
+                std::net::UdpSocket::bind(sa).unwrap_or_else(|e| panic!("bind {sa}: {e}")),
+                std::net::TcpListener::bind(sa).unwrap_or_else(|e| panic!("bind tcp {sa}: {e}")),
+            )
+        });
+        udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let respond: Arc<Responder> = Arc::new(respond);
+        let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let answer = {
+            let (respond, asked) = (respond.clone(), asked.clone());
+            move |bytes: &[u8], limit: usize| -> Option<Vec<u8>> {
+                let query = hickory_proto::op::Message::from_vec(bytes).ok()?;
+                let q = query.queries.first()?.clone();
+                asked.lock().unwrap().push(q.name().to_string().to_ascii_lowercase());
+                let mut m = respond(&q);
+                m.metadata.id = query.metadata.id;
+                m.metadata.message_type = hickory_proto::op::MessageType::Response;
+                m.metadata.recursion_desired = query.metadata.recursion_desired;
+                m.metadata.recursion_available = true;
+                m.queries = vec![q];
+                let full = m.to_vec().ok()?;
+                if full.len() <= limit {
+                    Some(full)
+                } else {
+                    m.truncate().to_vec().ok()
+                }
+            }
+        };
+        let mut threads = Vec::new();
+        {
+            let (stop, answer) = (stop.clone(), answer.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                        if let Some(reply) = answer(&buf[..n], 1232) {
+                            let _ = udp.send_to(&reply, from);
+                        }
+                    }
+                }
+            }));
+        }
+        {
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut s, _)) = tcp.accept() else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    let answer = answer.clone();
+                    std::thread::spawn(move || {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                        let mut len = [0u8; 2];
+                        while s.read_exact(&mut len).is_ok() {
+                            let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                            if s.read_exact(&mut q).is_err() {
+                                return;
+                            }
+                            let Some(reply) = answer(&q, 65_535) else { return };
+                            let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                            framed.extend_from_slice(&reply);
+                            if s.write_all(&framed).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }));
+        }
+        FakeUpstream {
+            addr,
+            asked,
+            stop,
+            threads,
+        }
+    }
+
+    /// Every question name asked (lowercase, presentation format), in order.
+    pub fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+
+    /// How many times `name` (presentation format, trailing dot) was asked.
+    pub fn times_asked(&self, name: &str) -> usize {
+        self.asked().iter().filter(|n| n.eq_ignore_ascii_case(name)).count()
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

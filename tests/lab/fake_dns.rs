@@ -8,7 +8,8 @@
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -190,6 +191,97 @@ fn serve(socket: UdpSocket, seen: Arc<Mutex<Vec<Seen>>>, stop: Arc<AtomicBool>, 
 }
 
 impl Drop for FakeDns {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A DNS-over-TCP fake upstream: answers every query on every connection
+/// with `a`, keeps connections open as real servers do, and counts the
+/// connections it accepted and those still open.
+pub struct FakeTcpDns {
+    pub addr: SocketAddr,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeTcpDns {
+    pub fn start(ns: &Netns, addr: SocketAddr, a: Ipv4Addr) -> FakeTcpDns {
+        let listener = ns.enter(move || TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")));
+        listener.set_nonblocking(true).unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (open, accepted, stop) = (open.clone(), accepted.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut conn, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    open.fetch_add(1, Ordering::Relaxed);
+                    let (open, stop) = (open.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+                        let mut len = [0u8; 2];
+                        while !stop.load(Ordering::Relaxed) {
+                            match conn.read_exact(&mut len) {
+                                Ok(()) => {}
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                    ) =>
+                                {
+                                    continue;
+                                }
+                                Err(_) => break,
+                            }
+                            let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                            if conn.read_exact(&mut body).is_err() {
+                                break;
+                            }
+                            let Ok(query) = Message::from_vec(&body) else { break };
+                            let answer = response(&query, Reply::Address(a)).to_vec().unwrap();
+                            let mut framed = (answer.len() as u16).to_be_bytes().to_vec();
+                            framed.extend_from_slice(&answer);
+                            if conn.write_all(&framed).is_err() {
+                                break;
+                            }
+                        }
+                        open.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+            })
+        };
+        FakeTcpDns {
+            addr,
+            open,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections still open from the gateway.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FakeTcpDns {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {

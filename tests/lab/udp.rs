@@ -26,14 +26,12 @@ pub fn exchange(sock: &UdpSocket, to: SocketAddr, payload: &[u8]) -> (SocketAddr
 pub fn recv(sock: &UdpSocket) -> Option<(SocketAddr, Vec<u8>)> {
     let mut buf = vec![0u8; 65_536];
     loop {
-        match sock.recv_from(&mut buf) {
-            Ok((n, from)) => return Some((from, buf[..n].to_vec())),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
-            // A signal meant for another part of the test process (a timed
-            // socket read does not restart by itself): read again.
+        return match sock.recv_from(&mut buf) {
+            Ok((n, from)) => Some((from, buf[..n].to_vec())),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => panic!("recv: {e}"),
-        }
+            Err(e) => panic!("recv: {e} ({:?})", e.kind()),
+        };
     }
 }
 

@@ -11,6 +11,10 @@
 //! Earlier queries stay pending; the first valid answer wins and the rest
 //! are dropped (their sockets close).
 //!
+//! A server on probation (see [`super::health`]) is asked alongside the
+//! first one rather than in its turn, so checking whether a dead server came
+//! back costs no client any waiting.
+//!
 //! Hedging at the p90 keeps the extra upstream queries near 10 % of misses
 //! in steady state, while one slow or dead server costs a client at most its
 //! p90, not a timeout.
@@ -21,6 +25,7 @@ use hickory_proto::op::{Message, Query};
 use std::time::Duration;
 use tokio::time::Instant;
 
+use super::health::Standing;
 use super::{UpstreamError, UpstreamGroup};
 
 /// A server still silent this long after a later one answered (10 times
@@ -39,11 +44,11 @@ struct Attempt {
     result: Result<Message, Failure>,
 }
 
-/// The order to ask servers in at `now`: healthy ones in configuration
-/// order, then the penalised ones, soonest forgiven first.
-pub(super) fn order(penalties: &[Option<Instant>]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..penalties.len()).collect();
-    order.sort_by_key(|&i| (penalties[i], i));
+/// The order to ask servers in: healthy ones in configuration order, then
+/// those on probation, then the penalised ones, soonest forgiven first.
+pub(super) fn order(standings: &[Standing]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..standings.len()).collect();
+    order.sort_by_key(|&i| (standings[i], i));
     order
 }
 
@@ -51,8 +56,15 @@ impl UpstreamGroup {
     /// Asks the servers as described in the module docs.
     pub(super) async fn race(&self, query: &Query, deadline: Instant) -> Result<Message, UpstreamError> {
         let start = Instant::now();
-        let penalties: Vec<Option<Instant>> = self.servers.iter().map(|s| s.health.penalised_until(start)).collect();
-        let order = order(&penalties);
+        let standings: Vec<Standing> = self.servers.iter().map(|s| s.health.standing(start)).collect();
+        let mut order = order(&standings);
+        // A server on probation is asked alongside the first one, not in
+        // its turn: the client does not wait for it.
+        let probe = order
+            .iter()
+            .skip(1)
+            .position(|&i| standings[i] == Standing::Probation)
+            .map(|p| order.remove(p + 1));
         let n = u32::try_from(order.len()).unwrap_or(u32::MAX).max(1);
         // The longest one server is waited for before the next is asked.
         let step = self.server_timeout.min(deadline.saturating_duration_since(start) / n);
@@ -61,12 +73,18 @@ impl UpstreamGroup {
         let mut finished: Vec<usize> = Vec::with_capacity(order.len());
         let mut next = 0;
         let mut next_at = start;
+        if let Some(index) = probe {
+            self.servers[index].health.probing(start, self.server_timeout);
+            pending.push(self.attempt(index, query, deadline, false));
+            launched.push((index, start));
+        }
         loop {
             let now = Instant::now();
             if let Some(&index) = order.get(next)
                 && now >= next_at
             {
-                let hedged = !pending.is_empty();
+                // A hedge: an earlier server in the order is still pending.
+                let hedged = order[..next].iter().any(|i| !finished.contains(i));
                 pending.push(self.attempt(index, query, deadline, hedged));
                 launched.push((index, now));
                 next_at = now + self.servers[index].health.hedge_after(step);
@@ -93,17 +111,25 @@ impl UpstreamGroup {
                                 server.health.hedges_won.inc();
                             }
                             self.note_slow(&launched, &finished, step, Some(now - attempt.started), now);
+                            if let Some(p) = probe.filter(|p| !finished.contains(p)) {
+                                // Beaten while on probation: stay penalised.
+                                self.servers[p].health.timed_out(now - start, now);
+                            }
                             return Ok(answer);
                         }
                         Err(Failure::Timeout) => {
                             server.health.timed_out(now - attempt.started, now);
                             tracing::debug!(group = %self.name, server = %server.label, "upstream timed out");
-                            next_at = now;
+                            if Some(attempt.index) != probe {
+                                next_at = now;
+                            }
                         }
                         Err(Failure::Error(e)) => {
                             server.health.errors.inc();
                             tracing::debug!(group = %self.name, server = %server.label, error = %e, "upstream failed");
-                            next_at = now;
+                            if Some(attempt.index) != probe {
+                                next_at = now;
+                            }
                         }
                     }
                 }
@@ -171,7 +197,11 @@ mod tests {
     fn penalised_servers_go_last_soonest_forgiven_first() {
         let now = Instant::now();
         let later = now + Duration::from_secs(10);
-        assert_eq!(order(&[None, None, None]), [0, 1, 2]);
-        assert_eq!(order(&[Some(later), None, Some(now), None]), [1, 3, 2, 0]);
+        use Standing::*;
+        assert_eq!(order(&[Healthy, Healthy, Healthy]), [0, 1, 2]);
+        assert_eq!(
+            order(&[Penalised(later), Healthy, Penalised(now), Probation, Healthy]),
+            [1, 4, 3, 2, 0]
+        );
     }
 }

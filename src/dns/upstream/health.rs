@@ -1,6 +1,13 @@
 //! What tproxyd has learnt about one upstream server: the counters exported
-//! per server, its latency (for hedging), and whether it recently timed out
-//! (to try it later in the order for a while).
+//! per server, its latency (for hedging), and whether it recently timed out.
+//!
+//! A server that timed out is *penalised*: asked after the others for
+//! [`PENALTY`]. Then it is *on probation*: still asked after the others,
+//! but the next query also asks it alongside the first server (a probe
+//! that costs the client nothing); an answer makes it healthy again, no
+//! answer penalises it again. So a dead server never costs a client a
+//! timeout again, and a revived one is back in its place within about a
+//! penalty period.
 
 use std::fmt::Write as _;
 use std::sync::{Mutex, PoisonError};
@@ -57,6 +64,18 @@ struct State {
     latency: Option<Latency>,
     /// Tried after the healthy servers until then.
     penalised_until: Option<Instant>,
+    /// Timed out and has not answered since.
+    suspect: bool,
+}
+
+/// Where a server stands when a query starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Standing {
+    Healthy,
+    /// Penalty over but not answered since: probe it.
+    Probation,
+    /// Recently timed out: ask last, until then.
+    Penalised(Instant),
 }
 
 /// One upstream server's record.
@@ -91,6 +110,7 @@ impl Health {
         self.latency.observe(took);
         let mut s = self.state();
         s.penalised_until = None;
+        s.suspect = false;
         s.latency
             .get_or_insert(Latency {
                 mean_us: 0.0,
@@ -104,14 +124,24 @@ impl Health {
         self.timeouts.inc();
         let mut s = self.state();
         s.penalised_until = Some(now + PENALTY);
+        s.suspect = true;
         if let Some(l) = s.latency.as_mut() {
             l.observe(waited.as_secs_f64() * 1e6);
         }
     }
 
-    /// When it still counts as recently timed out.
-    pub fn penalised_until(&self, now: Instant) -> Option<Instant> {
-        self.state().penalised_until.filter(|&t| t > now)
+    pub fn standing(&self, now: Instant) -> Standing {
+        let s = self.state();
+        match s.penalised_until {
+            Some(t) if t > now => Standing::Penalised(t),
+            _ if s.suspect => Standing::Probation,
+            _ => Standing::Healthy,
+        }
+    }
+
+    /// A probe is on its way: no other query probes it meanwhile.
+    pub fn probing(&self, now: Instant, hold: Duration) {
+        self.state().penalised_until = Some(now + hold);
     }
 
     /// How long to wait for this server before also asking the next one:
@@ -257,15 +287,20 @@ mod tests {
     }
 
     #[test]
-    fn a_timeout_penalises_until_an_answer() {
+    fn a_timeout_penalises_then_probes_until_an_answer() {
         let h = Health::default();
         let now = Instant::now();
-        assert!(h.penalised_until(now).is_none());
+        assert_eq!(h.standing(now), Standing::Healthy);
         h.timed_out(Duration::from_secs(1), now);
-        assert_eq!(h.penalised_until(now), Some(now + PENALTY));
-        assert!(h.penalised_until(now + PENALTY).is_none(), "it expires");
+        assert_eq!(h.standing(now), Standing::Penalised(now + PENALTY));
+        assert_eq!(h.standing(now + PENALTY), Standing::Probation, "then probed");
+        h.probing(now + PENALTY, Duration::from_secs(1));
+        assert!(
+            matches!(h.standing(now + PENALTY), Standing::Penalised(_)),
+            "one probe at a time"
+        );
         h.answered(Duration::from_millis(1));
-        assert!(h.penalised_until(now).is_none());
+        assert_eq!(h.standing(now), Standing::Healthy);
         assert_eq!(h.timeouts.get(), 1);
         assert_eq!(h.answers.get(), 1);
     }

@@ -97,9 +97,7 @@ impl Exchange<'_> {
     /// A fresh marked socket on a kernel-chosen (random) port, connected to
     /// the server.
     fn open(&self) -> io::Result<UdpSocket> {
-        let std = sockets::marked_udp(sockets::unspecified(self.server), self.mark)?;
-        std.connect(self.server)?;
-        UdpSocket::from_std(std)
+        UdpSocket::from_std(sockets::marked_connected_udp(self.server, self.mark)?)
     }
 }
 
@@ -115,7 +113,7 @@ fn encode(id: u16, query: &Query) -> io::Result<Vec<u8>> {
 }
 
 /// The answer in `bytes` if it answers query `id` for exactly `sent`.
-fn accept(bytes: &[u8], id: u16, sent: &Query) -> Option<Message> {
+pub fn accept(bytes: &[u8], id: u16, sent: &Query) -> Option<Message> {
     // Cheap checks on the raw header first: a flood of forgeries with the
     // wrong ID costs no parse.
     let header_id = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]);

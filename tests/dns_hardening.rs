@@ -1,0 +1,511 @@
+//! The DNS engine under attack from the LAN side and from a lying upstream,
+//! in the namespace lab: cache-key collisions, injected records, huge TTLs
+//! and answers, strangers, floods, slow TCP readers, zone transfers and
+//! CHAOS queries, and a reload that must keep the cache.
+
+mod lab;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, NS, SOA, TXT};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use lab::dns::{Dig, FakeUpstream, dig};
+use lab::{Daemon, Lab};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// The "public resolver" a device has hard-coded: hijacked by the gateway.
+const PUBLIC: &str = "203.0.113.53";
+const UPSTREAM: &str = "198.51.100.53";
+/// tproxyd's plain listener on the LAN.
+const LISTEN: &str = "192.0.2.1";
+/// A second LAN address of the client namespace, used as an attacker.
+const STRANGER: &str = "192.0.2.66";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn name(s: &str) -> Name {
+    Name::from_str(s).unwrap()
+}
+
+/// The lab with the UDP+TCP DNS redirect, the upstream and public
+/// addresses on server 0, and a second client address.
+fn dns_lab() -> Lab {
+    let lab = Lab::with_servers(1);
+    lab.add_server_address(0, ip(UPSTREAM));
+    lab.add_server_address(0, ip(PUBLIC));
+    lab.add_client_address(ip(STRANGER));
+    lab.install_rules("nft", "LAN_IF=lan0 DNS_TCP_PORT=15354");
+    lab
+}
+
+/// `dns_keys` go into `[dns]` (one `key = value` per line); `tail` after
+/// everything (other tables).
+fn config(dns_keys: &str, tail: &str) -> String {
+    format!(
+        r#"
+mark = 255
+[relay]
+listen = ["0.0.0.0:15353", "[::]:15353"]
+[dns]
+ports = [53]
+listen = ["{LISTEN}:53"]
+tcp_listen = ["0.0.0.0:15354", "[::]:15354"]
+timeout = "1500ms"
+{dns_keys}
+[dns.upstreams.default]
+servers = ["{UPSTREAM}"]
+server_timeout = "700ms"
+{tail}
+"#
+    )
+}
+
+/// Only the lab's main client address: the lab's LAN uses documentation
+/// addresses, which the default allow list (private ranges) leaves out.
+const ALLOW_CLIENT: &str = r#"allow = ["192.0.2.10/32", "2001:db8:1::/64"]"#;
+const ALLOW_LAN: &str = r#"allow = ["192.0.2.0/24", "2001:db8:1::/64"]"#;
+
+fn q(lab: &Lab, args: &str) -> Dig {
+    dig(&lab.client, args)
+}
+
+/// An answer from the fake upstream.
+fn response(rcode: ResponseCode, answers: Vec<Record>, authority: Vec<Record>, additional: Vec<Record>) -> Message {
+    let mut m = Message::new(0, MessageType::Response, OpCode::Query);
+    m.metadata.response_code = rcode;
+    m.answers = answers;
+    m.authorities = authority;
+    m.additionals = additional;
+    m
+}
+
+fn a(owner: &str, ttl: u32, addr: [u8; 4]) -> Record {
+    Record::from_rdata(name(owner), ttl, RData::A(A::from(std::net::Ipv4Addr::from(addr))))
+}
+
+fn soa(zone: &str) -> Record {
+    let soa = SOA::new(name(zone), name("hostmaster.test."), 1, 3600, 600, 86400, 3600);
+    Record::from_rdata(name(zone), 3600, RData::SOA(soa))
+}
+
+/// Polls until `f` holds (or panics after 5 s with `what`).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_escaped_dot_never_shares_a_cache_entry_with_a_label_boundary() {
+    let lab = dns_lab();
+    // dnsmasq, authoritative for test: `www\.bank.test` is the one-label
+    // name "www.bank" under test, which does not exist (NXDOMAIN + SOA).
+    let upstream = lab.dnsmasq(
+        0,
+        ip(UPSTREAM),
+        "test",
+        &[
+            "--host-record=bank.test,198.51.100.80",
+            "--host-record=www.bank.test,198.51.100.81",
+        ],
+    );
+    let _daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, ""));
+    for server in [LISTEN, PUBLIC] {
+        let d = q(&lab, &format!("@{server} 'www\\.bank.test' A"));
+        assert_eq!(d.status, "NXDOMAIN", "{}", d.raw);
+        let d = q(&lab, &format!("@{server} www.bank.test A"));
+        assert_eq!(d.status, "NOERROR", "the escaped name poisoned the real one: {}", d.raw);
+        assert_eq!(d.answer_data(), ["198.51.100.81"]);
+    }
+    assert!(upstream.was_asked("www.bank.test"));
+
+    // `bank\.test` is a one-label name, which dnsmasq refuses; this
+    // upstream answers it NXDOMAIN with the root's SOA, as a public
+    // resolver would.
+    drop(_daemon);
+    let fake_addr = ip("198.51.100.54");
+    lab.add_server_address(0, fake_addr);
+    let fake = FakeUpstream::start(&lab.servers[0], fake_addr, |q| {
+        if q.name().num_labels() == 1 {
+            response(ResponseCode::NXDomain, vec![], vec![soa(".")], vec![])
+        } else {
+            response(
+                ResponseCode::NoError,
+                vec![a("bank.test.", 300, [198, 51, 100, 80])],
+                vec![],
+                vec![],
+            )
+        }
+    });
+    let _daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, "").replace(UPSTREAM, "198.51.100.54"));
+    let d = q(&lab, &format!("@{LISTEN} 'bank\\.test' A"));
+    assert_eq!(d.status, "NXDOMAIN", "{}", d.raw);
+    let d = q(&lab, &format!("@{PUBLIC} BANK.test A"));
+    assert_eq!(d.status, "NOERROR", "{}", d.raw);
+    assert_eq!(d.answer_data(), ["198.51.100.80"]);
+    assert_eq!(fake.times_asked("bank.test."), 1, "{:?}", fake.asked());
+    assert_eq!(fake.times_asked("bank\\.test."), 1, "{:?}", fake.asked());
+}
+
+#[test]
+fn records_injected_by_the_upstream_reach_neither_the_client_nor_the_cache() {
+    let lab = dns_lab();
+    let fake = FakeUpstream::start(&lab.servers[0], ip(UPSTREAM), |q| {
+        if q.name() == &name("a.test.") {
+            // The real answer with a huge TTL, plus a forged record for
+            // another name in every section.
+            response(
+                ResponseCode::NoError,
+                vec![
+                    a("a.test.", 1_000_000, [198, 51, 100, 10]),
+                    a("bank.test.", 1_000_000, [203, 0, 113, 66]),
+                ],
+                vec![Record::from_rdata(
+                    name("bank.test."),
+                    86400,
+                    RData::NS(NS(name("ns.evil.example."))),
+                )],
+                vec![a("ns.evil.example.", 86400, [203, 0, 113, 66])],
+            )
+        } else {
+            response(
+                ResponseCode::NoError,
+                vec![a("bank.test.", 300, [198, 51, 100, 80])],
+                vec![],
+                vec![],
+            )
+        }
+    });
+    let daemon = lab.start_tproxyd(&config(&format!("{ALLOW_CLIENT}\ncache = {{ max_ttl = \"1h\" }}"), ""));
+    for _ in 0..2 {
+        // A miss, then a cache hit: the same scrubbed, clamped answer.
+        let d = q(&lab, &format!("@{PUBLIC} a.test A"));
+        assert_eq!(d.status, "NOERROR", "{}", d.raw);
+        assert_eq!(d.answer_data(), ["198.51.100.10"], "{}", d.raw);
+        assert!(d.authority.is_empty(), "{}", d.raw);
+        assert!(!d.raw.contains("203.0.113.66") && !d.raw.contains("evil"), "{}", d.raw);
+        assert!(
+            d.answers[0].1 <= 3600,
+            "TTL {} passed unclamped: {}",
+            d.answers[0].1,
+            d.raw
+        );
+    }
+    assert_eq!(fake.times_asked("a.test."), 1);
+    // The cache never learnt the forged bank.test: it is asked upstream.
+    let d = q(&lab, &format!("@{LISTEN} bank.test A"));
+    assert_eq!(d.answer_data(), ["198.51.100.80"], "{}", d.raw);
+    assert_eq!(fake.times_asked("bank.test."), 1, "{:?}", fake.asked());
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_scrubbed_records"), 3);
+}
+
+#[test]
+fn huge_answers_cannot_grow_the_cache_past_max_bytes() {
+    let lab = dns_lab();
+    // 60 KB of TXT per name: over UDP the fake upstream truncates, so
+    // tproxyd fetches it over TCP, as it would from a real server.
+    let fake = FakeUpstream::start(&lab.servers[0], ip(UPSTREAM), |q| {
+        let strings = vec!["x".repeat(250); 240];
+        let rec = Record::from_rdata(q.name().clone(), 3600, RData::TXT(TXT::new(strings)));
+        response(ResponseCode::NoError, vec![rec], vec![], vec![])
+    });
+    let admin: SocketAddr = "127.0.0.1:9153".parse().unwrap();
+    let _daemon = lab.start_tproxyd(&config(
+        &format!("{ALLOW_CLIENT}\ncache = {{ max_bytes = \"1MiB\" }}"),
+        &format!("[admin]\nlisten = \"{admin}\""),
+    ));
+    let out = lab.client.sh(&format!(
+        "for i in $(seq 0 99); do dig +tcp +tries=1 +time=5 @{LISTEN} big$i.test TXT | grep -c 'status: NOERROR'; done"
+    ));
+    assert_eq!(out.lines().filter(|l| l.trim() == "1").count(), 100, "{out}");
+    let metrics = lab.gateway.enter(move || {
+        let mut s = TcpStream::connect(admin).expect("admin endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    let metric = |series: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {metrics}"))
+    };
+    let bytes = metric("tproxyd_dns_cache_bytes");
+    let entries = metric("tproxyd_dns_cache_entries");
+    assert!(bytes <= 1 << 20, "cache holds {bytes} bytes");
+    assert!((5..=20).contains(&entries), "{entries} entries of 60 KB in 1 MiB");
+    // The newest answer is still cached; the oldest was evicted. (Each miss
+    // asks twice: over UDP, truncated, then over TCP.)
+    let (newest, oldest) = (fake.times_asked("big99.test."), fake.times_asked("big0.test."));
+    for n in ["big99.test", "big0.test"] {
+        assert_eq!(q(&lab, &format!("+tcp @{LISTEN} {n} TXT")).status, "NOERROR");
+    }
+    assert_eq!(fake.times_asked("big99.test."), newest, "the newest answer was evicted");
+    assert!(
+        fake.times_asked("big0.test.") > oldest,
+        "the oldest answer is still cached"
+    );
+    // Memory stays near the budget: 100 answers of 60 KB are 6 MB.
+    let pid = _daemon.pid();
+    let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    eprintln!("tproxyd RSS after 100 answers of 60 KB: {rss_kb} kB; cache {bytes} bytes in {entries} entries");
+}
+
+#[test]
+fn clients_outside_dns_allow_are_refused_on_every_path_and_counted() {
+    let lab = dns_lab();
+    let upstream = lab.dnsmasq(
+        0,
+        ip(UPSTREAM),
+        "example.test",
+        &["--host-record=www.example.test,203.0.113.80"],
+    );
+    let daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, ""));
+    for server in [LISTEN, PUBLIC] {
+        for transport in ["+notcp", "+tcp"] {
+            let d = q(&lab, &format!("-b {STRANGER} {transport} @{server} www.example.test A"));
+            assert_eq!(d.status, "REFUSED", "{server} {transport}: {}", d.raw);
+            assert!(d.answers.is_empty());
+        }
+    }
+    assert!(upstream.queries().is_empty(), "a stranger's query was forwarded");
+    // The allowed client is answered on the same paths.
+    for server in [LISTEN, PUBLIC] {
+        for transport in ["+notcp", "+tcp"] {
+            let d = q(&lab, &format!("{transport} @{server} www.example.test A"));
+            assert_eq!(d.answer_data(), ["203.0.113.80"], "{server} {transport}: {}", d.raw);
+        }
+    }
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_refused_acl"), 4);
+}
+
+#[test]
+fn zone_transfers_and_chaos_queries_are_refused_locally_never_forwarded() {
+    let lab = dns_lab();
+    let upstream = lab.dnsmasq(
+        0,
+        ip(UPSTREAM),
+        "example.test",
+        &["--host-record=www.example.test,203.0.113.80"],
+    );
+    let daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, ""));
+    for server in [LISTEN, PUBLIC] {
+        for (query, status) in [
+            ("version.bind CH TXT", "REFUSED"),
+            ("hostname.bind CH TXT", "REFUSED"),
+            ("+tcp id.server CH TXT", "REFUSED"),
+        ] {
+            let d = q(&lab, &format!("@{server} {query}"));
+            assert_eq!(d.status, status, "{query}: {}", d.raw);
+        }
+        // Over TCP, dig's transfer mode reports the refusal as a failure.
+        for xfr in ["AXFR", "IXFR=1"] {
+            let out = lab
+                .client
+                .sh(&format!("dig +tries=1 +time=3 @{server} example.test {xfr} || true"));
+            assert!(out.contains("Transfer failed"), "{out}");
+            assert!(!out.contains("203.0.113.80"), "{out}");
+        }
+        // Over UDP (dig only sends IXFR there): NOTIMP.
+        for qtype in [RecordType::AXFR, RecordType::IXFR] {
+            let sock = lab::udp::socket(&lab.client, SocketAddr::new(ip("192.0.2.10"), 0));
+            let mut m = Message::query();
+            m.add_query(Query::query(name("example.test."), qtype));
+            let to = SocketAddr::new(ip(server), 53);
+            let (_, reply) = lab::udp::exchange(&sock, to, &m.to_vec().unwrap());
+            let reply = Message::from_vec(&reply).unwrap();
+            assert_eq!(reply.metadata.response_code, ResponseCode::NotImp, "{qtype} over UDP");
+            assert!(reply.answers.is_empty());
+        }
+    }
+    assert!(upstream.queries().is_empty(), "forwarded: {:?}", upstream.queries());
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_refused_local"), 14);
+}
+
+/// Sends `n` queries for `qname` from `from` as fast as possible and
+/// returns the replies received within a second of the last one.
+fn flood(lab: &Lab, from: IpAddr, n: u16, qname: &str) -> Vec<Message> {
+    let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let sock = lab::udp::socket(&lab.client, SocketAddr::new(from, 0));
+    sock.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
+    for id in 0..n {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.add_query(Query::query(name(qname), RecordType::A));
+        sock.send_to(&m.to_vec().unwrap(), to).unwrap();
+    }
+    let mut replies = Vec::new();
+    while let Some((_, bytes)) = lab::udp::recv(&sock) {
+        replies.push(Message::from_vec(&bytes).unwrap());
+    }
+    replies
+}
+
+#[test]
+fn a_flood_from_one_client_is_rate_limited_and_the_others_are_not() {
+    let lab = dns_lab();
+    let printer = "[[dns.rules]]\ndomains = [\"printer.lan\"]\naction = \"answer\"\na = [\"192.0.2.50\"]\n";
+    for (action, check) in [("truncate", true), ("drop", false)] {
+        let daemon = lab.start_tproxyd(&config(
+            &format!("{ALLOW_LAN}\nrate_limit = {{ qps = 20, burst = 20, action = \"{action}\" }}"),
+            printer,
+        ));
+        // 150 queries: few enough that none is lost in socket buffers.
+        let replies = flood(&lab, ip(STRANGER), 150, "printer.lan.");
+        let answered = replies.iter().filter(|m| !m.metadata.truncation).count();
+        // The burst plus what the rate refills during the flood.
+        assert!((20..=40).contains(&answered), "{action}: {answered} answered");
+        if check {
+            assert_eq!(replies.len(), 150, "truncate answers every query");
+            assert!(
+                replies
+                    .iter()
+                    .filter(|m| m.metadata.truncation)
+                    .all(|m| m.answers.is_empty())
+            );
+        } else {
+            assert_eq!(replies.len(), answered, "drop sends nothing over the limit");
+        }
+        // Another client is unaffected while the flooder is still limited.
+        let d = q(&lab, &format!("@{LISTEN} printer.lan A"));
+        assert_eq!(d.answer_data(), ["192.0.2.50"], "{}", d.raw);
+        let stopped = daemon.stop();
+        let limited = stopped.counter("dns_rate_limited");
+        assert_eq!(limited, 150 - answered as u64, "{action}: every limited query counted");
+    }
+}
+
+#[test]
+fn slow_tcp_readers_from_one_client_cannot_starve_the_others() {
+    let lab = dns_lab();
+    let txt = format!("--txt-record=big.example.test,{}", vec!["y".repeat(240); 4].join(","));
+    let _upstream = lab.dnsmasq(
+        0,
+        ip(UPSTREAM),
+        "example.test",
+        &["--host-record=www.example.test,203.0.113.80", &txt],
+    );
+    let daemon = lab.start_tproxyd(&config(
+        &format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}\ntcp = {{ max_per_client = 8, write_timeout = \"1s\" }}"),
+        "",
+    ));
+    // Warm the cache so the attack needs no upstream.
+    assert_eq!(q(&lab, &format!("@{LISTEN} big.example.test TXT")).status, "NOERROR");
+
+    // 600 connections from one address (above the old global limit of
+    // 512), each sending 300 pipelined queries for a 1 KB answer and never
+    // reading, with a tiny receive buffer.
+    let attackers: Vec<TcpStream> = lab.client.enter(|| {
+        let mut query = Message::query();
+        query.add_query(Query::query(name("big.example.test."), RecordType::TXT));
+        let wire = query.to_vec().unwrap();
+        let mut framed = (wire.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&wire);
+        let burst = framed.repeat(300);
+        let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+        let from = SocketAddr::new(ip(STRANGER), 0);
+        (0..600)
+            .filter_map(|_| {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+                s.set_recv_buffer_size(1024).ok()?;
+                s.bind(&from.into()).ok()?;
+                s.connect_timeout(&to.into(), Duration::from_secs(2)).ok()?;
+                let mut s = TcpStream::from(s);
+                s.set_nonblocking(true).ok()?;
+                let _ = s.write(&burst); // as much as fits; never read
+                Some(s)
+            })
+            .collect()
+    });
+    assert!(attackers.len() > 500, "only {} attacking connections", attackers.len());
+
+    // A legitimate client, over UDP and TCP, is answered every time.
+    let out = lab.client.sh(&format!(
+        "for i in $(seq 1 25); do \
+           dig +tries=1 +time=3 @{LISTEN} www.example.test A | grep -c 'status: NOERROR'; \
+           dig +tcp +tries=1 +time=3 @{LISTEN} www.example.test A | grep -c 'status: NOERROR'; \
+           dig +tcp +tries=1 +time=3 @{PUBLIC} www.example.test A | grep -c 'status: NOERROR'; \
+         done"
+    ));
+    assert_eq!(out.lines().filter(|l| l.trim() == "1").count(), 75, "{out}");
+    // Readers that never read are dropped after the write timeout.
+    eventually("slow readers still connected", || {
+        lab.gateway
+            .sh("ss -tnH state established '( sport = :53 )' | wc -l")
+            .trim()
+            == "0"
+    });
+    drop(attackers);
+    let stopped = daemon.stop();
+    assert!(stopped.counter("dns_tcp_refused_per_client") >= 550, "{}", stopped.log);
+    assert!(stopped.counter("dns_tcp_write_timeouts") >= 1, "{}", stopped.log);
+}
+
+#[test]
+fn the_cache_survives_a_reload_that_keeps_the_cache_settings() {
+    let lab = dns_lab();
+    let upstream = lab.dnsmasq(
+        0,
+        ip(UPSTREAM),
+        "example.test",
+        &["--host-record=www.example.test,203.0.113.80"],
+    );
+    let mut daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, ""));
+    let asked = || {
+        upstream
+            .queries()
+            .iter()
+            .filter(|(n, _)| n == "www.example.test")
+            .count()
+    };
+    let reloads = |d: &Daemon| d.log_text().matches("configuration reloaded").count();
+    assert_eq!(
+        q(&lab, &format!("@{PUBLIC} www.example.test A")).answer_data(),
+        ["203.0.113.80"]
+    );
+    assert_eq!(asked(), 1);
+    // A reload that changes rules but not the cache.
+    let rule = "[[dns.rules]]\ndomains = [\"printer.lan\"]\naction = \"answer\"\na = [\"192.0.2.50\"]\n";
+    std::fs::write(&daemon.config, config(ALLOW_CLIENT, rule)).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually("first reload", || reloads(&daemon) == 1);
+    assert_eq!(
+        q(&lab, &format!("@{PUBLIC} printer.lan A")).answer_data(),
+        ["192.0.2.50"]
+    );
+    assert_eq!(
+        q(&lab, &format!("@{PUBLIC} www.example.test A")).answer_data(),
+        ["203.0.113.80"]
+    );
+    assert_eq!(asked(), 1, "the reload emptied the cache");
+    // Changing a cache setting starts afresh.
+    std::fs::write(
+        &daemon.config,
+        config(&format!("{ALLOW_CLIENT}\ncache = {{ max_ttl = \"1h\" }}"), rule),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually("second reload", || reloads(&daemon) == 2);
+    assert_eq!(
+        q(&lab, &format!("@{PUBLIC} www.example.test A")).answer_data(),
+        ["203.0.113.80"]
+    );
+    assert_eq!(asked(), 2);
+    daemon.wait_for_log("starting with an empty cache", Duration::from_secs(1));
+}
