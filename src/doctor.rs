@@ -113,7 +113,7 @@ pub fn diagnose(config: &Config) -> Vec<Finding> {
     if let Some(dns) = config.dns() {
         let names = dns.nft_sets();
         if !names.is_empty() {
-            f.push(nft_sets(&dns.nft.table, &names));
+            f.push(nft_sets(&dns.nft.table, &names, dns.nft.max_elements));
         }
     }
     f
@@ -121,8 +121,8 @@ pub fn diagnose(config: &Config) -> Vec<Finding> {
 
 /// Whether the kernel takes the sets DNS rules feed: the whole setup is
 /// sent as one batch that is rolled back (see [`crate::nft::sets::probe`]).
-fn nft_sets(table: &str, names: &[String]) -> Finding {
-    match crate::nft::sets::probe(table, names) {
+fn nft_sets(table: &str, names: &[String], max_elements: u32) -> Finding {
+    match crate::nft::sets::probe(table, names, max_elements) {
         Ok(()) => ok(format!(
             "nftables: the kernel accepts tproxyd's sets in inet {table} ({})",
             names
@@ -197,7 +197,8 @@ fn kernel_support() -> Finding {
                 String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("").trim()
             ),
             "a kernel with CONFIG_NFT_TPROXY, CONFIG_NFT_SOCKET (or the xt_TPROXY / xt_socket modules for \
-             iptables) and CAP_NET_ADMIN; try `modprobe nft_tproxy nft_socket`",
+             iptables) and CAP_NET_ADMIN; try `modprobe nft_tproxy nft_socket` (OpenWrt: \
+             `opkg install kmod-nft-tproxy kmod-nft-socket`)",
         ),
         Err(e) => problem(
             Status::Warn,
