@@ -169,7 +169,7 @@ fn query_files(lab: &Lab) -> Vec<(&'static str, String)> {
 
 /// Runs dnsperf; returns (QPS, lost %, per-query latencies in µs when
 /// rate-limited).
-fn dnsperf(lab: &Lab, server: &str, file: &str, secs: u32, rate: Option<u64>) -> (f64, f64, Vec<f64>) {
+pub fn dnsperf(lab: &Lab, server: &str, file: &str, secs: u32, rate: Option<u64>) -> (f64, f64, Vec<f64>) {
     let cmd = match rate {
         None => format!("dnsperf -s {server} -d {file} -l {secs} -c 8 -q 512 -t 2 2>&1"),
         Some(q) => format!("dnsperf -s {server} -d {file} -l {secs} -c 8 -q 512 -t 2 -Q {q} -v 2>&1"),
@@ -195,7 +195,7 @@ fn dnsperf(lab: &Lab, server: &str, file: &str, secs: u32, rate: Option<u64>) ->
 }
 
 /// User plus system CPU time of `pid` (all threads), in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
+pub fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields of the line, the 12th and 13th after ')'.
@@ -204,7 +204,7 @@ fn cpu_ticks(pid: u32) -> u64 {
     f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
 }
 
-fn ticks_per_second() -> f64 {
+pub fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }

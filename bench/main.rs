@@ -2,7 +2,8 @@
 //!
 //!     bench/run.sh                # two rounds, writes docs/BENCHMARKS.md
 //!     bench/run.sh --quick        # one short round, prints only
-//!     bench/run.sh --only udp,dns # some sections
+//!     bench/run.sh --only udp,dns # some sections (udp, latency, flows, dns,
+//!                                 # domain, blocklist)
 //!
 //! Every figure compares tproxyd with a baseline measured in the same run
 //! on the same machine, in the same namespace lab the tests use: the
@@ -15,6 +16,7 @@ mod lab;
 
 mod blocklist;
 mod dns;
+mod domain;
 mod flows;
 mod latency;
 mod report;
@@ -76,6 +78,7 @@ pub struct Round {
     pub latency: Vec<latency::Result>,
     pub flows: Option<flows::Result>,
     pub dns: Vec<dns::Result>,
+    pub domain: Vec<domain::Result>,
     pub blocklist: Option<blocklist::Result>,
     pub seconds: f64,
 }
@@ -103,6 +106,9 @@ fn main() {
         }
         if opts.wants("dns") {
             round.dns = dns::run(&opts);
+        }
+        if opts.wants("domain") {
+            round.domain = domain::run(&opts);
         }
         if opts.wants("blocklist") {
             round.blocklist = Some(blocklist::run(&opts));

@@ -26,6 +26,30 @@ pub struct Sources {
 }
 
 impl Sources {
+    /// `/names?client=IP&dst=IP`: the names tproxyd's DNS answered that
+    /// client with that address, one per line (what `tproxyd explain
+    /// --dst` shows). Read only: asking does not keep the entry alive.
+    fn names(&self, path: &[u8]) -> Option<String> {
+        let query = std::str::from_utf8(path).ok()?.strip_prefix("/names?")?;
+        let mut client = None;
+        let mut dst = None;
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some(("client", v)) => client = v.parse::<std::net::IpAddr>().ok(),
+                Some(("dst", v)) => dst = v.parse::<std::net::IpAddr>().ok(),
+                _ => {}
+            }
+        }
+        let (client, dst) = (client?, dst?);
+        let names = self
+            .dns
+            .as_ref()
+            .and_then(|d| d.engine().feed().cloned())
+            .map(|f| f.map().lookup(client, dst, std::time::Instant::now()))
+            .unwrap_or_default();
+        Some(names.iter().map(|n| format!("{n}\n")).collect())
+    }
+
     fn metrics(&self) -> String {
         let mut text = metrics::render(self.relay.stats(), &self.gauges());
         if let Some(dns) = &self.dns {
@@ -153,6 +177,14 @@ async fn respond(mut stream: TcpStream, sources: &Sources) -> io::Result<()> {
             "text/plain; charset=utf-8",
             "tproxyd: see /metrics\n".to_string(),
         ),
+        (b"GET", p) if p.starts_with(b"/names?") => match sources.names(p) {
+            Some(body) => ("200 OK", "text/plain; charset=utf-8", body),
+            None => (
+                "400 Bad Request",
+                "text/plain; charset=utf-8",
+                "use /names?client=IP&dst=IP\n".to_string(),
+            ),
+        },
         (b"GET", _) => ("404 Not Found", "text/plain; charset=utf-8", "not found\n".to_string()),
         _ => (
             "405 Method Not Allowed",

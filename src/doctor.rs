@@ -110,7 +110,34 @@ pub fn diagnose(config: &Config) -> Vec<Finding> {
     let installed = Installed::read();
     f.extend(redirect_rules(&e, &installed));
     f.extend(sysctls(&e, &installed));
+    if let Some(dns) = config.dns() {
+        let names = dns.nft_sets();
+        if !names.is_empty() {
+            f.push(nft_sets(&dns.nft.table, &names));
+        }
+    }
     f
+}
+
+/// Whether the kernel takes the sets DNS rules feed: the whole setup is
+/// sent as one batch that is rolled back (see [`crate::nft::sets::probe`]).
+fn nft_sets(table: &str, names: &[String]) -> Finding {
+    match crate::nft::sets::probe(table, names) {
+        Ok(()) => ok(format!(
+            "nftables: the kernel accepts tproxyd's sets in inet {table} ({})",
+            names
+                .iter()
+                .map(|n| format!("{n}4/{n}6"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Err(why) => problem(
+            Status::Fail,
+            format!("nftables: the kernel refused tproxyd's sets in inet {table}: {why}"),
+            "run as root or with CAP_NET_ADMIN; if you declared the sets yourself, declare them \
+             `{ type ipv4_addr; flags timeout; }` (and ipv6_addr for NAME6) or leave them to tproxyd",
+        ),
+    }
 }
 
 /// A report, and whether anything failed.

@@ -84,6 +84,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Addresses from DNS answers committed to nftables sets, by operation.",
     ),
     (
+        "nft_transactions_total",
+        "counter",
+        "nf_tables transactions committed with set elements (one carries many answers).",
+    ),
+    (
         "relay_domain_matches_total",
         "counter",
         "New flows routed by a domain relay rule.",

@@ -177,6 +177,9 @@ counters! {
     nft_added => "nft_set_elements_total", "op=\"added\"";
     /// Elements whose timeout a later answer extended.
     nft_refreshed => "nft_set_elements_total", "op=\"refreshed\"";
+    /// nf_tables transactions committed by the set feeder (each carries
+    /// the updates of every answer queued meanwhile).
+    nft_transactions => "nft_transactions_total";
     /// Set updates the kernel refused (or that timed out).
     nft_errors => "errors_total", "kind=\"netlink\"";
     /// Set updates dropped because the feeder's queue was full.

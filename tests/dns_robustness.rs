@@ -110,3 +110,104 @@ fn sixty_thousand_mutated_queries_never_panic_and_replies_are_well_formed() {
     assert!(stats.dns_dropped_malformed.get() > 100);
     assert!(stats.dns_answered_local.get() > 1_000 && stats.dns_blocked.get() > 1_000);
 }
+
+#[path = "support/answer_path.rs"]
+mod answer_path;
+
+/// A resource record owned by the question name (compression pointer to
+/// offset 12), or by `other` (uncompressed labels).
+fn record(other: Option<&[&str]>, rtype: u16, ttl: u32, rdata: &[u8]) -> Vec<u8> {
+    let mut r = match other {
+        None => vec![0xc0, 0x0c],
+        Some(labels) => {
+            let mut n = Vec::new();
+            for l in labels {
+                n.push(l.len() as u8);
+                n.extend_from_slice(l.as_bytes());
+            }
+            n.push(0);
+            n
+        }
+    };
+    r.extend_from_slice(&rtype.to_be_bytes());
+    r.extend_from_slice(&1u16.to_be_bytes());
+    r.extend_from_slice(&ttl.to_be_bytes());
+    r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+    r.extend_from_slice(rdata);
+    r
+}
+
+/// Answer-path seeds: `[pick, header(12), records...]` (see the harness).
+fn answer_seeds() -> Vec<Vec<u8>> {
+    let header = |rcode: u8, an: u8, ns: u8, ar: u8| vec![0, 0, 0x81, 0x80 | rcode, 0, 1, 0, an, 0, ns, 0, ar];
+    let soa_rdata = {
+        let mut d = vec![0xc0, 0x0c, 0xc0, 0x0c]; // mname, rname
+        for v in [1u32, 3600, 600, 86400, 300] {
+            d.extend_from_slice(&v.to_be_bytes());
+        }
+        d
+    };
+    let mut out = Vec::new();
+    // a.test A: the answer with a huge TTL plus an injected bank.test A.
+    let mut s = vec![0u8];
+    s.extend(header(0, 2, 0, 1));
+    s.extend(record(None, 1, 1_000_000, &[198, 51, 100, 10]));
+    s.extend(record(Some(&["bank", "test"]), 1, 300, &[203, 0, 113, 66]));
+    s.extend(record(Some(&["ns", "evil"]), 1, 300, &[203, 0, 113, 66]));
+    out.push(s);
+    // A CNAME chain: q -> t.test, t.test A.
+    let mut s = vec![0u8];
+    s.extend(header(0, 2, 0, 0));
+    s.extend(record(None, 5, 300, &[1, b't', 4, b't', b'e', b's', b't', 0]));
+    s.extend(record(Some(&["t", "test"]), 1, 300, &[198, 51, 100, 11]));
+    out.push(s);
+    // NXDOMAIN with an SOA owned by the name, and a stray NS.
+    let mut s = vec![1u8];
+    s.extend(header(3, 0, 2, 0));
+    s.extend(record(None, 6, 900, &soa_rdata));
+    s.extend(record(Some(&["test"]), 2, 300, &[2, b'n', b's', 0]));
+    out.push(s);
+    // TXT over TCP, big enough to need truncation over UDP.
+    let mut s = vec![0x88u8];
+    s.extend(header(0, 1, 0, 0));
+    let txt: Vec<u8> = std::iter::repeat_n([200u8].into_iter().chain([b'x'; 200]), 8)
+        .flatten()
+        .collect();
+    s.extend(record(None, 16, 60, &txt));
+    out.push(s);
+    out
+}
+
+#[test]
+fn forty_thousand_mutated_upstream_answers_keep_every_answer_path_invariant() {
+    let (engine, stats) = engine();
+    let seeds = answer_seeds();
+    let mut rng = Rng(0x616e_7377_6572_7321);
+    let (mut rejected, mut cached, mut passed) = (0, 0, 0);
+    for i in 0..40_000 {
+        let mut input = seeds[i % seeds.len()].clone();
+        if i >= seeds.len() {
+            mutate(&mut rng, &mut input);
+        }
+        match answer_path::run(&engine, &input) {
+            answer_path::Path::Rejected => rejected += 1,
+            answer_path::Path::Answered(true) => cached += 1,
+            answer_path::Path::Answered(false) => passed += 1,
+            answer_path::Path::NotForwarded => {}
+        }
+    }
+    eprintln!(
+        "answer path: rejected {rejected}, cached {cached}, passed {passed}, scrubbed {}",
+        stats.dns_scrubbed_records.get()
+    );
+    // The mutator must reach every path, or this test proves little.
+    assert!(
+        rejected > 1_000 && cached > 1_000 && passed > 100,
+        "rejected {rejected}, cached {cached}, passed {passed}"
+    );
+    assert!(
+        stats.dns_scrubbed_records.get() > 1_000,
+        "{}",
+        stats.dns_scrubbed_records.get()
+    );
+}

@@ -184,3 +184,45 @@ nft_set = "game"
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+#[test]
+fn doctor_asks_the_kernel_about_the_sets_and_changes_nothing() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0 FAMILIES=4");
+    let cfg = format!(
+        "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n[dns]\n[dns.upstreams.default]\nservers = [\"{UPSTREAM}\"]\n\
+         [[dns.rules]]\ndomains = [\"*.game.example\"]\naction = \"forward\"\nnft_set = [\"game\", \"voip\"]\n"
+    );
+    let path = lab.path("doctor.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let doctor = || {
+        let out = lab.tproxyd_command(&["doctor", "--config", path.to_str().unwrap()]);
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (healthy, report) = doctor();
+    assert!(healthy, "{report}");
+    assert!(
+        report.contains(
+            "[ ok ] nftables: the kernel accepts tproxyd's sets in inet tproxyd_dns (game4/game6, voip4/voip6)"
+        ),
+        "{report}"
+    );
+    // Nothing was left behind.
+    assert!(
+        !lab.gateway
+            .sh_output("nft list table inet tproxyd_dns")
+            .status
+            .success()
+    );
+
+    // An operator's set of the wrong shape (no timeouts) is caught.
+    lab.gateway
+        .sh("nft add table inet tproxyd_dns && nft add set inet tproxyd_dns game4 '{ type ipv4_addr; }'");
+    let (healthy, report) = doctor();
+    assert!(!healthy, "{report}");
+    assert!(
+        report.contains("[FAIL] nftables: the kernel refused tproxyd's sets in inet tproxyd_dns: set game4"),
+        "{report}"
+    );
+    assert!(lab.gateway.sh("nft list table inet tproxyd_dns").contains("set game4"));
+}

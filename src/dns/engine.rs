@@ -342,20 +342,7 @@ impl DnsEngine {
             self.stats.dns_upstream_latency.observe(started.elapsed());
         }
         let msg = match upstream {
-            Ok(mut answer) => {
-                let removed = scrub::scrub(&request.query, &mut answer);
-                if removed.0 > 0 {
-                    self.stats.dns_scrubbed_records.add(removed.0 as u64);
-                    tracing::debug!(name = %request.key, removed = removed.0, "records outside the question removed");
-                }
-                // Clamps the TTLs in place whether or not it is cached.
-                self.cache.insert(self.cache_key(&request, group), &mut answer);
-                let mut msg = message::response(&request, answer.metadata.response_code, self.max_udp_payload);
-                msg.answers = answer.answers;
-                msg.authorities = answer.authorities;
-                msg.additionals = answer.additionals;
-                msg
-            }
+            Ok(answer) => self.absorb(&request, group, answer),
             Err(e) => {
                 self.stats.dns_servfail.inc();
                 tracing::debug!(name = %request.key, error = %e, "answering SERVFAIL");
@@ -371,6 +358,44 @@ impl DnsEngine {
             released(c).await;
         }
         reply
+    }
+
+    /// What the client gets for an upstream's answer: scrubbed to the
+    /// question, TTLs clamped, cached if cacheable.
+    fn absorb(&self, request: &Request, group: usize, mut answer: Message) -> Message {
+        let removed = scrub::scrub(&request.query, &mut answer);
+        if removed.0 > 0 {
+            self.stats.dns_scrubbed_records.add(removed.0 as u64);
+            tracing::debug!(name = %request.key, removed = removed.0, "records outside the question removed");
+        }
+        // Clamps the TTLs in place whether or not it is cached.
+        self.cache.insert(self.cache_key(request, group), &mut answer);
+        let mut msg = message::response(request, answer.metadata.response_code, self.max_udp_payload);
+        msg.answers = answer.answers;
+        msg.authorities = answer.authorities;
+        msg.additionals = answer.additionals;
+        msg
+    }
+
+    /// Completes `pending` as if its upstream had sent the datagram `bytes`
+    /// in reply to query `id`: the same validation, scrubbing, clamping and
+    /// caching as [`DnsEngine::forward`], without the network. This is the
+    /// answer-path fuzz target's entry (what the WAN side controls).
+    pub fn complete_with(&self, pending: Pending, id: u16, bytes: &[u8]) -> Option<Vec<u8>> {
+        let Pending {
+            request,
+            group,
+            transport,
+            ..
+        } = pending;
+        let msg = match super::upstream::accept_answer(bytes, id, &request.query) {
+            Some(answer) => self.absorb(&request, group, answer),
+            None => message::response(&request, ResponseCode::ServFail, self.max_udp_payload),
+        };
+        match self.reply_to(&request, &msg, transport) {
+            Outcome::Reply(bytes) => Some(bytes),
+            _ => None,
+        }
     }
 
     /// Answers `bytes` completely, awaiting the upstream if needed.

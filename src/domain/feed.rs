@@ -59,6 +59,13 @@ impl DomainFeed {
         &self.map
     }
 
+    /// The names `client` resolved to `dst` through us, for a flow being
+    /// routed: the entry then lives at least `grace` longer, so a flow that
+    /// outlasts the answer's TTL keeps the rule it was opened with.
+    pub fn names_in_use(&self, client: IpAddr, dst: IpAddr) -> Vec<hickory_proto::rr::Name> {
+        self.map.lookup_touch(client, dst, Instant::now(), self.grace)
+    }
+
     pub fn sets(&self) -> Option<&NftSets> {
         self.sets.as_ref()
     }

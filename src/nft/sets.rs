@@ -346,6 +346,7 @@ fn commit(sock: &mut NftSocket, shared: &Shared, queued: &[Queued]) {
 }
 
 fn commit_elems(sock: &mut NftSocket, shared: &Shared, elems: &[&(Update, bool)]) -> Result<(), NftError> {
+    shared.stats.nft_transactions.inc();
     // One message per set; one element per address, with the longest
     // timeout asked for it.
     let mut per_set: HashMap<&str, HashMap<IpAddr, u64>> = HashMap::new();
@@ -377,4 +378,45 @@ fn mark_committed(shared: &Shared, elems: &[&(Update, bool)], ok: bool) {
             known.remove(&key);
         }
     }
+}
+
+/// Asks the kernel whether it would accept tproxyd's sets of `names` in
+/// `table` (creating the table and sets, adding an element with a timeout)
+/// without changing anything: the batch ends with a message bound to fail,
+/// so the kernel checks every message and then rolls all of them back.
+/// Returns what was refused, described, if anything was.
+pub fn probe(table: &str, names: &[String]) -> Result<(), String> {
+    const ABORT: &str = "tproxyd_probe_abort_no_such_table";
+    let mut sock = NftSocket::open().map_err(|e| e.to_string())?;
+    let mut what = vec![format!("table inet {table}")];
+    let errnos = sock
+        .transact(|b| {
+            b.new_table(NFPROTO_INET, table, false);
+            let mut id = 1;
+            for n in names {
+                let pair = SetPair::new(n);
+                b.new_set(NFPROTO_INET, table, &pair.v4, KeyType::Ipv4, id);
+                b.new_set(NFPROTO_INET, table, &pair.v6, KeyType::Ipv6, id + 1);
+                id += 2;
+                let v4: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+                let v6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+                b.new_elements(NFPROTO_INET, table, &pair.v4, &[(v4, 1_000)]);
+                b.new_elements(NFPROTO_INET, table, &pair.v6, &[(v6, 1_000)]);
+                what.push(format!("set {} (ipv4_addr, flags timeout)", pair.v4));
+                what.push(format!("set {} (ipv6_addr, flags timeout)", pair.v6));
+                what.push(format!("an element with a timeout in {}", pair.v4));
+                what.push(format!("an element with a timeout in {}", pair.v6));
+            }
+            b.del_table(NFPROTO_INET, ABORT);
+        })
+        .map_err(|e| e.to_string())?;
+    // `what` names the messages in the order they were sent; the last
+    // one (the abort) is meant to fail.
+    for (index, errno) in errnos.iter().enumerate().take(errnos.len().saturating_sub(1)) {
+        if *errno != 0 {
+            let desc = what.get(index).cloned().unwrap_or_default();
+            return Err(format!("{desc}: {}", std::io::Error::from_raw_os_error(*errno)));
+        }
+    }
+    Ok(())
 }

@@ -66,18 +66,33 @@ impl NftSocket {
     /// Builds a batch with `build` and commits it as one transaction:
     /// `Ok` only when the kernel acknowledged every message.
     pub fn commit(&mut self, build: impl FnOnce(&mut Batch)) -> Result<(), NftError> {
+        let errnos = self.transact(build)?;
+        match errnos.iter().position(|&e| e != 0) {
+            Some(index) => Err(NftError::Refused {
+                index: index as u32,
+                errno: errnos[index],
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends a batch and returns the kernel's errno for each message (0 =
+    /// accepted). The kernel reports every message of a failed batch, so a
+    /// batch ending in a message bound to fail checks the others without
+    /// changing anything (that is how `doctor` asks).
+    pub fn transact(&mut self, build: impl FnOnce(&mut Batch)) -> Result<Vec<i32>, NftError> {
         let mut batch = Batch::new(self.seq);
         build(&mut batch);
         if batch.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let seqs = batch.seqs();
         self.seq = seqs.end.wrapping_add(2);
         let bytes = batch.finish();
         self.sock.send(&bytes, 0)?;
         let expected = seqs.end.wrapping_sub(seqs.start);
+        let mut errnos = vec![0; expected as usize];
         let mut acked = 0u32;
-        let mut refused = None;
         while acked < expected {
             self.buf.clear();
             match self.sock.recv(&mut self.buf, 0) {
@@ -89,9 +104,6 @@ impl NftSocket {
                 Err(e) => return Err(e.into()),
             }
             for ack in parse_acks(&self.buf) {
-                // Acknowledgements of an earlier batch that timed out are
-                // not ours.
-                let index = ack.seq.wrapping_sub(seqs.start);
                 if ack.seq == seqs.start.wrapping_sub(1) && ack.errno != 0 {
                     // The batch as a whole was refused (EPERM without
                     // CAP_NET_ADMIN): no per-message answers follow.
@@ -100,18 +112,15 @@ impl NftSocket {
                         errno: ack.errno,
                     });
                 }
-                if index >= expected {
-                    continue;
-                }
-                acked += 1;
-                if ack.errno != 0 && refused.is_none() {
-                    refused = Some(NftError::Refused {
-                        index,
-                        errno: ack.errno,
-                    });
+                // Acknowledgements of an earlier batch that timed out are
+                // not ours.
+                let index = ack.seq.wrapping_sub(seqs.start);
+                if let Some(slot) = errnos.get_mut(index as usize) {
+                    *slot = ack.errno;
+                    acked += 1;
                 }
             }
         }
-        refused.map_or(Ok(()), Err)
+        Ok(errnos)
     }
 }

@@ -12,7 +12,7 @@
 //! other flows' replies by one round, not by the whole flood.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use tokio::io::Interest;
@@ -124,10 +124,19 @@ fn handle<'b>(
     ctx.stats().client_datagrams.inc();
     ctx.stats().client_bytes.add(payload.len() as u64);
     let dns_port = |port: u16| ctx.dns().is_some_and(|d| d.hijacks(port));
+    // What this client resolved through us, for domain rules; a lookup
+    // also keeps the entry alive while the flow is in use.
+    let names = |client: IpAddr, dst: IpAddr| {
+        ctx.dns()
+            .and_then(|d| d.engine().feed().cloned())
+            .map(|feed| feed.names_in_use(client, dst))
+            .unwrap_or_default()
+    };
     let host = Host {
         listener: local,
         dns_port: &dns_port,
         is_local: &sockets::is_local_address,
+        names: &names,
     };
     let rules = ctx.rules();
     let rule = match decide(meta.peer, meta.orig_dst, &host, &rules) {
@@ -161,7 +170,12 @@ fn handle<'b>(
     let (session, opened) = match ctx.table().get(&key) {
         Some(s) => (s, false),
         None => match new_flow(ctx, key, dst, rule) {
-            Some(s) => (s, true),
+            Some(s) => {
+                if rule.by_domain() {
+                    ctx.stats().domain_matches.inc();
+                }
+                (s, true)
+            }
             None => return true,
         },
     };

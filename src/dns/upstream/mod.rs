@@ -42,6 +42,9 @@ use crate::config::dns::{UpstreamGroupConfig, UpstreamProtocol, UpstreamServer};
 use crate::stats::Stats;
 pub use flight::Role;
 pub use runtime::MarkedRuntime;
+/// How a received datagram is checked against the query it should answer
+/// (also the answer-path fuzz target's first step).
+pub use udp::accept as accept_answer;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {

@@ -118,7 +118,7 @@ fn encode(id: u16, query: &Query) -> io::Result<Vec<u8>> {
 }
 
 /// The answer in `bytes` if it answers query `id` for exactly `sent`.
-fn accept(bytes: &[u8], id: u16, sent: &Query) -> Option<Message> {
+pub fn accept(bytes: &[u8], id: u16, sent: &Query) -> Option<Message> {
     // Cheap checks on the raw header first: a flood of forgeries with the
     // wrong ID costs no parse.
     let header_id = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]);
