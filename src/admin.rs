@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::dns::DnsService;
 use crate::metrics::{self, Gauge};
+use crate::net::accept::AcceptBackoff;
 use crate::relay::RelayContext;
 use crate::relay::budget;
 use crate::shutdown::Shutdown;
@@ -134,18 +135,19 @@ impl Sources {
 }
 
 pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: Shutdown) -> io::Result<()> {
+    let mut backoff = AcceptBackoff::new("admin");
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
         };
+        backoff.succeeded();
         let sources = sources.clone();
         tokio::spawn(async move {
             if let Err(e) = respond(stream, &sources).await {

@@ -115,6 +115,9 @@ counters! {
     receive_errors => "errors_total", "kind=\"receive\"";
     /// Send errors towards clients other than a full buffer.
     reply_send_errors => "errors_total", "kind=\"reply_send\"";
+    /// Replies sent over raw IP because every cached reply socket was busy
+    /// (a flood of destinations), instead of evicting one.
+    reply_cache_full => "reply_cache_full_total";
     /// Reply sockets that fell back to raw IP because the port was taken.
     reply_raw_fallbacks => "reply_raw_fallbacks_total";
     /// SOCKS5 associations set up.

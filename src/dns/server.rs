@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::engine::{DnsEngine, Outcome, Pending, Transport};
 use crate::config::dns::TcpConfig;
+use crate::net::accept::AcceptBackoff;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -194,6 +194,7 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
 /// (`dns.tcp_listen`, where TPROXY hands over connections to any address,
 /// so a client retrying over TCP after TC=1 is still answered by us).
 pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shutdown: Shutdown) -> io::Result<()> {
+    let mut backoff = AcceptBackoff::new("DNS over TCP");
     loop {
         let (stream, client) = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
@@ -201,12 +202,12 @@ pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shut
                 Ok(v) => v,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "DNS TCP accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
         };
+        backoff.succeeded();
         let limits = service.engine().tcp_limits().clone();
         let permit = match service
             .tcp

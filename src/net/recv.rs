@@ -90,9 +90,16 @@ impl RecvBatch {
     /// Reads up to the batch's capacity without blocking; `WouldBlock` when
     /// nothing is queued. Returns how many datagrams were read.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_at_most(fd, self.capacity)
+    }
+
+    /// Like [`RecvBatch::recv`], reading at most `max` datagrams (a reader
+    /// that bounds its work in bytes asks for fewer when they are big).
+    pub fn recv_at_most(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
+        let count = max.clamp(1, self.capacity);
         self.metas.clear();
         // The kernel rewrites lengths in every header: reset them all.
-        for i in 0..self.capacity {
+        for i in 0..count {
             self.iovs[i] = libc::iovec {
                 iov_base: self.bufs[i * SLOT..].as_mut_ptr().cast(),
                 iov_len: SLOT,
@@ -113,7 +120,7 @@ impl RecvBatch {
             libc::recvmmsg(
                 fd,
                 self.hdrs.as_mut_ptr(),
-                self.capacity as libc::c_uint,
+                count as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 ptr::null_mut(),
             )

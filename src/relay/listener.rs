@@ -21,7 +21,7 @@ use tokio::net::UdpSocket;
 use super::context::RelayContext;
 use super::decide::{Decision, Host, decide};
 use super::key::FlowKey;
-use super::open::{OpenError, open};
+use super::open::{self, OpenError, open};
 use super::rules::UdpRule;
 use super::session::Session;
 use super::table::{Entry, Evicted, Eviction};
@@ -32,8 +32,12 @@ use crate::shutdown::Shutdown;
 
 /// Bytes read per round before other tasks get the thread.
 pub const BYTES_PER_ROUND: usize = 1 << 20;
+/// Bytes one batch should hold, judging by the last batch's datagrams.
+const BYTES_PER_BATCH: usize = 256 << 10;
 /// Flows opened per round before other tasks get the thread.
 pub const OPENS_PER_ROUND: usize = 64;
+/// Evictions tried for a new flow when the descriptor budget is used up.
+const BUDGET_TRIES: usize = 3;
 /// Batches read per round at most (small datagrams).
 const BATCHES_PER_ROUND: usize = 8;
 
@@ -42,6 +46,7 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
     let local = socket.local_addr()?;
     let fd = socket.as_raw_fd();
     let mut batch = RecvBatch::new(BATCH);
+    let mut slots = BATCH;
     loop {
         tokio::select! {
             _ = shutdown.recv() => return Ok(()),
@@ -51,18 +56,25 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
         let mut bytes = 0;
         let mut opens = 0;
         for _ in 0..BATCHES_PER_ROUND {
-            match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
+            match socket.try_io(Interest::READABLE, || batch.recv_at_most(fd, slots)) {
                 Ok(n) => {
                     let mut run = Run::default();
+                    let mut batch_bytes = 0;
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
-                            bytes += payload.len();
+                            batch_bytes += payload.len();
                             if handle(&ctx, local, meta, payload, &mut run) {
                                 opens += 1;
                             }
                         }
                     }
                     run.flush(&ctx);
+                    bytes += batch_bytes;
+                    // Big datagrams: read fewer at a time, so that a round
+                    // stays near BYTES_PER_ROUND instead of a whole batch of
+                    // 64 KB ones (4 MB) passing before anyone else's turn.
+                    let average = batch_bytes / n.max(1);
+                    slots = (BYTES_PER_BATCH / average.max(1)).clamp(1, BATCH);
                 }
                 Err(e) if would_block(&e) => {
                     drained = true;
@@ -201,14 +213,32 @@ fn new_flow(ctx: &Arc<RelayContext>, key: FlowKey, dst: SocketAddr, rule: &UdpRu
         return None;
     }
     count_evicted(ctx, table.make_room(owner));
-    let opened = match open(key, dst, rule, ctx) {
-        Err(OpenError::Budget) => {
-            // Out of descriptors: the heaviest client gives one back.
-            count_evicted(ctx, table.evict_heaviest());
-            open(key, dst, rule, ctx)
+    let mut opened = open(key, dst, rule, ctx);
+    // Out of descriptors. A pooled flow takes over a socket from the flows
+    // in its way there (a client that busy is the heaviest, or close to
+    // it); a flow that needs its own socket gets the descriptor of the
+    // heaviest client's oldest flow. A few tries: a socket's blockers may
+    // be on their way out already.
+    for _ in 0..BUDGET_TRIES {
+        if !matches!(opened, Err(OpenError::Budget)) {
+            break;
         }
-        other => other,
-    };
+        let in_the_way = open::in_the_way(key, dst, rule, ctx);
+        if in_the_way.is_empty() {
+            count_evicted(ctx, table.evict_heaviest());
+        }
+        for session in in_the_way {
+            let entry = table.remove(&session.key, session.id);
+            count_evicted(
+                ctx,
+                entry.map(|entry| Evicted {
+                    reason: Eviction::FdBudget,
+                    entry,
+                }),
+            );
+        }
+        opened = open(key, dst, rule, ctx);
+    }
     let opened = match opened {
         Ok(o) => o,
         Err(OpenError::Budget) => {
