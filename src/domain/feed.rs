@@ -42,7 +42,12 @@ impl DomainFeed {
         let sets = if names.is_empty() {
             None
         } else {
-            Some(NftSets::start(&config.nft.table, &names, stats)?)
+            Some(NftSets::start(
+                &config.nft.table,
+                &names,
+                config.nft.max_elements,
+                stats,
+            )?)
         };
         Ok(DomainFeed {
             map: Arc::new(NameMap::new(MapLimits {
