@@ -133,7 +133,10 @@ impl DnsService {
             Outcome::Held(reply, committed) => {
                 // Bounded like forwards: a flood of answers waiting for
                 // the kernel cannot grow the task count without bound.
-                let Some(permit) = self.forward_permit() else {
+                // Past the bound the answer goes out without waiting,
+                // never dropped.
+                let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                    send(&reply);
                     return;
                 };
                 tokio::spawn(async move {
