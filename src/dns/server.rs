@@ -157,9 +157,8 @@ impl DnsService {
             return;
         };
         tokio::spawn(async move {
-            if let Some(reply) = engine.forward(pending).await {
-                send(&reply);
-            }
+            // May answer stale first and go on refreshing the cache.
+            engine.forward_with(pending, |reply| send(&reply)).await;
             drop(permit);
         });
     }
