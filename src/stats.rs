@@ -156,6 +156,8 @@ counters! {
     dns_rate_limited => "dns_queries_by_action_total", "action=\"rate_limited\"";
     /// Zone transfers (NOTIMP) and non-IN classes such as CHAOS (REFUSED).
     dns_refused_local => "dns_queries_by_action_total", "action=\"refused_local\"";
+    /// Expired answers served because no upstream answered in time (RFC 8767).
+    dns_stale_served => "dns_queries_by_action_total", "action=\"stale\"";
     /// Upstream records removed as outside the question's answer.
     dns_scrubbed_records => "dns_scrubbed_records_total";
     /// DNS-over-TCP connections refused: the client already holds its share.

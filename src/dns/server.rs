@@ -136,7 +136,10 @@ impl DnsService {
             Outcome::Held(reply, committed) => {
                 // Bounded like forwards: a flood of answers waiting for
                 // the kernel cannot grow the task count without bound.
-                let Some(permit) = self.forward_permit() else {
+                // Past the bound the answer goes out without waiting,
+                // never dropped.
+                let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                    send(&reply);
                     return;
                 };
                 tokio::spawn(async move {
@@ -157,9 +160,8 @@ impl DnsService {
             return;
         };
         tokio::spawn(async move {
-            if let Some(reply) = engine.forward(pending).await {
-                send(&reply);
-            }
+            // May answer stale first and go on refreshing the cache.
+            engine.forward_with(pending, |reply| send(&reply)).await;
             drop(permit);
         });
     }
