@@ -500,3 +500,110 @@ fn a_spoofer_emptying_a_clients_rate_limit_cannot_deny_it_dns_over_tcp() {
     assert!(stopped.counter("dns_rate_limited") > 400, "{}", stopped.log);
     assert!(stopped.counter("dns_tcp_queries") >= 5, "{}", stopped.log);
 }
+
+#[test]
+fn a_flood_from_many_addresses_of_one_ipv6_56_is_limited_as_one_client() {
+    let lab = dns_lab();
+    let daemon = lab.start_tproxyd(&config("rate_limit = { qps = 20, burst = 20 }", ""));
+    let addrs: Vec<IpAddr> = (1..=12).map(|i| ip(&format!("2001:db8:1::b:{i}"))).collect();
+    for a in &addrs {
+        lab.add_client_address(*a);
+    }
+    let to: SocketAddr = format!("[{LISTEN6}]:53").parse().unwrap();
+    let queries: Vec<Vec<u8>> = (0..25u16)
+        .map(|id| query(id, "printer.lan.", RecordType::A, None).to_vec().unwrap())
+        .collect();
+    // 12 addresses x 25 queries, all at once: 300 queries from one /56.
+    let socks: Vec<UdpSocket> = addrs
+        .iter()
+        .map(|a| lab::udp::socket(&lab.client, SocketAddr::new(*a, 0)))
+        .collect();
+    for s in &socks {
+        for q in &queries {
+            s.send_to(q, to).unwrap();
+        }
+    }
+    let answered: usize = socks
+        .iter()
+        .map(|s| blast(s, to, &[], Duration::from_millis(500)).len())
+        .sum();
+    // The /56's burst and what its rate refilled meanwhile, not 12 bursts.
+    assert!((20..=40).contains(&answered), "{answered} of 300 answered");
+    // Another client is not affected.
+    assert_eq!(legit_answers(&lab, LISTEN, 2), 4);
+    let stopped = daemon.stop();
+    // Every flood query that reached the daemon was answered or counted
+    // (the 2 UDP and 2 TCP legitimate ones are neither).
+    let arrived = stopped.counter("dns_queries") - 4;
+    assert!(arrived >= 200, "only {arrived} of 300 arrived: {}", stopped.log);
+    assert_eq!(
+        stopped.counter("dns_rate_limited"),
+        arrived - answered as u64,
+        "{}",
+        stopped.log
+    );
+}
+
+/// `query`'s response carrying `answers` (owner, CNAME target or A).
+fn answer_with(query: &[u8], answers: &[(String, Result<String, [u8; 4]>)]) -> Option<Vec<u8>> {
+    use hickory_proto::rr::rdata::{A, CNAME};
+    use hickory_proto::rr::{RData, Record};
+    let q = Message::from_vec(query).ok()?;
+    let mut m = Message::response(q.metadata.id, q.metadata.op_code);
+    m.metadata.recursion_desired = true;
+    m.metadata.recursion_available = true;
+    m.add_query(q.queries.first()?.clone());
+    for (owner, data) in answers {
+        let rdata = match data {
+            Ok(target) => RData::CNAME(CNAME(name(target))),
+            Err(addr) => RData::A(A::from(std::net::Ipv4Addr::from(*addr))),
+        };
+        m.add_answer(Record::from_rdata(name(owner), 300, rdata));
+    }
+    m.to_vec().ok()
+}
+
+#[test]
+fn cname_loops_and_overlong_chains_from_the_upstream_end_quickly_and_carry_nothing_else() {
+    let lab = dns_lab();
+    let _up = RawUpstream::start(&lab, ip(UPSTREAM), |q, _tcp| {
+        let asked = Message::from_vec(q)
+            .ok()?
+            .queries
+            .first()?
+            .name()
+            .to_ascii()
+            .to_ascii_lowercase();
+        let records: Vec<(String, Result<String, [u8; 4]>)> = if asked.starts_with("loop.") {
+            vec![
+                ("loop.test.".into(), Ok("loop2.test.".into())),
+                ("loop2.test.".into(), Ok("loop.test.".into())),
+                ("bank.test.".into(), Err([198, 51, 100, 66])),
+            ]
+        } else {
+            // 40 links, then an address.
+            let mut r: Vec<_> = (0..40)
+                .map(|i| (format!("c{i}.chain.test."), Ok(format!("c{}.chain.test.", i + 1))))
+                .collect();
+            r[0].0 = "chain.test.".into();
+            r.push(("c40.chain.test.".into(), Err([198, 51, 100, 80])));
+            r.push(("bank.test.".into(), Err([198, 51, 100, 66])));
+            r
+        };
+        answer_with(q, &records)
+    });
+    let daemon = start(&lab);
+    let d = ask(&lab, "loop.test");
+    assert!(d.query_ms < 1000, "{}", d.raw);
+    assert!(!d.raw.contains("bank.test"), "{}", d.raw);
+    // The loop ends where it closes: one link, nothing else.
+    assert_eq!(d.answers.len(), 1, "{}", d.raw);
+    let d = ask(&lab, "chain.test");
+    assert!(d.query_ms < 1000, "{}", d.raw);
+    assert!(!d.raw.contains("bank.test"), "{}", d.raw);
+    // At most 16 links are followed; past them nothing is passed on.
+    assert!(d.answers.len() <= 16, "{}", d.raw);
+    assert!(!d.raw.contains("198.51.100.80"), "{}", d.raw);
+    assert_eq!(legit_answers(&lab, LISTEN, 2), 4);
+    drop(daemon);
+}
