@@ -571,3 +571,56 @@ fn with_every_upstream_dead_known_names_are_answered_stale_within_two_seconds() 
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("dns_stale_served"), 4);
 }
+
+#[test]
+fn the_cache_file_outlives_a_restart_and_a_corrupt_one_is_ignored() {
+    let lab = dns_lab();
+    let upstream = lab.dnsmasq(
+        0,
+        ip(UPSTREAM),
+        "example.test",
+        &["--host-record=www.example.test,203.0.113.80"],
+    );
+    let file = lab.path("dns-cache");
+    let cfg = config(
+        &format!("{ALLOW_CLIENT}\ncache = {{ file = \"{}\" }}", file.display()),
+        "",
+    );
+    let daemon = lab.start_tproxyd(&cfg);
+    assert_eq!(
+        q(&lab, &format!("@{PUBLIC} www.example.test A")).answer_data(),
+        ["203.0.113.80"]
+    );
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_saved"), 1, "{}", stopped.log);
+    assert!(file.exists());
+
+    // Restarted with the upstream dead: the name is still answered, from
+    // the file, with its TTL aged.
+    lab.kill(upstream.pid);
+    let daemon = lab.start_tproxyd(&cfg);
+    let d = q(&lab, &format!("@{PUBLIC} www.example.test A"));
+    assert_eq!(d.answer_data(), ["203.0.113.80"], "{}", d.raw);
+    assert!(d.answers[0].1 <= 300);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_loaded"), 1);
+    assert_eq!(stopped.counter("dns_cache_hits"), 1);
+
+    // A corrupt file: a warning, a cold cache, a running daemon.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    bytes.truncate(n - 7);
+    std::fs::write(&file, &bytes).unwrap();
+    let mut daemon = lab.start_tproxyd(&cfg);
+    daemon.wait_for_log("DNS cache file ignored", Duration::from_secs(2));
+    assert_eq!(
+        q(&lab, &format!("+time=5 @{PUBLIC} www.example.test A")).status,
+        "SERVFAIL"
+    );
+    drop(daemon); // saves its (empty) cache on the way out
+    std::fs::write(&file, b"\x00garbage").unwrap();
+    let mut daemon = lab.start_tproxyd(&cfg);
+    daemon.wait_for_log("not a tproxyd cache file", Duration::from_secs(2));
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_errors"), 1);
+}

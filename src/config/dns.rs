@@ -279,6 +279,10 @@ pub struct CacheConfig {
     /// `capacity` is reached first evicts. 0 disables the cache.
     #[serde(default = "CacheConfig::default_max_bytes", deserialize_with = "byte_size")]
     pub max_bytes: usize,
+    /// Where the cache is saved (at shutdown and every 5 minutes) and
+    /// loaded from at start, so a restart does not begin cold. None: not kept.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
     /// Answers are kept at least this long (raises tiny upstream TTLs).
     #[serde(default, deserialize_with = "duration::deserialize")]
     pub min_ttl: Duration,
@@ -313,6 +317,7 @@ impl Default for CacheConfig {
         CacheConfig {
             capacity: Self::default_capacity(),
             max_bytes: Self::default_max_bytes(),
+            file: None,
             min_ttl: Duration::ZERO,
             max_ttl: Self::default_max_ttl(),
             negative_max_ttl: Self::default_negative_max_ttl(),

@@ -56,6 +56,21 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The entry as a response message (records with their stored TTLs),
+    /// its lifetime and when it was stored, for the cache file.
+    pub(super) fn to_message(&self) -> (Message, u32, Instant) {
+        let mut m = Message::new(
+            0,
+            hickory_proto::op::MessageType::Response,
+            hickory_proto::op::OpCode::Query,
+        );
+        m.metadata.response_code = self.rcode;
+        m.answers = self.answers.clone();
+        m.authorities = self.authorities.clone();
+        m.additionals = self.additionals.clone();
+        (m, self.lifetime, self.stored)
+    }
+
     /// Copies the records into `msg` with TTLs reduced by `age` seconds.
     pub fn fill(&self, msg: &mut Message, age: u32) {
         let aged = |r: &Record| {
@@ -292,12 +307,6 @@ impl DnsCache {
             return false;
         };
         let bytes = ENTRY_OVERHEAD + key.name.len() + records;
-        // An answer bigger than an eighth of the budget would flush a large
-        // part of the cache for one name: serve it, do not keep it.
-        if bytes > self.config.max_bytes / 8 {
-            store.remove(&key);
-            return false;
-        }
         let entry = Entry {
             rcode: response.metadata.response_code,
             answers: response.answers.clone(),
@@ -307,11 +316,23 @@ impl DnsCache {
             lifetime,
             bytes,
         };
+        Self::put(&self.config, &mut store, key, entry)
+    }
+
+    /// Adds `entry` under the bounds; false when it alone is too big.
+    fn put(config: &CacheConfig, store: &mut Store, key: CacheKey, entry: Entry) -> bool {
+        let bytes = entry.bytes;
+        // An answer bigger than an eighth of the budget would flush a large
+        // part of the cache for one name: serve it, do not keep it.
+        if bytes > config.max_bytes / 8 {
+            store.remove(&key);
+            return false;
+        }
         store.bytes += bytes;
         if let Some((_, old)) = store.lru.push(key, Arc::new(entry)) {
             store.bytes = store.bytes.saturating_sub(old.bytes);
         }
-        while store.lru.len() > self.config.capacity || store.bytes > self.config.max_bytes {
+        while store.lru.len() > config.capacity || store.bytes > config.max_bytes {
             match store.lru.pop_lru() {
                 Some((_, old)) => store.bytes = store.bytes.saturating_sub(old.bytes),
                 None => break,
@@ -322,6 +343,58 @@ impl DnsCache {
 
     pub fn len(&self) -> usize {
         self.lock().map_or(0, |s| s.lru.len())
+    }
+
+    /// Every entry still worth keeping at `now` (live or within the stale
+    /// window), least recently used first, for the cache file.
+    pub(super) fn snapshot(&self, now: Instant) -> Vec<(CacheKey, Arc<Entry>)> {
+        let Some(store) = self.lock() else {
+            return Vec::new();
+        };
+        store
+            .lru
+            .iter()
+            .rev()
+            .filter(|(_, e)| {
+                let age = now.saturating_duration_since(e.stored).as_secs();
+                age < u64::from(e.lifetime.saturating_add(self.stale_window))
+            })
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect()
+    }
+
+    /// Puts back an entry read from the cache file, `age` seconds old at
+    /// `now`. Entries past their stale window are skipped; the bounds hold.
+    pub(super) fn restore(&self, key: CacheKey, message: Message, lifetime: u32, age: u64, now: Instant) -> bool {
+        if lifetime == 0 || age >= u64::from(lifetime.saturating_add(self.stale_window)) {
+            return false;
+        }
+        let Some(stored) = now.checked_sub(std::time::Duration::from_secs(age)) else {
+            return false;
+        };
+        let Some(records) = message
+            .answers
+            .iter()
+            .chain(&message.authorities)
+            .chain(&message.additionals)
+            .map(|r| r.to_bytes().ok().map(|b| RECORD_OVERHEAD + b.len()))
+            .sum::<Option<usize>>()
+        else {
+            return false;
+        };
+        let Some(mut store) = self.lock() else {
+            return false;
+        };
+        let entry = Entry {
+            bytes: ENTRY_OVERHEAD + key.name.len() + records,
+            rcode: message.metadata.response_code,
+            answers: message.answers,
+            authorities: message.authorities,
+            additionals: message.additionals,
+            stored,
+            lifetime,
+        };
+        Self::put(&self.config, &mut store, key, entry)
     }
 
     pub fn is_empty(&self) -> bool {

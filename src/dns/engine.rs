@@ -178,6 +178,42 @@ impl DnsEngine {
         }
     }
 
+    /// Loads `dns.cache.file`, if set, into the cache. A missing file is
+    /// an empty cache; an unreadable or corrupt one a warning (what was
+    /// read before the damage is kept), never a failure to start.
+    pub fn load_cache_file(&self) {
+        let Some(path) = &self.cache.config().file else {
+            return;
+        };
+        match super::cache_file::load(&self.cache, path) {
+            Ok(n) => {
+                self.stats.dns_cache_file_loaded.add(n as u64);
+                tracing::info!(file = %path.display(), entries = n, "DNS cache loaded");
+            }
+            Err(e) => {
+                self.stats.dns_cache_file_errors.inc();
+                tracing::warn!(file = %path.display(), error = %e, kept = self.cache.len(), "DNS cache file ignored");
+            }
+        }
+    }
+
+    /// Writes the cache to `dns.cache.file`, if set (atomically).
+    pub fn save_cache_file(&self) {
+        let Some(path) = &self.cache.config().file else {
+            return;
+        };
+        match super::cache_file::save(&self.cache, path) {
+            Ok(n) => {
+                self.stats.dns_cache_file_saved.add(n as u64);
+                tracing::debug!(file = %path.display(), entries = n, "DNS cache saved");
+            }
+            Err(e) => {
+                self.stats.dns_cache_file_errors.inc();
+                tracing::warn!(file = %path.display(), error = %e, "DNS cache not saved");
+            }
+        }
+    }
+
     /// Estimated memory held by cached answers, in bytes.
     pub fn cache_bytes(&self) -> usize {
         self.cache.bytes()

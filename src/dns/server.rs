@@ -167,6 +167,25 @@ impl DnsService {
     }
 }
 
+/// Saves the cache to `dns.cache.file` every few minutes and once more at
+/// shutdown (the engine in force at that moment: a reload may change it).
+pub async fn persist_cache(service: Arc<DnsService>, mut shutdown: Shutdown) -> io::Result<()> {
+    let mut every = tokio::time::interval(super::cache_file::SAVE_EVERY);
+    every.tick().await; // the first tick is immediate: nothing learnt yet
+    loop {
+        let stopping = tokio::select! {
+            _ = shutdown.recv() => true,
+            _ = every.tick() => false,
+        };
+        let engine = service.engine();
+        // File I/O off the async workers.
+        let _ = tokio::task::spawn_blocking(move || engine.save_cache_file()).await;
+        if stopping {
+            return Ok(());
+        }
+    }
+}
+
 /// A plain DNS server on a UDP socket (clients configured to use us).
 pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown: Shutdown) -> io::Result<()> {
     let socket = Arc::new(socket);
