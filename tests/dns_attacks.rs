@@ -607,3 +607,47 @@ fn cname_loops_and_overlong_chains_from_the_upstream_end_quickly_and_carry_nothi
     assert_eq!(legit_answers(&lab, LISTEN, 2), 4);
     drop(daemon);
 }
+
+/// Datagrams the gateway's kernel dropped at full socket receive queues.
+fn rcvbuf_errors(lab: &Lab) -> u64 {
+    lab.gateway
+        .sh("nstat -az UdpRcvbufErrors Udp6RcvbufErrors | awk '/RcvbufErrors/ {s += $2} END {print s+0}'")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_burst_from_one_device_does_not_cost_another_its_answers() {
+    let lab = dns_lab();
+    let stranger = ip("192.0.2.66");
+    lab.add_client_address(stranger);
+    let daemon = lab.start_tproxyd(&config("rate_limit = { qps = 20, burst = 20 }", ""));
+    let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let flooder = lab::udp::socket(&lab.client, SocketAddr::new(stranger, 0));
+    let victim = lab::udp::socket(&lab.client, "192.0.2.10:0".parse().unwrap());
+    let forged = query(1, "printer.lan.", RecordType::A, None).to_vec().unwrap();
+    let before = rcvbuf_errors(&lab);
+    let mut asked = 0u16;
+    // Bursts of 1,000 queries, each followed at once by one query from a
+    // quiet device.
+    for _ in 0..10 {
+        for _ in 0..1000 {
+            let _ = flooder.send_to(&forged, to);
+        }
+        victim
+            .send_to(&query(asked, "printer.lan.", RecordType::A, None).to_vec().unwrap(), to)
+            .unwrap();
+        asked += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let replies = blast(&victim, to, &[], Duration::from_secs(2));
+    let dropped = rcvbuf_errors(&lab) - before;
+    let stopped = daemon.stop();
+    assert_eq!(
+        replies.len(),
+        usize::from(asked),
+        "the quiet device lost answers; {dropped} datagrams dropped at the socket: {}",
+        stopped.log
+    );
+}
