@@ -80,6 +80,16 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
                         at(span),
                         rule.action.kind()
                     );
+                    if !rule.nft_sets.is_empty() {
+                        let sets: Vec<String> = rule.nft_sets.iter().map(|p| format!("{}/{}", p.v4, p.v6)).collect();
+                        let table = &dns.nft.table;
+                        let _ = writeln!(
+                            out,
+                            "  → its addresses go into nftables sets {} of inet {table}, for TTL + {:?}",
+                            sets.join(", "),
+                            dns.names.grace
+                        );
+                    }
                 }
                 None => {
                     let _ = writeln!(
