@@ -46,6 +46,13 @@ fn set_receive_buffer(sock: &Socket, bytes: usize) {
     }
 }
 
+/// Gives an already open socket a receive buffer of `bytes` (see
+/// [`set_receive_buffer`]).
+pub fn grow_receive_buffer(sock: &UdpSocket, bytes: usize) {
+    let sock = socket2::SockRef::from(sock);
+    set_receive_buffer(&sock, bytes);
+}
+
 fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
     if v6 {
         sock.set_ip_transparent_v6(true)
