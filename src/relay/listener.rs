@@ -13,9 +13,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use super::context::RelayContext;
@@ -27,7 +25,7 @@ use super::session::Session;
 use super::table::{Entry, Evicted, Eviction};
 use crate::dns::DnsService;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch};
-use crate::net::{sockets, would_block};
+use crate::net::sockets;
 use crate::shutdown::Shutdown;
 
 /// Bytes read per round before other tasks get the thread.
@@ -40,7 +38,6 @@ const BATCHES_PER_ROUND: usize = 8;
 /// Serves one listening socket until shutdown.
 pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> io::Result<()> {
     let local = socket.local_addr()?;
-    let fd = socket.as_raw_fd();
     let mut batch = RecvBatch::new(BATCH);
     loop {
         tokio::select! {
@@ -51,10 +48,10 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
         let mut bytes = 0;
         let mut opens = 0;
         for _ in 0..BATCHES_PER_ROUND {
-            match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
-                Ok(n) => {
+            match batch.read(&socket) {
+                Ok(read) => {
                     let mut run = Run::default();
-                    for i in 0..n {
+                    for i in 0..read.count {
                         if let Some((meta, payload)) = batch.get(i) {
                             bytes += payload.len();
                             if handle(&ctx, local, meta, payload, &mut run) {
@@ -63,10 +60,10 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
                         }
                     }
                     run.flush(&ctx);
-                }
-                Err(e) if would_block(&e) => {
-                    drained = true;
-                    break;
+                    if read.drained {
+                        drained = true;
+                        break;
+                    }
                 }
                 Err(e) => {
                     ctx.stats().receive_errors.inc();
