@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::dns::DnsService;
 use crate::metrics::{self, Gauge};
+use crate::net::accept::AcceptBackoff;
 use crate::relay::RelayContext;
 use crate::relay::budget;
 use crate::shutdown::Shutdown;
@@ -26,6 +27,30 @@ pub struct Sources {
 }
 
 impl Sources {
+    /// `/names?client=IP&dst=IP`: the names tproxyd's DNS answered that
+    /// client with that address, one per line (what `tproxyd explain
+    /// --dst` shows). Read only: asking does not keep the entry alive.
+    fn names(&self, path: &[u8]) -> Option<String> {
+        let query = std::str::from_utf8(path).ok()?.strip_prefix("/names?")?;
+        let mut client = None;
+        let mut dst = None;
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some(("client", v)) => client = v.parse::<std::net::IpAddr>().ok(),
+                Some(("dst", v)) => dst = v.parse::<std::net::IpAddr>().ok(),
+                _ => {}
+            }
+        }
+        let (client, dst) = (client?, dst?);
+        let names = self
+            .dns
+            .as_ref()
+            .and_then(|d| d.engine().feed().cloned())
+            .map(|f| f.map().lookup(client, dst, std::time::Instant::now()))
+            .unwrap_or_default();
+        Some(names.iter().map(|n| format!("{n}\n")).collect())
+    }
+
     fn metrics(&self) -> String {
         let mut text = metrics::render(self.relay.stats(), &self.gauges());
         if let Some(dns) = &self.dns {
@@ -110,18 +135,19 @@ impl Sources {
 }
 
 pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: Shutdown) -> io::Result<()> {
+    let mut backoff = AcceptBackoff::new("admin");
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
         };
+        backoff.succeeded();
         let sources = sources.clone();
         tokio::spawn(async move {
             if let Err(e) = respond(stream, &sources).await {
@@ -153,6 +179,14 @@ async fn respond(mut stream: TcpStream, sources: &Sources) -> io::Result<()> {
             "text/plain; charset=utf-8",
             "tproxyd: see /metrics\n".to_string(),
         ),
+        (b"GET", p) if p.starts_with(b"/names?") => match sources.names(p) {
+            Some(body) => ("200 OK", "text/plain; charset=utf-8", body),
+            None => (
+                "400 Bad Request",
+                "text/plain; charset=utf-8",
+                "use /names?client=IP&dst=IP\n".to_string(),
+            ),
+        },
         (b"GET", _) => ("404 Not Found", "text/plain; charset=utf-8", "not found\n".to_string()),
         _ => (
             "405 Method Not Allowed",

@@ -113,7 +113,7 @@ pub fn diagnose(config: &Config) -> Vec<Finding> {
     if let Some(dns) = config.dns() {
         let names = dns.nft_sets();
         if !names.is_empty() {
-            f.push(nft_sets(&dns.nft.table, &names));
+            f.push(nft_sets(&dns.nft.table, &names, dns.nft.max_elements));
         }
     }
     f
@@ -121,8 +121,8 @@ pub fn diagnose(config: &Config) -> Vec<Finding> {
 
 /// Whether the kernel takes the sets DNS rules feed: the whole setup is
 /// sent as one batch that is rolled back (see [`crate::nft::sets::probe`]).
-fn nft_sets(table: &str, names: &[String]) -> Finding {
-    match crate::nft::sets::probe(table, names) {
+fn nft_sets(table: &str, names: &[String], max_elements: u32) -> Finding {
+    match crate::nft::sets::probe(table, names, max_elements) {
         Ok(()) => ok(format!(
             "nftables: the kernel accepts tproxyd's sets in inet {table} ({})",
             names

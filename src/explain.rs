@@ -122,10 +122,42 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
                 .first()
                 .copied()
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+            let known = if UdpRules::has_domain_rules(&rules) || config.admin.is_some() {
+                match known_names(config, client.ip(), dst.ip()) {
+                    Ok(names) if names.is_empty() => {
+                        let _ = writeln!(
+                            out,
+                            "  names: none; tproxyd's DNS answered {} no name with {} (domain rules cannot match)",
+                            client.ip(),
+                            dst.ip()
+                        );
+                        names
+                    }
+                    Ok(names) => {
+                        let list: Vec<String> = names.iter().map(ToString::to_string).collect();
+                        let _ = writeln!(
+                            out,
+                            "  names: {} resolved {} as {}",
+                            client.ip(),
+                            dst.ip(),
+                            list.join(", ")
+                        );
+                        names
+                    }
+                    Err(why) => {
+                        let _ = writeln!(out, "  names: unknown ({why}); domain rules are taken as not matching");
+                        Vec::new()
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let names = |_: IpAddr, _: IpAddr| known.clone();
             let host = Host {
                 listener,
                 dns_port: &dns_port,
                 is_local: &sockets::is_local_address,
+                names: &names,
             };
             let rule = match decide(*client, Some(*dst), &host, &rules) {
                 Decision::NoOriginalDestination => {
@@ -154,7 +186,8 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
                 let _ = writeln!(out, "  no rule matches: the defaults apply");
             } else {
                 let span = config.relay.rules.get(rule.number - 1).map_or(0, |r| r.span().start);
-                let _ = writeln!(out, "  rule {} ({}) matches", rule.number, at(span));
+                let by = if rule.by_domain() { ", by domain" } else { "" };
+                let _ = writeln!(out, "  rule {} ({}{by}) matches", rule.number, at(span));
             }
             let _ = writeln!(out, "  → {}", rule.route);
             if rule.route != crate::relay::rules::Route::Drop {
@@ -167,6 +200,37 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
         }
     }
     Ok(out)
+}
+
+/// The names the running daemon's DNS answered `client` with `dst`,
+/// asked through its `[admin]` endpoint (the map lives in the daemon).
+fn known_names(config: &Config, client: IpAddr, dst: IpAddr) -> Result<Vec<Name>, String> {
+    use std::io::{Read, Write as _};
+    let admin = config
+        .admin
+        .as_ref()
+        .ok_or("the names live in the running daemon; set [admin] listen so explain can ask it")?;
+    let addr = admin.listen.0;
+    let timeout = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("the running daemon's admin endpoint {addr}: {e}"))?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    let request = format!("GET /names?client={client}&dst={dst} HTTP/1.1\r\nHost: tproxyd\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("admin endpoint {addr}: {e}"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("admin endpoint {addr}: {e}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!(
+            "admin endpoint {addr} answered {}",
+            head.lines().next().unwrap_or("")
+        ));
+    }
+    Ok(body.lines().filter_map(|l| Name::from_str(l.trim()).ok()).collect())
 }
 
 fn describe_reply(out: &mut String, reply: &[u8]) {

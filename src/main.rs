@@ -181,12 +181,27 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // budget from the limit in force.
     tproxyd::relay::budget::raise_fd_limit();
     let user = config.user.clone();
+    let pid_file = config.pid_file.clone();
     let workers = config.workers;
     let prepared = server::prepare(config)?;
     // Still one thread: capabilities are per thread, so this must come
     // before the runtime starts its workers.
     if let Some(user) = user {
         tproxyd::privileges::drop_to(&user)?;
+        if let Some(dir) = pid_file.as_deref().and_then(std::path::Path::parent) {
+            let dir = if dir.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                dir
+            };
+            if nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_err() {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    user,
+                    "the pid file's directory is not writable by this user: at exit the pid file will be emptied, not removed"
+                );
+            }
+        }
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(workers.map_or_else(default_workers, |n| n.get()));

@@ -27,6 +27,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Reply addresses served over raw IP because their port was taken.",
     ),
     (
+        "reply_cache_full_total",
+        "counter",
+        "Replies sent over raw IP because every reply socket was in use within the last second.",
+    ),
+    (
         "socks5_associations_total",
         "counter",
         "SOCKS5 UDP associations set up.",

@@ -5,7 +5,7 @@
 //! same config file, which is what a user running `tproxyd reload --config
 //! FILE` means.
 
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Pid, Uid};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -19,6 +19,8 @@ pub enum FindError {
     },
     #[error("pid file {} does not hold a process id", .0.display())]
     BadPidFile(PathBuf),
+    #[error("pid file {} names pid {pid}, which is not a running tproxyd (left by a daemon that died?)", path.display())]
+    Stale { path: PathBuf, pid: i32 },
     #[error("no running tproxyd uses {}", .0.display())]
     NotRunning(PathBuf),
     #[error("several tproxyd use {}: {pids:?}; set pid_file to tell them apart", path.display())]
@@ -26,19 +28,48 @@ pub enum FindError {
 }
 
 /// The daemon's pid file; removed when dropped.
+///
+/// It is written while still root, so after dropping privileges the
+/// daemon may no longer be allowed to unlink it (that takes write access to
+/// its directory, e.g. a root-owned `/run`). It is therefore handed to the
+/// configured user at creation: where removal is refused, the file is at
+/// least emptied, which `tproxyd reload` refuses instead of signalling
+/// whatever process reuses the pid. A directory the user may write (systemd's
+/// `RuntimeDirectory=`) lets it go away for good.
 #[derive(Debug)]
 pub struct PidFile(PathBuf);
 
 impl PidFile {
-    pub fn create(path: &Path) -> io::Result<PidFile> {
+    /// Writes our pid to `path`, owned by `owner` when given (the user the
+    /// daemon will run as).
+    pub fn create(path: &Path, owner: Option<(Uid, Gid)>) -> io::Result<PidFile> {
         std::fs::write(path, format!("{}\n", std::process::id()))?;
+        if let Some((uid, gid)) = owner {
+            nix::unistd::chown(path, Some(uid), Some(gid)).map_err(io::Error::from)?;
+        }
         Ok(PidFile(path.to_path_buf()))
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        match std::fs::remove_file(&self.0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let emptied = std::fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(&self.0)
+                    .is_ok();
+                tracing::warn!(
+                    path = %self.0.display(),
+                    error = %e,
+                    emptied,
+                    "cannot remove the pid file (put it in a directory the daemon's user may write, such as systemd's RuntimeDirectory)"
+                );
+            }
+        }
     }
 }
 
@@ -53,6 +84,13 @@ pub fn find(pid_file: Option<&Path>, config_path: &Path) -> Result<Pid, FindErro
             .trim()
             .parse()
             .map_err(|_| FindError::BadPidFile(path.to_path_buf()))?;
+        // A pid file left by a daemon that died may name another process now.
+        if !is_daemon(pid) {
+            return Err(FindError::Stale {
+                path: path.to_path_buf(),
+                pid,
+            });
+        }
         return Ok(Pid::from_raw(pid));
     }
     let wanted = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
@@ -76,23 +114,38 @@ pub fn find(pid_file: Option<&Path>, config_path: &Path) -> Result<Pid, FindErro
     }
 }
 
-/// Whether process `pid` is a tproxyd daemon (not a one-shot subcommand)
-/// using config file `wanted`.
-fn runs_daemon_with(pid: i32, wanted: &Path) -> bool {
+/// The command line of process `pid`.
+fn cmdline(pid: i32) -> Vec<String> {
     let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
+        return Vec::new();
     };
-    let args: Vec<&str> = raw
-        .split(|&b| b == 0)
+    raw.split(|&b| b == 0)
         .filter_map(|a| std::str::from_utf8(a).ok())
-        .collect();
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether these arguments run the tproxyd daemon (not a one-shot
+/// subcommand).
+fn runs_daemon(args: &[String]) -> bool {
     let is_tproxyd = args
         .first()
         .is_some_and(|a| Path::new(a).file_name().is_some_and(|n| n == "tproxyd"));
     let one_shot = args
         .iter()
-        .any(|a| matches!(*a, "check" | "reload" | "explain" | "doctor"));
-    if !is_tproxyd || one_shot {
+        .any(|a| matches!(a.as_str(), "check" | "reload" | "explain" | "doctor"));
+    is_tproxyd && !one_shot
+}
+
+/// Whether process `pid` is a tproxyd daemon.
+fn is_daemon(pid: i32) -> bool {
+    runs_daemon(&cmdline(pid))
+}
+
+/// Whether process `pid` is a tproxyd daemon using config file `wanted`.
+fn runs_daemon_with(pid: i32, wanted: &Path) -> bool {
+    let args = cmdline(pid);
+    if !runs_daemon(&args) {
         return false;
     }
     let config = args

@@ -159,7 +159,14 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
         p.rules = Some(InstalledRules(rules));
     }
     if let Some(path) = &p.config.pid_file {
-        p.pid_file = Some(PidFile::create(path).map_err(|reason| ServerError::PidFile {
+        // Owned by the user the daemon becomes, so it can still clear it.
+        let owner = p
+            .config
+            .user
+            .as_deref()
+            .and_then(|u| nix::unistd::User::from_name(u).ok().flatten())
+            .map(|u| (u.uid, u.gid));
+        p.pid_file = Some(PidFile::create(path, owner).map_err(|reason| ServerError::PidFile {
             path: path.clone(),
             reason,
         })?);

@@ -115,6 +115,9 @@ counters! {
     receive_errors => "errors_total", "kind=\"receive\"";
     /// Send errors towards clients other than a full buffer.
     reply_send_errors => "errors_total", "kind=\"reply_send\"";
+    /// Replies sent over raw IP because every cached reply socket was busy
+    /// (a flood of destinations), instead of evicting one.
+    reply_cache_full => "reply_cache_full_total";
     /// Reply sockets that fell back to raw IP because the port was taken.
     reply_raw_fallbacks => "reply_raw_fallbacks_total";
     /// SOCKS5 associations set up.
@@ -153,6 +156,8 @@ counters! {
     dns_rate_limited => "dns_queries_by_action_total", "action=\"rate_limited\"";
     /// Zone transfers (NOTIMP) and non-IN classes such as CHAOS (REFUSED).
     dns_refused_local => "dns_queries_by_action_total", "action=\"refused_local\"";
+    /// Expired answers served because no upstream answered in time (RFC 8767).
+    dns_stale_served => "dns_queries_by_action_total", "action=\"stale\"";
     /// Upstream records removed as outside the question's answer.
     dns_scrubbed_records => "dns_scrubbed_records_total";
     /// DNS-over-TCP connections refused: the client already holds its share.

@@ -19,6 +19,25 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+fn config(extra: &str) -> String {
+    format!(
+        r#"
+mark = 255
+[relay]
+listen = ["0.0.0.0:15353", "[::]:15353"]
+[admin]
+listen = "{ADMIN}"
+[dns]
+ports = [53]
+# The lab's LAN uses documentation addresses, outside the default allow list.
+allow = ["192.0.2.0/24", "2001:db8:1::/64"]
+[dns.upstreams.default]
+servers = ["{UPSTREAM}"]
+{extra}
+"#
+    )
+}
+
 struct DomainLab {
     lab: Lab,
     _upstream: Dnsmasq,
@@ -48,22 +67,7 @@ impl DomainLab {
     }
 
     fn start(&self, extra: &str) -> Daemon {
-        self.lab.start_tproxyd(&format!(
-            r#"
-mark = 255
-[relay]
-listen = ["0.0.0.0:15353", "[::]:15353"]
-[admin]
-listen = "{ADMIN}"
-[dns]
-ports = [53]
-# The lab's LAN uses documentation addresses, outside the default allow list.
-allow = ["192.0.2.0/24", "2001:db8:1::/64"]
-[dns.upstreams.default]
-servers = ["{UPSTREAM}"]
-{extra}
-"#
-        ))
+        self.lab.start_tproxyd(&config(extra))
     }
 
     fn metrics(&self) -> String {
@@ -225,4 +229,33 @@ fn doctor_asks_the_kernel_about_the_sets_and_changes_nothing() {
         "{report}"
     );
     assert!(lab.gateway.sh("nft list table inet tproxyd_dns").contains("set game4"));
+}
+
+#[test]
+fn a_reload_creates_new_sets_and_keeps_the_map() {
+    let l = DomainLab::new();
+    let rules = "[[dns.rules]]\ndomains = [\"*.game.example\"]\naction = \"forward\"\nnft_set = \"game\"\n";
+    let mut daemon = l.start(rules);
+    let d = dig(&l.lab.client, &format!("@{PUBLIC} eu.game.example A"));
+    assert_eq!(d.answer_data(), vec!["203.0.113.80"], "{}", d.raw);
+    assert!(
+        !l.lab
+            .gateway
+            .sh_output("nft list set inet tproxyd_dns voip4")
+            .status
+            .success()
+    );
+
+    let more = format!(
+        "[[dns.rules]]\ndomains = [\"other.game.example\"]\naction = \"forward\"\nnft_set = [\"voip\", \"game\"]\n{rules}"
+    );
+    std::fs::write(&daemon.config, config(&more)).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    let d = dig(&l.lab.client, &format!("@{PUBLIC} other.game.example A"));
+    assert_eq!(d.answer_data(), vec!["203.0.113.81"], "{}", d.raw);
+    assert!(expires_in(&l.lab, "tproxyd_dns", "voip4", "203.0.113.81").is_some());
+    assert!(expires_in(&l.lab, "tproxyd_dns", "game4", "203.0.113.81").is_some());
+    // What the old engine recorded is still known.
+    assert_eq!(l.metric("tproxyd_name_map_entries"), 2);
 }

@@ -6,7 +6,7 @@
 mod lab;
 
 use lab::Lab;
-use lab::nft::expires_in;
+use lab::nft::{elements, expires_in};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,9 +27,19 @@ fn update(set: &SetPair, addr: &str, secs: u64) -> Update {
 }
 
 fn start(lab: &Lab, table: &'static str, names: &'static [&'static str], stats: Arc<Stats>) -> Arc<NftSets> {
+    start_bounded(lab, table, names, 65_536, stats)
+}
+
+fn start_bounded(
+    lab: &Lab,
+    table: &'static str,
+    names: &'static [&'static str],
+    max_elements: u32,
+    stats: Arc<Stats>,
+) -> Arc<NftSets> {
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     lab.gateway
-        .enter(move || NftSets::start(table, &names, stats).map(Arc::new))
+        .enter(move || NftSets::start(table, &names, max_elements, stats).map(Arc::new))
         .unwrap_or_else(|e| panic!("starting the sets: {e}"))
 }
 
@@ -140,4 +150,30 @@ fn a_burst_of_answers_is_all_committed() {
         .sh("nft list set inet tproxyd_dns burst4 | grep -o 'expires' | wc -l");
     assert_eq!(count.trim(), "2000");
     drop(sets);
+}
+
+#[test]
+fn a_full_set_refuses_new_addresses_but_still_refreshes_and_releases_answers() {
+    let lab = Lab::new();
+    let stats = Arc::new(Stats::default());
+    let sets = start_bounded(&lab, "tproxyd_dns", &["flood"], 2, stats.clone());
+    let pair = SetPair::new("flood");
+    let now = Instant::now();
+    wait(sets.add(vec![update(&pair, "198.51.100.1", 30)], now));
+    wait(sets.add(vec![update(&pair, "198.51.100.2", 30)], now));
+    // Queued together with a refresh: the batch fails as a whole, then each
+    // answer is committed on its own.
+    let third = sets.add(vec![update(&pair, "198.51.100.3", 30)], now);
+    let refresh = sets.add(vec![update(&pair, "198.51.100.1", 300)], now);
+    wait(third);
+    wait(refresh);
+    assert_eq!(elements(&lab, "tproxyd_dns", "flood4").len(), 2);
+    assert!(expires_in(&lab, "tproxyd_dns", "flood4", "198.51.100.3").is_none());
+    assert!(expires_in(&lab, "tproxyd_dns", "flood4", "198.51.100.1").unwrap() > 290.0);
+    assert_eq!(stats.nft_errors.get(), 1);
+    assert!(
+        lab.gateway
+            .sh("nft list set inet tproxyd_dns flood4")
+            .contains("size 2")
+    );
 }

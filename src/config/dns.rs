@@ -49,6 +49,8 @@ pub struct DnsConfig {
     #[serde(default)]
     pub tcp: TcpConfig,
     #[serde(default)]
+    pub stale: StaleConfig,
+    #[serde(default)]
     pub cache: CacheConfig,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamGroupConfig>,
@@ -155,6 +157,52 @@ pub enum RateLimitAction {
     /// An empty answer with TC=1 (over UDP), sending a real client to TCP,
     /// where its address cannot be spoofed.
     Truncate,
+}
+
+/// `dns.stale`: serve-stale (RFC 8767). When no upstream has answered a
+/// cache miss within `answer_after`, or every upstream failed, an answer
+/// that expired less than `max_age` ago is served with TTL `ttl`, and the
+/// upstream query goes on to refresh it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaleConfig {
+    #[serde(default = "StaleConfig::default_enabled")]
+    pub enabled: bool,
+    #[serde(
+        default = "StaleConfig::default_answer_after",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub answer_after: Duration,
+    #[serde(default = "StaleConfig::default_max_age", deserialize_with = "duration::deserialize")]
+    pub max_age: Duration,
+    #[serde(default = "StaleConfig::default_ttl", deserialize_with = "duration::deserialize")]
+    pub ttl: Duration,
+}
+
+impl StaleConfig {
+    fn default_enabled() -> bool {
+        true
+    }
+    fn default_answer_after() -> Duration {
+        Duration::from_millis(1_800)
+    }
+    fn default_max_age() -> Duration {
+        Duration::from_secs(86_400)
+    }
+    fn default_ttl() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+impl Default for StaleConfig {
+    fn default() -> Self {
+        StaleConfig {
+            enabled: Self::default_enabled(),
+            answer_after: Self::default_answer_after(),
+            max_age: Self::default_max_age(),
+            ttl: Self::default_ttl(),
+        }
+    }
 }
 
 /// `dns.tcp`: limits that keep one client from holding every DNS-over-TCP
@@ -421,6 +469,9 @@ pub struct DnsRuleConfig {
     /// `forward`: the upstream group.
     #[serde(default)]
     pub upstream: Option<String>,
+    /// `forward`: `false` never serves these names stale (`dns.stale`).
+    #[serde(default)]
+    pub stale: Option<bool>,
     /// Sets (`NAME4`/`NAME6` in `[dns.nft] table`) that get every address
     /// this rule answers, for TTL + `[dns.names] grace`.
     #[serde(default)]
@@ -616,6 +667,9 @@ fn matches_everything(r: &DnsRuleConfig) -> bool {
 
 fn check_rule(r: &DnsRuleConfig, dns: &DnsConfig) -> Result<(), RuleProblem> {
     let answers = !r.a.is_empty() || !r.aaaa.is_empty() || r.cname.is_some();
+    if r.stale.is_some() && r.action != RuleAction::Forward {
+        return Err("stale applies to forward rules only".into());
+    }
     match r.action {
         RuleAction::Answer => {
             if !answers && r.hosts.is_empty() {

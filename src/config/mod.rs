@@ -216,6 +216,8 @@ impl Config {
                 }
             }
         }
+        udp::load_names(&mut config.relay.rules, config.dns_section.is_some())
+            .map_err(|(span, reason)| ConfigError::at(path, text, Some(span), reason))?;
         let mut warnings = spans.cidr_warnings();
         warnings.sort_by_key(|(span, _)| span.start);
         config.warnings = warnings

@@ -59,6 +59,11 @@ pub struct NftConfig {
     /// sets, so the client's first datagram already meets them.
     #[serde(default = "NftConfig::default_wait")]
     pub wait: bool,
+    /// Most elements in each set (the kernel refuses more, and tproxyd
+    /// counts the refusals): names resolved without end cannot grow the
+    /// kernel's memory without end. 0 = no bound.
+    #[serde(default = "NftConfig::default_max_elements")]
+    pub max_elements: u32,
 }
 
 impl NftConfig {
@@ -68,6 +73,9 @@ impl NftConfig {
     fn default_wait() -> bool {
         true
     }
+    fn default_max_elements() -> u32 {
+        65_536
+    }
 }
 
 impl Default for NftConfig {
@@ -75,6 +83,7 @@ impl Default for NftConfig {
         NftConfig {
             table: Self::default_table(),
             wait: Self::default_wait(),
+            max_elements: Self::default_max_elements(),
         }
     }
 }

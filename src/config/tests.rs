@@ -264,3 +264,48 @@ fn nft_sets_on_dns_rules() {
     ));
     assert!(e.contains("auto_rules' table"), "{e}");
 }
+
+#[test]
+fn dns_stale_defaults_and_the_rule_opt_out() {
+    let base = "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n";
+    let c = parse(base).unwrap();
+    let stale = &c.dns().unwrap().stale;
+    assert!(stale.enabled);
+    assert_eq!(stale.answer_after, std::time::Duration::from_millis(1_800));
+    assert_eq!(stale.max_age, std::time::Duration::from_secs(86_400));
+    assert_eq!(stale.ttl, std::time::Duration::from_secs(30));
+    let ok = parse(&format!(
+        "{base}[[dns.rules]]\ndomains = [\"a.example\"]\naction = \"forward\"\nstale = false\n"
+    ));
+    assert_eq!(ok.unwrap().dns().unwrap().rules[0].get_ref().stale, Some(false));
+    let e = error(&format!(
+        "{base}[[dns.rules]]\ndomains = [\"a.example\"]\naction = \"block\"\nstale = false\n"
+    ));
+    assert!(e.starts_with("t.toml:4:") && e.contains("forward rules only"), "{e}");
+}
+
+#[test]
+fn relay_domain_rules_load_their_names() {
+    let e = error("[[relay.rules]]\ndomains = [\"*.game.example\"]\naction = \"drop\"\n");
+    assert!(e.contains(":1:") && e.contains("add a [dns] section"), "{e}");
+    let base = "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n";
+    let e = error(&format!(
+        "{base}[[relay.rules]]\nlists = [\"/nonexistent/game.txt\"]\naction = \"drop\"\n"
+    ));
+    assert!(e.contains(":4:") && e.contains("/nonexistent/game.txt"), "{e}");
+    let e = error(&format!(
+        "{base}[[relay.rules]]\ndomains = [\"not a name\"]\naction = \"drop\"\n"
+    ));
+    assert!(e.contains("not a valid domain name"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("game.txt");
+    std::fs::write(&list, "play.game.example\n||voice.example^\n").unwrap();
+    let c = parse(&format!(
+        "{base}[[relay.rules]]\ndomains = [\"a.example\"]\nlists = [{:?}]\naction = \"drop\"\n",
+        list.display().to_string()
+    ))
+    .unwrap();
+    let names = c.relay.rules[0].get_ref().names.as_ref().unwrap();
+    assert!(names.matches("a.example") && names.matches("play.game.example") && names.matches("voice.example"));
+    assert!(!names.matches("b.example"));
+}

@@ -100,6 +100,17 @@ pub struct UdpRuleConfig {
     /// Only flows from these client networks.
     #[serde(default, deserialize_with = "super::cidr::list")]
     pub clients: Vec<IpNet>,
+    /// Only flows to an address tproxyd's own DNS answered this client for
+    /// one of these names (or an alias they led to); same syntax as DNS
+    /// rules: `"voip.example"`, `"*.game.example"`.
+    #[serde(default)]
+    pub domains: Vec<super::dns::DomainPattern>,
+    /// Domain-list files, as for DNS rules.
+    #[serde(default)]
+    pub lists: Vec<std::path::PathBuf>,
+    /// `domains` and `lists` loaded, filled in by [`super::Config::parse`].
+    #[serde(skip)]
+    pub names: Option<std::sync::Arc<crate::dns::names::DomainSet>>,
     /// Only flows to these destination networks.
     #[serde(default, deserialize_with = "super::cidr::list")]
     pub destinations: Vec<IpNet>,
@@ -143,6 +154,38 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
         return Err(de::Error::custom("idle_timeout must be greater than zero"));
     }
     Ok(Some(v))
+}
+
+/// Loads the names of domain rules (their `lists` files are read here, so
+/// a missing file refuses the config like any other mistake). Domain rules
+/// match what tproxyd's DNS answered, so they need the `[dns]` section.
+pub(super) fn load_names(
+    rules: &mut [Spanned<UdpRuleConfig>],
+    dns: bool,
+) -> Result<(), (std::ops::Range<usize>, String)> {
+    for rule in rules.iter_mut() {
+        let span = rule.span();
+        let r = rule.get_mut();
+        if r.domains.is_empty() && r.lists.is_empty() {
+            continue;
+        }
+        if !dns {
+            return Err((
+                span,
+                "domains and lists match names tproxyd's own DNS answered: add a [dns] section".into(),
+            ));
+        }
+        let mut set = crate::dns::names::DomainSet::new();
+        for d in &r.domains {
+            set.insert(&d.name, d.subdomains);
+        }
+        for path in &r.lists {
+            crate::dns::lists::load_domain_list(path, &mut set).map_err(|e| (span.clone(), e.to_string()))?;
+        }
+        set.shrink_to_fit();
+        r.names = Some(std::sync::Arc::new(set));
+    }
+    Ok(())
 }
 
 /// Checks each rule's fields against its action; errors name the rule.

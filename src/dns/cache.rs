@@ -68,6 +68,20 @@ impl Entry {
         msg.authorities = self.authorities.iter().map(aged).collect();
         msg.additionals = self.additionals.iter().map(aged).collect();
     }
+
+    /// Copies the records into `msg` for a stale answer: every TTL is
+    /// `ttl` (RFC 8767 recommends 30 s).
+    pub fn fill_stale(&self, msg: &mut Message, ttl: u32) {
+        let stale = |r: &Record| {
+            let mut r = r.clone();
+            r.ttl = ttl;
+            r
+        };
+        msg.metadata.response_code = self.rcode;
+        msg.answers = self.answers.iter().map(stale).collect();
+        msg.authorities = self.authorities.iter().map(stale).collect();
+        msg.additionals = self.additionals.iter().map(stale).collect();
+    }
 }
 
 /// The TTL clamps, applied to every forwarded answer.
@@ -172,10 +186,19 @@ pub struct DnsCache {
     config: CacheConfig,
     store: Option<Mutex<Store>>,
     policy: TtlPolicy,
+    /// Seconds an entry is kept past its expiry to be served stale
+    /// (`dns.stale.max_age`; 0 when serve-stale is off).
+    stale_window: u32,
 }
 
 impl DnsCache {
     pub fn new(config: &CacheConfig) -> Self {
+        Self::with_stale_window(config, 0)
+    }
+
+    /// A cache that keeps expired entries `stale_window` seconds longer,
+    /// for [`DnsCache::get_stale`].
+    pub fn with_stale_window(config: &CacheConfig, stale_window: u32) -> Self {
         let enabled = config.capacity > 0 && config.max_bytes > 0;
         DnsCache {
             config: config.clone(),
@@ -186,7 +209,18 @@ impl DnsCache {
                 })
             }),
             policy: TtlPolicy::new(config),
+            stale_window,
         }
+    }
+
+    /// Seconds expired entries are kept for serve-stale.
+    pub fn stale_window(&self) -> u32 {
+        self.stale_window
+    }
+
+    /// Whether `other` keeps answers the same way (a reload may share it).
+    pub fn same_settings(&self, config: &CacheConfig, stale_window: u32) -> bool {
+        &self.config == config && self.stale_window == stale_window
     }
 
     /// The settings this cache was built with.
@@ -209,10 +243,26 @@ impl DnsCache {
         let entry = store.lru.get(key)?.clone();
         let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
         if age >= entry.lifetime {
-            store.remove(key);
+            if age >= entry.lifetime.saturating_add(self.stale_window) {
+                store.remove(key);
+            }
             return None;
         }
         Some((entry, age))
+    }
+
+    /// An entry that has expired, but less than the stale window ago.
+    /// Only NOERROR and NXDOMAIN answers are ever cached, so a stale answer
+    /// is never a SERVFAIL.
+    pub fn get_stale(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        self.get_stale_at(key, Instant::now())
+    }
+
+    fn get_stale_at(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
+        let mut store = self.lock()?;
+        let entry = store.lru.get(key)?.clone();
+        let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
+        (age < entry.lifetime.saturating_add(self.stale_window)).then_some(entry)
     }
 
     /// Clamps the TTLs of `response` (see [`TtlPolicy::apply`]) and stores
@@ -507,5 +557,30 @@ mod tests {
         let mut nx = negative(ResponseCode::NXDomain, 1_000_000, 1_000_000);
         assert_eq!(policy.apply(&mut nx), Some(3_600));
         assert_eq!(nx.authorities[0].ttl, 3_600);
+    }
+
+    #[test]
+    fn expired_entries_are_kept_for_the_stale_window_only() {
+        let c = DnsCache::with_stale_window(&CacheConfig::default(), 100);
+        let t0 = Instant::now();
+        assert!(c.insert_at(key("a"), &mut answer(&[60]), t0));
+        assert!(c.get_at(&key("a"), t0 + Duration::from_secs(61)).is_none(), "expired");
+        let stale = c
+            .get_stale_at(&key("a"), t0 + Duration::from_secs(61))
+            .expect("kept stale");
+        let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+        stale.fill_stale(&mut m, 30);
+        assert_eq!(m.answers[0].ttl, 30);
+        assert!(c.get_stale_at(&key("a"), t0 + Duration::from_secs(161)).is_none());
+        // Without a window an expired entry is gone.
+        let plain = cache(0, 86_400, 3_600);
+        plain.insert_at(key("a"), &mut answer(&[60]), t0);
+        assert!(plain.get_at(&key("a"), t0 + Duration::from_secs(61)).is_none());
+        assert!(plain.get_stale_at(&key("a"), t0 + Duration::from_secs(61)).is_none());
+        // A SERVFAIL is never cached, so never served stale.
+        let mut fail = answer(&[60]);
+        fail.metadata.response_code = ResponseCode::ServFail;
+        assert!(!c.insert_at(key("f"), &mut fail, t0));
+        assert!(c.get_stale_at(&key("f"), t0 + Duration::from_secs(61)).is_none());
     }
 }

@@ -22,6 +22,7 @@ use super::names::wire_key;
 use super::ratelimit::RateLimiter;
 use super::rules::{Action, RuleSet, StaticAnswer};
 use super::scrub;
+use super::ttl_secs;
 use super::upstream::{Admission, UpstreamError, UpstreamGroup};
 use crate::config::dns::{BlockMode, DnsConfig, RateLimitAction, TcpConfig};
 use crate::domain::DomainFeed;
@@ -72,6 +73,8 @@ pub struct Pending {
     client: IpAddr,
     /// The matching rule's sets, fed with the answer.
     sets: Vec<SetPair>,
+    /// Whether an expired answer may be served (`dns.stale`, rule opt-out).
+    serve_stale: bool,
     _admission: Admission,
 }
 
@@ -79,6 +82,22 @@ impl Pending {
     /// The upstream group (index into [`DnsEngine::groups`]) it goes to.
     pub fn group(&self) -> usize {
         self.group
+    }
+}
+
+/// When and how expired answers are served (RFC 8767).
+#[derive(Debug, Clone, Copy)]
+struct StaleAnswers {
+    answer_after: Duration,
+    ttl: u32,
+}
+
+/// Seconds the cache keeps expired answers for serve-stale.
+fn stale_window(config: &DnsConfig) -> u32 {
+    if config.stale.enabled {
+        ttl_secs(config.stale.max_age)
+    } else {
+        0
     }
 }
 
@@ -93,6 +112,8 @@ pub struct DnsEngine {
     default_group: Option<usize>,
     /// Shared with the next engine when a reload keeps the cache settings.
     cache: Arc<DnsCache>,
+    /// Serve-stale (`dns.stale`), when on.
+    stale: Option<StaleAnswers>,
     timeout: Duration,
     max_udp_payload: u16,
     allow: Vec<IpNet>,
@@ -127,7 +148,11 @@ impl DnsEngine {
             groups,
             group_names,
             default_group,
-            cache: Arc::new(DnsCache::new(&config.cache)),
+            cache: Arc::new(DnsCache::with_stale_window(&config.cache, stale_window(config))),
+            stale: config.stale.enabled.then(|| StaleAnswers {
+                answer_after: config.stale.answer_after,
+                ttl: ttl_secs(config.stale.ttl),
+            }),
             timeout: config.timeout,
             max_udp_payload: *config.max_udp_payload.get_ref(),
             allow: config.allow.clone(),
@@ -142,7 +167,10 @@ impl DnsEngine {
     /// Takes over `previous`'s cache if it was built with the same cache
     /// settings, so a reload does not empty it. Returns whether it did.
     pub fn adopt_cache(&mut self, previous: &DnsEngine) -> bool {
-        if previous.cache.config() == self.cache.config() {
+        if previous
+            .cache
+            .same_settings(self.cache.config(), self.cache.stale_window())
+        {
             self.cache = previous.cache.clone();
             true
         } else {
@@ -300,6 +328,7 @@ impl DnsEngine {
             transport,
             client,
             sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
+            serve_stale: self.stale.is_some() && rule.is_none_or(|r| r.serve_stale),
             _admission: admission,
         })
     }
@@ -320,23 +349,69 @@ impl DnsEngine {
         UpstreamGroup::render_metrics(&self.groups, out);
     }
 
-    /// Resolves a cache miss upstream; SERVFAIL when no upstream answers
-    /// within the configured timeout.
+    /// Resolves a cache miss upstream and returns the first reply; see
+    /// [`DnsEngine::forward_with`]. When the reply is a stale answer, the
+    /// refresh is left to other askers (this caller stops waiting).
     pub async fn forward(&self, pending: Pending) -> Option<Vec<u8>> {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let work = self.forward_with(pending, move |reply| {
+            let _ = tx.send(reply);
+        });
+        tokio::pin!(work);
+        tokio::select! {
+            reply = &mut rx => reply.ok(),
+            () = &mut work => rx.try_recv().ok(),
+        }
+    }
+
+    /// Resolves a cache miss upstream and hands the reply to `send`:
+    /// - the upstream's answer (scrubbed, clamped, cached) when it comes
+    ///   within `dns.stale.answer_after`, or at any time when there is no
+    ///   stale answer to give;
+    /// - otherwise an expired answer with TTL `dns.stale.ttl` (RFC 8767),
+    ///   after which the upstream query goes on in this same task and its
+    ///   answer refreshes the cache. Identical questions share one upstream
+    ///   query (the groups' single-flight), so a name is refreshed once at
+    ///   a time however many clients ask;
+    /// - SERVFAIL when no upstream answers within `dns.timeout` and there
+    ///   is nothing stale.
+    pub async fn forward_with(&self, pending: Pending, send: impl FnOnce(Vec<u8>)) {
         let Pending {
             request,
             group,
             transport,
             client,
             sets,
+            serve_stale,
             _admission,
         } = pending;
         let deadline = tokio::time::Instant::now() + self.timeout;
         self.stats.dns_forwarded.inc();
         let started = tokio::time::Instant::now();
-        let upstream = match self.groups.get(group) {
-            Some(g) => g.resolve(&request.query, deadline).await,
-            None => Err(UpstreamError::NoAnswer),
+        let resolve = async {
+            match self.groups.get(group) {
+                Some(g) => g.resolve(&request.query, deadline).await,
+                None => Err(UpstreamError::NoAnswer),
+            }
+        };
+        tokio::pin!(resolve);
+        let mut send = Some(send);
+        let stale = self.stale.filter(|_| serve_stale);
+        let upstream = match stale {
+            Some(settings) => {
+                tokio::select! {
+                    r = &mut resolve => r,
+                    () = tokio::time::sleep(settings.answer_after) => {
+                        if let Some(msg) = self.stale_answer(&request, group, settings) {
+                            if let (Some(bytes), Some(send)) = (self.deliver(&request, &msg, transport, client, &sets).await, send.take()) {
+                                send(bytes);
+                            }
+                        }
+                        resolve.await
+                    }
+                }
+            }
+            None => resolve.await,
         };
         if upstream.is_ok() {
             self.stats.dns_upstream_latency.observe(started.elapsed());
@@ -344,13 +419,53 @@ impl DnsEngine {
         let msg = match upstream {
             Ok(answer) => self.absorb(&request, group, answer),
             Err(e) => {
-                self.stats.dns_servfail.inc();
-                tracing::debug!(name = %request.key, error = %e, "answering SERVFAIL");
-                message::response(&request, ResponseCode::ServFail, self.max_udp_payload)
+                let stale_msg = stale
+                    .filter(|_| send.is_some())
+                    .and_then(|settings| self.stale_answer(&request, group, settings));
+                match stale_msg {
+                    // Every upstream failed before answer_after: stale beats SERVFAIL.
+                    Some(msg) => msg,
+                    _ => {
+                        if send.is_some() {
+                            self.stats.dns_servfail.inc();
+                        }
+                        tracing::debug!(name = %request.key, error = %e, "no upstream answer");
+                        message::response(&request, ResponseCode::ServFail, self.max_udp_payload)
+                    }
+                }
             }
         };
-        let committed = self.feed.as_ref().and_then(|f| f.observe(client, &msg, &sets));
-        let reply = match self.reply_to(&request, &msg, transport) {
+        let Some(send) = send else {
+            return; // a stale answer went out already: this was the refresh
+        };
+        if let Some(bytes) = self.deliver(&request, &msg, transport, client, &sets).await {
+            send(bytes);
+        }
+    }
+
+    /// An expired answer for `request`, if the cache still holds one, with
+    /// every TTL set to the stale TTL; counted.
+    fn stale_answer(&self, request: &Request, group: usize, settings: StaleAnswers) -> Option<Message> {
+        let entry = self.cache.get_stale(&self.cache_key(request, group))?;
+        self.stats.dns_stale_served.inc();
+        tracing::debug!(name = %request.key, "no upstream answer in time: serving a stale answer");
+        let mut msg = message::response(request, entry.rcode, self.max_udp_payload);
+        entry.fill_stale(&mut msg, settings.ttl);
+        Some(msg)
+    }
+
+    /// Encodes `msg` for the client, first recording it in the domain feed
+    /// (and waiting for its set elements to be committed).
+    async fn deliver(
+        &self,
+        request: &Request,
+        msg: &Message,
+        transport: Transport,
+        client: IpAddr,
+        sets: &[SetPair],
+    ) -> Option<Vec<u8>> {
+        let committed = self.feed.as_ref().and_then(|f| f.observe(client, msg, sets));
+        let reply = match self.reply_to(request, msg, transport) {
             Outcome::Reply(bytes) => Some(bytes),
             _ => None,
         };

@@ -66,6 +66,8 @@ pub struct Rule {
     pub action: Action,
     /// nftables sets fed with the addresses this rule answers.
     pub nft_sets: Vec<SetPair>,
+    /// Whether its names may be answered stale (`stale = false` opts out).
+    pub serve_stale: bool,
 }
 
 impl Rule {
@@ -172,6 +174,7 @@ impl RuleSet {
                 qtypes: r.qtypes.iter().map(|q| q.0).collect(),
                 action,
                 nft_sets: r.nft_set.0.iter().map(|n| SetPair::new(n)).collect(),
+                serve_stale: r.stale.unwrap_or(true),
             });
         }
         Ok(RuleSet { rules })

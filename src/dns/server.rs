@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::engine::{DnsEngine, Outcome, Pending, Transport};
 use crate::config::dns::TcpConfig;
+use crate::net::accept::AcceptBackoff;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -133,7 +133,10 @@ impl DnsService {
             Outcome::Held(reply, committed) => {
                 // Bounded like forwards: a flood of answers waiting for
                 // the kernel cannot grow the task count without bound.
-                let Some(permit) = self.forward_permit() else {
+                // Past the bound the answer goes out without waiting,
+                // never dropped.
+                let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                    send(&reply);
                     return;
                 };
                 tokio::spawn(async move {
@@ -154,9 +157,8 @@ impl DnsService {
             return;
         };
         tokio::spawn(async move {
-            if let Some(reply) = engine.forward(pending).await {
-                send(&reply);
-            }
+            // May answer stale first and go on refreshing the cache.
+            engine.forward_with(pending, |reply| send(&reply)).await;
             drop(permit);
         });
     }
@@ -194,6 +196,7 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
 /// (`dns.tcp_listen`, where TPROXY hands over connections to any address,
 /// so a client retrying over TCP after TC=1 is still answered by us).
 pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shutdown: Shutdown) -> io::Result<()> {
+    let mut backoff = AcceptBackoff::new("DNS over TCP");
     loop {
         let (stream, client) = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
@@ -201,12 +204,12 @@ pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shut
                 Ok(v) => v,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "DNS TCP accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
         };
+        backoff.succeeded();
         let limits = service.engine().tcp_limits().clone();
         let permit = match service
             .tcp

@@ -42,7 +42,12 @@ impl DomainFeed {
         let sets = if names.is_empty() {
             None
         } else {
-            Some(NftSets::start(&config.nft.table, &names, stats)?)
+            Some(NftSets::start(
+                &config.nft.table,
+                &names,
+                config.nft.max_elements,
+                stats,
+            )?)
         };
         Ok(DomainFeed {
             map: Arc::new(NameMap::new(MapLimits {
@@ -57,6 +62,13 @@ impl DomainFeed {
 
     pub fn map(&self) -> &Arc<NameMap> {
         &self.map
+    }
+
+    /// The names `client` resolved to `dst` through us, for a flow being
+    /// routed: the entry then lives at least `grace` longer, so a flow that
+    /// outlasts the answer's TTL keeps the rule it was opened with.
+    pub fn names_in_use(&self, client: IpAddr, dst: IpAddr) -> Vec<hickory_proto::rr::Name> {
+        self.map.lookup_touch(client, dst, Instant::now(), self.grace)
     }
 
     pub fn sets(&self) -> Option<&NftSets> {

@@ -161,6 +161,25 @@ impl NameMap {
         names
     }
 
+    /// Like [`NameMap::lookup`], and each chain found lives on until at
+    /// least `now + extend`: the address is in use.
+    pub fn lookup_touch(&self, client: IpAddr, ip: IpAddr, now: Instant, extend: Duration) -> Vec<Name> {
+        let mut inner = self.lock();
+        let Some(entry) = inner.entries.peek_mut(&(canonical(client), canonical(ip))) else {
+            return Vec::new();
+        };
+        let mut names: Vec<Name> = Vec::new();
+        for chain in entry.chains.iter_mut().filter(|c| c.expires > now) {
+            chain.expires = chain.expires.max(now + extend);
+            for n in chain.names.iter() {
+                if !names.contains(n) {
+                    names.push(n.clone());
+                }
+            }
+        }
+        names
+    }
+
     /// Drops what expired by `now`; returns how many entries went.
     pub fn sweep(&self, now: Instant) -> usize {
         let mut inner = self.lock();
@@ -342,6 +361,23 @@ mod tests {
         }
         assert_eq!(map.len(), 10);
         assert!(map.bytes() <= one * 10);
+    }
+
+    #[test]
+    fn a_lookup_for_a_flow_in_use_keeps_the_entry_alive() {
+        let map = NameMap::new(BIG);
+        let now = Instant::now();
+        let (c, a) = (ip("192.0.2.10"), ip("198.51.100.1"));
+        map.insert(c, &res(&["a.example."], &[("198.51.100.1", 10)]), Duration::ZERO, now);
+        let later = now + Duration::from_secs(8);
+        assert_eq!(map.lookup_touch(c, a, later, Duration::from_secs(30)).len(), 1);
+        assert_eq!(map.lookup(c, a, now + Duration::from_secs(37)).len(), 1);
+        assert!(map.lookup(c, a, now + Duration::from_secs(38)).is_empty());
+        // An expired entry is not revived.
+        assert!(
+            map.lookup_touch(c, a, now + Duration::from_secs(40), Duration::from_secs(30))
+                .is_empty()
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! tproxyd needs lives below this module, so the relay and DNS code above it
 //! deal only in addresses and payloads.
 
+pub mod accept;
 pub mod raw;
 pub mod recv;
 pub mod send;

@@ -94,9 +94,16 @@ impl RecvBatch {
     /// Reads up to the batch's capacity without blocking; `WouldBlock` when
     /// nothing is queued. Returns how many datagrams were read.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_at_most(fd, self.capacity)
+    }
+
+    /// Like [`RecvBatch::recv`], reading at most `max` datagrams (a reader
+    /// that bounds its work in bytes asks for fewer when they are big).
+    pub fn recv_at_most(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
+        let count = max.clamp(1, self.capacity);
         self.metas.clear();
         // The kernel rewrites lengths in every header: reset them all.
-        for i in 0..self.capacity {
+        for i in 0..count {
             self.iovs[i] = libc::iovec {
                 iov_base: self.bufs[i * SLOT..].as_mut_ptr().cast(),
                 iov_len: SLOT,
@@ -117,7 +124,7 @@ impl RecvBatch {
             libc::recvmmsg(
                 fd,
                 self.hdrs.as_mut_ptr(),
-                self.capacity as libc::c_uint,
+                count as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 ptr::null_mut(),
             )
@@ -155,11 +162,17 @@ impl RecvBatch {
     /// readiness seen *before* the call; a datagram arriving during it
     /// raises a new one, so no wake-up is lost.
     pub fn read(&mut self, socket: &UdpSocket) -> io::Result<Batch> {
+        self.read_at_most(socket, self.capacity)
+    }
+
+    /// Like [`RecvBatch::read`], reading at most `max` datagrams.
+    pub fn read_at_most(&mut self, socket: &UdpSocket, max: usize) -> io::Result<Batch> {
         let fd = socket.as_raw_fd();
+        let asked = max.clamp(1, self.capacity);
         let mut count = 0;
         let result = socket.try_io(Interest::READABLE, || {
-            count = self.recv(fd)?;
-            if count < self.capacity {
+            count = self.recv_at_most(fd, asked)?;
+            if count < asked {
                 Err(io::Error::from(io::ErrorKind::WouldBlock))
             } else {
                 Ok(())

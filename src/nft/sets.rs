@@ -98,6 +98,8 @@ struct Shared {
     known: Mutex<HashMap<(Arc<str>, IpAddr), Known>>,
     stats: Arc<Stats>,
     owned: bool,
+    /// Most elements per set (the kernel refuses more); 0 = unbounded.
+    max_elements: u32,
 }
 
 impl Shared {
@@ -119,7 +121,10 @@ pub struct NftSets {
 impl NftSets {
     /// Creates the table (if absent) and the sets of `names`, then starts
     /// the feeder. Needs CAP_NET_ADMIN in the daemon's network namespace.
-    pub fn start(table: &str, names: &[String], stats: Arc<Stats>) -> Result<NftSets, NftError> {
+    /// `max_elements` bounds each set in the kernel (0: no bound): a client
+    /// resolving endless names of a wildcard zone cannot grow it further;
+    /// new addresses are then refused and counted, refreshes still work.
+    pub fn start(table: &str, names: &[String], max_elements: u32, stats: Arc<Stats>) -> Result<NftSets, NftError> {
         let mut sock = NftSocket::open()?;
         let owned = match sock.commit(|b| b.new_table(NFPROTO_INET, table, true)) {
             Ok(()) => true,
@@ -132,6 +137,7 @@ impl NftSets {
             known: Mutex::new(HashMap::new()),
             stats,
             owned,
+            max_elements,
         });
         if let Err(e) = create_sets(&mut sock, &shared) {
             if owned {
@@ -258,8 +264,15 @@ fn create_sets(sock: &mut NftSocket, shared: &Shared) -> Result<(), NftError> {
         let mut id = 1;
         for n in &names {
             let pair = SetPair::new(n);
-            b.new_set(NFPROTO_INET, table, &pair.v4, KeyType::Ipv4, id);
-            b.new_set(NFPROTO_INET, table, &pair.v6, KeyType::Ipv6, id + 1);
+            b.new_set(NFPROTO_INET, table, &pair.v4, KeyType::Ipv4, id, shared.max_elements);
+            b.new_set(
+                NFPROTO_INET,
+                table,
+                &pair.v6,
+                KeyType::Ipv6,
+                id + 1,
+                shared.max_elements,
+            );
             id += 2;
         }
     })
@@ -329,8 +342,10 @@ fn commit(sock: &mut NftSocket, shared: &Shared, queued: &[Queued]) {
                 let ok = match commit_elems(sock, shared, &one) {
                     Ok(()) => true,
                     Err(e) => {
+                        // Counted; logged quietly: a full set under a flood
+                        // of names would otherwise flood the log too.
                         shared.stats.nft_errors.inc();
-                        tracing::warn!(error = %e, "nftables set update refused");
+                        tracing::debug!(error = %e, "nftables set update refused");
                         false
                     }
                 };
@@ -339,7 +354,7 @@ fn commit(sock: &mut NftSocket, shared: &Shared, queued: &[Queued]) {
         }
         Err(e) => {
             shared.stats.nft_errors.inc();
-            tracing::warn!(error = %e, "nftables set update refused");
+            tracing::debug!(error = %e, "nftables set update refused");
             mark_committed(shared, &all, false);
         }
     }
@@ -385,7 +400,7 @@ fn mark_committed(shared: &Shared, elems: &[&(Update, bool)], ok: bool) {
 /// without changing anything: the batch ends with a message bound to fail,
 /// so the kernel checks every message and then rolls all of them back.
 /// Returns what was refused, described, if anything was.
-pub fn probe(table: &str, names: &[String]) -> Result<(), String> {
+pub fn probe(table: &str, names: &[String], max_elements: u32) -> Result<(), String> {
     const ABORT: &str = "tproxyd_probe_abort_no_such_table";
     let mut sock = NftSocket::open().map_err(|e| e.to_string())?;
     let mut what = vec![format!("table inet {table}")];
@@ -395,8 +410,8 @@ pub fn probe(table: &str, names: &[String]) -> Result<(), String> {
             let mut id = 1;
             for n in names {
                 let pair = SetPair::new(n);
-                b.new_set(NFPROTO_INET, table, &pair.v4, KeyType::Ipv4, id);
-                b.new_set(NFPROTO_INET, table, &pair.v6, KeyType::Ipv6, id + 1);
+                b.new_set(NFPROTO_INET, table, &pair.v4, KeyType::Ipv4, id, max_elements);
+                b.new_set(NFPROTO_INET, table, &pair.v6, KeyType::Ipv6, id + 1, max_elements);
                 id += 2;
                 let v4: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
                 let v6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));

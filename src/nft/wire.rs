@@ -43,7 +43,10 @@ const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_FLAGS: u16 = 3;
 const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DESC: u16 = 9;
 const NFTA_SET_ID: u16 = 10;
+// enum nft_set_desc_attributes
+const NFTA_SET_DESC_SIZE: u16 = 1;
 /// `NFT_SET_TIMEOUT`: elements carry their own timeout.
 const NFT_SET_TIMEOUT: u32 = 0x10;
 // enum nft_set_elem_list_attributes
@@ -132,15 +135,20 @@ impl Batch {
         self.end_message(at);
     }
 
-    /// `add set TABLE NAME { type ipv4_addr|ipv6_addr; flags timeout; }`:
-    /// succeeds when an identical set exists.
-    pub fn new_set(&mut self, family: u8, table: &str, name: &str, key: KeyType, id: u32) {
+    /// `add set TABLE NAME { type ipv4_addr|ipv6_addr; flags timeout;
+    /// size SIZE; }` (no size when 0): succeeds when a compatible set exists.
+    pub fn new_set(&mut self, family: u8, table: &str, name: &str, key: KeyType, id: u32, size: u32) {
         let at = self.nft_header(NFT_MSG_NEWSET, NLM_F_CREATE, family);
         self.attr_str(NFTA_SET_TABLE, table);
         self.attr_str(NFTA_SET_NAME, name);
         self.attr_u32(NFTA_SET_FLAGS, NFT_SET_TIMEOUT);
         self.attr_u32(NFTA_SET_KEY_TYPE, key.datatype());
         self.attr_u32(NFTA_SET_KEY_LEN, key.len());
+        if size > 0 {
+            let desc = self.nest_start(NFTA_SET_DESC);
+            self.attr_u32(NFTA_SET_DESC_SIZE, size);
+            self.nest_end(desc);
+        }
         self.attr_u32(NFTA_SET_ID, id);
         self.end_message(at);
     }

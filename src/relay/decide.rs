@@ -7,6 +7,7 @@
 //! facts that need the system (is an address ours, does the DNS engine take
 //! a port) come in as closures, so tests need no root and no sockets.
 
+use hickory_proto::rr::Name;
 use std::net::{IpAddr, SocketAddr};
 
 use super::rules::{Route, UdpRule, UdpRules};
@@ -48,6 +49,14 @@ pub struct Host<'a> {
     pub dns_port: &'a dyn Fn(u16) -> bool,
     /// Whether this address belongs to this host.
     pub is_local: &'a dyn Fn(IpAddr) -> bool,
+    /// The names tproxyd's DNS answered `client` (first) with the address
+    /// `dst` (second), for domain rules; asked only when one is reached.
+    pub names: &'a dyn Fn(IpAddr, IpAddr) -> Vec<Name>,
+}
+
+/// For a [`Host`] that knows no DNS history.
+pub fn no_names(_: IpAddr, _: IpAddr) -> Vec<Name> {
+    Vec::new()
 }
 
 /// Decides the datagram from `peer` whose original destination was
@@ -67,7 +76,7 @@ pub fn decide<'r>(
     if (host.dns_port)(dst.port()) {
         return Decision::Dns;
     }
-    let rule = rules.route(peer, dst);
+    let rule = rules.route_named(peer, dst, &|| (host.names)(peer.ip(), dst.ip()));
     if rule.route == Route::Drop {
         Decision::Drop(rule)
     } else {
@@ -118,6 +127,7 @@ to = "198.51.100.9:9000"
             listener: sa("0.0.0.0:15353"),
             dns_port: dns,
             is_local: local,
+            names: &no_names,
         }
     }
 
@@ -160,6 +170,7 @@ to = "198.51.100.9:9000"
             listener: sa("192.0.2.1:15353"),
             dns_port: &never,
             is_local: &nothing_local,
+            names: &no_names,
         };
         let client = sa("192.0.2.10:5000");
         assert_eq!(decide(client, Some(sa("192.0.2.1:15353")), &h, &r), Decision::Loop);

@@ -12,14 +12,14 @@
 //! other flows' replies by one round, not by the whole flood.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use tokio::net::UdpSocket;
 
 use super::context::RelayContext;
 use super::decide::{Decision, Host, decide};
 use super::key::FlowKey;
-use super::open::{OpenError, open};
+use super::open::{self, OpenError, open};
 use super::rules::UdpRule;
 use super::session::Session;
 use super::table::{Entry, Evicted, Eviction};
@@ -30,8 +30,12 @@ use crate::shutdown::Shutdown;
 
 /// Bytes read per round before other tasks get the thread.
 pub const BYTES_PER_ROUND: usize = 1 << 20;
+/// Bytes one batch should hold, judging by the last batch's datagrams.
+const BYTES_PER_BATCH: usize = 256 << 10;
 /// Flows opened per round before other tasks get the thread.
 pub const OPENS_PER_ROUND: usize = 64;
+/// Evictions tried for a new flow when the descriptor budget is used up.
+const BUDGET_TRIES: usize = 3;
 /// Batches read per round at most (small datagrams).
 const BATCHES_PER_ROUND: usize = 8;
 
@@ -39,6 +43,7 @@ const BATCHES_PER_ROUND: usize = 8;
 pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> io::Result<()> {
     let local = socket.local_addr()?;
     let mut batch = RecvBatch::new(BATCH);
+    let mut slots = BATCH;
     loop {
         tokio::select! {
             _ = shutdown.recv() => return Ok(()),
@@ -48,18 +53,27 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
         let mut bytes = 0;
         let mut opens = 0;
         for _ in 0..BATCHES_PER_ROUND {
-            match batch.read(&socket) {
+            match batch.read_at_most(&socket, slots) {
                 Ok(read) => {
+                    let n = read.count;
                     let mut run = Run::default();
-                    for i in 0..read.count {
+                    let mut batch_bytes = 0;
+                    for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
-                            bytes += payload.len();
+                            batch_bytes += payload.len();
                             if handle(&ctx, local, meta, payload, &mut run) {
                                 opens += 1;
                             }
                         }
                     }
                     run.flush(&ctx);
+                    bytes += batch_bytes;
+                    // Big datagrams: read fewer at a time, so that a round
+                    // stays near BYTES_PER_ROUND instead of a whole batch of
+                    // 64 KB ones (4 MB) passing before anyone else's turn.
+                    if let Some(average) = batch_bytes.checked_div(n) {
+                        slots = (BYTES_PER_BATCH / average.max(1)).clamp(1, BATCH);
+                    }
                     if read.drained {
                         drained = true;
                         break;
@@ -121,10 +135,19 @@ fn handle<'b>(
     ctx.stats().client_datagrams.inc();
     ctx.stats().client_bytes.add(payload.len() as u64);
     let dns_port = |port: u16| ctx.dns().is_some_and(|d| d.hijacks(port));
+    // What this client resolved through us, for domain rules; a lookup
+    // also keeps the entry alive while the flow is in use.
+    let names = |client: IpAddr, dst: IpAddr| {
+        ctx.dns()
+            .and_then(|d| d.engine().feed().cloned())
+            .map(|feed| feed.names_in_use(client, dst))
+            .unwrap_or_default()
+    };
     let host = Host {
         listener: local,
         dns_port: &dns_port,
         is_local: &sockets::is_local_address,
+        names: &names,
     };
     let rules = ctx.rules();
     let rule = match decide(meta.peer, meta.orig_dst, &host, &rules) {
@@ -158,7 +181,12 @@ fn handle<'b>(
     let (session, opened) = match ctx.table().get(&key) {
         Some(s) => (s, false),
         None => match new_flow(ctx, key, dst, rule) {
-            Some(s) => (s, true),
+            Some(s) => {
+                if rule.by_domain() {
+                    ctx.stats().domain_matches.inc();
+                }
+                (s, true)
+            }
             None => return true,
         },
     };
@@ -184,14 +212,32 @@ fn new_flow(ctx: &Arc<RelayContext>, key: FlowKey, dst: SocketAddr, rule: &UdpRu
         return None;
     }
     count_evicted(ctx, table.make_room(owner));
-    let opened = match open(key, dst, rule, ctx) {
-        Err(OpenError::Budget) => {
-            // Out of descriptors: the heaviest client gives one back.
-            count_evicted(ctx, table.evict_heaviest());
-            open(key, dst, rule, ctx)
+    let mut opened = open(key, dst, rule, ctx);
+    // Out of descriptors. A pooled flow takes over a socket from the flows
+    // in its way there (a client that busy is the heaviest, or close to
+    // it); a flow that needs its own socket gets the descriptor of the
+    // heaviest client's oldest flow. A few tries: a socket's blockers may
+    // be on their way out already.
+    for _ in 0..BUDGET_TRIES {
+        if !matches!(opened, Err(OpenError::Budget)) {
+            break;
         }
-        other => other,
-    };
+        let in_the_way = open::in_the_way(key, dst, rule, ctx);
+        if in_the_way.is_empty() {
+            count_evicted(ctx, table.evict_heaviest());
+        }
+        for session in in_the_way {
+            let entry = table.remove(&session.key, session.id);
+            count_evicted(
+                ctx,
+                entry.map(|entry| Evicted {
+                    reason: Eviction::FdBudget,
+                    entry,
+                }),
+            );
+        }
+        opened = open(key, dst, rule, ctx);
+    }
     let opened = match opened {
         Ok(o) => o,
         Err(OpenError::Budget) => {

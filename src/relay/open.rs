@@ -53,6 +53,40 @@ fn permit(ctx: &RelayContext) -> Result<Permit, OpenError> {
     ctx.flow_fds().try_take().ok_or(OpenError::Budget)
 }
 
+/// The pool and remote of a one-destination flow to `dst` under `rule`;
+/// `None` for flows that own their socket (full cone, SOCKS5) or are dropped.
+fn pooled(dst: SocketAddr, rule: &UdpRule, ctx: &RelayContext) -> Option<(PoolKey, SocketAddr)> {
+    if rule.nat != NatMode::Symmetric {
+        return None;
+    }
+    let (mark, device, target) = match &rule.route {
+        Route::Direct => (ctx.mark(), None, dst),
+        Route::Redirect(to) => (ctx.mark(), None, *to),
+        Route::Interface { device, mark } => (*mark, device.clone(), dst),
+        Route::Socks5(_) | Route::Drop => return None,
+    };
+    let key = PoolKey {
+        v6: target.is_ipv6(),
+        mark,
+        device,
+    };
+    Some((key, target))
+}
+
+/// The flows to end so that `key` (to `dst`, under `rule`) can be opened
+/// when the descriptor budget is used up: for a pooled flow, those holding
+/// the one socket it could share (least recently active first); for a flow
+/// that needs a socket of its own, none (the caller frees a descriptor by
+/// evicting the heaviest client's oldest flow).
+pub fn in_the_way(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &RelayContext) -> Vec<Arc<Session>> {
+    match pooled(dst, rule, ctx) {
+        Some((pool, target)) => ctx
+            .pools()
+            .in_the_way(&pool, key.client, target, Session::last_active_ms),
+        None => Vec::new(),
+    }
+}
+
 /// Opens the flow `key` (first datagram to `dst`) as `rule` says.
 pub fn open(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &Arc<RelayContext>) -> Result<Opened, OpenError> {
     let one_destination = rule.nat == NatMode::Symmetric;
@@ -84,14 +118,8 @@ pub fn open(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &Arc<RelayContex
             }
         }
         Route::Direct | Route::Interface { .. } | Route::Redirect(_) if one_destination => {
-            let target = match rule.route {
-                Route::Redirect(to) => to,
-                _ => dst,
-            };
-            let pool = PoolKey {
-                v6: target.is_ipv6(),
-                mark,
-                device,
+            let Some((pool, target)) = pooled(dst, rule, ctx) else {
+                return Err(OpenError::Dropped);
             };
             let lease = ctx.pools().lease(pool, key.client, target)?;
             let fresh = lease.fresh.then(|| lease.socket.clone());

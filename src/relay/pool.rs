@@ -22,7 +22,7 @@
 //! Pools are kept per (family, mark, device), because interface rules bind
 //! their sockets differently.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
@@ -91,6 +91,38 @@ impl<F> Pools<F> {
         pool.lease(client, remote, &self.share, self.receive_buffer)
     }
 
+    /// When no socket can be had for a flow from `client` to `remote` and
+    /// no new one may be opened: the flows whose end would free a socket
+    /// for it. Of a bounded number of sockets looked at, the one whose
+    /// blockers were active least recently (`last_active`) wins. Ending
+    /// them is the caller's business (they belong to the table).
+    pub fn in_the_way(
+        &self,
+        key: &PoolKey,
+        client: SocketAddr,
+        remote: SocketAddr,
+        last_active: impl Fn(&F) -> u64,
+    ) -> Vec<Arc<F>> {
+        let Some(pool) = lock(&self.pools).get(key).cloned() else {
+            return Vec::new();
+        };
+        let mut state = lock(&pool.state);
+        let n = state.sockets.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let candidates: Vec<u32> = if n <= PROBES {
+            (0..n as u32).collect()
+        } else {
+            (0..PROBES).map(|_| state.random_index()).collect()
+        };
+        candidates
+            .into_iter()
+            .map(|i| state.blockers(i, client, remote))
+            .min_by_key(|b| b.iter().map(|f| last_active(f)).max().unwrap_or(0))
+            .unwrap_or_default()
+    }
+
     /// Sockets open across all pools.
     pub fn sockets(&self) -> usize {
         lock(&self.pools).values().map(|p| lock(&p.state).sockets.len()).sum()
@@ -108,9 +140,11 @@ struct Pool<F> {
 #[derive(Debug)]
 struct State<F> {
     sockets: Vec<Arc<PoolSocket<F>>>,
-    by_client: HashMap<SocketAddr, HashSet<u32>>,
+    /// Per client endpoint: socket index → the remote it talks to there.
+    by_client: HashMap<SocketAddr, HashMap<u32, SocketAddr>>,
     taken: HashSet<(u32, SocketAddr)>,
-    freed: Vec<u32>,
+    /// Indexes given back, newest last; the oldest are forgotten.
+    freed: VecDeque<u32>,
     rng: u64,
 }
 
@@ -120,13 +154,13 @@ impl<F> State<F> {
             sockets: Vec::new(),
             by_client: HashMap::new(),
             taken: HashSet::new(),
-            freed: Vec::new(),
+            freed: VecDeque::new(),
             rng: 0x9E37_79B9_7F4A_7C15,
         }
     }
 
     fn fits(&self, index: u32, client: SocketAddr, remote: SocketAddr) -> bool {
-        !self.taken.contains(&(index, remote)) && !self.by_client.get(&client).is_some_and(|m| m.contains(&index))
+        !self.taken.contains(&(index, remote)) && !self.by_client.get(&client).is_some_and(|m| m.contains_key(&index))
     }
 
     /// An open socket free for (`client`, `remote`), in O(1).
@@ -135,7 +169,7 @@ impl<F> State<F> {
         for pos in (recent..self.freed.len()).rev() {
             let index = self.freed[pos];
             if self.fits(index, client, remote) {
-                self.freed.swap_remove(pos);
+                self.freed.remove(pos);
                 return Some(index);
             }
         }
@@ -144,12 +178,7 @@ impl<F> State<F> {
             return (0..n as u32).find(|&i| self.fits(i, client, remote));
         }
         for _ in 0..PROBES {
-            // splitmix64: cheap, and spreads flows over the sockets.
-            self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.rng;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            let index = ((z ^ (z >> 31)) % n) as u32;
+            let index = self.random_index();
             if self.fits(index, client, remote) {
                 return Some(index);
             }
@@ -157,8 +186,31 @@ impl<F> State<F> {
         None
     }
 
+    /// A random open socket's index (splitmix64: cheap, and spreads flows
+    /// over the sockets). The pool must not be empty.
+    fn random_index(&mut self) -> u32 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % (self.sockets.len().max(1) as u64)) as u32
+    }
+
+    /// The flows that keep (`client`, `remote`) off socket `index`: the
+    /// client's own flow there and the flow to `remote` there.
+    fn blockers(&self, index: u32, client: SocketAddr, remote: SocketAddr) -> Vec<Arc<F>> {
+        let Some(socket) = self.sockets.get(index as usize) else {
+            return Vec::new();
+        };
+        let mine = self.by_client.get(&client).and_then(|m| m.get(&index)).copied();
+        mine.into_iter()
+            .chain(self.taken.contains(&(index, remote)).then_some(remote))
+            .filter_map(|r| socket.flow(r))
+            .collect()
+    }
+
     fn assign(&mut self, index: u32, client: SocketAddr, remote: SocketAddr) {
-        self.by_client.entry(client).or_default().insert(index);
+        self.by_client.entry(client).or_default().insert(index, remote);
         self.taken.insert((index, remote));
     }
 
@@ -170,9 +222,10 @@ impl<F> State<F> {
             }
         }
         self.taken.remove(&(index, remote));
-        if self.freed.len() < FREED_KEPT {
-            self.freed.push(index);
+        if self.freed.len() >= FREED_KEPT {
+            self.freed.pop_front();
         }
+        self.freed.push_back(index);
     }
 }
 
@@ -311,5 +364,11 @@ mod tests {
         assert_eq!(s.choose(c, r), None);
         s.give_back(417, c, sa(&format!("198.51.100.{}:{}", 417 % 200, 1417)));
         assert_eq!(s.choose(c, r), Some(417));
+        // However many stale ones came before, the latest is remembered.
+        for _ in 0..FREED_KEPT + 10 {
+            s.freed.push_back(3);
+        }
+        s.give_back(8, c, sa("198.51.100.8:1008"));
+        assert_eq!(s.choose(c, r), Some(8));
     }
 }

@@ -17,6 +17,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use super::account::{Direction, count_sent};
 use crate::net::raw::RawSender;
@@ -62,13 +63,31 @@ impl ReplySocket {
 /// from and looks the socket up per run, so evicting a socket closes it,
 /// and the number open is truly bounded by the capacity (flows never keep
 /// an evicted one alive).
+///
+/// When the cache is full of sockets used within [`CHURN_MS`], a new
+/// address is answered over raw IP instead: evicting a busy socket to bind
+/// another (and rebinding the evicted one a moment later) would cost six
+/// system calls per reply just when a flood of destinations makes the
+/// gateway busiest.
 #[derive(Debug)]
 pub struct ReplySender {
-    cache: Mutex<LruCache<SocketAddr, Arc<ReplySocket>>>,
+    cache: Mutex<LruCache<SocketAddr, Cached>>,
     raw: Arc<RawSender>,
     mark: u32,
     stats: Arc<Stats>,
+    epoch: Instant,
 }
+
+/// A cached socket and when it was last used (ms since `epoch`).
+#[derive(Debug)]
+struct Cached {
+    sock: Arc<ReplySocket>,
+    used_ms: u64,
+}
+
+/// How recently the least recently used socket must have been used for a
+/// full cache to answer a new address over raw IP rather than evict it.
+pub const CHURN_MS: u64 = 1_000;
 
 impl ReplySender {
     pub fn new(capacity: NonZeroUsize, mark: u32, stats: Arc<Stats>) -> Self {
@@ -77,14 +96,35 @@ impl ReplySender {
             raw: Arc::new(RawSender::new(mark)),
             mark,
             stats,
+            epoch: Instant::now(),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The socket that sends from `src`, opening it on first use (and
     /// closing the least recently used one when the cache is full).
     pub fn socket_for(&self, src: SocketAddr) -> io::Result<Arc<ReplySocket>> {
-        if let Some(s) = lock(&self.cache).get(&src) {
-            return Ok(s.clone());
+        let now = self.now_ms();
+        {
+            let mut cache = lock(&self.cache);
+            if let Some(c) = cache.get_mut(&src) {
+                c.used_ms = now;
+                return Ok(c.sock.clone());
+            }
+            let churning = cache.len() >= cache.cap().get()
+                && cache
+                    .peek_lru()
+                    .is_some_and(|(_, c)| now.saturating_sub(c.used_ms) < CHURN_MS);
+            if churning {
+                self.stats.reply_cache_full.inc();
+                return Ok(Arc::new(ReplySocket::Raw {
+                    src,
+                    raw: self.raw.clone(),
+                }));
+            }
         }
         // Open outside the lock: binding is a few syscalls and other flows'
         // replies should not wait on them.
@@ -107,9 +147,15 @@ impl ReplySender {
         let evicted = {
             let mut cache = lock(&self.cache);
             if let Some(existing) = cache.get(&src) {
-                return Ok(existing.clone());
+                return Ok(existing.sock.clone());
             }
-            cache.push(src, sock.clone())
+            cache.push(
+                src,
+                Cached {
+                    sock: sock.clone(),
+                    used_ms: now,
+                },
+            )
         };
         // Closed here, outside the lock (a send in progress may hold it a
         // moment longer).
@@ -157,7 +203,7 @@ impl ReplySender {
     pub fn open(&self) -> usize {
         lock(&self.cache)
             .iter()
-            .filter(|(_, s)| matches!(***s, ReplySocket::Bound(_)))
+            .filter(|(_, c)| matches!(*c.sock, ReplySocket::Bound(_)))
             .count()
     }
 }

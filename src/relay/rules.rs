@@ -7,9 +7,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hickory_proto::rr::Name;
+
 use super::socks5::Socks5Server;
 use crate::config::RelayConfig;
 use crate::config::udp::{Family, NatMode, PortRange, UdpAction, UdpRuleConfig};
+use crate::dns::names::{DomainSet, query_key};
 
 /// Where a flow's datagrams go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,13 +61,31 @@ pub struct UdpRule {
     destinations: Vec<IpNet>,
     ports: Vec<PortRange>,
     family: Option<Family>,
+    /// `domains`/`lists`: the flow's destination must have been answered
+    /// to this client, by tproxyd's DNS, for one of these names.
+    names: Option<Arc<DomainSet>>,
     pub route: Route,
     pub nat: NatMode,
     pub idle_timeout: Duration,
 }
 
+/// The names a client resolved to a flow's destination, looked up once per
+/// decision and only if a domain rule is reached.
+struct Known<'a> {
+    lookup: &'a dyn Fn() -> Vec<Name>,
+    keys: Option<Vec<String>>,
+}
+
+impl Known<'_> {
+    fn keys(&mut self) -> &[String] {
+        let lookup = self.lookup;
+        self.keys
+            .get_or_insert_with(|| lookup().iter().map(query_key).collect())
+    }
+}
+
 impl UdpRule {
-    fn matches(&self, client: SocketAddr, dst: SocketAddr) -> bool {
+    fn matches(&self, client: SocketAddr, dst: SocketAddr, known: &mut Known<'_>) -> bool {
         let in_any = |nets: &[IpNet], ip: IpAddr| nets.is_empty() || nets.iter().any(|n| n.contains(&ip));
         in_any(&self.clients, client.ip())
             && in_any(&self.destinations, dst.ip())
@@ -74,6 +95,15 @@ impl UdpRule {
                 Some(Family::Ipv4) => dst.is_ipv4(),
                 Some(Family::Ipv6) => dst.is_ipv6(),
             }
+            && match &self.names {
+                None => true,
+                Some(set) => known.keys().iter().any(|k| set.matches(k)),
+            }
+    }
+
+    /// Whether this rule matches by name (a `domains`/`lists` rule).
+    pub fn by_domain(&self) -> bool {
+        self.names.is_some()
     }
 }
 
@@ -101,6 +131,7 @@ impl UdpRules {
                 destinations: Vec::new(),
                 ports: Vec::new(),
                 family: None,
+                names: None,
                 route: Route::Direct,
                 nat: config.nat,
                 idle_timeout: config.idle_timeout,
@@ -108,12 +139,29 @@ impl UdpRules {
         }
     }
 
-    /// The rule deciding the flow from `client` to `dst`.
+    /// The rule deciding the flow from `client` to `dst`, for a client
+    /// whose DNS history is unknown (domain rules do not match).
     pub fn route(&self, client: SocketAddr, dst: SocketAddr) -> &UdpRule {
+        self.route_named(client, dst, &Vec::new)
+    }
+
+    /// The rule deciding the flow from `client` to `dst`; `names` tells
+    /// which names tproxyd's DNS answered this client with `dst`'s address
+    /// (asked only when a domain rule is reached, at most once).
+    pub fn route_named(&self, client: SocketAddr, dst: SocketAddr, names: &dyn Fn() -> Vec<Name>) -> &UdpRule {
+        let mut known = Known {
+            lookup: names,
+            keys: None,
+        };
         self.rules
             .iter()
-            .find(|r| r.matches(client, dst))
+            .find(|r| r.matches(client, dst, &mut known))
             .unwrap_or(&self.default)
+    }
+
+    /// Whether any rule matches by name.
+    pub fn has_domain_rules(&self) -> bool {
+        self.rules.iter().any(UdpRule::by_domain)
     }
 }
 
@@ -141,6 +189,7 @@ fn rule(number: usize, r: &UdpRuleConfig, config: &RelayConfig, mark: u32) -> Ud
         destinations: r.destinations.clone(),
         ports: r.ports.clone(),
         family: r.family,
+        names: r.names.clone(),
         route,
         nat: r.nat.unwrap_or(config.nat),
         idle_timeout: r.idle_timeout.unwrap_or(config.idle_timeout),
@@ -210,5 +259,43 @@ to = "[2001:db8:3::7]:7000"
             (default.route.clone(), default.nat, default.idle_timeout),
             (Route::Direct, NatMode::Symmetric, Duration::from_secs(30))
         );
+    }
+
+    #[test]
+    fn domain_rules_match_the_names_the_client_resolved() {
+        let dns = "[dns]\n[dns.upstreams.default]\nservers = [\"198.51.100.53\"]\n";
+        let r = rules(&format!(
+            r#"{dns}
+[[relay.rules]]
+ports = ["5060"]
+action = "drop"
+[[relay.rules]]
+domains = ["*.game.example", "voip.example"]
+action = "interface"
+interface = "wg0"
+[[relay.rules]]
+destinations = ["203.0.113.0/24"]
+action = "redirect"
+to = "198.51.100.9:9000"
+"#
+        ));
+        assert!(r.has_domain_rules());
+        let client = sa("192.0.2.10:5000");
+        let dst = sa("203.0.113.80:9999");
+        let name = |n: &str| hickory_proto::rr::Name::from_ascii(n).unwrap();
+        // Any name of the chain counts, in any letter case.
+        let cdn = || vec![name("www.Game.Example."), name("edge.cdn.example.")];
+        let rule = r.route_named(client, dst, &cdn);
+        assert_eq!(rule.number, 2);
+        assert!(rule.by_domain());
+        let voip = || vec![name("voip.example.")];
+        assert_eq!(r.route_named(client, dst, &voip).number, 2);
+        // No matching name, or no DNS history: the next rules decide.
+        let other = || vec![name("www.other.example.")];
+        assert_eq!(r.route_named(client, dst, &other).number, 3);
+        assert_eq!(r.route(client, dst).number, 3);
+        // Rules stay in file order: an earlier rule wins without a lookup.
+        let never = || -> Vec<hickory_proto::rr::Name> { panic!("names looked up for a rule decided earlier") };
+        assert_eq!(r.route_named(client, sa("203.0.113.80:5060"), &never).number, 1);
     }
 }

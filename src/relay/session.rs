@@ -93,6 +93,11 @@ impl Session {
         self.last_active_ms.store(now_ms, Ordering::Relaxed);
     }
 
+    /// When the last datagram in either direction passed (clock ms).
+    pub fn last_active_ms(&self) -> u64 {
+        self.last_active_ms.load(Ordering::Relaxed)
+    }
+
     /// Milliseconds since the last datagram in either direction.
     pub fn idle_for(&self, now_ms: u64) -> u64 {
         now_ms.saturating_sub(self.last_active_ms.load(Ordering::Relaxed))

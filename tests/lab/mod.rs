@@ -19,6 +19,7 @@
 pub mod daemon;
 pub mod dns;
 pub mod fake_dns;
+pub mod flood;
 pub mod nft;
 pub mod socks;
 pub mod stun;

@@ -1,0 +1,275 @@
+//! Load for the abuse tests: many flows from few sockets, a steady probe
+//! flow that measures round trips, servers that answer late or not at all,
+//! all as plain threads and sockets (no process per flow).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::Netns;
+use super::udp::socket;
+
+/// In `ns`, sends UDP to ports `first..=last` of any address to `to_port`
+/// instead (conntrack answers from the port asked), so one server socket
+/// stands for thousands of destinations.
+pub fn fold_ports(ns: &Netns, first: u16, last: u16, to_port: u16) {
+    ns.sh(&format!(
+        "nft add table ip fold
+         nft add chain ip fold pre '{{ type nat hook prerouting priority -100; }}'
+         nft add rule ip fold pre udp dport {first}-{last} redirect to :{to_port}"
+    ));
+}
+
+/// A socket with large buffers, for senders of many datagrams.
+pub fn big_socket(ns: &Netns, addr: SocketAddr) -> UdpSocket {
+    let s = socket(ns, addr);
+    let sock = socket2::SockRef::from(&s);
+    let _ = sock.set_recv_buffer_size(16 << 20);
+    let _ = sock.set_send_buffer_size(4 << 20);
+    s
+}
+
+/// Sends `payload(i)` to `dst(i)` for `i in 0..n` from `sock`, at most
+/// `per_sec` a second (in 10 ms slices). Returns how long it took.
+pub fn send_paced(
+    sock: &UdpSocket,
+    n: usize,
+    per_sec: usize,
+    dst: impl Fn(usize) -> SocketAddr,
+    payload: impl Fn(usize) -> Vec<u8>,
+) -> Duration {
+    let start = Instant::now();
+    let per_slice = (per_sec / 100).max(1);
+    let mut i = 0;
+    while i < n {
+        let slice_start = Instant::now();
+        for _ in 0..per_slice {
+            if i >= n {
+                break;
+            }
+            // A full send buffer: wait a little and go on (datagrams may be
+            // lost; callers count replies, not sends).
+            if sock.send_to(&payload(i), dst(i)).is_err() {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            i += 1;
+        }
+        let target = start + Duration::from_millis(10) * (i / per_slice) as u32;
+        if let Some(wait) = target.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        } else if slice_start.elapsed() > Duration::from_millis(50) {
+            std::thread::yield_now();
+        }
+    }
+    start.elapsed()
+}
+
+/// A flow that sends a datagram every `interval` and waits for its echo,
+/// recording each round trip (`None` when no echo came within a second).
+pub struct Prober {
+    stop: Arc<AtomicBool>,
+    rtts: Arc<Mutex<Vec<Option<Duration>>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Prober {
+    pub fn start(sock: UdpSocket, to: SocketAddr, interval: Duration) -> Prober {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rtts: Arc<Mutex<Vec<Option<Duration>>>> = Arc::default();
+        let thread = {
+            let (stop, rtts) = (stop.clone(), rtts.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                let mut seq: u64 = 0;
+                let start = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let sent = Instant::now();
+                    let msg = seq.to_be_bytes();
+                    let _ = sock.send_to(&msg, to);
+                    let mut got = None;
+                    while sent.elapsed() < Duration::from_secs(1) {
+                        let left = Duration::from_secs(1).saturating_sub(sent.elapsed());
+                        sock.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+                        match sock.recv_from(&mut buf) {
+                            Ok((8, from)) if from == to && buf[..8] == msg => {
+                                got = Some(sent.elapsed());
+                                break;
+                            }
+                            Ok(_) => continue, // a late echo of an earlier probe
+                            Err(_) => break,
+                        }
+                    }
+                    rtts.lock().unwrap().push(got);
+                    let next = start + interval * seq as u32;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            })
+        };
+        Prober {
+            stop,
+            rtts,
+            thread: Some(thread),
+        }
+    }
+
+    /// Forgets what was measured so far.
+    pub fn reset(&self) -> Vec<Option<Duration>> {
+        std::mem::take(&mut *self.rtts.lock().unwrap())
+    }
+
+    pub fn finish(mut self) -> Vec<Option<Duration>> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.reset()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Round-trip summary: (answered, lost, p50, p99, max).
+pub fn summary(rtts: &[Option<Duration>]) -> (usize, usize, Duration, Duration, Duration) {
+    let mut ok: Vec<Duration> = rtts.iter().flatten().copied().collect();
+    ok.sort();
+    let pick = |q: f64| -> Duration {
+        if ok.is_empty() {
+            return Duration::ZERO;
+        }
+        ok[((ok.len() as f64 * q).ceil() as usize).clamp(1, ok.len()) - 1]
+    };
+    (
+        ok.len(),
+        rtts.len() - ok.len(),
+        pick(0.50),
+        pick(0.99),
+        ok.last().copied().unwrap_or_default(),
+    )
+}
+
+/// An answer waiting for its time: when, to whom, what.
+type Due = (Instant, SocketAddr, Vec<u8>);
+
+/// A server thread that acknowledges each datagram at once (`ack:` and the
+/// payload) and answers it again `delay` after it came (a server pushing
+/// state to a client that went quiet); with `delay` `None`, a sink that
+/// never answers.
+pub struct LateServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    sent: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl LateServer {
+    pub fn start(ns: &Netns, addr: SocketAddr, delay: Option<Duration>) -> LateServer {
+        let sock = socket(ns, addr);
+        let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(16 << 20);
+        sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let due: Arc<Mutex<Vec<Due>>> = Arc::default();
+        let mut threads = Vec::new();
+        {
+            let (sock, stop, due) = (sock.try_clone().unwrap(), stop.clone(), due.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                        if let Some(d) = delay {
+                            let mut ack = b"ack:".to_vec();
+                            ack.extend_from_slice(&buf[..n]);
+                            let _ = sock.send_to(&ack, from);
+                            let mut due = due.lock().unwrap();
+                            // A retried request is answered once.
+                            if !due.iter().any(|(_, to, p)| *to == from && p[..] == buf[..n]) {
+                                due.push((Instant::now() + d, from, buf[..n].to_vec()));
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        let sent: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        if delay.is_some() {
+            let (stop, due, sent) = (stop.clone(), due.clone(), sent.clone());
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    let ready: Vec<_> = {
+                        let mut d = due.lock().unwrap();
+                        let (ready, later) = d.drain(..).partition(|(at, _, _)| *at <= now);
+                        *d = later;
+                        ready
+                    };
+                    for (_, to, payload) in ready {
+                        if sock.send_to(&payload, to).is_ok() {
+                            sent.lock().unwrap().push(payload);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }));
+        }
+        LateServer { stop, threads, sent }
+    }
+
+    /// The payloads answered so far.
+    pub fn sent(&self) -> Vec<Vec<u8>> {
+        self.sent.lock().unwrap().clone()
+    }
+}
+
+impl Drop for LateServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `GET /metrics` from inside `ns`, or `None` if no answer within `timeout`.
+pub fn scrape(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Option<String> {
+    ns.enter(move || {
+        let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
+        s.set_read_timeout(Some(timeout)).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.contains("200 OK").then_some(out)
+    })
+}
+
+/// The value of `series` in a metrics text.
+pub fn metric(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Resident memory of process `pid`, bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Open descriptors of process `pid`.
+pub fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
