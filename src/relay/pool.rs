@@ -32,6 +32,9 @@ use super::budget::{FdShare, Permit};
 use crate::net::sockets;
 use crate::sync::lock;
 
+/// Receive buffer of each pooled socket, bytes (memory is only taken by
+/// datagrams actually queued).
+const POOL_RECEIVE_BUFFER: usize = 1 << 20;
 /// Indexes tried before a new socket is opened: all of them in a small
 /// pool, this many random ones in a big one (where, with a quarter of the
 /// sockets free for a flow, all miss once in ten thousand).
@@ -245,6 +248,10 @@ impl<F> Pool<F> {
         let permit = share.try_take().ok_or(PoolError::Budget)?;
         let std = sockets::flow_upstream(remote, None, self.key.mark, self.key.device.as_deref())?;
         sockets::report_errors(&std, remote.is_ipv6())?;
+        // One socket carries many clients' replies: room for one client's
+        // burst without dropping another's (the default, about 208 KB,
+        // overflowed under a single bulk download).
+        sockets::set_udp_receive_buffer(&std, POOL_RECEIVE_BUFFER);
         let socket = Arc::new(PoolSocket {
             socket: UdpSocket::from_std(std)?,
             flows: Mutex::new(HashMap::new()),
