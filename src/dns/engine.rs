@@ -61,6 +61,9 @@ pub enum Outcome {
     /// Send these bytes once the answer's nftables set elements are
     /// committed (`[dns.nft] wait`): see [`released`].
     Held(Vec<u8>, Committed),
+    /// Send these bytes (a cache hit) now, then refresh the entry by
+    /// forwarding this query with nobody waiting (prefetch).
+    Prefetch(Vec<u8>, Pending),
 }
 
 /// A query waiting for an upstream answer. It holds a place in its
@@ -114,6 +117,8 @@ pub struct DnsEngine {
     cache: Arc<DnsCache>,
     /// Serve-stale (`dns.stale`), when on.
     stale: Option<StaleAnswers>,
+    /// Hits after which an entry near expiry is refreshed (0: never).
+    prefetch: u32,
     timeout: Duration,
     max_udp_payload: u16,
     allow: Vec<IpNet>,
@@ -149,6 +154,7 @@ impl DnsEngine {
             group_names,
             default_group,
             cache: Arc::new(DnsCache::with_stale_window(&config.cache, stale_window(config))),
+            prefetch: config.prefetch,
             stale: config.stale.enabled.then(|| StaleAnswers {
                 answer_after: config.stale.answer_after,
                 ttl: ttl_secs(config.stale.ttl),
@@ -261,8 +267,13 @@ impl DnsEngine {
     pub fn answer_now(&self, bytes: &[u8], client: IpAddr, transport: Transport) -> Outcome {
         let s = &self.stats;
         s.dns_queries.inc();
-        let limited = !self.limiter.allow(client);
-        if limited && (self.over_limit == RateLimitAction::Drop || transport == Transport::Tcp) {
+        // Only UDP spends tokens. Over TCP the client has proven its
+        // address (a spoofer cannot complete a handshake) and `dns.tcp`
+        // bounds what it can hold; and TCP is where `action = "truncate"`
+        // sends a limited client, so it must be answered there even while
+        // its UDP bucket is empty (possibly emptied by someone spoofing it).
+        let limited = transport == Transport::Udp && !self.limiter.allow(client);
+        if limited && self.over_limit == RateLimitAction::Drop {
             s.dns_rate_limited.inc();
             return Outcome::Drop;
         }
@@ -348,7 +359,26 @@ impl DnsEngine {
             s.dns_cache_hits.inc();
             let mut msg = message::response(&request, entry.rcode, self.max_udp_payload);
             entry.fill(&mut msg, age);
-            return self.reply_observed(&request, &msg, transport, client, rule);
+            let outcome = self.reply_observed(&request, &msg, transport, client, rule);
+            if let Outcome::Reply(bytes) = outcome {
+                if entry.hit_wants_prefetch(self.prefetch, std::time::Instant::now()) {
+                    if let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit) {
+                        s.dns_prefetches.inc();
+                        let pending = Pending {
+                            request,
+                            group,
+                            transport,
+                            client,
+                            sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
+                            serve_stale: false,
+                            _admission: admission,
+                        };
+                        return Outcome::Prefetch(bytes, pending);
+                    }
+                }
+                return Outcome::Reply(bytes);
+            }
+            return outcome;
         }
         s.dns_cache_misses.inc();
         let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit) else {
@@ -555,6 +585,8 @@ impl DnsEngine {
             Outcome::Reply(b) => Some(b),
             Outcome::Drop => None,
             Outcome::Forward(p) => self.forward(p).await,
+            // Over TCP the hit is answered; the refresh is left to UDP askers.
+            Outcome::Prefetch(b, _) => Some(b),
             Outcome::Held(b, committed) => {
                 released(committed).await;
                 Some(b)

@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::engine::{DnsEngine, Outcome, Pending, Transport};
+use super::ratelimit::client_bucket;
 use crate::config::dns::TcpConfig;
 use crate::net::accept::AcceptBackoff;
 use crate::shutdown::Shutdown;
@@ -30,8 +31,10 @@ pub struct DnsService {
     stats: Arc<Stats>,
 }
 
-/// DNS-over-TCP connections held, in total and per client address. The
-/// limits are read from the engine at each accept, so a reload applies them.
+/// DNS-over-TCP connections held, in total and per client: an IPv4
+/// address, or an IPv6 /56 (one host can use every address of its prefix,
+/// so counting addresses would let it take every slot). The limits are
+/// read from the engine at each accept, so a reload applies them.
 #[derive(Debug, Default)]
 struct TcpSlots {
     held: Mutex<(usize, HashMap<IpAddr, usize>)>,
@@ -45,7 +48,7 @@ enum SlotRefusal {
 
 impl TcpSlots {
     fn take(self: &Arc<Self>, client: IpAddr, total: usize, per_client: usize) -> Result<TcpSlot, SlotRefusal> {
-        let client = client.to_canonical();
+        let client = client_bucket(client);
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         if held.0 >= total {
             return Err(SlotRefusal::Total);
@@ -130,6 +133,17 @@ impl DnsService {
             // The same engine must finish the query: its upstream group
             // numbers mean nothing to another one.
             Outcome::Forward(pending) => self.spawn_forward(engine, pending, send),
+            Outcome::Prefetch(reply, pending) => {
+                send(&reply);
+                // The refresh: bounded by the same permits as forwards,
+                // and nobody waits for its answer.
+                if let Some(permit) = self.forward_permit() {
+                    tokio::spawn(async move {
+                        engine.forward_with(pending, |_| {}).await;
+                        drop(permit);
+                    });
+                }
+            }
             Outcome::Held(reply, committed) => {
                 // Bounded like forwards: a flood of answers waiting for
                 // the kernel cannot grow the task count without bound.
@@ -309,5 +323,33 @@ async fn serve_connection(
             service.stats.dns_tcp_recycled.inc();
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_per_client_tcp_cap_counts_an_ipv6_56_as_one_client() {
+        let slots = Arc::new(TcpSlots::default());
+        let held: Vec<TcpSlot> = (1..=2)
+            .filter_map(|i| slots.take(ip(&format!("2001:db8:1::{i}")), 100, 2).ok())
+            .collect();
+        assert_eq!(held.len(), 2);
+        // Another address of the same /56: the same client.
+        assert!(matches!(
+            slots.take(ip("2001:db8:1:ff::9"), 100, 2),
+            Err(SlotRefusal::PerClient)
+        ));
+        // The next /56 and IPv4 clients are others.
+        assert!(slots.take(ip("2001:db8:1:100::1"), 100, 2).is_ok());
+        assert!(slots.take(ip("192.0.2.10"), 100, 2).is_ok());
+        drop(held);
+        assert!(slots.take(ip("2001:db8:1:ff::9"), 100, 2).is_ok(), "slots given back");
     }
 }
