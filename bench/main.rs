@@ -3,7 +3,7 @@
 //!     bench/run.sh                # two rounds, writes docs/BENCHMARKS.md
 //!     bench/run.sh --quick        # one short round, prints only
 //!     bench/run.sh --only udp,dns # some sections: udp, latency, flows,
-//!                                 # mix, dns, domain, blocklist
+//!                                 # mix, dns, domain, blocklist, abuse
 //!
 //! Every figure compares tproxyd with a baseline measured in the same run
 //! on the same machine, in the same namespace lab the tests use: the
@@ -14,6 +14,7 @@
 #[allow(unused_imports)]
 mod lab;
 
+mod abuse;
 mod blocklist;
 mod dns;
 mod domain;
@@ -83,6 +84,7 @@ pub struct Round {
     pub dns: Vec<dns::Result>,
     pub domain: Vec<domain::Result>,
     pub blocklist: Option<blocklist::Result>,
+    pub abuse: Option<abuse::Result>,
     pub seconds: f64,
     /// `/proc/loadavg`'s first three fields when the round started and ended.
     pub load_before: String,
@@ -133,6 +135,9 @@ fn main() {
         }
         if opts.wants("blocklist") {
             round.blocklist = Some(blocklist::run(&opts));
+        }
+        if opts.wants("abuse") {
+            round.abuse = Some(abuse::run(&opts));
         }
         round.seconds = started.elapsed().as_secs_f64();
         round.load_after = load_average();

@@ -473,6 +473,14 @@ fn drops_row(o: &mut String, what: &str, lost: String, d: &Drops) {
 fn raw(o: &mut String, rounds: &[Round]) {
     for (i, r) in rounds.iter().enumerate() {
         let _ = writeln!(o, "### Raw figures, round {}\n", i + 1);
+        if let Some(a) = &r.abuse {
+            let _ = writeln!(o, "Relay under abuse (bench/abuse.rs).\n");
+            let _ = writeln!(o, "| scenario | figures |\n|---|---|");
+            for (what, figures) in &a.rows {
+                let _ = writeln!(o, "| {what} | {figures} |");
+            }
+            let _ = writeln!(o);
+        }
         if !r.udp.is_empty() {
             let _ = writeln!(
                 o,

@@ -3,7 +3,7 @@
 #
 #   bench/run.sh                 two rounds; rewrites the generated part of docs/BENCHMARKS.md
 #   bench/run.sh --quick         one short round, printed only
-#   bench/run.sh --only udp,dns  some sections (udp, latency, flows, mix, dns, domain, blocklist)
+#   bench/run.sh --only udp,dns  some sections (udp, latency, flows, mix, dns, domain, blocklist, abuse)
 #
 # Needs: iperf3 sockperf socat dnsperf dnsmasq dnsdist unbound nstat nftables iproute2.
 set -eu

@@ -197,7 +197,8 @@ fn kernel_support() -> Finding {
                 String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("").trim()
             ),
             "a kernel with CONFIG_NFT_TPROXY, CONFIG_NFT_SOCKET (or the xt_TPROXY / xt_socket modules for \
-             iptables) and CAP_NET_ADMIN; try `modprobe nft_tproxy nft_socket`",
+             iptables) and CAP_NET_ADMIN; try `modprobe nft_tproxy nft_socket` (OpenWrt: \
+             `opkg install kmod-nft-tproxy kmod-nft-socket`)",
         ),
         Err(e) => problem(
             Status::Warn,

@@ -80,6 +80,16 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
                         at(span),
                         rule.action.kind()
                     );
+                    if !rule.nft_sets.is_empty() {
+                        let sets: Vec<String> = rule.nft_sets.iter().map(|p| format!("{}/{}", p.v4, p.v6)).collect();
+                        let table = &dns.nft.table;
+                        let _ = writeln!(
+                            out,
+                            "  → its addresses go into nftables sets {} of inet {table}, for TTL + {:?}",
+                            sets.join(", "),
+                            dns.names.grace
+                        );
+                    }
                 }
                 None => {
                     let _ = writeln!(
@@ -95,7 +105,9 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
             q.set_edns(Edns::new());
             let bytes = q.to_vec().unwrap_or_default();
             match engine.answer_now(&bytes, *client, Transport::Udp) {
-                Outcome::Reply(reply) | Outcome::Held(reply, _) => describe_reply(&mut out, &reply),
+                Outcome::Reply(reply) | Outcome::Held(reply, _) | Outcome::Prefetch(reply, _) => {
+                    describe_reply(&mut out, &reply)
+                }
                 Outcome::Forward(pending) => {
                     if let Some(g) = engine.groups().get(pending.group()) {
                         let _ = writeln!(

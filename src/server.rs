@@ -104,6 +104,7 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
     let (dns_engine, feed) = match config.dns() {
         Some(dns) => {
             let mut engine = DnsEngine::build(dns, mark, stats.clone())?;
+            engine.load_cache_file();
             tracing::info!(rules = engine.rules().len(), groups = engine.groups().len(), ports = ?dns.ports, "DNS engine ready");
             // Sets are created now, while privileged.
             let feed = Arc::new(DomainFeed::new(dns, stats.clone())?);
@@ -304,6 +305,7 @@ fn spawn_dns(
             shutdown.clone(),
         ));
     }
+    tasks.spawn(dns_server::persist_cache(dns.clone(), shutdown.clone()));
     for listener in tcp {
         tasks.spawn(dns_server::serve_tcp(
             async_tcp(listener, "DNS, TCP")?,

@@ -158,6 +158,14 @@ counters! {
     dns_refused_local => "dns_queries_by_action_total", "action=\"refused_local\"";
     /// Expired answers served because no upstream answered in time (RFC 8767).
     dns_stale_served => "dns_queries_by_action_total", "action=\"stale\"";
+    /// Popular cache entries refreshed before they expired.
+    dns_prefetches => "dns_prefetches_total";
+    /// Cache entries loaded from `dns.cache.file` at start.
+    dns_cache_file_loaded => "dns_cache_file_entries_total", "op=\"loaded\"";
+    /// Cache entries written to `dns.cache.file`.
+    dns_cache_file_saved => "dns_cache_file_entries_total", "op=\"saved\"";
+    /// Failed or refused (corrupt) reads and writes of `dns.cache.file`.
+    dns_cache_file_errors => "errors_total", "kind=\"dns_cache_file\"";
     /// Upstream records removed as outside the question's answer.
     dns_scrubbed_records => "dns_scrubbed_records_total";
     /// DNS-over-TCP connections refused: the client already holds its share.

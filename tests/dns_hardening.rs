@@ -571,3 +571,87 @@ fn with_every_upstream_dead_known_names_are_answered_stale_within_two_seconds() 
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("dns_stale_served"), 4);
 }
+
+#[test]
+fn the_cache_file_outlives_a_restart_and_a_corrupt_one_is_ignored() {
+    let lab = dns_lab();
+    let upstream = lab.dnsmasq(
+        0,
+        ip(UPSTREAM),
+        "example.test",
+        &["--host-record=www.example.test,203.0.113.80"],
+    );
+    let file = lab.path("dns-cache");
+    let cfg = config(
+        &format!("{ALLOW_CLIENT}\ncache = {{ file = \"{}\" }}", file.display()),
+        "",
+    );
+    let daemon = lab.start_tproxyd(&cfg);
+    assert_eq!(
+        q(&lab, &format!("@{PUBLIC} www.example.test A")).answer_data(),
+        ["203.0.113.80"]
+    );
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_saved"), 1, "{}", stopped.log);
+    assert!(file.exists());
+
+    // Restarted with the upstream dead: the name is still answered, from
+    // the file, with its TTL aged.
+    lab.kill(upstream.pid);
+    let daemon = lab.start_tproxyd(&cfg);
+    let d = q(&lab, &format!("@{PUBLIC} www.example.test A"));
+    assert_eq!(d.answer_data(), ["203.0.113.80"], "{}", d.raw);
+    assert!(d.answers[0].1 <= 300);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_loaded"), 1);
+    assert_eq!(stopped.counter("dns_cache_hits"), 1);
+
+    // A corrupt file: a warning, a cold cache, a running daemon.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    bytes.truncate(n - 7);
+    std::fs::write(&file, &bytes).unwrap();
+    let mut daemon = lab.start_tproxyd(&cfg);
+    daemon.wait_for_log("DNS cache file ignored", Duration::from_secs(2));
+    assert_eq!(
+        q(&lab, &format!("+time=5 @{PUBLIC} www.example.test A")).status,
+        "SERVFAIL"
+    );
+    drop(daemon); // saves its (empty) cache on the way out
+    std::fs::write(&file, b"\x00garbage").unwrap();
+    let mut daemon = lab.start_tproxyd(&cfg);
+    daemon.wait_for_log("not a tproxyd cache file", Duration::from_secs(2));
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_errors"), 1);
+}
+
+#[test]
+fn a_hot_name_is_refreshed_before_it_expires_and_never_misses_again() {
+    let lab = dns_lab();
+    let upstream = lab.dnsmasq(
+        0,
+        ip(UPSTREAM),
+        "example.test",
+        &["--host-record=www.example.test,203.0.113.80"],
+    );
+    // Answers live 5 s: prefetch may start in the last 500 ms.
+    let daemon = lab.start_tproxyd(&config(&format!("{ALLOW_CLIENT}\ncache = {{ max_ttl = \"5s\" }}"), ""));
+    // About 10 queries a second for 13 s: two TTL boundaries and a half.
+    let out = lab.client.sh(&format!(
+        "end=$(( $(date +%s) + 13 )); while [ $(date +%s) -lt $end ]; do \
+           dig +tries=1 +time=2 @{LISTEN} www.example.test A | grep -c 'status: NOERROR'; sleep 0.1; done"
+    ));
+    let answered = out.lines().filter(|l| l.trim() == "1").count();
+    assert_eq!(answered, out.lines().count(), "{out}");
+    assert!(answered > 40, "only {answered} queries");
+    let stopped = daemon.stop();
+    // Only the very first query waited for the upstream.
+    assert_eq!(stopped.counter("dns_cache_misses"), 1, "{}", stopped.log);
+    assert!(stopped.counter("dns_prefetches") >= 2);
+    let asked = upstream
+        .queries()
+        .iter()
+        .filter(|(n, _)| n == "www.example.test")
+        .count();
+    assert_eq!(asked as u64, 1 + stopped.counter("dns_prefetches"));
+}

@@ -211,6 +211,23 @@ fn doctor_asks_the_kernel_about_the_sets_and_changes_nothing() {
         ),
         "{report}"
     );
+    // explain names the sets a query feeds.
+    let out = lab.tproxyd_command(&[
+        "explain",
+        "--config",
+        path.to_str().unwrap(),
+        "--client",
+        "192.0.2.10",
+        "--query",
+        "play.game.example",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "→ its addresses go into nftables sets game4/game6, voip4/voip6 of inet tproxyd_dns, for TTL + 300s"
+        ),
+        "{text}"
+    );
     // Nothing was left behind.
     assert!(
         !lab.gateway

@@ -1,8 +1,10 @@
-//! The shell scripts shipped beside the daemon.
+//! The shell scripts shipped beside the daemon: the rule scripts' `print`,
+//! and the OpenWrt init script's syntax.
 
 mod lab;
 
 use lab::{Lab, repo_path};
+use std::process::Command;
 
 #[test]
 fn iptables_print_shows_what_up_installs_and_changes_nothing() {
@@ -31,4 +33,31 @@ fn iptables_print_shows_what_up_installs_and_changes_nothing() {
     let saved = lab.gateway.sh("iptables-save -t mangle");
     assert!(saved.contains("--dport 53 -j TPROXY --on-port 15354"), "{saved}");
     assert!(saved.contains("-A TPROXYD_PRE -i lan0 -j TPROXYD_CAPTURE"), "{saved}");
+}
+
+#[test]
+fn openwrt_init_script_is_valid_shell() {
+    let script = repo_path("config/openwrt/tproxyd.init");
+    let out = Command::new("sh")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .expect("running sh -n");
+    assert!(
+        out.status.success(),
+        "sh -n {}: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&script).unwrap();
+    // procd's conventions: without these the service does not start.
+    assert!(text.starts_with("#!/bin/sh /etc/rc.common\n"), "{text}");
+    for needle in [
+        "USE_PROCD=1",
+        "start_service()",
+        "procd_open_instance",
+        "procd_set_param command",
+    ] {
+        assert!(text.contains(needle), "{needle} missing");
+    }
 }

@@ -50,6 +50,11 @@ pub struct DnsConfig {
     pub tcp: TcpConfig,
     #[serde(default)]
     pub stale: StaleConfig,
+    /// Prefetch: an answer served from the cache at least this many times
+    /// is refreshed in the background once 10 % or less of its TTL is
+    /// left, so a popular name never makes a client wait. 0 turns it off.
+    #[serde(default = "DnsConfig::default_prefetch")]
+    pub prefetch: u32,
     #[serde(default)]
     pub cache: CacheConfig,
     #[serde(default)]
@@ -92,6 +97,9 @@ impl DnsConfig {
     }
     fn default_udp_payload() -> Spanned<u16> {
         Spanned::new(0..0, 1232)
+    }
+    fn default_prefetch() -> u32 {
+        3
     }
     fn default_allow() -> Vec<IpNet> {
         [
@@ -278,6 +286,10 @@ pub struct CacheConfig {
     /// `capacity` is reached first evicts. 0 disables the cache.
     #[serde(default = "CacheConfig::default_max_bytes", deserialize_with = "byte_size")]
     pub max_bytes: usize,
+    /// Where the cache is saved (at shutdown and every 5 minutes) and
+    /// loaded from at start, so a restart does not begin cold. None: not kept.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
     /// Answers are kept at least this long (raises tiny upstream TTLs).
     #[serde(default, deserialize_with = "duration::deserialize")]
     pub min_ttl: Duration,
@@ -312,6 +324,7 @@ impl Default for CacheConfig {
         CacheConfig {
             capacity: Self::default_capacity(),
             max_bytes: Self::default_max_bytes(),
+            file: None,
             min_ttl: Duration::ZERO,
             max_ttl: Self::default_max_ttl(),
             negative_max_ttl: Self::default_negative_max_ttl(),

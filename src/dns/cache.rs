@@ -20,6 +20,7 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinEncodable;
 use lru::LruCache;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
@@ -53,9 +54,42 @@ pub struct Entry {
     lifetime: u32,
     /// Estimated memory held, counted against `max_bytes`.
     bytes: usize,
+    /// Times served from the cache, for prefetch.
+    hits: AtomicU32,
+    /// Set once a prefetch has been started for this entry: one at a time.
+    prefetching: AtomicBool,
 }
 
 impl Entry {
+    /// Counts a hit and says whether the entry should now be refreshed in
+    /// the background: asked at least `min_hits` times, with at most 10 %
+    /// of its lifetime left, and no refresh started yet.
+    pub fn hit_wants_prefetch(&self, min_hits: u32, now: Instant) -> bool {
+        let hits = self.hits.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if min_hits == 0 || hits < min_hits {
+            return false;
+        }
+        let lifetime_ms = u128::from(self.lifetime) * 1000;
+        let age_ms = now.saturating_duration_since(self.stored).as_millis();
+        let left_ms = lifetime_ms.saturating_sub(age_ms);
+        left_ms * 10 <= lifetime_ms && !self.prefetching.swap(true, Ordering::Relaxed)
+    }
+
+    /// The entry as a response message (records with their stored TTLs),
+    /// its lifetime and when it was stored, for the cache file.
+    pub(super) fn to_message(&self) -> (Message, u32, Instant) {
+        let mut m = Message::new(
+            0,
+            hickory_proto::op::MessageType::Response,
+            hickory_proto::op::OpCode::Query,
+        );
+        m.metadata.response_code = self.rcode;
+        m.answers = self.answers.clone();
+        m.authorities = self.authorities.clone();
+        m.additionals = self.additionals.clone();
+        (m, self.lifetime, self.stored)
+    }
+
     /// Copies the records into `msg` with TTLs reduced by `age` seconds.
     pub fn fill(&self, msg: &mut Message, age: u32) {
         let aged = |r: &Record| {
@@ -292,12 +326,6 @@ impl DnsCache {
             return false;
         };
         let bytes = ENTRY_OVERHEAD + key.name.len() + records;
-        // An answer bigger than an eighth of the budget would flush a large
-        // part of the cache for one name: serve it, do not keep it.
-        if bytes > self.config.max_bytes / 8 {
-            store.remove(&key);
-            return false;
-        }
         let entry = Entry {
             rcode: response.metadata.response_code,
             answers: response.answers.clone(),
@@ -306,12 +334,26 @@ impl DnsCache {
             stored: now,
             lifetime,
             bytes,
+            hits: AtomicU32::new(0),
+            prefetching: AtomicBool::new(false),
         };
+        Self::put(&self.config, &mut store, key, entry)
+    }
+
+    /// Adds `entry` under the bounds; false when it alone is too big.
+    fn put(config: &CacheConfig, store: &mut Store, key: CacheKey, entry: Entry) -> bool {
+        let bytes = entry.bytes;
+        // An answer bigger than an eighth of the budget would flush a large
+        // part of the cache for one name: serve it, do not keep it.
+        if bytes > config.max_bytes / 8 {
+            store.remove(&key);
+            return false;
+        }
         store.bytes += bytes;
         if let Some((_, old)) = store.lru.push(key, Arc::new(entry)) {
             store.bytes = store.bytes.saturating_sub(old.bytes);
         }
-        while store.lru.len() > self.config.capacity || store.bytes > self.config.max_bytes {
+        while store.lru.len() > config.capacity || store.bytes > config.max_bytes {
             match store.lru.pop_lru() {
                 Some((_, old)) => store.bytes = store.bytes.saturating_sub(old.bytes),
                 None => break,
@@ -322,6 +364,60 @@ impl DnsCache {
 
     pub fn len(&self) -> usize {
         self.lock().map_or(0, |s| s.lru.len())
+    }
+
+    /// Every entry still worth keeping at `now` (live or within the stale
+    /// window), least recently used first, for the cache file.
+    pub(super) fn snapshot(&self, now: Instant) -> Vec<(CacheKey, Arc<Entry>)> {
+        let Some(store) = self.lock() else {
+            return Vec::new();
+        };
+        store
+            .lru
+            .iter()
+            .rev()
+            .filter(|(_, e)| {
+                let age = now.saturating_duration_since(e.stored).as_secs();
+                age < u64::from(e.lifetime.saturating_add(self.stale_window))
+            })
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect()
+    }
+
+    /// Puts back an entry read from the cache file, `age` seconds old at
+    /// `now`. Entries past their stale window are skipped; the bounds hold.
+    pub(super) fn restore(&self, key: CacheKey, message: Message, lifetime: u32, age: u64, now: Instant) -> bool {
+        if lifetime == 0 || age >= u64::from(lifetime.saturating_add(self.stale_window)) {
+            return false;
+        }
+        let Some(stored) = now.checked_sub(std::time::Duration::from_secs(age)) else {
+            return false;
+        };
+        let Some(records) = message
+            .answers
+            .iter()
+            .chain(&message.authorities)
+            .chain(&message.additionals)
+            .map(|r| r.to_bytes().ok().map(|b| RECORD_OVERHEAD + b.len()))
+            .sum::<Option<usize>>()
+        else {
+            return false;
+        };
+        let Some(mut store) = self.lock() else {
+            return false;
+        };
+        let entry = Entry {
+            bytes: ENTRY_OVERHEAD + key.name.len() + records,
+            rcode: message.metadata.response_code,
+            answers: message.answers,
+            authorities: message.authorities,
+            additionals: message.additionals,
+            stored,
+            lifetime,
+            hits: AtomicU32::new(0),
+            prefetching: AtomicBool::new(false),
+        };
+        Self::put(&self.config, &mut store, key, entry)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -582,5 +678,27 @@ mod tests {
         fail.metadata.response_code = ResponseCode::ServFail;
         assert!(!c.insert_at(key("f"), &mut fail, t0));
         assert!(c.get_stale_at(&key("f"), t0 + Duration::from_secs(61)).is_none());
+    }
+
+    #[test]
+    fn prefetch_is_due_for_popular_entries_near_expiry_once() {
+        let c = cache(0, 86_400, 3_600);
+        let t0 = Instant::now();
+        c.insert_at(key("a"), &mut answer(&[100]), t0);
+        let (e, _) = c.get_at(&key("a"), t0).unwrap();
+        // Popular but young: no.
+        assert!(!e.hit_wants_prefetch(2, t0 + Duration::from_secs(10)));
+        assert!(!e.hit_wants_prefetch(2, t0 + Duration::from_secs(50)));
+        // In its last 10 %: yes, once.
+        assert!(e.hit_wants_prefetch(2, t0 + Duration::from_millis(90_500)));
+        assert!(!e.hit_wants_prefetch(2, t0 + Duration::from_millis(91_000)));
+        // An unpopular entry is left to expire.
+        c.insert_at(key("b"), &mut answer(&[100]), t0);
+        let (b, _) = c.get_at(&key("b"), t0).unwrap();
+        assert!(!b.hit_wants_prefetch(5, t0 + Duration::from_secs(95)));
+        assert!(
+            !b.hit_wants_prefetch(0, t0 + Duration::from_secs(95)),
+            "0 turns prefetch off"
+        );
     }
 }

@@ -61,6 +61,9 @@ pub enum Outcome {
     /// Send these bytes once the answer's nftables set elements are
     /// committed (`[dns.nft] wait`): see [`released`].
     Held(Vec<u8>, Committed),
+    /// Send these bytes (a cache hit) now, then refresh the entry by
+    /// forwarding this query with nobody waiting (prefetch).
+    Prefetch(Vec<u8>, Pending),
 }
 
 /// A query waiting for an upstream answer. It holds a place in its
@@ -114,6 +117,8 @@ pub struct DnsEngine {
     cache: Arc<DnsCache>,
     /// Serve-stale (`dns.stale`), when on.
     stale: Option<StaleAnswers>,
+    /// Hits after which an entry near expiry is refreshed (0: never).
+    prefetch: u32,
     timeout: Duration,
     max_udp_payload: u16,
     allow: Vec<IpNet>,
@@ -149,6 +154,7 @@ impl DnsEngine {
             group_names,
             default_group,
             cache: Arc::new(DnsCache::with_stale_window(&config.cache, stale_window(config))),
+            prefetch: config.prefetch,
             stale: config.stale.enabled.then(|| StaleAnswers {
                 answer_after: config.stale.answer_after,
                 ttl: ttl_secs(config.stale.ttl),
@@ -175,6 +181,42 @@ impl DnsEngine {
             true
         } else {
             false
+        }
+    }
+
+    /// Loads `dns.cache.file`, if set, into the cache. A missing file is
+    /// an empty cache; an unreadable or corrupt one a warning (what was
+    /// read before the damage is kept), never a failure to start.
+    pub fn load_cache_file(&self) {
+        let Some(path) = &self.cache.config().file else {
+            return;
+        };
+        match super::cache_file::load(&self.cache, path) {
+            Ok(n) => {
+                self.stats.dns_cache_file_loaded.add(n as u64);
+                tracing::info!(file = %path.display(), entries = n, "DNS cache loaded");
+            }
+            Err(e) => {
+                self.stats.dns_cache_file_errors.inc();
+                tracing::warn!(file = %path.display(), error = %e, kept = self.cache.len(), "DNS cache file ignored");
+            }
+        }
+    }
+
+    /// Writes the cache to `dns.cache.file`, if set (atomically).
+    pub fn save_cache_file(&self) {
+        let Some(path) = &self.cache.config().file else {
+            return;
+        };
+        match super::cache_file::save(&self.cache, path) {
+            Ok(n) => {
+                self.stats.dns_cache_file_saved.add(n as u64);
+                tracing::debug!(file = %path.display(), entries = n, "DNS cache saved");
+            }
+            Err(e) => {
+                self.stats.dns_cache_file_errors.inc();
+                tracing::warn!(file = %path.display(), error = %e, "DNS cache not saved");
+            }
         }
     }
 
@@ -312,7 +354,26 @@ impl DnsEngine {
             s.dns_cache_hits.inc();
             let mut msg = message::response(&request, entry.rcode, self.max_udp_payload);
             entry.fill(&mut msg, age);
-            return self.reply_observed(&request, &msg, transport, client, rule);
+            let outcome = self.reply_observed(&request, &msg, transport, client, rule);
+            if let Outcome::Reply(bytes) = outcome {
+                if entry.hit_wants_prefetch(self.prefetch, std::time::Instant::now()) {
+                    if let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit) {
+                        s.dns_prefetches.inc();
+                        let pending = Pending {
+                            request,
+                            group,
+                            transport,
+                            client,
+                            sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
+                            serve_stale: false,
+                            _admission: admission,
+                        };
+                        return Outcome::Prefetch(bytes, pending);
+                    }
+                }
+                return Outcome::Reply(bytes);
+            }
+            return outcome;
         }
         s.dns_cache_misses.inc();
         let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit) else {
@@ -519,6 +580,8 @@ impl DnsEngine {
             Outcome::Reply(b) => Some(b),
             Outcome::Drop => None,
             Outcome::Forward(p) => self.forward(p).await,
+            // Over TCP the hit is answered; the refresh is left to UDP askers.
+            Outcome::Prefetch(b, _) => Some(b),
             Outcome::Held(b, committed) => {
                 released(committed).await;
                 Some(b)

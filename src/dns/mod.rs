@@ -8,6 +8,7 @@
 //! listener, plain UDP/TCP listeners, and TPROXY TCP listeners.
 
 pub mod cache;
+pub mod cache_file;
 pub mod engine;
 pub mod lists;
 pub mod message;

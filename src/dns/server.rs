@@ -130,6 +130,17 @@ impl DnsService {
             // The same engine must finish the query: its upstream group
             // numbers mean nothing to another one.
             Outcome::Forward(pending) => self.spawn_forward(engine, pending, send),
+            Outcome::Prefetch(reply, pending) => {
+                send(&reply);
+                // The refresh: bounded by the same permits as forwards,
+                // and nobody waits for its answer.
+                if let Some(permit) = self.forward_permit() {
+                    tokio::spawn(async move {
+                        engine.forward_with(pending, |_| {}).await;
+                        drop(permit);
+                    });
+                }
+            }
             Outcome::Held(reply, committed) => {
                 // Bounded like forwards: a flood of answers waiting for
                 // the kernel cannot grow the task count without bound.
@@ -161,6 +172,25 @@ impl DnsService {
             engine.forward_with(pending, |reply| send(&reply)).await;
             drop(permit);
         });
+    }
+}
+
+/// Saves the cache to `dns.cache.file` every few minutes and once more at
+/// shutdown (the engine in force at that moment: a reload may change it).
+pub async fn persist_cache(service: Arc<DnsService>, mut shutdown: Shutdown) -> io::Result<()> {
+    let mut every = tokio::time::interval(super::cache_file::SAVE_EVERY);
+    every.tick().await; // the first tick is immediate: nothing learnt yet
+    loop {
+        let stopping = tokio::select! {
+            _ = shutdown.recv() => true,
+            _ = every.tick() => false,
+        };
+        let engine = service.engine();
+        // File I/O off the async workers.
+        let _ = tokio::task::spawn_blocking(move || engine.save_cache_file()).await;
+        if stopping {
+            return Ok(());
+        }
     }
 }
 

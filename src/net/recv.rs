@@ -121,7 +121,8 @@ impl RecvBatch {
                 fd,
                 self.hdrs.as_mut_ptr(),
                 count as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                // glibc declares the flags `int`, musl `unsigned int`.
+                libc::MSG_DONTWAIT as _,
                 ptr::null_mut(),
             )
         };

@@ -46,11 +46,10 @@ fn set_receive_buffer(sock: &Socket, bytes: usize) {
     }
 }
 
-/// Gives an already open socket a receive buffer of `bytes` (see
-/// [`set_receive_buffer`]).
-pub fn grow_receive_buffer(sock: &UdpSocket, bytes: usize) {
-    let sock = socket2::SockRef::from(sock);
-    set_receive_buffer(&sock, bytes);
+/// [`set_receive_buffer`] for a socket already handed over as a
+/// `UdpSocket`.
+pub fn set_udp_receive_buffer(sock: &UdpSocket, bytes: usize) {
+    set_receive_buffer(&socket2::SockRef::from(sock), bytes);
 }
 
 fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {

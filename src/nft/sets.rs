@@ -38,7 +38,7 @@ const MIN_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
 /// Most elements whose expiry the feeder remembers (to never shorten one,
 /// and to count refreshes); past it the memory is cleared and rebuilt.
-const MAX_KNOWN: usize = 1 << 20;
+const MAX_KNOWN: usize = 1 << 18;
 
 /// The two typed sets behind one configured set name.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -40,9 +40,12 @@ impl Daemon {
     pub fn start_wrapped(ns: &Netns, wrapper: &[&str], config: &Path, log: &Path, startup: Duration) -> Daemon {
         let out = std::fs::File::create(log).expect("daemon log");
         let err = out.try_clone().expect("daemon log");
+        // TPROXYD_BIN runs another build of the daemon with the same
+        // harness: the benchmark compares build profiles that way.
+        let bin = std::env::var("TPROXYD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tproxyd").to_string());
         let (program, args): (&str, Vec<&str>) = match wrapper.split_first() {
-            Some((p, rest)) => (p, rest.iter().copied().chain([env!("CARGO_BIN_EXE_tproxyd")]).collect()),
-            None => (env!("CARGO_BIN_EXE_tproxyd"), Vec::new()),
+            Some((p, rest)) => (p, rest.iter().copied().chain([bin.as_str()]).collect()),
+            None => (bin.as_str(), Vec::new()),
         };
         let child = ns
             .command(program)

@@ -1,0 +1,71 @@
+#!/bin/sh
+# CPU time tproxyd spends per relayed datagram, for one or more builds of
+# it, at a fixed offered load every build sustains without loss. On a busy
+# machine this is steadier than peak throughput: other processes delay
+# tproxyd, but they do not add to its own CPU time.
+#
+#   bench/cpu-per-datagram.sh BINARY...     (as root; e.g. the release and
+#                                            release-small builds)
+#
+# Environment: RATE [20000] datagrams/s, SECS [10], SIZE [64] bytes,
+# ROUNDS [3] (the builds take turns, round by round).
+# Needs iperf3, nftables, iproute2. Touches nothing outside its namespaces.
+set -eu
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "cpu-per-datagram: run as root" >&2; exit 1; }
+[ $# -gt 0 ] || { echo "usage: $0 BINARY..." >&2; exit 2; }
+RATE=${RATE:-20000} SECS=${SECS:-10} SIZE=${SIZE:-64} ROUNDS=${ROUNDS:-3}
+
+ID=tpdcpu$$
+C=${ID}c G=${ID}g S=${ID}s
+TMP=$(mktemp -d)
+PIDS=""
+cleanup() {
+    for p in $PIDS; do kill "$p" 2>/dev/null || true; done
+    sleep 0.3
+    for ns in $C $G $S; do ip netns del "$ns" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+
+for ns in $C $G $S; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+ip -n "$G" link add lan0 type veth peer name lan0 netns "$C"
+ip -n "$G" link add wan0 type veth peer name wan0 netns "$S"
+ip -n "$G" addr add 192.0.2.1/24 dev lan0
+ip -n "$G" addr add 198.51.100.1/24 dev wan0
+ip -n "$C" addr add 192.0.2.10/24 dev lan0
+ip -n "$S" addr add 198.51.100.7/24 dev wan0
+for ns in "$G" "$C"; do ip -n "$ns" link set lan0 up; done
+for ns in "$G" "$S"; do ip -n "$ns" link set wan0 up; done
+ip -n "$C" route add default via 192.0.2.1
+ip -n "$S" route add default via 198.51.100.1
+ip netns exec "$G" sysctl -qw net.ipv4.ip_forward=1
+# Only the data port is captured; iperf3's TCP control connection is routed.
+ip netns exec "$G" env LAN_IF=lan0 FAMILIES=4 UDP_PORTS=5201 iptables/tproxy-nft.sh up
+ip netns exec "$S" iperf3 -s -p 5201 >/dev/null 2>&1 &
+PIDS="$PIDS $!"
+printf 'mark = 255\nlog_level = "warn"\n[relay]\nlisten = ["0.0.0.0:15353"]\n' > "$TMP/tproxyd.toml"
+sleep 0.5
+
+ticks_per_s=$(getconf CLK_TCK)
+round=1
+while [ "$round" -le "$ROUNDS" ]; do
+    for bin in "$@"; do
+        ip netns exec "$G" "$bin" --config "$TMP/tproxyd.toml" 2>"$TMP/log" &
+        pid=$!
+        sleep 1
+        # utime + stime, fields 14 and 15 of /proc/PID/stat (the name in
+        # field 2 has no spaces here).
+        before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+        out=$(ip netns exec "$C" iperf3 -u -c 198.51.100.7 -p 5201 -l "$SIZE" \
+            -b "$((RATE * SIZE * 8))" -t "$SECS" -w 4M -J)
+        after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+        kill -TERM "$pid"; wait "$pid" || true
+        packets=$(echo "$out" | grep -o '"packets":[[:space:]]*[0-9]*' | tail -1 | grep -o '[0-9]*$')
+        lost=$(echo "$out" | grep -o '"lost_packets":[[:space:]]*[0-9]*' | tail -1 | grep -o '[0-9]*$')
+        awk -v b="$bin" -v r="$round" -v t="$((after - before))" -v hz="$ticks_per_s" -v p="$packets" -v l="$lost" \
+            'BEGIN { printf "round %d %s: %d datagrams sent, %d lost, %.2f s CPU, %.2f us per datagram\n",
+                     r, b, p, l, t / hz, (p > 0 ? t / hz / p * 1e6 : 0) }'
+    done
+    round=$((round + 1))
+done
