@@ -134,8 +134,10 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
     }
     if let Some(dns) = p.config.dns() {
         for &addr in &dns.listen {
-            p.dns_udp
-                .push(sockets::server_udp(addr, mark).map_err(listen_error(addr, "DNS, UDP"))?);
+            p.dns_udp.push(
+                sockets::server_udp(addr, mark, p.config.relay.receive_buffer)
+                    .map_err(listen_error(addr, "DNS, UDP"))?,
+            );
             p.dns_tcp
                 .push(sockets::tcp_listener(addr, mark, false).map_err(listen_error(addr, "DNS, TCP"))?);
             tracing::info!(%addr, "DNS listening (UDP and TCP)");
@@ -263,6 +265,10 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
         if let Ok(Err(e)) = done {
             tracing::warn!(error = %e, "listener ended with an error");
         }
+    }
+    if let Some(dns) = &dns {
+        // Queries still waiting for an upstream end here, with their sockets.
+        dns.stop_tasks().await;
     }
     let closed = relay_ctx.shutdown().await;
     tracing::info!(sessions_closed = closed, "all sessions closed");

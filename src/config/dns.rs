@@ -221,7 +221,8 @@ pub struct TcpConfig {
     /// Connections served at once, all clients together.
     #[serde(default = "TcpConfig::default_max_connections")]
     pub max_connections: usize,
-    /// Connections one client address may hold at once.
+    /// Connections one client may hold at once (an IPv4 address, or an
+    /// IPv6 /56, like the rate limit).
     #[serde(default = "TcpConfig::default_max_per_client")]
     pub max_per_client: usize,
     /// A connection with no query for this long is closed.

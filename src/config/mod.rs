@@ -83,9 +83,10 @@ pub struct RelayConfig {
     /// Most spoofing reply sockets kept open (one per original destination).
     #[serde(default = "RelayConfig::default_reply_sockets")]
     pub reply_sockets: NonZeroUsize,
-    /// Receive buffer of each listener socket, in bytes: room for bursts
-    /// while the relay is busy (raised past `net.core.rmem_max` when
-    /// privileged).
+    /// Receive buffer of each listener socket (the relay's and the UDP
+    /// `dns.listen` sockets) and each pooled upstream socket, in bytes: room
+    /// for bursts while the relay or the DNS engine is busy (raised past
+    /// `net.core.rmem_max` when privileged).
     #[serde(default = "RelayConfig::default_receive_buffer")]
     pub receive_buffer: usize,
     /// NAT behaviour of flows no rule sets it for.

@@ -267,8 +267,13 @@ impl DnsEngine {
     pub fn answer_now(&self, bytes: &[u8], client: IpAddr, transport: Transport) -> Outcome {
         let s = &self.stats;
         s.dns_queries.inc();
-        let limited = !self.limiter.allow(client);
-        if limited && (self.over_limit == RateLimitAction::Drop || transport == Transport::Tcp) {
+        // Only UDP spends tokens. Over TCP the client has proven its
+        // address (a spoofer cannot complete a handshake) and `dns.tcp`
+        // bounds what it can hold; and TCP is where `action = "truncate"`
+        // sends a limited client, so it must be answered there even while
+        // its UDP bucket is empty (possibly emptied by someone spoofing it).
+        let limited = transport == Transport::Udp && !self.limiter.allow(client);
+        if limited && self.over_limit == RateLimitAction::Drop {
             s.dns_rate_limited.inc();
             return Outcome::Drop;
         }

@@ -9,8 +9,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::engine::{DnsEngine, Outcome, Pending, Transport};
+use super::ratelimit::client_bucket;
 use crate::config::dns::TcpConfig;
 use crate::net::accept::AcceptBackoff;
 use crate::shutdown::Shutdown;
@@ -26,12 +29,18 @@ const MAX_PENDING: usize = 4_096;
 pub struct DnsService {
     engine: ArcSwap<DnsEngine>,
     pending: Arc<Semaphore>,
+    /// Every task the service spawns (upstream waits, refreshes, held
+    /// answers): tracked, and ended by `cancel` at shutdown.
+    tasks: TaskTracker,
+    cancel: CancellationToken,
     tcp: Arc<TcpSlots>,
     stats: Arc<Stats>,
 }
 
-/// DNS-over-TCP connections held, in total and per client address. The
-/// limits are read from the engine at each accept, so a reload applies them.
+/// DNS-over-TCP connections held, in total and per client: an IPv4
+/// address, or an IPv6 /56 (one host can use every address of its prefix,
+/// so counting addresses would let it take every slot). The limits are
+/// read from the engine at each accept, so a reload applies them.
 #[derive(Debug, Default)]
 struct TcpSlots {
     held: Mutex<(usize, HashMap<IpAddr, usize>)>,
@@ -45,7 +54,7 @@ enum SlotRefusal {
 
 impl TcpSlots {
     fn take(self: &Arc<Self>, client: IpAddr, total: usize, per_client: usize) -> Result<TcpSlot, SlotRefusal> {
-        let client = client.to_canonical();
+        let client = client_bucket(client);
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         if held.0 >= total {
             return Err(SlotRefusal::Total);
@@ -87,9 +96,35 @@ impl DnsService {
         DnsService {
             engine: ArcSwap::from_pointee(engine),
             pending: Arc::new(Semaphore::new(MAX_PENDING)),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
             tcp: Arc::new(TcpSlots::default()),
             stats,
         }
+    }
+
+    /// Spawns `work` as a task the service owns.
+    fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = work => {}
+            }
+        });
+    }
+
+    /// Ends every task the service spawned and waits until they are gone
+    /// (shutdown: nobody is left to send their answers to).
+    pub async fn stop_tasks(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Tasks of the service still running.
+    pub fn tasks_running(&self) -> usize {
+        self.tasks.len()
     }
 
     /// The engine in force now.
@@ -135,7 +170,7 @@ impl DnsService {
                 // The refresh: bounded by the same permits as forwards,
                 // and nobody waits for its answer.
                 if let Some(permit) = self.forward_permit() {
-                    tokio::spawn(async move {
+                    self.spawn(async move {
                         engine.forward_with(pending, |_| {}).await;
                         drop(permit);
                     });
@@ -150,7 +185,7 @@ impl DnsService {
                     send(&reply);
                     return;
                 };
-                tokio::spawn(async move {
+                self.spawn(async move {
                     crate::domain::feed::released(committed).await;
                     send(&reply);
                     drop(permit);
@@ -167,7 +202,7 @@ impl DnsService {
             }
             return;
         };
-        tokio::spawn(async move {
+        self.spawn(async move {
             // May answer stale first and go on refreshing the cache.
             engine.forward_with(pending, |reply| send(&reply)).await;
             drop(permit);
@@ -320,5 +355,33 @@ async fn serve_connection(
             service.stats.dns_tcp_recycled.inc();
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_per_client_tcp_cap_counts_an_ipv6_56_as_one_client() {
+        let slots = Arc::new(TcpSlots::default());
+        let held: Vec<TcpSlot> = (1..=2)
+            .filter_map(|i| slots.take(ip(&format!("2001:db8:1::{i}")), 100, 2).ok())
+            .collect();
+        assert_eq!(held.len(), 2);
+        // Another address of the same /56: the same client.
+        assert!(matches!(
+            slots.take(ip("2001:db8:1:ff::9"), 100, 2),
+            Err(SlotRefusal::PerClient)
+        ));
+        // The next /56 and IPv4 clients are others.
+        assert!(slots.take(ip("2001:db8:1:100::1"), 100, 2).is_ok());
+        assert!(slots.take(ip("192.0.2.10"), 100, 2).is_ok());
+        drop(held);
+        assert!(slots.take(ip("2001:db8:1:ff::9"), 100, 2).is_ok(), "slots given back");
     }
 }

@@ -1,0 +1,653 @@
+//! The DNS engine attacked the way a hostile LAN device, an off-path WAN
+//! spoofer and a hostile upstream would, in the namespace lab: what each
+//! attack must not achieve, and that a legitimate client keeps its answers.
+
+mod lab;
+
+use hickory_proto::op::{Edns, Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
+use lab::dns::dig;
+use lab::{Daemon, Lab};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const UPSTREAM: &str = "198.51.100.53";
+/// tproxyd's plain listeners on the LAN.
+const LISTEN: &str = "192.0.2.1";
+const LISTEN6: &str = "2001:db8:1::1";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn name(s: &str) -> Name {
+    Name::from_str(s).unwrap()
+}
+
+fn dns_lab() -> Lab {
+    let lab = Lab::with_servers(1);
+    lab.add_server_address(0, ip(UPSTREAM));
+    lab.install_rules("nft", "LAN_IF=lan0 DNS_TCP_PORT=15354");
+    lab
+}
+
+/// `dns_keys` go into `[dns]`; `tail` after everything.
+fn config(dns_keys: &str, tail: &str) -> String {
+    format!(
+        r#"
+mark = 255
+[relay]
+listen = ["0.0.0.0:15353", "[::]:15353"]
+[dns]
+ports = [53]
+listen = ["{LISTEN}:53", "[{LISTEN6}]:53"]
+tcp_listen = ["0.0.0.0:15354", "[::]:15354"]
+timeout = "1500ms"
+allow = ["192.0.2.0/24", "2001:db8:1::/64"]
+{dns_keys}
+[dns.upstreams.default]
+servers = ["{UPSTREAM}"]
+server_timeout = "700ms"
+
+[[dns.rules]]
+domains = ["printer.lan"]
+action = "answer"
+a = ["192.0.2.50"]
+{tail}
+"#
+    )
+}
+
+/// Polls until `f` holds (or panics after 5 s with `what`).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// DNS-over-TCP connections the gateway holds on port 53.
+fn tcp_held(lab: &Lab) -> usize {
+    lab.gateway
+        .sh("ss -tnH state established '( sport = :53 )' | wc -l")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A legitimate client asks `n` times over UDP and TCP; how many answers
+/// were right.
+fn legit_answers(lab: &Lab, server: &str, n: usize) -> usize {
+    let out = lab.client.sh(&format!(
+        "for i in $(seq 1 {n}); do \
+           dig +tries=1 +time=2 @{server} printer.lan A +short; \
+           dig +tcp +tries=1 +time=2 @{server} printer.lan A +short; \
+         done"
+    ));
+    out.lines().filter(|l| l.trim() == "192.0.2.50").count()
+}
+
+#[test]
+fn tcp_connections_from_many_addresses_of_one_ipv6_56_share_one_per_client_cap() {
+    let lab = dns_lab();
+    let daemon = lab.start_tproxyd(&config(
+        "rate_limit = { qps = 0 }\ntcp = { max_connections = 32, max_per_client = 4, idle_timeout = \"20s\" }",
+        "",
+    ));
+    // One IPv6 host uses 12 addresses of its prefix (any host on a /64 can)
+    // and opens 4 idle connections from each: 48, more than the total.
+    let addrs: Vec<IpAddr> = (1..=12).map(|i| ip(&format!("2001:db8:1::a:{i}"))).collect();
+    for a in &addrs {
+        lab.add_client_address(*a);
+    }
+    let to: SocketAddr = format!("[{LISTEN6}]:53").parse().unwrap();
+    let attackers: Vec<TcpStream> = lab.client.enter(move || {
+        addrs
+            .iter()
+            .flat_map(|a| std::iter::repeat_n(*a, 4))
+            .filter_map(|a| {
+                let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).ok()?;
+                s.bind(&SocketAddr::new(a, 0).into()).ok()?;
+                s.connect_timeout(&to.into(), Duration::from_secs(2)).ok()?;
+                Some(TcpStream::from(s))
+            })
+            .collect()
+    });
+    assert_eq!(attackers.len(), 48, "the kernel accepts every connection");
+    // The daemon keeps only the prefix's share and closes the rest.
+    eventually("connections beyond the /56's share were kept", || tcp_held(&lab) <= 4);
+    // Everyone else still gets DNS over TCP (and UDP).
+    assert_eq!(legit_answers(&lab, LISTEN, 5), 10);
+    drop(attackers);
+    let stopped = daemon.stop();
+    assert!(
+        stopped.counter("dns_tcp_refused_per_client") >= 44,
+        "refusals not counted: {}",
+        stopped.log
+    );
+}
+
+/// Sends `queries` to `to` at once; returns the replies, the first awaited
+/// for up to `wait`.
+fn blast(sock: &UdpSocket, to: SocketAddr, queries: &[Vec<u8>], wait: Duration) -> Vec<Message> {
+    for q in queries {
+        sock.send_to(q, to).unwrap();
+    }
+    sock.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let mut replies = Vec::new();
+    while let Ok((n, _)) = sock.recv_from(&mut buf) {
+        replies.push(Message::from_vec(&buf[..n]).expect("a well-formed reply"));
+        // Anything more would follow at once.
+        sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    }
+    replies
+}
+
+fn query(id: u16, qname: &str, qtype: RecordType, edns: Option<Edns>) -> Message {
+    let mut m = Message::query();
+    m.metadata.id = id;
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(name(qname), qtype));
+    if let Some(e) = edns {
+        m.set_edns(e);
+    }
+    m
+}
+
+/// The header with `f` applied to its 12 bytes.
+fn patched(mut bytes: Vec<u8>, f: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    f(&mut bytes[..12]);
+    bytes
+}
+
+/// A raw OPT record: root owner, TYPE 41, CLASS = payload, TTL 0, options.
+fn opt_record(payload: u16, options: &[u8]) -> Vec<u8> {
+    let mut r = vec![0, 0, 41];
+    r.extend_from_slice(&payload.to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    r.extend_from_slice(&(options.len() as u16).to_be_bytes());
+    r.extend_from_slice(options);
+    r
+}
+
+/// A query for printer.lan A whose additional section is `additional`
+/// (raw records), ARCOUNT = `count`.
+fn with_additional(id: u16, additional: &[Vec<u8>]) -> Vec<u8> {
+    let mut bytes = query(id, "printer.lan.", RecordType::A, None).to_vec().unwrap();
+    bytes[11] = additional.len() as u8;
+    for r in additional {
+        bytes.extend_from_slice(r);
+    }
+    bytes
+}
+
+#[test]
+fn odd_queries_from_a_lan_device_get_a_clear_answer_and_nothing_else() {
+    let lab = dns_lab();
+    let daemon = lab.start_tproxyd(&config("rate_limit = { qps = 0 }", ""));
+    let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let sock = lab::udp::socket(&lab.client, "192.0.2.10:0".parse().unwrap());
+
+    let mut unknown_option = 65001u16.to_be_bytes().to_vec();
+    unknown_option.extend_from_slice(&1000u16.to_be_bytes());
+    unknown_option.extend(std::iter::repeat_n(0xa5, 1000));
+    let mut big_edns = Edns::new();
+    big_edns.set_max_payload(65_535);
+    // A 255-byte name with binary bytes and an escaped dot in its labels.
+    let odd_labels: Vec<Vec<u8>> = (0..4u8)
+        .map(|i| {
+            let mut l = vec![b'a' + i; 62];
+            l[0] = 0;
+            l[1] = b'.';
+            l[2] = 0xff;
+            l[3] = b'\\';
+            l
+        })
+        .collect();
+    let odd_name = Name::from_labels(odd_labels).unwrap();
+    let mut odd = Message::query();
+    odd.metadata.id = 9;
+    odd.add_query(Query::query(odd_name.clone(), RecordType::A));
+
+    let cases: Vec<(&str, Vec<u8>, Option<ResponseCode>)> = vec![
+        (
+            "QDCOUNT 0",
+            patched(query(1, "printer.lan.", RecordType::A, None).to_vec().unwrap(), |h| {
+                h[5] = 0
+            })[..12]
+                .to_vec(),
+            Some(ResponseCode::FormErr),
+        ),
+        (
+            "QDCOUNT 2",
+            {
+                let mut m = query(2, "printer.lan.", RecordType::A, None);
+                m.add_query(Query::query(name("bank.test."), RecordType::A));
+                m.to_vec().unwrap()
+            },
+            Some(ResponseCode::FormErr),
+        ),
+        (
+            "NOTIFY",
+            patched(query(3, "printer.lan.", RecordType::SOA, None).to_vec().unwrap(), |h| {
+                h[2] = 4 << 3
+            }),
+            Some(ResponseCode::NotImp),
+        ),
+        (
+            "UPDATE",
+            patched(query(4, "printer.lan.", RecordType::SOA, None).to_vec().unwrap(), |h| {
+                h[2] = 5 << 3
+            }),
+            Some(ResponseCode::NotImp),
+        ),
+        (
+            "two OPT records",
+            with_additional(5, &[opt_record(1232, &[]), opt_record(4096, &[])]),
+            Some(ResponseCode::FormErr),
+        ),
+        (
+            "an unknown 1000-byte EDNS option",
+            with_additional(6, &[opt_record(1232, &unknown_option)]),
+            Some(ResponseCode::NoError),
+        ),
+        (
+            "EDNS payload 65535",
+            query(7, "printer.lan.", RecordType::A, Some(big_edns))
+                .to_vec()
+                .unwrap(),
+            Some(ResponseCode::NoError),
+        ),
+        (
+            "a 255-byte binary name",
+            odd.to_vec().unwrap(),
+            Some(ResponseCode::ServFail),
+        ),
+        (
+            "a response (QR=1)",
+            patched(query(10, "printer.lan.", RecordType::A, None).to_vec().unwrap(), |h| {
+                h[2] |= 0x80
+            }),
+            None,
+        ),
+    ];
+    for (what, bytes, expected) in &cases {
+        let replies = blast(&sock, to, std::slice::from_ref(bytes), Duration::from_millis(2500));
+        match expected {
+            None => assert!(replies.is_empty(), "{what}: answered {replies:?}"),
+            Some(rcode) => {
+                assert_eq!(replies.len(), 1, "{what}: {replies:?}");
+                let r = &replies[0];
+                assert_eq!(r.metadata.response_code, *rcode, "{what}: {r:?}");
+                assert_eq!(r.metadata.id, u16::from_be_bytes([bytes[0], bytes[1]]), "{what}");
+                let raw_len = r.to_vec().unwrap().len();
+                assert!(raw_len <= 1232, "{what}: a {raw_len}-byte reply");
+                if *rcode == ResponseCode::NoError {
+                    let edns = r.edns.as_ref().expect("an OPT record in reply to one");
+                    assert!(edns.options().as_ref().is_empty(), "{what}: options echoed");
+                }
+            }
+        }
+    }
+    // The odd name went upstream (dead here) and came back unchanged.
+    let replies = blast(&sock, to, &[odd.to_vec().unwrap()], Duration::from_millis(2500));
+    assert_eq!(replies[0].queries[0].name().to_string(), odd_name.to_string());
+    assert_eq!(legit_answers(&lab, LISTEN, 3), 6);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_formerr"), 3, "{}", stopped.log);
+    assert_eq!(stopped.counter("dns_notimp"), 2, "{}", stopped.log);
+}
+
+/// A hostile upstream: answers each query with whatever `answer` makes of
+/// its raw bytes, over UDP and TCP (`true`), on port 53 of `addr`.
+struct RawUpstream {
+    asked: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+type RawAnswer = dyn Fn(&[u8], bool) -> Option<Vec<u8>> + Send + Sync;
+
+impl RawUpstream {
+    fn start(lab: &Lab, addr: IpAddr, answer: impl Fn(&[u8], bool) -> Option<Vec<u8>> + Send + Sync + 'static) -> Self {
+        let sa = SocketAddr::new(addr, 53);
+        let (udp, tcp) =
+            lab.servers[0].enter(move || (UdpSocket::bind(sa).unwrap(), std::net::TcpListener::bind(sa).unwrap()));
+        udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let answer: Arc<RawAnswer> = Arc::new(answer);
+        let asked = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        {
+            let (answer, asked, stop) = (answer.clone(), asked.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                        asked.fetch_add(1, Ordering::Relaxed);
+                        if let Some(reply) = answer(&buf[..n], false) {
+                            let _ = udp.send_to(&reply, from);
+                        }
+                    }
+                }
+            }));
+        }
+        {
+            let (asked, stop) = (asked.clone(), stop.clone());
+            let conns: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut s, _)) = tcp.accept() else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    let (answer, asked) = (answer.clone(), asked.clone());
+                    conns.lock().unwrap().push(std::thread::spawn(move || {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+                        let mut len = [0u8; 2];
+                        while s.read_exact(&mut len).is_ok() {
+                            let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                            if s.read_exact(&mut q).is_err() {
+                                return;
+                            }
+                            asked.fetch_add(1, Ordering::Relaxed);
+                            let Some(reply) = answer(&q, true) else { return };
+                            let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                            framed.extend_from_slice(&reply);
+                            if s.write_all(&framed).is_err() {
+                                return;
+                            }
+                        }
+                    }));
+                }
+                for t in conns.lock().unwrap().drain(..) {
+                    let _ = t.join();
+                }
+            }));
+        }
+        RawUpstream { asked, stop, threads }
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The header and question of `query`, turned into a response with
+/// `flags` OR-ed into byte 2 and the given counts.
+fn reply_head(query: &[u8], tc: bool, ancount: u16) -> Option<Vec<u8>> {
+    let q = Message::from_vec(query).ok()?;
+    let question = q.queries.first()?.clone();
+    let mut head = Message::response(q.metadata.id, q.metadata.op_code);
+    head.metadata.recursion_desired = true;
+    head.metadata.recursion_available = true;
+    head.metadata.truncation = tc;
+    head.add_query(question);
+    let mut bytes = head.to_vec().ok()?;
+    bytes[6..8].copy_from_slice(&ancount.to_be_bytes());
+    Some(bytes)
+}
+
+fn ask(lab: &Lab, qname: &str) -> lab::dns::Dig {
+    dig(&lab.client, &format!("@{LISTEN} {qname} A"))
+}
+
+fn start(lab: &Lab) -> Daemon {
+    lab.start_tproxyd(&config("rate_limit = { qps = 0 }", ""))
+}
+
+#[test]
+fn an_upstream_that_truncates_over_tcp_too_gives_servfail_not_an_empty_answer() {
+    let lab = dns_lab();
+    // TC=1 on UDP, and on the TCP retry as well: no answer ever comes.
+    let up = RawUpstream::start(&lab, ip(UPSTREAM), |q, _tcp| reply_head(q, true, 0));
+    let daemon = start(&lab);
+    let d = ask(&lab, "www.loop.test");
+    assert_eq!(d.status, "SERVFAIL", "{}", d.raw);
+    assert!(up.asked.load(Ordering::Relaxed) >= 2, "UDP then TCP");
+    // Nothing was cached: asked again, the upstream is asked again.
+    let before = up.asked.load(Ordering::Relaxed);
+    assert_eq!(ask(&lab, "www.loop.test").status, "SERVFAIL");
+    assert!(up.asked.load(Ordering::Relaxed) > before);
+    assert_eq!(legit_answers(&lab, LISTEN, 3), 6);
+    drop(daemon);
+}
+
+#[test]
+fn a_compression_loop_from_the_upstream_is_dropped_and_never_answers() {
+    let lab = dns_lab();
+    // An answer record whose owner is a pointer to itself.
+    let up = RawUpstream::start(&lab, ip(UPSTREAM), |q, _tcp| {
+        let mut bytes = reply_head(q, false, 1)?;
+        let at = bytes.len() as u16;
+        bytes.extend_from_slice(&(0xc000 | at).to_be_bytes());
+        bytes.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 51, 100, 66]);
+        Some(bytes)
+    });
+    let daemon = start(&lab);
+    let d = ask(&lab, "www.ptrloop.test");
+    assert_eq!(d.status, "SERVFAIL", "{}", d.raw);
+    assert!(up.asked.load(Ordering::Relaxed) >= 1);
+    assert_eq!(legit_answers(&lab, LISTEN, 3), 6);
+    let stopped = daemon.stop();
+    assert!(stopped.counter("dns_upstream_mismatched") >= 1, "{}", stopped.log);
+}
+
+/// Floods `to` with queries from `victim`'s address, sent off-path from
+/// the WAN side (server 0), until the returned flag is set.
+fn spoof_flood(lab: &Lab, victim: IpAddr, to: SocketAddr) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
+    lab.servers[0].sh(&format!(
+        "ip addr add {victim}/32 dev lo
+         ip route add {}/32 via {} src {victim}",
+        to.ip(),
+        lab::gateway_wan4(0)
+    ));
+    let spoofer = lab::udp::socket(&lab.servers[0], SocketAddr::new(victim, 0));
+    let forged: Vec<u8> = query(1, "printer.lan.", RecordType::A, None).to_vec().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = spoofer.send_to(&forged, to);
+                sent += 1;
+                if sent % 20 == 0 {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            sent
+        })
+    };
+    (stop, flood)
+}
+
+#[test]
+fn a_spoofer_emptying_a_clients_rate_limit_cannot_deny_it_dns_over_tcp() {
+    let lab = dns_lab();
+    let daemon = lab.start_tproxyd(&config(
+        "rate_limit = { qps = 20, burst = 20, action = \"truncate\" }",
+        "",
+    ));
+    // Off-path, on the WAN side: the spoofer writes the LAN client's address
+    // as the source of its queries to the gateway's DNS listener, keeping
+    // that address's bucket empty.
+    let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let (stop, flood) = spoof_flood(&lab, ip(lab::CLIENT4), to);
+    std::thread::sleep(Duration::from_millis(300));
+    // The real client at that address asks during the flood: over UDP it is
+    // told TC=1 and retries over TCP, where a spoofer cannot follow; over
+    // TCP it is answered at once.
+    let answered = legit_answers(&lab, LISTEN, 5);
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    let stopped = daemon.stop();
+    assert!(sent > 500, "flood too small: {sent}");
+    assert_eq!(answered, 10, "the spoofer cost the client its answers: {}", stopped.log);
+    assert!(stopped.counter("dns_rate_limited") > 400, "{}", stopped.log);
+    assert!(stopped.counter("dns_tcp_queries") >= 5, "{}", stopped.log);
+}
+
+#[test]
+fn a_flood_from_many_addresses_of_one_ipv6_56_is_limited_as_one_client() {
+    let lab = dns_lab();
+    let daemon = lab.start_tproxyd(&config("rate_limit = { qps = 20, burst = 20 }", ""));
+    let addrs: Vec<IpAddr> = (1..=12).map(|i| ip(&format!("2001:db8:1::b:{i}"))).collect();
+    for a in &addrs {
+        lab.add_client_address(*a);
+    }
+    let to: SocketAddr = format!("[{LISTEN6}]:53").parse().unwrap();
+    let queries: Vec<Vec<u8>> = (0..25u16)
+        .map(|id| query(id, "printer.lan.", RecordType::A, None).to_vec().unwrap())
+        .collect();
+    // 12 addresses x 25 queries, all at once: 300 queries from one /56.
+    let socks: Vec<UdpSocket> = addrs
+        .iter()
+        .map(|a| lab::udp::socket(&lab.client, SocketAddr::new(*a, 0)))
+        .collect();
+    for s in &socks {
+        for q in &queries {
+            s.send_to(q, to).unwrap();
+        }
+    }
+    let answered: usize = socks
+        .iter()
+        .map(|s| blast(s, to, &[], Duration::from_millis(500)).len())
+        .sum();
+    // The /56's burst and what its rate refilled meanwhile, not 12 bursts.
+    assert!((20..=40).contains(&answered), "{answered} of 300 answered");
+    // Another client is not affected.
+    assert_eq!(legit_answers(&lab, LISTEN, 2), 4);
+    let stopped = daemon.stop();
+    // Every flood query that reached the daemon was answered or counted
+    // (the 2 UDP and 2 TCP legitimate ones are neither).
+    let arrived = stopped.counter("dns_queries") - 4;
+    assert!(arrived >= 200, "only {arrived} of 300 arrived: {}", stopped.log);
+    assert_eq!(
+        stopped.counter("dns_rate_limited"),
+        arrived - answered as u64,
+        "{}",
+        stopped.log
+    );
+}
+
+/// `query`'s response carrying `answers` (owner, CNAME target or A).
+fn answer_with(query: &[u8], answers: &[(String, Result<String, [u8; 4]>)]) -> Option<Vec<u8>> {
+    use hickory_proto::rr::rdata::{A, CNAME};
+    use hickory_proto::rr::{RData, Record};
+    let q = Message::from_vec(query).ok()?;
+    let mut m = Message::response(q.metadata.id, q.metadata.op_code);
+    m.metadata.recursion_desired = true;
+    m.metadata.recursion_available = true;
+    m.add_query(q.queries.first()?.clone());
+    for (owner, data) in answers {
+        let rdata = match data {
+            Ok(target) => RData::CNAME(CNAME(name(target))),
+            Err(addr) => RData::A(A::from(std::net::Ipv4Addr::from(*addr))),
+        };
+        m.add_answer(Record::from_rdata(name(owner), 300, rdata));
+    }
+    m.to_vec().ok()
+}
+
+#[test]
+fn cname_loops_and_overlong_chains_from_the_upstream_end_quickly_and_carry_nothing_else() {
+    let lab = dns_lab();
+    let _up = RawUpstream::start(&lab, ip(UPSTREAM), |q, _tcp| {
+        let asked = Message::from_vec(q)
+            .ok()?
+            .queries
+            .first()?
+            .name()
+            .to_ascii()
+            .to_ascii_lowercase();
+        let records: Vec<(String, Result<String, [u8; 4]>)> = if asked.starts_with("loop.") {
+            vec![
+                ("loop.test.".into(), Ok("loop2.test.".into())),
+                ("loop2.test.".into(), Ok("loop.test.".into())),
+                ("bank.test.".into(), Err([198, 51, 100, 66])),
+            ]
+        } else {
+            // 40 links, then an address.
+            let mut r: Vec<_> = (0..40)
+                .map(|i| (format!("c{i}.chain.test."), Ok(format!("c{}.chain.test.", i + 1))))
+                .collect();
+            r[0].0 = "chain.test.".into();
+            r.push(("c40.chain.test.".into(), Err([198, 51, 100, 80])));
+            r.push(("bank.test.".into(), Err([198, 51, 100, 66])));
+            r
+        };
+        answer_with(q, &records)
+    });
+    let daemon = start(&lab);
+    let d = ask(&lab, "loop.test");
+    assert!(d.query_ms < 1000, "{}", d.raw);
+    assert!(!d.raw.contains("bank.test"), "{}", d.raw);
+    // The loop ends where it closes: one link, nothing else.
+    assert_eq!(d.answers.len(), 1, "{}", d.raw);
+    let d = ask(&lab, "chain.test");
+    assert!(d.query_ms < 1000, "{}", d.raw);
+    assert!(!d.raw.contains("bank.test"), "{}", d.raw);
+    // At most 16 links are followed; past them nothing is passed on.
+    assert!(d.answers.len() <= 16, "{}", d.raw);
+    assert!(!d.raw.contains("198.51.100.80"), "{}", d.raw);
+    assert_eq!(legit_answers(&lab, LISTEN, 2), 4);
+    drop(daemon);
+}
+
+/// Datagrams the gateway's kernel dropped at full socket receive queues.
+fn rcvbuf_errors(lab: &Lab) -> u64 {
+    lab.gateway
+        .sh("nstat -az UdpRcvbufErrors Udp6RcvbufErrors | awk '/RcvbufErrors/ {s += $2} END {print s+0}'")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_burst_from_one_device_does_not_cost_another_its_answers() {
+    let lab = dns_lab();
+    let stranger = ip("192.0.2.66");
+    lab.add_client_address(stranger);
+    let daemon = lab.start_tproxyd(&config("rate_limit = { qps = 20, burst = 20 }", ""));
+    let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let flooder = lab::udp::socket(&lab.client, SocketAddr::new(stranger, 0));
+    let victim = lab::udp::socket(&lab.client, "192.0.2.10:0".parse().unwrap());
+    let forged = query(1, "printer.lan.", RecordType::A, None).to_vec().unwrap();
+    let before = rcvbuf_errors(&lab);
+    let mut asked = 0u16;
+    // Bursts of 1,000 queries, each followed at once by one query from a
+    // quiet device.
+    for _ in 0..10 {
+        for _ in 0..1000 {
+            let _ = flooder.send_to(&forged, to);
+        }
+        victim
+            .send_to(&query(asked, "printer.lan.", RecordType::A, None).to_vec().unwrap(), to)
+            .unwrap();
+        asked += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let replies = blast(&victim, to, &[], Duration::from_secs(2));
+    let dropped = rcvbuf_errors(&lab) - before;
+    let stopped = daemon.stop();
+    assert_eq!(
+        replies.len(),
+        usize::from(asked),
+        "the quiet device lost answers; {dropped} datagrams dropped at the socket: {}",
+        stopped.log
+    );
+}
