@@ -118,6 +118,20 @@ fn parse_body(body: &[u8]) -> Option<(CacheKey, u64, u32, Message)> {
         qclass: DNSClass::from(u16::from_be_bytes(qclass.try_into().ok()?)),
     };
     let message = Message::from_vec(wire).ok()?;
+    // Only what tproxyd can write back and read again: some parsed records
+    // re-encode to bytes the parser refuses, and a cache file must survive
+    // its own save.
+    // Checked in the form `encode` writes: no question, no EDNS.
+    let mut rebuilt = Message::new(
+        0,
+        hickory_proto::op::MessageType::Response,
+        hickory_proto::op::OpCode::Query,
+    );
+    rebuilt.metadata.response_code = message.metadata.response_code;
+    rebuilt.answers = message.answers.clone();
+    rebuilt.authorities = message.authorities.clone();
+    rebuilt.additionals = message.additionals.clone();
+    Message::from_vec(&rebuilt.to_vec().ok()?).ok()?;
     Some((
         key,
         u64::from_be_bytes(stored.try_into().ok()?),
@@ -274,5 +288,25 @@ mod tests {
         let fresh = DnsCache::new(&CacheConfig::default());
         assert_eq!(load(&fresh, &path).unwrap(), 1);
         assert_eq!(load(&fresh, &dir.path().join("missing")).unwrap(), 0);
+    }
+
+    #[test]
+    fn what_loads_saves_and_loads_again() {
+        // Found by the dns_cache_file fuzz target: a record that hickory
+        // parses but re-encodes into bytes it then refuses.
+        const FOUND: &[u8] = &[
+            116, 112, 114, 111, 120, 121, 100, 45, 100, 110, 115, 45, 99, 97, 99, 104, 101, 32, 49, 10, 0, 0, 0, 105,
+            0, 0, 0, 0, 255, 255, 255, 255, 255, 255, 255, 0, 7, 100, 101, 102, 97, 117, 108, 116, 11, 1, 97, 7, 13, 0,
+            255, 255, 255, 255, 0, 0, 1, 0, 1, 0, 0, 1, 44, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 0, 0, 1, 0, 0, 0, 0, 1, 97, 7, 101, 120, 13, 109,
+            112, 108, 101, 0, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 192, 0, 2, 1,
+        ];
+        let now = Instant::now();
+        let cache = DnsCache::with_stale_window(&CacheConfig::default(), 86_400);
+        let _ = decode_into(&cache, FOUND, now, 2_000_000_000);
+        let again = DnsCache::with_stale_window(&CacheConfig::default(), 86_400);
+        let loaded = decode_into(&again, &encode(&cache, now, 2_000_000_000), now, 2_000_000_000).unwrap();
+        assert_eq!(loaded, cache.len());
     }
 }
