@@ -651,3 +651,51 @@ fn a_burst_from_one_device_does_not_cost_another_its_answers() {
         stopped.log
     );
 }
+
+#[test]
+fn one_device_asking_names_that_never_resolve_cannot_take_every_pending_slot() {
+    let lab = dns_lab();
+    // The upstream never answers the attacker's names (a random-subdomain
+    // attack on a slow zone), and answers everything else at once.
+    let _up = RawUpstream::start(&lab, ip(UPSTREAM), |q, _tcp| {
+        let asked = Message::from_vec(q).ok()?.queries.first()?.name().to_ascii();
+        if asked.contains("slow") {
+            return None;
+        }
+        answer_with(q, &[(asked, Err([198, 51, 100, 80]))])
+    });
+    let daemon = lab.start_tproxyd(&config("rate_limit = { qps = 300, burst = 300 }", "").replace(
+        "server_timeout = \"700ms\"",
+        "server_timeout = \"700ms\"\nmax_pending = 64",
+    ));
+    let attacker = ip("192.0.2.66");
+    lab.add_client_address(attacker);
+    let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let sock = lab::udp::socket(&lab.client, SocketAddr::new(attacker, 0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // About 200 queries a second, within its rate limit, each for a new
+    // name: some 140 waiting at any time, for the 700 ms its server gets.
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let q = query(n as u16, &format!("r{n}.slow.test."), RecordType::A, None);
+                let _ = sock.send_to(&q.to_vec().unwrap(), to);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    // Another device asks for names nobody has asked yet.
+    let out = lab
+        .client
+        .sh("for i in $(seq 1 10); do dig +tries=1 +time=2 @192.0.2.1 www$i.example.test A +short; done");
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    let stopped = daemon.stop();
+    let answered = out.lines().filter(|l| l.trim() == "198.51.100.80").count();
+    assert_eq!(answered, 10, "{out}\n{}", stopped.log);
+    assert!(stopped.counter("dns_servfail_client_share") > 0, "{}", stopped.log);
+}
