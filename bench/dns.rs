@@ -9,6 +9,11 @@
 //! * **miss**: unique names, every query a cache miss forwarded to the same
 //!   local upstream (a dnsmasq in the server namespace).
 //!
+//! The miss path has two more peers, both forwarding to that upstream:
+//! dnsdist with no packet cache (every query goes upstream, as in
+//! tproxyd) and Unbound as a plain forwarder (`forward-zone "."`, no root
+//! hints, no validator, two threads).
+//!
 //! Peak QPS comes from an open-loop run; latency percentiles from a second
 //! run at half that peak, with dnsperf reporting every query.
 
@@ -30,17 +35,24 @@ pub struct Result {
     pub p99_us: f64,
 }
 
-const SYSTEMS: [(&str, &str); 4] = [
+const SYSTEMS: [(&str, &str); 6] = [
     ("tproxyd (hijacked)", "203.0.113.53"),
     ("tproxyd (LAN address)", "192.0.2.1"),
     ("dnsmasq", "192.0.2.2"),
     ("dnsdist", "192.0.2.3"),
+    ("dnsdist (no cache)", "192.0.2.4"),
+    ("unbound (forwarder)", "192.0.2.5"),
 ];
+
+/// The peers that only make sense on the miss path.
+fn miss_only(system: &str) -> bool {
+    matches!(system, "dnsdist (no cache)" | "unbound (forwarder)")
+}
 
 pub fn run(opts: &Options) -> Vec<Result> {
     let lab = setup::lab();
     lab.gateway
-        .sh("ip addr add 192.0.2.2/24 dev lan0 && ip addr add 192.0.2.3/24 dev lan0");
+        .sh("for a in 2 3 4 5; do ip addr add 192.0.2.$a/24 dev lan0; done");
     let log = lab.path("dns-peers.log");
     // The upstream: answers any name under cached.test and miss.test.
     lab.spawn(
@@ -100,10 +112,32 @@ addAction(QNameRule("printer.lan."), SpoofAction("192.0.2.50"))
         &["-C", &conf, "--supervised", "--disable-syslog"],
         &log,
     );
+    let plain_conf = lab.path("dnsdist-plain.conf");
+    std::fs::write(
+        &plain_conf,
+        format!(
+            r#"setSecurityPollSuffix("")
+setACL({{"0.0.0.0/0"}})
+addLocal("192.0.2.4:53")
+newServer({{address="{UPSTREAM_DNS}:53"}})
+"#
+        ),
+    )
+    .unwrap();
+    let conf = plain_conf.display().to_string();
+    let plain_pid = lab.spawn(
+        &lab.gateway,
+        "dnsdist",
+        &["-C", &conf, "--supervised", "--disable-syslog"],
+        &log,
+    );
+    let unbound_pid = unbound(&lab, &log);
     let daemon = setup::tproxyd(&lab, &[], "");
     let pid_of = |system: &str| match system {
         "dnsmasq" => dnsmasq_pid,
         "dnsdist" => dnsdist_pid,
+        "dnsdist (no cache)" => plain_pid,
+        "unbound (forwarder)" => unbound_pid,
         _ => daemon.pid(),
     };
     sleep_ms(1_000);
@@ -113,6 +147,9 @@ addAction(QNameRule("printer.lan."), SpoofAction("192.0.2.50"))
     let mut out = Vec::new();
     for (workload, file) in &files {
         for (system, server) in SYSTEMS {
+            if miss_only(system) && *workload != "miss" {
+                continue;
+            }
             if *workload == "cached" {
                 // Fill the cache first: every name once.
                 sh(
@@ -149,6 +186,46 @@ addAction(QNameRule("printer.lan."), SpoofAction("192.0.2.50"))
         }
     }
     out
+}
+
+/// Unbound on 192.0.2.5 as a forwarder to the lab's upstream: no root
+/// hints, no trust anchor, nothing leaves the lab. `test.` is one of its
+/// built-in empty zones (RFC 6761), so that is switched off.
+fn unbound(lab: &Lab, log: &std::path::Path) -> u32 {
+    let dir = lab.dir.display().to_string();
+    let conf = lab.path("unbound.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"server:
+    interface: 192.0.2.5
+    port: 53
+    access-control: 0.0.0.0/0 allow
+    do-ip6: no
+    do-tcp: no
+    username: ""
+    chroot: ""
+    directory: "{dir}"
+    pidfile: ""
+    use-syslog: no
+    logfile: ""
+    verbosity: 0
+    num-threads: 2
+    so-reuseport: yes
+    num-queries-per-thread: 4096
+    outgoing-range: 8192
+    module-config: "iterator"
+    do-not-query-localhost: no
+    local-zone: "test." nodefault
+forward-zone:
+    name: "."
+    forward-addr: {UPSTREAM_DNS}
+"#
+        ),
+    )
+    .unwrap();
+    let conf = conf.display().to_string();
+    lab.spawn(&lab.gateway, "unbound", &["-d", "-c", &conf], log)
 }
 
 /// Query files for the three workloads, inside the lab directory.

@@ -2,23 +2,26 @@
 //!
 //!     bench/run.sh                # two rounds, writes docs/BENCHMARKS.md
 //!     bench/run.sh --quick        # one short round, prints only
-//!     bench/run.sh --only udp,dns # some sections (udp, latency, flows, dns,
-//!                                 # domain, blocklist)
+//!     bench/run.sh --only udp,dns # some sections: udp, latency, flows,
+//!                                 # mix, dns, domain, blocklist, abuse
 //!
 //! Every figure compares tproxyd with a baseline measured in the same run
 //! on the same machine, in the same namespace lab the tests use: the
 //! kernel forwarding the same traffic (no proxy), socat (a naive userspace
-//! relay), dnsmasq and dnsdist (DNS doing the same work).
+//! relay), dnsmasq, dnsdist and Unbound (DNS doing the same work).
 
 #[path = "../tests/lab/mod.rs"]
 #[allow(unused_imports)]
 mod lab;
 
+mod abuse;
 mod blocklist;
 mod dns;
 mod domain;
+mod drops;
 mod flows;
 mod latency;
+mod mix;
 mod report;
 mod setup;
 mod udp;
@@ -77,10 +80,24 @@ pub struct Round {
     pub udp: Vec<udp::Point>,
     pub latency: Vec<latency::Result>,
     pub flows: Option<flows::Result>,
+    pub mix: Vec<mix::Result>,
     pub dns: Vec<dns::Result>,
     pub domain: Vec<domain::Result>,
     pub blocklist: Option<blocklist::Result>,
+    pub abuse: Option<abuse::Result>,
     pub seconds: f64,
+    /// `/proc/loadavg`'s first three fields when the round started and ended.
+    pub load_before: String,
+    pub load_after: String,
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn main() {
@@ -94,7 +111,10 @@ fn main() {
     for r in 0..opts.rounds {
         eprintln!("== round {} of {}", r + 1, opts.rounds);
         let started = Instant::now();
-        let mut round = Round::default();
+        let mut round = Round {
+            load_before: load_average(),
+            ..Round::default()
+        };
         if opts.wants("udp") {
             round.udp = udp::run(&opts);
         }
@@ -103,6 +123,9 @@ fn main() {
         }
         if opts.wants("flows") {
             round.flows = Some(flows::run(&opts));
+        }
+        if opts.wants("mix") {
+            round.mix = mix::run(&opts);
         }
         if opts.wants("dns") {
             round.dns = dns::run(&opts);
@@ -113,7 +136,11 @@ fn main() {
         if opts.wants("blocklist") {
             round.blocklist = Some(blocklist::run(&opts));
         }
+        if opts.wants("abuse") {
+            round.abuse = Some(abuse::run(&opts));
+        }
         round.seconds = started.elapsed().as_secs_f64();
+        round.load_after = load_average();
         rounds.push(round);
     }
     let text = report::render(&opts, &rounds);

@@ -1,12 +1,22 @@
-//! UDP throughput: iperf3 from the client to the server, through the kernel
-//! alone, through tproxyd, and through socat; 64- and 1,200-byte datagrams,
-//! offered load swept up to the sender's maximum.
+//! UDP throughput: iperf3 between the client and the server, through the
+//! kernel alone, through tproxyd, and through socat; 64- and 1,200-byte
+//! datagrams.
 //!
-//! Both iperf3 ends get 4 MiB socket buffers (`-w 4M`): with the default
-//! ~200 KiB, the receiving iperf3 overflows whenever the scheduler runs it
-//! late, and the loss measured is the receiver's, not the path's.
+//! * **Forward** (client sends, server receives) and **reverse** (`iperf3
+//!   -R`: the server sends through tproxyd's pooled upstream socket, whose
+//!   replies tproxyd sends on to the client).
+//! * **4 MiB endpoint buffers** (`-w 4M` at both iperf3 ends) and the
+//!   **default** ones (~208 KiB): with the default, a receiving iperf3 that
+//!   the scheduler runs late overflows, and that loss is counted where it
+//!   happens (see [`crate::drops`]).
+//!
+//! Forward with 4 MiB buffers is swept over offered loads (and pinned);
+//! the other three combinations are measured at the sender's maximum.
+//! Then tproxyd runs again with two workers for the workers = 1 vs 2
+//! comparison.
 
 use crate::Options;
+use crate::drops::{self, Drops};
 use crate::lab::Lab;
 use crate::setup::{self, SERVER, pin, sh, sleep_ms};
 
@@ -27,10 +37,47 @@ impl System {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client → server.
+    Forward,
+    /// Server → client (`iperf3 -R`).
+    Reverse,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Forward => "forward",
+            Direction::Reverse => "reverse",
+        }
+    }
+}
+
+/// Socket buffers of both iperf3 ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buffers {
+    Default,
+    FourMiB,
+}
+
+impl Buffers {
+    pub fn name(self) -> &'static str {
+        match self {
+            Buffers::Default => "default",
+            Buffers::FourMiB => "4 MiB",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Point {
     pub system: System,
     pub size: usize,
+    pub direction: Direction,
+    pub buffers: Buffers,
+    /// tproxyd's worker threads (1 unless comparing).
+    pub workers: usize,
     /// Offered datagrams/s; `None` = as fast as the sender can.
     pub offered: Option<u64>,
     /// Sender on CPU 0, everything else on CPU 1.
@@ -38,6 +85,32 @@ pub struct Point {
     pub sent_pps: f64,
     pub delivered_pps: f64,
     pub loss_percent: f64,
+    /// Datagrams the receiving iperf3 missed (by sequence number).
+    pub lost: f64,
+    /// Counter changes over the measurement.
+    pub drops: Drops,
+}
+
+impl Point {
+    /// tproxyd's CPU time per datagram it relayed, µs.
+    pub fn cpu_us_per_datagram(&self) -> Option<f64> {
+        self.drops
+            .daemon
+            .filter(|d| d.relayed() > 0)
+            .map(|d| d.cpu_us_per_datagram())
+    }
+}
+
+/// What one measurement is.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    system: System,
+    size: usize,
+    direction: Direction,
+    buffers: Buffers,
+    workers: usize,
+    rate: Option<u64>,
+    pinned: bool,
 }
 
 pub fn run(opts: &Options) -> Vec<Point> {
@@ -60,8 +133,15 @@ pub fn run(opts: &Options) -> Vec<Point> {
             };
         }
         let wrapper: Vec<&str> = if pinned { vec!["taskset", "-c", "1"] } else { vec![] };
-        let daemon = setup::tproxyd(&lab, &wrapper, "");
+        let daemon = setup::tproxyd(&lab, &wrapper, "workers = 1");
         sleep_ms(300);
+        let pid = daemon.pid();
+        let mut one = |case: Case| {
+            let p = measure(&lab, case, (case.system == System::Tproxyd).then_some(pid), opts.secs());
+            print(&p);
+            points.push(p);
+        };
+        // Forward, 4 MiB buffers: the sweep (as before), all three systems.
         for size in [64usize, 1200] {
             let rates: Vec<Option<u64>> = if pinned || opts.quick {
                 vec![None]
@@ -70,16 +150,61 @@ pub fn run(opts: &Options) -> Vec<Point> {
             };
             for system in [System::Kernel, System::Tproxyd, System::Socat] {
                 for &rate in &rates {
-                    let p = measure(&lab, system, size, rate, pinned, opts.secs());
-                    eprintln!(
-                        "udp {:>5}B {:<18} {:>8} pinned={:<5} delivered {:>9.0}/s loss {:>5.1}%",
+                    one(Case {
+                        system,
                         size,
-                        system.name(),
-                        rate.map_or("max".to_string(), |r| r.to_string()),
+                        direction: Direction::Forward,
+                        buffers: Buffers::FourMiB,
+                        workers: 1,
+                        rate,
                         pinned,
-                        p.delivered_pps,
-                        p.loss_percent
-                    );
+                    });
+                }
+            }
+        }
+        if pinned {
+            drop(daemon);
+            continue;
+        }
+        // The other three combinations, at the sender's maximum.
+        for (direction, buffers) in [
+            (Direction::Forward, Buffers::Default),
+            (Direction::Reverse, Buffers::FourMiB),
+            (Direction::Reverse, Buffers::Default),
+        ] {
+            for size in [64usize, 1200] {
+                for system in [System::Kernel, System::Tproxyd] {
+                    one(Case {
+                        system,
+                        size,
+                        direction,
+                        buffers,
+                        workers: 1,
+                        rate: None,
+                        pinned,
+                    });
+                }
+            }
+        }
+        drop(daemon);
+        // Two workers, the same four combinations at the maximum.
+        let daemon = setup::tproxyd(&lab, &[], "workers = 2");
+        sleep_ms(300);
+        let pid = daemon.pid();
+        for direction in [Direction::Forward, Direction::Reverse] {
+            for buffers in [Buffers::FourMiB, Buffers::Default] {
+                for size in [64usize, 1200] {
+                    let case = Case {
+                        system: System::Tproxyd,
+                        size,
+                        direction,
+                        buffers,
+                        workers: 2,
+                        rate: None,
+                        pinned,
+                    };
+                    let p = measure(&lab, case, Some(pid), opts.secs());
+                    print(&p);
                     points.push(p);
                 }
             }
@@ -89,14 +214,31 @@ pub fn run(opts: &Options) -> Vec<Point> {
     points
 }
 
-fn measure(lab: &Lab, system: System, size: usize, rate: Option<u64>, pinned: bool, secs: u32) -> Point {
-    let (host, port) = match system {
+fn print(p: &Point) {
+    eprintln!(
+        "udp {:>5}B {:<7} {:<7} {:<18} w{} {:>7} pinned={:<5} delivered {:>9.0}/s loss {:>5.1}% cpu {} µs/dgram; drops: {}",
+        p.size,
+        p.direction.name(),
+        p.buffers.name(),
+        p.system.name(),
+        p.workers,
+        p.offered.map_or("max".to_string(), |r| r.to_string()),
+        p.pinned,
+        p.delivered_pps,
+        p.loss_percent,
+        p.cpu_us_per_datagram().map_or("-".into(), |v| format!("{v:.2}")),
+        p.drops.summary()
+    );
+}
+
+fn measure(lab: &Lab, case: Case, tproxyd: Option<u32>, secs: u32) -> Point {
+    let (host, port) = match case.system {
         System::Kernel => (SERVER.to_string(), 5201),
         System::Tproxyd => (SERVER.to_string(), 5202),
         System::Socat => ("192.0.2.1".to_string(), 6000),
     };
     let mut socat_pids = Vec::new();
-    if system == System::Socat {
+    if case.system == System::Socat {
         // iperf3 needs its TCP control connection relayed too; the data is
         // relayed by a plain UDP socat (read a datagram, write it on).
         let log = lab.path("socat.log");
@@ -104,30 +246,43 @@ fn measure(lab: &Lab, system: System, size: usize, rate: Option<u64>, pinned: bo
             let listen = format!("{proto}-LISTEN:6000,bind=192.0.2.1,reuseaddr{fork}");
             let connect = format!("{proto}:{SERVER}:5203");
             let mut args = vec![];
-            if pinned {
+            if case.pinned {
                 args.extend(["-c", "1", "socat"]);
             }
             args.extend(["-T", "30", &listen, &connect]);
-            let program = if pinned { "taskset" } else { "socat" };
+            let program = if case.pinned { "taskset" } else { "socat" };
             socat_pids.push(lab.spawn(&lab.gateway, program, &args, &log));
         }
         sleep_ms(300);
     }
-    let bps = rate.map_or(0, |r| r * size as u64 * 8);
+    let bps = case.rate.map_or(0, |r| r * case.size as u64 * 8);
+    let window = match case.buffers {
+        Buffers::FourMiB => " -w 4M",
+        Buffers::Default => "",
+    };
+    let reverse = match case.direction {
+        Direction::Forward => "",
+        Direction::Reverse => " -R",
+    };
+    let counters = drops::before(lab, tproxyd);
     let json = sh(
         &lab.client,
         &format!(
-            "{}iperf3 -u -c {host} -p {port} -l {size} -b {bps} -t {secs} -w 4M -J",
-            pin(pinned.then_some(0))
+            "{}iperf3 -u -c {host} -p {port} -l {} -b {bps} -t {secs}{window}{reverse} -J",
+            pin(case.pinned.then_some(0)),
+            case.size
         ),
     );
+    // Late datagrams still in flight settle before the counters are read.
+    sleep_ms(200);
+    let drops = counters.since(lab);
     for pid in socat_pids {
         lab.kill(pid);
     }
-    parse(&json, system, size, rate, pinned)
+    parse(&json, case, drops)
 }
 
-fn parse(json: &str, system: System, size: usize, offered: Option<u64>, pinned: bool) -> Point {
+fn parse(json: &str, case: Case, drops: Drops) -> Point {
     let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
     let sent = &v["end"]["sum_sent"];
     let recv = &v["end"]["sum_received"];
@@ -137,12 +292,17 @@ fn parse(json: &str, system: System, size: usize, offered: Option<u64>, pinned: 
     let total = f(&recv["packets"]);
     let lost = f(&recv["lost_packets"]);
     Point {
-        system,
-        size,
-        offered,
-        pinned,
+        system: case.system,
+        size: case.size,
+        direction: case.direction,
+        buffers: case.buffers,
+        workers: case.workers,
+        offered: case.rate,
+        pinned: case.pinned,
         sent_pps: f(&sent["packets"]) / sent_secs,
         delivered_pps: (total - lost).max(0.0) / recv_secs,
         loss_percent: if total > 0.0 { 100.0 * lost / total } else { 100.0 },
+        lost,
+        drops,
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 
 use crate::dns::DnsService;
 use crate::metrics::{self, Gauge};
@@ -136,6 +137,7 @@ impl Sources {
 
 pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: Shutdown) -> io::Result<()> {
     let mut backoff = AcceptBackoff::new("admin");
+    let mut requests = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
@@ -149,7 +151,10 @@ pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: Shutdo
         };
         backoff.succeeded();
         let sources = sources.clone();
-        tokio::spawn(async move {
+        // Owned here: finished requests are reaped as new ones come, and
+        // whatever is still running is aborted when the endpoint stops.
+        while requests.try_join_next().is_some() {}
+        requests.spawn(async move {
             if let Err(e) = respond(stream, &sources).await {
                 tracing::debug!(%peer, error = %e, "admin request failed");
             }

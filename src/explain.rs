@@ -105,7 +105,9 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
             q.set_edns(Edns::new());
             let bytes = q.to_vec().unwrap_or_default();
             match engine.answer_now(&bytes, *client, Transport::Udp) {
-                Outcome::Reply(reply) | Outcome::Held(reply, _) => describe_reply(&mut out, &reply),
+                Outcome::Reply(reply) | Outcome::Held(reply, _) | Outcome::Prefetch(reply, _) => {
+                    describe_reply(&mut out, &reply)
+                }
                 Outcome::Forward(pending) => {
                     if let Some(g) = engine.groups().get(pending.group()) {
                         let _ = writeln!(

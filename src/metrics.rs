@@ -79,6 +79,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Upstream DNS records removed as outside the question's answer.",
     ),
     (
+        "dns_prefetches_total",
+        "counter",
+        "Popular DNS cache entries refreshed before they expired.",
+    ),
+    (
         "dns_cache_file_entries_total",
         "counter",
         "DNS cache entries loaded from and saved to dns.cache.file.",

@@ -158,6 +158,8 @@ counters! {
     dns_refused_local => "dns_queries_by_action_total", "action=\"refused_local\"";
     /// Expired answers served because no upstream answered in time (RFC 8767).
     dns_stale_served => "dns_queries_by_action_total", "action=\"stale\"";
+    /// Popular cache entries refreshed before they expired.
+    dns_prefetches => "dns_prefetches_total";
     /// Cache entries loaded from `dns.cache.file` at start.
     dns_cache_file_loaded => "dns_cache_file_entries_total", "op=\"loaded\"";
     /// Cache entries written to `dns.cache.file`.

@@ -624,3 +624,34 @@ fn the_cache_file_outlives_a_restart_and_a_corrupt_one_is_ignored() {
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("dns_cache_file_errors"), 1);
 }
+
+#[test]
+fn a_hot_name_is_refreshed_before_it_expires_and_never_misses_again() {
+    let lab = dns_lab();
+    let upstream = lab.dnsmasq(
+        0,
+        ip(UPSTREAM),
+        "example.test",
+        &["--host-record=www.example.test,203.0.113.80"],
+    );
+    // Answers live 5 s: prefetch may start in the last 500 ms.
+    let daemon = lab.start_tproxyd(&config(&format!("{ALLOW_CLIENT}\ncache = {{ max_ttl = \"5s\" }}"), ""));
+    // About 10 queries a second for 13 s: two TTL boundaries and a half.
+    let out = lab.client.sh(&format!(
+        "end=$(( $(date +%s) + 13 )); while [ $(date +%s) -lt $end ]; do \
+           dig +tries=1 +time=2 @{LISTEN} www.example.test A | grep -c 'status: NOERROR'; sleep 0.1; done"
+    ));
+    let answered = out.lines().filter(|l| l.trim() == "1").count();
+    assert_eq!(answered, out.lines().count(), "{out}");
+    assert!(answered > 40, "only {answered} queries");
+    let stopped = daemon.stop();
+    // Only the very first query waited for the upstream.
+    assert_eq!(stopped.counter("dns_cache_misses"), 1, "{}", stopped.log);
+    assert!(stopped.counter("dns_prefetches") >= 2);
+    let asked = upstream
+        .queries()
+        .iter()
+        .filter(|(n, _)| n == "www.example.test")
+        .count();
+    assert_eq!(asked as u64, 1 + stopped.counter("dns_prefetches"));
+}

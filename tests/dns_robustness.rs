@@ -86,7 +86,7 @@ fn sixty_thousand_mutated_queries_never_panic_and_replies_are_well_formed() {
         mutate(&mut rng, &mut input);
         let transport = if i % 3 == 0 { Transport::Tcp } else { Transport::Udp };
         match engine.answer_now(&input, client, transport) {
-            Outcome::Reply(bytes) | Outcome::Held(bytes, _) => {
+            Outcome::Reply(bytes) | Outcome::Held(bytes, _) | Outcome::Prefetch(bytes, _) => {
                 replies += 1;
                 let reply = Message::from_vec(&bytes).unwrap_or_else(|e| panic!("unparseable reply to {input:?}: {e}"));
                 assert_eq!(reply.metadata.message_type, MessageType::Response);

@@ -50,6 +50,11 @@ pub struct DnsConfig {
     pub tcp: TcpConfig,
     #[serde(default)]
     pub stale: StaleConfig,
+    /// Prefetch: an answer served from the cache at least this many times
+    /// is refreshed in the background once 10 % or less of its TTL is
+    /// left, so a popular name never makes a client wait. 0 turns it off.
+    #[serde(default = "DnsConfig::default_prefetch")]
+    pub prefetch: u32,
     #[serde(default)]
     pub cache: CacheConfig,
     #[serde(default)]
@@ -92,6 +97,9 @@ impl DnsConfig {
     }
     fn default_udp_payload() -> Spanned<u16> {
         Spanned::new(0..0, 1232)
+    }
+    fn default_prefetch() -> u32 {
+        3
     }
     fn default_allow() -> Vec<IpNet> {
         [

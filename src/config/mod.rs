@@ -84,9 +84,9 @@ pub struct RelayConfig {
     #[serde(default = "RelayConfig::default_reply_sockets")]
     pub reply_sockets: NonZeroUsize,
     /// Receive buffer of each listener socket (the relay's and the UDP
-    /// `dns.listen` sockets), in bytes: room for bursts while the relay or
-    /// the DNS engine is busy (raised past `net.core.rmem_max` when
-    /// privileged).
+    /// `dns.listen` sockets) and each pooled upstream socket, in bytes: room
+    /// for bursts while the relay or the DNS engine is busy (raised past
+    /// `net.core.rmem_max` when privileged).
     #[serde(default = "RelayConfig::default_receive_buffer")]
     pub receive_buffer: usize,
     /// NAT behaviour of flows no rule sets it for.

@@ -20,6 +20,7 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinEncodable;
 use lru::LruCache;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
@@ -53,9 +54,27 @@ pub struct Entry {
     lifetime: u32,
     /// Estimated memory held, counted against `max_bytes`.
     bytes: usize,
+    /// Times served from the cache, for prefetch.
+    hits: AtomicU32,
+    /// Set once a prefetch has been started for this entry: one at a time.
+    prefetching: AtomicBool,
 }
 
 impl Entry {
+    /// Counts a hit and says whether the entry should now be refreshed in
+    /// the background: asked at least `min_hits` times, with at most 10 %
+    /// of its lifetime left, and no refresh started yet.
+    pub fn hit_wants_prefetch(&self, min_hits: u32, now: Instant) -> bool {
+        let hits = self.hits.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if min_hits == 0 || hits < min_hits {
+            return false;
+        }
+        let lifetime_ms = u128::from(self.lifetime) * 1000;
+        let age_ms = now.saturating_duration_since(self.stored).as_millis();
+        let left_ms = lifetime_ms.saturating_sub(age_ms);
+        left_ms * 10 <= lifetime_ms && !self.prefetching.swap(true, Ordering::Relaxed)
+    }
+
     /// The entry as a response message (records with their stored TTLs),
     /// its lifetime and when it was stored, for the cache file.
     pub(super) fn to_message(&self) -> (Message, u32, Instant) {
@@ -315,6 +334,8 @@ impl DnsCache {
             stored: now,
             lifetime,
             bytes,
+            hits: AtomicU32::new(0),
+            prefetching: AtomicBool::new(false),
         };
         Self::put(&self.config, &mut store, key, entry)
     }
@@ -393,6 +414,8 @@ impl DnsCache {
             additionals: message.additionals,
             stored,
             lifetime,
+            hits: AtomicU32::new(0),
+            prefetching: AtomicBool::new(false),
         };
         Self::put(&self.config, &mut store, key, entry)
     }
@@ -655,5 +678,27 @@ mod tests {
         fail.metadata.response_code = ResponseCode::ServFail;
         assert!(!c.insert_at(key("f"), &mut fail, t0));
         assert!(c.get_stale_at(&key("f"), t0 + Duration::from_secs(61)).is_none());
+    }
+
+    #[test]
+    fn prefetch_is_due_for_popular_entries_near_expiry_once() {
+        let c = cache(0, 86_400, 3_600);
+        let t0 = Instant::now();
+        c.insert_at(key("a"), &mut answer(&[100]), t0);
+        let (e, _) = c.get_at(&key("a"), t0).unwrap();
+        // Popular but young: no.
+        assert!(!e.hit_wants_prefetch(2, t0 + Duration::from_secs(10)));
+        assert!(!e.hit_wants_prefetch(2, t0 + Duration::from_secs(50)));
+        // In its last 10 %: yes, once.
+        assert!(e.hit_wants_prefetch(2, t0 + Duration::from_millis(90_500)));
+        assert!(!e.hit_wants_prefetch(2, t0 + Duration::from_millis(91_000)));
+        // An unpopular entry is left to expire.
+        c.insert_at(key("b"), &mut answer(&[100]), t0);
+        let (b, _) = c.get_at(&key("b"), t0).unwrap();
+        assert!(!b.hit_wants_prefetch(5, t0 + Duration::from_secs(95)));
+        assert!(
+            !b.hit_wants_prefetch(0, t0 + Duration::from_secs(95)),
+            "0 turns prefetch off"
+        );
     }
 }

@@ -62,6 +62,9 @@ pub enum Outcome {
     /// Send these bytes once the answer's nftables set elements are
     /// committed (`[dns.nft] wait`): see [`released`].
     Held(Vec<u8>, Committed),
+    /// Send these bytes (a cache hit) now, then refresh the entry by
+    /// forwarding this query with nobody waiting (prefetch).
+    Prefetch(Vec<u8>, Pending),
 }
 
 /// A query waiting for an upstream answer. It holds a place in its
@@ -120,6 +123,8 @@ pub struct DnsEngine {
     cache: Arc<DnsCache>,
     /// Serve-stale (`dns.stale`), when on.
     stale: Option<StaleAnswers>,
+    /// Hits after which an entry near expiry is refreshed (0: never).
+    prefetch: u32,
     timeout: Duration,
     max_udp_payload: u16,
     allow: Vec<IpNet>,
@@ -159,6 +164,7 @@ impl DnsEngine {
             group_names,
             default_group,
             cache: Arc::new(DnsCache::with_stale_window(&config.cache, stale_window(config))),
+            prefetch: config.prefetch,
             stale: config.stale.enabled.then(|| StaleAnswers {
                 answer_after: config.stale.answer_after,
                 ttl: ttl_secs(config.stale.ttl),
@@ -363,7 +369,32 @@ impl DnsEngine {
             s.dns_cache_hits.inc();
             let mut msg = message::response(&request, entry.rcode, self.max_udp_payload);
             entry.fill(&mut msg, age);
-            return self.reply_observed(&request, &msg, transport, client, rule);
+            let outcome = self.reply_observed(&request, &msg, transport, client, rule);
+            if let Outcome::Reply(bytes) = outcome {
+                if entry.hit_wants_prefetch(self.prefetch, std::time::Instant::now()) {
+                    // A refresh takes a place like a miss, the client's
+                    // share included; without one it is simply not made.
+                    let max_share = self.per_client_pending.get(group).copied().unwrap_or(1);
+                    if let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit)
+                        && let Some(share) = self.shares.take(group, client, max_share)
+                    {
+                        s.dns_prefetches.inc();
+                        let pending = Pending {
+                            request,
+                            group,
+                            transport,
+                            client,
+                            sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
+                            _share: share,
+                            serve_stale: false,
+                            _admission: admission,
+                        };
+                        return Outcome::Prefetch(bytes, pending);
+                    }
+                }
+                return Outcome::Reply(bytes);
+            }
+            return outcome;
         }
         s.dns_cache_misses.inc();
         let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit) else {
@@ -580,6 +611,8 @@ impl DnsEngine {
             Outcome::Reply(b) => Some(b),
             Outcome::Drop => None,
             Outcome::Forward(p) => self.forward(p).await,
+            // Over TCP the hit is answered; the refresh is left to UDP askers.
+            Outcome::Prefetch(b, _) => Some(b),
             Outcome::Held(b, committed) => {
                 released(committed).await;
                 Some(b)

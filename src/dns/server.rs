@@ -133,6 +133,17 @@ impl DnsService {
             // The same engine must finish the query: its upstream group
             // numbers mean nothing to another one.
             Outcome::Forward(pending) => self.spawn_forward(engine, pending, send),
+            Outcome::Prefetch(reply, pending) => {
+                send(&reply);
+                // The refresh: bounded by the same permits as forwards,
+                // and nobody waits for its answer.
+                if let Some(permit) = self.forward_permit() {
+                    tokio::spawn(async move {
+                        engine.forward_with(pending, |_| {}).await;
+                        drop(permit);
+                    });
+                }
+            }
             Outcome::Held(reply, committed) => {
                 // Bounded like forwards: a flood of answers waiting for
                 // the kernel cannot grow the task count without bound.

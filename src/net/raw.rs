@@ -46,6 +46,12 @@ impl RawSender {
         }
     }
 
+    /// Whether raw sends of this family can work (the raw socket opens: it
+    /// needs `CAP_NET_RAW`).
+    pub fn available(&self, v6: bool) -> bool {
+        self.socket(v6).is_ok()
+    }
+
     fn socket(&self, v6: bool) -> io::Result<&Socket> {
         let (cell, domain) = if v6 {
             (&self.v6, Domain::IPV6)

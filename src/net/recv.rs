@@ -9,8 +9,12 @@
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+use super::would_block;
 
 /// Datagrams read per system call.
 pub const BATCH: usize = 64;
@@ -148,12 +152,55 @@ impl RecvBatch {
         Ok(self.metas.len())
     }
 
+    /// Reads one batch from `socket` through tokio's readiness.
+    ///
+    /// A batch shorter than the capacity means the queue ran empty (with
+    /// `MSG_DONTWAIT`, `recvmmsg` stops early only there), so readiness is
+    /// cleared as an `EAGAIN` would clear it: the caller does not spend one
+    /// more system call per wake-up just to hear `EAGAIN`. On a socket
+    /// carrying a few datagrams per wake-up (a pool socket serving game
+    /// flows) that was half of all receive calls. What is cleared is the
+    /// readiness seen *before* the call; a datagram arriving during it
+    /// raises a new one, so no wake-up is lost.
+    pub fn read(&mut self, socket: &UdpSocket) -> io::Result<Batch> {
+        self.read_at_most(socket, self.capacity)
+    }
+
+    /// Like [`RecvBatch::read`], reading at most `max` datagrams.
+    pub fn read_at_most(&mut self, socket: &UdpSocket, max: usize) -> io::Result<Batch> {
+        let fd = socket.as_raw_fd();
+        let asked = max.clamp(1, self.capacity);
+        let mut count = 0;
+        let result = socket.try_io(Interest::READABLE, || {
+            count = self.recv_at_most(fd, asked)?;
+            if count < asked {
+                Err(io::Error::from(io::ErrorKind::WouldBlock))
+            } else {
+                Ok(())
+            }
+        });
+        match result {
+            Ok(()) => Ok(Batch { count, drained: false }),
+            Err(e) if would_block(&e) => Ok(Batch { count, drained: true }),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Datagram `i` of the last [`RecvBatch::recv`].
     pub fn get(&self, i: usize) -> Option<(&DatagramMeta, &[u8])> {
         let meta = self.metas.get(i)?;
         let start = i * SLOT;
         Some((meta, self.bufs.get(start..start + meta.len)?))
     }
+}
+
+/// What one [`RecvBatch::read`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    /// Datagrams now in the batch.
+    pub count: usize,
+    /// The socket's queue was empty: wait for readiness before reading on.
+    pub drained: bool,
 }
 
 /// Walks the control messages of one received header.

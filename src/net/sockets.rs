@@ -46,6 +46,12 @@ fn set_receive_buffer(sock: &Socket, bytes: usize) {
     }
 }
 
+/// [`set_receive_buffer`] for a socket already handed over as a
+/// `UdpSocket`.
+pub fn set_udp_receive_buffer(sock: &UdpSocket, bytes: usize) {
+    set_receive_buffer(&socket2::SockRef::from(sock), bytes);
+}
+
 fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
     if v6 {
         sock.set_ip_transparent_v6(true)

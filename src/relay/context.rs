@@ -82,7 +82,7 @@ impl RelayContext {
             rules: ArcSwap::from_pointee(UdpRules::new(config, mark)),
             table: SessionTable::new(limits(config)),
             replies: ReplySender::new(reply_capacity(&plan), mark, stats.clone()),
-            pools: Pools::new(flow_fds.clone()),
+            pools: Pools::new(flow_fds.clone(), config.receive_buffer),
             flow_fds,
             plan,
             min_idle_ms: AtomicU64::new(u64::MAX),

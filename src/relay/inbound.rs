@@ -22,7 +22,7 @@ use super::pool::PoolSocket;
 use super::session::{MAX_DATAGRAM, Outbound, Session};
 use super::socks5::{self, Socks5Server};
 use crate::net::recv::{self, RecvBatch};
-use crate::net::{sockets, would_block};
+use crate::net::sockets;
 
 /// Longest a SOCKS5 handshake may take.
 const SOCKS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -81,12 +81,10 @@ pub async fn pump_cone(session: Arc<Session>, socket: Arc<UdpSocket>, ctx: Arc<R
 /// `flow_of(sender)` names, consecutive ones from the same sender with the
 /// same TOS as one run. Datagrams no flow claims are dropped and counted.
 pub fn drain_into_flows(socket: &UdpSocket, ctx: &RelayContext, flow_of: impl Fn(SocketAddr) -> Option<Arc<Session>>) {
-    let fd = socket.as_raw_fd();
     BATCH.with_borrow_mut(|batch| {
         loop {
-            let n = match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
-                Ok(n) => n,
-                Err(e) if would_block(&e) => break,
+            let read = match batch.read(socket) {
+                Ok(read) => read,
                 // Counted from the error queue (see `wait_readable`).
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                 Err(e) => {
@@ -95,6 +93,7 @@ pub fn drain_into_flows(socket: &UdpSocket, ctx: &RelayContext, flow_of: impl Fn
                     break;
                 }
             };
+            let n = read.count;
             let mut run: Vec<&[u8]> = Vec::with_capacity(n);
             let mut current: Option<Sender> = None;
             for i in 0..n {
@@ -113,6 +112,9 @@ pub fn drain_into_flows(socket: &UdpSocket, ctx: &RelayContext, flow_of: impl Fn
                 run.push(payload);
             }
             deliver(&mut run, current.as_ref(), ctx);
+            if read.drained {
+                break;
+            }
         }
     });
 }

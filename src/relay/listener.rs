@@ -13,9 +13,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use super::context::RelayContext;
@@ -27,7 +25,7 @@ use super::session::Session;
 use super::table::{Entry, Evicted, Eviction};
 use crate::dns::DnsService;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch};
-use crate::net::{sockets, would_block};
+use crate::net::sockets;
 use crate::shutdown::Shutdown;
 
 /// Bytes read per round before other tasks get the thread.
@@ -44,7 +42,6 @@ const BATCHES_PER_ROUND: usize = 8;
 /// Serves one listening socket until shutdown.
 pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> io::Result<()> {
     let local = socket.local_addr()?;
-    let fd = socket.as_raw_fd();
     let mut batch = RecvBatch::new(BATCH);
     let mut slots = BATCH;
     loop {
@@ -56,8 +53,9 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
         let mut bytes = 0;
         let mut opens = 0;
         for _ in 0..BATCHES_PER_ROUND {
-            match socket.try_io(Interest::READABLE, || batch.recv_at_most(fd, slots)) {
-                Ok(n) => {
+            match batch.read_at_most(&socket, slots) {
+                Ok(read) => {
+                    let n = read.count;
                     let mut run = Run::default();
                     let mut batch_bytes = 0;
                     for i in 0..n {
@@ -73,12 +71,13 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
                     // Big datagrams: read fewer at a time, so that a round
                     // stays near BYTES_PER_ROUND instead of a whole batch of
                     // 64 KB ones (4 MB) passing before anyone else's turn.
-                    let average = batch_bytes / n.max(1);
-                    slots = (BYTES_PER_BATCH / average.max(1)).clamp(1, BATCH);
-                }
-                Err(e) if would_block(&e) => {
-                    drained = true;
-                    break;
+                    if let Some(average) = batch_bytes.checked_div(n) {
+                        slots = (BYTES_PER_BATCH / average.max(1)).clamp(1, BATCH);
+                    }
+                    if read.drained {
+                        drained = true;
+                        break;
+                    }
                 }
                 Err(e) => {
                     ctx.stats().receive_errors.inc();

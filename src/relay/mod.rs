@@ -16,7 +16,8 @@
 //!   listener and for `tproxyd explain` alike;
 //! * [`open`] makes a new flow's [`session`] and starts its task;
 //! * [`table`] maps each flow to its session, bounded and fair between
-//!   clients; removing an entry ends the flow;
+//!   clients (a quota each, eviction from the heaviest, a [`rate`] bucket
+//!   for new flows); removing an entry ends the flow;
 //! * [`pool`] allocates shared upstream sockets, within the descriptor
 //!   [`budget`];
 //! * [`inbound`] reads upstream sockets and hands replies to [`reply`],
@@ -37,6 +38,7 @@ pub mod key;
 pub mod listener;
 pub mod open;
 pub mod pool;
+pub mod rate;
 pub mod reply;
 pub mod rules;
 pub mod session;

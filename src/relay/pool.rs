@@ -61,13 +61,24 @@ pub struct PoolKey {
 pub struct Pools<F> {
     pools: Mutex<HashMap<PoolKey, Arc<Pool<F>>>>,
     share: Arc<FdShare>,
+    receive_buffer: usize,
 }
 
 impl<F> Pools<F> {
-    pub fn new(share: Arc<FdShare>) -> Self {
+    /// Pools whose sockets get receive buffers of `receive_buffer` bytes.
+    ///
+    /// A pool socket carries the replies of many flows, and a server
+    /// streaming towards a client fills it faster than a listener's: with
+    /// the kernel's default (~208 KiB) a reverse-direction bulk flow
+    /// overflowed it whenever the reader was scheduled late (27 % of
+    /// `iperf3 -R` lost in the gateway's `UdpRcvbufErrors`). The size is a
+    /// ceiling, not an allocation: memory is used only by datagrams
+    /// actually queued, and the kernel's `udp_mem` bounds all of them.
+    pub fn new(share: Arc<FdShare>, receive_buffer: usize) -> Self {
         Pools {
             pools: Mutex::new(HashMap::new()),
             share,
+            receive_buffer,
         }
     }
 
@@ -77,7 +88,7 @@ impl<F> Pools<F> {
             .entry(key.clone())
             .or_insert_with(|| Arc::new(Pool::new(key)))
             .clone();
-        pool.lease(client, remote, &self.share)
+        pool.lease(client, remote, &self.share, self.receive_buffer)
     }
 
     /// When no socket can be had for a flow from `client` to `remote` and
@@ -231,6 +242,7 @@ impl<F> Pool<F> {
         client: SocketAddr,
         remote: SocketAddr,
         share: &Arc<FdShare>,
+        receive_buffer: usize,
     ) -> Result<Lease<F>, PoolError> {
         {
             let mut state = lock(&self.state);
@@ -245,6 +257,10 @@ impl<F> Pool<F> {
         let permit = share.try_take().ok_or(PoolError::Budget)?;
         let std = sockets::flow_upstream(remote, None, self.key.mark, self.key.device.as_deref())?;
         sockets::report_errors(&std, remote.is_ipv6())?;
+        // One socket carries many clients' replies: room for one client's
+        // burst without dropping another's (the default, about 208 KB,
+        // overflowed under a single bulk download).
+        sockets::set_udp_receive_buffer(&std, receive_buffer);
         let socket = Arc::new(PoolSocket {
             socket: UdpSocket::from_std(std)?,
             flows: Mutex::new(HashMap::new()),

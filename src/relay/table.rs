@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::DropGuard;
 
 use super::key::{ClientId, FlowKey};
+use super::rate::Bucket;
 use super::session::Session;
 use crate::sync::lock;
 
@@ -84,42 +85,6 @@ struct Inner {
 struct Client {
     flows: LruCache<FlowKey, Entry>,
     bucket: Bucket,
-}
-
-/// A token bucket in thousandths of a token.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    milli: u64,
-    at_ms: u64,
-}
-
-impl Bucket {
-    fn full(rate: u32, now_ms: u64) -> Bucket {
-        Bucket {
-            milli: u64::from(rate) * 1_000,
-            at_ms: now_ms,
-        }
-    }
-
-    /// Takes a token if there is one; the bucket holds a second's worth.
-    fn take(&mut self, rate: u32, now_ms: u64) -> bool {
-        if rate == 0 {
-            return true;
-        }
-        let elapsed = now_ms.saturating_sub(self.at_ms);
-        self.at_ms = now_ms;
-        let cap = u64::from(rate) * 1_000;
-        self.milli = self
-            .milli
-            .saturating_add(elapsed.saturating_mul(u64::from(rate)))
-            .min(cap);
-        if self.milli >= 1_000 {
-            self.milli -= 1_000;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 impl Inner {
@@ -453,15 +418,6 @@ mod tests {
         let ev = add(&t, key_of("2001:db8:1::beef", 3));
         assert_eq!(ev[0].reason, Eviction::ClientQuota);
         assert_eq!(ev[0].entry.session.key.client.port(), 1);
-    }
-
-    #[test]
-    fn the_token_bucket_holds_a_second_and_refills() {
-        let mut b = Bucket::full(10, 0);
-        assert_eq!((0..20).filter(|_| b.take(10, 0)).count(), 10);
-        assert!(!b.take(10, 50));
-        assert!(b.take(10, 100)); // 100 ms = one token at 10/s
-        assert!(Bucket::full(0, 0).take(0, 0), "0 means no limit");
     }
 
     #[tokio::test]

@@ -52,7 +52,6 @@ impl Exchange<'_> {
     /// answer; the caller bounds the wait. The answer's question and owner
     /// names come back in the case of `query`.
     pub async fn run(&self, query: &Query) -> io::Result<Message> {
-        let socket = self.open()?;
         let id: u16 = rand::random();
         let sent = if self.randomize_case {
             let mut q = query.clone();
@@ -62,7 +61,19 @@ impl Exchange<'_> {
             query.clone()
         };
         let bytes = encode(id, &sent)?;
-        socket.send(&bytes).await?;
+        // Sent before the socket joins the reactor: a fresh socket's send
+        // buffer is empty, and tokio would otherwise wait for the reactor to
+        // report it writable first (a wake-up per query).
+        let std = sockets::marked_connected_udp(self.server, self.mark)?;
+        let early = match std.send(&bytes) {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => return Err(e),
+        };
+        let socket = UdpSocket::from_std(std)?;
+        if !early {
+            socket.send(&bytes).await?;
+        }
         let mut buf = vec![0u8; usize::from(PAYLOAD).max(4096)];
         loop {
             let n = match socket.recv(&mut buf).await {
@@ -92,12 +103,6 @@ impl Exchange<'_> {
                 }
             }
         }
-    }
-
-    /// A fresh marked socket on a kernel-chosen (random) port, connected to
-    /// the server.
-    fn open(&self) -> io::Result<UdpSocket> {
-        UdpSocket::from_std(sockets::marked_connected_udp(self.server, self.mark)?)
     }
 }
 

@@ -1,0 +1,327 @@
+//! The relay under abuse: the scenarios of the abuse tests (tests/abuse.rs)
+//! at full speed, with their figures. Each compares a well-behaved client's
+//! flow with the same flow while another client misbehaves.
+//!
+//! * destinations: one socket opening flows to 20,000 destinations as fast
+//!   as the relay takes them; flows opened per second, RSS per flow, and a
+//!   50 pps flow's round trips meanwhile;
+//! * big datagrams: two senders of 65,000-byte datagrams flat out; the
+//!   50 pps flow's added p99 (over its own baseline);
+//! * full table: 200,000 flows into a 10,000-slot table while 20 quiet
+//!   clients wait 3 s for each answer; answers lost;
+//! * descriptors: a 100,000-flow flood under `RLIMIT_NOFILE` 2,048; new
+//!   flows from another client answered, and /metrics answering.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::Options;
+use crate::lab::flood::{LateServer, Prober, big_socket, fold_ports, metric, rss, scrape, send_paced, summary};
+use crate::lab::udp::{Echo, socket};
+use crate::lab::{CLIENT4, Lab, sa, server4};
+
+const ADMIN: &str = "127.0.0.1:9153";
+
+/// One line per scenario, as Markdown table rows.
+#[derive(Debug, Default)]
+pub struct Result {
+    pub rows: Vec<(String, String)>,
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn config(extra: &str) -> String {
+    format!(
+        "mark = 255\nlog_level = \"warn\"\n[admin]\nlisten = \"{ADMIN}\"\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n{extra}\n"
+    )
+}
+
+fn lab(first: u16, last: u16, clients: &[String]) -> (Lab, Echo, Echo) {
+    let lab = Lab::new();
+    for c in clients {
+        lab.add_client_address(ip(c));
+    }
+    lab.install_rules("nft", "LAN_IF=lan0");
+    for ns in [&lab.client, &lab.servers[0]] {
+        ns.sh("sysctl -qw net.core.rmem_max=33554432 net.core.wmem_max=33554432 net.core.rmem_default=4194304");
+    }
+    fold_ports(&lab.servers[0], first, last, 7000);
+    let folded = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let probe = Echo::start(&lab.servers[0], sa(server4(0), 6000));
+    (lab, folded, probe)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+pub fn run(_opts: &Options) -> Result {
+    let mut r = Result::default();
+    destinations(&mut r);
+    big_datagrams(&mut r);
+    full_table(&mut r);
+    descriptors(&mut r);
+    r
+}
+
+fn destinations(r: &mut Result) {
+    const N: usize = 20_000;
+    const FIRST: u16 = 10_000;
+    let (lab, _f, probe_echo) = lab(FIRST, FIRST + N as u16 - 1, &["192.0.2.11".into()]);
+    let daemon = lab.start_tproxyd(&config("new_flows_per_client = 0"));
+    let prober = Prober::start(
+        socket(&lab.client, sa(ip("192.0.2.11"), 40000)),
+        probe_echo.addr,
+        Duration::from_millis(20),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let baseline = prober.reset();
+    let rss_before = rss(daemon.pid());
+    let flooder = big_socket(&lab.client, sa(ip(CLIENT4), 41000));
+    let server = server4(0);
+    let seen: Arc<Mutex<HashSet<u16>>> = Arc::default();
+    let receiver = {
+        let (sock, seen) = (flooder.try_clone().unwrap(), seen.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut last = Instant::now();
+            while seen.lock().unwrap().len() < N {
+                let Ok((_, from)) = sock.recv_from(&mut buf) else { break };
+                seen.lock().unwrap().insert(from.port());
+                last = Instant::now();
+            }
+            last
+        })
+    };
+    let start = Instant::now();
+    // Offered at 40,000 a second; the relay's rate is what comes back.
+    send_paced(&flooder, N, 40_000, |i| sa(server, FIRST + i as u16), |_| b"x".to_vec());
+    let last = receiver.join().unwrap();
+    let answered = seen.lock().unwrap().len();
+    let took = last.duration_since(start);
+    let flooded = prober.finish();
+    let rss_after = rss(daemon.pid());
+    let stopped = daemon.stop();
+    let opened = stopped.counter("sessions_opened");
+    let (_, _, _, b99, _) = summary(&baseline);
+    let (ok, lost, p50, p99, max) = summary(&flooded);
+    r.rows.push((
+        "20,000 destinations from one socket".into(),
+        format!(
+            "{answered} answered in {:.2} s ({:.0} flows/s, offered 40,000/s; {opened} opened); RSS +{} B/flow; \
+             50 pps flow: baseline p99 {}, during {ok} ok / {lost} lost, p50 {} p99 {} max {}",
+            took.as_secs_f64(),
+            answered as f64 / took.as_secs_f64(),
+            rss_after.saturating_sub(rss_before) / N as u64,
+            ms(b99),
+            ms(p50),
+            ms(p99),
+            ms(max)
+        ),
+    ));
+}
+
+fn big_datagrams(r: &mut Result) {
+    let (lab, _f, probe_echo) = lab(20_000, 20_001, &["192.0.2.11".into()]);
+    let _sink = LateServer::start(&lab.servers[0], sa(server4(0), 6200), None);
+    let daemon = lab.start_tproxyd(&config(""));
+    let prober = Prober::start(
+        socket(&lab.client, sa(ip("192.0.2.11"), 40000)),
+        probe_echo.addr,
+        Duration::from_millis(20),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let baseline = prober.reset();
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..2u16)
+        .map(|i| {
+            let sock = big_socket(&lab.client, sa(ip(CLIENT4), 41000 + i));
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let big = vec![0x55u8; 65_000];
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = sock.send_to(&big, sa(server4(0), 6200));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(8));
+    let flooded = prober.finish();
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        let _ = s.join();
+    }
+    let stopped = daemon.stop();
+    let (_, _, _, b99, _) = summary(&baseline);
+    let (ok, lost, p50, p99, _) = summary(&flooded);
+    r.rows.push((
+        "64 KB datagram flood (2 senders, 8 s)".into(),
+        format!(
+            "{} MB relayed; 50 pps flow: baseline p99 {}, during {ok} ok / {lost} lost, p50 {} p99 {}, added p99 {}",
+            stopped.counter("upstream_bytes") >> 20,
+            ms(b99),
+            ms(p50),
+            ms(p99),
+            ms(p99.saturating_sub(b99))
+        ),
+    ));
+}
+
+fn full_table(r: &mut Result) {
+    const QUIET: usize = 20;
+    let quiet_ips: Vec<String> = (0..QUIET).map(|i| format!("192.0.2.{}", 20 + i)).collect();
+    let (lab, _f, _p) = lab(20_000, 23_999, &quiet_ips);
+    let daemon = lab.start_tproxyd(&config(
+        "session_capacity = 10000\nmax_sessions_per_client = 10000\nnew_flows_per_client = 0",
+    ));
+    let late = LateServer::start(&lab.servers[0], sa(server4(0), 6100), Some(Duration::from_secs(3)));
+    let to = sa(server4(0), 6100);
+    let server = server4(0);
+    let flood = {
+        let socks: Vec<_> = (0..50u16)
+            .map(|i| big_socket(&lab.client, sa(ip(CLIENT4), 42000 + i)))
+            .collect();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            for s in &socks {
+                send_paced(
+                    s,
+                    4_000,
+                    40_000,
+                    |i| sa(server, 20_000 + i as u16),
+                    |_| b"flood".to_vec(),
+                );
+            }
+            start.elapsed()
+        })
+    };
+    let quiet: Vec<_> = quiet_ips
+        .iter()
+        .enumerate()
+        .map(|(c, addr)| {
+            let sock = socket(&lab.client, sa(ip(addr), 40000));
+            sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            std::thread::spawn(move || {
+                let mut got = HashSet::new();
+                let start = Instant::now();
+                let mut buf = [0u8; 64];
+                let mut round = 0u64;
+                while start.elapsed() < Duration::from_secs(12) {
+                    if round < 3 && start.elapsed() >= Duration::from_millis(4_000 * round + 50 * c as u64) {
+                        // Retried until acknowledged (see LateServer).
+                        let request = format!("q{c}-{round}");
+                        for _ in 0..20 {
+                            let _ = sock.send_to(request.as_bytes(), to);
+                            match sock.recv_from(&mut buf) {
+                                Ok((n, _)) if buf[..n].starts_with(b"ack:") => break,
+                                Ok((n, _)) => {
+                                    got.insert(buf[..n].to_vec());
+                                }
+                                Err(_) => {}
+                            }
+                        }
+                        round += 1;
+                    }
+                    if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                        if !buf[..n].starts_with(b"ack:") {
+                            got.insert(buf[..n].to_vec());
+                        }
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    let flood_took = flood.join().unwrap();
+    let received: HashSet<Vec<u8>> = quiet.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let sent = late.sent();
+    let lost = sent.iter().filter(|p| !received.contains(*p)).count();
+    let stopped = daemon.stop();
+    r.rows.push((
+        "200,000 flows into a 10,000-slot table".into(),
+        format!(
+            "flood offered in {:.1} s, {} flows opened, {} evicted (table full); quiet clients: {} answers sent, {lost} lost",
+            flood_took.as_secs_f64(),
+            stopped.counter("sessions_opened"),
+            stopped.counter("sessions_evicted"),
+            sent.len()
+        ),
+    ));
+}
+
+fn descriptors(r: &mut Result) {
+    let (lab, _f, probe_echo) = lab(20_000, 23_999, &["192.0.2.11".into()]);
+    let daemon = lab.start_tproxyd_wrapped(
+        &["prlimit", "--nofile=2048:2048"],
+        &config("new_flows_per_client = 0\nsession_capacity = 200000"),
+    );
+    let server = server4(0);
+    let flood = {
+        let socks: Vec<_> = (0..25u16)
+            .map(|i| big_socket(&lab.client, sa(ip(CLIENT4), 42000 + i)))
+            .collect();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut sent = 0usize;
+            for chunk in 0..100 {
+                for s in &socks {
+                    for i in 0..40 {
+                        let _ = s.send_to(b"flood", sa(server, 20_000 + (chunk * 40 + i) as u16));
+                    }
+                    sent += 40;
+                }
+                let due = start + Duration::from_micros(50) * sent as u32;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            start.elapsed()
+        })
+    };
+    let (mut tries, mut answered, mut scrapes, mut scraped) = (0, 0, 0, 0);
+    let mut port = 45000;
+    let mut waits = Vec::new();
+    while !flood.is_finished() {
+        let t = Instant::now();
+        let sock = socket(&lab.client, sa(ip("192.0.2.11"), port));
+        port += 1;
+        sock.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
+        tries += 1;
+        sock.send_to(b"hello", probe_echo.addr).unwrap();
+        if crate::lab::udp::recv(&sock).is_some() {
+            answered += 1;
+            waits.push(t.elapsed());
+        }
+        scrapes += 1;
+        if scrape(&lab.gateway, ADMIN.parse().unwrap(), Duration::from_secs(1))
+            .and_then(|m| metric(&m, "tproxyd_open_fds"))
+            .is_some()
+        {
+            scraped += 1;
+        }
+        if let Some(wait) = Duration::from_millis(500).checked_sub(t.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let took = flood.join().unwrap();
+    let stopped = daemon.stop();
+    waits.sort();
+    let p50 = waits.get(waits.len() / 2).copied().unwrap_or_default();
+    r.rows.push((
+        "100,000-flow flood, RLIMIT_NOFILE 2,048".into(),
+        format!(
+            "offered at 20,000/s ({:.1} s); new flows of another client answered {answered}/{tries} (first try, \
+             median {}); /metrics {scraped}/{scrapes}; evicted for descriptors {}, refused {}",
+            took.as_secs_f64(),
+            ms(p50),
+            stopped.counter("sessions_evicted_budget"),
+            stopped.counter("drop_fd_budget")
+        ),
+    ));
+}
