@@ -277,7 +277,12 @@ fn a_client_flooding_a_full_table_does_not_cost_quiet_clients_their_replies() {
     let _heavy = one_at_a_time();
     let quiet_ips: Vec<String> = (0..QUIET).map(|i| format!("192.0.2.{}", 20 + i)).collect();
     let refs: Vec<&str> = quiet_ips.iter().map(String::as_str).collect();
-    let (lab, _folded, _probe) = folded_lab(FIRST, FIRST + PORTS as u16 - 1, &refs);
+    let (lab, folded, _probe) = folded_lab(FIRST, FIRST + PORTS as u16 - 1, &refs);
+    // The flood's datagrams go unanswered: 15,000 replies a second back to
+    // the client namespace would overflow its CPU backlog on a loaded
+    // machine and drop the quiet clients' answers there, outside tproxyd.
+    drop(folded);
+    let _sink = LateServer::start(&lab.servers[0], sa(server4(0), 7000), None);
     // A per-client quota as large as the table and no rate limit: only
     // "evict from the heaviest client" stands between the flood and the
     // quiet clients' flows.
@@ -348,8 +353,9 @@ fn a_client_flooding_a_full_table_does_not_cost_quiet_clients_their_replies() {
                         }
                     }
                 }
-                // The last answer comes 3 s after the last request.
-                let end = Instant::now() + Duration::from_secs(4);
+                // The last answer comes 3 s after the last request (and on
+                // a loaded machine, maybe a while later).
+                let end = Instant::now() + Duration::from_secs(8);
                 while Instant::now() < end {
                     if let Ok((n, from)) = sock.recv_from(&mut buf) {
                         if from == to && !buf[..n].starts_with(b"ack:") {
@@ -390,11 +396,9 @@ fn a_client_flooding_a_full_table_does_not_cost_quiet_clients_their_replies() {
         "the server answered only {} requests",
         sent.len()
     );
-    // The issue asks for at most 1 % (the benchmark measures it: 0 of 60
-    // lost). Here a loaded 2-core machine's kernel queues drop a few on
-    // their own; evicting the wrong client lost 398 of 433 in this test.
+    // At most 1 % lost; evicting the wrong client lost 398 of 433 here.
     assert!(
-        lost.len() * 20 <= sent.len(),
+        lost.len() * 100 <= sent.len(),
         "quiet clients lost replies: {lost:?}\n{}",
         stopped.log
     );
