@@ -130,6 +130,10 @@ impl Reloader {
                 if a.listen != b.listen || a.tcp_listen != b.tcp_listen {
                     changed.push("dns.listen / dns.tcp_listen");
                 }
+                // The name map and the set feeder outlive reloads.
+                if a.names != b.names || a.nft != b.nft {
+                    changed.push("[dns.names] / [dns.nft]");
+                }
             }
             (None, None) => {}
             _ => changed.push("the [dns] section (added or removed)"),

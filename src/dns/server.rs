@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::engine::{DnsEngine, Outcome, Pending, Transport};
 use super::ratelimit::client_bucket;
@@ -27,6 +29,10 @@ const MAX_PENDING: usize = 4_096;
 pub struct DnsService {
     engine: ArcSwap<DnsEngine>,
     pending: Arc<Semaphore>,
+    /// Every task the service spawns (upstream waits, refreshes, held
+    /// answers): tracked, and ended by `cancel` at shutdown.
+    tasks: TaskTracker,
+    cancel: CancellationToken,
     tcp: Arc<TcpSlots>,
     stats: Arc<Stats>,
 }
@@ -90,9 +96,35 @@ impl DnsService {
         DnsService {
             engine: ArcSwap::from_pointee(engine),
             pending: Arc::new(Semaphore::new(MAX_PENDING)),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
             tcp: Arc::new(TcpSlots::default()),
             stats,
         }
+    }
+
+    /// Spawns `work` as a task the service owns.
+    fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = work => {}
+            }
+        });
+    }
+
+    /// Ends every task the service spawned and waits until they are gone
+    /// (shutdown: nobody is left to send their answers to).
+    pub async fn stop_tasks(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Tasks of the service still running.
+    pub fn tasks_running(&self) -> usize {
+        self.tasks.len()
     }
 
     /// The engine in force now.
@@ -138,7 +170,7 @@ impl DnsService {
                 // The refresh: bounded by the same permits as forwards,
                 // and nobody waits for its answer.
                 if let Some(permit) = self.forward_permit() {
-                    tokio::spawn(async move {
+                    self.spawn(async move {
                         engine.forward_with(pending, |_| {}).await;
                         drop(permit);
                     });
@@ -153,7 +185,7 @@ impl DnsService {
                     send(&reply);
                     return;
                 };
-                tokio::spawn(async move {
+                self.spawn(async move {
                     crate::domain::feed::released(committed).await;
                     send(&reply);
                     drop(permit);
@@ -170,7 +202,7 @@ impl DnsService {
             }
             return;
         };
-        tokio::spawn(async move {
+        self.spawn(async move {
             // May answer stale first and go on refreshing the cache.
             engine.forward_with(pending, |reply| send(&reply)).await;
             drop(permit);
