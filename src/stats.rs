@@ -179,6 +179,9 @@ counters! {
     /// DNS queries answered SERVFAIL at once: their upstream group had
     /// `max_pending` queries waiting already.
     dns_servfail_overload => "dns_queries_by_action_total", "action=\"servfail_overload\"";
+    /// DNS queries answered SERVFAIL at once: their client already had its
+    /// share (a quarter) of the group's `max_pending` waiting.
+    dns_servfail_client_share => "dns_queries_by_action_total", "action=\"servfail_client_share\"";
     /// DNS cache misses that joined an identical query already on its way
     /// upstream instead of asking again.
     dns_coalesced => "dns_coalesced_total";

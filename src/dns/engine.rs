@@ -22,6 +22,7 @@ use super::names::wire_key;
 use super::ratelimit::RateLimiter;
 use super::rules::{Action, RuleSet, StaticAnswer};
 use super::scrub;
+use super::shares::{self, ClientShares, Share};
 use super::ttl_secs;
 use super::upstream::{Admission, UpstreamError, UpstreamGroup};
 use crate::config::dns::{BlockMode, DnsConfig, RateLimitAction, TcpConfig};
@@ -76,6 +77,8 @@ pub struct Pending {
     client: IpAddr,
     /// The matching rule's sets, fed with the answer.
     sets: Vec<SetPair>,
+    /// The client's place among its pending queries to the group.
+    _share: Share,
     /// Whether an expired answer may be served (`dns.stale`, rule opt-out).
     serve_stale: bool,
     _admission: Admission,
@@ -110,6 +113,9 @@ pub struct DnsEngine {
     ports: Vec<u16>,
     rules: RuleSet,
     groups: Vec<UpstreamGroup>,
+    /// The most queries one client may have waiting on each group.
+    per_client_pending: Vec<usize>,
+    shares: ClientShares,
     /// Group names, as cache keys use them (numbers change across reloads).
     group_names: Vec<Arc<str>>,
     default_group: Option<usize>,
@@ -135,7 +141,9 @@ impl DnsEngine {
     /// Builds the engine, loading every list and hosts file.
     pub fn build(config: &DnsConfig, mark: u32, stats: Arc<Stats>) -> Result<DnsEngine, DnsBuildError> {
         let mut groups = Vec::with_capacity(config.upstreams.len());
+        let mut per_client_pending = Vec::with_capacity(config.upstreams.len());
         for (name, group) in &config.upstreams {
+            per_client_pending.push(shares::per_client(group.max_pending.max(1)));
             groups.push(UpstreamGroup::new(name, group, mark, stats.clone()).map_err(|source| {
                 DnsBuildError::Upstream {
                     group: name.clone(),
@@ -151,6 +159,8 @@ impl DnsEngine {
             ports: config.ports.clone(),
             rules,
             groups,
+            per_client_pending,
+            shares: ClientShares::default(),
             group_names,
             default_group,
             cache: Arc::new(DnsCache::with_stale_window(&config.cache, stale_window(config))),
@@ -362,7 +372,12 @@ impl DnsEngine {
             let outcome = self.reply_observed(&request, &msg, transport, client, rule);
             if let Outcome::Reply(bytes) = outcome {
                 if entry.hit_wants_prefetch(self.prefetch, std::time::Instant::now()) {
-                    if let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit) {
+                    // A refresh takes a place like a miss, the client's
+                    // share included; without one it is simply not made.
+                    let max_share = self.per_client_pending.get(group).copied().unwrap_or(1);
+                    if let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit)
+                        && let Some(share) = self.shares.take(group, client, max_share)
+                    {
                         s.dns_prefetches.inc();
                         let pending = Pending {
                             request,
@@ -370,6 +385,7 @@ impl DnsEngine {
                             transport,
                             client,
                             sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
+                            _share: share,
                             serve_stale: false,
                             _admission: admission,
                         };
@@ -388,12 +404,21 @@ impl DnsEngine {
             let msg = message::response(&request, ResponseCode::ServFail, self.max_udp_payload);
             return self.reply_to(&request, &msg, transport);
         };
+        let max_share = self.per_client_pending.get(group).copied().unwrap_or(1);
+        let Some(share) = self.shares.take(group, client, max_share) else {
+            // This client alone holds its share of the group's places: it
+            // waits for its own misses, the others do not wait for it.
+            s.dns_servfail_client_share.inc();
+            let msg = message::response(&request, ResponseCode::ServFail, self.max_udp_payload);
+            return self.reply_to(&request, &msg, transport);
+        };
         Outcome::Forward(Pending {
             request,
             group,
             transport,
             client,
             sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
+            _share: share,
             serve_stale: self.stale.is_some() && rule.is_none_or(|r| r.serve_stale),
             _admission: admission,
         })
@@ -450,6 +475,7 @@ impl DnsEngine {
             sets,
             serve_stale,
             _admission,
+            _share,
         } = pending;
         let deadline = tokio::time::Instant::now() + self.timeout;
         self.stats.dns_forwarded.inc();

@@ -17,6 +17,7 @@ pub mod ratelimit;
 pub mod rules;
 pub mod scrub;
 pub mod server;
+pub mod shares;
 pub mod upstream;
 
 pub use engine::{DnsEngine, Outcome, Pending, Transport};
