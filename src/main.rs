@@ -208,7 +208,10 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let runtime = builder.enable_all().build().context("starting the async runtime")?;
     let stats = runtime.block_on(async move {
         let (tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(forward_signals(tx));
+        // The handlers are installed here, before `run` says "ready": a
+        // SIGTERM sent the moment the daemon is ready must stop it cleanly,
+        // not kill it with the default action.
+        tokio::spawn(forward_signals(Signals::install(), tx));
         server::run(
             prepared,
             Control {
@@ -233,14 +236,34 @@ fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
+/// The signals tproxyd acts on, registered with the kernel on creation.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Registers the handlers now (inside the runtime); `None` when the
+    /// kernel refuses, which leaves only SIGKILL to stop the daemon.
+    fn install() -> Option<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some(Signals {
+            term: signal(SignalKind::terminate()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+            hup: signal(SignalKind::hangup()).ok()?,
+        })
+    }
+}
+
 /// SIGHUP → reload; SIGINT / SIGTERM → stop.
-async fn forward_signals(tx: mpsc::UnboundedSender<Event>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
+async fn forward_signals(signals: Option<Signals>, tx: mpsc::UnboundedSender<Event>) {
+    let Some(Signals {
+        mut term,
+        mut int,
+        mut hup,
+    }) = signals
+    else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return;
     };
