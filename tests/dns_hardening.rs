@@ -621,8 +621,7 @@ fn the_cache_file_outlives_a_restart_and_a_corrupt_one_is_ignored() {
     std::fs::write(&file, b"\x00garbage").unwrap();
     let mut daemon = lab.start_tproxyd(&cfg);
     daemon.wait_for_log("not a tproxyd cache file", Duration::from_secs(2));
-    // Serving (cold); this also keeps SIGTERM from arriving before the
-    // daemon's signal handling is set up, right after "ready".
+    // Serving, with a cold cache.
     assert_eq!(
         q(&lab, &format!("+time=5 @{PUBLIC} www.example.test A")).status,
         "SERVFAIL"
