@@ -25,8 +25,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::net::UdpSocket;
 use std::sync::{Arc, Mutex, Weak};
-use tokio::net::UdpSocket;
 
 use super::budget::{FdShare, Permit};
 use crate::net::sockets;
@@ -262,7 +262,9 @@ impl<F> Pool<F> {
         // overflowed under a single bulk download).
         sockets::set_udp_receive_buffer(&std, receive_buffer);
         let socket = Arc::new(PoolSocket {
-            socket: UdpSocket::from_std(std)?,
+            // Read through the relay's poller, not the runtime's: see
+            // `relay::inbound`.
+            socket: std,
             flows: Mutex::new(HashMap::new()),
             _permit: permit,
         });
