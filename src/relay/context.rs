@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use super::budget::{FdShare, Plan};
 use super::clock::Clock;
+use super::opener::Opener;
 use super::pool::Pools;
 use super::reply::ReplySender;
 use super::rules::UdpRules;
@@ -35,6 +36,8 @@ pub struct RelayContext {
     pools: Pools<Session>,
     /// Descriptors for flow sockets (pooled, full cone, SOCKS5).
     flow_fds: Arc<FdShare>,
+    /// New flows waiting for an opener task.
+    opener: Opener,
     plan: Plan,
     /// The shortest idle timeout any session has had (for the sweeper).
     min_idle_ms: AtomicU64,
@@ -84,6 +87,7 @@ impl RelayContext {
             replies: ReplySender::new(reply_capacity(&plan), mark, stats.clone()),
             pools: Pools::new(flow_fds.clone(), config.receive_buffer),
             flow_fds,
+            opener: Opener::new(),
             plan,
             min_idle_ms: AtomicU64::new(u64::MAX),
             clock: Clock::new(),
@@ -124,6 +128,10 @@ impl RelayContext {
 
     pub fn pools(&self) -> &Pools<Session> {
         &self.pools
+    }
+
+    pub fn opener(&self) -> &Opener {
+        &self.opener
     }
 
     pub fn flow_fds(&self) -> &Arc<FdShare> {
