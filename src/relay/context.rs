@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use super::budget::{FdShare, Plan};
 use super::clock::Clock;
 use super::inbound::PoolReaders;
+use super::opener::Opener;
 use super::pool::Pools;
 use super::reply::ReplySender;
 use super::rules::UdpRules;
@@ -38,6 +39,8 @@ pub struct RelayContext {
     pool_readers: PoolReaders,
     /// Descriptors for flow sockets (pooled, full cone, SOCKS5).
     flow_fds: Arc<FdShare>,
+    /// New flows waiting for an opener task.
+    opener: Opener,
     plan: Plan,
     /// The shortest idle timeout any session has had (for the sweeper).
     min_idle_ms: AtomicU64,
@@ -88,6 +91,7 @@ impl RelayContext {
             pools: Pools::new(flow_fds.clone(), config.receive_buffer),
             pool_readers: PoolReaders::default(),
             flow_fds,
+            opener: Opener::new(),
             plan,
             min_idle_ms: AtomicU64::new(u64::MAX),
             clock: Clock::new(),
@@ -132,6 +136,10 @@ impl RelayContext {
 
     pub fn pool_readers(&self) -> &PoolReaders {
         &self.pool_readers
+    }
+
+    pub fn opener(&self) -> &Opener {
+        &self.opener
     }
 
     pub fn flow_fds(&self) -> &Arc<FdShare> {
