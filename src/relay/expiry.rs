@@ -41,6 +41,7 @@ pub async fn sweep(ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> std::io::R
         drop(expired);
         let closed = ctx.pools().close_idle(socket_grace(ctx.min_idle_ms()));
         if closed > 0 {
+            ctx.pool_readers().forget_retired();
             tracing::debug!(count = closed, "idle pool sockets closed");
         }
     }

@@ -127,14 +127,7 @@ pub fn open(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &Arc<RelayContex
                 lease.attach(key.client, &session);
             }
             if let Some(socket) = fresh {
-                // The reader ends when the pool closes its idle socket.
-                let ctx = ctx.clone();
-                ctx.clone().spawn(async move {
-                    tokio::select! {
-                        () = inbound::read_pool(socket.clone(), ctx) => {}
-                        () = socket.retired() => {}
-                    }
-                });
+                ctx.spawn(inbound::read_pool(socket, ctx.clone()));
             }
             Opened { session, task: None }
         }

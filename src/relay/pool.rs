@@ -10,8 +10,8 @@
 //!
 //! This module only allocates: it knows nothing of sessions (a socket's
 //! occupants are any `F`) and spawns nothing. A lease says whether its
-//! socket is new, and whoever asked starts that socket's reader and ends
-//! it when the socket is [retired](PoolSocket::retired).
+//! socket is new, and whoever asked has it read, and lets go of it once it
+//! is [retired](PoolSocket::is_retired).
 //!
 //! Choosing a socket costs O(1): sockets given back lately are tried
 //! first, then a bounded number of random ones; if none fits (free for this
@@ -32,11 +32,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tokio::net::UdpSocket;
-use tokio::sync::Notify;
 
 use super::budget::{FdShare, Permit};
 use crate::net::sockets;
@@ -143,8 +142,9 @@ impl<F> Pools<F> {
     }
 
     /// Closes the sockets that have carried no flow for `grace` or longer;
-    /// returns how many. Their readers end (see [`PoolSocket::retired`])
-    /// and their descriptors go back to the budget.
+    /// returns how many. Each is closed, and its descriptor goes back to
+    /// the budget, once its reader lets go of it too (see
+    /// [`PoolSocket::is_retired`]).
     pub fn close_idle(&self, grace: Duration) -> usize {
         let pools: Vec<Arc<Pool<F>>> = lock(&self.pools).values().cloned().collect();
         let Some(cutoff) = Instant::now().checked_sub(grace) else {
@@ -315,19 +315,19 @@ impl<F> Pool<F> {
         // burst without dropping another's (the default, about 208 KB,
         // overflowed under a single bulk download).
         sockets::set_udp_receive_buffer(&std, receive_buffer);
-        let socket = UdpSocket::from_std(std)?;
         let mut state = lock(&self.state);
         let id = state.next_id;
         state.next_id = state.next_id.wrapping_add(1);
         let socket = Arc::new(PoolSocket {
-            socket,
+            // Read through the relay's poller, not the runtime's: see
+            // `relay::inbound`.
+            socket: std,
             id,
             flows: Mutex::new(Flows {
                 map: HashMap::with_hasher(Hasher::default()),
                 idle_since: None,
             }),
             retired: AtomicBool::new(false),
-            retire: Notify::new(),
             _permit: permit,
         });
         state.sockets.push(socket.clone());
@@ -360,7 +360,6 @@ pub struct PoolSocket<F> {
     id: u32,
     flows: Mutex<Flows<F>>,
     retired: AtomicBool,
-    retire: Notify,
     _permit: Permit,
 }
 
@@ -370,27 +369,14 @@ impl<F> PoolSocket<F> {
         lock(&self.flows).map.get(&remote).and_then(Weak::upgrade)
     }
 
-    /// Resolves once the pool has closed this socket: its reader must end
-    /// then, for the descriptor to be released.
-    pub async fn retired(&self) {
-        loop {
-            let notified = self.retire.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_retired() {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    fn is_retired(&self) -> bool {
+    /// Whether the pool has closed this socket: its reader must let go of
+    /// it then, for the descriptor to be released.
+    pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
     }
 
     fn retire(&self) {
         self.retired.store(true, Ordering::Release);
-        self.retire.notify_waiters();
     }
 }
 
@@ -442,8 +428,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_client_never_shares_a_socket_with_itself_nor_a_remote() {
+    #[test]
+    fn a_client_never_shares_a_socket_with_itself_nor_a_remote() {
         let p = pools();
         let (c1, c2) = (sa("192.0.2.10:5000"), sa("192.0.2.11:5000"));
         let (r1, r2) = (sa("127.0.0.7:7000"), sa("127.0.0.8:7000"));
@@ -470,8 +456,8 @@ mod tests {
         assert!(state.sockets.iter().all(|s| lock(&s.flows).map.is_empty()));
     }
 
-    #[tokio::test]
-    async fn given_back_sockets_are_tried_first() {
+    #[test]
+    fn given_back_sockets_are_tried_first() {
         let p = pools();
         let c = sa("192.0.2.10:5000");
         // 40 sockets, all used by c (more than PROBES, so choice is random).
@@ -485,18 +471,15 @@ mod tests {
         assert_eq!(again.socket.id, leases[17].socket.id);
     }
 
-    #[tokio::test]
-    async fn idle_sockets_close_after_the_grace_and_their_readers_end() {
+    #[test]
+    fn idle_sockets_close_after_the_grace() {
         let share = FdShare::new(10_000);
         let p: Pools<()> = Pools::new(share.clone(), 1 << 16);
         let c = sa("192.0.2.10:5000");
         let leases: Vec<_> = (0..5)
             .map(|i| p.lease(key(), c, sa(&format!("127.0.0.1:{}", 1000 + i))).unwrap().0)
             .collect();
-        let reader = {
-            let socket = leases[0].socket.clone();
-            tokio::spawn(async move { socket.retired().await })
-        };
+        let reader = leases[0].socket.clone();
         assert_eq!(share.used(), 5);
         // In use: never closed, whatever the grace.
         assert_eq!(p.close_idle(Duration::ZERO), 0);
@@ -507,11 +490,9 @@ mod tests {
         assert_eq!(p.close_idle(Duration::from_secs(60)), 0);
         assert_eq!(p.close_idle(Duration::ZERO), 3);
         assert_eq!(p.sockets(), 2);
-        tokio::time::timeout(Duration::from_secs(5), reader)
-            .await
-            .expect("the reader of a closed socket ends")
-            .unwrap();
-        drop(leases);
+        assert!(reader.is_retired());
+        assert!(!leases[4].socket.is_retired());
+        drop((reader, leases));
         // The descriptors are back once nothing holds the sockets.
         assert_eq!(share.used(), 2);
         // The two left are still found, in their new positions.
