@@ -98,6 +98,9 @@ pub struct Result {
     pub overflow_seen: usize,
     pub overflow_evicted: u64,
     pub overflow_sessions: u64,
+    /// tproxyd's CPU time (user + system) per flow set up, µs: steadier
+    /// than the rate on a shared machine.
+    pub cpu_us_per_flow: f64,
     /// The whole section, seconds.
     pub secs: f64,
 }
@@ -506,6 +509,7 @@ pub fn run(opts: &Options) -> Result {
 
     // Set-up, in stages; memory at the end of each.
     let started = Instant::now();
+    let cpu_before = crate::drops::cpu_seconds(pid);
     let mut from = 0;
     for &upto in &stages {
         let t = Instant::now();
@@ -546,6 +550,7 @@ pub fn run(opts: &Options) -> Result {
     let page = metrics(&gateway);
     r.setup_secs = started.elapsed().as_secs_f64();
     r.opened = setup::metric(&page, "tproxyd_sessions_opened_total");
+    r.cpu_us_per_flow = (crate::drops::cpu_seconds(pid) - cpu_before) * 1e6 / r.opened.max(1) as f64;
     r.first_seen = first.at_least(0..n, 1);
     wait_until(Duration::from_secs(2), || echoes.at_least(0..n, 1) >= r.first_seen);
     r.first_replies = echoes.at_least(0..n, 1);
@@ -603,11 +608,12 @@ pub fn run(opts: &Options) -> Result {
     drop(daemon);
     r.secs = section.elapsed().as_secs_f64();
     eprintln!(
-        "flows {} opened {} in {:.2} s ({:.0}/s), server saw {} then {} (reopened {}), echoes {}, RSS {} KiB (idle {}), fds {}; section {:.0} s",
+        "flows {} opened {} in {:.2} s ({:.0}/s, {:.1} µs of tproxyd CPU each), server saw {} then {} (reopened {}), echoes {}, RSS {} KiB (idle {}), fds {}; section {:.0} s",
         r.flows,
         r.opened,
         r.setup_secs,
         r.setup_rate(),
+        r.cpu_us_per_flow,
         r.first_seen,
         r.second_replies,
         r.reopened,

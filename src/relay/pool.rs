@@ -281,11 +281,7 @@ impl<F> State<F> {
         // The client's own flow there: only a fingerprint is kept, so look
         // for it among the socket's flows (a rare path: the budget is out).
         let mine = if self.by_client.contains(&self.pair(client, socket)) {
-            flows
-                .map
-                .values()
-                .filter_map(Weak::upgrade)
-                .find(|f| f.client() == client)
+            flows.map.flows().find(|f| f.client() == client)
         } else {
             None
         };
@@ -363,7 +359,7 @@ impl<F> Pool<F> {
             socket: std,
             id,
             flows: Mutex::new(Flows {
-                map: HashMap::with_hasher(Hasher::default()),
+                map: Remotes::None,
                 idle_since: None,
             }),
             retired: AtomicBool::new(false),
@@ -387,8 +383,80 @@ impl<F> Pool<F> {
 #[derive(Debug)]
 struct Flows<F> {
     /// Remote → its flow on this socket.
-    map: HashMap<SocketAddr, Weak<F>, Hasher>,
+    map: Remotes<F>,
     idle_since: Option<Instant>,
+}
+
+/// A socket's flows by remote. Most sockets of a pool that grew for one
+/// busy client endpoint carry a single flow each: that one is kept inline,
+/// a map (about 190 bytes for its first entry) only from the second on.
+#[derive(Debug)]
+enum Remotes<F> {
+    None,
+    One(SocketAddr, Weak<F>),
+    Many(HashMap<SocketAddr, Weak<F>, Hasher>),
+}
+
+impl<F> Remotes<F> {
+    fn get(&self, remote: &SocketAddr) -> Option<&Weak<F>> {
+        match self {
+            Remotes::None => None,
+            Remotes::One(r, f) => (r == remote).then_some(f),
+            Remotes::Many(m) => m.get(remote),
+        }
+    }
+
+    fn contains_key(&self, remote: &SocketAddr) -> bool {
+        self.get(remote).is_some()
+    }
+
+    fn insert(&mut self, remote: SocketAddr, flow: Weak<F>) {
+        match self {
+            Remotes::None => *self = Remotes::One(remote, flow),
+            Remotes::One(r, f) if *r == remote => *f = flow,
+            Remotes::One(..) => {
+                let Remotes::One(r, f) = std::mem::replace(self, Remotes::None) else {
+                    return;
+                };
+                let mut m = HashMap::with_capacity_and_hasher(2, Hasher::default());
+                m.insert(r, f);
+                m.insert(remote, flow);
+                *self = Remotes::Many(m);
+            }
+            Remotes::Many(m) => {
+                m.insert(remote, flow);
+            }
+        }
+    }
+
+    fn remove(&mut self, remote: &SocketAddr) {
+        match self {
+            Remotes::One(r, _) if r == remote => *self = Remotes::None,
+            Remotes::Many(m) => {
+                m.remove(remote);
+                if m.is_empty() {
+                    *self = Remotes::None;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Remotes::None)
+    }
+
+    /// The live flows.
+    fn flows(&self) -> impl Iterator<Item = Arc<F>> + '_ {
+        let (one, many) = match self {
+            Remotes::None => (None, None),
+            Remotes::One(_, f) => (Some(f), None),
+            Remotes::Many(m) => (None, Some(m.values())),
+        };
+        one.into_iter()
+            .chain(many.into_iter().flatten())
+            .filter_map(Weak::upgrade)
+    }
 }
 
 /// One shared upstream socket and the flows it carries, by remote.
@@ -488,6 +556,29 @@ mod tests {
         let state = lock(&a.pool.state);
         assert!(state.by_client.is_empty());
         assert!(state.sockets.iter().all(|s| lock(&s.flows).map.is_empty()));
+    }
+
+    #[test]
+    fn a_sockets_remotes_go_from_one_inline_to_a_map_and_back() {
+        let flows: Vec<Arc<u32>> = (0..3).map(Arc::new).collect();
+        let r = |i: u16| sa(&format!("198.51.100.7:{}", 7000 + i));
+        let mut m: Remotes<u32> = Remotes::None;
+        m.insert(r(0), Arc::downgrade(&flows[0]));
+        assert!(matches!(m, Remotes::One(..)));
+        m.insert(r(1), Arc::downgrade(&flows[1]));
+        m.insert(r(2), Arc::downgrade(&flows[2]));
+        assert!(matches!(m, Remotes::Many(..)));
+        assert_eq!(m.get(&r(1)).and_then(Weak::upgrade).as_deref(), Some(&1));
+        assert_eq!(m.flows().count(), 3);
+        for i in [0, 2, 1] {
+            assert!(!m.is_empty());
+            m.remove(&r(i));
+            assert!(!m.contains_key(&r(i)));
+        }
+        assert!(m.is_empty());
+        m.insert(r(2), Arc::downgrade(&flows[2]));
+        m.remove(&r(0)); // not there: nothing happens
+        assert_eq!(m.flows().count(), 1);
     }
 
     #[test]
