@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use super::budget::{FdShare, Plan};
 use super::clock::Clock;
+use super::inbound::PoolReaders;
 use super::opener::Opener;
 use super::pool::Pools;
 use super::reply::ReplySender;
@@ -34,6 +35,8 @@ pub struct RelayContext {
     replies: ReplySender,
     /// Upstream sockets shared by one-destination flows.
     pools: Pools<Session>,
+    /// What reads them.
+    pool_readers: PoolReaders,
     /// Descriptors for flow sockets (pooled, full cone, SOCKS5).
     flow_fds: Arc<FdShare>,
     /// New flows waiting for an opener task.
@@ -86,6 +89,7 @@ impl RelayContext {
             table: SessionTable::new(limits(config)),
             replies: ReplySender::new(reply_capacity(&plan), mark, stats.clone()),
             pools: Pools::new(flow_fds.clone(), config.receive_buffer),
+            pool_readers: PoolReaders::default(),
             flow_fds,
             opener: Opener::new(),
             plan,
@@ -128,6 +132,10 @@ impl RelayContext {
 
     pub fn pools(&self) -> &Pools<Session> {
         &self.pools
+    }
+
+    pub fn pool_readers(&self) -> &PoolReaders {
+        &self.pool_readers
     }
 
     pub fn opener(&self) -> &Opener {
