@@ -122,6 +122,9 @@ impl Reloader {
         if old.relay.listen != new.relay.listen {
             changed.push("relay.listen");
         }
+        if old.relay.listener_sockets != new.relay.listener_sockets {
+            changed.push("relay.listener_sockets");
+        }
         if old.mark != new.mark {
             changed.push("mark");
         }

@@ -22,7 +22,7 @@ use crate::domain::DomainFeed;
 use crate::firewall::{AutoRules, FirewallError};
 use crate::net::sockets;
 use crate::pidfile::PidFile;
-use crate::relay::{RelayContext, budget, expiry, listener};
+use crate::relay::{RelayContext, budget, expiry, listener, opening};
 use crate::reload::{LogFilterHandle, Reloader};
 use crate::shutdown::{self, Shutdown};
 use crate::stats::Stats;
@@ -82,7 +82,8 @@ pub struct Prepared {
     dns_engine: Option<DnsEngine>,
     /// What the DNS answers feed (name map, nftables sets).
     feed: Option<Arc<DomainFeed>>,
-    relay: Vec<std::net::UdpSocket>,
+    /// One `SO_REUSEPORT` group per relay listen address.
+    relay: Vec<Vec<std::net::UdpSocket>>,
     dns_udp: Vec<std::net::UdpSocket>,
     dns_tcp: Vec<std::net::TcpListener>,
     admin: Option<std::net::TcpListener>,
@@ -93,6 +94,20 @@ pub struct Prepared {
 
 fn listen_error(addr: SocketAddr, what: &'static str) -> impl FnOnce(io::Error) -> ServerError {
     move |source| ServerError::Listen { addr, what, source }
+}
+
+/// The listening sockets of one relay address: `listener_sockets` members
+/// of one `SO_REUSEPORT` group, all on the port the first one got.
+fn relay_group(addr: SocketAddr, relay: &crate::config::RelayConfig) -> io::Result<Vec<std::net::UdpSocket>> {
+    let n = relay.listener_sockets.get();
+    let buffer = relay.listener_socket_buffer();
+    let first = sockets::transparent_listener(addr, buffer, n > 1)?;
+    let bound = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..n {
+        group.push(sockets::transparent_listener(bound, buffer, true)?);
+    }
+    Ok(group)
 }
 
 /// Loads the DNS rules, binds every socket (so a bad address fails the
@@ -126,11 +141,9 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
         config,
     };
     for &addr in &p.config.relay.listen.0 {
-        p.relay.push(
-            sockets::transparent_listener(addr, p.config.relay.receive_buffer)
-                .map_err(listen_error(addr, "relay, transparent UDP"))?,
-        );
-        tracing::info!(%addr, "relay listening");
+        p.relay
+            .push(relay_group(addr, &p.config.relay).map_err(listen_error(addr, "relay, transparent UDP"))?);
+        tracing::info!(%addr, sockets = p.config.relay.listener_sockets, "relay listening");
     }
     if let Some(dns) = p.config.dns() {
         for &addr in &dns.listen {
@@ -212,13 +225,21 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
 
     let (trigger, shutdown) = shutdown::channel();
     let mut tasks: JoinSet<io::Result<()>> = JoinSet::new();
-    for sock in relay {
-        tasks.spawn(listener::serve(
-            async_udp(sock, "relay")?,
-            relay_ctx.clone(),
-            shutdown.clone(),
-        ));
+    // A listener task per worker thread for each address (as many as it
+    // has sockets at most), each serving its share of the group; and as
+    // many opener tasks, so new flows can be opened on every worker.
+    let workers = tokio::runtime::Handle::current().metrics().num_workers().max(1);
+    for group in relay {
+        let per_task = workers.min(group.len()).max(1);
+        let mut shares: Vec<Vec<tokio::net::UdpSocket>> = (0..per_task).map(|_| Vec::new()).collect();
+        for (i, sock) in group.into_iter().enumerate() {
+            shares[i % per_task].push(async_udp(sock, "relay")?);
+        }
+        for share in shares {
+            tasks.spawn(listener::serve(share, relay_ctx.clone(), shutdown.clone()));
+        }
     }
+    opening::start(&relay_ctx, workers);
     tasks.spawn(expiry::sweep(relay_ctx.clone(), shutdown.clone()));
     if let Some(feed) = &feed {
         tasks.spawn(sweep_names(feed.clone(), shutdown.clone()));

@@ -101,6 +101,9 @@ counters! {
     drop_session_open_failed => "drops_total", "reason=\"session_open_failed\"";
     /// New flows refused: their client exceeded `relay.new_flows_per_client`.
     drop_new_flow_rate => "drops_total", "reason=\"new_flow_rate\"";
+    /// Datagrams of new flows dropped because their client's share of the
+    /// backlog of flows waiting to be opened was full.
+    drop_open_backlog => "drops_total", "reason=\"open_backlog\"";
     /// New flows refused: no descriptor left even after evicting a flow.
     drop_fd_budget => "drops_total", "reason=\"fd_budget\"";
     /// Datagrams dropped by a `drop` rule.

@@ -89,6 +89,14 @@ pub struct RelayConfig {
     /// `net.core.rmem_max` when privileged).
     #[serde(default = "RelayConfig::default_receive_buffer")]
     pub receive_buffer: usize,
+    /// Sockets per relay listen address, in one `SO_REUSEPORT` group. The
+    /// kernel queues each client socket's datagrams in one member (by a
+    /// hash of its address and port), and the listener serves the members
+    /// in turn: a flood from one client socket fills its own queue, not
+    /// everyone's. They share `receive_buffer` (each gets its share, at
+    /// least 256 KiB).
+    #[serde(default = "RelayConfig::default_listener_sockets")]
+    pub listener_sockets: NonZeroUsize,
     /// NAT behaviour of flows no rule sets it for.
     #[serde(default)]
     pub nat: NatMode,
@@ -132,6 +140,14 @@ impl RelayConfig {
     fn default_receive_buffer() -> usize {
         4 << 20
     }
+    fn default_listener_sockets() -> NonZeroUsize {
+        NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN)
+    }
+    /// The receive buffer of each relay listener socket: its share of
+    /// `receive_buffer`, at least 256 KiB.
+    pub fn listener_socket_buffer(&self) -> usize {
+        (self.receive_buffer / self.listener_sockets.get()).max(256 << 10)
+    }
     fn default_new_flows() -> u32 {
         2_000
     }
@@ -157,6 +173,7 @@ impl Default for RelayConfig {
             idle_timeout: Self::default_idle(),
             reply_sockets: Self::default_reply_sockets(),
             receive_buffer: Self::default_receive_buffer(),
+            listener_sockets: Self::default_listener_sockets(),
             nat: NatMode::default(),
             max_sessions_per_client: None,
             new_flows_per_client: Self::default_new_flows(),

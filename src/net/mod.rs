@@ -3,6 +3,7 @@
 //! deal only in addresses and payloads.
 
 pub mod accept;
+pub mod poll;
 pub mod raw;
 pub mod recv;
 pub mod send;

@@ -100,10 +100,23 @@ impl RecvBatch {
     /// Like [`RecvBatch::recv`], reading at most `max` datagrams (a reader
     /// that bounds its work in bytes asks for fewer when they are big).
     pub fn recv_at_most(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
-        let count = max.clamp(1, self.capacity);
         self.metas.clear();
+        self.recv_more(fd, max.max(1))
+    }
+
+    /// Reads up to `max` more datagrams into the slots after those already
+    /// held, keeping them: a reader of many sockets gathers replies from
+    /// all of them before sending any (see [`RecvBatch::clear`]). Returns
+    /// how many were added; `WouldBlock` when none were queued. Asking for
+    /// more than [`RecvBatch::room`] reads only that many.
+    pub fn recv_more(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
+        let start = self.metas.len();
+        let count = max.min(self.room());
+        if count == 0 {
+            return Ok(0);
+        }
         // The kernel rewrites lengths in every header: reset them all.
-        for i in 0..count {
+        for i in start..start + count {
             self.iovs[i] = libc::iovec {
                 iov_base: self.bufs[i * SLOT..].as_mut_ptr().cast(),
                 iov_len: SLOT,
@@ -118,12 +131,13 @@ impl RecvBatch {
             h.msg_hdr.msg_flags = 0;
             h.msg_len = 0;
         }
-        // SAFETY: every header points at live buffers of the sizes given,
-        // owned by `self` and not otherwise borrowed during the call.
+        // SAFETY: every header from `start` on points at live buffers of
+        // the sizes given, owned by `self` and not otherwise borrowed during
+        // the call.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
-                self.hdrs.as_mut_ptr(),
+                self.hdrs[start..].as_mut_ptr(),
                 count as libc::c_uint,
                 // glibc declares the flags `int`, musl `unsigned int`.
                 libc::MSG_DONTWAIT as _,
@@ -134,7 +148,7 @@ impl RecvBatch {
             return Err(io::Error::last_os_error());
         }
         let n = n as usize;
-        for i in 0..n {
+        for i in start..start + n {
             let h = &self.hdrs[i];
             // UDP over IP always has a source; port 0 marks "unknown" for
             // callers to drop rather than shifting every later slot.
@@ -149,7 +163,26 @@ impl RecvBatch {
             read_control(&h.msg_hdr, &mut meta);
             self.metas.push(meta); // slot i holds meta i
         }
-        Ok(self.metas.len())
+        Ok(n)
+    }
+
+    /// Datagrams held.
+    pub fn len(&self) -> usize {
+        self.metas.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.metas.is_empty()
+    }
+
+    /// Slots still free for [`RecvBatch::recv_more`].
+    pub fn room(&self) -> usize {
+        self.capacity - self.metas.len()
+    }
+
+    /// Forgets every datagram held.
+    pub fn clear(&mut self) {
+        self.metas.clear();
     }
 
     /// Reads one batch from `socket` through tokio's readiness.
@@ -168,11 +201,24 @@ impl RecvBatch {
 
     /// Like [`RecvBatch::read`], reading at most `max` datagrams.
     pub fn read_at_most(&mut self, socket: &UdpSocket, max: usize) -> io::Result<Batch> {
+        self.metas.clear();
+        self.read_more(socket, max.clamp(1, self.capacity))
+    }
+
+    /// Like [`RecvBatch::read_at_most`], but keeping the datagrams already
+    /// held and adding up to `max` (at most [`RecvBatch::room`]) after them.
+    pub fn read_more(&mut self, socket: &UdpSocket, max: usize) -> io::Result<Batch> {
         let fd = socket.as_raw_fd();
-        let asked = max.clamp(1, self.capacity);
+        let asked = max.min(self.room());
+        if asked == 0 {
+            return Ok(Batch {
+                count: 0,
+                drained: false,
+            });
+        }
         let mut count = 0;
         let result = socket.try_io(Interest::READABLE, || {
-            count = self.recv_at_most(fd, asked)?;
+            count = self.recv_more(fd, asked)?;
             if count < asked {
                 Err(io::Error::from(io::ErrorKind::WouldBlock))
             } else {
@@ -186,7 +232,8 @@ impl RecvBatch {
         }
     }
 
-    /// Datagram `i` of the last [`RecvBatch::recv`].
+    /// Datagram `i` held (of the last [`RecvBatch::recv`], or gathered by
+    /// [`RecvBatch::recv_more`] since the last [`RecvBatch::clear`]).
     pub fn get(&self, i: usize) -> Option<(&DatagramMeta, &[u8])> {
         let meta = self.metas.get(i)?;
         let start = i * SLOT;

@@ -62,8 +62,9 @@ fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
 
 /// A TPROXY listener on `addr` that reports each datagram's original
 /// destination (and its TOS / traffic class) in control messages, with a
-/// receive buffer of `buffer` bytes.
-pub fn transparent_listener(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
+/// receive buffer of `buffer` bytes; with `group`, a member of an
+/// `SO_REUSEPORT` group (TPROXY spreads clients over its members).
+pub fn transparent_listener(addr: SocketAddr, buffer: usize, group: bool) -> io::Result<UdpSocket> {
     let sock = udp_socket(addr)?;
     set_receive_buffer(&sock, buffer);
     set_transparent(&sock, addr.is_ipv6())?;
@@ -75,6 +76,9 @@ pub fn transparent_listener(addr: SocketAddr, buffer: usize) -> io::Result<UdpSo
         setsockopt(&sock, sockopt::IpRecvTos, &true)?;
     }
     sock.set_reuse_address(true)?;
+    if group {
+        sock.set_reuse_port(true)?;
+    }
     sock.bind(&addr.into())?;
     Ok(sock.into())
 }

@@ -15,6 +15,8 @@ use tokio_util::task::TaskTracker;
 
 use super::budget::{FdShare, Plan};
 use super::clock::Clock;
+use super::inbound::PoolReaders;
+use super::opener::Opener;
 use super::pool::Pools;
 use super::reply::ReplySender;
 use super::rules::UdpRules;
@@ -33,8 +35,12 @@ pub struct RelayContext {
     replies: ReplySender,
     /// Upstream sockets shared by one-destination flows.
     pools: Pools<Session>,
+    /// What reads them.
+    pool_readers: PoolReaders,
     /// Descriptors for flow sockets (pooled, full cone, SOCKS5).
     flow_fds: Arc<FdShare>,
+    /// New flows waiting for an opener task.
+    opener: Opener,
     plan: Plan,
     /// The shortest idle timeout any session has had (for the sweeper).
     min_idle_ms: AtomicU64,
@@ -83,7 +89,9 @@ impl RelayContext {
             table: SessionTable::new(limits(config)),
             replies: ReplySender::new(reply_capacity(&plan), mark, stats.clone()),
             pools: Pools::new(flow_fds.clone(), config.receive_buffer),
+            pool_readers: PoolReaders::default(),
             flow_fds,
+            opener: Opener::new(),
             plan,
             min_idle_ms: AtomicU64::new(u64::MAX),
             clock: Clock::new(),
@@ -124,6 +132,14 @@ impl RelayContext {
 
     pub fn pools(&self) -> &Pools<Session> {
         &self.pools
+    }
+
+    pub fn pool_readers(&self) -> &PoolReaders {
+        &self.pool_readers
+    }
+
+    pub fn opener(&self) -> &Opener {
+        &self.opener
     }
 
     pub fn flow_fds(&self) -> &Arc<FdShare> {

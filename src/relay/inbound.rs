@@ -2,35 +2,139 @@
 //! replies to clients from the addresses they asked.
 //!
 //! Three kinds of reader run here, each as a task owned by the relay (see
-//! [`RelayContext::spawn`]): one per pool socket, shared by every flow
-//! that socket carries; one per full-cone flow; one per SOCKS5 flow, which
-//! also sets up its association. A reply refreshes its flow's idle timer
-//! and, now and then, its place in the LRU, so mostly-inbound flows live.
+//! [`RelayContext::spawn`]): pool readers, each watching many pool sockets
+//! (every flow a socket carries shares it); one per full-cone flow; one per
+//! SOCKS5 flow, which also sets up its association. A reply refreshes its
+//! flow's idle timer and, now and then, its place in the LRU, so
+//! mostly-inbound flows live.
+//!
+//! Replies are *gathered* before they are sent. A thousand game flows each
+//! answered 60 times a second spread over hundreds of pool sockets, one or
+//! two datagrams on each at a time: read and sent socket by socket, every
+//! reply cost a wake-up, a task poll, a receive and a send of its own. A
+//! pool reader instead asks its [`Poller`] which sockets have something,
+//! reads them all into one [`RecvBatch`], and hands the lot to
+//! [`ReplySender::send_pending`], which sends the replies leaving from one
+//! server address (one reply socket) in a single `sendmmsg`.
 
 use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use super::account::{Direction, count_sent};
 use super::context::RelayContext;
 use super::pool::PoolSocket;
+use super::reply::{Pending, ReplyScratch};
 use super::session::{MAX_DATAGRAM, Outbound, Session};
 use super::socks5::{self, Socks5Server};
+use crate::net::poll::{Event, Poller};
 use crate::net::recv::{self, RecvBatch};
 use crate::net::sockets;
+use crate::sync::lock;
 
 /// Longest a SOCKS5 handshake may take.
 const SOCKS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Replies gathered before they are sent (and the receive slots for them).
+const GATHER: usize = 256;
+/// Ready sockets asked for per `epoll_wait`.
+const EVENTS: usize = 256;
+/// Rounds (wait, read, send) per wake-up before other tasks get the thread.
+const ROUNDS_PER_WAKE: usize = 8;
+
+/// Replies read but not yet sent, and the room to send them.
+struct Gather {
+    batch: RecvBatch,
+    pending: Vec<Pending>,
+    scratch: ReplyScratch,
+}
 
 thread_local! {
-    /// Each worker thread's receive batch for replies, shared by every
-    /// socket read on that thread: a flow costs no buffer of its own.
-    static BATCH: RefCell<RecvBatch> = RefCell::new(RecvBatch::new(recv::BATCH));
+    /// Each worker thread's gathering room, shared by every reader on that
+    /// thread: a flow costs no buffer of its own. It is empty whenever a
+    /// reader is not running (every reader sends what it gathered before
+    /// it awaits anything).
+    static GATHERED: RefCell<Gather> = RefCell::new(Gather {
+        batch: RecvBatch::new(GATHER),
+        pending: Vec::with_capacity(GATHER),
+        scratch: ReplyScratch::default(),
+    });
+}
+
+impl Gather {
+    /// Files datagrams `from..` of the batch as replies of the flows
+    /// `flow_of(sender)` names; datagrams no flow claims are counted.
+    fn file(&mut self, from: usize, ctx: &RelayContext, flow_of: &impl Fn(SocketAddr) -> Option<Arc<Session>>) {
+        let now = ctx.now_ms();
+        let mut last: Option<(SocketAddr, Option<Arc<Session>>)> = None;
+        for i in from..self.batch.len() {
+            let Some((meta, _)) = self.batch.get(i) else { continue };
+            let peer = meta.peer;
+            if last.as_ref().is_none_or(|(p, _)| *p != peer) {
+                last = Some((peer, flow_of(peer)));
+            }
+            let Some((_, Some(session))) = &last else {
+                ctx.stats().drop_unsolicited.inc();
+                continue;
+            };
+            self.pending.push(Pending {
+                src: session.reply_source(peer),
+                client: session.key.client,
+                tos: meta.tos,
+                slot: i as u32,
+            });
+            if session.touch_inbound(now) {
+                ctx.table().promote(&session.key, session.id);
+            }
+        }
+    }
+
+    /// Sends everything gathered and empties the batch.
+    fn flush(&mut self, ctx: &RelayContext) {
+        if !self.pending.is_empty() {
+            let Gather {
+                batch,
+                pending,
+                scratch,
+            } = self;
+            let batch = &*batch;
+            ctx.replies().send_pending(
+                pending,
+                |slot| batch.get(slot as usize).map_or(&[][..], |(_, p)| p),
+                scratch,
+            );
+        }
+        self.batch.clear();
+    }
+
+    /// One receive from `fd` (up to a system call's worth), filed; sends
+    /// first when the batch is full. `WouldBlock` when nothing was queued.
+    fn read_fd(
+        &mut self,
+        fd: RawFd,
+        ctx: &RelayContext,
+        flow_of: &impl Fn(SocketAddr) -> Option<Arc<Session>>,
+    ) -> io::Result<usize> {
+        if self.batch.room() == 0 {
+            self.flush(ctx);
+        }
+        let from = self.batch.len();
+        let mut result = self.batch.recv_more(fd, recv::BATCH);
+        // An ICMP error for an earlier datagram fails one receive (it is
+        // counted from the error queue): read again.
+        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused) {
+            result = self.batch.recv_more(fd, recv::BATCH);
+        }
+        let n = result?;
+        self.file(from, ctx, flow_of);
+        Ok(n)
+    }
 }
 
 /// Waits until `socket` has datagrams or queued ICMP errors; counts and
@@ -48,15 +152,181 @@ async fn wait_readable(socket: &UdpSocket, ctx: &RelayContext) -> io::Result<boo
     Ok(ready.is_readable())
 }
 
-/// The reader of one pool socket: replies to the flows they belong to.
+/// The pool readers of a relay: as many as the runtime has workers, each
+/// watching its share of the pool sockets through a [`Poller`] of its own.
+#[derive(Debug, Default)]
+pub struct PoolReaders {
+    readers: OnceLock<Vec<Arc<PoolReader>>>,
+    next: AtomicUsize,
+}
+
+/// One pool reader: the sockets it watches (a socket's token is its index
+/// here) and whether its task runs.
+#[derive(Debug)]
+struct PoolReader {
+    poller: Poller,
+    sockets: Mutex<Watched>,
+    running: AtomicBool,
+}
+
+/// Watched sockets by token; the tokens of sockets let go of are reused.
+#[derive(Debug, Default)]
+struct Watched {
+    slots: Vec<Option<Arc<PoolSocket<Session>>>>,
+    free: Vec<usize>,
+}
+
+impl PoolReaders {
+    /// The reader that takes the next new socket (round robin).
+    fn pick(&self) -> io::Result<Arc<PoolReader>> {
+        let readers = match self.readers.get() {
+            Some(r) => r,
+            None => {
+                let n = tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers().max(1));
+                let made = (0..n)
+                    .map(|_| {
+                        Ok(Arc::new(PoolReader {
+                            poller: Poller::new()?,
+                            sockets: Mutex::new(Watched::default()),
+                            running: AtomicBool::new(false),
+                        }))
+                    })
+                    .collect::<io::Result<Vec<_>>>()?;
+                // Another thread may have won: use whichever was stored.
+                let _ = self.readers.set(made);
+                self.readers.get().ok_or_else(|| io::Error::other("pool readers"))?
+            }
+        };
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % readers.len();
+        readers.get(i).cloned().ok_or_else(|| io::Error::other("pool readers"))
+    }
+
+    /// Lets go of the sockets the pool has closed (see
+    /// `Pools::close_idle`), so that their descriptors are released.
+    pub fn forget_retired(&self) {
+        for reader in self.readers.get().into_iter().flatten() {
+            reader.forget_retired();
+        }
+    }
+}
+
+impl PoolReader {
+    fn watch(&self, socket: Arc<PoolSocket<Session>>) -> io::Result<()> {
+        let mut watched = lock(&self.sockets);
+        let token = watched.free.pop().unwrap_or(watched.slots.len());
+        if let Err(e) = self.poller.add(socket.socket.as_raw_fd(), token as u64) {
+            if token < watched.slots.len() {
+                watched.free.push(token);
+            }
+            return Err(e);
+        }
+        match watched.slots.get_mut(token) {
+            Some(slot) => *slot = Some(socket),
+            None => watched.slots.push(Some(socket)),
+        }
+        Ok(())
+    }
+
+    fn forget_retired(&self) {
+        let mut watched = lock(&self.sockets);
+        let Watched { slots, free } = &mut *watched;
+        for (token, slot) in slots.iter_mut().enumerate() {
+            if slot.as_ref().is_some_and(|s| s.is_retired()) {
+                if let Some(socket) = slot.take() {
+                    // Closing the socket would remove it from the set too,
+                    // but a reply being read elsewhere may still hold it.
+                    let _ = self.poller.remove(socket.socket.as_raw_fd());
+                }
+                free.push(token);
+            }
+        }
+    }
+}
+
+/// Lets a new pool socket's replies be read: hands it to one of the
+/// relay's pool readers. The first socket a reader gets starts it: this
+/// task then *is* that reader, until the relay shuts down.
 pub async fn read_pool(socket: Arc<PoolSocket<Session>>, ctx: Arc<RelayContext>) {
+    let reader = match ctx.pool_readers().pick() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "no pool reader; replies on a pool socket will be lost");
+            return;
+        }
+    };
+    if let Err(e) = reader.watch(socket) {
+        tracing::warn!(error = %e, "cannot watch a pool socket; its replies will be lost");
+        return;
+    }
+    if reader.running.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    if let Err(e) = run_pool_reader(&reader, &ctx).await {
+        tracing::warn!(error = %e, "pool reader failed");
+    }
+    reader.running.store(false, Ordering::Release);
+}
+
+impl AsRawFd for PoolReader {
+    fn as_raw_fd(&self) -> RawFd {
+        self.poller.as_raw_fd()
+    }
+}
+
+/// Waits for any watched socket to be ready, then reads every ready one
+/// and sends what they held, round after round until none is.
+async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Result<()> {
+    // SAFETY: the registration holds an `Arc` of the reader, whose poller
+    // (and so the descriptor, always the same one) lives at least as long.
+    let readiness = unsafe { AsyncFd::register_with_interest(reader.clone(), Interest::READABLE) }?;
+    let mut raw = Vec::with_capacity(EVENTS);
+    let mut events: Vec<Event> = Vec::with_capacity(EVENTS);
+    let mut ready: Vec<(Event, Arc<PoolSocket<Session>>)> = Vec::with_capacity(EVENTS);
     loop {
-        match wait_readable(&socket.socket, &ctx).await {
-            Ok(true) => drain_into_flows(&socket.socket, &ctx, |peer| socket.flow(peer)),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "pool socket failed");
-                return;
+        let mut guard = readiness.readable().await?;
+        let mut rounds = 0;
+        loop {
+            if reader.poller.ready(&mut raw, &mut events)? == 0 {
+                // Cleared only if nothing became ready since the wake-up
+                // (the runtime compares ticks): no wake-up is lost.
+                guard.clear_ready();
+                break;
+            }
+            {
+                let watched = lock(&reader.sockets);
+                ready.extend(events.iter().filter_map(|e| {
+                    let socket = watched.slots.get(usize::try_from(e.token).ok()?)?.as_ref()?;
+                    Some((*e, socket.clone()))
+                }));
+            }
+            GATHERED.with_borrow_mut(|g| {
+                for (event, socket) in &ready {
+                    let fd = socket.socket.as_raw_fd();
+                    if event.error {
+                        let errors = sockets::drain_error_queue(fd);
+                        ctx.stats().upstream_unreachable.add(errors as u64);
+                    }
+                    if event.readable {
+                        match g.read_fd(fd, ctx, &|peer| socket.flow(peer)) {
+                            Ok(_) => {}
+                            Err(e) if crate::net::would_block(&e) => {}
+                            Err(e) => {
+                                ctx.stats().receive_errors.inc();
+                                tracing::debug!(error = %e, "upstream receive failed");
+                            }
+                        }
+                    }
+                }
+                g.flush(ctx);
+            });
+            ready.clear();
+            rounds += 1;
+            if rounds >= ROUNDS_PER_WAKE {
+                // Still busy: let the listener and others run; readiness
+                // stays set, so this reader comes straight back.
+                drop(guard);
+                tokio::task::yield_now().await;
+                break;
             }
         }
     }
@@ -77,13 +347,17 @@ pub async fn pump_cone(session: Arc<Session>, socket: Arc<UdpSocket>, ctx: Arc<R
     }
 }
 
-/// Reads every datagram queued on `socket` and hands each to the session
-/// `flow_of(sender)` names, consecutive ones from the same sender with the
-/// same TOS as one run. Datagrams no flow claims are dropped and counted.
+/// Reads every datagram queued on `socket` and sends each as a reply of
+/// the session `flow_of(sender)` names. Datagrams no flow claims are
+/// dropped and counted.
 pub fn drain_into_flows(socket: &UdpSocket, ctx: &RelayContext, flow_of: impl Fn(SocketAddr) -> Option<Arc<Session>>) {
-    BATCH.with_borrow_mut(|batch| {
+    GATHERED.with_borrow_mut(|g| {
         loop {
-            let read = match batch.read(socket) {
+            if g.batch.room() == 0 {
+                g.flush(ctx);
+            }
+            let from = g.batch.len();
+            let read = match g.batch.read_more(socket, recv::BATCH) {
                 Ok(read) => read,
                 // Counted from the error queue (see `wait_readable`).
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
@@ -93,51 +367,13 @@ pub fn drain_into_flows(socket: &UdpSocket, ctx: &RelayContext, flow_of: impl Fn
                     break;
                 }
             };
-            let n = read.count;
-            let mut run: Vec<&[u8]> = Vec::with_capacity(n);
-            let mut current: Option<Sender> = None;
-            for i in 0..n {
-                let Some((meta, payload)) = batch.get(i) else { continue };
-                if !current
-                    .as_ref()
-                    .is_some_and(|c| c.from == meta.peer && c.tos == meta.tos)
-                {
-                    deliver(&mut run, current.as_ref(), ctx);
-                    current = Some(Sender {
-                        from: meta.peer,
-                        tos: meta.tos,
-                        flow: flow_of(meta.peer),
-                    });
-                }
-                run.push(payload);
-            }
-            deliver(&mut run, current.as_ref(), ctx);
+            g.file(from, ctx, &flow_of);
             if read.drained {
                 break;
             }
         }
+        g.flush(ctx);
     });
-}
-
-/// Who sent the run being gathered, and the flow it belongs to.
-struct Sender {
-    from: SocketAddr,
-    tos: Option<u8>,
-    flow: Option<Arc<Session>>,
-}
-
-/// Hands a gathered run to its flow (or counts it as unsolicited).
-fn deliver(run: &mut Vec<&[u8]>, sender: Option<&Sender>, ctx: &RelayContext) {
-    match sender {
-        Some(Sender {
-            from,
-            tos,
-            flow: Some(session),
-        }) => reply(session, run, *from, *tos, ctx),
-        Some(Sender { flow: None, .. }) => ctx.stats().drop_unsolicited.add(run.len() as u64),
-        None => {}
-    }
-    run.clear();
 }
 
 /// Sends replies from `from` to the session's client, from the address the

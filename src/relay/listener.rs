@@ -5,55 +5,108 @@
 //! bursts) are passed on as a *run*, which the session sends with one
 //! system call; see [`crate::net::send::send_run`].
 //!
-//! A listener shares its worker thread with the tasks that carry replies
-//! home, so its work between yields is bounded: a round ends after
-//! [`BYTES_PER_ROUND`] bytes or [`OPENS_PER_ROUND`] new flows, whichever
-//! comes first. A flood of 64 KB datagrams or of new flows then delays
-//! other flows' replies by one round, not by the whole flood.
+//! A listener never opens a flow itself: the first datagram of a new flow
+//! goes to the [`Opener`](super::opener::Opener) backlog and the listener
+//! reads on, so a burst of new flows costs established flows nothing here.
+//!
+//! One listening address is a group of `SO_REUSEPORT` sockets. TPROXY's
+//! socket lookup picks the member by a hash of the client's address and
+//! port, so a client socket's datagrams always queue in the same member
+//! and a flood from one client socket fills only its own queue. The
+//! listener serves the ready members in turn, each for at most
+//! [`TURN_BYTES`] (or [`TURN_BATCHES`] batches), then lets other tasks
+//! run: another client's datagram waits behind one turn of each busy
+//! member, not behind everything the kernel queued ahead of it.
 
+use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::task::Poll;
 use tokio::net::UdpSocket;
 
 use super::context::RelayContext;
 use super::decide::{Decision, Host, decide};
 use super::key::FlowKey;
-use super::open::{self, OpenError, open};
-use super::rules::UdpRule;
+use super::opener::{Filed, Held};
 use super::session::Session;
-use super::table::{Entry, Evicted, Eviction};
 use crate::dns::DnsService;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch};
 use crate::net::sockets;
 use crate::shutdown::Shutdown;
 
-/// Bytes read per round before other tasks get the thread.
-pub const BYTES_PER_ROUND: usize = 1 << 20;
+/// Bytes read from one socket per turn before the next ready one's turn.
+pub const TURN_BYTES: usize = 128 << 10;
 /// Bytes one batch should hold, judging by the last batch's datagrams.
-const BYTES_PER_BATCH: usize = 256 << 10;
-/// Flows opened per round before other tasks get the thread.
-pub const OPENS_PER_ROUND: usize = 64;
-/// Evictions tried for a new flow when the descriptor budget is used up.
-const BUDGET_TRIES: usize = 3;
-/// Batches read per round at most (small datagrams).
-const BATCHES_PER_ROUND: usize = 8;
+const BATCH_BYTES: usize = 64 << 10;
+/// Batches read from one socket per turn at most (small datagrams).
+pub const TURN_BATCHES: usize = 4;
 
-/// Serves one listening socket until shutdown.
-pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> io::Result<()> {
-    let local = socket.local_addr()?;
+/// Serves a group of listening sockets (members of one `SO_REUSEPORT`
+/// group, or a single socket) until shutdown.
+pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> io::Result<()> {
+    let members: Vec<Member> = sockets
+        .into_iter()
+        .map(|socket| {
+            Ok(Member {
+                local: socket.local_addr()?,
+                socket,
+                slots: BATCH,
+            })
+        })
+        .collect::<io::Result<_>>()?;
+    let mut members = members;
     let mut batch = RecvBatch::new(BATCH);
-    let mut slots = BATCH;
+    let mut ready = Vec::with_capacity(members.len());
     loop {
         tokio::select! {
             _ = shutdown.recv() => return Ok(()),
-            ready = socket.readable() => ready?,
+            r = poll_fn(|cx| poll_ready(&members, &mut ready, cx)) => r?,
         }
-        let mut drained = false;
+        let mut more = false;
+        for &i in &ready {
+            more |= !members[i].turn(&mut batch, &ctx);
+        }
+        if more {
+            // Still more queued: let other tasks run before reading on.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Collects the indices of the members with datagrams queued into `ready`;
+/// pending (with every member registered for wake-up) when none has.
+fn poll_ready(members: &[Member], ready: &mut Vec<usize>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+    ready.clear();
+    for (i, m) in members.iter().enumerate() {
+        match m.socket.poll_recv_ready(cx) {
+            Poll::Ready(Ok(())) => ready.push(i),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+    }
+    if ready.is_empty() {
+        Poll::Pending
+    } else {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// One listening socket and how many datagrams its batches ask for.
+struct Member {
+    socket: UdpSocket,
+    local: SocketAddr,
+    slots: usize,
+}
+
+impl Member {
+    /// Reads and hands on one turn's worth; true when the queue was drained.
+    fn turn(&mut self, batch: &mut RecvBatch, ctx: &Arc<RelayContext>) -> bool {
         let mut bytes = 0;
-        let mut opens = 0;
-        for _ in 0..BATCHES_PER_ROUND {
-            match batch.read_at_most(&socket, slots) {
+        let mut filed = false;
+        let mut drained = false;
+        for _ in 0..TURN_BATCHES {
+            match batch.read_at_most(&self.socket, self.slots) {
                 Ok(read) => {
                     let n = read.count;
                     let mut run = Run::default();
@@ -61,18 +114,16 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
                             batch_bytes += payload.len();
-                            if handle(&ctx, local, meta, payload, &mut run) {
-                                opens += 1;
-                            }
+                            filed |= handle(ctx, self.local, meta, payload, &mut run);
                         }
                     }
-                    run.flush(&ctx);
+                    run.flush(ctx);
                     bytes += batch_bytes;
-                    // Big datagrams: read fewer at a time, so that a round
-                    // stays near BYTES_PER_ROUND instead of a whole batch of
+                    // Big datagrams: read fewer at a time, so that a turn
+                    // stays near TURN_BYTES instead of a whole batch of
                     // 64 KB ones (4 MB) passing before anyone else's turn.
                     if let Some(average) = batch_bytes.checked_div(n) {
-                        slots = (BYTES_PER_BATCH / average.max(1)).clamp(1, BATCH);
+                        self.slots = (BATCH_BYTES / average.max(1)).clamp(1, BATCH);
                     }
                     if read.drained {
                         drained = true;
@@ -81,17 +132,17 @@ pub async fn serve(socket: UdpSocket, ctx: Arc<RelayContext>, mut shutdown: Shut
                 }
                 Err(e) => {
                     ctx.stats().receive_errors.inc();
-                    tracing::debug!(%local, error = %e, "listener receive failed");
+                    tracing::debug!(local = %self.local, error = %e, "listener receive failed");
                 }
             }
-            if bytes >= BYTES_PER_ROUND || opens >= OPENS_PER_ROUND {
+            if bytes >= TURN_BYTES {
                 break;
             }
         }
-        if !drained {
-            // Still more queued: let other tasks run before reading on.
-            tokio::task::yield_now().await;
+        if filed {
+            ctx.opener().wake();
         }
+        drained
     }
 }
 
@@ -124,7 +175,7 @@ impl<'b> Run<'b> {
     }
 }
 
-/// Handles one datagram; true when it opened (or tried to open) a flow.
+/// Handles one datagram; true when it filed a new flow for the openers.
 fn handle<'b>(
     ctx: &Arc<RelayContext>,
     local: SocketAddr,
@@ -178,17 +229,37 @@ fn handle<'b>(
         return false;
     }
     run.flush(ctx);
-    let (session, opened) = match ctx.table().get(&key) {
-        Some(s) => (s, false),
-        None => match new_flow(ctx, key, dst, rule) {
-            Some(s) => {
-                if rule.by_domain() {
-                    ctx.stats().domain_matches.inc();
+    let session = match ctx.table().get(&key) {
+        Some(s) => s,
+        None => {
+            let held = Held {
+                dst,
+                tos: meta.tos,
+                payload: payload.to_vec(),
+            };
+            let number = rule.number;
+            let table = ctx.table();
+            let filed = ctx.opener().file(
+                table,
+                key,
+                held,
+                || table.admit(key.owner(), ctx.now_ms()),
+                || (arc_swap::Guard::into_inner(rules), number),
+            );
+            match filed {
+                Filed::Open(s) => s,
+                Filed::Queued => return true,
+                Filed::Held => return false,
+                Filed::RateLimited => {
+                    ctx.stats().drop_new_flow_rate.inc();
+                    return false;
                 }
-                (s, true)
+                Filed::Full => {
+                    ctx.stats().drop_open_backlog.inc();
+                    return false;
+                }
             }
-            None => return true,
-        },
+        }
     };
     session.touch(ctx.now_ms());
     *run = Run {
@@ -199,78 +270,7 @@ fn handle<'b>(
         payloads: std::mem::take(&mut run.payloads),
     };
     run.payloads.push(payload);
-    opened
-}
-
-/// Admits, opens and files a new flow, making room as the limits say.
-/// `None` when the datagram is dropped (and counted).
-fn new_flow(ctx: &Arc<RelayContext>, key: FlowKey, dst: SocketAddr, rule: &UdpRule) -> Option<Arc<Session>> {
-    let table = ctx.table();
-    let owner = key.owner();
-    if !table.admit(owner, ctx.now_ms()) {
-        ctx.stats().drop_new_flow_rate.inc();
-        return None;
-    }
-    count_evicted(ctx, table.make_room(owner));
-    let mut opened = open(key, dst, rule, ctx);
-    // Out of descriptors. A pooled flow takes over a socket from the flows
-    // in its way there (a client that busy is the heaviest, or close to
-    // it); a flow that needs its own socket gets the descriptor of the
-    // heaviest client's oldest flow. A few tries: a socket's blockers may
-    // be on their way out already.
-    for _ in 0..BUDGET_TRIES {
-        if !matches!(opened, Err(OpenError::Budget)) {
-            break;
-        }
-        let in_the_way = open::in_the_way(key, dst, rule, ctx);
-        if in_the_way.is_empty() {
-            count_evicted(ctx, table.evict_heaviest());
-        }
-        for session in in_the_way {
-            let entry = table.remove(&session.key, session.id);
-            count_evicted(
-                ctx,
-                entry.map(|entry| Evicted {
-                    reason: Eviction::FdBudget,
-                    entry,
-                }),
-            );
-        }
-        opened = open(key, dst, rule, ctx);
-    }
-    let opened = match opened {
-        Ok(o) => o,
-        Err(OpenError::Budget) => {
-            ctx.stats().drop_fd_budget.inc();
-            return None;
-        }
-        Err(e) => {
-            ctx.stats().drop_session_open_failed.inc();
-            tracing::debug!(client = %key.client, %dst, error = %e, "cannot open session");
-            return None;
-        }
-    };
-    match table.insert(key, Entry::new(opened.session, opened.task), ctx.now_ms()) {
-        Ok((session, evicted)) => {
-            for e in evicted {
-                count_evicted(ctx, Some(e));
-            }
-            Some(session)
-        }
-        // Opened meanwhile on another thread: use that one.
-        Err(_ours) => table.get(&key),
-    }
-}
-
-fn count_evicted(ctx: &RelayContext, evicted: Option<Evicted>) {
-    let Some(e) = evicted else { return };
-    let counter = match e.reason {
-        Eviction::TableFull => &ctx.stats().sessions_evicted,
-        Eviction::ClientQuota => &ctx.stats().sessions_evicted_quota,
-        Eviction::FdBudget => &ctx.stats().sessions_evicted_budget,
-    };
-    counter.inc();
-    tracing::debug!(client = %e.entry.session.key.client, reason = ?e.reason, "session evicted");
+    false
 }
 
 /// A query to a DNS port, wherever it was going, is answered by the DNS

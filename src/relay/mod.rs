@@ -5,7 +5,8 @@
 //! ```text
 //! datagram ─▶ listener ─▶ decide ─▶ table (flow → session) ─▶ session ─▶ upstream socket ─▶ server
 //!                 │                    ▲
-//!                 └─▶ open ────────────┘ (new flows: pool socket or own socket, task)
+//!                 └─▶ opener ─▶ opening ─▶ open (new flows, off the listener's path:
+//!                     backlog     tasks     pool socket or own socket, task)
 //!
 //! server ─▶ inbound (pool / cone / SOCKS5 readers) ─▶ reply (socket bound to the
 //!           original destination) ─▶ client
@@ -14,6 +15,8 @@
 //! * [`listener`] reads redirected datagrams and their original destination;
 //! * [`decide`] says what happens to each (relay, DNS, drop), for the
 //!   listener and for `tproxyd explain` alike;
+//! * [`opener`] holds new flows (and their first datagrams) until one of
+//!   the [`opening`] tasks opens them, so the listener never waits for it;
 //! * [`open`] makes a new flow's [`session`] and starts its task;
 //! * [`table`] maps each flow to its session, bounded and fair between
 //!   clients (a quota each, eviction from the heaviest, a [`rate`] bucket
@@ -37,6 +40,8 @@ pub mod inbound;
 pub mod key;
 pub mod listener;
 pub mod open;
+pub mod opener;
+pub mod opening;
 pub mod pool;
 pub mod rate;
 pub mod reply;

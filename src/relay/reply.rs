@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use super::account::{Direction, count_sent};
 use crate::net::raw::RawSender;
-use crate::net::send::send_run;
+use crate::net::send::{GSO_MAX_SEGMENTS, Message, SendScratch, gso_chunks, gso_segments, send_messages, send_run};
 use crate::net::sockets;
 use crate::stats::Stats;
 use crate::sync::lock;
@@ -55,6 +55,48 @@ impl ReplySocket {
             }
         }
     }
+}
+
+/// A reply gathered for [`ReplySender::send_pending`]: from `src` to
+/// `client`; its payload is slot `slot` of the caller's receive batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub src: SocketAddr,
+    pub client: SocketAddr,
+    pub tos: Option<u8>,
+    pub slot: u32,
+}
+
+/// Most datagrams of one flow in one GSO train on the way to a client.
+pub const REPLY_GSO_SEGMENTS: usize = GSO_MAX_SEGMENTS;
+
+/// Reusable room for [`ReplySender::send_pending`]: nothing is allocated
+/// per datagram, nor (once grown) per batch.
+#[derive(Debug, Default)]
+pub struct ReplyScratch {
+    send: SendScratch,
+    /// Payloads in sending order, and each message's share of them; both
+    /// empty between calls (the lifetimes are only borrowed for one call).
+    payloads: Vec<&'static [u8]>,
+    messages: Vec<Message<'static>>,
+    /// (client, tos, first payload, count) per message, in sending order.
+    plan: Vec<(SocketAddr, Option<u8>, usize, usize)>,
+}
+
+/// Empties `v` and hands its allocation back with another lifetime.
+fn recycle<'b, T: ?Sized>(mut v: Vec<&'_ T>) -> Vec<&'b T> {
+    v.clear();
+    v.into_iter()
+        .map(|_| -> &'b T { unreachable!("the vector is empty") })
+        .collect()
+}
+
+/// [`recycle`] for messages.
+fn recycle_messages<'b>(mut v: Vec<Message<'_>>) -> Vec<Message<'b>> {
+    v.clear();
+    v.into_iter()
+        .map(|_| -> Message<'b> { unreachable!("the vector is empty") })
+        .collect()
 }
 
 /// The cache of reply sockets, keyed by the address they send from.
@@ -179,6 +221,93 @@ impl ReplySender {
     pub fn send_on(&self, sock: &ReplySocket, run: &[&[u8]], client: SocketAddr, tos: Option<u8>) {
         let result = sock.send_to(run, client, tos);
         count_sent(&self.stats, Direction::Reply, &result, run);
+    }
+
+    /// Sends every reply in `pending` (then empties it), in as few system
+    /// calls as possible: replies leaving from the same address share that
+    /// address's reply socket and go out in one `sendmmsg`, whichever
+    /// clients they are for; consecutive replies of one flow go as one GSO
+    /// train. Each flow's replies keep their order (`pending` is sorted by
+    /// source, then by position). `payload(slot)` is a reply's payload.
+    pub fn send_pending<'p>(
+        &self,
+        pending: &mut Vec<Pending>,
+        payload: impl Fn(u32) -> &'p [u8],
+        scratch: &mut ReplyScratch,
+    ) {
+        // Position first breaks ties: the order within a source is arrival.
+        pending.sort_unstable_by_key(|p| (p.src, p.slot));
+        let mut rest = &pending[..];
+        while let Some(first) = rest.first() {
+            let n = rest.iter().take_while(|p| p.src == first.src).count();
+            let (group, tail) = rest.split_at(n);
+            rest = tail;
+            self.send_group(first.src, group, &payload, scratch);
+        }
+        pending.clear();
+    }
+
+    /// Sends replies that all leave from `src`.
+    fn send_group<'p>(
+        &self,
+        src: SocketAddr,
+        group: &[Pending],
+        payload: &impl Fn(u32) -> &'p [u8],
+        scratch: &mut ReplyScratch,
+    ) {
+        let sock = match self.socket_for(src) {
+            Ok(sock) => sock,
+            Err(e) => {
+                self.stats.reply_send_errors.add(group.len() as u64);
+                tracing::debug!(%src, error = %e, "no reply socket");
+                return;
+            }
+        };
+        let fd = match &*sock {
+            ReplySocket::Bound(s) => s.as_raw_fd(),
+            ReplySocket::Raw { .. } => {
+                for p in group {
+                    self.send_on(&sock, &[payload(p.slot)], p.client, p.tos);
+                }
+                return;
+            }
+        };
+        let v6 = src.is_ipv6();
+        let mut payloads: Vec<&'p [u8]> = recycle(std::mem::take(&mut scratch.payloads));
+        scratch.plan.clear();
+        let mut rest = group;
+        while let Some(first) = rest.first() {
+            // A run: consecutive replies to one client with one TOS.
+            let n = rest
+                .iter()
+                .take_while(|p| p.client == first.client && p.tos == first.tos)
+                .count();
+            let (run, tail) = rest.split_at(n);
+            rest = tail;
+            let start = payloads.len();
+            payloads.extend(run.iter().map(|p| payload(p.slot)));
+            let mut at = start;
+            for chunk in gso_chunks(&payloads[start..], v6, gso_segments(REPLY_GSO_SEGMENTS)) {
+                scratch.plan.push((first.client, first.tos, at, chunk.len()));
+                at += chunk.len();
+            }
+        }
+        let mut messages: Vec<Message<'_>> = recycle_messages(std::mem::take(&mut scratch.messages));
+        messages.extend(scratch.plan.iter().map(|&(client, tos, at, n)| Message {
+            to: Some(client),
+            tos,
+            segments: &payloads[at..at + n],
+        }));
+        let sent = send_messages(fd, &messages, v6, &mut scratch.send, false);
+        self.stats.reply_datagrams.add(sent.datagrams as u64);
+        self.stats.reply_bytes.add(sent.bytes);
+        self.stats.drop_send_buffer_full.add(sent.full as u64);
+        self.stats.reply_send_errors.add(sent.failed as u64);
+        if let Some(e) = &sent.first_error {
+            tracing::debug!(%src, error = %e, "reply send failed");
+        }
+        scratch.messages = recycle_messages(messages);
+        scratch.payloads = recycle(payloads);
     }
 
     /// Changes how many reply sockets are kept; the least recently used

@@ -159,6 +159,16 @@ impl UdpRules {
             .unwrap_or(&self.default)
     }
 
+    /// The rule numbered `number` (0, or a number past the last, is the
+    /// built-in default), for work that holds the rules and a rule's
+    /// number instead of a borrow.
+    pub fn numbered(&self, number: usize) -> &UdpRule {
+        number
+            .checked_sub(1)
+            .and_then(|i| self.rules.get(i))
+            .unwrap_or(&self.default)
+    }
+
     /// Whether any rule matches by name.
     pub fn has_domain_rules(&self) -> bool {
         self.rules.iter().any(UdpRule::by_domain)

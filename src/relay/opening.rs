@@ -1,0 +1,148 @@
+//! The opener tasks: they take the new flows the listeners filed in the
+//! [`Opener`](super::opener::Opener) backlog, open them, send what was held
+//! for them and put them in the table.
+//!
+//! One task per runtime worker, owned by the relay's context (they end
+//! with it). Each opens at most [`OPENS_PER_ROUND`] flows before letting
+//! the listeners and reply readers that share its thread run, so a burst
+//! of new flows costs established flows one round of opening, not the
+//! whole burst.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::context::RelayContext;
+use super::key::FlowKey;
+use super::open::{self, OpenError, open};
+use super::opener::{Held, Job, OPENS_PER_ROUND};
+use super::rules::UdpRule;
+use super::session::Session;
+use super::table::{Entry, Evicted, Eviction};
+
+/// Evictions tried for a new flow when the descriptor budget is used up.
+const BUDGET_TRIES: usize = 3;
+
+/// Starts `tasks` opener tasks (at least one) for `ctx`.
+pub fn start(ctx: &Arc<RelayContext>, tasks: usize) {
+    for _ in 0..tasks.max(1) {
+        ctx.spawn(run(ctx.clone()));
+    }
+}
+
+/// Opens filed flows until the relay shuts down.
+async fn run(ctx: Arc<RelayContext>) {
+    loop {
+        let jobs = ctx.opener().take(OPENS_PER_ROUND);
+        if jobs.is_empty() {
+            ctx.opener().woken().await;
+            continue;
+        }
+        if ctx.opener().has_waiting() {
+            // More than a round's worth: another opener may take some.
+            ctx.opener().wake();
+        }
+        for job in jobs {
+            open_filed(&ctx, &job);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Opens one filed flow, then sends its held datagrams and files it in the
+/// table, or drops them (counted) if it cannot be opened.
+fn open_filed(ctx: &Arc<RelayContext>, job: &Job) {
+    let rule = job.rule();
+    let opened = new_flow(ctx, job.key, job.dst, rule);
+    let evicted = ctx.opener().complete(&job.key, |held| {
+        let Some(entry) = opened else {
+            return Vec::new();
+        };
+        let session = entry.session.clone();
+        send_held(&session, &held, ctx);
+        match ctx.table().insert(job.key, entry, ctx.now_ms()) {
+            Ok((_, evicted)) => evicted,
+            // Only openers file flows and a flow is filed once; should
+            // another have come first, ours ends here with its entry.
+            Err(_ours) => Vec::new(),
+        }
+    });
+    for e in evicted {
+        count_evicted(ctx, Some(e));
+    }
+    if rule.by_domain() {
+        ctx.stats().domain_matches.inc();
+    }
+}
+
+/// Sends held datagrams in order, consecutive ones to the same place as one run.
+fn send_held(session: &Session, held: &[Held], ctx: &RelayContext) {
+    session.touch(ctx.now_ms());
+    let mut start = 0;
+    while start < held.len() {
+        let (dst, tos) = (held[start].dst, held[start].tos);
+        let end = held[start..]
+            .iter()
+            .position(|h| h.dst != dst || h.tos != tos)
+            .map_or(held.len(), |n| start + n);
+        let run: Vec<&[u8]> = held[start..end].iter().map(|h| h.payload.as_slice()).collect();
+        session.send_upstream(&run, dst, tos, ctx.stats());
+        start = end;
+    }
+}
+
+/// Makes room for and opens a new flow, as the limits say. `None` when it
+/// cannot be opened (counted).
+fn new_flow(ctx: &Arc<RelayContext>, key: FlowKey, dst: SocketAddr, rule: &UdpRule) -> Option<Entry> {
+    let table = ctx.table();
+    let owner = key.owner();
+    count_evicted(ctx, table.make_room(owner));
+    let mut opened = open(key, dst, rule, ctx);
+    // Out of descriptors. A pooled flow takes over a socket from the flows
+    // in its way there (a client that busy is the heaviest, or close to
+    // it); a flow that needs its own socket gets the descriptor of the
+    // heaviest client's oldest flow. A few tries: a socket's blockers may
+    // be on their way out already.
+    for _ in 0..BUDGET_TRIES {
+        if !matches!(opened, Err(OpenError::Budget)) {
+            break;
+        }
+        let in_the_way = open::in_the_way(key, dst, rule, ctx);
+        if in_the_way.is_empty() {
+            count_evicted(ctx, table.evict_heaviest());
+        }
+        for session in in_the_way {
+            let entry = table.remove(&session.key, session.id);
+            count_evicted(
+                ctx,
+                entry.map(|entry| Evicted {
+                    reason: Eviction::FdBudget,
+                    entry,
+                }),
+            );
+        }
+        opened = open(key, dst, rule, ctx);
+    }
+    match opened {
+        Ok(o) => Some(Entry::new(o.session, o.task)),
+        Err(OpenError::Budget) => {
+            ctx.stats().drop_fd_budget.inc();
+            None
+        }
+        Err(e) => {
+            ctx.stats().drop_session_open_failed.inc();
+            tracing::debug!(client = %key.client, %dst, error = %e, "cannot open session");
+            None
+        }
+    }
+}
+
+fn count_evicted(ctx: &RelayContext, evicted: Option<Evicted>) {
+    let Some(e) = evicted else { return };
+    let counter = match e.reason {
+        Eviction::TableFull => &ctx.stats().sessions_evicted,
+        Eviction::ClientQuota => &ctx.stats().sessions_evicted_quota,
+        Eviction::FdBudget => &ctx.stats().sessions_evicted_budget,
+    };
+    counter.inc();
+    tracing::debug!(client = %e.entry.session.key.client, reason = ?e.reason, "session evicted");
+}
