@@ -92,6 +92,14 @@ fn soa(zone: &str) -> Record {
     Record::from_rdata(name(zone), 3600, RData::SOA(soa))
 }
 
+/// dnsmasq on the upstream address, authoritative for `example.test`
+/// with `www.example.test A 203.0.113.80`, plus `extra` options.
+fn example_upstream(lab: &Lab, extra: &[&str]) -> lab::dns::Dnsmasq {
+    let mut options = vec!["--host-record=www.example.test,203.0.113.80"];
+    options.extend_from_slice(extra);
+    lab.dnsmasq(0, ip(UPSTREAM), "example.test", &options)
+}
+
 /// Polls until `f` holds (or panics after 5 s with `what`).
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -329,12 +337,7 @@ fn huge_answers_cannot_grow_the_cache_past_max_bytes() {
 #[test]
 fn clients_outside_dns_allow_are_refused_on_every_path_and_counted() {
     let lab = dns_lab();
-    let upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &["--host-record=www.example.test,203.0.113.80"],
-    );
+    let upstream = example_upstream(&lab, &[]);
     let daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, ""));
     for server in [LISTEN, PUBLIC] {
         for transport in ["+notcp", "+tcp"] {
@@ -358,12 +361,7 @@ fn clients_outside_dns_allow_are_refused_on_every_path_and_counted() {
 #[test]
 fn zone_transfers_and_chaos_queries_are_refused_locally_never_forwarded() {
     let lab = dns_lab();
-    let upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &["--host-record=www.example.test,203.0.113.80"],
-    );
+    let upstream = example_upstream(&lab, &[]);
     let daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, ""));
     for server in [LISTEN, PUBLIC] {
         for (query, status) in [
@@ -456,12 +454,7 @@ fn a_flood_from_one_client_is_rate_limited_and_the_others_are_not() {
 fn slow_tcp_readers_from_one_client_cannot_starve_the_others() {
     let lab = dns_lab();
     let txt = format!("--txt-record=big.example.test,{}", vec!["y".repeat(240); 4].join(","));
-    let _upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &["--host-record=www.example.test,203.0.113.80", &txt],
-    );
+    let _upstream = example_upstream(&lab, &[&txt]);
     let daemon = lab.start_tproxyd(&config(
         &format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}\ntcp = {{ max_per_client = 8, write_timeout = \"1s\" }}"),
         "",
@@ -521,12 +514,7 @@ fn slow_tcp_readers_from_one_client_cannot_starve_the_others() {
 #[test]
 fn the_cache_survives_a_reload_that_keeps_the_cache_settings() {
     let lab = dns_lab();
-    let upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &["--host-record=www.example.test,203.0.113.80"],
-    );
+    let upstream = example_upstream(&lab, &[]);
     let mut daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, ""));
     let asked = || {
         upstream
@@ -574,15 +562,7 @@ fn the_cache_survives_a_reload_that_keeps_the_cache_settings() {
 #[test]
 fn with_every_upstream_dead_known_names_are_answered_stale_within_two_seconds() {
     let lab = dns_lab();
-    let upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &[
-            "--host-record=www.example.test,203.0.113.80",
-            "--host-record=private.example.test,203.0.113.81",
-        ],
-    );
+    let upstream = example_upstream(&lab, &["--host-record=private.example.test,203.0.113.81"]);
     // Answers expire after a second; private.example.test opts out.
     let opt_out = "[[dns.rules]]\ndomains = [\"private.example.test\"]\naction = \"forward\"\nstale = false\n";
     // With the upstream pending for 3 s, a stale answer can only come from
@@ -636,12 +616,7 @@ fn with_every_upstream_dead_known_names_are_answered_stale_within_two_seconds() 
 #[test]
 fn the_cache_file_outlives_a_restart_and_a_corrupt_one_is_ignored() {
     let lab = dns_lab();
-    let upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &["--host-record=www.example.test,203.0.113.80"],
-    );
+    let upstream = example_upstream(&lab, &[]);
     let file = lab.path("dns-cache");
     let cfg = config(
         &format!("{ALLOW_CLIENT}\ncache = {{ file = \"{}\" }}", file.display()),
@@ -694,12 +669,7 @@ fn the_cache_file_outlives_a_restart_and_a_corrupt_one_is_ignored() {
 #[test]
 fn a_hot_name_is_refreshed_before_it_expires_and_never_misses_again() {
     let lab = dns_lab();
-    let upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &["--host-record=www.example.test,203.0.113.80"],
-    );
+    let upstream = example_upstream(&lab, &[]);
     // Answers live 5 s: prefetch may start in the last 500 ms.
     let daemon = lab.start_tproxyd(&config(&format!("{ALLOW_CLIENT}\ncache = {{ max_ttl = \"5s\" }}"), ""));
     // About 10 queries a second for 13 s: two TTL boundaries and a half.
