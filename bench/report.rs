@@ -268,13 +268,15 @@ fn targets(o: &mut String, rounds: &[Round]) {
     rows.push((
         "RSS holding 100,000 flows".into(),
         "≤ 128 MiB".into(),
-        per_round(&|r| {
-            r.flows
-                .as_ref()
-                .filter(|f| f.flows >= 100_000)
-                .map(|f| f.rss_kib as f64 / 1024.0)
-        }),
+        per_round(&|r| Some(r.flows.as_ref()?.at(100_000)?.rss_kib as f64 / 1024.0)),
         |v| v <= 128.0,
+        "MiB",
+    ));
+    rows.push((
+        "RSS holding 1,000,000 flows".into(),
+        "≤ 512 MiB".into(),
+        per_round(&|r| Some(r.flows.as_ref()?.at(1_000_000)?.rss_kib as f64 / 1024.0)),
+        |v| v <= 512.0,
         "MiB",
     ));
     rows.push((
@@ -615,20 +617,46 @@ fn raw(o: &mut String, rounds: &[Round]) {
         if let Some(f) = &r.flows {
             let _ = writeln!(
                 o,
-                "Flows: {} attempted, {} opened in {:.2} s ({:.0}/s); replies {} (first datagram), {} (second, \
-                 {} sessions reopened); tproxyd RSS {:.1} MiB (idle {:.1} MiB, peak {:.1} MiB), {} file descriptors.\n",
+                "Flows: {} attempted, {} sessions opened in {:.2} s ({:.0}/s); the server saw {} first datagrams and {} \
+                 second ones ({} sessions reopened); {} echoes reached the client; tproxyd RSS {:.1} MiB (idle {:.1} MiB, \
+                 peak {:.1} MiB), {} file descriptors. A full table offered {} flows of one more client: {} reached the \
+                 server, {} flows evicted, {} sessions after. The section took {:.0} s.\n",
                 f.flows,
                 f.opened,
                 f.setup_secs,
                 f.setup_rate(),
-                f.first_replies,
+                f.first_seen,
                 f.second_replies,
                 f.reopened,
+                f.first_replies,
                 f.rss_kib as f64 / 1024.0,
                 f.rss_idle_kib as f64 / 1024.0,
                 f.peak_kib as f64 / 1024.0,
-                f.fds
+                f.fds,
+                crate::flows::OVERFLOW,
+                f.overflow_seen,
+                f.overflow_evicted,
+                f.overflow_sessions,
+                f.secs
             );
+            let _ = writeln!(
+                o,
+                "| flows held | seen by the server | sessions | RSS | bytes per flow | descriptors | pool sockets |\n|---|---|---|---|---|---|---|"
+            );
+            for p in &f.points {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {:.1} MiB | {} | {} | {} |",
+                    p.flows,
+                    p.seen,
+                    p.sessions,
+                    p.rss_kib as f64 / 1024.0,
+                    p.bytes_per_flow(f.rss_idle_kib),
+                    p.fds,
+                    p.pool_sockets
+                );
+            }
+            let _ = writeln!(o);
         }
         if !r.dns.is_empty() {
             let _ = writeln!(o, "DNS (dnsperf): peak QPS, and latency at half that rate.\n");

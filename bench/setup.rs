@@ -9,7 +9,7 @@
 //! | 5201, 11111     | kernel forwarding    |
 //! | 5202, 11112     | through tproxyd      |
 //! | 5203            | through socat        |
-//! | 30000-30015     | flows, via tproxyd   |
+//! | 30000-30255     | flows, via tproxyd   |
 //! | 53 (hijacked)   | tproxyd DNS          |
 
 use std::io::{Read, Write};
@@ -22,7 +22,7 @@ use crate::lab::{Daemon, Lab};
 pub const SERVER: &str = "198.51.100.7";
 pub const UPSTREAM_DNS: &str = "198.51.100.53";
 pub const ADMIN: &str = "127.0.0.1:9153";
-pub const CAPTURED_PORTS: &str = "53,5202,11112,30000-30015";
+pub const CAPTURED_PORTS: &str = "53,5202,11112,30000-30255";
 
 /// A fresh lab with the bench's routes and redirect rules.
 pub fn lab() -> Lab {

@@ -206,6 +206,67 @@ fn records_injected_by_the_upstream_reach_neither_the_client_nor_the_cache() {
     assert_eq!(stopped.counter("dns_scrubbed_records"), 3);
 }
 
+/// `n` CNAME links from `c0.<zone>` to `c<n>.<zone>`, which has an A.
+fn cname_chain(zone: &str, n: usize) -> Vec<Record> {
+    let mut records: Vec<Record> = (0..n)
+        .map(|i| {
+            Record::from_rdata(
+                name(&format!("c{i}.{zone}")),
+                300,
+                RData::CNAME(hickory_proto::rr::rdata::CNAME(name(&format!("c{}.{zone}", i + 1)))),
+            )
+        })
+        .collect();
+    records.push(a(&format!("c{n}.{zone}"), 300, [198, 51, 100, 77]));
+    records
+}
+
+#[test]
+fn cname_loops_and_chains_over_sixteen_links_get_servfail_and_are_not_cached() {
+    let lab = dns_lab();
+    let fake = FakeUpstream::start(&lab.servers[0], ip(UPSTREAM), |q| {
+        let asked = q.name().to_ascii().to_ascii_lowercase();
+        let answers = if asked.ends_with("loop.test.") {
+            let mut chain = cname_chain("loop.test.", 3);
+            chain.pop();
+            chain.push(Record::from_rdata(
+                name("c3.loop.test."),
+                300,
+                RData::CNAME(hickory_proto::rr::rdata::CNAME(name("c1.loop.test."))),
+            ));
+            chain
+        } else if asked.ends_with("long.test.") {
+            cname_chain("long.test.", 17)
+        } else {
+            cname_chain("ok.test.", 16)
+        };
+        response(ResponseCode::NoError, answers, vec![], vec![])
+    });
+    let daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, ""));
+    for _ in 0..2 {
+        for broken in ["c0.loop.test", "c0.long.test"] {
+            let d = q(&lab, &format!("@{PUBLIC} {broken} A"));
+            assert_eq!(d.status, "SERVFAIL", "{}", d.raw);
+            assert!(d.answers.is_empty(), "{}", d.raw);
+        }
+        // Sixteen links are still an answer, and it is cached.
+        let d = q(&lab, &format!("@{PUBLIC} c0.ok.test A"));
+        assert_eq!(d.status, "NOERROR", "{}", d.raw);
+        assert_eq!(d.answers.len(), 17, "{}", d.raw);
+        assert_eq!(
+            d.answer_data().last().map(String::as_str),
+            Some("198.51.100.77"),
+            "{}",
+            d.raw
+        );
+    }
+    // Nothing of the broken chains was cached: each query went upstream.
+    assert_eq!(fake.times_asked("c0.loop.test."), 2, "{:?}", fake.asked());
+    assert_eq!(fake.times_asked("c0.long.test."), 2, "{:?}", fake.asked());
+    assert_eq!(fake.times_asked("c0.ok.test."), 1, "{:?}", fake.asked());
+    daemon.stop();
+}
+
 #[test]
 fn huge_answers_cannot_grow_the_cache_past_max_bytes() {
     let lab = dns_lab();

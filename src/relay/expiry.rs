@@ -2,7 +2,9 @@
 //!
 //! One sweeper for all flows instead of a timer per flow: every so often it
 //! takes the sessions idle (in both directions) for at least their own
-//! timeout out of the table, which ends them.
+//! timeout out of the table, which ends them. Then it closes the pool
+//! sockets that no flow has used for a grace period, so that the
+//! descriptors a flood took come back when its flows are gone.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,14 @@ fn interval(min_idle_ms: u64) -> Duration {
     Duration::from_millis((min_idle_ms / 4).clamp(50, 1_000))
 }
 
+/// How long a pool socket stays open with no flow on it: as long as the
+/// shortest idle timeout, between one and thirty seconds. Long enough that
+/// flows coming and going reuse a socket instead of opening and closing
+/// one each time; short enough that a flood's sockets are soon given back.
+fn socket_grace(min_idle_ms: u64) -> Duration {
+    Duration::from_millis(min_idle_ms.clamp(1_000, 30_000))
+}
+
 pub async fn sweep(ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> std::io::Result<()> {
     loop {
         tokio::select! {
@@ -29,12 +39,17 @@ pub async fn sweep(ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> std::io::R
             tracing::debug!(count = expired.len(), "sessions expired");
         }
         drop(expired);
+        let closed = ctx.pools().close_idle(socket_grace(ctx.min_idle_ms()));
+        if closed > 0 {
+            ctx.pool_readers().forget_retired();
+            tracing::debug!(count = closed, "idle pool sockets closed");
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::interval;
+    use super::{interval, socket_grace};
     use std::time::Duration;
 
     #[test]
@@ -43,5 +58,12 @@ mod tests {
         assert_eq!(interval(120_000), Duration::from_secs(1));
         assert_eq!(interval(10), Duration::from_millis(50));
         assert_eq!(interval(u64::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn idle_sockets_get_a_grace_of_the_shortest_timeout_within_bounds() {
+        assert_eq!(socket_grace(2_000), Duration::from_secs(2));
+        assert_eq!(socket_grace(10), Duration::from_secs(1));
+        assert_eq!(socket_grace(u64::MAX), Duration::from_secs(30));
     }
 }

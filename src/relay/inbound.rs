@@ -168,12 +168,19 @@ pub struct PoolReaders {
 }
 
 /// One pool reader: the sockets it watches (a socket's token is its index
-/// here; pool sockets live as long as the relay) and whether its task runs.
+/// here) and whether its task runs.
 #[derive(Debug)]
 struct PoolReader {
     poller: Poller,
-    sockets: Mutex<Vec<Arc<PoolSocket<Session>>>>,
+    sockets: Mutex<Watched>,
     running: AtomicBool,
+}
+
+/// Watched sockets by token; the tokens of sockets let go of are reused.
+#[derive(Debug, Default)]
+struct Watched {
+    slots: Vec<Option<Arc<PoolSocket<Session>>>>,
+    free: Vec<usize>,
 }
 
 impl PoolReaders {
@@ -187,7 +194,7 @@ impl PoolReaders {
                     .map(|_| {
                         Ok(Arc::new(PoolReader {
                             poller: Poller::new()?,
-                            sockets: Mutex::new(Vec::new()),
+                            sockets: Mutex::new(Watched::default()),
                             running: AtomicBool::new(false),
                         }))
                     })
@@ -200,15 +207,46 @@ impl PoolReaders {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % readers.len();
         readers.get(i).cloned().ok_or_else(|| io::Error::other("pool readers"))
     }
+
+    /// Lets go of the sockets the pool has closed (see
+    /// `Pools::close_idle`), so that their descriptors are released.
+    pub fn forget_retired(&self) {
+        for reader in self.readers.get().into_iter().flatten() {
+            reader.forget_retired();
+        }
+    }
 }
 
 impl PoolReader {
     fn watch(&self, socket: Arc<PoolSocket<Session>>) -> io::Result<()> {
-        let mut sockets = lock(&self.sockets);
-        let token = sockets.len() as u64;
-        self.poller.add(socket.socket.as_raw_fd(), token)?;
-        sockets.push(socket);
+        let mut watched = lock(&self.sockets);
+        let token = watched.free.pop().unwrap_or(watched.slots.len());
+        if let Err(e) = self.poller.add(socket.socket.as_raw_fd(), token as u64) {
+            if token < watched.slots.len() {
+                watched.free.push(token);
+            }
+            return Err(e);
+        }
+        match watched.slots.get_mut(token) {
+            Some(slot) => *slot = Some(socket),
+            None => watched.slots.push(Some(socket)),
+        }
         Ok(())
+    }
+
+    fn forget_retired(&self) {
+        let mut watched = lock(&self.sockets);
+        let Watched { slots, free } = &mut *watched;
+        for (token, slot) in slots.iter_mut().enumerate() {
+            if slot.as_ref().is_some_and(|s| s.is_retired()) {
+                if let Some(socket) = slot.take() {
+                    // Closing the socket would remove it from the set too,
+                    // but a reply being read elsewhere may still hold it.
+                    let _ = self.poller.remove(socket.socket.as_raw_fd());
+                }
+                free.push(token);
+            }
+        }
     }
 }
 
@@ -262,12 +300,11 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
                 break;
             }
             {
-                let sockets = lock(&reader.sockets);
-                ready.extend(
-                    events
-                        .iter()
-                        .filter_map(|e| Some((*e, sockets.get(usize::try_from(e.token).ok()?)?.clone()))),
-                );
+                let watched = lock(&reader.sockets);
+                ready.extend(events.iter().filter_map(|e| {
+                    let socket = watched.slots.get(usize::try_from(e.token).ok()?)?.as_ref()?;
+                    Some((*e, socket.clone()))
+                }));
             }
             // Whether every socket named was emptied: then nothing is left
             // that the poller could still name.

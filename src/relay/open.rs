@@ -94,10 +94,9 @@ pub fn open(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &Arc<RelayContex
         Route::Interface { device, mark } => (*mark, device.clone()),
         _ => (ctx.mark(), None),
     };
-    let reply_from = one_destination.then_some(dst);
     let idle_ms = u64::try_from(rule.idle_timeout.as_millis()).unwrap_or(u64::MAX);
     let now = ctx.now_ms();
-    let make = |upstream| Arc::new(Session::new(key, upstream, reply_from, idle_ms, now));
+    let make = |upstream| Arc::new(Session::new(key, upstream, idle_ms, now));
     let opened = match &rule.route {
         Route::Drop => return Err(OpenError::Dropped),
         Route::Socks5(server) => {
@@ -121,11 +120,11 @@ pub fn open(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &Arc<RelayContex
             let Some((pool, target)) = pooled(dst, rule, ctx) else {
                 return Err(OpenError::Dropped);
             };
-            let lease = ctx.pools().lease(pool, key.client, target)?;
-            let fresh = lease.fresh.then(|| lease.socket.clone());
+            let (lease, fresh) = ctx.pools().lease(pool, key.client, target)?;
+            let fresh = fresh.then(|| lease.socket.clone());
             let session = make(Upstream::Pooled(lease));
             if let Upstream::Pooled(lease) = session.upstream() {
-                lease.attach(&session);
+                lease.attach(key.client, &session);
             }
             if let Some(socket) = fresh {
                 ctx.spawn(inbound::read_pool(socket, ctx.clone()));

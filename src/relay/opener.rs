@@ -43,7 +43,7 @@ pub const BYTES_PER_CLIENT: usize = 2 << 20;
 /// Payload bytes held in all.
 pub const BYTES: usize = 16 << 20;
 /// Flows one opener task opens before other tasks get the thread.
-pub const OPENS_PER_ROUND: usize = 16;
+pub const OPENS_PER_ROUND: usize = 32;
 
 /// A datagram held for a flow that is being opened.
 #[derive(Debug)]

@@ -10,23 +10,32 @@
 //!
 //! This module only allocates: it knows nothing of sessions (a socket's
 //! occupants are any `F`) and spawns nothing. A lease says whether its
-//! socket is new, and whoever asked starts that socket's reader.
+//! socket is new, and whoever asked has it read, and lets go of it once it
+//! is [retired](PoolSocket::is_retired).
 //!
-//! Choosing a socket costs O(1): indexes given back lately are tried
-//! first, then a bounded number of random ones; if none fits (free for this client *and*
-//! this remote) a new socket is opened, outside the lock, if the descriptor
-//! budget allows. A pool thus holds about as many sockets as its busiest
-//! client or destination has flows, and a flow costs two small hash entries
-//! here and one in its socket's map.
+//! Choosing a socket costs O(1): sockets given back lately are tried
+//! first, then a bounded number of random ones; if none fits (free for this
+//! client *and* this remote) a new socket is opened, outside the lock, if
+//! the descriptor budget allows. A pool thus holds about as many sockets as
+//! its busiest client endpoint or destination has flows. A flow costs one
+//! entry in its pool's (client, socket) map and one in its socket's map of
+//! remotes, and nothing else here: its lease is three words and an address
+//! inside the flow.
+//!
+//! A flood leaves many sockets behind when its flows end. A socket that
+//! has carried no flow for a grace period is closed
+//! ([`Pools::close_idle`]), so the pool shrinks back with the traffic.
 //!
 //! Pools are kept per (family, mark, device), because interface rules bind
 //! their sockets differently.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use super::budget::{FdShare, Permit};
 use crate::net::sockets;
@@ -36,9 +45,12 @@ use crate::sync::lock;
 /// pool, this many random ones in a big one (where, with a quarter of the
 /// sockets free for a flow, all miss once in ten thousand).
 const PROBES: usize = 32;
-/// Recently freed indexes tried first, and how many are remembered.
+/// Recently freed sockets tried first, and how many are remembered.
 const FREED_TRIED: usize = 8;
 const FREED_KEPT: usize = 4_096;
+
+/// Fast, seeded per process: the keys are addresses a client chooses.
+type Hasher = foldhash::fast::RandomState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -82,8 +94,9 @@ impl<F> Pools<F> {
         }
     }
 
-    /// A socket of pool `key` free for a flow from `client` to `remote`.
-    pub fn lease(&self, key: PoolKey, client: SocketAddr, remote: SocketAddr) -> Result<Lease<F>, PoolError> {
+    /// A socket of pool `key` free for a flow from `client` to `remote`,
+    /// and whether it was opened for this lease (nobody reads it yet).
+    pub fn lease(&self, key: PoolKey, client: SocketAddr, remote: SocketAddr) -> Result<(Lease<F>, bool), PoolError> {
         let pool = lock(&self.pools)
             .entry(key.clone())
             .or_insert_with(|| Arc::new(Pool::new(key)))
@@ -111,8 +124,8 @@ impl<F> Pools<F> {
         if n == 0 {
             return Vec::new();
         }
-        let candidates: Vec<u32> = if n <= PROBES {
-            (0..n as u32).collect()
+        let candidates: Vec<usize> = if n <= PROBES {
+            (0..n).collect()
         } else {
             (0..PROBES).map(|_| state.random_index()).collect()
         };
@@ -127,6 +140,34 @@ impl<F> Pools<F> {
     pub fn sockets(&self) -> usize {
         lock(&self.pools).values().map(|p| lock(&p.state).sockets.len()).sum()
     }
+
+    /// Closes the sockets that have carried no flow for `grace` or longer;
+    /// returns how many. Each is closed, and its descriptor goes back to
+    /// the budget, once its reader lets go of it too (see
+    /// [`PoolSocket::is_retired`]).
+    pub fn close_idle(&self, grace: Duration) -> usize {
+        let pools: Vec<Arc<Pool<F>>> = lock(&self.pools).values().cloned().collect();
+        let Some(cutoff) = Instant::now().checked_sub(grace) else {
+            return 0;
+        };
+        let mut closed = Vec::new();
+        for pool in pools {
+            let mut state = lock(&pool.state);
+            let mut i = 0;
+            while i < state.sockets.len() {
+                let idle = lock(&state.sockets[i].flows).idle_since.is_some_and(|t| t <= cutoff);
+                if idle {
+                    closed.push(state.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        for socket in &closed {
+            socket.retire();
+        }
+        closed.len()
+    }
 }
 
 #[derive(Debug)]
@@ -135,16 +176,19 @@ struct Pool<F> {
     state: Mutex<State<F>>,
 }
 
-/// The sockets of a pool and which (socket, remote) and (client, socket)
-/// pairs are taken.
+/// The sockets of a pool and which (client, socket) pairs are taken; which
+/// (socket, remote) pairs are taken each socket says.
+///
+/// Lock order: a pool's `state`, then a socket's `flows`.
 #[derive(Debug)]
 struct State<F> {
+    /// Open sockets, in no order.
     sockets: Vec<Arc<PoolSocket<F>>>,
-    /// Per client endpoint: socket index → the remote it talks to there.
-    by_client: HashMap<SocketAddr, HashMap<u32, SocketAddr>>,
-    taken: HashSet<(u32, SocketAddr)>,
-    /// Indexes given back, newest last; the oldest are forgotten.
-    freed: VecDeque<u32>,
+    /// (client endpoint, socket id) → the client's flow on that socket.
+    by_client: HashMap<(SocketAddr, u32), Weak<F>, Hasher>,
+    /// Sockets given back lately, newest last; the oldest are forgotten.
+    freed: VecDeque<Weak<PoolSocket<F>>>,
+    next_id: u32,
     rng: u64,
 }
 
@@ -152,80 +196,91 @@ impl<F> State<F> {
     fn new() -> Self {
         State {
             sockets: Vec::new(),
-            by_client: HashMap::new(),
-            taken: HashSet::new(),
+            by_client: HashMap::with_hasher(Hasher::default()),
             freed: VecDeque::new(),
+            next_id: 0,
             rng: 0x9E37_79B9_7F4A_7C15,
         }
     }
 
-    fn fits(&self, index: u32, client: SocketAddr, remote: SocketAddr) -> bool {
-        !self.taken.contains(&(index, remote)) && !self.by_client.get(&client).is_some_and(|m| m.contains_key(&index))
+    fn fits(&self, socket: &PoolSocket<F>, client: SocketAddr, remote: SocketAddr) -> bool {
+        !self.by_client.contains_key(&(client, socket.id)) && !lock(&socket.flows).map.contains_key(&remote)
     }
 
     /// An open socket free for (`client`, `remote`), in O(1).
-    fn choose(&mut self, client: SocketAddr, remote: SocketAddr) -> Option<u32> {
+    fn choose(&mut self, client: SocketAddr, remote: SocketAddr) -> Option<Arc<PoolSocket<F>>> {
         let recent = self.freed.len().saturating_sub(FREED_TRIED);
         for pos in (recent..self.freed.len()).rev() {
-            let index = self.freed[pos];
-            if self.fits(index, client, remote) {
+            let Some(socket) = self.freed[pos].upgrade() else {
                 self.freed.remove(pos);
-                return Some(index);
+                continue;
+            };
+            if !socket.is_retired() && self.fits(&socket, client, remote) {
+                self.freed.remove(pos);
+                return Some(socket);
             }
         }
-        let n = self.sockets.len() as u64;
-        if n <= PROBES as u64 {
-            return (0..n as u32).find(|&i| self.fits(i, client, remote));
+        let n = self.sockets.len();
+        if n <= PROBES {
+            return self.sockets.iter().find(|s| self.fits(s, client, remote)).cloned();
         }
         for _ in 0..PROBES {
-            let index = self.random_index();
-            if self.fits(index, client, remote) {
-                return Some(index);
+            let i = self.random_index();
+            let socket = &self.sockets[i];
+            if self.fits(socket, client, remote) {
+                return Some(socket.clone());
             }
         }
         None
     }
 
-    /// A random open socket's index (splitmix64: cheap, and spreads flows
-    /// over the sockets). The pool must not be empty.
-    fn random_index(&mut self) -> u32 {
+    /// A random open socket's position (splitmix64: cheap, and spreads
+    /// flows over the sockets). The pool must not be empty.
+    fn random_index(&mut self) -> usize {
         self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.rng;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % (self.sockets.len().max(1) as u64)) as u32
+        ((z ^ (z >> 31)) % (self.sockets.len().max(1) as u64)) as usize
     }
 
-    /// The flows that keep (`client`, `remote`) off socket `index`: the
-    /// client's own flow there and the flow to `remote` there.
-    fn blockers(&self, index: u32, client: SocketAddr, remote: SocketAddr) -> Vec<Arc<F>> {
-        let Some(socket) = self.sockets.get(index as usize) else {
+    /// The flows that keep (`client`, `remote`) off the socket at position
+    /// `i`: the client's own flow there and the flow to `remote` there.
+    fn blockers(&self, i: usize, client: SocketAddr, remote: SocketAddr) -> Vec<Arc<F>> {
+        let Some(socket) = self.sockets.get(i) else {
             return Vec::new();
         };
-        let mine = self.by_client.get(&client).and_then(|m| m.get(&index)).copied();
-        mine.into_iter()
-            .chain(self.taken.contains(&(index, remote)).then_some(remote))
-            .filter_map(|r| socket.flow(r))
-            .collect()
+        let mine = self.by_client.get(&(client, socket.id)).and_then(Weak::upgrade);
+        mine.into_iter().chain(socket.flow(remote)).collect()
     }
 
-    fn assign(&mut self, index: u32, client: SocketAddr, remote: SocketAddr) {
-        self.by_client.entry(client).or_default().insert(index, remote);
-        self.taken.insert((index, remote));
+    /// Takes (`client`, `remote`) on `socket`; the flow is filled in by
+    /// [`Lease::attach`]. Until then the socket counts as in use.
+    fn assign(&mut self, socket: &PoolSocket<F>, client: SocketAddr, remote: SocketAddr) {
+        self.by_client.insert((client, socket.id), Weak::new());
+        let mut flows = lock(&socket.flows);
+        flows.map.insert(remote, Weak::new());
+        flows.idle_since = None;
     }
 
-    fn give_back(&mut self, index: u32, client: SocketAddr, remote: SocketAddr) {
-        if let Some(mine) = self.by_client.get_mut(&client) {
-            mine.remove(&index);
-            if mine.is_empty() {
-                self.by_client.remove(&client);
+    fn give_back(&mut self, socket: &Arc<PoolSocket<F>>, client: SocketAddr, remote: SocketAddr) {
+        self.by_client.remove(&(client, socket.id));
+        {
+            let mut flows = lock(&socket.flows);
+            flows.map.remove(&remote);
+            if flows.map.is_empty() {
+                flows.idle_since = Some(Instant::now());
             }
         }
-        self.taken.remove(&(index, remote));
         if self.freed.len() >= FREED_KEPT {
             self.freed.pop_front();
         }
-        self.freed.push_back(index);
+        self.freed.push_back(Arc::downgrade(socket));
+    }
+
+    /// Takes the socket at position `i` out of the pool (it carries no flow).
+    fn remove(&mut self, i: usize) -> Arc<PoolSocket<F>> {
+        self.sockets.swap_remove(i)
     }
 }
 
@@ -243,13 +298,12 @@ impl<F> Pool<F> {
         remote: SocketAddr,
         share: &Arc<FdShare>,
         receive_buffer: usize,
-    ) -> Result<Lease<F>, PoolError> {
+    ) -> Result<(Lease<F>, bool), PoolError> {
         {
             let mut state = lock(&self.state);
-            if let Some(index) = state.choose(client, remote) {
-                state.assign(index, client, remote);
-                let socket = state.sockets[index as usize].clone();
-                return Ok(self.lease_of(socket, index, client, remote, false));
+            if let Some(socket) = state.choose(client, remote) {
+                state.assign(&socket, client, remote);
+                return Ok((self.lease_of(socket, remote), false));
             }
         }
         // A new socket, opened without holding the lock: other flows keep
@@ -261,77 +315,96 @@ impl<F> Pool<F> {
         // burst without dropping another's (the default, about 208 KB,
         // overflowed under a single bulk download).
         sockets::set_udp_receive_buffer(&std, receive_buffer);
+        let mut state = lock(&self.state);
+        let id = state.next_id;
+        state.next_id = state.next_id.wrapping_add(1);
         let socket = Arc::new(PoolSocket {
             // Read through the relay's poller, not the runtime's: see
             // `relay::inbound`.
             socket: std,
-            flows: Mutex::new(HashMap::new()),
+            id,
+            flows: Mutex::new(Flows {
+                map: HashMap::with_hasher(Hasher::default()),
+                idle_since: None,
+            }),
+            retired: AtomicBool::new(false),
             _permit: permit,
         });
-        let mut state = lock(&self.state);
-        let index = u32::try_from(state.sockets.len()).map_err(|_| PoolError::Budget)?;
         state.sockets.push(socket.clone());
-        state.assign(index, client, remote);
-        Ok(self.lease_of(socket, index, client, remote, true))
+        state.assign(&socket, client, remote);
+        Ok((self.lease_of(socket, remote), true))
     }
 
-    fn lease_of(
-        self: &Arc<Self>,
-        socket: Arc<PoolSocket<F>>,
-        index: u32,
-        client: SocketAddr,
-        remote: SocketAddr,
-        fresh: bool,
-    ) -> Lease<F> {
+    fn lease_of(self: &Arc<Self>, socket: Arc<PoolSocket<F>>, remote: SocketAddr) -> Lease<F> {
         Lease {
             pool: self.clone(),
             socket,
-            client,
             remote,
-            index,
-            fresh,
         }
     }
+}
+
+/// The flows one socket carries, and since when it carries none.
+#[derive(Debug)]
+struct Flows<F> {
+    /// Remote → its flow on this socket.
+    map: HashMap<SocketAddr, Weak<F>, Hasher>,
+    idle_since: Option<Instant>,
 }
 
 /// One shared upstream socket and the flows it carries, by remote.
 #[derive(Debug)]
 pub struct PoolSocket<F> {
     pub socket: UdpSocket,
-    flows: Mutex<HashMap<SocketAddr, Weak<F>>>,
+    /// Names the socket in its pool's maps; never reused while it is open.
+    id: u32,
+    flows: Mutex<Flows<F>>,
+    retired: AtomicBool,
     _permit: Permit,
 }
 
 impl<F> PoolSocket<F> {
     /// The flow this socket carries to `remote`, if any.
     pub fn flow(&self, remote: SocketAddr) -> Option<Arc<F>> {
-        lock(&self.flows).get(&remote).and_then(Weak::upgrade)
+        lock(&self.flows).map.get(&remote).and_then(Weak::upgrade)
+    }
+
+    /// Whether the pool has closed this socket: its reader must let go of
+    /// it then, for the descriptor to be released.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
     }
 }
 
-/// A flow's hold on (socket, remote); given back when dropped.
+/// A flow's hold on (socket, remote). The flow gives it back with
+/// [`Lease::release`] when it ends (the flow knows its client endpoint, so
+/// the lease need not hold it too).
 #[derive(Debug)]
 pub struct Lease<F> {
     pool: Arc<Pool<F>>,
     pub socket: Arc<PoolSocket<F>>,
-    client: SocketAddr,
     pub remote: SocketAddr,
-    index: u32,
-    /// The socket was opened for this lease: nobody reads it yet.
-    pub fresh: bool,
 }
 
 impl<F> Lease<F> {
-    /// Routes the socket's datagrams from the lease's remote to `flow`.
-    pub fn attach(&self, flow: &Arc<F>) {
-        lock(&self.socket.flows).insert(self.remote, Arc::downgrade(flow));
+    /// Routes the socket's datagrams from the lease's remote to `flow`, the
+    /// flow of `client`.
+    pub fn attach(&self, client: SocketAddr, flow: &Arc<F>) {
+        let mut state = lock(&self.pool.state);
+        if let Some(mine) = state.by_client.get_mut(&(client, self.socket.id)) {
+            *mine = Arc::downgrade(flow);
+        }
+        lock(&self.socket.flows).map.insert(self.remote, Arc::downgrade(flow));
     }
-}
 
-impl<F> Drop for Lease<F> {
-    fn drop(&mut self) {
-        lock(&self.socket.flows).remove(&self.remote);
-        lock(&self.pool.state).give_back(self.index, self.client, self.remote);
+    /// Gives (socket, remote) back; `client` is the endpoint it was leased
+    /// for.
+    pub fn release(&self, client: SocketAddr) {
+        lock(&self.pool.state).give_back(&self.socket, client, self.remote);
     }
 }
 
@@ -343,37 +416,90 @@ mod tests {
         s.parse().unwrap()
     }
 
-    #[test]
-    fn a_client_never_shares_a_socket_with_itself_nor_a_remote() {
-        let mut s: State<()> = State::new();
-        let (c1, c2) = (sa("192.0.2.10:5000"), sa("192.0.2.11:5000"));
-        let (r1, r2) = (sa("198.51.100.7:7000"), sa("198.51.100.8:7000"));
-        s.assign(0, c1, r1);
-        assert!(!s.fits(0, c1, r2), "c1 already uses socket 0");
-        assert!(!s.fits(0, c2, r1), "socket 0 already carries a flow to r1");
-        assert!(s.fits(0, c2, r2));
-        s.give_back(0, c1, r1);
-        assert!(s.fits(0, c1, r1));
-        assert!(s.by_client.is_empty() && s.taken.is_empty());
+    fn pools() -> Pools<()> {
+        Pools::new(FdShare::new(10_000), 1 << 16)
+    }
+
+    fn key() -> PoolKey {
+        PoolKey {
+            v6: false,
+            mark: 0,
+            device: None,
+        }
     }
 
     #[test]
-    fn given_back_indexes_are_tried_first() {
-        let mut s: State<()> = State::new();
+    fn a_client_never_shares_a_socket_with_itself_nor_a_remote() {
+        let p = pools();
+        let (c1, c2) = (sa("192.0.2.10:5000"), sa("192.0.2.11:5000"));
+        let (r1, r2) = (sa("127.0.0.7:7000"), sa("127.0.0.8:7000"));
+        let (a, fresh) = p.lease(key(), c1, r1).unwrap();
+        assert!(fresh);
+        // c1 to another remote, c2 to the same remote: both need new sockets.
+        let (b, fresh_b) = p.lease(key(), c1, r2).unwrap();
+        assert!(fresh_b);
+        assert_ne!(a.socket.id, b.socket.id);
+        // c2 to r1: not on a's socket (r1 is there), but on b's.
+        let (c, fresh_c) = p.lease(key(), c2, r1).unwrap();
+        assert!(!fresh_c);
+        assert_eq!(c.socket.id, b.socket.id);
+        // c2 to r2: not on b's (c2 is there), but on a's.
+        let (d, fresh_d) = p.lease(key(), c2, r2).unwrap();
+        assert!(!fresh_d);
+        assert_eq!(d.socket.id, a.socket.id);
+        assert_eq!(p.sockets(), 2);
+        for (l, c) in [(&a, c1), (&b, c1), (&c, c2), (&d, c2)] {
+            l.release(c);
+        }
+        let state = lock(&a.pool.state);
+        assert!(state.by_client.is_empty());
+        assert!(state.sockets.iter().all(|s| lock(&s.flows).map.is_empty()));
+    }
+
+    #[test]
+    fn given_back_sockets_are_tried_first() {
+        let p = pools();
         let c = sa("192.0.2.10:5000");
-        // Pretend 1,000 sockets exist, all used by c.
-        for i in 0..1_000 {
-            s.assign(i, c, sa(&format!("198.51.100.{}:{}", i % 200, 1000 + i)));
+        // 40 sockets, all used by c (more than PROBES, so choice is random).
+        let leases: Vec<_> = (0..40)
+            .map(|i| p.lease(key(), c, sa(&format!("127.0.0.1:{}", 1000 + i))).unwrap().0)
+            .collect();
+        assert_eq!(p.sockets(), 40);
+        leases[17].release(c);
+        let (again, fresh) = p.lease(key(), c, sa("127.0.0.2:9")).unwrap();
+        assert!(!fresh);
+        assert_eq!(again.socket.id, leases[17].socket.id);
+    }
+
+    #[test]
+    fn idle_sockets_close_after_the_grace() {
+        let share = FdShare::new(10_000);
+        let p: Pools<()> = Pools::new(share.clone(), 1 << 16);
+        let c = sa("192.0.2.10:5000");
+        let leases: Vec<_> = (0..5)
+            .map(|i| p.lease(key(), c, sa(&format!("127.0.0.1:{}", 1000 + i))).unwrap().0)
+            .collect();
+        let reader = leases[0].socket.clone();
+        assert_eq!(share.used(), 5);
+        // In use: never closed, whatever the grace.
+        assert_eq!(p.close_idle(Duration::ZERO), 0);
+        for l in &leases[..3] {
+            l.release(c);
         }
-        let r = sa("203.0.113.1:9");
-        assert_eq!(s.choose(c, r), None);
-        s.give_back(417, c, sa(&format!("198.51.100.{}:{}", 417 % 200, 1417)));
-        assert_eq!(s.choose(c, r), Some(417));
-        // However many stale ones came before, the latest is remembered.
-        for _ in 0..FREED_KEPT + 10 {
-            s.freed.push_back(3);
-        }
-        s.give_back(8, c, sa("198.51.100.8:1008"));
-        assert_eq!(s.choose(c, r), Some(8));
+        // Idle, but not yet for a minute.
+        assert_eq!(p.close_idle(Duration::from_secs(60)), 0);
+        assert_eq!(p.close_idle(Duration::ZERO), 3);
+        assert_eq!(p.sockets(), 2);
+        assert!(reader.is_retired());
+        assert!(!leases[4].socket.is_retired());
+        drop((reader, leases));
+        // The descriptors are back once nothing holds the sockets.
+        assert_eq!(share.used(), 2);
+        // The two left are still found, in their new positions.
+        let state_len = p.sockets();
+        assert_eq!(state_len, 2);
+        let (l, fresh) = p.lease(key(), sa("192.0.2.11:1"), sa("127.0.0.1:1003")).unwrap();
+        assert!(!fresh, "a socket still open is reused");
+        l.release(sa("192.0.2.11:1"));
     }
 }

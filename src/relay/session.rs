@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::account::{Direction, count_sent};
 use super::budget::Permit;
-use super::key::FlowKey;
+use super::key::{FlowKey, Target};
 use super::pool::Lease;
 use crate::net::send::send_run;
 use crate::stats::Stats;
@@ -62,9 +62,6 @@ pub struct Session {
     /// Tells this session from a later one for the same flow.
     pub id: u64,
     upstream: Upstream,
-    /// Where replies appear to come from: the address the client wrote to
-    /// (one destination), or `None` for whoever sent them (full cone).
-    reply_from: Option<SocketAddr>,
     /// Idle timeout, milliseconds.
     pub idle_ms: u64,
     last_active_ms: AtomicU64,
@@ -72,12 +69,11 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(key: FlowKey, upstream: Upstream, reply_from: Option<SocketAddr>, idle_ms: u64, now_ms: u64) -> Session {
+    pub fn new(key: FlowKey, upstream: Upstream, idle_ms: u64, now_ms: u64) -> Session {
         Session {
             key,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             upstream,
-            reply_from,
             idle_ms,
             last_active_ms: AtomicU64::new(now_ms),
             last_promoted_ms: AtomicU64::new(now_ms),
@@ -115,9 +111,14 @@ impl Session {
         false
     }
 
-    /// The address replies from `sender` must come from.
+    /// The address replies from `sender` must come from: the address the
+    /// client wrote to (one destination, which the key holds), or the
+    /// sender itself (full cone).
     pub fn reply_source(&self, sender: SocketAddr) -> SocketAddr {
-        self.reply_from.unwrap_or(sender)
+        match self.key.target {
+            Target::Destination(dst) => dst,
+            Target::Cone(_) => sender,
+        }
     }
 
     /// Sends a run of client datagrams towards `dst` (all with TOS `tos`);
@@ -153,6 +154,15 @@ impl Session {
     }
 }
 
+impl Drop for Session {
+    /// A pooled flow's (socket, remote) goes back to its pool with it.
+    fn drop(&mut self) {
+        if let Upstream::Pooled(lease) = &self.upstream {
+            lease.release(self.key.client);
+        }
+    }
+}
+
 #[cfg(test)]
 impl Session {
     /// A session with a loopback socket and no task, for table tests.
@@ -164,7 +174,7 @@ impl Session {
             socket: Arc::new(UdpSocket::from_std(std).expect("tokio socket")),
             permit: share.try_take().expect("permit"),
         };
-        let mut s = Session::new(key, upstream, None, idle_ms, last_active_ms);
+        let mut s = Session::new(key, upstream, idle_ms, last_active_ms);
         s.last_promoted_ms = AtomicU64::new(0);
         s
     }

@@ -27,6 +27,9 @@ use super::rate::Bucket;
 use super::session::Session;
 use crate::sync::lock;
 
+/// Fast, seeded per process: the keys are addresses a client chooses.
+type Hasher = foldhash::fast::RandomState;
+
 /// A live session and the guard that ends its task, if it has one.
 #[derive(Debug)]
 pub struct Entry {
@@ -74,7 +77,7 @@ pub struct SessionTable {
 
 #[derive(Debug)]
 struct Inner {
-    clients: HashMap<ClientId, Client>,
+    clients: HashMap<ClientId, Client, Hasher>,
     /// (flows held, client): the last is the heaviest.
     by_load: BTreeSet<(usize, ClientId)>,
     len: usize,
@@ -83,7 +86,7 @@ struct Inner {
 
 #[derive(Debug)]
 struct Client {
-    flows: LruCache<FlowKey, Entry>,
+    flows: LruCache<FlowKey, Entry, Hasher>,
     bucket: Bucket,
 }
 
@@ -91,7 +94,7 @@ impl Inner {
     fn client(&mut self, id: ClientId, now_ms: u64) -> &mut Client {
         let rate = self.limits.new_flows_per_sec;
         self.clients.entry(id).or_insert_with(|| Client {
-            flows: LruCache::unbounded(),
+            flows: LruCache::unbounded_with_hasher(Hasher::default()),
             bucket: Bucket::full(rate, now_ms),
         })
     }
@@ -143,7 +146,7 @@ impl SessionTable {
     pub fn new(limits: Limits) -> Self {
         SessionTable {
             inner: Mutex::new(Inner {
-                clients: HashMap::new(),
+                clients: HashMap::with_hasher(Hasher::default()),
                 by_load: BTreeSet::new(),
                 len: 0,
                 limits,
