@@ -8,13 +8,25 @@
 #                                            release-small builds)
 #
 # Environment: RATE [20000] datagrams/s, SECS [10], SIZE [64] bytes,
-# ROUNDS [3] (the builds take turns, round by round).
-# Needs iperf3, nftables, iproute2. Touches nothing outside its namespaces.
+# ROUNDS [3] (the builds take turns, round by round), MODE:
+#   forward  [default] iperf3 client → server through tproxyd
+#   reverse  iperf3 -R: the server sends, through a pooled upstream socket
+#            and a reply socket
+#   pingpong sockperf ping-pong, one 64-byte request in flight: CPU per
+#            round trip (two relayed datagrams) and its p50 / p99
+# WINDOW [4M] is iperf3's socket buffer at both ends; WINDOW= (empty)
+# leaves the defaults (~208 KiB), where a receiver scheduled late
+# overflows.
+# PERF=PREFIX also records a call-graph profile of each daemon run into
+# PREFIX.ROUND.N.data (perf record -g; N counts the builds given).
+# Needs iperf3 (sockperf for pingpong), nftables, iproute2. Touches
+# nothing outside its namespaces.
 set -eu
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "cpu-per-datagram: run as root" >&2; exit 1; }
 [ $# -gt 0 ] || { echo "usage: $0 BINARY..." >&2; exit 2; }
-RATE=${RATE:-20000} SECS=${SECS:-10} SIZE=${SIZE:-64} ROUNDS=${ROUNDS:-3}
+RATE=${RATE:-20000} SECS=${SECS:-10} SIZE=${SIZE:-64} ROUNDS=${ROUNDS:-3} MODE=${MODE:-forward}
+WINDOW=${WINDOW-4M}
 
 ID=tpdcpu$$
 C=${ID}c G=${ID}g S=${ID}s
@@ -41,9 +53,13 @@ ip -n "$C" route add default via 192.0.2.1
 ip -n "$S" route add default via 198.51.100.1
 ip netns exec "$G" sysctl -qw net.ipv4.ip_forward=1
 # Only the data port is captured; iperf3's TCP control connection is routed.
-ip netns exec "$G" env LAN_IF=lan0 FAMILIES=4 UDP_PORTS=5201 iptables/tproxy-nft.sh up
+ip netns exec "$G" env LAN_IF=lan0 FAMILIES=4 UDP_PORTS=5201,5202 iptables/tproxy-nft.sh up
 ip netns exec "$S" iperf3 -s -p 5201 >/dev/null 2>&1 &
 PIDS="$PIDS $!"
+if [ "$MODE" = pingpong ]; then
+    ip netns exec "$S" sockperf sr -i 198.51.100.7 -p 5202 >/dev/null 2>&1 &
+    PIDS="$PIDS $!"
+fi
 printf 'mark = 255\nlog_level = "warn"\n[relay]\nlisten = ["0.0.0.0:15353"]\n' > "$TMP/tproxyd.toml"
 sleep 0.5
 
@@ -57,15 +73,39 @@ while [ "$round" -le "$ROUNDS" ]; do
         # utime + stime, fields 14 and 15 of /proc/PID/stat (the name in
         # field 2 has no spaces here).
         before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-        out=$(ip netns exec "$C" iperf3 -u -c 198.51.100.7 -p 5201 -l "$SIZE" \
-            -b "$((RATE * SIZE * 8))" -t "$SECS" -w 4M -J)
+        nbin=$((${nbin:-0} + 1))
+        if [ -n "${PERF:-}" ]; then
+            perf record -q -g -p "$pid" -o "$PERF.$round.$nbin.data" -- sleep "$SECS" 2>/dev/null &
+        fi
+        case $MODE in
+        pingpong)
+            out=$(ip netns exec "$C" sockperf pp -i 198.51.100.7 -p 5202 -m 64 -t "$SECS" --full-rtt 2>&1) ;;
+        reverse)
+            out=$(ip netns exec "$C" iperf3 -u -c 198.51.100.7 -p 5201 -l "$SIZE" \
+                -b "$((RATE * SIZE * 8))" -t "$SECS" ${WINDOW:+-w "$WINDOW"} -R -J) ;;
+        *)
+            out=$(ip netns exec "$C" iperf3 -u -c 198.51.100.7 -p 5201 -l "$SIZE" \
+                -b "$((RATE * SIZE * 8))" -t "$SECS" ${WINDOW:+-w "$WINDOW"} -J) ;;
+        esac
         after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
         kill -TERM "$pid"; wait "$pid" || true
+        if [ "$MODE" = pingpong ]; then
+            # "[Valid Duration] RunTime=... ; SentMessages=N ; ReceivedMessages=M"
+            trips=$(echo "$out" | grep -o 'ReceivedMessages=[0-9]*' | tail -1 | grep -o '[0-9]*$')
+            p50=$(echo "$out" | grep -o 'percentile 50.000 = *[0-9.]*' | grep -o '[0-9.]*$')
+            p99=$(echo "$out" | grep -o 'percentile 99.000 = *[0-9.]*' | grep -o '[0-9.]*$')
+            awk -v b="$bin" -v r="$round" -v t="$((after - before))" -v hz="$ticks_per_s" -v n="${trips:-0}" \
+                -v p50="${p50:-?}" -v p99="${p99:-?}" \
+                'BEGIN { printf "round %d %s: %d round trips, %.2f s CPU, %.2f us per round trip (%.2f per datagram), RTT p50 %s p99 %s us\n",
+                         r, b, n, t / hz, (n > 0 ? t / hz / n * 1e6 : 0), (n > 0 ? t / hz / n / 2 * 1e6 : 0), p50, p99 }'
+            continue
+        fi
         packets=$(echo "$out" | grep -o '"packets":[[:space:]]*[0-9]*' | tail -1 | grep -o '[0-9]*$')
         lost=$(echo "$out" | grep -o '"lost_packets":[[:space:]]*[0-9]*' | tail -1 | grep -o '[0-9]*$')
         awk -v b="$bin" -v r="$round" -v t="$((after - before))" -v hz="$ticks_per_s" -v p="$packets" -v l="$lost" \
             'BEGIN { printf "round %d %s: %d datagrams sent, %d lost, %.2f s CPU, %.2f us per datagram\n",
                      r, b, p, l, t / hz, (p > 0 ? t / hz / p * 1e6 : 0) }'
     done
+    nbin=0
     round=$((round + 1))
 done

@@ -15,7 +15,19 @@
 //! hints, no validator, two threads).
 //!
 //! Peak QPS comes from an open-loop run; latency percentiles from a second
-//! run at half that peak, with dnsperf reporting every query.
+//! run at half that peak, with dnsperf reporting every query. On the miss
+//! path every system and every run gets names of its own, so no run is
+//! answered from a cache an earlier one filled.
+//!
+//! For profiling by hand, two environment variables narrow the section:
+//! `BENCH_DNS_ONLY` (comma-separated workloads and/or system names, e.g.
+//! `miss,tproxyd (hijacked),dnsdist (no cache)`; a list naming no
+//! workload means all of them, and likewise for systems) and
+//! `BENCH_DNS_PERF` (a directory: `perf record -g` of tproxyd over each
+//! peak run lands there; `BENCH_DNS_PERF_HOW` replaces `record -q -g`,
+//! e.g. with `trace -s` for system call counts). `BENCH_DNS_WRAP` starts
+//! tproxyd behind a wrapper; with `valgrind --tool=callgrind
+//! --instr-atstart=no` only the peak runs are counted, one dump each.
 
 use crate::Options;
 use crate::lab::Lab;
@@ -132,7 +144,9 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
         &log,
     );
     let unbound_pid = unbound(&lab, &log);
-    let daemon = setup::tproxyd(&lab, &[], "");
+    let wrap = std::env::var("BENCH_DNS_WRAP").unwrap_or_default();
+    let wrapper: Vec<&str> = wrap.split_whitespace().collect();
+    let daemon = setup::tproxyd(&lab, &wrapper, "");
     let pid_of = |system: &str| match system {
         "dnsmasq" => dnsmasq_pid,
         "dnsdist" => dnsdist_pid,
@@ -144,12 +158,33 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
 
     let files = query_files(&lab);
     let secs = opts.secs();
+    let only: Vec<String> = std::env::var("BENCH_DNS_ONLY")
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let workloads = ["override", "cached", "miss"];
+    let picked =
+        |name: &str, all: &[&str]| !only.iter().any(|o| all.contains(&o.as_str())) || only.iter().any(|o| o == name);
+    let systems: Vec<&str> = SYSTEMS.iter().map(|(s, _)| *s).collect();
+    let perf_dir = std::env::var("BENCH_DNS_PERF").ok();
     let mut out = Vec::new();
     for (workload, file) in &files {
+        if !picked(workload, &workloads) {
+            continue;
+        }
         for (system, server) in SYSTEMS {
-            if miss_only(system) && *workload != "miss" {
+            if miss_only(system) && *workload != "miss" || !picked(system, &systems) {
                 continue;
             }
+            // Misses: names no earlier run has asked, one set for the peak
+            // run and another for the latency run.
+            let (peak_file, half_file) = if *workload == "miss" {
+                (miss_file(&lab, system, "peak"), miss_file(&lab, system, "half"))
+            } else {
+                (file.clone(), file.clone())
+            };
             if *workload == "cached" {
                 // Fill the cache first: every name once.
                 sh(
@@ -157,11 +192,59 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
                     &format!("dnsperf -s {server} -d {file} -n 1 -q 100 >/dev/null 2>&1"),
                 );
             }
+            let perf = perf_dir
+                .as_deref()
+                .filter(|_| system.starts_with("tproxyd"))
+                .map(|dir| {
+                    let out = format!("{dir}/{workload}-{}.data", system.replace([' ', '(', ')'], ""));
+                    let how = std::env::var("BENCH_DNS_PERF_HOW").unwrap_or_else(|_| "record -q -g".into());
+                    std::process::Command::new("perf")
+                        .args(how.split_whitespace())
+                        .args(["-p", &pid_of(system).to_string(), "-o", &out])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .expect("perf")
+                });
+            let callgrind = wrap.contains("callgrind") && system.starts_with("tproxyd");
+            if callgrind {
+                sh(
+                    &lab.client,
+                    &format!(
+                        "callgrind_control -z {} >/dev/null 2>&1; callgrind_control -i on {} >/dev/null 2>&1",
+                        daemon.pid(),
+                        daemon.pid()
+                    ),
+                );
+            }
             let cpu_before = cpu_ticks(pid_of(system));
-            let peak = dnsperf(&lab, server, file, secs, None);
+            let peak = dnsperf(&lab, server, &peak_file, secs, None);
             let cpu = cpu_ticks(pid_of(system)).saturating_sub(cpu_before) as f64 / ticks_per_second();
+            if callgrind {
+                let tag: String = system.chars().filter(char::is_ascii_alphanumeric).collect();
+                sh(
+                    &lab.client,
+                    &format!(
+                        "callgrind_control -i off {0} >/dev/null 2>&1; callgrind_control -d {workload}-{tag} {0} >/dev/null 2>&1",
+                        daemon.pid()
+                    ),
+                );
+                eprintln!(
+                    "callgrind: {workload} {system}: {:.0} queries answered",
+                    peak.0 * f64::from(secs)
+                );
+            }
+            if let Some(mut perf) = perf {
+                // SAFETY: kill has no memory preconditions; the pid is our child's.
+                unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+                let _ = perf.wait();
+            }
             let half = (peak.0 / 2.0).max(100.0) as u64;
-            let (_, _, lat) = dnsperf(&lab, server, file, secs.min(4), Some(half));
+            let (_, _, lat) = dnsperf(&lab, server, &half_file, secs.min(4), Some(half));
+            if *workload == "miss" {
+                let _ = std::fs::remove_file(&peak_file);
+                let _ = std::fs::remove_file(&half_file);
+            }
             let mut lat = lat;
             lat.sort_by(f64::total_cmp);
             let pct = |q: f64| {
@@ -228,20 +311,33 @@ forward-zone:
     lab.spawn(&lab.gateway, "unbound", &["-d", "-c", &conf], log)
 }
 
-/// Query files for the three workloads, inside the lab directory.
+fn write_file(lab: &Lab, name: &str, text: String) -> String {
+    let p = lab.path(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+/// Query files for the override and cached workloads, inside the lab
+/// directory (the miss workload's are made per run by [`miss_file`]).
 fn query_files(lab: &Lab) -> Vec<(&'static str, String)> {
-    let write = |name: &str, text: String| {
-        let p = lab.path(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    };
     let cached: String = (0..100).map(|i| format!("h{i}.cached.test A\n")).collect();
-    let miss: String = (0..3_000_000).map(|i| format!("q{i}.miss.test A\n")).collect();
     vec![
-        ("override", write("override.txt", "printer.lan A\n".into())),
-        ("cached", write("cached.txt", cached)),
-        ("miss", write("miss.txt", miss)),
+        ("override", write_file(lab, "override.txt", "printer.lan A\n".into())),
+        ("cached", write_file(lab, "cached.txt", cached)),
+        ("miss", String::new()),
     ]
+}
+
+/// Unique names for one run of the miss workload: `run` and `system` are
+/// part of every name, so no run can hit what another one cached. More
+/// names than any peak run here has asked (dnsperf would start over at
+/// the end); the caller removes the file after its run.
+fn miss_file(lab: &Lab, system: &str, run: &str) -> String {
+    let tag: String = system.chars().filter(char::is_ascii_alphanumeric).collect();
+    let names: String = (0..1_000_000)
+        .map(|i| format!("q{i}.{run}.{tag}.miss.test A\n"))
+        .collect();
+    write_file(lab, &format!("miss-{tag}-{run}.txt"), names)
 }
 
 /// Runs dnsperf; returns (QPS, lost %, per-query latencies in µs when

@@ -96,13 +96,20 @@ pub fn run(opts: &Options) -> Vec<Result> {
             threads.push(std::thread::spawn(move || serve(sock, &stop, &counts)));
         }
     }
-    let daemon = setup::tproxyd(&lab, &[], "");
-    sleep_ms(500);
     let mut out = Vec::new();
-    for (system, base, pid) in [
+    // The kernel, then tproxyd with one worker (the default on two CPUs)
+    // and with two: the same tproxyd ports, a fresh daemon each.
+    for (system, base, workers) in [
         ("kernel forwarding", 31_000u16, None),
-        ("tproxyd", 30_000, Some(daemon.pid())),
+        ("tproxyd", 30_000, Some(1)),
+        ("tproxyd, 2 workers", 30_000, Some(2)),
     ] {
+        let daemon = workers.map(|w| {
+            let d = setup::tproxyd(&lab, &[], &format!("workers = {w}"));
+            sleep_ms(500);
+            d
+        });
+        let pid = daemon.as_ref().map(|d| d.pid());
         counts.reset();
         let counters = drops::before(&lab, pid);
         let ns = crate::lab::Netns {
@@ -155,13 +162,13 @@ pub fn run(opts: &Options) -> Vec<Result> {
             r.drops.summary()
         );
         out.push(r);
+        drop(daemon);
         sleep_ms(500);
     }
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         let _ = t.join();
     }
-    drop(daemon);
     out
 }
 

@@ -326,6 +326,20 @@ fn targets(o: &mut String, rounds: &[Round]) {
         |v| v <= 1.0,
         "µs",
     ));
+    rows.push((
+        "Mix: game round trips lost, tproxyd with 2 workers".into(),
+        "(no target)".into(),
+        per_round(&|r| Some(mix(r, "tproxyd, 2 workers")?.game_loss_percent())),
+        |v| v <= 0.0,
+        "%",
+    ));
+    rows.push((
+        "Mix: game p99 RTT, tproxyd with 2 workers − kernel".into(),
+        "(no target)".into(),
+        per_round(&|r| Some(mix(r, "tproxyd, 2 workers")?.p99_us - mix(r, "kernel forwarding")?.p99_us)),
+        |v| v <= 0.0,
+        "µs",
+    ));
     let qps = |r: &Round, w: &str, s: &str| r.dns.iter().find(|d| d.workload == w && d.system == s).map(|d| d.qps);
     for w in ["override", "cached", "miss"] {
         let (peer, target) = if w == "miss" {

@@ -8,7 +8,8 @@
 #
 # Settings are the same environment variables as tproxy-nft.sh (see its
 # header): TPROXY_PORT LAN_IF LOCAL FWMARK SKIP_MARK ROUTE_TABLE UDP_PORTS
-# DNS_TCP_PORT BYPASS4 BYPASS6 FAMILIES, and like it fails closed (the TPROXY
+# DNS_TCP_PORT DNS_PORTS ANTISPOOF BYPASS4 BYPASS6 FAMILIES (ANTISPOOF uses the
+# rpfilter match), and like it fails closed (the TPROXY
 # target drops what no socket takes), plus
 #   IPTABLES      [iptables]    e.g. iptables-legacy
 #   IP6TABLES     [ip6tables]   e.g. ip6tables-legacy
@@ -24,6 +25,8 @@ UDP_PORTS=${UDP_PORTS:-}
 DNS_TCP_PORT=${DNS_TCP_PORT:-}
 BYPASS4=${BYPASS4:-}
 BYPASS6=${BYPASS6:-}
+DNS_PORTS=${DNS_PORTS:-53}
+ANTISPOOF=${ANTISPOOF:-1}
 FAMILIES=${FAMILIES:-4 6}
 IPTABLES=${IPTABLES:-iptables}
 IP6TABLES=${IP6TABLES:-ip6tables}
@@ -92,6 +95,12 @@ rules_family() {
         ipt "$f" -A TPROXYD_CAPTURE -p udp $(port_match) -j TPROXY --on-port "$TPROXY_PORT" --tproxy-mark "$FWMARK"
 
         ipt "$f" -N TPROXYD_PRE
+        if [ "$ANTISPOOF" = 1 ]; then
+            # A DNS query to this host must come in where its source lives
+            # (strict reverse path): see ANTISPOOF in tproxy-nft.sh.
+            ipt "$f" -A TPROXYD_PRE ! -i lo -p udp -m multiport --dports "$DNS_PORTS" \
+                -m addrtype --dst-type LOCAL -m rpfilter --invert -j DROP
+        fi
         ipt "$f" -A TPROXYD_PRE -m mark --mark "$SKIP_MARK/$SKIP_MARK" -j RETURN
         for ifname in $LAN_IF; do
             ipt "$f" -A TPROXYD_PRE -i "$ifname" -j TPROXYD_CAPTURE

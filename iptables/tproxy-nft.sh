@@ -20,6 +20,11 @@
 #   DNS_TCP_PORT  []        also capture TCP to port 53 and deliver it to this port
 #   BYPASS4       []        extra IPv4 destinations never captured (CIDRs, space-separated)
 #   BYPASS6       []        extra IPv6 destinations never captured
+#   DNS_PORTS     [53]      UDP ports of tproxyd's DNS listeners (dns.listen), comma-separated
+#   ANTISPOOF     [1]       1 = drop UDP to this host's DNS_PORTS whose source is not routed
+#                           back through the interface it came in on (strict reverse path):
+#                           nobody on the WAN can pose as a LAN client (and empty its
+#                           dns.rate_limit bucket). 0 = leave it to the kernel's rp_filter
 #   FAMILIES      [4 6]     which IP families to set up
 #   NFT_TABLE     [tproxyd] name of the nftables table (inet family)
 #
@@ -37,6 +42,8 @@ UDP_PORTS=${UDP_PORTS:-}
 DNS_TCP_PORT=${DNS_TCP_PORT:-}
 BYPASS4=${BYPASS4:-}
 BYPASS6=${BYPASS6:-}
+DNS_PORTS=${DNS_PORTS:-53}
+ANTISPOOF=${ANTISPOOF:-1}
 FAMILIES=${FAMILIES:-4 6}
 NFT_TABLE=${NFT_TABLE:-tproxyd}
 
@@ -90,6 +97,17 @@ NFT
 
     chain prerouting {
         type filter hook prerouting priority mangle; policy accept;
+NFT
+    if [ "$ANTISPOOF" = 1 ]; then
+        # A DNS query to this host must come in where its source lives
+        # (strict reverse path; the host's own queries arrive on lo). The
+        # rate limit trusts the source address, so a query from "the LAN"
+        # arriving on the WAN is a spoofer spending a LAN client's tokens.
+        cat <<NFT
+        iif != lo udp dport { $(commas "$(echo "$DNS_PORTS" | tr ',' ' ')") } fib daddr type local fib saddr . iif oif missing counter drop comment "tproxyd antispoof"
+NFT
+    fi
+    cat <<NFT
         meta mark & $SKIP_MARK == $SKIP_MARK return
 NFT
     for ifname in $LAN_IF; do

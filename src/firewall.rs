@@ -89,6 +89,18 @@ impl AutoRules {
         if let Some(tcp) = config.dns().and_then(|d| d.tcp_listen.first()) {
             env.push(("DNS_TCP_PORT", tcp.port().to_string()));
         }
+        // The listeners the anti-spoofing rule guards (the script's default,
+        // 53, when the config has none).
+        let mut dns_ports: Vec<u16> = config
+            .dns()
+            .map(|d| d.listen.iter().map(|a| a.port()).collect())
+            .unwrap_or_default();
+        dns_ports.sort_unstable();
+        dns_ports.dedup();
+        if !dns_ports.is_empty() {
+            let ports: Vec<String> = dns_ports.iter().map(ToString::to_string).collect();
+            env.push(("DNS_PORTS", ports.join(",")));
+        }
         Some(AutoRules { env })
     }
 

@@ -2,14 +2,19 @@
 //! not cost the others their flows.
 //!
 //! Each test performs one abuse from issue "Relay under abuse" and asserts
-//! what the other users would notice. Latency bounds here are generous (a
-//! loaded 2-core CI machine must not flake) but still far below the stalls
-//! the abuse used to cause; the figures themselves are measured by the
+//! what the other users would notice. Where that is a delay, it is compared
+//! with a control flow the kernel forwards at the same time, over the same
+//! links and CPUs: what the machine's load costs both is not counted
+//! against tproxyd, and the margins left are far below the stalls the
+//! abuse used to cause. The figures themselves are measured by the
 //! benchmark (bench/, docs/BENCHMARKS.md).
 
 mod lab;
 
-use lab::flood::{LateServer, Prober, big_socket, fds, fold_ports, metric, rss, scrape, send_paced, summary};
+use lab::flood::{
+    FORWARDED, LateServer, Prober, big_socket, fds, fold_ports, forwarded_control, metric, rss, scrape, send_paced,
+    summary,
+};
 use lab::udp::{Echo, socket};
 use lab::{CLIENT4, Lab, sa, server4};
 use std::collections::HashSet;
@@ -36,13 +41,15 @@ fn config(relay_extra: &str) -> String {
 }
 
 /// A lab whose server answers UDP on every port of `first..=last` through
-/// one socket (see `fold_ports`), plus a plain echo on port 6000 for probes.
-fn folded_lab(first: u16, last: u16, extra_clients: &[&str]) -> (Lab, Echo, Echo) {
+/// one socket (see `fold_ports`), plus a plain echo on port 6000 for probes,
+/// and the same echo on [`FORWARDED`] for control flows the kernel forwards.
+fn folded_lab(first: u16, last: u16, extra_clients: &[&str]) -> (Lab, Echo, Echo, Echo) {
     let lab = Lab::new();
     for c in extra_clients {
         lab.add_client_address(ip(c));
     }
-    lab.install_rules("nft", "LAN_IF=lan0");
+    lab.install_rules("nft", &format!("LAN_IF=lan0 BYPASS4={FORWARDED}/32"));
+    forwarded_control(&lab);
     // Room for bursts at the test's own endpoints, so what is lost is lost
     // in the gateway.
     for ns in [&lab.client, &lab.servers[0]] {
@@ -51,7 +58,26 @@ fn folded_lab(first: u16, last: u16, extra_clients: &[&str]) -> (Lab, Echo, Echo
     fold_ports(&lab.servers[0], first, last, 7000);
     let folded = Echo::start(&lab.servers[0], sa(server4(0), 7000));
     let probe = Echo::start(&lab.servers[0], sa(server4(0), 6000));
-    (lab, folded, probe)
+    let control = Echo::start(&lab.servers[0], sa(ip(FORWARDED), 6000));
+    (lab, folded, probe, control)
+}
+
+/// A 50 pps flow through tproxyd from `relayed` and the same flow from
+/// `forwarded`, which the kernel forwards: started together.
+fn probe_pair(lab: &Lab, probe: &Echo, control: &Echo, relayed: &str, forwarded: &str) -> (Prober, Prober) {
+    let every = Duration::from_millis(20);
+    (
+        Prober::start(socket(&lab.client, sa(ip(relayed), 40000)), probe.addr, every),
+        Prober::start(socket(&lab.client, sa(ip(forwarded), 40000)), control.addr, every),
+    )
+}
+
+/// Both probers' round trips, finished together.
+fn finish_both(a: Prober, b: Prober) -> (Vec<Option<Duration>>, Vec<Option<Duration>>) {
+    std::thread::scope(|s| {
+        let b = s.spawn(|| b.finish());
+        (a.finish(), b.join().unwrap())
+    })
 }
 
 #[test]
@@ -59,17 +85,15 @@ fn one_socket_to_twenty_thousand_destinations_is_linear_and_stalls_no_one() {
     const N: usize = 20_000;
     let _heavy = one_at_a_time();
     const FIRST: u16 = 10_000;
-    let (lab, _folded, probe_echo) = folded_lab(FIRST, FIRST + N as u16 - 1, &["192.0.2.11"]);
-    // A small listener queue, so that what an overloaded (unoptimised,
-    // shared) machine cannot keep up with is dropped and sent again rather
-    // than queued in front of the probe for a second.
-    let daemon = lab.start_tproxyd(&config("new_flows_per_client = 0\nreceive_buffer = 262144"));
-    let prober = Prober::start(
-        socket(&lab.client, sa(ip("192.0.2.11"), 40000)),
-        probe_echo.addr,
-        Duration::from_millis(20),
-    );
+    let (lab, _folded, probe_echo, control_echo) =
+        folded_lab(FIRST, FIRST + N as u16 - 1, &["192.0.2.11", "192.0.2.12"]);
+    // The default listener queue: a listener that opened flows itself held
+    // seconds of the flood there, in front of everyone.
+    let daemon = lab.start_tproxyd(&config("new_flows_per_client = 0"));
+    let (prober, control) = probe_pair(&lab, &probe_echo, &control_echo, "192.0.2.11", "192.0.2.12");
     std::thread::sleep(Duration::from_millis(500));
+    prober.reset();
+    control.reset();
     let rss_before = rss(daemon.pid());
 
     let flooder = big_socket(&lab.client, sa(ip(CLIENT4), 41000));
@@ -92,14 +116,19 @@ fn one_socket_to_twenty_thousand_destinations_is_linear_and_stalls_no_one() {
             wrong
         })
     };
-    // 15,000 new flows a second: what an unoptimised build keeps up with
-    // on a loaded machine (the release rate is in the benchmark). What the
-    // gateway's full queue dropped is sent again, as a client would.
+    // 40,000 new flows a second, more than even a release build opens: the
+    // excess must wait or be dropped somewhere, and not in front of the
+    // other client. What was dropped (the flooder's share of the backlog
+    // full, the gateway's queue full) is sent again, slower, as a client
+    // would, until the deadline.
     let start = Instant::now();
+    let deadline = Duration::from_secs(20);
     let payload = |p: u16| format!("to {p}").into_bytes();
     let mut missing: Vec<u16> = (0..N).map(|i| FIRST + i as u16).collect();
-    for round in 0..8 {
-        let rate = if round == 0 { 15_000 } else { 5_000 };
+    let mut round = 0;
+    while !missing.is_empty() && start.elapsed() < deadline {
+        let rate = if round == 0 { 40_000 } else { 5_000 };
+        round += 1;
         send_paced(
             &flooder,
             missing.len(),
@@ -110,20 +139,19 @@ fn one_socket_to_twenty_thousand_destinations_is_linear_and_stalls_no_one() {
         std::thread::sleep(Duration::from_millis(500));
         let got = seen.lock().unwrap();
         missing.retain(|p| !got.contains(p));
-        if missing.is_empty() {
-            break;
-        }
     }
     let opened_in = start.elapsed();
     let wrong = receiver.join().unwrap();
     let seen = seen.lock().unwrap().clone();
     let rss_after = rss(daemon.pid());
-    let rtts = prober.finish();
+    let (rtts, control) = finish_both(prober, control);
     let (ok, lost, p50, p99, max) = summary(&rtts);
+    let (_, control_lost, control_p50, control_p99, control_max) = summary(&control);
     let per_flow = rss_after.saturating_sub(rss_before) / N as u64;
     eprintln!(
-        "{N} destinations answered in {opened_in:?}; {} answered; probe: {ok} ok, {lost} lost, p50 {p50:?} p99 {p99:?} max {max:?}; \
-         RSS +{per_flow} B/flow; fds {}",
+        "{N} destinations answered in {opened_in:?} ({round} rounds); {} answered; probe: {ok} ok, {lost} lost, p50 {p50:?} \
+         p99 {p99:?} max {max:?}; kernel-forwarded control: {control_lost} lost, p50 {control_p50:?} p99 {control_p99:?} \
+         max {control_max:?}; RSS +{per_flow} B/flow; fds {}",
         seen.len(),
         fds(daemon.pid())
     );
@@ -135,24 +163,31 @@ fn one_socket_to_twenty_thousand_destinations_is_linear_and_stalls_no_one() {
     );
     assert!(
         seen.len() == N,
-        "only {} of {N} destinations answered:\n{}",
+        "only {} of {N} destinations answered in {opened_in:?}:\n{}",
         seen.len(),
         stopped.log
     );
     // Quadratic choice took 9.8 s for 6,025 destinations, so about 100 s
     // for 20,000; linear takes a few seconds even unoptimised and loaded.
-    assert!(
-        opened_in < Duration::from_secs(20),
-        "opening {N} flows took {opened_in:?}"
-    );
-    // The probe's datagrams share the listener's queue with the flood; a
-    // lost one or two is the kernel's doing, a stall is ours.
+    assert!(opened_in < deadline, "opening {N} flows took {opened_in:?}");
+    // The probe's datagrams share the gateway with the flood; a lost one
+    // or two is the kernel's doing, a stall is ours.
     assert!(
         lost * 50 <= rtts.len(),
         "the other client's flow lost {lost} of {} probes",
         rtts.len()
     );
-    assert!(p99 < Duration::from_secs(1), "the other client's p99 RTT was {p99:?}");
+    // The flood queued in front of the other client's flow (in the
+    // listener's one queue, while the listener opened flows) cost it
+    // 0.2-0.5 s at p99 in a release build on a quiet machine, and in this
+    // test unoptimised at load 7 a p99 of 984 ms with 36 % lost (at that
+    // load the flow pays 40-90 ms now). What the kernel-forwarded control
+    // paid, the machine's load did.
+    let added = p99.saturating_sub(control_p99);
+    assert!(
+        added < Duration::from_millis(400),
+        "the other client's p99 RTT was {p99:?}, {added:?} above the kernel-forwarded control's {control_p99:?}"
+    );
     // About 1 KiB per flow, all included (tasks, sockets' user-space side,
     // table and pool entries); 4 KiB leaves room for allocator slack.
     assert!(per_flow < 4096, "{per_flow} bytes of RSS per flow");
@@ -165,18 +200,17 @@ fn a_flow_flood_under_a_low_descriptor_limit_leaves_room_for_new_clients_and_met
     let _heavy = one_at_a_time();
     const SOCKETS: usize = 25; // 25 × 4,000 = 100,000 flows
     const FIRST: u16 = 20_000;
-    let (lab, _folded, probe_echo) = folded_lab(FIRST, FIRST + PORTS as u16 - 1, &["192.0.2.11"]);
+    let (lab, _folded, probe_echo, _control) = folded_lab(FIRST, FIRST + PORTS as u16 - 1, &["192.0.2.11"]);
     let daemon = lab.start_tproxyd_wrapped(
         &["prlimit", "--nofile=2048:2048"],
-        // A small listener queue: under overload the kernel drops the excess
-        // instead of queueing a second of it in front of everyone.
-        &config("new_flows_per_client = 0\nsession_capacity = 200000\nreceive_buffer = 262144"),
+        &config("new_flows_per_client = 0\nsession_capacity = 200000"),
     );
     let server = server4(0);
-    // 7,000 new flows a second for 14 s (what an unoptimised build keeps up
-    // with on a loaded 2-core machine: past it, the kernel drops at the
-    // listener's queue whoever the sender), round-robin over the sockets so
-    // every one of them keeps opening flows.
+    // 12,000 new flows a second for 8 s, more than an unoptimised build
+    // opens on a loaded 2-core machine: the flooder's excess is dropped
+    // from its own share of the open backlog, the other client's new flow
+    // waits its turn. Round-robin over the sockets so every one of them
+    // keeps opening flows.
     let flood = {
         let socks: Vec<_> = (0..SOCKETS)
             .map(|i| big_socket(&lab.client, sa(ip(CLIENT4), 42000 + i as u16)))
@@ -191,7 +225,7 @@ fn a_flow_flood_under_a_low_descriptor_limit_leaves_room_for_new_clients_and_met
                     }
                     sent += 40;
                 }
-                let due = start + Duration::from_nanos(1_000_000_000 / 7_000) * sent as u32;
+                let due = start + Duration::from_nanos(1_000_000_000 / 12_000) * sent as u32;
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
@@ -277,7 +311,7 @@ fn a_client_flooding_a_full_table_does_not_cost_quiet_clients_their_replies() {
     let _heavy = one_at_a_time();
     let quiet_ips: Vec<String> = (0..QUIET).map(|i| format!("192.0.2.{}", 20 + i)).collect();
     let refs: Vec<&str> = quiet_ips.iter().map(String::as_str).collect();
-    let (lab, folded, _probe) = folded_lab(FIRST, FIRST + PORTS as u16 - 1, &refs);
+    let (lab, folded, _probe, _control) = folded_lab(FIRST, FIRST + PORTS as u16 - 1, &refs);
     // The flood's datagrams go unanswered: 15,000 replies a second back to
     // the client namespace would overflow its CPU backlog on a loaded
     // machine and drop the quiet clients' answers there, outside tproxyd.
@@ -443,34 +477,20 @@ fn new_flows_beyond_a_clients_rate_are_dropped_and_counted() {
 #[test]
 fn a_flood_of_64_kb_datagrams_does_not_hold_up_another_clients_flow() {
     let _heavy = one_at_a_time();
-    let (lab, _folded, probe_echo) = folded_lab(20_000, 20_001, &["192.0.2.11"]);
+    let (lab, _folded, probe_echo, control_echo) = folded_lab(20_000, 20_001, &["192.0.2.11", "192.0.2.12"]);
     let _sink = LateServer::start(&lab.servers[0], sa(server4(0), 6200), None);
-    let daemon = lab.start_tproxyd(&config(""));
-    let prober = Prober::start(
-        socket(&lab.client, sa(ip("192.0.2.11"), 40000)),
-        probe_echo.addr,
-        Duration::from_millis(20),
-    );
-    // The control: the same client, link and CPUs, answered by the gateway
-    // itself without tproxyd. What the flood costs it is the kernel's and
-    // the machine's; only what tproxyd's flow pays beyond that is ours.
-    let local_echo = Echo::start(&lab.gateway, sa(ip(lab::GATEWAY_LAN4), 6001));
-    let control = Prober::start(
-        socket(&lab.client, sa(ip("192.0.2.11"), 40001)),
-        local_echo.addr,
-        Duration::from_millis(20),
-    );
-    // And the other half of the path: the gateway itself to the same
-    // server, over the link the flood leaves by.
-    let wan_control = Prober::start(
-        socket(&lab.gateway, sa(lab::gateway_wan4(0), 40002)),
-        probe_echo.addr,
-        Duration::from_millis(20),
-    );
+    // Sixteen queues: the other client's socket shares one with a flooding
+    // socket less often (the kernel picks by a hash), and shares less of
+    // it when it does.
+    let daemon = lab.start_tproxyd(&config("listener_sockets = 16"));
+    // The control: the same flow from the same client namespace over the
+    // same links and CPUs, forwarded by the kernel. What the flood and the
+    // machine's load cost it is not tproxyd's doing; only what the relayed
+    // flow pays beyond that is.
+    let (prober, control) = probe_pair(&lab, &probe_echo, &control_echo, "192.0.2.11", "192.0.2.12");
     std::thread::sleep(Duration::from_secs(2));
     let baseline = prober.reset();
     control.reset();
-    wan_control.reset();
     // Two senders of 65,000-byte datagrams, as fast as they can.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let senders: Vec<_> = (0..2u16)
@@ -490,22 +510,18 @@ fn a_flood_of_64_kb_datagrams_does_not_hold_up_another_clients_flow() {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(5));
-    let flooded = prober.finish();
-    let control = control.finish();
-    let wan_control = wan_control.finish();
+    let (flooded, control) = finish_both(prober, control);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent: u64 = senders.into_iter().map(|t| t.join().unwrap()).sum();
     let stopped = daemon.stop();
-    let (_, _, _, base_p99, _) = summary(&baseline);
+    let (_, _, base_p50, base_p99, _) = summary(&baseline);
     let (ok, lost, p50, p99, max) = summary(&flooded);
-    let (_, _, _, lan_p99, _) = summary(&control);
-    let (_, _, _, wan_p99, _) = summary(&wan_control);
-    // Each half of the path as the flood left it, without tproxyd.
-    let control_p99 = lan_p99 + wan_p99;
+    let (_, control_lost, control_p50, control_p99, control_max) = summary(&control);
     let relayed = stopped.counter("upstream_bytes");
     eprintln!(
-        "64 KB flood: {sent} sent, {} MB relayed; probe baseline p99 {base_p99:?}; under flood {ok} ok, {lost} lost, \
-         p50 {p50:?} p99 {p99:?} max {max:?}; control p99 LAN {lan_p99:?} + WAN {wan_p99:?}",
+        "64 KB flood: {sent} sent, {} MB relayed; probe baseline p50 {base_p50:?} p99 {base_p99:?}; under flood {ok} ok, \
+         {lost} lost, p50 {p50:?} p99 {p99:?} max {max:?}; kernel-forwarded control {control_lost} lost, p50 \
+         {control_p50:?} p99 {control_p99:?} max {control_max:?}",
         relayed >> 20
     );
     assert!(
@@ -513,14 +529,20 @@ fn a_flood_of_64_kb_datagrams_does_not_hold_up_another_clients_flow() {
         "the flood hardly reached the gateway: {relayed} bytes"
     );
     assert!(lost * 50 <= flooded.len(), "the probe lost {lost} of {}", flooded.len());
-    // Head-of-line blocking behind whole batches of 64 KB datagrams cost
-    // 150-300 ms on a quiet machine and over 500 ms in this test on a loaded
-    // one; bounded rounds cost a few ms (the figure is in the benchmark).
-    // Beyond what the control paid, and generous for a loaded machine.
-    let added = p99.saturating_sub(control_p99.max(base_p99));
+    // Behind the flood in one FIFO queue, the other flow waited for
+    // whatever the queue held: at p50, 17-37 ms above the control in a
+    // release build and 30 ms in this test unoptimised; every datagram
+    // paid it, so the median shows it whatever the machine's load. In a
+    // queue of its own, served in turn with the flood's, it waits a turn
+    // or two (under 1-8 ms here at load 5-7). Both compared with the
+    // kernel-forwarded control, which pays the flood's cost on the links
+    // and the machine's load; the p99 bound only catches stalls.
+    let added_p50 = p50.saturating_sub(control_p50.max(base_p50));
+    let added_p99 = p99.saturating_sub(control_p99.max(base_p99));
     assert!(
-        added < Duration::from_millis(300),
-        "added p99 {added:?} (baseline {base_p99:?}, control {control_p99:?}, flooded {p99:?})"
+        added_p50 < Duration::from_millis(15) && added_p99 < Duration::from_millis(300),
+        "added p50 {added_p50:?}, p99 {added_p99:?} (flooded p50 {p50:?} p99 {p99:?}, baseline p99 {base_p99:?}, \
+         control p50 {control_p50:?} p99 {control_p99:?})"
     );
 }
 
@@ -572,4 +594,87 @@ fn each_icmp_error_is_counted_once_under_load() {
     assert!(counted <= sent, "{counted} counted for {sent} sent:\n{}", stopped.log);
     // Some may be lost when an error queue overflows, not half of them.
     assert!(counted * 2 > sent, "{counted} counted for {sent} sent");
+}
+
+/// Continues a stopped process when dropped, also when the test fails.
+struct Paused(u32);
+
+impl Paused {
+    fn new(pid: u32) -> Paused {
+        // SAFETY: kill(2) with a pid this test started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
+    }
+}
+
+/// Datagrams queued per listening socket of the relay (`ss`, Recv-Q).
+fn listener_queues(lab: &Lab) -> Vec<u64> {
+    lab.gateway
+        .sh("ss -uanH 'sport = :15353'")
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).and_then(|q| q.parse().ok()))
+        .collect()
+}
+
+#[test]
+fn each_client_socket_queues_in_one_member_of_the_listener_group() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let daemon = lab.start_tproxyd(&config("listener_sockets = 4"));
+    assert_eq!(listener_queues(&lab).len(), 4, "{}", lab.gateway.sh("ss -uanp"));
+    // With the relay paused, what the kernel queued where is visible: the
+    // 64 client sockets' datagrams spread over the members.
+    let socks: Vec<_> = (0..64u16)
+        .map(|i| socket(&lab.client, sa(ip(CLIENT4), 46000 + i)))
+        .collect();
+    {
+        let _paused = Paused::new(daemon.pid());
+        for s in &socks {
+            s.send_to(b"one", echo.addr).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let queues = listener_queues(&lab);
+        let busy = queues.iter().filter(|&&q| q > 0).count();
+        assert!(busy >= 2, "all 64 client sockets queued in one socket: {queues:?}");
+    }
+    for s in &socks {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (from, data) = lab::udp::recv(s).expect("an answer after the pause");
+        assert_eq!((from, data.as_slice()), (echo.addr, &b"one"[..]));
+    }
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("sessions_opened"), 64, "{}", stopped.log);
+}
+
+#[test]
+fn a_new_flows_first_datagrams_all_arrive_in_order() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let daemon = lab.start_tproxyd(&config(""));
+    // A burst on a brand-new flow: the first datagram opens it, the rest
+    // arrive while it is being opened and are held until it is.
+    let socks: Vec<_> = (0..20u16)
+        .map(|i| socket(&lab.client, sa(ip(CLIENT4), 47000 + i)))
+        .collect();
+    for s in &socks {
+        for i in 0..8u8 {
+            s.send_to(&[i], echo.addr).unwrap();
+        }
+    }
+    for s in &socks {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let got: Vec<u8> = (0..8).filter_map(|_| lab::udp::recv(s)).map(|(_, d)| d[0]).collect();
+        assert_eq!(got, (0..8).collect::<Vec<u8>>(), "from {:?}", s.local_addr());
+    }
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("sessions_opened"), 20, "{}", stopped.log);
 }

@@ -29,9 +29,14 @@ fn name(s: &str) -> Name {
 }
 
 fn dns_lab() -> Lab {
+    dns_lab_with("")
+}
+
+/// [`dns_lab`], with more settings for the rules script.
+fn dns_lab_with(rules_env: &str) -> Lab {
     let lab = Lab::with_servers(1);
     lab.add_server_address(0, ip(UPSTREAM));
-    lab.install_rules("nft", "LAN_IF=lan0 DNS_TCP_PORT=15354");
+    lab.install_rules("nft", &format!("LAN_IF=lan0 DNS_TCP_PORT=15354 {rules_env}"));
     lab
 }
 
@@ -506,8 +511,68 @@ fn spoof_flood(lab: &Lab, victim: IpAddr, to: SocketAddr) -> (Arc<AtomicBool>, s
 }
 
 #[test]
+fn a_wan_spoofer_posing_as_a_lan_client_is_dropped_before_its_rate_limit() {
+    // Both rule flavours install the anti-spoofing check by default.
+    for flavour in ["nft", "iptables"] {
+        let lab = Lab::with_servers(1);
+        lab.add_server_address(0, ip(UPSTREAM));
+        lab.install_rules(flavour, "LAN_IF=lan0 DNS_TCP_PORT=15354");
+        // The default action: queries over the limit get no answer at all.
+        let daemon = lab.start_tproxyd(&config("rate_limit = { qps = 5, burst = 30 }", ""));
+        let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+        let (stop, flood) = spoof_flood(&lab, ip(lab::CLIENT4), to);
+        std::thread::sleep(Duration::from_millis(300));
+        // The real client asks over UDP during the flood: 20 queries, within
+        // its own burst of 30 however fast they go.
+        let out = lab
+            .client
+            .sh("for i in $(seq 1 20); do dig +tries=1 +time=2 @192.0.2.1 printer.lan A +short || true; done");
+        let answered = out.lines().filter(|l| l.trim() == "192.0.2.50").count();
+        stop.store(true, Ordering::Relaxed);
+        let sent = flood.join().unwrap();
+        let stopped = daemon.stop();
+        assert!(sent > 500, "{flavour}: flood too small: {sent}");
+        assert_eq!(
+            answered, 20,
+            "{flavour}: the spoofer cost the client its answers: {}",
+            stopped.log
+        );
+        assert!(
+            stopped.counter("dns_rate_limited") < 10,
+            "{flavour}: forged queries reached the rate limit: {}",
+            stopped.log
+        );
+        // They died at the gateway's door, counted by the rule.
+        let rules = match flavour {
+            "nft" => lab.gateway.sh("nft list chain inet tproxyd prerouting"),
+            _ => lab.gateway.sh("iptables -w -t mangle -L TPROXYD_PRE -v -x -n"),
+        };
+        let dropped: u64 = rules
+            .lines()
+            .find(|l| l.contains("antispoof") || l.contains("rpfilter"))
+            .and_then(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                match flavour {
+                    "nft" => words
+                        .iter()
+                        .position(|w| *w == "packets")
+                        .and_then(|i| words.get(i + 1)?.parse().ok()),
+                    _ => words.first()?.parse().ok(),
+                }
+            })
+            .unwrap_or(0);
+        assert!(
+            dropped + 10 >= sent,
+            "{flavour}: {dropped} of {sent} forged queries dropped:\n{rules}"
+        );
+    }
+}
+
+#[test]
 fn a_spoofer_emptying_a_clients_rate_limit_cannot_deny_it_dns_over_tcp() {
-    let lab = dns_lab();
+    // Rules without the anti-spoofing check (ANTISPOOF=0, or a firewall of
+    // one's own): the forged queries reach the listener.
+    let lab = dns_lab_with("ANTISPOOF=0");
     let daemon = lab.start_tproxyd(&config(
         "rate_limit = { qps = 20, burst = 20, action = \"truncate\" }",
         "",
@@ -623,17 +688,19 @@ fn cname_loops_and_overlong_chains_from_the_upstream_end_quickly_and_carry_nothi
         answer_with(q, &records)
     });
     let daemon = start(&lab);
-    let d = ask(&lab, "loop.test");
-    assert!(d.query_ms < 1000, "{}", d.raw);
-    assert!(!d.raw.contains("bank.test"), "{}", d.raw);
-    // The loop ends where it closes: one link, nothing else.
-    assert_eq!(d.answers.len(), 1, "{}", d.raw);
-    let d = ask(&lab, "chain.test");
-    assert!(d.query_ms < 1000, "{}", d.raw);
-    assert!(!d.raw.contains("bank.test"), "{}", d.raw);
-    // At most 16 links are followed; past them nothing is passed on.
-    assert!(d.answers.len() <= 16, "{}", d.raw);
-    assert!(!d.raw.contains("198.51.100.80"), "{}", d.raw);
+    // A loop, and 40 links where 16 are followed: no answer at the end,
+    // so SERVFAIL with nothing in it.
+    for broken in ["loop.test", "chain.test"] {
+        let d = ask(&lab, broken);
+        assert!(d.query_ms < 1000, "{}", d.raw);
+        assert_eq!(d.status, "SERVFAIL", "{}", d.raw);
+        assert!(d.answers.is_empty(), "{}", d.raw);
+        assert!(
+            !d.raw.contains("bank.test") && !d.raw.contains("198.51.100.80"),
+            "{}",
+            d.raw
+        );
+    }
     assert_eq!(legit_answers(&lab, LISTEN, 2), 4);
     drop(daemon);
 }

@@ -17,7 +17,7 @@
 //! answer weighs as much as a thousand A records.
 
 use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinEncodable;
 use lru::LruCache;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -41,6 +41,25 @@ pub struct CacheKey {
 /// `Arc`, the LRU node and the per-record `Record` structs.
 const ENTRY_OVERHEAD: usize = 160;
 const RECORD_OVERHEAD: usize = 96;
+
+/// What a record costs in the cache: its uncompressed wire size plus
+/// [`RECORD_OVERHEAD`]; `None` if it cannot be encoded (then it cannot be
+/// served from the cache either). Addresses and names are sized without
+/// encoding them, which every cache miss would otherwise pay for; other
+/// types are encoded to learn their size.
+fn record_bytes(r: &Record) -> Option<usize> {
+    let name = |n: &Name| if n.is_root() { 1 } else { n.len() + 1 };
+    let rdata = match &r.data {
+        RData::A(_) => 4,
+        RData::AAAA(_) => 16,
+        RData::CNAME(t) => name(&t.0),
+        RData::NS(t) => name(&t.0),
+        RData::PTR(t) => name(&t.0),
+        _ => return r.to_bytes().ok().map(|b| RECORD_OVERHEAD + b.len()),
+    };
+    // Owner, then TYPE, CLASS, TTL and RDLENGTH.
+    Some(RECORD_OVERHEAD + name(&r.name) + 10 + rdata)
+}
 
 /// One cached answer.
 #[derive(Debug)]
@@ -320,7 +339,7 @@ impl DnsCache {
             .iter()
             .chain(&response.authorities)
             .chain(&response.additionals)
-            .map(|r| r.to_bytes().ok().map(|b| RECORD_OVERHEAD + b.len()))
+            .map(record_bytes)
             .sum::<Option<usize>>()
         else {
             return false;
@@ -398,7 +417,7 @@ impl DnsCache {
             .iter()
             .chain(&message.authorities)
             .chain(&message.additionals)
-            .map(|r| r.to_bytes().ok().map(|b| RECORD_OVERHEAD + b.len()))
+            .map(record_bytes)
             .sum::<Option<usize>>()
         else {
             return false;
@@ -700,5 +719,34 @@ mod tests {
             !b.hit_wants_prefetch(0, t0 + Duration::from_secs(95)),
             "0 turns prefetch off"
         );
+    }
+
+    #[test]
+    fn record_sizes_are_their_uncompressed_wire_size() {
+        use hickory_proto::rr::rdata::{A, AAAA, CNAME, TXT};
+        use hickory_proto::serialize::binary::BinEncoder;
+        let n = |s: &str| Name::from_str(s).unwrap();
+        let records = [
+            Record::from_rdata(n("www.example.test."), 60, RData::A(A::new(192, 0, 2, 1))),
+            Record::from_rdata(
+                n("www.example.test."),
+                60,
+                RData::AAAA(AAAA::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+            ),
+            Record::from_rdata(n("www.example.test."), 60, RData::CNAME(CNAME(n("cdn.example.test.")))),
+            Record::from_rdata(n("."), 60, RData::CNAME(CNAME(n(".")))),
+            Record::from_rdata(
+                n("t.test."),
+                60,
+                RData::TXT(TXT::new(vec!["x".repeat(200), "y".repeat(100)])),
+            ),
+        ];
+        for r in &records {
+            let mut wire = Vec::new();
+            let mut encoder = BinEncoder::new(&mut wire);
+            encoder.set_name_encoding(hickory_proto::serialize::binary::NameEncoding::Uncompressed);
+            r.emit(&mut encoder).unwrap();
+            assert_eq!(record_bytes(r), Some(RECORD_OVERHEAD + wire.len()), "{r}");
+        }
     }
 }

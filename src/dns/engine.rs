@@ -570,10 +570,17 @@ impl DnsEngine {
     /// What the client gets for an upstream's answer: scrubbed to the
     /// question, TTLs clamped, cached if cacheable.
     fn absorb(&self, request: &Request, group: usize, mut answer: Message) -> Message {
-        let removed = scrub::scrub(&request.query, &mut answer);
-        if removed.0 > 0 {
-            self.stats.dns_scrubbed_records.add(removed.0 as u64);
-            tracing::debug!(name = %request.key, removed = removed.0, "records outside the question removed");
+        let scrubbed = scrub::scrub(&request.query, &mut answer);
+        if scrubbed.removed > 0 {
+            self.stats.dns_scrubbed_records.add(scrubbed.removed as u64);
+            tracing::debug!(name = %request.key, removed = scrubbed.removed, "records outside the question removed");
+        }
+        if let Some(broken) = scrubbed.broken {
+            // No answer at the end of the chain: SERVFAIL, and nothing
+            // cached, so the next query asks again (a loop is often a
+            // zone being fixed).
+            tracing::debug!(name = %request.key, ?broken, "CNAME chain loops or is too long");
+            return message::response(request, ResponseCode::ServFail, self.max_udp_payload);
         }
         // Clamps the TTLs in place whether or not it is cached.
         self.cache.insert(self.cache_key(request, group), &mut answer);

@@ -4,7 +4,7 @@
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
-use super::names::query_key;
+use super::names::{printable, query_key};
 
 /// Smallest UDP payload every DNS client accepts (RFC 1035).
 pub const CLASSIC_UDP_PAYLOAD: usize = 512;
@@ -113,7 +113,7 @@ pub fn encode(msg: &Message, limit: usize) -> Option<(Vec<u8>, bool)> {
         Ok(bytes) if bytes.len() <= limit => Some((bytes, false)),
         Ok(_) => msg.truncate().to_vec().ok().map(|b| (b, true)),
         Err(e) => {
-            tracing::debug!(error = %e, "cannot encode a response; answering SERVFAIL");
+            tracing::debug!(error = %printable(&e.to_string()), "cannot encode a response; answering SERVFAIL");
             let mut fail = Message::error_msg(msg.metadata.id, msg.metadata.op_code, ResponseCode::ServFail);
             fail.add_queries(msg.queries.iter().cloned());
             fail.to_vec().ok().map(|b| (b, false))

@@ -33,10 +33,13 @@ pub fn normalize(text: &str) -> Option<String> {
 
 /// The rule-matching key of a query name: lowercase labels joined by dots.
 ///
-/// A label may itself hold a dot or a backslash (`bank\.test` is one label);
-/// those are written as RFC 1035 `\DDD` escapes, so the key of a one-label
-/// name can never equal the key of a two-label one, and no escaped key
-/// matches a listed name (listed names hold only letters, digits, `-`, `_`).
+/// A label may itself hold a dot or a backslash (`bank\.test` is one label),
+/// or any other byte, control characters included; everything but printable
+/// ASCII, and the dot and backslash themselves, is written as an RFC 1035
+/// `\DDD` escape. So the key of a one-label name can never equal the key of
+/// a two-label one, no escaped key matches a listed name (listed names hold
+/// only letters, digits, `-`, `_`), and the key is safe to log: a LAN
+/// device cannot put a newline or a terminal escape into the log.
 pub fn query_key(name: &hickory_proto::rr::Name) -> String {
     let mut key = String::with_capacity(name.len());
     for (i, label) in name.iter().enumerate() {
@@ -44,14 +47,43 @@ pub fn query_key(name: &hickory_proto::rr::Name) -> String {
             key.push('.');
         }
         for &b in label {
-            match b {
-                b'.' => key.push_str("\\046"),
-                b'\\' => key.push_str("\\092"),
-                _ => key.push(char::from(b.to_ascii_lowercase())),
+            let b = b.to_ascii_lowercase();
+            if b.is_ascii_graphic() && b != b'.' && b != b'\\' {
+                key.push(char::from(b));
+            } else {
+                push_escape(&mut key, b);
             }
         }
     }
     key
+}
+
+/// `\DDD`, the byte in decimal (RFC 1035 5.1).
+fn push_escape(out: &mut String, b: u8) {
+    out.push('\\');
+    out.push(char::from(b'0' + b / 100));
+    out.push(char::from(b'0' + b / 10 % 10));
+    out.push(char::from(b'0' + b % 10));
+}
+
+/// `text` with every character that is not printable ASCII (control
+/// characters, DEL, anything beyond ASCII) written as `\DDD` per byte of
+/// its UTF-8 form, and backslashes doubled: for logging text that may
+/// carry a query name, such as a resolver library's error message.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.bytes().all(|b| (b.is_ascii_graphic() || b == b' ') && b != b'\\') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for b in text.bytes() {
+        match b {
+            b'\\' => out.push_str("\\\\"),
+            b' ' => out.push(' '),
+            b if b.is_ascii_graphic() => out.push(char::from(b)),
+            b => push_escape(&mut out, b),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// The cache key of a name: its wire format (length-prefixed labels,
@@ -228,6 +260,27 @@ mod tests {
         s.insert("bank.test", true);
         assert!(!s.matches(&query_key(&parse("bank\\.test."))));
         assert!(s.matches(&query_key(&parse("www.bank.test."))));
+    }
+
+    #[test]
+    fn keys_hold_no_control_bytes_so_names_log_safely() {
+        let label = b"evil\n2026-11-25T00:00:00Z ERROR forged\x1b[31m\x00\x7f\xff \t".as_slice();
+        let name = hickory_proto::rr::Name::from_labels([label, b"test".as_slice()]).unwrap();
+        let key = query_key(&name);
+        assert!(key.chars().all(|c| c.is_ascii_graphic()), "{key:?}");
+        assert_eq!(
+            key,
+            "evil\\0102026-11-25t00:00:00z\\032error\\032forged\\027[31m\\000\\127\\255\\032\\009.test"
+        );
+        // Distinct names keep distinct keys.
+        let plain = hickory_proto::rr::Name::from_labels([b"evil010".as_slice()]).unwrap();
+        let escaped = hickory_proto::rr::Name::from_labels([b"evil\n".as_slice()]).unwrap();
+        assert_ne!(query_key(&plain), query_key(&escaped));
+        assert_eq!(
+            printable("no upstream: www.example.test"),
+            "no upstream: www.example.test"
+        );
+        assert_eq!(printable("a\nb\\c\u{1b}é"), "a\\010b\\\\c\\027\\195\\169");
     }
 
     #[test]

@@ -12,38 +12,62 @@
 //! - nothing in the additional section (the OPT record is not a record
 //!   here: hickory parses it into `Message::edns`, and tproxyd writes its
 //!   own on the way out).
+//!
+//! A CNAME chain that loops or runs past [`MAX_CHAIN`] links has no answer
+//! at its end: scrubbing reports it ([`Scrubbed::broken`]) and the engine
+//! answers SERVFAIL without caching anything, as resolvers do.
 
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-/// Longest CNAME chain followed; real chains are a handful of links.
-const MAX_CHAIN: usize = 16;
+/// Longest CNAME chain followed, in links; real chains are a handful.
+pub const MAX_CHAIN: usize = 16;
 
-/// What scrubbing removed, for counting.
+/// Why a CNAME chain has no usable end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokenChain {
+    /// A CNAME points back to a name already on the chain.
+    Loop,
+    /// More than [`MAX_CHAIN`] links.
+    TooLong,
+}
+
+/// What scrubbing did and found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Removed(pub usize);
+pub struct Scrubbed {
+    /// Records removed, for counting.
+    pub removed: usize,
+    /// The CNAME chain loops or is too long: the answer must not be used.
+    pub broken: Option<BrokenChain>,
+}
 
 /// Removes from `answer` every record the question does not need.
-pub fn scrub(question: &Query, answer: &mut Message) -> Removed {
+pub fn scrub(question: &Query, answer: &mut Message) -> Scrubbed {
     let before = answer.answers.len() + answer.authorities.len() + answer.additionals.len();
     let qtype = question.query_type();
     let qclass = question.query_class();
     let in_class = |r: &Record| r.dns_class == qclass;
 
     // Follow CNAMEs from the question name; a loop or an overlong chain
-    // simply ends the walk.
+    // ends the walk and breaks the answer.
     let mut chain: Vec<Name> = vec![question.name().clone()];
+    let mut broken = None;
     if qtype != RecordType::CNAME {
-        while chain.len() <= MAX_CHAIN {
-            let Some(last) = chain.last() else { break };
+        while let Some(last) = chain.last() {
             let next = answer.answers.iter().find_map(|r| match &r.data {
                 RData::CNAME(target) if in_class(r) && &r.name == last => Some(target.0.clone()),
                 _ => None,
             });
-            match next {
-                Some(target) if !chain.contains(&target) => chain.push(target),
-                _ => break,
+            let Some(target) = next else { break };
+            if chain.contains(&target) {
+                broken = Some(BrokenChain::Loop);
+                break;
             }
+            if chain.len() > MAX_CHAIN {
+                broken = Some(BrokenChain::TooLong);
+                break;
+            }
+            chain.push(target);
         }
     }
     let end = chain.last().cloned().unwrap_or_else(|| question.name().clone());
@@ -83,7 +107,10 @@ pub fn scrub(question: &Query, answer: &mut Message) -> Removed {
     answer.signature = None;
 
     let after = answer.answers.len() + answer.authorities.len();
-    Removed(before.saturating_sub(after))
+    Scrubbed {
+        removed: before.saturating_sub(after),
+        broken,
+    }
 }
 
 #[cfg(test)]
@@ -135,7 +162,13 @@ mod tests {
             )],
             vec![a("evil.example.", 66)],
         );
-        assert_eq!(scrub(&q, &mut m), Removed(3));
+        assert_eq!(
+            scrub(&q, &mut m),
+            Scrubbed {
+                removed: 3,
+                broken: None
+            }
+        );
         assert_eq!(names(&m.answers), ["a.test. A"]);
         assert!(m.authorities.is_empty() && m.additionals.is_empty());
     }
@@ -174,8 +207,51 @@ mod tests {
             vec![],
             vec![],
         );
-        scrub(&q, &mut m);
+        assert_eq!(scrub(&q, &mut m).broken, Some(BrokenChain::Loop));
         assert_eq!(names(&m.answers), ["x.test. CNAME"]);
+    }
+
+    /// A chain of `links` CNAMEs from `c0.test.` to `c{links}.test.`,
+    /// which has an A record.
+    fn chain_of(links: usize) -> Message {
+        let mut answers: Vec<Record> = (0..links)
+            .map(|i| cname(&format!("c{i}.test."), &format!("c{}.test.", i + 1)))
+            .collect();
+        answers.push(a(&format!("c{links}.test."), 7));
+        msg(ResponseCode::NoError, answers, vec![], vec![])
+    }
+
+    #[test]
+    fn chains_of_up_to_sixteen_links_are_answers_longer_ones_are_broken() {
+        let q = Query::query(n("c0.test."), RecordType::A);
+        let mut m = chain_of(MAX_CHAIN);
+        let done = scrub(&q, &mut m);
+        assert_eq!(
+            done,
+            Scrubbed {
+                removed: 0,
+                broken: None
+            }
+        );
+        assert_eq!(m.answers.len(), MAX_CHAIN + 1);
+        let mut m = chain_of(MAX_CHAIN + 1);
+        assert_eq!(scrub(&q, &mut m).broken, Some(BrokenChain::TooLong));
+        // A loop further down the chain, and a CNAME to itself.
+        let mut m = chain_of(5);
+        m.answers.push(cname("c5.test.", "c2.test."));
+        m.answers.retain(|r| r.record_type() == RecordType::CNAME);
+        assert_eq!(scrub(&q, &mut m).broken, Some(BrokenChain::Loop));
+        let mut m = msg(
+            ResponseCode::NoError,
+            vec![cname("c0.test.", "C0.test.")],
+            vec![],
+            vec![],
+        );
+        assert_eq!(scrub(&q, &mut m).broken, Some(BrokenChain::Loop));
+        // Asking for the CNAME itself follows nothing.
+        let q = Query::query(n("c0.test."), RecordType::CNAME);
+        let mut m = chain_of(MAX_CHAIN + 5);
+        assert_eq!(scrub(&q, &mut m).broken, None);
     }
 
     #[test]

@@ -33,9 +33,9 @@ use super::table::SessionTable;
 use crate::sync::lock;
 
 /// Flows one client may have waiting to be opened.
-pub const WAITING_PER_CLIENT: usize = 2_048;
+pub const WAITING_PER_CLIENT: usize = 8_192;
 /// Flows waiting in all.
-pub const WAITING: usize = 16_384;
+pub const WAITING: usize = 32_768;
 /// Datagrams held for one flow while it waits (its first included).
 pub const HELD_PER_FLOW: usize = 8;
 /// Payload bytes one client may have held.
@@ -43,7 +43,7 @@ pub const BYTES_PER_CLIENT: usize = 2 << 20;
 /// Payload bytes held in all.
 pub const BYTES: usize = 16 << 20;
 /// Flows one opener task opens before other tasks get the thread.
-pub const OPENS_PER_ROUND: usize = 16;
+pub const OPENS_PER_ROUND: usize = 32;
 
 /// A datagram held for a flow that is being opened.
 #[derive(Debug)]

@@ -9,8 +9,23 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::Netns;
 use super::udp::socket;
+use super::{Lab, Netns};
+
+/// Server 0's second address, which the redirect rules leave alone (install
+/// them with `BYPASS4=198.51.100.8/32`): flows to it are forwarded by the
+/// kernel, not relayed.
+pub const FORWARDED: &str = "198.51.100.8";
+
+/// Makes [`FORWARDED`] reachable by plain kernel forwarding: the address on
+/// server 0, and a route back to the clients there. A flow to it is the
+/// control a relayed flow is compared with, measured at the same time on
+/// the same links and CPUs: what the abuse and the machine's load cost it
+/// is not tproxyd's doing.
+pub fn forwarded_control(lab: &Lab) {
+    lab.add_server_address(0, FORWARDED.parse().unwrap());
+    lab.servers[0].sh("ip route replace 192.0.2.0/24 via 198.51.100.1");
+}
 
 /// In `ns`, sends UDP to ports `first..=last` of any address to `to_port`
 /// instead (conntrack answers from the port asked), so one server socket
@@ -67,43 +82,77 @@ pub fn send_paced(
     start.elapsed()
 }
 
-/// A flow that sends a datagram every `interval` and waits for its echo,
-/// recording each round trip (`None` when no echo came within a second).
+/// A flow that sends a datagram every `interval` whatever became of the
+/// last one (as a game or a call does), and records each one's round trip
+/// (`None` when no echo came within a second). Open loop: a stall shows in
+/// every datagram sent during it, not in one.
 pub struct Prober {
-    stop: Arc<AtomicBool>,
-    rtts: Arc<Mutex<Vec<Option<Duration>>>>,
-    thread: Option<JoinHandle<()>>,
+    /// Stops the sender; the receiver stops on `stop_receiving`.
+    stop_sending: Arc<AtomicBool>,
+    stop_receiving: Arc<AtomicBool>,
+    probes: Arc<Mutex<Probes>>,
+    sender: Option<JoinHandle<()>>,
+    receiver: Option<JoinHandle<()>>,
+}
+
+/// Datagrams sent (sequence number, when) and the round trips seen.
+#[derive(Default)]
+struct Probes {
+    sent: std::collections::VecDeque<(u64, Instant)>,
+    rtts: std::collections::HashMap<u64, Duration>,
+}
+
+impl Probes {
+    /// The round trips of the datagrams sent at least `settle` ago, in
+    /// order, forgetting them.
+    fn take(&mut self, settle: Duration) -> Vec<Option<Duration>> {
+        let now = Instant::now();
+        let mut taken = Vec::new();
+        while let Some(&(seq, at)) = self.sent.front() {
+            if now.duration_since(at) < settle {
+                break;
+            }
+            self.sent.pop_front();
+            taken.push(self.rtts.remove(&seq).filter(|rtt| *rtt < Duration::from_secs(1)));
+        }
+        taken
+    }
 }
 
 impl Prober {
     pub fn start(sock: UdpSocket, to: SocketAddr, interval: Duration) -> Prober {
-        let stop = Arc::new(AtomicBool::new(false));
-        let rtts: Arc<Mutex<Vec<Option<Duration>>>> = Arc::default();
-        let thread = {
-            let (stop, rtts) = (stop.clone(), rtts.clone());
+        let stop_sending = Arc::new(AtomicBool::new(false));
+        let stop_receiving = Arc::new(AtomicBool::new(false));
+        let probes: Arc<Mutex<Probes>> = Arc::default();
+        let receiver = {
+            let (stop, probes) = (stop_receiving.clone(), probes.clone());
+            let sock = sock.try_clone().unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 2048];
-                let mut seq: u64 = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((8, from)) = sock.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    let now = Instant::now();
+                    let seq = u64::from_be_bytes([buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7]]);
+                    let mut p = probes.lock().unwrap();
+                    let sent = p.sent.iter().rev().find(|(s, _)| *s == seq).map(|(_, at)| *at);
+                    if let (true, Some(at)) = (from == to, sent) {
+                        p.rtts.insert(seq, now.duration_since(at));
+                    }
+                }
+            })
+        };
+        let sender = {
+            let (stop, probes) = (stop_sending.clone(), probes.clone());
+            std::thread::spawn(move || {
                 let start = Instant::now();
+                let mut seq: u64 = 0;
                 while !stop.load(Ordering::Relaxed) {
                     seq += 1;
-                    let sent = Instant::now();
-                    let msg = seq.to_be_bytes();
-                    let _ = sock.send_to(&msg, to);
-                    let mut got = None;
-                    while sent.elapsed() < Duration::from_secs(1) {
-                        let left = Duration::from_secs(1).saturating_sub(sent.elapsed());
-                        sock.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
-                        match sock.recv_from(&mut buf) {
-                            Ok((8, from)) if from == to && buf[..8] == msg => {
-                                got = Some(sent.elapsed());
-                                break;
-                            }
-                            Ok(_) => continue, // a late echo of an earlier probe
-                            Err(_) => break,
-                        }
-                    }
-                    rtts.lock().unwrap().push(got);
+                    probes.lock().unwrap().sent.push_back((seq, Instant::now()));
+                    let _ = sock.send_to(&seq.to_be_bytes(), to);
                     let next = start + interval * seq as u32;
                     if let Some(wait) = next.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
@@ -112,32 +161,44 @@ impl Prober {
             })
         };
         Prober {
-            stop,
-            rtts,
-            thread: Some(thread),
+            stop_sending,
+            stop_receiving,
+            probes,
+            sender: Some(sender),
+            receiver: Some(receiver),
         }
     }
 
-    /// Forgets what was measured so far.
+    /// What was measured so far, forgetting it (datagrams sent in the last
+    /// second, whose echo may still come, are kept for later).
     pub fn reset(&self) -> Vec<Option<Duration>> {
-        std::mem::take(&mut *self.rtts.lock().unwrap())
+        self.probes.lock().unwrap().take(Duration::from_secs(1))
     }
 
+    /// Stops sending, waits a second for the last echoes, and returns every
+    /// round trip not returned yet.
     pub fn finish(mut self) -> Vec<Option<Duration>> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        self.stop_sending.store(true, Ordering::Relaxed);
+        if let Some(t) = self.sender.take() {
             let _ = t.join();
         }
-        self.reset()
+        std::thread::sleep(Duration::from_secs(1));
+        self.stop();
+        self.probes.lock().unwrap().take(Duration::ZERO)
+    }
+
+    fn stop(&mut self) {
+        self.stop_sending.store(true, Ordering::Relaxed);
+        self.stop_receiving.store(true, Ordering::Relaxed);
+        for t in [self.sender.take(), self.receiver.take()].into_iter().flatten() {
+            let _ = t.join();
+        }
     }
 }
 
 impl Drop for Prober {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }
 

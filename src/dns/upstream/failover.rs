@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use super::health::Standing;
 use super::{UpstreamError, UpstreamGroup};
+use crate::dns::names::printable;
 
 /// A server still silent this long after a later one answered (10 times
 /// faster) counts as timed out.
@@ -126,7 +127,7 @@ impl UpstreamGroup {
                         }
                         Err(Failure::Error(e)) => {
                             server.health.errors.inc();
-                            tracing::debug!(group = %self.name, server = %server.label, error = %e, "upstream failed");
+                            tracing::debug!(group = %self.name, server = %server.label, error = %printable(&e), "upstream failed");
                             if Some(attempt.index) != probe {
                                 next_at = now;
                             }

@@ -23,7 +23,7 @@ mod udp;
 use futures_util::StreamExt;
 use hickory_net::{DnsError, DnsHandle, NetError};
 use hickory_proto::op::{DnsRequest, DnsRequestOptions, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{DNSClass, LowerName, RecordType};
+use hickory_proto::rr::{DNSClass, RecordType};
 use hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverOpts, ServerOrderingStrategy,
 };
@@ -38,6 +38,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use super::names::wire_key;
 use crate::config::dns::{UpstreamGroupConfig, UpstreamProtocol, UpstreamServer};
 use crate::stats::Stats;
 pub use flight::Role;
@@ -83,7 +84,9 @@ struct Server {
 /// upstream (the client's DO/CD bits are not forwarded), so name, type and
 /// class are the whole of what changes the answer; the group is implied by
 /// the map being per group.
-type FlightKey = (LowerName, RecordType, DNSClass);
+/// The name is the cache's key form (lowercased wire format), cheap to
+/// hash and compare.
+type FlightKey = (Box<[u8]>, RecordType, DNSClass);
 type Shared = Result<Arc<Message>, UpstreamError>;
 
 /// A named list of servers answering the same questions.
@@ -169,7 +172,7 @@ impl UpstreamGroup {
     /// SERVFAIL, REFUSED, FORMERR, NOTIMP, timeouts and transport errors
     /// move on to the next server.
     pub async fn resolve_shared(&self, query: &Query, deadline: Instant) -> (Result<Message, UpstreamError>, Role) {
-        let key = (LowerName::new(query.name()), query.query_type(), query.query_class());
+        let key = (wire_key(query.name()), query.query_type(), query.query_class());
         let (shared, role) = self
             .flights
             .run(key, || async { self.race(query, deadline).await.map(Arc::new) })
