@@ -8,7 +8,8 @@ mod lab;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, NS, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use lab::dns::{Dig, FakeUpstream, dig};
+use lab::dns::{Dig, dig};
+use lab::fake_dns::FakeDns;
 use lab::{Daemon, Lab};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -92,6 +93,14 @@ fn soa(zone: &str) -> Record {
     Record::from_rdata(name(zone), 3600, RData::SOA(soa))
 }
 
+/// dnsmasq on the upstream address, authoritative for `example.test`
+/// with `www.example.test A 203.0.113.80`, plus `extra` options.
+fn example_upstream(lab: &Lab, extra: &[&str]) -> lab::dns::Dnsmasq {
+    let mut options = vec!["--host-record=www.example.test,203.0.113.80"];
+    options.extend_from_slice(extra);
+    lab.dnsmasq(0, ip(UPSTREAM), "example.test", &options)
+}
+
 /// Polls until `f` holds (or panics after 5 s with `what`).
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -131,7 +140,7 @@ fn an_escaped_dot_never_shares_a_cache_entry_with_a_label_boundary() {
     drop(_daemon);
     let fake_addr = ip("198.51.100.54");
     lab.add_server_address(0, fake_addr);
-    let fake = FakeUpstream::start(&lab.servers[0], fake_addr, |q| {
+    let fake = FakeDns::scripted(&lab.servers[0], fake_addr, |q| {
         if q.name().num_labels() == 1 {
             response(ResponseCode::NXDomain, vec![], vec![soa(".")], vec![])
         } else {
@@ -149,14 +158,14 @@ fn an_escaped_dot_never_shares_a_cache_entry_with_a_label_boundary() {
     let d = q(&lab, &format!("@{PUBLIC} BANK.test A"));
     assert_eq!(d.status, "NOERROR", "{}", d.raw);
     assert_eq!(d.answer_data(), ["198.51.100.80"]);
-    assert_eq!(fake.times_asked("bank.test."), 1, "{:?}", fake.asked());
-    assert_eq!(fake.times_asked("bank\\.test."), 1, "{:?}", fake.asked());
+    assert_eq!(fake.asked("bank.test."), 1, "{:?}", fake.names());
+    assert_eq!(fake.asked("bank\\.test."), 1, "{:?}", fake.names());
 }
 
 #[test]
 fn records_injected_by_the_upstream_reach_neither_the_client_nor_the_cache() {
     let lab = dns_lab();
-    let fake = FakeUpstream::start(&lab.servers[0], ip(UPSTREAM), |q| {
+    let fake = FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), |q| {
         if q.name() == &name("a.test.") {
             // The real answer with a huge TTL, plus a forged record for
             // another name in every section.
@@ -197,11 +206,11 @@ fn records_injected_by_the_upstream_reach_neither_the_client_nor_the_cache() {
             d.raw
         );
     }
-    assert_eq!(fake.times_asked("a.test."), 1);
+    assert_eq!(fake.asked("a.test."), 1);
     // The cache never learnt the forged bank.test: it is asked upstream.
     let d = q(&lab, &format!("@{LISTEN} bank.test A"));
     assert_eq!(d.answer_data(), ["198.51.100.80"], "{}", d.raw);
-    assert_eq!(fake.times_asked("bank.test."), 1, "{:?}", fake.asked());
+    assert_eq!(fake.asked("bank.test."), 1, "{:?}", fake.names());
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("dns_scrubbed_records"), 3);
 }
@@ -224,7 +233,7 @@ fn cname_chain(zone: &str, n: usize) -> Vec<Record> {
 #[test]
 fn cname_loops_and_chains_over_sixteen_links_get_servfail_and_are_not_cached() {
     let lab = dns_lab();
-    let fake = FakeUpstream::start(&lab.servers[0], ip(UPSTREAM), |q| {
+    let fake = FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), |q| {
         let asked = q.name().to_ascii().to_ascii_lowercase();
         let answers = if asked.ends_with("loop.test.") {
             let mut chain = cname_chain("loop.test.", 3);
@@ -261,9 +270,9 @@ fn cname_loops_and_chains_over_sixteen_links_get_servfail_and_are_not_cached() {
         );
     }
     // Nothing of the broken chains was cached: each query went upstream.
-    assert_eq!(fake.times_asked("c0.loop.test."), 2, "{:?}", fake.asked());
-    assert_eq!(fake.times_asked("c0.long.test."), 2, "{:?}", fake.asked());
-    assert_eq!(fake.times_asked("c0.ok.test."), 1, "{:?}", fake.asked());
+    assert_eq!(fake.asked("c0.loop.test."), 2, "{:?}", fake.names());
+    assert_eq!(fake.asked("c0.long.test."), 2, "{:?}", fake.names());
+    assert_eq!(fake.asked("c0.ok.test."), 1, "{:?}", fake.names());
     daemon.stop();
 }
 
@@ -272,7 +281,7 @@ fn huge_answers_cannot_grow_the_cache_past_max_bytes() {
     let lab = dns_lab();
     // 60 KB of TXT per name: over UDP the fake upstream truncates, so
     // tproxyd fetches it over TCP, as it would from a real server.
-    let fake = FakeUpstream::start(&lab.servers[0], ip(UPSTREAM), |q| {
+    let fake = FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), |q| {
         let strings = vec!["x".repeat(250); 240];
         let rec = Record::from_rdata(q.name().clone(), 3600, RData::TXT(TXT::new(strings)));
         response(ResponseCode::NoError, vec![rec], vec![], vec![])
@@ -306,15 +315,12 @@ fn huge_answers_cannot_grow_the_cache_past_max_bytes() {
     assert!((5..=20).contains(&entries), "{entries} entries of 60 KB in 1 MiB");
     // The newest answer is still cached; the oldest was evicted. (Each miss
     // asks twice: over UDP, truncated, then over TCP.)
-    let (newest, oldest) = (fake.times_asked("big99.test."), fake.times_asked("big0.test."));
+    let (newest, oldest) = (fake.asked("big99.test."), fake.asked("big0.test."));
     for n in ["big99.test", "big0.test"] {
         assert_eq!(q(&lab, &format!("+tcp @{LISTEN} {n} TXT")).status, "NOERROR");
     }
-    assert_eq!(fake.times_asked("big99.test."), newest, "the newest answer was evicted");
-    assert!(
-        fake.times_asked("big0.test.") > oldest,
-        "the oldest answer is still cached"
-    );
+    assert_eq!(fake.asked("big99.test."), newest, "the newest answer was evicted");
+    assert!(fake.asked("big0.test.") > oldest, "the oldest answer is still cached");
     // Memory stays near the budget: 100 answers of 60 KB are 6 MB.
     let pid = _daemon.pid();
     let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -329,12 +335,7 @@ fn huge_answers_cannot_grow_the_cache_past_max_bytes() {
 #[test]
 fn clients_outside_dns_allow_are_refused_on_every_path_and_counted() {
     let lab = dns_lab();
-    let upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &["--host-record=www.example.test,203.0.113.80"],
-    );
+    let upstream = example_upstream(&lab, &[]);
     let daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, ""));
     for server in [LISTEN, PUBLIC] {
         for transport in ["+notcp", "+tcp"] {
@@ -358,12 +359,7 @@ fn clients_outside_dns_allow_are_refused_on_every_path_and_counted() {
 #[test]
 fn zone_transfers_and_chaos_queries_are_refused_locally_never_forwarded() {
     let lab = dns_lab();
-    let upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &["--host-record=www.example.test,203.0.113.80"],
-    );
+    let upstream = example_upstream(&lab, &[]);
     let daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, ""));
     for server in [LISTEN, PUBLIC] {
         for (query, status) in [
@@ -456,12 +452,7 @@ fn a_flood_from_one_client_is_rate_limited_and_the_others_are_not() {
 fn slow_tcp_readers_from_one_client_cannot_starve_the_others() {
     let lab = dns_lab();
     let txt = format!("--txt-record=big.example.test,{}", vec!["y".repeat(240); 4].join(","));
-    let _upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &["--host-record=www.example.test,203.0.113.80", &txt],
-    );
+    let _upstream = example_upstream(&lab, &[&txt]);
     let daemon = lab.start_tproxyd(&config(
         &format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}\ntcp = {{ max_per_client = 8, write_timeout = \"1s\" }}"),
         "",
@@ -521,12 +512,7 @@ fn slow_tcp_readers_from_one_client_cannot_starve_the_others() {
 #[test]
 fn the_cache_survives_a_reload_that_keeps_the_cache_settings() {
     let lab = dns_lab();
-    let upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &["--host-record=www.example.test,203.0.113.80"],
-    );
+    let upstream = example_upstream(&lab, &[]);
     let mut daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, ""));
     let asked = || {
         upstream
@@ -574,15 +560,7 @@ fn the_cache_survives_a_reload_that_keeps_the_cache_settings() {
 #[test]
 fn with_every_upstream_dead_known_names_are_answered_stale_within_two_seconds() {
     let lab = dns_lab();
-    let upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &[
-            "--host-record=www.example.test,203.0.113.80",
-            "--host-record=private.example.test,203.0.113.81",
-        ],
-    );
+    let upstream = example_upstream(&lab, &["--host-record=private.example.test,203.0.113.81"]);
     // Answers expire after a second; private.example.test opts out.
     let opt_out = "[[dns.rules]]\ndomains = [\"private.example.test\"]\naction = \"forward\"\nstale = false\n";
     // With the upstream pending for 3 s, a stale answer can only come from
@@ -636,12 +614,7 @@ fn with_every_upstream_dead_known_names_are_answered_stale_within_two_seconds() 
 #[test]
 fn the_cache_file_outlives_a_restart_and_a_corrupt_one_is_ignored() {
     let lab = dns_lab();
-    let upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &["--host-record=www.example.test,203.0.113.80"],
-    );
+    let upstream = example_upstream(&lab, &[]);
     let file = lab.path("dns-cache");
     let cfg = config(
         &format!("{ALLOW_CLIENT}\ncache = {{ file = \"{}\" }}", file.display()),
@@ -694,12 +667,7 @@ fn the_cache_file_outlives_a_restart_and_a_corrupt_one_is_ignored() {
 #[test]
 fn a_hot_name_is_refreshed_before_it_expires_and_never_misses_again() {
     let lab = dns_lab();
-    let upstream = lab.dnsmasq(
-        0,
-        ip(UPSTREAM),
-        "example.test",
-        &["--host-record=www.example.test,203.0.113.80"],
-    );
+    let upstream = example_upstream(&lab, &[]);
     // Answers live 5 s: prefetch may start in the last 500 ms.
     let daemon = lab.start_tproxyd(&config(&format!("{ALLOW_CLIENT}\ncache = {{ max_ttl = \"5s\" }}"), ""));
     // About 10 queries a second for 13 s: two TTL boundaries and a half.

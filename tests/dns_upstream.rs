@@ -414,12 +414,13 @@ fn formerr_servfail_and_refused_move_on_to_the_next_server() {
         let lab = lab(2);
         let bad = FakeDns::start(&lab.servers[0], upstream(0), Behaviour::rcode(rcode));
         let _ok = FakeDns::start(&lab.servers[0], upstream(1), Behaviour::answer(REAL));
-        let _daemon = start(&lab, &config(&[upstream(0), upstream(1)], "3s", "2s", ""));
+        // The first server's share of the timeout is 10 s, far beyond
+        // dig's 3 s: an answer at all means tproxyd moved on at once,
+        // however loaded the machine.
+        let _daemon = start(&lab, &config(&[upstream(0), upstream(1)], "20s", "10s", ""));
         let d = dig(&lab.client, &format!("@{PUBLIC} www.example.test A"));
         assert_eq!(d.status, "NOERROR", "{rcode}: {}", d.raw);
         assert_eq!(d.answer_data(), [REAL.to_string()], "{rcode}");
-        // Moving on is immediate, not after the 1.5 s share of the timeout.
-        assert!(d.query_ms < 1000, "{rcode}: {} ms", d.query_ms);
         assert_eq!(bad.seen().len(), 1);
         let m = metrics(&lab);
         assert_eq!(server_metric(&m, "errors_total", upstream(0)), 1, "{rcode}");

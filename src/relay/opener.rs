@@ -33,9 +33,9 @@ use super::table::SessionTable;
 use crate::sync::lock;
 
 /// Flows one client may have waiting to be opened.
-pub const WAITING_PER_CLIENT: usize = 2_048;
+pub const WAITING_PER_CLIENT: usize = 8_192;
 /// Flows waiting in all.
-pub const WAITING: usize = 16_384;
+pub const WAITING: usize = 32_768;
 /// Datagrams held for one flow while it waits (its first included).
 pub const HELD_PER_FLOW: usize = 8;
 /// Payload bytes one client may have held.
