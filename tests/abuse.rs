@@ -180,13 +180,18 @@ fn one_socket_to_twenty_thousand_destinations_is_linear_and_stalls_no_one() {
     // The flood queued in front of the other client's flow (in the
     // listener's one queue, while the listener opened flows) cost it
     // 0.2-0.5 s at p99 in a release build on a quiet machine, and in this
-    // test unoptimised at load 7 a p99 of 984 ms with 36 % lost (at that
-    // load the flow pays 40-90 ms now). What the kernel-forwarded control
-    // paid, the machine's load did.
+    // test unoptimised at load 7 p50 57 ms and p99 984 ms with 36 % lost;
+    // at that load the flow now pays p50 2-4 ms and p99 40-90 ms, and up
+    // to 450 ms at p99 with five copies of these tests running at once.
+    // The median is what every datagram behind the flood paid; the p99
+    // bound catches stalls. What the kernel-forwarded control paid, the
+    // machine's load did.
+    let added_p50 = p50.saturating_sub(control_p50);
     let added = p99.saturating_sub(control_p99);
     assert!(
-        added < Duration::from_millis(400),
-        "the other client's p99 RTT was {p99:?}, {added:?} above the kernel-forwarded control's {control_p99:?}"
+        added_p50 < Duration::from_millis(20) && added < Duration::from_secs(1),
+        "the other client's RTT was p50 {p50:?} p99 {p99:?}: {added_p50:?} and {added:?} above the kernel-forwarded \
+         control's {control_p50:?} and {control_p99:?}"
     );
     // About 1 KiB per flow, all included (tasks, sockets' user-space side,
     // table and pool entries); 4 KiB leaves room for allocator slack.
@@ -289,8 +294,20 @@ fn a_flow_flood_under_a_low_descriptor_limit_leaves_room_for_new_clients_and_met
     );
     assert_eq!(answered_scrapes.len(), scrapes.len(), "/metrics did not always answer");
     assert!(open_fds.iter().all(|&n| n < 2048), "descriptors: {open_fds:?}");
-    // The flood really went past the budget, and was met by eviction.
-    assert!(stopped.counter("sessions_evicted_budget") > 10_000, "{}", stopped.log);
+    // The flood really used up the budget, and was met by eviction. (How
+    // many flows it evicted depends on how many the machine let it open:
+    // 500-60,000 seen, the fewest with five copies of these tests at once.)
+    let limit = metric(last, "tproxyd_flow_sockets_limit").unwrap_or(0);
+    let most = answered_scrapes
+        .iter()
+        .filter_map(|m| metric(m, "tproxyd_flow_sockets"))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        limit > 0 && most * 100 >= limit * 99,
+        "the flood used {most} of {limit} flow sockets"
+    );
+    assert!(stopped.counter("sessions_evicted_budget") > 100, "{}", stopped.log);
     // ... and almost never by failing the new flow.
     assert!(
         stopped.counter("drop_fd_budget") * 1000 <= stopped.counter("sessions_opened"),
@@ -534,13 +551,14 @@ fn a_flood_of_64_kb_datagrams_does_not_hold_up_another_clients_flow() {
     // release build and 30 ms in this test unoptimised; every datagram
     // paid it, so the median shows it whatever the machine's load. In a
     // queue of its own, served in turn with the flood's, it waits a turn
-    // or two (under 1-8 ms here at load 5-7). Both compared with the
+    // or two (under 1-8 ms here at load 5-7; p99 up to 460 ms with five
+    // copies of these tests running at once). Both compared with the
     // kernel-forwarded control, which pays the flood's cost on the links
     // and the machine's load; the p99 bound only catches stalls.
     let added_p50 = p50.saturating_sub(control_p50.max(base_p50));
     let added_p99 = p99.saturating_sub(control_p99.max(base_p99));
     assert!(
-        added_p50 < Duration::from_millis(15) && added_p99 < Duration::from_millis(300),
+        added_p50 < Duration::from_millis(15) && added_p99 < Duration::from_secs(1),
         "added p50 {added_p50:?}, p99 {added_p99:?} (flooded p50 {p50:?} p99 {p99:?}, baseline p99 {base_p99:?}, \
          control p50 {control_p50:?} p99 {control_p99:?})"
     );
@@ -640,8 +658,20 @@ fn each_client_socket_queues_in_one_member_of_the_listener_group() {
         for s in &socks {
             s.send_to(b"one", echo.addr).unwrap();
         }
-        std::thread::sleep(Duration::from_millis(200));
-        let queues = listener_queues(&lab);
+        // On a loaded machine the datagrams may take a while to get
+        // through the kernel's backlog, or die there: look until they have
+        // spread, sending again now and then (the same flows).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut queues = listener_queues(&lab);
+        while queues.iter().filter(|&&q| q > 0).count() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(250));
+            queues = listener_queues(&lab);
+            if queues.iter().all(|&q| q == 0) {
+                for s in &socks {
+                    s.send_to(b"one", echo.addr).unwrap();
+                }
+            }
+        }
         let busy = queues.iter().filter(|&&q| q > 0).count();
         assert!(busy >= 2, "all 64 client sockets queued in one socket: {queues:?}");
     }

@@ -124,7 +124,7 @@ pub fn open(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &Arc<RelayContex
             let fresh = fresh.then(|| lease.socket.clone());
             let session = make(Upstream::Pooled(lease));
             if let Upstream::Pooled(lease) = session.upstream() {
-                lease.attach(key.client, &session);
+                lease.attach(&session);
             }
             if let Some(socket) = fresh {
                 ctx.spawn(inbound::read_pool(socket, ctx.clone()));

@@ -17,10 +17,10 @@
 //! first, then a bounded number of random ones; if none fits (free for this
 //! client *and* this remote) a new socket is opened, outside the lock, if
 //! the descriptor budget allows. A pool thus holds about as many sockets as
-//! its busiest client endpoint or destination has flows. A flow costs one
-//! entry in its pool's (client, socket) map and one in its socket's map of
-//! remotes, and nothing else here: its lease is three words and an address
-//! inside the flow.
+//! its busiest client endpoint or destination has flows. A flow costs an
+//! 8-byte fingerprint of (client, socket) in its pool's set and one entry
+//! in its socket's map of remotes, and nothing else here: its lease is two
+//! words and an address inside the flow.
 //!
 //! A flood leaves many sockets behind when its flows end. A socket that
 //! has carried no flow for a grace period is closed
@@ -29,7 +29,8 @@
 //! Pools are kept per (family, mark, device), because interface rules bind
 //! their sockets differently.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
 use std::io;
 use std::net::SocketAddr;
 use std::net::UdpSocket;
@@ -51,6 +52,12 @@ const FREED_KEPT: usize = 4_096;
 
 /// Fast, seeded per process: the keys are addresses a client chooses.
 type Hasher = foldhash::fast::RandomState;
+
+/// What the pool needs to know of a flow on one of its sockets.
+pub trait Occupant {
+    /// The client endpoint the flow belongs to.
+    fn client(&self) -> SocketAddr;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -115,7 +122,10 @@ impl<F> Pools<F> {
         client: SocketAddr,
         remote: SocketAddr,
         last_active: impl Fn(&F) -> u64,
-    ) -> Vec<Arc<F>> {
+    ) -> Vec<Arc<F>>
+    where
+        F: Occupant,
+    {
         let Some(pool) = lock(&self.pools).get(key).cloned() else {
             return Vec::new();
         };
@@ -179,13 +189,22 @@ struct Pool<F> {
 /// The sockets of a pool and which (client, socket) pairs are taken; which
 /// (socket, remote) pairs are taken each socket says.
 ///
+/// The (client, socket) pairs are kept as 64-bit fingerprints: a million
+/// flows' pairs in full (address, id and a pointer to the flow) took about
+/// a hundred bytes a flow with the map's slack. Two pairs with the same
+/// fingerprint cannot both be taken: the second is refused as if taken
+/// (the flow gets another socket), so a collision costs a choice, never a
+/// mapping.
+///
 /// Lock order: a pool's `state`, then a socket's `flows`.
 #[derive(Debug)]
 struct State<F> {
     /// Open sockets, in no order.
     sockets: Vec<Arc<PoolSocket<F>>>,
-    /// (client endpoint, socket id) → the client's flow on that socket.
-    by_client: HashMap<(SocketAddr, u32), Weak<F>, Hasher>,
+    /// Fingerprints of the (client endpoint, socket id) pairs taken.
+    by_client: HashSet<u64, Hasher>,
+    /// Seeds the fingerprints (per pool, so not guessable from outside).
+    fingerprint: Hasher,
     /// Sockets given back lately, newest last; the oldest are forgotten.
     freed: VecDeque<Weak<PoolSocket<F>>>,
     next_id: u32,
@@ -196,15 +215,20 @@ impl<F> State<F> {
     fn new() -> Self {
         State {
             sockets: Vec::new(),
-            by_client: HashMap::with_hasher(Hasher::default()),
+            by_client: HashSet::with_hasher(Hasher::default()),
+            fingerprint: Hasher::default(),
             freed: VecDeque::new(),
             next_id: 0,
             rng: 0x9E37_79B9_7F4A_7C15,
         }
     }
 
+    fn pair(&self, client: SocketAddr, socket: &PoolSocket<F>) -> u64 {
+        self.fingerprint.hash_one((client, socket.id))
+    }
+
     fn fits(&self, socket: &PoolSocket<F>, client: SocketAddr, remote: SocketAddr) -> bool {
-        !self.by_client.contains_key(&(client, socket.id)) && !lock(&socket.flows).map.contains_key(&remote)
+        !self.by_client.contains(&self.pair(client, socket)) && !lock(&socket.flows).map.contains_key(&remote)
     }
 
     /// An open socket free for (`client`, `remote`), in O(1).
@@ -246,25 +270,36 @@ impl<F> State<F> {
 
     /// The flows that keep (`client`, `remote`) off the socket at position
     /// `i`: the client's own flow there and the flow to `remote` there.
-    fn blockers(&self, i: usize, client: SocketAddr, remote: SocketAddr) -> Vec<Arc<F>> {
+    fn blockers(&self, i: usize, client: SocketAddr, remote: SocketAddr) -> Vec<Arc<F>>
+    where
+        F: Occupant,
+    {
         let Some(socket) = self.sockets.get(i) else {
             return Vec::new();
         };
-        let mine = self.by_client.get(&(client, socket.id)).and_then(Weak::upgrade);
-        mine.into_iter().chain(socket.flow(remote)).collect()
+        let flows = lock(&socket.flows);
+        // The client's own flow there: only a fingerprint is kept, so look
+        // for it among the socket's flows (a rare path: the budget is out).
+        let mine = if self.by_client.contains(&self.pair(client, socket)) {
+            flows.map.flows().find(|f| f.client() == client)
+        } else {
+            None
+        };
+        let theirs = flows.map.get(&remote).and_then(Weak::upgrade);
+        mine.into_iter().chain(theirs).collect()
     }
 
     /// Takes (`client`, `remote`) on `socket`; the flow is filled in by
     /// [`Lease::attach`]. Until then the socket counts as in use.
     fn assign(&mut self, socket: &PoolSocket<F>, client: SocketAddr, remote: SocketAddr) {
-        self.by_client.insert((client, socket.id), Weak::new());
+        self.by_client.insert(self.pair(client, socket));
         let mut flows = lock(&socket.flows);
         flows.map.insert(remote, Weak::new());
         flows.idle_since = None;
     }
 
     fn give_back(&mut self, socket: &Arc<PoolSocket<F>>, client: SocketAddr, remote: SocketAddr) {
-        self.by_client.remove(&(client, socket.id));
+        self.by_client.remove(&self.pair(client, socket));
         {
             let mut flows = lock(&socket.flows);
             flows.map.remove(&remote);
@@ -324,7 +359,7 @@ impl<F> Pool<F> {
             socket: std,
             id,
             flows: Mutex::new(Flows {
-                map: HashMap::with_hasher(Hasher::default()),
+                map: Remotes::None,
                 idle_since: None,
             }),
             retired: AtomicBool::new(false),
@@ -348,8 +383,80 @@ impl<F> Pool<F> {
 #[derive(Debug)]
 struct Flows<F> {
     /// Remote → its flow on this socket.
-    map: HashMap<SocketAddr, Weak<F>, Hasher>,
+    map: Remotes<F>,
     idle_since: Option<Instant>,
+}
+
+/// A socket's flows by remote. Most sockets of a pool that grew for one
+/// busy client endpoint carry a single flow each: that one is kept inline,
+/// a map (about 190 bytes for its first entry) only from the second on.
+#[derive(Debug)]
+enum Remotes<F> {
+    None,
+    One(SocketAddr, Weak<F>),
+    Many(HashMap<SocketAddr, Weak<F>, Hasher>),
+}
+
+impl<F> Remotes<F> {
+    fn get(&self, remote: &SocketAddr) -> Option<&Weak<F>> {
+        match self {
+            Remotes::None => None,
+            Remotes::One(r, f) => (r == remote).then_some(f),
+            Remotes::Many(m) => m.get(remote),
+        }
+    }
+
+    fn contains_key(&self, remote: &SocketAddr) -> bool {
+        self.get(remote).is_some()
+    }
+
+    fn insert(&mut self, remote: SocketAddr, flow: Weak<F>) {
+        match self {
+            Remotes::None => *self = Remotes::One(remote, flow),
+            Remotes::One(r, f) if *r == remote => *f = flow,
+            Remotes::One(..) => {
+                let Remotes::One(r, f) = std::mem::replace(self, Remotes::None) else {
+                    return;
+                };
+                let mut m = HashMap::with_capacity_and_hasher(2, Hasher::default());
+                m.insert(r, f);
+                m.insert(remote, flow);
+                *self = Remotes::Many(m);
+            }
+            Remotes::Many(m) => {
+                m.insert(remote, flow);
+            }
+        }
+    }
+
+    fn remove(&mut self, remote: &SocketAddr) {
+        match self {
+            Remotes::One(r, _) if r == remote => *self = Remotes::None,
+            Remotes::Many(m) => {
+                m.remove(remote);
+                if m.is_empty() {
+                    *self = Remotes::None;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Remotes::None)
+    }
+
+    /// The live flows.
+    fn flows(&self) -> impl Iterator<Item = Arc<F>> + '_ {
+        let (one, many) = match self {
+            Remotes::None => (None, None),
+            Remotes::One(_, f) => (Some(f), None),
+            Remotes::Many(m) => (None, Some(m.values())),
+        };
+        one.into_iter()
+            .chain(many.into_iter().flatten())
+            .filter_map(Weak::upgrade)
+    }
 }
 
 /// One shared upstream socket and the flows it carries, by remote.
@@ -391,13 +498,8 @@ pub struct Lease<F> {
 }
 
 impl<F> Lease<F> {
-    /// Routes the socket's datagrams from the lease's remote to `flow`, the
-    /// flow of `client`.
-    pub fn attach(&self, client: SocketAddr, flow: &Arc<F>) {
-        let mut state = lock(&self.pool.state);
-        if let Some(mine) = state.by_client.get_mut(&(client, self.socket.id)) {
-            *mine = Arc::downgrade(flow);
-        }
+    /// Routes the socket's datagrams from the lease's remote to `flow`.
+    pub fn attach(&self, flow: &Arc<F>) {
         lock(&self.socket.flows).map.insert(self.remote, Arc::downgrade(flow));
     }
 
@@ -454,6 +556,29 @@ mod tests {
         let state = lock(&a.pool.state);
         assert!(state.by_client.is_empty());
         assert!(state.sockets.iter().all(|s| lock(&s.flows).map.is_empty()));
+    }
+
+    #[test]
+    fn a_sockets_remotes_go_from_one_inline_to_a_map_and_back() {
+        let flows: Vec<Arc<u32>> = (0..3).map(Arc::new).collect();
+        let r = |i: u16| sa(&format!("198.51.100.7:{}", 7000 + i));
+        let mut m: Remotes<u32> = Remotes::None;
+        m.insert(r(0), Arc::downgrade(&flows[0]));
+        assert!(matches!(m, Remotes::One(..)));
+        m.insert(r(1), Arc::downgrade(&flows[1]));
+        m.insert(r(2), Arc::downgrade(&flows[2]));
+        assert!(matches!(m, Remotes::Many(..)));
+        assert_eq!(m.get(&r(1)).and_then(Weak::upgrade).as_deref(), Some(&1));
+        assert_eq!(m.flows().count(), 3);
+        for i in [0, 2, 1] {
+            assert!(!m.is_empty());
+            m.remove(&r(i));
+            assert!(!m.contains_key(&r(i)));
+        }
+        assert!(m.is_empty());
+        m.insert(r(2), Arc::downgrade(&flows[2]));
+        m.remove(&r(0)); // not there: nothing happens
+        assert_eq!(m.flows().count(), 1);
     }
 
     #[test]

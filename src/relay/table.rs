@@ -292,7 +292,7 @@ impl SessionTable {
             let mut keys = Vec::new();
             for (key, entry) in client.flows.iter().rev() {
                 let idle = entry.session.idle_for(now_ms);
-                if idle >= entry.session.idle_ms {
+                if idle >= entry.session.idle_ms() {
                     keys.push(*key);
                 } else if idle < min_idle_ms {
                     break;
