@@ -143,6 +143,7 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
             tracing::info!(rules = engine.rules().len(), groups = engine.groups().len(), ports = ?dns.ports, "DNS engine ready");
             // Sets are created now, while privileged.
             let feed = Arc::new(DomainFeed::new(dns, stats.clone())?);
+            feed.follow(&config);
             engine.set_feed(feed.clone());
             (Some(engine), Some(feed))
         }
