@@ -28,6 +28,8 @@
 //! e.g. with `trace -s` for system call counts). `BENCH_DNS_WRAP` starts
 //! tproxyd behind a wrapper; with `valgrind --tool=callgrind
 //! --instr-atstart=no` only the peak runs are counted, one dump each.
+//! `BENCH_DNS_CONFIG` adds top-level config to tproxyd's (a relay domain
+//! rule, for the miss with the name map filled).
 
 use crate::Options;
 use crate::lab::Lab;
@@ -146,7 +148,10 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
     let unbound_pid = unbound(&lab, &log);
     let wrap = std::env::var("BENCH_DNS_WRAP").unwrap_or_default();
     let wrapper: Vec<&str> = wrap.split_whitespace().collect();
-    let daemon = setup::tproxyd(&lab, &wrapper, "");
+    // Top-level config for tproxyd, e.g. a `[[relay.rules]]` domain rule
+    // so that every answer also goes into the name map.
+    let extra = std::env::var("BENCH_DNS_CONFIG").unwrap_or_default();
+    let daemon = setup::tproxyd(&lab, &wrapper, &extra);
     let pid_of = |system: &str| match system {
         "dnsmasq" => dnsmasq_pid,
         "dnsdist" => dnsdist_pid,

@@ -31,6 +31,8 @@ impl Sources {
     /// `/names?client=IP&dst=IP`: the names tproxyd's DNS answered that
     /// client with that address, one per line (what `tproxyd explain
     /// --dst` shows). Read only: asking does not keep the entry alive.
+    /// Answers are recorded only while a relay rule matches by domain, so
+    /// without one this is always empty.
     fn names(&self, path: &[u8]) -> Option<String> {
         let query = std::str::from_utf8(path).ok()?.strip_prefix("/names?")?;
         let mut client = None;

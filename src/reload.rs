@@ -105,6 +105,7 @@ impl Reloader {
             }
             if let (Some(feed), Some(dns)) = (service.engine().feed(), config.dns()) {
                 feed.ensure_sets(dns);
+                feed.follow(&config);
             }
             service.replace_engine(engine);
         }

@@ -36,6 +36,11 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "cannot listen on {addr} ({what}): another process already holds this address (another tproxyd, or \
+         any program bound to the port); tproxyd does not share its listening ports, stop the other one first"
+    )]
+    AddressTaken { addr: SocketAddr, what: &'static str },
     #[error("DNS: {0}")]
     Dns(#[from] DnsBuildError),
     #[error("DNS nftables sets: {0} (tproxyd needs CAP_NET_ADMIN and nf_tables)")]
@@ -96,6 +101,21 @@ fn listen_error(addr: SocketAddr, what: &'static str) -> impl FnOnce(io::Error) 
     move |source| ServerError::Listen { addr, what, source }
 }
 
+/// Fails the start when another socket already holds UDP `addr`: the
+/// listening sockets set `SO_REUSEADDR` (and the relay's `SO_REUSEPORT`),
+/// so binding them would silently share the traffic with it. (TCP needs no
+/// check: a second listener on a listening port is refused by the kernel.)
+fn refuse_if_taken(addr: SocketAddr, transparent: bool, what: &'static str) -> Result<(), ServerError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    match sockets::address_taken(addr, transparent) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(ServerError::AddressTaken { addr, what }),
+        Err(source) => Err(ServerError::Listen { addr, what, source }),
+    }
+}
+
 /// The listening sockets of one relay address: `listener_sockets` members
 /// of one `SO_REUSEPORT` group, all on the port the first one got.
 fn relay_group(addr: SocketAddr, relay: &crate::config::RelayConfig) -> io::Result<Vec<std::net::UdpSocket>> {
@@ -123,6 +143,7 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
             tracing::info!(rules = engine.rules().len(), groups = engine.groups().len(), ports = ?dns.ports, "DNS engine ready");
             // Sets are created now, while privileged.
             let feed = Arc::new(DomainFeed::new(dns, stats.clone())?);
+            feed.follow(&config);
             engine.set_feed(feed.clone());
             (Some(engine), Some(feed))
         }
@@ -140,6 +161,16 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
         pid_file: None,
         config,
     };
+    // Every address is checked before any is bound, so our own sockets
+    // never trip the check (reloads keep the sockets and bind nothing).
+    for &addr in &p.config.relay.listen.0 {
+        refuse_if_taken(addr, true, "relay, transparent UDP")?;
+    }
+    if let Some(dns) = p.config.dns() {
+        for &addr in &dns.listen {
+            refuse_if_taken(addr, false, "DNS, UDP")?;
+        }
+    }
     for &addr in &p.config.relay.listen.0 {
         p.relay
             .push(relay_group(addr, &p.config.relay).map_err(listen_error(addr, "relay, transparent UDP"))?);

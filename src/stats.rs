@@ -149,7 +149,8 @@ counters! {
     dns_cache_misses => "dns_cache_misses_total";
     /// DNS queries sent to an upstream group.
     dns_forwarded => "dns_queries_by_action_total", "action=\"forward\"";
-    /// DNS queries answered SERVFAIL because no upstream answered.
+    /// DNS queries answered SERVFAIL because no upstream answered, or the
+    /// answer's CNAME chain loops or runs too long.
     dns_servfail => "dns_upstream_failures_total";
     /// DNS answers truncated (TC=1) to fit the client's UDP size.
     dns_truncated => "dns_truncated_total";

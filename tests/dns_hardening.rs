@@ -251,7 +251,8 @@ fn cname_loops_and_chains_over_sixteen_links_get_servfail_and_are_not_cached() {
         };
         response(ResponseCode::NoError, answers, vec![], vec![])
     });
-    let daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, ""));
+    let admin: SocketAddr = "127.0.0.1:9153".parse().unwrap();
+    let daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, &format!("[admin]\nlisten = \"{admin}\"")));
     for _ in 0..2 {
         for broken in ["c0.loop.test", "c0.long.test"] {
             let d = q(&lab, &format!("@{PUBLIC} {broken} A"));
@@ -273,6 +274,19 @@ fn cname_loops_and_chains_over_sixteen_links_get_servfail_and_are_not_cached() {
     assert_eq!(fake.asked("c0.loop.test."), 2, "{:?}", fake.names());
     assert_eq!(fake.asked("c0.long.test."), 2, "{:?}", fake.names());
     assert_eq!(fake.asked("c0.ok.test."), 1, "{:?}", fake.names());
+    // Each of the four SERVFAILs is counted as an upstream failure.
+    let metrics = lab.gateway.enter(move || {
+        let mut s = TcpStream::connect(admin).expect("admin endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    let failures = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tproxyd_dns_upstream_failures_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(failures, Some(4), "{metrics}");
     daemon.stop();
 }
 

@@ -97,6 +97,10 @@ fn forwarded_cached_and_local_answers_fill_the_sets_with_ttl_plus_grace() {
         r#"
 [dns.names]
 grace = "60s"
+# The name map is kept only for relay rules that match by domain.
+[[relay.rules]]
+domains = ["*.game.example"]
+action = "direct"
 [[dns.rules]]
 domains = ["lan.game.example"]
 action = "answer"
@@ -161,6 +165,9 @@ fn entries_expire_from_the_set_and_the_map() {
         r#"
 [dns.names]
 grace = "1s"
+[[relay.rules]]
+domains = ["brief.game.example"]
+action = "direct"
 [[dns.rules]]
 domains = ["brief.game.example"]
 action = "answer"
@@ -251,7 +258,8 @@ fn doctor_asks_the_kernel_about_the_sets_and_changes_nothing() {
 #[test]
 fn a_reload_creates_new_sets_and_keeps_the_map() {
     let l = DomainLab::new();
-    let rules = "[[dns.rules]]\ndomains = [\"*.game.example\"]\naction = \"forward\"\nnft_set = \"game\"\n";
+    let rules = "[[relay.rules]]\ndomains = [\"*.game.example\"]\naction = \"direct\"\n\
+                 [[dns.rules]]\ndomains = [\"*.game.example\"]\naction = \"forward\"\nnft_set = \"game\"\n";
     let mut daemon = l.start(rules);
     let d = dig(&l.lab.client, &format!("@{PUBLIC} eu.game.example A"));
     assert_eq!(d.answer_data(), vec!["203.0.113.80"], "{}", d.raw);

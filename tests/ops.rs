@@ -502,3 +502,99 @@ fn a_pid_file_that_cannot_be_written_stops_the_start_with_what_to_do() {
     assert!(stderr.contains("pid_file = \"/run/tproxyd/tproxyd.pid\""), "{stderr}");
     assert!(stderr.contains("RuntimeDirectory=tproxyd"), "{stderr}");
 }
+
+/// A relay-and-DNS config whose DNS server also listens on the gateway's
+/// LAN address.
+fn exclusive_config() -> String {
+    config("192.0.2.50", "drop", "").replace(
+        "[dns.upstreams.default]",
+        "listen = [\"192.0.2.1:5353\"]\n[dns.upstreams.default]",
+    )
+}
+
+/// Runs a second tproxyd with `config` to its end (killed after 20 s: a
+/// daemon that starts anyway would otherwise serve forever).
+fn run_to_exit(lab: &Lab, name: &str, config: &str) -> (Option<i32>, String) {
+    let path = lab.path(name);
+    std::fs::write(&path, config).unwrap();
+    let out = lab
+        .gateway
+        .command("timeout")
+        .args(["20", env!("CARGO_BIN_EXE_tproxyd"), "--config", path.to_str().unwrap()])
+        .output()
+        .expect("running tproxyd");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A plain UDP socket in the gateway bound to `addr` with `SO_REUSEADDR`,
+/// and `SO_REUSEPORT` when `reuse_port`: what a careless program would open.
+fn sharing_socket(lab: &Lab, addr: SocketAddr, reuse_port: bool) -> std::net::UdpSocket {
+    lab.gateway.enter(move || {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, None).unwrap();
+        if addr.is_ipv6() {
+            s.set_only_v6(true).unwrap();
+        }
+        s.set_reuse_address(true).unwrap();
+        s.set_reuse_port(reuse_port).unwrap();
+        s.bind(&addr.into()).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        s.into()
+    })
+}
+
+fn assert_refused(code: Option<i32>, stderr: &str, addr: &str, what: &str) {
+    assert!(
+        code.is_some_and(|c| c != 0 && c != 124),
+        "exit {code:?}, expected a refused start:\n{stderr}"
+    );
+    let expected = format!("cannot listen on {addr} ({what}): another process already holds this address");
+    assert!(stderr.contains(&expected), "no {expected:?} in:\n{stderr}");
+}
+
+#[test]
+fn a_listen_address_held_by_another_socket_is_refused_not_shared() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let config = exclusive_config();
+
+    // A program holding the relay port in a SO_REUSEPORT group of its own:
+    // tproxyd would join it and lose part of the traffic to it.
+    let squatter = sharing_socket(&lab, "0.0.0.0:15353".parse().unwrap(), true);
+    let (code, stderr) = run_to_exit(&lab, "squatted-relay.toml", &config);
+    assert_refused(code, &stderr, "0.0.0.0:15353", "relay, transparent UDP");
+    drop(squatter);
+    // The IPv6 listener is checked on its own (both sides are v6-only).
+    let squatter = sharing_socket(&lab, "[::]:15353".parse().unwrap(), true);
+    let (code, stderr) = run_to_exit(&lab, "squatted-relay6.toml", &config);
+    assert_refused(code, &stderr, "[::]:15353", "relay, transparent UDP");
+    drop(squatter);
+    // Plain SO_REUSEADDR is enough for two UDP sockets to share a port.
+    let squatter = sharing_socket(&lab, "192.0.2.1:5353".parse().unwrap(), false);
+    let (code, stderr) = run_to_exit(&lab, "squatted-dns.toml", &config);
+    assert_refused(code, &stderr, "192.0.2.1:5353", "DNS, UDP");
+    drop(squatter);
+
+    // A second tproxyd with the same config must not join the first one.
+    let first = lab.start_tproxyd(&config);
+    let (code, stderr) = run_to_exit(&lab, "second.toml", &config);
+    assert_refused(code, &stderr, "0.0.0.0:15353", "relay, transparent UDP");
+
+    // The first one still has every socket: flows from many client ports
+    // (spread over the whole group) all come back, all relayed by it.
+    const FLOWS: u16 = 64;
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    for i in 0..FLOWS {
+        let flow = socket(&lab.client, client4(41000 + i));
+        let payload = format!("flow {i}");
+        let (from, reply) = exchange(&flow, echo.addr, payload.as_bytes());
+        assert_eq!((from, reply), (echo.addr, payload.into_bytes()));
+    }
+    let answer = dig(&lab.client, "@192.0.2.1 -p 5353 printer.lan");
+    assert_eq!(answer.status, "NOERROR");
+    assert_eq!(
+        answer.answers.iter().map(|a| a.3.as_str()).collect::<Vec<_>>(),
+        ["192.0.2.50"]
+    );
+    let stopped = first.stop();
+    assert_eq!(stopped.counter("sessions_opened"), u64::from(FLOWS), "{}", stopped.log);
+}

@@ -579,6 +579,9 @@ impl DnsEngine {
             // No answer at the end of the chain: SERVFAIL, and nothing
             // cached, so the next query asks again (a loop is often a
             // zone being fixed).
+            // Counted with the other upstream failures: the upstream
+            // answered, but nothing usable.
+            self.stats.dns_servfail.inc();
             tracing::debug!(name = %request.key, ?broken, "CNAME chain loops or is too long");
             return message::response(request, ResponseCode::ServFail, self.max_udp_payload);
         }

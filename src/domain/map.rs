@@ -35,7 +35,47 @@ type Key = (IpAddr, IpAddr);
 #[derive(Debug)]
 struct Chain {
     names: Box<[Name]>,
+    /// Hash of the queried name (`names[0]`): when many names answer the
+    /// same address (a CDN edge), an insert tells them apart by this
+    /// instead of comparing names label by label.
+    head: u64,
+    /// What `names` counts against `max_bytes`, computed once.
+    bytes: usize,
     expires: Instant,
+}
+
+impl Chain {
+    fn new(names: &[Name], head: u64, expires: Instant) -> Chain {
+        Chain {
+            names: names.into(),
+            head,
+            bytes: chain_bytes(names),
+            expires,
+        }
+    }
+}
+
+fn chain_bytes(names: &[Name]) -> usize {
+    std::mem::size_of::<Chain>()
+        + names
+            .iter()
+            .map(|n| std::mem::size_of::<Name>() + n.len())
+            .sum::<usize>()
+}
+
+/// A fixed hash of a (lowercase) name's labels. Fixed, not seeded: it only
+/// narrows compares inside one entry and is never a table index an outsider
+/// could aim at.
+fn head_hash(name: Option<&Name>) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = foldhash::fast::FixedState::default().build_hasher();
+    if let Some(name) = name {
+        for label in name.iter() {
+            h.write_u8(label.len() as u8);
+            h.write(label);
+        }
+    }
+    h.finish()
 }
 
 #[derive(Debug, Default)]
@@ -45,30 +85,26 @@ struct Entry {
 
 impl Entry {
     fn bytes(&self) -> usize {
-        ENTRY_OVERHEAD
-            + self
-                .chains
-                .iter()
-                .map(|c| {
-                    std::mem::size_of::<Chain>()
-                        + c.names
-                            .iter()
-                            .map(|n| std::mem::size_of::<Name>() + n.len())
-                            .sum::<usize>()
-                })
-                .sum::<usize>()
+        ENTRY_OVERHEAD + self.chains.iter().map(|c| c.bytes).sum::<usize>()
     }
 
-    fn remember(&mut self, chain: &[Name], expires: Instant) {
-        if let Some(c) = self.chains.iter_mut().find(|c| c.names.first() == chain.first()) {
+    /// `chain`'s names are lowercase (see [`Resolution`]), so a hash match
+    /// is confirmed by a case-sensitive compare, the cheaper one.
+    fn remember(&mut self, chain: &[Name], head: u64, expires: Instant) {
+        let first = chain.first();
+        if let Some(c) = self.chains.iter_mut().find(|c| {
+            c.head == head
+                && match (c.names.first(), first) {
+                    (Some(a), Some(b)) => a.eq_case(b),
+                    (a, b) => a.is_none() && b.is_none(),
+                }
+        }) {
             c.names = chain.into();
+            c.bytes = chain_bytes(chain);
             c.expires = c.expires.max(expires);
             return;
         }
-        let chain = Chain {
-            names: chain.into(),
-            expires,
-        };
+        let chain = Chain::new(chain, head, expires);
         if self.chains.len() < MAX_CHAINS {
             self.chains.push(chain);
         } else if let Some(soonest) = self.chains.iter_mut().min_by_key(|c| c.expires) {
@@ -123,6 +159,7 @@ impl NameMap {
             return;
         }
         let client = canonical(client);
+        let head = head_hash(res.chain.first());
         let mut inner = self.lock();
         for &(ip, ttl) in &res.addrs {
             let expires = now + Duration::from_secs(u64::from(ttl)) + grace;
@@ -131,7 +168,7 @@ impl NameMap {
             let counted = inner.entries.contains(&key);
             let entry = inner.entries.get_or_insert_mut(key, Entry::default);
             let before = if counted { entry.bytes() } else { 0 };
-            entry.remember(&res.chain, expires);
+            entry.remember(&res.chain, head, expires);
             inner.bytes = inner.bytes + entry.bytes() - before;
         }
         while inner.entries.len() > self.limits.max_entries || inner.bytes > self.limits.max_bytes {
@@ -200,6 +237,13 @@ impl NameMap {
         }
         inner.bytes = inner.bytes.saturating_sub(freed);
         dead.len()
+    }
+
+    /// Forgets every entry (the last domain rule went away).
+    pub fn clear(&self) {
+        let mut inner = self.lock();
+        inner.entries.clear();
+        inner.bytes = 0;
     }
 
     /// Entries held.

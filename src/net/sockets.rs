@@ -83,6 +83,28 @@ pub fn transparent_listener(addr: SocketAddr, buffer: usize, group: bool) -> io:
     Ok(sock.into())
 }
 
+/// Whether another socket already holds `addr`: binds a throw-away socket
+/// there *without* `SO_REUSEADDR` / `SO_REUSEPORT` (transparent like the
+/// listener when `transparent`) and closes it again.
+///
+/// The listeners themselves set both options, and the kernel lets any
+/// socket of the same user that sets them too share the port: a second
+/// tproxyd, or tproxyd joining someone else's group, would then take part
+/// of the traffic with no error anywhere. A socket without the options
+/// conflicts with every existing binding of the port (a wildcard included),
+/// so this finds them. `Ok(false)` means free; other errors are returned.
+pub fn address_taken(addr: SocketAddr, transparent: bool) -> io::Result<bool> {
+    let sock = udp_socket(addr)?;
+    if transparent {
+        set_transparent(&sock, addr.is_ipv6())?;
+    }
+    match sock.bind(&addr.into()) {
+        Ok(()) => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
 /// A marked, unconnected socket bound to `local`.
 pub fn marked_udp(local: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let sock = udp_socket(local)?;
