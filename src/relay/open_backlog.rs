@@ -1,0 +1,387 @@
+//! Opening new flows off the listener's path.
+//!
+//! Opening a flow costs system calls (a socket, its options, a bind, a
+//! connect), a reader task and table work: tens of microseconds, where
+//! relaying a datagram of an established flow costs one or two. Done inside
+//! the listener, a burst of new flows from one client (a P2P client talking
+//! to thousands of peers, a compromised device spraying flows) would keep
+//! the listener from reading, and every other client's datagrams would wait
+//! in the kernel's receive queue behind the burst. So the listener only
+//! files the first datagram of a new flow here and goes on reading; opener
+//! tasks owned by the relay open the flows.
+//!
+//! Waiting flows are kept per client and taken round-robin, so one client's
+//! burst delays another client's new flow by one opener round at most, not
+//! by the whole burst. Everything here is bounded: flows waiting per client
+//! and in all, bytes held per client and in all, datagrams held per flow.
+//! Past a bound the datagram is dropped and counted (`open_backlog`), as a
+//! full receive queue would have dropped it, but only the client that
+//! filled its share loses.
+//!
+//! Datagrams that arrive for a flow while it is being opened are held with
+//! it and sent, in order, before the flow becomes visible in the table.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Notify;
+
+use super::key::{ClientId, FlowKey};
+use super::rules::{UdpRule, UdpRules};
+use super::session::Session;
+use super::table::SessionTable;
+use crate::sync::lock;
+
+/// Flows one client may have waiting to be opened.
+pub const WAITING_PER_CLIENT: usize = 8_192;
+/// Flows waiting in all.
+pub const WAITING: usize = 32_768;
+/// Datagrams held for one flow while it waits (its first included).
+pub const HELD_PER_FLOW: usize = 8;
+/// Payload bytes one client may have held.
+pub const BYTES_PER_CLIENT: usize = 2 << 20;
+/// Payload bytes held in all.
+pub const BYTES: usize = 16 << 20;
+/// Flows one opener task opens before other tasks get the thread.
+pub const OPENS_PER_ROUND: usize = 32;
+
+/// A datagram held for a flow that is being opened.
+#[derive(Debug)]
+pub struct Held {
+    pub dst: SocketAddr,
+    pub tos: Option<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// A flow to open, as the opener tasks get it.
+#[derive(Debug)]
+pub struct Job {
+    pub key: FlowKey,
+    pub dst: SocketAddr,
+    /// The rules the flow was decided by (a reload does not change it).
+    pub rules: Arc<UdpRules>,
+    pub rule: usize,
+}
+
+impl Job {
+    /// The rule that decided the flow.
+    pub fn rule(&self) -> &UdpRule {
+        self.rules.numbered(self.rule)
+    }
+}
+
+/// What became of a datagram for a flow that is not in the table.
+#[derive(Debug)]
+pub enum Filed {
+    /// The flow is open after all (opened meanwhile): send it there.
+    Open(Arc<Session>),
+    /// A new flow, filed with its first datagram: wake an opener.
+    Queued,
+    /// Held with its flow, which is waiting or being opened.
+    Held,
+    /// The client may open no more flows now (its token bucket).
+    RateLimited,
+    /// Over a bound of the backlog: dropped.
+    Full,
+}
+
+#[derive(Debug)]
+struct Pending {
+    rules: Arc<UdpRules>,
+    rule: usize,
+    dst: SocketAddr,
+    held: Vec<Held>,
+    bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    /// Flows not yet taken by an opener, oldest first.
+    keys: VecDeque<FlowKey>,
+    /// Payload bytes held for this client's flows (waiting or opening).
+    bytes: usize,
+    /// Flows waiting or being opened.
+    flows: usize,
+}
+
+#[derive(Debug, Default)]
+struct Backlog {
+    /// Flows waiting or being opened, with what is held for them.
+    flows: HashMap<FlowKey, Pending>,
+    clients: HashMap<ClientId, Waiting>,
+    /// Clients with flows not yet taken, in turn order.
+    turns: VecDeque<ClientId>,
+    /// Flows not yet taken.
+    waiting: usize,
+    bytes: usize,
+}
+
+/// The new flows waiting to be opened, and the signal that wakes openers.
+#[derive(Debug, Default)]
+pub struct Opener {
+    backlog: Mutex<Backlog>,
+    ready: Notify,
+}
+
+impl Opener {
+    pub fn new() -> Self {
+        Opener::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Backlog> {
+        lock(&self.backlog)
+    }
+
+    /// Files a datagram of the flow `key`, which the listener did not find
+    /// in `table`. A new flow is admitted by its client's token bucket
+    /// (`admit`) and filed under the rule that decided it (`rule`, asked
+    /// only then).
+    pub fn file(
+        &self,
+        table: &SessionTable,
+        key: FlowKey,
+        held: Held,
+        admit: impl FnOnce() -> bool,
+        rule: impl FnOnce() -> (Arc<UdpRules>, usize),
+    ) -> Filed {
+        let len = held.payload.len();
+        let owner = key.owner();
+        let mut b = self.lock();
+        let b = &mut *b;
+        if let Some(p) = b.flows.get_mut(&key) {
+            let client = b.clients.entry(owner).or_default();
+            if p.held.len() >= HELD_PER_FLOW || client.bytes + len > BYTES_PER_CLIENT || b.bytes + len > BYTES {
+                return Filed::Full;
+            }
+            p.held.push(held);
+            p.bytes += len;
+            client.bytes += len;
+            b.bytes += len;
+            return Filed::Held;
+        }
+        // Checked under the backlog's lock: an opener files a flow in the
+        // table under it too, so a datagram is either held (and sent by the
+        // opener, in order) or finds the flow here.
+        if let Some(session) = table.get(&key) {
+            return Filed::Open(session);
+        }
+        let client = b.clients.entry(owner).or_default();
+        if client.keys.len() >= WAITING_PER_CLIENT
+            || b.waiting >= WAITING
+            || client.bytes + len > BYTES_PER_CLIENT
+            || b.bytes + len > BYTES
+        {
+            if client.flows == 0 {
+                b.clients.remove(&owner);
+            }
+            return Filed::Full;
+        }
+        if !admit() {
+            if client.flows == 0 {
+                b.clients.remove(&owner);
+            }
+            return Filed::RateLimited;
+        }
+        let (rules, rule) = rule();
+        if client.keys.is_empty() {
+            b.turns.push_back(owner);
+        }
+        client.keys.push_back(key);
+        client.flows += 1;
+        client.bytes += len;
+        b.waiting += 1;
+        b.bytes += len;
+        b.flows.insert(
+            key,
+            Pending {
+                rules,
+                rule,
+                dst: held.dst,
+                held: vec![held],
+                bytes: len,
+            },
+        );
+        Filed::Queued
+    }
+
+    /// Wakes an opener (after filing new flows).
+    pub fn wake(&self) {
+        self.ready.notify_one();
+    }
+
+    /// Waits until [`Opener::wake`] was called since the last wait ended.
+    pub async fn woken(&self) {
+        self.ready.notified().await;
+    }
+
+    /// Up to `max` flows to open, one per client in turn. They stay filed
+    /// (their datagrams are held) until [`Opener::complete`].
+    pub fn take(&self, max: usize) -> Vec<Job> {
+        let mut b = self.lock();
+        let b = &mut *b;
+        let mut jobs = Vec::new();
+        while jobs.len() < max {
+            let Some(owner) = b.turns.pop_front() else { break };
+            let Some(client) = b.clients.get_mut(&owner) else {
+                continue;
+            };
+            let Some(key) = client.keys.pop_front() else {
+                continue;
+            };
+            if !client.keys.is_empty() {
+                b.turns.push_back(owner);
+            }
+            b.waiting -= 1;
+            if let Some(p) = b.flows.get(&key) {
+                jobs.push(Job {
+                    key,
+                    dst: p.dst,
+                    rules: p.rules.clone(),
+                    rule: p.rule,
+                });
+            }
+        }
+        jobs
+    }
+
+    /// Whether flows are waiting to be taken.
+    pub fn has_waiting(&self) -> bool {
+        self.lock().waiting > 0
+    }
+
+    /// Ends the opening of `key`: hands its held datagrams to `finish`,
+    /// which sends them and files the flow in the table (or drops them if
+    /// the flow could not be opened), all under the backlog's lock so no
+    /// later datagram of the flow can overtake them.
+    pub fn complete<R>(&self, key: &FlowKey, finish: impl FnOnce(Vec<Held>) -> R) -> R {
+        let mut b = self.lock();
+        let b = &mut *b;
+        let held = match b.flows.remove(key) {
+            Some(p) => {
+                b.bytes -= p.bytes;
+                let owner = key.owner();
+                if let Some(client) = b.clients.get_mut(&owner) {
+                    client.bytes -= p.bytes;
+                    client.flows -= 1;
+                    if client.flows == 0 {
+                        b.clients.remove(&owner);
+                    }
+                }
+                p.held
+            }
+            None => Vec::new(),
+        };
+        finish(held)
+    }
+
+    /// Flows waiting or being opened, and the bytes held for them.
+    pub fn backlog(&self) -> (usize, usize) {
+        let b = self.lock();
+        (b.flows.len(), b.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RelayConfig;
+    use crate::relay::table::Limits;
+
+    fn rules() -> Arc<UdpRules> {
+        Arc::new(UdpRules::new(&RelayConfig::default(), 0xff))
+    }
+
+    fn key(client: &str, port: u16) -> FlowKey {
+        let dst: SocketAddr = ([198, 51, 100, 7], port).into();
+        FlowKey::new(SocketAddr::new(client.parse().unwrap(), 5000), dst, rules().numbered(0))
+    }
+
+    fn held(k: &FlowKey, len: usize) -> Held {
+        let dst = match k.target {
+            crate::relay::key::Target::Destination(d) => d,
+            crate::relay::key::Target::Cone(_) => unreachable!(),
+        };
+        Held {
+            dst,
+            tos: None,
+            payload: vec![0; len],
+        }
+    }
+
+    fn table() -> SessionTable {
+        SessionTable::new(Limits {
+            capacity: 100_000,
+            per_client: 100_000,
+            new_flows_per_sec: 0,
+        })
+    }
+
+    fn file(o: &Opener, t: &SessionTable, k: FlowKey, len: usize) -> Filed {
+        o.file(t, k, held(&k, len), || true, || (rules(), 0))
+    }
+
+    #[test]
+    fn clients_take_turns_and_a_flooder_fills_only_its_share() {
+        let (o, t) = (Opener::new(), table());
+        for p in 0..WAITING_PER_CLIENT as u16 + 10 {
+            let filed = file(&o, &t, key("192.0.2.66", 10_000 + p), 10);
+            assert_eq!(
+                matches!(filed, Filed::Queued),
+                usize::from(p) < WAITING_PER_CLIENT,
+                "{p}: {filed:?}"
+            );
+        }
+        // Another client's new flow still gets in, and its turn comes next.
+        assert!(matches!(file(&o, &t, key("192.0.2.11", 7000), 10), Filed::Queued));
+        let first: Vec<_> = o.take(3).iter().map(|j| j.key.client.ip().to_string()).collect();
+        assert_eq!(first, ["192.0.2.66", "192.0.2.11", "192.0.2.66"]);
+        assert_eq!(o.backlog().0, WAITING_PER_CLIENT + 1);
+    }
+
+    #[test]
+    fn datagrams_of_a_waiting_flow_are_held_in_order_and_bounded() {
+        let (o, t) = (Opener::new(), table());
+        let k = key("192.0.2.10", 7000);
+        assert!(matches!(file(&o, &t, k, 1), Filed::Queued));
+        for i in 2..=HELD_PER_FLOW {
+            assert!(matches!(file(&o, &t, k, i), Filed::Held));
+        }
+        assert!(matches!(file(&o, &t, k, 99), Filed::Full));
+        let jobs = o.take(10);
+        assert_eq!(jobs.len(), 1);
+        // Still held while it is being opened.
+        assert!(matches!(file(&o, &t, k, 1), Filed::Full));
+        let sizes = o.complete(&k, |held| held.iter().map(|h| h.payload.len()).collect::<Vec<_>>());
+        assert_eq!(sizes, (1..=HELD_PER_FLOW).collect::<Vec<_>>());
+        assert_eq!(o.backlog(), (0, 0));
+        // Completed: the next datagram files a new flow again.
+        assert!(matches!(file(&o, &t, k, 1), Filed::Queued));
+    }
+
+    #[test]
+    fn held_bytes_are_bounded_per_client() {
+        let (o, t) = (Opener::new(), table());
+        let big = 65_000;
+        let fit = BYTES_PER_CLIENT / big;
+        for p in 0..fit as u16 {
+            assert!(matches!(
+                file(&o, &t, key("192.0.2.66", 10_000 + p), big),
+                Filed::Queued
+            ));
+        }
+        assert!(matches!(file(&o, &t, key("192.0.2.66", 9_999), big), Filed::Full));
+        assert!(matches!(file(&o, &t, key("192.0.2.11", 9_999), big), Filed::Queued));
+    }
+
+    #[test]
+    fn a_refused_flow_is_not_filed() {
+        let (o, t) = (Opener::new(), table());
+        let k = key("192.0.2.10", 7000);
+        assert!(matches!(
+            o.file(&t, k, held(&k, 1), || false, || (rules(), 0)),
+            Filed::RateLimited
+        ));
+        assert_eq!(o.backlog(), (0, 0));
+        assert!(o.take(1).is_empty());
+    }
+}
