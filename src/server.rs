@@ -22,7 +22,7 @@ use crate::domain::DomainFeed;
 use crate::firewall::{AutoRules, FirewallError};
 use crate::net::sockets;
 use crate::pidfile::PidFile;
-use crate::relay::{RelayContext, budget, expiry, listener, opening};
+use crate::relay::{RelayContext, budget, expiry, listener, opener};
 use crate::reload::{LogFilterHandle, Reloader};
 use crate::shutdown::{self, Shutdown};
 use crate::stats::Stats;
@@ -270,7 +270,7 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
             tasks.spawn(listener::serve(share, relay_ctx.clone(), shutdown.clone()));
         }
     }
-    opening::start(&relay_ctx, workers);
+    opener::start(&relay_ctx, workers);
     tasks.spawn(expiry::sweep(relay_ctx.clone(), shutdown.clone()));
     if let Some(feed) = &feed {
         tasks.spawn(sweep_names(feed.clone(), shutdown.clone()));

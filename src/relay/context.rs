@@ -15,9 +15,9 @@ use tokio_util::task::TaskTracker;
 
 use super::budget::{FdShare, Plan};
 use super::clock::Clock;
-use super::inbound::PoolReaders;
-use super::opener::Opener;
+use super::open_backlog::OpenBacklog;
 use super::pool::Pools;
+use super::pool_readers::PoolReaders;
 use super::reply::ReplySender;
 use super::rules::UdpRules;
 use super::session::Session;
@@ -40,7 +40,7 @@ pub struct RelayContext {
     /// Descriptors for flow sockets (pooled, full cone, SOCKS5).
     flow_fds: Arc<FdShare>,
     /// New flows waiting for an opener task.
-    opener: Opener,
+    open_backlog: OpenBacklog,
     plan: Plan,
     /// The shortest idle timeout any session has had (for the sweeper).
     min_idle_ms: AtomicU64,
@@ -91,7 +91,7 @@ impl RelayContext {
             pools: Pools::new(flow_fds.clone(), config.receive_buffer),
             pool_readers: PoolReaders::default(),
             flow_fds,
-            opener: Opener::new(),
+            open_backlog: OpenBacklog::new(),
             plan,
             min_idle_ms: AtomicU64::new(u64::MAX),
             clock: Clock::new(),
@@ -138,8 +138,8 @@ impl RelayContext {
         &self.pool_readers
     }
 
-    pub fn opener(&self) -> &Opener {
-        &self.opener
+    pub fn open_backlog(&self) -> &OpenBacklog {
+        &self.open_backlog
     }
 
     pub fn flow_fds(&self) -> &Arc<FdShare> {

@@ -12,7 +12,7 @@
 //! answered 60 times a second spread over hundreds of pool sockets, one or
 //! two datagrams on each at a time: read and sent socket by socket, every
 //! reply cost a wake-up, a task poll, a receive and a send of its own. A
-//! pool reader instead asks its [`Poller`] which sockets have something,
+//! pool reader instead asks its [`Poller`](crate::net::poll::Poller) which sockets have something,
 //! reads them all into one [`RecvBatch`], and hands the lot to
 //! [`ReplySender::send_pending`], which sends the replies leaving from one
 //! server address (one reply socket) in a single `sendmmsg`.
@@ -21,8 +21,8 @@ use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
@@ -31,10 +31,11 @@ use tokio::sync::mpsc;
 use super::account::{Direction, count_sent};
 use super::context::RelayContext;
 use super::pool::PoolSocket;
+use super::pool_readers::PoolReader;
 use super::reply::{Pending, ReplyScratch};
 use super::session::{MAX_DATAGRAM, Outbound, Session};
 use super::socks5::{self, Socks5Server};
-use crate::net::poll::{Event, Poller};
+use crate::net::poll::Event;
 use crate::net::recv::{self, RecvBatch};
 use crate::net::sockets;
 use crate::sync::lock;
@@ -159,97 +160,6 @@ async fn wait_readable(socket: &UdpSocket, ctx: &RelayContext) -> io::Result<boo
     Ok(ready.is_readable())
 }
 
-/// The pool readers of a relay: as many as the runtime has workers, each
-/// watching its share of the pool sockets through a [`Poller`] of its own.
-#[derive(Debug, Default)]
-pub struct PoolReaders {
-    readers: OnceLock<Vec<Arc<PoolReader>>>,
-    next: AtomicUsize,
-}
-
-/// One pool reader: the sockets it watches (a socket's token is its index
-/// here) and whether its task runs.
-#[derive(Debug)]
-struct PoolReader {
-    poller: Poller,
-    sockets: Mutex<Watched>,
-    running: AtomicBool,
-}
-
-/// Watched sockets by token; the tokens of sockets let go of are reused.
-#[derive(Debug, Default)]
-struct Watched {
-    slots: Vec<Option<Arc<PoolSocket<Session>>>>,
-    free: Vec<usize>,
-}
-
-impl PoolReaders {
-    /// The reader that takes the next new socket (round robin).
-    fn pick(&self) -> io::Result<Arc<PoolReader>> {
-        let readers = match self.readers.get() {
-            Some(r) => r,
-            None => {
-                let n = tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers().max(1));
-                let made = (0..n)
-                    .map(|_| {
-                        Ok(Arc::new(PoolReader {
-                            poller: Poller::new()?,
-                            sockets: Mutex::new(Watched::default()),
-                            running: AtomicBool::new(false),
-                        }))
-                    })
-                    .collect::<io::Result<Vec<_>>>()?;
-                // Another thread may have won: use whichever was stored.
-                let _ = self.readers.set(made);
-                self.readers.get().ok_or_else(|| io::Error::other("pool readers"))?
-            }
-        };
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % readers.len();
-        readers.get(i).cloned().ok_or_else(|| io::Error::other("pool readers"))
-    }
-
-    /// Lets go of the sockets the pool has closed (see
-    /// `Pools::close_idle`), so that their descriptors are released.
-    pub fn forget_retired(&self) {
-        for reader in self.readers.get().into_iter().flatten() {
-            reader.forget_retired();
-        }
-    }
-}
-
-impl PoolReader {
-    fn watch(&self, socket: Arc<PoolSocket<Session>>) -> io::Result<()> {
-        let mut watched = lock(&self.sockets);
-        let token = watched.free.pop().unwrap_or(watched.slots.len());
-        if let Err(e) = self.poller.add(socket.socket.as_raw_fd(), token as u64) {
-            if token < watched.slots.len() {
-                watched.free.push(token);
-            }
-            return Err(e);
-        }
-        match watched.slots.get_mut(token) {
-            Some(slot) => *slot = Some(socket),
-            None => watched.slots.push(Some(socket)),
-        }
-        Ok(())
-    }
-
-    fn forget_retired(&self) {
-        let mut watched = lock(&self.sockets);
-        let Watched { slots, free } = &mut *watched;
-        for (token, slot) in slots.iter_mut().enumerate() {
-            if slot.as_ref().is_some_and(|s| s.is_retired()) {
-                if let Some(socket) = slot.take() {
-                    // Closing the socket would remove it from the set too,
-                    // but a reply being read elsewhere may still hold it.
-                    let _ = self.poller.remove(socket.socket.as_raw_fd());
-                }
-                free.push(token);
-            }
-        }
-    }
-}
-
 /// Lets a new pool socket's replies be read: hands it to one of the
 /// relay's pool readers. The first socket a reader gets starts it: this
 /// task then *is* that reader, until the relay shuts down.
@@ -272,12 +182,6 @@ pub async fn read_pool(socket: Arc<PoolSocket<Session>>, ctx: Arc<RelayContext>)
         tracing::warn!(error = %e, "pool reader failed");
     }
     reader.running.store(false, Ordering::Release);
-}
-
-impl AsRawFd for PoolReader {
-    fn as_raw_fd(&self) -> RawFd {
-        self.poller.as_raw_fd()
-    }
 }
 
 /// Waits for any watched socket to be ready, then reads every ready one

@@ -6,7 +6,7 @@
 //! system call; see [`crate::net::send::send_run`].
 //!
 //! A listener never opens a flow itself: the first datagram of a new flow
-//! goes to the [`Opener`](super::opener::Opener) backlog and the listener
+//! goes to the [`OpenBacklog`](super::open_backlog::OpenBacklog) backlog and the listener
 //! reads on, so a burst of new flows costs established flows nothing here.
 //!
 //! One listening address is a group of `SO_REUSEPORT` sockets. TPROXY's
@@ -28,7 +28,7 @@ use tokio::net::UdpSocket;
 use super::context::RelayContext;
 use super::decide::{Decision, Host, decide};
 use super::key::FlowKey;
-use super::opener::{Filed, Held};
+use super::open_backlog::{Filed, Held};
 use super::session::Session;
 use crate::dns::DnsService;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch};
@@ -140,7 +140,7 @@ impl Member {
             }
         }
         if filed {
-            ctx.opener().wake();
+            ctx.open_backlog().wake();
         }
         drained
     }
@@ -239,7 +239,7 @@ fn handle<'b>(
             };
             let number = rule.number;
             let table = ctx.table();
-            let filed = ctx.opener().file(
+            let filed = ctx.open_backlog().file(
                 table,
                 key,
                 held,

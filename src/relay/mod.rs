@@ -5,8 +5,8 @@
 //! ```text
 //! datagram ─▶ listener ─▶ decide ─▶ table (flow → session) ─▶ session ─▶ upstream socket ─▶ server
 //!                 │                    ▲
-//!                 └─▶ opener ─▶ opening ─▶ open (new flows, off the listener's path:
-//!                     backlog     tasks     pool socket or own socket, task)
+//!                 └─▶ open_backlog ─▶ opener ─▶ open (new flows, off the listener's path:
+//!                                     tasks     pool socket or own socket, task)
 //!
 //! server ─▶ inbound (pool / cone / SOCKS5 readers) ─▶ reply (socket bound to the
 //!           original destination) ─▶ client
@@ -15,8 +15,8 @@
 //! * [`listener`] reads redirected datagrams and their original destination;
 //! * [`decide`] says what happens to each (relay, DNS, drop), for the
 //!   listener and for `tproxyd explain` alike;
-//! * [`opener`] holds new flows (and their first datagrams) until one of
-//!   the [`opening`] tasks opens them, so the listener never waits for it;
+//! * [`open_backlog`] holds new flows (and their first datagrams) until
+//!   one of the [`opener`] tasks opens them, so the listener never waits;
 //! * [`open`] makes a new flow's [`session`] and starts its task;
 //! * [`table`] maps each flow to its session, bounded and fair between
 //!   clients (a quota each, eviction from the heaviest, a [`rate`] bucket
@@ -24,7 +24,8 @@
 //! * [`pool`] allocates shared upstream sockets, within the descriptor
 //!   [`budget`];
 //! * [`inbound`] reads upstream sockets and hands replies to [`reply`],
-//!   which sends them from the spoofed original address;
+//!   which sends them from the spoofed original address; [`pool_readers`]
+//!   records which reader watches which pool socket;
 //! * [`context`] holds all of it behind methods and owns every task.
 //!
 //! Lower modules never name higher ones: `pool` knows no session,
@@ -40,9 +41,10 @@ pub mod inbound;
 pub mod key;
 pub mod listener;
 pub mod open;
+pub mod open_backlog;
 pub mod opener;
-pub mod opening;
 pub mod pool;
+pub mod pool_readers;
 pub mod rate;
 pub mod reply;
 pub mod rules;

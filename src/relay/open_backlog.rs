@@ -118,14 +118,14 @@ struct Backlog {
 
 /// The new flows waiting to be opened, and the signal that wakes openers.
 #[derive(Debug, Default)]
-pub struct Opener {
+pub struct OpenBacklog {
     backlog: Mutex<Backlog>,
     ready: Notify,
 }
 
-impl Opener {
+impl OpenBacklog {
     pub fn new() -> Self {
-        Opener::default()
+        OpenBacklog::default()
     }
 
     fn lock(&self) -> MutexGuard<'_, Backlog> {
@@ -209,13 +209,13 @@ impl Opener {
         self.ready.notify_one();
     }
 
-    /// Waits until [`Opener::wake`] was called since the last wait ended.
+    /// Waits until [`OpenBacklog::wake`] was called since the last wait ended.
     pub async fn woken(&self) {
         self.ready.notified().await;
     }
 
     /// Up to `max` flows to open, one per client in turn. They stay filed
-    /// (their datagrams are held) until [`Opener::complete`].
+    /// (their datagrams are held) until [`OpenBacklog::complete`].
     pub fn take(&self, max: usize) -> Vec<Job> {
         let mut b = self.lock();
         let b = &mut *b;
@@ -316,13 +316,13 @@ mod tests {
         })
     }
 
-    fn file(o: &Opener, t: &SessionTable, k: FlowKey, len: usize) -> Filed {
+    fn file(o: &OpenBacklog, t: &SessionTable, k: FlowKey, len: usize) -> Filed {
         o.file(t, k, held(&k, len), || true, || (rules(), 0))
     }
 
     #[test]
     fn clients_take_turns_and_a_flooder_fills_only_its_share() {
-        let (o, t) = (Opener::new(), table());
+        let (o, t) = (OpenBacklog::new(), table());
         for p in 0..WAITING_PER_CLIENT as u16 + 10 {
             let filed = file(&o, &t, key("192.0.2.66", 10_000 + p), 10);
             assert_eq!(
@@ -340,7 +340,7 @@ mod tests {
 
     #[test]
     fn datagrams_of_a_waiting_flow_are_held_in_order_and_bounded() {
-        let (o, t) = (Opener::new(), table());
+        let (o, t) = (OpenBacklog::new(), table());
         let k = key("192.0.2.10", 7000);
         assert!(matches!(file(&o, &t, k, 1), Filed::Queued));
         for i in 2..=HELD_PER_FLOW {
@@ -360,7 +360,7 @@ mod tests {
 
     #[test]
     fn held_bytes_are_bounded_per_client() {
-        let (o, t) = (Opener::new(), table());
+        let (o, t) = (OpenBacklog::new(), table());
         let big = 65_000;
         let fit = BYTES_PER_CLIENT / big;
         for p in 0..fit as u16 {
@@ -375,7 +375,7 @@ mod tests {
 
     #[test]
     fn a_refused_flow_is_not_filed() {
-        let (o, t) = (Opener::new(), table());
+        let (o, t) = (OpenBacklog::new(), table());
         let k = key("192.0.2.10", 7000);
         assert!(matches!(
             o.file(&t, k, held(&k, 1), || false, || (rules(), 0)),

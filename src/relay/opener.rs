@@ -1,5 +1,5 @@
 //! The opener tasks: they take the new flows the listeners filed in the
-//! [`Opener`](super::opener::Opener) backlog, open them, send what was held
+//! [`OpenBacklog`](super::open_backlog::OpenBacklog) backlog, open them, send what was held
 //! for them and put them in the table.
 //!
 //! One task per runtime worker, owned by the relay's context (they end
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::context::RelayContext;
 use super::key::FlowKey;
 use super::open::{self, OpenError, open};
-use super::opener::{Held, Job, OPENS_PER_ROUND};
+use super::open_backlog::{Held, Job, OPENS_PER_ROUND};
 use super::rules::UdpRule;
 use super::session::Session;
 use super::table::{Entry, Evicted, Eviction};
@@ -32,14 +32,14 @@ pub fn start(ctx: &Arc<RelayContext>, tasks: usize) {
 /// Opens filed flows until the relay shuts down.
 async fn run(ctx: Arc<RelayContext>) {
     loop {
-        let jobs = ctx.opener().take(OPENS_PER_ROUND);
+        let jobs = ctx.open_backlog().take(OPENS_PER_ROUND);
         if jobs.is_empty() {
-            ctx.opener().woken().await;
+            ctx.open_backlog().woken().await;
             continue;
         }
-        if ctx.opener().has_waiting() {
+        if ctx.open_backlog().has_waiting() {
             // More than a round's worth: another opener may take some.
-            ctx.opener().wake();
+            ctx.open_backlog().wake();
         }
         for job in jobs {
             open_filed(&ctx, &job);
@@ -53,7 +53,7 @@ async fn run(ctx: Arc<RelayContext>) {
 fn open_filed(ctx: &Arc<RelayContext>, job: &Job) {
     let rule = job.rule();
     let opened = new_flow(ctx, job.key, job.dst, rule);
-    let evicted = ctx.opener().complete(&job.key, |held| {
+    let evicted = ctx.open_backlog().complete(&job.key, |held| {
         let Some(entry) = opened else {
             return Vec::new();
         };
