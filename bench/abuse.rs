@@ -20,9 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::Options;
-use crate::lab::flood::{
-    FORWARDED, LateServer, Prober, big_socket, fold_ports, forwarded_control, metric, rss, scrape, send_paced, summary,
-};
+use crate::lab::flood::{LateServer, Prober, big_socket, folded_lab, metric, rss, scrape, send_paced, summary};
 use crate::lab::udp::{Echo, socket};
 use crate::lab::{CLIENT4, Lab, sa, server4};
 
@@ -44,24 +42,12 @@ fn config(extra: &str) -> String {
     )
 }
 
-/// The lab, with a folded server (`first..=last` answered on one socket),
-/// a probe echo through tproxyd, and the same echo on [`FORWARDED`], which
-/// the kernel forwards: the control.
+/// The abuse lab of the tests ([`folded_lab`]), with `clients` and
+/// 192.0.2.12 as more client addresses.
 fn lab(first: u16, last: u16, clients: &[String]) -> (Lab, Echo, Echo, Echo) {
-    let lab = Lab::new();
-    for c in clients.iter().map(String::as_str).chain(["192.0.2.12"]) {
-        lab.add_client_address(ip(c));
-    }
-    lab.install_rules("nft", &format!("LAN_IF=lan0 BYPASS4={FORWARDED}/32"));
-    forwarded_control(&lab);
-    for ns in [&lab.client, &lab.servers[0]] {
-        ns.sh("sysctl -qw net.core.rmem_max=33554432 net.core.wmem_max=33554432 net.core.rmem_default=4194304");
-    }
-    fold_ports(&lab.servers[0], first, last, 7000);
-    let folded = Echo::start(&lab.servers[0], sa(server4(0), 7000));
-    let probe = Echo::start(&lab.servers[0], sa(server4(0), 6000));
-    let control = Echo::start(&lab.servers[0], sa(ip(FORWARDED), 6000));
-    (lab, folded, probe, control)
+    let mut extra: Vec<&str> = clients.iter().map(String::as_str).collect();
+    extra.push("192.0.2.12");
+    folded_lab(first, last, &extra)
 }
 
 /// The 50 pps probe through tproxyd and its kernel-forwarded control.

@@ -11,10 +11,7 @@
 
 mod lab;
 
-use lab::flood::{
-    FORWARDED, LateServer, Prober, big_socket, fds, fold_ports, forwarded_control, metric, rss, scrape, send_paced,
-    summary,
-};
+use lab::flood::{LateServer, Prober, big_socket, fds, folded_lab, metric, rss, scrape, send_paced, summary};
 use lab::udp::{Echo, socket};
 use lab::{CLIENT4, Lab, sa, server4};
 use std::collections::HashSet;
@@ -38,28 +35,6 @@ fn ip(s: &str) -> IpAddr {
 
 fn config(relay_extra: &str) -> String {
     format!("mark = 255\n[admin]\nlisten = \"{ADMIN}\"\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n{relay_extra}\n")
-}
-
-/// A lab whose server answers UDP on every port of `first..=last` through
-/// one socket (see `fold_ports`), plus a plain echo on port 6000 for probes,
-/// and the same echo on [`FORWARDED`] for control flows the kernel forwards.
-fn folded_lab(first: u16, last: u16, extra_clients: &[&str]) -> (Lab, Echo, Echo, Echo) {
-    let lab = Lab::new();
-    for c in extra_clients {
-        lab.add_client_address(ip(c));
-    }
-    lab.install_rules("nft", &format!("LAN_IF=lan0 BYPASS4={FORWARDED}/32"));
-    forwarded_control(&lab);
-    // Room for bursts at the test's own endpoints, so what is lost is lost
-    // in the gateway.
-    for ns in [&lab.client, &lab.servers[0]] {
-        ns.sh("sysctl -qw net.core.rmem_max=33554432 net.core.wmem_max=33554432 net.core.rmem_default=4194304");
-    }
-    fold_ports(&lab.servers[0], first, last, 7000);
-    let folded = Echo::start(&lab.servers[0], sa(server4(0), 7000));
-    let probe = Echo::start(&lab.servers[0], sa(server4(0), 6000));
-    let control = Echo::start(&lab.servers[0], sa(ip(FORWARDED), 6000));
-    (lab, folded, probe, control)
 }
 
 /// A 50 pps flow through tproxyd from `relayed` and the same flow from

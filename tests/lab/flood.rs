@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::udp::socket;
+use super::udp::{Echo, socket};
 use super::{Lab, Netns};
 
 /// Server 0's second address, which the redirect rules leave alone (install
@@ -36,6 +36,32 @@ pub fn fold_ports(ns: &Netns, first: u16, last: u16, to_port: u16) {
          nft add chain ip fold pre '{{ type nat hook prerouting priority -100; }}'
          nft add rule ip fold pre udp dport {first}-{last} redirect to :{to_port}"
     ));
+}
+
+/// The abuse lab: nft redirect rules that leave [`FORWARDED`] alone, a
+/// server that answers UDP on every port of `first..=last` through one
+/// socket (see [`fold_ports`]) on port 7000, a plain echo on port 6000 for
+/// probes, and the same echo on [`FORWARDED`] for control flows the kernel
+/// forwards. Returns the lab and those three echoes (folded, probe,
+/// control). `extra_clients` are more client addresses.
+pub fn folded_lab(first: u16, last: u16, extra_clients: &[&str]) -> (Lab, Echo, Echo, Echo) {
+    let lab = Lab::new();
+    for c in extra_clients {
+        lab.add_client_address(c.parse().unwrap_or_else(|e| panic!("client address {c}: {e}")));
+    }
+    lab.install_rules("nft", &format!("LAN_IF=lan0 BYPASS4={FORWARDED}/32"));
+    forwarded_control(&lab);
+    // Room for bursts at the lab's own endpoints, so what is lost is lost
+    // in the gateway.
+    for ns in [&lab.client, &lab.servers[0]] {
+        ns.sh("sysctl -qw net.core.rmem_max=33554432 net.core.wmem_max=33554432 net.core.rmem_default=4194304");
+    }
+    fold_ports(&lab.servers[0], first, last, 7000);
+    let server = super::server4(0);
+    let folded = Echo::start(&lab.servers[0], SocketAddr::new(server, 7000));
+    let probe = Echo::start(&lab.servers[0], SocketAddr::new(server, 6000));
+    let control = Echo::start(&lab.servers[0], SocketAddr::new(FORWARDED.parse().unwrap(), 6000));
+    (lab, folded, probe, control)
 }
 
 /// A socket with large buffers, for senders of many datagrams.
