@@ -332,11 +332,20 @@ fn sigterm_exits_zero_and_leaves_no_socket_behind() {
     assert!(!stopped.log.contains("panicked"), "{}", stopped.log);
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
     // Nothing of tproxyd's is left in the gateway: the listener port can be
-    // bound again at once, and ss lists no socket on it.
+    // bound again at once, and ss lists no socket on it. The IPv4 socket is
+    // held while the IPv6-only one binds: a socket closed just before could
+    // live on for a moment in a child that another test thread is forking
+    // (until its exec closes it), which would make a dual-stack bind fail
+    // for a reason that is not tproxyd's.
     let ss = lab.gateway.sh("ss -uanH");
     assert!(!ss.contains(":15353"), "{ss}");
-    socket(&lab.gateway, "0.0.0.0:15353".parse().unwrap());
-    socket(&lab.gateway, "[::]:15353".parse().unwrap());
+    let _v4 = socket(&lab.gateway, "0.0.0.0:15353".parse().unwrap());
+    lab.gateway.enter(|| {
+        let v6 = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None).expect("IPv6 socket");
+        v6.set_only_v6(true).expect("IPV6_V6ONLY");
+        let addr: std::net::SocketAddr = "[::]:15353".parse().unwrap();
+        v6.bind(&addr.into()).unwrap_or_else(|e| panic!("bind [::]:15353: {e}"));
+    });
 }
 
 #[test]
