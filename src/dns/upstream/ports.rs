@@ -68,7 +68,8 @@ use crate::stats::Stats;
 pub struct Limits {
     /// Queries taken from the pool between two uses of one socket.
     pub reuse_distance: u64,
-    /// Reusable idle sockets the next one is drawn from (oldest first).
+    /// Reusable idle sockets the next one is drawn from (oldest first; at
+    /// most [`MAX_PICK`]).
     pub pick_among: usize,
     /// Queries a socket carries before it is closed.
     pub uses: u32,
@@ -92,6 +93,8 @@ impl Default for Limits {
 /// More than this many datagrams or errors waiting on an idle socket: it is
 /// being aimed at; close it rather than keep reading.
 pub const MAX_STALE: usize = 16;
+/// The most idle sockets the next one is drawn from.
+const MAX_PICK: usize = 16;
 /// Expired sockets closed per query at most, so one query never pays for
 /// closing a whole pool that went quiet.
 const SWEEP_PER_TAKE: usize = 8;
@@ -148,7 +151,8 @@ impl Drop for Permit {
 #[derive(Debug)]
 struct Pooled {
     socket: UdpSocket,
-    born: Instant,
+    /// When it retires, however little it was used.
+    retires: Instant,
     uses: u32,
     /// The pool's take count when it was last taken.
     last_take: u64,
@@ -230,17 +234,17 @@ impl ServerSockets {
             while closing.len() < SWEEP_PER_TAKE && st.idle.front().is_some_and(|p| self.expired(p, now)) {
                 closing.extend(st.idle.pop_front());
             }
-            let reusable =
-                |p: &Pooled| seq.saturating_sub(p.last_take) > self.limits.reuse_distance && !self.expired(p, now);
-            let candidates: Vec<usize> = st
-                .idle
-                .iter()
-                .take(self.limits.pick_among)
-                .enumerate()
-                .filter(|(_, p)| reusable(p))
-                .map(|(i, _)| i)
-                .collect();
-            let picked = match candidates.len() {
+            // The reusable ones among the oldest few, without allocating:
+            // this runs on every query.
+            let mut candidates = [0usize; MAX_PICK];
+            let mut n = 0;
+            for (i, p) in st.idle.iter().take(self.limits.pick_among.min(MAX_PICK)).enumerate() {
+                if seq.saturating_sub(p.last_take) > self.limits.reuse_distance && !self.expired(p, now) {
+                    candidates[n] = i;
+                    n += 1;
+                }
+            }
+            let picked = match n {
                 0 => None,
                 n => candidates.get(rand::random_range(0..n)).copied(),
             };
@@ -290,7 +294,7 @@ impl ServerSockets {
         }
         Ok(Pooled {
             socket,
-            born: now,
+            retires: now + self.limits.max_age,
             uses: 0,
             last_take: seq,
             last_id: None,
@@ -305,7 +309,7 @@ impl ServerSockets {
     }
 
     fn expired(&self, p: &Pooled, now: Instant) -> bool {
-        p.uses >= self.limits.uses || now.saturating_duration_since(p.born) >= self.limits.max_age
+        p.uses >= self.limits.uses || now >= p.retires
     }
 
     /// Closes idle sockets past their age (when the server is no longer
