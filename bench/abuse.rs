@@ -12,6 +12,15 @@
 //!   clients wait 3 s for each answer; answers lost;
 //! * descriptors: a 100,000-flow flood under `RLIMIT_NOFILE` 2,048; new
 //!   flows from another client answered, and /metrics answering.
+//!
+//! Knobs, for looking into one scenario:
+//! * `BENCH_ABUSE_ONLY=destinations,big` runs only those (`destinations`,
+//!   `big`, `table`, `descriptors`);
+//! * `BENCH_ABUSE_WRAP="valgrind --tool=dhat"` starts the daemon of the
+//!   destination scenario under that command;
+//! * `BENCH_ABUSE_HOOK="perf sched record -o /tmp/s.data -p {pid}"` runs
+//!   that command (`{pid}` is the daemon's) while the destination flood is
+//!   offered, and interrupts it when the flood has been answered.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -73,21 +82,61 @@ fn ms(d: Duration) -> String {
 }
 
 pub fn run(_opts: &Options) -> Result {
+    let only = std::env::var("BENCH_ABUSE_ONLY").unwrap_or_default();
+    let wants = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
     let mut r = Result::default();
-    destinations(&mut r);
-    big_datagrams(&mut r);
-    full_table(&mut r);
-    descriptors(&mut r);
+    if wants("destinations") {
+        destinations(&mut r);
+    }
+    if wants("big") {
+        big_datagrams(&mut r);
+    }
+    if wants("table") {
+        full_table(&mut r);
+    }
+    if wants("descriptors") {
+        descriptors(&mut r);
+    }
     r
+}
+
+/// The command of `BENCH_ABUSE_HOOK`, started for the daemon `pid`.
+fn hook(pid: u32) -> Option<std::process::Child> {
+    let how = std::env::var("BENCH_ABUSE_HOOK")
+        .ok()
+        .filter(|h| !h.trim().is_empty())?;
+    let how = how.replace("{pid}", &pid.to_string());
+    let mut words = how.split_whitespace();
+    let child = std::process::Command::new(words.next()?)
+        .args(words)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("BENCH_ABUSE_HOOK");
+    // Give it time to attach.
+    std::thread::sleep(Duration::from_millis(500));
+    Some(child)
+}
+
+fn end_hook(child: Option<std::process::Child>) {
+    if let Some(mut child) = child {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = child.wait();
+    }
 }
 
 fn destinations(r: &mut Result) {
     const N: usize = 20_000;
     const FIRST: u16 = 10_000;
     let (lab, _f, probe_echo, control_echo) = lab(FIRST, FIRST + N as u16 - 1, &["192.0.2.11".into()]);
-    let daemon = lab.start_tproxyd(&config("new_flows_per_client = 0"));
+    let wrap = std::env::var("BENCH_ABUSE_WRAP").unwrap_or_default();
+    let wrapper: Vec<&str> = wrap.split_whitespace().collect();
+    let daemon = lab.start_tproxyd_wrapped(&wrapper, &config("new_flows_per_client = 0"));
     let (prober, control) = probes(&lab, &probe_echo, &control_echo);
     std::thread::sleep(Duration::from_secs(3));
+    let hooked = hook(daemon.pid());
     let baseline = prober.reset();
     control.reset();
     let drops_before = gateway_queue_drops(&lab);
@@ -113,6 +162,7 @@ fn destinations(r: &mut Result) {
     // Offered at 40,000 a second; the relay's rate is what comes back.
     send_paced(&flooder, N, 40_000, |i| sa(server, FIRST + i as u16), |_| b"x".to_vec());
     let last = receiver.join().unwrap();
+    end_hook(hooked);
     let answered = seen.lock().unwrap().len();
     let took = last.duration_since(start);
     let flooded = prober.finish();

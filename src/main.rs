@@ -179,7 +179,11 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let log_filter = init_logging(&config);
     // Before anything opens a descriptor: the relay plans its descriptor
     // budget from the limit in force.
-    tproxyd::relay::budget::raise_fd_limit();
+    let fd_limit = tproxyd::relay::budget::raise_fd_limit();
+    // Still one thread: grown now, the descriptor table does not make the
+    // relay's worker wait for RCU when a flood of flows opens sockets.
+    let plan = tproxyd::relay::budget::Plan::new(&config.relay, fd_limit);
+    tproxyd::relay::budget::presize_fd_table(plan.descriptors_used(&config.relay));
     let user = config.user.clone();
     let pid_file = config.pid_file.clone();
     let workers = config.workers;

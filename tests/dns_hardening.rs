@@ -462,6 +462,94 @@ fn a_flood_from_one_client_is_rate_limited_and_the_others_are_not() {
     }
 }
 
+/// A third LAN address of the client namespace: allowed, but flooding.
+const FLOODER: &str = "192.0.2.67";
+
+/// Queries from three clients, interleaved and sent without waiting, so
+/// that they arrive in the same receive batches and their answers leave
+/// together: the allowed client's are answered (its ID, its question's
+/// letter case), the stranger's refused, the flooder's past its burst
+/// truncated, each to the socket that asked, each ID exactly once.
+#[test]
+fn one_batch_of_allowed_refused_and_rate_limited_clients_answers_each_as_alone() {
+    let lab = dns_lab();
+    lab.add_client_address(ip(FLOODER));
+    let printer = "[[dns.rules]]\ndomains = [\"printer.lan\"]\naction = \"answer\"\na = [\"192.0.2.50\"]\n";
+    let allow = format!(r#"allow = ["192.0.2.10/32", "{FLOODER}/32"]"#);
+    let daemon = lab.start_tproxyd(&config(
+        &format!("{allow}\nrate_limit = {{ qps = 1, burst = 8, action = \"truncate\" }}"),
+        printer,
+    ));
+    let query = |id: u16| {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii("PrInTeR.lAn.").unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    };
+    for (round, server) in [LISTEN, PUBLIC].into_iter().enumerate() {
+        let to: SocketAddr = format!("{server}:53").parse().unwrap();
+        let allowed = lab::udp::socket(&lab.client, SocketAddr::new(ip("192.0.2.10"), 0));
+        let stranger = lab::udp::socket(&lab.client, SocketAddr::new(ip(STRANGER), 0));
+        let flooder = lab::udp::socket(&lab.client, SocketAddr::new(ip(FLOODER), 0));
+        // Every bucket is per address and outlives the round: the two
+        // rounds together stay within the others' burst of 8, and the
+        // flooder starts the second round with what the first left.
+        let base = 1000 * round as u16;
+        for i in 0..60u16 {
+            flooder.send_to(&query(base + i), to).unwrap();
+            if i < 4 {
+                allowed.send_to(&query(base + 100 + i), to).unwrap();
+                stranger.send_to(&query(base + 200 + i), to).unwrap();
+            }
+        }
+        let replies = |sock: &std::net::UdpSocket, n: usize| {
+            sock.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+            let mut out = Vec::new();
+            while let Some((from, bytes)) = lab::udp::recv(sock) {
+                assert_eq!(from, to, "an answer must come from the address asked");
+                out.push(Message::from_vec(&bytes).unwrap());
+                if out.len() == n {
+                    break;
+                }
+            }
+            let mut ids: Vec<u16> = out.iter().map(|m| m.metadata.id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            assert_eq!(ids.len(), out.len(), "an ID answered twice");
+            out
+        };
+        for m in replies(&allowed, 4) {
+            assert!((base + 100..base + 104).contains(&m.metadata.id), "{m:?}");
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+            assert!(!m.metadata.truncation);
+            assert_eq!(m.queries[0].name().to_ascii(), "PrInTeR.lAn.");
+            let data: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
+            assert_eq!(data, ["192.0.2.50"]);
+        }
+        for m in replies(&stranger, 4) {
+            assert!((base + 200..base + 204).contains(&m.metadata.id), "{m:?}");
+            assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+            assert!(m.answers.is_empty());
+        }
+        let flood = replies(&flooder, 60);
+        assert_eq!(flood.len(), 60, "truncate answers every query");
+        let answered = flood.iter().filter(|m| !m.metadata.truncation).count();
+        assert!(answered <= 10, "{server}: the flooder got {answered} answers");
+        for m in &flood {
+            assert!((base..base + 60).contains(&m.metadata.id), "{m:?}");
+            if m.metadata.truncation {
+                assert!(m.answers.is_empty());
+            } else {
+                assert_eq!(m.answers.len(), 1);
+            }
+        }
+    }
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_refused_acl"), 8);
+    assert!(stopped.counter("dns_rate_limited") >= 100);
+}
+
 #[test]
 fn slow_tcp_readers_from_one_client_cannot_starve_the_others() {
     let lab = dns_lab();

@@ -44,6 +44,44 @@ pub fn soft_fd_limit() -> usize {
     getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX))
 }
 
+/// Grows the process's descriptor table to hold `n` descriptors now, and
+/// returns the number it holds room for (at least `n` unless the limit is
+/// lower).
+///
+/// The kernel grows the table by doubling it as descriptors are opened,
+/// and in a process with more than one thread each growth waits for an
+/// RCU grace period (`expand_files` → `synchronize_rcu`): the thread that
+/// opens the socket sleeps 5–15 ms. During a flood of new flows that
+/// thread is the relay's worker, and every other client's datagrams wait
+/// with it: seven such sleeps were most of the stalls of the
+/// 20,000-destination flood (perf sched, docs/BENCHMARKS.md). Grown once
+/// here, while the process is still one thread, it never grows under load
+/// (up to `n`). The cost is kernel memory, about 8 bytes a slot, never
+/// given back; the caller sizes `n` by what the relay can use.
+pub fn presize_fd_table(n: usize) -> usize {
+    let top = n.min(soft_fd_limit()).saturating_sub(1);
+    let Ok(top) = libc::c_int::try_from(top) else {
+        return 0;
+    };
+    if top <= 0 {
+        return 0;
+    }
+    let Ok(null) = std::fs::File::open("/dev/null") else {
+        return 0;
+    };
+    // SAFETY: plain system calls on a descriptor we own; the duplicate is
+    // closed at once (its number is not used by anything else: F_DUPFD
+    // picked a free one).
+    unsafe {
+        let dup = libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&null), libc::F_DUPFD_CLOEXEC, top);
+        if dup < 0 {
+            return 0;
+        }
+        libc::close(dup);
+    }
+    top as usize + 1
+}
+
 /// Descriptors this process has open now (a directory listing; for
 /// metrics, not for the data path).
 pub fn open_fds() -> usize {
@@ -72,6 +110,15 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Descriptors the relay may have open at once under this plan: each
+    /// flow holds one socket at most (a SOCKS5 flow two, rare enough to
+    /// leave out), so the table's capacity bounds the flow sockets. Used to
+    /// size the descriptor table up front ([`presize_fd_table`]).
+    pub fn descriptors_used(&self, config: &RelayConfig) -> usize {
+        let flows = self.flows.min(config.session_capacity.get());
+        self.reserve + self.reply + flows
+    }
+
     /// The plan for `config` under the soft limit `limit`.
     pub fn new(config: &RelayConfig, limit: usize) -> Plan {
         let budget = config.fd_budget.map_or(limit / 10 * 9, |b| b.get()).min(limit);
@@ -178,5 +225,16 @@ mod tests {
         // A budget above the limit is cut to the limit.
         c.fd_budget = NonZeroUsize::new(1_000_000);
         assert!(Plan::new(&c, 4_096).flows < 4_096);
+    }
+
+    #[test]
+    fn the_descriptor_table_is_grown_up_front() {
+        let p = Plan::new(&RelayConfig::default(), 1 << 20);
+        assert_eq!(p.descriptors_used(&RelayConfig::default()), 512 + 1_024 + 65_536);
+        let room = presize_fd_table(5_000.min(soft_fd_limit()));
+        assert_eq!(room, 5_000.min(soft_fd_limit()));
+        // The slot used to grow it is free again.
+        // SAFETY: only asks whether the descriptor is open.
+        assert_eq!(unsafe { libc::fcntl(room as i32 - 1, libc::F_GETFD) }, -1);
     }
 }

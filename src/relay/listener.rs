@@ -29,8 +29,10 @@ use super::context::RelayContext;
 use super::decide::{Decision, Host, decide};
 use super::key::FlowKey;
 use super::open_backlog::{Filed, Held};
+use super::reply::{Pending, ReplyScratch};
 use super::session::Session;
 use crate::dns::DnsService;
+use crate::dns::replies::ReplyBatch;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch};
 use crate::net::sockets;
 use crate::shutdown::Shutdown;
@@ -57,6 +59,7 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
         .collect::<io::Result<_>>()?;
     let mut members = members;
     let mut batch = RecvBatch::new(BATCH);
+    let mut dns = DnsAnswers::default();
     let mut ready = Vec::with_capacity(members.len());
     loop {
         tokio::select! {
@@ -65,7 +68,7 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
         }
         let mut more = false;
         for &i in &ready {
-            more |= !members[i].turn(&mut batch, &ctx);
+            more |= !members[i].turn(&mut batch, &mut dns, &ctx);
         }
         if more {
             // Still more queued: let other tasks run before reading on.
@@ -99,9 +102,54 @@ struct Member {
     slots: usize,
 }
 
+/// Answers to hijacked DNS queries that were given at once while one
+/// batch was handled, sent together after it: one `sendmmsg` per reply
+/// address for the batch, and a GSO train for consecutive answers to one
+/// client, where each answer used to cost a system call of its own.
+#[derive(Default)]
+struct DnsAnswers {
+    batch: ReplyBatch,
+    /// Positions in `batch`, grouped by client; a pending reply's slot
+    /// is its place here.
+    order: Vec<u32>,
+    pending: Vec<Pending>,
+    scratch: ReplyScratch,
+}
+
+impl DnsAnswers {
+    fn flush(&mut self, ctx: &RelayContext) {
+        if self.batch.is_empty() {
+            return;
+        }
+        self.order.clear();
+        self.order.extend_from_slice(self.batch.by_client());
+        self.pending.clear();
+        for (slot, &i) in self.order.iter().enumerate() {
+            if let (Some((r, _)), Ok(slot)) = (self.batch.get(i as usize), u32::try_from(slot)) {
+                self.pending.push(Pending {
+                    src: r.src,
+                    client: r.client,
+                    tos: None,
+                    slot,
+                });
+            }
+        }
+        let (batch, order) = (&self.batch, &self.order);
+        let payload = |slot: u32| {
+            order
+                .get(slot as usize)
+                .and_then(|&i| batch.get(i as usize))
+                .map_or(&[][..], |(_, bytes)| bytes)
+        };
+        ctx.replies()
+            .send_pending(&mut self.pending, payload, &mut self.scratch);
+        self.batch.clear();
+    }
+}
+
 impl Member {
     /// Reads and hands on one turn's worth; true when the queue was drained.
-    fn turn(&mut self, batch: &mut RecvBatch, ctx: &Arc<RelayContext>) -> bool {
+    fn turn(&mut self, batch: &mut RecvBatch, dns: &mut DnsAnswers, ctx: &Arc<RelayContext>) -> bool {
         let mut bytes = 0;
         let mut filed = false;
         let mut drained = false;
@@ -114,10 +162,11 @@ impl Member {
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
                             batch_bytes += payload.len();
-                            filed |= handle(ctx, self.local, meta, payload, &mut run);
+                            filed |= handle(ctx, self.local, meta, payload, &mut run, &mut dns.batch);
                         }
                     }
                     run.flush(ctx);
+                    dns.flush(ctx);
                     bytes += batch_bytes;
                     // Big datagrams: read fewer at a time, so that a turn
                     // stays near TURN_BYTES instead of a whole batch of
@@ -182,6 +231,7 @@ fn handle<'b>(
     meta: &DatagramMeta,
     payload: &'b [u8],
     run: &mut Run<'b>,
+    answers: &mut ReplyBatch,
 ) -> bool {
     ctx.stats().client_datagrams.inc();
     ctx.stats().client_bytes.add(payload.len() as u64);
@@ -212,7 +262,7 @@ fn handle<'b>(
         }
         Decision::Dns => {
             if let (Some(dns), Some(dst)) = (ctx.dns(), meta.orig_dst) {
-                hijack_dns(ctx, dns, meta.peer, dst, payload);
+                hijack_dns(ctx, dns, meta.peer, dst, payload, answers);
             }
             return false;
         }
@@ -274,10 +324,23 @@ fn handle<'b>(
 }
 
 /// A query to a DNS port, wherever it was going, is answered by the DNS
-/// engine, and the answer leaves from the address the client asked.
-fn hijack_dns(ctx: &Arc<RelayContext>, dns: &Arc<DnsService>, client: SocketAddr, dst: SocketAddr, payload: &[u8]) {
-    let ctx = ctx.clone();
-    dns.answer_udp(payload, client, move |answer| {
-        ctx.replies().send(dst, &[answer], client, None)
-    });
+/// engine, and the answer leaves from the address the client asked: at
+/// once into `answers` (sent after the batch), or later from a task.
+fn hijack_dns(
+    ctx: &Arc<RelayContext>,
+    dns: &Arc<DnsService>,
+    client: SocketAddr,
+    dst: SocketAddr,
+    payload: &[u8],
+    answers: &mut ReplyBatch,
+) {
+    dns.answer_udp(
+        payload,
+        client,
+        |answer| answers.push(dst, client, answer),
+        || {
+            let ctx = ctx.clone();
+            move |answer: &[u8]| ctx.replies().send(dst, &[answer], client, None)
+        },
+    );
 }

@@ -1,0 +1,201 @@
+//! Answers given at once, gathered while one receive batch is answered and
+//! then sent together.
+//!
+//! Under load a listener reads tens of queries per `recvmmsg`, and most
+//! are answered without the network (overrides, cache hits). Sending each
+//! answer with a system call of its own cost more than answering it: one
+//! `sendmmsg` now carries the whole batch, and the answers to one client
+//! socket go as one UDP segmentation (GSO) train when they have one size
+//! (a client asking the same name again and again), so routing,
+//! netfilter and the socket layer are paid once per train. On the wire
+//! each answer is still a datagram of its own, exactly as before.
+//!
+//! The bytes of every answer live in one buffer that is reused from batch
+//! to batch: nothing is allocated per answer once it has grown.
+
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+use crate::net::send::{GSO_MAX_SEGMENTS, Message, SendScratch, Sent, gso_chunks, gso_segments, send_messages};
+
+/// Answers per `sendmmsg` built on the stack (a receive batch's worth).
+const PER_CALL: usize = 64;
+
+/// One answer: from `src` (the address the client asked) to `client`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    pub src: SocketAddr,
+    pub client: SocketAddr,
+    start: u32,
+    len: u32,
+}
+
+/// Answers waiting to be sent, in arrival order.
+#[derive(Debug, Default)]
+pub struct ReplyBatch {
+    bytes: Vec<u8>,
+    replies: Vec<Reply>,
+    /// Reusable: positions in `replies` by client, for [`ReplyBatch::by_client`].
+    order: Vec<u32>,
+}
+
+impl ReplyBatch {
+    /// Adds an answer for `client`, to leave from `src`.
+    pub fn push(&mut self, src: SocketAddr, client: SocketAddr, answer: &[u8]) {
+        // A DNS message over UDP is at most 65,535 bytes, and a batch
+        // holds at most a few hundred of them.
+        let (Ok(start), Ok(len)) = (u32::try_from(self.bytes.len()), u32::try_from(answer.len())) else {
+            return;
+        };
+        self.bytes.extend_from_slice(answer);
+        self.replies.push(Reply {
+            src,
+            client,
+            start,
+            len,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.replies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replies.is_empty()
+    }
+
+    /// Forgets every answer (keeping the memory for the next batch).
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.replies.clear();
+        self.order.clear();
+    }
+
+    /// Answer `i`, in arrival order.
+    pub fn get(&self, i: usize) -> Option<(&Reply, &[u8])> {
+        let r = self.replies.get(i)?;
+        let start = r.start as usize;
+        Some((r, self.bytes.get(start..start + r.len as usize)?))
+    }
+
+    /// The positions of the answers, grouped by client (and by source
+    /// within a client), arrival order kept within each group: the order
+    /// in which consecutive answers to one client can share a GSO train.
+    pub fn by_client(&mut self) -> &[u32] {
+        let ReplyBatch { replies, order, .. } = self;
+        order.clear();
+        order.extend((0..replies.len()).filter_map(|i| u32::try_from(i).ok()));
+        // Stable: a client's answers keep their order.
+        order.sort_by_key(|&i| replies.get(i as usize).map(|r| (r.client, r.src)));
+        order
+    }
+
+    /// Sends every answer on `fd` (a socket bound to the one address they
+    /// all leave from; `v6` its family), then forgets them.
+    pub fn send_on(&mut self, fd: RawFd, v6: bool, scratch: &mut SendScratch) -> Sent {
+        let mut total = Sent::default();
+        self.by_client();
+        let order = std::mem::take(&mut self.order);
+        let max = gso_segments(GSO_MAX_SEGMENTS);
+        for part in order.chunks(PER_CALL) {
+            let mut payloads: [&[u8]; PER_CALL] = [&[]; PER_CALL];
+            let mut clients = [None; PER_CALL];
+            for (k, &i) in part.iter().enumerate() {
+                if let Some((r, bytes)) = self.get(i as usize) {
+                    payloads[k] = bytes;
+                    clients[k] = Some(r.client);
+                }
+            }
+            let mut messages = [Message {
+                to: None,
+                tos: None,
+                segments: &[],
+            }; PER_CALL];
+            let mut count = 0;
+            let mut at = 0;
+            while at < part.len() {
+                let client = clients[at];
+                let run = clients[at..part.len()].iter().take_while(|c| **c == client).count();
+                if client.is_some() {
+                    for chunk in gso_chunks(&payloads[at..at + run], v6, max) {
+                        messages[count] = Message {
+                            to: client,
+                            tos: None,
+                            segments: chunk,
+                        };
+                        count += 1;
+                    }
+                }
+                at += run;
+            }
+            let sent = send_messages(fd, &messages[..count], v6, scratch, false);
+            total.datagrams += sent.datagrams;
+            total.bytes += sent.bytes;
+            total.full += sent.full;
+            total.failed += sent.failed;
+            if total.first_error.is_none() {
+                total.first_error = sent.first_error;
+            }
+        }
+        self.order = order;
+        self.clear();
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn groups_by_client_keeping_each_clients_order() {
+        let a: SocketAddr = "192.0.2.10:1000".parse().unwrap();
+        let b: SocketAddr = "192.0.2.11:1000".parse().unwrap();
+        let src: SocketAddr = "192.0.2.1:53".parse().unwrap();
+        let mut batch = ReplyBatch::default();
+        for (client, text) in [(b, "b1"), (a, "a1"), (b, "b2"), (a, "a2"), (b, "b3")] {
+            batch.push(src, client, text.as_bytes());
+        }
+        let order = batch.by_client().to_vec();
+        let texts: Vec<&[u8]> = order.iter().map(|&i| batch.get(i as usize).unwrap().1).collect();
+        assert_eq!(texts, [&b"a1"[..], b"a2", b"b1", b"b2", b"b3"]);
+        batch.clear();
+        assert!(batch.is_empty() && batch.get(0).is_none());
+    }
+
+    #[test]
+    fn every_answer_arrives_as_its_own_datagram() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let one = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let two = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let src = server.local_addr().unwrap();
+        let mut batch = ReplyBatch::default();
+        let mut expected: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+        // Same-size answers to one client (a GSO train), a shorter one
+        // ending it, and another client's in between: 150 in all, more
+        // than one call's worth.
+        for i in 0..150u8 {
+            let (client, size) = if i % 3 == 0 {
+                (two.local_addr().unwrap(), 40)
+            } else {
+                (one.local_addr().unwrap(), if i % 7 == 0 { 30 } else { 60 })
+            };
+            let answer = vec![i; size];
+            batch.push(src, client, &answer);
+            expected.push((client, answer));
+        }
+        let sent = batch.send_on(server.as_raw_fd(), false, &mut SendScratch::default());
+        assert_eq!((sent.datagrams, sent.full + sent.failed), (150, 0));
+        assert!(batch.is_empty());
+        let mut buf = [0u8; 2048];
+        for sock in [&one, &two] {
+            let me = sock.local_addr().unwrap();
+            for (_, answer) in expected.iter().filter(|(c, _)| *c == me) {
+                let (n, from) = sock.recv_from(&mut buf).unwrap();
+                assert_eq!((&buf[..n], from), (answer.as_slice(), src));
+            }
+        }
+    }
+}
