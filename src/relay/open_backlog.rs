@@ -116,6 +116,25 @@ struct Backlog {
     bytes: usize,
 }
 
+impl Backlog {
+    /// Forgets the flow `key`; what was held for it.
+    fn remove(&mut self, key: &FlowKey) -> Vec<Held> {
+        let Some(p) = self.flows.remove(key) else {
+            return Vec::new();
+        };
+        self.bytes -= p.bytes;
+        let owner = key.owner();
+        if let Some(client) = self.clients.get_mut(&owner) {
+            client.bytes -= p.bytes;
+            client.flows -= 1;
+            if client.flows == 0 {
+                self.clients.remove(&owner);
+            }
+        }
+        p.held
+    }
+}
+
 /// The new flows waiting to be opened, and the signal that wakes openers.
 #[derive(Debug, Default)]
 pub struct OpenBacklog {
@@ -254,23 +273,20 @@ impl OpenBacklog {
     /// the flow could not be opened), all under the backlog's lock so no
     /// later datagram of the flow can overtake them.
     pub fn complete<R>(&self, key: &FlowKey, finish: impl FnOnce(Vec<Held>) -> R) -> R {
+        let held = self.lock().remove(key);
+        finish(held)
+    }
+
+    /// [`OpenBacklog::complete`] for several flows at once (a round of an
+    /// opener): `finish` gets their held datagrams in the order of `keys`,
+    /// so it can send them all together.
+    pub fn complete_all<'k, R>(
+        &self,
+        keys: impl IntoIterator<Item = &'k FlowKey>,
+        finish: impl FnOnce(Vec<Vec<Held>>) -> R,
+    ) -> R {
         let mut b = self.lock();
-        let b = &mut *b;
-        let held = match b.flows.remove(key) {
-            Some(p) => {
-                b.bytes -= p.bytes;
-                let owner = key.owner();
-                if let Some(client) = b.clients.get_mut(&owner) {
-                    client.bytes -= p.bytes;
-                    client.flows -= 1;
-                    if client.flows == 0 {
-                        b.clients.remove(&owner);
-                    }
-                }
-                p.held
-            }
-            None => Vec::new(),
-        };
+        let held = keys.into_iter().map(|k| b.remove(k)).collect();
         finish(held)
     }
 
