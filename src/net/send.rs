@@ -243,6 +243,8 @@ pub fn send_messages(
 ) -> Sent {
     let mut sent = Sent::default();
     let mut next = 0;
+    // The message last sent again after a refusal meant for an earlier one.
+    let mut retried = usize::MAX;
     while next < msgs.len() {
         // Fill as many headers as fit, then send them.
         let mut count = 0;
@@ -313,6 +315,14 @@ pub fn send_messages(
         } else {
             io::Error::from(io::ErrorKind::WriteZero)
         };
+        if e.raw_os_error() == Some(libc::ECONNREFUSED) && retried != next {
+            // An ICMP unreachable for an *earlier* datagram on this socket
+            // is reported on this call, and nothing was sent: once more.
+            // (The error itself is counted from the socket's error queue,
+            // by its reader.)
+            retried = next;
+            continue;
+        }
         let m = &msgs[next];
         next += 1;
         if m.segments.len() > 1 && gso_refused(&e) {
@@ -381,6 +391,11 @@ pub fn send_with_tos(
     send_one(fd, payload, to, tos, v6).map(|()| payload.len())
 }
 
+/// [`send_messages`] with this thread's scratch.
+pub fn send_messages_here(fd: RawFd, msgs: &[Message<'_>], v6: bool, stop_at_error: bool) -> Sent {
+    SCRATCH.with_borrow_mut(|scratch| send_messages(fd, msgs, v6, scratch, stop_at_error))
+}
+
 /// Sends a run of datagrams to the same place with the same TOS; returns
 /// how many were sent (an error only when none was).
 ///
@@ -404,7 +419,7 @@ pub fn send_run(fd: RawFd, run: &[&[u8]], to: Option<SocketAddr>, tos: Option<u8
             msgs[n].segments = chunk;
             n += 1;
         }
-        let sent = SCRATCH.with_borrow_mut(|scratch| send_messages(fd, &msgs[..n], v6, scratch, true));
+        let sent = send_messages_here(fd, &msgs[..n], v6, true);
         total += sent.datagrams;
         if let Some(e) = sent.first_error {
             return if total == 0 { Err(e) } else { Ok(total) };
@@ -484,6 +499,34 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![50, 10]
         );
+    }
+
+    #[test]
+    fn a_refusal_meant_for_an_earlier_datagram_does_not_drop_the_next() {
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        crate::net::sockets::report_errors(&tx, false).unwrap();
+        let closed = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        // The port unreachable for this one is reported on the next send.
+        send_with_tos(tx.as_raw_fd(), b"lost", Some(closed), None, false).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let payloads: [&[u8]; 2] = [b"one", b"two"];
+        let msgs: Vec<Message<'_>> = payloads
+            .iter()
+            .map(|p| Message {
+                to: Some(rx.local_addr().unwrap()),
+                tos: None,
+                segments: std::slice::from_ref(p),
+            })
+            .collect();
+        let sent = send_messages_here(tx.as_raw_fd(), &msgs, false, false);
+        assert_eq!((sent.datagrams, sent.failed), (2, 0), "{:?}", sent.first_error);
+        let mut buf = [0u8; 16];
+        for p in payloads {
+            let n = rx.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], p);
+        }
     }
 
     #[test]

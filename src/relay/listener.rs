@@ -2,8 +2,9 @@
 //! original destinations, and hands each to the flow it belongs to.
 //!
 //! Consecutive datagrams of one flow (a game or a bulk transfer sends in
-//! bursts) are passed on as a *run*, which the session sends with one
-//! system call; see [`crate::net::send::send_run`].
+//! bursts) are passed on as a *run*, which leaves as one GSO message; the
+//! runs of a whole batch leave with one system call per upstream socket
+//! (see [`super::upstream_batch`]).
 //!
 //! A listener never opens a flow itself: the first datagram of a new flow
 //! goes to the [`OpenBacklog`](super::open_backlog::OpenBacklog) backlog and the listener
@@ -31,6 +32,7 @@ use super::key::FlowKey;
 use super::open_backlog::{Filed, Held};
 use super::reply::{Pending, ReplyScratch};
 use super::session::Session;
+use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 use crate::dns::DnsService;
 use crate::dns::replies::ReplyBatch;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch};
@@ -59,6 +61,7 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
         .collect::<io::Result<_>>()?;
     let mut members = members;
     let mut batch = RecvBatch::new(BATCH);
+    let mut sends = UpstreamSends::default();
     let mut dns = DnsAnswers::default();
     let mut ready = Vec::with_capacity(members.len());
     loop {
@@ -68,7 +71,7 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
         }
         let mut more = false;
         for &i in &ready {
-            more |= !members[i].turn(&mut batch, &mut dns, &ctx);
+            more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &ctx);
         }
         if more {
             // Still more queued: let other tasks run before reading on.
@@ -149,7 +152,13 @@ impl DnsAnswers {
 
 impl Member {
     /// Reads and hands on one turn's worth; true when the queue was drained.
-    fn turn(&mut self, batch: &mut RecvBatch, dns: &mut DnsAnswers, ctx: &Arc<RelayContext>) -> bool {
+    fn turn(
+        &mut self,
+        batch: &mut RecvBatch,
+        sends: &mut UpstreamSends,
+        dns: &mut DnsAnswers,
+        ctx: &Arc<RelayContext>,
+    ) -> bool {
         let mut bytes = 0;
         let mut filed = false;
         let mut drained = false;
@@ -158,14 +167,17 @@ impl Member {
                 Ok(read) => {
                     let n = read.count;
                     let mut run = Run::default();
+                    // The runs of all flows in the batch, sent together.
+                    let mut out = sends.batch();
                     let mut batch_bytes = 0;
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
                             batch_bytes += payload.len();
-                            filed |= handle(ctx, self.local, meta, payload, &mut run, &mut dns.batch);
+                            filed |= handle(ctx, self.local, meta, payload, &mut run, &mut out, &mut dns.batch);
                         }
                     }
-                    run.flush(ctx);
+                    run.flush(ctx, &mut out);
+                    out.flush(ctx.stats());
                     dns.flush(ctx);
                     bytes += batch_bytes;
                     // Big datagrams: read fewer at a time, so that a turn
@@ -211,11 +223,9 @@ impl<'b> Run<'b> {
         self.key.as_ref() == Some(key) && self.dst == Some(dst) && self.tos == tos
     }
 
-    fn flush(&mut self, ctx: &RelayContext) {
+    fn flush(&mut self, ctx: &RelayContext, out: &mut UpstreamBatch<'_, 'b>) {
         if let (Some(session), Some(dst)) = (&self.session, self.dst) {
-            if !self.payloads.is_empty() {
-                session.send_upstream(&self.payloads, dst, self.tos, ctx.stats());
-            }
+            out.push(session, &self.payloads, dst, self.tos, ctx.stats());
         }
         self.payloads.clear();
         self.key = None;
@@ -231,6 +241,7 @@ fn handle<'b>(
     meta: &DatagramMeta,
     payload: &'b [u8],
     run: &mut Run<'b>,
+    out: &mut UpstreamBatch<'_, 'b>,
     answers: &mut ReplyBatch,
 ) -> bool {
     ctx.stats().client_datagrams.inc();
@@ -278,7 +289,7 @@ fn handle<'b>(
         run.payloads.push(payload);
         return false;
     }
-    run.flush(ctx);
+    run.flush(ctx, out);
     let session = match ctx.table().get(&key) {
         Some(s) => s,
         None => {

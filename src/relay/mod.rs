@@ -21,6 +21,8 @@
 //! * [`table`] maps each flow to its session, bounded and fair between
 //!   clients (a quota each, eviction from the heaviest, a [`rate`] bucket
 //!   for new flows); removing an entry ends the flow;
+//! * [`upstream_batch`] sends the runs of many flows (a listener's batch,
+//!   an opener's round) with one system call per upstream socket;
 //! * [`pool`] allocates shared upstream sockets, within the descriptor
 //!   [`budget`];
 //! * [`inbound`] reads upstream sockets and hands replies to [`reply`],
@@ -51,6 +53,7 @@ pub mod rules;
 pub mod session;
 pub mod socks5;
 pub mod table;
+pub mod upstream_batch;
 
 pub use context::RelayContext;
 pub use decide::{Decision, Host, decide};

@@ -14,10 +14,11 @@ use std::sync::Arc;
 use super::context::RelayContext;
 use super::key::FlowKey;
 use super::open::{self, OpenError, open};
-use super::open_backlog::{Held, Job, OPENS_PER_ROUND};
+use super::open_backlog::{Held, OPENS_PER_ROUND};
 use super::rules::UdpRule;
 use super::session::Session;
 use super::table::{Entry, Evicted, Eviction};
+use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 
 /// Evictions tried for a new flow when the descriptor budget is used up.
 const BUDGET_TRIES: usize = 3;
@@ -31,6 +32,7 @@ pub fn start(ctx: &Arc<RelayContext>, tasks: usize) {
 
 /// Opens filed flows until the relay shuts down.
 async fn run(ctx: Arc<RelayContext>) {
+    let mut round = Round::default();
     loop {
         let jobs = ctx.open_backlog().take(OPENS_PER_ROUND);
         if jobs.is_empty() {
@@ -41,42 +43,74 @@ async fn run(ctx: Arc<RelayContext>) {
             // More than a round's worth: another opener may take some.
             ctx.open_backlog().wake();
         }
-        for job in jobs {
-            open_filed(&ctx, &job);
+        for job in &jobs {
+            let rule = job.rule();
+            let entry = new_flow(&ctx, job.key, job.dst, rule, &mut || round.settle(&ctx));
+            round.keys.push(job.key);
+            round.entries.push(entry);
+            if rule.by_domain() {
+                ctx.stats().domain_matches.inc();
+            }
         }
+        round.settle(&ctx);
         tokio::task::yield_now().await;
     }
 }
 
-/// Opens one filed flow, then sends its held datagrams and files it in the
-/// table, or drops them (counted) if it cannot be opened.
-fn open_filed(ctx: &Arc<RelayContext>, job: &Job) {
-    let rule = job.rule();
-    let opened = new_flow(ctx, job.key, job.dst, rule);
-    let evicted = ctx.open_backlog().complete(&job.key, |held| {
-        let Some(entry) = opened else {
-            return Vec::new();
-        };
-        let session = entry.session.clone();
-        send_held(&session, &held, ctx);
-        match ctx.table().insert(job.key, entry, ctx.now_ms()) {
-            Ok((_, evicted)) => evicted,
-            // Only openers file flows and a flow is filed once; should
-            // another have come first, ours ends here with its entry.
-            Err(_ours) => Vec::new(),
+/// The flows of one round, opened but not yet in the table. Their held
+/// datagrams leave together, one `sendmmsg` per upstream socket, and then
+/// the flows go into the table: a round of new flows costs a system call
+/// per socket, not one per flow.
+#[derive(Default)]
+struct Round {
+    keys: Vec<FlowKey>,
+    /// `None`: the flow could not be opened (counted); its datagrams drop.
+    entries: Vec<Option<Entry>>,
+    sends: UpstreamSends,
+}
+
+impl Round {
+    /// Sends what was held for the round's flows and files them in the
+    /// table, under the backlog's lock so that no later datagram of a flow
+    /// can overtake its held ones.
+    fn settle(&mut self, ctx: &Arc<RelayContext>) {
+        if self.keys.is_empty() {
+            return;
         }
-    });
-    for e in evicted {
-        count_evicted(ctx, Some(e));
-    }
-    if rule.by_domain() {
-        ctx.stats().domain_matches.inc();
+        let Round { keys, entries, sends } = self;
+        let evicted = ctx.open_backlog().complete_all(keys.iter(), |held| {
+            let mut out = sends.batch();
+            for (entry, held) in entries.iter().zip(&held) {
+                if let Some(entry) = entry {
+                    queue_held(&entry.session, held, &mut out, ctx);
+                }
+            }
+            out.flush(ctx.stats());
+            let now = ctx.now_ms();
+            let mut evicted = Vec::new();
+            for (&key, entry) in keys.iter().zip(entries.drain(..)) {
+                let Some(entry) = entry else { continue };
+                // Only openers file flows and a flow is filed once; should
+                // another have come first, ours ends here with its entry.
+                if let Ok((_, e)) = ctx.table().insert(key, entry, now) {
+                    evicted.extend(e);
+                }
+            }
+            evicted
+        });
+        keys.clear();
+        entries.clear();
+        for e in evicted {
+            count_evicted(ctx, Some(e));
+        }
     }
 }
 
-/// Sends held datagrams in order, consecutive ones to the same place as one run.
-fn send_held(session: &Session, held: &[Held], ctx: &RelayContext) {
+/// Queues held datagrams in order, consecutive ones to the same place as
+/// one run.
+fn queue_held<'p>(session: &Arc<Session>, held: &'p [Held], out: &mut UpstreamBatch<'_, 'p>, ctx: &RelayContext) {
     session.touch(ctx.now_ms());
+    let mut run: Vec<&'p [u8]> = Vec::with_capacity(held.len());
     let mut start = 0;
     while start < held.len() {
         let (dst, tos) = (held[start].dst, held[start].tos);
@@ -84,19 +118,31 @@ fn send_held(session: &Session, held: &[Held], ctx: &RelayContext) {
             .iter()
             .position(|h| h.dst != dst || h.tos != tos)
             .map_or(held.len(), |n| start + n);
-        let run: Vec<&[u8]> = held[start..end].iter().map(|h| h.payload.as_slice()).collect();
-        session.send_upstream(&run, dst, tos, ctx.stats());
+        run.clear();
+        run.extend(held[start..end].iter().map(|h| h.payload.as_slice()));
+        out.push(session, &run, dst, tos, ctx.stats());
         start = end;
     }
 }
 
 /// Makes room for and opens a new flow, as the limits say. `None` when it
 /// cannot be opened (counted).
-fn new_flow(ctx: &Arc<RelayContext>, key: FlowKey, dst: SocketAddr, rule: &UdpRule) -> Option<Entry> {
+/// `settle` files the flows opened before in this round first, so that
+/// evictions for descriptors can find them.
+fn new_flow(
+    ctx: &Arc<RelayContext>,
+    key: FlowKey,
+    dst: SocketAddr,
+    rule: &UdpRule,
+    settle: &mut dyn FnMut(),
+) -> Option<Entry> {
     let table = ctx.table();
     let owner = key.owner();
     count_evicted(ctx, table.make_room(owner));
     let mut opened = open(key, dst, rule, ctx);
+    if matches!(opened, Err(OpenError::Budget)) {
+        settle();
+    }
     // Out of descriptors. A pooled flow takes over a socket from the flows
     // in its way there (a client that busy is the heaviest, or close to
     // it); a flow that needs its own socket gets the descriptor of the

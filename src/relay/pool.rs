@@ -207,6 +207,10 @@ struct State<F> {
     fingerprint: Hasher,
     /// Sockets given back lately, newest last; the oldest are forgotten.
     freed: VecDeque<Weak<PoolSocket<F>>>,
+    /// The socket taken last, tried first: new flows that arrive together
+    /// then mostly share a socket, and their datagrams leave in one
+    /// `sendmmsg` (see `relay::upstream_batch`).
+    last: Weak<PoolSocket<F>>,
     next_id: u32,
     rng: u64,
 }
@@ -218,6 +222,7 @@ impl<F> State<F> {
             by_client: HashSet::with_hasher(Hasher::default()),
             fingerprint: Hasher::default(),
             freed: VecDeque::new(),
+            last: Weak::new(),
             next_id: 0,
             rng: 0x9E37_79B9_7F4A_7C15,
         }
@@ -233,6 +238,11 @@ impl<F> State<F> {
 
     /// An open socket free for (`client`, `remote`), in O(1).
     fn choose(&mut self, client: SocketAddr, remote: SocketAddr) -> Option<Arc<PoolSocket<F>>> {
+        if let Some(socket) = self.last.upgrade() {
+            if !socket.is_retired() && self.fits(&socket, client, remote) {
+                return Some(socket);
+            }
+        }
         let recent = self.freed.len().saturating_sub(FREED_TRIED);
         for pos in (recent..self.freed.len()).rev() {
             let Some(socket) = self.freed[pos].upgrade() else {
@@ -291,7 +301,8 @@ impl<F> State<F> {
 
     /// Takes (`client`, `remote`) on `socket`; the flow is filled in by
     /// [`Lease::attach`]. Until then the socket counts as in use.
-    fn assign(&mut self, socket: &PoolSocket<F>, client: SocketAddr, remote: SocketAddr) {
+    fn assign(&mut self, socket: &Arc<PoolSocket<F>>, client: SocketAddr, remote: SocketAddr) {
+        self.last = Arc::downgrade(socket);
         self.by_client.insert(self.pair(client, socket));
         let mut flows = lock(&socket.flows);
         flows.map.insert(remote, Weak::new());

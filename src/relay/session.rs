@@ -9,9 +9,8 @@
 //! module holds the flow's state only; [`open`](super::open) makes flows
 //! and [`inbound`](super::inbound) brings their replies home.
 
-use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use tokio::net::UdpSocket;
@@ -140,35 +139,45 @@ impl Session {
         }
     }
 
+    /// The socket a run towards `dst` leaves on and the address it is sent
+    /// to; `None` for a SOCKS5 flow, whose task sends.
+    pub fn upstream_target(&self, dst: SocketAddr) -> Option<(RawFd, SocketAddr)> {
+        match &self.upstream {
+            Upstream::Pooled(lease) => Some((lease.socket.socket.as_raw_fd(), lease.remote)),
+            Upstream::Cone { socket, .. } => Some((socket.as_raw_fd(), dst)),
+            Upstream::Socks { .. } => None,
+        }
+    }
+
+    /// Hands a run of client datagrams to the flow's SOCKS5 task; a full
+    /// queue drops (counted). Other flows send on their socket instead.
+    pub fn queue_socks(&self, run: &[&[u8]], dst: SocketAddr, stats: &Stats) {
+        let Upstream::Socks { tx, .. } = &self.upstream else {
+            return;
+        };
+        for payload in run {
+            let out = Outbound {
+                dst,
+                payload: payload.to_vec(),
+            };
+            if tx.try_send(out).is_err() {
+                stats.drop_send_buffer_full.inc();
+            }
+        }
+    }
+
     /// Sends a run of client datagrams towards `dst` (all with TOS `tos`);
     /// never blocks.
     pub fn send_upstream(&self, run: &[&[u8]], dst: SocketAddr, tos: Option<u8>, stats: &Stats) {
-        let (fd, to) = match &self.upstream {
-            Upstream::Pooled(lease) => (lease.socket.socket.as_raw_fd(), lease.remote),
-            Upstream::Cone { socket, .. } => (socket.as_raw_fd(), dst),
-            Upstream::Socks { tx, .. } => {
-                for payload in run {
-                    let out = Outbound {
-                        dst,
-                        payload: payload.to_vec(),
-                    };
-                    if tx.try_send(out).is_err() {
-                        stats.drop_send_buffer_full.inc();
-                    }
-                }
-                return;
-            }
+        let Some((fd, to)) = self.upstream_target(dst) else {
+            self.queue_socks(run, dst, stats);
+            return;
         };
         // Plain sendmsg(2): tokio's try_send would refuse until the reactor
         // has *seen* a new socket become writable, dropping the first
-        // datagram of every flow.
-        let mut result = send_run(fd, run, Some(to), tos, to.is_ipv6());
-        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused) {
-            // An ICMP unreachable for an *earlier* datagram is reported on
-            // this send, and nothing was sent: retry once. The error itself
-            // is counted once, from the socket's error queue, by its reader.
-            result = send_run(fd, run, Some(to), tos, to.is_ipv6());
-        }
+        // datagram of every flow. A refusal meant for an earlier datagram
+        // is retried inside.
+        let result = send_run(fd, run, Some(to), tos, to.is_ipv6());
         count_sent(stats, Direction::Upstream, &result, run);
     }
 }
