@@ -20,7 +20,8 @@
 //!   destination scenario under that command;
 //! * `BENCH_ABUSE_HOOK="perf sched record -o /tmp/s.data -p {pid}"` runs
 //!   that command (`{pid}` is the daemon's) while the destination flood is
-//!   offered, and interrupts it when the flood has been answered.
+//!   offered, and interrupts it when the flood has been answered; the flood
+//!   starts `BENCH_ABUSE_HOOK_WAIT_MS` (default 500) after the command.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -112,8 +113,12 @@ fn hook(pid: u32) -> Option<std::process::Child> {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("BENCH_ABUSE_HOOK");
-    // Give it time to attach.
-    std::thread::sleep(Duration::from_millis(500));
+    // Give it time to attach (BENCH_ABUSE_HOOK_WAIT_MS, default 500).
+    let wait = std::env::var("BENCH_ABUSE_HOOK_WAIT_MS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(500);
+    std::thread::sleep(Duration::from_millis(wait));
     Some(child)
 }
 
@@ -170,6 +175,7 @@ fn destinations(r: &mut Result) {
     let rss_after = rss(daemon.pid());
     let queue_drops = gateway_queue_drops(&lab) - drops_before;
     let stopped = daemon.stop();
+    eprintln!("abuse destinations: daemon counters {:?}", stopped.counters);
     let opened = stopped.counter("sessions_opened");
     let (_, _, _, b99, _) = summary(&baseline);
     let (ok, lost, p50, p99, max) = summary(&flooded);

@@ -109,6 +109,11 @@ impl Sources {
         ];
         if let Some(dns) = &self.dns {
             g.push((
+                "dns_upstream_sockets",
+                "Pooled upstream DNS UDP sockets open, all servers (bounded by the budget's DNS share).",
+                crate::dns::upstream::pooled_sockets() as u64,
+            ));
+            g.push((
                 "dns_cache_entries",
                 "Answers in the DNS cache.",
                 dns.engine().cache_len() as u64,

@@ -64,6 +64,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "DNS queries no upstream answered in time (SERVFAIL).",
     ),
     (
+        "dns_upstream_sockets_total",
+        "counter",
+        "Upstream DNS UDP sockets opened, retired from the pools, and opened one-off beyond their budget.",
+    ),
+    (
         "dns_coalesced_total",
         "counter",
         "DNS cache misses that shared an identical query already sent upstream.",

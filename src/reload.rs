@@ -95,6 +95,9 @@ impl Reloader {
             tracing::warn!("{what} changed: restart tproxyd to apply it (the rest is reloaded)");
         }
         let ended = self.relay.apply(&config.relay);
+        crate::dns::upstream::set_socket_budget(
+            crate::relay::budget::Plan::new(&config.relay, crate::relay::budget::soft_fd_limit()).dns_upstream,
+        );
         if ended > 0 {
             tracing::info!(ended, "flows beyond the new limits ended");
         }

@@ -253,6 +253,7 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
         dns.clone(),
         budget::soft_fd_limit(),
     ));
+    crate::dns::upstream::set_socket_budget(budget::Plan::new(&config.relay, budget::soft_fd_limit()).dns_upstream);
 
     let (trigger, shutdown) = shutdown::channel();
     let mut tasks: JoinSet<io::Result<()>> = JoinSet::new();

@@ -192,6 +192,17 @@ counters! {
     /// Upstream answers dropped for not matching their query (ID, question,
     /// 0x20 case): spoofing attempts or a broken server.
     dns_upstream_mismatched => "drops_total", "reason=\"dns_mismatched_answer\"";
+    /// Datagrams found waiting on an idle upstream socket and discarded
+    /// before its next query (planted forgeries, or late duplicates).
+    dns_upstream_stale => "drops_total", "reason=\"dns_stale_upstream_datagram\"";
+    /// Upstream UDP sockets opened (pool growth and rotation, one-offs).
+    dns_upstream_sockets_opened => "dns_upstream_sockets_total", "op=\"opened\"";
+    /// Pooled upstream sockets closed: used up, too old, abandoned by
+    /// their query, or aimed at.
+    dns_upstream_sockets_retired => "dns_upstream_sockets_total", "op=\"retired\"";
+    /// One-off upstream sockets opened because the pools' descriptor
+    /// budget was spent.
+    dns_upstream_sockets_unpooled => "dns_upstream_sockets_total", "op=\"unpooled\"";
     /// Configuration reloads applied.
     /// Elements added to tproxyd's nftables sets from DNS answers.
     nft_added => "nft_set_elements_total", "op=\"added\"";

@@ -168,9 +168,12 @@ fn one_socket_to_twenty_thousand_destinations_is_linear_and_stalls_no_one() {
         "the other client's RTT was p50 {p50:?} p99 {p99:?}: {added_p50:?} and {added:?} above the kernel-forwarded \
          control's {control_p50:?} and {control_p99:?}"
     );
-    // About 1 KiB per flow, all included (tasks, sockets' user-space side,
-    // table and pool entries); 4 KiB leaves room for allocator slack.
-    assert!(per_flow < 4096, "{per_flow} bytes of RSS per flow");
+    // About 1 KiB per flow, all included (sockets' user-space side, table
+    // and pool entries, what the new-flow backlog held, allocator slack).
+    // This build measured 1,137-1,235 B while a task was spawned per pool
+    // socket (its freed allocations piled up in the arena) and 640 B
+    // after; 1 KiB is the issue's figure.
+    assert!(per_flow <= 1024, "{per_flow} bytes of RSS per flow");
     assert!(stopped.counter("sessions_opened") >= N as u64 * 99 / 100);
 }
 

@@ -235,6 +235,83 @@ fn a_thousand_queries_use_over_900_source_ports_and_random_ids() {
     assert!(sequential < 10, "IDs look sequential ({sequential} steps of +1)");
 }
 
+/// Asks `n` unique names under `zone` in batches of 50; all answered.
+fn ask_batches(lab: &Lab, port: u16, zone: &str, n: u16) {
+    let (sock, to) = client(lab, port);
+    for batch in 0..n / 50 {
+        for i in 0..50u16 {
+            let k = batch * 50 + i;
+            sock.send_to(&query_bytes(k, &format!("q{k}.{zone}."), RecordType::A), to)
+                .unwrap();
+        }
+        let got = replies(&sock, 50, Duration::from_secs(5));
+        assert_eq!(got.len(), 50, "{zone}: batch {batch}");
+    }
+}
+
+#[test]
+fn pooled_sockets_keep_the_port_entropy_are_emptied_before_reuse_and_rotate() {
+    let lab = lab(1);
+    let up = FakeDns::start(&lab.servers[0], upstream(0), Behaviour::answer(REAL));
+    let _daemon = start(&lab, &config(&[upstream(0)], "2s", "1s", ""));
+    let opened = |m: &str| metric(m, "tproxyd_dns_upstream_sockets_total{op=\"opened\"}");
+    // 2,000 queries: the pool fills during the first thousand and is
+    // reused during the second, which must still use as many ports.
+    ask_batches(&lab, 41050, "fill.test", 2_000);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 2_000);
+    for (w, window) in seen.chunks(1_000).enumerate() {
+        let ports: HashSet<u16> = window.iter().map(|s| s.from.port()).collect();
+        assert!(ports.len() >= 900, "window {w}: only {} distinct ports", ports.len());
+    }
+    let m = metrics(&lab);
+    assert!(
+        opened(&m) < 1_600,
+        "sockets are reused, not opened per query: {} for 2,000 queries",
+        opened(&m)
+    );
+
+    // A spoofer who learnt the ports plants forged answers (from the
+    // server's own address) on every one of them while they sit idle,
+    // waiting for a later query to draw a matching ID.
+    let victim = "victim.pool.test.";
+    let mut forged = Message::from_vec(&query_bytes(0, victim, RecordType::A)).unwrap();
+    let gw = gateway_wan4(0);
+    let learnt: HashSet<u16> = seen[1_000..].iter().map(|s| s.from.port()).collect();
+    for (k, &port) in learnt.iter().enumerate() {
+        for j in 0..3u16 {
+            forged.metadata.id = (k as u16).wrapping_mul(3).wrapping_add(j);
+            let bytes = response(&forged, lab::fake_dns::Reply::Address(EVIL)).to_vec().unwrap();
+            up.send_to(&bytes, sa(gw, port));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (sock, to) = client(&lab, 41051);
+    sock.send_to(&query_bytes(1, victim, RecordType::A), to).unwrap();
+    let got = replies(&sock, 1, Duration::from_secs(3));
+    assert_eq!(got.get(&1).map(a_records), Some(vec![REAL]));
+    ask_batches(&lab, 41052, "after.test", 300);
+    let m = metrics(&lab);
+    let stale = metric(&m, "tproxyd_drops_total{reason=\"dns_stale_upstream_datagram\"}");
+    let mismatched = metric(&m, "tproxyd_drops_total{reason=\"dns_mismatched_answer\"}");
+    // Every reused socket was emptied before its query: the planted
+    // answers were discarded unread, none was checked against a query.
+    assert!(stale >= 300, "planted datagrams discarded before reuse: {stale}");
+    assert_eq!(mismatched, 0, "a planted datagram reached a query");
+
+    // Ports rotate: after the sockets' maximum age, queries leave from
+    // ports the spoofer has not seen.
+    let before: HashSet<u16> = up.seen().iter().map(|s| s.from.port()).collect();
+    std::thread::sleep(Duration::from_secs(21));
+    let from = up.seen().len();
+    ask_batches(&lab, 41053, "later.test", 100);
+    let later: Vec<u16> = up.seen()[from..].iter().map(|s| s.from.port()).collect();
+    let old = later.iter().filter(|p| before.contains(p)).count();
+    // A new socket's random port can fall on an old one by chance (a few
+    // thousand of about 28,000); a pool that never rotated would give 100.
+    assert!(old <= 30, "{old} of 100 queries left from ports in use 21 s ago");
+}
+
 #[test]
 fn two_hundred_identical_misses_make_one_upstream_query() {
     let lab = lab(1);

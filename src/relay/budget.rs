@@ -6,8 +6,10 @@
 //! to the hard limit at start), `relay.fd_budget` is what the relay and DNS
 //! may use; `relay.fd_reserve` of it is kept for what must keep working
 //! under attack (the admin endpoint, DNS over TCP, DNS upstream sockets,
-//! listeners, logs); up to `relay.reply_sockets` go to reply sockets; the
-//! rest carry flows (pooled, full-cone and SOCKS5 upstream sockets). A
+//! listeners, logs); an eighth of the rest, at most [`DNS_UPSTREAM_MAX`],
+//! goes to the DNS engine's pools of upstream UDP sockets (each busy
+//! upstream server keeps about a thousand, for port entropy); up to
+//! `relay.reply_sockets` go to reply sockets; the rest carry flows (pooled, full-cone and SOCKS5 upstream sockets). A
 //! flow's socket is taken as a [`Permit`] and handed back when it closes;
 //! when none is left the caller evicts a flow instead of failing
 //! (see `SessionTable::evict_heaviest`).
@@ -86,6 +88,11 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1))
 }
 
+/// The DNS upstream socket pools' share at most: room for a few busy
+/// servers at the thousand sockets each that keeps 1,000 consecutive
+/// queries on as many ports.
+pub const DNS_UPSTREAM_MAX: usize = 4_096;
+
 /// How the descriptor limit is shared out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
@@ -94,6 +101,8 @@ pub struct Plan {
     /// Kept for the admin endpoint, DNS (TCP clients and upstreams),
     /// listeners and logs.
     pub reserve: usize,
+    /// The DNS upstream socket pools, all servers together.
+    pub dns_upstream: usize,
     /// Reply sockets at most.
     pub reply: usize,
     /// Flow sockets at most (pooled, full cone, SOCKS5).
@@ -115,6 +124,8 @@ impl Plan {
         let budget = config.fd_budget.map_or(limit / 10 * 9, |b| b.get()).min(limit);
         let reserve = config.fd_reserve.min(budget / 2);
         let usable = budget - reserve;
+        let dns_upstream = (usable / 8).min(DNS_UPSTREAM_MAX);
+        let usable = usable - dns_upstream;
         // Reply sockets are one per destination address; a quarter of the
         // usable budget at most, so flows always keep the larger part.
         let reply = config.reply_sockets.get().min(usable / 4).max(1);
@@ -122,6 +133,7 @@ impl Plan {
         Plan {
             limit,
             reserve,
+            dns_upstream,
             reply,
             flows,
         }
@@ -200,12 +212,16 @@ mod tests {
         let p = Plan::new(&c, 20_000);
         assert_eq!(p.reserve, c.fd_reserve);
         assert_eq!(p.reply, 1_024);
-        assert_eq!(p.reserve + p.reply + p.flows, 18_000);
+        assert_eq!(p.dns_upstream, (18_000 - c.fd_reserve) / 8);
+        assert_eq!(p.reserve + p.dns_upstream + p.reply + p.flows, 18_000);
         c.fd_budget = NonZeroUsize::new(2_000);
         c.reply_sockets = NonZeroUsize::new(100_000).unwrap();
         let p = Plan::new(&c, 20_000);
-        assert_eq!(p.reply, (2_000 - c.fd_reserve) / 4);
-        assert!(p.reserve + p.reply + p.flows <= 2_000);
+        assert_eq!(p.reply, (2_000 - c.fd_reserve - p.dns_upstream) / 4);
+        assert!(p.reserve + p.dns_upstream + p.reply + p.flows <= 2_000);
+        // A large budget caps the DNS pools' share.
+        c.fd_budget = None;
+        assert_eq!(Plan::new(&c, 1 << 20).dns_upstream, DNS_UPSTREAM_MAX);
         // A budget above the limit is cut to the limit.
         c.fd_budget = NonZeroUsize::new(1_000_000);
         assert!(Plan::new(&c, 4_096).flows < 4_096);

@@ -127,7 +127,7 @@ pub fn open(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &Arc<RelayContex
                 lease.attach(&session);
             }
             if let Some(socket) = fresh {
-                ctx.spawn(inbound::read_pool(socket, ctx.clone()));
+                inbound::read_pool(socket, ctx);
             }
             Opened { session, task: None }
         }

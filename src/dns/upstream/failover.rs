@@ -57,6 +57,7 @@ impl UpstreamGroup {
     /// Asks the servers as described in the module docs.
     pub(super) async fn race(&self, query: &Query, deadline: Instant) -> Result<Message, UpstreamError> {
         let start = Instant::now();
+        self.sweep_sockets(start);
         let standings: Vec<Standing> = self.servers.iter().map(|s| s.health.standing(start)).collect();
         let mut order = order(&standings);
         // A server on probation is asked alongside the first one, not in

@@ -1,8 +1,9 @@
 //! Upstream resolver groups: UDP, TCP, DNS-over-TLS and DNS-over-HTTPS,
 //! with failover, hedging and single-flight.
 //!
-//! Plain UDP servers are asked by [`udp::Exchange`] (a fresh socket on a
-//! random port and a random ID per query, RFC 5452); everything
+//! Plain UDP servers are asked by [`udp::Exchange`] (a random ID per query
+//! and a socket from the server's rotating pool, [`ports`]: any 1,000
+//! consecutive queries leave from as many random ports, RFC 5452); everything
 //! connection-oriented (TCP, TLS, HTTPS, and TCP after a truncated UDP
 //! answer) through hickory's `NameServerPool`, which reuses connections.
 //!
@@ -17,6 +18,7 @@
 mod failover;
 mod flight;
 mod health;
+mod ports;
 mod runtime;
 mod udp;
 
@@ -34,6 +36,7 @@ use rustls_pki_types::pem::PemObject;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -42,6 +45,8 @@ use super::names::wire_key;
 use crate::config::dns::{UpstreamGroupConfig, UpstreamProtocol, UpstreamServer};
 use crate::stats::Stats;
 pub use flight::Role;
+/// The descriptors the upstream socket pools may hold (`relay::budget`).
+pub use ports::{budget_used as pooled_sockets, set_budget as set_socket_budget};
 pub use runtime::MarkedRuntime;
 /// How a received datagram is checked against the query it should answer
 /// (also the answer-path fuzz target's first step).
@@ -62,6 +67,9 @@ pub enum UpstreamError {
     NoAnswer,
 }
 
+/// How often a group checks all its servers' idle sockets for age.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Answers that mean "this server cannot help": ask the next one.
 fn is_failure(rcode: ResponseCode) -> bool {
     matches!(
@@ -77,6 +85,8 @@ struct Server {
     udp: bool,
     /// TCP/TLS/HTTPS, and the TCP retry of truncated UDP answers.
     pool: NameServerPool<MarkedRuntime>,
+    /// Plain UDP's sockets (empty for the other protocols).
+    sockets: ports::ServerSockets,
     health: health::Health,
 }
 
@@ -94,11 +104,14 @@ pub struct UpstreamGroup {
     pub name: String,
     servers: Vec<Server>,
     server_timeout: Duration,
-    mark: u32,
     randomize_case: bool,
     flights: flight::Flights<FlightKey, Shared>,
     /// Client queries waiting on this group (see [`UpstreamGroup::admit`]).
     pending: Arc<Semaphore>,
+    /// When the servers' idle sockets are next checked for age, in
+    /// milliseconds after `created` (see [`UpstreamGroup::sweep_sockets`]).
+    next_sweep_ms: AtomicU64,
+    created: Instant,
     stats: Arc<Stats>,
 }
 
@@ -140,6 +153,7 @@ impl UpstreamGroup {
                     cx.clone(),
                     MarkedRuntime::new(mark),
                 ),
+                sockets: ports::ServerSockets::new(s.addr, mark, stats.clone()),
                 health: health::Health::default(),
             })
             .collect();
@@ -147,10 +161,11 @@ impl UpstreamGroup {
             name: name.to_string(),
             servers,
             server_timeout: config.server_timeout,
-            mark,
             randomize_case: config.case_randomization,
             flights: flight::Flights::default(),
             pending: Arc::new(Semaphore::new(config.max_pending.max(1))),
+            next_sweep_ms: AtomicU64::new(0),
+            created: Instant::now(),
             stats,
         })
     }
@@ -209,6 +224,29 @@ impl UpstreamGroup {
         );
     }
 
+    /// Closes the servers' idle sockets that are past their age, every
+    /// [`SWEEP_EVERY`] at most. A server's pool retires its old sockets as
+    /// it is used; this covers the servers that are no longer asked (one
+    /// that fell behind in the order, one only asked as a hedge), whose
+    /// sockets would otherwise stay open until the next reload.
+    fn sweep_sockets(&self, now: Instant) {
+        let now_ms = u64::try_from(now.saturating_duration_since(self.created).as_millis()).unwrap_or(u64::MAX);
+        let due = self.next_sweep_ms.load(Ordering::Relaxed);
+        if now_ms < due || self.servers.len() < 2 {
+            return;
+        }
+        let next = now_ms.saturating_add(u64::try_from(SWEEP_EVERY.as_millis()).unwrap_or(u64::MAX));
+        if self
+            .next_sweep_ms
+            .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            for server in &self.servers {
+                server.sockets.sweep();
+            }
+        }
+    }
+
     /// One server's answer: UDP first where that is the protocol, TCP when
     /// the UDP answer was truncated. Error RCODEs count as failures so the
     /// next server is tried.
@@ -216,7 +254,7 @@ impl UpstreamGroup {
         if server.udp {
             let exchange = udp::Exchange {
                 server: server.addr,
-                mark: self.mark,
+                sockets: &server.sockets,
                 randomize_case: self.randomize_case,
                 health: &server.health,
                 stats: &self.stats,

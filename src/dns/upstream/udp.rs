@@ -1,36 +1,36 @@
 //! One plain-UDP exchange with an upstream, hardened against off-path
 //! spoofing (RFC 5452).
 //!
-//! Every query gets a socket of its own, so a port the kernel picks at
-//! random across the whole ephemeral range (about 28,000 ports), and a
-//! random ID: a spoofer must guess both, about 2^30 combinations, and can
-//! only try while that one query is in flight. The socket is connected, so
-//! the kernel already drops datagrams from any other address or port. An
-//! answer is believed only if it is a response with our ID and echoes our
-//! question exactly (including the 0x20 case pattern when that is on);
-//! anything else is counted and dropped *without* ending the wait, so a
-//! forged answer cannot cut the real one off.
+//! The query leaves from a socket of the server's rotating pool
+//! ([`super::ports`]): a port the kernel picked at random, not used for any
+//! of the previous 1,000 queries to that server and retired after a few
+//! dozen queries or seconds, plus a random ID: a spoofer must guess both
+//! while the query is in flight. The socket is connected, so the kernel
+//! already drops datagrams from any other address or port, and anything
+//! waiting on it from before the query is discarded unread. An answer is
+//! believed only if it is a response with our ID and echoes our question
+//! exactly (including the 0x20 case pattern when that is on); anything
+//! else is counted and dropped *without* ending the wait, so a forged
+//! answer cannot cut the real one off.
 //!
 //! Receive errors (ICMP unreachable, spoofed or real) are counted and the
 //! wait goes on: an off-path attacker can make a query time out at worst,
-//! never disable forwarding. The socket closes when the exchange ends.
+//! never disable forwarding. The socket returns to the pool only when the
+//! exchange ended with an answer; otherwise it closes.
 //!
-//! A socket per query costs a few system calls: `socket` (already
-//! `SOCK_NONBLOCK | SOCK_CLOEXEC`, no `fcntl`), `setsockopt(SO_MARK)` (the
-//! redirect's skip rule needs it), `connect` (which picks the port: no
-//! `bind`, no `getsockname`), `close`, and the reactor's two `epoll_ctl`.
-//! In exchange there is no shared reader task to die, no shared state to
-//! lock, and nothing left open after a reload.
+//! A query costs three system calls here: the `recv` that finds the
+//! reused socket empty, the `send` and the `recv` of the answer. Opening
+//! and closing sockets (`socket`, `setsockopt(SO_MARK)`, `connect`, two
+//! `epoll_ctl`, `close`) happens once per socket, not per query.
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::Name;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::net::UdpSocket;
 
 use super::health::Health;
-use crate::net::sockets;
+use super::ports::ServerSockets;
 use crate::ratelog::RateLimit;
 use crate::stats::Stats;
 
@@ -46,7 +46,7 @@ static MISMATCH_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 /// Where the exchange goes and what to count on the way.
 pub struct Exchange<'a> {
     pub server: SocketAddr,
-    pub mark: u32,
+    pub sockets: &'a ServerSockets,
     /// DNS 0x20: send the name in random case and require it echoed.
     pub randomize_case: bool,
     pub health: &'a Health,
@@ -58,7 +58,15 @@ impl Exchange<'_> {
     /// answer; the caller bounds the wait. The answer's question and owner
     /// names come back in the case of `query`.
     pub async fn run(&self, query: &Query) -> io::Result<Message> {
-        let id: u16 = rand::random();
+        let (mut lease, cleaned) = self.sockets.take()?;
+        if cleaned.stale > 0 {
+            self.stats.dns_upstream_stale.add(cleaned.stale as u64);
+        }
+        if cleaned.errors > 0 {
+            self.health.receive_errors.add(cleaned.errors as u64);
+            self.stats.receive_errors.add(cleaned.errors as u64);
+        }
+        let id = lease.fresh_id();
         let sent = if self.randomize_case {
             let mut q = query.clone();
             q.set_name(randomize_case(query.name()));
@@ -67,18 +75,15 @@ impl Exchange<'_> {
             query.clone()
         };
         let bytes = encode(id, &sent)?;
-        // Sent before the socket joins the reactor: a fresh socket's send
-        // buffer is empty, and tokio would otherwise wait for the reactor to
-        // report it writable first (a wake-up per query).
-        let std = sockets::marked_connected_udp(self.server, self.mark)?;
-        let early = match std.send(&bytes) {
-            Ok(_) => true,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+        // Straight to the kernel: the reactor may not have reported a new
+        // socket writable yet, and waiting for that would cost a wake-up.
+        let socket = lease.socket();
+        match socket2::SockRef::from(socket).send(&bytes) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                socket.send(&bytes).await?;
+            }
             Err(e) => return Err(e),
-        };
-        let socket = UdpSocket::from_std(std)?;
-        if !early {
-            socket.send(&bytes).await?;
         }
         // Not zeroed: the kernel writes what is read, and only that is used.
         let mut buf = Vec::with_capacity(RECEIVE_BUFFER);
@@ -97,6 +102,7 @@ impl Exchange<'_> {
             };
             match accept(buf.get(..n).unwrap_or_default(), id, &sent) {
                 Some(mut answer) => {
+                    lease.answered();
                     if self.randomize_case {
                         restore_case(&mut answer, sent.name(), query);
                     }

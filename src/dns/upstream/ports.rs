@@ -1,0 +1,571 @@
+//! A rotating pool of pre-opened upstream UDP sockets, one pool per
+//! plain-UDP server, so that a cache miss costs a send and a receive rather
+//! than opening, registering and closing a socket of its own.
+//!
+//! What an off-path spoofer needs is the query's source port and ID while
+//! the query is in flight (RFC 5452). A socket per query gives a fresh
+//! random port every time, at six system calls per query (`socket`,
+//! `setsockopt(SO_MARK)`, `connect`, `close` and the reactor's two
+//! `epoll_ctl`). The pool keeps the same guarantee on the figure that
+//! matters — any 1,000 consecutive queries to a server leave from at least
+//! that many different ports — and rotates the ports so that one learnt
+//! (through some side channel) stops being useful soon:
+//!
+//! * **Reuse distance.** A socket is used again only after
+//!   [`Limits::reuse_distance`] other queries (1,000) have been taken from
+//!   the pool since its last one; until then the pool opens a new socket,
+//!   on a port the kernel picks at random across the ephemeral range. So
+//!   the pool grows to about that many sockets under load and stays small
+//!   when queries are rare.
+//! * **Unpredictable order.** Of the idle sockets that may be reused, one of
+//!   the [`Limits::pick_among`] oldest is drawn at random.
+//! * **Rotation.** A socket is closed after [`Limits::uses`] queries (32)
+//!   or [`Limits::max_age`] (20 s), whichever comes first, and replaced by a
+//!   new one on a new random port. At 30,000 misses a second every port
+//!   changes about once a second; when it is quiet a socket is rarely used
+//!   twice.
+//! * **Clean before use.** Each socket is connected to its server, so the
+//!   kernel drops datagrams from any other address or port and reports ICMP
+//!   errors about it. Before a query is sent, whatever the socket holds is
+//!   read and discarded: a datagram planted while it was idle (a forged
+//!   answer waiting for a lucky ID) and a pending ICMP error are counted and
+//!   never seen by the query. A socket that held more than
+//!   [`MAX_STALE`] is closed instead. The ID is also never the socket's
+//!   previous one, and an answer must echo the exact question
+//!   (`udp::accept`), so even a late duplicate of an earlier answer is
+//!   refused.
+//! * **Only clean exchanges return.** A socket goes back to the pool only
+//!   when its query was answered; an abandoned, failed or timed-out exchange
+//!   closes it, so a late answer can never land on a socket another query
+//!   is using.
+//!
+//! The sockets count against a descriptor budget of their own
+//! ([`set_budget`], planned with the relay's in `relay::budget`): when it is
+//! spent, a query gets a one-off socket as before the pool (closed after
+//! it, bounded by the group's `max_pending`), so the entropy never drops to
+//! fit the budget. The pool is owned by its server's entry in the upstream
+//! group: a reload or shutdown drops the engine and closes every idle
+//! socket; a socket still in use closes when its query ends. No task is
+//! spawned for any of this: sockets are opened when a query needs one and
+//! closed when they retire.
+
+use std::collections::VecDeque;
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
+
+use crate::net::sockets;
+use crate::stats::Stats;
+
+/// How the pool rotates its sockets.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Queries taken from the pool between two uses of one socket.
+    pub reuse_distance: u64,
+    /// Reusable idle sockets the next one is drawn from (oldest first; at
+    /// most [`MAX_PICK`]).
+    pub pick_among: usize,
+    /// Queries a socket carries before it is closed.
+    pub uses: u32,
+    /// Age at which a socket is closed, used or not.
+    pub max_age: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            // RFC 5452's figure, and the one the tests hold tproxyd to:
+            // 1,000 consecutive queries on as many ports.
+            reuse_distance: 1_000,
+            pick_among: 8,
+            uses: 32,
+            max_age: Duration::from_secs(20),
+        }
+    }
+}
+
+/// More than this many datagrams or errors waiting on an idle socket: it is
+/// being aimed at; close it rather than keep reading.
+pub const MAX_STALE: usize = 16;
+/// The most idle sockets the next one is drawn from.
+const MAX_PICK: usize = 16;
+/// Expired sockets closed per query at most, so one query never pays for
+/// closing a whole pool that went quiet.
+const SWEEP_PER_TAKE: usize = 8;
+
+/// Descriptors all pools together may hold, and how many they hold now.
+struct Budget {
+    used: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+/// Until the daemon plans its descriptors (`relay::budget`), and in
+/// tools that never do.
+const DEFAULT_BUDGET: usize = 4_096;
+
+static BUDGET: Budget = Budget {
+    used: AtomicUsize::new(0),
+    limit: AtomicUsize::new(DEFAULT_BUDGET),
+};
+
+/// Sets how many descriptors the upstream socket pools may hold together
+/// (at start and on reload). Sockets already open stay open; the pools
+/// shrink to a lower limit as their sockets retire.
+pub fn set_budget(limit: usize) {
+    BUDGET.limit.store(limit, Ordering::Relaxed);
+}
+
+/// Descriptors the pools hold now (for metrics and tests).
+pub fn budget_used() -> usize {
+    BUDGET.used.load(Ordering::Relaxed)
+}
+
+/// One descriptor of the pools' budget, given back when dropped.
+#[derive(Debug)]
+struct Permit(());
+
+impl Permit {
+    fn take() -> Option<Permit> {
+        let limit = BUDGET.limit.load(Ordering::Relaxed);
+        BUDGET
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u < limit).then_some(u + 1))
+            .ok()
+            .map(|_| Permit(()))
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        BUDGET.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A socket and what the pool knows about it.
+#[derive(Debug)]
+struct Pooled {
+    socket: UdpSocket,
+    /// When it retires, however little it was used.
+    retires: Instant,
+    uses: u32,
+    /// The pool's take count when it was last taken.
+    last_take: u64,
+    /// The ID of its last query (the next one must differ).
+    last_id: Option<u16>,
+    /// `None` for a one-off socket opened beyond the budget.
+    permit: Option<Permit>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    idle: VecDeque<Pooled>,
+    takes: u64,
+}
+
+/// What was found on a reused socket before its query (the pool counts
+/// the rest itself: sockets opened, retired, one-off).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Cleaned {
+    /// Datagrams that were waiting on the socket, discarded unread.
+    pub stale: usize,
+    /// Errors (ICMP) that were pending on the socket, cleared.
+    pub errors: usize,
+}
+
+/// The sockets of one upstream server.
+#[derive(Debug)]
+pub struct ServerSockets {
+    server: SocketAddr,
+    mark: u32,
+    limits: Limits,
+    state: Mutex<State>,
+    stats: Arc<Stats>,
+}
+
+/// A socket lent to one query. It goes back to the pool only if
+/// [`Lease::answered`] was called; otherwise it is closed when dropped.
+#[derive(Debug)]
+pub struct Lease<'a> {
+    pool: &'a ServerSockets,
+    pooled: Option<Pooled>,
+    answered: bool,
+}
+
+impl ServerSockets {
+    pub fn new(server: SocketAddr, mark: u32, stats: Arc<Stats>) -> Self {
+        Self::with_limits(server, mark, Limits::default(), stats)
+    }
+
+    pub fn with_limits(server: SocketAddr, mark: u32, limits: Limits, stats: Arc<Stats>) -> Self {
+        ServerSockets {
+            server,
+            mark,
+            limits,
+            state: Mutex::new(State::default()),
+            stats,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Idle sockets now.
+    #[cfg(test)]
+    fn idle(&self) -> usize {
+        self.state().idle.len()
+    }
+
+    /// A clean socket for one query, and what was cleaned off it. Must
+    /// run inside the runtime (a new socket joins its reactor).
+    pub fn take(&self) -> io::Result<(Lease<'_>, Cleaned)> {
+        let now = Instant::now();
+        let mut closing: Vec<Pooled> = Vec::new();
+        let (seq, reused) = {
+            let mut st = self.state();
+            st.takes += 1;
+            let seq = st.takes;
+            while closing.len() < SWEEP_PER_TAKE && st.idle.front().is_some_and(|p| self.expired(p, now)) {
+                closing.extend(st.idle.pop_front());
+            }
+            // The reusable ones among the oldest few, without allocating:
+            // this runs on every query.
+            let mut candidates = [0usize; MAX_PICK];
+            let mut n = 0;
+            for (i, p) in st.idle.iter().take(self.limits.pick_among.min(MAX_PICK)).enumerate() {
+                if seq.saturating_sub(p.last_take) > self.limits.reuse_distance && !self.expired(p, now) {
+                    candidates[n] = i;
+                    n += 1;
+                }
+            }
+            let picked = match n {
+                0 => None,
+                n => candidates.get(rand::random_range(0..n)).copied(),
+            };
+            let reused = picked.and_then(|i| st.idle.remove(i)).map(|mut p| {
+                p.last_take = seq;
+                p
+            });
+            (seq, reused)
+        };
+        self.retire(closing.len());
+        drop(closing);
+        let mut cleaned = Cleaned::default();
+        let pooled = match reused {
+            Some(p) => match clean(&p.socket) {
+                Ok(c) => {
+                    cleaned = c;
+                    p
+                }
+                Err(c) => {
+                    // Aimed at: a new port instead.
+                    cleaned = c;
+                    drop(p);
+                    self.retire(1);
+                    self.open(now, seq)?
+                }
+            },
+            None => self.open(now, seq)?,
+        };
+        Ok((
+            Lease {
+                pool: self,
+                pooled: Some(pooled),
+                answered: false,
+            },
+            cleaned,
+        ))
+    }
+
+    /// A new socket on a random port, in the budget if there is room.
+    fn open(&self, now: Instant, seq: u64) -> io::Result<Pooled> {
+        let permit = Permit::take();
+        let std = sockets::marked_connected_udp(self.server, self.mark)?;
+        let socket = UdpSocket::from_std(std)?;
+        self.stats.dns_upstream_sockets_opened.inc();
+        if permit.is_none() {
+            self.stats.dns_upstream_sockets_unpooled.inc();
+        }
+        Ok(Pooled {
+            socket,
+            retires: now + self.limits.max_age,
+            uses: 0,
+            last_take: seq,
+            last_id: None,
+            permit,
+        })
+    }
+
+    fn retire(&self, n: usize) {
+        if n > 0 {
+            self.stats.dns_upstream_sockets_retired.add(n as u64);
+        }
+    }
+
+    fn expired(&self, p: &Pooled, now: Instant) -> bool {
+        p.uses >= self.limits.uses || now >= p.retires
+    }
+
+    /// Closes idle sockets past their age (when the server is no longer
+    /// asked, its pool would otherwise stay open until the next reload).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let closing: VecDeque<Pooled> = {
+            let mut st = self.state();
+            let (closing, kept): (VecDeque<Pooled>, VecDeque<Pooled>) = std::mem::take(&mut st.idle)
+                .into_iter()
+                .partition(|p| self.expired(p, now));
+            st.idle = kept;
+            closing
+        };
+        self.retire(closing.len());
+    }
+
+    fn give_back(&self, p: Pooled) {
+        if p.permit.is_none() {
+            return;
+        }
+        if self.expired(&p, Instant::now()) {
+            self.retire(1);
+            return;
+        }
+        self.state().idle.push_back(p);
+    }
+}
+
+impl Lease<'_> {
+    pub fn socket(&self) -> &UdpSocket {
+        // Only `Drop` takes it out.
+        match &self.pooled {
+            Some(p) => &p.socket,
+            None => unreachable!("a lease holds its socket until dropped"),
+        }
+    }
+
+    /// A random query ID that differs from this socket's previous one.
+    pub fn fresh_id(&mut self) -> u16 {
+        let last = self.pooled.as_ref().and_then(|p| p.last_id);
+        loop {
+            let id: u16 = rand::random();
+            if Some(id) != last {
+                if let Some(p) = self.pooled.as_mut() {
+                    p.last_id = Some(id);
+                    p.uses += 1;
+                }
+                return id;
+            }
+        }
+    }
+
+    /// The query was answered: the socket may serve again.
+    pub fn answered(&mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        match self.pooled.take() {
+            Some(p) if self.answered => self.pool.give_back(p),
+            Some(p) if p.permit.is_some() => self.pool.retire(1),
+            _ => {}
+        }
+    }
+}
+
+/// Reads and discards whatever waits on `socket` (datagrams, pending
+/// errors), then tells the reactor it is empty, so the query's receive
+/// waits for what arrives after its own send. One `recv` when there is
+/// nothing, the usual case.
+fn clean(socket: &UdpSocket) -> Result<Cleaned, Cleaned> {
+    let sock = socket2::SockRef::from(socket);
+    // MSG_TRUNC: the datagram is consumed whatever its size.
+    let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+    let (mut stale, mut errors) = (0, 0);
+    loop {
+        match sock.recv_with_flags(&mut byte, libc::MSG_DONTWAIT | libc::MSG_TRUNC) {
+            Ok(_) => stale += 1,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A pending ICMP error, now cleared.
+            Err(_) => errors += 1,
+        }
+        if stale + errors > MAX_STALE {
+            return Err(Cleaned { stale, errors });
+        }
+    }
+    // The reactor may still think the socket readable from an earlier
+    // datagram; without this the query's first receive would be a wasted
+    // system call. (The readiness is cleared only if nothing newer came.)
+    let _ = socket.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+    Ok(Cleaned { stale, errors })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::net::{Ipv4Addr, UdpSocket as StdUdp};
+
+    /// A stand-in server on loopback (never answers by itself).
+    fn server() -> (StdUdp, SocketAddr) {
+        let s = StdUdp::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = s.local_addr().unwrap();
+        (s, addr)
+    }
+
+    fn pool(server: SocketAddr, limits: Limits) -> (ServerSockets, Arc<Stats>) {
+        let stats = Arc::new(Stats::default());
+        (ServerSockets::with_limits(server, 0, limits, stats.clone()), stats)
+    }
+
+    fn limits(reuse_distance: u64, uses: u32) -> Limits {
+        Limits {
+            reuse_distance,
+            pick_among: 4,
+            uses,
+            max_age: Duration::from_secs(60),
+        }
+    }
+
+    fn port(lease: &Lease<'_>) -> u16 {
+        lease.socket().local_addr().unwrap().port()
+    }
+
+    /// Takes a socket, "answers" its query and gives it back; its port.
+    fn one_query(pool: &ServerSockets) -> u16 {
+        let (mut lease, _) = pool.take().unwrap();
+        lease.fresh_id();
+        lease.answered();
+        port(&lease)
+    }
+
+    #[tokio::test]
+    async fn no_socket_serves_twice_within_the_reuse_distance() {
+        let (_srv, addr) = server();
+        let (pool, stats) = pool(addr, limits(50, 1_000));
+        let ports: Vec<u16> = (0..400).map(|_| one_query(&pool)).collect();
+        for window in ports.windows(50) {
+            let distinct: HashSet<_> = window.iter().collect();
+            assert_eq!(distinct.len(), 50, "a socket reused within 50 queries");
+        }
+        // ...and the pool stopped growing near the distance: sockets are
+        // reused, not opened per query.
+        let opened = stats.dns_upstream_sockets_opened.get();
+        assert!((51..=60).contains(&opened), "{opened} sockets opened");
+        assert!(pool.idle() as u64 <= opened);
+    }
+
+    #[tokio::test]
+    async fn sockets_retire_after_their_uses_and_ports_rotate() {
+        let (_srv, addr) = server();
+        let (pool, stats) = pool(addr, limits(10, 4));
+        let first: HashSet<u16> = (0..40).map(|_| one_query(&pool)).collect();
+        let later: HashSet<u16> = (0..40).map(|_| one_query(&pool)).collect();
+        // Every socket of the first round has retired by the end of the
+        // second: four uses each, eleven sockets.
+        let third: HashSet<u16> = (0..40).map(|_| one_query(&pool)).collect();
+        assert!(stats.dns_upstream_sockets_retired.get() >= 20);
+        assert!(
+            first.intersection(&third).count() <= 1,
+            "ports still in use after their retirement: {first:?} {third:?}"
+        );
+        assert!(later.len() >= 11);
+    }
+
+    #[tokio::test]
+    async fn sockets_retire_with_age() {
+        let (_srv, addr) = server();
+        let (pool, stats) = pool(
+            addr,
+            Limits {
+                max_age: Duration::from_millis(50),
+                ..limits(0, 1_000)
+            },
+        );
+        let a = one_query(&pool);
+        assert_eq!(one_query(&pool), a, "reused while young");
+        std::thread::sleep(Duration::from_millis(80));
+        let b = one_query(&pool);
+        assert_ne!(a, b, "an old socket is replaced");
+        assert_eq!(stats.dns_upstream_sockets_retired.get(), 1);
+        std::thread::sleep(Duration::from_millis(80));
+        pool.sweep();
+        assert_eq!(pool.idle(), 0, "the sweep closes what aged while idle");
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_query_closes_its_socket() {
+        let (_srv, addr) = server();
+        let (pool, stats) = pool(addr, limits(0, 1_000));
+        let (mut lease, _) = pool.take().unwrap();
+        lease.fresh_id();
+        drop(lease);
+        assert_eq!(pool.idle(), 0);
+        assert_eq!(stats.dns_upstream_sockets_retired.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn what_waits_on_an_idle_socket_is_discarded_before_the_next_query() {
+        let (srv, addr) = server();
+        let (pool, _) = pool(addr, limits(0, 1_000));
+        let (mut lease, _) = pool.take().unwrap();
+        let id = lease.fresh_id();
+        let local = lease.socket().local_addr().unwrap();
+        lease.answered();
+        drop(lease);
+        // A forged answer planted while the socket is idle (from the
+        // server's own address: the only one a connected socket accepts).
+        srv.send_to(b"forged answer", local).unwrap();
+        srv.send_to(b"another", local).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let (mut lease, cleaned) = pool.take().unwrap();
+        assert_eq!(port(&lease), local.port());
+        assert_eq!(cleaned, Cleaned { stale: 2, errors: 0 });
+        assert_ne!(lease.fresh_id(), id, "the next ID differs from the last");
+        let mut buf = [0u8; 64];
+        let e = lease.socket().try_recv(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "nothing left for the query");
+    }
+
+    #[tokio::test]
+    async fn a_socket_aimed_at_is_replaced_and_an_icmp_error_is_cleared() {
+        let (srv, addr) = server();
+        let (pool, stats) = pool(addr, limits(0, 1_000));
+        let local = {
+            let (mut lease, _) = pool.take().unwrap();
+            lease.fresh_id();
+            lease.answered();
+            lease.socket().local_addr().unwrap()
+        };
+        for _ in 0..=MAX_STALE {
+            srv.send_to(b"flood", local).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let (lease, cleaned) = pool.take().unwrap();
+        assert!(cleaned.stale > MAX_STALE);
+        assert_ne!(port(&lease), local.port(), "a new port");
+        assert_eq!(stats.dns_upstream_sockets_retired.get(), 1);
+        drop(lease);
+
+        // The server goes away: the kernel's port unreachable becomes an
+        // error pending on the idle socket, cleared before the next query.
+        drop(srv);
+        let (mut lease, _) = pool.take().unwrap();
+        lease.fresh_id();
+        socket2::SockRef::from(lease.socket()).send(b"query").unwrap();
+        lease.answered();
+        let local = lease.socket().local_addr().unwrap();
+        drop(lease);
+        std::thread::sleep(Duration::from_millis(20));
+        let (lease, cleaned) = pool.take().unwrap();
+        assert_eq!(lease.socket().local_addr().unwrap(), local, "keeps serving");
+        assert_eq!(cleaned, Cleaned { stale: 0, errors: 1 });
+    }
+}
