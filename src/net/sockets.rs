@@ -75,6 +75,11 @@ pub fn transparent_listener(addr: SocketAddr, buffer: usize, group: bool) -> io:
         setsockopt(&sock, sockopt::Ipv4OrigDstAddr, &true)?;
         setsockopt(&sock, sockopt::IpRecvTos, &true)?;
     }
+    // Datagrams the kernel coalesced (GRO, or a client's GSO train over a
+    // veth) arrive whole, one slot and one copy for the lot, instead of
+    // being cut up again in the kernel; the listener splits them
+    // (`recv::segments`). Kernels before 5.0 refuse: not needed then.
+    let _ = setsockopt(&sock, sockopt::UdpGroSegment, &true);
     sock.set_reuse_address(true)?;
     if group {
         sock.set_reuse_port(true)?;
