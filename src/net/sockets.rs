@@ -156,6 +156,10 @@ pub fn flow_upstream(
     } else {
         setsockopt(&sock, sockopt::IpRecvTos, &true)?;
     }
+    // A server's GSO train (QUIC servers send them), or datagrams the NIC
+    // coalesced, arrive whole; the reply readers split them (see
+    // `recv::segments`). Kernels before 5.0 refuse: not needed then.
+    let _ = setsockopt(&sock, sockopt::UdpGroSegment, &true);
     let mut local = unspecified(remote);
     if let Some(port) = shared_port {
         sock.set_reuse_address(true)?;
