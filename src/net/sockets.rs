@@ -75,7 +75,12 @@ pub fn transparent_listener(addr: SocketAddr, buffer: usize, group: bool) -> io:
         setsockopt(&sock, sockopt::Ipv4OrigDstAddr, &true)?;
         setsockopt(&sock, sockopt::IpRecvTos, &true)?;
     }
-    sock.set_reuse_address(true)?;
+    // No `SO_REUSEADDR`: on UDP it lets a socket of *any* user that sets
+    // it too bind the same address, and the kernel looks the newest one up
+    // first. Not transparent, such a socket makes TPROXY drop every
+    // datagram handed to it: one unprivileged process could blackhole the
+    // relay (tests/abuse.rs). A group needs only `SO_REUSEPORT`, which the
+    // kernel grants to sockets of the same user alone.
     if group {
         sock.set_reuse_port(true)?;
     }
