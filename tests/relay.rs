@@ -384,3 +384,74 @@ fn flows_to_different_destinations_share_local_ports() {
     assert_eq!(stopped.counter("sessions_opened"), 8);
     assert_eq!(stopped.counter("drop_session_open_failed"), 1);
 }
+
+/// A client's GSO train crosses the veth as one buffer and reaches the
+/// listener whole (it takes coalesced datagrams, `UDP_GRO`); it must
+/// still leave for the server as the datagrams that were sent, in order,
+/// and a burst of mixed sizes behind it must not be merged or cut. The
+/// same for a server's train to a pool socket, on its way to the client.
+#[test]
+fn coalesced_trains_and_mixed_bursts_arrive_as_sent_both_ways() {
+    use std::os::fd::AsRawFd;
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd(&config(""));
+    let train: Vec<Vec<u8>> = (0..21u8).map(|i| vec![i; if i == 20 { 300 } else { 1000 }]).collect();
+    let burst: Vec<Vec<u8>> = vec![vec![101; 1000], vec![102; 20], vec![103; 1000], vec![104; 1400], vec![]];
+    for (client, server) in [
+        (client4(40010), sa(server4(0), 7010)),
+        (client6(40010), sa(server6(0), 7010)),
+    ] {
+        let rx = socket(&lab.servers[0], server);
+        let tx = socket(&lab.client, client);
+        // Open the flow first: a flow being opened holds only a few
+        // datagrams, and that bound is not what is tested here.
+        tx.send_to(b"open", server).unwrap();
+        let (gateway, opened) = recv(&rx).expect("the flow's first datagram");
+        assert_eq!(opened, b"open");
+        std::thread::sleep(Duration::from_millis(200));
+        let run: Vec<&[u8]> = train.iter().map(Vec::as_slice).collect();
+        let sent = tproxyd::net::send::send_run(tx.as_raw_fd(), &run, Some(server), None, server.is_ipv6()).unwrap();
+        assert_eq!(sent, train.len());
+        for p in &burst {
+            tx.send_to(p, server).unwrap();
+        }
+        for (i, want) in train.iter().chain(&burst).enumerate() {
+            let (_, got) = recv(&rx).unwrap_or_else(|| panic!("{server}: datagram {i} did not arrive"));
+            assert_eq!(
+                (got.len(), got.first()),
+                (want.len(), want.first()),
+                "{server}: datagram {i}"
+            );
+            assert!(got == *want, "{server}: datagram {i} was altered");
+        }
+        rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        assert!(recv(&rx).is_none(), "{server}: more arrived than was sent");
+
+        // The same the other way: the server's train reaches the pool
+        // socket whole, and the client gets each datagram from the server's
+        // address.
+        let sent = tproxyd::net::send::send_run(rx.as_raw_fd(), &run, Some(gateway), None, server.is_ipv6()).unwrap();
+        assert_eq!(sent, train.len());
+        for p in &burst {
+            rx.send_to(p, gateway).unwrap();
+        }
+        for (i, want) in train.iter().chain(&burst).enumerate() {
+            let (from, got) = recv(&tx).unwrap_or_else(|| panic!("{server}: reply {i} did not arrive"));
+            assert_eq!(from, server, "reply {i} must come from the original destination");
+            assert_eq!(
+                (got.len(), got.first()),
+                (want.len(), want.first()),
+                "{server}: reply {i}"
+            );
+            assert!(got == *want, "{server}: reply {i} was altered");
+        }
+        tx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        assert!(recv(&tx).is_none(), "{server}: more replies arrived than were sent");
+    }
+    let stopped = daemon.stop();
+    let each = (1 + train.len() + burst.len()) as u64 * 2;
+    assert_eq!(stopped.counter("client_datagrams"), each);
+    assert_eq!(stopped.counter("upstream_datagrams"), each);
+    assert_eq!(stopped.counter("reply_datagrams"), each - 2);
+}

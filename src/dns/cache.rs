@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
+use super::rendered::Rendered;
 use super::ttl_secs;
 use crate::config::dns::CacheConfig;
 
@@ -77,6 +78,9 @@ pub struct Entry {
     hits: AtomicU32,
     /// Set once a prefetch has been started for this entry: one at a time.
     prefetching: AtomicBool,
+    /// The last encoding of the entry as an answer, served again to the
+    /// same question at the same age.
+    pub rendered: Rendered,
 }
 
 impl Entry {
@@ -355,6 +359,7 @@ impl DnsCache {
             bytes,
             hits: AtomicU32::new(0),
             prefetching: AtomicBool::new(false),
+            rendered: Rendered::default(),
         };
         Self::put(&self.config, &mut store, key, entry)
     }
@@ -435,6 +440,7 @@ impl DnsCache {
             lifetime,
             hits: AtomicU32::new(0),
             prefetching: AtomicBool::new(false),
+            rendered: Rendered::default(),
         };
         Self::put(&self.config, &mut store, key, entry)
     }

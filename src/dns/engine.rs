@@ -20,6 +20,7 @@ use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::wire_key;
 use super::ratelimit::RateLimiter;
+use super::rendered::{Rendered, Shape};
 use super::rules::{Action, RuleSet, StaticAnswer};
 use super::scrub;
 use super::shares::{self, ClientShares, Share};
@@ -135,6 +136,9 @@ pub struct DnsEngine {
     /// Where answers are recorded (name map, nftables sets); shared by
     /// the engines that replace each other on reload.
     feed: Option<Arc<DomainFeed>>,
+    /// Whether kept encodings are served (off only in the test that
+    /// checks them against the full path).
+    reuse_encoded: bool,
 }
 
 impl DnsEngine {
@@ -177,6 +181,7 @@ impl DnsEngine {
             tcp: config.tcp.clone(),
             stats,
             feed: None,
+            reuse_encoded: true,
         })
     }
 
@@ -337,8 +342,10 @@ impl DnsEngine {
         let group = match rule.map(|r| &r.action) {
             Some(Action::Answer(answer)) => {
                 s.dns_answered_local.inc();
-                let msg = self.static_answer(&request, answer);
-                return self.reply_observed(&request, &msg, transport, client, rule);
+                let rendered = rule.map(|r| &r.rendered);
+                return self.reply_rendered(rendered, &request, transport, client, rule, 0, || {
+                    self.static_answer(&request, answer)
+                });
             }
             Some(Action::Hosts(table, ttl)) => {
                 s.dns_answered_local.inc();
@@ -367,9 +374,11 @@ impl DnsEngine {
         };
         if let Some((entry, age)) = self.cache.get(&self.cache_key(&request, group)) {
             s.dns_cache_hits.inc();
-            let mut msg = message::response(&request, entry.rcode, self.max_udp_payload);
-            entry.fill(&mut msg, age);
-            let outcome = self.reply_observed(&request, &msg, transport, client, rule);
+            let outcome = self.reply_rendered(Some(&entry.rendered), &request, transport, client, rule, age, || {
+                let mut msg = message::response(&request, entry.rcode, self.max_udp_payload);
+                entry.fill(&mut msg, age);
+                msg
+            });
             if let Outcome::Reply(bytes) = outcome {
                 if entry.hit_wants_prefetch(self.prefetch, std::time::Instant::now()) {
                     // A refresh takes a place like a miss, the client's
@@ -648,6 +657,56 @@ impl DnsEngine {
         }
     }
 
+    /// Like `reply_observed` for an answer that `rendered` keeps the last
+    /// encoding of (see [`super::rendered`]): served from there when the
+    /// question has the same shape, else built by `build`, encoded, and
+    /// kept. `age` is what every TTL was reduced by. An answer the domain
+    /// feed must see always takes the full path.
+    #[allow(clippy::too_many_arguments)]
+    fn reply_rendered(
+        &self,
+        rendered: Option<&Rendered>,
+        request: &Request,
+        transport: Transport,
+        client: IpAddr,
+        rule: Option<&super::rules::Rule>,
+        age: u32,
+        build: impl FnOnce() -> Message,
+    ) -> Outcome {
+        let sets = rule.map_or(&[][..], |r| &r.nft_sets[..]);
+        let watched = self.feed.as_ref().is_some_and(|f| f.watches(sets));
+        let rendered = rendered.filter(|_| self.reuse_encoded && !watched);
+        let shape = Shape {
+            request,
+            limit: self.answer_limit(request, transport),
+            our_payload: self.max_udp_payload,
+            age,
+        };
+        if let Some(reused) = rendered.and_then(|r| r.reuse(&shape)) {
+            if reused.truncated {
+                self.stats.dns_truncated.inc();
+            }
+            self.stats.dns_rcodes.record(u16::from(reused.rcode));
+            return Outcome::Reply(reused.bytes);
+        }
+        let msg = build();
+        let outcome = self.reply_observed(request, &msg, transport, client, rule);
+        if let (Some(rendered), Outcome::Reply(bytes)) = (rendered, &outcome) {
+            // Neither path ever sets TC but the encoder, when it truncates.
+            let truncated = bytes.get(2).is_some_and(|b| b & 0x02 != 0);
+            rendered.keep(&shape, bytes, truncated, msg.metadata.response_code);
+        }
+        outcome
+    }
+
+    /// The most bytes an answer to `request` over `transport` may take.
+    fn answer_limit(&self, request: &Request, transport: Transport) -> usize {
+        match transport {
+            Transport::Udp => request.udp_limit(self.max_udp_payload),
+            Transport::Tcp => usize::from(u16::MAX),
+        }
+    }
+
     fn reply_to(&self, request: &Request, msg: &Message, transport: Transport) -> Outcome {
         self.reply(msg, transport, request.udp_limit(self.max_udp_payload))
     }
@@ -745,3 +804,6 @@ fn refused_locally(class: DNSClass, qtype: RecordType) -> Option<ResponseCode> {
         _ => Some(ResponseCode::Refused),
     }
 }
+
+#[cfg(test)]
+mod tests;

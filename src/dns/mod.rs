@@ -14,6 +14,7 @@ pub mod lists;
 pub mod message;
 pub mod names;
 pub mod ratelimit;
+pub mod rendered;
 pub mod replies;
 pub mod rules;
 pub mod scrub;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use super::lists::{HostsTable, ListError, load_domain_list};
 use super::names::DomainSet;
+use super::rendered::Rendered;
 use super::ttl_secs;
 use crate::config::dns::{BlockMode, DnsConfig, DnsRuleConfig, RuleAction};
 use crate::nft::SetPair;
@@ -68,6 +69,9 @@ pub struct Rule {
     pub nft_sets: Vec<SetPair>,
     /// Whether its names may be answered stale (`stale = false` opts out).
     pub serve_stale: bool,
+    /// The last encoding of its answer (overrides), served again to the
+    /// same question.
+    pub rendered: Rendered,
 }
 
 impl Rule {
@@ -175,6 +179,7 @@ impl RuleSet {
                 action,
                 nft_sets: r.nft_set.0.iter().map(|n| SetPair::new(n)).collect(),
                 serve_stale: r.stale.unwrap_or(true),
+                rendered: Rendered::default(),
             });
         }
         Ok(RuleSet { rules })

@@ -116,6 +116,12 @@ impl DomainFeed {
         self.sets.as_ref()
     }
 
+    /// Whether [`DomainFeed::observe`] would look at an answer fed to
+    /// `sets`: when it would not, the answer need not exist as a message.
+    pub fn watches(&self, sets: &[SetPair]) -> bool {
+        self.records_names() || (self.sets.is_some() && !sets.is_empty())
+    }
+
     /// Records that `client` was answered `msg` and feeds `sets`. Returns
     /// what to await before sending the answer, if anything.
     pub fn observe(&self, client: IpAddr, msg: &Message, sets: &[SetPair]) -> Option<Committed> {

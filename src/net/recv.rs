@@ -20,7 +20,8 @@ use super::would_block;
 pub const BATCH: usize = 64;
 /// Room per datagram: the largest UDP payload (65,535 − 8) fits.
 pub const SLOT: usize = 65_536;
-/// Room for ORIGDSTADDR (a sockaddr_in6) and TOS/TCLASS, with headers.
+/// Room for ORIGDSTADDR (a sockaddr_in6), TOS/TCLASS and UDP_GRO, with
+/// headers.
 const CONTROL: usize = 128;
 
 /// What came with a datagram besides its payload.
@@ -37,6 +38,33 @@ pub struct DatagramMeta {
     pub tos: Option<u8>,
     /// The datagram was larger than its slot and was cut.
     pub truncated: bool,
+    /// On a socket with `UDP_GRO`: the kernel coalesced datagrams of this
+    /// size (the last may be shorter) into this one; see [`segments`].
+    pub segment: Option<u16>,
+}
+
+/// The datagrams a received payload holds: itself, or, when the kernel
+/// coalesced several (`segment`, from `UDP_GRO`), each of them in order.
+/// An empty datagram is one (empty) datagram.
+pub fn segments(payload: &[u8], segment: Option<u16>) -> impl Iterator<Item = &[u8]> {
+    let size = segment.map_or(0, usize::from);
+    let whole = size == 0 || payload.len() <= size;
+    let (one, many) = if whole {
+        (Some(payload), None)
+    } else {
+        (None, Some(payload.chunks(size)))
+    };
+    one.into_iter().chain(many.into_iter().flatten())
+}
+
+/// Datagram `k` of those [`segments`] yields, in O(1).
+pub fn segment(payload: &[u8], segment: Option<u16>, k: usize) -> Option<&[u8]> {
+    let size = segment.map_or(0, usize::from);
+    if size == 0 || payload.len() <= size {
+        return (k == 0).then_some(payload);
+    }
+    let start = k.checked_mul(size)?;
+    (start < payload.len()).then(|| &payload[start..payload.len().min(start + size)])
 }
 
 /// Control-message space, aligned for `cmsghdr`.
@@ -159,6 +187,7 @@ impl RecvBatch {
                 orig_dst: None,
                 tos: None,
                 truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                segment: None,
             };
             read_control(&h.msg_hdr, &mut meta);
             self.metas.push(meta); // slot i holds meta i
@@ -268,6 +297,10 @@ fn read_control(hdr: &libc::msghdr, meta: &mut DatagramMeta) {
                     meta.orig_dst = Some(v6(&sin6));
                 }
                 (libc::IPPROTO_IP, libc::IP_TOS) => meta.tos = Some(*data),
+                (libc::SOL_UDP, libc::UDP_GRO) => {
+                    let size: libc::c_int = ptr::read_unaligned(data.cast());
+                    meta.segment = u16::try_from(size).ok().filter(|&s| s > 0);
+                }
                 (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) => {
                     let tc: libc::c_int = ptr::read_unaligned(data.cast());
                     meta.tos = u8::try_from(tc).ok();
@@ -338,6 +371,51 @@ mod tests {
         assert_eq!(batch.get(1).unwrap().1.len(), 65_000);
         let e = batch.recv(rx.as_raw_fd()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn coalesced_datagrams_split_back_into_what_was_sent() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        nix::sys::socket::setsockopt(&rx, nix::sys::socket::sockopt::UdpGroSegment, &true).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        // One GSO train (five of 100 bytes and a shorter last), then a
+        // mixed-size burst of single datagrams.
+        let train: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; if i == 5 { 40 } else { 100 }]).collect();
+        let run: Vec<&[u8]> = train.iter().map(Vec::as_slice).collect();
+        assert_eq!(
+            crate::net::send::send_run(tx.as_raw_fd(), &run, Some(to), None, false).unwrap(),
+            6
+        );
+        let burst: [&[u8]; 4] = [&[7; 200], &[8; 10], &[9; 200], &[]];
+        for p in burst {
+            tx.send_to(p, to).unwrap();
+        }
+        let mut batch = RecvBatch::new(16);
+        let n = batch.recv(rx.as_raw_fd()).unwrap();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let mut coalesced = 0;
+        for i in 0..n {
+            let (meta, payload) = batch.get(i).unwrap();
+            coalesced += usize::from(meta.segment.is_some() && payload.len() > 100);
+            got.extend(segments(payload, meta.segment).map(<[u8]>::to_vec));
+        }
+        let want: Vec<Vec<u8>> = train.iter().cloned().chain(burst.iter().map(|p| p.to_vec())).collect();
+        assert_eq!(got, want);
+        // Picked one by one, the same.
+        let mut picked: Vec<Vec<u8>> = Vec::new();
+        for i in 0..n {
+            let (meta, payload) = batch.get(i).unwrap();
+            picked.extend(
+                (0..)
+                    .map_while(|k| segment(payload, meta.segment, k))
+                    .map(<[u8]>::to_vec),
+            );
+        }
+        assert_eq!(picked, want);
+        // The train came as one (the kernel kept the GSO buffer whole for
+        // a socket that takes coalesced datagrams).
+        assert_eq!((n, coalesced), (5, 1));
     }
 
     #[test]

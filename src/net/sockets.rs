@@ -75,6 +75,11 @@ pub fn transparent_listener(addr: SocketAddr, buffer: usize, group: bool) -> io:
         setsockopt(&sock, sockopt::Ipv4OrigDstAddr, &true)?;
         setsockopt(&sock, sockopt::IpRecvTos, &true)?;
     }
+    // Datagrams the kernel coalesced (GRO, or a client's GSO train over a
+    // veth) arrive whole, one slot and one copy for the lot, instead of
+    // being cut up again in the kernel; the listener splits them
+    // (`recv::segments`). Kernels before 5.0 refuse: not needed then.
+    let _ = setsockopt(&sock, sockopt::UdpGroSegment, &true);
     // No `SO_REUSEADDR`: on UDP it lets a socket of *any* user that sets
     // it too bind the same address, and the kernel looks the newest one up
     // first. Not transparent, such a socket makes TPROXY drop every
@@ -156,6 +161,10 @@ pub fn flow_upstream(
     } else {
         setsockopt(&sock, sockopt::IpRecvTos, &true)?;
     }
+    // A server's GSO train (QUIC servers send them), or datagrams the NIC
+    // coalesced, arrive whole; the reply readers split them (see
+    // `recv::segments`). Kernels before 5.0 refuse: not needed then.
+    let _ = setsockopt(&sock, sockopt::UdpGroSegment, &true);
     let mut local = unspecified(remote);
     if let Some(port) = shared_port {
         sock.set_reuse_address(true)?;

@@ -35,7 +35,7 @@ use super::session::Session;
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 use crate::dns::DnsService;
 use crate::dns::replies::ReplyBatch;
-use crate::net::recv::{BATCH, DatagramMeta, RecvBatch};
+use crate::net::recv::{BATCH, DatagramMeta, RecvBatch, segments};
 use crate::net::sockets;
 use crate::shutdown::Shutdown;
 
@@ -173,7 +173,10 @@ impl Member {
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
                             batch_bytes += payload.len();
-                            filed |= handle(ctx, self.local, meta, payload, &mut run, &mut out, &mut dns.batch);
+                            // Coalesced datagrams (GRO) one by one.
+                            for one in segments(payload, meta.segment) {
+                                filed |= handle(ctx, self.local, meta, one, &mut run, &mut out, &mut dns.batch);
+                            }
                         }
                     }
                     run.flush(ctx, &mut out);
