@@ -16,6 +16,8 @@
 #            round trip (two relayed datagrams) and its p50 / p99
 #   gso      the client sends GSO trains of TRAIN [16] SIZE-byte datagrams
 #            (as QUIC stacks do; python3), which cross the veth whole
+#   gso-reverse  the same from the server to the client, through a pooled
+#            upstream socket and a reply socket
 # WINDOW [4M] is iperf3's socket buffer at both ends; WINDOW= (empty)
 # leaves the defaults (~208 KiB), where a receiver scheduled late
 # overflows.
@@ -84,6 +86,30 @@ while True:
 PY
     PIDS="$PIDS $!"
 fi
+if [ "$MODE" = gso-reverse ]; then
+    # On "go RATE SECS SIZE TRAIN", sends GSO trains to whoever asked,
+    # then "done N" (N datagrams sent).
+    ip netns exec "$S" python3 - <<'PY' >/dev/null 2>&1 &
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+s.bind(('198.51.100.7', 5202))
+while True:
+    msg, peer = s.recvfrom(100)
+    rate, secs, size, train = (int(a) for a in msg.split()[1:5])
+    buf, cmsg = bytes(size * train), [(17, 103, size.to_bytes(2, 'little'))]
+    sent, start = 0, time.monotonic()
+    while time.monotonic() - start < secs:
+        if sent < (time.monotonic() - start) * rate:
+            s.sendmsg([buf], cmsg, 0, peer)
+            sent += train
+        else:
+            time.sleep(0.0005)
+    time.sleep(0.5)
+    s.sendto(b'done %d' % sent, peer)
+PY
+    PIDS="$PIDS $!"
+fi
 printf 'mark = 255\nlog_level = "warn"\n[relay]\nlisten = ["0.0.0.0:15353"]\n' > "$TMP/tproxyd.toml"
 sleep 0.5
 
@@ -123,6 +149,26 @@ PY
             sleep 1
             got=$(cat "$TMP/count" 2>/dev/null || echo 0)
             out="$out \"lost_packets\": $(( $(echo "$out" | grep -o '[0-9]*$') - got + c0 ))" ;;
+        gso-reverse)
+            out=$(ip netns exec "$C" python3 - "$RATE" "$SECS" "$SIZE" "${TRAIN:-16}" <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+s.settimeout(int(sys.argv[2]) + 5)
+s.sendto(b'go ' + ' '.join(sys.argv[1:5]).encode(), ('198.51.100.7', 5202))
+got, sent = 0, 0
+while True:
+    try:
+        msg = s.recv(65536)
+    except socket.timeout:
+        break
+    if msg.startswith(b'done '):
+        sent = int(msg.split()[1])
+        break
+    got += 1
+print('"packets": %d "lost_packets": %d' % (sent, sent - got))
+PY
+) ;;
         pingpong)
             out=$(ip netns exec "$C" sockperf pp -i 198.51.100.7 -p 5202 -m 64 -t "$SECS" --full-rtt 2>&1) ;;
         reverse)

@@ -388,9 +388,10 @@ fn flows_to_different_destinations_share_local_ports() {
 /// A client's GSO train crosses the veth as one buffer and reaches the
 /// listener whole (it takes coalesced datagrams, `UDP_GRO`); it must
 /// still leave for the server as the datagrams that were sent, in order,
-/// and a burst of mixed sizes behind it must not be merged or cut.
+/// and a burst of mixed sizes behind it must not be merged or cut. The
+/// same for a server's train to a pool socket, on its way to the client.
 #[test]
-fn a_coalesced_train_and_a_mixed_burst_reach_the_server_as_sent() {
+fn coalesced_trains_and_mixed_bursts_arrive_as_sent_both_ways() {
     use std::os::fd::AsRawFd;
     let lab = Lab::new();
     lab.install_rules("nft", "LAN_IF=lan0");
@@ -406,7 +407,8 @@ fn a_coalesced_train_and_a_mixed_burst_reach_the_server_as_sent() {
         // Open the flow first: a flow being opened holds only a few
         // datagrams, and that bound is not what is tested here.
         tx.send_to(b"open", server).unwrap();
-        assert_eq!(recv(&rx).map(|(_, p)| p).as_deref(), Some(&b"open"[..]));
+        let (gateway, opened) = recv(&rx).expect("the flow's first datagram");
+        assert_eq!(opened, b"open");
         std::thread::sleep(Duration::from_millis(200));
         let run: Vec<&[u8]> = train.iter().map(Vec::as_slice).collect();
         let sent = tproxyd::net::send::send_run(tx.as_raw_fd(), &run, Some(server), None, server.is_ipv6()).unwrap();
@@ -425,9 +427,31 @@ fn a_coalesced_train_and_a_mixed_burst_reach_the_server_as_sent() {
         }
         rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
         assert!(recv(&rx).is_none(), "{server}: more arrived than was sent");
+
+        // The same the other way: the server's train reaches the pool
+        // socket whole, and the client gets each datagram from the server's
+        // address.
+        let sent = tproxyd::net::send::send_run(rx.as_raw_fd(), &run, Some(gateway), None, server.is_ipv6()).unwrap();
+        assert_eq!(sent, train.len());
+        for p in &burst {
+            rx.send_to(p, gateway).unwrap();
+        }
+        for (i, want) in train.iter().chain(&burst).enumerate() {
+            let (from, got) = recv(&tx).unwrap_or_else(|| panic!("{server}: reply {i} did not arrive"));
+            assert_eq!(from, server, "reply {i} must come from the original destination");
+            assert_eq!(
+                (got.len(), got.first()),
+                (want.len(), want.first()),
+                "{server}: reply {i}"
+            );
+            assert!(got == *want, "{server}: reply {i} was altered");
+        }
+        tx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        assert!(recv(&tx).is_none(), "{server}: more replies arrived than were sent");
     }
     let stopped = daemon.stop();
     let each = (1 + train.len() + burst.len()) as u64 * 2;
     assert_eq!(stopped.counter("client_datagrams"), each);
     assert_eq!(stopped.counter("upstream_datagrams"), each);
+    assert_eq!(stopped.counter("reply_datagrams"), each - 2);
 }

@@ -57,6 +57,16 @@ pub fn segments(payload: &[u8], segment: Option<u16>) -> impl Iterator<Item = &[
     one.into_iter().chain(many.into_iter().flatten())
 }
 
+/// Datagram `k` of those [`segments`] yields, in O(1).
+pub fn segment(payload: &[u8], segment: Option<u16>, k: usize) -> Option<&[u8]> {
+    let size = segment.map_or(0, usize::from);
+    if size == 0 || payload.len() <= size {
+        return (k == 0).then_some(payload);
+    }
+    let start = k.checked_mul(size)?;
+    (start < payload.len()).then(|| &payload[start..payload.len().min(start + size)])
+}
+
 /// Control-message space, aligned for `cmsghdr`.
 #[repr(C, align(8))]
 #[derive(Clone, Copy)]
@@ -392,6 +402,17 @@ mod tests {
         }
         let want: Vec<Vec<u8>> = train.iter().cloned().chain(burst.iter().map(|p| p.to_vec())).collect();
         assert_eq!(got, want);
+        // Picked one by one, the same.
+        let mut picked: Vec<Vec<u8>> = Vec::new();
+        for i in 0..n {
+            let (meta, payload) = batch.get(i).unwrap();
+            picked.extend(
+                (0..)
+                    .map_while(|k| segment(payload, meta.segment, k))
+                    .map(<[u8]>::to_vec),
+            );
+        }
+        assert_eq!(picked, want);
         // The train came as one (the kernel kept the GSO buffer whole for
         // a socket that takes coalesced datagrams).
         assert_eq!((n, coalesced), (5, 1));

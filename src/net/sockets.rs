@@ -80,7 +80,12 @@ pub fn transparent_listener(addr: SocketAddr, buffer: usize, group: bool) -> io:
     // being cut up again in the kernel; the listener splits them
     // (`recv::segments`). Kernels before 5.0 refuse: not needed then.
     let _ = setsockopt(&sock, sockopt::UdpGroSegment, &true);
-    sock.set_reuse_address(true)?;
+    // No `SO_REUSEADDR`: on UDP it lets a socket of *any* user that sets
+    // it too bind the same address, and the kernel looks the newest one up
+    // first. Not transparent, such a socket makes TPROXY drop every
+    // datagram handed to it: one unprivileged process could blackhole the
+    // relay (tests/abuse.rs). A group needs only `SO_REUSEPORT`, which the
+    // kernel grants to sockets of the same user alone.
     if group {
         sock.set_reuse_port(true)?;
     }
@@ -156,6 +161,10 @@ pub fn flow_upstream(
     } else {
         setsockopt(&sock, sockopt::IpRecvTos, &true)?;
     }
+    // A server's GSO train (QUIC servers send them), or datagrams the NIC
+    // coalesced, arrive whole; the reply readers split them (see
+    // `recv::segments`). Kernels before 5.0 refuse: not needed then.
+    let _ = setsockopt(&sock, sockopt::UdpGroSegment, &true);
     let mut local = unspecified(remote);
     if let Some(port) = shared_port {
         sock.set_reuse_address(true)?;

@@ -49,6 +49,12 @@ const EVENTS: usize = 256;
 /// Rounds (wait, read, send) per wake-up before other tasks get the thread.
 const ROUNDS_PER_WAKE: usize = 8;
 
+/// A reply's place: datagram `k` of batch slot `i` (a coalesced slot holds
+/// several, at most 65,535). Ordered as the replies arrived.
+fn slot_of(i: usize, k: usize) -> u32 {
+    ((i as u32) << 16) | (k as u32 & 0xffff)
+}
+
 /// Replies read but not yet sent, and the room to send them.
 struct Gather {
     batch: RecvBatch,
@@ -75,21 +81,27 @@ impl Gather {
         let now = ctx.now_ms();
         let mut last: Option<(SocketAddr, Option<Arc<Session>>)> = None;
         for i in from..self.batch.len() {
-            let Some((meta, _)) = self.batch.get(i) else { continue };
+            let Some((meta, payload)) = self.batch.get(i) else {
+                continue;
+            };
+            // Datagrams the kernel coalesced (GRO) are sent on one by one.
+            let count = recv::segments(payload, meta.segment).count();
             let peer = meta.peer;
             if last.as_ref().is_none_or(|(p, _)| *p != peer) {
                 last = Some((peer, flow_of(peer)));
             }
             let Some((_, Some(session))) = &last else {
-                ctx.stats().drop_unsolicited.inc();
+                ctx.stats().drop_unsolicited.add(count as u64);
                 continue;
             };
-            self.pending.push(Pending {
-                src: session.reply_source(peer),
-                client: session.key.client,
-                tos: meta.tos,
-                slot: i as u32,
-            });
+            for k in 0..count {
+                self.pending.push(Pending {
+                    src: session.reply_source(peer),
+                    client: session.key.client,
+                    tos: meta.tos,
+                    slot: slot_of(i, k),
+                });
+            }
             if session.touch_inbound(now) {
                 ctx.table().promote(&session.key, session.id);
             }
@@ -107,7 +119,13 @@ impl Gather {
             let batch = &*batch;
             ctx.replies().send_pending(
                 pending,
-                |slot| batch.get(slot as usize).map_or(&[][..], |(_, p)| p),
+                |slot| {
+                    let (i, k) = ((slot >> 16) as usize, (slot & 0xffff) as usize);
+                    batch
+                        .get(i)
+                        .and_then(|(meta, p)| recv::segment(p, meta.segment, k))
+                        .unwrap_or(&[])
+                },
                 scratch,
             );
         }
