@@ -102,6 +102,9 @@ impl UpstreamGroup {
                 deadline
             };
             tokio::select! {
+                // An answer that is in wins over a timer that fired in the
+                // same turn (and no random branch order to draw per poll).
+                biased;
                 Some(attempt) = pending.next() => {
                     let server = &self.servers[attempt.index];
                     finished.push(attempt.index);

@@ -100,6 +100,7 @@ const MAX_PICK: usize = 16;
 const SWEEP_PER_TAKE: usize = 8;
 
 /// Descriptors all pools together may hold, and how many they hold now.
+#[derive(Debug)]
 struct Budget {
     used: AtomicUsize,
     limit: AtomicUsize,
@@ -126,24 +127,23 @@ pub fn budget_used() -> usize {
     BUDGET.used.load(Ordering::Relaxed)
 }
 
-/// One descriptor of the pools' budget, given back when dropped.
+/// One descriptor of a budget, given back when dropped.
 #[derive(Debug)]
-struct Permit(());
+struct Permit(&'static Budget);
 
-impl Permit {
-    fn take() -> Option<Permit> {
-        let limit = BUDGET.limit.load(Ordering::Relaxed);
-        BUDGET
-            .used
+impl Budget {
+    fn take(&'static self) -> Option<Permit> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u < limit).then_some(u + 1))
             .ok()
-            .map(|_| Permit(()))
+            .map(|_| Permit(self))
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        BUDGET.used.fetch_sub(1, Ordering::AcqRel);
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -186,6 +186,8 @@ pub struct ServerSockets {
     limits: Limits,
     state: Mutex<State>,
     stats: Arc<Stats>,
+    /// [`BUDGET`], shared by all pools (a test may give its own).
+    budget: &'static Budget,
 }
 
 /// A socket lent to one query. It goes back to the pool only if
@@ -209,6 +211,7 @@ impl ServerSockets {
             limits,
             state: Mutex::new(State::default()),
             stats,
+            budget: &BUDGET,
         }
     }
 
@@ -285,7 +288,7 @@ impl ServerSockets {
 
     /// A new socket on a random port, in the budget if there is room.
     fn open(&self, now: Instant, seq: u64) -> io::Result<Pooled> {
-        let permit = Permit::take();
+        let permit = self.budget.take();
         let std = sockets::marked_connected_udp(self.server, self.mark)?;
         let socket = UdpSocket::from_std(std)?;
         self.stats.dns_upstream_sockets_opened.inc();
@@ -498,6 +501,31 @@ mod tests {
         std::thread::sleep(Duration::from_millis(80));
         pool.sweep();
         assert_eq!(pool.idle(), 0, "the sweep closes what aged while idle");
+    }
+
+    #[tokio::test]
+    async fn past_the_budget_queries_get_one_off_sockets_and_entropy_holds() {
+        let (_srv, addr) = server();
+        let (mut pool, stats) = pool(addr, limits(50, 1_000));
+        let budget: &'static Budget = Box::leak(Box::new(Budget {
+            used: AtomicUsize::new(0),
+            limit: AtomicUsize::new(10),
+        }));
+        pool.budget = budget;
+        let ports: Vec<u16> = (0..200).map(|_| one_query(&pool)).collect();
+        assert_eq!(budget.used.load(Ordering::Relaxed), 10, "the pool holds its budget");
+        assert!(pool.idle() <= 10);
+        for window in ports.windows(50) {
+            let distinct: HashSet<_> = window.iter().collect();
+            assert_eq!(distinct.len(), 50, "a socket reused within 50 queries");
+        }
+        assert!(stats.dns_upstream_sockets_unpooled.get() >= 150);
+        drop(pool);
+        assert_eq!(
+            budget.used.load(Ordering::Relaxed),
+            0,
+            "closing the pool gives its budget back"
+        );
     }
 
     #[tokio::test]
