@@ -29,7 +29,8 @@
 //! tproxyd behind a wrapper; with `valgrind --tool=callgrind
 //! --instr-atstart=no` only the peak runs are counted, one dump each.
 //! `BENCH_DNS_CONFIG` adds top-level config to tproxyd's (a relay domain
-//! rule, for the miss with the name map filled).
+//! rule, for the miss with the name map filled). `BENCH_DNS_LATENCY_QPS`
+//! runs every latency run at that rate instead of half the peak.
 
 use crate::Options;
 use crate::lab::Lab;
@@ -244,7 +245,13 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
                 unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
                 let _ = perf.wait();
             }
-            let half = (peak.0 / 2.0).max(100.0) as u64;
+            // BENCH_DNS_LATENCY_QPS: one rate for every latency run, to
+            // compare builds (or systems) at the same load rather than at
+            // half of each one's own peak.
+            let half = std::env::var("BENCH_DNS_LATENCY_QPS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or((peak.0 / 2.0).max(100.0) as u64);
             let (_, _, lat) = dnsperf(&lab, server, &half_file, secs.min(4), Some(half));
             if *workload == "miss" {
                 let _ = std::fs::remove_file(&peak_file);

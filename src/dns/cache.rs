@@ -39,9 +39,25 @@ pub struct CacheKey {
 }
 
 /// Memory an entry costs beyond its records' wire size: the key, the
-/// `Arc`, the LRU node and the per-record `Record` structs.
-const ENTRY_OVERHEAD: usize = 160;
+/// `Arc`, the LRU node and the per-record `Record` structs, and the slot
+/// for its kept encoding.
+const ENTRY_OVERHEAD: usize = 160 + std::mem::size_of::<Rendered>();
 const RECORD_OVERHEAD: usize = 96;
+
+/// The most bytes an entry's kept encoding may take (answer and question
+/// name): room for it is counted against `max_bytes` with the entry, so
+/// the bound holds with every entry holding one. Larger answers (big TCP
+/// ones) always take the full path.
+const KEPT_MAX: usize = 1_536;
+
+/// What an entry is counted for, and the room within that for its kept
+/// encoding: at most the encoded answer's size (its records' sizes, which
+/// include more than their compressed wire form, plus header, question
+/// and OPT), and at most [`KEPT_MAX`].
+fn entry_bytes(key: &CacheKey, records: usize) -> (usize, usize) {
+    let room = (records + 2 * key.name.len() + 64).min(KEPT_MAX);
+    (ENTRY_OVERHEAD + key.name.len() + records + room, room)
+}
 
 /// What a record costs in the cache: its uncompressed wire size plus
 /// [`RECORD_OVERHEAD`]; `None` if it cannot be encoded (then it cannot be
@@ -74,6 +90,8 @@ pub struct Entry {
     lifetime: u32,
     /// Estimated memory held, counted against `max_bytes`.
     bytes: usize,
+    /// Of `bytes`, the room for a kept encoding (see [`Entry::rendered`]).
+    pub kept_room: usize,
     /// Times served from the cache, for prefetch.
     hits: AtomicU32,
     /// Set once a prefetch has been started for this entry: one at a time.
@@ -348,7 +366,7 @@ impl DnsCache {
         else {
             return false;
         };
-        let bytes = ENTRY_OVERHEAD + key.name.len() + records;
+        let (bytes, kept_room) = entry_bytes(&key, records);
         let entry = Entry {
             rcode: response.metadata.response_code,
             answers: response.answers.clone(),
@@ -357,6 +375,7 @@ impl DnsCache {
             stored: now,
             lifetime,
             bytes,
+            kept_room,
             hits: AtomicU32::new(0),
             prefetching: AtomicBool::new(false),
             rendered: Rendered::default(),
@@ -430,8 +449,10 @@ impl DnsCache {
         let Some(mut store) = self.lock() else {
             return false;
         };
+        let (bytes, kept_room) = entry_bytes(&key, records);
         let entry = Entry {
-            bytes: ENTRY_OVERHEAD + key.name.len() + records,
+            bytes,
+            kept_room,
             rcode: message.metadata.response_code,
             answers: message.answers,
             authorities: message.authorities,

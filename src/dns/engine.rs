@@ -342,7 +342,8 @@ impl DnsEngine {
         let group = match rule.map(|r| &r.action) {
             Some(Action::Answer(answer)) => {
                 s.dns_answered_local.inc();
-                let rendered = rule.map(|r| &r.rendered);
+                // One per rule, and rules are few: room for any answer.
+                let rendered = rule.map(|r| (&r.rendered, usize::MAX));
                 return self.reply_rendered(rendered, &request, transport, client, rule, 0, || {
                     self.static_answer(&request, answer)
                 });
@@ -374,11 +375,19 @@ impl DnsEngine {
         };
         if let Some((entry, age)) = self.cache.get(&self.cache_key(&request, group)) {
             s.dns_cache_hits.inc();
-            let outcome = self.reply_rendered(Some(&entry.rendered), &request, transport, client, rule, age, || {
-                let mut msg = message::response(&request, entry.rcode, self.max_udp_payload);
-                entry.fill(&mut msg, age);
-                msg
-            });
+            let outcome = self.reply_rendered(
+                Some((&entry.rendered, entry.kept_room)),
+                &request,
+                transport,
+                client,
+                rule,
+                age,
+                || {
+                    let mut msg = message::response(&request, entry.rcode, self.max_udp_payload);
+                    entry.fill(&mut msg, age);
+                    msg
+                },
+            );
             if let Outcome::Reply(bytes) = outcome {
                 if entry.hit_wants_prefetch(self.prefetch, std::time::Instant::now()) {
                     // A refresh takes a place like a miss, the client's
@@ -665,7 +674,7 @@ impl DnsEngine {
     #[allow(clippy::too_many_arguments)]
     fn reply_rendered(
         &self,
-        rendered: Option<&Rendered>,
+        rendered: Option<(&Rendered, usize)>,
         request: &Request,
         transport: Transport,
         client: IpAddr,
@@ -682,7 +691,7 @@ impl DnsEngine {
             our_payload: self.max_udp_payload,
             age,
         };
-        if let Some(reused) = rendered.and_then(|r| r.reuse(&shape)) {
+        if let Some(reused) = rendered.and_then(|(r, _)| r.reuse(&shape)) {
             if reused.truncated {
                 self.stats.dns_truncated.inc();
             }
@@ -691,10 +700,10 @@ impl DnsEngine {
         }
         let msg = build();
         let outcome = self.reply_observed(request, &msg, transport, client, rule);
-        if let (Some(rendered), Outcome::Reply(bytes)) = (rendered, &outcome) {
+        if let (Some((rendered, room)), Outcome::Reply(bytes)) = (rendered, &outcome) {
             // Neither path ever sets TC but the encoder, when it truncates.
             let truncated = bytes.get(2).is_some_and(|b| b & 0x02 != 0);
-            rendered.keep(&shape, bytes, truncated, msg.metadata.response_code);
+            rendered.keep(&shape, bytes, truncated, msg.metadata.response_code, room);
         }
         outcome
     }

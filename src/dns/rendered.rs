@@ -128,12 +128,17 @@ impl Rendered {
     }
 
     /// Keeps `bytes`, the full path's encoding for `shape`, in place of
-    /// the last one.
-    pub fn keep(&self, shape: &Shape<'_>, bytes: &[u8], truncated: bool, rcode: ResponseCode) {
+    /// the last one, if it takes no more than `room` bytes with its
+    /// question name (what the owner counted for it).
+    pub fn keep(&self, shape: &Shape<'_>, bytes: &[u8], truncated: bool, rcode: ResponseCode, room: usize) {
+        let r = shape.request;
+        let name_len = r.query.name().iter().map(|l| l.len() + 1).sum::<usize>() + 1;
+        if bytes.len() + name_len > room {
+            return;
+        }
         let Ok(mut slot) = self.0.try_lock() else {
             return;
         };
-        let r = shape.request;
         *slot = Some(Kept {
             name: wire_labels(r.query.name()).into_boxed_slice(),
             qtype: r.query.query_type(),
@@ -176,5 +181,28 @@ mod tests {
             &Name::from_ascii("a.b.test.").unwrap()
         ));
         assert!(same_labels(&[0], &Name::root()));
+    }
+
+    #[test]
+    fn an_encoding_larger_than_its_room_is_not_kept() {
+        let mut m = hickory_proto::op::Message::query();
+        m.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii("a.test.").unwrap(),
+            RecordType::A,
+        ));
+        let request = super::super::message::parse_request(&m.to_vec().unwrap()).unwrap();
+        let shape = Shape {
+            request: &request,
+            limit: 512,
+            our_payload: 1232,
+            age: 0,
+        };
+        let slot = Rendered::default();
+        let answer = [0u8; 100];
+        // 100 bytes and the name's 8 need 108.
+        slot.keep(&shape, &answer, false, ResponseCode::NoError, 107);
+        assert!(slot.reuse(&shape).is_none());
+        slot.keep(&shape, &answer, false, ResponseCode::NoError, 108);
+        assert_eq!(slot.reuse(&shape).unwrap().bytes.len(), 100);
     }
 }
