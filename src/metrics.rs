@@ -27,6 +27,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Reply addresses served over raw IP because their port was taken.",
     ),
     (
+        "reply_raw_deferred_total",
+        "counter",
+        "Replies sent over raw IP because their batch had already opened its share of new reply sockets.",
+    ),
+    (
         "reply_cache_full_total",
         "counter",
         "Replies sent over raw IP because every reply socket was in use within the last second.",

@@ -121,6 +121,9 @@ counters! {
     /// Replies sent over raw IP because every cached reply socket was busy
     /// (a flood of destinations), instead of evicting one.
     reply_cache_full => "reply_cache_full_total";
+    /// Replies sent over raw IP because their batch had opened its share
+    /// of new reply sockets (a burst of new destinations).
+    reply_opens_deferred => "reply_raw_deferred_total";
     /// Reply sockets that fell back to raw IP because the port was taken.
     reply_raw_fallbacks => "reply_raw_fallbacks_total";
     /// SOCKS5 associations set up.

@@ -142,7 +142,13 @@ fn per_rule_idle_timeouts() {
     assert!(recv(&sock).is_none(), "the 1-second flow must have expired");
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("sessions_expired"), 1);
-    assert_eq!(stopped.counter("drop_unsolicited"), 1, "{}", stopped.log);
+    // Relayed: the two first answers and the long flow's late one, not the
+    // short flow's. That one is either counted as unsolicited or, when the
+    // idle pool socket's own 1-second grace ran out first, refused by the
+    // kernel (the sweep's timing decides which; both mean it was not
+    // delivered).
+    assert_eq!(stopped.counter("reply_datagrams"), 3, "{}", stopped.log);
+    assert!(stopped.counter("drop_unsolicited") <= 1, "{}", stopped.log);
 }
 
 /// The NAT type a STUN client behind the gateway reports.

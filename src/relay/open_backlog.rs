@@ -36,12 +36,20 @@ use crate::sync::lock;
 pub const WAITING_PER_CLIENT: usize = 8_192;
 /// Flows waiting in all.
 pub const WAITING: usize = 32_768;
-/// Datagrams held for one flow while it waits (its first included).
-pub const HELD_PER_FLOW: usize = 8;
-/// Payload bytes one client may have held.
+/// Datagrams held for one flow while it waits (its first included): a
+/// whole GSO train, the most a client's single send can carry (the
+/// kernel's `UDP_MAX_SEGMENTS`), so a flow that starts with one loses none
+/// of it. The byte bounds below keep many such flows in check.
+pub const HELD_PER_FLOW: usize = 64;
+/// Bytes one client may have held, each datagram charged [`HELD_COST`]
+/// beside its payload.
 pub const BYTES_PER_CLIENT: usize = 2 << 20;
-/// Payload bytes held in all.
+/// Bytes held in all, charged the same way.
 pub const BYTES: usize = 16 << 20;
+/// What holding a datagram costs beside its payload: its [`Held`] and the
+/// allocator's share of its buffer. Charged so that a flood of empty or
+/// one-byte datagrams is bounded by memory, not only by count.
+pub const HELD_COST: usize = std::mem::size_of::<Held>() + 16;
 /// Flows one opener task opens before other tasks get the thread.
 pub const OPENS_PER_ROUND: usize = 32;
 
@@ -98,7 +106,8 @@ struct Pending {
 struct Waiting {
     /// Flows not yet taken by an opener, oldest first.
     keys: VecDeque<FlowKey>,
-    /// Payload bytes held for this client's flows (waiting or opening).
+    /// Bytes held for this client's flows (waiting or opening), each
+    /// datagram charged its payload and [`HELD_COST`].
     bytes: usize,
     /// Flows waiting or being opened.
     flows: usize,
@@ -183,7 +192,7 @@ impl OpenBacklog {
         admit: impl FnOnce() -> bool,
         rule: impl FnOnce() -> (Arc<UdpRules>, usize),
     ) -> Filed {
-        let len = held.payload.len();
+        let len = held.payload.len() + HELD_COST;
         let owner = key.owner();
         let mut b = self.lock();
         let b = &mut *b;
@@ -407,6 +416,31 @@ mod tests {
         }
         assert!(matches!(file(&o, &t, key("192.0.2.66", 9_999), big), Filed::Full));
         assert!(matches!(file(&o, &t, key("192.0.2.11", 9_999), big), Filed::Queued));
+    }
+
+    #[test]
+    fn empty_datagrams_are_charged_their_bookkeeping() {
+        let (o, t) = (OpenBacklog::new(), table());
+        // Flows of one client, each filled with empty datagrams, until the
+        // client's byte share stops them: memory, not the flow count, is
+        // the bound.
+        let flows = BYTES_PER_CLIENT / (HELD_PER_FLOW * HELD_COST) + 1;
+        assert!(flows < WAITING_PER_CLIENT);
+        let mut held = 0;
+        for p in 0..flows as u16 {
+            for _ in 0..HELD_PER_FLOW {
+                if matches!(
+                    file(&o, &t, key("192.0.2.66", 10_000 + p), 0),
+                    Filed::Queued | Filed::Held
+                ) {
+                    held += 1;
+                }
+            }
+        }
+        assert_eq!(held, BYTES_PER_CLIENT / HELD_COST);
+        assert_eq!(o.backlog().1, held * HELD_COST);
+        // Another client still gets in.
+        assert!(matches!(file(&o, &t, key("192.0.2.11", 9_999), 0), Filed::Queued));
     }
 
     #[test]
