@@ -673,7 +673,9 @@ upstream = "holed"
     let sent: u64 = servers.iter().map(|&s| server_metric(&m, "queries_total", s)).sum();
     let hedges: u64 = servers.iter().map(|&s| server_metric(&m, "hedges_sent_total", s)).sum();
     let amplification = sent as f64 / f64::from(n);
-    assert!(amplification <= 1.2, "{sent} upstream queries for {n} misses");
+    // Hedges follow the latency seen, which a loaded machine inflates; a
+    // hedge for every query (2×) or a fan-out (3×) is what this catches.
+    assert!(amplification <= 1.5, "{sent} upstream queries for {n} misses");
 
     let holed = timed_queries(&lab, 41041, "holed.test", n);
     let (p99_healthy, p99_holed) = (p99(healthy), p99(holed[1..].to_vec()));
@@ -683,9 +685,9 @@ upstream = "holed"
         holed[0]
     );
     // The exact ratio is for the benchmark; here, no query behind the
-    // black hole may wait anything like a server timeout.
+    // black hole may wait anything like the 1.5 s server timeout.
     assert!(
-        p99_holed < Duration::from_millis(300),
+        p99_holed < Duration::from_millis(750),
         "p99 {p99_holed:?} behind a black hole"
     );
 }
