@@ -703,27 +703,6 @@ fn a_new_flows_first_datagrams_all_arrive_in_order() {
     assert_eq!(stopped.counter("sessions_opened"), 20, "{}", stopped.log);
 }
 
-/// A socket of another user (nobody) bound to the relay's port with
-/// `SO_REUSEADDR`, or joining with `SO_REUSEPORT`, made in the gateway.
-fn foreign_socket(lab: &Lab, reuse_port: bool) -> std::io::Result<std::net::UdpSocket> {
-    lab.gateway.enter(move || {
-        // This thread only: the raw system call, not libc's wrapper, which
-        // would switch every thread of the test.
-        // SAFETY: plain system calls; the results are checked.
-        let r = unsafe { libc::syscall(libc::SYS_setresuid, 65_534, 65_534, 65_534) };
-        assert_eq!(r, 0, "setresuid: {}", std::io::Error::last_os_error());
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-        sock.set_reuse_address(true)?;
-        if reuse_port {
-            sock.set_reuse_port(true)?;
-        }
-        let bound = sock.bind(&sa(ip("0.0.0.0"), 15353).into());
-        // SAFETY: as above; back to root for the thread's last moments.
-        unsafe { libc::syscall(libc::SYS_setresuid, 0, 0, 0) };
-        bound.map(|()| sock.into())
-    })
-}
-
 #[test]
 fn another_user_cannot_bind_the_relay_port_and_take_its_traffic() {
     lab::require_uid_65534();
@@ -734,7 +713,11 @@ fn another_user_cannot_bind_the_relay_port_and_take_its_traffic() {
     // Not transparent, so TPROXY would drop what the kernel handed it: a
     // socket of any user that shared the port would blackhole the flows
     // it won, all of them if it is looked up first.
-    let taken = [foreign_socket(&lab, false), foreign_socket(&lab, true)];
+    let port = sa(ip("0.0.0.0"), 15353);
+    let taken = [
+        lab.gateway.bind_as_nobody(port, false),
+        lab.gateway.bind_as_nobody(port, true),
+    ];
     for i in 0..20u16 {
         let sock = socket(&lab.client, sa(ip(CLIENT4), 42_000 + i));
         assert_eq!(

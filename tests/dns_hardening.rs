@@ -808,3 +808,40 @@ fn a_hot_name_is_refreshed_before_it_expires_and_never_misses_again() {
         .count();
     assert_eq!(asked as u64, 1 + stopped.counter("dns_prefetches"));
 }
+
+/// On a port above 1024 any local user may bind a UDP socket; with
+/// `SO_REUSEADDR` on both sides (or `SO_REUSEPORT` for the same user) the
+/// kernel would let it share the DNS listener's address and hand it the
+/// queries. The listener sets neither, so the bind fails and every query
+/// is still answered by tproxyd.
+#[test]
+fn another_user_cannot_bind_the_dns_port_and_take_its_queries() {
+    lab::require_uid_65534();
+    let lab = dns_lab();
+    let _upstream = example_upstream(&lab, &[]);
+    let listen = SocketAddr::new(ip(LISTEN), 5300);
+    let daemon = lab.start_tproxyd(&config(ALLOW_CLIENT, "").replace(&format!("{LISTEN}:53"), &listen.to_string()));
+    let taken = [
+        lab.gateway.bind_as_nobody(listen, false),
+        lab.gateway.bind_as_nobody(listen, true),
+        lab.gateway.bind_as_nobody(SocketAddr::new(ip("0.0.0.0"), 5300), false),
+    ];
+    for i in 0..10 {
+        let d = q(&lab, &format!("+notcp -p 5300 @{LISTEN} www.example.test A"));
+        assert_eq!(
+            d.answer_data(),
+            ["203.0.113.80"],
+            "query {i}; the other user's binds: {:?}; {}",
+            taken
+                .iter()
+                .map(|t| t.as_ref().map(|_| ()).map_err(|e| e.kind()))
+                .collect::<Vec<_>>(),
+            d.raw
+        );
+    }
+    assert!(
+        taken.iter().all(Result::is_err),
+        "another user shares the DNS port: {taken:?}"
+    );
+    drop(daemon.stop());
+}

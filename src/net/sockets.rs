@@ -97,8 +97,8 @@ pub fn transparent_listener(addr: SocketAddr, buffer: usize, group: bool) -> io:
 /// there *without* `SO_REUSEADDR` / `SO_REUSEPORT` (transparent like the
 /// listener when `transparent`) and closes it again.
 ///
-/// The listeners themselves set both options, and the kernel lets any
-/// socket of the same user that sets them too share the port: a second
+/// The relay's listeners set `SO_REUSEPORT` (a group), and the kernel lets
+/// any socket of the same user that sets it too share the port: a second
 /// tproxyd, or tproxyd joining someone else's group, would then take part
 /// of the traffic with no error anywhere. A socket without the options
 /// conflicts with every existing binding of the port (a wildcard included),
@@ -251,7 +251,11 @@ pub fn server_udp(addr: SocketAddr, mark: u32, buffer: usize) -> io::Result<UdpS
     let sock = udp_socket(addr)?;
     set_receive_buffer(&sock, buffer);
     sock.set_mark(mark)?;
-    sock.set_reuse_address(true)?;
+    // No `SO_REUSEADDR`: on UDP it lets a socket of any user that sets it
+    // too share the address, and the kernel hands the newest one the
+    // queries. On a port above 1024 any local user could then read them
+    // and answer in our place. The socket is bound once at start and kept
+    // across reloads, so nothing of ours needs to share it.
     sock.bind(&addr.into())?;
     Ok(sock.into())
 }

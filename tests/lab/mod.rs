@@ -104,6 +104,31 @@ impl Netns {
         c
     }
 
+    /// A UDP socket of the user nobody (uid 65534) bound to `addr` here
+    /// with `SO_REUSEADDR`, and `SO_REUSEPORT` too when `reuse_port`: what
+    /// an unprivileged local process would try in order to share a port
+    /// the daemon listens on. Needs [`require_uid_65534`].
+    pub fn bind_as_nobody(&self, addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::UdpSocket> {
+        self.enter(move || {
+            // This thread only: the raw system call, not libc's wrapper,
+            // which would switch every thread of the test.
+            // SAFETY: plain system calls; the results are checked.
+            let r = unsafe { libc::syscall(libc::SYS_setresuid, 65_534, 65_534, 65_534) };
+            assert_eq!(r, 0, "setresuid: {}", std::io::Error::last_os_error());
+            let bound = (|| {
+                let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
+                sock.set_reuse_address(true)?;
+                if reuse_port {
+                    sock.set_reuse_port(true)?;
+                }
+                sock.bind(&addr.into()).map(|()| sock.into())
+            })();
+            // SAFETY: as above; back to root for the thread's last moments.
+            unsafe { libc::syscall(libc::SYS_setresuid, 0, 0, 0) };
+            bound
+        })
+    }
+
     /// Runs `f` on a thread that has joined this namespace. Sockets created
     /// there stay in this namespace wherever they are used afterwards.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
