@@ -463,6 +463,24 @@ pub fn gso_chunks<'r, 'p>(run: &'r [&'p [u8]], v6: bool, max: usize) -> impl Ite
     })
 }
 
+/// An emptied vector of references, for references of another lifetime,
+/// so a scratch vector of borrowed payloads keeps its allocation from one
+/// call to the next (nothing is mapped: the vector is empty).
+pub fn recycle<'b, T: ?Sized>(mut v: Vec<&'_ T>) -> Vec<&'b T> {
+    v.clear();
+    v.into_iter()
+        .map(|_| -> &'b T { unreachable!("the vector is empty") })
+        .collect()
+}
+
+/// [`recycle`] for messages.
+pub fn recycle_messages<'b>(mut v: Vec<Message<'_>>) -> Vec<Message<'b>> {
+    v.clear();
+    v.into_iter()
+        .map(|_| -> Message<'b> { unreachable!("the vector is empty") })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

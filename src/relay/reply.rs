@@ -21,7 +21,10 @@ use std::time::Instant;
 
 use super::account::{Direction, count_sent};
 use crate::net::raw::RawSender;
-use crate::net::send::{GSO_MAX_SEGMENTS, Message, SendScratch, gso_chunks, gso_segments, send_messages, send_run};
+use crate::net::send::{
+    GSO_MAX_SEGMENTS, Message, SendScratch, gso_chunks, gso_segments, recycle, recycle_messages, send_messages,
+    send_run,
+};
 use crate::net::sockets;
 use crate::stats::Stats;
 use crate::sync::lock;
@@ -81,22 +84,6 @@ pub struct ReplyScratch {
     messages: Vec<Message<'static>>,
     /// (client, tos, first payload, count) per message, in sending order.
     plan: Vec<(SocketAddr, Option<u8>, usize, usize)>,
-}
-
-/// Empties `v` and hands its allocation back with another lifetime.
-fn recycle<'b, T: ?Sized>(mut v: Vec<&'_ T>) -> Vec<&'b T> {
-    v.clear();
-    v.into_iter()
-        .map(|_| -> &'b T { unreachable!("the vector is empty") })
-        .collect()
-}
-
-/// [`recycle`] for messages.
-fn recycle_messages<'b>(mut v: Vec<Message<'_>>) -> Vec<Message<'b>> {
-    v.clear();
-    v.into_iter()
-        .map(|_| -> Message<'b> { unreachable!("the vector is empty") })
-        .collect()
 }
 
 /// The cache of reply sockets, keyed by the address they send from.

@@ -18,7 +18,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::session::Session;
-use crate::net::send::{GSO_MAX_SEGMENTS, Message, gso_chunks, gso_segments, send_messages_here};
+use crate::net::send::{
+    GSO_MAX_SEGMENTS, Message, gso_chunks, gso_segments, recycle, recycle_messages, send_messages_here,
+};
 use crate::stats::Stats;
 
 /// A run waiting to be sent: `len` payloads from `start` in the batch.
@@ -138,23 +140,6 @@ impl<'p> UpstreamBatch<'_, 'p> {
         owner.messages = recycle_messages(messages);
         owner.payloads = recycle(payloads);
     }
-}
-
-/// An emptied vector of references, for references of another lifetime
-/// (no allocation: the capacity is kept).
-fn recycle<'b, T: ?Sized>(mut v: Vec<&'_ T>) -> Vec<&'b T> {
-    v.clear();
-    v.into_iter()
-        .map(|_| -> &'b T { unreachable!("the vector is empty") })
-        .collect()
-}
-
-/// [`recycle`] for messages.
-fn recycle_messages<'b>(mut v: Vec<Message<'_>>) -> Vec<Message<'b>> {
-    v.clear();
-    v.into_iter()
-        .map(|_| -> Message<'b> { unreachable!("the vector is empty") })
-        .collect()
 }
 
 #[cfg(test)]
