@@ -43,6 +43,15 @@ struct Asking {
     transport: Transport,
 }
 
+/// The plainest way to ask: lowercase, no EDNS, RD set, over UDP.
+const PLAIN: Asking = Asking {
+    mixed_case: false,
+    edns: None,
+    rd: true,
+    cd: false,
+    transport: Transport::Udp,
+};
+
 fn every_way_of_asking() -> Vec<Asking> {
     let mut out = Vec::new();
     for mixed_case in [false, true] {
@@ -110,13 +119,7 @@ fn learn(
     answers: Vec<Record>,
     soa: Option<Record>,
 ) {
-    let how = Asking {
-        mixed_case: false,
-        edns: None,
-        rd: true,
-        cd: false,
-        transport: Transport::Udp,
-    };
+    let how = PLAIN;
     let Outcome::Forward(pending) = engine.answer_now(&query(1, qname, qtype, how), CLIENT, Transport::Udp) else {
         panic!("{qname} was not forwarded");
     };
@@ -281,13 +284,7 @@ fn the_same_question_is_served_from_the_kept_encoding_with_its_own_id() {
 #[test]
 fn ttls_served_from_a_kept_encoding_count_down() {
     let engine = engine_that_learnt();
-    let how = Asking {
-        mixed_case: false,
-        edns: None,
-        rd: true,
-        cd: false,
-        transport: Transport::Udp,
-    };
+    let how = PLAIN;
     let ttls = |id: u16| {
         let bytes = answer(
             &engine,
