@@ -74,6 +74,10 @@ pub enum Outcome {
 pub struct Pending {
     request: Request,
     group: usize,
+    /// The cache key the miss was looked up under: the answer is stored
+    /// under it and the group's single-flight map reuses its name, so the
+    /// wire-format name is built once per miss rather than three times.
+    key: CacheKey,
     transport: Transport,
     client: IpAddr,
     /// The matching rule's sets, fed with the answer.
@@ -373,7 +377,8 @@ impl DnsEngine {
             let msg = message::response(&request, ResponseCode::Refused, self.max_udp_payload);
             return self.reply_to(&request, &msg, transport);
         };
-        if let Some((entry, age)) = self.cache.get(&self.cache_key(&request, group)) {
+        let key = self.cache_key(&request, group);
+        if let Some((entry, age)) = self.cache.get(&key) {
             s.dns_cache_hits.inc();
             let outcome = self.reply_rendered(
                 Some((&entry.rendered, entry.kept_room)),
@@ -400,6 +405,7 @@ impl DnsEngine {
                         let pending = Pending {
                             request,
                             group,
+                            key,
                             transport,
                             client,
                             sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
@@ -433,6 +439,7 @@ impl DnsEngine {
         Outcome::Forward(Pending {
             request,
             group,
+            key,
             transport,
             client,
             sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
@@ -488,6 +495,7 @@ impl DnsEngine {
         let Pending {
             request,
             group,
+            key,
             transport,
             client,
             sets,
@@ -498,40 +506,44 @@ impl DnsEngine {
         let deadline = tokio::time::Instant::now() + self.timeout;
         self.stats.dns_forwarded.inc();
         let started = tokio::time::Instant::now();
-        let resolve = async {
-            match self.groups.get(group) {
-                Some(g) => g.resolve(&request.query, deadline).await,
-                None => Err(UpstreamError::NoAnswer),
-            }
-        };
-        tokio::pin!(resolve);
         let mut send = Some(send);
         let stale = self.stale.filter(|_| serve_stale);
-        let upstream = match stale {
-            Some(settings) => {
-                tokio::select! {
-                    r = &mut resolve => r,
-                    () = tokio::time::sleep(settings.answer_after) => {
-                        if let Some(msg) = self.stale_answer(&request, group, settings) {
-                            if let (Some(bytes), Some(send)) = (self.deliver(&request, &msg, transport, client, &sets).await, send.take()) {
-                                send(bytes);
+        // In a block of its own: the upstream future borrows the key, which
+        // the answer then moves into the cache.
+        let upstream = {
+            let resolve = async {
+                match self.groups.get(group) {
+                    Some(g) => g.resolve(&request.query, &key.name, deadline).await,
+                    None => Err(UpstreamError::NoAnswer),
+                }
+            };
+            tokio::pin!(resolve);
+            match stale {
+                Some(settings) => {
+                    tokio::select! {
+                        r = &mut resolve => r,
+                        () = tokio::time::sleep(settings.answer_after) => {
+                            if let Some(msg) = self.stale_answer(&request, &key, settings) {
+                                if let (Some(bytes), Some(send)) = (self.deliver(&request, &msg, transport, client, &sets).await, send.take()) {
+                                    send(bytes);
+                                }
                             }
+                            resolve.await
                         }
-                        resolve.await
                     }
                 }
+                None => resolve.await,
             }
-            None => resolve.await,
         };
         if upstream.is_ok() {
             self.stats.dns_upstream_latency.observe(started.elapsed());
         }
         let msg = match upstream {
-            Ok(answer) => self.absorb(&request, group, answer),
+            Ok(answer) => self.absorb(&request, key, answer),
             Err(e) => {
                 let stale_msg = stale
                     .filter(|_| send.is_some())
-                    .and_then(|settings| self.stale_answer(&request, group, settings));
+                    .and_then(|settings| self.stale_answer(&request, &key, settings));
                 match stale_msg {
                     // Every upstream failed before answer_after: stale beats SERVFAIL.
                     Some(msg) => msg,
@@ -555,8 +567,8 @@ impl DnsEngine {
 
     /// An expired answer for `request`, if the cache still holds one, with
     /// every TTL set to the stale TTL; counted.
-    fn stale_answer(&self, request: &Request, group: usize, settings: StaleAnswers) -> Option<Message> {
-        let entry = self.cache.get_stale(&self.cache_key(request, group))?;
+    fn stale_answer(&self, request: &Request, key: &CacheKey, settings: StaleAnswers) -> Option<Message> {
+        let entry = self.cache.get_stale(key)?;
         self.stats.dns_stale_served.inc();
         tracing::debug!(name = %request.key, "no upstream answer in time: serving a stale answer");
         let mut msg = message::response(request, entry.rcode, self.max_udp_payload);
@@ -587,7 +599,7 @@ impl DnsEngine {
 
     /// What the client gets for an upstream's answer: scrubbed to the
     /// question, TTLs clamped, cached if cacheable.
-    fn absorb(&self, request: &Request, group: usize, mut answer: Message) -> Message {
+    fn absorb(&self, request: &Request, key: CacheKey, mut answer: Message) -> Message {
         let scrubbed = scrub::scrub(&request.query, &mut answer);
         if scrubbed.removed > 0 {
             self.stats.dns_scrubbed_records.add(scrubbed.removed as u64);
@@ -604,7 +616,7 @@ impl DnsEngine {
             return message::response(request, ResponseCode::ServFail, self.max_udp_payload);
         }
         // Clamps the TTLs in place whether or not it is cached.
-        self.cache.insert(self.cache_key(request, group), &mut answer);
+        self.cache.insert(key, &mut answer);
         let mut msg = message::response(request, answer.metadata.response_code, self.max_udp_payload);
         msg.answers = answer.answers;
         msg.authorities = answer.authorities;
@@ -619,12 +631,12 @@ impl DnsEngine {
     pub fn complete_with(&self, pending: Pending, id: u16, bytes: &[u8]) -> Option<Vec<u8>> {
         let Pending {
             request,
-            group,
+            key,
             transport,
             ..
         } = pending;
         let msg = match super::upstream::accept_answer(bytes, id, &request.query) {
-            Some(answer) => self.absorb(&request, group, answer),
+            Some(answer) => self.absorb(&request, key, answer),
             None => message::response(&request, ResponseCode::ServFail, self.max_udp_payload),
         };
         match self.reply_to(&request, &msg, transport) {
