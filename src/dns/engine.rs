@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cache::{CacheKey, DnsCache};
+use super::cache::{CacheKey, DnsCache, Records};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::wire_key;
@@ -538,8 +538,16 @@ impl DnsEngine {
         if upstream.is_ok() {
             self.stats.dns_upstream_latency.observe(started.elapsed());
         }
-        let msg = match upstream {
-            Ok(answer) => self.absorb(&request, key, answer),
+        // What the upstream's answer leaves to cache: stored once the reply
+        // is encoded, so the records move into the cache instead of being
+        // copied for it.
+        let mut keep = None;
+        let mut msg = match upstream {
+            Ok(answer) => {
+                let (msg, lifetime) = self.absorb(&request, answer);
+                keep = lifetime.map(|l| (key, l));
+                msg
+            }
             Err(e) => {
                 let stale_msg = stale
                     .filter(|_| send.is_some())
@@ -557,10 +565,20 @@ impl DnsEngine {
                 }
             }
         };
-        let Some(send) = send else {
-            return; // a stale answer went out already: this was the refresh
+        // A refresh after a stale answer sends nothing: it only caches.
+        let rendered = send
+            .as_ref()
+            .map(|_| self.render(&request, &msg, transport, client, &sets));
+        if let Some((key, lifetime)) = keep {
+            self.cache.store(key, lifetime, Records::take(&mut msg));
+        }
+        let (Some(send), Some((reply, committed))) = (send, rendered) else {
+            return;
         };
-        if let Some(bytes) = self.deliver(&request, &msg, transport, client, &sets).await {
+        if let Some(c) = committed {
+            released(c).await;
+        }
+        if let Some(bytes) = reply {
             send(bytes);
         }
     }
@@ -586,20 +604,35 @@ impl DnsEngine {
         client: IpAddr,
         sets: &[SetPair],
     ) -> Option<Vec<u8>> {
-        let committed = self.feed.as_ref().and_then(|f| f.observe(client, msg, sets));
-        let reply = match self.reply_to(request, msg, transport) {
-            Outcome::Reply(bytes) => Some(bytes),
-            _ => None,
-        };
+        let (reply, committed) = self.render(request, msg, transport, client, sets);
         if let Some(c) = committed {
             released(c).await;
         }
         reply
     }
 
+    /// [`DnsEngine::deliver`] up to the wait: the encoded reply, and the
+    /// commit of its set elements to wait for before sending it.
+    fn render(
+        &self,
+        request: &Request,
+        msg: &Message,
+        transport: Transport,
+        client: IpAddr,
+        sets: &[SetPair],
+    ) -> (Option<Vec<u8>>, Option<Committed>) {
+        let committed = self.feed.as_ref().and_then(|f| f.observe(client, msg, sets));
+        let reply = match self.reply_to(request, msg, transport) {
+            Outcome::Reply(bytes) => Some(bytes),
+            _ => None,
+        };
+        (reply, committed)
+    }
+
     /// What the client gets for an upstream's answer: scrubbed to the
-    /// question, TTLs clamped, cached if cacheable.
-    fn absorb(&self, request: &Request, key: CacheKey, mut answer: Message) -> Message {
+    /// question, TTLs clamped; with how long it may be cached, if at all
+    /// (the caller stores it, see [`DnsCache::store`]).
+    fn absorb(&self, request: &Request, mut answer: Message) -> (Message, Option<u32>) {
         let scrubbed = scrub::scrub(&request.query, &mut answer);
         if scrubbed.removed > 0 {
             self.stats.dns_scrubbed_records.add(scrubbed.removed as u64);
@@ -613,15 +646,18 @@ impl DnsEngine {
             // answered, but nothing usable.
             self.stats.dns_servfail.inc();
             tracing::debug!(name = %request.key, ?broken, "CNAME chain loops or is too long");
-            return message::response(request, ResponseCode::ServFail, self.max_udp_payload);
+            return (
+                message::response(request, ResponseCode::ServFail, self.max_udp_payload),
+                None,
+            );
         }
-        // Clamps the TTLs in place whether or not it is cached.
-        self.cache.insert(key, &mut answer);
+        // Clamps the TTLs in place whether or not it is cacheable.
+        let lifetime = self.cache.policy().apply(&mut answer);
         let mut msg = message::response(request, answer.metadata.response_code, self.max_udp_payload);
         msg.answers = answer.answers;
         msg.authorities = answer.authorities;
         msg.additionals = answer.additionals;
-        msg
+        (msg, lifetime)
     }
 
     /// Completes `pending` as if its upstream had sent the datagram `bytes`
@@ -635,14 +671,21 @@ impl DnsEngine {
             transport,
             ..
         } = pending;
-        let msg = match super::upstream::accept_answer(bytes, id, &request.query) {
-            Some(answer) => self.absorb(&request, key, answer),
-            None => message::response(&request, ResponseCode::ServFail, self.max_udp_payload),
+        let (mut msg, lifetime) = match super::upstream::accept_answer(bytes, id, &request.query) {
+            Some(answer) => self.absorb(&request, answer),
+            None => (
+                message::response(&request, ResponseCode::ServFail, self.max_udp_payload),
+                None,
+            ),
         };
-        match self.reply_to(&request, &msg, transport) {
+        let reply = match self.reply_to(&request, &msg, transport) {
             Outcome::Reply(bytes) => Some(bytes),
             _ => None,
+        };
+        if let Some(lifetime) = lifetime {
+            self.cache.store(key, lifetime, Records::take(&mut msg));
         }
+        reply
     }
 
     /// Answers `bytes` completely, awaiting the upstream if needed.
