@@ -607,7 +607,11 @@ fn raw(o: &mut String, rounds: &[Round]) {
             let _ = writeln!(o);
         }
         if !r.latency.is_empty() {
-            let _ = writeln!(o, "Round-trip time (sockperf ping-pong, 64 B), µs.\n");
+            let runs = r.latency.iter().map(|l| l.runs).max().unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "Round-trip time (sockperf ping-pong, 64 B), µs: the median of {runs} runs per path, the paths taking turns.\n"
+            );
             let _ = writeln!(o, "| path | p50 | p99 | p99.9 |\n|---|---|---|---|");
             for l in &r.latency {
                 let _ = writeln!(o, "| {} | {:.1} | {:.1} | {:.1} |", l.system, l.p50, l.p99, l.p999);
