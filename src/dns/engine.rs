@@ -514,12 +514,13 @@ impl DnsEngine {
             qtype,
             qclass,
         };
-        let (entry, age) = self.cache.get(&cache_key)?;
+        let now = std::time::Instant::now();
+        let (entry, age) = self.cache.get_at(&cache_key, now)?;
         let reused = entry.rendered.reuse(&shape(age))?;
         log_rule();
         self.stats.dns_cache_hits.inc();
         let reply = self.served(reused);
-        if entry.hit_wants_prefetch(self.prefetch, std::time::Instant::now()) {
+        if entry.hit_wants_prefetch(self.prefetch, now) {
             // The refresh needs the query as a `Request`: parsed in full,
             // once per entry and lifetime at most.
             if let Ok(request) = message::parse_request(bytes)
