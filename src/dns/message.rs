@@ -37,10 +37,16 @@ pub enum Rejection {
 impl Request {
     /// Largest UDP response the client accepts, never above `ours`.
     pub fn udp_limit(&self, ours: u16) -> usize {
-        match &self.edns {
-            Some(e) => usize::from(e.max_payload().min(ours)).max(CLASSIC_UDP_PAYLOAD),
-            None => CLASSIC_UDP_PAYLOAD,
-        }
+        udp_limit(self.edns.as_ref().map(Edns::max_payload), ours)
+    }
+}
+
+/// Largest UDP response a client that sent `edns_payload` in its OPT
+/// record (`None`: no OPT) accepts, never above `ours`, never below 512.
+pub fn udp_limit(edns_payload: Option<u16>, ours: u16) -> usize {
+    match edns_payload {
+        Some(p) => usize::from(p.min(ours)).max(CLASSIC_UDP_PAYLOAD),
+        None => CLASSIC_UDP_PAYLOAD,
     }
 }
 

@@ -21,6 +21,7 @@ pub mod scrub;
 pub mod server;
 pub mod shares;
 pub mod upstream;
+pub mod wire;
 
 pub use engine::{DnsEngine, Outcome, Pending, Transport};
 
