@@ -466,7 +466,7 @@ fn fmt(v: f64) -> String {
     }
 }
 
-const DROPS_HEAD: &str = "| run | lost (measured by the receiver) | client rcvbuf | gateway rcvbuf | server rcvbuf | \
+const DROPS_HEAD: &str = "| run | lost (measured by the receiver) | client rcvbuf | gateway rcvbuf (tproxyd listener, other) | server rcvbuf | \
                           client / gateway / server out | backlog | tproxyd drops / errors |\n\
                           |---|---|---|---|---|---|---|---|";
 
@@ -476,7 +476,7 @@ fn drops_row(o: &mut String, what: &str, lost: String, d: &Drops) {
         o,
         "| {what} | {lost} | {} | {} | {} | {} / {} / {} | {} | {} |",
         d.client.rcvbuf_errors(),
-        d.gateway.rcvbuf_errors(),
+        d.gateway_rcvbuf(),
         d.server.rcvbuf_errors(),
         out(&d.client),
         out(&d.gateway),
