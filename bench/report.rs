@@ -466,7 +466,7 @@ fn fmt(v: f64) -> String {
     }
 }
 
-const DROPS_HEAD: &str = "| run | lost (measured by the receiver) | client rcvbuf | gateway rcvbuf | server rcvbuf | \
+const DROPS_HEAD: &str = "| run | lost (measured by the receiver) | client rcvbuf | gateway rcvbuf (tproxyd listener, other) | server rcvbuf | \
                           client / gateway / server out | backlog | tproxyd drops / errors |\n\
                           |---|---|---|---|---|---|---|---|";
 
@@ -476,7 +476,7 @@ fn drops_row(o: &mut String, what: &str, lost: String, d: &Drops) {
         o,
         "| {what} | {lost} | {} | {} | {} | {} / {} / {} | {} | {} |",
         d.client.rcvbuf_errors(),
-        d.gateway.rcvbuf_errors(),
+        d.gateway_rcvbuf(),
         d.server.rcvbuf_errors(),
         out(&d.client),
         out(&d.gateway),
@@ -607,7 +607,11 @@ fn raw(o: &mut String, rounds: &[Round]) {
             let _ = writeln!(o);
         }
         if !r.latency.is_empty() {
-            let _ = writeln!(o, "Round-trip time (sockperf ping-pong, 64 B), µs.\n");
+            let runs = r.latency.iter().map(|l| l.runs).max().unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "Round-trip time (sockperf ping-pong, 64 B), µs: the median of {runs} runs per path, the paths taking turns.\n"
+            );
             let _ = writeln!(o, "| path | p50 | p99 | p99.9 |\n|---|---|---|---|");
             for l in &r.latency {
                 let _ = writeln!(o, "| {} | {:.1} | {:.1} | {:.1} |", l.system, l.p50, l.p99, l.p999);

@@ -334,7 +334,9 @@ impl DnsCache {
         self.get_at(key, Instant::now())
     }
 
-    fn get_at(&self, key: &CacheKey, now: Instant) -> Option<(Arc<Entry>, u32)> {
+    /// [`DnsCache::get`] at `now` (a caller that needs the time again
+    /// for the same query reads the clock once).
+    pub fn get_at(&self, key: &CacheKey, now: Instant) -> Option<(Arc<Entry>, u32)> {
         let mut store = self.lock()?;
         let entry = store.lru.get(key)?.clone();
         let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);

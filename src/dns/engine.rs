@@ -20,12 +20,13 @@ use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::wire_key;
 use super::ratelimit::RateLimiter;
-use super::rendered::{Rendered, Shape};
+use super::rendered::{Asked, Rendered, Reused, Shape, wire_labels};
 use super::rules::{Action, RuleSet, StaticAnswer};
 use super::scrub;
 use super::shares::{self, ClientShares, Share};
 use super::ttl_secs;
 use super::upstream::{Admission, UpstreamError, UpstreamGroup};
+use super::wire;
 use crate::config::dns::{BlockMode, DnsConfig, RateLimitAction, TcpConfig};
 use crate::domain::DomainFeed;
 use crate::domain::feed::{Committed, released};
@@ -296,6 +297,9 @@ impl DnsEngine {
             s.dns_rate_limited.inc();
             return Outcome::Drop;
         }
+        if !limited && let Some(outcome) = self.answer_kept(bytes, client, transport) {
+            return outcome;
+        }
         let allowed = self.allows(client);
         let request = match message::parse_request(bytes) {
             Ok(r) => r,
@@ -394,27 +398,10 @@ impl DnsEngine {
                 },
             );
             if let Outcome::Reply(bytes) = outcome {
-                if entry.hit_wants_prefetch(self.prefetch, std::time::Instant::now()) {
-                    // A refresh takes a place like a miss, the client's
-                    // share included; without one it is simply not made.
-                    let max_share = self.per_client_pending.get(group).copied().unwrap_or(1);
-                    if let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit)
-                        && let Some(share) = self.shares.take(group, client, max_share)
-                    {
-                        s.dns_prefetches.inc();
-                        let pending = Pending {
-                            request,
-                            group,
-                            key,
-                            transport,
-                            client,
-                            sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
-                            _share: share,
-                            serve_stale: false,
-                            _admission: admission,
-                        };
-                        return Outcome::Prefetch(bytes, pending);
-                    }
+                if entry.hit_wants_prefetch(self.prefetch, std::time::Instant::now())
+                    && let Some(pending) = self.refresh(request, group, key, transport, client, rule)
+                {
+                    return Outcome::Prefetch(bytes, pending);
                 }
                 return Outcome::Reply(bytes);
             }
@@ -447,6 +434,120 @@ impl DnsEngine {
             serve_stale: self.stale.is_some() && rule.is_none_or(|r| r.serve_stale),
             _admission: admission,
         })
+    }
+
+    /// A prefetch of `request`'s answer (a cache hit near its expiry). A
+    /// refresh takes a place like a miss, the client's share included;
+    /// without one it is simply not made.
+    #[allow(clippy::too_many_arguments)]
+    fn refresh(
+        &self,
+        request: Request,
+        group: usize,
+        key: CacheKey,
+        transport: Transport,
+        client: IpAddr,
+        rule: Option<&super::rules::Rule>,
+    ) -> Option<Pending> {
+        let max_share = self.per_client_pending.get(group).copied().unwrap_or(1);
+        let admission = self.groups.get(group).and_then(UpstreamGroup::admit)?;
+        let share = self.shares.take(group, client, max_share)?;
+        self.stats.dns_prefetches.inc();
+        Some(Pending {
+            request,
+            group,
+            key,
+            transport,
+            client,
+            sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
+            _share: share,
+            serve_stale: false,
+            _admission: admission,
+        })
+    }
+
+    /// Cache hits and overrides of the plainest queries (see
+    /// [`super::wire`]), answered from their kept encodings without
+    /// parsing the query into a hickory `Message`. `None` when the query
+    /// has any other shape, or its answer is not kept for this shape, or
+    /// the full path would do anything else with it (a refusal, a block,
+    /// a hosts file, a miss, an answer the domain feed must see): the full
+    /// path then answers it, and nothing has been counted here.
+    fn answer_kept(&self, bytes: &[u8], client: IpAddr, transport: Transport) -> Option<Outcome> {
+        if !self.reuse_encoded {
+            return None;
+        }
+        let query = wire::plain(bytes)?;
+        let qtype = RecordType::from(query.qtype);
+        let qclass = DNSClass::from(query.qclass);
+        if refused_locally(qclass, qtype).is_some() || !self.allows(client) {
+            return None;
+        }
+        let mut key = [0u8; wire::MAX_NAME];
+        let len = wire::key_into(query.name, &mut key);
+        let key = std::str::from_utf8(key.get(..len)?).ok()?;
+        let rule = self.rules.first_match(client, key, qtype);
+        let sets = rule.map_or(&[][..], |r| &r.nft_sets[..]);
+        if self.feed.as_ref().is_some_and(|f| f.watches(sets)) {
+            return None;
+        }
+        let shape = |age| Shape {
+            asked: Asked::plain(&query),
+            id: query.id,
+            limit: match transport {
+                Transport::Udp => message::udp_limit(query.edns_payload, self.max_udp_payload),
+                Transport::Tcp => usize::from(u16::MAX),
+            },
+            our_payload: self.max_udp_payload,
+            age,
+        };
+        let log_rule = || {
+            if let Some(rule) = rule {
+                tracing::debug!(%client, name = %key, ?qtype, rule = rule.number, action = rule.action.kind(), "DNS rule matched");
+            }
+        };
+        let group = match rule.map(|r| &r.action) {
+            Some(Action::Answer(_)) => {
+                let reused = rule?.rendered.reuse(&shape(0))?;
+                log_rule();
+                self.stats.dns_answered_local.inc();
+                return Some(Outcome::Reply(self.served(reused)));
+            }
+            Some(Action::Forward(g)) => *g,
+            None => self.default_group?,
+            Some(Action::Hosts(..) | Action::Block(..)) => return None,
+        };
+        let cache_key = CacheKey {
+            group: self.group_names.get(group)?.clone(),
+            name: query.name.to_ascii_lowercase().into_boxed_slice(),
+            qtype,
+            qclass,
+        };
+        let now = std::time::Instant::now();
+        let (entry, age) = self.cache.get_at(&cache_key, now)?;
+        let reused = entry.rendered.reuse(&shape(age))?;
+        log_rule();
+        self.stats.dns_cache_hits.inc();
+        let reply = self.served(reused);
+        if entry.hit_wants_prefetch(self.prefetch, now) {
+            // The refresh needs the query as a `Request`: parsed in full,
+            // once per entry and lifetime at most.
+            if let Ok(request) = message::parse_request(bytes)
+                && let Some(pending) = self.refresh(request, group, cache_key, transport, client, rule)
+            {
+                return Some(Outcome::Prefetch(reply, pending));
+            }
+        }
+        Some(Outcome::Reply(reply))
+    }
+
+    /// A kept encoding's bytes, counted as the encoder's would have been.
+    fn served(&self, reused: Reused) -> Vec<u8> {
+        if reused.truncated {
+            self.stats.dns_truncated.inc();
+        }
+        self.stats.dns_rcodes.record(u16::from(reused.rcode));
+        reused.bytes
     }
 
     /// SERVFAIL for a query that cannot be forwarded after all (the
@@ -740,18 +841,16 @@ impl DnsEngine {
         let sets = rule.map_or(&[][..], |r| &r.nft_sets[..]);
         let watched = self.feed.as_ref().is_some_and(|f| f.watches(sets));
         let rendered = rendered.filter(|_| self.reuse_encoded && !watched);
+        let name = wire_labels(request.query.name());
         let shape = Shape {
-            request,
+            asked: Asked::of(request, &name),
+            id: request.id,
             limit: self.answer_limit(request, transport),
             our_payload: self.max_udp_payload,
             age,
         };
         if let Some(reused) = rendered.and_then(|(r, _)| r.reuse(&shape)) {
-            if reused.truncated {
-                self.stats.dns_truncated.inc();
-            }
-            self.stats.dns_rcodes.record(u16::from(reused.rcode));
-            return Outcome::Reply(reused.bytes);
+            return Outcome::Reply(self.served(reused));
         }
         let msg = build();
         let outcome = self.reply_observed(request, &msg, transport, client, rule);

@@ -1,472 +1,388 @@
-//! Writing a response directly, for the shapes nearly every answer has,
-//! byte for byte as hickory's encoder writes it.
+//! The plainest queries read straight from the wire, for answers that are
+//! kept encoded (cache hits, overrides).
 //!
-//! Every reply used to go through hickory's `Message::to_vec`: on a cache
-//! miss that was the largest single item (about 7,000 instructions of
-//! 48,000), mostly its buffer abstraction writing a byte at a time and its
-//! compression table copying every name suffix it stores. Here the same
-//! output comes from one `Vec` and a table of references into the message:
-//! the header, the question, records whose data is an address or names
-//! (A, AAAA, CNAME, NS, PTR, SOA) and an OPT record without options.
-//! Anything else — another record type, EDNS options, an extended RCODE,
-//! a signature, very many records — returns `None` and the caller uses
-//! hickory, so no answer is ever written differently: the unit tests
-//! compare both encoders' bytes over many messages.
-//!
-//! Names are compressed exactly as hickory does it (RFC 1035 4.1.4): each
-//! name is written out, then its suffixes are looked up, longest first,
-//! among those of earlier names (exact bytes, so case-sensitive); the first
-//! match replaces the rest of the name by a pointer, and the suffixes that
-//! did not match become candidates themselves (at most 64, only below
-//! offset 0x3FFF, and compression stops after 120 names).
+//! Parsing a query into a hickory `Message` (questions, records, the OPT
+//! record, a `Name` with its label table, then the lowercase key) was the
+//! largest share of the instructions a kept answer cost (callgrind,
+//! docs/BENCHMARKS.md). Nearly every query is the same shape: one
+//! question, a name of letters, digits, `-` and `_`, no records but
+//! perhaps an empty OPT. [`plain`] reads exactly that shape and nothing
+//! else; every other datagram (compression, escapes, options, trailing
+//! bytes, other opcodes, malformed input) gets `None` and takes the full
+//! path through hickory, which also produces FORMERR, NOTIMP and BADVERS.
+//! So this parser only ever has to say "plain, and here it is" or "not
+//! sure": it never decides an error answer.
 
-use hickory_proto::op::{Message, MessageType};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+/// A query of the plainest shape, borrowing the datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plain<'a> {
+    pub id: u16,
+    pub recursion_desired: bool,
+    pub checking_disabled: bool,
+    /// The question name as sent: length-prefixed labels, case kept,
+    /// ending with the root's zero byte (never compressed).
+    pub name: &'a [u8],
+    pub qtype: u16,
+    pub qclass: u16,
+    /// The UDP payload size of the client's OPT record, if it sent one.
+    pub edns_payload: Option<u16>,
+}
 
-/// hickory's limit on stored compression candidates.
-const MAX_CANDIDATES: usize = 64;
-/// hickory's limit on names compressed per message.
-const MAX_COMPRESSED: usize = 120;
-/// Past this many records the message goes to hickory (so the name limit
-/// above is never reached here either).
-const MAX_RECORDS: usize = 32;
-/// A name of at most 255 bytes has at most 127 labels.
-const MAX_LABELS: usize = 128;
+/// Longest name on the wire (RFC 1035 3.1), root byte included.
+pub const MAX_NAME: usize = 255;
 
-/// `msg` encoded as hickory would encode it, or `None` when it has
-/// something this encoder does not write.
-pub fn encode(msg: &Message) -> Option<Vec<u8>> {
-    let records = msg.answers.len() + msg.authorities.len() + msg.additionals.len();
-    if records > MAX_RECORDS || msg.signature.is_some() || msg.queries.len() > MAX_RECORDS {
+/// Header flags this parser accepts set: RD and CD (copied into the
+/// answer) and AD (a query may set it to ask for the AD bit, RFC 6840
+/// 5.7, which the full path ignores too). QR, opcode, AA, TC, RA, Z and
+/// RCODE must be zero.
+const FLAGS_ACCEPTED: u16 = 0x0100 | 0x0020 | 0x0010;
+
+/// The query in `bytes`, if it has the plainest shape (see the module).
+pub fn plain(bytes: &[u8]) -> Option<Plain<'_>> {
+    let header: &[u8; 12] = bytes.get(..12)?.try_into().ok()?;
+    let word = |i: usize| u16::from_be_bytes([header[i], header[i + 1]]);
+    let flags = word(2);
+    if flags & !FLAGS_ACCEPTED != 0 {
         return None;
     }
-    let rcode = msg.metadata.response_code;
-    let edns = msg.edns.as_ref();
-    if rcode.high() > 0 || edns.is_some_and(|e| !e.options().as_ref().is_empty()) {
+    let (qdcount, ancount, nscount, arcount) = (word(4), word(6), word(8), word(10));
+    if qdcount != 1 || ancount != 0 || nscount != 0 || arcount > 1 {
         return None;
     }
-    let mut w = Writer {
-        out: Vec::with_capacity(512),
-        candidates: Vec::with_capacity(16),
-        arena: Vec::with_capacity(256),
-        compressed: 0,
+    let rest = bytes.get(12..)?;
+    let name_len = plain_name_len(rest)?;
+    let (name, rest) = rest.split_at(name_len);
+    let (fixed, rest) = rest.split_first_chunk::<4>()?;
+    let qtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+    let qclass = u16::from_be_bytes([fixed[2], fixed[3]]);
+    let edns_payload = match arcount {
+        0 => None,
+        _ => Some(empty_opt(rest)?),
     };
-    let m = &msg.metadata;
-    w.u16(m.id);
-    let mut flags = if m.message_type == MessageType::Response {
-        0x80
-    } else {
-        0
-    };
-    flags |= u8::from(m.op_code) << 3;
-    flags |= u8::from(m.authoritative) << 2;
-    flags |= u8::from(m.truncation) << 1;
-    flags |= u8::from(m.recursion_desired);
-    w.out.push(flags);
-    let mut flags = u8::from(m.recursion_available) << 7;
-    flags |= u8::from(m.authentic_data) << 5;
-    flags |= u8::from(m.checking_disabled) << 4;
-    flags |= rcode.low();
-    w.out.push(flags);
-    // Counts fit: each list is at most MAX_RECORDS long.
-    let count = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
-    w.u16(count(msg.queries.len()));
-    w.u16(count(msg.answers.len()));
-    w.u16(count(msg.authorities.len()));
-    w.u16(count(msg.additionals.len() + usize::from(edns.is_some())));
-    for q in &msg.queries {
-        w.name(q.name())?;
-        w.u16(u16::from(q.query_type()));
-        w.u16(u16::from(q.query_class()));
+    if arcount == 0 && !rest.is_empty() {
+        return None; // trailing bytes: the full path decides
     }
-    for record in msg.answers.iter().chain(&msg.authorities).chain(&msg.additionals) {
-        w.record(record)?;
-    }
-    if let Some(edns) = edns {
-        // The OPT record (RFC 6891 6.1.2): root owner, the payload size as
-        // class, extended RCODE, version and flags as TTL, no options.
-        w.root();
-        w.u16(u16::from(RecordType::OPT));
-        w.u16(edns.max_payload().max(512));
-        let ttl =
-            (u32::from(rcode.high()) << 24) | (u32::from(edns.version()) << 16) | u32::from(u16::from(*edns.flags()));
-        w.u32(ttl);
-        w.u16(0);
-    }
-    Some(w.out)
+    Some(Plain {
+        id: word(0),
+        recursion_desired: flags & 0x0100 != 0,
+        checking_disabled: flags & 0x0010 != 0,
+        name,
+        qtype,
+        qclass,
+        edns_payload,
+    })
 }
 
-/// A name suffix written earlier: at `offset` in the message, with the
-/// labels `arena[start..end]` (length-prefixed, no terminator) as first
-/// written, before any of it was replaced by a pointer.
-struct Candidate {
-    offset: u16,
-    start: usize,
-    end: usize,
-}
-
-struct Writer {
-    out: Vec<u8>,
-    candidates: Vec<Candidate>,
-    /// Every name written so far, uncompressed, back to back: what the
-    /// candidates are compared against (exact bytes, as hickory does).
-    arena: Vec<u8>,
-    compressed: usize,
-}
-
-impl Writer {
-    fn u16(&mut self, v: u16) {
-        self.out.extend_from_slice(&v.to_be_bytes());
+/// The bytes a plain label may hold: letters, digits, `-` and `_` (one
+/// table lookup per byte instead of four comparisons).
+const PLAIN_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+        b += 1;
     }
+    table
+};
 
-    fn u32(&mut self, v: u32) {
-        self.out.extend_from_slice(&v.to_be_bytes());
-    }
-
-    /// The root name, as hickory writes it: no label, so no candidate,
-    /// but it counts as a compressed name.
-    fn root(&mut self) {
-        self.compressed += 1;
-        self.out.push(0);
-    }
-
-    fn record(&mut self, r: &Record) -> Option<()> {
-        let rtype = r.record_type();
-        if !matches!(
-            rtype,
-            RecordType::A | RecordType::AAAA | RecordType::CNAME | RecordType::NS | RecordType::PTR | RecordType::SOA
-        ) {
+/// The length of the name at the start of `bytes`, root byte included,
+/// if every label is 1–63 bytes of letters, digits, `-` or `_`, and the
+/// whole is at most [`MAX_NAME`] bytes. Compression pointers, extended
+/// label types and any other byte give `None`.
+fn plain_name_len(bytes: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        let len = usize::from(*bytes.get(at)?);
+        if len == 0 {
+            at += 1;
+            return (at <= MAX_NAME).then_some(at);
+        }
+        if len > 63 {
+            return None; // a pointer (0xC0) or a reserved label type
+        }
+        let label = bytes.get(at + 1..at + 1 + len)?;
+        if !label.iter().all(|&b| PLAIN_BYTE[usize::from(b)]) {
             return None;
         }
-        self.name(&r.name)?;
-        self.u16(u16::from(rtype));
-        self.u16(u16::from(r.dns_class));
-        self.u32(r.ttl);
-        let place = self.out.len();
-        self.u16(0);
-        match &r.data {
-            RData::A(a) => self.out.extend_from_slice(&a.0.octets()),
-            RData::AAAA(a) => self.out.extend_from_slice(&a.0.octets()),
-            RData::CNAME(n) => self.name(&n.0)?,
-            RData::NS(n) => self.name(&n.0)?,
-            RData::PTR(n) => self.name(&n.0)?,
-            RData::SOA(soa) => {
-                self.name(&soa.mname)?;
-                self.name(&soa.rname)?;
-                self.u32(soa.serial);
-                self.out.extend_from_slice(&soa.refresh.to_be_bytes());
-                self.out.extend_from_slice(&soa.retry.to_be_bytes());
-                self.out.extend_from_slice(&soa.expire.to_be_bytes());
-                self.u32(soa.minimum);
-            }
-            _ => return None,
-        }
-        let len = u16::try_from(self.out.len() - place - 2).ok()?;
-        self.out[place..place + 2].copy_from_slice(&len.to_be_bytes());
-        Some(())
-    }
-
-    /// Writes `name`, compressed against the names before it.
-    fn name(&mut self, name: &Name) -> Option<()> {
-        // The labels as they would be written in full, and where each
-        // starts: in the arena, which keeps them for later names.
-        let base = self.arena.len();
-        let mut starts = [0usize; MAX_LABELS];
-        let mut labels = 0;
-        for label in name.iter() {
-            let len = u8::try_from(label.len()).ok().filter(|&l| l <= 63)?;
-            *starts.get_mut(labels)? = self.arena.len();
-            labels += 1;
-            self.arena.push(len);
-            self.arena.extend_from_slice(label);
-        }
-        let end = self.arena.len();
-        if end - base + 1 > 255 {
-            self.arena.truncate(base);
+        at += 1 + len;
+        if at >= MAX_NAME {
             return None;
         }
-        // Where the name ends in the message if written in full (hickory
-        // stores candidates only while that is below 0x3FFF).
-        let at = self.out.len();
-        let full_end = at + (end - base);
-        let compress = self.compressed < MAX_COMPRESSED;
-        if compress {
-            self.compressed += 1;
-        }
-        for &start in &starts[..labels] {
-            let offset = at + (start - base);
-            if compress && let Some(target) = self.find(&self.arena[start..end]) {
-                self.out.extend_from_slice(&self.arena[base..start]);
-                self.u16(0xC000 | target);
-                return Some(());
-            }
-            if full_end < 0x3FFF && self.candidates.len() < MAX_CANDIDATES {
-                self.candidates.push(Candidate {
-                    offset: u16::try_from(offset).ok()?,
-                    start,
-                    end,
-                });
-            }
-        }
-        self.out.extend_from_slice(&self.arena[base..end]);
-        self.out.push(0);
-        Some(())
     }
+}
 
-    /// The first candidate whose labels are exactly `labels`.
-    fn find(&self, labels: &[u8]) -> Option<u16> {
-        self.candidates
-            .iter()
-            .find(|c| self.arena.get(c.start..c.end) == Some(labels))
-            .map(|c| c.offset)
+/// The payload size of an OPT record with the root as owner, EDNS
+/// version 0, no extended RCODE and no options, filling `bytes` exactly.
+fn empty_opt(bytes: &[u8]) -> Option<u16> {
+    let opt: &[u8; 11] = bytes.try_into().ok()?;
+    // Owner (root), TYPE = OPT (41), CLASS = payload, TTL = ext. RCODE,
+    // version, flags; RDLENGTH = 0.
+    let [0, 0, 41, p0, p1, 0, 0, _, _, 0, 0] = *opt else {
+        return None;
+    };
+    Some(u16::from_be_bytes([p0, p1]))
+}
+
+/// The rule-matching key of a plain name (lowercase labels joined by
+/// dots, as [`super::names::query_key`] makes it) into `out`; the key's
+/// length. Labels of a plain name need no escapes.
+pub fn key_into(name: &[u8], out: &mut [u8; MAX_NAME]) -> usize {
+    let mut n = 0;
+    let mut at = 0;
+    while let Some(&len) = name.get(at) {
+        let len = usize::from(len);
+        let Some(label) = name.get(at + 1..at + 1 + len).filter(|_| len > 0) else {
+            break;
+        };
+        if n > 0 {
+            if let Some(dot) = out.get_mut(n) {
+                *dot = b'.';
+            }
+            n += 1;
+        }
+        let Some(dst) = out.get_mut(n..n + len) else {
+            break;
+        };
+        dst.copy_from_slice(label);
+        dst.make_ascii_lowercase();
+        n += len;
+        at += 1 + len;
     }
+    n
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::op::{Edns, OpCode, Query, ResponseCode};
-    use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, NS, PTR, SOA, TXT};
-    use hickory_proto::rr::{DNSClass, RData, Record};
-    use std::str::FromStr;
+    use crate::dns::message::parse_request;
+    use crate::dns::names::{query_key, wire_key};
+    use hickory_proto::op::{Edns, Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
 
-    fn n(s: &str) -> Name {
-        Name::from_str(s).unwrap()
-    }
-
-    fn same_as_hickory(m: &Message) {
-        let ours = encode(m).expect("a shape this encoder writes");
-        assert_eq!(ours, m.to_vec().unwrap(), "{m:?}");
-    }
-
-    fn response(q: &str, qtype: RecordType) -> Message {
-        let mut m = Message::response(0x1234, OpCode::Query);
+    fn query(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 0xbeef;
         m.metadata.recursion_desired = true;
-        m.metadata.recursion_available = true;
-        m.add_query(Query::query(n(q), qtype));
-        m
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        if let Some(p) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(p);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
     }
 
-    fn soa(zone: &str) -> Record {
-        let soa = SOA::new(
-            n(&format!("ns1.{zone}")),
-            n(&format!("hostmaster.{zone}")),
-            7,
-            3600,
-            -1,
-            86400,
-            60,
+    fn key(name: &[u8]) -> String {
+        let mut out = [0u8; MAX_NAME];
+        let n = key_into(name, &mut out);
+        String::from_utf8(out[..n].to_vec()).unwrap()
+    }
+
+    /// Whatever `plain` accepts, the full parser reads the same way.
+    fn agrees_with_hickory(bytes: &[u8]) {
+        let Some(p) = plain(bytes) else { return };
+        let full = parse_request(bytes).unwrap_or_else(|_| panic!("plain accepted what hickory rejects: {bytes:?}"));
+        assert_eq!(p.id, full.id);
+        assert_eq!(p.recursion_desired, full.recursion_desired);
+        assert_eq!(p.checking_disabled, full.checking_disabled);
+        assert_eq!(p.qtype, u16::from(full.query.query_type()));
+        assert_eq!(p.qclass, u16::from(full.query.query_class()));
+        assert_eq!(p.edns_payload.is_some(), full.edns.is_some());
+        if let (Some(ours), Some(theirs)) = (p.edns_payload, &full.edns) {
+            assert_eq!(ours.max(512), theirs.max_payload().max(512));
+        }
+        assert_eq!(key(p.name), full.key);
+        assert_eq!(
+            p.name.to_ascii_lowercase().into_boxed_slice(),
+            wire_key(full.query.name())
         );
-        Record::from_rdata(n(zone), 300, RData::SOA(soa))
+        assert_eq!(key(p.name), query_key(full.query.name()));
     }
 
     #[test]
-    fn common_answers_are_written_as_hickory_writes_them() {
-        // An address answer, with and without OPT, in the client's case.
-        let mut m = response("WwW.Example.test.", RecordType::A);
-        m.add_answer(Record::from_rdata(
-            n("WwW.Example.test."),
-            60,
-            RData::A(A::new(203, 0, 113, 7)),
-        ));
-        m.add_answer(Record::from_rdata(
-            n("www.example.test."),
-            60,
-            RData::A(A::new(203, 0, 113, 8)),
-        ));
-        same_as_hickory(&m);
-        let mut edns = Edns::new();
-        edns.set_max_payload(1232);
-        m.set_edns(edns.clone());
-        same_as_hickory(&m);
-        edns.set_dnssec_ok(true);
-        edns.set_max_payload(100);
-        m.set_edns(edns);
-        m.metadata.checking_disabled = true;
-        m.metadata.authentic_data = true;
-        m.metadata.authoritative = true;
-        same_as_hickory(&m);
-
-        // A CNAME chain into another zone, then addresses; AAAA.
-        let mut m = response("www.example.test.", RecordType::AAAA);
-        m.add_answer(Record::from_rdata(
-            n("www.example.test."),
-            300,
-            RData::CNAME(CNAME(n("cdn.example.test."))),
-        ));
-        m.add_answer(Record::from_rdata(
-            n("cdn.example.test."),
-            300,
-            RData::CNAME(CNAME(n("edge.cdn.net.test."))),
-        ));
-        for i in 1..4 {
-            let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);
-            m.add_answer(Record::from_rdata(n("edge.cdn.net.test."), 20, RData::AAAA(AAAA(ip))));
+    fn reads_the_plain_shape_as_hickory_does() {
+        for (name, edns) in [
+            ("printer.lan.", None),
+            ("WwW.Ex-Ample.TEST.", Some(1232)),
+            ("_srv._tcp.example.test.", Some(4096)),
+            ("a.", Some(100)),
+            (".", None),
+        ] {
+            let bytes = query(name, RecordType::AAAA, edns);
+            let p = plain(&bytes).unwrap_or_else(|| panic!("{name} is plain"));
+            assert_eq!(p.id, 0xbeef);
+            assert!(p.recursion_desired && !p.checking_disabled);
+            assert_eq!(p.edns_payload, edns.map(|e| e.max(512)));
+            agrees_with_hickory(&bytes);
         }
-        m.set_edns(Edns::new());
-        same_as_hickory(&m);
-
-        // Negative answers with their SOA (names compressed inside it).
-        for rcode in [ResponseCode::NXDomain, ResponseCode::NoError, ResponseCode::ServFail] {
-            let mut m = response("missing.example.test.", RecordType::A);
-            m.metadata.response_code = rcode;
-            m.add_authority(soa("example.test."));
-            same_as_hickory(&m);
-        }
-
-        // Names in other rdata, the root, an empty question list, a query.
-        let mut m = response(".", RecordType::NS);
-        m.add_answer(Record::from_rdata(
-            Name::root(),
-            518400,
-            RData::NS(NS(n("a.root.test."))),
-        ));
-        m.add_answer(Record::from_rdata(
-            Name::root(),
-            518400,
-            RData::NS(NS(n("b.root.test."))),
-        ));
-        m.add_additional(Record::from_rdata(n("a.root.test."), 1, RData::A(A::new(192, 0, 2, 1))));
-        same_as_hickory(&m);
-        let mut m = response("7.113.0.203.in-addr.arpa.", RecordType::PTR);
-        m.add_answer(Record::from_rdata(
-            n("7.113.0.203.in-addr.arpa."),
-            60,
-            RData::PTR(PTR(n("host.example.test."))),
-        ));
-        same_as_hickory(&m);
-        same_as_hickory(&Message::response(9, OpCode::Query));
-        let mut q = Message::query();
-        q.add_query(Query::query(n("a.test."), RecordType::A));
-        same_as_hickory(&q);
-        let mut chaos = response("version.bind.", RecordType::A);
-        chaos.queries[0].set_query_class(DNSClass::CH);
-        chaos.metadata.response_code = ResponseCode::Refused;
-        same_as_hickory(&chaos);
+        let bytes = query("WwW.Example.TEST.", RecordType::A, None);
+        let p = plain(&bytes).unwrap();
+        assert_eq!(p.name, b"\x03WwW\x07Example\x04TEST\x00");
+        assert_eq!(key(p.name), "www.example.test");
+        assert_eq!(key(b"\x00"), "");
     }
 
     #[test]
-    fn many_mixed_messages_match_hickory_byte_for_byte() {
-        // Names that share suffixes in every way, in mixed case, so that
-        // the compression choices (which candidate, which label) are
-        // exercised, not just the plain cases above.
-        let names = [
-            "a.test.",
-            "A.test.",
-            "b.a.test.",
-            "a.b.a.test.",
-            "test.",
-            "x.example.test.",
-            "example.test.",
-            "Example.TEST.",
-            "y.x.example.test.",
-            "x.y.test.",
-            "bank\\.test.",
-            "bank.test.",
-            ".",
-            "a-really-quite-long-label-for-the-compression-table-to-compare.test.",
-            "a.b.c.d.e.f.g.test.",
-            "g.f.e.d.c.b.a.test.",
-            "q.w.e.r.t.y.u.i.example.test.",
-            "z.y.x.w.v.u.t.s.r.q.x.example.test.",
+    fn anything_unusual_is_left_to_the_full_parser() {
+        let base = query("a.example.", RecordType::A, None);
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut v = base.clone();
+            f(&mut v);
+            v
+        };
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("truncated header", base[..11].to_vec()),
+            ("header only", base[..12].to_vec()),
+            ("truncated name", base[..15].to_vec()),
+            ("no type and class", base[..base.len() - 4].to_vec()),
+            ("half a class", base[..base.len() - 1].to_vec()),
+            ("QDCOUNT 0", with(&|v| v[5] = 0)),
+            ("QDCOUNT 2", with(&|v| v[5] = 2)),
+            ("an answer", with(&|v| v[7] = 1)),
+            ("an authority", with(&|v| v[9] = 1)),
+            ("two additionals", with(&|v| v[11] = 2)),
+            ("an additional that is not there", with(&|v| v[11] = 1)),
+            ("a response", with(&|v| v[2] |= 0x80)),
+            ("opcode STATUS", with(&|v| v[2] |= 2 << 3)),
+            ("TC set", with(&|v| v[2] |= 0x02)),
+            ("an RCODE", with(&|v| v[3] |= 0x01)),
+            ("trailing bytes", with(&|v| v.push(0))),
+            // A pointer back to the header, as the first and as a later label.
+            ("pointer first", {
+                let mut v = base[..12].to_vec();
+                v.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+                v
+            }),
+            ("pointer later", {
+                let mut v = base[..12].to_vec();
+                v.extend_from_slice(&[1, b'a', 0xc0, 0x0c, 0, 1, 0, 1]);
+                v
+            }),
+            ("extended label type", {
+                let mut v = base[..12].to_vec();
+                v.extend_from_slice(&[0x41, 0, 0, 1, 0, 1]);
+                v
+            }),
+            ("label of 64", {
+                let mut v = base[..12].to_vec();
+                v.push(64);
+                v.extend_from_slice(&[b'a'; 64]);
+                v.extend_from_slice(&[0, 0, 1, 0, 1]);
+                v
+            }),
+            ("a dot inside a label", {
+                let mut v = base[..12].to_vec();
+                v.extend_from_slice(b"\x03a.b\x04test\x00\x00\x01\x00\x01");
+                v
+            }),
+            ("a control byte", {
+                let mut v = base[..12].to_vec();
+                v.extend_from_slice(b"\x02a\n\x00\x00\x01\x00\x01");
+                v
+            }),
+            ("a space", {
+                let mut v = base[..12].to_vec();
+                v.extend_from_slice(b"\x02a \x00\x00\x01\x00\x01");
+                v
+            }),
+            ("a byte beyond ASCII", {
+                let mut v = base[..12].to_vec();
+                v.extend_from_slice(b"\x02a\xc3\x00\x00\x01\x00\x01");
+                v
+            }),
         ];
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
-        for round in 0..2_000 {
-            let qname = names[next(names.len())];
-            let mut m = response(qname, [RecordType::A, RecordType::AAAA, RecordType::CNAME][next(3)]);
-            m.metadata.id = round as u16;
-            m.metadata.response_code = [ResponseCode::NoError, ResponseCode::NXDomain][next(2)];
-            m.metadata.recursion_desired = next(2) == 0;
-            let records = next(MAX_RECORDS + 1);
-            for _ in 0..records {
-                let owner = n(names[next(names.len())]);
-                let data = match next(6) {
-                    0 => RData::A(A::new(192, 0, 2, next(256) as u8)),
-                    1 => RData::AAAA(AAAA(std::net::Ipv6Addr::LOCALHOST)),
-                    2 => RData::CNAME(CNAME(n(names[next(names.len())]))),
-                    3 => RData::NS(NS(n(names[next(names.len())]))),
-                    4 => RData::PTR(PTR(n(names[next(names.len())]))),
-                    _ => RData::SOA(SOA::new(
-                        n(names[next(names.len())]),
-                        n(names[next(names.len())]),
-                        1,
-                        2,
-                        3,
-                        4,
-                        5,
-                    )),
-                };
-                let record = Record::from_rdata(owner, next(100_000) as u32, data);
-                match next(3) {
-                    0 => m.add_answer(record),
-                    1 => m.add_authority(record),
-                    _ => m.add_additional(record),
-                };
-            }
-            if next(2) == 0 {
-                let mut e = Edns::new();
-                e.set_max_payload(next(5000) as u16);
-                e.set_dnssec_ok(next(2) == 0);
-                m.set_edns(e);
-            }
-            same_as_hickory(&m);
+        for (why, bytes) in &cases {
+            assert_eq!(plain(bytes), None, "{why}");
         }
     }
 
     #[test]
-    fn a_full_compression_table_matches_hickory() {
-        // Distinct long names store far more than 64 suffixes; a name
-        // written after that is not compressed against the later ones
-        // (record 20 ends below offset 0x3FFF, past which none is stored).
-        let long = |i: usize, tag: &str| {
-            let label = format!("{tag}{i:02}{}", "x".repeat(56));
-            n(&format!("{label}.{label}.{label}.test."))
+    fn names_longer_than_255_bytes_are_not_plain() {
+        // 4 labels of 63: 256 bytes with the root. 253 + root is the most.
+        let long = |labels: &[usize]| {
+            let mut v = query("a.", RecordType::A, None)[..12].to_vec();
+            for &n in labels {
+                v.push(u8::try_from(n).unwrap());
+                v.extend(std::iter::repeat_n(b'x', n));
+            }
+            v.extend_from_slice(&[0, 0, 1, 0, 1]);
+            v
         };
-        let mut m = response("example.test.", RecordType::SOA);
-        for i in 0..MAX_RECORDS - 1 {
-            let soa = SOA::new(long(i, "m"), long(i, "r"), 1, 2, 3, 4, 5);
-            m.add_answer(Record::from_rdata(long(i, "o"), 60, RData::SOA(soa)));
-        }
-        m.add_additional(Record::from_rdata(long(20, "m"), 60, RData::A(A::new(192, 0, 2, 1))));
-        let bytes = encode(&m).unwrap();
-        assert!(bytes.len() > 0x3FFF, "{}", bytes.len());
-        same_as_hickory(&m);
+        assert_eq!(plain(&long(&[63, 63, 63, 63])), None);
+        assert_eq!(plain(&long(&[63, 63, 63, 62])), None, "256 bytes");
+        let most = long(&[63, 63, 63, 61]);
+        let p = plain(&most).expect("255 bytes is a name");
+        assert_eq!(p.name.len(), 255);
+        agrees_with_hickory(&most);
     }
 
     #[test]
-    fn other_shapes_are_left_to_hickory() {
-        let mut m = response("example.test.", RecordType::MX);
-        m.add_answer(Record::from_rdata(
-            n("example.test."),
-            60,
-            RData::MX(MX::new(10, n("mx.example.test."))),
-        ));
-        assert!(encode(&m).is_none(), "MX");
-        let mut m = response("example.test.", RecordType::TXT);
-        m.add_answer(Record::from_rdata(
-            n("example.test."),
-            60,
-            RData::TXT(TXT::new(vec!["x".into()])),
-        ));
-        assert!(encode(&m).is_none(), "TXT");
-        let mut m = response("example.test.", RecordType::A);
-        m.metadata.response_code = ResponseCode::BADVERS;
-        m.set_edns(Edns::new());
-        assert!(encode(&m).is_none(), "extended RCODE");
-        let mut m = response("example.test.", RecordType::A);
-        for _ in 0..=MAX_RECORDS {
-            m.add_answer(Record::from_rdata(
-                n("example.test."),
-                60,
-                RData::A(A::new(192, 0, 2, 1)),
-            ));
+    fn only_an_empty_version_0_opt_at_the_root_is_plain() {
+        let base = query("a.example.", RecordType::A, Some(1232));
+        let opt_at = base.len() - 11;
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut v = base.clone();
+            f(&mut v);
+            v
+        };
+        assert_eq!(plain(&base).unwrap().edns_payload, Some(1232));
+        // The DO bit and the other EDNS flags change nothing here.
+        let dnssec_ok = with(&|v| v[opt_at + 7] = 0x80);
+        assert_eq!(plain(&dnssec_ok).unwrap().edns_payload, Some(1232));
+        agrees_with_hickory(&dnssec_ok);
+        for (why, bytes) in [
+            ("version 1", with(&|v| v[opt_at + 6] = 1)),
+            ("an extended RCODE", with(&|v| v[opt_at + 5] = 1)),
+            ("an owner other than the root", {
+                let mut v = base[..opt_at].to_vec();
+                v.extend_from_slice(&[1, b'a', 0]);
+                v.extend_from_slice(&base[opt_at + 1..]);
+                v
+            }),
+            ("not an OPT", with(&|v| v[opt_at + 2] = 1)),
+            ("options", {
+                let mut v = base.clone();
+                v[opt_at + 10] = 4;
+                v.extend_from_slice(&[0, 10, 0, 0]);
+                v
+            }),
+            ("cut short", base[..base.len() - 1].to_vec()),
+            ("trailing bytes", with(&|v| v.push(0))),
+        ] {
+            assert_eq!(plain(&bytes), None, "{why}");
         }
-        assert!(encode(&m).is_none(), "too many records");
+    }
+
+    #[test]
+    fn hostile_bytes_never_panic_and_what_is_accepted_is_what_hickory_reads() {
+        let bases = [
+            query("x.example.", RecordType::A, Some(1232)),
+            query("Ab-c_d.example.test.", RecordType::TXT, None),
+        ];
+        for base in &bases {
+            for i in 0..base.len() {
+                for b in [0u8, 1, 0x3f, 0x40, 0x7f, 0x80, 0xc0, 0xff, b'A', b'.'] {
+                    let mut v = base.clone();
+                    v[i] = b;
+                    agrees_with_hickory(&v);
+                    v.truncate(i);
+                    agrees_with_hickory(&v);
+                }
+            }
+        }
+        // Arbitrary bytes, deterministically.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 64) as usize;
+            let mut v: Vec<u8> = (0..len).map(|i| (seed >> (i % 8 * 8)) as u8).collect();
+            if let Some(h) = v.get_mut(2..6) {
+                h.copy_from_slice(&[0x01, 0x00, 0, 1]);
+            }
+            agrees_with_hickory(&v);
+        }
     }
 }
