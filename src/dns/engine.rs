@@ -100,6 +100,7 @@ impl Pending {
 /// What the plain path found out about a query it could not answer from
 /// the cache (see [`DnsEngine::answer_kept`]).
 struct Missed<'e> {
+    request: Request,
     rule: Option<&'e super::rules::Rule>,
     group: usize,
     key: CacheKey,
@@ -310,15 +311,15 @@ impl DnsEngine {
             return outcome;
         }
         let allowed = self.allows(client);
-        let request = match message::parse_request(bytes) {
-            Ok(r) if let Some(m) = missed => {
-                // The plain path already matched the rule and missed the
-                // cache: only the parse was left to do.
-                if let Some(rule) = m.rule {
-                    tracing::debug!(%client, name = %r.key, qtype = ?r.query.query_type(), rule = rule.number, action = rule.action.kind(), "DNS rule matched");
-                }
-                return self.miss(r, m.group, m.key, transport, client, m.rule);
+        if let Some(m) = missed {
+            // The plain path read the query, matched its rule and missed
+            // the cache: nothing is left to do but forward it.
+            if let Some(rule) = m.rule {
+                tracing::debug!(%client, name = %m.request.key, qtype = ?m.request.query.query_type(), rule = rule.number, action = rule.action.kind(), "DNS rule matched");
             }
+            return self.miss(m.request, m.group, m.key, transport, client, m.rule);
+        }
+        let request = match message::parse_request(bytes) {
             Ok(r) => r,
             Err(Rejection::Drop(why)) => {
                 s.dns_dropped_malformed.inc();
@@ -507,8 +508,8 @@ impl DnsEngine {
     /// path then answers it, and nothing has been counted here.
     ///
     /// A plain query whose answer is not cached leaves in `missed` what
-    /// the full path would otherwise work out again (the rule, the group,
-    /// the cache key).
+    /// the full path would otherwise work out again (the parsed request,
+    /// the rule, the group, the cache key).
     fn answer_kept<'e>(
         &'e self,
         bytes: &[u8],
@@ -567,7 +568,10 @@ impl DnsEngine {
         };
         let now = std::time::Instant::now();
         let Some((entry, age)) = self.cache.get_at(&cache_key, now) else {
-            *missed = Some(Missed {
+            // The miss is forwarded by the caller, with a `Request` built
+            // from what was read here rather than from a second parse.
+            *missed = message::plain_request(&query, key).map(|request| Missed {
+                request,
                 rule,
                 group,
                 key: cache_key,

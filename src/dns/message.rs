@@ -2,10 +2,12 @@
 //! messages. The common responses are written by [`super::encoder`], which
 //! produces the same bytes as hickory's encoder with less work.
 
-use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Edns, EdnsFlags, Header, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
 use super::names::{printable, query_key};
+use super::wire::Plain;
 
 /// Smallest UDP payload every DNS client accepts (RFC 1035).
 pub const CLASSIC_UDP_PAYLOAD: usize = 512;
@@ -92,6 +94,34 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, Rejection> {
         recursion_desired: header.recursion_desired,
         checking_disabled: header.checking_disabled,
         edns: message.edns,
+    })
+}
+
+/// The [`Request`] of a query that [`super::wire::plain`] read, exactly as
+/// [`parse_request`] gives it for the same bytes, without hickory's whole
+/// message parse (header, question list, the OPT record and its options):
+/// only the name is decoded by hickory. `key` is the name's rule key
+/// ([`super::wire::key_into`], the same string as [`query_key`] for a
+/// plain name). A plain query is never an error answer, so this is all
+/// `parse_request` would do with it.
+pub fn plain_request(plain: &Plain<'_>, key: &str) -> Option<Request> {
+    let name = Name::read(&mut BinDecoder::new(plain.name)).ok()?;
+    let mut query = Query::query(name, RecordType::from(plain.qtype));
+    query.set_query_class(DNSClass::from(plain.qclass));
+    let edns = plain.edns_payload.map(|payload| {
+        let mut edns = Edns::new();
+        // As hickory reads an OPT record's CLASS (RFC 6891 6.2.5).
+        edns.set_max_payload(payload.max(CLASSIC_UDP_PAYLOAD as u16));
+        *edns.flags_mut() = EdnsFlags::from(plain.edns_flags);
+        edns
+    });
+    Some(Request {
+        id: plain.id,
+        query,
+        key: key.to_string(),
+        recursion_desired: plain.recursion_desired,
+        checking_disabled: plain.checking_disabled,
+        edns,
     })
 }
 
@@ -245,6 +275,62 @@ mod tests {
         assert!(wire.answers.is_empty());
         assert_eq!(wire.queries[0].query_class(), DNSClass::IN);
         assert_eq!(wire.metadata.id, 0x1234);
+    }
+
+    #[test]
+    fn plain_queries_give_the_request_the_full_parse_gives() {
+        let mut checked = 0;
+        for name in [
+            "www.Example.test.",
+            "a.test.",
+            "_sip._udp.EXAMPLE.test.",
+            "x-1.y_2.test.",
+            ".",
+        ] {
+            for qtype in [
+                RecordType::A,
+                RecordType::AAAA,
+                RecordType::HTTPS,
+                RecordType::Unknown(999),
+            ] {
+                for class in [DNSClass::IN, DNSClass::CH] {
+                    for edns in [None, Some((4096, false)), Some((100, true)), Some((1232, true))] {
+                        for (rd, cd, id) in [(true, false, 1), (false, true, 0xfffe)] {
+                            let mut m = Message::query();
+                            m.metadata.id = id;
+                            m.metadata.recursion_desired = rd;
+                            m.metadata.checking_disabled = cd;
+                            let mut q = Query::query(Name::from_ascii(name).unwrap(), qtype);
+                            q.set_query_class(class);
+                            m.add_query(q);
+                            if let Some((payload, dnssec_ok)) = edns {
+                                let mut e = Edns::new();
+                                e.set_max_payload(payload);
+                                e.set_dnssec_ok(dnssec_ok);
+                                m.set_edns(e);
+                            }
+                            let bytes = m.to_vec().unwrap();
+                            let Some(plain) = super::super::wire::plain(&bytes) else {
+                                continue;
+                            };
+                            let mut key = [0u8; super::super::wire::MAX_NAME];
+                            let len = super::super::wire::key_into(plain.name, &mut key);
+                            let key = std::str::from_utf8(&key[..len]).unwrap();
+                            let ours = plain_request(&plain, key).unwrap();
+                            let full = parse_request(&bytes).unwrap();
+                            assert_eq!(
+                                format!("{ours:?}"),
+                                format!("{full:?}"),
+                                "{name} {qtype} {class} {edns:?}"
+                            );
+                            assert!(ours.query.name().eq_case(full.query.name()));
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked >= 300, "{checked} plain queries checked");
     }
 
     #[test]

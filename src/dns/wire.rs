@@ -26,6 +26,8 @@ pub struct Plain<'a> {
     pub qclass: u16,
     /// The UDP payload size of the client's OPT record, if it sent one.
     pub edns_payload: Option<u16>,
+    /// That record's flags (DO and Z), 0 without one.
+    pub edns_flags: u16,
 }
 
 /// Longest name on the wire (RFC 1035 3.1), root byte included.
@@ -55,9 +57,12 @@ pub fn plain(bytes: &[u8]) -> Option<Plain<'_>> {
     let (fixed, rest) = rest.split_first_chunk::<4>()?;
     let qtype = u16::from_be_bytes([fixed[0], fixed[1]]);
     let qclass = u16::from_be_bytes([fixed[2], fixed[3]]);
-    let edns_payload = match arcount {
-        0 => None,
-        _ => Some(empty_opt(rest)?),
+    let (edns_payload, edns_flags) = match arcount {
+        0 => (None, 0),
+        _ => {
+            let (payload, flags) = empty_opt(rest)?;
+            (Some(payload), flags)
+        }
     };
     if arcount == 0 && !rest.is_empty() {
         return None; // trailing bytes: the full path decides
@@ -70,6 +75,7 @@ pub fn plain(bytes: &[u8]) -> Option<Plain<'_>> {
         qtype,
         qclass,
         edns_payload,
+        edns_flags,
     })
 }
 
@@ -112,16 +118,16 @@ fn plain_name_len(bytes: &[u8]) -> Option<usize> {
     }
 }
 
-/// The payload size of an OPT record with the root as owner, EDNS
+/// The payload size and flags of an OPT record with the root as owner, EDNS
 /// version 0, no extended RCODE and no options, filling `bytes` exactly.
-fn empty_opt(bytes: &[u8]) -> Option<u16> {
+fn empty_opt(bytes: &[u8]) -> Option<(u16, u16)> {
     let opt: &[u8; 11] = bytes.try_into().ok()?;
     // Owner (root), TYPE = OPT (41), CLASS = payload, TTL = ext. RCODE,
     // version, flags; RDLENGTH = 0.
-    let [0, 0, 41, p0, p1, 0, 0, _, _, 0, 0] = *opt else {
+    let [0, 0, 41, p0, p1, 0, 0, f0, f1, 0, 0] = *opt else {
         return None;
     };
-    Some(u16::from_be_bytes([p0, p1]))
+    Some((u16::from_be_bytes([p0, p1]), u16::from_be_bytes([f0, f1])))
 }
 
 /// The rule-matching key of a plain name (lowercase labels joined by
