@@ -13,9 +13,17 @@
 //!   column of `/proc/net/softnet_stat`, host-wide: veth hands packets over
 //!   through it);
 //! * inside tproxyd, which counts what it drops and fails to send.
+//!
+//! In the gateway, `UdpRcvbufErrors` is split further by tproxyd's own
+//! sockets (the per-socket `drops` column of `/proc/PID/net/udp`, for the
+//! sockets the daemon holds): its relay listener's members, or the rest
+//! (pool and reply sockets). In the many-client mix that told which queue
+//! overflowed: the listener member that the bulk flow hashes to.
+
+use std::collections::HashSet;
 
 use crate::lab::{Lab, Netns};
-use crate::setup::{self, sh};
+use crate::setup::{self, RELAY_PORT, sh};
 
 /// The kernel counters read in every namespace.
 pub const KERNEL: [&str; 5] = [
@@ -85,10 +93,15 @@ pub struct Daemon {
     pub errors: u64,
     /// CPU time (user + system, all threads), microseconds.
     pub cpu_us: f64,
+    /// Datagrams dropped at a full queue of tproxyd's relay listener
+    /// sockets, and of its other sockets (pool, reply).
+    pub listener_drops: u64,
+    pub other_socket_drops: u64,
 }
 
 impl Daemon {
     fn read(lab: &Lab, pid: u32) -> Daemon {
+        let socket_drops = SocketDrops::read(pid);
         let page = lab.gateway.enter(setup::metrics_here);
         let sum = |prefix: &str| -> u64 {
             page.lines()
@@ -103,6 +116,8 @@ impl Daemon {
             drops: sum("tproxyd_drops_total"),
             errors: sum("tproxyd_errors_total"),
             cpu_us: cpu_seconds(pid) * 1e6,
+            listener_drops: socket_drops.listener,
+            other_socket_drops: socket_drops.other,
         }
     }
 
@@ -114,6 +129,8 @@ impl Daemon {
             drops: self.drops.saturating_sub(b.drops),
             errors: self.errors.saturating_sub(b.errors),
             cpu_us: (self.cpu_us - b.cpu_us).max(0.0),
+            listener_drops: self.listener_drops.saturating_sub(b.listener_drops),
+            other_socket_drops: self.other_socket_drops.saturating_sub(b.other_socket_drops),
         }
     }
 
@@ -125,6 +142,55 @@ impl Daemon {
     /// CPU time per relayed datagram, microseconds.
     pub fn cpu_us_per_datagram(&self) -> f64 {
         self.cpu_us / (self.relayed().max(1) as f64)
+    }
+}
+
+/// Receive-queue drops of one process's UDP sockets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct SocketDrops {
+    listener: u64,
+    other: u64,
+}
+
+impl SocketDrops {
+    /// Sums the `drops` column of `/proc/PID/net/udp{,6}` (the sockets of
+    /// the process's namespace) over the sockets `pid` holds, so that
+    /// another program's sockets in the gateway (socat) are not counted.
+    /// A socket closed since an earlier read takes its count with it.
+    fn read(pid: u32) -> SocketDrops {
+        let held: HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let target = std::fs::read_link(e.ok()?.path()).ok()?;
+                let target = target.to_str()?;
+                target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect();
+        let mut d = SocketDrops::default();
+        for table in ["udp", "udp6"] {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+                let (Some(local), Some(inode), Some(drops)) = (f.get(1), f.get(9), f.last()) else {
+                    continue;
+                };
+                let (Ok(inode), Ok(drops)) = (inode.parse::<u64>(), drops.parse::<u64>()) else {
+                    continue;
+                };
+                if !held.contains(&inode) {
+                    continue;
+                }
+                let port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+                if port == Some(RELAY_PORT) {
+                    d.listener += drops;
+                } else {
+                    d.other += drops;
+                }
+            }
+        }
+        d
     }
 }
 
@@ -209,6 +275,17 @@ fn ticks_per_second() -> f64 {
 }
 
 impl Drops {
+    /// The gateway's full-queue drops, split by tproxyd's sockets when it
+    /// ran: "N (listener L, other O)", other being its pool and reply
+    /// sockets.
+    pub fn gateway_rcvbuf(&self) -> String {
+        let n = self.gateway.rcvbuf_errors();
+        match &self.daemon {
+            Some(d) if n > 0 => format!("{n} (listener {}, other {})", d.listener_drops, d.other_socket_drops),
+            _ => n.to_string(),
+        }
+    }
+
     /// One line for the console and the report: where datagrams were
     /// dropped (only the places that dropped any).
     pub fn summary(&self) -> String {
@@ -225,6 +302,11 @@ impl Drops {
                 ("out-discard", k.out_discards()),
             ] {
                 if v > 0 {
+                    let v = if (place, what) == ("gateway", "rcvbuf") {
+                        self.gateway_rcvbuf()
+                    } else {
+                        v.to_string()
+                    };
                     parts.push(format!("{place} {what} {v}"));
                 }
             }

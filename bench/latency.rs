@@ -1,5 +1,11 @@
 //! Latency: sockperf ping-pong (one 64-byte request in flight at a time)
 //! through the kernel alone and through tproxyd; full round-trip times.
+//!
+//! One short run per path let whatever else the machine did in those
+//! seconds decide the added RTT (one run measured +15 µs at p50, quick
+//! runs minutes later put tproxyd at or below the kernel). So the paths
+//! take turns, [`RUNS`] short runs each, the order swapped every round,
+//! and each percentile reported is the median of the per-run ones.
 
 use crate::Options;
 use crate::setup::{self, SERVER, sh, sleep_ms};
@@ -11,7 +17,19 @@ pub struct Result {
     pub p50: f64,
     pub p99: f64,
     pub p999: f64,
+    /// How many runs the medians are taken over.
+    pub runs: usize,
 }
+
+/// Runs per path in a full round, and their length in seconds.
+const RUNS: usize = 5;
+const RUN_SECS: u32 = 3;
+/// The same with `--quick`.
+const QUICK_RUNS: usize = 3;
+const QUICK_RUN_SECS: u32 = 1;
+
+/// One run's percentiles (p50, p99, p99.9), microseconds.
+type Percentiles = [f64; 3];
 
 pub fn run(opts: &Options) -> Vec<Result> {
     let lab = setup::lab();
@@ -35,30 +53,75 @@ pub fn run(opts: &Options) -> Vec<Result> {
     );
     let _daemon = setup::tproxyd(&lab, &[], "");
     sleep_ms(500);
-    let secs = if opts.quick { 3 } else { 15 };
+    let (runs, secs) = if opts.quick {
+        (QUICK_RUNS, QUICK_RUN_SECS)
+    } else {
+        (RUNS, RUN_SECS)
+    };
+    // socat's UDP4-LISTEN serves the first peer only: every socat run
+    // comes from the same client port, so later runs are that peer again.
+    let paths = [
+        ("kernel forwarding", SERVER, 11111, ""),
+        ("tproxyd", SERVER, 11112, ""),
+        ("socat", "192.0.2.1", 6001, " --client_port 6002"),
+    ];
+    let mut seen: Vec<Vec<Percentiles>> = vec![Vec::new(); paths.len()];
+    for round in 0..runs {
+        // Kernel and tproxyd swap places every round, so neither always
+        // runs right after the other (or after socat).
+        let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [1, 0, 2] };
+        for i in order {
+            let (system, host, port, client_port) = paths[i];
+            let text = sh(
+                &lab.client,
+                &format!(
+                    "sockperf pp -i {host} -p {port}{client_port} -m 64 -t {secs} --full-rtt --pre-warmup-wait 1 2>&1"
+                ),
+            );
+            let p = [
+                percentile(&text, "50.000"),
+                percentile(&text, "99.000"),
+                percentile(&text, "99.900"),
+            ];
+            eprintln!(
+                "latency run {}/{runs} {:<18} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs",
+                round + 1,
+                system,
+                p[0],
+                p[1],
+                p[2]
+            );
+            seen[i].push(p);
+        }
+    }
     let mut out = Vec::new();
-    for (system, host, port) in [
-        ("kernel forwarding", SERVER, 11111),
-        ("tproxyd", SERVER, 11112),
-        ("socat", "192.0.2.1", 6001),
-    ] {
-        let text = sh(
-            &lab.client,
-            &format!("sockperf pp -i {host} -p {port} -m 64 -t {secs} --full-rtt --pre-warmup-wait 1 2>&1"),
-        );
+    for ((system, _, _, _), runs_seen) in paths.iter().zip(&seen) {
+        let column = |k: usize| median(runs_seen.iter().map(|p| p[k]).collect());
         let r = Result {
             system,
-            p50: percentile(&text, "50.000"),
-            p99: percentile(&text, "99.000"),
-            p999: percentile(&text, "99.900"),
+            p50: column(0),
+            p99: column(1),
+            p999: column(2),
+            runs: runs_seen.len(),
         };
         eprintln!(
-            "latency {:<18} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs",
-            system, r.p50, r.p99, r.p999
+            "latency {:<18} median of {} runs: p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs",
+            system, r.runs, r.p50, r.p99, r.p999
         );
         out.push(r);
     }
     out
+}
+
+/// The median of the runs that produced a figure (NaN when none did).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|v| v.is_finite());
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 fn percentile(text: &str, which: &str) -> f64 {

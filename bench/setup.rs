@@ -22,6 +22,8 @@ use crate::lab::{Daemon, Lab};
 pub const SERVER: &str = "198.51.100.7";
 pub const UPSTREAM_DNS: &str = "198.51.100.53";
 pub const ADMIN: &str = "127.0.0.1:9153";
+/// tproxyd's relay listen port in the bench config.
+pub const RELAY_PORT: u16 = 15353;
 pub const CAPTURED_PORTS: &str = "53,5202,11112,30000-30255";
 
 /// A fresh lab with the bench's routes and redirect rules.
@@ -42,7 +44,7 @@ log_level = "warn"
 [admin]
 listen = "{ADMIN}"
 [relay]
-listen = ["0.0.0.0:15353"]
+listen = ["0.0.0.0:{RELAY_PORT}"]
 session_capacity = 200000
 [dns]
 listen = ["192.0.2.1:53"]

@@ -15,17 +15,18 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cache::{CacheKey, DnsCache};
+use super::cache::{CacheKey, DnsCache, Records};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::wire_key;
 use super::ratelimit::RateLimiter;
-use super::rendered::{Rendered, Shape};
+use super::rendered::{Asked, Rendered, Reused, Shape, wire_labels};
 use super::rules::{Action, RuleSet, StaticAnswer};
 use super::scrub;
 use super::shares::{self, ClientShares, Share};
 use super::ttl_secs;
 use super::upstream::{Admission, UpstreamError, UpstreamGroup};
+use super::wire;
 use crate::config::dns::{BlockMode, DnsConfig, RateLimitAction, TcpConfig};
 use crate::domain::DomainFeed;
 use crate::domain::feed::{Committed, released};
@@ -74,6 +75,10 @@ pub enum Outcome {
 pub struct Pending {
     request: Request,
     group: usize,
+    /// The cache key the miss was looked up under: the answer is stored
+    /// under it and the group's single-flight map reuses its name, so the
+    /// wire-format name is built once per miss rather than three times.
+    key: CacheKey,
     transport: Transport,
     client: IpAddr,
     /// The matching rule's sets, fed with the answer.
@@ -90,6 +95,14 @@ impl Pending {
     pub fn group(&self) -> usize {
         self.group
     }
+}
+
+/// What the plain path found out about a query it could not answer from
+/// the cache (see [`DnsEngine::answer_kept`]).
+struct Missed<'e> {
+    rule: Option<&'e super::rules::Rule>,
+    group: usize,
+    key: CacheKey,
 }
 
 /// When and how expired answers are served (RFC 8767).
@@ -292,8 +305,20 @@ impl DnsEngine {
             s.dns_rate_limited.inc();
             return Outcome::Drop;
         }
+        let mut missed = None;
+        if !limited && let Some(outcome) = self.answer_kept(bytes, client, transport, &mut missed) {
+            return outcome;
+        }
         let allowed = self.allows(client);
         let request = match message::parse_request(bytes) {
+            Ok(r) if let Some(m) = missed => {
+                // The plain path already matched the rule and missed the
+                // cache: only the parse was left to do.
+                if let Some(rule) = m.rule {
+                    tracing::debug!(%client, name = %r.key, qtype = ?r.query.query_type(), rule = rule.number, action = rule.action.kind(), "DNS rule matched");
+                }
+                return self.miss(r, m.group, m.key, transport, client, m.rule);
+            }
             Ok(r) => r,
             Err(Rejection::Drop(why)) => {
                 s.dns_dropped_malformed.inc();
@@ -373,7 +398,8 @@ impl DnsEngine {
             let msg = message::response(&request, ResponseCode::Refused, self.max_udp_payload);
             return self.reply_to(&request, &msg, transport);
         };
-        if let Some((entry, age)) = self.cache.get(&self.cache_key(&request, group)) {
+        let key = self.cache_key(&request, group);
+        if let Some((entry, age)) = self.cache.get(&key) {
             s.dns_cache_hits.inc();
             let outcome = self.reply_rendered(
                 Some((&entry.rendered, entry.kept_room)),
@@ -389,31 +415,30 @@ impl DnsEngine {
                 },
             );
             if let Outcome::Reply(bytes) = outcome {
-                if entry.hit_wants_prefetch(self.prefetch, std::time::Instant::now()) {
-                    // A refresh takes a place like a miss, the client's
-                    // share included; without one it is simply not made.
-                    let max_share = self.per_client_pending.get(group).copied().unwrap_or(1);
-                    if let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit)
-                        && let Some(share) = self.shares.take(group, client, max_share)
-                    {
-                        s.dns_prefetches.inc();
-                        let pending = Pending {
-                            request,
-                            group,
-                            transport,
-                            client,
-                            sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
-                            _share: share,
-                            serve_stale: false,
-                            _admission: admission,
-                        };
-                        return Outcome::Prefetch(bytes, pending);
-                    }
+                if entry.hit_wants_prefetch(self.prefetch, std::time::Instant::now())
+                    && let Some(pending) = self.refresh(request, group, key, transport, client, rule)
+                {
+                    return Outcome::Prefetch(bytes, pending);
                 }
                 return Outcome::Reply(bytes);
             }
             return outcome;
         }
+        self.miss(request, group, key, transport, client, rule)
+    }
+
+    /// A cache miss: a place in the group's pending queries and the
+    /// client's share of them, or SERVFAIL now.
+    fn miss(
+        &self,
+        request: Request,
+        group: usize,
+        key: CacheKey,
+        transport: Transport,
+        client: IpAddr,
+        rule: Option<&super::rules::Rule>,
+    ) -> Outcome {
+        let s = &self.stats;
         s.dns_cache_misses.inc();
         let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit) else {
             // Over the group's pending limit: say so now, never stay silent
@@ -433,6 +458,7 @@ impl DnsEngine {
         Outcome::Forward(Pending {
             request,
             group,
+            key,
             transport,
             client,
             sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
@@ -440,6 +466,137 @@ impl DnsEngine {
             serve_stale: self.stale.is_some() && rule.is_none_or(|r| r.serve_stale),
             _admission: admission,
         })
+    }
+
+    /// A prefetch of `request`'s answer (a cache hit near its expiry). A
+    /// refresh takes a place like a miss, the client's share included;
+    /// without one it is simply not made.
+    #[allow(clippy::too_many_arguments)]
+    fn refresh(
+        &self,
+        request: Request,
+        group: usize,
+        key: CacheKey,
+        transport: Transport,
+        client: IpAddr,
+        rule: Option<&super::rules::Rule>,
+    ) -> Option<Pending> {
+        let max_share = self.per_client_pending.get(group).copied().unwrap_or(1);
+        let admission = self.groups.get(group).and_then(UpstreamGroup::admit)?;
+        let share = self.shares.take(group, client, max_share)?;
+        self.stats.dns_prefetches.inc();
+        Some(Pending {
+            request,
+            group,
+            key,
+            transport,
+            client,
+            sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
+            _share: share,
+            serve_stale: false,
+            _admission: admission,
+        })
+    }
+
+    /// Cache hits and overrides of the plainest queries (see
+    /// [`super::wire`]), answered from their kept encodings without
+    /// parsing the query into a hickory `Message`. `None` when the query
+    /// has any other shape, or its answer is not kept for this shape, or
+    /// the full path would do anything else with it (a refusal, a block,
+    /// a hosts file, a miss, an answer the domain feed must see): the full
+    /// path then answers it, and nothing has been counted here.
+    ///
+    /// A plain query whose answer is not cached leaves in `missed` what
+    /// the full path would otherwise work out again (the rule, the group,
+    /// the cache key).
+    fn answer_kept<'e>(
+        &'e self,
+        bytes: &[u8],
+        client: IpAddr,
+        transport: Transport,
+        missed: &mut Option<Missed<'e>>,
+    ) -> Option<Outcome> {
+        if !self.reuse_encoded {
+            return None;
+        }
+        let query = wire::plain(bytes)?;
+        let qtype = RecordType::from(query.qtype);
+        let qclass = DNSClass::from(query.qclass);
+        if refused_locally(qclass, qtype).is_some() || !self.allows(client) {
+            return None;
+        }
+        let mut key = [0u8; wire::MAX_NAME];
+        let len = wire::key_into(query.name, &mut key);
+        let key = std::str::from_utf8(key.get(..len)?).ok()?;
+        let rule = self.rules.first_match(client, key, qtype);
+        let sets = rule.map_or(&[][..], |r| &r.nft_sets[..]);
+        if self.feed.as_ref().is_some_and(|f| f.watches(sets)) {
+            return None;
+        }
+        let shape = |age| Shape {
+            asked: Asked::plain(&query),
+            id: query.id,
+            limit: match transport {
+                Transport::Udp => message::udp_limit(query.edns_payload, self.max_udp_payload),
+                Transport::Tcp => usize::from(u16::MAX),
+            },
+            our_payload: self.max_udp_payload,
+            age,
+        };
+        let log_rule = || {
+            if let Some(rule) = rule {
+                tracing::debug!(%client, name = %key, ?qtype, rule = rule.number, action = rule.action.kind(), "DNS rule matched");
+            }
+        };
+        let group = match rule.map(|r| &r.action) {
+            Some(Action::Answer(_)) => {
+                let reused = rule?.rendered.reuse(&shape(0))?;
+                log_rule();
+                self.stats.dns_answered_local.inc();
+                return Some(Outcome::Reply(self.served(reused)));
+            }
+            Some(Action::Forward(g)) => *g,
+            None => self.default_group?,
+            Some(Action::Hosts(..) | Action::Block(..)) => return None,
+        };
+        let cache_key = CacheKey {
+            group: self.group_names.get(group)?.clone(),
+            name: query.name.to_ascii_lowercase().into_boxed_slice(),
+            qtype,
+            qclass,
+        };
+        let now = std::time::Instant::now();
+        let Some((entry, age)) = self.cache.get_at(&cache_key, now) else {
+            *missed = Some(Missed {
+                rule,
+                group,
+                key: cache_key,
+            });
+            return None;
+        };
+        let reused = entry.rendered.reuse(&shape(age))?;
+        log_rule();
+        self.stats.dns_cache_hits.inc();
+        let reply = self.served(reused);
+        if entry.hit_wants_prefetch(self.prefetch, now) {
+            // The refresh needs the query as a `Request`: parsed in full,
+            // once per entry and lifetime at most.
+            if let Ok(request) = message::parse_request(bytes)
+                && let Some(pending) = self.refresh(request, group, cache_key, transport, client, rule)
+            {
+                return Some(Outcome::Prefetch(reply, pending));
+            }
+        }
+        Some(Outcome::Reply(reply))
+    }
+
+    /// A kept encoding's bytes, counted as the encoder's would have been.
+    fn served(&self, reused: Reused) -> Vec<u8> {
+        if reused.truncated {
+            self.stats.dns_truncated.inc();
+        }
+        self.stats.dns_rcodes.record(u16::from(reused.rcode));
+        reused.bytes
     }
 
     /// SERVFAIL for a query that cannot be forwarded after all (the
@@ -488,6 +645,7 @@ impl DnsEngine {
         let Pending {
             request,
             group,
+            key,
             transport,
             client,
             sets,
@@ -498,40 +656,52 @@ impl DnsEngine {
         let deadline = tokio::time::Instant::now() + self.timeout;
         self.stats.dns_forwarded.inc();
         let started = tokio::time::Instant::now();
-        let resolve = async {
-            match self.groups.get(group) {
-                Some(g) => g.resolve(&request.query, deadline).await,
-                None => Err(UpstreamError::NoAnswer),
-            }
-        };
-        tokio::pin!(resolve);
         let mut send = Some(send);
         let stale = self.stale.filter(|_| serve_stale);
-        let upstream = match stale {
-            Some(settings) => {
-                tokio::select! {
-                    r = &mut resolve => r,
-                    () = tokio::time::sleep(settings.answer_after) => {
-                        if let Some(msg) = self.stale_answer(&request, group, settings) {
-                            if let (Some(bytes), Some(send)) = (self.deliver(&request, &msg, transport, client, &sets).await, send.take()) {
-                                send(bytes);
+        // In a block of its own: the upstream future borrows the key, which
+        // the answer then moves into the cache.
+        let upstream = {
+            let resolve = async {
+                match self.groups.get(group) {
+                    Some(g) => g.resolve(&request.query, &key.name, deadline).await,
+                    None => Err(UpstreamError::NoAnswer),
+                }
+            };
+            tokio::pin!(resolve);
+            match stale {
+                Some(settings) => {
+                    tokio::select! {
+                        r = &mut resolve => r,
+                        () = tokio::time::sleep(settings.answer_after) => {
+                            if let Some(msg) = self.stale_answer(&request, &key, settings) {
+                                if let (Some(bytes), Some(send)) = (self.deliver(&request, &msg, transport, client, &sets).await, send.take()) {
+                                    send(bytes);
+                                }
                             }
+                            resolve.await
                         }
-                        resolve.await
                     }
                 }
+                None => resolve.await,
             }
-            None => resolve.await,
         };
         if upstream.is_ok() {
             self.stats.dns_upstream_latency.observe(started.elapsed());
         }
-        let msg = match upstream {
-            Ok(answer) => self.absorb(&request, group, answer),
+        // What the upstream's answer leaves to cache: stored once the reply
+        // is encoded, so the records move into the cache instead of being
+        // copied for it.
+        let mut keep = None;
+        let mut msg = match upstream {
+            Ok(answer) => {
+                let (msg, lifetime) = self.absorb(&request, answer);
+                keep = lifetime.map(|l| (key, l));
+                msg
+            }
             Err(e) => {
                 let stale_msg = stale
                     .filter(|_| send.is_some())
-                    .and_then(|settings| self.stale_answer(&request, group, settings));
+                    .and_then(|settings| self.stale_answer(&request, &key, settings));
                 match stale_msg {
                     // Every upstream failed before answer_after: stale beats SERVFAIL.
                     Some(msg) => msg,
@@ -545,18 +715,28 @@ impl DnsEngine {
                 }
             }
         };
-        let Some(send) = send else {
-            return; // a stale answer went out already: this was the refresh
+        // A refresh after a stale answer sends nothing: it only caches.
+        let rendered = send
+            .as_ref()
+            .map(|_| self.render(&request, &msg, transport, client, &sets));
+        if let Some((key, lifetime)) = keep {
+            self.cache.store(key, lifetime, Records::take(&mut msg));
+        }
+        let (Some(send), Some((reply, committed))) = (send, rendered) else {
+            return;
         };
-        if let Some(bytes) = self.deliver(&request, &msg, transport, client, &sets).await {
+        if let Some(c) = committed {
+            released(c).await;
+        }
+        if let Some(bytes) = reply {
             send(bytes);
         }
     }
 
     /// An expired answer for `request`, if the cache still holds one, with
     /// every TTL set to the stale TTL; counted.
-    fn stale_answer(&self, request: &Request, group: usize, settings: StaleAnswers) -> Option<Message> {
-        let entry = self.cache.get_stale(&self.cache_key(request, group))?;
+    fn stale_answer(&self, request: &Request, key: &CacheKey, settings: StaleAnswers) -> Option<Message> {
+        let entry = self.cache.get_stale(key)?;
         self.stats.dns_stale_served.inc();
         tracing::debug!(name = %request.key, "no upstream answer in time: serving a stale answer");
         let mut msg = message::response(request, entry.rcode, self.max_udp_payload);
@@ -574,20 +754,35 @@ impl DnsEngine {
         client: IpAddr,
         sets: &[SetPair],
     ) -> Option<Vec<u8>> {
-        let committed = self.feed.as_ref().and_then(|f| f.observe(client, msg, sets));
-        let reply = match self.reply_to(request, msg, transport) {
-            Outcome::Reply(bytes) => Some(bytes),
-            _ => None,
-        };
+        let (reply, committed) = self.render(request, msg, transport, client, sets);
         if let Some(c) = committed {
             released(c).await;
         }
         reply
     }
 
+    /// [`DnsEngine::deliver`] up to the wait: the encoded reply, and the
+    /// commit of its set elements to wait for before sending it.
+    fn render(
+        &self,
+        request: &Request,
+        msg: &Message,
+        transport: Transport,
+        client: IpAddr,
+        sets: &[SetPair],
+    ) -> (Option<Vec<u8>>, Option<Committed>) {
+        let committed = self.feed.as_ref().and_then(|f| f.observe(client, msg, sets));
+        let reply = match self.reply_to(request, msg, transport) {
+            Outcome::Reply(bytes) => Some(bytes),
+            _ => None,
+        };
+        (reply, committed)
+    }
+
     /// What the client gets for an upstream's answer: scrubbed to the
-    /// question, TTLs clamped, cached if cacheable.
-    fn absorb(&self, request: &Request, group: usize, mut answer: Message) -> Message {
+    /// question, TTLs clamped; with how long it may be cached, if at all
+    /// (the caller stores it, see [`DnsCache::store`]).
+    fn absorb(&self, request: &Request, mut answer: Message) -> (Message, Option<u32>) {
         let scrubbed = scrub::scrub(&request.query, &mut answer);
         if scrubbed.removed > 0 {
             self.stats.dns_scrubbed_records.add(scrubbed.removed as u64);
@@ -601,15 +796,18 @@ impl DnsEngine {
             // answered, but nothing usable.
             self.stats.dns_servfail.inc();
             tracing::debug!(name = %request.key, ?broken, "CNAME chain loops or is too long");
-            return message::response(request, ResponseCode::ServFail, self.max_udp_payload);
+            return (
+                message::response(request, ResponseCode::ServFail, self.max_udp_payload),
+                None,
+            );
         }
-        // Clamps the TTLs in place whether or not it is cached.
-        self.cache.insert(self.cache_key(request, group), &mut answer);
+        // Clamps the TTLs in place whether or not it is cacheable.
+        let lifetime = self.cache.policy().apply(&mut answer);
         let mut msg = message::response(request, answer.metadata.response_code, self.max_udp_payload);
         msg.answers = answer.answers;
         msg.authorities = answer.authorities;
         msg.additionals = answer.additionals;
-        msg
+        (msg, lifetime)
     }
 
     /// Completes `pending` as if its upstream had sent the datagram `bytes`
@@ -619,18 +817,25 @@ impl DnsEngine {
     pub fn complete_with(&self, pending: Pending, id: u16, bytes: &[u8]) -> Option<Vec<u8>> {
         let Pending {
             request,
-            group,
+            key,
             transport,
             ..
         } = pending;
-        let msg = match super::upstream::accept_answer(bytes, id, &request.query) {
-            Some(answer) => self.absorb(&request, group, answer),
-            None => message::response(&request, ResponseCode::ServFail, self.max_udp_payload),
+        let (mut msg, lifetime) = match super::upstream::accept_answer(bytes, id, &request.query) {
+            Some(answer) => self.absorb(&request, answer),
+            None => (
+                message::response(&request, ResponseCode::ServFail, self.max_udp_payload),
+                None,
+            ),
         };
-        match self.reply_to(&request, &msg, transport) {
+        let reply = match self.reply_to(&request, &msg, transport) {
             Outcome::Reply(bytes) => Some(bytes),
             _ => None,
+        };
+        if let Some(lifetime) = lifetime {
+            self.cache.store(key, lifetime, Records::take(&mut msg));
         }
+        reply
     }
 
     /// Answers `bytes` completely, awaiting the upstream if needed.
@@ -685,18 +890,16 @@ impl DnsEngine {
         let sets = rule.map_or(&[][..], |r| &r.nft_sets[..]);
         let watched = self.feed.as_ref().is_some_and(|f| f.watches(sets));
         let rendered = rendered.filter(|_| self.reuse_encoded && !watched);
+        let name = wire_labels(request.query.name());
         let shape = Shape {
-            request,
+            asked: Asked::of(request, &name),
+            id: request.id,
             limit: self.answer_limit(request, transport),
             our_payload: self.max_udp_payload,
             age,
         };
         if let Some(reused) = rendered.and_then(|(r, _)| r.reuse(&shape)) {
-            if reused.truncated {
-                self.stats.dns_truncated.inc();
-            }
-            self.stats.dns_rcodes.record(u16::from(reused.rcode));
-            return Outcome::Reply(reused.bytes);
+            return Outcome::Reply(self.served(reused));
         }
         let msg = build();
         let outcome = self.reply_observed(request, &msg, transport, client, rule);

@@ -1,5 +1,6 @@
 //! Reading queries and writing responses, with hickory-proto's typed
-//! messages: no DNS is parsed or built by hand here.
+//! messages. The common responses are written by [`super::encoder`], which
+//! produces the same bytes as hickory's encoder with less work.
 
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
@@ -37,10 +38,16 @@ pub enum Rejection {
 impl Request {
     /// Largest UDP response the client accepts, never above `ours`.
     pub fn udp_limit(&self, ours: u16) -> usize {
-        match &self.edns {
-            Some(e) => usize::from(e.max_payload().min(ours)).max(CLASSIC_UDP_PAYLOAD),
-            None => CLASSIC_UDP_PAYLOAD,
-        }
+        udp_limit(self.edns.as_ref().map(Edns::max_payload), ours)
+    }
+}
+
+/// Largest UDP response a client that sent `edns_payload` in its OPT
+/// record (`None`: no OPT) accepts, never above `ours`, never below 512.
+pub fn udp_limit(edns_payload: Option<u16>, ours: u16) -> usize {
+    match edns_payload {
+        Some(p) => usize::from(p.min(ours)).max(CLASSIC_UDP_PAYLOAD),
+        None => CLASSIC_UDP_PAYLOAD,
     }
 }
 
@@ -109,6 +116,12 @@ pub fn response(req: &Request, rcode: ResponseCode, our_payload: u16) -> Message
 /// question only, with TC=1, so the client retries over TCP. The flag says
 /// whether that happened.
 pub fn encode(msg: &Message, limit: usize) -> Option<(Vec<u8>, bool)> {
+    // The common shapes are written directly, byte for byte as below
+    // (see `encoder`); an answer over the limit takes the full path, which
+    // truncates it.
+    if let Some(bytes) = super::encoder::encode(msg).filter(|b| b.len() <= limit) {
+        return Some((bytes, false));
+    }
     match msg.to_vec() {
         Ok(bytes) if bytes.len() <= limit => Some((bytes, false)),
         Ok(_) => msg.truncate().to_vec().ok().map(|b| (b, true)),

@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod cache_file;
+pub mod encoder;
 pub mod engine;
 pub mod lists;
 pub mod message;
@@ -21,6 +22,7 @@ pub mod scrub;
 pub mod server;
 pub mod shares;
 pub mod upstream;
+pub mod wire;
 
 pub use engine::{DnsEngine, Outcome, Pending, Transport};
 

@@ -106,7 +106,13 @@ pub fn wire_key(name: &hickory_proto::rr::Name) -> Box<[u8]> {
 
 /// `name` itself, then each parent: `a.b.c`, `b.c`, `c`.
 pub fn self_and_parents(name: &str) -> impl Iterator<Item = &str> {
-    std::iter::successors(Some(name), |n| n.split_once('.').map(|(_, rest)| rest))
+    // A byte search: `split_once('.')` goes through the general `char`
+    // searcher, which callgrind counted at about 200 instructions per
+    // query name on the cache-hit path, for names of a few labels.
+    std::iter::successors(Some(name), |n| {
+        let dot = n.bytes().position(|b| b == b'.')?;
+        n.get(dot + 1..)
+    })
 }
 
 /// A set of exact names and of names that also cover their subdomains.

@@ -20,15 +20,57 @@
 //! the full path.
 
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::{DNSClass, Name, RecordType};
+use hickory_proto::rr::Name;
 use std::sync::Mutex;
 
 use super::message::Request;
+use super::wire::Plain;
+
+/// The question and flags of a query as an encoding depends on them,
+/// whichever parser read it (hickory's, or [`super::wire::plain`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Asked<'q> {
+    /// The question name's labels as they go on the wire, case kept.
+    pub name: &'q [u8],
+    pub qtype: u16,
+    pub qclass: u16,
+    pub recursion_desired: bool,
+    pub checking_disabled: bool,
+    pub edns: bool,
+}
+
+impl<'q> Asked<'q> {
+    /// `request` as asked; `name` holds [`wire_labels`] of its name.
+    pub fn of(request: &Request, name: &'q [u8]) -> Self {
+        Asked {
+            name,
+            qtype: u16::from(request.query.query_type()),
+            qclass: u16::from(request.query.query_class()),
+            recursion_desired: request.recursion_desired,
+            checking_disabled: request.checking_disabled,
+            edns: request.edns.is_some(),
+        }
+    }
+
+    /// A query read by [`super::wire::plain`] as asked.
+    pub fn plain(query: &Plain<'q>) -> Self {
+        Asked {
+            name: query.name,
+            qtype: query.qtype,
+            qclass: query.qclass,
+            recursion_desired: query.recursion_desired,
+            checking_disabled: query.checking_disabled,
+            edns: query.edns_payload.is_some(),
+        }
+    }
+}
 
 /// Everything an encoded answer depends on besides the message ID.
 #[derive(Debug, Clone, Copy)]
-pub struct Shape<'r> {
-    pub request: &'r Request,
+pub struct Shape<'q> {
+    pub asked: Asked<'q>,
+    /// The query's ID, which the answer carries.
+    pub id: u16,
     /// The limit the answer was fitted to (UDP: the client's, within ours;
     /// TCP: 65,535).
     pub limit: usize,
@@ -42,8 +84,8 @@ pub struct Shape<'r> {
 #[derive(Debug)]
 struct Kept {
     name: Box<[u8]>,
-    qtype: RecordType,
-    qclass: DNSClass,
+    qtype: u16,
+    qclass: u16,
     recursion_desired: bool,
     checking_disabled: bool,
     edns: bool,
@@ -70,7 +112,7 @@ pub struct Rendered(Mutex<Option<Kept>>);
 
 /// The name's labels, each with its length byte, case kept, as they go on
 /// the wire (without compression).
-fn wire_labels(name: &Name) -> Vec<u8> {
+pub fn wire_labels(name: &Name) -> Vec<u8> {
     let mut out = Vec::with_capacity(name.len() + 2);
     for label in name.iter() {
         // Labels are at most 63 bytes.
@@ -81,33 +123,18 @@ fn wire_labels(name: &Name) -> Vec<u8> {
     out
 }
 
-/// Whether `name` has exactly the labels `wire` holds, byte for byte.
-fn same_labels(wire: &[u8], name: &Name) -> bool {
-    let mut rest = wire;
-    for label in name.iter() {
-        let Some((&len, tail)) = rest.split_first() else {
-            return false;
-        };
-        if usize::from(len) != label.len() || tail.get(..label.len()) != Some(label) {
-            return false;
-        }
-        rest = tail.get(label.len()..).unwrap_or_default();
-    }
-    rest == [0]
-}
-
 impl Kept {
     fn fits(&self, shape: &Shape<'_>) -> bool {
-        let r = shape.request;
+        let a = &shape.asked;
         self.age == shape.age
             && self.limit == shape.limit
             && self.our_payload == shape.our_payload
-            && self.recursion_desired == r.recursion_desired
-            && self.checking_disabled == r.checking_disabled
-            && self.edns == r.edns.is_some()
-            && self.qtype == r.query.query_type()
-            && self.qclass == r.query.query_class()
-            && same_labels(&self.name, r.query.name())
+            && self.recursion_desired == a.recursion_desired
+            && self.checking_disabled == a.checking_disabled
+            && self.edns == a.edns
+            && self.qtype == a.qtype
+            && self.qclass == a.qclass
+            && *self.name == *a.name
     }
 }
 
@@ -119,7 +146,7 @@ impl Rendered {
         let kept = kept.as_ref().filter(|k| k.fits(shape))?;
         let mut bytes = kept.bytes.clone();
         let id = bytes.get_mut(..2)?;
-        id.copy_from_slice(&shape.request.id.to_be_bytes());
+        id.copy_from_slice(&shape.id.to_be_bytes());
         Some(Reused {
             bytes,
             truncated: kept.truncated,
@@ -131,21 +158,20 @@ impl Rendered {
     /// the last one, if it takes no more than `room` bytes with its
     /// question name (what the owner counted for it).
     pub fn keep(&self, shape: &Shape<'_>, bytes: &[u8], truncated: bool, rcode: ResponseCode, room: usize) {
-        let r = shape.request;
-        let name_len = r.query.name().iter().map(|l| l.len() + 1).sum::<usize>() + 1;
-        if bytes.len() + name_len > room {
+        let a = &shape.asked;
+        if bytes.len() + a.name.len() > room {
             return;
         }
         let Ok(mut slot) = self.0.try_lock() else {
             return;
         };
         *slot = Some(Kept {
-            name: wire_labels(r.query.name()).into_boxed_slice(),
-            qtype: r.query.query_type(),
-            qclass: r.query.query_class(),
-            recursion_desired: r.recursion_desired,
-            checking_disabled: r.checking_disabled,
-            edns: r.edns.is_some(),
+            name: a.name.into(),
+            qtype: a.qtype,
+            qclass: a.qclass,
+            recursion_desired: a.recursion_desired,
+            checking_disabled: a.checking_disabled,
+            edns: a.edns,
             limit: shape.limit,
             our_payload: shape.our_payload,
             age: shape.age,
@@ -160,27 +186,61 @@ impl Rendered {
 mod tests {
     use super::*;
 
+    use hickory_proto::rr::RecordType;
+
     #[test]
-    fn labels_compare_byte_for_byte() {
+    fn labels_are_the_wire_form_with_case_kept() {
         let name = Name::from_ascii("WwW.Example.test.").unwrap();
-        let wire = wire_labels(&name);
-        assert_eq!(wire, b"\x03WwW\x07Example\x04test\x00");
-        assert!(same_labels(&wire, &name));
+        assert_eq!(wire_labels(&name), b"\x03WwW\x07Example\x04test\x00");
+        // One label `a.b` is not two labels `a` and `b`.
+        let escaped = Name::from_ascii("a\\.b.test.").unwrap();
+        assert_eq!(wire_labels(&escaped), b"\x03a.b\x04test\x00");
+        assert_eq!(wire_labels(&Name::root()), [0]);
+    }
+
+    #[test]
+    fn only_the_same_question_asked_the_same_way_fits() {
+        let request = |name: &str| {
+            let mut m = hickory_proto::op::Message::query();
+            m.add_query(hickory_proto::op::Query::query(
+                Name::from_ascii(name).unwrap(),
+                RecordType::A,
+            ));
+            super::super::message::parse_request(&m.to_vec().unwrap()).unwrap()
+        };
+        let kept_for = request("WwW.Example.test.");
+        let wire = wire_labels(kept_for.query.name());
+        fn shape(asked: Asked<'_>) -> Shape<'_> {
+            Shape {
+                asked,
+                id: 7,
+                limit: 512,
+                our_payload: 1232,
+                age: 0,
+            }
+        }
+        let slot = Rendered::default();
+        slot.keep(
+            &shape(Asked::of(&kept_for, &wire)),
+            &[0u8; 20],
+            false,
+            ResponseCode::NoError,
+            100,
+        );
+        assert!(slot.reuse(&shape(Asked::of(&kept_for, &wire))).is_some());
         for other in [
             "www.example.test.",
             "WwW.Example.tes.",
             "WwW.Example.test.x.",
             "Example.test.",
         ] {
-            assert!(!same_labels(&wire, &Name::from_ascii(other).unwrap()), "{other}");
+            let r = request(other);
+            let w = wire_labels(r.query.name());
+            assert!(slot.reuse(&shape(Asked::of(&r, &w))).is_none(), "{other}");
         }
-        // One label `a.b` is not two labels `a` and `b`.
-        let escaped = Name::from_ascii("a\\.b.test.").unwrap();
-        assert!(!same_labels(
-            &wire_labels(&escaped),
-            &Name::from_ascii("a.b.test.").unwrap()
-        ));
-        assert!(same_labels(&[0], &Name::root()));
+        let mut asked = Asked::of(&kept_for, &wire);
+        asked.qtype = u16::from(RecordType::AAAA);
+        assert!(slot.reuse(&shape(asked)).is_none(), "another type");
     }
 
     #[test]
@@ -191,8 +251,10 @@ mod tests {
             RecordType::A,
         ));
         let request = super::super::message::parse_request(&m.to_vec().unwrap()).unwrap();
+        let wire = wire_labels(request.query.name());
         let shape = Shape {
-            request: &request,
+            asked: Asked::of(&request, &wire),
+            id: request.id,
             limit: 512,
             our_payload: 1232,
             age: 0,

@@ -266,8 +266,10 @@ fn the_same_question_is_served_from_the_kept_encoding_with_its_own_id() {
                 (&entry.rendered, age)
             }
         };
+        let wire = wire_labels(request.query.name());
         let shape = Shape {
-            request: &request,
+            asked: Asked::of(&request, &wire),
+            id: request.id,
             limit: engine.answer_limit(&request, how.transport),
             our_payload: engine.max_udp_payload,
             age,
@@ -304,4 +306,51 @@ fn ttls_served_from_a_kept_encoding_count_down() {
     for (l, f) in later.iter().zip(&first) {
         assert!(*l + 2 <= *f && *l + 3 >= *f, "{first:?} then {later:?}");
     }
+}
+
+#[test]
+fn plain_queries_are_answered_from_the_wire_and_others_take_the_full_path() {
+    let engine = engine_that_learnt();
+    let how = Asking {
+        mixed_case: true,
+        edns: Some((1232, true)),
+        ..PLAIN
+    };
+    for (qname, qtype) in QUESTIONS {
+        // A cached entry may turn a second older between two answers:
+        // then the three are taken again.
+        let three = || {
+            let first = answer(&engine, &query(7, qname, qtype, how), how.transport);
+            // Asked the same way again: answered without a hickory parse.
+            let again = query(8, qname, qtype, how);
+            let Some(Outcome::Reply(kept)) = engine.answer_kept(&again, CLIENT, how.transport, &mut None) else {
+                panic!("{qname} {qtype}: not answered from the wire");
+            };
+            assert_eq!(&kept[..2], &8u16.to_be_bytes());
+            // With an EDNS option (a cookie) the shape is not plain: the
+            // full path answers, the same answer.
+            let mut cookie = query(9, qname, qtype, how);
+            let rdlen_at = cookie.len() - 2;
+            cookie[rdlen_at + 1] = 12;
+            cookie.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+            assert!(engine.answer_kept(&cookie, CLIENT, how.transport, &mut None).is_none());
+            let full = answer(&engine, &cookie, how.transport);
+            (first[2..].to_vec(), kept[2..].to_vec(), full[2..].to_vec())
+        };
+        let (mut first, mut kept, mut full) = three();
+        if first != kept || first != full {
+            (first, kept, full) = three();
+        }
+        assert_eq!(first, kept, "{qname} {qtype}");
+        assert_eq!(first, full, "{qname} {qtype}");
+    }
+    // A client outside `dns.allow` is refused by the full path, never
+    // answered from the wire.
+    let stranger = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
+    let q = query(10, "printer.lan.", RecordType::A, PLAIN);
+    assert!(engine.answer_kept(&q, stranger, Transport::Udp, &mut None).is_none());
+    let Outcome::Reply(refused) = engine.answer_now(&q, stranger, Transport::Udp) else {
+        panic!("no answer to a stranger");
+    };
+    assert_eq!(refused[3] & 0x0f, ResponseCode::Refused.low());
 }
