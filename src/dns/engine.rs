@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cache::{CacheKey, DnsCache};
+use super::cache::{CacheKey, DnsCache, KeyView};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::wire_key;
@@ -508,9 +508,13 @@ impl DnsEngine {
             None => self.default_group?,
             Some(Action::Hosts(..) | Action::Block(..)) => return None,
         };
-        let cache_key = CacheKey {
-            group: self.group_names.get(group)?.clone(),
-            name: query.name.to_ascii_lowercase().into_boxed_slice(),
+        let mut lowercase = [0u8; wire::MAX_NAME];
+        let name = lowercase.get_mut(..query.name.len())?;
+        name.copy_from_slice(query.name);
+        name.make_ascii_lowercase();
+        let cache_key = KeyView {
+            group: self.group_names.get(group)?,
+            name,
             qtype,
             qclass,
         };
