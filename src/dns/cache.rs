@@ -136,6 +136,27 @@ fn record_bytes(r: &Record) -> Option<usize> {
     Some(RECORD_OVERHEAD + name(&r.name) + 10 + rdata)
 }
 
+/// An answer's RCODE and sections, as the cache takes them over.
+#[derive(Debug)]
+pub struct Records {
+    pub rcode: ResponseCode,
+    pub answers: Vec<Record>,
+    pub authorities: Vec<Record>,
+    pub additionals: Vec<Record>,
+}
+
+impl Records {
+    /// The sections of `msg`, which is left without records.
+    pub fn take(msg: &mut Message) -> Self {
+        Records {
+            rcode: msg.metadata.response_code,
+            answers: std::mem::take(&mut msg.answers),
+            authorities: std::mem::take(&mut msg.authorities),
+            additionals: std::mem::take(&mut msg.additionals),
+        }
+    }
+}
+
 /// One cached answer.
 #[derive(Debug)]
 pub struct Entry {
@@ -412,26 +433,43 @@ impl DnsCache {
         let Some(lifetime) = self.policy.apply(response) else {
             return false;
         };
+        let records = Records {
+            rcode: response.metadata.response_code,
+            answers: response.answers.clone(),
+            authorities: response.authorities.clone(),
+            additionals: response.additionals.clone(),
+        };
+        self.store_at(key, lifetime, records, now)
+    }
+
+    /// Stores records that [`TtlPolicy::apply`] found cacheable for
+    /// `lifetime` seconds, taking them over: for a caller that has
+    /// already encoded its reply from them, so they are not copied.
+    pub fn store(&self, key: CacheKey, lifetime: u32, records: Records) -> bool {
+        self.store_at(key, lifetime, records, Instant::now())
+    }
+
+    fn store_at(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant) -> bool {
         let Some(mut store) = self.lock() else {
             return false;
         };
         // Records that cannot be encoded cannot be served from the cache either.
-        let Some(records) = response
+        let Some(size) = records
             .answers
             .iter()
-            .chain(&response.authorities)
-            .chain(&response.additionals)
+            .chain(&records.authorities)
+            .chain(&records.additionals)
             .map(record_bytes)
             .sum::<Option<usize>>()
         else {
             return false;
         };
-        let (bytes, kept_room) = entry_bytes(&key, records);
+        let (bytes, kept_room) = entry_bytes(&key, size);
         let entry = Entry {
-            rcode: response.metadata.response_code,
-            answers: response.answers.clone(),
-            authorities: response.authorities.clone(),
-            additionals: response.additionals.clone(),
+            rcode: records.rcode,
+            answers: records.answers,
+            authorities: records.authorities,
+            additionals: records.additionals,
             stored: now,
             lifetime,
             bytes,

@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cache::{CacheKey, DnsCache, KeyView};
+use super::cache::{CacheKey, DnsCache, KeyView, Records};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::wire_key;
@@ -75,6 +75,10 @@ pub enum Outcome {
 pub struct Pending {
     request: Request,
     group: usize,
+    /// The cache key the miss was looked up under: the answer is stored
+    /// under it and the group's single-flight map reuses its name, so the
+    /// wire-format name is built once per miss rather than three times.
+    key: CacheKey,
     transport: Transport,
     client: IpAddr,
     /// The matching rule's sets, fed with the answer.
@@ -377,7 +381,8 @@ impl DnsEngine {
             let msg = message::response(&request, ResponseCode::Refused, self.max_udp_payload);
             return self.reply_to(&request, &msg, transport);
         };
-        if let Some((entry, age)) = self.cache.get(&self.cache_key(&request, group)) {
+        let key = self.cache_key(&request, group);
+        if let Some((entry, age)) = self.cache.get(&key) {
             s.dns_cache_hits.inc();
             let outcome = self.reply_rendered(
                 Some((&entry.rendered, entry.kept_room)),
@@ -394,7 +399,7 @@ impl DnsEngine {
             );
             if let Outcome::Reply(bytes) = outcome {
                 if entry.hit_wants_prefetch(self.prefetch, std::time::Instant::now())
-                    && let Some(pending) = self.refresh(request, group, transport, client, rule)
+                    && let Some(pending) = self.refresh(request, group, key, transport, client, rule)
                 {
                     return Outcome::Prefetch(bytes, pending);
                 }
@@ -421,6 +426,7 @@ impl DnsEngine {
         Outcome::Forward(Pending {
             request,
             group,
+            key,
             transport,
             client,
             sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
@@ -433,10 +439,12 @@ impl DnsEngine {
     /// A prefetch of `request`'s answer (a cache hit near its expiry). A
     /// refresh takes a place like a miss, the client's share included;
     /// without one it is simply not made.
+    #[allow(clippy::too_many_arguments)]
     fn refresh(
         &self,
         request: Request,
         group: usize,
+        key: CacheKey,
         transport: Transport,
         client: IpAddr,
         rule: Option<&super::rules::Rule>,
@@ -448,6 +456,7 @@ impl DnsEngine {
         Some(Pending {
             request,
             group,
+            key,
             transport,
             client,
             sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
@@ -528,7 +537,8 @@ impl DnsEngine {
             // The refresh needs the query as a `Request`: parsed in full,
             // once per entry and lifetime at most.
             if let Ok(request) = message::parse_request(bytes)
-                && let Some(pending) = self.refresh(request, group, transport, client, rule)
+                && let key = self.cache_key(&request, group)
+                && let Some(pending) = self.refresh(request, group, key, transport, client, rule)
             {
                 return Some(Outcome::Prefetch(reply, pending));
             }
@@ -591,6 +601,7 @@ impl DnsEngine {
         let Pending {
             request,
             group,
+            key,
             transport,
             client,
             sets,
@@ -601,40 +612,52 @@ impl DnsEngine {
         let deadline = tokio::time::Instant::now() + self.timeout;
         self.stats.dns_forwarded.inc();
         let started = tokio::time::Instant::now();
-        let resolve = async {
-            match self.groups.get(group) {
-                Some(g) => g.resolve(&request.query, deadline).await,
-                None => Err(UpstreamError::NoAnswer),
-            }
-        };
-        tokio::pin!(resolve);
         let mut send = Some(send);
         let stale = self.stale.filter(|_| serve_stale);
-        let upstream = match stale {
-            Some(settings) => {
-                tokio::select! {
-                    r = &mut resolve => r,
-                    () = tokio::time::sleep(settings.answer_after) => {
-                        if let Some(msg) = self.stale_answer(&request, group, settings) {
-                            if let (Some(bytes), Some(send)) = (self.deliver(&request, &msg, transport, client, &sets).await, send.take()) {
-                                send(bytes);
+        // In a block of its own: the upstream future borrows the key, which
+        // the answer then moves into the cache.
+        let upstream = {
+            let resolve = async {
+                match self.groups.get(group) {
+                    Some(g) => g.resolve(&request.query, &key.name, deadline).await,
+                    None => Err(UpstreamError::NoAnswer),
+                }
+            };
+            tokio::pin!(resolve);
+            match stale {
+                Some(settings) => {
+                    tokio::select! {
+                        r = &mut resolve => r,
+                        () = tokio::time::sleep(settings.answer_after) => {
+                            if let Some(msg) = self.stale_answer(&request, &key, settings) {
+                                if let (Some(bytes), Some(send)) = (self.deliver(&request, &msg, transport, client, &sets).await, send.take()) {
+                                    send(bytes);
+                                }
                             }
+                            resolve.await
                         }
-                        resolve.await
                     }
                 }
+                None => resolve.await,
             }
-            None => resolve.await,
         };
         if upstream.is_ok() {
             self.stats.dns_upstream_latency.observe(started.elapsed());
         }
-        let msg = match upstream {
-            Ok(answer) => self.absorb(&request, group, answer),
+        // What the upstream's answer leaves to cache: stored once the reply
+        // is encoded, so the records move into the cache instead of being
+        // copied for it.
+        let mut keep = None;
+        let mut msg = match upstream {
+            Ok(answer) => {
+                let (msg, lifetime) = self.absorb(&request, answer);
+                keep = lifetime.map(|l| (key, l));
+                msg
+            }
             Err(e) => {
                 let stale_msg = stale
                     .filter(|_| send.is_some())
-                    .and_then(|settings| self.stale_answer(&request, group, settings));
+                    .and_then(|settings| self.stale_answer(&request, &key, settings));
                 match stale_msg {
                     // Every upstream failed before answer_after: stale beats SERVFAIL.
                     Some(msg) => msg,
@@ -648,18 +671,28 @@ impl DnsEngine {
                 }
             }
         };
-        let Some(send) = send else {
-            return; // a stale answer went out already: this was the refresh
+        // A refresh after a stale answer sends nothing: it only caches.
+        let rendered = send
+            .as_ref()
+            .map(|_| self.render(&request, &msg, transport, client, &sets));
+        if let Some((key, lifetime)) = keep {
+            self.cache.store(key, lifetime, Records::take(&mut msg));
+        }
+        let (Some(send), Some((reply, committed))) = (send, rendered) else {
+            return;
         };
-        if let Some(bytes) = self.deliver(&request, &msg, transport, client, &sets).await {
+        if let Some(c) = committed {
+            released(c).await;
+        }
+        if let Some(bytes) = reply {
             send(bytes);
         }
     }
 
     /// An expired answer for `request`, if the cache still holds one, with
     /// every TTL set to the stale TTL; counted.
-    fn stale_answer(&self, request: &Request, group: usize, settings: StaleAnswers) -> Option<Message> {
-        let entry = self.cache.get_stale(&self.cache_key(request, group))?;
+    fn stale_answer(&self, request: &Request, key: &CacheKey, settings: StaleAnswers) -> Option<Message> {
+        let entry = self.cache.get_stale(key)?;
         self.stats.dns_stale_served.inc();
         tracing::debug!(name = %request.key, "no upstream answer in time: serving a stale answer");
         let mut msg = message::response(request, entry.rcode, self.max_udp_payload);
@@ -677,20 +710,35 @@ impl DnsEngine {
         client: IpAddr,
         sets: &[SetPair],
     ) -> Option<Vec<u8>> {
-        let committed = self.feed.as_ref().and_then(|f| f.observe(client, msg, sets));
-        let reply = match self.reply_to(request, msg, transport) {
-            Outcome::Reply(bytes) => Some(bytes),
-            _ => None,
-        };
+        let (reply, committed) = self.render(request, msg, transport, client, sets);
         if let Some(c) = committed {
             released(c).await;
         }
         reply
     }
 
+    /// [`DnsEngine::deliver`] up to the wait: the encoded reply, and the
+    /// commit of its set elements to wait for before sending it.
+    fn render(
+        &self,
+        request: &Request,
+        msg: &Message,
+        transport: Transport,
+        client: IpAddr,
+        sets: &[SetPair],
+    ) -> (Option<Vec<u8>>, Option<Committed>) {
+        let committed = self.feed.as_ref().and_then(|f| f.observe(client, msg, sets));
+        let reply = match self.reply_to(request, msg, transport) {
+            Outcome::Reply(bytes) => Some(bytes),
+            _ => None,
+        };
+        (reply, committed)
+    }
+
     /// What the client gets for an upstream's answer: scrubbed to the
-    /// question, TTLs clamped, cached if cacheable.
-    fn absorb(&self, request: &Request, group: usize, mut answer: Message) -> Message {
+    /// question, TTLs clamped; with how long it may be cached, if at all
+    /// (the caller stores it, see [`DnsCache::store`]).
+    fn absorb(&self, request: &Request, mut answer: Message) -> (Message, Option<u32>) {
         let scrubbed = scrub::scrub(&request.query, &mut answer);
         if scrubbed.removed > 0 {
             self.stats.dns_scrubbed_records.add(scrubbed.removed as u64);
@@ -704,15 +752,18 @@ impl DnsEngine {
             // answered, but nothing usable.
             self.stats.dns_servfail.inc();
             tracing::debug!(name = %request.key, ?broken, "CNAME chain loops or is too long");
-            return message::response(request, ResponseCode::ServFail, self.max_udp_payload);
+            return (
+                message::response(request, ResponseCode::ServFail, self.max_udp_payload),
+                None,
+            );
         }
-        // Clamps the TTLs in place whether or not it is cached.
-        self.cache.insert(self.cache_key(request, group), &mut answer);
+        // Clamps the TTLs in place whether or not it is cacheable.
+        let lifetime = self.cache.policy().apply(&mut answer);
         let mut msg = message::response(request, answer.metadata.response_code, self.max_udp_payload);
         msg.answers = answer.answers;
         msg.authorities = answer.authorities;
         msg.additionals = answer.additionals;
-        msg
+        (msg, lifetime)
     }
 
     /// Completes `pending` as if its upstream had sent the datagram `bytes`
@@ -722,18 +773,25 @@ impl DnsEngine {
     pub fn complete_with(&self, pending: Pending, id: u16, bytes: &[u8]) -> Option<Vec<u8>> {
         let Pending {
             request,
-            group,
+            key,
             transport,
             ..
         } = pending;
-        let msg = match super::upstream::accept_answer(bytes, id, &request.query) {
-            Some(answer) => self.absorb(&request, group, answer),
-            None => message::response(&request, ResponseCode::ServFail, self.max_udp_payload),
+        let (mut msg, lifetime) = match super::upstream::accept_answer(bytes, id, &request.query) {
+            Some(answer) => self.absorb(&request, answer),
+            None => (
+                message::response(&request, ResponseCode::ServFail, self.max_udp_payload),
+                None,
+            ),
         };
-        match self.reply_to(&request, &msg, transport) {
+        let reply = match self.reply_to(&request, &msg, transport) {
             Outcome::Reply(bytes) => Some(bytes),
             _ => None,
+        };
+        if let Some(lifetime) = lifetime {
+            self.cache.store(key, lifetime, Records::take(&mut msg));
         }
+        reply
     }
 
     /// Answers `bytes` completely, awaiting the upstream if needed.

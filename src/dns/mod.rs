@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod cache_file;
+pub mod encoder;
 pub mod engine;
 pub mod lists;
 pub mod message;

@@ -58,6 +58,9 @@ impl UpstreamGroup {
     pub(super) async fn race(&self, query: &Query, deadline: Instant) -> Result<Message, UpstreamError> {
         let start = Instant::now();
         self.sweep_sockets(start);
+        if let [only] = self.servers.as_slice() {
+            return self.ask_only(only, query, deadline).await;
+        }
         let standings: Vec<Standing> = self.servers.iter().map(|s| s.health.standing(start)).collect();
         let mut order = order(&standings);
         // A server on probation is asked alongside the first one, not in
@@ -144,6 +147,37 @@ impl UpstreamGroup {
                         return Err(UpstreamError::NoAnswer);
                     }
                 }
+            }
+        }
+    }
+
+    /// The race of a group with one server: it is asked whatever its
+    /// standing, with nobody to hedge to or probe alongside, so there is
+    /// nothing to race. Exactly what the general loop does for one server,
+    /// without its set of pending attempts, order and bookkeeping (each an
+    /// allocation per miss).
+    async fn ask_only(
+        &self,
+        server: &super::Server,
+        query: &Query,
+        deadline: Instant,
+    ) -> Result<Message, UpstreamError> {
+        let attempt = self.attempt(0, query, deadline, false).await;
+        let now = Instant::now();
+        match attempt.result {
+            Ok(answer) => {
+                server.health.answered(now - attempt.started);
+                Ok(answer)
+            }
+            Err(Failure::Timeout) => {
+                server.health.timed_out(now - attempt.started, now);
+                tracing::debug!(group = %self.name, server = %server.label, "upstream timed out");
+                Err(UpstreamError::NoAnswer)
+            }
+            Err(Failure::Error(e)) => {
+                server.health.errors.inc();
+                tracing::debug!(group = %self.name, server = %server.label, error = %printable(&e), "upstream failed");
+                Err(UpstreamError::NoAnswer)
             }
         }
     }

@@ -186,8 +186,17 @@ impl UpstreamGroup {
     /// NXDOMAIN and no-data answers are answers (returned with their SOA);
     /// SERVFAIL, REFUSED, FORMERR, NOTIMP, timeouts and transport errors
     /// move on to the next server.
-    pub async fn resolve_shared(&self, query: &Query, deadline: Instant) -> (Result<Message, UpstreamError>, Role) {
-        let key = (wire_key(query.name()), query.query_type(), query.query_class());
+    ///
+    /// `name_key` is [`wire_key`] of the query's name, which the caller
+    /// has already built for its cache lookup.
+    pub async fn resolve_shared(
+        &self,
+        query: &Query,
+        name_key: &[u8],
+        deadline: Instant,
+    ) -> (Result<Message, UpstreamError>, Role) {
+        debug_assert_eq!(*name_key, *wire_key(query.name()));
+        let key = (Box::from(name_key), query.query_type(), query.query_class());
         let (shared, role) = self
             .flights
             .run(key, || async { self.race(query, deadline).await.map(Arc::new) })
@@ -199,8 +208,8 @@ impl UpstreamGroup {
     }
 
     /// [`UpstreamGroup::resolve_shared`], without saying who asked.
-    pub async fn resolve(&self, query: &Query, deadline: Instant) -> Result<Message, UpstreamError> {
-        self.resolve_shared(query, deadline).await.0
+    pub async fn resolve(&self, query: &Query, name_key: &[u8], deadline: Instant) -> Result<Message, UpstreamError> {
+        self.resolve_shared(query, name_key, deadline).await.0
     }
 
     pub fn server_labels(&self) -> Vec<String> {
