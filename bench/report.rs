@@ -98,6 +98,40 @@ struct Sel {
     pinned: bool,
 }
 
+impl Sel {
+    /// "UDP 64 B forward, default buffers": how the targets table names
+    /// the points.
+    fn label(&self) -> String {
+        format!(
+            "UDP {} B {}, {} buffers",
+            self.size,
+            self.direction.name(),
+            self.buffers.name()
+        )
+    }
+}
+
+/// The eight combinations measured at the sender's maximum (direction,
+/// buffers, size; one worker, unpinned), in the targets table's order.
+fn at_max() -> impl Iterator<Item = Sel> {
+    [
+        (Direction::Forward, Buffers::FourMiB),
+        (Direction::Reverse, Buffers::FourMiB),
+        (Direction::Forward, Buffers::Default),
+        (Direction::Reverse, Buffers::Default),
+    ]
+    .into_iter()
+    .flat_map(|(direction, buffers)| {
+        [64, 1200].into_iter().map(move |size| Sel {
+            size,
+            direction,
+            buffers,
+            workers: 1,
+            pinned: false,
+        })
+    })
+}
+
 fn peak(points: &[Point], system: System, sel: Sel) -> Option<f64> {
     points
         .iter()
@@ -135,87 +169,34 @@ type Row = (String, String, Vec<Option<f64>>, fn(f64) -> bool, &'static str);
 fn targets(o: &mut String, rounds: &[Round]) {
     let mut rows: Vec<Row> = Vec::new();
     let per_round = |f: &dyn Fn(&Round) -> Option<f64>| rounds.iter().map(f).collect::<Vec<_>>();
-    for (direction, buffers, target) in [
-        (Direction::Forward, Buffers::FourMiB, 1.0),
-        (Direction::Reverse, Buffers::FourMiB, 1.0),
-        (Direction::Forward, Buffers::Default, 0.9),
-        (Direction::Reverse, Buffers::Default, 0.9),
-    ] {
-        for size in [64, 1200] {
-            let sel = Sel {
-                size,
-                direction,
-                buffers,
-                workers: 1,
-                pinned: false,
-            };
-            rows.push((
-                format!(
-                    "UDP {size} B {}, {} buffers: tproxyd ÷ kernel",
-                    direction.name(),
-                    buffers.name()
-                ),
-                format!("≥ {target:.1}"),
-                per_round(&|r| Some(peak(&r.udp, System::Tproxyd, sel)? / peak(&r.udp, System::Kernel, sel)?)),
-                if target >= 1.0 { |v| v >= 1.0 } else { |v| v >= 0.9 },
-                "×",
-            ));
-        }
+    for sel in at_max() {
+        let target = if sel.buffers == Buffers::Default { 0.9 } else { 1.0 };
+        rows.push((
+            format!("{}: tproxyd ÷ kernel", sel.label()),
+            format!("≥ {target:.1}"),
+            per_round(&|r| Some(peak(&r.udp, System::Tproxyd, sel)? / peak(&r.udp, System::Kernel, sel)?)),
+            if target >= 1.0 { |v| v >= 1.0 } else { |v| v >= 0.9 },
+            "×",
+        ));
     }
-    for (direction, buffers) in [
-        (Direction::Forward, Buffers::FourMiB),
-        (Direction::Reverse, Buffers::FourMiB),
-        (Direction::Forward, Buffers::Default),
-        (Direction::Reverse, Buffers::Default),
-    ] {
-        for size in [64, 1200] {
-            let sel = Sel {
-                size,
-                direction,
-                buffers,
-                workers: 1,
-                pinned: false,
-            };
-            rows.push((
-                format!(
-                    "CPU per relayed datagram, {size} B {}, {} buffers",
-                    direction.name(),
-                    buffers.name()
-                ),
-                "≤ 1 µs".into(),
-                per_round(&|r| cpu_at_max(&r.udp, sel)),
-                |v| v <= 1.0,
-                "µs",
-            ));
-        }
+    for sel in at_max() {
+        rows.push((
+            format!("CPU per relayed datagram, {}", sel.label().trim_start_matches("UDP ")),
+            "≤ 1 µs".into(),
+            per_round(&|r| cpu_at_max(&r.udp, sel)),
+            |v| v <= 1.0,
+            "µs",
+        ));
     }
-    for (direction, buffers) in [
-        (Direction::Forward, Buffers::FourMiB),
-        (Direction::Reverse, Buffers::FourMiB),
-        (Direction::Forward, Buffers::Default),
-        (Direction::Reverse, Buffers::Default),
-    ] {
-        for size in [64, 1200] {
-            let one = Sel {
-                size,
-                direction,
-                buffers,
-                workers: 1,
-                pinned: false,
-            };
-            let two = Sel { workers: 2, ..one };
-            rows.push((
-                format!(
-                    "UDP {size} B {}, {} buffers: 2 workers ÷ 1 worker",
-                    direction.name(),
-                    buffers.name()
-                ),
-                "(no target)".into(),
-                per_round(&|r| Some(peak(&r.udp, System::Tproxyd, two)? / peak(&r.udp, System::Tproxyd, one)?)),
-                |v| v >= 1.0,
-                "×",
-            ));
-        }
+    for one in at_max() {
+        let two = Sel { workers: 2, ..one };
+        rows.push((
+            format!("{}: 2 workers ÷ 1 worker", one.label()),
+            "(no target)".into(),
+            per_round(&|r| Some(peak(&r.udp, System::Tproxyd, two)? / peak(&r.udp, System::Tproxyd, one)?)),
+            |v| v >= 1.0,
+            "×",
+        ));
     }
     for (size, pinned) in [(64, false), (1200, false), (64, true), (1200, true)] {
         let label = if pinned { ", pinned" } else { "" };
