@@ -563,18 +563,25 @@ impl DnsEngine {
         let name = lowercase.get_mut(..query.name.len())?;
         name.copy_from_slice(query.name);
         name.make_ascii_lowercase();
+        let group_name = self.group_names.get(group)?;
         let cache_key = KeyView {
-            group: self.group_names.get(group)?,
+            group: group_name,
             name,
             qtype,
             qclass,
         };
         let now = std::time::Instant::now();
         let Some((entry, age)) = self.cache.get_at(&cache_key, now) else {
+            // A miss needs the key owned (it goes with the query upstream).
             *missed = Some(Missed {
                 rule,
                 group,
-                key: cache_key,
+                key: CacheKey {
+                    group: group_name.clone(),
+                    name: cache_key.name.into(),
+                    qtype,
+                    qclass,
+                },
             });
             return None;
         };
