@@ -97,6 +97,14 @@ impl Pending {
     }
 }
 
+/// What the plain path found out about a query it could not answer from
+/// the cache (see [`DnsEngine::answer_kept`]).
+struct Missed<'e> {
+    rule: Option<&'e super::rules::Rule>,
+    group: usize,
+    key: CacheKey,
+}
+
 /// When and how expired answers are served (RFC 8767).
 #[derive(Debug, Clone, Copy)]
 struct StaleAnswers {
@@ -297,11 +305,20 @@ impl DnsEngine {
             s.dns_rate_limited.inc();
             return Outcome::Drop;
         }
-        if !limited && let Some(outcome) = self.answer_kept(bytes, client, transport) {
+        let mut missed = None;
+        if !limited && let Some(outcome) = self.answer_kept(bytes, client, transport, &mut missed) {
             return outcome;
         }
         let allowed = self.allows(client);
         let request = match message::parse_request(bytes) {
+            Ok(r) if let Some(m) = missed => {
+                // The plain path already matched the rule and missed the
+                // cache: only the parse was left to do.
+                if let Some(rule) = m.rule {
+                    tracing::debug!(%client, name = %r.key, qtype = ?r.query.query_type(), rule = rule.number, action = rule.action.kind(), "DNS rule matched");
+                }
+                return self.miss(r, m.group, m.key, transport, client, m.rule);
+            }
             Ok(r) => r,
             Err(Rejection::Drop(why)) => {
                 s.dns_dropped_malformed.inc();
@@ -407,6 +424,21 @@ impl DnsEngine {
             }
             return outcome;
         }
+        self.miss(request, group, key, transport, client, rule)
+    }
+
+    /// A cache miss: a place in the group's pending queries and the
+    /// client's share of them, or SERVFAIL now.
+    fn miss(
+        &self,
+        request: Request,
+        group: usize,
+        key: CacheKey,
+        transport: Transport,
+        client: IpAddr,
+        rule: Option<&super::rules::Rule>,
+    ) -> Outcome {
+        let s = &self.stats;
         s.dns_cache_misses.inc();
         let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit) else {
             // Over the group's pending limit: say so now, never stay silent
@@ -473,7 +505,17 @@ impl DnsEngine {
     /// the full path would do anything else with it (a refusal, a block,
     /// a hosts file, a miss, an answer the domain feed must see): the full
     /// path then answers it, and nothing has been counted here.
-    fn answer_kept(&self, bytes: &[u8], client: IpAddr, transport: Transport) -> Option<Outcome> {
+    ///
+    /// A plain query whose answer is not cached leaves in `missed` what
+    /// the full path would otherwise work out again (the rule, the group,
+    /// the cache key).
+    fn answer_kept<'e>(
+        &'e self,
+        bytes: &[u8],
+        client: IpAddr,
+        transport: Transport,
+        missed: &mut Option<Missed<'e>>,
+    ) -> Option<Outcome> {
         if !self.reuse_encoded {
             return None;
         }
@@ -524,7 +566,14 @@ impl DnsEngine {
             qclass,
         };
         let now = std::time::Instant::now();
-        let (entry, age) = self.cache.get_at(&cache_key, now)?;
+        let Some((entry, age)) = self.cache.get_at(&cache_key, now) else {
+            *missed = Some(Missed {
+                rule,
+                group,
+                key: cache_key,
+            });
+            return None;
+        };
         let reused = entry.rendered.reuse(&shape(age))?;
         log_rule();
         self.stats.dns_cache_hits.inc();
