@@ -28,7 +28,7 @@ use super::rendered::Rendered;
 use super::ttl_secs;
 use crate::config::dns::CacheConfig;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheKey {
     /// Upstream group name: answers from different groups never mix.
     pub group: Arc<str>,
@@ -36,6 +36,64 @@ pub struct CacheKey {
     pub name: Box<[u8]>,
     pub qtype: RecordType,
     pub qclass: DNSClass,
+}
+
+/// A cache key's parts, however they are held. A lookup by borrowed
+/// parts ([`KeyView`]) allocates nothing: making an owned key (a lowercase
+/// copy of the name, then freeing it) cost about 350 instructions per
+/// cache hit, a tenth of the whole hit (callgrind).
+pub trait KeyParts {
+    fn parts(&self) -> (&str, &[u8], RecordType, DNSClass);
+}
+
+/// A cache key made of borrowed parts, for lookups.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyView<'a> {
+    pub group: &'a str,
+    /// Lowercase wire form, as in [`CacheKey::name`].
+    pub name: &'a [u8],
+    pub qtype: RecordType,
+    pub qclass: DNSClass,
+}
+
+impl KeyParts for CacheKey {
+    fn parts(&self) -> (&str, &[u8], RecordType, DNSClass) {
+        (&self.group, &self.name, self.qtype, self.qclass)
+    }
+}
+
+impl KeyParts for KeyView<'_> {
+    fn parts(&self) -> (&str, &[u8], RecordType, DNSClass) {
+        (self.group, self.name, self.qtype, self.qclass)
+    }
+}
+
+// Owned and borrowed keys hash and compare by their parts alike, as
+// `Borrow` requires.
+impl std::hash::Hash for dyn KeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
+
+impl std::hash::Hash for CacheKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for CacheKey {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
 }
 
 /// Memory an entry costs beyond its records' wire size: the key, the
@@ -269,7 +327,7 @@ struct Store {
 }
 
 impl Store {
-    fn remove(&mut self, key: &CacheKey) {
+    fn remove(&mut self, key: &dyn KeyParts) {
         if let Some(e) = self.lru.pop(key) {
             self.bytes = self.bytes.saturating_sub(e.bytes);
         }
@@ -336,7 +394,7 @@ impl DnsCache {
 
     /// [`DnsCache::get`] at `now` (a caller that needs the time again
     /// for the same query reads the clock once).
-    pub fn get_at(&self, key: &CacheKey, now: Instant) -> Option<(Arc<Entry>, u32)> {
+    pub fn get_at(&self, key: &dyn KeyParts, now: Instant) -> Option<(Arc<Entry>, u32)> {
         let mut store = self.lock()?;
         let entry = store.lru.get(key)?.clone();
         let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
@@ -356,7 +414,7 @@ impl DnsCache {
         self.get_stale_at(key, Instant::now())
     }
 
-    fn get_stale_at(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
+    fn get_stale_at(&self, key: &dyn KeyParts, now: Instant) -> Option<Arc<Entry>> {
         let mut store = self.lock()?;
         let entry = store.lru.get(key)?.clone();
         let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
@@ -552,6 +610,28 @@ mod tests {
 
     fn name(s: &str) -> Name {
         Name::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn borrowed_parts_find_what_an_owned_key_stored() {
+        let c = cache(0, 3600, 3600);
+        assert!(c.insert(key("a.example."), &mut answer(&[300])));
+        let now = Instant::now();
+        let wire = b"\x01a\x07example\x00";
+        let view = |group, qtype| KeyView {
+            group,
+            name: wire,
+            qtype,
+            qclass: DNSClass::IN,
+        };
+        assert!(c.get_at(&view("default", RecordType::A), now).is_some());
+        assert!(c.get_at(&view("other", RecordType::A), now).is_none());
+        assert!(c.get_at(&view("default", RecordType::AAAA), now).is_none());
+        let upper = KeyView {
+            name: b"\x01A\x07example\x00",
+            ..view("default", RecordType::A)
+        };
+        assert!(c.get_at(&upper, now).is_none(), "keys hold the name in lowercase");
     }
 
     fn answer(ttls: &[u32]) -> Message {

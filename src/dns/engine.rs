@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cache::{CacheKey, DnsCache, Records};
+use super::cache::{CacheKey, DnsCache, KeyView, Records};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::wire_key;
@@ -559,18 +559,29 @@ impl DnsEngine {
             None => self.default_group?,
             Some(Action::Hosts(..) | Action::Block(..)) => return None,
         };
-        let cache_key = CacheKey {
-            group: self.group_names.get(group)?.clone(),
-            name: query.name.to_ascii_lowercase().into_boxed_slice(),
+        let mut lowercase = [0u8; wire::MAX_NAME];
+        let name = lowercase.get_mut(..query.name.len())?;
+        name.copy_from_slice(query.name);
+        name.make_ascii_lowercase();
+        let group_name = self.group_names.get(group)?;
+        let cache_key = KeyView {
+            group: group_name,
+            name,
             qtype,
             qclass,
         };
         let now = std::time::Instant::now();
         let Some((entry, age)) = self.cache.get_at(&cache_key, now) else {
+            // A miss needs the key owned (it goes with the query upstream).
             *missed = Some(Missed {
                 rule,
                 group,
-                key: cache_key,
+                key: CacheKey {
+                    group: group_name.clone(),
+                    name: cache_key.name.into(),
+                    qtype,
+                    qclass,
+                },
             });
             return None;
         };
@@ -582,7 +593,8 @@ impl DnsEngine {
             // The refresh needs the query as a `Request`: parsed in full,
             // once per entry and lifetime at most.
             if let Ok(request) = message::parse_request(bytes)
-                && let Some(pending) = self.refresh(request, group, cache_key, transport, client, rule)
+                && let key = self.cache_key(&request, group)
+                && let Some(pending) = self.refresh(request, group, key, transport, client, rule)
             {
                 return Some(Outcome::Prefetch(reply, pending));
             }

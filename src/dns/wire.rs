@@ -128,28 +128,25 @@ fn empty_opt(bytes: &[u8]) -> Option<u16> {
 /// dots, as [`super::names::query_key`] makes it) into `out`; the key's
 /// length. Labels of a plain name need no escapes.
 pub fn key_into(name: &[u8], out: &mut [u8; MAX_NAME]) -> usize {
-    let mut n = 0;
-    let mut at = 0;
-    while let Some(&len) = name.get(at) {
-        let len = usize::from(len);
-        let Some(label) = name.get(at + 1..at + 1 + len).filter(|_| len > 0) else {
-            break;
-        };
-        if n > 0 {
-            if let Some(dot) = out.get_mut(n) {
-                *dot = b'.';
-            }
-            n += 1;
-        }
-        let Some(dst) = out.get_mut(n..n + len) else {
-            break;
-        };
-        dst.copy_from_slice(label);
-        dst.make_ascii_lowercase();
-        n += len;
+    // One copy of everything between the first length byte and the root
+    // byte, then each length byte inside it becomes a dot, and one
+    // lowercasing pass: a label-by-label copy cost about 300
+    // instructions per name (callgrind).
+    let (Some(&first), Some(body)) = (name.first(), name.get(1..name.len().saturating_sub(1))) else {
+        return 0; // the root (or nothing)
+    };
+    let Some(dst) = out.get_mut(..body.len()) else {
+        return 0;
+    };
+    dst.copy_from_slice(body);
+    let mut at = usize::from(first);
+    while let Some(b) = dst.get_mut(at) {
+        let len = usize::from(*b);
+        *b = b'.';
         at += 1 + len;
     }
-    n
+    dst.make_ascii_lowercase();
+    body.len()
 }
 
 #[cfg(test)]

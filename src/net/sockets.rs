@@ -16,13 +16,19 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 
 fn udp_socket(family_of: SocketAddr) -> io::Result<Socket> {
-    let sock = Socket::new(Domain::for_address(family_of), Type::DGRAM, Some(Protocol::UDP))?;
+    // Non-blocking from the start: one system call per socket, where
+    // setting it afterwards took two (`fcntl` to read the flags, then to
+    // write them). A flood of new flows makes a socket each.
+    let sock = Socket::new(
+        Domain::for_address(family_of),
+        Type::DGRAM.nonblocking(),
+        Some(Protocol::UDP),
+    )?;
     if family_of.is_ipv6() {
         // Keep v4 and v6 apart: a `[::]` listener must not swallow v4 traffic
         // that has its own listener and its own cmsg types.
         sock.set_only_v6(true)?;
     }
-    sock.set_nonblocking(true)?;
     Ok(sock)
 }
 
@@ -319,5 +325,19 @@ pub fn unspecified(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_are_non_blocking_from_the_start() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let sock = udp_socket(addr).unwrap();
+            assert!(sock.nonblocking().unwrap(), "{addr}");
+        }
     }
 }

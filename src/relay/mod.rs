@@ -28,7 +28,9 @@
 //! * [`inbound`] reads upstream sockets and hands replies to [`reply`],
 //!   which sends them from the spoofed original address; [`pool_readers`]
 //!   records which reader watches which pool socket;
-//! * [`context`] holds all of it behind methods and owns every task.
+//! * [`context`] holds all of it behind methods and owns every task;
+//! * [`slice`] bounds how long any of these tasks keeps a worker thread
+//!   before the others (and the established flows) get it.
 //!
 //! Lower modules never name higher ones: `pool` knows no session,
 //! `session` no table, `table` no pool.
@@ -51,6 +53,7 @@ pub mod rate;
 pub mod reply;
 pub mod rules;
 pub mod session;
+pub mod slice;
 pub mod socks5;
 pub mod table;
 pub mod upstream_batch;

@@ -50,7 +50,9 @@ pub const BYTES: usize = 16 << 20;
 /// allocator's share of its buffer. Charged so that a flood of empty or
 /// one-byte datagrams is bounded by memory, not only by count.
 pub const HELD_COST: usize = std::mem::size_of::<Held>() + 16;
-/// Flows one opener task opens before other tasks get the thread.
+/// Flows one opener task takes from the backlog at a time; it opens them
+/// one time slice at a time (see `relay::slice`), letting other tasks run
+/// between slices.
 pub const OPENS_PER_ROUND: usize = 32;
 
 /// A datagram held for a flow that is being opened.

@@ -3,10 +3,12 @@
 //! for them and put them in the table.
 //!
 //! One task per runtime worker, owned by the relay's context (they end
-//! with it). Each opens at most [`OPENS_PER_ROUND`] flows before letting
-//! the listeners and reply readers that share its thread run, so a burst
-//! of new flows costs established flows one round of opening, not the
-//! whole burst.
+//! with it). Each takes at most [`OPENS_PER_ROUND`] flows at a time, and
+//! opens them one [`Slice`] at a time: once a slice is spent it sends what
+//! it held for the flows opened so far, files them, and lets the listeners
+//! and reply readers that share its thread run before it opens the rest.
+//! A burst of new flows thus costs established flows one slice of opening
+//! (plus one open), not a round and not the whole burst.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use super::open::{self, OpenError, open};
 use super::open_backlog::{Held, OPENS_PER_ROUND};
 use super::rules::UdpRule;
 use super::session::Session;
+use super::slice::Slice;
 use super::table::{Entry, Evicted, Eviction};
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 
@@ -43,13 +46,21 @@ async fn run(ctx: Arc<RelayContext>) {
             // More than a round's worth: another opener may take some.
             ctx.open_backlog().wake();
         }
-        for job in &jobs {
+        let mut slice = Slice::start();
+        for (n, job) in jobs.iter().enumerate() {
             let rule = job.rule();
             let entry = new_flow(&ctx, job.key, job.dst, rule, &mut || round.settle(&ctx));
             round.keys.push(job.key);
             round.entries.push(entry);
             if rule.by_domain() {
                 ctx.stats().domain_matches.inc();
+            }
+            if slice.spent() && n + 1 < jobs.len() {
+                // The rest of the round waits (their datagrams are held,
+                // in order) while the others have the thread.
+                round.settle(&ctx);
+                tokio::task::yield_now().await;
+                slice = Slice::start();
             }
         }
         round.settle(&ctx);

@@ -211,6 +211,20 @@ struct State<F> {
     /// then mostly share a socket, and their datagrams leave in one
     /// `sendmmsg` (see `relay::upstream_batch`).
     last: Weak<PoolSocket<F>>,
+    /// The client endpoint whose last lease found no socket and got a new
+    /// one, with the pool's size after that and [`State::gives`] then.
+    /// While both are unchanged, no socket has become free for that client
+    /// since (its own new sockets carry it), so its next lease skips the
+    /// search. One socket talking to thousands of destinations (a P2P
+    /// client, a scan) otherwise paid [`PROBES`] failed probes for every
+    /// new flow, 3 % of the relay's CPU in the 20,000-destination flood.
+    hopeless: Option<(SocketAddr, usize, u64)>,
+    /// The last search that found nothing: client, pool size, `gives`.
+    missed: Option<(SocketAddr, usize, u64)>,
+    /// Leases given back so far (each may free a socket for someone).
+    gives: u64,
+    /// Sockets looked at for a flow, all told (for tests and profiles).
+    probes: u64,
     next_id: u32,
     rng: u64,
 }
@@ -223,6 +237,10 @@ impl<F> State<F> {
             fingerprint: Hasher::default(),
             freed: VecDeque::new(),
             last: Weak::new(),
+            hopeless: None,
+            missed: None,
+            gives: 0,
+            probes: 0,
             next_id: 0,
             rng: 0x9E37_79B9_7F4A_7C15,
         }
@@ -238,7 +256,18 @@ impl<F> State<F> {
 
     /// An open socket free for (`client`, `remote`), in O(1).
     fn choose(&mut self, client: SocketAddr, remote: SocketAddr) -> Option<Arc<PoolSocket<F>>> {
+        let mut probes = 0;
+        let found = self.search(client, remote, &mut probes);
+        self.probes += probes;
+        if found.is_none() {
+            self.missed = Some((client, self.sockets.len(), self.gives));
+        }
+        found
+    }
+
+    fn search(&mut self, client: SocketAddr, remote: SocketAddr, probes: &mut u64) -> Option<Arc<PoolSocket<F>>> {
         if let Some(socket) = self.last.upgrade() {
+            *probes += 1;
             if !socket.is_retired() && self.fits(&socket, client, remote) {
                 return Some(socket);
             }
@@ -249,18 +278,24 @@ impl<F> State<F> {
                 self.freed.remove(pos);
                 continue;
             };
+            *probes += 1;
             if !socket.is_retired() && self.fits(&socket, client, remote) {
                 self.freed.remove(pos);
                 return Some(socket);
             }
         }
         let n = self.sockets.len();
+        if self.hopeless == Some((client, n, self.gives)) {
+            return None;
+        }
         if n <= PROBES {
+            *probes += n as u64;
             return self.sockets.iter().find(|s| self.fits(s, client, remote)).cloned();
         }
         for _ in 0..PROBES {
             let i = self.random_index();
             let socket = &self.sockets[i];
+            *probes += 1;
             if self.fits(socket, client, remote) {
                 return Some(socket.clone());
             }
@@ -310,6 +345,7 @@ impl<F> State<F> {
     }
 
     fn give_back(&mut self, socket: &Arc<PoolSocket<F>>, client: SocketAddr, remote: SocketAddr) {
+        self.gives += 1;
         self.by_client.remove(&self.pair(client, socket));
         {
             let mut flows = lock(&socket.flows);
@@ -376,6 +412,10 @@ impl<F> Pool<F> {
             retired: AtomicBool::new(false),
             _permit: permit,
         });
+        // Remembered only if nothing changed while the lock was let go.
+        if state.missed == Some((client, state.sockets.len(), state.gives)) {
+            state.hopeless = Some((client, state.sockets.len() + 1, state.gives));
+        }
         state.sockets.push(socket.clone());
         state.assign(&socket, client, remote);
         Ok((self.lease_of(socket, remote), true))
@@ -605,6 +645,39 @@ mod tests {
         let (again, fresh) = p.lease(key(), c, sa("127.0.0.2:9")).unwrap();
         assert!(!fresh);
         assert_eq!(again.socket.id, leases[17].socket.id);
+    }
+
+    #[test]
+    fn a_client_on_every_socket_skips_the_search_until_one_is_given_back() {
+        let p = pools();
+        let (c, d) = (sa("192.0.2.10:5000"), sa("192.0.2.11:5000"));
+        let remote = |i: u16| sa(&format!("198.51.100.7:{}", 1000 + i));
+        // c on 40 sockets (more than PROBES): every search for c fails.
+        let leases: Vec<_> = (0..40).map(|i| p.lease(key(), c, remote(i)).unwrap().0).collect();
+        let probes = |l: &Lease<()>| lock(&l.pool.state).probes;
+        let before = probes(&leases[0]);
+        let (l41, fresh) = p.lease(key(), c, remote(40)).unwrap();
+        assert!(fresh);
+        assert!(
+            probes(&l41) - before <= 1 + FREED_TRIED as u64,
+            "{} probes for a client on every socket",
+            probes(&l41) - before
+        );
+        // d takes a socket and gives it back: something may have become
+        // free, so c's next lease searches again.
+        let (ld, fresh_d) = p.lease(key(), d, remote(0)).unwrap();
+        assert!(!fresh_d);
+        ld.release(d);
+        let before = probes(&l41);
+        let (l42, fresh) = p.lease(key(), c, remote(41)).unwrap();
+        assert!(fresh, "c is on every socket");
+        assert!(probes(&l42) - before >= PROBES as u64);
+        assert_eq!(p.sockets(), 42);
+        // A socket c gave back is found again, search or not.
+        leases[5].release(c);
+        let (again, fresh) = p.lease(key(), c, remote(42)).unwrap();
+        assert!(!fresh);
+        assert_eq!(again.socket.id, leases[5].socket.id);
     }
 
     #[test]
