@@ -30,7 +30,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::Options;
-use crate::lab::flood::{LateServer, Prober, big_socket, folded_lab, metric, rss, scrape, send_paced, summary};
+use crate::lab::flood::{
+    LateServer, Prober, big_socket, flood_in_turn, flood_round_robin, folded_lab, metric, rss, scrape, send_paced,
+    summary,
+};
 use crate::lab::udp::{Echo, socket};
 use crate::lab::{CLIENT4, Lab, sa, server4};
 
@@ -267,24 +270,7 @@ fn full_table(r: &mut Result) {
     let late = LateServer::start(&lab.servers[0], sa(server4(0), 6100), Some(Duration::from_secs(3)));
     let to = sa(server4(0), 6100);
     let server = server4(0);
-    let flood = {
-        let socks: Vec<_> = (0..50u16)
-            .map(|i| big_socket(&lab.client, sa(ip(CLIENT4), 42000 + i)))
-            .collect();
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            for s in &socks {
-                send_paced(
-                    s,
-                    4_000,
-                    40_000,
-                    |i| sa(server, 20_000 + i as u16),
-                    |_| b"flood".to_vec(),
-                );
-            }
-            start.elapsed()
-        })
-    };
+    let flood = flood_in_turn(&lab.client, ip(CLIENT4), 50, server, (20_000, 4_000), 40_000);
     let quiet: Vec<_> = quiet_ips
         .iter()
         .enumerate()
@@ -346,28 +332,7 @@ fn descriptors(r: &mut Result) {
         &config("new_flows_per_client = 0\nsession_capacity = 200000"),
     );
     let server = server4(0);
-    let flood = {
-        let socks: Vec<_> = (0..25u16)
-            .map(|i| big_socket(&lab.client, sa(ip(CLIENT4), 42000 + i)))
-            .collect();
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            let mut sent = 0usize;
-            for chunk in 0..100 {
-                for s in &socks {
-                    for i in 0..40 {
-                        let _ = s.send_to(b"flood", sa(server, 20_000 + (chunk * 40 + i) as u16));
-                    }
-                    sent += 40;
-                }
-                let due = start + Duration::from_micros(50) * sent as u32;
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            start.elapsed()
-        })
-    };
+    let flood = flood_round_robin(&lab.client, ip(CLIENT4), 25, server, (20_000, 4_000), 20_000);
     let (mut tries, mut answered, mut scrapes, mut scraped) = (0, 0, 0, 0);
     let mut port = 45000;
     let mut waits = Vec::new();

@@ -11,7 +11,10 @@
 
 mod lab;
 
-use lab::flood::{LateServer, Prober, big_socket, fds, folded_lab, metric, rss, scrape, send_paced, summary};
+use lab::flood::{
+    LateServer, Prober, big_socket, fds, flood_in_turn, flood_round_robin, folded_lab, metric, rss, scrape, send_paced,
+    summary,
+};
 use lab::udp::{Echo, socket};
 use lab::{CLIENT4, Lab, sa, server4};
 use std::collections::HashSet;
@@ -194,28 +197,7 @@ fn a_flow_flood_under_a_low_descriptor_limit_leaves_room_for_new_clients_and_met
     // from its own share of the open backlog, the other client's new flow
     // waits its turn. Round-robin over the sockets so every one of them
     // keeps opening flows.
-    let flood = {
-        let socks: Vec<_> = (0..SOCKETS)
-            .map(|i| big_socket(&lab.client, sa(ip(CLIENT4), 42000 + i as u16)))
-            .collect();
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            let mut sent = 0usize;
-            for chunk in 0..PORTS / 40 {
-                for s in &socks {
-                    for i in 0..40 {
-                        let _ = s.send_to(b"flood", sa(server, FIRST + (chunk * 40 + i) as u16));
-                    }
-                    sent += 40;
-                }
-                let due = start + Duration::from_nanos(1_000_000_000 / 12_000) * sent as u32;
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            start.elapsed()
-        })
-    };
+    let flood = flood_round_robin(&lab.client, ip(CLIENT4), SOCKETS, server, (FIRST, PORTS), 12_000);
     // Once a second, a brand-new flow from another client, and a scrape.
     let mut new_flows = 0;
     let mut answered = 0;
@@ -322,24 +304,7 @@ fn a_client_flooding_a_full_table_does_not_cost_quiet_clients_their_replies() {
     // while the flood churns the table.
     let late = LateServer::start(&lab.servers[0], sa(server4(0), 6100), Some(Duration::from_secs(3)));
     let server = server4(0);
-    let flood = {
-        let socks: Vec<_> = (0..FLOWS / PORTS)
-            .map(|i| big_socket(&lab.client, sa(ip(CLIENT4), 42000 + i as u16)))
-            .collect();
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            for s in &socks {
-                send_paced(
-                    s,
-                    PORTS,
-                    15_000,
-                    |i| sa(server, FIRST + i as u16),
-                    |_| b"flood".to_vec(),
-                );
-            }
-            start.elapsed()
-        })
-    };
+    let flood = flood_in_turn(&lab.client, ip(CLIENT4), FLOWS / PORTS, server, (FIRST, PORTS), 15_000);
     let quiet: Vec<_> = quiet_ips
         .iter()
         .enumerate()

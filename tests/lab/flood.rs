@@ -3,7 +3,7 @@
 //! all as plain threads and sockets (no process per flow).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -71,6 +71,75 @@ pub fn big_socket(ns: &Netns, addr: SocketAddr) -> UdpSocket {
     let _ = sock.set_recv_buffer_size(16 << 20);
     let _ = sock.set_send_buffer_size(4 << 20);
     s
+}
+
+/// First client port of the flood helpers' sockets.
+const FLOOD_PORT: u16 = 42_000;
+
+/// A flood of new flows in the background, one socket after another:
+/// `sockets` sockets of `client` (ports 42000 on) each send to `ports`
+/// ports of `server` from `first`, at `per_sec` datagrams a second. The
+/// thread returns how long the flood took.
+pub fn flood_in_turn(
+    ns: &Netns,
+    client: IpAddr,
+    sockets: usize,
+    server: IpAddr,
+    (first, ports): (u16, usize),
+    per_sec: usize,
+) -> JoinHandle<Duration> {
+    let socks = flood_sockets(ns, client, sockets);
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        for s in &socks {
+            send_paced(
+                s,
+                ports,
+                per_sec,
+                |i| SocketAddr::new(server, first + i as u16),
+                |_| b"flood".to_vec(),
+            );
+        }
+        start.elapsed()
+    })
+}
+
+/// The same flood, round-robin over its sockets 40 ports at a time, so
+/// that every socket keeps opening flows; datagrams are lost silently
+/// when a send buffer is full.
+pub fn flood_round_robin(
+    ns: &Netns,
+    client: IpAddr,
+    sockets: usize,
+    server: IpAddr,
+    (first, ports): (u16, usize),
+    per_sec: usize,
+) -> JoinHandle<Duration> {
+    let socks = flood_sockets(ns, client, sockets);
+    let pace = Duration::from_nanos(1_000_000_000 / per_sec.max(1) as u64);
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut sent = 0usize;
+        for chunk in 0..ports / 40 {
+            for s in &socks {
+                for i in 0..40 {
+                    let _ = s.send_to(b"flood", SocketAddr::new(server, first + (chunk * 40 + i) as u16));
+                }
+                sent += 40;
+            }
+            let due = start + pace * sent as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        start.elapsed()
+    })
+}
+
+fn flood_sockets(ns: &Netns, client: IpAddr, sockets: usize) -> Vec<UdpSocket> {
+    (0..sockets)
+        .map(|i| big_socket(ns, SocketAddr::new(client, FLOOD_PORT + i as u16)))
+        .collect()
 }
 
 /// Sends `payload(i)` to `dst(i)` for `i in 0..n` from `sock`, at most
