@@ -45,13 +45,6 @@ use crate::sync::lock;
 const SOCKS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Replies gathered before they are sent (and the receive slots for them).
 const GATHER: usize = 256;
-/// Replies a pool reader gathers before it sends them: sending is most of
-/// a reply's cost (a raw IP send each, during a flood of new flows), so a
-/// reader that gathered a slice's worth of reads before sending spent
-/// three or four times the slice (1.0 ms of CPU for 157 replies, in the
-/// destination flood). Sent every this many, the slice is checked after
-/// the sends too.
-const SEND_EVERY: usize = 32;
 /// Ready sockets asked for per `epoll_wait`.
 const EVENTS: usize = 256;
 
@@ -274,9 +267,6 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
                                 tracing::debug!(error = %e, "upstream receive failed");
                             }
                         }
-                    }
-                    if g.pending.len() >= SEND_EVERY {
-                        g.flush(ctx);
                     }
                 }
                 g.flush(ctx);
