@@ -49,7 +49,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_slice_is_spent_after_its_time_and_not_before() {
+    fn a_slice_is_spent_once_its_time_has_passed() {
         let s = Slice::start();
         std::thread::sleep(SLICE + Duration::from_micros(50));
         assert!(s.spent());
