@@ -91,10 +91,49 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// A query holding `place`, with no stale answer allowed (a miss that
+    /// may serve one says so itself).
+    fn new(
+        request: Request,
+        group: usize,
+        key: CacheKey,
+        transport: Transport,
+        client: IpAddr,
+        rule: Option<&super::rules::Rule>,
+        place: Place,
+    ) -> Self {
+        Pending {
+            request,
+            group,
+            key,
+            transport,
+            client,
+            sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
+            _share: place.share,
+            serve_stale: false,
+            _admission: place.admission,
+        }
+    }
+
     /// The upstream group (index into [`DnsEngine::groups`]) it goes to.
     pub fn group(&self) -> usize {
         self.group
     }
+}
+
+/// What a query must hold while it waits upstream: a place in its group's
+/// pending limit and one of its client's share of them.
+struct Place {
+    admission: Admission,
+    share: Share,
+}
+
+/// Why a query found no [`Place`]: each is answered and counted apart.
+enum NoPlace {
+    /// The group is at its pending limit.
+    Group,
+    /// The client holds its whole share of the group's places.
+    ClientShare,
 }
 
 /// What the plain path found out about a query it could not answer from
@@ -441,38 +480,42 @@ impl DnsEngine {
     ) -> Outcome {
         let s = &self.stats;
         s.dns_cache_misses.inc();
-        let Some(admission) = self.groups.get(group).and_then(UpstreamGroup::admit) else {
-            // Over the group's pending limit: say so now, never stay silent
-            // (the client would only retry into the same queue).
-            s.dns_servfail_overload.inc();
-            let msg = message::response(&request, ResponseCode::ServFail, self.max_udp_payload);
-            return self.reply_to(&request, &msg, transport);
+        let place = match self.place(group, client) {
+            Ok(place) => place,
+            Err(full) => {
+                match full {
+                    // Over the group's pending limit: say so now, never stay
+                    // silent (the client would only retry into the same queue).
+                    NoPlace::Group => s.dns_servfail_overload.inc(),
+                    // This client alone holds its share of the group's places:
+                    // it waits for its own misses, the others do not wait for it.
+                    NoPlace::ClientShare => s.dns_servfail_client_share.inc(),
+                }
+                let msg = message::response(&request, ResponseCode::ServFail, self.max_udp_payload);
+                return self.reply_to(&request, &msg, transport);
+            }
         };
+        let serve_stale = self.stale.is_some() && rule.is_none_or(|r| r.serve_stale);
+        let pending = Pending::new(request, group, key, transport, client, rule, place);
+        Outcome::Forward(Pending { serve_stale, ..pending })
+    }
+
+    /// A place among `group`'s pending queries and `client`'s share of
+    /// them, which a miss and a prefetch alike must hold while upstream.
+    fn place(&self, group: usize, client: IpAddr) -> Result<Place, NoPlace> {
+        let admission = self
+            .groups
+            .get(group)
+            .and_then(UpstreamGroup::admit)
+            .ok_or(NoPlace::Group)?;
         let max_share = self.per_client_pending.get(group).copied().unwrap_or(1);
-        let Some(share) = self.shares.take(group, client, max_share) else {
-            // This client alone holds its share of the group's places: it
-            // waits for its own misses, the others do not wait for it.
-            s.dns_servfail_client_share.inc();
-            let msg = message::response(&request, ResponseCode::ServFail, self.max_udp_payload);
-            return self.reply_to(&request, &msg, transport);
-        };
-        Outcome::Forward(Pending {
-            request,
-            group,
-            key,
-            transport,
-            client,
-            sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
-            _share: share,
-            serve_stale: self.stale.is_some() && rule.is_none_or(|r| r.serve_stale),
-            _admission: admission,
-        })
+        let share = self.shares.take(group, client, max_share).ok_or(NoPlace::ClientShare)?;
+        Ok(Place { admission, share })
     }
 
     /// A prefetch of `request`'s answer (a cache hit near its expiry). A
     /// refresh takes a place like a miss, the client's share included;
     /// without one it is simply not made.
-    #[allow(clippy::too_many_arguments)]
     fn refresh(
         &self,
         request: Request,
@@ -482,21 +525,9 @@ impl DnsEngine {
         client: IpAddr,
         rule: Option<&super::rules::Rule>,
     ) -> Option<Pending> {
-        let max_share = self.per_client_pending.get(group).copied().unwrap_or(1);
-        let admission = self.groups.get(group).and_then(UpstreamGroup::admit)?;
-        let share = self.shares.take(group, client, max_share)?;
+        let place = self.place(group, client).ok()?;
         self.stats.dns_prefetches.inc();
-        Some(Pending {
-            request,
-            group,
-            key,
-            transport,
-            client,
-            sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
-            _share: share,
-            serve_stale: false,
-            _admission: admission,
-        })
+        Some(Pending::new(request, group, key, transport, client, rule, place))
     }
 
     /// Cache hits and overrides of the plainest queries (see
