@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::account::{Direction, count_sent};
-use crate::net::raw::RawSender;
+use crate::net::raw::{RawBatch, RawSender};
 use crate::net::send::{
     GSO_MAX_SEGMENTS, Message, SendScratch, gso_chunks, gso_segments, recycle, recycle_messages, send_messages,
     send_run,
@@ -84,6 +84,8 @@ pub struct ReplyScratch {
     messages: Vec<Message<'static>>,
     /// (client, tos, first payload, count) per message, in sending order.
     plan: Vec<(SocketAddr, Option<u8>, usize, usize)>,
+    /// Replies going out over raw IP, sent together at the end.
+    raw: RawBatch,
 }
 
 /// The cache of reply sockets, keyed by the address they send from.
@@ -256,7 +258,23 @@ impl ReplySender {
             rest = tail;
             self.send_group(first.src, group, &payload, scratch, &mut opens);
         }
+        self.flush_raw(&mut scratch.raw);
         pending.clear();
+    }
+
+    /// Sends the raw-IP replies gathered in `raw`, counting the outcome.
+    fn flush_raw(&self, raw: &mut RawBatch) {
+        if raw.is_empty() {
+            return;
+        }
+        let sent = self.raw.send_batch(raw);
+        self.stats.reply_datagrams.add(sent.datagrams as u64);
+        self.stats.reply_bytes.add(sent.bytes);
+        self.stats.drop_send_buffer_full.add(sent.full as u64);
+        self.stats.reply_send_errors.add(sent.failed as u64);
+        if let Some(e) = &sent.first_error {
+            tracing::debug!(error = %e, "raw reply send failed");
+        }
     }
 
     /// Sends replies that all leave from `src`.
@@ -279,8 +297,15 @@ impl ReplySender {
         let fd = match &*sock {
             ReplySocket::Bound(s) => s.as_raw_fd(),
             ReplySocket::Raw { .. } => {
+                // Gathered for one `sendmmsg` after the batch; one too big
+                // for that goes alone, after those before it (a flow's
+                // replies keep their order).
                 for p in group {
-                    self.send_on(&sock, &[payload(p.slot)], p.client, p.tos);
+                    let bytes = payload(p.slot);
+                    if !scratch.raw.push(src, p.client, bytes, p.tos.unwrap_or(0)) {
+                        self.flush_raw(&mut scratch.raw);
+                        self.send_on(&sock, &[bytes], p.client, p.tos);
+                    }
                 }
                 return;
             }
