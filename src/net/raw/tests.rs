@@ -152,14 +152,20 @@ fn a_batch_builds_valid_packets_in_order() {
     assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), 53);
     assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 40000);
     assert_eq!(&udp[8..], b"first");
-    assert!(verifies(pseudo_header_sum(v4_src.ip(), v4_dst.ip(), udp.len() as u32), udp));
+    assert!(verifies(
+        pseudo_header_sum(v4_src.ip(), v4_dst.ip(), udp.len() as u32),
+        udp
+    ));
 
     let p = packets[1];
     assert_eq!(p.len(), 40 + 8 + 6);
     assert_eq!(p[6], PROTO_UDP);
     let udp = &p[40..];
     assert_eq!(&udp[8..], b"second");
-    assert!(verifies(pseudo_header_sum(v6_src.ip(), v6_dst.ip(), udp.len() as u32), udp));
+    assert!(verifies(
+        pseudo_header_sum(v6_src.ip(), v6_dst.ip(), udp.len() as u32),
+        udp
+    ));
 
     assert_eq!(packets[2].len(), 28);
 }
