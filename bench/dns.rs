@@ -33,6 +33,7 @@
 //! runs every latency run at that rate instead of half the peak.
 
 use crate::Options;
+use crate::drops::cpu_seconds;
 use crate::lab::Lab;
 use crate::setup::{self, UPSTREAM_DNS, sh, sleep_ms};
 
@@ -223,9 +224,9 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
                     ),
                 );
             }
-            let cpu_before = cpu_ticks(pid_of(system));
+            let cpu_before = cpu_seconds(pid_of(system));
             let peak = dnsperf(&lab, server, &peak_file, secs, None);
-            let cpu = cpu_ticks(pid_of(system)).saturating_sub(cpu_before) as f64 / ticks_per_second();
+            let cpu = cpu_seconds(pid_of(system)) - cpu_before;
             if callgrind {
                 let tag: String = system.chars().filter(char::is_ascii_alphanumeric).collect();
                 sh(
@@ -377,20 +378,4 @@ pub fn dnsperf(lab: &Lab, server: &str, file: &str, secs: u32, rate: Option<u64>
         .collect();
     let lost_percent = if sent > 0.0 { 100.0 * lost / sent } else { 100.0 };
     (value("Queries per second:"), lost_percent, latencies)
-}
-
-/// User plus system CPU time of `pid` (all threads), in clock ticks.
-pub fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the line, the 12th and 13th after ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
-}
-
-pub fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
 }

@@ -9,7 +9,8 @@
 //! waiting for the kernel's commit adds to an answer.
 
 use crate::Options;
-use crate::dns::{cpu_ticks, dnsperf, ticks_per_second};
+use crate::dns::dnsperf;
+use crate::drops::cpu_seconds;
 use crate::setup::{self, UPSTREAM_DNS, metric, sh, sleep_ms};
 
 #[derive(Debug, Clone)]
@@ -74,9 +75,9 @@ pub fn run(opts: &Options) -> Vec<Result> {
             &lab.client,
             &format!("dnsperf -s {server} -d {file} -n 1 -q 100 >/dev/null 2>&1"),
         );
-        let cpu_before = cpu_ticks(daemon.pid());
+        let cpu_before = cpu_seconds(daemon.pid());
         let peak = dnsperf(&lab, server, &file, secs, None);
-        let cpu = cpu_ticks(daemon.pid()).saturating_sub(cpu_before) as f64 / ticks_per_second();
+        let cpu = cpu_seconds(daemon.pid()) - cpu_before;
         let (_, _, mut lat) = dnsperf(&lab, server, &file, secs.min(4), Some(FIXED_RATE));
         lat.sort_by(f64::total_cmp);
         let pct = |q: f64| {

@@ -261,7 +261,10 @@ fn backlog_drops() -> u64 {
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // utime and stime are the 14th and 15th fields of the line, the 12th and
-    // 13th after the parenthesised command name.
+    // 13th after the parenthesised command name. Counted by position: a
+    // daemon without a terminal has tpgid -1 (the 8th field), so skipping
+    // what does not parse as unsigned would shift both by one (and read
+    // stime and cutime instead).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let field = |i: usize| -> u64 { rest.split_whitespace().nth(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
     let ticks = field(11) + field(12);

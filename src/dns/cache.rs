@@ -256,7 +256,8 @@ impl TtlPolicy {
         }
     }
 
-    fn clamp(&self, ttl: u32) -> u32 {
+    /// A positive answer's TTL within `[min_ttl, max_ttl]`.
+    pub fn clamp(&self, ttl: u32) -> u32 {
         ttl.clamp(self.min_ttl, self.max_ttl)
     }
 

@@ -19,13 +19,14 @@ use super::cache::{CacheKey, DnsCache, KeyView, Records};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::wire_key;
+use super::plain_answer::{self, PlainAnswer, ReplyTo};
 use super::ratelimit::RateLimiter;
 use super::rendered::{Asked, Rendered, Reused, Shape, wire_labels};
 use super::rules::{Action, RuleSet, StaticAnswer};
 use super::scrub;
 use super::shares::{self, ClientShares, Share};
 use super::ttl_secs;
-use super::upstream::{Admission, UpstreamError, UpstreamGroup};
+use super::upstream::{Admission, Answer, UpstreamError, UpstreamGroup};
 use super::wire;
 use crate::config::dns::{BlockMode, DnsConfig, RateLimitAction, TcpConfig};
 use crate::domain::DomainFeed;
@@ -145,6 +146,14 @@ struct Missed<'e> {
     key: CacheKey,
 }
 
+/// What [`DnsEngine::plain_reply`] made of a plain upstream answer.
+struct PlainReply {
+    reply: Vec<u8>,
+    records: Records,
+    /// How long it may be cached, if at all.
+    lifetime: Option<u32>,
+}
+
 /// When and how expired answers are served (RFC 8767).
 #[derive(Debug, Clone, Copy)]
 struct StaleAnswers {
@@ -192,6 +201,12 @@ pub struct DnsEngine {
     /// Whether kept encodings are served (off only in the test that
     /// checks them against the full path).
     reuse_encoded: bool,
+    /// Whether plain upstream answers are answered on the wire (off only
+    /// in the test that checks them against the full path).
+    plain_answers: bool,
+    /// Replies made by [`DnsEngine::plain_reply`] (for the tests).
+    #[cfg(test)]
+    plain_replies: std::sync::atomic::AtomicUsize,
 }
 
 impl DnsEngine {
@@ -235,6 +250,9 @@ impl DnsEngine {
             stats,
             feed: None,
             reuse_encoded: true,
+            plain_answers: true,
+            #[cfg(test)]
+            plain_replies: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -735,6 +753,24 @@ impl DnsEngine {
         if upstream.is_ok() {
             self.stats.dns_upstream_latency.observe(started.elapsed());
         }
+        let upstream = match upstream {
+            Ok(Answer::Plain(plain)) => match self.plain_reply(&request, &plain, transport, &sets) {
+                // The same reply and cache entry as below, made on the wire.
+                Some(done) => {
+                    if let Some(lifetime) = done.lifetime {
+                        self.cache.store(key, lifetime, done.records);
+                    }
+                    if let Some(send) = send {
+                        self.stats.dns_rcodes.record(u16::from(ResponseCode::NoError));
+                        send(done.reply);
+                    }
+                    return;
+                }
+                None => Answer::Plain(plain).into_message().ok_or(UpstreamError::NoAnswer),
+            },
+            Ok(Answer::Parsed(msg)) => Ok(msg),
+            Err(e) => Err(e),
+        };
         // What the upstream's answer leaves to cache: stored once the reply
         // is encoded, so the records move into the cache instead of being
         // copied for it.
@@ -857,6 +893,54 @@ impl DnsEngine {
         (msg, lifetime)
     }
 
+    /// The client's reply and the cache's records for an upstream answer
+    /// of the plainest shape, made on the wire ([`plain_answer`]) exactly
+    /// as [`DnsEngine::absorb`] and the encoder make them from the parsed
+    /// answer (nothing to scrub, positive TTLs clamped, the lifetime the
+    /// shortest of them). `None` leaves it to that full path: when the
+    /// domain feed must see the answer, when the reply would need
+    /// truncating, and when this client spelt the name otherwise than the
+    /// question that went upstream (a follower of another client's query:
+    /// the records keep that one's spelling).
+    fn plain_reply(
+        &self,
+        request: &Request,
+        plain: &PlainAnswer,
+        transport: Transport,
+        sets: &[SetPair],
+    ) -> Option<PlainReply> {
+        if !self.plain_answers || self.feed.as_ref().is_some_and(|f| f.watches(sets)) {
+            return None;
+        }
+        let name = wire_labels(request.query.name());
+        if name != plain.name() || request.query.query_type() != plain.record_type() {
+            return None;
+        }
+        let to = ReplyTo {
+            id: request.id,
+            recursion_desired: request.recursion_desired,
+            checking_disabled: request.checking_disabled,
+            name: &name,
+            owner: request.query.name(),
+            our_payload: request.edns.as_ref().map(|_| self.max_udp_payload),
+        };
+        let policy = self.cache.policy();
+        let (reply, answers) = plain.reply(&to, |ttl| policy.clamp(ttl), self.answer_limit(request, transport))?;
+        #[cfg(test)]
+        self.plain_replies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let lifetime = answers.iter().map(|r| r.ttl).min().filter(|&l| l > 0);
+        Some(PlainReply {
+            reply,
+            records: Records {
+                rcode: ResponseCode::NoError,
+                answers,
+                authorities: Vec::new(),
+                additionals: Vec::new(),
+            },
+            lifetime,
+        })
+    }
+
     /// Completes `pending` as if its upstream had sent the datagram `bytes`
     /// in reply to query `id`: the same validation, scrubbing, clamping and
     /// caching as [`DnsEngine::forward`], without the network. This is the
@@ -868,7 +952,23 @@ impl DnsEngine {
             transport,
             ..
         } = pending;
-        let (mut msg, lifetime) = match super::upstream::accept_answer(bytes, id, &request.query) {
+        let name = wire_labels(request.query.name());
+        let (qtype, qclass) = (request.query.query_type(), request.query.query_class());
+        // As `udp::Exchange` reads it: the plainest answers on the wire.
+        let answer = match plain_answer::read(bytes, id, &name, u16::from(qtype), u16::from(qclass)) {
+            Some(plain) => match self.plain_reply(&request, &plain, transport, &[]) {
+                Some(done) => {
+                    if let Some(lifetime) = done.lifetime {
+                        self.cache.store(key, lifetime, done.records);
+                    }
+                    self.stats.dns_rcodes.record(u16::from(ResponseCode::NoError));
+                    return Some(done.reply);
+                }
+                None => Answer::Plain(plain).into_message(),
+            },
+            None => super::upstream::accept_answer(bytes, id, &request.query),
+        };
+        let (mut msg, lifetime) = match answer {
             Some(answer) => self.absorb(&request, answer),
             None => (
                 message::response(&request, ResponseCode::ServFail, self.max_udp_payload),

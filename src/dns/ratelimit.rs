@@ -53,7 +53,9 @@ impl RateLimiter {
 
     /// Takes a token for one query from `client`; false when over the limit.
     pub fn allow(&self, client: IpAddr) -> bool {
-        self.allow_at(client, Instant::now())
+        // With the limit off the clock is not read: a clock read was a
+        // per cent of a cache hit's CPU time here (`perf`, cpu-clock).
+        self.rate.is_none() || self.allow_at(client, Instant::now())
     }
 
     fn allow_at(&self, client: IpAddr, now: Instant) -> bool {

@@ -10,9 +10,11 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::cell::RefCell;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use super::send::{Message, SendScratch, Sent, recycle, recycle_messages, send_messages};
 use super::sockets::route_mtu;
 
 const IPV4_HEADER: usize = 20;
@@ -100,6 +102,148 @@ impl RawSender {
             }
             other => other.map(drop),
         }
+    }
+}
+
+/// The largest packet (IP header included) [`RawBatch`] takes: what any
+/// IPv4 path carries unfragmented (576, the size every host must accept)
+/// and IPv6's minimum MTU. A larger one is sent alone by
+/// [`RawSender::send`], which fragments it when the route's MTU says so.
+const BATCHED_V4: usize = 576;
+const BATCHED_V6: usize = 1_280;
+
+/// Spoofed datagrams built back to back, to leave in one `sendmmsg` per
+/// address family ([`RawSender::send_batch`]).
+///
+/// Replies that go out over raw IP (the reply-socket cache is full, or a
+/// batch may open no more sockets) used to cost a `sendto` each: 16 % of
+/// tproxyd's CPU in the destination flood, where every reply came from a
+/// new address. One batch of a pool reader's replies now costs one system
+/// call. The buffers are kept from batch to batch.
+#[derive(Debug, Default)]
+pub struct RawBatch {
+    bytes: Vec<u8>,
+    /// (destination, IPv6, start, length) per packet in `bytes`.
+    packets: Vec<(IpAddr, bool, usize, usize)>,
+    send: SendScratch,
+    slices: Vec<&'static [u8]>,
+    messages: Vec<Message<'static>>,
+}
+
+impl RawBatch {
+    /// Adds a UDP datagram from `src` to `dst` with TOS `tos`; false (and
+    /// nothing added) when it cannot join a batch: the families differ or
+    /// the packet is larger than every path is sure to carry.
+    pub fn push(&mut self, src: SocketAddr, dst: SocketAddr, payload: &[u8], tos: u8) -> bool {
+        let v6 = match (src, dst) {
+            (SocketAddr::V4(_), SocketAddr::V4(_)) => false,
+            (SocketAddr::V6(_), SocketAddr::V6(_)) => true,
+            _ => return false,
+        };
+        let (header, max) = if v6 {
+            (IPV6_HEADER, BATCHED_V6)
+        } else {
+            (IPV4_HEADER, BATCHED_V4)
+        };
+        let udp_len = UDP_HEADER + payload.len();
+        if header + udp_len > max {
+            return false;
+        }
+        let start = self.bytes.len();
+        ip_header(&mut self.bytes, src.ip(), dst.ip(), tos, udp_len, None);
+        let udp = self.bytes.len();
+        append_udp(&mut self.bytes, src, dst, payload);
+        debug_assert_eq!(self.bytes.len() - udp, udp_len);
+        self.packets.push((dst.ip(), v6, start, self.bytes.len() - start));
+        true
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.packets.is_empty()
+    }
+
+    /// The packets added, in order (for tests).
+    #[cfg(test)]
+    fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.packets.iter().map(|&(_, _, at, len)| &self.bytes[at..at + len])
+    }
+}
+
+/// Appends a UDP header, with its checksum, and `payload` to `out`.
+fn append_udp(out: &mut Vec<u8>, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
+    let start = out.len();
+    let len = (UDP_HEADER + payload.len()) as u16; // callers bound the size
+    out.extend_from_slice(&src.port().to_be_bytes());
+    out.extend_from_slice(&dst.port().to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(payload);
+    let sum = add_bytes(pseudo_header_sum(src.ip(), dst.ip(), u32::from(len)), &out[start..]);
+    let mut csum = fold(sum);
+    if csum == 0 {
+        csum = 0xffff; // 0 means "no checksum" in UDP
+    }
+    out[start + 6..start + 8].copy_from_slice(&csum.to_be_bytes());
+}
+
+impl RawSender {
+    /// Sends everything in `batch` (then empties it): one `sendmmsg` per
+    /// address family, in order within a family. What the kernel refuses
+    /// is counted in the result and skipped.
+    pub fn send_batch(&self, batch: &mut RawBatch) -> Sent {
+        let mut total = Sent::default();
+        for v6 in [false, true] {
+            if !batch.packets.iter().any(|p| p.1 == v6) {
+                continue;
+            }
+            let sock = match self.socket(v6) {
+                Ok(s) => s,
+                Err(e) => {
+                    let n = batch.packets.iter().filter(|p| p.1 == v6).count();
+                    total.failed += n;
+                    total.first_error.get_or_insert(e);
+                    continue;
+                }
+            };
+            let mut slices: Vec<&[u8]> = recycle(std::mem::take(&mut batch.slices));
+            slices.extend(
+                batch
+                    .packets
+                    .iter()
+                    .filter(|p| p.1 == v6)
+                    .map(|&(_, _, at, len)| &batch.bytes[at..at + len]),
+            );
+            let mut messages: Vec<Message<'_>> = recycle_messages(std::mem::take(&mut batch.messages));
+            messages.extend(
+                batch
+                    .packets
+                    .iter()
+                    .filter(|p| p.1 == v6)
+                    .zip(&slices)
+                    .map(|(&(dst, ..), slice)| Message {
+                        // Raw IP takes the address only; the port is in
+                        // the UDP header.
+                        to: Some(SocketAddr::new(dst, 0)),
+                        tos: None,
+                        segments: std::slice::from_ref(slice),
+                    }),
+            );
+            let sent = send_messages(sock.as_raw_fd(), &messages, v6, &mut batch.send, false);
+            // What was sent counts by payload, not by packet.
+            let headers = (if v6 { IPV6_HEADER } else { IPV4_HEADER } + UDP_HEADER) as u64;
+            total.datagrams += sent.datagrams;
+            total.bytes += sent.bytes.saturating_sub(headers * sent.datagrams as u64);
+            total.full += sent.full;
+            total.failed += sent.failed;
+            if let Some(e) = sent.first_error {
+                total.first_error.get_or_insert(e);
+            }
+            batch.messages = recycle_messages(messages);
+            batch.slices = recycle(slices);
+        }
+        batch.bytes.clear();
+        batch.packets.clear();
+        total
     }
 }
 

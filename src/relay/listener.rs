@@ -45,6 +45,9 @@ pub const TURN_BYTES: usize = 128 << 10;
 const BATCH_BYTES: usize = 64 << 10;
 /// Batches read from one socket per turn at most (small datagrams).
 pub const TURN_BATCHES: usize = 4;
+/// DNS answers gathered in a round past which they are sent before the
+/// next batch is read (a turn's worth of small queries).
+const FLUSH_AT: usize = TURN_BATCHES * BATCH;
 
 /// Serves a group of listening sockets (members of one `SO_REUSEPORT`
 /// group, or a single socket) until shutdown.
@@ -73,6 +76,8 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
         for &i in &ready {
             more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &ctx);
         }
+        // The DNS answers of every member's turn leave together.
+        dns.flush(&ctx);
         if more {
             // Still more queued: let other tasks run before reading on.
             tokio::task::yield_now().await;
@@ -105,10 +110,19 @@ struct Member {
     slots: usize,
 }
 
-/// Answers to hijacked DNS queries that were given at once while one
-/// batch was handled, sent together after it: one `sendmmsg` per reply
-/// address for the batch, and a GSO train for consecutive answers to one
-/// client, where each answer used to cost a system call of its own.
+/// Answers to hijacked DNS queries that were given at once while the
+/// ready members took their turns, sent together after the last turn: one
+/// `sendmmsg` per reply address for the round, and a GSO train for the
+/// answers to one client, where each answer used to cost a system call of
+/// its own.
+///
+/// Per round rather than per member batch: TPROXY spreads client sockets
+/// over the group's members (8 by default), so a member's batch is mostly
+/// one client's queries, and flushing each one cost a `sendmmsg` (and a
+/// wake-up of the client) per member and round; `perf trace` of a hijacked
+/// DNS run counted as many `sendmmsg` as `recvmmsg`, one or two messages
+/// each. A round still ends within a few turns, and past [`FLUSH_AT`]
+/// answers a member's turn sends what is gathered at once.
 #[derive(Default)]
 struct DnsAnswers {
     batch: ReplyBatch,
@@ -181,7 +195,9 @@ impl Member {
                     }
                     run.flush(ctx, &mut out);
                     out.flush(ctx.stats());
-                    dns.flush(ctx);
+                    if dns.batch.len() >= FLUSH_AT {
+                        dns.flush(ctx);
+                    }
                     bytes += batch_bytes;
                     // Big datagrams: read fewer at a time, so that a turn
                     // stays near TURN_BYTES instead of a whole batch of

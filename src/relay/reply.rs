@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::account::{Direction, count_sent};
-use crate::net::raw::RawSender;
+use crate::net::raw::{RawBatch, RawSender};
 use crate::net::send::{
     GSO_MAX_SEGMENTS, Message, SendScratch, gso_chunks, gso_segments, recycle, recycle_messages, send_messages,
     send_run,
@@ -84,6 +84,8 @@ pub struct ReplyScratch {
     messages: Vec<Message<'static>>,
     /// (client, tos, first payload, count) per message, in sending order.
     plan: Vec<(SocketAddr, Option<u8>, usize, usize)>,
+    /// Replies going out over raw IP, sent together at the end.
+    raw: RawBatch,
 }
 
 /// The cache of reply sockets, keyed by the address they send from.
@@ -239,7 +241,8 @@ impl ReplySender {
     /// calls as possible: replies leaving from the same address share that
     /// address's reply socket and go out in one `sendmmsg`, whichever
     /// clients they are for; consecutive replies of one flow go as one GSO
-    /// train. Each flow's replies keep their order (`pending` is sorted by
+    /// train; replies alone from their address (when there are several
+    /// addresses) go out together over raw IP. Each flow's replies keep their order (`pending` is sorted by
     /// source, then by position). `payload(slot)` is a reply's payload.
     pub fn send_pending<'p>(
         &self,
@@ -266,14 +269,50 @@ impl ReplySender {
     ) {
         // Position first breaks ties: the order within a source is arrival.
         pending.sort_unstable_by_key(|p| (p.src, p.slot));
+        let sources = 1 + pending.windows(2).filter(|w| w[0].src != w[1].src).count();
         let mut rest = &pending[..];
         while let Some(first) = rest.first() {
             let n = rest.iter().take_while(|p| p.src == first.src).count();
             let (group, tail) = rest.split_at(n);
             rest = tail;
+            if n == 1 && sources > 1 && self.lone_over_raw(first, &payload, &mut scratch.raw) {
+                continue;
+            }
             self.send_group(first.src, group, &payload, scratch, opens);
         }
+        self.flush_raw(&mut scratch.raw);
         pending.clear();
+    }
+
+    /// Gathers a reply that is alone from its address in a batch with
+    /// replies from other addresses too into `raw`; false when it must
+    /// take its reply socket (too big for a batch, or no raw IP here).
+    ///
+    /// Through reply sockets such a batch costs one `sendmmsg` per
+    /// address: in the flows bench, where every echo comes from one of 256
+    /// server ports, that was a system call per reply, about one per new
+    /// flow. Over raw IP the whole batch is one call, and an address that
+    /// only ever answers like this needs no socket (nor a descriptor) at
+    /// all. Replies of one flow still leave in order: a batch holds one
+    /// from this address, and batches leave one after the other.
+    fn lone_over_raw<'p>(&self, reply: &Pending, payload: &impl Fn(u32) -> &'p [u8], raw: &mut RawBatch) -> bool {
+        self.raw.available(reply.src.is_ipv6())
+            && raw.push(reply.src, reply.client, payload(reply.slot), reply.tos.unwrap_or(0))
+    }
+
+    /// Sends the raw-IP replies gathered in `raw`, counting the outcome.
+    fn flush_raw(&self, raw: &mut RawBatch) {
+        if raw.is_empty() {
+            return;
+        }
+        let sent = self.raw.send_batch(raw);
+        self.stats.reply_datagrams.add(sent.datagrams as u64);
+        self.stats.reply_bytes.add(sent.bytes);
+        self.stats.drop_send_buffer_full.add(sent.full as u64);
+        self.stats.reply_send_errors.add(sent.failed as u64);
+        if let Some(e) = &sent.first_error {
+            tracing::debug!(error = %e, "raw reply send failed");
+        }
     }
 
     /// Sends replies that all leave from `src`.
@@ -296,8 +335,15 @@ impl ReplySender {
         let fd = match &*sock {
             ReplySocket::Bound(s) => s.as_raw_fd(),
             ReplySocket::Raw { .. } => {
+                // Gathered for one `sendmmsg` after the batch; one too big
+                // for that goes alone, after those before it (a flow's
+                // replies keep their order).
                 for p in group {
-                    self.send_on(&sock, &[payload(p.slot)], p.client, p.tos);
+                    let bytes = payload(p.slot);
+                    if !scratch.raw.push(src, p.client, bytes, p.tos.unwrap_or(0)) {
+                        self.flush_raw(&mut scratch.raw);
+                        self.send_on(&sock, &[bytes], p.client, p.tos);
+                    }
                 }
                 return;
             }
@@ -383,11 +429,13 @@ mod tests {
         let to = client.local_addr().unwrap();
         let mut scratch = ReplyScratch::default();
         let mut opens = OPENS_PER_BATCH;
-        // Three parts of three replies, each from new addresses.
+        // Three parts, each with two replies from each of three new
+        // addresses (a reply alone from its address would go over raw IP
+        // without a socket).
         for part in 0..3 {
-            let mut pending: Vec<Pending> = (0..3)
+            let mut pending: Vec<Pending> = (0..6)
                 .map(|i| Pending {
-                    src: format!("127.0.1.{}:7000", 10 * part + i + 2).parse().unwrap(),
+                    src: format!("127.0.1.{}:7000", 10 * part + i / 2 + 2).parse().unwrap(),
                     client: to,
                     tos: None,
                     slot: 0,
@@ -400,7 +448,7 @@ mod tests {
         assert_eq!(replies.open(), OPENS_PER_BATCH);
         assert_eq!(stats.reply_opens_deferred.get(), (9 - OPENS_PER_BATCH) as u64);
         let mut buf = [0u8; 16];
-        for _ in 0..9 {
+        for _ in 0..18 {
             let (n, _) = client.recv_from(&mut buf).unwrap();
             assert_eq!(&buf[..n], b"part");
         }
@@ -417,9 +465,11 @@ mod tests {
             .unwrap();
         let to = client.local_addr().unwrap();
         let new_sources = OPENS_PER_BATCH + 6;
-        let mut pending: Vec<Pending> = (0..new_sources)
+        // Two replies from each address: a reply alone from its address
+        // would go over raw IP without a socket.
+        let mut pending: Vec<Pending> = (0..2 * new_sources)
             .map(|i| Pending {
-                src: format!("127.0.0.{}:7000", i + 2).parse().unwrap(),
+                src: format!("127.0.0.{}:7000", i / 2 + 2).parse().unwrap(),
                 client: to,
                 tos: None,
                 slot: 0,
@@ -431,7 +481,7 @@ mod tests {
         // Every reply arrived, from the address it belongs to, either way.
         let mut from = Vec::new();
         let mut buf = [0u8; 16];
-        for _ in 0..new_sources {
+        for _ in 0..2 * new_sources {
             let (n, src) = client.recv_from(&mut buf).unwrap();
             assert_eq!(&buf[..n], b"reply");
             from.push(src.ip().to_string());
@@ -439,5 +489,57 @@ mod tests {
         from.sort();
         from.dedup();
         assert_eq!(from.len(), new_sources);
+    }
+
+    /// Replies alone from their address in a batch from several addresses
+    /// leave over raw IP (one system call for all) and open no reply
+    /// socket; an address with a run of replies still gets its socket.
+    /// Needs root (raw IP), as the lab tests do.
+    #[test]
+    fn lone_replies_of_a_batch_go_over_raw_ip_without_sockets() {
+        let stats = Arc::new(Stats::default());
+        let replies = ReplySender::new(NonZeroUsize::new(64).unwrap(), 0, stats.clone());
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let to = client.local_addr().unwrap();
+        let reply = |src: &str, slot: u32| Pending {
+            src: src.parse().unwrap(),
+            client: to,
+            tos: None,
+            slot,
+        };
+        let mut pending = vec![
+            reply("127.0.0.2:7000", 0),
+            reply("127.0.0.3:7000", 1),
+            reply("127.0.0.4:7000", 2),
+            reply("127.0.0.4:7000", 3),
+        ];
+        let payloads: [&[u8]; 4] = [b"a", b"b", b"c", b"d"];
+        replies.send_pending(
+            &mut pending,
+            |slot| payloads[slot as usize],
+            &mut ReplyScratch::default(),
+        );
+        assert_eq!(replies.open(), 1, "only the address with two replies opens a socket");
+        assert_eq!(stats.reply_datagrams.get(), 4);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16];
+        for _ in 0..4 {
+            let (n, src) = client.recv_from(&mut buf).unwrap();
+            got.push((src.to_string(), buf[..n].to_vec()));
+        }
+        got.sort();
+        let want: Vec<(String, Vec<u8>)> = [
+            ("127.0.0.2:7000", b"a"),
+            ("127.0.0.3:7000", b"b"),
+            ("127.0.0.4:7000", b"c"),
+            ("127.0.0.4:7000", b"d"),
+        ]
+        .iter()
+        .map(|(a, p)| (a.to_string(), p.to_vec()))
+        .collect();
+        assert_eq!(got, want);
     }
 }

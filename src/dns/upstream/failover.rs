@@ -21,12 +21,12 @@
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use hickory_proto::op::{Message, Query};
+use hickory_proto::op::Query;
 use std::time::Duration;
 use tokio::time::Instant;
 
 use super::health::Standing;
-use super::{UpstreamError, UpstreamGroup};
+use super::{Answer, UpstreamError, UpstreamGroup};
 use crate::dns::names::printable;
 
 /// A server still silent this long after a later one answered (10 times
@@ -42,7 +42,7 @@ struct Attempt {
     index: usize,
     hedged: bool,
     started: Instant,
-    result: Result<Message, Failure>,
+    result: Result<Answer, Failure>,
 }
 
 /// The order to ask servers in: healthy ones in configuration order, then
@@ -55,7 +55,7 @@ pub(super) fn order(standings: &[Standing]) -> Vec<usize> {
 
 impl UpstreamGroup {
     /// Asks the servers as described in the module docs.
-    pub(super) async fn race(&self, query: &Query, deadline: Instant) -> Result<Message, UpstreamError> {
+    pub(super) async fn race(&self, query: &Query, deadline: Instant) -> Result<Answer, UpstreamError> {
         let start = Instant::now();
         self.sweep_sockets(start);
         if let [only] = self.servers.as_slice() {
@@ -161,7 +161,7 @@ impl UpstreamGroup {
         server: &super::Server,
         query: &Query,
         deadline: Instant,
-    ) -> Result<Message, UpstreamError> {
+    ) -> Result<Answer, UpstreamError> {
         let attempt = self.attempt(0, query, deadline, false).await;
         let now = Instant::now();
         match attempt.result {

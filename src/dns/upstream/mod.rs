@@ -42,6 +42,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::names::wire_key;
+use super::plain_answer::PlainAnswer;
 use crate::config::dns::{UpstreamGroupConfig, UpstreamProtocol, UpstreamServer};
 use crate::stats::Stats;
 pub use flight::Role;
@@ -97,7 +98,43 @@ struct Server {
 /// The name is the cache's key form (lowercased wire format), cheap to
 /// hash and compare.
 type FlightKey = (Box<[u8]>, RecordType, DNSClass);
-type Shared = Result<Arc<Message>, UpstreamError>;
+type Shared = Result<Arc<Answer>, UpstreamError>;
+
+/// An upstream's answer: checked on the wire when it has the plainest
+/// shape ([`PlainAnswer`], which the engine answers and caches without a
+/// hickory `Message`), read by hickory otherwise.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Plain(PlainAnswer),
+    Parsed(Message),
+}
+
+impl Answer {
+    fn truncated(&self) -> bool {
+        match self {
+            Answer::Plain(_) => false,
+            Answer::Parsed(m) => m.metadata.truncation,
+        }
+    }
+
+    fn rcode(&self) -> ResponseCode {
+        match self {
+            Answer::Plain(_) => ResponseCode::NoError,
+            Answer::Parsed(m) => m.metadata.response_code,
+        }
+    }
+
+    /// The answer as a hickory message. A plain answer's bytes are read
+    /// by hickory as the full path would have read them (the plain reader
+    /// accepts nothing hickory refuses: `plain_answer`'s tests), so `None`
+    /// is not expected; the caller treats it as no answer.
+    pub fn into_message(self) -> Option<Message> {
+        match self {
+            Answer::Plain(p) => Message::from_vec(p.bytes()).ok(),
+            Answer::Parsed(m) => Some(m),
+        }
+    }
+}
 
 /// A named list of servers answering the same questions.
 pub struct UpstreamGroup {
@@ -194,7 +231,7 @@ impl UpstreamGroup {
         query: &Query,
         name_key: &[u8],
         deadline: Instant,
-    ) -> (Result<Message, UpstreamError>, Role) {
+    ) -> (Result<Answer, UpstreamError>, Role) {
         debug_assert_eq!(*name_key, *wire_key(query.name()));
         let key = (Box::from(name_key), query.query_type(), query.query_class());
         let (shared, role) = self
@@ -208,7 +245,7 @@ impl UpstreamGroup {
     }
 
     /// [`UpstreamGroup::resolve_shared`], without saying who asked.
-    pub async fn resolve(&self, query: &Query, name_key: &[u8], deadline: Instant) -> Result<Message, UpstreamError> {
+    pub async fn resolve(&self, query: &Query, name_key: &[u8], deadline: Instant) -> Result<Answer, UpstreamError> {
         self.resolve_shared(query, name_key, deadline).await.0
     }
 
@@ -259,7 +296,7 @@ impl UpstreamGroup {
     /// One server's answer: UDP first where that is the protocol, TCP when
     /// the UDP answer was truncated. Error RCODEs count as failures so the
     /// next server is tried.
-    async fn ask(&self, server: &Server, query: &Query) -> Result<Message, String> {
+    async fn ask(&self, server: &Server, query: &Query) -> Result<Answer, String> {
         if server.udp {
             let exchange = udp::Exchange {
                 server: server.addr,
@@ -269,8 +306,8 @@ impl UpstreamGroup {
                 stats: &self.stats,
             };
             let answer = exchange.run(query).await.map_err(|e| e.to_string())?;
-            if !answer.metadata.truncation {
-                return match answer.metadata.response_code {
+            if !answer.truncated() {
+                return match answer.rcode() {
                     rcode if is_failure(rcode) => Err(rcode.to_string()),
                     _ => Ok(answer),
                 };
@@ -284,7 +321,7 @@ impl UpstreamGroup {
         let answer = first_response(&server.pool, request).await.map_err(|e| e.to_string())?;
         match answer.metadata.response_code {
             rcode if is_failure(rcode) => Err(rcode.to_string()),
-            _ => Ok(answer),
+            _ => Ok(Answer::Parsed(answer)),
         }
     }
 }

@@ -29,8 +29,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::Answer;
 use super::health::Health;
 use super::ports::ServerSockets;
+use crate::dns::plain_answer;
 use crate::ratelog::RateLimit;
 use crate::stats::Stats;
 
@@ -62,7 +64,7 @@ impl Exchange<'_> {
     /// Asks `query` (recursion desired, EDNS) and waits for a matching
     /// answer; the caller bounds the wait. The answer's question and owner
     /// names come back in the case of `query`.
-    pub async fn run(&self, query: &Query) -> io::Result<Message> {
+    pub async fn run(&self, query: &Query) -> io::Result<Answer> {
         let (mut lease, cleaned) = self.sockets.take()?;
         if cleaned.stale > 0 {
             self.stats.dns_upstream_stale.add(cleaned.stale as u64);
@@ -80,6 +82,9 @@ impl Exchange<'_> {
             query.clone()
         };
         let bytes = encode(id, &sent)?;
+        // The name as sent, for the plain reader (see below).
+        let sent_name = bytes.get(HEADER..bytes.len() - 4 - OPT).unwrap_or_default();
+        let (qtype, qclass) = (u16::from(sent.query_type()), u16::from(sent.query_class()));
         // Straight to the kernel: the reactor may not have reported a new
         // socket writable yet, and waiting for that would cost a wake-up.
         let socket = lease.socket();
@@ -97,7 +102,22 @@ impl Exchange<'_> {
             // that size also makes the allocator tidy up its small-chunk
             // lists every time).
             let got = RECEIVE.with_borrow_mut(|buf| match socket.try_recv(&mut buf[..]) {
-                Ok(n) => Ok(Some(accept(buf.get(..n).unwrap_or_default(), id, &sent))),
+                Ok(n) => {
+                    let datagram = buf.get(..n).unwrap_or_default();
+                    // The plainest answers are checked on the wire and
+                    // kept as bytes (`plain_answer`); with 0x20 on, the
+                    // owners' case must be put back, which takes the
+                    // full parse.
+                    let plain = if self.randomize_case {
+                        None
+                    } else {
+                        plain_answer::read(datagram, id, sent_name, qtype, qclass)
+                    };
+                    Ok(Some(match plain {
+                        Some(plain) => Some(Answer::Plain(plain)),
+                        None => accept(datagram, id, &sent).map(Answer::Parsed),
+                    }))
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
                 Err(e) => Err(e),
             });
@@ -117,8 +137,8 @@ impl Exchange<'_> {
             match checked {
                 Some(mut answer) => {
                     lease.answered();
-                    if self.randomize_case {
-                        restore_case(&mut answer, sent.name(), query);
+                    if let (true, Answer::Parsed(answer)) = (self.randomize_case, &mut answer) {
+                        restore_case(answer, sent.name(), query);
                     }
                     return Ok(answer);
                 }
