@@ -211,3 +211,41 @@ fn a_sent_batch_arrives_from_the_spoofed_sources() {
         assert_eq!(from, v4([127, 0, 0, 2 + i], 7000 + u16::from(i)));
     }
 }
+
+/// A batched packet larger than the outgoing link's MTU (an IPv4 link
+/// below 576 bytes: the kernel refuses a raw packet over the device's MTU
+/// with `EMSGSIZE`) still arrives whole, fragmented as a packet sent alone
+/// is, and the packets around it keep their order. In a network namespace
+/// of this thread's own, whose loopback takes 400 bytes; needs root.
+#[test]
+fn a_batched_packet_over_a_small_links_mtu_arrives_fragmented() {
+    std::thread::spawn(|| {
+        // SAFETY: moves this thread alone into a new network namespace.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "mtu", "400", "up"])
+            .status()
+            .unwrap();
+        assert!(up.success());
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let to = rx.local_addr().unwrap();
+        let sender = RawSender::new(0);
+        let mut batch = RawBatch::default();
+        let payloads: [Vec<u8>; 3] = [vec![1; 100], (0..500u32).map(|i| i as u8).collect(), vec![3; 50]];
+        for (i, p) in payloads.iter().enumerate() {
+            assert!(batch.push(v4([127, 0, 0, 2 + i as u8], 7000), to, p, 0));
+        }
+        let sent = sender.send_batch(&mut batch);
+        assert_eq!(sent.datagrams, 3, "{:?}", sent.first_error);
+        assert_eq!(sent.bytes, 650);
+        let mut buf = [0u8; 1024];
+        for (i, p) in payloads.iter().enumerate() {
+            let (n, from) = rx.recv_from(&mut buf).unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+            assert_eq!(&buf[..n], p.as_slice(), "datagram {i}");
+            assert_eq!(from, v4([127, 0, 0, 2 + i as u8], 7000));
+        }
+    })
+    .join()
+    .unwrap();
+}
