@@ -306,3 +306,27 @@ fn hostile_answers_get_the_same_treatment_from_both_paths() {
         assert!(cached(&fast, &qname, RecordType::A).is_some(), "NODATA cached");
     }
 }
+
+/// A TTL with its top bit set is read as zero (RFC 2181, section 8), by
+/// either path: the client gets TTL 0 and nothing is cached, where such
+/// an answer used to be kept for `max_ttl` (a day by default).
+#[test]
+fn a_ttl_with_its_top_bit_set_is_read_as_zero() {
+    let (fast, full) = engines();
+    for (i, engine) in [&fast, &full].into_iter().enumerate() {
+        for (j, ttl) in [0x8000_0000u32, 0xffff_ffff].into_iter().enumerate() {
+            let qname = format!("top{i}-{j}.example.test.");
+            let bytes = upstream(&qname, RecordType::A, &[(ttl, vec![203, 0, 113, 1])], j == 1);
+            let Outcome::Forward(pending) =
+                engine.answer_now(&query(7, &qname, RecordType::A, PLAIN), CLIENT, Transport::Udp)
+            else {
+                panic!("{qname} was not forwarded");
+            };
+            let reply = engine.complete_with(pending, 0x4321, &bytes).expect("a reply");
+            let msg = Message::from_vec(&reply).unwrap();
+            assert_eq!(msg.answers.len(), 1, "{qname}");
+            assert_eq!(msg.answers[0].ttl, 0, "{qname}: TTL {ttl:#x}");
+            assert!(cached(engine, &qname, RecordType::A).is_none(), "{qname}: cached");
+        }
+    }
+}
