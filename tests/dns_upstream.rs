@@ -747,3 +747,50 @@ fn forgeries_with_the_exact_id_from_the_wrong_port_or_address_are_dropped() {
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("dns_servfail"), 0, "{}", stopped.log);
 }
+
+/// Clients asking one name spelt three ways while its query is in flight
+/// share that query (the single-flight); the plain answer it gets is made
+/// on the wire only for the spelling that went upstream, and the others
+/// are answered by the full path: every client gets the real address under
+/// its own question, spelt as it asked.
+#[test]
+fn followers_spelling_the_name_otherwise_get_their_own_question_back() {
+    let lab = lab(1);
+    let up = FakeDns::start(
+        &lab.servers[0],
+        upstream(0),
+        Behaviour::late(REAL, Duration::from_millis(300)),
+    );
+    let daemon = start(&lab, &config(&[upstream(0)], "3s", "2s", ""));
+    let (sock, to) = client(&lab, 41070);
+    let spellings = ["www.follow.test.", "WWW.Follow.TEST.", "wWw.fOLLOW.tEsT."];
+    for (id, name) in spellings.iter().enumerate() {
+        // Spelt as given (`query_bytes` lowercases).
+        let mut q = Message::query();
+        q.metadata.id = id as u16 + 1;
+        q.metadata.recursion_desired = true;
+        q.add_query(hickory_proto::op::Query::query(
+            hickory_proto::rr::Name::from_ascii(name).unwrap(),
+            RecordType::A,
+        ));
+        sock.send_to(&q.to_vec().unwrap(), to).unwrap();
+    }
+    let got = replies(&sock, spellings.len(), Duration::from_secs(3));
+    for (id, name) in spellings.iter().enumerate() {
+        let m = got.get(&(id as u16 + 1)).unwrap_or_else(|| panic!("{name}: no answer"));
+        assert_eq!(a_records(m), [REAL], "{name}");
+        let asked = hickory_proto::rr::Name::from_ascii(name).unwrap();
+        assert!(
+            m.queries[0].name().eq_case(&asked),
+            "{name}: question {}",
+            m.queries[0].name()
+        );
+        assert!(
+            m.answers.iter().all(|r| r.name.eq_ignore_root(&asked)),
+            "{name}: {:?}",
+            m.answers
+        );
+    }
+    assert_eq!(up.asked("www.follow.test"), 1, "one upstream query");
+    drop(daemon);
+}
