@@ -12,7 +12,6 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::send::{Message, SendScratch, Sent, recycle, recycle_messages, send_messages};
 use super::sockets::route_mtu;
@@ -31,7 +30,6 @@ pub struct RawSender {
     mark: u32,
     v4: OnceLock<Result<Socket, io::ErrorKind>>,
     v6: OnceLock<Result<Socket, io::ErrorKind>>,
-    next_id: AtomicU32,
 }
 
 thread_local! {
@@ -44,7 +42,6 @@ impl RawSender {
             mark,
             v4: OnceLock::new(),
             v6: OnceLock::new(),
-            next_id: AtomicU32::new(std::process::id().wrapping_mul(2_654_435_761)),
         }
     }
 
@@ -105,7 +102,10 @@ impl RawSender {
     fn send_fragmented(&self, sock: &Socket, src: IpAddr, dst: IpAddr, tos: u8, udp: &[u8]) -> io::Result<()> {
         let to = SockAddr::from(SocketAddr::new(dst, 0));
         let mtu = route_mtu(dst, self.mark)?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Drawn at random, not counted: who sees one datagram's ID must
+        // not be able to name the next one's and forge a fragment of it
+        // (RFC 7739). Fragmenting here is rare, so the draw costs nothing.
+        let id: u32 = rand::random();
         for packet in fragments(src, dst, tos, udp, mtu, id)? {
             sock.send_to(&packet, &to)?;
         }
