@@ -321,3 +321,21 @@ fn fragment_ids_cannot_be_guessed_from_the_last_one() {
         assert!(steps < 3, "{family}: IDs follow each other: {ids:?}");
     }
 }
+
+/// A UDP checksum that computes to zero is sent as 0xFFFF: zero means "no
+/// checksum", which IPv6 receivers drop (RFC 8200 8.1). A two-byte payload
+/// equal to the checksum of two zero bytes makes the sum all ones, so its
+/// checksum computes to zero; checked in a batch and alone.
+#[test]
+fn a_checksum_of_zero_is_sent_as_all_ones() {
+    let (src, dst) = (v6("2001:db8::53", 53), v6("2001:db8:1::10", 40000));
+    let zero = udp_datagram(src, dst, &[0, 0]).unwrap();
+    let payload = [zero[6], zero[7]];
+    let alone = udp_datagram(src, dst, &payload).unwrap();
+    let mut batch = RawBatch::default();
+    assert!(batch.push(src, dst, &payload, 0));
+    let batched = batch.packets().next().unwrap()[IPV6_HEADER..].to_vec();
+    assert_eq!(alone, batched);
+    assert_eq!(u16::from_be_bytes([alone[6], alone[7]]), 0xffff);
+    assert!(verifies(pseudo_header_sum(src.ip(), dst.ip(), 10), &alone));
+}
