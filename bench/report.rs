@@ -602,13 +602,14 @@ fn raw(o: &mut String, rounds: &[Round]) {
         if let Some(f) = &r.flows {
             let _ = writeln!(
                 o,
-                "Flows: {} attempted, {} sessions opened in {:.2} s ({:.0}/s, {:.1} µs of tproxyd CPU each); the server saw {} first datagrams and {} \
+                "Flows: {} attempted, {} sessions opened in {:.2} s of set-up ({:.2} s with the pauses between stages; {:.0}/s, {:.1} µs of tproxyd CPU each); the server saw {} first datagrams and {} \
                  second ones ({} sessions reopened); {} echoes reached the client; tproxyd RSS {:.1} MiB (idle {:.1} MiB, \
                  peak {:.1} MiB), {} file descriptors. A full table offered {} flows of one more client: {} reached the \
                  server, {} flows evicted, {} sessions after. The section took {:.0} s.\n",
                 f.flows,
                 f.opened,
                 f.setup_secs,
+                f.setup_elapsed_secs,
                 f.setup_rate(),
                 f.cpu_us_per_flow,
                 f.first_seen,

@@ -115,11 +115,18 @@ struct Waiting {
     flows: usize,
 }
 
+/// The backlog's maps hash as the session table and the pools do (foldhash,
+/// seeded per process): every new flow's key is hashed here several times
+/// (filed, taken, completed), and SipHash, the default, costs several
+/// times more per key (`sip::Hasher::write` showed in the profile of the
+/// flows bench; foldhash does not).
+type Hasher = foldhash::fast::RandomState;
+
 #[derive(Debug, Default)]
 struct Backlog {
     /// Flows waiting or being opened, with what is held for them.
-    flows: HashMap<FlowKey, Pending>,
-    clients: HashMap<ClientId, Waiting>,
+    flows: HashMap<FlowKey, Pending, Hasher>,
+    clients: HashMap<ClientId, Waiting, Hasher>,
     /// Clients with flows not yet taken, in turn order.
     turns: VecDeque<ClientId>,
     /// Flows not yet taken.
@@ -158,7 +165,7 @@ impl Backlog {
     /// goes back to the system when freed.
     fn shrink_when_empty(&mut self) {
         if self.flows.is_empty() && self.flows.capacity() > KEPT_WHEN_EMPTY {
-            self.flows = HashMap::new();
+            self.flows = HashMap::default();
         }
         if self.turns.is_empty() && self.turns.capacity() > KEPT_WHEN_EMPTY {
             self.turns = VecDeque::new();
