@@ -32,9 +32,9 @@ use super::account::{Direction, count_sent};
 use super::context::RelayContext;
 use super::pool::PoolSocket;
 use super::pool_readers::PoolReader;
-use super::reply::{Pending, ReplyScratch};
+use super::reply::{self, Pending, ReplyScratch};
 use super::session::{MAX_DATAGRAM, Outbound, Session};
-use super::slice::Slice;
+use super::slice::{Slice, Step};
 use super::socks5::{self, Socks5Server};
 use crate::net::poll::Event;
 use crate::net::recv::{self, RecvBatch};
@@ -47,6 +47,14 @@ const SOCKS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(5);
 const GATHER: usize = 256;
 /// Ready sockets asked for per `epoll_wait`.
 const EVENTS: usize = 256;
+/// Replies a pool reader gathers before it sends them, within a slice.
+/// Sending a reply to a new client address costs 7-10 µs (raw IP, the
+/// kernel's delivery included), three times a read: a reader that sent
+/// only at the end of its slice held the thread for a slice of reads and
+/// then as long again and more for their sends (see `relay::slice`). 32
+/// still lets replies from one server address to many clients leave in
+/// one `sendmmsg`.
+const SEND_EVERY: usize = 32;
 
 /// A reply's place: datagram `k` of batch slot `i` (a coalesced slot holds
 /// several, at most 65,535). Ordered as the replies arrived.
@@ -59,6 +67,9 @@ struct Gather {
     batch: RecvBatch,
     pending: Vec<Pending>,
     scratch: ReplyScratch,
+    /// Reply sockets the sends of this stretch of work may still open
+    /// (see [`reply::OPENS_PER_BATCH`]).
+    opens: usize,
 }
 
 thread_local! {
@@ -70,6 +81,7 @@ thread_local! {
         batch: RecvBatch::new(GATHER),
         pending: Vec::with_capacity(GATHER),
         scratch: ReplyScratch::default(),
+        opens: reply::OPENS_PER_BATCH,
     });
 }
 
@@ -114,9 +126,10 @@ impl Gather {
                 batch,
                 pending,
                 scratch,
+                opens,
             } = self;
             let batch = &*batch;
-            ctx.replies().send_pending(
+            ctx.replies().send_pending_within(
                 pending,
                 |slot| {
                     let (i, k) = ((slot >> 16) as usize, (slot & 0xffff) as usize);
@@ -126,6 +139,7 @@ impl Gather {
                         .unwrap_or(&[])
                 },
                 scratch,
+                opens,
             );
         }
         self.batch.clear();
@@ -227,6 +241,7 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
         // the slice is spent; then the listener and the others get the
         // thread (see `relay::slice`).
         let slice = Slice::start();
+        GATHERED.with_borrow_mut(|g| g.opens = reply::OPENS_PER_BATCH);
         loop {
             if reader.poller.ready(&mut raw, &mut events)? == 0 {
                 // Cleared only if nothing became ready since the wake-up
@@ -267,6 +282,11 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
                                 tracing::debug!(error = %e, "upstream receive failed");
                             }
                         }
+                    }
+                    // Sent as they come, a few dozen at a time, so that the
+                    // slice's check above covers the sends too.
+                    if slice.step(g.pending.len(), SEND_EVERY) == Step::Send {
+                        g.flush(ctx);
                     }
                 }
                 g.flush(ctx);
@@ -312,6 +332,7 @@ pub async fn pump_cone(session: Arc<Session>, socket: Arc<UdpSocket>, ctx: Arc<R
 /// dropped and counted.
 pub fn drain_into_flows(socket: &UdpSocket, ctx: &RelayContext, flow_of: impl Fn(SocketAddr) -> Option<Arc<Session>>) {
     GATHERED.with_borrow_mut(|g| {
+        g.opens = reply::OPENS_PER_BATCH;
         loop {
             if g.batch.room() == 0 {
                 g.flush(ctx);

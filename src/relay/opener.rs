@@ -4,11 +4,12 @@
 //!
 //! One task per runtime worker, owned by the relay's context (they end
 //! with it). Each takes at most [`OPENS_PER_ROUND`] flows at a time, and
-//! opens them one [`Slice`] at a time: once a slice is spent it sends what
-//! it held for the flows opened so far, files them, and lets the listeners
-//! and reply readers that share its thread run before it opens the rest.
-//! A burst of new flows thus costs established flows one slice of opening
-//! (plus one open), not a round and not the whole burst.
+//! opens them one [`Slice`] at a time: every few flows it sends what it
+//! held for them and files them, and once a slice is spent it lets the
+//! listeners and reply readers that share its thread run before it opens
+//! the rest. A burst of new flows thus costs established flows one slice
+//! of opening and sending (plus a few opens), not a round and not the
+//! whole burst.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,12 +20,18 @@ use super::open::{self, OpenError, open};
 use super::open_backlog::{Held, OPENS_PER_ROUND};
 use super::rules::UdpRule;
 use super::session::Session;
-use super::slice::Slice;
+use super::slice::{Slice, Step};
 use super::table::{Entry, Evicted, Eviction};
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 
 /// Evictions tried for a new flow when the descriptor budget is used up.
 const BUDGET_TRIES: usize = 3;
+
+/// Flows opened before what was held for them is sent. Small enough that
+/// the sends of a step (10 µs each to a veth peer, see `relay::slice`)
+/// stay well within a slice; large enough that flows opened together on
+/// one pooled socket still leave in one `sendmmsg`.
+const SEND_EVERY: usize = 8;
 
 /// Starts `tasks` opener tasks (at least one) for `ctx`.
 pub fn start(ctx: &Arc<RelayContext>, tasks: usize) {
@@ -55,12 +62,20 @@ async fn run(ctx: Arc<RelayContext>) {
             if rule.by_domain() {
                 ctx.stats().domain_matches.inc();
             }
-            if slice.spent() && n + 1 < jobs.len() {
-                // The rest of the round waits (their datagrams are held,
-                // in order) while the others have the thread.
-                round.settle(&ctx);
-                tokio::task::yield_now().await;
-                slice = Slice::start();
+            match slice.step(round.keys.len(), SEND_EVERY) {
+                Step::Work => {}
+                // Sending what was held costs more than opening (see
+                // `relay::slice`): done every few flows, so that the
+                // slice's check after it covers the sends too.
+                Step::Send => round.settle(&ctx),
+                Step::Yield if n + 1 < jobs.len() => {
+                    // The rest of the round waits (their datagrams are
+                    // held, in order) while the others have the thread.
+                    round.settle(&ctx);
+                    tokio::task::yield_now().await;
+                    slice = Slice::start();
+                }
+                Step::Yield => {}
             }
         }
         round.settle(&ctx);

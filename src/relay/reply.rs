@@ -120,9 +120,10 @@ struct Cached {
 /// full cache to answer a new address over raw IP rather than evict it.
 pub const CHURN_MS: u64 = 1_000;
 
-/// Reply sockets one batch of replies ([`ReplySender::send_pending`]) may
-/// open; replies from further new addresses in it go out over raw IP, and
-/// those addresses get a socket when they are seen again.
+/// Reply sockets one batch of replies ([`ReplySender::send_pending`]), or
+/// one pool reader's slice of them ([`ReplySender::send_pending_within`]),
+/// may open; replies from further new addresses in it go out over raw IP,
+/// and those addresses get a socket when they are seen again.
 ///
 /// Opening a reply socket costs seven system calls, about 25 µs. In the
 /// 20,000-destination flood every reply came from a new address, and until
@@ -249,9 +250,25 @@ impl ReplySender {
         payload: impl Fn(u32) -> &'p [u8],
         scratch: &mut ReplyScratch,
     ) {
+        let mut opens = OPENS_PER_BATCH;
+        self.send_pending_within(pending, payload, scratch, &mut opens);
+    }
+
+    /// [`ReplySender::send_pending`] for a caller that sends in several
+    /// parts within one stretch of work (a pool reader sends every few
+    /// sockets, see `relay::slice`): the reply sockets it may still open,
+    /// `opens`, are shared by all the parts and counted down here. Per
+    /// part instead, sending eight times as often opened eight times as
+    /// many sockets in the destination flood, each seven system calls.
+    pub fn send_pending_within<'p>(
+        &self,
+        pending: &mut Vec<Pending>,
+        payload: impl Fn(u32) -> &'p [u8],
+        scratch: &mut ReplyScratch,
+        opens: &mut usize,
+    ) {
         // Position first breaks ties: the order within a source is arrival.
         pending.sort_unstable_by_key(|p| (p.src, p.slot));
-        let mut opens = OPENS_PER_BATCH;
         let sources = 1 + pending.windows(2).filter(|w| w[0].src != w[1].src).count();
         let mut rest = &pending[..];
         while let Some(first) = rest.first() {
@@ -261,7 +278,7 @@ impl ReplySender {
             if n == 1 && sources > 1 && self.lone_over_raw(first, &payload, &mut scratch.raw) {
                 continue;
             }
-            self.send_group(first.src, group, &payload, scratch, &mut opens);
+            self.send_group(first.src, group, &payload, scratch, opens);
         }
         self.flush_raw(&mut scratch.raw);
         pending.clear();
@@ -399,6 +416,43 @@ impl ReplySender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Needs root (transparent binding, raw IP), as the lab tests do.
+    #[test]
+    fn sends_in_parts_share_one_allowance_of_new_reply_sockets() {
+        let stats = Arc::new(Stats::default());
+        let replies = ReplySender::new(NonZeroUsize::new(64).unwrap(), 0, stats.clone());
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let to = client.local_addr().unwrap();
+        let mut scratch = ReplyScratch::default();
+        let mut opens = OPENS_PER_BATCH;
+        // Three parts, each with two replies from each of three new
+        // addresses (a reply alone from its address would go over raw IP
+        // without a socket).
+        for part in 0..3 {
+            let mut pending: Vec<Pending> = (0..6)
+                .map(|i| Pending {
+                    src: format!("127.0.1.{}:7000", 10 * part + i / 2 + 2).parse().unwrap(),
+                    client: to,
+                    tos: None,
+                    slot: 0,
+                })
+                .collect();
+            replies.send_pending_within(&mut pending, |_| b"part", &mut scratch, &mut opens);
+            assert!(pending.is_empty());
+        }
+        assert_eq!(opens, 0);
+        assert_eq!(replies.open(), OPENS_PER_BATCH);
+        assert_eq!(stats.reply_opens_deferred.get(), (9 - OPENS_PER_BATCH) as u64);
+        let mut buf = [0u8; 16];
+        for _ in 0..18 {
+            let (n, _) = client.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"part");
+        }
+    }
 
     /// Needs root (transparent binding, raw IP), as the lab tests do.
     #[test]
