@@ -691,3 +691,106 @@ upstream = "holed"
         "p99 {p99_holed:?} behind a black hole"
     );
 }
+
+/// The strongest off-path forgery: the exact question and the exact ID of
+/// a query in flight, in the plainest answer shape (the one the engine
+/// answers straight from the wire), sent to the exact gateway port, but
+/// from the upstream's address on another port and from another address
+/// on port 53. The upstream sockets are connected, so neither reaches the
+/// query; the real answer, later, is what the client and the cache get;
+/// and the same forgery from the right address and port once the query
+/// is over reaches nothing either.
+#[test]
+fn forgeries_with_the_exact_id_from_the_wrong_port_or_address_are_dropped() {
+    let lab = lab(2);
+    let up = FakeDns::start(
+        &lab.servers[0],
+        upstream(0),
+        Behaviour::late(REAL, Duration::from_millis(600)),
+    );
+    let daemon = start(&lab, &config(&[upstream(0)], "3s", "2s", ""));
+    let gw = gateway_wan4(0);
+    let wrong_port = socket(&lab.servers[0], sa(upstream(0).ip(), 5353));
+    let wrong_address = socket(&lab.servers[0], upstream(1));
+    let (sock, to) = client(&lab, 41060);
+    sock.send_to(&query_bytes(1, "www.exact.test.", RecordType::A), to)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let asked = loop {
+        if let Some(s) = up.seen().into_iter().find(|s| s.name == "www.exact.test") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the query did not reach the upstream");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let forged = Message::from_vec(&query_bytes(asked.id, &format!("{}.", asked.name), RecordType::A)).unwrap();
+    let bytes = response(&forged, lab::fake_dns::Reply::Address(EVIL)).to_vec().unwrap();
+    let port = sa(gw, asked.from.port());
+    for _ in 0..20 {
+        wrong_port.send_to(&bytes, port).unwrap();
+        wrong_address.send_to(&bytes, port).unwrap();
+    }
+    let got = replies(&sock, 1, Duration::from_secs(3));
+    let answer = got.get(&1).expect("the client gets an answer");
+    assert_eq!(
+        a_records(answer),
+        [REAL],
+        "a forgery from the wrong port or address was taken"
+    );
+    up.send_to(&bytes, port);
+    std::thread::sleep(Duration::from_millis(100));
+    sock.send_to(&query_bytes(2, "www.exact.test.", RecordType::A), to)
+        .unwrap();
+    let again = replies(&sock, 1, Duration::from_secs(2));
+    assert_eq!(a_records(&again[&2]), [REAL], "the cache holds the real answer");
+    assert_eq!(up.asked("www.exact.test"), 1, "answered from the cache");
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_servfail"), 0, "{}", stopped.log);
+}
+
+/// Clients asking one name spelt three ways while its query is in flight
+/// share that query (the single-flight); the plain answer it gets is made
+/// on the wire only for the spelling that went upstream, and the others
+/// are answered by the full path: every client gets the real address under
+/// its own question, spelt as it asked.
+#[test]
+fn followers_spelling_the_name_otherwise_get_their_own_question_back() {
+    let lab = lab(1);
+    let up = FakeDns::start(
+        &lab.servers[0],
+        upstream(0),
+        Behaviour::late(REAL, Duration::from_millis(300)),
+    );
+    let daemon = start(&lab, &config(&[upstream(0)], "3s", "2s", ""));
+    let (sock, to) = client(&lab, 41070);
+    let spellings = ["www.follow.test.", "WWW.Follow.TEST.", "wWw.fOLLOW.tEsT."];
+    for (id, name) in spellings.iter().enumerate() {
+        // Spelt as given (`query_bytes` lowercases).
+        let mut q = Message::query();
+        q.metadata.id = id as u16 + 1;
+        q.metadata.recursion_desired = true;
+        q.add_query(hickory_proto::op::Query::query(
+            hickory_proto::rr::Name::from_ascii(name).unwrap(),
+            RecordType::A,
+        ));
+        sock.send_to(&q.to_vec().unwrap(), to).unwrap();
+    }
+    let got = replies(&sock, spellings.len(), Duration::from_secs(3));
+    for (id, name) in spellings.iter().enumerate() {
+        let m = got.get(&(id as u16 + 1)).unwrap_or_else(|| panic!("{name}: no answer"));
+        assert_eq!(a_records(m), [REAL], "{name}");
+        let asked = hickory_proto::rr::Name::from_ascii(name).unwrap();
+        assert!(
+            m.queries[0].name().eq_case(&asked),
+            "{name}: question {}",
+            m.queries[0].name()
+        );
+        assert!(
+            m.answers.iter().all(|r| r.name.eq_ignore_root(&asked)),
+            "{name}: {:?}",
+            m.answers
+        );
+    }
+    assert_eq!(up.asked("www.follow.test"), 1, "one upstream query");
+    drop(daemon);
+}

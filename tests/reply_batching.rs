@@ -5,8 +5,8 @@
 
 mod lab;
 
-use lab::udp::{Echo, recv, socket};
-use lab::{Lab, sa, server4};
+use lab::udp::{Echo, mark_tos, recv, recv_tos, socket};
+use lab::{CLIENT4, CLIENT6, Lab, sa, server4, server6};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
@@ -116,4 +116,131 @@ fn replies_to_many_interleaved_clients_reach_the_right_client_from_the_right_add
     for counter in ["drop_unsolicited", "drop_send_buffer_full", "reply_send_errors"] {
         assert_eq!(stopped.counter(counter), 0, "{counter}: {}", stopped.log);
     }
+}
+
+/// What a hostile server can send a flow: empty datagrams, the largest
+/// there is, sizes either side of 576 and 1,280 bytes (the most a batch
+/// of raw-IP replies takes), from many ports at once so that a pool
+/// reader's batch holds replies alone from their address (sent over raw
+/// IP) next to runs from one address (sent through a reply socket). Every
+/// reply must arrive whole, from its server, in its flow's order, with
+/// the server's DSCP/ECN mark; the daemon must take all of it.
+#[test]
+fn a_hostile_servers_odd_sizes_from_many_ports_arrive_whole_in_order_and_marked() {
+    const PORTS: u16 = 8;
+    const EF_ECT0: u8 = 0xba;
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd("mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\", \"[::]:15353\"]\n");
+    let mut expected = 0u64;
+    for (client, server) in [
+        (sa(CLIENT4.parse().unwrap(), 41000), server4(0)),
+        (sa(CLIENT6.parse().unwrap(), 41000), server6(0)),
+    ] {
+        let cli = socket(&lab.client, client);
+        mark_tos(&cli, 0);
+        // Room for several of the largest, reassembled.
+        nix::sys::socket::setsockopt(&cli, nix::sys::socket::sockopt::RcvBufForce, &(8 << 20)).unwrap();
+        let servers: Vec<UdpSocket> = (0..PORTS)
+            .map(|p| {
+                let s = socket(&lab.servers[0], sa(server, 7100 + p));
+                mark_tos(&s, EF_ECT0);
+                s
+            })
+            .collect();
+        let mut peers = Vec::new();
+        for s in &servers {
+            cli.send_to(b"hello", s.local_addr().unwrap()).unwrap();
+            let (peer, _, _) = recv_tos(s).expect("the server got nothing");
+            peers.push(peer);
+        }
+        let body = |port: usize, k: usize, len: usize| -> Vec<u8> {
+            (0..len).map(|i| (i * 31 + port * 7 + k * 13) as u8).collect()
+        };
+        // Rounds sent back to back from every port; port 0 sends each
+        // twice, so its replies (a run) take its reply socket while the
+        // others' may go over raw IP, and it still sees them in order.
+        for (sizes, ports) in [
+            (&[0usize, 1, 548, 549, 575, 1_232, 1_233, 1_400][..], PORTS),
+            (&[9_000, 65_507][..], 2),
+        ] {
+            let mut want: Vec<Vec<Vec<u8>>> = vec![Vec::new(); usize::from(ports)];
+            for (k, &len) in sizes.iter().enumerate() {
+                for p in 0..usize::from(ports) {
+                    let copies = if p == 0 { 2 } else { 1 };
+                    for c in 0..copies {
+                        let b = body(p, 2 * k + c, len);
+                        servers[p].send_to(&b, peers[p]).unwrap();
+                        want[p].push(b);
+                    }
+                }
+            }
+            let total: usize = want.iter().map(Vec::len).sum();
+            expected += total as u64;
+            let mut got: Vec<Vec<Vec<u8>>> = vec![Vec::new(); usize::from(ports)];
+            for i in 0..total {
+                let (from, data, tos) = recv_tos(&cli).unwrap_or_else(|| panic!("{client}: reply {i} of {total} lost"));
+                assert_eq!(from.ip(), server, "{client}: a reply from the wrong address");
+                let p = usize::from(from.port() - 7100);
+                assert_eq!(
+                    tos,
+                    EF_ECT0,
+                    "{client}: the server's mark was lost ({} bytes)",
+                    data.len()
+                );
+                got[p].push(data);
+            }
+            for p in 0..usize::from(ports) {
+                let sizes = |v: &Vec<Vec<u8>>| v.iter().map(Vec::len).collect::<Vec<_>>();
+                assert_eq!(sizes(&got[p]), sizes(&want[p]), "{client}: port {p}'s replies, by size");
+                assert!(got[p] == want[p], "{client}: port {p}'s replies altered or reordered");
+            }
+        }
+    }
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("reply_datagrams"), expected, "{}", stopped.log);
+    for counter in ["drop_send_buffer_full", "reply_send_errors"] {
+        assert_eq!(stopped.counter(counter), 0, "{counter}: {}", stopped.log);
+    }
+}
+
+/// On a LAN link whose MTU is below 576 bytes (IPv4 links go down to 68),
+/// replies between that MTU and 576 bytes arrive whole, fragmented,
+/// however they leave: the kernel refuses a raw packet larger than the
+/// device's MTU, and replies alone from their address in a batch go over
+/// raw IP in one `sendmmsg`.
+#[test]
+fn replies_over_a_lan_links_small_mtu_arrive_whole() {
+    const PORTS: u16 = 8;
+    let lab = Lab::new();
+    lab.gateway.sh("ip link set lan0 mtu 500");
+    lab.client.sh("ip link set lan0 mtu 500");
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd("mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n");
+    let cli = socket(&lab.client, sa(CLIENT4.parse().unwrap(), 41000));
+    let servers: Vec<UdpSocket> = (0..PORTS)
+        .map(|p| socket(&lab.servers[0], sa(server4(0), 7100 + p)))
+        .collect();
+    let mut peers = Vec::new();
+    for s in &servers {
+        cli.send_to(b"hello", s.local_addr().unwrap()).unwrap();
+        let (peer, _) = recv(s).expect("the server got nothing");
+        peers.push(peer);
+    }
+    let mut sent = 0u64;
+    for round in 0..4u8 {
+        // 530 bytes of UDP payload: 558 bytes of IP, over the link's 500.
+        for (p, s) in servers.iter().enumerate() {
+            s.send_to(&[round ^ p as u8; 530], peers[p]).unwrap();
+            sent += 1;
+        }
+        for _ in 0..PORTS {
+            let (from, data) = recv(&cli).unwrap_or_else(|| panic!("round {round}: a reply was lost"));
+            let p = usize::from(from.port() - 7100);
+            assert_eq!(data, [round ^ p as u8; 530], "round {round}: port {p}'s reply");
+        }
+    }
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("reply_datagrams"), sent, "{}", stopped.log);
+    assert_eq!(stopped.counter("reply_send_errors"), 0, "{}", stopped.log);
 }

@@ -256,9 +256,10 @@ impl TtlPolicy {
         }
     }
 
-    /// A positive answer's TTL within `[min_ttl, max_ttl]`.
+    /// A positive answer's TTL within `[min_ttl, max_ttl]`, once read
+    /// ([`received`]).
     pub fn clamp(&self, ttl: u32) -> u32 {
-        ttl.clamp(self.min_ttl, self.max_ttl)
+        received(ttl).clamp(self.min_ttl, self.max_ttl)
     }
 
     /// Rewrites every TTL in `msg` within the configured bounds and returns
@@ -287,7 +288,7 @@ impl TtlPolicy {
             msg.answers.iter().map(|r| r.ttl).min()
         } else if negative {
             let soa = msg.authorities.iter().find_map(|r| match &r.data {
-                RData::SOA(soa) => Some(r.ttl.min(soa.minimum).min(self.negative_max_ttl)),
+                RData::SOA(soa) => Some(received(r.ttl).min(received(soa.minimum)).min(self.negative_max_ttl)),
                 _ => None,
             });
             let cap = soa.unwrap_or(self.negative_max_ttl);
@@ -299,7 +300,7 @@ impl TtlPolicy {
             {
                 r.ttl = match soa {
                     Some(l) => l,
-                    None => r.ttl.min(cap),
+                    None => received(r.ttl).min(cap),
                 };
             }
             soa
@@ -313,11 +314,19 @@ impl TtlPolicy {
                 .chain(&mut msg.authorities)
                 .chain(&mut msg.additionals)
             {
-                r.ttl = r.ttl.min(self.max_ttl);
+                r.ttl = received(r.ttl).min(self.max_ttl);
             }
         }
         lifetime.filter(|&l| l > 0 && !msg.metadata.truncation)
     }
+}
+
+/// A TTL as received: one with its top bit set is read as zero (RFC 2181,
+/// section 8), not as a very long time; clamped to `max_ttl` instead, an
+/// answer its server meant not to be kept (or a broken one) would be
+/// cached for a day by default.
+fn received(ttl: u32) -> u32 {
+    if ttl & 0x8000_0000 == 0 { ttl } else { 0 }
 }
 
 /// The LRU and the memory it holds, under one lock.

@@ -912,15 +912,15 @@ impl DnsEngine {
         if !self.plain_answers || self.feed.as_ref().is_some_and(|f| f.watches(sets)) {
             return None;
         }
-        let name = wire_labels(request.query.name());
-        if name != plain.name() || request.query.query_type() != plain.record_type() {
+        if !plain.is_named(request.query.name()) || request.query.query_type() != plain.record_type() {
             return None;
         }
         let to = ReplyTo {
             id: request.id,
             recursion_desired: request.recursion_desired,
             checking_disabled: request.checking_disabled,
-            name: &name,
+            // The same labels as the client's, case included.
+            name: plain.name(),
             owner: request.query.name(),
             our_payload: request.edns.as_ref().map(|_| self.max_udp_payload),
         };

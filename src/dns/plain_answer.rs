@@ -140,6 +140,23 @@ impl PlainAnswer {
         self.bytes.get(HEADER..self.name_end).unwrap_or_default()
     }
 
+    /// Whether `name` is the question name, labels and case alike (what
+    /// comparing it with [`PlainAnswer::name`] says, without writing it
+    /// out first).
+    pub fn is_named(&self, name: &Name) -> bool {
+        let mut wire = self.name();
+        for label in name.iter() {
+            let Some((&len, rest)) = wire.split_first() else {
+                return false;
+            };
+            match rest.split_at_checked(label.len()) {
+                Some((bytes, after)) if usize::from(len) == label.len() && bytes == label => wire = after,
+                _ => return false,
+            }
+        }
+        wire == [0]
+    }
+
     /// The whole datagram (for hickory, when the plain path does not apply).
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
@@ -328,6 +345,16 @@ mod tests {
             let plain = read(&bytes, ID, &labels("Www.Example.test."), 1, 1).expect("plain");
             assert_eq!(plain.records_count(), 2);
             assert_eq!(plain.name(), labels("Www.Example.test.").as_slice());
+            assert!(plain.is_named(&n("Www.Example.test.")));
+            for other in [
+                "www.example.test.",
+                "Www.Example.test.x.",
+                "Www.Example.",
+                "Www.Example.tesT.",
+                ".",
+            ] {
+                assert!(!plain.is_named(&n(other)), "{other}");
+            }
             agrees_with_hickory(&bytes, "Www.Example.test.", RecordType::A);
             let six = upstream("v6.test.", RecordType::AAAA, vec![aaaa("v6.test.", 60, 7)], edns)
                 .to_vec()

@@ -12,7 +12,6 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::send::{Message, SendScratch, Sent, recycle, recycle_messages, send_messages};
 use super::sockets::route_mtu;
@@ -31,7 +30,6 @@ pub struct RawSender {
     mark: u32,
     v4: OnceLock<Result<Socket, io::ErrorKind>>,
     v6: OnceLock<Result<Socket, io::ErrorKind>>,
-    next_id: AtomicU32,
 }
 
 thread_local! {
@@ -44,7 +42,6 @@ impl RawSender {
             mark,
             v4: OnceLock::new(),
             v6: OnceLock::new(),
-            next_id: AtomicU32::new(std::process::id().wrapping_mul(2_654_435_761)),
         }
     }
 
@@ -83,7 +80,7 @@ impl RawSender {
             }
         };
         let sock = self.socket(v6)?;
-        let to = SockAddr::from(SocketAddr::new(dst.ip(), 0));
+        let to = SockAddr::from(raw_destination(dst));
         let udp = udp_datagram(src, dst, payload)?;
         let whole = PACKET.with_borrow_mut(|pkt| {
             pkt.clear();
@@ -92,16 +89,26 @@ impl RawSender {
             sock.send_to(pkt, &to)
         });
         match whole {
-            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
-                let mtu = route_mtu(dst.ip(), self.mark)?;
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                for packet in fragments(src.ip(), dst.ip(), tos, &udp, mtu, id)? {
-                    sock.send_to(&packet, &to)?;
-                }
-                Ok(())
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => self.send_fragmented(sock, src.ip(), dst, tos, &udp),
             other => other.map(drop),
         }
+    }
+
+    /// Sends the UDP datagram `udp` in IP fragments that fit the route's
+    /// MTU: the kernel sends a raw packet larger than the outgoing
+    /// device's MTU in no other way.
+    fn send_fragmented(&self, sock: &Socket, src: IpAddr, dst: SocketAddr, tos: u8, udp: &[u8]) -> io::Result<()> {
+        let to = SockAddr::from(raw_destination(dst));
+        let dst = dst.ip();
+        let mtu = route_mtu(dst, self.mark)?;
+        // Drawn at random, not counted: who sees one datagram's ID must
+        // not be able to name the next one's and forge a fragment of it
+        // (RFC 7739). Fragmenting here is rare, so the draw costs nothing.
+        let id: u32 = rand::random();
+        for packet in fragments(src, dst, tos, udp, mtu, id)? {
+            sock.send_to(&packet, &to)?;
+        }
+        Ok(())
     }
 }
 
@@ -125,9 +132,21 @@ pub struct RawBatch {
     bytes: Vec<u8>,
     /// (destination, IPv6, start, length) per packet in `bytes`.
     packets: Vec<(IpAddr, bool, usize, usize)>,
+    /// (source, TOS) per packet, to fragment one the kernel refuses whole.
+    origins: Vec<(IpAddr, u8)>,
     send: SendScratch,
     slices: Vec<&'static [u8]>,
     messages: Vec<Message<'static>>,
+}
+
+/// Where a raw packet for `dst` is sent: the address without a port (the
+/// port is in the UDP header), keeping an IPv6 scope, without which the
+/// kernel cannot tell which link a link-local client is on.
+fn raw_destination(dst: SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(d) => SocketAddr::new(IpAddr::V4(*d.ip()), 0),
+        SocketAddr::V6(d) => SocketAddr::V6(std::net::SocketAddrV6::new(*d.ip(), 0, 0, d.scope_id())),
+    }
 }
 
 impl RawBatch {
@@ -137,6 +156,10 @@ impl RawBatch {
     pub fn push(&mut self, src: SocketAddr, dst: SocketAddr, payload: &[u8], tos: u8) -> bool {
         let v6 = match (src, dst) {
             (SocketAddr::V4(_), SocketAddr::V4(_)) => false,
+            // A link-scoped client (fe80::/10 with its interface) needs
+            // that interface to be reached; a batch keeps only addresses,
+            // so such a reply takes a path that keeps the scope.
+            (SocketAddr::V6(_), SocketAddr::V6(d)) if d.scope_id() != 0 => return false,
             (SocketAddr::V6(_), SocketAddr::V6(_)) => true,
             _ => return false,
         };
@@ -155,6 +178,7 @@ impl RawBatch {
         append_udp(&mut self.bytes, src, dst, payload);
         debug_assert_eq!(self.bytes.len() - udp, udp_len);
         self.packets.push((dst.ip(), v6, start, self.bytes.len() - start));
+        self.origins.push((src.ip(), tos));
         true
     }
 
@@ -228,21 +252,60 @@ impl RawSender {
                         segments: std::slice::from_ref(slice),
                     }),
             );
-            let sent = send_messages(sock.as_raw_fd(), &messages, v6, &mut batch.send, false);
             // What was sent counts by payload, not by packet.
-            let headers = (if v6 { IPV6_HEADER } else { IPV4_HEADER } + UDP_HEADER) as u64;
-            total.datagrams += sent.datagrams;
-            total.bytes += sent.bytes.saturating_sub(headers * sent.datagrams as u64);
-            total.full += sent.full;
-            total.failed += sent.failed;
-            if let Some(e) = sent.first_error {
-                total.first_error.get_or_insert(e);
+            let ip_header = if v6 { IPV6_HEADER } else { IPV4_HEADER };
+            let headers = (ip_header + UDP_HEADER) as u64;
+            // Up to each refusal: a packet larger than the outgoing
+            // device's MTU (an IPv4 link below 576 bytes) is refused with
+            // `EMSGSIZE` and goes in fragments instead, as one sent alone
+            // does; the others refused are counted and skipped.
+            let mut from = 0;
+            while from < messages.len() {
+                let mut sent = send_messages(sock.as_raw_fd(), &messages[from..], v6, &mut batch.send, true);
+                let done = sent.datagrams + sent.full + sent.failed;
+                if done == 0 {
+                    break;
+                }
+                if sent.failed > 0
+                    && sent.first_error.as_ref().and_then(io::Error::raw_os_error) == Some(libc::EMSGSIZE)
+                {
+                    let k = from + done - 1;
+                    let packet = batch
+                        .packets
+                        .iter()
+                        .zip(&batch.origins)
+                        .filter(|(p, _)| p.1 == v6)
+                        .nth(k)
+                        .map(|(&(dst, _, at, len), &(src, tos))| {
+                            (src, dst, tos, &batch.bytes[at + ip_header..at + len])
+                        });
+                    if let Some((src, dst, tos, udp)) = packet {
+                        match self.send_fragmented(sock, src, SocketAddr::new(dst, 0), tos, udp) {
+                            Ok(()) => {
+                                sent.failed -= 1;
+                                sent.first_error = None;
+                                sent.datagrams += 1;
+                                sent.bytes += udp.len() as u64 + ip_header as u64;
+                            }
+                            Err(e) => sent.first_error = Some(e),
+                        }
+                    }
+                }
+                total.datagrams += sent.datagrams;
+                total.bytes += sent.bytes.saturating_sub(headers * sent.datagrams as u64);
+                total.full += sent.full;
+                total.failed += sent.failed;
+                if let Some(e) = sent.first_error {
+                    total.first_error.get_or_insert(e);
+                }
+                from += done;
             }
             batch.messages = recycle_messages(messages);
             batch.slices = recycle(slices);
         }
         batch.bytes.clear();
         batch.packets.clear();
+        batch.origins.clear();
         total
     }
 }

@@ -211,3 +211,151 @@ fn a_sent_batch_arrives_from_the_spoofed_sources() {
         assert_eq!(from, v4([127, 0, 0, 2 + i], 7000 + u16::from(i)));
     }
 }
+
+/// A batched packet larger than the outgoing link's MTU (an IPv4 link
+/// below 576 bytes: the kernel refuses a raw packet over the device's MTU
+/// with `EMSGSIZE`) still arrives whole, fragmented as a packet sent alone
+/// is, and the packets around it keep their order. In a network namespace
+/// of this thread's own, whose loopback takes 400 bytes; needs root.
+#[test]
+fn a_batched_packet_over_a_small_links_mtu_arrives_fragmented() {
+    std::thread::spawn(|| {
+        // SAFETY: moves this thread alone into a new network namespace.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "mtu", "400", "up"])
+            .status()
+            .unwrap();
+        assert!(up.success());
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let to = rx.local_addr().unwrap();
+        let sender = RawSender::new(0);
+        let mut batch = RawBatch::default();
+        let payloads: [Vec<u8>; 3] = [vec![1; 100], (0..500u32).map(|i| i as u8).collect(), vec![3; 50]];
+        for (i, p) in payloads.iter().enumerate() {
+            assert!(batch.push(v4([127, 0, 0, 2 + i as u8], 7000), to, p, 0));
+        }
+        let sent = sender.send_batch(&mut batch);
+        assert_eq!(sent.datagrams, 3, "{:?}", sent.first_error);
+        assert_eq!(sent.bytes, 650);
+        let mut buf = [0u8; 1024];
+        for (i, p) in payloads.iter().enumerate() {
+            let (n, from) = rx.recv_from(&mut buf).unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+            assert_eq!(&buf[..n], p.as_slice(), "datagram {i}");
+            assert_eq!(from, v4([127, 0, 0, 2 + i as u8], 7000));
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// The IDs of the fragments of successive datagrams, as a receiver on
+/// this thread's own loopback (MTU 400) sees them: IPv4 then IPv6.
+fn fragment_ids_on_a_small_loopback(datagrams: usize) -> (Vec<u32>, Vec<u32>) {
+    std::thread::spawn(move || {
+        // SAFETY: moves this thread alone into a new network namespace.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "mtu", "1280", "up"])
+            .status()
+            .unwrap();
+        assert!(up.success());
+        // SAFETY: a plain socket call; the descriptor is closed below.
+        let capture = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK,
+                i32::from((libc::ETH_P_ALL as u16).to_be()),
+            )
+        };
+        assert!(capture >= 0, "packet socket");
+        let sender = RawSender::new(0);
+        let payload = vec![7u8; 3000];
+        for _ in 0..datagrams {
+            sender
+                .send(v4([127, 0, 0, 2], 7000), v4([127, 0, 0, 1], 9), &payload, 0)
+                .unwrap();
+            sender.send(v6("::1", 7000), v6("::1", 9), &payload, 0).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (mut ids4, mut ids6) = (Vec::new(), Vec::new());
+        let mut buf = [0u8; 2048];
+        loop {
+            // SAFETY: `buf` is valid for writes of its length.
+            let n = unsafe { libc::recv(capture, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let Ok(n) = usize::try_from(n) else { break };
+            let p = &buf[..n];
+            let id = match p.first().map(|b| b >> 4) {
+                Some(4) if n >= 20 && p[9] == PROTO_UDP && u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0 => {
+                    (false, u32::from(u16::from_be_bytes([p[4], p[5]])))
+                }
+                Some(6) if n >= 48 && p[6] == PROTO_FRAGMENT => {
+                    (true, u32::from_be_bytes([p[44], p[45], p[46], p[47]]))
+                }
+                _ => continue,
+            };
+            let ids = if id.0 { &mut ids6 } else { &mut ids4 };
+            if !ids.contains(&id.1) {
+                ids.push(id.1);
+            }
+        }
+        // SAFETY: ours, closed once.
+        unsafe { libc::close(capture) };
+        (ids4, ids6)
+    })
+    .join()
+    .unwrap()
+}
+
+/// Fragment IDs are not a counter: one who sees one datagram's (a LAN
+/// client asking a server that answers big) could otherwise name the
+/// next one's, and slip a forged fragment into another client's reply
+/// (RFC 7739). Needs root.
+#[test]
+fn fragment_ids_cannot_be_guessed_from_the_last_one() {
+    let (ids4, ids6) = fragment_ids_on_a_small_loopback(8);
+    for (family, ids) in [("IPv4", &ids4), ("IPv6", &ids6)] {
+        assert!(ids.len() >= 6, "{family}: one ID per datagram: {ids:?}");
+        let steps = ids.windows(2).filter(|w| w[1].wrapping_sub(w[0]) < 16).count();
+        assert!(steps < 3, "{family}: IDs follow each other: {ids:?}");
+    }
+}
+
+/// A UDP checksum that computes to zero is sent as 0xFFFF: zero means "no
+/// checksum", which IPv6 receivers drop (RFC 8200 8.1). A two-byte payload
+/// equal to the checksum of two zero bytes makes the sum all ones, so its
+/// checksum computes to zero; checked in a batch and alone.
+#[test]
+fn a_checksum_of_zero_is_sent_as_all_ones() {
+    let (src, dst) = (v6("2001:db8::53", 53), v6("2001:db8:1::10", 40000));
+    let zero = udp_datagram(src, dst, &[0, 0]).unwrap();
+    let payload = [zero[6], zero[7]];
+    let alone = udp_datagram(src, dst, &payload).unwrap();
+    let mut batch = RawBatch::default();
+    assert!(batch.push(src, dst, &payload, 0));
+    let batched = batch.packets().next().unwrap()[IPV6_HEADER..].to_vec();
+    assert_eq!(alone, batched);
+    assert_eq!(u16::from_be_bytes([alone[6], alone[7]]), 0xffff);
+    assert!(verifies(pseudo_header_sum(src.ip(), dst.ip(), 10), &alone));
+}
+
+/// A link-local client's scope (its interface) survives into the address
+/// a raw packet is sent to, and a batch, which keeps addresses only, does
+/// not take such a client's reply.
+#[test]
+fn a_link_scoped_client_keeps_its_interface() {
+    let scoped: SocketAddr = "[fe80::10%3]:40000".parse().unwrap();
+    match raw_destination(scoped) {
+        SocketAddr::V6(d) => assert_eq!(
+            (d.port(), d.scope_id(), d.ip()),
+            (0, 3, &"fe80::10".parse::<Ipv6Addr>().unwrap())
+        ),
+        other => panic!("{other}"),
+    }
+    assert_eq!(raw_destination(v4([192, 0, 2, 10], 40000)), v4([192, 0, 2, 10], 0));
+    let mut batch = RawBatch::default();
+    assert!(!batch.push(v6("2001:db8::53", 53), scoped, b"x", 0));
+    assert!(batch.push(v6("2001:db8::53", 53), v6("fe80::10", 40000), b"x", 0));
+    assert_eq!(batch.packets().count(), 1);
+}
