@@ -542,6 +542,32 @@ fn sharing_socket(lab: &Lab, addr: SocketAddr, reuse_port: bool) -> std::net::Ud
     })
 }
 
+/// Closes `squatter` and waits until its address can be bound again.
+///
+/// Closing our descriptor is not always the end of the socket: another
+/// test thread that forks at that moment (to run `ip netns exec`, `dig`,
+/// ...) holds a copy of every descriptor until its child execs, and the
+/// next tproxyd would find the port still taken.
+fn release(lab: &Lab, squatter: std::net::UdpSocket) {
+    let addr = squatter.local_addr().unwrap();
+    drop(squatter);
+    let free = lab.gateway.enter(move || {
+        use socket2::{Domain, Socket, Type};
+        for _ in 0..500 {
+            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, None).unwrap();
+            if addr.is_ipv6() {
+                s.set_only_v6(true).unwrap();
+            }
+            if s.bind(&addr.into()).is_ok() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        false
+    });
+    assert!(free, "{addr} still taken 5 s after the squatter closed it");
+}
+
 fn assert_refused(code: Option<i32>, stderr: &str, addr: &str, what: &str) {
     assert!(
         code.is_some_and(|c| c != 0 && c != 124),
@@ -562,17 +588,17 @@ fn a_listen_address_held_by_another_socket_is_refused_not_shared() {
     let squatter = sharing_socket(&lab, "0.0.0.0:15353".parse().unwrap(), true);
     let (code, stderr) = run_to_exit(&lab, "squatted-relay.toml", &config);
     assert_refused(code, &stderr, "0.0.0.0:15353", "relay, transparent UDP");
-    drop(squatter);
+    release(&lab, squatter);
     // The IPv6 listener is checked on its own (both sides are v6-only).
     let squatter = sharing_socket(&lab, "[::]:15353".parse().unwrap(), true);
     let (code, stderr) = run_to_exit(&lab, "squatted-relay6.toml", &config);
     assert_refused(code, &stderr, "[::]:15353", "relay, transparent UDP");
-    drop(squatter);
+    release(&lab, squatter);
     // Plain SO_REUSEADDR is enough for two UDP sockets to share a port.
     let squatter = sharing_socket(&lab, "192.0.2.1:5353".parse().unwrap(), false);
     let (code, stderr) = run_to_exit(&lab, "squatted-dns.toml", &config);
     assert_refused(code, &stderr, "192.0.2.1:5353", "DNS, UDP");
-    drop(squatter);
+    release(&lab, squatter);
 
     // A second tproxyd with the same config must not join the first one.
     let first = lab.start_tproxyd(&config);

@@ -80,7 +80,7 @@ impl RawSender {
             }
         };
         let sock = self.socket(v6)?;
-        let to = SockAddr::from(SocketAddr::new(dst.ip(), 0));
+        let to = SockAddr::from(raw_destination(dst));
         let udp = udp_datagram(src, dst, payload)?;
         let whole = PACKET.with_borrow_mut(|pkt| {
             pkt.clear();
@@ -89,9 +89,7 @@ impl RawSender {
             sock.send_to(pkt, &to)
         });
         match whole {
-            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
-                self.send_fragmented(sock, src.ip(), dst.ip(), tos, &udp)
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => self.send_fragmented(sock, src.ip(), dst, tos, &udp),
             other => other.map(drop),
         }
     }
@@ -99,8 +97,9 @@ impl RawSender {
     /// Sends the UDP datagram `udp` in IP fragments that fit the route's
     /// MTU: the kernel sends a raw packet larger than the outgoing
     /// device's MTU in no other way.
-    fn send_fragmented(&self, sock: &Socket, src: IpAddr, dst: IpAddr, tos: u8, udp: &[u8]) -> io::Result<()> {
-        let to = SockAddr::from(SocketAddr::new(dst, 0));
+    fn send_fragmented(&self, sock: &Socket, src: IpAddr, dst: SocketAddr, tos: u8, udp: &[u8]) -> io::Result<()> {
+        let to = SockAddr::from(raw_destination(dst));
+        let dst = dst.ip();
         let mtu = route_mtu(dst, self.mark)?;
         // Drawn at random, not counted: who sees one datagram's ID must
         // not be able to name the next one's and forge a fragment of it
@@ -140,6 +139,16 @@ pub struct RawBatch {
     messages: Vec<Message<'static>>,
 }
 
+/// Where a raw packet for `dst` is sent: the address without a port (the
+/// port is in the UDP header), keeping an IPv6 scope, without which the
+/// kernel cannot tell which link a link-local client is on.
+fn raw_destination(dst: SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(d) => SocketAddr::new(IpAddr::V4(*d.ip()), 0),
+        SocketAddr::V6(d) => SocketAddr::V6(std::net::SocketAddrV6::new(*d.ip(), 0, 0, d.scope_id())),
+    }
+}
+
 impl RawBatch {
     /// Adds a UDP datagram from `src` to `dst` with TOS `tos`; false (and
     /// nothing added) when it cannot join a batch: the families differ or
@@ -147,6 +156,10 @@ impl RawBatch {
     pub fn push(&mut self, src: SocketAddr, dst: SocketAddr, payload: &[u8], tos: u8) -> bool {
         let v6 = match (src, dst) {
             (SocketAddr::V4(_), SocketAddr::V4(_)) => false,
+            // A link-scoped client (fe80::/10 with its interface) needs
+            // that interface to be reached; a batch keeps only addresses,
+            // so such a reply takes a path that keeps the scope.
+            (SocketAddr::V6(_), SocketAddr::V6(d)) if d.scope_id() != 0 => return false,
             (SocketAddr::V6(_), SocketAddr::V6(_)) => true,
             _ => return false,
         };
@@ -267,7 +280,7 @@ impl RawSender {
                             (src, dst, tos, &batch.bytes[at + ip_header..at + len])
                         });
                     if let Some((src, dst, tos, udp)) = packet {
-                        match self.send_fragmented(sock, src, dst, tos, udp) {
+                        match self.send_fragmented(sock, src, SocketAddr::new(dst, 0), tos, udp) {
                             Ok(()) => {
                                 sent.failed -= 1;
                                 sent.first_error = None;

@@ -339,3 +339,23 @@ fn a_checksum_of_zero_is_sent_as_all_ones() {
     assert_eq!(u16::from_be_bytes([alone[6], alone[7]]), 0xffff);
     assert!(verifies(pseudo_header_sum(src.ip(), dst.ip(), 10), &alone));
 }
+
+/// A link-local client's scope (its interface) survives into the address
+/// a raw packet is sent to, and a batch, which keeps addresses only, does
+/// not take such a client's reply.
+#[test]
+fn a_link_scoped_client_keeps_its_interface() {
+    let scoped: SocketAddr = "[fe80::10%3]:40000".parse().unwrap();
+    match raw_destination(scoped) {
+        SocketAddr::V6(d) => assert_eq!(
+            (d.port(), d.scope_id(), d.ip()),
+            (0, 3, &"fe80::10".parse::<Ipv6Addr>().unwrap())
+        ),
+        other => panic!("{other}"),
+    }
+    assert_eq!(raw_destination(v4([192, 0, 2, 10], 40000)), v4([192, 0, 2, 10], 0));
+    let mut batch = RawBatch::default();
+    assert!(!batch.push(v6("2001:db8::53", 53), scoped, b"x", 0));
+    assert!(batch.push(v6("2001:db8::53", 53), v6("fe80::10", 40000), b"x", 0));
+    assert_eq!(batch.packets().count(), 1);
+}
