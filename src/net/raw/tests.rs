@@ -219,14 +219,7 @@ fn a_sent_batch_arrives_from_the_spoofed_sources() {
 /// of this thread's own, whose loopback takes 400 bytes; needs root.
 #[test]
 fn a_batched_packet_over_a_small_links_mtu_arrives_fragmented() {
-    std::thread::spawn(|| {
-        // SAFETY: moves this thread alone into a new network namespace.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-        let up = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "mtu", "400", "up"])
-            .status()
-            .unwrap();
-        assert!(up.success());
+    on_own_loopback(400, || {
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         rx.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
         let to = rx.local_addr().unwrap();
@@ -245,22 +238,31 @@ fn a_batched_packet_over_a_small_links_mtu_arrives_fragmented() {
             assert_eq!(&buf[..n], p.as_slice(), "datagram {i}");
             assert_eq!(from, v4([127, 0, 0, 2 + i as u8], 7000));
         }
-    })
-    .join()
-    .unwrap();
+    });
 }
 
-/// The IDs of the fragments of successive datagrams, as a receiver on
-/// this thread's own loopback (MTU 400) sees them: IPv4 then IPv6.
-fn fragment_ids_on_a_small_loopback(datagrams: usize) -> (Vec<u32>, Vec<u32>) {
+/// Runs `f` on a thread of its own in a new network namespace whose
+/// loopback is up with an MTU of `mtu` bytes; needs root.
+fn on_own_loopback<T: Send + 'static>(mtu: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
         // SAFETY: moves this thread alone into a new network namespace.
         assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        let mtu = mtu.to_string();
         let up = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "mtu", "1280", "up"])
+            .args(["link", "set", "lo", "mtu", &mtu, "up"])
             .status()
             .unwrap();
         assert!(up.success());
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The IDs of the fragments of successive datagrams, as a receiver on
+/// this thread's own loopback (MTU 1,280) sees them: IPv4 then IPv6.
+fn fragment_ids_on_a_small_loopback(datagrams: usize) -> (Vec<u32>, Vec<u32>) {
+    on_own_loopback(1280, move || {
         // SAFETY: a plain socket call; the descriptor is closed below.
         let capture = unsafe {
             libc::socket(
@@ -304,8 +306,6 @@ fn fragment_ids_on_a_small_loopback(datagrams: usize) -> (Vec<u32>, Vec<u32>) {
         unsafe { libc::close(capture) };
         (ids4, ids6)
     })
-    .join()
-    .unwrap()
 }
 
 /// Fragment IDs are not a counter: one who sees one datagram's (a LAN
