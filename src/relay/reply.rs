@@ -417,9 +417,9 @@ impl ReplySender {
 mod tests {
     use super::*;
 
-    /// Needs root (transparent binding, raw IP), as the lab tests do.
-    #[test]
-    fn sends_in_parts_share_one_allowance_of_new_reply_sockets() {
+    /// A sender for up to 64 reply sockets, its counters, and a client
+    /// socket (with its address) that the replies go to.
+    fn fixture() -> (Arc<Stats>, ReplySender, UdpSocket, SocketAddr) {
         let stats = Arc::new(Stats::default());
         let replies = ReplySender::new(NonZeroUsize::new(64).unwrap(), 0, stats.clone());
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -427,6 +427,13 @@ mod tests {
             .set_read_timeout(Some(std::time::Duration::from_secs(2)))
             .unwrap();
         let to = client.local_addr().unwrap();
+        (stats, replies, client, to)
+    }
+
+    /// Needs root (transparent binding, raw IP), as the lab tests do.
+    #[test]
+    fn sends_in_parts_share_one_allowance_of_new_reply_sockets() {
+        let (stats, replies, client, to) = fixture();
         let mut scratch = ReplyScratch::default();
         let mut opens = OPENS_PER_BATCH;
         // Three parts, each with two replies from each of three new
@@ -457,13 +464,7 @@ mod tests {
     /// Needs root (transparent binding, raw IP), as the lab tests do.
     #[test]
     fn a_batch_opens_only_its_share_of_new_reply_sockets() {
-        let stats = Arc::new(Stats::default());
-        let replies = ReplySender::new(NonZeroUsize::new(64).unwrap(), 0, stats.clone());
-        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-        client
-            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
-            .unwrap();
-        let to = client.local_addr().unwrap();
+        let (stats, replies, client, to) = fixture();
         let new_sources = OPENS_PER_BATCH + 6;
         // Two replies from each address: a reply alone from its address
         // would go over raw IP without a socket.
@@ -497,13 +498,7 @@ mod tests {
     /// Needs root (raw IP), as the lab tests do.
     #[test]
     fn lone_replies_of_a_batch_go_over_raw_ip_without_sockets() {
-        let stats = Arc::new(Stats::default());
-        let replies = ReplySender::new(NonZeroUsize::new(64).unwrap(), 0, stats.clone());
-        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-        client
-            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
-            .unwrap();
-        let to = client.local_addr().unwrap();
+        let (stats, replies, client, to) = fixture();
         let reply = |src: &str, slot: u32| Pending {
             src: src.parse().unwrap(),
             client: to,
