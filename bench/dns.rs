@@ -23,8 +23,8 @@
 //! `BENCH_DNS_ONLY` (comma-separated workloads and/or system names, e.g.
 //! `miss,tproxyd (hijacked),dnsdist (no cache)`; a list naming no
 //! workload means all of them, and likewise for systems) and
-//! `BENCH_DNS_PERF` (a directory: `perf record -g` of tproxyd over each
-//! peak run lands there; `BENCH_DNS_PERF_HOW` replaces `record -q -g`,
+//! `BENCH_DNS_PERF` (a directory: `perf record -g` of each system's
+//! server process over each peak run lands there; `BENCH_DNS_PERF_HOW` replaces `record -q -g`,
 //! e.g. with `trace -s` for system call counts). `BENCH_DNS_WRAP` starts
 //! tproxyd behind a wrapper; with `valgrind --tool=callgrind
 //! --instr-atstart=no` only the peak runs are counted, one dump each.
@@ -199,20 +199,17 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
                     &format!("dnsperf -s {server} -d {file} -n 1 -q 100 >/dev/null 2>&1"),
                 );
             }
-            let perf = perf_dir
-                .as_deref()
-                .filter(|_| system.starts_with("tproxyd"))
-                .map(|dir| {
-                    let out = format!("{dir}/{workload}-{}.data", system.replace([' ', '(', ')'], ""));
-                    let how = std::env::var("BENCH_DNS_PERF_HOW").unwrap_or_else(|_| "record -q -g".into());
-                    std::process::Command::new("perf")
-                        .args(how.split_whitespace())
-                        .args(["-p", &pid_of(system).to_string(), "-o", &out])
-                        .stdout(std::process::Stdio::null())
-                        .stderr(std::process::Stdio::null())
-                        .spawn()
-                        .expect("perf")
-                });
+            let perf = perf_dir.as_deref().map(|dir| {
+                let out = format!("{dir}/{workload}-{}.data", system.replace([' ', '(', ')'], ""));
+                let how = std::env::var("BENCH_DNS_PERF_HOW").unwrap_or_else(|_| "record -q -g".into());
+                std::process::Command::new("perf")
+                    .args(how.split_whitespace())
+                    .args(["-p", &pid_of(system).to_string(), "-o", &out])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("perf")
+            });
             let callgrind = wrap.contains("callgrind") && system.starts_with("tproxyd");
             if callgrind {
                 sh(
