@@ -7,6 +7,11 @@
 #   bench/cpu-per-datagram.sh BINARY...     (as root; e.g. the release and
 #                                            release-small builds)
 #
+# A BINARY of the form floor:LAB[,ARG...] runs the bench's relay floor
+# instead (LAB is the bench binary, target/release/deps/lab-HASH; ARGs
+# such as --threads,2 or --busy go to the floor, commas for spaces): the
+# same kernel calls as tproxyd's fast path and nothing else.
+#
 # Environment: RATE [20000] datagrams/s, SECS [10], SIZE [64] bytes,
 # ROUNDS [3] (the builds take turns, round by round), MODE:
 #   forward  [default] iperf3 client → server through tproxyd
@@ -117,7 +122,14 @@ ticks_per_s=$(getconf CLK_TCK)
 round=1
 while [ "$round" -le "$ROUNDS" ]; do
     for bin in "$@"; do
-        ip netns exec "$G" "$bin" --config "$TMP/tproxyd.toml" 2>"$TMP/log" &
+        case $bin in
+        floor:*)
+            spec=${bin#floor:}
+            fargs=$(case $spec in *,*) echo "${spec#*,}" | tr ',' ' ' ;; esac)
+            # shellcheck disable=SC2086 # the floor's arguments, one word each
+            ip netns exec "$G" "${spec%%,*}" relay-floor --listen 0.0.0.0:15353 $fargs 2>"$TMP/log" & ;;
+        *) ip netns exec "$G" "$bin" --config "$TMP/tproxyd.toml" 2>"$TMP/log" & ;;
+        esac
         pid=$!
         sleep 1
         # utime + stime, fields 14 and 15 of /proc/PID/stat (the name in
