@@ -243,11 +243,6 @@ pub struct Before {
     relay: Option<Relay>,
 }
 
-/// Reads every counter now; `pid` is tproxyd's, when it is in the path.
-pub fn before(lab: &Lab, pid: Option<u32>) -> Before {
-    before_relay(lab, pid.map(Relay::Tproxyd))
-}
-
 /// Reads every counter now, with those of `relay` when one is in the path.
 pub fn before_relay(lab: &Lab, relay: Option<Relay>) -> Before {
     Before {

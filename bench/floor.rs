@@ -105,6 +105,7 @@ struct Counters {
 /// One upstream socket and the servers it talks to, each for one client.
 struct Upstream {
     socket: UdpSocket,
+    v6: bool,
     clients: HashMap<SocketAddr, SocketAddr>,
 }
 
@@ -359,9 +360,10 @@ fn upstream_for(shared: &Shared, client: SocketAddr, dst: SocketAddr) -> io::Res
     if let Some(&i) = flows.by_flow.get(&(client, dst)) {
         return Ok(flows.upstreams[i].socket.as_raw_fd());
     }
-    let free = flows.upstreams.iter().position(|u| {
-        u.socket.local_addr().is_ok_and(|a| a.is_ipv6() == dst.is_ipv6()) && !u.clients.contains_key(&dst)
-    });
+    let free = flows
+        .upstreams
+        .iter()
+        .position(|u| u.v6 == dst.is_ipv6() && !u.clients.contains_key(&dst));
     let i = match free {
         Some(i) => i,
         None => {
@@ -372,6 +374,7 @@ fn upstream_for(shared: &Shared, client: SocketAddr, dst: SocketAddr) -> io::Res
             watch(shared.reverse_epoll, fd, UPSTREAM + fd as u64)?;
             flows.upstreams.push(Upstream {
                 socket,
+                v6: dst.is_ipv6(),
                 clients: HashMap::new(),
             });
             let i = flows.upstreams.len() - 1;

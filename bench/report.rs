@@ -341,6 +341,20 @@ fn targets(o: &mut String, rounds: &[Round]) {
         "µs",
     ));
     rows.push((
+        "Mix: CPU per relayed datagram, relay floor".into(),
+        "(tproxyd: ≤ 1 µs)".into(),
+        per_round(&|r| Some(mix(r, "relay floor")?.drops.daemon?.cpu_us_per_datagram())),
+        |v| v <= 1.0,
+        "µs",
+    ));
+    rows.push((
+        "Mix: game round trips lost, relay floor".into(),
+        "(no target)".into(),
+        per_round(&|r| Some(mix(r, "relay floor")?.game_loss_percent())),
+        |v| v <= 0.0,
+        "%",
+    ));
+    rows.push((
         "Mix: game round trips lost, tproxyd with 2 workers".into(),
         "(no target)".into(),
         per_round(&|r| Some(mix(r, "tproxyd, 2 workers")?.game_loss_percent())),

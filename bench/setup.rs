@@ -10,6 +10,7 @@
 //! | 5202, 11112     | through tproxyd      |
 //! | 5203            | through socat        |
 //! | 5204            | through the floor    |
+//! | 32000-32005     | mix, via the floor   |
 //! | 30000-30255     | flows, via tproxyd   |
 //! | 53 (hijacked)   | tproxyd DNS          |
 
@@ -28,6 +29,8 @@ pub const RELAY_PORT: u16 = 15353;
 pub const CAPTURED_PORTS: &str = "53,5202,11112,30000-30255";
 /// The port captured for the relay floor, by a table of its own.
 pub const FLOOR_PORT: u16 = 5204;
+/// The first of the mix's six server ports through the relay floor.
+pub const FLOOR_MIX_BASE: u16 = 32_000;
 
 /// A fresh lab with the bench's routes and redirect rules.
 pub fn lab() -> Lab {
@@ -40,7 +43,8 @@ pub fn lab() -> Lab {
     lab.install_rules(
         "nft",
         &format!(
-            "LAN_IF=lan0 FAMILIES=4 NFT_TABLE=tpfloor ANTISPOOF=0 UDP_PORTS={FLOOR_PORT} TPROXY_PORT={}",
+            "LAN_IF=lan0 FAMILIES=4 NFT_TABLE=tpfloor ANTISPOOF=0 UDP_PORTS={FLOOR_PORT},{FLOOR_MIX_BASE}-{} TPROXY_PORT={}",
+            FLOOR_MIX_BASE + 5,
             crate::floor::PORT
         ),
     );

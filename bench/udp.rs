@@ -17,7 +17,8 @@
 //! comparison.
 //!
 //! `BENCH_UDP_ONLY` (comma-separated: `kernel`, `tproxyd`, `floor`,
-//! `socat`, `unpinned`, `pinned`) runs only those systems and/or passes;
+//! `socat`; `unpinned`, `pinned`; `default`, `4mib`) runs only those
+//! systems, passes and/or endpoint buffers;
 //! `BENCH_FLOOR_ARGS` passes arguments to the relay floor (`--threads 2`,
 //! `--busy`).
 
@@ -157,6 +158,14 @@ impl Only {
     fn pass(&self, pinned: bool) -> bool {
         self.wants(if pinned { "pinned" } else { "unpinned" }, &["pinned", "unpinned"])
     }
+
+    fn buffers(&self, b: Buffers) -> bool {
+        let word = match b {
+            Buffers::Default => "default",
+            Buffers::FourMiB => "4mib",
+        };
+        self.wants(word, &["default", "4mib"])
+    }
 }
 
 pub fn run(opts: &Options) -> Vec<Point> {
@@ -188,7 +197,7 @@ pub fn run(opts: &Options) -> Vec<Point> {
         sleep_ms(300);
         let pid = daemon.pid();
         let mut one = |case: Case| {
-            if !only.system(case.system) {
+            if !only.system(case.system) || !only.buffers(case.buffers) {
                 return;
             }
             let relay = match case.system {
@@ -257,6 +266,9 @@ pub fn run(opts: &Options) -> Vec<Point> {
         let pid = daemon.pid();
         for direction in [Direction::Forward, Direction::Reverse] {
             for buffers in [Buffers::FourMiB, Buffers::Default] {
+                if !only.buffers(buffers) {
+                    continue;
+                }
                 for size in [64usize, 1200] {
                     let case = Case {
                         system: System::Tproxyd,

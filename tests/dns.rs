@@ -589,3 +589,78 @@ upstream = "burst"
     );
     assert_eq!(stopped.counter("reply_send_errors"), 0);
 }
+
+/// Answers to misses wait only for the other answers of their worker
+/// turn, never for a slow upstream: a miss that a slow server answers
+/// after 900 ms, asked first, must not hold back the twenty asked after
+/// it of a fast one (the answers all leave through the same outbox), and
+/// it must still be answered itself when its upstream answers.
+#[test]
+fn a_slow_upstream_answer_holds_back_no_other_answer() {
+    let t = DnsLab::new();
+    let (fast, slow) = (ip("198.51.100.55"), ip("198.51.100.56"));
+    t.lab.add_server_address(0, fast);
+    t.lab.add_server_address(0, slow);
+    let _fast = FakeDns::start(
+        &t.lab.servers[0],
+        sa(fast, 53),
+        Behaviour::answer("203.0.113.81".parse().unwrap()),
+    );
+    let _slow = FakeDns::start(
+        &t.lab.servers[0],
+        sa(slow, 53),
+        Behaviour::late("203.0.113.82".parse().unwrap(), Duration::from_millis(900)),
+    );
+    let daemon = t.start(&format!(
+        r#"
+[dns.upstreams.fast]
+servers = ["{fast}"]
+[dns.upstreams.slow]
+servers = ["{slow}"]
+[[dns.rules]]
+domains = ["*.fast.test"]
+action = "forward"
+upstream = "fast"
+[[dns.rules]]
+domains = ["*.slow.test"]
+action = "forward"
+upstream = "slow"
+"#
+    ));
+    let sock = socket(&t.lab.client, "192.0.2.10:0".parse().unwrap());
+    sock.set_read_timeout(Some(Duration::from_millis(3_000))).unwrap();
+    let server = sa(ip(PUBLIC), 53);
+    sock.send_to(&query_bytes(1, "s.slow.test.", RecordType::A), server)
+        .unwrap();
+    for i in 0..20u16 {
+        sock.send_to(
+            &query_bytes(100 + i, &format!("f{i}.fast.test."), RecordType::A),
+            server,
+        )
+        .unwrap();
+    }
+    let mut order = Vec::new();
+    for _ in 0..21 {
+        let (from, bytes) = recv(&sock).unwrap_or_else(|| panic!("only {} answers: {order:?}", order.len()));
+        assert_eq!(from, server);
+        let msg = Message::from_vec(&bytes).unwrap();
+        assert_eq!(msg.metadata.response_code, ResponseCode::NoError, "{msg:?}");
+        let expected = if msg.metadata.id == 1 {
+            "203.0.113.82"
+        } else {
+            "203.0.113.81"
+        };
+        let data: Vec<&RData> = msg.answers.iter().map(|r| &r.data).collect();
+        assert_eq!(format!("{data:?}"), format!("[A(A({expected}))]"), "{msg:?}");
+        order.push(msg.metadata.id);
+    }
+    assert_eq!(
+        order.last(),
+        Some(&1),
+        "the slow answer came before a fast one: {order:?}"
+    );
+    let mut fast_ids = order[..20].to_vec();
+    fast_ids.sort_unstable();
+    assert_eq!(fast_ids, (100..120).collect::<Vec<u16>>());
+    assert_eq!(daemon.stop().counter("dns_forwarded"), 21);
+}
