@@ -7,6 +7,11 @@
 #   bench/cpu-per-datagram.sh BINARY...     (as root; e.g. the release and
 #                                            release-small builds)
 #
+# A BINARY of the form floor:LAB[,ARG...] runs the bench's relay floor
+# instead (LAB is the bench binary, target/release/deps/lab-HASH; ARGs
+# such as --threads,2 or --busy go to the floor, commas for spaces): the
+# same kernel calls as tproxyd's fast path and nothing else.
+#
 # Environment: RATE [20000] datagrams/s, SECS [10], SIZE [64] bytes,
 # ROUNDS [3] (the builds take turns, round by round), MODE:
 #   forward  [default] iperf3 client → server through tproxyd
@@ -21,6 +26,9 @@
 # WINDOW [4M] is iperf3's socket buffer at both ends; WINDOW= (empty)
 # leaves the defaults (~208 KiB), where a receiver scheduled late
 # overflows.
+# STAT=1 also counts the daemon's epoll_wait, recvmmsg, sendmmsg, futex and write calls
+# and context switches over the run (perf stat), printed per datagram (per
+# round trip in pingpong).
 # PERF=PREFIX also records a call-graph profile of each daemon run into
 # PREFIX.ROUND.N.data (perf record -g; N counts the builds given).
 # Needs iperf3 (sockperf for pingpong, python3 for gso), nftables, iproute2. Touches
@@ -117,7 +125,14 @@ ticks_per_s=$(getconf CLK_TCK)
 round=1
 while [ "$round" -le "$ROUNDS" ]; do
     for bin in "$@"; do
-        ip netns exec "$G" "$bin" --config "$TMP/tproxyd.toml" 2>"$TMP/log" &
+        case $bin in
+        floor:*)
+            spec=${bin#floor:}
+            fargs=$(case $spec in *,*) echo "${spec#*,}" | tr ',' ' ' ;; esac)
+            # shellcheck disable=SC2086 # the floor's arguments, one word each
+            ip netns exec "$G" "${spec%%,*}" relay-floor --listen 0.0.0.0:15353 $fargs 2>"$TMP/log" & ;;
+        *) ip netns exec "$G" "$bin" --config "$TMP/tproxyd.toml" 2>"$TMP/log" & ;;
+        esac
         pid=$!
         sleep 1
         # utime + stime, fields 14 and 15 of /proc/PID/stat (the name in
@@ -126,6 +141,10 @@ while [ "$round" -le "$ROUNDS" ]; do
         nbin=$((${nbin:-0} + 1))
         if [ -n "${PERF:-}" ]; then
             perf record -q -g -p "$pid" -o "$PERF.$round.$nbin.data" -- sleep "$SECS" 2>/dev/null &
+        fi
+        if [ -n "${STAT:-}" ]; then
+            perf stat -x, -o "$TMP/stat" -p "$pid" -e syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvmmsg,syscalls:sys_enter_sendmmsg,syscalls:sys_enter_futex,syscalls:sys_enter_write,context-switches -- sleep "$SECS" 2>/dev/null &
+            statpid=$!
         fi
         case $MODE in
         gso)
@@ -180,6 +199,10 @@ PY
         esac
         after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
         kill -TERM "$pid"; wait "$pid" || true
+        if [ -n "${STAT:-}" ]; then
+            wait "$statpid" || true
+            counts=$(awk -F, '/sys_enter|context-switches/ { split($3, e, ":"); printf "%s=%s ", (e[2] != "" ? e[2] : $3), $1 }' "$TMP/stat")
+        fi
         if [ "$MODE" = pingpong ]; then
             # "[Valid Duration] RunTime=... ; SentMessages=N ; ReceivedMessages=M"
             trips=$(echo "$out" | grep -o 'ReceivedMessages=[0-9]*' | tail -1 | grep -o '[0-9]*$')
@@ -187,15 +210,21 @@ PY
             p99=$(echo "$out" | grep -o 'percentile 99.000 = *[0-9.]*' | grep -o '[0-9.]*$')
             awk -v b="$bin" -v r="$round" -v t="$((after - before))" -v hz="$ticks_per_s" -v n="${trips:-0}" \
                 -v p50="${p50:-?}" -v p99="${p99:-?}" \
+                -v c="${counts:-}" \
                 'BEGIN { printf "round %d %s: %d round trips, %.2f s CPU, %.2f us per round trip (%.2f per datagram), RTT p50 %s p99 %s us\n",
-                         r, b, n, t / hz, (n > 0 ? t / hz / n * 1e6 : 0), (n > 0 ? t / hz / n / 2 * 1e6 : 0), p50, p99 }'
+                         r, b, n, t / hz, (n > 0 ? t / hz / n * 1e6 : 0), (n > 0 ? t / hz / n / 2 * 1e6 : 0), p50, p99
+                         k = split(c, kv, " ")
+                         for (i = 1; i <= k; i++) { split(kv[i], x, "="); if (n > 0) printf "    %s per round trip: %.3f\n", x[1], x[2] / n } }'
             continue
         fi
         packets=$(echo "$out" | grep -o '"packets":[[:space:]]*[0-9]*' | tail -1 | grep -o '[0-9]*$')
         lost=$(echo "$out" | grep -o '"lost_packets":[[:space:]]*[0-9]*' | tail -1 | grep -o '[0-9]*$')
         awk -v b="$bin" -v r="$round" -v t="$((after - before))" -v hz="$ticks_per_s" -v p="$packets" -v l="$lost" \
+            -v c="${counts:-}" \
             'BEGIN { printf "round %d %s: %d datagrams sent, %d lost, %.2f s CPU, %.2f us per datagram\n",
-                     r, b, p, l, t / hz, (p > 0 ? t / hz / p * 1e6 : 0) }'
+                     r, b, p, l, t / hz, (p > 0 ? t / hz / p * 1e6 : 0)
+                     n = split(c, kv, " ")
+                     for (i = 1; i <= n; i++) { split(kv[i], x, "="); if (p > 0) printf "    %s per datagram: %.3f\n", x[1], x[2] / p } }'
     done
     nbin=0
     round=$((round + 1))

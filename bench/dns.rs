@@ -15,7 +15,8 @@
 //! hints, no validator, two threads).
 //!
 //! Peak QPS comes from an open-loop run; latency percentiles from a second
-//! run at half that peak, with dnsperf reporting every query. On the miss
+//! run at half that peak, with dnsperf reporting every query; that run's
+//! first second, dnsperf's start-up, is not counted ([`START_UP_SECS`]). On the miss
 //! path every system and every run gets names of its own, so no run is
 //! answered from a cache an earlier one filled.
 //!
@@ -23,7 +24,7 @@
 //! `BENCH_DNS_ONLY` (comma-separated workloads and/or system names, e.g.
 //! `miss,tproxyd (hijacked),dnsdist (no cache)`; a list naming no
 //! workload means all of them, and likewise for systems) and
-//! `BENCH_DNS_PERF` (a directory: `perf record -g` of tproxyd over each
+//! `BENCH_DNS_PERF` (a directory: `perf record -g` of the server over each
 //! peak run lands there; `BENCH_DNS_PERF_HOW` replaces `record -q -g`,
 //! e.g. with `trace -s` for system call counts). `BENCH_DNS_WRAP` starts
 //! tproxyd behind a wrapper; with `valgrind --tool=callgrind
@@ -199,20 +200,17 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
                     &format!("dnsperf -s {server} -d {file} -n 1 -q 100 >/dev/null 2>&1"),
                 );
             }
-            let perf = perf_dir
-                .as_deref()
-                .filter(|_| system.starts_with("tproxyd"))
-                .map(|dir| {
-                    let out = format!("{dir}/{workload}-{}.data", system.replace([' ', '(', ')'], ""));
-                    let how = std::env::var("BENCH_DNS_PERF_HOW").unwrap_or_else(|_| "record -q -g".into());
-                    std::process::Command::new("perf")
-                        .args(how.split_whitespace())
-                        .args(["-p", &pid_of(system).to_string(), "-o", &out])
-                        .stdout(std::process::Stdio::null())
-                        .stderr(std::process::Stdio::null())
-                        .spawn()
-                        .expect("perf")
-                });
+            let perf = perf_dir.as_deref().map(|dir| {
+                let out = format!("{dir}/{workload}-{}.data", system.replace([' ', '(', ')'], ""));
+                let how = std::env::var("BENCH_DNS_PERF_HOW").unwrap_or_else(|_| "record -q -g".into());
+                std::process::Command::new("perf")
+                    .args(how.split_whitespace())
+                    .args(["-p", &pid_of(system).to_string(), "-o", &out])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("perf")
+            });
             let callgrind = wrap.contains("callgrind") && system.starts_with("tproxyd");
             if callgrind {
                 sh(
@@ -225,7 +223,7 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
                 );
             }
             let cpu_before = cpu_seconds(pid_of(system));
-            let peak = dnsperf(&lab, server, &peak_file, secs, None);
+            let (peak, client_cpu) = dnsperf_timed(&lab, server, &peak_file, secs, None);
             let cpu = cpu_seconds(pid_of(system)) - cpu_before;
             if callgrind {
                 let tag: String = system.chars().filter(char::is_ascii_alphanumeric).collect();
@@ -253,7 +251,11 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or((peak.0 / 2.0).max(100.0) as u64);
-            let (_, _, lat) = dnsperf(&lab, server, &half_file, secs.min(4), Some(half));
+            // One second longer than measured: the answers of the first
+            // second are dnsperf's start-up, not the server's (see
+            // `START_UP_SECS`), and are left out for every system alike.
+            let (_, _, lat) = dnsperf(&lab, server, &half_file, secs.min(4) + START_UP_SECS, Some(half));
+            let lat = after_start_up(lat, half);
             if *workload == "miss" {
                 let _ = std::fs::remove_file(&peak_file);
                 let _ = std::fs::remove_file(&half_file);
@@ -274,14 +276,45 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
                 p50_us: pct(0.50),
                 p99_us: pct(0.99),
             };
+            // At peak: the server's and the client's CPU, in CPUs (two here).
+            let busy = |seconds: f64| seconds / f64::from(secs);
             eprintln!(
-                "dns {:<9} {:<22} {:>9.0} qps  lost {:>5.2}%  cpu {:>5.1} µs/q  @half: p50 {:>6.0} µs p99 {:>6.0} µs",
-                workload, system, r.qps, r.lost_percent, r.cpu_us_per_query, r.p50_us, r.p99_us
+                "dns {:<9} {:<22} {:>9.0} qps  lost {:>5.2}%  cpu {:>5.1} µs/q  @peak: server {:.2} client {:.2} CPUs  @half: p50 {:>6.0} µs p99 {:>6.0} µs",
+                workload,
+                system,
+                r.qps,
+                r.lost_percent,
+                r.cpu_us_per_query,
+                busy(cpu),
+                busy(client_cpu),
+                r.p50_us,
+                r.p99_us
             );
             out.push(r);
         }
     }
     out
+}
+
+/// Seconds at the start of each latency run whose answers are not counted.
+///
+/// Every dnsperf run at a fixed rate, against any server here, answers its
+/// first `-q` queries (512) within tens of µs and then stalls: nothing
+/// comes back for 2–4 ms, and the queries sent meanwhile come back
+/// together, their latencies falling from about 3–4 ms. The stall moves with
+/// dnsperf's `-q` (with `-q 2048` it came after 2,048–2,106 answers, against
+/// tproxyd and dnsdist alike), so it is the client's start-up. It put 500 to
+/// 1,500 answers over 1 ms into each run, about a quarter to a half of the
+/// 1 % that a p99 may spend. One second covers it with room to spare.
+const START_UP_SECS: u32 = 1;
+
+/// The latencies after dnsperf's start-up: answers come back in the order
+/// they arrive, so at `rate` queries/s the first `rate × START_UP_SECS`
+/// of them are the run's first seconds.
+fn after_start_up(mut lat: Vec<f64>, rate: u64) -> Vec<f64> {
+    let skip = usize::try_from(rate.saturating_mul(u64::from(START_UP_SECS))).unwrap_or(usize::MAX);
+    lat.drain(..skip.min(lat.len()));
+    lat
 }
 
 /// Unbound on 192.0.2.5 as a forwarder to the lab's upstream: no root
@@ -356,11 +389,28 @@ fn miss_file(lab: &Lab, system: &str, run: &str) -> String {
 /// Runs dnsperf; returns (QPS, lost %, per-query latencies in µs when
 /// rate-limited).
 pub fn dnsperf(lab: &Lab, server: &str, file: &str, secs: u32, rate: Option<u64>) -> (f64, f64, Vec<f64>) {
+    dnsperf_timed(lab, server, file, secs, rate).0
+}
+
+/// [`dnsperf`], and the CPU time dnsperf itself used, in seconds (the
+/// shell's `times` for its children): on two CPUs the client's share
+/// says whether a peak is the server's or the client's. It covers
+/// dnsperf's whole life, including its wait (up to `-t`) for answers
+/// still outstanding at the end, so with a server that loses queries it
+/// is an upper bound.
+pub fn dnsperf_timed(lab: &Lab, server: &str, file: &str, secs: u32, rate: Option<u64>) -> ((f64, f64, Vec<f64>), f64) {
     let cmd = match rate {
-        None => format!("dnsperf -s {server} -d {file} -l {secs} -c 8 -q 512 -t 2 2>&1"),
-        Some(q) => format!("dnsperf -s {server} -d {file} -l {secs} -c 8 -q 512 -t 2 -Q {q} -v 2>&1"),
+        None => format!("dnsperf -s {server} -d {file} -l {secs} -c 8 -q 512 -t 2 2>&1; times"),
+        Some(q) => format!("dnsperf -s {server} -d {file} -l {secs} -c 8 -q 512 -t 2 -Q {q} -v 2>&1; times"),
     };
     let text = sh(&lab.client, &cmd);
+    // `times` prints the shell's own user and system time, then its
+    // children's: `0m1.234s 0m0.567s`.
+    let client_cpu = text
+        .lines()
+        .last()
+        .map(|l| l.split_whitespace().filter_map(minutes_seconds).sum())
+        .unwrap_or(f64::NAN);
     let value = |key: &str| -> f64 {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(key))
@@ -377,5 +427,11 @@ pub fn dnsperf(lab: &Lab, server: &str, file: &str, secs: u32, rate: Option<u64>
         .map(|s| s * 1e6)
         .collect();
     let lost_percent = if sent > 0.0 { 100.0 * lost / sent } else { 100.0 };
-    (value("Queries per second:"), lost_percent, latencies)
+    ((value("Queries per second:"), lost_percent, latencies), client_cpu)
+}
+
+/// `1m2.500s` as seconds.
+fn minutes_seconds(t: &str) -> Option<f64> {
+    let (m, s) = t.strip_suffix('s')?.split_once('m')?;
+    Some(m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
 }

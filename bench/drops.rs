@@ -99,9 +99,40 @@ pub struct Daemon {
     pub other_socket_drops: u64,
 }
 
+/// The relay process in the path, whose counters and sockets are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relay {
+    Tproxyd(u32),
+    /// The bench's relay floor (`floor.rs`).
+    Floor(u32),
+}
+
+impl Relay {
+    pub fn pid(self) -> u32 {
+        match self {
+            Relay::Tproxyd(p) | Relay::Floor(p) => p,
+        }
+    }
+}
+
 impl Daemon {
-    fn read(lab: &Lab, pid: u32) -> Daemon {
-        let socket_drops = SocketDrops::read(pid);
+    fn read(lab: &Lab, relay: Relay) -> Daemon {
+        let pid = relay.pid();
+        let Relay::Tproxyd(_) = relay else {
+            let socket_drops = SocketDrops::read(pid, crate::floor::PORT);
+            let (up, client, drops, errors) = lab.gateway.enter(crate::floor::counters_here).unwrap_or_default();
+            return Daemon {
+                from_client: 0,
+                to_upstream: up,
+                to_client: client,
+                drops,
+                errors,
+                cpu_us: cpu_seconds(pid) * 1e6,
+                listener_drops: socket_drops.listener,
+                other_socket_drops: socket_drops.other,
+            };
+        };
+        let socket_drops = SocketDrops::read(pid, RELAY_PORT);
         let page = lab.gateway.enter(setup::metrics_here);
         let sum = |prefix: &str| -> u64 {
             page.lines()
@@ -157,7 +188,7 @@ impl SocketDrops {
     /// the process's namespace) over the sockets `pid` holds, so that
     /// another program's sockets in the gateway (socat) are not counted.
     /// A socket closed since an earlier read takes its count with it.
-    fn read(pid: u32) -> SocketDrops {
+    fn read(pid: u32, listen_port: u16) -> SocketDrops {
         let held: HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .into_iter()
             .flatten()
@@ -183,7 +214,7 @@ impl SocketDrops {
                     continue;
                 }
                 let port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
-                if port == Some(RELAY_PORT) {
+                if port == Some(listen_port) {
                     d.listener += drops;
                 } else {
                     d.other += drops;
@@ -209,31 +240,31 @@ pub struct Drops {
 /// Counters read before a measurement.
 pub struct Before {
     drops: Drops,
-    pid: Option<u32>,
+    relay: Option<Relay>,
 }
 
-/// Reads every counter now; `pid` is tproxyd's, when it is in the path.
-pub fn before(lab: &Lab, pid: Option<u32>) -> Before {
+/// Reads every counter now, with those of `relay` when one is in the path.
+pub fn before_relay(lab: &Lab, relay: Option<Relay>) -> Before {
     Before {
-        drops: read(lab, pid),
-        pid,
+        drops: read(lab, relay),
+        relay,
     }
 }
 
-fn read(lab: &Lab, pid: Option<u32>) -> Drops {
+fn read(lab: &Lab, relay: Option<Relay>) -> Drops {
     Drops {
         client: Kernel::read(&lab.client),
         gateway: Kernel::read(&lab.gateway),
         server: Kernel::read(&lab.servers[0]),
         backlog: backlog_drops(),
-        daemon: pid.map(|p| Daemon::read(lab, p)),
+        daemon: relay.map(|r| Daemon::read(lab, r)),
     }
 }
 
 impl Before {
     /// What changed since `self` was read.
     pub fn since(&self, lab: &Lab) -> Drops {
-        let now = read(lab, self.pid);
+        let now = read(lab, self.relay);
         let b = &self.drops;
         Drops {
             client: now.client.since(&b.client),
@@ -319,10 +350,10 @@ impl Drops {
         }
         if let Some(d) = &self.daemon {
             if d.drops > 0 {
-                parts.push(format!("tproxyd drops {}", d.drops));
+                parts.push(format!("relay drops {}", d.drops));
             }
             if d.errors > 0 {
-                parts.push(format!("tproxyd errors {}", d.errors));
+                parts.push(format!("relay errors {}", d.errors));
             }
         }
         if parts.is_empty() {

@@ -8,7 +8,8 @@
 //! Every figure compares tproxyd with a baseline measured in the same run
 //! on the same machine, in the same namespace lab the tests use: the
 //! kernel forwarding the same traffic (no proxy), socat (a naive userspace
-//! relay), dnsmasq, dnsdist and Unbound (DNS doing the same work).
+//! relay), the relay floor (tproxyd's kernel calls and nothing else, see
+//! `floor.rs`), dnsmasq, dnsdist and Unbound (DNS doing the same work).
 
 #[path = "../tests/lab/mod.rs"]
 #[allow(unused_imports)]
@@ -19,6 +20,7 @@ mod blocklist;
 mod dns;
 mod domain;
 mod drops;
+mod floor;
 mod flows;
 mod latency;
 mod mix;
@@ -101,6 +103,11 @@ fn load_average() -> String {
 }
 
 fn main() {
+    // The bench starts its relay floor as itself, in the gateway namespace.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(floor::COMMAND) {
+        std::process::exit(floor::main(&args[1..]));
+    }
     if !nix::unistd::geteuid().is_root() {
         eprintln!("bench: run as root (it builds network namespaces): sudo bench/run.sh");
         std::process::exit(2);

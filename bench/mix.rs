@@ -11,8 +11,9 @@
 //! round-trip time is measured by the clock that sent it.
 //!
 //! Ports (server side): kernel path 31000–31005 (not captured), tproxyd
-//! path 30000–30005 (captured): four game ports, then bulk forward (the
-//! server counts), then bulk reverse (the server streams to whoever asks).
+//! path 30000–30005 (captured), relay floor path 32000–32005 (captured for
+//! the floor, `floor.rs`): four game ports, then bulk forward (the server
+//! counts), then bulk reverse (the server streams to whoever asks).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -21,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::Options;
-use crate::drops::{self, Drops};
+use crate::drops::{self, Drops, Relay};
 use crate::setup::{self, SERVER, sleep_ms};
 
 pub const CLIENTS: usize = 50;
@@ -86,7 +87,7 @@ pub fn run(opts: &Options) -> Vec<Result> {
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(ServerCounts::default());
     let mut threads = Vec::new();
-    for base in [30_000u16, 31_000] {
+    for base in [30_000u16, 31_000, setup::FLOOR_MIX_BASE] {
         for k in 0..=GAME_PORTS + 1 {
             let addr: SocketAddr = format!("{SERVER}:{}", base + k).parse().unwrap();
             let sock = lab.servers[0].enter(move || UdpSocket::bind(addr).unwrap());
@@ -98,20 +99,27 @@ pub fn run(opts: &Options) -> Vec<Result> {
     }
     let mut out = Vec::new();
     // The kernel, then tproxyd with one worker (the default on two CPUs)
-    // and with two: the same tproxyd ports, a fresh daemon each.
+    // and with two: the same tproxyd ports, a fresh daemon each; then the
+    // relay floor (tproxyd's kernel calls and nothing else) on its own.
     for (system, base, workers) in [
         ("kernel forwarding", 31_000u16, None),
         ("tproxyd", 30_000, Some(1)),
         ("tproxyd, 2 workers", 30_000, Some(2)),
+        ("relay floor", setup::FLOOR_MIX_BASE, None),
     ] {
         let daemon = workers.map(|w| {
             let d = setup::tproxyd(&lab, &[], &format!("workers = {w}"));
             sleep_ms(500);
             d
         });
-        let pid = daemon.as_ref().map(|d| d.pid());
+        let floor = (base == setup::FLOOR_MIX_BASE).then(|| setup::floor(&lab, &[]));
+        let relay = match (&daemon, floor) {
+            (Some(d), _) => Some(Relay::Tproxyd(d.pid())),
+            (None, Some(f)) => Some(Relay::Floor(f)),
+            (None, None) => None,
+        };
         counts.reset();
-        let counters = drops::before(&lab, pid);
+        let counters = drops::before_relay(&lab, relay);
         let ns = crate::lab::Netns {
             name: lab.client.name.clone(),
         };
@@ -163,6 +171,9 @@ pub fn run(opts: &Options) -> Vec<Result> {
         );
         out.push(r);
         drop(daemon);
+        if let Some(f) = floor {
+            lab.kill(f);
+        }
         sleep_ms(500);
     }
     stop.store(true, Ordering::Relaxed);

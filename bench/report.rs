@@ -147,12 +147,13 @@ fn peak(points: &[Point], system: System, sel: Sel) -> Option<f64> {
         .reduce(f64::max)
 }
 
-/// tproxyd's CPU per relayed datagram at the sender's maximum.
-fn cpu_at_max(points: &[Point], sel: Sel) -> Option<f64> {
+/// The CPU per relayed datagram of `system` (tproxyd or the relay floor)
+/// at the sender's maximum.
+fn cpu_at_max(points: &[Point], system: System, sel: Sel) -> Option<f64> {
     points
         .iter()
         .find(|p| {
-            p.system == System::Tproxyd
+            p.system == system
                 && p.offered.is_none()
                 && p.size == sel.size
                 && p.direction == sel.direction
@@ -169,6 +170,8 @@ type Row = (String, String, Vec<Option<f64>>, fn(f64) -> bool, &'static str);
 fn targets(o: &mut String, rounds: &[Round]) {
     let mut rows: Vec<Row> = Vec::new();
     let per_round = |f: &dyn Fn(&Round) -> Option<f64>| rounds.iter().map(f).collect::<Vec<_>>();
+    // Beside each of tproxyd's ratios, the relay floor's (tproxyd's kernel
+    // calls and nothing else): what any user-space relay gets here.
     for sel in at_max() {
         let target = if sel.buffers == Buffers::Default { 0.9 } else { 1.0 };
         rows.push((
@@ -178,14 +181,44 @@ fn targets(o: &mut String, rounds: &[Round]) {
             if target >= 1.0 { |v| v >= 1.0 } else { |v| v >= 0.9 },
             "×",
         ));
+        rows.push((
+            format!("{}: tproxyd ÷ relay floor", sel.label()),
+            "(no target)".into(),
+            per_round(&|r| Some(peak(&r.udp, System::Tproxyd, sel)? / peak(&r.udp, System::Floor, sel)?)),
+            |v| v >= 1.0,
+            "×",
+        ));
+        rows.push((
+            format!("{}: relay floor ÷ kernel", sel.label()),
+            format!("(tproxyd: ≥ {target:.1})"),
+            per_round(&|r| Some(peak(&r.udp, System::Floor, sel)? / peak(&r.udp, System::Kernel, sel)?)),
+            |v| v >= 1.0,
+            "×",
+        ));
     }
     for sel in at_max() {
+        let what = sel.label();
+        let what = what.trim_start_matches("UDP ");
         rows.push((
-            format!("CPU per relayed datagram, {}", sel.label().trim_start_matches("UDP ")),
+            format!("CPU per relayed datagram, {what}"),
             "≤ 1 µs".into(),
-            per_round(&|r| cpu_at_max(&r.udp, sel)),
+            per_round(&|r| cpu_at_max(&r.udp, System::Tproxyd, sel)),
             |v| v <= 1.0,
             "µs",
+        ));
+        rows.push((
+            format!("CPU per relayed datagram, {what}: relay floor"),
+            "(tproxyd: ≤ 1 µs)".into(),
+            per_round(&|r| cpu_at_max(&r.udp, System::Floor, sel)),
+            |v| v <= 1.0,
+            "µs",
+        ));
+        rows.push((
+            format!("CPU per relayed datagram, {what}: tproxyd ÷ relay floor"),
+            "(no target)".into(),
+            per_round(&|r| Some(cpu_at_max(&r.udp, System::Tproxyd, sel)? / cpu_at_max(&r.udp, System::Floor, sel)?)),
+            |v| v <= 1.0,
+            "×",
         ));
     }
     for one in at_max() {
@@ -306,6 +339,20 @@ fn targets(o: &mut String, rounds: &[Round]) {
         per_round(&|r| Some(mix(r, "tproxyd")?.drops.daemon?.cpu_us_per_datagram())),
         |v| v <= 1.0,
         "µs",
+    ));
+    rows.push((
+        "Mix: CPU per relayed datagram, relay floor".into(),
+        "(tproxyd: ≤ 1 µs)".into(),
+        per_round(&|r| Some(mix(r, "relay floor")?.drops.daemon?.cpu_us_per_datagram())),
+        |v| v <= 1.0,
+        "µs",
+    ));
+    rows.push((
+        "Mix: game round trips lost, relay floor".into(),
+        "(no target)".into(),
+        per_round(&|r| Some(mix(r, "relay floor")?.game_loss_percent())),
+        |v| v <= 0.0,
+        "%",
     ));
     rows.push((
         "Mix: game round trips lost, tproxyd with 2 workers".into(),
@@ -447,8 +494,8 @@ fn fmt(v: f64) -> String {
     }
 }
 
-const DROPS_HEAD: &str = "| run | lost (measured by the receiver) | client rcvbuf | gateway rcvbuf (tproxyd listener, other) | server rcvbuf | \
-                          client / gateway / server out | backlog | tproxyd drops / errors |\n\
+const DROPS_HEAD: &str = "| run | lost (measured by the receiver) | client rcvbuf | gateway rcvbuf (relay listener, other) | server rcvbuf | \
+                          client / gateway / server out | backlog | relay drops / errors |\n\
                           |---|---|---|---|---|---|---|---|";
 
 fn drops_row(o: &mut String, what: &str, lost: String, d: &Drops) {
@@ -481,8 +528,8 @@ fn raw(o: &mut String, rounds: &[Round]) {
         if !r.udp.is_empty() {
             let _ = writeln!(
                 o,
-                "UDP (iperf3): delivered datagrams/s and loss, by offered load; tproxyd's CPU time per datagram it \
-                 relayed.\n"
+                "UDP (iperf3): delivered datagrams/s and loss, by offered load; the CPU time per datagram tproxyd \
+                 (or the relay floor) relayed.\n"
             );
             let _ = writeln!(
                 o,
@@ -515,7 +562,7 @@ fn raw(o: &mut String, rounds: &[Round]) {
                 o,
                 "Where the UDP datagrams died, at the sender's maximum (counter changes over each run: \
                  `UdpRcvbufErrors` per namespace, `IpOutDiscards` + `UdpSndbufErrors` per namespace, \
-                 host-wide backlog drops, tproxyd's drop and error counters). The sender is the client going \
+                 host-wide backlog drops, tproxyd's (or the relay floor's) drop and error counters). The sender is the client going \
                  forward and the server in reverse.\n"
             );
             let _ = writeln!(o, "{DROPS_HEAD}");

@@ -9,6 +9,8 @@
 //! | 5201, 11111     | kernel forwarding    |
 //! | 5202, 11112     | through tproxyd      |
 //! | 5203            | through socat        |
+//! | 5204            | through the floor    |
+//! | 32000-32005     | mix, via the floor   |
 //! | 30000-30255     | flows, via tproxyd   |
 //! | 53 (hijacked)   | tproxyd DNS          |
 
@@ -25,6 +27,10 @@ pub const ADMIN: &str = "127.0.0.1:9153";
 /// tproxyd's relay listen port in the bench config.
 pub const RELAY_PORT: u16 = 15353;
 pub const CAPTURED_PORTS: &str = "53,5202,11112,30000-30255";
+/// The port captured for the relay floor, by a table of its own.
+pub const FLOOR_PORT: u16 = 5204;
+/// The first of the mix's six server ports through the relay floor.
+pub const FLOOR_MIX_BASE: u16 = 32_000;
 
 /// A fresh lab with the bench's routes and redirect rules.
 pub fn lab() -> Lab {
@@ -32,7 +38,36 @@ pub fn lab() -> Lab {
     lab.servers[0].sh("ip route replace default via 198.51.100.1");
     lab.add_server_address(0, UPSTREAM_DNS.parse().unwrap());
     lab.install_rules("nft", &format!("LAN_IF=lan0 FAMILIES=4 UDP_PORTS={CAPTURED_PORTS}"));
+    // The floor's port goes through the same script's rules, in a table of
+    // its own that diverts to the floor's listener instead of tproxyd's.
+    lab.install_rules(
+        "nft",
+        &format!(
+            "LAN_IF=lan0 FAMILIES=4 NFT_TABLE=tpfloor ANTISPOOF=0 UDP_PORTS={FLOOR_PORT},{FLOOR_MIX_BASE}-{} TPROXY_PORT={}",
+            FLOOR_MIX_BASE + 5,
+            crate::floor::PORT
+        ),
+    );
     lab
+}
+
+/// Starts the relay floor (`floor.rs`) in the gateway, behind `wrapper`
+/// (e.g. taskset), with the extra arguments in `BENCH_FLOOR_ARGS` (e.g.
+/// `--threads 2`, `--busy`); returns its pid. It ends with the lab.
+pub fn floor(lab: &Lab, wrapper: &[&str]) -> u32 {
+    let exe = std::env::current_exe().expect("the bench's own path");
+    let exe = exe.to_str().expect("a UTF-8 path");
+    let extra = std::env::var("BENCH_FLOOR_ARGS").unwrap_or_default();
+    let mut args: Vec<&str> = wrapper.iter().skip(1).copied().collect();
+    let program = wrapper.first().copied().unwrap_or(exe);
+    if !wrapper.is_empty() {
+        args.push(exe);
+    }
+    args.push(crate::floor::COMMAND);
+    args.extend(extra.split_whitespace());
+    let pid = lab.spawn(&lab.gateway, program, &args, &lab.path("floor.log"));
+    sleep_ms(200);
+    pid
 }
 
 /// tproxyd's bench config: room for 200,000 flows, metrics on, DNS on.

@@ -1,6 +1,7 @@
 //! UDP throughput: iperf3 between the client and the server, through the
-//! kernel alone, through tproxyd, and through socat; 64- and 1,200-byte
-//! datagrams.
+//! kernel alone, through tproxyd, through the relay floor (tproxyd's
+//! kernel calls and nothing else, `floor.rs`) and through socat; 64- and
+//! 1,200-byte datagrams.
 //!
 //! * **Forward** (client sends, server receives) and **reverse** (`iperf3
 //!   -R`: the server sends through tproxyd's pooled upstream socket, whose
@@ -14,9 +15,15 @@
 //! the other three combinations are measured at the sender's maximum.
 //! Then tproxyd runs again with two workers for the workers = 1 vs 2
 //! comparison.
+//!
+//! `BENCH_UDP_ONLY` (comma-separated: `kernel`, `tproxyd`, `floor`,
+//! `socat`; `unpinned`, `pinned`; `default`, `4mib`) runs only those
+//! systems, passes and/or endpoint buffers;
+//! `BENCH_FLOOR_ARGS` passes arguments to the relay floor (`--threads 2`,
+//! `--busy`).
 
 use crate::Options;
-use crate::drops::{self, Drops};
+use crate::drops::{self, Drops, Relay};
 use crate::lab::Lab;
 use crate::setup::{self, SERVER, pin, sh, sleep_ms};
 
@@ -24,6 +31,8 @@ use crate::setup::{self, SERVER, pin, sh, sleep_ms};
 pub enum System {
     Kernel,
     Tproxyd,
+    /// The bench's relay floor (`floor.rs`).
+    Floor,
     Socat,
 }
 
@@ -32,6 +41,7 @@ impl System {
         match self {
             System::Kernel => "kernel forwarding",
             System::Tproxyd => "tproxyd",
+            System::Floor => "relay floor",
             System::Socat => "socat",
         }
     }
@@ -113,12 +123,61 @@ struct Case {
     pinned: bool,
 }
 
+/// What `BENCH_UDP_ONLY` asks for; everything when it is unset.
+struct Only(Vec<String>);
+
+impl Only {
+    fn from_env() -> Only {
+        Only(
+            std::env::var("BENCH_UDP_ONLY")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        )
+    }
+
+    /// Whether the word of one group (systems, or passes) is wanted: yes
+    /// when named, or when no word of its group is named.
+    fn wants(&self, word: &str, group: &[&str]) -> bool {
+        self.0.iter().any(|w| w == word) || !self.0.iter().any(|w| group.contains(&w.as_str()))
+    }
+
+    fn system(&self, s: System) -> bool {
+        let word = match s {
+            System::Kernel => "kernel",
+            System::Tproxyd => "tproxyd",
+            System::Floor => "floor",
+            System::Socat => "socat",
+        };
+        self.wants(word, &["kernel", "tproxyd", "floor", "socat"])
+    }
+
+    fn pass(&self, pinned: bool) -> bool {
+        self.wants(if pinned { "pinned" } else { "unpinned" }, &["pinned", "unpinned"])
+    }
+
+    fn buffers(&self, b: Buffers) -> bool {
+        let word = match b {
+            Buffers::Default => "default",
+            Buffers::FourMiB => "4mib",
+        };
+        self.wants(word, &["default", "4mib"])
+    }
+}
+
 pub fn run(opts: &Options) -> Vec<Point> {
     let mut points = Vec::new();
+    let only = Only::from_env();
     for pinned in [false, true] {
+        if !only.pass(pinned) {
+            continue;
+        }
         let lab = setup::lab();
         let other = if pinned { Some(1) } else { None };
-        for port in [5201, 5202, 5203] {
+        for port in [5201, 5202, 5203, setup::FLOOR_PORT] {
             // In the foreground, as a child of the lab: it ends with the lab.
             let log = lab.path(&format!("iperf3-{port}.log"));
             let port = port.to_string();
@@ -134,10 +193,19 @@ pub fn run(opts: &Options) -> Vec<Point> {
         }
         let wrapper: Vec<&str> = if pinned { vec!["taskset", "-c", "1"] } else { vec![] };
         let daemon = setup::tproxyd(&lab, &wrapper, "workers = 1");
+        let floor = setup::floor(&lab, &wrapper);
         sleep_ms(300);
         let pid = daemon.pid();
         let mut one = |case: Case| {
-            let p = measure(&lab, case, (case.system == System::Tproxyd).then_some(pid), opts.secs());
+            if !only.system(case.system) || !only.buffers(case.buffers) {
+                return;
+            }
+            let relay = match case.system {
+                System::Tproxyd => Some(Relay::Tproxyd(pid)),
+                System::Floor => Some(Relay::Floor(floor)),
+                _ => None,
+            };
+            let p = measure(&lab, case, relay, opts.secs());
             print(&p);
             points.push(p);
         };
@@ -148,7 +216,7 @@ pub fn run(opts: &Options) -> Vec<Point> {
             } else {
                 vec![Some(50_000), Some(100_000), Some(150_000), Some(200_000), None]
             };
-            for system in [System::Kernel, System::Tproxyd, System::Socat] {
+            for system in [System::Kernel, System::Tproxyd, System::Floor, System::Socat] {
                 for &rate in &rates {
                     one(Case {
                         system,
@@ -164,6 +232,7 @@ pub fn run(opts: &Options) -> Vec<Point> {
         }
         if pinned {
             drop(daemon);
+            lab.kill(floor);
             continue;
         }
         // The other three combinations, at the sender's maximum.
@@ -173,7 +242,7 @@ pub fn run(opts: &Options) -> Vec<Point> {
             (Direction::Reverse, Buffers::Default),
         ] {
             for size in [64usize, 1200] {
-                for system in [System::Kernel, System::Tproxyd] {
+                for system in [System::Kernel, System::Tproxyd, System::Floor] {
                     one(Case {
                         system,
                         size,
@@ -187,12 +256,19 @@ pub fn run(opts: &Options) -> Vec<Point> {
             }
         }
         drop(daemon);
+        lab.kill(floor);
         // Two workers, the same four combinations at the maximum.
+        if !only.system(System::Tproxyd) {
+            continue;
+        }
         let daemon = setup::tproxyd(&lab, &[], "workers = 2");
         sleep_ms(300);
         let pid = daemon.pid();
         for direction in [Direction::Forward, Direction::Reverse] {
             for buffers in [Buffers::FourMiB, Buffers::Default] {
+                if !only.buffers(buffers) {
+                    continue;
+                }
                 for size in [64usize, 1200] {
                     let case = Case {
                         system: System::Tproxyd,
@@ -203,7 +279,7 @@ pub fn run(opts: &Options) -> Vec<Point> {
                         rate: None,
                         pinned,
                     };
-                    let p = measure(&lab, case, Some(pid), opts.secs());
+                    let p = measure(&lab, case, Some(Relay::Tproxyd(pid)), opts.secs());
                     print(&p);
                     points.push(p);
                 }
@@ -231,10 +307,11 @@ fn print(p: &Point) {
     );
 }
 
-fn measure(lab: &Lab, case: Case, tproxyd: Option<u32>, secs: u32) -> Point {
+fn measure(lab: &Lab, case: Case, relay: Option<Relay>, secs: u32) -> Point {
     let (host, port) = match case.system {
         System::Kernel => (SERVER.to_string(), 5201),
         System::Tproxyd => (SERVER.to_string(), 5202),
+        System::Floor => (SERVER.to_string(), setup::FLOOR_PORT),
         System::Socat => ("192.0.2.1".to_string(), 6000),
     };
     let mut socat_pids = Vec::new();
@@ -264,7 +341,7 @@ fn measure(lab: &Lab, case: Case, tproxyd: Option<u32>, secs: u32) -> Point {
         Direction::Forward => "",
         Direction::Reverse => " -R",
     };
-    let counters = drops::before(lab, tproxyd);
+    let counters = drops::before_relay(lab, relay);
     let json = sh(
         &lab.client,
         &format!(

@@ -3,7 +3,10 @@
 
 mod lab;
 
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::{RData, RecordType};
 use lab::dns::{Dig, Dnsmasq, dig};
+use lab::fake_dns::{Behaviour, FakeDns, query_bytes};
 use lab::udp::{Echo, recv, socket};
 use lab::{Daemon, Lab, sa, server4};
 use std::net::{IpAddr, SocketAddr};
@@ -490,4 +493,174 @@ fn an_upstream_answer_truncated_over_udp_is_fetched_again_over_tcp() {
         .count();
     assert_eq!(asked, 2, "{:?}", upstream.queries());
     assert_eq!(daemon.stop().counter("dns_servfail"), 0);
+}
+
+/// Cache misses answered in a burst: the upstream's answers that arrive
+/// in one worker turn leave together (one send per reply address, GSO
+/// trains per client), so this checks that each still reaches its own
+/// client socket, exactly once, from the address that client asked, with
+/// its ID and its name. Two client sockets per server; hijacked to two
+/// public addresses and on the LAN listener; one query in ten is for a
+/// name that does not exist (a negative answer, the full answer path)
+/// mixed in with the plain ones.
+#[test]
+fn a_burst_of_misses_is_answered_once_each_from_the_address_each_client_asked() {
+    const PER_SOCKET: u16 = 40;
+    let t = DnsLab::new();
+    // An upstream that answers any name (unique names: every query a miss).
+    let burst_upstream = ip("198.51.100.55");
+    t.lab.add_server_address(0, burst_upstream);
+    let _burst = FakeDns::start(
+        &t.lab.servers[0],
+        sa(burst_upstream, 53),
+        Behaviour::answer("203.0.113.81".parse().unwrap()),
+    );
+    let daemon = t.start(&format!(
+        r#"
+[dns.upstreams.burst]
+servers = ["{burst_upstream}"]
+[[dns.rules]]
+domains = ["*.burst.test"]
+action = "forward"
+upstream = "burst"
+"#
+    ));
+    let servers = [sa(ip(PUBLIC), 53), sa(ip("198.51.100.54"), 53), sa(ip("192.0.2.1"), 53)];
+    let clients: Vec<(SocketAddr, std::net::UdpSocket)> = servers
+        .iter()
+        .flat_map(|&server| (0..2).map(move |_| server).collect::<Vec<_>>())
+        .map(|server| {
+            let sock = socket(&t.lab.client, "192.0.2.10:0".parse().unwrap());
+            sock.set_read_timeout(Some(Duration::from_millis(3_000))).unwrap();
+            (server, sock)
+        })
+        .collect();
+    let name = |c: usize, i: u16| {
+        if i % 10 == 9 {
+            format!("nx{c}-{i}.example.test.")
+        } else {
+            format!("b{c}-{i}.burst.test.")
+        }
+    };
+    let id = |c: usize, i: u16| 0x1000 * (c as u16 + 1) + i;
+    // Every query of every socket first, then the answers.
+    for i in 0..PER_SOCKET {
+        for (c, (server, sock)) in clients.iter().enumerate() {
+            sock.send_to(&query_bytes(id(c, i), &name(c, i), RecordType::A), server)
+                .unwrap();
+        }
+    }
+    for (c, (server, sock)) in clients.iter().enumerate() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..PER_SOCKET {
+            let (from, bytes) = recv(sock).unwrap_or_else(|| panic!("socket {c}: only {} answers", seen.len()));
+            assert_eq!(from, *server, "socket {c}: an answer from another address");
+            let msg = Message::from_vec(&bytes).unwrap();
+            let i = msg.metadata.id.wrapping_sub(id(c, 0));
+            assert!(
+                i < PER_SOCKET && msg.metadata.id == id(c, i),
+                "socket {c}: ID {:#x} is not one of its own",
+                msg.metadata.id
+            );
+            assert!(seen.insert(i), "socket {c}: query {i} answered twice");
+            assert_eq!(
+                msg.queries[0].name().to_string(),
+                name(c, i),
+                "socket {c}: another query's answer"
+            );
+            if i % 10 == 9 {
+                assert_eq!(msg.metadata.response_code, ResponseCode::NXDomain, "{msg:?}");
+            } else {
+                assert_eq!(msg.metadata.response_code, ResponseCode::NoError, "{msg:?}");
+                let data: Vec<&RData> = msg.answers.iter().map(|r| &r.data).collect();
+                assert_eq!(format!("{data:?}"), "[A(A(203.0.113.81))]", "socket {c}, query {i}");
+            }
+        }
+        // Nothing more: no duplicate arrives late.
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        assert!(recv(sock).is_none(), "socket {c}: an extra answer");
+    }
+    let stopped = daemon.stop();
+    let total = u64::from(PER_SOCKET) * clients.len() as u64;
+    assert_eq!(
+        stopped.counter("dns_forwarded"),
+        total,
+        "every query a miss, forwarded once"
+    );
+    assert_eq!(stopped.counter("reply_send_errors"), 0);
+}
+
+/// Answers to misses wait only for the other answers of their worker
+/// turn, never for a slow upstream: a miss that a slow server answers
+/// after 900 ms, asked first, must not hold back the twenty asked after
+/// it of a fast one (the answers all leave through the same outbox), and
+/// it must still be answered itself when its upstream answers.
+#[test]
+fn a_slow_upstream_answer_holds_back_no_other_answer() {
+    let t = DnsLab::new();
+    let (fast, slow) = (ip("198.51.100.55"), ip("198.51.100.56"));
+    t.lab.add_server_address(0, fast);
+    t.lab.add_server_address(0, slow);
+    let _fast = FakeDns::start(
+        &t.lab.servers[0],
+        sa(fast, 53),
+        Behaviour::answer("203.0.113.81".parse().unwrap()),
+    );
+    let _slow = FakeDns::start(
+        &t.lab.servers[0],
+        sa(slow, 53),
+        Behaviour::late("203.0.113.82".parse().unwrap(), Duration::from_millis(900)),
+    );
+    let daemon = t.start(&format!(
+        r#"
+[dns.upstreams.fast]
+servers = ["{fast}"]
+[dns.upstreams.slow]
+servers = ["{slow}"]
+[[dns.rules]]
+domains = ["*.fast.test"]
+action = "forward"
+upstream = "fast"
+[[dns.rules]]
+domains = ["*.slow.test"]
+action = "forward"
+upstream = "slow"
+"#
+    ));
+    let sock = socket(&t.lab.client, "192.0.2.10:0".parse().unwrap());
+    sock.set_read_timeout(Some(Duration::from_millis(3_000))).unwrap();
+    let server = sa(ip(PUBLIC), 53);
+    sock.send_to(&query_bytes(1, "s.slow.test.", RecordType::A), server)
+        .unwrap();
+    for i in 0..20u16 {
+        sock.send_to(
+            &query_bytes(100 + i, &format!("f{i}.fast.test."), RecordType::A),
+            server,
+        )
+        .unwrap();
+    }
+    let mut order = Vec::new();
+    for _ in 0..21 {
+        let (from, bytes) = recv(&sock).unwrap_or_else(|| panic!("only {} answers: {order:?}", order.len()));
+        assert_eq!(from, server);
+        let msg = Message::from_vec(&bytes).unwrap();
+        assert_eq!(msg.metadata.response_code, ResponseCode::NoError, "{msg:?}");
+        let expected = if msg.metadata.id == 1 {
+            "203.0.113.82"
+        } else {
+            "203.0.113.81"
+        };
+        let data: Vec<&RData> = msg.answers.iter().map(|r| &r.data).collect();
+        assert_eq!(format!("{data:?}"), format!("[A(A({expected}))]"), "{msg:?}");
+        order.push(msg.metadata.id);
+    }
+    assert_eq!(
+        order.last(),
+        Some(&1),
+        "the slow answer came before a fast one: {order:?}"
+    );
+    let mut fast_ids = order[..20].to_vec();
+    fast_ids.sort_unstable();
+    assert_eq!(fast_ids, (100..120).collect::<Vec<u16>>());
+    assert_eq!(daemon.stop().counter("dns_forwarded"), 21);
 }

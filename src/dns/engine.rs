@@ -757,12 +757,9 @@ impl DnsEngine {
             Ok(Answer::Plain(plain)) => match self.plain_reply(&request, &plain, transport, &sets) {
                 // The same reply and cache entry as below, made on the wire.
                 Some(done) => {
-                    if let Some(lifetime) = done.lifetime {
-                        self.cache.store(key, lifetime, done.records);
-                    }
+                    let reply = self.keep_plain(key, done, send.is_some());
                     if let Some(send) = send {
-                        self.stats.dns_rcodes.record(u16::from(ResponseCode::NoError));
-                        send(done.reply);
+                        send(reply);
                     }
                     return;
                 }
@@ -941,6 +938,19 @@ impl DnsEngine {
         })
     }
 
+    /// Caches what a plain reply leaves to cache and hands back the
+    /// client's reply, counted as answered when it will be sent (a
+    /// refresh after a stale answer only caches).
+    fn keep_plain(&self, key: CacheKey, done: PlainReply, answered: bool) -> Vec<u8> {
+        if let Some(lifetime) = done.lifetime {
+            self.cache.store(key, lifetime, done.records);
+        }
+        if answered {
+            self.stats.dns_rcodes.record(u16::from(ResponseCode::NoError));
+        }
+        done.reply
+    }
+
     /// Completes `pending` as if its upstream had sent the datagram `bytes`
     /// in reply to query `id`: the same validation, scrubbing, clamping and
     /// caching as [`DnsEngine::forward`], without the network. This is the
@@ -957,13 +967,7 @@ impl DnsEngine {
         // As `udp::Exchange` reads it: the plainest answers on the wire.
         let answer = match plain_answer::read(bytes, id, &name, u16::from(qtype), u16::from(qclass)) {
             Some(plain) => match self.plain_reply(&request, &plain, transport, &[]) {
-                Some(done) => {
-                    if let Some(lifetime) = done.lifetime {
-                        self.cache.store(key, lifetime, done.records);
-                    }
-                    self.stats.dns_rcodes.record(u16::from(ResponseCode::NoError));
-                    return Some(done.reply);
-                }
+                Some(done) => return Some(self.keep_plain(key, done, true)),
                 None => Answer::Plain(plain).into_message(),
             },
             None => super::upstream::accept_answer(bytes, id, &request.query),

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod lists;
 pub mod message;
 pub mod names;
+pub mod outbox;
 pub mod plain_answer;
 pub mod ratelimit;
 pub mod rendered;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::engine::{DnsEngine, Outcome, Transport};
+use super::outbox::{Gather, Outbox};
 use super::ratelimit::client_bucket;
 use super::replies::ReplyBatch;
 use crate::config::dns::TcpConfig;
@@ -122,6 +123,27 @@ impl DnsService {
                 () = work => {}
             }
         });
+    }
+
+    /// Sends `reply` (from `src` to `client`) through `outbox` with the
+    /// other answers that come in this worker turn, arranging the flush
+    /// when it is the turn's first (see [`super::outbox`]).
+    pub fn send_later<T: Gather + 'static>(
+        &self,
+        outbox: &Arc<Outbox<T>>,
+        src: SocketAddr,
+        client: SocketAddr,
+        reply: &[u8],
+    ) {
+        if outbox.add(src, client, reply) {
+            let outbox = outbox.clone();
+            self.spawn(async move {
+                // After the tasks already woken: the other answers of
+                // this turn.
+                super::outbox::behind_the_queue().await;
+                outbox.flush();
+            });
+        }
     }
 
     /// Ends every task the service spawned and waits until they are gone
@@ -253,7 +275,8 @@ const TURN_BATCHES: usize = 4;
 /// Queries are read in batches (`recvmmsg`), and the answers given at once
 /// go out together after each batch ([`ReplyBatch`]): under load that is
 /// two system calls per batch instead of two per query. Answers that need
-/// an upstream are sent by their own task when they come.
+/// an upstream are gathered when they come and sent once per worker turn
+/// ([`super::outbox`]).
 pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown: Shutdown) -> io::Result<()> {
     let socket = Arc::new(socket);
     let local = socket.local_addr()?;
@@ -261,6 +284,7 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
     let mut batch = RecvBatch::new(BATCH);
     let mut replies = ReplyBatch::default();
     let mut scratch = SendScratch::default();
+    let later = Arc::new(later_answers(socket.clone(), v6, service.stats.clone()));
     loop {
         tokio::select! {
             _ = shutdown.recv() => return Ok(()),
@@ -288,13 +312,9 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
                     client,
                     |reply| replies.push(local, client, reply),
                     || {
-                        let socket = socket.clone();
-                        let stats = service.stats.clone();
-                        move |reply: &[u8]| {
-                            if socket.try_send_to(reply, client).is_err() {
-                                stats.reply_send_errors.inc();
-                            }
-                        }
+                        let service = service.clone();
+                        let later = later.clone();
+                        move |reply: &[u8]| service.send_later(&later, local, client, reply)
                     },
                 );
             }
@@ -315,6 +335,35 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// Answers a plain UDP listener sends later (those that came from an
+/// upstream): gathered per worker turn and sent like the listener's own
+/// batches, one `sendmmsg` for all of them.
+#[derive(Default)]
+struct LaterAnswers {
+    replies: ReplyBatch,
+    scratch: SendScratch,
+}
+
+impl Gather for LaterAnswers {
+    fn push(&mut self, src: SocketAddr, client: SocketAddr, reply: &[u8]) {
+        self.replies.push(src, client, reply);
+    }
+
+    fn gathered(&self) -> usize {
+        self.replies.len()
+    }
+}
+
+fn later_answers(socket: Arc<UdpSocket>, v6: bool, stats: Arc<Stats>) -> Outbox<LaterAnswers> {
+    Outbox::new(Box::new(move |later: &mut LaterAnswers| {
+        let sent = later.replies.send_on(socket.as_raw_fd(), v6, &mut later.scratch);
+        stats.reply_send_errors.add((sent.full + sent.failed) as u64);
+        if let Some(e) = &sent.first_error {
+            tracing::debug!(error = %e, "DNS UDP answer not sent");
+        }
+    }))
 }
 
 /// A DNS-over-TCP server: plain (`dns.listen`) or transparent

@@ -34,6 +34,7 @@ use super::reply::{Pending, ReplyScratch};
 use super::session::Session;
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 use crate::dns::DnsService;
+use crate::dns::outbox::{Gather, Outbox};
 use crate::dns::replies::ReplyBatch;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch, segments};
 use crate::net::sockets;
@@ -65,7 +66,10 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
     let mut members = members;
     let mut batch = RecvBatch::new(BATCH);
     let mut sends = UpstreamSends::default();
-    let mut dns = DnsAnswers::default();
+    let mut dns = Dns {
+        now: DnsAnswers::default(),
+        later: Arc::new(later_answers(ctx.clone())),
+    };
     let mut ready = Vec::with_capacity(members.len());
     loop {
         tokio::select! {
@@ -77,7 +81,7 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
             more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &ctx);
         }
         // The DNS answers of every member's turn leave together.
-        dns.flush(&ctx);
+        dns.now.flush(&ctx);
         if more {
             // Still more queued: let other tasks run before reading on.
             tokio::task::yield_now().await;
@@ -133,6 +137,31 @@ struct DnsAnswers {
     scratch: ReplyScratch,
 }
 
+/// The hijacked DNS answers a listener sends: those given at once, and
+/// those that come later from an upstream (gathered per worker turn by
+/// the miss tasks, see [`crate::dns::outbox`]).
+struct Dns {
+    now: DnsAnswers,
+    later: Arc<Outbox<DnsAnswers>>,
+}
+
+impl Gather for DnsAnswers {
+    fn push(&mut self, src: SocketAddr, client: SocketAddr, reply: &[u8]) {
+        self.batch.push(src, client, reply);
+    }
+
+    fn gathered(&self) -> usize {
+        self.batch.len()
+    }
+}
+
+/// Sends later answers as the listener sends its own: from the address
+/// each client asked, one `sendmmsg` per address, GSO trains per client.
+/// The outbox holds the context, never the other way round.
+fn later_answers(ctx: Arc<RelayContext>) -> Outbox<DnsAnswers> {
+    Outbox::new(Box::new(move |answers: &mut DnsAnswers| answers.flush(&ctx)))
+}
+
 impl DnsAnswers {
     fn flush(&mut self, ctx: &RelayContext) {
         if self.batch.is_empty() {
@@ -170,7 +199,7 @@ impl Member {
         &mut self,
         batch: &mut RecvBatch,
         sends: &mut UpstreamSends,
-        dns: &mut DnsAnswers,
+        dns: &mut Dns,
         ctx: &Arc<RelayContext>,
     ) -> bool {
         let mut bytes = 0;
@@ -189,14 +218,14 @@ impl Member {
                             batch_bytes += payload.len();
                             // Coalesced datagrams (GRO) one by one.
                             for one in segments(payload, meta.segment) {
-                                filed |= handle(ctx, self.local, meta, one, &mut run, &mut out, &mut dns.batch);
+                                filed |= handle(ctx, self.local, meta, one, &mut run, &mut out, dns);
                             }
                         }
                     }
                     run.flush(ctx, &mut out);
                     out.flush(ctx.stats());
-                    if dns.batch.len() >= FLUSH_AT {
-                        dns.flush(ctx);
+                    if dns.now.batch.len() >= FLUSH_AT {
+                        dns.now.flush(ctx);
                     }
                     bytes += batch_bytes;
                     // Big datagrams: read fewer at a time, so that a turn
@@ -261,7 +290,7 @@ fn handle<'b>(
     payload: &'b [u8],
     run: &mut Run<'b>,
     out: &mut UpstreamBatch<'_, 'b>,
-    answers: &mut ReplyBatch,
+    answers: &mut Dns,
 ) -> bool {
     ctx.stats().client_datagrams.inc();
     ctx.stats().client_bytes.add(payload.len() as u64);
@@ -292,7 +321,7 @@ fn handle<'b>(
         }
         Decision::Dns => {
             if let (Some(dns), Some(dst)) = (ctx.dns(), meta.orig_dst) {
-                hijack_dns(ctx, dns, meta.peer, dst, payload, answers);
+                hijack_dns(dns, meta.peer, dst, payload, answers);
             }
             return false;
         }
@@ -355,22 +384,18 @@ fn handle<'b>(
 
 /// A query to a DNS port, wherever it was going, is answered by the DNS
 /// engine, and the answer leaves from the address the client asked: at
-/// once into `answers` (sent after the batch), or later from a task.
-fn hijack_dns(
-    ctx: &Arc<RelayContext>,
-    dns: &Arc<DnsService>,
-    client: SocketAddr,
-    dst: SocketAddr,
-    payload: &[u8],
-    answers: &mut ReplyBatch,
-) {
+/// once into `answers.now` (sent after the batch), or later from a task,
+/// with the other answers of its worker turn.
+fn hijack_dns(dns: &Arc<DnsService>, client: SocketAddr, dst: SocketAddr, payload: &[u8], answers: &mut Dns) {
+    let Dns { now, later } = answers;
     dns.answer_udp(
         payload,
         client,
-        |answer| answers.push(dst, client, answer),
+        |answer| now.batch.push(dst, client, answer),
         || {
-            let ctx = ctx.clone();
-            move |answer: &[u8]| ctx.replies().send(dst, &[answer], client, None)
+            let dns = dns.clone();
+            let later = later.clone();
+            move |answer: &[u8]| dns.send_later(&later, dst, client, answer)
         },
     );
 }
