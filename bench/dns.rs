@@ -394,7 +394,10 @@ pub fn dnsperf(lab: &Lab, server: &str, file: &str, secs: u32, rate: Option<u64>
 
 /// [`dnsperf`], and the CPU time dnsperf itself used, in seconds (the
 /// shell's `times` for its children): on two CPUs the client's share
-/// says whether a peak is the server's or the client's.
+/// says whether a peak is the server's or the client's. It covers
+/// dnsperf's whole life, including its wait (up to `-t`) for answers
+/// still outstanding at the end, so with a server that loses queries it
+/// is an upper bound.
 pub fn dnsperf_timed(lab: &Lab, server: &str, file: &str, secs: u32, rate: Option<u64>) -> ((f64, f64, Vec<f64>), f64) {
     let cmd = match rate {
         None => format!("dnsperf -s {server} -d {file} -l {secs} -c 8 -q 512 -t 2 2>&1; times"),
