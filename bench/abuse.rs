@@ -21,7 +21,8 @@
 //! * `BENCH_ABUSE_HOOK="perf sched record -o /tmp/s.data -p {pid}"` runs
 //!   that command (`{pid}` is the daemon's) while the destination flood is
 //!   offered, and interrupts it when the flood has been answered; the flood
-//!   starts `BENCH_ABUSE_HOOK_WAIT_MS` (default 500) after the command.
+//!   starts `BENCH_ABUSE_HOOK_WAIT_MS` (default 500) after the command. The
+//!   64 KB flood runs it too, from before the flood until its probes end.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -213,6 +214,7 @@ fn big_datagrams(r: &mut Result) {
     let daemon = lab.start_tproxyd(&config(""));
     let (prober, control) = probes(&lab, &probe_echo, &control_echo);
     std::thread::sleep(Duration::from_secs(3));
+    let hooked = hook(daemon.pid());
     let baseline = prober.reset();
     control.reset();
     let stop = Arc::new(AtomicBool::new(false));
@@ -220,12 +222,15 @@ fn big_datagrams(r: &mut Result) {
         .map(|i| {
             let sock = big_socket(&lab.client, sa(ip(CLIENT4), 41000 + i));
             let stop = stop.clone();
-            std::thread::spawn(move || {
-                let big = vec![0x55u8; 65_000];
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = sock.send_to(&big, sa(server4(0), 6200));
-                }
-            })
+            std::thread::Builder::new()
+                .name(format!("flood64k{i}"))
+                .spawn(move || {
+                    let big = vec![0x55u8; 65_000];
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = sock.send_to(&big, sa(server4(0), 6200));
+                    }
+                })
+                .unwrap()
         })
         .collect();
     std::thread::sleep(Duration::from_secs(8));
@@ -233,6 +238,7 @@ fn big_datagrams(r: &mut Result) {
         let c = s.spawn(|| control.finish());
         (prober.finish(), c.join().unwrap_or_default())
     });
+    end_hook(hooked);
     stop.store(true, Ordering::Relaxed);
     for s in senders {
         let _ = s.join();

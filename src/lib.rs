@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod net;
 pub mod nft;
 pub mod pidfile;
+pub mod priority;
 pub mod privileges;
 pub mod ratelog;
 pub mod relay;

@@ -177,6 +177,9 @@ fn explain(
 
 fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let log_filter = init_logging(&config);
+    // First, while this is the only thread and still privileged: every
+    // thread started later (the runtime's workers) inherits the value.
+    set_nice(config.nice);
     // Before anything opens a descriptor: the relay plans its descriptor
     // budget from the limit in force.
     let fd_limit = tproxyd::relay::budget::raise_fd_limit();
@@ -229,6 +232,17 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let summary: Vec<String> = stats.snapshot().iter().map(|(k, v)| format!("{k}={v}")).collect();
     tracing::info!("final counters: {}", summary.join(" "));
     Ok(())
+}
+
+/// Sets the daemon's nice value when the config asks for one (see
+/// `tproxyd::priority`). Refused (no `CAP_SYS_NICE`), the daemon runs on
+/// at the value it inherited, and says so.
+fn set_nice(asked: Option<tproxyd::priority::Nice>) {
+    let Some(nice) = asked else { return };
+    match tproxyd::priority::set_thread_nice(nice) {
+        Ok(()) => tracing::debug!(nice = nice.get(), "nice value set"),
+        Err(e) => tracing::warn!(error = %e, "running at the inherited nice value"),
+    }
 }
 
 /// Half the CPUs, at least one. Most of a relayed datagram's cost is kernel

@@ -624,3 +624,55 @@ fn a_listen_address_held_by_another_socket_is_refused_not_shared() {
     let stopped = first.stop();
     assert_eq!(stopped.counter("sessions_opened"), u64::from(FLOWS), "{}", stopped.log);
 }
+
+/// The nice value of each of process `pid`'s threads (field 19 of
+/// `/proc/PID/task/TID/stat`, counted after the command's parenthesis).
+fn thread_nice_values(pid: u32) -> Vec<(String, i32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the daemon's threads");
+    tasks
+        .flatten()
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let (head, tail) = stat.rsplit_once(')').expect("stat has a command in parentheses");
+            let name = head.split_once('(').map_or("", |(_, n)| n).to_string();
+            let nice = tail
+                .split_whitespace()
+                .nth(16)
+                .and_then(|v| v.parse().ok())
+                .expect("nice field");
+            (name, nice)
+        })
+        .collect()
+}
+
+#[test]
+fn every_thread_runs_at_the_configured_nice_value_also_after_dropping_privileges() {
+    let lab = Lab::new();
+    // Absent from the config: the value the daemon was started with.
+    let daemon = lab.start_tproxyd_wrapped(
+        &["nice", "-n", "3"],
+        "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n",
+    );
+    let threads = thread_nice_values(daemon.pid());
+    assert!(threads.iter().any(|(n, _)| n.starts_with("tokio-rt")), "{threads:?}");
+    let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let own: i32 = own
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let started_at = (own + 3).min(19);
+    assert!(threads.iter().all(|(_, nice)| *nice == started_at), "{threads:?}");
+    drop(daemon);
+    // Asked for, and kept after the switch to an unprivileged user (which
+    // could not have set a negative value itself).
+    let daemon = lab.start_tproxyd("mark = 255\nnice = -2\nuser = \"nobody\"\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n");
+    let threads = thread_nice_values(daemon.pid());
+    assert!(threads.iter().any(|(n, _)| n.starts_with("tokio-rt")), "{threads:?}");
+    assert!(threads.iter().all(|(_, nice)| *nice == -2), "{threads:?}");
+    drop(daemon);
+}

@@ -60,6 +60,11 @@ pub struct Config {
     /// Worker threads; default: half the CPUs, at least one.
     #[serde(default)]
     pub workers: Option<NonZeroUsize>,
+    /// Nice value of the daemon's threads (-20 to 19), set at start while
+    /// still privileged; absent, the daemon keeps the value it was started
+    /// with (see [`crate::priority`] for what it changes and what not).
+    #[serde(default, deserialize_with = "nice")]
+    pub nice: Option<crate::priority::Nice>,
     /// What in the file works but is probably not what was meant; the
     /// commands print these, the daemon logs them.
     #[serde(skip)]
@@ -266,6 +271,11 @@ impl<'de> Deserialize<'de> for Mark {
         }
         Ok(Mark(v))
     }
+}
+
+fn nice<'de, D: Deserializer<'de>>(d: D) -> Result<Option<crate::priority::Nice>, D::Error> {
+    let v = i64::deserialize(d)?;
+    crate::priority::Nice::new(v).map(Some).map_err(de::Error::custom)
 }
 
 /// A validated `tracing` filter directive.

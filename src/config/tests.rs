@@ -309,3 +309,17 @@ fn relay_domain_rules_load_their_names() {
     assert!(names.matches("a.example") && names.matches("play.game.example") && names.matches("voice.example"));
     assert!(!names.matches("b.example"));
 }
+
+#[test]
+fn nice_is_optional_and_must_be_in_the_kernels_range() {
+    assert_eq!(parse("").unwrap().nice, None);
+    assert_eq!(parse("nice = 0\n").unwrap().nice.map(|n| n.get()), Some(0));
+    assert_eq!(parse("nice = -20\n").unwrap().nice.map(|n| n.get()), Some(-20));
+    let e = error("nice = -21\n");
+    assert!(e.starts_with("t.toml:1:8: "), "{e}");
+    assert!(e.contains("between -20 and 19"), "{e}");
+    let e = error("nice = 99999999999\n");
+    assert!(e.contains("between -20 and 19"), "{e}");
+    let e = error("nice = \"high\"\n");
+    assert!(e.starts_with("t.toml:1:8: "), "{e}");
+}

@@ -223,37 +223,45 @@ impl Prober {
             let (stop, probes) = (stop_receiving.clone(), probes.clone());
             let sock = sock.try_clone().unwrap();
             sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((8, from)) = sock.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    let now = Instant::now();
-                    let seq = u64::from_be_bytes([buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7]]);
-                    let mut p = probes.lock().unwrap();
-                    let sent = p.sent.iter().rev().find(|(s, _)| *s == seq).map(|(_, at)| *at);
-                    if let (true, Some(at)) = (from == to, sent) {
-                        p.rtts.insert(seq, now.duration_since(at));
+            let name = format!("rx{}", super::udp::short_name(sock.local_addr().unwrap()));
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let mut buf = [0u8; 2048];
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok((8, from)) = sock.recv_from(&mut buf) else {
+                            continue;
+                        };
+                        let now = Instant::now();
+                        let seq = u64::from_be_bytes([buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7]]);
+                        let mut p = probes.lock().unwrap();
+                        let sent = p.sent.iter().rev().find(|(s, _)| *s == seq).map(|(_, at)| *at);
+                        if let (true, Some(at)) = (from == to, sent) {
+                            p.rtts.insert(seq, now.duration_since(at));
+                        }
                     }
-                }
-            })
+                })
+                .expect("spawning the probe's receiver")
         };
         let sender = {
             let (stop, probes) = (stop_sending.clone(), probes.clone());
-            std::thread::spawn(move || {
-                let start = Instant::now();
-                let mut seq: u64 = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    seq += 1;
-                    probes.lock().unwrap().sent.push_back((seq, Instant::now()));
-                    let _ = sock.send_to(&seq.to_be_bytes(), to);
-                    let next = start + interval * seq as u32;
-                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
+            let name = format!("tx{}", super::udp::short_name(sock.local_addr().unwrap()));
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let start = Instant::now();
+                    let mut seq: u64 = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        seq += 1;
+                        probes.lock().unwrap().sent.push_back((seq, Instant::now()));
+                        let _ = sock.send_to(&seq.to_be_bytes(), to);
+                        let next = start + interval * seq as u32;
+                        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
                     }
-                }
-            })
+                })
+                .expect("spawning the probe's sender")
         };
         Prober {
             stop_sending,
@@ -339,23 +347,29 @@ impl LateServer {
         let mut threads = Vec::new();
         {
             let (sock, stop, due) = (sock.try_clone().unwrap(), stop.clone(), due.clone());
-            threads.push(std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65_536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                        if let Some(d) = delay {
-                            let mut ack = b"ack:".to_vec();
-                            ack.extend_from_slice(&buf[..n]);
-                            let _ = sock.send_to(&ack, from);
-                            let mut due = due.lock().unwrap();
-                            // A retried request is answered once.
-                            if !due.iter().any(|(_, to, p)| *to == from && p[..] == buf[..n]) {
-                                due.push((Instant::now() + d, from, buf[..n].to_vec()));
+            let name = format!("srv{}", super::udp::short_name(addr));
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || {
+                        let mut buf = vec![0u8; 65_536];
+                        while !stop.load(Ordering::Relaxed) {
+                            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                                if let Some(d) = delay {
+                                    let mut ack = b"ack:".to_vec();
+                                    ack.extend_from_slice(&buf[..n]);
+                                    let _ = sock.send_to(&ack, from);
+                                    let mut due = due.lock().unwrap();
+                                    // A retried request is answered once.
+                                    if !due.iter().any(|(_, to, p)| *to == from && p[..] == buf[..n]) {
+                                        due.push((Instant::now() + d, from, buf[..n].to_vec()));
+                                    }
+                                }
                             }
                         }
-                    }
-                }
-            }));
+                    })
+                    .expect("spawning the server's receiver"),
+            );
         }
         let sent: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         if delay.is_some() {

@@ -56,15 +56,21 @@ impl Echo {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (socket, seen, stop) = (socket.try_clone().unwrap(), seen.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65_536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                        seen.lock().unwrap().push((from, buf[..n].to_vec()));
-                        let _ = socket.send_to(&buf[..n], from);
+            // Named by address so that a scheduler trace (`perf sched`)
+            // tells the echoes apart.
+            let name = format!("echo{}", short_name(addr));
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let mut buf = vec![0u8; 65_536];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                            seen.lock().unwrap().push((from, buf[..n].to_vec()));
+                            let _ = socket.send_to(&buf[..n], from);
+                        }
                     }
-                }
-            })
+                })
+                .expect("spawning the echo thread")
         };
         Echo {
             addr,
@@ -98,6 +104,14 @@ impl Drop for Echo {
             let _ = t.join();
         }
     }
+}
+
+/// The last part of `addr`'s address and its port (".8:6000"), which fit
+/// a thread's name of 15 bytes.
+pub fn short_name(addr: SocketAddr) -> String {
+    let ip = addr.ip().to_string();
+    let last = ip.rsplit(['.', ':']).next().unwrap_or_default();
+    format!(".{last}:{}", addr.port())
 }
 
 /// Sets the TOS (IPv4) or traffic class (IPv6) of datagrams `sock` sends,
