@@ -794,3 +794,41 @@ fn followers_spelling_the_name_otherwise_get_their_own_question_back() {
     assert_eq!(up.asked("www.follow.test"), 1, "one upstream query");
     drop(daemon);
 }
+
+/// Off-path, after the change that gathers miss answers per worker turn:
+/// an upstream answer that comes after the query's timeout (the client
+/// already has its SERVFAIL) must reach no client, neither as a second
+/// answer nor through the cache to the next asker.
+#[test]
+fn an_upstream_answer_after_the_timeout_reaches_no_client_and_no_cache() {
+    let lab = lab(1);
+    let up = FakeDns::start(
+        &lab.servers[0],
+        upstream(0),
+        Behaviour::late(REAL, Duration::from_millis(1500)),
+    );
+    let daemon = start(&lab, &config(&[upstream(0)], "800ms", "700ms", ""));
+    let (sock, to) = client(&lab, 41300);
+    for id in [1u16, 2] {
+        sock.send_to(&query_bytes(id, "late.example.test.", RecordType::A), to)
+            .unwrap();
+        let got = replies(&sock, 1, Duration::from_secs(2));
+        let answer = got.get(&id).unwrap_or_else(|| panic!("query {id}: no answer: {got:?}"));
+        assert_eq!(
+            answer.metadata.response_code,
+            ResponseCode::ServFail,
+            "query {id}: {answer:?}"
+        );
+        assert!(a_records(answer).is_empty(), "query {id}: {answer:?}");
+        // The upstream answers 1.5 s after each query it gets: past the
+        // timeout, and nothing more may reach the client.
+        let late = replies(&sock, 1, Duration::from_millis(1_800));
+        assert!(
+            late.is_empty(),
+            "query {id}: a late answer reached the client: {late:?}"
+        );
+    }
+    assert!(up.asked("late.example.test") >= 1);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_hits"), 0, "{}", stopped.log);
+}
