@@ -6,7 +6,8 @@
 //! changes nothing, and the daemon keeps running the old one. Live flows
 //! keep the route they were opened with; new flows and queries see the new
 //! rules. Settings bound to sockets (listen addresses, the mark, the DNS
-//! listeners) need a restart, and a reload that changes them says so.
+//! listeners) or to threads (the workers, their nice value) need a
+//! restart, and a reload that changes them says so.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -91,7 +92,7 @@ impl Reloader {
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }
-        for what in self.restart_only_changes(&config) {
+        for what in restart_only_changes(&self.started, &config) {
             tracing::warn!("{what} changed: restart tproxyd to apply it (the rest is reloaded)");
         }
         let ended = self.relay.apply(&config.relay);
@@ -119,32 +120,64 @@ impl Reloader {
         }
         Ok(())
     }
+}
 
-    fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
-        let old = &self.started;
-        let mut changed = Vec::new();
-        if old.relay.listen != new.relay.listen {
-            changed.push("relay.listen");
-        }
-        if old.relay.listener_sockets != new.relay.listener_sockets {
-            changed.push("relay.listener_sockets");
-        }
-        if old.mark != new.mark {
-            changed.push("mark");
-        }
-        match (old.dns(), new.dns()) {
-            (Some(a), Some(b)) => {
-                if a.listen != b.listen || a.tcp_listen != b.tcp_listen {
-                    changed.push("dns.listen / dns.tcp_listen");
-                }
-                // The name map and the set feeder outlive reloads.
-                if a.names != b.names || a.nft != b.nft {
-                    changed.push("[dns.names] / [dns.nft]");
-                }
+/// What differs between the config the daemon started with and `new` that
+/// only a restart applies (and a reload must say so, or an operator
+/// believes it applied). The nice value and the worker threads are set
+/// once, before the runtime starts its threads (and the nice value while
+/// still privileged: lowering it needs `CAP_SYS_NICE`, dropped since).
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.nice != new.nice {
+        changed.push("nice");
+    }
+    if old.workers != new.workers {
+        changed.push("workers");
+    }
+    if old.relay.listen != new.relay.listen {
+        changed.push("relay.listen");
+    }
+    if old.relay.listener_sockets != new.relay.listener_sockets {
+        changed.push("relay.listener_sockets");
+    }
+    if old.mark != new.mark {
+        changed.push("mark");
+    }
+    match (old.dns(), new.dns()) {
+        (Some(a), Some(b)) => {
+            if a.listen != b.listen || a.tcp_listen != b.tcp_listen {
+                changed.push("dns.listen / dns.tcp_listen");
             }
-            (None, None) => {}
-            _ => changed.push("the [dns] section (added or removed)"),
+            // The name map and the set feeder outlive reloads.
+            if a.names != b.names || a.nft != b.nft {
+                changed.push("[dns.names] / [dns.nft]");
+            }
         }
-        changed
+        (None, None) => {}
+        _ => changed.push("the [dns] section (added or removed)"),
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, Path::new("t.toml")).expect("a valid config")
+    }
+
+    #[test]
+    fn a_reload_that_changes_the_nice_value_or_the_workers_says_they_need_a_restart() {
+        let old = parse("nice = -5\n");
+        assert!(restart_only_changes(&old, &parse("nice = -5\n")).is_empty());
+        assert_eq!(restart_only_changes(&old, &parse("nice = 3\n")), ["nice"]);
+        assert_eq!(restart_only_changes(&old, &parse("")), ["nice"]);
+        assert_eq!(
+            restart_only_changes(&old, &parse("nice = -5\nworkers = 3\n")),
+            ["workers"]
+        );
     }
 }

@@ -664,3 +664,212 @@ upstream = "slow"
     assert_eq!(fast_ids, (100..120).collect::<Vec<u16>>());
     assert_eq!(daemon.stop().counter("dns_forwarded"), 21);
 }
+
+/// A hostile mix for the miss outbox: IPv4 and IPv6 client sockets, each
+/// asking eight hijacked addresses of its family at once (more new reply
+/// addresses than one send may open sockets for, so some answers take raw
+/// IP), answers of five sizes to one client socket (GSO trains cut by
+/// size), and one name in seven whose answer is over 512 bytes, asked
+/// without EDNS: it must come truncated (TC=1) and within 512 bytes.
+/// Every answer must reach its own socket once, from the address that
+/// query went to, with its ID and its name.
+#[test]
+fn misses_to_many_hijacked_addresses_of_both_families_are_answered_once_each_from_the_address_asked() {
+    use hickory_proto::op::{Message as Msg, OpCode};
+    use hickory_proto::rr::Record;
+    use hickory_proto::rr::rdata::A;
+    const PER_SOCKET: u16 = 48;
+    let t = DnsLab::new();
+    let mix = ip("198.51.100.57");
+    t.lab.add_server_address(0, mix);
+    // bN-K.mix.test: 1 + K % 5 A records; big-K.mix.test: 40 of them.
+    let _mix = FakeDns::scripted(&t.lab.servers[0], mix, |q| {
+        let name = q.name().to_string();
+        let count = if name.starts_with("big") {
+            40
+        } else {
+            let k: u8 = name.split(['-', '.']).nth(1).and_then(|k| k.parse().ok()).unwrap_or(0);
+            1 + k % 5
+        };
+        let mut m = Msg::response(0, OpCode::Query);
+        for i in 0..count {
+            m.add_answer(Record::from_rdata(
+                q.name().clone(),
+                300,
+                RData::A(A::new(203, 0, 113, i)),
+            ));
+        }
+        m
+    });
+    let daemon = t.start(&format!(
+        r#"
+[dns.upstreams.mix]
+servers = ["{mix}"]
+[[dns.rules]]
+domains = ["*.mix.test"]
+action = "forward"
+upstream = "mix"
+"#
+    ));
+    let servers4: Vec<SocketAddr> = (60..68).map(|h| sa(ip(&format!("203.0.113.{h}")), 53)).collect();
+    let servers6: Vec<SocketAddr> = (60..68).map(|h| sa(ip(&format!("2001:db8:53::{h}")), 53)).collect();
+    let clients: Vec<(&[SocketAddr], std::net::UdpSocket)> = [
+        (&servers4[..], "192.0.2.10:0"),
+        (&servers4[..], "192.0.2.10:0"),
+        (&servers6[..], "[2001:db8:1::10]:0"),
+        (&servers6[..], "[2001:db8:1::10]:0"),
+    ]
+    .into_iter()
+    .map(|(servers, bind)| {
+        let sock = socket(&t.lab.client, bind.parse().unwrap());
+        sock.set_read_timeout(Some(Duration::from_millis(3_000))).unwrap();
+        (servers, sock)
+    })
+    .collect();
+    let name = |c: usize, i: u16| {
+        if i % 7 == 6 {
+            format!("big-{c}x{i}.mix.test.")
+        } else {
+            format!("b{c}-{i}.mix.test.")
+        }
+    };
+    let id = |c: usize, i: u16| 0x1000 * (c as u16 + 1) + i;
+    let server = |c: usize, i: u16| clients[c].0[usize::from(i) % clients[c].0.len()];
+    for i in 0..PER_SOCKET {
+        for (c, (_, sock)) in clients.iter().enumerate() {
+            sock.send_to(&query_bytes(id(c, i), &name(c, i), RecordType::A), server(c, i))
+                .unwrap();
+        }
+    }
+    for (c, (_, sock)) in clients.iter().enumerate() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..PER_SOCKET {
+            let (from, bytes) = recv(sock).unwrap_or_else(|| panic!("socket {c}: only {} answers", seen.len()));
+            let msg = Message::from_vec(&bytes).unwrap();
+            let i = msg.metadata.id.wrapping_sub(id(c, 0));
+            assert!(
+                i < PER_SOCKET && msg.metadata.id == id(c, i),
+                "socket {c}: ID {:#x} is not one of its own",
+                msg.metadata.id
+            );
+            assert!(seen.insert(i), "socket {c}: query {i} answered twice");
+            assert_eq!(from, server(c, i), "socket {c}, query {i}: from another address");
+            assert_eq!(
+                msg.queries[0].name().to_string(),
+                name(c, i),
+                "socket {c}: another query's answer"
+            );
+            assert_eq!(msg.metadata.response_code, ResponseCode::NoError, "{msg:?}");
+            if i % 7 == 6 {
+                assert!(
+                    msg.metadata.truncation,
+                    "socket {c}, query {i}: {} bytes, not TC",
+                    bytes.len()
+                );
+                assert!(bytes.len() <= 512, "socket {c}, query {i}: {} bytes", bytes.len());
+            } else {
+                let k = usize::from(i as u8 % 5) + 1;
+                assert!(!msg.metadata.truncation, "socket {c}, query {i}");
+                assert_eq!(msg.answers.len(), k, "socket {c}, query {i}");
+            }
+        }
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        assert!(recv(sock).is_none(), "socket {c}: an extra answer");
+    }
+    let stopped = daemon.stop();
+    // How many answers took raw IP depends on how the answers fall into
+    // worker turns (8 of 192 in one run), so it is not asserted.
+    assert_eq!(
+        stopped.counter("dns_truncated"),
+        u64::from(PER_SOCKET / 7) * clients.len() as u64
+    );
+    assert_eq!(stopped.counter("reply_send_errors"), 0);
+}
+
+/// Answers to misses of one size leave a worker turn together, as one GSO
+/// train per client; on a LAN link whose MTU is below their size (here
+/// 500 bytes, answers of about 700 asked with EDNS) the kernel refuses
+/// such a train, and every answer must still arrive whole (fragmented),
+/// once, on the hijacked path and on the LAN listener alike.
+#[test]
+fn same_size_miss_answers_over_a_small_mtu_lan_link_arrive_whole() {
+    use hickory_proto::op::{Edns, Message as Msg, OpCode, Query};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, Record};
+    use std::str::FromStr;
+    const PER_SOCKET: u16 = 24;
+    let t = DnsLab::new();
+    t.lab.gateway.sh("ip link set lan0 mtu 500");
+    t.lab.client.sh("ip link set lan0 mtu 500");
+    let mix = ip("198.51.100.57");
+    t.lab.add_server_address(0, mix);
+    // 40 A records: an answer of about 700 bytes, the same size for
+    // names of the same length.
+    let _mix = FakeDns::scripted(&t.lab.servers[0], mix, |q| {
+        let mut m = Msg::response(0, OpCode::Query);
+        for i in 0..40 {
+            m.add_answer(Record::from_rdata(
+                q.name().clone(),
+                300,
+                RData::A(A::new(203, 0, 113, i)),
+            ));
+        }
+        m
+    });
+    let daemon = t.start(&format!(
+        r#"
+[dns.upstreams.mix]
+servers = ["{mix}"]
+[[dns.rules]]
+domains = ["*.mix.test"]
+action = "forward"
+upstream = "mix"
+"#
+    ));
+    let servers = [sa(ip(PUBLIC), 53), sa(ip("192.0.2.1"), 53)];
+    let socks: Vec<std::net::UdpSocket> = servers
+        .iter()
+        .map(|_| {
+            let sock = socket(&t.lab.client, "192.0.2.10:0".parse().unwrap());
+            sock.set_read_timeout(Some(Duration::from_millis(3_000))).unwrap();
+            sock
+        })
+        .collect();
+    let name = |c: usize, i: u16| format!("m{c}-{i:03}.mix.test.");
+    let id = |c: usize, i: u16| 0x1000 * (c as u16 + 1) + i;
+    for i in 0..PER_SOCKET {
+        for (c, sock) in socks.iter().enumerate() {
+            let mut m = Msg::query();
+            m.metadata.id = id(c, i);
+            m.metadata.recursion_desired = true;
+            m.add_query(Query::query(Name::from_str(&name(c, i)).unwrap(), RecordType::A));
+            let mut e = Edns::new();
+            e.set_max_payload(1232);
+            m.set_edns(e);
+            sock.send_to(&m.to_vec().unwrap(), servers[c]).unwrap();
+        }
+    }
+    for (c, sock) in socks.iter().enumerate() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..PER_SOCKET {
+            let (from, bytes) = recv(sock).unwrap_or_else(|| panic!("socket {c}: only {} answers", seen.len()));
+            assert_eq!(from, servers[c], "socket {c}: an answer from another address");
+            assert!(bytes.len() > 500, "socket {c}: a {}-byte answer", bytes.len());
+            let msg = Message::from_vec(&bytes).unwrap();
+            let i = msg.metadata.id.wrapping_sub(id(c, 0));
+            assert!(
+                i < PER_SOCKET && msg.metadata.id == id(c, i),
+                "socket {c}: ID {:#x}",
+                msg.metadata.id
+            );
+            assert!(seen.insert(i), "socket {c}: query {i} answered twice");
+            assert_eq!(msg.queries[0].name().to_string(), name(c, i));
+            assert!(!msg.metadata.truncation, "socket {c}, query {i}: truncated");
+            assert_eq!(msg.answers.len(), 40, "socket {c}, query {i}");
+        }
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        assert!(recv(sock).is_none(), "socket {c}: an extra answer");
+    }
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("reply_send_errors"), 0, "{}", stopped.log);
+}

@@ -55,7 +55,10 @@ impl Gather for ReplyBatch {
 pub type Sender<T> = Box<dyn Fn(&mut T) + Send + Sync>;
 
 /// Replies waiting for the end of the turn, and how they are sent.
-pub struct Outbox<T> {
+///
+/// What still waits when the last holder lets go is sent then (see the
+/// `Drop` impl).
+pub struct Outbox<T: Gather> {
     state: Mutex<State<T>>,
     send: Sender<T>,
 }
@@ -70,7 +73,7 @@ struct State<T> {
     due: bool,
 }
 
-impl<T> std::fmt::Debug for Outbox<T> {
+impl<T: Gather> std::fmt::Debug for Outbox<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbox").finish_non_exhaustive()
     }
@@ -138,6 +141,18 @@ impl<T: Gather> Outbox<T> {
             .unwrap_or_else(PoisonError::into_inner)
             .open
             .gathered()
+    }
+}
+
+/// At shutdown the flush task is cancelled with the miss tasks, and at a
+/// reload a listener's outbox may outlive its listener: answers already
+/// taken from an upstream would vanish without being sent or counted.
+/// Every holder is gone here (the listener, the miss tasks, the flush
+/// task), but the sender still owns what it sends through (the listener's
+/// socket, the relay's reply sockets), so they leave now.
+impl<T: Gather> Drop for Outbox<T> {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -232,6 +247,20 @@ mod tests {
         assert!(outbox.add(src, addr(1002), &[4]));
         outbox.flush();
         assert_eq!(log_now(&log), (2, vec![(1000, 1), (1001, 2), (1000, 3), (1002, 4)]));
+    }
+
+    #[test]
+    fn replies_waiting_when_the_last_holder_lets_go_are_still_sent() {
+        // At shutdown the flush task is cancelled with the miss tasks (and
+        // the listener is gone): answers already taken from an upstream
+        // must still leave, not vanish uncounted.
+        let (outbox, log) = outbox();
+        let src = SocketAddr::from(([203, 0, 113, 53], 53));
+        assert!(outbox.add(src, addr(1000), &[1]));
+        assert!(!outbox.add(src, addr(1001), &[2]));
+        drop(outbox);
+        let log = log.lock().unwrap();
+        assert_eq!((log.sends, log.firsts()), (1, vec![(1000, 1), (1001, 2)]));
     }
 
     #[test]
