@@ -459,13 +459,19 @@ mod tests {
         for &k in &keys {
             assert!(matches!(file(&o, &t, k, 1), Filed::Queued));
         }
-        assert!(o.lock().flows.capacity() >= 2_000);
+        let filled = o.lock().flows.capacity();
+        assert!(filled >= 2_000);
         let jobs = o.take(2_000);
         for (i, job) in jobs.iter().enumerate() {
             o.complete(&job.key, |_| ());
-            // Kept while flows are still being opened.
+            // Kept while flows are still being opened. `capacity()` is not
+            // the table's size: a removal that leaves a tombstone lowers it
+            // by one (hashbrown counts only the slots still free to fill),
+            // so the map may read below 2,000 here with a random hash seed.
+            // A replaced map would read 0; a kept one lost at most one per
+            // removal.
             if i + 1 < jobs.len() {
-                assert!(o.lock().flows.capacity() >= 2_000);
+                assert!(o.lock().flows.capacity() + (i + 1) >= filled);
             }
         }
         assert!(o.lock().flows.capacity() <= KEPT_WHEN_EMPTY);
