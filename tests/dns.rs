@@ -495,6 +495,69 @@ fn an_upstream_answer_truncated_over_udp_is_fetched_again_over_tcp() {
     assert_eq!(daemon.stop().counter("dns_servfail"), 0);
 }
 
+/// The config of a test with one extra upstream, `upstream` at `addr`,
+/// that answers every name under `*.{upstream}.test`.
+fn forward_zone(upstream: &str, addr: IpAddr) -> String {
+    format!(
+        r#"
+[dns.upstreams.{upstream}]
+servers = ["{addr}"]
+[[dns.rules]]
+domains = ["*.{upstream}.test"]
+action = "forward"
+upstream = "{upstream}"
+"#
+    )
+}
+
+/// Asks a burst of misses and reads their answers, as the outbox tests do:
+/// every socket sends all its queries first (query `i` of socket `c` has
+/// the ID `0x1000 * (c + 1) + i`, the name `name(c, i)`, the bytes
+/// `query(id, name)`, and goes to `server(c, i)`), then every answer is
+/// read. Each must be one of that socket's own queries, answered once,
+/// from the address that query went to, for the name asked;
+/// `check(c, i, message, bytes)` looks at the rest. Nothing more may
+/// arrive after the last one.
+fn ask_a_burst_of_misses(
+    socks: &[std::net::UdpSocket],
+    per_socket: u16,
+    name: impl Fn(usize, u16) -> String,
+    server: impl Fn(usize, u16) -> SocketAddr,
+    query: impl Fn(u16, &str) -> Vec<u8>,
+    mut check: impl FnMut(usize, u16, &Message, &[u8]),
+) {
+    let id = |c: usize, i: u16| 0x1000 * (c as u16 + 1) + i;
+    for i in 0..per_socket {
+        for (c, sock) in socks.iter().enumerate() {
+            sock.send_to(&query(id(c, i), &name(c, i)), server(c, i)).unwrap();
+        }
+    }
+    for (c, sock) in socks.iter().enumerate() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..per_socket {
+            let (from, bytes) = recv(sock).unwrap_or_else(|| panic!("socket {c}: only {} answers", seen.len()));
+            let msg = Message::from_vec(&bytes).unwrap();
+            let i = msg.metadata.id.wrapping_sub(id(c, 0));
+            assert!(
+                i < per_socket && msg.metadata.id == id(c, i),
+                "socket {c}: ID {:#x} is not one of its own",
+                msg.metadata.id
+            );
+            assert!(seen.insert(i), "socket {c}: query {i} answered twice");
+            assert_eq!(from, server(c, i), "socket {c}, query {i}: from another address");
+            assert_eq!(
+                msg.queries[0].name().to_string(),
+                name(c, i),
+                "socket {c}: another query's answer"
+            );
+            check(c, i, &msg, &bytes);
+        }
+        // Nothing more: no duplicate arrives late.
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        assert!(recv(sock).is_none(), "socket {c}: an extra answer");
+    }
+}
+
 /// Cache misses answered in a burst: the upstream's answers that arrive
 /// in one worker turn leave together (one send per reply address, GSO
 /// trains per client), so this checks that each still reaches its own
@@ -515,26 +578,19 @@ fn a_burst_of_misses_is_answered_once_each_from_the_address_each_client_asked() 
         sa(burst_upstream, 53),
         Behaviour::answer("203.0.113.81".parse().unwrap()),
     );
-    let daemon = t.start(&format!(
-        r#"
-[dns.upstreams.burst]
-servers = ["{burst_upstream}"]
-[[dns.rules]]
-domains = ["*.burst.test"]
-action = "forward"
-upstream = "burst"
-"#
-    ));
+    let daemon = t.start(&forward_zone("burst", burst_upstream));
     let servers = [sa(ip(PUBLIC), 53), sa(ip("198.51.100.54"), 53), sa(ip("192.0.2.1"), 53)];
+    // Two client sockets per server.
     let clients: Vec<(SocketAddr, std::net::UdpSocket)> = servers
         .iter()
-        .flat_map(|&server| (0..2).map(move |_| server).collect::<Vec<_>>())
+        .flat_map(|&server| [server, server])
         .map(|server| {
             let sock = socket(&t.lab.client, "192.0.2.10:0".parse().unwrap());
             sock.set_read_timeout(Some(Duration::from_millis(3_000))).unwrap();
             (server, sock)
         })
         .collect();
+    let (servers, socks): (Vec<SocketAddr>, Vec<std::net::UdpSocket>) = clients.into_iter().unzip();
     let name = |c: usize, i: u16| {
         if i % 10 == 9 {
             format!("nx{c}-{i}.example.test.")
@@ -542,32 +598,13 @@ upstream = "burst"
             format!("b{c}-{i}.burst.test.")
         }
     };
-    let id = |c: usize, i: u16| 0x1000 * (c as u16 + 1) + i;
-    // Every query of every socket first, then the answers.
-    for i in 0..PER_SOCKET {
-        for (c, (server, sock)) in clients.iter().enumerate() {
-            sock.send_to(&query_bytes(id(c, i), &name(c, i), RecordType::A), server)
-                .unwrap();
-        }
-    }
-    for (c, (server, sock)) in clients.iter().enumerate() {
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..PER_SOCKET {
-            let (from, bytes) = recv(sock).unwrap_or_else(|| panic!("socket {c}: only {} answers", seen.len()));
-            assert_eq!(from, *server, "socket {c}: an answer from another address");
-            let msg = Message::from_vec(&bytes).unwrap();
-            let i = msg.metadata.id.wrapping_sub(id(c, 0));
-            assert!(
-                i < PER_SOCKET && msg.metadata.id == id(c, i),
-                "socket {c}: ID {:#x} is not one of its own",
-                msg.metadata.id
-            );
-            assert!(seen.insert(i), "socket {c}: query {i} answered twice");
-            assert_eq!(
-                msg.queries[0].name().to_string(),
-                name(c, i),
-                "socket {c}: another query's answer"
-            );
+    ask_a_burst_of_misses(
+        &socks,
+        PER_SOCKET,
+        name,
+        |c, _| servers[c],
+        |id, name| query_bytes(id, name, RecordType::A),
+        |c, i, msg, _| {
             if i % 10 == 9 {
                 assert_eq!(msg.metadata.response_code, ResponseCode::NXDomain, "{msg:?}");
             } else {
@@ -575,13 +612,10 @@ upstream = "burst"
                 let data: Vec<&RData> = msg.answers.iter().map(|r| &r.data).collect();
                 assert_eq!(format!("{data:?}"), "[A(A(203.0.113.81))]", "socket {c}, query {i}");
             }
-        }
-        // Nothing more: no duplicate arrives late.
-        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        assert!(recv(sock).is_none(), "socket {c}: an extra answer");
-    }
+        },
+    );
     let stopped = daemon.stop();
-    let total = u64::from(PER_SOCKET) * clients.len() as u64;
+    let total = u64::from(PER_SOCKET) * socks.len() as u64;
     assert_eq!(
         stopped.counter("dns_forwarded"),
         total,
@@ -701,16 +735,7 @@ fn misses_to_many_hijacked_addresses_of_both_families_are_answered_once_each_fro
         }
         m
     });
-    let daemon = t.start(&format!(
-        r#"
-[dns.upstreams.mix]
-servers = ["{mix}"]
-[[dns.rules]]
-domains = ["*.mix.test"]
-action = "forward"
-upstream = "mix"
-"#
-    ));
+    let daemon = t.start(&forward_zone("mix", mix));
     let servers4: Vec<SocketAddr> = (60..68).map(|h| sa(ip(&format!("203.0.113.{h}")), 53)).collect();
     let servers6: Vec<SocketAddr> = (60..68).map(|h| sa(ip(&format!("2001:db8:53::{h}")), 53)).collect();
     let clients: Vec<(&[SocketAddr], std::net::UdpSocket)> = [
@@ -726,6 +751,7 @@ upstream = "mix"
         (servers, sock)
     })
     .collect();
+    let (servers, socks): (Vec<&[SocketAddr]>, Vec<std::net::UdpSocket>) = clients.into_iter().unzip();
     let name = |c: usize, i: u16| {
         if i % 7 == 6 {
             format!("big-{c}x{i}.mix.test.")
@@ -733,32 +759,13 @@ upstream = "mix"
             format!("b{c}-{i}.mix.test.")
         }
     };
-    let id = |c: usize, i: u16| 0x1000 * (c as u16 + 1) + i;
-    let server = |c: usize, i: u16| clients[c].0[usize::from(i) % clients[c].0.len()];
-    for i in 0..PER_SOCKET {
-        for (c, (_, sock)) in clients.iter().enumerate() {
-            sock.send_to(&query_bytes(id(c, i), &name(c, i), RecordType::A), server(c, i))
-                .unwrap();
-        }
-    }
-    for (c, (_, sock)) in clients.iter().enumerate() {
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..PER_SOCKET {
-            let (from, bytes) = recv(sock).unwrap_or_else(|| panic!("socket {c}: only {} answers", seen.len()));
-            let msg = Message::from_vec(&bytes).unwrap();
-            let i = msg.metadata.id.wrapping_sub(id(c, 0));
-            assert!(
-                i < PER_SOCKET && msg.metadata.id == id(c, i),
-                "socket {c}: ID {:#x} is not one of its own",
-                msg.metadata.id
-            );
-            assert!(seen.insert(i), "socket {c}: query {i} answered twice");
-            assert_eq!(from, server(c, i), "socket {c}, query {i}: from another address");
-            assert_eq!(
-                msg.queries[0].name().to_string(),
-                name(c, i),
-                "socket {c}: another query's answer"
-            );
+    ask_a_burst_of_misses(
+        &socks,
+        PER_SOCKET,
+        name,
+        |c, i| servers[c][usize::from(i) % servers[c].len()],
+        |id, name| query_bytes(id, name, RecordType::A),
+        |c, i, msg, bytes| {
             assert_eq!(msg.metadata.response_code, ResponseCode::NoError, "{msg:?}");
             if i % 7 == 6 {
                 assert!(
@@ -772,16 +779,14 @@ upstream = "mix"
                 assert!(!msg.metadata.truncation, "socket {c}, query {i}");
                 assert_eq!(msg.answers.len(), k, "socket {c}, query {i}");
             }
-        }
-        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        assert!(recv(sock).is_none(), "socket {c}: an extra answer");
-    }
+        },
+    );
     let stopped = daemon.stop();
     // How many answers took raw IP depends on how the answers fall into
     // worker turns (8 of 192 in one run), so it is not asserted.
     assert_eq!(
         stopped.counter("dns_truncated"),
-        u64::from(PER_SOCKET / 7) * clients.len() as u64
+        u64::from(PER_SOCKET / 7) * socks.len() as u64
     );
     assert_eq!(stopped.counter("reply_send_errors"), 0);
 }
@@ -816,16 +821,7 @@ fn same_size_miss_answers_over_a_small_mtu_lan_link_arrive_whole() {
         }
         m
     });
-    let daemon = t.start(&format!(
-        r#"
-[dns.upstreams.mix]
-servers = ["{mix}"]
-[[dns.rules]]
-domains = ["*.mix.test"]
-action = "forward"
-upstream = "mix"
-"#
-    ));
+    let daemon = t.start(&forward_zone("mix", mix));
     let servers = [sa(ip(PUBLIC), 53), sa(ip("192.0.2.1"), 53)];
     let socks: Vec<std::net::UdpSocket> = servers
         .iter()
@@ -835,41 +831,28 @@ upstream = "mix"
             sock
         })
         .collect();
-    let name = |c: usize, i: u16| format!("m{c}-{i:03}.mix.test.");
-    let id = |c: usize, i: u16| 0x1000 * (c as u16 + 1) + i;
-    for i in 0..PER_SOCKET {
-        for (c, sock) in socks.iter().enumerate() {
-            let mut m = Msg::query();
-            m.metadata.id = id(c, i);
-            m.metadata.recursion_desired = true;
-            m.add_query(Query::query(Name::from_str(&name(c, i)).unwrap(), RecordType::A));
-            let mut e = Edns::new();
-            e.set_max_payload(1232);
-            m.set_edns(e);
-            sock.send_to(&m.to_vec().unwrap(), servers[c]).unwrap();
-        }
-    }
-    for (c, sock) in socks.iter().enumerate() {
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..PER_SOCKET {
-            let (from, bytes) = recv(sock).unwrap_or_else(|| panic!("socket {c}: only {} answers", seen.len()));
-            assert_eq!(from, servers[c], "socket {c}: an answer from another address");
+    let with_edns = |id: u16, name: &str| {
+        let mut m = Msg::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_str(name).unwrap(), RecordType::A));
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        m.set_edns(e);
+        m.to_vec().unwrap()
+    };
+    ask_a_burst_of_misses(
+        &socks,
+        PER_SOCKET,
+        |c, i| format!("m{c}-{i:03}.mix.test."),
+        |c, _| servers[c],
+        with_edns,
+        |c, i, msg, bytes| {
             assert!(bytes.len() > 500, "socket {c}: a {}-byte answer", bytes.len());
-            let msg = Message::from_vec(&bytes).unwrap();
-            let i = msg.metadata.id.wrapping_sub(id(c, 0));
-            assert!(
-                i < PER_SOCKET && msg.metadata.id == id(c, i),
-                "socket {c}: ID {:#x}",
-                msg.metadata.id
-            );
-            assert!(seen.insert(i), "socket {c}: query {i} answered twice");
-            assert_eq!(msg.queries[0].name().to_string(), name(c, i));
             assert!(!msg.metadata.truncation, "socket {c}, query {i}: truncated");
             assert_eq!(msg.answers.len(), 40, "socket {c}, query {i}");
-        }
-        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        assert!(recv(sock).is_none(), "socket {c}: an extra answer");
-    }
+        },
+    );
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("reply_send_errors"), 0, "{}", stopped.log);
 }
