@@ -470,22 +470,46 @@ pub fn require_uid_65534() {
     );
 }
 
-/// Removes namespaces left by a test process that was killed before its
-/// labs could clean up (their names carry the dead process's id).
+/// Removes namespaces and scratch directories left by a test or bench
+/// process that was killed before its labs could clean up (their names
+/// carry the dead process's id).
 fn sweep_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        if let Ok(pid) = pid.parse::<u32>() {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if left_by_a_dead_process(name) {
                 let _ = Command::new("ip").args(["netns", "del", name]).status();
             }
         }
     }
+    // `tpd<pid>x<n>-XXXXXX`, the lab's own temp-dir names (see `with_servers`).
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let is_lab_dir = name.split_once('-').is_some_and(|(id, _)| {
+                id.strip_prefix(PREFIX)
+                    .and_then(|rest| rest.split_once('x'))
+                    .is_some_and(|(pid, n)| {
+                        !pid.is_empty()
+                            && !n.is_empty()
+                            && pid.bytes().all(|b| b.is_ascii_digit())
+                            && n.bytes().all(|b| b.is_ascii_digit())
+                    })
+            });
+            if is_lab_dir && left_by_a_dead_process(&name) && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// Whether `name` is a lab name (`tpd<pid>...`) whose process is gone.
+fn left_by_a_dead_process(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(PREFIX) else {
+        return false;
+    };
+    let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    pid.parse::<u32>()
+        .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
