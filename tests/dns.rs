@@ -510,6 +510,14 @@ upstream = "{upstream}"
     )
 }
 
+/// A client socket for a burst of misses, bound to `bind` in the lab's
+/// client namespace, waiting up to 3 s for each answer.
+fn burst_socket(t: &DnsLab, bind: &str) -> std::net::UdpSocket {
+    let sock = socket(&t.lab.client, bind.parse().unwrap());
+    sock.set_read_timeout(Some(Duration::from_millis(3_000))).unwrap();
+    sock
+}
+
 /// Asks a burst of misses and reads their answers, as the outbox tests do:
 /// every socket sends all its queries first (query `i` of socket `c` has
 /// the ID `0x1000 * (c + 1) + i`, the name `name(c, i)`, the bytes
@@ -584,11 +592,7 @@ fn a_burst_of_misses_is_answered_once_each_from_the_address_each_client_asked() 
     let clients: Vec<(SocketAddr, std::net::UdpSocket)> = servers
         .iter()
         .flat_map(|&server| [server, server])
-        .map(|server| {
-            let sock = socket(&t.lab.client, "192.0.2.10:0".parse().unwrap());
-            sock.set_read_timeout(Some(Duration::from_millis(3_000))).unwrap();
-            (server, sock)
-        })
+        .map(|server| (server, burst_socket(&t, "192.0.2.10:0")))
         .collect();
     let (servers, socks): (Vec<SocketAddr>, Vec<std::net::UdpSocket>) = clients.into_iter().unzip();
     let name = |c: usize, i: u16| {
@@ -645,22 +649,7 @@ fn a_slow_upstream_answer_holds_back_no_other_answer() {
         sa(slow, 53),
         Behaviour::late("203.0.113.82".parse().unwrap(), Duration::from_millis(900)),
     );
-    let daemon = t.start(&format!(
-        r#"
-[dns.upstreams.fast]
-servers = ["{fast}"]
-[dns.upstreams.slow]
-servers = ["{slow}"]
-[[dns.rules]]
-domains = ["*.fast.test"]
-action = "forward"
-upstream = "fast"
-[[dns.rules]]
-domains = ["*.slow.test"]
-action = "forward"
-upstream = "slow"
-"#
-    ));
+    let daemon = t.start(&(forward_zone("fast", fast) + &forward_zone("slow", slow)));
     let sock = socket(&t.lab.client, "192.0.2.10:0".parse().unwrap());
     sock.set_read_timeout(Some(Duration::from_millis(3_000))).unwrap();
     let server = sa(ip(PUBLIC), 53);
@@ -745,11 +734,7 @@ fn misses_to_many_hijacked_addresses_of_both_families_are_answered_once_each_fro
         (&servers6[..], "[2001:db8:1::10]:0"),
     ]
     .into_iter()
-    .map(|(servers, bind)| {
-        let sock = socket(&t.lab.client, bind.parse().unwrap());
-        sock.set_read_timeout(Some(Duration::from_millis(3_000))).unwrap();
-        (servers, sock)
-    })
+    .map(|(servers, bind)| (servers, burst_socket(&t, bind)))
     .collect();
     let (servers, socks): (Vec<&[SocketAddr]>, Vec<std::net::UdpSocket>) = clients.into_iter().unzip();
     let name = |c: usize, i: u16| {
@@ -823,14 +808,7 @@ fn same_size_miss_answers_over_a_small_mtu_lan_link_arrive_whole() {
     });
     let daemon = t.start(&forward_zone("mix", mix));
     let servers = [sa(ip(PUBLIC), 53), sa(ip("192.0.2.1"), 53)];
-    let socks: Vec<std::net::UdpSocket> = servers
-        .iter()
-        .map(|_| {
-            let sock = socket(&t.lab.client, "192.0.2.10:0".parse().unwrap());
-            sock.set_read_timeout(Some(Duration::from_millis(3_000))).unwrap();
-            sock
-        })
-        .collect();
+    let socks: Vec<std::net::UdpSocket> = servers.iter().map(|_| burst_socket(&t, "192.0.2.10:0")).collect();
     let with_edns = |id: u16, name: &str| {
         let mut m = Msg::query();
         m.metadata.id = id;
