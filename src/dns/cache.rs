@@ -38,6 +38,18 @@ pub struct CacheKey {
     pub qclass: DNSClass,
 }
 
+/// What [`DnsCache::lookup`] found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// A live answer and its age in seconds.
+    Live(Arc<Entry>, u32),
+    /// An expired answer, still within the stale window: a miss may serve
+    /// it if the upstream is slow (`dns.stale`).
+    Stale,
+    /// Nothing (or only an answer past the stale window, now removed).
+    Absent,
+}
+
 /// A cache key's parts, however they are held. A lookup by borrowed
 /// parts ([`KeyView`]) allocates nothing: making an owned key (a lowercase
 /// copy of the name, then freeing it) cost about 350 instructions per
@@ -405,16 +417,36 @@ impl DnsCache {
     /// [`DnsCache::get`] at `now` (a caller that needs the time again
     /// for the same query reads the clock once).
     pub fn get_at(&self, key: &dyn KeyParts, now: Instant) -> Option<(Arc<Entry>, u32)> {
-        let mut store = self.lock()?;
-        let entry = store.lru.get(key)?.clone();
-        let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
-        if age >= entry.lifetime {
-            if age >= entry.lifetime.saturating_add(self.stale_window) {
-                store.remove(key);
-            }
-            return None;
+        match self.lookup_at(key, now) {
+            Lookup::Live(entry, age) => Some((entry, age)),
+            Lookup::Stale | Lookup::Absent => None,
         }
-        Some((entry, age))
+    }
+
+    /// [`DnsCache::get`], saying also whether a miss found an expired
+    /// answer still kept for serve-stale.
+    pub fn lookup(&self, key: &CacheKey) -> Lookup {
+        self.lookup_at(key, Instant::now())
+    }
+
+    /// [`DnsCache::lookup`] at `now`. Entries past the stale window are
+    /// removed.
+    pub fn lookup_at(&self, key: &dyn KeyParts, now: Instant) -> Lookup {
+        let Some(mut store) = self.lock() else {
+            return Lookup::Absent;
+        };
+        let Some(entry) = store.lru.get(key).cloned() else {
+            return Lookup::Absent;
+        };
+        let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
+        if age < entry.lifetime {
+            return Lookup::Live(entry, age);
+        }
+        if age >= entry.lifetime.saturating_add(self.stale_window) {
+            store.remove(key);
+            return Lookup::Absent;
+        }
+        Lookup::Stale
     }
 
     /// An entry that has expired, but less than the stale window ago.
