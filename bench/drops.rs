@@ -120,13 +120,13 @@ impl Daemon {
         let pid = relay.pid();
         let Relay::Tproxyd(_) = relay else {
             let socket_drops = SocketDrops::read(pid, crate::floor::PORT);
-            let (up, client, drops, errors) = lab.gateway.enter(crate::floor::counters_here).unwrap_or_default();
+            let c = lab.gateway.enter(crate::floor::counters_here).unwrap_or_default();
             return Daemon {
                 from_client: 0,
-                to_upstream: up,
-                to_client: client,
-                drops,
-                errors,
+                to_upstream: c.to_upstream,
+                to_client: c.to_client,
+                drops: c.drops,
+                errors: c.errors,
                 cpu_us: cpu_seconds(pid) * 1e6,
                 listener_drops: socket_drops.listener,
                 other_socket_drops: socket_drops.other,

@@ -13,9 +13,13 @@
 //!   socket and turn) and sends with `sendmmsg`, consecutive datagrams of
 //!   one flow as one GSO train (`net::send::gso_chunks`);
 //! * forward, it sends from an unconnected, marked upstream socket with a
-//!   4 MiB receive buffer (a pool socket); reverse, it reads that socket
-//!   and sends from a transparent socket bound to the server's address (a
-//!   reply socket);
+//!   4 MiB receive buffer (a pool socket) that flows to different
+//!   destinations share, as tproxyd's pools do; reverse, it reads that
+//!   socket and sends from a transparent socket bound to the server's
+//!   address (a reply socket), except that a reply alone from its address
+//!   in a batch from several addresses goes over raw IP, all of a batch's
+//!   such replies in one `sendmmsg` (`net::raw::RawBatch`), as tproxyd's
+//!   `ReplySender::send_pending` does;
 //! * it waits in `epoll_wait`, one thread, level-triggered.
 //!
 //! What it leaves out is everything tproxyd does besides: rules, a session
@@ -25,11 +29,18 @@
 //! address on that socket back to the client); it is a bench tool for a
 //! lab, not a relay to run anywhere else.
 //!
+//! A new flow costs it those two entries and a third that says how many
+//! upstream sockets already talk to its destination: sockets are taken in
+//! the order they were opened and never given back, so the next free one
+//! for a destination is the one after them (O(1), a million flows in the
+//! flows section), and a new socket is opened when there is none.
+//!
 //! Variants for the attribution (`--threads 2`: forward and reverse on a
 //! thread each; `--busy`: never sleep, poll with a zero timeout).
 //!
 //! Its counters are read over UDP: any datagram to the stats address is
-//! answered with `to_upstream N to_client N drops N errors N unreachable N`.
+//! answered with `to_upstream N to_client N drops N errors N unreachable N
+//! flows N upstreams N`.
 
 use std::collections::HashMap;
 use std::io;
@@ -38,6 +49,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tproxyd::net::raw::{RawBatch, RawSender};
 use tproxyd::net::recv::{BATCH, RecvBatch, segments};
 use tproxyd::net::send::{GSO_MAX_SEGMENTS, Message, SendScratch, gso_chunks, send_messages};
 use tproxyd::net::sockets;
@@ -100,12 +112,14 @@ struct Counters {
     errors: AtomicU64,
     /// ICMP errors read from upstream sockets' error queues.
     unreachable: AtomicU64,
+    /// Flows seen, and upstream sockets opened for them.
+    flows: AtomicU64,
+    upstreams: AtomicU64,
 }
 
 /// One upstream socket and the servers it talks to, each for one client.
 struct Upstream {
     socket: UdpSocket,
-    v6: bool,
     clients: HashMap<SocketAddr, SocketAddr>,
 }
 
@@ -115,6 +129,12 @@ struct Flows {
     /// (client, destination) → index in `upstreams`.
     by_flow: HashMap<(SocketAddr, SocketAddr), usize>,
     upstreams: Vec<Upstream>,
+    /// Indices in `upstreams` of the IPv4 and the IPv6 sockets, in the
+    /// order they were opened.
+    by_family: [Vec<usize>; 2],
+    /// Destination → how many sockets of its family talk to it (the first
+    /// that many of `by_family`).
+    holders: HashMap<SocketAddr, usize>,
     /// Upstream descriptor → index in `upstreams`.
     by_fd: HashMap<RawFd, usize>,
     /// Reply sockets by the address they send from.
@@ -127,6 +147,8 @@ struct Shared {
     counters: Counters,
     /// Where new upstream sockets are watched (the reverse thread's epoll).
     reverse_epoll: RawFd,
+    /// Raw IP for the replies alone from their address in a batch.
+    raw: RawSender,
 }
 
 /// Token of the stats socket in an epoll set; listeners are 0..MEMBERS,
@@ -188,11 +210,13 @@ fn run(opts: Options) -> io::Result<()> {
         watch(forward, l.as_raw_fd(), i as u64)?;
     }
     watch(forward, stats.as_raw_fd(), STATS_TOKEN)?;
+    let opts_mark = opts.mark;
     let shared = Arc::new(Shared {
         opts,
         flows: Mutex::new(Flows::default()),
         counters: Counters::default(),
         reverse_epoll: reverse,
+        raw: RawSender::new(opts_mark),
     });
     if reverse != forward {
         let s = shared.clone();
@@ -207,6 +231,7 @@ fn serve(shared: &Shared, epoll: RawFd, listeners: &[UdpSocket], stats: Option<&
     let mut events: Vec<libc::epoll_event> = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
     let mut batch = RecvBatch::new(BATCH);
     let mut scratch = SendScratch::default();
+    let mut rev = ReverseScratch::default();
     let timeout = if shared.opts.busy { 0 } else { -1 };
     loop {
         // SAFETY: `events` has room for its length; the kernel writes at
@@ -230,7 +255,9 @@ fn serve(shared: &Shared, epoll: RawFd, listeners: &[UdpSocket], stats: Option<&
                     let n = sockets::drain_error_queue(fd);
                     shared.counters.unreachable.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                turn(fd, &mut batch, |batch| reverse_batch(shared, fd, batch, &mut scratch));
+                turn(fd, &mut batch, |batch| {
+                    reverse_batch(shared, fd, batch, &mut scratch, &mut rev)
+                });
             } else if let Some(l) = listeners.get(token as usize) {
                 let local = shared.opts.listen;
                 turn(l.as_raw_fd(), &mut batch, |batch| {
@@ -262,12 +289,14 @@ fn answer_stats(s: &UdpSocket, c: &Counters) {
     let mut buf = [0u8; 64];
     while let Ok((_, from)) = s.recv_from(&mut buf) {
         let text = format!(
-            "to_upstream {} to_client {} drops {} errors {} unreachable {}",
+            "to_upstream {} to_client {} drops {} errors {} unreachable {} flows {} upstreams {}",
             c.to_upstream.load(Ordering::Relaxed),
             c.to_client.load(Ordering::Relaxed),
             c.drops.load(Ordering::Relaxed),
             c.errors.load(Ordering::Relaxed),
             c.unreachable.load(Ordering::Relaxed),
+            c.flows.load(Ordering::Relaxed),
+            c.upstreams.load(Ordering::Relaxed),
         );
         let _ = s.send_to(text.as_bytes(), from);
     }
@@ -360,12 +389,10 @@ fn upstream_for(shared: &Shared, client: SocketAddr, dst: SocketAddr) -> io::Res
     if let Some(&i) = flows.by_flow.get(&(client, dst)) {
         return Ok(flows.upstreams[i].socket.as_raw_fd());
     }
-    let free = flows
-        .upstreams
-        .iter()
-        .position(|u| u.v6 == dst.is_ipv6() && !u.clients.contains_key(&dst));
-    let i = match free {
-        Some(i) => i,
+    let family = usize::from(dst.is_ipv6());
+    let held = flows.holders.get(&dst).copied().unwrap_or(0);
+    let i = match flows.by_family[family].get(held) {
+        Some(&i) => i,
         None => {
             let socket = sockets::flow_upstream(dst, None, shared.opts.mark, None)?;
             sockets::report_errors(&socket, dst.is_ipv6())?;
@@ -374,81 +401,137 @@ fn upstream_for(shared: &Shared, client: SocketAddr, dst: SocketAddr) -> io::Res
             watch(shared.reverse_epoll, fd, UPSTREAM + fd as u64)?;
             flows.upstreams.push(Upstream {
                 socket,
-                v6: dst.is_ipv6(),
                 clients: HashMap::new(),
             });
             let i = flows.upstreams.len() - 1;
             flows.by_fd.insert(fd, i);
+            flows.by_family[family].push(i);
+            shared.counters.upstreams.fetch_add(1, Ordering::Relaxed);
             i
         }
     };
     flows.upstreams[i].clients.insert(dst, client);
     flows.by_flow.insert((client, dst), i);
+    flows.holders.insert(dst, held + 1);
+    shared.counters.flows.fetch_add(1, Ordering::Relaxed);
     Ok(flows.upstreams[i].socket.as_raw_fd())
 }
 
-/// Server datagrams of one batch from upstream socket `fd`: each run from
-/// one server to its client, from a socket bound to the server's address.
-fn reverse_batch(shared: &Shared, fd: RawFd, batch: &RecvBatch, scratch: &mut SendScratch) {
+/// What the reverse path keeps from batch to batch.
+#[derive(Default)]
+struct ReverseScratch {
+    /// (server, position in the batch) of the batch's datagrams.
+    order: Vec<(SocketAddr, usize)>,
+    /// Replies alone from their address, sent together over raw IP.
+    raw: RawBatch,
+}
+
+/// Server datagrams of one batch from upstream socket `fd`: each server's
+/// datagrams to its client from a socket bound to the server's address,
+/// one `sendmmsg` per such socket, except that a reply alone from its
+/// address in a batch from several addresses joins the batch's raw-IP
+/// replies (one `sendmmsg`), as tproxyd's `ReplySender::send_pending`
+/// sends them. In the flows section every echo of a batch comes from
+/// another of 256 server ports: through reply sockets that would be a
+/// system call per flow, which tproxyd does not pay.
+fn reverse_batch(shared: &Shared, fd: RawFd, batch: &RecvBatch, scratch: &mut SendScratch, rev: &mut ReverseScratch) {
     let mut payloads: Vec<&[u8]> = Vec::with_capacity(BATCH);
     let mut runs: Vec<Run> = Vec::new();
-    let mut last: Option<(SocketAddr, Option<u8>)> = None;
     let mut drops = 0;
+    rev.order.clear();
+    rev.order
+        .extend((0..batch.len()).filter_map(|k| Some((batch.get(k)?.0.peer, k))));
+    // By server, then arrival: a server's datagrams keep their order.
+    rev.order.sort_unstable();
+    let sources = 1 + rev.order.windows(2).filter(|w| w[0].0 != w[1].0).count();
     {
         let mut flows = shared.flows.lock().unwrap_or_else(|e| e.into_inner());
         let Some(&i) = flows.by_fd.get(&fd) else { return };
-        for k in 0..batch.len() {
-            let Some((meta, payload)) = batch.get(k) else { continue };
-            if last != Some((meta.peer, meta.tos)) {
-                let Some(&client) = flows.upstreams[i].clients.get(&meta.peer) else {
-                    drops += 1;
-                    last = None;
-                    continue;
-                };
-                let reply = match flows.replies.get(&meta.peer) {
-                    Some(s) => s.as_raw_fd(),
-                    None => match sockets::spoofing_reply(meta.peer, shared.opts.mark) {
-                        Ok(s) => {
-                            let r = s.as_raw_fd();
-                            flows.replies.insert(meta.peer, s);
-                            r
-                        }
-                        Err(_) => {
-                            drops += 1;
-                            continue;
-                        }
-                    },
-                };
-                runs.push(Run {
-                    fd: reply,
-                    to: client,
-                    tos: meta.tos,
-                    start: payloads.len(),
-                    len: 0,
-                });
-                last = Some((meta.peer, meta.tos));
+        let mut rest = &rev.order[..];
+        while let Some(&(peer, first)) = rest.first() {
+            let n = rest.iter().take_while(|o| o.0 == peer).count();
+            let (group, tail) = rest.split_at(n);
+            rest = tail;
+            let Some(&client) = flows.upstreams[i].clients.get(&peer) else {
+                drops += n as u64;
+                continue;
+            };
+            if n == 1 && sources > 1 {
+                if let Some((meta, payload)) = batch.get(first) {
+                    let one = segments(payload, meta.segment).nth(1).is_none();
+                    if one
+                        && shared.raw.available(peer.is_ipv6())
+                        && rev.raw.push(peer, client, payload, meta.tos.unwrap_or(0))
+                    {
+                        continue;
+                    }
+                }
             }
-            let before = payloads.len();
-            payloads.extend(segments(payload, meta.segment));
-            if let Some(r) = runs.last_mut() {
-                r.len += payloads.len() - before;
+            let reply = match flows.replies.get(&peer) {
+                Some(s) => s.as_raw_fd(),
+                None => match sockets::spoofing_reply(peer, shared.opts.mark) {
+                    Ok(s) => {
+                        let r = s.as_raw_fd();
+                        flows.replies.insert(peer, s);
+                        r
+                    }
+                    Err(_) => {
+                        drops += n as u64;
+                        continue;
+                    }
+                },
+            };
+            let mut last_tos = None;
+            for &(_, k) in group {
+                let Some((meta, payload)) = batch.get(k) else { continue };
+                if last_tos != Some(meta.tos) {
+                    runs.push(Run {
+                        fd: reply,
+                        to: client,
+                        tos: meta.tos,
+                        start: payloads.len(),
+                        len: 0,
+                    });
+                    last_tos = Some(meta.tos);
+                }
+                let before = payloads.len();
+                payloads.extend(segments(payload, meta.segment));
+                if let Some(r) = runs.last_mut() {
+                    r.len += payloads.len() - before;
+                }
             }
         }
     }
-    let (sent, failed) = send_runs(&mut runs, &payloads, scratch);
+    let (mut sent, mut failed) = send_runs(&mut runs, &payloads, scratch);
+    if !rev.raw.is_empty() {
+        let s = shared.raw.send_batch(&mut rev.raw);
+        sent += s.datagrams as u64;
+        failed += (s.full + s.failed) as u64;
+    }
     let c = &shared.counters;
     c.to_client.fetch_add(sent, Ordering::Relaxed);
     c.errors.fetch_add(failed, Ordering::Relaxed);
     c.drops.fetch_add(drops, Ordering::Relaxed);
 }
 
-/// The floor's counters, asked from a thread in its namespace:
-/// (to upstream, to client, drops, errors).
-pub fn counters_here() -> Option<(u64, u64, u64, u64)> {
+/// The floor's counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FloorCounters {
+    pub to_upstream: u64,
+    pub to_client: u64,
+    pub drops: u64,
+    pub errors: u64,
+    /// Flows seen so far, and the upstream sockets they took.
+    pub flows: u64,
+    pub upstreams: u64,
+}
+
+/// The floor's counters, asked from a thread in its namespace.
+pub fn counters_here() -> Option<FloorCounters> {
     let s = UdpSocket::bind("127.0.0.1:0").ok()?;
     s.set_read_timeout(Some(std::time::Duration::from_millis(500))).ok()?;
     s.send_to(b"?", STATS).ok()?;
-    let mut buf = [0u8; 128];
+    let mut buf = [0u8; 256];
     let n = s.recv(&mut buf).ok()?;
     let text = std::str::from_utf8(&buf[..n]).ok()?;
     let v: Vec<u64> = text
@@ -458,7 +541,14 @@ pub fn counters_here() -> Option<(u64, u64, u64, u64)> {
         .filter_map(|v| v.parse().ok())
         .collect();
     match v[..] {
-        [a, b, c, d, _] => Some((a, b, c, d)),
+        [to_upstream, to_client, drops, errors, _, flows, upstreams] => Some(FloorCounters {
+            to_upstream,
+            to_client,
+            drops,
+            errors,
+            flows,
+            upstreams,
+        }),
         _ => None,
     }
 }

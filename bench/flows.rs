@@ -18,6 +18,20 @@
 //! stage), with a progress line per stage, so the section ends in a few
 //! minutes whatever the machine's load; flows not set up by a deadline are
 //! reported as missing, not waited for.
+//!
+//! The same flows then go through the relay floor (`floor.rs`: tproxyd's
+//! kernel calls per new flow and nothing else; server ports 33000–33255),
+//! in a lab of its own, for its set-up rate and CPU per new flow beside
+//! tproxyd's. A full table means nothing to the floor (it has none), so its
+//! run ends after the second round.
+//!
+//! Sizes: `--quick` holds 20,000 then 50,000 flows, a full run 100,000,
+//! 500,000 and 1,000,000. Knobs for profiling by hand: `BENCH_FLOWS_ONLY`
+//! (`tproxyd` or `floor`: only that path), `BENCH_FLOWS_PERF` (a
+//! directory: `perf record -g` of the relay over the set-up stages lands
+//! there as `flows-tproxyd.data` or `flows-floor.data`;
+//! `BENCH_FLOWS_PERF_HOW` replaces `record -q -g`, e.g. `trace -s`), and
+//! `TPROXYD_BIN` (another build of the daemon, for A/B runs).
 
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
@@ -29,6 +43,39 @@ use std::time::{Duration, Instant};
 use crate::Options;
 use crate::lab::Netns;
 use crate::setup::{self, SERVER, sleep_ms};
+
+/// The relay the flows go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum System {
+    #[default]
+    Tproxyd,
+    /// The bench's relay floor (`floor.rs`).
+    Floor,
+}
+
+impl System {
+    pub fn label(self) -> &'static str {
+        match self {
+            System::Tproxyd => "tproxyd",
+            System::Floor => "relay floor",
+        }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            System::Tproxyd => "tproxyd",
+            System::Floor => "floor",
+        }
+    }
+
+    /// The first of the 256 server ports captured for this relay.
+    fn first_remote(self) -> u16 {
+        match self {
+            System::Tproxyd => FIRST_REMOTE,
+            System::Floor => setup::FLOOR_FLOWS_BASE,
+        }
+    }
+}
 
 /// Client addresses and ports per address: 20 × 50,000 = 1,000,000.
 const PER_CLIENT_ADDRESS: usize = 50_000;
@@ -75,6 +122,7 @@ impl Point {
 
 #[derive(Debug, Clone, Default)]
 pub struct Result {
+    pub system: System,
     pub flows: usize,
     /// Sessions opened while setting up all flows.
     pub opened: u64,
@@ -104,7 +152,7 @@ pub struct Result {
     pub overflow_seen: usize,
     pub overflow_evicted: u64,
     pub overflow_sessions: u64,
-    /// tproxyd's CPU time (user + system) per flow set up, µs: steadier
+    /// The relay's CPU time (user + system) per flow set up, µs: steadier
     /// than the rate on a shared machine.
     pub cpu_us_per_flow: f64,
     /// The whole section, seconds.
@@ -135,10 +183,10 @@ fn flow_of(addr: SocketAddrV4) -> Option<usize> {
     (port < PER_CLIENT_ADDRESS).then_some(block * PER_CLIENT_ADDRESS + port)
 }
 
-fn target(i: usize) -> SocketAddrV4 {
+fn target(first_remote: u16, i: usize) -> SocketAddrV4 {
     SocketAddrV4::new(
         SERVER.parse().unwrap(),
-        FIRST_REMOTE + (i % usize::from(REMOTES)) as u16,
+        first_remote + (i % usize::from(REMOTES)) as u16,
     )
 }
 
@@ -436,6 +484,7 @@ fn count_echoes(ns: &Netns, echoes: Arc<Counts>, stop: Arc<AtomicBool>) -> std::
 /// [`STAGE_DEADLINE`]. Returns how many were sent.
 fn send_stage(
     forger: &mut Forger,
+    first_remote: u16,
     range: std::ops::Range<usize>,
     round: u8,
     seen: &AtomicU64,
@@ -455,7 +504,7 @@ fn send_stage(
         let mut payload = [0u8; 8];
         payload[..4].copy_from_slice(&(i as u32).to_be_bytes());
         payload[4] = round;
-        forger.push(client(i), target(i), payload);
+        forger.push(client(i), target(first_remote, i), payload);
         sent += 1;
         if sent % BATCH as u64 == 0 {
             let waited = Instant::now();
@@ -507,8 +556,38 @@ fn config(capacity: usize) -> String {
     )
 }
 
-pub fn run(opts: &Options) -> Result {
+/// What the relay says of its flows: (open now, opened so far, upstream
+/// sockets).
+fn counts(system: System, gateway: &Netns) -> (u64, u64, u64) {
+    match system {
+        System::Tproxyd => {
+            let page = metrics(gateway);
+            (
+                setup::metric(&page, "tproxyd_sessions_active"),
+                setup::metric(&page, "tproxyd_sessions_opened_total"),
+                setup::metric(&page, "tproxyd_upstream_sockets"),
+            )
+        }
+        System::Floor => {
+            let c = gateway.enter(crate::floor::counters_here).unwrap_or_default();
+            (c.flows, c.flows, c.upstreams)
+        }
+    }
+}
+
+/// The flows through tproxyd, then through the relay floor (those that
+/// `BENCH_FLOWS_ONLY` leaves in).
+pub fn run(opts: &Options) -> (Option<Result>, Option<Result>) {
+    let only = std::env::var("BENCH_FLOWS_ONLY").unwrap_or_default();
+    let wants = |s: System| only.is_empty() || only.split(',').any(|w| w.trim() == s.word());
+    let tproxyd = wants(System::Tproxyd).then(|| run_one(opts, System::Tproxyd));
+    let floor = wants(System::Floor).then(|| run_one(opts, System::Floor));
+    (tproxyd, floor)
+}
+
+fn run_one(opts: &Options, system: System) -> Result {
     let section = Instant::now();
+    let first_remote = system.first_remote();
     let stages = sizes(opts);
     let n = *stages.last().unwrap_or(&100_000);
     let lab = setup::lab();
@@ -533,7 +612,7 @@ pub fn run(opts: &Options) -> Result {
     );
     drop_udp_on_arrival(
         &lab.servers[0],
-        &format!("{FIRST_REMOTE}-{}", FIRST_REMOTE + REMOTES - 1),
+        &format!("{first_remote}-{}", first_remote + REMOTES - 1),
     );
     let total = n + OVERFLOW;
     let (first, later, echoes) = (Counts::new(total), Counts::new(total), Counts::new(total));
@@ -550,9 +629,15 @@ pub fn run(opts: &Options) -> Result {
         ),
         count_echoes(&lab.client, echoes.clone(), stop.clone()),
     ];
-    let daemon = lab.start_tproxyd(&config(n));
+    let (daemon, pid) = match system {
+        System::Tproxyd => {
+            let d = lab.start_tproxyd(&config(n));
+            let pid = d.pid();
+            (Some(d), pid)
+        }
+        System::Floor => (None, setup::floor(&lab, &[])),
+    };
     sleep_ms(500);
-    let pid = daemon.pid();
     let (rss_idle_kib, _) = setup::rss_kib(pid);
     let gateway = Netns {
         name: lab.gateway.name.clone(),
@@ -561,39 +646,56 @@ pub fn run(opts: &Options) -> Result {
     // from the client namespace whichever thread uses it.
     let mut forger = lab.client.enter(Forger::new);
     let mut r = Result {
+        system,
         flows: n,
         rss_idle_kib,
         ..Result::default()
     };
 
     // Set-up, in stages; memory at the end of each.
+    let perf = std::env::var("BENCH_FLOWS_PERF").ok().map(|dir| {
+        let how = std::env::var("BENCH_FLOWS_PERF_HOW").unwrap_or_else(|_| "record -q -g".into());
+        std::process::Command::new("perf")
+            .args(how.split_whitespace())
+            .args([
+                "-p",
+                &pid.to_string(),
+                "-o",
+                &format!("{dir}/flows-{}.data", system.word()),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf")
+    });
     let started = Instant::now();
     let cpu_before = crate::drops::cpu_seconds(pid);
     let mut from = 0;
     let mut setting_up = 0.0;
     for &upto in &stages {
         let t = Instant::now();
-        let mut sent = send_stage(&mut forger, from..upto, 0, &seen, |_| true);
+        let mut sent = send_stage(&mut forger, first_remote, from..upto, 0, &seen, |_| true);
         // What the listener's queue dropped is sent again, as a client would.
         for _ in 0..RESENDS {
             wait_until(Duration::from_secs(2), || first.at_least(from..upto, 1) == upto - from);
-            sent += send_stage(&mut forger, from..upto, 0, &seen, |i| first.get(i) == 0);
+            sent += send_stage(&mut forger, first_remote, from..upto, 0, &seen, |i| first.get(i) == 0);
         }
         wait_until(Duration::from_secs(3), || first.at_least(from..upto, 1) == upto - from);
         let secs = t.elapsed().as_secs_f64();
         setting_up += secs;
         sleep_ms(300);
-        let page = metrics(&gateway);
+        let (sessions, _, pool_sockets) = counts(system, &gateway);
         let point = Point {
             flows: upto,
             seen: first.at_least(0..upto, 1),
-            sessions: setup::metric(&page, "tproxyd_sessions_active"),
+            sessions,
             rss_kib: setup::rss_kib(pid).0,
             fds: setup::fds(pid),
-            pool_sockets: setup::metric(&page, "tproxyd_upstream_sockets"),
+            pool_sockets,
         };
         eprintln!(
-            "flows: {} of {} seen at the server ({} sent, {:.1} s, {:.0}/s); {} sessions, RSS {:.1} MiB ({} B/flow), {} fds, {} pool sockets",
+            "flows ({}): {} of {} seen at the server ({} sent, {:.1} s, {:.0}/s); {} sessions, RSS {:.1} MiB ({} B/flow), {} fds, {} pool sockets",
+            system.label(),
             point.seen,
             upto,
             sent,
@@ -608,11 +710,19 @@ pub fn run(opts: &Options) -> Result {
         r.points.push(point);
         from = upto;
     }
-    let page = metrics(&gateway);
+    let cpu_after = crate::drops::cpu_seconds(pid);
+    if let Some(mut p) = perf {
+        // SIGINT: perf writes its file and ends.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = p.wait();
+    }
     r.setup_secs = setting_up;
     r.setup_elapsed_secs = started.elapsed().as_secs_f64();
-    r.opened = setup::metric(&page, "tproxyd_sessions_opened_total");
-    r.cpu_us_per_flow = (crate::drops::cpu_seconds(pid) - cpu_before) * 1e6 / r.opened.max(1) as f64;
+    r.opened = counts(system, &gateway).1;
+    r.cpu_us_per_flow = (cpu_after - cpu_before) * 1e6 / r.opened.max(1) as f64;
     r.first_seen = first.at_least(0..n, 1);
     wait_until(Duration::from_secs(2), || echoes.at_least(0..n, 1) >= r.first_seen);
     r.first_replies = echoes.at_least(0..n, 1);
@@ -623,54 +733,60 @@ pub fn run(opts: &Options) -> Result {
     // datagram each (resent once where the server saw nothing), and not one
     // new session may appear.
     let t = Instant::now();
-    send_stage(&mut forger, 0..n, 1, &seen, |_| true);
+    send_stage(&mut forger, first_remote, 0..n, 1, &seen, |_| true);
     for _ in 0..RESENDS {
         wait_until(Duration::from_secs(2), || later.at_least(0..n, 1) == n);
-        send_stage(&mut forger, 0..n, 1, &seen, |i| later.get(i) == 0);
+        send_stage(&mut forger, first_remote, 0..n, 1, &seen, |i| later.get(i) == 0);
     }
     wait_until(Duration::from_secs(3), || later.at_least(0..n, 1) == n);
     r.second_replies = later.at_least(0..n, 1);
-    r.reopened = setup::metric(&metrics(&gateway), "tproxyd_sessions_opened_total").saturating_sub(r.opened);
+    r.reopened = counts(system, &gateway).1.saturating_sub(r.opened);
     eprintln!(
-        "flows: second round: {} of {n} seen at the server in {:.1} s, {} sessions reopened",
+        "flows ({}): second round: {} of {n} seen at the server in {:.1} s, {} sessions reopened",
+        system.label(),
         r.second_replies,
         t.elapsed().as_secs_f64(),
         r.reopened
     );
 
-    // The table is full: one more client's flows take the heaviest
-    // clients' oldest.
-    let evicted_before = setup::metric(
-        &metrics(&gateway),
-        "tproxyd_sessions_evicted_total{reason=\"table_full\"}",
-    );
-    send_stage(&mut forger, n..total, 0, &seen, |_| true);
-    for _ in 0..RESENDS {
-        wait_until(Duration::from_secs(2), || first.at_least(n..total, 1) == OVERFLOW);
-        send_stage(&mut forger, n..total, 0, &seen, |i| first.get(i) == 0);
+    if system == System::Tproxyd {
+        // The table is full: one more client's flows take the heaviest
+        // clients' oldest.
+        let evicted_before = setup::metric(
+            &metrics(&gateway),
+            "tproxyd_sessions_evicted_total{reason=\"table_full\"}",
+        );
+        send_stage(&mut forger, first_remote, n..total, 0, &seen, |_| true);
+        for _ in 0..RESENDS {
+            wait_until(Duration::from_secs(2), || first.at_least(n..total, 1) == OVERFLOW);
+            send_stage(&mut forger, first_remote, n..total, 0, &seen, |i| first.get(i) == 0);
+        }
+        wait_until(Duration::from_secs(3), || first.at_least(n..total, 1) == OVERFLOW);
+        let page = metrics(&gateway);
+        r.overflow_seen = first.at_least(n..total, 1);
+        r.overflow_evicted = setup::metric(&page, "tproxyd_sessions_evicted_total{reason=\"table_full\"}")
+            .saturating_sub(evicted_before);
+        r.overflow_sessions = setup::metric(&page, "tproxyd_sessions_active");
+        eprintln!(
+            "flows: full table: {} of {OVERFLOW} new flows seen at the server, {} evicted, {} sessions, RSS {:.1} MiB",
+            r.overflow_seen,
+            r.overflow_evicted,
+            r.overflow_sessions,
+            setup::rss_kib(pid).0 as f64 / 1024.0
+        );
     }
-    wait_until(Duration::from_secs(3), || first.at_least(n..total, 1) == OVERFLOW);
-    let page = metrics(&gateway);
-    r.overflow_seen = first.at_least(n..total, 1);
-    r.overflow_evicted =
-        setup::metric(&page, "tproxyd_sessions_evicted_total{reason=\"table_full\"}").saturating_sub(evicted_before);
-    r.overflow_sessions = setup::metric(&page, "tproxyd_sessions_active");
-    eprintln!(
-        "flows: full table: {} of {OVERFLOW} new flows seen at the server, {} evicted, {} sessions, RSS {:.1} MiB",
-        r.overflow_seen,
-        r.overflow_evicted,
-        r.overflow_sessions,
-        setup::rss_kib(pid).0 as f64 / 1024.0
-    );
-
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         let _ = t.join();
     }
     drop(daemon);
+    if system == System::Floor {
+        lab.kill(pid);
+    }
     r.secs = section.elapsed().as_secs_f64();
     eprintln!(
-        "flows {} opened {} in {:.2} s of set-up ({:.2} s with pauses; {:.0}/s, {:.1} µs of tproxyd CPU each), server saw {} then {} (reopened {}), echoes {}, RSS {} KiB (idle {}), fds {}; section {:.0} s",
+        "flows ({}) {} opened {} in {:.2} s of set-up ({:.2} s with pauses; {:.0}/s, {:.1} µs of CPU each), server saw {} then {} (reopened {}), echoes {}, RSS {} KiB (idle {}), fds {}; section {:.0} s",
+        system.label(),
         r.flows,
         r.opened,
         r.setup_secs,

@@ -82,6 +82,8 @@ pub struct Round {
     pub udp: Vec<udp::Point>,
     pub latency: Vec<latency::Result>,
     pub flows: Option<flows::Result>,
+    /// The same flows through the relay floor.
+    pub flows_floor: Option<flows::Result>,
     pub mix: Vec<mix::Result>,
     pub dns: Vec<dns::Result>,
     pub domain: Vec<domain::Result>,
@@ -129,7 +131,7 @@ fn main() {
             round.latency = latency::run(&opts);
         }
         if opts.wants("flows") {
-            round.flows = Some(flows::run(&opts));
+            (round.flows, round.flows_floor) = flows::run(&opts);
         }
         if opts.wants("mix") {
             round.mix = mix::run(&opts);

@@ -300,6 +300,43 @@ fn targets(o: &mut String, rounds: &[Round]) {
         |v| v >= 100_000.0,
         "/s",
     ));
+    // The same flows through the relay floor: what any relay making
+    // tproxyd's kernel calls per new flow gets here.
+    rows.push((
+        "New flows per second, relay floor".into(),
+        "(tproxyd: ≥ 100,000)".into(),
+        per_round(&|r| r.flows_floor.as_ref().map(|f| f.setup_rate())),
+        |v| v >= 100_000.0,
+        "/s",
+    ));
+    rows.push((
+        "New flows per second, tproxyd ÷ relay floor".into(),
+        "(no target)".into(),
+        per_round(&|r| Some(r.flows.as_ref()?.setup_rate() / r.flows_floor.as_ref()?.setup_rate())),
+        |v| v >= 1.0,
+        "×",
+    ));
+    rows.push((
+        "CPU per new flow: tproxyd".into(),
+        "(no target)".into(),
+        per_round(&|r| Some(r.flows.as_ref()?.cpu_us_per_flow)),
+        |v| v <= 10.0,
+        "µs",
+    ));
+    rows.push((
+        "CPU per new flow: relay floor".into(),
+        "(no target)".into(),
+        per_round(&|r| Some(r.flows_floor.as_ref()?.cpu_us_per_flow)),
+        |v| v <= 10.0,
+        "µs",
+    ));
+    rows.push((
+        "CPU per new flow: tproxyd ÷ relay floor".into(),
+        "(no target)".into(),
+        per_round(&|r| Some(r.flows.as_ref()?.cpu_us_per_flow / r.flows_floor.as_ref()?.cpu_us_per_flow)),
+        |v| v <= 1.0,
+        "×",
+    ));
     rows.push((
         "Flows still relaying on the second round".into(),
         "all".into(),
@@ -691,6 +728,25 @@ fn raw(o: &mut String, rounds: &[Round]) {
                 );
             }
             let _ = writeln!(o);
+        }
+        if let Some(f) = &r.flows_floor {
+            let _ = writeln!(
+                o,
+                "The same flows through the relay floor (`floor.rs`, server ports {}–{}): {} flows opened in {:.2} s of \
+                 set-up ({:.0}/s, {:.1} µs of the floor's CPU each); the server saw {} first datagrams and {} second \
+                 ones; {} echoes reached the client; {} upstream sockets; RSS {:.1} MiB.\n",
+                crate::setup::FLOOR_FLOWS_BASE,
+                crate::setup::FLOOR_FLOWS_BASE + crate::flows::REMOTES - 1,
+                f.opened,
+                f.setup_secs,
+                f.setup_rate(),
+                f.cpu_us_per_flow,
+                f.first_seen,
+                f.second_replies,
+                f.first_replies,
+                f.points.last().map_or(0, |p| p.pool_sockets),
+                f.rss_kib as f64 / 1024.0,
+            );
         }
         if !r.dns.is_empty() {
             let _ = writeln!(o, "DNS (dnsperf): peak QPS, and latency at half that rate.\n");

@@ -12,6 +12,7 @@
 //! | 5204            | through the floor    |
 //! | 32000-32005     | mix, via the floor   |
 //! | 30000-30255     | flows, via tproxyd   |
+//! | 33000-33255     | flows, via the floor |
 //! | 53 (hijacked)   | tproxyd DNS          |
 
 use std::io::{Read, Write};
@@ -31,6 +32,9 @@ pub const CAPTURED_PORTS: &str = "53,5202,11112,30000-30255";
 pub const FLOOR_PORT: u16 = 5204;
 /// The first of the mix's six server ports through the relay floor.
 pub const FLOOR_MIX_BASE: u16 = 32_000;
+/// The first of the flows section's server ports through the relay floor
+/// (as many as through tproxyd, from 30000).
+pub const FLOOR_FLOWS_BASE: u16 = 33_000;
 
 /// A fresh lab with the bench's routes and redirect rules.
 pub fn lab() -> Lab {
@@ -43,8 +47,9 @@ pub fn lab() -> Lab {
     lab.install_rules(
         "nft",
         &format!(
-            "LAN_IF=lan0 FAMILIES=4 NFT_TABLE=tpfloor ANTISPOOF=0 UDP_PORTS={FLOOR_PORT},{FLOOR_MIX_BASE}-{} TPROXY_PORT={}",
+            "LAN_IF=lan0 FAMILIES=4 NFT_TABLE=tpfloor ANTISPOOF=0 UDP_PORTS={FLOOR_PORT},{FLOOR_MIX_BASE}-{},{FLOOR_FLOWS_BASE}-{} TPROXY_PORT={}",
             FLOOR_MIX_BASE + 5,
+            FLOOR_FLOWS_BASE + crate::flows::REMOTES - 1,
             crate::floor::PORT
         ),
     );

@@ -38,6 +38,18 @@ pub struct CacheKey {
     pub qclass: DNSClass,
 }
 
+/// What [`DnsCache::lookup`] found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// A live answer and its age in seconds.
+    Live(Arc<Entry>, u32),
+    /// An expired answer, still within the stale window: a miss may serve
+    /// it if the upstream is slow (`dns.stale`).
+    Stale,
+    /// Nothing (or only an answer past the stale window, now removed).
+    Absent,
+}
+
 /// A key as the LRU holds it: its parts packed into one byte string,
 /// `[qtype][qclass][name length]` (two bytes each, big-endian), the name,
 /// then the group. Two keys are equal when their parts are (types by
@@ -52,7 +64,7 @@ type Packed = Box<[u8]>;
 const PACKED_HEAD: usize = 6;
 
 /// Packed keys up to this size are built on the stack for a cache hit's
-/// lookup ([`Lookup`]): any name (at most 255 bytes) with a group name of
+/// lookup ([`StackKey`]): any name (at most 255 bytes) with a group name of
 /// up to 64 bytes.
 pub const PACKED_ON_STACK: usize = PACKED_HEAD + 255 + 64;
 
@@ -60,11 +72,11 @@ pub const PACKED_ON_STACK: usize = PACKED_HEAD + 255 + 64;
 /// room of [`PACKED_ON_STACK`] bytes: what a cache hit looks up, built in one pass over the
 /// query's name. Packed in place, not returned by value: moving the
 /// room's 325 bytes cost a cache hit more than the packing.
-pub struct Lookup<'r> {
+pub struct StackKey<'r> {
     packed: &'r [u8],
 }
 
-impl<'r> Lookup<'r> {
+impl<'r> StackKey<'r> {
     /// The key of `name` (the query's wire-form name, lowercased here),
     /// `qtype` and `qclass` in `group`, packed into `room`; `None` when
     /// it does not fit (a name over 255 bytes, or with its group's name
@@ -85,7 +97,7 @@ impl<'r> Lookup<'r> {
         write_packed(out, group, name, qtype, qclass);
         out.get_mut(PACKED_HEAD..PACKED_HEAD + name.len())?
             .make_ascii_lowercase();
-        Some(Lookup { packed: out })
+        Some(StackKey { packed: out })
     }
 
     /// The name as the key holds it (lowercase wire form).
@@ -487,26 +499,46 @@ impl DnsCache {
     /// [`DnsCache::get`] at `now` (a caller that needs the time again
     /// for the same query reads the clock once).
     pub fn get_at(&self, key: &CacheKey, now: Instant) -> Option<(Arc<Entry>, u32)> {
-        self.get_packed_at(&pack(key), now)
-    }
-
-    /// [`DnsCache::get_at`] for a key packed on the stack (a cache hit's
-    /// lookup, which allocates nothing).
-    pub fn find_at(&self, key: &Lookup, now: Instant) -> Option<(Arc<Entry>, u32)> {
-        self.get_packed_at(key.packed, now)
-    }
-
-    fn get_packed_at(&self, key: &[u8], now: Instant) -> Option<(Arc<Entry>, u32)> {
-        let mut store = self.lock()?;
-        let entry = store.lru.get(key)?.clone();
-        let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
-        if age >= entry.lifetime {
-            if age >= entry.lifetime.saturating_add(self.stale_window) {
-                store.remove(key);
-            }
-            return None;
+        match self.lookup_at(key, now) {
+            Lookup::Live(entry, age) => Some((entry, age)),
+            Lookup::Stale | Lookup::Absent => None,
         }
-        Some((entry, age))
+    }
+
+    /// [`DnsCache::get`], saying also whether a miss found an expired
+    /// answer still kept for serve-stale.
+    pub fn lookup(&self, key: &CacheKey) -> Lookup {
+        self.lookup_at(key, Instant::now())
+    }
+
+    /// [`DnsCache::lookup`] at `now`. Entries past the stale window are
+    /// removed.
+    pub fn lookup_at(&self, key: &CacheKey, now: Instant) -> Lookup {
+        self.lookup_packed_at(&pack(key), now)
+    }
+
+    /// [`DnsCache::lookup_at`] for a key packed on the stack (a cache
+    /// hit's lookup, which allocates nothing).
+    pub fn find_at(&self, key: &StackKey, now: Instant) -> Lookup {
+        self.lookup_packed_at(key.packed, now)
+    }
+
+    fn lookup_packed_at(&self, key: &[u8], now: Instant) -> Lookup {
+        let Some(mut store) = self.lock() else {
+            return Lookup::Absent;
+        };
+        let Some(entry) = store.lru.get(key).cloned() else {
+            return Lookup::Absent;
+        };
+        let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
+        if age < entry.lifetime {
+            return Lookup::Live(entry, age);
+        }
+        if age >= entry.lifetime.saturating_add(self.stale_window) {
+            store.remove(key);
+            return Lookup::Absent;
+        }
+        Lookup::Stale
     }
 
     /// An entry that has expired, but less than the stale window ago.
@@ -699,8 +731,11 @@ mod tests {
         let now = Instant::now();
         let found = |group, name: &[u8], qtype| {
             let mut room = [0; PACKED_ON_STACK];
-            let lookup = Lookup::lowercased(&mut room, group, name, qtype, DNSClass::IN).unwrap();
-            (lookup.name().to_vec(), c.find_at(&lookup, now).is_some())
+            let lookup = StackKey::lowercased(&mut room, group, name, qtype, DNSClass::IN).unwrap();
+            (
+                lookup.name().to_vec(),
+                matches!(c.find_at(&lookup, now), Lookup::Live(..)),
+            )
         };
         let wire = b"\x01a\x07example\x00";
         assert_eq!(found("default", wire, RecordType::A), (wire.to_vec(), true));
@@ -715,7 +750,7 @@ mod tests {
         // fits with a group name of up to 64 bytes.
         let longest = [b'a'; 255];
         let fits = |group: &str, name: &[u8]| {
-            Lookup::lowercased(&mut [0; PACKED_ON_STACK], group, name, RecordType::A, DNSClass::IN).is_some()
+            StackKey::lowercased(&mut [0; PACKED_ON_STACK], group, name, RecordType::A, DNSClass::IN).is_some()
         };
         assert!(fits(&"g".repeat(64), &longest));
         assert!(!fits(&"g".repeat(65), &longest));
@@ -757,7 +792,7 @@ mod tests {
         assert_eq!(answers(&keyed("default", RecordType::A, DNSClass::CH)), None);
         assert_eq!(answers(&keyed("other", RecordType::A, DNSClass::IN)), None);
         let mut room = [0; PACKED_ON_STACK];
-        let lookup = Lookup::lowercased(
+        let lookup = StackKey::lowercased(
             &mut room,
             "office",
             b"\x01a\x07example\x00",
@@ -765,7 +800,10 @@ mod tests {
             DNSClass::IN,
         )
         .unwrap();
-        assert_eq!(c.find_at(&lookup, now).map(|(e, _)| e.answers.len()), Some(2));
+        let Lookup::Live(entry, _) = c.find_at(&lookup, now) else {
+            panic!("the office entry");
+        };
+        assert_eq!(entry.answers.len(), 2);
         assert_eq!(c.len(), keys.len());
         // The cache file gets every key back as it was stored.
         let mut saved: Vec<CacheKey> = c.snapshot(now).into_iter().map(|(k, _)| k).collect();

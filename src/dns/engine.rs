@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cache::{CacheKey, DnsCache, Lookup, PACKED_ON_STACK, Records};
+use super::cache::{CacheKey, DnsCache, Lookup, PACKED_ON_STACK, Records, StackKey};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::wire_key;
@@ -86,7 +86,8 @@ pub struct Pending {
     sets: Vec<SetPair>,
     /// The client's place among its pending queries to the group.
     _share: Share,
-    /// Whether an expired answer may be served (`dns.stale`, rule opt-out).
+    /// Whether an expired answer may be served: `dns.stale` is on, the rule
+    /// does not opt out, and the cache held one when the query missed.
     serve_stale: bool,
     _admission: Admission,
 }
@@ -144,6 +145,8 @@ struct Missed<'e> {
     rule: Option<&'e super::rules::Rule>,
     group: usize,
     key: CacheKey,
+    /// The cache holds an expired answer for serve-stale.
+    stale_kept: bool,
 }
 
 /// What [`DnsEngine::plain_reply`] made of a plain upstream answer.
@@ -374,7 +377,7 @@ impl DnsEngine {
             if let Some(rule) = m.rule {
                 tracing::debug!(%client, name = %m.request.key, qtype = ?m.request.query.query_type(), rule = rule.number, action = rule.action.kind(), "DNS rule matched");
             }
-            return self.miss(m.request, m.group, m.key, transport, client, m.rule);
+            return self.miss(m.request, m.group, m.key, m.stale_kept, transport, client, m.rule);
         }
         let request = match message::parse_request(bytes) {
             Ok(r) => r,
@@ -457,7 +460,8 @@ impl DnsEngine {
             return self.reply_to(&request, &msg, transport);
         };
         let key = self.cache_key(&request, group);
-        if let Some((entry, age)) = self.cache.get(&key) {
+        let lookup = self.cache.lookup(&key);
+        if let Lookup::Live(entry, age) = lookup {
             s.dns_cache_hits.inc();
             let outcome = self.reply_rendered(
                 Some((&entry.rendered, entry.kept_room)),
@@ -482,16 +486,20 @@ impl DnsEngine {
             }
             return outcome;
         }
-        self.miss(request, group, key, transport, client, rule)
+        let stale_kept = matches!(lookup, Lookup::Stale);
+        self.miss(request, group, key, stale_kept, transport, client, rule)
     }
 
     /// A cache miss: a place in the group's pending queries and the
-    /// client's share of them, or SERVFAIL now.
+    /// client's share of them, or SERVFAIL now. `stale_kept`: the cache
+    /// holds an expired answer that serve-stale could give.
+    #[allow(clippy::too_many_arguments)]
     fn miss(
         &self,
         request: Request,
         group: usize,
         key: CacheKey,
+        stale_kept: bool,
         transport: Transport,
         client: IpAddr,
         rule: Option<&super::rules::Rule>,
@@ -513,7 +521,14 @@ impl DnsEngine {
                 return self.reply_to(&request, &msg, transport);
             }
         };
-        let serve_stale = self.stale.is_some() && rule.is_none_or(|r| r.serve_stale);
+        // With nothing kept to serve, the wait needs no stale answer's
+        // timer: the answers to this question on their way upstream are
+        // this query's own (single-flight), so the only entry that could
+        // appear meanwhile is a fresh one from a flight that landed just
+        // before this one took off. Most misses are of names not asked
+        // before; the timer and the race with it cost each of them about
+        // as much as the rest of the wait (callgrind).
+        let serve_stale = self.stale.is_some() && stale_kept && rule.is_none_or(|r| r.serve_stale);
         let pending = Pending::new(request, group, key, transport, client, rule, place);
         Outcome::Forward(Pending { serve_stale, ..pending })
     }
@@ -613,9 +628,10 @@ impl DnsEngine {
         // The cache key, lowercased as it is packed (a group name too long
         // for the stack takes the full path).
         let mut room = [0; PACKED_ON_STACK];
-        let cache_key = Lookup::lowercased(&mut room, group_name, query.name, qtype, qclass)?;
+        let cache_key = StackKey::lowercased(&mut room, group_name, query.name, qtype, qclass)?;
         let now = std::time::Instant::now();
-        let Some((entry, age)) = self.cache.find_at(&cache_key, now) else {
+        let lookup = self.cache.find_at(&cache_key, now);
+        let Lookup::Live(entry, age) = lookup else {
             // The miss is forwarded by the caller, with a `Request` built
             // from what was read here rather than from a second parse, and
             // the key owned (it goes with the query upstream).
@@ -629,6 +645,7 @@ impl DnsEngine {
                     qtype,
                     qclass,
                 },
+                stale_kept: matches!(lookup, Lookup::Stale),
             });
             return None;
         };
