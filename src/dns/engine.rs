@@ -149,6 +149,17 @@ struct Missed<'e> {
     stale_kept: bool,
 }
 
+/// A miss on its way upstream, as [`DnsEngine::forward_with`] asks it.
+struct ToUpstream<'p> {
+    request: &'p Request,
+    key: &'p CacheKey,
+    group: usize,
+    deadline: tokio::time::Instant,
+    transport: Transport,
+    client: IpAddr,
+    sets: &'p [SetPair],
+}
+
 /// What [`DnsEngine::plain_reply`] made of a plain upstream answer.
 struct PlainReply {
     reply: Vec<u8>,
@@ -717,7 +728,11 @@ impl DnsEngine {
     ///   a time however many clients ask;
     /// - SERVFAIL when no upstream answers within `dns.timeout` and there
     ///   is nothing stale.
-    pub async fn forward_with(&self, pending: Pending, send: impl FnOnce(Vec<u8>)) {
+    ///
+    /// Not an `async fn`: its arguments would be kept in the future beside
+    /// the parts they are taken apart into. Taken apart first, each part is
+    /// held once.
+    pub fn forward_with(&self, pending: Pending, send: impl FnOnce(Vec<u8>)) -> impl Future<Output = ()> {
         let Pending {
             request,
             group,
@@ -729,98 +744,133 @@ impl DnsEngine {
             _admission,
             _share,
         } = pending;
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        self.stats.dns_forwarded.inc();
-        let started = tokio::time::Instant::now();
         let mut send = Some(send);
-        let stale = self.stale.filter(|_| serve_stale);
-        // In a block of its own: the upstream future borrows the key, which
-        // the answer then moves into the cache.
-        let upstream = {
-            let resolve = async {
-                match self.groups.get(group) {
-                    Some(g) => g.resolve(&request.query, &key.name, deadline).await,
-                    None => Err(UpstreamError::NoAnswer),
-                }
+        async move {
+            // Held until the client has its answer.
+            let _place = (_admission, _share);
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            self.stats.dns_forwarded.inc();
+            let started = tokio::time::Instant::now();
+            let stale = self.stale.filter(|_| serve_stale);
+            let asked = ToUpstream {
+                request: &request,
+                key: &key,
+                group,
+                deadline,
+                transport,
+                client,
+                sets: &sets,
             };
-            tokio::pin!(resolve);
-            match stale {
-                Some(settings) => {
-                    tokio::select! {
-                        r = &mut resolve => r,
-                        () = tokio::time::sleep(settings.answer_after) => {
-                            if let Some(msg) = self.stale_answer(&request, &key, settings) {
-                                if let (Some(bytes), Some(send)) = (self.deliver(&request, &msg, transport, client, &sets).await, send.take()) {
-                                    send(bytes);
+            // The race against the stale answer's timer is boxed: most misses
+            // never run it (see `miss`), and in line its state would be part
+            // of every miss's future, which is moved and allocated whole at
+            // each spawn. With `pending` taken apart outside the future, the
+            // future of a miss went from 2,936 to 1,984 bytes.
+            let upstream = match stale {
+                Some(settings) => Box::pin(self.resolve_or_stale(&asked, settings, &mut send)).await,
+                None => self.resolve(&asked).await,
+            };
+            if upstream.is_ok() {
+                self.stats.dns_upstream_latency.observe(started.elapsed());
+            }
+            let upstream = match upstream {
+                Ok(Answer::Plain(plain)) => match self.plain_reply(&request, &plain, transport, &sets) {
+                    // The same reply and cache entry as below, made on the wire.
+                    Some(done) => {
+                        let reply = self.keep_plain(key, done, send.is_some());
+                        if let Some(send) = send {
+                            send(reply);
+                        }
+                        return;
+                    }
+                    None => Answer::Plain(plain).into_message().ok_or(UpstreamError::NoAnswer),
+                },
+                Ok(Answer::Parsed(msg)) => Ok(msg),
+                Err(e) => Err(e),
+            };
+            // In a block of its own, so that the message is gone before the
+            // wait below and takes no room in the future across it.
+            let rendered = {
+                // What the upstream's answer leaves to cache: stored once the reply
+                // is encoded, so the records move into the cache instead of being
+                // copied for it.
+                let mut keep = None;
+                let mut msg = match upstream {
+                    Ok(answer) => {
+                        let (msg, lifetime) = self.absorb(&request, answer);
+                        keep = lifetime.map(|l| (key, l));
+                        msg
+                    }
+                    Err(e) => {
+                        let stale_msg = stale
+                            .filter(|_| send.is_some())
+                            .and_then(|settings| self.stale_answer(&request, &key, settings));
+                        match stale_msg {
+                            // Every upstream failed before answer_after: stale beats SERVFAIL.
+                            Some(msg) => msg,
+                            _ => {
+                                if send.is_some() {
+                                    self.stats.dns_servfail.inc();
                                 }
+                                tracing::debug!(name = %request.key, error = %e, "no upstream answer");
+                                message::response(&request, ResponseCode::ServFail, self.max_udp_payload)
                             }
-                            resolve.await
                         }
                     }
+                };
+                // A refresh after a stale answer sends nothing: it only caches.
+                let rendered = send
+                    .as_ref()
+                    .map(|_| self.render(&request, &msg, transport, client, &sets));
+                if let Some((key, lifetime)) = keep {
+                    self.cache.store(key, lifetime, Records::take(&mut msg));
                 }
-                None => resolve.await,
+                rendered
+            };
+            let (Some(send), Some((reply, committed))) = (send, rendered) else {
+                return;
+            };
+            if let Some(c) = committed {
+                released(c).await;
             }
-        };
-        if upstream.is_ok() {
-            self.stats.dns_upstream_latency.observe(started.elapsed());
+            if let Some(bytes) = reply {
+                send(bytes);
+            }
         }
-        let upstream = match upstream {
-            Ok(Answer::Plain(plain)) => match self.plain_reply(&request, &plain, transport, &sets) {
-                // The same reply and cache entry as below, made on the wire.
-                Some(done) => {
-                    let reply = self.keep_plain(key, done, send.is_some());
-                    if let Some(send) = send {
-                        send(reply);
+    }
+
+    /// The upstream's answer to a miss (see [`UpstreamGroup::resolve`]).
+    async fn resolve(&self, asked: &ToUpstream<'_>) -> Result<Answer, UpstreamError> {
+        match self.groups.get(asked.group) {
+            Some(g) => g.resolve(&asked.request.query, &asked.key.name, asked.deadline).await,
+            None => Err(UpstreamError::NoAnswer),
+        }
+    }
+
+    /// [`DnsEngine::resolve`], where a stale answer may be given: when the
+    /// upstream has not answered within `dns.stale.answer_after`, the
+    /// cache's expired answer goes to `send` (taking it) and the upstream
+    /// is waited for still, to refresh the cache.
+    async fn resolve_or_stale<F: FnOnce(Vec<u8>)>(
+        &self,
+        asked: &ToUpstream<'_>,
+        settings: StaleAnswers,
+        send: &mut Option<F>,
+    ) -> Result<Answer, UpstreamError> {
+        let resolve = self.resolve(asked);
+        tokio::pin!(resolve);
+        tokio::select! {
+            r = &mut resolve => r,
+            () = tokio::time::sleep(settings.answer_after) => {
+                let request = asked.request;
+                if let Some(msg) = self.stale_answer(request, asked.key, settings) {
+                    let bytes = self.deliver(request, &msg, asked.transport, asked.client, asked.sets).await;
+                    if let (Some(bytes), Some(send)) = (bytes, send.take()) {
+                        send(bytes);
                     }
-                    return;
                 }
-                None => Answer::Plain(plain).into_message().ok_or(UpstreamError::NoAnswer),
-            },
-            Ok(Answer::Parsed(msg)) => Ok(msg),
-            Err(e) => Err(e),
-        };
-        // What the upstream's answer leaves to cache: stored once the reply
-        // is encoded, so the records move into the cache instead of being
-        // copied for it.
-        let mut keep = None;
-        let mut msg = match upstream {
-            Ok(answer) => {
-                let (msg, lifetime) = self.absorb(&request, answer);
-                keep = lifetime.map(|l| (key, l));
-                msg
+                resolve.await
             }
-            Err(e) => {
-                let stale_msg = stale
-                    .filter(|_| send.is_some())
-                    .and_then(|settings| self.stale_answer(&request, &key, settings));
-                match stale_msg {
-                    // Every upstream failed before answer_after: stale beats SERVFAIL.
-                    Some(msg) => msg,
-                    _ => {
-                        if send.is_some() {
-                            self.stats.dns_servfail.inc();
-                        }
-                        tracing::debug!(name = %request.key, error = %e, "no upstream answer");
-                        message::response(&request, ResponseCode::ServFail, self.max_udp_payload)
-                    }
-                }
-            }
-        };
-        // A refresh after a stale answer sends nothing: it only caches.
-        let rendered = send
-            .as_ref()
-            .map(|_| self.render(&request, &msg, transport, client, &sets));
-        if let Some((key, lifetime)) = keep {
-            self.cache.store(key, lifetime, Records::take(&mut msg));
-        }
-        let (Some(send), Some((reply, committed))) = (send, rendered) else {
-            return;
-        };
-        if let Some(c) = committed {
-            released(c).await;
-        }
-        if let Some(bytes) = reply {
-            send(bytes);
         }
     }
 

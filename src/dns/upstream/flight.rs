@@ -127,7 +127,12 @@ impl<K, V: Clone> Drop for Lead<'_, K, V> {
     fn drop(&mut self) {
         self.leave();
         // After `finish` this changes nothing: the first landing stays.
-        self.flight.land(Landed::Abandoned);
+        // Out of the map, a flight nobody else holds has nobody to tell
+        // (followers hold it while they wait, and can no longer join): most
+        // misses have no follower, and skip the lock and the wake-up.
+        if Arc::strong_count(&self.flight) > 1 {
+            self.flight.land(Landed::Abandoned);
+        }
     }
 }
 
