@@ -119,6 +119,9 @@ impl DnsService {
         let work = Box::pin(work);
         self.tasks.spawn(async move {
             tokio::select! {
+                // In this order at every poll: no random number to draw
+                // for it (each miss polls its task twice or more).
+                biased;
                 () = cancel.cancelled() => {}
                 () = work => {}
             }

@@ -19,9 +19,10 @@
 //! what waiting costs. (A `watch` channel did the same job with eight
 //! `Notify`s to wake on every answer: about 1,500 instructions per miss.)
 
-use std::collections::HashMap;
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 use std::future::Future;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::Notify;
 
@@ -29,11 +30,15 @@ use tokio::sync::Notify;
 #[derive(Debug)]
 pub struct Flights<K, V> {
     map: Arc<Mutex<Map<K, V>>>,
+    hasher: Hasher,
 }
 
 impl<K, V> Default for Flights<K, V> {
     fn default() -> Self {
-        Flights { map: Arc::default() }
+        Flights {
+            map: Arc::new(Mutex::new(HashTable::new())),
+            hasher: Hasher::default(),
+        }
     }
 }
 
@@ -87,18 +92,22 @@ impl<V: Clone> Flight<V> {
 
 /// Removes the leader's entry when it finishes or is dropped, so a
 /// cancelled leader never leaves a key that nobody will ever answer.
-struct Lead<'a, K: Eq + Hash, V: Clone> {
+///
+/// It finds its entry by the key's hash and its own flight, so the key
+/// itself moves into the map: no copy of it, and no second hashing.
+struct Lead<'a, K, V: Clone> {
     map: &'a Mutex<Map<K, V>>,
-    key: Option<K>,
+    /// The key's hash while the entry is in the map.
+    hash: Option<u64>,
     flight: Arc<Flight<V>>,
 }
 
-impl<K: Eq + Hash, V: Clone> Lead<'_, K, V> {
+impl<K, V: Clone> Lead<'_, K, V> {
     fn leave(&mut self) {
-        if let Some(key) = self.key.take() {
+        if let Some(hash) = self.hash.take() {
             let mut map = lock(self.map);
-            if map.get(&key).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
-                map.remove(&key);
+            if let Ok(entry) = map.find_entry(hash, |(_, f)| Arc::ptr_eq(f, &self.flight)) {
+                entry.remove();
             }
         }
     }
@@ -114,24 +123,30 @@ impl<K: Eq + Hash, V: Clone> Lead<'_, K, V> {
     }
 }
 
-impl<K: Eq + Hash, V: Clone> Drop for Lead<'_, K, V> {
+impl<K, V: Clone> Drop for Lead<'_, K, V> {
     fn drop(&mut self) {
         self.leave();
         // After `finish` this changes nothing: the first landing stays.
-        self.flight.land(Landed::Abandoned);
+        // Out of the map, a flight nobody else holds has nobody to tell
+        // (followers hold it while they wait, and can no longer join): most
+        // misses have no follower, and skip the lock and the wake-up.
+        if Arc::strong_count(&self.flight) > 1 {
+            self.flight.land(Landed::Abandoned);
+        }
     }
 }
 
 /// Keys are names any client chooses: a seeded hasher, but a fast one
 /// (SipHash over hickory's per-label hashing was a tenth of a cache
 /// miss's instructions).
-type Map<K, V> = HashMap<K, Arc<Flight<V>>, foldhash::quality::RandomState>;
+type Hasher = foldhash::quality::RandomState;
+type Map<K, V> = HashTable<(K, Arc<Flight<V>>)>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl<K: Eq + Hash + Clone, V: Clone> Flights<K, V> {
+impl<K: Eq + Hash, V: Clone> Flights<K, V> {
     /// Runs `work` for `key` unless the same key is already running, in
     /// which case waits for that run's result. `work` is only called (and
     /// only awaited) by the leader.
@@ -140,37 +155,31 @@ impl<K: Eq + Hash + Clone, V: Clone> Flights<K, V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
     {
+        let hash = self.hasher.hash_one(&key);
         let lead = loop {
-            let joined = {
+            let flight = {
                 let mut map = lock(&self.map);
-                match map.get(&key) {
-                    Some(flight) => Err(flight.clone()),
-                    None => {
+                match map.entry(hash, |(held, _)| *held == key, |(held, _)| self.hasher.hash_one(held)) {
+                    Entry::Occupied(entry) => entry.get().1.clone(),
+                    Entry::Vacant(entry) => {
                         let flight = Arc::new(Flight {
                             landed: Mutex::new(None),
                             done: Notify::new(),
                         });
-                        map.insert(key.clone(), flight.clone());
-                        Ok(flight)
+                        entry.insert((key, flight.clone()));
+                        break Lead {
+                            map: &self.map,
+                            hash: Some(hash),
+                            flight,
+                        };
                     }
                 }
             };
-            match joined {
-                Ok(flight) => {
-                    break Lead {
-                        map: &self.map,
-                        key: Some(key),
-                        flight,
-                    };
-                }
-                Err(flight) => {
-                    if let Some(v) = flight.wait().await {
-                        return (v, Role::Follower);
-                    }
-                    // The leader was dropped without an answer: try again,
-                    // possibly as the leader this time.
-                }
+            if let Some(v) = flight.wait().await {
+                return (v, Role::Follower);
             }
+            // The leader was dropped without an answer: try again,
+            // possibly as the leader this time.
         };
         let value = work().await;
         lead.finish(value.clone());

@@ -74,14 +74,17 @@ impl Exchange<'_> {
             self.stats.receive_errors.add(cleaned.errors as u64);
         }
         let id = lease.fresh_id();
+        // The question as sent: the client's, unless 0x20 spells it anew.
+        let spun;
         let sent = if self.randomize_case {
             let mut q = query.clone();
             q.set_name(randomize_case(query.name()));
-            q
+            spun = q;
+            &spun
         } else {
-            query.clone()
+            query
         };
-        let bytes = encode(id, &sent)?;
+        let bytes = encode(id, sent)?;
         // The name as sent, for the plain reader (see below).
         let sent_name = bytes.get(HEADER..bytes.len() - 4 - OPT).unwrap_or_default();
         let (qtype, qclass) = (u16::from(sent.query_type()), u16::from(sent.query_class()));
@@ -115,7 +118,7 @@ impl Exchange<'_> {
                     };
                     Ok(Some(match plain {
                         Some(plain) => Some(Answer::Plain(plain)),
-                        None => accept(datagram, id, &sent).map(Answer::Parsed),
+                        None => accept(datagram, id, sent).map(Answer::Parsed),
                     }))
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
