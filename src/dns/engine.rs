@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cache::{CacheKey, DnsCache, KeyView, Lookup, Records};
+use super::cache::{CacheKey, DnsCache, Lookup, PACKED_ON_STACK, Records, StackKey};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::wire_key;
@@ -635,19 +635,13 @@ impl DnsEngine {
             None => self.default_group?,
             Some(Action::Hosts(..) | Action::Block(..)) => return None,
         };
-        let mut lowercase = [0u8; wire::MAX_NAME];
-        let name = lowercase.get_mut(..query.name.len())?;
-        name.copy_from_slice(query.name);
-        name.make_ascii_lowercase();
         let group_name = self.group_names.get(group)?;
-        let cache_key = KeyView {
-            group: group_name,
-            name,
-            qtype,
-            qclass,
-        };
+        // The cache key, lowercased as it is packed (a group name too long
+        // for the stack takes the full path).
+        let mut room = [0; PACKED_ON_STACK];
+        let cache_key = StackKey::lowercased(&mut room, group_name, query.name, qtype, qclass)?;
         let now = std::time::Instant::now();
-        let lookup = self.cache.lookup_at(&cache_key, now);
+        let lookup = self.cache.find_at(&cache_key, now);
         let Lookup::Live(entry, age) = lookup else {
             // The miss is forwarded by the caller, with a `Request` built
             // from what was read here rather than from a second parse, and
@@ -658,7 +652,7 @@ impl DnsEngine {
                 group,
                 key: CacheKey {
                     group: group_name.clone(),
-                    name: cache_key.name.into(),
+                    name: cache_key.name().into(),
                     qtype,
                     qclass,
                 },
