@@ -14,8 +14,9 @@
 //! tproxyd) and Unbound as a plain forwarder (`forward-zone "."`, no root
 //! hints, no validator, two threads).
 //!
-//! Peak QPS comes from an open-loop run (answers over the seconds queries
-//! were sent, not dnsperf's own figure: see [`dnsperf_timed`]); latency percentiles from a second
+//! Peak QPS comes from an open-loop run (answers other than SERVFAIL over
+//! the seconds queries were sent, not dnsperf's own figure: see
+//! [`dnsperf_timed`]); latency percentiles from a second
 //! run at half that peak, with dnsperf reporting every query; that run's
 //! first second, dnsperf's start-up, is not counted ([`START_UP_SECS`]). On the miss
 //! path every system and every run gets names of its own, so no run is
@@ -423,23 +424,22 @@ pub fn dnsperf_timed(lab: &Lab, server: &str, file: &str, secs: u32, rate: Optio
     let lost = value("Queries lost:");
     let completed = value("Queries completed:");
     let run = value("Run time (s):");
+    let servfail = response_code(&text, "SERVFAIL");
     // dnsperf's own "Queries per second" divides by its run time, which
     // lasts until the last answer arrives. A server that answers a query
     // its upstream dropped with SERVFAIL after its upstream timeout
     // (tproxyd: 1.5 s) stretches that by up to the timeout; one that stays
     // silent (dnsdist) does not. Queries are sent for `secs` only, so the
-    // answers over `secs` are the rate for both, and the CPU per query
-    // (CPU over rate × `secs`) is the CPU over the answers.
-    let qps = completed / f64::from(secs.max(1));
-    if rate.is_none() && run > f64::from(secs) + 0.1 {
-        let servfail = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Response codes:"))
-            .and_then(|codes| codes.split(',').find_map(|c| c.trim().strip_prefix("SERVFAIL ")))
-            .and_then(|v| v.split_whitespace().next())
-            .unwrap_or("0");
+    // rate is the answers over `secs` for every system. SERVFAILs are not
+    // counted as answers: they are exactly the queries the silent server
+    // drops, so counting them would credit one system and not the other
+    // for the same lost query. The CPU per query (CPU over rate × `secs`)
+    // is then the CPU over the answers that answered.
+    let answered = (completed - servfail).max(0.0);
+    let qps = answered / f64::from(secs.max(1));
+    if rate.is_none() && (run > f64::from(secs) + 0.1 || servfail > 0.0) {
         eprintln!(
-            "dns: {server}: dnsperf ran {run:.2} s for {secs} s of queries (its last answers late; SERVFAIL {servfail}): {completed:.0} answers over {secs} s counted"
+            "dns: {server}: dnsperf ran {run:.2} s for {secs} s of queries, {completed:.0} completed, SERVFAIL {servfail:.0}: {answered:.0} answers over {secs} s counted"
         );
     }
     let latencies = text
@@ -450,6 +450,22 @@ pub fn dnsperf_timed(lab: &Lab, server: &str, file: &str, secs: u32, rate: Optio
         .collect();
     let lost_percent = if sent > 0.0 { 100.0 * lost / sent } else { 100.0 };
     ((qps, lost_percent, latencies), client_cpu)
+}
+
+/// How many answers dnsperf's "Response codes:" line gives `rcode`
+/// (`Response codes:       NOERROR 85000 (99.40%), SERVFAIL 515 (0.60%)`);
+/// 0 when it lists none.
+fn response_code(text: &str, rcode: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Response codes:"))
+        .and_then(|codes| {
+            codes
+                .split(',')
+                .find_map(|c| c.trim().strip_prefix(rcode)?.strip_prefix(' '))
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// `1m2.500s` as seconds.
