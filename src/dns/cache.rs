@@ -967,6 +967,77 @@ mod tests {
         assert_eq!(c.len(), 10);
     }
 
+    /// Questions a LAN device can ask that differ in one respect only:
+    /// each must have an entry of its own, whichever way it is looked up
+    /// (an owned key, or one packed on the stack from the name as sent),
+    /// or one device's answer is served for another's question.
+    #[test]
+    fn questions_that_differ_in_any_part_never_share_an_entry() {
+        let c = DnsCache::new(&CacheConfig {
+            capacity: 100,
+            ..CacheConfig::default()
+        });
+        let labels = |ls: &[&[u8]]| Name::from_labels(ls.iter().copied()).unwrap();
+        // A wire name of exactly 255 bytes (labels of 63, 63, 63 and 61
+        // bytes, their four length bytes and the root's), and the same less
+        // one byte of its last label.
+        let l63 = [b'a'; 63];
+        let longest = labels(&[&l63, &l63, &l63, &[b'a'; 61]]);
+        let shorter = labels(&[&l63, &l63, &l63, &[b'a'; 60]]);
+        assert_eq!(crate::dns::names::wire_key(&longest).len(), 255);
+        let asked = |n: Name, qtype: RecordType, qclass: DNSClass, group: &str| (n, qtype, qclass, group.to_string());
+        let (a, aaaa, inet) = (RecordType::A, RecordType::AAAA, DNSClass::IN);
+        let questions = [
+            asked(name("ab.c."), a, inet, "default"),
+            asked(name("a.bc."), a, inet, "default"),
+            asked(name("a\\.bc."), a, inet, "default"),
+            // Binary labels: a zero byte, a byte that reads as a length, a dot.
+            asked(labels(&[b"a\0", b"b"]), a, inet, "default"),
+            asked(labels(&[b"a", b"\0b"]), a, inet, "default"),
+            asked(labels(&[b"\x01a"]), a, inet, "default"),
+            asked(labels(&[b"a.b"]), a, inet, "default"),
+            // Only ASCII letters have a case: 0xC9 and 0xE9 are two names.
+            asked(labels(&[b"\xc9"]), a, inet, "default"),
+            asked(labels(&[b"\xe9"]), a, inet, "default"),
+            asked(longest.clone(), a, inet, "default"),
+            asked(shorter, a, inet, "default"),
+            // Types and classes as two bytes each, in their order.
+            asked(name("ab.c."), aaaa, inet, "default"),
+            asked(name("ab.c."), RecordType::CAA, inet, "default"), // 0x0101
+            asked(name("ab.c."), RecordType::Unknown(0x0100), inet, "default"),
+            asked(name("ab.c."), a, DNSClass::Unknown(0x0100), "default"),
+            asked(name("ab.c."), RecordType::ANY, inet, "default"),
+            // Groups, where a name's end could run into a group's start.
+            asked(name("ab.c."), a, inet, "office"),
+            asked(name("ab.c."), a, inet, "\x00default"),
+            asked(name("ab.c."), a, inet, ""),
+        ];
+        let owned = |(n, qtype, qclass, group): &(Name, RecordType, DNSClass, String)| CacheKey {
+            group: group.as_str().into(),
+            name: crate::dns::names::wire_key(n),
+            qtype: *qtype,
+            qclass: *qclass,
+        };
+        for (i, q) in questions.iter().enumerate() {
+            assert!(c.insert(owned(q), &mut answer(&vec![300; i + 1])), "{q:?}");
+        }
+        assert_eq!(c.len(), questions.len());
+        let now = Instant::now();
+        for (i, q) in questions.iter().enumerate() {
+            let found = |lookup: Lookup| match lookup {
+                Lookup::Live(e, _) => Some(e.answers.len()),
+                _ => None,
+            };
+            assert_eq!(found(c.lookup_at(&owned(q), now)), Some(i + 1), "owned {q:?}");
+            // As a plain query would be looked up: the name as sent, in
+            // upper case, lowercased while it is packed.
+            let sent = super::super::rendered::wire_labels(&q.0).to_ascii_uppercase();
+            let mut room = [0; PACKED_ON_STACK];
+            let stacked = StackKey::lowercased(&mut room, &q.3, &sent, q.1, q.2).unwrap();
+            assert_eq!(found(c.find_at(&stacked, now)), Some(i + 1), "stacked {q:?}");
+        }
+    }
+
     #[test]
     fn names_differing_only_in_label_boundaries_are_different_entries() {
         let c = cache(0, 86_400, 3_600);
