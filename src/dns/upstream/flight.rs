@@ -248,6 +248,86 @@ mod tests {
         assert_eq!(flights.len(), 0);
     }
 
+    /// A key whose hash is the same for every value, as a spoofer would
+    /// want two questions' hashes to be.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct Colliding(u32);
+
+    impl Hash for Colliding {
+        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+            state.write_u8(0);
+        }
+    }
+
+    /// Clients that go away mid-flight, leaders and followers alike, over
+    /// keys whose hashes all collide: every follower still waiting gets
+    /// the answer to its own key (never a neighbour's), none waits
+    /// forever, and the map is left empty.
+    #[tokio::test]
+    async fn cancelled_callers_on_colliding_keys_leave_nothing_and_misanswer_nobody() {
+        let flights: Arc<Flights<Colliding, u32>> = Arc::default();
+        let mut leaders = Vec::new();
+        let mut followers = Vec::new();
+        for k in 0..50u32 {
+            let f = flights.clone();
+            leaders.push(tokio::spawn(async move {
+                f.run(Colliding(k), std::future::pending::<u32>).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(flights.len(), 50);
+        for k in 0..50u32 {
+            for j in 0..4 {
+                let f = flights.clone();
+                let task = tokio::spawn(async move {
+                    f.run(Colliding(k), move || async move {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        k
+                    })
+                    .await
+                });
+                followers.push((k, j, task));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Every leader's client goes away, and every other follower's.
+        for l in &leaders {
+            l.abort();
+        }
+        let mut kept = Vec::new();
+        for (k, j, task) in followers {
+            if j % 2 == 0 {
+                task.abort();
+            } else {
+                kept.push((k, task));
+            }
+        }
+        for (k, task) in kept {
+            let (v, _) = tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("a follower must not wait forever")
+                .unwrap();
+            assert_eq!(v, k, "a follower got another key's answer");
+        }
+        assert_eq!(flights.len(), 0, "flights of clients gone are forgotten");
+        // A flight that lands takes its own entry out, not a colliding
+        // one's: asked again, its key is answered afresh.
+        let pending = {
+            let f = flights.clone();
+            tokio::spawn(async move { f.run(Colliding(100), std::future::pending::<u32>).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        for _ in 0..2 {
+            let asked = flights.run(Colliding(101), || async { 101 });
+            let (v, role) = tokio::time::timeout(Duration::from_secs(5), asked)
+                .await
+                .expect("a key asked again must not join a landed flight");
+            assert_eq!((v, role), (101, Role::Leader));
+        }
+        assert_eq!(flights.len(), 1, "the colliding flight is still there");
+        pending.abort();
+    }
+
     #[tokio::test]
     async fn different_keys_do_not_wait_for_each_other() {
         let flights: Flights<u8, u8> = Flights::default();
