@@ -834,3 +834,65 @@ fn same_size_miss_answers_over_a_small_mtu_lan_link_arrive_whole() {
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("reply_send_errors"), 0, "{}", stopped.log);
 }
+
+/// One name that two upstream groups answer differently, a per-client rule
+/// sending one network to the other group: clients of each group asking
+/// it in turn, every way a query reaches the cache (a plain query with and
+/// without EDNS, one with a cookie option that takes the full parse, the
+/// name in other letter case), each get their own group's answer, first
+/// from the upstream and then from the cache. An answer crossing groups
+/// would be one network's resolver speaking for another's.
+#[test]
+fn a_cached_answer_never_crosses_from_one_upstream_group_to_another() {
+    let lab = Lab::with_servers(2);
+    lab.add_server_address(0, ip(UPSTREAM));
+    lab.add_client_address(ip("192.0.2.70"));
+    let default = lab.dnsmasq(
+        0,
+        ip(UPSTREAM),
+        "example.test",
+        &["--host-record=shared.example.test,203.0.113.80"],
+    );
+    let office = lab.dnsmasq(
+        1,
+        server4(1),
+        "example.test",
+        &["--host-record=shared.example.test,198.51.100.200"],
+    );
+    let daemon = lab.start_tproxyd(&config(
+        r#"
+[[dns.rules]]
+clients = ["192.0.2.64/26"]
+domains = ["shared.example.test"]
+action = "forward"
+upstream = "office"
+"#,
+    ));
+    let clients = [("192.0.2.70", "198.51.100.200"), ("192.0.2.10", "203.0.113.80")];
+    let ways = [
+        "shared.example.test A +nocookie",
+        "shared.example.test A +noedns",
+        "shared.example.test A",
+        "SHARED.Example.TEST A +nocookie",
+        "sHaReD.eXaMpLe.TeSt A +noedns",
+    ];
+    for round in 0..2 {
+        for way in ways {
+            for (from, expected) in clients {
+                let d = dig(&lab.client, &format!("-b {from} @192.0.2.1 {way}"));
+                assert_eq!(
+                    d.answer_data(),
+                    [expected],
+                    "round {round}, {way} from {from}: {}",
+                    d.raw
+                );
+            }
+        }
+    }
+    // Each group's upstream was asked once (by its own network), and the
+    // rest came from the cache.
+    let asked = |d: &Dnsmasq| d.queries().iter().filter(|(n, _)| n == "shared.example.test").count();
+    assert_eq!((asked(&office), asked(&default)), (1, 1));
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_hits"), 2 * 5 * 2 - 2, "{}", stopped.log);
+}
