@@ -896,3 +896,42 @@ upstream = "office"
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("dns_cache_hits"), 2 * 5 * 2 - 2, "{}", stopped.log);
 }
+
+/// A cached answer is served again from its kept encoding to whoever asks
+/// the same question the same way. Clients asking one cached name with
+/// the header flags, EDNS and letter case in every combination, each
+/// asker differing from the one before in one of them only (a Gray code),
+/// each get their own: CD and RD echoed as they set them, an OPT record
+/// only when they sent one, the question as they spelt it, never the
+/// bytes kept for the previous asker.
+#[test]
+fn each_asker_of_a_cached_name_gets_its_own_flags_edns_and_case_back() {
+    let t = DnsLab::new();
+    let daemon = t.start("");
+    let first = t.dig(&format!("@{PUBLIC} www.example.test A +nocookie"));
+    assert_eq!(first.answer_data(), ["203.0.113.80"], "{}", first.raw);
+    let mut asked = 0;
+    for i in 0..33u32 {
+        let gray = i % 16;
+        let bits = gray ^ (gray >> 1);
+        let (cd, rd, edns, upper) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, bits & 8 != 0);
+        let name = if upper { "WwW.ExAmPlE.TeSt" } else { "www.example.test" };
+        let args = format!(
+            "@{PUBLIC} {name} A +nocookie {} {} {}",
+            if cd { "+cd" } else { "+nocd" },
+            if rd { "+rd" } else { "+nord" },
+            // A buffer of 512, as without EDNS: the same size limit.
+            if edns { "+edns +bufsize=512" } else { "+noedns" },
+        );
+        let d = t.dig(&args);
+        asked += 1;
+        let what = format!("asker {i}, {args}: {}", d.raw);
+        assert_eq!(d.answer_data(), ["203.0.113.80"], "{what}");
+        assert_eq!(d.flags.contains(&"cd".to_string()), cd, "{what}");
+        assert_eq!(d.flags.contains(&"rd".to_string()), rd, "{what}");
+        assert_eq!(d.raw.contains("OPT PSEUDOSECTION"), edns, "{what}");
+        assert_eq!(d.question, format!("{name}."), "{what}");
+    }
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_hits"), asked, "{}", stopped.log);
+}
