@@ -832,3 +832,54 @@ fn an_upstream_answer_after_the_timeout_reaches_no_client_and_no_cache() {
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("dns_cache_hits"), 0, "{}", stopped.log);
 }
+
+/// Cancellation is polled before a miss's work, so a flood of misses
+/// cannot hold a stop back: with hundreds of queries waiting on an
+/// upstream that answers only after a minute (the timeout longer still;
+/// the client's share of the group's places, 256, full, so the rest get
+/// SERVFAIL at once) and a LAN device still sending new ones, SIGTERM ends the daemon
+/// cleanly (`Daemon::stop` allows 10 s), not after the waits.
+#[test]
+fn a_stop_during_a_flood_of_waiting_misses_ends_the_daemon_cleanly() {
+    let lab = lab(1);
+    let _up = FakeDns::start(
+        &lab.servers[0],
+        upstream(0),
+        Behaviour::late(REAL, Duration::from_secs(60)),
+    );
+    let daemon = start(&lab, &config(&[upstream(0)], "120s", "90s", ""));
+    let (sock, to) = client(&lab, 41400);
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flood = {
+        let flooding = flooding.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0u32;
+            while flooding.load(Ordering::Relaxed) {
+                let name = format!("q{sent}.flood.test.");
+                let _ = sock.send_to(&query_bytes(sent as u16, &name, RecordType::A), to);
+                sent += 1;
+                if sent % 64 == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            sent
+        })
+    };
+    let waiting = |lab: &Lab| metric(&metrics(lab), "tproxyd_dns_queries_by_action_total{action=\"forward\"}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while waiting(&lab) < 200 {
+        assert!(Instant::now() < deadline, "the misses were not forwarded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopped = daemon.stop();
+    flooding.store(false, Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    assert!(
+        stopped.status.success(),
+        "exit status {}: {}",
+        stopped.status,
+        stopped.log
+    );
+    assert!(!stopped.log.contains("panicked"), "{}", stopped.log);
+    assert!(stopped.counter("dns_forwarded") >= 200, "{sent} sent: {}", stopped.log);
+}
