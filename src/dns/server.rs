@@ -447,6 +447,71 @@ async fn serve_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    /// A flood of unique names (every query a miss) from many clients,
+    /// each within its share, the group's places more than the service's
+    /// bound: at most `MAX_PENDING` misses wait in a listener's set, the
+    /// rest are answered SERVFAIL at once and counted, and a miss dropped
+    /// from the set (its listener gone) gives its permit back.
+    #[test]
+    fn a_flood_of_unique_names_holds_at_most_max_pending_misses() {
+        let config = crate::config::Config::parse(
+            r#"
+[dns]
+allow = ["2001:db8::/32"]
+rate_limit = { qps = 0 }
+[dns.upstreams.default]
+servers = ["198.51.100.53"]
+max_pending = 100000
+"#,
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let stats = Arc::new(Stats::default());
+        let engine = DnsEngine::build(config.dns().unwrap(), 255, stats.clone()).unwrap();
+        let service = DnsService::new(engine, stats.clone());
+        let mut misses = Misses::default();
+        let flood = MAX_PENDING + 1_000;
+        let mut at_once = 0;
+        for i in 0..flood {
+            // 200 clients (each its own /56), each well within its share
+            // of the group.
+            let k = (i % 200) as u16;
+            let client = SocketAddr::from(([0x2001, 0xdb8, 0, k << 8, 0, 0, 0, 1], 5353));
+            let id = (i % 65_536) as u16;
+            service.answer_udp(
+                &query(id, &format!("n{i}.flood.example.")),
+                client,
+                |_| at_once += 1,
+                || |_: &[u8]| {},
+                &mut misses,
+            );
+        }
+        assert_eq!(misses.len(), MAX_PENDING, "waiting misses are bounded");
+        assert_eq!(stats.dns_dropped_overload.get(), (flood - MAX_PENDING) as u64);
+        assert_eq!(at_once, flood - MAX_PENDING, "the rest are answered at once");
+        // The listener's set gone (shutdown, or its end): every permit back.
+        drop(misses);
+        let mut misses = Misses::default();
+        service.answer_udp(
+            &query(1, "after.flood.example."),
+            SocketAddr::from(([0x2001, 0xdb8, 1, 0, 0, 0, 0, 1], 5353)),
+            |_| panic!("a miss, not an answer at once"),
+            || |_: &[u8]| {},
+            &mut misses,
+        );
+        assert_eq!(misses.len(), 1);
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
