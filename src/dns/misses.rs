@@ -65,9 +65,9 @@ impl Misses {
     /// ends. The listener sends the answers they gave right after (a miss
     /// may answer and go on: a stale answer, then the refresh).
     ///
-    /// The set polls each woken miss once per call at most and yields
-    /// (waking the listener again) past that, so a burst of answers
-    /// cannot keep the listener from reading new queries.
+    /// The set polls only the misses that were woken, and yields (waking
+    /// the listener again) after polling as many as it holds, so a burst
+    /// of answers cannot keep the listener from reading new queries.
     pub fn drive(&mut self, cx: &mut Context<'_>) -> usize {
         let mut ended = 0;
         while let Poll::Ready(Some(())) = self.set.poll_next_unpin(cx) {
