@@ -136,6 +136,11 @@ impl Round {
 /// one run.
 fn queue_held<'p>(session: &Arc<Session>, held: &'p [Held], out: &mut UpstreamBatch<'_, 'p>, ctx: &RelayContext) {
     session.touch(ctx.now_ms());
+    if let [one] = held {
+        // Most new flows hold their first datagram alone: no run to build.
+        out.push(session, &[one.payload.as_slice()], one.dst, one.tos, ctx.stats());
+        return;
+    }
     let mut run: Vec<&'p [u8]> = Vec::with_capacity(held.len());
     let mut start = 0;
     while start < held.len() {
