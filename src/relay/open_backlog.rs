@@ -64,6 +64,45 @@ pub struct Held {
     pub payload: Vec<u8>,
 }
 
+/// The datagrams held for one flow, oldest first. The first is kept
+/// inline: most new flows hold only it, and a list of its own was a second
+/// allocation (and free) for every new flow.
+#[derive(Debug, Default)]
+pub struct HeldList {
+    first: Option<Held>,
+    more: Vec<Held>,
+}
+
+impl HeldList {
+    fn one(held: Held) -> Self {
+        HeldList {
+            first: Some(held),
+            more: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, held: Held) {
+        if self.first.is_none() {
+            self.first = Some(held);
+        } else {
+            self.more.push(held);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    /// The held datagrams, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Held> {
+        self.first.iter().chain(&self.more)
+    }
+}
+
 /// A flow to open, as the opener tasks get it.
 #[derive(Debug)]
 pub struct Job {
@@ -101,7 +140,7 @@ struct Pending {
     rules: Arc<UdpRules>,
     rule: usize,
     dst: SocketAddr,
-    held: Vec<Held>,
+    held: HeldList,
     bytes: usize,
 }
 
@@ -141,9 +180,9 @@ const KEPT_WHEN_EMPTY: usize = 256;
 
 impl Backlog {
     /// Forgets the flow `key`; what was held for it.
-    fn remove(&mut self, key: &FlowKey) -> Vec<Held> {
+    fn remove(&mut self, key: &FlowKey) -> HeldList {
         let Some(p) = self.flows.remove(key) else {
-            return Vec::new();
+            return HeldList::default();
         };
         self.bytes -= p.bytes;
         let owner = key.owner();
@@ -262,7 +301,7 @@ impl OpenBacklog {
             rules,
             rule,
             dst: held.dst,
-            held: vec![held],
+            held: HeldList::one(held),
             bytes: len,
         });
         Filed::Queued
@@ -317,7 +356,7 @@ impl OpenBacklog {
     /// which sends them and files the flow in the table (or drops them if
     /// the flow could not be opened), all under the backlog's lock so no
     /// later datagram of the flow can overtake them.
-    pub fn complete<R>(&self, key: &FlowKey, finish: impl FnOnce(Vec<Held>) -> R) -> R {
+    pub fn complete<R>(&self, key: &FlowKey, finish: impl FnOnce(HeldList) -> R) -> R {
         let held = self.lock().remove(key);
         finish(held)
     }
@@ -328,7 +367,7 @@ impl OpenBacklog {
     pub fn complete_all<'k, R>(
         &self,
         keys: impl IntoIterator<Item = &'k FlowKey>,
-        finish: impl FnOnce(Vec<Vec<Held>>) -> R,
+        finish: impl FnOnce(Vec<HeldList>) -> R,
     ) -> R {
         let mut b = self.lock();
         let held = keys.into_iter().map(|k| b.remove(k)).collect();
