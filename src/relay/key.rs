@@ -154,11 +154,20 @@ mod tests {
             assert_ne!(hash_of(&k), hash_of(o), "{o:?}");
         }
         let v6 = flow("[2001:db8::10]:5000", "[2001:db8:1::7]:7000");
-        assert_eq!(hash_of(&v6), hash_of(&flow("[2001:db8::10]:5000", "[2001:db8:1::7]:7000")));
-        assert_ne!(hash_of(&v6), hash_of(&flow("[2001:db8::10]:5000", "[2001:db8:1::7]:7001")));
+        assert_eq!(
+            hash_of(&v6),
+            hash_of(&flow("[2001:db8::10]:5000", "[2001:db8:1::7]:7000"))
+        );
+        assert_ne!(
+            hash_of(&v6),
+            hash_of(&flow("[2001:db8::10]:5000", "[2001:db8:1::7]:7001"))
+        );
         assert_ne!(hash_of(&id("192.0.2.10")), hash_of(&id("192.0.2.11")));
         assert_ne!(hash_of(&id("2001:db8:1::10")), hash_of(&id("2001:db8:2::10")));
-        assert_eq!(hash_of(&AddrKey(k.client)), hash_of(&AddrKey("192.0.2.10:5000".parse().unwrap())));
+        assert_eq!(
+            hash_of(&AddrKey(k.client)),
+            hash_of(&AddrKey("192.0.2.10:5000".parse().unwrap()))
+        );
     }
 
     #[test]

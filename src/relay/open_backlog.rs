@@ -534,7 +534,10 @@ mod tests {
             new_flows_per_sec: 1,
         });
         let (k1, k2) = (key("192.0.2.10", 7000), key("192.0.2.10", 7001));
-        assert!(matches!(o.file(&t, k1, held(&k1, 1), 0, || (rules(), 0)), Filed::Queued));
+        assert!(matches!(
+            o.file(&t, k1, held(&k1, 1), 0, || (rules(), 0)),
+            Filed::Queued
+        ));
         assert!(matches!(
             o.file(&t, k2, held(&k2, 1), 0, || (rules(), 0)),
             Filed::RateLimited

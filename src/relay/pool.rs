@@ -112,7 +112,10 @@ impl<F> Pools<F> {
             match pools.get(&key) {
                 Some(pool) => pool.clone(),
                 // The key is cloned (its device name) only for a new pool.
-                None => pools.entry(key.clone()).or_insert_with(|| Arc::new(Pool::new(key))).clone(),
+                None => pools
+                    .entry(key.clone())
+                    .or_insert_with(|| Arc::new(Pool::new(key)))
+                    .clone(),
             }
         };
         pool.lease(client, remote, &self.share, self.receive_buffer)
