@@ -30,13 +30,16 @@ use super::context::RelayContext;
 use super::decide::{Decision, Host, decide};
 use super::key::FlowKey;
 use super::open_backlog::{Filed, Held};
+use super::ready_set::ReadySet;
 use super::reply::{Pending, ReplyScratch};
 use super::session::Session;
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 use crate::dns::DnsService;
+use crate::dns::misses::Misses;
 use crate::dns::outbox::{Gather, Outbox};
 use crate::dns::replies::ReplyBatch;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch, segments};
+use crate::net::send::recycle;
 use crate::net::sockets;
 use crate::shutdown::Shutdown;
 
@@ -60,21 +63,41 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
                 local: socket.local_addr()?,
                 socket,
                 slots: BATCH,
+                run: Vec::new(),
             })
         })
         .collect::<io::Result<_>>()?;
     let mut members = members;
+    let woken = ReadySet::new(members.len());
+    let mut asked = Vec::with_capacity(members.len());
     let mut batch = RecvBatch::new(BATCH);
     let mut sends = UpstreamSends::default();
     let mut dns = Dns {
         now: DnsAnswers::default(),
         later: Arc::new(later_answers(ctx.clone())),
+        misses: Misses::default(),
     };
     let mut ready = Vec::with_capacity(members.len());
+    // One future for the whole loop: made anew each round, it cost a
+    // borrow of the channel and a waiter registration per wake-up.
+    let stop = shutdown.recv();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = shutdown.recv() => return Ok(()),
-            r = poll_fn(|cx| poll_ready(&members, &mut ready, cx)) => r?,
+            // Before the misses: a stop is never held back by them, and
+            // they end (dropped with `dns`) when this returns.
+            biased;
+            _ = &mut stop => return Ok(()),
+            r = poll_fn(|cx| {
+                // The hijacked DNS misses first, and the answers they
+                // gave in one go. Driven in every poll, not as an
+                // alternative to reading: neither a stream of upstream
+                // answers nor one of datagrams keeps the other waiting.
+                // A wake-up by a miss asks no member (none woke).
+                dns.misses.drive(cx);
+                dns.later.flush();
+                poll_ready(&members, &woken, &mut asked, &mut ready, cx)
+            }) => r?,
         }
         let mut more = false;
         for &i in &ready {
@@ -91,12 +114,34 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
 
 /// Collects the indices of the members with datagrams queued into `ready`;
 /// pending (with every member registered for wake-up) when none has.
-fn poll_ready(members: &[Member], ready: &mut Vec<usize>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+///
+/// Only the members `woken` names are asked: those whose waker fired, and
+/// those that were ready last time (see [`ReadySet`]); the others are still
+/// registered from an earlier poll.
+fn poll_ready(
+    members: &[Member],
+    woken: &ReadySet,
+    asked: &mut Vec<usize>,
+    ready: &mut Vec<usize>,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<io::Result<()>> {
     ready.clear();
-    for (i, m) in members.iter().enumerate() {
-        match m.socket.poll_recv_ready(cx) {
-            Poll::Ready(Ok(())) => ready.push(i),
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+    woken.take(cx, asked);
+    for &i in asked.iter() {
+        let (Some(m), Some(waker)) = (members.get(i), woken.waker(i)) else {
+            continue;
+        };
+        let mut member_cx = std::task::Context::from_waker(waker);
+        match m.socket.poll_recv_ready(&mut member_cx) {
+            Poll::Ready(Ok(())) => {
+                // Its registration is used up: ask it again next time.
+                woken.mark(i);
+                ready.push(i);
+            }
+            Poll::Ready(Err(e)) => {
+                woken.mark(i);
+                return Poll::Ready(Err(e));
+            }
             Poll::Pending => {}
         }
     }
@@ -112,6 +157,9 @@ struct Member {
     socket: UdpSocket,
     local: SocketAddr,
     slots: usize,
+    /// The storage of a batch's [`Run`], kept empty between batches: one
+    /// allocation per batch less.
+    run: Vec<&'static [u8]>,
 }
 
 /// Answers to hijacked DNS queries that were given at once while the
@@ -138,11 +186,12 @@ struct DnsAnswers {
 }
 
 /// The hijacked DNS answers a listener sends: those given at once, and
-/// those that come later from an upstream (gathered per worker turn by
-/// the miss tasks, see [`crate::dns::outbox`]).
+/// those that come later from an upstream (gathered while the listener
+/// drives its misses, see [`crate::dns::misses`]), and the misses.
 struct Dns {
     now: DnsAnswers,
     later: Arc<Outbox<DnsAnswers>>,
+    misses: Misses,
 }
 
 impl Gather for DnsAnswers {
@@ -209,20 +258,29 @@ impl Member {
             match batch.read_at_most(&self.socket, self.slots) {
                 Ok(read) => {
                     let n = read.count;
-                    let mut run = Run::default();
+                    let mut run = Run {
+                        payloads: recycle(std::mem::take(&mut self.run)),
+                        ..Run::default()
+                    };
                     // The runs of all flows in the batch, sent together.
                     let mut out = sends.batch();
                     let mut batch_bytes = 0;
+                    let mut datagrams = 0;
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
                             batch_bytes += payload.len();
                             // Coalesced datagrams (GRO) one by one.
                             for one in segments(payload, meta.segment) {
+                                datagrams += 1;
                                 filed |= handle(ctx, self.local, meta, one, &mut run, &mut out, dns);
                             }
                         }
                     }
+                    // Counted once per batch rather than per datagram.
+                    ctx.stats().client_datagrams.add(datagrams);
+                    ctx.stats().client_bytes.add(batch_bytes as u64);
                     run.flush(ctx, &mut out);
+                    self.run = recycle(std::mem::take(&mut run.payloads));
                     out.flush(ctx.stats());
                     if dns.now.batch.len() >= FLUSH_AT {
                         dns.now.flush(ctx);
@@ -271,6 +329,16 @@ impl<'b> Run<'b> {
         self.key.as_ref() == Some(key) && self.dst == Some(dst) && self.tos == tos
     }
 
+    /// Whether a datagram from `peer` to `dst` with TOS `tos` belongs to
+    /// the run, before any decision about it: the run is a relayed flow's
+    /// and the datagram is that flow's.
+    fn continues_from(&self, peer: SocketAddr, dst: Option<SocketAddr>, tos: Option<u8>) -> bool {
+        self.session.is_some()
+            && self.key.as_ref().is_some_and(|k| k.client == peer)
+            && self.dst == dst
+            && self.tos == tos
+    }
+
     fn flush(&mut self, ctx: &RelayContext, out: &mut UpstreamBatch<'_, 'b>) {
         if let (Some(session), Some(dst)) = (&self.session, self.dst) {
             out.push(session, &self.payloads, dst, self.tos, ctx.stats());
@@ -292,8 +360,15 @@ fn handle<'b>(
     out: &mut UpstreamBatch<'_, 'b>,
     answers: &mut Dns,
 ) -> bool {
-    ctx.stats().client_datagrams.inc();
-    ctx.stats().client_bytes.add(payload.len() as u64);
+    // The next datagram of the run being gathered (same client, original
+    // destination and TOS, in the same batch) joins it without a second
+    // decision: the rules it was decided by are those of this batch, and
+    // its flow was just looked up and touched. A steady flow's batch is
+    // mostly such datagrams.
+    if meta.orig_dst.is_some() && run.continues_from(meta.peer, meta.orig_dst, meta.tos) {
+        run.payloads.push(payload);
+        return false;
+    }
     let dns_port = |port: u16| ctx.dns().is_some_and(|d| d.hijacks(port));
     // What this client resolved through us, for domain rules; a lookup
     // also keeps the entry alive while the flow is in use.
@@ -380,18 +455,22 @@ fn handle<'b>(
 
 /// A query to a DNS port, wherever it was going, is answered by the DNS
 /// engine, and the answer leaves from the address the client asked: at
-/// once into `answers.now` (sent after the batch), or later from a task,
-/// with the other answers of its worker turn.
+/// once into `answers.now` (sent after the batch), or later from a miss
+/// the listener drives, with the other answers of its round.
 fn hijack_dns(dns: &Arc<DnsService>, client: SocketAddr, dst: SocketAddr, payload: &[u8], answers: &mut Dns) {
-    let Dns { now, later } = answers;
+    let Dns { now, later, misses } = answers;
     dns.answer_udp(
         payload,
         client,
         |answer| now.batch.push(dst, client, answer),
         || {
-            let dns = dns.clone();
             let later = later.clone();
-            move |answer: &[u8]| dns.send_later(&later, dst, client, answer)
+            // Sent by the listener's flush after its misses' turn (or
+            // here, past a full batch).
+            move |answer: &[u8]| {
+                let _ = later.add(dst, client, answer);
+            }
         },
+        misses,
     );
 }
