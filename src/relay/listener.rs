@@ -28,10 +28,11 @@ use tokio::net::UdpSocket;
 
 use super::context::RelayContext;
 use super::decide::{Decision, Host, decide};
-use super::key::FlowKey;
+use super::key::{ClientId, FlowKey};
 use super::open_backlog::{Filed, Held};
 use super::reply::{Pending, ReplyScratch};
 use super::session::Session;
+use super::shed::{Shedder, sojourn};
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 use crate::dns::DnsService;
 use crate::dns::outbox::{Gather, Outbox};
@@ -71,20 +72,28 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
         later: Arc::new(later_answers(ctx.clone())),
     };
     let mut ready = Vec::with_capacity(members.len());
+    let mut shed = Shed {
+        shedder: Shedder::new(ctx.shed_after()),
+        start: std::time::Instant::now(),
+    };
     loop {
         tokio::select! {
             _ = shutdown.recv() => return Ok(()),
             r = poll_fn(|cx| poll_ready(&members, &mut ready, cx)) => r?,
         }
+        shed.shedder.set_target(ctx.shed_after());
         let mut more = false;
         for &i in &ready {
-            more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &ctx);
+            more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &mut shed, &ctx);
         }
         // The DNS answers of every member's turn leave together.
         dns.now.flush(&ctx);
         if more {
             // Still more queued: let other tasks run before reading on.
             tokio::task::yield_now().await;
+        } else {
+            // Caught up: the worker sleeps until the next datagram.
+            shed.shedder.drained();
         }
     }
 }
@@ -104,6 +113,26 @@ fn poll_ready(members: &[Member], ready: &mut Vec<usize>, cx: &mut std::task::Co
         Poll::Pending
     } else {
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A listener task's overload shedding and its monotonic clock's origin.
+struct Shed {
+    shedder: Shedder,
+    start: std::time::Instant,
+}
+
+impl Shed {
+    /// The clocks a batch's datagrams are judged by: the wall clock the
+    /// kernel stamps them with, and a monotonic one for the byte windows.
+    /// Read only when shedding is on.
+    fn clocks(&self) -> Option<(std::time::Duration, std::time::Duration)> {
+        self.shedder.enabled().then(|| {
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (wall, self.start.elapsed())
+        })
     }
 }
 
@@ -200,6 +229,7 @@ impl Member {
         batch: &mut RecvBatch,
         sends: &mut UpstreamSends,
         dns: &mut Dns,
+        shed: &mut Shed,
         ctx: &Arc<RelayContext>,
     ) -> bool {
         let mut bytes = 0;
@@ -213,11 +243,22 @@ impl Member {
                     // The runs of all flows in the batch, sent together.
                     let mut out = sends.batch();
                     let mut batch_bytes = 0;
+                    let clocks = shed.clocks();
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
                             batch_bytes += payload.len();
                             // Coalesced datagrams (GRO) one by one.
                             for one in segments(payload, meta.segment) {
+                                if let Some((wall, mono)) = clocks {
+                                    let waited = sojourn(meta.received, wall);
+                                    let client = ClientId::of(meta.peer.ip());
+                                    if shed.shedder.offer(client, one.len(), waited, mono) {
+                                        ctx.stats().client_datagrams.inc();
+                                        ctx.stats().client_bytes.add(one.len() as u64);
+                                        ctx.stats().drop_overload.inc();
+                                        continue;
+                                    }
+                                }
                                 filed |= handle(ctx, self.local, meta, one, &mut run, &mut out, dns);
                             }
                         }
