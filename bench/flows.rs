@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use crate::Options;
 use crate::lab::Netns;
-use crate::setup::{self, SERVER, sleep_ms};
+use crate::setup::{self, REMOTES, SERVER, sleep_ms};
 
 /// The relay the flows go through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,10 +81,7 @@ impl System {
 const PER_CLIENT_ADDRESS: usize = 50_000;
 const FIRST_PORT: u16 = 10_000;
 const FIRST_CLIENT: u8 = 11;
-/// Server ports (all captured).
-/// With 256 remotes a pool socket can carry 256 flows, so 1,000,000 flows
-/// need about 3,900 sockets, well inside the descriptor budget.
-pub const REMOTES: u16 = 256;
+/// First server port; the flows go to `REMOTES` ports from here (all captured).
 const FIRST_REMOTE: u16 = 30_000;
 /// Datagrams per `sendmmsg` / `recvmmsg`.
 const BATCH: usize = 64;

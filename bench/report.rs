@@ -736,7 +736,7 @@ fn raw(o: &mut String, rounds: &[Round]) {
                  set-up ({:.0}/s, {:.1} µs of the floor's CPU each); the server saw {} first datagrams and {} second \
                  ones; {} echoes reached the client; {} upstream sockets; RSS {:.1} MiB.\n",
                 crate::setup::FLOOR_FLOWS_BASE,
-                crate::setup::FLOOR_FLOWS_BASE + crate::flows::REMOTES - 1,
+                crate::setup::FLOOR_FLOWS_BASE + crate::setup::REMOTES - 1,
                 f.opened,
                 f.setup_secs,
                 f.setup_rate(),

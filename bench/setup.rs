@@ -35,6 +35,10 @@ pub const FLOOR_MIX_BASE: u16 = 32_000;
 /// The first of the flows section's server ports through the relay floor
 /// (as many as through tproxyd, from 30000).
 pub const FLOOR_FLOWS_BASE: u16 = 33_000;
+/// Server ports of the flows section, for tproxyd and the floor alike.
+/// With 256 remotes a pool socket can carry 256 flows, so 1,000,000 flows
+/// need about 3,900 sockets, well inside the descriptor budget.
+pub const REMOTES: u16 = 256;
 
 /// A fresh lab with the bench's routes and redirect rules.
 pub fn lab() -> Lab {
@@ -49,7 +53,7 @@ pub fn lab() -> Lab {
         &format!(
             "LAN_IF=lan0 FAMILIES=4 NFT_TABLE=tpfloor ANTISPOOF=0 UDP_PORTS={FLOOR_PORT},{FLOOR_MIX_BASE}-{},{FLOOR_FLOWS_BASE}-{} TPROXY_PORT={}",
             FLOOR_MIX_BASE + 5,
-            FLOOR_FLOWS_BASE + crate::flows::REMOTES - 1,
+            FLOOR_FLOWS_BASE + REMOTES - 1,
             crate::floor::PORT
         ),
     );
