@@ -143,8 +143,11 @@ while [ "$round" -le "$ROUNDS" ]; do
             perf record -q -g -p "$pid" -o "$PERF.$round.$nbin.data" -- sleep "$SECS" 2>/dev/null &
         fi
         if [ -n "${STAT:-}" ]; then
-            perf stat -x, -o "$TMP/stat" -p "$pid" -e syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvmmsg,syscalls:sys_enter_sendmmsg,syscalls:sys_enter_futex,syscalls:sys_enter_write,context-switches -- sleep "$SECS" 2>/dev/null &
+            perf stat -x, -o "$TMP/stat" -p "$pid" -e syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvmmsg,syscalls:sys_enter_sendmmsg,syscalls:sys_enter_futex,syscalls:sys_enter_write,syscalls:sys_enter_sched_yield,net:net_dev_xmit,context-switches,task-clock -- sleep "$SECS" 2>/dev/null &
             statpid=$!
+            for ns in $C $G $S; do
+                ip netns exec "$ns" nstat -az UdpRcvbufErrors | awk '/UdpRcvbufErrors/ {print $2}' > "$TMP/rcvbuf.$ns"
+            done
         fi
         case $MODE in
         gso)
@@ -201,7 +204,12 @@ PY
         kill -TERM "$pid"; wait "$pid" || true
         if [ -n "${STAT:-}" ]; then
             wait "$statpid" || true
-            counts=$(awk -F, '/sys_enter|context-switches/ { split($3, e, ":"); printf "%s=%s ", (e[2] != "" ? e[2] : $3), $1 }' "$TMP/stat")
+            counts=$(awk -F, '/sys_enter|net_dev_xmit|context-switches|task-clock/ { split($3, e, ":"); k = (e[2] != "" ? e[2] : $3); printf "%s=%s ", (k == "task-clock" ? "task-clock-us" : k), (k == "task-clock" ? $1 * 1000 : $1) }' "$TMP/stat")
+            # Where datagrams died: a full socket queue per namespace.
+            for ns in $C $G $S; do
+                d=$(ip netns exec "$ns" nstat -az UdpRcvbufErrors | awk '/UdpRcvbufErrors/ {print $2}')
+                counts="$counts rcvbuf_drops_${ns#"$ID"}=$((${d:-0} - $(cat "$TMP/rcvbuf.$ns")))"
+            done
         fi
         if [ "$MODE" = pingpong ]; then
             # "[Valid Duration] RunTime=... ; SentMessages=N ; ReceivedMessages=M"

@@ -30,6 +30,7 @@ use super::context::RelayContext;
 use super::decide::{Decision, Host, decide};
 use super::key::{ClientId, FlowKey};
 use super::open_backlog::{Filed, Held};
+use super::ready_set::ReadySet;
 use super::reply::{Pending, ReplyScratch};
 use super::session::Session;
 use super::shed::{Shedder, sojourn};
@@ -38,6 +39,7 @@ use crate::dns::DnsService;
 use crate::dns::outbox::{Gather, Outbox};
 use crate::dns::replies::ReplyBatch;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch, segments};
+use crate::net::send::recycle;
 use crate::net::sockets;
 use crate::shutdown::Shutdown;
 
@@ -61,10 +63,13 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
                 local: socket.local_addr()?,
                 socket,
                 slots: BATCH,
+                run: Vec::new(),
             })
         })
         .collect::<io::Result<_>>()?;
     let mut members = members;
+    let woken = ReadySet::new(members.len());
+    let mut asked = Vec::with_capacity(members.len());
     let mut batch = RecvBatch::new(BATCH);
     let mut sends = UpstreamSends::default();
     let mut dns = Dns {
@@ -76,10 +81,15 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
         shedder: Shedder::new(ctx.shed_after()),
         start: std::time::Instant::now(),
     };
+    // One future for the whole loop: made anew each round, it cost a
+    // borrow of the channel and a waiter registration per wake-up.
+    let stop = shutdown.recv();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = shutdown.recv() => return Ok(()),
-            r = poll_fn(|cx| poll_ready(&members, &mut ready, cx)) => r?,
+            biased;
+            _ = &mut stop => return Ok(()),
+            r = poll_fn(|cx| poll_ready(&members, &woken, &mut asked, &mut ready, cx)) => r?,
         }
         shed.shedder.set_target(ctx.shed_after());
         let mut more = false;
@@ -100,12 +110,34 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
 
 /// Collects the indices of the members with datagrams queued into `ready`;
 /// pending (with every member registered for wake-up) when none has.
-fn poll_ready(members: &[Member], ready: &mut Vec<usize>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+///
+/// Only the members `woken` names are asked: those whose waker fired, and
+/// those that were ready last time (see [`ReadySet`]); the others are still
+/// registered from an earlier poll.
+fn poll_ready(
+    members: &[Member],
+    woken: &ReadySet,
+    asked: &mut Vec<usize>,
+    ready: &mut Vec<usize>,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<io::Result<()>> {
     ready.clear();
-    for (i, m) in members.iter().enumerate() {
-        match m.socket.poll_recv_ready(cx) {
-            Poll::Ready(Ok(())) => ready.push(i),
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+    woken.take(cx, asked);
+    for &i in asked.iter() {
+        let (Some(m), Some(waker)) = (members.get(i), woken.waker(i)) else {
+            continue;
+        };
+        let mut member_cx = std::task::Context::from_waker(waker);
+        match m.socket.poll_recv_ready(&mut member_cx) {
+            Poll::Ready(Ok(())) => {
+                // Its registration is used up: ask it again next time.
+                woken.mark(i);
+                ready.push(i);
+            }
+            Poll::Ready(Err(e)) => {
+                woken.mark(i);
+                return Poll::Ready(Err(e));
+            }
             Poll::Pending => {}
         }
     }
@@ -141,6 +173,9 @@ struct Member {
     socket: UdpSocket,
     local: SocketAddr,
     slots: usize,
+    /// The storage of a batch's [`Run`], kept empty between batches: one
+    /// allocation per batch less.
+    run: Vec<&'static [u8]>,
 }
 
 /// Answers to hijacked DNS queries that were given at once while the
@@ -239,22 +274,25 @@ impl Member {
             match batch.read_at_most(&self.socket, self.slots) {
                 Ok(read) => {
                     let n = read.count;
-                    let mut run = Run::default();
+                    let mut run = Run {
+                        payloads: recycle(std::mem::take(&mut self.run)),
+                        ..Run::default()
+                    };
                     // The runs of all flows in the batch, sent together.
                     let mut out = sends.batch();
                     let mut batch_bytes = 0;
                     let clocks = shed.clocks();
+                    let mut datagrams = 0;
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
                             batch_bytes += payload.len();
                             // Coalesced datagrams (GRO) one by one.
                             for one in segments(payload, meta.segment) {
+                                datagrams += 1;
                                 if let Some((wall, mono)) = clocks {
                                     let waited = sojourn(meta.received, wall);
                                     let client = ClientId::of(meta.peer.ip());
                                     if shed.shedder.offer(client, one.len(), waited, mono) {
-                                        ctx.stats().client_datagrams.inc();
-                                        ctx.stats().client_bytes.add(one.len() as u64);
                                         ctx.stats().drop_overload.inc();
                                         continue;
                                     }
@@ -263,7 +301,11 @@ impl Member {
                             }
                         }
                     }
+                    // Counted once per batch rather than per datagram.
+                    ctx.stats().client_datagrams.add(datagrams);
+                    ctx.stats().client_bytes.add(batch_bytes as u64);
                     run.flush(ctx, &mut out);
+                    self.run = recycle(std::mem::take(&mut run.payloads));
                     out.flush(ctx.stats());
                     if dns.now.batch.len() >= FLUSH_AT {
                         dns.now.flush(ctx);
@@ -312,6 +354,16 @@ impl<'b> Run<'b> {
         self.key.as_ref() == Some(key) && self.dst == Some(dst) && self.tos == tos
     }
 
+    /// Whether a datagram from `peer` to `dst` with TOS `tos` belongs to
+    /// the run, before any decision about it: the run is a relayed flow's
+    /// and the datagram is that flow's.
+    fn continues_from(&self, peer: SocketAddr, dst: Option<SocketAddr>, tos: Option<u8>) -> bool {
+        self.session.is_some()
+            && self.key.as_ref().is_some_and(|k| k.client == peer)
+            && self.dst == dst
+            && self.tos == tos
+    }
+
     fn flush(&mut self, ctx: &RelayContext, out: &mut UpstreamBatch<'_, 'b>) {
         if let (Some(session), Some(dst)) = (&self.session, self.dst) {
             out.push(session, &self.payloads, dst, self.tos, ctx.stats());
@@ -333,8 +385,15 @@ fn handle<'b>(
     out: &mut UpstreamBatch<'_, 'b>,
     answers: &mut Dns,
 ) -> bool {
-    ctx.stats().client_datagrams.inc();
-    ctx.stats().client_bytes.add(payload.len() as u64);
+    // The next datagram of the run being gathered (same client, original
+    // destination and TOS, in the same batch) joins it without a second
+    // decision: the rules it was decided by are those of this batch, and
+    // its flow was just looked up and touched. A steady flow's batch is
+    // mostly such datagrams.
+    if meta.orig_dst.is_some() && run.continues_from(meta.peer, meta.orig_dst, meta.tos) {
+        run.payloads.push(payload);
+        return false;
+    }
     let dns_port = |port: u16| ctx.dns().is_some_and(|d| d.hijacks(port));
     // What this client resolved through us, for domain rules; a lookup
     // also keeps the entry alive while the flow is in use.

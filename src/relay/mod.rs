@@ -52,6 +52,7 @@ pub mod opener;
 pub mod pool;
 pub mod pool_readers;
 pub mod rate;
+pub mod ready_set;
 pub mod reply;
 pub mod rules;
 pub mod session;
