@@ -66,8 +66,14 @@ ruleset() {
     bypass6="::1/128, fe80::/10, ff00::/8"
     # shellcheck disable=SC2086
     [ -n "$BYPASS6" ] && bypass6="$bypass6, $(commas $BYPASS6)"
-    ports=""
-    [ -n "$UDP_PORTS" ] && ports="udp dport { $(echo "$UDP_PORTS" | sed 's/,/, /g') }"
+    # Ports first: a packet to a port this table does not capture leaves
+    # the chain after one set lookup, before the bypass set and the FIB
+    # are consulted (and not a second time on the drop rule). Every
+    # packet of every capture table on the host runs these chains inside
+    # its sender's system call or softirq; the conditions are all
+    # `return`s, so their order does not change what is captured.
+    ports_first=""
+    [ -n "$UDP_PORTS" ] && ports_first="        udp dport != { $(echo "$UDP_PORTS" | sed 's/,/, /g') } return"
     families=""
     has_family 4 && families="ipv4"
     has_family 6 && families="${families:+$families, }ipv6"
@@ -80,6 +86,7 @@ table inet $NFT_TABLE {
     # Decides whether a packet is diverted to tproxyd.
     chain capture {
         meta nfproto != { $families } return
+$ports_first
         ip daddr @bypass4 return
         ip6 daddr @bypass6 return
         fib daddr type { local, broadcast, multicast } return
@@ -89,10 +96,10 @@ NFT
         echo "        tcp dport 53 drop"
     fi
     cat <<NFT
-        meta l4proto udp $ports tproxy to :$TPROXY_PORT meta mark set $FWMARK accept
+        meta l4proto udp tproxy to :$TPROXY_PORT meta mark set $FWMARK accept
         # No tproxyd socket to take it: drop rather than let captured traffic
         # leak past the proxy (iptables' TPROXY target does the same).
-        meta l4proto udp $ports drop
+        meta l4proto udp drop
     }
 
     chain prerouting {
@@ -128,11 +135,12 @@ NFT
         type route hook output priority mangle; policy accept;
         meta mark & $SKIP_MARK == $SKIP_MARK return
         meta nfproto != { $families } return
+$ports_first
         ip daddr @bypass4 return
         ip6 daddr @bypass6 return
         fib daddr type { local, broadcast, multicast } return
 $tcp
-        meta l4proto udp $ports meta mark set $FWMARK
+        meta l4proto udp meta mark set $FWMARK
     }
 NFT
     fi

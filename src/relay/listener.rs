@@ -36,6 +36,7 @@ use super::session::Session;
 use super::shed::{Shedder, sojourn};
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 use crate::dns::DnsService;
+use crate::dns::misses::Misses;
 use crate::dns::outbox::{Gather, Outbox};
 use crate::dns::replies::ReplyBatch;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch, segments};
@@ -75,6 +76,7 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
     let mut dns = Dns {
         now: DnsAnswers::default(),
         later: Arc::new(later_answers(ctx.clone())),
+        misses: Misses::default(),
     };
     let mut ready = Vec::with_capacity(members.len());
     let mut shed = Shed {
@@ -87,9 +89,20 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
     tokio::pin!(stop);
     loop {
         tokio::select! {
+            // Before the misses: a stop is never held back by them, and
+            // they end (dropped with `dns`) when this returns.
             biased;
             _ = &mut stop => return Ok(()),
-            r = poll_fn(|cx| poll_ready(&members, &woken, &mut asked, &mut ready, cx)) => r?,
+            r = poll_fn(|cx| {
+                // The hijacked DNS misses first, and the answers they
+                // gave in one go. Driven in every poll, not as an
+                // alternative to reading: neither a stream of upstream
+                // answers nor one of datagrams keeps the other waiting.
+                // A wake-up by a miss asks no member (none woke).
+                dns.misses.drive(cx);
+                dns.later.flush();
+                poll_ready(&members, &woken, &mut asked, &mut ready, cx)
+            }) => r?,
         }
         shed.shedder.set_target(ctx.shed_after());
         let mut more = false;
@@ -202,11 +215,12 @@ struct DnsAnswers {
 }
 
 /// The hijacked DNS answers a listener sends: those given at once, and
-/// those that come later from an upstream (gathered per worker turn by
-/// the miss tasks, see [`crate::dns::outbox`]).
+/// those that come later from an upstream (gathered while the listener
+/// drives its misses, see [`crate::dns::misses`]), and the misses.
 struct Dns {
     now: DnsAnswers,
     later: Arc<Outbox<DnsAnswers>>,
+    misses: Misses,
 }
 
 impl Gather for DnsAnswers {
@@ -484,18 +498,22 @@ fn handle<'b>(
 
 /// A query to a DNS port, wherever it was going, is answered by the DNS
 /// engine, and the answer leaves from the address the client asked: at
-/// once into `answers.now` (sent after the batch), or later from a task,
-/// with the other answers of its worker turn.
+/// once into `answers.now` (sent after the batch), or later from a miss
+/// the listener drives, with the other answers of its round.
 fn hijack_dns(dns: &Arc<DnsService>, client: SocketAddr, dst: SocketAddr, payload: &[u8], answers: &mut Dns) {
-    let Dns { now, later } = answers;
+    let Dns { now, later, misses } = answers;
     dns.answer_udp(
         payload,
         client,
         |answer| now.batch.push(dst, client, answer),
         || {
-            let dns = dns.clone();
             let later = later.clone();
-            move |answer: &[u8]| dns.send_later(&later, dst, client, answer)
+            // Sent by the listener's flush after its misses' turn (or
+            // here, past a full batch).
+            move |answer: &[u8]| {
+                let _ = later.add(dst, client, answer);
+            }
         },
+        misses,
     );
 }
