@@ -462,13 +462,9 @@ fn handle<'b>(
             };
             let number = rule.number;
             let table = ctx.table();
-            let filed = ctx.open_backlog().file(
-                table,
-                key,
-                held,
-                || table.admit(key.owner(), ctx.now_ms()),
-                || (arc_swap::Guard::into_inner(rules), number),
-            );
+            let filed = ctx.open_backlog().file(table, key, held, ctx.now_ms(), || {
+                (arc_swap::Guard::into_inner(rules), number)
+            });
             match filed {
                 Filed::Open(s) => s,
                 Filed::Queued => return true,
