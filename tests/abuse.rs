@@ -828,3 +828,89 @@ fn an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one() {
     // ... and still got what the relay had left: the flood went on through.
     assert!(relayed > 20 << 20, "only {relayed} bytes of the flood relayed");
 }
+
+/// A hostile LAN device fills the shedder's table of clients (64 a
+/// window) with 63 addresses of its own that send one byte each now and
+/// then, and floods from one address more, while tproxyd (one listener
+/// queue, so datagrams are read in the order sent) is held for 30 ms at a
+/// time so that the flood is late when read. What the quiet client sent
+/// in the middle of each burst, and how many of its answers came back;
+/// the final counters.
+fn flood_from_beyond_a_full_table(relay_extra: &str) -> (usize, usize, lab::daemon::Stopped) {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0 FAMILIES=4");
+    let fillers: Vec<IpAddr> = (0..63).map(|i| ip(&format!("192.0.2.{}", 100 + i))).collect();
+    let flooder = ip("192.0.2.66");
+    for a in fillers.iter().chain([&flooder]) {
+        lab.add_client_address(*a);
+    }
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let sink = Echo::start(&lab.servers[0], sa(server4(0), 7001));
+    let daemon = lab.start_tproxyd(&config(&format!("listener_sockets = 1\n{relay_extra}")));
+    let victim = socket(&lab.client, sa(ip(CLIENT4), 40000));
+    let fill: Vec<std::net::UdpSocket> = fillers.iter().map(|a| socket(&lab.client, sa(*a, 40000))).collect();
+    let flood = socket(&lab.client, sa(flooder, 40000));
+    // The quiet client is known first, and has sent more than any filler.
+    let (from, _) = lab::udp::exchange(&victim, echo.addr, &[0x11; 600]);
+    assert_eq!(from, echo.addr);
+    let mut asked = 0;
+    for round in 0..5 {
+        // The fillers keep their places: one byte each, every round.
+        for s in &fill {
+            s.send_to(b"f", sink.addr).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        let paused = Paused::new(daemon.pid());
+        for _ in 0..20 {
+            flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
+        }
+        for k in 0..5u8 {
+            victim.send_to(&[round, k, 0x22], echo.addr).unwrap();
+            asked += 1;
+        }
+        for _ in 0..20 {
+            flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        drop(paused);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut answered = 0;
+    while answered < asked {
+        let Some((from, data)) = lab::udp::recv(&victim) else {
+            break;
+        };
+        assert_eq!((from, data.len()), (echo.addr, 3), "{data:?}");
+        answered += 1;
+    }
+    (asked, answered, daemon.stop())
+}
+
+/// The table used to ignore a client beyond its 64: the flood was never
+/// counted, hence never shed, yet its late datagrams made the relay
+/// overloaded, and the heaviest client the table did know, the quiet one,
+/// was shed in its place (all 25 of its datagrams).
+#[test]
+fn a_flood_from_beyond_a_table_filled_with_light_addresses_is_shed_not_the_quiet_client() {
+    let _heavy = one_at_a_time();
+    let (asked, answered, stopped) = flood_from_beyond_a_full_table("shed_after_ms = 5");
+    let shed = stopped.counter("drop_overload");
+    assert_eq!(
+        answered,
+        asked,
+        "the quiet client lost {} of {asked} ({shed} shed)\n{}",
+        asked - answered,
+        stopped.log
+    );
+    assert!(shed > 0, "the flood was never shed\n{}", stopped.log);
+}
+
+/// The same with shedding off: nothing is shed at all, and the quiet
+/// client loses nothing either.
+#[test]
+fn with_shedding_off_nothing_is_shed_whatever_the_table_holds() {
+    let _heavy = one_at_a_time();
+    let (asked, answered, stopped) = flood_from_beyond_a_full_table("shed_after_ms = 0");
+    assert_eq!(stopped.counter("drop_overload"), 0, "{}", stopped.log);
+    assert_eq!(answered, asked, "{}", stopped.log);
+}

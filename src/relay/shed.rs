@@ -36,8 +36,9 @@ use super::key::ClientId;
 /// How long one window of the byte count lasts; "recent" is the last
 /// window plus the current one.
 const WINDOW: Duration = Duration::from_millis(250);
-/// Clients followed per window at most: a flooder is among the first to
-/// send in any window; those beyond are light and never shed.
+/// Clients followed per window at most; past that a newcomer takes the
+/// lightest one's place (see [`Shedder::count`]), so a flooder is always
+/// followed, however many light addresses were seen before it.
 const TRACKED: usize = 64;
 /// How long the heaviest client's datagrams must all have waited past the
 /// target before that alone counts as an overload (CoDel's interval).
@@ -162,8 +163,8 @@ impl Shedder {
         self.recount();
     }
 
-    /// Adds `bytes` to `client`; returns its index (or `usize::MAX` when
-    /// it is not followed: too many clients in the window).
+    /// Adds `bytes` to `client`; returns its index (`usize::MAX` only if
+    /// the table could hold nobody).
     fn count(&mut self, client: ClientId, bytes: u64) -> usize {
         let i = match self.clients.iter().position(|s| s.client == client) {
             Some(i) => i,
@@ -176,7 +177,24 @@ impl Shedder {
                 self.active += 1;
                 self.clients.len() - 1
             }
-            None => return usize::MAX,
+            // Full: the newcomer takes the place of the lightest client,
+            // counted from that one's bytes (as the Space-Saving count
+            // does). Ignoring it instead let a device fill the table with
+            // light addresses of its own and flood from one more: never
+            // counted, never shed, while its late datagrams made the
+            // relay overloaded and the heaviest client the table knew,
+            // a quiet one, was shed in its place.
+            None => {
+                let lightest = self
+                    .clients
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, s)| s.recent())
+                    .map(|(i, _)| i);
+                let Some(i) = lightest else { return usize::MAX };
+                self.clients[i].client = client;
+                i
+            }
         };
         self.clients[i].current += bytes;
         let most = self.heaviest.map_or(0, |h| self.clients[h].recent());
@@ -312,5 +330,23 @@ mod tests {
         assert_eq!(sojourn(Some(2 * MS), 5 * MS), Some(3 * MS));
         assert_eq!(sojourn(None, 5 * MS), None);
         assert_eq!(sojourn(Some(6 * MS), 5 * MS), None);
+    }
+
+    #[test]
+    fn a_flood_from_beyond_a_full_table_is_followed_and_shed_not_the_quiet_client() {
+        let mut s = Shedder::new(5 * MS);
+        let now = 10 * MS;
+        let quiet = id("192.0.2.10");
+        assert!(!s.offer(quiet, 600, Some(MS), now));
+        for i in 0..TRACKED - 1 {
+            assert!(!s.offer(id(&format!("192.0.2.{}", 100 + i)), 1, Some(MS), now));
+        }
+        // The table is full; the flood comes from one more address, late.
+        let flood = id("192.0.2.66");
+        for _ in 0..20 {
+            s.offer(flood, 1_200, Some(30 * MS), now);
+        }
+        assert!(!s.offer(quiet, 3, Some(30 * MS), now), "the quiet client was shed");
+        assert!(s.offer(flood, 1_200, Some(30 * MS), now), "the flood was not shed");
     }
 }
