@@ -290,6 +290,13 @@ fn backlog_drops() -> u64 {
 
 /// User plus system CPU time of `pid` (all threads), seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    let (user, system) = cpu_split(pid);
+    user + system
+}
+
+/// A process's user and system CPU time so far, seconds (clock ticks, so
+/// 10 ms steps at the usual 100 Hz).
+pub fn cpu_split(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // utime and stime are the 14th and 15th fields of the line, the 12th and
     // 13th after the parenthesised command name. Counted by position: a
@@ -298,8 +305,8 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     // stime and cutime instead).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let field = |i: usize| -> u64 { rest.split_whitespace().nth(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
-    let ticks = field(11) + field(12);
-    ticks as f64 / ticks_per_second()
+    let tick = ticks_per_second();
+    (field(11) as f64 / tick, field(12) as f64 / tick)
 }
 
 fn ticks_per_second() -> f64 {

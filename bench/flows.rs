@@ -152,6 +152,8 @@ pub struct Result {
     /// The relay's CPU time (user + system) per flow set up, µs: steadier
     /// than the rate on a shared machine.
     pub cpu_us_per_flow: f64,
+    /// The user-space part of it (the kernel's tick attribution).
+    pub user_us_per_flow: f64,
     /// The whole section, seconds.
     pub secs: f64,
 }
@@ -666,7 +668,7 @@ fn run_one(opts: &Options, system: System) -> Result {
             .expect("perf")
     });
     let started = Instant::now();
-    let cpu_before = crate::drops::cpu_seconds(pid);
+    let cpu_before = crate::drops::cpu_split(pid);
     let mut from = 0;
     let mut setting_up = 0.0;
     for &upto in &stages {
@@ -707,7 +709,7 @@ fn run_one(opts: &Options, system: System) -> Result {
         r.points.push(point);
         from = upto;
     }
-    let cpu_after = crate::drops::cpu_seconds(pid);
+    let cpu_after = crate::drops::cpu_split(pid);
     if let Some(mut p) = perf {
         // SIGINT: perf writes its file and ends.
         let _ = nix::sys::signal::kill(
@@ -719,7 +721,9 @@ fn run_one(opts: &Options, system: System) -> Result {
     r.setup_secs = setting_up;
     r.setup_elapsed_secs = started.elapsed().as_secs_f64();
     r.opened = counts(system, &gateway).1;
-    r.cpu_us_per_flow = (cpu_after - cpu_before) * 1e6 / r.opened.max(1) as f64;
+    let per_flow = |secs: f64| secs * 1e6 / r.opened.max(1) as f64;
+    r.cpu_us_per_flow = per_flow((cpu_after.0 + cpu_after.1) - (cpu_before.0 + cpu_before.1));
+    r.user_us_per_flow = per_flow(cpu_after.0 - cpu_before.0);
     r.first_seen = first.at_least(0..n, 1);
     wait_until(Duration::from_secs(2), || echoes.at_least(0..n, 1) >= r.first_seen);
     r.first_replies = echoes.at_least(0..n, 1);
@@ -782,7 +786,7 @@ fn run_one(opts: &Options, system: System) -> Result {
     }
     r.secs = section.elapsed().as_secs_f64();
     eprintln!(
-        "flows ({}) {} opened {} in {:.2} s of set-up ({:.2} s with pauses; {:.0}/s, {:.1} µs of CPU each), server saw {} then {} (reopened {}), echoes {}, RSS {} KiB (idle {}), fds {}; section {:.0} s",
+        "flows ({}) {} opened {} in {:.2} s of set-up ({:.2} s with pauses; {:.0}/s, {:.1} µs of CPU each, {:.1} of it user), server saw {} then {} (reopened {}), echoes {}, RSS {} KiB (idle {}), fds {}; section {:.0} s",
         system.label(),
         r.flows,
         r.opened,
@@ -790,6 +794,7 @@ fn run_one(opts: &Options, system: System) -> Result {
         r.setup_elapsed_secs,
         r.setup_rate(),
         r.cpu_us_per_flow,
+        r.user_us_per_flow,
         r.first_seen,
         r.second_replies,
         r.reopened,

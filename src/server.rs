@@ -319,10 +319,8 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
             tracing::warn!(error = %e, "listener ended with an error");
         }
     }
-    if let Some(dns) = &dns {
-        // Queries still waiting for an upstream end here, with their sockets.
-        dns.stop_tasks().await;
-    }
+    // Queries still waiting for an upstream ended with the listeners that
+    // drove them (`dns::misses`), and with them their sockets.
     let closed = relay_ctx.shutdown().await;
     tracing::info!(sessions_closed = closed, "all sessions closed");
     if let Some(feed) = feed {

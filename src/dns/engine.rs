@@ -4,7 +4,8 @@
 //! handles everything that needs no network (overrides, blocks, hosts
 //! files, cache hits, malformed input) synchronously, inline in the
 //! listener that received the query; only a cache miss becomes an
-//! [`Outcome::Forward`], which the caller awaits in a task of its own.
+//! [`Outcome::Forward`], which the caller awaits (a UDP listener in its
+//! set of waiting misses, [`super::misses`]).
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};

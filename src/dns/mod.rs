@@ -13,6 +13,7 @@ pub mod encoder;
 pub mod engine;
 pub mod lists;
 pub mod message;
+pub mod misses;
 pub mod names;
 pub mod outbox;
 pub mod plain_answer;

@@ -1,31 +1,23 @@
-//! Answers that came from an upstream, gathered while one worker turn runs
-//! and then sent together.
+//! Answers that came from an upstream, gathered while a listener drives
+//! its misses and then sent together.
 //!
-//! A cache miss is answered by its own task when the upstream's answer
-//! arrives. Each of those tasks used to send its reply with a `sendmmsg`
-//! of its own: under load that was one system call per miss and, per
-//! reply, a trip through routing, netfilter and the client's receive path
-//! (about 30 % of the daemon's samples in a miss run). Many such tasks
-//! run in one turn of a worker (the reactor hands over every upstream
-//! socket that became readable at once), so their replies can leave in
-//! one call, and those to one client socket as a GSO train
+//! Each miss used to send its reply with a `sendmmsg` of its own: under
+//! load that was one system call per miss and, per reply, a trip through
+//! routing, netfilter and the client's receive path (about 30 % of the
+//! daemon's samples in a miss run). Many misses end in one round of their
+//! listener (the reactor hands over every upstream socket that became
+//! readable at once, see [`super::misses`]), so their replies can leave
+//! in one call, and those to one client socket as a GSO train
 //! ([`super::replies::ReplyBatch`], or the relay's reply sockets for
 //! hijacked queries).
 //!
-//! The first reply of a turn asks the caller to run [`Outbox::flush`]
-//! after the turn: a task that first goes to the back of its worker's run
-//! queue ([`behind_the_queue`]), so it runs once the tasks already woken
-//! (the other answers that arrived with this one) have run; the replies
-//! they add go with it. Past [`SEND_AT`] replies the
-//! one adding sends at once, so a flood of answers holds neither memory
-//! nor replies back. Each reply still leaves as its own datagram, from
-//! the same address and socket as before.
+//! The listener runs [`Outbox::flush`] after each round of its misses.
+//! Past [`SEND_AT`] replies the one adding sends at once, so a flood of
+//! answers holds neither memory nor replies back. Each reply still leaves
+//! as its own datagram, from the same address and socket as before.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
-use std::task::{Context, Poll};
 
 use super::replies::ReplyBatch;
 
@@ -144,46 +136,15 @@ impl<T: Gather> Outbox<T> {
     }
 }
 
-/// At shutdown the flush task is cancelled with the miss tasks, and at a
+/// At shutdown a listener ends between adding and its flush, and at a
 /// reload a listener's outbox may outlive its listener: answers already
 /// taken from an upstream would vanish without being sent or counted.
-/// Every holder is gone here (the listener, the miss tasks, the flush
-/// task), but the sender still owns what it sends through (the listener's
-/// socket, the relay's reply sockets), so they leave now.
+/// Every holder is gone here (the listener and its misses), but the
+/// sender still owns what it sends through (the listener's socket, the
+/// relay's reply sockets), so they leave now.
 impl<T: Gather> Drop for Outbox<T> {
     fn drop(&mut self) {
         self.flush();
-    }
-}
-
-/// Completes on its second poll, having asked to be polled again from
-/// its first: tokio puts a task that wakes itself while running at the
-/// back of its worker's run queue, behind every task already woken.
-///
-/// Not `tokio::task::yield_now`: that one defers the task until the
-/// worker next polls the reactor, which under load happens only every 61
-/// task polls, and the replies waited up to a millisecond or more for it
-/// (p50 at half the peak miss rate went from about 110 µs to 0.9-1.5 ms
-/// in the bench). Behind the queue, a reply waits only for the tasks that
-/// were ready when it was made.
-pub fn behind_the_queue() -> impl Future<Output = ()> {
-    BehindTheQueue { queued: false }
-}
-
-struct BehindTheQueue {
-    queued: bool,
-}
-
-impl Future for BehindTheQueue {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.queued {
-            return Poll::Ready(());
-        }
-        self.queued = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 }
 
@@ -251,8 +212,7 @@ mod tests {
 
     #[test]
     fn replies_waiting_when_the_last_holder_lets_go_are_still_sent() {
-        // At shutdown the flush task is cancelled with the miss tasks (and
-        // the listener is gone): answers already taken from an upstream
+        // At shutdown the listener ends with its misses before a flush: answers already taken from an upstream
         // must still leave, not vanish uncounted.
         let (outbox, log) = outbox();
         let src = SocketAddr::from(([203, 0, 113, 53], 53));
@@ -284,41 +244,6 @@ mod tests {
         let order: Vec<u8> = log.firsts().iter().map(|&(_, b)| b).collect();
         let expected: Vec<u8> = (0..(3 * SEND_AT + 5)).map(|i| i as u8).collect();
         assert_eq!(order, expected);
-    }
-
-    #[test]
-    fn a_flush_behind_the_queue_takes_the_replies_of_the_tasks_already_ready() {
-        let (outbox, log) = outbox();
-        let src = SocketAddr::from(([203, 0, 113, 53], 53));
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(async {
-            // Three answers ready at once, as after one reactor poll; the
-            // first arranges the flush.
-            let tasks: Vec<_> = (0..3u8)
-                .map(|i| {
-                    let outbox = outbox.clone();
-                    tokio::spawn(async move {
-                        if outbox.add(src, addr(1000), &[i]) {
-                            let outbox = outbox.clone();
-                            tokio::spawn(async move {
-                                behind_the_queue().await;
-                                outbox.flush();
-                            });
-                        }
-                    })
-                })
-                .collect();
-            for t in tasks {
-                t.await.unwrap();
-            }
-            // Let the flush run.
-            for _ in 0..4 {
-                tokio::task::yield_now().await;
-            }
-        });
-        let log = log.lock().unwrap();
-        assert_eq!(log.sends, 1, "one send for the three");
-        assert_eq!(log.firsts(), [(1000, 0), (1000, 1), (1000, 2)]);
     }
 
     #[test]

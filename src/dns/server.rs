@@ -7,13 +7,13 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::engine::{DnsEngine, Outcome, Transport};
+use super::misses::Misses;
 use super::outbox::{Gather, Outbox};
 use super::ratelimit::client_bucket;
 use super::replies::ReplyBatch;
@@ -33,11 +33,9 @@ const MAX_PENDING: usize = 4_096;
 #[derive(Debug)]
 pub struct DnsService {
     engine: ArcSwap<DnsEngine>,
+    /// Misses (with refreshes and held answers) waiting at once, over
+    /// every listener; each holds a permit while it waits.
     pending: Arc<Semaphore>,
-    /// Every task the service spawns (upstream waits, refreshes, held
-    /// answers): tracked, and ended by `cancel` at shutdown.
-    tasks: TaskTracker,
-    cancel: CancellationToken,
     tcp: Arc<TcpSlots>,
     stats: Arc<Stats>,
 }
@@ -101,65 +99,9 @@ impl DnsService {
         DnsService {
             engine: ArcSwap::from_pointee(engine),
             pending: Arc::new(Semaphore::new(MAX_PENDING)),
-            tasks: TaskTracker::new(),
-            cancel: CancellationToken::new(),
             tcp: Arc::new(TcpSlots::default()),
             stats,
         }
-    }
-
-    /// Spawns `work` as a task the service owns.
-    fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
-        let cancel = self.cancel.clone();
-        // Boxed: a forward's future is large (the upstream race, the
-        // answer handling), and tokio moves a task's whole stage each time
-        // it changes (spawn, start, finish); through a box each move is a
-        // pointer. callgrind counted several thousand instructions of
-        // `memcpy` per cache miss without it.
-        let work = Box::pin(work);
-        self.tasks.spawn(async move {
-            tokio::select! {
-                // In this order at every poll: no random number to draw
-                // for it (each miss polls its task twice or more).
-                biased;
-                () = cancel.cancelled() => {}
-                () = work => {}
-            }
-        });
-    }
-
-    /// Sends `reply` (from `src` to `client`) through `outbox` with the
-    /// other answers that come in this worker turn, arranging the flush
-    /// when it is the turn's first (see [`super::outbox`]).
-    pub fn send_later<T: Gather + 'static>(
-        &self,
-        outbox: &Arc<Outbox<T>>,
-        src: SocketAddr,
-        client: SocketAddr,
-        reply: &[u8],
-    ) {
-        if outbox.add(src, client, reply) {
-            let outbox = outbox.clone();
-            self.spawn(async move {
-                // After the tasks already woken: the other answers of
-                // this turn.
-                super::outbox::behind_the_queue().await;
-                outbox.flush();
-            });
-        }
-    }
-
-    /// Ends every task the service spawned and waits until they are gone
-    /// (shutdown: nobody is left to send their answers to).
-    pub async fn stop_tasks(&self) {
-        self.cancel.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
-    }
-
-    /// Tasks of the service still running.
-    pub fn tasks_running(&self) -> usize {
-        self.tasks.len()
     }
 
     /// The engine in force now.
@@ -192,10 +134,17 @@ impl DnsService {
 
     /// Answers a UDP query. An answer that can be given at once goes to
     /// `now` (the caller gathers those of one receive batch and sends them
-    /// together); the others come later, from a task, through the sender
-    /// `later` makes (built only then).
-    pub fn answer_udp<S>(&self, bytes: &[u8], client: SocketAddr, now: impl FnOnce(&[u8]), later: impl FnOnce() -> S)
-    where
+    /// together); the others come later, from a miss the caller drives in
+    /// `misses` (see [`super::misses`]), through the sender `later` makes
+    /// (built only then).
+    pub fn answer_udp<S>(
+        &self,
+        bytes: &[u8],
+        client: SocketAddr,
+        now: impl FnOnce(&[u8]),
+        later: impl FnOnce() -> S,
+        misses: &mut Misses,
+    ) where
         S: FnOnce(&[u8]) + Send + 'static,
     {
         let engine = self.engine.load_full();
@@ -213,7 +162,7 @@ impl DnsService {
                     return;
                 };
                 let send = later();
-                self.spawn(async move {
+                misses.push(async move {
                     // May answer stale first and go on refreshing the cache.
                     engine.forward_with(pending, |reply| send(&reply)).await;
                     drop(permit);
@@ -224,7 +173,7 @@ impl DnsService {
                 // The refresh: bounded by the same permits as forwards,
                 // and nobody waits for its answer.
                 if let Some(permit) = self.forward_permit() {
-                    self.spawn(async move {
+                    misses.push(async move {
                         engine.forward_with(pending, |_| {}).await;
                         drop(permit);
                     });
@@ -232,15 +181,15 @@ impl DnsService {
             }
             Outcome::Held(reply, committed) => {
                 // Bounded like forwards: a flood of answers waiting for
-                // the kernel cannot grow the task count without bound.
-                // Past the bound the answer goes out without waiting,
-                // never dropped.
+                // the kernel cannot grow the set without bound. Past the
+                // bound the answer goes out without waiting, never
+                // dropped.
                 let Ok(permit) = self.pending.clone().try_acquire_owned() else {
                     now(&reply);
                     return;
                 };
                 let send = later();
-                self.spawn(async move {
+                misses.push(async move {
                     crate::domain::feed::released(committed).await;
                     send(&reply);
                     drop(permit);
@@ -277,9 +226,9 @@ const TURN_BATCHES: usize = 4;
 ///
 /// Queries are read in batches (`recvmmsg`), and the answers given at once
 /// go out together after each batch ([`ReplyBatch`]): under load that is
-/// two system calls per batch instead of two per query. Answers that need
-/// an upstream are gathered when they come and sent once per worker turn
-/// ([`super::outbox`]).
+/// two system calls per batch instead of two per query. Misses wait in
+/// the listener's own set ([`Misses`]), driven here; the answers of those
+/// that end in one round leave together ([`super::outbox`]).
 pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown: Shutdown) -> io::Result<()> {
     let socket = Arc::new(socket);
     let local = socket.local_addr()?;
@@ -288,11 +237,15 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
     let mut replies = ReplyBatch::default();
     let mut scratch = SendScratch::default();
     let later = Arc::new(later_answers(socket.clone(), v6, service.stats.clone()));
+    let mut misses = Misses::default();
     loop {
         tokio::select! {
+            // Before the misses: a stop is never held back by them, and
+            // they end (dropped with `misses`) when this returns.
+            biased;
             _ = shutdown.recv() => return Ok(()),
-            r = socket.readable() => r?,
-        }
+            r = std::future::poll_fn(|cx| misses_then_queries(&mut misses, &later, &socket, cx)) => r?,
+        };
         let mut drained = false;
         for _ in 0..TURN_BATCHES {
             let read = match batch.read(&socket) {
@@ -315,10 +268,14 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
                     client,
                     |reply| replies.push(local, client, reply),
                     || {
-                        let service = service.clone();
                         let later = later.clone();
-                        move |reply: &[u8]| service.send_later(&later, local, client, reply)
+                        // Sent by the `flush` after the misses' turn (or
+                        // here, past a full batch).
+                        move |reply: &[u8]| {
+                            let _ = later.add(local, client, reply);
+                        }
                     },
+                    &mut misses,
                 );
             }
             if !replies.is_empty() {
@@ -338,6 +295,23 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// Drives the woken misses and sends the answers they gave (in one
+/// go), then ready when queries are queued; pending with the socket and
+/// every waiting miss registered for wake-up. The misses are driven in
+/// every poll of the listener, not as an alternative to reading: a
+/// steady stream of upstream answers cannot keep the queries waiting,
+/// nor the queries the answers.
+fn misses_then_queries(
+    misses: &mut Misses,
+    later: &Outbox<LaterAnswers>,
+    socket: &UdpSocket,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    misses.drive(cx);
+    later.flush();
+    socket.poll_recv_ready(cx)
 }
 
 /// Answers a plain UDP listener sends later (those that came from an
@@ -473,6 +447,71 @@ async fn serve_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    /// A flood of unique names (every query a miss) from many clients,
+    /// each within its share, the group's places more than the service's
+    /// bound: at most `MAX_PENDING` misses wait in a listener's set, the
+    /// rest are answered SERVFAIL at once and counted, and a miss dropped
+    /// from the set (its listener gone) gives its permit back.
+    #[test]
+    fn a_flood_of_unique_names_holds_at_most_max_pending_misses() {
+        let config = crate::config::Config::parse(
+            r#"
+[dns]
+allow = ["2001:db8::/32"]
+rate_limit = { qps = 0 }
+[dns.upstreams.default]
+servers = ["198.51.100.53"]
+max_pending = 100000
+"#,
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let stats = Arc::new(Stats::default());
+        let engine = DnsEngine::build(config.dns().unwrap(), 255, stats.clone()).unwrap();
+        let service = DnsService::new(engine, stats.clone());
+        let mut misses = Misses::default();
+        let flood = MAX_PENDING + 1_000;
+        let mut at_once = 0;
+        for i in 0..flood {
+            // 200 clients (each its own /56), each well within its share
+            // of the group.
+            let k = (i % 200) as u16;
+            let client = SocketAddr::from(([0x2001, 0xdb8, 0, k << 8, 0, 0, 0, 1], 5353));
+            let id = (i % 65_536) as u16;
+            service.answer_udp(
+                &query(id, &format!("n{i}.flood.example.")),
+                client,
+                |_| at_once += 1,
+                || |_: &[u8]| {},
+                &mut misses,
+            );
+        }
+        assert_eq!(misses.len(), MAX_PENDING, "waiting misses are bounded");
+        assert_eq!(stats.dns_dropped_overload.get(), (flood - MAX_PENDING) as u64);
+        assert_eq!(at_once, flood - MAX_PENDING, "the rest are answered at once");
+        // The listener's set gone (shutdown, or its end): every permit back.
+        drop(misses);
+        let mut misses = Misses::default();
+        service.answer_udp(
+            &query(1, "after.flood.example."),
+            SocketAddr::from(([0x2001, 0xdb8, 1, 0, 0, 0, 0, 1], 5353)),
+            |_| panic!("a miss, not an answer at once"),
+            || |_: &[u8]| {},
+            &mut misses,
+        );
+        assert_eq!(misses.len(), 1);
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

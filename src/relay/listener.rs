@@ -28,13 +28,15 @@ use tokio::net::UdpSocket;
 
 use super::context::RelayContext;
 use super::decide::{Decision, Host, decide};
-use super::key::FlowKey;
+use super::key::{ClientId, FlowKey};
 use super::open_backlog::{Filed, Held};
 use super::ready_set::ReadySet;
 use super::reply::{Pending, ReplyScratch};
 use super::session::Session;
+use super::shed::{Shedder, sojourn};
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 use crate::dns::DnsService;
+use crate::dns::misses::Misses;
 use crate::dns::outbox::{Gather, Outbox};
 use crate::dns::replies::ReplyBatch;
 use crate::net::recv::{BATCH, DatagramMeta, RecvBatch, segments};
@@ -74,27 +76,47 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
     let mut dns = Dns {
         now: DnsAnswers::default(),
         later: Arc::new(later_answers(ctx.clone())),
+        misses: Misses::default(),
     };
     let mut ready = Vec::with_capacity(members.len());
+    let mut shed = Shed {
+        shedder: Shedder::new(ctx.shed_after()),
+        start: std::time::Instant::now(),
+    };
     // One future for the whole loop: made anew each round, it cost a
     // borrow of the channel and a waiter registration per wake-up.
     let stop = shutdown.recv();
     tokio::pin!(stop);
     loop {
         tokio::select! {
+            // Before the misses: a stop is never held back by them, and
+            // they end (dropped with `dns`) when this returns.
             biased;
             _ = &mut stop => return Ok(()),
-            r = poll_fn(|cx| poll_ready(&members, &woken, &mut asked, &mut ready, cx)) => r?,
+            r = poll_fn(|cx| {
+                // The hijacked DNS misses first, and the answers they
+                // gave in one go. Driven in every poll, not as an
+                // alternative to reading: neither a stream of upstream
+                // answers nor one of datagrams keeps the other waiting.
+                // A wake-up by a miss asks no member (none woke).
+                dns.misses.drive(cx);
+                dns.later.flush();
+                poll_ready(&members, &woken, &mut asked, &mut ready, cx)
+            }) => r?,
         }
+        shed.shedder.set_target(ctx.shed_after());
         let mut more = false;
         for &i in &ready {
-            more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &ctx);
+            more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &mut shed, &ctx);
         }
         // The DNS answers of every member's turn leave together.
         dns.now.flush(&ctx);
         if more {
             // Still more queued: let other tasks run before reading on.
             tokio::task::yield_now().await;
+        } else {
+            // Caught up: the worker sleeps until the next datagram.
+            shed.shedder.drained();
         }
     }
 }
@@ -139,6 +161,26 @@ fn poll_ready(
     }
 }
 
+/// A listener task's overload shedding and its monotonic clock's origin.
+struct Shed {
+    shedder: Shedder,
+    start: std::time::Instant,
+}
+
+impl Shed {
+    /// The clocks a batch's datagrams are judged by: the wall clock the
+    /// kernel stamps them with, and a monotonic one for the byte windows.
+    /// Read only when shedding is on.
+    fn clocks(&self) -> Option<(std::time::Duration, std::time::Duration)> {
+        self.shedder.enabled().then(|| {
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (wall, self.start.elapsed())
+        })
+    }
+}
+
 /// One listening socket and how many datagrams its batches ask for.
 struct Member {
     socket: UdpSocket,
@@ -173,11 +215,12 @@ struct DnsAnswers {
 }
 
 /// The hijacked DNS answers a listener sends: those given at once, and
-/// those that come later from an upstream (gathered per worker turn by
-/// the miss tasks, see [`crate::dns::outbox`]).
+/// those that come later from an upstream (gathered while the listener
+/// drives its misses, see [`crate::dns::misses`]), and the misses.
 struct Dns {
     now: DnsAnswers,
     later: Arc<Outbox<DnsAnswers>>,
+    misses: Misses,
 }
 
 impl Gather for DnsAnswers {
@@ -235,6 +278,7 @@ impl Member {
         batch: &mut RecvBatch,
         sends: &mut UpstreamSends,
         dns: &mut Dns,
+        shed: &mut Shed,
         ctx: &Arc<RelayContext>,
     ) -> bool {
         let mut bytes = 0;
@@ -251,6 +295,7 @@ impl Member {
                     // The runs of all flows in the batch, sent together.
                     let mut out = sends.batch();
                     let mut batch_bytes = 0;
+                    let clocks = shed.clocks();
                     let mut datagrams = 0;
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
@@ -258,6 +303,14 @@ impl Member {
                             // Coalesced datagrams (GRO) one by one.
                             for one in segments(payload, meta.segment) {
                                 datagrams += 1;
+                                if let Some((wall, mono)) = clocks {
+                                    let waited = sojourn(meta.received, wall);
+                                    let client = ClientId::of(meta.peer.ip());
+                                    if shed.shedder.offer(client, one.len(), waited, mono) {
+                                        ctx.stats().drop_overload.inc();
+                                        continue;
+                                    }
+                                }
                                 filed |= handle(ctx, self.local, meta, one, &mut run, &mut out, dns);
                             }
                         }
@@ -409,13 +462,9 @@ fn handle<'b>(
             };
             let number = rule.number;
             let table = ctx.table();
-            let filed = ctx.open_backlog().file(
-                table,
-                key,
-                held,
-                || table.admit(key.owner(), ctx.now_ms()),
-                || (arc_swap::Guard::into_inner(rules), number),
-            );
+            let filed = ctx.open_backlog().file(table, key, held, ctx.now_ms(), || {
+                (arc_swap::Guard::into_inner(rules), number)
+            });
             match filed {
                 Filed::Open(s) => s,
                 Filed::Queued => return true,
@@ -445,18 +494,22 @@ fn handle<'b>(
 
 /// A query to a DNS port, wherever it was going, is answered by the DNS
 /// engine, and the answer leaves from the address the client asked: at
-/// once into `answers.now` (sent after the batch), or later from a task,
-/// with the other answers of its worker turn.
+/// once into `answers.now` (sent after the batch), or later from a miss
+/// the listener drives, with the other answers of its round.
 fn hijack_dns(dns: &Arc<DnsService>, client: SocketAddr, dst: SocketAddr, payload: &[u8], answers: &mut Dns) {
-    let Dns { now, later } = answers;
+    let Dns { now, later, misses } = answers;
     dns.answer_udp(
         payload,
         client,
         |answer| now.batch.push(dst, client, answer),
         || {
-            let dns = dns.clone();
             let later = later.clone();
-            move |answer: &[u8]| dns.send_later(&later, dst, client, answer)
+            // Sent by the listener's flush after its misses' turn (or
+            // here, past a full batch).
+            move |answer: &[u8]| {
+                let _ = later.add(dst, client, answer);
+            }
         },
+        misses,
     );
 }

@@ -21,6 +21,7 @@
 //! Datagrams that arrive for a flow while it is being opened are held with
 //! it and sent, in order, before the flow becomes visible in the table.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,7 +30,7 @@ use tokio::sync::Notify;
 use super::key::{ClientId, FlowKey};
 use super::rules::{UdpRule, UdpRules};
 use super::session::Session;
-use super::table::SessionTable;
+use super::table::{Admission, SessionTable};
 use crate::sync::lock;
 
 /// Flows one client may have waiting to be opened.
@@ -61,6 +62,45 @@ pub struct Held {
     pub dst: SocketAddr,
     pub tos: Option<u8>,
     pub payload: Vec<u8>,
+}
+
+/// The datagrams held for one flow, oldest first. The first is kept
+/// inline: most new flows hold only it, and a list of its own was a second
+/// allocation (and free) for every new flow.
+#[derive(Debug, Default)]
+pub struct HeldList {
+    first: Option<Held>,
+    more: Vec<Held>,
+}
+
+impl HeldList {
+    fn one(held: Held) -> Self {
+        HeldList {
+            first: Some(held),
+            more: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, held: Held) {
+        if self.first.is_none() {
+            self.first = Some(held);
+        } else {
+            self.more.push(held);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    /// The held datagrams, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Held> {
+        self.first.iter().chain(&self.more)
+    }
 }
 
 /// A flow to open, as the opener tasks get it.
@@ -100,7 +140,7 @@ struct Pending {
     rules: Arc<UdpRules>,
     rule: usize,
     dst: SocketAddr,
-    held: Vec<Held>,
+    held: HeldList,
     bytes: usize,
 }
 
@@ -140,9 +180,9 @@ const KEPT_WHEN_EMPTY: usize = 256;
 
 impl Backlog {
     /// Forgets the flow `key`; what was held for it.
-    fn remove(&mut self, key: &FlowKey) -> Vec<Held> {
+    fn remove(&mut self, key: &FlowKey) -> HeldList {
         let Some(p) = self.flows.remove(key) else {
-            return Vec::new();
+            return HeldList::default();
         };
         self.bytes -= p.bytes;
         let owner = key.owner();
@@ -190,74 +230,80 @@ impl OpenBacklog {
     }
 
     /// Files a datagram of the flow `key`, which the listener did not find
-    /// in `table`. A new flow is admitted by its client's token bucket
-    /// (`admit`) and filed under the rule that decided it (`rule`, asked
-    /// only then).
+    /// in `table`. A new flow is admitted by its client's token bucket (in
+    /// `table`, at `now_ms`) and filed under the rule that decided it
+    /// (`rule`, asked only then).
+    ///
+    /// The flow's key is hashed once here (an entry kept from the look-up
+    /// to the insert), its client once here and once in the table.
     pub fn file(
         &self,
         table: &SessionTable,
         key: FlowKey,
         held: Held,
-        admit: impl FnOnce() -> bool,
+        now_ms: u64,
         rule: impl FnOnce() -> (Arc<UdpRules>, usize),
     ) -> Filed {
         let len = held.payload.len() + HELD_COST;
         let owner = key.owner();
         let mut b = self.lock();
-        let b = &mut *b;
-        if let Some(p) = b.flows.get_mut(&key) {
-            let client = b.clients.entry(owner).or_default();
-            if p.held.len() >= HELD_PER_FLOW || client.bytes + len > BYTES_PER_CLIENT || b.bytes + len > BYTES {
-                return Filed::Full;
+        let Backlog {
+            flows,
+            clients,
+            turns,
+            waiting,
+            bytes,
+        } = &mut *b;
+        let slot = match flows.entry(key) {
+            Entry::Occupied(p) => {
+                let p = p.into_mut();
+                let client = clients.entry(owner).or_default();
+                if p.held.len() >= HELD_PER_FLOW || client.bytes + len > BYTES_PER_CLIENT || *bytes + len > BYTES {
+                    return Filed::Full;
+                }
+                p.held.push(held);
+                p.bytes += len;
+                client.bytes += len;
+                *bytes += len;
+                return Filed::Held;
             }
-            p.held.push(held);
-            p.bytes += len;
-            client.bytes += len;
-            b.bytes += len;
-            return Filed::Held;
-        }
+            Entry::Vacant(v) => v,
+        };
         // Checked under the backlog's lock: an opener files a flow in the
         // table under it too, so a datagram is either held (and sent by the
-        // opener, in order) or finds the flow here.
-        if let Some(session) = table.get(&key) {
-            return Filed::Open(session);
-        }
-        let client = b.clients.entry(owner).or_default();
-        if client.keys.len() >= WAITING_PER_CLIENT
-            || b.waiting >= WAITING
-            || client.bytes + len > BYTES_PER_CLIENT
-            || b.bytes + len > BYTES
-        {
-            if client.flows == 0 {
-                b.clients.remove(&owner);
-            }
-            return Filed::Full;
-        }
-        if !admit() {
-            if client.flows == 0 {
-                b.clients.remove(&owner);
-            }
-            return Filed::RateLimited;
+        // opener, in order) or finds the flow here. The client's token is
+        // taken only if the backlog has room for the flow.
+        let client = clients.get(&owner);
+        let (queued, client_bytes) = client.map_or((0, 0), |c| (c.keys.len(), c.bytes));
+        let room = || {
+            queued < WAITING_PER_CLIENT
+                && *waiting < WAITING
+                && client_bytes + len <= BYTES_PER_CLIENT
+                && *bytes + len <= BYTES
+        };
+        match table.get_or_admit(&key, now_ms, room) {
+            Admission::Open(session) => return Filed::Open(session),
+            Admission::NoRoom => return Filed::Full,
+            Admission::RateLimited => return Filed::RateLimited,
+            Admission::Admitted => {}
         }
         let (rules, rule) = rule();
+        let client = clients.entry(owner).or_default();
         if client.keys.is_empty() {
-            b.turns.push_back(owner);
+            turns.push_back(owner);
         }
         client.keys.push_back(key);
         client.flows += 1;
         client.bytes += len;
-        b.waiting += 1;
-        b.bytes += len;
-        b.flows.insert(
-            key,
-            Pending {
-                rules,
-                rule,
-                dst: held.dst,
-                held: vec![held],
-                bytes: len,
-            },
-        );
+        *waiting += 1;
+        *bytes += len;
+        slot.insert(Pending {
+            rules,
+            rule,
+            dst: held.dst,
+            held: HeldList::one(held),
+            bytes: len,
+        });
         Filed::Queued
     }
 
@@ -310,7 +356,7 @@ impl OpenBacklog {
     /// which sends them and files the flow in the table (or drops them if
     /// the flow could not be opened), all under the backlog's lock so no
     /// later datagram of the flow can overtake them.
-    pub fn complete<R>(&self, key: &FlowKey, finish: impl FnOnce(Vec<Held>) -> R) -> R {
+    pub fn complete<R>(&self, key: &FlowKey, finish: impl FnOnce(HeldList) -> R) -> R {
         let held = self.lock().remove(key);
         finish(held)
     }
@@ -321,7 +367,7 @@ impl OpenBacklog {
     pub fn complete_all<'k, R>(
         &self,
         keys: impl IntoIterator<Item = &'k FlowKey>,
-        finish: impl FnOnce(Vec<Vec<Held>>) -> R,
+        finish: impl FnOnce(Vec<HeldList>) -> R,
     ) -> R {
         let mut b = self.lock();
         let held = keys.into_iter().map(|k| b.remove(k)).collect();
@@ -371,7 +417,7 @@ mod tests {
     }
 
     fn file(o: &OpenBacklog, t: &SessionTable, k: FlowKey, len: usize) -> Filed {
-        o.file(t, k, held(&k, len), || true, || (rules(), 0))
+        o.file(t, k, held(&k, len), 0, || (rules(), 0))
     }
 
     #[test]
@@ -480,13 +526,41 @@ mod tests {
 
     #[test]
     fn a_refused_flow_is_not_filed() {
-        let (o, t) = (OpenBacklog::new(), table());
-        let k = key("192.0.2.10", 7000);
+        let o = OpenBacklog::new();
+        // One new flow a second: the bucket holds one token.
+        let t = SessionTable::new(Limits {
+            capacity: 100,
+            per_client: 100,
+            new_flows_per_sec: 1,
+        });
+        let (k1, k2) = (key("192.0.2.10", 7000), key("192.0.2.10", 7001));
         assert!(matches!(
-            o.file(&t, k, held(&k, 1), || false, || (rules(), 0)),
+            o.file(&t, k1, held(&k1, 1), 0, || (rules(), 0)),
+            Filed::Queued
+        ));
+        assert!(matches!(
+            o.file(&t, k2, held(&k2, 1), 0, || (rules(), 0)),
             Filed::RateLimited
         ));
-        assert_eq!(o.backlog(), (0, 0));
-        assert!(o.take(1).is_empty());
+        assert_eq!(o.backlog(), (1, 1 + HELD_COST));
+        assert_eq!(o.take(2).len(), 1);
+    }
+
+    #[test]
+    fn a_flow_over_the_bounds_takes_no_token() {
+        let o = OpenBacklog::new();
+        let t = SessionTable::new(Limits {
+            capacity: 100,
+            per_client: 100,
+            new_flows_per_sec: 1,
+        });
+        let k = key("192.0.2.10", 7000);
+        // Larger than a client may hold: refused before its bucket is asked.
+        assert!(matches!(
+            o.file(&t, k, held(&k, BYTES_PER_CLIENT), 0, || (rules(), 0)),
+            Filed::Full
+        ));
+        assert!(matches!(o.file(&t, k, held(&k, 1), 0, || (rules(), 0)), Filed::Queued));
+        assert_eq!(o.backlog(), (1, 1 + HELD_COST));
     }
 }

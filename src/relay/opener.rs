@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::context::RelayContext;
 use super::key::FlowKey;
 use super::open::{self, OpenError, open};
-use super::open_backlog::{Held, OPENS_PER_ROUND};
+use super::open_backlog::{HeldList, OPENS_PER_ROUND};
 use super::rules::UdpRule;
 use super::session::Session;
 use super::slice::{Slice, Step};
@@ -134,20 +134,28 @@ impl Round {
 
 /// Queues held datagrams in order, consecutive ones to the same place as
 /// one run.
-fn queue_held<'p>(session: &Arc<Session>, held: &'p [Held], out: &mut UpstreamBatch<'_, 'p>, ctx: &RelayContext) {
+fn queue_held<'p>(session: &Arc<Session>, held: &'p HeldList, out: &mut UpstreamBatch<'_, 'p>, ctx: &RelayContext) {
     session.touch(ctx.now_ms());
+    let stats = ctx.stats();
+    if held.len() == 1 {
+        // Most new flows hold their first datagram alone: no run to build.
+        if let Some(one) = held.iter().next() {
+            out.push(session, &[one.payload.as_slice()], one.dst, one.tos, stats);
+        }
+        return;
+    }
     let mut run: Vec<&'p [u8]> = Vec::with_capacity(held.len());
-    let mut start = 0;
-    while start < held.len() {
-        let (dst, tos) = (held[start].dst, held[start].tos);
-        let end = held[start..]
-            .iter()
-            .position(|h| h.dst != dst || h.tos != tos)
-            .map_or(held.len(), |n| start + n);
-        run.clear();
-        run.extend(held[start..end].iter().map(|h| h.payload.as_slice()));
-        out.push(session, &run, dst, tos, ctx.stats());
-        start = end;
+    let mut to: Option<(SocketAddr, Option<u8>)> = None;
+    for h in held.iter() {
+        if let Some((dst, tos)) = to.filter(|&(dst, tos)| dst != h.dst || tos != h.tos) {
+            out.push(session, &run, dst, tos, stats);
+            run.clear();
+        }
+        to = Some((h.dst, h.tos));
+        run.push(h.payload.as_slice());
+    }
+    if let Some((dst, tos)) = to {
+        out.push(session, &run, dst, tos, stats);
     }
 }
 

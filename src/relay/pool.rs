@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::budget::{FdShare, Permit};
+use super::key::{AddrKey, hash_addr};
 use crate::net::sockets;
 use crate::sync::lock;
 
@@ -78,7 +79,9 @@ pub struct PoolKey {
 /// All pools, drawing descriptors from one share of the budget.
 #[derive(Debug)]
 pub struct Pools<F> {
-    pools: Mutex<HashMap<PoolKey, Arc<Pool<F>>>>,
+    /// Hashed with foldhash like the rest: every new flow looks its pool
+    /// up here (SipHash showed in a profile of the flows bench).
+    pools: Mutex<HashMap<PoolKey, Arc<Pool<F>>, Hasher>>,
     share: Arc<FdShare>,
     receive_buffer: usize,
 }
@@ -95,7 +98,7 @@ impl<F> Pools<F> {
     /// actually queued, and the kernel's `udp_mem` bounds all of them.
     pub fn new(share: Arc<FdShare>, receive_buffer: usize) -> Self {
         Pools {
-            pools: Mutex::new(HashMap::new()),
+            pools: Mutex::new(HashMap::default()),
             share,
             receive_buffer,
         }
@@ -104,10 +107,17 @@ impl<F> Pools<F> {
     /// A socket of pool `key` free for a flow from `client` to `remote`,
     /// and whether it was opened for this lease (nobody reads it yet).
     pub fn lease(&self, key: PoolKey, client: SocketAddr, remote: SocketAddr) -> Result<(Lease<F>, bool), PoolError> {
-        let pool = lock(&self.pools)
-            .entry(key.clone())
-            .or_insert_with(|| Arc::new(Pool::new(key)))
-            .clone();
+        let pool = {
+            let mut pools = lock(&self.pools);
+            match pools.get(&key) {
+                Some(pool) => pool.clone(),
+                // The key is cloned (its device name) only for a new pool.
+                None => pools
+                    .entry(key.clone())
+                    .or_insert_with(|| Arc::new(Pool::new(key)))
+                    .clone(),
+            }
+        };
         pool.lease(client, remote, &self.share, self.receive_buffer)
     }
 
@@ -247,7 +257,11 @@ impl<F> State<F> {
     }
 
     fn pair(&self, client: SocketAddr, socket: &PoolSocket<F>) -> u64 {
-        self.fingerprint.hash_one((client, socket.id))
+        use std::hash::Hasher as _;
+        let mut h = self.fingerprint.build_hasher();
+        hash_addr(&client, &mut h);
+        h.write_u32(socket.id);
+        h.finish()
     }
 
     fn fits(&self, socket: &PoolSocket<F>, client: SocketAddr, remote: SocketAddr) -> bool {
@@ -445,7 +459,7 @@ struct Flows<F> {
 enum Remotes<F> {
     None,
     One(SocketAddr, Weak<F>),
-    Many(HashMap<SocketAddr, Weak<F>, Hasher>),
+    Many(HashMap<AddrKey, Weak<F>, Hasher>),
 }
 
 impl<F> Remotes<F> {
@@ -453,7 +467,7 @@ impl<F> Remotes<F> {
         match self {
             Remotes::None => None,
             Remotes::One(r, f) => (r == remote).then_some(f),
-            Remotes::Many(m) => m.get(remote),
+            Remotes::Many(m) => m.get(&AddrKey(*remote)),
         }
     }
 
@@ -470,12 +484,12 @@ impl<F> Remotes<F> {
                     return;
                 };
                 let mut m = HashMap::with_capacity_and_hasher(2, Hasher::default());
-                m.insert(r, f);
-                m.insert(remote, flow);
+                m.insert(AddrKey(r), f);
+                m.insert(AddrKey(remote), flow);
                 *self = Remotes::Many(m);
             }
             Remotes::Many(m) => {
-                m.insert(remote, flow);
+                m.insert(AddrKey(remote), flow);
             }
         }
     }
@@ -484,7 +498,7 @@ impl<F> Remotes<F> {
         match self {
             Remotes::One(r, _) if r == remote => *self = Remotes::None,
             Remotes::Many(m) => {
-                m.remove(remote);
+                m.remove(&AddrKey(*remote));
                 if m.is_empty() {
                     *self = Remotes::None;
                 }

@@ -61,6 +61,19 @@ pub struct Evicted {
     pub entry: Entry,
 }
 
+/// What [`SessionTable::get_or_admit`] found.
+#[derive(Debug)]
+pub enum Admission {
+    /// The flow is open after all.
+    Open(Arc<Session>),
+    /// Not open, and the caller's bounds leave no room for it.
+    NoRoom,
+    /// Not open; its client may open it now (a token was taken).
+    Admitted,
+    /// Not open; its client's token bucket is empty.
+    RateLimited,
+}
+
 /// The table's limits (from `[relay]`, changed on reload).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -90,13 +103,19 @@ struct Client {
     bucket: Bucket,
 }
 
+impl Client {
+    fn new(rate: u32, now_ms: u64) -> Client {
+        Client {
+            flows: LruCache::unbounded_with_hasher(Hasher::default()),
+            bucket: Bucket::full(rate, now_ms),
+        }
+    }
+}
+
 impl Inner {
     fn client(&mut self, id: ClientId, now_ms: u64) -> &mut Client {
         let rate = self.limits.new_flows_per_sec;
-        self.clients.entry(id).or_insert_with(|| Client {
-            flows: LruCache::unbounded_with_hasher(Hasher::default()),
-            bucket: Bucket::full(rate, now_ms),
-        })
+        self.clients.entry(id).or_insert_with(|| Client::new(rate, now_ms))
     }
 
     fn load(&self, id: ClientId) -> usize {
@@ -164,11 +183,38 @@ impl SessionTable {
             .map(|e| e.session.clone())
     }
 
-    /// Whether `client` may open a new flow now (its token bucket).
-    pub fn admit(&self, client: ClientId, now_ms: u64) -> bool {
+    /// For a datagram of `key` that found no session a moment ago: its
+    /// session, if one was filed meanwhile; else whether its client may
+    /// open the flow now, asked only if `room()` (the caller's own bounds)
+    /// says it could be queued: a refused flow takes no token. One lock and
+    /// one look-up of the client where a look-up and a separate
+    /// admission took two of each.
+    pub fn get_or_admit(&self, key: &FlowKey, now_ms: u64, room: impl FnOnce() -> bool) -> Admission {
         let mut inner = self.lock();
         let rate = inner.limits.new_flows_per_sec;
-        inner.client(client, now_ms).bucket.take(rate, now_ms)
+        let client = match inner.clients.entry(key.owner()) {
+            std::collections::hash_map::Entry::Occupied(o) => {
+                let client = o.into_mut();
+                if let Some(e) = client.flows.get(key) {
+                    return Admission::Open(e.session.clone());
+                }
+                if !room() {
+                    return Admission::NoRoom;
+                }
+                client
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                if !room() {
+                    return Admission::NoRoom;
+                }
+                v.insert(Client::new(rate, now_ms))
+            }
+        };
+        if client.bucket.take(rate, now_ms) {
+            Admission::Admitted
+        } else {
+            Admission::RateLimited
+        }
     }
 
     /// Frees a slot for a new flow of `client` before it is opened (so its
@@ -204,24 +250,28 @@ impl SessionTable {
     /// Adds a new flow. If another opened the same flow meanwhile, that one
     /// stays and `entry` comes back in `Err` (the caller drops it).
     /// Whatever the limits push out comes back in the `Vec`.
+    ///
+    /// The client is looked up once to check and once to file (the flow's
+    /// key hashed twice): this runs for every new flow, and it used to look
+    /// the client up six times.
     pub fn insert(&self, key: FlowKey, entry: Entry, now_ms: u64) -> Result<(Arc<Session>, Vec<Evicted>), Entry> {
         let mut inner = self.lock();
         let owner = key.owner();
-        if inner
-            .clients
-            .get_mut(&owner)
-            .is_some_and(|c| c.flows.get(&key).is_some())
-        {
-            return Err(entry);
-        }
+        let mut old = match inner.clients.get(&owner) {
+            Some(c) if c.flows.contains(&key) => return Err(entry),
+            Some(c) => c.flows.len(),
+            None => 0,
+        };
         let mut evicted = Vec::new();
-        while inner.load(owner) >= inner.limits.per_client {
-            match inner.pop_oldest(owner) {
-                Some(entry) => evicted.push(Evicted {
-                    reason: Eviction::ClientQuota,
-                    entry,
-                }),
-                None => break,
+        if old >= inner.limits.per_client {
+            while inner.load(owner) >= inner.limits.per_client {
+                match inner.pop_oldest(owner) {
+                    Some(entry) => evicted.push(Evicted {
+                        reason: Eviction::ClientQuota,
+                        entry,
+                    }),
+                    None => break,
+                }
             }
         }
         while inner.len >= inner.limits.capacity {
@@ -233,11 +283,19 @@ impl SessionTable {
                 None => break,
             }
         }
+        if !evicted.is_empty() {
+            // The heaviest may have been this client.
+            old = inner.load(owner);
+        }
         let session = entry.session.clone();
-        let old = inner.load(owner);
-        inner.client(owner, now_ms).flows.put(key, entry);
+        let client = inner.client(owner, now_ms);
+        client.flows.put(key, entry);
+        let new = client.flows.len();
         inner.len += 1;
-        inner.reorder(owner, old);
+        if old > 0 {
+            inner.by_load.remove(&(old, owner));
+        }
+        inner.by_load.insert((new, owner));
         Ok((session, evicted))
     }
 

@@ -8,7 +8,7 @@
 //! background refresh (prefetch, serve-stale) goes through so that it is
 //! never asked twice at once either.
 //!
-//! The first caller for a key (the leader) runs the query in its own task:
+//! The first caller for a key (the leader) runs the query in its own future:
 //! nothing is spawned, so nothing can outlive the engine. Followers wait for
 //! the leader's flight to land. If the leader is dropped before it has an
 //! answer (its client went away), the followers see the flight abandoned
