@@ -92,31 +92,33 @@ fn without_tproxyd_captured_traffic_fails_closed() {
 
 #[test]
 fn udp_ports_captures_the_listed_ports_and_forwards_the_others_untouched() {
-    // The nft script checks the port first and returns at once for a
-    // port it does not capture; that order must not change what is
-    // captured: a listed port and one inside a listed range go through
-    // tproxyd, another port is forwarded by the kernel as if tproxyd
-    // were not there.
-    let lab = Lab::new();
-    // A route back to the client for the forwarded datagram's echo.
-    lab.servers[0].sh(&format!("ip route replace default via {}", gateway_wan4(0)));
-    lab.install_rules("nft", "LAN_IF=lan0 FAMILIES=4 UDP_PORTS=7000,7100-7110");
-    let daemon = lab.start_tproxyd(&config(""));
-    assert_echo_is_transparent(&lab, client4(40000), sa(server4(0), 7000), gateway_wan4(0));
-    assert_echo_is_transparent(&lab, client4(40001), sa(server4(0), 7105), gateway_wan4(0));
-    let server = sa(server4(0), 7200);
-    let echo = Echo::start(&lab.servers[0], server);
-    let sock = socket(&lab.client, client4(40002));
-    let (from, reply) = exchange(&sock, server, b"not captured");
-    assert_eq!((from, reply.as_slice()), (server, &b"not captured"[..]));
-    assert_eq!(
-        echo.last_peer(),
-        client4(40002),
-        "a port outside UDP_PORTS is forwarded with the client's own address"
-    );
-    let stopped = daemon.stop();
-    assert!(stopped.status.success(), "{}", stopped.log);
-    assert_eq!(stopped.counter("sessions_opened"), 2, "{}", stopped.log);
+    // Both scripts check the port first and return at once for a port
+    // they do not capture; that order must not change what is captured:
+    // a listed port and one inside a listed range go through tproxyd,
+    // another port is forwarded by the kernel as if tproxyd were not
+    // there.
+    for flavour in ["nft", "iptables"] {
+        let lab = Lab::new();
+        // A route back to the client for the forwarded datagram's echo.
+        lab.servers[0].sh(&format!("ip route replace default via {}", gateway_wan4(0)));
+        lab.install_rules(flavour, "LAN_IF=lan0 FAMILIES=4 UDP_PORTS=7000,7100-7110");
+        let daemon = lab.start_tproxyd(&config(""));
+        assert_echo_is_transparent(&lab, client4(40000), sa(server4(0), 7000), gateway_wan4(0));
+        assert_echo_is_transparent(&lab, client4(40001), sa(server4(0), 7105), gateway_wan4(0));
+        let server = sa(server4(0), 7200);
+        let echo = Echo::start(&lab.servers[0], server);
+        let sock = socket(&lab.client, client4(40002));
+        let (from, reply) = exchange(&sock, server, b"not captured");
+        assert_eq!((from, reply.as_slice()), (server, &b"not captured"[..]), "{flavour}");
+        assert_eq!(
+            echo.last_peer(),
+            client4(40002),
+            "{flavour}: a port outside UDP_PORTS is forwarded with the client's own address"
+        );
+        let stopped = daemon.stop();
+        assert!(stopped.status.success(), "{flavour}: {}", stopped.log);
+        assert_eq!(stopped.counter("sessions_opened"), 2, "{flavour}: {}", stopped.log);
+    }
 }
 
 /// The IPv6 side of the port-first check, at the edges of a listed
