@@ -27,7 +27,15 @@
 //! whatever the worker relays between episodes: the capacity left over.
 //!
 //! Never when only one client is active: one client alone cannot be
-//! holding anyone up, and a single bulk sender must get all there is.
+//! holding anyone up, and a single bulk sender must get all there is. Nor
+//! when no client stands out: the heaviest is shed only while it sent more
+//! than [`DOMINANCE`] times what the other active clients sent on average,
+//! and at least [`LEAD`] more.
+//! A burst of many clients sending alike (a LAN waking up, a game lobby
+//! starting) that outruns the worker on a busy machine is not one client
+//! holding up the others: shedding whichever of them happens to lead the
+//! count would only drop a fair client's datagrams, so the kernel's queues
+//! absorb it as they would without shedding.
 
 use std::time::Duration;
 
@@ -46,6 +54,17 @@ const INTERVAL: Duration = Duration::from_millis(100);
 /// How long after an overload the heaviest client's late datagrams start
 /// the next one at once.
 const MEMORY: Duration = Duration::from_secs(1);
+/// How many times the other active clients' average the heaviest client
+/// must have sent to be shed: a flood (a 64 KB push, a spray of new flows,
+/// a bulk stream among game flows) is far past it, one of several clients
+/// sending alike is not.
+const DOMINANCE: u64 = 2;
+/// Bytes the heaviest client must have sent beyond the others' average to
+/// be shed: while counts are small, one datagram more makes a client look
+/// dominant. 64 KiB in the recent windows is more than seven times what a
+/// game flow (60 datagrams of 300 bytes a second) sends in them, and one
+/// datagram of a 64 KB flood.
+const LEAD: u64 = 64 << 10;
 /// Bytes a datagram counts beyond its payload (headers and per-datagram
 /// work), so that a spray of tiny datagrams weighs what it costs.
 const PER_DATAGRAM: u64 = 64;
@@ -75,6 +94,8 @@ pub struct Shedder {
     heaviest: Option<usize>,
     /// Clients with bytes in the recent windows.
     active: usize,
+    /// The recent bytes of all of them.
+    total: u64,
     /// When the current window started (a monotonic reading).
     window_start: Duration,
     /// Overloaded: shedding until the queues are next empty.
@@ -94,6 +115,7 @@ impl Shedder {
             clients: Vec::with_capacity(TRACKED),
             heaviest: None,
             active: 0,
+            total: 0,
             window_start: Duration::ZERO,
             overloaded: false,
             late_since: None,
@@ -139,7 +161,17 @@ impl Shedder {
             return false;
         }
         self.last_overload = Some(now);
-        heaviest
+        heaviest && self.dominant(i)
+    }
+
+    /// Whether client `i` sent more than [`DOMINANCE`] times what the other
+    /// active clients sent on average, and [`LEAD`] more.
+    fn dominant(&self, i: usize) -> bool {
+        let mine = self.clients[i].recent();
+        let others = self.total.saturating_sub(mine);
+        let peers = self.active.saturating_sub(1).max(1) as u64;
+        let average = others / peers;
+        mine > average.saturating_mul(DOMINANCE) && mine - average >= LEAD
     }
 
     /// The listener found every queue empty: the overload, if any, is over.
@@ -197,6 +229,7 @@ impl Shedder {
             }
         };
         self.clients[i].current += bytes;
+        self.total += bytes;
         let most = self.heaviest.map_or(0, |h| self.clients[h].recent());
         if self.clients[i].recent() > most {
             self.heaviest = Some(i);
@@ -206,6 +239,7 @@ impl Shedder {
 
     fn recount(&mut self) {
         self.active = self.clients.len();
+        self.total = self.clients.iter().map(Sent::recent).sum();
         self.heaviest = self
             .clients
             .iter()
@@ -317,6 +351,29 @@ mod tests {
     }
 
     #[test]
+    fn clients_sending_alike_are_never_shed_however_late() {
+        let clients: Vec<ClientId> = (0..10).map(|c| id(&format!("192.0.2.{}", 150 + c))).collect();
+        let mut s = Shedder::new(5 * MS);
+        // A burst of equal flows from ten clients, every datagram late,
+        // long enough for any interval: overloaded, yet no one stands out.
+        for round in 0..200u32 {
+            for c in &clients {
+                let len = 64 + (round as usize % 7) * 10;
+                assert!(
+                    !s.offer(*c, len, Some(50 * MS), round * MS),
+                    "round {round} client {c:?}"
+                );
+            }
+        }
+        // One of them starts a flood: it is shed, the others still not.
+        let flooder = clients[3];
+        let now = 200 * MS;
+        let shed = (0..50).filter(|_| s.offer(flooder, 65_000, Some(50 * MS), now)).count();
+        assert!(shed > 0, "the flooder stands out now");
+        assert!(!s.offer(clients[4], 100, Some(50 * MS), now));
+    }
+
+    #[test]
     fn a_target_of_zero_never_sheds() {
         let mut s = Shedder::new(Duration::ZERO);
         assert!(!s.enabled());
@@ -343,7 +400,7 @@ mod tests {
         }
         // The table is full; the flood comes from one more address, late.
         let flood = id("192.0.2.66");
-        for _ in 0..20 {
+        for _ in 0..100 {
             s.offer(flood, 1_200, Some(30 * MS), now);
         }
         assert!(!s.offer(quiet, 3, Some(30 * MS), now), "the quiet client was shed");
