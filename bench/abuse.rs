@@ -188,13 +188,15 @@ fn destinations(r: &mut Result) {
         "20,000 destinations from one socket".into(),
         format!(
             "{answered} answered in {:.2} s ({:.0} flows/s, offered 40,000/s once, no resends; {opened} opened; dropped: \
-             {} in the open backlog, {queue_drops} in the gateway's socket queues); RSS +{} B/opened flow; 50 pps flow: \
+             {} in the open backlog, {} shed, {queue_drops} in the gateway's socket queues); RSS +{} B/opened flow; 50 pps flow: \
              baseline p99 {}, during {ok} ok / {lost} lost, p50 {} p99 {} max {}; kernel-forwarded control meanwhile: \
              {c_lost} lost, p50 {} p99 {} max {}; added p99 {}",
             took.as_secs_f64(),
             answered as f64 / took.as_secs_f64(),
             // Absent from builds older than the open backlog.
             stopped.counters.get("drop_open_backlog").copied().unwrap_or(0),
+            // Absent from builds older than overload shedding.
+            stopped.counters.get("drop_overload").copied().unwrap_or(0),
             rss_after.saturating_sub(rss_before) / opened.max(1),
             ms(b99),
             ms(p50),
@@ -250,9 +252,10 @@ fn big_datagrams(r: &mut Result) {
     r.rows.push((
         "64 KB datagram flood (2 senders, 8 s)".into(),
         format!(
-            "{} MB relayed; 50 pps flow: baseline p99 {}, during {ok} ok / {lost} lost, p50 {} p99 {} max {}; \
+            "{} MB relayed, {} datagrams shed; 50 pps flow: baseline p99 {}, during {ok} ok / {lost} lost, p50 {} p99 {} max {}; \
              kernel-forwarded control meanwhile: {c_lost} lost, p50 {} p99 {} max {}; added p50 {}, added p99 {}",
             stopped.counter("upstream_bytes") >> 20,
+            stopped.counters.get("drop_overload").copied().unwrap_or(0),
             ms(b99),
             ms(p50),
             ms(p99),

@@ -52,10 +52,15 @@ ipt() {
     "$bin" -w -t mangle "$@"
 }
 
+# Appends to CHAIN a return for UDP to a port outside UDP_PORTS, when set.
+# It comes first (see tproxy-nft.sh): such a packet leaves after one
+# match instead of passing every bypass rule and then failing the port
+# match; the rules are all returns, so what is captured does not change.
 # iptables spells port ranges with ':'.
-port_match() {
-    [ -n "$UDP_PORTS" ] && echo "-m multiport --dports $(echo "$UDP_PORTS" | tr '-' ':')"
-    return 0
+ports_first() {
+    f=$1; chain=$2
+    [ -n "$UDP_PORTS" ] || return 0
+    ipt "$f" -A "$chain" -p udp -m multiport ! --dports "$(echo "$UDP_PORTS" | tr '-' ':')" -j RETURN
 }
 
 down_family() {
@@ -85,14 +90,14 @@ bypass_rules() {
 # The rules of one family (what `up` adds after clearing, and `print` shows).
 rules_family() {
     f=$1
-    # shellcheck disable=SC2046 # port_match is meant to split into words
     {
         ipt "$f" -N TPROXYD_CAPTURE
+        ports_first "$f" TPROXYD_CAPTURE
         bypass_rules "$f" TPROXYD_CAPTURE
         if [ -n "$DNS_TCP_PORT" ]; then
             ipt "$f" -A TPROXYD_CAPTURE -p tcp --dport 53 -j TPROXY --on-port "$DNS_TCP_PORT" --tproxy-mark "$FWMARK"
         fi
-        ipt "$f" -A TPROXYD_CAPTURE -p udp $(port_match) -j TPROXY --on-port "$TPROXY_PORT" --tproxy-mark "$FWMARK"
+        ipt "$f" -A TPROXYD_CAPTURE -p udp -j TPROXY --on-port "$TPROXY_PORT" --tproxy-mark "$FWMARK"
 
         ipt "$f" -N TPROXYD_PRE
         if [ "$ANTISPOOF" = 1 ]; then
@@ -113,11 +118,12 @@ rules_family() {
         if [ "$LOCAL" = 1 ]; then
             ipt "$f" -N TPROXYD_OUT
             ipt "$f" -A TPROXYD_OUT -m mark --mark "$SKIP_MARK/$SKIP_MARK" -j RETURN
+            ports_first "$f" TPROXYD_OUT
             bypass_rules "$f" TPROXYD_OUT
             if [ -n "$DNS_TCP_PORT" ]; then
                 ipt "$f" -A TPROXYD_OUT -p tcp --dport 53 -j MARK --set-mark "$FWMARK"
             fi
-            ipt "$f" -A TPROXYD_OUT -p udp $(port_match) -j MARK --set-mark "$FWMARK"
+            ipt "$f" -A TPROXYD_OUT -p udp -j MARK --set-mark "$FWMARK"
             ipt "$f" -I OUTPUT -j TPROXYD_OUT
         fi
     }

@@ -106,6 +106,9 @@ counters! {
     drop_open_backlog => "drops_total", "reason=\"open_backlog\"";
     /// New flows refused: no descriptor left even after evicting a flow.
     drop_fd_budget => "drops_total", "reason=\"fd_budget\"";
+    /// Datagrams of the heaviest client dropped while the relay was
+    /// overloaded (`relay.shed_after_ms`).
+    drop_overload => "drops_total", "reason=\"overload\"";
     /// Datagrams dropped by a `drop` rule.
     drop_by_rule => "drops_total", "reason=\"rule\"";
     /// Datagrams from a remote no flow on that upstream socket talks to.

@@ -714,3 +714,203 @@ fn another_user_cannot_bind_the_relay_port_and_take_its_traffic() {
     );
     drop(daemon.stop());
 }
+
+/// For each of `socks`, the member of the listener group (its place in
+/// `ss`'s list) its datagrams queue in, learnt with the relay paused: one
+/// datagram each to `to`, and which member's queue grew. `None` when none
+/// grew within 5 s (the datagram died on a loaded machine).
+fn members_of(lab: &Lab, pid: u32, socks: &[&std::net::UdpSocket], to: std::net::SocketAddr) -> Vec<Option<usize>> {
+    let _paused = Paused::new(pid);
+    let mut before = listener_queues(lab);
+    socks
+        .iter()
+        .map(|s| {
+            s.send_to(b"where", to).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let now = listener_queues(lab);
+                let grew = now.iter().zip(&before).position(|(n, b)| n > b);
+                if grew.is_some() || Instant::now() > deadline {
+                    before = now;
+                    return grew;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one() {
+    let _heavy = one_at_a_time();
+    let (lab, _folded, probe_echo, _control_echo) = folded_lab(20_000, 20_001, &["192.0.2.11"]);
+    let _sink = LateServer::start(&lab.servers[0], sa(server4(0), 6200), None);
+    let sink = sa(server4(0), 6200);
+    // The default target (5 ms): an unoptimised relay under a flood of
+    // 64 KB datagrams falls that far behind within moments.
+    let daemon = lab.start_tproxyd(&config("listener_sockets = 16"));
+    let flooders: Vec<_> = (0..2u16)
+        .map(|i| big_socket(&lab.client, sa(ip(CLIENT4), 41000 + i)))
+        .collect();
+    // The quiet client's socket must not share a listener queue with a
+    // flooding one: the kernel would drop its datagrams in that full queue
+    // before the relay saw them, which is not what this test is about.
+    let candidates: Vec<_> = (0..16u16)
+        .map(|i| socket(&lab.client, sa(ip("192.0.2.11"), 40000 + i)))
+        .collect();
+    let socks: Vec<&std::net::UdpSocket> = flooders.iter().chain(&candidates).collect();
+    let members = members_of(&lab, daemon.pid(), &socks, sink);
+    let flooded_members = &members[..2];
+    assert!(flooded_members.iter().all(Option::is_some), "{members:?}");
+    let quiet = candidates
+        .into_iter()
+        .zip(&members[2..])
+        .find(|(_, m)| m.is_some() && !flooded_members.contains(m))
+        .map(|(s, _)| s)
+        .unwrap_or_else(|| panic!("no quiet socket in a queue of its own: {members:?}"));
+    // What the pause queued waited for seconds, and the quiet client sent
+    // the most of it: the relay sheds that client's datagrams until it has
+    // caught up. Let that pass and the byte counts of it age out.
+    std::thread::sleep(Duration::from_secs(1));
+    let prober = Prober::start(quiet, probe_echo.addr, Duration::from_millis(20));
+    std::thread::sleep(Duration::from_secs(1));
+    let before = prober.reset();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders: Vec<_> = flooders
+        .into_iter()
+        .map(|sock| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let big = vec![0x55u8; 65_000];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = sock.send_to(&big, sink);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(5));
+    let during = prober.finish();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in senders {
+        let _ = s.join();
+    }
+    let metrics = scrape(&lab.gateway, ADMIN.parse().unwrap(), Duration::from_secs(5)).unwrap_or_default();
+    let stopped = daemon.stop();
+    let shed = stopped.counter("drop_overload");
+    let relayed = stopped.counter("upstream_bytes");
+    let (ok, lost, p50, p99, _) = summary(&during);
+    eprintln!(
+        "overload: {shed} shed, {} MB relayed; quiet flow {ok} ok, {lost} lost, p50 {p50:?} p99 {p99:?}",
+        relayed >> 20
+    );
+    // What a user would check: the quiet client lost nothing (not one of
+    // its datagrams was shed), before or during the flood ...
+    assert_eq!(
+        summary(&before).1,
+        0,
+        "the quiet flow lost datagrams before the flood: {before:?}"
+    );
+    assert!(during.len() >= 200, "only {} probes", during.len());
+    assert_eq!(
+        lost,
+        0,
+        "the quiet flow lost {lost} of {} ({shed} shed)\n{}",
+        during.len(),
+        stopped.log
+    );
+    // ... the flooding client was shed, and it shows on /metrics ...
+    assert!(shed > 0, "nothing shed; {} MB relayed\n{}", relayed >> 20, stopped.log);
+    assert_eq!(
+        metric(&metrics, "tproxyd_drops_total{reason=\"overload\"}").map(|m| m > 0),
+        Some(true),
+        "{metrics}"
+    );
+    // ... and still got what the relay had left: the flood went on through.
+    assert!(relayed > 20 << 20, "only {relayed} bytes of the flood relayed");
+}
+
+/// A hostile LAN device fills the shedder's table of clients (64 a
+/// window) with 63 addresses of its own that send one byte each now and
+/// then, and floods from one address more, while tproxyd (one listener
+/// queue, so datagrams are read in the order sent) is held for 30 ms at a
+/// time so that the flood is late when read. What the quiet client sent
+/// in the middle of each burst, and how many of its answers came back;
+/// the final counters.
+fn flood_from_beyond_a_full_table(relay_extra: &str) -> (usize, usize, lab::daemon::Stopped) {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0 FAMILIES=4");
+    let fillers: Vec<IpAddr> = (0..63).map(|i| ip(&format!("192.0.2.{}", 100 + i))).collect();
+    let flooder = ip("192.0.2.66");
+    for a in fillers.iter().chain([&flooder]) {
+        lab.add_client_address(*a);
+    }
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let sink = Echo::start(&lab.servers[0], sa(server4(0), 7001));
+    let daemon = lab.start_tproxyd(&config(&format!("listener_sockets = 1\n{relay_extra}")));
+    let victim = socket(&lab.client, sa(ip(CLIENT4), 40000));
+    let fill: Vec<std::net::UdpSocket> = fillers.iter().map(|a| socket(&lab.client, sa(*a, 40000))).collect();
+    let flood = socket(&lab.client, sa(flooder, 40000));
+    // The quiet client is known first, and has sent more than any filler.
+    let (from, _) = lab::udp::exchange(&victim, echo.addr, &[0x11; 600]);
+    assert_eq!(from, echo.addr);
+    let mut asked = 0;
+    for round in 0..5 {
+        // The fillers keep their places: one byte each, every round.
+        for s in &fill {
+            s.send_to(b"f", sink.addr).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        let paused = Paused::new(daemon.pid());
+        for _ in 0..20 {
+            flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
+        }
+        for k in 0..5u8 {
+            victim.send_to(&[round, k, 0x22], echo.addr).unwrap();
+            asked += 1;
+        }
+        for _ in 0..20 {
+            flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        drop(paused);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut answered = 0;
+    while answered < asked {
+        let Some((from, data)) = lab::udp::recv(&victim) else {
+            break;
+        };
+        assert_eq!((from, data.len()), (echo.addr, 3), "{data:?}");
+        answered += 1;
+    }
+    (asked, answered, daemon.stop())
+}
+
+/// The table used to ignore a client beyond its 64: the flood was never
+/// counted, hence never shed, yet its late datagrams made the relay
+/// overloaded, and the heaviest client the table did know, the quiet one,
+/// was shed in its place (all 25 of its datagrams).
+#[test]
+fn a_flood_from_beyond_a_table_filled_with_light_addresses_is_shed_not_the_quiet_client() {
+    let _heavy = one_at_a_time();
+    let (asked, answered, stopped) = flood_from_beyond_a_full_table("shed_after_ms = 5");
+    let shed = stopped.counter("drop_overload");
+    assert_eq!(
+        answered,
+        asked,
+        "the quiet client lost {} of {asked} ({shed} shed)\n{}",
+        asked - answered,
+        stopped.log
+    );
+    assert!(shed > 0, "the flood was never shed\n{}", stopped.log);
+}
+
+/// The same with shedding off: nothing is shed at all, and the quiet
+/// client loses nothing either.
+#[test]
+fn with_shedding_off_nothing_is_shed_whatever_the_table_holds() {
+    let _heavy = one_at_a_time();
+    let (asked, answered, stopped) = flood_from_beyond_a_full_table("shed_after_ms = 0");
+    assert_eq!(stopped.counter("drop_overload"), 0, "{}", stopped.log);
+    assert_eq!(answered, asked, "{}", stopped.log);
+}

@@ -796,3 +796,148 @@ fn one_device_asking_names_that_never_resolve_cannot_take_every_pending_slot() {
     assert_eq!(answered, 10, "{out}\n{}", stopped.log);
     assert!(stopped.counter("dns_servfail_client_share") > 0, "{}", stopped.log);
 }
+
+/// The hijacked "public resolver" the LAN devices have hard-coded.
+const HIJACKED: &str = "203.0.113.53";
+
+/// Sends one hijacked query for `qname` from `sock` and waits (up to its
+/// read timeout) for the answer with its ID; the answer's source and how
+/// long it took.
+fn hijacked_answer(sock: &UdpSocket, id: u16, qname: &str) -> Option<(SocketAddr, Message, Duration)> {
+    let to: SocketAddr = format!("{HIJACKED}:53").parse().unwrap();
+    let asked = Instant::now();
+    sock.send_to(&query(id, qname, RecordType::A, None).to_vec().unwrap(), to)
+        .unwrap();
+    loop {
+        let (from, bytes) = lab::udp::recv(sock)?;
+        let Ok(m) = Message::from_vec(&bytes) else { continue };
+        if m.metadata.id == id {
+            return Some((from, m, asked.elapsed()));
+        }
+    }
+}
+
+/// The first A record of `m`, as text.
+fn first_a(m: &Message) -> String {
+    m.answers.first().map(|r| r.data.to_string()).unwrap_or_default()
+}
+
+/// A device floods hijacked queries for names its upstream never answers,
+/// from many source ports (each miss now waits in the relay listener's own
+/// set): a quiet device's cache hits and new names still come back right,
+/// promptly and from the address it asked; once the flood's misses time
+/// out their places come back (the quiet device's misses are answered
+/// with the flood's share used up before); and SIGTERM in the middle of a
+/// new flood ends the daemon at once rather than after its misses' timeout.
+#[test]
+fn a_hijacked_flood_of_names_that_never_resolve_keeps_others_answered_gives_places_back_and_stops_at_once() {
+    let lab = dns_lab();
+    let _up = RawUpstream::start(&lab, ip(UPSTREAM), |q, _tcp| {
+        let asked = Message::from_vec(q).ok()?.queries.first()?.name().to_ascii();
+        if asked.contains("slow") {
+            return None;
+        }
+        answer_with(q, &[(asked, Err([198, 51, 100, 80]))])
+    });
+    let daemon = lab.start_tproxyd(&config("rate_limit = { qps = 400, burst = 400 }", "").replace(
+        "server_timeout = \"700ms\"",
+        "server_timeout = \"1400ms\"\nmax_pending = 64",
+    ));
+    let attacker = ip("192.0.2.66");
+    lab.add_client_address(attacker);
+    let quiet = lab::udp::socket(&lab.client, "192.0.2.10:0".parse().unwrap());
+    let hijacked: SocketAddr = format!("{HIJACKED}:53").parse().unwrap();
+    let (from, m, _) = hijacked_answer(&quiet, 1, "cached.example.test.").expect("a first answer");
+    assert_eq!((from, first_a(&m).as_str()), (hijacked, "198.51.100.80"));
+
+    let flood = |stop: Arc<AtomicBool>| {
+        // Sixteen source ports, turn by turn, some 300 unique names a
+        // second: far more waiting than the group's 64 places.
+        let socks: Vec<UdpSocket> = (0..16)
+            .map(|_| lab::udp::socket(&lab.client, SocketAddr::new(attacker, 0)))
+            .collect();
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let q = query(n as u16, &format!("r{n}.slow.test."), RecordType::A, None);
+                let _ = socks[n as usize % socks.len()].send_to(&q.to_vec().unwrap(), hijacked);
+                n += 1;
+                std::thread::sleep(Duration::from_micros(3300));
+            }
+            n
+        })
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooding = flood(stop.clone());
+    std::thread::sleep(Duration::from_millis(1200));
+    let mut slow = Vec::new();
+    for i in 0..10u16 {
+        for qname in [format!("new{i}.example.test."), "cached.example.test.".to_string()] {
+            let got = hijacked_answer(&quiet, 100 + i * 2 + u16::from(qname.starts_with('c')), &qname);
+            let Some((from, m, took)) = got else {
+                panic!("no answer for {qname} during the flood:\n{}", daemon.log_text())
+            };
+            assert_eq!(from, hijacked, "{qname} answered from the wrong address");
+            assert_eq!(first_a(&m), "198.51.100.80", "{qname}: {m:?}");
+            if took > Duration::from_millis(500) {
+                slow.push((qname, took));
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = flooding.join().unwrap();
+    assert!(
+        slow.len() <= 2,
+        "answers held back by the flood ({sent} sent): {slow:?}"
+    );
+
+    // Every flood miss has ended (1.4 s for its server, 1.5 s in all):
+    // the places are back, the flooding device's own share too, so its
+    // next ordinary names are answered, and the quiet device's misses
+    // well past what was its share during the flood.
+    std::thread::sleep(Duration::from_millis(2500));
+    let reformed = lab::udp::socket(&lab.client, SocketAddr::new(attacker, 0));
+    for i in 0..5u16 {
+        let qname = format!("back{i}.example.test.");
+        let got = hijacked_answer(&reformed, 2000 + i, &qname);
+        let (from, m, _) =
+            got.unwrap_or_else(|| panic!("the flooding device got no answer for {qname} after it stopped"));
+        assert_eq!(
+            (from, first_a(&m)),
+            (hijacked, "198.51.100.80".to_string()),
+            "{qname}: {m:?}"
+        );
+    }
+    for i in 0..40u16 {
+        let qname = format!("after{i}.example.test.");
+        let got = hijacked_answer(&quiet, 1000 + i, &qname);
+        let (from, m, _) = got.unwrap_or_else(|| panic!("no answer for {qname} after the flood"));
+        assert_eq!((from, first_a(&m)), (hijacked, "198.51.100.80".to_string()), "{qname}");
+    }
+
+    // A new flood, and SIGTERM in its middle: the daemon does not wait
+    // for its misses' timeouts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooding = flood(stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    // One miss of the quiet device's own that has just begun its 1.4 s.
+    quiet
+        .send_to(
+            &query(3000, "last.slow.test.", RecordType::A, None).to_vec().unwrap(),
+            hijacked,
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let asked = Instant::now();
+    let stopped = daemon.stop();
+    let took = asked.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    flooding.join().unwrap();
+    assert!(stopped.status.success(), "{}", stopped.log);
+    assert!(
+        took < Duration::from_millis(1000),
+        "SIGTERM took {took:?}:\n{}",
+        stopped.log
+    );
+    assert!(stopped.counter("dns_servfail_client_share") > 0, "{}", stopped.log);
+}

@@ -92,31 +92,70 @@ fn without_tproxyd_captured_traffic_fails_closed() {
 
 #[test]
 fn udp_ports_captures_the_listed_ports_and_forwards_the_others_untouched() {
-    // The nft script checks the port first and returns at once for a
-    // port it does not capture; that order must not change what is
-    // captured: a listed port and one inside a listed range go through
-    // tproxyd, another port is forwarded by the kernel as if tproxyd
-    // were not there.
+    // Both scripts check the port first and return at once for a port
+    // they do not capture; that order must not change what is captured:
+    // a listed port and one inside a listed range go through tproxyd,
+    // another port is forwarded by the kernel as if tproxyd were not
+    // there.
+    for flavour in ["nft", "iptables"] {
+        let lab = Lab::new();
+        // A route back to the client for the forwarded datagram's echo.
+        lab.servers[0].sh(&format!("ip route replace default via {}", gateway_wan4(0)));
+        lab.install_rules(flavour, "LAN_IF=lan0 FAMILIES=4 UDP_PORTS=7000,7100-7110");
+        let daemon = lab.start_tproxyd(&config(""));
+        assert_echo_is_transparent(&lab, client4(40000), sa(server4(0), 7000), gateway_wan4(0));
+        assert_echo_is_transparent(&lab, client4(40001), sa(server4(0), 7105), gateway_wan4(0));
+        let server = sa(server4(0), 7200);
+        let echo = Echo::start(&lab.servers[0], server);
+        let sock = socket(&lab.client, client4(40002));
+        let (from, reply) = exchange(&sock, server, b"not captured");
+        assert_eq!((from, reply.as_slice()), (server, &b"not captured"[..]), "{flavour}");
+        assert_eq!(
+            echo.last_peer(),
+            client4(40002),
+            "{flavour}: a port outside UDP_PORTS is forwarded with the client's own address"
+        );
+        let stopped = daemon.stop();
+        assert!(stopped.status.success(), "{flavour}: {}", stopped.log);
+        assert_eq!(stopped.counter("sessions_opened"), 2, "{flavour}: {}", stopped.log);
+    }
+}
+
+/// The IPv6 side of the port-first check, at the edges of a listed
+/// range: the range's first and last ports are captured, the ports just
+/// outside it and an unlisted one are forwarded by the kernel with the
+/// client's own address; IPv4 and IPv6 share the one port set.
+#[test]
+fn udp_ports_on_ipv6_captures_a_ranges_edges_and_forwards_the_ports_beside_it() {
     let lab = Lab::new();
-    // A route back to the client for the forwarded datagram's echo.
-    lab.servers[0].sh(&format!("ip route replace default via {}", gateway_wan4(0)));
-    lab.install_rules("nft", "LAN_IF=lan0 FAMILIES=4 UDP_PORTS=7000,7100-7110");
+    lab.servers[0].sh(&format!(
+        "ip route replace default via {} && ip -6 route replace default via {}",
+        gateway_wan4(0),
+        gateway_wan6(0)
+    ));
+    lab.install_rules("nft", "LAN_IF=lan0 UDP_PORTS=7000,7100-7110");
     let daemon = lab.start_tproxyd(&config(""));
-    assert_echo_is_transparent(&lab, client4(40000), sa(server4(0), 7000), gateway_wan4(0));
-    assert_echo_is_transparent(&lab, client4(40001), sa(server4(0), 7105), gateway_wan4(0));
-    let server = sa(server4(0), 7200);
-    let echo = Echo::start(&lab.servers[0], server);
-    let sock = socket(&lab.client, client4(40002));
-    let (from, reply) = exchange(&sock, server, b"not captured");
-    assert_eq!((from, reply.as_slice()), (server, &b"not captured"[..]));
-    assert_eq!(
-        echo.last_peer(),
-        client4(40002),
-        "a port outside UDP_PORTS is forwarded with the client's own address"
-    );
+    for (i, port) in [7100u16, 7110].into_iter().enumerate() {
+        assert_echo_is_transparent(&lab, client6(41000 + i as u16), sa(server6(0), port), gateway_wan6(0));
+    }
+    for (i, port) in [7099u16, 7111, 7200].into_iter().enumerate() {
+        let server = sa(server6(0), port);
+        let echo = Echo::start(&lab.servers[0], server);
+        let client = client6(42000 + i as u16);
+        let sock = socket(&lab.client, client);
+        let (from, reply) = exchange(&sock, server, b"not captured");
+        assert_eq!((from, reply.as_slice()), (server, &b"not captured"[..]));
+        assert_eq!(
+            echo.last_peer(),
+            client,
+            "port {port}, outside UDP_PORTS, must be forwarded with the client's own address"
+        );
+    }
+    // The same set holds for IPv4 in the same table.
+    assert_echo_is_transparent(&lab, client4(43000), sa(server4(0), 7000), gateway_wan4(0));
     let stopped = daemon.stop();
     assert!(stopped.status.success(), "{}", stopped.log);
-    assert_eq!(stopped.counter("sessions_opened"), 2, "{}", stopped.log);
+    assert_eq!(stopped.counter("sessions_opened"), 3, "{}", stopped.log);
 }
 
 #[test]

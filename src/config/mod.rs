@@ -116,6 +116,16 @@ pub struct RelayConfig {
     /// busy P2P or game client opens, far below a flood.
     #[serde(default = "RelayConfig::default_new_flows")]
     pub new_flows_per_client: u32,
+    /// Overload shedding: when a datagram has waited longer than this in
+    /// a listener's queue, the datagrams of the client that sent the most
+    /// bytes lately are dropped (`drops_total{reason="overload"}`) until
+    /// the listener has caught up, so that the other clients' flows are
+    /// not held up behind it; never while only one client is active. In
+    /// milliseconds; 0 turns it off. Default 5, as fq_codel's target:
+    /// above any wait the relay has when it keeps up, below what a game
+    /// or call notices.
+    #[serde(default = "RelayConfig::default_shed_after_ms")]
+    pub shed_after_ms: u64,
     /// Descriptors the daemon plans for; default nine tenths of the soft
     /// `RLIMIT_NOFILE` (raised to the hard limit at start).
     #[serde(default)]
@@ -156,6 +166,9 @@ impl RelayConfig {
     fn default_new_flows() -> u32 {
         2_000
     }
+    fn default_shed_after_ms() -> u64 {
+        5
+    }
     fn default_fd_reserve() -> usize {
         512
     }
@@ -182,6 +195,7 @@ impl Default for RelayConfig {
             nat: NatMode::default(),
             max_sessions_per_client: None,
             new_flows_per_client: Self::default_new_flows(),
+            shed_after_ms: Self::default_shed_after_ms(),
             fd_budget: None,
             fd_reserve: Self::default_fd_reserve(),
             rules: Vec::new(),

@@ -11,6 +11,7 @@ use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
+use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
@@ -20,9 +21,9 @@ use super::would_block;
 pub const BATCH: usize = 64;
 /// Room per datagram: the largest UDP payload (65,535 − 8) fits.
 pub const SLOT: usize = 65_536;
-/// Room for ORIGDSTADDR (a sockaddr_in6), TOS/TCLASS and UDP_GRO, with
-/// headers.
-const CONTROL: usize = 128;
+/// Room for ORIGDSTADDR (a sockaddr_in6), TOS/TCLASS, UDP_GRO and a
+/// receive timestamp, with headers.
+const CONTROL: usize = 192;
 
 /// What came with a datagram besides its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +42,9 @@ pub struct DatagramMeta {
     /// On a socket with `UDP_GRO`: the kernel coalesced datagrams of this
     /// size (the last may be shorter) into this one; see [`segments`].
     pub segment: Option<u16>,
+    /// On a socket with `SO_TIMESTAMPNS`: when the kernel received it, as
+    /// time since the epoch (`CLOCK_REALTIME`).
+    pub received: Option<Duration>,
 }
 
 /// The datagrams a received payload holds: itself, or, when the kernel
@@ -205,6 +209,7 @@ impl RecvBatch {
                 tos: None,
                 truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
                 segment: None,
+                received: None,
             };
             read_control(&h.msg_hdr, &mut meta);
             self.metas.push(meta); // slot i holds meta i
@@ -318,6 +323,13 @@ fn read_control(hdr: &libc::msghdr, meta: &mut DatagramMeta) {
                 (libc::SOL_UDP, libc::UDP_GRO) => {
                     let size: libc::c_int = ptr::read_unaligned(data.cast());
                     meta.segment = u16::try_from(size).ok().filter(|&s| s > 0);
+                }
+                (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
+                    let ts: libc::timespec = ptr::read_unaligned(data.cast());
+                    meta.received = u64::try_from(ts.tv_sec)
+                        .ok()
+                        .zip(u32::try_from(ts.tv_nsec).ok())
+                        .map(|(s, ns)| Duration::new(s, ns));
                 }
                 (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) => {
                     let tc: libc::c_int = ptr::read_unaligned(data.cast());

@@ -86,6 +86,9 @@ pub fn transparent_listener(addr: SocketAddr, buffer: usize, group: bool) -> io:
     // being cut up again in the kernel; the listener splits them
     // (`recv::segments`). Kernels before 5.0 refuse: not needed then.
     let _ = setsockopt(&sock, sockopt::UdpGroSegment, &true);
+    // Each datagram's kernel receive time: how long it waited in the queue
+    // is what overload shedding (`relay::shed`) watches.
+    setsockopt(&sock, sockopt::ReceiveTimestampns, &true)?;
     // No `SO_REUSEADDR`: on UDP it lets a socket of *any* user that sets
     // it too bind the same address, and the kernel looks the newest one up
     // first. Not transparent, such a socket makes TPROXY drop every

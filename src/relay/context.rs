@@ -44,6 +44,8 @@ pub struct RelayContext {
     plan: Plan,
     /// The shortest idle timeout any session has had (for the sweeper).
     min_idle_ms: AtomicU64,
+    /// `relay.shed_after_ms`, read by the listeners each round (reload).
+    shed_after_ms: AtomicU64,
     clock: Clock,
     stats: Arc<Stats>,
     /// Answers diverted datagrams to DNS ports instead of relaying them.
@@ -94,6 +96,7 @@ impl RelayContext {
             open_backlog: OpenBacklog::new(),
             plan,
             min_idle_ms: AtomicU64::new(u64::MAX),
+            shed_after_ms: AtomicU64::new(config.shed_after_ms),
             clock: Clock::new(),
             stats,
             dns,
@@ -111,7 +114,13 @@ impl RelayContext {
         let plan = Plan::new(config, self.plan.limit);
         self.replies.resize(reply_capacity(&plan));
         self.flow_fds.set_limit(plan.flows);
+        self.shed_after_ms.store(config.shed_after_ms, Ordering::Relaxed);
         ended
+    }
+
+    /// The listeners' overload target (`relay.shed_after_ms`); zero: off.
+    pub fn shed_after(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.shed_after_ms.load(Ordering::Relaxed))
     }
 
     pub fn mark(&self) -> u32 {

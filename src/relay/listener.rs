@@ -28,11 +28,12 @@ use tokio::net::UdpSocket;
 
 use super::context::RelayContext;
 use super::decide::{Decision, Host, decide};
-use super::key::FlowKey;
+use super::key::{ClientId, FlowKey};
 use super::open_backlog::{Filed, Held};
 use super::ready_set::ReadySet;
 use super::reply::{Pending, ReplyScratch};
 use super::session::Session;
+use super::shed::{Shedder, sojourn};
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 use crate::dns::DnsService;
 use crate::dns::misses::Misses;
@@ -78,6 +79,10 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
         misses: Misses::default(),
     };
     let mut ready = Vec::with_capacity(members.len());
+    let mut shed = Shed {
+        shedder: Shedder::new(ctx.shed_after()),
+        start: std::time::Instant::now(),
+    };
     // One future for the whole loop: made anew each round, it cost a
     // borrow of the channel and a waiter registration per wake-up.
     let stop = shutdown.recv();
@@ -99,15 +104,19 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
                 poll_ready(&members, &woken, &mut asked, &mut ready, cx)
             }) => r?,
         }
+        shed.shedder.set_target(ctx.shed_after());
         let mut more = false;
         for &i in &ready {
-            more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &ctx);
+            more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &mut shed, &ctx);
         }
         // The DNS answers of every member's turn leave together.
         dns.now.flush(&ctx);
         if more {
             // Still more queued: let other tasks run before reading on.
             tokio::task::yield_now().await;
+        } else {
+            // Caught up: the worker sleeps until the next datagram.
+            shed.shedder.drained();
         }
     }
 }
@@ -149,6 +158,26 @@ fn poll_ready(
         Poll::Pending
     } else {
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A listener task's overload shedding and its monotonic clock's origin.
+struct Shed {
+    shedder: Shedder,
+    start: std::time::Instant,
+}
+
+impl Shed {
+    /// The clocks a batch's datagrams are judged by: the wall clock the
+    /// kernel stamps them with, and a monotonic one for the byte windows.
+    /// Read only when shedding is on.
+    fn clocks(&self) -> Option<(std::time::Duration, std::time::Duration)> {
+        self.shedder.enabled().then(|| {
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (wall, self.start.elapsed())
+        })
     }
 }
 
@@ -249,6 +278,7 @@ impl Member {
         batch: &mut RecvBatch,
         sends: &mut UpstreamSends,
         dns: &mut Dns,
+        shed: &mut Shed,
         ctx: &Arc<RelayContext>,
     ) -> bool {
         let mut bytes = 0;
@@ -265,6 +295,7 @@ impl Member {
                     // The runs of all flows in the batch, sent together.
                     let mut out = sends.batch();
                     let mut batch_bytes = 0;
+                    let clocks = shed.clocks();
                     let mut datagrams = 0;
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
@@ -272,6 +303,14 @@ impl Member {
                             // Coalesced datagrams (GRO) one by one.
                             for one in segments(payload, meta.segment) {
                                 datagrams += 1;
+                                if let Some((wall, mono)) = clocks {
+                                    let waited = sojourn(meta.received, wall);
+                                    let client = ClientId::of(meta.peer.ip());
+                                    if shed.shedder.offer(client, one.len(), waited, mono) {
+                                        ctx.stats().drop_overload.inc();
+                                        continue;
+                                    }
+                                }
                                 filed |= handle(ctx, self.local, meta, one, &mut run, &mut out, dns);
                             }
                         }

@@ -29,6 +29,8 @@
 //!   which sends them from the spoofed original address; [`pool_readers`]
 //!   records which reader watches which pool socket;
 //! * [`context`] holds all of it behind methods and owns every task;
+//! * [`shed`] drops the heaviest client's datagrams while the listener
+//!   is behind, so the others are not held up by it;
 //! * [`slice`] bounds how long any of these tasks keeps a worker thread
 //!   before the others (and the established flows) get it.
 //!
@@ -54,6 +56,7 @@ pub mod ready_set;
 pub mod reply;
 pub mod rules;
 pub mod session;
+pub mod shed;
 pub mod slice;
 pub mod socks5;
 pub mod table;

@@ -1,0 +1,352 @@
+//! Overload shedding: when the relay falls behind, the client sending the
+//! most pays for it, not the others.
+//!
+//! The relay's worker reads every client's datagrams. When one client
+//! floods (a backup pushing 64 KB datagrams, a P2P spray), the worker
+//! never runs out of work, never sleeps, and so never gets the scheduler's
+//! preference a waking thread gets: a quiet client's datagram then waits
+//! until the busy worker is given a CPU again, for as long as the kernel
+//! lets the flood's senders (and everything else) run first.
+//!
+//! The signal is each datagram's *sojourn*: how long it sat in the
+//! listener's socket queue, from the kernel's receive timestamp
+//! (`SO_TIMESTAMPNS`) to the moment the listener read it. The relay is
+//! overloaded when another client's datagram waited longer than the
+//! target (that client is already paying), or when the *heaviest* client's
+//! own datagrams, those of the client that sent the most bytes in the
+//! recent window, have all waited longer than the target for
+//! [`INTERVAL`] (a standing queue, as CoDel judges one; a single late
+//! datagram is not). Once overloaded, and until the listener next finds
+//! every queue empty (its worker is about to sleep), the heaviest client's
+//! datagrams are dropped (counted as `drops_total{reason="overload"}`);
+//! for [`MEMORY`] after an overload, one late datagram of the heaviest
+//! client starts the next at once, since its queue is known to build. Dropping costs a copy
+//! out of the kernel, relaying costs a send and, in the sender's own
+//! context, the kernel's delivery of it: the worker drains its queues and
+//! sleeps, and wakes promptly for the quiet client. The heavy client keeps
+//! whatever the worker relays between episodes: the capacity left over.
+//!
+//! Never when only one client is active: one client alone cannot be
+//! holding anyone up, and a single bulk sender must get all there is.
+
+use std::time::Duration;
+
+use super::key::ClientId;
+
+/// How long one window of the byte count lasts; "recent" is the last
+/// window plus the current one.
+const WINDOW: Duration = Duration::from_millis(250);
+/// Clients followed per window at most; past that a newcomer takes the
+/// lightest one's place (see [`Shedder::count`]), so a flooder is always
+/// followed, however many light addresses were seen before it.
+const TRACKED: usize = 64;
+/// How long the heaviest client's datagrams must all have waited past the
+/// target before that alone counts as an overload (CoDel's interval).
+const INTERVAL: Duration = Duration::from_millis(100);
+/// How long after an overload the heaviest client's late datagrams start
+/// the next one at once.
+const MEMORY: Duration = Duration::from_secs(1);
+/// Bytes a datagram counts beyond its payload (headers and per-datagram
+/// work), so that a spray of tiny datagrams weighs what it costs.
+const PER_DATAGRAM: u64 = 64;
+
+/// One client's bytes in the previous and the current window.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    client: ClientId,
+    previous: u64,
+    current: u64,
+}
+
+impl Sent {
+    fn recent(&self) -> u64 {
+        self.previous + self.current
+    }
+}
+
+/// The shedding state of one listener task (a listener reads its share of
+/// the group alone, so nothing here is shared or locked).
+#[derive(Debug)]
+pub struct Shedder {
+    /// Sojourn past which the relay counts as overloaded; `None`: never.
+    target: Option<Duration>,
+    clients: Vec<Sent>,
+    /// Index in `clients` of the one with the most recent bytes.
+    heaviest: Option<usize>,
+    /// Clients with bytes in the recent windows.
+    active: usize,
+    /// When the current window started (a monotonic reading).
+    window_start: Duration,
+    /// Overloaded: shedding until the queues are next empty.
+    overloaded: bool,
+    /// Since when every datagram of the heaviest client waited past the
+    /// target.
+    late_since: Option<Duration>,
+    /// When the relay was last found overloaded.
+    last_overload: Option<Duration>,
+}
+
+impl Shedder {
+    /// A shedder for `target` (zero: never shed).
+    pub fn new(target: Duration) -> Self {
+        Shedder {
+            target: (!target.is_zero()).then_some(target),
+            clients: Vec::with_capacity(TRACKED),
+            heaviest: None,
+            active: 0,
+            window_start: Duration::ZERO,
+            overloaded: false,
+            late_since: None,
+            last_overload: None,
+        }
+    }
+
+    /// Changes the target (on reload).
+    pub fn set_target(&mut self, target: Duration) {
+        self.target = (!target.is_zero()).then_some(target);
+        if self.target.is_none() {
+            self.overloaded = false;
+        }
+    }
+
+    /// Whether shedding is on at all (the listener asks for the time only
+    /// then).
+    pub fn enabled(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// Counts a datagram of `client` of `len` bytes that waited `sojourn`
+    /// (unknown: `None`), read at `now` (monotonic); true when it is to be
+    /// dropped.
+    pub fn offer(&mut self, client: ClientId, len: usize, sojourn: Option<Duration>, now: Duration) -> bool {
+        let Some(target) = self.target else { return false };
+        self.roll(now);
+        let i = self.count(client, len as u64 + PER_DATAGRAM);
+        let heaviest = self.heaviest == Some(i);
+        match sojourn {
+            Some(s) if s > target && !heaviest => self.overloaded = true,
+            Some(s) if s > target => {
+                let since = *self.late_since.get_or_insert(now);
+                let recently = self.last_overload.is_some_and(|t| now < t + MEMORY);
+                if recently || now >= since + INTERVAL {
+                    self.overloaded = true;
+                }
+            }
+            Some(_) if heaviest => self.late_since = None,
+            _ => {}
+        }
+        if !self.overloaded || self.active < 2 {
+            return false;
+        }
+        self.last_overload = Some(now);
+        heaviest
+    }
+
+    /// The listener found every queue empty: the overload, if any, is over.
+    pub fn drained(&mut self) {
+        self.overloaded = false;
+        self.late_since = None;
+    }
+
+    /// Starts a new window when the current one is over.
+    fn roll(&mut self, now: Duration) {
+        if now < self.window_start + WINDOW {
+            return;
+        }
+        let skipped = now >= self.window_start + 2 * WINDOW;
+        self.window_start = now;
+        self.clients.retain_mut(|s| {
+            s.previous = if skipped { 0 } else { s.current };
+            s.current = 0;
+            s.previous > 0
+        });
+        self.recount();
+    }
+
+    /// Adds `bytes` to `client`; returns its index (`usize::MAX` only if
+    /// the table could hold nobody).
+    fn count(&mut self, client: ClientId, bytes: u64) -> usize {
+        let i = match self.clients.iter().position(|s| s.client == client) {
+            Some(i) => i,
+            None if self.clients.len() < TRACKED => {
+                self.clients.push(Sent {
+                    client,
+                    previous: 0,
+                    current: 0,
+                });
+                self.active += 1;
+                self.clients.len() - 1
+            }
+            // Full: the newcomer takes the place of the lightest client,
+            // counted from that one's bytes (as the Space-Saving count
+            // does). Ignoring it instead let a device fill the table with
+            // light addresses of its own and flood from one more: never
+            // counted, never shed, while its late datagrams made the
+            // relay overloaded and the heaviest client the table knew,
+            // a quiet one, was shed in its place.
+            None => {
+                let lightest = self
+                    .clients
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, s)| s.recent())
+                    .map(|(i, _)| i);
+                let Some(i) = lightest else { return usize::MAX };
+                self.clients[i].client = client;
+                i
+            }
+        };
+        self.clients[i].current += bytes;
+        let most = self.heaviest.map_or(0, |h| self.clients[h].recent());
+        if self.clients[i].recent() > most {
+            self.heaviest = Some(i);
+        }
+        i
+    }
+
+    fn recount(&mut self) {
+        self.active = self.clients.len();
+        self.heaviest = self
+            .clients
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, s)| s.recent())
+            .map(|(i, _)| i);
+    }
+}
+
+/// How long a datagram stamped `received` (`CLOCK_REALTIME`, as the
+/// kernel stamps with `SO_TIMESTAMPNS`) has waited at `now` (the same
+/// clock); `None` when unknown, or when the clock stepped back.
+pub fn sojourn(received: Option<Duration>, now: Duration) -> Option<Duration> {
+    received.and_then(|r| now.checked_sub(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn id(s: &str) -> ClientId {
+        ClientId::of(s.parse().unwrap())
+    }
+
+    #[test]
+    fn only_the_heaviest_client_is_shed_and_only_while_overloaded() {
+        let (heavy, light) = (id("192.0.2.10"), id("192.0.2.11"));
+        let mut s = Shedder::new(5 * MS);
+        let now = 10 * MS;
+        // Fresh datagrams: nothing is shed.
+        assert!(!s.offer(heavy, 65_000, Some(MS), now));
+        assert!(!s.offer(light, 100, Some(MS), now));
+        assert!(!s.offer(heavy, 65_000, Some(MS), now));
+        // The heavy client's own late datagrams: not before they have all
+        // been late for an interval.
+        assert!(!s.offer(heavy, 65_000, Some(9 * MS), now));
+        assert!(!s.offer(heavy, 65_000, Some(9 * MS), now + INTERVAL - MS));
+        // Then the heavy client is shed, even its fresh datagrams, the
+        // light one never, late or not.
+        assert!(s.offer(heavy, 65_000, Some(9 * MS), now + INTERVAL));
+        assert!(s.offer(heavy, 65_000, Some(MS), now + INTERVAL));
+        assert!(!s.offer(light, 100, Some(20 * MS), now));
+        assert!(!s.offer(light, 100, Some(MS), now));
+        // The queues ran empty: relayed again.
+        s.drained();
+        let now = now + INTERVAL;
+        assert!(!s.offer(heavy, 65_000, Some(MS), now));
+        // Soon after, one late datagram of the heavy client is enough.
+        assert!(s.offer(heavy, 65_000, Some(6 * MS), now + MS));
+        s.drained();
+        // Long after, a light client's late datagram starts an overload at
+        // once: it is the one paying.
+        let later = now + MEMORY + INTERVAL;
+        assert!(!s.offer(heavy, 65_000, Some(6 * MS), later));
+        assert!(!s.offer(light, 100, Some(7 * MS), later));
+        assert!(s.offer(heavy, 65_000, None, later));
+    }
+
+    #[test]
+    fn a_heavy_datagram_on_time_restarts_the_interval() {
+        let (heavy, light) = (id("192.0.2.10"), id("192.0.2.11"));
+        let mut s = Shedder::new(5 * MS);
+        assert!(!s.offer(light, 100, Some(MS), Duration::ZERO));
+        assert!(!s.offer(heavy, 65_000, Some(9 * MS), Duration::ZERO));
+        assert!(!s.offer(heavy, 65_000, Some(MS), INTERVAL / 2));
+        assert!(!s.offer(heavy, 65_000, Some(9 * MS), INTERVAL));
+        // Late again since INTERVAL: overloaded an interval after that.
+        assert!(!s.offer(heavy, 65_000, Some(9 * MS), INTERVAL * 2 - MS));
+        assert!(s.offer(heavy, 65_000, Some(9 * MS), INTERVAL * 2));
+    }
+
+    #[test]
+    fn one_client_alone_is_never_shed() {
+        let only = id("2001:db8::10");
+        let mut s = Shedder::new(5 * MS);
+        for i in 0..1_000 {
+            assert!(!s.offer(only, 65_000, Some(100 * MS), i * MS));
+        }
+        // Its other addresses in the same /64 are the same client.
+        assert!(!s.offer(id("2001:db8::99"), 100, Some(100 * MS), 1_000 * MS));
+    }
+
+    #[test]
+    fn a_client_quiet_for_two_windows_no_longer_counts() {
+        let (a, b) = (id("192.0.2.10"), id("192.0.2.11"));
+        let mut s = Shedder::new(5 * MS);
+        assert!(!s.offer(a, 65_000, Some(MS), Duration::ZERO));
+        assert!(!s.offer(b, 100, Some(10 * MS), Duration::ZERO));
+        assert!(s.offer(a, 65_000, Some(10 * MS), Duration::ZERO));
+        // Two windows later b has sent nothing since: a is alone.
+        s.drained();
+        assert!(!s.offer(a, 65_000, Some(10 * MS), 2 * WINDOW));
+        assert!(!s.offer(a, 65_000, Some(10 * MS), 2 * WINDOW + MS));
+    }
+
+    #[test]
+    fn the_heaviest_is_judged_by_recent_bytes_not_by_who_came_first() {
+        let (early, late) = (id("192.0.2.10"), id("192.0.2.11"));
+        let mut s = Shedder::new(5 * MS);
+        assert!(!s.offer(early, 10_000, Some(MS), Duration::ZERO));
+        for _ in 0..10 {
+            assert!(!s.offer(late, 60_000, Some(MS), Duration::ZERO));
+        }
+        // The early one's late datagram: the late one is the heaviest.
+        assert!(!s.offer(early, 100, Some(50 * MS), MS));
+        assert!(s.offer(late, 100, Some(MS), MS));
+    }
+
+    #[test]
+    fn a_target_of_zero_never_sheds() {
+        let mut s = Shedder::new(Duration::ZERO);
+        assert!(!s.enabled());
+        for c in ["192.0.2.10", "192.0.2.11", "192.0.2.10"] {
+            assert!(!s.offer(id(c), 65_000, Some(Duration::from_secs(1)), MS));
+        }
+    }
+
+    #[test]
+    fn sojourn_is_unknown_without_a_stamp_or_when_the_clock_stepped_back() {
+        assert_eq!(sojourn(Some(2 * MS), 5 * MS), Some(3 * MS));
+        assert_eq!(sojourn(None, 5 * MS), None);
+        assert_eq!(sojourn(Some(6 * MS), 5 * MS), None);
+    }
+
+    #[test]
+    fn a_flood_from_beyond_a_full_table_is_followed_and_shed_not_the_quiet_client() {
+        let mut s = Shedder::new(5 * MS);
+        let now = 10 * MS;
+        let quiet = id("192.0.2.10");
+        assert!(!s.offer(quiet, 600, Some(MS), now));
+        for i in 0..TRACKED - 1 {
+            assert!(!s.offer(id(&format!("192.0.2.{}", 100 + i)), 1, Some(MS), now));
+        }
+        // The table is full; the flood comes from one more address, late.
+        let flood = id("192.0.2.66");
+        for _ in 0..20 {
+            s.offer(flood, 1_200, Some(30 * MS), now);
+        }
+        assert!(!s.offer(quiet, 3, Some(30 * MS), now), "the quiet client was shed");
+        assert!(s.offer(flood, 1_200, Some(30 * MS), now), "the flood was not shed");
+    }
+}
