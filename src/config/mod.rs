@@ -120,7 +120,9 @@ pub struct RelayConfig {
     /// a listener's queue, the datagrams of the client that sent the most
     /// bytes lately are dropped (`drops_total{reason="overload"}`) until
     /// the listener has caught up, so that the other clients' flows are
-    /// not held up behind it; never while only one client is active. In
+    /// not held up behind it; only while that client stands out (more
+    /// than twice the others' average, and 64 KiB more), never while only
+    /// one client is active. In
     /// milliseconds; 0 turns it off. Default 5, as fq_codel's target:
     /// above any wait the relay has when it keeps up, below what a game
     /// or call notices.
