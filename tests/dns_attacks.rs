@@ -749,18 +749,25 @@ fn a_burst_from_one_device_does_not_cost_another_its_answers() {
     );
 }
 
-#[test]
-fn one_device_asking_names_that_never_resolve_cannot_take_every_pending_slot() {
-    let lab = dns_lab();
-    // The upstream never answers the attacker's names (a random-subdomain
-    // attack on a slow zone), and answers everything else at once.
-    let _up = RawUpstream::start(&lab, ip(UPSTREAM), |q, _tcp| {
+/// An upstream that never answers names containing "slow" (a
+/// random-subdomain attack on a slow zone) and answers every other name
+/// at once with 198.51.100.80.
+fn slow_names_upstream(lab: &Lab) -> RawUpstream {
+    RawUpstream::start(lab, ip(UPSTREAM), |q, _tcp| {
         let asked = Message::from_vec(q).ok()?.queries.first()?.name().to_ascii();
         if asked.contains("slow") {
             return None;
         }
         answer_with(q, &[(asked, Err([198, 51, 100, 80]))])
-    });
+    })
+}
+
+#[test]
+fn one_device_asking_names_that_never_resolve_cannot_take_every_pending_slot() {
+    let lab = dns_lab();
+    // The upstream never answers the attacker's names, and answers
+    // everything else at once.
+    let _up = slow_names_upstream(&lab);
     let daemon = lab.start_tproxyd(&config("rate_limit = { qps = 300, burst = 300 }", "").replace(
         "server_timeout = \"700ms\"",
         "server_timeout = \"700ms\"\nmax_pending = 64",
@@ -832,13 +839,7 @@ fn first_a(m: &Message) -> String {
 #[test]
 fn a_hijacked_flood_of_names_that_never_resolve_keeps_others_answered_gives_places_back_and_stops_at_once() {
     let lab = dns_lab();
-    let _up = RawUpstream::start(&lab, ip(UPSTREAM), |q, _tcp| {
-        let asked = Message::from_vec(q).ok()?.queries.first()?.name().to_ascii();
-        if asked.contains("slow") {
-            return None;
-        }
-        answer_with(q, &[(asked, Err([198, 51, 100, 80]))])
-    });
+    let _up = slow_names_upstream(&lab);
     let daemon = lab.start_tproxyd(&config("rate_limit = { qps = 400, burst = 400 }", "").replace(
         "server_timeout = \"700ms\"",
         "server_timeout = \"1400ms\"\nmax_pending = 64",
