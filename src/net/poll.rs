@@ -8,6 +8,11 @@
 //! something queued, the reader empties them all, then sends the replies
 //! together. Level-triggered, so a socket not emptied this round is named
 //! again next round and nothing is ever left behind.
+//!
+//! The pool readers now learn of datagrams from the runtime itself (see
+//! `relay::pool_readers`) and use a set like this one only for errors
+//! ([`Poller::add_errors_only`]): the runtime does not wake a reader for
+//! an ICMP error alone.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -49,6 +54,19 @@ impl Poller {
             u64: token,
         };
         // SAFETY: `ev` is valid for the call; the kernel copies it.
+        if unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Watches `fd` for errors only (`EPOLLERR`, e.g. an ICMP error in
+    /// its queue, and `EPOLLHUP`, which `epoll` always reports): a
+    /// datagram arriving on `fd` neither makes the set ready nor wakes
+    /// whoever watches the set.
+    pub fn add_errors_only(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: 0, u64: token };
+        // SAFETY: as in `add`.
         if unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -135,6 +153,35 @@ mod tests {
         poller.ready(&mut raw, &mut events).unwrap();
         assert_eq!(events.iter().map(|e| e.token).collect::<Vec<_>>(), vec![12]);
         poller.remove(socks[2].as_raw_fd()).unwrap();
+        assert_eq!(poller.ready(&mut raw, &mut events).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_socket_watched_for_errors_only_is_named_for_an_error_not_a_datagram() {
+        let poller = Poller::new().unwrap();
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        crate::net::sockets::report_errors(&sock, false).unwrap();
+        poller.add_errors_only(sock.as_raw_fd(), 7).unwrap();
+        let (mut raw, mut events) = (Vec::with_capacity(8), Vec::new());
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(b"a", sock.local_addr().unwrap()).unwrap();
+        assert_eq!(poller.ready(&mut raw, &mut events).unwrap(), 0);
+        // A datagram to a closed port: the ICMP error lands in the queue.
+        let closed = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap();
+        drop(closed);
+        sock.send_to(b"b", port).unwrap();
+        let mut named = 0;
+        for _ in 0..100 {
+            named = poller.ready(&mut raw, &mut events).unwrap();
+            if named > 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(named, 1);
+        assert_eq!(events[0], Event { token: 7, readable: false, error: true });
+        assert_eq!(crate::net::sockets::drain_error_queue(sock.as_raw_fd()), 1);
         assert_eq!(poller.ready(&mut raw, &mut events).unwrap(), 0);
     }
 }

@@ -12,10 +12,12 @@
 //! answered 60 times a second spread over hundreds of pool sockets, one or
 //! two datagrams on each at a time: read and sent socket by socket, every
 //! reply cost a wake-up, a task poll, a receive and a send of its own. A
-//! pool reader instead asks its [`Poller`](crate::net::poll::Poller) which sockets have something,
-//! reads them all into one [`RecvBatch`], and hands the lot to
-//! [`ReplySender::send_pending`], which sends the replies leaving from one
-//! server address (one reply socket) in a single `sendmmsg`.
+//! pool reader instead is woken once for all the sockets the runtime found
+//! ready in one `epoll_wait` (each marks itself, see
+//! [`pool_readers`](super::pool_readers)), reads them all into one
+//! [`RecvBatch`], and hands the lot to [`ReplySender::send_pending`], which
+//! sends the replies leaving from one server address (one reply socket) in
+//! a single `sendmmsg`.
 
 use std::cell::RefCell;
 use std::io;
@@ -23,6 +25,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
@@ -31,7 +34,7 @@ use tokio::sync::mpsc;
 use super::account::{Direction, count_sent};
 use super::context::RelayContext;
 use super::pool::PoolSocket;
-use super::pool_readers::PoolReader;
+use super::pool_readers::{PoolReader, Watch};
 use super::reply::{self, Pending, ReplyScratch};
 use super::session::{MAX_DATAGRAM, Outbound, Session};
 use super::slice::{Slice, Step};
@@ -45,7 +48,8 @@ use crate::sync::lock;
 const SOCKS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Replies gathered before they are sent (and the receive slots for them).
 const GATHER: usize = 256;
-/// Ready sockets asked for per `epoll_wait`.
+/// Sockets with errors asked for per `epoll_wait` of the error set, and
+/// the room kept for marked sockets.
 const EVENTS: usize = 256;
 /// Replies a pool reader gathers before it sends them, within a slice.
 /// Sending a reply to a new client address costs 7-10 µs (raw IP, the
@@ -226,62 +230,58 @@ pub fn read_pool(socket: Arc<PoolSocket<Session>>, ctx: &Arc<RelayContext>) {
     });
 }
 
-/// Waits for any watched socket to be ready, then reads every ready one
-/// and sends what they held, round after round until none is.
+/// Waits for any watched socket to be ready (its runtime registration
+/// queued its token, see `relay::pool_readers`) or to hold an error, then
+/// reads every ready one and sends what they held, round after round
+/// until none is.
 async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Result<()> {
-    // SAFETY: the registration holds an `Arc` of the reader, whose poller
-    // (and so the descriptor, always the same one) lives at least as long.
-    let readiness = unsafe { AsyncFd::register_with_interest(reader.clone(), Interest::READABLE) }?;
+    // SAFETY: the registration holds an `Arc` of the reader, whose error
+    // set (and so the descriptor, always the same one) lives at least as
+    // long.
+    let errors = unsafe { AsyncFd::register_with_interest(reader.clone(), Interest::READABLE) }?;
     let mut raw = Vec::with_capacity(EVENTS);
     let mut events: Vec<Event> = Vec::with_capacity(EVENTS);
-    let mut ready: Vec<(Event, Arc<PoolSocket<Session>>)> = Vec::with_capacity(EVENTS);
+    let mut tokens: Vec<usize> = Vec::with_capacity(EVENTS);
+    let mut again: Vec<usize> = Vec::with_capacity(EVENTS);
+    let mut ready: Vec<Arc<Watch>> = Vec::with_capacity(EVENTS);
     loop {
-        let mut guard = readiness.readable().await?;
-        // Rounds (wait, read, send) go on until the sockets are empty or
-        // the slice is spent; then the listener and the others get the
-        // thread (see `relay::slice`).
+        let error_guard = std::future::poll_fn(|cx| {
+            reader.marks.take(cx, &mut tokens);
+            match errors.poll_read_ready(cx) {
+                Poll::Ready(Ok(guard)) => Poll::Ready(Ok(Some(guard))),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending if tokens.is_empty() => Poll::Pending,
+                Poll::Pending => Poll::Ready(Ok(None)),
+            }
+        })
+        .await?;
+        if let Some(mut guard) = error_guard {
+            // Only sockets with an error are named here; each is emptied,
+            // which ends its `EPOLLERR`. Cleared only if nothing arrived
+            // since the wake-up (the runtime compares ticks).
+            if read_errors(reader, ctx, &mut raw, &mut events)? < raw.capacity() {
+                guard.clear_ready();
+            }
+        }
+        // Rounds (read, send) go on until no socket is marked or the slice
+        // is spent; then the listener and the others get the thread (see
+        // `relay::slice`).
         let slice = Slice::start();
         GATHERED.with_borrow_mut(|g| g.opens = reply::OPENS_PER_BATCH);
-        loop {
-            if reader.poller.ready(&mut raw, &mut events)? == 0 {
-                // Cleared only if nothing became ready since the wake-up
-                // (the runtime compares ticks): no wake-up is lost.
-                guard.clear_ready();
-                break;
-            }
+        while !tokens.is_empty() {
             {
                 let watched = lock(&reader.sockets);
-                ready.extend(events.iter().filter_map(|e| {
-                    let socket = watched.slots.get(usize::try_from(e.token).ok()?)?.as_ref()?;
-                    Some((*e, socket.clone()))
-                }));
+                ready.extend(tokens.drain(..).filter_map(|t| watched.slots.get(t)?.clone()));
             }
-            // Whether every socket named was emptied: then nothing is left
-            // that the poller could still name.
-            let mut emptied = events.len() < raw.capacity();
             GATHERED.with_borrow_mut(|g| {
-                for (n, (event, socket)) in ready.iter().enumerate() {
-                    if n > 0 && slice.spent() {
-                        // The sockets not read are named again next time
-                        // (level-triggered).
-                        emptied = false;
+                let mut served = 0;
+                for watch in &ready {
+                    if served > 0 && slice.spent() {
                         break;
                     }
-                    let fd = socket.socket.as_raw_fd();
-                    if event.error {
-                        let errors = sockets::drain_error_queue(fd);
-                        ctx.stats().upstream_unreachable.add(errors as u64);
-                        emptied = false;
-                    }
-                    if event.readable {
-                        match g.read_fd(fd, ctx, &|peer| socket.flow(peer)) {
-                            Ok(drained) => emptied &= drained,
-                            Err(e) => {
-                                emptied = false;
-                                ctx.stats().receive_errors.inc();
-                                tracing::debug!(error = %e, "upstream receive failed");
-                            }
-                        }
+                    served += 1;
+                    if !serve(watch, g, ctx) && !watch.mark.marked.swap(true, Ordering::AcqRel) {
+                        again.push(watch.mark.token());
                     }
                     // Sent as they come, a few dozen at a time, so that the
                     // slice's check above covers the sends too.
@@ -289,27 +289,79 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
                         g.flush(ctx);
                     }
                 }
+                // Not served for the slice: still marked (the flag was
+                // never cleared), so kept for the next round.
+                again.extend(ready.iter().skip(served).map(|w| w.mark.token()));
                 g.flush(ctx);
             });
             ready.clear();
-            if emptied {
-                // No need to ask the poller once more only to hear "none":
-                // a datagram that arrived since the sockets were read has
-                // woken the runtime again, and clearing keeps that (the
-                // runtime compares ticks), so no wake-up is lost. On a
-                // ping-pong flow that is one system call less per reply.
-                guard.clear_ready();
-                break;
-            }
-            if slice.spent() {
-                // Still busy: let the listener and others run; readiness
-                // stays set, so this reader comes straight back.
-                drop(guard);
+            tokens.append(&mut again);
+            reader.marks.take_now(&mut tokens);
+            if !tokens.is_empty() && slice.spent() {
+                // Still busy: let the listener and others run; the tokens
+                // are kept, so this reader comes straight back to them.
                 tokio::task::yield_now().await;
                 break;
             }
         }
     }
+}
+
+/// Serves one marked socket: if the runtime says it is readable, one
+/// receive (up to a system call's worth), filed. True when the socket is
+/// done with for now: its queue was emptied and its readiness cleared with
+/// the tick from before the read, or it was not readable; either way its
+/// waker is registered again and queues it at its next datagram. False
+/// when it still holds datagrams (or the receive failed) and must be read
+/// again.
+fn serve(watch: &Watch, g: &mut Gather, ctx: &RelayContext) -> bool {
+    // Cleared before the runtime is asked, so that readiness the runtime
+    // reports after this marks the socket again.
+    watch.mark.marked.store(false, Ordering::Release);
+    let mut cx = Context::from_waker(&watch.waker);
+    let mut guard = match watch.io.poll_read_ready(&mut cx) {
+        Poll::Pending => return true,
+        Poll::Ready(Ok(guard)) => guard,
+        Poll::Ready(Err(e)) => {
+            tracing::debug!(error = %e, "pool socket readiness failed");
+            return true;
+        }
+    };
+    let fd = watch.socket.socket.as_raw_fd();
+    match g.read_fd(fd, ctx, &|peer| watch.socket.flow(peer)) {
+        Ok(true) => {
+            // Keeps readiness that arrived after the guard's tick: then
+            // the poll below is ready again and the socket is read again.
+            guard.clear_ready();
+            watch.io.poll_read_ready(&mut cx).is_pending()
+        }
+        Ok(false) => false,
+        Err(e) => {
+            ctx.stats().receive_errors.inc();
+            tracing::debug!(error = %e, "upstream receive failed");
+            false
+        }
+    }
+}
+
+/// Empties the error queues of the sockets the error set names, counting
+/// what they held (see `wait_readable`); returns how many it named.
+fn read_errors(
+    reader: &PoolReader,
+    ctx: &RelayContext,
+    raw: &mut Vec<libc::epoll_event>,
+    events: &mut Vec<Event>,
+) -> io::Result<usize> {
+    let named = reader.errors.ready(raw, events)?;
+    let watched = lock(&reader.sockets);
+    for event in events.iter() {
+        let Some(watch) = usize::try_from(event.token).ok().and_then(|t| watched.slots.get(t)?.as_ref()) else {
+            continue;
+        };
+        let errors = sockets::drain_error_queue(watch.socket.socket.as_raw_fd());
+        ctx.stats().upstream_unreachable.add(errors as u64);
+    }
+    Ok(named)
 }
 
 /// The task of a full-cone session: relay replies from anyone.

@@ -2,14 +2,33 @@
 //!
 //! Kept apart from [`inbound`](super::inbound), which runs the readers, so
 //! that the relay's context can own the registry without the two modules
-//! naming each other. A pool socket is given to one reader (round robin);
-//! the reader's [`Poller`] names the sockets that have something to read,
-//! by a token that is the socket's slot here.
+//! naming each other. A pool socket is given to one reader (round robin),
+//! in a slot whose index is the socket's token.
+//!
+//! Each socket is registered with the runtime on its own, with a waker of
+//! its own that queues its token with the reader and wakes the reader's
+//! task. One `epoll_wait` of the runtime so names every socket with
+//! something queued, and a burst on hundreds of sockets still costs the
+//! reader one wake-up. (Before, the sockets sat in an `epoll` set of the
+//! reader's own, watched by the runtime's: every wake-up then asked that
+//! set which sockets were ready, a second `epoll_wait` per batch of
+//! replies that a relay waiting on the sockets themselves does not make.)
+//!
+//! The runtime wakes a socket's reader only for datagrams: an ICMP error
+//! alone (`EPOLLERR`, the error queue `IP_RECVERR` fills) is readiness no
+//! reader waker is woken for. So each socket also sits in the reader's
+//! [`Poller`], asking for nothing: that set reports only errors, and the
+//! runtime wakes the reader when it does. A datagram does not touch it.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Wake, Waker};
+
+use futures_util::task::AtomicWaker;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 use super::pool::PoolSocket;
 use super::session::Session;
@@ -17,7 +36,7 @@ use crate::net::poll::Poller;
 use crate::sync::lock;
 
 /// The pool readers of a relay: as many as the runtime has workers, each
-/// watching its share of the pool sockets through a [`Poller`] of its own.
+/// watching its share of the pool sockets.
 #[derive(Debug, Default)]
 pub struct PoolReaders {
     readers: OnceLock<Vec<Arc<PoolReader>>>,
@@ -25,19 +44,98 @@ pub struct PoolReaders {
 }
 
 /// One pool reader: the sockets it watches (a socket's token is its index
-/// here) and whether its task runs.
+/// here), the tokens of those whose runtime registration fired, the error
+/// set, and whether its task runs.
 #[derive(Debug)]
 pub(super) struct PoolReader {
-    pub(super) poller: Poller,
+    /// Every watched socket, asked for errors only (see the module doc).
+    pub(super) errors: Poller,
     pub(super) sockets: Mutex<Watched>,
+    pub(super) marks: Arc<Marks>,
     pub(super) running: AtomicBool,
 }
 
 /// Watched sockets by token; the tokens of sockets let go of are reused.
 #[derive(Debug, Default)]
 pub(super) struct Watched {
-    pub(super) slots: Vec<Option<Arc<PoolSocket<Session>>>>,
+    pub(super) slots: Vec<Option<Arc<Watch>>>,
     free: Vec<usize>,
+}
+
+/// A watched socket and its registration with the runtime.
+#[derive(Debug)]
+pub(super) struct Watch {
+    /// Declared before `socket`, so dropped first: the registration must
+    /// be removed while the descriptor is still the socket's.
+    pub(super) io: AsyncFd<Fd>,
+    pub(super) socket: Arc<PoolSocket<Session>>,
+    pub(super) mark: Arc<SocketWaker>,
+    /// `mark` as a [`Waker`], made once.
+    pub(super) waker: Waker,
+}
+
+/// A descriptor another value keeps open (the [`Watch`]'s socket).
+#[derive(Debug)]
+pub(super) struct Fd(RawFd);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The tokens of sockets that became ready, and the reader task to wake.
+#[derive(Debug, Default)]
+pub(super) struct Marks {
+    queue: Mutex<Vec<usize>>,
+    task: AtomicWaker,
+}
+
+impl Marks {
+    /// Registers the task of `cx` to be woken by the next mark, then
+    /// appends the marked tokens to `out`. Registering first means a mark
+    /// made after the take wakes the task again: none is lost.
+    pub(super) fn take(&self, cx: &Context<'_>, out: &mut Vec<usize>) {
+        self.task.register(cx.waker());
+        self.take_now(out);
+    }
+
+    /// Appends the marked tokens to `out`, without registering anything:
+    /// for a task that looks again before it waits.
+    pub(super) fn take_now(&self, out: &mut Vec<usize>) {
+        out.append(&mut lock(&self.queue));
+    }
+}
+
+/// The waker a watched socket registers with the runtime: queues the
+/// socket's token (once until the reader takes it) and wakes the reader.
+#[derive(Debug)]
+pub(super) struct SocketWaker {
+    marks: Arc<Marks>,
+    token: usize,
+    /// Queued and not yet served; set by the waker, cleared by the reader
+    /// just before it asks the runtime for the socket's readiness.
+    pub(super) marked: AtomicBool,
+}
+
+impl SocketWaker {
+    /// The socket's slot in its reader.
+    pub(super) fn token(&self) -> usize {
+        self.token
+    }
+}
+
+impl Wake for SocketWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.marked.swap(true, Ordering::AcqRel) {
+            lock(&self.marks.queue).push(self.token);
+        }
+        self.marks.task.wake();
+    }
 }
 
 impl PoolReaders {
@@ -50,8 +148,9 @@ impl PoolReaders {
                 let made = (0..n)
                     .map(|_| {
                         Ok(Arc::new(PoolReader {
-                            poller: Poller::new()?,
+                            errors: Poller::new()?,
                             sockets: Mutex::new(Watched::default()),
+                            marks: Arc::new(Marks::default()),
                             running: AtomicBool::new(false),
                         }))
                     })
@@ -75,19 +174,49 @@ impl PoolReaders {
 }
 
 impl PoolReader {
+    /// Watches `socket`: registers it with the runtime (which needs a
+    /// runtime here) and with the error set. Its token is queued, so the
+    /// reader's first look also registers the reader's waker for it.
     pub(super) fn watch(&self, socket: Arc<PoolSocket<Session>>) -> io::Result<()> {
+        let fd = socket.socket.as_raw_fd();
+        // Registering outside a runtime would panic; there would be no
+        // reader task to serve the socket either.
+        let _runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let mut watched = lock(&self.sockets);
         let token = watched.free.pop().unwrap_or(watched.slots.len());
-        if let Err(e) = self.poller.add(socket.socket.as_raw_fd(), token as u64) {
-            if token < watched.slots.len() {
-                watched.free.push(token);
+        // SAFETY: the registration is kept in the `Watch` beside an `Arc` of
+        // the socket, and dropped before it (field order): the descriptor
+        // stays the socket's while it is registered.
+        let registered = unsafe { AsyncFd::register_with_interest(Fd(fd), Interest::READABLE) }
+            .map_err(io::Error::from)
+            .and_then(|io| self.errors.add_errors_only(fd, token as u64).map(|()| io));
+        let io = match registered {
+            Ok(io) => io,
+            Err(e) => {
+                if token < watched.slots.len() {
+                    watched.free.push(token);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
+        let mark = Arc::new(SocketWaker {
+            marks: self.marks.clone(),
+            token,
+            marked: AtomicBool::new(false),
+        });
+        let waker = Waker::from(mark.clone());
+        let watch = Arc::new(Watch {
+            io,
+            socket,
+            mark,
+            waker,
+        });
         match watched.slots.get_mut(token) {
-            Some(slot) => *slot = Some(socket),
-            None => watched.slots.push(Some(socket)),
+            Some(slot) => *slot = Some(watch.clone()),
+            None => watched.slots.push(Some(watch.clone())),
         }
+        drop(watched);
+        watch.waker.wake_by_ref();
         Ok(())
     }
 
@@ -95,11 +224,11 @@ impl PoolReader {
         let mut watched = lock(&self.sockets);
         let Watched { slots, free } = &mut *watched;
         for (token, slot) in slots.iter_mut().enumerate() {
-            if slot.as_ref().is_some_and(|s| s.is_retired()) {
-                if let Some(socket) = slot.take() {
+            if slot.as_ref().is_some_and(|w| w.socket.is_retired()) {
+                if let Some(watch) = slot.take() {
                     // Closing the socket would remove it from the set too,
                     // but a reply being read elsewhere may still hold it.
-                    let _ = self.poller.remove(socket.socket.as_raw_fd());
+                    let _ = self.errors.remove(watch.socket.socket.as_raw_fd());
                 }
                 free.push(token);
             }
@@ -109,6 +238,6 @@ impl PoolReader {
 
 impl AsRawFd for PoolReader {
     fn as_raw_fd(&self) -> RawFd {
-        self.poller.as_raw_fd()
+        self.errors.as_raw_fd()
     }
 }
