@@ -244,3 +244,61 @@ fn replies_over_a_lan_links_small_mtu_arrive_whole() {
     assert_eq!(stopped.counter("reply_datagrams"), sent, "{}", stopped.log);
     assert_eq!(stopped.counter("reply_send_errors"), 0, "{}", stopped.log);
 }
+
+/// Hundreds of pool sockets with replies queued on all of them at once:
+/// more sockets than one wake-up of a pool reader serves within its slice
+/// and more than the room it keeps for them, so some wait for a later
+/// round. Every reply must still be delivered: a socket whose readiness
+/// was taken but not served would keep its replies until its next
+/// datagram, which never comes here.
+#[test]
+fn a_burst_on_hundreds_of_pool_sockets_is_all_delivered() {
+    const FLOWS: u16 = 400;
+    const BURST: usize = 6;
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let daemon = lab.start_tproxyd("mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n");
+    // One destination: each flow needs a pool socket of its own.
+    let server = sa(server4(0), 7100);
+    let echo = Echo::start(&lab.servers[0], server);
+    let flows: Vec<UdpSocket> = (0..FLOWS).map(|p| socket(&lab.client, sa(CLIENT4.parse().unwrap(), 43000 + p))).collect();
+    for (f, sock) in flows.iter().enumerate() {
+        sock.send_to(&payload(f, 0, 64), server).unwrap();
+    }
+    for (f, sock) in flows.iter().enumerate() {
+        let (from, got) = recv(sock).unwrap_or_else(|| panic!("flow {f}: echo lost"));
+        assert_eq!((from, got), (server, payload(f, 0, 64)), "flow {f}");
+    }
+    let mut gateway_port: HashMap<usize, SocketAddr> = HashMap::new();
+    for (peer, got) in echo.received() {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let f: usize = text
+            .strip_prefix("flow ")
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("server got {text:?}"));
+        gateway_port.insert(f, peer);
+    }
+    let ports: std::collections::HashSet<SocketAddr> = gateway_port.values().copied().collect();
+    assert_eq!(ports.len(), usize::from(FLOWS), "every flow has a pool socket of its own");
+    // The burst, interleaved over the flows, so that every socket has
+    // something queued before the reader has served the first few.
+    for k in 1..=BURST {
+        for f in 0..usize::from(FLOWS) {
+            echo.send_to(&payload(f, k, 200), gateway_port[&f]);
+        }
+    }
+    for (f, sock) in flows.iter().enumerate() {
+        for k in 1..=BURST {
+            let (from, got) = recv(sock).unwrap_or_else(|| panic!("flow {f}: reply {k} lost"));
+            assert_eq!(from, server, "flow {f}: reply {k} from the wrong address");
+            assert_eq!(got, payload(f, k, 200), "flow {f}: wrong or reordered reply");
+        }
+    }
+    let stopped = daemon.stop();
+    let total = u64::from(FLOWS) * (1 + BURST as u64);
+    assert_eq!(stopped.counter("reply_datagrams"), total, "{}", stopped.log);
+    for counter in ["drop_unsolicited", "receive_errors", "reply_send_errors"] {
+        assert_eq!(stopped.counter(counter), 0, "{counter}: {}", stopped.log);
+    }
+}
