@@ -267,9 +267,20 @@ impl ReplySender {
         scratch: &mut ReplyScratch,
         opens: &mut usize,
     ) {
-        // Position first breaks ties: the order within a source is arrival.
-        pending.sort_unstable_by_key(|p| (p.src, p.slot));
-        let sources = 1 + pending.windows(2).filter(|w| w[0].src != w[1].src).count();
+        // Replies of one flow, or of flows behind one server address, come
+        // from one source in arrival order: already sorted. Seen so by
+        // equality and slot order, which cost a few instructions a reply,
+        // where the sort's comparisons of socket addresses cost about 100
+        // (a tenth of a pool reader's user-space work per batch on a
+        // steady flow, under callgrind).
+        let sorted = pending.windows(2).all(|w| w[0].src == w[1].src && w[0].slot <= w[1].slot);
+        let sources = if sorted {
+            1
+        } else {
+            // Position first breaks ties: the order within a source is arrival.
+            pending.sort_unstable_by_key(|p| (p.src, p.slot));
+            1 + pending.windows(2).filter(|w| w[0].src != w[1].src).count()
+        };
         let mut rest = &pending[..];
         while let Some(first) = rest.first() {
             let n = rest.iter().take_while(|p| p.src == first.src).count();
@@ -536,5 +547,39 @@ mod tests {
         .map(|(a, p)| (a.to_string(), p.to_vec()))
         .collect();
         assert_eq!(got, want);
+    }
+
+    /// Replies from one address leave in arrival (slot) order: gathered in
+    /// that order they are sent as they are, and gathered out of it they
+    /// are still sorted. Needs root (transparent binding), as the lab
+    /// tests do.
+    #[test]
+    fn replies_from_one_address_leave_in_slot_order_however_gathered() {
+        let (_stats, replies, client, to) = fixture();
+        let payloads: [&[u8]; 4] = [b"a", b"b", b"c", b"d"];
+        for slots in [[0, 1, 2, 3], [3, 1, 0, 2]] {
+            let mut pending: Vec<Pending> = slots
+                .iter()
+                .map(|&slot| Pending {
+                    src: "127.0.0.5:7000".parse().unwrap(),
+                    client: to,
+                    tos: None,
+                    slot,
+                })
+                .collect();
+            replies.send_pending(
+                &mut pending,
+                |slot| payloads[slot as usize],
+                &mut ReplyScratch::default(),
+            );
+            let mut buf = [0u8; 16];
+            let got: Vec<Vec<u8>> = (0..4)
+                .map(|_| {
+                    let (n, _) = client.recv_from(&mut buf).unwrap();
+                    buf[..n].to_vec()
+                })
+                .collect();
+            assert_eq!(got, [b"a", b"b", b"c", b"d"].map(|p| p.to_vec()), "gathered as {slots:?}");
+        }
     }
 }
