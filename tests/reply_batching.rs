@@ -261,7 +261,9 @@ fn a_burst_on_hundreds_of_pool_sockets_is_all_delivered() {
     // One destination: each flow needs a pool socket of its own.
     let server = sa(server4(0), 7100);
     let echo = Echo::start(&lab.servers[0], server);
-    let flows: Vec<UdpSocket> = (0..FLOWS).map(|p| socket(&lab.client, sa(CLIENT4.parse().unwrap(), 43000 + p))).collect();
+    let flows: Vec<UdpSocket> = (0..FLOWS)
+        .map(|p| socket(&lab.client, sa(CLIENT4.parse().unwrap(), 43000 + p)))
+        .collect();
     for (f, sock) in flows.iter().enumerate() {
         sock.send_to(&payload(f, 0, 64), server).unwrap();
     }
@@ -280,7 +282,11 @@ fn a_burst_on_hundreds_of_pool_sockets_is_all_delivered() {
         gateway_port.insert(f, peer);
     }
     let ports: std::collections::HashSet<SocketAddr> = gateway_port.values().copied().collect();
-    assert_eq!(ports.len(), usize::from(FLOWS), "every flow has a pool socket of its own");
+    assert_eq!(
+        ports.len(),
+        usize::from(FLOWS),
+        "every flow has a pool socket of its own"
+    );
     // The burst, interleaved over the flows, so that every socket has
     // something queued before the reader has served the first few.
     for k in 1..=BURST {

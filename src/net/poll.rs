@@ -180,7 +180,14 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_eq!(named, 1);
-        assert_eq!(events[0], Event { token: 7, readable: false, error: true });
+        assert_eq!(
+            events[0],
+            Event {
+                token: 7,
+                readable: false,
+                error: true
+            }
+        );
         assert_eq!(crate::net::sockets::drain_error_queue(sock.as_raw_fd()), 1);
         assert_eq!(poller.ready(&mut raw, &mut events).unwrap(), 0);
     }

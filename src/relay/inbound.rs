@@ -355,7 +355,10 @@ fn read_errors(
     let named = reader.errors.ready(raw, events)?;
     let watched = lock(&reader.sockets);
     for event in events.iter() {
-        let Some(watch) = usize::try_from(event.token).ok().and_then(|t| watched.slots.get(t)?.as_ref()) else {
+        let Some(watch) = usize::try_from(event.token)
+            .ok()
+            .and_then(|t| watched.slots.get(t)?.as_ref())
+        else {
             continue;
         };
         let errors = sockets::drain_error_queue(watch.socket.socket.as_raw_fd());

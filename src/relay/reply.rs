@@ -273,7 +273,9 @@ impl ReplySender {
         // where the sort's comparisons of socket addresses cost about 100
         // (a tenth of a pool reader's user-space work per batch on a
         // steady flow, under callgrind).
-        let sorted = pending.windows(2).all(|w| w[0].src == w[1].src && w[0].slot <= w[1].slot);
+        let sorted = pending
+            .windows(2)
+            .all(|w| w[0].src == w[1].src && w[0].slot <= w[1].slot);
         let sources = if sorted {
             1
         } else {
@@ -579,7 +581,11 @@ mod tests {
                     buf[..n].to_vec()
                 })
                 .collect();
-            assert_eq!(got, [b"a", b"b", b"c", b"d"].map(|p| p.to_vec()), "gathered as {slots:?}");
+            assert_eq!(
+                got,
+                [b"a", b"b", b"c", b"d"].map(|p| p.to_vec()),
+                "gathered as {slots:?}"
+            );
         }
     }
 }
