@@ -16,8 +16,8 @@
 //! own datagrams, those of the client that sent the most bytes in the
 //! recent window, have all waited longer than the target for
 //! [`INTERVAL`] (a standing queue, as CoDel judges one; a single late
-//! datagram is not). Once overloaded, and until the listener next finds
-//! every queue empty (its worker is about to sleep), the heaviest client's
+//! datagram is not). Once overloaded, and until the listeners next find
+//! every queue empty (their workers are about to sleep), the heaviest client's
 //! datagrams are dropped (counted as `drops_total{reason="overload"}`);
 //! for [`MEMORY`] after an overload, one late datagram of the heaviest
 //! client starts the next at once, since its queue is known to build. Dropping costs a copy
@@ -176,7 +176,7 @@ impl Shedder {
         mine > average.saturating_mul(DOMINANCE) && mine - average >= LEAD
     }
 
-    /// The listener found every queue empty: the overload, if any, is over.
+    /// Every listener found its queues empty: the overload, if any, is over.
     pub fn drained(&mut self) {
         self.overloaded = false;
         self.late_since = None;
