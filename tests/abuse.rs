@@ -922,6 +922,75 @@ fn with_shedding_off_nothing_is_shed_whatever_the_table_holds() {
     assert_eq!(answered, asked, "{}", stopped.log);
 }
 
+/// A hostile LAN device floods from 64 addresses of its own, each lighter
+/// than an innocent client's upload, while tproxyd (one listener queue) is
+/// held for 30 ms at a time. The innocent client is the heaviest address,
+/// but a sixth of the bytes: it used to be shed, losing every datagram it
+/// sent while the relay was behind (its DNS queries and game flows alike),
+/// while the flood five times its size was relayed in full.
+#[test]
+fn a_flood_spread_over_many_addresses_does_not_get_a_busy_client_shed() {
+    let _heavy = one_at_a_time();
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0 FAMILIES=4");
+    let spread: Vec<IpAddr> = (0..64).map(|i| ip(&format!("192.0.2.{}", 100 + i))).collect();
+    for a in &spread {
+        lab.add_client_address(*a);
+    }
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let sink = Echo::start(&lab.servers[0], sa(server4(0), 7001));
+    let daemon = lab.start_tproxyd(&config("listener_sockets = 1\nshed_after_ms = 5"));
+    let busy = socket(&lab.client, sa(ip(CLIENT4), 40000));
+    let upload = socket(&lab.client, sa(ip(CLIENT4), 40001));
+    let flood: Vec<std::net::UdpSocket> = spread.iter().map(|a| socket(&lab.client, sa(*a, 40000))).collect();
+    let (from, _) = lab::udp::exchange(&busy, echo.addr, &[0x11; 16]);
+    assert_eq!(from, echo.addr);
+    let mut asked = 0;
+    for round in 0..5u8 {
+        // The upload: 100 KB; the flood: five times that, over 64
+        // addresses, each sending 8 KB. Both relayed on time.
+        for _ in 0..84 {
+            upload.send_to(&[0x33; 1_200], sink.addr).unwrap();
+        }
+        for _ in 0..7 {
+            for s in &flood {
+                s.send_to(&[0x55; 1_200], sink.addr).unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        // Held: the flood's next datagrams are late when read, then the
+        // busy client's requests.
+        let paused = Paused::new(daemon.pid());
+        for s in &flood {
+            s.send_to(&[0x55; 1_200], sink.addr).unwrap();
+        }
+        for k in 0..5u8 {
+            busy.send_to(&[round, k, 0x22], echo.addr).unwrap();
+            asked += 1;
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        drop(paused);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut answered = 0;
+    while answered < asked {
+        let Some((from, data)) = lab::udp::recv(&busy) else {
+            break;
+        };
+        assert_eq!((from, data.len()), (echo.addr, 3), "{data:?}");
+        answered += 1;
+    }
+    let stopped = daemon.stop();
+    let shed = stopped.counter("drop_overload");
+    assert_eq!(
+        answered,
+        asked,
+        "the busy client lost {} of {asked} ({shed} shed)\n{}",
+        asked - answered,
+        stopped.log
+    );
+}
+
 /// One client floods over IPv6 while another's IPv4 datagrams wait behind
 /// it for the same worker (the relay held still for 30 ms at a time, so
 /// that both are late when read). Each listen address used to have a

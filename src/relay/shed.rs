@@ -30,7 +30,11 @@
 //! holding anyone up, and a single bulk sender must get all there is. Nor
 //! when no client stands out: the heaviest is shed only while it sent more
 //! than [`DOMINANCE`] times what the other active clients sent on average,
-//! and at least [`LEAD`] more.
+//! and at least [`LEAD`] more, and only while it sent at least a
+//! [`SHARE`]th of all the recent bytes: a flood spread over many
+//! addresses makes each of them light and some innocent client the
+//! heaviest, whose datagrams are too small a part of the work for
+//! dropping them to end the overload.
 //! A burst of many clients sending alike (a LAN waking up, a game lobby
 //! starting) that outruns the worker on a busy machine is not one client
 //! holding up the others: shedding whichever of them happens to lead the
@@ -67,6 +71,17 @@ const DOMINANCE: u64 = 2;
 /// game flow (60 datagrams of 300 bytes a second) sends in them, and one
 /// datagram of a 64 KB flood.
 const LEAD: u64 = 64 << 10;
+/// The heaviest client must also have sent at least this fraction
+/// (1/`SHARE`) of all the recent bytes to be shed. A device spreading
+/// its flood over many addresses of its own (a /24 of IPv4, any number
+/// of forged ones) makes every one of them light: the heaviest client is
+/// then some innocent one (an upload, a video call) whose bytes are a
+/// small part of the work, so dropping them cannot end the overload and
+/// only takes that client's datagrams, the flood's being relayed in
+/// full. The lab had such a client lose all its datagrams to a flood
+/// five times its size spread over 64 addresses. The relative test above
+/// cannot see that: with many light clients their average is small.
+const SHARE: u64 = 4;
 /// Bytes a datagram counts beyond its payload (headers and per-datagram
 /// work), so that a spray of tiny datagrams weighs what it costs.
 const PER_DATAGRAM: u64 = 64;
@@ -167,13 +182,14 @@ impl Shedder {
     }
 
     /// Whether client `i` sent more than [`DOMINANCE`] times what the other
-    /// active clients sent on average, and [`LEAD`] more.
+    /// active clients sent on average, [`LEAD`] more, and at least a
+    /// [`SHARE`]th of all the recent bytes.
     fn dominant(&self, i: usize) -> bool {
         let mine = self.clients[i].recent();
         let others = self.total.saturating_sub(mine);
         let peers = self.active.saturating_sub(1).max(1) as u64;
         let average = others / peers;
-        mine > average.saturating_mul(DOMINANCE) && mine - average >= LEAD
+        mine > average.saturating_mul(DOMINANCE) && mine - average >= LEAD && mine.saturating_mul(SHARE) >= self.total
     }
 
     /// Every listener found its queues empty: the overload, if any, is over.
@@ -467,6 +483,33 @@ mod tests {
         // The flood's listener caught up too: the overload is over.
         s.round_ended(true, false);
         assert!(!s.offer(5 * MS, flood, 65_000, Some(MS), now));
+    }
+
+    #[test]
+    fn a_flood_spread_over_many_addresses_does_not_get_a_busy_client_shed() {
+        let mut s = Shedder::new(5 * MS);
+        let now = 10 * MS;
+        // An upload of 100 KB from one client, on time.
+        let busy = id("192.0.2.10");
+        for _ in 0..84 {
+            assert!(!s.offer(busy, 1_200, Some(MS), now));
+        }
+        // Five times that from one device, spread over 63 addresses of
+        // its own, and late: each address is lighter than the upload.
+        let spread: Vec<ClientId> = (0..63).map(|i| id(&format!("192.0.2.{}", 100 + i))).collect();
+        for _ in 0..7 {
+            for a in &spread {
+                assert!(!s.offer(*a, 1_200, Some(30 * MS), now), "a light address was shed");
+            }
+        }
+        // The busy client is the heaviest, but only a sixth of the work:
+        // dropping it would not end the overload.
+        for _ in 0..10 {
+            assert!(!s.offer(busy, 1_200, Some(30 * MS), now), "the busy client was shed");
+        }
+        // The same client flooding past a quarter of the work is shed.
+        let shed = (0..200).filter(|_| s.offer(busy, 1_200, Some(30 * MS), now)).count();
+        assert!(shed > 0, "a client holding a quarter of the work was never shed");
     }
 
     #[test]
