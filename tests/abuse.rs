@@ -991,6 +991,73 @@ fn a_flood_spread_over_many_addresses_does_not_get_a_busy_client_shed() {
     );
 }
 
+/// A hostile LAN device sprays one-byte datagrams, six times as many as an
+/// innocent client's upload sends (1,200 bytes each), while tproxyd (one
+/// listener queue) is held for 30 ms at a time. The spray is six times
+/// the relay's work (a datagram costs the same up to a full packet), but
+/// counted by bytes it was the lighter client: the upload's client was
+/// shed, losing every request it sent while the relay was behind, and the
+/// spray relayed in full.
+#[test]
+fn a_spray_of_tiny_datagrams_is_shed_not_a_client_sending_fewer_bigger_ones() {
+    let _heavy = one_at_a_time();
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0 FAMILIES=4");
+    let sprayer = ip("192.0.2.66");
+    lab.add_client_address(sprayer);
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let sink = Echo::start(&lab.servers[0], sa(server4(0), 7001));
+    let daemon = lab.start_tproxyd(&config("listener_sockets = 1\nshed_after_ms = 5"));
+    let busy = socket(&lab.client, sa(ip(CLIENT4), 40000));
+    let upload = socket(&lab.client, sa(ip(CLIENT4), 40001));
+    let spray = socket(&lab.client, sa(sprayer, 40000));
+    let (from, _) = lab::udp::exchange(&busy, echo.addr, &[0x11; 16]);
+    assert_eq!(from, echo.addr);
+    let mut asked = 0;
+    for round in 0..5u8 {
+        // The upload: 100 datagrams of 1,200 bytes; the spray: 600 of
+        // one byte. Both relayed on time.
+        for i in 0..600 {
+            if i % 6 == 0 {
+                upload.send_to(&[0x33; 1_200], sink.addr).unwrap();
+            }
+            spray.send_to(b"s", sink.addr).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        // Held: the spray's next datagrams are late when read, then the
+        // busy client's requests.
+        let paused = Paused::new(daemon.pid());
+        for _ in 0..50 {
+            spray.send_to(b"s", sink.addr).unwrap();
+        }
+        for k in 0..5u8 {
+            busy.send_to(&[round, k, 0x22], echo.addr).unwrap();
+            asked += 1;
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        drop(paused);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut answered = 0;
+    while answered < asked {
+        let Some((from, data)) = lab::udp::recv(&busy) else {
+            break;
+        };
+        assert_eq!((from, data.len()), (echo.addr, 3), "{data:?}");
+        answered += 1;
+    }
+    let stopped = daemon.stop();
+    let shed = stopped.counter("drop_overload");
+    assert_eq!(
+        answered,
+        asked,
+        "the busy client lost {} of {asked} ({shed} shed)\n{}",
+        asked - answered,
+        stopped.log
+    );
+    assert!(shed > 0, "the spray was never shed\n{}", stopped.log);
+}
+
 /// One client floods over IPv6 while another's IPv4 datagrams wait behind
 /// it for the same worker (the relay held still for 30 ms at a time, so
 /// that both are late when read). Each listen address used to have a

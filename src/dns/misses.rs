@@ -69,6 +69,14 @@ impl Misses {
     /// the listener again) after polling as many as it holds, so a burst
     /// of answers cannot keep the listener from reading new queries.
     pub fn drive(&mut self, cx: &mut Context<'_>) -> usize {
+        // No miss waiting (the usual case on a relay wake-up): nothing to
+        // poll and nothing that could wake the listener. A miss pushed
+        // later is first polled at the next drive, as [`Misses::push`]
+        // says, so the set's waker needs no registering now; the empty
+        // set's poll was about 90 instructions.
+        if self.set.is_empty() {
+            return 0;
+        }
         let mut ended = 0;
         while let Poll::Ready(Some(())) = self.set.poll_next_unpin(cx) {
             ended += 1;

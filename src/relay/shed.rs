@@ -67,9 +67,9 @@ const MEMORY: Duration = Duration::from_secs(1);
 const DOMINANCE: u64 = 2;
 /// Bytes the heaviest client must have sent beyond the others' average to
 /// be shed: while counts are small, one datagram more makes a client look
-/// dominant. 64 KiB in the recent windows is more than seven times what a
-/// game flow (60 datagrams of 300 bytes a second) sends in them, and one
-/// datagram of a 64 KB flood.
+/// dominant. 64 KiB in the recent windows is more than one game flow
+/// counts in them (60 datagrams a second, each counted as [`FLOOR`]
+/// bytes: 45,000 in half a second), and one datagram of a 64 KB flood.
 const LEAD: u64 = 64 << 10;
 /// The heaviest client must also have sent at least this fraction
 /// (1/`SHARE`) of all the recent bytes to be shed. A device spreading
@@ -82,9 +82,17 @@ const LEAD: u64 = 64 << 10;
 /// five times its size spread over 64 addresses. The relative test above
 /// cannot see that: with many light clients their average is small.
 const SHARE: u64 = 4;
-/// Bytes a datagram counts beyond its payload (headers and per-datagram
-/// work), so that a spray of tiny datagrams weighs what it costs.
-const PER_DATAGRAM: u64 = 64;
+/// Bytes a datagram counts at least: the relay's work is per packet, not
+/// per byte, up to a full one (docs/BENCHMARKS.md measured 3.85 µs of
+/// CPU per relayed 64-byte datagram and 3.68 µs per 1,200-byte one).
+/// Counted by payload plus 64, a spray of one-byte datagrams weighed a
+/// nineteenth of what 1,200-byte ones did for the same work: in the lab
+/// a client uploading 100 datagrams of 1,200 bytes was shed, losing all
+/// its datagrams while the relay was behind, for a spray of six times
+/// as many one-byte datagrams from another client, which was relayed in
+/// full. Bigger datagrams count their bytes: a 64 KB one is some 45
+/// packets on the wire.
+const FLOOR: u64 = 1_500;
 
 /// One client's bytes in the previous and the current window.
 #[derive(Debug, Clone, Copy)]
@@ -160,7 +168,7 @@ impl Shedder {
     pub fn offer(&mut self, client: ClientId, len: usize, sojourn: Option<Duration>, now: Duration) -> bool {
         let Some(target) = self.target else { return false };
         self.roll(now);
-        let i = self.count(client, len as u64 + PER_DATAGRAM);
+        let i = self.count(client, (len as u64).max(FLOOR));
         let heaviest = self.heaviest == Some(i);
         match sojourn {
             Some(s) if s > target && !heaviest => self.overloaded = true,
@@ -510,6 +518,24 @@ mod tests {
         // The same client flooding past a quarter of the work is shed.
         let shed = (0..200).filter(|_| s.offer(busy, 1_200, Some(30 * MS), now)).count();
         assert!(shed > 0, "a client holding a quarter of the work was never shed");
+    }
+
+    #[test]
+    fn a_spray_of_tiny_datagrams_weighs_its_work_not_its_bytes() {
+        let (upload, spray) = (id("192.0.2.10"), id("192.0.2.66"));
+        let mut s = Shedder::new(5 * MS);
+        let now = 10 * MS;
+        // 100 datagrams of 1,200 bytes, and six times as many of one byte:
+        // the spray is the heavier, however few bytes it carries.
+        for i in 0..600 {
+            if i % 6 == 0 {
+                assert!(!s.offer(upload, 1_200, Some(MS), now));
+            }
+            assert!(!s.offer(spray, 1, Some(MS), now));
+        }
+        // Overloaded: the upload's late datagram is not shed, the spray is.
+        assert!(!s.offer(upload, 1_200, Some(30 * MS), now), "the upload was shed");
+        assert!(s.offer(spray, 1, Some(MS), now), "the spray was not shed");
     }
 
     #[test]
