@@ -154,6 +154,14 @@ pub struct Result {
     pub cpu_us_per_flow: f64,
     /// The user-space part of it (the kernel's tick attribution).
     pub user_us_per_flow: f64,
+    /// CPUs busy on the whole machine during the stages (not the pauses),
+    /// of the machine's [`Result::cpus`]: whether the set-up rate is the
+    /// relay's limit or the machine's.
+    pub machine_busy_cpus: f64,
+    pub cpus: usize,
+    /// The bench's own CPU time (forger, server, echo counter) per flow
+    /// set up, µs, over the same stages.
+    pub bench_us_per_flow: f64,
     /// The whole section, seconds.
     pub secs: f64,
 }
@@ -524,6 +532,59 @@ fn send_stage(
     sent
 }
 
+/// The whole machine's busy CPU time (`/proc/stat`: everything but idle
+/// and iowait) and the bench's own (`/proc/self/stat`), summed over the
+/// stages.
+#[derive(Debug, Default, Clone, Copy)]
+struct MachineCpu {
+    busy_secs: f64,
+    own_secs: f64,
+    cpus: usize,
+}
+
+impl MachineCpu {
+    fn now() -> MachineCpu {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let tick = ticks_per_second();
+        let mut m = MachineCpu::default();
+        for line in stat.lines() {
+            let mut fields = line.split_whitespace();
+            match fields.next() {
+                Some("cpu") => {
+                    let v: Vec<u64> = fields.filter_map(|f| f.parse().ok()).collect();
+                    // user nice system idle iowait irq softirq steal ...
+                    let busy: u64 = v
+                        .iter()
+                        .take(8)
+                        .enumerate()
+                        .filter(|&(i, _)| i != 3 && i != 4)
+                        .map(|(_, x)| x)
+                        .sum();
+                    m.busy_secs = busy as f64 / tick;
+                }
+                Some(c) if c.starts_with("cpu") => m.cpus += 1,
+                _ => {}
+            }
+        }
+        let (user, system) = crate::drops::cpu_split(std::process::id());
+        m.own_secs = user + system;
+        m
+    }
+
+    /// Adds what was used between `from` and `to`.
+    fn add(&mut self, from: &MachineCpu, to: &MachineCpu) {
+        self.busy_secs += to.busy_secs - from.busy_secs;
+        self.own_secs += to.own_secs - from.own_secs;
+        self.cpus = to.cpus;
+    }
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
 /// Waits (at most `limit`) until `done()` holds.
 fn wait_until(limit: Duration, done: impl Fn() -> bool) {
     let deadline = Instant::now() + limit;
@@ -671,8 +732,10 @@ fn run_one(opts: &Options, system: System) -> Result {
     let cpu_before = crate::drops::cpu_split(pid);
     let mut from = 0;
     let mut setting_up = 0.0;
+    let mut machine = MachineCpu::default();
     for &upto in &stages {
         let t = Instant::now();
+        let stage_start = MachineCpu::now();
         let mut sent = send_stage(&mut forger, first_remote, from..upto, 0, &seen, |_| true);
         // What the listener's queue dropped is sent again, as a client would.
         for _ in 0..RESENDS {
@@ -681,6 +744,7 @@ fn run_one(opts: &Options, system: System) -> Result {
         }
         wait_until(Duration::from_secs(3), || first.at_least(from..upto, 1) == upto - from);
         let secs = t.elapsed().as_secs_f64();
+        machine.add(&stage_start, &MachineCpu::now());
         setting_up += secs;
         sleep_ms(300);
         let (sessions, _, pool_sockets) = counts(system, &gateway);
@@ -724,6 +788,9 @@ fn run_one(opts: &Options, system: System) -> Result {
     let per_flow = |secs: f64| secs * 1e6 / r.opened.max(1) as f64;
     r.cpu_us_per_flow = per_flow((cpu_after.0 + cpu_after.1) - (cpu_before.0 + cpu_before.1));
     r.user_us_per_flow = per_flow(cpu_after.0 - cpu_before.0);
+    r.cpus = machine.cpus;
+    r.machine_busy_cpus = machine.busy_secs / setting_up.max(1e-9);
+    r.bench_us_per_flow = per_flow(machine.own_secs);
     r.first_seen = first.at_least(0..n, 1);
     wait_until(Duration::from_secs(2), || echoes.at_least(0..n, 1) >= r.first_seen);
     r.first_replies = echoes.at_least(0..n, 1);
@@ -785,6 +852,13 @@ fn run_one(opts: &Options, system: System) -> Result {
         lab.kill(pid);
     }
     r.secs = section.elapsed().as_secs_f64();
+    eprintln!(
+        "flows ({}): machine {:.2} of {} CPUs busy during set-up; the bench's own threads {:.1} µs of CPU per flow",
+        system.label(),
+        r.machine_busy_cpus,
+        r.cpus,
+        r.bench_us_per_flow
+    );
     eprintln!(
         "flows ({}) {} opened {} in {:.2} s of set-up ({:.2} s with pauses; {:.0}/s, {:.1} µs of CPU each, {:.1} of it user), server saw {} then {} (reopened {}), echoes {}, RSS {} KiB (idle {}), fds {}; section {:.0} s",
         system.label(),

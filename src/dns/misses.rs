@@ -60,6 +60,17 @@ impl Misses {
         self.set.is_empty()
     }
 
+    /// Bytes of the largest waiting future: what its box asks the
+    /// allocator for.
+    #[cfg(test)]
+    pub fn largest(&self) -> usize {
+        self.set
+            .iter()
+            .map(|work| std::mem::size_of_val(&**work))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Polls the misses that were woken; how many ended. Each woken miss
     /// registers for its next wake-up (which wakes the listener) or
     /// ends. The listener sends the answers they gave right after (a miss

@@ -104,15 +104,16 @@ impl Round {
             return;
         }
         let Round { keys, entries, sends } = self;
+        // One clock read for the round: its flows were opened a moment ago.
+        let now = ctx.now_ms();
         let evicted = ctx.open_backlog().complete_all(keys.iter(), |held| {
             let mut out = sends.batch();
             for (entry, held) in entries.iter().zip(&held) {
                 if let Some(entry) = entry {
-                    queue_held(&entry.session, held, &mut out, ctx);
+                    queue_held(&entry.session, held, &mut out, now, ctx);
                 }
             }
             out.flush(ctx.stats());
-            let now = ctx.now_ms();
             let mut evicted = Vec::new();
             for (&key, entry) in keys.iter().zip(entries.drain(..)) {
                 let Some(entry) = entry else { continue };
@@ -134,8 +135,14 @@ impl Round {
 
 /// Queues held datagrams in order, consecutive ones to the same place as
 /// one run.
-fn queue_held<'p>(session: &Arc<Session>, held: &'p HeldList, out: &mut UpstreamBatch<'_, 'p>, ctx: &RelayContext) {
-    session.touch(ctx.now_ms());
+fn queue_held<'p>(
+    session: &Arc<Session>,
+    held: &'p HeldList,
+    out: &mut UpstreamBatch<'_, 'p>,
+    now_ms: u64,
+    ctx: &RelayContext,
+) {
+    session.touch(now_ms);
     let stats = ctx.stats();
     if held.len() == 1 {
         // Most new flows hold their first datagram alone: no run to build.

@@ -70,6 +70,20 @@ pub struct Pending {
     pub slot: u32,
 }
 
+/// A reply's source as a sort key that groups equal addresses: any order of
+/// the groups will do, so the address and port are packed into integers
+/// (an IPv6 address's port tagged, so that no IPv4 key equals an IPv6
+/// one). The derived order of `SocketAddr` compares field by field through
+/// the enum: sorting a pool reader's gathered replies by it cost about 470
+/// instructions a reply in the flows bench (callgrind), most of a reply's
+/// work in user space.
+fn source_order(src: &SocketAddr) -> (u128, u32) {
+    match src {
+        SocketAddr::V4(a) => ((u128::from(a.ip().to_bits()) << 16) | u128::from(a.port()), 0),
+        SocketAddr::V6(a) => (a.ip().to_bits(), (1 << 16) | u32::from(a.port())),
+    }
+}
+
 /// Most datagrams of one flow in one GSO train on the way to a client.
 pub const REPLY_GSO_SEGMENTS: usize = GSO_MAX_SEGMENTS;
 
@@ -268,7 +282,7 @@ impl ReplySender {
         opens: &mut usize,
     ) {
         // Position first breaks ties: the order within a source is arrival.
-        pending.sort_unstable_by_key(|p| (p.src, p.slot));
+        pending.sort_unstable_by_key(|p| (source_order(&p.src), p.slot));
         let sources = 1 + pending.windows(2).filter(|w| w[0].src != w[1].src).count();
         let mut rest = &pending[..];
         while let Some(first) = rest.first() {
@@ -416,6 +430,29 @@ impl ReplySender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_keys_are_equal_only_for_equal_addresses() {
+        let addrs: Vec<SocketAddr> = [
+            "0.0.0.1:2",
+            "0.0.0.1:3",
+            "0.0.0.2:2",
+            "198.51.100.7:53",
+            "[::1]:2",
+            "[::1]:3",
+            "[::2]:2",
+            "[::ffff:198.51.100.7]:53",
+            "[2001:db8::7]:53",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        for a in &addrs {
+            for b in &addrs {
+                assert_eq!(source_order(a) == source_order(b), a == b, "{a} {b}");
+            }
+        }
+    }
 
     /// A sender for up to 64 reply sockets, its counters, and a client
     /// socket (with its address) that the replies go to.
