@@ -16,7 +16,7 @@ use lab::flood::{
     summary,
 };
 use lab::udp::{Echo, socket};
-use lab::{CLIENT4, Lab, sa, server4};
+use lab::{CLIENT4, CLIENT6, Lab, sa, server4, server6};
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -1056,4 +1056,64 @@ fn a_spray_of_tiny_datagrams_is_shed_not_a_client_sending_fewer_bigger_ones() {
         stopped.log
     );
     assert!(shed > 0, "the spray was never shed\n{}", stopped.log);
+}
+
+/// One client floods over IPv6 while another's IPv4 datagrams wait behind
+/// it for the same worker (the relay held still for 30 ms at a time, so
+/// that both are late when read). Each listen address used to have a
+/// shedder of its own, and each saw one client alone, never shed: the
+/// flood went on taking the worker while the IPv4 client waited. One
+/// shedder for the whole relay sees both, sheds the flood and never the
+/// quiet client.
+#[test]
+fn a_flood_over_ipv6_is_shed_for_an_ipv4_clients_sake() {
+    let _heavy = one_at_a_time();
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let sink = Echo::start(&lab.servers[0], sa(server6(0), 7001));
+    let daemon = lab.start_tproxyd(&format!(
+        "mark = 255\n[admin]\nlisten = \"{ADMIN}\"\n[relay]\nlisten = [\"0.0.0.0:15353\", \"[::]:15353\"]\n\
+         listener_sockets = 1\nshed_after_ms = 5\n"
+    ));
+    let quiet = socket(&lab.client, sa(ip(CLIENT4), 40000));
+    let flood = socket(&lab.client, sa(ip(CLIENT6), 40000));
+    // Both flows open before the test proper.
+    assert_eq!(lab::udp::exchange(&quiet, echo.addr, b"hello").0, echo.addr);
+    assert_eq!(lab::udp::exchange(&flood, sink.addr, b"hello").0, sink.addr);
+    let mut asked = 0;
+    for round in 0..8u8 {
+        let paused = Paused::new(daemon.pid());
+        for _ in 0..30 {
+            flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
+        }
+        for k in 0..5u8 {
+            quiet.send_to(&[round, k, 0x22], echo.addr).unwrap();
+            asked += 1;
+        }
+        for _ in 0..30 {
+            flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        drop(paused);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut answered = 0;
+    while answered < asked {
+        let Some((from, data)) = lab::udp::recv(&quiet) else {
+            break;
+        };
+        assert_eq!((from, data.len()), (echo.addr, 3), "{data:?}");
+        answered += 1;
+    }
+    let stopped = daemon.stop();
+    let shed = stopped.counter("drop_overload");
+    assert_eq!(
+        answered,
+        asked,
+        "the quiet client lost {} of {asked} ({shed} shed)\n{}",
+        asked - answered,
+        stopped.log
+    );
+    assert!(shed > 0, "the IPv6 flood was never shed\n{}", stopped.log);
 }

@@ -21,6 +21,7 @@ use super::pool_readers::PoolReaders;
 use super::reply::ReplySender;
 use super::rules::UdpRules;
 use super::session::Session;
+use super::shed::SharedShedder;
 use super::table::{Limits, SessionTable};
 use crate::config::RelayConfig;
 use crate::dns::DnsService;
@@ -46,6 +47,8 @@ pub struct RelayContext {
     min_idle_ms: AtomicU64,
     /// `relay.shed_after_ms`, read by the listeners each round (reload).
     shed_after_ms: AtomicU64,
+    /// The listeners' one overload judgement (see [`SharedShedder`]).
+    shedder: SharedShedder,
     clock: Clock,
     stats: Arc<Stats>,
     /// Answers diverted datagrams to DNS ports instead of relaying them.
@@ -97,6 +100,7 @@ impl RelayContext {
             plan,
             min_idle_ms: AtomicU64::new(u64::MAX),
             shed_after_ms: AtomicU64::new(config.shed_after_ms),
+            shedder: SharedShedder::new(std::time::Duration::from_millis(config.shed_after_ms)),
             clock: Clock::new(),
             stats,
             dns,
@@ -121,6 +125,11 @@ impl RelayContext {
     /// The listeners' overload target (`relay.shed_after_ms`); zero: off.
     pub fn shed_after(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.shed_after_ms.load(Ordering::Relaxed))
+    }
+
+    /// The overload shedder every listener task shares.
+    pub fn shedder(&self) -> &SharedShedder {
+        &self.shedder
     }
 
     pub fn mark(&self) -> u32 {

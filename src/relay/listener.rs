@@ -33,7 +33,7 @@ use super::open_backlog::{Filed, Held};
 use super::ready_set::ReadySet;
 use super::reply::{Pending, ReplyScratch};
 use super::session::Session;
-use super::shed::{Shedder, sojourn};
+use super::shed::sojourn;
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 use crate::dns::DnsService;
 use crate::dns::misses::Misses;
@@ -81,10 +81,9 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
         misses: Misses::default(),
     };
     let mut ready = Vec::with_capacity(members.len());
-    let mut shed = Shed {
-        shedder: Shedder::new(ctx.shed_after()),
-        start: std::time::Instant::now(),
-    };
+    // Whether this task's last round ended with datagrams still queued,
+    // as the shared shedder was told.
+    let mut behind = false;
     // One future for the whole loop: made anew each round, it cost a
     // borrow of the channel and a waiter registration per wake-up. It is
     // polled only when its own waker fired (see [`ReadySet::poll_slot`]):
@@ -113,19 +112,19 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
         if let Woke::Stop = woke {
             return Ok(());
         }
-        shed.shedder.set_target(ctx.shed_after());
         let mut more = false;
         for &i in &ready {
-            more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &mut shed, &ctx);
+            more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &ctx);
         }
         // The DNS answers of every member's turn leave together.
         dns.now.flush(&ctx);
+        // Caught up (the worker sleeps until the next datagram) or not:
+        // the overload ends when no listener task is behind.
+        ctx.shedder().round_ended(behind, more);
+        behind = more;
         if more {
             // Still more queued: let other tasks run before reading on.
             tokio::task::yield_now().await;
-        } else {
-            // Caught up: the worker sleeps until the next datagram.
-            shed.shedder.drained();
         }
     }
 }
@@ -172,24 +171,17 @@ fn poll_ready(members: &[Member], woken: &ReadySet, asked: &[usize], ready: &mut
     }
 }
 
-/// A listener task's overload shedding and its monotonic clock's origin.
-struct Shed {
-    shedder: Shedder,
-    start: std::time::Instant,
-}
-
-impl Shed {
-    /// The clocks a batch's datagrams are judged by: the wall clock the
-    /// kernel stamps them with, and a monotonic one for the byte windows.
-    /// Read only when shedding is on.
-    fn clocks(&self) -> Option<(std::time::Duration, std::time::Duration)> {
-        self.shedder.enabled().then(|| {
-            let wall = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            (wall, self.start.elapsed())
-        })
-    }
+/// The clocks a batch's datagrams are judged by, read only when shedding
+/// is on: the target, the wall clock the kernel stamps them with, and the
+/// shared shedder's monotonic one for the byte windows.
+fn shed_clocks(ctx: &RelayContext) -> Option<(std::time::Duration, std::time::Duration, std::time::Duration)> {
+    let target = ctx.shed_after();
+    (!target.is_zero()).then(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        (target, wall, ctx.shedder().now())
+    })
 }
 
 /// One listening socket and how many datagrams its batches ask for.
@@ -289,7 +281,6 @@ impl Member {
         batch: &mut RecvBatch,
         sends: &mut UpstreamSends,
         dns: &mut Dns,
-        shed: &mut Shed,
         ctx: &Arc<RelayContext>,
     ) -> bool {
         let mut bytes = 0;
@@ -306,7 +297,7 @@ impl Member {
                     // The runs of all flows in the batch, sent together.
                     let mut out = sends.batch();
                     let mut batch_bytes = 0;
-                    let clocks = shed.clocks();
+                    let clocks = shed_clocks(ctx);
                     let mut datagrams = 0;
                     for i in 0..n {
                         if let Some((meta, payload)) = batch.get(i) {
@@ -314,10 +305,10 @@ impl Member {
                             // Coalesced datagrams (GRO) one by one.
                             for one in segments(payload, meta.segment) {
                                 datagrams += 1;
-                                if let Some((wall, mono)) = clocks {
+                                if let Some((target, wall, mono)) = clocks {
                                     let waited = sojourn(meta.received, wall);
                                     let client = ClientId::of(meta.peer.ip());
-                                    if shed.shedder.offer(client, one.len(), waited, mono) {
+                                    if ctx.shedder().offer(target, client, one.len(), waited, mono) {
                                         ctx.stats().drop_overload.inc();
                                         continue;
                                     }

@@ -16,8 +16,8 @@
 //! own datagrams, those of the client that sent the most bytes in the
 //! recent window, have all waited longer than the target for
 //! [`INTERVAL`] (a standing queue, as CoDel judges one; a single late
-//! datagram is not). Once overloaded, and until the listener next finds
-//! every queue empty (its worker is about to sleep), the heaviest client's
+//! datagram is not). Once overloaded, and until the listeners next find
+//! every queue empty (their workers are about to sleep), the heaviest client's
 //! datagrams are dropped (counted as `drops_total{reason="overload"}`);
 //! for [`MEMORY`] after an overload, one late datagram of the heaviest
 //! client starts the next at once, since its queue is known to build. Dropping costs a copy
@@ -41,9 +41,11 @@
 //! count would only drop a fair client's datagrams, so the kernel's queues
 //! absorb it as they would without shedding.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use super::key::ClientId;
+use crate::sync::lock;
 
 /// How long one window of the byte count lasts; "recent" is the last
 /// window plus the current one.
@@ -106,8 +108,8 @@ impl Sent {
     }
 }
 
-/// The shedding state of one listener task (a listener reads its share of
-/// the group alone, so nothing here is shared or locked).
+/// The shedding state: the byte counts and whether the relay is
+/// overloaded (shared by the listeners through [`SharedShedder`]).
 #[derive(Debug)]
 pub struct Shedder {
     /// Sojourn past which the relay counts as overloaded; `None`: never.
@@ -198,7 +200,7 @@ impl Shedder {
         mine > average.saturating_mul(DOMINANCE) && mine - average >= LEAD && mine.saturating_mul(SHARE) >= self.total
     }
 
-    /// The listener found every queue empty: the overload, if any, is over.
+    /// Every listener found its queues empty: the overload, if any, is over.
     pub fn drained(&mut self) {
         self.overloaded = false;
         self.late_since = None;
@@ -270,6 +272,81 @@ impl Shedder {
             .enumerate()
             .max_by_key(|(_, s)| s.recent())
             .map(|(i, _)| i);
+    }
+}
+
+/// The one shedder of a relay, shared by all its listener tasks: every
+/// listen address and every worker.
+///
+/// A shedder per listener task judged each address's clients apart: a
+/// flood over IPv6 was never shed for an IPv4 client's sake, nor the
+/// reverse, although both wait for the same worker threads. (In the lab,
+/// a v6 flood with a v4 client's datagrams late behind it shed nothing:
+/// each listener saw one client alone.) The lock is taken once per
+/// datagram while shedding is on and once per listener wake-up; no one
+/// holds it across anything but the count.
+#[derive(Debug)]
+pub struct SharedShedder {
+    state: Mutex<Shared>,
+    /// The origin of the monotonic readings all listeners pass.
+    start: Instant,
+}
+
+#[derive(Debug)]
+struct Shared {
+    shedder: Shedder,
+    /// Listener tasks whose last round ended with datagrams still queued.
+    behind: usize,
+}
+
+impl SharedShedder {
+    /// A shedder for `target` (zero: never shed).
+    pub fn new(target: Duration) -> Self {
+        SharedShedder {
+            state: Mutex::new(Shared {
+                shedder: Shedder::new(target),
+                behind: 0,
+            }),
+            start: Instant::now(),
+        }
+    }
+
+    /// The monotonic reading [`offer`](Self::offer) takes.
+    pub fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// [`Shedder::offer`], with the target as it is now (reload).
+    pub fn offer(
+        &self,
+        target: Duration,
+        client: ClientId,
+        len: usize,
+        sojourn: Option<Duration>,
+        now: Duration,
+    ) -> bool {
+        let mut s = lock(&self.state);
+        s.shedder.set_target(target);
+        s.shedder.offer(client, len, sojourn, now)
+    }
+
+    /// A listener task's round ended with datagrams still queued
+    /// (`behind`) or with its queues empty; `was_behind` is what its round
+    /// before said. The overload is over only when no listener is behind:
+    /// one listener's empty queues say nothing of another's flood.
+    pub fn round_ended(&self, was_behind: bool, behind: bool) {
+        if was_behind && behind {
+            return;
+        }
+        let mut s = lock(&self.state);
+        if behind {
+            s.behind += 1;
+        } else if was_behind {
+            s.behind = s.behind.saturating_sub(1);
+        }
+        if !behind && s.behind == 0 {
+            s.shedder.drained();
+        }
     }
 }
 
@@ -395,6 +472,25 @@ mod tests {
         let shed = (0..50).filter(|_| s.offer(flooder, 65_000, Some(50 * MS), now)).count();
         assert!(shed > 0, "the flooder stands out now");
         assert!(!s.offer(clients[4], 100, Some(50 * MS), now));
+    }
+
+    #[test]
+    fn one_listener_caught_up_does_not_end_anothers_overload() {
+        let (flood, quiet) = (id("2001:db8:1::10"), id("192.0.2.10"));
+        let s = SharedShedder::new(5 * MS);
+        let now = 10 * MS;
+        // Two listeners, one per family: the flood's is behind, the quiet
+        // client's late datagram makes the relay overloaded.
+        s.round_ended(false, true);
+        assert!(!s.offer(5 * MS, flood, 65_000, Some(MS), now));
+        assert!(!s.offer(5 * MS, quiet, 100, Some(20 * MS), now));
+        assert!(s.offer(5 * MS, flood, 65_000, Some(MS), now));
+        // The quiet client's listener caught up: the flood is still shed.
+        s.round_ended(false, false);
+        assert!(s.offer(5 * MS, flood, 65_000, Some(MS), now));
+        // The flood's listener caught up too: the overload is over.
+        s.round_ended(true, false);
+        assert!(!s.offer(5 * MS, flood, 65_000, Some(MS), now));
     }
 
     #[test]
