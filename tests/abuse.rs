@@ -836,6 +836,21 @@ fn an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one() {
     assert!(relayed > 20 << 20, "only {relayed} bytes of the flood relayed");
 }
 
+/// Reads the 3-byte echoes of `asked` requests sent from `socket` to
+/// `from`, until all came or the socket's read timeout passes; each must
+/// come from `from` and be one of those echoes. How many came.
+fn echoes_of_three_bytes(socket: &std::net::UdpSocket, from: std::net::SocketAddr, asked: usize) -> usize {
+    let mut answered = 0;
+    while answered < asked {
+        let Some((source, data)) = lab::udp::recv(socket) else {
+            break;
+        };
+        assert_eq!((source, data.len()), (from, 3), "{data:?}");
+        answered += 1;
+    }
+    answered
+}
+
 /// A hostile LAN device fills the shedder's table of clients (64 a
 /// window) with 63 addresses of its own that send one byte each now and
 /// then, and floods from one address more, while tproxyd (one listener
@@ -882,14 +897,7 @@ fn flood_from_beyond_a_full_table(relay_extra: &str) -> (usize, usize, lab::daem
         drop(paused);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut answered = 0;
-    while answered < asked {
-        let Some((from, data)) = lab::udp::recv(&victim) else {
-            break;
-        };
-        assert_eq!((from, data.len()), (echo.addr, 3), "{data:?}");
-        answered += 1;
-    }
+    let answered = echoes_of_three_bytes(&victim, echo.addr, asked);
     (asked, answered, daemon.stop())
 }
 
@@ -972,14 +980,7 @@ fn a_flood_spread_over_many_addresses_does_not_get_a_busy_client_shed() {
         drop(paused);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut answered = 0;
-    while answered < asked {
-        let Some((from, data)) = lab::udp::recv(&busy) else {
-            break;
-        };
-        assert_eq!((from, data.len()), (echo.addr, 3), "{data:?}");
-        answered += 1;
-    }
+    let answered = echoes_of_three_bytes(&busy, echo.addr, asked);
     let stopped = daemon.stop();
     let shed = stopped.counter("drop_overload");
     assert_eq!(
@@ -1038,14 +1039,7 @@ fn a_spray_of_tiny_datagrams_is_shed_not_a_client_sending_fewer_bigger_ones() {
         drop(paused);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut answered = 0;
-    while answered < asked {
-        let Some((from, data)) = lab::udp::recv(&busy) else {
-            break;
-        };
-        assert_eq!((from, data.len()), (echo.addr, 3), "{data:?}");
-        answered += 1;
-    }
+    let answered = echoes_of_three_bytes(&busy, echo.addr, asked);
     let stopped = daemon.stop();
     let shed = stopped.counter("drop_overload");
     assert_eq!(
@@ -1098,14 +1092,7 @@ fn a_flood_over_ipv6_is_shed_for_an_ipv4_clients_sake() {
         drop(paused);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut answered = 0;
-    while answered < asked {
-        let Some((from, data)) = lab::udp::recv(&quiet) else {
-            break;
-        };
-        assert_eq!((from, data.len()), (echo.addr, 3), "{data:?}");
-        answered += 1;
-    }
+    let answered = echoes_of_three_bytes(&quiet, echo.addr, asked);
     let stopped = daemon.stop();
     let shed = stopped.counter("drop_overload");
     assert_eq!(
