@@ -836,6 +836,17 @@ fn an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one() {
     assert!(relayed > 20 << 20, "only {relayed} bytes of the flood relayed");
 }
 
+/// Holds the daemon still while `sends` runs and for 30 ms after, so that
+/// everything sent is late when the relay reads it, then gives the relay
+/// 100 ms to catch up.
+fn while_held(pid: u32, sends: impl FnOnce()) {
+    let paused = Paused::new(pid);
+    sends();
+    std::thread::sleep(Duration::from_millis(30));
+    drop(paused);
+    std::thread::sleep(Duration::from_millis(100));
+}
+
 /// Reads the 3-byte echoes of `asked` requests sent from `socket` to
 /// `from`, until all came or the socket's read timeout passes; each must
 /// come from `from` and be one of those echoes. How many came.
@@ -882,20 +893,18 @@ fn flood_from_beyond_a_full_table(relay_extra: &str) -> (usize, usize, lab::daem
             s.send_to(b"f", sink.addr).unwrap();
         }
         std::thread::sleep(Duration::from_millis(30));
-        let paused = Paused::new(daemon.pid());
-        for _ in 0..20 {
-            flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
-        }
-        for k in 0..5u8 {
-            victim.send_to(&[round, k, 0x22], echo.addr).unwrap();
-            asked += 1;
-        }
-        for _ in 0..20 {
-            flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(30));
-        drop(paused);
-        std::thread::sleep(Duration::from_millis(100));
+        while_held(daemon.pid(), || {
+            for _ in 0..20 {
+                flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
+            }
+            for k in 0..5u8 {
+                victim.send_to(&[round, k, 0x22], echo.addr).unwrap();
+                asked += 1;
+            }
+            for _ in 0..20 {
+                flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
+            }
+        });
     }
     let answered = echoes_of_three_bytes(&victim, echo.addr, asked);
     (asked, answered, daemon.stop())
@@ -968,17 +977,15 @@ fn a_flood_spread_over_many_addresses_does_not_get_a_busy_client_shed() {
         std::thread::sleep(Duration::from_millis(30));
         // Held: the flood's next datagrams are late when read, then the
         // busy client's requests.
-        let paused = Paused::new(daemon.pid());
-        for s in &flood {
-            s.send_to(&[0x55; 1_200], sink.addr).unwrap();
-        }
-        for k in 0..5u8 {
-            busy.send_to(&[round, k, 0x22], echo.addr).unwrap();
-            asked += 1;
-        }
-        std::thread::sleep(Duration::from_millis(30));
-        drop(paused);
-        std::thread::sleep(Duration::from_millis(100));
+        while_held(daemon.pid(), || {
+            for s in &flood {
+                s.send_to(&[0x55; 1_200], sink.addr).unwrap();
+            }
+            for k in 0..5u8 {
+                busy.send_to(&[round, k, 0x22], echo.addr).unwrap();
+                asked += 1;
+            }
+        });
     }
     let answered = echoes_of_three_bytes(&busy, echo.addr, asked);
     let stopped = daemon.stop();
@@ -1027,17 +1034,15 @@ fn a_spray_of_tiny_datagrams_is_shed_not_a_client_sending_fewer_bigger_ones() {
         std::thread::sleep(Duration::from_millis(30));
         // Held: the spray's next datagrams are late when read, then the
         // busy client's requests.
-        let paused = Paused::new(daemon.pid());
-        for _ in 0..50 {
-            spray.send_to(b"s", sink.addr).unwrap();
-        }
-        for k in 0..5u8 {
-            busy.send_to(&[round, k, 0x22], echo.addr).unwrap();
-            asked += 1;
-        }
-        std::thread::sleep(Duration::from_millis(30));
-        drop(paused);
-        std::thread::sleep(Duration::from_millis(100));
+        while_held(daemon.pid(), || {
+            for _ in 0..50 {
+                spray.send_to(b"s", sink.addr).unwrap();
+            }
+            for k in 0..5u8 {
+                busy.send_to(&[round, k, 0x22], echo.addr).unwrap();
+                asked += 1;
+            }
+        });
     }
     let answered = echoes_of_three_bytes(&busy, echo.addr, asked);
     let stopped = daemon.stop();
@@ -1077,20 +1082,18 @@ fn a_flood_over_ipv6_is_shed_for_an_ipv4_clients_sake() {
     assert_eq!(lab::udp::exchange(&flood, sink.addr, b"hello").0, sink.addr);
     let mut asked = 0;
     for round in 0..8u8 {
-        let paused = Paused::new(daemon.pid());
-        for _ in 0..30 {
-            flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
-        }
-        for k in 0..5u8 {
-            quiet.send_to(&[round, k, 0x22], echo.addr).unwrap();
-            asked += 1;
-        }
-        for _ in 0..30 {
-            flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(30));
-        drop(paused);
-        std::thread::sleep(Duration::from_millis(100));
+        while_held(daemon.pid(), || {
+            for _ in 0..30 {
+                flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
+            }
+            for k in 0..5u8 {
+                quiet.send_to(&[round, k, 0x22], echo.addr).unwrap();
+                asked += 1;
+            }
+            for _ in 0..30 {
+                flood.send_to(&[0x55; 1_200], sink.addr).unwrap();
+            }
+        });
     }
     let answered = echoes_of_three_bytes(&quiet, echo.addr, asked);
     let stopped = daemon.stop();
