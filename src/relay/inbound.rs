@@ -168,7 +168,7 @@ impl Gather {
         let mut result = self.batch.recv_more(fd, asked);
         // An ICMP error for an earlier datagram fails one receive (it is
         // counted from the error queue): read again.
-        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused) {
+        if matches!(&result, Err(e) if crate::net::pending_icmp_error(e)) {
             result = self.batch.recv_more(fd, asked);
         }
         match result {
@@ -418,7 +418,7 @@ pub fn drain_into_flows(socket: &UdpSocket, ctx: &RelayContext, flow_of: impl Fn
             let read = match g.batch.read_more(socket, recv::BATCH) {
                 Ok(read) => read,
                 // Counted from the error queue (see `wait_readable`).
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) if crate::net::pending_icmp_error(&e) => continue,
                 Err(e) => {
                     ctx.stats().receive_errors.inc();
                     tracing::debug!(error = %e, "upstream receive failed");
