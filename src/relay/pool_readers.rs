@@ -124,6 +124,11 @@ pub(super) struct SocketWaker {
     /// Queued and not yet served; set by the waker, cleared by the reader
     /// just before it asks the runtime for the socket's readiness.
     pub(super) marked: AtomicBool,
+    /// The replies last read from the socket all went to the client that
+    /// dominates the relay's work, or none has been read yet: its reader
+    /// serves it after the others (see `relay::reply_order`). Beside
+    /// `marked` and the token, in one word.
+    pub(super) heavy: AtomicBool,
 }
 
 impl SocketWaker {
@@ -249,6 +254,7 @@ impl PoolReader {
                 marks: self.marks.clone(),
                 token: token32,
                 marked: AtomicBool::new(false),
+                heavy: AtomicBool::new(true),
             },
             waker: weak_waker(me.clone()),
         });
@@ -334,6 +340,7 @@ mod tests {
                 marks: marks.clone(),
                 token: 7,
                 marked: AtomicBool::new(false),
+                heavy: AtomicBool::new(true),
             },
             waker: weak_waker(me.clone()),
         });
