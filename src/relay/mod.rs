@@ -57,6 +57,7 @@ pub mod reply;
 pub mod rules;
 pub mod session;
 pub mod shed;
+pub mod shed_filter;
 pub mod slice;
 pub mod socks5;
 pub mod table;
