@@ -17,7 +17,7 @@ use lab::flood::{
 };
 use lab::udp::{Echo, socket};
 use lab::{CLIENT4, CLIENT6, Lab, sa, server4, server6};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1179,4 +1179,145 @@ fn a_flood_over_ipv6_is_shed_for_an_ipv4_clients_sake() {
         stopped.log
     );
     assert!(shed > 0, "the IPv6 flood was never shed\n{}", stopped.log);
+}
+
+/// The kernel's receive time of the next datagram on `socket`
+/// (`SO_TIMESTAMPNS` must be on), or `None` once its read timeout passes.
+fn recv_stamped(socket: &std::net::UdpSocket) -> Option<Duration> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 2048];
+    let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<SockaddrStorage>(socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()).ok()?;
+    let stamp = msg.cmsgs().ok()?.find_map(|c| match c {
+        ControlMessageOwned::ScmTimestampns(ts) => Some(Duration::from(ts)),
+        _ => None,
+    });
+    Some(stamp.expect("a datagram without a receive timestamp"))
+}
+
+/// Issue #10, item 1, on the way back: one client's flood of new flows
+/// leaves a pool socket per destination, and when the replies of all of
+/// them are waiting at once, another client's reply that came last must
+/// not be delivered last. The daemon (one worker, so one pool reader) is
+/// held while a reply to each of the flood's 1,000 flows and then one to
+/// the quiet client arrive, that one last; once it runs again, the quiet client's reply
+/// must reach the client before half of the flood's. Served in the order
+/// the sockets became ready, it came after nearly all of them. Judged by
+/// the client's kernel receive times, so by order, not by speed.
+#[test]
+fn a_quiet_clients_reply_is_not_delivered_behind_a_floods_waiting_replies() {
+    const N: usize = 1_000;
+    const FIRST: u16 = 10_000;
+    let _heavy = one_at_a_time();
+    let lab = Lab::new();
+    lab.add_client_address(ip("192.0.2.11"));
+    lab.install_rules("nft", "LAN_IF=lan0");
+    for ns in [&lab.client, &lab.servers[0]] {
+        ns.sh("sysctl -qw net.core.rmem_max=33554432 net.core.wmem_max=33554432 net.core.rmem_default=4194304");
+    }
+    lab::flood::fold_ports(&lab.servers[0], FIRST, FIRST + N as u16 - 1, 7000);
+    let server = server4(0);
+    let folded = socket(&lab.servers[0], sa(server, 7000));
+    let probed = socket(&lab.servers[0], sa(server, 6000));
+    let daemon = lab.start_tproxyd(&format!(
+        "workers = 1\n{}",
+        config_ahead_of_the_machine("new_flows_per_client = 0")
+    ));
+    let flooder = big_socket(&lab.client, sa(ip(CLIENT4), 41000));
+    let quiet = socket(&lab.client, sa(ip("192.0.2.11"), 40000));
+    let quiet_exchange = |payload: &[u8]| {
+        quiet.send_to(payload, sa(server, 6000)).unwrap();
+        let (peer, _) = lab::udp::recv(&probed).expect("the quiet client's request");
+        probed.send_to(payload, peer).unwrap();
+        assert!(lab::udp::recv(&quiet).is_some(), "the quiet client's answer");
+        peer
+    };
+    // Both clients active, so that the flood's are the dominant client's
+    // replies when they are first read.
+    quiet_exchange(b"a");
+    // The quiet client stays active meanwhile (to a port nobody answers),
+    // so that the flood's replies are read as the dominant client's.
+    let keep_going = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let keeper = {
+        let (quiet, keep_going) = (quiet.try_clone().unwrap(), keep_going.clone());
+        std::thread::spawn(move || {
+            while keep_going.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = quiet.send_to(b"k", sa(server, 6001));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    // The pool sockets of the flood's flows, as the server sees them, each
+    // answered once. What the open backlog dropped is sent again.
+    let mut peers = HashMap::new();
+    folded.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while peers.len() < N && Instant::now() < deadline {
+        let missing: Vec<u16> = (0..N as u16)
+            .map(|i| FIRST + i)
+            .filter(|p| !peers.contains_key(p))
+            .collect();
+        send_paced(
+            &flooder,
+            missing.len(),
+            5_000,
+            |i| sa(server, missing[i]),
+            |i| missing[i].to_string().into_bytes(),
+        );
+        while let Some((peer, data)) = lab::udp::recv(&folded) {
+            let port: u16 = String::from_utf8_lossy(&data).parse().expect("a flood datagram");
+            if peers.insert(port, peer).is_none() {
+                folded.send_to(b"y", peer).unwrap();
+            }
+        }
+    }
+    keep_going.store(false, std::sync::atomic::Ordering::Relaxed);
+    keeper.join().unwrap();
+    assert_eq!(peers.len(), N, "flows opened");
+    let peers: Vec<_> = peers.into_values().collect();
+    flooder.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    while lab::udp::recv(&flooder).is_some() {}
+    // The quiet client's socket last carried its own reply.
+    let quiet_peer = quiet_exchange(b"b");
+
+    for s in [&flooder, &quiet] {
+        nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::ReceiveTimestampns, &true).unwrap();
+    }
+    {
+        let _held = Paused::new(daemon.pid());
+        // A flood flow that shares the quiet client's pool socket is
+        // answered last, so that the socket becomes ready after all others.
+        let (shared, others): (Vec<&std::net::SocketAddr>, Vec<_>) = peers.iter().partition(|p| **p == quiet_peer);
+        for peer in others {
+            folded.send_to(b"z", *peer).unwrap();
+        }
+        probed.send_to(b"c", quiet_peer).unwrap();
+        for peer in shared {
+            folded.send_to(b"z", *peer).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let quiet_at = recv_stamped(&quiet).expect("the quiet client's last reply");
+    let mut flood_at = Vec::new();
+    while let Some(at) = recv_stamped(&flooder) {
+        flood_at.push(at);
+    }
+    assert!(
+        flood_at.len() >= peers.len() / 2,
+        "only {} of the flood's replies came",
+        flood_at.len()
+    );
+    let before = flood_at.iter().filter(|at| **at < quiet_at).count();
+    eprintln!(
+        "the quiet client's reply came after {before} of the flood's {} replies",
+        flood_at.len()
+    );
+    assert!(
+        before < flood_at.len() / 2,
+        "the quiet client's reply came after {before} of the flood's {} replies",
+        flood_at.len()
+    );
+    drop(daemon.stop());
 }

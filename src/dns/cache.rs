@@ -113,22 +113,31 @@ impl<'r> StackKey<'r> {
 /// Writes the parts packed into `out`, which is exactly as long as they
 /// need (`PACKED_HEAD`, the name, the group).
 fn write_packed(out: &mut [u8], group: &str, name: &[u8], qtype: RecordType, qclass: DNSClass) {
-    // A wire-form name is at most 255 bytes.
-    let name_len = u16::try_from(name.len()).unwrap_or(u16::MAX);
-    let (qtype, qclass) = (u16::from(qtype).to_be_bytes(), u16::from(qclass).to_be_bytes());
-    let name_len = name_len.to_be_bytes();
-    let head = [qtype[0], qtype[1], qclass[0], qclass[1], name_len[0], name_len[1]];
     let (head_out, rest) = out.split_at_mut(PACKED_HEAD);
-    head_out.copy_from_slice(&head);
+    head_out.copy_from_slice(&packed_head(name, qtype, qclass));
     let (name_out, group_out) = rest.split_at_mut(name.len());
     name_out.copy_from_slice(name);
     group_out.copy_from_slice(group.as_bytes());
 }
 
+/// The packed key's head: type, class and the name's length.
+fn packed_head(name: &[u8], qtype: RecordType, qclass: DNSClass) -> [u8; PACKED_HEAD] {
+    // A wire-form name is at most 255 bytes.
+    let name_len = u16::try_from(name.len()).unwrap_or(u16::MAX).to_be_bytes();
+    let (qtype, qclass) = (u16::from(qtype).to_be_bytes(), u16::from(qclass).to_be_bytes());
+    [qtype[0], qtype[1], qclass[0], qclass[1], name_len[0], name_len[1]]
+}
+
+/// An owned packed key (one per stored entry, so once per miss). Built
+/// by appending rather than written into a zeroed buffer: the zeroed
+/// allocation (`calloc`) cost about 260 instructions a miss, more than
+/// the allocation and the three copies together.
 fn pack(key: &CacheKey) -> Packed {
-    let mut out = vec![0; PACKED_HEAD + key.name.len() + key.group.len()].into_boxed_slice();
-    write_packed(&mut out, &key.group, &key.name, key.qtype, key.qclass);
-    out
+    let mut out = Vec::with_capacity(PACKED_HEAD + key.name.len() + key.group.len());
+    out.extend_from_slice(&packed_head(&key.name, key.qtype, key.qclass));
+    out.extend_from_slice(&key.name);
+    out.extend_from_slice(key.group.as_bytes());
+    out.into_boxed_slice()
 }
 
 /// The key `packed` holds (for the cache file).

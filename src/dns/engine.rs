@@ -367,6 +367,21 @@ impl DnsEngine {
 
     /// Everything that can be answered without the network.
     pub fn answer_now(&self, bytes: &[u8], client: IpAddr, transport: Transport) -> Outcome {
+        self.answer_now_reusing(bytes, client, transport, &mut Vec::new())
+    }
+
+    /// [`DnsEngine::answer_now`], serving a kept encoding (a cache hit or
+    /// an override of a plain query) in `spare`, which the caller hands
+    /// back once the answer is sent: the buffer's allocation and its free
+    /// were about 150 of a cache hit's 2,400 instructions (callgrind).
+    /// `spare` is taken only for such an answer.
+    pub fn answer_now_reusing(
+        &self,
+        bytes: &[u8],
+        client: IpAddr,
+        transport: Transport,
+        spare: &mut Vec<u8>,
+    ) -> Outcome {
         let s = &self.stats;
         s.dns_queries.inc();
         // Only UDP spends tokens. Over TCP the client has proven its
@@ -380,7 +395,7 @@ impl DnsEngine {
             return Outcome::Drop;
         }
         let mut missed = None;
-        if !limited && let Some(outcome) = self.answer_kept(bytes, client, transport, &mut missed) {
+        if !limited && let Some(outcome) = self.answer_kept(bytes, client, transport, &mut missed, spare) {
             return outcome;
         }
         let allowed = self.allows(client);
@@ -593,6 +608,7 @@ impl DnsEngine {
         client: IpAddr,
         transport: Transport,
         missed: &mut Option<Missed<'e>>,
+        spare: &mut Vec<u8>,
     ) -> Option<Outcome> {
         if !self.reuse_encoded {
             return None;
@@ -628,7 +644,7 @@ impl DnsEngine {
         };
         let group = match rule.map(|r| &r.action) {
             Some(Action::Answer(_)) => {
-                let reused = rule?.rendered.reuse(&shape(0))?;
+                let reused = rule?.rendered.reuse_into(&shape(0), spare)?;
                 log_rule();
                 self.stats.dns_answered_local.inc();
                 return Some(Outcome::Reply(self.served(reused)));
@@ -662,7 +678,7 @@ impl DnsEngine {
             });
             return None;
         };
-        let reused = entry.rendered.reuse(&shape(age))?;
+        let reused = entry.rendered.reuse_into(&shape(age), spare)?;
         log_rule();
         self.stats.dns_cache_hits.inc();
         let reply = self.served(reused);

@@ -142,9 +142,18 @@ impl Rendered {
     /// The kept encoding with the request's ID, if it was made from the
     /// same [`Shape`].
     pub fn reuse(&self, shape: &Shape<'_>) -> Option<Reused> {
+        self.reuse_into(shape, &mut Vec::new())
+    }
+
+    /// [`Rendered::reuse`], written into `spare` (taken only when the
+    /// kept encoding fits): a listener hands back the buffer of its last
+    /// answer, so serving a kept encoding asks the allocator for nothing.
+    pub fn reuse_into(&self, shape: &Shape<'_>, spare: &mut Vec<u8>) -> Option<Reused> {
         let kept = self.0.try_lock().ok()?;
-        let kept = kept.as_ref().filter(|k| k.fits(shape))?;
-        let mut bytes = kept.bytes.clone();
+        let kept = kept.as_ref().filter(|k| k.fits(shape) && k.bytes.len() >= 2)?;
+        let mut bytes = std::mem::take(spare);
+        bytes.clear();
+        bytes.extend_from_slice(&kept.bytes);
         let id = bytes.get_mut(..2)?;
         id.copy_from_slice(&shape.id.to_be_bytes());
         Some(Reused {
@@ -241,6 +250,43 @@ mod tests {
         let mut asked = Asked::of(&kept_for, &wire);
         asked.qtype = u16::from(RecordType::AAAA);
         assert!(slot.reuse(&shape(asked)).is_none(), "another type");
+    }
+
+    /// A kept encoding served into a listener's spare buffer: the
+    /// buffer's memory is reused with the ID patched, and a question the
+    /// encoding does not fit leaves the buffer where it was.
+    #[test]
+    fn a_reuse_into_a_spare_buffer_keeps_its_memory() {
+        let mut m = hickory_proto::op::Message::query();
+        m.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii("a.test.").unwrap(),
+            RecordType::A,
+        ));
+        let request = super::super::message::parse_request(&m.to_vec().unwrap()).unwrap();
+        let wire = wire_labels(request.query.name());
+        let mut shape = Shape {
+            asked: Asked::of(&request, &wire),
+            id: 0x1234,
+            limit: 512,
+            our_payload: 1232,
+            age: 0,
+        };
+        let slot = Rendered::default();
+        let answer: Vec<u8> = (0..40).collect();
+        slot.keep(&shape, &answer, false, ResponseCode::NoError, 1_000);
+        let mut spare = Vec::with_capacity(512);
+        spare.extend_from_slice(b"the last answer, longer than this one's forty bytes");
+        let memory = spare.as_ptr();
+        let reused = slot.reuse_into(&shape, &mut spare).expect("kept for this shape");
+        assert_eq!(reused.bytes.as_ptr(), memory, "the spare's memory, not a new buffer");
+        assert_eq!(reused.bytes[..2], [0x12, 0x34], "the query's ID");
+        assert_eq!(reused.bytes[2..], answer[2..], "the rest as kept");
+        assert!(spare.is_empty(), "the spare was taken");
+        let mut spare = reused.bytes;
+        shape.age = 1;
+        assert!(slot.reuse_into(&shape, &mut spare).is_none(), "one second older");
+        assert_eq!(spare.as_ptr(), memory, "a misfit leaves the spare in place");
+        assert_eq!(spare.len(), 40);
     }
 
     #[test]

@@ -137,6 +137,11 @@ impl DnsService {
     /// together); the others come later, from a miss the caller drives in
     /// `misses` (see [`super::misses`]), through the sender `later` makes
     /// (built only then).
+    ///
+    /// `spare` is the listener's buffer for answers given at once: an
+    /// answer served from a kept encoding is written into it, and it comes
+    /// back here once `now` has copied the answer into the batch, so the
+    /// next such answer needs no allocation.
     pub fn answer_udp<S>(
         &self,
         bytes: &[u8],
@@ -144,12 +149,16 @@ impl DnsService {
         now: impl FnOnce(&[u8]),
         later: impl FnOnce() -> S,
         misses: &mut Misses,
+        spare: &mut Vec<u8>,
     ) where
         S: FnOnce(&[u8]) + Send + 'static,
     {
         let engine = self.engine.load_full();
-        match engine.answer_now(bytes, client.ip(), Transport::Udp) {
-            Outcome::Reply(reply) => now(&reply),
+        match engine.answer_now_reusing(bytes, client.ip(), Transport::Udp, spare) {
+            Outcome::Reply(reply) => {
+                now(&reply);
+                keep_spare(spare, reply);
+            }
             Outcome::Drop => {}
             // The same engine must finish the query: its upstream group
             // numbers mean nothing to another one.
@@ -174,6 +183,7 @@ impl DnsService {
             }
             Outcome::Prefetch(reply, pending) => {
                 now(&reply);
+                keep_spare(spare, reply);
                 // The refresh: bounded by the same permits as forwards,
                 // and nobody waits for its answer.
                 if let Some(permit) = self.forward_permit() {
@@ -197,6 +207,19 @@ impl DnsService {
                 });
             }
         }
+    }
+}
+
+/// Largest answer buffer a listener keeps for the next one: a classic
+/// UDP answer's worth, so a rare large answer does not stay allocated.
+const SPARE_MAX: usize = 512;
+
+/// Keeps `used` (an answer already copied into the batch) as the
+/// listener's spare buffer, unless it is larger than an answer usually
+/// needs.
+fn keep_spare(spare: &mut Vec<u8>, used: Vec<u8>) {
+    if used.capacity() <= SPARE_MAX {
+        *spare = used;
     }
 }
 
@@ -239,6 +262,7 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
     let mut scratch = SendScratch::default();
     let later = Arc::new(later_answers(socket.clone(), v6, service.stats.clone()));
     let mut misses = Misses::default();
+    let mut spare = Vec::new();
     loop {
         tokio::select! {
             // Before the misses: a stop is never held back by them, and
@@ -277,6 +301,7 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
                         }
                     },
                     &mut misses,
+                    &mut spare,
                 );
             }
             if !replies.is_empty() {
@@ -496,6 +521,7 @@ max_pending = 100000
                 |_| at_once += 1,
                 || |_: &[u8]| {},
                 &mut misses,
+                &mut Vec::new(),
             );
         }
         assert_eq!(misses.len(), MAX_PENDING, "waiting misses are bounded");
@@ -510,6 +536,7 @@ max_pending = 100000
             |_| panic!("a miss, not an answer at once"),
             || |_: &[u8]| {},
             &mut misses,
+            &mut Vec::new(),
         );
         assert_eq!(misses.len(), 1);
     }
@@ -553,6 +580,7 @@ servers = ["198.51.100.53"]
                 }
             },
             &mut misses,
+            &mut Vec::new(),
         );
         assert_eq!(misses.len(), 1);
         let size = misses.largest();

@@ -80,6 +80,7 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
         now: DnsAnswers::default(),
         later: Arc::new(later_answers(ctx.clone())),
         misses: Misses::default(),
+        spare: Vec::new(),
     };
     let mut ready = Vec::with_capacity(members.len());
     // Whether this task's last round ended with datagrams still queued,
@@ -268,6 +269,9 @@ struct Dns {
     now: DnsAnswers,
     later: Arc<Outbox<DnsAnswers>>,
     misses: Misses,
+    /// The buffer an answer given at once is served in (see
+    /// [`DnsService::answer_udp`]).
+    spare: Vec<u8>,
 }
 
 impl Gather for DnsAnswers {
@@ -543,7 +547,12 @@ fn handle<'b>(
 /// once into `answers.now` (sent after the batch), or later from a miss
 /// the listener drives, with the other answers of its round.
 fn hijack_dns(dns: &Arc<DnsService>, client: SocketAddr, dst: SocketAddr, payload: &[u8], answers: &mut Dns) {
-    let Dns { now, later, misses } = answers;
+    let Dns {
+        now,
+        later,
+        misses,
+        spare,
+    } = answers;
     dns.answer_udp(
         payload,
         client,
@@ -557,5 +566,6 @@ fn hijack_dns(dns: &Arc<DnsService>, client: SocketAddr, dst: SocketAddr, payloa
             }
         },
         misses,
+        spare,
     );
 }

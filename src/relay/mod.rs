@@ -54,6 +54,7 @@ pub mod pool_readers;
 pub mod rate;
 pub mod ready_set;
 pub mod reply;
+mod reply_order;
 pub mod rules;
 pub mod session;
 pub mod shed;

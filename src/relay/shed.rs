@@ -220,6 +220,18 @@ impl Shedder {
         mine > average.saturating_mul(DOMINANCE) && mine - average >= LEAD && mine.saturating_mul(SHARE) >= self.total
     }
 
+    /// The client that dominates the recent work (see [`Shedder::dominant`]),
+    /// overloaded or not: the one that would be shed. `None` while shedding
+    /// is off or only one client is active.
+    pub fn dominant_client(&self) -> Option<ClientId> {
+        if self.target.is_none() || self.active < 2 {
+            return None;
+        }
+        let i = self.heaviest?;
+        let sent = self.clients.get(i)?;
+        self.dominant(i).then_some(sent.client)
+    }
+
     /// Every listener found its queues empty: the overload, if any, is over.
     pub fn drained(&mut self) {
         self.overloaded = false;
@@ -390,6 +402,12 @@ impl SharedShedder {
         self.start + at
     }
 
+    /// [`Shedder::dominant_client`]: the pool readers serve that client's
+    /// replies after the others' (see `relay::reply_order`).
+    pub fn dominant_client(&self) -> Option<ClientId> {
+        lock(&self.state).shedder.dominant_client()
+    }
+
     /// A listener task's round ended with datagrams still queued
     /// (`behind`) or with its queues empty; `was_behind` is what its round
     /// before said. The overload is over only when no listener is behind:
@@ -480,6 +498,31 @@ mod tests {
         assert!(!s.offer(heavy, 65_000, Some(6 * MS), later));
         assert!(!s.offer(light, 100, Some(7 * MS), later));
         assert!(s.offer(heavy, 65_000, None, later));
+    }
+
+    #[test]
+    fn the_dominant_client_is_named_overloaded_or_not_and_only_among_several() {
+        let (heavy, light) = (id("192.0.2.10"), id("192.0.2.11"));
+        let mut s = Shedder::new(5 * MS);
+        let now = 10 * MS;
+        assert!(!s.offer(heavy, 65_000, Some(MS), now));
+        // Alone: not dominant over anyone.
+        assert_eq!(s.dominant_client(), None);
+        assert!(!s.offer(light, 100, Some(MS), now));
+        assert!(!s.offer(heavy, 65_000, Some(MS), now));
+        assert_eq!(s.dominant_client(), Some(heavy));
+        // Clients sending alike: no one dominates.
+        let mut alike = Shedder::new(5 * MS);
+        for _ in 0..100 {
+            alike.offer(heavy, 1_200, Some(MS), now);
+            alike.offer(light, 1_200, Some(MS), now);
+        }
+        assert_eq!(alike.dominant_client(), None);
+        // Shedding off: nobody.
+        let mut off = Shedder::new(Duration::ZERO);
+        off.offer(heavy, 65_000, Some(MS), now);
+        off.offer(light, 100, Some(MS), now);
+        assert_eq!(off.dominant_client(), None);
     }
 
     #[test]

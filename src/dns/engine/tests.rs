@@ -323,7 +323,9 @@ fn plain_queries_are_answered_from_the_wire_and_others_take_the_full_path() {
             let first = answer(&engine, &query(7, qname, qtype, how), how.transport);
             // Asked the same way again: answered without a hickory parse.
             let again = query(8, qname, qtype, how);
-            let Some(Outcome::Reply(kept)) = engine.answer_kept(&again, CLIENT, how.transport, &mut None) else {
+            let Some(Outcome::Reply(kept)) =
+                engine.answer_kept(&again, CLIENT, how.transport, &mut None, &mut Vec::new())
+            else {
                 panic!("{qname} {qtype}: not answered from the wire");
             };
             assert_eq!(&kept[..2], &8u16.to_be_bytes());
@@ -333,7 +335,11 @@ fn plain_queries_are_answered_from_the_wire_and_others_take_the_full_path() {
             let rdlen_at = cookie.len() - 2;
             cookie[rdlen_at + 1] = 12;
             cookie.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
-            assert!(engine.answer_kept(&cookie, CLIENT, how.transport, &mut None).is_none());
+            assert!(
+                engine
+                    .answer_kept(&cookie, CLIENT, how.transport, &mut None, &mut Vec::new())
+                    .is_none()
+            );
             let full = answer(&engine, &cookie, how.transport);
             (first[2..].to_vec(), kept[2..].to_vec(), full[2..].to_vec())
         };
@@ -348,7 +354,11 @@ fn plain_queries_are_answered_from_the_wire_and_others_take_the_full_path() {
     // answered from the wire.
     let stranger = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
     let q = query(10, "printer.lan.", RecordType::A, PLAIN);
-    assert!(engine.answer_kept(&q, stranger, Transport::Udp, &mut None).is_none());
+    assert!(
+        engine
+            .answer_kept(&q, stranger, Transport::Udp, &mut None, &mut Vec::new())
+            .is_none()
+    );
     let Outcome::Reply(refused) = engine.answer_now(&q, stranger, Transport::Udp) else {
         panic!("no answer to a stranger");
     };
