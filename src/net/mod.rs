@@ -16,3 +16,30 @@ use std::io;
 pub fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
+
+/// True for the errors an ICMP error message leaves pending on a socket
+/// (`sk_err`, with `IP_RECVERR` on an unconnected one) about an *earlier*
+/// datagram: the socket's next send or receive fails with it once and
+/// clears it, having done nothing. Port unreachable is `ECONNREFUSED`; the
+/// other unreachable codes, time exceeded, parameter problems and "too big"
+/// map to these. A send or receive failing so is worth once more: the
+/// error was not about this datagram, and anyone on the path (or off it,
+/// forging the ICMP message at a port every server sees) can raise it.
+/// A real failure of the same kind repeats on the second try.
+pub fn pending_icmp_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNREFUSED
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::ENOPROTOOPT
+                | libc::EOPNOTSUPP
+                | libc::EMSGSIZE
+                | libc::EACCES
+                | libc::EPROTO
+        )
+    )
+}

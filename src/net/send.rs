@@ -19,12 +19,25 @@ use std::mem::{size_of, zeroed};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use super::would_block;
 
 /// Set once the kernel has refused UDP segmentation offload outright.
 static GSO_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
+/// GSO trains refused in a row with "not supported" errors; a train sent
+/// resets it. A kernel without offload refuses every train, but the same
+/// errors also come from ICMP errors left pending on the socket (codes 2
+/// and 5, which anyone can forge at a pool socket's port): one refusal,
+/// even after the retry, must not turn offload off for good.
+static GSO_STRIKES: AtomicU32 = AtomicU32::new(0);
+/// Refusals in a row that mean the kernel has no offload.
+const GSO_STRIKES_OUT: u32 = 3;
+/// Sends of one message tried again after an error an ICMP message may
+/// have left pending (see [`super::pending_icmp_error`]): more than one,
+/// since a thread preempted between a failed send and its retry lets
+/// another such error land (a forged spray does that under load).
+const ICMP_RETRIES: u32 = 3;
 /// Most segments per GSO send (the kernel's UDP_MAX_SEGMENTS floor).
 pub const GSO_MAX_SEGMENTS: usize = 64;
 /// Most bytes per GSO send: one super-datagram must stay under 64 KiB.
@@ -244,7 +257,7 @@ pub fn send_messages(
     let mut sent = Sent::default();
     let mut next = 0;
     // The message last sent again after a refusal meant for an earlier one.
-    let mut retried = usize::MAX;
+    let (mut retried, mut retries) = (usize::MAX, 0);
     while next < msgs.len() {
         // Fill as many headers as fit, then send them.
         let mut count = 0;
@@ -305,6 +318,11 @@ pub fn send_messages(
             for m in &msgs[next..next + n as usize] {
                 sent.ok(m.segments);
             }
+            if GSO_STRIKES.load(Ordering::Relaxed) != 0
+                && msgs[next..next + n as usize].iter().any(|m| m.segments.len() > 1)
+            {
+                GSO_STRIKES.store(0, Ordering::Relaxed);
+            }
             next += n as usize;
             continue;
         }
@@ -315,18 +333,26 @@ pub fn send_messages(
         } else {
             io::Error::from(io::ErrorKind::WriteZero)
         };
-        if e.raw_os_error() == Some(libc::ECONNREFUSED) && retried != next {
-            // An ICMP unreachable for an *earlier* datagram on this socket
-            // is reported on this call, and nothing was sent: once more.
-            // (The error itself is counted from the socket's error queue,
-            // by its reader.)
-            retried = next;
+        if retried != next {
+            (retried, retries) = (next, 0);
+        }
+        if super::pending_icmp_error(&e) && retries < ICMP_RETRIES {
+            // An ICMP error for an *earlier* datagram on this socket (of
+            // any code, see `pending_icmp_error`) is reported on this
+            // call, and nothing was sent: once more. (The error itself is
+            // counted from the socket's error queue, by its reader.) Only
+            // a failure that repeats is this message's own: then a GSO
+            // train the kernel refuses is sent datagram by datagram below,
+            // not on a forged "protocol unreachable" that would otherwise
+            // turn segmentation offload off for good.
+            retries += 1;
             continue;
         }
         let m = &msgs[next];
         next += 1;
         if m.segments.len() > 1 && gso_refused(&e) {
             if matches!(e.raw_os_error(), Some(libc::ENOPROTOOPT | libc::EOPNOTSUPP))
+                && GSO_STRIKES.fetch_add(1, Ordering::Relaxed) + 1 >= GSO_STRIKES_OUT
                 && !GSO_UNAVAILABLE.swap(true, Ordering::Relaxed)
             {
                 tracing::info!("the kernel refuses UDP segmentation offload; sending datagrams one by one");
@@ -372,7 +398,14 @@ fn send_one(fd: RawFd, payload: &[u8], to: Option<SocketAddr>, tos: Option<u8>, 
     let mut control = SendControl([0; SEND_CONTROL]);
     fill(&mut hdr, &mut name, &mut control, &mut iov, &m, v6);
     // SAFETY: the header points at locals and at `payload`, alive here.
-    let n = unsafe { libc::sendmsg(fd, &hdr, libc::MSG_DONTWAIT) };
+    let mut n = unsafe { libc::sendmsg(fd, &hdr, libc::MSG_DONTWAIT) };
+    let mut retries = 0;
+    while n < 0 && retries < ICMP_RETRIES && super::pending_icmp_error(&io::Error::last_os_error()) {
+        // An error about an earlier datagram (see `send_messages`).
+        retries += 1;
+        // SAFETY: as above.
+        n = unsafe { libc::sendmsg(fd, &hdr, libc::MSG_DONTWAIT) };
+    }
     if n < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -33,9 +33,11 @@ use tokio::sync::mpsc;
 
 use super::account::{Direction, count_sent};
 use super::context::RelayContext;
+use super::key::ClientId;
 use super::pool::PoolSocket;
 use super::pool_readers::{PoolReader, Watch};
 use super::reply::{self, Pending, ReplyScratch};
+use super::reply_order::ReplyOrder;
 use super::session::{MAX_DATAGRAM, Outbound, Session};
 use super::slice::{Slice, Step};
 use super::socks5::{self, Socks5Server};
@@ -166,7 +168,7 @@ impl Gather {
         let mut result = self.batch.recv_more(fd, asked);
         // An ICMP error for an earlier datagram fails one receive (it is
         // counted from the error queue): read again.
-        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused) {
+        if matches!(&result, Err(e) if crate::net::pending_icmp_error(e)) {
             result = self.batch.recv_more(fd, asked);
         }
         match result {
@@ -232,8 +234,8 @@ pub fn read_pool(socket: Arc<PoolSocket<Session>>, ctx: &Arc<RelayContext>) {
 
 /// Waits for any watched socket to be ready (its runtime registration
 /// queued its token, see `relay::pool_readers`) or to hold an error, then
-/// reads every ready one and sends what they held, round after round
-/// until none is.
+/// reads the ready ones, light clients' first (see `relay::reply_order`),
+/// and sends what they held, slice after slice until none is left.
 async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Result<()> {
     // SAFETY: the registration holds an `Arc` of the reader, whose error
     // set (and so the descriptor, always the same one) lives at least as
@@ -242,15 +244,16 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
     let mut raw = Vec::with_capacity(EVENTS);
     let mut events: Vec<Event> = Vec::with_capacity(EVENTS);
     let mut tokens: Vec<usize> = Vec::with_capacity(EVENTS);
-    let mut again: Vec<usize> = Vec::with_capacity(EVENTS);
-    let mut ready: Vec<Arc<Watch>> = Vec::with_capacity(EVENTS);
+    // Marked sockets not served yet. Kept across slices: a socket is
+    // looked up once per readiness, not once per slice it waits.
+    let mut queued: ReplyOrder<Arc<Watch>> = ReplyOrder::default();
     loop {
         let error_guard = std::future::poll_fn(|cx| {
             reader.marks.take(cx, &mut tokens);
             match errors.poll_read_ready(cx) {
                 Poll::Ready(Ok(guard)) => Poll::Ready(Ok(Some(guard))),
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending if tokens.is_empty() => Poll::Pending,
+                Poll::Pending if tokens.is_empty() && queued.is_empty() => Poll::Pending,
                 Poll::Pending => Poll::Ready(Ok(None)),
             }
         })
@@ -267,21 +270,30 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
         // is spent; then the listener and the others get the thread (see
         // `relay::slice`).
         let slice = Slice::start();
+        let dominant = ctx.shedder().dominant_client();
         GATHERED.with_borrow_mut(|g| g.opens = reply::OPENS_PER_BATCH);
-        while !tokens.is_empty() {
+        loop {
             {
                 let watched = lock(&reader.sockets);
-                ready.extend(tokens.drain(..).filter_map(|t| watched.slots.get(t)?.clone()));
+                for watch in tokens.drain(..).filter_map(|t| watched.slots.get(t)?.clone()) {
+                    let heavy = watch.mark.heavy.load(Ordering::Relaxed);
+                    queued.push(watch, heavy);
+                }
+            }
+            if queued.is_empty() {
+                break;
             }
             GATHERED.with_borrow_mut(|g| {
                 let mut served = 0;
-                for watch in &ready {
-                    if served > 0 && slice.spent() {
-                        break;
-                    }
+                while served == 0 || !slice.spent() {
+                    let Some(watch) = queued.pop() else { break };
                     served += 1;
-                    if !serve(watch, g, ctx) && !watch.mark.marked.swap(true, Ordering::AcqRel) {
-                        again.push(watch.mark.token());
+                    // Still holding datagrams: back of its queue, unless
+                    // its waker queued it again meanwhile (then its token
+                    // comes with the marks).
+                    if !serve(&watch, g, ctx, dominant) && !watch.mark.marked.swap(true, Ordering::AcqRel) {
+                        let heavy = watch.mark.heavy.load(Ordering::Relaxed);
+                        queued.push(watch, heavy);
                     }
                     // Sent as they come, a few dozen at a time, so that the
                     // slice's check above covers the sends too.
@@ -289,18 +301,15 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
                         g.flush(ctx);
                     }
                 }
-                // Not served for the slice: still marked (the flag was
-                // never cleared), so kept for the next round.
-                again.extend(ready.iter().skip(served).map(|w| w.mark.token()));
                 g.flush(ctx);
             });
-            ready.clear();
-            tokens.append(&mut again);
             reader.marks.take_now(&mut tokens);
-            if !tokens.is_empty() && slice.spent() {
-                // Still busy: let the listener and others run; the tokens
-                // are kept, so this reader comes straight back to them.
-                tokio::task::yield_now().await;
+            if slice.spent() {
+                if !tokens.is_empty() || !queued.is_empty() {
+                    // Still busy: let the listener and others run; what is
+                    // queued is kept, so this reader comes straight back.
+                    tokio::task::yield_now().await;
+                }
                 break;
             }
         }
@@ -308,13 +317,15 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
 }
 
 /// Serves one marked socket: if the runtime says it is readable, one
-/// receive (up to a system call's worth), filed. True when the socket is
+/// receive (up to a system call's worth), filed, and the socket judged
+/// heavy or light by whose replies it held (`dominant`'s only: heavy).
+/// True when the socket is
 /// done with for now: its queue was emptied and its readiness cleared with
 /// the tick from before the read, or it was not readable; either way its
 /// waker is registered again and queues it at its next datagram. False
 /// when it still holds datagrams (or the receive failed) and must be read
 /// again.
-fn serve(watch: &Watch, g: &mut Gather, ctx: &RelayContext) -> bool {
+fn serve(watch: &Watch, g: &mut Gather, ctx: &RelayContext, dominant: Option<ClientId>) -> bool {
     // Cleared before the runtime is asked, so that readiness the runtime
     // reports after this marks the socket again.
     watch.mark.marked.store(false, Ordering::Release);
@@ -328,7 +339,18 @@ fn serve(watch: &Watch, g: &mut Gather, ctx: &RelayContext) -> bool {
         }
     };
     let fd = watch.socket.socket.as_raw_fd();
-    match g.read_fd(fd, ctx, &|peer| watch.socket.flow(peer)) {
+    // Sent first if full, so that this receive's replies are the ones
+    // after `from`.
+    if g.batch.room() == 0 {
+        g.flush(ctx);
+    }
+    let from = g.pending.len();
+    let read = g.read_fd(fd, ctx, &|peer| watch.socket.flow(peer));
+    if let Some(filed) = g.pending.get(from..).filter(|f| !f.is_empty()) {
+        let heavy = dominant.is_some_and(|d| filed.iter().all(|p| ClientId::of(p.client.ip()) == d));
+        watch.mark.heavy.store(heavy, Ordering::Relaxed);
+    }
+    match read {
         Ok(true) => {
             // Keeps readiness that arrived after the guard's tick: then
             // the poll below is ready again and the socket is read again.
@@ -396,7 +418,7 @@ pub fn drain_into_flows(socket: &UdpSocket, ctx: &RelayContext, flow_of: impl Fn
             let read = match g.batch.read_more(socket, recv::BATCH) {
                 Ok(read) => read,
                 // Counted from the error queue (see `wait_readable`).
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) if crate::net::pending_icmp_error(&e) => continue,
                 Err(e) => {
                     ctx.stats().receive_errors.inc();
                     tracing::debug!(error = %e, "upstream receive failed");

@@ -116,13 +116,11 @@ pub(super) struct SocketWaker {
     /// Queued and not yet served; set by the waker, cleared by the reader
     /// just before it asks the runtime for the socket's readiness.
     pub(super) marked: AtomicBool,
-}
-
-impl SocketWaker {
-    /// The socket's slot in its reader.
-    pub(super) fn token(&self) -> usize {
-        self.token
-    }
+    /// The replies last read from the socket all went to the client that
+    /// dominates the relay's work, or none has been read yet: its reader
+    /// serves it after the others (see `relay::reply_order`). Beside
+    /// `marked`, in what was padding.
+    pub(super) heavy: AtomicBool,
 }
 
 impl Wake for SocketWaker {
@@ -203,6 +201,7 @@ impl PoolReader {
             marks: self.marks.clone(),
             token,
             marked: AtomicBool::new(false),
+            heavy: AtomicBool::new(true),
         });
         let waker = Waker::from(mark.clone());
         let watch = Arc::new(Watch {

@@ -175,7 +175,7 @@ impl Session {
         };
         // Plain sendmsg(2): tokio's try_send would refuse until the reactor
         // has *seen* a new socket become writable, dropping the first
-        // datagram of every flow. A refusal meant for an earlier datagram
+        // datagram of every flow. An ICMP error meant for an earlier datagram
         // is retried inside.
         let result = send_run(fd, run, Some(to), tos, to.is_ipv6());
         count_sent(stats, Direction::Upstream, &result, run);
