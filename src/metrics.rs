@@ -20,6 +20,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Flows closed after their idle timeout.",
     ),
     ("drops_total", "counter", "Datagrams or queries dropped, by reason."),
+    (
+        "shed_in_kernel_total",
+        "counter",
+        "Datagrams of a shed client the listeners' socket filter had the kernel drop (also in drops_total overload).",
+    ),
     ("errors_total", "counter", "Network errors, by kind."),
     (
         "reply_raw_fallbacks_total",

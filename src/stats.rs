@@ -109,6 +109,11 @@ counters! {
     /// Datagrams of the heaviest client dropped while the relay was
     /// overloaded (`relay.shed_after_ms`).
     drop_overload => "drops_total", "reason=\"overload\"";
+    /// Of those, the ones the kernel dropped, by the filter the listener
+    /// sockets carry while a client is shed (`relay::shed_filter`): read
+    /// from the sockets' drop counters, so a datagram that found a full
+    /// queue while the filter was on counts here too.
+    shed_in_kernel => "shed_in_kernel_total";
     /// Datagrams dropped by a `drop` rule.
     drop_by_rule => "drops_total", "reason=\"rule\"";
     /// Datagrams from a remote no flow on that upstream socket talks to.

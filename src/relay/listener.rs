@@ -34,6 +34,7 @@ use super::ready_set::ReadySet;
 use super::reply::{Pending, ReplyScratch};
 use super::session::Session;
 use super::shed::sojourn;
+use super::shed_filter::Applied;
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 use crate::dns::DnsService;
 use crate::dns::misses::Misses;
@@ -92,41 +93,82 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
     // list) was about 200 instructions of each.
     let stop = shutdown.recv();
     tokio::pin!(stop);
-    loop {
-        let woke = poll_fn(|cx| {
-            woken.take(cx, &mut asked);
-            // Before the misses: a stop is never held back by them, and
-            // they end (dropped with `dns`) when this returns.
-            if woken.poll_slot(stop_slot, &asked, stop.as_mut()).is_ready() {
-                return Poll::Ready(Ok(Woke::Stop));
+    // The kernel-side shedding filter on this task's sockets, if any:
+    // taken off when its hold ends (the wait below ends then too), and
+    // when the task ends (a reload's listeners keep their sockets).
+    let mut kernel = Applied::default();
+    let served = async {
+        loop {
+            let wait = poll_fn(|cx| {
+                woken.take(cx, &mut asked);
+                // Before the misses: a stop is never held back by them, and
+                // they end (dropped with `dns`) when this returns.
+                if woken.poll_slot(stop_slot, &asked, stop.as_mut()).is_ready() {
+                    return Poll::Ready(Ok(Woke::Stop));
+                }
+                // The hijacked DNS misses first, and the answers they gave in
+                // one go. Driven in every poll, not as an alternative to
+                // reading: neither a stream of upstream answers nor one of
+                // datagrams keeps the other waiting. A wake-up by a miss asks
+                // no member (none woke).
+                dns.misses.drive(cx);
+                dns.later.flush();
+                poll_ready(&members, &woken, &asked, &mut ready).map_ok(|()| Woke::Ready)
+            });
+            let woke = match kernel.until() {
+                Some(until) => {
+                    let at = tokio::time::Instant::from_std(ctx.shedder().instant(until));
+                    tokio::time::timeout_at(at, wait).await.unwrap_or(Ok(Woke::Hold))?
+                }
+                None => wait.await?,
+            };
+            match woke {
+                Woke::Stop => return Ok(()),
+                Woke::Hold => {
+                    sync_filter(&mut kernel, &members, &ctx);
+                    continue;
+                }
+                Woke::Ready => {}
             }
-            // The hijacked DNS misses first, and the answers they gave in
-            // one go. Driven in every poll, not as an alternative to
-            // reading: neither a stream of upstream answers nor one of
-            // datagrams keeps the other waiting. A wake-up by a miss asks
-            // no member (none woke).
-            dns.misses.drive(cx);
-            dns.later.flush();
-            poll_ready(&members, &woken, &asked, &mut ready).map_ok(|()| Woke::Ready)
-        })
-        .await?;
-        if let Woke::Stop = woke {
-            return Ok(());
+            let mut more = false;
+            for &i in &ready {
+                more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &ctx);
+            }
+            // The DNS answers of every member's turn leave together.
+            dns.now.flush(&ctx);
+            // Caught up (the worker sleeps until the next datagram) or not:
+            // the overload ends when no listener task is behind.
+            ctx.shedder().round_ended(behind, more);
+            behind = more;
+            sync_filter(&mut kernel, &members, &ctx);
+            if more {
+                // Still more queued: let other tasks run before reading on.
+                tokio::task::yield_now().await;
+            }
         }
-        let mut more = false;
-        for &i in &ready {
-            more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &ctx);
-        }
-        // The DNS answers of every member's turn leave together.
-        dns.now.flush(&ctx);
-        // Caught up (the worker sleeps until the next datagram) or not:
-        // the overload ends when no listener task is behind.
-        ctx.shedder().round_ended(behind, more);
-        behind = more;
-        if more {
-            // Still more queued: let other tasks run before reading on.
-            tokio::task::yield_now().await;
-        }
+    }
+    .await;
+    count_kernel_drops(ctx.stats(), kernel.clear(members.iter().map(|m| &m.socket)));
+    served
+}
+
+/// Puts on this task's sockets the filter the shedder wants now, or takes
+/// it off; what the kernel dropped while it was on counts as shed.
+fn sync_filter(kernel: &mut Applied, members: &[Member], ctx: &RelayContext) {
+    if kernel.until().is_none() && ctx.shed_after().is_zero() {
+        return;
+    }
+    let shedder = ctx.shedder();
+    let wanted = shedder.filter(shedder.now());
+    count_kernel_drops(ctx.stats(), kernel.sync(wanted, members.iter().map(|m| &m.socket)));
+}
+
+/// Datagrams the kernel dropped while a filter was on: shed, like those
+/// the listener drops itself, and counted apart as well.
+fn count_kernel_drops(stats: &crate::stats::Stats, dropped: u64) {
+    if dropped > 0 {
+        stats.drop_overload.add(dropped);
+        stats.shed_in_kernel.add(dropped);
     }
 }
 
@@ -136,6 +178,8 @@ enum Woke {
     Stop,
     /// Some members have datagrams queued.
     Ready,
+    /// The kernel-side shedding filter's hold is over.
+    Hold,
 }
 
 /// Collects the indices of the members with datagrams queued into `ready`;

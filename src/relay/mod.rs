@@ -58,6 +58,7 @@ mod reply_order;
 pub mod rules;
 pub mod session;
 pub mod shed;
+pub mod shed_filter;
 pub mod slice;
 pub mod socks5;
 pub mod table;
