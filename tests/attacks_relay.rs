@@ -32,6 +32,81 @@ fn config() -> String {
     "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n".to_string()
 }
 
+/// A client socket's flow to an echo server through the relay, its first
+/// echo back, and the port its pool socket shows the server: the port an
+/// off-path host can learn and aim forged errors at.
+struct FlowUnderFire {
+    lab: Lab,
+    echo: Echo,
+    daemon: lab::daemon::Daemon,
+    sock: UdpSocket,
+    mapped: SocketAddr,
+}
+
+fn a_flow_and_its_pool_port(client_port: u16) -> FlowUnderFire {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let daemon = lab.start_tproxyd(&config());
+    let sock = big_socket(&lab.client, sa(CLIENT4.parse().unwrap(), client_port));
+    sock.send_to(b"hello", echo.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let (_, from) = sock.recv_from(&mut buf).expect("the first echo");
+    assert_eq!(from, echo.addr);
+    let mapped = echo.last_peer();
+    FlowUnderFire {
+        lab,
+        echo,
+        daemon,
+        sock,
+        mapped,
+    }
+}
+
+/// A thread in the server's namespace forging ICMP destination-unreachable
+/// errors from the server at the gateway's `port`, the `n`th with code
+/// `code(n)`, about 16 a millisecond, until [`Sprayer::finish`].
+struct Sprayer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Sprayer {
+    fn start(lab: &Lab, port: u16, code: fn(u64) -> u8) -> Sprayer {
+        let raw = raw_icmp_socket(&lab.servers[0]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (gw, server) = (v4(gateway_wan4(0)), v4(server4(0)));
+        let to: socket2::SockAddr = sa(gateway_wan4(0), 0).into();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut sent, mut tried) = (0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    if raw
+                        .send_to(&icmp_unreachable(code(tried), gw, port, server), &to)
+                        .is_ok()
+                    {
+                        sent += 1;
+                    }
+                    tried += 1;
+                    if sent % 16 == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                sent
+            })
+        };
+        Sprayer { stop, thread }
+    }
+
+    /// Stops the spray; how many errors were sent.
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// ICMP destination-unreachable messages `ns` has sent (from /proc/net/snmp).
 fn icmp_unreachables_sent(ns: &lab::Netns) -> u64 {
     let snmp = ns.sh("cat /proc/net/snmp");
@@ -149,41 +224,14 @@ fn replies_and_icmp_errors_interleaved_on_one_pool_socket_are_each_handled_once(
 fn forged_icmp_errors_of_every_code_at_a_pool_socket_do_not_cost_its_flow_a_reply() {
     let _one = one_at_a_time();
     const ECHOES: usize = 2_000;
-    let lab = Lab::new();
-    lab.install_rules("nft", "LAN_IF=lan0");
-    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
-    let daemon = lab.start_tproxyd(&config());
-    let sock = big_socket(&lab.client, sa(CLIENT4.parse().unwrap(), 46200));
-    sock.send_to(b"hello", echo.addr).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = [0u8; 64];
-    let (_, from) = sock.recv_from(&mut buf).expect("the first echo");
-    assert_eq!(from, echo.addr);
-    let mapped = echo.last_peer();
-    let raw = Arc::new(raw_icmp_socket(&lab.servers[0]));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sprayer = {
-        let (raw, stop) = (raw.clone(), stop.clone());
-        let (gw, server) = (v4(gateway_wan4(0)), v4(server4(0)));
-        let to: socket2::SockAddr = sa(gateway_wan4(0), 0).into();
-        std::thread::spawn(move || {
-            let mut sent = 0u64;
-            let mut code = 0u8;
-            while !stop.load(Ordering::Relaxed) {
-                if raw
-                    .send_to(&icmp_unreachable(code, gw, mapped.port(), server), &to)
-                    .is_ok()
-                {
-                    sent += 1;
-                }
-                code = (code + 1) % 16;
-                if sent % 16 == 0 {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-            sent
-        })
-    };
+    let FlowUnderFire {
+        lab,
+        echo,
+        daemon,
+        sock,
+        mapped,
+    } = a_flow_and_its_pool_port(46200);
+    let sprayer = Sprayer::start(&lab, mapped.port(), |n| (n % 16) as u8);
     let receiver = collect_echoes(sock.try_clone().unwrap(), echo.addr, ECHOES);
     send_paced(
         &sock,
@@ -193,8 +241,7 @@ fn forged_icmp_errors_of_every_code_at_a_pool_socket_do_not_cost_its_flow_a_repl
         |i| format!("echo {i}").into_bytes(),
     );
     let (got, strangers) = receiver.join().unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let forged = sprayer.join().unwrap();
+    let forged = sprayer.finish();
     let ports: HashSet<u16> = echo.received().iter().map(|(p, _)| p.port()).collect();
     let reached = echo.received().len() - 1;
     let stopped = daemon.stop();
@@ -243,40 +290,14 @@ fn forged_icmp_errors_of_every_code_at_a_pool_socket_do_not_cost_its_flow_a_repl
 #[test]
 fn forged_protocol_unreachable_errors_do_not_turn_segmentation_offload_off() {
     let _one = one_at_a_time();
-    let lab = Lab::new();
-    lab.install_rules("nft", "LAN_IF=lan0");
-    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
-    let daemon = lab.start_tproxyd(&config());
-    let sock = big_socket(&lab.client, sa(CLIENT4.parse().unwrap(), 46300));
-    sock.send_to(b"hello", echo.addr).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = [0u8; 64];
-    let (_, from) = sock.recv_from(&mut buf).expect("the first echo");
-    assert_eq!(from, echo.addr);
-    let mapped = echo.last_peer();
-    let raw = Arc::new(raw_icmp_socket(&lab.servers[0]));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sprayer = {
-        let (raw, stop) = (raw.clone(), stop.clone());
-        let (gw, server) = (v4(gateway_wan4(0)), v4(server4(0)));
-        let to: socket2::SockAddr = sa(gateway_wan4(0), 0).into();
-        std::thread::spawn(move || {
-            let mut sent = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let code = if sent % 2 == 0 { 2 } else { 5 };
-                if raw
-                    .send_to(&icmp_unreachable(code, gw, mapped.port(), server), &to)
-                    .is_ok()
-                {
-                    sent += 1;
-                }
-                if sent % 16 == 0 {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-            sent
-        })
-    };
+    let FlowUnderFire {
+        lab,
+        echo,
+        daemon,
+        sock,
+        mapped,
+    } = a_flow_and_its_pool_port(46300);
+    let sprayer = Sprayer::start(&lab, mapped.port(), |n| if n % 2 == 0 { 2 } else { 5 });
     // Bursts of ten equal datagrams: the listener reads a burst in one
     // batch and sends it on as one train.
     let payload = [0x42u8; 100];
@@ -286,8 +307,7 @@ fn forged_protocol_unreachable_errors_do_not_turn_segmentation_offload_off() {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    stop.store(true, Ordering::Relaxed);
-    let forged = sprayer.join().unwrap();
+    let forged = sprayer.finish();
     let stopped = daemon.stop();
     let counted = stopped.counter("upstream_unreachable");
     eprintln!(
