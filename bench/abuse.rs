@@ -236,9 +236,9 @@ fn big_datagrams(r: &mut Result) {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(8));
-    let (flooded, controlled) = std::thread::scope(|s| {
-        let c = s.spawn(|| control.finish());
-        (prober.finish(), c.join().unwrap_or_default())
+    let ((flooded, probe_timeline), (controlled, control_timeline)) = std::thread::scope(|s| {
+        let c = s.spawn(|| control.finish_timed());
+        (prober.finish_timed(), c.join().unwrap_or_default())
     });
     end_hook(hooked);
     stop.store(true, Ordering::Relaxed);
@@ -246,6 +246,10 @@ fn big_datagrams(r: &mut Result) {
         let _ = s.join();
     }
     let stopped = daemon.stop();
+    write_timeline(
+        &[("probe", &probe_timeline), ("control", &control_timeline)],
+        &stopped.log,
+    );
     let (_, _, _, b99, _) = summary(&baseline);
     let (ok, lost, p50, p99, max) = summary(&flooded);
     let (_, c_lost, c50, c99, cmax) = summary(&controlled);
@@ -267,6 +271,29 @@ fn big_datagrams(r: &mut Result) {
             ms(p99.saturating_sub(c99.max(b99)))
         ),
     ));
+}
+
+/// With `BENCH_ABUSE_TIMELINE=PATH`, writes each probe datagram of the
+/// 64 KB flood (and of its control) to PATH, one line each: which flow,
+/// when it was sent (wall clock, ns since the epoch) and its round trip in
+/// µs (`lost` when none), and the daemon's log to PATH.log: run with
+/// `RUST_LOG=tproxyd::relay=debug` to line the slow probes up with the
+/// shedding filter going on and off.
+fn write_timeline(flows: &[(&str, &crate::lab::flood::Timeline)], log: &str) {
+    let Some(path) = std::env::var_os("BENCH_ABUSE_TIMELINE") else {
+        return;
+    };
+    let mut out = String::new();
+    for (name, timeline) in flows {
+        for (at, rtt) in timeline.iter() {
+            let ns = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+            let rtt = rtt.map_or("lost".to_string(), |r| r.as_micros().to_string());
+            out.push_str(&format!("{name} {ns} {rtt}\n"));
+        }
+    }
+    let path = std::path::PathBuf::from(path);
+    let _ = std::fs::write(&path, out);
+    let _ = std::fs::write(path.with_extension("log"), log);
 }
 
 fn full_table(r: &mut Result) {

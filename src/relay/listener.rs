@@ -94,8 +94,9 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
     let stop = shutdown.recv();
     tokio::pin!(stop);
     // The kernel-side shedding filter on this task's sockets, if any:
-    // taken off when its hold ends (the wait below ends then too), and
-    // when the task ends (a reload's listeners keep their sockets).
+    // taken off when its hold ends or its client stopped (the wait below
+    // ends then too, and every LOOK to count what it dropped), and when
+    // the task ends (a reload's listeners keep their sockets).
     let mut kernel = Applied::default();
     let served = async {
         loop {
@@ -115,7 +116,7 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
                 dns.later.flush();
                 poll_ready(&members, &woken, &asked, &mut ready).map_ok(|()| Woke::Ready)
             });
-            let woke = match kernel.until() {
+            let woke = match kernel.next_wake() {
                 Some(until) => {
                     let at = tokio::time::Instant::from_std(ctx.shedder().instant(until));
                     tokio::time::timeout_at(at, wait).await.unwrap_or(Ok(Woke::Hold))?
@@ -159,7 +160,13 @@ fn sync_filter(kernel: &mut Applied, members: &[Member], ctx: &RelayContext) {
         return;
     }
     let shedder = ctx.shedder();
-    let wanted = shedder.filter(shedder.now());
+    let now = shedder.now();
+    // First what the filter dropped: a hold stays only while the client
+    // it keeps out still floods, as some listener must say.
+    if kernel.look_due(now) {
+        shedder.kernel_dropped(kernel.look(members.iter().map(|m| &m.socket), now), now);
+    }
+    let wanted = shedder.filter(now);
     count_kernel_drops(ctx.stats(), kernel.sync(wanted, members.iter().map(|m| &m.socket)));
 }
 
@@ -178,7 +185,8 @@ enum Woke {
     Stop,
     /// Some members have datagrams queued.
     Ready,
-    /// The kernel-side shedding filter's hold is over.
+    /// The kernel-side shedding filter's hold is over, or a look at what
+    /// it dropped is due.
     Hold,
 }
 

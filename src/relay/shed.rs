@@ -93,14 +93,41 @@ const SHARE: u64 = 4;
 /// full. Bigger datagrams count their bytes: a 64 KB one is some 45
 /// packets on the wire.
 const FLOOR: u64 = 1_500;
-/// How long the kernel drops a shed client's datagrams once shedding
-/// starts (see [`SharedShedder::filter`]). Then they reach the relay again:
-/// if the relay keeps up with them now, they are relayed, the capacity
-/// left over; if not, the next late one (within [`MEMORY`]) starts the
-/// next overload and the next hold at once. Short enough that a flood the
-/// relay can carry but for a hiccup loses little of it, long enough that
-/// the relay's worker spends most of a lasting flood asleep.
+/// How long the kernel drops a shed client's datagrams the first time
+/// shedding starts (see [`SharedShedder::filter`]). Then they reach the
+/// relay again: if the relay keeps up with them now, they are relayed, the
+/// capacity left over; if not, the next late one (within [`MEMORY`])
+/// starts the next overload and the next hold at once. Short enough that a
+/// flood the relay can carry but for a hiccup loses little of it.
 pub const HOLD: Duration = Duration::from_millis(100);
+/// Times a hold doubles at most, while the same client is filtered again
+/// within [`MEMORY`] of its last hold's end: 100 ms, 200, ... 1.6 s.
+///
+/// Each time a hold ends while the client still floods, its datagrams
+/// queue at the listener again until the relay is late by the target and
+/// a run of [`ARM`] bytes is shed by hand: the relay's worker busy with the
+/// flood, the other clients' datagrams behind it. With a fixed 100 ms hold
+/// that was a tenth of a lasting flood (in the bench's 64 KB flood the
+/// filter went back on 66 times in 8 s, a median 16 ms after each hold),
+/// and the slow round trips of the other clients' flows fell there. A
+/// flood that goes on costs that re-entry a handful of times, not ten
+/// times a second; a client that stopped is let in again soon anyway (see
+/// [`QUIET`]), and one that is no longer late for [`MEMORY`] starts from
+/// [`HOLD`] again.
+const DOUBLINGS: u32 = 4;
+/// A hold ends early once the kernel has dropped fewer than
+/// [`STILL_FLOODING`] of the client's datagrams in this long (as the
+/// listeners report it, [`SharedShedder::kernel_dropped`]): the client
+/// stopped, and a long hold must not keep out what it sends next.
+pub const QUIET: Duration = Duration::from_millis(200);
+/// How often a listener with a filter on looks at how many datagrams its
+/// sockets dropped, and reports to the shedder.
+pub const LOOK: Duration = Duration::from_millis(50);
+/// Datagrams the kernel must drop within one [`LOOK`] on a listener's
+/// sockets for the client to count as still flooding (320 a second: a
+/// twentieth of a 64 KB flood the relay carries, nothing it ever had to
+/// shed).
+pub const STILL_FLOODING: u64 = 16;
 /// Bytes of one client (each datagram counted as at least [`FLOOR`]) the
 /// listeners must have shed, none of another client's in between and the
 /// last within [`MEMORY`], before the kernel is asked to drop that
@@ -340,6 +367,12 @@ struct Shared {
     /// The client shed last, the bytes shed of it since another was (or
     /// since a pause of [`MEMORY`]), and when.
     shed_run: Option<(ClientId, u64, Duration)>,
+    /// The last filter's client, when its hold ends (or ended), and how
+    /// many times its holds doubled in a row.
+    last_hold: Option<(ClientId, Duration, u32)>,
+    /// When a listener last saw the kernel drop the filtered client's
+    /// datagrams at a flood's rate (or the filter went on).
+    dropping_at: Duration,
 }
 
 /// A client whose datagrams the listener sockets' filters drop, and until
@@ -359,6 +392,8 @@ impl SharedShedder {
                 behind: 0,
                 filter: None,
                 shed_run: None,
+                last_hold: None,
+                dropping_at: Duration::ZERO,
             }),
             start: Instant::now(),
         }
@@ -388,13 +423,31 @@ impl SharedShedder {
     }
 
     /// The client the listener sockets should drop at `now`, if any: the
-    /// last one shed, for [`HOLD`] after its shedding (re)started.
+    /// last one shed, for its hold after its shedding (re)started, and
+    /// only while the kernel still drops its datagrams (see [`QUIET`]).
     pub fn filter(&self, now: Duration) -> Option<Filter> {
         let mut s = lock(&self.state);
-        if s.filter.is_some_and(|f| now >= f.until) {
-            s.filter = None;
+        if let Some(f) = s.filter {
+            if now >= s.dropping_at + QUIET {
+                // The client stopped: its next flood starts from HOLD.
+                s.filter = None;
+                s.last_hold = None;
+            } else if now >= f.until {
+                s.filter = None;
+            }
         }
         s.filter
+    }
+
+    /// A listener's sockets dropped `datagrams` of the filtered client
+    /// since it last looked ([`LOOK`] ago or more), at `now`: at
+    /// [`STILL_FLOODING`] or more, the client is still flooding and the
+    /// filter stays for its hold.
+    pub fn kernel_dropped(&self, datagrams: u64, now: Duration) {
+        if datagrams >= STILL_FLOODING {
+            let mut s = lock(&self.state);
+            s.dropping_at = s.dropping_at.max(now);
+        }
     }
 
     /// When the [`now`](Self::now) reading `at` falls.
@@ -441,10 +494,16 @@ impl Shared {
         };
         self.shed_run = Some((client, run, now));
         if run >= ARM && self.filter.is_none_or(|f| now >= f.until) {
-            self.filter = Some(Filter {
-                client,
-                until: now + HOLD,
-            });
+            // Back within MEMORY of its last hold: the next one is twice as
+            // long (see DOUBLINGS).
+            let doublings = match self.last_hold {
+                Some((c, end, d)) if c == client && now < end + MEMORY => (d + 1).min(DOUBLINGS),
+                _ => 0,
+            };
+            let until = now + HOLD * (1 << doublings);
+            self.filter = Some(Filter { client, until });
+            self.last_hold = Some((client, until, doublings));
+            self.dropping_at = now;
         }
     }
 }
@@ -645,6 +704,63 @@ mod tests {
         assert_eq!(s.filter(now + MS + HOLD), None);
         assert!(s.offer(5 * MS, flood, 65_000, Some(MS), now + 2 * MS + HOLD));
         assert_eq!(s.filter(now + 2 * MS + HOLD).map(|f| f.client), Some(flood));
+    }
+
+    /// Sheds `flood` by hand at `now` (overloaded by `quiet`'s late
+    /// datagram) until the filter goes on; returns its hold.
+    fn shed_until_filtered(s: &SharedShedder, flood: ClientId, quiet: ClientId, now: Duration) -> Duration {
+        s.round_ended(false, true);
+        s.offer(5 * MS, flood, 65_000, Some(MS), now);
+        s.offer(5 * MS, quiet, 100, Some(20 * MS), now);
+        for _ in 0..=ARM.div_ceil(65_000) {
+            s.offer(5 * MS, flood, 65_000, Some(MS), now);
+            if let Some(f) = s.filter(now) {
+                assert_eq!(f.client, flood);
+                s.round_ended(true, false);
+                return f.until - now;
+            }
+        }
+        panic!("never filtered");
+    }
+
+    #[test]
+    fn a_hold_doubles_while_the_client_keeps_flooding_and_ends_when_it_stops() {
+        let (flood, quiet) = (id("192.0.2.10"), id("192.0.2.11"));
+        let s = SharedShedder::new(5 * MS);
+        let mut now = 10 * MS;
+        let mut holds = Vec::new();
+        for _ in 0..6 {
+            let hold = shed_until_filtered(&s, flood, quiet, now);
+            holds.push(hold);
+            // The kernel keeps dropping its datagrams: the hold is kept
+            // to its end.
+            let end = now + hold;
+            while now + LOOK < end {
+                now += LOOK;
+                s.kernel_dropped(STILL_FLOODING, now);
+                assert!(s.filter(now).is_some(), "off early at {now:?} of a hold to {end:?}");
+            }
+            now = end;
+            assert_eq!(s.filter(now), None);
+            // Back at once: relayed for a moment, late again, shed.
+            now += 5 * MS;
+        }
+        assert_eq!(holds, [HOLD, 2 * HOLD, 4 * HOLD, 8 * HOLD, 16 * HOLD, 16 * HOLD]);
+        // The client stops: too few dropped, the filter comes off within
+        // QUIET, long before its hold ends.
+        let start = now;
+        assert_eq!(shed_until_filtered(&s, flood, quiet, now), 16 * HOLD);
+        now += LOOK;
+        s.kernel_dropped(STILL_FLOODING - 1, now);
+        assert!(s.filter(now).is_some());
+        assert_eq!(s.filter(start + QUIET), None);
+        // Its next flood starts from HOLD again.
+        assert_eq!(shed_until_filtered(&s, flood, quiet, start + QUIET + MS), HOLD);
+        // And so does one that comes back long after its last hold.
+        let later = start + QUIET + MS + HOLD + MEMORY + MEMORY;
+        s.kernel_dropped(STILL_FLOODING, start + QUIET + 50 * MS);
+        assert_eq!(s.filter(start + QUIET + MS + HOLD), None);
+        assert_eq!(shed_until_filtered(&s, flood, quiet, later), HOLD);
     }
 
     #[test]

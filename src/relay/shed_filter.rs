@@ -28,12 +28,13 @@
 
 use std::io;
 use std::os::fd::AsFd;
+use std::time::Duration;
 
 use socket2::{SockFilter, SockRef};
 use tokio::net::UdpSocket;
 
 use super::key::ClientId;
-use super::shed::Filter;
+use super::shed::{Filter, LOOK};
 
 /// `SO_MEMINFO` (`asm-generic/socket.h`; the `libc` crate lacks it).
 const SO_MEMINFO: libc::c_int = 55;
@@ -130,13 +131,46 @@ pub fn drops(socket: &impl AsFd) -> io::Result<u32> {
 pub struct Applied {
     filter: Option<Filter>,
     baselines: Vec<Option<u32>>,
+    /// Each socket's drop counter when [`look`](Self::look) last read it,
+    /// and when that was.
+    looked: Vec<Option<u32>>,
+    looked_at: Duration,
 }
 
 impl Applied {
     /// Until when the filter on the sockets is to stay (a reading of
     /// [`super::shed::SharedShedder::now`]), if one is on.
-    pub fn until(&self) -> Option<std::time::Duration> {
+    pub fn until(&self) -> Option<Duration> {
         self.filter.map(|f| f.until)
+    }
+
+    /// When the listener is next to [`look`](Self::look) at what its
+    /// filter drops, or its hold ends, whichever is first; `None` with no
+    /// filter on.
+    pub fn next_wake(&self) -> Option<Duration> {
+        self.until().map(|until| until.min(self.looked_at + LOOK))
+    }
+
+    /// Whether a [`look`](Self::look) is due at `now`.
+    pub fn look_due(&self, now: Duration) -> bool {
+        self.filter.is_some() && now >= self.looked_at + LOOK
+    }
+
+    /// The datagrams `sockets` dropped since the last look (or since the
+    /// filter went on), at `now`: while a filter is on, nearly all of them
+    /// the filtered client's.
+    pub fn look<'a>(&mut self, sockets: impl Iterator<Item = &'a UdpSocket>, now: Duration) -> u64 {
+        let mut dropped = 0;
+        for (socket, last) in sockets.zip(self.looked.iter_mut()) {
+            if let Ok(count) = drops(socket) {
+                if let Some(before) = *last {
+                    dropped += u64::from(count.wrapping_sub(before));
+                }
+                *last = Some(count);
+            }
+        }
+        self.looked_at = now;
+        dropped
     }
 
     /// Brings the filters of `sockets` (always the same ones, in the same
@@ -158,7 +192,11 @@ impl Applied {
         }
         if fresh {
             self.baselines = sockets.map(|s| drops(s).ok()).collect();
+            // A look is due at once: it starts the counts from here.
+            self.looked = self.baselines.clone();
+            self.looked_at = Duration::ZERO;
         }
+        tracing::debug!(client = ?want.client, until_ms = want.until.as_millis() as u64, "listener filter on");
         self.filter = Some(want);
         0
     }
@@ -178,6 +216,7 @@ impl Applied {
                 dropped += u64::from(now.wrapping_sub(before));
             }
         }
+        tracing::debug!(dropped, "listener filter off");
         dropped
     }
 }
@@ -186,7 +225,6 @@ impl Applied {
 mod tests {
     use super::*;
     use std::net::{SocketAddr, UdpSocket};
-    use std::time::Duration;
 
     fn id(s: &str) -> ClientId {
         ClientId::of(s.parse().unwrap())

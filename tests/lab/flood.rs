@@ -190,11 +190,17 @@ pub struct Prober {
     receiver: Option<JoinHandle<()>>,
 }
 
+/// Each probe datagram's send time (wall clock) and round trip, in order.
+pub type Timeline = Vec<(std::time::SystemTime, Option<Duration>)>;
+
 /// Datagrams sent (sequence number, when) and the round trips seen.
 #[derive(Default)]
 struct Probes {
     sent: std::collections::VecDeque<(u64, Instant)>,
     rtts: std::collections::HashMap<u64, Duration>,
+    /// Every datagram taken so far: when it was sent (wall clock) and its
+    /// round trip, for lining the slow ones up with the daemon's log.
+    timeline: Timeline,
 }
 
 impl Probes {
@@ -208,7 +214,10 @@ impl Probes {
                 break;
             }
             self.sent.pop_front();
-            taken.push(self.rtts.remove(&seq).filter(|rtt| *rtt < Duration::from_secs(1)));
+            let rtt = self.rtts.remove(&seq).filter(|rtt| *rtt < Duration::from_secs(1));
+            let wall = std::time::SystemTime::now() - now.duration_since(at);
+            self.timeline.push((wall, rtt));
+            taken.push(rtt);
         }
         taken
     }
@@ -280,14 +289,23 @@ impl Prober {
 
     /// Stops sending, waits a second for the last echoes, and returns every
     /// round trip not returned yet.
-    pub fn finish(mut self) -> Vec<Option<Duration>> {
+    pub fn finish(self) -> Vec<Option<Duration>> {
+        self.finish_timed().0
+    }
+
+    /// [`finish`](Self::finish), and every datagram's send time (wall
+    /// clock) and round trip since the start, those taken by
+    /// [`reset`](Self::reset) included.
+    pub fn finish_timed(mut self) -> (Vec<Option<Duration>>, Timeline) {
         self.stop_sending.store(true, Ordering::Relaxed);
         if let Some(t) = self.sender.take() {
             let _ = t.join();
         }
         std::thread::sleep(Duration::from_secs(1));
         self.stop();
-        self.probes.lock().unwrap().take(Duration::ZERO)
+        let mut p = self.probes.lock().unwrap();
+        let rest = p.take(Duration::ZERO);
+        (rest, std::mem::take(&mut p.timeline))
     }
 
     fn stop(&mut self) {
