@@ -10,14 +10,14 @@
 
 mod lab;
 
-use lab::fake_dns::{icmp_unreachable, raw_icmp_socket, v4};
+use lab::fake_dns::v4;
 use lab::flood::{big_socket, send_paced};
+use lab::icmp::{Sprayer, every_icmp_error_sent, icmp_unreachable, icmp_unreachables_sent};
 use lab::udp::Echo;
 use lab::{CLIENT4, Lab, gateway_wan4, sa, server4};
 use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Two of these tests spray ICMP errors as fast as a thread can: run
@@ -64,65 +64,13 @@ fn a_flow_and_its_pool_port(client_port: u16) -> FlowUnderFire {
     }
 }
 
-/// A thread in the server's namespace forging ICMP destination-unreachable
-/// errors from the server at the gateway's `port`, the `n`th with code
-/// `code(n)`, about 16 a millisecond, until [`Sprayer::finish`].
-struct Sprayer {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<u64>,
-}
-
-impl Sprayer {
-    fn start(lab: &Lab, port: u16, code: fn(u64) -> u8) -> Sprayer {
-        let raw = raw_icmp_socket(&lab.servers[0]);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (gw, server) = (v4(gateway_wan4(0)), v4(server4(0)));
-        let to: socket2::SockAddr = sa(gateway_wan4(0), 0).into();
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let (mut sent, mut tried) = (0u64, 0u64);
-                while !stop.load(Ordering::Relaxed) {
-                    if raw
-                        .send_to(&icmp_unreachable(code(tried), gw, port, server), &to)
-                        .is_ok()
-                    {
-                        sent += 1;
-                    }
-                    tried += 1;
-                    if sent % 16 == 0 {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-                sent
-            })
-        };
-        Sprayer { stop, thread }
-    }
-
-    /// Stops the spray; how many errors were sent.
-    fn finish(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap()
-    }
-}
-
-/// ICMP destination-unreachable messages `ns` has sent (from /proc/net/snmp).
-fn icmp_unreachables_sent(ns: &lab::Netns) -> u64 {
-    let snmp = ns.sh("cat /proc/net/snmp");
-    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
-    let (Some(names), Some(values)) = (icmp.next(), icmp.next()) else {
-        panic!("no Icmp lines in:\n{snmp}");
-    };
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "OutDestUnreachs")
-        .expect("OutDestUnreachs");
-    values
-        .split_whitespace()
-        .nth(at)
-        .and_then(|v| v.parse().ok())
-        .expect("a count")
+/// Forges ICMP destination-unreachable errors from the server at the
+/// gateway's `port`, the `n`th with code `code(n)` (see [`Sprayer`]).
+fn spray(lab: &Lab, port: u16, code: fn(u64) -> u8) -> Sprayer {
+    let (gw, server) = (v4(gateway_wan4(0)), v4(server4(0)));
+    Sprayer::start(&lab.servers[0], gw, move |n| {
+        icmp_unreachable(code(n), gw, port, server)
+    })
 }
 
 /// Collects the distinct payloads `sock` receives from `from` until it has
@@ -161,8 +109,7 @@ fn replies_and_icmp_errors_interleaved_on_one_pool_socket_are_each_handled_once(
     let lab = Lab::new();
     lab.install_rules("nft", "LAN_IF=lan0");
     // Every datagram to the closed port gets its ICMP error.
-    lab.servers[0]
-        .sh("sysctl -qw net.ipv4.icmp_ratelimit=0 net.ipv4.icmp_msgs_per_sec=100000 net.ipv4.icmp_msgs_burst=100000");
+    every_icmp_error_sent(&lab.servers[0]);
     let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
     let closed = sa(server4(0), 9);
     let daemon = lab.start_tproxyd(&config());
@@ -231,7 +178,7 @@ fn forged_icmp_errors_of_every_code_at_a_pool_socket_do_not_cost_its_flow_a_repl
         sock,
         mapped,
     } = a_flow_and_its_pool_port(46200);
-    let sprayer = Sprayer::start(&lab, mapped.port(), |n| (n % 16) as u8);
+    let sprayer = spray(&lab, mapped.port(), |n| (n % 16) as u8);
     let receiver = collect_echoes(sock.try_clone().unwrap(), echo.addr, ECHOES);
     send_paced(
         &sock,
@@ -297,7 +244,7 @@ fn forged_protocol_unreachable_errors_do_not_turn_segmentation_offload_off() {
         sock,
         mapped,
     } = a_flow_and_its_pool_port(46300);
-    let sprayer = Sprayer::start(&lab, mapped.port(), |n| if n % 2 == 0 { 2 } else { 5 });
+    let sprayer = spray(&lab, mapped.port(), |n| if n % 2 == 0 { 2 } else { 5 });
     // Bursts of ten equal datagrams: the listener reads a burst in one
     // batch and sends it on as one train.
     let payload = [0x42u8; 100];

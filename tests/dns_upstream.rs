@@ -8,9 +8,8 @@ mod lab;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 use lab::dns::dig;
-use lab::fake_dns::{
-    Behaviour, FakeDns, FakeTcpDns, ephemeral_ports, icmp_unreachable, query_bytes, raw_icmp_socket, response, v4,
-};
+use lab::fake_dns::{Behaviour, FakeDns, FakeTcpDns, ephemeral_ports, query_bytes, response, v4};
+use lab::icmp::{icmp_unreachable, raw_icmp_socket};
 use lab::udp::socket;
 use lab::{CLIENT4, Daemon, Lab, gateway_wan4, sa};
 use std::collections::{HashMap, HashSet};
