@@ -12,7 +12,9 @@ mod lab;
 
 use lab::fake_dns::v4;
 use lab::flood::{big_socket, send_paced};
-use lab::icmp::{Sprayer, every_icmp_error_sent, icmp_unreachable, icmp_unreachables_sent};
+use lab::icmp::{
+    Sprayer, every_icmp_error_sent, forge, frag_needed, icmp_unreachable, icmp_unreachables_sent, raw_icmp_socket,
+};
 use lab::udp::Echo;
 use lab::{CLIENT4, Lab, gateway_wan4, sa, server4};
 use std::collections::HashSet;
@@ -267,5 +269,78 @@ fn forged_protocol_unreachable_errors_do_not_turn_segmentation_offload_off() {
         !stopped.log.contains("refuses UDP segmentation offload"),
         "a forged ICMP error turned segmentation offload off:\n{}",
         stopped.log
+    );
+}
+
+/// Drops every IP fragment arriving in `ns`, before reassembly: a path
+/// that filters fragments, as many firewalls and NATs on the way do.
+fn drop_fragments(ns: &lab::Netns) {
+    ns.sh("nft add table ip nofrag
+         nft add chain ip nofrag pre '{ type filter hook prerouting priority -500; }'
+         nft add rule ip nofrag pre ip frag-off \\& 0x3fff != 0 counter drop");
+}
+
+/// An off-path host that knows a pool socket's port (every server the
+/// client talks to sees it) forges one ICMP "fragmentation needed" at it,
+/// naming a next-hop MTU of 552 bytes towards the flow's server. Taken as
+/// true, it would shrink the gateway's path MTU to that server for ten
+/// minutes, for every flow of every client: their datagrams over 552 bytes
+/// would leave in fragments, which a path that filters fragments drops.
+/// The flow's 1,200-byte datagrams must still come back whole, and the
+/// gateway's route to the server keep its MTU.
+#[test]
+fn a_forged_fragmentation_needed_does_not_shrink_the_path_to_a_server() {
+    let _one = one_at_a_time();
+    const ECHOES: usize = 200;
+    let FlowUnderFire {
+        lab,
+        echo,
+        daemon,
+        sock,
+        mapped,
+    } = a_flow_and_its_pool_port(46400);
+    drop_fragments(&lab.servers[0]);
+    let (gw, server) = (v4(gateway_wan4(0)), v4(server4(0)));
+    let raw = raw_icmp_socket(&lab.servers[0]);
+    for _ in 0..3 {
+        assert!(forge(
+            &raw,
+            &frag_needed(552, (gw, mapped.port()), (server, echo.addr.port())),
+            gw
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let route = lab.gateway.sh(&format!("ip -4 route get {server}"));
+    let receiver = collect_echoes(sock.try_clone().unwrap(), echo.addr, ECHOES);
+    send_paced(
+        &sock,
+        ECHOES,
+        1_000,
+        |_| echo.addr,
+        |i| {
+            let mut payload = format!("echo {i} ").into_bytes();
+            payload.resize(1_200, b'.');
+            payload
+        },
+    );
+    let (got, strangers) = receiver.join().unwrap();
+    let dropped = lab.servers[0].sh("nft list chain ip nofrag pre");
+    let stopped = daemon.stop();
+    eprintln!(
+        "{} of {ECHOES} echoes of 1,200 bytes back after a forged fragmentation needed; route: {}; {} send \
+         errors\n{dropped}",
+        got.len(),
+        route.split_whitespace().collect::<Vec<_>>().join(" "),
+        stopped.counter("upstream_send_errors"),
+    );
+    assert!(strangers.is_empty(), "replies from others: {strangers:?}");
+    assert!(
+        !route.contains(" mtu "),
+        "a forged ICMP error set the gateway's path MTU to the server: {route}"
+    );
+    assert!(
+        got.len() * 100 >= ECHOES * 98,
+        "{} of {ECHOES} echoes came back",
+        got.len()
     );
 }
