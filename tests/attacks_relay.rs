@@ -281,8 +281,9 @@ fn drop_fragments(ns: &lab::Netns) {
 }
 
 /// An off-path host that knows a pool socket's port (every server the
-/// client talks to sees it) forges one ICMP "fragmentation needed" at it,
-/// naming a next-hop MTU of 552 bytes towards the flow's server. Taken as
+/// client talks to sees it) forges ICMP "fragmentation needed" at it
+/// (three, should one be lost), naming a next-hop MTU of 552 bytes towards
+/// the flow's server. Taken as
 /// true, it would shrink the gateway's path MTU to that server for ten
 /// minutes, for every flow of every client: their datagrams over 552 bytes
 /// would leave in fragments, which a path that filters fragments drops.

@@ -20,7 +20,8 @@
 //!
 //! A query costs three system calls here: the `recv` that finds the
 //! reused socket empty, the `send` and the `recv` of the answer. Opening
-//! and closing sockets (`socket`, `setsockopt(SO_MARK)`, `connect`, two
+//! and closing sockets (`socket`, two `setsockopt` (`SO_MARK`, and
+//! `IP_MTU_DISCOVER` for IPv4), `connect`, two
 //! `epoll_ctl`, `close`) happens once per socket, not per query.
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
