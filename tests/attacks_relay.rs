@@ -70,7 +70,7 @@ fn a_flow_and_its_pool_port(client_port: u16) -> FlowUnderFire {
 /// gateway's `port`, the `n`th with code `code(n)` (see [`Sprayer`]).
 fn spray(lab: &Lab, port: u16, code: fn(u64) -> u8) -> Sprayer {
     let (gw, server) = (v4(gateway_wan4(0)), v4(server4(0)));
-    Sprayer::start(&lab.servers[0], gw, move |n| {
+    Sprayer::start(&lab.servers[0], gw, 16, move |n| {
         icmp_unreachable(code(n), gw, port, server)
     })
 }

@@ -112,14 +112,15 @@ pub fn icmp_unreachables_sent(ns: &Netns) -> u64 {
 }
 
 /// A thread in `ns` forging ICMP errors at `to`, the `n`th made by
-/// `message(n)`, about 16 a millisecond, until [`Sprayer::finish`].
+/// `message(n)`, about `per_ms` a millisecond (as far as one thread can),
+/// until [`Sprayer::finish`].
 pub struct Sprayer {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<u64>,
 }
 
 impl Sprayer {
-    pub fn start(ns: &Netns, to: Ipv4Addr, message: impl Fn(u64) -> Vec<u8> + Send + 'static) -> Sprayer {
+    pub fn start(ns: &Netns, to: Ipv4Addr, per_ms: u64, message: impl Fn(u64) -> Vec<u8> + Send + 'static) -> Sprayer {
         let raw = raw_icmp_socket(ns);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -131,7 +132,7 @@ impl Sprayer {
                         sent += 1;
                     }
                     tried += 1;
-                    if sent % 16 == 0 {
+                    if sent % per_ms == 0 {
                         std::thread::sleep(Duration::from_millis(1));
                     }
                 }
