@@ -137,12 +137,22 @@ fn server_metric(text: &str, family: &str, server: SocketAddr) -> u64 {
     )
 }
 
+/// The two tests that spray forged ICMP errors as fast as a thread can:
+/// run together they would load the machine for each other (as in
+/// tests/attacks_relay.rs). One at a time.
+static SPRAYING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_spray_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SPRAYING.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn start(lab: &Lab, config: &str) -> Daemon {
     lab.start_tproxyd(config)
 }
 
 #[test]
 fn spoofed_icmp_unreachable_of_every_code_never_stops_forwarding() {
+    let _one = one_spray_at_a_time();
     let lab = lab(1);
     // Answers take 100 ms, so there are always queries in flight to hit.
     let _up = FakeDns::start(
@@ -222,6 +232,7 @@ fn spoofed_icmp_unreachable_of_every_code_never_stops_forwarding() {
 /// milliseconds.
 #[test]
 fn forged_icmp_errors_landing_before_a_querys_send_do_not_fail_it() {
+    let _one = one_spray_at_a_time();
     const QUERIES: u16 = 5_000;
     let lab = lab(1);
     lab.gateway.sh("sysctl -qw net.ipv4.ip_local_port_range='40000 40255'");
