@@ -228,6 +228,14 @@ fn forged_icmp_errors_of_every_code_at_a_pool_socket_do_not_cost_its_flow_a_repl
         "{reached} reached the server, {} came back",
         got.len()
     );
+    // Each forged error is counted once, as unreachable: a receive it
+    // failed (twice, when another landed between the reads) lost nothing
+    // and is no receive error.
+    assert_eq!(
+        stopped.counter("receive_errors"),
+        0,
+        "forged ICMP errors counted as receive errors"
+    );
 }
 
 /// Forged unreachable errors whose codes map to `ENOPROTOOPT` (2,
