@@ -21,7 +21,7 @@ use std::os::fd::RawFd;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use super::would_block;
+use super::{ICMP_RETRIES, would_block};
 
 /// Set once the kernel has refused UDP segmentation offload outright.
 static GSO_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
@@ -33,11 +33,6 @@ static GSO_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 static GSO_STRIKES: AtomicU32 = AtomicU32::new(0);
 /// Refusals in a row that mean the kernel has no offload.
 const GSO_STRIKES_OUT: u32 = 3;
-/// Sends of one message tried again after an error an ICMP message may
-/// have left pending (see [`super::pending_icmp_error`]): more than one,
-/// since a thread preempted between a failed send and its retry lets
-/// another such error land (a forged spray does that under load).
-const ICMP_RETRIES: u32 = 3;
 /// Most segments per GSO send (the kernel's UDP_MAX_SEGMENTS floor).
 pub const GSO_MAX_SEGMENTS: usize = 64;
 /// Most bytes per GSO send: one super-datagram must stay under 64 KiB.

@@ -167,8 +167,11 @@ impl Gather {
         let asked = recv::BATCH.min(self.batch.room());
         let mut result = self.batch.recv_more(fd, asked);
         // An ICMP error for an earlier datagram fails one receive (it is
-        // counted from the error queue): read again.
-        if matches!(&result, Err(e) if crate::net::pending_icmp_error(e)) {
+        // counted from the error queue): read again, a few times, since a
+        // spray of forged errors can land another between two reads.
+        let mut tries = 0;
+        while tries < crate::net::ICMP_RETRIES && matches!(&result, Err(e) if crate::net::pending_icmp_error(e)) {
+            tries += 1;
             result = self.batch.recv_more(fd, asked);
         }
         match result {
@@ -358,6 +361,11 @@ fn serve(watch: &Watch, g: &mut Gather, ctx: &RelayContext, dominant: Option<Cli
             watch.io.poll_read_ready(&mut cx).is_pending()
         }
         Ok(false) => false,
+        // Still an ICMP error after the retries (a spray): counted from the
+        // error queue already, and nothing was lost; read again later. As a
+        // receive error too, one forged message would count twice, and
+        // anyone could make that counter tick.
+        Err(e) if crate::net::pending_icmp_error(&e) => false,
         Err(e) => {
             ctx.stats().receive_errors.inc();
             tracing::debug!(error = %e, "upstream receive failed");

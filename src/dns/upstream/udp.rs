@@ -155,10 +155,6 @@ impl Exchange<'_> {
     }
 }
 
-/// Sends on this many times more when a send fails with an error an ICMP
-/// message left pending on the socket (see [`send`]).
-const ICMP_RETRIES: u64 = 3;
-
 /// Sends `bytes` on `socket`; how many ICMP errors pending on it failed a
 /// try first (counted as receive errors by the caller, like those the
 /// wait for the answer meets).
@@ -181,7 +177,9 @@ async fn send(socket: &tokio::net::UdpSocket, bytes: &[u8]) -> io::Result<u64> {
         };
         match result {
             Ok(_) => return Ok(cleared),
-            Err(e) if crate::net::pending_icmp_error(&e) && cleared < ICMP_RETRIES => cleared += 1,
+            Err(e) if crate::net::pending_icmp_error(&e) && cleared < u64::from(crate::net::ICMP_RETRIES) => {
+                cleared += 1
+            }
             Err(e) => return Err(e),
         }
     }
