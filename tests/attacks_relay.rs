@@ -13,7 +13,8 @@ mod lab;
 use lab::fake_dns::v4;
 use lab::flood::{big_socket, send_paced};
 use lab::icmp::{
-    Sprayer, every_icmp_error_sent, forge, frag_needed, icmp_unreachable, icmp_unreachables_sent, raw_icmp_socket,
+    Sprayer, every_icmp_error_sent, forge, frag_needed, icmp_error, icmp_unreachable, icmp_unreachables_sent,
+    raw_icmp_socket,
 };
 use lab::udp::Echo;
 use lab::{CLIENT4, Lab, gateway_wan4, sa, server4};
@@ -350,6 +351,95 @@ fn a_forged_fragmentation_needed_does_not_shrink_the_path_to_a_server() {
     assert!(
         got.len() * 100 >= ECHOES * 98,
         "{} of {ECHOES} echoes came back",
+        got.len()
+    );
+}
+
+/// tproxyd's side of a SOCKS5 association in the gateway: the UDP socket
+/// connected to the proxy's relay port, as `ss` shows it (local, peer).
+fn association(lab: &Lab, proxy: SocketAddr) -> (SocketAddr, SocketAddr) {
+    let out = lab.gateway.sh("ss -uanH");
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, peer) = (f.get(3)?.parse().ok()?, f.get(4)?.parse::<SocketAddr>().ok()?);
+            (peer.ip() == proxy.ip() && peer.port() != proxy.port()).then_some((local, peer))
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no association to {proxy} in:\n{out}"))
+}
+
+/// A SOCKS5 association's UDP socket is connected to the proxy's relay
+/// port, so the kernel keeps an ICMP error about it pending (one forged
+/// by a host that knows both ports, or a real one about an earlier
+/// datagram), and the socket's next send fails with it once, having sent
+/// nothing. Errors of every code forged at the association while its flow
+/// exchanges datagrams must not cost the flow a datagram.
+#[test]
+fn forged_icmp_errors_at_a_socks5_association_do_not_cost_its_flow_datagrams() {
+    let _one = one_at_a_time();
+    const ECHOES: usize = 2_000;
+    let lab = Lab::with_servers(2);
+    lab.route_between_servers();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let proxy = sa(server4(1), 1080);
+    lab.danted(1, proxy, false);
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let daemon = lab.start_tproxyd(&format!(
+        "{}[[relay.rules]]\ndestinations = [\"198.51.100.0/25\"]\naction = \"socks5\"\nsocks5 = \"{proxy}\"\n",
+        config()
+    ));
+    let sock = big_socket(&lab.client, sa(CLIENT4.parse().unwrap(), 46500));
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    sock.send_to(b"hello", echo.addr).unwrap();
+    let mut buf = [0u8; 64];
+    let (_, from) = sock.recv_from(&mut buf).expect("the first echo");
+    assert_eq!(from, echo.addr);
+    let (local, relay) = association(&lab, proxy);
+    let (gw, relay_ip) = (v4(gateway_wan4(1)), v4(relay.ip()));
+    let sprayer = Sprayer::start(&lab.servers[1], gw, 16, move |n| {
+        icmp_error(
+            3,
+            (n % 16) as u8,
+            [0; 4],
+            (gw, local.port()),
+            (relay_ip, relay.port()),
+            40,
+        )
+    });
+    let receiver = collect_echoes(sock.try_clone().unwrap(), echo.addr, ECHOES);
+    send_paced(
+        &sock,
+        ECHOES,
+        2_000,
+        |_| echo.addr,
+        |i| format!("echo {i}").into_bytes(),
+    );
+    let (got, strangers) = receiver.join().unwrap();
+    let forged = sprayer.finish();
+    let reached = echo.received().len() - 1;
+    let stopped = daemon.stop();
+    let failed = stopped.counter("upstream_send_errors");
+    eprintln!(
+        "{} of {reached} echoes back through SOCKS5 during {forged} forged ICMP errors at {local} about {relay}: \
+         {failed} send errors, {} counted as unreachable, {} receive errors",
+        got.len(),
+        stopped.counter("upstream_unreachable"),
+        stopped.counter("receive_errors"),
+    );
+    assert!(strangers.is_empty(), "replies from others: {strangers:?}");
+    assert_eq!(stopped.counter("socks5_associations"), 1, "{}", stopped.log);
+    assert!(
+        failed * 100 <= ECHOES as u64 * 5,
+        "{failed} of {ECHOES} datagrams failed to leave ({reached} reached the server)"
+    );
+    assert!(
+        reached * 10 >= ECHOES * 9,
+        "only {reached} of {ECHOES} reached the server"
+    );
+    assert!(
+        got.len() * 100 >= reached * 98,
+        "{reached} reached the server, {} came back",
         got.len()
     );
 }

@@ -487,7 +487,12 @@ pub async fn socks_pump(
             out = rx.recv() => {
                 let Some(out) = out else { return };
                 socks5::encode_udp(out.dst, &out.payload, &mut wrapped);
-                let sent = assoc.udp.send(&wrapped).await.map(|_| 1);
+                // Past ICMP errors pending on the association (each
+                // counted once, here or by the receive below).
+                let sent = crate::net::send::send_connected(&assoc.udp, &wrapped).await.map(|cleared| {
+                    ctx.stats().upstream_unreachable.add(cleared);
+                    1
+                });
                 count_sent(ctx.stats(), Direction::Upstream, &sent, &[&out.payload]);
             }
             got = assoc.udp.recv(&mut inbound) => match got {
@@ -498,9 +503,9 @@ pub async fn socks_pump(
                         tracing::debug!(error = %e, "bad datagram from the SOCKS5 relay");
                     }
                 },
-                // No error queue here: the relay's ICMP error is seen once,
-                // as this failure.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => ctx.stats().upstream_unreachable.inc(),
+                // No error queue here: an ICMP error about the relay, of
+                // any code, is seen once, as this failure or a send's.
+                Err(e) if crate::net::pending_icmp_error(&e) => ctx.stats().upstream_unreachable.inc(),
                 Err(e) => tracing::debug!(error = %e, "SOCKS5 relay receive failed"),
             },
             // The server never speaks on the control connection after the

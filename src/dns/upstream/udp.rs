@@ -34,6 +34,7 @@ use super::Answer;
 use super::health::Health;
 use super::ports::ServerSockets;
 use crate::dns::plain_answer;
+use crate::net::send::send_connected;
 use crate::ratelog::RateLimit;
 use crate::stats::Stats;
 
@@ -89,9 +90,13 @@ impl Exchange<'_> {
         // The name as sent, for the plain reader (see below).
         let sent_name = bytes.get(HEADER..bytes.len() - 4 - OPT).unwrap_or_default();
         let (qtype, qclass) = (u16::from(sent.query_type()), u16::from(sent.query_class()));
-        // Straight to the kernel, past ICMP errors left pending (see `send`).
+        // Straight to the kernel: the reactor may not have reported a new
+        // socket writable yet, and waiting for that would cost a wake-up.
+        // An ICMP error that landed since the pool's clean (forged at the
+        // socket's port, or real) would fail the send, and the query go to
+        // the next server or be answered SERVFAIL: tried past it.
         let socket = lease.socket();
-        let cleared = send(socket, &bytes).await?;
+        let cleared = send_connected(socket, &bytes).await?;
         if cleared > 0 {
             self.health.receive_errors.add(cleared);
             self.stats.receive_errors.add(cleared);
@@ -151,36 +156,6 @@ impl Exchange<'_> {
                     }
                 }
             }
-        }
-    }
-}
-
-/// Sends `bytes` on `socket`; how many ICMP errors pending on it failed a
-/// try first (counted as receive errors by the caller, like those the
-/// wait for the answer meets).
-///
-/// Straight to the kernel: the reactor may not have reported a new socket
-/// writable yet, and waiting for that would cost a wake-up. An ICMP error
-/// about an earlier datagram that lands between the pool's clean and this
-/// send (forged at the socket's port, or real) fails the send once,
-/// having sent nothing (see `net::pending_icmp_error`): tried again, a few
-/// times, since a thread preempted between tries lets another land. Failed
-/// instead, the query would go to the next server and count the first as
-/// failed, or, with one server, be answered SERVFAIL. A real failure of
-/// the same kind repeats and is returned.
-async fn send(socket: &tokio::net::UdpSocket, bytes: &[u8]) -> io::Result<u64> {
-    let mut cleared = 0;
-    loop {
-        let result = match socket2::SockRef::from(socket).send(bytes) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.send(bytes).await,
-            other => other,
-        };
-        match result {
-            Ok(_) => return Ok(cleared),
-            Err(e) if crate::net::pending_icmp_error(&e) && cleared < u64::from(crate::net::ICMP_RETRIES) => {
-                cleared += 1
-            }
-            Err(e) => return Err(e),
         }
     }
 }
@@ -381,30 +356,6 @@ mod tests {
         two.add_query(sent.clone());
         two.add_query(query("bank.test."));
         assert!(accept(&two.to_vec().unwrap(), 7, &sent).is_none());
-    }
-
-    #[tokio::test]
-    async fn a_send_failed_by_an_icmp_error_about_an_earlier_datagram_is_tried_again() {
-        // A closed port on loopback: each datagram to it leaves the
-        // kernel's port unreachable pending on the connected socket.
-        let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let to = closed.local_addr().unwrap();
-        drop(closed);
-        let std = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        std.connect(to).unwrap();
-        std.set_nonblocking(true).unwrap();
-        let socket = tokio::net::UdpSocket::from_std(std).unwrap();
-        let pending = || {
-            socket2::SockRef::from(&socket).send(b"earlier").unwrap();
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        // What a plain send does then: fails, having sent nothing.
-        pending();
-        let e = socket2::SockRef::from(&socket).send(b"query").unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
-        // The query's send goes out, and says it met one error.
-        pending();
-        assert_eq!(send(&socket, b"query").await.unwrap(), 1);
     }
 
     #[test]
