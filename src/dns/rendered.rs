@@ -207,36 +207,40 @@ mod tests {
         assert_eq!(wire_labels(&Name::root()), [0]);
     }
 
+    /// A one-question A request for `name`, parsed as the listener does.
+    fn request(name: &str) -> super::super::message::Request {
+        let mut m = hickory_proto::op::Message::query();
+        m.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii(name).unwrap(),
+            RecordType::A,
+        ));
+        super::super::message::parse_request(&m.to_vec().unwrap()).unwrap()
+    }
+
+    /// The shape of an answer to `asked`: a 512-byte client, our 1232.
+    fn shape(asked: Asked<'_>, id: u16) -> Shape<'_> {
+        Shape {
+            asked,
+            id,
+            limit: 512,
+            our_payload: 1232,
+            age: 0,
+        }
+    }
+
     #[test]
     fn only_the_same_question_asked_the_same_way_fits() {
-        let request = |name: &str| {
-            let mut m = hickory_proto::op::Message::query();
-            m.add_query(hickory_proto::op::Query::query(
-                Name::from_ascii(name).unwrap(),
-                RecordType::A,
-            ));
-            super::super::message::parse_request(&m.to_vec().unwrap()).unwrap()
-        };
         let kept_for = request("WwW.Example.test.");
         let wire = wire_labels(kept_for.query.name());
-        fn shape(asked: Asked<'_>) -> Shape<'_> {
-            Shape {
-                asked,
-                id: 7,
-                limit: 512,
-                our_payload: 1232,
-                age: 0,
-            }
-        }
         let slot = Rendered::default();
         slot.keep(
-            &shape(Asked::of(&kept_for, &wire)),
+            &shape(Asked::of(&kept_for, &wire), 7),
             &[0u8; 20],
             false,
             ResponseCode::NoError,
             100,
         );
-        assert!(slot.reuse(&shape(Asked::of(&kept_for, &wire))).is_some());
+        assert!(slot.reuse(&shape(Asked::of(&kept_for, &wire), 7)).is_some());
         for other in [
             "www.example.test.",
             "WwW.Example.tes.",
@@ -245,11 +249,11 @@ mod tests {
         ] {
             let r = request(other);
             let w = wire_labels(r.query.name());
-            assert!(slot.reuse(&shape(Asked::of(&r, &w))).is_none(), "{other}");
+            assert!(slot.reuse(&shape(Asked::of(&r, &w), 7)).is_none(), "{other}");
         }
         let mut asked = Asked::of(&kept_for, &wire);
         asked.qtype = u16::from(RecordType::AAAA);
-        assert!(slot.reuse(&shape(asked)).is_none(), "another type");
+        assert!(slot.reuse(&shape(asked, 7)).is_none(), "another type");
     }
 
     /// A kept encoding served into a listener's spare buffer: the
@@ -257,20 +261,9 @@ mod tests {
     /// encoding does not fit leaves the buffer where it was.
     #[test]
     fn a_reuse_into_a_spare_buffer_keeps_its_memory() {
-        let mut m = hickory_proto::op::Message::query();
-        m.add_query(hickory_proto::op::Query::query(
-            Name::from_ascii("a.test.").unwrap(),
-            RecordType::A,
-        ));
-        let request = super::super::message::parse_request(&m.to_vec().unwrap()).unwrap();
+        let request = request("a.test.");
         let wire = wire_labels(request.query.name());
-        let mut shape = Shape {
-            asked: Asked::of(&request, &wire),
-            id: 0x1234,
-            limit: 512,
-            our_payload: 1232,
-            age: 0,
-        };
+        let mut shape = shape(Asked::of(&request, &wire), 0x1234);
         let slot = Rendered::default();
         let answer: Vec<u8> = (0..40).collect();
         slot.keep(&shape, &answer, false, ResponseCode::NoError, 1_000);
@@ -291,20 +284,9 @@ mod tests {
 
     #[test]
     fn an_encoding_larger_than_its_room_is_not_kept() {
-        let mut m = hickory_proto::op::Message::query();
-        m.add_query(hickory_proto::op::Query::query(
-            Name::from_ascii("a.test.").unwrap(),
-            RecordType::A,
-        ));
-        let request = super::super::message::parse_request(&m.to_vec().unwrap()).unwrap();
+        let request = request("a.test.");
         let wire = wire_labels(request.query.name());
-        let shape = Shape {
-            asked: Asked::of(&request, &wire),
-            id: request.id,
-            limit: 512,
-            our_payload: 1232,
-            age: 0,
-        };
+        let shape = shape(Asked::of(&request, &wire), request.id);
         let slot = Rendered::default();
         let answer = [0u8; 100];
         // 100 bytes and the name's 8 need 108.
