@@ -241,7 +241,10 @@ impl PoolReader {
             .map_err(io::Error::from)
             .and_then(|io| self.errors.add_errors_only(fd, token as u64).map(|()| io));
         let io = match registered {
-            Ok(io) => io,
+            Ok(io) => {
+                crate::net::spin::watch(fd);
+                io
+            }
             Err(e) => {
                 if token < watched.slots.len() {
                     watched.free.push(token);
