@@ -15,6 +15,7 @@ use lab::flood::{
     LateServer, Prober, big_socket, fds, flood_in_turn, flood_round_robin, folded_lab, metric, rss, scrape, send_paced,
     summary,
 };
+use lab::icmp::{every_icmp_error_sent, icmp_unreachables_sent};
 use lab::udp::{Echo, socket};
 use lab::{CLIENT4, CLIENT6, Lab, sa, server4, server6};
 use std::collections::{HashMap, HashSet};
@@ -592,32 +593,13 @@ fn a_shed_flood_is_dropped_by_the_kernel_and_the_filter_comes_off_after() {
     assert_eq!(answered, 3, "the flooding address is still filtered\n{}", stopped.log);
 }
 
-/// ICMP destination-unreachable messages `ns` has sent (from /proc/net/snmp).
-fn icmp_unreachables_sent(ns: &lab::Netns) -> u64 {
-    let snmp = ns.sh("cat /proc/net/snmp");
-    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
-    let (Some(names), Some(values)) = (icmp.next(), icmp.next()) else {
-        panic!("no Icmp lines in:\n{snmp}");
-    };
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "OutDestUnreachs")
-        .expect("OutDestUnreachs");
-    values
-        .split_whitespace()
-        .nth(at)
-        .and_then(|v| v.parse().ok())
-        .expect("a count")
-}
-
 #[test]
 fn each_icmp_error_is_counted_once_under_load() {
     let _heavy = one_at_a_time();
     let lab = Lab::new();
     lab.install_rules("nft", "LAN_IF=lan0");
     // Every datagram to a closed port gets its ICMP error: no rate limit.
-    lab.servers[0]
-        .sh("sysctl -qw net.ipv4.icmp_ratelimit=0 net.ipv4.icmp_msgs_per_sec=100000 net.ipv4.icmp_msgs_burst=100000");
+    every_icmp_error_sent(&lab.servers[0]);
     let daemon = lab.start_tproxyd(&config(""));
     let before = icmp_unreachables_sent(&lab.servers[0]);
     // Several flows hammering closed ports: each send after an error sees
@@ -1205,7 +1187,11 @@ fn recv_stamped(socket: &std::net::UdpSocket) -> Option<Duration> {
 /// the quiet client arrive, that one last; once it runs again, the quiet client's reply
 /// must reach the client before half of the flood's. Served in the order
 /// the sockets became ready, it came after nearly all of them. Judged by
-/// the client's kernel receive times, so by order, not by speed.
+/// the client's kernel receive times, so by order, not by speed. Before
+/// the hold, a flood flow that shares the quiet client's pool socket is
+/// answered once, so that the socket's last read held only the flood's
+/// reply: one such reply must not put the quiet client's socket behind
+/// the flood's.
 #[test]
 fn a_quiet_clients_reply_is_not_delivered_behind_a_floods_waiting_replies() {
     const N: usize = 1_000;
@@ -1279,8 +1265,32 @@ fn a_quiet_clients_reply_is_not_delivered_behind_a_floods_waiting_replies() {
     let peers: Vec<_> = peers.into_values().collect();
     flooder.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     while lab::udp::recv(&flooder).is_some() {}
-    // The quiet client's socket last carried its own reply.
     let quiet_peer = quiet_exchange(b"b");
+    // The flood's first flows took the pool socket the quiet client's
+    // flow already held (other clients' flows share sockets).
+    let (shared, others): (Vec<&std::net::SocketAddr>, Vec<_>) = peers.iter().partition(|p| **p == quiet_peer);
+    assert!(
+        !shared.is_empty(),
+        "no flood flow shares the quiet client's pool socket: this test needs one"
+    );
+    // The flooder busy again on its flows, so that it dominates; then the
+    // flood flow on the quiet client's socket is answered once more, and
+    // that socket's last read holds only the flooder's reply. It must not
+    // make the quiet client's socket heavy: a light socket turned heavy by
+    // one flood reply served the quiet client's next reply behind the
+    // whole flood's.
+    for i in 0..200u16 {
+        flooder.send_to(b"busy", sa(server, FIRST + i % N as u16)).unwrap();
+    }
+    // Read by the listener (and counted) before the reply comes.
+    std::thread::sleep(Duration::from_millis(50));
+    for peer in &shared {
+        folded.send_to(b"w", **peer).unwrap();
+    }
+    assert!(
+        lab::udp::recv(&flooder).is_some(),
+        "the flood flow's reply on the shared socket"
+    );
 
     for s in [&flooder, &quiet] {
         nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::ReceiveTimestampns, &true).unwrap();
@@ -1289,7 +1299,6 @@ fn a_quiet_clients_reply_is_not_delivered_behind_a_floods_waiting_replies() {
         let _held = Paused::new(daemon.pid());
         // A flood flow that shares the quiet client's pool socket is
         // answered last, so that the socket becomes ready after all others.
-        let (shared, others): (Vec<&std::net::SocketAddr>, Vec<_>) = peers.iter().partition(|p| **p == quiet_peer);
         for peer in others {
             folded.send_to(b"z", *peer).unwrap();
         }

@@ -37,7 +37,7 @@ use super::key::ClientId;
 use super::pool::PoolSocket;
 use super::pool_readers::{PoolReader, Watch};
 use super::reply::{self, Pending, ReplyScratch};
-use super::reply_order::ReplyOrder;
+use super::reply_order::{self, ReplyOrder};
 use super::session::{MAX_DATAGRAM, Outbound, Session};
 use super::slice::{Slice, Step};
 use super::socks5::{self, Socks5Server};
@@ -167,8 +167,11 @@ impl Gather {
         let asked = recv::BATCH.min(self.batch.room());
         let mut result = self.batch.recv_more(fd, asked);
         // An ICMP error for an earlier datagram fails one receive (it is
-        // counted from the error queue): read again.
-        if matches!(&result, Err(e) if crate::net::pending_icmp_error(e)) {
+        // counted from the error queue): read again, a few times, since a
+        // spray of forged errors can land another between two reads.
+        let mut tries = 0;
+        while tries < crate::net::ICMP_RETRIES && matches!(&result, Err(e) if crate::net::pending_icmp_error(e)) {
+            tries += 1;
             result = self.batch.recv_more(fd, asked);
         }
         match result {
@@ -276,7 +279,7 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
             {
                 let watched = lock(&reader.sockets);
                 for watch in tokens.drain(..).filter_map(|t| watched.slots.get(t)?.clone()) {
-                    let heavy = watch.mark.heavy.load(Ordering::Relaxed);
+                    let heavy = reply_order::is_heavy(watch.mark.dominant_reads.load(Ordering::Relaxed));
                     queued.push(watch, heavy);
                 }
             }
@@ -292,7 +295,7 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
                     // its waker queued it again meanwhile (then its token
                     // comes with the marks).
                     if !serve(&watch, g, ctx, dominant) && !watch.mark.marked.swap(true, Ordering::AcqRel) {
-                        let heavy = watch.mark.heavy.load(Ordering::Relaxed);
+                        let heavy = reply_order::is_heavy(watch.mark.dominant_reads.load(Ordering::Relaxed));
                         queued.push(watch, heavy);
                     }
                     // Sent as they come, a few dozen at a time, so that the
@@ -318,7 +321,7 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
 
 /// Serves one marked socket: if the runtime says it is readable, one
 /// receive (up to a system call's worth), filed, and the socket judged
-/// heavy or light by whose replies it held (`dominant`'s only: heavy).
+/// heavy or light by whose replies it held (see `reply_order::after_read`).
 /// True when the socket is
 /// done with for now: its queue was emptied and its readiness cleared with
 /// the tick from before the read, or it was not readable; either way its
@@ -347,8 +350,12 @@ fn serve(watch: &Watch, g: &mut Gather, ctx: &RelayContext, dominant: Option<Cli
     let from = g.pending.len();
     let read = g.read_fd(fd, ctx, &|peer| watch.socket.flow(peer));
     if let Some(filed) = g.pending.get(from..).filter(|f| !f.is_empty()) {
-        let heavy = dominant.is_some_and(|d| filed.iter().all(|p| ClientId::of(p.client.ip()) == d));
-        watch.mark.heavy.store(heavy, Ordering::Relaxed);
+        let dominant_only = dominant.is_some_and(|d| filed.iter().all(|p| ClientId::of(p.client.ip()) == d));
+        let reads = &watch.mark.dominant_reads;
+        reads.store(
+            reply_order::after_read(reads.load(Ordering::Relaxed), dominant_only),
+            Ordering::Relaxed,
+        );
     }
     match read {
         Ok(true) => {
@@ -358,6 +365,11 @@ fn serve(watch: &Watch, g: &mut Gather, ctx: &RelayContext, dominant: Option<Cli
             watch.io.poll_read_ready(&mut cx).is_pending()
         }
         Ok(false) => false,
+        // Still an ICMP error after the retries (a spray): counted from the
+        // error queue already, and nothing was lost; read again later. As a
+        // receive error too, one forged message would count twice, and
+        // anyone could make that counter tick.
+        Err(e) if crate::net::pending_icmp_error(&e) => false,
         Err(e) => {
             ctx.stats().receive_errors.inc();
             tracing::debug!(error = %e, "upstream receive failed");
@@ -479,7 +491,12 @@ pub async fn socks_pump(
             out = rx.recv() => {
                 let Some(out) = out else { return };
                 socks5::encode_udp(out.dst, &out.payload, &mut wrapped);
-                let sent = assoc.udp.send(&wrapped).await.map(|_| 1);
+                // Past ICMP errors pending on the association (each
+                // counted once, here or by the receive below).
+                let sent = crate::net::send::send_connected(&assoc.udp, &wrapped).await.map(|cleared| {
+                    ctx.stats().upstream_unreachable.add(cleared);
+                    1
+                });
                 count_sent(ctx.stats(), Direction::Upstream, &sent, &[&out.payload]);
             }
             got = assoc.udp.recv(&mut inbound) => match got {
@@ -490,9 +507,9 @@ pub async fn socks_pump(
                         tracing::debug!(error = %e, "bad datagram from the SOCKS5 relay");
                     }
                 },
-                // No error queue here: the relay's ICMP error is seen once,
-                // as this failure.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => ctx.stats().upstream_unreachable.inc(),
+                // No error queue here: an ICMP error about the relay, of
+                // any code, is seen once, as this failure or a send's.
+                Err(e) if crate::net::pending_icmp_error(&e) => ctx.stats().upstream_unreachable.inc(),
                 Err(e) => tracing::debug!(error = %e, "SOCKS5 relay receive failed"),
             },
             // The server never speaks on the control connection after the

@@ -20,7 +20,8 @@
 //!
 //! A query costs three system calls here: the `recv` that finds the
 //! reused socket empty, the `send` and the `recv` of the answer. Opening
-//! and closing sockets (`socket`, `setsockopt(SO_MARK)`, `connect`, two
+//! and closing sockets (`socket`, two `setsockopt` (`SO_MARK`, and
+//! `IP_MTU_DISCOVER` for IPv4), `connect`, two
 //! `epoll_ctl`, `close`) happens once per socket, not per query.
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
@@ -33,6 +34,7 @@ use super::Answer;
 use super::health::Health;
 use super::ports::ServerSockets;
 use crate::dns::plain_answer;
+use crate::net::send::send_connected;
 use crate::ratelog::RateLimit;
 use crate::stats::Stats;
 
@@ -90,13 +92,14 @@ impl Exchange<'_> {
         let (qtype, qclass) = (u16::from(sent.query_type()), u16::from(sent.query_class()));
         // Straight to the kernel: the reactor may not have reported a new
         // socket writable yet, and waiting for that would cost a wake-up.
+        // An ICMP error that landed since the pool's clean (forged at the
+        // socket's port, or real) would fail the send, and the query go to
+        // the next server or be answered SERVFAIL: tried past it.
         let socket = lease.socket();
-        match socket2::SockRef::from(socket).send(&bytes) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                socket.send(&bytes).await?;
-            }
-            Err(e) => return Err(e),
+        let cleared = send_connected(socket, &bytes).await?;
+        if cleared > 0 {
+            self.health.receive_errors.add(cleared);
+            self.stats.receive_errors.add(cleared);
         }
         loop {
             socket.readable().await?;
