@@ -543,7 +543,7 @@ fn one_batch_of_allowed_refused_and_rate_limited_clients_answers_each_as_alone()
         let flood = replies(&flooder, 60);
         if flood.len() != 60 {
             let stopped = daemon.stop();
-            let last = stopped.log.lines().filter(|l| l.contains("final counters")).last();
+            let last = stopped.log.lines().rfind(|l| l.contains("final counters"));
             panic!(
                 "{server}: truncate answers every query, got {} of 60: {last:?}",
                 flood.len()
