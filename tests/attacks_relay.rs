@@ -446,7 +446,7 @@ fn forged_icmp_errors_at_a_socks5_association_do_not_cost_its_flow_datagrams() {
 /// gateway's kernel dropped before tproxyd read it is not the relay's to
 /// answer for: beside three busy loops, the forged errors' softirq work
 /// cost up to 384 of 2,000 echoes before tproxyd read them (0 shed, 0 send
-/// errors, every datagram read sent on) in 3 of 61 runs.
+/// errors, every datagram read sent on) in 2 of 61 runs.
 fn read_datagrams_reached_the_server(stopped: &Stopped, sent: usize, reached: usize) {
     let read = (stopped.counter("client_datagrams") as usize).saturating_sub(1);
     assert!(read * 2 >= sent, "only {read} of {sent} were read by tproxyd");
