@@ -39,6 +39,8 @@ use crate::stats::Stats;
 
 /// Our EDNS UDP payload size towards upstreams (DNS flag day 2020).
 const PAYLOAD: u16 = 1232;
+/// How long a query waits before sending again into a full socket buffer.
+const SEND_RETRY: Duration = Duration::from_millis(1);
 /// Room for an answer: more than we advertise, so a server that ignores
 /// the advertised size is still read whole (and checked like any other).
 const RECEIVE_BUFFER: usize = 4096;
@@ -89,24 +91,30 @@ impl Exchange<'_> {
         // The name as sent, for the plain reader (see below).
         let sent_name = bytes.get(HEADER..bytes.len() - 4 - OPT).unwrap_or_default();
         let (qtype, qclass) = (u16::from(sent.query_type()), u16::from(sent.query_class()));
-        // Straight to the kernel: the reactor may not have reported a new
-        // socket writable yet, and waiting for that would cost a wake-up.
+        // Straight to the kernel. The pool's sockets are in the reactor for
+        // reading only (`ports::PoolSocket`): one query on an idle socket
+        // does not fill its buffer, and if it ever did, the retry waits a
+        // moment rather than for a writable event.
         let socket = lease.socket();
-        match socket2::SockRef::from(socket).send(&bytes) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                socket.send(&bytes).await?;
+        loop {
+            match socket.get_ref().send(&bytes) {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(SEND_RETRY).await;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
         loop {
-            socket.readable().await?;
+            let mut ready = socket.readable().await?;
             // Read and checked without an await in between, into this
             // thread's buffer: no 4 KiB allocation per query (an allocation
             // that size also makes the allocator tidy up its small-chunk
-            // lists every time).
-            let got = RECEIVE.with_borrow_mut(|buf| match socket.try_recv(&mut buf[..]) {
-                Ok(n) => {
+            // lists every time). A `WouldBlock` clears the readiness.
+            let got = RECEIVE.with_borrow_mut(|buf| match ready.try_io(|s| s.get_ref().recv(&mut buf[..])) {
+                Err(_would_block) => Ok(None),
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(n)) => {
                     let datagram = buf.get(..n).unwrap_or_default();
                     // The plainest answers are checked on the wire and
                     // kept as bytes (`plain_answer`); with 0x20 on, the
@@ -122,8 +130,6 @@ impl Exchange<'_> {
                         None => accept(datagram, id, sent).map(Answer::Parsed),
                     }))
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                Err(e) => Err(e),
             });
             let checked = match got {
                 Ok(Some(checked)) => checked,
