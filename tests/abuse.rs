@@ -15,6 +15,7 @@ use lab::flood::{
     LateServer, Prober, big_socket, fds, flood_in_turn, flood_round_robin, folded_lab, metric, rss, scrape, send_paced,
     summary,
 };
+use lab::icmp::{every_icmp_error_sent, icmp_unreachables_sent};
 use lab::udp::{Echo, socket};
 use lab::{CLIENT4, CLIENT6, Lab, sa, server4, server6};
 use std::collections::{HashMap, HashSet};
@@ -592,32 +593,13 @@ fn a_shed_flood_is_dropped_by_the_kernel_and_the_filter_comes_off_after() {
     assert_eq!(answered, 3, "the flooding address is still filtered\n{}", stopped.log);
 }
 
-/// ICMP destination-unreachable messages `ns` has sent (from /proc/net/snmp).
-fn icmp_unreachables_sent(ns: &lab::Netns) -> u64 {
-    let snmp = ns.sh("cat /proc/net/snmp");
-    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
-    let (Some(names), Some(values)) = (icmp.next(), icmp.next()) else {
-        panic!("no Icmp lines in:\n{snmp}");
-    };
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "OutDestUnreachs")
-        .expect("OutDestUnreachs");
-    values
-        .split_whitespace()
-        .nth(at)
-        .and_then(|v| v.parse().ok())
-        .expect("a count")
-}
-
 #[test]
 fn each_icmp_error_is_counted_once_under_load() {
     let _heavy = one_at_a_time();
     let lab = Lab::new();
     lab.install_rules("nft", "LAN_IF=lan0");
     // Every datagram to a closed port gets its ICMP error: no rate limit.
-    lab.servers[0]
-        .sh("sysctl -qw net.ipv4.icmp_ratelimit=0 net.ipv4.icmp_msgs_per_sec=100000 net.ipv4.icmp_msgs_burst=100000");
+    every_icmp_error_sent(&lab.servers[0]);
     let daemon = lab.start_tproxyd(&config(""));
     let before = icmp_unreachables_sent(&lab.servers[0]);
     // Several flows hammering closed ports: each send after an error sees

@@ -10,14 +10,17 @@
 
 mod lab;
 
-use lab::fake_dns::{icmp_unreachable, raw_icmp_socket, v4};
+use lab::fake_dns::v4;
 use lab::flood::{big_socket, send_paced};
+use lab::icmp::{
+    Sprayer, every_icmp_error_sent, forge, frag_needed, icmp_error, icmp_unreachable, icmp_unreachables_sent,
+    raw_icmp_socket,
+};
 use lab::udp::Echo;
 use lab::{CLIENT4, Lab, gateway_wan4, sa, server4};
 use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Two of these tests spray ICMP errors as fast as a thread can: run
@@ -64,65 +67,13 @@ fn a_flow_and_its_pool_port(client_port: u16) -> FlowUnderFire {
     }
 }
 
-/// A thread in the server's namespace forging ICMP destination-unreachable
-/// errors from the server at the gateway's `port`, the `n`th with code
-/// `code(n)`, about 16 a millisecond, until [`Sprayer::finish`].
-struct Sprayer {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<u64>,
-}
-
-impl Sprayer {
-    fn start(lab: &Lab, port: u16, code: fn(u64) -> u8) -> Sprayer {
-        let raw = raw_icmp_socket(&lab.servers[0]);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (gw, server) = (v4(gateway_wan4(0)), v4(server4(0)));
-        let to: socket2::SockAddr = sa(gateway_wan4(0), 0).into();
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let (mut sent, mut tried) = (0u64, 0u64);
-                while !stop.load(Ordering::Relaxed) {
-                    if raw
-                        .send_to(&icmp_unreachable(code(tried), gw, port, server), &to)
-                        .is_ok()
-                    {
-                        sent += 1;
-                    }
-                    tried += 1;
-                    if sent % 16 == 0 {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-                sent
-            })
-        };
-        Sprayer { stop, thread }
-    }
-
-    /// Stops the spray; how many errors were sent.
-    fn finish(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap()
-    }
-}
-
-/// ICMP destination-unreachable messages `ns` has sent (from /proc/net/snmp).
-fn icmp_unreachables_sent(ns: &lab::Netns) -> u64 {
-    let snmp = ns.sh("cat /proc/net/snmp");
-    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
-    let (Some(names), Some(values)) = (icmp.next(), icmp.next()) else {
-        panic!("no Icmp lines in:\n{snmp}");
-    };
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "OutDestUnreachs")
-        .expect("OutDestUnreachs");
-    values
-        .split_whitespace()
-        .nth(at)
-        .and_then(|v| v.parse().ok())
-        .expect("a count")
+/// Forges ICMP destination-unreachable errors from the server at the
+/// gateway's `port`, the `n`th with code `code(n)` (see [`Sprayer`]).
+fn spray(lab: &Lab, port: u16, code: fn(u64) -> u8) -> Sprayer {
+    let (gw, server) = (v4(gateway_wan4(0)), v4(server4(0)));
+    Sprayer::start(&lab.servers[0], gw, 16, move |n| {
+        icmp_unreachable(code(n), gw, port, server)
+    })
 }
 
 /// Collects the distinct payloads `sock` receives from `from` until it has
@@ -161,8 +112,7 @@ fn replies_and_icmp_errors_interleaved_on_one_pool_socket_are_each_handled_once(
     let lab = Lab::new();
     lab.install_rules("nft", "LAN_IF=lan0");
     // Every datagram to the closed port gets its ICMP error.
-    lab.servers[0]
-        .sh("sysctl -qw net.ipv4.icmp_ratelimit=0 net.ipv4.icmp_msgs_per_sec=100000 net.ipv4.icmp_msgs_burst=100000");
+    every_icmp_error_sent(&lab.servers[0]);
     let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
     let closed = sa(server4(0), 9);
     let daemon = lab.start_tproxyd(&config());
@@ -231,7 +181,7 @@ fn forged_icmp_errors_of_every_code_at_a_pool_socket_do_not_cost_its_flow_a_repl
         sock,
         mapped,
     } = a_flow_and_its_pool_port(46200);
-    let sprayer = Sprayer::start(&lab, mapped.port(), |n| (n % 16) as u8);
+    let sprayer = spray(&lab, mapped.port(), |n| (n % 16) as u8);
     let receiver = collect_echoes(sock.try_clone().unwrap(), echo.addr, ECHOES);
     send_paced(
         &sock,
@@ -279,6 +229,14 @@ fn forged_icmp_errors_of_every_code_at_a_pool_socket_do_not_cost_its_flow_a_repl
         "{reached} reached the server, {} came back",
         got.len()
     );
+    // Each forged error is counted once, as unreachable: a receive it
+    // failed (twice, when another landed between the reads) lost nothing
+    // and is no receive error.
+    assert_eq!(
+        stopped.counter("receive_errors"),
+        0,
+        "forged ICMP errors counted as receive errors"
+    );
 }
 
 /// Forged unreachable errors whose codes map to `ENOPROTOOPT` (2,
@@ -297,7 +255,7 @@ fn forged_protocol_unreachable_errors_do_not_turn_segmentation_offload_off() {
         sock,
         mapped,
     } = a_flow_and_its_pool_port(46300);
-    let sprayer = Sprayer::start(&lab, mapped.port(), |n| if n % 2 == 0 { 2 } else { 5 });
+    let sprayer = spray(&lab, mapped.port(), |n| if n % 2 == 0 { 2 } else { 5 });
     // Bursts of ten equal datagrams: the listener reads a burst in one
     // batch and sends it on as one train.
     let payload = [0x42u8; 100];
@@ -320,5 +278,168 @@ fn forged_protocol_unreachable_errors_do_not_turn_segmentation_offload_off() {
         !stopped.log.contains("refuses UDP segmentation offload"),
         "a forged ICMP error turned segmentation offload off:\n{}",
         stopped.log
+    );
+}
+
+/// Drops every IP fragment arriving in `ns`, before reassembly: a path
+/// that filters fragments, as many firewalls and NATs on the way do.
+fn drop_fragments(ns: &lab::Netns) {
+    ns.sh("nft add table ip nofrag
+         nft add chain ip nofrag pre '{ type filter hook prerouting priority -500; }'
+         nft add rule ip nofrag pre ip frag-off \\& 0x3fff != 0 counter drop");
+}
+
+/// An off-path host that knows a pool socket's port (every server the
+/// client talks to sees it) forges ICMP "fragmentation needed" at it
+/// (three, should one be lost), naming a next-hop MTU of 552 bytes towards
+/// the flow's server. Taken as
+/// true, it would shrink the gateway's path MTU to that server for ten
+/// minutes, for every flow of every client: their datagrams over 552 bytes
+/// would leave in fragments, which a path that filters fragments drops.
+/// The flow's 1,200-byte datagrams must still come back whole, and the
+/// gateway's route to the server keep its MTU.
+#[test]
+fn a_forged_fragmentation_needed_does_not_shrink_the_path_to_a_server() {
+    let _one = one_at_a_time();
+    const ECHOES: usize = 200;
+    let FlowUnderFire {
+        lab,
+        echo,
+        daemon,
+        sock,
+        mapped,
+    } = a_flow_and_its_pool_port(46400);
+    drop_fragments(&lab.servers[0]);
+    let (gw, server) = (v4(gateway_wan4(0)), v4(server4(0)));
+    let raw = raw_icmp_socket(&lab.servers[0]);
+    for _ in 0..3 {
+        assert!(forge(
+            &raw,
+            &frag_needed(552, (gw, mapped.port()), (server, echo.addr.port())),
+            gw
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let route = lab.gateway.sh(&format!("ip -4 route get {server}"));
+    let receiver = collect_echoes(sock.try_clone().unwrap(), echo.addr, ECHOES);
+    send_paced(
+        &sock,
+        ECHOES,
+        1_000,
+        |_| echo.addr,
+        |i| {
+            let mut payload = format!("echo {i} ").into_bytes();
+            payload.resize(1_200, b'.');
+            payload
+        },
+    );
+    let (got, strangers) = receiver.join().unwrap();
+    let dropped = lab.servers[0].sh("nft list chain ip nofrag pre");
+    let stopped = daemon.stop();
+    eprintln!(
+        "{} of {ECHOES} echoes of 1,200 bytes back after a forged fragmentation needed; route: {}; {} send \
+         errors\n{dropped}",
+        got.len(),
+        route.split_whitespace().collect::<Vec<_>>().join(" "),
+        stopped.counter("upstream_send_errors"),
+    );
+    assert!(strangers.is_empty(), "replies from others: {strangers:?}");
+    assert!(
+        !route.contains(" mtu "),
+        "a forged ICMP error set the gateway's path MTU to the server: {route}"
+    );
+    assert!(
+        got.len() * 100 >= ECHOES * 98,
+        "{} of {ECHOES} echoes came back",
+        got.len()
+    );
+}
+
+/// tproxyd's side of a SOCKS5 association in the gateway: the UDP socket
+/// connected to the proxy's relay port, as `ss` shows it (local, peer).
+fn association(lab: &Lab, proxy: SocketAddr) -> (SocketAddr, SocketAddr) {
+    let out = lab.gateway.sh("ss -uanH");
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, peer) = (f.get(3)?.parse().ok()?, f.get(4)?.parse::<SocketAddr>().ok()?);
+            (peer.ip() == proxy.ip() && peer.port() != proxy.port()).then_some((local, peer))
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no association to {proxy} in:\n{out}"))
+}
+
+/// A SOCKS5 association's UDP socket is connected to the proxy's relay
+/// port, so the kernel keeps an ICMP error about it pending (one forged
+/// by a host that knows both ports, or a real one about an earlier
+/// datagram), and the socket's next send fails with it once, having sent
+/// nothing. Errors of every code forged at the association while its flow
+/// exchanges datagrams must not cost the flow a datagram.
+#[test]
+fn forged_icmp_errors_at_a_socks5_association_do_not_cost_its_flow_datagrams() {
+    let _one = one_at_a_time();
+    const ECHOES: usize = 2_000;
+    let lab = Lab::with_servers(2);
+    lab.route_between_servers();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let proxy = sa(server4(1), 1080);
+    lab.danted(1, proxy, false);
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let daemon = lab.start_tproxyd(&format!(
+        "{}[[relay.rules]]\ndestinations = [\"198.51.100.0/25\"]\naction = \"socks5\"\nsocks5 = \"{proxy}\"\n",
+        config()
+    ));
+    let sock = big_socket(&lab.client, sa(CLIENT4.parse().unwrap(), 46500));
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    sock.send_to(b"hello", echo.addr).unwrap();
+    let mut buf = [0u8; 64];
+    let (_, from) = sock.recv_from(&mut buf).expect("the first echo");
+    assert_eq!(from, echo.addr);
+    let (local, relay) = association(&lab, proxy);
+    let (gw, relay_ip) = (v4(gateway_wan4(1)), v4(relay.ip()));
+    let sprayer = Sprayer::start(&lab.servers[1], gw, 16, move |n| {
+        icmp_error(
+            3,
+            (n % 16) as u8,
+            [0; 4],
+            (gw, local.port()),
+            (relay_ip, relay.port()),
+            40,
+        )
+    });
+    let receiver = collect_echoes(sock.try_clone().unwrap(), echo.addr, ECHOES);
+    send_paced(
+        &sock,
+        ECHOES,
+        2_000,
+        |_| echo.addr,
+        |i| format!("echo {i}").into_bytes(),
+    );
+    let (got, strangers) = receiver.join().unwrap();
+    let forged = sprayer.finish();
+    let reached = echo.received().len() - 1;
+    let stopped = daemon.stop();
+    let failed = stopped.counter("upstream_send_errors");
+    eprintln!(
+        "{} of {reached} echoes back through SOCKS5 during {forged} forged ICMP errors at {local} about {relay}: \
+         {failed} send errors, {} counted as unreachable, {} receive errors",
+        got.len(),
+        stopped.counter("upstream_unreachable"),
+        stopped.counter("receive_errors"),
+    );
+    assert!(strangers.is_empty(), "replies from others: {strangers:?}");
+    assert_eq!(stopped.counter("socks5_associations"), 1, "{}", stopped.log);
+    assert!(
+        failed * 100 <= ECHOES as u64 * 5,
+        "{failed} of {ECHOES} datagrams failed to leave ({reached} reached the server)"
+    );
+    assert!(
+        reached * 10 >= ECHOES * 9,
+        "only {reached} of {ECHOES} reached the server"
+    );
+    assert!(
+        got.len() * 100 >= reached * 98,
+        "{reached} reached the server, {} came back",
+        got.len()
     );
 }

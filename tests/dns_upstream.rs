@@ -8,9 +8,8 @@ mod lab;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 use lab::dns::dig;
-use lab::fake_dns::{
-    Behaviour, FakeDns, FakeTcpDns, ephemeral_ports, icmp_unreachable, query_bytes, raw_icmp_socket, response, v4,
-};
+use lab::fake_dns::{Behaviour, FakeDns, FakeTcpDns, ephemeral_ports, query_bytes, response, v4};
+use lab::icmp::{Sprayer, icmp_unreachable, raw_icmp_socket};
 use lab::udp::socket;
 use lab::{CLIENT4, Daemon, Lab, gateway_wan4, sa};
 use std::collections::{HashMap, HashSet};
@@ -138,12 +137,22 @@ fn server_metric(text: &str, family: &str, server: SocketAddr) -> u64 {
     )
 }
 
+/// The two tests that spray forged ICMP errors as fast as a thread can:
+/// run together they would load the machine for each other (as in
+/// tests/attacks_relay.rs). One at a time.
+static SPRAYING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_spray_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SPRAYING.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn start(lab: &Lab, config: &str) -> Daemon {
     lab.start_tproxyd(config)
 }
 
 #[test]
 fn spoofed_icmp_unreachable_of_every_code_never_stops_forwarding() {
+    let _one = one_spray_at_a_time();
     let lab = lab(1);
     // Answers take 100 ms, so there are always queries in flight to hit.
     let _up = FakeDns::start(
@@ -207,6 +216,68 @@ fn spoofed_icmp_unreachable_of_every_code_never_stops_forwarding() {
         warnings <= 3,
         "warnings are rate-limited: {warnings} lines for {hit} errors"
     );
+}
+
+/// An off-path host sprays forged ICMP errors of every code over the
+/// gateway's ephemeral ports while a client's misses go out. One that
+/// lands on a query's socket after the socket was cleaned and before its
+/// query left (a socket just opened, or taken from the pool) fails the
+/// send once, having sent nothing: the query must still go out and be
+/// answered, and the server never be counted as failing.
+///
+/// To hit that moment often enough to see, the gateway's ephemeral range
+/// is cut to 256 ports and the pools' share of a small descriptor budget
+/// fills at once, so that most queries take a one-off socket on one of
+/// those ports: the spray comes round to each about every few
+/// milliseconds.
+#[test]
+fn forged_icmp_errors_landing_before_a_querys_send_do_not_fail_it() {
+    let _one = one_spray_at_a_time();
+    const QUERIES: u16 = 5_000;
+    let lab = lab(1);
+    lab.gateway.sh("sysctl -qw net.ipv4.ip_local_port_range='40000 40255'");
+    let _up = FakeDns::start(&lab.servers[0], upstream(0), Behaviour::answer(REAL));
+    let config = config(&[upstream(0)], "2s", "1500ms", "").replace("[relay]\n", "[relay]\nfd_budget = 600\n");
+    let daemon = start(&lab, &config);
+    let (gw, up) = (v4(gateway_wan4(0)), v4(upstream(0).ip()));
+    // Every code on every port, shifting each round.
+    let sprayer = Sprayer::start(&lab.servers[0], gw, 400, move |n| {
+        let port = 40_000 + (n % 256) as u16;
+        let code = ((n + n / 256) % 16) as u8;
+        icmp_unreachable(code, gw, port, up)
+    });
+    let (sock, to) = client(&lab, 41_500);
+    let (mut real, mut other) = (0, Vec::new());
+    for batch in 0..QUERIES / 50 {
+        for i in 0..50u16 {
+            let k = batch * 50 + i;
+            sock.send_to(&query_bytes(k, &format!("q{k}.window.test."), RecordType::A), to)
+                .unwrap();
+        }
+        for (id, m) in replies(&sock, 50, Duration::from_secs(5)) {
+            if m.metadata.response_code == ResponseCode::NoError && a_records(&m) == [REAL] {
+                real += 1;
+            } else {
+                other.push((id, m.metadata.response_code));
+            }
+        }
+    }
+    let forged = sprayer.finish();
+    let m = metrics(&lab);
+    let failed = server_metric(&m, "errors_total", upstream(0));
+    let icmp = server_metric(&m, "receive_errors_total", upstream(0));
+    let stopped = daemon.stop();
+    eprintln!(
+        "{real} of {QUERIES} answered during {forged} forged ICMP errors; {} otherwise answered; the server counted \
+         failed {failed} times, {icmp} receive errors; {} sockets opened, {} one-off",
+        other.len(),
+        stopped.counter("dns_upstream_sockets_opened"),
+        stopped.counter("dns_upstream_sockets_unpooled")
+    );
+    assert!(icmp > 0, "no forged error reached a query socket ({forged} sent)");
+    assert!(other.is_empty(), "answers other than the real one: {other:?}");
+    assert_eq!(failed, 0, "sends failed by forged errors");
+    assert_eq!(real, usize::from(QUERIES), "every query answered");
 }
 
 #[test]

@@ -645,6 +645,21 @@ fn thread_nice_values(pid: u32) -> Vec<(String, i32)> {
         .collect()
 }
 
+/// The daemon's threads once a runtime worker has named itself. A new
+/// thread shows its parent's name until it first runs and names itself,
+/// and the daemon is ready (its main thread runs the server) before a
+/// worker on a loaded machine has run at all.
+fn threads_once_a_worker_is_named(pid: u32) -> Vec<(String, i32)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let threads = thread_nice_values(pid);
+        if threads.iter().any(|(n, _)| n.starts_with("tokio-rt")) || std::time::Instant::now() > deadline {
+            return threads;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn every_thread_runs_at_the_configured_nice_value_also_after_dropping_privileges() {
     let lab = Lab::new();
@@ -653,7 +668,7 @@ fn every_thread_runs_at_the_configured_nice_value_also_after_dropping_privileges
         &["nice", "-n", "3"],
         "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n",
     );
-    let threads = thread_nice_values(daemon.pid());
+    let threads = threads_once_a_worker_is_named(daemon.pid());
     assert!(threads.iter().any(|(n, _)| n.starts_with("tokio-rt")), "{threads:?}");
     let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
     let own: i32 = own
@@ -671,7 +686,7 @@ fn every_thread_runs_at_the_configured_nice_value_also_after_dropping_privileges
     // Asked for, and kept after the switch to an unprivileged user (which
     // could not have set a negative value itself).
     let daemon = lab.start_tproxyd("mark = 255\nnice = -2\nuser = \"nobody\"\n[relay]\nlisten = [\"0.0.0.0:15353\"]\n");
-    let threads = thread_nice_values(daemon.pid());
+    let threads = threads_once_a_worker_is_named(daemon.pid());
     assert!(threads.iter().any(|(n, _)| n.starts_with("tokio-rt")), "{threads:?}");
     assert!(threads.iter().all(|(_, nice)| *nice == -2), "{threads:?}");
     drop(daemon);

@@ -17,6 +17,12 @@ pub fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
+/// Sends or receives of one message tried again after an error an ICMP
+/// message may have left pending (see [`pending_icmp_error`]): more than
+/// one, since a thread preempted between a failed try and the next lets
+/// another such error land (a forged spray does that under load).
+pub const ICMP_RETRIES: u32 = 3;
+
 /// True for the errors an ICMP error message leaves pending on a socket
 /// (`sk_err`, with `IP_RECVERR` on an unconnected one) about an *earlier*
 /// datagram: the socket's next send or receive fails with it once and

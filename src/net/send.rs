@@ -21,7 +21,7 @@ use std::os::fd::RawFd;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use super::would_block;
+use super::{ICMP_RETRIES, would_block};
 
 /// Set once the kernel has refused UDP segmentation offload outright.
 static GSO_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
@@ -33,11 +33,6 @@ static GSO_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 static GSO_STRIKES: AtomicU32 = AtomicU32::new(0);
 /// Refusals in a row that mean the kernel has no offload.
 const GSO_STRIKES_OUT: u32 = 3;
-/// Sends of one message tried again after an error an ICMP message may
-/// have left pending (see [`super::pending_icmp_error`]): more than one,
-/// since a thread preempted between a failed send and its retry lets
-/// another such error land (a forged spray does that under load).
-const ICMP_RETRIES: u32 = 3;
 /// Most segments per GSO send (the kernel's UDP_MAX_SEGMENTS floor).
 pub const GSO_MAX_SEGMENTS: usize = 64;
 /// Most bytes per GSO send: one super-datagram must stay under 64 KiB.
@@ -241,6 +236,52 @@ fn gso_refused(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::ENOPROTOOPT | libc::EOPNOTSUPP | libc::EINVAL | libc::EMSGSIZE | libc::EIO)
     )
+}
+
+/// Sends `bytes` on the connected `socket`, straight to the kernel (the
+/// reactor may not have reported a new socket writable yet); how many ICMP
+/// errors pending on it failed a try first, for the caller to count.
+///
+/// A connected socket keeps the last hard ICMP error about it pending
+/// (port, protocol or host unreachable, prohibited, ...: forged at its
+/// port by anyone who knows it and the peer, or real, about an earlier
+/// datagram), and the next send fails with it once, having sent nothing
+/// (see [`super::pending_icmp_error`]): tried again, up to
+/// [`ICMP_RETRIES`] times, since a thread preempted between tries lets
+/// another land. A real failure of the same kind repeats and is returned.
+pub async fn send_connected(socket: &tokio::net::UdpSocket, bytes: &[u8]) -> io::Result<u64> {
+    let mut cleared = 0;
+    loop {
+        let result = match socket2::SockRef::from(socket).send(bytes) {
+            Err(e) if would_block(&e) => socket.send(bytes).await,
+            other => other,
+        };
+        match result {
+            Ok(_) => return Ok(cleared),
+            Err(e) if super::pending_icmp_error(&e) && cleared < u64::from(ICMP_RETRIES) => cleared += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// As [`send_connected`], for a socket in the reactor for reading only
+/// (`dns::upstream::ports::PoolSocket`): there is no writable event to wait
+/// for, so a full buffer, which one small query on an idle socket does not
+/// meet, is tried again after `retry`.
+pub async fn send_connected_read_only(
+    socket: &tokio::io::unix::AsyncFd<std::net::UdpSocket>,
+    bytes: &[u8],
+    retry: std::time::Duration,
+) -> io::Result<u64> {
+    let mut cleared = 0;
+    loop {
+        match socket.get_ref().send(bytes) {
+            Ok(_) => return Ok(cleared),
+            Err(e) if would_block(&e) => tokio::time::sleep(retry).await,
+            Err(e) if super::pending_icmp_error(&e) && cleared < u64::from(ICMP_RETRIES) => cleared += 1,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Sends every message on `fd` with as few `sendmmsg` calls as possible.
@@ -593,5 +634,29 @@ mod tests {
             let (n, from) = rx.recv_from(&mut buf).unwrap();
             assert_eq!((&buf[..n], from), (p.as_slice(), tx.local_addr().unwrap()));
         }
+    }
+
+    #[tokio::test]
+    async fn a_send_failed_by_an_icmp_error_about_an_earlier_datagram_is_tried_again() {
+        // A closed port on loopback: each datagram to it leaves the
+        // kernel's port unreachable pending on the connected socket.
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = closed.local_addr().unwrap();
+        drop(closed);
+        let std = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        std.connect(to).unwrap();
+        std.set_nonblocking(true).unwrap();
+        let socket = tokio::net::UdpSocket::from_std(std).unwrap();
+        let pending = || {
+            socket2::SockRef::from(&socket).send(b"earlier").unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        // What a plain send does then: fails, having sent nothing.
+        pending();
+        let e = socket2::SockRef::from(&socket).send(b"query").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
+        // The query's send goes out, and says it met one error.
+        pending();
+        assert_eq!(send_connected(&socket, b"query").await.unwrap(), 1);
     }
 }

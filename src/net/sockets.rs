@@ -132,10 +132,52 @@ pub fn marked_udp(local: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     Ok(sock.into())
 }
 
+/// Has an IPv4 upstream socket take no path MTU from ICMP
+/// (`IP_PMTUDISC_OMIT`): it ignores "fragmentation needed" messages and
+/// the path MTU other sockets learnt, sends without DF, and fragments only
+/// beyond the interface's MTU (routers on the way may fragment further).
+///
+/// Why: an ICMP "fragmentation needed" about a pool socket's port is
+/// believed by the kernel from anyone, and every server a client talks to
+/// sees that port. One forged message naming an MTU of 552 set the
+/// gateway's path MTU to the server it quotes, for ten minutes and for
+/// every socket that takes path MTUs: every flow's datagrams over 552
+/// bytes then left in fragments, and a path that drops fragments lost all
+/// of them (tests/attacks_relay.rs). The relay does not carry the client's
+/// DF bit anyway, so nothing is given up that the client relied on.
+///
+/// IPv6 is left as it is: its routers never fragment, so a socket that
+/// ignored real "packet too big" messages would lose its big datagrams on
+/// a narrower path for good, and the kernel never believes an IPv6 path
+/// MTU under 1,280 bytes, however forged.
+fn ignore_path_mtu(sock: &Socket, remote: SocketAddr) -> io::Result<()> {
+    if remote.is_ipv6() {
+        return Ok(());
+    }
+    use std::os::fd::AsRawFd;
+    let omit: libc::c_int = libc::IP_PMTUDISC_OMIT;
+    // SAFETY: setsockopt with a c_int value of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&omit as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A marked socket connected to `remote`, on a port the kernel picks at
 /// random across the ephemeral range when it connects (one DNS query's
-/// socket). Created non-blocking and left unbound until `connect`: three
-/// system calls, the fewest that give a fresh random port.
+/// socket). Created non-blocking and left unbound until `connect`: four
+/// system calls, the fewest that give a fresh random port and ignore
+/// forged path MTUs ([`ignore_path_mtu`]).
 pub fn marked_connected_udp(remote: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let sock = Socket::new(
         Domain::for_address(remote),
@@ -143,6 +185,7 @@ pub fn marked_connected_udp(remote: SocketAddr, mark: u32) -> io::Result<UdpSock
         Some(Protocol::UDP),
     )?;
     sock.set_mark(mark)?;
+    ignore_path_mtu(&sock, remote)?;
     sock.connect(&remote.into())?;
     Ok(sock.into())
 }
@@ -197,6 +240,7 @@ pub fn flow_upstream(
 ) -> io::Result<UdpSocket> {
     let sock = udp_socket(remote)?;
     sock.set_mark(mark)?;
+    ignore_path_mtu(&sock, remote)?;
     if let Some(dev) = device {
         sock.bind_device(Some(dev.as_bytes()))?;
     }

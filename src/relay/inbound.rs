@@ -167,8 +167,11 @@ impl Gather {
         let asked = recv::BATCH.min(self.batch.room());
         let mut result = self.batch.recv_more(fd, asked);
         // An ICMP error for an earlier datagram fails one receive (it is
-        // counted from the error queue): read again.
-        if matches!(&result, Err(e) if crate::net::pending_icmp_error(e)) {
+        // counted from the error queue): read again, a few times, since a
+        // spray of forged errors can land another between two reads.
+        let mut tries = 0;
+        while tries < crate::net::ICMP_RETRIES && matches!(&result, Err(e) if crate::net::pending_icmp_error(e)) {
+            tries += 1;
             result = self.batch.recv_more(fd, asked);
         }
         match result {
@@ -358,6 +361,11 @@ fn serve(watch: &Watch, g: &mut Gather, ctx: &RelayContext, dominant: Option<Cli
             watch.io.poll_read_ready(&mut cx).is_pending()
         }
         Ok(false) => false,
+        // Still an ICMP error after the retries (a spray): counted from the
+        // error queue already, and nothing was lost; read again later. As a
+        // receive error too, one forged message would count twice, and
+        // anyone could make that counter tick.
+        Err(e) if crate::net::pending_icmp_error(&e) => false,
         Err(e) => {
             ctx.stats().receive_errors.inc();
             tracing::debug!(error = %e, "upstream receive failed");
@@ -479,7 +487,12 @@ pub async fn socks_pump(
             out = rx.recv() => {
                 let Some(out) = out else { return };
                 socks5::encode_udp(out.dst, &out.payload, &mut wrapped);
-                let sent = assoc.udp.send(&wrapped).await.map(|_| 1);
+                // Past ICMP errors pending on the association (each
+                // counted once, here or by the receive below).
+                let sent = crate::net::send::send_connected(&assoc.udp, &wrapped).await.map(|cleared| {
+                    ctx.stats().upstream_unreachable.add(cleared);
+                    1
+                });
                 count_sent(ctx.stats(), Direction::Upstream, &sent, &[&out.payload]);
             }
             got = assoc.udp.recv(&mut inbound) => match got {
@@ -490,9 +503,9 @@ pub async fn socks_pump(
                         tracing::debug!(error = %e, "bad datagram from the SOCKS5 relay");
                     }
                 },
-                // No error queue here: the relay's ICMP error is seen once,
-                // as this failure.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => ctx.stats().upstream_unreachable.inc(),
+                // No error queue here: an ICMP error about the relay, of
+                // any code, is seen once, as this failure or a send's.
+                Err(e) if crate::net::pending_icmp_error(&e) => ctx.stats().upstream_unreachable.inc(),
                 Err(e) => tracing::debug!(error = %e, "SOCKS5 relay receive failed"),
             },
             // The server never speaks on the control connection after the

@@ -401,56 +401,6 @@ pub fn query_bytes(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
     m.to_vec().unwrap()
 }
 
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An ICMP destination-unreachable with `code`, quoting a UDP datagram
-/// `quoted_src:quoted_port → quoted_dst:53` (what a router or a spoofer
-/// would send back about it).
-pub fn icmp_unreachable(code: u8, quoted_src: Ipv4Addr, quoted_port: u16, quoted_dst: Ipv4Addr) -> Vec<u8> {
-    let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0];
-    ip.extend_from_slice(&quoted_src.octets());
-    ip.extend_from_slice(&quoted_dst.octets());
-    let c = checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut udp = Vec::new();
-    udp.extend_from_slice(&quoted_port.to_be_bytes());
-    udp.extend_from_slice(&53u16.to_be_bytes());
-    udp.extend_from_slice(&20u16.to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(&[0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-    let mut icmp = vec![3, code, 0, 0, 0, 0, 0, 0];
-    if code == 4 {
-        // "Fragmentation needed": a plausible next-hop MTU.
-        icmp[6..8].copy_from_slice(&1400u16.to_be_bytes());
-    }
-    icmp.extend_from_slice(&ip);
-    icmp.extend_from_slice(&udp);
-    let c = checksum(&icmp);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    icmp
-}
-
-/// A raw ICMP socket in `ns`, for forging ICMP errors.
-pub fn raw_icmp_socket(ns: &Netns) -> socket2::Socket {
-    ns.enter(|| {
-        socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::RAW,
-            Some(socket2::Protocol::ICMPV4),
-        )
-        .expect("raw ICMP socket")
-    })
-}
-
 /// The ephemeral port range of `ns`.
 pub fn ephemeral_ports(ns: &Netns) -> (u16, u16) {
     let text = ns.sh("cat /proc/sys/net/ipv4/ip_local_port_range");

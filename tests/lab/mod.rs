@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod dns;
 pub mod fake_dns;
 pub mod flood;
+pub mod icmp;
 pub mod nft;
 pub mod socks;
 pub mod stun;

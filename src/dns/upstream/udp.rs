@@ -20,7 +20,8 @@
 //!
 //! A query costs three system calls here: the `recv` that finds the
 //! reused socket empty, the `send` and the `recv` of the answer. Opening
-//! and closing sockets (`socket`, `setsockopt(SO_MARK)`, `connect`, two
+//! and closing sockets (`socket`, two `setsockopt` (`SO_MARK`, and
+//! `IP_MTU_DISCOVER` for IPv4), `connect`, two
 //! `epoll_ctl`, `close`) happens once per socket, not per query, and a
 //! socket's port changes with two `connect`s every 32 queries.
 
@@ -34,6 +35,7 @@ use super::Answer;
 use super::health::Health;
 use super::ports::ServerSockets;
 use crate::dns::plain_answer;
+use crate::net::send::send_connected_read_only;
 use crate::ratelog::RateLimit;
 use crate::stats::Stats;
 
@@ -94,16 +96,15 @@ impl Exchange<'_> {
         // Straight to the kernel. The pool's sockets are in the reactor for
         // reading only (`ports::PoolSocket`): one query on an idle socket
         // does not fill its buffer, and if it ever did, the retry waits a
-        // moment rather than for a writable event.
+        // moment rather than for a writable event. An ICMP error that
+        // landed since the pool's clean (forged at the socket's port, or
+        // real) would fail the send, and the query go to the next server or
+        // be answered SERVFAIL: tried past it.
         let socket = lease.socket();
-        loop {
-            match socket.get_ref().send(&bytes) {
-                Ok(_) => break,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::time::sleep(SEND_RETRY).await;
-                }
-                Err(e) => return Err(e),
-            }
+        let cleared = send_connected_read_only(socket, &bytes, SEND_RETRY).await?;
+        if cleared > 0 {
+            self.health.receive_errors.add(cleared);
+            self.stats.receive_errors.add(cleared);
         }
         loop {
             let mut ready = socket.readable().await?;
