@@ -6,6 +6,13 @@
 //! runs minutes later put tproxyd at or below the kernel). So the paths
 //! take turns, [`RUNS`] short runs each, the order swapped every round,
 //! and each percentile reported is the median of the per-run ones.
+//!
+//! The relay floor (`floor.rs`) takes its turns too: the same two
+//! wake-ups and six system calls per round trip as tproxyd, and nothing
+//! else, so tproxyd minus the floor is tproxyd's own part of the added
+//! RTT and the floor minus the kernel is what any user-space relay pays
+//! here. `BENCH_RELAY_EXTRA` (see `setup::config`) sets relay options of
+//! the daemon, e.g. `busy_poll_us = 50`.
 
 use crate::Options;
 use crate::setup::{self, SERVER, sh, sleep_ms};
@@ -34,7 +41,7 @@ type Percentiles = [f64; 3];
 pub fn run(opts: &Options) -> Vec<Result> {
     let lab = setup::lab();
     let log = lab.path("sockperf-server.log");
-    for port in ["11111", "11112", "11113"] {
+    for port in ["11111", "11112", "11113", &setup::FLOOR_PORT.to_string()] {
         lab.spawn(&lab.servers[0], "sockperf", &["sr", "-i", SERVER, "-p", port], &log);
     }
     // The floor for any userspace relay: socat reading and writing each
@@ -51,6 +58,9 @@ pub fn run(opts: &Options) -> Vec<Result> {
         ],
         &socat_log,
     );
+    // The relay floor (`floor.rs`): what any user-space relay on
+    // tproxyd's kernel path pays per round trip, wake-ups included.
+    setup::floor(&lab, &[]);
     let _daemon = setup::tproxyd(&lab, &[], "");
     sleep_ms(500);
     let (runs, secs) = if opts.quick {
@@ -64,12 +74,13 @@ pub fn run(opts: &Options) -> Vec<Result> {
         ("kernel forwarding", SERVER, 11111, ""),
         ("tproxyd", SERVER, 11112, ""),
         ("socat", "192.0.2.1", 6001, " --client_port 6002"),
+        ("relay floor", SERVER, setup::FLOOR_PORT, ""),
     ];
     let mut seen: Vec<Vec<Percentiles>> = vec![Vec::new(); paths.len()];
     for round in 0..runs {
         // Kernel and tproxyd swap places every round, so neither always
         // runs right after the other (or after socat).
-        let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [1, 0, 2] };
+        let order: [usize; 4] = if round % 2 == 0 { [0, 1, 2, 3] } else { [1, 0, 3, 2] };
         for i in order {
             let (system, host, port, client_port) = paths[i];
             let text = sh(

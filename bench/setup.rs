@@ -80,7 +80,10 @@ pub fn floor(lab: &Lab, wrapper: &[&str]) -> u32 {
 }
 
 /// tproxyd's bench config: room for 200,000 flows, metrics on, DNS on.
+/// `BENCH_RELAY_EXTRA` adds lines to its `[relay]` table (e.g.
+/// `busy_poll_us = 50`), for A/B runs of relay options.
 pub fn config(extra: &str) -> String {
+    let relay_extra = std::env::var("BENCH_RELAY_EXTRA").unwrap_or_default();
     format!(
         r#"mark = 255
 log_level = "warn"
@@ -90,6 +93,7 @@ listen = "{ADMIN}"
 [relay]
 listen = ["0.0.0.0:{RELAY_PORT}"]
 session_capacity = 200000
+{relay_extra}
 [dns]
 listen = ["192.0.2.1:53"]
 allow = ["192.0.2.0/24"]

@@ -190,6 +190,7 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let user = config.user.clone();
     let pid_file = config.pid_file.clone();
     let workers = config.workers;
+    let busy_poll = std::time::Duration::from_micros(config.relay.busy_poll_us.into());
     let prepared = server::prepare(config)?;
     // Still one thread: capabilities are per thread, so this must come
     // before the runtime starts its workers.
@@ -212,6 +213,12 @@ fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(workers.map_or_else(default_workers, |n| n.get()));
+    // Before any socket is watched: the relay adds its sockets as it makes
+    // them. A worker about to sleep spins first (see `net::spin`).
+    tproxyd::net::spin::install(busy_poll).context("busy polling")?;
+    if tproxyd::net::spin::enabled() {
+        builder.on_thread_park(tproxyd::net::spin::while_idle);
+    }
     let runtime = builder.enable_all().build().context("starting the async runtime")?;
     let stats = runtime.block_on(async move {
         let (tx, events) = mpsc::unbounded_channel();

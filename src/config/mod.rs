@@ -136,6 +136,13 @@ pub struct RelayConfig {
     /// over TCP and DNS upstreams keep working when flows take the rest.
     #[serde(default = "RelayConfig::default_fd_reserve")]
     pub fd_reserve: usize,
+    /// Busy polling, in microseconds: a worker with nothing to do first
+    /// checks the relay's sockets for this long before it sleeps, so a
+    /// reply or the next request that comes within it is relayed without a
+    /// wake-up. Costs up to this much CPU per idle stretch; 0 (the
+    /// default) turns it off. Read at start only. See `net::spin`.
+    #[serde(default)]
+    pub busy_poll_us: u32,
     /// Per-flow routing, first match wins; unmatched flows go direct.
     #[serde(default)]
     pub rules: Vec<Spanned<UdpRuleConfig>>,
@@ -200,6 +207,7 @@ impl Default for RelayConfig {
             shed_after_ms: Self::default_shed_after_ms(),
             fd_budget: None,
             fd_reserve: Self::default_fd_reserve(),
+            busy_poll_us: 0,
             rules: Vec::new(),
         }
     }

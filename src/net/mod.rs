@@ -8,6 +8,7 @@ pub mod raw;
 pub mod recv;
 pub mod send;
 pub mod sockets;
+pub mod spin;
 
 use std::io;
 

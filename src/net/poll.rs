@@ -84,6 +84,14 @@ impl Poller {
         Ok(())
     }
 
+    /// Whether any watched socket is ready now, without waiting (an
+    /// error counts as not ready).
+    pub fn any_ready(&self) -> bool {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: room for one event; the kernel writes at most one.
+        unsafe { libc::epoll_wait(self.fd.as_raw_fd(), &mut ev, 1, 0) > 0 }
+    }
+
     /// The sockets ready now, without waiting: at most `raw.capacity()`
     /// of them (at least one), into `out`. `raw` is the kernel's scratch.
     pub fn ready(&self, raw: &mut Vec<libc::epoll_event>, out: &mut Vec<Event>) -> io::Result<usize> {

@@ -61,6 +61,7 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
     let members: Vec<Member> = sockets
         .into_iter()
         .map(|socket| {
+            crate::net::spin::watch(std::os::fd::AsRawFd::as_raw_fd(&socket));
             Ok(Member {
                 local: socket.local_addr()?,
                 socket,
