@@ -1187,7 +1187,11 @@ fn recv_stamped(socket: &std::net::UdpSocket) -> Option<Duration> {
 /// the quiet client arrive, that one last; once it runs again, the quiet client's reply
 /// must reach the client before half of the flood's. Served in the order
 /// the sockets became ready, it came after nearly all of them. Judged by
-/// the client's kernel receive times, so by order, not by speed.
+/// the client's kernel receive times, so by order, not by speed. Before
+/// the hold, a flood flow that shares the quiet client's pool socket is
+/// answered once, so that the socket's last read held only the flood's
+/// reply: one such reply must not put the quiet client's socket behind
+/// the flood's.
 #[test]
 fn a_quiet_clients_reply_is_not_delivered_behind_a_floods_waiting_replies() {
     const N: usize = 1_000;
@@ -1261,8 +1265,32 @@ fn a_quiet_clients_reply_is_not_delivered_behind_a_floods_waiting_replies() {
     let peers: Vec<_> = peers.into_values().collect();
     flooder.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     while lab::udp::recv(&flooder).is_some() {}
-    // The quiet client's socket last carried its own reply.
     let quiet_peer = quiet_exchange(b"b");
+    // The flood's first flows took the pool socket the quiet client's
+    // flow already held (other clients' flows share sockets).
+    let (shared, others): (Vec<&std::net::SocketAddr>, Vec<_>) = peers.iter().partition(|p| **p == quiet_peer);
+    assert!(
+        !shared.is_empty(),
+        "no flood flow shares the quiet client's pool socket: this test needs one"
+    );
+    // The flooder busy again on its flows, so that it dominates; then the
+    // flood flow on the quiet client's socket is answered once more, and
+    // that socket's last read holds only the flooder's reply. It must not
+    // make the quiet client's socket heavy: a light socket turned heavy by
+    // one flood reply served the quiet client's next reply behind the
+    // whole flood's.
+    for i in 0..200u16 {
+        flooder.send_to(b"busy", sa(server, FIRST + i % N as u16)).unwrap();
+    }
+    // Read by the listener (and counted) before the reply comes.
+    std::thread::sleep(Duration::from_millis(50));
+    for peer in &shared {
+        folded.send_to(b"w", **peer).unwrap();
+    }
+    assert!(
+        lab::udp::recv(&flooder).is_some(),
+        "the flood flow's reply on the shared socket"
+    );
 
     for s in [&flooder, &quiet] {
         nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::ReceiveTimestampns, &true).unwrap();
@@ -1271,7 +1299,6 @@ fn a_quiet_clients_reply_is_not_delivered_behind_a_floods_waiting_replies() {
         let _held = Paused::new(daemon.pid());
         // A flood flow that shares the quiet client's pool socket is
         // answered last, so that the socket becomes ready after all others.
-        let (shared, others): (Vec<&std::net::SocketAddr>, Vec<_>) = peers.iter().partition(|p| **p == quiet_peer);
         for peer in others {
             folded.send_to(b"z", *peer).unwrap();
         }

@@ -37,7 +37,7 @@ use super::key::ClientId;
 use super::pool::PoolSocket;
 use super::pool_readers::{PoolReader, Watch};
 use super::reply::{self, Pending, ReplyScratch};
-use super::reply_order::ReplyOrder;
+use super::reply_order::{self, ReplyOrder};
 use super::session::{MAX_DATAGRAM, Outbound, Session};
 use super::slice::{Slice, Step};
 use super::socks5::{self, Socks5Server};
@@ -279,7 +279,7 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
             {
                 let watched = lock(&reader.sockets);
                 for watch in tokens.drain(..).filter_map(|t| watched.slots.get(t)?.clone()) {
-                    let heavy = watch.mark.heavy.load(Ordering::Relaxed);
+                    let heavy = reply_order::is_heavy(watch.mark.dominant_reads.load(Ordering::Relaxed));
                     queued.push(watch, heavy);
                 }
             }
@@ -295,7 +295,7 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
                     // its waker queued it again meanwhile (then its token
                     // comes with the marks).
                     if !serve(&watch, g, ctx, dominant) && !watch.mark.marked.swap(true, Ordering::AcqRel) {
-                        let heavy = watch.mark.heavy.load(Ordering::Relaxed);
+                        let heavy = reply_order::is_heavy(watch.mark.dominant_reads.load(Ordering::Relaxed));
                         queued.push(watch, heavy);
                     }
                     // Sent as they come, a few dozen at a time, so that the
@@ -321,7 +321,7 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
 
 /// Serves one marked socket: if the runtime says it is readable, one
 /// receive (up to a system call's worth), filed, and the socket judged
-/// heavy or light by whose replies it held (`dominant`'s only: heavy).
+/// heavy or light by whose replies it held (see `reply_order::after_read`).
 /// True when the socket is
 /// done with for now: its queue was emptied and its readiness cleared with
 /// the tick from before the read, or it was not readable; either way its
@@ -350,8 +350,12 @@ fn serve(watch: &Watch, g: &mut Gather, ctx: &RelayContext, dominant: Option<Cli
     let from = g.pending.len();
     let read = g.read_fd(fd, ctx, &|peer| watch.socket.flow(peer));
     if let Some(filed) = g.pending.get(from..).filter(|f| !f.is_empty()) {
-        let heavy = dominant.is_some_and(|d| filed.iter().all(|p| ClientId::of(p.client.ip()) == d));
-        watch.mark.heavy.store(heavy, Ordering::Relaxed);
+        let dominant_only = dominant.is_some_and(|d| filed.iter().all(|p| ClientId::of(p.client.ip()) == d));
+        let reads = &watch.mark.dominant_reads;
+        reads.store(
+            reply_order::after_read(reads.load(Ordering::Relaxed), dominant_only),
+            Ordering::Relaxed,
+        );
     }
     match read {
         Ok(true) => {

@@ -23,7 +23,7 @@
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, RawWaker, RawWakerVTable, Waker};
 
@@ -32,6 +32,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use super::pool::PoolSocket;
+use super::reply_order::HEAVY_AFTER;
 use super::session::Session;
 use crate::net::poll::Poller;
 use crate::sync::lock;
@@ -124,11 +125,12 @@ pub(super) struct SocketWaker {
     /// Queued and not yet served; set by the waker, cleared by the reader
     /// just before it asks the runtime for the socket's readiness.
     pub(super) marked: AtomicBool,
-    /// The replies last read from the socket all went to the client that
-    /// dominates the relay's work, or none has been read yet: its reader
+    /// How many reads in a row found only replies to the client that
+    /// dominates the relay's work ([`HEAVY_AFTER`] from the start: a socket
+    /// not read yet counts as that client's). At [`HEAVY_AFTER`] its reader
     /// serves it after the others (see `relay::reply_order`). Beside
     /// `marked` and the token, in one word.
-    pub(super) heavy: AtomicBool,
+    pub(super) dominant_reads: AtomicU8,
 }
 
 impl SocketWaker {
@@ -257,7 +259,7 @@ impl PoolReader {
                 marks: self.marks.clone(),
                 token: token32,
                 marked: AtomicBool::new(false),
-                heavy: AtomicBool::new(true),
+                dominant_reads: AtomicU8::new(HEAVY_AFTER),
             },
             waker: weak_waker(me.clone()),
         });
@@ -343,7 +345,7 @@ mod tests {
                 marks: marks.clone(),
                 token: 7,
                 marked: AtomicBool::new(false),
-                heavy: AtomicBool::new(true),
+                dominant_reads: AtomicU8::new(HEAVY_AFTER),
             },
             waker: weak_waker(me.clone()),
         });

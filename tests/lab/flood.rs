@@ -177,6 +177,16 @@ pub fn send_paced(
     start.elapsed()
 }
 
+/// Where a prober logs each round trip ("destination sequence µs", one a
+/// line), if `PROBE_LOG` names a file: to match the bench's round trips
+/// with packet captures of the same probes, and so tell the time spent in
+/// the bench's own threads from the time spent on the wire.
+fn probe_log() -> Option<std::io::LineWriter<std::fs::File>> {
+    let path = std::env::var_os("PROBE_LOG")?;
+    let file = std::fs::OpenOptions::new().append(true).create(true).open(path).ok()?;
+    Some(std::io::LineWriter::new(file))
+}
+
 /// A flow that sends a datagram every `interval` whatever became of the
 /// last one (as a game or a call does), and records each one's round trip
 /// (`None` when no echo came within a second). Open loop: a stall shows in
@@ -228,6 +238,7 @@ impl Prober {
                 .name(name)
                 .spawn(move || {
                     let mut buf = [0u8; 2048];
+                    let mut log = probe_log();
                     while !stop.load(Ordering::Relaxed) {
                         let Ok((8, from)) = sock.recv_from(&mut buf) else {
                             continue;
@@ -237,6 +248,10 @@ impl Prober {
                         let mut p = probes.lock().unwrap();
                         let sent = p.sent.iter().rev().find(|(s, _)| *s == seq).map(|(_, at)| *at);
                         if let (true, Some(at)) = (from == to, sent) {
+                            if let Some(log) = log.as_mut() {
+                                use std::io::Write;
+                                let _ = writeln!(log, "{to} {seq} {}", now.duration_since(at).as_micros());
+                            }
                             p.rtts.insert(seq, now.duration_since(at));
                         }
                     }
