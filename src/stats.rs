@@ -208,9 +208,12 @@ counters! {
     dns_upstream_stale => "drops_total", "reason=\"dns_stale_upstream_datagram\"";
     /// Upstream UDP sockets opened (pool growth and rotation, one-offs).
     dns_upstream_sockets_opened => "dns_upstream_sockets_total", "op=\"opened\"";
-    /// Pooled upstream sockets closed: used up, too old, abandoned by
-    /// their query, or aimed at.
+    /// Pooled upstream sockets closed: too old and not needed, abandoned by
+    /// their query, aimed at, or their port could not be changed.
     dns_upstream_sockets_retired => "dns_upstream_sockets_total", "op=\"retired\"";
+    /// Pooled upstream sockets moved to a new random port instead of being
+    /// closed and replaced: used up, or aged out and needed again.
+    dns_upstream_sockets_rotated => "dns_upstream_sockets_total", "op=\"rotated\"";
     /// One-off upstream sockets opened because the pools' descriptor
     /// budget was spent.
     dns_upstream_sockets_unpooled => "dns_upstream_sockets_total", "op=\"unpooled\"";

@@ -264,6 +264,26 @@ pub async fn send_connected(socket: &tokio::net::UdpSocket, bytes: &[u8]) -> io:
     }
 }
 
+/// As [`send_connected`], for a socket in the reactor for reading only
+/// (`dns::upstream::ports::PoolSocket`): there is no writable event to wait
+/// for, so a full buffer, which one small query on an idle socket does not
+/// meet, is tried again after `retry`.
+pub async fn send_connected_read_only(
+    socket: &tokio::io::unix::AsyncFd<std::net::UdpSocket>,
+    bytes: &[u8],
+    retry: std::time::Duration,
+) -> io::Result<u64> {
+    let mut cleared = 0;
+    loop {
+        match socket.get_ref().send(bytes) {
+            Ok(_) => return Ok(cleared),
+            Err(e) if would_block(&e) => tokio::time::sleep(retry).await,
+            Err(e) if super::pending_icmp_error(&e) && cleared < u64::from(ICMP_RETRIES) => cleared += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Sends every message on `fd` with as few `sendmmsg` calls as possible.
 /// A message the kernel refuses is counted and skipped, and the rest still
 /// go, unless `stop_at_error` (then sending stops there). A GSO train the

@@ -22,7 +22,8 @@
 //! reused socket empty, the `send` and the `recv` of the answer. Opening
 //! and closing sockets (`socket`, two `setsockopt` (`SO_MARK`, and
 //! `IP_MTU_DISCOVER` for IPv4), `connect`, two
-//! `epoll_ctl`, `close`) happens once per socket, not per query.
+//! `epoll_ctl`, `close`) happens once per socket, not per query, and a
+//! socket's port changes with two `connect`s every 32 queries.
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::Name;
@@ -34,12 +35,14 @@ use super::Answer;
 use super::health::Health;
 use super::ports::ServerSockets;
 use crate::dns::plain_answer;
-use crate::net::send::send_connected;
+use crate::net::send::send_connected_read_only;
 use crate::ratelog::RateLimit;
 use crate::stats::Stats;
 
 /// Our EDNS UDP payload size towards upstreams (DNS flag day 2020).
 const PAYLOAD: u16 = 1232;
+/// How long a query waits before sending again into a full socket buffer.
+const SEND_RETRY: Duration = Duration::from_millis(1);
 /// Room for an answer: more than we advertise, so a server that ignores
 /// the advertised size is still read whole (and checked like any other).
 const RECEIVE_BUFFER: usize = 4096;
@@ -90,25 +93,29 @@ impl Exchange<'_> {
         // The name as sent, for the plain reader (see below).
         let sent_name = bytes.get(HEADER..bytes.len() - 4 - OPT).unwrap_or_default();
         let (qtype, qclass) = (u16::from(sent.query_type()), u16::from(sent.query_class()));
-        // Straight to the kernel: the reactor may not have reported a new
-        // socket writable yet, and waiting for that would cost a wake-up.
-        // An ICMP error that landed since the pool's clean (forged at the
-        // socket's port, or real) would fail the send, and the query go to
-        // the next server or be answered SERVFAIL: tried past it.
+        // Straight to the kernel. The pool's sockets are in the reactor for
+        // reading only (`ports::PoolSocket`): one query on an idle socket
+        // does not fill its buffer, and if it ever did, the retry waits a
+        // moment rather than for a writable event. An ICMP error that
+        // landed since the pool's clean (forged at the socket's port, or
+        // real) would fail the send, and the query go to the next server or
+        // be answered SERVFAIL: tried past it.
         let socket = lease.socket();
-        let cleared = send_connected(socket, &bytes).await?;
+        let cleared = send_connected_read_only(socket, &bytes, SEND_RETRY).await?;
         if cleared > 0 {
             self.health.receive_errors.add(cleared);
             self.stats.receive_errors.add(cleared);
         }
         loop {
-            socket.readable().await?;
+            let mut ready = socket.readable().await?;
             // Read and checked without an await in between, into this
             // thread's buffer: no 4 KiB allocation per query (an allocation
             // that size also makes the allocator tidy up its small-chunk
-            // lists every time).
-            let got = RECEIVE.with_borrow_mut(|buf| match socket.try_recv(&mut buf[..]) {
-                Ok(n) => {
+            // lists every time). A `WouldBlock` clears the readiness.
+            let got = RECEIVE.with_borrow_mut(|buf| match ready.try_io(|s| s.get_ref().recv(&mut buf[..])) {
+                Err(_would_block) => Ok(None),
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(n)) => {
                     let datagram = buf.get(..n).unwrap_or_default();
                     // The plainest answers are checked on the wire and
                     // kept as bytes (`plain_answer`); with 0x20 on, the
@@ -124,8 +131,6 @@ impl Exchange<'_> {
                         None => accept(datagram, id, sent).map(Answer::Parsed),
                     }))
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                Err(e) => Err(e),
             });
             let checked = match got {
                 Ok(Some(checked)) => checked,
