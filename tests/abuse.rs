@@ -497,9 +497,13 @@ fn a_flood_of_64_kb_datagrams_does_not_hold_up_another_clients_flow() {
          {control_p50:?} p99 {control_p99:?} max {control_max:?}",
         relayed >> 20
     );
+    // Relayed or shed, in user space or by the kernel's hold (which grows
+    // while the flood goes on and leaves less of it relayed): what reached
+    // the gateway.
+    let reached = relayed + stopped.counter("drop_overload") * 65_000;
     assert!(
-        relayed > 50 << 20,
-        "the flood hardly reached the gateway: {relayed} bytes"
+        reached > 50 << 20,
+        "the flood hardly reached the gateway: {relayed} bytes relayed, {reached} in all"
     );
     assert!(lost * 50 <= flooded.len(), "the probe lost {lost} of {}", flooded.len());
     // Behind the flood in one FIFO queue, the other flow waited for
