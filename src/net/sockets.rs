@@ -35,20 +35,30 @@ fn udp_socket(family_of: SocketAddr) -> io::Result<Socket> {
 /// `SO_RCVBUFFORCE` (privileged, ignores `rmem_max`), else `SO_RCVBUF`
 /// (capped by the kernel). Best effort: a smaller buffer still works.
 fn set_receive_buffer(sock: &Socket, bytes: usize) {
-    use std::os::fd::AsRawFd;
     let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    if set_int_option(sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, v).is_err() {
+        let _ = sock.set_recv_buffer_size(bytes);
+    }
+}
+
+/// A socket option whose value is one `c_int`, for the options socket2
+/// has no setter for.
+fn set_int_option(sock: &Socket, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
     // SAFETY: setsockopt with a c_int value of the size given.
-    let forced = unsafe {
+    let r = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&v as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
-    } == 0;
-    if !forced {
-        let _ = sock.set_recv_buffer_size(bytes);
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -154,23 +164,7 @@ fn ignore_path_mtu(sock: &Socket, remote: SocketAddr) -> io::Result<()> {
     if remote.is_ipv6() {
         return Ok(());
     }
-    use std::os::fd::AsRawFd;
-    let omit: libc::c_int = libc::IP_PMTUDISC_OMIT;
-    // SAFETY: setsockopt with a c_int value of the size given.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&omit as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_int_option(sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_OMIT)
 }
 
 /// A marked socket connected to `remote`, on a port the kernel picks at
