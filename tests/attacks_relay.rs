@@ -101,6 +101,21 @@ fn collect_echoes(
     })
 }
 
+/// Sends `count` echoes ("echo N", 2,000 a second) from `sock` to `echo`
+/// while `sprayer` forges errors, then stops it: the distinct echoes that
+/// came back, who else answered, and how many errors were forged.
+fn echoes_under_fire(
+    sock: &UdpSocket,
+    echo: SocketAddr,
+    count: usize,
+    sprayer: Sprayer,
+) -> (HashSet<Vec<u8>>, Vec<SocketAddr>, u64) {
+    let receiver = collect_echoes(sock.try_clone().unwrap(), echo, count);
+    send_paced(sock, count, 2_000, |_| echo, |i| format!("echo {i}").into_bytes());
+    let (got, strangers) = receiver.join().unwrap();
+    (got, strangers, sprayer.finish())
+}
+
 /// One client socket talks to an echo server and, in turn, to a closed
 /// port of the same host: both flows share one pool socket, whose reader
 /// reads the echoes with `recvmmsg` while the closed port's ICMP errors
@@ -183,16 +198,7 @@ fn forged_icmp_errors_of_every_code_at_a_pool_socket_do_not_cost_its_flow_a_repl
         mapped,
     } = a_flow_and_its_pool_port(46200);
     let sprayer = spray(&lab, mapped.port(), |n| (n % 16) as u8);
-    let receiver = collect_echoes(sock.try_clone().unwrap(), echo.addr, ECHOES);
-    send_paced(
-        &sock,
-        ECHOES,
-        2_000,
-        |_| echo.addr,
-        |i| format!("echo {i}").into_bytes(),
-    );
-    let (got, strangers) = receiver.join().unwrap();
-    let forged = sprayer.finish();
+    let (got, strangers, forged) = echoes_under_fire(&sock, echo.addr, ECHOES, sprayer);
     let ports: HashSet<u16> = echo.received().iter().map(|(p, _)| p.port()).collect();
     let reached = echo.received().len() - 1;
     let stopped = daemon.stop();
@@ -405,16 +411,7 @@ fn forged_icmp_errors_at_a_socks5_association_do_not_cost_its_flow_datagrams() {
             40,
         )
     });
-    let receiver = collect_echoes(sock.try_clone().unwrap(), echo.addr, ECHOES);
-    send_paced(
-        &sock,
-        ECHOES,
-        2_000,
-        |_| echo.addr,
-        |i| format!("echo {i}").into_bytes(),
-    );
-    let (got, strangers) = receiver.join().unwrap();
-    let forged = sprayer.finish();
+    let (got, strangers, forged) = echoes_under_fire(&sock, echo.addr, ECHOES, sprayer);
     let reached = echo.received().len() - 1;
     let stopped = daemon.stop();
     let failed = stopped.counter("upstream_send_errors");
