@@ -72,10 +72,18 @@ pub enum UpstreamError {
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Answers that mean "this server cannot help": ask the next one.
+///
+/// Only NOERROR, NXDOMAIN and YXDOMAIN (a DNAME too long to follow,
+/// RFC 6672) say something about the name. Every other RCODE is about the
+/// exchange or belongs to UPDATE and TSIG; the extended ones (BADVERS,
+/// BADCOOKIE, ..., carried in an OPT record) were passed on as answers
+/// before, and a client that sent no OPT, where a code above 15 cannot be
+/// written, got NOERROR with no records: a name that exists but has no
+/// address, which is false.
 fn is_failure(rcode: ResponseCode) -> bool {
-    matches!(
+    !matches!(
         rcode,
-        ResponseCode::ServFail | ResponseCode::Refused | ResponseCode::FormErr | ResponseCode::NotImp
+        ResponseCode::NoError | ResponseCode::NXDomain | ResponseCode::YXDomain
     )
 }
 
@@ -221,8 +229,9 @@ impl UpstreamGroup {
     /// carry on (one of them takes over the asking if needed).
     ///
     /// NXDOMAIN and no-data answers are answers (returned with their SOA);
-    /// SERVFAIL, REFUSED, FORMERR, NOTIMP, timeouts and transport errors
-    /// move on to the next server.
+    /// any other RCODE (SERVFAIL, REFUSED, FORMERR, NOTIMP, the extended
+    /// ones such as BADVERS), timeouts and transport errors move on to the
+    /// next server.
     ///
     /// `name_key` is [`wire_key`] of the query's name, which the caller
     /// has already built for its cache lookup.
