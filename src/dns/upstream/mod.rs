@@ -328,10 +328,33 @@ impl UpstreamGroup {
         options.recursion_desired = true;
         let request = DnsRequest::from_query(query.clone(), options);
         let answer = first_response(&server.pool, request).await.map_err(|e| e.to_string())?;
+        if !answers_question(&answer, query) {
+            server.health.mismatched.inc();
+            self.stats.dns_upstream_mismatched.inc();
+            return Err("an answer to another question".into());
+        }
         match answer.metadata.response_code {
             rcode if is_failure(rcode) => Err(rcode.to_string()),
             _ => Ok(Answer::Parsed(answer)),
         }
+    }
+}
+
+/// Whether `answer` (from a connection hickory keeps) is about `query`:
+/// one question, its name (in any case), type and class. hickory matches
+/// a response to its request by ID alone, so an answer to another question
+/// (a late answer to an abandoned query whose ID came round again on a
+/// reused connection, or a confused or lying server) would otherwise have
+/// been taken as this one's, its RCODE (NXDOMAIN) kept for the wrong
+/// name. Plain UDP answers are checked more strictly (`udp::accept`).
+fn answers_question(answer: &Message, query: &Query) -> bool {
+    match answer.queries.as_slice() {
+        [q] => {
+            q.query_type() == query.query_type()
+                && q.query_class() == query.query_class()
+                && q.name().eq_ignore_root(query.name())
+        }
+        _ => false,
     }
 }
 
