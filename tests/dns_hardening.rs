@@ -11,7 +11,7 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use lab::dns::{Dig, dig};
 use lab::fake_dns::FakeDns;
 use lab::{Daemon, Lab};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -275,17 +275,8 @@ fn cname_loops_and_chains_over_sixteen_links_get_servfail_and_are_not_cached() {
     assert_eq!(fake.asked("c0.long.test."), 2, "{:?}", fake.names());
     assert_eq!(fake.asked("c0.ok.test."), 1, "{:?}", fake.names());
     // Each of the four SERVFAILs is counted as an upstream failure.
-    let metrics = lab.gateway.enter(move || {
-        let mut s = TcpStream::connect(admin).expect("admin endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    });
-    let failures = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tproxyd_dns_upstream_failures_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let metrics = lab::metrics::fetch(&lab.gateway, admin);
+    let failures = lab::metrics::find(&metrics, "tproxyd_dns_upstream_failures_total");
     assert_eq!(failures, Some(4), "{metrics}");
     daemon.stop();
 }
@@ -309,20 +300,8 @@ fn huge_answers_cannot_grow_the_cache_past_max_bytes() {
         "for i in $(seq 0 99); do dig +tcp +tries=1 +time=5 @{LISTEN} big$i.test TXT | grep -c 'status: NOERROR'; done"
     ));
     assert_eq!(out.lines().filter(|l| l.trim() == "1").count(), 100, "{out}");
-    let metrics = lab.gateway.enter(move || {
-        let mut s = TcpStream::connect(admin).expect("admin endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    });
-    let metric = |series: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in {metrics}"))
-    };
+    let metrics = lab::metrics::fetch(&lab.gateway, admin);
+    let metric = |series: &str| lab::metrics::value(&metrics, series);
     let bytes = metric("tproxyd_dns_cache_bytes");
     let entries = metric("tproxyd_dns_cache_entries");
     assert!(bytes <= 1 << 20, "cache holds {bytes} bytes");

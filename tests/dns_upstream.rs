@@ -13,8 +13,7 @@ use lab::icmp::{Sprayer, icmp_unreachable, raw_icmp_socket};
 use lab::udp::socket;
 use lab::{CLIENT4, Daemon, Lab, gateway_wan4, sa};
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -113,22 +112,10 @@ fn a_records(m: &Message) -> Vec<Ipv4Addr> {
 }
 
 fn metrics(lab: &Lab) -> String {
-    let addr: SocketAddr = ADMIN.parse().unwrap();
-    lab.gateway.enter(move || {
-        let mut s = TcpStream::connect(addr).expect("admin endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
+    lab::metrics::fetch(&lab.gateway, ADMIN.parse().unwrap())
 }
 
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-}
+use lab::metrics::value as metric;
 
 fn server_metric(text: &str, family: &str, server: SocketAddr) -> u64 {
     metric(

@@ -374,18 +374,11 @@ fn later_answers(socket: Arc<UdpSocket>, v6: bool, stats: Arc<Stats>) -> Outbox<
 pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shutdown: Shutdown) -> io::Result<()> {
     let mut backoff = AcceptBackoff::new("DNS over TCP");
     loop {
+        // EMFILE and friends: the accept backs off instead of spinning.
         let (stream, client) = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    backoff.failed(&e).await;
-                    continue;
-                }
-            },
+            v = backoff.accept(&listener) => v,
         };
-        backoff.succeeded();
         let limits = service.engine().tcp_limits().clone();
         let permit = match service
             .tcp
