@@ -11,7 +11,7 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use lab::dns::{Dig, dig};
 use lab::fake_dns::FakeDns;
 use lab::{Daemon, Lab};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
