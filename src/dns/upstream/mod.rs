@@ -98,7 +98,11 @@ struct Server {
 /// The name is the cache's key form (lowercased wire format), cheap to
 /// hash and compare.
 type FlightKey = (Box<[u8]>, RecordType, DNSClass);
-type Shared = Result<Arc<Answer>, UpstreamError>;
+/// What a flight lands with. Not behind an `Arc`: the leader keeps its
+/// answer as it is, and only followers (rare) get a clone of it, which
+/// they needed anyway to own their answer (an `Arc` cost every miss an
+/// allocation, a copy in and a copy out).
+type Shared = Result<Answer, UpstreamError>;
 
 /// An upstream's answer: checked on the wire when it has the plainest
 /// shape ([`PlainAnswer`], which the engine answers and caches without a
@@ -234,14 +238,11 @@ impl UpstreamGroup {
     ) -> (Result<Answer, UpstreamError>, Role) {
         debug_assert_eq!(*name_key, *wire_key(query.name()));
         let key = (Box::from(name_key), query.query_type(), query.query_class());
-        let (shared, role) = self
-            .flights
-            .run(key, || async { self.race(query, deadline).await.map(Arc::new) })
-            .await;
+        let (shared, role) = self.flights.run(key, || self.race(query, deadline)).await;
         if role == Role::Follower {
             self.stats.dns_coalesced.inc();
         }
-        (shared.map(Arc::unwrap_or_clone), role)
+        (shared, role)
     }
 
     /// [`UpstreamGroup::resolve_shared`], without saying who asked.
