@@ -296,12 +296,13 @@ impl UpstreamGroup {
 
     /// One server's answer: UDP first where that is the protocol, TCP when
     /// the UDP answer was truncated. Error RCODEs count as failures so the
-    /// next server is tried.
-    async fn ask(&self, server: &Server, query: &Query) -> Result<Answer, String> {
+    /// next server is tried. `now` is the caller's reading of the clock.
+    async fn ask(&self, server: &Server, query: &Query, now: Instant) -> Result<Answer, String> {
         if server.udp {
             let exchange = udp::Exchange {
                 server: server.addr,
                 sockets: &server.sockets,
+                now,
                 randomize_case: self.randomize_case,
                 health: &server.health,
                 stats: &self.stats,
