@@ -36,7 +36,8 @@
 //! flows section), and a new socket is opened when there is none.
 //!
 //! Variants for the attribution (`--threads 2`: forward and reverse on a
-//! thread each; `--busy`: never sleep, poll with a zero timeout).
+//! thread each; `--busy`: never sleep, poll with a zero timeout;
+//! `--timeout-ms N`: sleep with a timeout, as tokio's driver does).
 //!
 //! Its counters are read over UDP: any datagram to the stats address is
 //! answered with `to_upstream N to_client N drops N errors N unreachable N
@@ -73,6 +74,9 @@ pub struct Options {
     pub mark: u32,
     pub threads: usize,
     pub busy: bool,
+    /// `epoll_wait`'s timeout when it sleeps (`--timeout-ms`, -1: none), to
+    /// tell what arming a timer around every sleep costs, as tokio does.
+    pub timeout_ms: i32,
 }
 
 impl Options {
@@ -82,6 +86,7 @@ impl Options {
             mark: 255,
             threads: 1,
             busy: false,
+            timeout_ms: -1,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -91,6 +96,7 @@ impl Options {
                 "--mark" => o.mark = value()?.parse().map_err(|e| format!("--mark: {e}"))?,
                 "--threads" => o.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?,
                 "--busy" => o.busy = true,
+                "--timeout-ms" => o.timeout_ms = value()?.parse().map_err(|e| format!("--timeout-ms: {e}"))?,
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
@@ -232,7 +238,7 @@ fn serve(shared: &Shared, epoll: RawFd, listeners: &[UdpSocket], stats: Option<&
     let mut batch = RecvBatch::new(BATCH);
     let mut scratch = SendScratch::default();
     let mut rev = ReverseScratch::default();
-    let timeout = if shared.opts.busy { 0 } else { -1 };
+    let timeout = if shared.opts.busy { 0 } else { shared.opts.timeout_ms };
     loop {
         // SAFETY: `events` has room for its length; the kernel writes at
         // most that many.

@@ -148,15 +148,8 @@ pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: Shutdo
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    backoff.failed(&e).await;
-                    continue;
-                }
-            },
+            v = backoff.accept(&listener) => v,
         };
-        backoff.succeeded();
         let sources = sources.clone();
         // Owned here: finished requests are reaped as new ones come, and
         // whatever is still running is aborted when the endpoint stops.

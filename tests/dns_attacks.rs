@@ -461,6 +461,50 @@ fn an_upstream_that_truncates_over_tcp_too_gives_servfail_not_an_empty_answer() 
     drop(daemon);
 }
 
+/// An upstream that truncates over UDP and, over TCP, answers another
+/// question than the one asked (as a late answer to an abandoned query
+/// would, if its ID came round again on the kept connection): NXDOMAIN for
+/// names starting with "nx", an address otherwise. Neither is taken as
+/// the answer: the client gets SERVFAIL, not a false NXDOMAIN or an
+/// empty NOERROR, and nothing is cached.
+#[test]
+fn a_tcp_answer_to_another_question_is_not_taken_as_the_answer() {
+    let lab = dns_lab();
+    let up = RawUpstream::start(&lab, ip(UPSTREAM), |q, tcp| {
+        if !tcp {
+            return reply_head(q, true, 0);
+        }
+        let asked = Message::from_vec(q).ok()?;
+        let nx = asked.queries.first()?.name().to_string().starts_with("nx");
+        let mut m = Message::response(asked.metadata.id, asked.metadata.op_code);
+        m.metadata.recursion_desired = true;
+        m.metadata.recursion_available = true;
+        m.add_query(Query::query(name("elsewhere.test."), RecordType::A));
+        if nx {
+            m.metadata.response_code = ResponseCode::NXDomain;
+        } else {
+            m.add_answer(hickory_proto::rr::Record::from_rdata(
+                name("elsewhere.test."),
+                300,
+                hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A::new(198, 51, 100, 66)),
+            ));
+        }
+        m.to_vec().ok()
+    });
+    let daemon = start(&lab);
+    for qname in ["nx.other.test", "www.other.test"] {
+        let d = ask(&lab, qname);
+        assert_eq!(d.status, "SERVFAIL", "{qname}: {}", d.raw);
+        // Not cached: asked again, the upstream is asked again.
+        let before = up.asked.load(Ordering::Relaxed);
+        assert_eq!(ask(&lab, qname).status, "SERVFAIL", "{qname}");
+        assert!(up.asked.load(Ordering::Relaxed) > before, "{qname}");
+    }
+    assert_eq!(legit_answers(&lab, LISTEN, 3), 6);
+    let stopped = daemon.stop();
+    assert!(stopped.counter("dns_upstream_mismatched") >= 4, "{}", stopped.log);
+}
+
 #[test]
 fn a_compression_loop_from_the_upstream_is_dropped_and_never_answers() {
     let lab = dns_lab();

@@ -275,17 +275,8 @@ fn cname_loops_and_chains_over_sixteen_links_get_servfail_and_are_not_cached() {
     assert_eq!(fake.asked("c0.long.test."), 2, "{:?}", fake.names());
     assert_eq!(fake.asked("c0.ok.test."), 1, "{:?}", fake.names());
     // Each of the four SERVFAILs is counted as an upstream failure.
-    let metrics = lab.gateway.enter(move || {
-        let mut s = TcpStream::connect(admin).expect("admin endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    });
-    let failures = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tproxyd_dns_upstream_failures_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let metrics = lab::metrics::fetch(&lab.gateway, admin);
+    let failures = lab::metrics::find(&metrics, "tproxyd_dns_upstream_failures_total");
     assert_eq!(failures, Some(4), "{metrics}");
     daemon.stop();
 }
@@ -309,20 +300,8 @@ fn huge_answers_cannot_grow_the_cache_past_max_bytes() {
         "for i in $(seq 0 99); do dig +tcp +tries=1 +time=5 @{LISTEN} big$i.test TXT | grep -c 'status: NOERROR'; done"
     ));
     assert_eq!(out.lines().filter(|l| l.trim() == "1").count(), 100, "{out}");
-    let metrics = lab.gateway.enter(move || {
-        let mut s = TcpStream::connect(admin).expect("admin endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    });
-    let metric = |series: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in {metrics}"))
-    };
+    let metrics = lab::metrics::fetch(&lab.gateway, admin);
+    let metric = |series: &str| lab::metrics::value(&metrics, series);
     let bytes = metric("tproxyd_dns_cache_bytes");
     let entries = metric("tproxyd_dns_cache_entries");
     assert!(bytes <= 1 << 20, "cache holds {bytes} bytes");
@@ -624,6 +603,119 @@ fn slow_tcp_readers_from_one_client_cannot_starve_the_others() {
     let stopped = daemon.stop();
     assert!(stopped.counter("dns_tcp_refused_per_client") >= 550, "{}", stopped.log);
     assert!(stopped.counter("dns_tcp_write_timeouts") >= 1, "{}", stopped.log);
+}
+
+/// A query for `qname` `qtype` with ID `id`, length-prefixed for TCP.
+fn tcp_framed(id: u16, qname: &str, qtype: RecordType) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.id = id;
+    m.metadata.recursion_desired = true;
+    // `from_ascii` keeps the letter case (`from_str` lowercases).
+    m.add_query(Query::query(Name::from_ascii(qname).unwrap(), qtype));
+    let wire = m.to_vec().unwrap();
+    let mut framed = (wire.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&wire);
+    framed
+}
+
+/// Reads length-prefixed answers from `s` until it closes or `n` came (or
+/// 20 s passed), in the order they arrived.
+fn tcp_answers(s: &mut TcpStream, n: usize) -> Vec<Message> {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut out = Vec::new();
+    let mut len = [0u8; 2];
+    while out.len() < n && s.read_exact(&mut len).is_ok() {
+        let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut body).unwrap();
+        out.push(Message::from_vec(&body).expect("a well-formed answer"));
+    }
+    out
+}
+
+/// A device sends its queries on one TCP connection without waiting for
+/// the answers (RFC 7766 6.2.1), the first for a name whose upstream never
+/// answers. The names tproxyd has cached are answered at once, ahead of it,
+/// instead of after it gives up on the first (`dns.timeout`); every query
+/// is answered exactly once with its own ID and question, also when the
+/// client sends more at once than tproxyd answers at once per connection.
+#[test]
+fn pipelined_tcp_queries_are_answered_as_each_is_ready_each_once() {
+    const SILENT: &str = "198.51.100.54";
+    let lab = dns_lab();
+    lab.add_server_address(0, ip(SILENT));
+    let _upstream = example_upstream(&lab, &[]);
+    let _silent = FakeDns::start(
+        &lab.servers[0],
+        SocketAddr::new(ip(SILENT), 53),
+        lab::fake_dns::Behaviour::silent(),
+    );
+    let daemon = lab.start_tproxyd(&config(
+        &format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}"),
+        &format!(
+            r#"[dns.upstreams.silent]
+servers = ["{SILENT}"]
+[[dns.rules]]
+domains = ["*.silent.test"]
+action = "forward"
+upstream = "silent"
+"#
+        ),
+    ));
+    // Cached: answered without an upstream from now on.
+    assert_eq!(q(&lab, &format!("@{LISTEN} www.example.test A")).status, "NOERROR");
+    let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let connect = move || TcpStream::connect_timeout(&to, Duration::from_secs(3)).unwrap();
+
+    // One miss that can only end in SERVFAIL, then nine cache hits.
+    let mut s = lab.client.enter(connect);
+    let mut burst = tcp_framed(100, "never.silent.test.", RecordType::A);
+    for id in 101..110 {
+        burst.extend(tcp_framed(id, "WwW.example.test.", RecordType::A));
+    }
+    s.write_all(&burst).unwrap();
+    let got = tcp_answers(&mut s, 10);
+    let ids: Vec<u16> = got.iter().map(|m| m.metadata.id).collect();
+    assert_eq!(got.len(), 10, "answers {ids:?}");
+    assert_eq!(ids.last(), Some(&100), "the cached names waited for the miss: {ids:?}");
+    for m in &got {
+        let rcode = if m.metadata.id == 100 {
+            ResponseCode::ServFail
+        } else {
+            ResponseCode::NoError
+        };
+        assert_eq!(m.metadata.response_code, rcode, "{m:?}");
+        let asked = if m.metadata.id == 100 {
+            "never.silent.test."
+        } else {
+            "WwW.example.test."
+        };
+        assert_eq!(
+            m.queries[0].name().to_string(),
+            asked,
+            "the question as asked: {ids:?} {m:?}"
+        );
+    }
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (100..110).collect::<Vec<u16>>(), "each once");
+
+    // More misses at once than one connection is answered at once, with
+    // hits between them: every one is answered, once.
+    let mut s = lab.client.enter(connect);
+    let mut burst = Vec::new();
+    for id in 0..40u16 {
+        if id % 4 == 0 {
+            burst.extend(tcp_framed(id, "www.example.test.", RecordType::A));
+        } else {
+            burst.extend(tcp_framed(id, &format!("n{id}.silent.test."), RecordType::A));
+        }
+    }
+    s.write_all(&burst).unwrap();
+    let mut ids: Vec<u16> = tcp_answers(&mut s, 40).iter().map(|m| m.metadata.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..40).collect::<Vec<u16>>(), "each answered once");
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_tcp_queries"), 50, "{}", stopped.log);
 }
 
 #[test]

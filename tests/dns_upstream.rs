@@ -13,8 +13,7 @@ use lab::icmp::{Sprayer, icmp_unreachable, raw_icmp_socket};
 use lab::udp::socket;
 use lab::{CLIENT4, Daemon, Lab, gateway_wan4, sa};
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -113,22 +112,10 @@ fn a_records(m: &Message) -> Vec<Ipv4Addr> {
 }
 
 fn metrics(lab: &Lab) -> String {
-    let addr: SocketAddr = ADMIN.parse().unwrap();
-    lab.gateway.enter(move || {
-        let mut s = TcpStream::connect(addr).expect("admin endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
+    lab::metrics::fetch(&lab.gateway, ADMIN.parse().unwrap())
 }
 
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-}
+use lab::metrics::value as metric;
 
 fn server_metric(text: &str, family: &str, server: SocketAddr) -> u64 {
     metric(
@@ -573,6 +560,48 @@ fn formerr_servfail_and_refused_move_on_to_the_next_server() {
         let m = metrics(&lab);
         assert_eq!(server_metric(&m, "errors_total", upstream(0)), 1, "{rcode}");
     }
+}
+
+/// An upstream answering with an RCODE that says nothing about the name:
+/// extended ones (BADVERS 16, BADCOOKIE 23, carried in its OPT record),
+/// an UPDATE one (NOTAUTH 9) and an unassigned one (12). Each is a failed
+/// exchange, like SERVFAIL: the next server is asked at once and its
+/// answer reaches the client, with or without EDNS. They used to be
+/// passed on: a client with EDNS got the odd RCODE, one without got
+/// NOERROR and no records (16 and 23 cannot be written without an OPT).
+#[test]
+fn extended_and_unassigned_rcodes_move_on_to_the_next_server() {
+    use hickory_proto::op::{Edns, OpCode};
+    let lab = lab(2);
+    let rcodes: [(&str, u16); 4] = [("badvers", 16), ("badcookie", 23), ("notauth", 9), ("unassigned", 12)];
+    let _bad = FakeDns::scripted(&lab.servers[0], upstream(0).ip(), move |q| {
+        let mut m = Message::response(0, OpCode::Query);
+        let asked = q.name().to_string();
+        let code = rcodes
+            .iter()
+            .find(|(label, _)| asked.contains(&format!(".{label}.")))
+            .map_or(2, |&(_, code)| code);
+        m.metadata.response_code = <ResponseCode as From<u16>>::from(code);
+        // The OPT that carries the code's upper bits.
+        m.set_edns(Edns::new());
+        m
+    });
+    let _ok = FakeDns::start(&lab.servers[0], upstream(1), Behaviour::answer(REAL));
+    // As in the test above: 10 s per server, beyond dig's 3 s.
+    let _daemon = start(&lab, &config(&[upstream(0), upstream(1)], "20s", "10s", ""));
+    let mut asked = 0;
+    for (label, code) in rcodes {
+        for edns in ["+edns=0", "+noedns"] {
+            let qname = format!("{}.{label}.example.test", edns.trim_start_matches('+').replace('=', ""));
+            let d = dig(&lab.client, &format!("{edns} @{PUBLIC} {qname} A"));
+            asked += 1;
+            assert_eq!(d.status, "NOERROR", "RCODE {code}, {edns}: {}", d.raw);
+            assert_eq!(d.answer_data(), [REAL.to_string()], "RCODE {code}, {edns}: {}", d.raw);
+        }
+    }
+    let m = metrics(&lab);
+    assert_eq!(server_metric(&m, "errors_total", upstream(0)), asked);
+    assert_eq!(server_metric(&m, "answers_total", upstream(0)), 0);
 }
 
 #[test]

@@ -7,8 +7,7 @@ mod lab;
 use lab::dns::{Dnsmasq, dig};
 use lab::nft::{elements, expires_in};
 use lab::{Daemon, Lab};
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 const PUBLIC: &str = "203.0.113.53";
@@ -71,22 +70,11 @@ impl DomainLab {
     }
 
     fn metrics(&self) -> String {
-        let addr: SocketAddr = ADMIN.parse().unwrap();
-        self.lab.gateway.enter(move || {
-            let mut s = TcpStream::connect(addr).expect("admin endpoint");
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).unwrap();
-            out
-        })
+        lab::metrics::fetch(&self.lab.gateway, ADMIN.parse().unwrap())
     }
 
     fn metric(&self, series: &str) -> u64 {
-        let text = self.metrics();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+        lab::metrics::value(&self.metrics(), series)
     }
 }
 

@@ -10,8 +10,7 @@ use hickory_proto::rr::{Name, RData, RecordType};
 use lab::dns::{Dnsmasq, dig};
 use lab::udp::{Echo, recv, socket};
 use lab::{CLIENT4, CLIENT6, Lab, sa, server4, server6};
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::str::FromStr;
 
 const PUBLIC: &str = "203.0.113.53";
@@ -69,22 +68,10 @@ to = "{echo}"
 }
 
 fn metrics(lab: &Lab) -> String {
-    let addr: SocketAddr = ADMIN.parse().unwrap();
-    lab.gateway.enter(move || {
-        let mut s = TcpStream::connect(addr).expect("admin endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
+    lab::metrics::fetch(&lab.gateway, ADMIN.parse().unwrap())
 }
 
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-}
+use lab::metrics::value as metric;
 
 /// `tproxyd explain` against the running daemon's config (it asks the
 /// daemon for the names through the admin endpoint).

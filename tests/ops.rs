@@ -57,12 +57,7 @@ fn http_get(lab: &Lab, addr: SocketAddr, path: &str) -> String {
     })
 }
 
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-}
+use lab::metrics::value as metric;
 
 #[test]
 fn reload_swaps_rules_while_flows_keep_going_and_a_bad_config_is_refused() {

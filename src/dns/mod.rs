@@ -24,6 +24,7 @@ pub mod rules;
 pub mod scrub;
 pub mod server;
 pub mod shares;
+pub mod tcp_connection;
 pub mod upstream;
 pub mod wire;
 

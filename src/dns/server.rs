@@ -8,8 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::engine::{DnsEngine, Outcome, Transport};
@@ -17,7 +16,7 @@ use super::misses::Misses;
 use super::outbox::{Gather, Outbox};
 use super::ratelimit::client_bucket;
 use super::replies::ReplyBatch;
-use crate::config::dns::TcpConfig;
+use super::tcp_connection;
 use crate::net::accept::AcceptBackoff;
 use crate::net::recv::{BATCH, RecvBatch};
 use crate::net::send::SendScratch;
@@ -375,18 +374,11 @@ fn later_answers(socket: Arc<UdpSocket>, v6: bool, stats: Arc<Stats>) -> Outbox<
 pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shutdown: Shutdown) -> io::Result<()> {
     let mut backoff = AcceptBackoff::new("DNS over TCP");
     loop {
+        // EMFILE and friends: the accept backs off instead of spinning.
         let (stream, client) = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    backoff.failed(&e).await;
-                    continue;
-                }
-            },
+            v = backoff.accept(&listener) => v,
         };
-        backoff.succeeded();
         let limits = service.engine().tcp_limits().clone();
         let permit = match service
             .tcp
@@ -406,67 +398,13 @@ pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shut
         let service = service.clone();
         let conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(stream, client, &service, &limits, conn_shutdown).await {
+            let engine = || service.engine();
+            if let Err(e) = tcp_connection::serve(stream, client, engine, &service.stats, &limits, conn_shutdown).await
+            {
                 tracing::debug!(%client, error = %e, "DNS TCP connection ended");
             }
             drop(permit);
         });
-    }
-}
-
-/// Length-prefixed queries (RFC 1035 4.2.2) answered in order until the
-/// client closes, goes idle, sends garbage, stops reading, or the
-/// connection reaches its lifetime or query cap (so a trickle of queries
-/// cannot hold a slot forever; RFC 7766 lets the server close at any time).
-async fn serve_connection(
-    mut stream: TcpStream,
-    client: SocketAddr,
-    service: &DnsService,
-    limits: &TcpConfig,
-    mut shutdown: Shutdown,
-) -> io::Result<()> {
-    let end_of_life = tokio::time::Instant::now() + limits.max_lifetime;
-    let mut buf = vec![0u8; 65_535];
-    let mut answered = 0u32;
-    loop {
-        // Idle timeout, but never past the end of life.
-        let read_until = (tokio::time::Instant::now() + limits.idle_timeout).min(end_of_life);
-        let len = tokio::select! {
-            _ = shutdown.recv() => return Ok(()),
-            r = tokio::time::timeout_at(read_until, stream.read_u16()) => match r {
-                Ok(Ok(len)) => usize::from(len),
-                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(()), // idle, or lived long enough
-            },
-        };
-        let query = buf.get_mut(..len).unwrap_or_default();
-        tokio::time::timeout_at(read_until, stream.read_exact(query))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "query body"))??;
-        service.stats.dns_tcp_queries.inc();
-        let Some(reply) = service.engine().answer(query, client.ip(), Transport::Tcp).await else {
-            return Ok(()); // malformed beyond answering: close, as RFC 7766 allows
-        };
-        let Ok(reply_len) = u16::try_from(reply.len()) else {
-            return Ok(());
-        };
-        let mut framed = Vec::with_capacity(reply.len() + 2);
-        framed.extend_from_slice(&reply_len.to_be_bytes());
-        framed.extend_from_slice(&reply);
-        if tokio::time::timeout(limits.write_timeout, stream.write_all(&framed))
-            .await
-            .is_err()
-        {
-            // The client does not read: its slot is worth more to others.
-            service.stats.dns_tcp_write_timeouts.inc();
-            return Ok(());
-        }
-        answered += 1;
-        if answered >= limits.max_queries || tokio::time::Instant::now() >= end_of_life {
-            service.stats.dns_tcp_recycled.inc();
-            return Ok(());
-        }
     }
 }
 

@@ -7,7 +7,10 @@
 //! through once every ten seconds with the number held back.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::ratelog::RateLimit;
 
@@ -28,6 +31,22 @@ impl AcceptBackoff {
             what,
             next: FIRST,
             log: RateLimit::new(Duration::from_secs(10)),
+        }
+    }
+
+    /// The next connection of `listener`, backing off after each failure.
+    ///
+    /// Cancel-safe (a listener's `accept` is, and so is the pause), so the
+    /// caller can race it against its shutdown signal.
+    pub async fn accept(&mut self, listener: &TcpListener) -> (TcpStream, SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok(v) => {
+                    self.succeeded();
+                    return v;
+                }
+                Err(e) => self.failed(&e).await,
+            }
         }
     }
 

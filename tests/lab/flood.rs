@@ -457,9 +457,7 @@ pub fn scrape(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Option<String>
 
 /// The value of `series` in a metrics text.
 pub fn metric(text: &str, series: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
+    super::metrics::find(text, series)
 }
 
 /// Resident memory of process `pid`, bytes.

@@ -21,6 +21,7 @@ pub mod dns;
 pub mod fake_dns;
 pub mod flood;
 pub mod icmp;
+pub mod metrics;
 pub mod nft;
 pub mod socks;
 pub mod stun;

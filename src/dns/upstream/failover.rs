@@ -2,10 +2,10 @@
 //!
 //! Servers are asked in order (healthy ones in configuration order, then
 //! those that recently timed out). The first is asked at once; the next one
-//! is asked as soon as the previous one fails (SERVFAIL, REFUSED, FORMERR,
-//! NOTIMP, a transport error, `server_timeout`), or — while it is still
-//! pending — once it has taken longer than its observed 90th percentile
-//! (a hedge). A hedge never waits longer than `dns.timeout` divided by the
+//! is asked as soon as the previous one fails (an RCODE other than
+//! NOERROR, NXDOMAIN or YXDOMAIN, a transport error, `server_timeout`), or
+//! — while it is still pending — once it has taken longer than its
+//! observed 90th percentile (a hedge). A hedge never waits longer than `dns.timeout` divided by the
 //! number of servers (nor `server_timeout`), so within `dns.timeout` every
 //! server gets its chance even when all the earlier ones are black holes.
 //! Earlier queries stay pending; the first valid answer wins and the rest

@@ -84,8 +84,8 @@ pub struct Health {
     pub queries: Counter,
     pub answers: Counter,
     pub timeouts: Counter,
-    /// Error answers (SERVFAIL, REFUSED, FORMERR, NOTIMP) and transport
-    /// failures.
+    /// Error answers (SERVFAIL, REFUSED, FORMERR, NOTIMP, BADVERS, ...)
+    /// and transport failures.
     pub errors: Counter,
     /// Receive errors on its sockets (ICMP errors, spoofed or not).
     pub receive_errors: Counter,
@@ -177,7 +177,7 @@ pub fn render<'a>(out: &mut String, servers: impl Iterator<Item = (&'a str, &'a 
         }),
         (
             "errors_total",
-            "Error answers (SERVFAIL, REFUSED, FORMERR, NOTIMP) and transport failures.",
+            "Error answers (SERVFAIL, REFUSED, FORMERR, NOTIMP, BADVERS, ...) and transport failures.",
             |h| h.errors.get(),
         ),
         (

@@ -72,10 +72,18 @@ pub enum UpstreamError {
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Answers that mean "this server cannot help": ask the next one.
+///
+/// Only NOERROR, NXDOMAIN and YXDOMAIN (a DNAME too long to follow,
+/// RFC 6672) say something about the name. Every other RCODE is about the
+/// exchange or belongs to UPDATE and TSIG; the extended ones (BADVERS,
+/// BADCOOKIE, ..., carried in an OPT record) were passed on as answers
+/// before, and a client that sent no OPT, where a code above 15 cannot be
+/// written, got NOERROR with no records: a name that exists but has no
+/// address, which is false.
 fn is_failure(rcode: ResponseCode) -> bool {
-    matches!(
+    !matches!(
         rcode,
-        ResponseCode::ServFail | ResponseCode::Refused | ResponseCode::FormErr | ResponseCode::NotImp
+        ResponseCode::NoError | ResponseCode::NXDomain | ResponseCode::YXDomain
     )
 }
 
@@ -225,8 +233,9 @@ impl UpstreamGroup {
     /// carry on (one of them takes over the asking if needed).
     ///
     /// NXDOMAIN and no-data answers are answers (returned with their SOA);
-    /// SERVFAIL, REFUSED, FORMERR, NOTIMP, timeouts and transport errors
-    /// move on to the next server.
+    /// any other RCODE (SERVFAIL, REFUSED, FORMERR, NOTIMP, the extended
+    /// ones such as BADVERS), timeouts and transport errors move on to the
+    /// next server.
     ///
     /// `name_key` is [`wire_key`] of the query's name, which the caller
     /// has already built for its cache lookup.
@@ -321,10 +330,33 @@ impl UpstreamGroup {
         options.recursion_desired = true;
         let request = DnsRequest::from_query(query.clone(), options);
         let answer = first_response(&server.pool, request).await.map_err(|e| e.to_string())?;
+        if !answers_question(&answer, query) {
+            server.health.mismatched.inc();
+            self.stats.dns_upstream_mismatched.inc();
+            return Err("an answer to another question".into());
+        }
         match answer.metadata.response_code {
             rcode if is_failure(rcode) => Err(rcode.to_string()),
             _ => Ok(Answer::Parsed(answer)),
         }
+    }
+}
+
+/// Whether `answer` (from a connection hickory keeps) is about `query`:
+/// one question, its name (in any case), type and class. hickory matches
+/// a response to its request by ID alone, so an answer to another question
+/// (a late answer to an abandoned query whose ID came round again on a
+/// reused connection, or a confused or lying server) would otherwise have
+/// been taken as this one's, its RCODE (NXDOMAIN) kept for the wrong
+/// name. Plain UDP answers are checked more strictly (`udp::accept`).
+fn answers_question(answer: &Message, query: &Query) -> bool {
+    match answer.queries.as_slice() {
+        [q] => {
+            q.query_type() == query.query_type()
+                && q.query_class() == query.query_class()
+                && q.name().eq_ignore_root(query.name())
+        }
+        _ => false,
     }
 }
 
