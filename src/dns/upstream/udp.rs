@@ -30,6 +30,7 @@ use hickory_proto::rr::Name;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
+use tokio::time::Instant;
 
 use super::Answer;
 use super::health::Health;
@@ -62,6 +63,9 @@ static MISMATCH_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 pub struct Exchange<'a> {
     pub server: SocketAddr,
     pub sockets: &'a ServerSockets,
+    /// The time the exchange starts, as the caller read it (the socket
+    /// pool judges its sockets' age by it).
+    pub now: Instant,
     /// DNS 0x20: send the name in random case and require it echoed.
     pub randomize_case: bool,
     pub health: &'a Health,
@@ -73,7 +77,7 @@ impl Exchange<'_> {
     /// answer; the caller bounds the wait. The answer's question and owner
     /// names come back in the case of `query`.
     pub async fn run(&self, query: &Query) -> io::Result<Answer> {
-        let (mut lease, cleaned) = self.sockets.take()?;
+        let (mut lease, cleaned) = self.sockets.take_at(self.now)?;
         if cleaned.stale > 0 {
             self.stats.dns_upstream_stale.add(cleaned.stale as u64);
         }
