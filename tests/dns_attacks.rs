@@ -270,6 +270,20 @@ fn odd_queries_from_a_lan_device_get_a_clear_answer_and_nothing_else() {
             Some(ResponseCode::NoError),
         ),
         (
+            // RFC 6891 6.1.3: BADVERS (16, which hickory decodes as BADSIG,
+            // the TSIG code that shares it), with our OPT.
+            "EDNS version 1",
+            with_additional(
+                11,
+                &[{
+                    let mut opt = opt_record(1232, &[]);
+                    opt[6] = 1; // the TTL's second byte: the version
+                    opt
+                }],
+            ),
+            Some(ResponseCode::BADSIG),
+        ),
+        (
             "a 255-byte binary name",
             odd.to_vec().unwrap(),
             Some(ResponseCode::ServFail),
@@ -310,6 +324,11 @@ fn odd_queries_from_a_lan_device_get_a_clear_answer_and_nothing_else() {
                     let edns = r.edns.as_ref().expect("an OPT record in reply to one");
                     assert!(edns.options().as_ref().is_empty(), "{what}: options echoed");
                 }
+                if *rcode == ResponseCode::BADSIG {
+                    let edns = r.edns.as_ref().expect("BADVERS carries an OPT record");
+                    assert_eq!(edns.version(), 0, "{what}");
+                    assert_eq!(edns.max_payload(), 1232, "{what}: the OPT says what tproxyd takes");
+                }
             }
         }
     }
@@ -320,6 +339,12 @@ fn odd_queries_from_a_lan_device_get_a_clear_answer_and_nothing_else() {
     assert_eq!(
         stopped.counter("dns_formerr"),
         sent_for(ResponseCode::FormErr),
+        "{}",
+        stopped.log
+    );
+    assert_eq!(
+        stopped.counter("dns_badvers"),
+        sent_for(ResponseCode::BADSIG),
         "{}",
         stopped.log
     );
