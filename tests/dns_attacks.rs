@@ -505,6 +505,39 @@ fn a_tcp_answer_to_another_question_is_not_taken_as_the_answer() {
     assert!(stopped.counter("dns_upstream_mismatched") >= 4, "{}", stopped.log);
 }
 
+/// An upstream that ignores the UDP size tproxyd advertises (1232) and
+/// sends a 5 KB answer in one datagram: it is read whole and used, not
+/// cut at 4 KB, dropped as unreadable and waited on until the server's
+/// timeout (SERVFAIL, and the server counted as timed out).
+#[test]
+fn an_upstream_answer_larger_than_advertised_is_read_whole() {
+    let lab = dns_lab();
+    let _up = RawUpstream::start(&lab, ip(UPSTREAM), |q, _tcp| {
+        let asked = Message::from_vec(q).ok()?;
+        let question = asked.queries.first()?.clone();
+        let mut m = Message::response(asked.metadata.id, asked.metadata.op_code);
+        m.metadata.recursion_desired = true;
+        m.metadata.recursion_available = true;
+        for i in 0..300u16 {
+            m.add_answer(hickory_proto::rr::Record::from_rdata(
+                question.name().clone(),
+                300,
+                hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A::new(198, 51, (i >> 8) as u8 + 100, i as u8)),
+            ));
+        }
+        m.add_query(question);
+        let bytes = m.to_vec().ok()?;
+        assert!(bytes.len() > 4_800, "{} bytes", bytes.len());
+        Some(bytes)
+    });
+    let daemon = start(&lab);
+    let d = dig(&lab.client, &format!("+tcp @{LISTEN} big.other.test A"));
+    assert_eq!(d.status, "NOERROR", "{}", d.raw);
+    assert_eq!(d.answers.len(), 300, "{}", d.raw);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_servfail"), 0, "{}", stopped.log);
+}
+
 #[test]
 fn a_compression_loop_from_the_upstream_is_dropped_and_never_answers() {
     let lab = dns_lab();

@@ -593,7 +593,9 @@ impl DnsCache {
         self.store_at(key, lifetime, records, Instant::now())
     }
 
-    fn store_at(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant) -> bool {
+    /// [`DnsCache::store`], stored at `now` (the caller's reading of the
+    /// clock, when it has one of the same moment).
+    pub fn store_at(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant) -> bool {
         let Some(mut store) = self.lock() else {
             return false;
         };

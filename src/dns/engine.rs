@@ -781,9 +781,12 @@ impl DnsEngine {
             // Held until the client has its answer, by the future itself:
             // moved into a local, they would take their room twice.
             let _place = (&_admission, &_share, &hold);
-            let deadline = tokio::time::Instant::now() + this.timeout;
-            this.stats.dns_forwarded.inc();
+            // One reading of the clock for the deadline and the latency,
+            // and one when the answer is in (for the latency and the cache
+            // entry's time): each was a reading of its own.
             let started = tokio::time::Instant::now();
+            let deadline = started + this.timeout;
+            this.stats.dns_forwarded.inc();
             let stale = this.stale.filter(|_| serve_stale);
             let asked = ToUpstream {
                 request: &request,
@@ -801,14 +804,15 @@ impl DnsEngine {
                 Some(settings) => Box::pin(this.resolve_or_stale(&asked, settings, &mut send)).await,
                 None => this.resolve(&asked).await,
             };
+            let answered = tokio::time::Instant::now();
             if upstream.is_ok() {
-                this.stats.dns_upstream_latency.observe(started.elapsed());
+                this.stats.dns_upstream_latency.observe(answered - started);
             }
             let upstream = match upstream {
                 Ok(Answer::Plain(plain)) => match this.plain_reply(&request, &plain, transport, &sets) {
                     // The same reply and cache entry as below, made on the wire.
                     Some(done) => {
-                        let reply = this.keep_plain(key, done, send.is_some());
+                        let reply = this.keep_plain(key, done, send.is_some(), answered.into_std());
                         if let Some(send) = send {
                             send(reply);
                         }
@@ -854,7 +858,8 @@ impl DnsEngine {
                     .as_ref()
                     .map(|_| this.render(&request, &msg, transport, client, &sets));
                 if let Some((key, lifetime)) = keep {
-                    this.cache.store(key, lifetime, Records::take(&mut msg));
+                    this.cache
+                        .store_at(key, lifetime, Records::take(&mut msg), answered.into_std());
                 }
                 rendered
             };
@@ -1033,9 +1038,9 @@ impl DnsEngine {
     /// Caches what a plain reply leaves to cache and hands back the
     /// client's reply, counted as answered when it will be sent (a
     /// refresh after a stale answer only caches).
-    fn keep_plain(&self, key: CacheKey, done: PlainReply, answered: bool) -> Vec<u8> {
+    fn keep_plain(&self, key: CacheKey, done: PlainReply, answered: bool, now: std::time::Instant) -> Vec<u8> {
         if let Some(lifetime) = done.lifetime {
-            self.cache.store(key, lifetime, done.records);
+            self.cache.store_at(key, lifetime, done.records, now);
         }
         if answered {
             self.stats.dns_rcodes.record(u16::from(ResponseCode::NoError));
@@ -1059,7 +1064,7 @@ impl DnsEngine {
         // As `udp::Exchange` reads it: the plainest answers on the wire.
         let answer = match plain_answer::read(bytes, id, &name, u16::from(qtype), u16::from(qclass)) {
             Some(plain) => match self.plain_reply(&request, &plain, transport, &[]) {
-                Some(done) => return Some(self.keep_plain(key, done, true)),
+                Some(done) => return Some(self.keep_plain(key, done, true, std::time::Instant::now())),
                 None => Answer::Plain(plain).into_message(),
             },
             None => super::upstream::accept_answer(bytes, id, &request.query),

@@ -113,12 +113,14 @@ impl<K, V: Clone> Lead<'_, K, V> {
     }
 
     /// Leaves the map, then lands: a caller arriving from now on starts
-    /// afresh rather than joining a finished flight.
-    fn finish(mut self, value: V) {
+    /// afresh rather than joining a finished flight. The value is cloned
+    /// only for followers: most flights have none, and the leader keeps
+    /// its value as it is (no shared box around it to allocate and unwrap).
+    fn finish(mut self, value: &V) {
         self.leave();
         // Nobody else holds the flight: no follower to hand the value to.
         if Arc::strong_count(&self.flight) > 1 {
-            self.flight.land(Landed::Value(value));
+            self.flight.land(Landed::Value(value.clone()));
         }
     }
 }
@@ -182,7 +184,7 @@ impl<K: Eq + Hash, V: Clone> Flights<K, V> {
             // possibly as the leader this time.
         };
         let value = work().await;
-        lead.finish(value.clone());
+        lead.finish(&value);
         (value, Role::Leader)
     }
 

@@ -106,7 +106,11 @@ struct Server {
 /// The name is the cache's key form (lowercased wire format), cheap to
 /// hash and compare.
 type FlightKey = (Box<[u8]>, RecordType, DNSClass);
-type Shared = Result<Arc<Answer>, UpstreamError>;
+/// What a flight lands with. Not behind an `Arc`: the leader keeps its
+/// answer as it is, and only followers (rare) get a clone of it, which
+/// they needed anyway to own their answer (an `Arc` cost every miss an
+/// allocation, a copy in and a copy out).
+type Shared = Result<Answer, UpstreamError>;
 
 /// An upstream's answer: checked on the wire when it has the plainest
 /// shape ([`PlainAnswer`], which the engine answers and caches without a
@@ -243,14 +247,11 @@ impl UpstreamGroup {
     ) -> (Result<Answer, UpstreamError>, Role) {
         debug_assert_eq!(*name_key, *wire_key(query.name()));
         let key = (Box::from(name_key), query.query_type(), query.query_class());
-        let (shared, role) = self
-            .flights
-            .run(key, || async { self.race(query, deadline).await.map(Arc::new) })
-            .await;
+        let (shared, role) = self.flights.run(key, || self.race(query, deadline)).await;
         if role == Role::Follower {
             self.stats.dns_coalesced.inc();
         }
-        (shared.map(Arc::unwrap_or_clone), role)
+        (shared, role)
     }
 
     /// [`UpstreamGroup::resolve_shared`], without saying who asked.
@@ -304,12 +305,13 @@ impl UpstreamGroup {
 
     /// One server's answer: UDP first where that is the protocol, TCP when
     /// the UDP answer was truncated. Error RCODEs count as failures so the
-    /// next server is tried.
-    async fn ask(&self, server: &Server, query: &Query) -> Result<Answer, String> {
+    /// next server is tried. `now` is the caller's reading of the clock.
+    async fn ask(&self, server: &Server, query: &Query, now: Instant) -> Result<Answer, String> {
         if server.udp {
             let exchange = udp::Exchange {
                 server: server.addr,
                 sockets: &server.sockets,
+                now,
                 randomize_case: self.randomize_case,
                 health: &server.health,
                 stats: &self.stats,

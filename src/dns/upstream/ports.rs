@@ -212,6 +212,11 @@ pub struct Lease<'a> {
     pool: &'a ServerSockets,
     pooled: Option<Pooled>,
     answered: bool,
+    /// When it was taken: its age on return is judged by this, not by
+    /// another reading of the clock (an exchange lasts milliseconds, and
+    /// a socket past its age is never taken again: [`ServerSockets::take_at`]
+    /// checks with the time of each query).
+    taken: Instant,
 }
 
 impl ServerSockets {
@@ -242,8 +247,13 @@ impl ServerSockets {
 
     /// A clean socket for one query, and what was cleaned off it. Must
     /// run inside the runtime (a new socket joins its reactor).
+    #[cfg(test)]
     pub fn take(&self) -> io::Result<(Lease<'_>, Cleaned)> {
-        let now = Instant::now();
+        self.take_at(Instant::now())
+    }
+
+    /// [`ServerSockets::take`] at `now`, the caller's reading of the clock.
+    pub fn take_at(&self, now: Instant) -> io::Result<(Lease<'_>, Cleaned)> {
         let mut closing: Vec<Pooled> = Vec::new();
         let (seq, reused) = {
             let mut st = self.state();
@@ -315,6 +325,7 @@ impl ServerSockets {
                 pool: self,
                 pooled: Some(pooled),
                 answered: false,
+                taken: now,
             },
             cleaned,
         ))
@@ -378,11 +389,10 @@ impl ServerSockets {
         self.retire(closing.len());
     }
 
-    fn give_back(&self, mut p: Pooled) {
+    fn give_back(&self, mut p: Pooled, now: Instant) {
         if p.permit.is_none() {
             return;
         }
-        let now = Instant::now();
         if now >= p.retires {
             self.retire(1);
             return;
@@ -430,7 +440,7 @@ impl Lease<'_> {
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         match self.pooled.take() {
-            Some(p) if self.answered => self.pool.give_back(p),
+            Some(p) if self.answered => self.pool.give_back(p, self.taken),
             Some(p) if p.permit.is_some() => self.pool.retire(1),
             _ => {}
         }

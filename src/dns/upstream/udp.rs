@@ -30,6 +30,7 @@ use hickory_proto::rr::Name;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
+use tokio::time::Instant;
 
 use super::Answer;
 use super::health::Health;
@@ -43,9 +44,12 @@ use crate::stats::Stats;
 const PAYLOAD: u16 = 1232;
 /// How long a query waits before sending again into a full socket buffer.
 const SEND_RETRY: Duration = Duration::from_millis(1);
-/// Room for an answer: more than we advertise, so a server that ignores
-/// the advertised size is still read whole (and checked like any other).
-const RECEIVE_BUFFER: usize = 4096;
+/// Room for any UDP answer, so a server that ignores the size we
+/// advertise is still read whole (and checked like any other). With 4 KiB
+/// here an answer above that was cut by the kernel, failed to parse, was
+/// dropped as a mismatch and waited on until the server's timeout. The
+/// buffer is one per worker thread, allocated once.
+const RECEIVE_BUFFER: usize = u16::MAX as usize;
 
 thread_local! {
     /// Where answers are read and checked (never across an await).
@@ -59,6 +63,9 @@ static MISMATCH_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 pub struct Exchange<'a> {
     pub server: SocketAddr,
     pub sockets: &'a ServerSockets,
+    /// The time the exchange starts, as the caller read it (the socket
+    /// pool judges its sockets' age by it).
+    pub now: Instant,
     /// DNS 0x20: send the name in random case and require it echoed.
     pub randomize_case: bool,
     pub health: &'a Health,
@@ -70,7 +77,7 @@ impl Exchange<'_> {
     /// answer; the caller bounds the wait. The answer's question and owner
     /// names come back in the case of `query`.
     pub async fn run(&self, query: &Query) -> io::Result<Answer> {
-        let (mut lease, cleaned) = self.sockets.take()?;
+        let (mut lease, cleaned) = self.sockets.take_at(self.now)?;
         if cleaned.stale > 0 {
             self.stats.dns_upstream_stale.add(cleaned.stale as u64);
         }
@@ -109,7 +116,7 @@ impl Exchange<'_> {
         loop {
             let mut ready = socket.readable().await?;
             // Read and checked without an await in between, into this
-            // thread's buffer: no 4 KiB allocation per query (an allocation
+            // thread's buffer: no 64 KiB allocation per query (an allocation
             // that size also makes the allocator tidy up its small-chunk
             // lists every time). A `WouldBlock` clears the readiness.
             let got = RECEIVE.with_borrow_mut(|buf| match ready.try_io(|s| s.get_ref().recv(&mut buf[..])) {
