@@ -346,3 +346,28 @@ fn socks5_server_going_away_fails_the_flow_cleanly_and_it_recovers() {
     assert_eq!(stopped.counter("socks5_failures"), 1, "{}", stopped.log);
     assert_eq!(stopped.counter("socks5_associations"), 2);
 }
+
+/// A burst (a client catching up after a radio hiccup) through a SOCKS5
+/// flow: the relay hands every datagram it read to the proxy, as it would
+/// on a direct flow, where the socket's buffer takes the burst. Only the
+/// queue to the flow's task stands between, and it once held 64.
+#[test]
+fn a_burst_through_a_socks5_flow_reaches_the_proxy_whole() {
+    const BURST: usize = 800;
+    let (lab, proxy, _) = socks_lab(false);
+    let daemon = lab.start_tproxyd(&socks_config(proxy, false, "symmetric"));
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let sock = lab::flood::big_socket(&lab.client, client4(40000));
+    exchange(&sock, echo.addr, b"association up");
+    for i in 0..BURST {
+        sock.send_to(format!("burst {i:04} {}", "x".repeat(80)).as_bytes(), echo.addr)
+            .expect("the client's 4 MiB send buffer takes the burst");
+    }
+    std::thread::sleep(Duration::from_millis(1_500));
+    let stopped = daemon.stop();
+    let read = stopped.counter("client_datagrams");
+    assert_eq!(read, BURST as u64 + 1, "tproxyd read {read}: {}", stopped.log);
+    assert_eq!(stopped.counter("drop_send_buffer_full"), 0, "{}", stopped.log);
+    assert_eq!(stopped.counter("upstream_datagrams"), read, "{}", stopped.log);
+    assert_eq!(stopped.counter("socks5_associations"), 1);
+}

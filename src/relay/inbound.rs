@@ -48,6 +48,8 @@ use crate::sync::lock;
 
 /// Longest a SOCKS5 handshake may take.
 const SOCKS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Queued datagrams a SOCKS5 task sends per wake-up at most.
+const SOCKS_DRAIN: usize = 32;
 /// Replies gathered before they are sent (and the receive slots for them).
 const GATHER: usize = 256;
 /// Sockets with errors asked for per `epoll_wait` of the error set, and
@@ -489,15 +491,29 @@ pub async fn socks_pump(
     loop {
         tokio::select! {
             out = rx.recv() => {
-                let Some(out) = out else { return };
-                socks5::encode_udp(out.dst, &out.payload, &mut wrapped);
-                // Past ICMP errors pending on the association (each
-                // counted once, here or by the receive below).
-                let sent = crate::net::send::send_connected(&assoc.udp, &wrapped).await.map(|cleared| {
-                    ctx.stats().upstream_unreachable.add(cleared);
-                    1
-                });
-                count_sent(ctx.stats(), Direction::Upstream, &sent, &[&out.payload]);
+                let Some(mut out) = out else { return };
+                // What queued while the task waited goes out in this turn
+                // (bounded, so replies get their turn): one wake-up per
+                // datagram left a task slowed by a stream of (forged) ICMP
+                // errors behind its client, and the queue overflowed.
+                for turn in 1.. {
+                    session.socks_taken(&out);
+                    socks5::encode_udp(out.dst, &out.payload, &mut wrapped);
+                    // Past ICMP errors pending on the association (each
+                    // counted once, here or by the receive below).
+                    let sent = crate::net::send::send_connected(&assoc.udp, &wrapped).await.map(|cleared| {
+                        ctx.stats().upstream_unreachable.add(cleared);
+                        1
+                    });
+                    count_sent(ctx.stats(), Direction::Upstream, &sent, &[&out.payload]);
+                    if turn == SOCKS_DRAIN {
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(next) => out = next,
+                        Err(_) => break,
+                    }
+                }
             }
             got = assoc.udp.recv(&mut inbound) => match got {
                 Ok(n) => match socks5::decode_udp(inbound.get(..n).unwrap_or_default()) {

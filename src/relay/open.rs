@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::DropGuard;
@@ -21,8 +22,10 @@ use super::session::{Session, Upstream};
 use crate::config::NatMode;
 use crate::net::sockets;
 
-/// Datagrams queued for a SOCKS5 flow while its association is set up.
-const SOCKS_BACKLOG: usize = 64;
+/// Datagrams queued for a SOCKS5 flow while its association is set up or
+/// its task waits for the worker (and at most
+/// [`super::session::SOCKS_QUEUE_BYTES`] of them).
+const SOCKS_BACKLOG: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -103,7 +106,11 @@ pub fn open(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &Arc<RelayContex
             // The association holds a TCP control connection and a UDP socket.
             let permits = [permit(ctx)?, permit(ctx)?];
             let (tx, rx) = mpsc::channel(SOCKS_BACKLOG);
-            let session = make(Upstream::Socks { tx, permits });
+            let session = make(Upstream::Socks {
+                tx,
+                permits,
+                queued: AtomicUsize::new(0),
+            });
             let task = ctx.spawn_flow(inbound::socks_pump(
                 session.clone(),
                 ctx.clone(),
