@@ -148,6 +148,8 @@ counters! {
     dns_dropped_malformed => "dns_queries_by_action_total", "action=\"dropped_malformed\"";
     /// DNS queries answered FORMERR.
     dns_formerr => "dns_queries_by_action_total", "action=\"formerr\"";
+    /// DNS queries answered BADVERS (an EDNS version above 0).
+    dns_badvers => "dns_queries_by_action_total", "action=\"badvers\"";
     /// DNS queries answered NOTIMP (opcode other than QUERY).
     dns_notimp => "dns_queries_by_action_total", "action=\"notimp\"";
     /// DNS queries answered from an `answer` rule or hosts file.

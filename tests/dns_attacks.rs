@@ -270,6 +270,20 @@ fn odd_queries_from_a_lan_device_get_a_clear_answer_and_nothing_else() {
             Some(ResponseCode::NoError),
         ),
         (
+            // RFC 6891 6.1.3: BADVERS (16, which hickory decodes as BADSIG,
+            // the TSIG code that shares it), with our OPT.
+            "EDNS version 1",
+            with_additional(
+                11,
+                &[{
+                    let mut opt = opt_record(1232, &[]);
+                    opt[6] = 1; // the TTL's second byte: the version
+                    opt
+                }],
+            ),
+            Some(ResponseCode::BADSIG),
+        ),
+        (
             "a 255-byte binary name",
             odd.to_vec().unwrap(),
             Some(ResponseCode::ServFail),
@@ -310,6 +324,11 @@ fn odd_queries_from_a_lan_device_get_a_clear_answer_and_nothing_else() {
                     let edns = r.edns.as_ref().expect("an OPT record in reply to one");
                     assert!(edns.options().as_ref().is_empty(), "{what}: options echoed");
                 }
+                if *rcode == ResponseCode::BADSIG {
+                    let edns = r.edns.as_ref().expect("BADVERS carries an OPT record");
+                    assert_eq!(edns.version(), 0, "{what}");
+                    assert_eq!(edns.max_payload(), 1232, "{what}: the OPT says what tproxyd takes");
+                }
             }
         }
     }
@@ -320,6 +339,12 @@ fn odd_queries_from_a_lan_device_get_a_clear_answer_and_nothing_else() {
     assert_eq!(
         stopped.counter("dns_formerr"),
         sent_for(ResponseCode::FormErr),
+        "{}",
+        stopped.log
+    );
+    assert_eq!(
+        stopped.counter("dns_badvers"),
+        sent_for(ResponseCode::BADSIG),
         "{}",
         stopped.log
     );
@@ -503,6 +528,39 @@ fn a_tcp_answer_to_another_question_is_not_taken_as_the_answer() {
     assert_eq!(legit_answers(&lab, LISTEN, 3), 6);
     let stopped = daemon.stop();
     assert!(stopped.counter("dns_upstream_mismatched") >= 4, "{}", stopped.log);
+}
+
+/// An upstream that ignores the UDP size tproxyd advertises (1232) and
+/// sends a 5 KB answer in one datagram: it is read whole and used, not
+/// cut at 4 KB, dropped as unreadable and waited on until the server's
+/// timeout (SERVFAIL, and the server counted as timed out).
+#[test]
+fn an_upstream_answer_larger_than_advertised_is_read_whole() {
+    let lab = dns_lab();
+    let _up = RawUpstream::start(&lab, ip(UPSTREAM), |q, _tcp| {
+        let asked = Message::from_vec(q).ok()?;
+        let question = asked.queries.first()?.clone();
+        let mut m = Message::response(asked.metadata.id, asked.metadata.op_code);
+        m.metadata.recursion_desired = true;
+        m.metadata.recursion_available = true;
+        for i in 0..300u16 {
+            m.add_answer(hickory_proto::rr::Record::from_rdata(
+                question.name().clone(),
+                300,
+                hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A::new(198, 51, (i >> 8) as u8 + 100, i as u8)),
+            ));
+        }
+        m.add_query(question);
+        let bytes = m.to_vec().ok()?;
+        assert!(bytes.len() > 4_800, "{} bytes", bytes.len());
+        Some(bytes)
+    });
+    let daemon = start(&lab);
+    let d = dig(&lab.client, &format!("+tcp @{LISTEN} big.other.test A"));
+    assert_eq!(d.status, "NOERROR", "{}", d.raw);
+    assert_eq!(d.answers.len(), 300, "{}", d.raw);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_servfail"), 0, "{}", stopped.log);
 }
 
 #[test]

@@ -419,10 +419,16 @@ impl DnsEngine {
                 s.dns_dropped_malformed.inc();
                 return Outcome::Drop;
             }
-            Err(Rejection::Respond(msg)) => {
+            Err(Rejection::Respond(mut msg)) => {
                 match msg.metadata.response_code {
                     ResponseCode::NotImp => s.dns_notimp.inc(),
+                    ResponseCode::BADVERS => s.dns_badvers.inc(),
                     _ => s.dns_formerr.inc(),
+                }
+                // BADVERS carries our OPT: it says what we take, as every
+                // other answer's does (RFC 6891 6.1.3, 7).
+                if let Some(edns) = msg.edns.as_mut() {
+                    edns.set_max_payload(self.max_udp_payload.max(message::CLASSIC_UDP_PAYLOAD as u16));
                 }
                 return self.reply(&msg, transport, message::CLASSIC_UDP_PAYLOAD);
             }

@@ -123,8 +123,9 @@ pub const QUIET: Duration = Duration::from_millis(200);
 /// How often a listener with a filter on looks at how many datagrams its
 /// sockets dropped, and reports to the shedder.
 pub const LOOK: Duration = Duration::from_millis(50);
-/// Datagrams the kernel must drop within one [`LOOK`] on a listener's
-/// sockets for the client to count as still flooding (320 a second: a
+/// Datagrams the kernel must drop within one [`LOOK`] on the listeners'
+/// sockets, every listener task's together, for the client to count as
+/// still flooding (320 a second: a
 /// twentieth of a 64 KB flood the relay carries, nothing it ever had to
 /// shed).
 pub const STILL_FLOODING: u64 = 16;
@@ -370,9 +371,14 @@ struct Shared {
     /// The last filter's client, when its hold ends (or ended), and how
     /// many times its holds doubled in a row.
     last_hold: Option<(ClientId, Duration, u32)>,
-    /// When a listener last saw the kernel drop the filtered client's
+    /// When the listeners last saw the kernel drop the filtered client's
     /// datagrams at a flood's rate (or the filter went on).
     dropping_at: Duration,
+    /// What the listener tasks reported dropped since the first report of
+    /// this [`LOOK`] (when that was, and the sum): each task looks at its
+    /// own sockets only, and a flood queued in the sockets of several
+    /// tasks shows each of them a share of its rate.
+    reported: (Duration, u64),
 }
 
 /// A client whose datagrams the listener sockets' filters drop, and until
@@ -394,6 +400,7 @@ impl SharedShedder {
                 shed_run: None,
                 last_hold: None,
                 dropping_at: Duration::ZERO,
+                reported: (Duration::ZERO, 0),
             }),
             start: Instant::now(),
         }
@@ -439,13 +446,32 @@ impl SharedShedder {
         s.filter
     }
 
-    /// A listener's sockets dropped `datagrams` of the filtered client
-    /// since it last looked ([`LOOK`] ago or more), at `now`: at
-    /// [`STILL_FLOODING`] or more, the client is still flooding and the
-    /// filter stays for its hold.
+    /// A listener task's sockets dropped `datagrams` of the filtered
+    /// client since it last looked ([`LOOK`] ago or more), at `now`: once
+    /// the tasks' reports within one [`LOOK`] add up to [`STILL_FLOODING`]
+    /// or more, the client is still flooding and the filter stays for its
+    /// hold.
+    ///
+    /// Summed, not judged report by report: with two workers each task
+    /// serves half of the listening sockets, and a flood from two client
+    /// sockets that queue in different halves showed each task half its
+    /// rate. Judged apart, a flood of up to twice the threshold's rate
+    /// counted as stopped on both: its hold ended after [`QUIET`] and the
+    /// next started from [`HOLD`] again, never doubling.
     pub fn kernel_dropped(&self, datagrams: u64, now: Duration) {
-        if datagrams >= STILL_FLOODING {
-            let mut s = lock(&self.state);
+        if datagrams == 0 {
+            return;
+        }
+        let mut s = lock(&self.state);
+        let (since, sum) = s.reported;
+        let sum = if now >= since + LOOK {
+            s.reported.0 = now;
+            datagrams
+        } else {
+            sum + datagrams
+        };
+        s.reported.1 = sum;
+        if sum >= STILL_FLOODING {
             s.dropping_at = s.dropping_at.max(now);
         }
     }
@@ -761,6 +787,42 @@ mod tests {
         s.kernel_dropped(STILL_FLOODING, start + QUIET + 50 * MS);
         assert_eq!(s.filter(start + QUIET + MS + HOLD), None);
         assert_eq!(shed_until_filtered(&s, flood, quiet, later), HOLD);
+    }
+
+    #[test]
+    fn a_flood_two_listener_tasks_each_see_half_of_keeps_its_holds_doubling() {
+        let (flood, quiet) = (id("192.0.2.10"), id("192.0.2.11"));
+        let s = SharedShedder::new(5 * MS);
+        let mut now = 10 * MS;
+        let mut holds = Vec::new();
+        for _ in 0..5 {
+            let hold = shed_until_filtered(&s, flood, quiet, now);
+            holds.push(hold);
+            // Two tasks look in turn, each seeing half the flood's rate:
+            // below the threshold alone, at it together.
+            let end = now + hold;
+            while now + LOOK < end {
+                now += LOOK;
+                s.kernel_dropped(STILL_FLOODING / 2, now);
+                s.kernel_dropped(STILL_FLOODING / 2, now + MS);
+                assert!(
+                    s.filter(now + MS).is_some(),
+                    "off early at {now:?} of a hold to {end:?}"
+                );
+            }
+            now = end;
+            assert_eq!(s.filter(now), None);
+            now += 5 * MS;
+        }
+        assert_eq!(holds, [HOLD, 2 * HOLD, 4 * HOLD, 8 * HOLD, 16 * HOLD]);
+        // Half the threshold from one task alone: the client stopped.
+        let start = now;
+        assert_eq!(shed_until_filtered(&s, flood, quiet, now), 16 * HOLD);
+        now += LOOK;
+        s.kernel_dropped(STILL_FLOODING / 2, now);
+        now += LOOK;
+        s.kernel_dropped(STILL_FLOODING / 2, now);
+        assert_eq!(s.filter(start + QUIET), None);
     }
 
     #[test]

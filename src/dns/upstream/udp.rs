@@ -44,9 +44,12 @@ use crate::stats::Stats;
 const PAYLOAD: u16 = 1232;
 /// How long a query waits before sending again into a full socket buffer.
 const SEND_RETRY: Duration = Duration::from_millis(1);
-/// Room for an answer: more than we advertise, so a server that ignores
-/// the advertised size is still read whole (and checked like any other).
-const RECEIVE_BUFFER: usize = 4096;
+/// Room for any UDP answer, so a server that ignores the size we
+/// advertise is still read whole (and checked like any other). With 4 KiB
+/// here an answer above that was cut by the kernel, failed to parse, was
+/// dropped as a mismatch and waited on until the server's timeout. The
+/// buffer is one per worker thread, allocated once.
+const RECEIVE_BUFFER: usize = u16::MAX as usize;
 
 thread_local! {
     /// Where answers are read and checked (never across an await).
@@ -113,7 +116,7 @@ impl Exchange<'_> {
         loop {
             let mut ready = socket.readable().await?;
             // Read and checked without an await in between, into this
-            // thread's buffer: no 4 KiB allocation per query (an allocation
+            // thread's buffer: no 64 KiB allocation per query (an allocation
             // that size also makes the allocator tidy up its small-chunk
             // lists every time). A `WouldBlock` clears the readiness.
             let got = RECEIVE.with_borrow_mut(|buf| match ready.try_io(|s| s.get_ref().recv(&mut buf[..])) {
