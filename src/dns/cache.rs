@@ -32,8 +32,9 @@ use crate::config::dns::CacheConfig;
 pub struct CacheKey {
     /// Upstream group name: answers from different groups never mix.
     pub group: Arc<str>,
-    /// [`super::names::wire_key`] of the question name.
-    pub name: Box<[u8]>,
+    /// [`super::names::wire_key`] of the question name (shared with the
+    /// upstream group's single-flight map while the question is asked).
+    pub name: Arc<[u8]>,
     pub qtype: RecordType,
     pub qclass: DNSClass,
 }

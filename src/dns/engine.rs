@@ -20,7 +20,7 @@ use std::time::Duration;
 use super::cache::{CacheKey, DnsCache, Lookup, PACKED_ON_STACK, Records, StackKey};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
-use super::names::wire_key;
+use super::names::{query_key, wire_key};
 use super::plain_answer::{self, PlainAnswer, ReplyTo};
 use super::ratelimit::RateLimiter;
 use super::rendered::{Asked, Rendered, Reused, Shape, wire_labels};
@@ -403,7 +403,7 @@ impl DnsEngine {
             // The plain path read the query, matched its rule and missed
             // the cache: nothing is left to do but forward it.
             if let Some(rule) = m.rule {
-                tracing::debug!(%client, name = %m.request.key, qtype = ?m.request.query.query_type(), rule = rule.number, action = rule.action.kind(), "DNS rule matched");
+                tracing::debug!(%client, name = %m.request.query.name(), qtype = ?m.request.query.query_type(), rule = rule.number, action = rule.action.kind(), "DNS rule matched");
             }
             return self.miss(m.request, m.group, m.key, m.stale_kept, transport, client, m.rule);
         }
@@ -455,9 +455,10 @@ impl DnsEngine {
             let msg = message::response(&request, rcode, self.max_udp_payload);
             return self.reply_to(&request, &msg, transport);
         }
-        let rule = self.rules.first_match(client, &request.key, qtype);
+        let name_key = query_key(request.query.name());
+        let rule = self.rules.first_match(client, &name_key, qtype);
         if let Some(rule) = rule {
-            tracing::debug!(%client, name = %request.key, ?qtype, rule = rule.number, action = rule.action.kind(), "DNS rule matched");
+            tracing::debug!(%client, name = %name_key, ?qtype, rule = rule.number, action = rule.action.kind(), "DNS rule matched");
         }
         let group = match rule.map(|r| &r.action) {
             Some(Action::Answer(answer)) => {
@@ -470,7 +471,7 @@ impl DnsEngine {
             }
             Some(Action::Hosts(table, ttl)) => {
                 s.dns_answered_local.inc();
-                let addrs = table.get(&request.key).cloned().unwrap_or_default();
+                let addrs = table.get(&name_key).cloned().unwrap_or_default();
                 let answer = StaticAnswer {
                     a: addrs.v4,
                     aaaa: addrs.v6,
@@ -670,7 +671,7 @@ impl DnsEngine {
             // The miss is forwarded by the caller, with a `Request` built
             // from what was read here rather than from a second parse, and
             // the key owned (it goes with the query upstream).
-            *missed = message::plain_request(&query, key).map(|request| Missed {
+            *missed = message::plain_request(&query).map(|request| Missed {
                 request,
                 rule,
                 group,
@@ -853,7 +854,7 @@ impl DnsEngine {
                                 if send.is_some() {
                                     this.stats.dns_servfail.inc();
                                 }
-                                tracing::debug!(name = %request.key, error = %e, "no upstream answer");
+                                tracing::debug!(name = %request.query.name(), error = %e, "no upstream answer");
                                 message::response(&request, ResponseCode::ServFail, this.max_udp_payload)
                             }
                         }
@@ -921,7 +922,7 @@ impl DnsEngine {
     fn stale_answer(&self, request: &Request, key: &CacheKey, settings: StaleAnswers) -> Option<Message> {
         let entry = self.cache.get_stale(key)?;
         self.stats.dns_stale_served.inc();
-        tracing::debug!(name = %request.key, "no upstream answer in time: serving a stale answer");
+        tracing::debug!(name = %request.query.name(), "no upstream answer in time: serving a stale answer");
         let mut msg = message::response(request, entry.rcode, self.max_udp_payload);
         entry.fill_stale(&mut msg, settings.ttl);
         Some(msg)
@@ -969,7 +970,7 @@ impl DnsEngine {
         let scrubbed = scrub::scrub(&request.query, &mut answer);
         if scrubbed.removed > 0 {
             self.stats.dns_scrubbed_records.add(scrubbed.removed as u64);
-            tracing::debug!(name = %request.key, removed = scrubbed.removed, "records outside the question removed");
+            tracing::debug!(name = %request.query.name(), removed = scrubbed.removed, "records outside the question removed");
         }
         if let Some(broken) = scrubbed.broken {
             // No answer at the end of the chain: SERVFAIL, and nothing
@@ -978,7 +979,7 @@ impl DnsEngine {
             // Counted with the other upstream failures: the upstream
             // answered, but nothing usable.
             self.stats.dns_servfail.inc();
-            tracing::debug!(name = %request.key, ?broken, "CNAME chain loops or is too long");
+            tracing::debug!(name = %request.query.name(), ?broken, "CNAME chain loops or is too long");
             return (
                 message::response(request, ResponseCode::ServFail, self.max_udp_payload),
                 None,

@@ -6,7 +6,7 @@ use hickory_proto::op::{Edns, EdnsFlags, Header, Message, MessageType, OpCode, Q
 use hickory_proto::rr::{DNSClass, Name, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
-use super::names::{printable, query_key};
+use super::names::printable;
 use super::wire::Plain;
 
 /// Smallest UDP payload every DNS client accepts (RFC 1035).
@@ -17,10 +17,11 @@ pub const CLASSIC_UDP_PAYLOAD: usize = 512;
 pub struct Request {
     pub id: u16,
     /// The question exactly as asked (letter case included): it is echoed
-    /// back verbatim, as clients using 0x20 case randomization check.
+    /// back verbatim, as clients using 0x20 case randomization check. Its
+    /// lowercase rule key ([`super::names::query_key`]) is not kept here:
+    /// the rules are matched once, where it is made, and a cache miss
+    /// would carry it (one allocation each) only for its debug lines.
     pub query: Query,
-    /// Lowercase name for matching and caching.
-    pub key: String,
     pub recursion_desired: bool,
     pub checking_disabled: bool,
     /// The client's EDNS, if it sent one: a reply must then carry one too.
@@ -89,7 +90,6 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, Rejection> {
     }
     Ok(Request {
         id: header.id,
-        key: query_key(query.name()),
         query,
         recursion_desired: header.recursion_desired,
         checking_disabled: header.checking_disabled,
@@ -100,11 +100,9 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, Rejection> {
 /// The [`Request`] of a query that [`super::wire::plain`] read, exactly as
 /// [`parse_request`] gives it for the same bytes, without hickory's whole
 /// message parse (header, question list, the OPT record and its options):
-/// only the name is decoded by hickory. `key` is the name's rule key
-/// ([`super::wire::key_into`], the same string as [`query_key`] for a
-/// plain name). A plain query is never an error answer, so this is all
-/// `parse_request` would do with it.
-pub fn plain_request(plain: &Plain<'_>, key: &str) -> Option<Request> {
+/// only the name is decoded by hickory. A plain query is never an error
+/// answer, so this is all `parse_request` would do with it.
+pub fn plain_request(plain: &Plain<'_>) -> Option<Request> {
     let name = Name::read(&mut BinDecoder::new(plain.name)).ok()?;
     let mut query = Query::query(name, RecordType::from(plain.qtype));
     query.set_query_class(DNSClass::from(plain.qclass));
@@ -118,7 +116,6 @@ pub fn plain_request(plain: &Plain<'_>, key: &str) -> Option<Request> {
     Some(Request {
         id: plain.id,
         query,
-        key: key.to_string(),
         recursion_desired: plain.recursion_desired,
         checking_disabled: plain.checking_disabled,
         edns,
@@ -194,7 +191,7 @@ mod tests {
     fn parses_a_query_and_keeps_its_case() {
         let req = parse_request(&query_bytes("WwW.Example.COM.", Some(4096))).unwrap();
         assert_eq!(req.id, 0x1234);
-        assert_eq!(req.key, "www.example.com");
+        assert_eq!(crate::dns::names::query_key(req.query.name()), "www.example.com");
         assert_eq!(req.query.name().to_string(), "WwW.Example.COM.");
         assert!(req.recursion_desired);
         assert_eq!(req.udp_limit(1232), 1232);
@@ -313,10 +310,7 @@ mod tests {
                             let Some(plain) = super::super::wire::plain(&bytes) else {
                                 continue;
                             };
-                            let mut key = [0u8; super::super::wire::MAX_NAME];
-                            let len = super::super::wire::key_into(plain.name, &mut key);
-                            let key = std::str::from_utf8(&key[..len]).unwrap();
-                            let ours = plain_request(&plain, key).unwrap();
+                            let ours = plain_request(&plain).unwrap();
                             let full = parse_request(&bytes).unwrap();
                             assert_eq!(
                                 format!("{ours:?}"),

@@ -89,19 +89,48 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 /// The cache key of a name: its wire format (length-prefixed labels,
 /// RFC 1035 3.1) with ASCII letters lowercased. Label boundaries are kept,
 /// so `bank\.test` (one label) and `bank.test` (two) never share an entry.
-pub fn wire_key(name: &hickory_proto::rr::Name) -> Box<[u8]> {
-    let mut key = Vec::with_capacity(name.len() + 1);
+///
+/// Shared (`Arc`): a miss's key also names its question in the upstream
+/// group's single-flight map, which now holds a second reference where
+/// it held a copy of its own (an allocation per miss). Written on the
+/// stack first, so that the key is one allocation.
+pub fn wire_key(name: &hickory_proto::rr::Name) -> std::sync::Arc<[u8]> {
+    let mut key = [0u8; hickory_proto::rr::Name::MAX_LENGTH];
+    let mut len = 0;
     for label in name.iter() {
         // A decoded label is at most 63 bytes; saturate rather than trust it.
+        let head = u8::try_from(label.len()).unwrap_or(u8::MAX);
+        let Some(out) = key.get_mut(len..len + 1 + label.len()) else {
+            // Longer than any name hickory reads: built on the heap instead.
+            return wire_key_long(name);
+        };
+        out[0] = head;
+        out[1..].copy_from_slice(label);
+        len += 1 + label.len();
+    }
+    let Some(root) = key.get_mut(len) else {
+        return wire_key_long(name);
+    };
+    *root = 0;
+    let key = &mut key[..=len];
+    // Lowercased in one pass over the whole key (length bytes are below
+    // 'A'): a vectorised pass instead of a byte-by-byte map, on every
+    // cache lookup and every miss.
+    key.make_ascii_lowercase();
+    std::sync::Arc::from(&*key)
+}
+
+/// [`wire_key`] of a name too long for its buffer (not one hickory
+/// reads or builds: they are at most 255 bytes).
+fn wire_key_long(name: &hickory_proto::rr::Name) -> std::sync::Arc<[u8]> {
+    let mut key = Vec::with_capacity(name.len() + 1);
+    for label in name.iter() {
         key.push(u8::try_from(label.len()).unwrap_or(u8::MAX));
         key.extend_from_slice(label);
     }
-    // Lowercased in one pass over the whole key (length bytes are below
-    // 'A'): a copy and a vectorised pass instead of a byte-by-byte map,
-    // on every cache lookup and every miss.
     key.make_ascii_lowercase();
     key.push(0);
-    key.into_boxed_slice()
+    std::sync::Arc::from(key)
 }
 
 /// `name` itself, then each parent: `a.b.c`, `b.c`, `c`.

@@ -258,14 +258,18 @@ fn the_same_question_is_served_from_the_kept_encoding_with_its_own_id() {
         let first = answer(&engine, &query(7, qname, qtype, how), how.transport);
         let request = message::parse_request(&query(8, qname, qtype, how)).unwrap();
         let entry;
-        let (rendered, age) = match engine.rules.first_match(CLIENT, &request.key, qtype) {
-            Some(rule) => (&rule.rendered, 0),
-            None => {
-                let (e, age) = engine.cache.get(&engine.cache_key(&request, 0)).unwrap();
-                entry = e;
-                (&entry.rendered, age)
-            }
-        };
+        let (rendered, age) =
+            match engine
+                .rules
+                .first_match(CLIENT, &crate::dns::names::query_key(request.query.name()), qtype)
+            {
+                Some(rule) => (&rule.rendered, 0),
+                None => {
+                    let (e, age) = engine.cache.get(&engine.cache_key(&request, 0)).unwrap();
+                    entry = e;
+                    (&entry.rendered, age)
+                }
+            };
         let wire = wire_labels(request.query.name());
         let shape = Shape {
             asked: Asked::of(&request, &wire),

@@ -105,7 +105,7 @@ struct Server {
 /// the map being per group.
 /// The name is the cache's key form (lowercased wire format), cheap to
 /// hash and compare.
-type FlightKey = (Box<[u8]>, RecordType, DNSClass);
+type FlightKey = (Arc<[u8]>, RecordType, DNSClass);
 /// What a flight lands with. Not behind an `Arc`: the leader keeps its
 /// answer as it is, and only followers (rare) get a clone of it, which
 /// they needed anyway to own their answer (an `Arc` cost every miss an
@@ -242,11 +242,12 @@ impl UpstreamGroup {
     pub async fn resolve_shared(
         &self,
         query: &Query,
-        name_key: &[u8],
+        name_key: &Arc<[u8]>,
         deadline: Instant,
     ) -> (Result<Answer, UpstreamError>, Role) {
-        debug_assert_eq!(*name_key, *wire_key(query.name()));
-        let key = (Box::from(name_key), query.query_type(), query.query_class());
+        debug_assert_eq!(**name_key, *wire_key(query.name()));
+        // The cache key's name itself, not a copy: the map holds a reference.
+        let key = (name_key.clone(), query.query_type(), query.query_class());
         let (shared, role) = self.flights.run(key, || self.race(query, deadline)).await;
         if role == Role::Follower {
             self.stats.dns_coalesced.inc();
@@ -255,7 +256,12 @@ impl UpstreamGroup {
     }
 
     /// [`UpstreamGroup::resolve_shared`], without saying who asked.
-    pub async fn resolve(&self, query: &Query, name_key: &[u8], deadline: Instant) -> Result<Answer, UpstreamError> {
+    pub async fn resolve(
+        &self,
+        query: &Query,
+        name_key: &Arc<[u8]>,
+        deadline: Instant,
+    ) -> Result<Answer, UpstreamError> {
         self.resolve_shared(query, name_key, deadline).await.0
     }
 
