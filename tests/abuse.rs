@@ -851,18 +851,7 @@ fn an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one() {
     std::thread::sleep(Duration::from_secs(1));
     let before = prober.reset();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let senders: Vec<_> = flooders
-        .into_iter()
-        .map(|sock| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let big = vec![0x55u8; 65_000];
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = sock.send_to(&big, sink);
-                }
-            })
-        })
-        .collect();
+    let senders = flood_big(flooders, sink, &stop);
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(220));
         let paused = Paused::new(daemon.pid());
@@ -1064,22 +1053,7 @@ fn with_two_workers_a_flood_is_shed_by_both_listener_tasks_and_counted_once() {
     std::thread::sleep(Duration::from_secs(1));
     let before = prober.reset();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let senders: Vec<_> = flooders
-        .into_iter()
-        .map(|sock| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let big = vec![0x55u8; 65_000];
-                let mut sent = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if sock.send_to(&big, sink).is_ok() {
-                        sent += 1;
-                    }
-                }
-                sent
-            })
-        })
-        .collect();
+    let senders = flood_big(flooders, sink, &stop);
     // Which sockets had a filter on, looked at every 2 ms during the flood.
     let sockets = Arc::new(sockets);
     let watcher = {
@@ -1628,4 +1602,29 @@ fn a_quiet_clients_reply_is_not_delivered_behind_a_floods_waiting_replies() {
         flood_at.len()
     );
     drop(daemon.stop());
+}
+
+/// Each of `socks` sends 65,000-byte datagrams to `sink` as fast as it
+/// can until `stop`; each thread returns how many its socket took.
+fn flood_big(
+    socks: Vec<std::net::UdpSocket>,
+    sink: std::net::SocketAddr,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<u64>> {
+    socks
+        .into_iter()
+        .map(|sock| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let big = vec![0x55u8; 65_000];
+                let mut sent = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if sock.send_to(&big, sink).is_ok() {
+                        sent += 1;
+                    }
+                }
+                sent
+            })
+        })
+        .collect()
 }
