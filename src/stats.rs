@@ -104,6 +104,10 @@ counters! {
     /// Datagrams of new flows dropped because their client's share of the
     /// backlog of flows waiting to be opened was full.
     drop_open_backlog => "drops_total", "reason=\"open_backlog\"";
+    /// Datagrams for SOCKS5 flows dropped because the relay's queue
+    /// budget (`relay.socks5_queue_bytes`), or their client's quarter of
+    /// it, was full.
+    drop_socks5_queue => "drops_total", "reason=\"socks5_queue\"";
     /// New flows refused: no descriptor left even after evicting a flow.
     drop_fd_budget => "drops_total", "reason=\"fd_budget\"";
     /// Datagrams of the heaviest client dropped while the relay was
