@@ -599,8 +599,9 @@ fn many_full_socks5_queues_from_one_device_stay_within_a_memory_budget() {
     lab.install_rules("nft", "LAN_IF=lan0");
     let proxy = sa(server4(1), 1080);
     let _silent = silent_socks5(&lab, proxy);
+    let admin: SocketAddr = "127.0.0.1:9153".parse().unwrap();
     let daemon = lab.start_tproxyd(&format!(
-        "{}[[relay.rules]]\ndestinations = [\"198.51.100.0/25\"]\naction = \"socks5\"\nsocks5 = \"{proxy}\"\n",
+        "{}[[relay.rules]]\ndestinations = [\"198.51.100.0/25\"]\naction = \"socks5\"\nsocks5 = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n",
         config()
     ));
     let before = lab::flood::peak_rss(daemon.pid());
@@ -623,6 +624,17 @@ fn many_full_socks5_queues_from_one_device_stay_within_a_memory_budget() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let grown = lab::flood::peak_rss(daemon.pid()).saturating_sub(before);
+    // The handshakes time out (5 s), the flows end, and every queued byte
+    // is given back: a leak would leave the budget full and SOCKS5 dead.
+    let queued = || lab::metrics::find(&lab::metrics::fetch(&lab.gateway, admin), "tproxyd_socks5_queued_bytes");
+    let mut left = queued();
+    for _ in 0..150 {
+        if left == Some(0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        left = queued();
+    }
     let stopped = daemon.stop();
     let read = stopped.counter("client_bytes");
     eprintln!("peak RSS grew {} KiB; tproxyd read {read} bytes", grown >> 10);
@@ -632,6 +644,7 @@ fn many_full_socks5_queues_from_one_device_stay_within_a_memory_budget() {
         grown >> 20,
         read >> 20
     );
+    assert_eq!(left, Some(0), "bytes still charged after every flow ended");
     assert!(
         stopped.counter("drop_socks5_queue") > 0,
         "the budget dropped nothing: {}",
