@@ -29,7 +29,6 @@ use std::task::{Context, Poll};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 
 use super::account::{Direction, count_sent};
 use super::context::RelayContext;
@@ -38,8 +37,9 @@ use super::pool::PoolSocket;
 use super::pool_readers::{PoolReader, Watch};
 use super::reply::{self, Pending, ReplyScratch};
 use super::reply_order::{self, ReplyOrder};
-use super::session::{MAX_DATAGRAM, Outbound, Session};
+use super::session::{MAX_DATAGRAM, Session};
 use super::slice::{Slice, Step};
+use super::socks_queue::SocksInbox;
 use super::socks5::{self, Socks5Server};
 use crate::net::poll::Event;
 use crate::net::recv::{self, RecvBatch};
@@ -494,7 +494,7 @@ pub async fn socks_pump(
     ctx: Arc<RelayContext>,
     server: Arc<Socks5Server>,
     mark: u32,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: SocksInbox,
 ) {
     let mut assoc = match socks5::associate(&server, mark, SOCKS_HANDSHAKE).await {
         Ok(a) => a,
@@ -519,7 +519,6 @@ pub async fn socks_pump(
                 // datagram left a task slowed by a stream of (forged) ICMP
                 // errors behind its client, and the queue overflowed.
                 for turn in 1.. {
-                    session.socks_taken(&out);
                     socks5::encode_udp(out.dst, &out.payload, &mut wrapped);
                     // Past ICMP errors pending on the association (each
                     // counted once, here or by the receive below).
@@ -532,10 +531,11 @@ pub async fn socks_pump(
                         break;
                     }
                     match rx.try_recv() {
-                        Ok(next) => out = next,
-                        Err(_) => break,
+                        Some(next) => out = next,
+                        None => break,
                     }
                 }
+                rx.settle();
             }
             got = assoc.udp.recv(&mut inbound) => match got {
                 Ok(n) => match socks5::decode_udp(inbound.get(..n).unwrap_or_default()) {
