@@ -26,6 +26,11 @@ pub struct Request {
     pub checking_disabled: bool,
     /// The client's EDNS, if it sent one: a reply must then carry one too.
     pub edns: Option<Edns>,
+    /// The question name has no capital letter, so its cache key
+    /// ([`super::names::wire_key`], the labels lowercased) is also its
+    /// spelling on the wire: a miss sends that copy upstream instead of
+    /// writing the `Name` out again label by label.
+    pub lowercase: bool,
 }
 
 /// Why a datagram gets no normal answer.
@@ -90,9 +95,13 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, Rejection> {
     }
     Ok(Request {
         id: header.id,
-        query,
         recursion_desired: header.recursion_desired,
         checking_disabled: header.checking_disabled,
+        lowercase: !query
+            .name()
+            .iter()
+            .any(|label| label.iter().any(u8::is_ascii_uppercase)),
+        query,
         edns: message.edns,
     })
 }
@@ -119,6 +128,7 @@ pub fn plain_request(plain: &Plain<'_>) -> Option<Request> {
         recursion_desired: plain.recursion_desired,
         checking_disabled: plain.checking_disabled,
         edns,
+        lowercase: !plain.name.iter().any(u8::is_ascii_uppercase),
     })
 }
 
