@@ -885,7 +885,15 @@ impl DnsEngine {
     /// The upstream's answer to a miss (see [`UpstreamGroup::resolve`]).
     async fn resolve(&self, asked: &ToUpstream<'_>) -> Result<Answer, UpstreamError> {
         match self.groups.get(asked.group) {
-            Some(g) => g.resolve(&asked.request.query, &asked.key.name, asked.deadline).await,
+            Some(g) => {
+                g.resolve(
+                    &asked.request.query,
+                    &asked.key.name,
+                    asked.request.lowercase,
+                    asked.deadline,
+                )
+                .await
+            }
             None => Err(UpstreamError::NoAnswer),
         }
     }
