@@ -97,6 +97,11 @@ impl Sources {
                 relay.flow_fds().used() as u64,
             ),
             (
+                "socks5_queued_bytes",
+                "Bytes waiting for SOCKS5 flows' tasks (bounded by relay.socks5_queue_bytes).",
+                relay.socks_budget().queued() as u64,
+            ),
+            (
                 "flow_sockets_limit",
                 "Descriptors flows may hold (the budget's flow share).",
                 relay.flow_fds().limit() as u64,

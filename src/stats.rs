@@ -104,6 +104,10 @@ counters! {
     /// Datagrams of new flows dropped because their client's share of the
     /// backlog of flows waiting to be opened was full.
     drop_open_backlog => "drops_total", "reason=\"open_backlog\"";
+    /// Datagrams for SOCKS5 flows dropped because the relay's queue
+    /// budget (`relay.socks5_queue_bytes`), or their client's quarter of
+    /// it, was full.
+    drop_socks5_queue => "drops_total", "reason=\"socks5_queue\"";
     /// New flows refused: no descriptor left even after evicting a flow.
     drop_fd_budget => "drops_total", "reason=\"fd_budget\"";
     /// Datagrams of the heaviest client dropped while the relay was
@@ -191,6 +195,9 @@ counters! {
     dns_tcp_write_timeouts => "dns_tcp_closed_total", "reason=\"write_timeout\"";
     /// DNS-over-TCP connections closed at their lifetime or query cap.
     dns_tcp_recycled => "dns_tcp_closed_total", "reason=\"recycled\"";
+    /// DNS-over-TCP connections closed because their client left answers
+    /// unread while all connections' unsent answers were at their limit.
+    dns_tcp_unread => "dns_tcp_closed_total", "reason=\"unread_answers\"";
     /// DNS queries dropped because too many were already pending.
     dns_dropped_overload => "drops_total", "reason=\"dns_overload\"";
     /// DNS queries answered SERVFAIL at once: their upstream group had

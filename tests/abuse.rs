@@ -852,11 +852,24 @@ fn an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one() {
     let before = prober.reset();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let senders = flood_big(flooders, sink, &stop);
+    // What the relay had forwarded by the end of the first held round
+    // after which /metrics showed datagrams shed by the kernel, counted
+    // when a filter comes off: so once the first hold had ended. Most of
+    // it is what a machine relays of two 64 KB floods before shedding
+    // starts, from 1 MB with the machine's two CPUs busy to some 90 MB
+    // when idle.
+    let mut relayed_when_shedding = None;
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(220));
         let paused = Paused::new(daemon.pid());
         std::thread::sleep(Duration::from_millis(30));
         drop(paused);
+        if relayed_when_shedding.is_none() {
+            let now = scrape(&lab.gateway, ADMIN.parse().unwrap(), Duration::from_secs(5)).unwrap_or_default();
+            if metric(&now, "tproxyd_shed_in_kernel_total").is_some_and(|m| m > 0) {
+                relayed_when_shedding = metric(&now, "tproxyd_bytes_total{direction=\"to_upstream\"}");
+            }
+        }
     }
     let during = prober.finish();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -869,8 +882,10 @@ fn an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one() {
     let relayed = stopped.counter("upstream_bytes");
     let (ok, lost, p50, p99, _) = summary(&during);
     eprintln!(
-        "overload: {shed} shed, {} MB relayed; quiet flow {ok} ok, {lost} lost, p50 {p50:?} p99 {p99:?}",
-        relayed >> 20
+        "overload: {shed} shed, {} MB relayed ({:?} MB after the first hold); quiet flow {ok} ok, {lost} lost, p50 \
+         {p50:?} p99 {p99:?}",
+        relayed >> 20,
+        relayed_when_shedding.map(|r| relayed.saturating_sub(r) >> 20)
     );
     // What a user would check: the quiet client lost nothing (not one of
     // its datagrams was shed), before or during the flood ...
@@ -894,8 +909,22 @@ fn an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one() {
         Some(true),
         "{metrics}"
     );
-    // ... and still got what the relay had left: the flood went on through.
-    assert!(relayed > 20 << 20, "only {relayed} bytes of the flood relayed");
+    // ... and still got what the relay had left: the kernel's filter came
+    // off after its hold, and the flood went on through between the holds
+    // (at most 1.6 s each, in 5 s of flood). Counted from the first hold's
+    // end, not from the start: what is relayed before shedding starts is
+    // the machine's speed (a bound of 20 MiB on all of it failed in 4 of 6
+    // runs with three busy loops beside the test, and passed with holds
+    // that never ended when the machine was idle). Over a megabyte: 16 of
+    // the flood's datagrams, more than the quiet flow's probes add up to.
+    let Some(at_shedding) = relayed_when_shedding else {
+        panic!("/metrics never showed datagrams shed by the kernel during the flood: no hold ended\n{metrics}");
+    };
+    assert!(
+        relayed > at_shedding + (1 << 20),
+        "only {} bytes relayed after the first hold, of {relayed}",
+        relayed.saturating_sub(at_shedding)
+    );
 }
 
 /// One listening socket of the relay as the test sees it: a copy of the
@@ -1267,6 +1296,78 @@ fn with_shedding_off_nothing_is_shed_whatever_the_table_holds() {
     assert_eq!(answered, asked, "{}", stopped.log);
 }
 
+/// The busy client's side of the held-relay shedding tests: the lab with
+/// the attacker's `addresses` added, an echo server and a sink, tproxyd
+/// with one listener queue (datagrams read in the order sent) shedding
+/// after 5 ms, a busy client whose flow is open, and an upload beside it.
+struct BusyBesideAnUpload {
+    lab: Lab,
+    echo: Echo,
+    sink: Echo,
+    daemon: lab::daemon::Daemon,
+    busy: std::net::UdpSocket,
+    upload: std::net::UdpSocket,
+}
+
+impl BusyBesideAnUpload {
+    fn new(addresses: &[IpAddr]) -> Self {
+        let lab = Lab::new();
+        lab.install_rules("nft", "LAN_IF=lan0 FAMILIES=4");
+        for a in addresses {
+            lab.add_client_address(*a);
+        }
+        let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+        let sink = Echo::start(&lab.servers[0], sa(server4(0), 7001));
+        let daemon = lab.start_tproxyd(&config("listener_sockets = 1\nshed_after_ms = 5"));
+        let busy = socket(&lab.client, sa(ip(CLIENT4), 40000));
+        let upload = socket(&lab.client, sa(ip(CLIENT4), 40001));
+        let (from, _) = lab::udp::exchange(&busy, echo.addr, &[0x11; 16]);
+        assert_eq!(from, echo.addr);
+        BusyBesideAnUpload {
+            lab,
+            echo,
+            sink,
+            daemon,
+            busy,
+            upload,
+        }
+    }
+
+    /// Five rounds: `on_time` sends (relayed on time), a pause, then the
+    /// relay is held while `held` sends and the busy client asks five
+    /// requests, late when read. Asserts the busy client got every answer
+    /// and returns the stopped daemon.
+    fn rounds(
+        self,
+        mut on_time: impl FnMut(&std::net::UdpSocket, std::net::SocketAddr),
+        mut held: impl FnMut(std::net::SocketAddr),
+    ) -> lab::daemon::Stopped {
+        let mut asked = 0;
+        for round in 0..5u8 {
+            on_time(&self.upload, self.sink.addr);
+            std::thread::sleep(Duration::from_millis(30));
+            while_held(self.daemon.pid(), || {
+                held(self.sink.addr);
+                for k in 0..5u8 {
+                    self.busy.send_to(&[round, k, 0x22], self.echo.addr).unwrap();
+                    asked += 1;
+                }
+            });
+        }
+        let answered = echoes_of_three_bytes(&self.busy, self.echo.addr, asked);
+        let stopped = self.daemon.stop();
+        let shed = stopped.counter("drop_overload");
+        assert_eq!(
+            answered,
+            asked,
+            "the busy client lost {} of {asked} ({shed} shed)\n{}",
+            asked - answered,
+            stopped.log
+        );
+        stopped
+    }
+}
+
 /// A hostile LAN device floods from 64 addresses of its own, each lighter
 /// than an innocent client's upload, while tproxyd (one listener queue) is
 /// held for 30 ms at a time. The innocent client is the heaviest address,
@@ -1276,54 +1377,29 @@ fn with_shedding_off_nothing_is_shed_whatever_the_table_holds() {
 #[test]
 fn a_flood_spread_over_many_addresses_does_not_get_a_busy_client_shed() {
     let _heavy = one_at_a_time();
-    let lab = Lab::new();
-    lab.install_rules("nft", "LAN_IF=lan0 FAMILIES=4");
     let spread: Vec<IpAddr> = (0..64).map(|i| ip(&format!("192.0.2.{}", 100 + i))).collect();
-    for a in &spread {
-        lab.add_client_address(*a);
-    }
-    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
-    let sink = Echo::start(&lab.servers[0], sa(server4(0), 7001));
-    let daemon = lab.start_tproxyd(&config("listener_sockets = 1\nshed_after_ms = 5"));
-    let busy = socket(&lab.client, sa(ip(CLIENT4), 40000));
-    let upload = socket(&lab.client, sa(ip(CLIENT4), 40001));
-    let flood: Vec<std::net::UdpSocket> = spread.iter().map(|a| socket(&lab.client, sa(*a, 40000))).collect();
-    let (from, _) = lab::udp::exchange(&busy, echo.addr, &[0x11; 16]);
-    assert_eq!(from, echo.addr);
-    let mut asked = 0;
-    for round in 0..5u8 {
-        // The upload: 100 KB; the flood: five times that, over 64
-        // addresses, each sending 8 KB. Both relayed on time.
-        for _ in 0..84 {
-            upload.send_to(&[0x33; 1_200], sink.addr).unwrap();
-        }
-        for _ in 0..7 {
-            for s in &flood {
-                s.send_to(&[0x55; 1_200], sink.addr).unwrap();
+    let test = BusyBesideAnUpload::new(&spread);
+    let flood: Vec<std::net::UdpSocket> = spread.iter().map(|a| socket(&test.lab.client, sa(*a, 40000))).collect();
+    test.rounds(
+        |upload, sink| {
+            // The upload: 100 KB; the flood: five times that, over 64
+            // addresses, each sending 8 KB. Both relayed on time.
+            for _ in 0..84 {
+                upload.send_to(&[0x33; 1_200], sink).unwrap();
             }
-        }
-        std::thread::sleep(Duration::from_millis(30));
+            for _ in 0..7 {
+                for s in &flood {
+                    s.send_to(&[0x55; 1_200], sink).unwrap();
+                }
+            }
+        },
         // Held: the flood's next datagrams are late when read, then the
         // busy client's requests.
-        while_held(daemon.pid(), || {
+        |sink| {
             for s in &flood {
-                s.send_to(&[0x55; 1_200], sink.addr).unwrap();
+                s.send_to(&[0x55; 1_200], sink).unwrap();
             }
-            for k in 0..5u8 {
-                busy.send_to(&[round, k, 0x22], echo.addr).unwrap();
-                asked += 1;
-            }
-        });
-    }
-    let answered = echoes_of_three_bytes(&busy, echo.addr, asked);
-    let stopped = daemon.stop();
-    let shed = stopped.counter("drop_overload");
-    assert_eq!(
-        answered,
-        asked,
-        "the busy client lost {} of {asked} ({shed} shed)\n{}",
-        asked - answered,
-        stopped.log
+        },
     );
 }
 
@@ -1337,52 +1413,33 @@ fn a_flood_spread_over_many_addresses_does_not_get_a_busy_client_shed() {
 #[test]
 fn a_spray_of_tiny_datagrams_is_shed_not_a_client_sending_fewer_bigger_ones() {
     let _heavy = one_at_a_time();
-    let lab = Lab::new();
-    lab.install_rules("nft", "LAN_IF=lan0 FAMILIES=4");
     let sprayer = ip("192.0.2.66");
-    lab.add_client_address(sprayer);
-    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
-    let sink = Echo::start(&lab.servers[0], sa(server4(0), 7001));
-    let daemon = lab.start_tproxyd(&config("listener_sockets = 1\nshed_after_ms = 5"));
-    let busy = socket(&lab.client, sa(ip(CLIENT4), 40000));
-    let upload = socket(&lab.client, sa(ip(CLIENT4), 40001));
-    let spray = socket(&lab.client, sa(sprayer, 40000));
-    let (from, _) = lab::udp::exchange(&busy, echo.addr, &[0x11; 16]);
-    assert_eq!(from, echo.addr);
-    let mut asked = 0;
-    for round in 0..5u8 {
-        // The upload: 100 datagrams of 1,200 bytes; the spray: 600 of
-        // one byte. Both relayed on time.
-        for i in 0..600 {
-            if i % 6 == 0 {
-                upload.send_to(&[0x33; 1_200], sink.addr).unwrap();
+    let test = BusyBesideAnUpload::new(&[sprayer]);
+    let spray = socket(&test.lab.client, sa(sprayer, 40000));
+    let stopped = test.rounds(
+        |upload, sink| {
+            // The upload: 100 datagrams of 1,200 bytes; the spray: 600 of
+            // one byte. Both relayed on time.
+            for i in 0..600 {
+                if i % 6 == 0 {
+                    upload.send_to(&[0x33; 1_200], sink).unwrap();
+                }
+                spray.send_to(b"s", sink).unwrap();
             }
-            spray.send_to(b"s", sink.addr).unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(30));
+        },
         // Held: the spray's next datagrams are late when read, then the
         // busy client's requests.
-        while_held(daemon.pid(), || {
+        |sink| {
             for _ in 0..50 {
-                spray.send_to(b"s", sink.addr).unwrap();
+                spray.send_to(b"s", sink).unwrap();
             }
-            for k in 0..5u8 {
-                busy.send_to(&[round, k, 0x22], echo.addr).unwrap();
-                asked += 1;
-            }
-        });
-    }
-    let answered = echoes_of_three_bytes(&busy, echo.addr, asked);
-    let stopped = daemon.stop();
-    let shed = stopped.counter("drop_overload");
-    assert_eq!(
-        answered,
-        asked,
-        "the busy client lost {} of {asked} ({shed} shed)\n{}",
-        asked - answered,
+        },
+    );
+    assert!(
+        stopped.counter("drop_overload") > 0,
+        "the spray was never shed\n{}",
         stopped.log
     );
-    assert!(shed > 0, "the spray was never shed\n{}", stopped.log);
 }
 
 /// One client floods over IPv6 while another's IPv4 datagrams wait behind

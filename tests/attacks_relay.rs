@@ -576,3 +576,65 @@ fn a_real_narrower_ipv6_hop_is_learnt_and_crossed() {
     // (1-10 of 200 in the lab).
     assert!(got * 4 >= ECHOES * 3, "{got} of {ECHOES} echoes came back");
 }
+
+/// A SOCKS5 server that takes connections and never answers: every
+/// association's handshake waits out tproxyd's handshake timeout, while the
+/// flow's datagrams queue for its task. Returns the listener (held open).
+fn silent_socks5(lab: &Lab, proxy: SocketAddr) -> std::net::TcpListener {
+    lab.servers[1].enter(move || std::net::TcpListener::bind(proxy).expect("bind the silent proxy"))
+}
+
+/// One LAN device opens `FLOWS` SOCKS5 flows and fills each one's queue
+/// (16 datagrams of 65,000 bytes, within the 1 MiB a flow may queue) while
+/// the proxy is slow to answer. Each queue alone is bounded; together they
+/// must stay within the relay's SOCKS5 queue budget, not grow with the
+/// number of flows (150 flows were 150 MiB of queued payload).
+#[test]
+fn many_full_socks5_queues_from_one_device_stay_within_a_memory_budget() {
+    const FLOWS: u16 = 150;
+    const PER_FLOW: usize = 16;
+    const SIZE: usize = 65_000;
+    let _one = one_at_a_time();
+    let lab = Lab::with_servers(2);
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let proxy = sa(server4(1), 1080);
+    let _silent = silent_socks5(&lab, proxy);
+    let daemon = lab.start_tproxyd(&format!(
+        "{}[[relay.rules]]\ndestinations = [\"198.51.100.0/25\"]\naction = \"socks5\"\nsocks5 = \"{proxy}\"\n",
+        config()
+    ));
+    let before = lab::flood::peak_rss(daemon.pid());
+    let sock = big_socket(&lab.client, sa(CLIENT4.parse().unwrap(), 46300));
+    let dst = |i: u16| sa(server4(0), 7000 + i);
+    for i in 0..FLOWS {
+        sock.send_to(b"open", dst(i)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let payload = vec![0x5a; SIZE];
+    for i in 0..FLOWS {
+        for n in 0..PER_FLOW {
+            sock.send_to(&payload, dst(i)).unwrap();
+            if n % 4 == 3 {
+                // The listener socket's share of the receive buffer holds
+                // a few of these; let the relay read them.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let grown = lab::flood::peak_rss(daemon.pid()).saturating_sub(before);
+    let stopped = daemon.stop();
+    let read = stopped.counter("client_bytes");
+    eprintln!("peak RSS grew {} KiB; tproxyd read {read} bytes", grown >> 10);
+    assert!(
+        grown < 64 << 20,
+        "queued SOCKS5 payload grew tproxyd by {} MiB (read {} MiB)",
+        grown >> 20,
+        read >> 20
+    );
+    assert!(
+        stopped.counter("drop_socks5_queue") > 0,
+        "the budget dropped nothing: {}",
+        stopped.log
+    );
+}

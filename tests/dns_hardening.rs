@@ -718,6 +718,64 @@ upstream = "silent"
     assert_eq!(stopped.counter("dns_tcp_queries"), 50, "{}", stopped.log);
 }
 
+/// A LAN device asks, over TCP, for a name others will ask for too (its
+/// query leads the single flight, so theirs wait for its answer), then
+/// makes tproxyd's writes to it block: pipelined queries for a cached
+/// 1 KB answer, never read, behind a tiny receive buffer. While one of
+/// its answers waits to be written, its connection's other queries must
+/// still move on: the late upstream's answer to the shared name reaches
+/// the other client, instead of that client getting SERVFAIL at
+/// `dns.timeout` because the leader was not looked at until the blocked
+/// write gave up (`write_timeout`, 30 s here).
+#[test]
+fn a_tcp_client_that_does_not_read_cannot_stall_a_shared_question() {
+    const LATE: &str = "198.51.100.55";
+    let lab = dns_lab();
+    lab.add_server_address(0, ip(LATE));
+    let txt = format!("--txt-record=big.example.test,{}", vec!["y".repeat(240); 4].join(","));
+    let _upstream = example_upstream(&lab, &[&txt]);
+    let late = FakeDns::start(
+        &lab.servers[0],
+        SocketAddr::new(ip(LATE), 53),
+        lab::fake_dns::Behaviour::late("203.0.113.77".parse().unwrap(), Duration::from_millis(500)),
+    );
+    let daemon = lab.start_tproxyd(&config(
+        &format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}\ntcp = {{ write_timeout = \"30s\" }}"),
+        &format!(
+            r#"[dns.upstreams.late]
+servers = ["{LATE}"]
+[[dns.rules]]
+domains = ["*.late.test"]
+action = "forward"
+upstream = "late"
+"#
+        ),
+    ));
+    assert_eq!(q(&lab, &format!("@{LISTEN} big.example.test TXT")).status, "NOERROR");
+
+    let _attacker: TcpStream = lab.client.enter(|| {
+        let mut burst = tcp_framed(1, "shared.late.test.", RecordType::A);
+        for id in 2..600 {
+            burst.extend(tcp_framed(id, "big.example.test.", RecordType::TXT));
+        }
+        let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(1024).unwrap();
+        s.bind(&SocketAddr::new(ip(STRANGER), 0).into()).unwrap();
+        s.connect_timeout(&to.into(), Duration::from_secs(2)).unwrap();
+        let mut s = TcpStream::from(s);
+        s.write_all(&burst).unwrap(); // never read
+        s
+    });
+    // The device's question is on its way upstream (answered in 500 ms).
+    std::thread::sleep(Duration::from_millis(150));
+    let other = q(&lab, &format!("@{LISTEN} shared.late.test A"));
+    assert_eq!(other.status, "NOERROR", "{}", other.raw);
+    assert_eq!(other.answer_data(), ["203.0.113.77"]);
+    assert_eq!(late.asked("shared.late.test."), 1, "one flight: {:?}", late.names());
+    drop(daemon.stop());
+}
+
 #[test]
 fn the_cache_survives_a_reload_that_keeps_the_cache_settings() {
     let lab = dns_lab();

@@ -136,6 +136,14 @@ pub struct RelayConfig {
     /// over TCP and DNS upstreams keep working when flows take the rest.
     #[serde(default = "RelayConfig::default_fd_reserve")]
     pub fd_reserve: usize,
+    /// Bytes that may wait, in all, for SOCKS5 flows' tasks (each
+    /// datagram's payload plus a small fixed cost); one client (an IPv4
+    /// address, an IPv6 /64) may hold a quarter of it. Each flow holds at
+    /// most 1 MiB of it, as a send buffer would, but a device with many
+    /// flows to a proxy slow to answer would otherwise hold that many MiB.
+    /// Default 64 MiB.
+    #[serde(default = "RelayConfig::default_socks5_queue_bytes")]
+    pub socks5_queue_bytes: usize,
     /// Busy polling, in microseconds: a worker with nothing to do first
     /// checks the relay's sockets for this long before it sleeps, so a
     /// reply or the next request that comes within it is relayed without a
@@ -181,6 +189,9 @@ impl RelayConfig {
     fn default_fd_reserve() -> usize {
         512
     }
+    fn default_socks5_queue_bytes() -> usize {
+        64 << 20
+    }
     /// The per-client quota in force.
     pub fn client_quota(&self) -> usize {
         self.max_sessions_per_client
@@ -207,6 +218,7 @@ impl Default for RelayConfig {
             shed_after_ms: Self::default_shed_after_ms(),
             fd_budget: None,
             fd_reserve: Self::default_fd_reserve(),
+            socks5_queue_bytes: Self::default_socks5_queue_bytes(),
             busy_poll_us: 0,
             rules: Vec::new(),
         }

@@ -21,9 +21,11 @@
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -90,6 +92,113 @@ impl Inbox {
     }
 }
 
+/// Answers written to no connection yet, in bytes, across all connections
+/// (see [`Outbox`]).
+static UNSENT: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes of answers all connections together may hold beyond the one each
+/// is writing (or would write next): past it a connection whose client
+/// already has answers waiting is closed rather than hold more.
+const UNSENT_LIMIT: usize = 32 << 20;
+
+/// Answers ready for the client and not yet written, oldest first.
+///
+/// They are written while the connection's other queries keep being
+/// answered: a query waiting for an upstream may lead a single flight
+/// (`upstream::flight`), other clients' identical questions waiting for
+/// its answer, and it only gets its answer by being polled. Writing each
+/// answer to the end before looking at the others let a client that does
+/// not read hold such a question for `write_timeout`, and the others got
+/// silence. What waits here is bounded per connection by
+/// [`MAX_IN_FLIGHT`] (taken queries and unsent answers together) and in
+/// all by [`UNSENT_LIMIT`].
+struct Outbox {
+    framed: VecDeque<Vec<u8>>,
+    /// Bytes of the front answer already written.
+    written: usize,
+    /// When the front answer must be written by.
+    deadline: Instant,
+    /// Bytes counted in [`UNSENT`].
+    counted: usize,
+}
+
+impl Outbox {
+    fn new() -> Self {
+        Outbox {
+            framed: VecDeque::new(),
+            written: 0,
+            deadline: Instant::now(),
+            counted: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.framed.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.framed.is_empty()
+    }
+
+    /// Queues `reply`, framed; `false` (nothing queued) if all
+    /// connections' unsent answers are at their limit and this one's
+    /// client already has answers waiting (or if it cannot be framed).
+    fn push(&mut self, reply: &[u8], write_timeout: std::time::Duration) -> bool {
+        let Ok(len) = u16::try_from(reply.len()) else {
+            return false;
+        };
+        let size = reply.len() + 2;
+        if !self.framed.is_empty() && UNSENT.load(Ordering::Relaxed) + size > UNSENT_LIMIT {
+            return false;
+        }
+        UNSENT.fetch_add(size, Ordering::Relaxed);
+        self.counted += size;
+        let mut framed = Vec::with_capacity(size);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(reply);
+        if self.framed.is_empty() {
+            self.deadline = Instant::now() + write_timeout;
+        }
+        self.framed.push_back(framed);
+        true
+    }
+
+    /// The part of the front answer still to write.
+    fn unwritten(&self) -> &[u8] {
+        self.framed
+            .front()
+            .and_then(|f| f.get(self.written..))
+            .unwrap_or_default()
+    }
+
+    /// `n` more bytes were written; `true` when that finished an answer.
+    fn wrote(&mut self, n: usize, write_timeout: std::time::Duration) -> bool {
+        self.written += n;
+        let Some(front) = self.framed.front() else { return false };
+        if self.written < front.len() {
+            return false;
+        }
+        let size = front.len();
+        self.framed.pop_front();
+        self.written = 0;
+        self.uncount(size);
+        self.deadline = Instant::now() + write_timeout;
+        true
+    }
+
+    fn uncount(&mut self, size: usize) {
+        let size = size.min(self.counted);
+        self.counted -= size;
+        UNSENT.fetch_sub(size, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.uncount(self.counted);
+    }
+}
+
 /// Answers `client`'s queries on `stream` (see the module), each by the
 /// engine in force when it is taken (`current_engine`: a reload may
 /// replace it).
@@ -105,13 +214,14 @@ pub async fn serve(
     let (mut reader, mut writer) = stream.split();
     let mut inbox = Inbox::new();
     let mut in_flight = FuturesUnordered::new();
+    let mut outbox = Outbox::new();
     let mut reading = true;
     let mut taken = 0u32;
     let mut recycled = false;
     // The idle time counts from the last query taken or answer sent.
     let mut last_activity = Instant::now();
     loop {
-        while reading && in_flight.len() < MAX_IN_FLIGHT {
+        while reading && in_flight.len() + outbox.len() < MAX_IN_FLIGHT {
             let Some(query) = inbox.next_query() else { break };
             stats.dns_tcp_queries.inc();
             last_activity = Instant::now();
@@ -127,17 +237,29 @@ pub async fn serve(
             reading = false;
             recycled = true;
         }
-        if !reading && in_flight.is_empty() {
+        if !reading && in_flight.is_empty() && outbox.is_empty() {
             if recycled {
                 stats.dns_tcp_recycled.inc();
             }
             return Ok(());
         }
-        let wants_input = reading && in_flight.len() < MAX_IN_FLIGHT;
+        let wants_input = reading && in_flight.len() + outbox.len() < MAX_IN_FLIGHT;
+        let idle = in_flight.is_empty() && outbox.is_empty();
         let idle_at = (last_activity + limits.idle_timeout).min(end_of_life);
         tokio::select! {
             biased;
             _ = shutdown.recv() => return Ok(()),
+            wrote = writer.write(outbox.unwritten()), if !outbox.is_empty() => {
+                // Cancel-safe: a write that did not complete wrote nothing.
+                match wrote? {
+                    0 => return Ok(()),
+                    n => {
+                        if outbox.wrote(n, limits.write_timeout) {
+                            last_activity = Instant::now();
+                        }
+                    }
+                }
+            }
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
                 // Malformed beyond answering: no more queries are read,
                 // as RFC 7766 allows; those already taken are answered.
@@ -145,21 +267,18 @@ pub async fn serve(
                     reading = false;
                     continue;
                 };
-                let Ok(reply_len) = u16::try_from(reply.len()) else {
-                    return Ok(());
-                };
-                let mut framed = Vec::with_capacity(reply.len() + 2);
-                framed.extend_from_slice(&reply_len.to_be_bytes());
-                framed.extend_from_slice(&reply);
-                if tokio::time::timeout(limits.write_timeout, writer.write_all(&framed))
-                    .await
-                    .is_err()
-                {
-                    // The client does not read: its slot is worth more to others.
-                    stats.dns_tcp_write_timeouts.inc();
+                if u16::try_from(reply.len()).is_err() {
+                    return Ok(()); // cannot be framed (never built so)
+                }
+                if !outbox.push(&reply, limits.write_timeout) {
+                    stats.dns_tcp_unread.inc();
                     return Ok(());
                 }
-                last_activity = Instant::now();
+            }
+            () = tokio::time::sleep_until(outbox.deadline), if !outbox.is_empty() => {
+                // The client does not read: its slot is worth more to others.
+                stats.dns_tcp_write_timeouts.inc();
+                return Ok(());
             }
             read = inbox.fill(&mut reader), if wants_input => {
                 // At the client's end of stream, a part of a query is
@@ -168,7 +287,7 @@ pub async fn serve(
                     reading = false;
                 }
             }
-            () = tokio::time::sleep_until(idle_at), if in_flight.is_empty() => {
+            () = tokio::time::sleep_until(idle_at), if idle => {
                 if inbox.has_partial() {
                     return Err(io::Error::new(io::ErrorKind::TimedOut, "query body"));
                 }
@@ -237,5 +356,37 @@ mod tests {
         }
         assert_eq!(got, [1, u16::MAX as usize]);
         assert!(!inbox.has_partial());
+    }
+
+    /// The only test that fills [`UNSENT`] (a process-wide count): no
+    /// other unit test runs a connection.
+    #[test]
+    fn unsent_answers_are_bounded_in_all_and_each_connection_may_send_one() {
+        let timeout = std::time::Duration::from_secs(5);
+        let answer = vec![0u8; 60_000];
+        let mut hog = Outbox::new();
+        let mut queued = 0;
+        while hog.push(&answer, timeout) {
+            queued += 1;
+        }
+        assert!(queued * 60_002 <= UNSENT_LIMIT + 60_002, "{queued} answers queued");
+        assert!(queued * 60_002 > UNSENT_LIMIT - 60_002, "{queued} answers queued");
+        let mut other = Outbox::new();
+        assert!(
+            other.push(&answer, timeout),
+            "a connection with nothing waiting may queue"
+        );
+        assert!(!other.push(&answer, timeout), "but not a second answer past the limit");
+        // Written answers give their room back.
+        assert!(hog.wrote(60_002, timeout));
+        assert!(hog.wrote(60_002, timeout));
+        assert!(other.push(&answer, timeout));
+        drop(hog);
+        drop(other);
+        assert_eq!(
+            UNSENT.load(Ordering::Relaxed),
+            0,
+            "dropped outboxes give everything back"
+        );
     }
 }

@@ -22,6 +22,7 @@ use super::reply::ReplySender;
 use super::rules::UdpRules;
 use super::session::Session;
 use super::shed::SharedShedder;
+use super::socks_queue::SocksBudget;
 use super::table::{Limits, SessionTable};
 use crate::config::RelayConfig;
 use crate::dns::DnsService;
@@ -42,6 +43,8 @@ pub struct RelayContext {
     flow_fds: Arc<FdShare>,
     /// New flows waiting for an opener task.
     open_backlog: OpenBacklog,
+    /// Bytes queued for SOCKS5 flows' tasks (`relay.socks5_queue_bytes`).
+    socks_budget: Arc<SocksBudget>,
     plan: Plan,
     /// The shortest idle timeout any session has had (for the sweeper).
     min_idle_ms: AtomicU64,
@@ -97,6 +100,7 @@ impl RelayContext {
             pool_readers: PoolReaders::default(),
             flow_fds,
             open_backlog: OpenBacklog::new(),
+            socks_budget: SocksBudget::new(config.socks5_queue_bytes),
             plan,
             min_idle_ms: AtomicU64::new(u64::MAX),
             shed_after_ms: AtomicU64::new(config.shed_after_ms),
@@ -119,6 +123,7 @@ impl RelayContext {
         self.replies.resize(reply_capacity(&plan));
         self.flow_fds.set_limit(plan.flows);
         self.shed_after_ms.store(config.shed_after_ms, Ordering::Relaxed);
+        self.socks_budget.set_limit(config.socks5_queue_bytes);
         ended
     }
 
@@ -154,6 +159,10 @@ impl RelayContext {
 
     pub fn pool_readers(&self) -> &PoolReaders {
         &self.pool_readers
+    }
+
+    pub fn socks_budget(&self) -> &Arc<SocksBudget> {
+        &self.socks_budget
     }
 
     pub fn open_backlog(&self) -> &OpenBacklog {

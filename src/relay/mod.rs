@@ -61,6 +61,7 @@ pub mod shed;
 pub mod shed_filter;
 pub mod slice;
 pub mod socks5;
+pub mod socks_queue;
 pub mod table;
 pub mod upstream_batch;
 

@@ -7,9 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio_util::sync::DropGuard;
 
 use super::budget::Permit;
@@ -19,12 +17,13 @@ use super::key::FlowKey;
 use super::pool::{PoolError, PoolKey};
 use super::rules::{Route, UdpRule};
 use super::session::{Session, Upstream};
+use super::socks_queue;
 use crate::config::NatMode;
 use crate::net::sockets;
 
 /// Datagrams queued for a SOCKS5 flow while its association is set up or
 /// its task waits for the worker (and at most
-/// [`super::session::SOCKS_QUEUE_BYTES`] of them).
+/// [`super::socks_queue::FLOW_BYTES`] of them).
 const SOCKS_BACKLOG: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -105,12 +104,8 @@ pub fn open(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &Arc<RelayContex
         Route::Socks5(server) => {
             // The association holds a TCP control connection and a UDP socket.
             let permits = [permit(ctx)?, permit(ctx)?];
-            let (tx, rx) = mpsc::channel(SOCKS_BACKLOG);
-            let session = make(Upstream::Socks {
-                tx,
-                permits,
-                queued: AtomicUsize::new(0),
-            });
+            let (queue, rx) = socks_queue::channel(SOCKS_BACKLOG, ctx.socks_budget().clone(), key.owner());
+            let session = make(Upstream::Socks { queue, permits });
             let task = ctx.spawn_flow(inbound::socks_pump(
                 session.clone(),
                 ctx.clone(),

@@ -12,14 +12,14 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 
 use super::account::{Direction, count_sent};
 use super::budget::Permit;
 use super::key::{FlowKey, Target};
 use super::pool::{Lease, Occupant};
+use super::socks_queue::SocksQueue;
 use crate::net::send::send_run;
 use crate::stats::Stats;
 
@@ -38,20 +38,6 @@ fn secs(ms: u64) -> u32 {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A datagram on its way to a SOCKS5 association.
-#[derive(Debug)]
-pub struct Outbound {
-    pub dst: SocketAddr,
-    pub payload: Vec<u8>,
-}
-
-/// Payload bytes a SOCKS5 flow may have queued for its task, as a send
-/// buffer would bound them. The queue is the flow's only slack while its
-/// task waits for the worker (a direct flow has the socket's buffer): 64
-/// datagrams were 32 ms of a 2,000/s stream, and a loaded machine
-/// overflowed it. The count bound is `open::SOCKS_BACKLOG`.
-pub const SOCKS_QUEUE_BYTES: usize = 1 << 20;
-
 /// Where a session's datagrams go.
 #[derive(Debug)]
 pub enum Upstream {
@@ -62,10 +48,9 @@ pub enum Upstream {
     Cone { socket: Arc<UdpSocket>, permit: Permit },
     /// A SOCKS5 association, run by the session's task.
     Socks {
-        tx: mpsc::Sender<Outbound>,
+        /// Bounded per flow and charged to the relay's SOCKS5 budget.
+        queue: SocksQueue,
         permits: [Permit; 2],
-        /// Payload bytes in `tx`'s queue (at most [`SOCKS_QUEUE_BYTES`]).
-        queued: AtomicUsize,
     },
 }
 
@@ -161,31 +146,8 @@ impl Session {
     /// Hands a run of client datagrams to the flow's SOCKS5 task; a full
     /// queue drops (counted). Other flows send on their socket instead.
     pub fn queue_socks(&self, run: &[&[u8]], dst: SocketAddr, stats: &Stats) {
-        let Upstream::Socks { tx, queued, .. } = &self.upstream else {
-            return;
-        };
-        for payload in run {
-            if queued.load(Ordering::Relaxed) + payload.len() > SOCKS_QUEUE_BYTES {
-                stats.drop_send_buffer_full.inc();
-                continue;
-            }
-            let out = Outbound {
-                dst,
-                payload: payload.to_vec(),
-            };
-            match tx.try_send(out) {
-                Ok(()) => {
-                    queued.fetch_add(payload.len(), Ordering::Relaxed);
-                }
-                Err(_) => stats.drop_send_buffer_full.inc(),
-            }
-        }
-    }
-
-    /// The SOCKS5 task took `out` from the queue: its bytes no longer count.
-    pub fn socks_taken(&self, out: &Outbound) {
-        if let Upstream::Socks { queued, .. } = &self.upstream {
-            queued.fetch_sub(out.payload.len(), Ordering::Relaxed);
+        if let Upstream::Socks { queue, .. } = &self.upstream {
+            queue.push(run, dst, stats);
         }
     }
 
