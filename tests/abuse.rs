@@ -852,11 +852,24 @@ fn an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one() {
     let before = prober.reset();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let senders = flood_big(flooders, sink, &stop);
+    // What the relay had forwarded by the end of the first held round
+    // after which /metrics showed datagrams shed by the kernel, counted
+    // when a filter comes off: so once the first hold had ended. Most of
+    // it is what a machine relays of two 64 KB floods before shedding
+    // starts, from 1 MB with the machine's two CPUs busy to some 90 MB
+    // when idle.
+    let mut relayed_when_shedding = None;
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(220));
         let paused = Paused::new(daemon.pid());
         std::thread::sleep(Duration::from_millis(30));
         drop(paused);
+        if relayed_when_shedding.is_none() {
+            let now = scrape(&lab.gateway, ADMIN.parse().unwrap(), Duration::from_secs(5)).unwrap_or_default();
+            if metric(&now, "tproxyd_shed_in_kernel_total").is_some_and(|m| m > 0) {
+                relayed_when_shedding = metric(&now, "tproxyd_bytes_total{direction=\"to_upstream\"}");
+            }
+        }
     }
     let during = prober.finish();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -869,8 +882,10 @@ fn an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one() {
     let relayed = stopped.counter("upstream_bytes");
     let (ok, lost, p50, p99, _) = summary(&during);
     eprintln!(
-        "overload: {shed} shed, {} MB relayed; quiet flow {ok} ok, {lost} lost, p50 {p50:?} p99 {p99:?}",
-        relayed >> 20
+        "overload: {shed} shed, {} MB relayed ({:?} MB after the first hold); quiet flow {ok} ok, {lost} lost, p50 \
+         {p50:?} p99 {p99:?}",
+        relayed >> 20,
+        relayed_when_shedding.map(|r| relayed.saturating_sub(r) >> 20)
     );
     // What a user would check: the quiet client lost nothing (not one of
     // its datagrams was shed), before or during the flood ...
@@ -894,8 +909,22 @@ fn an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one() {
         Some(true),
         "{metrics}"
     );
-    // ... and still got what the relay had left: the flood went on through.
-    assert!(relayed > 20 << 20, "only {relayed} bytes of the flood relayed");
+    // ... and still got what the relay had left: the kernel's filter came
+    // off after its hold, and the flood went on through between the holds
+    // (at most 1.6 s each, in 5 s of flood). Counted from the first hold's
+    // end, not from the start: what is relayed before shedding starts is
+    // the machine's speed (a bound of 20 MiB on all of it failed in 4 of 6
+    // runs with three busy loops beside the test, and passed with holds
+    // that never ended when the machine was idle). Over a megabyte: 16 of
+    // the flood's datagrams, more than the quiet flow's probes add up to.
+    let Some(at_shedding) = relayed_when_shedding else {
+        panic!("/metrics never showed datagrams shed by the kernel during the flood: no hold ended\n{metrics}");
+    };
+    assert!(
+        relayed > at_shedding + (1 << 20),
+        "only {} bytes relayed after the first hold, of {relayed}",
+        relayed.saturating_sub(at_shedding)
+    );
 }
 
 /// One listening socket of the relay as the test sees it: a copy of the

@@ -816,16 +816,16 @@ impl DnsEngine {
                 this.stats.dns_upstream_latency.observe(answered - started);
             }
             let upstream = match upstream {
-                Ok(Answer::Plain(plain)) => match this.plain_reply(&request, &plain, transport, &sets) {
+                Ok(Answer::Plain(plain)) => match this.plain_reply(&request, plain, transport, &sets) {
                     // The same reply and cache entry as below, made on the wire.
-                    Some(done) => {
+                    Ok(done) => {
                         let reply = this.keep_plain(key, done, send.is_some(), answered.into_std());
                         if let Some(send) = send {
                             send(reply);
                         }
                         return;
                     }
-                    None => Answer::Plain(plain).into_message().ok_or(UpstreamError::NoAnswer),
+                    Err(plain) => Answer::Plain(plain).into_message().ok_or(UpstreamError::NoAnswer),
                 },
                 Ok(Answer::Parsed(msg)) => Ok(msg),
                 Err(e) => Err(e),
@@ -885,7 +885,15 @@ impl DnsEngine {
     /// The upstream's answer to a miss (see [`UpstreamGroup::resolve`]).
     async fn resolve(&self, asked: &ToUpstream<'_>) -> Result<Answer, UpstreamError> {
         match self.groups.get(asked.group) {
-            Some(g) => g.resolve(&asked.request.query, &asked.key.name, asked.deadline).await,
+            Some(g) => {
+                g.resolve(
+                    &asked.request.query,
+                    &asked.key.name,
+                    asked.request.lowercase,
+                    asked.deadline,
+                )
+                .await
+            }
             None => Err(UpstreamError::NoAnswer),
         }
     }
@@ -1002,35 +1010,35 @@ impl DnsEngine {
     /// domain feed must see the answer, when the reply would need
     /// truncating, and when this client spelt the name otherwise than the
     /// question that went upstream (a follower of another client's query:
-    /// the records keep that one's spelling).
+    /// the records keep that one's spelling). The reply is written over
+    /// the answer's own bytes; a refused answer comes back untouched.
     fn plain_reply(
         &self,
         request: &Request,
-        plain: &PlainAnswer,
+        plain: PlainAnswer,
         transport: Transport,
         sets: &[SetPair],
-    ) -> Option<PlainReply> {
+    ) -> Result<PlainReply, PlainAnswer> {
         if !self.plain_answers || self.feed.as_ref().is_some_and(|f| f.watches(sets)) {
-            return None;
+            return Err(plain);
         }
+        // The answer's question is the client's, labels and case alike.
         if !plain.is_named(request.query.name()) || request.query.query_type() != plain.record_type() {
-            return None;
+            return Err(plain);
         }
         let to = ReplyTo {
             id: request.id,
             recursion_desired: request.recursion_desired,
             checking_disabled: request.checking_disabled,
-            // The same labels as the client's, case included.
-            name: plain.name(),
             owner: request.query.name(),
             our_payload: request.edns.as_ref().map(|_| self.max_udp_payload),
         };
         let policy = self.cache.policy();
-        let (reply, answers) = plain.reply(&to, |ttl| policy.clamp(ttl), self.answer_limit(request, transport))?;
+        let (reply, answers) = plain.into_reply(&to, |ttl| policy.clamp(ttl), self.answer_limit(request, transport))?;
         #[cfg(test)]
         self.plain_replies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let lifetime = answers.iter().map(|r| r.ttl).min().filter(|&l| l > 0);
-        Some(PlainReply {
+        Ok(PlainReply {
             reply,
             records: Records {
                 rcode: ResponseCode::NoError,
@@ -1070,9 +1078,9 @@ impl DnsEngine {
         let (qtype, qclass) = (request.query.query_type(), request.query.query_class());
         // As `udp::Exchange` reads it: the plainest answers on the wire.
         let answer = match plain_answer::read(bytes, id, &name, u16::from(qtype), u16::from(qclass)) {
-            Some(plain) => match self.plain_reply(&request, &plain, transport, &[]) {
-                Some(done) => return Some(self.keep_plain(key, done, true, std::time::Instant::now())),
-                None => Answer::Plain(plain).into_message(),
+            Some(plain) => match self.plain_reply(&request, plain, transport, &[]) {
+                Ok(done) => return Some(self.keep_plain(key, done, true, std::time::Instant::now())),
+                Err(plain) => Answer::Plain(plain).into_message(),
             },
             None => super::upstream::accept_answer(bytes, id, &request.query),
         };

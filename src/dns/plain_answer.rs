@@ -53,7 +53,9 @@ const CLASS_IN: u16 = 1;
 /// A plain answer (see the module), with where its records are.
 #[derive(Debug, Clone)]
 pub struct PlainAnswer {
-    bytes: Box<[u8]>,
+    /// The datagram as received, with room for one more OPT record: the
+    /// client's reply is written over it ([`PlainAnswer::into_reply`]).
+    bytes: Vec<u8>,
     /// The question name is `bytes[HEADER..name_end]`.
     name_end: usize,
     qtype: u16,
@@ -125,8 +127,12 @@ pub fn read(bytes: &[u8], id: u16, name: &[u8], qtype: u16, qclass: u16) -> Opti
     if at != bytes.len() {
         return None;
     }
+    // One allocation, with room for the OPT record a client may want
+    // where the upstream sent none: the reply is written in place.
+    let mut kept = Vec::with_capacity(at + EMPTY_OPT);
+    kept.extend_from_slice(bytes);
     Some(PlainAnswer {
-        bytes: bytes.into(),
+        bytes: kept,
         name_end,
         qtype,
         count,
@@ -178,58 +184,91 @@ impl PlainAnswer {
     }
 
     /// The client's reply and the cache's records, with every TTL put
-    /// through `clamp`: `None` when the reply would be longer than `limit`
-    /// (the full path truncates it).
+    /// through `clamp`, the reply written over the upstream's datagram;
+    /// the answer back, untouched, when the reply would be longer than
+    /// `limit` (the full path truncates it).
     ///
     /// The reply is what `message::response` plus the encoder write for
     /// the same answer: header (the client's ID, RD and CD; RA; NOERROR),
-    /// the client's question (`name`, its labels as asked), each record as
-    /// a pointer to the question name with type, class, clamped TTL and
-    /// the address, then our OPT record when the client sent one. The
-    /// records are owned by `owner`, the client's name.
-    pub fn reply(&self, to: &ReplyTo<'_>, clamp: impl Fn(u32) -> u32, limit: usize) -> Option<(Vec<u8>, Vec<Record>)> {
+    /// the question, each record as a pointer to the question name with
+    /// type, class, clamped TTL and the address, then our OPT record when
+    /// the client sent one. [`read`] checked that the datagram is laid out
+    /// exactly so up to the end of its records, so only the header's ID,
+    /// flags and ARCOUNT, the TTLs and the OPT are written: no second
+    /// buffer, no copy. The question is the one sent upstream, which the
+    /// caller checked is the client's, case included
+    /// ([`PlainAnswer::is_named`]); the records are owned by `owner`, the
+    /// same name.
+    pub fn into_reply(
+        mut self,
+        to: &ReplyTo<'_>,
+        clamp: impl Fn(u32) -> u32,
+        limit: usize,
+    ) -> Result<(Vec<u8>, Vec<Record>), PlainAnswer> {
         let rdlength = if self.qtype == TYPE_A { 4 } else { 16 };
-        let len = HEADER
-            + to.name.len()
-            + 4
-            + self.count * (OWNER.len() + FIXED + rdlength)
-            + to.our_payload.map_or(0, |_| EMPTY_OPT);
-        if len > limit {
-            return None;
+        let records_end = self.name_end + 4 + self.count * (OWNER.len() + FIXED + rdlength);
+        let len = records_end + to.our_payload.map_or(0, |_| EMPTY_OPT);
+        if len > limit || records_end > self.bytes.len() {
+            return Err(self);
         }
-        let mut out = Vec::with_capacity(len);
-        out.extend_from_slice(&to.id.to_be_bytes());
-        out.push(0x80 | u8::from(to.recursion_desired));
-        out.push(0x80 | (u8::from(to.checking_disabled) << 4));
-        let count = u16::try_from(self.count).ok()?;
-        for n in [1, count, 0, u16::from(to.our_payload.is_some())] {
-            out.extend_from_slice(&n.to_be_bytes());
-        }
-        out.extend_from_slice(to.name);
-        out.extend_from_slice(&self.qtype.to_be_bytes());
-        out.extend_from_slice(&CLASS_IN.to_be_bytes());
+        // Everything that reads is done before anything is written, so
+        // the answer goes back whole if a read fails (it cannot: `read`
+        // checked every offset).
         let mut records = Vec::with_capacity(self.count);
         for (ttl, data) in self.records() {
-            let ttl = clamp(ttl);
-            out.extend_from_slice(&OWNER);
-            out.extend_from_slice(&self.qtype.to_be_bytes());
-            out.extend_from_slice(&CLASS_IN.to_be_bytes());
-            out.extend_from_slice(&ttl.to_be_bytes());
-            out.extend_from_slice(&u16::try_from(data.len()).ok()?.to_be_bytes());
-            out.extend_from_slice(data);
             let rdata = match <[u8; 4]>::try_from(data) {
                 Ok(v4) => RData::A(A(Ipv4Addr::from(v4))),
-                Err(_) => RData::AAAA(AAAA(Ipv6Addr::from(<[u8; 16]>::try_from(data).ok()?))),
+                Err(_) => match <[u8; 16]>::try_from(data) {
+                    Ok(v6) => RData::AAAA(AAAA(Ipv6Addr::from(v6))),
+                    Err(_) => break,
+                },
             };
-            records.push(Record::from_rdata(to.owner.clone(), ttl, rdata));
+            records.push(Record::from_rdata(to.owner.clone(), clamp(ttl), rdata));
         }
+        let Some(count) = u16::try_from(records.len())
+            .ok()
+            .filter(|_| records.len() == self.count)
+        else {
+            return Err(self);
+        };
+        let out = &mut self.bytes;
+        let flags = [
+            0x80 | u8::from(to.recursion_desired),
+            0x80 | (u8::from(to.checking_disabled) << 4),
+        ];
+        let arcount = u16::from(to.our_payload.is_some());
+        let header = [
+            &to.id.to_be_bytes()[..],
+            &flags,
+            &[0, 1],
+            &count.to_be_bytes(),
+            &[0, 0],
+            &arcount.to_be_bytes(),
+        ];
+        let mut at = 0;
+        for part in header {
+            if let Some(dst) = out.get_mut(at..at + part.len()) {
+                dst.copy_from_slice(part);
+            }
+            at += part.len();
+        }
+        for (&ttl_at, record) in self.ttls.iter().zip(&records) {
+            let ttl_at = usize::from(ttl_at);
+            if let Some(dst) = out.get_mut(ttl_at..ttl_at + 4) {
+                dst.copy_from_slice(&record.ttl.to_be_bytes());
+            }
+        }
+        out.truncate(records_end);
         if let Some(payload) = to.our_payload {
+            // Root owner, TYPE OPT, our payload size, extended RCODE,
+            // version and flags 0, no options.
             out.push(0);
             out.extend_from_slice(&TYPE_OPT.to_be_bytes());
             out.extend_from_slice(&payload.max(512).to_be_bytes());
             out.extend_from_slice(&[0; 6]);
         }
-        (records.len() == self.count && out.len() == len).then_some((out, records))
+        debug_assert_eq!(out.len(), len);
+        Ok((self.bytes, records))
     }
 
     /// The record type asked and answered.
@@ -238,15 +277,14 @@ impl PlainAnswer {
     }
 }
 
-/// Who the reply goes to and how they to.
+/// Who the reply goes to and how they asked.
 #[derive(Debug)]
 pub struct ReplyTo<'a> {
     pub id: u16,
     pub recursion_desired: bool,
     pub checking_disabled: bool,
-    /// The client's question name on the wire (labels, case kept).
-    pub name: &'a [u8],
-    /// The same name, owner of the cached records.
+    /// The client's question name (the answer's, case included), owner
+    /// of the cached records.
     pub owner: &'a Name,
     /// Our OPT record's payload size, when the client sent an OPT.
     pub our_payload: Option<u16>,
@@ -560,22 +598,20 @@ mod tests {
 
     #[test]
     fn the_reply_has_the_clients_id_flags_name_and_clamped_ttls() {
-        let q = "www.example.test.";
+        let q = "WWW.example.TEST.";
         let bytes = upstream(q, RecordType::A, vec![a(q, 5, 1), a(q, 999_999, 2)], true)
             .to_vec()
             .unwrap();
         let plain = read(&bytes, ID, &labels(q), 1, 1).unwrap();
-        let asked_name = labels("WWW.example.TEST.");
-        let owner = n("WWW.example.TEST.");
+        let owner = n(q);
         let to = ReplyTo {
             id: 7,
             recursion_desired: false,
             checking_disabled: true,
-            name: &asked_name,
             owner: &owner,
             our_payload: Some(1232),
         };
-        let (reply, records) = plain.reply(&to, |t| t.clamp(60, 3600), 4096).unwrap();
+        let (reply, records) = plain.clone().into_reply(&to, |t| t.clamp(60, 3600), 4096).unwrap();
         let msg = Message::from_vec(&reply).unwrap();
         assert_eq!(msg.metadata.id, 7);
         assert!(!msg.metadata.recursion_desired && msg.metadata.checking_disabled && msg.metadata.recursion_available);
@@ -585,8 +621,109 @@ mod tests {
         assert!(msg.answers.iter().all(|r| r.name.eq_case(&owner)));
         assert_eq!(msg.answers, records);
         assert_eq!(msg.edns.as_ref().map(Edns::max_payload), Some(1232));
-        // Longer than the client takes: the full path truncates it.
-        assert!(plain.reply(&to, |t| t, reply.len() - 1).is_none());
-        assert!(plain.reply(&to, |t| t, reply.len()).is_some());
+        // Longer than the client takes: the full path truncates it, from
+        // the answer as it came, not a half-written one.
+        let refused = plain.clone().into_reply(&to, |t| t, reply.len() - 1).unwrap_err();
+        assert_eq!(refused.bytes(), bytes.as_slice());
+        assert!(plain.into_reply(&to, |t| t, reply.len()).is_ok());
+    }
+
+    /// The reply as `message::response` and the encoder write it for the
+    /// same answer, written out byte by byte (what the plain path wrote
+    /// into a buffer of its own before it wrote over the answer).
+    fn written_afresh(to: &ReplyTo<'_>, qtype: u16, records: &[(u32, Vec<u8>)]) -> Vec<u8> {
+        let mut out = to.id.to_be_bytes().to_vec();
+        out.push(0x80 | u8::from(to.recursion_desired));
+        out.push(0x80 | (u8::from(to.checking_disabled) << 4));
+        for count in [1, records.len() as u16, 0, u16::from(to.our_payload.is_some())] {
+            out.extend_from_slice(&count.to_be_bytes());
+        }
+        out.extend_from_slice(&super::super::rendered::wire_labels(to.owner));
+        out.extend_from_slice(&qtype.to_be_bytes());
+        out.extend_from_slice(&CLASS_IN.to_be_bytes());
+        for (ttl, data) in records {
+            out.extend_from_slice(&OWNER);
+            out.extend_from_slice(&qtype.to_be_bytes());
+            out.extend_from_slice(&CLASS_IN.to_be_bytes());
+            out.extend_from_slice(&ttl.to_be_bytes());
+            out.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            out.extend_from_slice(data);
+        }
+        if let Some(payload) = to.our_payload {
+            out.extend_from_slice(&[0, 0, 41]);
+            out.extend_from_slice(&payload.max(512).to_be_bytes());
+            out.extend_from_slice(&[0; 6]);
+        }
+        out
+    }
+
+    /// Whatever the upstream set that the client must not see (its ID, AA,
+    /// AD, Z, RA clear, RD as it was sent, its OPT's payload size and DO
+    /// flag) is written over; whatever the client asked for (its ID, RD,
+    /// CD, an OPT or none) is in the reply, with or without an OPT from
+    /// the upstream: byte for byte the reply written afresh, and read by
+    /// hickory as the client's answer.
+    #[test]
+    fn the_reply_written_over_the_answer_is_the_reply_written_afresh() {
+        let q = "Mixed.Case.example.";
+        let owner = n(q);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for upstream_edns in [false, true] {
+            for qtype in [RecordType::A, RecordType::AAAA] {
+                for count in [1usize, 2, MAX_RECORDS] {
+                    let records: Vec<Record> = (0..count)
+                        .map(|i| match qtype {
+                            RecordType::A => a(q, (i as u32) * 1_000_003, i as u8),
+                            _ => aaaa(q, 0xffff_ff00 + i as u32, i as u16),
+                        })
+                        .collect();
+                    let mut bytes = upstream(q, qtype, records, upstream_edns).to_vec().unwrap();
+                    // Header bits a server should not set: AA, then AD and Z.
+                    bytes[2] |= 0x04;
+                    bytes[3] |= 0x60;
+                    if upstream_edns {
+                        let opt = bytes.len() - 11;
+                        bytes[opt + 3..opt + 5].copy_from_slice(&[0xff, 0xff]); // payload
+                        bytes[opt + 7] = 0x80; // DO
+                    }
+                    let plain = read(&bytes, ID, &labels(q), u16::from(qtype), 1).expect("plain");
+                    let kept: Vec<(u32, Vec<u8>)> = plain.records().map(|(t, d)| (t, d.to_vec())).collect();
+                    for (rd, cd, our_payload) in [
+                        (true, false, None),
+                        (false, true, Some(1232)),
+                        (true, true, Some(100)),
+                        (false, false, Some(4096)),
+                    ] {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        let to = ReplyTo {
+                            id: seed as u16,
+                            recursion_desired: rd,
+                            checking_disabled: cd,
+                            owner: &owner,
+                            our_payload,
+                        };
+                        let clamp = |t: u32| t.clamp(30, 86_400);
+                        let clamped: Vec<(u32, Vec<u8>)> = kept.iter().map(|(t, d)| (clamp(*t), d.clone())).collect();
+                        let expected = written_afresh(&to, u16::from(qtype), &clamped);
+                        let (reply, cached) = plain.clone().into_reply(&to, clamp, 65_535).expect("fits");
+                        assert_eq!(
+                            reply, expected,
+                            "{qtype} x{count}, upstream OPT {upstream_edns}, client {our_payload:?}"
+                        );
+                        let msg = Message::from_vec(&reply).unwrap();
+                        assert_eq!(msg.metadata.id, to.id);
+                        assert!(!msg.metadata.authoritative && !msg.metadata.authentic_data);
+                        assert_eq!(msg.answers, cached);
+                        assert_eq!(msg.edns.is_some(), our_payload.is_some());
+                        assert!(msg.edns.as_ref().is_none_or(|e| !e.flags().dnssec_ok));
+                        // One byte short of the reply: refused, the answer untouched.
+                        let refused = plain.clone().into_reply(&to, clamp, expected.len() - 1).unwrap_err();
+                        assert_eq!(refused.bytes(), bytes.as_slice());
+                    }
+                }
+            }
+        }
     }
 }

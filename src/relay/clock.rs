@@ -22,6 +22,12 @@ impl Clock {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// [`Clock::now_ms`] at `at`, a reading the caller took anyway.
+    pub fn ms_at(&self, at: std::time::Instant) -> u64 {
+        let since = Instant::from_std(at).saturating_duration_since(self.start);
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// The instant `ms` milliseconds after the clock was made.
     pub fn instant_at(&self, ms: u64) -> Instant {
         self.start + Duration::from_millis(ms)

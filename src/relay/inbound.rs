@@ -78,6 +78,12 @@ struct Gather {
     /// Reply sockets the sends of this stretch of work may still open
     /// (see [`reply::OPENS_PER_BATCH`]).
     opens: usize,
+    /// The relay's clock (ms) when this stretch of work began: what the
+    /// replies filed in it record as their flows' activity. Read once per
+    /// stretch (a pool reader's slice, a quarter of a millisecond and one
+    /// read) rather than once per socket read: a reading was about 90
+    /// instructions under callgrind, 1-2 % of a reverse batch's user space.
+    now_ms: u64,
 }
 
 thread_local! {
@@ -90,6 +96,7 @@ thread_local! {
         pending: Vec::with_capacity(GATHER),
         scratch: ReplyScratch::default(),
         opens: reply::OPENS_PER_BATCH,
+        now_ms: 0,
     });
 }
 
@@ -97,7 +104,7 @@ impl Gather {
     /// Files datagrams `from..` of the batch as replies of the flows
     /// `flow_of(sender)` names; datagrams no flow claims are counted.
     fn file(&mut self, from: usize, ctx: &RelayContext, flow_of: &impl Fn(SocketAddr) -> Option<Arc<Session>>) {
-        let now = ctx.now_ms();
+        let now = self.now_ms;
         let mut last: Option<(SocketAddr, Option<Arc<Session>>)> = None;
         for i in from..self.batch.len() {
             let Some((meta, payload)) = self.batch.get(i) else {
@@ -135,6 +142,7 @@ impl Gather {
                 pending,
                 scratch,
                 opens,
+                ..
             } = self;
             let batch = &*batch;
             ctx.replies().send_pending_within(
@@ -276,7 +284,10 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
         // `relay::slice`).
         let slice = Slice::start();
         let dominant = ctx.shedder().dominant_client();
-        GATHERED.with_borrow_mut(|g| g.opens = reply::OPENS_PER_BATCH);
+        GATHERED.with_borrow_mut(|g| {
+            g.opens = reply::OPENS_PER_BATCH;
+            g.now_ms = ctx.clock().ms_at(slice.started());
+        });
         loop {
             {
                 let watched = lock(&reader.sockets);
@@ -290,7 +301,10 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
             }
             GATHERED.with_borrow_mut(|g| {
                 let mut served = 0;
-                while served == 0 || !slice.spent() {
+                // What the last step said, so that the clock is read once
+                // per socket served, not again by this check.
+                let mut spent = false;
+                while served == 0 || !spent {
                     let Some(watch) = queued.pop() else { break };
                     served += 1;
                     // Still holding datagrams: back of its queue, unless
@@ -301,20 +315,27 @@ async fn run_pool_reader(reader: &Arc<PoolReader>, ctx: &RelayContext) -> io::Re
                         queued.push(watch, heavy);
                     }
                     // Sent as they come, a few dozen at a time, so that the
-                    // slice's check above covers the sends too.
-                    if slice.step(g.pending.len(), SEND_EVERY) == Step::Send {
-                        g.flush(ctx);
+                    // slice's check covers the sends too.
+                    match slice.step(g.pending.len(), SEND_EVERY) {
+                        Step::Work => {}
+                        Step::Send => {
+                            g.flush(ctx);
+                            spent = slice.spent();
+                        }
+                        Step::Yield => spent = true,
                     }
                 }
                 g.flush(ctx);
             });
             reader.marks.take_now(&mut tokens);
+            // Nothing left: done, spent or not (the clock is not read).
+            if tokens.is_empty() && queued.is_empty() {
+                break;
+            }
             if slice.spent() {
-                if !tokens.is_empty() || !queued.is_empty() {
-                    // Still busy: let the listener and others run; what is
-                    // queued is kept, so this reader comes straight back.
-                    tokio::task::yield_now().await;
-                }
+                // Still busy: let the listener and others run; what is
+                // queued is kept, so this reader comes straight back.
+                tokio::task::yield_now().await;
                 break;
             }
         }
@@ -424,6 +445,7 @@ pub async fn pump_cone(session: Arc<Session>, socket: Arc<UdpSocket>, ctx: Arc<R
 pub fn drain_into_flows(socket: &UdpSocket, ctx: &RelayContext, flow_of: impl Fn(SocketAddr) -> Option<Arc<Session>>) {
     GATHERED.with_borrow_mut(|g| {
         g.opens = reply::OPENS_PER_BATCH;
+        g.now_ms = ctx.now_ms();
         loop {
             if g.batch.room() == 0 {
                 g.flush(ctx);

@@ -42,6 +42,7 @@
 //! absorb it as they would without shedding.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::key::ClientId;
@@ -356,6 +357,12 @@ pub struct SharedShedder {
     state: Mutex<Shared>,
     /// The origin of the monotonic readings all listeners pass.
     start: Instant,
+    /// Whether `Shared::filter` is set, as of the last change under the
+    /// lock: a listener with no filter on looks here, not under the lock
+    /// (and without a clock reading), after every round. Another
+    /// listener task may see a new filter one round late; user-space
+    /// shedding drops what passes meanwhile.
+    filtering: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -403,12 +410,25 @@ impl SharedShedder {
                 reported: (Duration::ZERO, 0),
             }),
             start: Instant::now(),
+            filtering: AtomicBool::new(false),
         }
     }
 
     /// The monotonic reading [`offer`](Self::offer) takes.
     pub fn now(&self) -> Duration {
-        self.start.elapsed()
+        self.at(Instant::now())
+    }
+
+    /// [`now`](Self::now) at `instant`, a clock reading the caller took
+    /// anyway.
+    pub fn at(&self, instant: Instant) -> Duration {
+        instant.saturating_duration_since(self.start)
+    }
+
+    /// Whether a kernel filter may be wanted: false means
+    /// [`filter`](Self::filter) would say `None` (see `filtering`).
+    pub fn filtering(&self) -> bool {
+        self.filtering.load(Ordering::Relaxed)
     }
 
     /// [`Shedder::offer`], with the target as it is now (reload).
@@ -425,6 +445,7 @@ impl SharedShedder {
         let shed = s.shedder.offer(client, len, sojourn, now);
         if shed {
             s.arm(client, len, now);
+            self.filtering.store(s.filter.is_some(), Ordering::Relaxed);
         }
         shed
     }
@@ -442,6 +463,7 @@ impl SharedShedder {
             } else if now >= f.until {
                 s.filter = None;
             }
+            self.filtering.store(s.filter.is_some(), Ordering::Relaxed);
         }
         s.filter
     }
@@ -747,6 +769,31 @@ mod tests {
             }
         }
         panic!("never filtered");
+    }
+
+    /// A listener with no filter on asks `filtering` and skips the lock
+    /// when it says no: it must say yes as soon as a shed datagram puts a
+    /// filter on, before anyone asked `filter`, and no once the hold ended.
+    #[test]
+    fn filtering_says_whether_a_filter_is_wanted_without_the_lock() {
+        let (flood, quiet) = (id("192.0.2.10"), id("192.0.2.11"));
+        let s = SharedShedder::new(5 * MS);
+        let now = 10 * MS;
+        assert!(!s.filtering());
+        s.round_ended(false, true);
+        s.offer(5 * MS, flood, 65_000, Some(MS), now);
+        s.offer(5 * MS, quiet, 100, Some(20 * MS), now);
+        let mut shed = 0;
+        while !s.filtering() {
+            assert!(s.offer(5 * MS, flood, 65_000, Some(MS), now));
+            shed += 1;
+            assert!(shed <= ARM.div_ceil(65_000), "no filter after {shed} shed");
+        }
+        let until = s.filter(now).map(|f| f.until);
+        assert_eq!(until, Some(now + HOLD));
+        assert!(s.filtering());
+        assert_eq!(s.filter(now + HOLD), None);
+        assert!(!s.filtering());
     }
 
     #[test]

@@ -66,6 +66,13 @@ impl Slice {
         self.start.elapsed() >= SLICE
     }
 
+    /// When the slice began: a clock reading a task may use for what it
+    /// timestamps within the slice (a quarter of a millisecond and one
+    /// unit of work long) instead of reading the clock again.
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
     /// What to do after a unit of work, with `unsent` units' output not
     /// yet sent, for a task that sends every `send_every` units.
     pub fn step(&self, unsent: usize, send_every: usize) -> Step {

@@ -57,11 +57,16 @@ pub(super) fn order(standings: &[Standing]) -> Vec<usize> {
 
 impl UpstreamGroup {
     /// Asks the servers as described in the module docs.
-    pub(super) async fn race(&self, query: &Query, deadline: Instant) -> Result<Answer, UpstreamError> {
+    pub(super) async fn race(
+        &self,
+        query: &Query,
+        spelt: Option<&[u8]>,
+        deadline: Instant,
+    ) -> Result<Answer, UpstreamError> {
         let start = Instant::now();
         self.sweep_sockets(start);
         if let [only] = self.servers.as_slice() {
-            return self.ask_only(only, query, start, deadline).await;
+            return self.ask_only(only, query, spelt, start, deadline).await;
         }
         let standings: Vec<Standing> = self.servers.iter().map(|s| s.health.standing(start)).collect();
         let mut order = order(&standings);
@@ -82,7 +87,7 @@ impl UpstreamGroup {
         let mut next_at = start;
         if let Some(index) = probe {
             self.servers[index].health.probing(start, self.server_timeout);
-            pending.push(self.attempt(index, query, start, deadline, false));
+            pending.push(self.attempt(index, query, spelt, start, deadline, false));
             launched.push((index, start));
         }
         loop {
@@ -92,7 +97,7 @@ impl UpstreamGroup {
             {
                 // A hedge: an earlier server in the order is still pending.
                 let hedged = order[..next].iter().any(|i| !finished.contains(i));
-                pending.push(self.attempt(index, query, now, deadline, hedged));
+                pending.push(self.attempt(index, query, spelt, now, deadline, hedged));
                 launched.push((index, now));
                 next_at = now + self.servers[index].health.hedge_after(step);
                 next += 1;
@@ -162,10 +167,11 @@ impl UpstreamGroup {
         &self,
         server: &super::Server,
         query: &Query,
+        spelt: Option<&[u8]>,
         start: Instant,
         deadline: Instant,
     ) -> Result<Answer, UpstreamError> {
-        let attempt = self.attempt(0, query, start, deadline, false).await;
+        let attempt = self.attempt(0, query, spelt, start, deadline, false).await;
         let now = attempt.ended;
         match attempt.result {
             Ok(answer) => {
@@ -214,14 +220,22 @@ impl UpstreamGroup {
     /// (nothing awaited in between): it also dates the socket taken for
     /// the query, and the try reads the clock once more, when it ends.
     /// Each reading was its own `clock_gettime` before, eleven in a miss.
-    async fn attempt(&self, index: usize, query: &Query, started: Instant, deadline: Instant, hedged: bool) -> Attempt {
+    async fn attempt(
+        &self,
+        index: usize,
+        query: &Query,
+        spelt: Option<&[u8]>,
+        started: Instant,
+        deadline: Instant,
+        hedged: bool,
+    ) -> Attempt {
         let server = &self.servers[index];
         server.health.queries.inc();
         if hedged {
             server.health.hedges_sent.inc();
         }
         let limit = self.server_timeout.min(deadline.saturating_duration_since(started));
-        let result = match tokio::time::timeout_at(started + limit, self.ask(server, query, started)).await {
+        let result = match tokio::time::timeout_at(started + limit, self.ask(server, query, spelt, started)).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(e)) => Err(Failure::Error(e)),
             Err(_) => Err(Failure::Timeout),

@@ -238,17 +238,22 @@ impl UpstreamGroup {
     /// next server.
     ///
     /// `name_key` is [`wire_key`] of the query's name, which the caller
-    /// has already built for its cache lookup.
+    /// has already built for its cache lookup. `key_is_spelling` says that
+    /// the name was asked with no capital letter, so that `name_key` is
+    /// also its spelling on the wire, byte for byte: the query then goes
+    /// out as a copy of it, not written label by label from the `Name`.
     pub async fn resolve_shared(
         &self,
         query: &Query,
         name_key: &Arc<[u8]>,
+        key_is_spelling: bool,
         deadline: Instant,
     ) -> (Result<Answer, UpstreamError>, Role) {
         debug_assert_eq!(**name_key, *wire_key(query.name()));
         // The cache key's name itself, not a copy: the map holds a reference.
         let key = (name_key.clone(), query.query_type(), query.query_class());
-        let (shared, role) = self.flights.run(key, || self.race(query, deadline)).await;
+        let spelt = key_is_spelling.then_some(&**name_key);
+        let (shared, role) = self.flights.run(key, || self.race(query, spelt, deadline)).await;
         if role == Role::Follower {
             self.stats.dns_coalesced.inc();
         }
@@ -260,9 +265,10 @@ impl UpstreamGroup {
         &self,
         query: &Query,
         name_key: &Arc<[u8]>,
+        key_is_spelling: bool,
         deadline: Instant,
     ) -> Result<Answer, UpstreamError> {
-        self.resolve_shared(query, name_key, deadline).await.0
+        self.resolve_shared(query, name_key, key_is_spelling, deadline).await.0
     }
 
     pub fn server_labels(&self) -> Vec<String> {
@@ -312,7 +318,7 @@ impl UpstreamGroup {
     /// One server's answer: UDP first where that is the protocol, TCP when
     /// the UDP answer was truncated. Error RCODEs count as failures so the
     /// next server is tried. `now` is the caller's reading of the clock.
-    async fn ask(&self, server: &Server, query: &Query, now: Instant) -> Result<Answer, String> {
+    async fn ask(&self, server: &Server, query: &Query, spelt: Option<&[u8]>, now: Instant) -> Result<Answer, String> {
         if server.udp {
             let exchange = udp::Exchange {
                 server: server.addr,
@@ -322,7 +328,7 @@ impl UpstreamGroup {
                 health: &server.health,
                 stats: &self.stats,
             };
-            let answer = exchange.run(query).await.map_err(|e| e.to_string())?;
+            let answer = exchange.run(query, spelt).await.map_err(|e| e.to_string())?;
             if !answer.truncated() {
                 return match answer.rcode() {
                     rcode if is_failure(rcode) => Err(rcode.to_string()),

@@ -75,8 +75,10 @@ pub struct Exchange<'a> {
 impl Exchange<'_> {
     /// Asks `query` (recursion desired, EDNS) and waits for a matching
     /// answer; the caller bounds the wait. The answer's question and owner
-    /// names come back in the case of `query`.
-    pub async fn run(&self, query: &Query) -> io::Result<Answer> {
+    /// names come back in the case of `query`. `spelt`, when known, is
+    /// `query`'s name on the wire exactly as it is spelt (labels, case,
+    /// root byte): the query is then a copy of it (see [`encode_spelt`]).
+    pub async fn run(&self, query: &Query, spelt: Option<&[u8]>) -> io::Result<Answer> {
         let (mut lease, cleaned) = self.sockets.take_at(self.now)?;
         if cleaned.stale > 0 {
             self.stats.dns_upstream_stale.add(cleaned.stale as u64);
@@ -96,7 +98,12 @@ impl Exchange<'_> {
         } else {
             query
         };
-        let bytes = encode(id, sent)?;
+        // 0x20 spells the name anew, so only the client's own spelling
+        // can be copied.
+        let bytes = match spelt.filter(|_| !self.randomize_case) {
+            Some(name) => encode_spelt(id, name, sent)?,
+            None => encode(id, sent)?,
+        };
         // The name as sent, for the plain reader (see below).
         let sent_name = bytes.get(HEADER..bytes.len() - 4 - OPT).unwrap_or_default();
         let (qtype, qclass) = (u16::from(sent.query_type()), u16::from(sent.query_class()));
@@ -205,6 +212,45 @@ fn encode(id: u16, query: &Query) -> io::Result<Vec<u8>> {
     out.extend_from_slice(&PAYLOAD.to_be_bytes());
     out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
     Ok(out)
+}
+
+/// [`encode`] for a name already on the wire as `name` (length-prefixed
+/// labels, the root's zero byte last, uncompressed: `query`'s name as it
+/// is spelt, which the caller vouches for): a copy where `encode` walks
+/// the labels (about half of the 800 instructions a miss spent on its
+/// query). Refused, never sent, when `name` is not one well-formed name.
+fn encode_spelt(id: u16, name: &[u8], query: &Query) -> io::Result<Vec<u8>> {
+    if !well_formed(name) {
+        return Err(io::Error::other("not a name on the wire"));
+    }
+    let mut out = Vec::with_capacity(HEADER + name.len() + 4 + OPT);
+    out.extend_from_slice(&id.to_be_bytes());
+    // As `encode`: QR=0, OPCODE=QUERY, RD=1; one question, one OPT.
+    out.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1]);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&u16::from(query.query_type()).to_be_bytes());
+    out.extend_from_slice(&u16::from(query.query_class()).to_be_bytes());
+    out.push(0);
+    out.extend_from_slice(&41u16.to_be_bytes());
+    out.extend_from_slice(&PAYLOAD.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    Ok(out)
+}
+
+/// Whether `name` is exactly one uncompressed name: labels of 1 to 63
+/// bytes, the root's zero byte last and nowhere else, at most 255 bytes.
+fn well_formed(name: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(&len) = name.get(at) {
+        if len == 0 {
+            return at + 1 == name.len() && name.len() <= 255;
+        }
+        if len > 63 {
+            return false;
+        }
+        at += 1 + usize::from(len);
+    }
+    false
 }
 
 /// Bytes of a DNS header, and of an OPT record without options.
@@ -345,6 +391,61 @@ mod tests {
             q.set_query_class(hickory_proto::rr::DNSClass::CH);
             assert_eq!(encode(1, &q).unwrap(), hickory_encode(1, &q));
         }
+    }
+
+    #[test]
+    fn a_spelt_name_is_sent_as_encode_sends_it() {
+        for (name, qtype) in [
+            ("www.example.test.", RecordType::A),
+            ("_sip._udp.example.test.", RecordType::SRV),
+            ("a-b.0.x.", RecordType::AAAA),
+        ] {
+            let q = Query::query(Name::from_ascii(name).unwrap(), qtype);
+            let spelt = crate::dns::names::wire_key(q.name());
+            assert_eq!(
+                encode_spelt(0xbeef, &spelt, &q).unwrap(),
+                encode(0xbeef, &q).unwrap(),
+                "{name}"
+            );
+        }
+        // Anything but one whole name is refused, whatever the bytes.
+        let q = query("www.example.test.");
+        for bad in [
+            &b""[..],
+            b"\x03www",
+            b"\x03ww\x00",
+            b"\x03www\x00\x00",
+            b"\xc0\x0c",
+            b"\x40aaaa\x00",
+            b"\x00\x01",
+        ] {
+            assert!(encode_spelt(1, bad, &q).is_err(), "{bad:?}");
+        }
+        assert!(encode_spelt(1, &[0], &q).is_ok(), "the root");
+        let mut long = Vec::new();
+        while long.len() < 256 {
+            long.push(63);
+            long.extend_from_slice(&[b'a'; 63]);
+        }
+        long.push(0);
+        assert!(encode_spelt(1, &long, &q).is_err(), "longer than 255 bytes");
+        // Garbage of small label lengths (so that some of it is well
+        // formed): whatever is sent, hickory reads as one question.
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        let mut sent = 0;
+        for _ in 0..50_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 24) as usize;
+            let bytes: Vec<u8> = (0..len).map(|i| (seed >> (i % 8 * 8)) as u8 % 4).collect();
+            if let Ok(query) = encode_spelt(1, &bytes, &q) {
+                sent += 1;
+                let m = Message::from_vec(&query).unwrap();
+                assert_eq!(m.queries.len(), 1, "{bytes:?}");
+            }
+        }
+        assert!(sent > 0);
     }
 
     #[test]
