@@ -146,12 +146,22 @@ fn blast(sock: &UdpSocket, to: SocketAddr, queries: &[Vec<u8>], wait: Duration) 
     sock.set_read_timeout(Some(wait)).unwrap();
     let mut buf = vec![0u8; 65_536];
     let mut replies = Vec::new();
-    while let Ok((n, _)) = sock.recv_from(&mut buf) {
-        replies.push(Message::from_vec(&buf[..n]).expect("a well-formed reply"));
-        // Anything more would follow at once.
-        sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    loop {
+        match sock.recv_from(&mut buf) {
+            Ok((n, _)) => {
+                replies.push(Message::from_vec(&buf[..n]).expect("a well-formed reply"));
+                // Anything more would follow at once.
+                sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return replies;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // Any other error used to end the wait at once and read as "no
+            // reply": say what it was.
+            Err(e) => panic!("receiving replies from {to}: {e} (after {} replies)", replies.len()),
+        }
     }
-    replies
 }
 
 fn query(id: u16, qname: &str, qtype: RecordType, edns: Option<Edns>) -> Message {
