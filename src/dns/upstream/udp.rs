@@ -187,10 +187,7 @@ impl Exchange<'_> {
 /// spelt, uncompressed, as every resolver accepts.
 fn encode(id: u16, query: &Query) -> io::Result<Vec<u8>> {
     let name = query.name();
-    let mut out = Vec::with_capacity(HEADER + name.len() + 2 + 4 + OPT);
-    out.extend_from_slice(&id.to_be_bytes());
-    // QR=0, OPCODE=QUERY, RD=1; one question, one additional (the OPT).
-    out.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1]);
+    let mut out = header(id, name.len() + 2);
     for label in name.iter() {
         let len = u8::try_from(label.len())
             .ok()
@@ -203,6 +200,22 @@ fn encode(id: u16, query: &Query) -> io::Result<Vec<u8>> {
     if out.len() - HEADER > 255 {
         return Err(io::Error::other("name longer than 255 bytes"));
     }
+    finish(&mut out, query);
+    Ok(out)
+}
+
+/// A query's header, in a buffer with room for a name of `name_len`
+/// bytes, the question's type and class, and the OPT record.
+fn header(id: u16, name_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + name_len + 4 + OPT);
+    out.extend_from_slice(&id.to_be_bytes());
+    // QR=0, OPCODE=QUERY, RD=1; one question, one additional (the OPT).
+    out.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1]);
+    out
+}
+
+/// After the question's name: its type and class, then the OPT record.
+fn finish(out: &mut Vec<u8>, query: &Query) {
     out.extend_from_slice(&u16::from(query.query_type()).to_be_bytes());
     out.extend_from_slice(&u16::from(query.query_class()).to_be_bytes());
     // OPT: root owner, TYPE 41, CLASS = our UDP payload size, TTL = extended
@@ -211,7 +224,6 @@ fn encode(id: u16, query: &Query) -> io::Result<Vec<u8>> {
     out.extend_from_slice(&41u16.to_be_bytes());
     out.extend_from_slice(&PAYLOAD.to_be_bytes());
     out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    Ok(out)
 }
 
 /// [`encode`] for a name already on the wire as `name` (length-prefixed
@@ -223,17 +235,9 @@ fn encode_spelt(id: u16, name: &[u8], query: &Query) -> io::Result<Vec<u8>> {
     if !well_formed(name) {
         return Err(io::Error::other("not a name on the wire"));
     }
-    let mut out = Vec::with_capacity(HEADER + name.len() + 4 + OPT);
-    out.extend_from_slice(&id.to_be_bytes());
-    // As `encode`: QR=0, OPCODE=QUERY, RD=1; one question, one OPT.
-    out.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1]);
+    let mut out = header(id, name.len());
     out.extend_from_slice(name);
-    out.extend_from_slice(&u16::from(query.query_type()).to_be_bytes());
-    out.extend_from_slice(&u16::from(query.query_class()).to_be_bytes());
-    out.push(0);
-    out.extend_from_slice(&41u16.to_be_bytes());
-    out.extend_from_slice(&PAYLOAD.to_be_bytes());
-    out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    finish(&mut out, query);
     Ok(out)
 }
 
