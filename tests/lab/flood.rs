@@ -462,10 +462,16 @@ pub fn metric(text: &str, series: &str) -> Option<u64> {
 
 /// Resident memory of process `pid`, bytes.
 pub fn rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// A size in kB that `/proc/<pid>/status` gives on the line starting
+/// with `field`, in bytes; 0 when the process or the line is gone.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
@@ -478,10 +484,5 @@ pub fn fds(pid: u32) -> usize {
 /// Peak resident memory of process `pid` so far (`VmHWM`), bytes: what a
 /// burst cost even if it was freed before anyone looked.
 pub fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    status_bytes(pid, "VmHWM:")
 }
