@@ -776,6 +776,93 @@ upstream = "late"
     drop(daemon.stop());
 }
 
+/// A LAN device keeps a shared question's leadership among its own TCP
+/// connections: each asks a name whose upstream never answers, and each
+/// is reset (RST) just before its query's `dns.timeout` runs out, while
+/// the next one already waits on the same flight. Each reset abandons
+/// the flight, and a waiter that asked later takes it over with a later
+/// deadline. Another client asking the same name over UDP must still get
+/// its SERVFAIL within its own `dns.timeout` (1.5 s here; dig waits 3 s),
+/// not be carried along for as long as the device keeps it up (about 7 s).
+#[test]
+fn a_waiter_on_a_shared_question_is_answered_by_its_own_deadline() {
+    const SILENT: &str = "198.51.100.54";
+    let lab = dns_lab();
+    lab.add_server_address(0, ip(SILENT));
+    let _silent = FakeDns::start(
+        &lab.servers[0],
+        SocketAddr::new(ip(SILENT), 53),
+        lab::fake_dns::Behaviour::silent(),
+    );
+    let daemon = lab.start_tproxyd(&config(
+        &format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}"),
+        &format!(
+            r#"[dns.upstreams.silent]
+servers = ["{SILENT}"]
+server_timeout = "10s"
+[[dns.rules]]
+domains = ["*.silent.test"]
+action = "forward"
+upstream = "silent"
+"#
+        ),
+    ));
+    let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let client = lab.client.name.clone();
+    let honest = std::thread::spawn(move || {
+        // Asks once the device's first query leads the flight.
+        std::thread::sleep(Duration::from_millis(100));
+        let asked = Instant::now();
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &client, "dig", "+tries=1", "+time=3"])
+            .arg(format!("@{LISTEN}"))
+            .args(["held.silent.test", "A"])
+            .output()
+            .expect("running dig");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), asked.elapsed())
+    });
+    let resets = lab.client.enter(move || {
+        let start = Instant::now();
+        let mut open: std::collections::VecDeque<(Instant, socket2::Socket)> = Default::default();
+        let mut resets = 0;
+        for i in 0..14u32 {
+            let ask_at = start + Duration::from_millis(400) * i;
+            while let Some((reset_at, _)) = open.front() {
+                if *reset_at > ask_at {
+                    break;
+                }
+                std::thread::sleep(reset_at.saturating_duration_since(Instant::now()));
+                // SO_LINGER 0: the close is a reset, and the daemon drops
+                // the connection's query (and the flight it leads) at once.
+                let (_, s) = open.pop_front().unwrap();
+                s.set_linger(Some(Duration::ZERO)).unwrap();
+                drop(s);
+                resets += 1;
+            }
+            std::thread::sleep(ask_at.saturating_duration_since(Instant::now()));
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.bind(&SocketAddr::new(ip(STRANGER), 0).into()).unwrap();
+            s.connect_timeout(&to.into(), Duration::from_secs(2)).unwrap();
+            (&s).write_all(&tcp_framed(i as u16, "held.silent.test.", RecordType::A))
+                .unwrap();
+            open.push_back((Instant::now() + Duration::from_millis(1300), s));
+        }
+        for (reset_at, s) in open {
+            std::thread::sleep(reset_at.saturating_duration_since(Instant::now()));
+            s.set_linger(Some(Duration::ZERO)).unwrap();
+            drop(s);
+            resets += 1;
+        }
+        resets
+    });
+    let (raw, took) = honest.join().unwrap();
+    assert_eq!(resets, 14);
+    let honest = lab::dns::parse_dig(&raw);
+    assert_eq!(honest.status, "SERVFAIL", "after {took:?}: {raw}");
+    eprintln!("the honest client was answered after {took:?}");
+    drop(daemon.stop());
+}
+
 #[test]
 fn the_cache_survives_a_reload_that_keeps_the_cache_settings() {
     let lab = dns_lab();

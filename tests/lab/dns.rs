@@ -99,7 +99,7 @@ pub fn dig(ns: &Netns, args: &str) -> Dig {
     parse_dig(&raw)
 }
 
-fn parse_dig(raw: &str) -> Dig {
+pub fn parse_dig(raw: &str) -> Dig {
     let mut d = Dig {
         raw: raw.to_string(),
         ..Dig::default()

@@ -14,6 +14,16 @@
 //! answer (its client went away), the followers see the flight abandoned
 //! and one of them takes over as the new leader.
 //!
+//! A follower waits no longer than its own deadline, whoever leads: when
+//! a leader is dropped, the follower that takes over asks with its own
+//! deadline, which may be later than the others'. A LAN device that asks
+//! on one TCP connection after another and resets each just before its
+//! deadline could hand the flight from one of its queries to the next and
+//! keep another client's identical question waiting for as long as it
+//! went on (7 s in the lab for a `dns.timeout` of 1.5 s). Past its own
+//! deadline a follower stops waiting ([`Late`]); the flight goes on and
+//! still lands for the others.
+//!
 //! A flight is a mutex-guarded outcome and one `Notify`: most misses have
 //! no follower at all, so what a flight costs its leader matters more than
 //! what waiting costs. (A `watch` channel did the same job with eight
@@ -25,6 +35,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// In-flight work by key; `V` is what every waiter gets a clone of.
 #[derive(Debug)]
@@ -48,6 +59,11 @@ pub enum Role {
     Leader,
     Follower,
 }
+
+/// A follower's own deadline passed before the flight it waited on
+/// landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Late;
 
 /// How a flight ended.
 #[derive(Debug, Clone)]
@@ -150,9 +166,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl<K: Eq + Hash, V: Clone> Flights<K, V> {
     /// Runs `work` for `key` unless the same key is already running, in
-    /// which case waits for that run's result. `work` is only called (and
-    /// only awaited) by the leader.
-    pub async fn run<F, Fut>(&self, key: K, work: F) -> (V, Role)
+    /// which case waits for that run's result, until `until` at the
+    /// latest ([`Late`] then). `work` is only called (and only awaited) by
+    /// the leader, and must itself end by `until`: a leader is not cut
+    /// short here, so that its followers get what it found.
+    pub async fn run<F, Fut>(&self, key: K, until: Instant, work: F) -> Result<(V, Role), Late>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
@@ -177,15 +195,18 @@ impl<K: Eq + Hash, V: Clone> Flights<K, V> {
                     }
                 }
             };
-            if let Some(v) = flight.wait().await {
-                return (v, Role::Follower);
+            // The same `until` however many leaders come and go.
+            match tokio::time::timeout_at(until, flight.wait()).await {
+                Ok(Some(v)) => return Ok((v, Role::Follower)),
+                // The leader was dropped without an answer: try again,
+                // possibly as the leader this time.
+                Ok(None) => {}
+                Err(_) => return Err(Late),
             }
-            // The leader was dropped without an answer: try again,
-            // possibly as the leader this time.
         };
         let value = work().await;
         lead.finish(&value);
-        (value, Role::Leader)
+        Ok((value, Role::Leader))
     }
 
     /// Keys in flight now.
@@ -200,6 +221,11 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
+    /// A deadline no test reaches.
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
     #[tokio::test]
     async fn concurrent_callers_share_one_run() {
         let flights: Arc<Flights<&str, u32>> = Arc::default();
@@ -209,7 +235,7 @@ mod tests {
             let (flights, runs) = (flights.clone(), runs.clone());
             tasks.spawn(async move {
                 flights
-                    .run("www.example.test", || async {
+                    .run("www.example.test", far(), || async {
                         runs.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         7
@@ -219,7 +245,7 @@ mod tests {
         }
         let mut leaders = 0;
         while let Some(r) = tasks.join_next().await {
-            let (v, role) = r.unwrap();
+            let (v, role) = r.unwrap().unwrap();
             assert_eq!(v, 7);
             leaders += usize::from(role == Role::Leader);
         }
@@ -233,18 +259,19 @@ mod tests {
         let flights: Arc<Flights<u8, u32>> = Arc::default();
         let leader = {
             let flights = flights.clone();
-            tokio::spawn(async move { flights.run(1, std::future::pending::<u32>).await })
+            tokio::spawn(async move { flights.run(1, far(), std::future::pending::<u32>).await })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         let follower = {
             let flights = flights.clone();
-            tokio::spawn(async move { flights.run(1, || async { 9 }).await })
+            tokio::spawn(async move { flights.run(1, far(), || async { 9 }).await })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         leader.abort();
         let (v, role) = tokio::time::timeout(Duration::from_secs(5), follower)
             .await
             .expect("the follower must not hang")
+            .unwrap()
             .unwrap();
         assert_eq!((v, role), (9, Role::Leader));
         assert_eq!(flights.len(), 0);
@@ -273,7 +300,7 @@ mod tests {
         for k in 0..50u32 {
             let f = flights.clone();
             leaders.push(tokio::spawn(async move {
-                f.run(Colliding(k), std::future::pending::<u32>).await
+                f.run(Colliding(k), far(), std::future::pending::<u32>).await
             }));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -282,7 +309,7 @@ mod tests {
             for j in 0..4 {
                 let f = flights.clone();
                 let task = tokio::spawn(async move {
-                    f.run(Colliding(k), move || async move {
+                    f.run(Colliding(k), far(), move || async move {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         k
                     })
@@ -308,6 +335,7 @@ mod tests {
             let (v, _) = tokio::time::timeout(Duration::from_secs(5), task)
                 .await
                 .expect("a follower must not wait forever")
+                .unwrap()
                 .unwrap();
             assert_eq!(v, k, "a follower got another key's answer");
         }
@@ -316,14 +344,15 @@ mod tests {
         // one's: asked again, its key is answered afresh.
         let pending = {
             let f = flights.clone();
-            tokio::spawn(async move { f.run(Colliding(100), std::future::pending::<u32>).await })
+            tokio::spawn(async move { f.run(Colliding(100), far(), std::future::pending::<u32>).await })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         for _ in 0..2 {
-            let asked = flights.run(Colliding(101), || async { 101 });
+            let asked = flights.run(Colliding(101), far(), || async { 101 });
             let (v, role) = tokio::time::timeout(Duration::from_secs(5), asked)
                 .await
-                .expect("a key asked again must not join a landed flight");
+                .expect("a key asked again must not join a landed flight")
+                .unwrap();
             assert_eq!((v, role), (101, Role::Leader));
         }
         assert_eq!(flights.len(), 1, "the colliding flight is still there");
@@ -333,8 +362,49 @@ mod tests {
     #[tokio::test]
     async fn different_keys_do_not_wait_for_each_other() {
         let flights: Flights<u8, u8> = Flights::default();
-        let (a, b) = tokio::join!(flights.run(1, || async { 1 }), flights.run(2, || async { 2 }));
+        let (a, b) = tokio::join!(
+            flights.run(1, far(), || async { 1 }),
+            flights.run(2, far(), || async { 2 })
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
         assert_eq!((a.0, b.0), (1, 2));
         assert_eq!((a.1, b.1), (Role::Leader, Role::Leader));
+    }
+
+    /// A follower whose own deadline passes stops waiting, whoever leads
+    /// and however often the lead changes hands; the flight goes on and
+    /// lands for the followers still waiting.
+    #[tokio::test]
+    async fn a_follower_waits_no_longer_than_its_own_deadline() {
+        let flights: Arc<Flights<u8, u32>> = Arc::default();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let leader = {
+            let f = flights.clone();
+            tokio::spawn(async move {
+                f.run(1, far(), || async move {
+                    let _ = released.await;
+                    5
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let patient = {
+            let f = flights.clone();
+            tokio::spawn(async move { f.run(1, far(), || async { 6 }).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let until = Instant::now() + Duration::from_millis(50);
+        let hurried = flights.run(1, until, || async { 7 });
+        let late = tokio::time::timeout(Duration::from_secs(5), hurried)
+            .await
+            .expect("a follower past its deadline must stop waiting");
+        assert_eq!(late, Err(Late));
+        assert!(Instant::now() >= until);
+        assert_eq!(flights.len(), 1, "the flight goes on");
+        let _ = release.send(());
+        assert_eq!(leader.await.unwrap(), Ok((5, Role::Leader)));
+        assert_eq!(patient.await.unwrap(), Ok((5, Role::Follower)));
+        assert_eq!(flights.len(), 0);
     }
 }

@@ -228,7 +228,9 @@ impl UpstreamGroup {
     /// Resolves `query` by the group's servers, by `deadline`.
     ///
     /// If the same question is already on its way upstream, waits for that
-    /// answer instead of asking again ([`Role::Follower`]). Dropping the
+    /// answer instead of asking again ([`Role::Follower`]), until its own
+    /// `deadline` at the latest (then [`UpstreamError::NoAnswer`], while
+    /// the flight goes on for the others and fills the cache). Dropping the
     /// returned future stops waiting; other callers of the same question
     /// carry on (one of them takes over the asking if needed).
     ///
@@ -253,7 +255,13 @@ impl UpstreamGroup {
         // The cache key's name itself, not a copy: the map holds a reference.
         let key = (name_key.clone(), query.query_type(), query.query_class());
         let spelt = key_is_spelling.then_some(&**name_key);
-        let (shared, role) = self.flights.run(key, || self.race(query, spelt, deadline)).await;
+        // A follower is answered by its own deadline, not its leader's
+        // (`flight`): past it, no answer for this caller.
+        let (shared, role) = self
+            .flights
+            .run(key, deadline, || self.race(query, spelt, deadline))
+            .await
+            .unwrap_or((Err(UpstreamError::NoAnswer), Role::Follower));
         if role == Role::Follower {
             self.stats.dns_coalesced.inc();
         }
