@@ -181,20 +181,13 @@ impl<F> Pools<F> {
         for pool in pools {
             let mut state = lock(&pool.state);
             let mut i = 0;
-            let mut first = None;
             while i < state.sockets.len() {
                 let idle = lock(&state.sockets[i].flows).idle_since.is_some_and(|t| t <= cutoff);
                 if idle {
                     closed.push(state.remove(i));
-                    first = first.or(Some(i));
                 } else {
                     i += 1;
                 }
-            }
-            // Sockets moved into the places of closed ones, all past the
-            // first: the remotes' order holds up to there.
-            if let Some(first) = first {
-                state.order.removed(first);
             }
         }
         for socket in &closed {
@@ -377,7 +370,10 @@ impl<F> State<F> {
     /// Where `socket` is in the pool, if it is still there.
     fn position(&self, socket: &Arc<PoolSocket<F>>) -> Option<usize> {
         let pos = socket.pos.load(Ordering::Relaxed);
-        self.sockets.get(pos).is_some_and(|s| Arc::ptr_eq(s, socket)).then_some(pos)
+        self.sockets
+            .get(pos)
+            .is_some_and(|s| Arc::ptr_eq(s, socket))
+            .then_some(pos)
     }
 
     /// A random open socket's position (splitmix64: cheap, and spreads
@@ -426,7 +422,8 @@ impl<F> State<F> {
 
     fn give_back(&mut self, socket: &Arc<PoolSocket<F>>, client: SocketAddr, remote: SocketAddr) {
         self.gives += 1;
-        self.order.given_back(remote, self.position(socket).unwrap_or(usize::MAX));
+        self.order
+            .given_back(remote, self.position(socket).unwrap_or(usize::MAX));
         self.by_client.remove(&self.pair(client, socket));
         {
             let mut flows = lock(&socket.flows);
@@ -441,8 +438,9 @@ impl<F> State<F> {
         self.freed.push_back(Arc::downgrade(socket));
     }
 
-    /// Takes the socket at position `i` out of the pool (it carries no
-    /// flow); the last one takes its place. The caller tells the order.
+    /// Takes the socket at position `i` out of the pool; the last one takes
+    /// its place. The remotes' order holds: the socket carries no flow, so
+    /// every remote's place is at or before `i` (see `pool_order`).
     fn remove(&mut self, i: usize) -> Arc<PoolSocket<F>> {
         let gone = self.sockets.swap_remove(i);
         if let Some(moved) = self.sockets.get(i) {
@@ -785,9 +783,16 @@ mod tests {
         }
         let client = |i: usize| SocketAddr::from(([192, 0, 2, 1 + (i / 50_000) as u8], 1024 + (i % 50_000) as u16));
         let remote = |i: usize| SocketAddr::from(([198, 51, 100, 7], 7000 + (i % REMOTES) as u16));
-        let leases: Vec<_> = order.iter().map(|&i| p.lease(key(), client(i), remote(i)).unwrap().0).collect();
+        let leases: Vec<_> = order
+            .iter()
+            .map(|&i| p.lease(key(), client(i), remote(i)).unwrap().0)
+            .collect();
         let probes = lock(&leases[0].pool.state).probes;
-        assert_eq!(p.sockets(), PER_REMOTE, "the fewest sockets for {PER_REMOTE} flows a remote");
+        assert_eq!(
+            p.sockets(),
+            PER_REMOTE,
+            "the fewest sockets for {PER_REMOTE} flows a remote"
+        );
         assert!(
             probes * 100 <= n as u64 * 125,
             "{probes} sockets looked at for {n} leases"
@@ -802,7 +807,9 @@ mod tests {
         let client = |i: usize| SocketAddr::from(([192, 0, 2, 10], 1024 + i as u16));
         let remote = |r: usize| SocketAddr::from(([198, 51, 100, 7], 7000 + r as u16));
         // 40 sockets (more than PROBES), 16 remotes on each.
-        let leases: Vec<_> = (0..640).map(|i| p.lease(key(), client(i), remote(i % 16)).unwrap().0).collect();
+        let leases: Vec<_> = (0..640)
+            .map(|i| p.lease(key(), client(i), remote(i % 16)).unwrap().0)
+            .collect();
         assert_eq!(p.sockets(), 40);
         // Remote 5's flow on socket 3 ends, then 30 flows of other remotes.
         let gone = 3 * 16 + 5;
@@ -846,6 +853,18 @@ mod tests {
             if step % 997 == 0 {
                 p.close_idle(Duration::ZERO);
             }
+            // What lets a remote on every socket by the order skip the
+            // search: it is on every socket before its place.
+            let pool = lock(&p.pools).values().next().cloned().unwrap();
+            let state = lock(&pool.state);
+            for (remote, next) in state.order.places() {
+                assert!(
+                    state.sockets[..next]
+                        .iter()
+                        .all(|s| lock(&s.flows).map.contains_key(&remote))
+                );
+            }
+            drop(state);
             let mut pairs = HashSet::new();
             for (l, c) in &live {
                 assert!(!l.socket.is_retired());

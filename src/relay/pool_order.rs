@@ -16,9 +16,11 @@
 //! client (searching as before when it is not). The remote is on every
 //! socket before that position: a flow that ends moves it back to its
 //! socket, if earlier; a flow placed elsewhere by the search is stepped
-//! over when the position reaches it; a socket leaving the pool moves
-//! every position past it back to it. So a remote whose position is the
-//! pool's end is on every socket, and a new one is opened without a search.
+//! over when the position reaches it. Only sockets with no flow leave the
+//! pool, and every remote's position is at or before such a socket, so the
+//! one moved into its place changes no remote's prefix. So a remote whose
+//! position is the pool's end is on every socket, and a new one is opened
+//! without a search.
 //!
 //! A remote is remembered while it has flows in the pool, up to
 //! [`REMOTES_KEPT`] remotes (a scan of a million destinations, one flow
@@ -96,7 +98,10 @@ impl Order {
         let kept = self.places.len() < REMOTES_KEPT;
         let place = match self.places.get_mut(&AddrKey(remote)) {
             Some(place) => place,
-            None if kept => self.places.entry(AddrKey(remote)).or_insert(Place { next: 0, flows: 0 }),
+            None if kept => self
+                .places
+                .entry(AddrKey(remote))
+                .or_insert(Place { next: 0, flows: 0 }),
             None => return,
         };
         place.flows = place.flows.saturating_add(1);
@@ -122,12 +127,10 @@ impl Order {
         }
     }
 
-    /// The socket at `pos` left the pool, and the last one took its place:
-    /// no remote is known to be on any socket from there on.
-    pub fn removed(&mut self, pos: usize) {
-        for place in self.places.values_mut() {
-            place.next = place.next.min(pos as u32);
-        }
+    /// Each remote remembered and its place.
+    #[cfg(test)]
+    pub fn places(&self) -> impl Iterator<Item = (SocketAddr, usize)> + '_ {
+        self.places.iter().map(|(r, p)| (r.0, p.next as usize))
     }
 
     /// Remotes remembered.
@@ -170,23 +173,6 @@ mod tests {
         // A flow placed out of order elsewhere does not move the position.
         o.taken(r, 7);
         assert_eq!(o.next(r, 8), Next::At(4));
-    }
-
-    #[test]
-    fn a_socket_leaving_the_pool_moves_the_positions_past_it_back() {
-        let mut o = Order::default();
-        let (r, s) = (remote(1), remote(2));
-        for pos in 0..10 {
-            o.taken(r, pos);
-        }
-        o.taken(s, 0);
-        o.taken(s, 1);
-        // The socket at 6 closed; the one from 9 is there now.
-        o.removed(6);
-        assert_eq!(o.next(r, 9), Next::At(6));
-        assert_eq!(o.next(s, 9), Next::At(2));
-        o.taken(r, 6);
-        assert_eq!(o.next(r, 9), Next::At(7));
     }
 
     #[test]
