@@ -132,8 +132,7 @@ impl<V> Lru<V> {
     /// The value of `key`, now the most recently used.
     pub fn get(&mut self, key: &[u8]) -> Option<&V> {
         let i = self.find(self.hasher.hash_one(key), key)?;
-        self.unlink(i);
-        self.link_front(i);
+        self.move_to_front(i);
         self.slots[at(i)].value.as_ref()
     }
 
@@ -153,8 +152,7 @@ impl<V> Lru<V> {
         match entry {
             TableEntry::Occupied(found) => {
                 let i = *found.get();
-                self.unlink(i);
-                self.link_front(i);
+                self.move_to_front(i);
                 self.slots[at(i)].value.replace(value)
             }
             TableEntry::Vacant(vacant) => {
@@ -237,6 +235,14 @@ impl<V> Lru<V> {
         slot.next = free;
         self.free = i;
         slot.value.take()
+    }
+
+    /// Makes slot `i` (listed) the most recently used.
+    fn move_to_front(&mut self, i: u32) {
+        if self.head != i {
+            self.unlink(i);
+            self.link_front(i);
+        }
     }
 
     fn unlink(&mut self, i: u32) {
