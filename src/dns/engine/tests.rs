@@ -371,3 +371,73 @@ fn plain_queries_are_answered_from_the_wire_and_others_take_the_full_path() {
 
 /// Plain upstream answers made on the wire, against the full path.
 mod plain;
+
+/// An upstream's plain answer (one A record owned by a pointer to the
+/// question) for the name spelt as `labels` on the wire.
+fn plain_answer_for(labels: &[u8]) -> Option<PlainAnswer> {
+    let mut bytes = vec![0x51, 0x51, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0];
+    bytes.extend_from_slice(labels);
+    bytes.extend_from_slice(&[0, 1, 0, 1, 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 203, 0, 113, 1]);
+    plain_answer::read(&bytes, 0x5151, labels, 1, 1)
+}
+
+#[test]
+fn a_lowercase_names_key_says_what_the_label_walk_says_of_every_answers_question() {
+    // Plain, mixed case, a name of letters that differ only in case from
+    // its key, binary labels (bytes a plain query never holds, read by
+    // hickory's full path), 63-byte labels, a 253-byte name and names
+    // that are another's prefix or suffix.
+    let long_label = [b'a'; 63];
+    let mut names: Vec<Name> = [
+        "www.example.test.",
+        "WWW.example.test.",
+        "www.Example.test.",
+        "www.example.test.x.",
+        "example.test.",
+        "w-w_w.ex4mple.test.",
+        "a.b.c.d.e.f.g.h.",
+    ]
+    .iter()
+    .map(|s| name(s))
+    .collect();
+    names.push(Name::from_labels([&b"\x00\xff"[..], b"b.c", b"\x7f@[`{"]).unwrap());
+    names.push(Name::from_labels([&b"\x00\xff"[..], b"b.C", b"\x7f@[`{"]).unwrap());
+    names.push(Name::from_labels([&long_label[..], b"test"]).unwrap());
+    names.push(Name::from_labels([&long_label[..], &long_label[..], &long_label[..], &[b'z'; 61][..]]).unwrap());
+    names.push(Name::from_labels([&long_label[..], &long_label[..], &long_label[..], &[b'Z'; 61][..]]).unwrap());
+    let engine = engine();
+    let mut compared = 0;
+    for asked in &names {
+        let mut m = Message::query();
+        m.metadata.id = 7;
+        m.add_query(Query::query(asked.clone(), RecordType::A));
+        let Ok(request) = message::parse_request(&m.to_vec().unwrap()) else {
+            panic!("{asked:?} not read");
+        };
+        let key = engine.cache_key(&request, 0);
+        for answered in &names {
+            let Some(plain) = plain_answer_for(&wire_labels(answered)) else {
+                panic!("no plain answer for {answered:?}");
+            };
+            assert_eq!(
+                spelt_as_key(&request, &key, &plain),
+                plain.is_named(request.query.name()),
+                "asked {asked:?}, answered {answered:?}"
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, names.len() * names.len());
+    // Each name's own answer is its question; another's never is.
+    let own = names
+        .iter()
+        .filter(|asked| {
+            let mut m = Message::query();
+            m.add_query(Query::query((*asked).clone(), RecordType::A));
+            let request = message::parse_request(&m.to_vec().unwrap()).unwrap();
+            let plain = plain_answer_for(&wire_labels(asked)).unwrap();
+            spelt_as_key(&request, &engine.cache_key(&request, 0), &plain)
+        })
+        .count();
+    assert_eq!(own, names.len());
+}
