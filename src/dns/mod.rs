@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod cache_file;
+mod cache_lru;
 pub mod encoder;
 pub mod engine;
 pub mod lists;

@@ -33,7 +33,7 @@ use super::open_backlog::{Filed, Held};
 use super::ready_set::ReadySet;
 use super::reply::{Pending, ReplyScratch};
 use super::session::Session;
-use super::shed::sojourn;
+use super::shed::{SharedShedder, sojourn};
 use super::shed_filter::Applied;
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 use crate::dns::DnsService;
@@ -168,10 +168,23 @@ fn sync_filter(kernel: &mut Applied, members: &[Member], ctx: &RelayContext) {
     // First what the filter dropped: a hold stays only while the client
     // it keeps out still floods, as some listener must say.
     if kernel.look_due(now) {
-        shedder.kernel_dropped(kernel.look(members.iter().map(|m| &m.socket), now), now);
+        report_kernel_drops(kernel, members, shedder, now);
     }
     let wanted = shedder.filter(now);
+    if wanted != kernel.filter() {
+        // What it dropped since the last look counts for its client too,
+        // before another filter (or none) takes its place.
+        report_kernel_drops(kernel, members, shedder, now);
+    }
     count_kernel_drops(ctx.stats(), kernel.sync(wanted, members.iter().map(|m| &m.socket)));
+}
+
+/// Tells the shedder what this task's filter dropped since it last
+/// looked, and whose datagrams those were.
+fn report_kernel_drops(kernel: &mut Applied, members: &[Member], shedder: &SharedShedder, now: std::time::Duration) {
+    let Some(filter) = kernel.filter() else { return };
+    let dropped = kernel.look(members.iter().map(|m| &m.socket), now);
+    shedder.kernel_dropped(filter.client, dropped, now);
 }
 
 /// Datagrams the kernel dropped while a filter was on: shed, like those

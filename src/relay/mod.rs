@@ -50,6 +50,7 @@ pub mod open;
 pub mod open_backlog;
 pub mod opener;
 pub mod pool;
+mod pool_order;
 pub mod pool_readers;
 pub mod rate;
 pub mod ready_set;

@@ -13,10 +13,12 @@
 //! socket is new, and whoever asked has it read, and lets go of it once it
 //! is [retired](PoolSocket::is_retired).
 //!
-//! Choosing a socket costs O(1): sockets given back lately are tried
-//! first, then a bounded number of random ones; if none fits (free for this
-//! client *and* this remote) a new socket is opened, outside the lock, if
-//! the descriptor budget allows. A pool thus holds about as many sockets as
+//! Choosing a socket costs O(1): the socket at the remote's place in the
+//! pool's order is tried first (see [`super::pool_order`]: a remote fills
+//! the sockets in order, so that one is mostly free for it), then the
+//! socket taken last, sockets given back lately and a bounded number of
+//! random ones; if none fits (free for this client *and* this remote) a
+//! new socket is opened, outside the lock, if the descriptor budget allows. A pool thus holds about as many sockets as
 //! its busiest client endpoint or destination has flows. A flow costs an
 //! 8-byte fingerprint of (client, socket) in its pool's set and one entry
 //! in its socket's map of remotes, and nothing else here: its lease is two
@@ -34,12 +36,13 @@ use std::hash::BuildHasher;
 use std::io;
 use std::net::SocketAddr;
 use std::net::UdpSocket;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::budget::{FdShare, Permit};
 use super::key::{AddrKey, hash_addr};
+use super::pool_order::{Next, Order};
 use crate::net::sockets;
 use crate::sync::lock;
 
@@ -50,6 +53,10 @@ const PROBES: usize = 32;
 /// Recently freed sockets tried first, and how many are remembered.
 const FREED_TRIED: usize = 8;
 const FREED_KEPT: usize = 4_096;
+/// Positions a remote's order is followed before the search: past a
+/// socket the remote is on already (placed there by the search), the next
+/// is tried, up to this many.
+const ORDER_STEPS: usize = 4;
 
 /// Fast, seeded per process: the keys are addresses a client chooses.
 type Hasher = foldhash::fast::RandomState;
@@ -209,8 +216,10 @@ struct Pool<F> {
 /// Lock order: a pool's `state`, then a socket's `flows`.
 #[derive(Debug)]
 struct State<F> {
-    /// Open sockets, in no order.
+    /// Open sockets; each knows its position ([`PoolSocket::pos`]).
     sockets: Vec<Arc<PoolSocket<F>>>,
+    /// Per remote, the position its next flow tries first.
+    order: Order,
     /// Fingerprints of the (client endpoint, socket id) pairs taken.
     by_client: HashSet<u64, Hasher>,
     /// Seeds the fingerprints (per pool, so not guessable from outside).
@@ -243,6 +252,7 @@ impl<F> State<F> {
     fn new() -> Self {
         State {
             sockets: Vec::new(),
+            order: Order::default(),
             by_client: HashSet::with_hasher(Hasher::default()),
             fingerprint: Hasher::default(),
             freed: VecDeque::new(),
@@ -286,6 +296,12 @@ impl<F> State<F> {
     }
 
     fn search(&mut self, client: SocketAddr, remote: SocketAddr, probes: &mut u64) -> Option<Arc<PoolSocket<F>>> {
+        match self.in_order(client, remote, probes) {
+            Next::At(pos) => return self.sockets.get(pos).cloned(),
+            // The remote is on every socket: none is free for it.
+            Next::New => return None,
+            Next::Unknown => {}
+        }
         if let Some(socket) = self.last.upgrade() {
             *probes += 1;
             if !socket.is_retired() && self.fits(&socket, client, remote) {
@@ -323,6 +339,43 @@ impl<F> State<F> {
         None
     }
 
+    /// The position of the socket at `remote`'s place in the pool's order
+    /// if it is free for (`client`, `remote`), or [`Next::New`] if the
+    /// remote is on every socket; [`Next::Unknown`] sends the flow to the
+    /// search. Places the remote is on already (the search put it there)
+    /// are stepped over for good; one the client is on is left for the
+    /// remote's next flow, and this one is searched for.
+    fn in_order(&mut self, client: SocketAddr, remote: SocketAddr, probes: &mut u64) -> Next {
+        for _ in 0..ORDER_STEPS {
+            let pos = match self.order.next(remote, self.sockets.len()) {
+                Next::At(pos) => pos,
+                other => return other,
+            };
+            let Some(socket) = self.sockets.get(pos) else {
+                return Next::Unknown;
+            };
+            *probes += 1;
+            if lock(&socket.flows).map.contains_key(&remote) {
+                self.order.skip(remote, pos);
+                continue;
+            }
+            if self.by_client.contains(&self.pair(client, socket)) {
+                return Next::Unknown;
+            }
+            return Next::At(pos);
+        }
+        Next::Unknown
+    }
+
+    /// Where `socket` is in the pool, if it is still there.
+    fn position(&self, socket: &Arc<PoolSocket<F>>) -> Option<usize> {
+        let pos = socket.pos.load(Ordering::Relaxed);
+        self.sockets
+            .get(pos)
+            .is_some_and(|s| Arc::ptr_eq(s, socket))
+            .then_some(pos)
+    }
+
     /// A random open socket's position (splitmix64: cheap, and spreads
     /// flows over the sockets). The pool must not be empty.
     fn random_index(&mut self) -> usize {
@@ -358,6 +411,9 @@ impl<F> State<F> {
     /// [`Lease::attach`]. Until then the socket counts as in use.
     fn assign(&mut self, socket: &Arc<PoolSocket<F>>, client: SocketAddr, remote: SocketAddr) {
         self.last = Arc::downgrade(socket);
+        if let Some(pos) = self.position(socket) {
+            self.order.taken(remote, pos);
+        }
         self.by_client.insert(self.pair(client, socket));
         let mut flows = lock(&socket.flows);
         flows.map.insert(remote, Weak::new());
@@ -366,6 +422,8 @@ impl<F> State<F> {
 
     fn give_back(&mut self, socket: &Arc<PoolSocket<F>>, client: SocketAddr, remote: SocketAddr) {
         self.gives += 1;
+        self.order
+            .given_back(remote, self.position(socket).unwrap_or(usize::MAX));
         self.by_client.remove(&self.pair(client, socket));
         {
             let mut flows = lock(&socket.flows);
@@ -380,9 +438,15 @@ impl<F> State<F> {
         self.freed.push_back(Arc::downgrade(socket));
     }
 
-    /// Takes the socket at position `i` out of the pool (it carries no flow).
+    /// Takes the socket at position `i` out of the pool; the last one takes
+    /// its place. The remotes' order holds: the socket carries no flow, so
+    /// every remote's place is at or before `i` (see `pool_order`).
     fn remove(&mut self, i: usize) -> Arc<PoolSocket<F>> {
-        self.sockets.swap_remove(i)
+        let gone = self.sockets.swap_remove(i);
+        if let Some(moved) = self.sockets.get(i) {
+            moved.pos.store(i, Ordering::Relaxed);
+        }
+        gone
     }
 }
 
@@ -425,6 +489,7 @@ impl<F> Pool<F> {
             // `relay::inbound`.
             socket: std,
             id,
+            pos: AtomicUsize::new(state.sockets.len()),
             flows: Mutex::new(Flows {
                 map: Remotes::None,
                 idle_since: None,
@@ -536,6 +601,9 @@ pub struct PoolSocket<F> {
     pub socket: UdpSocket,
     /// Names the socket in its pool's maps; never reused while it is open.
     id: u32,
+    /// Its position among the pool's sockets (written under the pool's
+    /// lock; stale once it has left the pool).
+    pos: AtomicUsize,
     flows: Mutex<Flows<F>>,
     retired: AtomicBool,
     _permit: Permit,
@@ -698,6 +766,112 @@ mod tests {
         let (again, fresh) = p.lease(key(), c, remote(42)).unwrap();
         assert!(!fresh);
         assert_eq!(again.socket.id, leases[5].socket.id);
+    }
+
+    /// The flows bench's pattern: each flow a new client endpoint, the
+    /// remotes in turn, a few flows late. Every remote fills the sockets
+    /// in order, so a late flow finds the one socket still free for it.
+    #[test]
+    fn a_remote_fills_the_sockets_in_order_even_with_late_flows() {
+        const REMOTES: usize = 64;
+        const PER_REMOTE: usize = 40;
+        let p = pools();
+        let n = REMOTES * PER_REMOTE;
+        let mut order: Vec<usize> = (0..n).filter(|i| i % 50 != 7).collect();
+        for late in (0..n).filter(|i| i % 50 == 7) {
+            order.insert((late + 700).min(order.len()), late);
+        }
+        let client = |i: usize| SocketAddr::from(([192, 0, 2, 1 + (i / 50_000) as u8], 1024 + (i % 50_000) as u16));
+        let remote = |i: usize| SocketAddr::from(([198, 51, 100, 7], 7000 + (i % REMOTES) as u16));
+        let leases: Vec<_> = order
+            .iter()
+            .map(|&i| p.lease(key(), client(i), remote(i)).unwrap().0)
+            .collect();
+        let probes = lock(&leases[0].pool.state).probes;
+        assert_eq!(
+            p.sockets(),
+            PER_REMOTE,
+            "the fewest sockets for {PER_REMOTE} flows a remote"
+        );
+        assert!(
+            probes * 100 <= n as u64 * 125,
+            "{probes} sockets looked at for {n} leases"
+        );
+    }
+
+    /// A flow that ends leaves its socket to its remote's next flow, found
+    /// in one look however many flows ended since.
+    #[test]
+    fn a_remotes_next_flow_takes_the_socket_its_last_one_gave_back() {
+        let p = pools();
+        let client = |i: usize| SocketAddr::from(([192, 0, 2, 10], 1024 + i as u16));
+        let remote = |r: usize| SocketAddr::from(([198, 51, 100, 7], 7000 + r as u16));
+        // 40 sockets (more than PROBES), 16 remotes on each.
+        let leases: Vec<_> = (0..640)
+            .map(|i| p.lease(key(), client(i), remote(i % 16)).unwrap().0)
+            .collect();
+        assert_eq!(p.sockets(), 40);
+        // Remote 5's flow on socket 3 ends, then 30 flows of other remotes.
+        let gone = 3 * 16 + 5;
+        leases[gone].release(client(gone));
+        for i in (0..30).map(|k| 16 * (10 + k) + 9) {
+            leases[i].release(client(i));
+        }
+        let before = lock(&leases[0].pool.state).probes;
+        let (again, fresh) = p.lease(key(), client(1000), remote(5)).unwrap();
+        assert!(!fresh);
+        assert_eq!(again.socket.id, leases[gone].socket.id);
+        assert_eq!(lock(&again.pool.state).probes - before, 1);
+    }
+
+    /// However flows come and go and sockets close, no socket carries two
+    /// flows of one client endpoint or two flows to one remote.
+    #[test]
+    fn no_socket_ever_carries_a_client_or_a_remote_twice() {
+        let p = pools();
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = |m: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % m as u64) as usize
+        };
+        let mut live: Vec<(Lease<()>, SocketAddr)> = Vec::new();
+        for step in 0..20_000 {
+            if live.is_empty() || next(100) < 55 {
+                let c = SocketAddr::from(([192, 0, 2, 10 + next(4) as u8], 5000 + next(12) as u16));
+                let r = SocketAddr::from(([198, 51, 100, 7], 7000 + next(24) as u16));
+                // Skip a flow that already exists: a flow is leased once.
+                if live.iter().any(|(l, lc)| *lc == c && l.remote == r) {
+                    continue;
+                }
+                live.push((p.lease(key(), c, r).unwrap().0, c));
+            } else {
+                let (l, c) = live.swap_remove(next(live.len()));
+                l.release(c);
+            }
+            if step % 997 == 0 {
+                p.close_idle(Duration::ZERO);
+            }
+            // What lets a remote on every socket by the order skip the
+            // search: it is on every socket before its place.
+            let pool = lock(&p.pools).values().next().cloned().unwrap();
+            let state = lock(&pool.state);
+            for (remote, next) in state.order.places() {
+                assert!(
+                    state.sockets[..next]
+                        .iter()
+                        .all(|s| lock(&s.flows).map.contains_key(&remote))
+                );
+            }
+            drop(state);
+            let mut pairs = HashSet::new();
+            for (l, c) in &live {
+                assert!(!l.socket.is_retired());
+                assert!(pairs.insert((l.socket.id, Ok(l.remote))), "a remote twice on a socket");
+                assert!(pairs.insert((l.socket.id, Err(*c))), "a client twice on a socket");
+            }
+        }
     }
 
     #[test]

@@ -144,6 +144,11 @@ impl Applied {
         self.filter.map(|f| f.until)
     }
 
+    /// The filter on the sockets, if one is on.
+    pub fn filter(&self) -> Option<Filter> {
+        self.filter
+    }
+
     /// When the listener is next to [`look`](Self::look) at what its
     /// filter drops, or its hold ends, whichever is first; `None` with no
     /// filter on.

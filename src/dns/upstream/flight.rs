@@ -28,6 +28,10 @@
 //! no follower at all, so what a flight costs its leader matters more than
 //! what waiting costs. (A `watch` channel did the same job with eight
 //! `Notify`s to wake on every answer: about 1,500 instructions per miss.)
+//! For the same reason the flight is made by the first follower, not by
+//! the leader: a leader alone holds only its place in the map (its key
+//! and a number), and a miss allocates no flight (sized for an answer,
+//! about 300 instructions with its free, callgrind).
 
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
@@ -47,7 +51,10 @@ pub struct Flights<K, V> {
 impl<K, V> Default for Flights<K, V> {
     fn default() -> Self {
         Flights {
-            map: Arc::new(Mutex::new(HashTable::new())),
+            map: Arc::new(Mutex::new(Map {
+                table: HashTable::new(),
+                next_id: 0,
+            })),
             hasher: Hasher::default(),
         }
     }
@@ -109,23 +116,23 @@ impl<V: Clone> Flight<V> {
 /// Removes the leader's entry when it finishes or is dropped, so a
 /// cancelled leader never leaves a key that nobody will ever answer.
 ///
-/// It finds its entry by the key's hash and its own flight, so the key
+/// It finds its entry by the key's hash and its own number, so the key
 /// itself moves into the map: no copy of it, and no second hashing.
 struct Lead<'a, K, V: Clone> {
     map: &'a Mutex<Map<K, V>>,
     /// The key's hash while the entry is in the map.
     hash: Option<u64>,
-    flight: Arc<Flight<V>>,
+    id: u64,
 }
 
 impl<K, V: Clone> Lead<'_, K, V> {
-    fn leave(&mut self) {
-        if let Some(hash) = self.hash.take() {
-            let mut map = lock(self.map);
-            if let Ok(entry) = map.find_entry(hash, |(_, f)| Arc::ptr_eq(f, &self.flight)) {
-                entry.remove();
-            }
-        }
+    /// Takes the entry out of the map; the flight its followers made, if
+    /// any came.
+    fn leave(&mut self) -> Option<Arc<Flight<V>>> {
+        let hash = self.hash.take()?;
+        let mut map = lock(self.map);
+        let entry = map.table.find_entry(hash, |place| place.id == self.id).ok()?;
+        entry.remove().0.flight
     }
 
     /// Leaves the map, then lands: a caller arriving from now on starts
@@ -133,23 +140,18 @@ impl<K, V: Clone> Lead<'_, K, V> {
     /// only for followers: most flights have none, and the leader keeps
     /// its value as it is (no shared box around it to allocate and unwrap).
     fn finish(mut self, value: &V) {
-        self.leave();
-        // Nobody else holds the flight: no follower to hand the value to.
-        if Arc::strong_count(&self.flight) > 1 {
-            self.flight.land(Landed::Value(value.clone()));
+        if let Some(flight) = self.leave() {
+            flight.land(Landed::Value(value.clone()));
         }
     }
 }
 
 impl<K, V: Clone> Drop for Lead<'_, K, V> {
     fn drop(&mut self) {
-        self.leave();
-        // After `finish` this changes nothing: the first landing stays.
-        // Out of the map, a flight nobody else holds has nobody to tell
-        // (followers hold it while they wait, and can no longer join): most
-        // misses have no follower, and skip the lock and the wake-up.
-        if Arc::strong_count(&self.flight) > 1 {
-            self.flight.land(Landed::Abandoned);
+        // After `finish` this finds nothing. Followers hold the flight
+        // while they wait, and cannot join it once it is out of the map.
+        if let Some(flight) = self.leave() {
+            flight.land(Landed::Abandoned);
         }
     }
 }
@@ -158,7 +160,26 @@ impl<K, V: Clone> Drop for Lead<'_, K, V> {
 /// (SipHash over hickory's per-label hashing was a tenth of a cache
 /// miss's instructions).
 type Hasher = foldhash::quality::RandomState;
-type Map<K, V> = HashTable<(K, Arc<Flight<V>>)>;
+
+/// The questions in flight, and the number the next leader gets.
+struct Map<K, V> {
+    table: HashTable<Place<K, V>>,
+    next_id: u64,
+}
+
+impl<K, V> std::fmt::Debug for Map<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Map").field("in_flight", &self.table.len()).finish()
+    }
+}
+
+/// A question in flight: its leader's number (how the leader finds its
+/// own entry among colliding keys), and the flight once a follower came.
+struct Place<K, V> {
+    key: K,
+    id: u64,
+    flight: Option<Arc<Flight<V>>>,
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -179,18 +200,26 @@ impl<K: Eq + Hash, V: Clone> Flights<K, V> {
         let lead = loop {
             let flight = {
                 let mut map = lock(&self.map);
-                match map.entry(hash, |(held, _)| *held == key, |(held, _)| self.hasher.hash_one(held)) {
-                    Entry::Occupied(entry) => entry.get().1.clone(),
+                let Map { table, next_id } = &mut *map;
+                let id = *next_id;
+                match table.entry(hash, |place| place.key == key, |place| self.hasher.hash_one(&place.key)) {
+                    Entry::Occupied(mut entry) => entry
+                        .get_mut()
+                        .flight
+                        .get_or_insert_with(|| {
+                            Arc::new(Flight {
+                                landed: Mutex::new(None),
+                                done: Notify::new(),
+                            })
+                        })
+                        .clone(),
                     Entry::Vacant(entry) => {
-                        let flight = Arc::new(Flight {
-                            landed: Mutex::new(None),
-                            done: Notify::new(),
-                        });
-                        entry.insert((key, flight.clone()));
+                        entry.insert(Place { key, id, flight: None });
+                        *next_id = id.wrapping_add(1);
                         break Lead {
                             map: &self.map,
                             hash: Some(hash),
-                            flight,
+                            id,
                         };
                     }
                 }
@@ -211,7 +240,7 @@ impl<K: Eq + Hash, V: Clone> Flights<K, V> {
 
     /// Keys in flight now.
     pub fn len(&self) -> usize {
-        lock(&self.map).len()
+        lock(&self.map).table.len()
     }
 }
 
@@ -357,6 +386,52 @@ mod tests {
         }
         assert_eq!(flights.len(), 1, "the colliding flight is still there");
         pending.abort();
+    }
+
+    /// Flights that currently hold a shared flight (made by a follower).
+    fn shared(flights: &Flights<u8, u32>) -> usize {
+        lock(&flights.map).table.iter().filter(|p| p.flight.is_some()).count()
+    }
+
+    /// A leader alone makes no flight to share (most misses have no
+    /// follower); the first follower makes it, and still gets the answer.
+    #[tokio::test]
+    async fn only_a_follower_makes_a_flight_to_share() {
+        let flights: Arc<Flights<u8, u32>> = Arc::default();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let leader = {
+            let flights = flights.clone();
+            tokio::spawn(async move {
+                flights
+                    .run(1, || async move {
+                        let _ = released.await;
+                        5
+                    })
+                    .await
+            })
+        };
+        while flights.len() == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(shared(&flights), 0, "a leader alone shares nothing");
+        let follower = {
+            let flights = flights.clone();
+            tokio::spawn(async move { flights.run(1, || async { 9 }).await })
+        };
+        while shared(&flights) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        release.send(()).unwrap();
+        let wait = Duration::from_secs(5);
+        assert_eq!(
+            tokio::time::timeout(wait, leader).await.unwrap().unwrap(),
+            (5, Role::Leader)
+        );
+        assert_eq!(
+            tokio::time::timeout(wait, follower).await.unwrap().unwrap(),
+            (5, Role::Follower)
+        );
+        assert_eq!(flights.len(), 0);
     }
 
     #[tokio::test]
