@@ -43,6 +43,30 @@ fn dns_lab() -> Lab {
     lab
 }
 
+/// An upstream that never answers, on its own address of server 0, and
+/// the config tail that sends `*.silent.test` to it (`upstream_keys` go
+/// into its `[dns.upstreams.silent]` table, one `key = value` per line):
+/// for questions that can only end at the client's deadline.
+fn silent_upstream(lab: &Lab, upstream_keys: &str) -> (FakeDns, String) {
+    const SILENT: &str = "198.51.100.54";
+    lab.add_server_address(0, ip(SILENT));
+    let silent = FakeDns::start(
+        &lab.servers[0],
+        SocketAddr::new(ip(SILENT), 53),
+        lab::fake_dns::Behaviour::silent(),
+    );
+    let tail = format!(
+        r#"[dns.upstreams.silent]
+servers = ["{SILENT}"]
+{upstream_keys}[[dns.rules]]
+domains = ["*.silent.test"]
+action = "forward"
+upstream = "silent"
+"#
+    );
+    (silent, tail)
+}
+
 /// `dns_keys` go into `[dns]` (one `key = value` per line); `tail` after
 /// everything (other tables).
 fn config(dns_keys: &str, tail: &str) -> String {
@@ -640,27 +664,10 @@ fn tcp_answers(s: &mut TcpStream, n: usize) -> Vec<Message> {
 /// client sends more at once than tproxyd answers at once per connection.
 #[test]
 fn pipelined_tcp_queries_are_answered_as_each_is_ready_each_once() {
-    const SILENT: &str = "198.51.100.54";
     let lab = dns_lab();
-    lab.add_server_address(0, ip(SILENT));
     let _upstream = example_upstream(&lab, &[]);
-    let _silent = FakeDns::start(
-        &lab.servers[0],
-        SocketAddr::new(ip(SILENT), 53),
-        lab::fake_dns::Behaviour::silent(),
-    );
-    let daemon = lab.start_tproxyd(&config(
-        &format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}"),
-        &format!(
-            r#"[dns.upstreams.silent]
-servers = ["{SILENT}"]
-[[dns.rules]]
-domains = ["*.silent.test"]
-action = "forward"
-upstream = "silent"
-"#
-        ),
-    ));
+    let (_silent, tail) = silent_upstream(&lab, "");
+    let daemon = lab.start_tproxyd(&config(&format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}"), &tail));
     // Cached: answered without an upstream from now on.
     assert_eq!(q(&lab, &format!("@{LISTEN} www.example.test A")).status, "NOERROR");
     let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
@@ -786,27 +793,9 @@ upstream = "late"
 /// not be carried along for as long as the device keeps it up (about 7 s).
 #[test]
 fn a_waiter_on_a_shared_question_is_answered_by_its_own_deadline() {
-    const SILENT: &str = "198.51.100.54";
     let lab = dns_lab();
-    lab.add_server_address(0, ip(SILENT));
-    let _silent = FakeDns::start(
-        &lab.servers[0],
-        SocketAddr::new(ip(SILENT), 53),
-        lab::fake_dns::Behaviour::silent(),
-    );
-    let daemon = lab.start_tproxyd(&config(
-        &format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}"),
-        &format!(
-            r#"[dns.upstreams.silent]
-servers = ["{SILENT}"]
-server_timeout = "10s"
-[[dns.rules]]
-domains = ["*.silent.test"]
-action = "forward"
-upstream = "silent"
-"#
-        ),
-    ));
+    let (_silent, tail) = silent_upstream(&lab, "server_timeout = \"10s\"\n");
+    let daemon = lab.start_tproxyd(&config(&format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}"), &tail));
     let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
     let client = lab.client.name.clone();
     let honest = std::thread::spawn(move || {
