@@ -22,3 +22,5 @@ pub mod server;
 pub mod shutdown;
 pub mod stats;
 pub mod sync;
+#[cfg(test)]
+mod test_rng;

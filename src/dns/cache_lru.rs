@@ -296,13 +296,8 @@ mod tests {
     fn it_keeps_what_a_plain_list_keeps_in_the_same_order() {
         let mut lru = Lru::default();
         let mut model: VecDeque<(Vec<u8>, u32)> = VecDeque::new();
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut rand = move |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
+        let mut rng = crate::test_rng::XorShift::new(0x9e37_79b9_7f4a_7c15);
+        let mut rand = move |n: u64| rng.next_u64() % n;
         let key = |n: u64| {
             // Lengths around the inline limit, and past it.
             let len = [1, INLINE - 1, INLINE, INLINE + 1, 300][usize::try_from(n % 5).unwrap()];

@@ -370,13 +370,8 @@ mod tests {
             "q.w.e.r.t.y.u.i.example.test.",
             "z.y.x.w.v.u.t.s.r.q.x.example.test.",
         ];
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
+        let mut rng = crate::test_rng::XorShift::new(0x9e37_79b9_7f4a_7c15);
+        let mut next = |n: usize| rng.below(n);
         for round in 0..2_000 {
             let qname = names[next(names.len())];
             let mut m = response(qname, [RecordType::A, RecordType::AAAA, RecordType::CNAME][next(3)]);

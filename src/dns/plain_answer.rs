@@ -567,12 +567,10 @@ mod tests {
             }
         }
         // Arbitrary bytes behind a plausible header, deterministically.
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = crate::test_rng::XorShift::new(0x9e37_79b9_7f4a_7c15);
         let question = [labels(q), vec![0, 1, 0, 1]].concat();
         for round in 0..20_000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
+            let seed = rng.next_u64();
             let len = (seed % 96) as usize;
             let mut v: Vec<u8> = vec![
                 (ID >> 8) as u8,
@@ -667,7 +665,7 @@ mod tests {
     fn the_reply_written_over_the_answer_is_the_reply_written_afresh() {
         let q = "Mixed.Case.example.";
         let owner = n(q);
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = crate::test_rng::XorShift::new(0x2545_f491_4f6c_dd1d);
         for upstream_edns in [false, true] {
             for qtype in [RecordType::A, RecordType::AAAA] {
                 for count in [1usize, 2, MAX_RECORDS] {
@@ -694,9 +692,7 @@ mod tests {
                         (true, true, Some(100)),
                         (false, false, Some(4096)),
                     ] {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
+                        let seed = rng.next_u64();
                         let to = ReplyTo {
                             id: seed as u16,
                             recursion_desired: rd,

@@ -371,11 +371,9 @@ mod tests {
             }
         }
         // Arbitrary bytes, deterministically.
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = crate::test_rng::XorShift::new(0x2545_f491_4f6c_dd1d);
         for _ in 0..20_000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
+            let seed = rng.next_u64();
             let len = (seed % 64) as usize;
             let mut v: Vec<u8> = (0..len).map(|i| (seed >> (i % 8 * 8)) as u8).collect();
             if let Some(h) = v.get_mut(2..6) {

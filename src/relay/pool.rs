@@ -829,13 +829,8 @@ mod tests {
     #[test]
     fn no_socket_ever_carries_a_client_or_a_remote_twice() {
         let p = pools();
-        let mut rng = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = |m: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % m as u64) as usize
-        };
+        let mut rng = crate::test_rng::XorShift::new(0x2545_F491_4F6C_DD1D);
+        let mut next = |m: usize| rng.below(m);
         let mut live: Vec<(Lease<()>, SocketAddr)> = Vec::new();
         for step in 0..20_000 {
             if live.is_empty() || next(100) < 55 {

@@ -435,12 +435,10 @@ mod tests {
         assert!(encode_spelt(1, &long, &q).is_err(), "longer than 255 bytes");
         // Garbage of small label lengths (so that some of it is well
         // formed): whatever is sent, hickory reads as one question.
-        let mut seed = 0x1234_5678_9abc_def1u64;
+        let mut rng = crate::test_rng::XorShift::new(0x1234_5678_9abc_def1);
         let mut sent = 0;
         for _ in 0..50_000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
+            let seed = rng.next_u64();
             let len = (seed % 24) as usize;
             let bytes: Vec<u8> = (0..len).map(|i| (seed >> (i % 8 * 8)) as u8 % 4).collect();
             if let Ok(query) = encode_spelt(1, &bytes, &q) {
