@@ -18,8 +18,9 @@
 //! the sockets in order, so that one is mostly free for it), then the
 //! socket taken last, sockets given back lately and a bounded number of
 //! random ones; if none fits (free for this client *and* this remote) a
-//! new socket is opened, outside the lock, if the descriptor budget allows. A pool thus holds about as many sockets as
-//! its busiest client endpoint or destination has flows. A flow costs an
+//! new socket is opened, outside the lock, if the descriptor budget
+//! allows. A pool thus holds about as many sockets as its busiest client
+//! endpoint or destination has flows. A flow costs an
 //! 8-byte fingerprint of (client, socket) in its pool's set and one entry
 //! in its socket's map of remotes, and nothing else here: its lease is two
 //! words and an address inside the flow.
