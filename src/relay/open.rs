@@ -89,16 +89,22 @@ pub fn in_the_way(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &RelayCont
     }
 }
 
-/// Opens the flow `key` (first datagram to `dst`) as `rule` says.
-pub fn open(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &Arc<RelayContext>) -> Result<Opened, OpenError> {
+/// Opens the flow `key` (first datagram to `dst`) as `rule` says; `now_ms`
+/// (the relay's clock, a reading the caller took) is its first activity.
+pub fn open(
+    key: FlowKey,
+    dst: SocketAddr,
+    rule: &UdpRule,
+    ctx: &Arc<RelayContext>,
+    now_ms: u64,
+) -> Result<Opened, OpenError> {
     let one_destination = rule.nat == NatMode::Symmetric;
     let (mark, device) = match &rule.route {
         Route::Interface { device, mark } => (*mark, device.clone()),
         _ => (ctx.mark(), None),
     };
     let idle_ms = u64::try_from(rule.idle_timeout.as_millis()).unwrap_or(u64::MAX);
-    let now = ctx.now_ms();
-    let make = |upstream| Arc::new(Session::new(key, upstream, idle_ms, now));
+    let make = |upstream| Arc::new(Session::new(key, upstream, idle_ms, now_ms));
     let opened = match &rule.route {
         Route::Drop => return Err(OpenError::Dropped),
         Route::Socks5(server) => {

@@ -320,9 +320,17 @@ impl OpenBacklog {
     /// Up to `max` flows to open, one per client in turn. They stay filed
     /// (their datagrams are held) until [`OpenBacklog::complete`].
     pub fn take(&self, max: usize) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        self.take_into(max, &mut jobs);
+        jobs
+    }
+
+    /// [`OpenBacklog::take`] into `jobs` (cleared first), so that an
+    /// opener keeps one list for all its rounds.
+    pub fn take_into(&self, max: usize, jobs: &mut Vec<Job>) {
+        jobs.clear();
         let mut b = self.lock();
         let b = &mut *b;
-        let mut jobs = Vec::new();
         while jobs.len() < max {
             let Some(owner) = b.turns.pop_front() else { break };
             let Some(client) = b.clients.get_mut(&owner) else {
@@ -344,7 +352,6 @@ impl OpenBacklog {
                 });
             }
         }
-        jobs
     }
 
     /// Whether flows are waiting to be taken.
@@ -363,15 +370,20 @@ impl OpenBacklog {
 
     /// [`OpenBacklog::complete`] for several flows at once (a round of an
     /// opener): `finish` gets their held datagrams in the order of `keys`,
-    /// so it can send them all together.
+    /// so it can send them all together. `held` is the caller's list to
+    /// gather them in (left empty), kept to save an allocation per round.
     pub fn complete_all<'k, R>(
         &self,
         keys: impl IntoIterator<Item = &'k FlowKey>,
-        finish: impl FnOnce(Vec<HeldList>) -> R,
+        held: &mut Vec<HeldList>,
+        finish: impl FnOnce(&[HeldList]) -> R,
     ) -> R {
         let mut b = self.lock();
-        let held = keys.into_iter().map(|k| b.remove(k)).collect();
-        finish(held)
+        held.clear();
+        held.extend(keys.into_iter().map(|k| b.remove(k)));
+        let r = finish(held);
+        held.clear();
+        r
     }
 
     /// Flows waiting or being opened, and the bytes held for them.
@@ -521,6 +533,30 @@ mod tests {
             }
         }
         assert!(o.lock().flows.capacity() <= KEPT_WHEN_EMPTY);
+        assert_eq!(o.backlog(), (0, 0));
+    }
+
+    #[test]
+    fn an_openers_lists_are_reused_and_left_empty() {
+        let (o, t) = (OpenBacklog::new(), table());
+        let keys: Vec<FlowKey> = (0..5).map(|p| key("192.0.2.66", 10_000 + p)).collect();
+        for &k in &keys {
+            assert!(matches!(file(&o, &t, k, 3), Filed::Queued));
+        }
+        let mut jobs = Vec::new();
+        o.take_into(3, &mut jobs);
+        assert_eq!(jobs.iter().map(|j| j.key).collect::<Vec<_>>(), keys[..3]);
+        // Cleared first: the next round's list holds only its own flows.
+        o.take_into(3, &mut jobs);
+        assert_eq!(jobs.iter().map(|j| j.key).collect::<Vec<_>>(), keys[3..]);
+        let mut held = vec![HeldList::default()];
+        let sizes = o.complete_all(&keys, &mut held, |held| {
+            held.iter()
+                .map(|h| h.iter().map(|d| d.payload.len()).sum::<usize>())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(sizes, [3; 5]);
+        assert!(held.is_empty());
         assert_eq!(o.backlog(), (0, 0));
     }
 

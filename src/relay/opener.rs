@@ -15,13 +15,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::context::RelayContext;
-use super::key::FlowKey;
+use super::key::{ClientId, FlowKey};
 use super::open::{self, OpenError, open};
 use super::open_backlog::{HeldList, OPENS_PER_ROUND};
 use super::rules::UdpRule;
 use super::session::Session;
 use super::slice::{Slice, Step};
-use super::table::{Entry, Evicted, Eviction};
+use super::table::{Entry, Evicted, Eviction, Unfiled};
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 
 /// Evictions tried for a new flow when the descriptor budget is used up.
@@ -43,8 +43,10 @@ pub fn start(ctx: &Arc<RelayContext>, tasks: usize) {
 /// Opens filed flows until the relay shuts down.
 async fn run(ctx: Arc<RelayContext>) {
     let mut round = Round::default();
+    // Kept from round to round: a round's list was up to four allocations.
+    let mut jobs = Vec::with_capacity(OPENS_PER_ROUND);
     loop {
-        let jobs = ctx.open_backlog().take(OPENS_PER_ROUND);
+        ctx.open_backlog().take_into(OPENS_PER_ROUND, &mut jobs);
         if jobs.is_empty() {
             ctx.open_backlog().woken().await;
             continue;
@@ -54,9 +56,16 @@ async fn run(ctx: Arc<RelayContext>) {
             ctx.open_backlog().wake();
         }
         let mut slice = Slice::start();
+        // The slice's start stands for "now" while it lasts (it is short,
+        // see `relay::slice`): one clock read per slice instead of one per
+        // flow. Filing the flows touches them with a later reading anyway.
+        let mut now_ms = ctx.clock().ms_at(slice.started());
         for (n, job) in jobs.iter().enumerate() {
             let rule = job.rule();
-            let entry = new_flow(&ctx, job.key, job.dst, rule, &mut || round.settle(&ctx));
+            let unfiled = round.unfiled(job.key.owner());
+            let entry = new_flow(&ctx, job.key, job.dst, rule, now_ms, unfiled, &mut || {
+                round.settle(&ctx)
+            });
             round.keys.push(job.key);
             round.entries.push(entry);
             if rule.by_domain() {
@@ -74,11 +83,14 @@ async fn run(ctx: Arc<RelayContext>) {
                     round.settle(&ctx);
                     tokio::task::yield_now().await;
                     slice = Slice::start();
+                    now_ms = ctx.clock().ms_at(slice.started());
                 }
                 Step::Yield => {}
             }
         }
         round.settle(&ctx);
+        // Their rules go now, not at the next round's start.
+        jobs.clear();
         tokio::task::yield_now().await;
     }
 }
@@ -93,9 +105,25 @@ struct Round {
     /// `None`: the flow could not be opened (counted); its datagrams drop.
     entries: Vec<Option<Entry>>,
     sends: UpstreamSends,
+    /// What the backlog held for the flows being filed (kept to save an
+    /// allocation per filing).
+    held: Vec<HeldList>,
 }
 
 impl Round {
+    /// The round's flows that are open but not yet filed, all and those
+    /// of `owner`: they take table slots when filed.
+    fn unfiled(&self, owner: ClientId) -> Unfiled {
+        let mut unfiled = Unfiled::default();
+        for (key, entry) in self.keys.iter().zip(&self.entries) {
+            if entry.is_some() {
+                unfiled.all += 1;
+                unfiled.own += usize::from(key.owner() == owner);
+            }
+        }
+        unfiled
+    }
+
     /// Sends what was held for the round's flows and files them in the
     /// table, under the backlog's lock so that no later datagram of a flow
     /// can overtake its held ones.
@@ -103,12 +131,17 @@ impl Round {
         if self.keys.is_empty() {
             return;
         }
-        let Round { keys, entries, sends } = self;
+        let Round {
+            keys,
+            entries,
+            sends,
+            held,
+        } = self;
         // One clock read for the round: its flows were opened a moment ago.
         let now = ctx.now_ms();
-        let evicted = ctx.open_backlog().complete_all(keys.iter(), |held| {
+        let evicted = ctx.open_backlog().complete_all(keys.iter(), held, |held| {
             let mut out = sends.batch();
-            for (entry, held) in entries.iter().zip(&held) {
+            for (entry, held) in entries.iter().zip(held) {
                 if let Some(entry) = entry {
                     queue_held(&entry.session, held, &mut out, now, ctx);
                 }
@@ -175,12 +208,14 @@ fn new_flow(
     key: FlowKey,
     dst: SocketAddr,
     rule: &UdpRule,
+    now_ms: u64,
+    unfiled: Unfiled,
     settle: &mut dyn FnMut(),
 ) -> Option<Entry> {
     let table = ctx.table();
     let owner = key.owner();
-    count_evicted(ctx, table.make_room(owner));
-    let mut opened = open(key, dst, rule, ctx);
+    count_evicted(ctx, table.make_room(owner, unfiled));
+    let mut opened = open(key, dst, rule, ctx, now_ms);
     if matches!(opened, Err(OpenError::Budget)) {
         settle();
     }
@@ -207,7 +242,7 @@ fn new_flow(
                 }),
             );
         }
-        opened = open(key, dst, rule, ctx);
+        opened = open(key, dst, rule, ctx, now_ms);
     }
     match opened {
         Ok(o) => Some(Entry::new(o.session, o.task)),
@@ -232,4 +267,37 @@ fn count_evicted(ctx: &RelayContext, evicted: Option<Evicted>) {
     };
     counter.inc();
     tracing::debug!(client = %e.entry.session.key.client, reason = ?e.reason, "session evicted");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::key::Target;
+
+    fn key(client: &str, port: u16) -> FlowKey {
+        FlowKey {
+            client: SocketAddr::new(client.parse().unwrap(), port),
+            target: Target::Destination(([198, 51, 100, 7], 7000).into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_round_counts_its_opened_flows_not_yet_filed() {
+        let mut round = Round::default();
+        let opened = |k| Some(Entry::new(Arc::new(Session::detached(k, 60_000, 0)), None));
+        for (k, entry) in [
+            (key("192.0.2.10", 1), opened(key("192.0.2.10", 1))),
+            (key("192.0.2.10", 2), opened(key("192.0.2.10", 2))),
+            (key("192.0.2.11", 1), opened(key("192.0.2.11", 1))),
+            // Could not be opened: it will take no slot.
+            (key("192.0.2.10", 3), None),
+        ] {
+            round.keys.push(k);
+            round.entries.push(entry);
+        }
+        let owner = |c: &str| key(c, 9).owner();
+        assert_eq!(round.unfiled(owner("192.0.2.10")), Unfiled { all: 3, own: 2 });
+        assert_eq!(round.unfiled(owner("192.0.2.12")), Unfiled { all: 3, own: 0 });
+        assert_eq!(Round::default().unfiled(owner("192.0.2.10")), Unfiled::default());
+    }
 }
