@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use super::cache_lru::Lru;
+use super::plain_name::Forms;
 use super::rendered::Rendered;
 use super::ttl_secs;
 use crate::config::dns::CacheConfig;
@@ -82,7 +83,9 @@ impl<'r> StackKey<'r> {
     /// `qtype` and `qclass` in `group`, packed into `room`; `None` when
     /// it does not fit (a name over 255 bytes, or with its group's name
     /// over [`PACKED_ON_STACK`]; any name fits with a group name of up to
-    /// 64).
+    /// 64). The tests' way to look up any name; the daemon's look-ups are
+    /// built by [`StackKey::of_plain`].
+    #[cfg(test)]
     pub fn lowercased(
         room: &'r mut [u8; PACKED_ON_STACK],
         group: &str,
@@ -98,6 +101,24 @@ impl<'r> StackKey<'r> {
         write_packed(out, group, name, qtype, qclass);
         out.get_mut(PACKED_HEAD..PACKED_HEAD + name.len())?
             .make_ascii_lowercase();
+        Some(StackKey { packed: out })
+    }
+
+    /// The key of a plain name already lowercased where it was read
+    /// ([`Forms::lower`], in the pass that checked its shape), `qtype` and
+    /// `qclass` in `group`, packed into `room`; `None` when the group's
+    /// name does not fit with it. No second pass over the name: it is
+    /// copied as it is.
+    pub fn of_plain(
+        room: &'r mut [u8; PACKED_ON_STACK],
+        group: &str,
+        forms: &Forms,
+        qtype: RecordType,
+        qclass: DNSClass,
+    ) -> Option<Self> {
+        let name = forms.lower();
+        let out = room.get_mut(..PACKED_HEAD + name.len() + group.len())?;
+        write_packed(out, group, name, qtype, qclass);
         Some(StackKey { packed: out })
     }
 
@@ -747,6 +768,48 @@ mod tests {
 
     fn name(s: &str) -> Name {
         Name::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn a_plain_names_key_is_packed_as_the_name_lowercased_as_it_is_packed() {
+        let c = cache(0, 3600, 3600);
+        assert!(c.insert(key("www.example.test."), &mut answer(&[300])));
+        let now = Instant::now();
+        let mut forms = Forms::default();
+        let long = [
+            &[63u8][..],
+            &[b'Q'; 63],
+            &[63],
+            &[b'r'; 63],
+            &[63],
+            &[b'S'; 63],
+            &[61],
+            &[b't'; 61],
+            &[0],
+        ]
+        .concat();
+        for (name, group) in [
+            (&b"\x03WwW\x07Example\x04TEST\x00"[..], "default"),
+            (b"\x03www\x07example\x04test\x00", "default"),
+            (b"\x04_Srv\x04_tcp\x01x\x00", "office"),
+            (b"\x00", ""),
+            (&long, &"g".repeat(64)),
+        ] {
+            forms.read(name).expect("a plain name");
+            let (mut ours, mut theirs) = ([0; PACKED_ON_STACK], [0; PACKED_ON_STACK]);
+            let plain = StackKey::of_plain(&mut ours, group, &forms, RecordType::A, DNSClass::IN).unwrap();
+            let lowered = StackKey::lowercased(&mut theirs, group, name, RecordType::A, DNSClass::IN).unwrap();
+            assert_eq!(plain.packed, lowered.packed, "{name:?} {group}");
+            let live = matches!(c.find_at(&plain, now), Lookup::Live(..));
+            assert_eq!(
+                live,
+                name.eq_ignore_ascii_case(b"\x03www\x07example\x04test\x00") && group == "default"
+            );
+        }
+        // A group name too long to go with the name: the full path's.
+        forms.read(&long).unwrap();
+        let group = "g".repeat(65);
+        assert!(StackKey::of_plain(&mut [0; PACKED_ON_STACK], &group, &forms, RecordType::A, DNSClass::IN).is_none());
     }
 
     #[test]
