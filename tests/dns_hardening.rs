@@ -837,7 +837,11 @@ upstream = "late"
 fn a_waiter_on_a_shared_question_is_answered_by_its_own_deadline() {
     let lab = dns_lab();
     let (_silent, tail) = silent_upstream(&lab, "server_timeout = \"10s\"\n");
-    let daemon = lab.start_tproxyd(&config(&format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}"), &tail));
+    let admin: SocketAddr = "127.0.0.1:9153".parse().unwrap();
+    let daemon = lab.start_tproxyd(&config(
+        &format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}"),
+        &format!("{tail}[admin]\nlisten = \"{admin}\"\n"),
+    ));
     let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
     let client = lab.client.name.clone();
     let honest = std::thread::spawn(move || {
@@ -891,6 +895,9 @@ fn a_waiter_on_a_shared_question_is_answered_by_its_own_deadline() {
     let honest = lab::dns::parse_dig(&raw);
     assert_eq!(honest.status, "SERVFAIL", "after {took:?}: {raw}");
     eprintln!("the honest client was answered after {took:?}");
+    // Counted as a waiter that gave up at its own deadline.
+    let metrics = lab::metrics::fetch(&lab.gateway, admin);
+    assert!(lab::metrics::value(&metrics, "tproxyd_dns_coalesced_late_total") >= 1);
     drop(daemon.stop());
 }
 
