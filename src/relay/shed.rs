@@ -416,6 +416,17 @@ pub struct Filter {
     pub until: Duration,
 }
 
+/// What a listener's sockets dropped while a filter was on, from their
+/// drop counters (`shed_filter::Applied::look`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelDrops {
+    /// Every drop: the filter's, and those of a queue that was full.
+    pub all: u64,
+    /// Drops on sockets whose queue had room: the filter's alone, so the
+    /// filtered client's datagrams.
+    pub filtered: u64,
+}
+
 impl SharedShedder {
     /// A shedder for `target` (zero: never shed).
     pub fn new(target: Duration) -> Self {
@@ -494,9 +505,13 @@ impl SharedShedder {
     /// [`STILL_FLOODING`] or more, the client is still flooding and the
     /// filter stays for its hold.
     ///
-    /// They also count as the client's work (see
-    /// [`Shedder::dropped_in_kernel`]): a held flood stays the heaviest
-    /// client while it goes on.
+    /// Those dropped where the queue had room also count as the client's
+    /// work (see [`Shedder::dropped_in_kernel`]): a held flood stays the
+    /// heaviest client while it goes on. A full queue's drops are
+    /// another client's datagrams (the filtered one's never reach the
+    /// queue): counted as the filtered client's, a device flooding past
+    /// what the relay reads made a client held before it the heaviest and
+    /// had it shed and held again, while its own flood went on unshed.
     ///
     /// Summed, not judged report by report: with two workers each task
     /// serves half of the listening sockets, and a flood from two client
@@ -504,12 +519,15 @@ impl SharedShedder {
     /// rate. Judged apart, a flood of up to twice the threshold's rate
     /// counted as stopped on both: its hold ended after [`QUIET`] and the
     /// next started from [`HOLD`] again, never doubling.
-    pub fn kernel_dropped(&self, client: ClientId, datagrams: u64, now: Duration) {
+    pub fn kernel_dropped(&self, client: ClientId, dropped: KernelDrops, now: Duration) {
+        let datagrams = dropped.all;
         if datagrams == 0 {
             return;
         }
         let mut s = lock(&self.state);
-        s.shedder.dropped_in_kernel(client, datagrams, now);
+        if dropped.filtered > 0 {
+            s.shedder.dropped_in_kernel(client, dropped.filtered, now);
+        }
         let (since, sum) = s.reported;
         let sum = if now >= since + LOOK {
             s.reported.0 = now;
@@ -596,6 +614,11 @@ mod tests {
 
     fn id(s: &str) -> ClientId {
         ClientId::of(s.parse().unwrap())
+    }
+
+    /// `n` datagrams the filter dropped, every queue with room.
+    fn held(n: u64) -> KernelDrops {
+        KernelDrops { all: n, filtered: n }
     }
 
     #[test]
@@ -835,7 +858,7 @@ mod tests {
             let end = now + hold;
             while now + LOOK < end {
                 now += LOOK;
-                s.kernel_dropped(flood, STILL_FLOODING, now);
+                s.kernel_dropped(flood, held(STILL_FLOODING), now);
                 assert!(s.filter(now).is_some(), "off early at {now:?} of a hold to {end:?}");
             }
             now = end;
@@ -849,14 +872,14 @@ mod tests {
         let start = now;
         assert_eq!(shed_until_filtered(&s, flood, quiet, now), 16 * HOLD);
         now += LOOK;
-        s.kernel_dropped(flood, STILL_FLOODING - 1, now);
+        s.kernel_dropped(flood, held(STILL_FLOODING - 1), now);
         assert!(s.filter(now).is_some());
         assert_eq!(s.filter(start + QUIET), None);
         // Its next flood starts from HOLD again.
         assert_eq!(shed_until_filtered(&s, flood, quiet, start + QUIET + MS), HOLD);
         // And so does one that comes back long after its last hold.
         let later = start + QUIET + MS + HOLD + MEMORY + MEMORY;
-        s.kernel_dropped(flood, STILL_FLOODING, start + QUIET + 50 * MS);
+        s.kernel_dropped(flood, held(STILL_FLOODING), start + QUIET + 50 * MS);
         assert_eq!(s.filter(start + QUIET + MS + HOLD), None);
         assert_eq!(shed_until_filtered(&s, flood, quiet, later), HOLD);
     }
@@ -875,8 +898,8 @@ mod tests {
             let end = now + hold;
             while now + LOOK < end {
                 now += LOOK;
-                s.kernel_dropped(flood, STILL_FLOODING / 2, now);
-                s.kernel_dropped(flood, STILL_FLOODING / 2, now + MS);
+                s.kernel_dropped(flood, held(STILL_FLOODING / 2), now);
+                s.kernel_dropped(flood, held(STILL_FLOODING / 2), now + MS);
                 assert!(
                     s.filter(now + MS).is_some(),
                     "off early at {now:?} of a hold to {end:?}"
@@ -891,9 +914,9 @@ mod tests {
         let start = now;
         assert_eq!(shed_until_filtered(&s, flood, quiet, now), 16 * HOLD);
         now += LOOK;
-        s.kernel_dropped(flood, STILL_FLOODING / 2, now);
+        s.kernel_dropped(flood, held(STILL_FLOODING / 2), now);
         now += LOOK;
-        s.kernel_dropped(flood, STILL_FLOODING / 2, now);
+        s.kernel_dropped(flood, held(STILL_FLOODING / 2), now);
         assert_eq!(s.filter(start + QUIET), None);
     }
 
@@ -910,7 +933,7 @@ mod tests {
         let mut now = start;
         for look in 1..=20u32 {
             now = start + look * LOOK;
-            s.kernel_dropped(spray, 100, now);
+            s.kernel_dropped(spray, held(100), now);
             if look % 4 == 0 {
                 for _ in 0..100 {
                     assert!(
@@ -933,6 +956,44 @@ mod tests {
             );
         }
         assert!(s.offer(5 * MS, spray, 1, Some(30 * MS), now), "the spray was not shed");
+    }
+
+    /// A client is held in the kernel; another device floods past what
+    /// the relay reads, and the listeners' full queues drop the rest of
+    /// its datagrams. Those are the flood's, not the held client's:
+    /// counted as the held client's (300 a look against the 50 the
+    /// listeners read of the flood), they kept it the heaviest, shed and
+    /// held again in the next late round, while the flood went on unshed.
+    #[test]
+    fn a_full_queues_drops_do_not_weigh_on_the_held_client() {
+        let (first, flood, busy) = (id("192.0.2.10"), id("192.0.2.66"), id("192.0.2.11"));
+        let s = SharedShedder::new(5 * MS);
+        let start = 10 * MS;
+        shed_until_filtered(&s, first, busy, start);
+        let mut now = start;
+        for look in 1..=20u32 {
+            now = start + look * LOOK;
+            for _ in 0..50 {
+                s.offer(5 * MS, flood, 1_200, Some(MS), now);
+            }
+            s.kernel_dropped(first, KernelDrops { all: 300, filtered: 0 }, now);
+            if look % 4 == 0 {
+                for _ in 0..20 {
+                    s.offer(5 * MS, busy, 1_200, Some(MS), now);
+                }
+            }
+        }
+        s.round_ended(false, true);
+        for _ in 0..5 {
+            assert!(
+                !s.offer(5 * MS, busy, 3, Some(30 * MS), now),
+                "the busy client was shed"
+            );
+        }
+        assert!(
+            s.offer(5 * MS, flood, 1_200, Some(30 * MS), now),
+            "the flood was not shed"
+        );
     }
 
     #[test]
