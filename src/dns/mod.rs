@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod cache_file;
 mod cache_lru;
+mod cache_weight;
 pub mod encoder;
 pub mod engine;
 pub mod lists;
