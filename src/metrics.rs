@@ -84,6 +84,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "DNS cache misses that shared an identical query already sent upstream.",
     ),
     (
+        "dns_coalesced_late_total",
+        "counter",
+        "DNS cache misses that shared an identical query and gave up at their own deadline while it went on (SERVFAIL or stale).",
+    ),
+    (
         "dns_truncated_total",
         "counter",
         "DNS answers truncated to fit the client's UDP size.",

@@ -209,6 +209,10 @@ counters! {
     /// DNS cache misses that joined an identical query already on its way
     /// upstream instead of asking again.
     dns_coalesced => "dns_coalesced_total";
+    /// Of those, the ones whose own `dns.timeout` passed while the query
+    /// they joined was still on its way: answered SERVFAIL (or stale)
+    /// without it, while it went on for the others.
+    dns_coalesced_late => "dns_coalesced_late_total";
     /// Upstream answers dropped for not matching their query (ID, question,
     /// 0x20 case): spoofing attempts or a broken server.
     dns_upstream_mismatched => "drops_total", "reason=\"dns_mismatched_answer\"";

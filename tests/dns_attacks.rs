@@ -1054,3 +1054,264 @@ fn a_hijacked_flood_of_names_that_never_resolve_keeps_others_answered_gives_plac
     );
     assert!(stopped.counter("dns_servfail_client_share") > 0, "{}", stopped.log);
 }
+
+/// What [`HostileTcp`] does on a TCP connection once it has a query.
+#[derive(Debug, Clone, Copy)]
+enum Stream {
+    /// Sends the framed answer one byte every `every`.
+    Drip { every: Duration },
+    /// Sends the two-byte length of an answer, then nothing, until `hold`
+    /// has passed (then closes).
+    Stall { hold: Duration },
+}
+
+/// An upstream that answers names starting with `ok` at once over UDP
+/// (198.51.100.80), and every other name with TC=1, so that it is asked
+/// again over TCP, where it answers as `stream` says. Counts the TCP
+/// connections it accepted.
+struct HostileTcp {
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl HostileTcp {
+    fn start(lab: &Lab, addr: IpAddr, stream: Stream) -> HostileTcp {
+        let sa = SocketAddr::new(addr, 53);
+        let (udp, tcp) =
+            lab.servers[0].enter(move || (UdpSocket::bind(sa).unwrap(), std::net::TcpListener::bind(sa).unwrap()));
+        udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let accepted: Arc<AtomicUsize> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        {
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                        let reply = if query_name(&buf[..n]).starts_with("ok") {
+                            answer_with(&buf[..n], &[(query_name(&buf[..n]), Err([198, 51, 100, 80]))])
+                        } else {
+                            reply_head(&buf[..n], true, 0)
+                        };
+                        if let Some(reply) = reply {
+                            let _ = udp.send_to(&reply, from);
+                        }
+                    }
+                }
+            }));
+        }
+        {
+            let (accepted, stop) = (accepted.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut conns = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((s, _)) = tcp.accept() else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    let stop = stop.clone();
+                    conns.push(std::thread::spawn(move || hostile_connection(s, stream, &stop)));
+                }
+                for t in conns {
+                    let _ = t.join();
+                }
+            }));
+        }
+        HostileTcp {
+            accepted,
+            stop,
+            threads,
+        }
+    }
+}
+
+/// One connection to [`HostileTcp`]: reads a query, then answers it as
+/// `stream` says, until the peer goes away or the test ends.
+fn hostile_connection(mut s: TcpStream, stream: Stream, stop: &AtomicBool) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let mut len = [0u8; 2];
+    if s.read_exact(&mut len).is_err() {
+        return;
+    }
+    let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    if s.read_exact(&mut q).is_err() {
+        return;
+    }
+    let name = query_name(&q);
+    let Some(reply) = answer_with(&q, &[(name, Err([198, 51, 100, 81]))]) else {
+        return;
+    };
+    let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&reply);
+    // Sleeps `d` in short steps; false once the test ends.
+    let pause = |d: Duration| {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())));
+        }
+        true
+    };
+    match stream {
+        Stream::Drip { every } => {
+            for b in framed {
+                if s.write_all(&[b]).is_err() || !pause(every) {
+                    return;
+                }
+            }
+        }
+        Stream::Stall { hold } => {
+            if s.write_all(&framed[..2]).is_ok() {
+                pause(hold);
+            }
+        }
+    }
+}
+
+impl Drop for HostileTcp {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// dig from the lab's client, with how long it took; dig itself waits
+/// up to 12 s, far past the daemon's deadline.
+fn timed_dig(lab: &Lab, args: &str) -> std::thread::JoinHandle<(lab::dns::Dig, Duration)> {
+    let client = lab.client.name.clone();
+    let args: Vec<String> = format!("+tries=1 +time=12 @{LISTEN} {args}")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    std::thread::spawn(move || {
+        let asked = Instant::now();
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &client, "dig"])
+            .args(&args)
+            .output()
+            .expect("running dig");
+        let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+        (lab::dns::parse_dig(&raw), asked.elapsed())
+    })
+}
+
+/// TCP connections the gateway holds to the upstream's port 53.
+fn upstream_tcp_held(lab: &Lab) -> usize {
+    lab.gateway
+        .sh(&format!("ss -tnH '( dst {UPSTREAM} and dport = :53 )' | wc -l"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+const ADMIN: &str = "127.0.0.1:9153";
+
+/// The daemon's descriptors by its `/metrics`, less its pooled upstream
+/// UDP sockets (those come and go with the queries of every name; what is
+/// checked is what the hostile TCP answers leave behind).
+fn descriptors_besides_udp_pools(lab: &Lab) -> u64 {
+    let text = lab::metrics::fetch(&lab.gateway, ADMIN.parse().unwrap());
+    lab::metrics::value(&text, "tproxyd_open_fds") - lab::metrics::value(&text, "tproxyd_dns_upstream_sockets")
+}
+
+/// Clients asking names that an upstream truncates over UDP and then
+/// cannot or will not answer over TCP (for far longer than anyone waits):
+/// each is answered SERVFAIL by its own `dns.timeout` (1.5 s; the
+/// server's own timeout is 10 s), not when the upstream gives up; other
+/// names from the same upstream are answered meanwhile; and afterwards
+/// the daemon holds no connection to it and no more descriptors than
+/// before.
+fn truncated_then_hostile_over_tcp_holds_nobody_past_the_deadline(lab: &Lab, accepted: impl Fn() -> usize) {
+    let daemon = lab.start_tproxyd(
+        &config("rate_limit = { qps = 0 }", &format!("[admin]\nlisten = \"{ADMIN}\"\n"))
+            .replace("server_timeout = \"700ms\"", "server_timeout = \"10s\""),
+    );
+    let ok = ask(lab, "ok0.hostile.test");
+    assert_eq!(ok.answer_data(), ["198.51.100.80"], "{}", ok.raw);
+    let fds_before = descriptors_besides_udp_pools(lab);
+    // Two clients on one name (the second waits on the first's upstream
+    // query), and four more names.
+    let mut waiting = vec![timed_dig(lab, "w0.hostile.test A")];
+    std::thread::sleep(Duration::from_millis(300));
+    waiting.extend((0..5).map(|i| timed_dig(lab, &format!("w{i}.hostile.test A"))));
+    std::thread::sleep(Duration::from_millis(300));
+    // Meanwhile other names from the same upstream, and local ones.
+    for i in 1..=4 {
+        let d = ask(lab, &format!("ok{i}.hostile.test"));
+        assert_eq!(d.answer_data(), ["198.51.100.80"], "{}", d.raw);
+    }
+    assert_eq!(legit_answers(lab, LISTEN, 2), 4);
+    for (i, t) in waiting.into_iter().enumerate() {
+        let (d, took) = t.join().unwrap();
+        eprintln!("client {i}: {} after {took:?}", d.status);
+        assert_eq!(d.status, "SERVFAIL", "client {i} after {took:?}: {}", d.raw);
+        // 1.5 s and a loaded machine's slack, not the 10 s and more the
+        // upstream would keep it.
+        assert!(took < Duration::from_secs(5), "client {i} waited {took:?}");
+    }
+    // Every name went to TCP (or tried to), none was given up on at once.
+    assert!(accepted() >= 1, "asked over TCP");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (held, fds) = (upstream_tcp_held(lab), descriptors_besides_udp_pools(lab));
+        if held == 0 && fds <= fds_before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {held} TCP connections to the upstream, {fds} descriptors (before: {fds_before})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stopped = daemon.stop();
+    assert!(stopped.status.success(), "{}", stopped.log);
+}
+
+#[test]
+fn an_upstream_dripping_its_tcp_answer_byte_by_byte_holds_nobody_past_the_deadline() {
+    let lab = dns_lab();
+    let every = Duration::from_millis(250);
+    let up = HostileTcp::start(&lab, ip(UPSTREAM), Stream::Drip { every });
+    truncated_then_hostile_over_tcp_holds_nobody_past_the_deadline(&lab, || up.accepted.load(Ordering::Relaxed));
+}
+
+#[test]
+fn an_upstream_stalling_after_its_tcp_length_prefix_holds_nobody_past_the_deadline() {
+    let lab = dns_lab();
+    let hold = Duration::from_secs(15);
+    let up = HostileTcp::start(&lab, ip(UPSTREAM), Stream::Stall { hold });
+    truncated_then_hostile_over_tcp_holds_nobody_past_the_deadline(&lab, || up.accepted.load(Ordering::Relaxed));
+}
+
+/// TCP to the upstream is dropped in its namespace (SYNs never answered),
+/// while over UDP it truncates every answer.
+#[test]
+fn an_upstream_whose_tcp_connect_hangs_holds_nobody_past_the_deadline() {
+    let lab = dns_lab();
+    let up = HostileTcp::start(&lab, ip(UPSTREAM), Stream::Stall { hold: Duration::ZERO });
+    lab.servers[0].sh(&format!(
+        "nft add table inet hostile && \
+         nft add chain inet hostile input '{{ type filter hook input priority -300; }}' && \
+         nft add rule inet hostile input ip daddr {UPSTREAM} tcp dport 53 counter drop"
+    ));
+    let syns = || {
+        lab.servers[0]
+            .sh("nft list chain inet hostile input")
+            .split("packets ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    truncated_then_hostile_over_tcp_holds_nobody_past_the_deadline(&lab, syns);
+    assert_eq!(up.accepted.load(Ordering::Relaxed), 0, "no connection got through");
+}

@@ -349,6 +349,48 @@ fn huge_answers_cannot_grow_the_cache_past_max_bytes() {
     eprintln!("tproxyd RSS after 100 answers of 60 KB: {rss_kb} kB; cache {bytes} bytes in {entries} entries");
 }
 
+/// A LAN device asks for names whose answers it writes itself: TXT
+/// records of one-byte strings, 20 kB on the wire each. Every string is an
+/// allocation of its own once parsed (about 48 bytes of heap for two on
+/// the wire), so counted by wire size 100 of them fitted in a 2 MiB cache
+/// and held about 48 MB. Counted with their pieces they are too big to
+/// keep, and memory stays near where it was.
+#[test]
+fn answers_of_many_tiny_strings_cannot_grow_the_cache_past_max_bytes() {
+    let lab = dns_lab();
+    let _fake = FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), |q| {
+        let strings = vec!["x".to_string(); 10_000];
+        let rec = Record::from_rdata(q.name().clone(), 3600, RData::TXT(TXT::new(strings)));
+        response(ResponseCode::NoError, vec![rec], vec![], vec![])
+    });
+    let admin: SocketAddr = "127.0.0.1:9153".parse().unwrap();
+    let daemon = lab.start_tproxyd(&config(
+        &format!("{ALLOW_CLIENT}\ncache = {{ max_bytes = \"2MiB\" }}"),
+        &format!("[admin]\nlisten = \"{admin}\""),
+    ));
+    let ask = |from: usize, to: usize| {
+        lab.client.sh(&format!(
+            "for i in $(seq {from} {to}); do dig +tcp +tries=1 +time=5 @{LISTEN} tiny$i.test TXT | grep -c 'status: NOERROR'; done"
+        ))
+    };
+    // The first answers warm up the allocator and the TCP paths.
+    let out = ask(0, 4);
+    assert_eq!(out.lines().filter(|l| l.trim() == "1").count(), 5, "{out}");
+    let before = lab::flood::rss(daemon.pid());
+    let out = ask(5, 104);
+    assert_eq!(out.lines().filter(|l| l.trim() == "1").count(), 100, "{out}");
+    let after = lab::flood::rss(daemon.pid());
+    let metrics = lab::metrics::fetch(&lab.gateway, admin);
+    let bytes = lab::metrics::value(&metrics, "tproxyd_dns_cache_bytes");
+    let entries = lab::metrics::value(&metrics, "tproxyd_dns_cache_entries");
+    eprintln!("tproxyd RSS {before} -> {after} bytes; cache {bytes} bytes in {entries} entries");
+    assert!(bytes <= 2 << 20, "cache counts {bytes} bytes");
+    assert!(
+        after.saturating_sub(before) < 16 << 20,
+        "RSS grew from {before} to {after} bytes for a 2 MiB cache ({entries} entries)"
+    );
+}
+
 #[test]
 fn clients_outside_dns_allow_are_refused_on_every_path_and_counted() {
     let lab = dns_lab();
@@ -795,7 +837,11 @@ upstream = "late"
 fn a_waiter_on_a_shared_question_is_answered_by_its_own_deadline() {
     let lab = dns_lab();
     let (_silent, tail) = silent_upstream(&lab, "server_timeout = \"10s\"\n");
-    let daemon = lab.start_tproxyd(&config(&format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}"), &tail));
+    let admin: SocketAddr = "127.0.0.1:9153".parse().unwrap();
+    let daemon = lab.start_tproxyd(&config(
+        &format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}"),
+        &format!("{tail}[admin]\nlisten = \"{admin}\"\n"),
+    ));
     let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
     let client = lab.client.name.clone();
     let honest = std::thread::spawn(move || {
@@ -849,6 +895,9 @@ fn a_waiter_on_a_shared_question_is_answered_by_its_own_deadline() {
     let honest = lab::dns::parse_dig(&raw);
     assert_eq!(honest.status, "SERVFAIL", "after {took:?}: {raw}");
     eprintln!("the honest client was answered after {took:?}");
+    // Counted as a waiter that gave up at its own deadline.
+    let metrics = lab::metrics::fetch(&lab.gateway, admin);
+    assert!(lab::metrics::value(&metrics, "tproxyd_dns_coalesced_late_total") >= 1);
     drop(daemon.stop());
 }
 

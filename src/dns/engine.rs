@@ -22,6 +22,7 @@ use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::{query_key, wire_key};
 use super::plain_answer::{self, PlainAnswer, ReplyTo};
+use super::plain_name::Forms;
 use super::ratelimit::RateLimiter;
 use super::rendered::{Asked, Rendered, Reused, Shape, wire_labels};
 use super::rules::{Action, RuleSet, StaticAnswer};
@@ -620,15 +621,16 @@ impl DnsEngine {
         if !self.reuse_encoded {
             return None;
         }
-        let query = wire::plain(bytes)?;
+        // The name's keys for the rules and the cache, written in the pass
+        // that checks its shape.
+        let mut forms = Forms::default();
+        let query = wire::plain(bytes, &mut forms)?;
         let qtype = RecordType::from(query.qtype);
         let qclass = DNSClass::from(query.qclass);
         if refused_locally(qclass, qtype).is_some() || !self.allows(client) {
             return None;
         }
-        let mut key = [0u8; wire::MAX_NAME];
-        let len = wire::key_into(query.name, &mut key);
-        let key = std::str::from_utf8(key.get(..len)?).ok()?;
+        let key = forms.rule_key()?;
         let rule = self.rules.first_match(client, key, qtype);
         let sets = rule.map_or(&[][..], |r| &r.nft_sets[..]);
         if self.feed.as_ref().is_some_and(|f| f.watches(sets)) {
@@ -661,10 +663,10 @@ impl DnsEngine {
             Some(Action::Hosts(..) | Action::Block(..)) => return None,
         };
         let group_name = self.group_names.get(group)?;
-        // The cache key, lowercased as it is packed (a group name too long
-        // for the stack takes the full path).
+        // The cache key (a group name too long for the stack takes the
+        // full path).
         let mut room = [0; PACKED_ON_STACK];
-        let cache_key = StackKey::lowercased(&mut room, group_name, query.name, qtype, qclass)?;
+        let cache_key = StackKey::of_plain(&mut room, group_name, &forms, qtype, qclass)?;
         let now = std::time::Instant::now();
         let lookup = self.cache.find_at(&cache_key, now);
         let Lookup::Live(entry, age) = lookup else {

@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod cache_file;
 mod cache_lru;
+mod cache_weight;
 pub mod encoder;
 pub mod engine;
 pub mod lists;
@@ -18,6 +19,7 @@ pub mod misses;
 pub mod names;
 pub mod outbox;
 pub mod plain_answer;
+pub mod plain_name;
 pub mod ratelimit;
 pub mod rendered;
 pub mod replies;

@@ -22,6 +22,9 @@ pub struct Plain<'a> {
     /// The question name as sent: length-prefixed labels, case kept,
     /// ending with the root's zero byte (never compressed).
     pub name: &'a [u8],
+    /// Whether that name holds an ASCII capital letter (found in the same
+    /// pass that read it).
+    pub capitals: bool,
     pub qtype: u16,
     pub qclass: u16,
     /// The UDP payload size of the client's OPT record, if it sent one.
@@ -30,8 +33,8 @@ pub struct Plain<'a> {
     pub edns_flags: u16,
 }
 
-/// Longest name on the wire (RFC 1035 3.1), root byte included.
-pub const MAX_NAME: usize = 255;
+use super::plain_name::Forms;
+pub use super::plain_name::MAX_NAME;
 
 /// Header flags this parser accepts set: RD and CD (copied into the
 /// answer) and AD (a query may set it to ask for the AD bit, RFC 6840
@@ -40,7 +43,9 @@ pub const MAX_NAME: usize = 255;
 const FLAGS_ACCEPTED: u16 = 0x0100 | 0x0020 | 0x0010;
 
 /// The query in `bytes`, if it has the plainest shape (see the module).
-pub fn plain(bytes: &[u8]) -> Option<Plain<'_>> {
+/// Its name's lowercase forms (the cache's and the rules' keys) are left
+/// in `forms`, written in the pass that checks the name's shape.
+pub fn plain<'a>(bytes: &'a [u8], forms: &mut Forms) -> Option<Plain<'a>> {
     let header: &[u8; 12] = bytes.get(..12)?.try_into().ok()?;
     let word = |i: usize| u16::from_be_bytes([header[i], header[i + 1]]);
     let flags = word(2);
@@ -52,8 +57,8 @@ pub fn plain(bytes: &[u8]) -> Option<Plain<'_>> {
         return None;
     }
     let rest = bytes.get(12..)?;
-    let name_len = plain_name_len(rest)?;
-    let (name, rest) = rest.split_at(name_len);
+    let read = forms.read(rest)?;
+    let (name, rest) = rest.split_at(read.len);
     let (fixed, rest) = rest.split_first_chunk::<4>()?;
     let qtype = u16::from_be_bytes([fixed[0], fixed[1]]);
     let qclass = u16::from_be_bytes([fixed[2], fixed[3]]);
@@ -72,50 +77,12 @@ pub fn plain(bytes: &[u8]) -> Option<Plain<'_>> {
         recursion_desired: flags & 0x0100 != 0,
         checking_disabled: flags & 0x0010 != 0,
         name,
+        capitals: read.capitals,
         qtype,
         qclass,
         edns_payload,
         edns_flags,
     })
-}
-
-/// The bytes a plain label may hold: letters, digits, `-` and `_` (one
-/// table lookup per byte instead of four comparisons).
-const PLAIN_BYTE: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        table[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
-        b += 1;
-    }
-    table
-};
-
-/// The length of the name at the start of `bytes`, root byte included,
-/// if every label is 1–63 bytes of letters, digits, `-` or `_`, and the
-/// whole is at most [`MAX_NAME`] bytes. Compression pointers, extended
-/// label types and any other byte give `None`.
-fn plain_name_len(bytes: &[u8]) -> Option<usize> {
-    let mut at = 0;
-    loop {
-        let len = usize::from(*bytes.get(at)?);
-        if len == 0 {
-            at += 1;
-            return (at <= MAX_NAME).then_some(at);
-        }
-        if len > 63 {
-            return None; // a pointer (0xC0) or a reserved label type
-        }
-        let label = bytes.get(at + 1..at + 1 + len)?;
-        if !label.iter().all(|&b| PLAIN_BYTE[usize::from(b)]) {
-            return None;
-        }
-        at += 1 + len;
-        if at >= MAX_NAME {
-            return None;
-        }
-    }
 }
 
 /// The payload size and flags of an OPT record with the root as owner, EDNS
@@ -128,31 +95,6 @@ fn empty_opt(bytes: &[u8]) -> Option<(u16, u16)> {
         return None;
     };
     Some((u16::from_be_bytes([p0, p1]), u16::from_be_bytes([f0, f1])))
-}
-
-/// The rule-matching key of a plain name (lowercase labels joined by
-/// dots, as [`super::names::query_key`] makes it) into `out`; the key's
-/// length. Labels of a plain name need no escapes.
-pub fn key_into(name: &[u8], out: &mut [u8; MAX_NAME]) -> usize {
-    // One copy of everything between the first length byte and the root
-    // byte, then each length byte inside it becomes a dot, and one
-    // lowercasing pass: a label-by-label copy cost about 300
-    // instructions per name (callgrind).
-    let (Some(&first), Some(body)) = (name.first(), name.get(1..name.len().saturating_sub(1))) else {
-        return 0; // the root (or nothing)
-    };
-    let Some(dst) = out.get_mut(..body.len()) else {
-        return 0;
-    };
-    dst.copy_from_slice(body);
-    let mut at = usize::from(first);
-    while let Some(b) = dst.get_mut(at) {
-        let len = usize::from(*b);
-        *b = b'.';
-        at += 1 + len;
-    }
-    dst.make_ascii_lowercase();
-    body.len()
 }
 
 #[cfg(test)]
@@ -176,15 +118,25 @@ mod tests {
         m.to_vec().unwrap()
     }
 
-    fn key(name: &[u8]) -> String {
-        let mut out = [0u8; MAX_NAME];
-        let n = key_into(name, &mut out);
-        String::from_utf8(out[..n].to_vec()).unwrap()
+    /// [`super::plain`] with forms of its own, for the tests that look
+    /// only at the query.
+    fn plain(bytes: &[u8]) -> Option<Plain<'_>> {
+        super::plain(bytes, &mut Forms::default())
+    }
+
+    /// The rule key `plain` leaves for the query in `bytes`.
+    fn key(bytes: &[u8]) -> String {
+        let mut forms = Forms::default();
+        super::plain(bytes, &mut forms).expect("a plain query");
+        forms.rule_key().expect("a key").to_owned()
     }
 
     /// Whatever `plain` accepts, the full parser reads the same way.
     fn agrees_with_hickory(bytes: &[u8]) {
-        let Some(p) = plain(bytes) else { return };
+        let mut forms = Forms::default();
+        let Some(p) = super::plain(bytes, &mut forms) else {
+            return;
+        };
         let full = parse_request(bytes).unwrap_or_else(|_| panic!("plain accepted what hickory rejects: {bytes:?}"));
         assert_eq!(p.id, full.id);
         assert_eq!(p.recursion_desired, full.recursion_desired);
@@ -196,7 +148,9 @@ mod tests {
             assert_eq!(ours.max(512), theirs.max_payload().max(512));
         }
         assert_eq!(p.name.to_ascii_lowercase(), *wire_key(full.query.name()));
-        assert_eq!(key(p.name), query_key(full.query.name()));
+        assert_eq!(forms.lower(), &*wire_key(full.query.name()));
+        assert_eq!(forms.rule_key(), Some(&*query_key(full.query.name())));
+        assert_eq!(p.capitals, !full.lowercase);
     }
 
     #[test]
@@ -218,8 +172,9 @@ mod tests {
         let bytes = query("WwW.Example.TEST.", RecordType::A, None);
         let p = plain(&bytes).unwrap();
         assert_eq!(p.name, b"\x03WwW\x07Example\x04TEST\x00");
-        assert_eq!(key(p.name), "www.example.test");
-        assert_eq!(key(b"\x00"), "");
+        assert!(p.capitals);
+        assert_eq!(key(&bytes), "www.example.test");
+        assert_eq!(key(&query(".", RecordType::A, None)), "");
     }
 
     #[test]

@@ -24,7 +24,9 @@
 //! with `SO_MEMINFO`), which the kernel raises for a datagram the filter
 //! refused as for one that found the queue full: [`drops`] reads it, and
 //! the listener adds what it rose by while its filter was on to
-//! `drops_total{reason="overload"}`.
+//! `drops_total{reason="overload"}`. Only a socket whose queue had room
+//! when looked at, then and the time before, is taken to have dropped
+//! the filtered client's datagrams alone (see [`KernelDrops`]).
 
 use std::io;
 use std::os::fd::AsFd;
@@ -34,7 +36,7 @@ use socket2::{SockFilter, SockRef};
 use tokio::net::UdpSocket;
 
 use super::key::ClientId;
-use super::shed::{Filter, LOOK};
+use super::shed::{Filter, KernelDrops, LOOK};
 
 /// `SO_MEMINFO` (`asm-generic/socket.h`; the `libc` crate lacks it).
 const SO_MEMINFO: libc::c_int = 55;
@@ -101,6 +103,19 @@ pub fn detach(socket: &impl AsFd) -> io::Result<()> {
 /// The datagrams the kernel dropped for `socket` so far: refused by its
 /// filter or finding its queue full (a counter that wraps).
 pub fn drops(socket: &impl AsFd) -> io::Result<u32> {
+    meminfo(socket).map(|m| m.drops)
+}
+
+/// What `SO_MEMINFO` says of a socket that matters here.
+#[derive(Debug, Clone, Copy)]
+struct MemInfo {
+    drops: u32,
+    /// Under half of its receive buffer queued: a datagram that arrived
+    /// lately found room, so what the socket dropped, its filter did.
+    room: bool,
+}
+
+fn meminfo(socket: &impl AsFd) -> io::Result<MemInfo> {
     use std::os::fd::AsRawFd;
     let mut info = [0u32; MEMINFO_WORDS];
     let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
@@ -122,7 +137,14 @@ pub fn drops(socket: &impl AsFd) -> io::Result<u32> {
     if (len as usize) < (at + 1) * 4 {
         return Err(io::Error::other("SO_MEMINFO without a drop count"));
     }
-    Ok(info[at])
+    let (queued, buffer) = (
+        info[libc::SK_MEMINFO_RMEM_ALLOC as usize],
+        info[libc::SK_MEMINFO_RCVBUF as usize],
+    );
+    Ok(MemInfo {
+        drops: info[at],
+        room: queued < buffer / 2,
+    })
 }
 
 /// The filter one listener task has on its sockets, and each socket's
@@ -134,6 +156,8 @@ pub struct Applied {
     /// Each socket's drop counter when [`look`](Self::look) last read it,
     /// and when that was.
     looked: Vec<Option<u32>>,
+    /// Whether each socket's queue had room then.
+    room: Vec<bool>,
     looked_at: Duration,
 }
 
@@ -162,16 +186,24 @@ impl Applied {
     }
 
     /// The datagrams `sockets` dropped since the last look (or since the
-    /// filter went on), at `now`: while a filter is on, nearly all of them
-    /// the filtered client's.
-    pub fn look<'a>(&mut self, sockets: impl Iterator<Item = &'a UdpSocket>, now: Duration) -> u64 {
-        let mut dropped = 0;
-        for (socket, last) in sockets.zip(self.looked.iter_mut()) {
-            if let Ok(count) = drops(socket) {
+    /// filter went on), at `now`, and of those the filtered client's: the
+    /// drops of sockets whose queue had room at this look and the last.
+    /// A full queue drops anyone's datagrams (the filtered client's never
+    /// reach it), and a flood that keeps a queue full keeps it full at
+    /// the looks too.
+    pub fn look<'a>(&mut self, sockets: impl Iterator<Item = &'a UdpSocket>, now: Duration) -> KernelDrops {
+        let mut dropped = KernelDrops::default();
+        for ((socket, last), room) in sockets.zip(self.looked.iter_mut()).zip(self.room.iter_mut()) {
+            if let Ok(info) = meminfo(socket) {
                 if let Some(before) = *last {
-                    dropped += u64::from(count.wrapping_sub(before));
+                    let n = u64::from(info.drops.wrapping_sub(before));
+                    dropped.all += n;
+                    if *room && info.room {
+                        dropped.filtered += n;
+                    }
                 }
-                *last = Some(count);
+                *last = Some(info.drops);
+                *room = info.room;
             }
         }
         self.looked_at = now;
@@ -196,7 +228,9 @@ impl Applied {
             }
         }
         if fresh {
-            self.baselines = sockets.map(|s| drops(s).ok()).collect();
+            let infos: Vec<Option<MemInfo>> = sockets.map(|s| meminfo(s).ok()).collect();
+            self.baselines = infos.iter().map(|i| i.map(|i| i.drops)).collect();
+            self.room = infos.iter().map(|i| i.is_some_and(|i| i.room)).collect();
             // A look is due at once: it starts the counts from here.
             self.looked = self.baselines.clone();
             self.looked_at = Duration::ZERO;
@@ -279,6 +313,51 @@ mod tests {
         send("127.0.0.3:0", to);
         assert_eq!(received(&r), ["127.0.0.3:0"]);
         assert_eq!(drops(&r).unwrap().wrapping_sub(before), 3);
+    }
+
+    /// With a filter on, a queue that fills drops other clients'
+    /// datagrams: counted, but not as the filtered client's. Before, every
+    /// drop of the listeners' sockets was taken to be the filtered
+    /// client's.
+    #[tokio::test]
+    async fn a_full_queues_drops_are_not_the_filtered_clients() {
+        let std = receiver("127.0.0.1:0");
+        SockRef::from(&std).set_recv_buffer_size(4_096).unwrap();
+        std.set_nonblocking(true).unwrap();
+        let to = std.local_addr().unwrap();
+        let reader = std.try_clone().unwrap();
+        let r = tokio::net::UdpSocket::from_std(std).unwrap();
+        let mut applied = Applied::default();
+        let filter = Filter {
+            client: id("127.0.0.2"),
+            until: Duration::from_secs(60),
+        };
+        applied.sync(Some(filter), std::iter::once(&r));
+        assert_eq!(applied.look(std::iter::once(&r), LOOK), KernelDrops::default());
+        for _ in 0..10 {
+            send("127.0.0.2:0", to);
+        }
+        let got = applied.look(std::iter::once(&r), 2 * LOOK);
+        assert_eq!(got, KernelDrops { all: 10, filtered: 10 });
+        // Another client fills the queue and more of its datagrams are
+        // dropped; the filtered client's too, on the full queue.
+        let other = std::net::UdpSocket::bind("127.0.0.3:0").unwrap();
+        for _ in 0..200 {
+            other.send_to(&[0; 1_000], to).unwrap();
+        }
+        send("127.0.0.2:0", to);
+        let got = applied.look(std::iter::once(&r), 3 * LOOK);
+        assert!(got.all > 10, "{got:?}");
+        assert_eq!(got.filtered, 0, "{got:?}");
+        // Read out, the queue has room again at the next looks.
+        let mut buf = [0; 2_000];
+        while reader.recv(&mut buf).is_ok() {}
+        assert_eq!(applied.look(std::iter::once(&r), 4 * LOOK).filtered, 0);
+        send("127.0.0.2:0", to);
+        assert_eq!(
+            applied.look(std::iter::once(&r), 5 * LOOK),
+            KernelDrops { all: 1, filtered: 1 }
+        );
     }
 
     #[test]

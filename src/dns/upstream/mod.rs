@@ -257,11 +257,20 @@ impl UpstreamGroup {
         let spelt = key_is_spelling.then_some(&**name_key);
         // A follower is answered by its own deadline, not its leader's
         // (`flight`): past it, no answer for this caller.
-        let (shared, role) = self
+        let (shared, role) = match self
             .flights
             .run(key, deadline, || self.race(query, spelt, deadline))
             .await
-            .unwrap_or((Err(UpstreamError::NoAnswer), Role::Follower));
+        {
+            Ok(landed) => landed,
+            Err(flight::Late) => {
+                // Counted apart: a rising count means shared questions
+                // outlast the clients who wait on them (an upstream slower
+                // than `dns.timeout`, or a device keeping a flight going).
+                self.stats.dns_coalesced_late.inc();
+                (Err(UpstreamError::NoAnswer), Role::Follower)
+            }
+        };
         if role == Role::Follower {
             self.stats.dns_coalesced.inc();
         }
