@@ -138,6 +138,13 @@ pub struct Result {
     pub second_replies: usize,
     /// Sessions opened during the second round (0: all were still there).
     pub reopened: u64,
+    /// tproxyd's overload guard during the second round: datagrams it
+    /// dropped (`drops_total{reason="overload"}`) and, of those, the ones
+    /// its kernel filter dropped (`shed_in_kernel_total`). The round is
+    /// offered as fast as one forger sends, so a flow the server never
+    /// saw is most likely here; without these the figure could not say
+    /// where its datagrams died. `None` for the floor, which sheds nothing.
+    pub second_shed: Option<(u64, u64)>,
     pub rss_idle_kib: u64,
     pub rss_kib: u64,
     pub peak_kib: u64,
@@ -800,6 +807,13 @@ fn run_one(opts: &Options, system: System) -> Result {
     // All of them still relay, through the sessions already open: one more
     // datagram each (resent once where the server saw nothing), and not one
     // new session may appear.
+    let shed = |page: &str| {
+        (
+            setup::metric(page, "tproxyd_drops_total{reason=\"overload\"}"),
+            setup::metric(page, "tproxyd_shed_in_kernel_total"),
+        )
+    };
+    let shed_before = (system == System::Tproxyd).then(|| shed(&metrics(&gateway)));
     let t = Instant::now();
     send_stage(&mut forger, first_remote, 0..n, 1, &seen, |_| true);
     for _ in 0..RESENDS {
@@ -809,12 +823,19 @@ fn run_one(opts: &Options, system: System) -> Result {
     wait_until(Duration::from_secs(3), || later.at_least(0..n, 1) == n);
     r.second_replies = later.at_least(0..n, 1);
     r.reopened = counts(system, &gateway).1.saturating_sub(r.opened);
+    r.second_shed = shed_before.map(|(dropped, in_kernel)| {
+        let (d, k) = shed(&metrics(&gateway));
+        (d.saturating_sub(dropped), k.saturating_sub(in_kernel))
+    });
     eprintln!(
-        "flows ({}): second round: {} of {n} seen at the server in {:.1} s, {} sessions reopened",
+        "flows ({}): second round: {} of {n} seen at the server in {:.1} s, {} sessions reopened{}",
         system.label(),
         r.second_replies,
         t.elapsed().as_secs_f64(),
-        r.reopened
+        r.reopened,
+        r.second_shed
+            .map(|(d, k)| format!(", {d} datagrams shed ({k} in the kernel)"))
+            .unwrap_or_default()
     );
 
     if system == System::Tproxyd {

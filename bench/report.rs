@@ -694,7 +694,7 @@ fn raw(o: &mut String, rounds: &[Round]) {
             let _ = writeln!(
                 o,
                 "Flows: {} attempted, {} sessions opened in {:.2} s of set-up ({:.2} s with the pauses between stages; {:.0}/s, {:.1} µs of tproxyd CPU each); the server saw {} first datagrams and {} \
-                 second ones ({} sessions reopened); {} echoes reached the client; tproxyd RSS {:.1} MiB (idle {:.1} MiB, \
+                 second ones ({} sessions reopened; {} datagrams of that round shed by the overload guard, {} of them in the kernel); {} echoes reached the client; tproxyd RSS {:.1} MiB (idle {:.1} MiB, \
                  peak {:.1} MiB), {} file descriptors. A full table offered {} flows of one more client: {} reached the \
                  server, {} flows evicted, {} sessions after. The section took {:.0} s.\n",
                 f.flows,
@@ -706,6 +706,8 @@ fn raw(o: &mut String, rounds: &[Round]) {
                 f.first_seen,
                 f.second_replies,
                 f.reopened,
+                f.second_shed.map_or(0, |s| s.0),
+                f.second_shed.map_or(0, |s| s.1),
                 f.first_replies,
                 f.rss_kib as f64 / 1024.0,
                 f.rss_idle_kib as f64 / 1024.0,
