@@ -6,7 +6,7 @@
 mod lab;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, NS, SOA, TXT};
+use hickory_proto::rr::rdata::{A, CSYNC, NS, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use lab::dns::{Dig, dig};
 use lab::fake_dns::FakeDns;
@@ -357,10 +357,29 @@ fn huge_answers_cannot_grow_the_cache_past_max_bytes() {
 /// keep, and memory stays near where it was.
 #[test]
 fn answers_of_many_tiny_strings_cannot_grow_the_cache_past_max_bytes() {
+    answers_of_one_shape_cannot_grow_the_cache_past_max_bytes("TXT", |_| {
+        RData::TXT(TXT::new(vec!["x".to_string(); 10_000]))
+    });
+}
+
+/// The same with CSYNC records whose type bitmap has every window full:
+/// 8,710 bytes on the wire, which hickory reads into a set of 65,535
+/// record types, about 850 kB of heap. Counted by wire size, 100 of them
+/// fitted in a 2 MiB cache and held about 85 MB.
+#[test]
+fn answers_of_full_type_bitmaps_cannot_grow_the_cache_past_max_bytes() {
+    answers_of_one_shape_cannot_grow_the_cache_past_max_bytes("TYPE62", |_| {
+        RData::CSYNC(CSYNC::new(1, false, false, (1..=u16::MAX).map(RecordType::from)))
+    });
+}
+
+/// Asks 100 names of `qtype` that an upstream answers with one record of
+/// `rdata`, through a 2 MiB cache: the cache's count stays within it and
+/// tproxyd's memory grows by less than 16 MB.
+fn answers_of_one_shape_cannot_grow_the_cache_past_max_bytes(qtype: &str, rdata: fn(&Name) -> RData) {
     let lab = dns_lab();
-    let _fake = FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), |q| {
-        let strings = vec!["x".to_string(); 10_000];
-        let rec = Record::from_rdata(q.name().clone(), 3600, RData::TXT(TXT::new(strings)));
+    let _fake = FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), move |q| {
+        let rec = Record::from_rdata(q.name().clone(), 3600, rdata(q.name()));
         response(ResponseCode::NoError, vec![rec], vec![], vec![])
     });
     let admin: SocketAddr = "127.0.0.1:9153".parse().unwrap();
@@ -370,7 +389,7 @@ fn answers_of_many_tiny_strings_cannot_grow_the_cache_past_max_bytes() {
     ));
     let ask = |from: usize, to: usize| {
         lab.client.sh(&format!(
-            "for i in $(seq {from} {to}); do dig +tcp +tries=1 +time=5 @{LISTEN} tiny$i.test TXT | grep -c 'status: NOERROR'; done"
+            "for i in $(seq {from} {to}); do dig +tcp +tries=1 +time=5 @{LISTEN} tiny$i.test {qtype} | grep -c 'status: NOERROR'; done"
         ))
     };
     // The first answers warm up the allocator and the TCP paths.
@@ -383,11 +402,11 @@ fn answers_of_many_tiny_strings_cannot_grow_the_cache_past_max_bytes() {
     let metrics = lab::metrics::fetch(&lab.gateway, admin);
     let bytes = lab::metrics::value(&metrics, "tproxyd_dns_cache_bytes");
     let entries = lab::metrics::value(&metrics, "tproxyd_dns_cache_entries");
-    eprintln!("tproxyd RSS {before} -> {after} bytes; cache {bytes} bytes in {entries} entries");
+    eprintln!("{qtype}: tproxyd RSS {before} -> {after} bytes; cache {bytes} bytes in {entries} entries");
     assert!(bytes <= 2 << 20, "cache counts {bytes} bytes");
     assert!(
         after.saturating_sub(before) < 16 << 20,
-        "RSS grew from {before} to {after} bytes for a 2 MiB cache ({entries} entries)"
+        "{qtype}: RSS grew from {before} to {after} bytes for a 2 MiB cache ({entries} entries)"
     );
 }
 
