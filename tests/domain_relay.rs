@@ -233,3 +233,102 @@ EOF");
     assert_eq!(metric(&page, "tproxyd_errors_total{kind=\"netlink\"}"), 0);
     drop(daemon);
 }
+
+/// Asks `name` over UDP from `sock` through tproxyd (hijacked at `to`);
+/// the addresses answered.
+fn addresses(sock: &UdpSocket, to: SocketAddr, name: &str, qtype: RecordType, id: u16) -> Vec<IpAddr> {
+    let mut q = Message::query();
+    q.metadata.id = id;
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(Name::from_str(name).unwrap(), qtype));
+    let mut edns = hickory_proto::op::Edns::new();
+    edns.set_max_payload(1232);
+    q.set_edns(edns);
+    sock.send_to(&q.to_vec().unwrap(), to).unwrap();
+    let Some((_, bytes)) = recv(sock) else {
+        return Vec::new();
+    };
+    let Ok(answer) = Message::from_vec(&bytes) else {
+        return Vec::new();
+    };
+    answer
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A device asks for names of a zone it serves itself, every answer
+/// carrying 40 addresses, four times what the name map holds: the other
+/// device's answer must stay, and its next flow to the name it resolved
+/// must still take the domain rule's route.
+#[test]
+fn a_device_answered_thousands_of_addresses_does_not_unroute_another() {
+    use hickory_proto::rr::Record;
+    use hickory_proto::rr::rdata::{A, AAAA};
+    use lab::fake_dns::FakeDns;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    const PER_ANSWER: u32 = 40;
+    const ANSWERS: u32 = 100;
+    let lab = lab();
+    let _upstream = FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), |q| {
+        let mut m = Message::query();
+        let name = q.name().clone();
+        if name.to_ascii().eq_ignore_ascii_case("eu.game.example.") && q.query_type() == RecordType::A {
+            m.add_answer(Record::from_rdata(
+                name,
+                300,
+                RData::A(A(Ipv4Addr::new(203, 0, 113, 80))),
+            ));
+        } else if q.query_type() == RecordType::AAAA {
+            // n<i>.flood.test: 40 addresses of its own, for a day.
+            let i: u128 = name
+                .iter()
+                .next()
+                .and_then(|l| std::str::from_utf8(l.get(1..)?).ok()?.parse().ok())
+                .unwrap_or(0);
+            for k in 0..u128::from(PER_ANSWER) {
+                let addr = Ipv6Addr::from(0x2001_0db8_00f0_0000_0000_0000_0000_0000u128 + i * 1000 + k);
+                m.add_answer(Record::from_rdata(name.clone(), 86_400, RData::AAAA(AAAA(addr))));
+            }
+        }
+        m
+    });
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let _daemon = lab.start_tproxyd(&config(echo.addr, "[dns.names]\nmax_entries = 1000\n"));
+    let game = sa(ip("203.0.113.80"), 9999);
+
+    let victim = socket(&lab.client, sa(ip(CLIENT4), 0));
+    let answered = addresses(&victim, sa(ip(PUBLIC), 53), "eu.game.example.", RecordType::A, 1);
+    assert_eq!(answered, vec![ip("203.0.113.80")]);
+
+    let attacker = socket(&lab.client, sa(ip(OTHER4), 0));
+    let mut flooded = 0;
+    for i in 0..ANSWERS {
+        let got = addresses(
+            &attacker,
+            sa(ip(PUBLIC), 53),
+            &format!("n{i}.flood.test."),
+            RecordType::AAAA,
+            i as u16,
+        );
+        flooded += got.len();
+    }
+    assert_eq!(flooded, (PER_ANSWER * ANSWERS) as usize, "the flood's answers");
+    let page = metrics(&lab);
+    assert!(
+        metric(&page, "tproxyd_name_map_evicted") > 0,
+        "the flood did not reach the map's bounds:\n{page}"
+    );
+
+    // The victim's next flow to the address it resolved.
+    let flow = socket(&lab.client, sa(ip(CLIENT4), 40002));
+    flow.send_to(b"after the flood", game).unwrap();
+    let (from, payload) = recv(&flow).expect("the victim's flow lost its domain rule to the other device's answers");
+    assert_eq!((from, payload.as_slice()), (game, &b"after the flood"[..]));
+    assert_eq!(metric(&metrics(&lab), "tproxyd_relay_domain_matches_total"), 1);
+}

@@ -6,9 +6,18 @@
 //! shared CDN address. Entries live for the answer's TTL plus a grace (a
 //! client may open its flow a little after the TTL ran out), and the map is
 //! bounded both in entries and in bytes: least recently answered out first.
+//!
+//! One client (an IPv4 address, an IPv6 /64) holds at most a quarter of
+//! each bound, and past it loses its own oldest entries. The map is shared,
+//! and a device asking for names of a zone it serves itself can have every
+//! answer carry dozens of addresses (thousands over TCP): with one global
+//! order it pushed every other device's entries out within seconds, so
+//! their next flows to the names they had resolved missed their domain rule
+//! and took another route.
 
 use hickory_proto::rr::Name;
 use lru::LruCache;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -20,9 +29,13 @@ use super::answer::Resolution;
 /// names on one address (a shared CDN edge) replace the soonest to expire.
 pub const MAX_CHAINS: usize = 4;
 
-/// Bytes counted for an entry besides its names: key, entry, LRU node.
-/// An estimate of the real cost, checked by the benchmark.
-const ENTRY_OVERHEAD: usize = 160;
+/// Bytes counted for an entry besides its names: key, entry, the node in
+/// the map's order and the one in its client's. An estimate of the real
+/// cost, checked by the benchmark.
+const ENTRY_OVERHEAD: usize = 256;
+
+/// One client may hold this fraction of `max_entries` and of `max_bytes`.
+const CLIENT_SHARE: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapLimits {
@@ -31,6 +44,22 @@ pub struct MapLimits {
 }
 
 type Key = (IpAddr, IpAddr);
+
+/// Who an entry counts against: the client's IPv4 address, or its IPv6
+/// /64 (a device picks addresses in its /64 freely).
+fn owner(client: IpAddr) -> IpAddr {
+    match client {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    }
+}
+
+/// One client's entries, least recently answered first, and their bytes.
+#[derive(Debug)]
+struct Held {
+    order: LruCache<Key, ()>,
+    bytes: usize,
+}
 
 #[derive(Debug)]
 struct Chain {
@@ -116,7 +145,38 @@ impl Entry {
 #[derive(Debug)]
 struct Inner {
     entries: LruCache<Key, Entry>,
+    /// The same entries by owner, for the per-client share.
+    owners: HashMap<IpAddr, Held>,
     bytes: usize,
+}
+
+impl Inner {
+    /// Removes `key`'s entry (in both orders); returns it.
+    fn remove(&mut self, key: &Key) -> Option<Entry> {
+        let gone = self.entries.pop(key)?;
+        let bytes = gone.bytes();
+        self.bytes = self.bytes.saturating_sub(bytes);
+        let who = owner(key.0);
+        if let Some(held) = self.owners.get_mut(&who) {
+            held.order.pop(key);
+            held.bytes = held.bytes.saturating_sub(bytes);
+            if held.order.is_empty() {
+                self.owners.remove(&who);
+            }
+        }
+        Some(gone)
+    }
+
+    /// The least recently answered entry of `who`, if it holds more than
+    /// `entries` entries or `bytes` bytes.
+    fn over_share(&self, who: &IpAddr, entries: usize, bytes: usize) -> Option<Key> {
+        let held = self.owners.get(who)?;
+        if held.order.len() > entries || held.bytes > bytes {
+            held.order.peek_lru().map(|(k, ())| *k)
+        } else {
+            None
+        }
+    }
 }
 
 /// Thread-safe; one short lock per answer and per new flow.
@@ -141,6 +201,7 @@ impl NameMap {
         NameMap {
             inner: Mutex::new(Inner {
                 entries: LruCache::unbounded(),
+                owners: HashMap::new(),
                 bytes: 0,
             }),
             limits,
@@ -153,29 +214,44 @@ impl NameMap {
     }
 
     /// Records that `client` was told `res`; each address is remembered
-    /// until its TTL plus `grace` from `now`.
+    /// until its TTL plus `grace` from `now`. A client past its share loses
+    /// its own oldest entries; past the map's bounds, the oldest of all go.
     pub fn insert(&self, client: IpAddr, res: &Resolution, grace: Duration, now: Instant) {
         if self.limits.max_entries == 0 {
             return;
         }
         let client = canonical(client);
+        let who = owner(client);
+        let share_entries = (self.limits.max_entries / CLIENT_SHARE).max(1);
+        let share_bytes = self.limits.max_bytes / CLIENT_SHARE;
         let head = head_hash(res.chain.first());
         let mut inner = self.lock();
+        let inner = &mut *inner;
         for &(ip, ttl) in &res.addrs {
             let expires = now + Duration::from_secs(u64::from(ttl)) + grace;
             let key = (client, canonical(ip));
-            let inner = &mut *inner;
             let counted = inner.entries.contains(&key);
             let entry = inner.entries.get_or_insert_mut(key, Entry::default);
             let before = if counted { entry.bytes() } else { 0 };
             entry.remember(&res.chain, head, expires);
-            inner.bytes = inner.bytes + entry.bytes() - before;
+            let after = entry.bytes();
+            inner.bytes = inner.bytes + after - before;
+            let held = inner.owners.entry(who).or_insert_with(|| Held {
+                order: LruCache::unbounded(),
+                bytes: 0,
+            });
+            held.order.put(key, ());
+            held.bytes = held.bytes + after - before;
+            while let Some(oldest) = inner.over_share(&who, share_entries, share_bytes) {
+                inner.remove(&oldest);
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
         }
         while inner.entries.len() > self.limits.max_entries || inner.bytes > self.limits.max_bytes {
-            let Some((_, gone)) = inner.entries.pop_lru() else {
+            let Some((oldest, _)) = inner.entries.peek_lru().map(|(k, _)| (*k, ())) else {
                 break;
             };
-            inner.bytes = inner.bytes.saturating_sub(gone.bytes());
+            inner.remove(&oldest);
             self.evicted.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -220,22 +296,30 @@ impl NameMap {
     /// Drops what expired by `now`; returns how many entries went.
     pub fn sweep(&self, now: Instant) -> usize {
         let mut inner = self.lock();
+        let inner = &mut *inner;
         let mut dead = Vec::new();
-        let mut freed = 0;
+        let mut shrunk = Vec::new();
         for (key, entry) in inner.entries.iter_mut() {
             let before = entry.bytes();
             entry.chains.retain(|c| c.expires > now);
+            if entry.bytes() < before {
+                shrunk.push((*key, before - entry.bytes()));
+            }
             if entry.chains.is_empty() {
                 dead.push(*key);
-                freed += before;
-            } else {
-                freed += before - entry.bytes();
             }
         }
-        for key in &dead {
-            inner.entries.pop(key);
+        for (key, freed) in shrunk {
+            inner.bytes = inner.bytes.saturating_sub(freed);
+            if let Some(held) = inner.owners.get_mut(&owner(key.0)) {
+                held.bytes = held.bytes.saturating_sub(freed);
+            }
         }
-        inner.bytes = inner.bytes.saturating_sub(freed);
+        // The expired chains' bytes are off already: `remove` takes off
+        // what is left of a dead entry, its overhead.
+        for key in &dead {
+            inner.remove(key);
+        }
         dead.len()
     }
 
@@ -243,6 +327,7 @@ impl NameMap {
     pub fn clear(&self) {
         let mut inner = self.lock();
         inner.entries.clear();
+        inner.owners.clear();
         inner.bytes = 0;
     }
 
@@ -365,19 +450,16 @@ mod tests {
             max_bytes: usize::MAX,
         });
         let now = Instant::now();
+        // Ten clients, so that no one of them reaches its share first.
+        let client = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xC000_020A + i % 10));
         for i in 0..250u32 {
             let addr = std::net::Ipv4Addr::from(0xC633_6400 + i).to_string();
-            map.insert(
-                ip("192.0.2.10"),
-                &res(&["x.example."], &[(&addr, 60)]),
-                Duration::ZERO,
-                now,
-            );
+            map.insert(client(i), &res(&["x.example."], &[(&addr, 60)]), Duration::ZERO, now);
         }
         assert_eq!(map.len(), 100);
         assert_eq!(map.evicted(), 150);
         // The newest stayed.
-        assert_eq!(map.lookup(ip("192.0.2.10"), ip("198.51.100.249"), now).len(), 1);
+        assert_eq!(map.lookup(ip("192.0.2.19"), ip("198.51.100.249"), now).len(), 1);
         assert!(map.lookup(ip("192.0.2.10"), ip("198.51.100.0"), now).is_empty());
 
         let one = {
@@ -396,15 +478,115 @@ mod tests {
         });
         for i in 0..50u32 {
             let addr = std::net::Ipv4Addr::from(0xC633_6400 + i).to_string();
+            map.insert(client(i), &res(&["x.example."], &[(&addr, 60)]), Duration::ZERO, now);
+        }
+        assert_eq!(map.len(), 10);
+        assert!(map.bytes() <= one * 10);
+    }
+
+    /// A device answered many addresses at a time (names of a zone it
+    /// serves itself) and another device that resolved one name.
+    fn flood(map: &NameMap, attacker: &dyn Fn(u32) -> IpAddr, answers: u32, now: Instant) {
+        for a in 0..answers {
+            let addrs: Vec<String> = (0..50u32)
+                .map(|i| {
+                    std::net::Ipv6Addr::from(0x2001_0db8_00f0_0000_0000_0000_0000_0000u128 + u128::from(a * 50 + i))
+                        .to_string()
+                })
+                .collect();
+            let addrs: Vec<(&str, u32)> = addrs.iter().map(|s| (s.as_str(), 86_400)).collect();
             map.insert(
-                ip("192.0.2.10"),
-                &res(&["x.example."], &[(&addr, 60)]),
+                attacker(a),
+                &res(&[&format!("n{a}.flood.example.")], &addrs),
                 Duration::ZERO,
                 now,
             );
         }
-        assert_eq!(map.len(), 10);
-        assert!(map.bytes() <= one * 10);
+    }
+
+    #[test]
+    fn one_client_answered_many_addresses_cannot_push_out_another() {
+        let limits = MapLimits {
+            max_entries: 1_000,
+            max_bytes: 1 << 20,
+        };
+        let map = NameMap::new(limits);
+        let now = Instant::now();
+        let (victim, game) = (ip("192.0.2.10"), ip("203.0.113.80"));
+        map.insert(
+            victim,
+            &res(&["eu.game.example."], &[("203.0.113.80", 300)]),
+            Duration::ZERO,
+            now,
+        );
+        // 5,000 addresses for one device: five times the whole map.
+        flood(&map, &|_| ip("192.0.2.66"), 100, now);
+        assert_eq!(
+            map.lookup(victim, game, now),
+            vec![name("eu.game.example.")],
+            "the flood pushed the other client's answer out"
+        );
+        assert!(map.len() <= 1 + limits.max_entries / 4, "{} entries", map.len());
+        // Its newest answers are what the flooding device keeps.
+        let newest = ip("2001:db8:f0::1387");
+        assert_eq!(map.lookup(ip("192.0.2.66"), newest, now).len(), 1);
+
+        // The same from an IPv6 device using a new address of its /64 for
+        // each query.
+        let map = NameMap::new(limits);
+        let victim6 = ip("2001:db8:1::10");
+        map.insert(
+            victim6,
+            &res(&["eu.game.example."], &[("203.0.113.80", 300)]),
+            Duration::ZERO,
+            now,
+        );
+        flood(
+            &map,
+            &|a| {
+                IpAddr::from(std::net::Ipv6Addr::from(
+                    0x2001_0db8_0001_0066_0000_0000_0000_0000u128 + u128::from(a),
+                ))
+            },
+            100,
+            now,
+        );
+        assert_eq!(
+            map.lookup(victim6, game, now).len(),
+            1,
+            "pushed out by a device rotating addresses in its /64"
+        );
+        assert!(map.len() <= 1 + limits.max_entries / 4, "{} entries", map.len());
+    }
+
+    #[test]
+    fn one_client_with_long_chains_cannot_push_out_another_by_bytes() {
+        let map = NameMap::new(MapLimits {
+            max_entries: 1_000_000,
+            max_bytes: 1 << 20,
+        });
+        let now = Instant::now();
+        let (victim, game) = (ip("192.0.2.10"), ip("203.0.113.80"));
+        map.insert(
+            victim,
+            &res(&["eu.game.example."], &[("203.0.113.80", 300)]),
+            Duration::ZERO,
+            now,
+        );
+        // Chains of the longest names, eight deep: about 2 kB a chain.
+        let long = |a: u32, k: u32| format!("{}.{a}-{k}.flood.example.", vec!["x".repeat(63); 3].join("."));
+        for a in 0..2_000u32 {
+            let chain: Vec<String> = (0..8).map(|k| long(a, k)).collect();
+            let chain: Vec<&str> = chain.iter().map(String::as_str).collect();
+            let addr = std::net::Ipv4Addr::from(0xC633_6400 + a % 256).to_string();
+            map.insert(ip("192.0.2.66"), &res(&chain, &[(&addr, 86_400)]), Duration::ZERO, now);
+        }
+        assert_eq!(map.lookup(victim, game, now).len(), 1, "pushed out by bytes");
+        assert!(map.bytes() <= (1 << 20) / 4 + 4096, "{} bytes", map.bytes());
+        // Everything swept: nothing left counted.
+        map.sweep(now + Duration::from_secs(100_000));
+        assert!(map.is_empty());
+        assert_eq!(map.bytes(), 0);
     }
 
     #[test]
