@@ -47,7 +47,7 @@ fn main() {
         let answers: Vec<(IpAddr, Resolution)> = (0..ENTRIES)
             .map(|i| {
                 let client = if v6 {
-                    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, (i % 200) as u16))
+                    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, (i % 200) as u16, 0, 0, 0, 1))
                 } else {
                     IpAddr::V4(Ipv4Addr::new(192, 0, 2, (i % 200) as u8))
                 };

@@ -32,7 +32,7 @@ pub const MAX_CHAINS: usize = 4;
 /// Bytes counted for an entry besides its names: key, entry, the node in
 /// the map's order and the one in its client's. An estimate of the real
 /// cost, checked by the benchmark.
-const ENTRY_OVERHEAD: usize = 256;
+const ENTRY_OVERHEAD: usize = 296;
 
 /// One client may hold this fraction of `max_entries` and of `max_bytes`.
 const CLIENT_SHARE: usize = 4;
