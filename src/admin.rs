@@ -18,7 +18,18 @@ use crate::relay::budget;
 use crate::shutdown::Shutdown;
 
 const MAX_REQUEST: usize = 8 * 1024;
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest one connection is served, request and answer together. A
+/// timeout per read let a client sending a byte every few seconds hold its
+/// connection for hours.
+const DEADLINE: Duration = Duration::from_secs(5);
+
+/// Most connections served at once; past it a new one is closed at once.
+/// A scraper needs one. Any local user can connect (loopback is the only
+/// restriction), and each connection is a descriptor of the daemon, taken
+/// from the reserve that DNS over TCP and upstream sockets share
+/// (`relay.fd_reserve`).
+const MAX_CONNECTIONS: usize = 16;
 
 /// What the metrics are read from.
 #[derive(Clone)]
@@ -159,9 +170,16 @@ pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: Shutdo
         // Owned here: finished requests are reaped as new ones come, and
         // whatever is still running is aborted when the endpoint stops.
         while requests.try_join_next().is_some() {}
+        if requests.len() >= MAX_CONNECTIONS {
+            tracing::debug!(%peer, "admin endpoint busy: connection closed");
+            drop(stream);
+            continue;
+        }
         requests.spawn(async move {
-            if let Err(e) = respond(stream, &sources).await {
-                tracing::debug!(%peer, error = %e, "admin request failed");
+            match tokio::time::timeout(DEADLINE, respond(stream, &sources)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "admin request failed"),
+                Err(_) => tracing::debug!(%peer, "admin request not done within {DEADLINE:?}: closed"),
             }
         });
     }
@@ -171,9 +189,7 @@ async fn respond(mut stream: TcpStream, sources: &Sources) -> io::Result<()> {
     let mut request = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut chunk))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request"))??;
+        let n = stream.read(&mut chunk).await?;
         if n == 0 || request.len() + n > MAX_REQUEST {
             return Ok(());
         }

@@ -194,6 +194,71 @@ fn metrics_endpoint_reports_what_happened() {
     drop(daemon);
 }
 
+/// Whether the peer closed `s` (or reset it) within `limit`, while one
+/// byte of a request is written to it every 500 ms.
+fn closed_while_trickling(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let request = b"GET /metrics HTTP/1.1\r\nX-Slow: "
+        .iter()
+        .chain(std::iter::repeat(&b'a'));
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    for &b in request {
+        if started.elapsed() > limit {
+            return false;
+        }
+        if s.write_all(&[b]).is_err() {
+            return true;
+        }
+        match s.read(&mut buf) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            // Closed, reset, or answered: the daemon stopped reading.
+            _ => return true,
+        }
+    }
+    false
+}
+
+/// A local process (the endpoint is on loopback, so any user of the
+/// gateway) holding the admin endpoint: a request sent a byte at a time,
+/// and hundreds of connections at once. Each connection is a descriptor of
+/// the daemon, taken from what its flows and DNS sockets need.
+#[test]
+fn the_admin_endpoint_bounds_slow_requests_and_open_connections() {
+    const HELD: usize = 600;
+    let lab = Lab::new();
+    let admin: SocketAddr = "127.0.0.1:9153".parse().unwrap();
+    let daemon = lab.start_tproxyd(&config("192.0.2.50", "drop", &format!("[admin]\nlisten = \"{admin}\"")));
+
+    let before = lab::flood::fds(daemon.pid());
+    let held: Vec<TcpStream> = lab
+        .gateway
+        .enter(move || (0..HELD).filter_map(|_| TcpStream::connect(admin).ok()).collect());
+    assert_eq!(held.len(), HELD, "connections made");
+    // Let the daemon accept what it will.
+    std::thread::sleep(Duration::from_millis(1_000));
+    let grew = lab::flood::fds(daemon.pid()).saturating_sub(before);
+    assert!(
+        grew <= 100,
+        "{HELD} idle connections to the admin endpoint held {grew} descriptors of the daemon"
+    );
+    drop(held);
+    // One request, a byte every half second: 8 KiB of it would take over
+    // an hour, and each byte came well within the per-read timeout.
+    let mut slow = lab
+        .gateway
+        .enter(move || TcpStream::connect(admin).expect("admin endpoint"));
+    assert!(
+        closed_while_trickling(&mut slow, Duration::from_secs(20)),
+        "a request trickled a byte every 500 ms was still being read after 20 s"
+    );
+
+    // A scraper gets its page once they are gone.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(http_get(&lab, admin, "/metrics").starts_with("HTTP/1.1 200 OK\r\n"));
+    drop(daemon);
+}
+
 fn auto_rules_config() -> String {
     "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\", \"[::]:15353\"]\n[auto_rules]\nlan_interfaces = [\"lan0\"]\n"
         .to_string()
