@@ -371,3 +371,52 @@ fn a_burst_through_a_socks5_flow_reaches_the_proxy_whole() {
     assert_eq!(stopped.counter("upstream_datagrams"), read, "{}", stopped.log);
     assert_eq!(stopped.counter("socks5_associations"), 1);
 }
+
+/// A symmetric SOCKS5 flow lets only its destination answer, as a direct
+/// one does (README, "UDP rules and NAT behaviour"). Many SOCKS5 servers
+/// relay UDP as a full cone: whatever reaches the association's outgoing
+/// port, from anyone, comes back wrapped with its sender's address. A
+/// stranger who learnt that port (every server the flow talks to sees it)
+/// must not reach the client, spoofed as the flow's destination; in full
+/// cone mode it reaches the client from its own address.
+#[test]
+fn only_the_destination_answers_a_symmetric_socks5_flow_through_a_full_cone_proxy() {
+    for nat in ["symmetric", "full-cone"] {
+        let lab = Lab::with_servers(2);
+        lab.route_between_servers();
+        lab.install_rules("nft", "LAN_IF=lan0");
+        let proxy = lab.cone_socks5(1, sa(server4(1), 1080));
+        let daemon = lab.start_tproxyd(&socks_config(proxy.addr, false, nat));
+        let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+        let stranger_addr = sa(ip("198.51.100.9"), 9000);
+        lab.add_server_address(0, stranger_addr.ip());
+        let stranger = socket(&lab.servers[0], stranger_addr);
+        let sock = socket(&lab.client, client4(40000));
+        let (from, reply) = exchange(&sock, echo.addr, b"hello");
+        assert_eq!((from, reply.as_slice()), (echo.addr, &b"hello"[..]), "{nat}");
+        assert_eq!(echo.last_peer(), proxy.outgoing, "{nat}");
+        for i in 0..3 {
+            stranger
+                .send_to(format!("stranger {i}").as_bytes(), proxy.outgoing)
+                .unwrap();
+        }
+        sock.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+        let mut reached = Vec::new();
+        while let Some((from, data)) = recv(&sock) {
+            reached.push((from, String::from_utf8_lossy(&data).into_owned()));
+        }
+        // The destination itself still answers.
+        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let (from, reply) = exchange(&sock, echo.addr, b"still there");
+        assert_eq!((from, reply.as_slice()), (echo.addr, &b"still there"[..]), "{nat}");
+        let stopped = daemon.stop();
+        if nat == "symmetric" {
+            assert!(reached.is_empty(), "the stranger reached the client: {reached:?}");
+            assert_eq!(stopped.counter("drop_unsolicited"), 3, "{}", stopped.log);
+        } else {
+            assert_eq!(reached.len(), 3, "{reached:?}");
+            assert!(reached.iter().all(|(from, _)| *from == stranger_addr), "{reached:?}");
+            assert_eq!(stopped.counter("drop_unsolicited"), 0, "{}", stopped.log);
+        }
+    }
+}
