@@ -118,6 +118,53 @@ fn drop_rules_drop_and_count() {
     assert_eq!(stopped.counter("sessions_opened"), 1);
 }
 
+/// A drop rule that a reload adds ends the live flows it matches: their
+/// client's datagrams are dropped from then on, and the server must not
+/// go on reaching the client through the flow (each datagram it sent
+/// also kept the flow from ever going idle). A flow the rule does not
+/// match lives on.
+#[test]
+fn a_drop_rule_added_by_a_reload_ends_the_flows_it_matches() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let mut daemon = lab.start_tproxyd(&config(""));
+    let blocked = Echo::start(&lab.servers[0], sa(server4(0), 9995));
+    let open = Echo::start(&lab.servers[0], sa(server4(0), 9989));
+    let sock = socket(&lab.client, client4(40000));
+    exchange(&sock, blocked.addr, b"before");
+    exchange(&sock, open.addr, b"before");
+    let (blocked_mapping, open_mapping) = (blocked.last_peer(), open.last_peer());
+    std::fs::write(
+        &daemon.config,
+        config("[[relay.rules]]\nports = [\"9990-9999\"]\naction = \"drop\"\n"),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    for i in 0..3 {
+        blocked.send_to(format!("pushed {i}").as_bytes(), blocked_mapping);
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+    let mut reached = Vec::new();
+    while let Some((from, data)) = recv(&sock) {
+        reached.push((from, String::from_utf8_lossy(&data).into_owned()));
+    }
+    assert!(
+        reached.is_empty(),
+        "the dropped destination still reached the client: {reached:?}"
+    );
+    // The other flow is untouched: same mapping, and its server still
+    // reaches the client unasked.
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    open.send_to(b"unasked", open_mapping);
+    let (from, data) = recv(&sock).expect("the open flow lives on");
+    assert_eq!((from, data.as_slice()), (open.addr, &b"unasked"[..]));
+    exchange(&sock, open.addr, b"after");
+    assert_eq!(open.last_peer(), open_mapping);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("drop_unsolicited"), 3, "{}", stopped.log);
+}
+
 #[test]
 fn per_rule_idle_timeouts() {
     let lab = Lab::new();
