@@ -25,11 +25,49 @@ pub struct LoadStats {
     pub skipped: usize,
 }
 
+/// Largest list or hosts file read. Lists are fetched from third parties,
+/// often by a cron job, and a million names take about 30 MB; each file is
+/// read whole at start and on every reload. A source that sends gigabytes
+/// (compromised, or streaming an error) made the daemon hold all of it.
+pub const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Reads a list or hosts file whole: a regular file of at most
+/// [`MAX_FILE_BYTES`]. Opened without blocking, so that a path naming a
+/// FIFO cannot hold a reload forever, nor one naming a device (`/dev/zero`)
+/// read without end.
 fn read(path: &Path) -> Result<Vec<u8>, ListError> {
-    std::fs::read(path).map_err(|source| ListError {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail = |source: std::io::Error| ListError {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let refuse = |why: String| fail(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(fail)?;
+    let meta = file.metadata().map_err(fail)?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    let too_big = || {
+        refuse(format!(
+            "larger than {} MiB, the most a list is read",
+            MAX_FILE_BYTES >> 20
+        ))
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    // The file may grow while it is read: never past the bound either.
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(fail)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    Ok(bytes)
 }
 
 /// Lines of `bytes`, without comments and surrounding blanks, skipping
@@ -207,6 +245,48 @@ mod tests {
         assert_eq!(printer.v4, vec![Ipv4Addr::new(192, 0, 2, 50)]);
         assert_eq!(printer.v6, vec!["2001:db8::50".parse::<Ipv6Addr>().unwrap()]);
         assert!(t.get("printer").is_some());
+    }
+
+    /// A file larger than the bound is refused without being read: a
+    /// sparse file, so the test writes nothing to disk.
+    #[test]
+    fn a_file_past_the_bound_is_refused() {
+        let (_dir, p) = file("huge.txt", "plain.example\n");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(256 * 1024 * 1024 + 1)
+            .unwrap();
+        let e = load_domain_list(&p, &mut DomainSet::new()).expect_err("a list of 256 MiB + 1 byte was read");
+        assert!(e.to_string().contains("larger than 256 MiB"), "{e}");
+        assert!(HostsTable::default().load(&p).is_err());
+    }
+
+    /// A path naming a FIFO (or a device) is refused at once; reading it
+    /// would wait for a writer, holding the reload, or read without end.
+    #[test]
+    fn a_path_that_is_not_a_regular_file_is_refused_at_once() {
+        let dir = tempfile::Builder::new().prefix("tproxyd-lists-").tempdir().unwrap();
+        let fifo = dir.path().join("list.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        let reader = std::thread::spawn(move || {
+            let _ = tx.send(load_domain_list(&path, &mut DomainSet::new()).map_err(|e| e.to_string()));
+        });
+        let outcome = rx.recv_timeout(std::time::Duration::from_secs(5));
+        if outcome.is_err() {
+            // Let the blocked reader go: a writer opens and closes the FIFO.
+            drop(std::fs::OpenOptions::new().write(true).open(&fifo));
+        }
+        let _ = reader.join();
+        let e = outcome
+            .expect("reading a FIFO with no writer was still waiting after 5 s")
+            .expect_err("a FIFO was read as a list");
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = load_domain_list(Path::new("/dev/zero"), &mut DomainSet::new()).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     #[test]
