@@ -221,6 +221,23 @@ pub fn prepare(config: Config) -> Result<Prepared, ServerError> {
     Ok(p)
 }
 
+/// What `first` and every event already queued behind it ask for, taken
+/// together: a stop if any of them stops, else one reload. Each SIGHUP is
+/// queued as it comes, and a reload waits for the one before it: a burst
+/// of them (a script, or reloads sent faster than a large list loads) was
+/// one full reload each, one after another, and a SIGTERM sent after them
+/// waited for them all. One reload reads the files as they are by then,
+/// which is all that the reloads queued before it could have read.
+fn pending(first: Event, queued: &mut mpsc::UnboundedReceiver<Event>) -> Event {
+    let mut event = first;
+    while let Ok(next) = queued.try_recv() {
+        if next == Event::Stop {
+            event = Event::Stop;
+        }
+    }
+    event
+}
+
 /// How the daemon is controlled while it runs.
 pub struct Control {
     pub events: mpsc::UnboundedReceiver<Event>,
@@ -299,7 +316,7 @@ pub async fn run(prepared: Prepared, mut control: Control) -> Result<Arc<Stats>,
 
     loop {
         tokio::select! {
-            event = control.events.recv() => match event {
+            event = control.events.recv() => match event.map(|e| pending(e, &mut control.events)) {
                 Some(Event::Reload) => reloader.reload().await,
                 Some(Event::Stop) | None => {
                     tracing::info!("shutting down");

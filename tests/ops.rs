@@ -259,6 +259,39 @@ fn the_admin_endpoint_bounds_slow_requests_and_open_connections() {
     drop(daemon);
 }
 
+/// A burst of SIGHUPs (a script, or reloads sent faster than a large
+/// list loads) is one reload, or two when more came during the first, not
+/// one full reload after another; and a SIGTERM after the burst is not
+/// queued behind them.
+#[test]
+fn a_burst_of_reloads_is_not_queued_one_by_one() {
+    const SIGHUPS: usize = 20;
+    let lab = Lab::new();
+    let list = lab.path("block.list");
+    let text: String = (0..200_000).map(|i| format!("ad{i}.block.example\n")).collect();
+    std::fs::write(&list, text).unwrap();
+    let mut daemon = lab.start_tproxyd(&format!(
+        "{}[[dns.rules]]\nlists = [\"{}\"]\naction = \"block\"\n",
+        config("192.0.2.50", "drop", ""),
+        list.display()
+    ));
+    for _ in 0..SIGHUPS {
+        daemon.signal(nix::sys::signal::Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    daemon.wait_for_log("configuration reloaded", Duration::from_secs(60));
+    // Time for several more reloads of this list, were they queued.
+    std::thread::sleep(Duration::from_secs(8));
+    let reloads = daemon.log_text().matches("configuration reloaded").count();
+    assert!(
+        reloads <= 2,
+        "{SIGHUPS} SIGHUPs in a burst: {reloads} reloads done one after another"
+    );
+    // Within 10 s of SIGTERM, or Daemon::stop fails the test.
+    let stopped = daemon.stop();
+    assert!(stopped.status.success(), "{}", stopped.log);
+}
+
 fn auto_rules_config() -> String {
     "mark = 255\n[relay]\nlisten = [\"0.0.0.0:15353\", \"[::]:15353\"]\n[auto_rules]\nlan_interfaces = [\"lan0\"]\n"
         .to_string()
