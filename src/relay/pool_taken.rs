@@ -20,10 +20,10 @@
 //! when it ends.
 //!
 //! Both are kept as 32-bit fingerprints, seeded per pool. A socket carries
-//! at most a few hundred flows (one per remote), so two of its entries
-//! share a fingerprint about once in ten million sockets; the second flow
-//! is then refused as if taken and goes to another socket: a collision
-//! costs a choice, never a mapping.
+//! at most a few hundred flows (one per remote): a new flow's two
+//! fingerprints match one of a socket's 512 entries about once in four
+//! million looks, and the flow is then refused there as if taken and goes
+//! to another socket: a collision costs a choice, never a mapping.
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher as _};
