@@ -5,7 +5,7 @@
 mod lab;
 
 use lab::socks::{SOCKS_PASSWORD, SOCKS_USER};
-use lab::udp::{Echo, exchange, mark_tos, recv, recv_tos, socket};
+use lab::udp::{Echo, exchange, mark_tos, recv, recv_tos, send_raw_udp6, socket};
 use lab::{CLIENT4, CLIENT6, Lab, gateway_wan4, sa, server4, server6};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -466,4 +466,44 @@ fn only_the_destination_answers_a_symmetric_socks5_flow_through_a_full_cone_prox
             assert_eq!(stopped.counter("drop_unsolicited"), 0, "{}", stopped.log);
         }
     }
+}
+
+/// An IPv6 packet to an IPv4-mapped address (`::ffff:198.51.100.7`) is
+/// diverted to tproxyd like any other, and a SOCKS5 server (dante here)
+/// relays it to the IPv4 address. A drop rule for that IPv4 address must
+/// not be passed that way: such a destination is dropped before the rules.
+#[test]
+fn an_ipv4_mapped_destination_does_not_pass_an_ipv4_drop_rule() {
+    let (lab, proxy, _) = socks_lab(false);
+    let daemon = lab.start_tproxyd(&config(&format!(
+        "[[relay.rules]]\ndestinations = [\"198.51.100.0/25\"]\naction = \"drop\"\n\
+         [[relay.rules]]\naction = \"socks5\"\nsocks5 = \"{proxy}\"\n"
+    )));
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let v6 = |s: &str| s.parse::<std::net::SocketAddrV6>().unwrap();
+    for _ in 0..3 {
+        send_raw_udp6(
+            &lab.client,
+            v6(&format!("[{CLIENT6}]:40000")),
+            v6("[::ffff:198.51.100.7]:7000"),
+            lab::GATEWAY_LAN6.parse().unwrap(),
+            b"mapped",
+        );
+    }
+    // The IPv4 flow the rule is about, as a check that sends get through.
+    let sock = socket(&lab.client, client4(40000));
+    sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    sock.send_to(b"direct", echo.addr).unwrap();
+    assert!(recv(&sock).is_none());
+    std::thread::sleep(Duration::from_millis(700));
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("client_datagrams"), 4, "{}", stopped.log);
+    assert!(
+        echo.received().is_empty(),
+        "the drop rule was passed: {:?}",
+        echo.received()
+    );
+    assert_eq!(stopped.counter("drop_by_rule"), 1, "{}", stopped.log);
+    assert_eq!(stopped.counter("drop_no_orig_dst"), 3, "{}", stopped.log);
+    assert_eq!(stopped.counter("sessions_opened"), 0, "{}", stopped.log);
 }
