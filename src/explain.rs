@@ -176,6 +176,13 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
                     let _ = writeln!(out, "  client port 0: dropped (no_orig_dst)");
                     return Ok(out);
                 }
+                Decision::MappedDestination => {
+                    let _ = writeln!(
+                        out,
+                        "  {dst} is an IPv4-mapped address, which no IPv6 packet may carry: dropped (no_orig_dst)"
+                    );
+                    return Ok(out);
+                }
                 Decision::Loop => {
                     let _ = writeln!(
                         out,

@@ -4,10 +4,11 @@
 //! Everything is built *before* anything is swapped, off the async threads
 //! (a million-line block list takes a moment): a config that fails to load
 //! changes nothing, and the daemon keeps running the old one. Live flows
-//! keep the route they were opened with; new flows and queries see the new
-//! rules. Settings bound to sockets (listen addresses, the mark, the DNS
-//! listeners) or to threads (the workers, their nice value) need a
-//! restart, and a reload that changes them says so.
+//! keep the route they were opened with (but end if a drop rule now
+//! matches them); new flows and queries see the new rules. Settings bound
+//! to sockets (listen addresses, the mark, the DNS listeners) or to
+//! threads (the workers, their nice value) need a restart, and a reload
+//! that changes them says so.
 
 use std::path::PathBuf;
 use std::sync::Arc;

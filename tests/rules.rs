@@ -5,7 +5,7 @@
 mod lab;
 
 use lab::socks::{SOCKS_PASSWORD, SOCKS_USER};
-use lab::udp::{Echo, exchange, mark_tos, recv, recv_tos, socket};
+use lab::udp::{Echo, exchange, mark_tos, recv, recv_tos, send_raw_udp6, socket};
 use lab::{CLIENT4, CLIENT6, Lab, gateway_wan4, sa, server4, server6};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -116,6 +116,53 @@ fn drop_rules_drop_and_count() {
     let stopped = daemon.stop();
     assert_eq!(stopped.counter("drop_by_rule"), 3);
     assert_eq!(stopped.counter("sessions_opened"), 1);
+}
+
+/// A drop rule that a reload adds ends the live flows it matches: their
+/// client's datagrams are dropped from then on, and the server must not
+/// go on reaching the client through the flow (each datagram it sent
+/// also kept the flow from ever going idle). A flow the rule does not
+/// match lives on.
+#[test]
+fn a_drop_rule_added_by_a_reload_ends_the_flows_it_matches() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let mut daemon = lab.start_tproxyd(&config(""));
+    let blocked = Echo::start(&lab.servers[0], sa(server4(0), 9995));
+    let open = Echo::start(&lab.servers[0], sa(server4(0), 9989));
+    let sock = socket(&lab.client, client4(40000));
+    exchange(&sock, blocked.addr, b"before");
+    exchange(&sock, open.addr, b"before");
+    let (blocked_mapping, open_mapping) = (blocked.last_peer(), open.last_peer());
+    std::fs::write(
+        &daemon.config,
+        config("[[relay.rules]]\nports = [\"9990-9999\"]\naction = \"drop\"\n"),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    for i in 0..3 {
+        blocked.send_to(format!("pushed {i}").as_bytes(), blocked_mapping);
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+    let mut reached = Vec::new();
+    while let Some((from, data)) = recv(&sock) {
+        reached.push((from, String::from_utf8_lossy(&data).into_owned()));
+    }
+    assert!(
+        reached.is_empty(),
+        "the dropped destination still reached the client: {reached:?}"
+    );
+    // The other flow is untouched: same mapping, and its server still
+    // reaches the client unasked.
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    open.send_to(b"unasked", open_mapping);
+    let (from, data) = recv(&sock).expect("the open flow lives on");
+    assert_eq!((from, data.as_slice()), (open.addr, &b"unasked"[..]));
+    exchange(&sock, open.addr, b"after");
+    assert_eq!(open.last_peer(), open_mapping);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("drop_unsolicited"), 3, "{}", stopped.log);
 }
 
 #[test]
@@ -370,4 +417,93 @@ fn a_burst_through_a_socks5_flow_reaches_the_proxy_whole() {
     assert_eq!(stopped.counter("drop_send_buffer_full"), 0, "{}", stopped.log);
     assert_eq!(stopped.counter("upstream_datagrams"), read, "{}", stopped.log);
     assert_eq!(stopped.counter("socks5_associations"), 1);
+}
+
+/// A symmetric SOCKS5 flow lets only its destination answer, as a direct
+/// one does (README, "UDP rules and NAT behaviour"). Many SOCKS5 servers
+/// relay UDP as a full cone: whatever reaches the association's outgoing
+/// port, from anyone, comes back wrapped with its sender's address. A
+/// stranger who learnt that port (every server the flow talks to sees it)
+/// must not reach the client, spoofed as the flow's destination; in full
+/// cone mode it reaches the client from its own address.
+#[test]
+fn only_the_destination_answers_a_symmetric_socks5_flow_through_a_full_cone_proxy() {
+    for nat in ["symmetric", "full-cone"] {
+        let lab = Lab::with_servers(2);
+        lab.route_between_servers();
+        lab.install_rules("nft", "LAN_IF=lan0");
+        let proxy = lab.cone_socks5(1, sa(server4(1), 1080));
+        let daemon = lab.start_tproxyd(&socks_config(proxy.addr, false, nat));
+        let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+        let stranger_addr = sa(ip("198.51.100.9"), 9000);
+        lab.add_server_address(0, stranger_addr.ip());
+        let stranger = socket(&lab.servers[0], stranger_addr);
+        let sock = socket(&lab.client, client4(40000));
+        let (from, reply) = exchange(&sock, echo.addr, b"hello");
+        assert_eq!((from, reply.as_slice()), (echo.addr, &b"hello"[..]), "{nat}");
+        assert_eq!(echo.last_peer(), proxy.outgoing, "{nat}");
+        for i in 0..3 {
+            stranger
+                .send_to(format!("stranger {i}").as_bytes(), proxy.outgoing)
+                .unwrap();
+        }
+        sock.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+        let mut reached = Vec::new();
+        while let Some((from, data)) = recv(&sock) {
+            reached.push((from, String::from_utf8_lossy(&data).into_owned()));
+        }
+        // The destination itself still answers.
+        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let (from, reply) = exchange(&sock, echo.addr, b"still there");
+        assert_eq!((from, reply.as_slice()), (echo.addr, &b"still there"[..]), "{nat}");
+        let stopped = daemon.stop();
+        if nat == "symmetric" {
+            assert!(reached.is_empty(), "the stranger reached the client: {reached:?}");
+            assert_eq!(stopped.counter("drop_unsolicited"), 3, "{}", stopped.log);
+        } else {
+            assert_eq!(reached.len(), 3, "{reached:?}");
+            assert!(reached.iter().all(|(from, _)| *from == stranger_addr), "{reached:?}");
+            assert_eq!(stopped.counter("drop_unsolicited"), 0, "{}", stopped.log);
+        }
+    }
+}
+
+/// An IPv6 packet to an IPv4-mapped address (`::ffff:198.51.100.7`) is
+/// diverted to tproxyd like any other, and a SOCKS5 server (dante here)
+/// relays it to the IPv4 address. A drop rule for that IPv4 address must
+/// not be passed that way: such a destination is dropped before the rules.
+#[test]
+fn an_ipv4_mapped_destination_does_not_pass_an_ipv4_drop_rule() {
+    let (lab, proxy, _) = socks_lab(false);
+    let daemon = lab.start_tproxyd(&config(&format!(
+        "[[relay.rules]]\ndestinations = [\"198.51.100.0/25\"]\naction = \"drop\"\n\
+         [[relay.rules]]\naction = \"socks5\"\nsocks5 = \"{proxy}\"\n"
+    )));
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let v6 = |s: &str| s.parse::<std::net::SocketAddrV6>().unwrap();
+    for _ in 0..3 {
+        send_raw_udp6(
+            &lab.client,
+            v6(&format!("[{CLIENT6}]:40000")),
+            v6("[::ffff:198.51.100.7]:7000"),
+            lab::GATEWAY_LAN6.parse().unwrap(),
+            b"mapped",
+        );
+    }
+    // The IPv4 flow the rule is about, as a check that sends get through.
+    let sock = socket(&lab.client, client4(40000));
+    sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    sock.send_to(b"direct", echo.addr).unwrap();
+    assert!(recv(&sock).is_none());
+    std::thread::sleep(Duration::from_millis(700));
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("client_datagrams"), 4, "{}", stopped.log);
+    assert!(
+        echo.received().is_empty(),
+        "the drop rule was passed: {:?}",
+        echo.received()
+    );
+    assert_eq!(stopped.counter("drop_by_rule"), 1, "{}", stopped.log);
+    assert_eq!(stopped.counter("drop_no_orig_dst"), 3, "{}", stopped.log);
+    assert_eq!(stopped.counter("sessions_opened"), 0, "{}", stopped.log);
 }

@@ -15,11 +15,12 @@ use tokio_util::task::TaskTracker;
 
 use super::budget::{FdShare, Plan};
 use super::clock::Clock;
+use super::key::Target;
 use super::open_backlog::OpenBacklog;
 use super::pool::Pools;
 use super::pool_readers::PoolReaders;
 use super::reply::ReplySender;
-use super::rules::UdpRules;
+use super::rules::{Route, UdpRules};
 use super::session::Session;
 use super::shed::SharedShedder;
 use super::socks_queue::SocksBudget;
@@ -31,7 +32,8 @@ use crate::stats::Stats;
 #[derive(Debug)]
 pub struct RelayContext {
     mark: u32,
-    /// Swapped whole on reload; flows keep the route they were opened with.
+    /// Swapped whole on reload; flows keep the route they were opened with
+    /// (those a drop rule now matches end).
     rules: ArcSwap<UdpRules>,
     table: SessionTable,
     replies: ReplySender,
@@ -116,7 +118,12 @@ impl RelayContext {
     /// Applies a reloaded `[relay]`: rules, table limits, reply sockets,
     /// budget. Returns how many flows the new limits ended.
     pub fn apply(&self, config: &RelayConfig) -> usize {
-        self.rules.store(Arc::new(UdpRules::new(config, self.mark)));
+        let rules = Arc::new(UdpRules::new(config, self.mark));
+        self.rules.store(rules.clone());
+        let dropped = self.end_dropped_flows(&rules);
+        if dropped > 0 {
+            tracing::info!(ended = dropped, "live flows that a drop rule now matches ended");
+        }
         let ended = self.table.set_limits(limits(config)).len();
         self.stats.sessions_evicted.add(ended as u64);
         let plan = Plan::new(config, self.plan.limit);
@@ -125,6 +132,32 @@ impl RelayContext {
         self.shed_after_ms.store(config.shed_after_ms, Ordering::Relaxed);
         self.socks_budget.set_limit(config.socks5_queue_bytes);
         ended
+    }
+
+    /// Ends the live one-destination flows that `rules` drop, and says
+    /// how many there were.
+    ///
+    /// Live flows keep the route they were opened with, but a drop rule is
+    /// no route: the listener decides each datagram before it looks the
+    /// flow up, so the client's datagrams were dropped while the flow
+    /// stayed, and its destination went on reaching the client through it
+    /// (each datagram also kept it from going idle) for as long as it
+    /// liked. A full-cone flow has no one destination to judge and stays.
+    fn end_dropped_flows(&self, rules: &UdpRules) -> usize {
+        let feed = self.dns().and_then(|d| d.engine().feed().cloned());
+        let ended = self.table.take_where(|key| match key.target {
+            Target::Destination(dst) => {
+                let names = || {
+                    feed.as_ref()
+                        .map(|f| f.names_in_use(key.client.ip(), dst.ip()))
+                        .unwrap_or_default()
+                };
+                rules.route_named(key.client, dst, &names).route == Route::Drop
+            }
+            Target::Cone(_) => false,
+        });
+        // Dropped here, outside the table's lock.
+        ended.len()
     }
 
     /// The listeners' overload target (`relay.shed_after_ms`); zero: off.

@@ -18,6 +18,12 @@ pub enum Decision<'r> {
     /// No original destination (not redirected by TPROXY), or a sender
     /// with port 0: nothing to relay to or answer.
     NoOriginalDestination,
+    /// An IPv4-mapped IPv6 original destination (`::ffff:a.b.c.d`), which
+    /// no IPv6 packet should carry (RFC 4291 2.5.5.2) and the kernel
+    /// still diverts. Rules written for the IPv4 address do not match it,
+    /// yet a SOCKS5 server may relay it to that address over IPv4: a LAN
+    /// device could reach a destination a drop rule keeps it from.
+    MappedDestination,
     /// Sent straight to the listener itself: relaying it would bring it
     /// right back, forever.
     Loop,
@@ -34,7 +40,10 @@ impl PartialEq for Decision<'_> {
     fn eq(&self, other: &Self) -> bool {
         use Decision::*;
         match (self, other) {
-            (NoOriginalDestination, NoOriginalDestination) | (Loop, Loop) | (Dns, Dns) => true,
+            (NoOriginalDestination, NoOriginalDestination)
+            | (MappedDestination, MappedDestination)
+            | (Loop, Loop)
+            | (Dns, Dns) => true,
             (Drop(a), Drop(b)) | (Relay(a), Relay(b)) => a.number == b.number,
             _ => false,
         }
@@ -70,6 +79,11 @@ pub fn decide<'r>(
     let Some(dst) = orig_dst.filter(|_| peer.port() != 0) else {
         return Decision::NoOriginalDestination;
     };
+    if let IpAddr::V6(v6) = dst.ip() {
+        if v6.to_ipv4_mapped().is_some() {
+            return Decision::MappedDestination;
+        }
+    }
     if is_listener(dst, host) {
         return Decision::Loop;
     }
@@ -144,6 +158,17 @@ to = "198.51.100.9:9000"
             Decision::NoOriginalDestination
         );
         assert_eq!(decide(client, Some(sa("192.0.2.1:15353")), &h, &r), Decision::Loop);
+        // An IPv4 rule's address, IPv4-mapped, is neither matched by it
+        // (the default rule would relay it) nor relayed.
+        let client6 = sa("[2001:db8:1::10]:5000");
+        assert_eq!(
+            decide(client6, Some(sa("[::ffff:203.0.113.9]:7000")), &h, &r),
+            Decision::MappedDestination
+        );
+        assert!(matches!(
+            decide(client6, Some(sa("[2001:db8:2::7]:27016")), &h, &r),
+            Decision::Relay(rule) if rule.number == 0
+        ));
         // The listener's port on another host is an ordinary flow.
         assert!(matches!(
             decide(client, Some(sa("198.51.100.7:15353")), &h, &r),

@@ -539,7 +539,10 @@ pub async fn socks_pump(
             }
             got = assoc.udp.recv(&mut inbound) => match got {
                 Ok(n) => match socks5::decode_udp(inbound.get(..n).unwrap_or_default()) {
-                    Ok((remote, payload)) => reply(&session, &[payload], remote, None, &ctx),
+                    Ok((remote, payload)) if session.answers_from(remote) => reply(&session, &[payload], remote, None, &ctx),
+                    // Relayed by a full-cone proxy from someone a symmetric
+                    // flow never wrote to.
+                    Ok(_) => ctx.stats().drop_unsolicited.inc(),
                     Err(e) => {
                         ctx.stats().receive_errors.inc();
                         tracing::debug!(error = %e, "bad datagram from the SOCKS5 relay");

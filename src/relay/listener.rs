@@ -512,7 +512,8 @@ fn handle<'b>(
     };
     let rules = ctx.rules();
     let rule = match decide(meta.peer, meta.orig_dst, &host, &rules) {
-        Decision::NoOriginalDestination => {
+        // Nothing an IPv6 packet may be sent to: no destination either.
+        Decision::NoOriginalDestination | Decision::MappedDestination => {
             ctx.stats().drop_no_orig_dst.inc();
             return false;
         }

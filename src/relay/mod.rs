@@ -52,6 +52,7 @@ pub mod opener;
 pub mod pool;
 mod pool_order;
 pub mod pool_readers;
+mod pool_taken;
 pub mod rate;
 pub mod ready_set;
 pub mod reply;

@@ -20,10 +20,12 @@
 //! random ones; if none fits (free for this client *and* this remote) a
 //! new socket is opened, outside the lock, if the descriptor budget
 //! allows. A pool thus holds about as many sockets as its busiest client
-//! endpoint or destination has flows. A flow costs an
-//! 8-byte fingerprint of (client, socket) in its pool's set and one entry
-//! in its socket's map of remotes, and nothing else here: its lease is two
-//! words and an address inside the flow.
+//! endpoint or destination has flows. A flow costs two 4-byte fingerprints
+//! (client and remote) in its socket's set (see [`super::pool_taken`]) and
+//! one entry in its socket's map of remotes, and nothing else here: its
+//! lease is two words and an address inside the flow. Choosing takes only
+//! the pool's lock; the socket's own (shared with its reader) is taken when
+//! the flow is attached and when it ends.
 //!
 //! A flood leaves many sockets behind when its flows end. A socket that
 //! has carried no flow for a grace period is closed
@@ -32,8 +34,7 @@
 //! Pools are kept per (family, mark, device), because interface rules bind
 //! their sockets differently.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::BuildHasher;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::net::UdpSocket;
@@ -42,8 +43,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::budget::{FdShare, Permit};
-use super::key::{AddrKey, hash_addr};
+use super::key::AddrKey;
 use super::pool_order::{Next, Order};
+use super::pool_taken::{Fingerprints, Marks, Taken};
 use crate::net::sockets;
 use crate::sync::lock;
 
@@ -183,7 +185,7 @@ impl<F> Pools<F> {
             let mut state = lock(&pool.state);
             let mut i = 0;
             while i < state.sockets.len() {
-                let idle = lock(&state.sockets[i].flows).idle_since.is_some_and(|t| t <= cutoff);
+                let idle = state.taken[i].idle_since().is_some_and(|t| t <= cutoff);
                 if idle {
                     closed.push(state.remove(i));
                 } else {
@@ -204,27 +206,24 @@ struct Pool<F> {
     state: Mutex<State<F>>,
 }
 
-/// The sockets of a pool and which (client, socket) pairs are taken; which
-/// (socket, remote) pairs are taken each socket says.
+/// The sockets of a pool and which clients and remotes each carries.
 ///
-/// The (client, socket) pairs are kept as 64-bit fingerprints: a million
-/// flows' pairs in full (address, id and a pointer to the flow) took about
-/// a hundred bytes a flow with the map's slack. Two pairs with the same
-/// fingerprint cannot both be taken: the second is refused as if taken
-/// (the flow gets another socket), so a collision costs a choice, never a
-/// mapping.
+/// The (client, socket) and (socket, remote) pairs taken are kept per
+/// socket as fingerprints, under this state's lock alone (see
+/// [`super::pool_taken`]): the socket's map of flows by remote is its
+/// reader's, and is written only when a flow is attached or ends.
 ///
 /// Lock order: a pool's `state`, then a socket's `flows`.
 #[derive(Debug)]
 struct State<F> {
     /// Open sockets; each knows its position ([`PoolSocket::pos`]).
     sockets: Vec<Arc<PoolSocket<F>>>,
+    /// What the socket at the same position carries.
+    taken: Vec<Taken>,
     /// Per remote, the position its next flow tries first.
     order: Order,
-    /// Fingerprints of the (client endpoint, socket id) pairs taken.
-    by_client: HashSet<u64, Hasher>,
-    /// Seeds the fingerprints (per pool, so not guessable from outside).
-    fingerprint: Hasher,
+    /// Makes the flows' fingerprints (per pool, so not guessable).
+    fingerprints: Fingerprints,
     /// Sockets given back lately, newest last; the oldest are forgotten.
     freed: VecDeque<Weak<PoolSocket<F>>>,
     /// The socket taken last, tried first: new flows that arrive together
@@ -253,9 +252,9 @@ impl<F> State<F> {
     fn new() -> Self {
         State {
             sockets: Vec::new(),
+            taken: Vec::new(),
             order: Order::default(),
-            by_client: HashSet::with_hasher(Hasher::default()),
-            fingerprint: Hasher::default(),
+            fingerprints: Fingerprints::default(),
             freed: VecDeque::new(),
             last: Weak::new(),
             hopeless: None,
@@ -267,28 +266,16 @@ impl<F> State<F> {
         }
     }
 
-    fn pair(&self, client: SocketAddr, socket: &PoolSocket<F>) -> u64 {
-        use std::hash::Hasher as _;
-        let mut h = self.fingerprint.build_hasher();
-        hash_addr(&client, &mut h);
-        h.write_u32(socket.id);
-        h.finish()
+    /// Whether the socket at `pos` is free for the flow marked `m`.
+    fn fits(&self, pos: usize, m: Marks) -> bool {
+        self.taken.get(pos).is_some_and(|t| t.free_for(m))
     }
 
-    /// The socket's own remotes are asked first: a probe that fails mostly
-    /// fails there (a full socket already talks to the remote), and they are
-    /// the socket's, warm in the cache when it was taken last, where the
-    /// pool's set of (client, socket) pairs is one of up to a million
-    /// entries and the pair must be hashed first. The flows bench looks at
-    /// about 2.8 sockets per new flow, most of them full (callgrind).
-    fn fits(&self, socket: &PoolSocket<F>, client: SocketAddr, remote: SocketAddr) -> bool {
-        !lock(&socket.flows).map.contains_key(&remote) && !self.by_client.contains(&self.pair(client, socket))
-    }
-
-    /// An open socket free for (`client`, `remote`), in O(1).
-    fn choose(&mut self, client: SocketAddr, remote: SocketAddr) -> Option<Arc<PoolSocket<F>>> {
+    /// The position of an open socket free for the flow (`m` its marks,
+    /// `remote` its remote), in O(1).
+    fn choose(&mut self, client: SocketAddr, remote: SocketAddr, m: Marks) -> Option<usize> {
         let mut probes = 0;
-        let found = self.search(client, remote, &mut probes);
+        let found = self.search(client, remote, m, &mut probes);
         self.probes += probes;
         if found.is_none() {
             self.missed = Some((client, self.sockets.len(), self.gives));
@@ -296,29 +283,32 @@ impl<F> State<F> {
         found
     }
 
-    fn search(&mut self, client: SocketAddr, remote: SocketAddr, probes: &mut u64) -> Option<Arc<PoolSocket<F>>> {
-        match self.in_order(client, remote, probes) {
-            Next::At(pos) => return self.sockets.get(pos).cloned(),
+    fn search(&mut self, client: SocketAddr, remote: SocketAddr, m: Marks, probes: &mut u64) -> Option<usize> {
+        match self.in_order(remote, m, probes) {
+            Next::At(pos) => return Some(pos),
             // The remote is on every socket: none is free for it.
             Next::New => return None,
             Next::Unknown => {}
         }
-        if let Some(socket) = self.last.upgrade() {
+        // A socket that has left the pool (retired) has no position.
+        if let Some(pos) = self.last.upgrade().and_then(|s| self.position(&s)) {
             *probes += 1;
-            if !socket.is_retired() && self.fits(&socket, client, remote) {
-                return Some(socket);
+            if self.fits(pos, m) {
+                return Some(pos);
             }
         }
         let recent = self.freed.len().saturating_sub(FREED_TRIED);
-        for pos in (recent..self.freed.len()).rev() {
-            let Some(socket) = self.freed[pos].upgrade() else {
-                self.freed.remove(pos);
+        for i in (recent..self.freed.len()).rev() {
+            let Some(socket) = self.freed[i].upgrade() else {
+                self.freed.remove(i);
                 continue;
             };
             *probes += 1;
-            if !socket.is_retired() && self.fits(&socket, client, remote) {
-                self.freed.remove(pos);
-                return Some(socket);
+            if let Some(pos) = self.position(&socket)
+                && self.fits(pos, m)
+            {
+                self.freed.remove(i);
+                return Some(pos);
             }
         }
         let n = self.sockets.len();
@@ -327,40 +317,39 @@ impl<F> State<F> {
         }
         if n <= PROBES {
             *probes += n as u64;
-            return self.sockets.iter().find(|s| self.fits(s, client, remote)).cloned();
+            return (0..n).find(|&pos| self.fits(pos, m));
         }
         for _ in 0..PROBES {
-            let i = self.random_index();
-            let socket = &self.sockets[i];
+            let pos = self.random_index();
             *probes += 1;
-            if self.fits(socket, client, remote) {
-                return Some(socket.clone());
+            if self.fits(pos, m) {
+                return Some(pos);
             }
         }
         None
     }
 
     /// The position of the socket at `remote`'s place in the pool's order
-    /// if it is free for (`client`, `remote`), or [`Next::New`] if the
-    /// remote is on every socket; [`Next::Unknown`] sends the flow to the
-    /// search. Places the remote is on already (the search put it there)
-    /// are stepped over for good; one the client is on is left for the
-    /// remote's next flow, and this one is searched for.
-    fn in_order(&mut self, client: SocketAddr, remote: SocketAddr, probes: &mut u64) -> Next {
+    /// if it is free for the flow, or [`Next::New`] if the remote is on
+    /// every socket; [`Next::Unknown`] sends the flow to the search. Places
+    /// the remote is on already (the search put it there) are stepped over
+    /// for good; one the client is on is left for the remote's next flow,
+    /// and this one is searched for.
+    fn in_order(&mut self, remote: SocketAddr, m: Marks, probes: &mut u64) -> Next {
         for _ in 0..ORDER_STEPS {
             let pos = match self.order.next(remote, self.sockets.len()) {
                 Next::At(pos) => pos,
                 other => return other,
             };
-            let Some(socket) = self.sockets.get(pos) else {
+            let Some(taken) = self.taken.get(pos) else {
                 return Next::Unknown;
             };
             *probes += 1;
-            if lock(&socket.flows).map.contains_key(&remote) {
+            if taken.has_remote(m) {
                 self.order.skip(remote, pos);
                 continue;
             }
-            if self.by_client.contains(&self.pair(client, socket)) {
+            if taken.has_client(m) {
                 return Next::Unknown;
             }
             return Next::At(pos);
@@ -393,13 +382,14 @@ impl<F> State<F> {
     where
         F: Occupant,
     {
-        let Some(socket) = self.sockets.get(i) else {
+        let (Some(socket), Some(taken)) = (self.sockets.get(i), self.taken.get(i)) else {
             return Vec::new();
         };
+        let m = self.fingerprints.of(client, remote);
         let flows = lock(&socket.flows);
         // The client's own flow there: only a fingerprint is kept, so look
         // for it among the socket's flows (a rare path: the budget is out).
-        let mine = if self.by_client.contains(&self.pair(client, socket)) {
+        let mine = if taken.has_client(m) {
             flows.map.flows().find(|f| f.client() == client)
         } else {
             None
@@ -408,31 +398,26 @@ impl<F> State<F> {
         mine.into_iter().chain(theirs).collect()
     }
 
-    /// Takes (`client`, `remote`) on `socket`; the flow is filled in by
-    /// [`Lease::attach`]. Until then the socket counts as in use.
-    fn assign(&mut self, socket: &Arc<PoolSocket<F>>, client: SocketAddr, remote: SocketAddr) {
-        self.last = Arc::downgrade(socket);
-        if let Some(pos) = self.position(socket) {
-            self.order.taken(remote, pos);
-        }
-        self.by_client.insert(self.pair(client, socket));
-        let mut flows = lock(&socket.flows);
-        flows.map.insert(remote, Weak::new());
-        flows.idle_since = None;
+    /// Takes the flow (`m`, `remote`) on the socket at `pos`; the flow is
+    /// filled in by [`Lease::attach`]. The socket's own lock is not taken:
+    /// its reader finds no flow for `remote` until then, as it would for a
+    /// datagram that came before the flow.
+    fn assign(&mut self, pos: usize, remote: SocketAddr, m: Marks) -> Option<Arc<PoolSocket<F>>> {
+        let socket = self.sockets.get(pos)?.clone();
+        self.last = Arc::downgrade(&socket);
+        self.order.taken(remote, pos);
+        self.taken.get_mut(pos)?.take(m);
+        Some(socket)
     }
 
     fn give_back(&mut self, socket: &Arc<PoolSocket<F>>, client: SocketAddr, remote: SocketAddr) {
         self.gives += 1;
-        self.order
-            .given_back(remote, self.position(socket).unwrap_or(usize::MAX));
-        self.by_client.remove(&self.pair(client, socket));
-        {
-            let mut flows = lock(&socket.flows);
-            flows.map.remove(&remote);
-            if flows.map.is_empty() {
-                flows.idle_since = Some(Instant::now());
-            }
+        let pos = self.position(socket);
+        self.order.given_back(remote, pos.unwrap_or(usize::MAX));
+        if let Some(taken) = pos.and_then(|pos| self.taken.get_mut(pos)) {
+            taken.give_back(self.fingerprints.of(client, remote), Instant::now);
         }
+        lock(&socket.flows).map.remove(&remote);
         if self.freed.len() >= FREED_KEPT {
             self.freed.pop_front();
         }
@@ -443,6 +428,7 @@ impl<F> State<F> {
     /// its place. The remotes' order holds: the socket carries no flow, so
     /// every remote's place is at or before `i` (see `pool_order`).
     fn remove(&mut self, i: usize) -> Arc<PoolSocket<F>> {
+        self.taken.swap_remove(i);
         let gone = self.sockets.swap_remove(i);
         if let Some(moved) = self.sockets.get(i) {
             moved.pos.store(i, Ordering::Relaxed);
@@ -466,13 +452,18 @@ impl<F> Pool<F> {
         share: &Arc<FdShare>,
         receive_buffer: usize,
     ) -> Result<(Lease<F>, bool), PoolError> {
-        {
+        let m = {
             let mut state = lock(&self.state);
-            if let Some(socket) = state.choose(client, remote) {
-                state.assign(&socket, client, remote);
+            // Hashed once per lease: the marks do not depend on the socket.
+            let m = state.fingerprints.of(client, remote);
+            if let Some(socket) = state
+                .choose(client, remote, m)
+                .and_then(|pos| state.assign(pos, remote, m))
+            {
                 return Ok((self.lease_of(socket, remote), false));
             }
-        }
+            m
+        };
         // A new socket, opened without holding the lock: other flows keep
         // choosing sockets meanwhile.
         let permit = share.try_take().ok_or(PoolError::Budget)?;
@@ -485,28 +476,26 @@ impl<F> Pool<F> {
         let mut state = lock(&self.state);
         let id = state.next_id;
         state.next_id = state.next_id.wrapping_add(1);
+        let pos = state.sockets.len();
         let socket = Arc::new(PoolSocket {
             // Read through the relay's poller, not the runtime's: see
             // `relay::inbound`.
             socket: std,
             id,
-            pos: AtomicUsize::new(state.sockets.len()),
-            flows: Mutex::new(Flows {
-                map: Remotes::None,
-                idle_since: None,
-            }),
+            pos: AtomicUsize::new(pos),
+            flows: Mutex::new(Flows { map: Remotes::None }),
             retired: AtomicBool::new(false),
             _permit: permit,
         });
         // Remembered only if nothing changed while the lock was let go.
-        if state.missed == Some((client, state.sockets.len(), state.gives)) {
-            state.hopeless = Some((client, state.sockets.len() + 1, state.gives));
+        if state.missed == Some((client, pos, state.gives)) {
+            state.hopeless = Some((client, pos + 1, state.gives));
         }
         state.sockets.push(socket.clone());
-        state.assign(&socket, client, remote);
+        state.taken.push(Taken::new());
+        state.assign(pos, remote, m);
         Ok((self.lease_of(socket, remote), true))
     }
-
     fn lease_of(self: &Arc<Self>, socket: Arc<PoolSocket<F>>, remote: SocketAddr) -> Lease<F> {
         Lease {
             pool: self.clone(),
@@ -516,12 +505,12 @@ impl<F> Pool<F> {
     }
 }
 
-/// The flows one socket carries, and since when it carries none.
+/// The flows one socket carries, for its reader (whether it carries any,
+/// and since when, the pool keeps in [`Taken`]).
 #[derive(Debug)]
 struct Flows<F> {
     /// Remote → its flow on this socket.
     map: Remotes<F>,
-    idle_since: Option<Instant>,
 }
 
 /// A socket's flows by remote. Most sockets of a pool that grew for one
@@ -543,6 +532,7 @@ impl<F> Remotes<F> {
         }
     }
 
+    #[cfg(test)]
     fn contains_key(&self, remote: &SocketAddr) -> bool {
         self.get(remote).is_some()
     }
@@ -579,6 +569,7 @@ impl<F> Remotes<F> {
         }
     }
 
+    #[cfg(test)]
     fn is_empty(&self) -> bool {
         matches!(self, Remotes::None)
     }
@@ -600,7 +591,9 @@ impl<F> Remotes<F> {
 #[derive(Debug)]
 pub struct PoolSocket<F> {
     pub socket: UdpSocket,
-    /// Names the socket in its pool's maps; never reused while it is open.
+    /// Names the socket (in tests and debug output); never reused while
+    /// it is open.
+    #[cfg_attr(not(test), allow(dead_code))]
     id: u32,
     /// Its position among the pool's sockets (written under the pool's
     /// lock; stale once it has left the pool).
@@ -653,6 +646,7 @@ impl<F> Lease<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -694,7 +688,7 @@ mod tests {
             l.release(c);
         }
         let state = lock(&a.pool.state);
-        assert!(state.by_client.is_empty());
+        assert!(state.taken.iter().all(|t| t.flows() == 0 && t.idle_since().is_some()));
         assert!(state.sockets.iter().all(|s| lock(&s.flows).map.is_empty()));
     }
 
@@ -854,12 +848,10 @@ mod tests {
             let pool = lock(&p.pools).values().next().cloned().unwrap();
             let state = lock(&pool.state);
             for (remote, next) in state.order.places() {
-                assert!(
-                    state.sockets[..next]
-                        .iter()
-                        .all(|s| lock(&s.flows).map.contains_key(&remote))
-                );
+                let m = state.fingerprints.of(remote, remote);
+                assert!(state.taken[..next].iter().all(|t| t.has_remote(m)));
             }
+            assert_eq!(state.taken.len(), state.sockets.len());
             drop(state);
             let mut pairs = HashSet::new();
             for (l, c) in &live {
@@ -868,6 +860,74 @@ mod tests {
                 assert!(pairs.insert((l.socket.id, Err(*c))), "a client twice on a socket");
             }
         }
+    }
+
+    /// A socket's reader locks its map of flows for every reply; choosing
+    /// and taking a socket for a new flow must not wait for it (the pool
+    /// keeps what each socket carries under its own lock).
+    #[test]
+    fn a_lease_does_not_wait_for_the_sockets_reader() {
+        let p = Arc::new(pools());
+        let remote = |i: u16| sa(&format!("198.51.100.7:{}", 7000 + i));
+        let (first, _) = p.lease(key(), sa("192.0.2.10:5000"), remote(0)).unwrap();
+        // The reader holds the socket's lock while the next flows are
+        // leased: one to the same socket, one that cannot fit on it.
+        let reading = lock(&first.socket.flows);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let leaser = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let same = p
+                    .lease(key(), sa("192.0.2.11:5000"), remote(1))
+                    .map(|(l, fresh)| (l.socket.id, fresh));
+                let other = p
+                    .lease(key(), sa("192.0.2.12:5000"), remote(0))
+                    .map(|(l, fresh)| (l.socket.id, fresh));
+                let _ = tx.send((same.ok(), other.ok()));
+            })
+        };
+        let got = rx.recv_timeout(Duration::from_secs(5));
+        drop(reading);
+        let _ = leaser.join();
+        let (same, other) = got.expect("leases waited for the socket's reader");
+        assert_eq!(same, Some((first.socket.id, false)));
+        assert!(matches!(other, Some((id, true)) if id != first.socket.id));
+    }
+
+    /// What a socket carries is kept in the pool beside the socket; a
+    /// socket that leaves the pool takes its own with it, and the one moved
+    /// into its position keeps its own.
+    #[test]
+    fn what_each_socket_carries_moves_with_it_when_another_closes() {
+        let p = pools();
+        let c = |i: u16| SocketAddr::from(([192, 0, 2, 10], 5000 + i));
+        let remote = |i: u16| SocketAddr::from(([198, 51, 100, 7], 7000 + i));
+        // One client endpoint on three sockets, then another client's flow
+        // to the first remote: on the second socket, its place.
+        let leases: Vec<_> = (0..3).map(|i| p.lease(key(), c(0), remote(i)).unwrap().0).collect();
+        let (extra, fresh) = p.lease(key(), c(1), remote(0)).unwrap();
+        assert!(!fresh);
+        assert_eq!(p.sockets(), 3);
+        // The first socket empties and closes; the last moves into its place.
+        leases[0].release(c(0));
+        let moved = extra.socket.clone();
+        assert_eq!(p.close_idle(Duration::ZERO), 1);
+        let state = lock(&extra.pool.state);
+        assert_eq!(state.position(&moved), Some(1));
+        assert_eq!(state.taken[1].flows(), 2);
+        assert_eq!(
+            state.position(&leases[2].socket),
+            Some(0),
+            "moved into the closed one's place"
+        );
+        assert_eq!(state.taken[0].flows(), 1);
+        assert!(state.taken[0].has_remote(state.fingerprints.of(c(0), remote(2))));
+        assert!(!state.taken[0].has_remote(state.fingerprints.of(c(0), remote(0))));
+        drop(state);
+        // c(0) is still on both sockets left: a new flow of it needs a third.
+        let (l, fresh) = p.lease(key(), c(0), remote(9)).unwrap();
+        assert!(fresh);
+        l.release(c(0));
     }
 
     #[test]

@@ -133,6 +133,25 @@ impl Session {
         }
     }
 
+    /// Whether a datagram from `sender` is this flow's to deliver: from
+    /// its destination (one destination), or from anyone (full cone).
+    ///
+    /// A pooled flow needs no such check (its socket hands it only what
+    /// its remote sent), but a SOCKS5 flow's replies all arrive from the
+    /// proxy, each naming the remote it came from, and many proxies relay
+    /// UDP as a full cone: whatever reaches the association's outgoing
+    /// port. Without this a stranger who learnt that port could reach the
+    /// client of a symmetric flow, spoofed as its destination. An
+    /// IPv4-mapped sender is taken as the IPv4 address it maps.
+    pub fn answers_from(&self, sender: SocketAddr) -> bool {
+        match self.key.target {
+            Target::Destination(dst) => {
+                dst.port() == sender.port() && dst.ip().to_canonical() == sender.ip().to_canonical()
+            }
+            Target::Cone(_) => true,
+        }
+    }
+
     /// The socket a run towards `dst` leaves on and the address it is sent
     /// to; `None` for a SOCKS5 flow, whose task sends.
     pub fn upstream_target(&self, dst: SocketAddr) -> Option<(RawFd, SocketAddr)> {
@@ -190,5 +209,40 @@ impl Session {
         let mut s = Session::new(key, upstream, idle_ms, last_active_ms);
         s.promoted_secs = AtomicU32::new(0);
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_symmetric_flow_answers_only_from_its_destination() {
+        let client = sa("192.0.2.10:40000");
+        let one = Session::detached(
+            FlowKey {
+                client,
+                target: Target::Destination(sa("198.51.100.7:7000")),
+            },
+            1_000,
+            0,
+        );
+        assert!(one.answers_from(sa("198.51.100.7:7000")));
+        assert!(one.answers_from(sa("[::ffff:198.51.100.7]:7000")));
+        assert!(!one.answers_from(sa("198.51.100.7:7001")));
+        assert!(!one.answers_from(sa("198.51.100.9:7000")));
+        let cone = Session::detached(
+            FlowKey {
+                client,
+                target: Target::Cone(1),
+            },
+            1_000,
+            0,
+        );
+        assert!(cone.answers_from(sa("198.51.100.9:9000")));
     }
 }

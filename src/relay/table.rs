@@ -385,6 +385,29 @@ impl SessionTable {
         expired
     }
 
+    /// Takes out every flow `ends` says must end (a reload's new drop
+    /// rules); clients left without flows are forgotten. Walks the whole
+    /// table, once per reload.
+    pub fn take_where(&self, mut ends: impl FnMut(&FlowKey) -> bool) -> Vec<Entry> {
+        let mut inner = self.lock();
+        let mut ended = Vec::new();
+        let ids: Vec<ClientId> = inner.clients.keys().copied().collect();
+        for id in ids {
+            let old = inner.load(id);
+            let Some(client) = inner.clients.get_mut(&id) else {
+                continue;
+            };
+            let keys: Vec<FlowKey> = client.flows.iter().map(|(k, _)| *k).filter(|k| ends(k)).collect();
+            ended.extend(keys.iter().filter_map(|k| client.flows.pop(k)));
+            if client.flows.is_empty() {
+                inner.clients.remove(&id);
+            }
+            inner.len -= old - inner.load(id);
+            inner.reorder(id, old);
+        }
+        ended
+    }
+
     /// New limits; when the capacity or quota shrank, the flows beyond them
     /// are returned (heaviest clients first).
     pub fn set_limits(&self, limits: Limits) -> Vec<Entry> {
@@ -579,6 +602,21 @@ mod tests {
             .await
             .expect("the task ended")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn take_where_ends_the_flows_it_names_and_keeps_the_count() {
+        let t = SessionTable::new(limits(10, 10));
+        for port in [1, 2, 3] {
+            add(&t, key(port));
+        }
+        add(&t, key_of("192.0.2.20", 1));
+        let ended = t.take_where(|k| k.client.port() == 2 || k.client.ip().to_string() == "192.0.2.20");
+        assert_eq!(ended.len(), 2);
+        assert_eq!(t.len(), 2);
+        assert!(t.get(&key(2)).is_none());
+        assert!(t.get(&key(1)).is_some() && t.get(&key(3)).is_some());
+        assert_eq!(t.clients(), (1, 2));
     }
 
     #[tokio::test]

@@ -162,3 +162,62 @@ pub fn recv_tos(sock: &UdpSocket) -> Option<(SocketAddr, Vec<u8>, u8)> {
         }
     }
 }
+
+/// Sends one UDP datagram in an IPv6 packet written whole (raw socket,
+/// `IPPROTO_RAW`) from `ns` to the next hop `via`: for destinations the
+/// kernel's UDP sockets refuse to send to, such as IPv4-mapped ones.
+pub fn send_raw_udp6(
+    ns: &Netns,
+    src: std::net::SocketAddrV6,
+    dst: std::net::SocketAddrV6,
+    via: std::net::Ipv6Addr,
+    payload: &[u8],
+) {
+    let len = u16::try_from(8 + payload.len()).expect("a small datagram");
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&src.ip().octets());
+    add(&dst.ip().octets());
+    add(&u32::from(len).to_be_bytes());
+    add(&[0, 0, 0, 17]);
+    add(&src.port().to_be_bytes());
+    add(&dst.port().to_be_bytes());
+    add(&len.to_be_bytes());
+    add(payload);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let checksum = match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    };
+    let mut packet = vec![6 << 4, 0, 0, 0];
+    packet.extend_from_slice(&len.to_be_bytes());
+    packet.extend_from_slice(&[17, 64]);
+    packet.extend_from_slice(&src.ip().octets());
+    packet.extend_from_slice(&dst.ip().octets());
+    packet.extend_from_slice(&src.port().to_be_bytes());
+    packet.extend_from_slice(&dst.port().to_be_bytes());
+    packet.extend_from_slice(&len.to_be_bytes());
+    packet.extend_from_slice(&checksum.to_be_bytes());
+    packet.extend_from_slice(payload);
+    let raw = ns.enter(|| {
+        socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(libc_ipproto_raw())),
+        )
+        .expect("raw IPv6 socket")
+    });
+    let to: socket2::SockAddr = std::net::SocketAddr::new(std::net::IpAddr::V6(via), 0).into();
+    raw.send_to(&packet, &to).expect("raw IPv6 send");
+}
+
+/// `IPPROTO_RAW`: the caller writes the IP header.
+fn libc_ipproto_raw() -> i32 {
+    255
+}
