@@ -9,11 +9,11 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::engine::{DnsEngine, Outcome, Transport};
 use super::misses::Misses;
 use super::outbox::{Gather, Outbox};
+use super::places::{Place, Places};
 use super::ratelimit::client_bucket;
 use super::replies::ReplyBatch;
 use super::tcp_connection;
@@ -34,7 +34,7 @@ pub struct DnsService {
     engine: ArcSwap<DnsEngine>,
     /// Misses (with refreshes and held answers) waiting at once, over
     /// every listener; each holds a permit while it waits.
-    pending: Arc<Semaphore>,
+    pending: Arc<Places>,
     tcp: Arc<TcpSlots>,
     stats: Arc<Stats>,
 }
@@ -97,7 +97,7 @@ impl DnsService {
     pub fn new(engine: DnsEngine, stats: Arc<Stats>) -> Self {
         DnsService {
             engine: ArcSwap::from_pointee(engine),
-            pending: Arc::new(Semaphore::new(MAX_PENDING)),
+            pending: Places::new(MAX_PENDING),
             tcp: Arc::new(TcpSlots::default()),
             stats,
         }
@@ -123,8 +123,8 @@ impl DnsService {
     }
 
     /// A permit to forward one more query, or `None` when too many wait.
-    pub fn forward_permit(&self) -> Option<OwnedSemaphorePermit> {
-        let permit = self.pending.clone().try_acquire_owned().ok();
+    pub fn forward_permit(&self) -> Option<Place> {
+        let permit = self.pending.try_take();
         if permit.is_none() {
             self.stats.dns_dropped_overload.inc();
         }
@@ -194,7 +194,7 @@ impl DnsService {
                 // the kernel cannot grow the set without bound. Past the
                 // bound the answer goes out without waiting, never
                 // dropped.
-                let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                let Some(permit) = self.pending.try_take() else {
                     now(&reply);
                     return;
                 };

@@ -274,11 +274,24 @@ pub async fn send_connected_read_only(
     retry: std::time::Duration,
 ) -> io::Result<u64> {
     let mut cleared = 0;
+    while !try_send_connected(socket.get_ref(), bytes, &mut cleared)? {
+        tokio::time::sleep(retry).await;
+    }
+    Ok(cleared)
+}
+
+/// One go at [`send_connected_read_only`]'s send, without waiting: `true`
+/// once sent, `false` when the socket's buffer is full. Pending ICMP
+/// errors are tried past as there, counted in `cleared` (at most
+/// [`ICMP_RETRIES`] in all). A caller that sends from a buffer it cannot
+/// keep across a wait (`dns::upstream::udp`'s query on the stack) tries
+/// this first and keeps a copy only when it must wait.
+pub fn try_send_connected(socket: &std::net::UdpSocket, bytes: &[u8], cleared: &mut u64) -> io::Result<bool> {
     loop {
-        match socket.get_ref().send(bytes) {
-            Ok(_) => return Ok(cleared),
-            Err(e) if would_block(&e) => tokio::time::sleep(retry).await,
-            Err(e) if super::pending_icmp_error(&e) && cleared < u64::from(ICMP_RETRIES) => cleared += 1,
+        match socket.send(bytes) {
+            Ok(_) => return Ok(true),
+            Err(e) if would_block(&e) => return Ok(false),
+            Err(e) if super::pending_icmp_error(&e) && *cleared < u64::from(ICMP_RETRIES) => *cleared += 1,
             Err(e) => return Err(e),
         }
     }

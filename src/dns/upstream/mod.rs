@@ -22,6 +22,7 @@ mod ports;
 mod runtime;
 mod udp;
 
+use crate::dns::places::{Place, Places};
 use futures_util::StreamExt;
 use hickory_net::{DnsError, DnsHandle, NetError};
 use hickory_proto::op::{DnsRequest, DnsRequestOptions, Message, MessageType, OpCode, Query, ResponseCode};
@@ -38,7 +39,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::names::wire_key;
@@ -156,7 +156,7 @@ pub struct UpstreamGroup {
     randomize_case: bool,
     flights: flight::Flights<FlightKey, Shared>,
     /// Client queries waiting on this group (see [`UpstreamGroup::admit`]).
-    pending: Arc<Semaphore>,
+    pending: Arc<Places>,
     /// When the servers' idle sockets are next checked for age, in
     /// milliseconds after `created` (see [`UpstreamGroup::sweep_sockets`]).
     next_sweep_ms: AtomicU64,
@@ -176,7 +176,7 @@ impl std::fmt::Debug for UpstreamGroup {
 
 /// A place in a group's pending limit, held until the client is answered.
 #[derive(Debug)]
-pub struct Admission(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct Admission(#[allow(dead_code)] Place);
 
 impl UpstreamGroup {
     pub fn new(name: &str, config: &UpstreamGroupConfig, mark: u32, stats: Arc<Stats>) -> Result<Self, UpstreamError> {
@@ -212,7 +212,7 @@ impl UpstreamGroup {
             server_timeout: config.server_timeout,
             randomize_case: config.case_randomization,
             flights: flight::Flights::default(),
-            pending: Arc::new(Semaphore::new(config.max_pending.max(1))),
+            pending: Places::new(config.max_pending.max(1)),
             next_sweep_ms: AtomicU64::new(0),
             created: Instant::now(),
             stats,
@@ -222,7 +222,7 @@ impl UpstreamGroup {
     /// A place among the group's pending queries, or `None` when
     /// `max_pending` are already waiting (answer SERVFAIL then).
     pub fn admit(&self) -> Option<Admission> {
-        self.pending.clone().try_acquire_owned().ok().map(Admission)
+        self.pending.try_take().map(Admission)
     }
 
     /// Resolves `query` by the group's servers, by `deadline`.
