@@ -23,7 +23,7 @@
 //! client starts the next at once, since its queue is known to build. Dropping costs a copy
 //! out of the kernel, relaying costs a send and, in the sender's own
 //! context, the kernel's delivery of it: the worker drains its queues and
-//! sleeps, and wakes promptly for the quiet client. The heavy client keeps
+//! sleeps, and wakes at once for the quiet client. The heavy client keeps
 //! whatever the worker relays between episodes: the capacity left over.
 //!
 //! Never when only one client is active: one client alone cannot be
