@@ -105,7 +105,7 @@ impl Sources {
             (
                 "flow_sockets",
                 "Descriptors held by flows: pooled, full-cone and SOCKS5 sockets.",
-                relay.flow_fds().used() as u64,
+                relay.flow_fds().held() as u64,
             ),
             (
                 "socks5_queued_bytes",
@@ -115,7 +115,7 @@ impl Sources {
             (
                 "flow_sockets_limit",
                 "Descriptors flows may hold (the budget's flow share).",
-                relay.flow_fds().limit() as u64,
+                relay.flow_fds().max() as u64,
             ),
             (
                 "open_fds",

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod net;
 pub mod nft;
 pub mod pidfile;
+pub mod places;
 pub mod priority;
 pub mod privileges;
 pub mod ratelog;

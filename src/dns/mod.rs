@@ -18,7 +18,6 @@ pub mod message;
 pub mod misses;
 pub mod names;
 pub mod outbox;
-pub mod places;
 pub mod plain_answer;
 pub mod plain_name;
 pub mod ratelimit;

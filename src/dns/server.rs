@@ -13,13 +13,13 @@ use tokio::net::{TcpListener, UdpSocket};
 use super::engine::{DnsEngine, Outcome, Transport};
 use super::misses::Misses;
 use super::outbox::{Gather, Outbox};
-use super::places::{Place, Places};
 use super::ratelimit::client_bucket;
 use super::replies::ReplyBatch;
 use super::tcp_connection;
 use crate::net::accept::AcceptBackoff;
 use crate::net::recv::{BATCH, RecvBatch};
 use crate::net::send::SendScratch;
+use crate::places::{Place, Places};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 

@@ -14,10 +14,11 @@
 //! when none is left the caller evicts a flow instead of failing
 //! (see `SessionTable::evict_heaviest`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use crate::config::RelayConfig;
+/// A count of descriptors in use against a limit, shared by everything that
+/// opens flow sockets; one descriptor is a [`Permit`]. The same bound as the
+/// DNS service's pending places: taken at once or refused, given back on drop.
+pub use crate::places::{Place as Permit, Places as FdShare};
 
 /// Raises the soft descriptor limit to the hard one (and, when privileged,
 /// the hard one as far as the kernel allows). Returns the soft limit now
@@ -140,56 +141,6 @@ impl Plan {
     }
 }
 
-/// A count of descriptors in use against a limit, shared by everything that
-/// opens flow sockets.
-#[derive(Debug)]
-pub struct FdShare {
-    used: AtomicUsize,
-    limit: AtomicUsize,
-}
-
-/// One descriptor of an [`FdShare`], given back when dropped.
-#[derive(Debug)]
-pub struct Permit(Arc<FdShare>);
-
-impl FdShare {
-    pub fn new(limit: usize) -> Arc<FdShare> {
-        Arc::new(FdShare {
-            used: AtomicUsize::new(0),
-            limit: AtomicUsize::new(limit),
-        })
-    }
-
-    /// `n` descriptors, if the share has them.
-    pub fn try_take(self: &Arc<Self>) -> Option<Permit> {
-        let limit = self.limit.load(Ordering::Relaxed);
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u < limit).then_some(u + 1))
-            .ok()
-            .map(|_| Permit(self.clone()))
-    }
-
-    /// Descriptors taken now.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    pub fn limit(&self) -> usize {
-        self.limit.load(Ordering::Relaxed)
-    }
-
-    /// A new limit (on reload); descriptors already taken stay taken.
-    pub fn set_limit(&self, limit: usize) {
-        self.limit.store(limit, Ordering::Relaxed);
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.0.used.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,7 +154,10 @@ mod tests {
         assert!(share.try_take().is_none());
         drop(a);
         assert!(share.try_take().is_some());
-        assert_eq!(share.used(), 1);
+        assert_eq!(share.held(), 1);
+        // A reload's lower limit refuses new descriptors until enough are back.
+        share.set_max(1);
+        assert!(share.try_take().is_none());
     }
 
     #[test]

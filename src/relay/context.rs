@@ -128,7 +128,7 @@ impl RelayContext {
         self.stats.sessions_evicted.add(ended as u64);
         let plan = Plan::new(config, self.plan.limit);
         self.replies.resize(reply_capacity(&plan));
-        self.flow_fds.set_limit(plan.flows);
+        self.flow_fds.set_max(plan.flows);
         self.shed_after_ms.store(config.shed_after_ms, Ordering::Relaxed);
         self.socks_budget.set_limit(config.socks5_queue_bytes);
         ended

@@ -939,7 +939,7 @@ mod tests {
             .map(|i| p.lease(key(), c, sa(&format!("127.0.0.1:{}", 1000 + i))).unwrap().0)
             .collect();
         let reader = leases[0].socket.clone();
-        assert_eq!(share.used(), 5);
+        assert_eq!(share.held(), 5);
         // In use: never closed, whatever the grace.
         assert_eq!(p.close_idle(Duration::ZERO), 0);
         for l in &leases[..3] {
@@ -953,7 +953,7 @@ mod tests {
         assert!(!leases[4].socket.is_retired());
         drop((reader, leases));
         // The descriptors are back once nothing holds the sockets.
-        assert_eq!(share.used(), 2);
+        assert_eq!(share.held(), 2);
         // The two left are still found, in their new positions.
         let state_len = p.sockets();
         assert_eq!(state_len, 2);

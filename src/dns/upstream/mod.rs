@@ -22,7 +22,7 @@ mod ports;
 mod runtime;
 mod udp;
 
-use crate::dns::places::{Place, Places};
+use crate::places::{Place, Places};
 use futures_util::StreamExt;
 use hickory_net::{DnsError, DnsHandle, NetError};
 use hickory_proto::op::{DnsRequest, DnsRequestOptions, Message, MessageType, OpCode, Query, ResponseCode};

@@ -1,12 +1,14 @@
 //! A bounded number of places, taken without waiting and given back on drop.
 //!
-//! The service's bound on misses waiting at once and each upstream group's
-//! `max_pending` are both "take a place now or be answered SERVFAIL": no
-//! caller ever waits for a place. They were tokio `Semaphore`s, whose
-//! permit, when dropped, takes the semaphore's waiter-list mutex to look
-//! for waiters that never exist here: about 100 instructions per drop, two
-//! drops per cache miss (callgrind, round 14 in docs/BENCHMARKS.md). A
-//! counter does the same bookkeeping with one atomic operation each way.
+//! Every bound here is "take a place now or be refused": no caller ever
+//! waits for one. The DNS service's bound on misses waiting at once and
+//! each upstream group's `max_pending` answer SERVFAIL past it; the relay's
+//! descriptor budget (`relay::budget::FdShare`) refuses a socket and makes
+//! room instead. The DNS bounds were tokio `Semaphore`s, whose permit, when
+//! dropped, takes the semaphore's waiter-list mutex to look for waiters that
+//! never exist here: about 100 instructions per drop, two drops per cache
+//! miss (callgrind, round 14 in docs/BENCHMARKS.md). A counter does the same
+//! bookkeeping with one atomic operation each way.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// At most `max` places held at once.
 #[derive(Debug)]
 pub struct Places {
-    max: usize,
+    max: AtomicUsize,
     held: AtomicUsize,
 }
 
@@ -26,7 +28,7 @@ impl Places {
     /// `max` places, none held.
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Places {
-            max,
+            max: AtomicUsize::new(max),
             held: AtomicUsize::new(0),
         })
     }
@@ -34,10 +36,9 @@ impl Places {
     /// A place, or `None` when all `max` are held.
     pub fn try_take(self: &Arc<Self>) -> Option<Place> {
         // A failed take writes nothing: a flood past the bound only reads.
+        let max = self.max.load(Ordering::Relaxed);
         self.held
-            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| {
-                (n < self.max).then_some(n + 1)
-            })
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
             .ok()?;
         Some(Place(self.clone()))
     }
@@ -45,6 +46,17 @@ impl Places {
     /// Places held now.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
+    }
+
+    /// The bound.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// A new bound (on reload); places already held stay held, and no new
+    /// one is given while they are over it.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 }
 
