@@ -143,6 +143,20 @@ impl Inner {
         }
     }
 
+    /// Takes the flows `keys` of `id` (which held `old` flows) into `into`;
+    /// a client left without flows is forgotten, and the count and the
+    /// load order follow. The one tail of every sweep over the table.
+    fn take_keys(&mut self, id: ClientId, old: usize, keys: &[FlowKey], into: &mut Vec<Entry>) {
+        if let Some(client) = self.clients.get_mut(&id) {
+            into.extend(keys.iter().filter_map(|k| client.flows.pop(k)));
+            if client.flows.is_empty() {
+                self.clients.remove(&id);
+            }
+        }
+        self.len -= old - self.load(id);
+        self.reorder(id, old);
+    }
+
     /// Pops the least recently used flow of `id`.
     fn pop_oldest(&mut self, id: ClientId) -> Option<Entry> {
         let old = self.load(id);
@@ -375,12 +389,7 @@ impl SessionTable {
                     break;
                 }
             }
-            expired.extend(keys.iter().filter_map(|k| client.flows.pop(k)));
-            if client.flows.is_empty() {
-                inner.clients.remove(&id);
-            }
-            inner.len -= old - inner.load(id);
-            inner.reorder(id, old);
+            inner.take_keys(id, old, &keys, &mut expired);
         }
         expired
     }
@@ -398,12 +407,7 @@ impl SessionTable {
                 continue;
             };
             let keys: Vec<FlowKey> = client.flows.iter().map(|(k, _)| *k).filter(|k| ends(k)).collect();
-            ended.extend(keys.iter().filter_map(|k| client.flows.pop(k)));
-            if client.flows.is_empty() {
-                inner.clients.remove(&id);
-            }
-            inner.len -= old - inner.load(id);
-            inner.reorder(id, old);
+            inner.take_keys(id, old, &keys, &mut ended);
         }
         ended
     }
