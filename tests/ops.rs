@@ -99,14 +99,17 @@ fn reload_swaps_rules_while_flows_keep_going_and_a_bad_config_is_refused() {
         })
     };
 
+    // The busy flow is exchanging before the reload starts and goes on
+    // for 20 more rounds after it ends, however slowly a loaded machine
+    // schedules it, so the reload happens in the middle of its traffic.
+    wait_for_rounds(&rounds, 5);
     std::fs::write(&daemon.config, config("192.0.2.51", "direct", "")).unwrap();
     let out = lab.tproxyd_command(&["reload", "--config", daemon.config.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     daemon.wait_for_log("configuration reloaded", Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_rounds(&rounds, rounds.load(Ordering::Relaxed) + 20);
     stop.store(true, Ordering::Relaxed);
     busy.join().unwrap();
-    assert!(rounds.load(Ordering::Relaxed) > 20);
     assert_eq!(
         failures.load(Ordering::Relaxed),
         0,
@@ -270,11 +273,15 @@ fn a_burst_of_reloads_is_not_queued_one_by_one() {
     let list = lab.path("block.list");
     let text: String = (0..200_000).map(|i| format!("ad{i}.block.example\n")).collect();
     std::fs::write(&list, text).unwrap();
-    let mut daemon = lab.start_tproxyd(&format!(
-        "{}[[dns.rules]]\nlists = [\"{}\"]\naction = \"block\"\n",
-        config("192.0.2.50", "drop", ""),
-        list.display()
-    ));
+    // Loading 200,000 names takes a debug build seconds on a busy machine.
+    let mut daemon = lab.start_tproxyd_within(
+        &format!(
+            "{}[[dns.rules]]\nlists = [\"{}\"]\naction = \"block\"\n",
+            config("192.0.2.50", "drop", ""),
+            list.display()
+        ),
+        Duration::from_secs(60),
+    );
     for _ in 0..SIGHUPS {
         daemon.signal(nix::sys::signal::Signal::SIGHUP);
         std::thread::sleep(Duration::from_millis(10));
@@ -290,6 +297,21 @@ fn a_burst_of_reloads_is_not_queued_one_by_one() {
     // Within 10 s of SIGTERM, or Daemon::stop fails the test.
     let stopped = daemon.stop();
     assert!(stopped.status.success(), "{}", stopped.log);
+}
+
+/// Waits until the busy flow of a reload test has done `n` rounds (each
+/// one an answer or a 1 s timeout, counted apart); fails the test if its
+/// thread stalls.
+fn wait_for_rounds(rounds: &AtomicUsize, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while rounds.load(Ordering::Relaxed) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the busy flow did {} of {n} rounds in 20 s",
+            rounds.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn auto_rules_config() -> String {
