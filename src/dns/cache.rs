@@ -261,6 +261,11 @@ pub struct Entry {
     /// The last encoding of the entry as an answer, served again to the
     /// same question at the same age.
     pub rendered: Rendered,
+    /// Whether the answers hold a CNAME or DNAME record, whose targets a
+    /// hit checks against the block rules in force (see
+    /// [`super::aliases`]); worked out once, so an answer without one
+    /// (the common one) costs a hit one test of a flag.
+    pub aliases: bool,
 }
 
 impl Entry {
@@ -269,6 +274,7 @@ impl Entry {
     /// encoding.
     fn new(records: Records, stored: Instant, lifetime: u32, bytes: usize, kept_room: usize) -> Self {
         Entry {
+            aliases: super::aliases::has_alias(&records.answers),
             rcode: records.rcode,
             answers: records.answers,
             authorities: records.authorities,
@@ -317,6 +323,11 @@ impl Entry {
         m.authorities = self.authorities.clone();
         m.additionals = self.additionals.clone();
         (m, self.lifetime, self.stored)
+    }
+
+    /// The answer section as stored.
+    pub fn answers(&self) -> &[Record] {
+        &self.answers
     }
 
     /// Copies the records into `msg` with TTLs reduced by `age` seconds.
