@@ -209,3 +209,108 @@ fn a_reload_that_blocks_a_cname_target_blocks_the_chain_already_cached() {
     // Unblocked names are still served from the kept cache.
     assert_eq!(q(&lab, "www.example.test A").answer_data(), ["203.0.113.80"]);
 }
+
+fn name(s: &str) -> hickory_proto::rr::Name {
+    hickory_proto::rr::Name::from_ascii(s).unwrap()
+}
+
+fn cname(owner: &str, target: &str) -> hickory_proto::rr::Record {
+    use hickory_proto::rr::{RData, Record, rdata::CNAME};
+    Record::from_rdata(name(owner), 300, RData::CNAME(CNAME(name(target))))
+}
+
+/// A lying upstream hides the blocked name behind what a careless check
+/// would stop at: one link repeated 30 times ahead of 15 more (past a
+/// bound of 18 records), odd letter case, and a DNAME with the CNAME it
+/// synthesizes. Each is blocked, from upstream and from the cache, and
+/// the block answer carries nothing of the chain; a chain of 100 links and
+/// a loop through the blocked name stay SERVFAIL.
+#[test]
+fn a_lying_upstream_cannot_hide_a_blocked_target_in_the_chain() {
+    use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+    use hickory_proto::rr::rdata::{A, NULL};
+    use hickory_proto::rr::{RData, Record, RecordType};
+    use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
+    let lab = Lab::with_servers(1);
+    lab.add_server_address(0, ip(UPSTREAM));
+    lab.add_server_address(0, ip(PUBLIC));
+    lab.install_rules("nft", "LAN_IF=lan0 DNS_TCP_PORT=15354");
+    let tracker = "TrAcKeR.AdNeT.TeSt.";
+    let fake = lab::fake_dns::FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), move |q| {
+        let asked = q.name().to_ascii().to_ascii_lowercase();
+        let label = asked.split('.').next().unwrap_or("").to_string();
+        let mut answers: Vec<Record> = Vec::new();
+        let mut chain = |links: usize, end: &str| {
+            let mut owner = asked.clone();
+            for i in 1..links {
+                let next = format!("hop{i}.{asked}");
+                answers.push(cname(&owner, &next));
+                owner = next;
+            }
+            answers.push(cname(&owner, end));
+            answers.push(Record::from_rdata(name(end), 300, RData::A(A::new(203, 0, 113, 99))));
+        };
+        match label.as_str() {
+            "padded" => {
+                chain(16, tracker);
+                let first = answers[0].clone();
+                for _ in 0..30 {
+                    answers.insert(0, first.clone());
+                }
+            }
+            "long" => chain(100, tracker),
+            "loop" => {
+                chain(3, tracker);
+                answers.pop();
+                answers.push(cname(tracker, &asked));
+            }
+            "x" => {
+                // x.dname.test: `dname.test DNAME adnet.test` and its CNAME.
+                let mut target = Vec::new();
+                name("adnet.test.").emit(&mut BinEncoder::new(&mut target)).unwrap();
+                answers.push(Record::from_rdata(
+                    name("dname.test."),
+                    300,
+                    RData::Unknown {
+                        code: RecordType::DNAME,
+                        rdata: NULL::with(target),
+                    },
+                ));
+                answers.push(cname(&asked, "x.adnet.test."));
+                answers.push(Record::from_rdata(
+                    name("x.adnet.test."),
+                    300,
+                    RData::A(A::new(203, 0, 113, 99)),
+                ));
+            }
+            _ => chain(1, "fine.cdn.test."),
+        }
+        let mut m = Message::new(0, MessageType::Response, OpCode::Query);
+        m.metadata.response_code = ResponseCode::NoError;
+        m.answers = answers;
+        m
+    });
+    let _daemon = lab.start_tproxyd(&config("", &block_rules(&lab)));
+    for _ in 0..2 {
+        for blocked in ["padded.attack.test", "x.dname.test"] {
+            let d = q(&lab, &format!("{blocked} A"));
+            assert_nxdomain(&d);
+            assert!(d.authority.is_empty(), "{}", d.raw);
+        }
+        for broken in ["long.attack.test", "loop.attack.test"] {
+            let d = q(&lab, &format!("{broken} A"));
+            assert_eq!(d.status, "SERVFAIL", "{}", d.raw);
+        }
+        let d = q(&lab, "ok.attack.test A");
+        assert_eq!(
+            d.answer_data().last().map(String::as_str),
+            Some("203.0.113.99"),
+            "{}",
+            d.raw
+        );
+    }
+    // The blocked chains came from the cache the second time.
+    assert_eq!(fake.asked("padded.attack.test."), 1, "{:?}", fake.names());
+    assert_eq!(fake.asked("x.dname.test."), 1, "{:?}", fake.names());
+    assert_eq!(cname_blocks(&lab), 4);
+}
