@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::aliases;
-use super::cache::{CacheKey, DnsCache, Lookup, PACKED_ON_STACK, Records, StackKey};
+use super::cache::{CacheKey, DnsCache, Entry, Lookup, PACKED_ON_STACK, Records, StackKey};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::{query_key, wire_key};
@@ -188,6 +188,9 @@ fn stale_window(config: &DnsConfig) -> u32 {
     }
 }
 
+/// Numbers engines' rules for [`DnsEngine::alias_generation`], from 1.
+static RULES_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 #[derive(Debug)]
 pub struct DnsEngine {
     /// Original destination ports whose datagrams this engine answers.
@@ -209,6 +212,12 @@ pub struct DnsEngine {
     /// Whether answers are blocked by their CNAME and DNAME targets
     /// (`dns.block_cname_targets`, and some rule naming names blocks).
     block_cname_targets: bool,
+    /// This engine's rules, as cache entries remember them (see
+    /// [`super::cache::Entry::clear_under`]): unique to each engine, so a
+    /// reload's new rules check every cached chain again. 0 when what the
+    /// rules say of a target depends on the client, and nothing is
+    /// remembered.
+    alias_generation: u64,
     timeout: Duration,
     max_udp_payload: u16,
     allow: Vec<IpNet>,
@@ -248,6 +257,11 @@ impl DnsEngine {
         let rules = RuleSet::build(config, index)?;
         // Read before `rules` moves into the engine.
         let blocks_names = rules.blocks_names();
+        let alias_generation = if rules.targets_depend_on_client() {
+            0
+        } else {
+            RULES_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        };
         let default_group = index(config.upstream.get_ref());
         let group_names = groups.iter().map(|g| Arc::from(g.name.as_str())).collect();
         Ok(DnsEngine {
@@ -261,6 +275,7 @@ impl DnsEngine {
             cache: Arc::new(DnsCache::with_stale_window(&config.cache, stale_window(config))),
             prefetch: config.prefetch,
             block_cname_targets: config.block_cname_targets && blocks_names,
+            alias_generation,
             stale: config.stale.enabled.then(|| StaleAnswers {
                 answer_after: config.stale.answer_after,
                 ttl: ttl_secs(config.stale.ttl),
@@ -508,7 +523,8 @@ impl DnsEngine {
             // Checked on every hit, under the rules in force: a reload that
             // adds a block applies to answers cached before it.
             if entry.aliases
-                && let Some(msg) = self.cname_blocked(&request, entry.answers(), client)
+                && let Some(rule) = self.cached_alias_block(&entry, client, qtype)
+                && let Some(msg) = self.cname_block_answer(&request, client, rule)
             {
                 return self.reply_to(&request, &msg, transport);
             }
@@ -701,7 +717,7 @@ impl DnsEngine {
             });
             return None;
         };
-        if entry.aliases && self.alias_block(entry.answers(), client, qtype).is_some() {
+        if entry.aliases && self.cached_alias_block(&entry, client, qtype).is_some() {
             // The full path answers with the block, and counts it.
             return None;
         }
@@ -1299,13 +1315,33 @@ impl DnsEngine {
     /// gives a query for that name (same mode and TTL), for the name
     /// asked. Counted apart from direct blocks (`action="block_cname"`).
     fn cname_blocked(&self, request: &Request, answers: &[Record], client: IpAddr) -> Option<Message> {
-        let qtype = request.query.query_type();
-        let rule = self.alias_block(answers, client, qtype)?;
+        let rule = self.alias_block(answers, client, request.query.query_type())?;
+        self.cname_block_answer(request, client, rule)
+    }
+
+    /// [`DnsEngine::alias_block`] for a cached answer (one with an alias):
+    /// an answer found clear under these rules for every client is not
+    /// looked at again until a reload brings other rules.
+    fn cached_alias_block(&self, entry: &Entry, client: IpAddr, qtype: RecordType) -> Option<&super::rules::Rule> {
+        let generation = self.alias_generation;
+        if !self.block_cname_targets || generation != 0 && entry.clear_under(generation) {
+            return None;
+        }
+        let rule = self.alias_block(entry.answers(), client, qtype);
+        if rule.is_none() && generation != 0 {
+            entry.mark_clear(generation);
+        }
+        rule
+    }
+
+    /// The block answer `rule` gives `request` for an alias target:
+    /// counted, and logged.
+    fn cname_block_answer(&self, request: &Request, client: IpAddr, rule: &super::rules::Rule) -> Option<Message> {
         let Action::Block(mode, ttl) = rule.action else {
             return None;
         };
         self.stats.dns_blocked_cname.inc();
-        tracing::debug!(%client, name = %query_key(request.query.name()), ?qtype, rule = rule.number, "DNS answer blocked by a CNAME target");
+        tracing::debug!(%client, name = %query_key(request.query.name()), qtype = ?request.query.query_type(), rule = rule.number, "DNS answer blocked by a CNAME target");
         Some(self.blocked(request, mode, ttl))
     }
 

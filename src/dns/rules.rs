@@ -208,6 +208,14 @@ impl RuleSet {
             .filter(|r| matches!(r.action, Action::Block(..)))
     }
 
+    /// Whether what [`RuleSet::target_block`] says can differ from one
+    /// client to another: some rule naming names has `clients`.
+    pub fn targets_depend_on_client(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| !matches!(r.names, Names::Any) && !r.clients.is_empty())
+    }
+
     /// Whether any rule naming names blocks: without one, no alias target
     /// can be blocked and answers are not looked at.
     pub fn blocks_names(&self) -> bool {

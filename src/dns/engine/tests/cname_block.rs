@@ -7,8 +7,15 @@ use super::*;
 
 /// The test config with a block list naming `adnet.test` and below.
 fn blocking(keys: &str) -> DnsEngine {
+    blocking_names(keys, "*.adnet.test", "")
+}
+
+/// The test config with a block rule for `names`, `rule_keys` added.
+fn blocking_names(keys: &str, names: &str, rule_keys: &str) -> DnsEngine {
     let text = CONFIG.replace("[dns]\n", &format!("[dns]\n{keys}\n"))
-        + "[[dns.rules]]\ndomains = [\"*.adnet.test\"]\naction = \"block\"\nblock = \"null\"\nttl = \"42s\"\n";
+        + &format!(
+            "[[dns.rules]]\ndomains = [\"{names}\"]\naction = \"block\"\nblock = \"null\"\nttl = \"42s\"\n{rule_keys}\n"
+        );
     let config = crate::config::Config::parse(&text, Path::new("t.toml")).unwrap();
     DnsEngine::build(config.dns().unwrap(), 255, Arc::new(Stats::default())).unwrap()
 }
@@ -75,11 +82,12 @@ fn a_chain_through_a_blocked_name_gets_the_rules_block_answer_every_way_of_askin
 }
 
 /// The reload case: an answer cached, and served from its kept encoding,
-/// under rules without the block is blocked by the next engine's rules
+/// under rules without the block (but blocking other names, so its chain
+/// was checked and found clear) is blocked by the next engine's rules
 /// however it is asked, from the same cache.
 #[test]
 fn a_rule_change_that_keeps_the_cache_blocks_chains_cached_before_it() {
-    let before = engine();
+    let before = blocking_names("", "*.other.test", "");
     learn(
         &before,
         "metrics.shop.test.",
@@ -165,4 +173,29 @@ fn answers_without_a_blocked_target_are_served_unchanged() {
         assert_eq!(read(&reply).1.len(), 1);
     }
     assert_eq!(engine.stats.dns_blocked_cname.get(), 0);
+}
+
+/// A block for some clients only: a chain found clear for one client is
+/// still checked for the next.
+#[test]
+fn a_per_client_block_applies_to_its_clients_whoever_asked_first() {
+    let engine = blocking_names("", "*.adnet.test", "clients = [\"192.0.2.10/32\"]");
+    learn(
+        &engine,
+        "metrics.shop.test.",
+        RecordType::A,
+        ResponseCode::NoError,
+        chain(2),
+        None,
+    );
+    let other = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11));
+    for how in every_way_of_asking() {
+        let q = query(9, "metrics.shop.test.", RecordType::A, how);
+        let Outcome::Reply(reply) = engine.answer_now(&q, other, how.transport) else {
+            panic!("no answer")
+        };
+        assert_eq!(read(&reply).1.len(), 3, "{how:?}");
+        let reply = answer(&engine, &q, how.transport);
+        assert!(is_null_block(&reply), "{how:?}: {:?}", read(&reply));
+    }
 }
