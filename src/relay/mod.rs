@@ -16,7 +16,8 @@
 //! * [`decide`] says what happens to each (relay, DNS, drop), for the
 //!   listener and for `tproxyd explain` alike;
 //! * [`open_backlog`] holds new flows (and their first datagrams) until
-//!   one of the [`opener`] tasks opens them, so the listener never waits;
+//!   one of the [`opener`] tasks opens them, so the listener never waits
+//!   (a flow a reload came between is decided again: [`redecide`]);
 //! * [`open`] makes a new flow's [`session`] and starts its task;
 //! * [`table`] maps each flow to its session, bounded and fair between
 //!   clients (a quota each, eviction from the heaviest, a [`rate`] bucket
@@ -55,6 +56,7 @@ pub mod pool_readers;
 mod pool_taken;
 pub mod rate;
 pub mod ready_set;
+pub mod redecide;
 pub mod reply;
 mod reply_order;
 pub mod rules;
