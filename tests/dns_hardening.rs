@@ -1083,6 +1083,56 @@ fn the_cache_file_outlives_a_restart_and_a_corrupt_one_is_ignored() {
     assert_eq!(stopped.counter("dns_cache_file_errors"), 1);
 }
 
+/// The cache file is read as root at start, from a directory the daemon's
+/// user writes (it saves the file there): what that user left at the path
+/// must neither hold the start nor fill a root process's memory.
+fn cache_file_lab() -> (Lab, lab::dns::Dnsmasq, std::path::PathBuf, String) {
+    let lab = dns_lab();
+    let upstream = example_upstream(&lab, &[]);
+    let file = lab.path("dns-cache");
+    let cfg = config(
+        &format!("{ALLOW_CLIENT}\ncache = {{ file = \"{}\" }}", file.display()),
+        "",
+    );
+    (lab, upstream, file, cfg)
+}
+
+#[test]
+fn a_cache_file_that_is_a_fifo_does_not_hold_the_start() {
+    let (lab, _upstream, file, cfg) = cache_file_lab();
+    nix::unistd::mkfifo(&file, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // Waits for "tproxyd ready": a start blocked on the FIFO never gets there.
+    let mut daemon = lab.start_tproxyd(&cfg);
+    daemon.wait_for_log("not a regular file", Duration::from_secs(2));
+    let d = q(&lab, &format!("@{PUBLIC} www.example.test A"));
+    assert_eq!(d.answer_data(), ["203.0.113.80"], "{}", d.raw);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_errors"), 1, "{}", stopped.log);
+}
+
+#[test]
+fn a_huge_cache_file_is_not_read_into_memory() {
+    let (lab, _upstream, file, cfg) = cache_file_lab();
+    // 1 GiB, sparse: costs no disk, and nothing like what a 32 MiB cache writes.
+    std::fs::File::create(&file).unwrap().set_len(1 << 30).unwrap();
+    let mut daemon = lab.start_tproxyd(&cfg);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        peak_kib < 256 * 1024,
+        "peak RSS {peak_kib} kB after starting with a 1 GiB cache file"
+    );
+    daemon.wait_for_log("a cache of this max_bytes writes", Duration::from_secs(2));
+    let d = q(&lab, &format!("@{PUBLIC} www.example.test A"));
+    assert_eq!(d.answer_data(), ["203.0.113.80"], "{}", d.raw);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_errors"), 1, "{}", stopped.log);
+}
+
 #[test]
 fn a_hot_name_is_refreshed_before_it_expires_and_never_misses_again() {
     let lab = dns_lab();
