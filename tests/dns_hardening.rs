@@ -1083,6 +1083,59 @@ fn the_cache_file_outlives_a_restart_and_a_corrupt_one_is_ignored() {
     assert_eq!(stopped.counter("dns_cache_file_errors"), 1);
 }
 
+/// A TCP connection to `to` from `src` (an address of the namespace the
+/// calling thread is in).
+fn tcp_from(src: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
+    use std::os::fd::AsRawFd;
+    let family = if src.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(SocketAddr::new(src, 0)))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// The transparent TCP listener takes connections to any local address,
+/// the gateway's WAN address included, and nothing in the redirect rules
+/// keeps the WAN from it. Hosts there, outside `dns.allow`, may hold a few
+/// connections (each query on them is REFUSED) but not the LAN's.
+#[test]
+fn strangers_on_the_wan_cannot_take_the_lans_dns_tcp_connections() {
+    let lab = dns_lab();
+    let _upstream = example_upstream(&lab, &[]);
+    let daemon = lab.start_tproxyd(&config(
+        &format!("{ALLOW_CLIENT}\ntcp = {{ max_connections = 32, max_per_client = 4, idle_timeout = \"60s\" }}"),
+        "",
+    ));
+    // Ten WAN hosts, four idle connections each: more than every slot.
+    let wan: Vec<IpAddr> = (20..30).map(|i| ip(&format!("198.51.100.{i}"))).collect();
+    for a in &wan {
+        lab.servers[0].sh(&format!("ip addr add {a}/25 dev wan0"));
+    }
+    let to = SocketAddr::new(lab::gateway_wan4(0), 15354);
+    let held = lab.servers[0].enter(move || {
+        wan.iter()
+            .flat_map(|&a| (0..4).map(move |_| tcp_from(a, to)))
+            .collect::<Vec<_>>()
+    });
+    assert!(held.iter().all(Result::is_ok), "{held:?}");
+    // Give the daemon time to take them all.
+    std::thread::sleep(Duration::from_secs(1));
+    for server in [PUBLIC, LISTEN] {
+        let d = q(&lab, &format!("+tcp @{server} www.example.test A"));
+        assert_eq!(d.answer_data(), ["203.0.113.80"], "{server}: {}", d.raw);
+    }
+    drop(held);
+    let stopped = daemon.stop();
+    // All but the four the strangers share were closed at once.
+    assert!(stopped.counter("dns_refused_acl") >= 36, "{}", stopped.log);
+    assert_eq!(stopped.counter("dns_dropped_overload"), 0);
+}
+
 /// The cache file is read as root at start, from a directory the daemon's
 /// user writes (it saves the file there): what that user left at the path
 /// must neither hold the start nor fill a root process's memory.
