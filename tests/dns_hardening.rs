@@ -1186,6 +1186,31 @@ fn a_huge_cache_file_is_not_read_into_memory() {
     assert_eq!(stopped.counter("dns_cache_file_errors"), 1, "{}", stopped.log);
 }
 
+/// Entries come back from the file under the clamps of the daemon that
+/// reads it, not of the one that wrote it (nor of whoever edited it).
+#[test]
+fn entries_from_the_cache_file_get_the_ttl_clamps_in_force() {
+    let (lab, _upstream, file, cfg) = cache_file_lab();
+    let daemon = lab.start_tproxyd(&cfg);
+    let d = q(&lab, &format!("@{PUBLIC} www.example.test A"));
+    assert!(d.answers[0].1 > 200, "{}", d.raw);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_saved"), 1, "{}", stopped.log);
+    // The same file, with max_ttl lowered to a minute.
+    let lowered = cfg.replace("cache = {", "cache = { max_ttl = \"60s\",");
+    assert_ne!(lowered, cfg);
+    let daemon = lab.start_tproxyd(&lowered);
+    for _ in 0..2 {
+        let d = q(&lab, &format!("@{PUBLIC} www.example.test A"));
+        assert_eq!(d.answer_data(), ["203.0.113.80"], "{}", d.raw);
+        assert!(d.answers[0].1 <= 60, "TTL above max_ttl: {}", d.raw);
+    }
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_loaded"), 1, "{}", stopped.log);
+    assert_eq!(stopped.counter("dns_cache_hits"), 2);
+    let _ = file;
+}
+
 #[test]
 fn a_hot_name_is_refreshed_before_it_expires_and_never_misses_again() {
     let lab = dns_lab();
