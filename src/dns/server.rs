@@ -184,7 +184,11 @@ impl DnsService {
                 misses.push(DnsEngine::forward_with(
                     engine,
                     pending,
-                    move |reply| send(&reply),
+                    move |reply| {
+                        send(&reply);
+                        // Copied into the batch: the next answer's buffer.
+                        super::plain_answer::give_back(reply);
+                    },
                     permit,
                 ));
             }

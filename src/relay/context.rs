@@ -8,6 +8,7 @@
 
 use arc_swap::{ArcSwap, Guard};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -20,7 +21,7 @@ use super::open_backlog::OpenBacklog;
 use super::pool::Pools;
 use super::pool_readers::PoolReaders;
 use super::reply::ReplySender;
-use super::rules::{Route, UdpRules};
+use super::rules::{Route, UdpRule, UdpRules};
 use super::session::Session;
 use super::shed::SharedShedder;
 use super::socks_queue::SocksBudget;
@@ -144,20 +145,25 @@ impl RelayContext {
     /// (each datagram also kept it from going idle) for as long as it
     /// liked. A full-cone flow has no one destination to judge and stays.
     fn end_dropped_flows(&self, rules: &UdpRules) -> usize {
-        let feed = self.dns().and_then(|d| d.engine().feed().cloned());
         let ended = self.table.take_where(|key| match key.target {
-            Target::Destination(dst) => {
-                let names = || {
-                    feed.as_ref()
-                        .map(|f| f.names_in_use(key.client.ip(), dst.ip()))
-                        .unwrap_or_default()
-                };
-                rules.route_named(key.client, dst, &names).route == Route::Drop
-            }
+            Target::Destination(dst) => self.route(rules, key.client, dst).route == Route::Drop,
             Target::Cone(_) => false,
         });
         // Dropped here, outside the table's lock.
         ended.len()
+    }
+
+    /// The rule `rules` give the flow from `client` to `dst`, with the
+    /// names tproxyd's DNS answered `client` for `dst`'s address (asked
+    /// only when a domain rule is reached): as the listener decides.
+    pub fn route<'r>(&self, rules: &'r UdpRules, client: SocketAddr, dst: SocketAddr) -> &'r UdpRule {
+        let names = || {
+            self.dns()
+                .and_then(|d| d.engine().feed().cloned())
+                .map(|feed| feed.names_in_use(client.ip(), dst.ip()))
+                .unwrap_or_default()
+        };
+        rules.route_named(client, dst, &names)
     }
 
     /// The listeners' overload target (`relay.shed_after_ms`); zero: off.

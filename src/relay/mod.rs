@@ -16,7 +16,8 @@
 //! * [`decide`] says what happens to each (relay, DNS, drop), for the
 //!   listener and for `tproxyd explain` alike;
 //! * [`open_backlog`] holds new flows (and their first datagrams) until
-//!   one of the [`opener`] tasks opens them, so the listener never waits;
+//!   one of the [`opener`] tasks opens them, so the listener never waits
+//!   (a flow a reload came between is decided again: [`redecide`]);
 //! * [`open`] makes a new flow's [`session`] and starts its task;
 //! * [`table`] maps each flow to its session, bounded and fair between
 //!   clients (a quota each, eviction from the heaviest, a [`rate`] bucket
@@ -25,7 +26,9 @@
 //!   an opener's round) with one system call per upstream socket;
 //! * [`pool`] allocates shared upstream sockets, within the descriptor
 //!   [`budget`];
-//! * [`inbound`] reads upstream sockets and hands replies to [`reply`],
+//! * [`inbound`] reads upstream sockets and hands replies to [`reply`]
+//!   (a full-cone flow's only from remotes the rules let through:
+//!   [`cone_filter`]),
 //!   which sends them from the spoofed original address; [`pool_readers`]
 //!   records which reader watches which pool socket;
 //! * [`context`] holds all of it behind methods and owns every task;
@@ -40,6 +43,7 @@
 pub mod account;
 pub mod budget;
 pub mod clock;
+pub mod cone_filter;
 pub mod context;
 pub mod decide;
 pub mod expiry;
@@ -55,6 +59,7 @@ pub mod pool_readers;
 mod pool_taken;
 pub mod rate;
 pub mod ready_set;
+pub mod redecide;
 pub mod reply;
 mod reply_order;
 pub mod rules;

@@ -18,6 +18,7 @@ use super::context::RelayContext;
 use super::key::{ClientId, FlowKey};
 use super::open::{self, OpenError, open};
 use super::open_backlog::{HeldList, OPENS_PER_ROUND};
+use super::redecide::{Now, decide_again};
 use super::rules::UdpRule;
 use super::session::Session;
 use super::slice::{Slice, Step};
@@ -61,16 +62,33 @@ async fn run(ctx: Arc<RelayContext>) {
         // flow. Filing the flows touches them with a later reading anyway.
         let mut now_ms = ctx.clock().ms_at(slice.started());
         for (n, job) in jobs.iter().enumerate() {
-            let rule = job.rule();
             let unfiled = round.unfiled(job.key.owner());
-            let entry = new_flow(&ctx, job.key, job.dst, rule, now_ms, unfiled, &mut || {
-                round.settle(&ctx)
-            });
+            let entry = {
+                // A reload may have come since the flow was filed.
+                let current = ctx.rules();
+                match decide_again(job, &current, |rules| ctx.route(rules, job.key.client, job.dst)) {
+                    Now::Open(rule) => {
+                        if rule.by_domain() {
+                            ctx.stats().domain_matches.inc();
+                        }
+                        new_flow(&ctx, job.key, job.dst, rule, now_ms, unfiled, &mut || {
+                            round.settle(&ctx)
+                        })
+                    }
+                    // Its held datagrams are dropped when the round
+                    // settles; counted once for the flow.
+                    Now::Dropped => {
+                        ctx.stats().drop_by_rule.inc();
+                        None
+                    }
+                    Now::Moved => {
+                        ctx.stats().drop_session_open_failed.inc();
+                        None
+                    }
+                }
+            };
             round.keys.push(job.key);
             round.entries.push(entry);
-            if rule.by_domain() {
-                ctx.stats().domain_matches.inc();
-            }
             match slice.step(round.keys.len(), SEND_EVERY) {
                 Step::Work => {}
                 // Sending what was held costs more than opening (see
