@@ -5,6 +5,7 @@
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hickory_proto::rr::Name;
@@ -111,7 +112,15 @@ impl UdpRule {
 pub struct UdpRules {
     rules: Vec<UdpRule>,
     default: UdpRule,
+    /// Tells these rules from every other set built in this process
+    /// (from 1): what a flow remembers verdicts under.
+    generation: u64,
+    /// Whether any rule drops.
+    drops: bool,
 }
+
+/// The generation of the next set of rules built.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 impl UdpRules {
     /// The rules of `config`; `mark` is the daemon's socket mark, to which
@@ -122,8 +131,10 @@ impl UdpRules {
             .iter()
             .enumerate()
             .map(|(i, r)| rule(i + 1, r.get_ref(), config, mark))
-            .collect();
+            .collect::<Vec<UdpRule>>();
         UdpRules {
+            drops: rules.iter().any(|r| r.route == Route::Drop),
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             rules,
             default: UdpRule {
                 number: 0,
@@ -167,6 +178,16 @@ impl UdpRules {
             .checked_sub(1)
             .and_then(|i| self.rules.get(i))
             .unwrap_or(&self.default)
+    }
+
+    /// Whether any rule drops.
+    pub fn has_drop_rules(&self) -> bool {
+        self.drops
+    }
+
+    /// Tells these rules from any other set this process built.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Whether any rule matches by name.
