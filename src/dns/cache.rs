@@ -708,6 +708,15 @@ impl DnsCache {
     /// Puts back an entry read from the cache file, `age` seconds old at
     /// `now`. Entries past their stale window are skipped; the bounds hold.
     pub(super) fn restore(&self, key: CacheKey, mut message: Message, lifetime: u32, age: u64, now: Instant) -> bool {
+        // The file was written under the clamps of its day, or by someone
+        // else: what it holds gets today's, as an upstream answer would.
+        // Without this, entries saved under a `max_ttl` of a day kept being
+        // served with TTLs of minutes to hours after a restart with
+        // `max_ttl = "60s"`, and a hand-edited file set any TTL it liked.
+        let Some(allowed) = self.policy.apply(&mut message) else {
+            return false;
+        };
+        let lifetime = lifetime.min(allowed);
         if lifetime == 0 || age >= u64::from(lifetime.saturating_add(self.stale_window)) {
             return false;
         }
