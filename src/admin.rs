@@ -103,6 +103,11 @@ impl Sources {
                 relay.pools().sockets() as u64,
             ),
             (
+                "own_sockets",
+                "Upstream sockets of flows that have one of their own (relay.own_socket_ports, a rule's own_socket).",
+                relay.pools().own_sockets() as u64,
+            ),
+            (
                 "flow_sockets",
                 "Descriptors held by flows: pooled, full-cone and SOCKS5 sockets.",
                 relay.flow_fds().held() as u64,

@@ -214,7 +214,14 @@ pub fn explain(config: &Config, path: &Path, question: &Question) -> Result<Stri
                     NatMode::Symmetric => "symmetric (one mapping per destination; only it may answer)",
                     NatMode::FullCone => "full-cone (one mapping per client endpoint; any remote may answer)",
                 };
-                let _ = writeln!(out, "  → NAT {nat}, idle timeout {:?}", rule.idle_timeout);
+                let own = rule.own_socket(*dst);
+                let _ = writeln!(out, "  → NAT {nat}, idle timeout {:?}", rule.idle_timeout_for(own));
+                if own {
+                    let _ = writeln!(
+                        out,
+                        "  → a socket of its own, on a port the kernel picks at random (relay.own_socket_ports or the rule's own_socket)"
+                    );
+                }
             }
         }
     }

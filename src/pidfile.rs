@@ -42,11 +42,35 @@ pub struct PidFile(PathBuf);
 impl PidFile {
     /// Writes our pid to `path`, owned by `owner` when given (the user the
     /// daemon will run as).
+    ///
+    /// This runs as root, in a directory that the daemon's user is meant to
+    /// be able to write (so that it can remove the file at exit): that user
+    /// may have left anything at `path` in a run before. Writing through the
+    /// path would follow a symlink or a hard link it planted there, and
+    /// then hand the target to that user: a root-owned file such as
+    /// `/etc/shadow` truncated to our pid and owned by the dropped user,
+    /// who may then write it. So whatever is at `path` is unlinked (which
+    /// never follows a link), the file is created anew with `O_EXCL` and
+    /// `O_NOFOLLOW` (a name that reappears in between is an error, not
+    /// followed), and it is handed over by its descriptor, not by its path.
     pub fn create(path: &Path, owner: Option<(Uid, Gid)>) -> io::Result<PidFile> {
-        std::fs::write(path, format!("{}\n", std::process::id()))?;
-        if let Some((uid, gid)) = owner {
-            nix::unistd::chown(path, Some(uid), Some(gid)).map_err(io::Error::from)?;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&file, Some(uid.as_raw()), Some(gid.as_raw()))?;
+        }
+        file.write_all(format!("{}\n", std::process::id()).as_bytes())?;
         Ok(PidFile(path.to_path_buf()))
     }
 }
@@ -57,9 +81,13 @@ impl Drop for PidFile {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                // Not through a link, nor blocking on a FIFO, that someone
+                // may have put there since.
                 let emptied = std::fs::OpenOptions::new()
                     .write(true)
                     .truncate(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
                     .open(&self.0)
                     .is_ok();
                 tracing::warn!(

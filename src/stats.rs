@@ -160,6 +160,9 @@ counters! {
     dns_answered_local => "dns_queries_by_action_total", "action=\"answer\"";
     /// DNS queries answered by a `block` rule.
     dns_blocked => "dns_queries_by_action_total", "action=\"block\"";
+    /// DNS answers blocked because a CNAME or DNAME target in them is
+    /// named by a `block` rule (`dns.block_cname_targets`).
+    dns_blocked_cname => "dns_queries_by_action_total", "action=\"block_cname\"";
     /// DNS answers served from the cache.
     dns_cache_hits => "dns_queries_by_action_total", "action=\"cache\"";
     /// DNS queries not in the cache (then forwarded, or dropped on overload).

@@ -193,6 +193,38 @@ fn one_socket_to_twenty_thousand_destinations_is_linear_and_stalls_no_one() {
     assert!(stopped.counter("sessions_opened") >= N as u64 * 99 / 100);
 }
 
+/// The drop, eviction and error counters that grew from one scrape
+/// (`before`) to the next, as `name{labels} +n`.
+fn counter_deltas(before: &str, after: &str) -> String {
+    let counters = |text: &str| -> Vec<(String, u64)> {
+        text.lines()
+            .filter(|l| {
+                ["drops_total", "evicted", "errors_total", "shed", "reply_"]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                Some((series.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    };
+    let was = counters(before);
+    counters(after)
+        .into_iter()
+        .filter_map(|(series, now)| {
+            let then = was.iter().find(|(s, _)| *s == series).map_or(0, |(_, v)| *v);
+            (now > then).then(|| format!("{series} +{}", now - then))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// How long a probe of a new flow that went unanswered for a second
+/// goes on trying.
+const LATE: Duration = Duration::from_secs(5);
+
 #[test]
 fn a_flow_flood_under_a_low_descriptor_limit_leaves_room_for_new_clients_and_metrics() {
     const PORTS: usize = 4_000;
@@ -216,6 +248,8 @@ fn a_flow_flood_under_a_low_descriptor_limit_leaves_room_for_new_clients_and_met
     let mut answered = 0;
     let mut outcomes = Vec::new();
     let mut scrapes = Vec::new();
+    let mut in_time = 0;
+    let mut late = Vec::new();
     let mut port = 45000;
     while !flood.is_finished() || new_flows < 5 {
         let t = Instant::now();
@@ -225,19 +259,42 @@ fn a_flow_flood_under_a_low_descriptor_limit_leaves_room_for_new_clients_and_met
         new_flows += 1;
         // A client retries a lost datagram (the flood overflows the
         // listener's queue, and the kernel drops without looking at who
-        // sent): five tries within the second.
+        // sent): five tries within the second, and on for LATE more if
+        // none was answered. A new flow waits for the opener's round in
+        // progress (32 flows, each evicting another under the descriptor
+        // budget), which took up to 292 ms with the test on one CPU at
+        // load 9-11; and all five tries of a second can be lost (seen once
+        // in 15 runs there: none reached the server, and the counters
+        // could not tell whether the listener's full queue or the daemon
+        // dropped them). A flow the daemon keeps dropping is never
+        // answered.
+        let echoed_before = probe_echo.received().len();
         let mut outcome = None;
-        for _ in 0..5 {
+        let mut tries = 0;
+        while outcome.is_none() && t.elapsed() < Duration::from_secs(1) + LATE {
+            tries += 1;
             sock.send_to(b"hello", probe_echo.addr).unwrap();
             if let Some((from, data)) = lab::udp::recv(&sock) {
                 assert_eq!((from, data.as_slice()), (probe_echo.addr, &b"hello"[..]));
-                answered += 1;
                 outcome = Some(t.elapsed());
-                break;
             }
         }
+        answered += usize::from(outcome.is_some());
+        in_time += usize::from(outcome.is_some_and(|o| o < Duration::from_secs(1)));
         outcomes.push(outcome);
         scrapes.push(scrape(&lab.gateway, ADMIN.parse().unwrap(), Duration::from_secs(1)));
+        if outcome.is_none_or(|o| o >= Duration::from_secs(1)) {
+            // Where the probe was held up or lost: did its datagrams reach
+            // the server (tproxyd relayed them), and what did the daemon
+            // drop or evict meanwhile?
+            let before = scrapes.iter().rev().nth(1).cloned().flatten().unwrap_or_default();
+            let after = scrapes.last().cloned().flatten().unwrap_or_default();
+            late.push(format!(
+                "probe {new_flows} ({outcome:?}): the server got {} of {tries}; {}",
+                probe_echo.received().len() - echoed_before,
+                counter_deltas(&before, &after)
+            ));
+        }
         if let Some(wait) = Duration::from_secs(1).checked_sub(t.elapsed()) {
             std::thread::sleep(wait);
         }
@@ -258,11 +315,24 @@ fn a_flow_flood_under_a_low_descriptor_limit_leaves_room_for_new_clients_and_met
         metric(last, "tproxyd_flow_sockets"),
         metric(last, "tproxyd_flow_sockets_limit"),
     );
+    eprintln!("late or unanswered: {late:?}");
     let stopped = daemon.stop();
     assert!(stopped.status.success(), "{}", stopped.log);
+    // No new flow of the other client is dropped for good (by a share of
+    // the backlog, the budget, an eviction)...
+    assert_eq!(
+        answered, new_flows,
+        "new flows of the other client went unanswered: {late:?}\n{}",
+        stopped.log
+    );
+    // ... and at most one in ten (rounded up) waits longer than the
+    // second for its answer. Asked as "9 of 10 answered within the
+    // second", it demanded 9 of 9 when the flood ended within nine
+    // probes, and one probe whose tries were all lost in that second
+    // failed it (at load 6-7, 8 of 9).
     assert!(
-        answered * 10 >= new_flows * 9,
-        "only {answered} of {new_flows} new flows were answered:\n{}",
+        new_flows - in_time <= new_flows.div_ceil(10),
+        "only {in_time} of {new_flows} new flows were answered within the second: {late:?}\n{}",
         stopped.log
     );
     assert_eq!(answered_scrapes.len(), scrapes.len(), "/metrics did not always answer");

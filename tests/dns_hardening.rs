@@ -1083,6 +1083,134 @@ fn the_cache_file_outlives_a_restart_and_a_corrupt_one_is_ignored() {
     assert_eq!(stopped.counter("dns_cache_file_errors"), 1);
 }
 
+/// A TCP connection to `to` from `src` (an address of the namespace the
+/// calling thread is in).
+fn tcp_from(src: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
+    use std::os::fd::AsRawFd;
+    let family = if src.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(SocketAddr::new(src, 0)))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// The transparent TCP listener takes connections to any local address,
+/// the gateway's WAN address included, and nothing in the redirect rules
+/// keeps the WAN from it. Hosts there, outside `dns.allow`, may hold a few
+/// connections (each query on them is REFUSED) but not the LAN's.
+#[test]
+fn strangers_on_the_wan_cannot_take_the_lans_dns_tcp_connections() {
+    let lab = dns_lab();
+    let _upstream = example_upstream(&lab, &[]);
+    let daemon = lab.start_tproxyd(&config(
+        &format!("{ALLOW_CLIENT}\ntcp = {{ max_connections = 32, max_per_client = 4, idle_timeout = \"60s\" }}"),
+        "",
+    ));
+    // Ten WAN hosts, four idle connections each: more than every slot.
+    let wan: Vec<IpAddr> = (20..30).map(|i| ip(&format!("198.51.100.{i}"))).collect();
+    for a in &wan {
+        lab.servers[0].sh(&format!("ip addr add {a}/25 dev wan0"));
+    }
+    let to = SocketAddr::new(lab::gateway_wan4(0), 15354);
+    let held = lab.servers[0].enter(move || {
+        wan.iter()
+            .flat_map(|&a| (0..4).map(move |_| tcp_from(a, to)))
+            .collect::<Vec<_>>()
+    });
+    assert!(held.iter().all(Result::is_ok), "{held:?}");
+    // Give the daemon time to take them all.
+    std::thread::sleep(Duration::from_secs(1));
+    for server in [PUBLIC, LISTEN] {
+        let d = q(&lab, &format!("+tcp @{server} www.example.test A"));
+        assert_eq!(d.answer_data(), ["203.0.113.80"], "{server}: {}", d.raw);
+    }
+    drop(held);
+    let stopped = daemon.stop();
+    // All but the four the strangers share were closed at once.
+    assert!(stopped.counter("dns_refused_acl") >= 36, "{}", stopped.log);
+    assert_eq!(stopped.counter("dns_dropped_overload"), 0);
+}
+
+/// The cache file is read as root at start, from a directory the daemon's
+/// user writes (it saves the file there): what that user left at the path
+/// must neither hold the start nor fill a root process's memory.
+fn cache_file_lab() -> (Lab, lab::dns::Dnsmasq, std::path::PathBuf, String) {
+    let lab = dns_lab();
+    let upstream = example_upstream(&lab, &[]);
+    let file = lab.path("dns-cache");
+    let cfg = config(
+        &format!("{ALLOW_CLIENT}\ncache = {{ file = \"{}\" }}", file.display()),
+        "",
+    );
+    (lab, upstream, file, cfg)
+}
+
+#[test]
+fn a_cache_file_that_is_a_fifo_does_not_hold_the_start() {
+    let (lab, _upstream, file, cfg) = cache_file_lab();
+    nix::unistd::mkfifo(&file, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // Waits for "tproxyd ready": a start blocked on the FIFO never gets there.
+    let mut daemon = lab.start_tproxyd(&cfg);
+    daemon.wait_for_log("not a regular file", Duration::from_secs(2));
+    let d = q(&lab, &format!("@{PUBLIC} www.example.test A"));
+    assert_eq!(d.answer_data(), ["203.0.113.80"], "{}", d.raw);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_errors"), 1, "{}", stopped.log);
+}
+
+#[test]
+fn a_huge_cache_file_is_not_read_into_memory() {
+    let (lab, _upstream, file, cfg) = cache_file_lab();
+    // 1 GiB, sparse: costs no disk, and nothing like what a 32 MiB cache writes.
+    std::fs::File::create(&file).unwrap().set_len(1 << 30).unwrap();
+    let mut daemon = lab.start_tproxyd(&cfg);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        peak_kib < 256 * 1024,
+        "peak RSS {peak_kib} kB after starting with a 1 GiB cache file"
+    );
+    daemon.wait_for_log("a cache of this max_bytes writes", Duration::from_secs(2));
+    let d = q(&lab, &format!("@{PUBLIC} www.example.test A"));
+    assert_eq!(d.answer_data(), ["203.0.113.80"], "{}", d.raw);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_errors"), 1, "{}", stopped.log);
+}
+
+/// Entries come back from the file under the clamps of the daemon that
+/// reads it, not of the one that wrote it (nor of whoever edited it).
+#[test]
+fn entries_from_the_cache_file_get_the_ttl_clamps_in_force() {
+    let (lab, _upstream, file, cfg) = cache_file_lab();
+    let daemon = lab.start_tproxyd(&cfg);
+    let d = q(&lab, &format!("@{PUBLIC} www.example.test A"));
+    assert!(d.answers[0].1 > 200, "{}", d.raw);
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_saved"), 1, "{}", stopped.log);
+    // The same file, with max_ttl lowered to a minute.
+    let lowered = cfg.replace("cache = {", "cache = { max_ttl = \"60s\",");
+    assert_ne!(lowered, cfg);
+    let daemon = lab.start_tproxyd(&lowered);
+    for _ in 0..2 {
+        let d = q(&lab, &format!("@{PUBLIC} www.example.test A"));
+        assert_eq!(d.answer_data(), ["203.0.113.80"], "{}", d.raw);
+        assert!(d.answers[0].1 <= 60, "TTL above max_ttl: {}", d.raw);
+    }
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("dns_cache_file_loaded"), 1, "{}", stopped.log);
+    assert_eq!(stopped.counter("dns_cache_hits"), 2);
+    let _ = file;
+}
+
 #[test]
 fn a_hot_name_is_refreshed_before_it_expires_and_never_misses_again() {
     let lab = dns_lab();

@@ -1,6 +1,8 @@
 //! The pid file after the daemon drops privileges: gone at exit where the
-//! user may remove it, emptied where it may not, and never a reason for
-//! `tproxyd reload` to signal a process that is not tproxyd.
+//! user may remove it, emptied where it may not, never a way for that user
+//! to have root write or hand over another file at the next start, and
+//! never a reason for `tproxyd reload` to signal a process that is not
+//! tproxyd.
 
 mod lab;
 
@@ -30,6 +32,66 @@ fn the_pid_file_goes_away_at_exit_after_dropping_to_nobody() {
     let stopped = daemon.stop();
     assert!(stopped.status.success(), "{}", stopped.log);
     assert!(!pid_file.exists(), "the pid file outlived the daemon:\n{}", stopped.log);
+}
+
+/// A root-owned file outside the pid file's directory, 0600, that the
+/// daemon's user must never be able to read or write.
+fn victim(lab: &Lab) -> std::path::PathBuf {
+    let victim = lab.path("root-only.conf");
+    std::fs::write(&victim, "secret = 1\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    victim
+}
+
+/// What a start as root did to `victim`, and to the pid file.
+fn start_over_planted(lab: &Lab, pid_file: &Path, victim: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let daemon = lab.start_tproxyd(&config(pid_file));
+    let meta = std::fs::metadata(victim).unwrap();
+    let text = std::fs::read_to_string(victim).unwrap();
+    let written = std::fs::symlink_metadata(pid_file).unwrap();
+    let pid = std::fs::read_to_string(pid_file).unwrap_or_default();
+    let expected_pid = daemon.pid().to_string();
+    let stopped = daemon.stop();
+    assert!(stopped.status.success(), "{}", stopped.log);
+    assert_eq!(
+        (text.as_str(), meta.uid(), meta.mode() & 0o777),
+        ("secret = 1\n", 0, 0o600),
+        "root wrote or handed over the file the pid file's name led to"
+    );
+    assert!(written.file_type().is_file(), "the pid file is a file of its own");
+    assert_eq!(written.nlink(), 1);
+    assert_eq!(pid.trim(), expected_pid);
+}
+
+#[test]
+fn a_symlink_left_where_the_pid_file_goes_is_not_followed() {
+    lab::require_uid_65534();
+    let lab = Lab::new();
+    let run = lab.path("run");
+    std::fs::create_dir(&run).unwrap();
+    nix::unistd::chown(&run, Some(65534.into()), Some(65534.into())).unwrap();
+    let victim = victim(&lab);
+    // What the daemon's user (it may write `run`) leaves for the next start.
+    let pid_file = run.join("tproxyd.pid");
+    std::os::unix::fs::symlink(&victim, &pid_file).unwrap();
+    std::os::unix::fs::lchown(&pid_file, Some(65534), Some(65534)).unwrap();
+    start_over_planted(&lab, &pid_file, &victim);
+}
+
+#[test]
+fn a_hard_link_left_where_the_pid_file_goes_is_not_written() {
+    lab::require_uid_65534();
+    let lab = Lab::new();
+    let run = lab.path("run");
+    std::fs::create_dir(&run).unwrap();
+    nix::unistd::chown(&run, Some(65534.into()), Some(65534.into())).unwrap();
+    let victim = victim(&lab);
+    // The same file system, and fs.protected_hardlinks may be 0: any user
+    // may then link a file it cannot read.
+    let pid_file = run.join("tproxyd.pid");
+    std::fs::hard_link(&victim, &pid_file).unwrap();
+    start_over_planted(&lab, &pid_file, &victim);
 }
 
 #[test]

@@ -165,6 +165,56 @@ fn a_drop_rule_added_by_a_reload_ends_the_flows_it_matches() {
     assert_eq!(stopped.counter("drop_unsolicited"), 3, "{}", stopped.log);
 }
 
+/// A full-cone flow has no one destination for a reload's drop rule to
+/// end it by; what a remote the rule drops sends to the flow's mapping
+/// must not reach the client all the same (nor keep the flow alive),
+/// while the flow's other remotes still do.
+#[test]
+fn a_drop_rule_added_by_a_reload_keeps_its_remote_out_of_full_cone_flows() {
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let mut daemon = lab.start_tproxyd(&config("nat = \"full-cone\""));
+    let server = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let blocked_addr = sa(ip("198.51.100.9"), 9000);
+    lab.add_server_address(0, blocked_addr.ip());
+    let blocked = socket(&lab.servers[0], blocked_addr);
+    let sock = socket(&lab.client, client4(40000));
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    exchange(&sock, server.addr, b"hello");
+    let mapping = server.last_peer();
+    blocked.send_to(b"before", mapping).unwrap();
+    let (from, data) = recv(&sock).expect("before the reload the full cone lets it through");
+    assert_eq!((from, data.as_slice()), (blocked_addr, &b"before"[..]));
+    std::fs::write(
+        &daemon.config,
+        config("nat = \"full-cone\"\n[[relay.rules]]\ndestinations = [\"198.51.100.9/32\"]\naction = \"drop\"\n"),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    for i in 0..3 {
+        blocked.send_to(format!("pushed {i}").as_bytes(), mapping).unwrap();
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+    let mut reached = Vec::new();
+    while let Some((from, data)) = recv(&sock) {
+        reached.push((from, String::from_utf8_lossy(&data).into_owned()));
+    }
+    assert!(
+        reached.is_empty(),
+        "the dropped remote still reached the client: {reached:?}"
+    );
+    // The flow lives on for the remotes the rules let through.
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    server.send_to(b"unasked", mapping);
+    let (from, data) = recv(&sock).expect("the flow's other remote still reaches the client");
+    assert_eq!((from, data.as_slice()), (server.addr, &b"unasked"[..]));
+    exchange(&sock, server.addr, b"after");
+    assert_eq!(server.last_peer(), mapping, "the flow kept its mapping");
+    let stopped = daemon.stop();
+    assert_eq!(stopped.counter("drop_unsolicited"), 3, "{}", stopped.log);
+}
+
 #[test]
 fn per_rule_idle_timeouts() {
     let lab = Lab::new();

@@ -57,6 +57,11 @@ pub struct DnsConfig {
     pub prefetch: u32,
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Whether an answer whose CNAME or DNAME chain leads to a name a
+    /// `block` rule names is blocked as that name would be (trackers
+    /// hidden behind a first-party alias, "CNAME cloaking").
+    #[serde(default = "DnsConfig::default_block_cname_targets")]
+    pub block_cname_targets: bool,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamGroupConfig>,
     /// Evaluated in file order; the first match decides.
@@ -100,6 +105,9 @@ impl DnsConfig {
     }
     fn default_prefetch() -> u32 {
         3
+    }
+    fn default_block_cname_targets() -> bool {
+        true
     }
     fn default_allow() -> Vec<IpNet> {
         [

@@ -105,6 +105,26 @@ pub struct RelayConfig {
     /// NAT behaviour of flows no rule sets it for.
     #[serde(default)]
     pub nat: NatMode,
+    /// Destination ports whose symmetric flows each get an upstream socket
+    /// of their own, on a port the kernel picks at random, instead of a
+    /// shared pool socket. A pool socket's port is learnt by every server
+    /// that shares it, and a remote's first flow always takes the pool's
+    /// first socket; a DNS query's source port is half of what keeps an
+    /// off-path spoofer out (RFC 5452). A rule's `own_socket` wins over
+    /// this list. Default `[53]`; `[]` turns it off.
+    #[serde(default = "RelayConfig::default_own_socket_ports")]
+    pub own_socket_ports: Vec<udp::PortRange>,
+    /// Idle timeout of flows on a socket of their own whose rule sets no
+    /// `idle_timeout` (at most `idle_timeout`). Such a flow holds a
+    /// descriptor until then: a LAN resolver opens one per query, and a
+    /// query is answered or given up within seconds. RFC 4787 REQ-5a lets
+    /// a NAT keep shorter timers for well-known ports; Linux conntrack
+    /// forgets an unanswered UDP flow after 30 s. Default 30 s.
+    #[serde(
+        default = "RelayConfig::default_own_socket_idle",
+        deserialize_with = "positive_duration"
+    )]
+    pub own_socket_idle_timeout: Duration,
     /// Most flows one client (an IPv4 address, an IPv6 /64) may hold; at
     /// its quota a client's new flow replaces its own least recently used
     /// one. Default: a quarter of `session_capacity`, so one device can
@@ -169,6 +189,12 @@ impl RelayConfig {
     fn default_idle() -> Duration {
         Duration::from_secs(120)
     }
+    fn default_own_socket_ports() -> Vec<udp::PortRange> {
+        vec![udp::PortRange { first: 53, last: 53 }]
+    }
+    fn default_own_socket_idle() -> Duration {
+        Duration::from_secs(30)
+    }
     fn default_receive_buffer() -> usize {
         4 << 20
     }
@@ -213,6 +239,8 @@ impl Default for RelayConfig {
             receive_buffer: Self::default_receive_buffer(),
             listener_sockets: Self::default_listener_sockets(),
             nat: NatMode::default(),
+            own_socket_ports: Self::default_own_socket_ports(),
+            own_socket_idle_timeout: Self::default_own_socket_idle(),
             max_sessions_per_client: None,
             new_flows_per_client: Self::default_new_flows(),
             shed_after_ms: Self::default_shed_after_ms(),

@@ -323,3 +323,63 @@ fn nice_is_optional_and_must_be_in_the_kernels_range() {
     let e = error("nice = \"high\"\n");
     assert!(e.starts_with("t.toml:1:8: "), "{e}");
 }
+
+#[test]
+fn own_socket_ports_default_to_dns_and_are_checked() {
+    let c = parse("").unwrap();
+    assert_eq!(c.relay.own_socket_ports, vec![udp::PortRange { first: 53, last: 53 }]);
+    assert_eq!(c.relay.own_socket_idle_timeout, Duration::from_secs(30));
+    let c = parse("[relay]\nown_socket_ports = [53, 123, \"5000-5010\"]\nown_socket_idle_timeout = \"10s\"\n").unwrap();
+    assert_eq!(c.relay.own_socket_ports.len(), 3);
+    assert!(c.relay.own_socket_ports[2].contains(5005));
+    assert_eq!(c.relay.own_socket_idle_timeout, Duration::from_secs(10));
+    assert!(
+        parse("[relay]\nown_socket_ports = []\n")
+            .unwrap()
+            .relay
+            .own_socket_ports
+            .is_empty()
+    );
+    for (value, needle) in [
+        ("own_socket_ports = [0]", "invalid port range"),
+        ("own_socket_ports = [\"60-50\"]", "invalid port range"),
+        ("own_socket_ports = [70000]", "invalid port range"),
+        ("own_socket_ports = 53", "invalid type"),
+        ("own_socket_idle_timeout = \"0s\"", "greater than zero"),
+    ] {
+        let e = error(&format!("[relay]\n{value}\n"));
+        assert!(e.starts_with("t.toml:2:"), "{value}: {e}");
+        assert!(e.contains(needle), "{value}: {e}");
+    }
+}
+
+#[test]
+fn a_rules_own_socket_is_for_symmetric_flows_from_our_sockets() {
+    let ok = "[[relay.rules]]\nports = [123]\naction = \"direct\"\nown_socket = true\n\
+              [[relay.rules]]\nports = [53]\naction = \"redirect\"\nto = \"198.51.100.53:53\"\nown_socket = false\n";
+    let c = parse(ok).unwrap();
+    assert_eq!(c.relay.rules[0].get_ref().own_socket, Some(true));
+    assert_eq!(c.relay.rules[1].get_ref().own_socket, Some(false));
+    let cases = [
+        ("action = \"drop\"\nown_socket = true\n", "a dropped flow has no socket"),
+        (
+            "action = \"socks5\"\nsocks5 = \"198.51.100.7:1080\"\nown_socket = true\n",
+            "leaves from the port its proxy picks",
+        ),
+        (
+            "action = \"direct\"\nnat = \"full-cone\"\nown_socket = false\n",
+            "a full-cone flow has a socket of its own already",
+        ),
+        ("action = \"direct\"\nown_socket = \"yes\"\n", "invalid type"),
+    ];
+    for (body, needle) in cases {
+        let e = error(&format!(
+            "[relay]\nlisten = [\"0.0.0.0:15353\"]\n\n[[relay.rules]]\n{body}"
+        ));
+        assert!(e.starts_with("t.toml:"), "{body}: {e}");
+        assert!(e.contains(needle), "{body}: {e}");
+    }
+    // The relay's NAT mode counts when the rule sets none.
+    let e = error("[relay]\nnat = \"full-cone\"\n[[relay.rules]]\naction = \"direct\"\nown_socket = true\n");
+    assert!(e.starts_with("t.toml:3:1: ") && e.contains("full-cone"), "{e}");
+}

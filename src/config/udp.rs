@@ -146,6 +146,12 @@ pub struct UdpRuleConfig {
     /// NAT behaviour for these flows (default: `relay.nat`).
     #[serde(default)]
     pub nat: Option<NatMode>,
+    /// Symmetric flows only: `true` gives each flow an upstream socket of
+    /// its own (a random port, see `relay.own_socket_ports`), `false` a
+    /// pool socket; absent, `relay.own_socket_ports` decides by the
+    /// destination port.
+    #[serde(default)]
+    pub own_socket: Option<bool>,
 }
 
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -217,6 +223,22 @@ fn check(r: &UdpRuleConfig, default_nat: NatMode, listen: &[SocketAddr]) -> Resu
     };
     if let Some(key) = extras.iter().flatten().find(|k| !allowed.contains(k)) {
         return Err(format!("{key} does not apply to action {:?}", r.action).to_lowercase());
+    }
+    if r.own_socket.is_some() {
+        if matches!(r.action, UdpAction::Drop | UdpAction::Socks5) {
+            return Err(format!(
+                "own_socket does not apply to action {}: {}",
+                format!("{:?}", r.action).to_lowercase(),
+                if r.action == UdpAction::Drop {
+                    "a dropped flow has no socket"
+                } else {
+                    "a SOCKS5 flow leaves from the port its proxy picks"
+                }
+            ));
+        }
+        if r.nat.unwrap_or(default_nat) == NatMode::FullCone {
+            return Err("own_socket is for symmetric flows: a full-cone flow has a socket of its own already".into());
+        }
     }
     match r.action {
         UdpAction::Redirect => {

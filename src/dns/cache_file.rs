@@ -18,7 +18,8 @@
 
 use hickory_proto::op::Message;
 use hickory_proto::rr::{DNSClass, RecordType};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,6 +38,17 @@ pub enum CacheFileError {
     Magic,
     #[error("corrupt at byte {0}")]
     Corrupt(usize),
+    #[error("not a regular file (a symlink, FIFO or device is never read)")]
+    NotRegular,
+    #[error("{size} bytes, more than the {limit} a cache of this max_bytes writes")]
+    TooLarge { size: u64, limit: u64 },
+}
+
+/// The largest file a cache holding `max_bytes` writes, with room to
+/// spare: each entry's estimate counts its records at least at their wire
+/// size, its key, and more overhead than the file's per-entry header.
+pub fn largest_file(max_bytes: usize) -> u64 {
+    (max_bytes as u64).saturating_mul(2).saturating_add(1 << 20)
 }
 
 /// Seconds since the Unix epoch now.
@@ -164,13 +176,28 @@ fn valid_wire_name(name: &[u8]) -> bool {
 }
 
 /// Writes the cache to `path` atomically; returns the entries written.
+///
+/// The file says which names the LAN asked for, so it is readable by the
+/// daemon's user only (0600). A temporary file left by a crash, or
+/// anything else at its name, is unlinked first and the file created anew
+/// without following a link.
 pub fn save(cache: &DnsCache, path: &Path) -> Result<usize, CacheFileError> {
     let bytes = encode(cache, Instant::now(), unix_now());
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = Path::new(&tmp_name);
     let result = (|| {
-        let mut f = std::fs::File::create(tmp)?;
+        match std::fs::remove_file(tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(tmp, path)
@@ -184,11 +211,31 @@ pub fn save(cache: &DnsCache, path: &Path) -> Result<usize, CacheFileError> {
 
 /// Loads `path` into `cache`; a missing file is an empty cache, not an error.
 pub fn load(cache: &DnsCache, path: &Path) -> Result<usize, CacheFileError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        // O_NOFOLLOW on a symlink.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(CacheFileError::NotRegular),
         Err(e) => return Err(e.into()),
     };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(CacheFileError::NotRegular);
+    }
+    let limit = largest_file(cache.config().max_bytes);
+    if meta.len() > limit {
+        return Err(CacheFileError::TooLarge {
+            size: meta.len(),
+            limit,
+        });
+    }
+    // Bounded again in case it grows while read.
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(limit).read_to_end(&mut bytes)?;
     decode_into(cache, &bytes, Instant::now(), unix_now())
 }
 
@@ -288,6 +335,54 @@ mod tests {
         let fresh = DnsCache::new(&CacheConfig::default());
         assert_eq!(load(&fresh, &path).unwrap(), 1);
         assert_eq!(load(&fresh, &dir.path().join("missing")).unwrap(), 0);
+    }
+
+    #[test]
+    fn only_a_regular_file_within_the_bound_is_read_and_the_saved_one_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let c = DnsCache::new(&CacheConfig::default());
+        c.insert(key("a.example."), &mut answer("a.example.", 300));
+        save(&c, &path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A symlink to it, a FIFO, a directory: refused without blocking.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        for p in [&link, &fifo, &dir.path().to_path_buf()] {
+            let fresh = DnsCache::new(&CacheConfig::default());
+            assert!(
+                matches!(load(&fresh, p), Err(CacheFileError::NotRegular)),
+                "{}",
+                p.display()
+            );
+        }
+        // A (sparse) file beyond what this cache could write.
+        let small = CacheConfig {
+            max_bytes: 1 << 20,
+            ..CacheConfig::default()
+        };
+        let big = dir.path().join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(largest_file(small.max_bytes) + 1)
+            .unwrap();
+        let fresh = DnsCache::new(&small);
+        assert!(matches!(load(&fresh, &big), Err(CacheFileError::TooLarge { .. })));
+        // A cache filled to max_bytes writes a file within the bound.
+        let full = DnsCache::new(&small);
+        for i in 0..20_000 {
+            let name = format!("n{i}.example.");
+            full.insert(key(&name), &mut answer(&name, 300));
+        }
+        assert!(full.bytes() > small.max_bytes / 2, "{}", full.bytes());
+        save(&full, &path).unwrap();
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size <= largest_file(small.max_bytes), "{size}");
+        assert!(load(&DnsCache::new(&small), &path).unwrap() > 0);
     }
 
     #[test]

@@ -17,7 +17,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cache::{CacheKey, DnsCache, Lookup, PACKED_ON_STACK, Records, StackKey};
+use super::aliases;
+use super::cache::{CacheKey, DnsCache, Entry, Lookup, PACKED_ON_STACK, Records, StackKey};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::{query_key, wire_key};
@@ -187,6 +188,9 @@ fn stale_window(config: &DnsConfig) -> u32 {
     }
 }
 
+/// Numbers engines' rules for [`DnsEngine::alias_generation`], from 1.
+static RULES_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 #[derive(Debug)]
 pub struct DnsEngine {
     /// Original destination ports whose datagrams this engine answers.
@@ -205,6 +209,15 @@ pub struct DnsEngine {
     stale: Option<StaleAnswers>,
     /// Hits after which an entry near expiry is refreshed (0: never).
     prefetch: u32,
+    /// Whether answers are blocked by their CNAME and DNAME targets
+    /// (`dns.block_cname_targets`, and some rule naming names blocks).
+    block_cname_targets: bool,
+    /// This engine's rules, as cache entries remember them (see
+    /// [`super::cache::Entry::clear_under`]): unique to each engine, so a
+    /// reload's new rules check every cached chain again. 0 when what the
+    /// rules say of a target depends on the client, and nothing is
+    /// remembered.
+    alias_generation: u64,
     timeout: Duration,
     max_udp_payload: u16,
     allow: Vec<IpNet>,
@@ -242,6 +255,13 @@ impl DnsEngine {
         }
         let index = |name: &str| groups.iter().position(|g| g.name == name);
         let rules = RuleSet::build(config, index)?;
+        // Read before `rules` moves into the engine.
+        let blocks_names = rules.blocks_names();
+        let alias_generation = if rules.targets_depend_on_client() {
+            0
+        } else {
+            RULES_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        };
         let default_group = index(config.upstream.get_ref());
         let group_names = groups.iter().map(|g| Arc::from(g.name.as_str())).collect();
         Ok(DnsEngine {
@@ -254,6 +274,8 @@ impl DnsEngine {
             default_group,
             cache: Arc::new(DnsCache::with_stale_window(&config.cache, stale_window(config))),
             prefetch: config.prefetch,
+            block_cname_targets: config.block_cname_targets && blocks_names,
+            alias_generation,
             stale: config.stale.enabled.then(|| StaleAnswers {
                 answer_after: config.stale.answer_after,
                 ttl: ttl_secs(config.stale.ttl),
@@ -498,6 +520,14 @@ impl DnsEngine {
         let key = self.cache_key(&request, group);
         let lookup = self.cache.lookup(&key);
         if let Lookup::Live(entry, age) = lookup {
+            // Checked on every hit, under the rules in force: a reload that
+            // adds a block applies to answers cached before it.
+            if entry.aliases
+                && let Some(rule) = self.cached_alias_block(&entry, client, qtype)
+                && let Some(msg) = self.cname_block_answer(&request, client, rule)
+            {
+                return self.reply_to(&request, &msg, transport);
+            }
             s.dns_cache_hits.inc();
             let outcome = self.reply_rendered(
                 Some((&entry.rendered, entry.kept_room)),
@@ -687,6 +717,10 @@ impl DnsEngine {
             });
             return None;
         };
+        if entry.aliases && self.cached_alias_block(&entry, client, qtype).is_some() {
+            // The full path answers with the block, and counts it.
+            return None;
+        }
         let reused = entry.rendered.reuse_into(&shape(age), spare)?;
         log_rule();
         self.stats.dns_cache_hits.inc();
@@ -863,9 +897,15 @@ impl DnsEngine {
                     }
                 };
                 // A refresh after a stale answer sends nothing: it only caches.
+                // An answer blocked by an alias target is neither recorded
+                // nor fed to sets, as a direct block is not; it is still
+                // cached as the upstream gave it, and checked on every hit.
                 let rendered = send
                     .as_ref()
-                    .map(|_| this.render(&request, &msg, transport, client, &sets));
+                    .map(|_| match this.cname_blocked(&request, &msg.answers, client) {
+                        Some(block) => (this.encoded(&request, &block, transport), None),
+                        None => this.render(&request, &msg, transport, client, &sets),
+                    });
                 if let Some((key, lifetime)) = keep {
                     this.cache
                         .store_at(key, lifetime, Records::take(&mut msg), answered.into_std());
@@ -917,7 +957,10 @@ impl DnsEngine {
             () = tokio::time::sleep(settings.answer_after) => {
                 let request = asked.request;
                 if let Some(msg) = self.stale_answer(request, asked.key, settings) {
-                    let bytes = self.deliver(request, &msg, asked.transport, asked.client, asked.sets).await;
+                    let bytes = match self.cname_blocked(request, &msg.answers, asked.client) {
+                        Some(block) => self.encoded(request, &block, asked.transport),
+                        None => self.deliver(request, &msg, asked.transport, asked.client, asked.sets).await,
+                    };
                     if let (Some(bytes), Some(send)) = (bytes, send.take()) {
                         send(bytes);
                     }
@@ -1076,6 +1119,7 @@ impl DnsEngine {
             request,
             key,
             transport,
+            client,
             ..
         } = pending;
         let name = wire_labels(request.query.name());
@@ -1095,9 +1139,9 @@ impl DnsEngine {
                 None,
             ),
         };
-        let reply = match self.reply_to(&request, &msg, transport) {
-            Outcome::Reply(bytes) => Some(bytes),
-            _ => None,
+        let reply = match self.cname_blocked(&request, &msg.answers, client) {
+            Some(block) => self.encoded(&request, &block, transport),
+            None => self.encoded(&request, &msg, transport),
         };
         if let Some(lifetime) = lifetime {
             self.cache.store(key, lifetime, Records::take(&mut msg));
@@ -1241,6 +1285,64 @@ impl DnsEngine {
             }
         }
         msg
+    }
+
+    /// `msg` encoded for `request`'s client, if it can be.
+    fn encoded(&self, request: &Request, msg: &Message, transport: Transport) -> Option<Vec<u8>> {
+        match self.reply_to(request, msg, transport) {
+            Outcome::Reply(bytes) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    /// The rule blocking an answer to `client`'s query of type `qtype`
+    /// through an alias target in `answers` (see [`aliases`] and
+    /// [`RuleSet::target_block`]), when `dns.block_cname_targets` is on.
+    /// Only answers holding an alias come here (a cached entry says so in
+    /// a flag), and a target costs the rules' hash probes: the common
+    /// answer, and every cache hit of one, pays nothing.
+    fn alias_block(&self, answers: &[Record], client: IpAddr, qtype: RecordType) -> Option<&super::rules::Rule> {
+        if !self.block_cname_targets {
+            return None;
+        }
+        aliases::first_target(answers, |target| {
+            self.rules.target_block(client, &query_key(target), qtype)
+        })
+    }
+
+    /// The block answer to `request` when its answer (`answers`) leads
+    /// through an alias to a blocked name: the answer the blocking rule
+    /// gives a query for that name (same mode and TTL), for the name
+    /// asked. Counted apart from direct blocks (`action="block_cname"`).
+    fn cname_blocked(&self, request: &Request, answers: &[Record], client: IpAddr) -> Option<Message> {
+        let rule = self.alias_block(answers, client, request.query.query_type())?;
+        self.cname_block_answer(request, client, rule)
+    }
+
+    /// [`DnsEngine::alias_block`] for a cached answer (one with an alias):
+    /// an answer found clear under these rules for every client is not
+    /// looked at again until a reload brings other rules.
+    fn cached_alias_block(&self, entry: &Entry, client: IpAddr, qtype: RecordType) -> Option<&super::rules::Rule> {
+        let generation = self.alias_generation;
+        if !self.block_cname_targets || generation != 0 && entry.clear_under(generation) {
+            return None;
+        }
+        let rule = self.alias_block(entry.answers(), client, qtype);
+        if rule.is_none() && generation != 0 {
+            entry.mark_clear(generation);
+        }
+        rule
+    }
+
+    /// The block answer `rule` gives `request` for an alias target:
+    /// counted, and logged.
+    fn cname_block_answer(&self, request: &Request, client: IpAddr, rule: &super::rules::Rule) -> Option<Message> {
+        let Action::Block(mode, ttl) = rule.action else {
+            return None;
+        };
+        self.stats.dns_blocked_cname.inc();
+        tracing::debug!(%client, name = %query_key(request.query.name()), qtype = ?request.query.query_type(), rule = rule.number, "DNS answer blocked by a CNAME target");
+        Some(self.blocked(request, mode, ttl))
     }
 
     fn blocked(&self, request: &Request, mode: BlockMode, ttl: u32) -> Message {

@@ -7,6 +7,7 @@
 //! where queries arrive: hijacked datagrams handed over by the relay
 //! listener, plain UDP/TCP listeners, and TPROXY TCP listeners.
 
+pub mod aliases;
 pub mod cache;
 pub mod cache_file;
 mod cache_lru;

@@ -191,6 +191,39 @@ impl RuleSet {
         self.rules.iter().find(|r| r.matches(client, name, qtype))
     }
 
+    /// The block a CNAME or DNAME target `name` (a query key) gets in an
+    /// answer to `client`'s query of type `qtype`: that of the first rule
+    /// *naming* it (in `domains`, `lists` or `hosts`), when that rule
+    /// blocks. Rules without names are passed over: a catch-all block
+    /// below the rules that allow some names (an allow-list setup) would
+    /// otherwise block every alias those names have. Any other action of
+    /// the first rule naming the target (an override, a forward) leaves
+    /// the answer alone, as it would decide a query for the target itself:
+    /// so a rule above the block list naming a target is an exception.
+    pub fn target_block(&self, client: IpAddr, name: &str, qtype: RecordType) -> Option<&Rule> {
+        self.rules
+            .iter()
+            .filter(|r| !matches!(r.names, Names::Any))
+            .find(|r| r.matches(client, name, qtype))
+            .filter(|r| matches!(r.action, Action::Block(..)))
+    }
+
+    /// Whether what [`RuleSet::target_block`] says can differ from one
+    /// client to another: some rule naming names has `clients`.
+    pub fn targets_depend_on_client(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| !matches!(r.names, Names::Any) && !r.clients.is_empty())
+    }
+
+    /// Whether any rule naming names blocks: without one, no alias target
+    /// can be blocked and answers are not looked at.
+    pub fn blocks_names(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| !matches!(r.names, Names::Any) && matches!(r.action, Action::Block(..)))
+    }
+
     pub fn len(&self) -> usize {
         self.rules.len()
     }

@@ -36,6 +36,13 @@ pub struct DnsService {
     /// every listener; each holds a permit while it waits.
     pending: Arc<Places>,
     tcp: Arc<TcpSlots>,
+    /// Slots of clients outside `dns.allow`, apart from `tcp`: they are
+    /// only ever answered REFUSED, and the transparent TCP listener takes
+    /// connections to any local address, the WAN side's included. Counted
+    /// in `tcp`, 32 WAN hosts holding 16 idle connections each for
+    /// `idle_timeout` took every one of the 512, and no LAN device had
+    /// DNS over TCP meanwhile.
+    strangers: Arc<TcpSlots>,
     stats: Arc<Stats>,
 }
 
@@ -99,6 +106,7 @@ impl DnsService {
             engine: ArcSwap::from_pointee(engine),
             pending: Places::new(MAX_PENDING),
             tcp: Arc::new(TcpSlots::default()),
+            strangers: Arc::new(TcpSlots::default()),
             stats,
         }
     }
@@ -176,7 +184,11 @@ impl DnsService {
                 misses.push(DnsEngine::forward_with(
                     engine,
                     pending,
-                    move |reply| send(&reply),
+                    move |reply| {
+                        send(&reply);
+                        // Copied into the batch: the next answer's buffer.
+                        super::plain_answer::give_back(reply);
+                    },
                     permit,
                 ));
             }
@@ -379,15 +391,25 @@ pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shut
             _ = shutdown.recv() => return Ok(()),
             v = backoff.accept(&listener) => v,
         };
-        let limits = service.engine().tcp_limits().clone();
-        let permit = match service
-            .tcp
-            .take(client.ip(), limits.max_connections, limits.max_per_client)
-        {
+        let engine = service.engine();
+        let limits = engine.tcp_limits().clone();
+        // Clients outside `dns.allow` share what one client may hold.
+        let allowed = engine.allows(client.ip());
+        let (slots, total) = if allowed {
+            (&service.tcp, limits.max_connections)
+        } else {
+            (&service.strangers, limits.max_per_client)
+        };
+        drop(engine);
+        let permit = match slots.take(client.ip(), total, limits.max_per_client) {
             Ok(slot) => slot,
             // Dropping the stream closes it.
-            Err(SlotRefusal::Total) => {
+            Err(SlotRefusal::Total) if allowed => {
                 service.stats.dns_dropped_overload.inc();
+                continue;
+            }
+            Err(SlotRefusal::Total) => {
+                service.stats.dns_refused_acl.inc();
                 continue;
             }
             Err(SlotRefusal::PerClient) => {

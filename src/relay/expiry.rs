@@ -39,6 +39,7 @@ pub async fn sweep(ctx: Arc<RelayContext>, mut shutdown: Shutdown) -> std::io::R
             tracing::debug!(count = expired.len(), "sessions expired");
         }
         drop(expired);
+        super::open::let_go_of_closed(&ctx);
         let closed = ctx.pools().close_idle(socket_grace(ctx.min_idle_ms()));
         if closed > 0 {
             ctx.pool_readers().forget_retired();

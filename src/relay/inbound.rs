@@ -31,12 +31,14 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
 
 use super::account::{Direction, count_sent};
+use super::cone_filter::ConeFilter;
 use super::context::RelayContext;
-use super::key::ClientId;
+use super::key::{ClientId, Target};
 use super::pool::PoolSocket;
 use super::pool_readers::{PoolReader, Watch};
 use super::reply::{self, Pending, ReplyScratch};
 use super::reply_order::{self, ReplyOrder};
+use super::rules::Route;
 use super::session::{MAX_DATAGRAM, Session};
 use super::slice::{Slice, Step};
 use super::socks_queue::SocksInbox;
@@ -426,9 +428,13 @@ fn read_errors(
 
 /// The task of a full-cone session: relay replies from anyone.
 pub async fn pump_cone(session: Arc<Session>, socket: Arc<UdpSocket>, ctx: Arc<RelayContext>) {
+    let filter = RefCell::new(ConeFilter::default());
     loop {
         match wait_readable(&socket, &ctx).await {
-            Ok(true) => drain_into_flows(&socket, &ctx, |_| Some(session.clone())),
+            // What a remote the rules drop sends is unsolicited.
+            Ok(true) => drain_into_flows(&socket, &ctx, |remote| {
+                cone_admits(&mut filter.borrow_mut(), &session, remote, &ctx).then(|| session.clone())
+            }),
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(client = %session.key.client, error = %e, "upstream socket failed; closing flow");
@@ -437,6 +443,19 @@ pub async fn pump_cone(session: Arc<Session>, socket: Arc<UdpSocket>, ctx: Arc<R
             }
         }
     }
+}
+
+/// Whether `remote` may reach the client of the full-cone flow `session`
+/// (always, for a one-destination flow): not when the rules in force
+/// drop the client's flow to it (see [`ConeFilter`]).
+fn cone_admits(filter: &mut ConeFilter, session: &Session, remote: SocketAddr, ctx: &RelayContext) -> bool {
+    if !matches!(session.key.target, Target::Cone(_)) {
+        return true;
+    }
+    let rules = ctx.rules();
+    filter.admits(&rules, remote, || {
+        ctx.route(&rules, session.key.client, remote).route == Route::Drop
+    })
 }
 
 /// Reads every datagram queued on `socket` and sends each as a reply of
@@ -507,6 +526,7 @@ pub async fn socks_pump(
     };
     ctx.stats().socks5_associations.inc();
     tracing::debug!(server = %server.addr, relay = %assoc.relay, "SOCKS5 association up");
+    let mut filter = ConeFilter::default();
     let mut wrapped = Vec::with_capacity(MAX_DATAGRAM);
     let mut inbound = vec![0u8; MAX_DATAGRAM];
     let mut control = [0u8; 64];
@@ -539,9 +559,14 @@ pub async fn socks_pump(
             }
             got = assoc.udp.recv(&mut inbound) => match got {
                 Ok(n) => match socks5::decode_udp(inbound.get(..n).unwrap_or_default()) {
-                    Ok((remote, payload)) if session.answers_from(remote) => reply(&session, &[payload], remote, None, &ctx),
+                    Ok((remote, payload))
+                        if session.answers_from(remote) && cone_admits(&mut filter, &session, remote, &ctx) =>
+                    {
+                        reply(&session, &[payload], remote, None, &ctx)
+                    }
                     // Relayed by a full-cone proxy from someone a symmetric
-                    // flow never wrote to.
+                    // flow never wrote to, or to a full-cone flow from a
+                    // remote the rules drop.
                     Ok(_) => ctx.stats().drop_unsolicited.inc(),
                     Err(e) => {
                         ctx.stats().receive_errors.inc();

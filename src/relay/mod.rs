@@ -26,7 +26,9 @@
 //!   an opener's round) with one system call per upstream socket;
 //! * [`pool`] allocates shared upstream sockets, within the descriptor
 //!   [`budget`];
-//! * [`inbound`] reads upstream sockets and hands replies to [`reply`],
+//! * [`inbound`] reads upstream sockets and hands replies to [`reply`]
+//!   (a full-cone flow's only from remotes the rules let through:
+//!   [`cone_filter`]),
 //!   which sends them from the spoofed original address; [`pool_readers`]
 //!   records which reader watches which pool socket;
 //! * [`context`] holds all of it behind methods and owns every task;
@@ -41,6 +43,7 @@
 pub mod account;
 pub mod budget;
 pub mod clock;
+pub mod cone_filter;
 pub mod context;
 pub mod decide;
 pub mod expiry;

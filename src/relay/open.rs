@@ -82,10 +82,21 @@ fn pooled(dst: SocketAddr, rule: &UdpRule, ctx: &RelayContext) -> Option<(PoolKe
 /// evicting the heaviest client's oldest flow).
 pub fn in_the_way(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &RelayContext) -> Vec<Arc<Session>> {
     match pooled(dst, rule, ctx) {
-        Some((pool, target)) => ctx
-            .pools()
-            .in_the_way(&pool, key.client, target, Session::last_active_ms),
-        None => Vec::new(),
+        Some((pool, target)) if !rule.own_socket(dst) => {
+            ctx.pools()
+                .in_the_way(&pool, key.client, target, Session::last_active_ms)
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Lets the readers go of the sockets of their own whose flows have ended
+/// (see `Pools::take_closed_own`): their descriptors go back to the budget
+/// now rather than at the next sweep, so that a flow evicted for its
+/// descriptor makes room for the one that needed it.
+pub fn let_go_of_closed(ctx: &RelayContext) {
+    for socket in ctx.pools().take_closed_own() {
+        ctx.pool_readers().forget(&socket);
     }
 }
 
@@ -103,7 +114,8 @@ pub fn open(
         Route::Interface { device, mark } => (*mark, device.clone()),
         _ => (ctx.mark(), None),
     };
-    let idle_ms = u64::try_from(rule.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+    let own = rule.own_socket(dst);
+    let idle_ms = u64::try_from(rule.idle_timeout_for(own).as_millis()).unwrap_or(u64::MAX);
     let make = |upstream| Arc::new(Session::new(key, upstream, idle_ms, now_ms));
     let opened = match &rule.route {
         Route::Drop => return Err(OpenError::Dropped),
@@ -128,7 +140,14 @@ pub fn open(
             let Some((pool, target)) = pooled(dst, rule, ctx) else {
                 return Err(OpenError::Dropped);
             };
-            let (lease, fresh) = ctx.pools().lease(pool, key.client, target)?;
+            // A flow whose source port must stay unknown (a DNS query:
+            // RFC 5452) gets a socket of its own, new and so read here.
+            let (lease, fresh) = if own {
+                let_go_of_closed(ctx);
+                (ctx.pools().own(pool, target)?, true)
+            } else {
+                ctx.pools().lease(pool, key.client, target)?
+            };
             let fresh = fresh.then(|| lease.socket.clone());
             let session = make(Upstream::Pooled(lease));
             if let Upstream::Pooled(lease) = session.upstream() {

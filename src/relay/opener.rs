@@ -260,6 +260,8 @@ fn new_flow(
                 }),
             );
         }
+        // An evicted flow on a socket of its own leaves it to its reader.
+        open::let_go_of_closed(ctx);
         opened = open(key, dst, rule, ctx, now_ms);
     }
     match opened {

@@ -33,12 +33,23 @@
 //!
 //! Pools are kept per (family, mark, device), because interface rules bind
 //! their sockets differently.
+//!
+//! Some flows must not share: a pool socket's port is seen by every server
+//! its flows talk to, and a remote's first flow always takes the pool's
+//! first socket, so one datagram to a server of one's own tells anyone the
+//! port the next flow to any other remote leaves from. A DNS query's
+//! source port is half of what keeps an off-path spoofer from answering it
+//! (RFC 5452). [`Pools::own`] gives such a flow a socket of its own: bound
+//! to a port the kernel picks at random, connected to the remote (the
+//! kernel hands it nothing from anyone else), read by the same readers and
+//! closed when the flow ends. It is never in a pool's list, so no other
+//! flow can take it and the choice above never looks at it.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::net::UdpSocket;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -94,7 +105,13 @@ pub struct Pools<F> {
     pools: Mutex<HashMap<PoolKey, Arc<Pool<F>>, Hasher>>,
     share: Arc<FdShare>,
     receive_buffer: usize,
+    /// Sockets of their own whose flows have ended, until their readers
+    /// let go of them (see [`Pools::take_closed_own`]).
+    closed_own: Arc<ClosedOwn<F>>,
 }
+
+/// Sockets of their own closed by their flows, shared by every pool.
+type ClosedOwn<F> = Mutex<Vec<Arc<PoolSocket<F>>>>;
 
 impl<F> Pools<F> {
     /// Pools whose sockets get receive buffers of `receive_buffer` bytes.
@@ -111,24 +128,14 @@ impl<F> Pools<F> {
             pools: Mutex::new(HashMap::default()),
             share,
             receive_buffer,
+            closed_own: Arc::default(),
         }
     }
 
     /// A socket of pool `key` free for a flow from `client` to `remote`,
     /// and whether it was opened for this lease (nobody reads it yet).
     pub fn lease(&self, key: PoolKey, client: SocketAddr, remote: SocketAddr) -> Result<(Lease<F>, bool), PoolError> {
-        let pool = {
-            let mut pools = lock(&self.pools);
-            match pools.get(&key) {
-                Some(pool) => pool.clone(),
-                // The key is cloned (its device name) only for a new pool.
-                None => pools
-                    .entry(key.clone())
-                    .or_insert_with(|| Arc::new(Pool::new(key)))
-                    .clone(),
-            }
-        };
-        pool.lease(client, remote, &self.share, self.receive_buffer)
+        self.pool(key).lease(client, remote, &self.share, self.receive_buffer)
     }
 
     /// When no socket can be had for a flow from `client` to `remote` and
@@ -166,9 +173,69 @@ impl<F> Pools<F> {
             .unwrap_or_default()
     }
 
-    /// Sockets open across all pools.
+    /// A socket of its own for a flow to `remote` (see the module doc),
+    /// with the settings of pool `key`'s sockets; always new, so whoever
+    /// asked has it read. Its descriptor comes from the same budget.
+    pub fn own(&self, key: PoolKey, remote: SocketAddr) -> Result<Lease<F>, PoolError> {
+        let pool = self.pool(key);
+        let permit = self.share.try_take().ok_or(PoolError::Budget)?;
+        let std = sockets::flow_upstream(remote, None, pool.key.mark, pool.key.device.as_deref())?;
+        sockets::report_errors(&std, remote.is_ipv6())?;
+        sockets::set_udp_receive_buffer(&std, self.receive_buffer);
+        // Bound above to a port the kernel chose (at random in the local
+        // port range); connected, the kernel drops whatever another
+        // address sends to it before it is queued.
+        std.connect(remote)?;
+        let socket = Arc::new(PoolSocket {
+            socket: std,
+            id: OWN_ID,
+            pos: AtomicUsize::new(usize::MAX),
+            flows: Mutex::new(Flows { map: Remotes::None }),
+            retired: AtomicBool::new(false),
+            own: true,
+            watched: AtomicU64::new(NOT_WATCHED),
+            _permit: permit,
+        });
+        pool.own_open.fetch_add(1, Ordering::Relaxed);
+        Ok(pool.lease_of(socket, remote))
+    }
+
+    /// Pool `key`, made if it is new.
+    fn pool(&self, key: PoolKey) -> Arc<Pool<F>> {
+        let mut pools = lock(&self.pools);
+        match pools.get(&key) {
+            Some(pool) => pool.clone(),
+            // The key is cloned (its device name) only for a new pool.
+            None => pools
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(Pool::new(key, self.closed_own.clone())))
+                .clone(),
+        }
+    }
+
+    /// Shared sockets open across all pools.
     pub fn sockets(&self) -> usize {
         lock(&self.pools).values().map(|p| lock(&p.state).sockets.len()).sum()
+    }
+
+    /// The sockets of their own whose flows have ended since the last call:
+    /// each stays open, and its descriptor counted, until its reader lets
+    /// go of it. Asked before a new one is opened and by the sweeper, so
+    /// that a descriptor a flow gave back is soon there for the next.
+    pub fn take_closed_own(&self) -> Vec<Arc<PoolSocket<F>>> {
+        let mut closed = lock(&self.closed_own);
+        if closed.is_empty() {
+            return Vec::new();
+        }
+        std::mem::take(&mut *closed)
+    }
+
+    /// Sockets of their own open for flows (see [`Pools::own`]).
+    pub fn own_sockets(&self) -> usize {
+        lock(&self.pools)
+            .values()
+            .map(|p| p.own_open.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Closes the sockets that have carried no flow for `grace` or longer;
@@ -200,10 +267,17 @@ impl<F> Pools<F> {
     }
 }
 
+/// The id of every socket of its own (ids tell pool sockets apart).
+const OWN_ID: u32 = u32::MAX;
+
 #[derive(Debug)]
 struct Pool<F> {
     key: PoolKey,
     state: Mutex<State<F>>,
+    /// Sockets of their own open with this pool's settings.
+    own_open: AtomicUsize,
+    /// Where their flows leave them when they end (the [`Pools`]' list).
+    closed_own: Arc<ClosedOwn<F>>,
 }
 
 /// The sockets of a pool and which clients and remotes each carries.
@@ -438,10 +512,12 @@ impl<F> State<F> {
 }
 
 impl<F> Pool<F> {
-    fn new(key: PoolKey) -> Pool<F> {
+    fn new(key: PoolKey, closed_own: Arc<ClosedOwn<F>>) -> Pool<F> {
         Pool {
             key,
             state: Mutex::new(State::new()),
+            own_open: AtomicUsize::new(0),
+            closed_own,
         }
     }
 
@@ -485,6 +561,8 @@ impl<F> Pool<F> {
             pos: AtomicUsize::new(pos),
             flows: Mutex::new(Flows { map: Remotes::None }),
             retired: AtomicBool::new(false),
+            own: false,
+            watched: AtomicU64::new(NOT_WATCHED),
             _permit: permit,
         });
         // Remembered only if nothing changed while the lock was let go.
@@ -600,8 +678,18 @@ pub struct PoolSocket<F> {
     pos: AtomicUsize,
     flows: Mutex<Flows<F>>,
     retired: AtomicBool,
+    /// A socket of one flow's own, not in its pool's list (see
+    /// [`Pools::own`]): closed when that flow ends.
+    own: bool,
+    /// Which reader watches it and in which slot (see
+    /// `relay::pool_readers`), for letting go of it when it closes;
+    /// [`NOT_WATCHED`] until then.
+    watched: AtomicU64,
     _permit: Permit,
 }
+
+/// [`PoolSocket::watched`] of a socket no reader watches.
+const NOT_WATCHED: u64 = u64::MAX;
 
 impl<F> PoolSocket<F> {
     /// The flow this socket carries to `remote`, if any.
@@ -617,6 +705,18 @@ impl<F> PoolSocket<F> {
 
     fn retire(&self) {
         self.retired.store(true, Ordering::Release);
+    }
+
+    /// Records that reader `reader` watches it in slot `token`.
+    pub fn set_watched(&self, reader: u32, token: u32) {
+        self.watched
+            .store(u64::from(reader) << 32 | u64::from(token), Ordering::Release);
+    }
+
+    /// The reader watching it and its slot there, if any.
+    pub fn watched(&self) -> Option<(usize, usize)> {
+        let w = self.watched.load(Ordering::Acquire);
+        (w != NOT_WATCHED).then_some(((w >> 32) as usize, (w & 0xffff_ffff) as usize))
     }
 }
 
@@ -637,8 +737,16 @@ impl<F> Lease<F> {
     }
 
     /// Gives (socket, remote) back; `client` is the endpoint it was leased
-    /// for.
+    /// for. A socket of its own is closed: used again, its port would be
+    /// one more that is known.
     pub fn release(&self, client: SocketAddr) {
+        if self.socket.own {
+            lock(&self.socket.flows).map.remove(&self.remote);
+            self.socket.retire();
+            self.pool.own_open.fetch_sub(1, Ordering::Relaxed);
+            lock(&self.pool.closed_own).push(self.socket.clone());
+            return;
+        }
         lock(&self.pool.state).give_back(&self.socket, client, self.remote);
     }
 }
@@ -928,6 +1036,53 @@ mod tests {
         let (l, fresh) = p.lease(key(), c(0), remote(9)).unwrap();
         assert!(fresh);
         l.release(c(0));
+    }
+
+    /// A flow on a socket of its own leaves from a port nobody else's
+    /// flow shows, takes nothing from the pool's sockets, and its socket
+    /// closes with it.
+    #[test]
+    fn a_socket_of_its_own_is_connected_never_shared_and_closed_with_its_flow() {
+        let share = FdShare::new(10_000);
+        let p: Pools<()> = Pools::new(share.clone(), 1 << 16);
+        let remote = sa("127.0.0.7:7000");
+        // A pooled flow to a stranger first: its socket is the pool's first.
+        let (pooled, _) = p.lease(key(), sa("192.0.2.10:5000"), sa("127.0.0.8:9")).unwrap();
+        let pooled_port = pooled.socket.socket.local_addr().unwrap().port();
+        let own: Vec<_> = (0..20).map(|_| p.own(key(), remote).unwrap()).collect();
+        let mut ports = HashSet::new();
+        for l in &own {
+            assert!(l.socket.own);
+            assert_eq!(l.socket.socket.peer_addr().unwrap(), remote, "connected to its remote");
+            ports.insert(l.socket.socket.local_addr().unwrap().port());
+        }
+        assert_eq!(ports.len(), 20, "one port a flow");
+        assert!(!ports.contains(&pooled_port));
+        assert_eq!((p.sockets(), p.own_sockets(), share.held()), (1, 20, 21));
+        // A pooled flow to the same remote does not land on one of them.
+        let (next, fresh) = p.lease(key(), sa("192.0.2.11:5000"), remote).unwrap();
+        assert!(!fresh);
+        assert_eq!(next.socket.id, pooled.socket.id);
+        let flow = Arc::new(());
+        own[0].attach(&flow);
+        assert!(own[0].socket.flow(remote).is_some());
+        let kept = own[0].socket.clone();
+        for l in &own {
+            l.release(sa("192.0.2.10:6000"));
+        }
+        assert!(kept.is_retired() && kept.flow(remote).is_none());
+        assert_eq!(p.own_sockets(), 0);
+        // Listed once, for their readers to let go of them.
+        assert_eq!(p.close_idle(Duration::ZERO), 0, "not the pool's to close");
+        assert_eq!(p.take_closed_own().len(), 20);
+        assert!(p.take_closed_own().is_empty());
+        drop((own, kept));
+        assert_eq!(share.held(), 1, "the descriptors are back");
+        // Out of budget: refused, as for a new pool socket.
+        let tight: Pools<()> = Pools::new(FdShare::new(1), 1 << 16);
+        let one = tight.own(key(), remote).unwrap();
+        assert!(matches!(tight.own(key(), remote), Err(PoolError::Budget)));
+        one.release(sa("192.0.2.10:6000"));
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub(super) struct PoolReader {
     pub(super) sockets: Mutex<Watched>,
     pub(super) marks: Arc<Marks>,
     pub(super) running: AtomicBool,
+    /// Its place among the readers.
+    index: u32,
 }
 
 /// Watched sockets by token; the tokens of sockets let go of are reused.
@@ -193,8 +195,9 @@ impl PoolReaders {
             None => {
                 let n = tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers().max(1));
                 let made = (0..n)
-                    .map(|_| {
+                    .map(|i| {
                         Ok(Arc::new(PoolReader {
+                            index: u32::try_from(i).unwrap_or(u32::MAX),
                             errors: Poller::new()?,
                             sockets: Mutex::new(Watched::default()),
                             marks: Arc::new(Marks::default()),
@@ -216,6 +219,17 @@ impl PoolReaders {
     pub fn forget_retired(&self) {
         for reader in self.readers.get().into_iter().flatten() {
             reader.forget_retired();
+        }
+    }
+
+    /// Lets go of `socket` now, wherever it is watched: one socket, found
+    /// in O(1), where [`PoolReaders::forget_retired`] looks at them all.
+    pub fn forget(&self, socket: &Arc<PoolSocket<Session>>) {
+        let Some((i, token)) = socket.watched() else {
+            return;
+        };
+        if let Some(reader) = self.readers.get().and_then(|r| r.get(i)) {
+            reader.forget_slot(token, socket);
         }
     }
 }
@@ -267,9 +281,23 @@ impl PoolReader {
             Some(slot) => *slot = Some(watch.clone()),
             None => watched.slots.push(Some(watch.clone())),
         }
+        watch.socket.set_watched(self.index, token32);
         drop(watched);
         watch.waker.wake_by_ref();
         Ok(())
+    }
+
+    /// Lets go of the socket in slot `token` if it is `socket`.
+    fn forget_slot(&self, token: usize, socket: &Arc<PoolSocket<Session>>) {
+        let mut watched = lock(&self.sockets);
+        let Watched { slots, free } = &mut *watched;
+        let Some(slot) = slots.get_mut(token) else { return };
+        if slot.as_ref().is_some_and(|w| Arc::ptr_eq(&w.socket, socket)) {
+            if let Some(watch) = slot.take() {
+                let _ = self.errors.remove(watch.socket.socket.as_raw_fd());
+            }
+            free.push(token);
+        }
     }
 
     fn forget_retired(&self) {

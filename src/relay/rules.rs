@@ -5,6 +5,7 @@
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hickory_proto::rr::Name;
@@ -67,6 +68,23 @@ pub struct UdpRule {
     pub route: Route,
     pub nat: NatMode,
     pub idle_timeout: Duration,
+    /// Which of this rule's flows get an upstream socket of their own.
+    own_socket: OwnSocket,
+    /// The idle timeout of those flows.
+    own_idle_timeout: Duration,
+}
+
+/// Which flows of a rule get an upstream socket of their own, on a port the
+/// kernel picks at random, instead of a pool socket (see
+/// `relay::pool::Pools::own`). Only symmetric flows relayed from tproxyd's
+/// own sockets can: a full cone has a socket per client endpoint already,
+/// a SOCKS5 flow leaves from its proxy's port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum OwnSocket {
+    Never,
+    Always,
+    /// Flows to these destination ports (`relay.own_socket_ports`).
+    Ports(Arc<[PortRange]>),
 }
 
 /// The names a client resolved to a flow's destination, looked up once per
@@ -105,25 +123,65 @@ impl UdpRule {
     pub fn by_domain(&self) -> bool {
         self.names.is_some()
     }
+
+    /// Whether this rule's flow to `dst` gets an upstream socket of its own
+    /// (`dst` is the original destination, which the rule matched on).
+    pub fn own_socket(&self, dst: SocketAddr) -> bool {
+        match &self.own_socket {
+            OwnSocket::Never => false,
+            OwnSocket::Always => true,
+            OwnSocket::Ports(ports) => ports.iter().any(|p| p.contains(dst.port())),
+        }
+    }
+
+    /// The idle timeout of this rule's flows, those on a socket of their
+    /// own (`own`) or the others.
+    pub fn idle_timeout_for(&self, own: bool) -> Duration {
+        if own { self.own_idle_timeout } else { self.idle_timeout }
+    }
+}
+
+/// Which flows get a socket of their own under a rule with this route, NAT
+/// mode and `own_socket` setting (`None`: by `relay.own_socket_ports`).
+fn own_socket(route: &Route, nat: NatMode, setting: Option<bool>, ports: &Arc<[PortRange]>) -> OwnSocket {
+    let pooled = nat == NatMode::Symmetric && !matches!(route, Route::Socks5(_) | Route::Drop);
+    match setting {
+        _ if !pooled => OwnSocket::Never,
+        Some(true) => OwnSocket::Always,
+        Some(false) => OwnSocket::Never,
+        None if ports.is_empty() => OwnSocket::Never,
+        None => OwnSocket::Ports(ports.clone()),
+    }
 }
 
 #[derive(Debug)]
 pub struct UdpRules {
     rules: Vec<UdpRule>,
     default: UdpRule,
+    /// Tells these rules from every other set built in this process
+    /// (from 1): what a flow remembers verdicts under.
+    generation: u64,
+    /// Whether any rule drops.
+    drops: bool,
 }
+
+/// The generation of the next set of rules built.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 impl UdpRules {
     /// The rules of `config`; `mark` is the daemon's socket mark, to which
     /// an interface rule's own mark bits are added.
     pub fn new(config: &RelayConfig, mark: u32) -> UdpRules {
+        let own_ports: Arc<[PortRange]> = config.own_socket_ports.as_slice().into();
         let rules = config
             .rules
             .iter()
             .enumerate()
-            .map(|(i, r)| rule(i + 1, r.get_ref(), config, mark))
-            .collect();
+            .map(|(i, r)| rule(i + 1, r.get_ref(), config, mark, &own_ports))
+            .collect::<Vec<UdpRule>>();
         UdpRules {
+            drops: rules.iter().any(|r| r.route == Route::Drop),
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             rules,
             default: UdpRule {
                 number: 0,
@@ -132,9 +190,11 @@ impl UdpRules {
                 ports: Vec::new(),
                 family: None,
                 names: None,
+                own_socket: own_socket(&Route::Direct, config.nat, None, &own_ports),
                 route: Route::Direct,
                 nat: config.nat,
                 idle_timeout: config.idle_timeout,
+                own_idle_timeout: config.own_socket_idle_timeout.min(config.idle_timeout),
             },
         }
     }
@@ -169,13 +229,23 @@ impl UdpRules {
             .unwrap_or(&self.default)
     }
 
+    /// Whether any rule drops.
+    pub fn has_drop_rules(&self) -> bool {
+        self.drops
+    }
+
+    /// Tells these rules from any other set this process built.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Whether any rule matches by name.
     pub fn has_domain_rules(&self) -> bool {
         self.rules.iter().any(UdpRule::by_domain)
     }
 }
 
-fn rule(number: usize, r: &UdpRuleConfig, config: &RelayConfig, mark: u32) -> UdpRule {
+fn rule(number: usize, r: &UdpRuleConfig, config: &RelayConfig, mark: u32, own_ports: &Arc<[PortRange]>) -> UdpRule {
     // Config validation guarantees each action's fields are present.
     let route = match r.action {
         UdpAction::Direct => Route::Direct,
@@ -193,6 +263,7 @@ fn rule(number: usize, r: &UdpRuleConfig, config: &RelayConfig, mark: u32) -> Ud
             None => Route::Drop,
         },
     };
+    let nat = r.nat.unwrap_or(config.nat);
     UdpRule {
         number,
         clients: r.clients.clone(),
@@ -200,9 +271,16 @@ fn rule(number: usize, r: &UdpRuleConfig, config: &RelayConfig, mark: u32) -> Ud
         ports: r.ports.clone(),
         family: r.family,
         names: r.names.clone(),
+        own_socket: own_socket(&route, nat, r.own_socket, own_ports),
         route,
-        nat: r.nat.unwrap_or(config.nat),
+        nat,
         idle_timeout: r.idle_timeout.unwrap_or(config.idle_timeout),
+        // A rule's own timeout is for all its flows; otherwise the shorter
+        // default of flows on a socket of their own, never longer than
+        // the relay's.
+        own_idle_timeout: r
+            .idle_timeout
+            .unwrap_or(config.own_socket_idle_timeout.min(config.idle_timeout)),
     }
 }
 
@@ -269,6 +347,69 @@ to = "[2001:db8:3::7]:7000"
             (default.route.clone(), default.nat, default.idle_timeout),
             (Route::Direct, NatMode::Symmetric, Duration::from_secs(30))
         );
+    }
+
+    #[test]
+    fn own_sockets_by_port_or_by_rule_and_their_idle_timeout() {
+        let r = rules(
+            r#"
+[relay]
+idle_timeout = "5m"
+own_socket_ports = [53, "123-124"]
+[[relay.rules]]
+ports = [5353]
+action = "direct"
+own_socket = true
+[[relay.rules]]
+destinations = ["203.0.113.0/24"]
+action = "interface"
+mark = 0x200
+own_socket = false
+idle_timeout = "1m"
+[[relay.rules]]
+destinations = ["198.51.100.128/25"]
+action = "direct"
+nat = "full-cone"
+[[relay.rules]]
+destinations = ["198.51.100.0/26"]
+action = "redirect"
+to = "198.51.100.9:53"
+idle_timeout = "10s"
+"#,
+        );
+        let client = sa("192.0.2.10:5000");
+        let own = |dst: &str| {
+            let rule = r.route(client, sa(dst));
+            let dst = sa(dst);
+            (
+                rule.number,
+                rule.own_socket(dst),
+                rule.idle_timeout_for(rule.own_socket(dst)),
+            )
+        };
+        let (s30, m5) = (Duration::from_secs(30), Duration::from_secs(300));
+        // The default rule, by the ports; their flows idle out sooner.
+        assert_eq!(own("192.0.2.99:53"), (0, true, s30));
+        assert_eq!(own("[2001:db8:2::7]:124"), (0, true, s30));
+        assert_eq!(own("192.0.2.99:125"), (0, false, m5));
+        // A rule's own_socket wins over the ports, both ways.
+        assert_eq!(own("192.0.2.99:5353"), (1, true, s30));
+        assert_eq!(own("203.0.113.9:53"), (2, false, Duration::from_secs(60)));
+        // A full cone has a socket per client endpoint already.
+        assert!(!own("198.51.100.200:53").1);
+        // Matched on the original destination's port; the rule's timeout
+        // is for all its flows.
+        assert_eq!(own("198.51.100.7:53"), (4, true, Duration::from_secs(10)));
+        assert_eq!(own("198.51.100.7:7"), (4, false, Duration::from_secs(10)));
+        // A relay timeout shorter than the own-socket default wins.
+        let short = rules("[relay]\nidle_timeout = \"5s\"\n");
+        assert_eq!(
+            short.route(client, sa("192.0.2.99:53")).idle_timeout_for(true),
+            Duration::from_secs(5)
+        );
+        // No ports: no flow has its own socket unless a rule says so.
+        let off = rules("[relay]\nown_socket_ports = []\n");
+        assert!(!off.route(client, sa("192.0.2.99:53")).own_socket(sa("192.0.2.99:53")));
     }
 
     #[test]

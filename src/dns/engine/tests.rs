@@ -369,6 +369,8 @@ fn plain_queries_are_answered_from_the_wire_and_others_take_the_full_path() {
     assert_eq!(refused[3] & 0x0f, ResponseCode::Refused.low());
 }
 
+/// Answers blocked by a CNAME target.
+mod cname_block;
 /// Plain upstream answers made on the wire, against the full path.
 mod plain;
 
