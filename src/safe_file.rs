@@ -260,7 +260,10 @@ mod tests {
     #[test]
     fn a_missing_file_is_an_io_error_saying_so() {
         let e = read_bounded(Path::new("/nonexistent/list"), LIST).unwrap_err();
-        assert!(matches!(&e, ReadError::Io(io) if io.kind() == io::ErrorKind::NotFound), "{e}");
+        assert!(
+            matches!(&e, ReadError::Io(io) if io.kind() == io::ErrorKind::NotFound),
+            "{e}"
+        );
     }
 
     /// Rewrites `p` in place (same inode, same size) the way a careless
@@ -338,9 +341,6 @@ mod tests {
             assert_eq!(std::fs::read(p).unwrap(), b"new\n");
         }
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep\n", "written through a link");
-        assert_eq!(
-            std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777,
-            0o644
-        );
+        assert_eq!(std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777, 0o644);
     }
 }
