@@ -382,3 +382,42 @@ fn a_device_whose_oldest_flows_are_pooled_cannot_keep_another_from_a_descriptor(
     );
     assert_eq!(stopped.counter("drop_fd_budget"), 0);
 }
+
+/// A rule that redirects port-5353 queries to a resolver's port 53: the
+/// flows leave towards port 53, where a spoofer who knew their source port
+/// could answer for the resolver, so each gets a socket of its own like a
+/// query sent to port 53 directly (`relay.own_socket_ports` counts the
+/// port a redirect sends to as well as the one the client wrote to).
+#[test]
+fn queries_redirected_to_port_53_each_get_a_socket_of_their_own() {
+    const REDIRECTED: u16 = 10;
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let (client, ns_ip, stranger_ip, wan) = family(false);
+    let resolver = sa(ns_ip, 53);
+    let daemon = lab.start_tproxyd(&config(&format!(
+        "[[relay.rules]]\nports = [5353]\naction = \"redirect\"\nto = \"{resolver}\"\n"
+    )));
+    lab.add_server_address(0, stranger_ip);
+    let stranger = Echo::start(&lab.servers[0], sa(stranger_ip, 9999));
+    let ns = Echo::start(&lab.servers[0], resolver);
+    let sock = socket(&lab.client, sa(client, 40_000));
+    exchange(&sock, stranger.addr, b"what is my port?");
+    let learnt = stranger.last_peer();
+    assert_eq!(learnt.ip(), wan, "the stranger saw the gateway");
+    let asked = sa(ns_ip, 5353);
+    let mut ports = Vec::new();
+    for i in 0..REDIRECTED {
+        let s = socket(&lab.client, sa(client, 40_001 + i));
+        let (from, _) = exchange(&s, asked, &query(i));
+        assert_eq!(from, asked, "the reply comes from the address the client asked");
+        ports.push(ns.last_peer().port());
+    }
+    let own = gauge(&lab, "own_sockets");
+    drop(daemon);
+    let distinct: HashSet<u16> = ports.iter().copied().collect();
+    eprintln!("learnt {}; redirected queries left from {ports:?}; {own} own sockets", learnt.port());
+    assert_eq!(own, u64::from(REDIRECTED), "each redirected query has a socket of its own");
+    assert!(!ports.contains(&learnt.port()), "a query left from the learnt port");
+    assert_eq!(distinct.len(), ports.len(), "two queries shared a source port");
+}
