@@ -416,8 +416,15 @@ fn queries_redirected_to_port_53_each_get_a_socket_of_their_own() {
     let own = gauge(&lab, "own_sockets");
     drop(daemon);
     let distinct: HashSet<u16> = ports.iter().copied().collect();
-    eprintln!("learnt {}; redirected queries left from {ports:?}; {own} own sockets", learnt.port());
-    assert_eq!(own, u64::from(REDIRECTED), "each redirected query has a socket of its own");
+    eprintln!(
+        "learnt {}; redirected queries left from {ports:?}; {own} own sockets",
+        learnt.port()
+    );
+    assert_eq!(
+        own,
+        u64::from(REDIRECTED),
+        "each redirected query has a socket of its own"
+    );
     assert!(!ports.contains(&learnt.port()), "a query left from the learnt port");
     assert_eq!(distinct.len(), ports.len(), "two queries shared a source port");
 }
