@@ -568,7 +568,9 @@ fn an_ipv4_mapped_destination_does_not_pass_an_ipv4_drop_rule() {
 fn a_remote_a_reload_drops_does_not_reach_a_full_cone_socks5_flow() {
     let (lab, proxy, _) = socks_lab(false);
     let socks_rule = |to: &str| {
-        format!("[[relay.rules]]\ndestinations = [{to}]\naction = \"socks5\"\nsocks5 = \"{proxy}\"\nnat = \"full-cone\"\n")
+        format!(
+            "[[relay.rules]]\ndestinations = [{to}]\naction = \"socks5\"\nsocks5 = \"{proxy}\"\nnat = \"full-cone\"\n"
+        )
     };
     let mut daemon = lab.start_tproxyd(&config(&socks_rule("\"198.51.100.7/32\", \"198.51.100.9/32\"")));
     let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
@@ -613,7 +615,7 @@ fn a_remote_a_reload_drops_does_not_reach_a_full_cone_socks5_flow() {
         "the dropped remote reached the client through SOCKS5: {reached:?}"
     );
     assert_eq!(
-        other.map(|(from, data)| (from, data)),
+        other,
         Some((echo.addr, b"unasked".to_vec())),
         "the flow's other remote no longer reaches the client"
     );
@@ -648,7 +650,9 @@ fn a_remote_the_rules_drop_for_the_client_does_not_reach_it_through_a_full_cone_
     assert_eq!(exchange(&sock, echo.addr, b"hello").0, echo.addr);
     assert_eq!(echo.last_peer(), proxy.outgoing);
     for i in 0..3 {
-        blocked.send_to(format!("pushed {i}").as_bytes(), proxy.outgoing).unwrap();
+        blocked
+            .send_to(format!("pushed {i}").as_bytes(), proxy.outgoing)
+            .unwrap();
     }
     sock.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
     let mut reached = Vec::new();
@@ -663,6 +667,10 @@ fn a_remote_the_rules_drop_for_the_client_does_not_reach_it_through_a_full_cone_
         reached.is_empty(),
         "the dropped remote reached the client through SOCKS5: {reached:?}"
     );
-    assert_eq!(other, Some((allowed_addr, b"allowed".to_vec())), "a remote the rules allow");
+    assert_eq!(
+        other,
+        Some((allowed_addr, b"allowed".to_vec())),
+        "a remote the rules allow"
+    );
     assert_eq!(stopped.counter("drop_unsolicited"), 3, "{}", stopped.log);
 }
