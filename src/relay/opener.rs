@@ -240,7 +240,7 @@ fn new_flow(
     // Out of descriptors. A pooled flow takes over a socket from the flows
     // in its way there (a client that busy is the heaviest, or close to
     // it); a flow that needs its own socket gets the descriptor of the
-    // heaviest client's oldest flow. A few tries: a socket's blockers may
+    // oldest descriptor-holding flow of the client holding the most. A few tries: a socket's blockers may
     // be on their way out already.
     for _ in 0..BUDGET_TRIES {
         if !matches!(opened, Err(OpenError::Budget)) {
@@ -248,7 +248,7 @@ fn new_flow(
         }
         let in_the_way = open::in_the_way(key, dst, rule, ctx);
         if in_the_way.is_empty() {
-            count_evicted(ctx, table.evict_heaviest());
+            count_evicted(ctx, table.evict_for_descriptor());
         }
         for session in in_the_way {
             let entry = table.remove(&session.key, session.id);
@@ -265,7 +265,7 @@ fn new_flow(
         opened = open(key, dst, rule, ctx, now_ms);
     }
     match opened {
-        Ok(o) => Some(Entry::new(o.session, o.task)),
+        Ok(o) => Some(Entry::with_permits(o.session, o.task, o.permits)),
         Err(OpenError::Budget) => {
             ctx.stats().drop_fd_budget.inc();
             None
