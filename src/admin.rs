@@ -3,12 +3,14 @@
 //! One GET per connection, answered and closed: this serves a scraper every
 //! few seconds, so a full HTTP stack would be weight without use.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 use crate::dns::DnsService;
 use crate::metrics::{self, Gauge};
@@ -24,11 +26,18 @@ const MAX_REQUEST: usize = 8 * 1024;
 /// connection for hours.
 const DEADLINE: Duration = Duration::from_secs(5);
 
-/// Most connections served at once; past it a new one is closed at once.
-/// A scraper needs one. Any local user can connect (loopback is the only
-/// restriction), and each connection is a descriptor of the daemon, taken
-/// from the reserve that DNS over TCP and upstream sockets share
-/// (`relay.fd_reserve`).
+/// Most connections served at once. A scraper needs one. Any local user
+/// can connect (loopback is the only restriction), and each connection is
+/// a descriptor of the daemon, taken from the reserve that DNS over TCP and
+/// upstream sockets share (`relay.fd_reserve`).
+///
+/// When all are taken, a new connection takes the place of the oldest one
+/// still waiting for its request head (or, when none is, of the oldest).
+/// Closing the newcomer instead let one local process that held 16 idle
+/// connections (opening another as each was closed at the deadline) keep
+/// every scraper, and so `/metrics`, out for as long as it liked. A
+/// scraper's request usually comes with its connection, so idle holders
+/// give way before it whatever their number.
 const MAX_CONNECTIONS: usize = 16;
 
 /// What the metrics are read from.
@@ -163,43 +172,82 @@ impl Sources {
     }
 }
 
+/// A connection being served.
+struct Slot {
+    task: AbortHandle,
+    /// Still waiting for the end of its request head: the first to give
+    /// way to a newcomer when every slot is taken.
+    reading: Arc<AtomicBool>,
+}
+
 pub async fn serve(listener: TcpListener, sources: Sources, mut shutdown: Shutdown) -> io::Result<()> {
     let mut backoff = AcceptBackoff::new("admin");
+    // Owned here: finished requests are reaped as new ones come, and
+    // whatever is still running is aborted when the endpoint stops.
     let mut requests = JoinSet::new();
+    // The connections being served, oldest first.
+    let mut served: VecDeque<Slot> = VecDeque::with_capacity(MAX_CONNECTIONS + 1);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
             v = backoff.accept(&listener) => v,
         };
         let sources = sources.clone();
-        // Owned here: finished requests are reaped as new ones come, and
-        // whatever is still running is aborted when the endpoint stops.
         while requests.try_join_next().is_some() {}
-        if requests.len() >= MAX_CONNECTIONS {
-            tracing::debug!(%peer, "admin endpoint busy: connection closed");
-            drop(stream);
-            continue;
+        served.retain(|slot| !slot.task.is_finished());
+        // A scraper sends its request as soon as it is connected, so it is
+        // usually here already: such a connection is not idle, and holders
+        // that never finish a request give way before it.
+        let mut request = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 1024];
+        if let Ok(n) = stream.try_read(&mut chunk) {
+            request.extend_from_slice(&chunk[..n]);
         }
-        requests.spawn(async move {
-            match tokio::time::timeout(DEADLINE, respond(stream, &sources)).await {
+        let reading = Arc::new(AtomicBool::new(!head_complete(&request)));
+        if served.len() >= MAX_CONNECTIONS {
+            let idle = served
+                .iter()
+                .position(|slot| slot.reading.load(Ordering::Relaxed))
+                .unwrap_or(0);
+            if let Some(gone) = served.remove(idle) {
+                tracing::debug!(%peer, "admin endpoint full: an older connection closed for a new one");
+                gone.task.abort();
+            }
+        }
+        let flag = reading.clone();
+        let task = requests.spawn(async move {
+            match tokio::time::timeout(DEADLINE, respond(stream, request, &flag, &sources)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "admin request failed"),
                 Err(_) => tracing::debug!(%peer, "admin request not done within {DEADLINE:?}: closed"),
             }
         });
+        served.push_back(Slot { task, reading });
     }
 }
 
-async fn respond(mut stream: TcpStream, sources: &Sources) -> io::Result<()> {
-    let mut request = Vec::with_capacity(1024);
+/// Whether `request` holds a whole request head.
+fn head_complete(request: &[u8]) -> bool {
+    request.windows(4).any(|w| w == b"\r\n\r\n")
+}
+
+/// Reads the rest of the request head after `request` (what came with the
+/// connection), clearing `reading` once it is whole, and answers it.
+async fn respond(
+    mut stream: TcpStream,
+    mut request: Vec<u8>,
+    reading: &AtomicBool,
+    sources: &Sources,
+) -> io::Result<()> {
     let mut chunk = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+    while !head_complete(&request) {
         let n = stream.read(&mut chunk).await?;
         if n == 0 || request.len() + n > MAX_REQUEST {
             return Ok(());
         }
         request.extend_from_slice(&chunk[..n]);
     }
+    reading.store(false, Ordering::Relaxed);
     let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
     let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());

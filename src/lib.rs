@@ -19,6 +19,7 @@ pub mod privileges;
 pub mod ratelog;
 pub mod relay;
 pub mod reload;
+pub mod safe_file;
 pub mod server;
 pub mod shutdown;
 pub mod stats;

@@ -55,18 +55,8 @@ impl PidFile {
     /// followed), and it is handed over by its descriptor, not by its path.
     pub fn create(path: &Path, owner: Option<(Uid, Gid)>) -> io::Result<PidFile> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)?;
+        // 0644: `tproxyd reload`, run by any user, reads it.
+        let mut file = crate::safe_file::create_anew(path, 0o644)?;
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::fchown(&file, Some(uid.as_raw()), Some(gid.as_raw()))?;
         }

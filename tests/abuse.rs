@@ -147,6 +147,13 @@ fn one_socket_to_twenty_thousand_destinations_is_linear_and_stalls_no_one() {
         fds(daemon.pid())
     );
     let stopped = daemon.stop();
+    eprintln!(
+        "shed {} ({} in the kernel), open backlog drops {}, flows opened {}",
+        stopped.counter("drop_overload"),
+        stopped.counter("shed_in_kernel"),
+        stopped.counter("drop_open_backlog"),
+        stopped.counter("sessions_opened")
+    );
     assert!(
         wrong.is_empty(),
         "replies from the wrong source or with the wrong payload: {:?}",

@@ -262,6 +262,101 @@ fn the_admin_endpoint_bounds_slow_requests_and_open_connections() {
     drop(daemon);
 }
 
+/// `GET /metrics` from `addr`; `None` when the endpoint closed or reset
+/// the connection instead of answering.
+fn try_scrape(lab: &Lab, addr: SocketAddr) -> Option<String> {
+    lab.gateway.enter(move || {
+        let mut s = TcpStream::connect(addr).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.starts_with("HTTP/1.1 200 OK\r\n").then_some(out)
+    })
+}
+
+/// Keeps one connection to `addr` open until `stop`, opening another as
+/// soon as the endpoint closes it: idle, or (`slow`) sending a request
+/// head a byte at a time that never ends.
+fn hold_admin(addr: SocketAddr, slow: bool, stop: &AtomicBool, opened: &AtomicUsize) {
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        opened.fetch_add(1, Ordering::Relaxed);
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        if slow && s.write_all(b"GET /metrics HTTP/1.1\r\n").is_err() {
+            continue;
+        }
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) {
+            if slow && s.write_all(b"X").is_err() {
+                break;
+            }
+            match s.read(&mut buf) {
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                // Closed or reset by the daemon: open another.
+                _ => break,
+            }
+        }
+    }
+}
+
+/// A local process (the endpoint is on loopback, so any user of the
+/// gateway) keeping every one of the admin endpoint's 16 slots busy: more
+/// idle connections than slots and a few never-ending requests sent a
+/// byte at a time, each opened again as soon as the daemon closes it. A
+/// scraper that asks for `/metrics` meanwhile gets it every time.
+#[test]
+fn a_local_process_holding_the_admin_slots_does_not_keep_a_scraper_out() {
+    const IDLE: usize = 20;
+    const SLOW: usize = 4;
+    const SCRAPES: usize = 5;
+    let lab = Lab::new();
+    let admin: SocketAddr = "127.0.0.1:9153".parse().unwrap();
+    let daemon = lab.start_tproxyd(&config("192.0.2.50", "drop", &format!("[admin]\nlisten = \"{admin}\"")));
+    assert!(try_scrape(&lab, admin).is_some(), "no page before the attack");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let holders: Vec<std::thread::JoinHandle<()>> = {
+        let (stop, opened) = (stop.clone(), opened.clone());
+        lab.gateway.enter(move || {
+            (0..IDLE + SLOW)
+                .map(|i| {
+                    let (stop, opened) = (stop.clone(), opened.clone());
+                    // Threads started here stay in the gateway's namespace.
+                    std::thread::spawn(move || hold_admin(admin, i >= IDLE, &stop, &opened))
+                })
+                .collect()
+        })
+    };
+    // Every holder connected, and the slots full of them.
+    while opened.load(Ordering::Relaxed) < IDLE + SLOW {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut answered = 0;
+    for _ in 0..SCRAPES {
+        if try_scrape(&lab, admin).is_some() {
+            answered += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1_000));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in holders {
+        h.join().unwrap();
+    }
+    assert_eq!(
+        answered,
+        SCRAPES,
+        "a scraper got /metrics {answered} times of {SCRAPES} while {} connections held the admin endpoint ({} opened)",
+        IDLE + SLOW,
+        opened.load(Ordering::Relaxed)
+    );
+    drop(daemon);
+}
+
 /// A burst of SIGHUPs (a script, or reloads sent faster than a large
 /// list loads) is one reload, or two when more came during the first, not
 /// one full reload after another; and a SIGTERM after the burst is not

@@ -557,3 +557,120 @@ fn an_ipv4_mapped_destination_does_not_pass_an_ipv4_drop_rule() {
     assert_eq!(stopped.counter("drop_no_orig_dst"), 3, "{}", stopped.log);
     assert_eq!(stopped.counter("sessions_opened"), 0, "{}", stopped.log);
 }
+
+/// A full-cone SOCKS5 flow through dante: the client wrote to two remotes
+/// over one association, then a reload drops one of them. Dante goes on
+/// relaying what that remote sends to the association (the client wrote
+/// to it once), so only tproxyd's full-cone filter stands between it and
+/// the LAN: nothing from it may reach the client, and the other remote
+/// still does.
+#[test]
+fn a_remote_a_reload_drops_does_not_reach_a_full_cone_socks5_flow() {
+    let (lab, proxy, _) = socks_lab(false);
+    let socks_rule = |to: &str| {
+        format!(
+            "[[relay.rules]]\ndestinations = [{to}]\naction = \"socks5\"\nsocks5 = \"{proxy}\"\nnat = \"full-cone\"\n"
+        )
+    };
+    let mut daemon = lab.start_tproxyd(&config(&socks_rule("\"198.51.100.7/32\", \"198.51.100.9/32\"")));
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let blocked_addr = sa(ip("198.51.100.9"), 9000);
+    lab.add_server_address(0, blocked_addr.ip());
+    let blocked = Echo::start(&lab.servers[0], blocked_addr);
+    let sock = socket(&lab.client, client4(40000));
+    assert_eq!(exchange(&sock, echo.addr, b"hello").0, echo.addr);
+    assert_eq!(exchange(&sock, blocked.addr, b"hello too").0, blocked.addr);
+    let association = blocked.last_peer();
+    assert_eq!(echo.last_peer(), association, "one association for the flow");
+    // Before the reload dante relays what the remote sends unasked.
+    blocked.send_to(b"before", association);
+    let (from, data) = recv(&sock).expect("before the reload the remote reaches the client");
+    assert_eq!((from, data.as_slice()), (blocked_addr, &b"before"[..]));
+    // The socks5 rule keeps its number: the flow's key stays the same.
+    std::fs::write(
+        &daemon.config,
+        config(&format!(
+            "{}[[relay.rules]]\ndestinations = [\"198.51.100.9/32\"]\naction = \"drop\"\n",
+            socks_rule("\"198.51.100.7/32\"")
+        )),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    for i in 0..3 {
+        blocked.send_to(format!("pushed {i}").as_bytes(), association);
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+    let mut reached = Vec::new();
+    while let Some((from, data)) = recv(&sock) {
+        reached.push((from, String::from_utf8_lossy(&data).into_owned()));
+    }
+    // The other remote still reaches the client through the same flow.
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    echo.send_to(b"unasked", association);
+    let other = recv(&sock);
+    let stopped = daemon.stop();
+    assert!(
+        reached.is_empty(),
+        "the dropped remote reached the client through SOCKS5: {reached:?}"
+    );
+    assert_eq!(
+        other,
+        Some((echo.addr, b"unasked".to_vec())),
+        "the flow's other remote no longer reaches the client"
+    );
+    assert_eq!(stopped.counter("drop_unsolicited"), 3, "{}", stopped.log);
+    assert_eq!(stopped.counter("socks5_associations"), 1, "{}", stopped.log);
+}
+
+/// The same through a proxy that relays UDP as a full cone, with the drop
+/// rule in force from the start and for this client only: a remote the
+/// client may not write to must not reach it through the association
+/// either, while another client's rule would let it (the verdict is the
+/// flow's client's).
+#[test]
+fn a_remote_the_rules_drop_for_the_client_does_not_reach_it_through_a_full_cone_proxy() {
+    let lab = Lab::with_servers(2);
+    lab.route_between_servers();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let proxy = lab.cone_socks5(1, sa(server4(1), 1080));
+    let daemon = lab.start_tproxyd(&config(&format!(
+        "[[relay.rules]]\nclients = [\"{CLIENT4}/32\"]\ndestinations = [\"198.51.100.9/32\"]\naction = \"drop\"\n\
+         [[relay.rules]]\ndestinations = [\"198.51.100.0/25\"]\naction = \"socks5\"\nsocks5 = \"{}\"\nnat = \"full-cone\"\n",
+        proxy.addr
+    )));
+    let echo = Echo::start(&lab.servers[0], sa(server4(0), 7000));
+    let blocked_addr = sa(ip("198.51.100.9"), 9000);
+    let allowed_addr = sa(ip("198.51.100.10"), 9000);
+    lab.add_server_address(0, blocked_addr.ip());
+    lab.add_server_address(0, allowed_addr.ip());
+    let blocked = socket(&lab.servers[0], blocked_addr);
+    let allowed = socket(&lab.servers[0], allowed_addr);
+    let sock = socket(&lab.client, client4(40000));
+    assert_eq!(exchange(&sock, echo.addr, b"hello").0, echo.addr);
+    assert_eq!(echo.last_peer(), proxy.outgoing);
+    for i in 0..3 {
+        blocked
+            .send_to(format!("pushed {i}").as_bytes(), proxy.outgoing)
+            .unwrap();
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+    let mut reached = Vec::new();
+    while let Some((from, data)) = recv(&sock) {
+        reached.push((from, String::from_utf8_lossy(&data).into_owned()));
+    }
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    allowed.send_to(b"allowed", proxy.outgoing).unwrap();
+    let other = recv(&sock);
+    let stopped = daemon.stop();
+    assert!(
+        reached.is_empty(),
+        "the dropped remote reached the client through SOCKS5: {reached:?}"
+    );
+    assert_eq!(
+        other,
+        Some((allowed_addr, b"allowed".to_vec())),
+        "a remote the rules allow"
+    );
+    assert_eq!(stopped.counter("drop_unsolicited"), 3, "{}", stopped.log);
+}

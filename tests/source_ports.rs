@@ -292,3 +292,139 @@ fn a_device_opening_hundreds_of_queries_stays_within_the_descriptor_budget() {
     assert!(stopped.counter("sessions_evicted_budget") > 0, "{}", stopped.log);
     assert_eq!(stopped.counter("drop_fd_budget"), 0, "{}", stopped.log);
 }
+
+/// Sends `payload` to `to` and waits for one datagram back, sending once
+/// more if none came (a datagram may die in a full queue on a busy
+/// machine); `None` if neither was answered.
+fn ask(sock: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Option<(SocketAddr, Vec<u8>)> {
+    (0..2).find_map(|_| {
+        sock.send_to(payload, to).unwrap();
+        recv(sock)
+    })
+}
+
+/// A LAN device whose oldest flows are pooled (they hold no descriptor of
+/// their own) and whose newer ones each hold one fills the descriptor
+/// budget; another device's new query (a socket of its own) and new
+/// full-cone flow still open. The descriptor comes from the busy device's
+/// oldest flow that holds one: ending a pooled flow would free nothing and
+/// leave the other device refused.
+#[test]
+fn a_device_whose_oldest_flows_are_pooled_cannot_keep_another_from_a_descriptor() {
+    const POOLED: u16 = 30;
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let other = ip("192.0.2.11");
+    lab.add_client_address(other);
+    let daemon = lab.start_tproxyd(&config(
+        "fd_budget = 600\nfd_reserve = 100\nnew_flows_per_client = 0\nidle_timeout = \"5m\"\n\
+         own_socket_idle_timeout = \"5m\"\n[[relay.rules]]\nclients = [\"192.0.2.11/32\"]\n\
+         ports = [7100]\naction = \"direct\"\nnat = \"full-cone\"\n",
+    ));
+    let limit = gauge(&lab, "flow_sockets_limit");
+    let ns = Echo::start(&lab.servers[0], sa(server4(0), 53));
+    let cone_server = Echo::start(&lab.servers[0], sa(server4(0), 7100));
+    let games: Vec<Echo> = (0..POOLED)
+        .map(|i| Echo::start(&lab.servers[0], sa(server4(0), 6000 + i)))
+        .collect();
+    let busy: IpAddr = CLIENT4.parse().unwrap();
+    // The busy device's oldest flows: pooled, one socket for them all.
+    let pooled: Vec<UdpSocket> = (0..POOLED).map(|i| socket(&lab.client, sa(busy, 21_000 + i))).collect();
+    for (s, game) in pooled.iter().zip(&games) {
+        assert!(ask(s, game.addr, b"tick").is_some(), "pooled flow to {}", game.addr);
+    }
+    // Then queries, each a descriptor, until the budget is full.
+    let mut queries = Vec::new();
+    let mut port = 22_000;
+    for _ in 0..5 {
+        let held = gauge(&lab, "flow_sockets");
+        if held >= limit {
+            break;
+        }
+        for _ in held..limit {
+            let s = socket(&lab.client, sa(busy, port));
+            s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            s.send_to(&query(port), ns.addr).unwrap();
+            queries.push(s);
+            port += 1;
+        }
+        // Each answered at once; a lost one costs the timeout.
+        for s in &queries[queries.len() - (limit - held) as usize..] {
+            recv(s);
+        }
+    }
+    let held = gauge(&lab, "flow_sockets");
+    assert_eq!(held, limit, "the busy device filled the budget");
+    // The other device's new query and new full-cone flow.
+    let quiet_query = socket(&lab.client, sa(other, 30_000));
+    let answered = ask(&quiet_query, ns.addr, &query(1));
+    let quiet_cone = socket(&lab.client, sa(other, 30_001));
+    let coned = ask(&quiet_cone, cone_server.addr, b"open");
+    let stopped = daemon.stop();
+    eprintln!(
+        "limit {limit}; other device: query answered {}, full cone answered {}; \
+         {} budget evictions, {} refused at the budget",
+        answered.is_some(),
+        coned.is_some(),
+        stopped.counter("sessions_evicted_budget"),
+        stopped.counter("drop_fd_budget"),
+    );
+    assert_eq!(
+        answered.map(|(from, _)| from),
+        Some(ns.addr),
+        "the other device's query was refused at the budget: {}",
+        stopped.log
+    );
+    assert_eq!(
+        coned.map(|(from, _)| from),
+        Some(cone_server.addr),
+        "the other device's full-cone flow was refused at the budget"
+    );
+    assert_eq!(stopped.counter("drop_fd_budget"), 0);
+}
+
+/// A rule that redirects port-5353 queries to a resolver's port 53: the
+/// flows leave towards port 53, where a spoofer who knew their source port
+/// could answer for the resolver, so each gets a socket of its own like a
+/// query sent to port 53 directly (`relay.own_socket_ports` counts the
+/// port a redirect sends to as well as the one the client wrote to).
+#[test]
+fn queries_redirected_to_port_53_each_get_a_socket_of_their_own() {
+    const REDIRECTED: u16 = 10;
+    let lab = Lab::new();
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let (client, ns_ip, stranger_ip, wan) = family(false);
+    let resolver = sa(ns_ip, 53);
+    let daemon = lab.start_tproxyd(&config(&format!(
+        "[[relay.rules]]\nports = [5353]\naction = \"redirect\"\nto = \"{resolver}\"\n"
+    )));
+    lab.add_server_address(0, stranger_ip);
+    let stranger = Echo::start(&lab.servers[0], sa(stranger_ip, 9999));
+    let ns = Echo::start(&lab.servers[0], resolver);
+    let sock = socket(&lab.client, sa(client, 40_000));
+    exchange(&sock, stranger.addr, b"what is my port?");
+    let learnt = stranger.last_peer();
+    assert_eq!(learnt.ip(), wan, "the stranger saw the gateway");
+    let asked = sa(ns_ip, 5353);
+    let mut ports = Vec::new();
+    for i in 0..REDIRECTED {
+        let s = socket(&lab.client, sa(client, 40_001 + i));
+        let (from, _) = exchange(&s, asked, &query(i));
+        assert_eq!(from, asked, "the reply comes from the address the client asked");
+        ports.push(ns.last_peer().port());
+    }
+    let own = gauge(&lab, "own_sockets");
+    drop(daemon);
+    let distinct: HashSet<u16> = ports.iter().copied().collect();
+    eprintln!(
+        "learnt {}; redirected queries left from {ports:?}; {own} own sockets",
+        learnt.port()
+    );
+    assert_eq!(
+        own,
+        u64::from(REDIRECTED),
+        "each redirected query has a socket of its own"
+    );
+    assert!(!ports.contains(&learnt.port()), "a query left from the learnt port");
+    assert_eq!(distinct.len(), ports.len(), "two queries shared a source port");
+}

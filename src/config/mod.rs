@@ -110,8 +110,11 @@ pub struct RelayConfig {
     /// shared pool socket. A pool socket's port is learnt by every server
     /// that shares it, and a remote's first flow always takes the pool's
     /// first socket; a DNS query's source port is half of what keeps an
-    /// off-path spoofer out (RFC 5452). A rule's `own_socket` wins over
-    /// this list. Default `[53]`; `[]` turns it off.
+    /// off-path spoofer out (RFC 5452). Either port of a flow counts: the
+    /// one the client wrote to and, under a `redirect` rule, the one the
+    /// flow is sent to (port 5353 redirected to a resolver's 53 gets one).
+    /// A rule's `own_socket` wins over this list. Default `[53]`; `[]`
+    /// turns it off.
     #[serde(default = "RelayConfig::default_own_socket_ports")]
     pub own_socket_ports: Vec<udp::PortRange>,
     /// Idle timeout of flows on a socket of their own whose rule sets no

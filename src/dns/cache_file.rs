@@ -18,8 +18,7 @@
 
 use hickory_proto::op::Message;
 use hickory_proto::rr::{DNSClass, RecordType};
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,6 +41,10 @@ pub enum CacheFileError {
     NotRegular,
     #[error("{size} bytes, more than the {limit} a cache of this max_bytes writes")]
     TooLarge { size: u64, limit: u64 },
+    /// Only [`crate::safe_file::ReadError::Changing`]: written by another
+    /// process while it was read.
+    #[error("{0}")]
+    Changing(crate::safe_file::ReadError),
 }
 
 /// The largest file a cache holding `max_bytes` writes, with room to
@@ -187,17 +190,7 @@ pub fn save(cache: &DnsCache, path: &Path) -> Result<usize, CacheFileError> {
     tmp_name.push(".tmp");
     let tmp = Path::new(&tmp_name);
     let result = (|| {
-        match std::fs::remove_file(tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(tmp)?;
+        let mut f = crate::safe_file::create_anew(tmp, 0o600)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(tmp, path)
@@ -211,31 +204,21 @@ pub fn save(cache: &DnsCache, path: &Path) -> Result<usize, CacheFileError> {
 
 /// Loads `path` into `cache`; a missing file is an empty cache, not an error.
 pub fn load(cache: &DnsCache, path: &Path) -> Result<usize, CacheFileError> {
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        // O_NOFOLLOW on a symlink.
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(CacheFileError::NotRegular),
-        Err(e) => return Err(e.into()),
+    use crate::safe_file::ReadError;
+    let limits = crate::safe_file::ReadLimits {
+        max_bytes: largest_file(cache.config().max_bytes),
+        // Read as root from a directory the daemon's user may write.
+        follow_links: false,
+        what: "cache file",
     };
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(CacheFileError::NotRegular);
-    }
-    let limit = largest_file(cache.config().max_bytes);
-    if meta.len() > limit {
-        return Err(CacheFileError::TooLarge {
-            size: meta.len(),
-            limit,
-        });
-    }
-    // Bounded again in case it grows while read.
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.take(limit).read_to_end(&mut bytes)?;
+    let bytes = match crate::safe_file::read_bounded(path, limits) {
+        Ok(bytes) => bytes,
+        Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(ReadError::Io(e)) => return Err(e.into()),
+        Err(ReadError::NotRegular) => return Err(CacheFileError::NotRegular),
+        Err(ReadError::TooLarge { size, limit, .. }) => return Err(CacheFileError::TooLarge { size, limit }),
+        Err(e @ ReadError::Changing { .. }) => return Err(CacheFileError::Changing(e)),
+    };
     decode_into(cache, &bytes, Instant::now(), unix_now())
 }
 

@@ -9,13 +9,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use super::names::{DomainSet, normalize};
+use crate::safe_file::{ReadError, ReadLimits, read_bounded};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {source}", path.display())]
 pub struct ListError {
     pub path: PathBuf,
     #[source]
-    pub source: std::io::Error,
+    pub source: ReadError,
 }
 
 /// How a file went.
@@ -32,42 +33,20 @@ pub struct LoadStats {
 pub const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Reads a list or hosts file whole: a regular file of at most
-/// [`MAX_FILE_BYTES`]. Opened without blocking, so that a path naming a
-/// FIFO cannot hold a reload forever, nor one naming a device (`/dev/zero`)
-/// read without end.
+/// [`MAX_FILE_BYTES`], opened without blocking (a FIFO must not hold a
+/// reload forever, nor a device such as `/dev/zero` be read without end),
+/// and refused rather than loaded torn when a job rewrites it in place
+/// while it is read. A symlink is followed: the operator named the path.
 fn read(path: &Path) -> Result<Vec<u8>, ListError> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let fail = |source: std::io::Error| ListError {
+    let limits = ReadLimits {
+        max_bytes: MAX_FILE_BYTES,
+        follow_links: true,
+        what: "list",
+    };
+    read_bounded(path, limits).map_err(|source| ListError {
         path: path.to_path_buf(),
         source,
-    };
-    let refuse = |why: String| fail(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(fail)?;
-    let meta = file.metadata().map_err(fail)?;
-    if !meta.is_file() {
-        return Err(refuse("not a regular file".into()));
-    }
-    let too_big = || {
-        refuse(format!(
-            "larger than {} MiB, the most a list is read",
-            MAX_FILE_BYTES >> 20
-        ))
-    };
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(too_big());
-    }
-    // The file may grow while it is read: never past the bound either.
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(fail)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(too_big());
-    }
-    Ok(bytes)
+    })
 }
 
 /// Lines of `bytes`, without comments and surrounding blanks, skipping

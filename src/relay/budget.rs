@@ -12,7 +12,7 @@
 //! `relay.reply_sockets` go to reply sockets; the rest carry flows (pooled, full-cone and SOCKS5 upstream sockets). A
 //! flow's socket is taken as a [`Permit`] and handed back when it closes;
 //! when none is left the caller evicts a flow instead of failing
-//! (see `SessionTable::evict_heaviest`).
+//! (see `SessionTable::evict_for_descriptor`).
 
 use crate::config::RelayConfig;
 /// A count of descriptors in use against a limit, shared by everything that

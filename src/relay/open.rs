@@ -45,10 +45,12 @@ impl From<PoolError> for OpenError {
     }
 }
 
-/// A new flow and the guard of its task, if it has one.
+/// A new flow, the guard of its task, if it has one, and the permits of
+/// the descriptors its task holds (none for a pooled flow).
 pub struct Opened {
     pub session: Arc<Session>,
     pub task: Option<DropGuard>,
+    pub permits: Vec<Permit>,
 }
 
 fn permit(ctx: &RelayContext) -> Result<Permit, OpenError> {
@@ -79,7 +81,7 @@ fn pooled(dst: SocketAddr, rule: &UdpRule, ctx: &RelayContext) -> Option<(PoolKe
 /// when the descriptor budget is used up: for a pooled flow, those holding
 /// the one socket it could share (least recently active first); for a flow
 /// that needs a socket of its own, none (the caller frees a descriptor by
-/// evicting the heaviest client's oldest flow).
+/// evicting a flow that holds one, see `SessionTable::evict_for_descriptor`).
 pub fn in_the_way(key: FlowKey, dst: SocketAddr, rule: &UdpRule, ctx: &RelayContext) -> Vec<Arc<Session>> {
     match pooled(dst, rule, ctx) {
         Some((pool, target)) if !rule.own_socket(dst) => {
@@ -121,9 +123,9 @@ pub fn open(
         Route::Drop => return Err(OpenError::Dropped),
         Route::Socks5(server) => {
             // The association holds a TCP control connection and a UDP socket.
-            let permits = [permit(ctx)?, permit(ctx)?];
+            let permits = vec![permit(ctx)?, permit(ctx)?];
             let (queue, rx) = socks_queue::channel(SOCKS_BACKLOG, ctx.socks_budget().clone(), key.owner());
-            let session = make(Upstream::Socks { queue, permits });
+            let session = make(Upstream::Socks { queue });
             let task = ctx.spawn_flow(inbound::socks_pump(
                 session.clone(),
                 ctx.clone(),
@@ -134,6 +136,7 @@ pub fn open(
             Opened {
                 session,
                 task: Some(task),
+                permits,
             }
         }
         Route::Direct | Route::Interface { .. } | Route::Redirect(_) if one_destination => {
@@ -156,21 +159,23 @@ pub fn open(
             if let Some(socket) = fresh {
                 inbound::read_pool(socket, ctx);
             }
-            Opened { session, task: None }
+            Opened {
+                session,
+                task: None,
+                permits: Vec::new(),
+            }
         }
         Route::Direct | Route::Interface { .. } | Route::Redirect(_) => {
             let permit = permit(ctx)?;
             let std = sockets::flow_upstream(dst, None, mark, device.as_deref())?;
             sockets::report_errors(&std, dst.is_ipv6())?;
             let socket = Arc::new(UdpSocket::from_std(std)?);
-            let session = make(Upstream::Cone {
-                socket: socket.clone(),
-                permit,
-            });
+            let session = make(Upstream::Cone { socket: socket.clone() });
             let task = ctx.spawn_flow(inbound::pump_cone(session.clone(), socket, ctx.clone()));
             Opened {
                 session,
                 task: Some(task),
+                permits: vec![permit],
             }
         }
     };

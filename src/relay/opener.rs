@@ -18,8 +18,8 @@ use super::context::RelayContext;
 use super::key::{ClientId, FlowKey};
 use super::open::{self, OpenError, open};
 use super::open_backlog::{HeldList, OPENS_PER_ROUND};
-use super::redecide::{Now, decide_again};
-use super::rules::UdpRule;
+use super::redecide::{Now, decide_again, decide_for};
+use super::rules::{UdpRule, UdpRules};
 use super::session::Session;
 use super::slice::{Slice, Step};
 use super::table::{Entry, Evicted, Eviction, Unfiled};
@@ -88,6 +88,7 @@ async fn run(ctx: Arc<RelayContext>) {
                 }
             };
             round.keys.push(job.key);
+            round.filed_under.push(job.rules.generation());
             round.entries.push(entry);
             match slice.step(round.keys.len(), SEND_EVERY) {
                 Step::Work => {}
@@ -120,6 +121,10 @@ async fn run(ctx: Arc<RelayContext>) {
 #[derive(Default)]
 struct Round {
     keys: Vec<FlowKey>,
+    /// The generation of the rules each flow was filed under: what was
+    /// held for a flow filed before a reload is decided again, datagram
+    /// by datagram, when it is sent.
+    filed_under: Vec<u64>,
     /// `None`: the flow could not be opened (counted); its datagrams drop.
     entries: Vec<Option<Entry>>,
     sends: UpstreamSends,
@@ -151,17 +156,22 @@ impl Round {
         }
         let Round {
             keys,
+            filed_under,
             entries,
             sends,
             held,
         } = self;
         // One clock read for the round: its flows were opened a moment ago.
         let now = ctx.now_ms();
+        let current = ctx.rules();
         let evicted = ctx.open_backlog().complete_all(keys.iter(), held, |held| {
             let mut out = sends.batch();
-            for (entry, held) in entries.iter().zip(held) {
-                if let Some(entry) = entry {
+            for ((entry, held), &generation) in entries.iter().zip(held).zip(filed_under.iter()) {
+                let Some(entry) = entry else { continue };
+                if generation == current.generation() {
                     queue_held(&entry.session, held, &mut out, now, ctx);
+                } else {
+                    queue_decided_again(&entry.session, held, &mut out, now, ctx, &current);
                 }
             }
             out.flush(ctx.stats());
@@ -177,6 +187,7 @@ impl Round {
             evicted
         });
         keys.clear();
+        filed_under.clear();
         entries.clear();
         for e in evicted {
             count_evicted(ctx, Some(e));
@@ -217,6 +228,31 @@ fn queue_held<'p>(
     }
 }
 
+/// Queues held datagrams one by one, each decided again under `current`
+/// (see `redecide::decide_for`): the flow was filed under rules a reload
+/// has since replaced. Only those the rules in force relay as this flow
+/// leave; the others are dropped and counted. Rare (a reload), so one run
+/// each.
+fn queue_decided_again<'p>(
+    session: &Arc<Session>,
+    held: &'p HeldList,
+    out: &mut UpstreamBatch<'_, 'p>,
+    now_ms: u64,
+    ctx: &RelayContext,
+    current: &UdpRules,
+) {
+    session.touch(now_ms);
+    let key = session.key;
+    let stats = ctx.stats();
+    for h in held.iter() {
+        match decide_for(key, h.dst, ctx.route(current, key.client, h.dst)) {
+            Now::Open(_) => out.push(session, &[h.payload.as_slice()], h.dst, h.tos, stats),
+            Now::Dropped => stats.drop_by_rule.inc(),
+            Now::Moved => stats.drop_session_open_failed.inc(),
+        }
+    }
+}
+
 /// Makes room for and opens a new flow, as the limits say. `None` when it
 /// cannot be opened (counted).
 /// `settle` files the flows opened before in this round first, so that
@@ -240,7 +276,7 @@ fn new_flow(
     // Out of descriptors. A pooled flow takes over a socket from the flows
     // in its way there (a client that busy is the heaviest, or close to
     // it); a flow that needs its own socket gets the descriptor of the
-    // heaviest client's oldest flow. A few tries: a socket's blockers may
+    // oldest descriptor-holding flow of the client holding the most. A few tries: a socket's blockers may
     // be on their way out already.
     for _ in 0..BUDGET_TRIES {
         if !matches!(opened, Err(OpenError::Budget)) {
@@ -248,7 +284,7 @@ fn new_flow(
         }
         let in_the_way = open::in_the_way(key, dst, rule, ctx);
         if in_the_way.is_empty() {
-            count_evicted(ctx, table.evict_heaviest());
+            count_evicted(ctx, table.evict_for_descriptor());
         }
         for session in in_the_way {
             let entry = table.remove(&session.key, session.id);
@@ -265,7 +301,7 @@ fn new_flow(
         opened = open(key, dst, rule, ctx, now_ms);
     }
     match opened {
-        Ok(o) => Some(Entry::new(o.session, o.task)),
+        Ok(o) => Some(Entry::with_permits(o.session, o.task, o.permits)),
         Err(OpenError::Budget) => {
             ctx.stats().drop_fd_budget.inc();
             None

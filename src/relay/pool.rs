@@ -693,6 +693,12 @@ const NOT_WATCHED: u64 = u64::MAX;
 
 impl<F> PoolSocket<F> {
     /// The flow this socket carries to `remote`, if any.
+    /// Whether this is a socket of one flow's own (see [`Pools::own`]):
+    /// ending that flow gives its descriptor back.
+    pub fn is_own(&self) -> bool {
+        self.own
+    }
+
     pub fn flow(&self, remote: SocketAddr) -> Option<Arc<F>> {
         lock(&self.flows).map.get(&remote).and_then(Weak::upgrade)
     }

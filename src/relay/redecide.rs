@@ -41,10 +41,21 @@ pub fn decide_again<'r>(
     if Arc::ptr_eq(&job.rules, current) {
         return Now::Open(job.rule());
     }
-    let rule = route(current);
+    decide_for(job.key, job.dst, route(current))
+}
+
+/// What `rule` (the rules in force give the client of `key` and `dst`)
+/// says of a datagram to `dst` held for the flow `key`.
+///
+/// The opener asks this of every datagram held for a flow filed under
+/// rules a reload has since replaced, not only of the first: a full-cone
+/// flow's held datagrams may go to many destinations, each decided by the
+/// listener under the old rules, and a drop rule the reload added for one
+/// of them must hold for it as it does once the flow is open.
+pub fn decide_for(key: FlowKey, dst: std::net::SocketAddr, rule: &UdpRule) -> Now<'_> {
     if rule.route == Route::Drop {
         Now::Dropped
-    } else if FlowKey::new(job.key.client, job.dst, rule) == job.key {
+    } else if FlowKey::new(key.client, dst, rule) == key {
         Now::Open(rule)
     } else {
         Now::Moved
@@ -114,6 +125,31 @@ mod tests {
         // Now full cone: another flow than the one that waits.
         let cone = rules("[[relay.rules]]\nports = [9995]\naction = \"direct\"\nnat = \"full-cone\"\n");
         assert!(matches!(again(&waiting, &cone), Now::Moved));
+    }
+
+    /// A full-cone flow filed under the old rules holds datagrams to its
+    /// first destination and to another one that a reload now drops: the
+    /// first still opens the flow, and the other is dropped on its own.
+    #[test]
+    fn each_held_datagram_of_a_full_cone_flow_is_decided_again() {
+        let before = rules("nat = \"full-cone\"\n");
+        let after =
+            rules("nat = \"full-cone\"\n[[relay.rules]]\ndestinations = [\"198.51.100.9/32\"]\naction = \"drop\"\n");
+        let cone = job(&before, "198.51.100.7:7000");
+        assert!(matches!(again(&cone, &after), Now::Open(_)));
+        let held = |dst: &str| decide_for(cone.key, sa(dst), after.route(cone.key.client, sa(dst)));
+        assert!(matches!(held("198.51.100.7:7000"), Now::Open(_)));
+        assert!(matches!(held("198.51.100.8:7000"), Now::Open(_)));
+        assert!(matches!(held("198.51.100.9:9000"), Now::Dropped));
+        // A destination the new rules give another NAT mode is another flow.
+        let split =
+            rules("nat = \"full-cone\"\n[[relay.rules]]\nports = [5000]\naction = \"direct\"\nnat = \"symmetric\"\n");
+        let moved = decide_for(
+            cone.key,
+            sa("198.51.100.8:5000"),
+            split.route(cone.key.client, sa("198.51.100.8:5000")),
+        );
+        assert!(matches!(moved, Now::Moved));
     }
 
     #[test]

@@ -83,7 +83,8 @@ pub struct UdpRule {
 enum OwnSocket {
     Never,
     Always,
-    /// Flows to these destination ports (`relay.own_socket_ports`).
+    /// Flows to these ports (`relay.own_socket_ports`): the port the client
+    /// wrote to or, for a `redirect`, the port the flow is sent to.
     Ports(Arc<[PortRange]>),
 }
 
@@ -124,13 +125,26 @@ impl UdpRule {
         self.names.is_some()
     }
 
-    /// Whether this rule's flow to `dst` gets an upstream socket of its own
-    /// (`dst` is the original destination, which the rule matched on).
+    /// Whether this rule's flow to `dst` (the original destination, which
+    /// the rule matched on) gets an upstream socket of its own.
+    ///
+    /// By the ports, either port counts: the one the client wrote to and,
+    /// for a `redirect`, the one the flow is sent to. A query redirected
+    /// from port 5353 to a resolver's port 53 is as exposed to a spoofer
+    /// who knows its source port as one sent to port 53 directly, and a
+    /// client's port-53 query redirected to a resolver on 5353 still
+    /// counts on its source port being unknown.
     pub fn own_socket(&self, dst: SocketAddr) -> bool {
         match &self.own_socket {
             OwnSocket::Never => false,
             OwnSocket::Always => true,
-            OwnSocket::Ports(ports) => ports.iter().any(|p| p.contains(dst.port())),
+            OwnSocket::Ports(ports) => {
+                let sent_to = match &self.route {
+                    Route::Redirect(to) => to.port(),
+                    _ => dst.port(),
+                };
+                ports.iter().any(|p| p.contains(dst.port()) || p.contains(sent_to))
+            }
         }
     }
 
@@ -375,6 +389,11 @@ destinations = ["198.51.100.0/26"]
 action = "redirect"
 to = "198.51.100.9:53"
 idle_timeout = "10s"
+[[relay.rules]]
+destinations = ["198.51.100.64/26"]
+action = "redirect"
+to = "198.51.100.9:5353"
+idle_timeout = "10s"
 "#,
         );
         let client = sa("192.0.2.10:5000");
@@ -397,10 +416,13 @@ idle_timeout = "10s"
         assert_eq!(own("203.0.113.9:53"), (2, false, Duration::from_secs(60)));
         // A full cone has a socket per client endpoint already.
         assert!(!own("198.51.100.200:53").1);
-        // Matched on the original destination's port; the rule's timeout
-        // is for all its flows.
+        // Either port counts: the original destination's, or the one a
+        // redirect sends the flow to; the rule's timeout is for all its
+        // flows.
         assert_eq!(own("198.51.100.7:53"), (4, true, Duration::from_secs(10)));
-        assert_eq!(own("198.51.100.7:7"), (4, false, Duration::from_secs(10)));
+        assert_eq!(own("198.51.100.7:7"), (4, true, Duration::from_secs(10)));
+        assert_eq!(own("198.51.100.70:53"), (5, true, Duration::from_secs(10)));
+        assert_eq!(own("198.51.100.70:7"), (5, false, Duration::from_secs(10)));
         // A relay timeout shorter than the own-socket default wins.
         let short = rules("[relay]\nidle_timeout = \"5s\"\n");
         assert_eq!(

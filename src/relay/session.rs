@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use tokio::net::UdpSocket;
 
 use super::account::{Direction, count_sent};
-use super::budget::Permit;
 use super::key::{FlowKey, Target};
 use super::pool::{Lease, Occupant};
 use super::socks_queue::SocksQueue;
@@ -44,13 +43,14 @@ pub enum Upstream {
     /// One destination (symmetric NAT): a shared pool socket.
     Pooled(Lease<Session>),
     /// Every destination (full cone): an own socket; replies are spoofed
-    /// from whichever remote sent them.
-    Cone { socket: Arc<UdpSocket>, permit: Permit },
-    /// A SOCKS5 association, run by the session's task.
+    /// from whichever remote sent them. Its descriptor's permit is the
+    /// table entry's (see `table::Entry`).
+    Cone { socket: Arc<UdpSocket> },
+    /// A SOCKS5 association, run by the session's task; its two
+    /// descriptors' permits are the table entry's.
     Socks {
         /// Bounded per flow and charged to the relay's SOCKS5 budget.
         queue: SocksQueue,
-        permits: [Permit; 2],
     },
 }
 
@@ -94,6 +94,12 @@ impl Session {
 
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
+    }
+
+    /// Whether the flow rides a socket of its own in a pool (a flow to
+    /// `relay.own_socket_ports`): ending it gives that descriptor back.
+    pub fn owns_pool_socket(&self) -> bool {
+        matches!(&self.upstream, Upstream::Pooled(lease) if lease.socket.is_own())
     }
 
     /// Records traffic now.
@@ -201,10 +207,8 @@ impl Session {
     pub(crate) fn detached(key: FlowKey, idle_ms: u64, last_active_ms: u64) -> Session {
         let std = std::net::UdpSocket::bind("127.0.0.1:0").expect("loopback socket");
         std.set_nonblocking(true).expect("nonblocking");
-        let share = super::budget::FdShare::new(usize::MAX);
         let upstream = Upstream::Cone {
             socket: Arc::new(UdpSocket::from_std(std).expect("tokio socket")),
-            permit: share.try_take().expect("permit"),
         };
         let mut s = Session::new(key, upstream, idle_ms, last_active_ms);
         s.promoted_secs = AtomicU32::new(0);

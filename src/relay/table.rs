@@ -22,6 +22,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::DropGuard;
 
+use super::budget::Permit;
 use super::key::{ClientId, FlowKey};
 use super::rate::Bucket;
 use super::session::Session;
@@ -30,16 +31,34 @@ use crate::sync::lock;
 /// Fast, seeded per process: the keys are addresses a client chooses.
 type Hasher = foldhash::fast::RandomState;
 
-/// A live session and the guard that ends its task, if it has one.
+/// A live session, the guard that ends its task, if it has one, and the
+/// permits of the descriptors that task holds.
 #[derive(Debug)]
 pub struct Entry {
     pub session: Arc<Session>,
     _task: Option<DropGuard>,
+    /// Given back when the table lets go of the flow, not when its task
+    /// has seen that and closed its sockets a moment later: a flow evicted
+    /// for its descriptor must make room for the new one at once.
+    _permits: Vec<Permit>,
+    /// Whether ending the flow gives a descriptor back (permits of its own,
+    /// or a pool socket of its own).
+    holds_fd: bool,
 }
 
 impl Entry {
     pub fn new(session: Arc<Session>, task: Option<DropGuard>) -> Self {
-        Entry { session, _task: task }
+        Entry::with_permits(session, task, Vec::new())
+    }
+
+    pub fn with_permits(session: Arc<Session>, task: Option<DropGuard>, permits: Vec<Permit>) -> Self {
+        let holds_fd = !permits.is_empty() || session.owns_pool_socket();
+        Entry {
+            session,
+            _task: task,
+            _permits: permits,
+            holds_fd,
+        }
     }
 }
 
@@ -103,6 +122,9 @@ struct Inner {
     clients: HashMap<ClientId, Client, Hasher>,
     /// (flows held, client): the last is the heaviest.
     by_load: BTreeSet<(usize, ClientId)>,
+    /// (flows holding a descriptor, client), for clients holding any: the
+    /// last holds the most descriptors.
+    by_fds: BTreeSet<(usize, ClientId)>,
     len: usize,
     limits: Limits,
 }
@@ -110,6 +132,8 @@ struct Inner {
 #[derive(Debug)]
 struct Client {
     flows: LruCache<FlowKey, Entry, Hasher>,
+    /// How many of `flows` hold a descriptor ([`Entry`]'s `holds_fd`).
+    fds: usize,
     bucket: Bucket,
 }
 
@@ -117,6 +141,7 @@ impl Client {
     fn new(rate: u32, now_ms: u64) -> Client {
         Client {
             flows: LruCache::unbounded_with_hasher(Hasher::default()),
+            fds: 0,
             bucket: Bucket::full(rate, now_ms),
         }
     }
@@ -143,18 +168,56 @@ impl Inner {
         }
     }
 
+    /// Moves `id` in the descriptor order after its count of flows holding
+    /// a descriptor went from `old` to `old - gone`.
+    fn forget_fds(&mut self, id: ClientId, old: usize, gone: usize) {
+        if gone == 0 {
+            return;
+        }
+        self.by_fds.remove(&(old, id));
+        if old > gone {
+            self.by_fds.insert((old - gone, id));
+        }
+    }
+
+    /// Counts out of `id`'s descriptors those `entries` held (which were
+    /// just taken out of its flows).
+    fn uncount<'a>(&mut self, id: ClientId, entries: impl Iterator<Item = &'a Entry>) {
+        let gone = entries.filter(|e| e.holds_fd).count();
+        if gone == 0 {
+            return;
+        }
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let old = client.fds;
+        client.fds -= gone;
+        self.forget_fds(id, old, gone);
+    }
+
     /// Takes the flows `keys` of `id` (which held `old` flows) into `into`;
     /// a client left without flows is forgotten, and the count and the
     /// load order follow. The one tail of every sweep over the table.
     fn take_keys(&mut self, id: ClientId, old: usize, keys: &[FlowKey], into: &mut Vec<Entry>) {
+        let first = into.len();
         if let Some(client) = self.clients.get_mut(&id) {
             into.extend(keys.iter().filter_map(|k| client.flows.pop(k)));
-            if client.flows.is_empty() {
-                self.clients.remove(&id);
-            }
+        }
+        self.uncount(id, into[first..].iter());
+        if self.clients.get(&id).is_some_and(|c| c.flows.is_empty()) {
+            self.clients.remove(&id);
         }
         self.len -= old - self.load(id);
         self.reorder(id, old);
+    }
+
+    /// Pops the flow `key` of `id` (which holds `old` flows).
+    fn pop_key(&mut self, id: ClientId, old: usize, key: &FlowKey) -> Option<Entry> {
+        let entry = self.clients.get_mut(&id)?.flows.pop(key)?;
+        self.len -= 1;
+        self.reorder(id, old);
+        self.uncount(id, std::iter::once(&entry));
+        Some(entry)
     }
 
     /// Pops the least recently used flow of `id`.
@@ -163,7 +226,21 @@ impl Inner {
         let (_, entry) = self.clients.get_mut(&id)?.flows.pop_lru()?;
         self.len -= 1;
         self.reorder(id, old);
+        self.uncount(id, std::iter::once(&entry));
         Some(entry)
+    }
+
+    /// Pops the least recently used flow holding a descriptor of the
+    /// client holding the most descriptors. Its pooled flows ahead of it
+    /// are passed over: ending one gives no descriptor back (its socket
+    /// carries other flows), so evicting it for a descriptor would end a
+    /// flow for nothing and leave the new flow refused.
+    fn pop_descriptor_holder(&mut self) -> Option<Entry> {
+        let &(_, id) = self.by_fds.last()?;
+        let client = self.clients.get(&id)?;
+        let key = *client.flows.iter().rev().find(|(_, e)| e.holds_fd)?.0;
+        let old = client.flows.len();
+        self.pop_key(id, old, &key)
     }
 
     fn pop_heaviest(&mut self) -> Option<Entry> {
@@ -174,14 +251,11 @@ impl Inner {
     fn remove_if(&mut self, key: &FlowKey, id: u64) -> Option<Entry> {
         let owner = key.owner();
         let old = self.load(owner);
-        let client = self.clients.get_mut(&owner)?;
+        let client = self.clients.get(&owner)?;
         if client.flows.peek(key).is_none_or(|e| e.session.id != id) {
             return None;
         }
-        let entry = client.flows.pop(key);
-        self.len -= 1;
-        self.reorder(owner, old);
-        entry
+        self.pop_key(owner, old, key)
     }
 }
 
@@ -191,6 +265,7 @@ impl SessionTable {
             inner: Mutex::new(Inner {
                 clients: HashMap::with_hasher(Hasher::default()),
                 by_load: BTreeSet::new(),
+                by_fds: BTreeSet::new(),
                 len: 0,
                 limits,
             }),
@@ -271,10 +346,17 @@ impl SessionTable {
         entry.map(|entry| Evicted { reason, entry })
     }
 
-    /// Ends the least recently used flow of the heaviest client, to free
-    /// its descriptors for a new flow.
-    pub fn evict_heaviest(&self) -> Option<Evicted> {
-        self.lock().pop_heaviest().map(|entry| Evicted {
+    /// Ends a flow to free a descriptor for a new one: the least recently
+    /// used flow holding a descriptor of the client holding the most (see
+    /// `Inner::pop_descriptor_holder`); only when no flow holds one (all
+    /// descriptors are shared pool sockets), the heaviest client's oldest.
+    pub fn evict_for_descriptor(&self) -> Option<Evicted> {
+        let mut inner = self.lock();
+        let entry = match inner.pop_descriptor_holder() {
+            Some(entry) => Some(entry),
+            None => inner.pop_heaviest(),
+        };
+        entry.map(|entry| Evicted {
             reason: Eviction::FdBudget,
             entry,
         })
@@ -321,9 +403,18 @@ impl SessionTable {
             old = inner.load(owner);
         }
         let session = entry.session.clone();
+        let holds_fd = entry.holds_fd;
         let client = inner.client(owner, now_ms);
         client.flows.put(key, entry);
         let new = client.flows.len();
+        let fds = client.fds;
+        if holds_fd {
+            client.fds += 1;
+            if fds > 0 {
+                inner.by_fds.remove(&(fds, owner));
+            }
+            inner.by_fds.insert((fds + 1, owner));
+        }
         inner.len += 1;
         if old > 0 {
             inner.by_load.remove(&(old, owner));
@@ -439,6 +530,7 @@ impl SessionTable {
             let mut inner = self.lock();
             inner.len = 0;
             inner.by_load.clear();
+            inner.by_fds.clear();
             inner.clients.drain().map(|(_, c)| c).collect()
         };
         drained.iter().map(|c| c.flows.len()).sum()
@@ -497,6 +589,64 @@ mod tests {
         assert!(t.insert(key(4), entry(key(4)), 0).is_ok());
         assert!(t.get(&key(2)).is_none());
         assert_eq!(t.len(), 3);
+    }
+
+    /// A client's oldest flows are pooled (no descriptor of their own), its
+    /// newer ones hold one each: eviction for a descriptor passes over the
+    /// pooled ones, takes its oldest holder, and gives the permit back at
+    /// once; the client holding the most descriptors pays, not the one
+    /// holding the most flows.
+    #[tokio::test]
+    async fn eviction_for_a_descriptor_takes_a_flow_that_holds_one() {
+        let share = crate::relay::budget::FdShare::new(8);
+        let t = SessionTable::new(limits(100, 100));
+        let holder = |k: FlowKey| {
+            let permit = share.try_take().unwrap();
+            Entry::with_permits(Arc::new(Session::detached(k, 60_000, 0)), None, vec![permit])
+        };
+        let heavy = "192.0.2.66";
+        for p in 1..=10 {
+            add(&t, key_of(heavy, p)); // pooled-like: no descriptor
+        }
+        for p in 11..=13 {
+            let k = key_of(heavy, p);
+            t.insert(k, holder(k), 0).unwrap();
+        }
+        // A lighter client in flows that holds more descriptors.
+        for p in 1..=4 {
+            let k = key_of("192.0.2.20", p);
+            t.insert(k, holder(k), 0).unwrap();
+        }
+        assert_eq!(share.held(), 7);
+        let ev = t.evict_for_descriptor().unwrap();
+        assert_eq!(ev.reason, Eviction::FdBudget);
+        assert_eq!(ev.entry.session.key, key_of("192.0.2.20", 1));
+        drop(ev);
+        assert_eq!(share.held(), 6, "the permit is back with the entry");
+        // Now 3 each: ties go to either; both hold descriptors.
+        let ev = t.evict_for_descriptor().unwrap();
+        assert!(ev.entry.holds_fd);
+        drop(ev);
+        let ev = t.evict_for_descriptor().unwrap();
+        assert!(ev.entry.holds_fd);
+        drop(ev);
+        for _ in 0..4 {
+            assert!(t.evict_for_descriptor().unwrap().entry.holds_fd);
+        }
+        assert_eq!(share.held(), 0);
+        assert_eq!(t.len(), 10, "the pooled flows stayed while any held one");
+        // None left holding one: the heaviest's oldest, as before.
+        assert_eq!(t.evict_for_descriptor().unwrap().entry.session.key, key_of(heavy, 1));
+        // The counts follow every way out of the table.
+        let k = key_of(heavy, 40);
+        t.insert(k, holder(k), 0).unwrap();
+        let id = t.get(&k).unwrap().id;
+        drop(t.remove(&k, id));
+        assert!(t.lock().by_fds.is_empty());
+        t.insert(k, holder(k), 0).unwrap();
+        drop(t.take_where(|_| true));
+        assert!(t.lock().by_fds.is_empty());
+        assert_eq!(share.held(), 0);
     }
 
     #[tokio::test]
