@@ -18,13 +18,16 @@
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use super::cache_lru::Lru;
+use super::cache_owners::{Owners, SHARE_DIVISOR};
 use super::cache_weight::record_bytes;
 use super::plain_name::Forms;
+use super::ratelimit::client_bucket;
 use super::rendered::Rendered;
 use super::ttl_secs;
 use crate::config::dns::CacheConfig;
@@ -272,6 +275,11 @@ pub struct Entry {
     /// check (about 3,900 of a 6,000-instruction hit, callgrind, two
     /// targets and a 300,000-name list).
     alias_clear: AtomicU64,
+    /// The client (bucket) whose miss stored it, charged for it
+    /// ([`Owners`]); `None` for entries from the cache file.
+    owner: Option<IpAddr>,
+    /// Names this entry among those its owner stored (0: no owner).
+    serial: u64,
 }
 
 impl Entry {
@@ -294,6 +302,8 @@ impl Entry {
             prefetching: AtomicBool::new(false),
             rendered: Rendered::default(),
             alias_clear: AtomicU64::new(0),
+            owner: None,
+            serial: 0,
         }
     }
 
@@ -478,17 +488,47 @@ fn received(ttl: u32) -> u32 {
     if ttl & 0x8000_0000 == 0 { ttl } else { 0 }
 }
 
-/// The LRU and the memory it holds, under one lock.
+/// The LRU, the memory it holds and who holds it, under one lock.
 #[derive(Debug)]
 struct Store {
     lru: Lru<Arc<Entry>>,
     bytes: usize,
+    owners: Owners,
 }
 
 impl Store {
     fn remove(&mut self, key: &[u8]) {
         if let Some(e) = self.lru.pop(key) {
-            self.bytes = self.bytes.saturating_sub(e.bytes);
+            self.forget(&e);
+        }
+    }
+
+    /// `e` has left the LRU: its bytes and its owner's charge go.
+    fn forget(&mut self, e: &Entry) {
+        self.bytes = self.bytes.saturating_sub(e.bytes);
+        if let Some(owner) = e.owner {
+            self.owners.uncharge(owner, e.bytes);
+        }
+    }
+
+    /// Evicts the oldest entry `owner` stored other than `keep`, if it
+    /// holds more than its share of `config`'s bounds; whether it did.
+    fn evict_own(&mut self, config: &CacheConfig, owner: IpAddr, keep: u64) -> bool {
+        let (max_entries, max_bytes) = (
+            (config.capacity / SHARE_DIVISOR).max(1),
+            config.max_bytes / SHARE_DIVISOR,
+        );
+        if !self.owners.over_share(owner, max_entries, max_bytes) {
+            return false;
+        }
+        let lru = &self.lru;
+        let is_live = |key: &[u8], serial: u64| lru.peek(key).is_some_and(|e| e.serial == serial);
+        match self.owners.take_oldest(owner, keep, is_live) {
+            Some(key) => {
+                self.remove(&key);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -519,6 +559,7 @@ impl DnsCache {
                 Mutex::new(Store {
                     lru: Lru::default(),
                     bytes: 0,
+                    owners: Owners::default(),
                 })
             }),
             policy: TtlPolicy::new(config),
@@ -628,19 +669,25 @@ impl DnsCache {
             authorities: response.authorities.clone(),
             additionals: response.additionals.clone(),
         };
-        self.store_at(key, lifetime, records, now)
+        self.keep(key, lifetime, records, now, None)
     }
 
     /// Stores records that [`TtlPolicy::apply`] found cacheable for
     /// `lifetime` seconds, taking them over: for a caller that has
     /// already encoded its reply from them, so they are not copied.
-    pub fn store(&self, key: CacheKey, lifetime: u32, records: Records) -> bool {
-        self.store_at(key, lifetime, records, Instant::now())
+    pub fn store(&self, key: CacheKey, lifetime: u32, records: Records, client: IpAddr) -> bool {
+        self.store_at(key, lifetime, records, Instant::now(), client)
     }
 
     /// [`DnsCache::store`], stored at `now` (the caller's reading of the
-    /// clock, when it has one of the same moment).
-    pub fn store_at(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant) -> bool {
+    /// clock, when it has one of the same moment), charged to `client`
+    /// (whose miss it answers: see [`super::cache_owners`]).
+    pub fn store_at(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant, client: IpAddr) -> bool {
+        self.keep(key, lifetime, records, now, Some(client_bucket(client)))
+    }
+
+    /// Stores `records`, charged to `owner` (a client bucket) if any.
+    fn keep(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant, owner: Option<IpAddr>) -> bool {
         let Some(mut store) = self.lock() else {
             return false;
         };
@@ -657,11 +704,14 @@ impl DnsCache {
         };
         let (bytes, kept_room) = entry_bytes(&key, size);
         let entry = Entry::new(records, now, lifetime, bytes, kept_room);
-        Self::put(&self.config, &mut store, key, entry)
+        Self::put(&self.config, &mut store, key, entry, owner)
     }
 
-    /// Adds `entry` under the bounds; false when it alone is too big.
-    fn put(config: &CacheConfig, store: &mut Store, key: CacheKey, entry: Entry) -> bool {
+    /// Adds `entry` under the bounds, charged to `owner`; false when it
+    /// alone is too big. When the bounds are passed, an owner over its
+    /// share makes room from its own oldest entries, anyone else from the
+    /// least recently used.
+    fn put(config: &CacheConfig, store: &mut Store, key: CacheKey, mut entry: Entry, owner: Option<IpAddr>) -> bool {
         with_packed(&key, |key| {
             let bytes = entry.bytes;
             // An answer bigger than an eighth of the budget would flush a large
@@ -670,13 +720,27 @@ impl DnsCache {
                 store.remove(key);
                 return false;
             }
+            let serial = match owner {
+                Some(_) => store.owners.next_serial(),
+                None => 0,
+            };
+            entry.owner = owner;
+            entry.serial = serial;
             store.bytes += bytes;
             if let Some(old) = store.lru.push(key, Arc::new(entry)) {
-                store.bytes = store.bytes.saturating_sub(old.bytes);
+                store.forget(&old);
+            }
+            if let Some(owner) = owner {
+                let lru = &store.lru;
+                let is_live = |key: &[u8], serial: u64| lru.peek(key).is_some_and(|e| e.serial == serial);
+                store.owners.charge(owner, key, serial, bytes, is_live);
             }
             while store.lru.len() > config.capacity || store.bytes > config.max_bytes {
+                if owner.is_some_and(|o| store.evict_own(config, o, serial)) {
+                    continue;
+                }
                 match store.lru.pop_lru() {
-                    Some(old) => store.bytes = store.bytes.saturating_sub(old.bytes),
+                    Some(old) => store.forget(&old),
                     None => break,
                 }
             }
@@ -738,7 +802,7 @@ impl DnsCache {
         };
         let (bytes, kept_room) = entry_bytes(&key, records);
         let entry = Entry::new(Records::take(&mut message), stored, lifetime, bytes, kept_room);
-        Self::put(&self.config, &mut store, key, entry)
+        Self::put(&self.config, &mut store, key, entry, None)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -1073,6 +1137,67 @@ mod tests {
             c.insert(key(&format!("n{i}")), &mut answer(&[300]));
         }
         assert_eq!(c.len(), 10);
+    }
+
+    /// A full cache: a client over its share makes room from its own
+    /// oldest entries (by count and by bytes), one alone fills it all,
+    /// and a client within its share still evicts the least recently used.
+    #[test]
+    fn a_client_over_its_share_of_a_full_cache_evicts_its_own_entries() {
+        let c = DnsCache::new(&CacheConfig {
+            capacity: 40,
+            ..CacheConfig::default()
+        });
+        let store = |name: &str, client: &str| {
+            let records = Records::take(&mut answer(&[300]));
+            assert!(c.store(key(name), 300, records, client.parse().unwrap()));
+        };
+        for i in 0..10 {
+            store(&format!("v{i}"), "192.0.2.10");
+        }
+        // IPv6 addresses of one /56 are one client.
+        for i in 0..500 {
+            store(&format!("f{i}"), &format!("2001:db8:1:{:x}::{i:x}", i % 200));
+        }
+        assert_eq!(c.len(), 40);
+        for i in 0..10 {
+            assert!(c.get(&key(&format!("v{i}"))).is_some(), "v{i} was evicted");
+        }
+        assert!(c.get(&key("f499")).is_some() && c.get(&key("f0")).is_none());
+        // The flooder keeps the rest: 30, the newest.
+        assert!(c.get(&key("f470")).is_some() && c.get(&key("f469")).is_none());
+        // A newcomer within its share takes the least recently used.
+        store("w0", "192.0.2.11");
+        assert_eq!(c.len(), 40);
+        assert!(c.get(&key("w0")).is_some());
+        // By bytes: 16 kB answers from one client in a 1 MiB cache of
+        // small ones from another.
+        let b = DnsCache::new(&CacheConfig {
+            capacity: 100_000,
+            max_bytes: 1 << 20,
+            ..CacheConfig::default()
+        });
+        let victim: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+        for i in 0..20 {
+            assert!(b.store(key(&format!("v{i}")), 300, Records::take(&mut answer(&[300])), victim));
+        }
+        for i in 0..500 {
+            let big = Records::take(&mut txt(16_000));
+            assert!(b.store(key(&format!("f{i}")), 300, big, "192.0.2.66".parse().unwrap()));
+            assert!(b.bytes() <= 1 << 20);
+        }
+        for i in 0..20 {
+            assert!(b.get(&key(&format!("v{i}"))).is_some(), "v{i} was evicted");
+        }
+        // Alone, a client fills the whole cache.
+        let alone = DnsCache::new(&CacheConfig {
+            capacity: 40,
+            ..CacheConfig::default()
+        });
+        for i in 0..100 {
+            alone.store(key(&format!("a{i}")), 300, Records::take(&mut answer(&[300])), victim);
+        }
+        assert_eq!(alone.len(), 40);
     }
 
     /// Questions a LAN device can ask that differ in one respect only:

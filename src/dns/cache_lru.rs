@@ -136,6 +136,12 @@ impl<V> Lru<V> {
         self.slots[at(i)].value.as_ref()
     }
 
+    /// The value of `key`, left where it is in the order.
+    pub fn peek(&self, key: &[u8]) -> Option<&V> {
+        let i = self.find(self.hasher.hash_one(key), key)?;
+        self.slots.get(at(i))?.value.as_ref()
+    }
+
     /// Stores `value` under `key` as the most recently used; returns the
     /// value it replaces. Nothing is evicted here: the owner does that.
     pub fn push(&mut self, key: &[u8], value: V) -> Option<V> {

@@ -855,7 +855,7 @@ impl DnsEngine {
                 Ok(Answer::Plain(plain)) => match this.plain_reply(&request, &key, plain, transport, &sets) {
                     // The same reply and cache entry as below, made on the wire.
                     Ok(done) => {
-                        let reply = this.keep_plain(key, done, send.is_some(), answered.into_std());
+                        let reply = this.keep_plain(key, done, send.is_some(), answered.into_std(), client);
                         if let Some(send) = send {
                             send(reply);
                         }
@@ -908,7 +908,7 @@ impl DnsEngine {
                     });
                 if let Some((key, lifetime)) = keep {
                     this.cache
-                        .store_at(key, lifetime, Records::take(&mut msg), answered.into_std());
+                        .store_at(key, lifetime, Records::take(&mut msg), answered.into_std(), client);
                 }
                 rendered
             };
@@ -1100,9 +1100,16 @@ impl DnsEngine {
     /// Caches what a plain reply leaves to cache and hands back the
     /// client's reply, counted as answered when it will be sent (a
     /// refresh after a stale answer only caches).
-    fn keep_plain(&self, key: CacheKey, done: PlainReply, answered: bool, now: std::time::Instant) -> Vec<u8> {
+    fn keep_plain(
+        &self,
+        key: CacheKey,
+        done: PlainReply,
+        answered: bool,
+        now: std::time::Instant,
+        client: IpAddr,
+    ) -> Vec<u8> {
         if let Some(lifetime) = done.lifetime {
-            self.cache.store_at(key, lifetime, done.records, now);
+            self.cache.store_at(key, lifetime, done.records, now, client);
         }
         if answered {
             self.stats.dns_rcodes.record(u16::from(ResponseCode::NoError));
@@ -1127,7 +1134,7 @@ impl DnsEngine {
         // As `udp::Exchange` reads it: the plainest answers on the wire.
         let answer = match plain_answer::read(bytes, id, &name, u16::from(qtype), u16::from(qclass)) {
             Some(plain) => match self.plain_reply(&request, &key, plain, transport, &[]) {
-                Ok(done) => return Some(self.keep_plain(key, done, true, std::time::Instant::now())),
+                Ok(done) => return Some(self.keep_plain(key, done, true, std::time::Instant::now(), client)),
                 Err(plain) => Answer::Plain(plain).into_message(),
             },
             None => super::upstream::accept_answer(bytes, id, &request.query),
@@ -1144,7 +1151,7 @@ impl DnsEngine {
             None => self.encoded(&request, &msg, transport),
         };
         if let Some(lifetime) = lifetime {
-            self.cache.store(key, lifetime, Records::take(&mut msg));
+            self.cache.store(key, lifetime, Records::take(&mut msg), client);
         }
         reply
     }

@@ -11,6 +11,7 @@ pub mod aliases;
 pub mod cache;
 pub mod cache_file;
 mod cache_lru;
+mod cache_owners;
 mod cache_weight;
 pub mod encoder;
 pub mod engine;

@@ -1,0 +1,99 @@
+//! One LAN device and the DNS cache: a device that asks for many distinct
+//! names (each answered by an upstream, within its rate limit) must not
+//! push every other device's answers out of the shared cache.
+
+mod lab;
+
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use lab::Lab;
+use lab::fake_dns::FakeDns;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+const UPSTREAM: &str = "198.51.100.53";
+/// tproxyd's plain listener on the LAN.
+const LISTEN: &str = "192.0.2.1";
+/// The lab's main client: the device whose answers should stay cached.
+const VICTIM: &str = "192.0.2.10";
+/// A second LAN address of the client namespace: the device asking for
+/// many names.
+const FLOODER: &str = "192.0.2.66";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Asks `names` (A) from `from`, `batch` at a time, each batch sent
+/// before any answer is read; returns how many were answered NOERROR.
+fn ask(lab: &Lab, from: IpAddr, names: &[String], batch: usize) -> usize {
+    let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let sock = lab::udp::socket(&lab.client, SocketAddr::new(from, 0));
+    sock.set_read_timeout(Some(Duration::from_millis(2000))).unwrap();
+    let mut answered = 0;
+    for (b, chunk) in names.chunks(batch).enumerate() {
+        for (i, n) in chunk.iter().enumerate() {
+            let mut m = Message::query();
+            m.metadata.id = u16::try_from(b * batch + i).unwrap();
+            m.metadata.recursion_desired = true;
+            m.add_query(Query::query(Name::from_str(n).unwrap(), RecordType::A));
+            sock.send_to(&m.to_vec().unwrap(), to).unwrap();
+        }
+        for _ in chunk {
+            let Some((_, bytes)) = lab::udp::recv(&sock) else { break };
+            if Message::from_vec(&bytes).is_ok_and(|m| !m.answers.is_empty()) {
+                answered += 1;
+            }
+        }
+    }
+    answered
+}
+
+/// A device asks for 600 distinct names (within the default rate limit's
+/// burst) after another device has cached its answers; the cache holds
+/// 200. The other device's answers must still be served from the cache.
+#[test]
+fn one_device_asking_many_names_cannot_flush_the_others_cached_answers() {
+    let lab = Lab::with_servers(1);
+    lab.add_server_address(0, ip(UPSTREAM));
+    lab.add_client_address(ip(FLOODER));
+    lab.install_rules("nft", "LAN_IF=lan0");
+    let fake = FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), |q| {
+        let mut m = Message::query();
+        m.metadata.message_type = hickory_proto::op::MessageType::Response;
+        let a = RData::A(A::new(203, 0, 113, 80));
+        m.answers = vec![Record::from_rdata(q.name().clone(), 3600, a)];
+        m
+    });
+    let config = format!(
+        r#"
+mark = 255
+[relay]
+listen = ["0.0.0.0:15353", "[::]:15353"]
+[dns]
+ports = [53]
+listen = ["{LISTEN}:53"]
+allow = ["192.0.2.0/24"]
+timeout = "1500ms"
+cache = {{ capacity = 200 }}
+[dns.upstreams.default]
+servers = ["{UPSTREAM}"]
+"#
+    );
+    let _daemon = lab.start_tproxyd(&config);
+    let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.victim.test.")).collect();
+    assert_eq!(ask(&lab, ip(VICTIM), &hot, 20), 20);
+    let flood: Vec<String> = (0..600).map(|i| format!("n{i}.flood.test.")).collect();
+    let answered = ask(&lab, ip(FLOODER), &flood, 25);
+    // More than the cache holds, whatever a loaded machine loses.
+    assert!(answered >= 300, "only {answered} of the flood's 600 answered");
+    assert_eq!(ask(&lab, ip(VICTIM), &hot, 20), 20);
+    let again: Vec<&String> = hot.iter().filter(|n| fake.asked(n) > 1).collect();
+    assert!(
+        again.is_empty(),
+        "{} of the victim's 20 cached answers were pushed out and asked again: {again:?}",
+        again.len()
+    );
+}
