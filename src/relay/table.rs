@@ -134,6 +134,12 @@ struct Client {
     flows: LruCache<FlowKey, Entry, Hasher>,
     /// How many of `flows` hold a descriptor ([`Entry`]'s `holds_fd`).
     fds: usize,
+    /// The keys of those flows, in the recency order of `flows`: eviction
+    /// for a descriptor takes the least recently used of them at once.
+    /// Walking `flows` for it passed over every pooled flow older than the
+    /// first holder, and a device decides how many of those it keeps (up
+    /// to its quota), so each eviction at the budget cost what it chose.
+    fd_order: LruCache<FlowKey, (), Hasher>,
     bucket: Bucket,
 }
 
@@ -142,6 +148,7 @@ impl Client {
         Client {
             flows: LruCache::unbounded_with_hasher(Hasher::default()),
             fds: 0,
+            fd_order: LruCache::unbounded_with_hasher(Hasher::default()),
             bucket: Bucket::full(rate, now_ms),
         }
     }
@@ -183,13 +190,17 @@ impl Inner {
     /// Counts out of `id`'s descriptors those `entries` held (which were
     /// just taken out of its flows).
     fn uncount<'a>(&mut self, id: ClientId, entries: impl Iterator<Item = &'a Entry>) {
-        let gone = entries.filter(|e| e.holds_fd).count();
-        if gone == 0 {
-            return;
-        }
         let Some(client) = self.clients.get_mut(&id) else {
             return;
         };
+        let mut gone = 0;
+        for e in entries.filter(|e| e.holds_fd) {
+            client.fd_order.pop(&e.session.key);
+            gone += 1;
+        }
+        if gone == 0 {
+            return;
+        }
         let old = client.fds;
         client.fds -= gone;
         self.forget_fds(id, old, gone);
@@ -237,8 +248,8 @@ impl Inner {
     /// flow for nothing and leave the new flow refused.
     fn pop_descriptor_holder(&mut self) -> Option<Entry> {
         let &(_, id) = self.by_fds.last()?;
-        let client = self.clients.get(&id)?;
-        let key = *client.flows.iter().rev().find(|(_, e)| e.holds_fd)?.0;
+        let client = self.clients.get_mut(&id)?;
+        let key = *client.fd_order.peek_lru()?.0;
         let old = client.flows.len();
         self.pop_key(id, old, &key)
     }
@@ -274,12 +285,13 @@ impl SessionTable {
 
     /// The session of `key`, marking it most recently used.
     pub fn get(&self, key: &FlowKey) -> Option<Arc<Session>> {
-        self.lock()
-            .clients
-            .get_mut(&key.owner())?
-            .flows
-            .get(key)
-            .map(|e| e.session.clone())
+        let mut inner = self.lock();
+        let client = inner.clients.get_mut(&key.owner())?;
+        let e = client.flows.get(key)?;
+        if e.holds_fd {
+            client.fd_order.promote(key);
+        }
+        Some(e.session.clone())
     }
 
     /// For a datagram of `key` that found no session a moment ago: its
@@ -295,6 +307,9 @@ impl SessionTable {
             std::collections::hash_map::Entry::Occupied(o) => {
                 let client = o.into_mut();
                 if let Some(e) = client.flows.get(key) {
+                    if e.holds_fd {
+                        client.fd_order.promote(key);
+                    }
                     return Admission::Open(e.session.clone());
                 }
                 if !room() {
@@ -409,6 +424,7 @@ impl SessionTable {
         let new = client.flows.len();
         let fds = client.fds;
         if holds_fd {
+            client.fd_order.put(key, ());
             client.fds += 1;
             if fds > 0 {
                 inner.by_fds.remove(&(fds, owner));
@@ -427,7 +443,10 @@ impl SessionTable {
     pub fn promote(&self, key: &FlowKey, id: u64) {
         let mut inner = self.lock();
         if let Some(client) = inner.clients.get_mut(&key.owner()) {
-            if client.flows.peek(key).is_some_and(|e| e.session.id == id) {
+            if let Some(e) = client.flows.peek(key).filter(|e| e.session.id == id) {
+                if e.holds_fd {
+                    client.fd_order.promote(key);
+                }
                 client.flows.promote(key);
             }
         }
@@ -646,6 +665,45 @@ mod tests {
         t.insert(k, holder(k), 0).unwrap();
         drop(t.take_where(|_| true));
         assert!(t.lock().by_fds.is_empty());
+        assert_eq!(share.held(), 0);
+    }
+
+    /// The descriptor holder evicted is the least recently *used*, not the
+    /// first opened: a flow in use (looked up, admitted again, promoted)
+    /// moves behind the idle one, as it does among all flows. And the
+    /// recency order of holders empties with the flows, whichever way they
+    /// leave.
+    #[tokio::test]
+    async fn eviction_for_a_descriptor_takes_the_least_recently_used_holder() {
+        let share = crate::relay::budget::FdShare::new(8);
+        let t = SessionTable::new(limits(100, 100));
+        let holder = |k: FlowKey| {
+            let permit = share.try_take().unwrap();
+            Entry::with_permits(Arc::new(Session::detached(k, 60_000, 0)), None, vec![permit])
+        };
+        let c = "192.0.2.66";
+        for p in 1..=20 {
+            add(&t, key_of(c, p));
+        }
+        for p in 21..=24 {
+            let k = key_of(c, p);
+            t.insert(k, holder(k), 0).unwrap();
+        }
+        // 21 used by a lookup, 22 admitted again, 23 promoted by the relay.
+        assert!(t.get(&key_of(c, 21)).is_some());
+        assert!(matches!(t.get_or_admit(&key_of(c, 22), 0, || true), Admission::Open(_)));
+        let id = t.get(&key_of(c, 23)).unwrap().id;
+        t.promote(&key_of(c, 23), id);
+        let order: Vec<FlowKey> = (0..4)
+            .map(|_| t.evict_for_descriptor().unwrap().entry.session.key)
+            .collect();
+        assert_eq!(order, [24, 21, 22, 23].map(|p| key_of(c, p)));
+        assert_eq!(t.len(), 20);
+        assert!(t.lock().clients.values().all(|cl| cl.fd_order.is_empty()));
+        let k = key_of(c, 30);
+        t.insert(k, holder(k), 0).unwrap();
+        drop(t.take_where(|_| true));
+        assert!(t.lock().clients.values().all(|cl| cl.fd_order.is_empty()));
         assert_eq!(share.held(), 0);
     }
 
