@@ -268,7 +268,7 @@ fn new_flow(
 ) -> Option<Entry> {
     let table = ctx.table();
     let owner = key.owner();
-    count_evicted(ctx, table.make_room(owner, unfiled));
+    count_evicted(ctx, table.make_room(owner, unfiled, now_ms));
     let mut opened = open(key, dst, rule, ctx, now_ms);
     if matches!(opened, Err(OpenError::Budget)) {
         settle();

@@ -7,8 +7,11 @@
 //!
 //! * a client at its quota (`relay.max_sessions_per_client`) recycles its
 //!   own least recently used flow;
-//! * a full table (and an exhausted descriptor budget) takes the least
-//!   recently used flow of the client holding the most;
+//! * a full table takes the least recently used flow of the client whose
+//!   flows weigh most (their count times their idleness, among the client
+//!   holding the most and a few drawn at random; see
+//!   `Inner::most_to_spare`), an exhausted
+//!   descriptor budget that of the client holding the most descriptors;
 //! * a client may open only so many new flows a second
 //!   (`relay.new_flows_per_client`, a token bucket).
 //!
@@ -19,6 +22,7 @@
 
 use lru::LruCache;
 use std::collections::{BTreeSet, HashMap};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::DropGuard;
 
@@ -112,6 +116,11 @@ pub struct Limits {
     pub new_flows_per_sec: u32,
 }
 
+/// How many clients drawn at random a full table weighs beside the one
+/// holding the most, before it picks whose flow to end
+/// ([`Inner::most_to_spare`]).
+const CANDIDATES: usize = 8;
+
 #[derive(Debug)]
 pub struct SessionTable {
     inner: Mutex<Inner>,
@@ -120,8 +129,16 @@ pub struct SessionTable {
 #[derive(Debug)]
 struct Inner {
     clients: HashMap<ClientId, Client, Hasher>,
-    /// (flows held, client): the last is the heaviest.
-    by_load: BTreeSet<(usize, ClientId)>,
+    /// (flows held, tie, client): the last is the heaviest. Among
+    /// clients holding as many, the order is a keyed hash of the client
+    /// ([`Inner::load_key`]), not the address: a device forging its source
+    /// addresses chooses those, and so would choose which of its clients
+    /// a full table weighs (`Inner::most_to_spare`).
+    by_load: BTreeSet<(usize, u64, ClientId)>,
+    /// Seeds the tie order of `by_load`, at random per table.
+    ties: Hasher,
+    /// Draws of candidates so far: hashed, the start of the next draw.
+    draws: u64,
     /// (flows holding a descriptor, client), for clients holding any: the
     /// last holds the most descriptors.
     by_fds: BTreeSet<(usize, ClientId)>,
@@ -164,14 +181,19 @@ impl Inner {
         self.clients.get(&id).map_or(0, |c| c.flows.len())
     }
 
+    /// `id`'s place in the load order while it holds `flows`.
+    fn load_key(&self, flows: usize, id: ClientId) -> (usize, u64, ClientId) {
+        (flows, self.ties.hash_one(id), id)
+    }
+
     /// Moves `id` in the load order after its flow count changed from `old`.
     fn reorder(&mut self, id: ClientId, old: usize) {
         let new = self.load(id);
         if old > 0 {
-            self.by_load.remove(&(old, id));
+            self.by_load.remove(&self.load_key(old, id));
         }
         if new > 0 {
-            self.by_load.insert((new, id));
+            self.by_load.insert(self.load_key(new, id));
         }
     }
 
@@ -255,8 +277,64 @@ impl Inner {
     }
 
     fn pop_heaviest(&mut self) -> Option<Entry> {
-        let &(_, id) = self.by_load.last()?;
+        let &(_, _, id) = self.by_load.last()?;
         self.pop_oldest(id)
+    }
+
+    /// Pops the flow a full table gives up for a new one: the least
+    /// recently used flow of the client that [`Inner::most_to_spare`]
+    /// picks.
+    fn pop_for_room(&mut self, now_ms: u64) -> Option<Entry> {
+        let id = self.most_to_spare(now_ms)?;
+        self.pop_oldest(id)
+    }
+
+    /// The client whose flows weigh most, weight being a client's flow
+    /// count times how long its least recently used flow has been idle,
+    /// among the client holding the most flows and [`CANDIDATES`] others
+    /// drawn at random.
+    ///
+    /// Why not simply the client holding the most: a device that forges
+    /// its source address (any address of the LAN, or IPv6 /64s by the
+    /// hundred) opens one flow per forged client, and then every real
+    /// device with two flows or more is "the heaviest" and loses its
+    /// active flows, one per new forged flow: a game flow answered every
+    /// 20 ms was reopened on new upstream ports and lost echoes. Weighing
+    /// idleness too, forged flows, each about as idle as the table is
+    /// long, go before a flow that carried a datagram a moment ago, while
+    /// a flooding client's own flows still go first: its count outweighs
+    /// any quiet client's idle flow.
+    ///
+    /// Why at random: the others are a run of the load order from a random
+    /// point of its lightest clients' tie order (a keyed hash of the
+    /// client, see `by_load`).
+    /// A fixed run would refill with the flows that replace the ones it
+    /// gave up, all fresh, and, in address order, would be the forger's
+    /// own choice. A few candidates keep the pick's cost independent of
+    /// the number of clients.
+    fn most_to_spare(&mut self, now_ms: u64) -> Option<ClientId> {
+        let &(_, _, heaviest) = self.by_load.last()?;
+        let &(lightest, _, _) = self.by_load.first()?;
+        self.draws = self.draws.wrapping_add(1);
+        let from = (lightest, self.ties.hash_one(self.draws), ClientId::V4(0));
+        let drawn = self.by_load.range(from..).chain(self.by_load.iter()).take(CANDIDATES);
+        let mut pick: Option<(u128, ClientId)> = None;
+        for id in std::iter::once(heaviest).chain(drawn.map(|&(_, _, id)| id)) {
+            let Some(client) = self.clients.get(&id) else {
+                continue;
+            };
+            let idle = client
+                .flows
+                .peek_lru()
+                .map_or(0, |(_, e)| now_ms.saturating_sub(e.session.last_active_ms()));
+            // At least a millisecond, so that among flows all active this
+            // millisecond the count still decides.
+            let weight = client.flows.len() as u128 * u128::from(idle.max(1));
+            if pick.is_none_or(|(most, _)| weight > most) {
+                pick = Some((weight, id));
+            }
+        }
+        pick.map(|(_, id)| id)
     }
 
     fn remove_if(&mut self, key: &FlowKey, id: u64) -> Option<Entry> {
@@ -276,6 +354,8 @@ impl SessionTable {
             inner: Mutex::new(Inner {
                 clients: HashMap::with_hasher(Hasher::default()),
                 by_load: BTreeSet::new(),
+                ties: Hasher::default(),
+                draws: 0,
                 by_fds: BTreeSet::new(),
                 len: 0,
                 limits,
@@ -343,14 +423,14 @@ impl SessionTable {
     /// (16,000 of the flows bench's 20,000 evictions into a full table):
     /// the new flows took their upstreams before the evicted flows gave
     /// theirs back, and `insert` built a list for each eviction.
-    pub fn make_room(&self, client: ClientId, unfiled: Unfiled) -> Option<Evicted> {
+    pub fn make_room(&self, client: ClientId, unfiled: Unfiled, now_ms: u64) -> Option<Evicted> {
         let mut inner = self.lock();
         let at_quota = inner.load(client) + unfiled.own >= inner.limits.per_client;
         let (reason, entry) = if inner.len + unfiled.all >= inner.limits.capacity {
             let entry = if at_quota {
                 inner.pop_oldest(client)
             } else {
-                inner.pop_heaviest()
+                inner.pop_for_room(now_ms)
             };
             (Eviction::TableFull, entry)
         } else if at_quota {
@@ -405,7 +485,7 @@ impl SessionTable {
             }
         }
         while inner.len >= inner.limits.capacity {
-            match inner.pop_heaviest() {
+            match inner.pop_for_room(now_ms) {
                 Some(entry) => evicted.push(Evicted {
                     reason: Eviction::TableFull,
                     entry,
@@ -433,9 +513,11 @@ impl SessionTable {
         }
         inner.len += 1;
         if old > 0 {
-            inner.by_load.remove(&(old, owner));
+            let was = inner.load_key(old, owner);
+            inner.by_load.remove(&was);
         }
-        inner.by_load.insert((new, owner));
+        let now = inner.load_key(new, owner);
+        inner.by_load.insert(now);
         Ok((session, evicted))
     }
 
@@ -470,7 +552,7 @@ impl SessionTable {
     /// Clients holding flows, and the most one holds.
     pub fn clients(&self) -> (usize, usize) {
         let inner = self.lock();
-        (inner.by_load.len(), inner.by_load.last().map_or(0, |&(n, _)| n))
+        (inner.by_load.len(), inner.by_load.last().map_or(0, |&(n, _, _)| n))
     }
 
     /// Removes the sessions idle for at least their timeout at `now_ms`.
@@ -528,7 +610,7 @@ impl SessionTable {
         let mut inner = self.lock();
         inner.limits = limits;
         let mut ended = Vec::new();
-        while inner.by_load.last().is_some_and(|&(n, _)| n > limits.per_client) {
+        while inner.by_load.last().is_some_and(|&(n, _, _)| n > limits.per_client) {
             match inner.pop_heaviest() {
                 Some(e) => ended.push(e),
                 None => break,
@@ -589,7 +671,7 @@ mod tests {
     }
 
     fn add(t: &SessionTable, k: FlowKey) -> Vec<Evicted> {
-        if let Some(e) = t.make_room(k.owner(), Unfiled::default()) {
+        if let Some(e) = t.make_room(k.owner(), Unfiled::default(), 0) {
             return vec![e];
         }
         t.insert(k, entry(k), 0).map(|(_, ev)| ev).unwrap_or_default()
@@ -724,6 +806,44 @@ mod tests {
         assert_eq!(t.clients(), (3, 4));
     }
 
+    /// A flow of `k` last active at `at_ms`, filed at `now_ms`.
+    fn add_at(t: &SessionTable, k: FlowKey, at_ms: u64, now_ms: u64) -> Vec<Evicted> {
+        let entry = Entry::new(Arc::new(Session::detached(k, 60_000, at_ms)), None);
+        t.insert(k, entry, now_ms).map(|(_, ev)| ev).unwrap_or_default()
+    }
+
+    /// Forged sources, one flow each, must not make an active device with
+    /// two flows "the heaviest" and take its flows one by one: the table
+    /// ends the forged flows, each as idle as the table is long, and not a
+    /// flow that carried a datagram a moment ago.
+    #[tokio::test]
+    async fn a_full_table_spares_an_active_client_from_a_flood_of_one_flow_clients() {
+        let t = SessionTable::new(limits(256, 256));
+        let device = [key_of("192.0.2.2", 1), key_of("192.0.2.2", 2)];
+        for k in device {
+            add_at(&t, k, 0, 0);
+        }
+        // A forged flow a millisecond, from ascending addresses; the
+        // device active every 2 ms.
+        for i in 0..2_000u16 {
+            let now = 1 + u64::from(i);
+            let forged = key_of(&format!("10.{}.{}.1", i / 256, i % 256), 1);
+            for e in add_at(&t, forged, now, now) {
+                assert_ne!(e.entry.session.key.owner(), device[0].owner(), "at {now} ms");
+            }
+            if now % 2 == 0 {
+                for k in &device {
+                    t.get(k).expect("the device's flow").touch(now);
+                }
+            }
+        }
+        assert_eq!(t.clients().1, 2);
+        // Idle long enough, its two flows weigh more than any forged flow
+        // opened since: a table that full must end something.
+        let ev = add_at(&t, key_of("10.200.0.1", 1), 10_000, 10_000);
+        assert_eq!(ev[0].entry.session.key.owner(), device[0].owner());
+    }
+
     #[tokio::test]
     async fn a_client_at_its_quota_recycles_its_own_flows() {
         let t = SessionTable::new(limits(100, 2));
@@ -744,14 +864,14 @@ mod tests {
         // One slot left: enough for this flow alone, not for it and one
         // opened before it and not yet filed.
         let (heavy, quiet) = (key_of("192.0.2.66", 9).owner(), key_of("192.0.2.20", 1).owner());
-        assert!(t.make_room(quiet, Unfiled::default()).is_none());
-        let ev = t.make_room(quiet, Unfiled { all: 1, own: 0 }).expect("evicted");
+        assert!(t.make_room(quiet, Unfiled::default(), 0).is_none());
+        let ev = t.make_room(quiet, Unfiled { all: 1, own: 0 }, 0).expect("evicted");
         assert_eq!(ev.reason, Eviction::TableFull);
         assert_eq!(ev.entry.session.key, key_of("192.0.2.66", 1));
         assert_eq!(t.len(), 2);
         // Under its quota with two flows, at it with one more unfiled.
-        assert!(t.make_room(heavy, Unfiled { all: 1, own: 0 }).is_none());
-        let ev = t.make_room(heavy, Unfiled { all: 1, own: 1 }).expect("evicted");
+        assert!(t.make_room(heavy, Unfiled { all: 1, own: 0 }, 0).is_none());
+        let ev = t.make_room(heavy, Unfiled { all: 1, own: 1 }, 0).expect("evicted");
         assert_eq!(ev.reason, Eviction::ClientQuota);
         assert_eq!(ev.entry.session.key, key_of("192.0.2.66", 2));
     }
