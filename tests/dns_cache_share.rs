@@ -160,7 +160,10 @@ fn forged_sources_asking_one_hit_names_cannot_flush_a_devices_repeated_names() {
     std::thread::sleep(Duration::from_millis(500));
     // The flood was stored: far more names than the cache holds.
     let reached = flood.iter().filter(|n| fake.asked(n) > 0).count();
-    assert!(reached >= 600, "only {reached} of the flood's 1,200 names reached the upstream");
+    assert!(
+        reached >= 600,
+        "only {reached} of the flood's 1,200 names reached the upstream"
+    );
     assert_eq!(ask(&lab, ip(VICTIM), &hot, 20), 20);
     let again: Vec<&String> = hot.iter().filter(|n| fake.asked(n) > 1).collect();
     assert!(
