@@ -27,7 +27,8 @@
 //!
 //! Sizes: `--quick` holds 20,000 then 50,000 flows, a full run 100,000,
 //! 500,000 and 1,000,000. Knobs for profiling by hand: `BENCH_FLOWS_ONLY`
-//! (`tproxyd` or `floor`: only that path), `BENCH_FLOWS_PERF` (a
+//! (`tproxyd` or `floor`: only that path), `BENCH_FLOWS_SIZES` (stages of
+//! flows to hold, comma-separated, instead of the above), `BENCH_FLOWS_PERF` (a
 //! directory: `perf record -g` of the relay over the set-up stages lands
 //! there as `flows-tproxyd.data` or `flows-floor.data`;
 //! `BENCH_FLOWS_PERF_HOW` replaces `record -q -g`, e.g. `trace -s`), and
@@ -604,9 +605,19 @@ fn metrics(gateway: &Netns) -> String {
     gateway.enter(setup::metrics_here)
 }
 
-/// How many flows to hold: 1,000,000, or 50,000 for a quick run.
+/// How many flows to hold: 1,000,000, or 50,000 for a quick run, or the
+/// stages `BENCH_FLOWS_SIZES` lists (e.g. `1000000`: a single stage, the
+/// one memory figure of issue #11, in about 25 s instead of a full round).
 fn sizes(opts: &Options) -> Vec<usize> {
-    if opts.quick {
+    let asked: Vec<usize> = std::env::var("BENCH_FLOWS_SIZES")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .filter(|&n| n > 0)
+        .collect();
+    if !asked.is_empty() {
+        asked
+    } else if opts.quick {
         vec![20_000, 50_000]
     } else {
         vec![100_000, 500_000, 1_000_000]

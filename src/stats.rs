@@ -199,7 +199,8 @@ counters! {
     /// DNS-over-TCP connections closed at their lifetime or query cap.
     dns_tcp_recycled => "dns_tcp_closed_total", "reason=\"recycled\"";
     /// DNS-over-TCP connections closed because their client left answers
-    /// unread while all connections' unsent answers were at their limit.
+    /// unread, past its share, while all connections' unsent answers were
+    /// past their limit.
     dns_tcp_unread => "dns_tcp_closed_total", "reason=\"unread_answers\"";
     /// DNS queries dropped because too many were already pending.
     dns_dropped_overload => "drops_total", "reason=\"dns_overload\"";

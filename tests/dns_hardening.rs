@@ -718,7 +718,9 @@ fn tcp_answers(s: &mut TcpStream, n: usize) -> Vec<Message> {
     let mut len = [0u8; 2];
     while out.len() < n && s.read_exact(&mut len).is_ok() {
         let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        s.read_exact(&mut body).unwrap();
+        if s.read_exact(&mut body).is_err() {
+            break; // closed in the middle of an answer
+        }
         out.push(Message::from_vec(&body).expect("a well-formed answer"));
     }
     out
@@ -1288,4 +1290,95 @@ fn another_user_cannot_bind_the_dns_port_and_take_its_queries() {
         "another user shares the DNS port: {taken:?}"
     );
     drop(daemon.stop());
+}
+
+/// A LAN device with four addresses holds 16 DNS-over-TCP connections on
+/// each, every one pipelining 16 queries and never reading: two
+/// addresses ask for a 60 kB answer, almost all of the 32 MiB of unsent
+/// answers all connections may hold, a third for a 12 kB one and the
+/// fourth for a 1 kB one, which fills what is left to within a few kB
+/// (a connection refused room is closed and gives its room back, so the
+/// small answers are what leaves the budget full). Another client that
+/// pipelines eight queries for the big answer on one connection and
+/// reads them through a slow link must get all eight, not have its
+/// connection closed (`unread_answers`) because its second answer found
+/// the shared room taken by the device.
+#[test]
+fn a_device_that_never_reads_cannot_take_the_unsent_answer_room_of_a_reader() {
+    let lab = dns_lab();
+    let hogs = [
+        (STRANGER, "big"),
+        ("192.0.2.67", "big"),
+        ("192.0.2.68", "mid"),
+        ("192.0.2.69", "small"),
+    ];
+    for (a, _) in &hogs[1..] {
+        lab.add_client_address(ip(a));
+    }
+    let _fake = FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), |q| {
+        let n = match q.name().to_string().as_str() {
+            "big.test." => 240,
+            "mid.test." => 48,
+            _ => 4,
+        };
+        let rec = Record::from_rdata(q.name().clone(), 3600, RData::TXT(TXT::new(vec!["x".repeat(250); n])));
+        response(ResponseCode::NoError, vec![rec], vec![], vec![])
+    });
+    let daemon = lab.start_tproxyd(&config(
+        &format!("{ALLOW_LAN}\nrate_limit = {{ qps = 0 }}\ntcp = {{ write_timeout = \"60s\" }}"),
+        "",
+    ));
+    // Cached: the device's answers need no upstream.
+    for (_, n) in &hogs[1..] {
+        assert_eq!(q(&lab, &format!("+tcp @{LISTEN} {n}.test TXT")).status, "NOERROR");
+    }
+    let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let mut held: Vec<TcpStream> = Vec::new();
+    for (a, n) in hogs {
+        held.extend(lab.client.enter(move || {
+            let burst: Vec<u8> = (0..16u16)
+                .flat_map(|id| tcp_framed(id, &format!("{n}.test."), RecordType::TXT))
+                .collect();
+            (0..16)
+                .map(|_| {
+                    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                    s.set_recv_buffer_size(1024).unwrap();
+                    s.bind(&SocketAddr::new(ip(a), 0).into()).unwrap();
+                    s.connect_timeout(&to.into(), Duration::from_secs(2)).unwrap();
+                    let mut s = TcpStream::from(s);
+                    s.write_all(&burst).unwrap(); // never read
+                    s
+                })
+                .collect::<Vec<_>>()
+        }));
+        // Bigger answers queue first, smaller ones fill what is left.
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    // UDP never needed that room.
+    let udp = q(&lab, &format!("@{LISTEN} small.test TXT"));
+    assert_eq!(udp.status, "NOERROR", "{}", udp.raw);
+    for round in 0..3u16 {
+        // A reader behind a slow link: its answers are written a part at
+        // a time, so the next one is ready before the last is written.
+        let mut s = lab.client.enter(move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            s.connect_timeout(&to.into(), Duration::from_secs(3)).unwrap();
+            TcpStream::from(s)
+        });
+        let burst: Vec<u8> = (0..8u16)
+            .flat_map(|id| tcp_framed(round * 8 + id, "big.test.", RecordType::TXT))
+            .collect();
+        s.write_all(&burst).unwrap();
+        let got = tcp_answers(&mut s, 8);
+        assert_eq!(
+            got.len(),
+            8,
+            "round {round}: {} of 8 answers before the close",
+            got.len()
+        );
+    }
+    drop(held);
+    let stopped = daemon.stop();
+    eprintln!("closed for unread answers: {}", stopped.counter("dns_tcp_unread"));
 }

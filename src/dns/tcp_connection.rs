@@ -96,10 +96,27 @@ impl Inbox {
 /// (see [`Outbox`]).
 static UNSENT: AtomicUsize = AtomicUsize::new(0);
 
+/// Connections with answers waiting (a non-empty [`Outbox`]).
+static HOLDERS: AtomicUsize = AtomicUsize::new(0);
+
 /// Bytes of answers all connections together may hold beyond the one each
-/// is writing (or would write next): past it a connection whose client
-/// already has answers waiting is closed rather than hold more.
+/// is writing (or would write next) before they are shared out equally.
+///
+/// Past it, a connection that already has answers waiting may queue
+/// another only while it holds less than an equal share of this among the
+/// connections with answers waiting; otherwise it is closed rather than
+/// hold more. A connection whose client does not read holds up to 16
+/// answers of 64 kB, a reader the few it is being sent: with a plain
+/// limit, a device with four addresses filled it with such queues (and
+/// topped it up with small answers, as a connection refused room gives
+/// its room back), and every reader's second answer closed its
+/// connection. The share keeps the reader's room and closes the
+/// device's.
 const UNSENT_LIMIT: usize = 32 << 20;
+
+/// What the shares can add past [`UNSENT_LIMIT`]: a hard ceiling on all
+/// answers beyond the one each connection is writing.
+const UNSENT_CEILING: usize = UNSENT_LIMIT + UNSENT_LIMIT / 2;
 
 /// Answers ready for the client and not yet written, oldest first.
 ///
@@ -111,7 +128,7 @@ const UNSENT_LIMIT: usize = 32 << 20;
 /// not read hold such a question for `write_timeout`, and the others got
 /// silence. What waits here is bounded per connection by
 /// [`MAX_IN_FLIGHT`] (taken queries and unsent answers together) and in
-/// all by [`UNSENT_LIMIT`].
+/// all by [`UNSENT_LIMIT`], shared out past it up to [`UNSENT_CEILING`].
 struct Outbox {
     framed: VecDeque<Vec<u8>>,
     /// Bytes of the front answer already written.
@@ -141,15 +158,22 @@ impl Outbox {
     }
 
     /// Queues `reply`, framed; `false` (nothing queued) if all
-    /// connections' unsent answers are at their limit and this one's
-    /// client already has answers waiting (or if it cannot be framed).
+    /// connections' unsent answers are past their limit and this one's
+    /// client already has its share waiting (see [`UNSENT_LIMIT`]), or if
+    /// it cannot be framed.
     fn push(&mut self, reply: &[u8], write_timeout: std::time::Duration) -> bool {
         let Ok(len) = u16::try_from(reply.len()) else {
             return false;
         };
         let size = reply.len() + 2;
-        if !self.framed.is_empty() && UNSENT.load(Ordering::Relaxed) + size > UNSENT_LIMIT {
-            return false;
+        if !self.framed.is_empty() {
+            let unsent = UNSENT.load(Ordering::Relaxed) + size;
+            let share = UNSENT_LIMIT / HOLDERS.load(Ordering::Relaxed).max(1);
+            if unsent > UNSENT_LIMIT && (self.counted + size > share || unsent > UNSENT_CEILING) {
+                return false;
+            }
+        } else {
+            HOLDERS.fetch_add(1, Ordering::Relaxed);
         }
         UNSENT.fetch_add(size, Ordering::Relaxed);
         self.counted += size;
@@ -182,6 +206,9 @@ impl Outbox {
         self.framed.pop_front();
         self.written = 0;
         self.uncount(size);
+        if self.framed.is_empty() {
+            HOLDERS.fetch_sub(1, Ordering::Relaxed);
+        }
         self.deadline = Instant::now() + write_timeout;
         true
     }
@@ -195,6 +222,9 @@ impl Outbox {
 
 impl Drop for Outbox {
     fn drop(&mut self) {
+        if !self.framed.is_empty() {
+            HOLDERS.fetch_sub(1, Ordering::Relaxed);
+        }
         self.uncount(self.counted);
     }
 }
@@ -358,10 +388,10 @@ mod tests {
         assert!(!inbox.has_partial());
     }
 
-    /// The only test that fills [`UNSENT`] (a process-wide count): no
-    /// other unit test runs a connection.
+    /// The only test that fills [`UNSENT`] and [`HOLDERS`] (process-wide
+    /// counts): no other unit test runs a connection.
     #[test]
-    fn unsent_answers_are_bounded_in_all_and_each_connection_may_send_one() {
+    fn unsent_answers_past_the_limit_are_shared_out_equally() {
         let timeout = std::time::Duration::from_secs(5);
         let answer = vec![0u8; 60_000];
         let mut hog = Outbox::new();
@@ -371,22 +401,42 @@ mod tests {
         }
         assert!(queued * 60_002 <= UNSENT_LIMIT + 60_002, "{queued} answers queued");
         assert!(queued * 60_002 > UNSENT_LIMIT - 60_002, "{queued} answers queued");
+        // Another connection may queue, past the limit, up to its equal
+        // share (half, with two holding answers); the hog no more.
         let mut other = Outbox::new();
-        assert!(
-            other.push(&answer, timeout),
-            "a connection with nothing waiting may queue"
-        );
-        assert!(!other.push(&answer, timeout), "but not a second answer past the limit");
+        let mut others = 0;
+        while other.push(&answer, timeout) {
+            others += 1;
+        }
+        assert!(others * 60_002 <= UNSENT_LIMIT / 2 + 60_002, "{others} answers queued");
+        assert!(others * 60_002 > UNSENT_LIMIT / 2 - 60_002, "{others} answers queued");
+        assert!(!hog.push(&answer, timeout), "the hog holds more than its share");
+        // A third connection's first answer always, but no more: the
+        // shares add at most half the limit.
+        let mut third = Outbox::new();
+        assert!(third.push(&answer, timeout));
+        assert!(!third.push(&answer, timeout), "past the ceiling");
         // Written answers give their room back.
-        assert!(hog.wrote(60_002, timeout));
-        assert!(hog.wrote(60_002, timeout));
-        assert!(other.push(&answer, timeout));
+        let before = UNSENT.load(Ordering::Relaxed);
+        for _ in 0..20 {
+            assert!(hog.wrote(60_002, timeout));
+        }
+        assert_eq!(UNSENT.load(Ordering::Relaxed), before - 20 * 60_002);
+        // Below the ceiling again, each holder's share is a third.
+        assert!(third.push(&answer, timeout));
+        assert!(!other.push(&answer, timeout), "past its third");
+        for _ in 0..2 {
+            assert!(third.wrote(60_002, timeout));
+        }
+        assert_eq!(HOLDERS.load(Ordering::Relaxed), 2, "an emptied outbox holds nothing");
         drop(hog);
         drop(other);
+        drop(third);
         assert_eq!(
             UNSENT.load(Ordering::Relaxed),
             0,
             "dropped outboxes give everything back"
         );
+        assert_eq!(HOLDERS.load(Ordering::Relaxed), 0);
     }
 }

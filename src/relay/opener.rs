@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::context::RelayContext;
 use super::key::{ClientId, FlowKey};
 use super::open::{self, OpenError, open};
-use super::open_backlog::{HeldList, OPENS_PER_ROUND};
+use super::open_backlog::{Held, HeldList, OPENS_PER_ROUND};
 use super::redecide::{Now, decide_again, decide_for};
 use super::rules::{UdpRule, UdpRules};
 use super::session::Session;
@@ -168,10 +168,12 @@ impl Round {
             let mut out = sends.batch();
             for ((entry, held), &generation) in entries.iter().zip(held).zip(filed_under.iter()) {
                 let Some(entry) = entry else { continue };
+                let session = &entry.session;
                 if generation == current.generation() {
-                    queue_held(&entry.session, held, &mut out, now, ctx);
+                    queue_held(session, held, &mut out, now, ctx, |_| true);
                 } else {
-                    queue_decided_again(&entry.session, held, &mut out, now, ctx, &current);
+                    let still = |h: &Held| relayed_still(session.key, h, ctx, &current);
+                    queue_held(session, held, &mut out, now, ctx, still);
                 }
             }
             out.flush(ctx.stats());
@@ -196,26 +198,28 @@ impl Round {
 }
 
 /// Queues held datagrams in order, consecutive ones to the same place as
-/// one run.
+/// one run; only those `relays` says still go (all of them, but for a flow
+/// filed before a reload: see [`relayed_still`]).
 fn queue_held<'p>(
     session: &Arc<Session>,
     held: &'p HeldList,
     out: &mut UpstreamBatch<'_, 'p>,
     now_ms: u64,
     ctx: &RelayContext,
+    mut relays: impl FnMut(&Held) -> bool,
 ) {
     session.touch(now_ms);
     let stats = ctx.stats();
     if held.len() == 1 {
         // Most new flows hold their first datagram alone: no run to build.
-        if let Some(one) = held.iter().next() {
+        if let Some(one) = held.iter().next().filter(|&h| relays(h)) {
             out.push(session, &[one.payload.as_slice()], one.dst, one.tos, stats);
         }
         return;
     }
     let mut run: Vec<&'p [u8]> = Vec::with_capacity(held.len());
     let mut to: Option<(SocketAddr, Option<u8>)> = None;
-    for h in held.iter() {
+    for h in held.iter().filter(|&h| relays(h)) {
         if let Some((dst, tos)) = to.filter(|&(dst, tos)| dst != h.dst || tos != h.tos) {
             out.push(session, &run, dst, tos, stats);
             run.clear();
@@ -228,27 +232,20 @@ fn queue_held<'p>(
     }
 }
 
-/// Queues held datagrams one by one, each decided again under `current`
-/// (see `redecide::decide_for`): the flow was filed under rules a reload
-/// has since replaced. Only those the rules in force relay as this flow
-/// leave; the others are dropped and counted. Rare (a reload), so one run
-/// each.
-fn queue_decided_again<'p>(
-    session: &Arc<Session>,
-    held: &'p HeldList,
-    out: &mut UpstreamBatch<'_, 'p>,
-    now_ms: u64,
-    ctx: &RelayContext,
-    current: &UdpRules,
-) {
-    session.touch(now_ms);
-    let key = session.key;
-    let stats = ctx.stats();
-    for h in held.iter() {
-        match decide_for(key, h.dst, ctx.route(current, key.client, h.dst)) {
-            Now::Open(_) => out.push(session, &[h.payload.as_slice()], h.dst, h.tos, stats),
-            Now::Dropped => stats.drop_by_rule.inc(),
-            Now::Moved => stats.drop_session_open_failed.inc(),
+/// Whether the datagram `h` held for the flow `key`, filed under rules a
+/// reload has since replaced, is still relayed as this flow under
+/// `current` (see `redecide::decide_for`); a datagram that is not is
+/// counted as dropped. Rare (a reload), so decided one by one.
+fn relayed_still(key: FlowKey, h: &Held, ctx: &RelayContext, current: &UdpRules) -> bool {
+    match decide_for(key, h.dst, ctx.route(current, key.client, h.dst)) {
+        Now::Open(_) => true,
+        Now::Dropped => {
+            ctx.stats().drop_by_rule.inc();
+            false
+        }
+        Now::Moved => {
+            ctx.stats().drop_session_open_failed.inc();
+            false
         }
     }
 }

@@ -33,17 +33,31 @@ type Hasher = foldhash::fast::RandomState;
 
 /// A live session, the guard that ends its task, if it has one, and the
 /// permits of the descriptors that task holds.
+///
+/// Every flow has an entry, and most flows are pooled: no task, no permit.
+/// So what only flows with a task of their own hold sits behind one
+/// pointer ([`Own`]), and the entry stays 24 bytes, the size it had before
+/// it held permits: in the LRU's node beside a 64-byte key, 8 bytes more
+/// would take the node one allocation size class up (a million flows,
+/// 32 MB; `entry_sizes_are_pinned` below).
 #[derive(Debug)]
 pub struct Entry {
     pub session: Arc<Session>,
+    _own: Option<Box<Own>>,
+    /// Whether ending the flow gives a descriptor back (permits of its own,
+    /// or a pool socket of its own). Kept here, in what would be padding,
+    /// and not asked of the session: the hot look-ups read it.
+    holds_fd: bool,
+}
+
+/// What a flow with a task of its own holds; dropped with its entry.
+#[derive(Debug)]
+struct Own {
     _task: Option<DropGuard>,
     /// Given back when the table lets go of the flow, not when its task
     /// has seen that and closed its sockets a moment later: a flow evicted
     /// for its descriptor must make room for the new one at once.
     _permits: Vec<Permit>,
-    /// Whether ending the flow gives a descriptor back (permits of its own,
-    /// or a pool socket of its own).
-    holds_fd: bool,
 }
 
 impl Entry {
@@ -53,10 +67,15 @@ impl Entry {
 
     pub fn with_permits(session: Arc<Session>, task: Option<DropGuard>, permits: Vec<Permit>) -> Self {
         let holds_fd = !permits.is_empty() || session.owns_pool_socket();
+        let own = (task.is_some() || !permits.is_empty()).then(|| {
+            Box::new(Own {
+                _task: task,
+                _permits: permits,
+            })
+        });
         Entry {
             session,
-            _task: task,
-            _permits: permits,
+            _own: own,
             holds_fd,
         }
     }
@@ -793,6 +812,35 @@ mod tests {
         assert_eq!(taken, vec![1, 3]);
         assert_eq!(t.len(), 2);
         assert_eq!(t.clients(), (1, 2));
+    }
+
+    /// Every flow pays for its entry and its key in the LRU's node (with
+    /// two links, 104 bytes: a 112-byte allocation), so a byte more here is
+    /// a megabyte more at a million flows, and 8 more take the node up a
+    /// size class (fef2662 did: 32 bytes, 28 MB of RSS at a million flows).
+    /// Growing either must be a decision, not a side effect.
+    #[test]
+    fn entry_sizes_are_pinned() {
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
+        assert_eq!(std::mem::size_of::<FlowKey>(), 64);
+    }
+
+    /// A flow with a task and permits of its own gives them back with its
+    /// entry; one without holds nothing behind the entry.
+    #[tokio::test]
+    async fn only_a_flow_with_a_task_or_permits_holds_them_behind_its_entry() {
+        let share = crate::relay::budget::FdShare::new(4);
+        let session = |p| Arc::new(Session::detached(key(p), 60_000, 0));
+        let token = tokio_util::sync::CancellationToken::new();
+        let permits = vec![share.try_take().unwrap(), share.try_take().unwrap()];
+        let socks = Entry::with_permits(session(1), Some(token.clone().drop_guard()), permits);
+        assert!(socks.holds_fd && socks._own.is_some());
+        let pooled = entry(key(2));
+        assert!(!pooled.holds_fd && pooled._own.is_none());
+        assert_eq!(share.held(), 2);
+        drop(socks);
+        assert_eq!(share.held(), 0, "both permits back with the entry");
+        assert!(token.is_cancelled(), "and its task told to end");
     }
 
     #[tokio::test]
