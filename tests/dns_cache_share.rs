@@ -1,6 +1,7 @@
-//! One LAN device and the DNS cache: a device that asks for many distinct
-//! names (each answered by an upstream, within its rate limit) must not
-//! push every other device's answers out of the shared cache.
+//! LAN devices and the DNS cache: a device that asks for many distinct
+//! names (each answered by an upstream, within its rate limit), even from
+//! many forged source addresses, must not push every other device's
+//! answers out of the shared cache.
 
 mod lab;
 
@@ -51,11 +52,9 @@ fn ask(lab: &Lab, from: IpAddr, names: &[String], batch: usize) -> usize {
     answered
 }
 
-/// A device asks for 600 distinct names (within the default rate limit's
-/// burst) after another device has cached its answers; the cache holds
-/// 200. The other device's answers must still be served from the cache.
-#[test]
-fn one_device_asking_many_names_cannot_flush_the_others_cached_answers() {
+/// The lab: one upstream answering every name (TTL 3600), a second client
+/// address for a flooding device, and tproxyd with a cache of 200.
+fn cache_lab() -> (Lab, FakeDns, lab::daemon::Daemon) {
     let lab = Lab::with_servers(1);
     lab.add_server_address(0, ip(UPSTREAM));
     lab.add_client_address(ip(FLOODER));
@@ -82,7 +81,16 @@ cache = {{ capacity = 200 }}
 servers = ["{UPSTREAM}"]
 "#
     );
-    let _daemon = lab.start_tproxyd(&config);
+    let daemon = lab.start_tproxyd(&config);
+    (lab, fake, daemon)
+}
+
+/// A device asks for 600 distinct names (within the default rate limit's
+/// burst) after another device has cached its answers; the cache holds
+/// 200. The other device's answers must still be served from the cache.
+#[test]
+fn one_device_asking_many_names_cannot_flush_the_others_cached_answers() {
+    let (lab, fake, _daemon) = cache_lab();
     let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.victim.test.")).collect();
     assert_eq!(ask(&lab, ip(VICTIM), &hot, 20), 20);
     let flood: Vec<String> = (0..600).map(|i| format!("n{i}.flood.test.")).collect();
@@ -94,6 +102,74 @@ servers = ["{UPSTREAM}"]
     assert!(
         again.is_empty(),
         "{} of the victim's 20 cached answers were pushed out and asked again: {again:?}",
+        again.len()
+    );
+}
+
+/// Sends one query for each of `names` (A) from `from`, an address of the
+/// client namespace's LAN that no device holds (`IP_TRANSPARENT`):
+/// a forged source, as a hostile device writes it. Its answers go to that
+/// address and are lost; only the cache sees the query.
+fn forge(lab: &Lab, from: IpAddr, names: &[String]) {
+    let to: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let sock = lab.client.enter(move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        s.set_freebind_v4(true).unwrap();
+        s.set_ip_transparent_v4(true).unwrap();
+        s.bind(&SocketAddr::new(from, 0).into()).unwrap();
+        std::net::UdpSocket::from(s)
+    });
+    for (i, n) in names.iter().enumerate() {
+        let mut m = Message::query();
+        m.metadata.id = u16::try_from(i).unwrap();
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_str(n).unwrap(), RecordType::A));
+        sock.send_to(&m.to_vec().unwrap(), to).unwrap();
+    }
+}
+
+/// A hostile device forges queries for 1,200 distinct names from 120
+/// source addresses of the LAN (10 each: far below any one client's share
+/// of the cache, or its rate limit), while a victim device keeps asking
+/// its 20 names now and then; the cache holds 200. The victim's names,
+/// asked again and again, must still be answered from the cache: the
+/// upstream must not see any of them twice.
+#[test]
+fn forged_sources_asking_one_hit_names_cannot_flush_a_devices_repeated_names() {
+    let (lab, fake, _daemon) = cache_lab();
+    let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.victim.test.")).collect();
+    // Asked, then asked again from the cache: names the device uses.
+    assert_eq!(ask(&lab, ip(VICTIM), &hot, 20), 20);
+    assert_eq!(ask(&lab, ip(VICTIM), &hot, 20), 20);
+    let mut flood = Vec::new();
+    for source in 0..120u32 {
+        // 192.0.2.100 to 192.0.2.219: LAN addresses no device holds.
+        let from = IpAddr::from([192, 0, 2, u8::try_from(100 + source).unwrap()]);
+        let names: Vec<String> = (0..10).map(|i| format!("n{i}.s{source}.flood.test.")).collect();
+        forge(&lab, from, &names);
+        flood.extend(names);
+        // The victim now and then, between the flood's sources, with time
+        // for the upstream to answer the forged queries into the cache.
+        if source % 30 == 29 {
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(ask(&lab, ip(VICTIM), &hot, 20), 20);
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // The flood was stored: far more names than the cache holds.
+    let reached = flood.iter().filter(|n| fake.asked(n) > 0).count();
+    assert!(
+        reached >= 600,
+        "only {reached} of the flood's 1,200 names reached the upstream"
+    );
+    assert_eq!(ask(&lab, ip(VICTIM), &hot, 20), 20);
+    let again: Vec<&String> = hot.iter().filter(|n| fake.asked(n) > 1).collect();
+    assert!(
+        again.is_empty(),
+        "{} of the victim's 20 cached answers were pushed out by {reached} forged one-hit names and asked again: \
+         {again:?}",
         again.len()
     );
 }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use super::cache_lru::Lru;
+use super::cache_lru::{Lru, SlotId};
 use super::cache_owners::{Owners, SHARE_DIVISOR};
 use super::cache_weight::record_bytes;
 use super::plain_name::Forms;
@@ -488,6 +488,14 @@ fn received(ttl: u32) -> u32 {
     if ttl & 0x8000_0000 == 0 { ttl } else { 0 }
 }
 
+/// The most entries of a cache of `capacity` kept in its protected
+/// segment ([`super::cache_lru`]): four fifths, so that a fifth at least
+/// is probation, where new answers wait to be asked again (and one-hit
+/// floods churn).
+fn protected_max(capacity: usize) -> usize {
+    capacity / 5 * 4
+}
+
 /// The LRU, the memory it holds and who holds it, under one lock.
 #[derive(Debug)]
 struct Store {
@@ -522,10 +530,12 @@ impl Store {
             return false;
         }
         let lru = &self.lru;
-        let is_live = |key: &[u8], serial: u64| lru.peek(key).is_some_and(|e| e.serial == serial);
+        let is_live = |slot: SlotId, serial: u64| lru.value_at(slot).is_some_and(|e| e.serial == serial);
         match self.owners.take_oldest(owner, keep, is_live) {
-            Some(key) => {
-                self.remove(&key);
+            Some(slot) => {
+                if let Some(e) = self.lru.pop_at(slot) {
+                    self.forget(&e);
+                }
                 true
             }
             None => false,
@@ -557,7 +567,7 @@ impl DnsCache {
             config: config.clone(),
             store: enabled.then(|| {
                 Mutex::new(Store {
-                    lru: Lru::default(),
+                    lru: Lru::new(protected_max(config.capacity)),
                     bytes: 0,
                     owners: Owners::default(),
                 })
@@ -727,13 +737,14 @@ impl DnsCache {
             entry.owner = owner;
             entry.serial = serial;
             store.bytes += bytes;
-            if let Some(old) = store.lru.push(key, Arc::new(entry)) {
+            let (slot, old) = store.lru.push(key, Arc::new(entry));
+            if let Some(old) = old {
                 store.forget(&old);
             }
             if let Some(owner) = owner {
                 let lru = &store.lru;
-                let is_live = |key: &[u8], serial: u64| lru.peek(key).is_some_and(|e| e.serial == serial);
-                store.owners.charge(owner, key, serial, bytes, is_live);
+                let is_live = |slot: SlotId, serial: u64| lru.value_at(slot).is_some_and(|e| e.serial == serial);
+                store.owners.charge(owner, slot, serial, bytes, is_live);
             }
             while store.lru.len() > config.capacity || store.bytes > config.max_bytes {
                 if owner.is_some_and(|o| store.evict_own(config, o, serial)) {

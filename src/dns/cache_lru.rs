@@ -1,6 +1,20 @@
-//! The answer cache's recency list: packed keys to values, least recently
-//! used evicted first by its owner ([`Lru::pop_lru`]), which keeps the
+//! The answer cache's recency lists: packed keys to values in two
+//! segments, evicted by their owner ([`Lru::pop_lru`]), which keeps the
 //! bounds (entries and bytes).
+//!
+//! Why two segments (a segmented LRU): with one list, every new name went
+//! to the front and the least recently used went out, so a flood of names
+//! asked once each (a device forging its source address, so that no one
+//! "client" ever holds more than its share, or several devices together)
+//! pushed out every answer the LAN's devices ask again and again, and
+//! serve-stale lost its copies. Now a new entry enters *probation*; only
+//! an entry found again (a cache hit) moves to the *protected* segment,
+//! which holds at most `protected_max` entries (its least recently used
+//! goes back to probation's front); eviction takes probation's least
+//! recently used first. A flood of one-hit names then only churns
+//! probation, whoever seems to ask it. To reach the protected segment a
+//! flood must ask each of its names twice, and then competes there with
+//! the names the LAN asks most recently.
 //!
 //! Why not the `lru` crate, which the cache used before: every miss stores
 //! an answer, and an insert there hashed the key twice (a look-up, then the
@@ -11,7 +25,8 @@
 //! in its slot; each slot keeps its key's hash, so growing and evicting
 //! hash nothing, and an insert hashes its key once. Together that was
 //! about 800 of a miss's 1,830 instructions in the cache's insert
-//! (callgrind).
+//! (callgrind). A slot's number ([`SlotId`]) names its entry to the
+//! owners' accounting, which so keeps no copy of the key.
 //!
 //! The hash is foldhash's fast one, seeded at random per cache, as the
 //! `lru` crate's map was: keys are names any client chooses, so the seed
@@ -30,6 +45,14 @@ pub const INLINE: usize = 54;
 
 /// No slot: the end of a list.
 const NIL: u32 = u32::MAX;
+
+/// A slot's number: names an entry until it leaves (then the slot may be
+/// reused, for another key).
+pub type SlotId = u32;
+
+/// The segments, as indexes of [`Lru::ends`].
+const PROBATION: usize = 0;
+const PROTECTED: usize = 1;
 
 /// A key as a slot keeps it.
 #[derive(Debug)]
@@ -78,6 +101,9 @@ struct Slot<V> {
     next: u32,
     /// `None` while the slot is free.
     value: Option<V>,
+    /// Which segment's list the slot is in ([`PROBATION`] or
+    /// [`PROTECTED`]).
+    segment: u8,
 }
 
 /// Packed keys to values, in order of use.
@@ -86,24 +112,29 @@ pub struct Lru<V> {
     /// Slot numbers, found by their keys' hashes.
     table: HashTable<u32>,
     slots: Vec<Slot<V>>,
-    /// Most and least recently used slots.
-    head: u32,
-    tail: u32,
+    /// Each segment's most and least recently used slots.
+    ends: [(u32, u32); 2],
     /// Free slots, linked through `next`.
     free: u32,
     len: usize,
+    /// Slots in the protected segment, and the most it holds.
+    protected: usize,
+    protected_max: usize,
     hasher: foldhash::fast::RandomState,
 }
 
-impl<V> Default for Lru<V> {
-    fn default() -> Self {
+impl<V> Lru<V> {
+    /// An empty cache whose protected segment holds at most
+    /// `protected_max` entries (0: one plain LRU list).
+    pub fn new(protected_max: usize) -> Self {
         Lru {
             table: HashTable::new(),
             slots: Vec::new(),
-            head: NIL,
-            tail: NIL,
+            ends: [(NIL, NIL); 2],
             free: NIL,
             len: 0,
+            protected: 0,
+            protected_max,
             hasher: foldhash::fast::RandomState::default(),
         }
     }
@@ -129,22 +160,39 @@ impl<V> Lru<V> {
             .copied()
     }
 
-    /// The value of `key`, now the most recently used.
+    /// The value of `key`, now the most recently used of the protected
+    /// segment (found again: see the module's comment).
     pub fn get(&mut self, key: &[u8]) -> Option<&V> {
         let i = self.find(self.hasher.hash_one(key), key)?;
-        self.move_to_front(i);
+        if usize::from(self.slots[at(i)].segment) == PROTECTED {
+            self.move_to_front(i);
+        } else {
+            self.unlink(i);
+            self.slots[at(i)].segment = PROTECTED as u8;
+            self.protected += 1;
+            self.link_front(i);
+            if self.protected > self.protected_max {
+                // The protected segment's least recently used goes back
+                // to probation, as its most recently used.
+                let demoted = self.ends[PROTECTED].1;
+                self.unlink(demoted);
+                self.protected -= 1;
+                self.slots[at(demoted)].segment = PROBATION as u8;
+                self.link_front(demoted);
+            }
+        }
         self.slots[at(i)].value.as_ref()
     }
 
-    /// The value of `key`, left where it is in the order.
-    pub fn peek(&self, key: &[u8]) -> Option<&V> {
-        let i = self.find(self.hasher.hash_one(key), key)?;
+    /// The value in slot `i`, if it holds one.
+    pub fn value_at(&self, i: SlotId) -> Option<&V> {
         self.slots.get(at(i))?.value.as_ref()
     }
 
-    /// Stores `value` under `key` as the most recently used; returns the
-    /// value it replaces. Nothing is evicted here: the owner does that.
-    pub fn push(&mut self, key: &[u8], value: V) -> Option<V> {
+    /// Stores `value` under `key` as the most recently used of its
+    /// segment (probation for a new key); returns its slot and the value
+    /// it replaces. Nothing is evicted here: the owner does that.
+    pub fn push(&mut self, key: &[u8], value: V) -> (SlotId, Option<V>) {
         let hash = self.hasher.hash_one(key);
         let slots = &self.slots;
         let entry = self.table.entry(
@@ -159,7 +207,7 @@ impl<V> Lru<V> {
             TableEntry::Occupied(found) => {
                 let i = *found.get();
                 self.move_to_front(i);
-                self.slots[at(i)].value.replace(value)
+                (i, self.slots[at(i)].value.replace(value))
             }
             TableEntry::Vacant(vacant) => {
                 let i = if self.free != NIL {
@@ -177,6 +225,7 @@ impl<V> Lru<V> {
                         prev: NIL,
                         next: NIL,
                         value: None,
+                        segment: PROBATION as u8,
                     });
                     i
                 };
@@ -185,9 +234,10 @@ impl<V> Lru<V> {
                 slot.key.set(key);
                 slot.hash = hash;
                 slot.value = Some(value);
+                slot.segment = PROBATION as u8;
                 self.len += 1;
                 self.link_front(i);
-                None
+                (i, None)
             }
         }
     }
@@ -207,24 +257,40 @@ impl<V> Lru<V> {
         self.release(i)
     }
 
-    /// Takes the least recently used value out.
+    /// Takes the least recently used value of probation out, or of the
+    /// protected segment when probation is empty.
     pub fn pop_lru(&mut self) -> Option<V> {
-        let i = self.tail;
-        let hash = self.slots.get(at(i))?.hash;
+        let i = match self.ends[PROBATION].1 {
+            NIL => self.ends[PROTECTED].1,
+            i => i,
+        };
+        self.pop_at(i)
+    }
+
+    /// Takes the value in slot `i` out, if it holds one.
+    pub fn pop_at(&mut self, i: SlotId) -> Option<V> {
+        let slot = self.slots.get(at(i))?;
+        slot.value.as_ref()?;
+        let hash = slot.hash;
         if let Ok(found) = self.table.find_entry(hash, |&j| j == i) {
             found.remove();
         }
         self.release(i)
     }
 
-    /// Keys and values, least recently used first.
+    /// Keys and values, probation's least recently used first, then the
+    /// protected segment's: the order to store them in again so that each
+    /// list keeps its order and the protected entries are the most recent.
     pub fn iter_oldest_first(&self) -> impl Iterator<Item = (&[u8], &V)> {
-        let mut i = self.tail;
-        std::iter::from_fn(move || {
-            let slot = self.slots.get(at(i))?;
-            i = slot.prev;
-            Some((slot.key.as_slice(), slot.value.as_ref()?))
-        })
+        let list = |segment: usize| {
+            let mut i = self.ends[segment].1;
+            std::iter::from_fn(move || {
+                let slot = self.slots.get(at(i))?;
+                i = slot.prev;
+                Some((slot.key.as_slice(), slot.value.as_ref()?))
+            })
+        };
+        list(PROBATION).chain(list(PROTECTED))
     }
 
     /// Unlinks slot `i` (already out of the table), frees it and returns
@@ -232,6 +298,9 @@ impl<V> Lru<V> {
     fn release(&mut self, i: u32) -> Option<V> {
         self.unlink(i);
         self.len -= 1;
+        if usize::from(self.slots[at(i)].segment) == PROTECTED {
+            self.protected -= 1;
+        }
         let free = self.free;
         let slot = &mut self.slots[at(i)];
         // A long key's box goes: free slots hold no memory of their own.
@@ -243,41 +312,46 @@ impl<V> Lru<V> {
         slot.value.take()
     }
 
-    /// Makes slot `i` (listed) the most recently used.
+    /// Makes slot `i` (listed) the most recently used of its segment.
     fn move_to_front(&mut self, i: u32) {
-        if self.head != i {
+        if self.ends[usize::from(self.slots[at(i)].segment)].0 != i {
             self.unlink(i);
             self.link_front(i);
         }
     }
 
+    /// Takes slot `i` out of its segment's list.
     fn unlink(&mut self, i: u32) {
-        let (prev, next) = {
+        let (prev, next, segment) = {
             let slot = &self.slots[at(i)];
-            (slot.prev, slot.next)
+            (slot.prev, slot.next, usize::from(slot.segment))
         };
+        let ends = &mut self.ends[segment];
         match self.slots.get_mut(at(prev)) {
             Some(p) => p.next = next,
-            None => self.head = next,
+            None => ends.0 = next,
         }
         match self.slots.get_mut(at(next)) {
             Some(n) => n.prev = prev,
-            None => self.tail = prev,
+            None => ends.1 = prev,
         }
     }
 
+    /// Puts slot `i` at the front of its segment's list.
     fn link_front(&mut self, i: u32) {
-        let head = self.head;
+        let segment = usize::from(self.slots[at(i)].segment);
+        let head = self.ends[segment].0;
         {
             let slot = &mut self.slots[at(i)];
             slot.prev = NIL;
             slot.next = head;
         }
+        let ends = &mut self.ends[segment];
         match self.slots.get_mut(at(head)) {
             Some(h) => h.prev = i,
-            None => self.tail = i,
+            None => ends.1 = i,
         }
-        self.head = i;
+        ends.0 = i;
     }
 }
 
@@ -286,74 +360,165 @@ mod tests {
     use super::*;
     use std::collections::VecDeque;
 
-    /// The list as a plain model would have it: (key, value), most
-    /// recently used first.
-    fn model_push(model: &mut VecDeque<(Vec<u8>, u32)>, key: &[u8], value: u32) -> Option<u32> {
-        let old = model.iter().position(|(k, _)| k == key).and_then(|p| model.remove(p));
-        model.push_front((key.to_vec(), value));
-        old.map(|(_, v)| v)
+    /// The two lists as a plain model has them: (key, value), most
+    /// recently used first, and the protected segment's bound.
+    struct Model {
+        probation: VecDeque<(Vec<u8>, u32)>,
+        protected: VecDeque<(Vec<u8>, u32)>,
+        protected_max: usize,
+    }
+
+    impl Model {
+        fn take(&mut self, key: &[u8]) -> Option<((Vec<u8>, u32), bool)> {
+            if let Some(p) = self.protected.iter().position(|(k, _)| k == key) {
+                return self.protected.remove(p).map(|e| (e, true));
+            }
+            let p = self.probation.iter().position(|(k, _)| k == key)?;
+            self.probation.remove(p).map(|e| (e, false))
+        }
+
+        fn push(&mut self, key: &[u8], value: u32) -> Option<u32> {
+            match self.take(key) {
+                Some(((_, old), true)) => {
+                    self.protected.push_front((key.to_vec(), value));
+                    Some(old)
+                }
+                Some(((_, old), false)) => {
+                    self.probation.push_front((key.to_vec(), value));
+                    Some(old)
+                }
+                None => {
+                    self.probation.push_front((key.to_vec(), value));
+                    None
+                }
+            }
+        }
+
+        fn get(&mut self, key: &[u8]) -> Option<u32> {
+            let (e, _) = self.take(key)?;
+            let v = e.1;
+            self.protected.push_front(e);
+            if self.protected.len() > self.protected_max {
+                let demoted = self.protected.pop_back()?;
+                self.probation.push_front(demoted);
+            }
+            Some(v)
+        }
+
+        fn pop_lru(&mut self) -> Option<u32> {
+            self.probation
+                .pop_back()
+                .or_else(|| self.protected.pop_back())
+                .map(|(_, v)| v)
+        }
+
+        fn len(&self) -> usize {
+            self.probation.len() + self.protected.len()
+        }
     }
 
     /// Random pushes, look-ups, removals and evictions over short and long
-    /// keys (inline and boxed, some sharing a prefix) give what a plain
-    /// list gives, in the same order, and the slab never holds more slots
-    /// than the most values held at once.
+    /// keys (inline and boxed, some sharing a prefix) give what the plain
+    /// model gives, in the same order, for protected segments of none, some
+    /// and room for all; the slab never holds more slots than the most
+    /// values held at once.
     #[test]
-    fn it_keeps_what_a_plain_list_keeps_in_the_same_order() {
-        let mut lru = Lru::default();
-        let mut model: VecDeque<(Vec<u8>, u32)> = VecDeque::new();
-        let mut rng = crate::test_rng::XorShift::new(0x9e37_79b9_7f4a_7c15);
-        let mut rand = move |n: u64| rng.next_u64() % n;
-        let key = |n: u64| {
-            // Lengths around the inline limit, and past it.
-            let len = [1, INLINE - 1, INLINE, INLINE + 1, 300][usize::try_from(n % 5).unwrap()];
-            let mut k = vec![b'k'; len];
-            k[0] = u8::try_from(n % 251).unwrap();
-            k
-        };
-        let mut most = 0;
-        for step in 0..20_000u32 {
-            let k = key(rand(40));
-            match rand(5) {
-                0 | 1 => assert_eq!(lru.push(&k, step), model_push(&mut model, &k, step), "push {step}"),
-                2 => {
-                    let got = lru.get(&k).copied();
-                    let want = model.iter().position(|(m, _)| *m == k).map(|p| {
-                        let e = model.remove(p).unwrap();
-                        model.push_front(e.clone());
-                        e.1
-                    });
-                    assert_eq!(got, want, "get {step}");
+    fn it_keeps_what_a_plain_model_keeps_in_the_same_order() {
+        for protected_max in [0, 1, 7, 1_000] {
+            let mut lru = Lru::new(protected_max);
+            let mut model = Model {
+                probation: VecDeque::new(),
+                protected: VecDeque::new(),
+                protected_max,
+            };
+            let mut rng = crate::test_rng::XorShift::new(0x9e37_79b9_7f4a_7c15);
+            let mut rand = move |n: u64| rng.next_u64() % n;
+            let key = |n: u64| {
+                // Lengths around the inline limit, and past it.
+                let len = [1, INLINE - 1, INLINE, INLINE + 1, 300][usize::try_from(n % 5).unwrap()];
+                let mut k = vec![b'k'; len];
+                k[0] = u8::try_from(n % 251).unwrap();
+                k
+            };
+            let mut most = 0;
+            for step in 0..20_000u32 {
+                let k = key(rand(40));
+                match rand(5) {
+                    0 | 1 => assert_eq!(lru.push(&k, step).1, model.push(&k, step), "push {step}"),
+                    2 => assert_eq!(lru.get(&k).copied(), model.get(&k), "get {step}"),
+                    3 => assert_eq!(lru.pop(&k), model.take(&k).map(|((_, v), _)| v), "pop {step}"),
+                    _ => assert_eq!(lru.pop_lru(), model.pop_lru(), "pop_lru {step}"),
                 }
-                3 => {
-                    let want = model.iter().position(|(m, _)| *m == k).and_then(|p| model.remove(p));
-                    assert_eq!(lru.pop(&k), want.map(|(_, v)| v), "pop {step}");
-                }
-                _ => assert_eq!(lru.pop_lru(), model.pop_back().map(|(_, v)| v), "pop_lru {step}"),
+                assert_eq!(lru.len(), model.len());
+                assert_eq!(lru.protected, model.protected.len());
+                assert!(lru.protected <= protected_max);
+                most = most.max(model.len());
+                assert!(lru.slots.len() <= most, "slots are reused");
             }
-            assert_eq!(lru.len(), model.len());
-            most = most.max(model.len());
-            assert!(lru.slots.len() <= most, "slots are reused");
+            let listed: Vec<(Vec<u8>, u32)> = lru.iter_oldest_first().map(|(k, v)| (k.to_vec(), *v)).collect();
+            let want: Vec<(Vec<u8>, u32)> = model
+                .probation
+                .iter()
+                .rev()
+                .chain(model.protected.iter().rev())
+                .cloned()
+                .collect();
+            assert_eq!(listed, want, "protected_max {protected_max}");
+            while lru.pop_lru().is_some() {}
+            assert_eq!((lru.len(), lru.protected, lru.ends), (0, 0, [(NIL, NIL); 2]));
+            assert!(lru.pop_lru().is_none() && lru.iter_oldest_first().next().is_none());
         }
-        let listed: Vec<(Vec<u8>, u32)> = lru.iter_oldest_first().map(|(k, v)| (k.to_vec(), *v)).collect();
-        let want: Vec<(Vec<u8>, u32)> = model.iter().rev().cloned().collect();
-        assert_eq!(listed, want);
-        while lru.pop_lru().is_some() {}
-        assert_eq!((lru.len(), lru.head, lru.tail), (0, NIL, NIL));
-        assert!(lru.pop_lru().is_none() && lru.iter_oldest_first().next().is_none());
+    }
+
+    /// Names asked once each, however many, push out only names asked
+    /// once: a name found again stays while the protected segment has
+    /// room, whatever the flood.
+    #[test]
+    fn one_hit_keys_churn_probation_only() {
+        let mut lru = Lru::new(8);
+        let cap = 10;
+        for k in 0..5u32 {
+            lru.push(&k.to_be_bytes(), k);
+            assert!(lru.get(&k.to_be_bytes()).is_some());
+        }
+        for k in 100..10_000u32 {
+            lru.push(&k.to_be_bytes(), k);
+            while lru.len() > cap {
+                lru.pop_lru();
+            }
+        }
+        for k in 0..5u32 {
+            assert_eq!(lru.get(&k.to_be_bytes()), Some(&k), "{k} was pushed out");
+        }
+    }
+
+    /// Slots name entries: a slot's value is read and taken out by its
+    /// number, and a taken slot reads as empty.
+    #[test]
+    fn slots_name_their_entries_until_they_leave() {
+        let mut lru = Lru::new(4);
+        let (a, _) = lru.push(b"a", 1);
+        let (b, _) = lru.push(b"b", 2);
+        assert_eq!(lru.push(b"a", 3), (a, Some(1)), "a key keeps its slot");
+        assert_eq!(lru.value_at(b), Some(&2));
+        assert!(lru.get(b"b").is_some());
+        assert_eq!(lru.pop_at(b), Some(2));
+        assert!(lru.value_at(b).is_none() && lru.pop_at(b).is_none());
+        assert_eq!((lru.len(), lru.protected), (1, 0));
+        assert!(lru.get(b"b").is_none() && lru.value_at(NIL).is_none());
     }
 
     /// Keys that share all but their last byte, or differ only in length,
     /// are told apart, and a freed slot keeps no long key's memory.
     #[test]
     fn keys_are_compared_whole_and_freed_slots_hold_no_box() {
-        let mut lru = Lru::default();
+        let mut lru = Lru::new(2);
         let long = vec![7; 200];
         let mut longer = long.clone();
         longer.push(0);
-        assert_eq!(lru.push(&long, 1), None);
-        assert_eq!(lru.push(&longer, 2), None);
-        assert_eq!(lru.push(&long[..INLINE], 3), None);
+        assert_eq!(lru.push(&long, 1).1, None);
+        assert_eq!(lru.push(&longer, 2).1, None);
+        assert_eq!(lru.push(&long[..INLINE], 3).1, None);
         assert_eq!(lru.get(&long), Some(&1));
         assert_eq!(lru.get(&longer), Some(&2));
         assert_eq!(lru.get(&long[..INLINE]), Some(&3));
@@ -366,7 +531,7 @@ mod tests {
                 .all(|s| matches!(s.key, Key::Inline { .. }))
         );
         // The freed slot is the next one used.
-        assert_eq!(lru.push(b"short", 4), None);
+        assert_eq!(lru.push(b"short", 4).1, None);
         assert_eq!(lru.slots.len(), 3);
     }
 }

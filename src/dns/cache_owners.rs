@@ -12,9 +12,15 @@
 //! address, an IPv6 /56, as the rate limit counts them); once the cache is
 //! full, a client holding more than a quarter of its entries or bytes
 //! makes room from its own oldest entries instead. A client alone on the
-//! LAN still fills the whole cache; several devices together can still
-//! push others out.
+//! LAN still fills the whole cache. Several devices together, or one
+//! forging many source addresses, stay within every share: against them
+//! the cache's segments stand ([`super::cache_lru`]).
+//!
+//! An entry is named here by its slot in the cache ([`SlotId`]) and its
+//! serial, not by a copy of its key: the copy cost every miss an
+//! allocation and held each key twice.
 
+use super::cache_lru::SlotId;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 
@@ -31,9 +37,10 @@ const SLACK: usize = 64;
 struct Held {
     entries: usize,
     bytes: usize,
-    /// Packed keys and serials of the entries it stored, oldest first;
-    /// some may name entries already gone or stored again since.
-    order: VecDeque<(Box<[u8]>, u64)>,
+    /// Slots and serials of the entries it stored, oldest first; some
+    /// may name entries already gone or stored again since (a slot's
+    /// entry with another serial).
+    order: VecDeque<(SlotId, u64)>,
 }
 
 /// The entries and bytes each client holds in the cache.
@@ -53,23 +60,24 @@ impl Owners {
         self.last_serial
     }
 
-    /// Charges `client` for the entry `serial` of `bytes` stored under
-    /// `key`. `is_live(key, serial)` says whether that entry is still the
-    /// one stored there (for sweeping keys out of the client's order).
+    /// Charges `client` for the entry `serial` of `bytes` stored in
+    /// `slot`. `is_live(slot, serial)` says whether that entry is still
+    /// the one stored there (for sweeping gone ones out of the client's
+    /// order).
     pub fn charge(
         &mut self,
         client: IpAddr,
-        key: &[u8],
+        slot: SlotId,
         serial: u64,
         bytes: usize,
-        is_live: impl Fn(&[u8], u64) -> bool,
+        is_live: impl Fn(SlotId, u64) -> bool,
     ) {
         let held = self.held.entry(client).or_default();
         held.entries += 1;
         held.bytes += bytes;
-        held.order.push_back((key.into(), serial));
+        held.order.push_back((slot, serial));
         if held.order.len() > 2 * held.entries + SLACK {
-            held.order.retain(|(k, s)| is_live(k, *s));
+            held.order.retain(|&(k, s)| is_live(k, s));
         }
     }
 
@@ -92,23 +100,18 @@ impl Owners {
             .is_some_and(|h| h.entries > max_entries || h.bytes > max_bytes)
     }
 
-    /// The key of the oldest entry `client` stored that is still live
+    /// The slot of the oldest entry `client` stored that is still live
     /// (`is_live`), other than `keep`; taken out of its order. `None`
     /// when there is none.
-    pub fn take_oldest(
-        &mut self,
-        client: IpAddr,
-        keep: u64,
-        is_live: impl Fn(&[u8], u64) -> bool,
-    ) -> Option<Box<[u8]>> {
+    pub fn take_oldest(&mut self, client: IpAddr, keep: u64, is_live: impl Fn(SlotId, u64) -> bool) -> Option<SlotId> {
         let held = self.held.get_mut(&client)?;
-        while let Some((key, serial)) = held.order.pop_front() {
+        while let Some((slot, serial)) = held.order.pop_front() {
             if serial == keep {
-                held.order.push_front((key, serial));
+                held.order.push_front((slot, serial));
                 return None;
             }
-            if is_live(&key, serial) {
-                return Some(key);
+            if is_live(slot, serial) {
+                return Some(slot);
             }
         }
         None
@@ -127,23 +130,23 @@ mod tests {
     #[test]
     fn the_oldest_live_entry_of_the_client_is_taken_and_gone_ones_skipped() {
         let mut o = Owners::default();
-        let mut live: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut live: HashMap<SlotId, u64> = HashMap::new();
         let c = ip("192.0.2.66");
-        for name in [b"a", b"b", b"c"] {
+        for slot in [0, 1, 2] {
             let s = o.next_serial();
-            live.insert(name.to_vec(), s);
-            o.charge(c, name, s, 100, |_, _| true);
+            live.insert(slot, s);
+            o.charge(c, slot, s, 100, |_, _| true);
         }
         assert!(o.over_share(c, 2, 1_000));
         assert!(!o.over_share(c, 3, 1_000));
         assert!(o.over_share(c, 3, 299));
-        // "a" was evicted by the LRU meanwhile.
-        live.remove(b"a".as_slice());
+        // Slot 0's entry was evicted by the LRU meanwhile.
+        live.remove(&0);
         o.uncharge(c, 100);
-        let is_live = |k: &[u8], s: u64| live.get(k) == Some(&s);
-        assert_eq!(o.take_oldest(c, 0, is_live).as_deref(), Some(b"b".as_slice()));
+        let is_live = |k: SlotId, s: u64| live.get(&k) == Some(&s);
+        assert_eq!(o.take_oldest(c, 0, is_live), Some(1));
         // The newest entry is never taken for its own room.
-        let newest = live[b"c".as_slice()];
+        let newest = live[&2];
         assert_eq!(o.take_oldest(c, newest, is_live), None);
         assert_eq!(o.take_oldest(ip("192.0.2.10"), 0, is_live), None);
     }
@@ -155,7 +158,7 @@ mod tests {
         for i in 0..10_000u32 {
             let s = o.next_serial();
             // Only the newest entry lives: the others were evicted.
-            o.charge(c, &i.to_be_bytes(), s, 10, |_, serial| serial == s);
+            o.charge(c, i % 3, s, 10, |_, serial| serial == s);
             if i > 0 {
                 o.uncharge(c, 10);
             }
