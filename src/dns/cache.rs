@@ -567,7 +567,7 @@ impl DnsCache {
             config: config.clone(),
             store: enabled.then(|| {
                 Mutex::new(Store {
-                    lru: Lru::new(protected_max(config.capacity)),
+                    lru: Lru::with_sketch(protected_max(config.capacity), config.capacity),
                     bytes: 0,
                     owners: Owners::default(),
                 })
@@ -656,7 +656,7 @@ impl DnsCache {
 
     fn get_stale_at(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
         let mut store = self.lock()?;
-        let entry = with_packed(key, |packed| store.lru.get(packed).cloned())?;
+        let entry = with_packed(key, |packed| store.lru.get_again(packed).cloned())?;
         let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
         (age < entry.lifetime.saturating_add(self.stale_window)).then_some(entry)
     }
@@ -738,6 +738,7 @@ impl DnsCache {
             entry.serial = serial;
             store.bytes += bytes;
             let (slot, old) = store.lru.push(key, Arc::new(entry));
+            let fresh = old.is_none();
             if let Some(old) = old {
                 store.forget(&old);
             }
@@ -746,16 +747,32 @@ impl DnsCache {
                 let is_live = |slot: SlotId, serial: u64| lru.value_at(slot).is_some_and(|e| e.serial == serial);
                 store.owners.charge(owner, slot, serial, bytes, is_live);
             }
+            // A new answer from a client's miss must have been asked at
+            // least as often lately as what it would push out (see
+            // [`super::cache_sketch`]); one that replaces its key's
+            // answer, or comes from the cache file, is in already.
+            let mut candidate = (owner.is_some() && fresh).then_some(slot);
+            let mut kept = true;
             while store.lru.len() > config.capacity || store.bytes > config.max_bytes {
                 if owner.is_some_and(|o| store.evict_own(config, o, serial)) {
                     continue;
                 }
-                match store.lru.pop_lru() {
-                    Some(old) => store.forget(&old),
+                let evicted = match candidate {
+                    Some(slot) => store.lru.pop_for(slot),
+                    None => store.lru.pop_lru(),
+                };
+                match evicted {
+                    Some(gone) => {
+                        if serial != 0 && gone.serial == serial {
+                            kept = false;
+                            candidate = None;
+                        }
+                        store.forget(&gone);
+                    }
                     None => break,
                 }
             }
-            true
+            kept
         })
     }
 
@@ -1209,6 +1226,59 @@ mod tests {
             alone.store(key(&format!("a{i}")), 300, Records::take(&mut answer(&[300])), victim);
         }
         assert_eq!(alone.len(), 40);
+    }
+
+    /// A forger asks each of its names `repeats` times from many source
+    /// addresses (10 names each, within every share), while a device asks
+    /// its 20 names now and then: as the lab's test does, through a cache
+    /// of 200. The device's names must stay cached (without the frequency
+    /// guard, names asked twice reached the protected segment and pushed
+    /// them out). A forger asking each name four times, as often as the
+    /// device asked before the flood, does push them out: the guard
+    /// counts, it cannot tell who is honest.
+    #[test]
+    fn forged_names_asked_again_cannot_flush_a_devices_repeated_names() {
+        for repeats in [2, 3] {
+            let c = DnsCache::new(&CacheConfig {
+                capacity: 200,
+                ..CacheConfig::default()
+            });
+            let ask = |name: &str, client: IpAddr| match c.lookup(&key(name)) {
+                Lookup::Live(..) => true,
+                _ => {
+                    c.store(key(name), 3600, Records::take(&mut answer(&[3600])), client);
+                    false
+                }
+            };
+            let device: IpAddr = "192.0.2.10".parse().unwrap();
+            let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.victim.test.")).collect();
+            for n in &hot {
+                ask(n, device);
+            }
+            // Names the device uses: asked four times before the flood.
+            for _ in 0..3 {
+                assert!(hot.iter().all(|n| ask(n, device)));
+            }
+            let mut misses = 0;
+            for source in 0..120u8 {
+                let from = IpAddr::from([192, 0, 2, 100 + source]);
+                let names: Vec<String> = (0..10).map(|i| format!("n{i}.s{source}.flood.test.")).collect();
+                for _ in 0..repeats {
+                    for n in &names {
+                        ask(n, from);
+                    }
+                }
+                if source % 30 == 29 {
+                    misses += hot.iter().filter(|n| !ask(n, device)).count();
+                }
+            }
+            misses += hot.iter().filter(|n| !ask(n, device)).count();
+            assert_eq!(
+                misses, 0,
+                "asked {repeats} times each, the forged names pushed the device's out"
+            );
+            assert_eq!(c.len(), 200);
+        }
     }
 
     /// Questions a LAN device can ask that differ in one respect only:

@@ -12,9 +12,13 @@
 //! which holds at most `protected_max` entries (its least recently used
 //! goes back to probation's front); eviction takes probation's least
 //! recently used first. A flood of one-hit names then only churns
-//! probation, whoever seems to ask it. To reach the protected segment a
-//! flood must ask each of its names twice, and then competes there with
-//! the names the LAN asks most recently.
+//! probation, whoever seems to ask it. A flood that asks each of its
+//! names twice reached the protected segment all the same, so with a
+//! sketch ([`Lru::with_sketch`], [`super::cache_sketch`]) the segments are
+//! also guarded by how often each key was looked up lately: a full
+//! protected segment takes an entry only in place of one asked less
+//! often, and [`Lru::pop_for`] keeps a new entry out of a full cache
+//! when the entry it would evict was asked more often.
 //!
 //! Why not the `lru` crate, which the cache used before: every miss stores
 //! an answer, and an insert there hashed the key twice (a look-up, then the
@@ -37,6 +41,8 @@
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as TableEntry;
 use std::hash::BuildHasher;
+
+use super::cache_sketch::Sketch;
 
 /// Keys up to this many bytes are kept in their slot: a packed key is six
 /// bytes of type, class and length, the name, then the group's name, so
@@ -121,6 +127,9 @@ pub struct Lru<V> {
     protected: usize,
     protected_max: usize,
     hasher: foldhash::fast::RandomState,
+    /// How often each key was looked up lately, when the cache guards its
+    /// segments by frequency ([`Lru::with_sketch`]).
+    sketch: Option<Sketch>,
 }
 
 impl<V> Lru<V> {
@@ -136,6 +145,20 @@ impl<V> Lru<V> {
             protected: 0,
             protected_max,
             hasher: foldhash::fast::RandomState::default(),
+            sketch: None,
+        }
+    }
+
+    /// [`Lru::new`] for a cache of `capacity` entries, guarded by
+    /// frequency ([`super::cache_sketch`]): every [`Lru::get`] is counted,
+    /// an entry found again moves into a full protected segment only when
+    /// it was asked more often than the entry it would demote, and
+    /// [`Lru::pop_for`] keeps a new entry out of a full cache when it was
+    /// asked less often than the entry it would evict.
+    pub fn with_sketch(protected_max: usize, capacity: usize) -> Self {
+        Lru {
+            sketch: Some(Sketch::new(capacity)),
+            ..Self::new(protected_max)
         }
     }
 }
@@ -161,10 +184,32 @@ impl<V> Lru<V> {
     }
 
     /// The value of `key`, now the most recently used of the protected
-    /// segment (found again: see the module's comment).
+    /// segment (found again: see the module's comment), or of probation
+    /// when the frequency guard keeps it there. The look-up is counted,
+    /// found or not: a miss is a name asked too.
     pub fn get(&mut self, key: &[u8]) -> Option<&V> {
-        let i = self.find(self.hasher.hash_one(key), key)?;
+        let hash = self.hasher.hash_one(key);
+        if let Some(sketch) = &mut self.sketch {
+            sketch.increment(hash);
+        }
+        self.found(hash, key)
+    }
+
+    /// [`Lru::get`] for a key looked up again for the same question (an
+    /// expired answer served after the miss that looked for it): not
+    /// counted a second time.
+    pub fn get_again(&mut self, key: &[u8]) -> Option<&V> {
+        self.found(self.hasher.hash_one(key), key)
+    }
+
+    fn found(&mut self, hash: u64, key: &[u8]) -> Option<&V> {
+        let i = self.find(hash, key)?;
         if usize::from(self.slots[at(i)].segment) == PROTECTED {
+            self.move_to_front(i);
+        } else if self.protected >= self.protected_max && !self.hotter(hash, self.ends[PROTECTED].1) {
+            // A full protected segment takes it only in place of an entry
+            // asked less often: it stays in probation, as its most
+            // recently used.
             self.move_to_front(i);
         } else {
             self.unlink(i);
@@ -182,6 +227,16 @@ impl<V> Lru<V> {
             }
         }
         self.slots[at(i)].value.as_ref()
+    }
+
+    /// Whether the key of `hash` was asked more often lately than the
+    /// entry in slot `than` (always without a sketch, or without that
+    /// entry).
+    fn hotter(&self, hash: u64, than: u32) -> bool {
+        match (&self.sketch, self.slots.get(at(than))) {
+            (Some(sketch), Some(slot)) => sketch.estimate(hash) > sketch.estimate(slot.hash),
+            _ => true,
+        }
     }
 
     /// The value in slot `i`, if it holds one.
@@ -265,6 +320,27 @@ impl<V> Lru<V> {
             i => i,
         };
         self.pop_at(i)
+    }
+
+    /// Takes out the entry an eviction should take to make room for the
+    /// new entry in slot `candidate`: the one [`Lru::pop_lru`] takes,
+    /// unless that was asked more often lately than the candidate, then
+    /// the candidate itself (a full cache does not admit it). Ties admit
+    /// it: names asked once go on churning probation among themselves, as
+    /// without the guard.
+    pub fn pop_for(&mut self, candidate: SlotId) -> Option<V> {
+        let lru = match self.ends[PROBATION].1 {
+            NIL => self.ends[PROTECTED].1,
+            i => i,
+        };
+        let keep_out = match (&self.sketch, self.slots.get(at(candidate)), self.slots.get(at(lru))) {
+            (Some(sketch), Some(new), Some(old)) if lru != candidate && new.value.is_some() => {
+                sketch.estimate(new.hash) < sketch.estimate(old.hash)
+            }
+            _ => false,
+        };
+        let victim = if keep_out { candidate } else { lru };
+        self.pop_at(victim)
     }
 
     /// Takes the value in slot `i` out, if it holds one.

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod cache_file;
 mod cache_lru;
 mod cache_owners;
+mod cache_sketch;
 mod cache_weight;
 pub mod encoder;
 pub mod engine;
