@@ -173,3 +173,60 @@ fn forged_sources_asking_one_hit_names_cannot_flush_a_devices_repeated_names() {
         again.len()
     );
 }
+
+/// A hostile device forges queries for 1,200 distinct names from 120 LAN
+/// source addresses, as above, but asks each name `repeats` times (each
+/// time after the upstream answered the last), so that every name is
+/// found again in the cache; a victim device asked its 20 names four
+/// times before and keeps asking them now and then. The cache holds 200.
+/// Found again, the forged names once moved into the protected segment
+/// and pushed the victim's out; the victim's names, asked more often, must
+/// still be answered from the cache.
+fn forged_names_asked_again(repeats: usize) {
+    let (lab, fake, _daemon) = cache_lab();
+    let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.victim.test.")).collect();
+    for _ in 0..4 {
+        assert_eq!(ask(&lab, ip(VICTIM), &hot, 20), 20);
+    }
+    let mut flood = Vec::new();
+    for source in 0..120u32 {
+        // 192.0.2.100 to 192.0.2.219: LAN addresses no device holds.
+        let from = IpAddr::from([192, 0, 2, u8::try_from(100 + source).unwrap()]);
+        let names: Vec<String> = (0..10).map(|i| format!("n{i}.s{source}.flood.test.")).collect();
+        for _ in 0..repeats {
+            forge(&lab, from, &names);
+            // Time for the upstream's answers to reach the cache, so that
+            // the next ask of each name finds it there.
+            std::thread::sleep(Duration::from_millis(15));
+        }
+        flood.extend(names);
+        if source % 30 == 29 {
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(ask(&lab, ip(VICTIM), &hot, 20), 20);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let reached = flood.iter().filter(|n| fake.asked(n) > 0).count();
+    assert!(
+        reached >= 600,
+        "only {reached} of the flood's 1,200 names reached the upstream"
+    );
+    assert_eq!(ask(&lab, ip(VICTIM), &hot, 20), 20);
+    let again: Vec<&String> = hot.iter().filter(|n| fake.asked(n) > 1).collect();
+    assert!(
+        again.is_empty(),
+        "{} of the victim's 20 cached answers were pushed out by {reached} forged names asked {repeats} times each \
+         and asked again: {again:?}",
+        again.len()
+    );
+}
+
+#[test]
+fn forged_sources_asking_each_name_twice_cannot_flush_a_devices_repeated_names() {
+    forged_names_asked_again(2);
+}
+
+#[test]
+fn forged_sources_asking_each_name_three_times_cannot_flush_a_devices_repeated_names() {
+    forged_names_asked_again(3);
+}
