@@ -414,13 +414,11 @@ mod tests {
 
     /// A try that never hears back, timed out at `start + after`: logs
     /// its name, and whether the clock had reached its deadline.
-    fn silent(name: &'static str, start: Instant, after: Duration, log: Log) -> impl Future<Output = ()> + Send {
-        async move {
-            let at = start + after;
-            let out = timeout_at(at, std::future::pending::<()>()).await;
-            assert_eq!(out, Err(Elapsed));
-            log.lock().unwrap().push((name, Instant::now() >= at));
-        }
+    async fn silent(name: &'static str, start: Instant, after: Duration, log: Log) {
+        let at = start + after;
+        let out = timeout_at(at, std::future::pending::<()>()).await;
+        assert_eq!(out, Err(Elapsed));
+        log.lock().unwrap().push((name, Instant::now() >= at));
     }
 
     /// Deadlines that come in out of order expire in the order of their
