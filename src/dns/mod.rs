@@ -13,6 +13,7 @@ pub mod cache_file;
 mod cache_lru;
 mod cache_owners;
 mod cache_weight;
+pub mod deadlines;
 pub mod encoder;
 pub mod engine;
 pub mod lists;
