@@ -22,7 +22,10 @@
 //!   that command (`{pid}` is the daemon's) while the destination flood is
 //!   offered, and interrupts it when the flood has been answered; the flood
 //!   starts `BENCH_ABUSE_HOOK_WAIT_MS` (default 500) after the command. The
-//!   64 KB flood runs it too, from before the flood until its probes end.
+//!   64 KB flood runs it too, from before the flood until its probes end;
+//! * `BENCH_ABUSE_BIG_SECS=32` floods that long in the 64 KB scenario
+//!   (default 8): long enough for the shedder's holds to reach their
+//!   longest and for the flood to come back after several of them.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -235,7 +238,11 @@ fn big_datagrams(r: &mut Result) {
                 .unwrap()
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(8));
+    let secs: u64 = std::env::var("BENCH_ABUSE_BIG_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    std::thread::sleep(Duration::from_secs(secs));
     let ((flooded, probe_timeline), (controlled, control_timeline)) = std::thread::scope(|s| {
         let c = s.spawn(|| control.finish_timed());
         (prober.finish_timed(), c.join().unwrap_or_default())
@@ -254,7 +261,7 @@ fn big_datagrams(r: &mut Result) {
     let (ok, lost, p50, p99, max) = summary(&flooded);
     let (_, c_lost, c50, c99, cmax) = summary(&controlled);
     r.rows.push((
-        "64 KB datagram flood (2 senders, 8 s)".into(),
+        format!("64 KB datagram flood (2 senders, {secs} s)"),
         format!(
             "{} MB relayed, {} datagrams shed; 50 pps flow: baseline p99 {}, during {ok} ok / {lost} lost, p50 {} p99 {} max {}; \
              kernel-forwarded control meanwhile: {c_lost} lost, p50 {} p99 {} max {}; added p50 {}, added p99 {}",
@@ -277,8 +284,9 @@ fn big_datagrams(r: &mut Result) {
 /// 64 KB flood (and of its control) to PATH, one line each: which flow,
 /// when it was sent (wall clock, ns since the epoch) and its round trip in
 /// µs (`lost` when none), and the daemon's log to PATH.log: run with
-/// `RUST_LOG=tproxyd::relay=debug` to line the slow probes up with the
-/// shedding filter going on and off.
+/// `TPROXYD_TEST_LOG=info,tproxyd::relay=debug` (the lab hands it to the
+/// daemon as `RUST_LOG`; `RUST_LOG` itself does not reach it) to line the
+/// slow probes up with the shedding filter going on and off.
 fn write_timeline(flows: &[(&str, &crate::lab::flood::Timeline)], log: &str) {
     let Some(path) = std::env::var_os("BENCH_ABUSE_TIMELINE") else {
         return;

@@ -30,6 +30,8 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use futures_util::task::AtomicWaker;
 
+use super::deadlines::Timer;
+
 /// Slots whose memory for their miss's future is kept for the next miss
 /// once it ends (see [`Work`]); the others free it at once. A miss's
 /// future is about 2 KB, so a listener keeps at most about 1 MB this way
@@ -180,6 +182,9 @@ pub struct Misses {
     /// The slots a drive polls, taken from `woken` at its start (kept for
     /// its allocation).
     round: Vec<usize>,
+    /// The deadlines of the misses' upstream tries and hedges, under one
+    /// tokio sleep ([`super::deadlines`]).
+    timer: Timer,
 }
 
 struct Slot {
@@ -355,8 +360,11 @@ impl Misses {
         // Registered before the queue is taken: a slot woken after that
         // wakes this listener.
         self.woken.listener.register(cx.waker());
+        // Misses whose deadline passed are woken first, to be polled now.
+        self.timer.expire();
         std::mem::swap(&mut *self.woken.queue(), &mut self.round);
         let mut ended = 0;
+        let entered = self.timer.enter();
         for &index in &self.round {
             let Some(slot) = self.slots.get_mut(index) else {
                 continue;
@@ -384,8 +392,16 @@ impl Misses {
                 ended += 1;
             }
         }
+        drop(entered);
+        self.timer.arm(cx);
         self.round.clear();
         ended
+    }
+
+    /// Deadlines the misses wait for.
+    #[cfg(test)]
+    pub fn deadlines_waiting(&self) -> usize {
+        self.timer.waiting()
     }
 }
 

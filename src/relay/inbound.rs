@@ -131,7 +131,7 @@ impl Gather {
                 });
             }
             if session.touch_inbound(now) {
-                ctx.table().promote(&session.key, session.id);
+                ctx.table().promote(session);
             }
         }
     }
@@ -495,13 +495,13 @@ fn reply(session: &Session, run: &[&[u8]], from: SocketAddr, tos: Option<u8>, ct
     ctx.replies()
         .send(session.reply_source(from), run, session.key.client, tos);
     if session.touch_inbound(ctx.now_ms()) {
-        ctx.table().promote(&session.key, session.id);
+        ctx.table().promote(session);
     }
 }
 
 /// Removes `session` from the table because its upstream failed.
 fn close(session: &Session, ctx: &RelayContext) {
-    drop(ctx.table().remove(&session.key, session.id));
+    drop(ctx.table().remove(session));
 }
 
 /// The task of a SOCKS5 session: set up the association (datagrams wait in

@@ -181,6 +181,6 @@ pub fn open(
     };
     ctx.note_idle_timeout(idle_ms);
     ctx.stats().sessions_opened.inc();
-    tracing::debug!(client = %key.client, %dst, rule = rule.number, id = opened.session.id, "session opened");
+    tracing::debug!(client = %key.client, %dst, rule = rule.number, "session opened");
     Ok(opened)
 }

@@ -284,7 +284,7 @@ fn new_flow(
             count_evicted(ctx, table.evict_for_descriptor());
         }
         for session in in_the_way {
-            let entry = table.remove(&session.key, session.id);
+            let entry = table.remove(&session);
             count_evicted(
                 ctx,
                 entry.map(|entry| Evicted {

@@ -194,6 +194,7 @@ impl<F> Pools<F> {
             retired: AtomicBool::new(false),
             own: true,
             watched: AtomicU64::new(NOT_WATCHED),
+            pool: Arc::downgrade(&pool),
             _permit: permit,
         });
         pool.own_open.fetch_add(1, Ordering::Relaxed);
@@ -563,6 +564,7 @@ impl<F> Pool<F> {
             retired: AtomicBool::new(false),
             own: false,
             watched: AtomicU64::new(NOT_WATCHED),
+            pool: Arc::downgrade(self),
             _permit: permit,
         });
         // Remembered only if nothing changed while the lock was let go.
@@ -574,12 +576,8 @@ impl<F> Pool<F> {
         state.assign(pos, remote, m);
         Ok((self.lease_of(socket, remote), true))
     }
-    fn lease_of(self: &Arc<Self>, socket: Arc<PoolSocket<F>>, remote: SocketAddr) -> Lease<F> {
-        Lease {
-            pool: self.clone(),
-            socket,
-            remote,
-        }
+    fn lease_of(&self, socket: Arc<PoolSocket<F>>, remote: SocketAddr) -> Lease<F> {
+        Lease { socket, remote }
     }
 }
 
@@ -685,6 +683,11 @@ pub struct PoolSocket<F> {
     /// `relay::pool_readers`), for letting go of it when it closes;
     /// [`NOT_WATCHED`] until then.
     watched: AtomicU64,
+    /// The pool it belongs to, for giving a flow's place back. Weak, as
+    /// the pool holds its sockets; and here, not in each lease: a lease
+    /// lives in every pooled flow's session, a million of them, and the
+    /// socket is shared by up to 256.
+    pool: Weak<Pool<F>>,
     _permit: Permit,
 }
 
@@ -731,7 +734,6 @@ impl<F> PoolSocket<F> {
 /// the lease need not hold it too).
 #[derive(Debug)]
 pub struct Lease<F> {
-    pool: Arc<Pool<F>>,
     pub socket: Arc<PoolSocket<F>>,
     pub remote: SocketAddr,
 }
@@ -745,15 +747,32 @@ impl<F> Lease<F> {
     /// Gives (socket, remote) back; `client` is the endpoint it was leased
     /// for. A socket of its own is closed: used again, its port would be
     /// one more that is known.
+    ///
+    /// With its pool gone (the relay shutting down) there is nothing to
+    /// give back to.
     pub fn release(&self, client: SocketAddr) {
+        let pool = self.socket.pool.upgrade();
         if self.socket.own {
             lock(&self.socket.flows).map.remove(&self.remote);
             self.socket.retire();
-            self.pool.own_open.fetch_sub(1, Ordering::Relaxed);
-            lock(&self.pool.closed_own).push(self.socket.clone());
+            if let Some(pool) = pool {
+                pool.own_open.fetch_sub(1, Ordering::Relaxed);
+                lock(&pool.closed_own).push(self.socket.clone());
+            }
             return;
         }
-        lock(&self.pool.state).give_back(&self.socket, client, self.remote);
+        if let Some(pool) = pool {
+            lock(&pool.state).give_back(&self.socket, client, self.remote);
+        }
+    }
+
+    /// The pool the lease's socket belongs to.
+    #[cfg(test)]
+    fn pool(&self) -> Arc<Pool<F>> {
+        self.socket
+            .pool
+            .upgrade()
+            .expect("the pool outlives its leases in tests")
     }
 }
 
@@ -801,7 +820,8 @@ mod tests {
         for (l, c) in [(&a, c1), (&b, c1), (&c, c2), (&d, c2)] {
             l.release(c);
         }
-        let state = lock(&a.pool.state);
+        let pool = a.pool();
+        let state = lock(&pool.state);
         assert!(state.taken.iter().all(|t| t.flows() == 0 && t.idle_since().is_some()));
         assert!(state.sockets.iter().all(|s| lock(&s.flows).map.is_empty()));
     }
@@ -851,7 +871,7 @@ mod tests {
         let remote = |i: u16| sa(&format!("198.51.100.7:{}", 1000 + i));
         // c on 40 sockets (more than PROBES): every search for c fails.
         let leases: Vec<_> = (0..40).map(|i| p.lease(key(), c, remote(i)).unwrap().0).collect();
-        let probes = |l: &Lease<()>| lock(&l.pool.state).probes;
+        let probes = |l: &Lease<()>| lock(&l.pool().state).probes;
         let before = probes(&leases[0]);
         let (l41, fresh) = p.lease(key(), c, remote(40)).unwrap();
         assert!(fresh);
@@ -896,7 +916,7 @@ mod tests {
             .iter()
             .map(|&i| p.lease(key(), client(i), remote(i)).unwrap().0)
             .collect();
-        let probes = lock(&leases[0].pool.state).probes;
+        let probes = lock(&leases[0].pool().state).probes;
         assert_eq!(
             p.sockets(),
             PER_REMOTE,
@@ -926,11 +946,11 @@ mod tests {
         for i in (0..30).map(|k| 16 * (10 + k) + 9) {
             leases[i].release(client(i));
         }
-        let before = lock(&leases[0].pool.state).probes;
+        let before = lock(&leases[0].pool().state).probes;
         let (again, fresh) = p.lease(key(), client(1000), remote(5)).unwrap();
         assert!(!fresh);
         assert_eq!(again.socket.id, leases[gone].socket.id);
-        assert_eq!(lock(&again.pool.state).probes - before, 1);
+        assert_eq!(lock(&again.pool().state).probes - before, 1);
     }
 
     /// However flows come and go and sockets close, no socket carries two
@@ -1026,7 +1046,8 @@ mod tests {
         leases[0].release(c(0));
         let moved = extra.socket.clone();
         assert_eq!(p.close_idle(Duration::ZERO), 1);
-        let state = lock(&extra.pool.state);
+        let pool = extra.pool();
+        let state = lock(&pool.state);
         assert_eq!(state.position(&moved), Some(1));
         assert_eq!(state.taken[1].flows(), 2);
         assert_eq!(

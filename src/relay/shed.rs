@@ -101,8 +101,17 @@ const FLOOR: u64 = 1_500;
 /// starts the next overload and the next hold at once. Short enough that a
 /// flood the relay can carry but for a hiccup loses little of it.
 pub const HOLD: Duration = Duration::from_millis(100);
-/// Times a hold doubles at most, while the same client is filtered again
-/// within [`MEMORY`] of its last hold's end: 100 ms, 200, ... 1.6 s.
+/// How many times longer each hold is than the one before, while the same
+/// client is filtered again within [`MEMORY`] of its last hold's end, or
+/// within as long as that hold lasted: 100 ms, 400 ms, 1.6 s, then
+/// [`LONGEST`].
+///
+/// As long as the hold, not just [`MEMORY`]: after a long hold the relay
+/// carries the returning flood for a while (its datagrams relayed end each
+/// run of [`ARM`]) before it is late again: in the bench's 64 KB flood
+/// that took 0.7 to 2.1 s after a 1.6 s hold, often past [`MEMORY`], and
+/// the flood started again from [`HOLD`] (twice in 24 s, in a run of the
+/// old doubling and in one of this growth with a window of [`MEMORY`]).
 ///
 /// Each time a hold ends while the client still floods, its datagrams
 /// queue at the listener again until the relay is late by the target and
@@ -110,12 +119,21 @@ pub const HOLD: Duration = Duration::from_millis(100);
 /// flood, the other clients' datagrams behind it. With a fixed 100 ms hold
 /// that was a tenth of a lasting flood (in the bench's 64 KB flood the
 /// filter went back on 66 times in 8 s, a median 16 ms after each hold),
-/// and the slow round trips of the other clients' flows fell there. A
-/// flood that goes on costs that re-entry a handful of times, not ten
-/// times a second; a client that stopped is let in again soon anyway (see
-/// [`QUIET`]), and one that is no longer late for [`MEMORY`] starts from
-/// [`HOLD`] again.
-const DOUBLINGS: u32 = 4;
+/// and the slow round trips of the other clients' flows fell there.
+/// Doubling up to 1.6 s still let a flood back in 22 times in 32 s (five
+/// of them on the way up), and a 50 pps flow's p99 in the 150 ms after
+/// each hold was 30.7 ms against 18.2 ms elsewhere. Growing four times
+/// over, to [`LONGEST`], a flood that goes on is let back in a handful of
+/// times a minute; a client that stopped is let in again soon anyway (see
+/// [`QUIET`]) and its next flood starts from [`HOLD`], as does one that
+/// floods again only longer after its last hold than that hold lasted.
+const GROWTH: u32 = 4;
+/// The longest hold, in [`HOLD`]s (6.4 s). What a lasting flood costs the
+/// others comes at each hold's end; what the flooding client keeps of the
+/// relay comes between holds, so past a few seconds a longer hold only
+/// takes from a client that floods on and gives the others little more.
+/// A hold ends early anyway once its client stops ([`QUIET`]).
+const LONGEST: u32 = 64;
 /// A hold ends early once the kernel has dropped fewer than
 /// [`STILL_FLOODING`] of the client's datagrams in this long (as the
 /// listeners report it, [`SharedShedder::kernel_dropped`]): the client
@@ -285,7 +303,7 @@ impl Shedder {
     /// as if the listener had read and shed them.
     ///
     /// Uncounted, a held flood vanished from the windows while it went on
-    /// (a hold doubles up to 1.6 s, past the two windows): in the lab, a
+    /// (a hold grows up to 6.4 s, past the two windows): in the lab, a
     /// spray of one-byte datagrams held for 400 ms counted 75,000 bytes
     /// (50 datagrams the listener read between holds) against the 309,000
     /// of a client uploading beside it, and that client, the heaviest now,
@@ -437,7 +455,8 @@ struct Shared {
     /// since a pause of [`MEMORY`]), and when.
     shed_run: Option<(ClientId, u64, Duration)>,
     /// The last filter's client, when its hold ends (or ended), and how
-    /// many times its holds doubled in a row.
+    /// long it was, in [`HOLD`]s (see [`GROWTH`]); `None` once a hold ended
+    /// because the client stopped.
     last_hold: Option<(ClientId, Duration, u32)>,
     /// When the listeners last saw the kernel drop the filtered client's
     /// datagrams at a flood's rate (or the filter went on).
@@ -561,7 +580,7 @@ impl SharedShedder {
     /// sockets that queue in different halves showed each task half its
     /// rate. Judged apart, a flood of up to twice the threshold's rate
     /// counted as stopped on both: its hold ended after [`QUIET`] and the
-    /// next started from [`HOLD`] again, never doubling.
+    /// next started from [`HOLD`] again, never growing.
     pub fn kernel_dropped(&self, client: ClientId, dropped: KernelDrops, now: Duration) {
         let datagrams = dropped.all;
         if datagrams == 0 {
@@ -619,7 +638,7 @@ impl Shared {
     /// `client`'s datagram was not shed: a run of its shedding (see
     /// [`ARM`]) is over. Without this, one late datagram a while after
     /// each hold, at most a second apart, shed a few more and put the
-    /// filter back on with a doubled hold: in the lab, a client that had
+    /// filter back on with a longer hold: in the lab, a client that had
     /// flooded and then sent at 5,000 new flows a second, a rate the relay
     /// carries, had 88,557 datagrams shed in 20 s, 80,552 of them by the
     /// filter, and 7,630 of its 20,000 destinations never answered.
@@ -641,15 +660,17 @@ impl Shared {
         };
         self.shed_run = Some((client, run, now));
         if run >= ARM && self.filter.is_none_or(|f| now >= f.until) {
-            // Back within MEMORY of its last hold: the next one is twice as
-            // long (see DOUBLINGS).
-            let doublings = match self.last_hold {
-                Some((c, end, d)) if c == client && now < end + MEMORY => (d + 1).min(DOUBLINGS),
-                _ => 0,
+            // Back within MEMORY of its last hold, or within as long as
+            // that hold lasted: the next one is longer (see GROWTH).
+            let holds = match self.last_hold {
+                Some((c, end, h)) if c == client && now < end + MEMORY.max(HOLD * h) => {
+                    h.saturating_mul(GROWTH).min(LONGEST)
+                }
+                _ => 1,
             };
-            let until = now + HOLD * (1 << doublings);
+            let until = now + HOLD * holds;
             self.filter = Some(Filter { client, until });
-            self.last_hold = Some((client, until, doublings));
+            self.last_hold = Some((client, until, holds));
             self.dropping_at = now;
         }
     }
@@ -1043,11 +1064,11 @@ mod tests {
             // Back at once: relayed for a moment, late again, shed.
             now += 5 * MS;
         }
-        assert_eq!(holds, [HOLD, 2 * HOLD, 4 * HOLD, 8 * HOLD, 16 * HOLD, 16 * HOLD]);
+        assert_eq!(holds, [HOLD, 4 * HOLD, 16 * HOLD, 64 * HOLD, 64 * HOLD, 64 * HOLD]);
         // The client stops: too few dropped, the filter comes off within
         // QUIET, long before its hold ends.
         let start = now;
-        assert_eq!(shed_until_filtered(&s, flood, quiet, now), 16 * HOLD);
+        assert_eq!(shed_until_filtered(&s, flood, quiet, now), 64 * HOLD);
         now += LOOK;
         s.kernel_dropped(flood, held(STILL_FLOODING - 1), now);
         assert!(s.filter(now).is_some());
@@ -1059,6 +1080,65 @@ mod tests {
         s.kernel_dropped(flood, held(STILL_FLOODING), start + QUIET + 50 * MS);
         assert_eq!(s.filter(start + QUIET + MS + HOLD), None);
         assert_eq!(shed_until_filtered(&s, flood, quiet, later), HOLD);
+    }
+
+    /// A client flooding for 32 s, held in the kernel and back at once
+    /// each time its hold ends: every return costs the other clients a
+    /// run shed by hand behind the flood. Doubling to 1.6 s let it back 23
+    /// times; growing fourfold to 6.4 s, 8. When it stops, the filter comes
+    /// off within QUIET as before, and its next flood starts from HOLD.
+    #[test]
+    fn a_lasting_flood_is_let_back_in_a_handful_of_times_and_released_once_it_stops() {
+        let (flood, quiet) = (id("192.0.2.10"), id("192.0.2.11"));
+        let s = SharedShedder::new(5 * MS);
+        let start = 10 * MS;
+        let mut now = start;
+        let mut holds = Vec::new();
+        while now < start + Duration::from_secs(32) {
+            let hold = shed_until_filtered(&s, flood, quiet, now);
+            holds.push(hold);
+            now = held_through(&s, flood, now, hold) + 5 * MS;
+        }
+        assert!(holds.len() <= 8, "let back {} times: {holds:?}", holds.len());
+        assert_eq!(holds.iter().max(), Some(&(LONGEST * HOLD)));
+        // Relayed for a while after its hold before it is late again (the
+        // relay carries a returning flood for a second or two): held as
+        // long again.
+        now += Duration::from_secs(2);
+        let hold = shed_until_filtered(&s, flood, quiet, now);
+        assert_eq!(hold, LONGEST * HOLD, "back 2 s after a hold of {:?}", LONGEST * HOLD);
+        now = held_through(&s, flood, now, hold);
+        // It stops: off within QUIET of the last flood-rate report.
+        let last = now;
+        assert_eq!(shed_until_filtered(&s, flood, quiet, now), LONGEST * HOLD);
+        now += LOOK;
+        s.kernel_dropped(flood, held(1), now);
+        assert!(s.filter(now).is_some());
+        assert_eq!(s.filter(last + QUIET), None);
+        // Back later, it starts from HOLD, and climbs again.
+        now = last + QUIET + MS;
+        for want in [1, 4, 16, 64] {
+            let hold = shed_until_filtered(&s, flood, quiet, now);
+            assert_eq!(hold, want * HOLD);
+            now = held_through(&s, flood, now, hold) + 5 * MS;
+        }
+        // Away for longer than its last hold lasted: from HOLD again.
+        now += LONGEST * HOLD;
+        assert_eq!(shed_until_filtered(&s, flood, quiet, now), HOLD);
+    }
+
+    /// The kernel drops `flood`'s datagrams at a flood's rate from `now`
+    /// to the end of its `hold`: the filter stays on until then, and is
+    /// off at that end, which is returned.
+    fn held_through(s: &SharedShedder, flood: ClientId, mut now: Duration, hold: Duration) -> Duration {
+        let end = now + hold;
+        while now + LOOK < end {
+            now += LOOK;
+            s.kernel_dropped(flood, held(STILL_FLOODING), now);
+            assert!(s.filter(now).is_some(), "off early at {now:?} of a hold to {end:?}");
+        }
+        assert_eq!(s.filter(end), None);
+        end
     }
 
     #[test]
@@ -1086,10 +1166,10 @@ mod tests {
             assert_eq!(s.filter(now), None);
             now += 5 * MS;
         }
-        assert_eq!(holds, [HOLD, 2 * HOLD, 4 * HOLD, 8 * HOLD, 16 * HOLD]);
+        assert_eq!(holds, [HOLD, 4 * HOLD, 16 * HOLD, 64 * HOLD, 64 * HOLD]);
         // Half the threshold from one task alone: the client stopped.
         let start = now;
-        assert_eq!(shed_until_filtered(&s, flood, quiet, now), 16 * HOLD);
+        assert_eq!(shed_until_filtered(&s, flood, quiet, now), 64 * HOLD);
         now += LOOK;
         s.kernel_dropped(flood, held(STILL_FLOODING / 2), now);
         now += LOOK;

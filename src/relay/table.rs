@@ -65,6 +65,13 @@ struct Own {
 }
 
 impl Entry {
+    /// Whether this entry's session is `session` itself, not an earlier or
+    /// later one of the same flow: the caller holds `session`, so no other
+    /// session can have its address meanwhile.
+    fn is(&self, session: &Session) -> bool {
+        std::ptr::eq(Arc::as_ptr(&self.session), session)
+    }
+
     pub fn new(session: Arc<Session>, task: Option<DropGuard>) -> Self {
         Entry::with_permits(session, task, Vec::new())
     }
@@ -356,11 +363,12 @@ impl Inner {
         pick.map(|(_, id)| id)
     }
 
-    fn remove_if(&mut self, key: &FlowKey, id: u64) -> Option<Entry> {
+    fn remove_if(&mut self, session: &Session) -> Option<Entry> {
+        let key = &session.key;
         let owner = key.owner();
         let old = self.load(owner);
         let client = self.clients.get(&owner)?;
-        if client.flows.peek(key).is_none_or(|e| e.session.id != id) {
+        if client.flows.peek(key).is_none_or(|e| !e.is(session)) {
             return None;
         }
         self.pop_key(owner, old, key)
@@ -540,11 +548,13 @@ impl SessionTable {
         Ok((session, evicted))
     }
 
-    /// Marks `key` most recently used if it still maps to session `id`.
-    pub fn promote(&self, key: &FlowKey, id: u64) {
+    /// Marks `session`'s flow most recently used if the table still maps
+    /// it to `session` (not to a later session of the same flow).
+    pub fn promote(&self, session: &Session) {
+        let key = &session.key;
         let mut inner = self.lock();
         if let Some(client) = inner.clients.get_mut(&key.owner()) {
-            if let Some(e) = client.flows.peek(key).filter(|e| e.session.id == id) {
+            if let Some(e) = client.flows.peek(key).filter(|e| e.is(session)) {
                 if e.holds_fd {
                     client.fd_order.promote(key);
                 }
@@ -553,10 +563,10 @@ impl SessionTable {
         }
     }
 
-    /// Removes `key` if it still maps to session `id` (a newer session for
-    /// the same flow is left alone).
-    pub fn remove(&self, key: &FlowKey, id: u64) -> Option<Entry> {
-        self.lock().remove_if(key, id)
+    /// Removes `session`'s flow if the table still maps it to `session` (a
+    /// newer session for the same flow is left alone).
+    pub fn remove(&self, session: &Session) -> Option<Entry> {
+        self.lock().remove_if(session)
     }
 
     /// Number of live sessions.
@@ -760,8 +770,7 @@ mod tests {
         // The counts follow every way out of the table.
         let k = key_of(heavy, 40);
         t.insert(k, holder(k), 0).unwrap();
-        let id = t.get(&k).unwrap().id;
-        drop(t.remove(&k, id));
+        drop(t.remove(&t.get(&k).unwrap()));
         assert!(t.lock().by_fds.is_empty());
         t.insert(k, holder(k), 0).unwrap();
         drop(t.take_where(|_| true));
@@ -793,8 +802,7 @@ mod tests {
         // 21 used by a lookup, 22 admitted again, 23 promoted by the relay.
         assert!(t.get(&key_of(c, 21)).is_some());
         assert!(matches!(t.get_or_admit(&key_of(c, 22), 0, || true), Admission::Open(_)));
-        let id = t.get(&key_of(c, 23)).unwrap().id;
-        t.promote(&key_of(c, 23), id);
+        t.promote(&t.get(&key_of(c, 23)).unwrap());
         let order: Vec<FlowKey> = (0..4)
             .map(|_| t.evict_for_descriptor().unwrap().entry.session.key)
             .collect();
@@ -896,18 +904,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn promote_and_remove_respect_the_session_id() {
+    async fn promote_and_remove_respect_the_session() {
         let t = SessionTable::new(limits(2, 2));
         let (old, _) = t.insert(key(1), entry(key(1)), 0).unwrap();
-        assert!(t.remove(&key(1), old.id).is_some());
+        assert!(t.remove(&old).is_some());
         let (new, _) = t.insert(key(1), entry(key(1)), 0).unwrap();
         // A stale session cannot remove the flow's newer session.
-        assert!(t.remove(&key(1), old.id).is_none());
-        assert_eq!(t.get(&key(1)).unwrap().id, new.id);
+        assert!(t.remove(&old).is_none());
+        assert!(Arc::ptr_eq(&t.get(&key(1)).unwrap(), &new));
         // The same flow opened twice: the first stays.
         assert!(t.insert(key(1), entry(key(1)), 0).is_err());
         t.insert(key(2), entry(key(2)), 0).unwrap();
-        t.promote(&key(1), new.id); // 2 becomes the oldest
+        t.promote(&new); // 2 becomes the oldest
         let ev = add(&t, key(3));
         assert_eq!(ev[0].entry.session.key, key(2));
     }

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use super::health::Standing;
 use super::{Answer, UpstreamError, UpstreamGroup};
+use crate::dns::deadlines;
 use crate::dns::names::printable;
 
 /// A server still silent this long after a later one answered (10 times
@@ -148,7 +149,7 @@ impl UpstreamGroup {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(wake) => {
+                () = deadlines::sleep_until(wake) => {
                     if Instant::now() >= deadline {
                         self.note_slow(&launched, &finished, step, None, deadline);
                         return Err(UpstreamError::NoAnswer);
@@ -235,10 +236,12 @@ impl UpstreamGroup {
             server.health.hedges_sent.inc();
         }
         let limit = self.server_timeout.min(deadline.saturating_duration_since(started));
-        let result = match tokio::time::timeout_at(started + limit, self.ask(server, query, spelt, started)).await {
+        // In the listener's queue of deadlines, not a tokio timer of its
+        // own (`deadlines`).
+        let result = match deadlines::timeout_at(started + limit, self.ask(server, query, spelt, started)).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(e)) => Err(Failure::Error(e)),
-            Err(_) => Err(Failure::Timeout),
+            Err(deadlines::Elapsed) => Err(Failure::Timeout),
         };
         Attempt {
             index,
