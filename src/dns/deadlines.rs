@@ -391,19 +391,9 @@ impl Timer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::misses::Misses;
+    use crate::dns::misses::{Misses, until_ended};
     use std::sync::Mutex as StdMutex;
     use std::time::Duration;
-
-    /// Drives `misses` until `n` have ended.
-    async fn until_ended(misses: &mut Misses, n: usize) {
-        let mut seen = 0;
-        std::future::poll_fn(|cx| {
-            seen += misses.drive(cx);
-            if seen >= n { Poll::Ready(()) } else { Poll::Pending }
-        })
-        .await
-    }
 
     /// Polls `f` once.
     async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {

@@ -405,22 +405,24 @@ impl Misses {
     }
 }
 
+/// Drives `misses` until `n` more have ended (or forever); shared by this
+/// module's tests and those of [`super::deadlines`].
+#[cfg(test)]
+pub(crate) async fn until_ended(misses: &mut Misses, n: usize) {
+    let mut seen = 0;
+    std::future::poll_fn(|cx| {
+        seen += misses.drive(cx);
+        if seen >= n { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
     use std::task::Poll;
     use std::time::Duration;
-
-    /// Drives `misses` until `n` more have ended (or forever).
-    async fn until_ended(misses: &mut Misses, n: usize) {
-        let mut seen = 0;
-        std::future::poll_fn(|cx| {
-            seen += misses.drive(cx);
-            if seen >= n { Poll::Ready(()) } else { Poll::Pending }
-        })
-        .await
-    }
 
     #[tokio::test]
     async fn misses_end_when_driven_and_are_dropped_with_the_set() {
