@@ -237,12 +237,12 @@ fn twenty_thousand_mutated_cache_files_never_panic_and_round_trip() {
         hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A::new(192, 0, 2, 1)),
     ));
     for i in 0..8u8 {
-        let key = tproxyd::dns::cache::CacheKey {
-            group: "default".into(),
-            name: vec![1, b'a' + i, 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e', 0].into(),
-            qtype: RecordType::A,
-            qclass: hickory_proto::rr::DNSClass::IN,
-        };
+        let key = tproxyd::dns::cache::CacheKey::new(
+            "default",
+            &[1, b'a' + i, 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e', 0],
+            RecordType::A,
+            hickory_proto::rr::DNSClass::IN,
+        );
         assert!(source.insert(key, &mut m.clone()));
     }
     let file = encode(&source, now, unix);

@@ -17,7 +17,7 @@
 //! answer weighs as much as a thousand A records.
 
 use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -32,15 +32,123 @@ use super::rendered::Rendered;
 use super::ttl_secs;
 use crate::config::dns::CacheConfig;
 
+/// A cache key: the upstream group's name (answers from different groups
+/// never mix), the question's name in lowercase wire form
+/// ([`super::names::wire_key`]), its type and its class.
+///
+/// Held packed, as the LRU compares keys ([`PACKED_HEAD`]'s layout), in one
+/// shared allocation built once per miss: the look-up packs the key, and
+/// the answer is stored under the same bytes, where the store packed them
+/// a second time (about 240 instructions a miss, callgrind round 19). The
+/// upstream group's single-flight map names the question by the same
+/// allocation ([`CacheKey::packed`]). Two keys are equal exactly when
+/// their parts are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheKey {
-    /// Upstream group name: answers from different groups never mix.
-    pub group: Arc<str>,
-    /// [`super::names::wire_key`] of the question name (shared with the
-    /// upstream group's single-flight map while the question is asked).
-    pub name: Arc<[u8]>,
-    pub qtype: RecordType,
-    pub qclass: DNSClass,
+    packed: Arc<[u8]>,
+}
+
+impl CacheKey {
+    /// The key of `name` (a wire-form name already lowercased, as
+    /// [`super::names::wire_key`] writes it), `qtype` and `qclass` in
+    /// `group`.
+    pub fn new(group: &str, name: &[u8], qtype: RecordType, qclass: DNSClass) -> Self {
+        let mut room = [0; PACKED_ON_STACK];
+        let packed = match room.get_mut(..PACKED_HEAD + name.len() + group.len()) {
+            Some(out) => {
+                write_packed(out, group, name, qtype, qclass);
+                Arc::from(&*out)
+            }
+            // A group's name too long for the stack: built on the heap.
+            None => {
+                let mut out = vec![0; PACKED_HEAD + name.len() + group.len()];
+                write_packed(&mut out, group, name, qtype, qclass);
+                Arc::from(out)
+            }
+        };
+        CacheKey { packed }
+    }
+
+    /// The key of `name` (lowercased here), `qtype` and `qclass` in
+    /// `group`: [`CacheKey::new`] with [`super::names::wire_key`] of
+    /// `name`, without building that key apart first.
+    pub fn of_name(group: &str, name: &Name, qtype: RecordType, qclass: DNSClass) -> Self {
+        let mut room = [0; PACKED_ON_STACK];
+        let written = room
+            .get_mut(PACKED_HEAD..)
+            .and_then(|out| super::names::write_wire_key(name, out));
+        let len = match written {
+            Some(len) => len,
+            None => return Self::new(group, &super::names::wire_key(name), qtype, qclass),
+        };
+        let Some(out) = room.get_mut(..PACKED_HEAD + len + group.len()) else {
+            return Self::new(group, &super::names::wire_key(name), qtype, qclass);
+        };
+        let (head, rest) = out.split_at_mut(PACKED_HEAD);
+        let (name_out, group_out) = rest.split_at_mut(len);
+        head.copy_from_slice(&packed_head(name_out, qtype, qclass));
+        group_out.copy_from_slice(group.as_bytes());
+        CacheKey {
+            packed: Arc::from(&*out),
+        }
+    }
+
+    /// The key a look-up packed on the stack ([`StackKey`]), owned: the
+    /// same bytes, copied once.
+    pub fn of_stack(key: &StackKey<'_>) -> Self {
+        CacheKey {
+            packed: Arc::from(key.packed),
+        }
+    }
+
+    /// The key `packed` holds, if it is one (for the cache file): its
+    /// name's length within it and its group's name in UTF-8.
+    fn of_packed(packed: &[u8]) -> Option<Self> {
+        let (head, rest) = packed.split_at_checked(PACKED_HEAD)?;
+        let name_len = usize::from(u16::from_be_bytes([*head.get(4)?, *head.get(5)?]));
+        let (_, group) = rest.split_at_checked(name_len)?;
+        std::str::from_utf8(group).ok()?;
+        Some(CacheKey {
+            packed: Arc::from(packed),
+        })
+    }
+
+    /// A 16-bit field of the head.
+    fn field(&self, at: usize) -> u16 {
+        match self.packed.get(at..at + 2) {
+            Some(&[a, b]) => u16::from_be_bytes([a, b]),
+            _ => 0,
+        }
+    }
+
+    /// The question's name (lowercase wire form).
+    pub fn name(&self) -> &[u8] {
+        let len = usize::from(self.field(4));
+        self.packed.get(PACKED_HEAD..PACKED_HEAD + len).unwrap_or(&[])
+    }
+
+    /// The upstream group's name.
+    pub fn group(&self) -> &str {
+        let len = usize::from(self.field(4));
+        self.packed
+            .get(PACKED_HEAD + len..)
+            .and_then(|g| std::str::from_utf8(g).ok())
+            .unwrap_or("")
+    }
+
+    pub fn qtype(&self) -> RecordType {
+        RecordType::from(self.field(0))
+    }
+
+    pub fn qclass(&self) -> DNSClass {
+        DNSClass::from(self.field(2))
+    }
+
+    /// The whole key as one byte string, equal exactly when the keys are
+    /// (what the LRU holds, and what names the question in flight).
+    pub fn packed(&self) -> &Arc<[u8]> {
+        &self.packed
+    }
 }
 
 /// What [`DnsCache::lookup`] found.
@@ -55,7 +163,8 @@ pub enum Lookup {
     Absent,
 }
 
-/// A key as the LRU holds it: its parts packed into one byte string,
+/// Bytes before the name in a packed key. A key as the LRU holds it (and
+/// [`CacheKey`] carries it) is its parts packed into one byte string,
 /// `[qtype][qclass][name length]` (two bytes each, big-endian), the name,
 /// then the group. Two keys are equal when their parts are (types by
 /// their numbers; the name's length says where the group starts), and a
@@ -63,9 +172,6 @@ pub enum Lookup {
 /// four parts one by one (through `dyn` calls, the group and the name
 /// each with a `memcmp`, the types as enums) took about 250 of a cache
 /// hit's 3,500 instructions (callgrind).
-type Packed = Box<[u8]>;
-
-/// Bytes before the name in a packed key.
 const PACKED_HEAD: usize = 6;
 
 /// Packed keys up to this size are built on the stack for a cache hit's
@@ -153,45 +259,6 @@ fn packed_head(name: &[u8], qtype: RecordType, qclass: DNSClass) -> [u8; PACKED_
     [qtype[0], qtype[1], qclass[0], qclass[1], name_len[0], name_len[1]]
 }
 
-/// An owned packed key (one per stored entry, so once per miss). Built
-/// by appending rather than written into a zeroed buffer: the zeroed
-/// allocation (`calloc`) cost about 260 instructions a miss, more than
-/// the allocation and the three copies together.
-fn pack(key: &CacheKey) -> Packed {
-    let mut out = Vec::with_capacity(PACKED_HEAD + key.name.len() + key.group.len());
-    out.extend_from_slice(&packed_head(&key.name, key.qtype, key.qclass));
-    out.extend_from_slice(&key.name);
-    out.extend_from_slice(key.group.as_bytes());
-    out.into_boxed_slice()
-}
-
-/// Calls `f` with `key` packed, on the stack when it fits (any name with a
-/// group name of up to 64 bytes): storing an answer, a miss allocated its
-/// packed key before, about 300 instructions.
-fn with_packed<R>(key: &CacheKey, f: impl FnOnce(&[u8]) -> R) -> R {
-    let mut room = [0; PACKED_ON_STACK];
-    match room.get_mut(..PACKED_HEAD + key.name.len() + key.group.len()) {
-        Some(out) => {
-            write_packed(out, &key.group, &key.name, key.qtype, key.qclass);
-            f(out)
-        }
-        None => f(&pack(key)),
-    }
-}
-
-/// The key `packed` holds (for the cache file).
-fn unpack(packed: &[u8]) -> Option<CacheKey> {
-    let (head, rest) = packed.split_at_checked(PACKED_HEAD)?;
-    let field = |i: usize| Some(u16::from_be_bytes([*head.get(i)?, *head.get(i + 1)?]));
-    let (name, group) = rest.split_at_checked(usize::from(field(4)?))?;
-    Some(CacheKey {
-        group: Arc::from(std::str::from_utf8(group).ok()?),
-        name: name.into(),
-        qtype: RecordType::from(field(0)?),
-        qclass: DNSClass::from(field(2)?),
-    })
-}
-
 /// Memory an entry costs beyond its records' wire size: the key, the
 /// `Arc`, the LRU node and the per-record `Record` structs, and the slot
 /// for its kept encoding.
@@ -208,10 +275,9 @@ const KEPT_MAX: usize = 1_536;
 /// include more than their compressed wire form, plus header, question
 /// and OPT), and at most [`KEPT_MAX`].
 fn entry_bytes(key: &CacheKey, records: usize) -> (usize, usize) {
-    let room = (records + 2 * key.name.len() + 64).min(KEPT_MAX);
-    // The packed key holds the group's name too (see [`Packed`]).
-    let packed = PACKED_HEAD + key.name.len() + key.group.len();
-    (ENTRY_OVERHEAD + packed + records + room, room)
+    let room = (records + 2 * key.name().len() + 64).min(KEPT_MAX);
+    // The packed key holds the group's name too (see [`PACKED_HEAD`]).
+    (ENTRY_OVERHEAD + key.packed.len() + records + room, room)
 }
 
 /// An answer's RCODE and sections, as the cache takes them over.
@@ -620,7 +686,7 @@ impl DnsCache {
     /// [`DnsCache::lookup`] at `now`. Entries past the stale window are
     /// removed.
     pub fn lookup_at(&self, key: &CacheKey, now: Instant) -> Lookup {
-        with_packed(key, |packed| self.lookup_packed_at(packed, now))
+        self.lookup_packed_at(&key.packed, now)
     }
 
     /// [`DnsCache::lookup_at`] for a key packed on the stack (a cache
@@ -656,7 +722,7 @@ impl DnsCache {
 
     fn get_stale_at(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
         let mut store = self.lock()?;
-        let entry = with_packed(key, |packed| store.lru.get_again(packed).cloned())?;
+        let entry = store.lru.get_again(&key.packed).cloned()?;
         let age = u32::try_from(now.saturating_duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
         (age < entry.lifetime.saturating_add(self.stale_window)).then_some(entry)
     }
@@ -722,58 +788,58 @@ impl DnsCache {
     /// share makes room from its own oldest entries, anyone else from the
     /// least recently used.
     fn put(config: &CacheConfig, store: &mut Store, key: CacheKey, mut entry: Entry, owner: Option<IpAddr>) -> bool {
-        with_packed(&key, |key| {
-            let bytes = entry.bytes;
-            // An answer bigger than an eighth of the budget would flush a large
-            // part of the cache for one name: serve it, do not keep it.
-            if bytes > config.max_bytes / 8 {
-                store.remove(key);
-                return false;
+        // Packed when the key was made (at the miss's look-up).
+        let key: &[u8] = &key.packed;
+        let bytes = entry.bytes;
+        // An answer bigger than an eighth of the budget would flush a large
+        // part of the cache for one name: serve it, do not keep it.
+        if bytes > config.max_bytes / 8 {
+            store.remove(key);
+            return false;
+        }
+        let serial = match owner {
+            Some(_) => store.owners.next_serial(),
+            None => 0,
+        };
+        entry.owner = owner;
+        entry.serial = serial;
+        store.bytes += bytes;
+        let (slot, old) = store.lru.push(key, Arc::new(entry));
+        let fresh = old.is_none();
+        if let Some(old) = old {
+            store.forget(&old);
+        }
+        if let Some(owner) = owner {
+            let lru = &store.lru;
+            let is_live = |slot: SlotId, serial: u64| lru.value_at(slot).is_some_and(|e| e.serial == serial);
+            store.owners.charge(owner, slot, serial, bytes, is_live);
+        }
+        // A new answer from a client's miss must have been asked at
+        // least as often lately as what it would push out (see
+        // [`super::cache_sketch`]); one that replaces its key's
+        // answer, or comes from the cache file, is in already.
+        let mut candidate = (owner.is_some() && fresh).then_some(slot);
+        let mut kept = true;
+        while store.lru.len() > config.capacity || store.bytes > config.max_bytes {
+            if owner.is_some_and(|o| store.evict_own(config, o, serial)) {
+                continue;
             }
-            let serial = match owner {
-                Some(_) => store.owners.next_serial(),
-                None => 0,
+            let evicted = match candidate {
+                Some(slot) => store.lru.pop_for(slot),
+                None => store.lru.pop_lru(),
             };
-            entry.owner = owner;
-            entry.serial = serial;
-            store.bytes += bytes;
-            let (slot, old) = store.lru.push(key, Arc::new(entry));
-            let fresh = old.is_none();
-            if let Some(old) = old {
-                store.forget(&old);
-            }
-            if let Some(owner) = owner {
-                let lru = &store.lru;
-                let is_live = |slot: SlotId, serial: u64| lru.value_at(slot).is_some_and(|e| e.serial == serial);
-                store.owners.charge(owner, slot, serial, bytes, is_live);
-            }
-            // A new answer from a client's miss must have been asked at
-            // least as often lately as what it would push out (see
-            // [`super::cache_sketch`]); one that replaces its key's
-            // answer, or comes from the cache file, is in already.
-            let mut candidate = (owner.is_some() && fresh).then_some(slot);
-            let mut kept = true;
-            while store.lru.len() > config.capacity || store.bytes > config.max_bytes {
-                if owner.is_some_and(|o| store.evict_own(config, o, serial)) {
-                    continue;
-                }
-                let evicted = match candidate {
-                    Some(slot) => store.lru.pop_for(slot),
-                    None => store.lru.pop_lru(),
-                };
-                match evicted {
-                    Some(gone) => {
-                        if serial != 0 && gone.serial == serial {
-                            kept = false;
-                            candidate = None;
-                        }
-                        store.forget(&gone);
+            match evicted {
+                Some(gone) => {
+                    if serial != 0 && gone.serial == serial {
+                        kept = false;
+                        candidate = None;
                     }
-                    None => break,
+                    store.forget(&gone);
                 }
+                None => break,
             }
-            kept
-        })
+        }
+        kept
     }
 
     pub fn len(&self) -> usize {
@@ -793,7 +859,7 @@ impl DnsCache {
                 let age = now.saturating_duration_since(e.stored).as_secs();
                 age < u64::from(e.lifetime.saturating_add(self.stale_window))
             })
-            .filter_map(|(k, e)| Some((unpack(k)?, e.clone())))
+            .filter_map(|(k, e)| Some((CacheKey::of_packed(k)?, e.clone())))
             .collect()
     }
 
@@ -869,16 +935,163 @@ mod tests {
     }
 
     fn key(name: &str) -> CacheKey {
-        CacheKey {
-            group: "default".into(),
-            name: crate::dns::names::wire_key(&Name::from_ascii(name).unwrap()),
-            qtype: RecordType::A,
-            qclass: DNSClass::IN,
-        }
+        let name = crate::dns::names::wire_key(&Name::from_ascii(name).unwrap());
+        CacheKey::new("default", &name, RecordType::A, DNSClass::IN)
     }
 
     fn name(s: &str) -> Name {
         Name::from_str(s).unwrap()
+    }
+
+    use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+
+    /// The key packed afresh, part by part, as the LRU compares keys: the
+    /// reference the carried forms are held to.
+    fn packed_afresh(group: &str, name: &[u8], qtype: RecordType, qclass: DNSClass) -> Vec<u8> {
+        let mut out = u16::from(qtype).to_be_bytes().to_vec();
+        out.extend_from_slice(&u16::from(qclass).to_be_bytes());
+        out.extend_from_slice(&u16::try_from(name.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(group.as_bytes());
+        out
+    }
+
+    /// A random wire-form name of 1 to 127 labels of 1 to 63 bytes (at most
+    /// 255 bytes in all), its bytes plain (letters of either case, digits,
+    /// `-`, `_`) or, with `hostile`, any value at all (dots, zeros, bytes
+    /// over 127, length-like bytes).
+    fn random_wire_name(rng: &mut crate::test_rng::XorShift, hostile: bool) -> Vec<u8> {
+        const PLAIN: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_";
+        let mut name = Vec::new();
+        for _ in 0..1 + rng.below(8) {
+            let most = if rng.below(4) == 0 { 63 } else { 12 };
+            let len = 1 + rng.below(most);
+            if name.len() + 1 + len + 1 > 255 {
+                break;
+            }
+            name.push(len as u8);
+            for _ in 0..len {
+                name.push(if hostile {
+                    rng.below(256) as u8
+                } else {
+                    PLAIN[rng.below(PLAIN.len())]
+                });
+            }
+        }
+        name.push(0);
+        name
+    }
+
+    #[test]
+    fn a_carried_key_is_the_key_packed_afresh_for_random_and_hostile_names() {
+        let mut rng = crate::test_rng::XorShift::new(0x5eed_1919);
+        let long_group = "g".repeat(300);
+        let groups = [
+            "default",
+            "",
+            "office",
+            "Office",
+            "\u{0}default",
+            "ünïcödé",
+            &long_group[..64],
+            &long_group[..65],
+            &long_group,
+        ];
+        let types = [
+            (RecordType::A, DNSClass::IN),
+            (RecordType::AAAA, DNSClass::IN),
+            (RecordType::TXT, DNSClass::CH),
+            (RecordType::Unknown(65_280), DNSClass::Unknown(65_000)),
+        ];
+        let mut forms = Forms::default();
+        let mut plain_read = 0;
+        for step in 0..20_000 {
+            let hostile = step % 2 == 1;
+            let wire = random_wire_name(&mut rng, hostile);
+            let name = <Name as BinDecodable>::read(&mut BinDecoder::new(&wire)).unwrap();
+            let lower = crate::dns::names::wire_key(&name);
+            assert_eq!(*lower, *wire.to_ascii_lowercase(), "step {step}");
+            let group = groups[rng.below(groups.len())];
+            let (qtype, qclass) = types[rng.below(types.len())];
+            let afresh = packed_afresh(group, &lower, qtype, qclass);
+            // The full path's key, built from the `Name`.
+            let of_name = CacheKey::of_name(group, &name, qtype, qclass);
+            assert_eq!(&**of_name.packed(), &afresh[..], "step {step}: {wire:?} {group:?}");
+            assert_eq!(of_name, CacheKey::new(group, &lower, qtype, qclass), "step {step}");
+            // Its parts read back as they went in.
+            assert_eq!(of_name.name(), &lower[..], "step {step}");
+            assert_eq!(of_name.group(), group, "step {step}");
+            assert_eq!((of_name.qtype(), of_name.qclass()), (qtype, qclass), "step {step}");
+            assert_eq!(
+                CacheKey::of_packed(of_name.packed()).as_ref(),
+                Some(&of_name),
+                "step {step}"
+            );
+            // The plain path's: the bytes its look-up packed, carried to the
+            // store, are the same key.
+            if forms.read(&wire).is_some() {
+                let mut room = [0; PACKED_ON_STACK];
+                if let Some(looked_up) = StackKey::of_plain(&mut room, group, &forms, qtype, qclass) {
+                    plain_read += 1;
+                    assert_eq!(
+                        CacheKey::of_stack(&looked_up),
+                        of_name,
+                        "step {step}: {wire:?} {group:?}"
+                    );
+                }
+            } else {
+                assert!(hostile, "step {step}: a plain name refused: {wire:?}");
+            }
+        }
+        // Most plain names (with a group that fits) took the plain path.
+        assert!(plain_read > 8_000, "{plain_read}");
+    }
+
+    #[test]
+    fn an_answer_stored_under_a_carried_key_is_found_by_its_question_only() {
+        let c = DnsCache::new(&CacheConfig {
+            capacity: 100,
+            ..CacheConfig::default()
+        });
+        let mut forms = Forms::default();
+        let now = Instant::now();
+        let asked = b"\x03WwW\x07Example\x04TEST\x00";
+        forms.read(asked).unwrap();
+        let mut room = [0; PACKED_ON_STACK];
+        let looked_up = StackKey::of_plain(&mut room, "default", &forms, RecordType::A, DNSClass::IN).unwrap();
+        assert!(matches!(c.find_at(&looked_up, now), Lookup::Absent));
+        let carried = CacheKey::of_stack(&looked_up);
+        assert!(c.store_at(
+            carried,
+            300,
+            Records::take(&mut answer(&[300])),
+            now,
+            "192.0.2.7".parse().unwrap()
+        ));
+        // Found again by the same question in any case, on either path.
+        let name = Name::from_ascii("www.example.test.").unwrap();
+        assert!(
+            c.get_at(&CacheKey::of_name("default", &name, RecordType::A, DNSClass::IN), now)
+                .is_some()
+        );
+        forms.read(b"\x03www\x07example\x04test\x00").unwrap();
+        let mut room = [0; PACKED_ON_STACK];
+        let again = StackKey::of_plain(&mut room, "default", &forms, RecordType::A, DNSClass::IN).unwrap();
+        assert!(matches!(c.find_at(&again, now), Lookup::Live(..)));
+        // Never by a question that differs in any part.
+        for (group, name, qtype, qclass) in [
+            ("office", "www.example.test.", RecordType::A, DNSClass::IN),
+            ("default", "www.example.test.", RecordType::AAAA, DNSClass::IN),
+            ("default", "www.example.test.", RecordType::A, DNSClass::CH),
+            ("default", "ww.example.test.", RecordType::A, DNSClass::IN),
+            ("default", "www\\.example.test.", RecordType::A, DNSClass::IN),
+            ("default", "www.example.test.x.", RecordType::A, DNSClass::IN),
+        ] {
+            let name = Name::from_ascii(name).unwrap();
+            let other = CacheKey::of_name(group, &name, qtype, qclass);
+            assert!(c.get_at(&other, now).is_none(), "{other:?}");
+        }
+        assert_eq!(c.len(), 1);
     }
 
     #[test]
@@ -960,12 +1173,7 @@ mod tests {
     fn one_name_in_groups_classes_and_types_is_kept_apart() {
         let c = cache(0, 3600, 3600);
         let long_group = "g".repeat(200);
-        let keyed = |group: &str, qtype, qclass| CacheKey {
-            group: group.into(),
-            qtype,
-            qclass,
-            ..key("a.example.")
-        };
+        let keyed = |group: &str, qtype, qclass| CacheKey::new(group, b"\x01a\x07example\x00", qtype, qclass);
         let keys = [
             keyed("default", RecordType::A, DNSClass::IN),
             keyed("office", RecordType::A, DNSClass::IN),
@@ -974,11 +1182,7 @@ mod tests {
             // Longer than the stack's room for a packed key.
             keyed(&long_group, RecordType::A, DNSClass::IN),
             // The name's last byte and the group's first cannot trade places.
-            CacheKey {
-                group: "\x00default".into(),
-                name: b"\x01a\x07example".as_slice().into(),
-                ..keyed("", RecordType::A, DNSClass::IN)
-            },
+            CacheKey::new("\x00default", b"\x01a\x07example", RecordType::A, DNSClass::IN),
         ];
         for (i, k) in keys.iter().enumerate() {
             assert!(c.insert(k.clone(), &mut answer(&vec![300; i + 1])), "{k:?}");
@@ -1009,10 +1213,10 @@ mod tests {
         let mut stored = keys.to_vec();
         let order = |k: &CacheKey| {
             (
-                k.group.to_string(),
-                k.name.clone(),
-                u16::from(k.qtype),
-                u16::from(k.qclass),
+                k.group().to_string(),
+                k.name().to_vec(),
+                u16::from(k.qtype()),
+                u16::from(k.qclass()),
             )
         };
         saved.sort_by_key(order);
@@ -1326,11 +1530,8 @@ mod tests {
             asked(name("ab.c."), a, inet, "\x00default"),
             asked(name("ab.c."), a, inet, ""),
         ];
-        let owned = |(n, qtype, qclass, group): &(Name, RecordType, DNSClass, String)| CacheKey {
-            group: group.as_str().into(),
-            name: crate::dns::names::wire_key(n),
-            qtype: *qtype,
-            qclass: *qclass,
+        let owned = |(n, qtype, qclass, group): &(Name, RecordType, DNSClass, String)| {
+            CacheKey::new(group, &crate::dns::names::wire_key(n), *qtype, *qclass)
         };
         for (i, q) in questions.iter().enumerate() {
             assert!(c.insert(owned(q), &mut answer(&vec![300; i + 1])), "{q:?}");

@@ -20,7 +20,6 @@ use hickory_proto::op::Message;
 use hickory_proto::rr::{DNSClass, RecordType};
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::cache::{CacheKey, DnsCache};
@@ -65,7 +64,7 @@ pub fn encode(cache: &DnsCache, now: Instant, unix_now: u64) -> Vec<u8> {
     for (key, entry) in cache.snapshot(now) {
         let (message, lifetime, stored) = entry.to_message();
         let Ok(wire) = message.to_vec() else { continue };
-        let (Ok(group_len), Ok(name_len)) = (u8::try_from(key.group.len()), u8::try_from(key.name.len())) else {
+        let (Ok(group_len), Ok(name_len)) = (u8::try_from(key.group().len()), u8::try_from(key.name().len())) else {
             continue;
         };
         let stored_unix = unix_now.saturating_sub(now.saturating_duration_since(stored).as_secs());
@@ -73,11 +72,11 @@ pub fn encode(cache: &DnsCache, now: Instant, unix_now: u64) -> Vec<u8> {
         body.extend_from_slice(&stored_unix.to_be_bytes());
         body.extend_from_slice(&lifetime.to_be_bytes());
         body.push(group_len);
-        body.extend_from_slice(key.group.as_bytes());
+        body.extend_from_slice(key.group().as_bytes());
         body.push(name_len);
-        body.extend_from_slice(&key.name);
-        body.extend_from_slice(&u16::from(key.qtype).to_be_bytes());
-        body.extend_from_slice(&u16::from(key.qclass).to_be_bytes());
+        body.extend_from_slice(key.name());
+        body.extend_from_slice(&u16::from(key.qtype()).to_be_bytes());
+        body.extend_from_slice(&u16::from(key.qclass()).to_be_bytes());
         body.extend_from_slice(&wire);
         let Ok(len) = u32::try_from(body.len()) else { continue };
         out.extend_from_slice(&len.to_be_bytes());
@@ -126,12 +125,12 @@ fn parse_body(body: &[u8]) -> Option<(CacheKey, u64, u32, Message)> {
     if !valid_wire_name(name) {
         return None;
     }
-    let key = CacheKey {
-        group: Arc::from(std::str::from_utf8(group).ok()?),
-        name: name.into(),
-        qtype: RecordType::from(u16::from_be_bytes(qtype.try_into().ok()?)),
-        qclass: DNSClass::from(u16::from_be_bytes(qclass.try_into().ok()?)),
-    };
+    let key = CacheKey::new(
+        std::str::from_utf8(group).ok()?,
+        name,
+        RecordType::from(u16::from_be_bytes(qtype.try_into().ok()?)),
+        DNSClass::from(u16::from_be_bytes(qclass.try_into().ok()?)),
+    );
     let message = Message::from_vec(wire).ok()?;
     // Only what tproxyd can write back and read again: some parsed records
     // re-encode to bytes the parser refuses, and a cache file must survive
@@ -235,12 +234,12 @@ mod tests {
     use hickory_proto::rr::{Name, RData, Record};
 
     fn key(name: &str) -> CacheKey {
-        CacheKey {
-            group: "default".into(),
-            name: wire_key(&Name::from_ascii(name).unwrap()),
-            qtype: RecordType::A,
-            qclass: DNSClass::IN,
-        }
+        CacheKey::new(
+            "default",
+            &wire_key(&Name::from_ascii(name).unwrap()),
+            RecordType::A,
+            DNSClass::IN,
+        )
     }
 
     fn answer(name: &str, ttl: u32) -> Message {

@@ -96,28 +96,33 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 /// stack first, so that the key is one allocation.
 pub fn wire_key(name: &hickory_proto::rr::Name) -> std::sync::Arc<[u8]> {
     let mut key = [0u8; hickory_proto::rr::Name::MAX_LENGTH];
+    match write_wire_key(name, &mut key) {
+        Some(len) => std::sync::Arc::from(&key[..len]),
+        // Longer than any name hickory reads: built on the heap instead.
+        None => wire_key_long(name),
+    }
+}
+
+/// [`wire_key`] of `name` written at the start of `out`; its length, or
+/// `None` when it does not fit (what is written is then meaningless).
+/// For a caller that packs the key with more around it (the cache's).
+pub fn write_wire_key(name: &hickory_proto::rr::Name, out: &mut [u8]) -> Option<usize> {
     let mut len = 0;
     for label in name.iter() {
         // A decoded label is at most 63 bytes; saturate rather than trust it.
         let head = u8::try_from(label.len()).unwrap_or(u8::MAX);
-        let Some(out) = key.get_mut(len..len + 1 + label.len()) else {
-            // Longer than any name hickory reads: built on the heap instead.
-            return wire_key_long(name);
-        };
-        out[0] = head;
-        out[1..].copy_from_slice(label);
+        let room = out.get_mut(len..len + 1 + label.len())?;
+        room[0] = head;
+        room[1..].copy_from_slice(label);
         len += 1 + label.len();
     }
-    let Some(root) = key.get_mut(len) else {
-        return wire_key_long(name);
-    };
-    *root = 0;
-    let key = &mut key[..=len];
+    *out.get_mut(len)? = 0;
+    let key = out.get_mut(..=len)?;
     // Lowercased in one pass over the whole key (length bytes are below
     // 'A'): a vectorised pass instead of a byte-by-byte map, on every
     // cache lookup and every miss.
     key.make_ascii_lowercase();
-    std::sync::Arc::from(&*key)
+    Some(len + 1)
 }
 
 /// [`wire_key`] of a name too long for its buffer (not one hickory

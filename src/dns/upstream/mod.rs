@@ -26,7 +26,6 @@ use crate::places::{Place, Places};
 use futures_util::StreamExt;
 use hickory_net::{DnsError, DnsHandle, NetError};
 use hickory_proto::op::{DnsRequest, DnsRequestOptions, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{DNSClass, RecordType};
 use hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverOpts, ServerOrderingStrategy,
 };
@@ -103,9 +102,10 @@ struct Server {
 /// upstream (the client's DO/CD bits are not forwarded), so name, type and
 /// class are the whole of what changes the answer; the group is implied by
 /// the map being per group.
-/// The name is the cache's key form (lowercased wire format), cheap to
-/// hash and compare.
-type FlightKey = (Arc<[u8]>, RecordType, DNSClass);
+/// The key is the cache's, packed (type, class, the name in lowercased
+/// wire format, the group's name): cheap to hash and compare, and shared
+/// with the miss's cache key rather than copied.
+type FlightKey = Arc<[u8]>;
 /// What a flight lands with. Not behind an `Arc`: the leader keeps its
 /// answer as it is, and only followers (rare) get a clone of it, which
 /// they needed anyway to own their answer (an `Arc` cost every miss an
@@ -239,22 +239,23 @@ impl UpstreamGroup {
     /// ones such as BADVERS), timeouts and transport errors move on to the
     /// next server.
     ///
-    /// `name_key` is [`wire_key`] of the query's name, which the caller
-    /// has already built for its cache lookup. `key_is_spelling` says that
-    /// the name was asked with no capital letter, so that `name_key` is
-    /// also its spelling on the wire, byte for byte: the query then goes
-    /// out as a copy of it, not written label by label from the `Name`.
+    /// `flight_key` names the question among the group's flights: equal
+    /// keys share one flight, so it must say everything the question
+    /// asks, its name in any case and its type and class (the caller's
+    /// packed cache key, built for its look-up; the map holds a reference
+    /// to it, not a copy). `spelt`, when given, is the query's name on the
+    /// wire exactly as it is spelt (labels, case, root byte): the query
+    /// then goes out as a copy of it, not written label by label from the
+    /// `Name`.
     pub async fn resolve_shared(
         &self,
         query: &Query,
-        name_key: &Arc<[u8]>,
-        key_is_spelling: bool,
+        flight_key: &Arc<[u8]>,
+        spelt: Option<&[u8]>,
         deadline: Instant,
     ) -> (Result<Answer, UpstreamError>, Role) {
-        debug_assert_eq!(**name_key, *wire_key(query.name()));
-        // The cache key's name itself, not a copy: the map holds a reference.
-        let key = (name_key.clone(), query.query_type(), query.query_class());
-        let spelt = key_is_spelling.then_some(&**name_key);
+        debug_assert!(spelt.is_none_or(|s| s == &*wire_key(query.name())));
+        let key = flight_key.clone();
         // A follower is answered by its own deadline, not its leader's
         // (`flight`): past it, no answer for this caller.
         let (shared, role) = match self
@@ -281,11 +282,11 @@ impl UpstreamGroup {
     pub async fn resolve(
         &self,
         query: &Query,
-        name_key: &Arc<[u8]>,
-        key_is_spelling: bool,
+        flight_key: &Arc<[u8]>,
+        spelt: Option<&[u8]>,
         deadline: Instant,
     ) -> Result<Answer, UpstreamError> {
-        self.resolve_shared(query, name_key, key_is_spelling, deadline).await.0
+        self.resolve_shared(query, flight_key, spelt, deadline).await.0
     }
 
     pub fn server_labels(&self) -> Vec<String> {

@@ -35,12 +35,7 @@ fn upstream(qname: &str, qtype: RecordType, records: &[(u32, Vec<u8>)], edns: bo
 /// The cache entry for `qname`/`qtype`: its records (names with their
 /// case) and lifetime, or `None`.
 fn cached(engine: &DnsEngine, qname: &str, qtype: RecordType) -> Option<(String, u32)> {
-    let key = CacheKey {
-        group: Arc::from("default"),
-        name: wire_key(&name(qname)),
-        qtype,
-        qclass: DNSClass::IN,
-    };
+    let key = CacheKey::new("default", &wire_key(&name(qname)), qtype, DNSClass::IN);
     let (entry, _) = engine.cache.get(&key)?;
     let (msg, lifetime, _) = entry.to_message();
     Some((
