@@ -40,10 +40,14 @@ fn query(id: u16, name: &str) -> Vec<u8> {
     m.to_vec().unwrap()
 }
 
-/// Asks `names` from the real device, all sent before any answer is read;
-/// returns how many were answered with an address.
-fn ask(lab: &Lab, to: SocketAddr, names: &[String]) -> usize {
-    let sock = lab::udp::socket(&lab.client, SocketAddr::new(ip(DEVICE), 0));
+/// A client behind a router (the device, which routes 203.0.113.192/26
+/// for the gateway): never in the gateway's neighbour table.
+const ROUTED: &str = "203.0.113.200";
+
+/// Asks `names` from `from` (a real client), all sent before any answer is
+/// read; returns how many were answered with an address.
+fn ask_from(lab: &Lab, from: &str, to: SocketAddr, names: &[String]) -> usize {
+    let sock = lab::udp::socket(&lab.client, SocketAddr::new(ip(from), 0));
     sock.set_read_timeout(Some(Duration::from_millis(2000))).unwrap();
     for (i, n) in names.iter().enumerate() {
         sock.send_to(&query(u16::try_from(i).unwrap(), n), to).unwrap();
@@ -56,6 +60,11 @@ fn ask(lab: &Lab, to: SocketAddr, names: &[String]) -> usize {
         }
     }
     answered
+}
+
+/// [`ask_from`] the real device.
+fn ask(lab: &Lab, to: SocketAddr, names: &[String]) -> usize {
+    ask_from(lab, DEVICE, to, names)
 }
 
 /// Sends one query for each of `names` from `from`, a LAN address no
@@ -80,10 +89,17 @@ fn forge(lab: &Lab, from: IpAddr, to: SocketAddr, names: &[String]) {
 /// one GSO train), all well within its rate limit, to `to`. Their answers
 /// wait for neighbours that never answer, far more of them than a send
 /// buffer holds. Right after, the real device asks its 20 cached names
-/// there: every one must be answered, and the answers held back must be
-/// counted.
-fn forged_neighbours_against(to: SocketAddr) {
+/// there (`asker`: the device itself, or a client behind it as a router):
+/// every one must be answered, and the answers held back must be counted.
+fn forged_neighbours_against(to: SocketAddr, asker: &str) {
     let lab = Lab::with_servers(1);
+    // The device announces its LAN address in its ARP requests, as a
+    // router does, not the routed client's (which the gateway would then
+    // learn as a neighbour).
+    lab.client.sh(&format!(
+        "sysctl -qw net.ipv4.conf.all.arp_announce=2 net.ipv4.conf.lan0.arp_announce=2; ip addr add {ROUTED}/32 dev lo"
+    ));
+    lab.gateway.sh(&format!("ip route add 203.0.113.192/26 via {DEVICE}"));
     lab.add_server_address(0, ip(UPSTREAM));
     lab.install_rules("nft", "LAN_IF=lan0");
     let _fake = FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), |q| {
@@ -103,7 +119,7 @@ listen = "{ADMIN}"
 [dns]
 ports = [53]
 listen = ["{LISTEN}:53"]
-allow = ["192.0.2.0/24"]
+allow = ["192.0.2.0/24", "203.0.113.192/26"]
 timeout = "1500ms"
 [dns.upstreams.default]
 servers = ["{UPSTREAM}"]
@@ -113,14 +129,18 @@ servers = ["{UPSTREAM}"]
     let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.device.test.")).collect();
     let lengths: Vec<String> = (1..=40).map(|n| format!("{}.forged.test.", "x".repeat(n))).collect();
     // Everything cached first: from here on every answer is given at once.
-    assert_eq!(ask(&lab, to, &hot), 20);
+    assert_eq!(ask_from(&lab, asker, to, &hot), 20);
     assert_eq!(ask(&lab, to, &lengths), 40);
     for source in 0..120u8 {
         forge(&lab, IpAddr::from([192, 0, 2, 100 + source]), to, &lengths);
     }
     // The forged addresses' neighbours are still being resolved (seconds):
     // their answers hold the reply socket's buffer now.
-    assert_eq!(ask(&lab, to, &hot), 20, "the real device was starved of its answers");
+    assert_eq!(
+        ask_from(&lab, asker, to, &hot),
+        20,
+        "{asker} was starved of its answers"
+    );
     let metrics = lab::metrics::fetch(&lab.gateway, ADMIN.parse().unwrap());
     let held_back = lab::metrics::value(&metrics, "tproxyd_drops_total{reason=\"neighbour_unresolved\"}");
     assert!(held_back > 0, "no answer to a forged address was held back");
@@ -128,10 +148,23 @@ servers = ["{UPSTREAM}"]
 
 #[test]
 fn answers_waiting_for_forged_neighbours_cannot_starve_a_real_device() {
-    forged_neighbours_against(format!("{LISTEN}:53").parse().unwrap());
+    forged_neighbours_against(format!("{LISTEN}:53").parse().unwrap(), DEVICE);
 }
 
 #[test]
 fn hijacked_answers_waiting_for_forged_neighbours_cannot_starve_a_real_device() {
-    forged_neighbours_against(format!("{PUBLIC}:53").parse().unwrap());
+    forged_neighbours_against(format!("{PUBLIC}:53").parse().unwrap(), DEVICE);
+}
+
+/// A client behind a router is never in the neighbour table, but its
+/// answers leave at once (to the router): they must not be held back with
+/// the forged ones.
+#[test]
+fn answers_to_a_client_behind_a_router_are_not_held_back() {
+    forged_neighbours_against(format!("{LISTEN}:53").parse().unwrap(), ROUTED);
+}
+
+#[test]
+fn hijacked_answers_to_a_client_behind_a_router_are_not_held_back() {
+    forged_neighbours_against(format!("{PUBLIC}:53").parse().unwrap(), ROUTED);
 }

@@ -4,6 +4,7 @@
 
 pub mod accept;
 pub mod neigh;
+pub mod on_link;
 pub mod poll;
 pub mod raw;
 pub mod recv;

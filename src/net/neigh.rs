@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
+use super::on_link::Prefix;
+
 /// How long a reading of the table is used. A device that has just come
 /// (its first query) was resolved when it asked for our address, long
 /// before; a forged address becomes `INCOMPLETE` at our first answer and
@@ -73,35 +75,42 @@ pub struct NeighbourTable {
 struct Reading {
     taken: Option<Instant>,
     resolved: HashSet<IpAddr>,
+    /// Prefixes the kernel sends to directly ([`super::on_link`]): an
+    /// address outside them goes to a router and never waits on its own
+    /// neighbour.
+    on_link: Vec<Prefix>,
     /// The last dump failed: everything is let through (as before this
     /// table existed) until the next try, [`REFRESH`] later.
     failed: bool,
 }
 
 impl NeighbourTable {
-    /// Whether `ip` is a neighbour the kernel has resolved, by a reading
-    /// at most [`REFRESH`] old (taken now if older). Addresses off the
-    /// LAN (behind a router) are never in the table: not resolved. When
-    /// the table cannot be read, every address is.
-    pub fn resolved(&self, ip: IpAddr) -> bool {
+    /// Whether a datagram to `ip` leaves without waiting for its neighbour
+    /// to be resolved, by a reading at most [`REFRESH`] old (taken now if
+    /// older): the kernel has resolved it, or it is off-link, reached
+    /// through a router. When the tables cannot be read, every address
+    /// leaves at once.
+    pub fn leaves_at_once(&self, ip: IpAddr) -> bool {
         let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         if reading.taken.is_none_or(|t| now.duration_since(t) >= REFRESH) {
             reading.taken = Some(now);
-            match dump() {
-                Ok(resolved) => {
+            match dump().and_then(|resolved| Ok((resolved, super::on_link::read()?))) {
+                Ok((resolved, on_link)) => {
                     reading.resolved = resolved;
+                    reading.on_link = on_link;
                     reading.failed = false;
                 }
                 Err(e) => {
                     if !reading.failed {
-                        tracing::warn!(error = %e, "cannot read the neighbour table; answers to unresolved addresses are not held back");
+                        tracing::warn!(error = %e, "cannot read the neighbour or route tables; answers to unresolved addresses are not held back");
                     }
                     reading.failed = true;
                 }
             }
         }
-        reading.failed || reading.resolved.contains(&unmapped(ip))
+        let ip = unmapped(ip);
+        reading.failed || reading.resolved.contains(&ip) || !reading.on_link.iter().any(|p| p.contains(ip))
     }
 }
 
@@ -117,13 +126,27 @@ fn unmapped(ip: IpAddr) -> IpAddr {
 /// Reads the kernel's neighbour table (both families): the addresses in
 /// a resolved state.
 fn dump() -> Result<HashSet<IpAddr>, NeighError> {
+    let mut resolved = HashSet::new();
+    dump_with(RTM_GETNEIGH, NDMSG, &mut |kind, payload| {
+        if kind == RTM_NEWNEIGH
+            && let Some(ip) = resolved_entry(payload)
+        {
+            resolved.insert(ip);
+        }
+    })?;
+    Ok(resolved)
+}
+
+/// Asks the kernel for a dump of `kind` (every family; `header` bytes of
+/// the request's family header, zeroed) and hands each message of the
+/// answer to `each`.
+pub(super) fn dump_with(kind: u16, header: usize, each: &mut impl FnMut(u16, &[u8])) -> Result<(), NeighError> {
     let mut sock = Socket::new(NETLINK_ROUTE)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
     socket2::SockRef::from(&sock).set_read_timeout(Some(DUMP_TIMEOUT))?;
     let seq = 1;
-    sock.send(&request(seq), 0)?;
-    let mut resolved = HashSet::new();
+    sock.send(&request(kind, header, seq), 0)?;
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     loop {
         buf.clear();
@@ -132,26 +155,26 @@ fn dump() -> Result<HashSet<IpAddr>, NeighError> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         }
-        if parse(&buf, seq, &mut resolved)? {
-            return Ok(resolved);
+        if parse(&buf, seq, each)? {
+            return Ok(());
         }
     }
 }
 
-/// An `RTM_GETNEIGH` dump request for every family.
-fn request(seq: u32) -> Vec<u8> {
-    let len = NLMSG_HEADER + NDMSG;
+/// A dump request of `kind` for every family.
+fn request(kind: u16, header: usize, seq: u32) -> Vec<u8> {
+    let len = NLMSG_HEADER + header;
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&RTM_GETNEIGH.to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
     m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     m.extend_from_slice(&seq.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes());
-    m.resize(len, 0); // ndmsg: AF_UNSPEC, no interface
+    m.resize(len, 0); // AF_UNSPEC, no interface
     m
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+pub(super) fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
 
@@ -159,14 +182,14 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-const fn align4(n: usize) -> usize {
+pub(super) const fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-/// Adds the resolved addresses of one `recv` of a dump to `resolved`;
-/// true once the dump's end (`NLMSG_DONE`) was read. Messages of another
-/// sequence number are skipped.
-fn parse(mut buf: &[u8], seq: u32, resolved: &mut HashSet<IpAddr>) -> Result<bool, NeighError> {
+/// Hands each message of one `recv` of a dump to `each` (its type and
+/// payload); true once the dump's end (`NLMSG_DONE`) was read. Messages
+/// of another sequence number are skipped.
+fn parse(mut buf: &[u8], seq: u32, each: &mut impl FnMut(u16, &[u8])) -> Result<bool, NeighError> {
     while buf.len() >= NLMSG_HEADER {
         let len = u32_at(buf, 0).ok_or(NeighError::Malformed)? as usize;
         let kind = u16_at(buf, 4).ok_or(NeighError::Malformed)?;
@@ -182,12 +205,7 @@ fn parse(mut buf: &[u8], seq: u32, resolved: &mut HashSet<IpAddr>) -> Result<boo
                     let errno = u32_at(payload, 0).ok_or(NeighError::Malformed)? as i32;
                     return Err(NeighError::Refused(-errno));
                 }
-                RTM_NEWNEIGH => {
-                    if let Some(ip) = resolved_entry(payload) {
-                        resolved.insert(ip);
-                    }
-                }
-                _ => {}
+                _ => each(kind, payload),
             }
         }
         buf = buf.get(align4(len)..).unwrap_or(&[]);
@@ -273,21 +291,27 @@ mod tests {
         // Another request's message: not ours.
         buf.extend(entry(8, REACHABLE, &[192, 0, 2, 11]));
         let mut resolved = HashSet::new();
-        assert!(!parse(&buf, 7, &mut resolved).unwrap(), "no end yet");
+        let mut keep = |kind: u16, payload: &[u8]| {
+            if let Some(ip) = resolved_entry(payload).filter(|_| kind == RTM_NEWNEIGH) {
+                resolved.insert(ip);
+            }
+        };
+        assert!(!parse(&buf, 7, &mut keep).unwrap(), "no end yet");
+        assert!(parse(&done(7), 7, &mut keep).unwrap());
         let expected: HashSet<IpAddr> = ["192.0.2.10", "2001:db8::10"]
             .iter()
             .map(|s| s.parse().unwrap())
             .collect();
         assert_eq!(resolved, expected);
-        assert!(parse(&done(7), 7, &mut resolved).unwrap());
     }
 
     #[test]
     fn a_cut_message_is_malformed_not_a_panic() {
         let whole = entry(7, 0x02, &[192, 0, 2, 10]);
         for cut in 1..whole.len() {
-            let mut resolved = HashSet::new();
-            let r = parse(&whole[..cut], 7, &mut resolved);
+            let r = parse(&whole[..cut], 7, &mut |_, p| {
+                resolved_entry(p);
+            });
             assert!(matches!(r, Ok(false) | Err(NeighError::Malformed)), "cut at {cut}");
         }
     }

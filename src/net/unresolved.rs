@@ -14,10 +14,12 @@
 //! the other half stays for the real devices, whose datagrams leave the
 //! buffer as soon as the interface takes them.
 //!
-//! What this costs: while the buffer is past half, a client behind a
-//! router (never in the neighbour table) is not answered either, and a
-//! device whose address the kernel has forgotten is answered once it
-//! resolves again. Outside such a flood nothing changes, and the check is
+//! A client behind a router is never in the neighbour table, but its
+//! answers go to the router and leave at once: such clients are told apart
+//! by the routes ([`super::on_link`]) and answered as before.
+//!
+//! What this costs: while the buffer is past half, a device whose address
+//! the kernel has forgotten is answered once it resolves again. Outside such a flood nothing changes, and the check is
 //! one `ioctl` per batch of answers (and a `getsockopt` when something is
 //! still queued).
 
@@ -35,9 +37,9 @@ pub struct UnresolvedGate {
 
 impl UnresolvedGate {
     /// Whether an answer to `client` may be sent on a socket [`pressed`]:
-    /// its neighbour is resolved.
+    /// its neighbour is resolved, or it is reached through a router.
     pub fn admits(&self, client: IpAddr) -> bool {
-        self.table.resolved(client)
+        self.table.leaves_at_once(client)
     }
 }
 
