@@ -1,5 +1,6 @@
 //! Shedding in the kernel: a classic BPF socket filter on the listener
-//! sockets that drops one client's datagrams before they are queued.
+//! sockets that drops the held clients' datagrams (up to
+//! [`super::shed::SLOTS`] of them) before they are queued.
 //!
 //! Shedding in user space ([`super::shed`]) still costs the relay's worker
 //! a wake-up and a copy out of the kernel per datagram it drops: for a
@@ -14,7 +15,7 @@
 //! another one. A dropped datagram is never queued, never wakes the
 //! worker, never copied.
 //!
-//! The program matches a [`ClientId`] as the shedder counts them: an IPv4
+//! The program matches each [`ClientId`] as the shedder counts them: an IPv4
 //! source address, or the /64 of an IPv6 one. It reads the IP header at
 //! `SKF_NET_OFF` (at filter time the packet's data starts at the UDP
 //! header) and checks the version first, so one program is correct on a
@@ -26,7 +27,8 @@
 //! the listener adds what it rose by while its filter was on to
 //! `drops_total{reason="overload"}`. Only a socket whose queue had room
 //! when looked at, then and the time before, is taken to have dropped
-//! the filtered client's datagrams alone (see [`KernelDrops`]).
+//! the filtered clients' datagrams alone (see [`KernelDrops`]); with
+//! several held, the samples [`program`] lets through say whose.
 
 use std::io;
 use std::os::fd::AsFd;
