@@ -3,12 +3,14 @@
 //! deal only in addresses and payloads.
 
 pub mod accept;
+pub mod neigh;
 pub mod poll;
 pub mod raw;
 pub mod recv;
 pub mod send;
 pub mod sockets;
 pub mod spin;
+pub mod unresolved;
 
 use std::io;
 
