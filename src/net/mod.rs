@@ -8,6 +8,7 @@ pub mod on_link;
 pub mod poll;
 pub mod raw;
 pub mod recv;
+pub mod rtnetlink_dump;
 pub mod send;
 pub mod sockets;
 pub mod spin;

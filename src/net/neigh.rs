@@ -18,14 +18,12 @@
 //! [`REFRESH`].
 
 use std::collections::HashSet;
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
-
 use super::on_link::Prefix;
+use super::rtnetlink_dump::{DumpError, align4, dump_with, u16_at};
 
 /// How long a reading of the table is used. A device that has just come
 /// (its first query) was resolved when it asked for our address, long
@@ -33,18 +31,6 @@ use super::on_link::Prefix;
 /// stays so for seconds. A tenth of a second between readings bounds how
 /// many answers a new forged address gets while the buffer is full.
 pub const REFRESH: Duration = Duration::from_millis(100);
-/// How long the kernel gets to answer a dump (it answers at once; this
-/// only bounds a kernel gone wrong, on a worker thread).
-const DUMP_TIMEOUT: Duration = Duration::from_millis(500);
-/// Receive buffer for one `recv` of a dump: the kernel fills each with as
-/// many entries as fit.
-const RECV_BUFFER: usize = 64 * 1024;
-
-const NLMSG_HEADER: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
 const RTM_NEWNEIGH: u16 = 28;
 const RTM_GETNEIGH: u16 = 30;
 /// `struct ndmsg`: family, two pads, ifindex, state, flags, type.
@@ -53,16 +39,6 @@ const NDA_DST: u16 = 1;
 /// Neighbour states whose datagrams leave at once (`NUD_VALID`):
 /// reachable, stale, delay, probe, noarp, permanent.
 const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
-
-#[derive(Debug, thiserror::Error)]
-pub enum NeighError {
-    #[error("rtnetlink socket: {0}")]
-    Io(#[from] io::Error),
-    #[error("the kernel refused the neighbour dump: {}", io::Error::from_raw_os_error(*.0))]
-    Refused(i32),
-    #[error("malformed neighbour dump")]
-    Malformed,
-}
 
 /// The resolved addresses as last read, shared by the senders of one
 /// listener.
@@ -125,7 +101,7 @@ fn unmapped(ip: IpAddr) -> IpAddr {
 
 /// Reads the kernel's neighbour table (both families): the addresses in
 /// a resolved state.
-fn dump() -> Result<HashSet<IpAddr>, NeighError> {
+fn dump() -> Result<HashSet<IpAddr>, DumpError> {
     let mut resolved = HashSet::new();
     dump_with(RTM_GETNEIGH, NDMSG, &mut |kind, payload| {
         if kind == RTM_NEWNEIGH
@@ -135,82 +111,6 @@ fn dump() -> Result<HashSet<IpAddr>, NeighError> {
         }
     })?;
     Ok(resolved)
-}
-
-/// Asks the kernel for a dump of `kind` (every family; `header` bytes of
-/// the request's family header, zeroed) and hands each message of the
-/// answer to `each`.
-pub(super) fn dump_with(kind: u16, header: usize, each: &mut impl FnMut(u16, &[u8])) -> Result<(), NeighError> {
-    let mut sock = Socket::new(NETLINK_ROUTE)?;
-    sock.bind_auto()?;
-    sock.connect(&SocketAddr::new(0, 0))?;
-    socket2::SockRef::from(&sock).set_read_timeout(Some(DUMP_TIMEOUT))?;
-    let seq = 1;
-    sock.send(&request(kind, header, seq), 0)?;
-    let mut buf = Vec::with_capacity(RECV_BUFFER);
-    loop {
-        buf.clear();
-        match sock.recv(&mut buf, 0) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
-        }
-        if parse(&buf, seq, each)? {
-            return Ok(());
-        }
-    }
-}
-
-/// A dump request of `kind` for every family.
-fn request(kind: u16, header: usize, seq: u32) -> Vec<u8> {
-    let len = NLMSG_HEADER + header;
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.resize(len, 0); // AF_UNSPEC, no interface
-    m
-}
-
-pub(super) fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-pub(super) const fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// Hands each message of one `recv` of a dump to `each` (its type and
-/// payload); true once the dump's end (`NLMSG_DONE`) was read. Messages
-/// of another sequence number are skipped.
-fn parse(mut buf: &[u8], seq: u32, each: &mut impl FnMut(u16, &[u8])) -> Result<bool, NeighError> {
-    while buf.len() >= NLMSG_HEADER {
-        let len = u32_at(buf, 0).ok_or(NeighError::Malformed)? as usize;
-        let kind = u16_at(buf, 4).ok_or(NeighError::Malformed)?;
-        let their_seq = u32_at(buf, 8).ok_or(NeighError::Malformed)?;
-        if len < NLMSG_HEADER || len > buf.len() {
-            return Err(NeighError::Malformed);
-        }
-        let payload = &buf[NLMSG_HEADER..len];
-        if their_seq == seq {
-            match kind {
-                NLMSG_DONE => return Ok(true),
-                NLMSG_ERROR => {
-                    let errno = u32_at(payload, 0).ok_or(NeighError::Malformed)? as i32;
-                    return Err(NeighError::Refused(-errno));
-                }
-                _ => each(kind, payload),
-            }
-        }
-        buf = buf.get(align4(len)..).unwrap_or(&[]);
-    }
-    Ok(false)
 }
 
 /// The destination of one neighbour entry (`ndmsg` and its attributes),
@@ -242,6 +142,7 @@ fn resolved_entry(payload: &[u8]) -> Option<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::rtnetlink_dump::{NLMSG_DONE, NLMSG_HEADER, parse};
     use super::*;
 
     /// One `RTM_NEWNEIGH` message as the kernel writes it.
@@ -312,7 +213,7 @@ mod tests {
             let r = parse(&whole[..cut], 7, &mut |_, p| {
                 resolved_entry(p);
             });
-            assert!(matches!(r, Ok(false) | Err(NeighError::Malformed)), "cut at {cut}");
+            assert!(matches!(r, Ok(false) | Err(DumpError::Malformed)), "cut at {cut}");
         }
     }
 

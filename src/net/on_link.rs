@@ -16,7 +16,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::neigh::{NeighError, align4, dump_with, u16_at};
+use super::rtnetlink_dump::{DumpError, align4, dump_with, u16_at};
 
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
@@ -56,7 +56,7 @@ impl Prefix {
 }
 
 /// Reads the on-link prefixes of every routing table, both families.
-pub fn read() -> Result<Vec<Prefix>, NeighError> {
+pub fn read() -> Result<Vec<Prefix>, DumpError> {
     let mut prefixes = Vec::new();
     dump_with(RTM_GETROUTE, RTMSG, &mut |kind, payload| {
         if kind == RTM_NEWROUTE
