@@ -97,6 +97,10 @@ counters! {
     drop_loop => "drops_total", "reason=\"loop\"";
     /// Datagrams dropped because a socket send buffer was full.
     drop_send_buffer_full => "drops_total", "reason=\"send_buffer_full\"";
+    /// Replies (DNS answers, relayed datagrams) not sent to a LAN address
+    /// the kernel had not resolved (a forged source, as a rule) while their
+    /// socket's send buffer was past half (`net::unresolved`).
+    drop_neighbour_unresolved => "drops_total", "reason=\"neighbour_unresolved\"";
     /// Datagrams whose session could not be opened (socket limits, routes).
     drop_session_open_failed => "drops_total", "reason=\"session_open_failed\"";
     /// New flows refused: their client exceeded `relay.new_flows_per_client`.

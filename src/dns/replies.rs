@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
 use crate::net::send::{GSO_MAX_SEGMENTS, Message, SendScratch, Sent, gso_chunks, gso_segments, send_messages};
+use crate::net::unresolved::{UnresolvedGate, pressed};
 
 /// Answers per `sendmmsg` built on the stack (a receive batch's worth).
 const PER_CALL: usize = 64;
@@ -121,7 +122,13 @@ impl ReplyBatch {
 
     /// Sends every answer on `fd` (a socket bound to the one address they
     /// all leave from; `v6` its family), then forgets them.
-    pub fn send_on(&mut self, fd: RawFd, v6: bool, scratch: &mut SendScratch) -> Sent {
+    ///
+    /// With a `gate`, answers to LAN addresses the kernel has not resolved
+    /// are not sent while `fd`'s buffer is past half (counted in
+    /// [`Sent::unresolved`]): answers queued for forged sources must not
+    /// take the room of the answers to real devices (see
+    /// [`crate::net::unresolved`]).
+    pub fn send_on(&mut self, fd: RawFd, v6: bool, scratch: &mut SendScratch, gate: Option<&UnresolvedGate>) -> Sent {
         let mut total = Sent::default();
         self.by_client();
         let order = std::mem::take(&mut self.order);
@@ -129,8 +136,14 @@ impl ReplyBatch {
         for part in order.chunks(PER_CALL) {
             let mut payloads: [&[u8]; PER_CALL] = [&[]; PER_CALL];
             let mut clients = [None; PER_CALL];
+            // Asked per call: the call before may have filled the buffer.
+            let held_back = gate.filter(|_| pressed(fd));
             for (k, &i) in part.iter().enumerate() {
                 if let Some((r, bytes)) = self.get(i as usize) {
+                    if held_back.is_some_and(|g| !g.admits(r.client.ip())) {
+                        total.unresolved += 1;
+                        continue;
+                    }
                     payloads[k] = bytes;
                     clients[k] = Some(r.client);
                 }
@@ -231,7 +244,7 @@ mod tests {
             batch.push(src, client, &answer);
             expected.push((client, answer));
         }
-        let sent = batch.send_on(server.as_raw_fd(), false, &mut SendScratch::default());
+        let sent = batch.send_on(server.as_raw_fd(), false, &mut SendScratch::default(), None);
         assert_eq!((sent.datagrams, sent.full + sent.failed), (150, 0));
         assert!(batch.is_empty());
         let mut buf = [0u8; 2048];

@@ -19,6 +19,7 @@ use super::tcp_connection;
 use crate::net::accept::AcceptBackoff;
 use crate::net::recv::{BATCH, RecvBatch};
 use crate::net::send::SendScratch;
+use crate::net::unresolved::UnresolvedGate;
 use crate::places::{Place, Places};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -271,7 +272,10 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
     let mut batch = RecvBatch::new(BATCH);
     let mut replies = ReplyBatch::default();
     let mut scratch = SendScratch::default();
-    let later = Arc::new(later_answers(socket.clone(), v6, service.stats.clone()));
+    // Shared by both senders of this socket: one reading of the
+    // neighbour table serves them.
+    let gate = Arc::new(UnresolvedGate::default());
+    let later = Arc::new(later_answers(socket.clone(), v6, service.stats.clone(), gate.clone()));
     let mut misses = Misses::default();
     let mut spare = Vec::new();
     loop {
@@ -316,8 +320,9 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
                 );
             }
             if !replies.is_empty() {
-                let sent = replies.send_on(socket.as_raw_fd(), v6, &mut scratch);
+                let sent = replies.send_on(socket.as_raw_fd(), v6, &mut scratch, Some(&gate));
                 service.stats.reply_send_errors.add((sent.full + sent.failed) as u64);
+                service.stats.drop_neighbour_unresolved.add(sent.unresolved as u64);
                 if let Some(e) = &sent.first_error {
                     tracing::debug!(error = %e, "DNS UDP answer not sent");
                 }
@@ -370,10 +375,18 @@ impl Gather for LaterAnswers {
     }
 }
 
-fn later_answers(socket: Arc<UdpSocket>, v6: bool, stats: Arc<Stats>) -> Outbox<LaterAnswers> {
+fn later_answers(
+    socket: Arc<UdpSocket>,
+    v6: bool,
+    stats: Arc<Stats>,
+    gate: Arc<UnresolvedGate>,
+) -> Outbox<LaterAnswers> {
     Outbox::new(Box::new(move |later: &mut LaterAnswers| {
-        let sent = later.replies.send_on(socket.as_raw_fd(), v6, &mut later.scratch);
+        let sent = later
+            .replies
+            .send_on(socket.as_raw_fd(), v6, &mut later.scratch, Some(&gate));
         stats.reply_send_errors.add((sent.full + sent.failed) as u64);
+        stats.drop_neighbour_unresolved.add(sent.unresolved as u64);
         if let Some(e) = &sent.first_error {
             tracing::debug!(error = %e, "DNS UDP answer not sent");
         }

@@ -3,12 +3,16 @@
 //! deal only in addresses and payloads.
 
 pub mod accept;
+pub mod neigh;
+pub mod on_link;
 pub mod poll;
 pub mod raw;
 pub mod recv;
+pub mod rtnetlink_dump;
 pub mod send;
 pub mod sockets;
 pub mod spin;
+pub mod unresolved;
 
 use std::io;
 

@@ -51,6 +51,12 @@ impl RawSender {
         self.socket(v6).is_ok()
     }
 
+    /// Whether the raw socket of this family has its send buffer past
+    /// half (see [`super::unresolved::pressed`]); false before it opens.
+    pub fn pressed(&self, v6: bool) -> bool {
+        self.socket(v6).is_ok_and(|s| super::unresolved::pressed(s.as_raw_fd()))
+    }
+
     fn socket(&self, v6: bool) -> io::Result<&Socket> {
         let (cell, domain) = if v6 {
             (&self.v6, Domain::IPV6)

@@ -61,6 +61,9 @@ pub struct Sent {
     pub full: usize,
     /// Failed otherwise.
     pub failed: usize,
+    /// Not tried: to a neighbour the kernel has not resolved, while the
+    /// socket's buffer was past half (see [`super::unresolved`]).
+    pub unresolved: usize,
     /// The first failure, of either kind.
     pub first_error: Option<io::Error>,
 }

@@ -134,7 +134,7 @@ pub async fn serve(sockets: Vec<UdpSocket>, ctx: Arc<RelayContext>, mut shutdown
             }
             let mut more = false;
             for &i in &ready {
-                more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &ctx);
+                more |= !members[i].turn(&mut batch, &mut sends, &mut dns, &mut kernel, &ctx);
             }
             // The DNS answers of every member's turn leave together.
             dns.now.flush(&ctx);
@@ -171,20 +171,23 @@ fn sync_filter(kernel: &mut Applied, members: &[Member], ctx: &RelayContext) {
         report_kernel_drops(kernel, members, shedder, now);
     }
     let wanted = shedder.filter(now);
-    if wanted != kernel.filter() {
+    if wanted != kernel.filters() {
         // What it dropped since the last look counts for its client too,
         // before another filter (or none) takes its place.
         report_kernel_drops(kernel, members, shedder, now);
     }
-    count_kernel_drops(ctx.stats(), kernel.sync(wanted, members.iter().map(|m| &m.socket)));
+    count_kernel_drops(ctx.stats(), kernel.sync(&wanted, members.iter().map(|m| &m.socket)));
 }
 
 /// Tells the shedder what this task's filter dropped since it last
 /// looked, and whose datagrams those were.
 fn report_kernel_drops(kernel: &mut Applied, members: &[Member], shedder: &SharedShedder, now: std::time::Duration) {
-    let Some(filter) = kernel.filter() else { return };
-    let dropped = kernel.look(members.iter().map(|m| &m.socket), now);
-    shedder.kernel_dropped(filter.client, dropped, now);
+    if kernel.filters().is_empty() {
+        return;
+    }
+    let held: Vec<ClientId> = kernel.filters().iter().map(|f| f.client).collect();
+    let (dropped, samples) = kernel.look(members.iter().map(|m| &m.socket), now);
+    shedder.kernel_dropped(&held, dropped, &samples, now);
 }
 
 /// Datagrams the kernel dropped while a filter was on: shed, like those
@@ -358,6 +361,7 @@ impl Member {
         batch: &mut RecvBatch,
         sends: &mut UpstreamSends,
         dns: &mut Dns,
+        kernel: &mut Applied,
         ctx: &Arc<RelayContext>,
     ) -> bool {
         let mut bytes = 0;
@@ -391,6 +395,12 @@ impl Member {
                                 if let Some((target, wall, mono)) = clocks {
                                     let waited = sojourn(meta.received, wall);
                                     let client = ClientId::of(meta.peer.ip());
+                                    // One the filter let through to tell
+                                    // its held clients apart: held, shed.
+                                    if kernel.sampling() && kernel.sampled(client) {
+                                        ctx.stats().drop_overload.inc();
+                                        continue;
+                                    }
                                     if ctx.shedder().offer(target, client, one.len(), waited, mono) {
                                         ctx.stats().drop_overload.inc();
                                         continue;

@@ -26,6 +26,7 @@ use crate::net::send::{
     send_run,
 };
 use crate::net::sockets;
+use crate::net::unresolved::{UnresolvedGate, pressed};
 use crate::stats::Stats;
 use crate::sync::lock;
 use std::os::fd::AsRawFd;
@@ -121,6 +122,27 @@ pub struct ReplySender {
     mark: u32,
     stats: Arc<Stats>,
     epoch: Instant,
+    /// Holds back replies to unresolved neighbours on a socket whose
+    /// buffer fills: a device forging source addresses must not starve
+    /// the real ones of their replies (see [`crate::net::unresolved`]).
+    gate: UnresolvedGate,
+}
+
+/// Whether the raw socket of each family was past half of its buffer, asked
+/// once per [`ReplySender::send_pending_within`] and only when a reply
+/// goes that way: lone replies go over raw IP one after another, and two
+/// system calls each would double their cost.
+#[derive(Debug, Default)]
+struct RawPressure {
+    v4: Option<bool>,
+    v6: Option<bool>,
+}
+
+impl RawPressure {
+    fn get(&mut self, raw: &RawSender, v6: bool) -> bool {
+        let known = if v6 { &mut self.v6 } else { &mut self.v4 };
+        *known.get_or_insert_with(|| raw.pressed(v6))
+    }
 }
 
 /// A cached socket and when it was last used (ms since `epoch`).
@@ -155,6 +177,7 @@ impl ReplySender {
             mark,
             stats,
             epoch: Instant::now(),
+            gate: UnresolvedGate::default(),
         }
     }
 
@@ -247,6 +270,13 @@ impl ReplySender {
 
     /// Sends a run through `sock`, counting the outcome.
     pub fn send_on(&self, sock: &ReplySocket, run: &[&[u8]], client: SocketAddr, tos: Option<u8>) {
+        let filling = match sock {
+            ReplySocket::Bound(s) => pressed(s.as_raw_fd()),
+            ReplySocket::Raw { .. } => self.raw.pressed(client.is_ipv6()),
+        };
+        if self.held_back(filling, client, run.len()) {
+            return;
+        }
         let result = sock.send_to(run, client, tos);
         count_sent(&self.stats, Direction::Reply, &result, run);
     }
@@ -297,14 +327,15 @@ impl ReplySender {
             1 + pending.windows(2).filter(|w| w[0].src != w[1].src).count()
         };
         let mut rest = &pending[..];
+        let mut raw_pressure = RawPressure::default();
         while let Some(first) = rest.first() {
             let n = rest.iter().take_while(|p| p.src == first.src).count();
             let (group, tail) = rest.split_at(n);
             rest = tail;
-            if n == 1 && sources > 1 && self.lone_over_raw(first, &payload, &mut scratch.raw) {
+            if n == 1 && sources > 1 && self.lone_over_raw(first, &payload, &mut scratch.raw, &mut raw_pressure) {
                 continue;
             }
-            self.send_group(first.src, group, &payload, scratch, opens);
+            self.send_group(first.src, group, &payload, scratch, opens, &mut raw_pressure);
         }
         self.flush_raw(&mut scratch.raw);
         pending.clear();
@@ -321,9 +352,32 @@ impl ReplySender {
     /// only ever answers like this needs no socket (nor a descriptor) at
     /// all. Replies of one flow still leave in order: a batch holds one
     /// from this address, and batches leave one after the other.
-    fn lone_over_raw<'p>(&self, reply: &Pending, payload: &impl Fn(u32) -> &'p [u8], raw: &mut RawBatch) -> bool {
-        self.raw.available(reply.src.is_ipv6())
-            && raw.push(reply.src, reply.client, payload(reply.slot), reply.tos.unwrap_or(0))
+    fn lone_over_raw<'p>(
+        &self,
+        reply: &Pending,
+        payload: &impl Fn(u32) -> &'p [u8],
+        raw: &mut RawBatch,
+        pressure: &mut RawPressure,
+    ) -> bool {
+        let v6 = reply.src.is_ipv6();
+        if !self.raw.available(v6) {
+            return false;
+        }
+        if self.held_back(pressure.get(&self.raw, v6), reply.client, 1) {
+            return true;
+        }
+        raw.push(reply.src, reply.client, payload(reply.slot), reply.tos.unwrap_or(0))
+    }
+
+    /// Whether `n` replies to `client` are held back, and counted: their
+    /// socket is `filling` (past half of its buffer) and the kernel has not
+    /// resolved the client's neighbour.
+    fn held_back(&self, filling: bool, client: SocketAddr, n: usize) -> bool {
+        let held = filling && !self.gate.admits(client.ip());
+        if held {
+            self.stats.drop_neighbour_unresolved.add(n as u64);
+        }
+        held
     }
 
     /// Sends the raw-IP replies gathered in `raw`, counting the outcome.
@@ -349,6 +403,7 @@ impl ReplySender {
         payload: &impl Fn(u32) -> &'p [u8],
         scratch: &mut ReplyScratch,
         opens: &mut usize,
+        raw_pressure: &mut RawPressure,
     ) {
         let sock = match self.socket_within(src, opens) {
             Ok(sock) => sock,
@@ -364,7 +419,11 @@ impl ReplySender {
                 // Gathered for one `sendmmsg` after the batch; one too big
                 // for that goes alone, after those before it (a flow's
                 // replies keep their order).
+                let filling = raw_pressure.get(&self.raw, src.is_ipv6());
                 for p in group {
+                    if self.held_back(filling, p.client, 1) {
+                        continue;
+                    }
                     let bytes = payload(p.slot);
                     if !scratch.raw.push(src, p.client, bytes, p.tos.unwrap_or(0)) {
                         self.flush_raw(&mut scratch.raw);
@@ -375,6 +434,7 @@ impl ReplySender {
             }
         };
         let v6 = src.is_ipv6();
+        let filling = pressed(fd);
         let mut payloads: Vec<&'p [u8]> = recycle(std::mem::take(&mut scratch.payloads));
         scratch.plan.clear();
         let mut rest = group;
@@ -386,6 +446,9 @@ impl ReplySender {
                 .count();
             let (run, tail) = rest.split_at(n);
             rest = tail;
+            if self.held_back(filling, first.client, n) {
+                continue;
+            }
             let start = payloads.len();
             payloads.extend(run.iter().map(|p| payload(p.slot)));
             let mut at = start;

@@ -1,5 +1,6 @@
 //! Shedding in the kernel: a classic BPF socket filter on the listener
-//! sockets that drops one client's datagrams before they are queued.
+//! sockets that drops the held clients' datagrams (up to
+//! [`super::shed::SLOTS`] of them) before they are queued.
 //!
 //! Shedding in user space ([`super::shed`]) still costs the relay's worker
 //! a wake-up and a copy out of the kernel per datagram it drops: for a
@@ -14,7 +15,7 @@
 //! another one. A dropped datagram is never queued, never wakes the
 //! worker, never copied.
 //!
-//! The program matches a [`ClientId`] as the shedder counts them: an IPv4
+//! The program matches each [`ClientId`] as the shedder counts them: an IPv4
 //! source address, or the /64 of an IPv6 one. It reads the IP header at
 //! `SKF_NET_OFF` (at filter time the packet's data starts at the UDP
 //! header) and checks the version first, so one program is correct on a
@@ -26,7 +27,8 @@
 //! the listener adds what it rose by while its filter was on to
 //! `drops_total{reason="overload"}`. Only a socket whose queue had room
 //! when looked at, then and the time before, is taken to have dropped
-//! the filtered client's datagrams alone (see [`KernelDrops`]).
+//! the filtered clients' datagrams alone (see [`KernelDrops`]); with
+//! several held, the samples [`program`] lets through say whose.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -48,48 +50,129 @@ const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
 const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
+const MOD_K: u16 = (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16;
 
 /// `k` of a load `at` bytes into the IP header.
 fn net(at: i32) -> u32 {
     (libc::SKF_NET_OFF + at) as u32
 }
 
-/// The filter that drops `client`'s datagrams and passes all others
-/// whole.
-pub fn program(client: ClientId) -> Vec<SockFilter> {
-    let version = |v: u32, to_pass: u8| {
-        [
-            SockFilter::new(LD_B_ABS, 0, 0, net(0)),
-            SockFilter::new(AND_K, 0, 0, 0xf0),
-            SockFilter::new(JEQ_K, 0, to_pass, v << 4),
-        ]
-    };
-    let drop = SockFilter::new(RET_K, 0, 0, 0);
-    let pass = SockFilter::new(RET_K, 0, 0, u32::MAX);
-    let mut p = Vec::with_capacity(9);
-    match client {
-        ClientId::V4(addr) => {
-            p.extend(version(4, 3));
-            p.push(SockFilter::new(LD_W_ABS, 0, 0, net(12)));
-            p.push(SockFilter::new(JEQ_K, 0, 1, addr));
-        }
-        ClientId::V6Prefix(prefix) => {
-            p.extend(version(6, 5));
-            p.push(SockFilter::new(LD_W_ABS, 0, 0, net(8)));
-            p.push(SockFilter::new(JEQ_K, 0, 3, (prefix >> 32) as u32));
-            p.push(SockFilter::new(LD_W_ABS, 0, 0, net(12)));
-            p.push(SockFilter::new(JEQ_K, 0, 1, prefix as u32));
-        }
-    }
-    p.push(drop);
-    p.push(pass);
-    p
+/// Clients one program holds at most ([`super::shed::SLOTS`] asks for no
+/// more): a jump's offset is one byte, and the longest chain (every
+/// client an IPv6 /64, four instructions each) must fit in it.
+const MOST: usize = 32;
+
+/// One in how many of a held client's datagrams the filter lets through
+/// while it holds several clients (see [`program`]).
+pub const SAMPLE: u32 = 16;
+
+/// Where a jump of [`program`] goes before the offsets are known.
+#[derive(Clone, Copy)]
+enum To {
+    /// The next instruction.
+    Next,
+    /// This many instructions further on (0: the next one).
+    Skip(u8),
+    /// The IPv6 chain.
+    V6,
+    /// A held client's datagram.
+    Held,
+    /// Any other datagram.
+    Pass,
 }
 
-/// Puts the filter for `client` on `socket`, in place of any other (the
-/// kernel swaps programs atomically: no datagram passes unfiltered).
-pub fn attach(socket: &impl AsFd, client: ClientId) -> io::Result<()> {
-    SockRef::from(socket).attach_filter(&program(client))
+/// The filter that drops the datagrams of every client in `clients` and
+/// passes all others whole; with `sample`, one in that many of the held
+/// clients' datagrams passes too.
+///
+/// The kernel counts what a filter drops in one counter per socket: it
+/// cannot say whose datagrams those were. With one client held they are
+/// its own; with several, the few that pass (a random draw,
+/// `SKF_AD_RANDOM`, one in [`SAMPLE`]) are the listener's only way to
+/// tell which of them still floods, and to share the count out among
+/// them (`shed::SharedShedder::kernel_dropped`). The listener sheds those
+/// by hand, a sixteenth of what shedding them all by hand cost.
+///
+/// An IPv4 datagram's source is compared with each IPv4 client in turn,
+/// an IPv6 one's first word of the /64 and then the second with each
+/// IPv6 client; any other datagram passes.
+pub fn program(clients: &[ClientId], sample: Option<u32>) -> Vec<SockFilter> {
+    let clients = &clients[..clients.len().min(MOST)];
+    let v4: Vec<u32> = clients
+        .iter()
+        .filter_map(|c| match *c {
+            ClientId::V4(a) => Some(a),
+            ClientId::V6Prefix(_) => None,
+        })
+        .collect();
+    let v6: Vec<u64> = clients
+        .iter()
+        .filter_map(|c| match *c {
+            ClientId::V6Prefix(p) => Some(p),
+            ClientId::V4(_) => None,
+        })
+        .collect();
+    let mut code: Vec<(u16, To, To, u32)> = Vec::new();
+    let ld = |at: i32| (LD_W_ABS, To::Next, To::Next, net(at));
+    code.push((LD_B_ABS, To::Next, To::Next, net(0)));
+    code.push((AND_K, To::Next, To::Next, 0xf0));
+    code.push((JEQ_K, To::Next, To::V6, 4 << 4));
+    code.push(ld(12));
+    for a in &v4 {
+        code.push((JEQ_K, To::Held, To::Next, *a));
+    }
+    code.push((JA, To::Pass, To::Pass, 0));
+    let v6_at = code.len();
+    code.push((JEQ_K, To::Next, To::Pass, 6 << 4));
+    for p in &v6 {
+        code.push(ld(8));
+        code.push((JEQ_K, To::Next, To::Skip(2), (p >> 32) as u32));
+        code.push(ld(12));
+        code.push((JEQ_K, To::Held, To::Next, *p as u32));
+    }
+    code.push((JA, To::Pass, To::Pass, 0));
+    let held_at = code.len();
+    if let Some(one_in) = sample.filter(|&n| n > 1) {
+        let random = (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32;
+        code.push((LD_W_ABS, To::Next, To::Next, random));
+        code.push((MOD_K, To::Next, To::Next, one_in));
+        code.push((JEQ_K, To::Pass, To::Next, 0));
+    }
+    code.push((RET_K, To::Next, To::Next, 0));
+    let pass_at = code.len();
+    code.push((RET_K, To::Next, To::Next, u32::MAX));
+    let offset = |at: usize, to: To| -> u8 {
+        let target = match to {
+            To::Next => at + 1,
+            To::Skip(n) => at + 1 + usize::from(n),
+            To::V6 => v6_at,
+            To::Held => held_at,
+            To::Pass => pass_at,
+        };
+        u8::try_from(target - at - 1).unwrap_or(u8::MAX)
+    };
+    code.iter()
+        .enumerate()
+        .map(|(at, &(op, jt, jf, k))| {
+            if op == JA {
+                // An unconditional jump's offset is its `k`.
+                SockFilter::new(op, 0, 0, u32::from(offset(at, jt)))
+            } else if op == JEQ_K {
+                SockFilter::new(op, offset(at, jt), offset(at, jf), k)
+            } else {
+                SockFilter::new(op, 0, 0, k)
+            }
+        })
+        .collect()
+}
+
+/// Puts the filter for `clients` on `socket`, in place of any other (the
+/// kernel swaps programs atomically: no datagram passes unfiltered);
+/// with more than one, one in [`SAMPLE`] of their datagrams passes.
+pub fn attach(socket: &impl AsFd, clients: &[ClientId]) -> io::Result<()> {
+    let sample = (clients.len() > 1).then_some(SAMPLE);
+    SockRef::from(socket).attach_filter(&program(clients, sample))
 }
 
 /// Takes the filter off `socket`; one that had none is fine.
@@ -151,7 +234,9 @@ fn meminfo(socket: &impl AsFd) -> io::Result<MemInfo> {
 /// drop counter when it went on.
 #[derive(Debug, Default)]
 pub struct Applied {
-    filter: Option<Filter>,
+    /// The holds the filter carries out, in the shedder's order; empty:
+    /// no filter on.
+    filters: Vec<Filter>,
     baselines: Vec<Option<u32>>,
     /// Each socket's drop counter when [`look`](Self::look) last read it,
     /// and when that was.
@@ -159,22 +244,46 @@ pub struct Applied {
     /// Whether each socket's queue had room then.
     room: Vec<bool>,
     looked_at: Duration,
+    /// The held clients' datagrams the filter let through since the last
+    /// look, one count per entry of `filters` (see [`program`]).
+    samples: Vec<u64>,
 }
 
 impl Applied {
-    /// Until when the filter on the sockets is to stay (a reading of
-    /// [`super::shed::SharedShedder::now`]), if one is on.
+    /// When the first of the holds on the sockets ends (a reading of
+    /// [`super::shed::SharedShedder::now`]), if a filter is on.
     pub fn until(&self) -> Option<Duration> {
-        self.filter.map(|f| f.until)
+        self.filters.iter().map(|f| f.until).min()
     }
 
-    /// The filter on the sockets, if one is on.
-    pub fn filter(&self) -> Option<Filter> {
-        self.filter
+    /// The holds the filter on the sockets carries out.
+    pub fn filters(&self) -> &[Filter] {
+        &self.filters
+    }
+
+    /// Whether the filter lets some of its clients' datagrams through
+    /// (it holds more than one).
+    pub fn sampling(&self) -> bool {
+        self.filters.len() > 1
+    }
+
+    /// Notes a datagram of `client` the listener read: true when that
+    /// client is held, so the datagram is one the filter let through as
+    /// a sample and is to be shed.
+    pub fn sampled(&mut self, client: ClientId) -> bool {
+        match self.filters.iter().position(|f| f.client == client) {
+            Some(i) => {
+                if let Some(n) = self.samples.get_mut(i) {
+                    *n += 1;
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// When the listener is next to [`look`](Self::look) at what its
-    /// filter drops, or its hold ends, whichever is first; `None` with no
+    /// filter drops, or a hold ends, whichever is first; `None` with no
     /// filter on.
     pub fn next_wake(&self) -> Option<Duration> {
         self.until().map(|until| until.min(self.looked_at + LOOK))
@@ -182,16 +291,17 @@ impl Applied {
 
     /// Whether a [`look`](Self::look) is due at `now`.
     pub fn look_due(&self, now: Duration) -> bool {
-        self.filter.is_some() && now >= self.looked_at + LOOK
+        !self.filters.is_empty() && now >= self.looked_at + LOOK
     }
 
     /// The datagrams `sockets` dropped since the last look (or since the
-    /// filter went on), at `now`, and of those the filtered client's: the
+    /// filter went on), at `now`, and of those the filtered clients': the
     /// drops of sockets whose queue had room at this look and the last.
-    /// A full queue drops anyone's datagrams (the filtered client's never
+    /// A full queue drops anyone's datagrams (the filtered clients' never
     /// reach it), and a flood that keeps a queue full keeps it full at
-    /// the looks too.
-    pub fn look<'a>(&mut self, sockets: impl Iterator<Item = &'a UdpSocket>, now: Duration) -> KernelDrops {
+    /// the looks too. Also returns the samples each held client had
+    /// since the last look (in the order of [`filters`](Self::filters)).
+    pub fn look<'a>(&mut self, sockets: impl Iterator<Item = &'a UdpSocket>, now: Duration) -> (KernelDrops, Vec<u64>) {
         let mut dropped = KernelDrops::default();
         for ((socket, last), room) in sockets.zip(self.looked.iter_mut()).zip(self.room.iter_mut()) {
             if let Ok(info) = meminfo(socket) {
@@ -207,27 +317,33 @@ impl Applied {
             }
         }
         self.looked_at = now;
-        dropped
+        let samples = std::mem::replace(&mut self.samples, vec![0; self.filters.len()]);
+        (dropped, samples)
     }
 
     /// Brings the filters of `sockets` (always the same ones, in the same
     /// order) in line with `wanted`; returns the datagrams the kernel
     /// dropped for them while a filter that now came off was on.
-    pub fn sync<'a>(&mut self, wanted: Option<Filter>, sockets: impl Iterator<Item = &'a UdpSocket> + Clone) -> u64 {
-        if wanted == self.filter {
-            return 0;
-        }
-        let Some(want) = wanted else {
+    ///
+    /// The program is rebuilt only when the held clients change: a hold
+    /// that only moved its end needs none.
+    pub fn sync<'a>(&mut self, wanted: &[Filter], sockets: impl Iterator<Item = &'a UdpSocket> + Clone) -> u64 {
+        if wanted.is_empty() {
             return self.clear(sockets);
-        };
-        let fresh = self.filter.is_none();
-        for socket in sockets.clone() {
-            if let Err(e) = attach(socket, want.client) {
-                // User-space shedding still drops what passes.
-                tracing::debug!(error = %e, "listener filter refused");
-            }
         }
-        if fresh {
+        let same =
+            wanted.len() == self.filters.len() && wanted.iter().zip(&self.filters).all(|(a, b)| a.client == b.client);
+        if !same {
+            let clients: Vec<ClientId> = wanted.iter().map(|f| f.client).collect();
+            for socket in sockets.clone() {
+                if let Err(e) = attach(socket, &clients) {
+                    // User-space shedding still drops what passes.
+                    tracing::debug!(error = %e, "listener filter refused");
+                }
+            }
+            tracing::debug!(clients = ?clients, "listener filter on");
+        }
+        if self.filters.is_empty() {
             let infos: Vec<Option<MemInfo>> = sockets.map(|s| meminfo(s).ok()).collect();
             self.baselines = infos.iter().map(|i| i.map(|i| i.drops)).collect();
             self.room = infos.iter().map(|i| i.is_some_and(|i| i.room)).collect();
@@ -235,17 +351,20 @@ impl Applied {
             self.looked = self.baselines.clone();
             self.looked_at = Duration::ZERO;
         }
-        tracing::debug!(client = ?want.client, until_ms = want.until.as_millis() as u64, "listener filter on");
-        self.filter = Some(want);
+        if !same {
+            self.samples = vec![0; wanted.len()];
+        }
+        self.filters = wanted.to_vec();
         0
     }
 
     /// Takes any filter off `sockets`; returns what it dropped (see
     /// [`sync`](Self::sync)).
     pub fn clear<'a>(&mut self, sockets: impl Iterator<Item = &'a UdpSocket>) -> u64 {
-        if self.filter.take().is_none() {
+        if std::mem::take(&mut self.filters).is_empty() {
             return 0;
         }
+        self.samples.clear();
         let mut dropped = 0;
         for (socket, baseline) in sockets.zip(std::mem::take(&mut self.baselines)) {
             if let Err(e) = detach(socket) {
@@ -263,6 +382,7 @@ impl Applied {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::shed::SLOTS;
     use std::net::{SocketAddr, UdpSocket};
 
     fn id(s: &str) -> ClientId {
@@ -296,14 +416,14 @@ mod tests {
         let r = receiver("127.0.0.1:0");
         let to = r.local_addr().unwrap();
         let before = drops(&r).unwrap();
-        attach(&r, id("127.0.0.2")).unwrap();
+        attach(&r, &[id("127.0.0.2")]).unwrap();
         for from in ["127.0.0.2:0", "127.0.0.3:0", "127.0.0.2:0", "127.0.0.1:0"] {
             send(from, to);
         }
         assert_eq!(received(&r), ["127.0.0.3:0", "127.0.0.1:0"]);
         assert_eq!(drops(&r).unwrap().wrapping_sub(before), 2);
         // Replaced: the other client is dropped now, the first passes.
-        attach(&r, id("127.0.0.3")).unwrap();
+        attach(&r, &[id("127.0.0.3")]).unwrap();
         send("127.0.0.2:0", to);
         send("127.0.0.3:0", to);
         assert_eq!(received(&r), ["127.0.0.2:0"]);
@@ -313,6 +433,11 @@ mod tests {
         send("127.0.0.3:0", to);
         assert_eq!(received(&r), ["127.0.0.3:0"]);
         assert_eq!(drops(&r).unwrap().wrapping_sub(before), 3);
+    }
+
+    /// What `applied` finds dropped at `now`, without the samples.
+    fn drops_at(applied: &mut Applied, r: &tokio::net::UdpSocket, now: Duration) -> KernelDrops {
+        applied.look(std::iter::once(r), now).0
     }
 
     /// With a filter on, a queue that fills drops other clients'
@@ -332,12 +457,12 @@ mod tests {
             client: id("127.0.0.2"),
             until: Duration::from_secs(60),
         };
-        applied.sync(Some(filter), std::iter::once(&r));
-        assert_eq!(applied.look(std::iter::once(&r), LOOK), KernelDrops::default());
+        applied.sync(&[filter], std::iter::once(&r));
+        assert_eq!(drops_at(&mut applied, &r, LOOK), KernelDrops::default());
         for _ in 0..10 {
             send("127.0.0.2:0", to);
         }
-        let got = applied.look(std::iter::once(&r), 2 * LOOK);
+        let got = drops_at(&mut applied, &r, 2 * LOOK);
         assert_eq!(got, KernelDrops { all: 10, filtered: 10 });
         // Another client fills the queue and more of its datagrams are
         // dropped; the filtered client's too, on the full queue.
@@ -346,16 +471,16 @@ mod tests {
             other.send_to(&[0; 1_000], to).unwrap();
         }
         send("127.0.0.2:0", to);
-        let got = applied.look(std::iter::once(&r), 3 * LOOK);
+        let got = drops_at(&mut applied, &r, 3 * LOOK);
         assert!(got.all > 10, "{got:?}");
         assert_eq!(got.filtered, 0, "{got:?}");
         // Read out, the queue has room again at the next looks.
         let mut buf = [0; 2_000];
         while reader.recv(&mut buf).is_ok() {}
-        assert_eq!(applied.look(std::iter::once(&r), 4 * LOOK).filtered, 0);
+        assert_eq!(drops_at(&mut applied, &r, 4 * LOOK).filtered, 0);
         send("127.0.0.2:0", to);
         assert_eq!(
-            applied.look(std::iter::once(&r), 5 * LOOK),
+            drops_at(&mut applied, &r, 5 * LOOK),
             KernelDrops { all: 1, filtered: 1 }
         );
     }
@@ -366,15 +491,147 @@ mod tests {
         let to = r.local_addr().unwrap();
         // A filter for an IPv4 client (its address bits those of ::1's
         // last word) and for another /64: IPv6 datagrams pass.
-        attach(&r, ClientId::V4(1)).unwrap();
+        attach(&r, &[ClientId::V4(1)]).unwrap();
         send("[::1]:0", to);
-        attach(&r, id("2001:db8::1")).unwrap();
+        attach(&r, &[id("2001:db8::1")]).unwrap();
         send("[::1]:0", to);
         assert_eq!(received(&r), ["[::1]:0", "[::1]:0"]);
         // ::1's /64 is ::/64: dropped, whatever the rest of the address.
-        attach(&r, ClientId::V6Prefix(0)).unwrap();
+        attach(&r, &[ClientId::V6Prefix(0)]).unwrap();
         send("[::1]:0", to);
         assert!(received(&r).is_empty());
+    }
+
+    /// `clients`' exact program (no samples) on `r`.
+    fn hold(r: &UdpSocket, clients: &[ClientId]) {
+        SockRef::from(r).attach_filter(&program(clients, None)).unwrap();
+    }
+
+    #[test]
+    fn several_ipv4_clients_are_dropped_among_ipv6_ones_and_the_others_pass() {
+        let r = receiver("127.0.0.1:0");
+        let to = r.local_addr().unwrap();
+        let before = drops(&r).unwrap();
+        // Two IPv4 clients held among IPv6 ones (whose words are those of
+        // other loopback addresses, and must not match them).
+        let v6 = |s: &str| {
+            let a = u64::from(u32::from(s.parse::<std::net::Ipv4Addr>().unwrap()));
+            ClientId::V6Prefix(a << 32 | a)
+        };
+        hold(
+            &r,
+            &[
+                v6("127.0.0.4"),
+                id("127.0.0.2"),
+                v6("127.0.0.5"),
+                id("127.0.0.3"),
+                id("2001:db8::1"),
+            ],
+        );
+        for from in [
+            "127.0.0.2:0",
+            "127.0.0.4:0",
+            "127.0.0.3:0",
+            "127.0.0.5:0",
+            "127.0.0.1:0",
+            "127.0.0.3:0",
+        ] {
+            send(from, to);
+        }
+        assert_eq!(received(&r), ["127.0.0.4:0", "127.0.0.5:0", "127.0.0.1:0"]);
+        assert_eq!(drops(&r).unwrap().wrapping_sub(before), 3);
+        // The full set of slots, each held, the first and last included.
+        let held: Vec<ClientId> = (2..2 + SLOTS).map(|i| id(&format!("127.0.0.{i}"))).collect();
+        hold(&r, &held);
+        for i in 1..=2 + SLOTS {
+            send(&format!("127.0.0.{i}:0"), to);
+        }
+        assert_eq!(
+            received(&r),
+            ["127.0.0.1:0".to_string(), format!("127.0.0.{}:0", 2 + SLOTS)]
+        );
+    }
+
+    #[test]
+    fn several_ipv6_prefixes_are_matched_on_both_words_among_ipv4_clients() {
+        let r = receiver("[::1]:0");
+        let to = r.local_addr().unwrap();
+        // ::1's /64 is ::/64. Prefixes differing from it in either word,
+        // and IPv4 clients with its words: it passes.
+        let near = [
+            ClientId::V6Prefix(1 << 32),
+            ClientId::V4(0),
+            ClientId::V6Prefix(1),
+            ClientId::V4(1),
+        ];
+        hold(&r, &near);
+        send("[::1]:0", to);
+        assert_eq!(received(&r), ["[::1]:0"]);
+        // Among them, at any place: dropped.
+        for at in 0..=near.len() {
+            let mut held = near.to_vec();
+            held.insert(at, ClientId::V6Prefix(0));
+            hold(&r, &held);
+            send("[::1]:0", to);
+            assert!(received(&r).is_empty(), "held at {at}");
+        }
+    }
+
+    /// Holding several, the filter lets some of their datagrams through
+    /// (how the listener tells them apart), and not the others.
+    #[test]
+    fn holding_several_lets_a_sample_of_their_datagrams_through() {
+        let r = receiver("127.0.0.1:0");
+        let to = r.local_addr().unwrap();
+        let before = drops(&r).unwrap();
+        SockRef::from(&r)
+            .attach_filter(&program(&[id("127.0.0.2"), id("127.0.0.3")], Some(2)))
+            .unwrap();
+        let s = UdpSocket::bind("127.0.0.2:0").unwrap();
+        for _ in 0..200 {
+            s.send_to(b"x", to).unwrap();
+        }
+        let passed = received(&r).len();
+        let dropped = drops(&r).unwrap().wrapping_sub(before) as usize;
+        assert_eq!(passed + dropped, 200);
+        assert!(passed > 0 && dropped > 0, "passed {passed}, dropped {dropped}");
+        // One held: no samples.
+        attach(&r, &[id("127.0.0.2")]).unwrap();
+        for _ in 0..200 {
+            s.send_to(b"x", to).unwrap();
+        }
+        assert!(received(&r).is_empty());
+    }
+
+    /// The listener's bookkeeping: the held clients' datagrams read are
+    /// samples, counted per client, and handed over at each look.
+    #[tokio::test]
+    async fn samples_are_counted_per_held_client_and_taken_at_each_look() {
+        let std = receiver("127.0.0.1:0");
+        std.set_nonblocking(true).unwrap();
+        let r = tokio::net::UdpSocket::from_std(std).unwrap();
+        let mut applied = Applied::default();
+        let f = |c: &str, ms: u64| Filter {
+            client: id(c),
+            until: Duration::from_millis(ms),
+        };
+        applied.sync(&[f("127.0.0.2", 100)], std::iter::once(&r));
+        assert!(!applied.sampling());
+        applied.sync(&[f("127.0.0.2", 100), f("127.0.0.3", 400)], std::iter::once(&r));
+        assert!(applied.sampling());
+        assert_eq!(applied.until(), Some(Duration::from_millis(100)));
+        for c in ["127.0.0.3", "127.0.0.9", "127.0.0.3", "127.0.0.2"] {
+            assert_eq!(applied.sampled(id(c)), c != "127.0.0.9");
+        }
+        assert_eq!(applied.look(std::iter::once(&r), LOOK).1, [1, 2]);
+        assert_eq!(applied.look(std::iter::once(&r), 2 * LOOK).1, [0, 0]);
+        // The first hold ends: the other's samples are its own.
+        applied.sync(&[f("127.0.0.3", 400)], std::iter::once(&r));
+        assert_eq!(applied.until(), Some(Duration::from_millis(400)));
+        applied.sampled(id("127.0.0.3"));
+        assert_eq!(applied.look(std::iter::once(&r), 3 * LOOK).1, [1]);
+        applied.sync(&[], std::iter::once(&r));
+        assert_eq!(applied.until(), None);
     }
 
     #[test]
@@ -382,7 +639,7 @@ mod tests {
         let r = receiver("[::1]:0");
         let to = r.local_addr().unwrap();
         for prefix in [1u64 << 32, 1] {
-            attach(&r, ClientId::V6Prefix(prefix)).unwrap();
+            attach(&r, &[ClientId::V6Prefix(prefix)]).unwrap();
             send("[::1]:0", to);
             assert_eq!(received(&r), ["[::1]:0"], "prefix {prefix:#x}");
         }

@@ -1,0 +1,232 @@
+//! Which LAN addresses the kernel has resolved to a link-layer address,
+//! read from its neighbour (ARP / NDP) table over rtnetlink.
+//!
+//! A datagram to a LAN address the kernel has not resolved waits in that
+//! neighbour's queue (up to `unres_qlen_bytes`, 208 KiB by default, per
+//! address) while the kernel asks, three seconds by default, and all that
+//! time it still counts against the sending socket's send buffer (208 KiB
+//! by default too). A device that forges its source address makes us
+//! answer addresses nobody holds: a few dozen of them filled a DNS
+//! listener's whole buffer, and every answer to a real device failed with
+//! `EAGAIN` until the kernel gave up on the forged ones (see
+//! [`super::unresolved`], which decides with this table what may still be
+//! sent while a buffer fills).
+//!
+//! The kernel announces resolved and failed neighbours, but not one that
+//! is being resolved, so the table is read whole (a dump) rather than
+//! followed; only while a send buffer fills, and at most every
+//! [`REFRESH`].
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::on_link::Prefix;
+use super::rtnetlink_dump::{DumpError, align4, dump_with, u16_at};
+
+/// How long a reading of the table is used. A device that has just come
+/// (its first query) was resolved when it asked for our address, long
+/// before; a forged address becomes `INCOMPLETE` at our first answer and
+/// stays so for seconds. A tenth of a second between readings bounds how
+/// many answers a new forged address gets while the buffer is full.
+pub const REFRESH: Duration = Duration::from_millis(100);
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_GETNEIGH: u16 = 30;
+/// `struct ndmsg`: family, two pads, ifindex, state, flags, type.
+const NDMSG: usize = 12;
+const NDA_DST: u16 = 1;
+/// Neighbour states whose datagrams leave at once (`NUD_VALID`):
+/// reachable, stale, delay, probe, noarp, permanent.
+const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
+
+/// The resolved addresses as last read, shared by the senders of one
+/// listener.
+#[derive(Debug, Default)]
+pub struct NeighbourTable {
+    reading: Mutex<Reading>,
+}
+
+#[derive(Debug, Default)]
+struct Reading {
+    taken: Option<Instant>,
+    resolved: HashSet<IpAddr>,
+    /// Prefixes the kernel sends to directly ([`super::on_link`]): an
+    /// address outside them goes to a router and never waits on its own
+    /// neighbour.
+    on_link: Vec<Prefix>,
+    /// The last dump failed: everything is let through (as before this
+    /// table existed) until the next try, [`REFRESH`] later.
+    failed: bool,
+}
+
+impl NeighbourTable {
+    /// Whether a datagram to `ip` leaves without waiting for its neighbour
+    /// to be resolved, by a reading at most [`REFRESH`] old (taken now if
+    /// older): the kernel has resolved it, or it is off-link, reached
+    /// through a router. When the tables cannot be read, every address
+    /// leaves at once.
+    pub fn leaves_at_once(&self, ip: IpAddr) -> bool {
+        let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if reading.taken.is_none_or(|t| now.duration_since(t) >= REFRESH) {
+            reading.taken = Some(now);
+            match dump().and_then(|resolved| Ok((resolved, super::on_link::read()?))) {
+                Ok((resolved, on_link)) => {
+                    reading.resolved = resolved;
+                    reading.on_link = on_link;
+                    reading.failed = false;
+                }
+                Err(e) => {
+                    if !reading.failed {
+                        tracing::warn!(error = %e, "cannot read the neighbour or route tables; answers to unresolved addresses are not held back");
+                    }
+                    reading.failed = true;
+                }
+            }
+        }
+        let ip = unmapped(ip);
+        reading.failed || reading.resolved.contains(&ip) || !reading.on_link.iter().any(|p| p.contains(ip))
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (a dual-stack socket's IPv4 clients) as the
+/// IPv4 addresses the ARP table holds.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Reads the kernel's neighbour table (both families): the addresses in
+/// a resolved state.
+fn dump() -> Result<HashSet<IpAddr>, DumpError> {
+    let mut resolved = HashSet::new();
+    dump_with(RTM_GETNEIGH, NDMSG, &mut |kind, payload| {
+        if kind == RTM_NEWNEIGH
+            && let Some(ip) = resolved_entry(payload)
+        {
+            resolved.insert(ip);
+        }
+    })?;
+    Ok(resolved)
+}
+
+/// The destination of one neighbour entry (`ndmsg` and its attributes),
+/// if it is in a resolved state.
+fn resolved_entry(payload: &[u8]) -> Option<IpAddr> {
+    let state = u16_at(payload, 8)?;
+    if state & NUD_VALID == 0 {
+        return None;
+    }
+    let mut attrs = payload.get(NDMSG..)?;
+    while attrs.len() >= 4 {
+        let len = usize::from(u16_at(attrs, 0)?);
+        let kind = u16_at(attrs, 2)?;
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if kind == NDA_DST {
+            let value = &attrs[4..len];
+            return match value.len() {
+                4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(value).ok()?))),
+                16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(value).ok()?))),
+                _ => None,
+            };
+        }
+        attrs = attrs.get(align4(len)..).unwrap_or(&[]);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::rtnetlink_dump::{NLMSG_DONE, NLMSG_HEADER, parse};
+    use super::*;
+
+    /// One `RTM_NEWNEIGH` message as the kernel writes it.
+    fn entry(seq: u32, state: u16, dst: &[u8]) -> Vec<u8> {
+        let attr_len = 4 + dst.len();
+        let len = NLMSG_HEADER + NDMSG + align4(attr_len);
+        let mut m = Vec::new();
+        m.extend_from_slice(&(len as u32).to_ne_bytes());
+        m.extend_from_slice(&RTM_NEWNEIGH.to_ne_bytes());
+        m.extend_from_slice(&0x2u16.to_ne_bytes()); // NLM_F_MULTI
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        let family: u8 = if dst.len() == 4 { 2 } else { 10 };
+        m.extend_from_slice(&[family, 0, 0, 0]);
+        m.extend_from_slice(&3i32.to_ne_bytes()); // ifindex
+        m.extend_from_slice(&state.to_ne_bytes());
+        m.extend_from_slice(&[0, 1]); // flags, type
+        m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
+        m.extend_from_slice(&NDA_DST.to_ne_bytes());
+        m.extend_from_slice(dst);
+        m.resize(len, 0);
+        m
+    }
+
+    fn done(seq: u32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&20u32.to_ne_bytes());
+        m.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
+        m.extend_from_slice(&0x2u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&[0; 8]);
+        m
+    }
+
+    #[test]
+    fn only_resolved_entries_count_and_the_end_is_seen() {
+        const REACHABLE: u16 = 0x02;
+        const STALE: u16 = 0x04;
+        const INCOMPLETE: u16 = 0x01;
+        const FAILED: u16 = 0x20;
+        let v6 = "2001:db8::10".parse::<Ipv6Addr>().unwrap().octets();
+        let mut buf = Vec::new();
+        buf.extend(entry(7, REACHABLE, &[192, 0, 2, 10]));
+        buf.extend(entry(7, INCOMPLETE, &[192, 0, 2, 100]));
+        buf.extend(entry(7, FAILED, &[192, 0, 2, 101]));
+        buf.extend(entry(7, STALE, &v6));
+        // Another request's message: not ours.
+        buf.extend(entry(8, REACHABLE, &[192, 0, 2, 11]));
+        let mut resolved = HashSet::new();
+        let mut keep = |kind: u16, payload: &[u8]| {
+            if let Some(ip) = resolved_entry(payload).filter(|_| kind == RTM_NEWNEIGH) {
+                resolved.insert(ip);
+            }
+        };
+        assert!(!parse(&buf, 7, &mut keep).unwrap(), "no end yet");
+        assert!(parse(&done(7), 7, &mut keep).unwrap());
+        let expected: HashSet<IpAddr> = ["192.0.2.10", "2001:db8::10"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(resolved, expected);
+    }
+
+    #[test]
+    fn a_cut_message_is_malformed_not_a_panic() {
+        let whole = entry(7, 0x02, &[192, 0, 2, 10]);
+        for cut in 1..whole.len() {
+            let r = parse(&whole[..cut], 7, &mut |_, p| {
+                resolved_entry(p);
+            });
+            assert!(matches!(r, Ok(false) | Err(DumpError::Malformed)), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn an_ipv4_mapped_client_is_looked_up_as_ipv4() {
+        let mapped: IpAddr = "::ffff:192.0.2.10".parse().unwrap();
+        assert_eq!(unmapped(mapped), "192.0.2.10".parse::<IpAddr>().unwrap());
+    }
+
+    /// The real table of this machine reads without error (a dump needs
+    /// no privilege).
+    #[test]
+    fn the_kernels_table_reads() {
+        dump().unwrap();
+    }
+}
