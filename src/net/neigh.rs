@@ -18,12 +18,12 @@
 //! [`REFRESH`].
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::on_link::Prefix;
-use super::rtnetlink_dump::{DumpError, align4, dump_with, u16_at};
+use super::rtnetlink_dump::{DumpError, address, attributes, dump_with, u16_at};
 
 /// How long a reading of the table is used. A device that has just come
 /// (its first query) was resolved when it asked for our address, long
@@ -120,30 +120,20 @@ fn resolved_entry(payload: &[u8]) -> Option<IpAddr> {
     if state & NUD_VALID == 0 {
         return None;
     }
-    let mut attrs = payload.get(NDMSG..)?;
-    while attrs.len() >= 4 {
-        let len = usize::from(u16_at(attrs, 0)?);
-        let kind = u16_at(attrs, 2)?;
-        if len < 4 || len > attrs.len() {
-            return None;
-        }
+    for attr in attributes(payload.get(NDMSG..)?) {
+        let (kind, value) = attr.ok()?;
         if kind == NDA_DST {
-            let value = &attrs[4..len];
-            return match value.len() {
-                4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(value).ok()?))),
-                16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(value).ok()?))),
-                _ => None,
-            };
+            return address(value);
         }
-        attrs = attrs.get(align4(len)..).unwrap_or(&[]);
     }
     None
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::rtnetlink_dump::{NLMSG_DONE, NLMSG_HEADER, parse};
+    use super::super::rtnetlink_dump::{NLMSG_DONE, NLMSG_HEADER, align4, parse};
     use super::*;
+    use std::net::Ipv6Addr;
 
     /// One `RTM_NEWNEIGH` message as the kernel writes it.
     fn entry(seq: u32, state: u16, dst: &[u8]) -> Vec<u8> {

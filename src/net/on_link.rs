@@ -16,7 +16,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::rtnetlink_dump::{DumpError, align4, dump_with, u16_at};
+use super::rtnetlink_dump::{DumpError, address, attributes, dump_with};
 
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
@@ -81,32 +81,19 @@ fn on_link_route(payload: &[u8]) -> Option<Prefix> {
         libc::AF_INET6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         _ => return None,
     };
-    let mut attrs = payload.get(RTMSG..)?;
-    while attrs.len() >= 4 {
-        let attr_len = usize::from(u16_at(attrs, 0)?);
-        let attr = u16_at(attrs, 2)?;
-        if attr_len < 4 || attr_len > attrs.len() {
-            return None;
-        }
-        let value = &attrs[4..attr_len];
-        match attr {
-            RTA_GATEWAY | RTA_MULTIPATH | RTA_VIA => return None,
-            RTA_DST => {
-                net = match value.len() {
-                    4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(value).ok()?)),
-                    16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(value).ok()?)),
-                    _ => return None,
-                };
-            }
+    for attr in attributes(payload.get(RTMSG..)?) {
+        match attr.ok()? {
+            (RTA_GATEWAY | RTA_MULTIPATH | RTA_VIA, _) => return None,
+            (RTA_DST, value) => net = address(value)?,
             _ => {}
         }
-        attrs = attrs.get(align4(attr_len)..).unwrap_or(&[]);
     }
     Some(Prefix { net, len })
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::rtnetlink_dump::align4;
     use super::*;
 
     /// One route's payload: `rtmsg` then its attributes.

@@ -6,6 +6,7 @@
 //! and [`super::neigh`] and [`super::on_link`] read their own messages.
 
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -107,4 +108,45 @@ pub(super) fn parse(mut buf: &[u8], seq: u32, each: &mut impl FnMut(u16, &[u8]))
         buf = buf.get(align4(len)..).unwrap_or(&[]);
     }
     Ok(false)
+}
+
+/// The attributes of one message (after its family header): each a type
+/// and a value, in order. An attribute cut short yields `Err(Cut)` and
+/// ends the walk; fewer than four bytes left end it quietly (padding).
+pub fn attributes(attrs: &[u8]) -> Attributes<'_> {
+    Attributes { rest: attrs }
+}
+
+/// An attribute whose length runs past its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut;
+
+/// See [`attributes`].
+#[derive(Debug)]
+pub struct Attributes<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Attributes<'a> {
+    type Item = Result<(u16, &'a [u8]), Cut>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.rest;
+        let (len, kind) = (usize::from(u16_at(rest, 0)?), u16_at(rest, 2)?);
+        if len < 4 || len > rest.len() {
+            self.rest = &[];
+            return Some(Err(Cut));
+        }
+        self.rest = rest.get(align4(len)..).unwrap_or(&[]);
+        Some(Ok((kind, &rest[4..len])))
+    }
+}
+
+/// An address attribute's value (4 or 16 bytes).
+pub fn address(value: &[u8]) -> Option<IpAddr> {
+    match value.len() {
+        4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(value).ok()?))),
+        16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(value).ok()?))),
+        _ => None,
+    }
 }
