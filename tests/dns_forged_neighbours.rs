@@ -68,49 +68,60 @@ fn ask(lab: &Lab, to: SocketAddr, names: &[String]) -> usize {
 }
 
 /// Sends one query for each of `names` from `from`, a LAN address no
-/// device holds (`IP_TRANSPARENT` in the client namespace): a forged
-/// source. Its answers go to that address.
+/// device holds: a forged source. Its answers go to that address.
 fn forge(lab: &Lab, from: IpAddr, to: SocketAddr, names: &[String]) {
-    let sock = lab.client.enter(move || {
+    send_all(&forged_socket(lab, from), to, names);
+}
+
+/// A socket in the client namespace bound to `from`, an address it does
+/// not hold (`IP_TRANSPARENT`).
+fn forged_socket(lab: &Lab, from: IpAddr) -> std::net::UdpSocket {
+    lab.client.enter(move || {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
         s.set_freebind_v4(true).unwrap();
         s.set_ip_transparent_v4(true).unwrap();
         s.bind(&SocketAddr::new(from, 0).into()).unwrap();
         std::net::UdpSocket::from(s)
-    });
+    })
+}
+
+/// One query for each of `names` on `sock` to `to`.
+fn send_all(sock: &std::net::UdpSocket, to: SocketAddr, names: &[String]) {
     for (i, n) in names.iter().enumerate() {
         sock.send_to(&query(u16::try_from(i).unwrap(), n), to).unwrap();
     }
 }
 
-/// A device forges queries from 120 LAN addresses nobody holds
-/// (192.0.2.100 to 192.0.2.219), each for 40 cached names of 40 lengths
-/// (one datagram each: answers of one size to one client would leave as
-/// one GSO train), all well within its rate limit, to `to`. Their answers
-/// wait for neighbours that never answer, far more of them than a send
-/// buffer holds. Right after, the real device asks its 20 cached names
-/// there (`asker`: the device itself, or a client behind it as a router):
-/// every one must be answered, and the answers held back must be counted.
-fn forged_neighbours_against(to: SocketAddr, asker: &str) {
-    let lab = Lab::with_servers(1);
-    // The device announces its LAN address in its ARP requests, as a
-    // router does, not the routed client's (which the gateway would then
-    // learn as a neighbour).
-    lab.client.sh(&format!(
-        "sysctl -qw net.ipv4.conf.all.arp_announce=2 net.ipv4.conf.lan0.arp_announce=2; ip addr add {ROUTED}/32 dev lo"
-    ));
-    lab.gateway.sh(&format!("ip route add 203.0.113.192/26 via {DEVICE}"));
-    lab.add_server_address(0, ip(UPSTREAM));
-    lab.install_rules("nft", "LAN_IF=lan0");
-    let _fake = FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), |q| {
-        let mut m = Message::query();
-        m.metadata.message_type = MessageType::Response;
-        let a = RData::A(A::new(203, 0, 113, 80));
-        m.answers = vec![Record::from_rdata(q.name().clone(), 3600, a)];
-        m
-    });
-    let config = format!(
-        r#"
+/// The lab with tproxyd answering DNS on the LAN ([`LISTEN`]) and for
+/// hijacked port-53 traffic ([`PUBLIC`]), every name answered by a fake
+/// upstream, and the device routing [`ROUTED`] for the gateway.
+struct Gateway {
+    lab: Lab,
+    _fake: FakeDns,
+    _daemon: lab::Daemon,
+}
+
+impl Gateway {
+    fn start() -> Gateway {
+        let lab = Lab::with_servers(1);
+        // The device announces its LAN address in its ARP requests, as a
+        // router does, not the routed client's (which the gateway would
+        // then learn as a neighbour).
+        lab.client.sh(&format!(
+            "sysctl -qw net.ipv4.conf.all.arp_announce=2 net.ipv4.conf.lan0.arp_announce=2; ip addr add {ROUTED}/32 dev lo"
+        ));
+        lab.gateway.sh(&format!("ip route add 203.0.113.192/26 via {DEVICE}"));
+        lab.add_server_address(0, ip(UPSTREAM));
+        lab.install_rules("nft", "LAN_IF=lan0");
+        let fake = FakeDns::scripted(&lab.servers[0], ip(UPSTREAM), |q| {
+            let mut m = Message::query();
+            m.metadata.message_type = MessageType::Response;
+            let a = RData::A(A::new(203, 0, 113, 80));
+            m.answers = vec![Record::from_rdata(q.name().clone(), 3600, a)];
+            m
+        });
+        let config = format!(
+            r#"
 mark = 255
 [relay]
 listen = ["0.0.0.0:15353", "[::]:15353"]
@@ -124,26 +135,120 @@ timeout = "1500ms"
 [dns.upstreams.default]
 servers = ["{UPSTREAM}"]
 "#
-    );
-    let _daemon = lab.start_tproxyd(&config);
+        );
+        let daemon = lab.start_tproxyd(&config);
+        Gateway {
+            lab,
+            _fake: fake,
+            _daemon: daemon,
+        }
+    }
+
+    /// Answers to forged addresses held back so far.
+    fn held_back(&self) -> u64 {
+        let metrics = lab::metrics::fetch(&self.lab.gateway, ADMIN.parse().unwrap());
+        lab::metrics::value(&metrics, "tproxyd_drops_total{reason=\"neighbour_unresolved\"}")
+    }
+}
+
+/// 40 names of 40 lengths, whose answers (one datagram each: answers of
+/// one size to one client would leave as one GSO train) the forged
+/// sources ask for.
+fn forged_names() -> Vec<String> {
+    (1..=40).map(|n| format!("{}.forged.test.", "x".repeat(n))).collect()
+}
+
+/// The forged sources: 120 LAN addresses nobody holds (192.0.2.100 to
+/// 192.0.2.219).
+fn forged_sources() -> impl Iterator<Item = IpAddr> {
+    (0..120u8).map(|s| IpAddr::from([192, 0, 2, 100 + s]))
+}
+
+/// A device forges queries from [`forged_sources`], each for the
+/// [`forged_names`], all cached and well within its rate limit, to `to`.
+/// Their answers wait for neighbours that never answer, far more of them
+/// than a send buffer holds. Right after, the real device asks its 20
+/// cached names there (`asker`: the device itself, or a client behind it
+/// as a router): every one must be answered, and the answers held back
+/// must be counted.
+fn forged_neighbours_against(to: SocketAddr, asker: &str) {
+    let gw = Gateway::start();
+    let lab = &gw.lab;
     let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.device.test.")).collect();
-    let lengths: Vec<String> = (1..=40).map(|n| format!("{}.forged.test.", "x".repeat(n))).collect();
+    let lengths = forged_names();
     // Everything cached first: from here on every answer is given at once.
-    assert_eq!(ask_from(&lab, asker, to, &hot), 20);
-    assert_eq!(ask(&lab, to, &lengths), 40);
-    for source in 0..120u8 {
-        forge(&lab, IpAddr::from([192, 0, 2, 100 + source]), to, &lengths);
+    assert_eq!(ask_from(lab, asker, to, &hot), 20);
+    assert_eq!(ask(lab, to, &lengths), 40);
+    for source in forged_sources() {
+        forge(lab, source, to, &lengths);
     }
     // The forged addresses' neighbours are still being resolved (seconds):
     // their answers hold the reply socket's buffer now.
+    assert_eq!(ask_from(lab, asker, to, &hot), 20, "{asker} was starved of its answers");
+    assert!(gw.held_back() > 0, "no answer to a forged address was held back");
+}
+
+/// While forged sources fill the kernel's neighbour table, the kernel
+/// drops the idle entries, a real device's among them (its forced garbage
+/// collection; here the device's entry is deleted by hand, as it does).
+/// The device still knows the gateway and does not ask for it again: it
+/// is answered only if tproxyd sends it an answer to wait while the
+/// kernel asks for it. It asks its 20 names one by one, each up to three
+/// times a second apart, as a stub resolver does, while the forging goes
+/// on: every one must be answered.
+fn forgotten_device_against(to: SocketAddr) {
+    let gw = Gateway::start();
+    let lab = &gw.lab;
+    let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.device.test.")).collect();
+    let lengths = forged_names();
+    assert_eq!(ask(lab, to, &hot), 20);
+    assert_eq!(ask(lab, to, &lengths), 40);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forger = {
+        let socks: Vec<_> = forged_sources().map(|from| forged_socket(lab, from)).collect();
+        let (stop, lengths) = (stop.clone(), lengths.clone());
+        std::thread::spawn(move || {
+            // On and on: the answers let through before the socket's buffer
+            // is half taken wait three seconds each, for neighbours that
+            // never answer.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for sock in &socks {
+                    send_all(sock, to, &lengths);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    // While the buffer fills, the device is seen resolved: it asks now.
+    std::thread::sleep(Duration::from_millis(300));
+    let first = ask(lab, to, &hot);
+    lab.gateway.sh(&format!("ip neigh del {DEVICE} dev lan0"));
+    // Past the reading tproxyd took of the table before (100 ms), which
+    // still had the device.
+    std::thread::sleep(Duration::from_millis(500));
+    let answered = hot.iter().filter(|name| ask_retrying(lab, to, name)).count();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = forger.join();
     assert_eq!(
-        ask_from(&lab, asker, to, &hot),
-        20,
-        "{asker} was starved of its answers"
+        first, 20,
+        "the device was starved of its answers before its entry was dropped"
     );
-    let metrics = lab::metrics::fetch(&lab.gateway, ADMIN.parse().unwrap());
-    let held_back = lab::metrics::value(&metrics, "tproxyd_drops_total{reason=\"neighbour_unresolved\"}");
-    assert!(held_back > 0, "no answer to a forged address was held back");
+    assert!(gw.held_back() > 0, "no answer to a forged address was held back");
+    assert_eq!(
+        answered, 20,
+        "the device, dropped from the neighbour table, was answered {answered} of 20"
+    );
+}
+
+/// Asks `name` from the device, up to three times a second apart, as a
+/// stub resolver does; whether an answer with an address came.
+fn ask_retrying(lab: &Lab, to: SocketAddr, name: &str) -> bool {
+    let sock = lab::udp::socket(&lab.client, SocketAddr::new(ip(DEVICE), 0));
+    sock.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
+    (0..3u16).any(|attempt| {
+        sock.send_to(&query(attempt, name), to).unwrap();
+        lab::udp::recv(&sock).is_some_and(|(_, bytes)| Message::from_vec(&bytes).is_ok_and(|m| !m.answers.is_empty()))
+    })
 }
 
 #[test]
@@ -167,4 +272,14 @@ fn answers_to_a_client_behind_a_router_are_not_held_back() {
 #[test]
 fn hijacked_answers_to_a_client_behind_a_router_are_not_held_back() {
     forged_neighbours_against(format!("{PUBLIC}:53").parse().unwrap(), ROUTED);
+}
+
+#[test]
+fn a_device_the_kernel_forgot_during_forging_is_still_answered() {
+    forgotten_device_against(format!("{LISTEN}:53").parse().unwrap());
+}
+
+#[test]
+fn a_device_the_kernel_forgot_during_forging_still_gets_hijacked_answers() {
+    forgotten_device_against(format!("{PUBLIC}:53").parse().unwrap());
 }

@@ -3,6 +3,7 @@
 //! deal only in addresses and payloads.
 
 pub mod accept;
+pub mod known_devices;
 pub mod neigh;
 pub mod on_link;
 pub mod poll;

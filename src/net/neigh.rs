@@ -22,6 +22,7 @@ use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::known_devices::KnownDevices;
 use super::on_link::Prefix;
 use super::rtnetlink_dump::{DumpError, address, attributes, dump_with, u16_at};
 
@@ -58,21 +59,27 @@ struct Reading {
     /// The last dump failed: everything is let through (as before this
     /// table existed) until the next try, [`REFRESH`] later.
     failed: bool,
+    /// Addresses seen resolved in earlier readings: devices the kernel
+    /// may since have dropped from its table.
+    known: KnownDevices,
 }
 
 impl NeighbourTable {
-    /// Whether a datagram to `ip` leaves without waiting for its neighbour
-    /// to be resolved, by a reading at most [`REFRESH`] old (taken now if
-    /// older): the kernel has resolved it, or it is off-link, reached
-    /// through a router. When the tables cannot be read, every address
-    /// leaves at once.
-    pub fn leaves_at_once(&self, ip: IpAddr) -> bool {
+    /// Whether a datagram to `ip` may be sent while a send buffer fills,
+    /// by a reading at most [`REFRESH`] old (taken now if older): it
+    /// leaves at once (the kernel has resolved it, or it is off-link,
+    /// reached through a router), or it goes to a device the kernel once
+    /// resolved and has since dropped, at the pace [`KnownDevices`] keeps,
+    /// so that the kernel asks for it again. When the tables cannot be
+    /// read, every address may be sent to.
+    pub fn may_send(&self, ip: IpAddr) -> bool {
         let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         if reading.taken.is_none_or(|t| now.duration_since(t) >= REFRESH) {
             reading.taken = Some(now);
             match dump().and_then(|resolved| Ok((resolved, super::on_link::read()?))) {
                 Ok((resolved, on_link)) => {
+                    reading.known.saw(&resolved, now);
                     reading.resolved = resolved;
                     reading.on_link = on_link;
                     reading.failed = false;
@@ -86,7 +93,10 @@ impl NeighbourTable {
             }
         }
         let ip = unmapped(ip);
-        reading.failed || reading.resolved.contains(&ip) || !reading.on_link.iter().any(|p| p.contains(ip))
+        reading.failed
+            || reading.resolved.contains(&ip)
+            || !reading.on_link.iter().any(|p| p.contains(ip))
+            || reading.known.lets_through(ip, now, REFRESH)
     }
 }
 

@@ -18,8 +18,12 @@
 //! answers go to the router and leave at once: such clients are told apart
 //! by the routes ([`super::on_link`]) and answered as before.
 //!
-//! What this costs: while the buffer is past half, a device whose address
-//! the kernel has forgotten is answered once it resolves again. Outside such a flood nothing changes, and the check is
+//! A device the kernel resolved once and has since dropped from its table
+//! (as it does with idle entries when forged ones fill it) is still
+//! answered, at a slow pace, so that the kernel asks for it again
+//! ([`super::known_devices`]).
+//!
+//! What this costs: outside such a flood nothing changes, and the check is
 //! one `ioctl` per batch of answers (and a `getsockopt` when something is
 //! still queued).
 
@@ -37,9 +41,10 @@ pub struct UnresolvedGate {
 
 impl UnresolvedGate {
     /// Whether an answer to `client` may be sent on a socket [`pressed`]:
-    /// its neighbour is resolved, or it is reached through a router.
+    /// its neighbour is resolved, it is reached through a router, or it is
+    /// a device the kernel resolved before (at a slow pace).
     pub fn admits(&self, client: IpAddr) -> bool {
-        self.table.leaves_at_once(client)
+        self.table.may_send(client)
     }
 }
 

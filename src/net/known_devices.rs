@@ -1,0 +1,190 @@
+//! LAN addresses the kernel once resolved, so that a real device whose
+//! neighbour entry the kernel has since dropped is still answered while
+//! answers to unresolved neighbours are held back ([`super::unresolved`]).
+//!
+//! A device forging source addresses makes the kernel's neighbour table
+//! fill with entries nobody answers, and the kernel then drops idle
+//! entries (its forced garbage collection takes any not confirmed for
+//! five seconds), real devices' among them. The kernel learns such a
+//! device again only when it sends it something, and an answer held back
+//! is not sent: the device, which still knows the gateway and does not
+//! ask for it, was not answered while the flood lasted.
+//!
+//! An address seen resolved is a device that answered the kernel, which a
+//! forged source never is; so such an address is let through at a slow
+//! pace ([`RETRY`] each) even while unresolved: its answer waits in the
+//! neighbour queue while the kernel asks, and the device answers. A
+//! forger that knows the addresses of devices that have left can take
+//! that pace for itself, so all such answers together are bounded too
+//! ([`AT_ONCE`] each [`super::neigh::REFRESH`]): they take a small share
+//! of a send buffer, whoever sends them.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// How long an address seen resolved counts as a device: a phone asleep
+/// for most of an hour is still the same device when it wakes.
+pub const REMEMBER: Duration = Duration::from_secs(3_600);
+/// How often an answer to one remembered, unresolved address may go: a
+/// stub resolver asks again after a second or more, and the kernel
+/// resolves a device that is there within milliseconds.
+pub const RETRY: Duration = Duration::from_secs(1);
+/// Answers to remembered, unresolved addresses let through in one
+/// [`super::neigh::REFRESH`], all addresses together: 20 a second, each
+/// waiting at most the kernel's three seconds, some 60 answers at once
+/// in a buffer that holds hundreds.
+pub const AT_ONCE: u32 = 2;
+/// Addresses remembered at most; past it the longest unseen are
+/// forgotten. A LAN with more devices than this keeps the newest.
+pub const MOST: usize = 4_096;
+
+/// The remembered addresses, and the pace of answers to them.
+#[derive(Debug, Default)]
+pub struct KnownDevices {
+    /// When each address was last seen resolved, and when an answer to it
+    /// last went while it was not.
+    seen: HashMap<IpAddr, Seen>,
+    /// The window of [`AT_ONCE`] and how many went in it.
+    window: Option<Instant>,
+    in_window: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    resolved: Instant,
+    let_through: Option<Instant>,
+}
+
+impl KnownDevices {
+    /// Remembers `resolved` (one reading of the kernel's table, taken at
+    /// `now`), forgetting what was not seen within [`REMEMBER`] or is
+    /// past [`MOST`].
+    pub fn saw<'a>(&mut self, resolved: impl IntoIterator<Item = &'a IpAddr>, now: Instant) {
+        for &ip in resolved {
+            self.seen.entry(ip).and_modify(|s| s.resolved = now).or_insert(Seen {
+                resolved: now,
+                let_through: None,
+            });
+        }
+        self.seen
+            .retain(|_, s| now.saturating_duration_since(s.resolved) < REMEMBER);
+        if self.seen.len() > MOST {
+            let mut ages: Vec<Instant> = self.seen.values().map(|s| s.resolved).collect();
+            let cut = ages.len() - MOST;
+            let (_, &mut oldest_kept, _) = ages.select_nth_unstable(cut);
+            self.seen.retain(|_, s| s.resolved >= oldest_kept);
+            // Ties at the cut may keep a few more; never fewer than MOST.
+        }
+    }
+
+    /// Whether an answer to `ip`, which the kernel has not resolved now,
+    /// may go anyway: it was a device, its last such answer went
+    /// [`RETRY`] ago or more, and fewer than [`AT_ONCE`] went in this
+    /// window of `window` (the table's refresh).
+    pub fn lets_through(&mut self, ip: IpAddr, now: Instant, window: Duration) -> bool {
+        let Some(seen) = self.seen.get_mut(&ip) else {
+            return false;
+        };
+        if seen
+            .let_through
+            .is_some_and(|t| now.saturating_duration_since(t) < RETRY)
+        {
+            return false;
+        }
+        if self.window.is_none_or(|w| now.saturating_duration_since(w) >= window) {
+            self.window = Some(now);
+            self.in_window = 0;
+        }
+        if self.in_window >= AT_ONCE {
+            return false;
+        }
+        self.in_window += 1;
+        seen.let_through = Some(now);
+        true
+    }
+
+    /// How many addresses are remembered.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.seen.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_millis(100);
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, last])
+    }
+
+    fn lan_v6(host: u128) -> IpAddr {
+        IpAddr::from(std::net::Ipv6Addr::from((0x2001_0db8u128 << 96) + host))
+    }
+
+    #[test]
+    fn an_address_never_seen_resolved_is_never_let_through() {
+        let mut known = KnownDevices::default();
+        let now = Instant::now();
+        known.saw(&[ip(10)], now);
+        assert!(!known.lets_through(ip(100), now, WINDOW));
+        assert!(!known.lets_through(ip(100), now + RETRY * 5, WINDOW));
+    }
+
+    #[test]
+    fn a_device_seen_resolved_gets_one_answer_each_retry() {
+        let mut known = KnownDevices::default();
+        let now = Instant::now();
+        known.saw(&[ip(10)], now);
+        assert!(known.lets_through(ip(10), now, WINDOW));
+        assert!(!known.lets_through(ip(10), now + WINDOW, WINDOW));
+        assert!(!known.lets_through(ip(10), now + RETRY - WINDOW, WINDOW));
+        assert!(known.lets_through(ip(10), now + RETRY, WINDOW));
+    }
+
+    #[test]
+    fn all_remembered_addresses_together_get_at_most_at_once_a_window() {
+        let mut known = KnownDevices::default();
+        let now = Instant::now();
+        let all: Vec<IpAddr> = (1..=50).map(ip).collect();
+        known.saw(&all, now);
+        let first = all.iter().filter(|&&a| known.lets_through(a, now, WINDOW)).count();
+        assert_eq!(first, AT_ONCE as usize);
+        // The next window lets the next ones through, not the same again.
+        let later = now + WINDOW;
+        let second: Vec<IpAddr> = all
+            .iter()
+            .copied()
+            .filter(|&a| known.lets_through(a, later, WINDOW))
+            .collect();
+        assert_eq!(second, all[AT_ONCE as usize..2 * AT_ONCE as usize]);
+    }
+
+    #[test]
+    fn an_address_not_seen_for_an_hour_is_forgotten() {
+        let mut known = KnownDevices::default();
+        let now = Instant::now();
+        known.saw(&[ip(10), ip(11)], now);
+        let later = now + REMEMBER;
+        known.saw(&[ip(11)], later);
+        assert!(!known.lets_through(ip(10), later, WINDOW));
+        assert!(known.lets_through(ip(11), later, WINDOW));
+    }
+
+    #[test]
+    fn past_most_the_longest_unseen_are_forgotten() {
+        let mut known = KnownDevices::default();
+        let start = Instant::now();
+        let old: Vec<IpAddr> = (0..100u128).map(|i| lan_v6(0x1_0000 + i)).collect();
+        known.saw(&old, start);
+        let new: Vec<IpAddr> = (0..MOST as u128).map(|i| lan_v6(0x2_0000 + i)).collect();
+        let now = start + Duration::from_secs(1);
+        known.saw(&new, now);
+        assert_eq!(known.len(), MOST);
+        assert!(!known.lets_through(old[0], now, WINDOW));
+        assert!(known.lets_through(new[0], now, WINDOW));
+    }
+}
