@@ -554,12 +554,26 @@ fn received(ttl: u32) -> u32 {
     if ttl & 0x8000_0000 == 0 { ttl } else { 0 }
 }
 
+/// The most entries of a cache of `capacity` kept in its window
+/// ([`super::cache_lru`]): about 1 %, as in Caffeine, and at least one,
+/// so that a new answer is always kept at once. Small, because the window
+/// takes any name unguarded: a flood of forged names churns only it.
+fn window_max(capacity: usize) -> usize {
+    (capacity / 100).max(1)
+}
+
 /// The most entries of a cache of `capacity` kept in its protected
-/// segment ([`super::cache_lru`]): four fifths, so that a fifth at least
-/// is probation, where new answers wait to be asked again (and one-hit
-/// floods churn).
+/// segment ([`super::cache_lru`]): four fifths of what the window leaves
+/// (the main space), so that a fifth at least is probation, where answers
+/// out of the window wait to be asked again (and one-hit floods churn).
+/// Window and main space together are exactly `capacity`.
 fn protected_max(capacity: usize) -> usize {
     capacity / 5 * 4
+}
+
+/// The LRU of a cache of `capacity`: window, segments and frequency guard.
+fn new_lru(capacity: usize) -> Lru<Arc<Entry>> {
+    Lru::with_sketch(protected_max(capacity), capacity).windowed(window_max(capacity))
 }
 
 /// The LRU, the memory it holds and who holds it, under one lock.
@@ -633,7 +647,7 @@ impl DnsCache {
             config: config.clone(),
             store: enabled.then(|| {
                 Mutex::new(Store {
-                    lru: Lru::with_sketch(protected_max(config.capacity), config.capacity),
+                    lru: new_lru(config.capacity),
                     bytes: 0,
                     owners: Owners::default(),
                 })
@@ -649,7 +663,8 @@ impl DnsCache {
     fn with_seed(config: &CacheConfig, seed: u64) -> Self {
         DnsCache {
             store: Some(Mutex::new(Store {
-                lru: Lru::with_sketch_seeded(protected_max(config.capacity), config.capacity, seed),
+                lru: Lru::with_sketch_seeded(protected_max(config.capacity), config.capacity, seed)
+                    .windowed(window_max(config.capacity)),
                 bytes: 0,
                 owners: Owners::default(),
             })),
@@ -819,7 +834,6 @@ impl DnsCache {
         entry.serial = serial;
         store.bytes += bytes;
         let (slot, old) = store.lru.push(key, Arc::new(entry));
-        let fresh = old.is_none();
         if let Some(old) = old {
             store.forget(&old);
         }
@@ -828,32 +842,32 @@ impl DnsCache {
             let is_live = |slot: SlotId, serial: u64| lru.value_at(slot).is_some_and(|e| e.serial == serial);
             store.owners.charge(owner, slot, serial, bytes, is_live);
         }
-        // A new answer from a client's miss must have been asked at
-        // least as often lately as what it would push out (see
-        // [`super::cache_sketch`]); one that replaces its key's
-        // answer, or comes from the cache file, is in already.
-        let mut candidate = (owner.is_some() && fresh).then_some(slot);
-        let mut kept = true;
+        // A new answer is kept at once, in the window; the answer the
+        // window pushes out enters the main space only if asked at least
+        // as often lately as what it would push out there (see
+        // [`super::cache_sketch`], [`Lru::pop_for`]).
+        let mut candidate = store.lru.graduate();
         while store.lru.len() > config.capacity || store.bytes > config.max_bytes {
             if owner.is_some_and(|o| store.evict_own(config, o, serial)) {
                 continue;
             }
+            // Gone already (its owner's own eviction): nothing to weigh.
+            candidate = candidate.filter(|&c| store.lru.value_at(c).is_some());
             let evicted = match candidate {
-                Some(slot) => store.lru.pop_for(slot),
+                Some(c) => store.lru.pop_for(c),
                 None => store.lru.pop_lru(),
             };
             match evicted {
-                Some(gone) => {
-                    if serial != 0 && gone.serial == serial {
-                        kept = false;
-                        candidate = None;
-                    }
-                    store.forget(&gone);
-                }
+                Some(gone) => store.forget(&gone),
                 None => break,
             }
         }
-        kept
+        // No slot is reused within the loop: the new entry's holds it
+        // exactly while it is kept.
+        store
+            .lru
+            .value_at(slot)
+            .is_some_and(|e| serial == 0 || e.serial == serial)
     }
 
     pub fn len(&self) -> usize {
@@ -1506,6 +1520,46 @@ mod tests {
                 "asked {repeats} times each, the forged names pushed the device's out (seed {seed})"
             );
             assert_eq!(c.len(), 200);
+        }
+    }
+
+    /// A full cache of names asked again and again still keeps a new
+    /// answer at once, in its window: the name's second ask is a hit.
+    /// Without the window the new name, asked once, lost to the names it
+    /// would push out, and the device's second ask went upstream again.
+    #[test]
+    fn a_new_name_asked_once_is_served_from_cache_on_its_second_ask_while_the_cache_is_full() {
+        for seed in 0..16 {
+            let c = DnsCache::with_seed(
+                &CacheConfig {
+                    capacity: 200,
+                    ..CacheConfig::default()
+                },
+                seed,
+            );
+            let ask = |name: &str, client: IpAddr| match c.lookup(&key(name)) {
+                Lookup::Live(..) => true,
+                _ => {
+                    c.store(key(name), 3600, Records::take(&mut answer(&[3600])), client);
+                    false
+                }
+            };
+            let device: IpAddr = "192.0.2.10".parse().unwrap();
+            // Asked by eight other devices, each within its share (a
+            // device over its share makes room from its own entries).
+            let old: Vec<String> = (0..200).map(|i| format!("old{i}.lan.test.")).collect();
+            for _ in 0..4 {
+                for (i, n) in old.iter().enumerate() {
+                    ask(n, IpAddr::from([192, 0, 2, 20 + (i % 8) as u8]));
+                }
+            }
+            assert_eq!(c.len(), 200);
+            for i in 0..5 {
+                let new = format!("new{i}.lan.test.");
+                assert!(!ask(&new, device));
+                assert!(ask(&new, device), "new{i} was not kept (seed {seed})");
+                assert_eq!(c.len(), 200);
+            }
         }
     }
 

@@ -21,6 +21,17 @@
 //! when the entry it would evict was asked more often (or as often, past
 //! one look-up).
 //!
+//! With a window ([`Lru::windowed`], as in Caffeine's W-TinyLFU) a new
+//! entry enters a small *window* list in front of the two segments
+//! instead, and only the entry the window pushes out
+//! ([`Lru::graduate`]) goes to probation, where [`Lru::pop_for`] weighs
+//! it against the entry it would evict. Why: without it a new answer
+//! entered a full cache only when its name had been asked more often
+//! than the victim's, so a device's genuinely new name was fetched twice
+//! before it was kept; in the window it is kept at once, and the
+//! frequency guard still decides what enters the main space, which a
+//! flood of forged names can then only churn the window of.
+//!
 //! Why not the `lru` crate, which the cache used before: every miss stores
 //! an answer, and an insert there hashed the key twice (a look-up, then the
 //! insert), allocated a node for it, and needed the key in an allocation of
@@ -60,6 +71,7 @@ pub type SlotId = u32;
 /// The segments, as indexes of [`Lru::ends`].
 const PROBATION: usize = 0;
 const PROTECTED: usize = 1;
+const WINDOW: usize = 2;
 
 /// A key as a slot keeps it.
 #[derive(Debug)]
@@ -108,8 +120,8 @@ struct Slot<V> {
     next: u32,
     /// `None` while the slot is free.
     value: Option<V>,
-    /// Which segment's list the slot is in ([`PROBATION`] or
-    /// [`PROTECTED`]).
+    /// Which segment's list the slot is in ([`PROBATION`], [`PROTECTED`]
+    /// or [`WINDOW`]).
     segment: u8,
 }
 
@@ -120,13 +132,17 @@ pub struct Lru<V> {
     table: HashTable<u32>,
     slots: Vec<Slot<V>>,
     /// Each segment's most and least recently used slots.
-    ends: [(u32, u32); 2],
+    ends: [(u32, u32); 3],
     /// Free slots, linked through `next`.
     free: u32,
     len: usize,
     /// Slots in the protected segment, and the most it holds.
     protected: usize,
     protected_max: usize,
+    /// Slots in the window, and the most it keeps (0: no window, new
+    /// entries enter probation).
+    window: usize,
+    window_max: usize,
     hasher: foldhash::fast::SeedableRandomState,
     /// How often each key was looked up lately, when the cache guards its
     /// segments by frequency ([`Lru::with_sketch`]).
@@ -140,11 +156,13 @@ impl<V> Lru<V> {
         Lru {
             table: HashTable::new(),
             slots: Vec::new(),
-            ends: [(NIL, NIL); 2],
+            ends: [(NIL, NIL); 3],
             free: NIL,
             len: 0,
             protected: 0,
             protected_max,
+            window: 0,
+            window_max: 0,
             hasher: foldhash::fast::SeedableRandomState::random(),
             sketch: None,
         }
@@ -174,6 +192,15 @@ impl<V> Lru<V> {
             hasher: foldhash::fast::SeedableRandomState::with_seed(seed, foldhash::SharedSeed::global_fixed()),
             ..Self::with_sketch(protected_max, capacity)
         }
+    }
+}
+
+impl<V> Lru<V> {
+    /// This cache with a window of `window_max` entries in front of its
+    /// segments (see the module's comment): new entries enter it, and the
+    /// owner moves what it pushes out on ([`Lru::graduate`]).
+    pub fn windowed(self, window_max: usize) -> Self {
+        Lru { window_max, ..self }
     }
 }
 
@@ -218,7 +245,8 @@ impl<V> Lru<V> {
 
     fn found(&mut self, hash: u64, key: &[u8]) -> Option<&V> {
         let i = self.find(hash, key)?;
-        if usize::from(self.slots[at(i)].segment) == PROTECTED {
+        let segment = usize::from(self.slots[at(i)].segment);
+        if segment == PROTECTED {
             self.move_to_front(i);
         } else if self.protected >= self.protected_max && !self.hotter(hash, self.ends[PROTECTED].1) {
             // A full protected segment takes it only in place of an entry
@@ -226,7 +254,16 @@ impl<V> Lru<V> {
             // recently used.
             self.move_to_front(i);
         } else {
+            // Found again in the window, it is promoted as from
+            // probation, under the same guard: otherwise a name asked
+            // again and again while the window held it left it for
+            // probation, behind names asked less, and a flood asking
+            // names three times pushed it out there (14 of the 64 seeds
+            // of the cache's forged-names test).
             self.unlink(i);
+            if segment == WINDOW {
+                self.window -= 1;
+            }
             self.slots[at(i)].segment = PROTECTED as u8;
             self.protected += 1;
             self.link_front(i);
@@ -259,8 +296,9 @@ impl<V> Lru<V> {
     }
 
     /// Stores `value` under `key` as the most recently used of its
-    /// segment (probation for a new key); returns its slot and the value
-    /// it replaces. Nothing is evicted here: the owner does that.
+    /// segment (the window for a new key, or probation without one);
+    /// returns its slot and the value it replaces. Nothing is evicted or
+    /// moved out of the window here: the owner does that.
     pub fn push(&mut self, key: &[u8], value: V) -> (SlotId, Option<V>) {
         let hash = self.hasher.hash_one(key);
         let slots = &self.slots;
@@ -303,7 +341,10 @@ impl<V> Lru<V> {
                 slot.key.set(key);
                 slot.hash = hash;
                 slot.value = Some(value);
-                slot.segment = PROBATION as u8;
+                slot.segment = if self.window_max > 0 { WINDOW } else { PROBATION } as u8;
+                if self.window_max > 0 {
+                    self.window += 1;
+                }
                 self.len += 1;
                 self.link_front(i);
                 (i, None)
@@ -327,13 +368,42 @@ impl<V> Lru<V> {
     }
 
     /// Takes the least recently used value of probation out, or of the
-    /// protected segment when probation is empty.
+    /// protected segment when probation is empty, or of the window when
+    /// both are.
     pub fn pop_lru(&mut self) -> Option<V> {
-        let i = match self.ends[PROBATION].1 {
-            NIL => self.ends[PROTECTED].1,
-            i => i,
-        };
+        let i = self.main_victim(NIL);
+        let i = if i == NIL { self.ends[WINDOW].1 } else { i };
         self.pop_at(i)
+    }
+
+    /// The entry the main space (probation, then the protected segment)
+    /// gives up first, other than `except`; `NIL` when there is none.
+    fn main_victim(&self, except: u32) -> u32 {
+        match self.ends[PROBATION].1 {
+            i if i == NIL || i == except => match self.slots.get(at(i)).map(|s| s.prev) {
+                // `except` is probation's last: the one before it.
+                Some(prev) if prev != NIL => prev,
+                _ => self.ends[PROTECTED].1,
+            },
+            i => i,
+        }
+    }
+
+    /// Moves the window's least recently used entry to probation's front
+    /// when the window holds more than its most; returns its slot, the
+    /// candidate [`Lru::pop_for`] weighs when the cache is over its
+    /// bounds.
+    pub fn graduate(&mut self) -> Option<SlotId> {
+        if self.window <= self.window_max {
+            return None;
+        }
+        let i = self.ends[WINDOW].1;
+        self.slots.get(at(i))?;
+        self.unlink(i);
+        self.window -= 1;
+        self.slots[at(i)].segment = PROBATION as u8;
+        self.link_front(i);
+        Some(i)
     }
 
     /// Takes out the entry an eviction should take to make room for the
@@ -349,10 +419,26 @@ impl<V> Lru<V> {
     /// often than a device's name it is compared with. In 1,000 simulated
     /// floods of names asked three times against a device's names asked
     /// four, 188 of the 192 evictions of the device's names were ties.
+    ///
+    /// With a window, the candidate is the entry it pushed out
+    /// ([`Lru::graduate`]), now in probation: the victim is then the main
+    /// space's least recently used other than the candidate, and with no
+    /// other there the candidate goes.
     pub fn pop_for(&mut self, candidate: SlotId) -> Option<V> {
-        let lru = match self.ends[PROBATION].1 {
-            NIL => self.ends[PROTECTED].1,
-            i => i,
+        let in_probation = self
+            .slots
+            .get(at(candidate))
+            .is_some_and(|s| s.value.is_some() && usize::from(s.segment) == PROBATION);
+        let lru = if self.window_max > 0 && in_probation {
+            match self.main_victim(candidate) {
+                NIL => candidate,
+                i => i,
+            }
+        } else {
+            match self.ends[PROBATION].1 {
+                NIL => self.ends[PROTECTED].1,
+                i => i,
+            }
         };
         let keep_out = match (&self.sketch, self.slots.get(at(candidate)), self.slots.get(at(lru))) {
             (Some(sketch), Some(new), Some(old)) if lru != candidate && new.value.is_some() => {
@@ -377,8 +463,9 @@ impl<V> Lru<V> {
     }
 
     /// Keys and values, probation's least recently used first, then the
-    /// protected segment's: the order to store them in again so that each
-    /// list keeps its order and the protected entries are the most recent.
+    /// protected segment's, then the window's: the order to store them in
+    /// again so that each list keeps its order and the most recent are
+    /// stored last.
     pub fn iter_oldest_first(&self) -> impl Iterator<Item = (&[u8], &V)> {
         let list = |segment: usize| {
             let mut i = self.ends[segment].1;
@@ -388,7 +475,7 @@ impl<V> Lru<V> {
                 Some((slot.key.as_slice(), slot.value.as_ref()?))
             })
         };
-        list(PROBATION).chain(list(PROTECTED))
+        list(PROBATION).chain(list(PROTECTED)).chain(list(WINDOW))
     }
 
     /// Unlinks slot `i` (already out of the table), frees it and returns
@@ -396,8 +483,10 @@ impl<V> Lru<V> {
     fn release(&mut self, i: u32) -> Option<V> {
         self.unlink(i);
         self.len -= 1;
-        if usize::from(self.slots[at(i)].segment) == PROTECTED {
-            self.protected -= 1;
+        match usize::from(self.slots[at(i)].segment) {
+            PROTECTED => self.protected -= 1,
+            WINDOW => self.window -= 1,
+            _ => {}
         }
         let free = self.free;
         let slot = &mut self.slots[at(i)];
@@ -563,7 +652,7 @@ mod tests {
                 .collect();
             assert_eq!(listed, want, "protected_max {protected_max}");
             while lru.pop_lru().is_some() {}
-            assert_eq!((lru.len(), lru.protected, lru.ends), (0, 0, [(NIL, NIL); 2]));
+            assert_eq!((lru.len(), lru.protected, lru.ends), (0, 0, [(NIL, NIL); 3]));
             assert!(lru.pop_lru().is_none() && lru.iter_oldest_first().next().is_none());
         }
     }
