@@ -15,7 +15,8 @@
 //! The kernel announces resolved and failed neighbours, but not one that
 //! is being resolved, so the table is read whole (a dump) rather than
 //! followed; only while a send buffer fills, and at most every
-//! [`REFRESH`].
+//! [`REFRESH`] (the routes, read with it, at most every
+//! [`ROUTES_REFRESH`]).
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -32,6 +33,13 @@ use super::rtnetlink_dump::{DumpError, address, attributes, dump_with, u16_at};
 /// stays so for seconds. A tenth of a second between readings bounds how
 /// many answers a new forged address gets while the buffer is full.
 pub const REFRESH: Duration = Duration::from_millis(100);
+/// How long a reading of the routes is used. They change with the
+/// configuration, not with a flood, and their dump grows with the tables:
+/// a gateway with 10,000 policy routes spent some 3 ms of kernel time on
+/// each (docs/BENCHMARKS.md, "what the table reads cost"), which every
+/// [`REFRESH`] would be 3 % of a core per pressed listener. A route added
+/// while a buffer is pressed is seen within this.
+pub const ROUTES_REFRESH: Duration = Duration::from_secs(5);
 const RTM_NEWNEIGH: u16 = 28;
 const RTM_GETNEIGH: u16 = 30;
 /// `struct ndmsg`: family, two pads, ifindex, state, flags, type.
@@ -56,6 +64,8 @@ struct Reading {
     /// address outside them goes to a router and never waits on its own
     /// neighbour.
     on_link: Vec<Prefix>,
+    /// When `on_link` was read ([`ROUTES_REFRESH`]).
+    routes_taken: Option<Instant>,
     /// The last dump failed: everything is let through (as before this
     /// table existed) until the next try, [`REFRESH`] later.
     failed: bool,
@@ -77,11 +87,25 @@ impl NeighbourTable {
         let now = Instant::now();
         if reading.taken.is_none_or(|t| now.duration_since(t) >= REFRESH) {
             reading.taken = Some(now);
-            match dump().and_then(|resolved| Ok((resolved, super::on_link::read()?))) {
+            let routes_due = reading
+                .routes_taken
+                .is_none_or(|t| now.duration_since(t) >= ROUTES_REFRESH);
+            let read = dump().and_then(|resolved| {
+                let on_link = if routes_due {
+                    Some(super::on_link::read()?)
+                } else {
+                    None
+                };
+                Ok((resolved, on_link))
+            });
+            match read {
                 Ok((resolved, on_link)) => {
                     reading.known.saw(&resolved, now);
                     reading.resolved = resolved;
-                    reading.on_link = on_link;
+                    if let Some(on_link) = on_link {
+                        reading.on_link = on_link;
+                        reading.routes_taken = Some(now);
+                    }
                     reading.failed = false;
                 }
                 Err(e) => {
@@ -89,6 +113,8 @@ impl NeighbourTable {
                         tracing::warn!(error = %e, "cannot read the neighbour or route tables; answers to unresolved addresses are not held back");
                     }
                     reading.failed = true;
+                    // Both tables are read again at the next try.
+                    reading.routes_taken = None;
                 }
             }
         }
