@@ -138,6 +138,11 @@ impl ReplyBatch {
             let mut clients = [None; PER_CALL];
             // Asked per call: the call before may have filled the buffer.
             let held_back = gate.filter(|_| pressed(fd));
+            if held_back.is_none()
+                && let Some(g) = gate
+            {
+                g.not_pressed();
+            }
             for (k, &i) in part.iter().enumerate() {
                 if let Some((r, bytes)) = self.get(i as usize) {
                     if held_back.is_some_and(|g| !g.admits(r.client.ip())) {

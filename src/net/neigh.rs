@@ -15,10 +15,12 @@
 //! The kernel announces resolved and failed neighbours, but not one that
 //! is being resolved, so the table is read whole (a dump) rather than
 //! followed; only while a send buffer fills, and at most every
-//! [`REFRESH`].
+//! [`REFRESH`] (the routes, read with it, at most every
+//! [`ROUTES_REFRESH`]).
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -32,6 +34,18 @@ use super::rtnetlink_dump::{DumpError, address, attributes, dump_with, u16_at};
 /// stays so for seconds. A tenth of a second between readings bounds how
 /// many answers a new forged address gets while the buffer is full.
 pub const REFRESH: Duration = Duration::from_millis(100);
+/// How long a reading of the routes is used. They change with the
+/// configuration, not with a flood, and their dump grows with the tables:
+/// a gateway with 10,000 policy routes spent some 3 ms of kernel time on
+/// each (docs/BENCHMARKS.md, "what the table reads cost"), which every
+/// [`REFRESH`] would be 3 % of a core per pressed listener. A route added
+/// while a buffer is pressed is seen within this.
+pub const ROUTES_REFRESH: Duration = Duration::from_secs(5);
+/// How often the table is read while no send buffer is pressed: a
+/// device's entry lives on for a minute or more after its last datagram.
+pub const IDLE_LOOK: Duration = Duration::from_secs(10);
+/// Unpressed batches between two readings of the clock.
+const IDLE_CALLS: u32 = 64;
 const RTM_NEWNEIGH: u16 = 28;
 const RTM_GETNEIGH: u16 = 30;
 /// `struct ndmsg`: family, two pads, ifindex, state, flags, type.
@@ -46,6 +60,9 @@ const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
 #[derive(Debug, Default)]
 pub struct NeighbourTable {
     reading: Mutex<Reading>,
+    /// Calls of [`NeighbourTable::look_now_and_then`], to read the clock
+    /// in one of [`IDLE_CALLS`].
+    idle_calls: AtomicU32,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +73,8 @@ struct Reading {
     /// address outside them goes to a router and never waits on its own
     /// neighbour.
     on_link: Vec<Prefix>,
+    /// When `on_link` was read ([`ROUTES_REFRESH`]).
+    routes_taken: Option<Instant>,
     /// The last dump failed: everything is let through (as before this
     /// table existed) until the next try, [`REFRESH`] later.
     failed: bool,
@@ -76,27 +95,68 @@ impl NeighbourTable {
         let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         if reading.taken.is_none_or(|t| now.duration_since(t) >= REFRESH) {
-            reading.taken = Some(now);
-            match dump().and_then(|resolved| Ok((resolved, super::on_link::read()?))) {
-                Ok((resolved, on_link)) => {
-                    reading.known.saw(&resolved, now);
-                    reading.resolved = resolved;
-                    reading.on_link = on_link;
-                    reading.failed = false;
-                }
-                Err(e) => {
-                    if !reading.failed {
-                        tracing::warn!(error = %e, "cannot read the neighbour or route tables; answers to unresolved addresses are not held back");
-                    }
-                    reading.failed = true;
-                }
-            }
+            reading.refresh(now);
         }
         let ip = unmapped(ip);
         reading.failed
             || reading.resolved.contains(&ip)
             || !reading.on_link.iter().any(|p| p.contains(ip))
             || reading.known.lets_through(ip, now, REFRESH)
+    }
+
+    /// Reads the table now and then ([`IDLE_LOOK`]) while no buffer is
+    /// pressed, so that the devices the kernel has resolved are known
+    /// before a flood starts: one the kernel drops early in the flood,
+    /// before any buffer is past half, is still remembered. Called with
+    /// every unpressed batch; the clock is read one call in
+    /// [`IDLE_CALLS`].
+    pub fn look_now_and_then(&self) {
+        if self.idle_calls.fetch_add(1, Ordering::Relaxed) % IDLE_CALLS != 0 {
+            return;
+        }
+        let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if reading.taken.is_none_or(|t| now.duration_since(t) >= IDLE_LOOK) {
+            reading.refresh(now);
+        }
+    }
+}
+
+impl Reading {
+    /// Reads the neighbours, and the routes if [`ROUTES_REFRESH`] is up.
+    fn refresh(&mut self, now: Instant) {
+        let reading = self;
+        reading.taken = Some(now);
+        let routes_due = reading
+            .routes_taken
+            .is_none_or(|t| now.duration_since(t) >= ROUTES_REFRESH);
+        let read = dump().and_then(|resolved| {
+            let on_link = if routes_due {
+                Some(super::on_link::read()?)
+            } else {
+                None
+            };
+            Ok((resolved, on_link))
+        });
+        match read {
+            Ok((resolved, on_link)) => {
+                reading.known.saw(&resolved, now);
+                reading.resolved = resolved;
+                if let Some(on_link) = on_link {
+                    reading.on_link = on_link;
+                    reading.routes_taken = Some(now);
+                }
+                reading.failed = false;
+            }
+            Err(e) => {
+                if !reading.failed {
+                    tracing::warn!(error = %e, "cannot read the neighbour or route tables; answers to unresolved addresses are not held back");
+                }
+                reading.failed = true;
+                // Both tables are read again at the next try.
+                reading.routes_taken = None;
+            }
+        }
     }
 }
 

@@ -46,6 +46,12 @@ impl UnresolvedGate {
     pub fn admits(&self, client: IpAddr) -> bool {
         self.table.may_send(client)
     }
+
+    /// Told of each batch sent on a socket not [`pressed`]: reads the
+    /// table now and then, so that the devices are known before a flood.
+    pub fn not_pressed(&self) {
+        self.table.look_now_and_then();
+    }
 }
 
 /// Half of the smallest send buffer the kernel allows (`SOCK_MIN_SNDBUF`,

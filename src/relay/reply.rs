@@ -373,7 +373,11 @@ impl ReplySender {
     /// socket is `filling` (past half of its buffer) and the kernel has not
     /// resolved the client's neighbour.
     fn held_back(&self, filling: bool, client: SocketAddr, n: usize) -> bool {
-        let held = filling && !self.gate.admits(client.ip());
+        if !filling {
+            self.gate.not_pressed();
+            return false;
+        }
+        let held = !self.gate.admits(client.ip());
         if held {
             self.stats.drop_neighbour_unresolved.add(n as u64);
         }
