@@ -614,7 +614,15 @@ fn a_shed_flood_is_dropped_by_the_kernel_and_the_filter_comes_off_after() {
     let (lab, _folded, probe_echo, _control_echo) = folded_lab(20_000, 20_001, &["192.0.2.11"]);
     let _sink = LateServer::start(&lab.servers[0], sa(server4(0), 6200), None);
     let sink = sa(server4(0), 6200);
-    let daemon = lab.start_tproxyd(&config("listener_sockets = 16"));
+    // Each member's queue holds 4 MiB, some 30 of the flood's datagrams,
+    // so that one 30 ms pause sheds a run long enough for the kernel's
+    // filter (as in the test above). With the default share (two or three
+    // datagrams) each pause shed a few, the relay caught up in between,
+    // and on a quiet machine the filter never went on: 486 shed, none by
+    // the kernel, once in CI.
+    let daemon = lab.start_tproxyd(&config_ahead_of_the_machine(
+        "listener_sockets = 16\nreceive_buffer = 67108864",
+    ));
     // Another client active all along: one client alone is never shed.
     let other = socket(&lab.client, sa(ip("192.0.2.11"), 40000));
     let prober = Prober::start(other, probe_echo.addr, Duration::from_millis(20));
