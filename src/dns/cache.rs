@@ -18,7 +18,6 @@
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -26,8 +25,8 @@ use std::time::Instant;
 use super::cache_lru::{Lru, SlotId};
 use super::cache_owners::{Owners, SHARE_DIVISOR};
 use super::cache_weight::record_bytes;
+use super::clients::ClientKey;
 use super::plain_name::Forms;
-use super::ratelimit::client_bucket;
 use super::rendered::Rendered;
 use super::ttl_secs;
 use crate::config::dns::CacheConfig;
@@ -343,7 +342,7 @@ pub struct Entry {
     alias_clear: AtomicU64,
     /// The client (bucket) whose miss stored it, charged for it
     /// ([`Owners`]); `None` for entries from the cache file.
-    owner: Option<IpAddr>,
+    owner: Option<ClientKey>,
     /// Names this entry among those its owner stored (0: no owner).
     serial: u64,
 }
@@ -601,7 +600,7 @@ impl Store {
 
     /// Evicts the oldest entry `owner` stored other than `keep`, if it
     /// holds more than its share of `config`'s bounds; whether it did.
-    fn evict_own(&mut self, config: &CacheConfig, owner: IpAddr, keep: u64) -> bool {
+    fn evict_own(&mut self, config: &CacheConfig, owner: ClientKey, keep: u64) -> bool {
         let (max_entries, max_bytes) = (
             (config.capacity / SHARE_DIVISOR).max(1),
             config.max_bytes / SHARE_DIVISOR,
@@ -780,19 +779,19 @@ impl DnsCache {
     /// Stores records that [`TtlPolicy::apply`] found cacheable for
     /// `lifetime` seconds, taking them over: for a caller that has
     /// already encoded its reply from them, so they are not copied.
-    pub fn store(&self, key: CacheKey, lifetime: u32, records: Records, client: IpAddr) -> bool {
+    pub fn store(&self, key: CacheKey, lifetime: u32, records: Records, client: ClientKey) -> bool {
         self.store_at(key, lifetime, records, Instant::now(), client)
     }
 
     /// [`DnsCache::store`], stored at `now` (the caller's reading of the
     /// clock, when it has one of the same moment), charged to `client`
     /// (whose miss it answers: see [`super::cache_owners`]).
-    pub fn store_at(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant, client: IpAddr) -> bool {
-        self.keep(key, lifetime, records, now, Some(client_bucket(client)))
+    pub fn store_at(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant, client: ClientKey) -> bool {
+        self.keep(key, lifetime, records, now, Some(client))
     }
 
-    /// Stores `records`, charged to `owner` (a client bucket) if any.
-    fn keep(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant, owner: Option<IpAddr>) -> bool {
+    /// Stores `records`, charged to `owner` if any.
+    fn keep(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant, owner: Option<ClientKey>) -> bool {
         let Some(mut store) = self.lock() else {
             return false;
         };
@@ -816,7 +815,7 @@ impl DnsCache {
     /// alone is too big. When the bounds are passed, an owner over its
     /// share makes room from its own oldest entries, anyone else from the
     /// least recently used.
-    fn put(config: &CacheConfig, store: &mut Store, key: CacheKey, mut entry: Entry, owner: Option<IpAddr>) -> bool {
+    fn put(config: &CacheConfig, store: &mut Store, key: CacheKey, mut entry: Entry, owner: Option<ClientKey>) -> bool {
         // Packed when the key was made (at the miss's look-up).
         let key: &[u8] = &key.packed;
         let bytes = entry.bytes;
@@ -949,6 +948,7 @@ mod tests {
     use hickory_proto::op::{MessageType, OpCode};
     use hickory_proto::rr::Name;
     use hickory_proto::rr::rdata::{A, SOA};
+    use std::net::IpAddr;
     use std::str::FromStr;
     use std::time::Duration;
 
@@ -1094,7 +1094,7 @@ mod tests {
             300,
             Records::take(&mut answer(&[300])),
             now,
-            "192.0.2.7".parse().unwrap()
+            ClientKey::by_prefix("192.0.2.7".parse().unwrap())
         ));
         // Found again by the same question in any case, on either path.
         let name = Name::from_ascii("www.example.test.").unwrap();
@@ -1410,7 +1410,7 @@ mod tests {
         });
         let store = |name: &str, client: &str| {
             let records = Records::take(&mut answer(&[300]));
-            assert!(c.store(key(name), 300, records, client.parse().unwrap()));
+            assert!(c.store(key(name), 300, records, ClientKey::by_prefix(client.parse().unwrap())));
         };
         for i in 0..10 {
             store(&format!("v{i}"), "192.0.2.10");
@@ -1439,11 +1439,21 @@ mod tests {
         });
         let victim: std::net::IpAddr = "192.0.2.10".parse().unwrap();
         for i in 0..20 {
-            assert!(b.store(key(&format!("v{i}")), 300, Records::take(&mut answer(&[300])), victim));
+            assert!(b.store(
+                key(&format!("v{i}")),
+                300,
+                Records::take(&mut answer(&[300])),
+                ClientKey::by_prefix(victim)
+            ));
         }
         for i in 0..500 {
             let big = Records::take(&mut txt(16_000));
-            assert!(b.store(key(&format!("f{i}")), 300, big, "192.0.2.66".parse().unwrap()));
+            assert!(b.store(
+                key(&format!("f{i}")),
+                300,
+                big,
+                ClientKey::by_prefix("192.0.2.66".parse().unwrap())
+            ));
             assert!(b.bytes() <= 1 << 20);
         }
         for i in 0..20 {
@@ -1455,7 +1465,12 @@ mod tests {
             ..CacheConfig::default()
         });
         for i in 0..100 {
-            alone.store(key(&format!("a{i}")), 300, Records::take(&mut answer(&[300])), victim);
+            alone.store(
+                key(&format!("a{i}")),
+                300,
+                Records::take(&mut answer(&[300])),
+                ClientKey::by_prefix(victim),
+            );
         }
         assert_eq!(alone.len(), 40);
     }
@@ -1488,7 +1503,12 @@ mod tests {
             let ask = |name: &str, client: IpAddr| match c.lookup(&key(name)) {
                 Lookup::Live(..) => true,
                 _ => {
-                    c.store(key(name), 3600, Records::take(&mut answer(&[3600])), client);
+                    c.store(
+                        key(name),
+                        3600,
+                        Records::take(&mut answer(&[3600])),
+                        ClientKey::by_prefix(client),
+                    );
                     false
                 }
             };
@@ -1540,7 +1560,12 @@ mod tests {
             let ask = |name: &str, client: IpAddr| match c.lookup(&key(name)) {
                 Lookup::Live(..) => true,
                 _ => {
-                    c.store(key(name), 3600, Records::take(&mut answer(&[3600])), client);
+                    c.store(
+                        key(name),
+                        3600,
+                        Records::take(&mut answer(&[3600])),
+                        ClientKey::by_prefix(client),
+                    );
                     false
                 }
             };
