@@ -1460,6 +1460,31 @@ mod tests {
         assert_eq!(alone.len(), 40);
     }
 
+    /// A cache of 200 entries whose frequency guard hashes with `seed`
+    /// ([`DnsCache::with_seed`]), as the lab's forged-names test sizes it.
+    fn seeded_cache(seed: u64) -> DnsCache {
+        DnsCache::with_seed(
+            &CacheConfig {
+                capacity: 200,
+                ..CacheConfig::default()
+            },
+            seed,
+        )
+    }
+
+    /// `client` asks `cache` for `name`: true for a live answer; on a
+    /// miss the upstream's answer (one A record, an hour) is stored as
+    /// `client`'s, and false.
+    fn ask(cache: &DnsCache, name: &str, client: IpAddr) -> bool {
+        match cache.lookup(&key(name)) {
+            Lookup::Live(..) => true,
+            _ => {
+                cache.store(key(name), 3600, Records::take(&mut answer(&[3600])), client);
+                false
+            }
+        }
+    }
+
     /// A forger asks each of its names `repeats` times from many source
     /// addresses (10 names each, within every share), while a device asks
     /// its 20 names now and then: as the lab's test does, through a cache
@@ -1478,28 +1503,15 @@ mod tests {
     fn forged_names_asked_again_cannot_flush_a_devices_repeated_names() {
         let floods = (0..16).map(|seed| (2, seed)).chain((0..64).map(|seed| (3, seed)));
         for (repeats, seed) in floods {
-            let c = DnsCache::with_seed(
-                &CacheConfig {
-                    capacity: 200,
-                    ..CacheConfig::default()
-                },
-                seed,
-            );
-            let ask = |name: &str, client: IpAddr| match c.lookup(&key(name)) {
-                Lookup::Live(..) => true,
-                _ => {
-                    c.store(key(name), 3600, Records::take(&mut answer(&[3600])), client);
-                    false
-                }
-            };
+            let c = seeded_cache(seed);
             let device: IpAddr = "192.0.2.10".parse().unwrap();
             let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.victim.test.")).collect();
             for n in &hot {
-                ask(n, device);
+                ask(&c, n, device);
             }
             // Names the device uses: asked four times before the flood.
             for _ in 0..3 {
-                assert!(hot.iter().all(|n| ask(n, device)));
+                assert!(hot.iter().all(|n| ask(&c, n, device)));
             }
             let mut misses = 0;
             for source in 0..120u8 {
@@ -1507,14 +1519,14 @@ mod tests {
                 let names: Vec<String> = (0..10).map(|i| format!("n{i}.s{source}.flood.test.")).collect();
                 for _ in 0..repeats {
                     for n in &names {
-                        ask(n, from);
+                        ask(&c, n, from);
                     }
                 }
                 if source % 30 == 29 {
-                    misses += hot.iter().filter(|n| !ask(n, device)).count();
+                    misses += hot.iter().filter(|n| !ask(&c, n, device)).count();
                 }
             }
-            misses += hot.iter().filter(|n| !ask(n, device)).count();
+            misses += hot.iter().filter(|n| !ask(&c, n, device)).count();
             assert_eq!(
                 misses, 0,
                 "asked {repeats} times each, the forged names pushed the device's out (seed {seed})"
@@ -1530,34 +1542,21 @@ mod tests {
     #[test]
     fn a_new_name_asked_once_is_served_from_cache_on_its_second_ask_while_the_cache_is_full() {
         for seed in 0..16 {
-            let c = DnsCache::with_seed(
-                &CacheConfig {
-                    capacity: 200,
-                    ..CacheConfig::default()
-                },
-                seed,
-            );
-            let ask = |name: &str, client: IpAddr| match c.lookup(&key(name)) {
-                Lookup::Live(..) => true,
-                _ => {
-                    c.store(key(name), 3600, Records::take(&mut answer(&[3600])), client);
-                    false
-                }
-            };
+            let c = seeded_cache(seed);
             let device: IpAddr = "192.0.2.10".parse().unwrap();
             // Asked by eight other devices, each within its share (a
             // device over its share makes room from its own entries).
             let old: Vec<String> = (0..200).map(|i| format!("old{i}.lan.test.")).collect();
             for _ in 0..4 {
                 for (i, n) in old.iter().enumerate() {
-                    ask(n, IpAddr::from([192, 0, 2, 20 + (i % 8) as u8]));
+                    ask(&c, n, IpAddr::from([192, 0, 2, 20 + (i % 8) as u8]));
                 }
             }
             assert_eq!(c.len(), 200);
             for i in 0..5 {
                 let new = format!("new{i}.lan.test.");
-                assert!(!ask(&new, device));
-                assert!(ask(&new, device), "new{i} was not kept (seed {seed})");
+                assert!(!ask(&c, &new, device));
+                assert!(ask(&c, &new, device), "new{i} was not kept (seed {seed})");
                 assert_eq!(c.len(), 200);
             }
         }
