@@ -19,6 +19,7 @@
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use std::net::IpAddr;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -558,8 +559,8 @@ fn received(ttl: u32) -> u32 {
 /// ([`super::cache_lru`]): about 1 %, as in Caffeine, and at least one,
 /// so that a new answer is always kept at once. Small, because the window
 /// takes any name unguarded: a flood of forged names churns only it.
-fn window_max(capacity: usize) -> usize {
-    (capacity / 100).max(1)
+fn window_max(capacity: usize) -> NonZeroUsize {
+    NonZeroUsize::new(capacity / 100).unwrap_or(NonZeroUsize::MIN)
 }
 
 /// The most entries of a cache of `capacity` kept in its protected
@@ -573,7 +574,7 @@ fn protected_max(capacity: usize) -> usize {
 
 /// The LRU of a cache of `capacity`: window, segments and frequency guard.
 fn new_lru(capacity: usize) -> Lru<Arc<Entry>> {
-    Lru::with_sketch(protected_max(capacity), capacity).windowed(window_max(capacity))
+    Lru::with_sketch(protected_max(capacity), window_max(capacity), capacity)
 }
 
 /// The LRU, the memory it holds and who holds it, under one lock.
@@ -663,8 +664,12 @@ impl DnsCache {
     fn with_seed(config: &CacheConfig, seed: u64) -> Self {
         DnsCache {
             store: Some(Mutex::new(Store {
-                lru: Lru::with_sketch_seeded(protected_max(config.capacity), config.capacity, seed)
-                    .windowed(window_max(config.capacity)),
+                lru: Lru::with_sketch_seeded(
+                    protected_max(config.capacity),
+                    window_max(config.capacity),
+                    config.capacity,
+                    seed,
+                ),
                 bytes: 0,
                 owners: Owners::default(),
             })),
