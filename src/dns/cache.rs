@@ -18,6 +18,7 @@
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -557,8 +558,8 @@ fn received(ttl: u32) -> u32 {
 /// ([`super::cache_lru`]): about 1 %, as in Caffeine, and at least one,
 /// so that a new answer is always kept at once. Small, because the window
 /// takes any name unguarded: a flood of forged names churns only it.
-fn window_max(capacity: usize) -> usize {
-    (capacity / 100).max(1)
+fn window_max(capacity: usize) -> NonZeroUsize {
+    NonZeroUsize::new(capacity / 100).unwrap_or(NonZeroUsize::MIN)
 }
 
 /// The most entries of a cache of `capacity` kept in its protected
@@ -572,7 +573,7 @@ fn protected_max(capacity: usize) -> usize {
 
 /// The LRU of a cache of `capacity`: window, segments and frequency guard.
 fn new_lru(capacity: usize) -> Lru<Arc<Entry>> {
-    Lru::with_sketch(protected_max(capacity), capacity).windowed(window_max(capacity))
+    Lru::with_sketch(protected_max(capacity), window_max(capacity), capacity)
 }
 
 /// The LRU, the memory it holds and who holds it, under one lock.
@@ -662,8 +663,12 @@ impl DnsCache {
     fn with_seed(config: &CacheConfig, seed: u64) -> Self {
         DnsCache {
             store: Some(Mutex::new(Store {
-                lru: Lru::with_sketch_seeded(protected_max(config.capacity), config.capacity, seed)
-                    .windowed(window_max(config.capacity)),
+                lru: Lru::with_sketch_seeded(
+                    protected_max(config.capacity),
+                    window_max(config.capacity),
+                    config.capacity,
+                    seed,
+                ),
                 bytes: 0,
                 owners: Owners::default(),
             })),
@@ -1475,6 +1480,36 @@ mod tests {
         assert_eq!(alone.len(), 40);
     }
 
+    /// A cache of 200 entries whose frequency guard hashes with `seed`
+    /// ([`DnsCache::with_seed`]), as the lab's forged-names test sizes it.
+    fn seeded_cache(seed: u64) -> DnsCache {
+        DnsCache::with_seed(
+            &CacheConfig {
+                capacity: 200,
+                ..CacheConfig::default()
+            },
+            seed,
+        )
+    }
+
+    /// `client` asks `cache` for `name`: true for a live answer; on a
+    /// miss the upstream's answer (one A record, an hour) is stored as
+    /// `client`'s, and false.
+    fn ask(cache: &DnsCache, name: &str, client: IpAddr) -> bool {
+        match cache.lookup(&key(name)) {
+            Lookup::Live(..) => true,
+            _ => {
+                cache.store(
+                    key(name),
+                    3600,
+                    Records::take(&mut answer(&[3600])),
+                    ClientKey::by_prefix(client),
+                );
+                false
+            }
+        }
+    }
+
     /// A forger asks each of its names `repeats` times from many source
     /// addresses (10 names each, within every share), while a device asks
     /// its 20 names now and then: as the lab's test does, through a cache
@@ -1493,33 +1528,15 @@ mod tests {
     fn forged_names_asked_again_cannot_flush_a_devices_repeated_names() {
         let floods = (0..16).map(|seed| (2, seed)).chain((0..64).map(|seed| (3, seed)));
         for (repeats, seed) in floods {
-            let c = DnsCache::with_seed(
-                &CacheConfig {
-                    capacity: 200,
-                    ..CacheConfig::default()
-                },
-                seed,
-            );
-            let ask = |name: &str, client: IpAddr| match c.lookup(&key(name)) {
-                Lookup::Live(..) => true,
-                _ => {
-                    c.store(
-                        key(name),
-                        3600,
-                        Records::take(&mut answer(&[3600])),
-                        ClientKey::by_prefix(client),
-                    );
-                    false
-                }
-            };
+            let c = seeded_cache(seed);
             let device: IpAddr = "192.0.2.10".parse().unwrap();
             let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.victim.test.")).collect();
             for n in &hot {
-                ask(n, device);
+                ask(&c, n, device);
             }
             // Names the device uses: asked four times before the flood.
             for _ in 0..3 {
-                assert!(hot.iter().all(|n| ask(n, device)));
+                assert!(hot.iter().all(|n| ask(&c, n, device)));
             }
             let mut misses = 0;
             for source in 0..120u8 {
@@ -1527,14 +1544,14 @@ mod tests {
                 let names: Vec<String> = (0..10).map(|i| format!("n{i}.s{source}.flood.test.")).collect();
                 for _ in 0..repeats {
                     for n in &names {
-                        ask(n, from);
+                        ask(&c, n, from);
                     }
                 }
                 if source % 30 == 29 {
-                    misses += hot.iter().filter(|n| !ask(n, device)).count();
+                    misses += hot.iter().filter(|n| !ask(&c, n, device)).count();
                 }
             }
-            misses += hot.iter().filter(|n| !ask(n, device)).count();
+            misses += hot.iter().filter(|n| !ask(&c, n, device)).count();
             assert_eq!(
                 misses, 0,
                 "asked {repeats} times each, the forged names pushed the device's out (seed {seed})"
@@ -1550,39 +1567,21 @@ mod tests {
     #[test]
     fn a_new_name_asked_once_is_served_from_cache_on_its_second_ask_while_the_cache_is_full() {
         for seed in 0..16 {
-            let c = DnsCache::with_seed(
-                &CacheConfig {
-                    capacity: 200,
-                    ..CacheConfig::default()
-                },
-                seed,
-            );
-            let ask = |name: &str, client: IpAddr| match c.lookup(&key(name)) {
-                Lookup::Live(..) => true,
-                _ => {
-                    c.store(
-                        key(name),
-                        3600,
-                        Records::take(&mut answer(&[3600])),
-                        ClientKey::by_prefix(client),
-                    );
-                    false
-                }
-            };
+            let c = seeded_cache(seed);
             let device: IpAddr = "192.0.2.10".parse().unwrap();
             // Asked by eight other devices, each within its share (a
             // device over its share makes room from its own entries).
             let old: Vec<String> = (0..200).map(|i| format!("old{i}.lan.test.")).collect();
             for _ in 0..4 {
                 for (i, n) in old.iter().enumerate() {
-                    ask(n, IpAddr::from([192, 0, 2, 20 + (i % 8) as u8]));
+                    ask(&c, n, IpAddr::from([192, 0, 2, 20 + (i % 8) as u8]));
                 }
             }
             assert_eq!(c.len(), 200);
             for i in 0..5 {
                 let new = format!("new{i}.lan.test.");
-                assert!(!ask(&new, device));
-                assert!(ask(&new, device), "new{i} was not kept (seed {seed})");
+                assert!(!ask(&c, &new, device));
+                assert!(ask(&c, &new, device), "new{i} was not kept (seed {seed})");
                 assert_eq!(c.len(), 200);
             }
         }
