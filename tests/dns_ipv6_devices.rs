@@ -26,6 +26,9 @@ const FIRST: &str = lab::CLIENT6;
 const SECOND: &str = "2001:db8:1::11";
 /// What the override answers.
 const ANSWER: [u8; 4] = [192, 0, 2, 50];
+/// The gateway's address on the other link (the lab's first server's):
+/// a DNS listener there too, as on a guest network.
+const OTHER_LINK_LISTEN: &str = "2001:db8:2::1";
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -43,11 +46,12 @@ fn query(id: u16) -> Vec<u8> {
     m.to_vec().unwrap()
 }
 
-/// tproxyd answering `printer.lan` itself on the LAN, the rate limit at
-/// its default (200 a second, a burst of 400), and [`SECOND`] on the
-/// client's link with a link-layer address of its own.
+/// tproxyd answering `printer.lan` itself on the LAN and on the other
+/// link, the rate limit at its default (200 a second, a burst of 400),
+/// and [`SECOND`] on the client's link with a link-layer address of its
+/// own.
 fn gateway() -> (Lab, lab::Daemon) {
-    let lab = Lab::new();
+    let lab = Lab::with_servers(1);
     lab.client.sh(&format!(
         "ip link add second link lan0 type macvlan mode bridge
          ip addr add {SECOND}/64 dev second nodad
@@ -59,8 +63,8 @@ mark = 255
 [relay]
 listen = ["[::]:15353"]
 [dns]
-listen = ["[{LISTEN6}]:53"]
-allow = ["2001:db8:1::/64"]
+listen = ["[{LISTEN6}]:53", "[{OTHER_LINK_LISTEN}]:53"]
+allow = ["2001:db8:1::/64", "2001:db8:2::/64"]
 
 # Never asked: every query is for the override.
 [dns.upstreams.default]
@@ -139,20 +143,38 @@ fn ask_twenty_within(sock: &UdpSocket, rounds: usize) -> usize {
 /// Sends queries from each of `socks` in turn, 40 every 20 ms (2,000 a
 /// second, ten times the rate limit), until stopped.
 fn flood(socks: Vec<UdpSocket>) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    flood_to(socks, to(), 40, Duration::from_millis(20))
+}
+
+/// Sends `per_tick` queries to `dest` from each of `socks` in turn every
+/// `tick`, until stopped.
+fn flood_to(
+    socks: Vec<UdpSocket>,
+    dest: SocketAddr,
+    per_tick: u16,
+    tick: Duration,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let thread = std::thread::spawn(move || {
         let mut id = 0u16;
         while !flag.load(Ordering::Relaxed) {
-            for _ in 0..40 {
+            for _ in 0..per_tick {
                 let sock = &socks[usize::from(id) % socks.len()];
-                let _ = sock.send_to(&query(id), to());
+                let _ = sock.send_to(&query(id), dest);
                 id = id.wrapping_add(1);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(tick);
         }
     });
     (stop, thread)
+}
+
+/// The 40 forged sources: LAN addresses nobody holds.
+fn forged_sources(lab: &Lab) -> Vec<UdpSocket> {
+    (0..40u16)
+        .map(|s| forged_socket(lab, IpAddr::from([0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x100 + s])))
+        .collect()
 }
 
 /// While one device asks ten times what the rate limit allows, and is
@@ -194,10 +216,7 @@ fn forged_ipv6_sources_share_one_rate_limit_and_the_devices_keep_theirs() {
     assert_eq!(ask_twenty(&device), 20, "the device before the flood");
     // 40 sources, 50 queries a second each: within the limit, were each a
     // client of its own.
-    let forged: Vec<UdpSocket> = (0..40u16)
-        .map(|s| forged_socket(&lab, IpAddr::from([0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x100 + s])))
-        .collect();
-    let (stop, thread) = flood(forged);
+    let (stop, thread) = flood(forged_sources(&lab));
     std::thread::sleep(Duration::from_millis(600));
     let first = ask_twenty(&device);
     let other = ask_twenty_within(&second, 3);
@@ -210,4 +229,38 @@ fn forged_ipv6_sources_share_one_rate_limit_and_the_devices_keep_theirs() {
         stopped.log
     );
     assert_eq!((first, other), (20, 20), "answers to the two devices, of 20 each");
+}
+
+/// A device on another link of the gateway (a guest network) that takes a
+/// LAN device's MAC is not that device: a link-layer address counts on
+/// its own link only.
+#[test]
+fn a_device_on_another_link_with_a_lan_devices_mac_does_not_count_as_it() {
+    let (lab, daemon) = gateway();
+    let victim = lab::udp::socket(&lab.client, SocketAddr::new(ip(FIRST), 0));
+    victim.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    assert_eq!(ask_twenty(&victim), 20, "the LAN device before the flood");
+    let mac = lab.client.sh("cat /sys/class/net/lan0/address");
+    lab.servers[0].sh(&format!("ip link set wan0 address {}", mac.trim()));
+    // The gateway learns the other device anew, with the copied MAC.
+    lab.gateway.sh("ip -6 neigh flush dev wan0");
+    let other = lab::udp::socket(&lab.servers[0], SocketAddr::new(lab::server6(0), 0));
+    let dest: SocketAddr = format!("[{OTHER_LINK_LISTEN}]:53").parse().unwrap();
+    let (stop, thread) = flood_to(vec![other], dest, 40, Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(600));
+    let answered = ask_twenty(&victim);
+    stop.store(true, Ordering::Relaxed);
+    let _ = thread.join();
+    let seen = lab.gateway.sh(&format!("ip -6 neigh show {}", lab::server6(0)));
+    let stopped = daemon.stop();
+    assert!(
+        seen.contains(mac.trim()),
+        "the gateway did not resolve the other device to the copied MAC: {seen}"
+    );
+    assert!(
+        stopped.counter("dns_rate_limited") > 100,
+        "the other device was not limited: {}",
+        stopped.log
+    );
+    assert_eq!(answered, 20, "the LAN device got {answered} of 20");
 }

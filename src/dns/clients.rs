@@ -14,17 +14,17 @@
 //!
 //! So an IPv6 address of a directly connected prefix that the kernel has
 //! resolved to a link-layer address, now or within the hour
-//! ([`crate::net::known_devices`]), counts by that link-layer address: it
-//! answered the kernel's neighbour solicitation, which a forged source
-//! never does, and a device that holds many addresses of the prefix
-//! answers for all of them with one link-layer address, so it is still one
-//! client. Every other IPv6 address counts by its /56 as before: forged
-//! sources, and clients behind a router (a site, which may hold a whole
-//! prefix). Devices behind a bridge that rewrites link-layer addresses (a
-//! Wi-Fi repeater's MAC NAT) share its address, and so one count, as all
-//! IPv6 devices did before; a device that answers solicitations with many
-//! link-layer addresses is a client for each, within the kernel's
-//! neighbour table.
+//! ([`crate::net::known_devices`]), counts by that link-layer address on
+//! that interface ([`crate::net::link_addr`]): it answered the kernel's
+//! neighbour solicitation, which a forged source never does, and a device
+//! that holds many addresses of the prefix answers for all of them with
+//! one link-layer address, so it is still one client. Every other IPv6
+//! address counts by its /56 as before: forged sources, and clients
+//! behind a router (a site, which may hold a whole prefix). Devices behind a bridge that rewrites
+//! link-layer addresses (a Wi-Fi repeater's MAC NAT) share its address,
+//! and so one count, as all IPv6 devices did before; a device that
+//! answers solicitations with many link-layer addresses is a client for
+//! each, within the kernel's neighbour table.
 
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -37,7 +37,8 @@ pub enum ClientKey {
     /// An IPv4 address, or the /56 of an IPv6 address not known as a
     /// device of the LAN.
     Address(IpAddr),
-    /// An IPv6 device of the LAN, by its link-layer address.
+    /// An IPv6 device of the LAN, by its link-layer address on the
+    /// interface it was resolved on.
     Device(LinkAddr),
 }
 

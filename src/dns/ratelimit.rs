@@ -93,7 +93,7 @@ mod tests {
     }
 
     fn device(last: u8) -> ClientKey {
-        ClientKey::Device(crate::net::link_addr::LinkAddr::from_bytes(&[2, 0, 0, 0, 0, last]).unwrap())
+        ClientKey::Device(crate::net::link_addr::LinkAddr::from_bytes(3, &[2, 0, 0, 0, 0, last]).unwrap())
     }
 
     #[test]

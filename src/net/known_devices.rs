@@ -262,7 +262,7 @@ mod tests {
     fn a_devices_link_address_is_remembered_with_it() {
         let mut known = KnownDevices::default();
         let now = Instant::now();
-        let mac = LinkAddr::from_bytes(&[2, 0, 0, 0, 0, 1]);
+        let mac = LinkAddr::from_bytes(3, &[2, 0, 0, 0, 0, 1]);
         known.saw([(ip(10), mac), (ip(11), None)], now);
         assert_eq!(known.link_of(ip(10), now), mac);
         assert_eq!(known.link_of(ip(11), now), None, "no link-layer address");

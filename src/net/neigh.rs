@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use super::known_devices::KnownDevices;
 use super::link_addr::LinkAddr;
 use super::on_link::Prefix;
-use super::rtnetlink_dump::{DumpError, address, attributes, dump_with, u16_at};
+use super::rtnetlink_dump::{DumpError, address, attributes, dump_with, u16_at, u32_at};
 
 /// How long a reading of the table is used. A device that has just come
 /// (its first query) was resolved when it asked for our address, long
@@ -235,12 +235,13 @@ fn resolved_entry(payload: &[u8]) -> Option<(IpAddr, Option<LinkAddr>)> {
     if state & NUD_VALID == 0 {
         return None;
     }
+    let ifindex = i32::from_ne_bytes(u32_at(payload, 4)?.to_ne_bytes());
     let (mut dst, mut link) = (None, None);
     for attr in attributes(payload.get(NDMSG..)?) {
         let (kind, value) = attr.ok()?;
         match kind {
             NDA_DST => dst = address(value),
-            NDA_LLADDR => link = LinkAddr::from_bytes(value),
+            NDA_LLADDR => link = LinkAddr::from_bytes(ifindex, value),
             _ => {}
         }
     }
@@ -323,7 +324,7 @@ mod tests {
         assert!(parse(&done(7), 7, &mut keep).unwrap());
         let expected: HashMap<IpAddr, Option<LinkAddr>> = [
             ("192.0.2.10".parse().unwrap(), None),
-            (IpAddr::from(v6), LinkAddr::from_bytes(&mac)),
+            (IpAddr::from(v6), LinkAddr::from_bytes(3, &mac)),
         ]
         .into_iter()
         .collect();
