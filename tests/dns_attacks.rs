@@ -722,8 +722,13 @@ fn a_spoofer_emptying_a_clients_rate_limit_cannot_deny_it_dns_over_tcp() {
     assert!(stopped.counter("dns_tcp_queries") >= 5, "{}", stopped.log);
 }
 
+/// One host floods from 12 addresses of its prefix, none of them known
+/// to the gateway yet: they count with the /56's strangers, and those the
+/// gateway resolves as the answers go out count as the host's link-layer
+/// address (`dns::clients`). One host holds at most those two counts,
+/// never one per address.
 #[test]
-fn a_flood_from_many_addresses_of_one_ipv6_56_is_limited_as_one_client() {
+fn a_flood_from_many_addresses_of_one_ipv6_host_gets_at_most_two_counts() {
     let lab = dns_lab();
     let daemon = lab.start_tproxyd(&config("rate_limit = { qps = 20, burst = 20 }", ""));
     let addrs: Vec<IpAddr> = (1..=12).map(|i| ip(&format!("2001:db8:1::b:{i}"))).collect();
@@ -748,8 +753,10 @@ fn a_flood_from_many_addresses_of_one_ipv6_56_is_limited_as_one_client() {
         .iter()
         .map(|s| blast(s, to, &[], Duration::from_millis(500)).len())
         .sum();
-    // The /56's burst and what its rate refilled meanwhile, not 12 bursts.
-    assert!((20..=40).contains(&answered), "{answered} of 300 answered");
+    // The strangers' burst, the host's own once the gateway has resolved
+    // its first addresses, and what their rates refilled meanwhile; not
+    // 12 bursts (240).
+    assert!((20..=60).contains(&answered), "{answered} of 300 answered");
     // Another client is not affected.
     assert_eq!(legit_answers(&lab, LISTEN, 2), 4);
     let stopped = daemon.stop();

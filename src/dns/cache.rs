@@ -563,8 +563,9 @@ fn window_max(capacity: usize) -> NonZeroUsize {
 }
 
 /// The most entries of a cache of `capacity` kept in its protected
-/// segment ([`super::cache_lru`]): four fifths of what the window leaves
-/// (the main space), so that a fifth at least is probation, where answers
+/// segment ([`super::cache_lru`]): four fifths of `capacity`, some 81 %
+/// of the main space the window leaves, so that the rest of it (about a
+/// fifth of the capacity, less the window) is probation, where answers
 /// out of the window wait to be asked again (and one-hit floods churn).
 /// Window and main space together are exactly `capacity`.
 fn protected_max(capacity: usize) -> usize {
