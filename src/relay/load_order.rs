@@ -5,9 +5,9 @@
 //! client, and a run of the lightest from a random point: see
 //! `table::Inner::most_to_spare`), and it is ordered by each client's flow
 //! count. Kept eagerly, every new flow paid a B-tree remove and insert
-//! for its client's new count (about 600 instructions of the table's
-//! 1,200 for a new flow, callgrind, "New flows, round 14" in
-//! docs/BENCHMARKS.md), although the order is read only when a flow must
+//! and two keyed hashes for its client's new count (about 295 of the 1,130
+//! instructions of `SessionTable::insert`, callgrind, "New flows, round
+//! 14" in docs/BENCHMARKS.md), although the order is read only when a flow must
 //! be evicted, when limits shrink, and by the admin page. So a count
 //! change only notes the client and the count the order still has for
 //! it; [`LoadOrder::settled`] writes the noted clients' new places before
@@ -19,8 +19,15 @@
 //! last read costs one remove and one insert at the read, and one whose
 //! count went down and back up (a full table: one flow evicted, one
 //! filed) none.
+//!
+//! The notes are a list, not a map: a note is a push, not a hash and a
+//! probe. A client noted twice (others noted between) is written once,
+//! at its first note, whose count is the one the order holds; its later
+//! notes find it in place. The list is bounded: past [`MAX_NOTES`] a note
+//! writes the order, so clients taking turns between two reads cost no
+//! more than eager upkeep, and no memory beyond the bound.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::hash::BuildHasher;
 
 use super::key::ClientId;
@@ -31,12 +38,10 @@ type Hasher = foldhash::fast::RandomState;
 /// A client's place: (flows held, tie, client). The last is the heaviest.
 pub type Place = (usize, u64, ClientId);
 
-/// Notes kept above this many clients are given back when read: after a
-/// flood of one-flow clients the map would otherwise keep its fullest
-/// size for good.
-const KEPT_NOTES: usize = 1024;
+/// Notes held at most between two reads.
+const MAX_NOTES: usize = 1024;
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct LoadOrder {
     /// (flows held, tie, client) for every client holding flows, as of
     /// the last [`LoadOrder::settled`], plus the noted clients at the
@@ -47,23 +52,13 @@ pub struct LoadOrder {
     set: BTreeSet<Place>,
     /// Seeds the tie order, at random per table.
     ties: Hasher,
-    /// Clients whose count changed since the last read, with the count
-    /// `set` holds them at (0: not in it).
-    noted: HashMap<ClientId, usize, Hasher>,
+    /// Clients whose count changed since the last read, each with its
+    /// count before that change: a client's first note holds the count
+    /// `set` holds it at (0: not in it).
+    noted: Vec<(ClientId, usize)>,
     /// The client noted last: a burst of one client's new flows notes it
     /// once, not once a flow.
     last: Option<ClientId>,
-}
-
-impl Default for LoadOrder {
-    fn default() -> Self {
-        LoadOrder {
-            set: BTreeSet::new(),
-            ties: Hasher::default(),
-            noted: HashMap::with_hasher(Hasher::default()),
-            last: None,
-        }
-    }
 }
 
 impl LoadOrder {
@@ -73,39 +68,47 @@ impl LoadOrder {
         self.ties.hash_one(v)
     }
 
-    /// Notes that `id`'s flow count is about to change (or just changed)
-    /// from `old`. Must be called for every change of any client's count.
-    pub fn changed(&mut self, id: ClientId, old: usize) {
+    /// Notes that `id`'s flow count just changed from `old`. Must be
+    /// called after every change of any client's count (`count` says the
+    /// counts now, as for [`LoadOrder::settled`]).
+    pub fn changed(&mut self, id: ClientId, old: usize, count: impl Fn(ClientId) -> usize) {
         if self.last == Some(id) {
             return;
         }
-        self.noted.entry(id).or_insert(old);
+        self.noted.push((id, old));
         self.last = Some(id);
+        if self.noted.len() >= MAX_NOTES {
+            self.write(count);
+        }
     }
 
     /// The order, with every noted client moved to its place for its
     /// count now (`count` says it; 0 for a client gone).
     pub fn settled(&mut self, count: impl Fn(ClientId) -> usize) -> &BTreeSet<Place> {
+        self.write(count);
+        &self.set
+    }
+
+    /// Moves the noted clients to their places. A client's first note
+    /// holds the count `set` has it at; a later note of the same client
+    /// finds it already moved to its count now, and either matches that
+    /// count or names a place the client is not at (removing nothing,
+    /// inserting what is there).
+    fn write(&mut self, count: impl Fn(ClientId) -> usize) {
         self.last = None;
-        if !self.noted.is_empty() {
-            for (id, was) in self.noted.drain() {
-                let now = count(id);
-                if now == was {
-                    continue;
-                }
-                let tie = self.ties.hash_one(id);
-                if was > 0 {
-                    self.set.remove(&(was, tie, id));
-                }
-                if now > 0 {
-                    self.set.insert((now, tie, id));
-                }
+        for (id, was) in self.noted.drain(..) {
+            let now = count(id);
+            if now == was {
+                continue;
             }
-            if self.noted.capacity() > KEPT_NOTES {
-                self.noted = HashMap::with_hasher(Hasher::default());
+            let tie = self.ties.hash_one(id);
+            if was > 0 {
+                self.set.remove(&(was, tie, id));
+            }
+            if now > 0 {
+                self.set.insert((now, tie, id));
             }
         }
-        &self.set
     }
 
     /// Forgets every client (the table was emptied).
@@ -120,6 +123,7 @@ impl LoadOrder {
 mod tests {
     use super::*;
     use crate::test_rng::XorShift;
+    use std::collections::HashMap;
 
     /// What eager upkeep keeps: every client holding flows at its count.
     fn eager(order: &LoadOrder, counts: &HashMap<ClientId, usize>) -> BTreeSet<Place> {
@@ -149,8 +153,8 @@ mod tests {
                 1 if old > 0 => 0,
                 _ => old + 1 + rng.below(3),
             };
-            order.changed(id, old);
             counts.insert(id, new);
+            order.changed(id, old, |c| counts.get(&c).copied().unwrap_or(0));
             if rng.below(7) == 0 {
                 let want = eager(&order, &counts);
                 let got = order.settled(|c| counts.get(&c).copied().unwrap_or(0));
@@ -169,39 +173,54 @@ mod tests {
         let mut order = LoadOrder::default();
         let (a, b) = (ClientId::V4(1), ClientId::V4(2));
         let mut counts: HashMap<ClientId, usize> = HashMap::new();
-        for n in 0..32 {
-            order.changed(a, n);
-            counts.insert(a, n + 1);
-        }
-        order.changed(b, 0);
-        counts.insert(b, 1);
-        assert!(order.set.is_empty(), "nothing written before a read");
-        assert_eq!(order.noted.len(), 2);
         let count = |counts: &HashMap<ClientId, usize>, c| counts.get(&c).copied().unwrap_or(0);
+        for n in 0..32 {
+            counts.insert(a, n + 1);
+            order.changed(a, n, |c| count(&counts, c));
+        }
+        counts.insert(b, 1);
+        order.changed(b, 0, |c| count(&counts, c));
+        assert!(order.set.is_empty(), "nothing written before a read");
+        assert_eq!(order.noted, [(a, 0), (b, 0)]);
         let set = order.settled(|c| count(&counts, c)).clone();
         assert_eq!(set.last().map(|p| (p.0, p.2)), Some((32, a)));
         assert_eq!(set.first().map(|p| (p.0, p.2)), Some((1, b)));
         assert!(order.noted.is_empty());
         // One evicted, one filed: back at 32, the order already right.
-        order.changed(a, 32);
-        order.changed(a, 31);
-        assert_eq!(order.noted.get(&a), Some(&32), "the count the order has");
+        order.changed(a, 32, |c| count(&counts, c));
+        order.changed(a, 31, |c| count(&counts, c));
+        assert_eq!(order.noted, [(a, 32)], "the count the order has");
         assert_eq!(order.settled(|c| count(&counts, c)), &set);
+        // Taking turns: a noted again after b, written once, right.
+        counts.insert(a, 33);
+        order.changed(a, 32, |c| count(&counts, c));
+        counts.insert(b, 2);
+        order.changed(b, 1, |c| count(&counts, c));
+        counts.insert(a, 34);
+        order.changed(a, 33, |c| count(&counts, c));
+        assert_eq!(order.noted.len(), 3);
+        let places: Vec<(usize, ClientId)> = order
+            .settled(|c| count(&counts, c))
+            .iter()
+            .map(|p| (p.0, p.2))
+            .collect();
+        assert_eq!(places, [(2, b), (34, a)]);
         // Gone: out of the order.
-        order.changed(b, 1);
         counts.remove(&b);
+        order.changed(b, 2, |c| count(&counts, c));
         assert_eq!(order.settled(|c| count(&counts, c)).len(), 1);
     }
 
-    /// A flood of one-flow clients between reads leaves no large map of
-    /// notes behind once read.
+    /// A flood of one-flow clients with no read between holds no more
+    /// than [`MAX_NOTES`] notes, and the order is right when read.
     #[test]
-    fn the_notes_give_their_memory_back() {
+    fn the_notes_are_bounded() {
         let mut order = LoadOrder::default();
         for i in 0..10_000 {
-            order.changed(ClientId::V4(i), 0);
+            order.changed(ClientId::V4(i), 0, |_| 1);
+            assert!(order.noted.len() < MAX_NOTES);
         }
+        assert!(order.set.len() >= 10_000 - MAX_NOTES, "written as it went");
         assert_eq!(order.settled(|_| 1).len(), 10_000);
-        assert!(order.noted.capacity() <= KEPT_NOTES);
     }
 }

@@ -210,7 +210,9 @@ impl Inner {
     /// Notes for the load order that `id`'s flow count changed from `old`
     /// (the order moves it when next read).
     fn reorder(&mut self, id: ClientId, old: usize) {
-        self.by_load.changed(id, old);
+        let clients = &self.clients;
+        self.by_load
+            .changed(id, old, |id| clients.get(&id).map_or(0, |c| c.flows.len()));
     }
 
     /// The load order, every client at its count now.
