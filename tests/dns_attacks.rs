@@ -97,8 +97,11 @@ fn legit_answers(lab: &Lab, server: &str, n: usize) -> usize {
     out.lines().filter(|l| l.trim() == "192.0.2.50").count()
 }
 
+/// One IPv6 device of the LAN counts as one client whatever addresses of
+/// its prefix it uses: the gateway has resolved them all to its one
+/// link-layer address (see `tests/dns_ipv6_devices.rs`).
 #[test]
-fn tcp_connections_from_many_addresses_of_one_ipv6_56_share_one_per_client_cap() {
+fn tcp_connections_from_many_addresses_of_one_ipv6_device_share_one_per_client_cap() {
     let lab = dns_lab();
     let daemon = lab.start_tproxyd(&config(
         "rate_limit = { qps = 0 }\ntcp = { max_connections = 32, max_per_client = 4, idle_timeout = \"20s\" }",
@@ -109,6 +112,15 @@ fn tcp_connections_from_many_addresses_of_one_ipv6_56_share_one_per_client_cap()
     let addrs: Vec<IpAddr> = (1..=12).map(|i| ip(&format!("2001:db8:1::a:{i}"))).collect();
     for a in &addrs {
         lab.add_client_address(*a);
+    }
+    // Each address has asked once, so the gateway has resolved each (a
+    // device that uses an address is resolved at its first exchange).
+    let udp_to: SocketAddr = format!("[{LISTEN6}]:53").parse().unwrap();
+    let printer = query(1, "printer.lan.", RecordType::A, None).to_vec().unwrap();
+    for a in &addrs {
+        let sock = lab::udp::socket(&lab.client, SocketAddr::new(*a, 0));
+        let (from, _) = lab::udp::exchange(&sock, udp_to, &printer);
+        assert_eq!(from, udp_to);
     }
     let to: SocketAddr = format!("[{LISTEN6}]:53").parse().unwrap();
     let attackers: Vec<TcpStream> = lab.client.enter(move || {
@@ -125,7 +137,9 @@ fn tcp_connections_from_many_addresses_of_one_ipv6_56_share_one_per_client_cap()
     });
     assert_eq!(attackers.len(), 48, "the kernel accepts every connection");
     // The daemon keeps only the prefix's share and closes the rest.
-    eventually("connections beyond the /56's share were kept", || tcp_held(&lab) <= 4);
+    eventually("connections beyond the device's share were kept", || {
+        tcp_held(&lab) <= 4
+    });
     // Everyone else still gets DNS over TCP (and UDP).
     assert_eq!(legit_answers(&lab, LISTEN, 5), 10);
     drop(attackers);

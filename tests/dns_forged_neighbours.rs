@@ -387,12 +387,11 @@ fn a_device_the_kernel_forgot_before_forging_still_gets_hijacked_answers() {
     forgotten_device_against(format!("{PUBLIC}:53").parse().unwrap(), Dropped::BeforeTheFlood);
 }
 
-/// The IPv6 lab: the rate limit off. It counts an IPv6 /56 as one client
-/// (`dns.rate_limit`), and the forged sources share the device's /64: their
-/// queries would take the device's tokens as well, which
-/// `tests/dns_attacks.rs` tests. Here only the neighbour queue is under
-/// test, as in the IPv4 tests (whose forged queries stay within each
-/// address's limit).
+/// The IPv6 lab: the rate limit off. The forged sources of the device's
+/// /64 share one count, and are limited as one client
+/// (`tests/dns_ipv6_devices.rs` tests that); here only the neighbour
+/// queue is under test, as in the IPv4 tests (whose forged queries stay
+/// within each address's limit).
 fn ipv6_gateway() -> Gateway {
     Gateway::start_with("rate_limit = { qps = 0 }")
 }

@@ -129,8 +129,9 @@ impl DnsConfig {
 /// Largest `max_udp_payload` accepted (the EDNS ceiling common resolvers use).
 pub const MAX_UDP_PAYLOAD_LIMIT: u16 = 4096;
 
-/// `dns.rate_limit`: a token bucket per client (per address for IPv4, per
-/// /56 for IPv6, since one IPv6 host can use a whole prefix).
+/// `dns.rate_limit`: a token bucket per client, as [`crate::dns::clients`]
+/// tells them apart (an IPv4 address, an IPv6 device of the LAN, or else
+/// an IPv6 /56, since one IPv6 host can use a whole prefix).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
@@ -229,8 +230,8 @@ pub struct TcpConfig {
     /// Connections served at once, all clients together.
     #[serde(default = "TcpConfig::default_max_connections")]
     pub max_connections: usize,
-    /// Connections one client may hold at once (an IPv4 address, or an
-    /// IPv6 /56, like the rate limit).
+    /// Connections one client may hold at once (counted as for the rate
+    /// limit).
     #[serde(default = "TcpConfig::default_max_per_client")]
     pub max_per_client: usize,
     /// A connection with no query for this long is closed.

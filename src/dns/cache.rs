@@ -18,7 +18,7 @@
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use std::net::IpAddr;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -26,8 +26,8 @@ use std::time::Instant;
 use super::cache_lru::{Lru, SlotId};
 use super::cache_owners::{Owners, SHARE_DIVISOR};
 use super::cache_weight::record_bytes;
+use super::clients::ClientKey;
 use super::plain_name::Forms;
-use super::ratelimit::client_bucket;
 use super::rendered::Rendered;
 use super::ttl_secs;
 use crate::config::dns::CacheConfig;
@@ -343,7 +343,7 @@ pub struct Entry {
     alias_clear: AtomicU64,
     /// The client (bucket) whose miss stored it, charged for it
     /// ([`Owners`]); `None` for entries from the cache file.
-    owner: Option<IpAddr>,
+    owner: Option<ClientKey>,
     /// Names this entry among those its owner stored (0: no owner).
     serial: u64,
 }
@@ -558,8 +558,8 @@ fn received(ttl: u32) -> u32 {
 /// ([`super::cache_lru`]): about 1 %, as in Caffeine, and at least one,
 /// so that a new answer is always kept at once. Small, because the window
 /// takes any name unguarded: a flood of forged names churns only it.
-fn window_max(capacity: usize) -> usize {
-    (capacity / 100).max(1)
+fn window_max(capacity: usize) -> NonZeroUsize {
+    NonZeroUsize::new(capacity / 100).unwrap_or(NonZeroUsize::MIN)
 }
 
 /// The most entries of a cache of `capacity` kept in its protected
@@ -573,7 +573,7 @@ fn protected_max(capacity: usize) -> usize {
 
 /// The LRU of a cache of `capacity`: window, segments and frequency guard.
 fn new_lru(capacity: usize) -> Lru<Arc<Entry>> {
-    Lru::with_sketch(protected_max(capacity), capacity).windowed(window_max(capacity))
+    Lru::with_sketch(protected_max(capacity), window_max(capacity), capacity)
 }
 
 /// The LRU, the memory it holds and who holds it, under one lock.
@@ -601,7 +601,7 @@ impl Store {
 
     /// Evicts the oldest entry `owner` stored other than `keep`, if it
     /// holds more than its share of `config`'s bounds; whether it did.
-    fn evict_own(&mut self, config: &CacheConfig, owner: IpAddr, keep: u64) -> bool {
+    fn evict_own(&mut self, config: &CacheConfig, owner: ClientKey, keep: u64) -> bool {
         let (max_entries, max_bytes) = (
             (config.capacity / SHARE_DIVISOR).max(1),
             config.max_bytes / SHARE_DIVISOR,
@@ -663,8 +663,12 @@ impl DnsCache {
     fn with_seed(config: &CacheConfig, seed: u64) -> Self {
         DnsCache {
             store: Some(Mutex::new(Store {
-                lru: Lru::with_sketch_seeded(protected_max(config.capacity), config.capacity, seed)
-                    .windowed(window_max(config.capacity)),
+                lru: Lru::with_sketch_seeded(
+                    protected_max(config.capacity),
+                    window_max(config.capacity),
+                    config.capacity,
+                    seed,
+                ),
                 bytes: 0,
                 owners: Owners::default(),
             })),
@@ -780,19 +784,19 @@ impl DnsCache {
     /// Stores records that [`TtlPolicy::apply`] found cacheable for
     /// `lifetime` seconds, taking them over: for a caller that has
     /// already encoded its reply from them, so they are not copied.
-    pub fn store(&self, key: CacheKey, lifetime: u32, records: Records, client: IpAddr) -> bool {
+    pub fn store(&self, key: CacheKey, lifetime: u32, records: Records, client: ClientKey) -> bool {
         self.store_at(key, lifetime, records, Instant::now(), client)
     }
 
     /// [`DnsCache::store`], stored at `now` (the caller's reading of the
     /// clock, when it has one of the same moment), charged to `client`
     /// (whose miss it answers: see [`super::cache_owners`]).
-    pub fn store_at(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant, client: IpAddr) -> bool {
-        self.keep(key, lifetime, records, now, Some(client_bucket(client)))
+    pub fn store_at(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant, client: ClientKey) -> bool {
+        self.keep(key, lifetime, records, now, Some(client))
     }
 
-    /// Stores `records`, charged to `owner` (a client bucket) if any.
-    fn keep(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant, owner: Option<IpAddr>) -> bool {
+    /// Stores `records`, charged to `owner` if any.
+    fn keep(&self, key: CacheKey, lifetime: u32, records: Records, now: Instant, owner: Option<ClientKey>) -> bool {
         let Some(mut store) = self.lock() else {
             return false;
         };
@@ -816,7 +820,7 @@ impl DnsCache {
     /// alone is too big. When the bounds are passed, an owner over its
     /// share makes room from its own oldest entries, anyone else from the
     /// least recently used.
-    fn put(config: &CacheConfig, store: &mut Store, key: CacheKey, mut entry: Entry, owner: Option<IpAddr>) -> bool {
+    fn put(config: &CacheConfig, store: &mut Store, key: CacheKey, mut entry: Entry, owner: Option<ClientKey>) -> bool {
         // Packed when the key was made (at the miss's look-up).
         let key: &[u8] = &key.packed;
         let bytes = entry.bytes;
@@ -949,6 +953,7 @@ mod tests {
     use hickory_proto::op::{MessageType, OpCode};
     use hickory_proto::rr::Name;
     use hickory_proto::rr::rdata::{A, SOA};
+    use std::net::IpAddr;
     use std::str::FromStr;
     use std::time::Duration;
 
@@ -1094,7 +1099,7 @@ mod tests {
             300,
             Records::take(&mut answer(&[300])),
             now,
-            "192.0.2.7".parse().unwrap()
+            ClientKey::by_prefix("192.0.2.7".parse().unwrap())
         ));
         // Found again by the same question in any case, on either path.
         let name = Name::from_ascii("www.example.test.").unwrap();
@@ -1410,7 +1415,7 @@ mod tests {
         });
         let store = |name: &str, client: &str| {
             let records = Records::take(&mut answer(&[300]));
-            assert!(c.store(key(name), 300, records, client.parse().unwrap()));
+            assert!(c.store(key(name), 300, records, ClientKey::by_prefix(client.parse().unwrap())));
         };
         for i in 0..10 {
             store(&format!("v{i}"), "192.0.2.10");
@@ -1439,11 +1444,21 @@ mod tests {
         });
         let victim: std::net::IpAddr = "192.0.2.10".parse().unwrap();
         for i in 0..20 {
-            assert!(b.store(key(&format!("v{i}")), 300, Records::take(&mut answer(&[300])), victim));
+            assert!(b.store(
+                key(&format!("v{i}")),
+                300,
+                Records::take(&mut answer(&[300])),
+                ClientKey::by_prefix(victim)
+            ));
         }
         for i in 0..500 {
             let big = Records::take(&mut txt(16_000));
-            assert!(b.store(key(&format!("f{i}")), 300, big, "192.0.2.66".parse().unwrap()));
+            assert!(b.store(
+                key(&format!("f{i}")),
+                300,
+                big,
+                ClientKey::by_prefix("192.0.2.66".parse().unwrap())
+            ));
             assert!(b.bytes() <= 1 << 20);
         }
         for i in 0..20 {
@@ -1455,9 +1470,44 @@ mod tests {
             ..CacheConfig::default()
         });
         for i in 0..100 {
-            alone.store(key(&format!("a{i}")), 300, Records::take(&mut answer(&[300])), victim);
+            alone.store(
+                key(&format!("a{i}")),
+                300,
+                Records::take(&mut answer(&[300])),
+                ClientKey::by_prefix(victim),
+            );
         }
         assert_eq!(alone.len(), 40);
+    }
+
+    /// A cache of 200 entries whose frequency guard hashes with `seed`
+    /// ([`DnsCache::with_seed`]), as the lab's forged-names test sizes it.
+    fn seeded_cache(seed: u64) -> DnsCache {
+        DnsCache::with_seed(
+            &CacheConfig {
+                capacity: 200,
+                ..CacheConfig::default()
+            },
+            seed,
+        )
+    }
+
+    /// `client` asks `cache` for `name`: true for a live answer; on a
+    /// miss the upstream's answer (one A record, an hour) is stored as
+    /// `client`'s, and false.
+    fn ask(cache: &DnsCache, name: &str, client: IpAddr) -> bool {
+        match cache.lookup(&key(name)) {
+            Lookup::Live(..) => true,
+            _ => {
+                cache.store(
+                    key(name),
+                    3600,
+                    Records::take(&mut answer(&[3600])),
+                    ClientKey::by_prefix(client),
+                );
+                false
+            }
+        }
     }
 
     /// A forger asks each of its names `repeats` times from many source
@@ -1478,28 +1528,15 @@ mod tests {
     fn forged_names_asked_again_cannot_flush_a_devices_repeated_names() {
         let floods = (0..16).map(|seed| (2, seed)).chain((0..64).map(|seed| (3, seed)));
         for (repeats, seed) in floods {
-            let c = DnsCache::with_seed(
-                &CacheConfig {
-                    capacity: 200,
-                    ..CacheConfig::default()
-                },
-                seed,
-            );
-            let ask = |name: &str, client: IpAddr| match c.lookup(&key(name)) {
-                Lookup::Live(..) => true,
-                _ => {
-                    c.store(key(name), 3600, Records::take(&mut answer(&[3600])), client);
-                    false
-                }
-            };
+            let c = seeded_cache(seed);
             let device: IpAddr = "192.0.2.10".parse().unwrap();
             let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.victim.test.")).collect();
             for n in &hot {
-                ask(n, device);
+                ask(&c, n, device);
             }
             // Names the device uses: asked four times before the flood.
             for _ in 0..3 {
-                assert!(hot.iter().all(|n| ask(n, device)));
+                assert!(hot.iter().all(|n| ask(&c, n, device)));
             }
             let mut misses = 0;
             for source in 0..120u8 {
@@ -1507,14 +1544,14 @@ mod tests {
                 let names: Vec<String> = (0..10).map(|i| format!("n{i}.s{source}.flood.test.")).collect();
                 for _ in 0..repeats {
                     for n in &names {
-                        ask(n, from);
+                        ask(&c, n, from);
                     }
                 }
                 if source % 30 == 29 {
-                    misses += hot.iter().filter(|n| !ask(n, device)).count();
+                    misses += hot.iter().filter(|n| !ask(&c, n, device)).count();
                 }
             }
-            misses += hot.iter().filter(|n| !ask(n, device)).count();
+            misses += hot.iter().filter(|n| !ask(&c, n, device)).count();
             assert_eq!(
                 misses, 0,
                 "asked {repeats} times each, the forged names pushed the device's out (seed {seed})"
@@ -1530,34 +1567,21 @@ mod tests {
     #[test]
     fn a_new_name_asked_once_is_served_from_cache_on_its_second_ask_while_the_cache_is_full() {
         for seed in 0..16 {
-            let c = DnsCache::with_seed(
-                &CacheConfig {
-                    capacity: 200,
-                    ..CacheConfig::default()
-                },
-                seed,
-            );
-            let ask = |name: &str, client: IpAddr| match c.lookup(&key(name)) {
-                Lookup::Live(..) => true,
-                _ => {
-                    c.store(key(name), 3600, Records::take(&mut answer(&[3600])), client);
-                    false
-                }
-            };
+            let c = seeded_cache(seed);
             let device: IpAddr = "192.0.2.10".parse().unwrap();
             // Asked by eight other devices, each within its share (a
             // device over its share makes room from its own entries).
             let old: Vec<String> = (0..200).map(|i| format!("old{i}.lan.test.")).collect();
             for _ in 0..4 {
                 for (i, n) in old.iter().enumerate() {
-                    ask(n, IpAddr::from([192, 0, 2, 20 + (i % 8) as u8]));
+                    ask(&c, n, IpAddr::from([192, 0, 2, 20 + (i % 8) as u8]));
                 }
             }
             assert_eq!(c.len(), 200);
             for i in 0..5 {
                 let new = format!("new{i}.lan.test.");
-                assert!(!ask(&new, device));
-                assert!(ask(&new, device), "new{i} was not kept (seed {seed})");
+                assert!(!ask(&c, &new, device));
+                assert!(ask(&c, &new, device), "new{i} was not kept (seed {seed})");
                 assert_eq!(c.len(), 200);
             }
         }

@@ -21,16 +21,19 @@
 //! when the entry it would evict was asked more often (or as often, past
 //! one look-up).
 //!
-//! With a window ([`Lru::windowed`], as in Caffeine's W-TinyLFU) a new
-//! entry enters a small *window* list in front of the two segments
-//! instead, and only the entry the window pushes out
-//! ([`Lru::graduate`]) goes to probation, where [`Lru::pop_for`] weighs
-//! it against the entry it would evict. Why: without it a new answer
-//! entered a full cache only when its name had been asked more often
-//! than the victim's, so a device's genuinely new name was fetched twice
-//! before it was kept; in the window it is kept at once, and the
-//! frequency guard still decides what enters the main space, which a
-//! flood of forged names can then only churn the window of.
+//! The sketch comes with a window (both made by [`Lru::with_sketch`], as
+//! in Caffeine's W-TinyLFU): a new entry enters a small *window* list in
+//! front of the two segments instead, and only the entry the window
+//! pushes out ([`Lru::graduate`]) goes to probation, where
+//! [`Lru::pop_for`] weighs it against the entry it would evict. Why:
+//! without it a new answer entered a full cache only when its name had
+//! been asked more often than the victim's, so a device's genuinely new
+//! name was fetched twice before it was kept; in the window it is kept at
+//! once, and the frequency guard still decides what enters the main
+//! space, which a flood of forged names can then only churn the window
+//! of. A sketch without a window is not a state this type has: the
+//! daemon has not built one since the window came, and a way of evicting
+//! kept only for it would be code no cache runs.
 //!
 //! Why not the `lru` crate, which the cache used before: every miss stores
 //! an answer, and an insert there hashed the key twice (a look-up, then the
@@ -53,6 +56,7 @@
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as TableEntry;
 use std::hash::BuildHasher;
+use std::num::NonZeroUsize;
 
 use super::cache_sketch::Sketch;
 
@@ -139,14 +143,23 @@ pub struct Lru<V> {
     /// Slots in the protected segment, and the most it holds.
     protected: usize,
     protected_max: usize,
-    /// Slots in the window, and the most it keeps (0: no window, new
-    /// entries enter probation).
+    /// Slots in the window (none without a guard: new entries then
+    /// enter probation).
     window: usize,
-    window_max: usize,
     hasher: foldhash::fast::SeedableRandomState,
-    /// How often each key was looked up lately, when the cache guards its
-    /// segments by frequency ([`Lru::with_sketch`]).
-    sketch: Option<Sketch>,
+    /// The frequency guard and its window, when the cache has them
+    /// ([`Lru::with_sketch`]).
+    guard: Option<Guard>,
+}
+
+/// How often each key was looked up lately, and the most entries the
+/// window in front of the segments keeps: one of them never comes
+/// without the other (see the module's comment), and a window keeps at
+/// least one entry, so that a new one is always kept at once.
+#[derive(Debug)]
+struct Guard {
+    sketch: Sketch,
+    window_max: NonZeroUsize,
 }
 
 impl<V> Lru<V> {
@@ -162,22 +175,25 @@ impl<V> Lru<V> {
             protected: 0,
             protected_max,
             window: 0,
-            window_max: 0,
             hasher: foldhash::fast::SeedableRandomState::random(),
-            sketch: None,
+            guard: None,
         }
     }
 
     /// [`Lru::new`] for a cache of `capacity` entries, guarded by
-    /// frequency ([`super::cache_sketch`]): every [`Lru::get`] is counted,
-    /// an entry found again moves into a full protected segment only when
-    /// it was asked more often than the entry it would demote, and
-    /// [`Lru::pop_for`] keeps a new entry out of a full cache unless it was
-    /// asked more often than the entry it would evict (ties past one
-    /// look-up stay out).
-    pub fn with_sketch(protected_max: usize, capacity: usize) -> Self {
+    /// frequency ([`super::cache_sketch`]) behind a window of
+    /// `window_max` entries: a new entry enters the window, every
+    /// [`Lru::get`] is counted, an entry found again moves into a full
+    /// protected segment only when it was asked more often than the entry
+    /// it would demote, and [`Lru::pop_for`] keeps the entry the window
+    /// pushed out of a full main space unless it was asked more often than
+    /// the entry it would evict (ties past one look-up stay out).
+    pub fn with_sketch(protected_max: usize, window_max: NonZeroUsize, capacity: usize) -> Self {
         Lru {
-            sketch: Some(Sketch::new(capacity)),
+            guard: Some(Guard {
+                sketch: Sketch::new(capacity),
+                window_max,
+            }),
             ..Self::new(protected_max)
         }
     }
@@ -187,20 +203,11 @@ impl<V> Lru<V> {
     /// (the sketch's estimates err high where keys share counters, and
     /// where they do depends on the seed).
     #[cfg(test)]
-    pub fn with_sketch_seeded(protected_max: usize, capacity: usize, seed: u64) -> Self {
+    pub fn with_sketch_seeded(protected_max: usize, window_max: NonZeroUsize, capacity: usize, seed: u64) -> Self {
         Lru {
             hasher: foldhash::fast::SeedableRandomState::with_seed(seed, foldhash::SharedSeed::global_fixed()),
-            ..Self::with_sketch(protected_max, capacity)
+            ..Self::with_sketch(protected_max, window_max, capacity)
         }
-    }
-}
-
-impl<V> Lru<V> {
-    /// This cache with a window of `window_max` entries in front of its
-    /// segments (see the module's comment): new entries enter it, and the
-    /// owner moves what it pushes out on ([`Lru::graduate`]).
-    pub fn windowed(self, window_max: usize) -> Self {
-        Lru { window_max, ..self }
     }
 }
 
@@ -230,8 +237,8 @@ impl<V> Lru<V> {
     /// found or not: a miss is a name asked too.
     pub fn get(&mut self, key: &[u8]) -> Option<&V> {
         let hash = self.hasher.hash_one(key);
-        if let Some(sketch) = &mut self.sketch {
-            sketch.increment(hash);
+        if let Some(guard) = &mut self.guard {
+            guard.sketch.increment(hash);
         }
         self.found(hash, key)
     }
@@ -284,8 +291,8 @@ impl<V> Lru<V> {
     /// entry in slot `than` (always without a sketch, or without that
     /// entry).
     fn hotter(&self, hash: u64, than: u32) -> bool {
-        match (&self.sketch, self.slots.get(at(than))) {
-            (Some(sketch), Some(slot)) => sketch.estimate(hash) > sketch.estimate(slot.hash),
+        match (&self.guard, self.slots.get(at(than))) {
+            (Some(guard), Some(slot)) => guard.sketch.estimate(hash) > guard.sketch.estimate(slot.hash),
             _ => true,
         }
     }
@@ -296,7 +303,7 @@ impl<V> Lru<V> {
     }
 
     /// Stores `value` under `key` as the most recently used of its
-    /// segment (the window for a new key, or probation without one);
+    /// segment (the window for a new key, or probation without a guard);
     /// returns its slot and the value it replaces. Nothing is evicted or
     /// moved out of the window here: the owner does that.
     pub fn push(&mut self, key: &[u8], value: V) -> (SlotId, Option<V>) {
@@ -337,12 +344,13 @@ impl<V> Lru<V> {
                     i
                 };
                 vacant.insert(i);
+                let windowed = self.guard.is_some();
                 let slot = &mut self.slots[at(i)];
                 slot.key.set(key);
                 slot.hash = hash;
                 slot.value = Some(value);
-                slot.segment = if self.window_max > 0 { WINDOW } else { PROBATION } as u8;
-                if self.window_max > 0 {
+                slot.segment = if windowed { WINDOW } else { PROBATION } as u8;
+                if windowed {
                     self.window += 1;
                 }
                 self.len += 1;
@@ -392,9 +400,10 @@ impl<V> Lru<V> {
     /// Moves the window's least recently used entry to probation's front
     /// when the window holds more than its most; returns its slot, the
     /// candidate [`Lru::pop_for`] weighs when the cache is over its
-    /// bounds.
+    /// bounds. Without a guard there is no window: `None`.
     pub fn graduate(&mut self) -> Option<SlotId> {
-        if self.window <= self.window_max {
+        let window_max = self.guard.as_ref()?.window_max.get();
+        if self.window <= window_max {
             return None;
         }
         let i = self.ends[WINDOW].1;
@@ -407,10 +416,12 @@ impl<V> Lru<V> {
     }
 
     /// Takes out the entry an eviction should take to make room for the
-    /// new entry in slot `candidate`: the one [`Lru::pop_lru`] takes,
-    /// unless the candidate was asked less often lately, or as often when
-    /// both were asked more than once: then the candidate itself (a full
-    /// cache does not admit it).
+    /// entry in slot `candidate`, the one the window pushed out to
+    /// probation ([`Lru::graduate`]): the main space's least recently used
+    /// other than the candidate, unless the candidate was asked less often
+    /// lately, or as often when both were asked more than once: then the
+    /// candidate itself (a full main space does not admit it). With no
+    /// other entry in the main space, the candidate goes.
     ///
     /// Why ties admit only names asked at most once: those go on churning
     /// probation among themselves, as without the guard. Past that, the
@@ -419,30 +430,14 @@ impl<V> Lru<V> {
     /// often than a device's name it is compared with. In 1,000 simulated
     /// floods of names asked three times against a device's names asked
     /// four, 188 of the 192 evictions of the device's names were ties.
-    ///
-    /// With a window, the candidate is the entry it pushed out
-    /// ([`Lru::graduate`]), now in probation: the victim is then the main
-    /// space's least recently used other than the candidate, and with no
-    /// other there the candidate goes.
     pub fn pop_for(&mut self, candidate: SlotId) -> Option<V> {
-        let in_probation = self
-            .slots
-            .get(at(candidate))
-            .is_some_and(|s| s.value.is_some() && usize::from(s.segment) == PROBATION);
-        let lru = if self.window_max > 0 && in_probation {
-            match self.main_victim(candidate) {
-                NIL => candidate,
-                i => i,
-            }
-        } else {
-            match self.ends[PROBATION].1 {
-                NIL => self.ends[PROTECTED].1,
-                i => i,
-            }
+        let lru = match self.main_victim(candidate) {
+            NIL => candidate,
+            i => i,
         };
-        let keep_out = match (&self.sketch, self.slots.get(at(candidate)), self.slots.get(at(lru))) {
-            (Some(sketch), Some(new), Some(old)) if lru != candidate && new.value.is_some() => {
-                let (new, old) = (sketch.estimate(new.hash), sketch.estimate(old.hash));
+        let keep_out = match (&self.guard, self.slots.get(at(candidate)), self.slots.get(at(lru))) {
+            (Some(guard), Some(new), Some(old)) if lru != candidate && new.value.is_some() => {
+                let (new, old) = (guard.sketch.estimate(new.hash), guard.sketch.estimate(old.hash));
                 new < old || (new == old && new > 1)
             }
             _ => false,
@@ -679,39 +674,45 @@ mod tests {
         }
     }
 
-    /// A full cache admits a new entry in place of its least recently used
-    /// only when the new one was asked more often, or as often when both
-    /// were asked once: a tie past one look-up stays out (the sketch errs
-    /// high, so such a tie is often a name asked less often).
+    /// A full main space admits the entry its window pushes out in place
+    /// of its own least recently used only when the newcomer was asked
+    /// more often, or as often when both were asked once: a tie past one
+    /// look-up stays out (the sketch errs high, so such a tie is often a
+    /// name asked less often).
     #[test]
     fn ties_past_one_look_up_stay_out_of_a_full_cache() {
-        // No protected segment: every entry waits in probation. A miss is
-        // counted as a look-up, as the cache's misses are.
-        let mut lru = Lru::with_sketch_seeded(0, 2, 7);
-        let asked = |lru: &mut Lru<u32>, k: &[u8], times: usize| {
+        // A window of one and no protected segment: every entry out of the
+        // window waits in probation, which holds two (3 in all).
+        let mut lru = Lru::with_sketch_seeded(0, NonZeroUsize::MIN, 3, 7);
+        // `k` asked `times` (misses are counted as look-ups, as the
+        // cache's are), then stored as the cache stores: the value the
+        // room for what the window pushed out took out, if it took any.
+        let stored = |lru: &mut Lru<u32>, k: &[u8], times: usize, value: u32| {
             for _ in 0..times {
                 assert!(lru.get(k).is_none());
             }
+            lru.push(k, value);
+            let candidate = lru.graduate()?;
+            (lru.len() > 3).then(|| lru.pop_for(candidate)).flatten()
         };
-        asked(&mut lru, b"x", 2);
-        lru.push(b"x", 10);
-        asked(&mut lru, b"y", 1);
-        lru.push(b"y", 20);
-        // "x", asked twice, is the least recently used: a name asked twice
-        // ties it and stays out.
-        asked(&mut lru, b"f", 2);
-        let (f, _) = lru.push(b"f", 30);
-        assert_eq!(lru.pop_for(f), Some(30), "a tie at two was let in");
-        // Asked three times, a name is let in in its place.
-        asked(&mut lru, b"g", 3);
-        let (g, _) = lru.push(b"g", 40);
-        assert_eq!(lru.pop_for(g), Some(10), "asked more often, it was kept out");
-        // "y", asked once, is now the least recently used: a name asked
-        // once ties it and is let in, as without the guard.
-        asked(&mut lru, b"h", 1);
-        let (h, _) = lru.push(b"h", 50);
-        assert_eq!(lru.pop_for(h), Some(20), "a tie at one was kept out");
-        assert_eq!(lru.len(), 2);
+        assert_eq!(stored(&mut lru, b"x", 2, 10), None);
+        assert_eq!(stored(&mut lru, b"y", 1, 20), None);
+        assert_eq!(stored(&mut lru, b"f", 2, 30), None);
+        // "f", asked twice, leaves the window for a full main space whose
+        // least recently used, "x", was asked twice: the tie stays out.
+        assert_eq!(stored(&mut lru, b"g", 3, 40), Some(30), "a tie at two was let in");
+        // Asked three times, "g" is let in in place of "x".
+        assert_eq!(
+            stored(&mut lru, b"h", 1, 50),
+            Some(10),
+            "asked more often, it was kept out"
+        );
+        // "y", asked once, is now the least recently used: "h", asked
+        // once, ties it and is let in, as without the guard.
+        assert_eq!(stored(&mut lru, b"i", 1, 60), Some(20), "a tie at one was kept out");
+        assert_eq!(lru.len(), 3);
+        // The newest waits in the window, kept.
+        assert_eq!(lru.value_at(lru.ends[WINDOW].0), Some(&60));
     }
 
     /// Slots name entries: a slot's value is read and taken out by its

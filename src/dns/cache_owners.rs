@@ -8,8 +8,8 @@
 //! device through a cache of 200 evicted all 20 of another device's
 //! answers, cached a moment before, and its next page load went to the
 //! upstream again (and lost serve-stale's copy for an upstream outage).
-//! Each entry is now charged to the client whose miss stored it (an IPv4
-//! address, an IPv6 /56, as the rate limit counts them); once the cache is
+//! Each entry is now charged to the client whose miss stored it (as
+//! [`super::clients`] tells them apart); once the cache is
 //! full, a client holding more than a quarter of its entries or bytes
 //! makes room from its own oldest entries instead. A client alone on the
 //! LAN still fills the whole cache. Several devices together, or one
@@ -21,8 +21,8 @@
 //! allocation and held each key twice.
 
 use super::cache_lru::SlotId;
+use super::clients::ClientKey;
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
 
 /// A client may hold `capacity / SHARE_DIVISOR` entries and
 /// `max_bytes / SHARE_DIVISOR` bytes before it is made to evict its own.
@@ -48,7 +48,7 @@ struct Held {
 pub struct Owners {
     /// Keyed by client addresses, which a spoofer can choose: a seeded
     /// hasher, as the cache's own map has.
-    held: HashMap<IpAddr, Held, foldhash::quality::RandomState>,
+    held: HashMap<ClientKey, Held, foldhash::quality::RandomState>,
     last_serial: u64,
 }
 
@@ -66,7 +66,7 @@ impl Owners {
     /// order).
     pub fn charge(
         &mut self,
-        client: IpAddr,
+        client: ClientKey,
         slot: SlotId,
         serial: u64,
         bytes: usize,
@@ -82,7 +82,7 @@ impl Owners {
     }
 
     /// An entry of `bytes` that `client` was charged for has left.
-    pub fn uncharge(&mut self, client: IpAddr, bytes: usize) {
+    pub fn uncharge(&mut self, client: ClientKey, bytes: usize) {
         if let Some(held) = self.held.get_mut(&client) {
             held.entries = held.entries.saturating_sub(1);
             held.bytes = held.bytes.saturating_sub(bytes);
@@ -94,7 +94,7 @@ impl Owners {
 
     /// Whether `client` holds more than `max_entries` entries or
     /// `max_bytes` bytes.
-    pub fn over_share(&self, client: IpAddr, max_entries: usize, max_bytes: usize) -> bool {
+    pub fn over_share(&self, client: ClientKey, max_entries: usize, max_bytes: usize) -> bool {
         self.held
             .get(&client)
             .is_some_and(|h| h.entries > max_entries || h.bytes > max_bytes)
@@ -103,7 +103,12 @@ impl Owners {
     /// The slot of the oldest entry `client` stored that is still live
     /// (`is_live`), other than `keep`; taken out of its order. `None`
     /// when there is none.
-    pub fn take_oldest(&mut self, client: IpAddr, keep: u64, is_live: impl Fn(SlotId, u64) -> bool) -> Option<SlotId> {
+    pub fn take_oldest(
+        &mut self,
+        client: ClientKey,
+        keep: u64,
+        is_live: impl Fn(SlotId, u64) -> bool,
+    ) -> Option<SlotId> {
         let held = self.held.get_mut(&client)?;
         while let Some((slot, serial)) = held.order.pop_front() {
             if serial == keep {
@@ -123,8 +128,8 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
+    fn ip(s: &str) -> ClientKey {
+        ClientKey::by_prefix(s.parse().unwrap())
     }
 
     #[test]

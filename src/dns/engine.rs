@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use super::aliases;
 use super::cache::{CacheKey, DnsCache, Entry, Lookup, PACKED_ON_STACK, Records, StackKey};
+use super::clients::{ClientKey, Clients};
 use super::lists::ListError;
 use super::message::{self, Rejection, Request};
 use super::names::{query_key, wire_key};
@@ -221,6 +222,9 @@ pub struct DnsEngine {
     timeout: Duration,
     max_udp_payload: u16,
     allow: Vec<IpNet>,
+    /// Who each client is, for its limits: the rate limit, the shares of
+    /// the cache and of upstream places, DNS-over-TCP connections.
+    clients: Clients,
     limiter: RateLimiter,
     over_limit: RateLimitAction,
     tcp: TcpConfig,
@@ -283,6 +287,7 @@ impl DnsEngine {
             timeout: config.timeout,
             max_udp_payload: *config.max_udp_payload.get_ref(),
             allow: config.allow.clone(),
+            clients: Clients::default(),
             limiter: RateLimiter::new(&config.rate_limit),
             over_limit: config.rate_limit.action,
             tcp: config.tcp.clone(),
@@ -355,6 +360,11 @@ impl DnsEngine {
         &self.tcp
     }
 
+    /// The key `client`'s limits count it by ([`super::clients`]).
+    pub fn client_key(&self, client: IpAddr) -> ClientKey {
+        self.clients.key(client)
+    }
+
     /// Whether `client` may use this resolver (`dns.allow`).
     pub fn allows(&self, client: IpAddr) -> bool {
         let client = client.to_canonical();
@@ -412,7 +422,8 @@ impl DnsEngine {
         // bounds what it can hold; and TCP is where `action = "truncate"`
         // sends a limited client, so it must be answered there even while
         // its UDP bucket is empty (possibly emptied by someone spoofing it).
-        let limited = transport == Transport::Udp && !self.limiter.allow(client);
+        let limited =
+            transport == Transport::Udp && self.limiter.is_on() && !self.limiter.allow(self.clients.key(client));
         if limited && self.over_limit == RateLimitAction::Drop {
             s.dns_rate_limited.inc();
             return Outcome::Drop;
@@ -608,7 +619,10 @@ impl DnsEngine {
             .and_then(UpstreamGroup::admit)
             .ok_or(NoPlace::Group)?;
         let max_share = self.per_client_pending.get(group).copied().unwrap_or(1);
-        let share = self.shares.take(group, client, max_share).ok_or(NoPlace::ClientShare)?;
+        let share = self
+            .shares
+            .take(group, self.clients.key(client), max_share)
+            .ok_or(NoPlace::ClientShare)?;
         Ok(Place { admission, share })
     }
 
@@ -903,8 +917,13 @@ impl DnsEngine {
                         None => this.render(&request, &msg, transport, client, &sets),
                     });
                 if let Some((key, lifetime)) = keep {
-                    this.cache
-                        .store_at(key, lifetime, Records::take(&mut msg), answered.into_std(), client);
+                    this.cache.store_at(
+                        key,
+                        lifetime,
+                        Records::take(&mut msg),
+                        answered.into_std(),
+                        this.clients.key(client),
+                    );
                 }
                 rendered
             };
@@ -1103,7 +1122,8 @@ impl DnsEngine {
         client: IpAddr,
     ) -> Vec<u8> {
         if let Some(lifetime) = done.lifetime {
-            self.cache.store_at(key, lifetime, done.records, now, client);
+            self.cache
+                .store_at(key, lifetime, done.records, now, self.clients.key(client));
         }
         if answered {
             self.stats.dns_rcodes.record(u16::from(ResponseCode::NoError));
@@ -1145,7 +1165,8 @@ impl DnsEngine {
             None => self.encoded(&request, &msg, transport),
         };
         if let Some(lifetime) = lifetime {
-            self.cache.store(key, lifetime, Records::take(&mut msg), client);
+            self.cache
+                .store(key, lifetime, Records::take(&mut msg), self.clients.key(client));
         }
         reply
     }

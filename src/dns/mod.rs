@@ -14,6 +14,7 @@ mod cache_lru;
 mod cache_owners;
 mod cache_sketch;
 mod cache_weight;
+pub mod clients;
 pub mod deadlines;
 pub mod encoder;
 pub mod engine;

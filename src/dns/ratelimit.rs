@@ -1,5 +1,6 @@
-//! Per-client query rate limits: a token bucket per address (IPv4) or per
-//! /56 (IPv6, where one host can hold a whole prefix).
+//! Per-client query rate limits: a token bucket per client, as
+//! [`super::clients`] tells them apart (an IPv4 address, an IPv6 device of
+//! the LAN, or else an IPv6 /56, where one host can hold a whole prefix).
 //!
 //! The buckets live in a bounded LRU: a spoofer cycling through source
 //! addresses cannot grow memory, only evict buckets (an evicted client
@@ -7,11 +8,11 @@
 //! anyway).
 
 use lru::LruCache;
-use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroUsize;
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
+use super::clients::ClientKey;
 use crate::config::dns::RateLimitConfig;
 
 /// Most clients tracked at once.
@@ -28,18 +29,7 @@ pub struct RateLimiter {
     /// Tokens added per second; `None` when the limit is off.
     rate: Option<f64>,
     burst: f64,
-    buckets: Mutex<LruCache<IpAddr, Bucket>>,
-}
-
-/// The address a client's bucket is keyed by.
-pub fn client_bucket(client: IpAddr) -> IpAddr {
-    match client.to_canonical() {
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 72) - 1); // /56
-            IpAddr::V6(Ipv6Addr::from(prefix))
-        }
-        v4 => v4,
-    }
+    buckets: Mutex<LruCache<ClientKey, Bucket>>,
 }
 
 impl RateLimiter {
@@ -51,19 +41,24 @@ impl RateLimiter {
         }
     }
 
+    /// Whether the limit is on: when it is off, no client's key is needed.
+    pub fn is_on(&self) -> bool {
+        self.rate.is_some()
+    }
+
     /// Takes a token for one query from `client`; false when over the limit.
-    pub fn allow(&self, client: IpAddr) -> bool {
+    pub fn allow(&self, client: ClientKey) -> bool {
         // With the limit off the clock is not read: a clock read was a
         // per cent of a cache hit's CPU time here (`perf`, cpu-clock).
         self.rate.is_none() || self.allow_at(client, Instant::now())
     }
 
-    fn allow_at(&self, client: IpAddr, now: Instant) -> bool {
+    fn allow_at(&self, client: ClientKey, now: Instant) -> bool {
         let Some(rate) = self.rate else {
             return true;
         };
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        let bucket = buckets.get_or_insert_mut(client_bucket(client), || Bucket {
+        let bucket = buckets.get_or_insert_mut(client, || Bucket {
             tokens: self.burst,
             last: now,
         });
@@ -93,8 +88,12 @@ mod tests {
         })
     }
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
+    fn ip(s: &str) -> ClientKey {
+        ClientKey::by_prefix(s.parse().unwrap())
+    }
+
+    fn device(last: u8) -> ClientKey {
+        ClientKey::Device(crate::net::link_addr::LinkAddr::from_bytes(&[2, 0, 0, 0, 0, last]).unwrap())
     }
 
     #[test]
@@ -121,6 +120,20 @@ mod tests {
         // IPv4-mapped addresses count as their IPv4 address.
         assert!(l.allow_at(ip("192.0.2.7"), t0));
         assert!(!l.allow_at(ip("::ffff:192.0.2.7"), t0));
+    }
+
+    /// The devices of one LAN share its /64: each has a bucket of its own,
+    /// and the addresses that are not devices share theirs.
+    #[test]
+    fn ipv6_devices_have_a_bucket_each() {
+        let l = limiter(1, 1);
+        let t0 = Instant::now();
+        assert!(l.allow_at(device(1), t0));
+        assert!(!l.allow_at(device(1), t0), "its own bucket is empty");
+        assert!(l.allow_at(device(2), t0), "another device");
+        assert!(l.allow_at(ip("2001:db8:1:ff::3"), t0), "the /56 of the others");
+        assert!(!l.allow_at(ip("2001:db8:1:ff::4"), t0));
+        assert!(l.allow_at(device(3), t0));
     }
 
     #[test]

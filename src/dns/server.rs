@@ -4,16 +4,16 @@
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use tokio::net::{TcpListener, UdpSocket};
 
+use super::clients::ClientKey;
 use super::engine::{DnsEngine, Outcome, Transport};
 use super::misses::Misses;
 use super::outbox::{Gather, Outbox};
-use super::ratelimit::client_bucket;
 use super::replies::ReplyBatch;
 use super::tcp_connection;
 use crate::net::accept::AcceptBackoff;
@@ -47,13 +47,14 @@ pub struct DnsService {
     stats: Arc<Stats>,
 }
 
-/// DNS-over-TCP connections held, in total and per client: an IPv4
-/// address, or an IPv6 /56 (one host can use every address of its prefix,
-/// so counting addresses would let it take every slot). The limits are
+/// DNS-over-TCP connections held, in total and per client (as
+/// [`super::clients`] tells them apart: one host can use every address
+/// of its IPv6 prefix, so counting addresses would let it take every
+/// slot). The limits are
 /// read from the engine at each accept, so a reload applies them.
 #[derive(Debug, Default)]
 struct TcpSlots {
-    held: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    held: Mutex<(usize, HashMap<ClientKey, usize>)>,
 }
 
 /// Why a connection was not accepted.
@@ -63,8 +64,7 @@ enum SlotRefusal {
 }
 
 impl TcpSlots {
-    fn take(self: &Arc<Self>, client: IpAddr, total: usize, per_client: usize) -> Result<TcpSlot, SlotRefusal> {
-        let client = client_bucket(client);
+    fn take(self: &Arc<Self>, client: ClientKey, total: usize, per_client: usize) -> Result<TcpSlot, SlotRefusal> {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         if held.0 >= total {
             return Err(SlotRefusal::Total);
@@ -85,7 +85,7 @@ impl TcpSlots {
 /// One connection's share; given back when the connection ends.
 struct TcpSlot {
     slots: Arc<TcpSlots>,
-    client: IpAddr,
+    client: ClientKey,
 }
 
 impl Drop for TcpSlot {
@@ -408,13 +408,14 @@ pub async fn serve_tcp(listener: TcpListener, service: Arc<DnsService>, mut shut
         let limits = engine.tcp_limits().clone();
         // Clients outside `dns.allow` share what one client may hold.
         let allowed = engine.allows(client.ip());
+        let key = engine.client_key(client.ip());
         let (slots, total) = if allowed {
             (&service.tcp, limits.max_connections)
         } else {
             (&service.strangers, limits.max_per_client)
         };
         drop(engine);
-        let permit = match slots.take(client.ip(), total, limits.max_per_client) {
+        let permit = match slots.take(key, total, limits.max_per_client) {
             Ok(slot) => slot,
             // Dropping the stream closes it.
             Err(SlotRefusal::Total) if allowed => {
@@ -560,8 +561,8 @@ servers = ["198.51.100.53"]
         assert!(size <= MISS_FUTURE_MAX, "a miss's future is {size} bytes");
     }
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
+    fn ip(s: &str) -> ClientKey {
+        ClientKey::by_prefix(s.parse().unwrap())
     }
 
     #[test]

@@ -5,17 +5,16 @@
 //! within its rate limit, could keep that many waiting: 200 queries a
 //! second for names that never resolve, each waiting up to `dns.timeout`
 //! (3 s), hold 600 of the default 1,024 places, and two such devices left
-//! every other client SERVFAIL on every cache miss. So a client (an IPv4
-//! address, an IPv6 /56, as for the rate limit) holds at most a quarter of
+//! every other client SERVFAIL on every cache miss. So a client (as
+//! [`super::clients`] tells them apart) holds at most a quarter of
 //! a group's places, but never fewer than 32 (a page load asks a few dozen
 //! names at once: a small group is not split further); past that its own
 //! misses get SERVFAIL at once while everyone else's are still forwarded.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::ratelimit::client_bucket;
+use super::clients::ClientKey;
 
 /// A client may hold `max_pending / SHARE_DIVISOR` places...
 pub const SHARE_DIVISOR: usize = 4;
@@ -32,7 +31,7 @@ pub fn per_client(max_pending: usize) -> usize {
 /// here, once to take a place and once to give it back, was about 600
 /// instructions of every cache miss (callgrind); foldhash is what the
 /// single-flight map and the relay's tables use for the same reason.
-type Held = HashMap<(usize, IpAddr), usize, foldhash::quality::RandomState>;
+type Held = HashMap<(usize, ClientKey), usize, foldhash::quality::RandomState>;
 
 /// Places held, by (group, client).
 #[derive(Debug, Default)]
@@ -44,14 +43,14 @@ pub struct ClientShares {
 #[derive(Debug)]
 pub struct Share {
     held: Arc<Mutex<Held>>,
-    key: (usize, IpAddr),
+    key: (usize, ClientKey),
 }
 
 impl ClientShares {
     /// A place for one more query from `client` to `group`, or `None` when
     /// it already holds `max`.
-    pub fn take(&self, group: usize, client: IpAddr, max: usize) -> Option<Share> {
-        let key = (group, client_bucket(client));
+    pub fn take(&self, group: usize, client: ClientKey, max: usize) -> Option<Share> {
+        let key = (group, client);
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         let mine = held.entry(key).or_insert(0);
         if *mine >= max {
@@ -81,8 +80,8 @@ impl Drop for Share {
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
+    fn ip(s: &str) -> ClientKey {
+        ClientKey::by_prefix(s.parse().unwrap())
     }
 
     #[test]

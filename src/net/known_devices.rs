@@ -28,6 +28,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use super::link_addr::LinkAddr;
+
 /// How long an address seen resolved counts as a device: a phone asleep
 /// for most of an hour is still the same device when it wakes.
 pub const REMEMBER: Duration = Duration::from_secs(3_600);
@@ -62,6 +64,9 @@ pub struct KnownDevices {
 #[derive(Debug, Clone, Copy)]
 struct Seen {
     resolved: Instant,
+    /// Its link-layer address when last seen resolved, if the entry had
+    /// one.
+    link: Option<LinkAddr>,
     /// The last answer let through while unresolved ([`RETRY`]).
     let_through: Option<Instant>,
     /// The first one since the address was last seen resolved
@@ -74,13 +79,14 @@ impl KnownDevices {
     /// `now`), forgetting what was not seen within [`REMEMBER`], what was
     /// let through [`GIVE_UP`] ago and not resolved since, and what is
     /// past [`MOST`].
-    pub fn saw<'a>(&mut self, resolved: impl IntoIterator<Item = &'a IpAddr>, now: Instant) {
-        let fresh = Seen {
-            resolved: now,
-            let_through: None,
-            first_let_through: None,
-        };
-        for &ip in resolved {
+    pub fn saw(&mut self, resolved: impl IntoIterator<Item = (IpAddr, Option<LinkAddr>)>, now: Instant) {
+        for (ip, link) in resolved {
+            let fresh = Seen {
+                resolved: now,
+                link,
+                let_through: None,
+                first_let_through: None,
+            };
             self.seen.insert(ip, fresh);
         }
         self.seen
@@ -122,6 +128,16 @@ impl KnownDevices {
         true
     }
 
+    /// The link-layer address `ip` had when last seen resolved, if that
+    /// was within [`REMEMBER`] and it has not been given up on since
+    /// ([`GIVE_UP`]).
+    pub fn link_of(&self, ip: IpAddr, now: Instant) -> Option<LinkAddr> {
+        self.seen
+            .get(&ip)
+            .filter(|s| now.saturating_duration_since(s.resolved) < REMEMBER && !gave_up(s.first_let_through, now))
+            .and_then(|s| s.link)
+    }
+
     /// How many addresses are remembered.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -141,6 +157,12 @@ mod tests {
 
     const WINDOW: Duration = Duration::from_millis(100);
 
+    /// `ips` as a reading of the table whose entries carry no link-layer
+    /// address.
+    fn unlinked(ips: &[IpAddr]) -> impl Iterator<Item = (IpAddr, Option<LinkAddr>)> + '_ {
+        ips.iter().map(|&ip| (ip, None))
+    }
+
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([192, 0, 2, last])
     }
@@ -153,7 +175,7 @@ mod tests {
     fn an_address_never_seen_resolved_is_never_let_through() {
         let mut known = KnownDevices::default();
         let now = Instant::now();
-        known.saw(&[ip(10)], now);
+        known.saw(unlinked(&[ip(10)]), now);
         assert!(!known.lets_through(ip(100), now, WINDOW));
         assert!(!known.lets_through(ip(100), now + RETRY * 5, WINDOW));
     }
@@ -162,7 +184,7 @@ mod tests {
     fn a_device_seen_resolved_gets_one_answer_each_retry() {
         let mut known = KnownDevices::default();
         let now = Instant::now();
-        known.saw(&[ip(10)], now);
+        known.saw(unlinked(&[ip(10)]), now);
         assert!(known.lets_through(ip(10), now, WINDOW));
         assert!(!known.lets_through(ip(10), now + WINDOW, WINDOW));
         assert!(!known.lets_through(ip(10), now + RETRY - WINDOW, WINDOW));
@@ -174,7 +196,7 @@ mod tests {
         let mut known = KnownDevices::default();
         let now = Instant::now();
         let all: Vec<IpAddr> = (1..=50).map(ip).collect();
-        known.saw(&all, now);
+        known.saw(unlinked(&all), now);
         let first = all.iter().filter(|&&a| known.lets_through(a, now, WINDOW)).count();
         assert_eq!(first, AT_ONCE as usize);
         // The next window lets the next ones through, not the same again.
@@ -191,23 +213,23 @@ mod tests {
     fn an_address_let_through_and_not_resolved_since_is_forgotten() {
         let mut known = KnownDevices::default();
         let now = Instant::now();
-        known.saw(&[ip(10), ip(11)], now);
+        known.saw(unlinked(&[ip(10), ip(11)]), now);
         assert!(known.lets_through(ip(10), now, WINDOW));
         assert!(known.lets_through(ip(11), now, WINDOW));
         // 11 answered the kernel and is seen resolved; 10 never did.
-        known.saw(&[ip(11)], now + WINDOW);
+        known.saw(unlinked(&[ip(11)]), now + WINDOW);
         assert!(known.lets_through(ip(10), now + RETRY, WINDOW));
         assert!(!known.lets_through(ip(10), now + GIVE_UP, WINDOW), "past GIVE_UP");
-        known.saw(&[], now + GIVE_UP);
+        known.saw(unlinked(&[]), now + GIVE_UP);
         assert_eq!(known.len(), 1);
         assert!(!known.lets_through(ip(10), now + GIVE_UP * 2, WINDOW));
         // 11, let through again much later, has GIVE_UP from then.
         let later = now + GIVE_UP * 2;
         assert!(known.lets_through(ip(11), later, WINDOW));
-        known.saw(&[], later + RETRY);
+        known.saw(unlinked(&[]), later + RETRY);
         assert!(known.lets_through(ip(11), later + RETRY, WINDOW));
         // Seen resolved again, 10 is a device again.
-        known.saw(&[ip(10)], later + RETRY);
+        known.saw(unlinked(&[ip(10)]), later + RETRY);
         assert!(known.lets_through(ip(10), later + RETRY, WINDOW));
     }
 
@@ -215,9 +237,9 @@ mod tests {
     fn an_address_not_seen_for_an_hour_is_forgotten() {
         let mut known = KnownDevices::default();
         let now = Instant::now();
-        known.saw(&[ip(10), ip(11)], now);
+        known.saw(unlinked(&[ip(10), ip(11)]), now);
         let later = now + REMEMBER;
-        known.saw(&[ip(11)], later);
+        known.saw(unlinked(&[ip(11)]), later);
         assert!(!known.lets_through(ip(10), later, WINDOW));
         assert!(known.lets_through(ip(11), later, WINDOW));
     }
@@ -227,12 +249,27 @@ mod tests {
         let mut known = KnownDevices::default();
         let start = Instant::now();
         let old: Vec<IpAddr> = (0..100u128).map(|i| lan_v6(0x1_0000 + i)).collect();
-        known.saw(&old, start);
+        known.saw(unlinked(&old), start);
         let new: Vec<IpAddr> = (0..MOST as u128).map(|i| lan_v6(0x2_0000 + i)).collect();
         let now = start + Duration::from_secs(1);
-        known.saw(&new, now);
+        known.saw(unlinked(&new), now);
         assert_eq!(known.len(), MOST);
         assert!(!known.lets_through(old[0], now, WINDOW));
         assert!(known.lets_through(new[0], now, WINDOW));
+    }
+
+    #[test]
+    fn a_devices_link_address_is_remembered_with_it() {
+        let mut known = KnownDevices::default();
+        let now = Instant::now();
+        let mac = LinkAddr::from_bytes(&[2, 0, 0, 0, 0, 1]);
+        known.saw([(ip(10), mac), (ip(11), None)], now);
+        assert_eq!(known.link_of(ip(10), now), mac);
+        assert_eq!(known.link_of(ip(11), now), None, "no link-layer address");
+        assert_eq!(known.link_of(ip(12), now), None, "never seen");
+        assert_eq!(known.link_of(ip(10), now + REMEMBER), None, "an hour later");
+        // Let through and not resolved since: given up on.
+        assert!(known.lets_through(ip(10), now, WINDOW));
+        assert_eq!(known.link_of(ip(10), now + GIVE_UP), None);
     }
 }

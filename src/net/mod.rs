@@ -4,6 +4,7 @@
 
 pub mod accept;
 pub mod known_devices;
+pub mod link_addr;
 pub mod neigh;
 pub mod on_link;
 pub mod poll;

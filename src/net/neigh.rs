@@ -16,15 +16,18 @@
 //! is being resolved, so the table is read whole (a dump) rather than
 //! followed; only while a send buffer fills, and at most every
 //! [`REFRESH`] (the routes, read with it, at most every
-//! [`ROUTES_REFRESH`]).
+//! [`ROUTES_REFRESH`]). The DNS limits read it too, to tell the IPv6
+//! devices of the LAN apart by their link-layer addresses
+//! ([`crate::dns::clients`]).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::known_devices::KnownDevices;
+use super::link_addr::LinkAddr;
 use super::on_link::Prefix;
 use super::rtnetlink_dump::{DumpError, address, attributes, dump_with, u16_at};
 
@@ -51,6 +54,7 @@ const RTM_GETNEIGH: u16 = 30;
 /// `struct ndmsg`: family, two pads, ifindex, state, flags, type.
 const NDMSG: usize = 12;
 const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
 /// Neighbour states whose datagrams leave at once (`NUD_VALID`):
 /// reachable, stale, delay, probe, noarp, permanent.
 const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
@@ -68,7 +72,9 @@ pub struct NeighbourTable {
 #[derive(Debug, Default)]
 struct Reading {
     taken: Option<Instant>,
-    resolved: HashSet<IpAddr>,
+    /// The resolved addresses, with their link-layer addresses (none for
+    /// an entry that has none, such as a `NOARP` one).
+    resolved: HashMap<IpAddr, Option<LinkAddr>>,
     /// Prefixes the kernel sends to directly ([`super::on_link`]): an
     /// address outside them goes to a router and never waits on its own
     /// neighbour.
@@ -99,8 +105,8 @@ impl NeighbourTable {
         }
         let ip = unmapped(ip);
         reading.failed
-            || reading.resolved.contains(&ip)
-            || !reading.on_link.iter().any(|p| p.contains(ip))
+            || reading.resolved.contains_key(&ip)
+            || !reading.on_link(ip)
             || reading.known.lets_through(ip, now, REFRESH)
     }
 
@@ -120,9 +126,47 @@ impl NeighbourTable {
             reading.refresh(now);
         }
     }
+
+    /// The link-layer address of `ip` if it is a device of the LAN: an
+    /// address of a directly connected prefix that the kernel has
+    /// resolved, in a reading at most [`IDLE_LOOK`] old, or once within
+    /// [`super::known_devices::REMEMBER`]. An on-link address the reading
+    /// does not know has the table read again if it is [`REFRESH`] old,
+    /// so that a device that has just come counts at its first query; a
+    /// flood of forged sources reads it at that pace, as a pressed buffer
+    /// does. `None` when the tables cannot be read.
+    pub fn device_link(&self, ip: IpAddr) -> Option<LinkAddr> {
+        let ip = unmapped(ip);
+        let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let due = reading.taken.is_none_or(|t| {
+            let age = now.saturating_duration_since(t);
+            age >= IDLE_LOOK || (age >= REFRESH && reading.on_link(ip) && reading.device_link(ip, now).is_none())
+        });
+        if due {
+            reading.refresh(now);
+        }
+        reading.device_link(ip, now)
+    }
 }
 
 impl Reading {
+    /// Whether `ip` is within a prefix the kernel sends to directly.
+    fn on_link(&self, ip: IpAddr) -> bool {
+        self.on_link.iter().any(|p| p.contains(ip))
+    }
+
+    /// [`NeighbourTable::device_link`] by this reading.
+    fn device_link(&self, ip: IpAddr, now: Instant) -> Option<LinkAddr> {
+        if self.failed || !self.on_link(ip) {
+            return None;
+        }
+        match self.resolved.get(&ip) {
+            Some(&link) => link,
+            None => self.known.link_of(ip, now),
+        }
+    }
+
     /// Reads the neighbours, and the routes if [`ROUTES_REFRESH`] is up.
     fn refresh(&mut self, now: Instant) {
         let reading = self;
@@ -140,7 +184,7 @@ impl Reading {
         });
         match read {
             Ok((resolved, on_link)) => {
-                reading.known.saw(&resolved, now);
+                reading.known.saw(resolved.iter().map(|(&ip, &link)| (ip, link)), now);
                 reading.resolved = resolved;
                 if let Some(on_link) = on_link {
                     reading.on_link = on_link;
@@ -170,33 +214,37 @@ fn unmapped(ip: IpAddr) -> IpAddr {
 }
 
 /// Reads the kernel's neighbour table (both families): the addresses in
-/// a resolved state.
-fn dump() -> Result<HashSet<IpAddr>, DumpError> {
-    let mut resolved = HashSet::new();
+/// a resolved state, and their link-layer addresses.
+fn dump() -> Result<HashMap<IpAddr, Option<LinkAddr>>, DumpError> {
+    let mut resolved = HashMap::new();
     dump_with(RTM_GETNEIGH, NDMSG, &mut |kind, payload| {
         if kind == RTM_NEWNEIGH
-            && let Some(ip) = resolved_entry(payload)
+            && let Some((ip, link)) = resolved_entry(payload)
         {
-            resolved.insert(ip);
+            resolved.insert(ip, link);
         }
     })?;
     Ok(resolved)
 }
 
 /// The destination of one neighbour entry (`ndmsg` and its attributes),
-/// if it is in a resolved state.
-fn resolved_entry(payload: &[u8]) -> Option<IpAddr> {
+/// if it is in a resolved state, and its link-layer address if it has
+/// one.
+fn resolved_entry(payload: &[u8]) -> Option<(IpAddr, Option<LinkAddr>)> {
     let state = u16_at(payload, 8)?;
     if state & NUD_VALID == 0 {
         return None;
     }
+    let (mut dst, mut link) = (None, None);
     for attr in attributes(payload.get(NDMSG..)?) {
         let (kind, value) = attr.ok()?;
-        if kind == NDA_DST {
-            return address(value);
+        match kind {
+            NDA_DST => dst = address(value),
+            NDA_LLADDR => link = LinkAddr::from_bytes(value),
+            _ => {}
         }
     }
-    None
+    Some((dst?, link))
 }
 
 #[cfg(test)]
@@ -205,10 +253,17 @@ mod tests {
     use super::*;
     use std::net::Ipv6Addr;
 
-    /// One `RTM_NEWNEIGH` message as the kernel writes it.
+    /// One `RTM_NEWNEIGH` message as the kernel writes it, without a
+    /// link-layer address.
     fn entry(seq: u32, state: u16, dst: &[u8]) -> Vec<u8> {
+        linked_entry(seq, state, dst, &[])
+    }
+
+    /// [`entry`] with `link` as its link-layer address (none if empty).
+    fn linked_entry(seq: u32, state: u16, dst: &[u8], link: &[u8]) -> Vec<u8> {
         let attr_len = 4 + dst.len();
-        let len = NLMSG_HEADER + NDMSG + align4(attr_len);
+        let link_len = if link.is_empty() { 0 } else { align4(4 + link.len()) };
+        let len = NLMSG_HEADER + NDMSG + align4(attr_len) + link_len;
         let mut m = Vec::new();
         m.extend_from_slice(&(len as u32).to_ne_bytes());
         m.extend_from_slice(&RTM_NEWNEIGH.to_ne_bytes());
@@ -223,6 +278,12 @@ mod tests {
         m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
         m.extend_from_slice(&NDA_DST.to_ne_bytes());
         m.extend_from_slice(dst);
+        m.resize(NLMSG_HEADER + NDMSG + align4(attr_len), 0);
+        if !link.is_empty() {
+            m.extend_from_slice(&((4 + link.len()) as u16).to_ne_bytes());
+            m.extend_from_slice(&NDA_LLADDR.to_ne_bytes());
+            m.extend_from_slice(link);
+        }
         m.resize(len, 0);
         m
     }
@@ -245,30 +306,33 @@ mod tests {
         const FAILED: u16 = 0x20;
         let v6 = "2001:db8::10".parse::<Ipv6Addr>().unwrap().octets();
         let mut buf = Vec::new();
+        let mac = [2, 0, 0, 0, 0, 10];
         buf.extend(entry(7, REACHABLE, &[192, 0, 2, 10]));
-        buf.extend(entry(7, INCOMPLETE, &[192, 0, 2, 100]));
+        buf.extend(linked_entry(7, INCOMPLETE, &[192, 0, 2, 100], &mac));
         buf.extend(entry(7, FAILED, &[192, 0, 2, 101]));
-        buf.extend(entry(7, STALE, &v6));
+        buf.extend(linked_entry(7, STALE, &v6, &mac));
         // Another request's message: not ours.
         buf.extend(entry(8, REACHABLE, &[192, 0, 2, 11]));
-        let mut resolved = HashSet::new();
+        let mut resolved = HashMap::new();
         let mut keep = |kind: u16, payload: &[u8]| {
-            if let Some(ip) = resolved_entry(payload).filter(|_| kind == RTM_NEWNEIGH) {
-                resolved.insert(ip);
+            if let Some((ip, link)) = resolved_entry(payload).filter(|_| kind == RTM_NEWNEIGH) {
+                resolved.insert(ip, link);
             }
         };
         assert!(!parse(&buf, 7, &mut keep).unwrap(), "no end yet");
         assert!(parse(&done(7), 7, &mut keep).unwrap());
-        let expected: HashSet<IpAddr> = ["192.0.2.10", "2001:db8::10"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let expected: HashMap<IpAddr, Option<LinkAddr>> = [
+            ("192.0.2.10".parse().unwrap(), None),
+            (IpAddr::from(v6), LinkAddr::from_bytes(&mac)),
+        ]
+        .into_iter()
+        .collect();
         assert_eq!(resolved, expected);
     }
 
     #[test]
     fn a_cut_message_is_malformed_not_a_panic() {
-        let whole = entry(7, 0x02, &[192, 0, 2, 10]);
+        let whole = linked_entry(7, 0x02, &[192, 0, 2, 10], &[2, 0, 0, 0, 0, 10]);
         for cut in 1..whole.len() {
             let r = parse(&whole[..cut], 7, &mut |_, p| {
                 resolved_entry(p);
