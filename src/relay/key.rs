@@ -24,6 +24,7 @@ pub struct FlowKey {
 }
 
 impl Hash for FlowKey {
+    #[inline(always)]
     fn hash<H: Hasher>(&self, h: &mut H) {
         hash_addr(&self.client, h);
         match self.target {
@@ -37,6 +38,16 @@ impl Hash for FlowKey {
 /// as one, an IPv6 address and its port as two. Keys that are equal hash
 /// the same (the IPv6 flow label and scope, which equality also compares,
 /// are left out; that costs nothing but a rare shared bucket).
+///
+/// Always inlined, as is `FlowKey`'s hash: a few instructions, run for
+/// every look-up of a flow (several a new flow), and whether the optimiser
+/// inlined them moved with unrelated changes to `relay` (how the crate is
+/// split for code generation): in one build `hash_addr` was a call in
+/// every hash of a key, and the table's look-up took 263 instructions,
+/// 214 with these hints (callgrind, "New flows, round 14" in
+/// docs/BENCHMARKS.md). Whether lru's own key wrapper is inlined around
+/// it is still the optimiser's choice.
+#[inline(always)]
 pub fn hash_addr<H: Hasher>(addr: &SocketAddr, h: &mut H) {
     match addr {
         SocketAddr::V4(a) => h.write_u64((u64::from(a.ip().to_bits()) << 16) | u64::from(a.port())),
@@ -94,6 +105,7 @@ pub enum ClientId {
 /// One word for the hasher, not a discriminant and then the value: a new
 /// flow's client is looked up in several maps (table, backlog, quotas).
 impl Hash for ClientId {
+    #[inline(always)]
     fn hash<H: Hasher>(&self, h: &mut H) {
         match *self {
             ClientId::V4(a) => h.write_u64(u64::from(a)),

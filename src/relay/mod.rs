@@ -21,7 +21,8 @@
 //! * [`open`] makes a new flow's [`session`] and starts its task;
 //! * [`table`] maps each flow to its session, bounded and fair between
 //!   clients (a quota each, eviction from the heaviest, a [`rate`] bucket
-//!   for new flows); removing an entry ends the flow;
+//!   for new flows; clients weighed in a `load_order` kept up to date
+//!   when read); removing an entry ends the flow;
 //! * [`upstream_batch`] sends the runs of many flows (a listener's batch,
 //!   an opener's round) with one system call per upstream socket;
 //! * [`pool`] allocates shared upstream sockets, within the descriptor
@@ -50,6 +51,7 @@ pub mod expiry;
 pub mod inbound;
 pub mod key;
 pub mod listener;
+mod load_order;
 pub mod open;
 pub mod open_backlog;
 pub mod opener;

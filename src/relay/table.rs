@@ -15,6 +15,10 @@
 //! * a client may open only so many new flows a second
 //!   (`relay.new_flows_per_client`, a token bucket).
 //!
+//! The clients' load order that a full table weighs them by is brought up
+//! to date when it is read, not at every new flow (`relay::load_order`):
+//! the order read is the same, and a new flow costs no B-tree work.
+//!
 //! An entry owns its session's resources (a pool lease or a socket, and the
 //! guard that ends its task), so removal from the table *is* the session's
 //! end. Removed entries are returned to the caller and dropped outside the
@@ -22,12 +26,12 @@
 
 use lru::LruCache;
 use std::collections::{BTreeSet, HashMap};
-use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::DropGuard;
 
 use super::budget::Permit;
 use super::key::{ClientId, FlowKey};
+use super::load_order::{LoadOrder, Place};
 use super::rate::Bucket;
 use super::session::Session;
 use crate::sync::lock;
@@ -155,14 +159,10 @@ pub struct SessionTable {
 #[derive(Debug)]
 struct Inner {
     clients: HashMap<ClientId, Client, Hasher>,
-    /// (flows held, tie, client): the last is the heaviest. Among
-    /// clients holding as many, the order is a keyed hash of the client
-    /// ([`Inner::load_key`]), not the address: a device forging its source
-    /// addresses chooses those, and so would choose which of its clients
-    /// a full table weighs (`Inner::most_to_spare`).
-    by_load: BTreeSet<(usize, u64, ClientId)>,
-    /// Seeds the tie order of `by_load`, at random per table.
-    ties: Hasher,
+    /// (flows held, tie, client): the last is the heaviest; ties in a
+    /// keyed hash of the client, not its address (see [`LoadOrder`]).
+    /// Read only through [`Inner::load_order`], which brings it up to date.
+    by_load: LoadOrder,
     /// Draws of candidates so far: hashed, the start of the next draw.
     draws: u64,
     /// (flows holding a descriptor, client), for clients holding any: the
@@ -207,20 +207,18 @@ impl Inner {
         self.clients.get(&id).map_or(0, |c| c.flows.len())
     }
 
-    /// `id`'s place in the load order while it holds `flows`.
-    fn load_key(&self, flows: usize, id: ClientId) -> (usize, u64, ClientId) {
-        (flows, self.ties.hash_one(id), id)
+    /// Notes for the load order that `id`'s flow count changed from `old`
+    /// (the order moves it when next read).
+    fn reorder(&mut self, id: ClientId, old: usize) {
+        let clients = &self.clients;
+        self.by_load
+            .changed(id, old, |id| clients.get(&id).map_or(0, |c| c.flows.len()));
     }
 
-    /// Moves `id` in the load order after its flow count changed from `old`.
-    fn reorder(&mut self, id: ClientId, old: usize) {
-        let new = self.load(id);
-        if old > 0 {
-            self.by_load.remove(&self.load_key(old, id));
-        }
-        if new > 0 {
-            self.by_load.insert(self.load_key(new, id));
-        }
+    /// The load order, every client at its count now.
+    fn load_order(&mut self) -> &BTreeSet<Place> {
+        let clients = &self.clients;
+        self.by_load.settled(|id| clients.get(&id).map_or(0, |c| c.flows.len()))
     }
 
     /// Moves `id` in the descriptor order after its count of flows holding
@@ -303,7 +301,7 @@ impl Inner {
     }
 
     fn pop_heaviest(&mut self) -> Option<Entry> {
-        let &(_, _, id) = self.by_load.last()?;
+        let &(_, _, id) = self.load_order().last()?;
         self.pop_oldest(id)
     }
 
@@ -339,11 +337,18 @@ impl Inner {
     /// own choice. A few candidates keep the pick's cost independent of
     /// the number of clients.
     fn most_to_spare(&mut self, now_ms: u64) -> Option<ClientId> {
-        let &(_, _, heaviest) = self.by_load.last()?;
-        let &(lightest, _, _) = self.by_load.first()?;
+        // The draw's start, hashed before the order is borrowed; the draw
+        // is counted only once there is a client to draw.
+        let start = self.by_load.tie(self.draws.wrapping_add(1));
+        let order = {
+            let clients = &self.clients;
+            self.by_load.settled(|id| clients.get(&id).map_or(0, |c| c.flows.len()))
+        };
+        let &(_, _, heaviest) = order.last()?;
+        let &(lightest, _, _) = order.first()?;
         self.draws = self.draws.wrapping_add(1);
-        let from = (lightest, self.ties.hash_one(self.draws), ClientId::V4(0));
-        let drawn = self.by_load.range(from..).chain(self.by_load.iter()).take(CANDIDATES);
+        let from = (lightest, start, ClientId::V4(0));
+        let drawn = order.range(from..).chain(order.iter()).take(CANDIDATES);
         let mut pick: Option<(u128, ClientId)> = None;
         for id in std::iter::once(heaviest).chain(drawn.map(|&(_, _, id)| id)) {
             let Some(client) = self.clients.get(&id) else {
@@ -380,8 +385,7 @@ impl SessionTable {
         SessionTable {
             inner: Mutex::new(Inner {
                 clients: HashMap::with_hasher(Hasher::default()),
-                by_load: BTreeSet::new(),
-                ties: Hasher::default(),
+                by_load: LoadOrder::default(),
                 draws: 0,
                 by_fds: BTreeSet::new(),
                 len: 0,
@@ -539,12 +543,8 @@ impl SessionTable {
             inner.by_fds.insert((fds + 1, owner));
         }
         inner.len += 1;
-        if old > 0 {
-            let was = inner.load_key(old, owner);
-            inner.by_load.remove(&was);
-        }
-        let now = inner.load_key(new, owner);
-        inner.by_load.insert(now);
+        debug_assert_eq!(new, old + 1);
+        inner.reorder(owner, old);
         Ok((session, evicted))
     }
 
@@ -580,8 +580,9 @@ impl SessionTable {
 
     /// Clients holding flows, and the most one holds.
     pub fn clients(&self) -> (usize, usize) {
-        let inner = self.lock();
-        (inner.by_load.len(), inner.by_load.last().map_or(0, |&(n, _, _)| n))
+        let mut inner = self.lock();
+        let order = inner.load_order();
+        (order.len(), order.last().map_or(0, |&(n, _, _)| n))
     }
 
     /// Removes the sessions idle for at least their timeout at `now_ms`.
@@ -639,7 +640,11 @@ impl SessionTable {
         let mut inner = self.lock();
         inner.limits = limits;
         let mut ended = Vec::new();
-        while inner.by_load.last().is_some_and(|&(n, _, _)| n > limits.per_client) {
+        while inner
+            .load_order()
+            .last()
+            .is_some_and(|&(n, _, _)| n > limits.per_client)
+        {
             match inner.pop_heaviest() {
                 Some(e) => ended.push(e),
                 None => break,
