@@ -8,9 +8,9 @@
 //! let one host multiply every limit: an IPv6 client is its /56. But the
 //! devices of one LAN share one /64, and counted so they were one client:
 //! one device over the rate limit (busy, or forging sources in the LAN's
-//! prefix) emptied every IPv6 device's bucket, 1 of 20 answers left to
-//! another device in the lab, and all of them together held a quarter of
-//! the cache.
+//! prefix) emptied every IPv6 device's bucket, 0 to 3 of 20 answers left
+//! to another device in the lab, and all of them together held a quarter
+//! of the cache.
 //!
 //! So an IPv6 address of a directly connected prefix that the kernel has
 //! resolved to a link-layer address, now or within the hour
@@ -20,11 +20,13 @@
 //! that holds many addresses of the prefix answers for all of them with
 //! one link-layer address, so it is still one client. Every other IPv6
 //! address counts by its /56 as before: forged sources, and clients
-//! behind a router (a site, which may hold a whole prefix). Devices behind a bridge that rewrites
-//! link-layer addresses (a Wi-Fi repeater's MAC NAT) share its address,
-//! and so one count, as all IPv6 devices did before; a device that
-//! answers solicitations with many link-layer addresses is a client for
-//! each, within the kernel's neighbour table.
+//! behind a router (a site, which may hold a whole prefix). Until the
+//! kernel resolves a device's new address, that address counts with the
+//! /56's strangers, so one host can hold two counts. Devices behind a
+//! bridge that rewrites link-layer addresses (a Wi-Fi repeater's MAC NAT)
+//! share its address, and so one count, as all IPv6 devices did before;
+//! a device that answers solicitations with many link-layer addresses is
+//! a client for each, within the kernel's neighbour table.
 
 use std::net::{IpAddr, Ipv6Addr};
 
