@@ -13,6 +13,7 @@ pub mod recv;
 pub mod rtnetlink_dump;
 pub mod send;
 pub mod sockets;
+pub mod solicit;
 pub mod spin;
 pub mod unresolved;
 

@@ -18,7 +18,8 @@
 //! [`REFRESH`] (the routes, read with it, at most every
 //! [`ROUTES_REFRESH`]). The DNS limits read it too, to tell the IPv6
 //! devices of the LAN apart by their link-layer addresses
-//! ([`crate::dns::clients`]).
+//! ([`crate::dns::clients`]), and have the kernel ask for an on-link IPv6
+//! address it does not know ([`super::solicit`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,6 +31,7 @@ use super::known_devices::KnownDevices;
 use super::link_addr::LinkAddr;
 use super::on_link::Prefix;
 use super::rtnetlink_dump::{DumpError, address, attributes, dump_with, u16_at, u32_at};
+use super::solicit::Solicit;
 
 /// How long a reading of the table is used. A device that has just come
 /// (its first query) was resolved when it asked for our address, long
@@ -87,6 +89,9 @@ struct Reading {
     /// Addresses seen resolved in earlier readings: devices the kernel
     /// may since have dropped from its table.
     known: KnownDevices,
+    /// On-link IPv6 addresses the kernel is made to ask for
+    /// ([`NeighbourTable::device_link`]).
+    asking: Solicit,
 }
 
 impl NeighbourTable {
@@ -134,7 +139,10 @@ impl NeighbourTable {
     /// does not know has the table read again if it is [`REFRESH`] old,
     /// so that a device that has just come counts at its first query; a
     /// flood of forged sources reads it at that pace, as a pressed buffer
-    /// does. `None` when the tables cannot be read.
+    /// does. An on-link IPv6 address still unknown is sent one echo
+    /// request now and then ([`super::solicit`]): during a flood nothing
+    /// else may go to it, and a device's new address would never be
+    /// resolved. `None` when the tables cannot be read.
     pub fn device_link(&self, ip: IpAddr) -> Option<LinkAddr> {
         let ip = unmapped(ip);
         let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
@@ -146,7 +154,15 @@ impl NeighbourTable {
         if due {
             reading.refresh(now);
         }
-        reading.device_link(ip, now)
+        let link = reading.device_link(ip, now);
+        if link.is_none()
+            && let IpAddr::V6(v6) = ip
+            && !reading.failed
+            && reading.on_link(ip)
+        {
+            reading.asking.ask(v6, now, REFRESH);
+        }
+        link
     }
 }
 

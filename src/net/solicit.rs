@@ -1,0 +1,196 @@
+//! Makes the kernel ask at once for an on-link IPv6 address it has not
+//! resolved, so that a known device's new address counts as that device
+//! ([`crate::dns::clients`]) even while nothing else is sent to it.
+//!
+//! A device takes new addresses now and then (privacy addresses are
+//! renewed). While forged sources of its prefix flood the gateway, the
+//! queries from its new address count with the forgers' /56 and are
+//! rate-limited and dropped, and the few answered are held back by the
+//! gate on the pressed reply socket ([`super::unresolved`]): nothing is
+//! sent to the address, so the kernel never asks for it and it stays a
+//! stranger for as long as the flood lasts (lab: never resolved, 3 of 3
+//! runs). Two ways did not work. An `RTM_NEWNEIGH` with `NTF_USE` made an
+//! entry whose first solicitation waited for the retransmit timer, and
+//! answers sent to the address meanwhile waited with it (about 1 s).
+//! Answering a few limited queries anyway: the gate dropped those answers
+//! too, as it must while the buffer is pressed.
+//!
+//! So one ICMPv6 echo request goes to such an address, on a raw socket of
+//! its own that nothing else fills. The kernel sends it as any datagram: to
+//! a neighbour it has not resolved it sends a solicitation at once and
+//! queues the datagram meanwhile (`neigh_resolve_output`, whose
+//! `__neigh_event_send` probes immediately). A device answers the
+//! solicitation within milliseconds whatever it does with the echo (a
+//! firewall may drop it), the kernel has resolved the address, and the
+//! next reading of the table ([`super::neigh::REFRESH`]) makes it a
+//! device. A forged source never answers: it stays a stranger, and the
+//! kernel drops its echo with the entry three seconds later.
+//!
+//! Bounded: each address is asked for at most once each [`EACH`], and all
+//! addresses together [`AT_ONCE`] each [`super::neigh::REFRESH`]: 40 a
+//! second, some 120 echoes waiting at most for a kernel that never
+//! resolves them, about 100 KiB of the socket's own buffer. An address is
+//! remembered only for [`EACH`], so at most 200 are. A forger using more
+//! than 200 addresses within [`EACH`] takes most of the pace, and a
+//! device's new address is then asked for at a later query.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv6Addr, SocketAddrV6};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// How long after asking for an address it is not asked for again: the
+/// kernel asks three times a second apart, and a device that is there
+/// answers the first.
+pub const EACH: Duration = Duration::from_secs(5);
+/// Addresses asked for in one window, all together.
+pub const AT_ONCE: u32 = 4;
+/// An ICMPv6 echo request (type 128, code 0), identifier and sequence
+/// number 0; the kernel fills in the checksum of every raw ICMPv6
+/// datagram.
+const ECHO_REQUEST: [u8; 8] = [128, 0, 0, 0, 0, 0, 0, 0];
+/// `ICMPV6_FILTER` (linux/icmpv6.h), at level `IPPROTO_ICMPV6`.
+const ICMPV6_FILTER: libc::c_int = 1;
+
+/// The addresses asked for lately, the pace, and the socket (opened at
+/// the first address asked for).
+#[derive(Debug, Default)]
+pub struct Solicit {
+    asked: HashMap<Ipv6Addr, Instant>,
+    window: Option<Instant>,
+    in_window: u32,
+    /// `Some(None)`: it could not be opened (no `CAP_NET_RAW`), and is not
+    /// tried again.
+    socket: Option<Option<Socket>>,
+}
+
+impl Solicit {
+    /// Sends an echo request to `ip`, an on-link address the kernel has
+    /// not resolved, if it is due ([`Solicit::due`]) and can be sent to
+    /// without a scope (not link-local).
+    pub fn ask(&mut self, ip: Ipv6Addr, now: Instant, window: Duration) {
+        if ip.is_unicast_link_local() || ip.is_multicast() || ip.is_unspecified() || !self.due(ip, now, window) {
+            return;
+        }
+        let socket = self.socket.get_or_insert_with(|| match open() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open an ICMPv6 socket; new IPv6 addresses of LAN devices are learnt only when the kernel sends them something");
+                None
+            }
+        });
+        if let Some(s) = socket
+            && let Err(e) = s.send_to(&ECHO_REQUEST, &SocketAddrV6::new(ip, 0, 0, 0).into())
+        {
+            tracing::debug!(%ip, error = %e, "echo request not sent");
+        }
+    }
+
+    /// Whether `ip` may be asked for at `now`: not asked for within
+    /// [`EACH`], and fewer than [`AT_ONCE`] asked for in this window of
+    /// `window`. Taken if so.
+    fn due(&mut self, ip: Ipv6Addr, now: Instant, window: Duration) -> bool {
+        if self
+            .asked
+            .get(&ip)
+            .is_some_and(|&t| now.saturating_duration_since(t) < EACH)
+        {
+            return false;
+        }
+        if self.window.is_none_or(|w| now.saturating_duration_since(w) >= window) {
+            self.window = Some(now);
+            self.in_window = 0;
+        }
+        if self.in_window >= AT_ONCE {
+            return false;
+        }
+        self.in_window += 1;
+        // At most AT_ONCE a window within EACH are left: a few dozen.
+        self.asked.retain(|_, t| now.saturating_duration_since(*t) < EACH);
+        self.asked.insert(ip, now);
+        true
+    }
+}
+
+/// A raw ICMPv6 socket that sends without blocking and takes in nothing:
+/// every ICMPv6 message the machine receives would otherwise be copied to
+/// it.
+fn open() -> io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?;
+    socket.set_nonblocking(true)?;
+    // A set bit blocks its type: all are set.
+    let block_all = [u32::MAX; 8];
+    // SAFETY: ICMPV6_FILTER reads a `struct icmp6_filter` (eight u32), its
+    // length given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_ICMPV6,
+            ICMPV6_FILTER,
+            block_all.as_ptr().cast(),
+            std::mem::size_of_val(&block_all) as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_millis(100);
+
+    fn lan(host: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, host)
+    }
+
+    #[test]
+    fn an_address_is_asked_for_once_each_each() {
+        let mut s = Solicit::default();
+        let now = Instant::now();
+        assert!(s.due(lan(1), now, WINDOW));
+        assert!(!s.due(lan(1), now + WINDOW, WINDOW));
+        assert!(!s.due(lan(1), now + EACH - WINDOW, WINDOW));
+        assert!(s.due(lan(1), now + EACH, WINDOW));
+    }
+
+    #[test]
+    fn all_addresses_together_are_asked_for_at_most_at_once_a_window() {
+        let mut s = Solicit::default();
+        let now = Instant::now();
+        let all: Vec<Ipv6Addr> = (1..=50).map(lan).collect();
+        let first = all.iter().filter(|&&a| s.due(a, now, WINDOW)).count();
+        assert_eq!(first, AT_ONCE as usize);
+        // The next window takes the next ones, not the same again.
+        let later = now + WINDOW;
+        let second: Vec<Ipv6Addr> = all.iter().copied().filter(|&a| s.due(a, later, WINDOW)).collect();
+        assert_eq!(second, all[AT_ONCE as usize..2 * AT_ONCE as usize]);
+    }
+
+    #[test]
+    fn addresses_asked_for_are_remembered_for_each_only() {
+        let mut s = Solicit::default();
+        let start = Instant::now();
+        // A forger's many addresses, asked as fast as the pace allows.
+        for i in 0..10_000u16 {
+            let now = start + WINDOW * u32::from(i / 2);
+            s.due(lan(i), now, WINDOW);
+        }
+        let most = AT_ONCE as usize * (EACH.as_millis() / WINDOW.as_millis()) as usize;
+        assert!(s.asked.len() <= most, "{} remembered", s.asked.len());
+    }
+
+    #[test]
+    fn link_local_addresses_are_never_asked_for() {
+        let mut s = Solicit::default();
+        s.ask("fe80::1".parse().unwrap(), Instant::now(), WINDOW);
+        assert!(s.asked.is_empty());
+        assert!(s.socket.is_none(), "nothing opened");
+    }
+}
