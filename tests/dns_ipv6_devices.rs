@@ -24,6 +24,8 @@ const FIRST: &str = lab::CLIENT6;
 /// Another device of the LAN: its own link-layer address (a macvlan on
 /// the client's link).
 const SECOND: &str = "2001:db8:1::11";
+/// A new address of the busy device's (privacy addresses are renewed).
+const RENEWED: &str = "2001:db8:1::7e57";
 /// What the override answers.
 const ANSWER: [u8; 4] = [192, 0, 2, 50];
 /// The gateway's address on the other link (the lab's first server's):
@@ -51,6 +53,11 @@ fn query(id: u16) -> Vec<u8> {
 /// and [`SECOND`] on the client's link with a link-layer address of its
 /// own.
 fn gateway() -> (Lab, lab::Daemon) {
+    gateway_with("")
+}
+
+/// [`gateway`] with `settings` (lines of `[dns]`) added.
+fn gateway_with(settings: &str) -> (Lab, lab::Daemon) {
     let lab = Lab::with_servers(1);
     lab.client.sh(&format!(
         "ip link add second link lan0 type macvlan mode bridge
@@ -65,6 +72,7 @@ listen = ["[::]:15353"]
 [dns]
 listen = ["[{LISTEN6}]:53", "[{OTHER_LINK_LISTEN}]:53"]
 allow = ["2001:db8:1::/64", "2001:db8:2::/64"]
+{settings}
 
 # Never asked: every query is for the override.
 [dns.upstreams.default]
@@ -263,4 +271,43 @@ fn a_device_on_another_link_with_a_lan_devices_mac_does_not_count_as_it() {
         stopped.log
     );
     assert_eq!(answered, 20, "the LAN device got {answered} of 20");
+}
+
+/// A known device's new address (privacy addresses are renewed) during a
+/// forged flood of its prefix: its first queries count with the forgers'
+/// and are dropped, and nothing was sent to the address, so the gateway
+/// never resolved it and it never counted as the device (no answer in
+/// five rounds on the build before). The gateway now makes the kernel ask
+/// for such an address: the device answers, and its next tries count as
+/// the device.
+#[test]
+fn a_known_devices_new_address_counts_as_the_device_through_a_forged_flood() {
+    // One query a second past a burst of 100: the forgers take every
+    // token, and the queries from the new address, counted with theirs,
+    // are all limited (at the default limit, one of them now and then got
+    // a token and its answer made the kernel ask).
+    let (lab, daemon) = gateway_with("rate_limit = { qps = 1, burst = 100 }");
+    let device = lab::udp::socket(&lab.client, SocketAddr::new(ip(FIRST), 0));
+    device.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    assert_eq!(ask_twenty(&device), 20, "the device before the flood");
+    // 40 forged sources, 4,000 queries a second.
+    let (stop, thread) = flood_to(forged_sources(&lab), to(), 80, Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(600));
+    lab.add_client_address(ip(RENEWED));
+    let renewed = lab::udp::socket(&lab.client, SocketAddr::new(ip(RENEWED), 0));
+    renewed.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    let answered = ask_twenty_within(&renewed, 5);
+    stop.store(true, Ordering::Relaxed);
+    let _ = thread.join();
+    let entry = lab.gateway.sh(&format!("ip -6 neigh show {RENEWED}"));
+    let stopped = daemon.stop();
+    assert!(
+        stopped.counter("dns_rate_limited") > 100,
+        "the forged sources were not limited: {}",
+        stopped.log
+    );
+    assert_eq!(
+        answered, 20,
+        "the device's new address got {answered} of 20 in five rounds (the gateway's entry: {entry:?})"
+    );
 }
