@@ -89,8 +89,9 @@ pub struct Pending {
     client: IpAddr,
     /// The matching rule's sets, fed with the answer.
     sets: Vec<SetPair>,
-    /// The client's place among its pending queries to the group.
-    _share: Share,
+    /// The client's place among its pending queries to the group; its
+    /// client key is the answer's cache owner.
+    share: Share,
     /// Whether an expired answer may be served: `dns.stale` is on, the rule
     /// does not opt out, and the cache held one when the query missed.
     serve_stale: bool,
@@ -116,7 +117,7 @@ impl Pending {
             transport,
             client,
             sets: rule.map(|r| r.nft_sets.clone()).unwrap_or_default(),
-            _share: place.share,
+            share: place.share,
             serve_stale: false,
             _admission: place.admission,
         }
@@ -422,8 +423,12 @@ impl DnsEngine {
         // bounds what it can hold; and TCP is where `action = "truncate"`
         // sends a limited client, so it must be answered there even while
         // its UDP bucket is empty (possibly emptied by someone spoofing it).
-        let limited =
-            transport == Transport::Udp && self.limiter.is_on() && !self.limiter.allow(self.clients.key(client));
+        //
+        // The key the limit counts the client by is worked out once, and a
+        // miss takes its place under the same key: for an IPv6 client each
+        // working out is a lock of the neighbour reading.
+        let counted = (transport == Transport::Udp && self.limiter.is_on()).then(|| self.clients.key(client));
+        let limited = counted.is_some_and(|k| !self.limiter.allow(k));
         if limited && self.over_limit == RateLimitAction::Drop {
             s.dns_rate_limited.inc();
             return Outcome::Drop;
@@ -439,7 +444,16 @@ impl DnsEngine {
             if let Some(rule) = m.rule {
                 tracing::debug!(%client, name = %m.request.query.name(), qtype = ?m.request.query.query_type(), rule = rule.number, action = rule.action.kind(), "DNS rule matched");
             }
-            return self.miss(m.request, m.group, m.key, m.stale_kept, transport, client, m.rule);
+            return self.miss(
+                m.request,
+                m.group,
+                m.key,
+                m.stale_kept,
+                transport,
+                client,
+                counted,
+                m.rule,
+            );
         }
         let request = match message::parse_request(bytes) {
             Ok(r) => r,
@@ -564,7 +578,7 @@ impl DnsEngine {
             return outcome;
         }
         let stale_kept = matches!(lookup, Lookup::Stale);
-        self.miss(request, group, key, stale_kept, transport, client, rule)
+        self.miss(request, group, key, stale_kept, transport, client, counted, rule)
     }
 
     /// A cache miss: a place in the group's pending queries and the
@@ -579,11 +593,12 @@ impl DnsEngine {
         stale_kept: bool,
         transport: Transport,
         client: IpAddr,
+        counted: Option<ClientKey>,
         rule: Option<&super::rules::Rule>,
     ) -> Outcome {
         let s = &self.stats;
         s.dns_cache_misses.inc();
-        let place = match self.place(group, client) {
+        let place = match self.place(group, client, counted) {
             Ok(place) => place,
             Err(full) => {
                 match full {
@@ -612,7 +627,8 @@ impl DnsEngine {
 
     /// A place among `group`'s pending queries and `client`'s share of
     /// them, which a miss and a prefetch alike must hold while upstream.
-    fn place(&self, group: usize, client: IpAddr) -> Result<Place, NoPlace> {
+    /// `counted`: `client`'s key, when the rate limit has worked it out.
+    fn place(&self, group: usize, client: IpAddr, counted: Option<ClientKey>) -> Result<Place, NoPlace> {
         let admission = self
             .groups
             .get(group)
@@ -621,7 +637,7 @@ impl DnsEngine {
         let max_share = self.per_client_pending.get(group).copied().unwrap_or(1);
         let share = self
             .shares
-            .take(group, self.clients.key(client), max_share)
+            .take(group, counted.unwrap_or_else(|| self.clients.key(client)), max_share)
             .ok_or(NoPlace::ClientShare)?;
         Ok(Place { admission, share })
     }
@@ -638,7 +654,7 @@ impl DnsEngine {
         client: IpAddr,
         rule: Option<&super::rules::Rule>,
     ) -> Option<Pending> {
-        let place = self.place(group, client).ok()?;
+        let place = self.place(group, client, None).ok()?;
         self.stats.dns_prefetches.inc();
         Some(Pending::new(request, group, key, transport, client, rule, place))
     }
@@ -826,14 +842,14 @@ impl DnsEngine {
             sets,
             serve_stale,
             _admission,
-            _share,
+            share,
         } = pending;
         let mut send = Some(send);
         async move {
             let this: &DnsEngine = &engine;
             // Held until the client has its answer, by the future itself:
             // moved into a local, they would take their room twice.
-            let _place = (&_admission, &_share, &hold);
+            let _place = (&_admission, &share, &hold);
             // One reading of the clock for the deadline and the latency,
             // and one when the answer is in (for the latency and the cache
             // entry's time): each was a reading of its own.
@@ -865,7 +881,7 @@ impl DnsEngine {
                 Ok(Answer::Plain(plain)) => match this.plain_reply(&request, &key, plain, transport, &sets) {
                     // The same reply and cache entry as below, made on the wire.
                     Ok(done) => {
-                        let reply = this.keep_plain(key, done, send.is_some(), answered.into_std(), client);
+                        let reply = this.keep_plain(key, done, send.is_some(), answered.into_std(), share.client());
                         if let Some(send) = send {
                             send(reply);
                         }
@@ -922,7 +938,7 @@ impl DnsEngine {
                         lifetime,
                         Records::take(&mut msg),
                         answered.into_std(),
-                        this.clients.key(client),
+                        share.client(),
                     );
                 }
                 rendered
@@ -1119,11 +1135,10 @@ impl DnsEngine {
         done: PlainReply,
         answered: bool,
         now: std::time::Instant,
-        client: IpAddr,
+        owner: ClientKey,
     ) -> Vec<u8> {
         if let Some(lifetime) = done.lifetime {
-            self.cache
-                .store_at(key, lifetime, done.records, now, self.clients.key(client));
+            self.cache.store_at(key, lifetime, done.records, now, owner);
         }
         if answered {
             self.stats.dns_rcodes.record(u16::from(ResponseCode::NoError));
@@ -1141,6 +1156,7 @@ impl DnsEngine {
             key,
             transport,
             client,
+            share,
             ..
         } = pending;
         let name = wire_labels(request.query.name());
@@ -1148,7 +1164,7 @@ impl DnsEngine {
         // As `udp::Exchange` reads it: the plainest answers on the wire.
         let answer = match plain_answer::read(bytes, id, &name, u16::from(qtype), u16::from(qclass)) {
             Some(plain) => match self.plain_reply(&request, &key, plain, transport, &[]) {
-                Ok(done) => return Some(self.keep_plain(key, done, true, std::time::Instant::now(), client)),
+                Ok(done) => return Some(self.keep_plain(key, done, true, std::time::Instant::now(), share.client())),
                 Err(plain) => Answer::Plain(plain).into_message(),
             },
             None => super::upstream::accept_answer(bytes, id, &request.query),
@@ -1165,8 +1181,7 @@ impl DnsEngine {
             None => self.encoded(&request, &msg, transport),
         };
         if let Some(lifetime) = lifetime {
-            self.cache
-                .store(key, lifetime, Records::take(&mut msg), self.clients.key(client));
+            self.cache.store(key, lifetime, Records::take(&mut msg), share.client());
         }
         reply
     }

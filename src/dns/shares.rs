@@ -64,6 +64,16 @@ impl ClientShares {
     }
 }
 
+impl Share {
+    /// The client this place was taken for: what the answer's cache entry
+    /// is charged to, so the client's key is worked out once per miss
+    /// (for an IPv6 client that is a lock of the neighbour reading) and
+    /// the entry's owner is the client that held the place.
+    pub fn client(&self) -> ClientKey {
+        self.key.1
+    }
+}
+
 impl Drop for Share {
     fn drop(&mut self) {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);

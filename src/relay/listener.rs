@@ -33,8 +33,9 @@ use super::open_backlog::{Filed, Held};
 use super::ready_set::ReadySet;
 use super::reply::{Pending, ReplyScratch};
 use super::session::Session;
-use super::shed::{SharedShedder, sojourn};
-use super::shed_filter::Applied;
+use super::shed::{Filter, SharedShedder, sojourn};
+use super::shed_exempt::{ACTIVE, ESTABLISHED, EXEMPT, Exempt, ExemptFlow};
+use super::shed_filter::{Applied, Verdict};
 use super::upstream_batch::{UpstreamBatch, UpstreamSends};
 use crate::dns::DnsService;
 use crate::dns::misses::Misses;
@@ -170,7 +171,11 @@ fn sync_filter(kernel: &mut Applied, members: &[Member], ctx: &RelayContext) {
     if kernel.look_due(now) {
         report_kernel_drops(kernel, members, shedder, now);
     }
-    let wanted = shedder.filter(now);
+    let mut wanted = shedder.filter(now);
+    if wanted.iter().any(|f| f.exempt.is_none()) {
+        choose_exempt(&wanted, ctx, now);
+        wanted = shedder.filter(now);
+    }
     if wanted != kernel.filters() {
         // What it dropped since the last look counts for its client too,
         // before another filter (or none) takes its place.
@@ -179,11 +184,37 @@ fn sync_filter(kernel: &mut Applied, members: &[Member], ctx: &RelayContext) {
     count_kernel_drops(ctx.stats(), kernel.sync(&wanted, members.iter().map(|m| &m.socket)));
 }
 
+/// Chooses from the session table the flows each new hold in `wanted`
+/// lets through (see [`super::shed_exempt`]): the client's flows opened
+/// [`ESTABLISHED`] before its first hold of this run and active within
+/// [`ACTIVE`]. Once per hold: the first listener task to see it chooses.
+fn choose_exempt(wanted: &[Filter], ctx: &RelayContext, now: std::time::Duration) {
+    let now_ms = ctx.clock().now_ms();
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    for f in wanted.iter().filter(|f| f.exempt.is_none()) {
+        let before = now.saturating_sub(f.since) + ESTABLISHED;
+        let keys = ctx.table().established(
+            f.client,
+            now_ms.saturating_sub(ms(before)),
+            now_ms.saturating_sub(ms(ACTIVE)),
+            EXEMPT,
+        );
+        let exempt = Exempt::new(keys.iter().filter_map(ExemptFlow::of));
+        tracing::debug!(client = ?f.client, exempt = ?exempt, "held client's established flows let through");
+        ctx.shedder().exempt(f.client, exempt);
+    }
+}
+
 /// Tells the shedder what this task's filter dropped since it last
-/// looked, and whose datagrams those were.
+/// looked, and whose datagrams those were, and which flows it let
+/// through came at a flood's rate.
 fn report_kernel_drops(kernel: &mut Applied, members: &[Member], shedder: &SharedShedder, now: std::time::Duration) {
     if kernel.filters().is_empty() {
         return;
+    }
+    for (client, flow) in kernel.take_heavy() {
+        tracing::debug!(?client, ?flow, "a flow let through came at a flood's rate: held");
+        shedder.withdraw(client, &flow);
     }
     let held: Vec<ClientId> = kernel.filters().iter().map(|f| f.client).collect();
     let (dropped, samples) = kernel.look(members.iter().map(|m| &m.socket), now);
@@ -395,15 +426,29 @@ impl Member {
                                 if let Some((target, wall, mono)) = clocks {
                                     let waited = sojourn(meta.received, wall);
                                     let client = ClientId::of(meta.peer.ip());
-                                    // One the filter let through to tell
-                                    // its held clients apart: held, shed.
-                                    if kernel.sampling() && kernel.sampled(client) {
-                                        ctx.stats().drop_overload.inc();
-                                        continue;
-                                    }
-                                    if ctx.shedder().offer(target, client, one.len(), waited, mono) {
-                                        ctx.stats().drop_overload.inc();
-                                        continue;
+                                    match kernel.through(client, meta.peer.port(), meta.orig_dst) {
+                                        // A held client's established
+                                        // light flow: shed by no one.
+                                        Some(Verdict::Light) => {}
+                                        // At a flood's rate: shed, and
+                                        // held from the next look on.
+                                        Some(Verdict::Heavy) => {
+                                            ctx.stats().drop_overload.inc();
+                                            continue;
+                                        }
+                                        None => {
+                                            // One the filter let through to
+                                            // tell its held clients apart:
+                                            // held, shed.
+                                            if kernel.sampling() && kernel.sampled(client) {
+                                                ctx.stats().drop_overload.inc();
+                                                continue;
+                                            }
+                                            if ctx.shedder().offer(target, client, one.len(), waited, mono) {
+                                                ctx.stats().drop_overload.inc();
+                                                continue;
+                                            }
+                                        }
                                     }
                                 }
                                 filed |= handle(ctx, self.local, meta, one, now_ms, &mut run, &mut out, dns);

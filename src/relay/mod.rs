@@ -67,6 +67,7 @@ mod reply_order;
 pub mod rules;
 pub mod session;
 pub mod shed;
+pub mod shed_exempt;
 pub mod shed_filter;
 pub mod slice;
 pub mod socks5;

@@ -46,6 +46,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::key::ClientId;
+use super::shed_exempt::{Exempt, ExemptFlow};
 use crate::sync::lock;
 
 /// How long one window of the byte count lasts; "recent" is the last
@@ -470,7 +471,22 @@ struct Shared {
     /// how long it was, in [`HOLD`]s (see [`GROWTH`]); a client's entry
     /// goes once its hold ended because it stopped, or once it could no
     /// longer make the next hold longer.
-    last_holds: Vec<(ClientId, Duration, u32)>,
+    last_holds: Vec<LastHold>,
+}
+
+/// A recently held client (see `Shared::last_holds`).
+#[derive(Debug, Clone, Copy)]
+struct LastHold {
+    client: ClientId,
+    /// When its last hold ends (or ended).
+    end: Duration,
+    /// How long that hold was, in [`HOLD`]s.
+    holds: u32,
+    /// When the first hold of this run of growing holds began: the flows
+    /// it lets through were opened well before that (see
+    /// [`super::shed_exempt`]), and a flood going on through many holds
+    /// never has its own flows count as established.
+    since: Duration,
 }
 
 /// One client the kernel holds.
@@ -488,11 +504,17 @@ struct Hold {
 }
 
 /// A client whose datagrams the listener sockets' filters drop, and until
-/// when (a reading of [`SharedShedder::now`]).
+/// when (a reading of [`SharedShedder::now`]), but for the flows it lets
+/// through (see [`super::shed_exempt`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Filter {
     pub client: ClientId,
     pub until: Duration,
+    /// When the first hold of the client's run of growing holds began.
+    pub since: Duration,
+    /// Its established light flows, let through; `None` until a listener
+    /// has chosen them from the session table ([`SharedShedder::exempt`]).
+    pub exempt: Option<Exempt>,
 }
 
 /// What a listener's sockets dropped while a filter was on, from their
@@ -571,7 +593,7 @@ impl SharedShedder {
             holds.retain(|h| {
                 if now >= h.dropping_at + QUIET {
                     // The client stopped: its next flood starts from HOLD.
-                    last_holds.retain(|l| l.0 != h.filter.client);
+                    last_holds.retain(|l| l.client != h.filter.client);
                     false
                 } else {
                     now < h.filter.until
@@ -580,6 +602,31 @@ impl SharedShedder {
             self.filtering.store(!s.holds.is_empty(), Ordering::Relaxed);
         }
         s.holds.iter().map(|h| h.filter).collect()
+    }
+
+    /// The flows of `client`'s hold to let through, as a listener chose
+    /// them from the session table; a hold whose flows were chosen keeps
+    /// them (another listener task may have chosen first).
+    pub fn exempt(&self, client: ClientId, flows: Exempt) {
+        let mut s = lock(&self.state);
+        if let Some(h) = s.holds.iter_mut().find(|h| h.filter.client == client) {
+            h.filter.exempt.get_or_insert(flows);
+        }
+    }
+
+    /// A flow of `client` that its hold let through came at a flood's
+    /// rate: it is held with the rest of the client's datagrams for the
+    /// rest of the hold (see [`super::shed_exempt`]).
+    pub fn withdraw(&self, client: ClientId, flow: &ExemptFlow) {
+        let mut s = lock(&self.state);
+        if let Some(exempt) = s
+            .holds
+            .iter_mut()
+            .find(|h| h.filter.client == client)
+            .and_then(|h| h.filter.exempt.as_mut())
+        {
+            exempt.remove(flow);
+        }
     }
 
     /// A listener task's sockets dropped `dropped` datagrams of the
@@ -709,23 +756,34 @@ impl Shared {
             return;
         }
         // Forgotten once they can no longer lengthen a hold.
-        self.last_holds.retain(|&(_, end, h)| now < end + MEMORY.max(HOLD * h));
+        self.last_holds.retain(|l| now < l.end + MEMORY.max(HOLD * l.holds));
         // Back within MEMORY of its last hold, or within as long as that
         // hold lasted: the next one is longer (see GROWTH).
-        let last = self.last_holds.iter().position(|l| l.0 == client);
-        let holds = match last.map(|i| self.last_holds[i]) {
-            Some((_, _, h)) => h.saturating_mul(GROWTH).min(LONGEST),
-            None => 1,
+        let last = self.last_holds.iter().position(|l| l.client == client);
+        let (holds, since) = match last.map(|i| self.last_holds[i]) {
+            Some(l) => (l.holds.saturating_mul(GROWTH).min(LONGEST), l.since),
+            None => (1, now),
         };
         let until = now + HOLD * holds;
         self.holds.push(Hold {
-            filter: Filter { client, until },
+            filter: Filter {
+                client,
+                until,
+                since,
+                exempt: None,
+            },
             dropping_at: now,
             reported: (Duration::ZERO, 0),
         });
+        let entry = LastHold {
+            client,
+            end: until,
+            holds,
+            since,
+        };
         match last {
-            Some(i) => self.last_holds[i] = (client, until, holds),
-            None => self.last_holds.push((client, until, holds)),
+            Some(i) => self.last_holds[i] = entry,
+            None => self.last_holds.push(entry),
         }
     }
 }
@@ -757,6 +815,53 @@ mod tests {
     /// `n` datagrams the filter dropped, every queue with room.
     fn held(n: u64) -> KernelDrops {
         KernelDrops { all: n, filtered: n }
+    }
+
+    /// A hold's flows let through are chosen once (the first listener task
+    /// to ask), one that came at a flood's rate is taken out, and a run of
+    /// growing holds keeps when its first began: the flood's own flows,
+    /// opened as it started, never count as established in a later one.
+    #[test]
+    fn a_holds_flows_let_through_are_chosen_once_and_a_heavy_one_withdrawn() {
+        let (flood, quiet) = (id("192.0.2.10"), id("192.0.2.11"));
+        let s = SharedShedder::new(5 * MS);
+        let now = 10 * MS;
+        s.round_ended(false, true);
+        assert!(!s.offer(5 * MS, flood, 65_000, Some(MS), now));
+        assert!(!s.offer(5 * MS, quiet, 100, Some(20 * MS), now));
+        for _ in 0..ARM.div_ceil(65_000) {
+            assert!(s.offer(5 * MS, flood, 65_000, Some(MS), now));
+        }
+        let held = one(&s, now).unwrap();
+        assert_eq!((held.since, held.exempt), (now, None));
+        let flow = |port| ExemptFlow {
+            port,
+            dst: "198.51.100.7:6000".parse().unwrap(),
+        };
+        s.exempt(flood, Exempt::new([flow(1), flow(2)]));
+        s.exempt(flood, Exempt::new([flow(3)]));
+        s.exempt(quiet, Exempt::new([flow(3)]));
+        let flows = |s: &SharedShedder| -> Vec<ExemptFlow> {
+            one(s, now)
+                .and_then(|f| f.exempt)
+                .iter()
+                .flat_map(|e| e.flows().copied().collect::<Vec<_>>())
+                .collect()
+        };
+        assert_eq!(flows(&s), [flow(1), flow(2)]);
+        s.withdraw(flood, &flow(1));
+        s.withdraw(quiet, &flow(2));
+        assert_eq!(flows(&s), [flow(2)]);
+        // It ends; the flood goes on and is held again, longer, its flows
+        // to choose anew, from before the first hold.
+        let later = now + HOLD + MS;
+        assert_eq!(one(&s, later), None);
+        assert!(s.offer(5 * MS, flood, 65_000, Some(MS), later));
+        let again = one(&s, later).unwrap();
+        assert_eq!(
+            (again.until, again.since, again.exempt),
+            (later + GROWTH * HOLD, now, None)
+        );
     }
 
     #[test]
@@ -1008,6 +1113,8 @@ mod tests {
         let want = Some(Filter {
             client: flood,
             until: now + MS + HOLD,
+            since: now + MS,
+            exempt: None,
         });
         assert_eq!(one(&s, now + MS), want);
         // Shedding on does not stretch the hold ...

@@ -31,6 +31,7 @@
 //! several held, the samples [`program`] lets through say whose.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
@@ -38,7 +39,8 @@ use socket2::{SockFilter, SockRef};
 use tokio::net::UdpSocket;
 
 use super::key::ClientId;
-use super::shed::{Filter, KernelDrops, LOOK};
+use super::shed::{Filter, KernelDrops, LOOK, STILL_FLOODING};
+use super::shed_exempt::{EXEMPT, ExemptFlow};
 
 /// `SO_MEMINFO` (`asm-generic/socket.h`; the `libc` crate lacks it).
 const SO_MEMINFO: libc::c_int = 55;
@@ -46,6 +48,7 @@ const SO_MEMINFO: libc::c_int = 55;
 const MEMINFO_WORDS: usize = 9;
 
 const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+const LD_H_ABS: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
 const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
 const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
@@ -58,33 +61,114 @@ fn net(at: i32) -> u32 {
     (libc::SKF_NET_OFF + at) as u32
 }
 
+/// `k` of a load of the UDP header's source port and of its destination
+/// port: a plain offset counts from the packet's data, which starts at the
+/// UDP header when a UDP socket's filter runs (the IP header lies before
+/// it, read at `SKF_NET_OFF`).
+const SOURCE_PORT: u32 = 0;
+const DESTINATION_PORT: u32 = 2;
+
 /// Clients one program holds at most ([`super::shed::SLOTS`] asks for no
-/// more): a jump's offset is one byte, and the longest chain (every
-/// client an IPv6 /64, four instructions each) must fit in it.
+/// more): each client's own instructions, its flows let through included,
+/// stay within one conditional jump's reach (255), and all of them within
+/// the kernel's 4,096 (32 IPv6 /64s with [`EXEMPT`] flows each: some 3,300).
 const MOST: usize = 32;
 
 /// One in how many of a held client's datagrams the filter lets through
 /// while it holds several clients (see [`program`]).
 pub const SAMPLE: u32 = 16;
 
-/// Where a jump of [`program`] goes before the offsets are known.
+/// One held client and the flows of it the filter lets through.
+#[derive(Debug, Clone, Copy)]
+pub struct Held<'a> {
+    pub client: ClientId,
+    pub exempt: &'a [ExemptFlow],
+}
+
+/// Where a jump goes.
 #[derive(Clone, Copy)]
 enum To {
     /// The next instruction.
     Next,
-    /// This many instructions further on (0: the next one).
-    Skip(u8),
-    /// The IPv6 chain.
-    V6,
-    /// A held client's datagram.
-    Held,
-    /// Any other datagram.
-    Pass,
+    /// A label (see [`Asm::label`]).
+    At(usize),
+}
+
+/// A classic BPF program being written, its jumps to labels resolved at
+/// the end.
+#[derive(Default)]
+struct Asm {
+    code: Vec<(u16, To, To, u32)>,
+    labels: Vec<Option<usize>>,
+}
+
+impl Asm {
+    /// A label, placed later with [`place`](Self::place).
+    fn label(&mut self) -> usize {
+        self.labels.push(None);
+        self.labels.len() - 1
+    }
+
+    /// Puts `label` at the next instruction.
+    fn place(&mut self, label: usize) {
+        if let Some(l) = self.labels.get_mut(label) {
+            *l = Some(self.code.len());
+        }
+    }
+
+    fn op(&mut self, op: u16, k: u32) {
+        self.code.push((op, To::Next, To::Next, k));
+    }
+
+    fn jeq(&mut self, k: u32, jt: To, jf: To) {
+        self.code.push((JEQ_K, jt, jf, k));
+    }
+
+    fn ja(&mut self, to: usize) {
+        self.code.push((JA, To::At(to), To::Next, 0));
+    }
+
+    /// The program; `None` if a jump goes backwards, to no label, or (a
+    /// conditional one) further than its one-byte offset reaches.
+    fn finish(self) -> Option<Vec<SockFilter>> {
+        let offset = |at: usize, to: To| -> Option<usize> {
+            let target = match to {
+                To::Next => at + 1,
+                To::At(label) => (*self.labels.get(label)?)?,
+            };
+            target.checked_sub(at + 1)
+        };
+        self.code
+            .iter()
+            .enumerate()
+            .map(|(at, &(op, jt, jf, k))| {
+                Some(if op == JA {
+                    // An unconditional jump's offset is its `k`.
+                    SockFilter::new(op, 0, 0, u32::try_from(offset(at, jt)?).ok()?)
+                } else if op == JEQ_K {
+                    let near = |to| u8::try_from(offset(at, to)?).ok();
+                    SockFilter::new(op, near(jt)?, near(jf)?, k)
+                } else {
+                    SockFilter::new(op, 0, 0, k)
+                })
+            })
+            .collect()
+    }
 }
 
 /// The filter that drops the datagrams of every client in `clients` and
 /// passes all others whole; with `sample`, one in that many of the held
-/// clients' datagrams passes too.
+/// clients' datagrams passes too. No flow is let through: see
+/// [`exempting`].
+pub fn program(clients: &[ClientId], sample: Option<u32>) -> Vec<SockFilter> {
+    let held: Vec<Held<'_>> = clients.iter().map(|&client| Held { client, exempt: &[] }).collect();
+    exempting(&held, sample)
+}
+
+/// The filter that drops the datagrams of every client in `held` but for
+/// its flows let through (see [`super::shed_exempt`]), and passes all
+/// others whole; with `sample`, one in that many of the held clients'
+/// other datagrams passes too.
 ///
 /// The kernel counts what a filter drops in one counter per socket: it
 /// cannot say whose datagrams those were. With one client held they are
@@ -96,83 +180,203 @@ enum To {
 ///
 /// An IPv4 datagram's source is compared with each IPv4 client in turn,
 /// an IPv6 one's first word of the /64 and then the second with each
-/// IPv6 client; any other datagram passes.
-pub fn program(clients: &[ClientId], sample: Option<u32>) -> Vec<SockFilter> {
-    let clients = &clients[..clients.len().min(MOST)];
-    let v4: Vec<u32> = clients
-        .iter()
-        .filter_map(|c| match *c {
-            ClientId::V4(a) => Some(a),
-            ClientId::V6Prefix(_) => None,
-        })
-        .collect();
-    let v6: Vec<u64> = clients
-        .iter()
-        .filter_map(|c| match *c {
-            ClientId::V6Prefix(p) => Some(p),
-            ClientId::V4(_) => None,
-        })
-        .collect();
-    let mut code: Vec<(u16, To, To, u32)> = Vec::new();
-    let ld = |at: i32| (LD_W_ABS, To::Next, To::Next, net(at));
-    code.push((LD_B_ABS, To::Next, To::Next, net(0)));
-    code.push((AND_K, To::Next, To::Next, 0xf0));
-    code.push((JEQ_K, To::Next, To::V6, 4 << 4));
-    code.push(ld(12));
-    for a in &v4 {
-        code.push((JEQ_K, To::Held, To::Next, *a));
+/// IPv6 client; any other datagram passes. A held client's datagram is
+/// then compared with each of its flows let through: the destination
+/// address (at `SKF_NET_OFF`, as the source), the client's port and the
+/// destination port (in the UDP header); one that matches passes. A
+/// client's flows of the other family are left out (they cannot match).
+pub fn exempting(held: &[Held<'_>], sample: Option<u32>) -> Vec<SockFilter> {
+    let held = &held[..held.len().min(MOST)];
+    assemble(held, sample).unwrap_or_else(|| {
+        // Out of reach (not for MOST clients of EXEMPT flows each, which
+        // the tests build): the clients held whole, as before.
+        let whole: Vec<Held<'_>> = held.iter().map(|h| Held { exempt: &[], ..*h }).collect();
+        assemble(&whole, sample).unwrap_or_default()
+    })
+}
+
+/// The words of an IPv6 address, as the filter loads them.
+fn words(ip: std::net::Ipv6Addr) -> [u32; 4] {
+    let b = ip.to_bits();
+    [(b >> 96) as u32, (b >> 64) as u32, (b >> 32) as u32, b as u32]
+}
+
+fn assemble(held: &[Held<'_>], sample: Option<u32>) -> Option<Vec<SockFilter>> {
+    let mut a = Asm::default();
+    let (v6, held_at, pass) = (a.label(), a.label(), a.label());
+    let v4 = a.label();
+    a.op(LD_B_ABS, net(0));
+    a.op(AND_K, 0xf0);
+    a.jeq(4 << 4, To::At(v4), To::Next);
+    a.ja(v6);
+    a.place(v4);
+    a.op(LD_W_ABS, net(12));
+    for h in held {
+        let ClientId::V4(addr) = h.client else { continue };
+        let other = a.label();
+        a.jeq(addr, To::Next, To::At(other));
+        let flows = h.exempt.iter().filter_map(|f| match f.dst.ip() {
+            IpAddr::V4(ip) => Some((vec![(16, ip.to_bits())], f.port, f.dst.port())),
+            IpAddr::V6(_) => None,
+        });
+        let through = exempt_flows(&mut a, flows, (held_at, pass));
+        a.place(other);
+        if through {
+            // The flows' loads took the source's place.
+            a.op(LD_W_ABS, net(12));
+        }
     }
-    code.push((JA, To::Pass, To::Pass, 0));
-    let v6_at = code.len();
-    code.push((JEQ_K, To::Next, To::Pass, 6 << 4));
-    for p in &v6 {
-        code.push(ld(8));
-        code.push((JEQ_K, To::Next, To::Skip(2), (p >> 32) as u32));
-        code.push(ld(12));
-        code.push((JEQ_K, To::Held, To::Next, *p as u32));
+    a.ja(pass);
+    a.place(v6);
+    let is_v6 = a.label();
+    a.jeq(6 << 4, To::At(is_v6), To::Next);
+    a.ja(pass);
+    a.place(is_v6);
+    for h in held {
+        let ClientId::V6Prefix(p) = h.client else { continue };
+        let other = a.label();
+        a.op(LD_W_ABS, net(8));
+        a.jeq((p >> 32) as u32, To::Next, To::At(other));
+        a.op(LD_W_ABS, net(12));
+        a.jeq(p as u32, To::Next, To::At(other));
+        let flows = h.exempt.iter().filter_map(|f| match f.dst.ip() {
+            IpAddr::V6(ip) => {
+                let w = words(ip);
+                Some((
+                    vec![(24, w[0]), (28, w[1]), (32, w[2]), (36, w[3])],
+                    f.port,
+                    f.dst.port(),
+                ))
+            }
+            IpAddr::V4(_) => None,
+        });
+        exempt_flows(&mut a, flows, (held_at, pass));
+        a.place(other);
     }
-    code.push((JA, To::Pass, To::Pass, 0));
-    let held_at = code.len();
+    a.ja(pass);
+    a.place(held_at);
     if let Some(one_in) = sample.filter(|&n| n > 1) {
         let random = (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32;
-        code.push((LD_W_ABS, To::Next, To::Next, random));
-        code.push((MOD_K, To::Next, To::Next, one_in));
-        code.push((JEQ_K, To::Pass, To::Next, 0));
+        a.op(LD_W_ABS, random);
+        a.op(MOD_K, one_in);
+        a.jeq(0, To::At(pass), To::Next);
     }
-    code.push((RET_K, To::Next, To::Next, 0));
-    let pass_at = code.len();
-    code.push((RET_K, To::Next, To::Next, u32::MAX));
-    let offset = |at: usize, to: To| -> u8 {
-        let target = match to {
-            To::Next => at + 1,
-            To::Skip(n) => at + 1 + usize::from(n),
-            To::V6 => v6_at,
-            To::Held => held_at,
-            To::Pass => pass_at,
-        };
-        u8::try_from(target - at - 1).unwrap_or(u8::MAX)
-    };
-    code.iter()
-        .enumerate()
-        .map(|(at, &(op, jt, jf, k))| {
-            if op == JA {
-                // An unconditional jump's offset is its `k`.
-                SockFilter::new(op, 0, 0, u32::from(offset(at, jt)))
-            } else if op == JEQ_K {
-                SockFilter::new(op, offset(at, jt), offset(at, jf), k)
-            } else {
-                SockFilter::new(op, 0, 0, k)
-            }
-        })
-        .collect()
+    a.op(RET_K, 0);
+    a.place(pass);
+    a.op(RET_K, u32::MAX);
+    a.finish()
+}
+
+/// Writes a held client's checks of its flows let through (each the words
+/// of its destination address at their offsets in the IP header, the
+/// client's port and the destination port) and its jump to `held_at` for
+/// everything else; a match passes. True when there was a flow to check.
+fn exempt_flows(
+    a: &mut Asm,
+    flows: impl Iterator<Item = (Vec<(i32, u32)>, u16, u16)>,
+    (held_at, pass): (usize, usize),
+) -> bool {
+    let through = a.label();
+    let mut any = false;
+    for (address, port, dst_port) in flows {
+        any = true;
+        let next = a.label();
+        for (at, word) in address {
+            a.op(LD_W_ABS, net(at));
+            a.jeq(word, To::Next, To::At(next));
+        }
+        a.op(LD_H_ABS, SOURCE_PORT);
+        a.jeq(u32::from(port), To::Next, To::At(next));
+        a.op(LD_H_ABS, DESTINATION_PORT);
+        a.jeq(u32::from(dst_port), To::At(through), To::Next);
+        a.place(next);
+    }
+    a.ja(held_at);
+    if any {
+        // Past that jump: passes (a conditional jump may not reach the end).
+        a.place(through);
+        a.ja(pass);
+    }
+    any
 }
 
 /// Puts the filter for `clients` on `socket`, in place of any other (the
 /// kernel swaps programs atomically: no datagram passes unfiltered);
 /// with more than one, one in [`SAMPLE`] of their datagrams passes.
 pub fn attach(socket: &impl AsFd, clients: &[ClientId]) -> io::Result<()> {
-    let sample = (clients.len() > 1).then_some(SAMPLE);
-    SockRef::from(socket).attach_filter(&program(clients, sample))
+    let held: Vec<Held<'_>> = clients.iter().map(|&client| Held { client, exempt: &[] }).collect();
+    attach_held(socket, &held)
+}
+
+/// [`attach`], letting each held client's flows in `held` through.
+///
+/// The kernel charges a filter's size to the socket's option memory
+/// (`net.core.optmem_max`, 20 KiB by default before Linux 6.9): a program
+/// it refuses is put on without the flows, the clients held whole, as
+/// before.
+pub fn attach_held(socket: &impl AsFd, held: &[Held<'_>]) -> io::Result<()> {
+    let sample = (held.len() > 1).then_some(SAMPLE);
+    let sock = SockRef::from(socket);
+    match sock.attach_filter(&exempting(held, sample)) {
+        Err(e) if held.iter().any(|h| !h.exempt.is_empty()) => {
+            tracing::debug!(error = %e, "listener filter refused with flows let through; held whole");
+            let whole: Vec<ClientId> = held.iter().map(|h| h.client).collect();
+            sock.attach_filter(&program(&whole, sample))
+        }
+        other => other,
+    }
+}
+
+/// What a listener task counted of the held clients' exempt flows since
+/// its last look: one count per flow slot of each hold.
+#[derive(Debug, Default)]
+struct Passed {
+    counts: Vec<[u32; EXEMPT]>,
+}
+
+/// What became of one datagram of an exempt flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Light: relayed, shed by no one.
+    Light,
+    /// Past a flood's rate in this look: shed, and the flow withdrawn.
+    Heavy,
+}
+
+impl Passed {
+    /// Starts over for `holds` holds.
+    pub fn reset(&mut self, holds: usize) {
+        self.counts.clear();
+        self.counts.resize(holds, [0; EXEMPT]);
+    }
+
+    /// Counts a datagram of flow `slot` of hold `hold`.
+    pub fn count(&mut self, hold: usize, slot: usize) -> Verdict {
+        let Some(n) = self.counts.get_mut(hold).and_then(|c| c.get_mut(slot)) else {
+            return Verdict::Light;
+        };
+        *n = n.saturating_add(1);
+        if u64::from(*n) > STILL_FLOODING {
+            Verdict::Heavy
+        } else {
+            Verdict::Light
+        }
+    }
+
+    /// The (hold, slot) of every flow past a flood's rate since the last
+    /// look, counting anew from here.
+    pub fn take_heavy(&mut self) -> Vec<(usize, usize)> {
+        let mut heavy = Vec::new();
+        for (hold, counts) in self.counts.iter_mut().enumerate() {
+            for (slot, n) in counts.iter_mut().enumerate() {
+                if u64::from(*n) > STILL_FLOODING {
+                    heavy.push((hold, slot));
+                }
+                *n = 0;
+            }
+        }
+        heavy
+    }
 }
 
 /// Takes the filter off `socket`; one that had none is fine.
@@ -247,6 +451,8 @@ pub struct Applied {
     /// The held clients' datagrams the filter let through since the last
     /// look, one count per entry of `filters` (see [`program`]).
     samples: Vec<u64>,
+    /// The datagrams of their flows let through since the last look.
+    passed: Passed,
 }
 
 impl Applied {
@@ -265,6 +471,36 @@ impl Applied {
     /// (it holds more than one).
     pub fn sampling(&self) -> bool {
         self.filters.len() > 1
+    }
+
+    /// What becomes of a datagram of `client` from its port `port` to
+    /// `dst` that the listener read: `None` unless it is one of a held
+    /// client's flows the filter lets through, which is relayed while the
+    /// flow is light and shed past a flood's rate (see
+    /// [`super::shed_exempt`]). Asked before [`sampled`](Self::sampled).
+    #[inline]
+    pub fn through(&mut self, client: ClientId, port: u16, dst: Option<SocketAddr>) -> Option<Verdict> {
+        if self.filters.is_empty() {
+            return None;
+        }
+        let hold = self.filters.iter().position(|f| f.client == client)?;
+        let slot = self.filters[hold].exempt.as_ref()?.position(port, dst?)?;
+        Some(self.passed.count(hold, slot))
+    }
+
+    /// The flows let through that came at a flood's rate since the last
+    /// call, each with its client: to be held with the rest of it
+    /// (`shed::SharedShedder::withdraw`).
+    pub fn take_heavy(&mut self) -> Vec<(ClientId, ExemptFlow)> {
+        let heavy = self.passed.take_heavy();
+        heavy
+            .into_iter()
+            .filter_map(|(hold, slot)| {
+                let f = self.filters.get(hold)?;
+                let flow = f.exempt.as_ref()?.flows_at(slot)?;
+                Some((f.client, flow))
+            })
+            .collect()
     }
 
     /// Notes a datagram of `client` the listener read: true when that
@@ -331,17 +567,31 @@ impl Applied {
         if wanted.is_empty() {
             return self.clear(sockets);
         }
-        let same =
-            wanted.len() == self.filters.len() && wanted.iter().zip(&self.filters).all(|(a, b)| a.client == b.client);
+        let same = wanted.len() == self.filters.len()
+            && wanted
+                .iter()
+                .zip(&self.filters)
+                .all(|(a, b)| a.client == b.client && a.exempt == b.exempt);
         if !same {
-            let clients: Vec<ClientId> = wanted.iter().map(|f| f.client).collect();
+            let flows: Vec<Vec<ExemptFlow>> = wanted
+                .iter()
+                .map(|f| f.exempt.iter().flat_map(|e| e.flows().copied()).collect())
+                .collect();
+            let held: Vec<Held<'_>> = wanted
+                .iter()
+                .zip(&flows)
+                .map(|(f, flows)| Held {
+                    client: f.client,
+                    exempt: flows,
+                })
+                .collect();
             for socket in sockets.clone() {
-                if let Err(e) = attach(socket, &clients) {
+                if let Err(e) = attach_held(socket, &held) {
                     // User-space shedding still drops what passes.
                     tracing::debug!(error = %e, "listener filter refused");
                 }
             }
-            tracing::debug!(clients = ?clients, "listener filter on");
+            tracing::debug!(held = ?held, "listener filter on");
         }
         if self.filters.is_empty() {
             let infos: Vec<Option<MemInfo>> = sockets.map(|s| meminfo(s).ok()).collect();
@@ -353,6 +603,7 @@ impl Applied {
         }
         if !same {
             self.samples = vec![0; wanted.len()];
+            self.passed.reset(wanted.len());
         }
         self.filters = wanted.to_vec();
         0
@@ -365,6 +616,7 @@ impl Applied {
             return 0;
         }
         self.samples.clear();
+        self.passed.reset(0);
         let mut dropped = 0;
         for (socket, baseline) in sockets.zip(std::mem::take(&mut self.baselines)) {
             if let Err(e) = detach(socket) {
@@ -456,6 +708,8 @@ mod tests {
         let filter = Filter {
             client: id("127.0.0.2"),
             until: Duration::from_secs(60),
+            since: Duration::ZERO,
+            exempt: None,
         };
         applied.sync(&[filter], std::iter::once(&r));
         assert_eq!(drops_at(&mut applied, &r, LOOK), KernelDrops::default());
@@ -614,6 +868,8 @@ mod tests {
         let f = |c: &str, ms: u64| Filter {
             client: id(c),
             until: Duration::from_millis(ms),
+            since: Duration::ZERO,
+            exempt: None,
         };
         applied.sync(&[f("127.0.0.2", 100)], std::iter::once(&r));
         assert!(!applied.sampling());
@@ -632,6 +888,136 @@ mod tests {
         assert_eq!(applied.look(std::iter::once(&r), 3 * LOOK).1, [1]);
         applied.sync(&[], std::iter::once(&r));
         assert_eq!(applied.until(), None);
+    }
+
+    /// `held`'s exact program (no samples) on `r`, each with its flows.
+    fn hold_with(r: &UdpSocket, held: &[(ClientId, Vec<ExemptFlow>)]) {
+        let held: Vec<Held<'_>> = held
+            .iter()
+            .map(|(client, exempt)| Held {
+                client: *client,
+                exempt,
+            })
+            .collect();
+        SockRef::from(r).attach_filter(&exempting(&held, None)).unwrap();
+    }
+
+    fn flow(port: u16, dst: SocketAddr) -> ExemptFlow {
+        ExemptFlow { port, dst }
+    }
+
+    /// A held client's flow let through passes: from its port, to its
+    /// destination address and port, each word of them compared; the
+    /// rest of the client's datagrams are dropped, others pass.
+    #[test]
+    fn a_held_clients_flow_let_through_passes_and_nothing_else_of_it() {
+        let r = receiver("127.0.0.1:0");
+        let to = r.local_addr().unwrap();
+        let s = UdpSocket::bind("127.0.0.2:0").unwrap();
+        let port = s.local_addr().unwrap().port();
+        let other_port = UdpSocket::bind("127.0.0.2:0").unwrap();
+        let before = drops(&r).unwrap();
+        let near = |ip: &str, p: u16| flow(port, SocketAddr::new(ip.parse().unwrap(), p));
+        // Flows that are not this one: another destination address, port,
+        // or client port; and one of another family.
+        let others = vec![
+            near("127.0.0.3", to.port()),
+            near("127.0.0.1", to.port() ^ 1),
+            flow(port ^ 1, to),
+            near("::1", to.port()),
+        ];
+        hold_with(&r, &[(id("127.0.0.2"), others.clone())]);
+        s.send_to(b"flow", to).unwrap();
+        assert!(received(&r).is_empty());
+        // Among them, at any place: passes, from that port only.
+        for at in 0..=others.len() {
+            let mut flows = others.clone();
+            flows.insert(at, flow(port, to));
+            hold_with(&r, &[(id("127.0.0.4"), vec![flow(port, to)]), (id("127.0.0.2"), flows)]);
+            s.send_to(b"flow", to).unwrap();
+            other_port.send_to(b"other port", to).unwrap();
+            send("127.0.0.3:0", to);
+            assert_eq!(received(&r), ["flow", "127.0.0.3:0"], "flow at {at}");
+        }
+        assert_eq!(drops(&r).unwrap().wrapping_sub(before), 1 + others.len() as u32 + 1);
+    }
+
+    #[test]
+    fn an_ipv6_clients_flow_is_matched_on_every_word_of_its_destination() {
+        let r = receiver("[::1]:0");
+        let to = r.local_addr().unwrap();
+        let s = UdpSocket::bind("[::1]:0").unwrap();
+        let port = s.local_addr().unwrap().port();
+        let at = |ip: &str| flow(port, SocketAddr::new(ip.parse().unwrap(), to.port()));
+        // ::1 differing in each word in turn, and IPv4 flows: held.
+        let others = vec![
+            at("1::1"),
+            at("0:0:1::1"),
+            at("::1:0:0:1"),
+            at("::2"),
+            at("127.0.0.1"),
+            flow(port, SocketAddr::new("0.0.0.1".parse().unwrap(), to.port())),
+        ];
+        let me = ClientId::V6Prefix(0);
+        hold_with(&r, &[(me, others.clone())]);
+        s.send_to(b"flow", to).unwrap();
+        assert!(received(&r).is_empty());
+        let mut flows = others;
+        flows.push(at("::1"));
+        hold_with(&r, &[(ClientId::V4(1), vec![at("::1")]), (me, flows)]);
+        s.send_to(b"flow", to).unwrap();
+        assert_eq!(received(&r), ["flow"]);
+    }
+
+    /// `count` clients, every one an IPv6 /64 with all its flows, the
+    /// last client's last flow from `port` to `to`, the others' flows
+    /// from other ports.
+    fn v6_clients(count: usize, port: u16, to: SocketAddr) -> Vec<(ClientId, Vec<ExemptFlow>)> {
+        let others = |c: u64| -> Vec<ExemptFlow> {
+            (0..EXEMPT as u16)
+                .map(|i| {
+                    let dst = std::net::Ipv6Addr::from(u128::from(c) << 64 | 1);
+                    flow(port ^ (i + 1), SocketAddr::new(dst.into(), to.port()))
+                })
+                .collect()
+        };
+        let mut held: Vec<(ClientId, Vec<ExemptFlow>)> =
+            (1..count as u64).map(|c| (ClientId::V6Prefix(c), others(c))).collect();
+        let mut last = others(0);
+        last[EXEMPT - 1] = flow(port, to);
+        held.push((ClientId::V6Prefix(0), last));
+        held
+    }
+
+    /// The longest program the shedder asks for: every held client an
+    /// IPv6 /64 with all its flows, its last flow matched like its first.
+    /// And the longest one [`exempting`] builds keeps every jump within
+    /// reach and the kernel's 4,096 instructions.
+    #[test]
+    fn the_longest_programs_fit_and_match() {
+        let r = receiver("[::1]:0");
+        let to = r.local_addr().unwrap();
+        let s = UdpSocket::bind("[::1]:0").unwrap();
+        let port = s.local_addr().unwrap().port();
+        let held = v6_clients(SLOTS, port, to);
+        hold_with(&r, &held);
+        s.send_to(b"flow", to).unwrap();
+        send("[::1]:0", to);
+        assert_eq!(received(&r), ["flow"]);
+        let most = v6_clients(MOST, port, to);
+        let refs: Vec<Held<'_>> = most
+            .iter()
+            .map(|(client, exempt)| Held {
+                client: *client,
+                exempt,
+            })
+            .collect();
+        let whole = assemble(&refs, Some(SAMPLE)).expect("every jump within reach");
+        assert!(
+            whole.len() < 4_096 && whole.len() > MOST * EXEMPT * 12,
+            "{}",
+            whole.len()
+        );
     }
 
     #[test]

@@ -30,11 +30,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::DropGuard;
 
 use super::budget::Permit;
-use super::key::{ClientId, FlowKey};
+use super::key::{ClientId, FlowKey, Target};
 use super::load_order::{LoadOrder, Place};
 use super::rate::Bucket;
 use super::session::Session;
 use crate::sync::lock;
+
+/// Clock milliseconds as whole seconds (136 years fit).
+fn secs(ms: u64) -> u32 {
+    u32::try_from(ms / 1_000).unwrap_or(u32::MAX)
+}
 
 /// Fast, seeded per process: the keys are addresses a client chooses.
 type Hasher = foldhash::fast::RandomState;
@@ -56,6 +61,10 @@ pub struct Entry {
     /// or a pool socket of its own). Kept here, in what would be padding,
     /// and not asked of the session: the hot look-ups read it.
     holds_fd: bool,
+    /// When the flow was filed, in clock seconds: a held client's flows
+    /// opened well before its hold are let through (see
+    /// [`SessionTable::established`]). In what was padding too.
+    filed_secs: u32,
 }
 
 /// What a flow with a task of its own holds; dropped with its entry.
@@ -92,6 +101,7 @@ impl Entry {
             session,
             _own: own,
             holds_fd,
+            filed_secs: 0,
         }
     }
 }
@@ -495,7 +505,8 @@ impl SessionTable {
     /// The client is looked up once to check and once to file (the flow's
     /// key hashed twice): this runs for every new flow, and it used to look
     /// the client up six times.
-    pub fn insert(&self, key: FlowKey, entry: Entry, now_ms: u64) -> Result<(Arc<Session>, Vec<Evicted>), Entry> {
+    pub fn insert(&self, key: FlowKey, mut entry: Entry, now_ms: u64) -> Result<(Arc<Session>, Vec<Evicted>), Entry> {
+        entry.filed_secs = secs(now_ms);
         let mut inner = self.lock();
         let owner = key.owner();
         let mut old = match inner.clients.get(&owner) {
@@ -567,6 +578,38 @@ impl SessionTable {
     /// newer session for the same flow is left alone).
     pub fn remove(&self, session: &Session) -> Option<Entry> {
         self.lock().remove_if(session)
+    }
+
+    /// Up to `most` flows of `client` with one destination, filed before
+    /// `filed_before_ms` and active since `active_since_ms` (clock
+    /// milliseconds), the longest-filed first: the flows a hold of that
+    /// client lets through (`relay::shed_exempt`). Walks the client's
+    /// flows, at most its quota, once per hold.
+    pub fn established(
+        &self,
+        client: ClientId,
+        filed_before_ms: u64,
+        active_since_ms: u64,
+        most: usize,
+    ) -> Vec<FlowKey> {
+        let inner = self.lock();
+        let Some(c) = inner.clients.get(&client) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(u32, FlowKey)> = c
+            .flows
+            .iter()
+            .filter(|(key, e)| {
+                // Filed within the second `filed_secs` names: before the
+                // end of it.
+                matches!(key.target, Target::Destination(_))
+                    && (u64::from(e.filed_secs) + 1) * 1_000 <= filed_before_ms
+                    && e.session.last_active_ms() >= active_since_ms
+            })
+            .map(|(key, e)| (e.filed_secs, *key))
+            .collect();
+        found.sort_by_key(|&(filed, _)| filed);
+        found.into_iter().take(most).map(|(_, key)| key).collect()
     }
 
     /// Number of live sessions.
@@ -679,7 +722,6 @@ impl SessionTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::key::Target;
 
     fn key_of(client: &str, port: u16) -> FlowKey {
         FlowKey {
@@ -709,6 +751,33 @@ mod tests {
             return vec![e];
         }
         t.insert(k, entry(k), 0).map(|(_, ev)| ev).unwrap_or_default()
+    }
+
+    /// What a hold lets through: a client's flows with one destination,
+    /// filed before a time and active since another, longest-filed first.
+    #[tokio::test]
+    async fn a_clients_established_flows_were_filed_early_and_active_lately() {
+        let t = SessionTable::new(limits(16, 16));
+        let put = |k: FlowKey, filed_ms: u64, active_ms: u64| {
+            let session = Arc::new(Session::detached(k, 60_000, active_ms));
+            t.insert(k, Entry::new(session, None), filed_ms).unwrap();
+            k
+        };
+        let old = put(key(1), 1_000, 9_500);
+        put(key(2), 500, 2_000); // idle since
+        let older = put(key(3), 200, 9_800);
+        put(key(4), 8_200, 9_900); // filed too late
+        let cone = FlowKey {
+            client: key(5).client,
+            target: Target::Cone(1),
+        };
+        put(cone, 100, 9_900); // no destination to match
+        put(key_of("192.0.2.11", 1), 100, 9_900); // another client
+        let client = key(1).owner();
+        assert_eq!(t.established(client, 8_000, 9_000, 8), [older, old]);
+        assert_eq!(t.established(client, 8_000, 9_000, 1), [older]);
+        assert_eq!(t.established(client, 1_000, 9_000, 8), [older]);
+        assert!(t.established(key_of("192.0.2.12", 1).owner(), 8_000, 0, 8).is_empty());
     }
 
     #[tokio::test]
