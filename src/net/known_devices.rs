@@ -128,6 +128,23 @@ impl KnownDevices {
         true
     }
 
+    /// The IPv6 /64s (their upper 64 bits) that hold a device remembered
+    /// with a link-layer address: where a known device's new address can
+    /// be. Off-link prefixes (a tunnel's route, a default route of another
+    /// table) and prefixes with no device are not among them.
+    pub fn device_prefixes(&self, now: Instant) -> impl Iterator<Item = u64> + '_ {
+        self.seen.iter().filter_map(move |(ip, s)| match ip {
+            IpAddr::V6(v6)
+                if s.link.is_some()
+                    && now.saturating_duration_since(s.resolved) < REMEMBER
+                    && !gave_up(s.first_let_through, now) =>
+            {
+                Some(prefix_64(*v6))
+            }
+            _ => None,
+        })
+    }
+
     /// The link-layer address `ip` had when last seen resolved, if that
     /// was within [`REMEMBER`] and it has not been given up on since
     /// ([`GIVE_UP`]).
@@ -149,6 +166,11 @@ impl KnownDevices {
 /// to be resolved, by `now`.
 fn gave_up(first: Option<Instant>, now: Instant) -> bool {
     first.is_some_and(|t| now.saturating_duration_since(t) >= GIVE_UP)
+}
+
+/// The upper 64 bits of `ip`: its /64.
+pub fn prefix_64(ip: std::net::Ipv6Addr) -> u64 {
+    (u128::from(ip) >> 64) as u64
 }
 
 #[cfg(test)]
@@ -271,5 +293,18 @@ mod tests {
         // Let through and not resolved since: given up on.
         assert!(known.lets_through(ip(10), now, WINDOW));
         assert_eq!(known.link_of(ip(10), now + GIVE_UP), None);
+    }
+
+    #[test]
+    fn only_the_64s_of_devices_with_a_link_layer_address_are_device_prefixes() {
+        let mut known = KnownDevices::default();
+        let now = Instant::now();
+        let mac = LinkAddr::from_bytes(3, &[2, 0, 0, 0, 0, 1]);
+        let tunnel_peer = IpAddr::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1));
+        known.saw([(lan_v6(7), mac), (tunnel_peer, None), (ip(10), mac)], now);
+        let prefixes: Vec<u64> = known.device_prefixes(now).collect();
+        assert_eq!(prefixes, vec![0x2001_0db8_0000_0000]);
+        // Forgotten with the device.
+        assert_eq!(known.device_prefixes(now + REMEMBER).count(), 0);
     }
 }

@@ -21,13 +21,13 @@
 //! ([`crate::dns::clients`]), and have the kernel ask for an on-link IPv6
 //! address it does not know ([`super::solicit`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::known_devices::KnownDevices;
+use super::known_devices::{KnownDevices, prefix_64};
 use super::link_addr::LinkAddr;
 use super::on_link::Prefix;
 use super::rtnetlink_dump::{DumpError, address, attributes, dump_with, u16_at, u32_at};
@@ -92,6 +92,10 @@ struct Reading {
     /// On-link IPv6 addresses the kernel is made to ask for
     /// ([`NeighbourTable::device_link`]).
     asking: Solicit,
+    /// The /64s holding a device the kernel resolved with a link-layer
+    /// address ([`KnownDevices::device_prefixes`]), as of the last reading:
+    /// only addresses in them are asked for.
+    device_prefixes: HashSet<u64>,
 }
 
 impl NeighbourTable {
@@ -139,10 +143,11 @@ impl NeighbourTable {
     /// does not know has the table read again if it is [`REFRESH`] old,
     /// so that a device that has just come counts at its first query; a
     /// flood of forged sources reads it at that pace, as a pressed buffer
-    /// does. An on-link IPv6 address still unknown is sent one echo
-    /// request now and then ([`super::solicit`]): during a flood nothing
-    /// else may go to it, and a device's new address would never be
-    /// resolved. `None` when the tables cannot be read.
+    /// does. An on-link IPv6 address still unknown, in a /64 that holds a
+    /// known device, is sent one echo request now and then
+    /// ([`super::solicit`]): during a flood nothing else may go to it, and
+    /// a device's new address would never be resolved. `None` when the
+    /// tables cannot be read.
     pub fn device_link(&self, ip: IpAddr) -> Option<LinkAddr> {
         let ip = unmapped(ip);
         let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
@@ -155,10 +160,15 @@ impl NeighbourTable {
             reading.refresh(now);
         }
         let link = reading.device_link(ip, now);
+        // Only in a /64 that holds a known device: that is where a
+        // device's new address is, and a forger then cannot have echoes
+        // sent to another link's prefix or, through a default route of
+        // another table (a tunnel's), to any host at all.
         if link.is_none()
             && let IpAddr::V6(v6) = ip
             && !reading.failed
             && reading.on_link(ip)
+            && reading.device_prefixes.contains(&prefix_64(v6))
         {
             reading.asking.ask(v6, now, REFRESH);
         }
@@ -201,6 +211,7 @@ impl Reading {
         match read {
             Ok((resolved, on_link)) => {
                 reading.known.saw(resolved.iter().map(|(&ip, &link)| (ip, link)), now);
+                reading.device_prefixes = reading.known.device_prefixes(now).collect();
                 reading.resolved = resolved;
                 if let Some(on_link) = on_link {
                     reading.on_link = on_link;

@@ -15,8 +15,12 @@
 //! Answering a few limited queries anyway: the gate dropped those answers
 //! too, as it must while the buffer is pressed.
 //!
-//! So one ICMPv6 echo request goes to such an address, on a raw socket of
-//! its own that nothing else fills. The kernel sends it as any datagram: to
+//! So one ICMPv6 echo request goes to such an address, if its /64 holds a
+//! device the kernel resolved with a link-layer address (where a known
+//! device's new address is; a forger cannot have echoes sent to a prefix
+//! of a tunnel or of another table's default route, which hold none), on
+//! a raw socket of its own that nothing else fills. The kernel sends it
+//! as any datagram: to
 //! a neighbour it has not resolved it sends a solicitation at once and
 //! queues the datagram meanwhile (`neigh_resolve_output`, whose
 //! `__neigh_event_send` probes immediately). A device answers the
