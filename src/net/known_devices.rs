@@ -29,6 +29,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::link_addr::LinkAddr;
+use super::pace::Pace;
 
 /// How long an address seen resolved counts as a device: a phone asleep
 /// for most of an hour is still the same device when it wakes.
@@ -56,9 +57,8 @@ pub struct KnownDevices {
     /// When each address was last seen resolved, and when an answer to it
     /// last went while it was not.
     seen: HashMap<IpAddr, Seen>,
-    /// The window of [`AT_ONCE`] and how many went in it.
-    window: Option<Instant>,
-    in_window: u32,
+    /// [`AT_ONCE`] a window at most.
+    pace: Pace,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -115,14 +115,9 @@ impl KnownDevices {
         {
             return false;
         }
-        if self.window.is_none_or(|w| now.saturating_duration_since(w) >= window) {
-            self.window = Some(now);
-            self.in_window = 0;
-        }
-        if self.in_window >= AT_ONCE {
+        if !self.pace.take(now, window, AT_ONCE) {
             return false;
         }
-        self.in_window += 1;
         seen.let_through = Some(now);
         seen.first_let_through.get_or_insert(now);
         true

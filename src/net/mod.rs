@@ -7,6 +7,7 @@ pub mod known_devices;
 pub mod link_addr;
 pub mod neigh;
 pub mod on_link;
+pub mod pace;
 pub mod poll;
 pub mod raw;
 pub mod recv;

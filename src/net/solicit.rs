@@ -46,6 +46,8 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::pace::Pace;
+
 /// How long after asking for an address it is not asked for again: the
 /// kernel asks three times a second apart, and a device that is there
 /// answers the first.
@@ -64,8 +66,7 @@ const ICMPV6_FILTER: libc::c_int = 1;
 #[derive(Debug, Default)]
 pub struct Solicit {
     asked: HashMap<Ipv6Addr, Instant>,
-    window: Option<Instant>,
-    in_window: u32,
+    pace: Pace,
     /// `Some(None)`: it could not be opened (no `CAP_NET_RAW`), and is not
     /// tried again.
     socket: Option<Option<Socket>>,
@@ -104,14 +105,9 @@ impl Solicit {
         {
             return false;
         }
-        if self.window.is_none_or(|w| now.saturating_duration_since(w) >= window) {
-            self.window = Some(now);
-            self.in_window = 0;
-        }
-        if self.in_window >= AT_ONCE {
+        if !self.pace.take(now, window, AT_ONCE) {
             return false;
         }
-        self.in_window += 1;
         // At most AT_ONCE a window within EACH are left: a few dozen.
         self.asked.retain(|_, t| now.saturating_duration_since(*t) < EACH);
         self.asked.insert(ip, now);
