@@ -628,26 +628,11 @@ fn a_shed_flood_is_dropped_by_the_kernel_and_the_filter_comes_off_after() {
     let prober = Prober::start(other, probe_echo.addr, Duration::from_millis(20));
     std::thread::sleep(Duration::from_secs(1));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let senders: Vec<_> = (0..2u16)
-        .map(|i| {
-            let sock = big_socket(&lab.client, sa(ip(CLIENT4), 41000 + i));
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let big = vec![0x55u8; 65_000];
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = sock.send_to(&big, sink);
-                }
-            })
-        })
-        .collect();
+    let socks = (0..2u16).map(|i| big_socket(&lab.client, sa(ip(CLIENT4), 41000 + i)));
+    let senders = flood_big(socks.collect(), sink, &stop);
     // Held still now and then, so that the relay falls behind on any
     // machine (see the test above).
-    for _ in 0..12 {
-        std::thread::sleep(Duration::from_millis(220));
-        let paused = Paused::new(daemon.pid());
-        std::thread::sleep(Duration::from_millis(30));
-        drop(paused);
-    }
+    stall_now_and_then(daemon.pid(), 12);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for s in senders {
         let _ = s.join();
@@ -977,10 +962,7 @@ fn an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one() {
     let mut relayed_when_shedding = None;
     let mut rounds = 0;
     loop {
-        std::thread::sleep(Duration::from_millis(220));
-        let paused = Paused::new(daemon.pid());
-        std::thread::sleep(Duration::from_millis(30));
-        drop(paused);
+        stall_now_and_then(daemon.pid(), 1);
         rounds += 1;
         if relayed_when_shedding.is_some() && rounds < 20 {
             continue;
@@ -1226,12 +1208,7 @@ fn with_two_workers_a_flood_is_shed_by_both_listener_tasks_and_counted_once() {
     };
     // Held still now and then, so that the relay falls behind on any
     // machine (see `an_overloaded_relay_sheds_the_flooding_client_and_never_the_quiet_one`).
-    for _ in 0..20 {
-        std::thread::sleep(Duration::from_millis(220));
-        let paused = Paused::new(daemon.pid());
-        std::thread::sleep(Duration::from_millis(30));
-        drop(paused);
-    }
+    stall_now_and_then(daemon.pid(), 20);
     let during = prober.finish();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let flood_sent: u64 = senders.into_iter().map(|s| s.join().unwrap()).sum();
@@ -1787,6 +1764,17 @@ fn a_quiet_clients_reply_is_not_delivered_behind_a_floods_waiting_replies() {
     drop(daemon.stop());
 }
 
+/// Holds tproxyd (`pid`) still for 30 ms every 250 ms, `times` times: a
+/// relay that falls behind on any machine, however fast.
+fn stall_now_and_then(pid: u32, times: usize) {
+    for _ in 0..times {
+        std::thread::sleep(Duration::from_millis(220));
+        let paused = Paused::new(pid);
+        std::thread::sleep(Duration::from_millis(30));
+        drop(paused);
+    }
+}
+
 /// Each of `socks` sends 65,000-byte datagrams to `sink` as fast as it
 /// can until `stop`; each thread returns how many its socket took.
 fn flood_big(
@@ -1971,26 +1959,11 @@ fn a_flood_in_an_innocents_name_does_not_cost_its_established_light_flow() {
     std::thread::sleep(Duration::from_secs(3));
     let before = innocent.reset();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let forger: Vec<_> = (0..2u16)
-        .map(|i| {
-            let sock = big_socket(&lab.client, sa(ip(INNOCENT), 41000 + i));
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let big = vec![0x55u8; 65_000];
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = sock.send_to(&big, sink);
-                }
-            })
-        })
-        .collect();
+    let socks = (0..2u16).map(|i| big_socket(&lab.client, sa(ip(INNOCENT), 41000 + i)));
+    let forger = flood_big(socks.collect(), sink, &stop);
     // Held still now and then, so that the relay falls behind on any
     // machine and the flood is held again and again.
-    for _ in 0..16 {
-        std::thread::sleep(Duration::from_millis(220));
-        let paused = Paused::new(daemon.pid());
-        std::thread::sleep(Duration::from_millis(30));
-        drop(paused);
-    }
+    stall_now_and_then(daemon.pid(), 16);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for s in forger {
         let _ = s.join();
