@@ -812,6 +812,17 @@ mod tests {
         held.first().copied()
     }
 
+    /// The relay falls behind (its listener's round ended with datagrams
+    /// left), and a flood and a quiet client each have a datagram offered:
+    /// the set-up of every hold. Says whether each was shed.
+    fn fall_behind(s: &SharedShedder, flood: ClientId, quiet: ClientId, now: Duration) -> [bool; 2] {
+        s.round_ended(false, true);
+        [
+            s.offer(5 * MS, flood, 65_000, Some(MS), now),
+            s.offer(5 * MS, quiet, 100, Some(20 * MS), now),
+        ]
+    }
+
     /// `n` datagrams the filter dropped, every queue with room.
     fn held(n: u64) -> KernelDrops {
         KernelDrops { all: n, filtered: n }
@@ -826,9 +837,7 @@ mod tests {
         let (flood, quiet) = (id("192.0.2.10"), id("192.0.2.11"));
         let s = SharedShedder::new(5 * MS);
         let now = 10 * MS;
-        s.round_ended(false, true);
-        assert!(!s.offer(5 * MS, flood, 65_000, Some(MS), now));
-        assert!(!s.offer(5 * MS, quiet, 100, Some(20 * MS), now));
+        assert_eq!(fall_behind(&s, flood, quiet, now), [false, false]);
         for _ in 0..ARM.div_ceil(65_000) {
             assert!(s.offer(5 * MS, flood, 65_000, Some(MS), now));
         }
@@ -1082,9 +1091,7 @@ mod tests {
         let now = 10 * MS;
         // Two listeners, one per family: the flood's is behind, the quiet
         // client's late datagram makes the relay overloaded.
-        s.round_ended(false, true);
-        assert!(!s.offer(5 * MS, flood, 65_000, Some(MS), now));
-        assert!(!s.offer(5 * MS, quiet, 100, Some(20 * MS), now));
+        assert_eq!(fall_behind(&s, flood, quiet, now), [false, false]);
         assert!(s.offer(5 * MS, flood, 65_000, Some(MS), now));
         // The quiet client's listener caught up: the flood is still shed.
         s.round_ended(false, false);
@@ -1099,9 +1106,7 @@ mod tests {
         let (flood, quiet) = (id("192.0.2.10"), id("192.0.2.11"));
         let s = SharedShedder::new(5 * MS);
         let now = 10 * MS;
-        s.round_ended(false, true);
-        assert!(!s.offer(5 * MS, flood, 65_000, Some(MS), now));
-        assert!(!s.offer(5 * MS, quiet, 100, Some(20 * MS), now));
+        assert_eq!(fall_behind(&s, flood, quiet, now), [false, false]);
         // Shed, but not yet a run of ARM bytes: no filter.
         let per_datagram = 65_000;
         let run = ARM.div_ceil(per_datagram) as usize;
@@ -1171,9 +1176,7 @@ mod tests {
     /// Sheds `flood` by hand at `now` (overloaded by `quiet`'s late
     /// datagram) until the filter goes on; returns its hold.
     fn shed_until_filtered(s: &SharedShedder, flood: ClientId, quiet: ClientId, now: Duration) -> Duration {
-        s.round_ended(false, true);
-        s.offer(5 * MS, flood, 65_000, Some(MS), now);
-        s.offer(5 * MS, quiet, 100, Some(20 * MS), now);
+        fall_behind(s, flood, quiet, now);
         for _ in 0..=ARM.div_ceil(65_000) {
             s.offer(5 * MS, flood, 65_000, Some(MS), now);
             if let Some(f) = one(s, now) {
@@ -1194,9 +1197,7 @@ mod tests {
         let s = SharedShedder::new(5 * MS);
         let now = 10 * MS;
         assert!(!s.filtering());
-        s.round_ended(false, true);
-        s.offer(5 * MS, flood, 65_000, Some(MS), now);
-        s.offer(5 * MS, quiet, 100, Some(20 * MS), now);
+        assert_eq!(fall_behind(&s, flood, quiet, now), [false, false]);
         let mut shed = 0;
         while !s.filtering() {
             assert!(s.offer(5 * MS, flood, 65_000, Some(MS), now));
@@ -1299,9 +1300,7 @@ mod tests {
     /// datagram) until the kernel holds it, whoever else it holds; returns
     /// its hold.
     fn shed_until_held(s: &SharedShedder, flood: ClientId, quiet: ClientId, now: Duration) -> Duration {
-        s.round_ended(false, true);
-        s.offer(5 * MS, flood, 65_000, Some(MS), now);
-        s.offer(5 * MS, quiet, 100, Some(20 * MS), now);
+        fall_behind(s, flood, quiet, now);
         // Shed once it is the heaviest, by far, and then for a run of ARM.
         for _ in 0..=4 * ARM.div_ceil(65_000) {
             s.offer(5 * MS, flood, 65_000, Some(MS), now);

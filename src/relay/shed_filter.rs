@@ -892,14 +892,19 @@ mod tests {
 
     /// `held`'s exact program (no samples) on `r`, each with its flows.
     fn hold_with(r: &UdpSocket, held: &[(ClientId, Vec<ExemptFlow>)]) {
-        let held: Vec<Held<'_>> = held
-            .iter()
+        SockRef::from(r)
+            .attach_filter(&exempting(&borrowed(held), None))
+            .unwrap();
+    }
+
+    /// Each held client with its flows, as the filter's builder takes them.
+    fn borrowed(held: &[(ClientId, Vec<ExemptFlow>)]) -> Vec<Held<'_>> {
+        held.iter()
             .map(|(client, exempt)| Held {
                 client: *client,
                 exempt,
             })
-            .collect();
-        SockRef::from(r).attach_filter(&exempting(&held, None)).unwrap();
+            .collect()
     }
 
     fn flow(port: u16, dst: SocketAddr) -> ExemptFlow {
@@ -1005,14 +1010,7 @@ mod tests {
         send("[::1]:0", to);
         assert_eq!(received(&r), ["flow"]);
         let most = v6_clients(MOST, port, to);
-        let refs: Vec<Held<'_>> = most
-            .iter()
-            .map(|(client, exempt)| Held {
-                client: *client,
-                exempt,
-            })
-            .collect();
-        let whole = assemble(&refs, Some(SAMPLE)).expect("every jump within reach");
+        let whole = assemble(&borrowed(&most), Some(SAMPLE)).expect("every jump within reach");
         assert!(
             whole.len() < 4_096 && whole.len() > MOST * EXEMPT * 12,
             "{}",
