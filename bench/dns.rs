@@ -34,10 +34,21 @@
 //! `BENCH_DNS_CONFIG` adds top-level config to tproxyd's (a relay domain
 //! rule, for the miss with the name map filled). `BENCH_DNS_LATENCY_QPS`
 //! runs every latency run at that rate instead of half the peak.
+//!
+//! `BENCH_DNS_FAMILY` (`4`, the default; `6`; or `4,6`) picks the client's
+//! family. The IPv6 rows ask tproxyd only (hijacked to 2001:db8:53::53,
+//! and on its LAN address), with the same config and the same rate limit
+//! setting as the IPv4 rows: an IPv6 client's key for the per-client
+//! limits is the link-layer address the gateway resolved for it, read
+//! from a neighbour table reading under a lock (tproxyd's
+//! `dns::clients`), which an IPv4 client never pays. The client is made a
+//! resolved neighbour before the runs, and its entry in the gateway's
+//! table is printed after them.
 
 use crate::Options;
 use crate::drops::cpu_seconds;
 use crate::lab::Lab;
+use crate::lab::{CLIENT6, GATEWAY_LAN6};
 use crate::setup::{self, UPSTREAM_DNS, sh, sleep_ms};
 
 #[derive(Debug, Clone)]
@@ -63,13 +74,58 @@ const SYSTEMS: [(&str, &str); 6] = [
     ("unbound (forwarder)", "192.0.2.5"),
 ];
 
+/// tproxyd's rows for an IPv6 client (`BENCH_DNS_FAMILY`).
+const SYSTEMS6: [(&str, &str); 2] = [
+    ("tproxyd (hijacked IPv6)", "2001:db8:53::53"),
+    ("tproxyd (LAN address IPv6)", GATEWAY_LAN6),
+];
+
 /// The peers that only make sense on the miss path.
 fn miss_only(system: &str) -> bool {
     matches!(system, "dnsdist (no cache)" | "unbound (forwarder)")
 }
 
+/// The client families `BENCH_DNS_FAMILY` asks for: (IPv4, IPv6).
+fn families() -> (bool, bool) {
+    let knob = std::env::var("BENCH_DNS_FAMILY").unwrap_or_default();
+    let picked: Vec<&str> = knob.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if picked.is_empty() {
+        return (true, false);
+    }
+    (picked.contains(&"4"), picked.contains(&"6"))
+}
+
+/// The bench config with tproxyd listening for IPv6 clients too: a relay
+/// listener for the hijacked queries, a DNS listener on the LAN address,
+/// and the LAN's /64 allowed. Nothing else differs from the IPv4 rows'.
+fn config_v6(config: String) -> String {
+    let replaced = config
+        .replacen(
+            &format!("listen = [\"0.0.0.0:{}\"]", setup::RELAY_PORT),
+            &format!("listen = [\"0.0.0.0:{0}\", \"[::]:{0}\"]", setup::RELAY_PORT),
+            1,
+        )
+        .replacen(
+            "listen = [\"192.0.2.1:53\"]",
+            &format!("listen = [\"192.0.2.1:53\", \"[{GATEWAY_LAN6}]:53\"]"),
+            1,
+        )
+        .replacen(
+            "allow = [\"192.0.2.0/24\"]",
+            "allow = [\"192.0.2.0/24\", \"2001:db8:1::/64\"]",
+            1,
+        );
+    assert_eq!(
+        replaced.matches("2001:db8:1::").count(),
+        2,
+        "the IPv6 listeners in the bench config"
+    );
+    replaced
+}
+
 pub fn run(opts: &Options) -> Vec<Result> {
-    let lab = setup::lab();
+    let (four, six) = families();
+    let lab = if six { setup::lab_for("4 6") } else { setup::lab() };
     lab.gateway
         .sh("for a in 2 3 4 5; do ip addr add 192.0.2.$a/24 dev lan0; done");
     let log = lab.path("dns-peers.log");
@@ -156,7 +212,20 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
     // Top-level config for tproxyd, e.g. a `[[relay.rules]]` domain rule
     // so that every answer also goes into the name map.
     let extra = std::env::var("BENCH_DNS_CONFIG").unwrap_or_default();
-    let daemon = setup::tproxyd(&lab, &wrapper, &extra);
+    let daemon = if six {
+        lab.start_tproxyd_wrapped(&wrapper, &config_v6(setup::config(&extra)))
+    } else {
+        setup::tproxyd(&lab, &wrapper, &extra)
+    };
+    if six {
+        // The client asks for the gateway's address, and the gateway
+        // learns the client's from that: from the first query on, the
+        // client is a resolved neighbour, as a LAN device is.
+        sh(
+            &lab.client,
+            &format!("ping -6 -c 1 -W 1 {GATEWAY_LAN6} >/dev/null 2>&1"),
+        );
+    }
     let pid_of = |system: &str| match system {
         "dnsmasq" => dnsmasq_pid,
         "dnsdist" => dnsdist_pid,
@@ -177,14 +246,20 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
     let workloads = ["override", "cached", "miss"];
     let picked =
         |name: &str, all: &[&str]| !only.iter().any(|o| all.contains(&o.as_str())) || only.iter().any(|o| o == name);
-    let systems: Vec<&str> = SYSTEMS.iter().map(|(s, _)| *s).collect();
+    let rows: Vec<(&str, &str)> = SYSTEMS
+        .iter()
+        .filter(|_| four)
+        .chain(SYSTEMS6.iter().filter(|_| six))
+        .copied()
+        .collect();
+    let systems: Vec<&str> = SYSTEMS.iter().chain(SYSTEMS6.iter()).map(|(s, _)| *s).collect();
     let perf_dir = std::env::var("BENCH_DNS_PERF").ok();
     let mut out = Vec::new();
     for (workload, file) in &files {
         if !picked(workload, &workloads) {
             continue;
         }
-        for (system, server) in SYSTEMS {
+        for &(system, server) in &rows {
             if miss_only(system) && *workload != "miss" || !picked(system, &systems) {
                 continue;
             }
@@ -295,6 +370,15 @@ newServer({{address="{UPSTREAM_DNS}:53"}})
             out.push(r);
         }
     }
+    if six {
+        // What the IPv6 rows' key was: the client counts by its link-layer
+        // address only if this shows it resolved (REACHABLE, STALE, ...).
+        let entry = sh(&lab.gateway, &format!("ip -6 neigh show {CLIENT6} dev lan0"));
+        eprintln!(
+            "dns: the IPv6 client in the gateway's neighbour table: {}",
+            entry.trim()
+        );
+    }
     out
 }
 
@@ -381,7 +465,15 @@ fn query_files(lab: &Lab) -> Vec<(&'static str, String)> {
 /// names than any peak run here has asked (dnsperf would start over at
 /// the end); the caller removes the file after its run.
 fn miss_file(lab: &Lab, system: &str, run: &str) -> String {
-    let tag: String = system.chars().filter(char::is_ascii_alphanumeric).collect();
+    // Lower case: a name with a capital letter takes tproxyd's path for
+    // names spelt otherwise than their cache key (the query written anew,
+    // about 800 instructions more a miss), which dnsperf's names here are
+    // not meant to measure.
+    let tag: String = system
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
     let names: String = (0..1_000_000)
         .map(|i| format!("q{i}.{run}.{tag}.miss.test A\n"))
         .collect();

@@ -42,10 +42,19 @@ pub const REMOTES: u16 = 256;
 
 /// A fresh lab with the bench's routes and redirect rules.
 pub fn lab() -> Lab {
+    lab_for("4")
+}
+
+/// [`lab`] with tproxyd's redirect rules for `families` (`"4"`, or
+/// `"4 6"` for the DNS section's IPv6 clients); the floor's stay IPv4.
+pub fn lab_for(families: &str) -> Lab {
     let lab = Lab::new();
     lab.servers[0].sh("ip route replace default via 198.51.100.1");
     lab.add_server_address(0, UPSTREAM_DNS.parse().unwrap());
-    lab.install_rules("nft", &format!("LAN_IF=lan0 FAMILIES=4 UDP_PORTS={CAPTURED_PORTS}"));
+    lab.install_rules(
+        "nft",
+        &format!("LAN_IF=lan0 FAMILIES='{families}' UDP_PORTS={CAPTURED_PORTS}"),
+    );
     // The floor's port goes through the same script's rules, in a table of
     // its own that diverts to the floor's listener instead of tproxyd's.
     lab.install_rules(
