@@ -61,6 +61,14 @@ const NDA_LLADDR: u16 = 2;
 /// reachable, stale, delay, probe, noarp, permanent.
 const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
 
+/// The resolved addresses of a reading, with their link-layer addresses.
+/// Hashed with foldhash, seeded per map, as the relay's tables are: every
+/// DNS miss from an IPv6 client looks its address up here, and the
+/// standard hasher (SipHash) was about 220 of the 570 instructions the
+/// key then cost such a miss (callgrind, docs/BENCHMARKS.md). The map
+/// holds what the kernel resolved; the address looked up is the client's.
+type Resolved = HashMap<IpAddr, Option<LinkAddr>, foldhash::fast::RandomState>;
+
 /// The resolved addresses as last read, shared by the senders of one
 /// listener.
 #[derive(Debug, Default)]
@@ -76,7 +84,7 @@ struct Reading {
     taken: Option<Instant>,
     /// The resolved addresses, with their link-layer addresses (none for
     /// an entry that has none, such as a `NOARP` one).
-    resolved: HashMap<IpAddr, Option<LinkAddr>>,
+    resolved: Resolved,
     /// Prefixes the kernel sends to directly ([`super::on_link`]): an
     /// address outside them goes to a router and never waits on its own
     /// neighbour.
@@ -152,14 +160,18 @@ impl NeighbourTable {
         let ip = unmapped(ip);
         let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        let due = reading.taken.is_none_or(|t| {
-            let age = now.saturating_duration_since(t);
-            age >= IDLE_LOOK || (age >= REFRESH && reading.on_link(ip) && reading.device_link(ip, now).is_none())
-        });
-        if due {
+        // The look-up that decides whether the reading is due is the
+        // answer when it is not: a device's reading is nearly always past
+        // REFRESH (it is read again every IDLE_LOOK), and looking it up a
+        // second time cost an IPv6 miss about 420 of the 990 instructions
+        // its key took (callgrind, docs/BENCHMARKS.md).
+        let age = reading.taken.map(|t| now.saturating_duration_since(t));
+        let current = age.is_some_and(|age| age < IDLE_LOOK);
+        let mut link = if current { reading.device_link(ip, now) } else { None };
+        if !current || (link.is_none() && age.is_some_and(|age| age >= REFRESH) && reading.on_link(ip)) {
             reading.refresh(now);
+            link = reading.device_link(ip, now);
         }
-        let link = reading.device_link(ip, now);
         // Only in a /64 that holds a known device: that is where a
         // device's new address is, and a forger then cannot have echoes
         // sent to another link's prefix or, through a default route of
@@ -242,8 +254,8 @@ fn unmapped(ip: IpAddr) -> IpAddr {
 
 /// Reads the kernel's neighbour table (both families): the addresses in
 /// a resolved state, and their link-layer addresses.
-fn dump() -> Result<HashMap<IpAddr, Option<LinkAddr>>, DumpError> {
-    let mut resolved = HashMap::new();
+fn dump() -> Result<Resolved, DumpError> {
+    let mut resolved = Resolved::default();
     dump_with(RTM_GETNEIGH, NDMSG, &mut |kind, payload| {
         if kind == RTM_NEWNEIGH
             && let Some((ip, link)) = resolved_entry(payload)
