@@ -29,9 +29,12 @@
 //! such an address, on-link and unresolved, is sent an echo request that
 //! makes the kernel ask for it at once ([`crate::net::solicit`], bounded
 //! to 40 a second); the device answers, and its next queries count as
-//! the device (all 20 by the third round, 3 of 3). A forger using more
-//! than some 200 addresses in 5 s takes most of that pace, and the new
-//! address may then wait for a later query. Devices behind a
+//! the device (all 20 by the third round, 3 of 3). An address asked for
+//! that stays unresolved is not asked for again for a minute, so a
+//! forger's addresses are spent after one echo each and the pace then
+//! goes to new ones; a forger bringing more than 40 fresh addresses a
+//! second still takes it, and the new address then waits for a later
+//! query. Devices behind a
 //! bridge that rewrites link-layer addresses (a Wi-Fi repeater's MAC NAT)
 //! share its address, and so one count, as all IPv6 devices did before;
 //! a device that answers solicitations with many link-layer addresses is

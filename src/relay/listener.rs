@@ -426,12 +426,12 @@ impl Member {
                                 if let Some((target, wall, mono)) = clocks {
                                     let waited = sojourn(meta.received, wall);
                                     let client = ClientId::of(meta.peer.ip());
-                                    match kernel.through(client, meta.peer.port(), meta.orig_dst) {
+                                    match kernel.through(client, meta.peer.port(), meta.orig_dst, one.len()) {
                                         // A held client's established
                                         // light flow: shed by no one.
                                         Some(Verdict::Light) => {}
-                                        // At a flood's rate: shed, and
-                                        // held from the next look on.
+                                        // At a flood's rate or bytes: shed,
+                                        // and held from the next look on.
                                         Some(Verdict::Heavy) => {
                                             ctx.stats().drop_overload.inc();
                                             continue;

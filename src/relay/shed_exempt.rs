@@ -11,14 +11,17 @@
 //! before its first hold ([`ESTABLISHED`]) and carried a datagram lately
 //! ([`ACTIVE`]) are let through the filter: datagrams from the client's
 //! port of such a flow to its exact destination (address and port), at
-//! most [`EXEMPT`] flows a client, the longest-lived first. A forger that
+//! most [`EXEMPT`] flows a client, each source address's longest-lived
+//! first (an IPv6 client is a /64 of many devices: see
+//! `SessionTable::established`). A forger that
 //! floods in the client's name does not hit them unless it knows a flow's
 //! destination and the client's port, which a device on a switched LAN
 //! does not see. What passes is not shed by hand either, but each such
 //! flow is counted by the listener that reads it (a flow's datagrams all
 //! queue in one member socket): past `shed::STILL_FLOODING` datagrams in a
-//! `shed::LOOK`, a flood's rate as the hold judges one, the rest of that
-//! look's datagrams are shed and the flow loses its place for the rest of
+//! `shed::LOOK`, a flood's rate as the hold judges one, or past
+//! `shed_filter::LIGHT_BYTES` (a flood of big datagrams below that rate),
+//! the rest of that look's datagrams are shed and the flow loses its place for the rest of
 //! the hold (see [`super::shed::SharedShedder::withdraw`]). That is the
 //! treatment of a forger who guesses a flow exactly, and of a heavy flow
 //! of the client's own that was chosen.

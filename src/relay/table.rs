@@ -582,9 +582,16 @@ impl SessionTable {
 
     /// Up to `most` flows of `client` with one destination, filed before
     /// `filed_before_ms` and active since `active_since_ms` (clock
-    /// milliseconds), the longest-filed first: the flows a hold of that
-    /// client lets through (`relay::shed_exempt`). Walks the client's
-    /// flows, at most its quota, once per hold.
+    /// milliseconds): the flows a hold of that client lets through
+    /// (`relay::shed_exempt`). Walks the client's flows, at most its
+    /// quota, once per hold.
+    ///
+    /// Each source address's longest-filed flow first, then each one's
+    /// second, and so on, the longest-filed first within a round: an IPv6
+    /// client is a /64 that most often holds every device of the LAN, and
+    /// one device's old flows (a console's, a forger's own) must not take
+    /// every place from the others'. An IPv4 client is one address: the
+    /// longest-filed first, as before.
     pub fn established(
         &self,
         client: ClientId,
@@ -608,7 +615,8 @@ impl SessionTable {
             })
             .map(|(key, e)| (e.filed_secs, *key))
             .collect();
-        found.sort_by_key(|&(filed, _)| filed);
+        drop(inner);
+        by_address_rounds(&mut found);
         found.into_iter().take(most).map(|(_, key)| key).collect()
     }
 
@@ -719,6 +727,25 @@ impl SessionTable {
     }
 }
 
+/// Orders `flows` (each with the second it was filed) in rounds: every
+/// source address's longest-filed flow, then every one's second, and so
+/// on; within a round the longest-filed first (see
+/// [`SessionTable::established`]).
+fn by_address_rounds(flows: &mut [(u32, FlowKey)]) {
+    flows.sort_by_key(|&(filed, key)| (key.client.ip(), filed));
+    let mut ranked: Vec<(usize, u32, FlowKey)> = Vec::with_capacity(flows.len());
+    let (mut rank, mut prev) = (0, None);
+    for &(filed, key) in flows.iter() {
+        rank = if prev == Some(key.client.ip()) { rank + 1 } else { 0 };
+        prev = Some(key.client.ip());
+        ranked.push((rank, filed, key));
+    }
+    ranked.sort_by_key(|&(rank, filed, _)| (rank, filed));
+    for (slot, (_, filed, key)) in flows.iter_mut().zip(ranked) {
+        *slot = (filed, key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -778,6 +805,36 @@ mod tests {
         assert_eq!(t.established(client, 8_000, 9_000, 1), [older]);
         assert_eq!(t.established(client, 1_000, 9_000, 8), [older]);
         assert!(t.established(key_of("192.0.2.12", 1).owner(), 8_000, 0, 8).is_empty());
+    }
+
+    /// An IPv6 client is a /64, most often the whole LAN: one device's old
+    /// flows do not take every place from another device's younger one.
+    /// Longest-filed first alone (as before) fails this.
+    #[tokio::test]
+    async fn a_hold_lets_through_each_addresss_oldest_flows_first() {
+        let t = SessionTable::new(limits(32, 32));
+        let put = |k: FlowKey, filed_ms: u64| {
+            let session = Arc::new(Session::detached(k, 60_000, 9_900));
+            t.insert(k, Entry::new(session, None), filed_ms).unwrap();
+            k
+        };
+        let neighbour: Vec<FlowKey> = (0..8)
+            .map(|p| put(key_of("2001:db8:1::99", 50_000 + p), 1_000))
+            .collect();
+        let device = put(key_of("2001:db8:1::11", 40_000), 4_000);
+        let second = put(key_of("2001:db8:1::11", 40_001), 5_000);
+        let third = put(key_of("2001:db8:1::12", 40_000), 6_000);
+        let chosen = t.established(device.owner(), 8_000, 9_000, 8);
+        assert_eq!(chosen.len(), 8);
+        // Each address's oldest, the longest-filed first (the neighbour's
+        // were all filed in one second: any of them); then the second
+        // round, and the neighbour's on.
+        let mine = |k: &FlowKey| neighbour.contains(k);
+        assert!(mine(&chosen[0]), "{chosen:?}");
+        assert_eq!(chosen[1..3], [device, third]);
+        assert!(mine(&chosen[3]), "{chosen:?}");
+        assert_eq!(chosen[4], second);
+        assert!(chosen[5..].iter().all(mine), "{chosen:?}");
     }
 
     #[tokio::test]
