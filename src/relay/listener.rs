@@ -197,7 +197,8 @@ fn choose_exempt(wanted: &[Filter], ctx: &RelayContext, now: std::time::Duration
             f.client,
             now_ms.saturating_sub(ms(before)),
             now_ms.saturating_sub(ms(ACTIVE)),
-            EXEMPT,
+            // Room for flows that are one to the filter (`Exempt::new`).
+            2 * EXEMPT,
         );
         let exempt = Exempt::new(keys.iter().filter_map(ExemptFlow::of));
         tracing::debug!(client = ?f.client, exempt = ?exempt, "held client's established flows let through");

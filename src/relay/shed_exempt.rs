@@ -85,11 +85,21 @@ pub struct Exempt {
 }
 
 impl Exempt {
-    /// The first [`EXEMPT`] of `flows`.
+    /// The first [`EXEMPT`] different ones of `flows`. A flow is its
+    /// port and destination: in an IPv6 /64 two devices' flows from the
+    /// same port to the same destination are one to the filter, and
+    /// took two places (a tester saw 8 places hold 3 flows).
     pub fn new(flows: impl IntoIterator<Item = ExemptFlow>) -> Exempt {
         let mut e = Exempt::default();
-        for (slot, flow) in e.flows.iter_mut().zip(flows) {
-            *slot = Some(flow);
+        let mut n = 0;
+        for flow in flows {
+            if n == EXEMPT {
+                break;
+            }
+            if !e.flows().any(|f| *f == flow) {
+                e.flows[n] = Some(flow);
+                n += 1;
+            }
         }
         e
     }
@@ -166,5 +176,19 @@ mod tests {
         assert!(!set.remove(&flows[EXEMPT]));
         assert_eq!(set.position(40001, sa("198.51.100.7:6000")), None);
         assert_eq!(set.position(40002, sa("198.51.100.7:6000")), Some(2));
+    }
+
+    #[test]
+    fn a_flow_takes_one_place_however_often_it_is_offered() {
+        let flow = |port| ExemptFlow {
+            port,
+            dst: sa("[2001:db8:2::7]:6000"),
+        };
+        let offered = [flow(1), flow(1), flow(2), flow(1)]
+            .into_iter()
+            .chain((3..20).map(flow));
+        let set = Exempt::new(offered);
+        let ports: Vec<u16> = set.flows().map(|f| f.port).collect();
+        assert_eq!(ports, (1..=EXEMPT as u16).collect::<Vec<_>>());
     }
 }
