@@ -627,16 +627,7 @@ fn a_shed_flood_is_dropped_by_the_kernel_and_the_filter_comes_off_after() {
     let other = socket(&lab.client, sa(ip("192.0.2.11"), 40000));
     let prober = Prober::start(other, probe_echo.addr, Duration::from_millis(20));
     std::thread::sleep(Duration::from_secs(1));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let socks = (0..2u16).map(|i| big_socket(&lab.client, sa(ip(CLIENT4), 41000 + i)));
-    let senders = flood_big(socks.collect(), sink, &stop);
-    // Held still now and then, so that the relay falls behind on any
-    // machine (see the test above).
-    stall_now_and_then(daemon.pid(), 12);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for s in senders {
-        let _ = s.join();
-    }
+    flood_big_with_stalls(&lab, daemon.pid(), CLIENT4, sink, 12);
     let _ = prober.finish();
     // Long past the filter's hold and the byte counts' windows: the
     // flooding address is an ordinary client again.
@@ -1800,6 +1791,21 @@ fn flood_big(
         .collect()
 }
 
+/// Floods 64 KB datagrams from two ports of `from` to `sink` while tproxyd
+/// is held still now and then (`stalls` times), so that the relay falls
+/// behind on any machine and the flood is held again and again; then
+/// stops the flood.
+fn flood_big_with_stalls(lab: &Lab, pid: u32, from: &str, sink: std::net::SocketAddr, stalls: usize) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let socks = (0..2u16).map(|i| big_socket(&lab.client, sa(ip(from), 41000 + i)));
+    let senders = flood_big(socks.collect(), sink, &stop);
+    stall_now_and_then(pid, stalls);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in senders {
+        let _ = s.join();
+    }
+}
+
 /// An echo server `delay` away: it answers each datagram that long after
 /// it came (within a fraction of a millisecond), as a game server across
 /// the Internet does. The lab's own round trips are a fraction of a
@@ -1958,16 +1964,7 @@ fn a_flood_in_an_innocents_name_does_not_cost_its_established_light_flow() {
     // Established well before the flood.
     std::thread::sleep(Duration::from_secs(3));
     let before = innocent.reset();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let socks = (0..2u16).map(|i| big_socket(&lab.client, sa(ip(INNOCENT), 41000 + i)));
-    let forger = flood_big(socks.collect(), sink, &stop);
-    // Held still now and then, so that the relay falls behind on any
-    // machine and the flood is held again and again.
-    stall_now_and_then(daemon.pid(), 16);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for s in forger {
-        let _ = s.join();
-    }
+    flood_big_with_stalls(&lab, daemon.pid(), INNOCENT, sink, 16);
     let (during, _) = finish_both(innocent, other);
     let stopped = daemon.stop();
     let in_kernel = stopped.counter("shed_in_kernel");
@@ -2074,17 +2071,8 @@ fn a_held_clients_flows_let_through_carry_no_flood_of_big_datagrams() {
         .collect();
     std::thread::sleep(Duration::from_secs(3));
     big.store(true, Relaxed);
-    let stop = Arc::new(AtomicBool::new(false));
-    let socks = (0..2u16).map(|i| big_socket(&lab.client, sa(ip(FLOODER), 41000 + i)));
-    let flood = flood_big(socks.collect(), sink, &stop);
-    // Held still now and then, so that the relay falls behind on any
-    // machine and the flood is held again and again.
-    stall_now_and_then(daemon.pid(), 16);
-    stop.store(true, Relaxed);
+    flood_big_with_stalls(&lab, daemon.pid(), FLOODER, sink, 16);
     stop_all.store(true, Relaxed);
-    for s in flood {
-        let _ = s.join();
-    }
     let sent: u64 = flows.into_iter().map(|f| f.join().unwrap_or(0)).sum();
     let _ = other.finish();
     let counts = counter.join().unwrap_or_default();
@@ -2152,17 +2140,8 @@ fn a_neighbours_old_flows_do_not_take_every_place_a_hold_of_their_64_lets_throug
     let innocent = Prober::start(socket(&lab.client, sa(ip(INNOCENT), 40000)), probe6.addr, every);
     std::thread::sleep(Duration::from_secs(3));
     let before = innocent.reset();
-    let flood_stop = Arc::new(AtomicBool::new(false));
-    let socks = (0..2u16).map(|i| big_socket(&lab.client, sa(ip(FLOODER), 41000 + i)));
-    let flood = flood_big(socks.collect(), sink, &flood_stop);
-    // Held still now and then, so that the relay falls behind on any
-    // machine and the flood is held again and again.
-    stall_now_and_then(daemon.pid(), 16);
-    flood_stop.store(true, Relaxed);
+    flood_big_with_stalls(&lab, daemon.pid(), FLOODER, sink, 16);
     stop.store(true, Relaxed);
-    for s in flood {
-        let _ = s.join();
-    }
     for n in neighbour {
         let _ = n.join();
     }

@@ -293,23 +293,7 @@ fn a_known_devices_new_address_counts_as_the_device_through_a_forged_flood() {
     // 40 forged sources, 4,000 queries a second.
     let (stop, thread) = flood_to(forged_sources(&lab), to(), 80, Duration::from_millis(20));
     std::thread::sleep(Duration::from_millis(600));
-    lab.add_client_address(ip(RENEWED));
-    let renewed = lab::udp::socket(&lab.client, SocketAddr::new(ip(RENEWED), 0));
-    renewed.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
-    let answered = ask_twenty_within(&renewed, 5);
-    stop.store(true, Ordering::Relaxed);
-    let _ = thread.join();
-    let entry = lab.gateway.sh(&format!("ip -6 neigh show {RENEWED}"));
-    let stopped = daemon.stop();
-    assert!(
-        stopped.counter("dns_rate_limited") > 100,
-        "the forged sources were not limited: {}",
-        stopped.log
-    );
-    assert_eq!(
-        answered, 20,
-        "the device's new address got {answered} of 20 in five rounds (the gateway's entry: {entry:?})"
-    );
+    renewed_is_answered_within(lab, daemon, (stop, thread), 5);
 }
 
 /// A forger holding more addresses than the echoes' pace (40 a second)
@@ -346,14 +330,26 @@ fn a_forger_with_many_addresses_does_not_keep_a_new_address_unknown() {
         .collect();
     let (stop, thread) = flood_to(forged, to(), 4, Duration::from_micros(500));
     std::thread::sleep(Duration::from_secs(10));
+    // The first round is limited (the address is a stranger) and has it
+    // asked for; the next count as the device.
+    renewed_is_answered_within(lab, daemon, (stop, thread), 3);
+}
+
+/// The device takes its new address during the forged flood (`flood`,
+/// stopped here) and asks from it: all 20 answered within `rounds`
+/// rounds, and the forged sources limited.
+fn renewed_is_answered_within(
+    lab: Lab,
+    daemon: lab::Daemon,
+    flood: (Arc<AtomicBool>, std::thread::JoinHandle<()>),
+    rounds: usize,
+) {
     lab.add_client_address(ip(RENEWED));
     let renewed = lab::udp::socket(&lab.client, SocketAddr::new(ip(RENEWED), 0));
     renewed.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
-    // The first round is limited (the address is a stranger) and has it
-    // asked for; the next count as the device.
-    let answered = ask_twenty_within(&renewed, 3);
-    stop.store(true, Ordering::Relaxed);
-    let _ = thread.join();
+    let answered = ask_twenty_within(&renewed, rounds);
+    flood.0.store(true, Ordering::Relaxed);
+    let _ = flood.1.join();
     let entry = lab.gateway.sh(&format!("ip -6 neigh show {RENEWED}"));
     let stopped = daemon.stop();
     assert!(
@@ -363,6 +359,6 @@ fn a_forger_with_many_addresses_does_not_keep_a_new_address_unknown() {
     );
     assert_eq!(
         answered, 20,
-        "the device's new address got {answered} of 20 in three rounds (the gateway's entry: {entry:?})"
+        "the device's new address got {answered} of 20 in {rounds} rounds (the gateway's entry: {entry:?})"
     );
 }
