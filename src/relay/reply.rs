@@ -495,7 +495,11 @@ impl ReplySender {
                     if self.held_back(room.pressed(), first.client, start + n - at) {
                         break;
                     }
-                    room.take_anyway(bytes);
+                    // Past half, this client's replies leave at once (the
+                    // gate admitted it) and the room stays spent.
+                    if !room.pressed() {
+                        room.take_anyway(bytes);
+                    }
                 }
                 scratch.plan.push((first.client, first.tos, at, chunk.len()));
                 at += chunk.len();
