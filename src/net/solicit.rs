@@ -132,15 +132,21 @@ impl Solicit {
         {
             return false;
         }
+        // Full of addresses asked for within AGAIN (only should the pace
+        // be raised): the oldest go first, and if none has had its
+        // minute, nothing is asked for and no share of the pace is spent.
+        if self.asked.len() >= MOST {
+            self.asked.retain(|_, t| now.saturating_duration_since(*t) < AGAIN);
+            if self.asked.len() >= MOST {
+                return false;
+            }
+        }
         if !self.pace.take(now, window, AT_ONCE) {
             return false;
         }
         // At most AT_ONCE a window within AGAIN are left, 2,400; gone
         // through at most 40 times a second.
         self.asked.retain(|_, t| now.saturating_duration_since(*t) < AGAIN);
-        if self.asked.len() >= MOST {
-            return false;
-        }
         self.asked.insert(ip, now);
         true
     }
@@ -233,6 +239,22 @@ mod tests {
             s.due(ip, now, Duration::from_micros(1));
         }
         assert!(s.asked.len() <= MOST, "{} remembered", s.asked.len());
+    }
+
+    /// With [`MOST`] addresses remembered, none of them a minute old, a
+    /// new address is not asked for, and the window's share of the pace
+    /// is left for when there is room again.
+    #[test]
+    fn a_full_memory_spends_none_of_the_pace() {
+        let mut s = Solicit::default();
+        let now = Instant::now();
+        let host = |i: usize| Ipv6Addr::from(0x2001_0db8_0001_0000_0000_0000_0001_0000u128 + i as u128);
+        s.asked = (0..MOST).map(|i| (host(i), now)).collect();
+        for i in 0..AT_ONCE as usize {
+            assert!(!s.due(lan(1 + i as u16), now, WINDOW));
+        }
+        s.asked.clear();
+        assert!(s.due(lan(100), now, WINDOW), "the window's pace was spent on nothing");
     }
 
     #[test]
