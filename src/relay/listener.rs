@@ -187,11 +187,17 @@ fn sync_filter(kernel: &mut Applied, members: &[Member], ctx: &RelayContext) {
 /// Chooses from the session table the flows each new hold in `wanted`
 /// lets through (see [`super::shed_exempt`]): the client's flows opened
 /// [`ESTABLISHED`] before its first hold of this run and active within
-/// [`ACTIVE`]. Once per hold: the first listener task to see it chooses.
+/// [`ACTIVE`]. Once per hold: the first listener task to claim it
+/// chooses, and the others do not walk the table for it.
 fn choose_exempt(wanted: &[Filter], ctx: &RelayContext, now: std::time::Duration) {
     let now_ms = ctx.clock().now_ms();
     let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    for f in wanted.iter().filter(|f| f.exempt.is_none()) {
+    // Another task that claimed a hold chooses its flows; until it has,
+    // this task's filter holds the client whole.
+    for f in wanted
+        .iter()
+        .filter(|f| f.exempt.is_none() && ctx.shedder().claim_exempt(f.client))
+    {
         let before = now.saturating_sub(f.since) + ESTABLISHED;
         let keys = ctx.table().established(
             f.client,
