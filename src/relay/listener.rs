@@ -427,7 +427,7 @@ impl Member {
                                 if let Some((target, wall, mono)) = clocks {
                                     let waited = sojourn(meta.received, wall);
                                     let client = ClientId::of(meta.peer.ip());
-                                    match kernel.through(client, meta.peer.port(), meta.orig_dst, one.len()) {
+                                    match kernel.through(client, meta.peer.port(), meta.orig_dst, one.len(), mono) {
                                         // A held client's established
                                         // light flow: shed by no one.
                                         Some(Verdict::Light) => {}
