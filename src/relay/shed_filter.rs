@@ -350,7 +350,9 @@ const BURST: Duration = Duration::from_millis(2 * LOOK.as_millis() as u64);
 /// a busy listener comes to it late, and a count of one look's worth then
 /// withdrew a real flow that kept to the bounds (a tester's lab: a
 /// 3 Mbit/s flow lost 407 of its 1,090 datagrams). The rate does not care
-/// when the looks come.
+/// when the looks come; and each datagram is judged by when it came (the
+/// listener passes its receive time), so that a queue read at once after
+/// the relay fell behind is not taken for a burst.
 #[derive(Debug, Clone, Copy, Default)]
 struct Carried {
     datagrams_due: u64,
