@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
 use crate::net::send::{GSO_MAX_SEGMENTS, Message, SendScratch, Sent, gso_chunks, gso_segments, send_messages};
-use crate::net::unresolved::{UnresolvedGate, pressed};
+use crate::net::unresolved::{HalfBuffer, UnresolvedGate};
 
 /// Answers per `sendmmsg` built on the stack (a receive batch's worth).
 const PER_CALL: usize = 64;
@@ -123,36 +123,62 @@ impl ReplyBatch {
     /// Sends every answer on `fd` (a socket bound to the one address they
     /// all leave from; `v6` its family), then forgets them.
     ///
-    /// With a `gate`, answers to LAN addresses the kernel has not resolved
-    /// are not sent while `fd`'s buffer is past half (counted in
-    /// [`Sent::unresolved`]): answers queued for forged sources must not
-    /// take the room of the answers to real devices (see
-    /// [`crate::net::unresolved`]).
-    pub fn send_on(&mut self, fd: RawFd, v6: bool, scratch: &mut SendScratch, gate: Option<&UnresolvedGate>) -> Sent {
+    /// With a `gate` (and `fd`'s [`HalfBuffer`]), answers to LAN addresses
+    /// the kernel has not resolved are not sent while `fd`'s buffer is past
+    /// half (counted in [`Sent::unresolved`]): answers queued for forged
+    /// sources must not take the room of the answers to real devices (see
+    /// [`crate::net::unresolved`]). The buffer is looked at before each
+    /// call, and a call ends early when the answers in it have spent the
+    /// room the look found.
+    pub fn send_on(
+        &mut self,
+        fd: RawFd,
+        v6: bool,
+        scratch: &mut SendScratch,
+        gate: Option<(&UnresolvedGate, HalfBuffer)>,
+    ) -> Sent {
         let mut total = Sent::default();
         self.by_client();
         let order = std::mem::take(&mut self.order);
         let max = gso_segments(GSO_MAX_SEGMENTS);
-        for part in order.chunks(PER_CALL) {
+        let mut rest = &order[..];
+        while !rest.is_empty() {
             let mut payloads: [&[u8]; PER_CALL] = [&[]; PER_CALL];
             let mut clients = [None; PER_CALL];
-            // Asked per call: the call before may have filled the buffer.
-            let held_back = gate.filter(|_| pressed(fd));
+            // Looked at per call: the call before may have filled it.
+            let mut room = gate.map(|(_, half)| half.room(fd));
+            let held_back = gate.filter(|_| room.is_some_and(|r| r.pressed())).map(|(g, _)| g);
             if held_back.is_none()
-                && let Some(g) = gate
+                && let Some((g, _)) = gate
             {
                 g.not_pressed();
             }
-            for (k, &i) in part.iter().enumerate() {
-                if let Some((r, bytes)) = self.get(i as usize) {
-                    if held_back.is_some_and(|g| !g.admits(r.client.ip())) {
-                        total.unresolved += 1;
-                        continue;
-                    }
-                    payloads[k] = bytes;
-                    clients[k] = Some(r.client);
+            let mut taken = 0;
+            for (k, &i) in rest.iter().take(PER_CALL).enumerate() {
+                let Some((r, bytes)) = self.get(i as usize) else {
+                    taken += 1;
+                    continue;
+                };
+                if held_back.is_some_and(|g| !g.admits(r.client.ip())) {
+                    total.unresolved += 1;
+                    taken += 1;
+                    continue;
                 }
+                // Not past half: each answer takes its charge of the
+                // room, and the call ends where it is spent (with at
+                // least one answer in it).
+                if let Some(room) = room.as_mut().filter(|r| !r.pressed())
+                    && !room.take(bytes.len())
+                    && k > 0
+                {
+                    break;
+                }
+                payloads[k] = bytes;
+                clients[k] = Some(r.client);
+                taken += 1;
             }
+            let part = &rest[..taken];
+            rest = &rest[taken..];
             let mut messages = [Message {
                 to: None,
                 tos: None,

@@ -19,7 +19,7 @@ use super::tcp_connection;
 use crate::net::accept::AcceptBackoff;
 use crate::net::recv::{BATCH, RecvBatch};
 use crate::net::send::SendScratch;
-use crate::net::unresolved::UnresolvedGate;
+use crate::net::unresolved::{HalfBuffer, UnresolvedGate};
 use crate::places::{Place, Places};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -275,7 +275,14 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
     // Shared by both senders of this socket: one reading of the
     // neighbour table serves them.
     let gate = Arc::new(UnresolvedGate::default());
-    let later = Arc::new(later_answers(socket.clone(), v6, service.stats.clone(), gate.clone()));
+    let half = HalfBuffer::of(socket.as_raw_fd());
+    let later = Arc::new(later_answers(
+        socket.clone(),
+        v6,
+        service.stats.clone(),
+        gate.clone(),
+        half,
+    ));
     let mut misses = Misses::default();
     let mut spare = Vec::new();
     loop {
@@ -320,7 +327,7 @@ pub async fn serve_udp(socket: UdpSocket, service: Arc<DnsService>, mut shutdown
                 );
             }
             if !replies.is_empty() {
-                let sent = replies.send_on(socket.as_raw_fd(), v6, &mut scratch, Some(&gate));
+                let sent = replies.send_on(socket.as_raw_fd(), v6, &mut scratch, Some((&gate, half)));
                 service.stats.reply_send_errors.add((sent.full + sent.failed) as u64);
                 service.stats.drop_neighbour_unresolved.add(sent.unresolved as u64);
                 if let Some(e) = &sent.first_error {
@@ -380,11 +387,12 @@ fn later_answers(
     v6: bool,
     stats: Arc<Stats>,
     gate: Arc<UnresolvedGate>,
+    half: HalfBuffer,
 ) -> Outbox<LaterAnswers> {
     Outbox::new(Box::new(move |later: &mut LaterAnswers| {
         let sent = later
             .replies
-            .send_on(socket.as_raw_fd(), v6, &mut later.scratch, Some(&gate));
+            .send_on(socket.as_raw_fd(), v6, &mut later.scratch, Some((&gate, half)));
         stats.reply_send_errors.add((sent.full + sent.failed) as u64);
         stats.drop_neighbour_unresolved.add(sent.unresolved as u64);
         if let Some(e) = &sent.first_error {

@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 
 use super::send::{Message, SendScratch, Sent, recycle, recycle_messages, send_messages};
 use super::sockets::route_mtu;
+use super::unresolved::{HalfBuffer, Room};
 
 const IPV4_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;
@@ -30,6 +31,9 @@ pub struct RawSender {
     mark: u32,
     v4: OnceLock<Result<Socket, io::ErrorKind>>,
     v6: OnceLock<Result<Socket, io::ErrorKind>>,
+    /// Half of each socket's send buffer, read at its first look.
+    half_v4: OnceLock<HalfBuffer>,
+    half_v6: OnceLock<HalfBuffer>,
 }
 
 thread_local! {
@@ -42,6 +46,8 @@ impl RawSender {
             mark,
             v4: OnceLock::new(),
             v6: OnceLock::new(),
+            half_v4: OnceLock::new(),
+            half_v6: OnceLock::new(),
         }
     }
 
@@ -51,10 +57,16 @@ impl RawSender {
         self.socket(v6).is_ok()
     }
 
-    /// Whether the raw socket of this family has its send buffer past
-    /// half (see [`super::unresolved::pressed`]); false before it opens.
-    pub fn pressed(&self, v6: bool) -> bool {
-        self.socket(v6).is_ok_and(|s| super::unresolved::pressed(s.as_raw_fd()))
+    /// The room left before the raw socket of this family has its send
+    /// buffer half taken (see [`Room`]); room without end when it cannot
+    /// open.
+    pub fn room(&self, v6: bool) -> Room {
+        let Ok(sock) = self.socket(v6) else {
+            return Room::ENDLESS;
+        };
+        let fd = sock.as_raw_fd();
+        let half = if v6 { &self.half_v6 } else { &self.half_v4 };
+        half.get_or_init(|| HalfBuffer::of(fd)).room(fd)
     }
 
     fn socket(&self, v6: bool) -> io::Result<&Socket> {

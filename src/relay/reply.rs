@@ -26,16 +26,17 @@ use crate::net::send::{
     send_run,
 };
 use crate::net::sockets;
-use crate::net::unresolved::{UnresolvedGate, pressed};
+use crate::net::unresolved::{HalfBuffer, Room, UnresolvedGate};
 use crate::stats::Stats;
 use crate::sync::lock;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 /// How replies from one source address are sent.
 #[derive(Debug)]
 pub enum ReplySocket {
-    /// A UDP socket bound to the source address.
-    Bound(UdpSocket),
+    /// A UDP socket bound to the source address, and half of its send
+    /// buffer (read once, at the bind).
+    Bound { sock: UdpSocket, half: HalfBuffer },
     /// Raw IP with a hand-built header, when binding was not possible.
     Raw { src: SocketAddr, raw: Arc<RawSender> },
 }
@@ -45,7 +46,7 @@ impl ReplySocket {
     /// Returns how many were sent.
     pub fn send_to(&self, run: &[&[u8]], client: SocketAddr, tos: Option<u8>) -> io::Result<usize> {
         match self {
-            ReplySocket::Bound(sock) => send_run(sock.as_raw_fd(), run, Some(client), tos, client.is_ipv6()),
+            ReplySocket::Bound { sock, .. } => send_run(sock.as_raw_fd(), run, Some(client), tos, client.is_ipv6()),
             ReplySocket::Raw { src, raw } => {
                 let mut sent = 0;
                 for payload in run {
@@ -128,20 +129,22 @@ pub struct ReplySender {
     gate: UnresolvedGate,
 }
 
-/// Whether the raw socket of each family was past half of its buffer, asked
-/// once per [`ReplySender::send_pending_within`] and only when a reply
-/// goes that way: lone replies go over raw IP one after another, and two
-/// system calls each would double their cost.
+/// The room left on the raw socket of each family before its buffer is
+/// half taken ([`Room`]), looked at once per
+/// [`ReplySender::send_pending_within`] and only when a reply goes that
+/// way (lone replies go over raw IP one after another, and a system call
+/// each would double their cost), and again when the replies gathered
+/// have spent it.
 #[derive(Debug, Default)]
-struct RawPressure {
-    v4: Option<bool>,
-    v6: Option<bool>,
+struct RawRooms {
+    v4: Option<Room>,
+    v6: Option<Room>,
 }
 
-impl RawPressure {
-    fn get(&mut self, raw: &RawSender, v6: bool) -> bool {
+impl RawRooms {
+    fn get(&mut self, raw: &RawSender, v6: bool) -> &mut Room {
         let known = if v6 { &mut self.v6 } else { &mut self.v4 };
-        *known.get_or_insert_with(|| raw.pressed(v6))
+        known.get_or_insert_with(|| raw.room(v6))
     }
 }
 
@@ -222,7 +225,10 @@ impl ReplySender {
         // Open outside the lock: binding is a few syscalls and other flows'
         // replies should not wait on them.
         let sock = match sockets::spoofing_reply(src, self.mark) {
-            Ok(s) => ReplySocket::Bound(s),
+            Ok(sock) => ReplySocket::Bound {
+                half: HalfBuffer::of(sock.as_raw_fd()),
+                sock,
+            },
             // EADDRINUSE: a local process holds the wildcard on that port.
             // EACCES: a port below 1024 and no CAP_NET_BIND_SERVICE (tproxyd
             // keeps only NET_ADMIN and NET_RAW after dropping root).
@@ -270,9 +276,11 @@ impl ReplySender {
 
     /// Sends a run through `sock`, counting the outcome.
     pub fn send_on(&self, sock: &ReplySocket, run: &[&[u8]], client: SocketAddr, tos: Option<u8>) {
+        // One look for the run: it is one client's, held back or sent as
+        // a whole, and a batch long at most.
         let filling = match sock {
-            ReplySocket::Bound(s) => pressed(s.as_raw_fd()),
-            ReplySocket::Raw { .. } => self.raw.pressed(client.is_ipv6()),
+            ReplySocket::Bound { sock, half } => half.room(sock.as_raw_fd()).pressed(),
+            ReplySocket::Raw { .. } => self.raw.room(client.is_ipv6()).pressed(),
         };
         if self.held_back(filling, client, run.len()) {
             return;
@@ -327,15 +335,15 @@ impl ReplySender {
             1 + pending.windows(2).filter(|w| w[0].src != w[1].src).count()
         };
         let mut rest = &pending[..];
-        let mut raw_pressure = RawPressure::default();
+        let mut raw_rooms = RawRooms::default();
         while let Some(first) = rest.first() {
             let n = rest.iter().take_while(|p| p.src == first.src).count();
             let (group, tail) = rest.split_at(n);
             rest = tail;
-            if n == 1 && sources > 1 && self.lone_over_raw(first, &payload, &mut scratch.raw, &mut raw_pressure) {
+            if n == 1 && sources > 1 && self.lone_over_raw(first, &payload, &mut scratch.raw, &mut raw_rooms) {
                 continue;
             }
-            self.send_group(first.src, group, &payload, scratch, opens, &mut raw_pressure);
+            self.send_group(first.src, group, &payload, scratch, opens, &mut raw_rooms);
         }
         self.flush_raw(&mut scratch.raw);
         pending.clear();
@@ -357,16 +365,38 @@ impl ReplySender {
         reply: &Pending,
         payload: &impl Fn(u32) -> &'p [u8],
         raw: &mut RawBatch,
-        pressure: &mut RawPressure,
+        rooms: &mut RawRooms,
     ) -> bool {
         let v6 = reply.src.is_ipv6();
         if !self.raw.available(v6) {
             return false;
         }
-        if self.held_back(pressure.get(&self.raw, v6), reply.client, 1) {
+        let bytes = payload(reply.slot);
+        if self.raw_held_back(rooms, raw, reply.client, bytes.len()) {
             return true;
         }
-        raw.push(reply.src, reply.client, payload(reply.slot), reply.tos.unwrap_or(0))
+        raw.push(reply.src, reply.client, bytes, reply.tos.unwrap_or(0))
+    }
+
+    /// Whether a reply of `len` bytes to `client` over raw IP is held back
+    /// ([`ReplySender::held_back`]) by the raw socket's room. When the
+    /// replies gathered in `batch` have spent that room, they are sent and
+    /// the buffer is looked at again first: gathered whole, a batch of
+    /// replies to forged sources could fill it to the brim.
+    fn raw_held_back(&self, rooms: &mut RawRooms, batch: &mut RawBatch, client: SocketAddr, len: usize) -> bool {
+        let v6 = client.is_ipv6();
+        let room = rooms.get(&self.raw, v6);
+        if !room.pressed() && !room.take(len) {
+            self.flush_raw(batch);
+            // The batch held both families: both are looked at again.
+            *rooms = RawRooms::default();
+            let room = rooms.get(&self.raw, v6);
+            if !room.pressed() {
+                room.take_anyway(len);
+            }
+        }
+        let pressed = rooms.get(&self.raw, v6).pressed();
+        self.held_back(pressed, client, 1)
     }
 
     /// Whether `n` replies to `client` are held back, and counted: their
@@ -407,7 +437,7 @@ impl ReplySender {
         payload: &impl Fn(u32) -> &'p [u8],
         scratch: &mut ReplyScratch,
         opens: &mut usize,
-        raw_pressure: &mut RawPressure,
+        raw_rooms: &mut RawRooms,
     ) {
         let sock = match self.socket_within(src, opens) {
             Ok(sock) => sock,
@@ -417,18 +447,17 @@ impl ReplySender {
                 return;
             }
         };
-        let fd = match &*sock {
-            ReplySocket::Bound(s) => s.as_raw_fd(),
+        let (fd, half) = match &*sock {
+            ReplySocket::Bound { sock, half } => (sock.as_raw_fd(), *half),
             ReplySocket::Raw { .. } => {
                 // Gathered for one `sendmmsg` after the batch; one too big
                 // for that goes alone, after those before it (a flow's
                 // replies keep their order).
-                let filling = raw_pressure.get(&self.raw, src.is_ipv6());
                 for p in group {
-                    if self.held_back(filling, p.client, 1) {
+                    let bytes = payload(p.slot);
+                    if self.raw_held_back(raw_rooms, &mut scratch.raw, p.client, bytes.len()) {
                         continue;
                     }
-                    let bytes = payload(p.slot);
                     if !scratch.raw.push(src, p.client, bytes, p.tos.unwrap_or(0)) {
                         self.flush_raw(&mut scratch.raw);
                         self.send_on(&sock, &[bytes], p.client, p.tos);
@@ -438,7 +467,7 @@ impl ReplySender {
             }
         };
         let v6 = src.is_ipv6();
-        let filling = pressed(fd);
+        let mut room = half.room(fd);
         let mut payloads: Vec<&'p [u8]> = recycle(std::mem::take(&mut scratch.payloads));
         scratch.plan.clear();
         let mut rest = group;
@@ -450,16 +479,37 @@ impl ReplySender {
                 .count();
             let (run, tail) = rest.split_at(n);
             rest = tail;
-            if self.held_back(filling, first.client, n) {
+            if self.held_back(room.pressed(), first.client, n) {
                 continue;
             }
             let start = payloads.len();
             payloads.extend(run.iter().map(|p| payload(p.slot)));
             let mut at = start;
             for chunk in gso_chunks(&payloads[start..], v6, gso_segments(REPLY_GSO_SEGMENTS)) {
+                let bytes = chunk.iter().map(|p| p.len()).sum();
+                if !room.pressed() && !room.take(bytes) {
+                    // The room the last look found is spent: what is
+                    // planned goes, and the buffer is looked at again.
+                    self.send_planned(fd, v6, src, &payloads, scratch);
+                    room = half.room(fd);
+                    if self.held_back(room.pressed(), first.client, start + n - at) {
+                        break;
+                    }
+                    room.take_anyway(bytes);
+                }
                 scratch.plan.push((first.client, first.tos, at, chunk.len()));
                 at += chunk.len();
             }
+        }
+        self.send_planned(fd, v6, src, &payloads, scratch);
+        scratch.payloads = recycle(payloads);
+    }
+
+    /// Sends the messages planned in `scratch` (slices of `payloads`) on
+    /// `fd`, counting the outcome, and empties the plan.
+    fn send_planned(&self, fd: RawFd, v6: bool, src: SocketAddr, payloads: &[&[u8]], scratch: &mut ReplyScratch) {
+        if scratch.plan.is_empty() {
+            return;
         }
         let mut messages: Vec<Message<'_>> = recycle_messages(std::mem::take(&mut scratch.messages));
         messages.extend(scratch.plan.iter().map(|&(client, tos, at, n)| Message {
@@ -476,7 +526,7 @@ impl ReplySender {
             tracing::debug!(%src, error = %e, "reply send failed");
         }
         scratch.messages = recycle_messages(messages);
-        scratch.payloads = recycle(payloads);
+        scratch.plan.clear();
     }
 
     /// Changes how many reply sockets are kept; the least recently used
@@ -501,7 +551,7 @@ impl ReplySender {
     pub fn open(&self) -> usize {
         lock(&self.cache)
             .iter()
-            .filter(|(_, c)| matches!(*c.sock, ReplySocket::Bound(_)))
+            .filter(|(_, c)| matches!(*c.sock, ReplySocket::Bound { .. }))
             .count()
     }
 }
