@@ -433,7 +433,10 @@ impl Member {
                                 if let Some((target, wall, mono)) = clocks {
                                     let waited = sojourn(meta.received, wall);
                                     let client = ClientId::of(meta.peer.ip());
-                                    match kernel.through(client, meta.peer.port(), meta.orig_dst, one.len()) {
+                                    // Judged by when it came, not when it is read:
+                                    // after a stall a whole queue is read at once.
+                                    let came = mono.saturating_sub(waited.unwrap_or_default());
+                                    match kernel.through(client, meta.peer.port(), meta.orig_dst, one.len(), came) {
                                         // A held client's established
                                         // light flow: shed by no one.
                                         Some(Verdict::Light) => {}
