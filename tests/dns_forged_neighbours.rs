@@ -237,19 +237,11 @@ fn forged_neighbours_against(to: SocketAddr, asker: &str) {
 
 /// [`forged_neighbours_against`] on a gateway already started.
 fn forged_neighbours_in(gw: &Gateway, to: SocketAddr, asker: &str) {
-    let lab = &gw.lab;
-    let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.device.test.")).collect();
-    let lengths = forged_names();
-    // Everything cached first: from here on every answer is given at once.
-    assert_eq!(ask_from(lab, asker, to, &hot), 20);
-    assert_eq!(ask(lab, to, &lengths), 40);
-    for source in forged_sources(to) {
-        forge(lab, source, to, &lengths);
-    }
-    // The forged addresses' neighbours are still being resolved (seconds):
-    // their answers hold the reply socket's buffer now.
-    assert_eq!(ask_from(lab, asker, to, &hot), 20, "{asker} was starved of its answers");
-    assert!(gw.held_back() > 0, "no answer to a forged address was held back");
+    forged_then_asked(gw, to, asker, |gw, lengths| {
+        for source in forged_sources(to) {
+            forge(&gw.lab, source, to, lengths);
+        }
+    });
 }
 
 /// [`forged_neighbours_in`], the forged queries answered in one burst.
@@ -263,24 +255,37 @@ fn forged_neighbours_in(gw: &Gateway, to: SocketAddr, asker: &str) {
 /// neighbours (0 of 20 answered, as in a CI run of
 /// `ipv6_hijacked_answers_to_a_client_behind_a_router_are_not_held_back`).
 fn forged_burst_in(gw: &Gateway, to: SocketAddr, asker: &str) {
+    forged_then_asked(gw, to, asker, |gw, lengths| {
+        let sources: Vec<IpAddr> = forged_sources(to).collect();
+        let (first, rest) = sources.split_at(5);
+        for &source in first {
+            forge(&gw.lab, source, to, lengths);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        gw.daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+        for &source in rest {
+            forge(&gw.lab, source, to, lengths);
+        }
+        gw.daemon.signal(nix::sys::signal::Signal::SIGCONT);
+        // Past the burst: the forged answers hold the buffer for seconds.
+        std::thread::sleep(Duration::from_millis(300));
+    });
+}
+
+/// The device and `asker` have their names cached, `forge_all` sends the
+/// forged queries for the [`forged_names`] (cached too), and right after,
+/// with the forged addresses' neighbours still being resolved (seconds)
+/// and their answers holding the reply socket's buffer, `asker` asks its
+/// 20 names again: every one must be answered, and answers to forged
+/// addresses must have been held back.
+fn forged_then_asked(gw: &Gateway, to: SocketAddr, asker: &str, forge_all: impl FnOnce(&Gateway, &[String])) {
     let lab = &gw.lab;
     let hot: Vec<String> = (0..20).map(|i| format!("hot{i}.device.test.")).collect();
     let lengths = forged_names();
+    // Everything cached first: from here on every answer is given at once.
     assert_eq!(ask_from(lab, asker, to, &hot), 20);
     assert_eq!(ask(lab, to, &lengths), 40);
-    let sources: Vec<IpAddr> = forged_sources(to).collect();
-    let (first, rest) = sources.split_at(5);
-    for &source in first {
-        forge(lab, source, to, &lengths);
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    gw.daemon.signal(nix::sys::signal::Signal::SIGSTOP);
-    for &source in rest {
-        forge(lab, source, to, &lengths);
-    }
-    gw.daemon.signal(nix::sys::signal::Signal::SIGCONT);
-    // Past the burst: the forged answers hold the buffer for seconds.
-    std::thread::sleep(Duration::from_millis(300));
+    forge_all(gw, &lengths);
     assert_eq!(ask_from(lab, asker, to, &hot), 20, "{asker} was starved of its answers");
     assert!(gw.held_back() > 0, "no answer to a forged address was held back");
 }
