@@ -245,14 +245,14 @@ fn forged_neighbours_in(gw: &Gateway, to: SocketAddr, asker: &str) {
 }
 
 /// [`forged_neighbours_in`], the forged queries answered in one burst.
-/// Five sources' answers go first, leaving the reply socket's buffer just
-/// under half (a default buffer's half holds some 240 such answers); then
-/// tproxyd is stopped while the other sources' queries queue up, and goes
-/// on with hundreds of answers to send at once. The relay sent all it had
-/// gathered (up to 320) after one look at the buffer, which found it under
-/// half: the forged answers filled it to the brim, and every answer to
-/// the real device failed until the kernel gave up on the forged
-/// neighbours (0 of 20 answered, as in a CI run of
+/// Five sources' answers go first; then tproxyd is stopped while the
+/// other sources' queries queue up, and goes on with hundreds of answers
+/// to send at once. The relay sent all it had gathered (up to 320) after
+/// one look at the buffer: on that build the buffer was full after the
+/// burst (`send_buffer_full` counted 36 to 42 answers, the routed
+/// client's among them), and every answer to the real device failed until
+/// the kernel gave up on the forged neighbours (0 of 20 answered, as in a
+/// CI run of
 /// `ipv6_hijacked_answers_to_a_client_behind_a_router_are_not_held_back`).
 fn forged_burst_in(gw: &Gateway, to: SocketAddr, asker: &str) {
     forged_then_asked(gw, to, asker, |gw, lengths| {

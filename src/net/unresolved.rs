@@ -156,8 +156,11 @@ impl Room {
 /// An upper bound of what the kernel charges a send buffer for a message
 /// carrying `payload` bytes (its `truesize`): the data, which the
 /// allocator rounds up to at most twice its size, and some 600 bytes of
-/// bookkeeping (`sk_buff`, `skb_shared_info`). A small answer was charged
-/// about 440 bytes in the lab (a default buffer's half held some 240).
+/// bookkeeping (`sk_buff`, `skb_shared_info`). Measured (`SIOCOUTQ`) on
+/// UDP sockets whose datagrams wait for a neighbour that never answers,
+/// IPv4 and IPv6 alike: 832 bytes for a 100-byte datagram (0.99 of the
+/// charge), 2,304 for 1,232 or 1,400 bytes, 6,912 for 4,096 (sent as
+/// fragments), 64,896 for a GSO train of 52 × 1,232 (half the charge).
 pub const fn charge(payload: usize) -> usize {
     2 * payload + 640
 }
