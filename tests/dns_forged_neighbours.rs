@@ -137,6 +137,9 @@ struct Gateway {
     lab: Lab,
     _fake: FakeDns,
     daemon: lab::Daemon,
+    /// A local process's socket on the wildcard of port 53, when the
+    /// gateway has one ([`Gateway::start_over_raw`]).
+    _holder: Option<std::net::UdpSocket>,
 }
 
 impl Gateway {
@@ -146,7 +149,28 @@ impl Gateway {
 
     /// [`Gateway::start`] with `dns` added to the `[dns]` table.
     fn start_with(dns: &str) -> Gateway {
+        Gateway::start_in(
+            Lab::with_servers(1),
+            None,
+            &format!("listen = [\"{LISTEN}:53\", \"[{LISTEN6}]:53\"]\n{dns}"),
+        )
+    }
+
+    /// The gateway with a local process holding the wildcard of port 53
+    /// (a DNS server of its own, say), without `SO_REUSEADDR`: the relay
+    /// cannot bind a reply socket to [`PUBLIC`]`:53` nor [`PUBLIC6`]`:53`,
+    /// and sends its hijacked answers over raw IP. tproxyd has no plain
+    /// listener here (it could not bind one either); the rate limit is off.
+    fn start_over_raw() -> Gateway {
         let lab = Lab::with_servers(1);
+        // Dual-stack: holds the port for IPv4 and IPv6.
+        let holder = lab::udp::socket(&lab.gateway, "[::]:53".parse().unwrap());
+        Gateway::start_in(lab, Some(holder), "rate_limit = { qps = 0 }")
+    }
+
+    /// Starts tproxyd in `lab` with `dns` (its listeners among it) added
+    /// to the `[dns]` table.
+    fn start_in(lab: Lab, holder: Option<std::net::UdpSocket>, dns: &str) -> Gateway {
         // The device announces its LAN address in its ARP requests, as a
         // router does, not the routed client's (which the gateway would
         // then learn as a neighbour).
@@ -181,7 +205,6 @@ listen = ["0.0.0.0:15353", "[::]:15353"]
 listen = "{ADMIN}"
 [dns]
 ports = [53]
-listen = ["{LISTEN}:53", "[{LISTEN6}]:53"]
 allow = ["192.0.2.0/24", "203.0.113.192/26", "2001:db8:1::/64", "2001:db8:cc::/64"]
 timeout = "1500ms"
 {dns}
@@ -194,13 +217,19 @@ servers = ["{UPSTREAM}"]
             lab,
             _fake: fake,
             daemon,
+            _holder: holder,
         }
     }
 
     /// Answers to forged addresses held back so far.
     fn held_back(&self) -> u64 {
+        self.counter("tproxyd_drops_total{reason=\"neighbour_unresolved\"}")
+    }
+
+    /// The value of the metrics `series`.
+    fn counter(&self, series: &str) -> u64 {
         let metrics = lab::metrics::fetch(&self.lab.gateway, ADMIN.parse().unwrap());
-        lab::metrics::value(&metrics, "tproxyd_drops_total{reason=\"neighbour_unresolved\"}")
+        lab::metrics::value(&metrics, series)
     }
 }
 
@@ -255,9 +284,16 @@ fn forged_neighbours_in(gw: &Gateway, to: SocketAddr, asker: &str) {
 /// CI run of
 /// `ipv6_hijacked_answers_to_a_client_behind_a_router_are_not_held_back`).
 fn forged_burst_in(gw: &Gateway, to: SocketAddr, asker: &str) {
+    forged_burst_after(gw, to, asker, 5);
+}
+
+/// [`forged_burst_in`] with `before` sources' answers sent before the
+/// burst: as many as leave the buffer just under half, for the relay
+/// to find it so at its look.
+fn forged_burst_after(gw: &Gateway, to: SocketAddr, asker: &str, before: usize) {
     forged_then_asked(gw, to, asker, |gw, lengths| {
         let sources: Vec<IpAddr> = forged_sources(to).collect();
-        let (first, rest) = sources.split_at(5);
+        let (first, rest) = sources.split_at(before);
         for &source in first {
             forge(&gw.lab, source, to, lengths);
         }
@@ -286,7 +322,13 @@ fn forged_then_asked(gw: &Gateway, to: SocketAddr, asker: &str, forge_all: impl 
     assert_eq!(ask_from(lab, asker, to, &hot), 20);
     assert_eq!(ask(lab, to, &lengths), 40);
     forge_all(gw, &lengths);
-    assert_eq!(ask_from(lab, asker, to, &hot), 20, "{asker} was starved of its answers");
+    let answered = ask_from(lab, asker, to, &hot);
+    assert_eq!(
+        answered,
+        20,
+        "{asker} was starved of its answers (send_buffer_full: {})",
+        gw.counter("tproxyd_drops_total{reason=\"send_buffer_full\"}")
+    );
     assert!(gw.held_back() > 0, "no answer to a forged address was held back");
 }
 
@@ -298,6 +340,37 @@ fn hijacked_answers_to_forged_sources_in_one_burst_leave_room_for_a_routed_clien
 #[test]
 fn ipv6_hijacked_answers_to_forged_sources_in_one_burst_leave_room_for_a_routed_client() {
     forged_burst_in(&ipv6_gateway(), format!("[{PUBLIC6}]:53").parse().unwrap(), ROUTED6);
+}
+
+/// [`forged_burst_in`] with the hijacked answers sent over raw IP
+/// ([`Gateway::start_over_raw`]), one source's answers before the burst.
+/// The raw socket's buffer is shared by every address answered so. When
+/// the replies gathered for one call were sent after one look at it, the
+/// burst filled it: the asker got 0 of 20 answers, with `send_buffer_full`
+/// at 60 (IPv4 device, IPv4 and IPv6 routed client, 3 runs each).
+fn forged_burst_over_raw(to: SocketAddr, asker: &str) {
+    let gw = Gateway::start_over_raw();
+    forged_burst_after(&gw, to, asker, 1);
+    assert_eq!(
+        gw.counter("tproxyd_reply_raw_fallbacks_total"),
+        1,
+        "{to} was not answered over raw IP"
+    );
+}
+
+#[test]
+fn hijacked_answers_over_raw_ip_to_forged_sources_in_one_burst_leave_room_for_a_routed_client() {
+    forged_burst_over_raw(format!("{PUBLIC}:53").parse().unwrap(), ROUTED);
+}
+
+#[test]
+fn ipv6_hijacked_answers_over_raw_ip_to_forged_sources_in_one_burst_leave_room_for_a_routed_client() {
+    forged_burst_over_raw(format!("[{PUBLIC6}]:53").parse().unwrap(), ROUTED6);
+}
+
+#[test]
+fn hijacked_answers_over_raw_ip_to_forged_sources_in_one_burst_leave_room_for_a_device() {
+    forged_burst_over_raw(format!("{PUBLIC}:53").parse().unwrap(), DEVICE);
 }
 
 #[test]
