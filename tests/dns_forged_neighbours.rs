@@ -543,3 +543,89 @@ fn ipv6_answers_to_a_client_behind_a_router_are_not_held_back() {
 fn ipv6_hijacked_answers_to_a_client_behind_a_router_are_not_held_back() {
     forged_neighbours_in(&ipv6_gateway(), format!("[{PUBLIC6}]:53").parse().unwrap(), ROUTED6);
 }
+
+/// Addresses a hostile device held long enough for tproxyd to remember
+/// them as devices, and then left: the first 40 [`forged_sources`] of
+/// `to`'s family. The device holds them (answers ARP and NDP for them) and
+/// asks from them for 16 s, past tproxyd's idle reading of the neighbour
+/// table; then it gives them up, and their entries are dropped (as the
+/// kernel's forced garbage collection does; here by hand). Answers to
+/// them go, while a buffer is past half, at the slow pace kept for
+/// devices the kernel has dropped.
+fn departed_devices(lab: &Lab, to: SocketAddr) -> Vec<IpAddr> {
+    let addrs: Vec<IpAddr> = forged_sources(to).take(40).collect();
+    let family = if to.is_ipv4() { "-4" } else { "-6" };
+    for a in &addrs {
+        let nodad = if a.is_ipv6() { "nodad" } else { "" };
+        lab.client.sh(&format!(
+            "ip {family} addr add {a}/{} dev lan0 {nodad}",
+            if a.is_ipv4() { 32 } else { 128 }
+        ));
+    }
+    let few: Vec<String> = forged_names().into_iter().take(2).collect();
+    let held: Vec<_> = addrs
+        .iter()
+        .map(|&a| lab::udp::socket(&lab.client, SocketAddr::new(a, 0)))
+        .collect();
+    let until = std::time::Instant::now() + Duration::from_secs(16);
+    while std::time::Instant::now() < until {
+        for s in &held {
+            send_all(s, to, &few);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for a in &addrs {
+        let len = if a.is_ipv4() { 32 } else { 128 };
+        lab.client.sh(&format!("ip {family} addr del {a}/{len} dev lan0"));
+        lab.gateway.sh(&format!("ip {family} neigh del {a} dev lan0 || true"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    addrs
+}
+
+/// [`departed_devices`] ask, in one burst (tproxyd stopped while the
+/// queries queue), 20 times each for `names`: the answers to one address
+/// are one run in the relay's batch. Right after, the real device asks
+/// its 20 names: all must be answered. When the pace of answers to
+/// dropped devices counted answers, and one count let a whole run go (a
+/// GSO train among it), the bursts filled the reply socket's buffer: the
+/// device got 0 of 20 answers, `send_buffer_full` 262 to 412 (IPv4, 3 of
+/// 3 runs) and 163 (IPv6 with answers of some 450 bytes, 2 of 2).
+fn departed_burst(to: SocketAddr, names: Vec<String>) {
+    let gw = Gateway::start();
+    let departed = departed_devices(&gw.lab, to);
+    assert_eq!(ask(&gw.lab, to, &names), names.len());
+    let socks: Vec<_> = departed.iter().map(|&a| forged_socket(&gw.lab, a)).collect();
+    forged_then_asked(&gw, to, device_for(to), |gw, _| {
+        gw.daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+        for s in &socks {
+            for _ in 0..20 {
+                send_all(s, to, &names);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        gw.daemon.signal(nix::sys::signal::Signal::SIGCONT);
+        std::thread::sleep(Duration::from_millis(300));
+    });
+}
+
+#[test]
+fn hijacked_answers_to_departed_devices_in_one_burst_cannot_starve_a_real_device() {
+    departed_burst(format!("{PUBLIC}:53").parse().unwrap(), forged_names());
+}
+
+#[test]
+fn ipv6_hijacked_answers_to_departed_devices_in_one_burst_cannot_starve_a_real_device() {
+    // 16 names of some 200 characters: answers of some 450 bytes.
+    let long = (0..16)
+        .map(|i| {
+            format!(
+                "{}.{}.{}.l{i}.forged.test.",
+                "a".repeat(60),
+                "b".repeat(60),
+                "c".repeat(60)
+            )
+        })
+        .collect();
+    departed_burst(format!("[{PUBLIC6}]:53").parse().unwrap(), long);
+}

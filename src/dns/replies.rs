@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
 use crate::net::send::{GSO_MAX_SEGMENTS, Message, SendScratch, Sent, gso_chunks, gso_segments, send_messages};
-use crate::net::unresolved::{HalfBuffer, UnresolvedGate};
+use crate::net::unresolved::{HalfBuffer, Sendable, UnresolvedGate};
 
 /// Answers per `sendmmsg` built on the stack (a receive batch's worth).
 const PER_CALL: usize = 64;
@@ -159,7 +159,7 @@ impl ReplyBatch {
                     taken += 1;
                     continue;
                 };
-                if held_back.is_some_and(|g| !g.admits(r.client.ip())) {
+                if held_back.is_some_and(|g| g.admits(r.client.ip(), bytes.len()) == Sendable::Held) {
                     total.unresolved += 1;
                     taken += 1;
                     continue;

@@ -106,25 +106,41 @@ struct Reading {
     device_prefixes: HashSet<u64>,
 }
 
+/// What may be sent to an address while a send buffer fills
+/// ([`NeighbourTable::may_send`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sendable {
+    /// Anything: it leaves at once (or the tables cannot be read).
+    Leaves,
+    /// The one message asked about, and nothing more of what is queued
+    /// for the address now: it waits for the kernel to resolve it.
+    Once,
+    /// Nothing.
+    Held,
+}
+
 impl NeighbourTable {
-    /// Whether a datagram to `ip` may be sent while a send buffer fills,
-    /// by a reading at most [`REFRESH`] old (taken now if older): it
-    /// leaves at once (the kernel has resolved it, or it is off-link,
-    /// reached through a router), or it goes to a device the kernel once
-    /// resolved and has since dropped, at the pace [`KnownDevices`] keeps,
-    /// so that the kernel asks for it again. When the tables cannot be
-    /// read, every address may be sent to.
-    pub fn may_send(&self, ip: IpAddr) -> bool {
+    /// What may be sent to `ip` while a send buffer fills, by a reading at
+    /// most [`REFRESH`] old (taken now if older). Whatever leaves at once:
+    /// the kernel has resolved it, or it is off-link, reached through a
+    /// router. One message charging `charge` bytes of the buffer to a
+    /// device the kernel once resolved and has since dropped, at the pace
+    /// [`KnownDevices`] keeps, so that the kernel asks for it again. When
+    /// the tables cannot be read, anything.
+    pub fn may_send(&self, ip: IpAddr, charge: usize) -> Sendable {
         let mut reading = self.reading.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         if reading.taken.is_none_or(|t| now.duration_since(t) >= REFRESH) {
             reading.refresh(now);
         }
         let ip = unmapped(ip);
-        reading.failed
-            || reading.resolved.contains_key(&ip)
-            || !reading.on_link(ip)
-            || reading.known.lets_through(ip, now, REFRESH)
+        if reading.failed || reading.resolved.contains_key(&ip) || !reading.on_link(ip) {
+            Sendable::Leaves
+        } else if reading.known.lets_through(ip, now, charge) {
+            Sendable::Once
+        } else {
+            Sendable::Held
+        }
     }
 
     /// Reads the table now and then ([`IDLE_LOOK`]) while no buffer is

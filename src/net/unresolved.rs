@@ -33,6 +33,7 @@ use std::net::IpAddr;
 use std::os::fd::RawFd;
 
 use super::neigh::NeighbourTable;
+pub use super::neigh::Sendable;
 
 /// Holds back answers to unresolved neighbours on a pressed socket; one
 /// per listener (its senders share the reading of the table).
@@ -42,11 +43,19 @@ pub struct UnresolvedGate {
 }
 
 impl UnresolvedGate {
-    /// Whether an answer to `client` may be sent on a socket whose buffer is half taken ([`Room::pressed`]):
-    /// its neighbour is resolved, it is reached through a router, or it is
-    /// a device the kernel resolved before (at a slow pace).
-    pub fn admits(&self, client: IpAddr) -> bool {
-        self.table.may_send(client)
+    /// What may be sent to `client` on a socket whose buffer is half taken
+    /// ([`Room::pressed`]), the first message carrying `payload` bytes:
+    /// anything when its neighbour is resolved or it is reached through a
+    /// router; that one message when it is a device the kernel resolved
+    /// before (at a slow pace, by the message's [`charge`]); else nothing.
+    pub fn admits(&self, client: IpAddr, payload: usize) -> Sendable {
+        self.table.may_send(client, charge(payload))
+    }
+
+    /// Whether anything to `client` leaves at once (the pace of answers to
+    /// devices the kernel has dropped is not spent).
+    pub fn leaves(&self, client: IpAddr) -> bool {
+        self.table.may_send(client, usize::MAX) == Sendable::Leaves
     }
 
     /// Told of each batch sent on a socket not half taken: reads the

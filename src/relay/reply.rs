@@ -26,7 +26,7 @@ use crate::net::send::{
     send_run,
 };
 use crate::net::sockets;
-use crate::net::unresolved::{HalfBuffer, Room, UnresolvedGate};
+use crate::net::unresolved::{HalfBuffer, Room, Sendable, UnresolvedGate};
 use crate::stats::Stats;
 use crate::sync::lock;
 use std::os::fd::{AsRawFd, RawFd};
@@ -282,7 +282,11 @@ impl ReplySender {
             ReplySocket::Bound { sock, half } => half.room(sock.as_raw_fd()).pressed(),
             ReplySocket::Raw { .. } => self.raw.room(client.is_ipv6()).pressed(),
         };
-        if self.held_back(filling, client, run.len()) {
+        let Some(first) = run.first() else {
+            return;
+        };
+        let run = &run[..self.let_go(filling, client, first.len(), run.len())];
+        if run.is_empty() {
             return;
         }
         let result = sock.send_to(run, client, tos);
@@ -396,18 +400,41 @@ impl ReplySender {
             }
         }
         let pressed = rooms.get(&self.raw, v6).pressed();
-        self.held_back(pressed, client, 1)
+        self.let_go(pressed, client, len, 1) == 0
     }
 
-    /// Whether `n` replies to `client` are held back, and counted: their
-    /// socket is `filling` (past half of its buffer) and the kernel has not
-    /// resolved the client's neighbour.
-    fn held_back(&self, filling: bool, client: SocketAddr, n: usize) -> bool {
+    /// How many of `n` replies to `client`, the first carrying `first`
+    /// bytes, may go; the rest are held back, and counted. All when their
+    /// socket is not `filling` (past half of its buffer) or the client's
+    /// neighbour leaves at once; the first alone when it is a device the
+    /// kernel has dropped, at the pace of such answers
+    /// ([`crate::net::known_devices`]): it makes the kernel ask, and the
+    /// rest would wait with it for seconds, holding the buffer (the whole
+    /// run went on that pace before, a GSO train of them among it, and
+    /// bursts to addresses a device had held and left filled the buffer).
+    fn let_go(&self, filling: bool, client: SocketAddr, first: usize, n: usize) -> usize {
         if !filling {
             self.gate.not_pressed();
+            return n;
+        }
+        let go = match self.gate.admits(client.ip(), first) {
+            Sendable::Leaves => n,
+            Sendable::Once => 1.min(n),
+            Sendable::Held => 0,
+        };
+        self.stats.drop_neighbour_unresolved.add((n - go) as u64);
+        go
+    }
+
+    /// Whether the rest of a run to `client`, `n` replies, is held back,
+    /// and counted, when its socket is found `filling` part way through
+    /// it: only a client whose replies leave at once goes on (a device the
+    /// kernel has dropped had its one reply at the run's start).
+    fn rest_held_back(&self, filling: bool, client: SocketAddr, n: usize) -> bool {
+        if !filling {
             return false;
         }
-        let held = !self.gate.admits(client.ip());
+        let held = !self.gate.leaves(client.ip());
         if held {
             self.stats.drop_neighbour_unresolved.add(n as u64);
         }
@@ -479,9 +506,11 @@ impl ReplySender {
                 .count();
             let (run, tail) = rest.split_at(n);
             rest = tail;
-            if self.held_back(room.pressed(), first.client, n) {
+            let n = self.let_go(room.pressed(), first.client, payload(first.slot).len(), n);
+            if n == 0 {
                 continue;
             }
+            let run = &run[..n];
             let start = payloads.len();
             payloads.extend(run.iter().map(|p| payload(p.slot)));
             let mut at = start;
@@ -492,7 +521,7 @@ impl ReplySender {
                     // planned goes, and the buffer is looked at again.
                     self.send_planned(fd, v6, src, &payloads, scratch);
                     room = half.room(fd);
-                    if self.held_back(room.pressed(), first.client, start + n - at) {
+                    if self.rest_held_back(room.pressed(), first.client, start + n - at) {
                         break;
                     }
                     // Past half, this client's replies leave at once (the
